@@ -1,0 +1,95 @@
+"""``AsyncPostgresStorageAdapter``: the async public adapter (source of the generated sync one)."""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import Self
+
+import psycopg
+import psycopg_pool
+
+from .._base import Retry
+from ..errors import KitiumPgError, translate
+from ..records import HealthStatus
+from .api_keys import AsyncApiKeys
+from .email_verification import AsyncEmailVerification
+from .events import AsyncEvents
+from .migrate import AsyncMigrations
+from .organizations import AsyncOrganizations
+from .sessions import AsyncSessions
+from .users import AsyncUsers
+
+
+class AsyncPostgresStorageAdapter(
+    AsyncUsers,
+    AsyncSessions,
+    AsyncApiKeys,
+    AsyncOrganizations,
+    AsyncEmailVerification,
+    AsyncEvents,
+    AsyncMigrations,
+):
+    """Async storage for auth data on PostgreSQL (psycopg 3 + psycopg-pool).
+
+    ``AsyncPostgresStorageAdapter(dsn, *, min_size=1, max_size=10, idle_timeout=30.0,
+    statement_timeout_ms=5000, max_retries=2, connect_timeout=10.0, pool_timeout=10.0,
+    schema="kitium_auth", application_name="kitium-pg", prepare_threshold=5)``; ``dsn`` may also
+    be an ``AsyncConnectionPool`` you own (its connections should be autocommit). Use it as
+    ``async with AsyncPostgresStorageAdapter(dsn) as storage: ...`` or call ``connect()`` and
+    ``disconnect()``.
+    """
+
+    async def connect(self, *, migrate: bool = True) -> None:
+        """Open the pool and (by default) apply pending migrations. Idempotent; safe when many
+        processes call it at once. Raises ``UnavailableError`` when the database cannot be
+        reached and ``MigrationError`` on migration drift."""
+        await self._open_pool()
+        if migrate:
+            await self.migrate()
+
+    async def disconnect(self) -> None:
+        """Close the pool (a pool passed in by the caller is left open)."""
+        await self._close_pool()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()
+
+    async def health_check(self) -> HealthStatus:
+        """Round-trip latency, pool figures and migration state; never raises.
+
+        ``status`` is ``"ok"`` when the database answered and no migration is pending.
+        """
+        started = time.perf_counter()
+        stats = {k: int(val) for k, val in self._pool.get_stats().items()}
+        try:
+            await self._value("ping", {}, retry=Retry.NEVER)
+            latency_ms = (time.perf_counter() - started) * 1000
+            state = await self.migration_status()
+        except (KitiumPgError, psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            error = translate(exc, operation="health_check")
+            return HealthStatus(
+                status="error",
+                latency_ms=(time.perf_counter() - started) * 1000,
+                pool=stats,
+                applied_migrations=(),
+                pending_migrations=(),
+                error=str(error),
+            )
+        return HealthStatus(
+            status="ok" if not state.pending else "error",
+            latency_ms=round(latency_ms, 3),
+            pool=stats,
+            applied_migrations=state.applied,
+            pending_migrations=state.pending,
+            error=None if not state.pending else "pending migrations",
+        )

@@ -1,0 +1,232 @@
+"""The I/O core of the async adapter: pool, one statement per call, retries, transactions.
+
+This file is the source of truth; ``kitium_pg/_sync/core.py`` is generated from it by
+``tools/unasync.py`` (CI fails when the generated copy is stale).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Self, TypeVar, cast
+
+import psycopg
+import psycopg_pool
+from psycopg import AsyncConnection, AsyncCursor
+from psycopg.rows import RowFactory, class_row, tuple_row
+
+from .. import _sql, _validate
+from .._base import Retry, Settings, backoff, log_call, redact_dsn
+from ..errors import KitiumPgError, UnavailableError, ValidationError, is_auto_retryable, translate
+
+T = TypeVar("T")
+
+_Pool = psycopg_pool.AsyncConnectionPool[AsyncConnection[Any]]
+
+
+class AsyncCore:
+    """Connection handling shared by every domain of ``AsyncPostgresStorageAdapter``."""
+
+    def __init__(
+        self,
+        dsn: str | _Pool,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        idle_timeout: float = 30.0,
+        statement_timeout_ms: int = 5000,
+        max_retries: int = 2,
+        connect_timeout: float = 10.0,
+        pool_timeout: float = 10.0,
+        schema: str = _sql.DEFAULT_SCHEMA,
+        application_name: str = "kitium-pg",
+        prepare_threshold: int | None = 5,
+    ) -> None:
+        self._settings = Settings.build(
+            min_size=min_size,
+            max_size=max_size,
+            idle_timeout=idle_timeout,
+            statement_timeout_ms=statement_timeout_ms,
+            max_retries=max_retries,
+            connect_timeout=connect_timeout,
+            pool_timeout=pool_timeout,
+            schema=schema,
+            application_name=application_name,
+            prepare_threshold=prepare_threshold,
+        )
+        self._queries = _sql.queries(schema)
+        self._conn: AsyncConnection[Any] | None = None
+        self._timeout_ms: int | None = None
+        if isinstance(dsn, psycopg_pool.AsyncConnectionPool):
+            self._pool: _Pool = dsn
+            self._owns_pool = False
+            self._dsn_display = "<caller's pool>"
+        elif isinstance(dsn, str):
+            self._pool = psycopg_pool.AsyncConnectionPool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                max_idle=max(idle_timeout, 1.0),
+                timeout=pool_timeout,
+                kwargs=self._settings.connection_kwargs(),
+                open=False,
+                name="kitium-pg",
+            )
+            self._owns_pool = True
+            self._dsn_display = redact_dsn(dsn)
+        else:
+            raise ValidationError("dsn", "must be a connection string or an AsyncConnectionPool")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._dsn_display!r}, schema={self._settings.schema!r})"
+
+    @property
+    def pool(self) -> _Pool:
+        """The psycopg-pool pool this adapter uses."""
+        return self._pool
+
+    def with_statement_timeout(self, ms: int) -> Self:
+        """A view of this adapter (same pool) whose calls run with statement timeout ``ms``.
+
+        The default timeout is a connection setting and costs nothing per call; an override adds
+        a transaction-local ``set_config`` pipelined with the statement.
+        """
+        if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
+            raise ValidationError("ms", "must be a non-negative integer")
+        return self._view(_timeout_ms=ms)
+
+    def _view(self, **changes: Any) -> Self:
+        # A shallow copy sharing the pool: used for timeout overrides and connection binding.
+        view = cast(Self, object.__new__(type(self)))
+        view.__dict__.update(self.__dict__)
+        view.__dict__.update(changes)
+        return view
+
+    def _bound(self, conn: AsyncConnection[Any]) -> Self:
+        """A view of this adapter whose calls all run on ``conn`` (no retries: the caller
+        owns the transaction)."""
+        return self._view(_conn=conn)
+
+    async def _open_pool(self) -> None:
+        if not self._owns_pool:
+            return
+        try:
+            await self._pool.open(wait=True, timeout=self._settings.connect_timeout)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise UnavailableError(
+                f"cannot connect to {self._dsn_display}: {type(exc).__name__}"
+            ) from exc
+
+    async def _close_pool(self) -> None:
+        if self._owns_pool:
+            await self._pool.close()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection[Any]]:
+        if self._conn is not None:
+            yield self._conn
+        else:
+            async with self._pool.connection() as conn:
+                yield conn
+
+    async def _execute(
+        self, conn: AsyncConnection[Any], query: _sql.Query, params: Mapping[str, Any],
+        row_factory: RowFactory[Any],
+    ) -> Any:
+        async with conn.cursor(row_factory=row_factory) as cur:
+            if query.shape is _sql.Shape.SCRIPT:
+                await cur.execute(query.sql)
+                return None
+            await cur.execute(query.sql, params)
+            return await _fetch(cur, query.shape)
+
+    async def _execute_with_timeout(
+        self, conn: AsyncConnection[Any], query: _sql.Query, params: Mapping[str, Any],
+        row_factory: RowFactory[Any],
+    ) -> Any:
+        setter = self._queries["set_local_statement_timeout"]
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            await conn.execute(setter.sql, {"ms": str(self._timeout_ms)})
+            return await self._execute(conn, query, params, row_factory)
+        # Outside a transaction the setting must share the statement's implicit transaction:
+        # send both before the Sync that ends it (one round trip).
+        async with conn.pipeline():
+            await conn.execute(setter.sql, {"ms": str(self._timeout_ms)})
+            return await self._execute(conn, query, params, row_factory)
+
+    async def _run(
+        self, name: str, params: Mapping[str, Any], *, retry: Retry,
+        row_factory: RowFactory[Any] = tuple_row,
+    ) -> Any:
+        query = self._queries[name]
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                async with self._connection() as conn:
+                    if self._timeout_ms is None:
+                        result = await self._execute(conn, query, params, row_factory)
+                    else:
+                        result = await self._execute_with_timeout(conn, query, params, row_factory)
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                error = translate(exc, operation=name)
+                log_call(name, started, attempt, error)
+                if (
+                    retry is Retry.SAFE
+                    and self._conn is None
+                    and attempt <= self._settings.max_retries
+                    and is_auto_retryable(error)
+                ):
+                    await asyncio.sleep(backoff(attempt))
+                    continue
+                raise error from exc
+            log_call(name, started, attempt, None)
+            return result
+
+    async def _one(
+        self, name: str, params: Mapping[str, Any], cls: Callable[..., T], *, retry: Retry
+    ) -> T | None:
+        return cast(T | None, await self._run(name, params, retry=retry, row_factory=class_row(cls)))
+
+    async def _many(
+        self, name: str, params: Mapping[str, Any], cls: Callable[..., T], *, retry: Retry
+    ) -> list[T]:
+        return cast(list[T], await self._run(name, params, retry=retry, row_factory=class_row(cls)))
+
+    async def _value(self, name: str, params: Mapping[str, Any], *, retry: Retry) -> Any:
+        return await self._run(name, params, retry=retry)
+
+    async def _exec(self, name: str, params: Mapping[str, Any], *, retry: Retry) -> int:
+        return cast(int, await self._run(name, params, retry=retry))
+
+    async def _delete_in_batches(
+        self, name: str, params: Mapping[str, Any], *, batch_size: int
+    ) -> int:
+        """Run delete query ``name`` (which takes ``:batch_size`` and deletes at most that many
+        rows) until it deletes fewer than ``batch_size``; returns the total. Short statements
+        keep locks brief and let concurrent readers through; each batch is its own retry-safe
+        statement (deleting expired rows is idempotent)."""
+        size = _validate.integer("batch_size", batch_size, minimum=1, maximum=100_000)
+        total = 0
+        while True:
+            deleted = await self._exec(name, {**params, "batch_size": size}, retry=Retry.SAFE)
+            total += deleted
+            if deleted < size:
+                return total
+
+
+async def _fetch(cur: AsyncCursor[Any], shape: _sql.Shape) -> Any:
+    if shape is _sql.Shape.ONE:
+        return await cur.fetchone()
+    if shape is _sql.Shape.MANY:
+        return await cur.fetchall()
+    if shape is _sql.Shape.VALUE:
+        row = await cur.fetchone()
+        return None if row is None else row[0]
+    return cur.rowcount
+
+
+__all__ = ["AsyncCore", "KitiumPgError"]

@@ -1,0 +1,117 @@
+"""Applying and rolling back ``migrations/`` (async source; the sync copy is generated).
+
+Each migration runs in its own transaction that first takes a transaction-scoped advisory lock,
+re-reads the ledger and skips work another process finished meanwhile: any number of processes
+may call ``connect()`` at once, and each migration is applied exactly once. Transaction-scoped
+locks hold nothing across transactions, but DDL should still run on a direct connection rather
+than through a transaction-pooling proxy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from .._base import Migration, MigrationState, Retry, load_migrations, plan
+from ..errors import MigrationError
+from .core import AsyncCore
+
+Progress = Callable[[str, str], None]
+
+
+class AsyncMigrations(AsyncCore):
+    """Migration methods of the async adapter."""
+
+    async def _applied(self) -> dict[str, str]:
+        if not await self._value("ledger_exists", {}, retry=Retry.SAFE):
+            return {}
+        rows = await self._run("list_applied_migrations", {}, retry=Retry.SAFE)
+        return {mig_id: checksum for mig_id, checksum in rows}
+
+    async def migration_status(self) -> MigrationState:
+        """Applied and pending migration ids; creates nothing.
+
+        Raises ``MigrationError`` on drift (an applied file changed, or an unknown id).
+        """
+        migrations = load_migrations(self._settings.schema)
+        applied = await self._applied()
+        pending = plan(migrations, applied)
+        return MigrationState(applied=tuple(sorted(applied)), pending=tuple(m.id for m in pending))
+
+    async def _locked_ledger(self) -> dict[str, str]:
+        await self._value("lock_migrations", {}, retry=Retry.NEVER)
+        await self._run("ensure_ledger", {}, retry=Retry.NEVER)
+        rows = await self._run("list_applied_migrations", {}, retry=Retry.NEVER)
+        return {mig_id: checksum for mig_id, checksum in rows}
+
+    async def migrate(self, *, progress: Progress | None = None) -> tuple[str, ...]:
+        """Apply pending migrations in order; returns the ids this call applied.
+
+        Idempotent and safe to run from many processes at once. Raises ``MigrationError`` on
+        drift, and the translated database error if a migration fails (that migration is rolled
+        back; the earlier ones stay applied).
+        """
+        migrations = load_migrations(self._settings.schema)
+        done: list[str] = []
+        async with self._pool.connection() as conn:
+            bound = self._bound(conn)
+            async with conn.transaction():
+                applied = await bound._locked_ledger()
+            plan(migrations, applied)
+            for migration in migrations:
+                if migration.id in applied:
+                    continue
+                async with conn.transaction():
+                    applied = await bound._locked_ledger()
+                    if migration.id in applied:
+                        continue
+                    if progress:
+                        progress(migration.id, "up")
+                    await bound._apply(migration, migration.up)
+                    done.append(migration.id)
+        return tuple(done)
+
+    async def _apply(self, migration: Migration, sql: str) -> None:
+        started = time.perf_counter()
+        await self._value("set_local_statement_timeout", {"ms": "0"}, retry=Retry.NEVER)
+        assert self._conn is not None
+        try:
+            await self._conn.execute(sql)
+        except Exception as exc:
+            raise MigrationError(f"migrations/{migration.path.name} failed: {exc}") from exc
+        duration_ms = (time.perf_counter() - started) * 1000
+        await self._exec(
+            "record_migration",
+            {"id": migration.id, "checksum": migration.checksum, "duration_ms": duration_ms},
+            retry=Retry.NEVER,
+        )
+
+    async def rollback(self, steps: int = 1, *, progress: Progress | None = None) -> tuple[str, ...]:
+        """Undo the last ``steps`` applied migrations (newest first); returns their ids."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            from ..errors import ValidationError
+
+            raise ValidationError("steps", "must be a positive integer")
+        migrations = {m.id: m for m in load_migrations(self._settings.schema)}
+        undone: list[str] = []
+        async with self._pool.connection() as conn:
+            bound = self._bound(conn)
+            for _ in range(steps):
+                async with conn.transaction():
+                    applied = await bound._locked_ledger()
+                    plan(tuple(migrations.values()), applied)
+                    if not applied:
+                        break
+                    last = migrations[max(applied)]
+                    if progress:
+                        progress(last.id, "down")
+                    await bound._value("set_local_statement_timeout", {"ms": "0"}, retry=Retry.NEVER)
+                    try:
+                        await conn.execute(last.down)
+                    except Exception as exc:
+                        raise MigrationError(
+                            f"migrations/{last.path.name} (down) failed: {exc}"
+                        ) from exc
+                    await bound._exec("forget_migration", {"id": last.id}, retry=Retry.NEVER)
+                    undone.append(last.id)
+        return tuple(undone)

@@ -1,0 +1,164 @@
+"""Users, password hashes and OAuth links (async source; the sync copy is generated)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from .. import _validate as v
+from .._base import UNSET, Retry, Unset, new_id
+from ..errors import ConflictError, NotFoundError, ValidationError
+from ..records import User
+from .core import AsyncCore
+
+
+class AsyncUsers(AsyncCore):
+    """User methods of the async adapter."""
+
+    async def create_user(
+        self,
+        *,
+        email: str | None = None,
+        name: str | None = None,
+        picture: str | None = None,
+        plan: str = "free",
+        entitlements: Iterable[str] = (),
+        metadata: dict[str, Any] | None = None,
+        password_hash: str | None = None,
+    ) -> User:
+        """Create a user and return it.
+
+        Raises ``ConflictError`` when another user has the same email in any letter case, and
+        ``ValidationError`` for bad input. Retried on transient failures: the id is generated
+        before the first attempt, so a retry after a lost acknowledgement returns the same row.
+        """
+        params = {
+            "id": new_id(),
+            "email": v.opt_email("email", email),
+            "name": v.opt_text("name", name),
+            "picture": v.opt_text("picture", picture, max_len=v.URL),
+            "plan": v.text("plan", plan),
+            "entitlements": v.strings("entitlements", entitlements),
+            "metadata": v.json_text("metadata", metadata),
+            "password_hash": v.opt_text("password_hash", password_hash, max_len=v.HASH),
+        }
+        user = await self._one("create_user", params, User, retry=Retry.SAFE)
+        assert user is not None
+        return user
+
+    async def get_user(self, id: uuid.UUID | str) -> User | None:
+        """The user with this id, or ``None`` (also for a malformed id)."""
+        user_id = v.parse_uuid(id)
+        if user_id is None:
+            return None
+        return await self._one("get_user", {"id": user_id}, User, retry=Retry.SAFE)
+
+    async def get_user_by_email(self, email: str) -> User | None:
+        """The user with this email in any letter case, or ``None``."""
+        try:
+            email = v.text("email", email, max_len=v.EMAIL)
+        except ValidationError:
+            return None
+        return await self._one("get_user_by_email", {"email": email}, User, retry=Retry.SAFE)
+
+    async def get_user_by_oauth(self, provider: str, sub: str) -> User | None:
+        """The user linked to OAuth identity (``provider``, ``sub``), or ``None``."""
+        params = {"provider": v.text("provider", provider), "subject": v.text("sub", sub)}
+        return await self._one("get_user_by_oauth", params, User, retry=Retry.SAFE)
+
+    async def update_user(
+        self,
+        id: uuid.UUID | str,
+        *,
+        email: str | None | Unset = UNSET,
+        name: str | None | Unset = UNSET,
+        picture: str | None | Unset = UNSET,
+        plan: str | Unset = UNSET,
+        entitlements: Iterable[str] | Unset = UNSET,
+        metadata: dict[str, Any] | Unset = UNSET,
+    ) -> User:
+        """Change the given fields of a user and return it (fields left out stay as they are).
+
+        Raises ``NotFoundError`` when there is no such user, ``ConflictError`` for an email
+        another user has. Setting values is idempotent, so transient failures are retried.
+        """
+        params: dict[str, Any] = {"id": v.uuid_arg("id", id)}
+        checks: dict[str, Any] = {
+            "email": (email, lambda x: v.opt_email("email", x)),
+            "name": (name, lambda x: v.opt_text("name", x)),
+            "picture": (picture, lambda x: v.opt_text("picture", x, max_len=v.URL)),
+            "plan": (plan, lambda x: v.text("plan", x)),
+            "entitlements": (entitlements, lambda x: v.strings("entitlements", x)),
+            "metadata": (metadata, lambda x: v.json_text("metadata", x)),
+        }
+        for field, (value, check) in checks.items():
+            given = value is not UNSET
+            params[f"set_{field}"] = given
+            params[field] = check(value) if given else None
+        user = await self._one("update_user", params, User, retry=Retry.SAFE)
+        if user is None:
+            raise NotFoundError(f"update_user: no user {params['id']}")
+        return user
+
+    async def delete_user(self, id: uuid.UUID | str) -> bool:
+        """Delete a user with everything that belongs to it; ``True`` if a row was deleted.
+        Idempotent: deleting a missing user returns ``False``."""
+        user_id = v.parse_uuid(id)
+        if user_id is None:
+            return False
+        return await self._exec("delete_user", {"id": user_id}, retry=Retry.SAFE) > 0
+
+    async def set_password_hash(self, user_id: uuid.UUID | str, password_hash: str | None) -> None:
+        """Store (or clear, with ``None``) a user's password hash. Pass a hash from a password
+        hashing function (argon2id, scrypt…), never a password. Raises ``NotFoundError``."""
+        params = {
+            "id": v.uuid_arg("user_id", user_id),
+            "password_hash": v.opt_text("password_hash", password_hash, max_len=v.HASH),
+        }
+        if await self._value("set_password_hash", params, retry=Retry.SAFE) is None:
+            raise NotFoundError(f"set_password_hash: no user {params['id']}")
+
+    async def get_password_hash(self, user_id: uuid.UUID | str) -> str | None:
+        """The user's password hash, or ``None`` (no hash, no such user, malformed id)."""
+        parsed = v.parse_uuid(user_id)
+        if parsed is None:
+            return None
+        row = await self._run("get_password_hash", {"id": parsed}, retry=Retry.SAFE)
+        return None if row is None else row[0]
+
+    async def link_oauth_account(
+        self,
+        user_id: uuid.UUID | str,
+        provider: str,
+        *,
+        sub: str,
+        email: str | None = None,
+        name: str | None = None,
+    ) -> User:
+        """Link OAuth identity (``provider``, ``sub``) to a user and return the user.
+
+        Linking the same identity to the same user again refreshes ``email`` and ``name``.
+        Raises ``ConflictError`` when the identity belongs to another user or the user already
+        has a different identity at this provider, and ``NotFoundError`` when there is no user.
+        """
+        params = {
+            "id": new_id(),
+            "user_id": v.uuid_arg("user_id", user_id),
+            "provider": v.text("provider", provider),
+            "subject": v.text("sub", sub),
+            "email": v.opt_text("email", email, max_len=v.EMAIL),
+            "name": v.opt_text("name", name),
+        }
+        user = await self._one("link_oauth_account", params, User, retry=Retry.SAFE)
+        if user is None:
+            raise ConflictError(f"link_oauth_account: {provider} identity is linked to another user")
+        return user
+
+    async def unlink_oauth_account(self, user_id: uuid.UUID | str, provider: str) -> bool:
+        """Remove a user's link to ``provider``; ``True`` if there was one."""
+        parsed = v.parse_uuid(user_id)
+        if parsed is None:
+            return False
+        params = {"user_id": parsed, "provider": v.text("provider", provider)}
+        return await self._exec("unlink_oauth_account", params, retry=Retry.SAFE) > 0

@@ -1,0 +1,225 @@
+"""Everything the sync and async adapters share that does no I/O.
+
+Settings validation, connection options, retry policy and backoff, structured logging and
+migration-file parsing live here once; ``_async/`` holds only the I/O code (and ``_sync/`` is
+generated from it by ``tools/unasync.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import random
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import attrs
+import uuid_utils.compat
+
+from . import _sql
+from .errors import KitiumPgError, ValidationError
+
+logger: Final = logging.getLogger("kitium_pg")
+
+T = TypeVar("T")
+
+
+class Unset(enum.Enum):
+    """Marker for "leave this column as it is" in ``update_*`` methods."""
+
+    UNSET = enum.auto()
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = Unset.UNSET
+
+
+class Retry(enum.Enum):
+    """Whether the adapter may re-run a statement after a transient failure.
+
+    SAFE: re-running cannot duplicate or lose a write (reads; updates and deletes that set a
+    state; inserts keyed by an id generated before the first attempt; consume-once operations
+    that record which call consumed). NEVER: everything else (counters).
+    """
+
+    SAFE = "safe"
+    NEVER = "never"
+
+
+def new_id() -> uuid.UUID:
+    """A time-ordered UUIDv7, generated before the insert so retries can recognise their row."""
+    return uuid_utils.compat.uuid7()
+
+
+def backoff(attempt: int, base: float = 0.05, cap: float = 2.0) -> float:
+    """Exponential backoff with full jitter for retry number ``attempt`` (1-based)."""
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))  # noqa: S311 - not crypto
+
+
+_PASSWORD_RE: Final = re.compile(r"(password\s*=\s*)(\S+)|(://[^:/@]*:)([^@]*)(@)", re.I)
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with any password replaced by ``***`` (for messages and logs)."""
+    return _PASSWORD_RE.sub(
+        lambda m: f"{m.group(1)}***" if m.group(1) else f"{m.group(3)}***{m.group(5)}", dsn
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Validated adapter settings (see the adapter constructors for their meaning)."""
+
+    min_size: int
+    max_size: int
+    idle_timeout: float
+    statement_timeout_ms: int
+    max_retries: int
+    connect_timeout: float
+    pool_timeout: float
+    schema: str
+    application_name: str
+    prepare_threshold: int | None
+
+    @classmethod
+    def build(cls, **kw: Any) -> Settings:
+        def positive(name: str, value: Any, *, allow_zero: bool = False) -> Any:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok or value < 0 or (value == 0 and not allow_zero):
+                raise ValidationError(name, "must be a positive number")
+            return value
+
+        positive("min_size", kw["min_size"], allow_zero=True)
+        positive("max_size", kw["max_size"])
+        if kw["min_size"] > kw["max_size"]:
+            raise ValidationError("min_size", "must not exceed max_size")
+        for name in ("idle_timeout", "connect_timeout", "pool_timeout"):
+            positive(name, kw[name])
+        positive("statement_timeout_ms", kw["statement_timeout_ms"], allow_zero=True)
+        positive("max_retries", kw["max_retries"], allow_zero=True)
+        _sql.check_schema(kw["schema"])
+        return cls(**kw)
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """psycopg connection options: autocommit (so one statement is one round trip), UTC,
+        and the statement timeout as a startup option (no per-call SET)."""
+        return {
+            "autocommit": True,
+            "connect_timeout": max(1, round(self.connect_timeout)),
+            "application_name": self.application_name,
+            "options": f"-c statement_timeout={self.statement_timeout_ms} -c TimeZone=UTC",
+            "prepare_threshold": self.prepare_threshold,
+        }
+
+
+def log_call(operation: str, started: float, attempt: int, error: KitiumPgError | None) -> None:
+    """One structured log line per statement. Parameters are never logged."""
+    duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    if error is None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "kitium_pg %s ok in %.3f ms",
+                operation,
+                duration_ms,
+                extra={"operation": operation, "duration_ms": duration_ms, "attempt": attempt},
+            )
+        return
+    cause = error.__cause__
+    sqlstate = getattr(cause, "sqlstate", None)
+    logger.warning(
+        "kitium_pg %s failed (%s, attempt %d)",
+        operation,
+        error.code,
+        attempt,
+        extra={
+            "operation": operation,
+            "duration_ms": duration_ms,
+            "attempt": attempt,
+            "sqlstate": sqlstate,
+            "error_code": error.code,
+        },
+    )
+
+
+# -- migrations -------------------------------------------------------------------------------
+
+_UP: Final = "-- migrate:up"
+_DOWN: Final = "-- migrate:down"
+
+
+@attrs.frozen(kw_only=True)
+class Migration:
+    """One file of ``migrations/``: ``NNNN_description.sql`` with up and down parts."""
+
+    id: str
+    path: Path
+    checksum: str
+    up: str
+    down: str
+
+
+def load_migrations(schema: str, folder: Path | None = None) -> tuple[Migration, ...]:
+    """The migrations in id order, with SQL rewritten for ``schema``.
+
+    Raises ``MigrationError`` for a file without both ``-- migrate:up`` and ``-- migrate:down``.
+    """
+    from .errors import MigrationError
+
+    folder = folder or _sql.data_dir("migrations")
+    found = []
+    for path in sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        raw = path.read_bytes().replace(b"\r\n", b"\n")
+        text = raw.decode("utf-8")
+        if text.count(_UP) != 1 or text.count(_DOWN) != 1 or text.index(_UP) > text.index(_DOWN):
+            raise MigrationError(f"{path.name}: needs one '{_UP}' part followed by one '{_DOWN}'")
+        up, down = text.split(_UP, 1)[1].split(_DOWN, 1)
+        found.append(
+            Migration(
+                id=path.stem,
+                path=path,
+                checksum=hashlib.sha256(raw).hexdigest(),
+                up=_sql.in_schema(up, schema),
+                down=_sql.in_schema(down, schema),
+            )
+        )
+    return tuple(found)
+
+
+@attrs.frozen(kw_only=True)
+class MigrationState:
+    """Applied and pending migration ids, as ``status`` reports them."""
+
+    applied: tuple[str, ...]
+    pending: tuple[str, ...]
+
+
+def plan(migrations: tuple[Migration, ...], applied: Mapping[str, str]) -> tuple[Migration, ...]:
+    """The migrations still to apply, after checking the applied ones for drift.
+
+    ``applied`` maps id to recorded checksum. Raises ``MigrationError`` naming the file whose
+    content changed since it was applied, or an applied id this version does not know.
+    """
+    from .errors import MigrationError
+
+    known = {m.id: m for m in migrations}
+    for mig_id, checksum in applied.items():
+        migration = known.get(mig_id)
+        if migration is None:
+            raise MigrationError(
+                f"the database has migration {mig_id!r}, which this kitium-pg version does not"
+                " ship (was it applied by a newer version?)"
+            )
+        if migration.checksum != checksum:
+            raise MigrationError(
+                f"migrations/{migration.path.name} changed after it was applied "
+                f"(checksum {checksum[:12]}… recorded, {migration.checksum[:12]}… on disk);"
+                " never edit an applied migration: add a new one"
+            )
+    return tuple(m for m in migrations if m.id not in applied)

@@ -1,0 +1,99 @@
+"""Where the SQL comes from: ``queries/*.sql`` loaded by aiosql, ``migrations/*.sql`` read as text.
+
+aiosql parses the named queries (``-- name: get_user(id)^``) and converts ``:name`` to psycopg's
+``%(name)s``; we keep its parsed SQL and operator and execute it ourselves with a typed row
+factory (aiosql's ``record_class`` is deprecated and unsafe with dict rows). The SQL files are
+written against the schema ``kitium_auth``; an adapter configured with another schema gets a
+copy with that qualifier rewritten, so no statement ever depends on ``search_path``.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Final
+
+import aiosql
+import attrs
+
+from .errors import ValidationError
+
+DEFAULT_SCHEMA: Final = "kitium_auth"
+_SCHEMA_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_QUALIFIER_RE: Final = re.compile(rf"\b{DEFAULT_SCHEMA}\b")
+
+
+class Shape(enum.Enum):
+    """What a query returns, from its aiosql operator."""
+
+    MANY = "many"  # no suffix: all rows
+    ONE = "one"  # ^: first row or None
+    VALUE = "value"  # $: first column of the first row, or None
+    EXEC = "exec"  # !: row count
+    SCRIPT = "script"  # #: several statements, no parameters
+
+
+_SHAPES: Final = {
+    "SELECT": Shape.MANY,
+    "SELECT_ONE": Shape.ONE,
+    "SELECT_VALUE": Shape.VALUE,
+    "INSERT_UPDATE_DELETE": Shape.EXEC,
+    "SCRIPT": Shape.SCRIPT,
+}
+
+
+@attrs.frozen
+class Query:
+    """One named statement: its name, psycopg-ready SQL text and result shape."""
+
+    name: str
+    sql: str
+    shape: Shape
+
+
+def data_dir(name: str) -> Path:
+    """The ``queries`` or ``migrations`` folder: inside the installed wheel, else the checkout."""
+    packaged = resources.files("kitium_pg") / name
+    if packaged.is_dir():
+        return Path(str(packaged))
+    checkout = Path(__file__).resolve().parent.parent / name
+    if checkout.is_dir():
+        return checkout
+    raise FileNotFoundError(f"kitium_pg: cannot find the {name}/ folder (broken installation)")
+
+
+def check_schema(schema: str) -> str:
+    """``schema`` if it is a plain lowercase identifier (it is written into SQL text)."""
+    if not isinstance(schema, str) or not _SCHEMA_RE.match(schema):
+        raise ValidationError("schema", "must match [a-z_][a-z0-9_]* (at most 63 characters)")
+    return schema
+
+
+def in_schema(sql: str, schema: str) -> str:
+    """``sql`` with the ``kitium_auth`` qualifier replaced by ``schema``."""
+    return sql if schema == DEFAULT_SCHEMA else _QUALIFIER_RE.sub(schema, sql)
+
+
+@functools.cache
+def _parsed() -> dict[str, Query]:
+    loaded = aiosql.from_path(data_dir("queries"), "psycopg")
+    found: dict[str, Query] = {}
+    for name in loaded.available_queries:
+        fn = getattr(loaded, name)
+        if name.endswith("_cursor") or fn.operation.name not in _SHAPES:
+            continue
+        found[name] = Query(name, fn.sql, _SHAPES[fn.operation.name])
+    return found
+
+
+@functools.cache
+def queries(schema: str = DEFAULT_SCHEMA) -> dict[str, Query]:
+    """Every named query, for ``schema``."""
+    check_schema(schema)
+    return {
+        name: attrs.evolve(query, sql=in_schema(query.sql, schema))
+        for name, query in _parsed().items()
+    }

