@@ -119,7 +119,13 @@ class Settings:
         }
 
 
-def log_call(operation: str, started: float, attempt: int, error: KitiumPgError | None) -> None:
+def log_call(
+    operation: str,
+    started: float,
+    attempt: int,
+    error: KitiumPgError | None = None,
+    cause: BaseException | None = None,
+) -> None:
     """One structured log line per statement. Parameters are never logged."""
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
     if error is None:
@@ -131,7 +137,6 @@ def log_call(operation: str, started: float, attempt: int, error: KitiumPgError 
                 extra={"operation": operation, "duration_ms": duration_ms, "attempt": attempt},
             )
         return
-    cause = error.__cause__
     sqlstate = getattr(cause, "sqlstate", None)
     logger.warning(
         "kitium_pg %s failed (%s, attempt %d)",

@@ -90,8 +90,9 @@ class AsyncCore:
     def with_statement_timeout(self, ms: int) -> Self:
         """A view of this adapter (same pool) whose calls run with statement timeout ``ms``.
 
-        The default timeout is a connection setting and costs nothing per call; an override adds
-        a transaction-local ``set_config`` pipelined with the statement.
+        The default timeout is a connection setting and costs nothing per call. An override
+        pipelines a transaction-local ``set_config`` with the statement; psycopg's pipeline exit
+        adds a second, empty round trip (measured in tests/test_round_trips.py).
         """
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             raise ValidationError("ms", "must be a non-negative integer")
@@ -151,10 +152,13 @@ class AsyncCore:
             await conn.execute(setter.sql, {"ms": str(self._timeout_ms)})
             return await self._execute(conn, query, params, row_factory)
         # Outside a transaction the setting must share the statement's implicit transaction:
-        # send both before the Sync that ends it (one round trip).
-        async with conn.pipeline():
+        # queue both, then one Sync ends that transaction and brings back both results.
+        async with conn.pipeline() as pipeline:
             await conn.execute(setter.sql, {"ms": str(self._timeout_ms)})
-            return await self._execute(conn, query, params, row_factory)
+            async with conn.cursor(row_factory=row_factory) as cur:
+                await cur.execute(query.sql, params)
+                await pipeline.sync()
+                return await _fetch(cur, query.shape)
 
     async def _run(
         self, name: str, params: Mapping[str, Any], *, retry: Retry,
@@ -173,7 +177,7 @@ class AsyncCore:
                         result = await self._execute_with_timeout(conn, query, params, row_factory)
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 error = translate(exc, operation=name)
-                log_call(name, started, attempt, error)
+                log_call(name, started, attempt, error, exc)
                 if (
                     retry is Retry.SAFE
                     and self._conn is None
@@ -183,7 +187,7 @@ class AsyncCore:
                     await asyncio.sleep(backoff(attempt))
                     continue
                 raise error from exc
-            log_call(name, started, attempt, None)
+            log_call(name, started, attempt)
             return result
 
     async def _one(

@@ -91,8 +91,9 @@ class Core:
     def with_statement_timeout(self, ms: int) -> Self:
         """A view of this adapter (same pool) whose calls run with statement timeout ``ms``.
 
-        The default timeout is a connection setting and costs nothing per call; an override adds
-        a transaction-local ``set_config`` pipelined with the statement.
+        The default timeout is a connection setting and costs nothing per call. An override
+        pipelines a transaction-local ``set_config`` with the statement; psycopg's pipeline exit
+        adds a second, empty round trip (measured in tests/test_round_trips.py).
         """
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             raise ValidationError("ms", "must be a non-negative integer")
@@ -158,10 +159,13 @@ class Core:
             conn.execute(setter.sql, {"ms": str(self._timeout_ms)})
             return self._execute(conn, query, params, row_factory)
         # Outside a transaction the setting must share the statement's implicit transaction:
-        # send both before the Sync that ends it (one round trip).
-        with conn.pipeline():
+        # queue both, then one Sync ends that transaction and brings back both results.
+        with conn.pipeline() as pipeline:
             conn.execute(setter.sql, {"ms": str(self._timeout_ms)})
-            return self._execute(conn, query, params, row_factory)
+            with conn.cursor(row_factory=row_factory) as cur:
+                cur.execute(query.sql, params)
+                pipeline.sync()
+                return _fetch(cur, query.shape)
 
     def _run(
         self,
@@ -184,7 +188,7 @@ class Core:
                         result = self._execute_with_timeout(conn, query, params, row_factory)
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 error = translate(exc, operation=name)
-                log_call(name, started, attempt, error)
+                log_call(name, started, attempt, error, exc)
                 if (
                     retry is Retry.SAFE
                     and self._conn is None
@@ -194,7 +198,7 @@ class Core:
                     time.sleep(backoff(attempt))
                     continue
                 raise error from exc
-            log_call(name, started, attempt, None)
+            log_call(name, started, attempt)
             return result
 
     def _one(

@@ -1,0 +1,164 @@
+"""The I/O core: retries after lost connections, statement timeouts, pool exhaustion,
+logging hygiene, and concurrent creates."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+import pytest
+
+from kitium_pg import (
+    AsyncPostgresStorageAdapter,
+    ConflictError,
+    PostgresStorageAdapter,
+    QueryTimeoutError,
+    UnavailableError,
+    ValidationError,
+)
+
+
+@pytest.fixture(scope="module")
+def sync_single(dsn: str) -> Iterator[PostgresStorageAdapter]:
+    with PostgresStorageAdapter(dsn, min_size=1, max_size=1, pool_timeout=0.5) as adapter:
+        yield adapter
+
+
+@pytest.fixture(scope="module")
+async def async_single(dsn: str) -> AsyncIterator[AsyncPostgresStorageAdapter]:
+    async with AsyncPostgresStorageAdapter(
+        dsn, min_size=1, max_size=1, pool_timeout=0.5
+    ) as adapter:
+        yield adapter
+
+
+@pytest.fixture(params=["sync", "async"])
+def single(request: pytest.FixtureRequest) -> Any:
+    """An adapter with a one-connection pool and a short pool timeout."""
+    return request.getfixturevalue(f"{request.param}_single")
+
+
+async def _call(result: Any) -> Any:
+    return await result if asyncio.iscoroutine(result) else result
+
+
+def _kill_kitium_backends(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'kitium-pg' AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return len(rows)
+
+
+async def test_reads_are_retried_after_the_connection_is_killed(single: Any, dsn: str) -> None:
+    user = await _call(single.create_user())
+    assert _kill_kitium_backends(dsn) >= 1
+    assert await _call(single.get_user(user.id)) == user
+
+
+async def test_creates_are_retried_without_duplicates(single: Any, dsn: str) -> None:
+    _kill_kitium_backends(dsn)
+    email = f"retry-{uuid.uuid4().hex[:8]}@example.com"
+    user = await _call(single.create_user(email=email))
+    assert await _call(single.get_user_by_email(email)) == user
+
+
+async def test_statement_timeout_is_a_retryable_query_timeout(single: Any, dsn: str) -> None:
+    user = await _call(single.create_user())
+    with psycopg.connect(dsn) as locker:
+        locker.execute("SELECT id FROM kitium_auth.users WHERE id = %s FOR UPDATE", [user.id])
+        with pytest.raises(QueryTimeoutError) as caught:
+            await _call(single.with_statement_timeout(200).update_user(user.id, name="x"))
+        locker.rollback()
+    assert caught.value.retryable is True
+    assert isinstance(caught.value.__cause__, psycopg.errors.QueryCanceled)
+    assert (await _call(single.update_user(user.id, name="y"))).name == "y"
+
+
+def test_pool_exhaustion_is_unavailable(sync_single: PostgresStorageAdapter) -> None:
+    user = sync_single.create_user()
+    with sync_single.pool.connection():  # hold the only connection
+        with pytest.raises(UnavailableError) as caught:
+            sync_single.get_user(user.id)
+    assert caught.value.code == "pool_timeout" and caught.value.retryable
+
+
+def test_an_unreachable_database_is_unavailable_and_the_password_stays_hidden() -> None:
+    storage = PostgresStorageAdapter(
+        "postgresql://kitium:s3cret-pw@127.0.0.1:1/nodb", connect_timeout=1.0
+    )
+    assert "s3cret-pw" not in repr(storage)
+    with pytest.raises(UnavailableError) as caught:
+        storage.connect()
+    assert "s3cret-pw" not in str(caught.value)
+    storage.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_size": 0}, "max_size"),
+        ({"min_size": 5, "max_size": 2}, "min_size"),
+        ({"statement_timeout_ms": -1}, "statement_timeout_ms"),
+        ({"schema": "Robert'); DROP TABLE users;--"}, "schema"),
+        ({"max_retries": True}, "max_retries"),
+    ],
+)
+def test_bad_settings_are_validation_errors(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        PostgresStorageAdapter("postgresql://localhost/x", **kwargs)
+    assert caught.value.field == field
+
+
+async def test_sixteen_concurrent_signups_with_one_email_make_one_user(
+    storage: Any, email: str
+) -> None:
+    variants = [
+        "".join(c.upper() if (i >> n) & 1 else c for n, c in enumerate(email)) for i in range(16)
+    ]
+    if storage.kind == "async":
+        results = await asyncio.gather(
+            *(storage.create_user(email=e) for e in variants), return_exceptions=True
+        )
+    else:
+        barrier = threading.Barrier(16)
+
+        def signup(e: str) -> Any:
+            barrier.wait()
+            try:
+                return storage.adapter.create_user(email=e)
+            except ConflictError as exc:
+                return exc
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(signup, variants))
+    users = [r for r in results if not isinstance(r, BaseException)]
+    conflicts = [r for r in results if isinstance(r, ConflictError)]
+    assert (len(users), len(conflicts)) == (1, 15), results
+    assert await storage.get_user_by_email(email) == users[0]
+
+
+async def test_logs_never_contain_parameters_or_secrets(
+    storage: Any, caplog: pytest.LogCaptureFixture, email: str
+) -> None:
+    secret_hash = f"$argon2id$secret-{uuid.uuid4().hex}"
+    with caplog.at_level(logging.DEBUG, logger="kitium_pg"):
+        user = await storage.create_user(email=email, password_hash=secret_hash)
+        await storage.get_password_hash(user.id)
+        await storage.get_user_by_email(email)
+        with pytest.raises(ConflictError):
+            await storage.create_user(email=email, password_hash=secret_hash)
+    records = [r for r in caplog.records if r.name == "kitium_pg"]
+    assert any(getattr(r, "operation", None) == "create_user" for r in records)
+    assert any(getattr(r, "sqlstate", None) == "23505" for r in records)
+    for record in records:
+        text = record.getMessage() + repr(record.__dict__)
+        for secret in (secret_hash, email, str(user.id)):
+            assert secret not in text

@@ -1,0 +1,75 @@
+"""Lint of queries/ and migrations/: the conventions a DBA review relies on, and the traps of
+aiosql + psycopg (see shared reference aiosql-psycopg.md)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from kitium_pg import _sql
+
+ROOT = Path(__file__).resolve().parent.parent
+QUERY_FILES = sorted((ROOT / "queries").glob("*.sql"))
+NAME_RE = re.compile(r"^-- name: (\w+)(?:\(([\w, ]*)\)([\^$!]?)|#)$")
+TABLE_REF_RE = re.compile(r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+(?!kitium_auth\.)([a-z_]+)\b(?!\s*\()")
+# Names that may follow FROM/JOIN without a schema: CTE names and set-returning functions.
+LOCAL_NAMES = {"inserted", "link", "existing", "target", "consumed", "upd", "batch", "unnest",
+               "members", "new_members", "kept", "input", "rows", "source", "deleted", "removed",
+               "updated", "given", "picked", "ins", "del", "added", "org", "m", "events", "lateral"}
+
+
+def _blocks(path: Path) -> list[tuple[str, list[str]]]:
+    blocks: list[tuple[str, list[str]]] = []
+    for line in path.read_text().splitlines():
+        if line.startswith("-- name:"):
+            blocks.append((line, []))
+        elif blocks:
+            blocks[-1][1].append(line)
+    return blocks
+
+
+@pytest.mark.parametrize("path", QUERY_FILES, ids=lambda p: p.name)
+def test_every_query_is_named_documented_and_explicit(path: Path) -> None:
+    blocks = _blocks(path)
+    assert blocks, f"{path.name} has no queries"
+    for header, body in blocks:
+        match = NAME_RE.match(header)
+        assert match, f"{path.name}: malformed header {header!r} (declare the parameter list)"
+        name = match.group(1)
+        assert body and body[0].startswith("-- ") and len(body[0]) > 10, (
+            f"{path.name}:{name}: the line after the name must state the query's purpose"
+        )
+        sql = "\n".join(line for line in body if not line.lstrip().startswith("--"))
+        comments = "\n".join(line for line in body if line.lstrip().startswith("--"))
+        assert not re.search(r"(SELECT|RETURNING)\s+\*", sql, re.I), f"{name}: list columns"
+        assert not re.search(r"(?<!%)%(?!%)", sql.replace("%%", "")), f"{name}: write % as %%"
+        assert not re.search(r"(?<!:):[a-z_]\w*", comments), f"{name}: no :word in comments"
+        assert not re.search(r"\bE'", sql), f"{name}: no E'' escapes"
+        for table in TABLE_REF_RE.findall(sql):
+            assert table in LOCAL_NAMES, f"{name}: qualify {table!r} with kitium_auth."
+
+
+def test_every_query_is_used_and_every_used_query_exists() -> None:
+    source = "\n".join(p.read_text() for p in (ROOT / "kitium_pg" / "_async").glob("*.py"))
+    used = set(re.findall(r"_(?:one|many|value|exec|run|delete_in_batches)\(\s*\"(\w+)\"", source))
+    used |= set(re.findall(r"_queries\[\"(\w+)\"\]", source))
+    defined = set(_sql.queries())
+    assert used - defined == set(), "queries referenced in code but missing from queries/"
+    assert defined - used == set(), "queries defined in queries/ but never used"
+
+
+def test_queries_load_for_another_schema_without_the_default_qualifier() -> None:
+    for query in _sql.queries("tenant_x").values():
+        assert "kitium_auth" not in query.sql
+
+
+def test_migrations_have_up_and_down_and_no_search_path_dependence() -> None:
+    for path in sorted((ROOT / "migrations").glob("*.sql")):
+        text = path.read_text()
+        assert text.count("-- migrate:up") == 1 and text.count("-- migrate:down") == 1
+        assert re.match(r"^\d{4}_[a-z0-9_]+\.sql$", path.name)
+        assert "TIMESTAMP " not in text.upper().replace("TIMESTAMPTZ", ""), "use timestamptz"
+        for table in re.findall(r"CREATE TABLE (?!kitium_auth\.)(\w+)", text):
+            pytest.fail(f"{path.name}: unqualified table {table}")
