@@ -8,6 +8,7 @@ CHECK constraints in ``migrations/`` (the database stays the last line of defenc
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import json
 import math
 import uuid
@@ -135,7 +136,8 @@ def parse_uuid(value: object) -> uuid.UUID | None:
     return None
 
 
-def _check_json(field: str, value: object, depth: int) -> None:
+def _check_json(field: str, value: object, depth: int) -> bool:
+    """Raise for what jsonb cannot hold; returns whether a float needs exact formatting."""
     if depth > JSON_DEPTH:
         raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
     if isinstance(value, str):
@@ -144,17 +146,42 @@ def _check_json(field: str, value: object, depth: int) -> None:
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise ValidationError(field, "must not contain NaN or Infinity")
+        return "e" in repr(value)
     elif isinstance(value, Mapping):
+        exact = False
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ValidationError(field, "object keys must be strings")
             _check_json(field, key, depth + 1)
-            _check_json(field, item, depth + 1)
+            exact |= _check_json(field, item, depth + 1)
+        return exact
     elif isinstance(value, list | tuple):
+        exact = False
         for item in value:
-            _check_json(field, item, depth + 1)
+            exact |= _check_json(field, item, depth + 1)
+        return exact
     elif value is not None and not isinstance(value, bool | int):
         raise ValidationError(field, f"is not JSON-serialisable ({type(value).__name__})")
+    return False
+
+
+def _plain_float(value: float) -> str:
+    # jsonb stores numbers as numeric and prints them without an exponent, so 3.6e16 would come
+    # back as the int 36028797018963970. Written out in full with a decimal point, the value
+    # survives as the same float.
+    text = format(decimal.Decimal(repr(value)), "f")
+    return text if "." in text else f"{text}.0"
+
+
+def _dumps_exact(value: object) -> str:
+    if isinstance(value, float):
+        return _plain_float(value)
+    if isinstance(value, Mapping):
+        items = (f"{json.dumps(k, ensure_ascii=False)}:{_dumps_exact(v)}" for k, v in value.items())
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_dumps_exact(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def json_text(field: str, value: object, *, default: str = "{}", obj: bool = True) -> str:
@@ -167,9 +194,12 @@ def json_text(field: str, value: object, *, default: str = "{}", obj: bool = Tru
         return default
     if obj and not isinstance(value, Mapping):
         raise ValidationError(field, "must be a JSON object (a dict)")
-    _check_json(field, value, 0)
+    exact = _check_json(field, value, 0)
     try:
-        dumped = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        if exact:
+            dumped = _dumps_exact(value)
+        else:
+            dumped = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
         size = len(dumped.encode("utf-8"))
     except (ValueError, TypeError, UnicodeEncodeError, RecursionError) as exc:
         raise ValidationError(field, f"is not valid JSON ({type(exc).__name__})") from None

@@ -57,6 +57,7 @@ class EmbeddedPostgres:
             self._pg_ctl(
                 ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(self.data_dir / "log"), "start"]
             )
+            self._server.cleanup_mode = "stop"  # type: ignore[attr-defined]
         return self.dsn
 
     @property
@@ -74,6 +75,8 @@ class EmbeddedPostgres:
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``fast``: disconnect clients, checkpoint, exit)."""
         self._pg_ctl(["-w", "-m", mode, "stop"])
+        # Stopped on purpose: the wheel's exit hook must not try to stop it again.
+        self._server.cleanup_mode = None  # type: ignore[attr-defined]
 
     def restart(self, mode: str = "fast") -> None:
         """Stop then start the server with the same options (socket, data)."""

@@ -4,8 +4,136 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from .. import _validate as v
+from .._base import UNSET, Retry, Unset, new_id
+from ..errors import NotFoundError
+from ..records import Session
 from .core import Core
 
 
 class Sessions(Core):
-    """Session methods of the sync adapter."""
+    """Session methods of the sync adapter.
+
+    A session whose ``expires_at`` has passed (by the database clock) is gone for every read and
+    update; ``delete_expired_sessions`` removes such rows for good.
+    """
+
+    def create_session(
+        self,
+        *,
+        user_id: uuid.UUID | str,
+        expires_at: dt.datetime,
+        org_id: uuid.UUID | str | None = None,
+        plan: str | None = None,
+        entitlements: Iterable[str] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> Session:
+        """Create a session for a user and return it.
+
+        ``expires_at`` must be timezone-aware. Raises ``NotFoundError`` when the user (or the
+        organization) does not exist, and ``ValidationError`` for bad input. Retried on transient
+        failures: the id is generated before the first attempt, so a retry after a lost
+        acknowledgement returns the same row.
+        """
+        params = {
+            "id": new_id(),
+            "user_id": v.uuid_arg("user_id", user_id),
+            "org_id": v.opt_uuid_arg("org_id", org_id),
+            "plan": v.opt_text("plan", plan),
+            "entitlements": v.strings("entitlements", entitlements),
+            "metadata": v.json_text("metadata", metadata),
+            "expires_at": v.timestamp("expires_at", expires_at),
+        }
+        session = self._one("create_session", params, Session, retry=Retry.SAFE)
+        assert session is not None
+        return session
+
+    def get_session(self, id: uuid.UUID | str) -> Session | None:
+        """The unexpired session with this id, or ``None`` (unknown, expired or malformed id)."""
+        session_id = v.parse_uuid(id)
+        if session_id is None:
+            return None
+        return self._one("get_session", {"id": session_id}, Session, retry=Retry.SAFE)
+
+    def update_session(
+        self,
+        id: uuid.UUID | str,
+        *,
+        org_id: uuid.UUID | str | Unset | None = UNSET,
+        plan: str | Unset | None = UNSET,
+        entitlements: Iterable[str] | Unset = UNSET,
+        expires_at: dt.datetime | Unset = UNSET,
+        metadata: dict[str, Any] | Unset = UNSET,
+    ) -> Session:
+        """Change the given fields of an unexpired session and return it (fields left out stay
+        as they are).
+
+        Raises ``NotFoundError`` when there is no such session or it has expired: an expired
+        session is never revived, not even by moving ``expires_at`` forward. Setting values is
+        idempotent, so transient failures are retried (a retry of a call that moved
+        ``expires_at`` into the past finds the session expired and raises ``NotFoundError``;
+        end a session with ``delete_session`` instead).
+        """
+        params: dict[str, Any] = {"id": v.uuid_arg("id", id)}
+        checks: dict[str, Any] = {
+            "org_id": (org_id, lambda x: v.opt_uuid_arg("org_id", x)),
+            "plan": (plan, lambda x: v.opt_text("plan", x)),
+            "entitlements": (entitlements, lambda x: v.strings("entitlements", x)),
+            "expires_at": (expires_at, lambda x: v.timestamp("expires_at", x)),
+            "metadata": (metadata, lambda x: v.json_text("metadata", x)),
+        }
+        for field, (value, check) in checks.items():
+            given = value is not UNSET
+            params[f"set_{field}"] = given
+            params[field] = check(value) if given else None
+        session = self._one("update_session", params, Session, retry=Retry.SAFE)
+        if session is None:
+            raise NotFoundError(f"update_session: no unexpired session {params['id']}")
+        return session
+
+    def delete_session(self, id: uuid.UUID | str) -> bool:
+        """Delete a session (expired or not); ``True`` if a row was deleted.
+
+        Idempotent: deleting a missing session (or a malformed id) returns ``False``. Retried on
+        transient failures, since deleting twice leaves the same state (a retry after a lost
+        acknowledgement may report ``False`` for a session the first attempt deleted).
+        """
+        session_id = v.parse_uuid(id)
+        if session_id is None:
+            return False
+        return self._exec("delete_session", {"id": session_id}, retry=Retry.SAFE) > 0
+
+    def delete_expired_sessions(self, *, batch_size: int = 5000) -> int:
+        """Delete every expired session and return how many were deleted.
+
+        Runs one short statement per ``batch_size`` rows (earliest expiry first, skipping rows
+        another cleaner holds) so locks stay brief on a large table; each batch is retried on
+        transient failures, because deleting expired rows is idempotent. Raises
+        ``ValidationError`` when ``batch_size`` is not between 1 and 100000.
+        """
+        return self._delete_in_batches("delete_expired_sessions", {}, batch_size=batch_size)
+
+    def list_user_sessions(self, user_id: uuid.UUID | str) -> list[Session]:
+        """A user's unexpired sessions, newest first (empty for an unknown or malformed id), for
+        "signed-in devices" and "log out everywhere" screens."""
+        parsed = v.parse_uuid(user_id)
+        if parsed is None:
+            return []
+        return self._many("list_user_sessions", {"user_id": parsed}, Session, retry=Retry.SAFE)
+
+    def delete_user_sessions(self, user_id: uuid.UUID | str) -> int:
+        """Delete every session of a user, expired ones included ("log out everywhere"); returns
+        how many rows were deleted (0 for an unknown or malformed id).
+
+        Retried on transient failures, since deleting twice leaves the same state (a retry after
+        a lost acknowledgement may report a lower count than the first attempt deleted).
+        """
+        parsed = v.parse_uuid(user_id)
+        if parsed is None:
+            return 0
+        return self._exec("delete_user_sessions", {"user_id": parsed}, retry=Retry.SAFE)

@@ -1,0 +1,66 @@
+-- Login sessions.
+-- Every session-returning query yields the columns of kitium_pg.records.Session. Reads treat a
+-- session whose expires_at has passed as gone; only the cleanup and delete queries touch it.
+
+-- name: create_session(id, user_id, org_id, plan, entitlements, metadata, expires_at)^
+-- Insert a session; a retry with the same id returns the row the first attempt wrote.
+WITH inserted AS (
+  INSERT INTO kitium_auth.sessions
+    (id, user_id, org_id, plan, entitlements, metadata, expires_at)
+  VALUES
+    (:id, :user_id, :org_id, :plan, :entitlements, :metadata::jsonb, :expires_at)
+  ON CONFLICT (id) DO NOTHING
+  RETURNING id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
+)
+SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
+  FROM inserted
+UNION ALL
+SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
+  FROM kitium_auth.sessions
+ WHERE id = :id
+ LIMIT 1;
+
+-- name: get_session(id)^
+-- Fetch one unexpired session by id.
+SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
+  FROM kitium_auth.sessions
+ WHERE id = :id AND expires_at > now();
+
+-- name: update_session(id, set_org_id, org_id, set_plan, plan, set_entitlements, entitlements, set_expires_at, expires_at, set_metadata, metadata)^
+-- Update the given columns of one unexpired session (each set_x flag says whether x is given); no
+-- row if the session does not exist or has expired (an expired session is never revived).
+UPDATE kitium_auth.sessions AS s
+   SET org_id       = CASE WHEN :set_org_id THEN :org_id ELSE s.org_id END,
+       plan         = CASE WHEN :set_plan THEN :plan ELSE s.plan END,
+       entitlements = CASE WHEN :set_entitlements THEN :entitlements ELSE s.entitlements END,
+       expires_at   = CASE WHEN :set_expires_at THEN :expires_at ELSE s.expires_at END,
+       metadata     = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE s.metadata END
+ WHERE s.id = :id AND s.expires_at > now()
+RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
+          s.created_at, s.updated_at;
+
+-- name: delete_session(id)!
+-- Delete one session, expired or not.
+DELETE FROM kitium_auth.sessions WHERE id = :id;
+
+-- name: delete_expired_sessions(batch_size)!
+-- Delete at most batch_size expired sessions, earliest expiry first (sessions_expires_at_idx);
+-- rows another cleaner has locked are skipped, so concurrent cleaners never wait on each other.
+DELETE FROM kitium_auth.sessions
+ WHERE id IN (SELECT id
+                FROM kitium_auth.sessions
+               WHERE expires_at <= now()
+               ORDER BY expires_at
+               LIMIT :batch_size
+                 FOR UPDATE SKIP LOCKED);
+
+-- name: list_user_sessions(user_id)
+-- A user's unexpired sessions, newest first (sessions_user_id_idx; ids are time-ordered UUIDv7).
+SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
+  FROM kitium_auth.sessions
+ WHERE user_id = :user_id AND expires_at > now()
+ ORDER BY created_at DESC, id DESC;
+
+-- name: delete_user_sessions(user_id)!
+-- Delete every session of a user, expired ones included.
+DELETE FROM kitium_auth.sessions WHERE user_id = :user_id;

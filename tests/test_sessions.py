@@ -1,0 +1,288 @@
+"""Sessions, against both adapters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from kitium_pg import NotFoundError, Session, ValidationError
+from kitium_pg._base import Retry, new_id
+
+UTC = dt.UTC
+
+
+def later(**delta: float) -> dt.datetime:
+    return dt.datetime.now(UTC) + dt.timedelta(**delta)
+
+
+def earlier(**delta: float) -> dt.datetime:
+    return dt.datetime.now(UTC) - dt.timedelta(**delta)
+
+
+@pytest.fixture
+def org_id(storage: Any, dsn: str) -> uuid.UUID:
+    """An organization row, written directly so these tests do not depend on its domain."""
+    org = uuid.uuid4()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO kitium_auth.organizations (id, name, plan) VALUES (%s, 'Org', 'team')",
+            (org,),
+        )
+    return org
+
+
+async def test_create_and_get_round_trip(storage: Any, email: str, org_id: uuid.UUID) -> None:
+    user = await storage.create_user(email=email)
+    plus_five = dt.timezone(dt.timedelta(hours=5))
+    expires = dt.datetime.now(plus_five).replace(microsecond=123456) + dt.timedelta(hours=1)
+    session = await storage.create_session(
+        user_id=str(user.id),
+        expires_at=expires,
+        org_id=org_id,
+        plan="pro",
+        entitlements=["read", "write"],
+        metadata={"ip": "203.0.113.7", "ua": {"mobile": True}},
+    )
+    assert isinstance(session, Session)
+    assert session.id.version == 7
+    assert (session.user_id, session.org_id, session.plan) == (user.id, org_id, "pro")
+    assert session.entitlements == ("read", "write")
+    assert session.metadata == {"ip": "203.0.113.7", "ua": {"mobile": True}}
+    assert session.expires_at == expires
+    assert session.expires_at.tzinfo is UTC
+    assert session.created_at.tzinfo is UTC
+    assert await storage.get_session(session.id) == session
+    assert await storage.get_session(str(session.id)) == session
+
+
+async def test_defaults(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    session = await storage.create_session(user_id=user.id, expires_at=later(minutes=5))
+    assert (session.org_id, session.plan, session.entitlements, session.metadata) == (
+        None,
+        None,
+        (),
+        {},
+    )
+
+
+async def test_a_retried_create_returns_the_row_of_the_first_attempt(
+    storage: Any, email: str
+) -> None:
+    # What a retry after a lost acknowledgement does: the same statement with the same id.
+    user = await storage.create_user(email=email)
+    params = {
+        "id": new_id(),
+        "user_id": user.id,
+        "org_id": None,
+        "plan": "free",
+        "entitlements": ["a"],
+        "metadata": "{}",
+        "expires_at": later(hours=1),
+    }
+    first = await storage._one("create_session", params, Session, retry=Retry.NEVER)
+    second = await storage._one(
+        "create_session", {**params, "plan": "other"}, Session, retry=Retry.NEVER
+    )
+    assert second == first
+    assert second.plan == "free"
+
+
+async def test_unknown_user_or_org_is_not_found(storage: Any, email: str) -> None:
+    with pytest.raises(NotFoundError) as caught:
+        await storage.create_session(user_id=uuid.uuid4(), expires_at=later(hours=1))
+    assert "sessions__user_id_fkey" in str(caught.value)
+    user = await storage.create_user(email=email)
+    with pytest.raises(NotFoundError) as caught:
+        await storage.create_session(
+            user_id=user.id, expires_at=later(hours=1), org_id=uuid.uuid4()
+        )
+    assert "sessions__org_id_fkey" in str(caught.value)
+    assert await storage.list_user_sessions(user.id) == []
+
+
+async def test_lookups_of_unknown_or_malformed_ids_return_none(storage: Any) -> None:
+    assert await storage.get_session(uuid.uuid4()) is None
+    for bad in ("nope", "", "x" * 10_000, 42, None, "1' OR '1'='1"):
+        assert await storage.get_session(bad) is None
+
+
+async def test_an_expired_session_is_gone_for_reads_and_updates(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    expired = await storage.create_session(user_id=user.id, expires_at=earlier(seconds=1))
+    assert expired.expires_at < dt.datetime.now(UTC)
+    assert await storage.get_session(expired.id) is None
+    assert await storage.list_user_sessions(user.id) == []
+    with pytest.raises(NotFoundError):  # never revived by moving expires_at forward
+        await storage.update_session(expired.id, expires_at=later(days=1))
+    assert await storage.get_session(expired.id) is None
+    assert await storage.delete_session(expired.id) is True
+
+
+async def test_update_changes_only_given_fields(
+    storage: Any, email: str, org_id: uuid.UUID
+) -> None:
+    user = await storage.create_user(email=email)
+    session = await storage.create_session(
+        user_id=user.id,
+        expires_at=later(hours=1),
+        org_id=org_id,
+        plan="pro",
+        entitlements=["a"],
+        metadata={"k": 1},
+    )
+    new_expiry = later(days=30)
+    updated = await storage.update_session(session.id, plan=None, expires_at=new_expiry)
+    assert updated.plan is None
+    assert updated.expires_at == new_expiry
+    assert (updated.org_id, updated.entitlements, updated.metadata) == (org_id, ("a",), {"k": 1})
+    assert updated.created_at == session.created_at
+    assert updated.updated_at >= session.updated_at
+    again = await storage.update_session(
+        str(session.id), org_id=None, entitlements=[], metadata={"k": 2}
+    )
+    assert (again.org_id, again.entitlements, again.metadata) == (None, (), {"k": 2})
+    assert again.expires_at == new_expiry
+    assert await storage.get_session(session.id) == again
+    unchanged = await storage.update_session(session.id)
+    assert unchanged.metadata == {"k": 2}
+
+
+async def test_update_of_a_missing_session_raises(storage: Any, email: str) -> None:
+    with pytest.raises(NotFoundError):
+        await storage.update_session(uuid.uuid4(), plan="x")
+    with pytest.raises(ValidationError) as caught:
+        await storage.update_session("not-a-uuid", plan="x")
+    assert caught.value.field == "id"
+    user = await storage.create_user(email=email)
+    session = await storage.create_session(user_id=user.id, expires_at=later(hours=1))
+    with pytest.raises(TypeError):
+        await storage.update_session(session.id, user_id=uuid.uuid4())  # not an updatable field
+    with pytest.raises(ValidationError) as caught:
+        await storage.update_session(session.id, expires_at=dt.datetime(2030, 1, 1))
+    assert caught.value.field == "expires_at"
+    assert await storage.get_session(session.id) == session
+
+
+async def test_delete_is_idempotent(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    session = await storage.create_session(user_id=user.id, expires_at=later(hours=1))
+    assert await storage.delete_session(session.id) is True
+    assert await storage.delete_session(session.id) is False
+    assert await storage.get_session(session.id) is None
+    for bad in ("nope", None, 42):
+        assert await storage.delete_session(bad) is False
+
+
+async def test_delete_expired_sessions_runs_in_bounded_batches(
+    storage: Any, email: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await storage.delete_expired_sessions()  # start from no expired rows (other tests leave some)
+    user = await storage.create_user(email=email)
+    expired = [
+        await storage.create_session(user_id=user.id, expires_at=earlier(minutes=i + 1))
+        for i in range(5)
+    ]
+    alive = [
+        await storage.create_session(user_id=user.id, expires_at=later(hours=i + 1))
+        for i in range(2)
+    ]
+    adapter = storage.adapter if storage.kind == "sync" else storage
+    batches: list[int] = []
+    original = adapter._exec
+
+    def record(params: Any, deleted: int) -> int:
+        assert params["batch_size"] == 2
+        batches.append(deleted)
+        return deleted
+
+    def sync_spy(name: str, params: Any, **kw: Any) -> int:
+        return record(params, original(name, params, **kw))
+
+    async def async_spy(name: str, params: Any, **kw: Any) -> int:
+        return record(params, await original(name, params, **kw))
+
+    monkeypatch.setattr(adapter, "_exec", sync_spy if storage.kind == "sync" else async_spy)
+    assert await storage.delete_expired_sessions(batch_size=2) == 5
+    assert batches == [2, 2, 1]
+    monkeypatch.undo()
+
+    for session in expired:
+        assert await storage.delete_session(session.id) is False  # the rows are gone
+    assert [s.id for s in await storage.list_user_sessions(user.id)] == [
+        s.id for s in reversed(alive)
+    ]
+    assert await storage.delete_expired_sessions() == 0
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 100_001, 2.5, "10", True])
+async def test_delete_expired_sessions_checks_batch_size(storage: Any, batch_size: Any) -> None:
+    with pytest.raises(ValidationError) as caught:
+        await storage.delete_expired_sessions(batch_size=batch_size)
+    assert caught.value.field == "batch_size"
+
+
+async def test_list_user_sessions_newest_first_and_only_that_users(
+    storage: Any, email: str
+) -> None:
+    user = await storage.create_user(email=email)
+    other = await storage.create_user(email="other-" + email)
+    first = await storage.create_session(user_id=user.id, expires_at=later(hours=1))
+    second = await storage.create_session(user_id=user.id, expires_at=later(hours=1))
+    await storage.create_session(user_id=user.id, expires_at=earlier(hours=1))
+    theirs = await storage.create_session(user_id=other.id, expires_at=later(hours=1))
+    assert await storage.list_user_sessions(user.id) == [second, first]
+    assert await storage.list_user_sessions(str(other.id)) == [theirs]
+    assert await storage.list_user_sessions(uuid.uuid4()) == []
+    assert await storage.list_user_sessions("nope") == []
+
+
+async def test_delete_user_sessions_logs_out_everywhere(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    other = await storage.create_user(email="other-" + email)
+    for expires in (later(hours=1), later(hours=2), earlier(hours=1)):
+        await storage.create_session(user_id=user.id, expires_at=expires)
+    theirs = await storage.create_session(user_id=other.id, expires_at=later(hours=1))
+    assert await storage.delete_user_sessions(user.id) == 3  # expired ones included
+    assert await storage.list_user_sessions(user.id) == []
+    assert await storage.delete_user_sessions(user.id) == 0
+    assert await storage.delete_user_sessions("nope") == 0
+    assert await storage.get_session(theirs.id) == theirs
+
+
+async def test_deleting_the_user_deletes_its_sessions(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    session = await storage.create_session(user_id=user.id, expires_at=later(hours=1))
+    assert await storage.delete_user(user.id) is True
+    assert await storage.get_session(session.id) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"expires_at": dt.datetime(2030, 1, 1)}, "expires_at"),  # naive on purpose
+        ({"expires_at": "2030-01-01T00:00:00Z"}, "expires_at"),
+        ({"expires_at": None}, "expires_at"),
+        ({"user_id": "nope"}, "user_id"),
+        ({"user_id": None}, "user_id"),
+        ({"org_id": "nope"}, "org_id"),
+        ({"plan": "x" * 256}, "plan"),
+        ({"plan": "\x00"}, "plan"),
+        ({"entitlements": "read"}, "entitlements"),
+        ({"entitlements": ["ok", 7]}, "entitlements[1]"),
+        ({"metadata": {"x": float("nan")}}, "metadata"),
+        ({"metadata": {"x": "\x00"}}, "metadata"),
+        ({"metadata": ["not", "an", "object"]}, "metadata"),
+    ],
+)
+async def test_bad_input_is_a_validation_error_naming_the_field(
+    storage: Any, kwargs: dict[str, Any], field: str
+) -> None:
+    arguments: dict[str, Any] = {"user_id": uuid.uuid4(), "expires_at": later(hours=1), **kwargs}
+    with pytest.raises(ValidationError) as caught:
+        await storage.create_session(**arguments)
+    assert caught.value.field == field
