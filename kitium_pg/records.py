@@ -114,11 +114,16 @@ class ApiKey:
     updated_at: dt.datetime = attrs.field(converter=_utc)
 
 
+def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
+    # Members aggregated with jsonb_agg carry their user_id as a string.
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(value)
+
+
 @attrs.frozen(kw_only=True)
 class OrganizationMember:
     """A user's membership of an organization."""
 
-    user_id: uuid.UUID = attrs.field(converter=lambda v: v if isinstance(v, uuid.UUID) else uuid.UUID(v))
+    user_id: uuid.UUID = attrs.field(converter=_as_uuid)
     role: str = "member"
     joined_at: dt.datetime = attrs.field(converter=_parse_instant)
 

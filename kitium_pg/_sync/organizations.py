@@ -4,8 +4,190 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .. import _validate as v
+from .._base import UNSET, Retry, Unset, new_id
+from ..errors import NotFoundError, ValidationError
+from ..records import Organization, OrganizationMember
 from .core import Core
+
+MAX_MEMBERS = 10_000
+"""Most members one ``create_organization`` or ``update_organization`` call may write."""
+
+
+def _member_arrays(value: object) -> tuple[list[uuid.UUID], list[str]]:
+    """``members`` as the parallel (user ids, roles) arrays the member queries unnest.
+
+    Each item is an ``OrganizationMember`` (its ``joined_at`` is ignored: the database sets it)
+    or a mapping with ``user_id`` and an optional ``role`` (default ``"member"``; a
+    ``joined_at`` key is ignored too, so records turned into dicts can be passed back). A user
+    listed twice is a ``ValidationError``, not a silent merge.
+    """
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise ValidationError("members", "must be a list of OrganizationMember records or dicts")
+    ids: list[uuid.UUID] = []
+    roles: list[str] = []
+    seen: set[uuid.UUID] = set()
+    for i, item in enumerate(value):
+        if i >= MAX_MEMBERS:
+            raise ValidationError("members", f"must have at most {MAX_MEMBERS} items")
+        field = f"members[{i}]"
+        if isinstance(item, OrganizationMember):
+            user_id: object = item.user_id
+            role: object = item.role
+        elif isinstance(item, Mapping):
+            unknown = set(item) - {"user_id", "role", "joined_at"}
+            if unknown:
+                raise ValidationError(
+                    field, f"unknown keys: {', '.join(sorted(map(str, unknown)))}"
+                )
+            if "user_id" not in item:
+                raise ValidationError(f"{field}.user_id", "is required")
+            user_id = item["user_id"]
+            role = item.get("role", "member")
+        else:
+            raise ValidationError(field, "must be an OrganizationMember or a dict")
+        parsed = v.uuid_arg(f"{field}.user_id", user_id)
+        if parsed in seen:
+            raise ValidationError(f"{field}.user_id", "lists the same user twice")
+        seen.add(parsed)
+        ids.append(parsed)
+        roles.append(v.identifier(f"{field}.role", role))
+    return ids, roles
 
 
 class Organizations(Core):
     """Organization and membership methods of the sync adapter."""
+
+    def create_organization(
+        self,
+        *,
+        name: str,
+        plan: str,
+        seats: int = 1,
+        members: Iterable[OrganizationMember | Mapping[str, Any]] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> Organization:
+        """Create an organization with its members (one statement) and return it.
+
+        ``members`` holds ``OrganizationMember`` records or dicts ``{"user_id": ..., "role":
+        "member"}``. Raises ``NotFoundError`` when a member is not a user (nothing is written)
+        and ``ValidationError`` for bad input. Retried on transient failures: the id is generated
+        before the first attempt, so a retry after a lost acknowledgement returns the same row.
+        """
+        member_ids, member_roles = _member_arrays(members)
+        params = {
+            "id": new_id(),
+            "name": v.text("name", name),
+            "plan": v.text("plan", plan),
+            "seats": v.integer("seats", seats),
+            "metadata": v.json_text("metadata", metadata),
+            "member_ids": member_ids,
+            "member_roles": member_roles,
+        }
+        org = self._one("create_organization", params, Organization, retry=Retry.SAFE)
+        assert org is not None
+        return org
+
+    def get_organization(self, id: uuid.UUID | str) -> Organization | None:
+        """The organization with this id and its members, or ``None`` (also for a malformed
+        id)."""
+        org_id = v.parse_uuid(id)
+        if org_id is None:
+            return None
+        return self._one("get_organization", {"id": org_id}, Organization, retry=Retry.SAFE)
+
+    def update_organization(
+        self,
+        id: uuid.UUID | str,
+        *,
+        name: str | Unset = UNSET,
+        plan: str | Unset = UNSET,
+        seats: int | Unset = UNSET,
+        metadata: dict[str, Any] | Unset = UNSET,
+        members: Iterable[OrganizationMember | Mapping[str, Any]] | Unset = UNSET,
+    ) -> Organization:
+        """Change the given fields of an organization and return it (fields left out stay).
+
+        ``members`` replaces the whole member set in the same statement: members listed again
+        keep their ``joined_at`` and take the given role, the others are removed, new ones are
+        added. Raises ``NotFoundError`` when there is no such organization or a new member is
+        not a user (nothing is written then). Setting values is idempotent, so transient
+        failures are retried.
+        """
+        params: dict[str, Any] = {"id": v.uuid_arg("id", id)}
+        checks: dict[str, Any] = {
+            "name": (name, lambda x: v.text("name", x)),
+            "plan": (plan, lambda x: v.text("plan", x)),
+            "seats": (seats, lambda x: v.integer("seats", x)),
+            "metadata": (metadata, lambda x: v.json_text("metadata", x)),
+        }
+        for field, (value, check) in checks.items():
+            given = value is not UNSET
+            params[f"set_{field}"] = given
+            params[field] = check(value) if given else None
+        params["set_members"] = members is not UNSET
+        member_ids, member_roles = _member_arrays(members) if members is not UNSET else ([], [])
+        params["member_ids"] = member_ids
+        params["member_roles"] = member_roles
+        org = self._one("update_organization", params, Organization, retry=Retry.SAFE)
+        if org is None:
+            raise NotFoundError(f"update_organization: no organization {params['id']}")
+        return org
+
+    def delete_organization(self, id: uuid.UUID | str) -> bool:
+        """Delete an organization and its memberships; ``True`` if a row was deleted.
+        Idempotent: deleting a missing organization returns ``False``."""
+        org_id = v.parse_uuid(id)
+        if org_id is None:
+            return False
+        return self._exec("delete_organization", {"id": org_id}, retry=Retry.SAFE) > 0
+
+    def add_organization_member(
+        self, org_id: uuid.UUID | str, user_id: uuid.UUID | str, *, role: str = "member"
+    ) -> OrganizationMember:
+        """Add a user to an organization and return the membership.
+
+        Adding an existing member again changes its role and keeps its ``joined_at``, so the
+        call is idempotent and retried on transient failures. Raises ``NotFoundError`` when the
+        organization or the user does not exist.
+        """
+        params = {
+            "org_id": v.uuid_arg("org_id", org_id),
+            "user_id": v.uuid_arg("user_id", user_id),
+            "role": v.identifier("role", role),
+        }
+        member = self._one("add_organization_member", params, OrganizationMember, retry=Retry.SAFE)
+        assert member is not None
+        return member
+
+    def remove_organization_member(self, org_id: uuid.UUID | str, user_id: uuid.UUID | str) -> bool:
+        """Remove a user from an organization; ``True`` if the user was a member."""
+        parsed_org, parsed_user = v.parse_uuid(org_id), v.parse_uuid(user_id)
+        if parsed_org is None or parsed_user is None:
+            return False
+        params = {"org_id": parsed_org, "user_id": parsed_user}
+        return self._exec("remove_organization_member", params, retry=Retry.SAFE) > 0
+
+    def list_organization_members(self, org_id: uuid.UUID | str) -> list[OrganizationMember]:
+        """The members of an organization in join order (empty for an unknown or malformed
+        id)."""
+        parsed = v.parse_uuid(org_id)
+        if parsed is None:
+            return []
+        return self._many(
+            "list_organization_members", {"org_id": parsed}, OrganizationMember, retry=Retry.SAFE
+        )
+
+    def list_user_organizations(self, user_id: uuid.UUID | str) -> list[Organization]:
+        """The organizations a user belongs to, in the order the user joined them (empty for an
+        unknown or malformed id)."""
+        parsed = v.parse_uuid(user_id)
+        if parsed is None:
+            return []
+        return self._many(
+            "list_user_organizations", {"user_id": parsed}, Organization, retry=Retry.SAFE
+        )

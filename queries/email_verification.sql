@@ -1,0 +1,93 @@
+-- Email verification (and reset, login…) tokens and their attempt counters.
+-- Every token-returning query yields the columns of kitium_pg.records.EmailVerificationToken.
+-- Only code_hash is stored; consumed_by (never returned) records which call consumed a token.
+
+-- name: create_email_verification_token(id, email, code_hash, type, user_id, metadata, expires_at)^
+-- Insert a token; a retry with the same id returns the row the first attempt wrote.
+WITH inserted AS (
+  INSERT INTO kitium_auth.email_verification_tokens
+    (id, email, code_hash, type, user_id, metadata, expires_at)
+  VALUES
+    (:id, :email, :code_hash, :type, :user_id, :metadata::jsonb, :expires_at)
+  ON CONFLICT (id) DO NOTHING
+  RETURNING id, email, code_hash, type, user_id, metadata, expires_at, used_at, created_at
+)
+SELECT id, email, code_hash, type, user_id, metadata, expires_at, used_at, created_at
+  FROM inserted
+UNION ALL
+SELECT id, email, code_hash, type, user_id, metadata, expires_at, used_at, created_at
+  FROM kitium_auth.email_verification_tokens
+ WHERE id = :id AND NOT EXISTS (SELECT 1 FROM inserted)
+ LIMIT 1;
+
+-- name: get_email_verification_token_by_id(id)^
+-- Fetch one token by id.
+SELECT id, email, code_hash, type, user_id, metadata, expires_at, used_at, created_at
+  FROM kitium_auth.email_verification_tokens
+ WHERE id = :id;
+
+-- name: get_email_verification_tokens(email)
+-- Every token of one email (any letter case and type), newest first (served by
+-- email_verification_tokens_email_idx on its leading column).
+SELECT id, email, code_hash, type, user_id, metadata, expires_at, used_at, created_at
+  FROM kitium_auth.email_verification_tokens
+ WHERE lower(email) = lower(:email)
+ ORDER BY created_at DESC, id DESC;
+
+-- name: get_email_verification_tokens_of_type(email, type)
+-- The tokens of one email (any letter case) and one type, newest first (served in order by
+-- email_verification_tokens_email_idx).
+SELECT id, email, code_hash, type, user_id, metadata, expires_at, used_at, created_at
+  FROM kitium_auth.email_verification_tokens
+ WHERE lower(email) = lower(:email) AND type = :type
+ ORDER BY created_at DESC, id DESC;
+
+-- name: mark_email_verification_token_as_used(id, consumer)^
+-- Consume a token once. The guarded update wins only for an unused, unexpired token, or for the
+-- call (consumer) that already consumed it, so a retried call still wins. Row lock waiters
+-- re-check the guard against the winner's row and lose. consumed is true for the winning row;
+-- a row with consumed false means the token exists but is used or expired; no row means no
+-- such token.
+WITH consumed AS (
+  UPDATE kitium_auth.email_verification_tokens AS t
+     SET used_at = coalesce(t.used_at, now()), consumed_by = :consumer
+   WHERE t.id = :id
+     AND ((t.used_at IS NULL AND t.expires_at > now()) OR t.consumed_by = :consumer)
+  RETURNING t.id, t.email, t.code_hash, t.type, t.user_id, t.metadata, t.expires_at,
+            t.used_at, t.created_at
+)
+SELECT true AS consumed, id, email, code_hash, type, user_id, metadata, expires_at, used_at,
+       created_at
+  FROM consumed
+UNION ALL
+SELECT false AS consumed, id, email, code_hash, type, user_id, metadata, expires_at, used_at,
+       created_at
+  FROM kitium_auth.email_verification_tokens
+ WHERE id = :id AND NOT EXISTS (SELECT 1 FROM consumed)
+ LIMIT 1;
+
+-- name: delete_expired_email_verification_tokens(batch_size)!
+-- Delete up to batch_size expired tokens (oldest expiry first, served by
+-- email_verification_tokens_expires_at_idx); rows locked by another caller are skipped.
+DELETE FROM kitium_auth.email_verification_tokens
+ WHERE id = ANY (ARRAY(
+         SELECT id
+           FROM kitium_auth.email_verification_tokens
+          WHERE expires_at <= now()
+          ORDER BY expires_at
+          LIMIT :batch_size
+            FOR UPDATE SKIP LOCKED));
+
+-- name: get_email_verification_token_attempts(token_id)$
+-- The attempt counter of one token; no row when nothing was counted yet.
+SELECT attempts FROM kitium_auth.email_verification_token_attempts WHERE token_id = :token_id;
+
+-- name: increment_email_verification_token_attempts(token_id)$
+-- Add one to a token's attempt counter (creating it at 1) and return the new count; concurrent
+-- callers serialise on the counter row, so none of their increments is lost.
+INSERT INTO kitium_auth.email_verification_token_attempts AS a
+  (token_id, attempts, last_attempt_at)
+VALUES (:token_id, 1, now())
+ON CONFLICT (token_id) DO UPDATE
+   SET attempts = a.attempts + 1, last_attempt_at = now()
+RETURNING a.attempts;

@@ -1,0 +1,129 @@
+-- Organizations and their members.
+-- Every organization-returning query yields the columns of kitium_pg.records.Organization; the
+-- members column aggregates the organization's rows of organization_members (one index lookup
+-- on the primary key org_id, user_id) ordered by joined_at, then user_id.
+-- Member lists arrive as two parallel arrays (member_ids, member_roles) expanded with unnest, so
+-- any number of members is written by the one statement.
+
+-- name: create_organization(id, name, plan, seats, metadata, member_ids, member_roles)^
+-- Insert an organization with its members; a retry with the same id returns the stored row.
+WITH org AS (
+  INSERT INTO kitium_auth.organizations (id, name, plan, seats, metadata)
+  VALUES (:id, :name, :plan, :seats, :metadata::jsonb)
+  ON CONFLICT (id) DO NOTHING
+  RETURNING id, name, plan, seats, metadata, created_at, updated_at
+),
+added AS (
+  INSERT INTO kitium_auth.organization_members (org_id, user_id, role)
+  SELECT org.id, m.user_id, m.role
+    FROM org, unnest(:member_ids::uuid[], :member_roles::text[]) AS m (user_id, role)
+  RETURNING user_id, role, joined_at
+)
+SELECT org.id, org.name, org.plan, org.seats,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'user_id', a.user_id, 'role', a.role, 'joined_at', a.joined_at)
+                ORDER BY a.joined_at, a.user_id), '[]'::jsonb)
+          FROM added AS a) AS members,
+       org.metadata, org.created_at, org.updated_at
+  FROM org
+UNION ALL
+SELECT o.id, o.name, o.plan, o.seats,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'user_id', m.user_id, 'role', m.role, 'joined_at', m.joined_at)
+                ORDER BY m.joined_at, m.user_id), '[]'::jsonb)
+          FROM kitium_auth.organization_members AS m WHERE m.org_id = o.id) AS members,
+       o.metadata, o.created_at, o.updated_at
+  FROM kitium_auth.organizations AS o
+ WHERE o.id = :id AND NOT EXISTS (SELECT 1 FROM org)
+ LIMIT 1;
+
+-- name: get_organization(id)^
+-- Fetch one organization with its members.
+SELECT o.id, o.name, o.plan, o.seats,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'user_id', m.user_id, 'role', m.role, 'joined_at', m.joined_at)
+                ORDER BY m.joined_at, m.user_id), '[]'::jsonb)
+          FROM kitium_auth.organization_members AS m WHERE m.org_id = o.id) AS members,
+       o.metadata, o.created_at, o.updated_at
+  FROM kitium_auth.organizations AS o
+ WHERE o.id = :id;
+
+-- name: update_organization(id, set_name, name, set_plan, plan, set_seats, seats, set_metadata, metadata, set_members, member_ids, member_roles)^
+-- Update the given columns of one organization and, when set_members, replace its member set
+-- (members kept keep their joined_at; the others are deleted or inserted). No row if the
+-- organization does not exist. The statement's snapshot does not show its own member writes, so
+-- the returned members come from the upsert's RETURNING when the set was replaced.
+WITH org AS (
+  UPDATE kitium_auth.organizations AS o
+     SET name     = CASE WHEN :set_name THEN :name ELSE o.name END,
+         plan     = CASE WHEN :set_plan THEN :plan ELSE o.plan END,
+         seats    = CASE WHEN :set_seats THEN :seats ELSE o.seats END,
+         metadata = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE o.metadata END
+   WHERE o.id = :id
+  RETURNING o.id, o.name, o.plan, o.seats, o.metadata, o.created_at, o.updated_at
+),
+removed AS (
+  DELETE FROM kitium_auth.organization_members AS m
+   USING org
+   WHERE :set_members
+     AND m.org_id = org.id
+     AND NOT (m.user_id = ANY (:member_ids::uuid[]))
+),
+kept AS (
+  INSERT INTO kitium_auth.organization_members AS m (org_id, user_id, role)
+  SELECT org.id, w.user_id, w.role
+    FROM org, unnest(:member_ids::uuid[], :member_roles::text[]) AS w (user_id, role)
+   WHERE :set_members
+  ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role
+  RETURNING m.user_id, m.role, m.joined_at
+)
+SELECT org.id, org.name, org.plan, org.seats,
+       CASE WHEN :set_members
+            THEN (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                         'user_id', k.user_id, 'role', k.role, 'joined_at', k.joined_at)
+                         ORDER BY k.joined_at, k.user_id), '[]'::jsonb)
+                    FROM kept AS k)
+            ELSE (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                         'user_id', m.user_id, 'role', m.role, 'joined_at', m.joined_at)
+                         ORDER BY m.joined_at, m.user_id), '[]'::jsonb)
+                    FROM kitium_auth.organization_members AS m WHERE m.org_id = org.id)
+       END AS members,
+       org.metadata, org.created_at, org.updated_at
+  FROM org;
+
+-- name: delete_organization(id)!
+-- Delete an organization; its memberships go with it (ON DELETE CASCADE) and sessions scoped
+-- to it lose their org_id (ON DELETE SET NULL).
+DELETE FROM kitium_auth.organizations WHERE id = :id;
+
+-- name: add_organization_member(org_id, user_id, role)^
+-- Add a user to an organization, or change the role of an existing member (joined_at is kept).
+INSERT INTO kitium_auth.organization_members AS m (org_id, user_id, role)
+VALUES (:org_id, :user_id, :role)
+ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role
+RETURNING m.user_id, m.role, m.joined_at;
+
+-- name: remove_organization_member(org_id, user_id)!
+-- Remove a user from an organization.
+DELETE FROM kitium_auth.organization_members WHERE org_id = :org_id AND user_id = :user_id;
+
+-- name: list_organization_members(org_id)
+-- The members of one organization in join order (served by the primary key).
+SELECT user_id, role, joined_at
+  FROM kitium_auth.organization_members
+ WHERE org_id = :org_id
+ ORDER BY joined_at, user_id;
+
+-- name: list_user_organizations(user_id)
+-- The organizations a user belongs to, in the order the user joined them (served by
+-- organization_members_user_id_idx).
+SELECT o.id, o.name, o.plan, o.seats,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'user_id', m.user_id, 'role', m.role, 'joined_at', m.joined_at)
+                ORDER BY m.joined_at, m.user_id), '[]'::jsonb)
+          FROM kitium_auth.organization_members AS m WHERE m.org_id = o.id) AS members,
+       o.metadata, o.created_at, o.updated_at
+  FROM kitium_auth.organization_members AS mine
+  JOIN kitium_auth.organizations AS o ON o.id = mine.org_id
+ WHERE mine.user_id = :user_id
+ ORDER BY mine.joined_at, o.id;

@@ -1,0 +1,279 @@
+"""Email verification tokens and their attempt counters, against both adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from kitium_pg import ConflictError, EmailVerificationToken, NotFoundError, ValidationError
+from kitium_pg._base import Retry
+
+RACERS = 32
+
+
+def _hash(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def _in(**delta: float) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(**delta)
+
+
+async def _token(storage: Any, email: str, **kwargs: Any) -> EmailVerificationToken:
+    """Create a token for ``email`` with valid defaults; ``kwargs`` override them."""
+    args: dict[str, Any] = {
+        "email": email,
+        "code_hash": _hash("123456"),
+        "type": "email_verification",
+        "expires_at": _in(minutes=15),
+        **kwargs,
+    }
+    token: EmailVerificationToken = await storage.create_email_verification_token(**args)
+    return token
+
+
+async def _race(storage: Any, method: str, *args: Any) -> list[Any]:
+    """Call ``method(*args)`` RACERS times at once; results and raised errors, in call order.
+
+    The async adapter runs them with asyncio.gather; the sync adapter from RACERS threads that
+    start together behind a barrier (each on its own pooled connection).
+    """
+    if storage.kind == "sync":
+        call = getattr(storage.adapter, method)
+        barrier = threading.Barrier(RACERS)
+
+        def run() -> Any:
+            barrier.wait()
+            return call(*args)
+
+        with ThreadPoolExecutor(max_workers=RACERS) as pool:
+            futures = [pool.submit(run) for _ in range(RACERS)]
+            return [f.exception() or f.result() for f in futures]
+    call = getattr(storage, method)
+    return list(await asyncio.gather(*(call(*args) for _ in range(RACERS)), return_exceptions=True))
+
+
+async def test_create_and_get_round_trip(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    expires = _in(minutes=15)
+    token = await _token(
+        storage,
+        email,
+        type="password_reset",
+        user_id=user.id,
+        metadata={"ip": "203.0.113.7"},
+        expires_at=expires,
+    )
+    assert isinstance(token, EmailVerificationToken)
+    assert token.id.version == 7
+    assert (token.email, token.type, token.user_id) == (email, "password_reset", user.id)
+    assert token.code_hash == _hash("123456")
+    assert token.code_hash not in repr(token)
+    assert token.metadata == {"ip": "203.0.113.7"}
+    assert token.used_at is None
+    assert token.expires_at == expires
+    assert token.expires_at.tzinfo is dt.UTC
+    assert token.created_at.tzinfo is dt.UTC
+    assert await storage.get_email_verification_token_by_id(token.id) == token
+    assert await storage.get_email_verification_token_by_id(str(token.id)) == token
+
+
+async def test_non_utc_expiry_is_stored_as_the_same_instant(storage: Any, email: str) -> None:
+    tokyo = dt.timezone(dt.timedelta(hours=9))
+    expires = dt.datetime.now(tokyo).replace(microsecond=0) + dt.timedelta(minutes=5)
+    token = await _token(storage, email, expires_at=expires)
+    assert token.expires_at == expires
+    assert token.expires_at.tzinfo is dt.UTC
+
+
+async def test_there_is_no_code_argument(storage: Any, email: str) -> None:
+    with pytest.raises(TypeError):
+        await _token(storage, email, code="123456")
+
+
+async def test_lookups_by_email_newest_first_any_case(storage: Any, email: str) -> None:
+    first = await _token(storage, email)
+    second = await _token(storage, email.upper(), type="login")
+    third = await _token(storage, email)
+    await _token(storage, "other-" + email)
+    assert await storage.get_email_verification_tokens(email) == [third, second, first]
+    assert await storage.get_email_verification_tokens(email.upper()) == [third, second, first]
+    assert await storage.get_email_verification_tokens(email, "email_verification") == [
+        third,
+        first,
+    ]
+    assert await storage.get_email_verification_tokens(email, type="login") == [second]
+    assert await storage.get_email_verification_tokens(email, type="password_reset") == []
+
+
+async def test_lookups_of_unknown_or_malformed_ids(storage: Any) -> None:
+    assert await storage.get_email_verification_token_by_id(uuid.uuid4()) is None
+    for bad in ("nope", "", "x" * 10_000, 42, None):
+        assert await storage.get_email_verification_token_by_id(bad) is None
+        assert await storage.get_email_verification_token_attempts(bad) == 0
+    assert await storage.get_email_verification_tokens("nobody@example.com") == []
+    assert await storage.get_email_verification_tokens("bad\x00@example.com") == []
+    assert await storage.get_email_verification_tokens("") == []
+    with pytest.raises(ValidationError) as caught:
+        await storage.get_email_verification_tokens("a@example.com", type="Not A Type")
+    assert caught.value.field == "type"
+
+
+async def test_mark_as_used_consumes_once(storage: Any, email: str) -> None:
+    token = await _token(storage, email)
+    used = await storage.mark_email_verification_token_as_used(token.id)
+    assert used.id == token.id
+    assert used.used_at is not None
+    assert used.used_at.tzinfo is dt.UTC
+    assert used.used_at >= token.created_at
+    assert used == await storage.get_email_verification_token_by_id(token.id)
+    with pytest.raises(ConflictError) as caught:
+        await storage.mark_email_verification_token_as_used(str(token.id))
+    assert "already used or expired" in str(caught.value)
+    assert caught.value.retryable is False
+    # The failed attempt changed nothing.
+    assert await storage.get_email_verification_token_by_id(token.id) == used
+
+
+async def test_expired_token_cannot_be_used(storage: Any, email: str) -> None:
+    token = await _token(storage, email, expires_at=_in(seconds=-1))
+    with pytest.raises(ConflictError):
+        await storage.mark_email_verification_token_as_used(token.id)
+    stored = await storage.get_email_verification_token_by_id(token.id)
+    assert stored is not None
+    assert stored.used_at is None
+
+
+async def test_mark_unknown_token(storage: Any) -> None:
+    with pytest.raises(NotFoundError):
+        await storage.mark_email_verification_token_as_used(uuid.uuid4())
+    with pytest.raises(ValidationError) as caught:
+        await storage.mark_email_verification_token_as_used("not-a-uuid")
+    assert caught.value.field == "id"
+
+
+async def test_racing_consumers_exactly_one_wins(storage: Any, email: str) -> None:
+    token = await _token(storage, email)
+    outcomes = await _race(storage, "mark_email_verification_token_as_used", token.id)
+    winners = [o for o in outcomes if isinstance(o, EmailVerificationToken)]
+    losers = [o for o in outcomes if isinstance(o, ConflictError)]
+    assert len(winners) == 1, outcomes
+    assert len(losers) == RACERS - 1, outcomes
+    stored = await storage.get_email_verification_token_by_id(token.id)
+    assert stored == winners[0]
+    assert stored is not None
+    assert stored.used_at is not None
+
+
+async def _replay_consume(storage: Any, params: dict[str, Any]) -> Any:
+    # Run the consume statement itself with chosen parameters, as the retry loop would re-send it.
+    name = "mark_email_verification_token_as_used"
+    if storage.kind == "sync":
+        return storage.adapter._run(name, params, retry=Retry.NEVER)
+    return await storage._run(name, params, retry=Retry.NEVER)
+
+
+async def test_retried_consume_recognises_its_own_win(storage: Any, email: str) -> None:
+    # A retry after a lost acknowledgement re-sends the same statement with the same consumer:
+    # it must win again (same row, used_at unchanged), while any other call loses.
+    token = await _token(storage, email)
+    params = {"id": token.id, "consumer": uuid.uuid4()}
+    first = await _replay_consume(storage, params)
+    again = await _replay_consume(storage, params)
+    assert first is not None
+    assert first[0] is True
+    assert first[-2] is not None  # used_at
+    assert again == first
+    other = await _replay_consume(storage, {"id": token.id, "consumer": uuid.uuid4()})
+    assert other[0] is False
+    with pytest.raises(ConflictError):
+        await storage.mark_email_verification_token_as_used(token.id)
+    stored = await storage.get_email_verification_token_by_id(token.id)
+    assert stored is not None
+    assert stored.used_at == first[-2]
+
+
+async def test_attempt_counter(storage: Any, email: str) -> None:
+    token = await _token(storage, email)
+    other = await _token(storage, email)
+    assert await storage.get_email_verification_token_attempts(token.id) == 0
+    assert await storage.increment_email_verification_token_attempts(token.id) == 1
+    assert await storage.increment_email_verification_token_attempts(str(token.id)) == 2
+    assert await storage.get_email_verification_token_attempts(token.id) == 2
+    assert await storage.get_email_verification_token_attempts(other.id) == 0
+    with pytest.raises(NotFoundError):
+        await storage.increment_email_verification_token_attempts(uuid.uuid4())
+    with pytest.raises(ValidationError) as caught:
+        await storage.increment_email_verification_token_attempts("nope")
+    assert caught.value.field == "token_id"
+
+
+async def test_racing_increments_are_all_counted(storage: Any, email: str) -> None:
+    token = await _token(storage, email)
+    counts = await _race(storage, "increment_email_verification_token_attempts", token.id)
+    assert sorted(counts) == list(range(1, RACERS + 1))  # each call saw its own increment
+    assert await storage.get_email_verification_token_attempts(token.id) == RACERS
+
+
+async def test_delete_expired(storage: Any, email: str) -> None:
+    expired = [await _token(storage, email, expires_at=_in(seconds=-5)) for _ in range(5)]
+    live = await _token(storage, email)
+    await storage.increment_email_verification_token_attempts(expired[0].id)
+    deleted = await storage.delete_expired_email_verification_tokens(batch_size=2)
+    assert deleted >= len(expired)  # tests share the database: others' expired rows go too
+    for token in expired:
+        assert await storage.get_email_verification_token_by_id(token.id) is None
+    assert await storage.get_email_verification_token_attempts(expired[0].id) == 0
+    assert await storage.get_email_verification_token_by_id(live.id) == live
+    assert await storage.get_email_verification_tokens(email) == [live]
+    with pytest.raises(ValidationError) as caught:
+        await storage.delete_expired_email_verification_tokens(batch_size=0)
+    assert caught.value.field == "batch_size"
+
+
+async def test_deleting_the_user_keeps_the_token(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    token = await _token(storage, email, user_id=user.id)
+    await storage.delete_user(user.id)
+    stored = await storage.get_email_verification_token_by_id(token.id)
+    assert stored is not None
+    assert stored.user_id is None
+
+
+async def test_unknown_user_is_not_found(storage: Any, email: str) -> None:
+    with pytest.raises(NotFoundError) as caught:
+        await _token(storage, email, user_id=uuid.uuid4())
+    assert "user_id_fkey" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"expires_at": dt.datetime(2030, 1, 1)}, "expires_at"),  # naive
+        ({"expires_at": "2030-01-01T00:00:00Z"}, "expires_at"),
+        ({"email": "no-at-sign"}, "email"),
+        ({"email": "a\x00@example.com"}, "email"),
+        ({"code_hash": "123456"}, "code_hash"),  # a code, not a digest
+        ({"code_hash": "x" * 513}, "code_hash"),
+        ({"type": "Email Verification"}, "type"),
+        ({"type": ""}, "type"),
+        ({"user_id": "not-a-uuid"}, "user_id"),
+        ({"metadata": {"x": float("inf")}}, "metadata"),
+        ({"metadata": "{}"}, "metadata"),
+    ],
+)
+async def test_bad_input_is_a_validation_error_naming_the_field(
+    storage: Any, email: str, kwargs: dict[str, Any], field: str
+) -> None:
+    args = {"email": email, **kwargs}
+    with pytest.raises(ValidationError) as caught:
+        await _token(storage, **args)
+    assert caught.value.field == field
+    assert await storage.get_email_verification_tokens(email) == []

@@ -1,0 +1,263 @@
+"""Organizations and their members, against both adapters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from kitium_pg import NotFoundError, Organization, OrganizationMember, User, ValidationError
+
+
+async def _users(storage: Any, unique: Callable[[str], str], n: int) -> list[User]:
+    return [await storage.create_user(email=f"{unique('m')}@example.com") for _ in range(n)]
+
+
+def _roles(org: Organization) -> dict[uuid.UUID, str]:
+    return {m.user_id: m.role for m in org.members}
+
+
+async def test_create_and_get_round_trip(storage: Any, unique: Callable[[str], str]) -> None:
+    alice, bob = await _users(storage, unique, 2)
+    joined = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    org = await storage.create_organization(
+        name="Acme",
+        plan="team",
+        seats=5,
+        members=[
+            {"user_id": alice.id, "role": "owner"},
+            OrganizationMember(user_id=bob.id, joined_at=joined),  # joined_at is set by the DB
+        ],
+        metadata={"region": "eu", "tags": ["a", 1, None]},
+    )
+    assert isinstance(org, Organization)
+    assert org.id.version == 7
+    assert (org.name, org.plan, org.seats) == ("Acme", "team", 5)
+    assert org.metadata == {"region": "eu", "tags": ["a", 1, None]}
+    assert _roles(org) == {alice.id: "owner", bob.id: "member"}
+    assert all(isinstance(m.user_id, uuid.UUID) for m in org.members)
+    assert all(m.joined_at.tzinfo is dt.UTC and m.joined_at > joined for m in org.members)
+    assert [m.user_id for m in org.members] == sorted([alice.id, bob.id])  # same joined_at
+    assert org.created_at.tzinfo is dt.UTC
+    assert await storage.get_organization(org.id) == org
+    assert await storage.get_organization(str(org.id)) == org
+
+
+async def test_create_without_members_and_defaults(storage: Any) -> None:
+    org = await storage.create_organization(name="Solo", plan="free")
+    assert org.members == ()
+    assert org.seats == 1
+    assert org.metadata == {}
+    assert await storage.get_organization(org.id) == org
+
+
+async def test_create_with_unknown_member_writes_nothing(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    with pytest.raises(NotFoundError) as caught:
+        await storage.create_organization(
+            name="Ghosts", plan="free", members=[{"user_id": user.id}, {"user_id": uuid.uuid4()}]
+        )
+    assert "organization_members__user_id_fkey" in str(caught.value)
+    assert await storage.list_user_organizations(user.id) == []
+
+
+async def test_lookups_of_unknown_or_malformed_ids(storage: Any) -> None:
+    assert await storage.get_organization(uuid.uuid4()) is None
+    for bad in ("nope", "", "x" * 10_000, 42, None):
+        assert await storage.get_organization(bad) is None
+        assert await storage.delete_organization(bad) is False
+        assert await storage.list_organization_members(bad) == []
+        assert await storage.list_user_organizations(bad) == []
+        assert await storage.remove_organization_member(bad, uuid.uuid4()) is False
+    assert await storage.list_organization_members(uuid.uuid4()) == []
+
+
+async def test_update_changes_only_given_fields(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    org = await storage.create_organization(
+        name="Before", plan="free", seats=2, members=[{"user_id": user.id}], metadata={"a": 1}
+    )
+    updated = await storage.update_organization(org.id, name="After", seats=10)
+    assert (updated.name, updated.plan, updated.seats) == ("After", "free", 10)
+    assert updated.metadata == {"a": 1}
+    assert updated.members == org.members  # untouched when members is not given
+    assert updated.updated_at >= org.updated_at
+    assert updated.created_at == org.created_at
+    again = await storage.update_organization(str(org.id), plan="pro", metadata={})
+    assert (again.name, again.plan, again.metadata) == ("After", "pro", {})
+    assert await storage.get_organization(org.id) == again
+
+
+async def test_update_replaces_the_member_set(storage: Any, unique: Callable[[str], str]) -> None:
+    alice, bob, carol, dave = await _users(storage, unique, 4)
+    org = await storage.create_organization(
+        name="Team",
+        plan="team",
+        members=[
+            {"user_id": alice.id, "role": "owner"},
+            {"user_id": bob.id},
+            {"user_id": carol.id},
+        ],
+    )
+    before = {m.user_id: m for m in org.members}
+    # Keep alice (new role), drop bob and carol, add dave: one statement.
+    updated = await storage.update_organization(
+        org.id, members=[{"user_id": alice.id, "role": "admin"}, {"user_id": dave.id}]
+    )
+    assert _roles(updated) == {alice.id: "admin", dave.id: "member"}
+    kept = next(m for m in updated.members if m.user_id == alice.id)
+    assert kept.joined_at == before[alice.id].joined_at  # kept members keep their joined_at
+    added = next(m for m in updated.members if m.user_id == dave.id)
+    assert added.joined_at >= kept.joined_at
+    assert [m.user_id for m in updated.members] == [alice.id, dave.id]  # join order
+    # What the statement returned is what is stored.
+    assert await storage.get_organization(org.id) == updated
+    assert await storage.list_organization_members(org.id) == list(updated.members)
+    assert await storage.list_user_organizations(bob.id) == []
+    # Records from a previous read can be passed back as they are.
+    assert (await storage.update_organization(org.id, members=updated.members)) == (
+        await storage.get_organization(org.id)
+    )
+    emptied = await storage.update_organization(org.id, members=[])
+    assert emptied.members == ()
+    assert await storage.list_organization_members(org.id) == []
+
+
+async def test_failed_member_replacement_changes_nothing(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    org = await storage.create_organization(
+        name="Atomic", plan="free", members=[{"user_id": user.id}]
+    )
+    with pytest.raises(NotFoundError):
+        await storage.update_organization(
+            org.id, name="Changed", members=[{"user_id": uuid.uuid4()}]
+        )
+    assert await storage.get_organization(org.id) == org
+
+
+async def test_update_unknown_organization(storage: Any) -> None:
+    with pytest.raises(NotFoundError):
+        await storage.update_organization(uuid.uuid4(), name="x")
+    with pytest.raises(NotFoundError):
+        await storage.update_organization(uuid.uuid4(), members=[])
+    with pytest.raises(ValidationError) as caught:
+        await storage.update_organization("not-a-uuid", name="x")
+    assert caught.value.field == "id"
+    with pytest.raises(TypeError):
+        await storage.update_organization(uuid.uuid4(), owner="nope")  # not an updatable field
+
+
+async def test_delete_is_idempotent_and_cascades(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    org = await storage.create_organization(
+        name="Gone", plan="free", members=[{"user_id": user.id}]
+    )
+    assert await storage.delete_organization(org.id) is True
+    assert await storage.delete_organization(org.id) is False
+    assert await storage.get_organization(org.id) is None
+    assert await storage.list_organization_members(org.id) == []
+    assert await storage.list_user_organizations(user.id) == []
+    assert await storage.get_user(user.id) == user  # the user stays
+
+
+async def test_add_member_upserts_the_role(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    org = await storage.create_organization(name="Club", plan="free")
+    member = await storage.add_organization_member(org.id, user.id)
+    assert isinstance(member, OrganizationMember)
+    assert (member.user_id, member.role) == (user.id, "member")
+    assert member.joined_at.tzinfo is dt.UTC
+    promoted = await storage.add_organization_member(str(org.id), str(user.id), role="admin")
+    assert (promoted.user_id, promoted.role) == (user.id, "admin")
+    assert promoted.joined_at == member.joined_at
+    assert await storage.list_organization_members(org.id) == [promoted]
+    assert (await storage.get_organization(org.id)).members == (promoted,)
+
+
+async def test_add_member_to_unknown_org_or_user(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    org = await storage.create_organization(name="Strict", plan="free")
+    with pytest.raises(NotFoundError) as caught:
+        await storage.add_organization_member(uuid.uuid4(), user.id)
+    assert "org_id_fkey" in str(caught.value)
+    with pytest.raises(NotFoundError) as caught:
+        await storage.add_organization_member(org.id, uuid.uuid4())
+    assert "user_id_fkey" in str(caught.value)
+    with pytest.raises(ValidationError) as bad:
+        await storage.add_organization_member(org.id, user.id, role="Owner!")
+    assert bad.value.field == "role"
+    assert await storage.list_organization_members(org.id) == []
+
+
+async def test_remove_member(storage: Any, unique: Callable[[str], str]) -> None:
+    alice, bob = await _users(storage, unique, 2)
+    org = await storage.create_organization(
+        name="Pair", plan="free", members=[{"user_id": alice.id}, {"user_id": bob.id}]
+    )
+    assert await storage.remove_organization_member(org.id, alice.id) is True
+    assert await storage.remove_organization_member(org.id, alice.id) is False
+    assert [m.user_id for m in await storage.list_organization_members(org.id)] == [bob.id]
+    assert _roles(await storage.get_organization(org.id)) == {bob.id: "member"}
+
+
+async def test_list_user_organizations_in_join_order(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    user, other = await _users(storage, unique, 2)
+    first = await storage.create_organization(
+        name="First", plan="free", members=[{"user_id": user.id}]
+    )
+    await storage.create_organization(name="Not mine", plan="free", members=[{"user_id": other.id}])
+    second = await storage.create_organization(name="Second", plan="free")
+    await storage.add_organization_member(second.id, other.id)
+    await storage.add_organization_member(second.id, user.id, role="admin")
+    orgs = await storage.list_user_organizations(user.id)
+    assert [o.id for o in orgs] == [first.id, second.id]
+    assert orgs[0] == await storage.get_organization(first.id)
+    assert _roles(orgs[1]) == {other.id: "member", user.id: "admin"}  # every member is shown
+    assert await storage.list_user_organizations(uuid.uuid4()) == []
+
+
+async def test_deleting_a_user_removes_its_memberships(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    org = await storage.create_organization(
+        name="Churn", plan="free", members=[{"user_id": user.id}]
+    )
+    assert await storage.delete_user(user.id) is True
+    assert (await storage.get_organization(org.id)).members == ()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"name": ""}, "name"),
+        ({"name": "x" * 256}, "name"),
+        ({"plan": "a\x00b"}, "plan"),
+        ({"seats": -1}, "seats"),
+        ({"seats": True}, "seats"),
+        ({"seats": "3"}, "seats"),
+        ({"metadata": [1]}, "metadata"),
+        ({"metadata": {"x": float("nan")}}, "metadata"),
+        ({"members": "not-a-list"}, "members"),
+        ({"members": {"user_id": "x"}}, "members"),
+        ({"members": [42]}, "members[0]"),
+        ({"members": [{"role": "member"}]}, "members[0].user_id"),
+        ({"members": [{"user_id": "not-a-uuid"}]}, "members[0].user_id"),
+        ({"members": [{"user_id": uuid.UUID(int=1), "role": "Bad Role"}]}, "members[0].role"),
+        ({"members": [{"user_id": uuid.UUID(int=1), "admin": True}]}, "members[0]"),
+        (
+            {"members": [{"user_id": uuid.UUID(int=1)}, {"user_id": str(uuid.UUID(int=1))}]},
+            "members[1].user_id",
+        ),
+    ],
+)
+async def test_bad_input_is_a_validation_error_naming_the_field(
+    storage: Any, kwargs: dict[str, Any], field: str
+) -> None:
+    args = {"name": "Valid", "plan": "free", **kwargs}
+    with pytest.raises(ValidationError) as caught:
+        await storage.create_organization(**args)
+    assert caught.value.field == field
