@@ -32,9 +32,9 @@ VALUES (:id, :checksum, :duration_ms);
 -- Remove a rolled-back migration from the ledger.
 DELETE FROM kitium_auth.auth_migrations WHERE id = :id;
 
--- name: set_local_statement_timeout(ms)$
--- Override the statement timeout until the end of the current transaction.
-SELECT set_config('statement_timeout', :ms, true);
+-- name: set_local_setting(name, value)$
+-- Set a run-time setting (statement_timeout, kitium.tenant) until the end of the transaction.
+SELECT set_config(:name, :value, true);
 
 -- name: ping()$
 -- One round trip to the server (health checks).

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,16 @@ class AwaitableSync:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.adapter, name)
+        if name == "transaction":
+            return lambda: _AsyncTransaction(attr())
+        if name == "run_in_transaction":
+
+            async def run(work: Callable[[Any], Any]) -> Any:
+                return attr(lambda tx: drive(work(AwaitableSync(tx))))
+
+            return run
+        if name in ("with_statement_timeout", "tenant"):
+            return lambda *a, **kw: AwaitableSync(attr(*a, **kw))
         if not callable(attr):
             return attr
 
@@ -49,6 +60,29 @@ class AwaitableSync:
             return attr(*args, **kwargs)
 
         return call
+
+
+def drive(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine that never suspends (it only awaits ``AwaitableSync`` calls)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("the coroutine suspended: it awaited something other than the proxy")
+
+
+class _AsyncTransaction:
+    """``async with`` over a sync adapter's ``transaction()``, yielding a proxy of ``tx``."""
+
+    def __init__(self, manager: AbstractContextManager[PostgresStorageAdapter]) -> None:
+        self.manager = manager
+
+    async def __aenter__(self) -> AwaitableSync:
+        return AwaitableSync(self.manager.__enter__())
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        return self.manager.__exit__(*exc)
 
 
 @pytest.fixture(scope="session")

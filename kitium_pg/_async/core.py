@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Self, TypeVar, cast
 
@@ -58,7 +58,10 @@ class AsyncCore:
         )
         self._queries = _sql.queries(schema)
         self._conn: AsyncConnection[Any] | None = None
-        self._timeout_ms: int | None = None
+        # Transaction-local settings (statement timeout override, tenant) applied before each
+        # statement; empty on the default path, which then costs nothing extra.
+        self._local: tuple[tuple[str, str], ...] = ()
+        self._local_applied = False
         if isinstance(dsn, psycopg_pool.AsyncConnectionPool):
             self._pool: _Pool = dsn
             self._owns_pool = False
@@ -96,7 +99,11 @@ class AsyncCore:
         """
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             raise ValidationError("ms", "must be a non-negative integer")
-        return self._view(_timeout_ms=ms)
+        return self._with_local("statement_timeout", str(ms))
+
+    def _with_local(self, name: str, value: str) -> Self:
+        local = tuple((k, v) for k, v in self._local if k != name) + ((name, value),)
+        return self._view(_local=local, _local_applied=False)
 
     def _view(self, **changes: Any) -> Self:
         # A shallow copy sharing the pool: used for timeout overrides and connection binding.
@@ -109,6 +116,46 @@ class AsyncCore:
         """A view of this adapter whose calls all run on ``conn`` (no retries: the caller
         owns the transaction)."""
         return self._view(_conn=conn)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Self]:
+        """``async with storage.transaction() as tx:`` runs every ``tx`` call in one database
+        transaction: it commits when the block ends and rolls back if it raises. Nested
+        ``tx.transaction()`` blocks are savepoints. Calls inside are not retried one by one
+        (a retry could not know what the transaction already did): use
+        ``run_in_transaction`` to retry the whole unit on serialization failures or deadlocks.
+        Raises the translated error when the commit itself fails."""
+        try:
+            if self._conn is not None:
+                async with self._conn.transaction():
+                    yield self
+                return
+            async with self._pool.connection() as conn, conn.transaction():
+                tx = self._bound(conn)
+                for name, value in self._local:
+                    await tx._value(
+                        "set_local_setting", {"name": name, "value": value}, retry=Retry.NEVER
+                    )
+                yield tx._view(_local_applied=True)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise translate(exc, operation="transaction") from exc
+
+    async def run_in_transaction(self, work: Callable[[Self], Awaitable[T]]) -> T:
+        """Run ``work(tx)`` in a transaction and return its result, re-running the whole
+        transaction (up to ``max_retries`` times, with backoff) when PostgreSQL rolled it back
+        for a serialization failure or a deadlock: those guarantee nothing was committed.
+        ``work`` must not have side effects outside the database."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self.transaction() as tx:
+                    return await work(tx)
+            except KitiumPgError as exc:
+                rolled_back = exc.code in ("serialization_failure", "deadlock_detected")
+                if not rolled_back or attempt > self._settings.max_retries:
+                    raise
+                await asyncio.sleep(backoff(attempt))
 
     async def _open_pool(self) -> None:
         if not self._owns_pool:
@@ -143,18 +190,20 @@ class AsyncCore:
             await cur.execute(query.sql, params)
             return await _fetch(cur, query.shape)
 
-    async def _execute_with_timeout(
+    async def _execute_with_local(
         self, conn: AsyncConnection[Any], query: _sql.Query, params: Mapping[str, Any],
         row_factory: RowFactory[Any],
     ) -> Any:
-        setter = self._queries["set_local_statement_timeout"]
+        setter = self._queries["set_local_setting"]
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            await conn.execute(setter.sql, {"ms": str(self._timeout_ms)})
+            for name, value in self._local:
+                await conn.execute(setter.sql, {"name": name, "value": value})
             return await self._execute(conn, query, params, row_factory)
-        # Outside a transaction the setting must share the statement's implicit transaction:
-        # queue both, then one Sync ends that transaction and brings back both results.
+        # Outside a transaction the settings must share the statement's implicit transaction:
+        # queue them all, then one Sync ends that transaction and brings back every result.
         async with conn.pipeline() as pipeline:
-            await conn.execute(setter.sql, {"ms": str(self._timeout_ms)})
+            for name, value in self._local:
+                await conn.execute(setter.sql, {"name": name, "value": value})
             async with conn.cursor(row_factory=row_factory) as cur:
                 await cur.execute(query.sql, params)
                 await pipeline.sync()
@@ -171,10 +220,10 @@ class AsyncCore:
             started = time.perf_counter()
             try:
                 async with self._connection() as conn:
-                    if self._timeout_ms is None:
+                    if not self._local or self._local_applied:
                         result = await self._execute(conn, query, params, row_factory)
                     else:
-                        result = await self._execute_with_timeout(conn, query, params, row_factory)
+                        result = await self._execute_with_local(conn, query, params, row_factory)
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)

@@ -73,7 +73,9 @@ class AsyncMigrations(AsyncCore):
 
     async def _apply(self, migration: Migration, sql: str) -> None:
         started = time.perf_counter()
-        await self._value("set_local_statement_timeout", {"ms": "0"}, retry=Retry.NEVER)
+        await self._value(
+            "set_local_setting", {"name": "statement_timeout", "value": "0"}, retry=Retry.NEVER
+        )
         assert self._conn is not None
         try:
             await self._conn.execute(sql)
@@ -105,7 +107,11 @@ class AsyncMigrations(AsyncCore):
                     last = migrations[max(applied)]
                     if progress:
                         progress(last.id, "down")
-                    await bound._value("set_local_statement_timeout", {"ms": "0"}, retry=Retry.NEVER)
+                    await bound._value(
+                        "set_local_setting",
+                        {"name": "statement_timeout", "value": "0"},
+                        retry=Retry.NEVER,
+                    )
                     try:
                         await conn.execute(last.down)
                     except Exception as exc:

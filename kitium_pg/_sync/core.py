@@ -9,7 +9,7 @@ This file is the source of truth; ``kitium_pg/_sync/core.py`` is generated from 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Callable, Mapping
+from collections.abc import Iterator, Awaitable, Callable, Mapping
 from contextlib import contextmanager
 from typing import Any, Self, TypeVar, cast
 
@@ -59,7 +59,10 @@ class Core:
         )
         self._queries = _sql.queries(schema)
         self._conn: Connection[Any] | None = None
-        self._timeout_ms: int | None = None
+        # Transaction-local settings (statement timeout override, tenant) applied before each
+        # statement; empty on the default path, which then costs nothing extra.
+        self._local: tuple[tuple[str, str], ...] = ()
+        self._local_applied = False
         if isinstance(dsn, psycopg_pool.ConnectionPool):
             self._pool: _Pool = dsn
             self._owns_pool = False
@@ -97,7 +100,11 @@ class Core:
         """
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             raise ValidationError("ms", "must be a non-negative integer")
-        return self._view(_timeout_ms=ms)
+        return self._with_local("statement_timeout", str(ms))
+
+    def _with_local(self, name: str, value: str) -> Self:
+        local = tuple((k, v) for k, v in self._local if k != name) + ((name, value),)
+        return self._view(_local=local, _local_applied=False)
 
     def _view(self, **changes: Any) -> Self:
         # A shallow copy sharing the pool: used for timeout overrides and connection binding.
@@ -110,6 +117,46 @@ class Core:
         """A view of this adapter whose calls all run on ``conn`` (no retries: the caller
         owns the transaction)."""
         return self._view(_conn=conn)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Self]:
+        """``with storage.transaction() as tx:`` runs every ``tx`` call in one database
+        transaction: it commits when the block ends and rolls back if it raises. Nested
+        ``tx.transaction()`` blocks are savepoints. Calls inside are not retried one by one
+        (a retry could not know what the transaction already did): use
+        ``run_in_transaction`` to retry the whole unit on serialization failures or deadlocks.
+        Raises the translated error when the commit itself fails."""
+        try:
+            if self._conn is not None:
+                with self._conn.transaction():
+                    yield self
+                return
+            with self._pool.connection() as conn, conn.transaction():
+                tx = self._bound(conn)
+                for name, value in self._local:
+                    tx._value(
+                        "set_local_setting", {"name": name, "value": value}, retry=Retry.NEVER
+                    )
+                yield tx._view(_local_applied=True)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise translate(exc, operation="transaction") from exc
+
+    def run_in_transaction(self, work: Callable[[Self], T]) -> T:
+        """Run ``work(tx)`` in a transaction and return its result, re-running the whole
+        transaction (up to ``max_retries`` times, with backoff) when PostgreSQL rolled it back
+        for a serialization failure or a deadlock: those guarantee nothing was committed.
+        ``work`` must not have side effects outside the database."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self.transaction() as tx:
+                    return work(tx)
+            except KitiumPgError as exc:
+                rolled_back = exc.code in ("serialization_failure", "deadlock_detected")
+                if not rolled_back or attempt > self._settings.max_retries:
+                    raise
+                time.sleep(backoff(attempt))
 
     def _open_pool(self) -> None:
         if not self._owns_pool:
@@ -147,21 +194,23 @@ class Core:
             cur.execute(query.sql, params)
             return _fetch(cur, query.shape)
 
-    def _execute_with_timeout(
+    def _execute_with_local(
         self,
         conn: Connection[Any],
         query: _sql.Query,
         params: Mapping[str, Any],
         row_factory: RowFactory[Any],
     ) -> Any:
-        setter = self._queries["set_local_statement_timeout"]
+        setter = self._queries["set_local_setting"]
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            conn.execute(setter.sql, {"ms": str(self._timeout_ms)})
+            for name, value in self._local:
+                conn.execute(setter.sql, {"name": name, "value": value})
             return self._execute(conn, query, params, row_factory)
-        # Outside a transaction the setting must share the statement's implicit transaction:
-        # queue both, then one Sync ends that transaction and brings back both results.
+        # Outside a transaction the settings must share the statement's implicit transaction:
+        # queue them all, then one Sync ends that transaction and brings back every result.
         with conn.pipeline() as pipeline:
-            conn.execute(setter.sql, {"ms": str(self._timeout_ms)})
+            for name, value in self._local:
+                conn.execute(setter.sql, {"name": name, "value": value})
             with conn.cursor(row_factory=row_factory) as cur:
                 cur.execute(query.sql, params)
                 pipeline.sync()
@@ -182,10 +231,10 @@ class Core:
             started = time.perf_counter()
             try:
                 with self._connection() as conn:
-                    if self._timeout_ms is None:
+                    if not self._local or self._local_applied:
                         result = self._execute(conn, query, params, row_factory)
                     else:
-                        result = self._execute_with_timeout(conn, query, params, row_factory)
+                        result = self._execute_with_local(conn, query, params, row_factory)
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)

@@ -75,7 +75,9 @@ class Migrations(Core):
 
     def _apply(self, migration: Migration, sql: str) -> None:
         started = time.perf_counter()
-        self._value("set_local_statement_timeout", {"ms": "0"}, retry=Retry.NEVER)
+        self._value(
+            "set_local_setting", {"name": "statement_timeout", "value": "0"}, retry=Retry.NEVER
+        )
         assert self._conn is not None
         try:
             self._conn.execute(sql)
@@ -107,7 +109,11 @@ class Migrations(Core):
                     last = migrations[max(applied)]
                     if progress:
                         progress(last.id, "down")
-                    bound._value("set_local_statement_timeout", {"ms": "0"}, retry=Retry.NEVER)
+                    bound._value(
+                        "set_local_setting",
+                        {"name": "statement_timeout", "value": "0"},
+                        retry=Retry.NEVER,
+                    )
                     try:
                         conn.execute(last.down)
                     except Exception as exc:
