@@ -8,7 +8,9 @@ Hierarchy::
     ├── ValidationError (ValueError) bad input; ``field`` names the argument; nothing was written
     ├── QueryTimeoutError (TimeoutError)  statement_timeout or lock_timeout fired
     ├── UnavailableError (ConnectionError) database unreachable, connection lost, pool exhausted
+    ├── EncryptionKeyError           no key to encrypt/decrypt a secret, or a ciphertext fails
     └── InternalError                anything unexpected (a bug, a missing migration)
+        └── MigrationError           a migration file is malformed, changed or unknown
 
 ``retryable`` says whether the *cause* is transient: the same call may succeed later. The adapter
 itself retries only transient causes and only for operations where a retry can neither duplicate
@@ -25,6 +27,7 @@ import psycopg_pool
 
 __all__ = [
     "ConflictError",
+    "EncryptionKeyError",
     "InternalError",
     "KitiumPgError",
     "MigrationError",
@@ -98,6 +101,14 @@ class MigrationError(InternalError):
     code = "migration"
 
 
+class EncryptionKeyError(KitiumPgError):
+    """A secret must be encrypted or decrypted but no usable key is configured (set
+    ``encryption_keys=`` or ``KITIUM_PG_ENCRYPTION_KEYS``), or a ciphertext does not
+    authenticate under its key."""
+
+    code = "encryption_key"
+
+
 # SQLSTATE (exact code, else its two-character class) -> (error class, code, retryable).
 # This is the only place that decides what a PostgreSQL failure means to a caller.
 _SQLSTATE: Final[dict[str, tuple[type[KitiumPgError], str, bool]]] = {
@@ -164,26 +175,36 @@ def translate(exc: BaseException, *, operation: str) -> KitiumPgError:
     if isinstance(exc, KitiumPgError):
         return exc
     if isinstance(exc, psycopg_pool.PoolTimeout):
-        return UnavailableError(f"{operation}: no database connection available (pool exhausted)",
-                                code="pool_timeout")
+        return UnavailableError(
+            f"{operation}: no database connection available (pool exhausted)", code="pool_timeout"
+        )
     if isinstance(exc, psycopg_pool.TooManyRequests):
-        return UnavailableError(f"{operation}: too many callers waiting for a connection",
-                                code="pool_timeout")
+        return UnavailableError(
+            f"{operation}: too many callers waiting for a connection", code="pool_timeout"
+        )
     if isinstance(exc, psycopg_pool.PoolClosed):
-        return UnavailableError(f"{operation}: the adapter is not connected (pool closed)",
-                                code="pool_closed", retryable=False)
+        return UnavailableError(
+            f"{operation}: the adapter is not connected (pool closed)",
+            code="pool_closed",
+            retryable=False,
+        )
     if isinstance(exc, psycopg.Error):
         sqlstate = exc.sqlstate
         entry = None
         if sqlstate:
             entry = _SQLSTATE.get(sqlstate) or _SQLSTATE.get(sqlstate[:2])
         if entry is None:
-            if sqlstate is None and isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+            if sqlstate is None and isinstance(
+                exc, psycopg.OperationalError | psycopg.InterfaceError
+            ):
                 # Client-side losses (socket closed, server gone) carry no SQLSTATE.
-                return UnavailableError(f"{operation}: connection to the database was lost",
-                                        code="connection_lost")
-            return InternalError(f"{operation}: unexpected database error (SQLSTATE {sqlstate})",
-                                 code=f"sqlstate_{sqlstate}" if sqlstate else "internal")
+                return UnavailableError(
+                    f"{operation}: connection to the database was lost", code="connection_lost"
+                )
+            return InternalError(
+                f"{operation}: unexpected database error (SQLSTATE {sqlstate})",
+                code=f"sqlstate_{sqlstate}" if sqlstate else "internal",
+            )
         cls, code, retryable = entry
         diag = exc.diag
         if cls is ValidationError:

@@ -17,13 +17,22 @@ import attrs
 __all__ = [
     "ApiKey",
     "AuthEvent",
+    "BackupCode",
     "EmailVerificationToken",
     "EventPage",
     "HealthStatus",
     "OAuthLink",
     "Organization",
     "OrganizationMember",
+    "Permission",
+    "Role",
     "Session",
+    "SsoDomain",
+    "SsoLink",
+    "SsoProvider",
+    "SsoSession",
+    "TwoFactorDevice",
+    "TwoFactorSession",
     "User",
 ]
 
@@ -194,3 +203,172 @@ class HealthStatus:
     applied_migrations: tuple[str, ...]
     pending_migrations: tuple[str, ...]
     error: str | None = None
+
+
+# -- RBAC ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Permission:
+    """A permission a role grants (the reference's ``Permission``)."""
+
+    name: str
+    resource: str | None = None
+    action: str | None = None
+    description: str | None = None
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+
+
+def _permissions(value: Iterable[Any] | None) -> tuple[Permission, ...]:
+    if not value:
+        return ()
+    return tuple(p if isinstance(p, Permission) else Permission(**p) for p in value)
+
+
+@attrs.frozen(kw_only=True)
+class Role:
+    """A role of an organization (names are unique per organization)."""
+
+    id: uuid.UUID
+    org_id: uuid.UUID
+    name: str
+    description: str | None
+    is_system: bool
+    permissions: tuple[Permission, ...] = attrs.field(converter=_permissions)
+    metadata: dict[str, Any]
+    created_at: dt.datetime = attrs.field(converter=_utc)
+    updated_at: dt.datetime = attrs.field(converter=_utc)
+
+
+# -- SSO ----------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class SsoDomain:
+    """An email domain served by an SSO provider; only verified ones route logins."""
+
+    domain: str
+    verified_at: dt.datetime | None = attrs.field(converter=_opt_utc)
+
+
+def _domains(value: Iterable[Any] | None) -> tuple[SsoDomain, ...]:
+    if not value:
+        return ()
+    return tuple(d if isinstance(d, SsoDomain) else SsoDomain(**d) for d in value)
+
+
+@attrs.frozen(kw_only=True)
+class SsoProvider:
+    """A SAML or OIDC identity provider. ``client_secret`` and ``signing_key`` are decrypted on
+    read (they are stored encrypted) and kept out of ``repr``."""
+
+    id: uuid.UUID
+    type: Literal["saml", "oidc"]
+    name: str
+    org_id: uuid.UUID | None
+    metadata_url: str | None
+    client_id: str | None
+    client_secret: str | None = attrs.field(repr=False)
+    token_endpoint_auth_method: str | None
+    idp_entity_id: str | None
+    idp_sso_url: str | None
+    idp_slo_url: str | None
+    idp_certificate: str | None
+    sp_entity_id: str | None
+    sp_acs_url: str | None
+    sp_slo_url: str | None
+    signing_cert: str | None
+    signing_key: str | None = attrs.field(repr=False)
+    encryption_enabled: bool
+    force_authn: bool
+    scopes: tuple[str, ...] = attrs.field(converter=_strs)
+    redirect_uris: tuple[str, ...] = attrs.field(converter=_strs)
+    claim_mapping: dict[str, Any]
+    attribute_mapping: dict[str, Any]
+    metadata: dict[str, Any]
+    domains: tuple[SsoDomain, ...] = attrs.field(converter=_domains)
+    created_at: dt.datetime = attrs.field(converter=_utc)
+    updated_at: dt.datetime = attrs.field(converter=_utc)
+
+
+@attrs.frozen(kw_only=True)
+class SsoLink:
+    """A user's identity at an SSO provider (unique per provider and subject)."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    provider_id: uuid.UUID
+    provider_type: Literal["saml", "oidc"]
+    provider_subject: str
+    provider_email: str | None
+    auto_provisioned: bool
+    metadata: dict[str, Any]
+    linked_at: dt.datetime = attrs.field(converter=_utc)
+    last_auth_at: dt.datetime | None = attrs.field(converter=_opt_utc)
+
+
+@attrs.frozen(kw_only=True)
+class SsoSession:
+    """An SSO login session. The provider session token is stored only as a digest."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    provider_id: uuid.UUID
+    provider_type: Literal["saml", "oidc"]
+    provider_subject: str
+    expires_at: dt.datetime = attrs.field(converter=_utc)
+    linked_at: dt.datetime = attrs.field(converter=_utc)
+    last_auth_at: dt.datetime | None = attrs.field(converter=_opt_utc)
+
+
+# -- 2FA ----------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class TwoFactorDevice:
+    """A second factor. ``secret`` (a TOTP seed) is decrypted on read and kept out of ``repr``."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    method: Literal["totp", "sms", "email"]
+    name: str | None
+    verified: bool
+    phone_number: str | None
+    secret: str | None = attrs.field(repr=False)
+    last_used_at: dt.datetime | None = attrs.field(converter=_opt_utc)
+    metadata: dict[str, Any]
+    created_at: dt.datetime = attrs.field(converter=_utc)
+    updated_at: dt.datetime = attrs.field(converter=_utc)
+
+
+@attrs.frozen(kw_only=True)
+class BackupCode:
+    """One backup code (only its hash is stored)."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    code_hash: str = attrs.field(repr=False)
+    used_at: dt.datetime | None = attrs.field(converter=_opt_utc)
+    created_at: dt.datetime = attrs.field(converter=_utc)
+
+    @property
+    def used(self) -> bool:
+        """Whether the code was consumed."""
+        return self.used_at is not None
+
+
+@attrs.frozen(kw_only=True)
+class TwoFactorSession:
+    """A pending 2FA challenge for a login session."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    session_id: uuid.UUID
+    device_id: uuid.UUID
+    method: str
+    code_hash: str | None = attrs.field(repr=False)
+    attempt_count: int
+    max_attempts: int
+    expires_at: dt.datetime = attrs.field(converter=_utc)
+    completed_at: dt.datetime | None = attrs.field(converter=_opt_utc)
+    created_at: dt.datetime = attrs.field(converter=_utc)

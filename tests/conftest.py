@@ -20,6 +20,7 @@ import pytest
 
 from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
 from kitium_pg.embedded import EmbeddedPostgres
+from kitium_pg.encryption import generate_key
 
 
 @pytest.fixture(scope="session")
@@ -85,15 +86,25 @@ class _AsyncTransaction:
         return self.manager.__exit__(*exc)
 
 
+# Encryption keys of the test run (fresh each run; the last one encrypts).
+TEST_KEYS = {"test-old": generate_key(), "test-new": generate_key()}
+
+
+@pytest.fixture(scope="session")
+def encryption_keys() -> dict[str, str]:
+    """The keys the shared adapters encrypt secrets with."""
+    return TEST_KEYS
+
+
 @pytest.fixture(scope="session")
 def sync_adapter(dsn: str) -> Iterator[PostgresStorageAdapter]:
-    with PostgresStorageAdapter(dsn, max_size=40) as adapter:
+    with PostgresStorageAdapter(dsn, max_size=40, encryption_keys=TEST_KEYS) as adapter:
         yield adapter
 
 
 @pytest.fixture(scope="session")
 async def async_adapter(dsn: str) -> AsyncIterator[AsyncPostgresStorageAdapter]:
-    async with AsyncPostgresStorageAdapter(dsn, max_size=40) as adapter:
+    async with AsyncPostgresStorageAdapter(dsn, max_size=40, encryption_keys=TEST_KEYS) as adapter:
         yield adapter
 
 

@@ -17,7 +17,11 @@ from .email_verification import AsyncEmailVerification
 from .events import AsyncEvents
 from .migrate import AsyncMigrations
 from .organizations import AsyncOrganizations
+from .rbac import AsyncRbac
 from .sessions import AsyncSessions
+from .sso import AsyncSso
+from .tokens import AsyncTokens
+from .twofa import AsyncTwoFactor
 from .users import AsyncUsers
 
 
@@ -28,6 +32,10 @@ class AsyncPostgresStorageAdapter(
     AsyncOrganizations,
     AsyncEmailVerification,
     AsyncEvents,
+    AsyncRbac,
+    AsyncSso,
+    AsyncTwoFactor,
+    AsyncTokens,
     AsyncMigrations,
 ):
     """Async storage for auth data on PostgreSQL (psycopg 3 + psycopg-pool).

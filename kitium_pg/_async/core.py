@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Self, TypeVar, cast
@@ -19,7 +20,15 @@ from psycopg.rows import RowFactory, class_row, tuple_row
 
 from .. import _sql, _validate
 from .._base import Retry, Settings, backoff, log_call, redact_dsn
-from ..errors import KitiumPgError, UnavailableError, ValidationError, is_auto_retryable, translate
+from ..encryption import ENV_VAR, Keyring
+from ..errors import (
+    EncryptionKeyError,
+    KitiumPgError,
+    UnavailableError,
+    ValidationError,
+    is_auto_retryable,
+    translate,
+)
 
 T = TypeVar("T")
 
@@ -43,6 +52,7 @@ class AsyncCore:
         schema: str = _sql.DEFAULT_SCHEMA,
         application_name: str = "kitium-pg",
         prepare_threshold: int | None = 5,
+        encryption_keys: Mapping[str, bytes | str] | None = None,
     ) -> None:
         self._settings = Settings.build(
             min_size=min_size,
@@ -57,6 +67,9 @@ class AsyncCore:
             prepare_threshold=prepare_threshold,
         )
         self._queries = _sql.queries(schema)
+        self._keyring = (
+            Keyring(encryption_keys) if encryption_keys is not None else Keyring.from_env()
+        )
         self._conn: AsyncConnection[Any] | None = None
         # Transaction-local settings (statement timeout override, tenant) applied before each
         # statement; empty on the default path, which then costs nothing extra.
@@ -157,6 +170,34 @@ class AsyncCore:
                     raise
                 await asyncio.sleep(backoff(attempt))
 
+    def _encrypt(
+        self, column: str, row_id: uuid.UUID, value: str | None
+    ) -> tuple[str | None, bytes | None]:
+        """(key id, ciphertext) for a secret of ``column`` on row ``row_id``; (None, None) for
+        ``None``. Raises ``EncryptionKeyError`` when no key is configured: a secret is never
+        stored in plaintext."""
+        if value is None:
+            return None, None
+        if self._keyring is None:
+            raise EncryptionKeyError(
+                f"{column}: storing a secret needs an encryption key; pass encryption_keys= or set"
+                f" {ENV_VAR}"
+            )
+        return self._keyring.encrypt(value, column=column, row_id=row_id)
+
+    def _decrypt(
+        self, column: str, row_id: uuid.UUID, key_id: str | None, blob: bytes | None
+    ) -> str | None:
+        """The plaintext of a stored secret (``None`` stays ``None``)."""
+        if blob is None or key_id is None:
+            return None
+        if self._keyring is None:
+            raise EncryptionKeyError(
+                f"{column}: reading a secret needs its encryption key; pass encryption_keys= or"
+                f" set {ENV_VAR}"
+            )
+        return self._keyring.decrypt(key_id, bytes(blob), column=column, row_id=row_id)
+
     async def _open_pool(self) -> None:
         if not self._owns_pool:
             return
@@ -180,7 +221,10 @@ class AsyncCore:
                 yield conn
 
     async def _execute(
-        self, conn: AsyncConnection[Any], query: _sql.Query, params: Mapping[str, Any],
+        self,
+        conn: AsyncConnection[Any],
+        query: _sql.Query,
+        params: Mapping[str, Any],
         row_factory: RowFactory[Any],
     ) -> Any:
         async with conn.cursor(row_factory=row_factory) as cur:
@@ -191,7 +235,10 @@ class AsyncCore:
             return await _fetch(cur, query.shape)
 
     async def _execute_with_local(
-        self, conn: AsyncConnection[Any], query: _sql.Query, params: Mapping[str, Any],
+        self,
+        conn: AsyncConnection[Any],
+        query: _sql.Query,
+        params: Mapping[str, Any],
         row_factory: RowFactory[Any],
     ) -> Any:
         setter = self._queries["set_local_setting"]
@@ -210,7 +257,11 @@ class AsyncCore:
                 return await _fetch(cur, query.shape)
 
     async def _run(
-        self, name: str, params: Mapping[str, Any], *, retry: Retry,
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        *,
+        retry: Retry,
         row_factory: RowFactory[Any] = tuple_row,
     ) -> Any:
         query = self._queries[name]
@@ -242,7 +293,9 @@ class AsyncCore:
     async def _one(
         self, name: str, params: Mapping[str, Any], cls: Callable[..., T], *, retry: Retry
     ) -> T | None:
-        return cast(T | None, await self._run(name, params, retry=retry, row_factory=class_row(cls)))
+        return cast(
+            T | None, await self._run(name, params, retry=retry, row_factory=class_row(cls))
+        )
 
     async def _many(
         self, name: str, params: Mapping[str, Any], cls: Callable[..., T], *, retry: Retry

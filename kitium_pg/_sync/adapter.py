@@ -19,7 +19,11 @@ from .email_verification import EmailVerification
 from .events import Events
 from .migrate import Migrations
 from .organizations import Organizations
+from .rbac import Rbac
 from .sessions import Sessions
+from .sso import Sso
+from .tokens import Tokens
+from .twofa import TwoFactor
 from .users import Users
 
 
@@ -30,6 +34,10 @@ class PostgresStorageAdapter(
     Organizations,
     EmailVerification,
     Events,
+    Rbac,
+    Sso,
+    TwoFactor,
+    Tokens,
     Migrations,
 ):
     """Async storage for auth data on PostgreSQL (psycopg 3 + psycopg-pool).

@@ -9,6 +9,7 @@ This file is the source of truth; ``kitium_pg/_sync/core.py`` is generated from 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator, Awaitable, Callable, Mapping
 from contextlib import contextmanager
 from typing import Any, Self, TypeVar, cast
@@ -20,7 +21,15 @@ from psycopg.rows import RowFactory, class_row, tuple_row
 
 from .. import _sql, _validate
 from .._base import Retry, Settings, backoff, log_call, redact_dsn
-from ..errors import KitiumPgError, UnavailableError, ValidationError, is_auto_retryable, translate
+from ..encryption import ENV_VAR, Keyring
+from ..errors import (
+    EncryptionKeyError,
+    KitiumPgError,
+    UnavailableError,
+    ValidationError,
+    is_auto_retryable,
+    translate,
+)
 
 T = TypeVar("T")
 
@@ -44,6 +53,7 @@ class Core:
         schema: str = _sql.DEFAULT_SCHEMA,
         application_name: str = "kitium-pg",
         prepare_threshold: int | None = 5,
+        encryption_keys: Mapping[str, bytes | str] | None = None,
     ) -> None:
         self._settings = Settings.build(
             min_size=min_size,
@@ -58,6 +68,9 @@ class Core:
             prepare_threshold=prepare_threshold,
         )
         self._queries = _sql.queries(schema)
+        self._keyring = (
+            Keyring(encryption_keys) if encryption_keys is not None else Keyring.from_env()
+        )
         self._conn: Connection[Any] | None = None
         # Transaction-local settings (statement timeout override, tenant) applied before each
         # statement; empty on the default path, which then costs nothing extra.
@@ -157,6 +170,34 @@ class Core:
                 if not rolled_back or attempt > self._settings.max_retries:
                     raise
                 time.sleep(backoff(attempt))
+
+    def _encrypt(
+        self, column: str, row_id: uuid.UUID, value: str | None
+    ) -> tuple[str | None, bytes | None]:
+        """(key id, ciphertext) for a secret of ``column`` on row ``row_id``; (None, None) for
+        ``None``. Raises ``EncryptionKeyError`` when no key is configured: a secret is never
+        stored in plaintext."""
+        if value is None:
+            return None, None
+        if self._keyring is None:
+            raise EncryptionKeyError(
+                f"{column}: storing a secret needs an encryption key; pass encryption_keys= or set"
+                f" {ENV_VAR}"
+            )
+        return self._keyring.encrypt(value, column=column, row_id=row_id)
+
+    def _decrypt(
+        self, column: str, row_id: uuid.UUID, key_id: str | None, blob: bytes | None
+    ) -> str | None:
+        """The plaintext of a stored secret (``None`` stays ``None``)."""
+        if blob is None or key_id is None:
+            return None
+        if self._keyring is None:
+            raise EncryptionKeyError(
+                f"{column}: reading a secret needs its encryption key; pass encryption_keys= or"
+                f" set {ENV_VAR}"
+            )
+        return self._keyring.decrypt(key_id, bytes(blob), column=column, row_id=row_id)
 
     def _open_pool(self) -> None:
         if not self._owns_pool:

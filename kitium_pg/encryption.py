@@ -1,0 +1,120 @@
+"""Encryption at rest for reversible secrets (2FA secrets, SSO client secrets and signing keys,
+OAuth provider tokens), with AES-256-GCM from the ``cryptography`` package.
+
+Each ciphertext is stored as ``nonce (12 bytes) || ciphertext+tag`` in a ``bytea`` column, with
+the id of the key that made it in a text column beside it, so keys can rotate: the last key
+configured encrypts, every configured key decrypts, and ``rotate_keys`` re-encrypts old rows.
+The associated data binds a ciphertext to its table, column and row id, so a value copied onto
+another row or column fails to decrypt instead of being accepted.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+import uuid
+from collections.abc import Mapping
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import EncryptionKeyError, ValidationError
+
+__all__ = ["ENV_VAR", "Keyring", "generate_key"]
+
+ENV_VAR: Final = "KITIUM_PG_ENCRYPTION_KEYS"
+_NONCE: Final = 12
+
+
+def generate_key() -> str:
+    """A new random 256-bit key as urlsafe base64 (for ``encryption_keys`` or the env var)."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+
+
+def _key_bytes(key_id: str, key: bytes | str) -> bytes:
+    if isinstance(key, bytes) and len(key) == 32:
+        return key
+    text = key.decode() if isinstance(key, bytes) else key
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ValidationError(
+            "encryption_keys", f"key {key_id!r} must be 32 bytes or their urlsafe base64"
+        )
+    return raw
+
+
+class Keyring:
+    """The configured encryption keys, in order; the last one encrypts.
+
+    ``Keyring({"2026-01": key})``; keys are 32 raw bytes or their urlsafe base64. Key ids are
+    short names (at most 64 characters, no ``:`` or ``,``). The key material never appears in
+    ``repr`` or error messages.
+    """
+
+    def __init__(self, keys: Mapping[str, bytes | str]) -> None:
+        if not isinstance(keys, Mapping) or not keys:
+            raise ValidationError("encryption_keys", "must map at least one key id to a key")
+        self._keys: dict[str, AESGCM] = {}
+        for key_id, key in keys.items():
+            if not isinstance(key_id, str) or not 0 < len(key_id) <= 64 or set(key_id) & set(":,"):
+                raise ValidationError("encryption_keys", f"invalid key id {key_id!r}")
+            self._keys[key_id] = AESGCM(_key_bytes(key_id, key))
+        self.current_key_id: str = list(self._keys)[-1]
+
+    def __repr__(self) -> str:
+        return f"Keyring(key_ids={list(self._keys)!r}, current={self.current_key_id!r})"
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """Every configured key id, oldest first."""
+        return tuple(self._keys)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Keyring | None:
+        """The keyring described by ``KITIUM_PG_ENCRYPTION_KEYS`` (``kid1:base64key,kid2:…``),
+        or ``None`` when it is unset."""
+        spec = (os.environ if environ is None else environ).get(ENV_VAR, "").strip()
+        if not spec:
+            return None
+        keys: dict[str, str] = {}
+        for item in spec.split(","):
+            key_id, sep, key = item.strip().partition(":")
+            if not sep:
+                raise ValidationError(ENV_VAR, "must look like kid1:base64key,kid2:base64key")
+            keys[key_id] = key
+        return cls(keys)
+
+    @staticmethod
+    def _aad(column: str, row_id: uuid.UUID) -> bytes:
+        return f"kitium-pg:{column}:{row_id}".encode()
+
+    def encrypt(self, plaintext: str, *, column: str, row_id: uuid.UUID) -> tuple[str, bytes]:
+        """(key id, nonce || ciphertext) of ``plaintext`` for ``column`` (``table.column``) of
+        row ``row_id``."""
+        nonce = secrets.token_bytes(_NONCE)
+        sealed = self._keys[self.current_key_id].encrypt(
+            nonce, plaintext.encode("utf-8"), self._aad(column, row_id)
+        )
+        return self.current_key_id, nonce + sealed
+
+    def decrypt(self, key_id: str, blob: bytes, *, column: str, row_id: uuid.UUID) -> str:
+        """The plaintext of ``blob``. Raises ``EncryptionKeyError`` when ``key_id`` is not
+        configured or the value does not authenticate (wrong key, tampered or moved value)."""
+        cipher = self._keys.get(key_id)
+        if cipher is None:
+            raise EncryptionKeyError(
+                f"{column}: encrypted with key {key_id!r}, which is not configured"
+            )
+        try:
+            plain = cipher.decrypt(blob[:_NONCE], blob[_NONCE:], self._aad(column, row_id))
+        except InvalidTag:
+            raise EncryptionKeyError(
+                f"{column}: value of row {row_id} does not authenticate"
+            ) from None
+        return plain.decode("utf-8")
