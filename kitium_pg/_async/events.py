@@ -2,8 +2,222 @@
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import itertools
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from .. import _validate as v
+from .._base import Retry, new_id
+from ..errors import ValidationError
+from ..records import AuthEvent, EventPage
 from .core import AsyncCore
+
+MAX_BATCH: Final = 10_000
+"""Most events ``emit_events`` takes in one call."""
+
+MAX_BATCH_DATA_BYTES: Final = 64_000_000
+"""Most serialised ``data`` bytes ``emit_events`` sends in one statement."""
+
+MAX_PAGE: Final = 1000
+"""Largest ``limit`` of ``list_events``."""
+
+PRUNE_BATCH: Final = 5000
+"""Default number of rows ``prune_events`` deletes per statement."""
+
+_EVENT_KEYS: Final = frozenset({"type", "principal_id", "data", "org_id", "timestamp"})
+_REQUIRED_KEYS: Final = ("type", "principal_id", "data")
+_CURSOR_MAX_LEN: Final = 200
 
 
 class AsyncEvents(AsyncCore):
     """Audit event methods of the async adapter."""
+
+    async def emit_event(
+        self,
+        *,
+        type: str,
+        principal_id: str | uuid.UUID,
+        data: Mapping[str, Any] | None,
+        org_id: str | uuid.UUID | None = None,
+        timestamp: dt.datetime | None = None,
+    ) -> AuthEvent:
+        """Record one audit event and return it.
+
+        ``principal_id`` and ``org_id`` are stored as text (a UUID is stored in its canonical
+        form); ``data`` is a JSON object (``None`` stores ``{}``); ``timestamp`` must be
+        timezone-aware and defaults to the database's ``now()``. Raises ``ValidationError`` for
+        bad input. Retried on transient failures: the id is generated before the first attempt,
+        so a retry after a lost acknowledgement returns the row the first attempt wrote.
+        """
+        params = {"id": new_id(), **_event_params("", type, principal_id, data, org_id, timestamp)}
+        event = await self._one("emit_event", params, AuthEvent, retry=Retry.SAFE)
+        assert event is not None
+        return event
+
+    async def emit_events(self, events: Iterable[Mapping[str, Any]]) -> int:
+        """Record a batch of audit events in one statement; returns how many were written.
+
+        Each event is a dict with the keys ``type``, ``principal_id`` and ``data`` and optionally
+        ``org_id`` and ``timestamp``, with the meaning they have in ``emit_event``. Every event is
+        checked before anything is sent: a ``ValidationError`` names the first bad field with its
+        index (``events[3].type``) and nothing is written. At most ``MAX_BATCH`` (10,000) events
+        per call; an empty batch returns 0 without touching the database. Retried on transient
+        failures: the ids are generated before the first attempt, so a retry skips the rows an
+        earlier attempt wrote and still counts them.
+        """
+        if isinstance(events, str | bytes | Mapping) or not isinstance(events, Iterable):
+            raise ValidationError("events", "must be a list of dicts")
+        batch = list(itertools.islice(events, MAX_BATCH + 1))
+        if len(batch) > MAX_BATCH:
+            raise ValidationError("events", f"must have at most {MAX_BATCH} events per call")
+        if not batch:
+            return 0
+        columns: dict[str, list[Any]] = {
+            "types": [],
+            "principal_ids": [],
+            "org_ids": [],
+            "datas": [],
+            "timestamps": [],
+        }
+        data_bytes = 0
+        for index, event in enumerate(batch):
+            prefix = f"events[{index}]."
+            if not isinstance(event, Mapping):
+                raise ValidationError(f"events[{index}]", "must be a dict")
+            unknown = [key for key in event if key not in _EVENT_KEYS]
+            if unknown:
+                shown = ", ".join(sorted(repr(key)[:40] for key in unknown))
+                raise ValidationError(
+                    f"events[{index}]",
+                    f"unknown key(s) {shown} (allowed: {', '.join(sorted(_EVENT_KEYS))})",
+                )
+            for key in _REQUIRED_KEYS:
+                if key not in event:
+                    raise ValidationError(prefix + key, "is required")
+            params = _event_params(
+                prefix,
+                event["type"],
+                event["principal_id"],
+                event["data"],
+                event.get("org_id"),
+                event.get("timestamp"),
+            )
+            data_bytes += len(params["data"].encode("utf-8"))
+            if data_bytes > MAX_BATCH_DATA_BYTES:
+                raise ValidationError(
+                    "events", f"data must serialise to at most {MAX_BATCH_DATA_BYTES} bytes in all"
+                )
+            columns["types"].append(params["type"])
+            columns["principal_ids"].append(params["principal_id"])
+            columns["org_ids"].append(params["org_id"])
+            columns["datas"].append(params["data"])
+            columns["timestamps"].append(params["ts"])
+        all_params = {"ids": [new_id() for _ in batch], **columns}
+        written = await self._value("emit_events", all_params, retry=Retry.SAFE)
+        return int(written)
+
+    async def list_events(
+        self,
+        *,
+        principal_id: str | uuid.UUID | None = None,
+        org_id: str | uuid.UUID | None = None,
+        type: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> EventPage:
+        """One page of events, newest first (by ``timestamp``, then id).
+
+        Filters combine: ``principal_id`` and ``org_id`` together give that principal's events in
+        that organization; ``type`` narrows any of them. ``after`` is the ``next_cursor`` of the
+        previous page (an opaque string); the page after the last one is empty and its
+        ``next_cursor`` is ``None``. Pages are read by keyset, so events emitted meanwhile never
+        shift later pages (no duplicates, no gaps). ``limit`` is 1 to 1000. Raises
+        ``ValidationError`` for bad input, including a cursor this method did not produce.
+        """
+        page_size = v.integer("limit", limit, minimum=1, maximum=MAX_PAGE)
+        principal = None if principal_id is None else _text_id("principal_id", principal_id)
+        org = None if org_id is None else _text_id("org_id", org_id)
+        after_ts, after_id = (None, None) if after is None else decode_cursor(after)
+        params: dict[str, Any] = {
+            "type": v.opt_text("type", type),
+            "after_ts": after_ts,
+            "after_id": after_id,
+            "page_size": page_size + 1,
+        }
+        if principal is not None:
+            name = "list_events_by_principal"
+            params.update(principal_id=principal, org_id=org)
+        elif org is not None:
+            name = "list_events_by_org"
+            params.update(org_id=org)
+        else:
+            name = "list_events_all"
+        rows = await self._many(name, params, AuthEvent, retry=Retry.SAFE)
+        if len(rows) <= page_size:
+            return EventPage(events=tuple(rows), next_cursor=None)
+        last = rows[page_size - 1]
+        return EventPage(
+            events=tuple(rows[:page_size]), next_cursor=encode_cursor(last.timestamp, last.id)
+        )
+
+    async def prune_events(self, *, before: dt.datetime, batch_size: int = PRUNE_BATCH) -> int:
+        """Delete every event whose timestamp is earlier than ``before``; returns how many.
+
+        ``before`` must be timezone-aware. Rows go in statements of at most ``batch_size``, so
+        locks stay short on a large table; deleting old events is idempotent, so each statement
+        is retried on transient failures.
+        """
+        params = {"before": v.timestamp("before", before)}
+        return await self._delete_in_batches("prune_events", params, batch_size=batch_size)
+
+
+def _text_id(field: str, value: object) -> str:
+    """A principal or organization id: a UUID (stored canonically) or non-empty text."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return v.text(field, value)
+
+
+def _event_params(
+    prefix: str,
+    type: object,
+    principal_id: object,
+    data: object,
+    org_id: object,
+    timestamp: object,
+) -> dict[str, Any]:
+    """The checked columns of one event; fields are named ``prefix + name`` in errors."""
+    return {
+        "type": v.text(prefix + "type", type),
+        "principal_id": _text_id(prefix + "principal_id", principal_id),
+        "org_id": None if org_id is None else _text_id(prefix + "org_id", org_id),
+        "data": v.json_text(prefix + "data", data),
+        "ts": v.opt_timestamp(prefix + "timestamp", timestamp),
+    }
+
+
+def encode_cursor(timestamp: dt.datetime, id: uuid.UUID) -> str:
+    """The opaque ``next_cursor`` for a page ending at the event (``timestamp``, ``id``)."""
+    raw = f"{timestamp.astimezone(dt.UTC).isoformat()}|{id}".encode("ascii")
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: object) -> tuple[dt.datetime, uuid.UUID]:
+    """The (``timestamp``, ``id``) a cursor from ``encode_cursor`` holds; anything else is a
+    ``ValidationError`` naming ``after``."""
+    if not isinstance(cursor, str) or not 0 < len(cursor) <= _CURSOR_MAX_LEN:
+        raise ValidationError("after", "must be the next_cursor of a previous page")
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        raw = base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True)
+        stamp, sep, ident = raw.decode("ascii").partition("|")
+        timestamp = dt.datetime.fromisoformat(stamp)
+        event_id = uuid.UUID(ident)
+        if not sep or timestamp.utcoffset() is None:
+            raise ValueError("not a cursor")
+        return timestamp.astimezone(dt.UTC), event_id
+    except (ValueError, OverflowError):
+        raise ValidationError("after", "must be the next_cursor of a previous page") from None

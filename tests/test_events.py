@@ -1,0 +1,643 @@
+"""Audit events: emit, batch emit, keyset pagination, filters and pruning, against both adapters."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from kitium_pg import AuthEvent, EventPage, ValidationError
+
+BASE = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
+ANCIENT = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # only test_prune_* emits events this old
+
+HOSTILE = [
+    "'; DROP TABLE kitium_auth.auth_events; --",
+    '" OR 1=1 --',
+    "%s %(id)s %% 100%",
+    ":name :id ::jsonb $1 ?",
+    "back\\slash \\x00 \\u0000",
+    "emoji 🔐 café ﷽ 中文 Ω≈ç√ e\u0301",
+    "\u202eright-to-left",
+]
+
+
+def newest_first(events: list[AuthEvent]) -> list[AuthEvent]:
+    return sorted(events, key=lambda e: (e.timestamp, e.id), reverse=True)
+
+
+def target(storage: Any) -> Any:
+    """The real adapter object behind ``storage`` (to patch its internals)."""
+    return storage.adapter if storage.kind == "sync" else storage
+
+
+async def all_pages(storage: Any, limit: int, **filters: Any) -> list[EventPage]:
+    pages = [await storage.list_events(limit=limit, **filters)]
+    while pages[-1].next_cursor is not None:
+        pages.append(await storage.list_events(limit=limit, after=pages[-1].next_cursor, **filters))
+        assert len(pages) < 1000
+    return pages
+
+
+# -- emit_event ---------------------------------------------------------------------------------
+
+
+async def test_emit_event_round_trip(storage: Any, unique: Callable[[str], str]) -> None:
+    principal = unique("p")
+    data = {
+        "ip": "203.0.113.9",
+        "nested": {"list": [1, 2.5, None, True, {"deep": ["x"]}], "empty": {}},
+        "hostile": HOSTILE,
+        **{value: value for value in HOSTILE},
+    }
+    event = await storage.emit_event(type="user.login", principal_id=principal, data=data)
+    assert isinstance(event, AuthEvent)
+    assert event.id.version == 7
+    assert (event.type, event.principal_id, event.org_id) == ("user.login", principal, None)
+    assert event.data == data
+    assert event.timestamp.tzinfo is dt.UTC
+    assert abs(event.timestamp - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=5)
+    page = await storage.list_events(principal_id=principal)
+    assert page.events == (event,)
+    assert page.next_cursor is None
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+async def test_hostile_text_is_stored_verbatim_in_every_column(
+    storage: Any, unique: Callable[[str], str], text: str
+) -> None:
+    principal = unique("p") + text
+    org = unique("o") + text
+    event = await storage.emit_event(
+        type=text, principal_id=principal, org_id=org, data={text: text}
+    )
+    assert (event.type, event.principal_id, event.org_id, event.data) == (
+        text,
+        principal,
+        org,
+        {text: text},
+    )
+    assert (await storage.list_events(principal_id=principal, type=text)).events == (event,)
+    assert (await storage.list_events(org_id=org)).events == (event,)
+    written = await storage.emit_events(
+        [{"type": text, "principal_id": principal, "org_id": org, "data": {"batch": text}}]
+    )
+    assert written == 1
+    newest = (await storage.list_events(principal_id=principal, limit=1)).events[0]
+    assert (newest.type, newest.org_id, newest.data) == (text, org, {"batch": text})
+
+
+async def test_uuid_ids_are_stored_as_canonical_text(storage: Any) -> None:
+    principal, org = uuid.uuid4(), uuid.uuid4()
+    event = await storage.emit_event(type="t", principal_id=principal, org_id=org, data=None)
+    assert (event.principal_id, event.org_id, event.data) == (str(principal), str(org), {})
+    assert (await storage.list_events(principal_id=principal)).events == (event,)
+    assert (await storage.list_events(principal_id=str(principal).upper())).events == ()
+    assert (await storage.list_events(org_id=org)).events == (event,)
+
+
+async def test_explicit_timestamp_is_kept_and_normalised_to_utc(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    principal = unique("p")
+    tokyo = dt.timezone(dt.timedelta(hours=9))
+    when = dt.datetime(2023, 3, 4, 5, 6, 7, 891011, tzinfo=tokyo)
+    event = await storage.emit_event(type="t", principal_id=principal, data={}, timestamp=when)
+    assert event.timestamp == when
+    assert event.timestamp.tzinfo is dt.UTC
+    assert event.timestamp.hour == 20  # 05:06 at +09:00 is 20:06 UTC the day before
+
+
+async def test_emit_event_retry_after_lost_acknowledgement_returns_the_same_row(
+    storage: Any, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = target(storage)
+    calls = lose_first_acknowledgement(adapter, monkeypatch, storage.kind)
+    principal = unique("p")
+    event = await storage.emit_event(type="t", principal_id=principal, data={"n": 1})
+    assert calls == ["emit_event", "emit_event"]  # committed, "lost", retried
+    assert (await storage.list_events(principal_id=principal)).events == (event,)
+
+
+async def test_emit_events_retry_after_lost_acknowledgement_counts_every_event(
+    storage: Any, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = target(storage)
+    calls = lose_first_acknowledgement(adapter, monkeypatch, storage.kind)
+    principal = unique("p")
+    batch = [{"type": "t", "principal_id": principal, "data": {"n": n}} for n in range(7)]
+    assert await storage.emit_events(batch) == 7
+    assert calls == ["emit_events", "emit_events"]
+    events = (await storage.list_events(principal_id=principal)).events
+    assert sorted(e.data["n"] for e in events) == list(range(7))
+
+
+def lose_first_acknowledgement(
+    adapter: Any, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> list[str]:
+    """Make the adapter's first statement commit and then fail as if the connection dropped
+    before the reply arrived; returns the names of the statements run."""
+    real = adapter._execute
+    calls: list[str] = []
+
+    def lose(query: Any) -> None:
+        calls.append(query.name)
+        if len(calls) == 1:
+            raise psycopg.OperationalError("connection lost (simulated by the test)")
+
+    if kind == "sync":
+
+        def sync_execute(conn: Any, query: Any, params: Any, row_factory: Any) -> Any:
+            result = real(conn, query, params, row_factory)
+            lose(query)
+            return result
+
+        monkeypatch.setattr(adapter, "_execute", sync_execute)
+    else:
+
+        async def async_execute(conn: Any, query: Any, params: Any, row_factory: Any) -> Any:
+            result = await real(conn, query, params, row_factory)
+            lose(query)
+            return result
+
+        monkeypatch.setattr(adapter, "_execute", async_execute)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"type": ""}, "type"),
+        ({"type": 42}, "type"),
+        ({"type": "x" * 256}, "type"),
+        ({"type": "a\x00b"}, "type"),
+        ({"principal_id": ""}, "principal_id"),
+        ({"principal_id": 42}, "principal_id"),
+        ({"principal_id": None}, "principal_id"),
+        ({"principal_id": "x" * 256}, "principal_id"),
+        ({"org_id": ""}, "org_id"),
+        ({"org_id": "\ud800"}, "org_id"),
+        ({"data": [1, 2]}, "data"),
+        ({"data": {"x": float("nan")}}, "data"),
+        ({"data": {"x": "\x00"}}, "data"),
+        ({"data": {1: "non-string key"}}, "data"),
+        ({"timestamp": dt.datetime(2024, 1, 1)}, "timestamp"),  # naive
+        ({"timestamp": "2024-01-01T00:00:00Z"}, "timestamp"),
+    ],
+)
+async def test_emit_event_bad_input_names_the_field_and_writes_nothing(
+    storage: Any, unique: Callable[[str], str], kwargs: dict[str, Any], field: str
+) -> None:
+    principal = unique("p")
+    args: dict[str, Any] = {"type": "t", "principal_id": principal, "data": {}, **kwargs}
+    with pytest.raises(ValidationError) as caught:
+        await storage.emit_event(**args)
+    assert caught.value.field == field
+    assert (await storage.list_events(principal_id=principal)).events == ()
+
+
+# -- emit_events --------------------------------------------------------------------------------
+
+
+async def test_emit_events_writes_a_thousand_events_in_one_call(
+    storage: Any, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = target(storage)
+    statements: list[str] = []
+    real = adapter._run
+
+    def spy(name: str, *args: Any, **kwargs: Any) -> Any:
+        statements.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "_run", spy)
+    principal, org = unique("p"), unique("o")
+    batch = [
+        {
+            "type": f"bulk.{n % 3}",
+            "principal_id": principal,
+            "data": {"n": n, "text": HOSTILE[n % len(HOSTILE)]},
+            **({"org_id": org} if n % 2 else {}),
+            **({"timestamp": BASE + dt.timedelta(seconds=n)} if n % 5 else {}),
+        }
+        for n in range(1000)
+    ]
+    assert await storage.emit_events(batch) == 1000
+    assert statements == ["emit_events"]
+    monkeypatch.undo()
+
+    page = await storage.list_events(principal_id=principal, limit=1000)
+    assert page.next_cursor is None
+    assert len(page.events) == 1000
+    assert list(page.events) == newest_first(list(page.events))
+    by_n = {e.data["n"]: e for e in page.events}
+    assert sorted(by_n) == list(range(1000))
+    for n, event in by_n.items():
+        assert event.type == f"bulk.{n % 3}"
+        assert event.org_id == (org if n % 2 else None)
+        assert event.data["text"] == HOSTILE[n % len(HOSTILE)]
+        if n % 5:
+            assert event.timestamp == BASE + dt.timedelta(seconds=n)
+        else:  # no timestamp given: the database's now()
+            assert abs(event.timestamp - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=5)
+    assert len((await storage.list_events(org_id=org, limit=1000)).events) == 500
+    only_type = await storage.list_events(principal_id=principal, type="bulk.0", limit=1000)
+    assert {e.data["n"] for e in only_type.events} == set(range(0, 1000, 3))
+
+
+async def test_emit_events_of_nothing_returns_zero_without_a_query(
+    storage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_query(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("no statement expected")
+
+    monkeypatch.setattr(target(storage), "_run", no_query)
+    assert await storage.emit_events([]) == 0
+    assert await storage.emit_events(()) == 0
+    assert await storage.emit_events(iter([])) == 0
+
+
+async def test_emit_events_accepts_any_iterable_of_mappings(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    principal = unique("p")
+    gen = ({"type": "t", "principal_id": principal, "data": {"n": n}} for n in range(3))
+    assert await storage.emit_events(gen) == 3
+    assert len((await storage.list_events(principal_id=principal)).events) == 3
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({"type": ""}, "events[3].type"),
+        ({"type": None}, "events[3].type"),
+        ({"principal_id": 7}, "events[3].principal_id"),
+        ({"org_id": "x" * 256}, "events[3].org_id"),
+        ({"data": "not an object"}, "events[3].data"),
+        ({"data": {"x": float("inf")}}, "events[3].data"),
+        ({"timestamp": dt.datetime(2024, 1, 1)}, "events[3].timestamp"),  # naive
+        ({"timestamp": 1_700_000_000}, "events[3].timestamp"),
+        ({"colour": "red"}, "events[3]"),
+        ({"id": str(uuid.uuid4())}, "events[3]"),
+    ],
+)
+async def test_emit_events_validates_everything_first_and_names_the_index(
+    storage: Any, unique: Callable[[str], str], bad: dict[str, Any], field: str
+) -> None:
+    principal = unique("p")
+    batch: list[Any] = [{"type": "t", "principal_id": principal, "data": {}} for _ in range(6)]
+    batch[3] = {**batch[3], **bad}
+    with pytest.raises(ValidationError) as caught:
+        await storage.emit_events(batch)
+    assert caught.value.field == field
+    assert (await storage.list_events(principal_id=principal)).events == ()
+
+
+@pytest.mark.parametrize("missing", ["type", "principal_id", "data"])
+async def test_emit_events_requires_type_principal_and_data(
+    storage: Any, unique: Callable[[str], str], missing: str
+) -> None:
+    principal = unique("p")
+    event = {"type": "t", "principal_id": principal, "data": {}}
+    del event[missing]
+    with pytest.raises(ValidationError) as caught:
+        await storage.emit_events([{"type": "t", "principal_id": principal, "data": {}}, event])
+    assert caught.value.field == f"events[1].{missing}"
+    assert "required" in str(caught.value)
+    assert (await storage.list_events(principal_id=principal)).events == ()
+
+
+@pytest.mark.parametrize(
+    ("events", "field"),
+    [
+        ("not a list", "events"),
+        ({"type": "t", "principal_id": "p", "data": {}}, "events"),
+        (None, "events"),
+        (42, "events"),
+        ([["type", "t"]], "events[0]"),
+        ([{"type": "t", "principal_id": "p", "data": {}}, None], "events[1]"),
+    ],
+)
+async def test_emit_events_refuses_what_is_not_a_list_of_dicts(
+    storage: Any, events: Any, field: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        await storage.emit_events(events)
+    assert caught.value.field == field
+
+
+async def test_emit_events_caps_a_batch_at_ten_thousand(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    principal = unique("p")
+    event = {"type": "t", "principal_id": principal, "data": {}}
+    with pytest.raises(ValidationError) as caught:
+        await storage.emit_events([event] * 10_001)
+    assert caught.value.field == "events"
+    assert "10000" in str(caught.value)
+    assert (await storage.list_events(principal_id=principal)).events == ()
+    assert await storage.emit_events([event] * 10_000) == 10_000
+
+
+# -- list_events --------------------------------------------------------------------------------
+
+
+async def test_pagination_walks_every_event_once_in_order(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    principal = unique("p")
+    emitted = [
+        await storage.emit_event(
+            type="t",
+            principal_id=principal,
+            data={"n": n},
+            timestamp=BASE + dt.timedelta(seconds=n // 3),  # groups of three share a timestamp
+        )
+        for n in range(25)
+    ]
+    expected = newest_first(emitted)
+    pages = await all_pages(storage, 10, principal_id=principal)
+    assert [len(p.events) for p in pages] == [10, 10, 5]
+    assert [p.next_cursor is None for p in pages] == [False, False, True]
+    assert [e for p in pages for e in p.events] == expected
+    for page in pages[:-1]:
+        assert isinstance(page.next_cursor, str)
+
+
+async def test_pagination_of_a_batch_sharing_one_timestamp_orders_by_id(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    principal = unique("p")
+    batch = [{"type": "t", "principal_id": principal, "data": {"n": n}} for n in range(25)]
+    assert await storage.emit_events(batch) == 25
+    pages = await all_pages(storage, 10, principal_id=principal)
+    assert [len(p.events) for p in pages] == [10, 10, 5]
+    events = [e for p in pages for e in p.events]
+    assert len({e.timestamp for e in events}) == 1  # one statement, one now()
+    assert [e.id for e in events] == sorted((e.id for e in events), reverse=True)
+    assert sorted(e.data["n"] for e in events) == list(range(25))
+
+
+async def test_exact_multiple_of_the_limit_ends_without_an_empty_page(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    principal = unique("p")
+    batch = [{"type": "t", "principal_id": principal, "data": {}} for _ in range(20)]
+    await storage.emit_events(batch)
+    pages = await all_pages(storage, 10, principal_id=principal)
+    assert [len(p.events) for p in pages] == [10, 10]
+    assert pages[-1].next_cursor is None
+    one = await all_pages(storage, 1, principal_id=principal)
+    assert len(one) == 20
+    assert [p.events[0] for p in one] == [e for p in pages for e in p.events]
+
+
+async def test_events_emitted_while_paging_do_not_shift_later_pages(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    principal = unique("p")
+    emitted = [
+        await storage.emit_event(
+            type="t",
+            principal_id=principal,
+            data={"n": n},
+            timestamp=BASE + dt.timedelta(minutes=n),
+        )
+        for n in range(15)
+    ]
+    expected = newest_first(emitted)
+    first = await storage.list_events(principal_id=principal, limit=5)
+    assert list(first.events) == expected[:5]
+    for n in range(3):  # newer events arrive between page reads
+        await storage.emit_event(type="t", principal_id=principal, data={"late": n})
+    second = await storage.list_events(principal_id=principal, limit=5, after=first.next_cursor)
+    third = await storage.list_events(principal_id=principal, limit=5, after=second.next_cursor)
+    assert list(second.events) == expected[5:10]
+    assert list(third.events) == expected[10:]
+    assert third.next_cursor is None
+
+
+async def test_filters(storage: Any, unique: Callable[[str], str]) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    acme, globex = unique("acme"), unique("globex")
+    login, logout = unique("login"), unique("logout")
+    plan = [
+        (alice, acme, login),
+        (alice, acme, logout),
+        (alice, globex, login),
+        (alice, None, login),
+        (bob, acme, login),
+        (bob, None, logout),
+    ]
+    emitted = [
+        await storage.emit_event(
+            type=kind,
+            principal_id=who,
+            org_id=org,
+            data={"i": i},
+            timestamp=BASE + dt.timedelta(seconds=i),
+        )
+        for i, (who, org, kind) in enumerate(plan)
+    ]
+
+    async def ids(**filters: Any) -> list[int]:
+        return [e.data["i"] for e in (await storage.list_events(**filters)).events]
+
+    assert await ids(principal_id=alice) == [3, 2, 1, 0]
+    assert await ids(principal_id=bob) == [5, 4]
+    assert await ids(org_id=acme) == [4, 1, 0]
+    assert await ids(org_id=globex) == [2]
+    assert await ids(principal_id=alice, org_id=acme) == [1, 0]
+    assert await ids(principal_id=bob, org_id=globex) == []
+    assert await ids(principal_id=alice, type=login) == [3, 2, 0]
+    assert await ids(org_id=acme, type=login) == [4, 0]
+    assert await ids(principal_id=alice, org_id=acme, type=logout) == [1]
+    assert await ids(type=logout) == [5, 1]  # across all principals
+    assert await ids(principal_id=unique("nobody")) == []
+    assert [e.id for e in (await storage.list_events(type=login, limit=2)).events] == [
+        emitted[4].id,
+        emitted[3].id,
+    ]
+    pages = await all_pages(storage, 1, type=login)
+    assert [p.events[0].data["i"] for p in pages] == [4, 3, 2, 0]
+
+
+async def test_unfiltered_listing_is_newest_first_across_principals(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    future = dt.datetime(2999, 1, 1, tzinfo=dt.UTC) + dt.timedelta(
+        microseconds=uuid.uuid4().int % 10**6
+    )
+    event = await storage.emit_event(
+        type=unique("future"), principal_id=unique("p"), data={}, timestamp=future
+    )
+    page = await storage.list_events(limit=50)
+    assert event in page.events
+    assert list(page.events) == newest_first(list(page.events))
+    after = (
+        await storage.list_events(limit=50, after=page.next_cursor) if page.next_cursor else None
+    )
+    if after is not None:
+        assert not {e.id for e in page.events} & {e.id for e in after.events}
+        assert all(
+            (e.timestamp, e.id) < (page.events[-1].timestamp, page.events[-1].id)
+            for e in after.events
+        )
+
+
+def cursor_of(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        "",
+        "garbage",
+        "!!!!",
+        "é",
+        "x" * 10_000,
+        cursor_of("no separator"),
+        cursor_of("2024-01-01T00:00:00+00:00|not-a-uuid"),
+        cursor_of(f"not-a-date|{uuid.uuid4()}"),
+        cursor_of(f"2024-01-01T00:00:00|{uuid.uuid4()}"),  # naive
+        cursor_of(f"0001-01-01T00:00:00+05:00|{uuid.uuid4()}"),  # overflows in UTC
+        cursor_of("'; DROP TABLE kitium_auth.auth_events; --"),
+        42,
+        b"bytes",
+    ],
+)
+async def test_malformed_cursor_is_a_validation_error_naming_after(
+    storage: Any, after: Any
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        await storage.list_events(after=after)
+    assert caught.value.field == "after"
+
+
+async def test_cursor_is_an_opaque_url_safe_string(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    principal = unique("p")
+    await storage.emit_events([{"type": "t", "principal_id": principal, "data": {}}] * 3)
+    cursor = (await storage.list_events(principal_id=principal, limit=1)).next_cursor
+    assert cursor is not None
+    assert set(cursor) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    # a cursor made with a padded encoding is still understood
+    padded = cursor + "=" * (-len(cursor) % 4)
+    assert await storage.list_events(principal_id=principal, after=padded) == (
+        await storage.list_events(principal_id=principal, after=cursor)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"limit": -1}, "limit"),
+        ({"limit": True}, "limit"),
+        ({"limit": "10"}, "limit"),
+        ({"principal_id": ""}, "principal_id"),
+        ({"principal_id": 5}, "principal_id"),
+        ({"org_id": "x" * 256}, "org_id"),
+        ({"type": ""}, "type"),
+        ({"type": "a\x00"}, "type"),
+    ],
+)
+async def test_list_events_bad_input_names_the_field(
+    storage: Any, kwargs: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        await storage.list_events(**kwargs)
+    assert caught.value.field == field
+
+
+async def test_limit_bounds_are_inclusive(storage: Any, unique: Callable[[str], str]) -> None:
+    principal = unique("p")
+    await storage.emit_events([{"type": "t", "principal_id": principal, "data": {}}] * 2)
+    assert len((await storage.list_events(principal_id=principal, limit=1)).events) == 1
+    assert len((await storage.list_events(principal_id=principal, limit=1000)).events) == 2
+
+
+# -- prune_events -------------------------------------------------------------------------------
+
+
+async def test_prune_deletes_only_older_events_in_batches(
+    storage: Any, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cutoff = ANCIENT + dt.timedelta(days=365)
+    await storage.prune_events(before=cutoff)  # leftovers of an interrupted earlier run
+    principal = unique("p")
+    old = [
+        {
+            "type": "t",
+            "principal_id": principal,
+            "data": {"old": n},
+            "timestamp": ANCIENT + dt.timedelta(days=n),
+        }
+        for n in range(23)
+    ]
+    kept = [
+        {
+            "type": "t",
+            "principal_id": principal,
+            "data": {"kept": n},
+            "timestamp": cutoff + dt.timedelta(microseconds=n),
+        }  # the bound itself is not older
+        for n in range(2)
+    ]
+    assert await storage.emit_events(old + kept) == 25
+
+    adapter = target(storage)
+    statements: list[str] = []
+    real = adapter._exec
+
+    def spy(name: str, *args: Any, **kwargs: Any) -> Any:
+        statements.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "_exec", spy)
+    assert await storage.prune_events(before=cutoff, batch_size=5) == 23
+    assert statements == ["prune_events"] * 5  # 5+5+5+5+3
+    monkeypatch.undo()
+
+    remaining = (await storage.list_events(principal_id=principal)).events
+    assert sorted(e.data["kept"] for e in remaining) == [0, 1]
+    assert await storage.prune_events(before=cutoff) == 0
+
+
+async def test_prune_accepts_any_timezone(storage: Any, unique: Callable[[str], str]) -> None:
+    principal = unique("p")
+    when = ANCIENT + dt.timedelta(hours=3)
+    await storage.emit_event(type="t", principal_id=principal, data={}, timestamp=when)
+    plus_five = dt.timezone(dt.timedelta(hours=5))
+    # 07:59 at +05:00 is 02:59 UTC: before the event, so nothing of ours goes
+    await storage.prune_events(before=dt.datetime(1970, 1, 1, 7, 59, tzinfo=plus_five))
+    assert len((await storage.list_events(principal_id=principal)).events) == 1
+    # 08:01 at +05:00 is 03:01 UTC: after it
+    assert await storage.prune_events(before=dt.datetime(1970, 1, 1, 8, 1, tzinfo=plus_five)) >= 1
+    assert (await storage.list_events(principal_id=principal)).events == ()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"before": dt.datetime(2024, 1, 1)}, "before"),  # naive
+        ({"before": "2024-01-01"}, "before"),
+        ({"before": None}, "before"),
+        ({"before": BASE, "batch_size": 0}, "batch_size"),
+        ({"before": BASE, "batch_size": 1_000_000}, "batch_size"),
+    ],
+)
+async def test_prune_bad_input_names_the_field(
+    storage: Any, kwargs: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        await storage.prune_events(**kwargs)
+    assert caught.value.field == field
