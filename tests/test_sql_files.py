@@ -57,7 +57,9 @@ def test_every_query_is_used_and_every_used_query_exists() -> None:
     used |= set(re.findall(r"_queries\[\"(\w+)\"\]", source))
     defined = set(_sql.queries())
     assert used - defined == set(), "queries referenced in code but missing from queries/"
-    assert defined - used == set(), "queries defined in queries/ but never used"
+    # Names picked at run time (e.g. one query per filter) appear as string literals.
+    named = {literal for literal in re.findall(r"\"(\w+)\"", source) if literal in defined}
+    assert defined - used - named == set(), "queries defined in queries/ but never used"
 
 
 def test_queries_load_for_another_schema_without_the_default_qualifier() -> None:
