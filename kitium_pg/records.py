@@ -2,7 +2,8 @@
 
 Rows are bound straight from psycopg into these classes (``class_row``), so the field names are
 the column names of ``queries/``. Instants are timezone-aware UTC; JSON columns come back as plain
-dicts and lists; digests and other secrets are kept out of ``repr``.
+dicts and lists (left out of ``hash``, so records stay hashable); digests and other secrets are
+kept out of ``repr``.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ class User:
     picture: str | None
     plan: str
     entitlements: tuple[str, ...] = attrs.field(converter=_strs)
-    metadata: dict[str, Any]
-    oauth: Mapping[str, OAuthLink] = attrs.field(converter=_oauth_links)
+    metadata: dict[str, Any] = attrs.field(hash=False)
+    oauth: Mapping[str, OAuthLink] = attrs.field(converter=_oauth_links, hash=False)
     created_at: dt.datetime = attrs.field(converter=_utc)
     updated_at: dt.datetime = attrs.field(converter=_utc)
 
@@ -100,7 +101,7 @@ class Session:
     org_id: uuid.UUID | None
     plan: str | None
     entitlements: tuple[str, ...] = attrs.field(converter=_strs)
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = attrs.field(hash=False)
     expires_at: dt.datetime = attrs.field(converter=_utc)
     created_at: dt.datetime = attrs.field(converter=_utc)
     updated_at: dt.datetime = attrs.field(converter=_utc)
@@ -116,7 +117,7 @@ class ApiKey:
     prefix: str
     last_four: str
     scopes: tuple[str, ...] = attrs.field(converter=_strs)
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = attrs.field(hash=False)
     expires_at: dt.datetime | None = attrs.field(converter=_opt_utc)
     last_used_at: dt.datetime | None = attrs.field(converter=_opt_utc)
     created_at: dt.datetime = attrs.field(converter=_utc)
@@ -152,7 +153,7 @@ class Organization:
     plan: str
     seats: int
     members: tuple[OrganizationMember, ...] = attrs.field(converter=_members)
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = attrs.field(hash=False)
     created_at: dt.datetime = attrs.field(converter=_utc)
     updated_at: dt.datetime = attrs.field(converter=_utc)
 
@@ -166,7 +167,7 @@ class EmailVerificationToken:
     code_hash: str = attrs.field(repr=False)
     type: str
     user_id: uuid.UUID | None
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = attrs.field(hash=False)
     expires_at: dt.datetime = attrs.field(converter=_utc)
     used_at: dt.datetime | None = attrs.field(converter=_opt_utc)
     created_at: dt.datetime = attrs.field(converter=_utc)
@@ -180,7 +181,7 @@ class AuthEvent:
     type: str
     principal_id: str
     org_id: str | None
-    data: dict[str, Any]
+    data: dict[str, Any] = attrs.field(hash=False)
     timestamp: dt.datetime = attrs.field(converter=_utc)
 
 
@@ -216,7 +217,7 @@ class Permission:
     resource: str | None = None
     action: str | None = None
     description: str | None = None
-    metadata: dict[str, Any] = attrs.field(factory=dict)
+    metadata: dict[str, Any] = attrs.field(factory=dict, hash=False)
 
 
 def _permissions(value: Iterable[Any] | None) -> tuple[Permission, ...]:
@@ -235,7 +236,7 @@ class Role:
     description: str | None
     is_system: bool
     permissions: tuple[Permission, ...] = attrs.field(converter=_permissions)
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = attrs.field(hash=False)
     created_at: dt.datetime = attrs.field(converter=_utc)
     updated_at: dt.datetime = attrs.field(converter=_utc)
 
@@ -283,9 +284,9 @@ class SsoProvider:
     force_authn: bool
     scopes: tuple[str, ...] = attrs.field(converter=_strs)
     redirect_uris: tuple[str, ...] = attrs.field(converter=_strs)
-    claim_mapping: dict[str, Any]
-    attribute_mapping: dict[str, Any]
-    metadata: dict[str, Any]
+    claim_mapping: dict[str, Any] = attrs.field(hash=False)
+    attribute_mapping: dict[str, Any] = attrs.field(hash=False)
+    metadata: dict[str, Any] = attrs.field(hash=False)
     domains: tuple[SsoDomain, ...] = attrs.field(converter=_domains)
     created_at: dt.datetime = attrs.field(converter=_utc)
     updated_at: dt.datetime = attrs.field(converter=_utc)
@@ -302,7 +303,7 @@ class SsoLink:
     provider_subject: str
     provider_email: str | None
     auto_provisioned: bool
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = attrs.field(hash=False)
     linked_at: dt.datetime = attrs.field(converter=_utc)
     last_auth_at: dt.datetime | None = attrs.field(converter=_opt_utc)
 
@@ -336,7 +337,7 @@ class TwoFactorDevice:
     phone_number: str | None
     secret: str | None = attrs.field(repr=False)
     last_used_at: dt.datetime | None = attrs.field(converter=_opt_utc)
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = attrs.field(hash=False)
     created_at: dt.datetime = attrs.field(converter=_utc)
     updated_at: dt.datetime = attrs.field(converter=_utc)
 
