@@ -22,6 +22,8 @@ __all__ = [
     "EmailVerificationToken",
     "EventPage",
     "HealthStatus",
+    "IssuedApiKey",
+    "IssuedSession",
     "OAuthLink",
     "Organization",
     "OrganizationMember",
@@ -373,3 +375,24 @@ class TwoFactorSession:
     expires_at: dt.datetime = attrs.field(converter=_utc)
     completed_at: dt.datetime | None = attrs.field(converter=_opt_utc)
     created_at: dt.datetime = attrs.field(converter=_utc)
+
+
+# -- issued credentials -------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class IssuedSession:
+    """A new session and its bearer token ``<session id>.<secret>``. The token exists only
+    here: the database keeps a SHA-256 digest of its secret part."""
+
+    session: Session
+    token: str = attrs.field(repr=False)
+
+
+@attrs.frozen(kw_only=True)
+class IssuedApiKey:
+    """A new API key record and the key itself, which exists only here (the database keeps its
+    SHA-256 digest)."""
+
+    record: ApiKey
+    key: str = attrs.field(repr=False)

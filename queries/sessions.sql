@@ -2,13 +2,14 @@
 -- Every session-returning query yields the columns of kitium_pg.records.Session. Reads treat a
 -- session whose expires_at has passed as gone; only the cleanup and delete queries touch it.
 
--- name: create_session(id, user_id, org_id, plan, entitlements, metadata, expires_at)^
--- Insert a session; a retry with the same id returns the row the first attempt wrote.
+-- name: create_session(id, user_id, org_id, plan, entitlements, metadata, expires_at, token_hash)^
+-- Insert a session (token_hash is the digest of a bearer token's secret, or NULL); a retry with
+-- the same id returns the row the first attempt wrote.
 WITH inserted AS (
   INSERT INTO kitium_auth.sessions
-    (id, user_id, org_id, plan, entitlements, metadata, expires_at)
+    (id, user_id, org_id, plan, entitlements, metadata, expires_at, token_hash)
   VALUES
-    (:id, :user_id, :org_id, :plan, :entitlements, :metadata::jsonb, :expires_at)
+    (:id, :user_id, :org_id, :plan, :entitlements, :metadata::jsonb, :expires_at, :token_hash)
   ON CONFLICT (id) DO NOTHING
   RETURNING id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
 )

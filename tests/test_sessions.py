@@ -83,6 +83,7 @@ async def test_a_retried_create_returns_the_row_of_the_first_attempt(
         "entitlements": ["a"],
         "metadata": "{}",
         "expires_at": later(hours=1),
+        "token_hash": None,
     }
     first = await storage._one("create_session", params, Session, retry=Retry.NEVER)
     second = await storage._one(

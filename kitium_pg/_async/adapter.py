@@ -26,6 +26,7 @@ from .users import AsyncUsers
 
 
 class AsyncPostgresStorageAdapter(
+    AsyncTokens,
     AsyncUsers,
     AsyncSessions,
     AsyncApiKeys,
@@ -35,7 +36,6 @@ class AsyncPostgresStorageAdapter(
     AsyncRbac,
     AsyncSso,
     AsyncTwoFactor,
-    AsyncTokens,
     AsyncMigrations,
 ):
     """Async storage for auth data on PostgreSQL (psycopg 3 + psycopg-pool).

@@ -28,6 +28,7 @@ from .users import Users
 
 
 class PostgresStorageAdapter(
+    Tokens,
     Users,
     Sessions,
     ApiKeys,
@@ -37,7 +38,6 @@ class PostgresStorageAdapter(
     Rbac,
     Sso,
     TwoFactor,
-    Tokens,
     Migrations,
 ):
     """Async storage for auth data on PostgreSQL (psycopg 3 + psycopg-pool).

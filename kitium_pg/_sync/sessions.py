@@ -40,15 +40,7 @@ class Sessions(Core):
         failures: the id is generated before the first attempt, so a retry after a lost
         acknowledgement returns the same row.
         """
-        params = {
-            "id": new_id(),
-            "user_id": v.uuid_arg("user_id", user_id),
-            "org_id": v.opt_uuid_arg("org_id", org_id),
-            "plan": v.opt_text("plan", plan),
-            "entitlements": v.strings("entitlements", entitlements),
-            "metadata": v.json_text("metadata", metadata),
-            "expires_at": v.timestamp("expires_at", expires_at),
-        }
+        params = _new_session_params(user_id, expires_at, org_id, plan, entitlements, metadata)
         session = self._one("create_session", params, Session, retry=Retry.SAFE)
         assert session is not None
         return session
@@ -137,3 +129,25 @@ class Sessions(Core):
         if parsed is None:
             return 0
         return self._exec("delete_user_sessions", {"user_id": parsed}, retry=Retry.SAFE)
+
+
+def _new_session_params(
+    user_id: uuid.UUID | str,
+    expires_at: dt.datetime,
+    org_id: uuid.UUID | str | None,
+    plan: str | None,
+    entitlements: Iterable[str],
+    metadata: dict[str, Any] | None,
+    token_hash: bytes | None = None,
+) -> dict[str, Any]:
+    """Validated parameters of ``create_session`` (shared with ``issue_session_token``)."""
+    return {
+        "id": new_id(),
+        "user_id": v.uuid_arg("user_id", user_id),
+        "org_id": v.opt_uuid_arg("org_id", org_id),
+        "plan": v.opt_text("plan", plan),
+        "entitlements": v.strings("entitlements", entitlements),
+        "metadata": v.json_text("metadata", metadata),
+        "expires_at": v.timestamp("expires_at", expires_at),
+        "token_hash": token_hash,
+    }

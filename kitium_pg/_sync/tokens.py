@@ -1,11 +1,128 @@
 # WARNING: generated from kitium_pg/_async/tokens.py by tools/unasync.py; do not edit.
 # Change the async source and run `python tools/unasync.py`.
-"""Bearer session token and API key issue/verify methods (generated from the async source)."""
+"""Bearer session tokens and API keys that kitium-pg issues and verifies (async source; the sync
+copy is generated).
+
+A session token is ``<session id>.<secret>`` and an API key ``<prefix>_<secret>``; both secrets
+are 256 random bits (``secrets.token_urlsafe(32)``) and only their SHA-256 digests are stored. A
+fast digest is right here, unlike for passwords: the secrets are random, not guessable, so a slow
+hash would add latency to every request and no protection. Lookups go through an index on the
+id (sessions) or the digest (API keys), then the digests are compared with
+``hmac.compare_digest``.
+"""
 
 from __future__ import annotations
 
-from .core import Core
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from psycopg.rows import kwargs_row
+
+from .. import _validate as v
+from .._base import Retry
+from ..records import ApiKey, IssuedApiKey, IssuedSession, Session
+from .api_keys import ApiKeys
+from .sessions import Sessions, _new_session_params
 
 
-class Tokens(Core):
-    """Bearer session token and API key issue/verify methods of the sync adapter."""
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def _session_with_hash(*, token_hash: bytes, **columns: Any) -> tuple[Session, bytes]:
+    return Session(**columns), bytes(token_hash)
+
+
+class Tokens(Sessions, ApiKeys):
+    """Token issue/verify methods of the sync adapter."""
+
+    def issue_session_token(
+        self,
+        *,
+        user_id: uuid.UUID | str,
+        expires_at: dt.datetime,
+        org_id: uuid.UUID | str | None = None,
+        plan: str | None = None,
+        entitlements: Iterable[str] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> IssuedSession:
+        """Create a session (same keywords as ``create_session``) and return it with its bearer
+        token. The token is shown once: only the SHA-256 digest of its secret is stored.
+        Raises like ``create_session``; retry-safe for the same reason (id made up front)."""
+        secret = secrets.token_urlsafe(32)
+        params = _new_session_params(
+            user_id, expires_at, org_id, plan, entitlements, metadata, token_hash=_digest(secret)
+        )
+        session = self._one("create_session", params, Session, retry=Retry.SAFE)
+        assert session is not None
+        return IssuedSession(session=session, token=f"{session.id}.{secret}")
+
+    def validate_session_token(self, token: str) -> Session | None:
+        """The session a bearer token belongs to, or ``None`` when the token is malformed,
+        unknown, expired or revoked (``delete_session``). One primary-key lookup, then a
+        constant-time comparison of digests; never raises for hostile input."""
+        if not isinstance(token, str) or len(token) > 200:
+            return None
+        session_id, _, secret = token.partition(".")
+        parsed = v.parse_uuid(session_id)
+        if parsed is None or not secret:
+            return None
+        try:
+            presented = _digest(secret)
+        except UnicodeEncodeError:
+            return None
+        found = self._run(
+            "get_session_for_token",
+            {"id": parsed},
+            retry=Retry.SAFE,
+            row_factory=kwargs_row(_session_with_hash),
+        )
+        if found is None:
+            return None
+        session, stored = found
+        return session if hmac.compare_digest(stored, presented) else None
+
+    def issue_api_key(
+        self,
+        principal_id: uuid.UUID | str,
+        scopes: Iterable[str] = (),
+        *,
+        prefix: str = "kpg",
+        expires_at: dt.datetime | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> IssuedApiKey:
+        """Create an API key ``<prefix>_<secret>`` for a principal and return it with its record.
+        The key is shown once: only its SHA-256 digest is stored. ``prefix`` is 1-16 characters
+        of a-z, 0-9 and ``_ . : -``. Raises like ``create_api_key``."""
+        prefix = v.identifier("prefix", prefix, max_len=16)
+        key = f"{prefix}_{secrets.token_urlsafe(32)}"
+        record = self.create_api_key(
+            principal_id=principal_id,
+            hash=hashlib.sha256(key.encode()).hexdigest(),
+            prefix=prefix,
+            last_four=key[-4:],
+            scopes=scopes,
+            metadata=metadata,
+            expires_at=expires_at,
+        )
+        return IssuedApiKey(record=record, key=key)
+
+    def verify_api_key(self, key: str) -> ApiKey | None:
+        """The record of an unexpired API key, or ``None`` (malformed, unknown or expired key).
+        Updates ``last_used_at`` at most once a minute, in the same statement. Retry-safe: the
+        only write sets a timestamp."""
+        if not isinstance(key, str) or not 0 < len(key) <= 200:
+            return None
+        try:
+            digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+        except UnicodeEncodeError:
+            return None
+        record = self._one("verify_api_key", {"hash": digest}, ApiKey, retry=Retry.SAFE)
+        if record is None or not hmac.compare_digest(record.hash, digest):
+            return None
+        return record

@@ -1,0 +1,100 @@
+"""Issued bearer session tokens and API keys: digests only, verification, revocation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from typing import Any
+
+import psycopg
+import pytest
+
+from kitium_pg import IssuedApiKey, IssuedSession
+
+
+def _in(hours: float) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(hours=hours)
+
+
+async def test_session_token_round_trip_and_digest_only(storage: Any, email: str, dsn: str) -> None:
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1), plan="pro")
+    assert isinstance(issued, IssuedSession)
+    session_id, secret = issued.token.split(".")
+    assert session_id == str(issued.session.id) and len(secret) >= 43
+    assert issued.token not in repr(issued)
+    assert await storage.validate_session_token(issued.token) == issued.session
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT token_hash FROM kitium_auth.sessions WHERE id = %s", [issued.session.id]
+        ).fetchone()
+    assert row is not None
+    assert bytes(row[0]) == hashlib.sha256(secret.encode()).digest()
+    assert secret.encode() not in bytes(row[0])
+
+
+async def test_wrong_malformed_expired_and_revoked_tokens_are_none(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    session_id, secret = issued.token.split(".")
+    for bad in (
+        f"{session_id}.{secret[:-1]}x",
+        f"{session_id}.",
+        session_id,
+        "",
+        "not-a-uuid.secret",
+        f"{session_id}.\ud800",
+        "x" * 10_000,
+        None,
+        42,
+    ):
+        assert await storage.validate_session_token(bad) is None
+    plain = await storage.create_session(user_id=user.id, expires_at=_in(1))
+    assert await storage.validate_session_token(f"{plain.id}.{secret}") is None
+    expired = await storage.issue_session_token(user_id=user.id, expires_at=_in(-1))
+    assert await storage.validate_session_token(expired.token) is None
+    assert await storage.delete_session(issued.session.id) is True
+    assert await storage.validate_session_token(issued.token) is None
+
+
+async def test_api_key_issue_and_verify(storage: Any, email: str, dsn: str) -> None:
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_api_key(user.id, ["read", "write"], prefix="live")
+    assert isinstance(issued, IssuedApiKey)
+    assert issued.key.startswith("live_") and issued.key not in repr(issued)
+    assert issued.record.last_four == issued.key[-4:]
+    assert issued.record.hash == hashlib.sha256(issued.key.encode()).hexdigest()
+    verified = await storage.verify_api_key(issued.key)
+    assert verified is not None and verified.id == issued.record.id
+    assert verified.scopes == ("read", "write")
+    assert verified.last_used_at is not None
+    again = await storage.verify_api_key(issued.key)
+    assert again is not None and again.last_used_at == verified.last_used_at  # once a minute
+    with psycopg.connect(dsn) as conn:
+        dump = conn.execute(
+            "SELECT string_agg(t::text, '|') FROM kitium_auth.api_keys t WHERE principal_id = %s",
+            [user.id],
+        ).fetchone()
+    assert dump is not None and issued.key not in dump[0]
+    for bad in (issued.key + "x", "", "live_", None, "\ud800", "k" * 1000):
+        assert await storage.verify_api_key(bad) is None
+    assert await storage.get_api_key_by_hash(issued.record.hash) == again
+
+
+async def test_expired_and_deleted_api_keys_do_not_verify(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    expired = await storage.issue_api_key(user.id, [], expires_at=_in(-1))
+    assert await storage.verify_api_key(expired.key) is None
+    live = await storage.issue_api_key(user.id, [])
+    assert await storage.delete_api_key(live.record.id) is True
+    assert await storage.verify_api_key(live.key) is None
+
+
+@pytest.mark.parametrize("prefix", ["", "UPPER", "has space", "x" * 17])
+async def test_bad_prefix_is_a_validation_error(storage: Any, email: str, prefix: str) -> None:
+    from kitium_pg import ValidationError
+
+    user = await storage.create_user(email=email)
+    with pytest.raises(ValidationError) as caught:
+        await storage.issue_api_key(user.id, [], prefix=prefix)
+    assert caught.value.field == "prefix"
