@@ -25,6 +25,7 @@ __all__ = [
     "IssuedApiKey",
     "IssuedSession",
     "OAuthLink",
+    "OAuthTokens",
     "Organization",
     "OrganizationMember",
     "Permission",
@@ -66,6 +67,15 @@ class OAuthLink:
     email: str | None = None
     name: str | None = None
     linked_at: dt.datetime = attrs.field(converter=_parse_instant)
+
+
+@attrs.frozen(kw_only=True)
+class OAuthTokens:
+    """A linked identity's provider tokens, decrypted (they are stored encrypted)."""
+
+    access_token: str | None = attrs.field(repr=False)
+    refresh_token: str | None = attrs.field(repr=False)
+    expires_at: dt.datetime | None = attrs.field(converter=_opt_utc)
 
 
 def _oauth_links(value: Mapping[str, Any] | None) -> Mapping[str, OAuthLink]:

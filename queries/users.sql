@@ -90,16 +90,31 @@ UPDATE kitium_auth.users SET password_hash = :password_hash WHERE id = :id RETUR
 -- A user's password hash; a row with NULL when the user has none, no row when no user.
 SELECT password_hash FROM kitium_auth.users WHERE id = :id;
 
--- name: link_oauth_account(id, user_id, provider, subject, email, name)^
--- Link an OAuth identity to a user, or refresh email and name when this user already holds it.
--- Returns no row when the identity belongs to another user (the caller raises ConflictError).
--- The returned oauth map combines the user's other links with the one just written, because
--- the statement's snapshot does not yet show its own insert.
+-- name: link_oauth_account(id, user_id, provider, subject, email, name, access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_expires_at)^
+-- Link an OAuth identity to a user, or refresh it when this user already holds it (provider
+-- tokens are replaced only when new ones are given; they arrive encrypted). Returns no row when
+-- the identity belongs to another user (the caller raises ConflictError). The returned oauth map
+-- combines the user's other links with the one just written, because the statement's snapshot
+-- does not yet show its own insert.
 WITH link AS (
-  INSERT INTO kitium_auth.oauth_accounts AS o (id, user_id, provider, subject, email, name)
-  VALUES (:id, :user_id, :provider, :subject, :email, :name)
+  INSERT INTO kitium_auth.oauth_accounts AS o
+    (id, user_id, provider, subject, email, name, access_token_ciphertext,
+     refresh_token_ciphertext, tokens_key_id, token_expires_at)
+  VALUES
+    (:id, :user_id, :provider, :subject, :email, :name, :access_token_ciphertext,
+     :refresh_token_ciphertext, :tokens_key_id, :token_expires_at)
   ON CONFLICT (provider, subject) DO UPDATE
-     SET email = EXCLUDED.email, name = EXCLUDED.name
+     SET email = EXCLUDED.email,
+         name = EXCLUDED.name,
+         access_token_ciphertext = CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                                        THEN o.access_token_ciphertext
+                                        ELSE EXCLUDED.access_token_ciphertext END,
+         refresh_token_ciphertext = CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                                         THEN o.refresh_token_ciphertext
+                                         ELSE EXCLUDED.refresh_token_ciphertext END,
+         token_expires_at = CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                                 THEN o.token_expires_at ELSE EXCLUDED.token_expires_at END,
+         tokens_key_id = coalesce(EXCLUDED.tokens_key_id, o.tokens_key_id)
    WHERE o.user_id = EXCLUDED.user_id
   RETURNING o.user_id, o.provider, o.subject, o.email, o.name, o.linked_at
 )
@@ -119,3 +134,9 @@ SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
 -- name: unlink_oauth_account(user_id, provider)!
 -- Remove a user's link to a provider.
 DELETE FROM kitium_auth.oauth_accounts WHERE user_id = :user_id AND provider = :provider;
+
+-- name: get_oauth_tokens(user_id, provider)^
+-- A user's encrypted provider tokens at one provider (oauth_accounts__provider_key).
+SELECT access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_expires_at
+  FROM kitium_auth.oauth_accounts
+ WHERE user_id = :user_id AND provider = :provider;

@@ -115,3 +115,31 @@ async def test_bad_input_is_a_validation_error_naming_the_field(
     with pytest.raises(ValidationError) as caught:
         await storage.create_user(**kwargs)
     assert caught.value.field == field
+
+
+async def test_oauth_provider_tokens_are_encrypted_at_rest(
+    storage: Any, email: str, unique: Callable[[str], str], dsn: str
+) -> None:
+    import psycopg
+
+    user = await storage.create_user(email=email)
+    access, refresh = unique("access-token"), unique("refresh-token")
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    await storage.link_oauth_account(
+        user.id, "google", sub=unique("g"), access_token=access, refresh_token=refresh,
+        token_expires_at=expires,
+    )
+    tokens = await storage.get_oauth_tokens(user.id, "google")
+    assert (tokens.access_token, tokens.refresh_token, tokens.expires_at) == (
+        access, refresh, expires,
+    )
+    assert access not in repr(tokens)
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT t::text FROM kitium_auth.oauth_accounts t WHERE user_id = %s", [user.id]
+        ).fetchone()
+    assert row is not None and access not in row[0] and refresh not in row[0]
+    sub = (await storage.get_user(user.id)).oauth["google"].sub
+    await storage.link_oauth_account(user.id, "google", sub=sub, name="relinked")
+    assert (await storage.get_oauth_tokens(user.id, "google")).access_token == access
+    assert await storage.get_oauth_tokens(user.id, "github") is None

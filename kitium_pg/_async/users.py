@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from .. import _validate as v
 from .._base import UNSET, Retry, Unset, new_id
 from ..errors import ConflictError, NotFoundError, ValidationError
-from ..records import User
+from ..records import OAuthTokens, User
 from .core import AsyncCore
 
 
@@ -135,21 +136,44 @@ class AsyncUsers(AsyncCore):
         sub: str,
         email: str | None = None,
         name: str | None = None,
+        access_token: str | None = None,
+        refresh_token: str | None = None,
+        token_expires_at: dt.datetime | None = None,
     ) -> User:
         """Link OAuth identity (``provider``, ``sub``) to a user and return the user.
 
-        Linking the same identity to the same user again refreshes ``email`` and ``name``.
+        Provider tokens (``access_token``, ``refresh_token``) are stored encrypted (AES-256-GCM,
+        ``EncryptionKeyError`` when no key is configured) and read back with
+        ``get_oauth_tokens``. Linking the same identity to the same user again refreshes
+        ``email`` and ``name``, and the tokens when new ones are given.
         Raises ``ConflictError`` when the identity belongs to another user or the user already
         has a different identity at this provider, and ``NotFoundError`` when there is no user.
         """
-        params = {
+        params: dict[str, Any] = {
             "id": new_id(),
             "user_id": v.uuid_arg("user_id", user_id),
             "provider": v.text("provider", provider),
             "subject": v.text("sub", sub),
             "email": v.opt_text("email", email, max_len=v.EMAIL),
             "name": v.opt_text("name", name),
+            "token_expires_at": v.opt_timestamp("token_expires_at", token_expires_at),
         }
+        access = v.opt_text("access_token", access_token, max_len=v.LONG * 2)
+        refresh = v.opt_text("refresh_token", refresh_token, max_len=v.LONG * 2)
+        row_id = _oauth_row(params["user_id"], params["provider"])
+        key_id = None
+        access_blob = refresh_blob = None
+        if access is not None or refresh is not None:
+            key_id, access_blob = self._encrypt("oauth_accounts.access_token", row_id, access)
+            refresh_key, refresh_blob = self._encrypt(
+                "oauth_accounts.refresh_token", row_id, refresh
+            )
+            key_id = key_id or refresh_key
+        params.update(
+            access_token_ciphertext=access_blob,
+            refresh_token_ciphertext=refresh_blob,
+            tokens_key_id=key_id,
+        )
         user = await self._one("link_oauth_account", params, User, retry=Retry.SAFE)
         if user is None:
             raise ConflictError(f"link_oauth_account: {provider} identity is linked to another user")
@@ -162,3 +186,33 @@ class AsyncUsers(AsyncCore):
             return False
         params = {"user_id": parsed, "provider": v.text("provider", provider)}
         return await self._exec("unlink_oauth_account", params, retry=Retry.SAFE) > 0
+
+    async def get_oauth_tokens(
+        self, user_id: uuid.UUID | str, provider: str
+    ) -> OAuthTokens | None:
+        """The decrypted provider tokens of a user's link to ``provider``, or ``None`` when there
+        is no link. Raises ``EncryptionKeyError`` when their key is not configured."""
+        parsed = v.parse_uuid(user_id)
+        if parsed is None:
+            return None
+        provider = v.text("provider", provider)
+        row = await self._run(
+            "get_oauth_tokens", {"user_id": parsed, "provider": provider}, retry=Retry.SAFE
+        )
+        if row is None:
+            return None
+        access_blob, refresh_blob, key_id, expires_at = row
+        row_id = _oauth_row(parsed, provider)
+        return OAuthTokens(
+            access_token=self._decrypt("oauth_accounts.access_token", row_id, key_id, access_blob),
+            refresh_token=self._decrypt(
+                "oauth_accounts.refresh_token", row_id, key_id, refresh_blob
+            ),
+            expires_at=expires_at,
+        )
+
+
+def _oauth_row(user_id: uuid.UUID, provider: str) -> uuid.UUID:
+    """The id OAuth token ciphertexts are bound to: a link is unique per (user, provider), and
+    its row id changes nothing when the same identity is linked again."""
+    return uuid.uuid5(user_id, provider)
