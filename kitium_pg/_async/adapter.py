@@ -15,6 +15,7 @@ from ..records import HealthStatus
 from .api_keys import AsyncApiKeys
 from .email_verification import AsyncEmailVerification
 from .events import AsyncEvents
+from .keys import AsyncKeyRotation
 from .migrate import AsyncMigrations
 from .organizations import AsyncOrganizations
 from .rbac import AsyncRbac
@@ -36,6 +37,7 @@ class AsyncPostgresStorageAdapter(
     AsyncRbac,
     AsyncSso,
     AsyncTwoFactor,
+    AsyncKeyRotation,
     AsyncMigrations,
 ):
     """Async storage for auth data on PostgreSQL (psycopg 3 + psycopg-pool).

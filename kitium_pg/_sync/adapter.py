@@ -17,6 +17,7 @@ from ..records import HealthStatus
 from .api_keys import ApiKeys
 from .email_verification import EmailVerification
 from .events import Events
+from .keys import KeyRotation
 from .migrate import Migrations
 from .organizations import Organizations
 from .rbac import Rbac
@@ -38,6 +39,7 @@ class PostgresStorageAdapter(
     Rbac,
     Sso,
     TwoFactor,
+    KeyRotation,
     Migrations,
 ):
     """Async storage for auth data on PostgreSQL (psycopg 3 + psycopg-pool).

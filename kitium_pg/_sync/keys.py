@@ -1,0 +1,98 @@
+# WARNING: generated from kitium_pg/_async/keys.py by tools/unasync.py; do not edit.
+# Change the async source and run `python tools/unasync.py`.
+"""Re-encrypting stored secrets under the newest key (generated from the async source).
+
+``rotate_keys`` walks every encrypted column in batches: one read and one compare-and-swap
+``unnest`` update per batch, whatever the batch size. Decryption happens here, in the client,
+because the database never sees a key.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from .. import _validate as v
+from .._base import Retry
+from ..errors import EncryptionKeyError
+from .core import Core
+
+RotationProgress = Callable[[int, int], None]
+_NIL = uuid.UUID(int=0)
+
+# (query finding stale values, query storing re-encrypted ones, column named in the AAD)
+_SINGLE = (
+    ("stale_twofa_secrets", "reencrypt_twofa_secrets", "twofa_devices.secret"),
+    ("stale_sso_client_secrets", "reencrypt_sso_client_secrets", "sso_providers.client_secret"),
+    ("stale_sso_signing_keys", "reencrypt_sso_signing_keys", "sso_providers.signing_key"),
+)
+
+
+class KeyRotation(Core):
+    """Key rotation of the sync adapter."""
+
+    def rotate_keys(
+        self, *, batch_size: int = 500, progress: RotationProgress | None = None
+    ) -> int:
+        """Re-encrypt every secret that is not under the current (last configured) key; returns
+        how many values were re-encrypted. ``progress(done, total)`` is called after each batch.
+        Raises ``EncryptionKeyError`` when no keys are configured or a value's key is missing.
+        Safe to run while the application writes (compare-and-swap on the old key id) and to
+        re-run after an interruption."""
+        if self._keyring is None:
+            raise EncryptionKeyError("rotate_keys needs encryption_keys (or the environment key)")
+        size = v.integer("batch_size", batch_size, minimum=1, maximum=10_000)
+        current = self._keyring.current_key_id
+        total = self._value("count_stale_secrets", {"key_id": current}, retry=Retry.SAFE)
+        done = 0
+        # Keyset over ids: a row is visited once per run even if a writer still using an old
+        # keyring re-encrypts it under an old key meanwhile (the next run picks it up).
+        for stale, update, column in _SINGLE:
+            after = _NIL
+            while rows := self._run(
+                stale, {"key_id": current, "after": after, "batch_size": size}, retry=Retry.SAFE
+            ):
+                after = rows[-1][0]
+                blobs = []
+                for row_id, key_id, blob in rows:
+                    plain = self._decrypt(column, row_id, key_id, blob)
+                    blobs.append(self._encrypt(column, row_id, plain)[1])
+                done += self._exec(
+                    update,
+                    {
+                        "ids": [r[0] for r in rows],
+                        "old_key_ids": [r[1] for r in rows],
+                        "key_id": current,
+                        "ciphertexts": blobs,
+                    },
+                    retry=Retry.SAFE,
+                )
+                if progress:
+                    progress(done, int(total))
+        after = _NIL
+        while rows := self._run(
+            "stale_oauth_tokens",
+            {"key_id": current, "after": after, "batch_size": size},
+            retry=Retry.SAFE,
+        ):
+            after = rows[-1][0]
+            params: dict[str, Any] = {
+                "ids": [],
+                "old_key_ids": [],
+                "key_id": current,
+                "access_ciphertexts": [],
+                "refresh_ciphertexts": [],
+            }
+            for row_id, user_id, provider, key_id, access, refresh in rows:
+                aad_id = uuid.uuid5(user_id, provider)
+                params["ids"].append(row_id)
+                params["old_key_ids"].append(key_id)
+                for name, blob in (("access", access), ("refresh", refresh)):
+                    column = f"oauth_accounts.{name}_token"
+                    plain = self._decrypt(column, aad_id, key_id, blob)
+                    params[f"{name}_ciphertexts"].append(self._encrypt(column, aad_id, plain)[1])
+            done += self._exec("reencrypt_oauth_tokens", params, retry=Retry.SAFE)
+            if progress:
+                progress(done, int(total))
+        return done

@@ -1,0 +1,77 @@
+-- Key rotation: find secrets encrypted under an older key and re-encrypt them under the current
+-- one. Each re-encryption is a compare-and-swap on the old key id, so a row changed meanwhile is
+-- left for the next pass instead of being overwritten.
+
+-- name: count_stale_secrets(key_id)$
+-- How many encrypted values are not under the current key (for progress reports).
+SELECT (SELECT count(*) FROM kitium_auth.twofa_devices WHERE secret_key_id <> :key_id)
+     + (SELECT count(*) FROM kitium_auth.sso_providers WHERE client_secret_key_id <> :key_id)
+     + (SELECT count(*) FROM kitium_auth.sso_providers WHERE signing_key_key_id <> :key_id)
+     + (SELECT count(*) FROM kitium_auth.oauth_accounts WHERE tokens_key_id <> :key_id);
+
+-- name: stale_twofa_secrets(key_id, after, batch_size)
+-- The next batch (after a given id) of 2FA device secrets under an older key.
+SELECT id, secret_key_id, secret_ciphertext
+  FROM kitium_auth.twofa_devices
+ WHERE secret_key_id <> :key_id AND id > :after
+ ORDER BY id
+ LIMIT :batch_size;
+
+-- name: reencrypt_twofa_secrets(ids, old_key_ids, key_id, ciphertexts)!
+-- Store re-encrypted 2FA secrets, only where the old key id is still in place.
+UPDATE kitium_auth.twofa_devices AS t
+   SET secret_ciphertext = u.ciphertext, secret_key_id = :key_id
+  FROM unnest(:ids::uuid[], :old_key_ids::text[], :ciphertexts::bytea[])
+       AS u (id, old_key_id, ciphertext)
+ WHERE t.id = u.id AND t.secret_key_id = u.old_key_id;
+
+-- name: stale_sso_client_secrets(key_id, after, batch_size)
+-- The next batch (after a given id) of SSO client secrets under an older key.
+SELECT id, client_secret_key_id, client_secret_ciphertext
+  FROM kitium_auth.sso_providers
+ WHERE client_secret_key_id <> :key_id AND id > :after
+ ORDER BY id
+ LIMIT :batch_size;
+
+-- name: reencrypt_sso_client_secrets(ids, old_key_ids, key_id, ciphertexts)!
+-- Store re-encrypted SSO client secrets, only where the old key id is still in place.
+UPDATE kitium_auth.sso_providers AS t
+   SET client_secret_ciphertext = u.ciphertext, client_secret_key_id = :key_id
+  FROM unnest(:ids::uuid[], :old_key_ids::text[], :ciphertexts::bytea[])
+       AS u (id, old_key_id, ciphertext)
+ WHERE t.id = u.id AND t.client_secret_key_id = u.old_key_id;
+
+-- name: stale_sso_signing_keys(key_id, after, batch_size)
+-- The next batch (after a given id) of SSO signing keys under an older key.
+SELECT id, signing_key_key_id, signing_key_ciphertext
+  FROM kitium_auth.sso_providers
+ WHERE signing_key_key_id <> :key_id AND id > :after
+ ORDER BY id
+ LIMIT :batch_size;
+
+-- name: reencrypt_sso_signing_keys(ids, old_key_ids, key_id, ciphertexts)!
+-- Store re-encrypted SSO signing keys, only where the old key id is still in place.
+UPDATE kitium_auth.sso_providers AS t
+   SET signing_key_ciphertext = u.ciphertext, signing_key_key_id = :key_id
+  FROM unnest(:ids::uuid[], :old_key_ids::text[], :ciphertexts::bytea[])
+       AS u (id, old_key_id, ciphertext)
+ WHERE t.id = u.id AND t.signing_key_key_id = u.old_key_id;
+
+-- name: stale_oauth_tokens(key_id, after, batch_size)
+-- The next batch (after a given id) of OAuth provider token pairs under an older key.
+SELECT id, user_id, provider, tokens_key_id, access_token_ciphertext, refresh_token_ciphertext
+  FROM kitium_auth.oauth_accounts
+ WHERE tokens_key_id <> :key_id AND id > :after
+ ORDER BY id
+ LIMIT :batch_size;
+
+-- name: reencrypt_oauth_tokens(ids, old_key_ids, key_id, access_ciphertexts, refresh_ciphertexts)!
+-- Store re-encrypted OAuth token pairs, only where the old key id is still in place.
+UPDATE kitium_auth.oauth_accounts AS t
+   SET access_token_ciphertext = u.access_ciphertext,
+       refresh_token_ciphertext = u.refresh_ciphertext,
+       tokens_key_id = :key_id
+  FROM unnest(:ids::uuid[], :old_key_ids::text[], :access_ciphertexts::bytea[],
+              :refresh_ciphertexts::bytea[])
+       AS u (id, old_key_id, access_ciphertext, refresh_ciphertext)
+ WHERE t.id = u.id AND t.tokens_key_id = u.old_key_id;

@@ -1,0 +1,69 @@
+"""rotate_keys: every secret ends up under the newest key, readable without the old one."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from kitium_pg import PostgresStorageAdapter
+from kitium_pg.encryption import generate_key
+from kitium_pg.errors import EncryptionKeyError
+
+OLD, NEW = generate_key(), generate_key()
+
+
+@pytest.fixture
+def schema(dsn: str) -> Iterator[str]:
+    """A private schema, so rotation only meets this test's secrets."""
+    name = f"rot_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {name} CASCADE".encode())
+
+
+def test_rotation_moves_every_secret_to_the_newest_key(dsn: str, schema: str) -> None:
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"old": OLD}) as before:
+        users = [before.create_user() for _ in range(5)]
+        for n, user in enumerate(users):
+            before.link_oauth_account(
+                user.id, "gh", sub=f"s{n}", access_token=f"access-{n}", refresh_token=f"r-{n}"
+            )
+        device = None
+        if hasattr(before, "create_two_factor_device"):
+            device = before.create_two_factor_device(
+                user_id=users[0].id, method="totp", secret="JBSWY3DPEHPK3PXP"
+            )
+    seen: list[tuple[int, int]] = []
+    keys = {"old": OLD, "new": NEW}
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys=keys) as rotating:
+        done = rotating.rotate_keys(batch_size=2, progress=lambda d, t: seen.append((d, t)))
+        expected = 5 + (1 if device else 0)
+        assert done == expected
+        assert seen[-1] == (expected, expected)
+        assert rotating.rotate_keys() == 0  # nothing left under the old key
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"new": NEW}) as after:
+        for n, user in enumerate(users):
+            tokens = after.get_oauth_tokens(user.id, "gh")
+            assert tokens is not None and tokens.access_token == f"access-{n}"
+            assert tokens.refresh_token == f"r-{n}"
+        if device is not None:
+            assert after.get_two_factor_device(device.id).secret == "JBSWY3DPEHPK3PXP"
+    with psycopg.connect(dsn) as conn:
+        key_ids = conn.execute(
+            f"SELECT DISTINCT tokens_key_id FROM {schema}.oauth_accounts".encode()
+        ).fetchall()
+    assert key_ids == [("new",)]
+
+
+def test_reading_without_the_old_key_is_a_clear_error(dsn: str, schema: str) -> None:
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"old": OLD}) as before:
+        user = before.create_user()
+        before.link_oauth_account(user.id, "gh", sub="s", access_token="a")
+    with (
+        PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"new": NEW}) as after,
+        pytest.raises(EncryptionKeyError, match="'old'"),
+    ):
+        after.get_oauth_tokens(user.id, "gh")
