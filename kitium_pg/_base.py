@@ -14,7 +14,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -87,6 +87,7 @@ class Settings:
     schema: str
     application_name: str
     prepare_threshold: int | None
+    optional_migrations: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, **kw: Any) -> Settings:
@@ -105,6 +106,13 @@ class Settings:
         positive("statement_timeout_ms", kw["statement_timeout_ms"], allow_zero=True)
         positive("max_retries", kw["max_retries"], allow_zero=True)
         _sql.check_schema(kw["schema"])
+        optional = kw.get("optional_migrations", ())
+        if isinstance(optional, str) or not all(isinstance(o, str) for o in optional):
+            raise ValidationError("optional_migrations", "must be a list of migration ids")
+        for name in optional:
+            if name not in optional_migration_ids():
+                raise ValidationError("optional_migrations", f"unknown optional migration {name!r}")
+        kw["optional_migrations"] = tuple(optional)
         return cls(**kw)
 
     def connection_kwargs(self) -> dict[str, Any]:
@@ -170,31 +178,47 @@ class Migration:
     down: str
 
 
-def load_migrations(schema: str, folder: Path | None = None) -> tuple[Migration, ...]:
-    """The migrations in id order, with SQL rewritten for ``schema``.
+def optional_migration_ids() -> tuple[str, ...]:
+    """The ids of the optional migrations (``migrations/optional/<id>.sql``), e.g. tenant_rls."""
+    folder = _sql.data_dir("migrations") / "optional"
+    return tuple(sorted(p.stem for p in folder.glob("*.sql")))
 
-    Raises ``MigrationError`` for a file without both ``-- migrate:up`` and ``-- migrate:down``.
+
+def load_migrations(
+    schema: str, folder: Path | None = None, optional: Iterable[str] = ()
+) -> tuple[Migration, ...]:
+    """The numbered migrations in id order, then the requested optional ones, with SQL rewritten
+    for ``schema``.
+
+    Raises ``MigrationError`` for a file without both ``-- migrate:up`` and ``-- migrate:down``,
+    ``ValidationError`` for an unknown optional migration.
     """
+    folder = folder or _sql.data_dir("migrations")
+    paths = sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    for name in optional:
+        if name not in optional_migration_ids():
+            raise ValidationError(
+                "optional_migrations", f"unknown {name!r} (known: {optional_migration_ids()})"
+            )
+        paths.append(folder / "optional" / f"{name}.sql")
+    return tuple(_read_migration(path, schema) for path in paths)
+
+
+def _read_migration(path: Path, schema: str) -> Migration:
     from .errors import MigrationError
 
-    folder = folder or _sql.data_dir("migrations")
-    found = []
-    for path in sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql")):
-        raw = path.read_bytes().replace(b"\r\n", b"\n")
-        text = raw.decode("utf-8")
-        if text.count(_UP) != 1 or text.count(_DOWN) != 1 or text.index(_UP) > text.index(_DOWN):
-            raise MigrationError(f"{path.name}: needs one '{_UP}' part followed by one '{_DOWN}'")
-        up, down = text.split(_UP, 1)[1].split(_DOWN, 1)
-        found.append(
-            Migration(
-                id=path.stem,
-                path=path,
-                checksum=hashlib.sha256(raw).hexdigest(),
-                up=_sql.in_schema(up, schema),
-                down=_sql.in_schema(down, schema),
-            )
-        )
-    return tuple(found)
+    raw = path.read_bytes().replace(b"\r\n", b"\n")
+    text = raw.decode("utf-8")
+    if text.count(_UP) != 1 or text.count(_DOWN) != 1 or text.index(_UP) > text.index(_DOWN):
+        raise MigrationError(f"{path.name}: needs one '{_UP}' part followed by one '{_DOWN}'")
+    up, down = text.split(_UP, 1)[1].split(_DOWN, 1)
+    return Migration(
+        id=path.stem,
+        path=path,
+        checksum=hashlib.sha256(raw).hexdigest(),
+        up=_sql.in_schema(up, schema),
+        down=_sql.in_schema(down, schema),
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -214,6 +238,10 @@ def plan(migrations: tuple[Migration, ...], applied: Mapping[str, str]) -> tuple
     from .errors import MigrationError
 
     known = {m.id: m for m in migrations}
+    # Optional migrations applied earlier but not requested now stay known (and are checked).
+    optional_dir = _sql.data_dir("migrations") / "optional"
+    for name in optional_migration_ids():
+        known.setdefault(name, _read_migration(optional_dir / f"{name}.sql", _sql.DEFAULT_SCHEMA))
     for mig_id, checksum in applied.items():
         migration = known.get(mig_id)
         if migration is None:

@@ -8,6 +8,7 @@ Hierarchy::
     ├── ValidationError (ValueError) bad input; ``field`` names the argument; nothing was written
     ├── QueryTimeoutError (TimeoutError)  statement_timeout or lock_timeout fired
     ├── UnavailableError (ConnectionError) database unreachable, connection lost, pool exhausted
+    ├── PermissionDeniedError (PermissionError)  missing grant, or refused by row-level security
     ├── EncryptionKeyError           no key to encrypt/decrypt a secret, or a ciphertext fails
     └── InternalError                anything unexpected (a bug, a missing migration)
         └── MigrationError           a migration file is malformed, changed or unknown
@@ -32,6 +33,7 @@ __all__ = [
     "KitiumPgError",
     "MigrationError",
     "NotFoundError",
+    "PermissionDeniedError",
     "QueryTimeoutError",
     "UnavailableError",
     "ValidationError",
@@ -101,6 +103,13 @@ class MigrationError(InternalError):
     code = "migration"
 
 
+class PermissionDeniedError(KitiumPgError, PermissionError):
+    """The database role may not do this: a missing grant, or a row-level security policy
+    refused the write (another tenant's row)."""
+
+    code = "permission_denied"
+
+
 class EncryptionKeyError(KitiumPgError):
     """A secret must be encrypted or decrypted but no usable key is configured (set
     ``encryption_keys=`` or ``KITIUM_PG_ENCRYPTION_KEYS``), or a ciphertext does not
@@ -131,6 +140,7 @@ _SQLSTATE: Final[dict[str, tuple[type[KitiumPgError], str, bool]]] = {
     "28": (UnavailableError, "invalid_authorization", False),
     "3D000": (UnavailableError, "invalid_catalog_name", False),
     "25006": (InternalError, "read_only_sql_transaction", True),
+    "42501": (PermissionDeniedError, "insufficient_privilege", False),
 }
 
 # Causes the adapter may retry by itself (for retry-safe operations). Timeouts and pool

@@ -20,8 +20,8 @@ CREATE TABLE IF NOT EXISTS kitium_auth.auth_migrations (
 SELECT to_regclass('kitium_auth.auth_migrations') IS NOT NULL;
 
 -- name: list_applied_migrations()
--- Every applied migration with its checksum, in id order.
-SELECT id, checksum FROM kitium_auth.auth_migrations ORDER BY id;
+-- Every applied migration with its checksum, in the order they were applied.
+SELECT id, checksum FROM kitium_auth.auth_migrations ORDER BY applied_at, id;
 
 -- name: record_migration(id, checksum, duration_ms)!
 -- Record one applied migration.

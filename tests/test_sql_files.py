@@ -17,7 +17,7 @@ TABLE_REF_RE = re.compile(r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+(?!kitium_auth\.
 # Names that may follow FROM/JOIN without a schema: CTE names and set-returning functions.
 LOCAL_NAMES = {"inserted", "link", "existing", "target", "consumed", "upd", "batch", "unnest",
                "members", "new_members", "kept", "input", "rows", "source", "deleted", "removed",
-               "updated", "given", "picked", "ins", "del", "added", "org", "m", "events", "lateral"}
+               "updated", "given", "picked", "touched", "ins", "del", "added", "org", "m", "events", "lateral"}
 
 
 def _blocks(path: Path) -> list[tuple[str, list[str]]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Self, TypeVar, cast
 
@@ -53,6 +53,7 @@ class AsyncCore:
         application_name: str = "kitium-pg",
         prepare_threshold: int | None = 5,
         encryption_keys: Mapping[str, bytes | str] | None = None,
+        optional_migrations: Iterable[str] = (),
     ) -> None:
         self._settings = Settings.build(
             min_size=min_size,
@@ -65,6 +66,7 @@ class AsyncCore:
             schema=schema,
             application_name=application_name,
             prepare_threshold=prepare_threshold,
+            optional_migrations=tuple(optional_migrations),
         )
         self._queries = _sql.queries(schema)
         self._keyring = (
@@ -113,6 +115,14 @@ class AsyncCore:
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             raise ValidationError("ms", "must be a non-negative integer")
         return self._with_local("statement_timeout", str(ms))
+
+    def tenant(self, org_id: uuid.UUID | str) -> Self:
+        """A view of this adapter (same pool) whose calls run as tenant ``org_id``: each sets
+        ``kitium.tenant`` for its transaction (``set_config(..., true)``), which the optional
+        ``tenant_rls`` migration's row-level security policies read. Outside ``transaction()``
+        the setting is pipelined with each statement (two round trips, see
+        ``with_statement_timeout``); inside one it is set once."""
+        return self._with_local("kitium.tenant", str(_validate.uuid_arg("org_id", org_id)))
 
     def _with_local(self, name: str, value: str) -> Self:
         local = tuple((k, v) for k, v in self._local if k != name) + ((name, value),)

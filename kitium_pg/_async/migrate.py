@@ -9,11 +9,12 @@ than through a transaction-pooling proxy.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
 from .._base import Migration, MigrationState, Retry, load_migrations, plan
-from ..errors import MigrationError
+from ..errors import MigrationError, ValidationError
 from .core import AsyncCore
 
 Progress = Callable[[str, str], None]
@@ -21,6 +22,11 @@ Progress = Callable[[str, str], None]
 
 class AsyncMigrations(AsyncCore):
     """Migration methods of the async adapter."""
+
+    def _migrations(self) -> tuple[Migration, ...]:
+        return load_migrations(
+            self._settings.schema, optional=self._settings.optional_migrations
+        )
 
     async def _applied(self) -> dict[str, str]:
         if not await self._value("ledger_exists", {}, retry=Retry.SAFE):
@@ -33,7 +39,7 @@ class AsyncMigrations(AsyncCore):
 
         Raises ``MigrationError`` on drift (an applied file changed, or an unknown id).
         """
-        migrations = load_migrations(self._settings.schema)
+        migrations = self._migrations()
         applied = await self._applied()
         pending = plan(migrations, applied)
         return MigrationState(applied=tuple(sorted(applied)), pending=tuple(m.id for m in pending))
@@ -51,7 +57,7 @@ class AsyncMigrations(AsyncCore):
         drift, and the translated database error if a migration fails (that migration is rolled
         back; the earlier ones stay applied).
         """
-        migrations = load_migrations(self._settings.schema)
+        migrations = self._migrations()
         done: list[str] = []
         async with self._pool.connection() as conn:
             bound = self._bound(conn)
@@ -91,10 +97,8 @@ class AsyncMigrations(AsyncCore):
     async def rollback(self, steps: int = 1, *, progress: Progress | None = None) -> tuple[str, ...]:
         """Undo the last ``steps`` applied migrations (newest first); returns their ids."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            from ..errors import ValidationError
-
             raise ValidationError("steps", "must be a positive integer")
-        migrations = {m.id: m for m in load_migrations(self._settings.schema)}
+        migrations = {m.id: m for m in self._migrations()}
         undone: list[str] = []
         async with self._pool.connection() as conn:
             bound = self._bound(conn)
@@ -104,7 +108,13 @@ class AsyncMigrations(AsyncCore):
                     plan(tuple(migrations.values()), applied)
                     if not applied:
                         break
-                    last = migrations[max(applied)]
+                    # The ledger lists migrations in the order they were applied.
+                    last_id = list(applied)[-1]
+                    if last_id not in migrations:
+                        raise MigrationError(
+                            f"cannot roll back {last_id!r}: enable it with optional_migrations"
+                        )
+                    last = migrations[last_id]
                     if progress:
                         progress(last.id, "down")
                     await bound._value(
@@ -121,3 +131,22 @@ class AsyncMigrations(AsyncCore):
                     await bound._exec("forget_migration", {"id": last.id}, retry=Retry.NEVER)
                     undone.append(last.id)
         return tuple(undone)
+
+    def app_role_grants(self, role: str) -> str:
+        """The GRANT statements that give application role ``role`` what the adapter's runtime
+        calls need and nothing more (no DDL; ``auth_events`` append-only)."""
+        return _role_sql(self._queries["grant_app_role"].sql, role)
+
+    async def grant_app_role(self, role: str) -> None:
+        """Apply ``app_role_grants(role)`` (run it as the schema owner). The role must exist."""
+        async with self._connection() as conn:
+            await conn.execute(self.app_role_grants(role))
+
+
+def _role_sql(sql: str, role: str) -> str:
+    if not isinstance(role, str) or not _ROLE_RE.match(role):
+        raise ValidationError("role", "must match [a-z_][a-z0-9_]* (at most 63 characters)")
+    return re.sub(r"\bkitium_app\b", role, sql)
+
+
+_ROLE_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")

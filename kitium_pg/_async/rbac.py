@@ -2,8 +2,240 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .. import _validate as v
+from .._base import UNSET, Retry, Unset, new_id
+from ..errors import NotFoundError, ValidationError
+from ..records import Permission, Role
 from .core import AsyncCore
+
+MAX_PERMISSIONS = 1_000
+"""Most permissions one role may grant."""
+
+_PERMISSION_KEYS = frozenset({"name", "resource", "action", "description", "metadata"})
+
+
+def _permissions_json(value: object) -> str:
+    """``permissions`` as the jsonb array text stored in ``roles.permissions``.
+
+    Each item is a ``Permission`` or a mapping with ``name`` and optional ``resource``,
+    ``action``, ``description`` and ``metadata`` (other keys are refused, naming the item). Every
+    stored object carries all five keys, so it reads back as the same ``Permission``. A name
+    listed twice is a ``ValidationError``, not a silent merge.
+    """
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise ValidationError("permissions", "must be a list of Permission records or dicts")
+    items: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, item in enumerate(value):
+        if i >= MAX_PERMISSIONS:
+            raise ValidationError("permissions", f"must have at most {MAX_PERMISSIONS} items")
+        field = f"permissions[{i}]"
+        if isinstance(item, Permission):
+            fields: Mapping[str, Any] = {
+                "name": item.name,
+                "resource": item.resource,
+                "action": item.action,
+                "description": item.description,
+                "metadata": item.metadata,
+            }
+        elif isinstance(item, Mapping):
+            unknown = set(item) - _PERMISSION_KEYS
+            if unknown:
+                raise ValidationError(
+                    field, f"unknown keys: {', '.join(sorted(map(str, unknown)))}"
+                )
+            if "name" not in item:
+                raise ValidationError(f"{field}.name", "is required")
+            fields = item
+        else:
+            raise ValidationError(field, "must be a Permission or a dict")
+        name = v.text(f"{field}.name", fields["name"])
+        if name in seen:
+            raise ValidationError(f"{field}.name", "lists the same permission twice")
+        seen.add(name)
+        metadata = fields.get("metadata")
+        # Checked here so the error names the item; the whole array is serialised below.
+        v.json_text(f"{field}.metadata", metadata)
+        items.append(
+            {
+                "name": name,
+                "resource": v.opt_text(f"{field}.resource", fields.get("resource")),
+                "action": v.opt_text(f"{field}.action", fields.get("action")),
+                "description": v.opt_text(
+                    f"{field}.description", fields.get("description"), max_len=v.LONG
+                ),
+                "metadata": {} if metadata is None else metadata,
+            }
+        )
+    return v.json_text("permissions", items, obj=False)
 
 
 class AsyncRbac(AsyncCore):
     """Role and permission methods of the async adapter."""
+
+    async def create_role(
+        self,
+        *,
+        org_id: uuid.UUID | str,
+        name: str,
+        description: str | None = None,
+        is_system: bool = False,
+        permissions: Iterable[Permission | Mapping[str, Any]] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> Role:
+        """Create a role of an organization and return it.
+
+        ``permissions`` holds ``Permission`` records or dicts ``{"name": "users:read",
+        "resource": ..., "action": ..., "description": ..., "metadata": {...}}`` (only ``name``
+        is required; names must be distinct). Raises ``ConflictError`` when the organization
+        already has a role of this name, ``NotFoundError`` when there is no such organization and
+        ``ValidationError`` for bad input. Retried on transient failures: the id is generated
+        before the first attempt, so a retry after a lost acknowledgement returns the same row.
+        """
+        params = {
+            "id": new_id(),
+            "org_id": v.uuid_arg("org_id", org_id),
+            "name": v.text("name", name),
+            "description": v.opt_text("description", description, max_len=v.LONG),
+            "is_system": v.expect_type("is_system", is_system, bool),
+            "permissions": _permissions_json(permissions),
+            "metadata": v.json_text("metadata", metadata),
+        }
+        role = await self._one("create_role", params, Role, retry=Retry.SAFE)
+        assert role is not None
+        return role
+
+    async def get_role(self, id: uuid.UUID | str) -> Role | None:
+        """The role with this id, or ``None`` (also for a malformed id)."""
+        role_id = v.parse_uuid(id)
+        if role_id is None:
+            return None
+        return await self._one("get_role", {"id": role_id}, Role, retry=Retry.SAFE)
+
+    async def update_role(
+        self,
+        id: uuid.UUID | str,
+        *,
+        name: str | Unset = UNSET,
+        description: str | Unset | None = UNSET,
+        permissions: Iterable[Permission | Mapping[str, Any]] | Unset = UNSET,
+        metadata: dict[str, Any] | Unset = UNSET,
+        is_system: bool | Unset = UNSET,
+    ) -> Role:
+        """Change the given fields of a role and return it (fields left out stay as they are).
+
+        ``permissions`` replaces the whole list. Raises ``NotFoundError`` when there is no such
+        role and ``ConflictError`` for a name another role of the organization has. Setting
+        values is idempotent, so transient failures are retried.
+        """
+        params: dict[str, Any] = {"id": v.uuid_arg("id", id)}
+        checks: dict[str, Any] = {
+            "name": (name, lambda x: v.text("name", x)),
+            "description": (description, lambda x: v.opt_text("description", x, max_len=v.LONG)),
+            "permissions": (permissions, _permissions_json),
+            "metadata": (metadata, lambda x: v.json_text("metadata", x)),
+            "is_system": (is_system, lambda x: v.expect_type("is_system", x, bool)),
+        }
+        for field, (value, check) in checks.items():
+            given = value is not UNSET
+            params[f"set_{field}"] = given
+            params[field] = check(value) if given else None
+        role = await self._one("update_role", params, Role, retry=Retry.SAFE)
+        if role is None:
+            raise NotFoundError(f"update_role: no role {params['id']}")
+        return role
+
+    async def delete_role(self, id: uuid.UUID | str) -> bool:
+        """Delete a role and its assignments; ``True`` if a row was deleted. Idempotent:
+        deleting a missing role returns ``False``."""
+        role_id = v.parse_uuid(id)
+        if role_id is None:
+            return False
+        return await self._exec("delete_role", {"id": role_id}, retry=Retry.SAFE) > 0
+
+    async def list_roles(self, org_id: uuid.UUID | str) -> list[Role]:
+        """The roles of an organization, newest first (empty for an unknown or malformed id)."""
+        parsed = v.parse_uuid(org_id)
+        if parsed is None:
+            return []
+        return await self._many("list_roles", {"org_id": parsed}, Role, retry=Retry.SAFE)
+
+    async def assign_role_to_user(
+        self, user_id: uuid.UUID | str, role_id: uuid.UUID | str, org_id: uuid.UUID | str
+    ) -> Role:
+        """Give a user a role within the role's organization and return the role.
+
+        Idempotent (one statement): assigning a role the user already holds changes nothing,
+        and concurrent assignments of the same role leave one assignment without an error, so
+        transient failures are retried. Raises ``NotFoundError`` when the user, the organization
+        or the role does not exist, and also when the role belongs to another organization
+        (the role does not exist *in* ``org_id``; nothing is written).
+        """
+        params = {
+            "id": new_id(),
+            "user_id": v.uuid_arg("user_id", user_id),
+            "role_id": v.uuid_arg("role_id", role_id),
+            "org_id": v.uuid_arg("org_id", org_id),
+        }
+        role = await self._one("assign_role_to_user", params, Role, retry=Retry.SAFE)
+        if role is None:
+            # Only reachable if the role vanished between the insert's check and the read.
+            raise NotFoundError(
+                f"assign_role_to_user: no role {params['role_id']} in organization"
+                f" {params['org_id']}"
+            )
+        return role
+
+    async def revoke_role_from_user(
+        self, user_id: uuid.UUID | str, role_id: uuid.UUID | str, org_id: uuid.UUID | str
+    ) -> bool:
+        """Take a role away from a user; ``True`` if the user held it. Idempotent."""
+        parsed = [v.parse_uuid(x) for x in (user_id, role_id, org_id)]
+        if None in parsed:
+            return False
+        params = dict(zip(("user_id", "role_id", "org_id"), parsed, strict=True))
+        return await self._exec("revoke_role_from_user", params, retry=Retry.SAFE) > 0
+
+    async def get_user_roles(self, user_id: uuid.UUID | str, org_id: uuid.UUID | str) -> list[Role]:
+        """The roles a user holds in an organization, oldest role first (empty for unknown or
+        malformed ids)."""
+        parsed_user, parsed_org = v.parse_uuid(user_id), v.parse_uuid(org_id)
+        if parsed_user is None or parsed_org is None:
+            return []
+        params = {"user_id": parsed_user, "org_id": parsed_org}
+        return await self._many("get_user_roles", params, Role, retry=Retry.SAFE)
+
+    async def get_user_permissions(
+        self, user_id: uuid.UUID | str, org_id: uuid.UUID | str
+    ) -> list[Permission]:
+        """The distinct permissions a user holds in an organization through its roles, sorted
+        by name (code-point order); empty for unknown or malformed ids.
+
+        Permissions are distinct by name: when several of the user's roles define the same name
+        differently, the definition of the oldest role (by ``created_at``, then id) is returned.
+        """
+        parsed_user, parsed_org = v.parse_uuid(user_id), v.parse_uuid(org_id)
+        if parsed_user is None or parsed_org is None:
+            return []
+        params = {"user_id": parsed_user, "org_id": parsed_org}
+        return await self._many("get_user_permissions", params, Permission, retry=Retry.SAFE)
+
+    async def has_permission(
+        self, user_id: uuid.UUID | str, org_id: uuid.UUID | str, name: str
+    ) -> bool:
+        """Whether any role the user holds in the organization grants permission ``name``
+        (exact, case-sensitive match). ``False`` for unknown or malformed ids and for a
+        malformed name."""
+        parsed_user, parsed_org = v.parse_uuid(user_id), v.parse_uuid(org_id)
+        if parsed_user is None or parsed_org is None:
+            return False
+        try:
+            name = v.text("name", name)
+        except ValidationError:
+            return False
+        params = {"user_id": parsed_user, "org_id": parsed_org, "name": name}
+        return bool(await self._value("has_permission", params, retry=Retry.SAFE))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Awaitable, Callable, Mapping
+from collections.abc import Iterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import contextmanager
 from typing import Any, Self, TypeVar, cast
 
@@ -54,6 +54,7 @@ class Core:
         application_name: str = "kitium-pg",
         prepare_threshold: int | None = 5,
         encryption_keys: Mapping[str, bytes | str] | None = None,
+        optional_migrations: Iterable[str] = (),
     ) -> None:
         self._settings = Settings.build(
             min_size=min_size,
@@ -66,6 +67,7 @@ class Core:
             schema=schema,
             application_name=application_name,
             prepare_threshold=prepare_threshold,
+            optional_migrations=tuple(optional_migrations),
         )
         self._queries = _sql.queries(schema)
         self._keyring = (
@@ -114,6 +116,14 @@ class Core:
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             raise ValidationError("ms", "must be a non-negative integer")
         return self._with_local("statement_timeout", str(ms))
+
+    def tenant(self, org_id: uuid.UUID | str) -> Self:
+        """A view of this adapter (same pool) whose calls run as tenant ``org_id``: each sets
+        ``kitium.tenant`` for its transaction (``set_config(..., true)``), which the optional
+        ``tenant_rls`` migration's row-level security policies read. Outside ``transaction()``
+        the setting is pipelined with each statement (two round trips, see
+        ``with_statement_timeout``); inside one it is set once."""
+        return self._with_local("kitium.tenant", str(_validate.uuid_arg("org_id", org_id)))
 
     def _with_local(self, name: str, value: str) -> Self:
         local = tuple((k, v) for k, v in self._local if k != name) + ((name, value),)

@@ -1,0 +1,109 @@
+-- Roles of organizations, their assignment to users, and the permissions those roles grant.
+-- Every role-returning query yields the columns of kitium_pg.records.Role; the permissions column
+-- is a jsonb array of objects with the keys of kitium_pg.records.Permission (name, resource,
+-- action, description, metadata), written whole by the adapter.
+-- A user's roles in an organization are ordered oldest role first (created_at, then id); when two
+-- of them define a permission of the same name, the first one's definition wins.
+
+-- name: create_role(id, org_id, name, description, is_system, permissions, metadata)^
+-- Insert a role; a retry with the same id returns the row the first attempt wrote.
+WITH inserted AS (
+  INSERT INTO kitium_auth.roles (id, org_id, name, description, is_system, permissions, metadata)
+  VALUES (:id, :org_id, :name, :description, :is_system, :permissions::jsonb, :metadata::jsonb)
+  ON CONFLICT (id) DO NOTHING
+  RETURNING id, org_id, name, description, is_system, permissions, metadata, created_at,
+            updated_at
+)
+SELECT id, org_id, name, description, is_system, permissions, metadata, created_at, updated_at
+  FROM inserted
+UNION ALL
+SELECT r.id, r.org_id, r.name, r.description, r.is_system, r.permissions, r.metadata,
+       r.created_at, r.updated_at
+  FROM kitium_auth.roles AS r
+ WHERE r.id = :id
+ LIMIT 1;
+
+-- name: get_role(id)^
+-- Fetch one role by id.
+SELECT id, org_id, name, description, is_system, permissions, metadata, created_at, updated_at
+  FROM kitium_auth.roles
+ WHERE id = :id;
+
+-- name: update_role(id, set_name, name, set_description, description, set_permissions, permissions, set_metadata, metadata, set_is_system, is_system)^
+-- Update the given columns of one role (each set_x flag says whether x is given); no row if the
+-- role does not exist.
+UPDATE kitium_auth.roles AS r
+   SET name        = CASE WHEN :set_name THEN :name ELSE r.name END,
+       description = CASE WHEN :set_description THEN :description ELSE r.description END,
+       permissions = CASE WHEN :set_permissions THEN :permissions::jsonb ELSE r.permissions END,
+       metadata    = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE r.metadata END,
+       is_system   = CASE WHEN :set_is_system THEN :is_system ELSE r.is_system END
+ WHERE r.id = :id
+RETURNING r.id, r.org_id, r.name, r.description, r.is_system, r.permissions, r.metadata,
+          r.created_at, r.updated_at;
+
+-- name: delete_role(id)!
+-- Delete a role; its assignments go with it (ON DELETE CASCADE of user_roles__role_id_fkey).
+DELETE FROM kitium_auth.roles WHERE id = :id;
+
+-- name: list_roles(org_id)
+-- The roles of one organization, newest first (served by roles__name_key, led by org_id).
+SELECT id, org_id, name, description, is_system, permissions, metadata, created_at, updated_at
+  FROM kitium_auth.roles
+ WHERE org_id = :org_id
+ ORDER BY created_at DESC, id DESC;
+
+-- name: assign_role_to_user(id, user_id, role_id, org_id)^
+-- Assign a role to a user within the role's organization (a no-op when already assigned, also
+-- under concurrent calls) and return the role. The foreign key on (role_id, org_id) refuses a
+-- role of another organization.
+WITH inserted AS (
+  INSERT INTO kitium_auth.user_roles (id, user_id, role_id, org_id)
+  VALUES (:id, :user_id, :role_id, :org_id)
+  ON CONFLICT (user_id, org_id, role_id) DO NOTHING
+)
+SELECT r.id, r.org_id, r.name, r.description, r.is_system, r.permissions, r.metadata,
+       r.created_at, r.updated_at
+  FROM kitium_auth.roles AS r
+ WHERE r.id = :role_id AND r.org_id = :org_id;
+
+-- name: revoke_role_from_user(user_id, role_id, org_id)!
+-- Remove one role assignment (served by user_roles__role_key).
+DELETE FROM kitium_auth.user_roles
+ WHERE user_id = :user_id AND org_id = :org_id AND role_id = :role_id;
+
+-- name: get_user_roles(user_id, org_id)
+-- The roles a user holds in one organization, oldest role first (served by user_roles__role_key).
+SELECT r.id, r.org_id, r.name, r.description, r.is_system, r.permissions, r.metadata,
+       r.created_at, r.updated_at
+  FROM kitium_auth.user_roles AS ur
+  JOIN kitium_auth.roles AS r ON r.id = ur.role_id AND r.org_id = ur.org_id
+ WHERE ur.user_id = :user_id AND ur.org_id = :org_id
+ ORDER BY r.created_at, r.id;
+
+-- name: get_user_permissions(user_id, org_id)
+-- The distinct permissions (by name, in code-point order of the name) a user holds in one
+-- organization through its roles; the oldest role defining a name supplies its definition.
+SELECT DISTINCT ON ((p.perm ->> 'name') COLLATE "C")
+       p.perm ->> 'name' AS name,
+       p.perm ->> 'resource' AS resource,
+       p.perm ->> 'action' AS action,
+       p.perm ->> 'description' AS description,
+       coalesce(p.perm -> 'metadata', '{}'::jsonb) AS metadata
+  FROM kitium_auth.user_roles AS ur
+  JOIN kitium_auth.roles AS r ON r.id = ur.role_id AND r.org_id = ur.org_id
+ CROSS JOIN LATERAL jsonb_array_elements(r.permissions) WITH ORDINALITY AS p (perm, position)
+ WHERE ur.user_id = :user_id AND ur.org_id = :org_id
+ ORDER BY (p.perm ->> 'name') COLLATE "C", r.created_at, r.id, p.position;
+
+-- name: has_permission(user_id, org_id, name)$
+-- Whether any role the user holds in the organization grants the permission of this name
+-- (jsonb containment on the role's permissions array).
+SELECT EXISTS (
+  SELECT 1
+    FROM kitium_auth.user_roles AS ur
+    JOIN kitium_auth.roles AS r ON r.id = ur.role_id AND r.org_id = ur.org_id
+   WHERE ur.user_id = :user_id
+     AND ur.org_id = :org_id
+     AND r.permissions @> jsonb_build_array(jsonb_build_object('name', :name::text))
+);

@@ -1,0 +1,428 @@
+"""Roles, their assignment to users and the permissions they grant, against both adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import attrs
+import pytest
+
+from kitium_pg import ConflictError, NotFoundError, Organization, User, ValidationError
+from kitium_pg.records import Permission, Role
+
+RACERS = 16
+
+
+async def _org(storage: Any, name: str = "Acme") -> Organization:
+    org: Organization = await storage.create_organization(name=name, plan="team")
+    return org
+
+
+async def _user(storage: Any, unique: Callable[[str], str]) -> User:
+    user: User = await storage.create_user(email=f"{unique('rbac')}@example.com")
+    return user
+
+
+async def _count_assignments(storage: Any, role_id: uuid.UUID) -> int:
+    """Rows of user_roles for a role, read straight from the table (not through the API)."""
+    pool = storage.adapter.pool if storage.kind == "sync" else storage.pool
+    sql = "SELECT count(*) FROM kitium_auth.user_roles WHERE role_id = %s"
+    if storage.kind == "sync":
+        with pool.connection() as conn:
+            row = conn.execute(sql, (role_id,)).fetchone()
+    else:
+        async with pool.connection() as conn:
+            row = await (await conn.execute(sql, (role_id,))).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_create_and_get_round_trip(storage: Any) -> None:
+    org = await _org(storage)
+    role = await storage.create_role(
+        org_id=org.id,
+        name="Billing admin",
+        description="Manages invoices",
+        is_system=True,
+        permissions=[
+            Permission(name="invoices:read", resource="invoices", action="read"),
+            {"name": "invoices:write", "description": "Edit", "metadata": {"scope": ["eu", 1]}},
+            {"name": 'it\'s 100% "quoted"'},
+        ],
+        metadata={"source": "seed"},
+    )
+    assert isinstance(role, Role)
+    assert role.id.version == 7
+    assert (role.org_id, role.name, role.description, role.is_system) == (
+        org.id,
+        "Billing admin",
+        "Manages invoices",
+        True,
+    )
+    assert role.permissions == (
+        Permission(name="invoices:read", resource="invoices", action="read"),
+        Permission(name="invoices:write", description="Edit", metadata={"scope": ["eu", 1]}),
+        Permission(name='it\'s 100% "quoted"'),
+    )
+    assert role.metadata == {"source": "seed"}
+    assert role.created_at.tzinfo is dt.UTC
+    assert role.updated_at == role.created_at
+    assert await storage.get_role(role.id) == role
+    assert await storage.get_role(str(role.id)) == role
+
+
+async def test_create_with_defaults(storage: Any) -> None:
+    org = await _org(storage)
+    role = await storage.create_role(org_id=str(org.id), name="viewer")
+    assert (role.description, role.is_system, role.permissions, role.metadata) == (
+        None,
+        False,
+        (),
+        {},
+    )
+    assert await storage.get_role(role.id) == role
+
+
+async def test_duplicate_name_in_an_org_is_a_conflict(storage: Any) -> None:
+    org, other = await _org(storage), await _org(storage, "Other")
+    first = await storage.create_role(org_id=org.id, name="admin")
+    with pytest.raises(ConflictError) as caught:
+        await storage.create_role(org_id=org.id, name="admin", permissions=[{"name": "x"}])
+    assert caught.value.code == "unique_violation"
+    assert "roles__name_key" in str(caught.value)
+    # Names are unique per organization only.
+    elsewhere = await storage.create_role(org_id=other.id, name="admin")
+    assert elsewhere.id != first.id
+    assert await storage.list_roles(org.id) == [first]
+
+
+async def test_create_for_unknown_org_is_not_found(storage: Any) -> None:
+    with pytest.raises(NotFoundError) as caught:
+        await storage.create_role(org_id=uuid.uuid4(), name="admin")
+    assert "roles__org_id_fkey" in str(caught.value)
+
+
+async def test_lookups_of_unknown_or_malformed_ids(storage: Any) -> None:
+    assert await storage.get_role(uuid.uuid4()) is None
+    assert await storage.delete_role(uuid.uuid4()) is False
+    assert await storage.list_roles(uuid.uuid4()) == []
+    some = uuid.uuid4()
+    for bad in ("nope", "", "x" * 10_000, 42, None):
+        assert await storage.get_role(bad) is None
+        assert await storage.delete_role(bad) is False
+        assert await storage.list_roles(bad) == []
+        assert await storage.get_user_roles(bad, some) == []
+        assert await storage.get_user_roles(some, bad) == []
+        assert await storage.get_user_permissions(bad, some) == []
+        assert await storage.get_user_permissions(some, bad) == []
+        assert await storage.has_permission(bad, some, "x") is False
+        assert await storage.has_permission(some, bad, "x") is False
+        assert await storage.revoke_role_from_user(bad, some, some) is False
+        assert await storage.revoke_role_from_user(some, bad, some) is False
+        assert await storage.revoke_role_from_user(some, some, bad) is False
+    assert await storage.has_permission(some, some, "") is False
+    assert await storage.has_permission(some, some, 42) is False
+    assert await storage.has_permission(some, some, "a\x00b") is False
+
+
+async def test_update_changes_only_given_fields(storage: Any) -> None:
+    org = await _org(storage)
+    role = await storage.create_role(
+        org_id=org.id,
+        name="editor",
+        description="Edits",
+        permissions=[{"name": "docs:read"}],
+        metadata={"a": 1},
+    )
+    renamed = await storage.update_role(role.id, name="writer", is_system=True)
+    assert (renamed.name, renamed.is_system, renamed.description) == ("writer", True, "Edits")
+    assert renamed.permissions == role.permissions
+    assert renamed.metadata == {"a": 1}
+    assert renamed.created_at == role.created_at
+    assert renamed.updated_at >= role.updated_at
+    replaced = await storage.update_role(
+        str(role.id),
+        description=None,
+        permissions=[Permission(name="docs:write"), {"name": "docs:delete"}],
+        metadata={},
+    )
+    assert (replaced.name, replaced.description, replaced.metadata) == ("writer", None, {})
+    assert [p.name for p in replaced.permissions] == ["docs:write", "docs:delete"]
+    emptied = await storage.update_role(role.id, permissions=[])
+    assert emptied.permissions == ()
+    assert await storage.get_role(role.id) == emptied
+    untouched = await storage.update_role(role.id)  # nothing given: only updated_at moves
+    assert attrs.evolve(untouched, updated_at=emptied.updated_at) == emptied
+
+
+async def test_update_errors(storage: Any) -> None:
+    org = await _org(storage)
+    await storage.create_role(org_id=org.id, name="taken")
+    role = await storage.create_role(org_id=org.id, name="free")
+    with pytest.raises(ConflictError):
+        await storage.update_role(role.id, name="taken")
+    assert await storage.get_role(role.id) == role
+    with pytest.raises(NotFoundError):
+        await storage.update_role(uuid.uuid4(), name="x")
+    with pytest.raises(ValidationError) as caught:
+        await storage.update_role("not-a-uuid", name="x")
+    assert caught.value.field == "id"
+    with pytest.raises(ValidationError) as caught:
+        await storage.update_role(role.id, permissions=[{"name": "ok"}, {"nam": "typo"}])
+    assert caught.value.field == "permissions[1]"
+    with pytest.raises(ValidationError) as caught:
+        await storage.update_role(role.id, is_system=1)
+    assert caught.value.field == "is_system"
+    with pytest.raises(TypeError):
+        await storage.update_role(role.id, org_id=uuid.uuid4())  # a role never changes org
+    assert await storage.get_role(role.id) == role
+
+
+async def test_list_roles_newest_first(storage: Any) -> None:
+    org, other = await _org(storage), await _org(storage, "Other")
+    roles = [await storage.create_role(org_id=org.id, name=f"r{i}") for i in range(3)]
+    await storage.create_role(org_id=other.id, name="r0")
+    assert await storage.list_roles(org.id) == roles[::-1]
+    assert await storage.list_roles(str(org.id)) == roles[::-1]
+
+
+async def test_assign_is_idempotent_and_returns_the_role(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    org = await _org(storage)
+    user = await _user(storage, unique)
+    reader = await storage.create_role(org_id=org.id, name="reader")
+    writer = await storage.create_role(org_id=org.id, name="writer")
+    assert await storage.assign_role_to_user(user.id, reader.id, org.id) == reader
+    assert await storage.assign_role_to_user(str(user.id), str(reader.id), str(org.id)) == reader
+    assert await _count_assignments(storage, reader.id) == 1
+    assert await storage.assign_role_to_user(user.id, writer.id, org.id) == writer
+    assert await storage.get_user_roles(user.id, org.id) == [reader, writer]  # oldest role first
+    assert await storage.get_user_roles(user.id, uuid.uuid4()) == []
+    assert await storage.revoke_role_from_user(user.id, reader.id, org.id) is True
+    assert await storage.revoke_role_from_user(user.id, reader.id, org.id) is False
+    assert await storage.get_user_roles(str(user.id), str(org.id)) == [writer]
+    assert await _count_assignments(storage, reader.id) == 0
+
+
+async def test_assign_refuses_a_role_of_another_org_or_unknown_rows(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    org, other = await _org(storage), await _org(storage, "Other")
+    user = await _user(storage, unique)
+    foreign = await storage.create_role(org_id=other.id, name="admin")
+    with pytest.raises(NotFoundError) as caught:
+        await storage.assign_role_to_user(user.id, foreign.id, org.id)
+    assert "user_roles__role_id_fkey" in str(caught.value)
+    assert await _count_assignments(storage, foreign.id) == 0
+    assert await storage.get_user_roles(user.id, org.id) == []
+    assert await storage.get_user_roles(user.id, other.id) == []
+    with pytest.raises(NotFoundError):
+        await storage.assign_role_to_user(user.id, uuid.uuid4(), other.id)
+    with pytest.raises(NotFoundError) as caught:
+        await storage.assign_role_to_user(uuid.uuid4(), foreign.id, other.id)
+    assert "user_roles__user_id_fkey" in str(caught.value)
+    with pytest.raises(NotFoundError):
+        await storage.assign_role_to_user(user.id, foreign.id, uuid.uuid4())
+    assert await _count_assignments(storage, foreign.id) == 0
+    # Revoking in the wrong organization removes nothing.
+    await storage.assign_role_to_user(user.id, foreign.id, other.id)
+    assert await storage.revoke_role_from_user(user.id, foreign.id, org.id) is False
+    assert await storage.get_user_roles(user.id, other.id) == [foreign]
+
+
+@pytest.mark.parametrize("field", ["user_id", "role_id", "org_id"])
+async def test_assign_with_malformed_id_names_the_field(storage: Any, field: str) -> None:
+    args: dict[str, uuid.UUID | str] = {
+        "user_id": uuid.uuid4(),
+        "role_id": uuid.uuid4(),
+        "org_id": uuid.uuid4(),
+    }
+    args[field] = "not-a-uuid"
+    with pytest.raises(ValidationError) as caught:
+        await storage.assign_role_to_user(args["user_id"], args["role_id"], args["org_id"])
+    assert caught.value.field == field
+
+
+async def test_sixteen_concurrent_assignments_leave_one_row(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    org = await _org(storage)
+    user = await _user(storage, unique)
+    role = await storage.create_role(org_id=org.id, name="racer")
+    if storage.kind == "sync":
+        barrier = threading.Barrier(RACERS)
+
+        def assign() -> Any:
+            barrier.wait()
+            return storage.adapter.assign_role_to_user(user.id, role.id, org.id)
+
+        with ThreadPoolExecutor(max_workers=RACERS) as pool:
+            futures = [pool.submit(assign) for _ in range(RACERS)]
+            results = [f.exception() or f.result() for f in futures]
+    else:
+        results = list(
+            await asyncio.gather(
+                *(storage.assign_role_to_user(user.id, role.id, org.id) for _ in range(RACERS)),
+                return_exceptions=True,
+            )
+        )
+    assert results == [role] * RACERS, results
+    assert await _count_assignments(storage, role.id) == 1
+    assert await storage.get_user_roles(user.id, org.id) == [role]
+
+
+async def test_permissions_are_deduplicated_across_roles(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    org, other = await _org(storage), await _org(storage, "Other")
+    user = await _user(storage, unique)
+    older = await storage.create_role(
+        org_id=org.id,
+        name="older",
+        permissions=[
+            {"name": "users:write", "description": "from older", "metadata": {"v": 1}},
+            {"name": "users:read", "resource": "users", "action": "read"},
+        ],
+    )
+    newer = await storage.create_role(
+        org_id=org.id,
+        name="newer",
+        permissions=[
+            {"name": "users:read", "description": "from newer"},
+            {"name": "billing:read"},
+            {"name": "users:write", "description": "from newer"},
+        ],
+    )
+    elsewhere = await storage.create_role(org_id=other.id, name="x", permissions=[{"name": "z"}])
+    # Assign the newer role first: precedence follows role age, not assignment order.
+    await storage.assign_role_to_user(user.id, newer.id, org.id)
+    await storage.assign_role_to_user(user.id, older.id, org.id)
+    await storage.assign_role_to_user(user.id, elsewhere.id, other.id)
+    assert await storage.get_user_permissions(user.id, org.id) == [
+        Permission(name="billing:read"),
+        Permission(name="users:read", resource="users", action="read"),
+        Permission(name="users:write", description="from older", metadata={"v": 1}),
+    ]
+    assert await storage.get_user_permissions(str(user.id), str(other.id)) == [Permission(name="z")]
+    await storage.revoke_role_from_user(user.id, older.id, org.id)
+    assert await storage.get_user_permissions(user.id, org.id) == [
+        Permission(name="billing:read"),
+        Permission(name="users:read", description="from newer"),
+        Permission(name="users:write", description="from newer"),
+    ]
+    assert await storage.get_user_permissions(uuid.uuid4(), org.id) == []
+
+
+async def test_has_permission(storage: Any, unique: Callable[[str], str]) -> None:
+    org, other = await _org(storage), await _org(storage, "Other")
+    user, stranger = await _user(storage, unique), await _user(storage, unique)
+    role = await storage.create_role(
+        org_id=org.id,
+        name="ops",
+        permissions=[
+            {"name": "deploy:prod", "resource": "deploy", "action": "prod"},
+            {"name": 'odd "name" %s'},
+        ],
+    )
+    await storage.create_role(org_id=other.id, name="ops", permissions=[{"name": "other:only"}])
+    assert await storage.has_permission(user.id, org.id, "deploy:prod") is False  # not assigned
+    await storage.assign_role_to_user(user.id, role.id, org.id)
+    assert await storage.has_permission(user.id, org.id, "deploy:prod") is True
+    assert await storage.has_permission(str(user.id), str(org.id), 'odd "name" %s') is True
+    assert await storage.has_permission(user.id, org.id, "deploy") is False  # exact name only
+    assert await storage.has_permission(user.id, org.id, "Deploy:Prod") is False
+    assert await storage.has_permission(user.id, org.id, "other:only") is False
+    assert await storage.has_permission(user.id, other.id, "deploy:prod") is False
+    assert await storage.has_permission(stranger.id, org.id, "deploy:prod") is False
+    await storage.update_role(role.id, permissions=[{"name": "deploy:staging"}])
+    assert await storage.has_permission(user.id, org.id, "deploy:prod") is False
+    assert await storage.has_permission(user.id, org.id, "deploy:staging") is True
+    await storage.revoke_role_from_user(user.id, role.id, org.id)
+    assert await storage.has_permission(user.id, org.id, "deploy:staging") is False
+
+
+async def test_deleting_a_role_removes_its_assignments(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    org = await _org(storage)
+    user = await _user(storage, unique)
+    role = await storage.create_role(org_id=org.id, name="temp", permissions=[{"name": "p"}])
+    await storage.assign_role_to_user(user.id, role.id, org.id)
+    assert await storage.delete_role(role.id) is True
+    assert await storage.delete_role(str(role.id)) is False
+    assert await storage.get_role(role.id) is None
+    assert await storage.get_user_roles(user.id, org.id) == []
+    assert await storage.has_permission(user.id, org.id, "p") is False
+    assert await _count_assignments(storage, role.id) == 0
+
+
+async def test_deleting_the_org_or_user_cascades(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    org = await _org(storage)
+    user, leaver = await _user(storage, unique), await _user(storage, unique)
+    role = await storage.create_role(org_id=org.id, name="member", permissions=[{"name": "p"}])
+    await storage.assign_role_to_user(user.id, role.id, org.id)
+    await storage.assign_role_to_user(leaver.id, role.id, org.id)
+    assert await storage.delete_user(leaver.id) is True
+    assert await _count_assignments(storage, role.id) == 1
+    assert await storage.delete_organization(org.id) is True
+    assert await storage.get_role(role.id) is None
+    assert await storage.list_roles(org.id) == []
+    assert await storage.get_user_roles(user.id, org.id) == []
+    assert await storage.get_user_permissions(user.id, org.id) == []
+    assert await _count_assignments(storage, role.id) == 0
+    assert await storage.get_user(user.id) == user  # the user stays
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"org_id": "not-a-uuid"}, "org_id"),
+        ({"org_id": None}, "org_id"),
+        ({"name": ""}, "name"),
+        ({"name": "x" * 256}, "name"),
+        ({"name": 7}, "name"),
+        ({"description": "d" * 8193}, "description"),
+        ({"description": "a\x00b"}, "description"),
+        ({"is_system": "yes"}, "is_system"),
+        ({"is_system": 1}, "is_system"),
+        ({"metadata": [1]}, "metadata"),
+        ({"metadata": {"x": float("inf")}}, "metadata"),
+        ({"permissions": "users:read"}, "permissions"),
+        ({"permissions": {"name": "users:read"}}, "permissions"),
+        ({"permissions": 42}, "permissions"),
+        (
+            {"permissions": [{"name": "a"}, {"name": "b"}, {"name": "c", "scope": "x"}]},
+            "permissions[2]",
+        ),
+        ({"permissions": ["users:read"]}, "permissions[0]"),
+        ({"permissions": [{"resource": "users"}]}, "permissions[0].name"),
+        ({"permissions": [{"name": ""}]}, "permissions[0].name"),
+        ({"permissions": [Permission(name=None)]}, "permissions[0].name"),  # type: ignore[arg-type]
+        ({"permissions": [{"name": "a"}, {"name": "a", "action": "x"}]}, "permissions[1].name"),
+        ({"permissions": [{"name": "a", "resource": 3}]}, "permissions[0].resource"),
+        ({"permissions": [{"name": "a", "action": "x" * 256}]}, "permissions[0].action"),
+        ({"permissions": [{"name": "a", "description": "\x00"}]}, "permissions[0].description"),
+        ({"permissions": [{"name": "a", "metadata": ["x"]}]}, "permissions[0].metadata"),
+        (
+            {"permissions": [{"name": "a"}, Permission(name="b", metadata={"n": float("nan")})]},
+            "permissions[1].metadata",
+        ),
+        ({"permissions": [{"name": str(i)} for i in range(1001)]}, "permissions"),
+    ],
+)
+async def test_bad_input_is_a_validation_error_naming_the_field(
+    storage: Any, kwargs: dict[str, Any], field: str
+) -> None:
+    args = {"org_id": uuid.uuid4(), "name": "valid", **kwargs}
+    with pytest.raises(ValidationError) as caught:
+        await storage.create_role(**args)
+    assert caught.value.field == field
