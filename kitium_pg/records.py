@@ -54,6 +54,10 @@ def _parse_instant(value: dt.datetime | str) -> dt.datetime:
     return _utc(value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value))
 
 
+def _opt_instant(value: dt.datetime | str | None) -> dt.datetime | None:
+    return None if value is None else _parse_instant(value)
+
+
 def _strs(value: Iterable[str] | None) -> tuple[str, ...]:
     return () if value is None else tuple(value)
 
@@ -261,7 +265,7 @@ class SsoDomain:
     """An email domain served by an SSO provider; only verified ones route logins."""
 
     domain: str
-    verified_at: dt.datetime | None = attrs.field(converter=_opt_utc)
+    verified_at: dt.datetime | None = attrs.field(converter=_opt_instant)
 
 
 def _domains(value: Iterable[Any] | None) -> tuple[SsoDomain, ...]:

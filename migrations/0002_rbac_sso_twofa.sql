@@ -210,6 +210,28 @@ CREATE TABLE kitium_auth.twofa_backup_codes (
   CONSTRAINT twofa_backup_codes__code_hash_check CHECK (char_length(code_hash) BETWEEN 16 AND 512)
 );
 
+-- Replaces a user's backup codes atomically even when two replacements race. A single
+-- DELETE+INSERT statement cannot: its snapshot predates the other call's insert, so both new sets
+-- would survive. This function locks the user row first and, being VOLATILE under READ
+-- COMMITTED, runs its DELETE with a snapshot taken after the lock, so exactly one set survives.
+CREATE FUNCTION kitium_auth.replace_backup_codes(p_user_id uuid, p_ids uuid[], p_code_hashes text[])
+RETURNS SETOF kitium_auth.twofa_backup_codes
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+  PERFORM 1 FROM kitium_auth.users WHERE id = p_user_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE foreign_key_violation
+      USING MESSAGE = 'no such user', CONSTRAINT = 'twofa_backup_codes__user_id_fkey';
+  END IF;
+  DELETE FROM kitium_auth.twofa_backup_codes WHERE user_id = p_user_id;
+  RETURN QUERY
+    INSERT INTO kitium_auth.twofa_backup_codes (id, user_id, code_hash)
+    SELECT given.id, p_user_id, given.code_hash
+      FROM unnest(p_ids, p_code_hashes) AS given (id, code_hash)
+    RETURNING id, user_id, code_hash, used_at, consumed_by, created_at;
+END;
+$$;
+
 CREATE TABLE kitium_auth.twofa_sessions (
   id            uuid PRIMARY KEY,
   user_id       uuid NOT NULL,
@@ -240,6 +262,7 @@ CREATE INDEX twofa_sessions_device_id_idx ON kitium_auth.twofa_sessions (device_
 -- migrate:down
 
 DROP TABLE kitium_auth.twofa_sessions;
+DROP FUNCTION kitium_auth.replace_backup_codes(uuid, uuid[], text[]);
 DROP TABLE kitium_auth.twofa_backup_codes;
 DROP TABLE kitium_auth.twofa_devices;
 DROP TABLE kitium_auth.sso_sessions;

@@ -31,16 +31,21 @@ def test_rotation_moves_every_secret_to_the_newest_key(dsn: str, schema: str) ->
             before.link_oauth_account(
                 user.id, "gh", sub=f"s{n}", access_token=f"access-{n}", refresh_token=f"r-{n}"
             )
-        device = None
-        if hasattr(before, "create_two_factor_device"):
-            device = before.create_two_factor_device(
-                user_id=users[0].id, method="totp", secret="JBSWY3DPEHPK3PXP"
-            )
+        device = before.create_two_factor_device(
+            user_id=users[0].id, method="totp", secret="JBSWY3DPEHPK3PXP"
+        )
+        provider = before.create_sso_provider(
+            type="oidc",
+            name="Okta",
+            client_id="cid",
+            client_secret="oidc-client-secret",
+            signing_key="-----BEGIN PRIVATE KEY-----x",
+        )
     seen: list[tuple[int, int]] = []
     keys = {"old": OLD, "new": NEW}
     with PostgresStorageAdapter(dsn, schema=schema, encryption_keys=keys) as rotating:
         done = rotating.rotate_keys(batch_size=2, progress=lambda d, t: seen.append((d, t)))
-        expected = 5 + (1 if device else 0)
+        expected = 5 + 1 + 2  # token pairs, the device secret, the provider's two secrets
         assert done == expected
         assert seen[-1] == (expected, expected)
         assert rotating.rotate_keys() == 0  # nothing left under the old key
@@ -49,8 +54,12 @@ def test_rotation_moves_every_secret_to_the_newest_key(dsn: str, schema: str) ->
             tokens = after.get_oauth_tokens(user.id, "gh")
             assert tokens is not None and tokens.access_token == f"access-{n}"
             assert tokens.refresh_token == f"r-{n}"
-        if device is not None:
-            assert after.get_two_factor_device(device.id).secret == "JBSWY3DPEHPK3PXP"
+        found_device = after.get_two_factor_device(device.id)
+        assert found_device is not None and found_device.secret == "JBSWY3DPEHPK3PXP"
+        found_provider = after.get_sso_provider(provider.id)
+        assert found_provider is not None
+        assert found_provider.client_secret == "oidc-client-secret"
+        assert found_provider.signing_key == "-----BEGIN PRIVATE KEY-----x"
     with psycopg.connect(dsn) as conn:
         key_ids = conn.execute(
             f"SELECT DISTINCT tokens_key_id FROM {schema}.oauth_accounts".encode()

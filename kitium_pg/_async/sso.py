@@ -2,8 +2,531 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
+import hashlib
+import re
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from psycopg.rows import kwargs_row
+
+from .. import _validate as v
+from .._base import UNSET, Retry, Unset, new_id
+from ..errors import NotFoundError, ValidationError
+from ..records import SsoDomain, SsoLink, SsoProvider, SsoSession
 from .core import AsyncCore
+
+PROVIDER_TYPES: Final = ("saml", "oidc")
+"""The provider types (mirrors sso_providers__type_check)."""
+
+# Column names bound into the ciphertexts (with the provider id), so a value copied onto another
+# row or column fails to decrypt.
+CLIENT_SECRET: Final = "sso_providers.client_secret"  # noqa: S105 - a column name
+SIGNING_KEY: Final = "sso_providers.signing_key"
+
+PEM: Final = 65_536
+"""Longest certificate or signing key accepted (characters of PEM text, chains included)."""
+
+SUBJECT: Final = 1024
+"""Longest ``provider_subject`` (mirrors sso_links__provider_subject_check)."""
+
+MAX_DOMAINS: Final = 256
+"""Most domains one ``create_sso_provider`` or ``update_sso_provider`` call may write."""
+
+DOMAIN: Final = 253
+"""Longest domain name (RFC 1035, without the trailing dot)."""
+
+_LABEL_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _domain(field: str, value: object) -> str:
+    """An email domain in the form stored: lowercase ASCII labels of letters, digits and inner
+    hyphens, separated by dots. Internationalised domains must be given in their ``xn--`` form:
+    converting them here (IDNA 2003 and 2008 disagree on some names) could route a login to
+    another domain's provider."""
+    text = v.text(field, value, max_len=DOMAIN)
+    if not text.isascii():
+        raise ValidationError(field, "must be ASCII (write an internationalised domain as xn--)")
+    text = text.lower()
+    if not all(_LABEL_RE.match(label) for label in text.split(".")):
+        raise ValidationError(field, "must be a domain name such as example.com")
+    return text
+
+
+def _domain_list(value: object) -> list[str]:
+    """``domains`` normalised with ``_domain``; a domain listed twice (in any letter case) is a
+    ``ValidationError``, not a silent merge."""
+    items = v.strings("domains", value, max_items=MAX_DOMAINS, max_len=DOMAIN)
+    domains: list[str] = []
+    for i, item in enumerate(items):
+        domain = _domain(f"domains[{i}]", item)
+        if domain in domains:
+            raise ValidationError(f"domains[{i}]", "lists the same domain twice")
+        domains.append(domain)
+    return domains
+
+
+def _flag(field: str, value: object) -> bool:
+    return bool(v.expect_type(field, value, bool))
+
+
+_url = functools.partial(v.opt_text, max_len=v.URL)
+_pem = functools.partial(v.opt_text, max_len=PEM)
+
+# The plain (not secret) provider columns that create and update take, with their checks.
+_FIELDS: Final[dict[str, Callable[[str, Any], Any]]] = {
+    "name": v.text,
+    "org_id": v.opt_uuid_arg,
+    "metadata_url": _url,
+    "client_id": v.opt_text,
+    "token_endpoint_auth_method": v.opt_text,
+    "idp_entity_id": _url,
+    "idp_sso_url": _url,
+    "idp_slo_url": _url,
+    "idp_certificate": _pem,
+    "sp_entity_id": _url,
+    "sp_acs_url": _url,
+    "sp_slo_url": _url,
+    "signing_cert": _pem,
+    "encryption_enabled": _flag,
+    "force_authn": _flag,
+    "scopes": v.strings,
+    "redirect_uris": functools.partial(v.strings, max_len=v.URL),
+    "claim_mapping": v.json_text,
+    "attribute_mapping": v.json_text,
+    "metadata": v.json_text,
+}
+
+# The secret columns: (column bound into the ciphertext, longest plaintext accepted).
+_SECRETS: Final = {"client_secret": (CLIENT_SECRET, v.LONG), "signing_key": (SIGNING_KEY, PEM)}
+
+
+def _sso_domains(value: Iterable[dict[str, Any]]) -> tuple[SsoDomain, ...]:
+    # Domains aggregated with jsonb_agg carry verified_at as ISO 8601 text (the record parses).
+    return tuple(SsoDomain(**item) for item in value)
 
 
 class AsyncSso(AsyncCore):
-    """SSO provider, domain, link and session methods of the async adapter."""
+    """SSO provider, domain, link and session methods of the async adapter.
+
+    ``client_secret`` and ``signing_key`` are stored only as AES-256-GCM ciphertext bound to
+    their column and provider id: writing one needs an encryption key (``EncryptionKeyError``
+    otherwise, and nothing is written), and every provider read decrypts them, so reading a
+    provider that has a secret needs the key too. Home-realm discovery
+    (``get_sso_provider_by_domain``) uses verified domains only; a verified domain belongs to
+    one provider.
+    """
+
+    def _sso_provider_row(
+        self,
+        *,
+        id: uuid.UUID,
+        client_secret_ciphertext: bytes | None,
+        client_secret_key_id: str | None,
+        signing_key_ciphertext: bytes | None,
+        signing_key_key_id: str | None,
+        domains: list[dict[str, Any]],
+        **fields: Any,
+    ) -> SsoProvider:
+        # Row factory of every provider query: decrypts the secrets and binds the record.
+        return SsoProvider(
+            id=id,
+            client_secret=self._decrypt(
+                CLIENT_SECRET, id, client_secret_key_id, client_secret_ciphertext
+            ),
+            signing_key=self._decrypt(SIGNING_KEY, id, signing_key_key_id, signing_key_ciphertext),
+            domains=_sso_domains(domains),
+            **fields,
+        )
+
+    def _sealed(self, field: str, provider_id: uuid.UUID, value: object) -> dict[str, Any]:
+        """The ``<field>_ciphertext`` and ``<field>_key_id`` parameters of secret ``field``."""
+        column, max_len = _SECRETS[field]
+        key_id, blob = self._encrypt(column, provider_id, v.opt_text(field, value, max_len=max_len))
+        return {f"{field}_ciphertext": blob, f"{field}_key_id": key_id}
+
+    async def create_sso_provider(
+        self,
+        *,
+        type: str,
+        name: str,
+        org_id: uuid.UUID | str | None = None,
+        metadata_url: str | None = None,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        token_endpoint_auth_method: str | None = None,
+        idp_entity_id: str | None = None,
+        idp_sso_url: str | None = None,
+        idp_slo_url: str | None = None,
+        idp_certificate: str | None = None,
+        sp_entity_id: str | None = None,
+        sp_acs_url: str | None = None,
+        sp_slo_url: str | None = None,
+        signing_cert: str | None = None,
+        signing_key: str | None = None,
+        encryption_enabled: bool = False,
+        force_authn: bool = False,
+        scopes: Iterable[str] = (),
+        redirect_uris: Iterable[str] = (),
+        claim_mapping: dict[str, Any] | None = None,
+        attribute_mapping: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        domains: Iterable[str] = (),
+    ) -> SsoProvider:
+        """Create a SAML or OIDC provider with its email domains (one statement) and return it.
+
+        ``type`` is ``"saml"`` or ``"oidc"``; ``domains`` are added unverified (verify them with
+        ``verify_sso_provider_domain`` before they route logins). ``client_secret`` and
+        ``signing_key`` are encrypted before they leave the process. Raises
+        ``EncryptionKeyError`` when a secret is given and no key is configured, ``NotFoundError``
+        when ``org_id`` is not an organization, and ``ValidationError`` for bad input (nothing is
+        written in each case). Retried on transient failures: the id is generated before the
+        first attempt (the ciphertexts are bound to it), so a retry returns the same row.
+        """
+        provider_id = new_id()
+        given = {
+            "name": name,
+            "org_id": org_id,
+            "metadata_url": metadata_url,
+            "client_id": client_id,
+            "token_endpoint_auth_method": token_endpoint_auth_method,
+            "idp_entity_id": idp_entity_id,
+            "idp_sso_url": idp_sso_url,
+            "idp_slo_url": idp_slo_url,
+            "idp_certificate": idp_certificate,
+            "sp_entity_id": sp_entity_id,
+            "sp_acs_url": sp_acs_url,
+            "sp_slo_url": sp_slo_url,
+            "signing_cert": signing_cert,
+            "encryption_enabled": encryption_enabled,
+            "force_authn": force_authn,
+            "scopes": scopes,
+            "redirect_uris": redirect_uris,
+            "claim_mapping": claim_mapping,
+            "attribute_mapping": attribute_mapping,
+            "metadata": metadata,
+        }
+        params: dict[str, Any] = {
+            "id": provider_id,
+            "type": v.choice("type", type, PROVIDER_TYPES),
+            **{field: _FIELDS[field](field, value) for field, value in given.items()},
+            "domains": _domain_list(domains),
+        }
+        params.update(self._sealed("client_secret", provider_id, client_secret))
+        params.update(self._sealed("signing_key", provider_id, signing_key))
+        provider: SsoProvider | None = await self._run(
+            "create_sso_provider",
+            params,
+            retry=Retry.SAFE,
+            row_factory=kwargs_row(self._sso_provider_row),
+        )
+        assert provider is not None
+        return provider
+
+    async def get_sso_provider(self, id: uuid.UUID | str) -> SsoProvider | None:
+        """The provider with this id and its domains, secrets decrypted, or ``None`` (also for
+        a malformed id). Raises ``EncryptionKeyError`` when a stored secret cannot be
+        decrypted."""
+        provider_id = v.parse_uuid(id)
+        if provider_id is None:
+            return None
+        provider: SsoProvider | None = await self._run(
+            "get_sso_provider",
+            {"id": provider_id},
+            retry=Retry.SAFE,
+            row_factory=kwargs_row(self._sso_provider_row),
+        )
+        return provider
+
+    async def update_sso_provider(
+        self,
+        id: uuid.UUID | str,
+        *,
+        name: str | Unset = UNSET,
+        org_id: uuid.UUID | str | Unset | None = UNSET,
+        metadata_url: str | Unset | None = UNSET,
+        client_id: str | Unset | None = UNSET,
+        client_secret: str | Unset | None = UNSET,
+        token_endpoint_auth_method: str | Unset | None = UNSET,
+        idp_entity_id: str | Unset | None = UNSET,
+        idp_sso_url: str | Unset | None = UNSET,
+        idp_slo_url: str | Unset | None = UNSET,
+        idp_certificate: str | Unset | None = UNSET,
+        sp_entity_id: str | Unset | None = UNSET,
+        sp_acs_url: str | Unset | None = UNSET,
+        sp_slo_url: str | Unset | None = UNSET,
+        signing_cert: str | Unset | None = UNSET,
+        signing_key: str | Unset | None = UNSET,
+        encryption_enabled: bool | Unset = UNSET,
+        force_authn: bool | Unset = UNSET,
+        scopes: Iterable[str] | Unset = UNSET,
+        redirect_uris: Iterable[str] | Unset = UNSET,
+        claim_mapping: dict[str, Any] | Unset = UNSET,
+        attribute_mapping: dict[str, Any] | Unset = UNSET,
+        metadata: dict[str, Any] | Unset = UNSET,
+        domains: Iterable[str] | Unset = UNSET,
+    ) -> SsoProvider:
+        """Change the given fields of a provider and return it (fields left out stay as they
+        are; ``type`` cannot change).
+
+        A new ``client_secret`` or ``signing_key`` is encrypted afresh (``None`` clears it).
+        ``domains`` replaces the whole domain set in the same statement: domains listed again
+        keep their verification, the others are removed, new ones are added unverified. Raises
+        ``NotFoundError`` when there is no such provider (or ``org_id`` is not an
+        organization), ``EncryptionKeyError`` when a secret is given and no key is configured.
+        Setting values is idempotent, so transient failures are retried.
+        """
+        provider_id = v.uuid_arg("id", id)
+        given = {
+            "name": name,
+            "org_id": org_id,
+            "metadata_url": metadata_url,
+            "client_id": client_id,
+            "token_endpoint_auth_method": token_endpoint_auth_method,
+            "idp_entity_id": idp_entity_id,
+            "idp_sso_url": idp_sso_url,
+            "idp_slo_url": idp_slo_url,
+            "idp_certificate": idp_certificate,
+            "sp_entity_id": sp_entity_id,
+            "sp_acs_url": sp_acs_url,
+            "sp_slo_url": sp_slo_url,
+            "signing_cert": signing_cert,
+            "encryption_enabled": encryption_enabled,
+            "force_authn": force_authn,
+            "scopes": scopes,
+            "redirect_uris": redirect_uris,
+            "claim_mapping": claim_mapping,
+            "attribute_mapping": attribute_mapping,
+            "metadata": metadata,
+        }
+        params: dict[str, Any] = {"id": provider_id}
+        for field, value in given.items():
+            is_set = value is not UNSET
+            params[f"set_{field}"] = is_set
+            params[field] = _FIELDS[field](field, value) if is_set else None
+        params["set_domains"] = domains is not UNSET
+        params["domains"] = _domain_list(domains) if domains is not UNSET else []
+        for field, secret in (("client_secret", client_secret), ("signing_key", signing_key)):
+            is_set = secret is not UNSET
+            params[f"set_{field}"] = is_set
+            params.update(self._sealed(field, provider_id, secret if is_set else None))
+        provider: SsoProvider | None = await self._run(
+            "update_sso_provider",
+            params,
+            retry=Retry.SAFE,
+            row_factory=kwargs_row(self._sso_provider_row),
+        )
+        if provider is None:
+            raise NotFoundError(f"update_sso_provider: no SSO provider {provider_id}")
+        return provider
+
+    async def delete_sso_provider(self, id: uuid.UUID | str) -> bool:
+        """Delete a provider with its domains, links and SSO sessions; ``True`` if a row was
+        deleted. Idempotent (retried on transient failures): deleting a missing provider returns
+        ``False``."""
+        provider_id = v.parse_uuid(id)
+        if provider_id is None:
+            return False
+        return await self._exec("delete_sso_provider", {"id": provider_id}, retry=Retry.SAFE) > 0
+
+    async def list_sso_providers(self, org_id: uuid.UUID | str | None = None) -> list[SsoProvider]:
+        """Providers, newest first, secrets decrypted: every one, or with ``org_id`` that
+        organization's providers plus the global ones (no ``org_id``), as the reference does.
+        Empty for a malformed ``org_id``. Raises ``EncryptionKeyError`` when a stored secret
+        cannot be decrypted."""
+        factory = kwargs_row(self._sso_provider_row)
+        if org_id is None:
+            providers: list[SsoProvider] = await self._run(
+                "list_sso_providers", {}, retry=Retry.SAFE, row_factory=factory
+            )
+            return providers
+        parsed = v.parse_uuid(org_id)
+        if parsed is None:
+            return []
+        providers = await self._run(
+            "list_org_sso_providers", {"org_id": parsed}, retry=Retry.SAFE, row_factory=factory
+        )
+        return providers
+
+    async def add_sso_provider_domain(
+        self, provider_id: uuid.UUID | str, domain: str, *, verified: bool = False
+    ) -> SsoDomain:
+        """Add an email domain (stored lowercase) to a provider and return it; ``verified=True``
+        marks it verified now.
+
+        Adding a domain the provider already has is idempotent and never un-verifies it, so the
+        call is retried on transient failures. Raises ``ConflictError`` when verifying a domain
+        another provider has verified, ``NotFoundError`` when there is no such provider, and
+        ``ValidationError`` for a malformed domain.
+        """
+        params = {
+            "provider_id": v.uuid_arg("provider_id", provider_id),
+            "domain": _domain("domain", domain),
+            "verified": _flag("verified", verified),
+        }
+        added = await self._one("add_sso_provider_domain", params, SsoDomain, retry=Retry.SAFE)
+        assert added is not None
+        return added
+
+    async def verify_sso_provider_domain(
+        self, provider_id: uuid.UUID | str, domain: str
+    ) -> SsoDomain:
+        """Mark a provider's domain verified (a domain verified earlier keeps its
+        ``verified_at``) and return it; from then on it routes logins to this provider.
+
+        Raises ``ConflictError`` when another provider already has the domain verified and
+        ``NotFoundError`` when the domain was not added to this provider. Idempotent, so
+        retried on transient failures.
+        """
+        params = {
+            "provider_id": v.uuid_arg("provider_id", provider_id),
+            "domain": _domain("domain", domain),
+        }
+        verified = await self._one(
+            "verify_sso_provider_domain", params, SsoDomain, retry=Retry.SAFE
+        )
+        if verified is None:
+            raise NotFoundError(
+                f"verify_sso_provider_domain: provider {params['provider_id']} has no such domain"
+            )
+        return verified
+
+    async def remove_sso_provider_domain(self, provider_id: uuid.UUID | str, domain: str) -> bool:
+        """Remove a domain from a provider; ``True`` if it had it (``False`` also for a
+        malformed id or domain). Idempotent, so retried on transient failures."""
+        parsed = v.parse_uuid(provider_id)
+        if parsed is None:
+            return False
+        try:
+            name = _domain("domain", domain)
+        except ValidationError:
+            return False
+        params = {"provider_id": parsed, "domain": name}
+        return await self._exec("remove_sso_provider_domain", params, retry=Retry.SAFE) > 0
+
+    async def get_sso_provider_by_domain(self, domain: str) -> SsoProvider | None:
+        """Home-realm discovery: the provider that has verified the domain of ``domain`` (an
+        email address or a bare domain, in any letter case), or ``None``.
+
+        Only exact, verified domains match (``eu.example.com`` does not match a verified
+        ``example.com``); unverified domains never route logins. ``None`` for malformed input.
+        """
+        if not isinstance(domain, str):
+            return None
+        try:
+            name = _domain("domain", domain.rpartition("@")[2])
+        except ValidationError:
+            return None
+        provider: SsoProvider | None = await self._run(
+            "get_sso_provider_by_domain",
+            {"domain": name},
+            retry=Retry.SAFE,
+            row_factory=kwargs_row(self._sso_provider_row),
+        )
+        return provider
+
+    async def create_sso_link(
+        self,
+        *,
+        user_id: uuid.UUID | str,
+        provider_id: uuid.UUID | str,
+        provider_type: str,
+        provider_subject: str,
+        provider_email: str | None = None,
+        auto_provisioned: bool = False,
+        metadata: dict[str, Any] | None = None,
+        last_auth_at: dt.datetime | None = None,
+    ) -> SsoLink:
+        """Link a user to their identity (``provider_subject``) at a provider and return the
+        link. ``last_auth_at`` defaults to now (the database clock), as in the reference.
+
+        Raises ``ConflictError`` when the provider's subject is already linked (to any user),
+        ``NotFoundError`` when the user or the provider does not exist, and ``ValidationError``
+        for bad input. Retried on transient failures: the id is generated before the first
+        attempt, so a retry after a lost acknowledgement returns the same row.
+        """
+        params = {
+            "id": new_id(),
+            "user_id": v.uuid_arg("user_id", user_id),
+            "provider_id": v.uuid_arg("provider_id", provider_id),
+            "provider_type": v.choice("provider_type", provider_type, PROVIDER_TYPES),
+            "provider_subject": v.text("provider_subject", provider_subject, max_len=SUBJECT),
+            "provider_email": v.opt_text("provider_email", provider_email, max_len=v.EMAIL),
+            "auto_provisioned": _flag("auto_provisioned", auto_provisioned),
+            "metadata": v.json_text("metadata", metadata),
+            "last_auth_at": v.opt_timestamp("last_auth_at", last_auth_at),
+        }
+        link = await self._one("create_sso_link", params, SsoLink, retry=Retry.SAFE)
+        assert link is not None
+        return link
+
+    async def get_sso_link(self, id: uuid.UUID | str) -> SsoLink | None:
+        """The SSO link with this id, or ``None`` (also for a malformed id)."""
+        link_id = v.parse_uuid(id)
+        if link_id is None:
+            return None
+        return await self._one("get_sso_link", {"id": link_id}, SsoLink, retry=Retry.SAFE)
+
+    async def get_user_sso_links(self, user_id: uuid.UUID | str) -> list[SsoLink]:
+        """A user's SSO links, newest first (empty for an unknown or malformed id)."""
+        parsed = v.parse_uuid(user_id)
+        if parsed is None:
+            return []
+        return await self._many(
+            "get_user_sso_links", {"user_id": parsed}, SsoLink, retry=Retry.SAFE
+        )
+
+    async def delete_sso_link(self, id: uuid.UUID | str) -> bool:
+        """Delete an SSO link; ``True`` if a row was deleted. Idempotent (retried on transient
+        failures): deleting a missing link or a malformed id returns ``False``."""
+        link_id = v.parse_uuid(id)
+        if link_id is None:
+            return False
+        return await self._exec("delete_sso_link", {"id": link_id}, retry=Retry.SAFE) > 0
+
+    async def create_sso_session(
+        self,
+        *,
+        user_id: uuid.UUID | str,
+        provider_id: uuid.UUID | str,
+        provider_type: str,
+        provider_subject: str,
+        expires_at: dt.datetime,
+        session_token: str | None = None,
+        last_auth_at: dt.datetime | None = None,
+    ) -> SsoSession:
+        """Record an SSO login session and return it.
+
+        Only the SHA-256 digest of ``session_token`` (the provider's session index or token) is
+        stored, never the token. ``expires_at`` must be timezone-aware; ``last_auth_at``
+        defaults to now (the database clock), as in the reference. Raises ``NotFoundError`` when
+        the user or the provider does not exist and ``ValidationError`` for bad input. Retried
+        on transient failures: the id is generated before the first attempt, so a retry returns
+        the same row.
+        """
+        token = v.opt_text("session_token", session_token, max_len=v.LONG)
+        params = {
+            "id": new_id(),
+            "user_id": v.uuid_arg("user_id", user_id),
+            "provider_id": v.uuid_arg("provider_id", provider_id),
+            "provider_type": v.choice("provider_type", provider_type, PROVIDER_TYPES),
+            "provider_subject": v.text("provider_subject", provider_subject, max_len=SUBJECT),
+            "session_token_hash": None
+            if token is None
+            else hashlib.sha256(token.encode("utf-8")).digest(),
+            "expires_at": v.timestamp("expires_at", expires_at),
+            "last_auth_at": v.opt_timestamp("last_auth_at", last_auth_at),
+        }
+        session = await self._one("create_sso_session", params, SsoSession, retry=Retry.SAFE)
+        assert session is not None
+        return session
+
+    async def get_sso_session(self, id: uuid.UUID | str) -> SsoSession | None:
+        """The unexpired SSO session with this id, or ``None`` (unknown, expired or malformed
+        id; expiry is judged by the database clock)."""
+        session_id = v.parse_uuid(id)
+        if session_id is None:
+            return None
+        return await self._one("get_sso_session", {"id": session_id}, SsoSession, retry=Retry.SAFE)

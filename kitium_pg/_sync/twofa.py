@@ -1,11 +1,329 @@
 # WARNING: generated from kitium_pg/_async/twofa.py by tools/unasync.py; do not edit.
 # Change the async source and run `python tools/unasync.py`.
-"""Two-factor device, backup code and challenge methods (generated from the async source)."""
+"""Two-factor devices, backup codes and challenges (generated from the async source)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
+from collections.abc import Iterable
+from typing import Any, Final
+
+from psycopg.rows import kwargs_row
+
+from .. import _validate as v
+from .._base import UNSET, Retry, Unset, new_id
+from ..errors import NotFoundError, ValidationError
+from ..records import BackupCode, TwoFactorDevice, TwoFactorSession
 from .core import Core
+
+SECRET_COLUMN: Final = "twofa_devices.secret"  # noqa: S105 - a column name, not a secret
+"""Encryption context (associated data) of device secrets."""
+
+DEVICE_METHODS: Final = ("totp", "sms", "email")
+CHALLENGE_METHODS: Final = ("totp", "sms", "email", "backup_code")
+MIN_CODE_HASH: Final = 16
+"""Shortest ``code_hash`` accepted (mirrors the code_hash CHECKs of the 2FA tables)."""
+MAX_BACKUP_CODES: Final = 100
+PHONE: Final = 32
+"""Longest ``phone_number`` (mirrors twofa_devices__phone_number_check)."""
+INT8_MAX: Final = 2**63 - 1
+
+
+def _code_hash(field: str, value: object) -> str:
+    # A digest of a code: refuse anything short enough to be the code itself.
+    text = v.text(field, value, max_len=v.HASH)
+    if len(text) < MIN_CODE_HASH:
+        raise ValidationError(
+            field, f"must be at least {MIN_CODE_HASH} characters (a digest, not a code)"
+        )
+    return text
 
 
 class TwoFactor(Core):
     """Two-factor device, backup code and challenge methods of the sync adapter."""
+
+    # -- devices -----------------------------------------------------------------------------
+
+    def _device(
+        self, *, secret_ciphertext: bytes | None, secret_key_id: str | None, **fields: Any
+    ) -> TwoFactorDevice:
+        # Row factory of the device queries: decrypts the secret (EncryptionKeyError when its
+        # key is not configured or the ciphertext does not authenticate for this row).
+        secret = self._decrypt(SECRET_COLUMN, fields["id"], secret_key_id, secret_ciphertext)
+        return TwoFactorDevice(secret=secret, **fields)
+
+    def create_two_factor_device(
+        self,
+        *,
+        user_id: uuid.UUID | str,
+        method: str,
+        name: str | None = None,
+        verified: bool = False,
+        phone_number: str | None = None,
+        secret: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> TwoFactorDevice:
+        """Register a second factor (``method`` is ``"totp"``, ``"sms"`` or ``"email"``) and
+        return it.
+
+        ``secret`` (a TOTP seed) is stored only as AES-256-GCM ciphertext bound to the new
+        row: ``EncryptionKeyError`` (before anything is written) when no encryption key is
+        configured. Raises ``ValidationError`` for bad input and ``NotFoundError`` when
+        ``user_id`` is not a user. Retried on transient failures: the id is generated (and the
+        secret encrypted) before the first attempt, so a retry returns the same row.
+        """
+        device_id = new_id()
+        params: dict[str, Any] = {
+            "id": device_id,
+            "user_id": v.uuid_arg("user_id", user_id),
+            "method": v.choice("method", method, DEVICE_METHODS),
+            "name": v.opt_text("name", name),
+            "verified": v.expect_type("verified", verified, bool),
+            "phone_number": v.opt_text("phone_number", phone_number, max_len=PHONE),
+            "metadata": v.json_text("metadata", metadata),
+        }
+        key_id, ciphertext = self._encrypt(
+            SECRET_COLUMN, device_id, v.opt_text("secret", secret, max_len=v.LONG)
+        )
+        params["secret_key_id"] = key_id
+        params["secret_ciphertext"] = ciphertext
+        device: TwoFactorDevice | None = self._run(
+            "create_two_factor_device",
+            params,
+            retry=Retry.SAFE,
+            row_factory=kwargs_row(self._device),
+        )
+        assert device is not None
+        return device
+
+    def get_two_factor_device(self, id: uuid.UUID | str) -> TwoFactorDevice | None:
+        """The device with this id (secret decrypted), or ``None`` (also for a malformed id)."""
+        device_id = v.parse_uuid(id)
+        if device_id is None:
+            return None
+        device: TwoFactorDevice | None = self._run(
+            "get_two_factor_device",
+            {"id": device_id},
+            retry=Retry.SAFE,
+            row_factory=kwargs_row(self._device),
+        )
+        return device
+
+    def list_two_factor_devices(self, user_id: uuid.UUID | str) -> list[TwoFactorDevice]:
+        """The devices of a user, oldest first (secrets decrypted); empty for an unknown or
+        malformed id."""
+        parsed = v.parse_uuid(user_id)
+        if parsed is None:
+            return []
+        devices: list[TwoFactorDevice] = self._run(
+            "list_two_factor_devices",
+            {"user_id": parsed},
+            retry=Retry.SAFE,
+            row_factory=kwargs_row(self._device),
+        )
+        return devices
+
+    def update_two_factor_device(
+        self,
+        id: uuid.UUID | str,
+        *,
+        name: str | Unset | None = UNSET,
+        verified: bool | Unset = UNSET,
+        phone_number: str | Unset | None = UNSET,
+        secret: str | Unset | None = UNSET,
+        metadata: dict[str, Any] | Unset = UNSET,
+        last_used_at: dt.datetime | Unset | None = UNSET,
+    ) -> TwoFactorDevice:
+        """Change the given fields of a device and return it (fields left out stay as they
+        are; ``secret=None`` removes the secret, a new one is encrypted like on create).
+
+        Raises ``NotFoundError`` when there is no such device and ``EncryptionKeyError`` (before
+        anything is written) for a secret without a configured key. Setting values is
+        idempotent, so transient failures are retried.
+        """
+        device_id = v.uuid_arg("id", id)
+        params: dict[str, Any] = {"id": device_id}
+        checks: dict[str, Any] = {
+            "name": (name, lambda x: v.opt_text("name", x)),
+            "verified": (verified, lambda x: v.expect_type("verified", x, bool)),
+            "phone_number": (phone_number, lambda x: v.opt_text("phone_number", x, max_len=PHONE)),
+            "metadata": (metadata, lambda x: v.json_text("metadata", x)),
+            "last_used_at": (last_used_at, lambda x: v.opt_timestamp("last_used_at", x)),
+        }
+        for field, (value, check) in checks.items():
+            given = value is not UNSET
+            params[f"set_{field}"] = given
+            params[field] = check(value) if given else None
+        params["set_secret"] = secret is not UNSET
+        key_id, ciphertext = None, None
+        if not isinstance(secret, Unset):
+            key_id, ciphertext = self._encrypt(
+                SECRET_COLUMN, device_id, v.opt_text("secret", secret, max_len=v.LONG)
+            )
+        params["secret_key_id"] = key_id
+        params["secret_ciphertext"] = ciphertext
+        device: TwoFactorDevice | None = self._run(
+            "update_two_factor_device",
+            params,
+            retry=Retry.SAFE,
+            row_factory=kwargs_row(self._device),
+        )
+        if device is None:
+            raise NotFoundError(f"update_two_factor_device: no device {device_id}")
+        return device
+
+    def delete_two_factor_device(self, id: uuid.UUID | str) -> bool:
+        """Delete a device with its pending challenges; ``True`` if a row was deleted.
+        Idempotent: deleting a missing device returns ``False``."""
+        device_id = v.parse_uuid(id)
+        if device_id is None:
+            return False
+        return self._exec("delete_two_factor_device", {"id": device_id}, retry=Retry.SAFE) > 0
+
+    def record_totp_step(self, device_id: uuid.UUID | str, step: int) -> bool:
+        """TOTP replay guard (RFC 6238 section 5.2): accept time step ``step`` for a device only
+        when it is newer than the last accepted one, recording it (and ``last_used_at``).
+
+        ``True`` for the accepted step; ``False`` for a step already accepted or older, or an
+        unknown device. One guarded statement: of concurrent calls with the same step exactly
+        one gets ``True``. Never retried by the adapter: after a lost acknowledgement a retry
+        would find its own step recorded and report a replay.
+        """
+        params = {
+            "id": v.uuid_arg("device_id", device_id),
+            "step": v.integer("step", step, maximum=INT8_MAX),
+        }
+        return self._value("record_totp_step", params, retry=Retry.NEVER) is not None
+
+    # -- backup codes ------------------------------------------------------------------------
+
+    def create_backup_codes(
+        self, user_id: uuid.UUID | str, code_hashes: Iterable[str]
+    ) -> list[BackupCode]:
+        """Replace a user's backup codes with ``code_hashes`` and return the new codes, in the
+        order given. Pass digests of the codes (HMAC-SHA-256, argon2id…), never the codes.
+
+        One statement (the ``replace_backup_codes`` function) locks the user, deletes the old
+        codes (used or not) and inserts the new ones: no moment exists with both sets or
+        neither, and of two concurrent replacements exactly one set survives. Raises
+        ``ValidationError`` for bad or repeated digests and ``NotFoundError`` when ``user_id``
+        is not a user (an empty ``code_hashes`` just removes the codes). Retried on transient failures: the ids are
+        generated before the first attempt, so a retry rewrites the same set.
+        """
+        hashes = v.strings("code_hashes", code_hashes, max_items=MAX_BACKUP_CODES, max_len=v.HASH)
+        hashes = [_code_hash(f"code_hashes[{i}]", h) for i, h in enumerate(hashes)]
+        if len(set(hashes)) != len(hashes):
+            raise ValidationError("code_hashes", "must not repeat a digest")
+        params = {
+            "user_id": v.uuid_arg("user_id", user_id),
+            "ids": [new_id() for _ in hashes],  # time-ordered: the query returns them in order
+            "code_hashes": hashes,
+        }
+        return self._many("create_backup_codes", params, BackupCode, retry=Retry.SAFE)
+
+    def get_backup_codes(self, user_id: uuid.UUID | str) -> list[BackupCode]:
+        """A user's backup codes, used ones included, in creation order; empty for an unknown
+        or malformed id."""
+        parsed = v.parse_uuid(user_id)
+        if parsed is None:
+            return []
+        return self._many("get_backup_codes", {"user_id": parsed}, BackupCode, retry=Retry.SAFE)
+
+    def mark_backup_code_used(self, code_id: uuid.UUID | str) -> bool:
+        """Consume a backup code by id: ``True`` for the one call that consumed it, ``False``
+        when it was already used or does not exist.
+
+        One guarded statement: of any number of concurrent callers exactly one gets ``True``.
+        Retried on transient failures: each call draws a consumer id before the first attempt
+        and the statement records it, so a retry after a lost acknowledgement still wins.
+        """
+        params = {"id": v.uuid_arg("code_id", code_id), "consumer": uuid.uuid4()}
+        return self._value("mark_backup_code_used", params, retry=Retry.SAFE) is not None
+
+    def consume_backup_code(self, user_id: uuid.UUID | str, code_hash: str) -> BackupCode | None:
+        """Find a user's unused backup code with this digest and consume it, in one guarded
+        statement; returns the code (``used_at`` set), or ``None`` when the user has no unused
+        code with this digest.
+
+        Of concurrent callers with the same digest exactly one gets the code. Retried on
+        transient failures: each call draws a consumer id before the first attempt, so a retry
+        after a lost acknowledgement still gets the code it consumed.
+        """
+        params = {
+            "user_id": v.uuid_arg("user_id", user_id),
+            "code_hash": _code_hash("code_hash", code_hash),
+            "consumer": uuid.uuid4(),
+        }
+        return self._one("consume_backup_code", params, BackupCode, retry=Retry.SAFE)
+
+    # -- challenges --------------------------------------------------------------------------
+
+    def create_two_factor_session(
+        self,
+        *,
+        user_id: uuid.UUID | str,
+        session_id: uuid.UUID | str,
+        device_id: uuid.UUID | str,
+        method: str,
+        expires_at: dt.datetime,
+        code_hash: str | None = None,
+        max_attempts: int = 5,
+    ) -> TwoFactorSession:
+        """Open a 2FA challenge for login session ``session_id`` and return it.
+
+        ``method`` is ``"totp"``, ``"sms"``, ``"email"`` or ``"backup_code"``; ``code_hash`` is
+        a digest of the code sent (never the code); ``expires_at`` must be timezone-aware;
+        ``max_attempts`` is 1 to 100. Raises ``ValidationError`` for bad input and
+        ``NotFoundError`` when the user or device does not exist. Retried on transient
+        failures: the id is generated before the first attempt, so a retry returns the same row.
+        """
+        params = {
+            "id": new_id(),
+            "user_id": v.uuid_arg("user_id", user_id),
+            "session_id": v.uuid_arg("session_id", session_id),
+            "device_id": v.uuid_arg("device_id", device_id),
+            "method": v.choice("method", method, CHALLENGE_METHODS),
+            "code_hash": None if code_hash is None else _code_hash("code_hash", code_hash),
+            "max_attempts": v.integer("max_attempts", max_attempts, minimum=1, maximum=100),
+            "expires_at": v.timestamp("expires_at", expires_at),
+        }
+        challenge = self._one(
+            "create_two_factor_session", params, TwoFactorSession, retry=Retry.SAFE
+        )
+        assert challenge is not None
+        return challenge
+
+    def get_two_factor_session(self, id: uuid.UUID | str) -> TwoFactorSession | None:
+        """The challenge with this id (completed or expired alike), or ``None`` (also for a
+        malformed id)."""
+        challenge_id = v.parse_uuid(id)
+        if challenge_id is None:
+            return None
+        return self._one(
+            "get_two_factor_session", {"id": challenge_id}, TwoFactorSession, retry=Retry.SAFE
+        )
+
+    def complete_two_factor_session(self, id: uuid.UUID | str) -> bool:
+        """Mark a challenge completed: ``True`` for the one call that completed it, ``False``
+        when it is already completed, expired or unknown.
+
+        One guarded statement: of any number of concurrent callers exactly one gets ``True``.
+        Retried on transient failures: each call draws a consumer id before the first attempt
+        and the statement records it, so a retry after a lost acknowledgement still wins.
+        """
+        params = {"id": v.uuid_arg("id", id), "consumer": uuid.uuid4()}
+        return self._value("complete_two_factor_session", params, retry=Retry.SAFE) is not None
+
+    def increment_two_factor_attempts(self, id: uuid.UUID | str) -> int | None:
+        """Count one attempt on an open challenge and return the new count, or ``None`` when
+        the attempt is refused: the limit (``max_attempts``) is reached, or the challenge is
+        completed, expired or unknown.
+
+        Atomic: of concurrent calls on a challenge with ``max_attempts=n`` exactly ``n`` get a
+        count (1 to n), the rest ``None``. Never retried by the adapter: after a lost
+        acknowledgement a retry would count twice.
+        """
+        params = {"id": v.uuid_arg("id", id)}
+        attempts = self._value("increment_two_factor_attempts", params, retry=Retry.NEVER)
+        return None if attempts is None else int(attempts)

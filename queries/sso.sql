@@ -1,0 +1,316 @@
+-- SSO providers with their email domains, SSO links and SSO sessions.
+-- Every provider-returning query yields the columns the adapter's provider row factory reads:
+-- those of kitium_pg.records.SsoProvider, except that each secret arrives as its ciphertext and
+-- key id (decrypted in Python; no secret is ever sent to or stored by the database in
+-- plaintext), and the domains column aggregates the provider's rows of sso_provider_domains
+-- (one lookup on the primary key provider_id, domain) ordered by domain.
+-- Domain lists arrive as one text array expanded with unnest, already lowercased by the caller.
+
+-- name: create_sso_provider(id, type, name, org_id, metadata_url, client_id, client_secret_ciphertext, client_secret_key_id, token_endpoint_auth_method, idp_entity_id, idp_sso_url, idp_slo_url, idp_certificate, sp_entity_id, sp_acs_url, sp_slo_url, signing_cert, signing_key_ciphertext, signing_key_key_id, encryption_enabled, force_authn, scopes, redirect_uris, claim_mapping, attribute_mapping, metadata, domains)^
+-- Insert a provider with its (unverified) domains; a retry with the same id returns the stored row.
+WITH inserted AS (
+  INSERT INTO kitium_auth.sso_providers
+    (id, type, name, org_id, metadata_url, client_id, client_secret_ciphertext,
+     client_secret_key_id, token_endpoint_auth_method, idp_entity_id, idp_sso_url, idp_slo_url,
+     idp_certificate, sp_entity_id, sp_acs_url, sp_slo_url, signing_cert, signing_key_ciphertext,
+     signing_key_key_id, encryption_enabled, force_authn, scopes, redirect_uris, claim_mapping,
+     attribute_mapping, metadata)
+  VALUES
+    (:id, :type, :name, :org_id, :metadata_url, :client_id, :client_secret_ciphertext,
+     :client_secret_key_id, :token_endpoint_auth_method, :idp_entity_id, :idp_sso_url,
+     :idp_slo_url, :idp_certificate, :sp_entity_id, :sp_acs_url, :sp_slo_url, :signing_cert,
+     :signing_key_ciphertext, :signing_key_key_id, :encryption_enabled, :force_authn, :scopes,
+     :redirect_uris, :claim_mapping::jsonb, :attribute_mapping::jsonb, :metadata::jsonb)
+  ON CONFLICT (id) DO NOTHING
+  RETURNING id, type, name, org_id, metadata_url, client_id, client_secret_ciphertext,
+            client_secret_key_id, token_endpoint_auth_method, idp_entity_id, idp_sso_url,
+            idp_slo_url, idp_certificate, sp_entity_id, sp_acs_url, sp_slo_url, signing_cert,
+            signing_key_ciphertext, signing_key_key_id, encryption_enabled, force_authn, scopes,
+            redirect_uris, claim_mapping, attribute_mapping, metadata, created_at, updated_at
+),
+added AS (
+  INSERT INTO kitium_auth.sso_provider_domains (provider_id, domain)
+  SELECT inserted.id, d.domain
+    FROM inserted, unnest(:domains::text[]) AS d (domain)
+  RETURNING domain, verified_at
+)
+SELECT i.id, i.type, i.name, i.org_id, i.metadata_url, i.client_id, i.client_secret_ciphertext,
+       i.client_secret_key_id, i.token_endpoint_auth_method, i.idp_entity_id, i.idp_sso_url,
+       i.idp_slo_url, i.idp_certificate, i.sp_entity_id, i.sp_acs_url, i.sp_slo_url,
+       i.signing_cert, i.signing_key_ciphertext, i.signing_key_key_id, i.encryption_enabled,
+       i.force_authn, i.scopes, i.redirect_uris, i.claim_mapping, i.attribute_mapping,
+       i.metadata,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'domain', a.domain, 'verified_at', a.verified_at) ORDER BY a.domain), '[]'::jsonb)
+          FROM added AS a) AS domains,
+       i.created_at, i.updated_at
+  FROM inserted AS i
+UNION ALL
+SELECT p.id, p.type, p.name, p.org_id, p.metadata_url, p.client_id, p.client_secret_ciphertext,
+       p.client_secret_key_id, p.token_endpoint_auth_method, p.idp_entity_id, p.idp_sso_url,
+       p.idp_slo_url, p.idp_certificate, p.sp_entity_id, p.sp_acs_url, p.sp_slo_url,
+       p.signing_cert, p.signing_key_ciphertext, p.signing_key_key_id, p.encryption_enabled,
+       p.force_authn, p.scopes, p.redirect_uris, p.claim_mapping, p.attribute_mapping,
+       p.metadata,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'domain', d.domain, 'verified_at', d.verified_at) ORDER BY d.domain), '[]'::jsonb)
+          FROM kitium_auth.sso_provider_domains AS d WHERE d.provider_id = p.id) AS domains,
+       p.created_at, p.updated_at
+  FROM kitium_auth.sso_providers AS p
+ WHERE p.id = :id AND NOT EXISTS (SELECT 1 FROM inserted)
+ LIMIT 1;
+
+-- name: get_sso_provider(id)^
+-- Fetch one provider with its domains.
+SELECT p.id, p.type, p.name, p.org_id, p.metadata_url, p.client_id, p.client_secret_ciphertext,
+       p.client_secret_key_id, p.token_endpoint_auth_method, p.idp_entity_id, p.idp_sso_url,
+       p.idp_slo_url, p.idp_certificate, p.sp_entity_id, p.sp_acs_url, p.sp_slo_url,
+       p.signing_cert, p.signing_key_ciphertext, p.signing_key_key_id, p.encryption_enabled,
+       p.force_authn, p.scopes, p.redirect_uris, p.claim_mapping, p.attribute_mapping,
+       p.metadata,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'domain', d.domain, 'verified_at', d.verified_at) ORDER BY d.domain), '[]'::jsonb)
+          FROM kitium_auth.sso_provider_domains AS d WHERE d.provider_id = p.id) AS domains,
+       p.created_at, p.updated_at
+  FROM kitium_auth.sso_providers AS p
+ WHERE p.id = :id;
+
+-- name: get_sso_provider_by_domain(domain)^
+-- Fetch the provider that has verified this email domain (served by the partial unique index
+-- sso_provider_domains__domain_key, so there is at most one).
+SELECT p.id, p.type, p.name, p.org_id, p.metadata_url, p.client_id, p.client_secret_ciphertext,
+       p.client_secret_key_id, p.token_endpoint_auth_method, p.idp_entity_id, p.idp_sso_url,
+       p.idp_slo_url, p.idp_certificate, p.sp_entity_id, p.sp_acs_url, p.sp_slo_url,
+       p.signing_cert, p.signing_key_ciphertext, p.signing_key_key_id, p.encryption_enabled,
+       p.force_authn, p.scopes, p.redirect_uris, p.claim_mapping, p.attribute_mapping,
+       p.metadata,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'domain', d.domain, 'verified_at', d.verified_at) ORDER BY d.domain), '[]'::jsonb)
+          FROM kitium_auth.sso_provider_domains AS d WHERE d.provider_id = p.id) AS domains,
+       p.created_at, p.updated_at
+  FROM kitium_auth.sso_provider_domains AS hit
+  JOIN kitium_auth.sso_providers AS p ON p.id = hit.provider_id
+ WHERE hit.domain = :domain AND hit.verified_at IS NOT NULL;
+
+-- name: update_sso_provider(id, set_name, name, set_org_id, org_id, set_metadata_url, metadata_url, set_client_id, client_id, set_client_secret, client_secret_ciphertext, client_secret_key_id, set_token_endpoint_auth_method, token_endpoint_auth_method, set_idp_entity_id, idp_entity_id, set_idp_sso_url, idp_sso_url, set_idp_slo_url, idp_slo_url, set_idp_certificate, idp_certificate, set_sp_entity_id, sp_entity_id, set_sp_acs_url, sp_acs_url, set_sp_slo_url, sp_slo_url, set_signing_cert, signing_cert, set_signing_key, signing_key_ciphertext, signing_key_key_id, set_encryption_enabled, encryption_enabled, set_force_authn, force_authn, set_scopes, scopes, set_redirect_uris, redirect_uris, set_claim_mapping, claim_mapping, set_attribute_mapping, attribute_mapping, set_metadata, metadata, set_domains, domains)^
+-- Update the given columns of one provider and, when set_domains, replace its domain set (domains
+-- kept keep their verified_at; the others are deleted or inserted unverified). No row if the
+-- provider does not exist. The statement's snapshot does not show its own domain writes, so the
+-- returned domains come from the upsert's RETURNING when the set was replaced.
+WITH updated AS (
+  UPDATE kitium_auth.sso_providers AS p
+     SET name = CASE WHEN :set_name THEN :name ELSE p.name END,
+         org_id = CASE WHEN :set_org_id THEN :org_id ELSE p.org_id END,
+         metadata_url = CASE WHEN :set_metadata_url THEN :metadata_url ELSE p.metadata_url END,
+         client_id = CASE WHEN :set_client_id THEN :client_id ELSE p.client_id END,
+         client_secret_ciphertext = CASE WHEN :set_client_secret
+                                         THEN :client_secret_ciphertext
+                                         ELSE p.client_secret_ciphertext END,
+         client_secret_key_id = CASE WHEN :set_client_secret
+                                     THEN :client_secret_key_id
+                                     ELSE p.client_secret_key_id END,
+         token_endpoint_auth_method = CASE WHEN :set_token_endpoint_auth_method
+                                           THEN :token_endpoint_auth_method
+                                           ELSE p.token_endpoint_auth_method END,
+         idp_entity_id = CASE WHEN :set_idp_entity_id THEN :idp_entity_id ELSE p.idp_entity_id END,
+         idp_sso_url = CASE WHEN :set_idp_sso_url THEN :idp_sso_url ELSE p.idp_sso_url END,
+         idp_slo_url = CASE WHEN :set_idp_slo_url THEN :idp_slo_url ELSE p.idp_slo_url END,
+         idp_certificate = CASE WHEN :set_idp_certificate
+                                THEN :idp_certificate
+                                ELSE p.idp_certificate END,
+         sp_entity_id = CASE WHEN :set_sp_entity_id THEN :sp_entity_id ELSE p.sp_entity_id END,
+         sp_acs_url = CASE WHEN :set_sp_acs_url THEN :sp_acs_url ELSE p.sp_acs_url END,
+         sp_slo_url = CASE WHEN :set_sp_slo_url THEN :sp_slo_url ELSE p.sp_slo_url END,
+         signing_cert = CASE WHEN :set_signing_cert THEN :signing_cert ELSE p.signing_cert END,
+         signing_key_ciphertext = CASE WHEN :set_signing_key
+                                       THEN :signing_key_ciphertext
+                                       ELSE p.signing_key_ciphertext END,
+         signing_key_key_id = CASE WHEN :set_signing_key
+                                   THEN :signing_key_key_id
+                                   ELSE p.signing_key_key_id END,
+         encryption_enabled = CASE WHEN :set_encryption_enabled
+                                   THEN :encryption_enabled
+                                   ELSE p.encryption_enabled END,
+         force_authn = CASE WHEN :set_force_authn THEN :force_authn ELSE p.force_authn END,
+         scopes = CASE WHEN :set_scopes THEN :scopes ELSE p.scopes END,
+         redirect_uris = CASE WHEN :set_redirect_uris THEN :redirect_uris ELSE p.redirect_uris END,
+         claim_mapping = CASE WHEN :set_claim_mapping
+                              THEN :claim_mapping::jsonb
+                              ELSE p.claim_mapping END,
+         attribute_mapping = CASE WHEN :set_attribute_mapping
+                                  THEN :attribute_mapping::jsonb
+                                  ELSE p.attribute_mapping END,
+         metadata = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE p.metadata END
+   WHERE p.id = :id
+  RETURNING p.id, p.type, p.name, p.org_id, p.metadata_url, p.client_id,
+            p.client_secret_ciphertext, p.client_secret_key_id, p.token_endpoint_auth_method,
+            p.idp_entity_id, p.idp_sso_url, p.idp_slo_url, p.idp_certificate, p.sp_entity_id,
+            p.sp_acs_url, p.sp_slo_url, p.signing_cert, p.signing_key_ciphertext,
+            p.signing_key_key_id, p.encryption_enabled, p.force_authn, p.scopes,
+            p.redirect_uris, p.claim_mapping, p.attribute_mapping, p.metadata, p.created_at,
+            p.updated_at
+),
+removed AS (
+  DELETE FROM kitium_auth.sso_provider_domains AS d
+   USING updated
+   WHERE :set_domains
+     AND d.provider_id = updated.id
+     AND NOT (d.domain = ANY (:domains::text[]))
+),
+kept AS (
+  INSERT INTO kitium_auth.sso_provider_domains AS d (provider_id, domain)
+  SELECT updated.id, w.domain
+    FROM updated, unnest(:domains::text[]) AS w (domain)
+   WHERE :set_domains
+  ON CONFLICT (provider_id, domain) DO UPDATE SET domain = EXCLUDED.domain
+  RETURNING d.domain, d.verified_at
+)
+SELECT u.id, u.type, u.name, u.org_id, u.metadata_url, u.client_id, u.client_secret_ciphertext,
+       u.client_secret_key_id, u.token_endpoint_auth_method, u.idp_entity_id, u.idp_sso_url,
+       u.idp_slo_url, u.idp_certificate, u.sp_entity_id, u.sp_acs_url, u.sp_slo_url,
+       u.signing_cert, u.signing_key_ciphertext, u.signing_key_key_id, u.encryption_enabled,
+       u.force_authn, u.scopes, u.redirect_uris, u.claim_mapping, u.attribute_mapping,
+       u.metadata,
+       CASE WHEN :set_domains
+            THEN (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                         'domain', k.domain, 'verified_at', k.verified_at) ORDER BY k.domain),
+                         '[]'::jsonb)
+                    FROM kept AS k)
+            ELSE (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                         'domain', d.domain, 'verified_at', d.verified_at) ORDER BY d.domain),
+                         '[]'::jsonb)
+                    FROM kitium_auth.sso_provider_domains AS d WHERE d.provider_id = u.id)
+       END AS domains,
+       u.created_at, u.updated_at
+  FROM updated AS u;
+
+-- name: delete_sso_provider(id)!
+-- Delete a provider; its domains, links and SSO sessions go with it (ON DELETE CASCADE).
+DELETE FROM kitium_auth.sso_providers WHERE id = :id;
+
+-- name: list_sso_providers()
+-- Every provider, newest first.
+SELECT p.id, p.type, p.name, p.org_id, p.metadata_url, p.client_id, p.client_secret_ciphertext,
+       p.client_secret_key_id, p.token_endpoint_auth_method, p.idp_entity_id, p.idp_sso_url,
+       p.idp_slo_url, p.idp_certificate, p.sp_entity_id, p.sp_acs_url, p.sp_slo_url,
+       p.signing_cert, p.signing_key_ciphertext, p.signing_key_key_id, p.encryption_enabled,
+       p.force_authn, p.scopes, p.redirect_uris, p.claim_mapping, p.attribute_mapping,
+       p.metadata,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'domain', d.domain, 'verified_at', d.verified_at) ORDER BY d.domain), '[]'::jsonb)
+          FROM kitium_auth.sso_provider_domains AS d WHERE d.provider_id = p.id) AS domains,
+       p.created_at, p.updated_at
+  FROM kitium_auth.sso_providers AS p
+ ORDER BY p.created_at DESC, p.id DESC;
+
+-- name: list_org_sso_providers(org_id)
+-- The providers of one organization plus the global ones (no org_id), newest first (served by
+-- sso_providers_org_id_idx).
+SELECT p.id, p.type, p.name, p.org_id, p.metadata_url, p.client_id, p.client_secret_ciphertext,
+       p.client_secret_key_id, p.token_endpoint_auth_method, p.idp_entity_id, p.idp_sso_url,
+       p.idp_slo_url, p.idp_certificate, p.sp_entity_id, p.sp_acs_url, p.sp_slo_url,
+       p.signing_cert, p.signing_key_ciphertext, p.signing_key_key_id, p.encryption_enabled,
+       p.force_authn, p.scopes, p.redirect_uris, p.claim_mapping, p.attribute_mapping,
+       p.metadata,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'domain', d.domain, 'verified_at', d.verified_at) ORDER BY d.domain), '[]'::jsonb)
+          FROM kitium_auth.sso_provider_domains AS d WHERE d.provider_id = p.id) AS domains,
+       p.created_at, p.updated_at
+  FROM kitium_auth.sso_providers AS p
+ WHERE p.org_id = :org_id OR p.org_id IS NULL
+ ORDER BY p.created_at DESC, p.id DESC;
+
+-- name: add_sso_provider_domain(provider_id, domain, verified)^
+-- Add a domain to a provider, verified now when verified is true. Adding it again is a no-op
+-- that never un-verifies (verifying it then sets verified_at if it was not set).
+INSERT INTO kitium_auth.sso_provider_domains AS d (provider_id, domain, verified_at)
+VALUES (:provider_id, :domain, CASE WHEN :verified THEN now() END)
+ON CONFLICT (provider_id, domain) DO UPDATE
+   SET verified_at = coalesce(d.verified_at, EXCLUDED.verified_at)
+RETURNING d.domain, d.verified_at;
+
+-- name: verify_sso_provider_domain(provider_id, domain)^
+-- Mark a provider's domain verified (keeping an earlier verified_at); no row if not added.
+UPDATE kitium_auth.sso_provider_domains AS d
+   SET verified_at = coalesce(d.verified_at, now())
+ WHERE d.provider_id = :provider_id AND d.domain = :domain
+RETURNING d.domain, d.verified_at;
+
+-- name: remove_sso_provider_domain(provider_id, domain)!
+-- Remove a domain from a provider.
+DELETE FROM kitium_auth.sso_provider_domains
+ WHERE provider_id = :provider_id AND domain = :domain;
+
+-- name: create_sso_link(id, user_id, provider_id, provider_type, provider_subject, provider_email, auto_provisioned, metadata, last_auth_at)^
+-- Insert an SSO link (last_auth_at defaults to now); a retry with the same id returns the
+-- stored row.
+WITH inserted AS (
+  INSERT INTO kitium_auth.sso_links
+    (id, user_id, provider_id, provider_type, provider_subject, provider_email,
+     auto_provisioned, metadata, last_auth_at)
+  VALUES
+    (:id, :user_id, :provider_id, :provider_type, :provider_subject, :provider_email,
+     :auto_provisioned, :metadata::jsonb, coalesce(:last_auth_at, now()))
+  ON CONFLICT (id) DO NOTHING
+  RETURNING id, user_id, provider_id, provider_type, provider_subject, provider_email,
+            auto_provisioned, metadata, linked_at, last_auth_at
+)
+SELECT id, user_id, provider_id, provider_type, provider_subject, provider_email,
+       auto_provisioned, metadata, linked_at, last_auth_at
+  FROM inserted
+UNION ALL
+SELECT id, user_id, provider_id, provider_type, provider_subject, provider_email,
+       auto_provisioned, metadata, linked_at, last_auth_at
+  FROM kitium_auth.sso_links
+ WHERE id = :id
+ LIMIT 1;
+
+-- name: get_sso_link(id)^
+-- Fetch one SSO link by id.
+SELECT id, user_id, provider_id, provider_type, provider_subject, provider_email,
+       auto_provisioned, metadata, linked_at, last_auth_at
+  FROM kitium_auth.sso_links
+ WHERE id = :id;
+
+-- name: get_user_sso_links(user_id)
+-- A user's SSO links, newest first (served by sso_links_user_id_idx).
+SELECT id, user_id, provider_id, provider_type, provider_subject, provider_email,
+       auto_provisioned, metadata, linked_at, last_auth_at
+  FROM kitium_auth.sso_links
+ WHERE user_id = :user_id
+ ORDER BY linked_at DESC, id DESC;
+
+-- name: delete_sso_link(id)!
+-- Delete one SSO link.
+DELETE FROM kitium_auth.sso_links WHERE id = :id;
+
+-- name: create_sso_session(id, user_id, provider_id, provider_type, provider_subject, session_token_hash, expires_at, last_auth_at)^
+-- Insert an SSO session (session_token_hash is the SHA-256 digest of the provider session token,
+-- or NULL; last_auth_at defaults to now); a retry with the same id returns the stored row.
+WITH inserted AS (
+  INSERT INTO kitium_auth.sso_sessions
+    (id, user_id, provider_id, provider_type, provider_subject, session_token_hash, expires_at,
+     last_auth_at)
+  VALUES
+    (:id, :user_id, :provider_id, :provider_type, :provider_subject, :session_token_hash,
+     :expires_at, coalesce(:last_auth_at, now()))
+  ON CONFLICT (id) DO NOTHING
+  RETURNING id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
+            last_auth_at
+)
+SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
+       last_auth_at
+  FROM inserted
+UNION ALL
+SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
+       last_auth_at
+  FROM kitium_auth.sso_sessions
+ WHERE id = :id
+ LIMIT 1;
+
+-- name: get_sso_session(id)^
+-- Fetch one unexpired SSO session by id.
+SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
+       last_auth_at
+  FROM kitium_auth.sso_sessions
+ WHERE id = :id AND expires_at > now();

@@ -1,0 +1,158 @@
+-- Two-factor devices, backup codes and challenges (twofa_sessions).
+-- Every device-returning query yields the columns the adapter decrypts into
+-- kitium_pg.records.TwoFactorDevice: secret_ciphertext and secret_key_id become secret.
+-- Backup codes and challenge codes are stored only as digests (code_hash); consumed_by (never
+-- returned) records which call consumed a code or completed a challenge.
+
+-- name: create_two_factor_device(id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id, metadata)^
+-- Insert a device; a retry with the same id returns the row the first attempt wrote.
+WITH inserted AS (
+  INSERT INTO kitium_auth.twofa_devices
+    (id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id,
+     metadata)
+  VALUES
+    (:id, :user_id, :method, :name, :verified, :phone_number, :secret_ciphertext,
+     :secret_key_id, :metadata::jsonb)
+  ON CONFLICT (id) DO NOTHING
+  RETURNING id, user_id, method, name, verified, phone_number, secret_ciphertext,
+            secret_key_id, last_used_at, metadata, created_at, updated_at
+)
+SELECT id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id,
+       last_used_at, metadata, created_at, updated_at
+  FROM inserted
+UNION ALL
+SELECT id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id,
+       last_used_at, metadata, created_at, updated_at
+  FROM kitium_auth.twofa_devices
+ WHERE id = :id
+ LIMIT 1;
+
+-- name: get_two_factor_device(id)^
+-- Fetch one device by id.
+SELECT id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id,
+       last_used_at, metadata, created_at, updated_at
+  FROM kitium_auth.twofa_devices
+ WHERE id = :id;
+
+-- name: list_two_factor_devices(user_id)
+-- Every device of one user, oldest first (served by twofa_devices_user_id_idx).
+SELECT id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id,
+       last_used_at, metadata, created_at, updated_at
+  FROM kitium_auth.twofa_devices
+ WHERE user_id = :user_id
+ ORDER BY created_at, id;
+
+-- name: update_two_factor_device(id, set_name, name, set_verified, verified, set_phone_number, phone_number, set_secret, secret_ciphertext, secret_key_id, set_metadata, metadata, set_last_used_at, last_used_at)^
+-- Update the given columns of one device (each set_x flag says whether x is given; set_secret
+-- replaces or clears the ciphertext together with its key id); no row if there is no device.
+UPDATE kitium_auth.twofa_devices AS d
+   SET name              = CASE WHEN :set_name THEN :name ELSE d.name END,
+       verified          = CASE WHEN :set_verified THEN :verified ELSE d.verified END,
+       phone_number      = CASE WHEN :set_phone_number THEN :phone_number ELSE d.phone_number END,
+       secret_ciphertext = CASE WHEN :set_secret THEN :secret_ciphertext
+                                ELSE d.secret_ciphertext END,
+       secret_key_id     = CASE WHEN :set_secret THEN :secret_key_id ELSE d.secret_key_id END,
+       metadata          = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE d.metadata END,
+       last_used_at      = CASE WHEN :set_last_used_at THEN :last_used_at ELSE d.last_used_at END
+ WHERE d.id = :id
+RETURNING d.id, d.user_id, d.method, d.name, d.verified, d.phone_number, d.secret_ciphertext,
+          d.secret_key_id, d.last_used_at, d.metadata, d.created_at, d.updated_at;
+
+-- name: delete_two_factor_device(id)!
+-- Delete a device; its pending challenges go with it (ON DELETE CASCADE).
+DELETE FROM kitium_auth.twofa_devices WHERE id = :id;
+
+-- name: record_totp_step(id, step)$
+-- TOTP replay guard: accept a time step only when it is newer than the last accepted one and
+-- record it with the use time. Returns true for the accepted step, no row otherwise (an older
+-- or replayed step, or no such device). Row lock waiters re-check the guard against the
+-- winner's step, so of concurrent calls with one step exactly one is accepted.
+UPDATE kitium_auth.twofa_devices
+   SET last_totp_step = :step, last_used_at = now()
+ WHERE id = :id AND (last_totp_step IS NULL OR last_totp_step < :step)
+RETURNING true;
+
+-- name: create_backup_codes(user_id, ids, code_hashes)
+-- Replace a user's backup codes (ids and code_hashes are parallel arrays) through
+-- replace_backup_codes, which serialises concurrent replacements on the user row.
+SELECT id, user_id, code_hash, used_at, created_at
+  FROM kitium_auth.replace_backup_codes(:user_id, :ids::uuid[], :code_hashes::text[])
+ ORDER BY id;
+
+-- name: get_backup_codes(user_id)
+-- Every backup code of one user, used ones included, in creation order (served by the unique
+-- index twofa_backup_codes__code_hash_key on its leading column).
+SELECT id, user_id, code_hash, used_at, created_at
+  FROM kitium_auth.twofa_backup_codes
+ WHERE user_id = :user_id
+ ORDER BY created_at, id;
+
+-- name: mark_backup_code_used(id, consumer)$
+-- Consume one backup code by id. Wins only for an unused code, or for the call (consumer) that
+-- already consumed it, so a retried call still wins; row lock waiters re-check the guard
+-- against the winner's row and lose. Returns the id for the winner, no row otherwise.
+UPDATE kitium_auth.twofa_backup_codes
+   SET used_at = coalesce(used_at, now()), consumed_by = :consumer
+ WHERE id = :id AND (used_at IS NULL OR consumed_by = :consumer)
+RETURNING id;
+
+-- name: consume_backup_code(user_id, code_hash, consumer)^
+-- Find and consume a user's backup code by digest in one guarded update (served by the unique
+-- index twofa_backup_codes__code_hash_key). Same guard as mark_backup_code_used; no row when
+-- the user has no unused code with this digest.
+UPDATE kitium_auth.twofa_backup_codes
+   SET used_at = coalesce(used_at, now()), consumed_by = :consumer
+ WHERE user_id = :user_id AND code_hash = :code_hash
+   AND (used_at IS NULL OR consumed_by = :consumer)
+RETURNING id, user_id, code_hash, used_at, created_at;
+
+-- name: create_two_factor_session(id, user_id, session_id, device_id, method, code_hash, max_attempts, expires_at)^
+-- Insert a challenge; a retry with the same id returns the row the first attempt wrote.
+WITH inserted AS (
+  INSERT INTO kitium_auth.twofa_sessions
+    (id, user_id, session_id, device_id, method, code_hash, max_attempts, expires_at)
+  VALUES
+    (:id, :user_id, :session_id, :device_id, :method, :code_hash, :max_attempts, :expires_at)
+  ON CONFLICT (id) DO NOTHING
+  RETURNING id, user_id, session_id, device_id, method, code_hash, attempt_count, max_attempts,
+            expires_at, completed_at, created_at
+)
+SELECT id, user_id, session_id, device_id, method, code_hash, attempt_count, max_attempts,
+       expires_at, completed_at, created_at
+  FROM inserted
+UNION ALL
+SELECT id, user_id, session_id, device_id, method, code_hash, attempt_count, max_attempts,
+       expires_at, completed_at, created_at
+  FROM kitium_auth.twofa_sessions
+ WHERE id = :id
+ LIMIT 1;
+
+-- name: get_two_factor_session(id)^
+-- Fetch one challenge by id.
+SELECT id, user_id, session_id, device_id, method, code_hash, attempt_count, max_attempts,
+       expires_at, completed_at, created_at
+  FROM kitium_auth.twofa_sessions
+ WHERE id = :id;
+
+-- name: complete_two_factor_session(id, consumer)$
+-- Complete a challenge once. Wins only for an uncompleted, unexpired challenge, or for the call
+-- (consumer) that already completed it, so a retried call still wins; row lock waiters
+-- re-check the guard against the winner's row and lose. Returns the id for the winner, no row
+-- otherwise (completed, expired or no such challenge).
+UPDATE kitium_auth.twofa_sessions
+   SET completed_at = coalesce(completed_at, now()), consumed_by = :consumer
+ WHERE id = :id
+   AND ((completed_at IS NULL AND expires_at > now()) OR consumed_by = :consumer)
+RETURNING id;
+
+-- name: increment_two_factor_attempts(id)$
+-- Count one attempt on an open challenge and return the new count. Refused (no row) once the
+-- limit is reached, or when the challenge is completed, expired or missing; row lock waiters
+-- re-check the guard against the latest count, so concurrent calls never pass the limit.
+UPDATE kitium_auth.twofa_sessions
+   SET attempt_count = attempt_count + 1
+ WHERE id = :id
+   AND attempt_count < max_attempts
+   AND completed_at IS NULL
+   AND expires_at > now()
+RETURNING attempt_count;

@@ -1,0 +1,785 @@
+"""SSO providers (encrypted secrets, domains, home-realm discovery), links and sessions, against
+both adapters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
+from kitium_pg._async import sso as sso_async
+from kitium_pg._sync import sso as sso_sync
+from kitium_pg.encryption import ENV_VAR
+from kitium_pg.errors import ConflictError, EncryptionKeyError, NotFoundError, ValidationError
+from kitium_pg.records import SsoDomain, SsoLink, SsoProvider, SsoSession, User
+from tests.conftest import AwaitableSync
+from tests.roundtrips import round_trips
+
+CLIENT_SECRET = "oidc-client-secret-7f3a9c"
+SIGNING_KEY = (
+    "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"
+)
+
+
+def _in(**delta: float) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(**delta)
+
+
+def _raw(dsn: str, sql: str, *params: Any) -> Any:
+    """One row of ``sql`` read straight from the database (bypassing the adapter)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchone()
+
+
+def _stored(dsn: str, provider_id: uuid.UUID) -> Any:
+    return _raw(
+        dsn,
+        "SELECT client_secret_ciphertext, client_secret_key_id, signing_key_ciphertext,"
+        " signing_key_key_id FROM kitium_auth.sso_providers WHERE id = %s",
+        provider_id,
+    )
+
+
+async def _oidc(storage: Any, unique: Callable[[str], str], **kw: Any) -> SsoProvider:
+    provider: SsoProvider = await storage.create_sso_provider(
+        type="oidc", name=unique("idp"), client_id="client", client_secret=CLIENT_SECRET, **kw
+    )
+    return provider
+
+
+async def _user(storage: Any, unique: Callable[[str], str]) -> User:
+    user: User = await storage.create_user(email=f"{unique('u')}@example.com")
+    return user
+
+
+# -- providers ----------------------------------------------------------------------------------
+
+
+async def test_create_and_get_round_trip(storage: Any, unique: Callable[[str], str]) -> None:
+    org = await storage.create_organization(name="Acme", plan="team")
+    domain = f"{unique('acme')}.example"
+    provider = await storage.create_sso_provider(
+        type="saml",
+        name="Acme SAML",
+        org_id=str(org.id),
+        metadata_url="https://idp.example/metadata",
+        client_id="client-1",
+        client_secret=CLIENT_SECRET,
+        token_endpoint_auth_method="client_secret_basic",
+        idp_entity_id="https://idp.example/entity",
+        idp_sso_url="https://idp.example/sso",
+        idp_slo_url="https://idp.example/slo",
+        idp_certificate="-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+        sp_entity_id="https://sp.example/entity",
+        sp_acs_url="https://sp.example/acs",
+        sp_slo_url="https://sp.example/slo",
+        signing_cert="-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----",
+        signing_key=SIGNING_KEY,
+        encryption_enabled=True,
+        force_authn=True,
+        scopes=["openid", "email"],
+        redirect_uris=["https://app.example/cb"],
+        claim_mapping={"email": "mail"},
+        attribute_mapping={"name": ["givenName", "sn"]},
+        metadata={"tier": 1},
+        domains=[domain.upper(), f"eu.{domain}"],
+    )
+    assert isinstance(provider, SsoProvider)
+    assert provider.id.version == 7
+    assert (provider.type, provider.name, provider.org_id) == ("saml", "Acme SAML", org.id)
+    assert (provider.client_secret, provider.signing_key) == (CLIENT_SECRET, SIGNING_KEY)
+    assert (provider.encryption_enabled, provider.force_authn) == (True, True)
+    assert provider.scopes == ("openid", "email")
+    assert provider.redirect_uris == ("https://app.example/cb",)
+    assert provider.claim_mapping == {"email": "mail"}
+    assert provider.attribute_mapping == {"name": ["givenName", "sn"]}
+    assert provider.metadata == {"tier": 1}
+    # Domains are stored lowercase, unverified, in domain order.
+    assert provider.domains == (
+        SsoDomain(domain=domain, verified_at=None),
+        SsoDomain(domain=f"eu.{domain}", verified_at=None),
+    )
+    assert provider.created_at.tzinfo is dt.UTC
+    assert await storage.get_sso_provider(provider.id) == provider
+    assert await storage.get_sso_provider(str(provider.id)) == provider
+
+
+async def test_create_with_defaults(storage: Any, unique: Callable[[str], str]) -> None:
+    provider = await storage.create_sso_provider(type="oidc", name=unique("bare"))
+    assert provider.client_secret is None
+    assert provider.signing_key is None
+    assert provider.org_id is None
+    assert provider.metadata_url is None
+    assert (provider.encryption_enabled, provider.force_authn) == (False, False)
+    assert (provider.scopes, provider.redirect_uris, provider.domains) == ((), (), ())
+    assert (provider.claim_mapping, provider.attribute_mapping, provider.metadata) == ({}, {}, {})
+    assert await storage.get_sso_provider(provider.id) == provider
+
+
+async def test_secrets_are_stored_only_as_ciphertext(
+    storage: Any, unique: Callable[[str], str], dsn: str, encryption_keys: dict[str, str]
+) -> None:
+    provider = await _oidc(storage, unique, signing_key=SIGNING_KEY)
+    secret_blob, secret_kid, key_blob, key_kid = _stored(dsn, provider.id)
+    current = list(encryption_keys)[-1]
+    assert (secret_kid, key_kid) == (current, current)
+    assert CLIENT_SECRET.encode() not in secret_blob
+    assert SIGNING_KEY.encode() not in key_blob
+    assert b"MIIEvQIBADANBgkqhkiG9w0BAQEFAASC" not in key_blob
+    # Random nonces: the same plaintext never gives the same ciphertext.
+    other = await _oidc(storage, unique)
+    assert _stored(dsn, other.id)[0] != secret_blob
+    # No other column holds the plaintext either.
+    row = _raw(dsn, "SELECT p::text FROM kitium_auth.sso_providers AS p WHERE id = %s", provider.id)
+    assert CLIENT_SECRET not in row[0]
+    assert "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC" not in row[0]
+
+
+async def test_a_ciphertext_moved_to_another_row_fails_to_decrypt(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    source = await _oidc(storage, unique)
+    victim = await storage.create_sso_provider(type="oidc", name=unique("victim"))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE kitium_auth.sso_providers AS v"
+                "   SET client_secret_ciphertext = s.client_secret_ciphertext,"
+                "       client_secret_key_id = s.client_secret_key_id"
+                "  FROM kitium_auth.sso_providers AS s WHERE s.id = %s AND v.id = %s",
+                [source.id, victim.id],
+            )
+        with pytest.raises(EncryptionKeyError, match="does not authenticate"):
+            await storage.get_sso_provider(victim.id)
+        # The same ciphertext moved to the other secret column of its own row fails too.
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE kitium_auth.sso_providers"
+                "   SET signing_key_ciphertext = client_secret_ciphertext,"
+                "       signing_key_key_id = client_secret_key_id WHERE id = %s",
+                [source.id],
+            )
+        with pytest.raises(EncryptionKeyError, match="does not authenticate"):
+            await storage.get_sso_provider(source.id)
+    finally:
+        # Undecryptable rows would break every later list_sso_providers call.
+        await storage.delete_sso_provider(victim.id)
+        await storage.delete_sso_provider(source.id)
+
+
+async def test_without_a_key_secrets_are_refused_and_nothing_is_written(
+    storage: Any, unique: Callable[[str], str], dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    encrypted = await _oidc(storage, unique)
+    name = unique("keyless")
+
+    async def check(keyless: Any) -> None:
+        for secret in ({"client_secret": CLIENT_SECRET}, {"signing_key": SIGNING_KEY}):
+            with pytest.raises(EncryptionKeyError, match=ENV_VAR):
+                await keyless.create_sso_provider(type="oidc", name=name, **secret)
+        with pytest.raises(EncryptionKeyError):
+            await keyless.update_sso_provider(encrypted.id, client_secret="new", name="changed")
+        with pytest.raises(EncryptionKeyError):  # reading a secret needs its key too
+            await keyless.get_sso_provider(encrypted.id)
+        # A provider without secrets needs no key.
+        plain = await keyless.create_sso_provider(type="saml", name=unique("plain"))
+        assert await keyless.get_sso_provider(plain.id) == plain
+        assert await keyless.delete_sso_provider(plain.id) is True
+
+    if storage.kind == "sync":
+        with PostgresStorageAdapter(dsn, max_size=2) as sync_keyless:
+            await check(AwaitableSync(sync_keyless))
+    else:
+        async with AsyncPostgresStorageAdapter(dsn, max_size=2) as async_keyless:
+            await check(async_keyless)
+    count = _raw(dsn, "SELECT count(*) FROM kitium_auth.sso_providers WHERE name = %s", name)
+    assert count == (0,)
+    assert await storage.get_sso_provider(encrypted.id) == encrypted
+
+
+async def test_repr_hides_secrets(storage: Any, unique: Callable[[str], str]) -> None:
+    provider = await _oidc(storage, unique, signing_key=SIGNING_KEY)
+    text = repr(provider)
+    assert CLIENT_SECRET not in text
+    assert "PRIVATE KEY" not in text
+    assert "client_secret" not in text
+    assert "signing_key" not in text
+    assert provider.name in text
+
+
+async def test_lookups_of_unknown_or_malformed_ids(storage: Any) -> None:
+    assert await storage.get_sso_provider(uuid.uuid4()) is None
+    assert await storage.get_sso_link(uuid.uuid4()) is None
+    assert await storage.get_sso_session(uuid.uuid4()) is None
+    for bad in ("nope", "", "x" * 10_000, 42, None):
+        assert await storage.get_sso_provider(bad) is None
+        assert await storage.delete_sso_provider(bad) is False
+        assert await storage.get_sso_link(bad) is None
+        assert await storage.get_user_sso_links(bad) == []
+        assert await storage.delete_sso_link(bad) is False
+        assert await storage.get_sso_session(bad) is None
+        assert await storage.remove_sso_provider_domain(bad, "example.com") is False
+    assert await storage.list_sso_providers("nope") == []
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [
+        ("type", {"type": "ldap"}),
+        ("type", {"type": None}),
+        ("name", {"name": ""}),
+        ("org_id", {"org_id": "not-a-uuid"}),
+        ("idp_sso_url", {"idp_sso_url": "https://x.example/" + "a" * 2048}),
+        ("redirect_uris[0]", {"redirect_uris": ["https://x.example/" + "a" * 2048]}),
+        ("redirect_uris", {"redirect_uris": "https://x.example/cb"}),
+        ("scopes", {"scopes": "openid"}),
+        ("encryption_enabled", {"encryption_enabled": "yes"}),
+        ("client_secret", {"client_secret": ""}),
+        ("claim_mapping", {"claim_mapping": ["not", "an", "object"]}),
+        ("domains[0]", {"domains": ["not a domain"]}),
+        ("domains[0]", {"domains": ["bücher.example"]}),
+        ("domains[1]", {"domains": ["a.example", "A.EXAMPLE"]}),
+        ("domains", {"domains": "a.example"}),
+    ],
+)
+async def test_create_validates_input(
+    storage: Any, unique: Callable[[str], str], field: str, kwargs: dict[str, Any]
+) -> None:
+    args = {"type": "oidc", "name": unique("bad"), **kwargs}
+    with pytest.raises(ValidationError) as caught:
+        await storage.create_sso_provider(**args)
+    assert caught.value.field == field
+
+
+async def test_create_with_unknown_org_writes_nothing(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    name = unique("orphan")
+    with pytest.raises(NotFoundError):
+        await storage.create_sso_provider(
+            type="oidc", name=name, org_id=uuid.uuid4(), domains=[f"{name}.example"]
+        )
+    assert _raw(dsn, "SELECT count(*) FROM kitium_auth.sso_providers WHERE name = %s", name) == (0,)
+
+
+async def test_update_changes_only_given_fields(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    provider = await _oidc(storage, unique, scopes=["openid"], metadata={"a": 1})
+    blob = _stored(dsn, provider.id)[0]
+    updated = await storage.update_sso_provider(
+        provider.id, name="Renamed", force_authn=True, idp_slo_url=None, claim_mapping={"x": "y"}
+    )
+    assert (updated.name, updated.force_authn, updated.claim_mapping) == (
+        "Renamed",
+        True,
+        {"x": "y"},
+    )
+    assert updated.client_secret == CLIENT_SECRET
+    assert (updated.scopes, updated.metadata, updated.client_id) == (
+        ("openid",),
+        {"a": 1},
+        "client",
+    )
+    assert updated.updated_at >= provider.updated_at
+    assert updated.created_at == provider.created_at
+    assert await storage.get_sso_provider(provider.id) == updated
+    # Nothing given: the row comes back as it was (updated_at aside).
+    same = await storage.update_sso_provider(str(provider.id))
+    assert (same.name, same.client_secret) == ("Renamed", CLIENT_SECRET)
+    assert _stored(dsn, provider.id)[0] == blob  # updates without a secret keep its ciphertext
+
+
+async def test_update_reencrypts_and_clears_secrets(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    provider = await _oidc(storage, unique)
+    old_blob = _stored(dsn, provider.id)[0]
+    updated = await storage.update_sso_provider(
+        provider.id, client_secret="rotated-secret", signing_key=SIGNING_KEY
+    )
+    assert (updated.client_secret, updated.signing_key) == ("rotated-secret", SIGNING_KEY)
+    new_blob, kid, key_blob, _ = _stored(dsn, provider.id)
+    assert new_blob != old_blob
+    assert b"rotated-secret" not in new_blob
+    assert kid is not None
+    assert SIGNING_KEY.encode() not in key_blob
+    assert await storage.get_sso_provider(provider.id) == updated
+    cleared = await storage.update_sso_provider(provider.id, client_secret=None)
+    assert (cleared.client_secret, cleared.signing_key) == (None, SIGNING_KEY)
+    assert _stored(dsn, provider.id)[:2] == (None, None)
+
+
+async def test_update_errors(storage: Any, unique: Callable[[str], str]) -> None:
+    provider = await _oidc(storage, unique)
+    with pytest.raises(NotFoundError):
+        await storage.update_sso_provider(uuid.uuid4(), name="ghost")
+    with pytest.raises(NotFoundError):
+        await storage.update_sso_provider(provider.id, org_id=uuid.uuid4())
+    with pytest.raises(ValidationError):
+        await storage.update_sso_provider("nope", name="x")
+    with pytest.raises(ValidationError):
+        await storage.update_sso_provider(provider.id, name=None)
+    with pytest.raises(TypeError):
+        await storage.update_sso_provider(provider.id, type="saml")  # type cannot change
+    assert await storage.get_sso_provider(provider.id) == provider
+
+
+async def test_update_replaces_domains_keeping_verification(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    base = unique("realm")
+    keep, drop, new = f"keep.{base}.example", f"drop.{base}.example", f"new.{base}.example"
+    provider = await _oidc(storage, unique, domains=[keep, drop])
+    verified = await storage.verify_sso_provider_domain(provider.id, keep)
+    updated = await storage.update_sso_provider(provider.id, domains=[new.upper(), keep])
+    assert updated.domains == (verified, SsoDomain(domain=new, verified_at=None))
+    assert (await storage.get_sso_provider(provider.id)).domains == updated.domains
+    emptied = await storage.update_sso_provider(provider.id, domains=[])
+    assert emptied.domains == ()
+    assert await storage.get_sso_provider_by_domain(keep) is None
+
+
+async def test_delete_cascades(storage: Any, unique: Callable[[str], str]) -> None:
+    user = await _user(storage, unique)
+    provider = await _oidc(storage, unique, domains=[f"{unique('gone')}.example"])
+    link = await storage.create_sso_link(
+        user_id=user.id, provider_id=provider.id, provider_type="oidc", provider_subject="s"
+    )
+    session = await storage.create_sso_session(
+        user_id=user.id,
+        provider_id=provider.id,
+        provider_type="oidc",
+        provider_subject="s",
+        expires_at=_in(hours=1),
+    )
+    assert await storage.delete_sso_provider(provider.id) is True
+    assert await storage.delete_sso_provider(provider.id) is False
+    assert await storage.get_sso_provider(provider.id) is None
+    assert await storage.get_sso_link(link.id) is None
+    assert await storage.get_sso_session(session.id) is None
+
+
+async def test_list_by_org_includes_global_providers(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    org = await storage.create_organization(name="Mine", plan="team")
+    other = await storage.create_organization(name="Theirs", plan="team")
+    mine = await _oidc(storage, unique, org_id=org.id)
+    theirs = await _oidc(storage, unique, org_id=other.id)
+    global_ = await _oidc(storage, unique)
+    newer_mine = await _oidc(storage, unique, org_id=org.id)
+
+    listed = await storage.list_sso_providers(org.id)
+    ids = [p.id for p in listed]
+    assert mine.id in ids
+    assert newer_mine.id in ids
+    assert global_.id in ids
+    assert theirs.id not in ids
+    assert all(p.org_id in (org.id, None) for p in listed)
+    assert ids.index(newer_mine.id) < ids.index(global_.id) < ids.index(mine.id)  # newest first
+    assert listed[ids.index(mine.id)] == mine  # secrets decrypted in lists too
+
+    everything = [p.id for p in await storage.list_sso_providers()]
+    assert {mine.id, theirs.id, global_.id, newer_mine.id} <= set(everything)
+    assert await storage.list_sso_providers(str(org.id)) == listed
+
+
+# -- domains and home-realm discovery -----------------------------------------------------------
+
+
+async def test_domain_lifecycle(storage: Any, unique: Callable[[str], str]) -> None:
+    provider = await _oidc(storage, unique)
+    domain = f"{unique('corp')}.example"
+    added = await storage.add_sso_provider_domain(provider.id, domain.upper())
+    assert added == SsoDomain(domain=domain, verified_at=None)
+    assert await storage.add_sso_provider_domain(provider.id, domain) == added  # idempotent
+    assert await storage.get_sso_provider_by_domain(domain) is None  # unverified: no routing
+
+    verified = await storage.verify_sso_provider_domain(provider.id, domain)
+    assert verified.domain == domain
+    assert verified.verified_at is not None
+    assert verified.verified_at.tzinfo is dt.UTC
+    assert await storage.verify_sso_provider_domain(provider.id, domain) == verified
+    # Adding it again (unverified) never un-verifies it.
+    assert await storage.add_sso_provider_domain(provider.id, domain) == verified
+    assert (await storage.get_sso_provider(provider.id)).domains == (verified,)
+
+    assert await storage.remove_sso_provider_domain(provider.id, domain.upper()) is True
+    assert await storage.remove_sso_provider_domain(provider.id, domain) is False
+    assert await storage.remove_sso_provider_domain(provider.id, "not a domain") is False
+    assert await storage.get_sso_provider_by_domain(domain) is None
+
+
+async def test_add_verified_and_errors(storage: Any, unique: Callable[[str], str]) -> None:
+    provider = await _oidc(storage, unique)
+    domain = f"{unique('fast')}.example"
+    added = await storage.add_sso_provider_domain(provider.id, domain, verified=True)
+    assert added.verified_at is not None
+    assert (await storage.get_sso_provider_by_domain(domain)).id == provider.id
+    with pytest.raises(NotFoundError):
+        await storage.add_sso_provider_domain(uuid.uuid4(), f"{unique('x')}.example")
+    with pytest.raises(NotFoundError):
+        await storage.verify_sso_provider_domain(provider.id, f"{unique('never')}.example")
+    for bad in ("", "a b.example", "-a.example", "a..example", "bücher.example", "x" * 300, 42):
+        with pytest.raises(ValidationError):
+            await storage.add_sso_provider_domain(provider.id, bad)
+    with pytest.raises(ValidationError):
+        await storage.add_sso_provider_domain(provider.id, domain, verified="yes")
+
+
+async def test_a_verified_domain_belongs_to_one_provider(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    domain = f"{unique('contested')}.example"
+    first = await _oidc(storage, unique, domains=[domain])
+    second = await _oidc(storage, unique, domains=[domain])  # unverified claims may overlap
+    await storage.verify_sso_provider_domain(first.id, domain)
+    with pytest.raises(ConflictError) as caught:
+        await storage.verify_sso_provider_domain(second.id, domain)
+    assert "sso_provider_domains__domain_key" in str(caught.value)
+    with pytest.raises(ConflictError):
+        await storage.add_sso_provider_domain(second.id, domain, verified=True)
+    assert (await storage.get_sso_provider(second.id)).domains == (
+        SsoDomain(domain=domain, verified_at=None),
+    )
+    assert (await storage.get_sso_provider_by_domain(domain)).id == first.id
+    # Once the first provider lets go, the second may verify it.
+    assert await storage.remove_sso_provider_domain(first.id, domain) is True
+    await storage.verify_sso_provider_domain(second.id, domain)
+    assert (await storage.get_sso_provider_by_domain(domain)).id == second.id
+
+
+async def test_home_realm_discovery_by_email_or_domain(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    domain = f"{unique('hrd')}.example"
+    provider = await _oidc(storage, unique, domains=[domain])
+    await storage.verify_sso_provider_domain(provider.id, domain)
+    found = await storage.get_sso_provider_by_domain(f"Ada.Lovelace@{domain.upper()}")
+    assert found is not None
+    assert found.id == provider.id
+    assert found.client_secret == CLIENT_SECRET
+    assert await storage.get_sso_provider_by_domain(domain) == found
+    assert await storage.get_sso_provider_by_domain(f'"odd@local"@{domain}') == found
+    assert await storage.get_sso_provider_by_domain(f"ada@sub.{domain}") is None  # exact only
+    for bad in ("", "@", "ada@", "not a domain", "x" * 10_000, "bad\x00.example", None, 42):
+        assert await storage.get_sso_provider_by_domain(bad) is None
+
+
+# -- links --------------------------------------------------------------------------------------
+
+
+async def test_links(storage: Any, unique: Callable[[str], str]) -> None:
+    user = await _user(storage, unique)
+    provider = await _oidc(storage, unique)
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+    first = await storage.create_sso_link(
+        user_id=user.id,
+        provider_id=provider.id,
+        provider_type="oidc",
+        provider_subject="subject-1",
+        provider_email="ada@corp.example",
+        auto_provisioned=True,
+        metadata={"groups": ["eng"]},
+    )
+    assert isinstance(first, SsoLink)
+    assert (first.user_id, first.provider_id, first.provider_subject) == (
+        user.id,
+        provider.id,
+        "subject-1",
+    )
+    assert (first.provider_email, first.auto_provisioned, first.metadata) == (
+        "ada@corp.example",
+        True,
+        {"groups": ["eng"]},
+    )
+    assert first.last_auth_at is not None
+    assert first.last_auth_at > before
+    assert first.linked_at.tzinfo is dt.UTC
+    assert await storage.get_sso_link(first.id) == first
+
+    saml = await storage.create_sso_provider(type="saml", name=unique("saml"))
+    when = dt.datetime(2024, 5, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    second = await storage.create_sso_link(
+        user_id=str(user.id),
+        provider_id=str(saml.id),
+        provider_type="saml",
+        provider_subject="subject-1",  # the same subject at another provider is fine
+        last_auth_at=when,
+    )
+    assert second.last_auth_at == when
+    assert second.last_auth_at.tzinfo is dt.UTC
+    assert (second.provider_email, second.auto_provisioned, second.metadata) == (None, False, {})
+    assert await storage.get_user_sso_links(user.id) == [second, first]  # newest first
+
+    assert await storage.delete_sso_link(first.id) is True
+    assert await storage.delete_sso_link(first.id) is False
+    assert await storage.get_user_sso_links(str(user.id)) == [second]
+    assert await storage.get_user_sso_links(uuid.uuid4()) == []
+
+
+async def test_a_provider_subject_links_to_one_user(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    ada, bob = await _user(storage, unique), await _user(storage, unique)
+    provider = await _oidc(storage, unique)
+    link = await storage.create_sso_link(
+        user_id=ada.id, provider_id=provider.id, provider_type="oidc", provider_subject="sub"
+    )
+    for user in (ada, bob):
+        with pytest.raises(ConflictError) as caught:
+            await storage.create_sso_link(
+                user_id=user.id,
+                provider_id=provider.id,
+                provider_type="oidc",
+                provider_subject="sub",
+            )
+        assert "sso_links__provider_subject_key" in str(caught.value)
+    assert await storage.get_user_sso_links(ada.id) == [link]
+    assert await storage.get_user_sso_links(bob.id) == []
+
+
+async def test_link_errors(storage: Any, unique: Callable[[str], str]) -> None:
+    user = await _user(storage, unique)
+    provider = await _oidc(storage, unique)
+    base = {"provider_type": "oidc", "provider_subject": "s"}
+    with pytest.raises(NotFoundError):
+        await storage.create_sso_link(user_id=uuid.uuid4(), provider_id=provider.id, **base)
+    with pytest.raises(NotFoundError):
+        await storage.create_sso_link(user_id=user.id, provider_id=uuid.uuid4(), **base)
+    bad: list[dict[str, Any]] = [
+        {"provider_type": "ldap"},
+        {"provider_subject": ""},
+        {"provider_subject": "x" * 1025},
+        {"auto_provisioned": 1},
+        {"last_auth_at": dt.datetime(2024, 1, 1)},  # naive on purpose
+        {"metadata": {"k": float("nan")}},
+    ]
+    for change in bad:
+        with pytest.raises(ValidationError):
+            await storage.create_sso_link(
+                user_id=user.id, provider_id=provider.id, **{**base, **change}
+            )
+    assert await storage.get_user_sso_links(user.id) == []
+
+
+# -- sessions -----------------------------------------------------------------------------------
+
+
+async def test_sessions_store_only_a_token_digest(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    user = await _user(storage, unique)
+    provider = await _oidc(storage, unique)
+    token = f"idp-session-{uuid.uuid4().hex}"
+    expires = _in(hours=1)
+    session = await storage.create_sso_session(
+        user_id=user.id,
+        provider_id=provider.id,
+        provider_type="oidc",
+        provider_subject="subject-1",
+        expires_at=expires,
+        session_token=token,
+    )
+    assert isinstance(session, SsoSession)
+    assert (session.user_id, session.provider_id, session.provider_subject) == (
+        user.id,
+        provider.id,
+        "subject-1",
+    )
+    assert session.expires_at == expires
+    assert session.expires_at.tzinfo is dt.UTC
+    assert session.last_auth_at is not None  # defaults to now
+    assert await storage.get_sso_session(session.id) == session
+    assert await storage.get_sso_session(str(session.id)) == session
+    stored = _raw(
+        dsn,
+        "SELECT session_token_hash, s::text FROM kitium_auth.sso_sessions AS s WHERE id = %s",
+        session.id,
+    )
+    assert stored[0] == hashlib.sha256(token.encode()).digest()
+    assert token not in stored[1]
+    assert token not in repr(session)
+
+    tokenless = await storage.create_sso_session(
+        user_id=user.id,
+        provider_id=provider.id,
+        provider_type="oidc",
+        provider_subject="subject-1",
+        expires_at=expires,
+    )
+    assert _raw(
+        dsn, "SELECT session_token_hash FROM kitium_auth.sso_sessions WHERE id = %s", tokenless.id
+    ) == (None,)
+
+
+async def test_an_expired_sso_session_is_gone(storage: Any, unique: Callable[[str], str]) -> None:
+    user = await _user(storage, unique)
+    provider = await _oidc(storage, unique)
+    base = {
+        "user_id": user.id,
+        "provider_id": provider.id,
+        "provider_type": "oidc",
+        "provider_subject": "s",
+    }
+    expired = await storage.create_sso_session(**base, expires_at=_in(seconds=-1))
+    assert expired.expires_at < dt.datetime.now(dt.UTC)
+    assert await storage.get_sso_session(expired.id) is None
+
+
+async def test_session_errors(storage: Any, unique: Callable[[str], str]) -> None:
+    user = await _user(storage, unique)
+    provider = await _oidc(storage, unique)
+    base: dict[str, Any] = {
+        "user_id": user.id,
+        "provider_id": provider.id,
+        "provider_type": "oidc",
+        "provider_subject": "s",
+        "expires_at": _in(hours=1),
+    }
+    with pytest.raises(NotFoundError):
+        await storage.create_sso_session(**{**base, "user_id": uuid.uuid4()})
+    with pytest.raises(NotFoundError):
+        await storage.create_sso_session(**{**base, "provider_id": uuid.uuid4()})
+    bad: list[dict[str, Any]] = [
+        {"expires_at": dt.datetime(2030, 1, 1)},  # naive on purpose
+        {"provider_type": "OIDC"},
+        {"session_token": ""},
+        {"session_token": "a\x00b"},
+    ]
+    for change in bad:
+        with pytest.raises(ValidationError):
+            await storage.create_sso_session(**{**base, **change})
+
+
+# -- retries and round trips --------------------------------------------------------------------
+
+
+async def test_a_create_retried_with_the_same_id_returns_the_stored_row(
+    storage: Any, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = await _user(storage, unique)
+    fixed = uuid.uuid4()
+    for module in (sso_async, sso_sync):
+        monkeypatch.setattr(module, "new_id", lambda: fixed)
+    domain = f"{unique('retry')}.example"
+
+    async def create() -> SsoProvider:
+        return await _oidc(storage, unique, signing_key=SIGNING_KEY, domains=[domain])
+
+    first = await create()
+    assert first.id == fixed
+    # The second attempt (fresh nonces, another name) writes nothing and returns the stored row.
+    assert await create() == first
+
+    link = {"user_id": user.id, "provider_id": fixed, "provider_type": "oidc"}
+    first_link = await storage.create_sso_link(**link, provider_subject="s")
+    monkeypatch.setattr(sso_async, "new_id", lambda: first_link.id)
+    monkeypatch.setattr(sso_sync, "new_id", lambda: first_link.id)
+    assert await storage.create_sso_link(**link, provider_subject="s") == first_link
+    session = await storage.create_sso_session(
+        **link, provider_subject="s", expires_at=_in(hours=1), session_token="t"
+    )
+    monkeypatch.undo()
+    assert session.id == first_link.id  # the id is per table: no clash with the link
+    assert await storage.delete_sso_provider(fixed) is True
+
+
+@pytest.fixture(scope="module")
+def sync_one(dsn: str, encryption_keys: dict[str, str]) -> Iterator[PostgresStorageAdapter]:
+    with PostgresStorageAdapter(
+        dsn, min_size=1, max_size=1, encryption_keys=encryption_keys
+    ) as adapter:
+        yield adapter
+
+
+@pytest.fixture(scope="module")
+async def async_one(
+    dsn: str, encryption_keys: dict[str, str]
+) -> AsyncIterator[AsyncPostgresStorageAdapter]:
+    async with AsyncPostgresStorageAdapter(
+        dsn, min_size=1, max_size=1, encryption_keys=encryption_keys
+    ) as adapter:
+        yield adapter
+
+
+@pytest.fixture(params=["sync", "async"])
+def one_conn(request: pytest.FixtureRequest) -> Any:
+    """An adapter whose pool holds exactly one connection (so the trace sees everything)."""
+    return request.getfixturevalue(f"{request.param}_one")
+
+
+async def test_every_sso_method_is_one_round_trip(one_conn: Any) -> None:
+    s, tag = one_conn, uuid.uuid4().hex[:12]
+    user = s.create_user(email=f"rt-{tag}@example.com")
+    user = await user if not isinstance(user, User) else user
+    domain = f"rt-{tag}.example"
+    ctx: dict[str, Any] = {}
+    calls: list[tuple[str, Callable[[], Any]]] = [
+        (
+            "create_sso_provider",
+            lambda: s.create_sso_provider(
+                type="oidc", name=tag, client_secret="x", signing_key="y", domains=[domain]
+            ),
+        ),
+        ("get_sso_provider", lambda: s.get_sso_provider(ctx["create_sso_provider"].id)),
+        (
+            "update_sso_provider",
+            lambda: s.update_sso_provider(
+                ctx["create_sso_provider"].id, client_secret="z", domains=[domain]
+            ),
+        ),
+        ("list_sso_providers", lambda: s.list_sso_providers(uuid.uuid4())),
+        (
+            "add_sso_provider_domain",
+            lambda: s.add_sso_provider_domain(ctx["create_sso_provider"].id, f"b.{domain}"),
+        ),
+        (
+            "verify_sso_provider_domain",
+            lambda: s.verify_sso_provider_domain(ctx["create_sso_provider"].id, domain),
+        ),
+        ("get_sso_provider_by_domain", lambda: s.get_sso_provider_by_domain(f"a@{domain}")),
+        (
+            "remove_sso_provider_domain",
+            lambda: s.remove_sso_provider_domain(ctx["create_sso_provider"].id, f"b.{domain}"),
+        ),
+        (
+            "create_sso_link",
+            lambda: s.create_sso_link(
+                user_id=user.id,
+                provider_id=ctx["create_sso_provider"].id,
+                provider_type="oidc",
+                provider_subject=tag,
+            ),
+        ),
+        ("get_sso_link", lambda: s.get_sso_link(ctx["create_sso_link"].id)),
+        ("get_user_sso_links", lambda: s.get_user_sso_links(user.id)),
+        ("delete_sso_link", lambda: s.delete_sso_link(ctx["create_sso_link"].id)),
+        (
+            "create_sso_session",
+            lambda: s.create_sso_session(
+                user_id=user.id,
+                provider_id=ctx["create_sso_provider"].id,
+                provider_type="oidc",
+                provider_subject=tag,
+                expires_at=_in(hours=1),
+                session_token=tag,
+            ),
+        ),
+        ("get_sso_session", lambda: s.get_sso_session(ctx["create_sso_session"].id)),
+        ("delete_sso_provider", lambda: s.delete_sso_provider(ctx["create_sso_provider"].id)),
+    ]
+    measured = {}
+    for name, call in calls:
+        measured[name], ctx[name] = await round_trips(s, call)
+    assert measured == dict.fromkeys(measured, 1)
+    assert ctx["get_sso_provider_by_domain"].client_secret == "z"
+    assert ctx["get_sso_session"] == ctx["create_sso_session"]

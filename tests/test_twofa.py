@@ -1,0 +1,697 @@
+"""Two-factor devices (encrypted secrets), backup codes, challenges and the TOTP replay guard,
+against both adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+import pytest
+
+from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
+from kitium_pg._base import UNSET, Retry
+from kitium_pg.encryption import ENV_VAR
+from kitium_pg.errors import EncryptionKeyError, NotFoundError, ValidationError
+from kitium_pg.records import BackupCode, TwoFactorDevice, TwoFactorSession, User
+
+RACERS = 32
+SECRET = "JBSWY3DPEHPK3PXP-totp-seed"
+
+
+def _hash(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def _in(**delta: float) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(**delta)
+
+
+def target(storage: Any) -> Any:
+    """The real adapter object behind ``storage`` (to reach its internals)."""
+    return storage.adapter if storage.kind == "sync" else storage
+
+
+async def _user(storage: Any, email: str) -> User:
+    user: User = await storage.create_user(email=email)
+    return user
+
+
+async def _device(storage: Any, user: User, **kwargs: Any) -> TwoFactorDevice:
+    args: dict[str, Any] = {"user_id": user.id, "method": "totp", "secret": SECRET, **kwargs}
+    device: TwoFactorDevice = await storage.create_two_factor_device(**args)
+    return device
+
+
+async def _challenge(storage: Any, user: User, **kwargs: Any) -> TwoFactorSession:
+    device = kwargs.pop("device", None) or await _device(storage, user)
+    args: dict[str, Any] = {
+        "user_id": user.id,
+        "session_id": uuid.uuid4(),
+        "device_id": device.id,
+        "method": "totp",
+        "expires_at": _in(minutes=5),
+        **kwargs,
+    }
+    challenge: TwoFactorSession = await storage.create_two_factor_session(**args)
+    return challenge
+
+
+async def _race(storage: Any, method: str, *args: Any) -> list[Any]:
+    """Call ``method(*args)`` RACERS times at once; results and raised errors, in call order.
+
+    The async adapter runs them with asyncio.gather; the sync adapter from RACERS threads that
+    start together behind a barrier (each on its own pooled connection).
+    """
+    if storage.kind == "sync":
+        call = getattr(storage.adapter, method)
+        barrier = threading.Barrier(RACERS)
+
+        def run() -> Any:
+            barrier.wait()
+            return call(*args)
+
+        with ThreadPoolExecutor(max_workers=RACERS) as pool:
+            futures = [pool.submit(run) for _ in range(RACERS)]
+            return [f.exception() or f.result() for f in futures]
+    call = getattr(storage, method)
+    return list(await asyncio.gather(*(call(*args) for _ in range(RACERS)), return_exceptions=True))
+
+
+async def _replay(storage: Any, name: str, params: dict[str, Any]) -> Any:
+    # Run one statement itself with chosen parameters, as the retry loop would re-send it.
+    if storage.kind == "sync":
+        return storage.adapter._run(name, params, retry=Retry.NEVER)
+    return await storage._run(name, params, retry=Retry.NEVER)
+
+
+def _stored_secret(dsn: str, device_id: uuid.UUID) -> tuple[bytes | None, str | None]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT secret_ciphertext, secret_key_id FROM kitium_auth.twofa_devices WHERE id = %s",
+            (device_id,),
+        ).fetchone()
+    assert row is not None
+    return (None if row[0] is None else bytes(row[0])), row[1]
+
+
+# -- devices ------------------------------------------------------------------------------------
+
+
+async def test_device_round_trip(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    device = await _device(
+        storage, user, name="Phone app", verified=True, metadata={"issuer": "kitium"}
+    )
+    assert isinstance(device, TwoFactorDevice)
+    assert device.id.version == 7
+    assert (device.user_id, device.method, device.name) == (user.id, "totp", "Phone app")
+    assert device.verified is True
+    assert device.secret == SECRET
+    assert device.phone_number is None
+    assert device.last_used_at is None
+    assert device.metadata == {"issuer": "kitium"}
+    assert device.created_at.tzinfo is dt.UTC
+    assert await storage.get_two_factor_device(device.id) == device
+    assert await storage.get_two_factor_device(str(device.id)) == device
+
+    sms = await _device(storage, user, method="sms", phone_number="+15550100", secret=None)
+    assert (sms.method, sms.phone_number, sms.secret, sms.verified) == (
+        "sms",
+        "+15550100",
+        None,
+        False,
+    )
+    assert sms.metadata == {}
+    assert await storage.list_two_factor_devices(user.id) == [device, sms]
+    assert await storage.list_two_factor_devices(str(user.id)) == [device, sms]
+
+
+async def test_secret_is_stored_encrypted_and_hidden_from_repr(
+    storage: Any, email: str, dsn: str
+) -> None:
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    ciphertext, key_id = _stored_secret(dsn, device.id)
+    assert ciphertext is not None
+    assert key_id == "test-new"  # the last configured key encrypts
+    assert SECRET.encode() not in ciphertext
+    assert len(ciphertext) >= len(SECRET) + 12 + 16  # nonce + tag
+    assert SECRET not in repr(device)
+    assert device.secret == SECRET
+    # Each write encrypts afresh (new nonce): the same secret never yields the same bytes.
+    other = await _device(storage, user)
+    assert _stored_secret(dsn, other.id)[0] != ciphertext
+
+
+async def test_ciphertext_moved_to_another_row_does_not_decrypt(
+    storage: Any, email: str, dsn: str
+) -> None:
+    user = await _user(storage, email)
+    first = await _device(storage, user)
+    second = await _device(storage, user, secret="another-seed")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE kitium_auth.twofa_devices AS d"
+            "   SET secret_ciphertext = s.secret_ciphertext, secret_key_id = s.secret_key_id"
+            "  FROM kitium_auth.twofa_devices AS s WHERE d.id = %s AND s.id = %s",
+            (second.id, first.id),
+        )
+    with pytest.raises(EncryptionKeyError):
+        await storage.get_two_factor_device(second.id)
+    assert await storage.get_two_factor_device(first.id) == first
+
+
+async def test_without_keys_secrets_are_refused_and_nothing_is_written(
+    storage: Any, email: str, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    user = await _user(storage, email)
+    encrypted = await _device(storage, user)
+
+    async def check(keyless: Any) -> None:
+        with pytest.raises(EncryptionKeyError):
+            await keyless.create_two_factor_device(user_id=user.id, method="totp", secret=SECRET)
+        with pytest.raises(EncryptionKeyError):
+            await keyless.update_two_factor_device(encrypted.id, secret="new-seed", name="x")
+        with pytest.raises(EncryptionKeyError):  # reading a secret needs its key too
+            await keyless.get_two_factor_device(encrypted.id)
+        # A device without a secret needs no key.
+        plain = await keyless.create_two_factor_device(user_id=user.id, method="email")
+        assert plain.secret is None
+        assert await keyless.get_two_factor_device(plain.id) == plain
+        assert await keyless.delete_two_factor_device(plain.id) is True
+
+    if storage.kind == "sync":
+        with PostgresStorageAdapter(dsn, max_size=2) as sync_keyless:
+            await check(AwaitableAdapter(sync_keyless))
+    else:
+        async with AsyncPostgresStorageAdapter(dsn, max_size=2) as async_keyless:
+            await check(async_keyless)
+    assert await storage.list_two_factor_devices(user.id) == [encrypted]
+    assert _stored_secret(dsn, encrypted.id)[0] is not None
+
+
+class AwaitableAdapter:
+    """``await proxy.method(...)`` over a sync adapter (like conftest's proxy, minimal)."""
+
+    def __init__(self, adapter: PostgresStorageAdapter) -> None:
+        self.adapter = adapter
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        attr = getattr(self.adapter, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return attr(*args, **kwargs)
+
+        return call
+
+
+async def test_update_device(storage: Any, email: str, dsn: str) -> None:
+    user = await _user(storage, email)
+    device = await _device(storage, user, name="old", metadata={"a": 1})
+    used = _in(seconds=-30)
+    updated = await storage.update_two_factor_device(
+        device.id, name="new", verified=True, last_used_at=used, metadata={"b": 2}
+    )
+    assert (updated.name, updated.verified, updated.metadata) == ("new", True, {"b": 2})
+    assert updated.last_used_at == used
+    assert updated.secret == SECRET  # untouched
+    assert updated.updated_at >= device.updated_at
+    assert await storage.get_two_factor_device(device.id) == updated
+
+    before = _stored_secret(dsn, device.id)
+    rotated = await storage.update_two_factor_device(str(device.id), secret="rotated-seed")
+    assert rotated.secret == "rotated-seed"
+    assert rotated.name == "new"
+    after = _stored_secret(dsn, device.id)
+    assert after[0] != before[0]
+    assert after[0] is not None
+    assert b"rotated-seed" not in after[0]
+
+    cleared = await storage.update_two_factor_device(
+        device.id, secret=None, name=None, phone_number="+15550123", last_used_at=None
+    )
+    assert (cleared.secret, cleared.name, cleared.last_used_at) == (None, None, None)
+    assert cleared.phone_number == "+15550123"
+    assert _stored_secret(dsn, device.id) == (None, None)
+    assert await storage.update_two_factor_device(device.id) == await storage.get_two_factor_device(
+        device.id
+    )
+    assert await storage.update_two_factor_device(device.id, name=UNSET) is not None
+
+    with pytest.raises(NotFoundError):
+        await storage.update_two_factor_device(uuid.uuid4(), name="x")
+    with pytest.raises(ValidationError) as caught:
+        await storage.update_two_factor_device("nope", name="x")
+    assert caught.value.field == "id"
+    with pytest.raises(ValidationError) as caught:
+        await storage.update_two_factor_device(device.id, verified="yes")
+    assert caught.value.field == "verified"
+
+
+async def test_delete_device_and_lookups_of_unknown_ids(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    challenge = await _challenge(storage, user, device=device)
+    assert await storage.delete_two_factor_device(device.id) is True
+    assert await storage.delete_two_factor_device(device.id) is False
+    assert await storage.get_two_factor_device(device.id) is None
+    assert await storage.get_two_factor_session(challenge.id) is None  # cascaded
+    assert await storage.list_two_factor_devices(user.id) == []
+    for bad in ("nope", "", "x" * 10_000, 42, None):
+        assert await storage.get_two_factor_device(bad) is None
+        assert await storage.delete_two_factor_device(bad) is False
+        assert await storage.list_two_factor_devices(bad) == []
+        assert await storage.get_backup_codes(bad) == []
+        assert await storage.get_two_factor_session(bad) is None
+    assert await storage.get_two_factor_session(uuid.uuid4()) is None
+
+
+async def test_deleting_the_user_deletes_its_2fa_rows(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    challenge = await _challenge(storage, user, device=device)
+    await storage.create_backup_codes(user.id, [_hash("a"), _hash("b")])
+    assert await storage.delete_user(user.id) is True
+    assert await storage.get_two_factor_device(device.id) is None
+    assert await storage.get_two_factor_session(challenge.id) is None
+    assert await storage.get_backup_codes(user.id) == []
+
+
+async def test_unknown_user_is_not_found(storage: Any) -> None:
+    with pytest.raises(NotFoundError):
+        await storage.create_two_factor_device(user_id=uuid.uuid4(), method="sms")
+    with pytest.raises(NotFoundError):
+        await storage.create_backup_codes(uuid.uuid4(), [_hash("a")])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"method": "webauthn"}, "method"),
+        ({"method": "TOTP"}, "method"),
+        ({"user_id": "not-a-uuid"}, "user_id"),
+        ({"name": "x" * 256}, "name"),
+        ({"name": "a\x00b"}, "name"),
+        ({"verified": 1}, "verified"),
+        ({"phone_number": "+1" * 17}, "phone_number"),
+        ({"secret": ""}, "secret"),
+        ({"secret": "\ud800"}, "secret"),
+        ({"secret": b"bytes"}, "secret"),
+        ({"metadata": {"x": float("nan")}}, "metadata"),
+        ({"metadata": []}, "metadata"),
+    ],
+)
+async def test_bad_device_input_is_a_validation_error_naming_the_field(
+    storage: Any, email: str, kwargs: dict[str, Any], field: str
+) -> None:
+    user = await _user(storage, email)
+    with pytest.raises(ValidationError) as caught:
+        await _device(storage, user, **kwargs)
+    assert caught.value.field == field
+    assert await storage.list_two_factor_devices(user.id) == []
+
+
+async def test_device_create_retry_returns_the_same_row(storage: Any, email: str) -> None:
+    # A retry after a lost acknowledgement re-sends the insert with the same id and ciphertext.
+    user = await _user(storage, email)
+    device = await _device(storage, user, secret=None)
+    params = {
+        "id": device.id,
+        "user_id": user.id,
+        "method": "email",
+        "name": "ignored on retry",
+        "verified": True,
+        "phone_number": None,
+        "secret_ciphertext": None,
+        "secret_key_id": None,
+        "metadata": "{}",
+    }
+    row = await _replay(storage, "create_two_factor_device", params)
+    assert row[0] == device.id
+    assert row[2] == "totp"  # the stored row, not the replayed values
+    assert await storage.list_two_factor_devices(user.id) == [device]
+
+
+# -- TOTP replay guard --------------------------------------------------------------------------
+
+
+async def test_record_totp_step_accepts_only_newer_steps(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    step = int(dt.datetime.now(dt.UTC).timestamp()) // 30
+    assert await storage.record_totp_step(device.id, step) is True
+    used = await storage.get_two_factor_device(device.id)
+    assert used is not None
+    assert used.last_used_at is not None
+    assert await storage.record_totp_step(device.id, step) is False  # replay
+    assert await storage.record_totp_step(str(device.id), step - 1) is False  # older
+    assert await storage.record_totp_step(device.id, step + 1) is True
+    assert await storage.record_totp_step(device.id, 2**63 - 1) is True
+    assert await storage.record_totp_step(device.id, 2**63 - 1) is False
+    assert await storage.record_totp_step(uuid.uuid4(), step) is False
+    for bad_step in (-1, 2**63, 1.5, "1", True):
+        with pytest.raises(ValidationError) as caught:
+            await storage.record_totp_step(device.id, bad_step)
+        assert caught.value.field == "step"
+    with pytest.raises(ValidationError) as caught:
+        await storage.record_totp_step("nope", step)
+    assert caught.value.field == "device_id"
+
+
+async def test_racing_totp_steps_exactly_one_accepted(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    outcomes = await _race(storage, "record_totp_step", device.id, 1_000_000)
+    assert outcomes.count(True) == 1, outcomes
+    assert outcomes.count(False) == RACERS - 1, outcomes
+
+
+# -- backup codes -------------------------------------------------------------------------------
+
+
+async def test_backup_codes_create_get_and_replace(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    other = await _user(storage, "other-" + email)
+    hashes = [_hash(f"code-{n}") for n in range(10)]
+    codes = await storage.create_backup_codes(user.id, hashes)
+    assert all(isinstance(c, BackupCode) for c in codes)
+    assert [c.code_hash for c in codes] == hashes  # in the order given
+    assert all(c.user_id == user.id and not c.used and c.used_at is None for c in codes)
+    assert all(c.code_hash not in repr(c) for c in codes)
+    assert await storage.get_backup_codes(user.id) == codes
+    assert await storage.get_backup_codes(str(user.id)) == codes
+    other_codes = await storage.create_backup_codes(other.id, hashes[:2])  # same digests: fine
+    assert await storage.mark_backup_code_used(codes[0].id) is True
+
+    # Replacing removes every old code, used or not, and may reuse a digest.
+    fresh = [hashes[1], *(_hash(f"fresh-{n}") for n in range(4))]
+    replaced = await storage.create_backup_codes(user.id, iter(fresh))
+    assert [c.code_hash for c in replaced] == fresh
+    assert {c.id for c in replaced}.isdisjoint({c.id for c in codes})
+    assert await storage.get_backup_codes(user.id) == replaced
+    assert await storage.mark_backup_code_used(codes[1].id) is False  # gone
+    assert await storage.consume_backup_code(user.id, hashes[2]) is None  # gone
+    assert await storage.get_backup_codes(other.id) == other_codes  # untouched
+
+    assert await storage.create_backup_codes(user.id, []) == []
+    assert await storage.get_backup_codes(user.id) == []
+
+
+async def test_backup_code_replace_retry_rewrites_the_same_set(storage: Any, email: str) -> None:
+    # A retry after a lost acknowledgement deletes and re-inserts the same ids and digests in
+    # one statement: the unique keys must not trip over the rows it is deleting.
+    user = await _user(storage, email)
+    hashes = [_hash(f"r-{n}") for n in range(3)]
+    codes = await storage.create_backup_codes(user.id, hashes)
+    params = {"user_id": user.id, "ids": [c.id for c in codes], "code_hashes": hashes}
+    rows = await _replay(storage, "create_backup_codes", params)
+    assert [(r[0], r[2]) for r in rows] == [(c.id, c.code_hash) for c in codes]
+    assert [c.id for c in await storage.get_backup_codes(user.id)] == [c.id for c in codes]
+
+
+async def test_mark_backup_code_used_once(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    code, spare = await storage.create_backup_codes(user.id, [_hash("m1"), _hash("m2")])
+    assert await storage.mark_backup_code_used(code.id) is True
+    assert await storage.mark_backup_code_used(str(code.id)) is False
+    assert await storage.consume_backup_code(user.id, code.code_hash) is None
+    assert await storage.mark_backup_code_used(uuid.uuid4()) is False
+    stored = await storage.get_backup_codes(user.id)
+    assert stored[0].used
+    assert stored[0].used_at is not None
+    assert stored[0].used_at.tzinfo is dt.UTC
+    assert stored[1] == spare
+    with pytest.raises(ValidationError) as caught:
+        await storage.mark_backup_code_used("nope")
+    assert caught.value.field == "code_id"
+
+
+async def test_consume_backup_code(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    other = await _user(storage, "other-" + email)
+    first, second = await storage.create_backup_codes(user.id, [_hash("c1"), _hash("c2")])
+    await storage.create_backup_codes(other.id, [_hash("c1")])
+    used = await storage.consume_backup_code(user.id, _hash("c1"))
+    assert used is not None
+    assert used.id == first.id
+    assert used.used_at is not None
+    assert used.used_at >= first.created_at
+    assert await storage.consume_backup_code(user.id, _hash("c1")) is None  # already used
+    assert await storage.consume_backup_code(str(user.id), _hash("nope")) is None
+    assert await storage.mark_backup_code_used(first.id) is False
+    assert await storage.get_backup_codes(user.id) == [used, second]
+    # The other user's identical digest is a different code, still unused.
+    other_code = await storage.consume_backup_code(other.id, _hash("c1"))
+    assert other_code is not None
+    assert other_code.user_id == other.id
+    assert await storage.consume_backup_code(uuid.uuid4(), _hash("c2")) is None
+    with pytest.raises(ValidationError) as caught:
+        await storage.consume_backup_code(user.id, "12345678")  # a code, not a digest
+    assert caught.value.field == "code_hash"
+    with pytest.raises(ValidationError) as caught:
+        await storage.consume_backup_code("nope", _hash("c2"))
+    assert caught.value.field == "user_id"
+
+
+async def test_racing_backup_code_consumers_exactly_one_wins(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    by_id, by_hash = await storage.create_backup_codes(user.id, [_hash("x1"), _hash("x2")])
+    marks = await _race(storage, "mark_backup_code_used", by_id.id)
+    assert marks.count(True) == 1, marks
+    assert marks.count(False) == RACERS - 1, marks
+    consumed = await _race(storage, "consume_backup_code", user.id, by_hash.code_hash)
+    winners = [c for c in consumed if isinstance(c, BackupCode)]
+    assert len(winners) == 1, consumed
+    assert consumed.count(None) == RACERS - 1, consumed
+    stored = await storage.get_backup_codes(user.id)
+    assert stored[1] == winners[0]
+    assert all(c.used for c in stored)
+
+
+async def test_retried_backup_code_consume_recognises_its_own_win(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    by_id, by_hash = await storage.create_backup_codes(user.id, [_hash("y1"), _hash("y2")])
+    mark = {"id": by_id.id, "consumer": uuid.uuid4()}
+    assert await _replay(storage, "mark_backup_code_used", mark) == by_id.id
+    assert await _replay(storage, "mark_backup_code_used", mark) == by_id.id  # retry still wins
+    assert await _replay(storage, "mark_backup_code_used", {**mark, "consumer": uuid.uuid4()}) is (
+        None
+    )
+    consume = {"user_id": user.id, "code_hash": by_hash.code_hash, "consumer": uuid.uuid4()}
+    first = await _replay(storage, "consume_backup_code", consume)
+    again = await _replay(storage, "consume_backup_code", consume)
+    assert first is not None
+    assert again == first  # same row, used_at unchanged
+    assert await _replay(storage, "consume_backup_code", {**consume, "consumer": uuid.uuid4()}) is (
+        None
+    )
+    assert await storage.consume_backup_code(user.id, by_hash.code_hash) is None
+
+
+@pytest.mark.parametrize(
+    ("hashes", "field"),
+    [
+        (["short"], "code_hashes[0]"),
+        ([_hash("a"), "x" * 513], "code_hashes[1]"),
+        ([_hash("a"), _hash("a")], "code_hashes"),
+        ("a-single-string-not-a-list", "code_hashes"),
+        ([_hash(str(n)) for n in range(101)], "code_hashes"),
+        ([42], "code_hashes[0]"),
+        ([_hash("a") + "\x00"], "code_hashes[0]"),
+    ],
+)
+async def test_bad_backup_codes_are_refused_and_keep_the_old_ones(
+    storage: Any, email: str, hashes: Any, field: str
+) -> None:
+    user = await _user(storage, email)
+    codes = await storage.create_backup_codes(user.id, [_hash("keep")])
+    with pytest.raises(ValidationError) as caught:
+        await storage.create_backup_codes(user.id, hashes)
+    assert caught.value.field == field
+    assert await storage.get_backup_codes(user.id) == codes
+
+
+# -- challenges ---------------------------------------------------------------------------------
+
+
+async def test_challenge_round_trip(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    device = await _device(storage, user, method="sms", secret=None)
+    session_id = uuid.uuid4()
+    tokyo = dt.timezone(dt.timedelta(hours=9))
+    expires = dt.datetime.now(tokyo).replace(microsecond=0) + dt.timedelta(minutes=5)
+    challenge = await _challenge(
+        storage,
+        user,
+        device=device,
+        session_id=str(session_id),
+        method="sms",
+        code_hash=_hash("123456"),
+        max_attempts=3,
+        expires_at=expires,
+    )
+    assert isinstance(challenge, TwoFactorSession)
+    assert challenge.id.version == 7
+    assert (challenge.user_id, challenge.session_id, challenge.device_id) == (
+        user.id,
+        session_id,
+        device.id,
+    )
+    assert (challenge.method, challenge.code_hash) == ("sms", _hash("123456"))
+    assert _hash("123456") not in repr(challenge)
+    assert (challenge.attempt_count, challenge.max_attempts) == (0, 3)
+    assert challenge.expires_at == expires
+    assert challenge.expires_at.tzinfo is dt.UTC
+    assert challenge.completed_at is None
+    assert await storage.get_two_factor_session(challenge.id) == challenge
+    assert await storage.get_two_factor_session(str(challenge.id)) == challenge
+    defaults = await _challenge(storage, user, device=device, method="backup_code")
+    assert (defaults.code_hash, defaults.max_attempts, defaults.method) == (
+        None,
+        5,
+        "backup_code",
+    )
+
+
+async def test_complete_challenge_once(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    challenge = await _challenge(storage, user)
+    assert await storage.complete_two_factor_session(challenge.id) is True
+    assert await storage.complete_two_factor_session(str(challenge.id)) is False
+    done = await storage.get_two_factor_session(challenge.id)
+    assert done is not None
+    assert done.completed_at is not None
+    assert done.completed_at.tzinfo is dt.UTC
+    assert await storage.increment_two_factor_attempts(challenge.id) is None  # completed
+    assert await storage.complete_two_factor_session(uuid.uuid4()) is False
+    with pytest.raises(ValidationError) as caught:
+        await storage.complete_two_factor_session("nope")
+    assert caught.value.field == "id"
+
+
+async def test_expired_challenge_cannot_complete_or_count(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    challenge = await _challenge(storage, user, expires_at=_in(seconds=-1))
+    assert await storage.complete_two_factor_session(challenge.id) is False
+    assert await storage.increment_two_factor_attempts(challenge.id) is None
+    assert await storage.get_two_factor_session(challenge.id) == challenge  # unchanged
+
+
+async def test_attempts_stop_at_the_limit(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    challenge = await _challenge(storage, user, max_attempts=3)
+    assert await storage.increment_two_factor_attempts(challenge.id) == 1
+    assert await storage.increment_two_factor_attempts(str(challenge.id)) == 2
+    assert await storage.increment_two_factor_attempts(challenge.id) == 3
+    assert await storage.increment_two_factor_attempts(challenge.id) is None
+    stored = await storage.get_two_factor_session(challenge.id)
+    assert stored is not None
+    assert stored.attempt_count == 3
+    # The attempt that reached the limit may still complete the challenge.
+    assert await storage.complete_two_factor_session(challenge.id) is True
+    assert await storage.increment_two_factor_attempts(uuid.uuid4()) is None
+    with pytest.raises(ValidationError) as caught:
+        await storage.increment_two_factor_attempts("nope")
+    assert caught.value.field == "id"
+
+
+async def test_racing_challenge_completions_exactly_one_wins(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    challenge = await _challenge(storage, user)
+    outcomes = await _race(storage, "complete_two_factor_session", challenge.id)
+    assert outcomes.count(True) == 1, outcomes
+    assert outcomes.count(False) == RACERS - 1, outcomes
+
+
+async def test_racing_attempts_never_pass_the_limit(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    challenge = await _challenge(storage, user, max_attempts=5)
+    outcomes = await _race(storage, "increment_two_factor_attempts", challenge.id)
+    counts = [o for o in outcomes if o is not None]
+    assert sorted(counts) == [1, 2, 3, 4, 5], outcomes
+    assert outcomes.count(None) == RACERS - 5, outcomes
+    stored = await storage.get_two_factor_session(challenge.id)
+    assert stored is not None
+    assert stored.attempt_count == 5
+
+
+async def test_retried_completion_recognises_its_own_win(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    challenge = await _challenge(storage, user)
+    params = {"id": challenge.id, "consumer": uuid.uuid4()}
+    assert await _replay(storage, "complete_two_factor_session", params) == challenge.id
+    done = await storage.get_two_factor_session(challenge.id)
+    assert await _replay(storage, "complete_two_factor_session", params) == challenge.id
+    assert await storage.get_two_factor_session(challenge.id) == done  # completed_at kept
+    other = {**params, "consumer": uuid.uuid4()}
+    assert await _replay(storage, "complete_two_factor_session", other) is None
+
+
+async def test_challenge_references_must_exist(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    with pytest.raises(NotFoundError):
+        await _challenge(storage, user, device=_Fake(uuid.uuid4()))
+    device = await _device(storage, user)
+    with pytest.raises(NotFoundError):
+        await _challenge(storage, user, device=device, user_id=uuid.uuid4())
+
+
+class _Fake:
+    def __init__(self, id: uuid.UUID) -> None:
+        self.id = id
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"method": "push"}, "method"),
+        ({"session_id": "nope"}, "session_id"),
+        ({"user_id": 42}, "user_id"),
+        ({"expires_at": dt.datetime(2030, 1, 1)}, "expires_at"),  # naive
+        ({"expires_at": "2030-01-01T00:00:00Z"}, "expires_at"),
+        ({"code_hash": "123456"}, "code_hash"),  # a code, not a digest
+        ({"code_hash": "x" * 513}, "code_hash"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"max_attempts": 101}, "max_attempts"),
+        ({"max_attempts": True}, "max_attempts"),
+    ],
+)
+async def test_bad_challenge_input_is_a_validation_error_naming_the_field(
+    storage: Any, email: str, kwargs: dict[str, Any], field: str
+) -> None:
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    with pytest.raises(ValidationError) as caught:
+        await _challenge(storage, user, device=device, **kwargs)
+    assert caught.value.field == field
+
+
+async def test_concurrent_replacements_leave_exactly_one_set(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    sets = [[f"{n:02d}-{i}-{'h' * 20}" for i in range(5)] for n in range(8)]
+    if storage.kind == "async":
+        await asyncio.gather(*(storage.create_backup_codes(user.id, s) for s in sets))
+    else:
+        barrier = threading.Barrier(len(sets))
+
+        def replace(codes: list[str]) -> None:
+            barrier.wait()
+            storage.adapter.create_backup_codes(user.id, codes)
+
+        with ThreadPoolExecutor(len(sets)) as pool:
+            list(pool.map(replace, sets))
+    remaining = sorted(c.code_hash for c in await storage.get_backup_codes(user.id))
+    assert remaining in [sorted(s) for s in sets]
+
+
+async def test_backup_codes_for_an_unknown_user_are_not_found(storage: Any) -> None:
+    with pytest.raises(NotFoundError):
+        await storage.create_backup_codes(uuid.uuid4(), ["x" * 20])
