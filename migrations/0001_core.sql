@@ -12,6 +12,9 @@
 
 -- migrate:up
 
+-- Give up quickly rather than queue behind (and block) live traffic; migrate again later.
+SET LOCAL lock_timeout = '5s';
+
 CREATE SCHEMA IF NOT EXISTS kitium_auth;
 
 CREATE FUNCTION kitium_auth.set_updated_at() RETURNS trigger
@@ -199,6 +202,8 @@ CREATE INDEX auth_events_org_idx
   ON kitium_auth.auth_events (org_id, "timestamp" DESC, id DESC) WHERE org_id IS NOT NULL;
 
 -- migrate:down
+
+SET LOCAL lock_timeout = '5s';
 
 DROP TABLE kitium_auth.auth_events;
 DROP TABLE kitium_auth.email_verification_token_attempts;

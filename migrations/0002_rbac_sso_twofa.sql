@@ -8,21 +8,24 @@
 
 -- migrate:up
 
+-- Give up quickly rather than queue behind (and block) live traffic; migrate again later.
+SET LOCAL lock_timeout = '5s';
+
 -- Bearer session tokens: only the SHA-256 digest of the token's secret part.
-ALTER TABLE kitium_auth.sessions ADD COLUMN token_hash bytea;
+-- (The CHECKs ride on the new, all-NULL columns: nothing to validate, no long lock.)
 ALTER TABLE kitium_auth.sessions
-  ADD CONSTRAINT sessions__token_hash_check CHECK (octet_length(token_hash) = 32);
+  ADD COLUMN token_hash bytea
+    CONSTRAINT sessions__token_hash_check CHECK (octet_length(token_hash) = 32);
 
 -- OAuth provider tokens, encrypted.
 ALTER TABLE kitium_auth.oauth_accounts
   ADD COLUMN access_token_ciphertext bytea,
   ADD COLUMN refresh_token_ciphertext bytea,
-  ADD COLUMN tokens_key_id text,
+  ADD COLUMN tokens_key_id text
+    CONSTRAINT oauth_accounts__tokens_key_id_check
+      CHECK ((access_token_ciphertext IS NULL AND refresh_token_ciphertext IS NULL)
+             OR tokens_key_id IS NOT NULL),
   ADD COLUMN token_expires_at timestamptz;
-ALTER TABLE kitium_auth.oauth_accounts
-  ADD CONSTRAINT oauth_accounts__tokens_key_id_check
-    CHECK ((access_token_ciphertext IS NULL AND refresh_token_ciphertext IS NULL)
-           OR tokens_key_id IS NOT NULL);
 
 CREATE TABLE kitium_auth.roles (
   id          uuid PRIMARY KEY,
@@ -260,6 +263,8 @@ CREATE INDEX twofa_sessions_session_id_idx ON kitium_auth.twofa_sessions (sessio
 CREATE INDEX twofa_sessions_device_id_idx ON kitium_auth.twofa_sessions (device_id);
 
 -- migrate:down
+
+SET LOCAL lock_timeout = '5s';
 
 DROP TABLE kitium_auth.twofa_sessions;
 DROP FUNCTION kitium_auth.replace_backup_codes(uuid, uuid[], text[]);

@@ -132,5 +132,3 @@ def unique() -> Callable[[str], str]:
 def email(unique: Callable[[str], str]) -> str:
     """An email address no other test uses."""
     return f"{unique('user')}@example.com"
-
-

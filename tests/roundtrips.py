@@ -7,6 +7,7 @@ enabled on that connection sees every message of the call.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,7 +22,7 @@ _FLAGS = pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE
 def count(trace: str) -> int:
     """Round trips in a libpq trace."""
     sides = [line.split("\t", 1)[0] for line in trace.splitlines() if line]
-    return sum(1 for a, b in zip(sides, sides[1:], strict=False) if a == "F" and b == "B")
+    return sum(1 for a, b in itertools.pairwise(sides) if a == "F" and b == "B")
 
 
 async def round_trips(adapter: Any, call: Callable[[], Any]) -> tuple[int, Any]:

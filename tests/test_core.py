@@ -84,9 +84,8 @@ async def test_statement_timeout_is_a_retryable_query_timeout(single: Any, dsn: 
 
 def test_pool_exhaustion_is_unavailable(sync_single: PostgresStorageAdapter) -> None:
     user = sync_single.create_user()
-    with sync_single.pool.connection():  # hold the only connection
-        with pytest.raises(UnavailableError) as caught:
-            sync_single.get_user(user.id)
+    with sync_single.pool.connection(), pytest.raises(UnavailableError) as caught:
+        sync_single.get_user(user.id)  # the only connection is held by the with above
     assert caught.value.code == "pool_timeout" and caught.value.retryable
 
 

@@ -13,11 +13,39 @@ from kitium_pg import _sql
 ROOT = Path(__file__).resolve().parent.parent
 QUERY_FILES = sorted((ROOT / "queries").glob("*.sql"))
 NAME_RE = re.compile(r"^-- name: (\w+)(?:\(([\w, ]*)\)([\^$!]?)|#)$")
-TABLE_REF_RE = re.compile(r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+(?!kitium_auth\.)([a-z_]+)\b(?!\s*\()")
+TABLE_REF_RE = re.compile(
+    r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+(?!kitium_auth\.)([a-z_]+)\b(?!\s*\()"
+)
 # Names that may follow FROM/JOIN without a schema: CTE names and set-returning functions.
-LOCAL_NAMES = {"inserted", "link", "existing", "target", "consumed", "upd", "batch", "unnest",
-               "members", "new_members", "kept", "input", "rows", "source", "deleted", "removed",
-               "updated", "given", "picked", "touched", "ins", "del", "added", "org", "m", "events", "lateral"}
+LOCAL_NAMES = {
+    "inserted",
+    "link",
+    "existing",
+    "target",
+    "consumed",
+    "upd",
+    "batch",
+    "unnest",
+    "members",
+    "new_members",
+    "kept",
+    "input",
+    "rows",
+    "source",
+    "deleted",
+    "removed",
+    "updated",
+    "given",
+    "picked",
+    "touched",
+    "ins",
+    "del",
+    "added",
+    "org",
+    "m",
+    "events",
+    "lateral",
+}
 
 
 def _blocks(path: Path) -> list[tuple[str, list[str]]]:

@@ -33,7 +33,9 @@ async def test_session_token_round_trip_and_digest_only(storage: Any, email: str
     assert secret.encode() not in bytes(row[0])
 
 
-async def test_wrong_malformed_expired_and_revoked_tokens_are_none(storage: Any, email: str) -> None:
+async def test_wrong_malformed_expired_and_revoked_tokens_are_none(
+    storage: Any, email: str
+) -> None:
     user = await storage.create_user(email=email)
     issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
     session_id, secret = issued.token.split(".")

@@ -14,12 +14,21 @@ from kitium_pg import ConflictError, NotFoundError, User, ValidationError
 
 async def test_create_and_get_round_trip(storage: Any, email: str) -> None:
     user = await storage.create_user(
-        email=email, name="Ada", picture="https://example.com/a.png", plan="pro",
-        entitlements=["a", "b"], metadata={"n": 1, "nested": {"x": [1, 2.5, None, True]}},
+        email=email,
+        name="Ada",
+        picture="https://example.com/a.png",
+        plan="pro",
+        entitlements=["a", "b"],
+        metadata={"n": 1, "nested": {"x": [1, 2.5, None, True]}},
     )
     assert isinstance(user, User)
     assert user.id.version == 7
-    assert (user.email, user.name, user.plan, user.entitlements) == (email, "Ada", "pro", ("a", "b"))
+    assert (user.email, user.name, user.plan, user.entitlements) == (
+        email,
+        "Ada",
+        "pro",
+        ("a", "b"),
+    )
     assert user.metadata == {"n": 1, "nested": {"x": [1, 2.5, None, True]}}
     assert user.oauth == {}
     assert user.created_at.tzinfo is dt.UTC
@@ -126,12 +135,18 @@ async def test_oauth_provider_tokens_are_encrypted_at_rest(
     access, refresh = unique("access-token"), unique("refresh-token")
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     await storage.link_oauth_account(
-        user.id, "google", sub=unique("g"), access_token=access, refresh_token=refresh,
+        user.id,
+        "google",
+        sub=unique("g"),
+        access_token=access,
+        refresh_token=refresh,
         token_expires_at=expires,
     )
     tokens = await storage.get_oauth_tokens(user.id, "google")
     assert (tokens.access_token, tokens.refresh_token, tokens.expires_at) == (
-        access, refresh, expires,
+        access,
+        refresh,
+        expires,
     )
     assert access not in repr(tokens)
     with psycopg.connect(dsn) as conn:

@@ -24,9 +24,7 @@ class AsyncMigrations(AsyncCore):
     """Migration methods of the async adapter."""
 
     def _migrations(self) -> tuple[Migration, ...]:
-        return load_migrations(
-            self._settings.schema, optional=self._settings.optional_migrations
-        )
+        return load_migrations(self._settings.schema, optional=self._settings.optional_migrations)
 
     async def _applied(self) -> dict[str, str]:
         if not await self._value("ledger_exists", {}, retry=Retry.SAFE):
@@ -94,7 +92,9 @@ class AsyncMigrations(AsyncCore):
             retry=Retry.NEVER,
         )
 
-    async def rollback(self, steps: int = 1, *, progress: Progress | None = None) -> tuple[str, ...]:
+    async def rollback(
+        self, steps: int = 1, *, progress: Progress | None = None
+    ) -> tuple[str, ...]:
         """Undo the last ``steps`` applied migrations (newest first); returns their ids."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValidationError("steps", "must be a positive integer")

@@ -72,9 +72,9 @@ class AsyncUsers(AsyncCore):
         self,
         id: uuid.UUID | str,
         *,
-        email: str | None | Unset = UNSET,
-        name: str | None | Unset = UNSET,
-        picture: str | None | Unset = UNSET,
+        email: str | Unset | None = UNSET,
+        name: str | Unset | None = UNSET,
+        picture: str | Unset | None = UNSET,
         plan: str | Unset = UNSET,
         entitlements: Iterable[str] | Unset = UNSET,
         metadata: dict[str, Any] | Unset = UNSET,
@@ -176,7 +176,9 @@ class AsyncUsers(AsyncCore):
         )
         user = await self._one("link_oauth_account", params, User, retry=Retry.SAFE)
         if user is None:
-            raise ConflictError(f"link_oauth_account: {provider} identity is linked to another user")
+            raise ConflictError(
+                f"link_oauth_account: {provider} identity is linked to another user"
+            )
         return user
 
     async def unlink_oauth_account(self, user_id: uuid.UUID | str, provider: str) -> bool:
@@ -187,9 +189,7 @@ class AsyncUsers(AsyncCore):
         params = {"user_id": parsed, "provider": v.text("provider", provider)}
         return await self._exec("unlink_oauth_account", params, retry=Retry.SAFE) > 0
 
-    async def get_oauth_tokens(
-        self, user_id: uuid.UUID | str, provider: str
-    ) -> OAuthTokens | None:
+    async def get_oauth_tokens(self, user_id: uuid.UUID | str, provider: str) -> OAuthTokens | None:
         """The decrypted provider tokens of a user's link to ``provider``, or ``None`` when there
         is no link. Raises ``EncryptionKeyError`` when their key is not configured."""
         parsed = v.parse_uuid(user_id)

@@ -126,12 +126,12 @@ class Core:
         return self._with_local("kitium.tenant", str(_validate.uuid_arg("org_id", org_id)))
 
     def _with_local(self, name: str, value: str) -> Self:
-        local = tuple((k, v) for k, v in self._local if k != name) + ((name, value),)
+        local = (*((k, v) for k, v in self._local if k != name), (name, value))
         return self._view(_local=local, _local_applied=False)
 
     def _view(self, **changes: Any) -> Self:
         # A shallow copy sharing the pool: used for timeout overrides and connection binding.
-        view = cast(Self, object.__new__(type(self)))
+        view: Self = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
         view.__dict__.update(changes)
         return view
@@ -301,15 +301,11 @@ class Core:
             log_call(name, started, attempt)
             return result
 
-    def _one(
-        self, name: str, params: Mapping[str, Any], cls: Callable[..., T], *, retry: Retry
-    ) -> T | None:
-        return cast(T | None, self._run(name, params, retry=retry, row_factory=class_row(cls)))
+    def _one(self, name: str, params: Mapping[str, Any], cls: type[T], *, retry: Retry) -> T | None:
+        return cast(T | None, self._run(name, params, retry=retry, row_factory=_rows(cls)))
 
-    def _many(
-        self, name: str, params: Mapping[str, Any], cls: Callable[..., T], *, retry: Retry
-    ) -> list[T]:
-        return cast(list[T], self._run(name, params, retry=retry, row_factory=class_row(cls)))
+    def _many(self, name: str, params: Mapping[str, Any], cls: type[T], *, retry: Retry) -> list[T]:
+        return cast(list[T], self._run(name, params, retry=retry, row_factory=_rows(cls)))
 
     def _value(self, name: str, params: Mapping[str, Any], *, retry: Retry) -> Any:
         return self._run(name, params, retry=retry)
@@ -329,6 +325,17 @@ class Core:
             total += deleted
             if deleted < size:
                 return total
+
+
+_ROW_FACTORIES: dict[type[Any], RowFactory[Any]] = {}
+
+
+def _rows(cls: type[T]) -> RowFactory[T]:
+    # One row factory per record class, built once (psycopg's class_row maps columns by name).
+    factory = _ROW_FACTORIES.get(cls)
+    if factory is None:
+        factory = _ROW_FACTORIES[cls] = class_row(cls)
+    return factory
 
 
 def _fetch(cur: Cursor[Any], shape: _sql.Shape) -> Any:

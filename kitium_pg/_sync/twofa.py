@@ -208,8 +208,9 @@ class TwoFactor(Core):
         codes (used or not) and inserts the new ones: no moment exists with both sets or
         neither, and of two concurrent replacements exactly one set survives. Raises
         ``ValidationError`` for bad or repeated digests and ``NotFoundError`` when ``user_id``
-        is not a user (an empty ``code_hashes`` just removes the codes). Retried on transient failures: the ids are
-        generated before the first attempt, so a retry rewrites the same set.
+        is not a user (an empty ``code_hashes`` just removes the codes). Retried on transient
+        failures: the ids are generated before the first attempt, so a retry rewrites the same
+        set.
         """
         hashes = v.strings("code_hashes", code_hashes, max_items=MAX_BACKUP_CODES, max_len=v.HASH)
         hashes = [_code_hash(f"code_hashes[{i}]", h) for i, h in enumerate(hashes)]

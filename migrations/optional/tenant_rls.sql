@@ -11,6 +11,9 @@
 
 -- migrate:up
 
+-- Give up quickly rather than queue behind (and block) live traffic; migrate again later.
+SET LOCAL lock_timeout = '5s';
+
 DO $$
 DECLARE
   spec record;
@@ -44,6 +47,8 @@ END;
 $$;
 
 -- migrate:down
+
+SET LOCAL lock_timeout = '5s';
 
 DO $$
 DECLARE
