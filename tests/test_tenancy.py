@@ -1,0 +1,139 @@
+"""Tenant isolation: the optional tenant_rls migration, tenant() views, and the least-privilege
+grants, tested by connecting as a non-owner application role."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from kitium_pg import (
+    AsyncPostgresStorageAdapter,
+    NotFoundError,
+    PermissionDeniedError,
+    PostgresStorageAdapter,
+    ValidationError,
+)
+
+
+@pytest.fixture(scope="module")
+def tenancy(dsn: str) -> Iterator[dict[str, Any]]:
+    """A schema with tenant_rls applied, two organizations with a role each (made by the owner),
+    and a login role ``app_…`` holding only the generated grants."""
+    tag = uuid.uuid4().hex[:8]
+    schema, role = f"tenancy_{tag}", f"app_{tag}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN".encode())
+    owner = PostgresStorageAdapter(dsn, schema=schema, optional_migrations=["tenant_rls"])
+    owner.connect()
+    owner.grant_app_role(role)
+    user = owner.create_user(email=f"member-{tag}@example.com")
+    orgs, roles = [], []
+    for name in ("alpha", "beta"):
+        org = owner.create_organization(name=name, plan="team", members=[{"user_id": user.id}])
+        orgs.append(org)
+        roles.append(owner.create_role(org_id=org.id, name="admin", permissions=[{"name": "x"}]))
+    yield {
+        "schema": schema,
+        "role": role,
+        "app_dsn": make_conninfo(dsn, user=role),
+        "user": user,
+        "orgs": orgs,
+        "roles": roles,
+        "owner": owner,
+    }
+    owner.disconnect()
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+        admin.execute(f"DROP ROLE {role}".encode())
+
+
+@pytest.fixture
+def app(tenancy: dict[str, Any]) -> Iterator[PostgresStorageAdapter]:
+    """The adapter as the application role (no migrations: it has no DDL rights)."""
+    storage = PostgresStorageAdapter(tenancy["app_dsn"], schema=tenancy["schema"])
+    storage.connect(migrate=False)
+    yield storage
+    storage.disconnect()
+
+
+def test_reads_see_only_the_current_tenant(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any]
+) -> None:
+    alpha, beta = tenancy["orgs"]
+    as_alpha = app.tenant(alpha.id)
+    found = as_alpha.get_organization(alpha.id)
+    assert found is not None and found.name == "alpha"
+    assert as_alpha.get_organization(beta.id) is None
+    assert [r.id for r in as_alpha.list_roles(alpha.id)] == [tenancy["roles"][0].id]
+    assert as_alpha.list_roles(beta.id) == []
+    assert as_alpha.get_role(tenancy["roles"][1].id) is None
+    assert app.get_organization(alpha.id) is None  # no tenant: fail closed
+    assert app.tenant(beta.id).get_organization(beta.id) is not None
+
+
+def test_cross_tenant_writes_fail(app: PostgresStorageAdapter, tenancy: dict[str, Any]) -> None:
+    alpha, beta = tenancy["orgs"]
+    as_alpha = app.tenant(alpha.id)
+    with pytest.raises(PermissionDeniedError):
+        as_alpha.create_role(org_id=beta.id, name="intruder")
+    with pytest.raises(NotFoundError):
+        as_alpha.update_organization(beta.id, name="taken over")
+    assert as_alpha.delete_role(tenancy["roles"][1].id) is False
+    owner_view = tenancy["owner"].get_organization(beta.id)
+    assert owner_view is not None and owner_view.name == "beta"
+    assert len(tenancy["owner"].list_roles(beta.id)) == 1
+
+
+def test_tenant_writes_within_its_own_tenant_work(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any]
+) -> None:
+    alpha = tenancy["orgs"][0]
+    with app.tenant(alpha.id).transaction() as tx:
+        role = tx.create_role(org_id=alpha.id, name=f"editor-{uuid.uuid4().hex[:6]}")
+        tx.assign_role_to_user(tenancy["user"].id, role.id, alpha.id)
+        assert tx.has_permission(tenancy["user"].id, alpha.id, "x") is False
+    assert role in app.tenant(alpha.id).get_user_roles(tenancy["user"].id, alpha.id)
+
+
+def test_the_app_role_has_no_ddl_and_events_are_append_only(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any]
+) -> None:
+    alpha = tenancy["orgs"][0]
+    app.tenant(alpha.id).emit_event(type="login", principal_id="p", data={}, org_id=str(alpha.id))
+    with psycopg.connect(tenancy["app_dsn"]) as conn:
+        for statement in (
+            f"CREATE TABLE {tenancy['schema']}.evil (id int)",
+            f"DELETE FROM {tenancy['schema']}.auth_events",
+            f"UPDATE {tenancy['schema']}.auth_events SET type = 'x'",
+            f"DROP TABLE {tenancy['schema']}.users",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement.encode())
+            conn.rollback()
+
+
+def test_grants_text_and_role_validation(tenancy: dict[str, Any]) -> None:
+    text = tenancy["owner"].app_role_grants("billing_app")
+    assert "TO billing_app" in text and f"{tenancy['schema']}.auth_events" in text
+    assert "kitium_app" not in text
+    with pytest.raises(ValidationError):
+        tenancy["owner"].app_role_grants("x; DROP TABLE users")
+
+
+async def test_async_tenant_view(tenancy: dict[str, Any]) -> None:
+    alpha, beta = tenancy["orgs"]
+    app = AsyncPostgresStorageAdapter(tenancy["app_dsn"], schema=tenancy["schema"])
+    await app.connect(migrate=False)
+    try:
+        as_beta = app.tenant(beta.id)
+        assert (await as_beta.get_organization(beta.id)) is not None
+        assert await as_beta.get_organization(alpha.id) is None
+        with pytest.raises(PermissionDeniedError):
+            await as_beta.create_role(org_id=alpha.id, name="intruder")
+    finally:
+        await app.disconnect()
