@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import attrs
 import uuid_utils.compat
@@ -39,6 +39,9 @@ class Unset(enum.Enum):
 
 
 UNSET: Final = Unset.UNSET
+
+
+Consistency = Literal["replica", "primary"]
 
 
 class Retry(enum.Enum):
@@ -88,6 +91,7 @@ class Settings:
     application_name: str
     prepare_threshold: int | None
     optional_migrations: tuple[str, ...] = ()
+    pgbouncer: bool = False
 
     @classmethod
     def build(cls, **kw: Any) -> Settings:
@@ -113,18 +117,32 @@ class Settings:
             if name not in optional_migration_ids():
                 raise ValidationError("optional_migrations", f"unknown optional migration {name!r}")
         kw["optional_migrations"] = tuple(optional)
+        if not isinstance(kw.get("pgbouncer", False), bool):
+            raise ValidationError("pgbouncer", "must be True or False")
         return cls(**kw)
 
     def connection_kwargs(self) -> dict[str, Any]:
         """psycopg connection options: autocommit (so one statement is one round trip), UTC,
-        and the statement timeout as a startup option (no per-call SET)."""
-        return {
+        and the statement timeout as a startup option (no per-call SET).
+
+        Behind PgBouncer in transaction pooling mode (``pgbouncer=True``) a server connection
+        is shared between clients, so nothing may depend on session state: no startup
+        ``options`` (PgBouncer refuses untracked ones), and no prepared statements (a statement
+        prepared on one server connection is unknown on the next; PgBouncer >= 1.22 with
+        ``max_prepared_statements`` and libpq >= 17 could keep them, but that cannot be
+        detected from here, so the safe setting wins). The statement timeout is then applied
+        per transaction instead (see ``statement_timeout_ms``)."""
+        kwargs: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": max(1, round(self.connect_timeout)),
             "application_name": self.application_name,
-            "options": f"-c statement_timeout={self.statement_timeout_ms} -c TimeZone=UTC",
             "prepare_threshold": self.prepare_threshold,
         }
+        if self.pgbouncer:
+            kwargs["prepare_threshold"] = None
+        else:
+            kwargs["options"] = f"-c statement_timeout={self.statement_timeout_ms} -c TimeZone=UTC"
+        return kwargs
 
 
 def log_call(

@@ -1,45 +1,66 @@
-"""``kitium-pg``: apply, inspect and roll back migrations, check health, run the demo.
+"""``kitium-pg``: apply, inspect and roll back migrations, check health, manage encryption keys
+and application-role grants, run the demo.
 
 Every command uses the sync ``PostgresStorageAdapter``. The database is ``--dsn``, else the
 ``DATABASE_URL`` environment variable, else an embedded PostgreSQL kept in ``./.kitium-pg/data``
-(the ``embedded`` extra). Failures print one line on stderr and exit with a documented code.
+(the ``embedded`` extra); ``sql``, ``gen-key`` and ``grant`` without ``--apply`` need none.
+Encryption keys come from ``KITIUM_PG_ENCRYPTION_KEYS``. Failures print one line on stderr and
+exit with a documented code.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
 import re
+import secrets
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import click
 import psycopg
+import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__, _sql
-from ._base import Migration, load_migrations, redact_dsn
+from ._base import Migration, load_migrations, optional_migration_ids, redact_dsn
 from ._sync.adapter import PostgresStorageAdapter
-from .errors import KitiumPgError, MigrationError, UnavailableError, ValidationError
+from .encryption import ENV_VAR, Keyring, generate_key
+from .errors import (
+    EncryptionKeyError,
+    KitiumPgError,
+    MigrationError,
+    NotFoundError,
+    UnavailableError,
+    ValidationError,
+    translate,
+)
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1  # any KitiumPgError not listed below
 EXIT_USAGE: Final = 2  # click's own usage errors (bad option, unknown command, bad value)
 EXIT_UNAVAILABLE: Final = 3  # UnavailableError: the database cannot be reached
 EXIT_MIGRATION: Final = 4  # MigrationError: malformed, changed, unknown or failing migration
+EXIT_KEY: Final = 5  # EncryptionKeyError: missing or wrong encryption key
 
 EMBEDDED_DATA_DIR: Final = Path(".kitium-pg") / "data"
 
 EPILOG: Final = """\b
 Database: --dsn, else $DATABASE_URL, else an embedded PostgreSQL started in
 ./.kitium-pg/data (needs the 'embedded' extra; stopped when the command exits).
+sql, gen-key and grant (without --apply) need no database.
+\b
+Encryption keys: $KITIUM_PG_ENCRYPTION_KEYS = kid1:base64key,kid2:base64key
+(the last key encrypts, every key decrypts; make one with gen-key).
 \b
 Exit codes:
   0  success
@@ -47,13 +68,41 @@ Exit codes:
   2  usage error (bad option or argument)
   3  database unavailable (UnavailableError)
   4  migration problem (MigrationError; health: migrations pending)
+  5  missing or wrong encryption key (EncryptionKeyError)
 """
 
 _HINTS: Final[dict[type[KitiumPgError], str]] = {
     UnavailableError: "is the server running and the DSN right?",
     MigrationError: "see `kitium-pg status` and `kitium-pg sql`",
     ValidationError: "check the argument named above",
+    EncryptionKeyError: f"check {ENV_VAR} (kid1:base64key,kid2:base64key; `kitium-pg gen-key`"
+    " makes a key)",
 }
+
+_OPTIONAL_HELP: Final = (
+    "Also handle this optional migration (repeatable), e.g. tenant_rls for row-level security."
+)
+
+
+def _optional_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--optional",
+        "optional",
+        multiple=True,
+        type=click.Choice(optional_migration_ids()),
+        metavar="NAME",
+        help=_OPTIONAL_HELP + f" Known: {', '.join(optional_migration_ids()) or 'none'}.",
+    )
+
+
+def _env_keyring() -> Keyring | None:
+    """The keys in ``KITIUM_PG_ENCRYPTION_KEYS`` (``None`` when unset); a malformed value is an
+    ``EncryptionKeyError`` (exit code 5), whichever command runs."""
+    try:
+        return Keyring.from_env()
+    except ValidationError as exc:
+        problem = str(exc).removeprefix(f"{exc.field}: ")
+        raise EncryptionKeyError(f"{ENV_VAR} is malformed: {problem}") from None
 
 
 class _Context:
@@ -104,9 +153,17 @@ class _Context:
         return dsn
 
     @contextmanager
-    def storage(self) -> Iterator[PostgresStorageAdapter]:
+    def storage(
+        self,
+        *,
+        optional: Sequence[str] = (),
+        encryption_keys: Mapping[str, bytes | str] | None = None,
+    ) -> Iterator[PostgresStorageAdapter]:
         """A connected adapter that has not migrated anything (each command decides),
-        disconnected afterwards."""
+        disconnected afterwards. ``optional`` names optional migrations to handle too; without
+        ``encryption_keys`` the adapter uses ``KITIUM_PG_ENCRYPTION_KEYS`` (if set)."""
+        if encryption_keys is None:
+            _env_keyring()  # a malformed value fails here, with exit code 5
         dsn = self.resolve_dsn()
         storage = PostgresStorageAdapter(
             dsn,
@@ -116,6 +173,8 @@ class _Context:
             connect_timeout=self.connect_timeout,
             pool_timeout=self.connect_timeout,
             application_name="kitium-pg-cli",
+            optional_migrations=optional,
+            encryption_keys=encryption_keys,
         )
         storage.connect(migrate=False)
         try:
@@ -152,7 +211,18 @@ def _exit_code(error: KitiumPgError) -> int:
         return EXIT_UNAVAILABLE
     if isinstance(error, MigrationError):
         return EXIT_MIGRATION
+    if isinstance(error, EncryptionKeyError):
+        return EXIT_KEY
     return EXIT_FAILED
+
+
+def _require_migrated(state: _Context, storage: PostgresStorageAdapter, command: str) -> None:
+    pending = storage.migration_status().pending
+    if pending:
+        raise MigrationError(
+            f"schema {state.schema} has {len(pending)} pending migration(s)"
+            f" ({', '.join(pending)}): run `kitium-pg migrate` before `kitium-pg {command}`"
+        )
 
 
 def _fail(state: _Context | None, error: KitiumPgError) -> NoReturn:
@@ -230,13 +300,16 @@ def cli(
 
 
 @cli.command(short_help="Apply pending migrations.")
+@_optional_option()
 @click.pass_obj
-def migrate(state: _Context) -> None:
+def migrate(state: _Context, optional: tuple[str, ...]) -> None:
     """Apply pending migrations, one transaction each, and print what was applied.
 
     Safe to run from several processes at once: each migration is applied exactly once.
+    Optional migrations (--optional tenant_rls) run after the numbered ones, as the role that
+    will own them: tenant_rls gives that role a policy that bypasses the tenant checks.
     """
-    with state.storage() as storage:
+    with state.storage(optional=optional) as storage:
         state.info.print(f"migrating schema {state.schema}", markup=False)
         applied = storage.migrate(progress=state.progress("applying"))
         status = storage.migration_status()
@@ -259,11 +332,16 @@ def migrate(state: _Context) -> None:
 
 
 @cli.command(short_help="Show applied and pending migrations.")
+@_optional_option()
 @click.pass_obj
-def status(state: _Context) -> None:
-    """Show applied and pending migrations. Reads only: creates nothing in the database."""
-    known = load_migrations(state.schema)
-    with state.storage() as storage:
+def status(state: _Context, optional: tuple[str, ...]) -> None:
+    """Show applied and pending migrations. Reads only: creates nothing in the database.
+
+    Optional migrations count as pending only when named with --optional; an applied one is
+    always listed.
+    """
+    known = load_migrations(state.schema, optional=optional)
+    with state.storage(optional=optional) as storage:
         current = storage.migration_status()
     applied = set(current.applied)
     if state.as_json:
@@ -282,6 +360,10 @@ def status(state: _Context) -> None:
             "[green]applied[/]" if done else "[yellow]pending[/]",
             migration.path.name,
         )
+    listed = {migration.id for migration in known}
+    for migration_id in current.applied:
+        if migration_id not in listed:  # an optional migration applied earlier
+            table.add_row(migration_id, "[green]applied[/]", f"optional/{migration_id}.sql")
     state.out.print(table)
     state.out.print(f"{len(current.applied)} applied, {len(current.pending)} pending")
 
@@ -294,11 +376,23 @@ def status(state: _Context) -> None:
     show_default=True,
     help="How many of the newest applied migrations to undo.",
 )
+@_optional_option()
 @click.pass_obj
-def rollback(state: _Context, steps: int) -> None:
-    """Undo the newest applied migrations (their down parts), newest first."""
-    with state.storage() as storage:
-        undone = storage.rollback(steps, progress=state.progress("rolling back"))
+def rollback(state: _Context, steps: int, optional: tuple[str, ...]) -> None:
+    """Undo the newest applied migrations (their down parts), newest first.
+
+    An applied optional migration is undone only when named with --optional.
+    """
+    with state.storage(optional=optional) as storage:
+        try:
+            undone = storage.rollback(steps, progress=state.progress("rolling back"))
+        except MigrationError as exc:
+            applied = storage.migration_status().applied
+            unnamed = [m for m in optional_migration_ids() if m in applied and m not in optional]
+            if not unnamed:
+                raise
+            flags = " ".join(f"--optional {m}" for m in unnamed)
+            raise MigrationError(f"{exc} (on the command line: rollback {flags})") from exc
     if state.as_json:
         state.emit_json({"schema": state.schema, "rolled_back": undone})
     elif undone:
@@ -322,17 +416,19 @@ def _select(migrations: Sequence[Migration], wanted: str | None) -> list[Migrati
 
 @cli.command(short_help="Print migration SQL (no database needed).")
 @click.option("--down", is_flag=True, help="Print the down (rollback) parts, newest first.")
+@_optional_option()
 @click.argument("migration_id", required=False, metavar="[MIGRATION_ID]")
 @click.pass_obj
-def sql(state: _Context, down: bool, migration_id: str | None) -> None:
+def sql(state: _Context, down: bool, optional: tuple[str, ...], migration_id: str | None) -> None:
     """Print migration SQL for a DBA to review (no database needed).
 
     MIGRATION_ID is an id such as 0001_core, or just its number (0001); without it, every
     migration is printed in the order it would run. The SQL is written for --schema. It is
     what `migrate` executes, without the bookkeeping: SQL run by hand is not recorded in the
-    schema's auth_migrations table, so `migrate` would try to apply it again.
+    schema's auth_migrations table, so `migrate` would try to apply it again. With --optional
+    NAME, the optional migration is printed too (after the numbered ones).
     """
-    chosen = _select(load_migrations(state.schema), migration_id)
+    chosen = _select(load_migrations(state.schema, optional=optional), migration_id)
     if down:
         chosen.reverse()
     direction = "down" if down else "up"
@@ -403,18 +499,221 @@ def health(state: _Context) -> None:
 def demo(state: _Context) -> None:
     """Apply migrations, then walk through every domain and print what happened.
 
-    Creates demo users, sessions, API keys, an organization, tokens and events with unique
-    emails, so it can run again on the same database. Human-readable only (no --json).
+    Creates demo users, sessions, tokens, API keys, an organization with roles, an SSO
+    provider, a 2FA device and events with unique emails, so it can run again on the same
+    database. Secrets are encrypted with the keys in KITIUM_PG_ENCRYPTION_KEYS; when it is
+    unset, with an ephemeral key for this run, and the rows holding those secrets are deleted
+    at the end (nobody could decrypt them later). Human-readable only (no --json).
     """
     if state.as_json:
         raise click.UsageError("demo prints a human-readable report only; drop --json")
     from .demo import run
 
-    with state.storage() as storage:
+    keys: dict[str, bytes | str] | None = None
+    if _env_keyring() is None:
+        keys = {f"demo-{secrets.token_hex(4)}": generate_key()}
+        click.echo(
+            f"kitium-pg: {ENV_VAR} is unset: the demo encrypts with an ephemeral key for this run"
+            " only and deletes what it encrypted at the end",
+            err=True,
+        )
+    with state.storage(encryption_keys=keys) as storage:
         applied = storage.migrate(progress=state.progress("applying"))
         if applied:
             state.out.print(f"applied {len(applied)}: {', '.join(applied)}", markup=False)
-        run(storage, state.out)
+        run(storage, state.out, schema=state.schema, ephemeral_key=keys is not None)
+
+
+class _RotationBar:
+    """The ``progress(done, total)`` callback of ``rotate_keys``: a rich progress bar, started
+    at the first report (nothing is drawn when there is nothing to re-encrypt), or plain lines
+    on stderr in JSON mode."""
+
+    def __init__(self, state: _Context) -> None:
+        self.state = state
+        self.bar: Progress | None = None
+        self.task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        total = max(total, done)  # rows may have been written meanwhile
+        if self.state.as_json:
+            self.state.info.print(f"  re-encrypted {done} of {total}", markup=False)
+            return
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("re-encrypting"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.state.info,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("re-encrypting", total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@cli.command("rotate-keys", short_help="Re-encrypt stored secrets under the newest key.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1, max=10_000),
+    default=500,
+    show_default=True,
+    metavar="N",
+    help="Rows read and re-encrypted per statement.",
+)
+@click.pass_obj
+def rotate_keys(state: _Context, batch_size: int) -> None:
+    """Re-encrypt every stored secret (2FA secrets, SSO client secrets and signing keys, OAuth
+    provider tokens) that is not under the newest key, and print how many were re-encrypted.
+
+    Keys come from KITIUM_PG_ENCRYPTION_KEYS: append the new key (the last one encrypts), keep
+    the old ones until this command has run, then remove them. Safe while the application
+    writes, and to run again after an interruption. Exits 5 when the variable is unset or a
+    stored value's key is not in it.
+    """
+    keyring = _env_keyring()
+    if keyring is None:
+        raise EncryptionKeyError(
+            f"rotate-keys needs the keys in {ENV_VAR}: the old ones and, last, the new one"
+        )
+    current = keyring.current_key_id
+    with state.storage() as storage:
+        _require_migrated(state, storage, "rotate-keys")
+        state.info.print(
+            f"re-encrypting secrets in schema {state.schema} under key {current!r}"
+            f" (configured: {', '.join(keyring.key_ids)})",
+            markup=False,
+        )
+        bar = _RotationBar(state)
+        try:
+            count = storage.rotate_keys(batch_size=batch_size, progress=bar)
+        finally:
+            bar.stop()
+    if state.as_json:
+        state.emit_json(
+            {
+                "schema": state.schema,
+                "key_id": current,
+                "key_ids": list(keyring.key_ids),
+                "reencrypted": count,
+            }
+        )
+    elif count:
+        state.out.print(f"re-encrypted {count} secret value(s) under key {current!r}", markup=False)
+    else:
+        state.out.print(
+            f"nothing to re-encrypt: no stored secret is under a key other than {current!r}",
+            markup=False,
+        )
+
+
+@cli.command(short_help="Print (or --apply) least-privilege grants for an app role.")
+@click.option(
+    "--role", required=True, metavar="ROLE", help="The application's database role (must exist)."
+)
+@click.option(
+    "--apply",
+    is_flag=True,
+    help="Run the grants in the database (as the schema owner) instead of printing them.",
+)
+@click.pass_obj
+def grant(state: _Context, role: str, apply: bool) -> None:
+    """Print the GRANT statements that give ROLE exactly what the adapter's runtime calls need
+    in --schema (no DDL; audit events append-only), or run them with --apply.
+
+    Printing needs no database. Run migrations as the owner role and let the application
+    connect as ROLE; with the tenant_rls optional migration, ROLE sees only the rows of the
+    tenant it sets (storage.tenant(org_id)).
+    """
+    _env_keyring()
+    # The SQL depends only on the schema and the role: render it without connecting.
+    offline = PostgresStorageAdapter("", schema=state.schema)
+    try:
+        statements = offline.app_role_grants(role)
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc).removeprefix("role: "), param_hint="--role") from exc
+    if apply:
+        with state.storage() as storage:
+            _require_migrated(state, storage, "grant --apply")
+            try:
+                with storage.pool.connection() as conn:
+                    found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role])
+                    exists = found.fetchone() is not None
+                if not exists:
+                    raise NotFoundError(
+                        f"role {role!r} does not exist: create it first"
+                        f" (CREATE ROLE {role} LOGIN PASSWORD '…')"
+                    )
+                storage.grant_app_role(role)
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                raise translate(exc, operation="grant_app_role") from exc
+    if state.as_json:
+        state.emit_json(
+            {"schema": state.schema, "role": role, "applied": apply, "sql": statements.strip()}
+        )
+    elif apply:
+        state.out.print(
+            f"granted role {role} what kitium-pg needs in schema {state.schema}"
+            f" (`kitium-pg grant --role {role}` prints the statements)",
+            markup=False,
+        )
+    else:
+        click.echo(f"-- least-privilege grants for role {role} in schema {state.schema}")
+        click.echo(statements.strip())
+
+
+def _key_ids_in_env() -> set[str]:
+    spec = os.environ.get(ENV_VAR, "")
+    return {item.partition(":")[0].strip() for item in spec.split(",") if item.strip()}
+
+
+@cli.command("gen-key", short_help="Print a new encryption key (no database needed).")
+@click.option(
+    "--key-id",
+    metavar="ID",
+    help="Name of the key (default: today's date, made unique among the configured keys).",
+)
+@click.pass_obj
+def gen_key(state: _Context, key_id: str | None) -> None:
+    """Print a new random 256-bit key (urlsafe base64) and the KITIUM_PG_ENCRYPTION_KEYS value
+    that uses it. Keep it in a secret store: a secret encrypted under a lost key cannot be
+    read. To rotate, append ",ID:KEY" to the current value (the last key encrypts), deploy,
+    then run `kitium-pg rotate-keys`.
+    """
+    taken = _key_ids_in_env()
+    if key_id is None:
+        base = key_id = dt.datetime.now(dt.UTC).date().isoformat()
+        number = 1
+        while key_id in taken:
+            number += 1
+            key_id = f"{base}.{number}"
+    elif key_id in taken:
+        raise click.BadParameter(
+            f"{ENV_VAR} already has a key {key_id!r}; pick another id", param_hint="--key-id"
+        )
+    key = generate_key()
+    try:
+        Keyring({key_id: key})
+    except ValidationError as exc:
+        raise click.BadParameter(
+            "at most 64 characters, without ':' or ','", param_hint="--key-id"
+        ) from exc
+    value = f"{key_id}:{key}"
+    if state.as_json:
+        state.emit_json({"key_id": key_id, "key": key, "env": f"{ENV_VAR}={value}"})
+        return
+    # click.echo, not rich: the lines must never be wrapped or restyled (they are copied).
+    click.echo(f"# new key {key_id!r}; keep it secret and never lose it")
+    click.echo(f"{ENV_VAR}={value}")
+    if taken:
+        click.echo(f"# to rotate, append ,{value} to the current {ENV_VAR} (the last key")
+        click.echo("# encrypts), deploy, then run `kitium-pg rotate-keys`")
+    else:
+        click.echo("# set it wherever the application and kitium-pg run (from a secret store)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

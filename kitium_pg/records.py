@@ -220,6 +220,7 @@ class HealthStatus:
     applied_migrations: tuple[str, ...]
     pending_migrations: tuple[str, ...]
     error: str | None = None
+    replicas: tuple[Mapping[str, Any], ...] = ()
 
 
 # -- RBAC ---------------------------------------------------------------------------------------

@@ -44,10 +44,16 @@ class AsyncPostgresStorageAdapter(
 
     ``AsyncPostgresStorageAdapter(dsn, *, min_size=1, max_size=10, idle_timeout=30.0,
     statement_timeout_ms=5000, max_retries=2, connect_timeout=10.0, pool_timeout=10.0,
-    schema="kitium_auth", application_name="kitium-pg", prepare_threshold=5)``; ``dsn`` may also
-    be an ``AsyncConnectionPool`` you own (its connections should be autocommit). Use it as
-    ``async with AsyncPostgresStorageAdapter(dsn) as storage: ...`` or call ``connect()`` and
-    ``disconnect()``.
+    schema="kitium_auth", application_name="kitium-pg", prepare_threshold=5,
+    encryption_keys=None, optional_migrations=(), pgbouncer=False, replica_dsn=None,
+    observer=None)``.
+
+    ``dsn`` may also be an ``AsyncConnectionPool`` you own (its connections should be
+    autocommit). ``encryption_keys`` (else ``KITIUM_PG_ENCRYPTION_KEYS``) encrypt stored secrets;
+    ``pgbouncer=True`` avoids session state for transaction pooling; ``replica_dsn`` (one DSN or
+    several) serves the read-only hot paths; ``observer`` receives per-operation metrics (see
+    ``kitium_pg.observe``). Use it as ``async with AsyncPostgresStorageAdapter(dsn) as
+    storage: ...`` or call ``connect()`` and ``disconnect()``.
     """
 
     async def connect(self, *, migrate: bool = True) -> None:
@@ -102,4 +108,5 @@ class AsyncPostgresStorageAdapter(
             applied_migrations=state.applied,
             pending_migrations=state.pending,
             error=None if not state.pending else "pending migrations",
+            replicas=await self._replica_health(),
         )

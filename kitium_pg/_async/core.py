@@ -7,9 +7,10 @@ This file is the source of truth; ``kitium_pg/_sync/core.py`` is generated from 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Self, TypeVar, cast
 
@@ -29,6 +30,7 @@ from ..errors import (
     is_auto_retryable,
     translate,
 )
+from ..observe import Observer
 
 T = TypeVar("T")
 
@@ -54,6 +56,9 @@ class AsyncCore:
         prepare_threshold: int | None = 5,
         encryption_keys: Mapping[str, bytes | str] | None = None,
         optional_migrations: Iterable[str] = (),
+        pgbouncer: bool = False,
+        replica_dsn: str | Sequence[str] | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self._settings = Settings.build(
             min_size=min_size,
@@ -67,6 +72,7 @@ class AsyncCore:
             application_name=application_name,
             prepare_threshold=prepare_threshold,
             optional_migrations=tuple(optional_migrations),
+            pgbouncer=pgbouncer,
         )
         self._queries = _sql.queries(schema)
         self._keyring = (
@@ -74,9 +80,18 @@ class AsyncCore:
         )
         self._conn: AsyncConnection[Any] | None = None
         # Transaction-local settings (statement timeout override, tenant) applied before each
-        # statement; empty on the default path, which then costs nothing extra.
+        # statement; empty on the default path, which then costs nothing extra. Behind PgBouncer
+        # the default timeout cannot be a startup option, so it becomes one of these (set
+        # statement_timeout_ms=0 and a role-level timeout to avoid the cost).
         self._local: tuple[tuple[str, str], ...] = ()
+        if pgbouncer and statement_timeout_ms:
+            self._local = (("statement_timeout", str(statement_timeout_ms)),)
         self._local_applied = False
+        self._observer = observer
+        self._replicas: list[_Pool] = []
+        # Replica index -> monotonic time before which it is skipped (shared by all views).
+        self._replica_down: dict[int, float] = {}
+        self._replica_cursor = itertools.count()
         if isinstance(dsn, psycopg_pool.AsyncConnectionPool):
             self._pool: _Pool = dsn
             self._owns_pool = False
@@ -96,6 +111,22 @@ class AsyncCore:
             self._dsn_display = redact_dsn(dsn)
         else:
             raise ValidationError("dsn", "must be a connection string or an AsyncConnectionPool")
+        replicas = [replica_dsn] if isinstance(replica_dsn, str) else list(replica_dsn or ())
+        for n, replica in enumerate(replicas):
+            if not isinstance(replica, str) or not replica:
+                raise ValidationError(f"replica_dsn[{n}]", "must be a connection string")
+            self._replicas.append(
+                psycopg_pool.AsyncConnectionPool(
+                    replica,
+                    min_size=0,
+                    max_size=max_size,
+                    max_idle=max(idle_timeout, 1.0),
+                    timeout=min(pool_timeout, _REPLICA_WAIT),
+                    kwargs=self._settings.connection_kwargs(),
+                    open=False,
+                    name=f"kitium-pg-replica-{n}",
+                )
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._dsn_display!r}, schema={self._settings.schema!r})"
@@ -209,6 +240,10 @@ class AsyncCore:
         return self._keyring.decrypt(key_id, bytes(blob), column=column, row_id=row_id)
 
     async def _open_pool(self) -> None:
+        for replica in self._replicas:
+            # A replica that is down at start-up must not stop the application: its pool keeps
+            # reconnecting in the background and reads use the primary meanwhile.
+            await replica.open(wait=False)
         if not self._owns_pool:
             return
         try:
@@ -219,6 +254,8 @@ class AsyncCore:
             ) from exc
 
     async def _close_pool(self) -> None:
+        for replica in self._replicas:
+            await replica.close()
         if self._owns_pool:
             await self._pool.close()
 
@@ -266,6 +303,58 @@ class AsyncCore:
                 await pipeline.sync()
                 return await _fetch(cur, query.shape)
 
+    def _replica_order(self) -> list[int]:
+        """Healthy replicas, rotating the first choice between calls."""
+        now = time.monotonic()
+        up = [n for n in range(len(self._replicas)) if self._replica_down.get(n, 0.0) <= now]
+        if not up:
+            return []
+        shift = next(self._replica_cursor) % len(up)
+        return up[shift:] + up[:shift]
+
+    async def _replica_health(self) -> tuple[dict[str, Any], ...]:
+        """Per replica: whether it answers a ping, its pool figures, and whether it is being
+        skipped after a failure."""
+        report = []
+        now = time.monotonic()
+        for n, pool in enumerate(self._replicas):
+            entry: dict[str, Any] = {"replica": n, "skipped": self._replica_down.get(n, 0) > now}
+            entry.update(pool.get_stats())
+            try:
+                async with pool.connection() as conn:
+                    await conn.execute(self._queries["ping"].sql)
+                entry["status"] = "ok"
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                entry["status"] = "error"
+                entry["error"] = str(translate(exc, operation="health_check"))
+            report.append(entry)
+        return tuple(report)
+
+    async def _run_on_replica(
+        self, name: str, query: _sql.Query, params: Mapping[str, Any], row_factory: RowFactory[Any]
+    ) -> Any:
+        """The result from the first healthy replica that answers, or ``_PRIMARY`` when none
+        does. A replica that fails with a connection-type error is skipped for a while; any
+        other error is the caller's (it would fail on the primary too)."""
+        for n in self._replica_order():
+            started = time.perf_counter()
+            try:
+                async with self._replicas[n].connection() as conn:
+                    if not self._local:
+                        result = await self._execute(conn, query, params, row_factory)
+                    else:
+                        result = await self._execute_with_local(conn, query, params, row_factory)
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                error = translate(exc, operation=name)
+                log_call(f"{name}@replica{n}", started, 1, error, exc)
+                if isinstance(error, UnavailableError) or is_auto_retryable(error):
+                    self._replica_down[n] = time.monotonic() + _REPLICA_PAUSE
+                    continue
+                raise error from exc
+            log_call(f"{name}@replica{n}", started, 1)
+            return result
+        return _PRIMARY
+
     async def _run(
         self,
         name: str,
@@ -273,8 +362,33 @@ class AsyncCore:
         *,
         retry: Retry,
         row_factory: RowFactory[Any] = tuple_row,
+        replica: bool = False,
+    ) -> Any:
+        if self._observer is None:
+            return await self._run_observed(name, params, retry, row_factory, replica)
+        token = self._observer.start(name)
+        started = time.perf_counter()
+        try:
+            result = await self._run_observed(name, params, retry, row_factory, replica)
+        except KitiumPgError as exc:
+            self._observer.finish(token, name, time.perf_counter() - started, exc)
+            raise
+        self._observer.finish(token, name, time.perf_counter() - started, None)
+        return result
+
+    async def _run_observed(
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        retry: Retry,
+        row_factory: RowFactory[Any],
+        replica: bool,
     ) -> Any:
         query = self._queries[name]
+        if replica and self._replicas and self._conn is None:
+            result = await self._run_on_replica(name, query, params, row_factory)
+            if result is not _PRIMARY:
+                return result
         attempt = 0
         while True:
             attempt += 1
@@ -301,17 +415,44 @@ class AsyncCore:
             return result
 
     async def _one(
-        self, name: str, params: Mapping[str, Any], cls: type[T], *, retry: Retry
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        cls: type[T],
+        *,
+        retry: Retry,
+        replica: bool = False,
     ) -> T | None:
-        return cast(T | None, await self._run(name, params, retry=retry, row_factory=_rows(cls)))
+        return cast(
+            T | None,
+            await self._run(name, params, retry=retry, row_factory=_rows(cls), replica=replica),
+        )
 
     async def _many(
-        self, name: str, params: Mapping[str, Any], cls: type[T], *, retry: Retry
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        cls: type[T],
+        *,
+        retry: Retry,
+        replica: bool = False,
     ) -> list[T]:
-        return cast(list[T], await self._run(name, params, retry=retry, row_factory=_rows(cls)))
+        return cast(
+            list[T],
+            await self._run(name, params, retry=retry, row_factory=_rows(cls), replica=replica),
+        )
 
-    async def _value(self, name: str, params: Mapping[str, Any], *, retry: Retry) -> Any:
-        return await self._run(name, params, retry=retry)
+    async def _value(
+        self, name: str, params: Mapping[str, Any], *, retry: Retry, replica: bool = False
+    ) -> Any:
+        return await self._run(name, params, retry=retry, replica=replica)
+
+    def _use_replica(self, consistency: str) -> bool:
+        """Whether a read may go to a replica: ``consistency="replica"`` (the default of the
+        read-only hot paths) allows it; ``"primary"`` asks for read-your-writes."""
+        if consistency not in ("replica", "primary"):
+            raise ValidationError("consistency", 'must be "replica" or "primary"')
+        return consistency == "replica"
 
     async def _exec(self, name: str, params: Mapping[str, Any], *, retry: Retry) -> int:
         return cast(int, await self._run(name, params, retry=retry))
@@ -333,6 +474,11 @@ class AsyncCore:
 
 
 _ROW_FACTORIES: dict[type[Any], RowFactory[Any]] = {}
+
+# How long a replica checkout may wait, and how long a failed replica is skipped (seconds).
+_REPLICA_WAIT = 1.0
+_REPLICA_PAUSE = 5.0
+_PRIMARY: Any = object()  # "no replica answered: use the primary"
 
 
 def _rows(cls: type[T]) -> RowFactory[T]:

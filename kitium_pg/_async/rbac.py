@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import _validate as v
-from .._base import UNSET, Retry, Unset, new_id
+from .._base import UNSET, Consistency, Retry, Unset, new_id
 from ..errors import NotFoundError, ValidationError
 from ..records import Permission, Role
 from .core import AsyncCore
@@ -210,7 +210,11 @@ class AsyncRbac(AsyncCore):
         return await self._many("get_user_roles", params, Role, retry=Retry.SAFE)
 
     async def get_user_permissions(
-        self, user_id: uuid.UUID | str, org_id: uuid.UUID | str
+        self,
+        user_id: uuid.UUID | str,
+        org_id: uuid.UUID | str,
+        *,
+        consistency: Consistency = "replica",
     ) -> list[Permission]:
         """The distinct permissions a user holds in an organization through its roles, sorted
         by name (code-point order); empty for unknown or malformed ids.
@@ -222,10 +226,21 @@ class AsyncRbac(AsyncCore):
         if parsed_user is None or parsed_org is None:
             return []
         params = {"user_id": parsed_user, "org_id": parsed_org}
-        return await self._many("get_user_permissions", params, Permission, retry=Retry.SAFE)
+        return await self._many(
+            "get_user_permissions",
+            params,
+            Permission,
+            retry=Retry.SAFE,
+            replica=self._use_replica(consistency),
+        )
 
     async def has_permission(
-        self, user_id: uuid.UUID | str, org_id: uuid.UUID | str, name: str
+        self,
+        user_id: uuid.UUID | str,
+        org_id: uuid.UUID | str,
+        name: str,
+        *,
+        consistency: Consistency = "replica",
     ) -> bool:
         """Whether any role the user holds in the organization grants permission ``name``
         (exact, case-sensitive match). ``False`` for unknown or malformed ids and for a
@@ -238,4 +253,5 @@ class AsyncRbac(AsyncCore):
         except ValidationError:
             return False
         params = {"user_id": parsed_user, "org_id": parsed_org, "name": name}
-        return bool(await self._value("has_permission", params, retry=Retry.SAFE))
+        replica = self._use_replica(consistency)
+        return bool(await self._value("has_permission", params, retry=Retry.SAFE, replica=replica))

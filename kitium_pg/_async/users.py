@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import _validate as v
-from .._base import UNSET, Retry, Unset, new_id
+from .._base import UNSET, Consistency, Retry, Unset, new_id
 from ..errors import ConflictError, NotFoundError, ValidationError
 from ..records import OAuthTokens, User
 from .core import AsyncCore
@@ -48,25 +48,49 @@ class AsyncUsers(AsyncCore):
         assert user is not None
         return user
 
-    async def get_user(self, id: uuid.UUID | str) -> User | None:
+    async def get_user(
+        self, id: uuid.UUID | str, *, consistency: Consistency = "replica"
+    ) -> User | None:
         """The user with this id, or ``None`` (also for a malformed id)."""
         user_id = v.parse_uuid(id)
         if user_id is None:
             return None
-        return await self._one("get_user", {"id": user_id}, User, retry=Retry.SAFE)
+        return await self._one(
+            "get_user",
+            {"id": user_id},
+            User,
+            retry=Retry.SAFE,
+            replica=self._use_replica(consistency),
+        )
 
-    async def get_user_by_email(self, email: str) -> User | None:
+    async def get_user_by_email(
+        self, email: str, *, consistency: Consistency = "replica"
+    ) -> User | None:
         """The user with this email in any letter case, or ``None``."""
         try:
             email = v.text("email", email, max_len=v.EMAIL)
         except ValidationError:
             return None
-        return await self._one("get_user_by_email", {"email": email}, User, retry=Retry.SAFE)
+        return await self._one(
+            "get_user_by_email",
+            {"email": email},
+            User,
+            retry=Retry.SAFE,
+            replica=self._use_replica(consistency),
+        )
 
-    async def get_user_by_oauth(self, provider: str, sub: str) -> User | None:
+    async def get_user_by_oauth(
+        self, provider: str, sub: str, *, consistency: Consistency = "replica"
+    ) -> User | None:
         """The user linked to OAuth identity (``provider``, ``sub``), or ``None``."""
         params = {"provider": v.text("provider", provider), "subject": v.text("sub", sub)}
-        return await self._one("get_user_by_oauth", params, User, retry=Retry.SAFE)
+        return await self._one(
+            "get_user_by_oauth",
+            params,
+            User,
+            retry=Retry.SAFE,
+            replica=self._use_replica(consistency),
+        )
 
     async def update_user(
         self,

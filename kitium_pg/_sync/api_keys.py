@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from .. import _validate as v
-from .._base import UNSET, Retry, Unset, new_id
+from .._base import UNSET, Consistency, Retry, Unset, new_id
 from ..errors import NotFoundError, ValidationError
 from ..records import ApiKey
 from .core import Core
@@ -91,14 +91,22 @@ class ApiKeys(Core):
             return None
         return self._one("get_api_key", {"id": key_id}, ApiKey, retry=Retry.SAFE)
 
-    def get_api_key_by_hash(self, hash: str) -> ApiKey | None:
+    def get_api_key_by_hash(
+        self, hash: str, *, consistency: Consistency = "replica"
+    ) -> ApiKey | None:
         """The unexpired key with this digest, or ``None`` (unknown, expired, or not a possible
         digest: nothing is queried then). This is the authentication lookup."""
         try:
             digest = _hash(hash)
         except ValidationError:
             return None
-        return self._one("get_api_key_by_hash", {"hash": digest}, ApiKey, retry=Retry.SAFE)
+        return self._one(
+            "get_api_key_by_hash",
+            {"hash": digest},
+            ApiKey,
+            retry=Retry.SAFE,
+            replica=self._use_replica(consistency),
+        )
 
     def get_api_keys_by_prefix_and_last_four(self, prefix: str, last_four: str) -> list[ApiKey]:
         """The unexpired keys with this prefix and last four characters, newest first (empty for

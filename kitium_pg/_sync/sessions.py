@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import _validate as v
-from .._base import UNSET, Retry, Unset, new_id
+from .._base import UNSET, Consistency, Retry, Unset, new_id
 from ..errors import NotFoundError
 from ..records import Session
 from .core import Core
@@ -45,12 +45,20 @@ class Sessions(Core):
         assert session is not None
         return session
 
-    def get_session(self, id: uuid.UUID | str) -> Session | None:
+    def get_session(
+        self, id: uuid.UUID | str, *, consistency: Consistency = "replica"
+    ) -> Session | None:
         """The unexpired session with this id, or ``None`` (unknown, expired or malformed id)."""
         session_id = v.parse_uuid(id)
         if session_id is None:
             return None
-        return self._one("get_session", {"id": session_id}, Session, retry=Retry.SAFE)
+        return self._one(
+            "get_session",
+            {"id": session_id},
+            Session,
+            retry=Retry.SAFE,
+            replica=self._use_replica(consistency),
+        )
 
     def update_session(
         self,

@@ -24,10 +24,15 @@ from typing import Any
 from psycopg.rows import kwargs_row
 
 from .. import _validate as v
-from .._base import Retry
+from .._base import Consistency, Retry
 from ..records import ApiKey, IssuedApiKey, IssuedSession, Session
 from .api_keys import ApiKeys
 from .sessions import Sessions, _new_session_params
+
+
+def _stamp_due(record: ApiKey) -> bool:
+    last = record.last_used_at
+    return last is None or dt.datetime.now(dt.UTC) - last > dt.timedelta(minutes=1)
 
 
 def _digest(secret: str) -> bytes:
@@ -62,7 +67,9 @@ class Tokens(Sessions, ApiKeys):
         assert session is not None
         return IssuedSession(session=session, token=f"{session.id}.{secret}")
 
-    def validate_session_token(self, token: str) -> Session | None:
+    def validate_session_token(
+        self, token: str, *, consistency: Consistency = "replica"
+    ) -> Session | None:
         """The session a bearer token belongs to, or ``None`` when the token is malformed,
         unknown, expired or revoked (``delete_session``). One primary-key lookup, then a
         constant-time comparison of digests; never raises for hostile input."""
@@ -81,6 +88,7 @@ class Tokens(Sessions, ApiKeys):
             {"id": parsed},
             retry=Retry.SAFE,
             row_factory=kwargs_row(_session_with_hash),
+            replica=self._use_replica(consistency),
         )
         if found is None:
             return None
@@ -112,7 +120,7 @@ class Tokens(Sessions, ApiKeys):
         )
         return IssuedApiKey(record=record, key=key)
 
-    def verify_api_key(self, key: str) -> ApiKey | None:
+    def verify_api_key(self, key: str, *, consistency: Consistency = "replica") -> ApiKey | None:
         """The record of an unexpired API key, or ``None`` (malformed, unknown or expired key).
         Updates ``last_used_at`` at most once a minute, in the same statement. Retry-safe: the
         only write sets a timestamp."""
@@ -122,6 +130,14 @@ class Tokens(Sessions, ApiKeys):
             digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         except UnicodeEncodeError:
             return None
+        if self._replicas and self._use_replica(consistency):
+            # A replica cannot stamp last_used_at: read there, and go to the primary only when
+            # the stamp is due (at most once a minute per key).
+            record = self._one(
+                "get_api_key_by_hash", {"hash": digest}, ApiKey, retry=Retry.SAFE, replica=True
+            )
+            if record is None or not _stamp_due(record):
+                return record if record and hmac.compare_digest(record.hash, digest) else None
         record = self._one("verify_api_key", {"hash": digest}, ApiKey, retry=Retry.SAFE)
         if record is None or not hmac.compare_digest(record.hash, digest):
             return None
