@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -22,6 +20,8 @@ from kitium_pg import (
     UnavailableError,
     ValidationError,
 )
+
+from .fix_race import race_each
 
 
 @pytest.fixture(scope="module")
@@ -122,22 +122,7 @@ async def test_sixteen_concurrent_signups_with_one_email_make_one_user(
     variants = [
         "".join(c.upper() if (i >> n) & 1 else c for n, c in enumerate(email)) for i in range(16)
     ]
-    if storage.kind == "async":
-        results = await asyncio.gather(
-            *(storage.create_user(email=e) for e in variants), return_exceptions=True
-        )
-    else:
-        barrier = threading.Barrier(16)
-
-        def signup(e: str) -> Any:
-            barrier.wait()
-            try:
-                return storage.adapter.create_user(email=e)
-            except ConflictError as exc:
-                return exc
-
-        with ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(signup, variants))
+    results = await race_each(storage, "create_user", [((), {"email": e}) for e in variants])
     users = [r for r in results if not isinstance(r, BaseException)]
     conflicts = [r for r in results if isinstance(r, ConflictError)]
     assert (len(users), len(conflicts)) == (1, 15), results

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
-import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from kitium_pg import ConflictError, EmailVerificationToken, NotFoundError, ValidationError
 from kitium_pg._base import Retry
+
+from .fix_race import race
 
 RACERS = 32
 
@@ -37,27 +36,6 @@ async def _token(storage: Any, email: str, **kwargs: Any) -> EmailVerificationTo
     }
     token: EmailVerificationToken = await storage.create_email_verification_token(**args)
     return token
-
-
-async def _race(storage: Any, method: str, *args: Any) -> list[Any]:
-    """Call ``method(*args)`` RACERS times at once; results and raised errors, in call order.
-
-    The async adapter runs them with asyncio.gather; the sync adapter from RACERS threads that
-    start together behind a barrier (each on its own pooled connection).
-    """
-    if storage.kind == "sync":
-        call = getattr(storage.adapter, method)
-        barrier = threading.Barrier(RACERS)
-
-        def run() -> Any:
-            barrier.wait()
-            return call(*args)
-
-        with ThreadPoolExecutor(max_workers=RACERS) as pool:
-            futures = [pool.submit(run) for _ in range(RACERS)]
-            return [f.exception() or f.result() for f in futures]
-    call = getattr(storage, method)
-    return list(await asyncio.gather(*(call(*args) for _ in range(RACERS)), return_exceptions=True))
 
 
 async def test_create_and_get_round_trip(storage: Any, email: str) -> None:
@@ -161,7 +139,7 @@ async def test_mark_unknown_token(storage: Any) -> None:
 
 async def test_racing_consumers_exactly_one_wins(storage: Any, email: str) -> None:
     token = await _token(storage, email)
-    outcomes = await _race(storage, "mark_email_verification_token_as_used", token.id)
+    outcomes = await race(storage, RACERS, "mark_email_verification_token_as_used", token.id)
     winners = [o for o in outcomes if isinstance(o, EmailVerificationToken)]
     losers = [o for o in outcomes if isinstance(o, ConflictError)]
     assert len(winners) == 1, outcomes
@@ -217,7 +195,7 @@ async def test_attempt_counter(storage: Any, email: str) -> None:
 
 async def test_racing_increments_are_all_counted(storage: Any, email: str) -> None:
     token = await _token(storage, email)
-    counts = await _race(storage, "increment_email_verification_token_attempts", token.id)
+    counts = await race(storage, RACERS, "increment_email_verification_token_attempts", token.id)
     assert sorted(counts) == list(range(1, RACERS + 1))  # each call saw its own increment
     assert await storage.get_email_verification_token_attempts(token.id) == RACERS
 

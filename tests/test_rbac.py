@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import attrs
@@ -15,6 +12,8 @@ import pytest
 
 from kitium_pg import ConflictError, NotFoundError, Organization, User, ValidationError
 from kitium_pg.records import Permission, Role
+
+from .fix_race import race
 
 RACERS = 16
 
@@ -256,23 +255,7 @@ async def test_sixteen_concurrent_assignments_leave_one_row(
     org = await _org(storage)
     user = await _user(storage, unique)
     role = await storage.create_role(org_id=org.id, name="racer")
-    if storage.kind == "sync":
-        barrier = threading.Barrier(RACERS)
-
-        def assign() -> Any:
-            barrier.wait()
-            return storage.adapter.assign_role_to_user(user.id, role.id, org.id)
-
-        with ThreadPoolExecutor(max_workers=RACERS) as pool:
-            futures = [pool.submit(assign) for _ in range(RACERS)]
-            results = [f.exception() or f.result() for f in futures]
-    else:
-        results = list(
-            await asyncio.gather(
-                *(storage.assign_role_to_user(user.id, role.id, org.id) for _ in range(RACERS)),
-                return_exceptions=True,
-            )
-        )
+    results = await race(storage, RACERS, "assign_role_to_user", user.id, role.id, org.id)
     assert results == [role] * RACERS, results
     assert await _count_assignments(storage, role.id) == 1
     assert await storage.get_user_roles(user.id, org.id) == [role]

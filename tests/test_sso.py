@@ -19,7 +19,8 @@ from kitium_pg.encryption import ENV_VAR
 from kitium_pg.errors import ConflictError, EncryptionKeyError, NotFoundError, ValidationError
 from kitium_pg.records import SsoDomain, SsoLink, SsoProvider, SsoSession, User
 from tests.conftest import AwaitableSync
-from tests.roundtrips import round_trips
+
+from .roundtrips import round_trips
 
 CLIENT_SECRET = "oidc-client-secret-7f3a9c"
 SIGNING_KEY = (

@@ -21,6 +21,8 @@ from kitium_pg.encryption import ENV_VAR
 from kitium_pg.errors import EncryptionKeyError, NotFoundError, ValidationError
 from kitium_pg.records import BackupCode, TwoFactorDevice, TwoFactorSession, User
 
+from .fix_race import race
+
 RACERS = 32
 SECRET = "JBSWY3DPEHPK3PXP-totp-seed"
 
@@ -61,27 +63,6 @@ async def _challenge(storage: Any, user: User, **kwargs: Any) -> TwoFactorSessio
     }
     challenge: TwoFactorSession = await storage.create_two_factor_session(**args)
     return challenge
-
-
-async def _race(storage: Any, method: str, *args: Any) -> list[Any]:
-    """Call ``method(*args)`` RACERS times at once; results and raised errors, in call order.
-
-    The async adapter runs them with asyncio.gather; the sync adapter from RACERS threads that
-    start together behind a barrier (each on its own pooled connection).
-    """
-    if storage.kind == "sync":
-        call = getattr(storage.adapter, method)
-        barrier = threading.Barrier(RACERS)
-
-        def run() -> Any:
-            barrier.wait()
-            return call(*args)
-
-        with ThreadPoolExecutor(max_workers=RACERS) as pool:
-            futures = [pool.submit(run) for _ in range(RACERS)]
-            return [f.exception() or f.result() for f in futures]
-    call = getattr(storage, method)
-    return list(await asyncio.gather(*(call(*args) for _ in range(RACERS)), return_exceptions=True))
 
 
 async def _replay(storage: Any, name: str, params: dict[str, Any]) -> Any:
@@ -369,7 +350,7 @@ async def test_record_totp_step_accepts_only_newer_steps(storage: Any, email: st
 async def test_racing_totp_steps_exactly_one_accepted(storage: Any, email: str) -> None:
     user = await _user(storage, email)
     device = await _device(storage, user)
-    outcomes = await _race(storage, "record_totp_step", device.id, 1_000_000)
+    outcomes = await race(storage, RACERS, "record_totp_step", device.id, 1_000_000)
     assert outcomes.count(True) == 1, outcomes
     assert outcomes.count(False) == RACERS - 1, outcomes
 
@@ -464,10 +445,10 @@ async def test_consume_backup_code(storage: Any, email: str) -> None:
 async def test_racing_backup_code_consumers_exactly_one_wins(storage: Any, email: str) -> None:
     user = await _user(storage, email)
     by_id, by_hash = await storage.create_backup_codes(user.id, [_hash("x1"), _hash("x2")])
-    marks = await _race(storage, "mark_backup_code_used", by_id.id)
+    marks = await race(storage, RACERS, "mark_backup_code_used", by_id.id)
     assert marks.count(True) == 1, marks
     assert marks.count(False) == RACERS - 1, marks
-    consumed = await _race(storage, "consume_backup_code", user.id, by_hash.code_hash)
+    consumed = await race(storage, RACERS, "consume_backup_code", user.id, by_hash.code_hash)
     winners = [c for c in consumed if isinstance(c, BackupCode)]
     assert len(winners) == 1, consumed
     assert consumed.count(None) == RACERS - 1, consumed
@@ -606,7 +587,7 @@ async def test_attempts_stop_at_the_limit(storage: Any, email: str) -> None:
 async def test_racing_challenge_completions_exactly_one_wins(storage: Any, email: str) -> None:
     user = await _user(storage, email)
     challenge = await _challenge(storage, user)
-    outcomes = await _race(storage, "complete_two_factor_session", challenge.id)
+    outcomes = await race(storage, RACERS, "complete_two_factor_session", challenge.id)
     assert outcomes.count(True) == 1, outcomes
     assert outcomes.count(False) == RACERS - 1, outcomes
 
@@ -614,7 +595,7 @@ async def test_racing_challenge_completions_exactly_one_wins(storage: Any, email
 async def test_racing_attempts_never_pass_the_limit(storage: Any, email: str) -> None:
     user = await _user(storage, email)
     challenge = await _challenge(storage, user, max_attempts=5)
-    outcomes = await _race(storage, "increment_two_factor_attempts", challenge.id)
+    outcomes = await race(storage, RACERS, "increment_two_factor_attempts", challenge.id)
     counts = [o for o in outcomes if o is not None]
     assert sorted(counts) == [1, 2, 3, 4, 5], outcomes
     assert outcomes.count(None) == RACERS - 5, outcomes
