@@ -458,17 +458,25 @@ class AsyncCore:
         return cast(int, await self._run(name, params, retry=retry))
 
     async def _delete_in_batches(
-        self, name: str, params: Mapping[str, Any], *, batch_size: int
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        *,
+        batch_size: int,
+        progress: Callable[[int], None] | None = None,
     ) -> int:
         """Run delete query ``name`` (which takes ``:batch_size`` and deletes at most that many
         rows) until it deletes fewer than ``batch_size``; returns the total. Short statements
         keep locks brief and let concurrent readers through; each batch is its own retry-safe
-        statement (deleting expired rows is idempotent)."""
+        statement (deleting expired rows is idempotent). ``progress(total_so_far)`` is called
+        after each batch."""
         size = _validate.integer("batch_size", batch_size, minimum=1, maximum=100_000)
         total = 0
         while True:
             deleted = await self._exec(name, {**params, "batch_size": size}, retry=Retry.SAFE)
             total += deleted
+            if progress is not None:
+                progress(total)
             if deleted < size:
                 return total
 

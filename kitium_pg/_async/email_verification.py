@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from psycopg.rows import kwargs_row
@@ -132,11 +133,13 @@ class AsyncEmailVerification(AsyncCore):
             )
         return token
 
-    async def delete_expired_email_verification_tokens(self, *, batch_size: int = 5000) -> int:
+    async def delete_expired_email_verification_tokens(
+        self, *, batch_size: int = 5000, progress: Callable[[int], None] | None = None
+    ) -> int:
         """Delete every expired token (with its attempt counter), ``batch_size`` rows per
         statement; returns how many were deleted. Idempotent and retried per batch."""
         return await self._delete_in_batches(
-            "delete_expired_email_verification_tokens", {}, batch_size=batch_size
+            "delete_expired_email_verification_tokens", {}, batch_size=batch_size, progress=progress
         )
 
     async def get_email_verification_token_attempts(self, token_id: uuid.UUID | str) -> int:

@@ -6,7 +6,7 @@ import base64
 import datetime as dt
 import itertools
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from .. import _validate as v
@@ -163,7 +163,13 @@ class AsyncEvents(AsyncCore):
             events=tuple(rows[:page_size]), next_cursor=encode_cursor(last.timestamp, last.id)
         )
 
-    async def prune_events(self, *, before: dt.datetime, batch_size: int = PRUNE_BATCH) -> int:
+    async def prune_events(
+        self,
+        *,
+        before: dt.datetime,
+        batch_size: int = PRUNE_BATCH,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
         """Delete every event whose timestamp is earlier than ``before``; returns how many.
 
         ``before`` must be timezone-aware. Rows go in statements of at most ``batch_size``, so
@@ -171,7 +177,9 @@ class AsyncEvents(AsyncCore):
         is retried on transient failures.
         """
         params = {"before": v.timestamp("before", before)}
-        return await self._delete_in_batches("prune_events", params, batch_size=batch_size)
+        return await self._delete_in_batches(
+            "prune_events", params, batch_size=batch_size, progress=progress
+        )
 
 
 def _text_id(field: str, value: object) -> str:

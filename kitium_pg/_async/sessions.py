@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import _validate as v
@@ -106,7 +106,9 @@ class AsyncSessions(AsyncCore):
             return False
         return await self._exec("delete_session", {"id": session_id}, retry=Retry.SAFE) > 0
 
-    async def delete_expired_sessions(self, *, batch_size: int = 5000) -> int:
+    async def delete_expired_sessions(
+        self, *, batch_size: int = 5000, progress: Callable[[int], None] | None = None
+    ) -> int:
         """Delete every expired session and return how many were deleted.
 
         Runs one short statement per ``batch_size`` rows (earliest expiry first, skipping rows
@@ -114,7 +116,9 @@ class AsyncSessions(AsyncCore):
         transient failures, because deleting expired rows is idempotent. Raises
         ``ValidationError`` when ``batch_size`` is not between 1 and 100000.
         """
-        return await self._delete_in_batches("delete_expired_sessions", {}, batch_size=batch_size)
+        return await self._delete_in_batches(
+            "delete_expired_sessions", {}, batch_size=batch_size, progress=progress
+        )
 
     async def list_user_sessions(self, user_id: uuid.UUID | str) -> list[Session]:
         """A user's unexpired sessions, newest first (empty for an unknown or malformed id), for

@@ -458,16 +458,26 @@ class Core:
     def _exec(self, name: str, params: Mapping[str, Any], *, retry: Retry) -> int:
         return cast(int, self._run(name, params, retry=retry))
 
-    def _delete_in_batches(self, name: str, params: Mapping[str, Any], *, batch_size: int) -> int:
+    def _delete_in_batches(
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        *,
+        batch_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
         """Run delete query ``name`` (which takes ``:batch_size`` and deletes at most that many
         rows) until it deletes fewer than ``batch_size``; returns the total. Short statements
         keep locks brief and let concurrent readers through; each batch is its own retry-safe
-        statement (deleting expired rows is idempotent)."""
+        statement (deleting expired rows is idempotent). ``progress(total_so_far)`` is called
+        after each batch."""
         size = _validate.integer("batch_size", batch_size, minimum=1, maximum=100_000)
         total = 0
         while True:
             deleted = self._exec(name, {**params, "batch_size": size}, retry=Retry.SAFE)
             total += deleted
+            if progress is not None:
+                progress(total)
             if deleted < size:
                 return total
 

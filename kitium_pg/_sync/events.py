@@ -8,7 +8,7 @@ import base64
 import datetime as dt
 import itertools
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from .. import _validate as v
@@ -165,7 +165,13 @@ class Events(Core):
             events=tuple(rows[:page_size]), next_cursor=encode_cursor(last.timestamp, last.id)
         )
 
-    def prune_events(self, *, before: dt.datetime, batch_size: int = PRUNE_BATCH) -> int:
+    def prune_events(
+        self,
+        *,
+        before: dt.datetime,
+        batch_size: int = PRUNE_BATCH,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
         """Delete every event whose timestamp is earlier than ``before``; returns how many.
 
         ``before`` must be timezone-aware. Rows go in statements of at most ``batch_size``, so
@@ -173,7 +179,9 @@ class Events(Core):
         is retried on transient failures.
         """
         params = {"before": v.timestamp("before", before)}
-        return self._delete_in_batches("prune_events", params, batch_size=batch_size)
+        return self._delete_in_batches(
+            "prune_events", params, batch_size=batch_size, progress=progress
+        )
 
 
 def _text_id(field: str, value: object) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import _validate as v
@@ -108,7 +108,9 @@ class Sessions(Core):
             return False
         return self._exec("delete_session", {"id": session_id}, retry=Retry.SAFE) > 0
 
-    def delete_expired_sessions(self, *, batch_size: int = 5000) -> int:
+    def delete_expired_sessions(
+        self, *, batch_size: int = 5000, progress: Callable[[int], None] | None = None
+    ) -> int:
         """Delete every expired session and return how many were deleted.
 
         Runs one short statement per ``batch_size`` rows (earliest expiry first, skipping rows
@@ -116,7 +118,9 @@ class Sessions(Core):
         transient failures, because deleting expired rows is idempotent. Raises
         ``ValidationError`` when ``batch_size`` is not between 1 and 100000.
         """
-        return self._delete_in_batches("delete_expired_sessions", {}, batch_size=batch_size)
+        return self._delete_in_batches(
+            "delete_expired_sessions", {}, batch_size=batch_size, progress=progress
+        )
 
     def list_user_sessions(self, user_id: uuid.UUID | str) -> list[Session]:
         """A user's unexpired sessions, newest first (empty for an unknown or malformed id), for
