@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Self, TypeVar, cast
@@ -275,12 +276,18 @@ class Core:
         params: Mapping[str, Any],
         row_factory: RowFactory[Any],
     ) -> Any:
-        with conn.cursor(row_factory=row_factory) as cur:
-            if query.shape is _sql.Shape.SCRIPT:
-                cur.execute(query.sql)
-                return None
-            cur.execute(query.sql, params)
-            return _fetch(cur, query.shape)
+        if query.shape is _sql.Shape.SCRIPT:
+            with conn.cursor() as script:
+                script.execute(query.sql)
+            return None
+        # One cursor per connection, reused by every call that runs on it: creating a cursor
+        # per call costs about as much as the rest of the client-side work (psycopg measures).
+        cur = _CURSORS.get(conn)
+        if cur is None or cur.closed:
+            cur = _CURSORS[conn] = conn.cursor()
+        cur.row_factory = cast(Any, row_factory)
+        cur.execute(query.sql, params)
+        return _fetch(cur, query.shape)
 
     def _execute_with_local(
         self,
@@ -483,6 +490,8 @@ class Core:
 
 
 _ROW_FACTORIES: dict[type[Any], RowFactory[Any]] = {}
+# The reusable cursor of each live connection (dropped with the connection).
+_CURSORS: weakref.WeakKeyDictionary[Connection[Any], Cursor[Any]] = weakref.WeakKeyDictionary()
 
 # How long a replica checkout may wait, and how long a failed replica is skipped (seconds).
 _REPLICA_WAIT = 1.0
