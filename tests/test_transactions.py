@@ -79,3 +79,14 @@ def _later() -> Any:
     import datetime as dt
 
     return dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+
+
+async def test_concurrent_calls_on_one_async_transaction_get_their_own_results(
+    async_adapter: Any, unique: Any
+) -> None:
+    import asyncio
+
+    users = [await async_adapter.create_user(email=f"{unique('tx')}@example.com") for _ in range(8)]
+    async with async_adapter.transaction() as tx:
+        found = await asyncio.gather(*(tx.get_user(u.id) for u in users))
+    assert found == users

@@ -280,8 +280,15 @@ class Core:
             with conn.cursor() as script:
                 script.execute(query.sql)
             return None
-        # One cursor per connection, reused by every call that runs on it: creating a cursor
-        # per call costs about as much as the rest of the client-side work (psycopg measures).
+        if self._conn is not None:
+            # A transaction's connection may be shared by concurrent tasks: own cursor per call,
+            # so one task can never fetch another's result.
+            with conn.cursor(row_factory=row_factory) as own:
+                own.execute(query.sql, params)
+                return _fetch(own, query.shape)
+        # A pooled connection belongs to this call alone until it is returned: reuse one cursor
+        # per connection, since creating a cursor per call is a sizeable share of the
+        # client-side cost (see the reference measurements in the benchmarks).
         cur = _CURSORS.get(conn)
         if cur is None or cur.closed:
             cur = _CURSORS[conn] = conn.cursor()
