@@ -75,8 +75,8 @@ _HINTS: Final[dict[type[KitiumPgError], str]] = {
     UnavailableError: "is the server running and the DSN right?",
     MigrationError: "see `kitium-pg status` and `kitium-pg sql`",
     ValidationError: "check the argument named above",
-    EncryptionKeyError: f"check {ENV_VAR} (kid1:base64key,kid2:base64key; `kitium-pg gen-key`"
-    " makes a key)",
+    EncryptionKeyError: f"{ENV_VAR} must hold every key in use, as kid1:base64key,kid2:base64key"
+    " (`kitium-pg gen-key` makes one)",
 }
 
 _OPTIONAL_HELP: Final = (
@@ -291,7 +291,8 @@ def cli(
     ctx: click.Context, dsn: str | None, schema: str, as_json: bool, connect_timeout: float
 ) -> None:
     """Manage the kitium-pg schema in PostgreSQL: migrate, inspect, roll back, check health,
-    and run a demo of every domain."""
+    make and rotate encryption keys, grant an application role, and run a demo of every
+    domain."""
     # Library and driver log lines would break the "one line per error" promise; keep them
     # quiet unless the embedding application configured logging itself.
     if not logging.getLogger().handlers:
@@ -358,7 +359,7 @@ def status(state: _Context, optional: tuple[str, ...]) -> None:
         table.add_row(
             migration.id,
             "[green]applied[/]" if done else "[yellow]pending[/]",
-            migration.path.name,
+            _file_name(migration),
         )
     listed = {migration.id for migration in known}
     for migration_id in current.applied:
@@ -399,6 +400,12 @@ def rollback(state: _Context, steps: int, optional: tuple[str, ...]) -> None:
         state.out.print(f"rolled back {len(undone)}: {', '.join(undone)}", markup=False)
     else:
         state.out.print("nothing to roll back: no migration is applied", markup=False)
+
+
+def _file_name(migration: Migration) -> str:
+    # Relative to migrations/: optional ones live in migrations/optional/.
+    optional = migration.path.parent.name == "optional"
+    return f"optional/{migration.path.name}" if optional else migration.path.name
 
 
 def _select(migrations: Sequence[Migration], wanted: str | None) -> list[Migration]:
@@ -446,7 +453,7 @@ def sql(state: _Context, down: bool, optional: tuple[str, ...], migration_id: st
         return
     for migration in chosen:
         body = (migration.down if down else migration.up).strip()
-        click.echo(f"-- {migration.id} ({direction}), from {migration.path.name}")
+        click.echo(f"-- {migration.id} ({direction}), from {_file_name(migration)}")
         click.echo(f"-- sha256 of the file: {migration.checksum}")
         click.echo(f"{body}\n")
 
@@ -578,7 +585,7 @@ def rotate_keys(state: _Context, batch_size: int) -> None:
     keyring = _env_keyring()
     if keyring is None:
         raise EncryptionKeyError(
-            f"rotate-keys needs the keys in {ENV_VAR}: the old ones and, last, the new one"
+            f"rotate-keys: {ENV_VAR} is unset; list the old keys and, last, the new one"
         )
     current = keyring.current_key_id
     with state.storage() as storage:
@@ -710,8 +717,9 @@ def gen_key(state: _Context, key_id: str | None) -> None:
     click.echo(f"# new key {key_id!r}; keep it secret and never lose it")
     click.echo(f"{ENV_VAR}={value}")
     if taken:
-        click.echo(f"# to rotate, append ,{value} to the current {ENV_VAR} (the last key")
-        click.echo("# encrypts), deploy, then run `kitium-pg rotate-keys`")
+        click.echo(f"# to rotate: append ,{value}")
+        click.echo(f"# to the current {ENV_VAR} (the last key encrypts), deploy, then run")
+        click.echo("# `kitium-pg rotate-keys`; remove the old key once it has finished")
     else:
         click.echo("# set it wherever the application and kitium-pg run (from a secret store)")
 

@@ -1,26 +1,36 @@
 """A guided tour of every domain, printed as a report (``kitium-pg demo``).
 
 ``run(storage, console)`` creates demo data with unique emails (so it can run again on the same
-database), checks each result as it goes, and prints one table per domain. A result that is not
+database), checks each result as it goes, and prints one panel per domain. A result that is not
 what the adapter promises raises ``InternalError``, so the command fails loudly instead of
-printing a report that looks fine.
+printing a report that looks fine. Secrets handed out once (tokens, API keys) are masked in the
+report, and stored secrets (client secret, TOTP seed, OAuth tokens) are never printed.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import secrets
+import time
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
+from psycopg import sql
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from . import _sql
 from ._sync.adapter import PostgresStorageAdapter
-from .errors import ConflictError, InternalError
+from .errors import ConflictError, InternalError, KitiumPgError
 
 __all__ = ["run"]
+
+T = TypeVar("T")
 
 # Stands where an application would pass argon2id output; the demo never hashes a password.
 _PLACEHOLDER_HASH = "$argon2id$demo"
@@ -29,6 +39,12 @@ _PLACEHOLDER_HASH = "$argon2id$demo"
 def _check(condition: bool, what: str) -> None:
     if not condition:
         raise InternalError(f"demo: expected {what}")
+
+
+def _present(value: T | None, what: str) -> T:
+    if value is None:
+        raise InternalError(f"demo: expected {what}, got None")
+    return value
 
 
 def _section(console: Console, title: str, steps: list[tuple[str, str | Text]]) -> None:
@@ -49,14 +65,88 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def run(storage: PostgresStorageAdapter, console: Console) -> None:
-    """Walk through health, users, sessions, API keys, organizations, email verification and
-    events on ``storage`` (connected and migrated), printing a report on ``console``."""
+def _masked(secret: str, keep: int = 4) -> str:
+    # Enough to recognise a secret in a report, never enough to use it.
+    return f"{secret[:keep]}…({len(secret)} characters)"
+
+
+def _stored_ciphertext(
+    storage: PostgresStorageAdapter, schema: str, provider_id: uuid.UUID, plaintext: str
+) -> tuple[str, int, bool]:
+    """(key id, ciphertext length, whether the plaintext bytes occur in it) of a provider's
+    stored client secret, read straight from its row."""
+    query = sql.SQL(
+        "SELECT client_secret_key_id, octet_length(client_secret_ciphertext),"
+        " position(%s::bytea IN client_secret_ciphertext) > 0"
+        " FROM {}.sso_providers WHERE id = %s"
+    ).format(sql.Identifier(schema))
+    with storage.pool.connection() as conn:
+        row = conn.execute(query, [plaintext.encode(), provider_id]).fetchone()
+    if row is None:
+        raise InternalError("demo: expected the provider's row")
+    return str(row[0]), int(row[1]), bool(row[2])
+
+
+def run(
+    storage: PostgresStorageAdapter,
+    console: Console,
+    *,
+    schema: str = _sql.DEFAULT_SCHEMA,
+    ephemeral_key: bool = False,
+) -> None:
+    """Walk through every domain on ``storage`` (connected and migrated, in ``schema``),
+    printing a report on ``console``.
+
+    ``storage`` needs an encryption key. With ``ephemeral_key`` (a key that exists only for
+    this run), the rows holding secrets encrypted under it (the SSO provider, the 2FA device,
+    the OAuth link with its tokens) are deleted at the end, even when the tour fails: nobody
+    could decrypt them later, and ``rotate_keys`` would stop at them.
+    """
+    forget: list[Callable[[], object]] = []
+    failed = True
+    try:
+        tag = _tour(storage, console, schema, ephemeral_key, forget)
+        failed = False
+    finally:
+        for step in reversed(forget if ephemeral_key else []):
+            try:
+                step()
+            except KitiumPgError:
+                if not failed:
+                    raise
+    kept = (
+        "The secrets encrypted under the ephemeral key were deleted with their rows\n"
+        "(SSO provider, 2FA device, OAuth link); set KITIUM_PG_ENCRYPTION_KEYS to keep them."
+        if ephemeral_key
+        else "Encrypted secrets stay readable with the keys in KITIUM_PG_ENCRYPTION_KEYS."
+    )
+    console.print(
+        Panel.fit(
+            f"Every domain answered as documented. The demo data stays in the database\n"
+            f"(its emails end in .{tag}@example.com), so the demo can run again.\n{kept}",
+            title="done",
+            border_style="green",
+        )
+    )
+
+
+def _tour(
+    storage: PostgresStorageAdapter,
+    console: Console,
+    schema: str,
+    ephemeral_key: bool,
+    forget: list[Callable[[], object]],
+) -> str:
     tag = secrets.token_hex(4)
     now = dt.datetime.now(dt.UTC)
     intro = Text("kitium-pg demo, run ")
     intro.append(tag, style="bold")
     intro.append(f"\n{storage!r}")
+    intro.append(
+        "\nsecrets encrypted with an ephemeral key (this run only)"
+        if ephemeral_key
+        else "\nsecrets encrypted with the keys in KITIUM_PG_ENCRYPTION_KEYS"
+    )
     console.print(Panel.fit(intro, border_style="blue"))
 
     # -- health ---------------------------------------------------------------------------------
@@ -86,9 +176,27 @@ def run(storage: PostgresStorageAdapter, console: Console) -> None:
     found = storage.get_user_by_email(email.upper())
     _check(found is not None and found.id == ada.id, "the user found by email in another case")
     sub = f"gh-{tag}"
-    storage.link_oauth_account(ada.id, "github", sub=sub, email=email, name="ada")
+    access_token, refresh_token = f"gho_{secrets.token_urlsafe(27)}", secrets.token_urlsafe(32)
+    storage.link_oauth_account(
+        ada.id,
+        "github",
+        sub=sub,
+        email=email,
+        name="ada",
+        access_token=access_token,
+        refresh_token=refresh_token,
+        token_expires_at=now + dt.timedelta(hours=8),
+    )
+    forget.append(lambda: storage.unlink_oauth_account(ada.id, "github"))
     by_oauth = storage.get_user_by_oauth("github", sub)
     _check(by_oauth is not None and by_oauth.id == ada.id, "the user found by OAuth identity")
+    tokens = storage.get_oauth_tokens(ada.id, "github")
+    _check(
+        tokens is not None
+        and tokens.access_token == access_token
+        and tokens.refresh_token == refresh_token,
+        "the provider tokens back, decrypted",
+    )
     updated = storage.update_user(ada.id, plan="pro", entitlements=["export", "sso"])
     _check(updated.plan == "pro", "the updated plan")
     _check(storage.get_password_hash(ada.id) == _PLACEHOLDER_HASH, "the stored password hash")
@@ -102,8 +210,12 @@ def run(storage: PostgresStorageAdapter, console: Console) -> None:
                 f"user {ada.id}, plan {ada.plan}",
             ),
             (f"get_user_by_email({email.upper()!r})", "the same user (emails ignore case)"),
-            (f"link_oauth_account(ada, 'github', sub={sub!r})", "linked"),
+            (
+                f"link_oauth_account(ada, 'github', sub={sub!r}, access_token=…, refresh_token=…)",
+                "linked; both provider tokens stored as AES-256-GCM ciphertext",
+            ),
             (f"get_user_by_oauth('github', {sub!r})", "the same user"),
+            ("get_oauth_tokens(ada, 'github')", "both tokens decrypted, equal to those given"),
             (
                 "update_user(ada, plan='pro', entitlements=['export', 'sso'])",
                 f"plan {updated.plan}, entitlements {', '.join(updated.entitlements)}",
@@ -174,6 +286,9 @@ def run(storage: PostgresStorageAdapter, console: Console) -> None:
         ],
     )
 
+    _session_tokens(storage, console, ada.id, now)
+    _issued_api_keys(storage, console, ada.id, now)
+
     # -- organizations --------------------------------------------------------------------------
     org = storage.create_organization(
         name=f"Analytical Engines {tag}",
@@ -202,6 +317,10 @@ def run(storage: PostgresStorageAdapter, console: Console) -> None:
             ),
         ],
     )
+
+    _rbac(storage, console, org.id, grace.id)
+    _sso(storage, console, schema, tag, org.id, grace.id, forget)
+    _two_factor(storage, console, ada.id, session.id, now, forget)
 
     # -- email verification ---------------------------------------------------------------------
     code = f"{secrets.randbelow(10**6):06d}"
@@ -239,8 +358,47 @@ def run(storage: PostgresStorageAdapter, console: Console) -> None:
         ],
     )
 
-    # -- events ---------------------------------------------------------------------------------
+    # -- transactions ---------------------------------------------------------------------------
     principal = str(ada.id)
+    with storage.transaction() as tx:
+        renamed = tx.update_user(ada.id, name="Ada King")
+        tx.emit_event(type="user.renamed", principal_id=principal, data={"name": renamed.name})
+    reread = storage.get_user(ada.id)
+    _check(reread is not None and reread.name == "Ada King", "the committed rename")
+    try:
+        with storage.transaction() as tx:
+            tx.update_user(grace.id, plan="enterprise")
+            tx.create_user(email=email.upper())  # ada's email: refused
+    except ConflictError as exc:
+        refused = Text(f"ConflictError: {exc}", style="red")
+    else:
+        raise InternalError("demo: expected the second create_user to be refused")
+    grace_now = _present(storage.get_user(grace.id), "grace")
+    _check(grace_now.plan == grace.plan, "grace's plan rolled back")
+    _section(
+        console,
+        "Transactions",
+        [
+            (
+                "with storage.transaction() as tx:\n"
+                "    tx.update_user(ada, name='Ada King')\n"
+                "    tx.emit_event(type='user.renamed', principal_id=ada, ...)",
+                "committed together: the new name and the event are both there",
+            ),
+            (
+                "with storage.transaction() as tx:\n"
+                "    tx.update_user(grace, plan='enterprise')\n"
+                f"    tx.create_user(email={email.upper()!r})",
+                refused,
+            ),
+            (
+                "get_user(grace)",
+                f"plan {grace_now.plan}: the failed block was rolled back as a whole",
+            ),
+        ],
+    )
+
+    # -- events ---------------------------------------------------------------------------------
     storage.emit_event(type="user.signed_in", principal_id=principal, data={"method": "password"})
     written = storage.emit_events(
         [
@@ -255,7 +413,7 @@ def run(storage: PostgresStorageAdapter, console: Console) -> None:
     )
     _check(written == 2, "two events written by emit_events")
     page = storage.list_events(principal_id=principal)
-    _check(len(page.events) == 3, f"three events for the principal (got {len(page.events)})")
+    _check(len(page.events) == 4, f"four events for the principal (got {len(page.events)})")
     _section(
         console,
         "Events",
@@ -271,11 +429,243 @@ def run(storage: PostgresStorageAdapter, console: Console) -> None:
     for event in page.events:
         events.add_row(f"{event.timestamp:%H:%M:%S.%f}", event.type, Text(str(event.data)))
     console.print(events)
-    console.print(
-        Panel.fit(
-            f"Every domain answered as documented. The demo data stays in the database\n"
-            f"(its emails end in .{tag}@example.com), so the demo can run again.",
-            title="done",
-            border_style="green",
-        )
+    return tag
+
+
+def _session_tokens(
+    storage: PostgresStorageAdapter, console: Console, user_id: uuid.UUID, now: dt.datetime
+) -> None:
+    issued = storage.issue_session_token(user_id=user_id, expires_at=now + dt.timedelta(hours=1))
+    valid = _present(storage.validate_session_token(issued.token), "the token's session")
+    _check(valid.id == issued.session.id, "the token's own session")
+    session_id, _, secret = issued.token.partition(".")
+    forged = f"{session_id}.{secrets.token_urlsafe(32)}"
+    _check(storage.validate_session_token(forged) is None, "a wrong secret to be refused")
+    _check(storage.delete_session(issued.session.id), "the session to be deleted")
+    _check(storage.validate_session_token(issued.token) is None, "a revoked token to be refused")
+    _section(
+        console,
+        "Session tokens",
+        [
+            (
+                "issue_session_token(user_id=ada, expires_at=now + 1 h)",
+                f"token {session_id}.{_masked(secret)}: given to the client once; the"
+                " database keeps only the SHA-256 of the secret part",
+            ),
+            ("validate_session_token(token)", f"session {valid.id}"),
+            ("validate_session_token(same id, another secret)", "None"),
+            ("delete_session(session)  # revoke", "deleted"),
+            ("validate_session_token(token)", "None: a revoked token is refused"),
+        ],
+    )
+
+
+def _issued_api_keys(
+    storage: PostgresStorageAdapter, console: Console, principal_id: uuid.UUID, now: dt.datetime
+) -> None:
+    issued = storage.issue_api_key(
+        principal_id, ["reports:read"], prefix="kpg", expires_at=now + dt.timedelta(days=90)
+    )
+    shown = f"{issued.record.prefix}_…{issued.record.last_four}"
+    verified = _present(storage.verify_api_key(issued.key), "the key's record")
+    _check(verified.id == issued.record.id, "the key's own record")
+    wrong = issued.key[:-1] + ("B" if issued.key.endswith("A") else "A")
+    _check(storage.verify_api_key(wrong) is None, "a changed key to be refused")
+    _section(
+        console,
+        "Issued API keys",
+        [
+            (
+                "issue_api_key(ada, ['reports:read'], prefix='kpg', expires_at=now + 90 d)",
+                f"key {shown} (the plaintext is returned once, masked here; the database"
+                " keeps its SHA-256)",
+            ),
+            ("verify_api_key(key)", f"record {verified.id}, scopes {', '.join(verified.scopes)}"),
+            ("verify_api_key(key with its last character changed)", "None"),
+        ],
+    )
+
+
+def _rbac(
+    storage: PostgresStorageAdapter, console: Console, org_id: uuid.UUID, user_id: uuid.UUID
+) -> None:
+    role = storage.create_role(
+        org_id=org_id,
+        name="analyst",
+        description="Reads and exports reports",
+        permissions=[
+            {"name": "reports:read", "resource": "reports", "action": "read"},
+            {"name": "reports:export", "resource": "reports", "action": "export"},
+        ],
+    )
+    storage.assign_role_to_user(user_id, role.id, org_id)
+    storage.assign_role_to_user(user_id, role.id, org_id)  # idempotent
+    held = storage.get_user_roles(user_id, org_id)
+    _check([r.id for r in held] == [role.id], "one assignment after assigning twice")
+    permissions = storage.get_user_permissions(user_id, org_id)
+    names = [p.name for p in permissions]
+    _check(names == ["reports:export", "reports:read"], f"two permissions (got {names})")
+    allowed = storage.has_permission(user_id, org_id, "reports:export")
+    denied = storage.has_permission(user_id, org_id, "billing:manage")
+    _check(allowed and not denied, "reports:export granted and billing:manage not")
+    _section(
+        console,
+        "Roles and permissions",
+        [
+            (
+                "create_role(org_id=org, name='analyst', permissions=[{'name': 'reports:read',"
+                " ...}, {'name': 'reports:export', ...}])",
+                f"role {role.id}",
+            ),
+            ("assign_role_to_user(grace, analyst, org), twice", "assigned once (idempotent)"),
+            ("get_user_roles(grace, org)", ", ".join(r.name for r in held)),
+            ("get_user_permissions(grace, org)", ", ".join(names)),
+            ("has_permission(grace, org, 'reports:export')", str(allowed)),
+            ("has_permission(grace, org, 'billing:manage')", str(denied)),
+        ],
+    )
+
+
+def _sso(
+    storage: PostgresStorageAdapter,
+    console: Console,
+    schema: str,
+    tag: str,
+    org_id: uuid.UUID,
+    user_id: uuid.UUID,
+    forget: list[Callable[[], object]],
+) -> None:
+    domain = f"engines-{tag}.example.com"
+    client_secret = secrets.token_urlsafe(32)
+    provider = storage.create_sso_provider(
+        type="oidc",
+        name=f"Okta {tag}",
+        org_id=org_id,
+        metadata_url="https://engines.okta.example.com/.well-known/openid-configuration",
+        client_id=f"demo-{tag}",
+        client_secret=client_secret,
+        scopes=["openid", "email", "profile"],
+        redirect_uris=["https://app.example.com/sso/callback"],
+        domains=[domain],
+    )
+    forget.append(lambda: storage.delete_sso_provider(provider.id))
+    _check(provider.client_secret == client_secret, "the client secret back, decrypted")
+    key_id, size, leaked = _stored_ciphertext(storage, schema, provider.id, client_secret)
+    _check(not leaked, "no plaintext in the stored ciphertext")
+    _check(size == 12 + len(client_secret) + 16, "nonce + ciphertext + tag")
+    email = f"grace@{domain}"
+    _check(storage.get_sso_provider_by_domain(email) is None, "no routing by an unverified domain")
+    storage.verify_sso_provider_domain(provider.id, domain)
+    routed = _present(storage.get_sso_provider_by_domain(email.upper()), "a provider")
+    _check(routed.id == provider.id, "the provider found by email domain")
+    link = storage.create_sso_link(
+        user_id=user_id,
+        provider_id=provider.id,
+        provider_type="oidc",
+        provider_subject=f"00u{tag}",
+        provider_email=email,
+    )
+    links = storage.get_user_sso_links(user_id)
+    _check(link.id in {x.id for x in links}, "the link among the user's links")
+    _section(
+        console,
+        "SSO",
+        [
+            (
+                f"create_sso_provider(type='oidc', client_id='demo-{tag}', client_secret=…,"
+                f" domains=[{domain!r}])",
+                f"provider {provider.id}",
+            ),
+            (
+                "the stored client_secret",
+                f"{size} bytes of AES-256-GCM (nonce, ciphertext, tag) under key {key_id!r},"
+                " bound to this row; the plaintext is not in it (and not printed here)",
+            ),
+            (f"get_sso_provider_by_domain({email!r})", "None: the domain is not verified yet"),
+            (f"verify_sso_provider_domain(provider, {domain!r})", "verified"),
+            (
+                f"get_sso_provider_by_domain({email.upper()!r})",
+                f"provider {routed.name} (client secret decrypted on read)",
+            ),
+            (
+                "create_sso_link(user_id=grace, provider_id=provider,"
+                f" provider_subject='00u{tag}')",
+                f"link {link.id}",
+            ),
+        ],
+    )
+
+
+def _two_factor(
+    storage: PostgresStorageAdapter,
+    console: Console,
+    user_id: uuid.UUID,
+    session_id: uuid.UUID,
+    now: dt.datetime,
+    forget: list[Callable[[], object]],
+) -> None:
+    seed = base64.b32encode(secrets.token_bytes(20)).decode()
+    device = storage.create_two_factor_device(
+        user_id=user_id, method="totp", name="Authenticator app", secret=seed, verified=True
+    )
+    forget.append(lambda: storage.delete_two_factor_device(device.id))
+    reread = storage.get_two_factor_device(device.id)
+    _check(reread is not None and reread.secret == seed, "the TOTP seed back, decrypted")
+
+    codes: list[str] = []
+    while len(codes) < 8:
+        code = f"{secrets.token_hex(3)}-{secrets.token_hex(3)}"
+        if code not in codes:
+            codes.append(code)
+    stored = storage.create_backup_codes(user_id, [_digest(code) for code in codes])
+    _check(len(stored) == len(codes), "eight backup codes")
+    used = storage.consume_backup_code(user_id, _digest(codes[0]))
+    _check(used is not None and used.used, "the first use of a backup code")
+    again = storage.consume_backup_code(user_id, _digest(codes[0]))
+    _check(again is None, "a second use of the same backup code to be refused")
+
+    challenge = storage.create_two_factor_session(
+        user_id=user_id,
+        session_id=session_id,
+        device_id=device.id,
+        method="totp",
+        expires_at=now + dt.timedelta(minutes=5),
+        max_attempts=3,
+    )
+    attempts = storage.increment_two_factor_attempts(challenge.id)
+    _check(attempts == 1, "one counted attempt")
+    completed = storage.complete_two_factor_session(challenge.id)
+    completed_again = storage.complete_two_factor_session(challenge.id)
+    _check(completed and not completed_again, "one completion of the challenge")
+
+    step = int(time.time()) // 30
+    fresh = storage.record_totp_step(device.id, step)
+    replayed = storage.record_totp_step(device.id, step)
+    _check(fresh and not replayed, "a TOTP step accepted once")
+    _section(
+        console,
+        "Two-factor authentication",
+        [
+            (
+                "create_two_factor_device(user_id=ada, method='totp', secret=…)",
+                f"device {device.id}; the seed is stored as AES-256-GCM ciphertext and"
+                " decrypted on read (not printed here)",
+            ),
+            (
+                f"create_backup_codes(ada, [sha256(code) for code in {len(codes)} codes])",
+                f"{len(stored)} codes; the codes themselves are never stored",
+            ),
+            ("consume_backup_code(ada, sha256(code 1))", "consumed"),
+            ("consume_backup_code(ada, sha256(code 1)) again", "None: a code works once"),
+            (
+                "create_two_factor_session(user_id=ada, session_id=…, device_id=device,"
+                " method='totp', max_attempts=3)",
+                f"challenge {challenge.id}",
+            ),
+            ("increment_two_factor_attempts(challenge)", f"{attempts} of 3 attempts"),
+            ("complete_two_factor_session(challenge)", str(completed)),
+            ("complete_two_factor_session(challenge) again", str(completed_again)),
+            (f"record_totp_step(device, {step})", str(fresh)),
+            (f"record_totp_step(device, {step}) again", f"{replayed}: a replayed code is refused"),
+        ],
     )

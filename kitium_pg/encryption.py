@@ -87,6 +87,9 @@ class Keyring:
             key_id, sep, key = item.strip().partition(":")
             if not sep:
                 raise ValidationError(ENV_VAR, "must look like kid1:base64key,kid2:base64key")
+            if key_id in keys:
+                # A repeated id would silently replace the older key and strand its values.
+                raise ValidationError(ENV_VAR, f"key id {key_id!r} appears twice")
             keys[key_id] = key
         return cls(keys)
 

@@ -1,11 +1,14 @@
 """The ``kitium-pg`` command line, run in-process with click's CliRunner against the test
-database. Each test works in a schema of its own (``cli_<hex>``), dropped afterwards."""
+database. Each test works in a schema of its own (``cli_<hex>``), dropped afterwards.
+``KITIUM_PG_ENCRYPTION_KEYS`` is unset unless a test passes it."""
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import psycopg
@@ -13,10 +16,11 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg import sql
 
-from kitium_pg import MigrationError
+from kitium_pg import EncryptionKeyError, MigrationError, PostgresStorageAdapter
 from kitium_pg._base import load_migrations
-from kitium_pg.cli import EXIT_MIGRATION, EXIT_UNAVAILABLE, cli
+from kitium_pg.cli import EXIT_KEY, EXIT_MIGRATION, EXIT_UNAVAILABLE, cli
 from kitium_pg.embedded import EmbeddedPostgres
+from kitium_pg.encryption import ENV_VAR, Keyring, generate_key
 
 MIGRATIONS = [m.id for m in load_migrations("kitium_auth")]
 
@@ -30,14 +34,25 @@ def schema(dsn: str) -> Iterator[str]:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
-def run(*args: str) -> Result:
+def run(*args: str, env: Mapping[str, str | None] | None = None) -> Result:
     # Wide and colourless, so tables do not wrap and text assertions see plain words.
-    runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "DATABASE_URL": None})
+    environ = {"COLUMNS": "200", "NO_COLOR": "1", "DATABASE_URL": None, ENV_VAR: None}
+    runner = CliRunner(env={**environ, **(env or {})})
     return runner.invoke(cli, list(args), catch_exceptions=False)
 
 
-def db(dsn: str, schema: str, *args: str) -> Result:
-    return run("--dsn", dsn, "--schema", schema, *args)
+def db(dsn: str, schema: str, *args: str, env: Mapping[str, str | None] | None = None) -> Result:
+    return run("--dsn", dsn, "--schema", schema, *args, env=env)
+
+
+def one_error_line(result: Result, code: int, error: type[Exception]) -> str:
+    """The single stderr line of a failed command, after checking its exit code and class."""
+    assert result.exit_code == code, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert lines[0].endswith(f"({error.__name__})")
+    return lines[0]
 
 
 def as_json(result: Result) -> Any:
@@ -206,6 +221,11 @@ def test_usage_errors_exit_2(dsn: str, schema: str) -> None:
     assert run("--dsn", "not a dsn", "status").exit_code == 2
     assert db(dsn, schema, "--json", "demo").exit_code == 2
     assert run("no-such-command").exit_code == 2
+    assert db(dsn, schema, "migrate", "--optional", "no_such_migration").exit_code == 2
+    assert db(dsn, schema, "rotate-keys", "--batch-size", "0").exit_code == 2
+    assert run("grant").exit_code == 2  # --role is required
+    assert run("grant", "--role", "Not-A-Role").exit_code == 2
+    assert run("gen-key", "--key-id", "a:b").exit_code == 2
 
 
 def test_help_states_the_exit_codes() -> None:
@@ -217,28 +237,288 @@ def test_help_states_the_exit_codes() -> None:
         "2  usage error",
         "3  database unavailable",
         "4  migration problem",
+        "5  missing or wrong encryption key",
     ):
         assert line in result.stdout
-    for command in ("migrate", "status", "rollback", "sql", "health", "demo"):
+    assert ENV_VAR in result.stdout
+    commands = ("migrate", "status", "rollback", "sql", "health", "demo")
+    for command in (*commands, "rotate-keys", "grant", "gen-key"):
         assert command in result.stdout
         assert run(command, "--help").exit_code == 0
+
+
+DEMO_SECTIONS = (
+    "Health",
+    "Users",
+    "Sessions",
+    "Session tokens",
+    "API keys",
+    "Issued API keys",
+    "Organizations",
+    "Roles and permissions",
+    "SSO",
+    "Two-factor authentication",
+    "Email verification",
+    "Transactions",
+    "Events",
+    "done",
+)
 
 
 def test_demo_runs_every_domain(dsn: str, schema: str) -> None:
     result = db(dsn, schema, "demo")
     assert result.exit_code == 0, result.output
-    for section in (
-        "Health",
-        "Users",
-        "Sessions",
-        "API keys",
-        "Organizations",
-        "Email verification",
-        "Events",
-        "done",
-    ):
+    for section in DEMO_SECTIONS:
         assert section in result.stdout
+    assert f"{ENV_VAR} is unset: the demo encrypts with an ephemeral key" in result.stderr
     assert "ConflictError" in result.stdout
     assert "ada (owner), grace (admin)" in result.stdout
+    assert "reports:export, reports:read" in result.stdout
+    assert "rolled back as a whole" in result.stdout
     # It can run again on the same database (unique emails per run).
     assert db(dsn, schema, "demo").exit_code == 0
+    # What the ephemeral keys encrypted was deleted: nothing is left that no key can read.
+    rotated = as_json(
+        db(dsn, schema, "--json", "rotate-keys", env={ENV_VAR: f"k:{generate_key()}"})
+    )
+    assert rotated["reencrypted"] == 0
+
+
+def test_demo_with_configured_keys(dsn: str, schema: str) -> None:
+    key = generate_key()
+    result = db(dsn, schema, "demo", env={ENV_VAR: f"demo-test:{key}"})
+    assert result.exit_code == 0, result.output
+    assert "ephemeral" not in result.output
+    assert "under key 'demo-test'" in result.stdout
+    assert key not in result.output
+    for section in DEMO_SECTIONS:
+        assert section in result.stdout
+
+
+def _secrets_under(dsn: str, schema: str, keys: dict[str, str]) -> int:
+    """Store secrets in every encrypted column under ``keys``; returns how many values."""
+    storage = PostgresStorageAdapter(dsn, schema=schema, encryption_keys=keys)
+    storage.connect()
+    try:
+        user = storage.create_user(email=f"rotate-{uuid.uuid4().hex[:8]}@example.com")
+        for number in range(3):
+            storage.create_two_factor_device(
+                user_id=user.id, method="totp", secret=f"JBSWY3DPEHPK3PX{number}"
+            )
+        storage.create_sso_provider(type="oidc", name="idp", client_secret="client-secret")
+        storage.link_oauth_account(
+            user.id, "github", sub="gh-1", access_token="gho_access", refresh_token="refresh"
+        )
+    finally:
+        storage.disconnect()
+    return 3 + 1 + 1  # devices, client secret, one OAuth row (both tokens)
+
+
+def _device_secrets(dsn: str, schema: str, keys: dict[str, str]) -> list[str | None]:
+    storage = PostgresStorageAdapter(dsn, schema=schema, encryption_keys=keys)
+    storage.connect(migrate=False)
+    try:
+        with storage.pool.connection() as conn:
+            rows = conn.execute(
+                sql.SQL("SELECT id FROM {}.twofa_devices ORDER BY id").format(
+                    sql.Identifier(schema)
+                )
+            ).fetchall()
+        devices = [storage.get_two_factor_device(row[0]) for row in rows]
+        return [device.secret if device else None for device in devices]
+    finally:
+        storage.disconnect()
+
+
+def test_rotate_keys_reencrypts_under_the_new_key(dsn: str, schema: str) -> None:
+    k1, k2 = generate_key(), generate_key()
+    count = _secrets_under(dsn, schema, {"old": k1})
+    both = {ENV_VAR: f"old:{k1},new:{k2}"}
+
+    rotated = db(dsn, schema, "rotate-keys", "--batch-size", "1", env=both)
+    assert rotated.exit_code == 0, rotated.output
+    assert f"re-encrypted {count} secret value(s) under key 'new'" in rotated.stdout
+    assert "configured: old, new" in rotated.stdout
+    assert k1 not in rotated.output and k2 not in rotated.output
+
+    # Everything is under the new key now: the old one can go, and a re-run finds nothing.
+    expected = [f"JBSWY3DPEHPK3PX{n}" for n in range(3)]
+    assert _device_secrets(dsn, schema, {"new": k2}) == expected
+    with pytest.raises(EncryptionKeyError):
+        _device_secrets(dsn, schema, {"old": k1})
+    again = db(dsn, schema, "--json", "rotate-keys", env=both)
+    assert as_json(again) == {
+        "schema": schema,
+        "key_id": "new",
+        "key_ids": ["old", "new"],
+        "reencrypted": 0,
+    }
+    assert "re-encrypted" not in again.stderr  # no batch: no progress line
+    assert "nothing to re-encrypt" in db(dsn, schema, "rotate-keys", env=both).stdout
+
+
+def test_rotate_keys_progress_in_json_mode(dsn: str, schema: str) -> None:
+    k1, k2 = generate_key(), generate_key()
+    count = _secrets_under(dsn, schema, {"old": k1})
+    result = db(
+        dsn,
+        schema,
+        "--json",
+        "rotate-keys",
+        "--batch-size",
+        "2",
+        env={ENV_VAR: f"old:{k1},new:{k2}"},
+    )
+    assert as_json(result)["reencrypted"] == count
+    progress = [line.strip() for line in result.stderr.splitlines() if "re-encrypted" in line]
+    assert progress[-1] == f"re-encrypted {count} of {count}"
+    assert len(progress) == 4  # devices in batches of 2 (2 + 1), client secret, OAuth row
+
+
+def test_rotate_keys_without_or_with_wrong_keys_exits_5(dsn: str, schema: str) -> None:
+    line = one_error_line(db(dsn, schema, "rotate-keys"), EXIT_KEY, EncryptionKeyError)
+    assert ENV_VAR in line
+    assert "gen-key" in line
+
+    k1 = generate_key()
+    _secrets_under(dsn, schema, {"old": k1})
+    unknown = db(dsn, schema, "rotate-keys", env={ENV_VAR: f"other:{generate_key()}"})
+    assert "which is not configured" in one_error_line(unknown, EXIT_KEY, EncryptionKeyError)
+    # A key id that is configured but holds another key: the value does not authenticate.
+    wrong = db(dsn, schema, "rotate-keys", env={ENV_VAR: f"old:{generate_key()},new:{k1}"})
+    assert "does not authenticate" in one_error_line(wrong, EXIT_KEY, EncryptionKeyError)
+    assert k1 not in wrong.output
+
+    # A malformed variable stops every command that connects, before it connects.
+    for value in ("no-colon-here", f"k:{'A' * 10}"):
+        broken = db(dsn, schema, "status", env={ENV_VAR: value})
+        line = one_error_line(broken, EXIT_KEY, EncryptionKeyError)
+        assert f"{ENV_VAR} is malformed" in line
+    as_doc = db(dsn, schema, "--json", "rotate-keys")
+    assert as_doc.exit_code == EXIT_KEY
+    error = json.loads(as_doc.stdout)["error"]
+    assert error["type"] == "EncryptionKeyError"
+    assert error["exit_code"] == EXIT_KEY
+
+
+def test_grant_prints_grants_without_a_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: EmbeddedPostgres) -> str:
+        raise AssertionError("`kitium-pg grant` without --apply must not start a database")
+
+    monkeypatch.setattr(EmbeddedPostgres, "start", refuse)
+    result = run("--schema", "app_schema", "grant", "--role", "app_rw")
+    assert result.exit_code == 0, result.output
+    statements = [line for line in result.stdout.splitlines() if line.startswith("GRANT")]
+    assert "GRANT USAGE ON SCHEMA app_schema TO app_rw;" in statements
+    assert "GRANT SELECT, INSERT ON app_schema.auth_events TO app_rw;" in statements
+    assert "kitium_app" not in result.stdout
+    assert "kitium_auth" not in result.stdout
+    assert "DELETE ON app_schema.auth_events" not in result.stdout
+
+    doc = as_json(run("--json", "grant", "--role", "app_rw"))
+    assert doc["role"] == "app_rw"
+    assert doc["applied"] is False
+    assert doc["sql"].startswith("GRANT USAGE ON SCHEMA kitium_auth TO app_rw;")
+
+
+def test_grant_apply_gives_a_real_role_least_privilege(dsn: str, schema: str) -> None:
+    role = f"app_{uuid.uuid4().hex[:12]}"
+    before = db(dsn, schema, "grant", "--role", role, "--apply")
+    assert "run `kitium-pg migrate`" in one_error_line(before, EXIT_MIGRATION, MigrationError)
+    assert db(dsn, schema, "migrate").exit_code == 0
+    missing = db(dsn, schema, "grant", "--role", role, "--apply")
+    assert f"role '{role}' does not exist" in missing.stderr
+    assert missing.exit_code == 1
+
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+    try:
+        applied = db(dsn, schema, "grant", "--role", role, "--apply")
+        assert applied.exit_code == 0, applied.output
+        assert f"granted role {role}" in applied.stdout
+        with psycopg.connect(dsn, autocommit=True) as admin:
+
+            def can(table: str, privilege: str) -> bool:
+                row = admin.execute(
+                    "SELECT has_table_privilege(%s, %s, %s)", [role, f"{schema}.{table}", privilege]
+                ).fetchone()
+                assert row is not None
+                return bool(row[0])
+
+            assert can("users", "SELECT") and can("users", "DELETE")
+            assert can("auth_events", "INSERT")
+            assert not can("auth_events", "DELETE") and not can("auth_events", "UPDATE")
+            assert can("auth_migrations", "SELECT") and not can("auth_migrations", "INSERT")
+        # Applying again changes nothing and still succeeds.
+        assert as_json(db(dsn, schema, "--json", "grant", "--role", role, "--apply"))["applied"]
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_optional_tenant_rls_migrate_status_rollback(dsn: str, schema: str) -> None:
+    migrated = db(dsn, schema, "migrate", "--optional", "tenant_rls")
+    assert migrated.exit_code == 0, migrated.output
+    assert "applying tenant_rls (up)" in migrated.stdout
+    assert f"applied {len(MIGRATIONS) + 1}: {', '.join(MIGRATIONS)}, tenant_rls" in migrated.stdout
+
+    # Applied optional migrations are listed whether or not --optional names them.
+    for extra in ((), ("--optional", "tenant_rls")):
+        status = as_json(db(dsn, schema, "--json", "status", *extra))
+        assert status["applied"] == [*MIGRATIONS, "tenant_rls"]
+        assert status["pending"] == []
+        table = db(dsn, schema, "status", *extra)
+        row = next(line for line in table.stdout.splitlines() if "tenant_rls" in line)
+        assert "applied" in row
+        assert "optional/tenant_rls.sql" in row
+        assert f"{len(MIGRATIONS) + 1} applied, 0 pending" in table.stdout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        forced = conn.execute(
+            "SELECT relforcerowsecurity FROM pg_class WHERE oid = to_regclass(%s)",
+            [f"{schema}.roles"],
+        ).fetchone()
+    assert forced == (True,)
+
+    refused = db(dsn, schema, "rollback")
+    assert "rollback --optional tenant_rls" in one_error_line(
+        refused, EXIT_MIGRATION, MigrationError
+    )
+    rolled = db(dsn, schema, "rollback", "--optional", "tenant_rls")
+    assert rolled.exit_code == 0, rolled.output
+    assert "rolled back 1: tenant_rls" in rolled.stdout
+    pending = as_json(db(dsn, schema, "--json", "status", "--optional", "tenant_rls"))
+    assert pending["pending"] == ["tenant_rls"]
+    assert as_json(db(dsn, schema, "--json", "status"))["pending"] == []
+
+    printed = run("--schema", schema, "sql", "--optional", "tenant_rls", "tenant_rls")
+    assert printed.exit_code == 0, printed.output
+    assert f"ALTER TABLE {schema}.%I FORCE ROW LEVEL SECURITY" in printed.stdout
+
+
+def test_gen_key_output_parses() -> None:
+    doc = as_json(run("--json", "gen-key", "--key-id", "2030-01"))
+    assert doc["key_id"] == "2030-01"
+    assert len(base64.urlsafe_b64decode(doc["key"])) == 32
+    name, _, value = doc["env"].partition("=")
+    assert name == ENV_VAR
+    keyring = Keyring.from_env({ENV_VAR: value})
+    assert keyring is not None and keyring.key_ids == ("2030-01",)
+
+    plain = run("gen-key")
+    assert plain.exit_code == 0, plain.output
+    line = next(x for x in plain.stdout.splitlines() if x.startswith(f"{ENV_VAR}="))
+    parsed = Keyring.from_env({ENV_VAR: line.partition("=")[2]})
+    assert parsed is not None and len(parsed.key_ids) == 1
+    assert run("gen-key").stdout != plain.stdout  # a new key every time
+
+    # The default id never repeats one already configured (that would replace its key).
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    configured = {ENV_VAR: f"{today}:{generate_key()}"}
+    fresh = as_json(run("--json", "gen-key", env=configured))
+    assert fresh["key_id"] != today
+    rotate = run("gen-key", env=configured)
+    assert "rotate-keys" in rotate.stdout
+    taken = run("gen-key", "--key-id", today, env=configured)
+    assert taken.exit_code == 2
+    assert "already has a key" in taken.stderr

@@ -74,3 +74,8 @@ def test_a_secret_without_a_key_is_refused_and_nothing_is_written(
                 "SELECT count(*) FROM kitium_auth.oauth_accounts WHERE user_id = %s", [user.id]
             ).fetchone()
         assert count == (0,)
+
+
+def test_a_repeated_key_id_in_the_environment_is_refused() -> None:
+    with pytest.raises(ValidationError, match="appears twice"):
+        Keyring.from_env({ENV_VAR: f"k:{generate_key()},k:{generate_key()}"})

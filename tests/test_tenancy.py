@@ -137,3 +137,11 @@ async def test_async_tenant_view(tenancy: dict[str, Any]) -> None:
             await as_beta.create_role(org_id=alpha.id, name="intruder")
     finally:
         await app.disconnect()
+
+
+def test_granting_to_a_missing_role_is_a_translated_error(tenancy: dict[str, Any]) -> None:
+    from kitium_pg import KitiumPgError
+
+    with pytest.raises(KitiumPgError) as caught:
+        tenancy["owner"].grant_app_role("no_such_role_here")
+    assert isinstance(caught.value.__cause__, psycopg.Error)

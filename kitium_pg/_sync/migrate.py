@@ -15,8 +15,11 @@ import re
 import time
 from collections.abc import Callable
 
+import psycopg
+import psycopg_pool
+
 from .._base import Migration, MigrationState, Retry, load_migrations, plan
-from ..errors import MigrationError, ValidationError
+from ..errors import MigrationError, ValidationError, translate
 from .core import Core
 
 Progress = Callable[[str, str], None]
@@ -139,8 +142,12 @@ class Migrations(Core):
 
     def grant_app_role(self, role: str) -> None:
         """Apply ``app_role_grants(role)`` (run it as the schema owner). The role must exist."""
-        with self._connection() as conn:
-            conn.execute(self.app_role_grants(role))
+        sql = self.app_role_grants(role)
+        try:
+            with self._connection() as conn:
+                conn.execute(sql)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise translate(exc, operation="grant_app_role") from exc
 
 
 def _role_sql(sql: str, role: str) -> str:
