@@ -618,6 +618,98 @@ def rotate_keys(state: _Context, batch_size: int) -> None:
         )
 
 
+class _DeleteCounter:
+    """The ``progress(total_so_far)`` callback of the batched deletes: a live counter (rows
+    deleted, elapsed time), or plain lines on stderr in JSON mode."""
+
+    def __init__(self, state: _Context, what: str) -> None:
+        self.state, self.what = state, what
+        self.bar: Progress | None = None
+        self.task: Any = None
+
+    def __call__(self, total: int) -> None:
+        if self.state.as_json:
+            self.state.info.print(f"  deleted {total} {self.what}", markup=False)
+            return
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn(f"deleting {self.what}"),
+                TextColumn("{task.completed} rows"),
+                TimeElapsedColumn(),
+                console=self.state.info,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(self.what, total=None)
+        self.bar.update(self.task, completed=total)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+_BATCH = click.option(
+    "--batch-size",
+    type=click.IntRange(min=1, max=100_000),
+    default=5000,
+    show_default=True,
+    metavar="N",
+    help="Rows per DELETE statement (short statements keep locks brief).",
+)
+
+
+@cli.command("delete-expired", short_help="Delete expired sessions and email tokens.")
+@_BATCH
+@click.pass_obj
+def delete_expired(state: _Context, batch_size: int) -> None:
+    """Delete expired sessions and expired email verification tokens, in batches of
+    --batch-size rows (each batch is its own short statement, so concurrent logins are not
+    blocked), and print how many rows went. Safe to run from cron while the application runs."""
+    with state.storage() as storage:
+        _require_migrated(state, storage, "delete-expired")
+        counts: dict[str, int] = {}
+        for what, method in (
+            ("sessions", storage.delete_expired_sessions),
+            ("email_verification_tokens", storage.delete_expired_email_verification_tokens),
+        ):
+            counter = _DeleteCounter(state, what)
+            try:
+                counts[what] = method(batch_size=batch_size, progress=counter)
+            finally:
+                counter.stop()
+    if state.as_json:
+        state.emit_json({"schema": state.schema, "deleted": counts})
+        return
+    for what, count in counts.items():
+        state.out.print(f"deleted {count} expired {what}", markup=False)
+
+
+@cli.command("prune-events", short_help="Delete audit events older than a cutoff.")
+@click.option(
+    "--older-than-days",
+    type=click.IntRange(min=0),
+    required=True,
+    metavar="DAYS",
+    help="Delete events whose timestamp is more than DAYS days in the past.",
+)
+@_BATCH
+@click.pass_obj
+def prune_events(state: _Context, older_than_days: int, batch_size: int) -> None:
+    """Delete audit events older than --older-than-days days, in batches, and print how many
+    went. auth_events is append-only for application roles: run this as the schema owner."""
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(days=older_than_days)
+    with state.storage() as storage:
+        _require_migrated(state, storage, "prune-events")
+        counter = _DeleteCounter(state, "events")
+        try:
+            count = storage.prune_events(before=before, batch_size=batch_size, progress=counter)
+        finally:
+            counter.stop()
+    if state.as_json:
+        state.emit_json({"schema": state.schema, "before": before.isoformat(), "deleted": count})
+    else:
+        state.out.print(f"deleted {count} events older than {before:%Y-%m-%d %H:%M} UTC")
+
+
 @cli.command(short_help="Print (or --apply) least-privilege grants for an app role.")
 @click.option(
     "--role", required=True, metavar="ROLE", help="The application's database role (must exist)."

@@ -522,3 +522,31 @@ def test_gen_key_output_parses() -> None:
     taken = run("gen-key", "--key-id", today, env=configured)
     assert taken.exit_code == 2
     assert "already has a key" in taken.stderr
+
+
+def test_maintenance_commands_delete_in_batches(dsn: str) -> None:
+    schema = f"cli_{uuid.uuid4().hex[:10]}"
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            user = storage.create_user()
+            for _ in range(5):
+                storage.create_session(user_id=user.id, expires_at=past)
+            storage.create_session(user_id=user.id, expires_at=past + dt.timedelta(days=80))
+            storage.emit_events(
+                [{"type": "t", "principal_id": "p", "data": {}, "timestamp": past}] * 7
+            )
+            storage.emit_event(type="t", principal_id="p", data={})
+        runner = CliRunner()
+        base = ["--dsn", dsn, "--schema", schema, "--json"]
+        done = runner.invoke(cli, [*base, "delete-expired", "--batch-size", "2"])
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.stdout)["deleted"] == {"sessions": 5, "email_verification_tokens": 0}
+        pruned = runner.invoke(cli, [*base, "prune-events", "--older-than-days", "30"])
+        assert pruned.exit_code == 0, pruned.output
+        assert json.loads(pruned.stdout)["deleted"] == 7
+        again = runner.invoke(cli, [*base, "prune-events", "--older-than-days", "30"])
+        assert json.loads(again.stdout)["deleted"] == 0
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
