@@ -279,19 +279,24 @@ class AsyncCore:
             async with conn.cursor() as script:
                 await script.execute(query.sql)
             return None
-        if self._conn is not None:
+        if self._conn is not None or row_factory not in _REUSABLE:
             # A transaction's connection may be shared by concurrent tasks: own cursor per call,
-            # so one task can never fetch another's result.
+            # so one task can never fetch another's result. Factories made per call (which
+            # capture per-call state) get their own cursor too.
             async with conn.cursor(row_factory=row_factory) as own:
                 await own.execute(query.sql, params)
                 return await _fetch(own, query.shape)
         # A pooled connection belongs to this call alone until it is returned: reuse one cursor
         # per connection, since creating a cursor per call is a sizeable share of the
         # client-side cost (see the reference measurements in the benchmarks).
-        cur = _CURSORS.get(conn)
+        cursors = _CURSORS.get(conn)
+        if cursors is None:
+            cursors = _CURSORS[conn] = {}
+        cur = cursors.get(row_factory)
         if cur is None or cur.closed:
-            cur = _CURSORS[conn] = conn.cursor()
-        cur.row_factory = cast(Any, row_factory)
+            # One per row factory: setting row_factory on a used cursor rebuilds its row
+            # maker for the previous result, which is wasted work.
+            cur = cursors[row_factory] = conn.cursor(row_factory=row_factory)
         await cur.execute(query.sql, params)
         return await _fetch(cur, query.shape)
 
@@ -316,6 +321,33 @@ class AsyncCore:
                 await cur.execute(query.sql, params)
                 await pipeline.sync()
                 return await _fetch(cur, query.shape)
+
+    async def _execute_on(
+        self,
+        conn: AsyncConnection[Any],
+        query: _sql.Query,
+        params: Mapping[str, Any],
+        row_factory: RowFactory[Any],
+    ) -> Any:
+        if not self._local or self._local_applied:
+            return await self._execute(conn, query, params, row_factory)
+        return await self._execute_with_local(conn, query, params, row_factory)
+
+    async def _checkout_and_execute(
+        self, query: _sql.Query, params: Mapping[str, Any], row_factory: RowFactory[Any]
+    ) -> Any:
+        # getconn/putconn rather than pool.connection(): the latter also enters the
+        # connection's own context, whose commit() is wasted work on an autocommit connection.
+        # A caller's pool may hand out non-autocommit connections: those are committed here
+        # (and rolled back by putconn when the statement failed).
+        conn = await self._pool.getconn()
+        try:
+            result = await self._execute_on(conn, query, params, row_factory)
+            if not conn.autocommit:
+                await conn.commit()
+            return result
+        finally:
+            await self._pool.putconn(conn)
 
     def _replica_order(self) -> list[int]:
         """Healthy replicas, rotating the first choice between calls."""
@@ -408,11 +440,10 @@ class AsyncCore:
             attempt += 1
             started = time.perf_counter()
             try:
-                async with self._connection() as conn:
-                    if not self._local or self._local_applied:
-                        result = await self._execute(conn, query, params, row_factory)
-                    else:
-                        result = await self._execute_with_local(conn, query, params, row_factory)
+                if self._conn is not None:
+                    result = await self._execute_on(self._conn, query, params, row_factory)
+                else:
+                    result = await self._checkout_and_execute(query, params, row_factory)
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)
@@ -496,10 +527,11 @@ class AsyncCore:
 
 
 _ROW_FACTORIES: dict[type[Any], RowFactory[Any]] = {}
-# The reusable cursor of each live connection (dropped with the connection).
-_CURSORS: weakref.WeakKeyDictionary[AsyncConnection[Any], AsyncCursor[Any]] = (
-    weakref.WeakKeyDictionary()
-)
+_REUSABLE: set[RowFactory[Any]] = {tuple_row}
+# The reusable cursors of each live connection, by row factory (dropped with the connection).
+_CURSORS: weakref.WeakKeyDictionary[
+    AsyncConnection[Any], dict[RowFactory[Any], AsyncCursor[Any]]
+] = weakref.WeakKeyDictionary()
 
 # How long a replica checkout may wait, and how long a failed replica is skipped (seconds).
 _REPLICA_WAIT = 1.0
@@ -511,7 +543,14 @@ def _rows(cls: type[T]) -> RowFactory[T]:
     # One row factory per record class, built once (psycopg's class_row maps columns by name).
     factory = _ROW_FACTORIES.get(cls)
     if factory is None:
-        factory = _ROW_FACTORIES[cls] = class_row(cls)
+        factory = _ROW_FACTORIES[cls] = reusable(class_row(cls))
+    return factory
+
+
+def reusable(factory: RowFactory[T]) -> RowFactory[T]:
+    """Mark a long-lived row factory (made once, at import) as one whose cursors may be kept
+    and reused on each connection."""
+    _REUSABLE.add(factory)
     return factory
 
 

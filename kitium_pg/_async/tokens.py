@@ -25,6 +25,7 @@ from .. import _validate as v
 from .._base import Consistency, Retry
 from ..records import ApiKey, IssuedApiKey, IssuedSession, Session
 from .api_keys import AsyncApiKeys
+from .core import reusable
 from .sessions import AsyncSessions, _new_session_params
 
 
@@ -39,6 +40,9 @@ def _digest(secret: str) -> bytes:
 
 def _session_with_hash(*, token_hash: bytes, **columns: Any) -> tuple[Session, bytes]:
     return Session(**columns), bytes(token_hash)
+
+
+_SESSION_WITH_HASH = reusable(kwargs_row(_session_with_hash))
 
 
 class AsyncTokens(AsyncSessions, AsyncApiKeys):
@@ -85,7 +89,7 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
             "get_session_for_token",
             {"id": parsed},
             retry=Retry.SAFE,
-            row_factory=kwargs_row(_session_with_hash),
+            row_factory=_SESSION_WITH_HASH,
             replica=self._use_replica(consistency),
         )
         if found is None:

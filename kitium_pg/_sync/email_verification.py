@@ -15,7 +15,7 @@ from .. import _validate as v
 from .._base import Retry, new_id
 from ..errors import ConflictError, NotFoundError, ValidationError
 from ..records import EmailVerificationToken
-from .core import Core
+from .core import Core, reusable
 
 MIN_CODE_HASH = 16
 """Shortest ``code_hash`` accepted (mirrors email_verification_tokens__code_hash_check)."""
@@ -24,6 +24,9 @@ MIN_CODE_HASH = 16
 def _consume_outcome(*, consumed: bool, **fields: Any) -> tuple[bool, EmailVerificationToken]:
     # Row factory of mark_email_verification_token_as_used: did this call win, and the token.
     return consumed, EmailVerificationToken(**fields)
+
+
+_CONSUME_OUTCOME = reusable(kwargs_row(_consume_outcome))
 
 
 class EmailVerification(Core):
@@ -120,7 +123,7 @@ class EmailVerification(Core):
             "mark_email_verification_token_as_used",
             params,
             retry=Retry.SAFE,
-            row_factory=kwargs_row(_consume_outcome),
+            row_factory=_CONSUME_OUTCOME,
         )
         if outcome is None:
             raise NotFoundError(f"mark_email_verification_token_as_used: no token {params['id']}")
