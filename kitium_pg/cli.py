@@ -710,6 +710,27 @@ def prune_events(state: _Context, older_than_days: int, batch_size: int) -> None
         state.out.print(f"deleted {count} events older than {before:%Y-%m-%d %H:%M} UTC")
 
 
+@cli.command(
+    short_help="Fault-injection run under load (see kitium-pg chaos --help).",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def chaos(state: _Context, args: tuple[str, ...]) -> None:
+    """Run kitium_pg.chaos: sync threads and async tasks under a mixed auth workload while
+    backends are killed, the server restarts and locks trip timeouts; every acknowledged write
+    is checked afterwards. Its options (--duration, --threads, --tasks, --dsn, --seed…) are
+    listed by `kitium-pg chaos --help`. Exit code 0 only when nothing was lost or duplicated and
+    no unexpected error occurred. The global --dsn is passed on when given."""
+    from .chaos import main as chaos_main
+
+    forwarded = list(args)
+    if state.dsn and "--dsn" not in forwarded:
+        forwarded = ["--dsn", state.dsn, *forwarded]
+    raise SystemExit(chaos_main(forwarded))
+
+
 @cli.command(short_help="Print (or --apply) least-privilege grants for an app role.")
 @click.option(
     "--role", required=True, metavar="ROLE", help="The application's database role (must exist)."

@@ -135,6 +135,10 @@ _SQLSTATE: Final[dict[str, tuple[type[KitiumPgError], str, bool]]] = {
     "57P01": (UnavailableError, "admin_shutdown", True),
     "57P02": (UnavailableError, "crash_shutdown", True),
     "57P03": (UnavailableError, "cannot_connect_now", True),
+    # The server closed an idle connection (idle_session_timeout, PostgreSQL 14+; managed
+    # databases set it) or an idle transaction (idle_in_transaction_session_timeout).
+    "57P05": (UnavailableError, "idle_session_timeout", True),
+    "25P03": (UnavailableError, "idle_in_transaction_timeout", True),
     "53300": (UnavailableError, "too_many_connections", True),
     "53": (UnavailableError, "insufficient_resources", True),
     "28": (UnavailableError, "invalid_authorization", False),
@@ -153,6 +157,7 @@ _AUTO_RETRY: Final[frozenset[str]] = frozenset(
         "admin_shutdown",
         "crash_shutdown",
         "cannot_connect_now",
+        "idle_session_timeout",
         "too_many_connections",
         "connection_lost",
         "read_only_sql_transaction",

@@ -550,3 +550,9 @@ def test_maintenance_commands_delete_in_batches(dsn: str) -> None:
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
+
+
+def test_chaos_command_forwards_to_the_chaos_run() -> None:
+    result = CliRunner().invoke(cli, ["chaos", "--help"])
+    assert result.exit_code == 0
+    assert "--duration" in result.output and "--threads" in result.output

@@ -1,0 +1,220 @@
+"""Lost acknowledgements, made deterministic with a cutting proxy (tests/fix_proxy.py).
+
+The proxy lets a statement reach the server and commit, then closes the connection instead of
+forwarding the reply. A retry-safe create or consume must then be retried by the adapter and
+return the row the first (committed) attempt wrote, leaving exactly one row; a counter
+(``Retry.NEVER``) must not be retried: the caller gets a retryable ``UnavailableError`` and the
+counter has moved once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from kitium_pg import (
+    AsyncPostgresStorageAdapter,
+    ConflictError,
+    PostgresStorageAdapter,
+    UnavailableError,
+)
+from tests.conftest import TEST_KEYS, AwaitableSync
+from tests.fix_proxy import CuttingProxy
+
+USERS_INSERT = "INSERT INTO kitium_auth.users"
+EVENT_INSERT = "INSERT INTO kitium_auth.auth_events (id"
+EVENTS_INSERT = "INSERT INTO kitium_auth.auth_events AS e"
+SESSION_INSERT = "INSERT INTO kitium_auth.sessions"
+TOKEN_CONSUME = "UPDATE kitium_auth.email_verification_tokens AS t"
+ATTEMPTS_INSERT = "INSERT INTO kitium_auth.email_verification_token_attempts"
+
+
+@pytest.fixture(scope="module")
+def proxy(dsn: str) -> Iterator[CuttingProxy]:
+    try:
+        cutting = CuttingProxy(dsn)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    with cutting:
+        yield cutting
+
+
+@pytest.fixture(scope="module")
+def sync_proxied(proxy: CuttingProxy) -> Iterator[PostgresStorageAdapter]:
+    with PostgresStorageAdapter(
+        proxy.dsn, max_size=2, pool_timeout=5.0, encryption_keys=TEST_KEYS
+    ) as adapter:
+        yield adapter
+
+
+@pytest.fixture(scope="module")
+async def async_proxied(proxy: CuttingProxy) -> AsyncIterator[AsyncPostgresStorageAdapter]:
+    async with AsyncPostgresStorageAdapter(
+        proxy.dsn, max_size=2, pool_timeout=5.0, encryption_keys=TEST_KEYS
+    ) as adapter:
+        yield adapter
+
+
+@pytest.fixture(params=["sync", "async"])
+def via_proxy(request: pytest.FixtureRequest, proxy: CuttingProxy) -> Iterator[Any]:
+    """An adapter whose connections go through the proxy (each test runs once per adapter)."""
+    if request.param == "sync":
+        yield AwaitableSync(request.getfixturevalue("sync_proxied"))
+    else:
+        yield request.getfixturevalue("async_proxied")
+    proxy.disarm()
+
+
+class LostAck:
+    """Arms the proxy for ``marker`` and checks afterwards that exactly one cut happened and
+    how many times the statement was sent (the first attempt, plus the adapter's retries)."""
+
+    def __init__(self, proxy: CuttingProxy, marker: str) -> None:
+        self.proxy = proxy
+        self.marker = marker
+        self.cuts = proxy.cuts
+        self.sent = proxy.seen(marker)
+        proxy.arm(marker)
+
+    def check(self, *, sent: int) -> None:
+        assert self.proxy.wait_cut(), "the proxy did not cut the reply"
+        assert self.proxy.cuts == self.cuts + 1
+        assert self.proxy.seen(self.marker) - self.sent == sent
+
+
+def rows(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Rows of ``query``, read directly with psycopg (not through the proxy or the adapter)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def in_an_hour() -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+
+
+async def test_create_user_after_a_lost_ack_returns_the_first_row(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str, email: str
+) -> None:
+    lost = LostAck(proxy, USERS_INSERT)
+    user = await via_proxy.create_user(email=email, name="Ada")
+    lost.check(sent=2)
+    stored = rows(
+        dsn,
+        "SELECT id, name, created_at FROM kitium_auth.users WHERE lower(email) = lower(%s)",
+        email,
+    )
+    assert stored == [(user.id, "Ada", user.created_at)]
+
+
+async def test_emit_event_after_a_lost_ack_returns_the_first_row(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    probe = uuid.uuid4().hex
+    lost = LostAck(proxy, EVENT_INSERT)
+    event = await via_proxy.emit_event(type="lost.ack", principal_id="p1", data={"probe": probe})
+    lost.check(sent=2)
+    stored = rows(
+        dsn,
+        "SELECT id, \"timestamp\" FROM kitium_auth.auth_events WHERE data->>'probe' = %s",
+        probe,
+    )
+    assert stored == [(event.id, event.timestamp)]
+
+
+async def test_emit_events_after_a_lost_ack_writes_the_batch_once(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    probe = uuid.uuid4().hex
+    batch = [
+        {"type": "lost.ack.batch", "principal_id": "p1", "data": {"probe": probe, "i": i}}
+        for i in range(3)
+    ]
+    lost = LostAck(proxy, EVENTS_INSERT)
+    assert await via_proxy.emit_events(batch) == 3
+    lost.check(sent=2)
+    stored = rows(
+        dsn,
+        "SELECT (data->>'i')::int FROM kitium_auth.auth_events WHERE data->>'probe' = %s"
+        " ORDER BY 1",
+        probe,
+    )
+    assert stored == [(0,), (1,), (2,)]
+
+
+async def test_create_session_after_a_lost_ack_returns_the_first_row(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    user = await via_proxy.create_user()
+    lost = LostAck(proxy, SESSION_INSERT)
+    session = await via_proxy.create_session(user_id=user.id, expires_at=in_an_hour())
+    lost.check(sent=2)
+    stored = rows(
+        dsn, "SELECT id, created_at FROM kitium_auth.sessions WHERE user_id = %s", user.id
+    )
+    assert stored == [(session.id, session.created_at)]
+    assert await via_proxy.get_session(session.id) == session
+
+
+async def test_issue_session_token_after_a_lost_ack_gives_a_working_token(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    user = await via_proxy.create_user()
+    lost = LostAck(proxy, SESSION_INSERT)
+    issued = await via_proxy.issue_session_token(user_id=user.id, expires_at=in_an_hour())
+    lost.check(sent=2)
+    stored = rows(dsn, "SELECT id FROM kitium_auth.sessions WHERE user_id = %s", user.id)
+    assert stored == [(issued.session.id,)]
+    assert await via_proxy.validate_session_token(issued.token) == issued.session
+
+
+async def _new_token(storage: Any) -> Any:
+    return await storage.create_email_verification_token(
+        email=f"lost-{uuid.uuid4().hex[:12]}@example.com",
+        code_hash=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
+        type="email_verification",
+        expires_at=in_an_hour(),
+    )
+
+
+async def test_consuming_a_token_after_a_lost_ack_still_wins(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    token = await _new_token(via_proxy)
+    lost = LostAck(proxy, TOKEN_CONSUME)
+    consumed = await via_proxy.mark_email_verification_token_as_used(token.id)
+    lost.check(sent=2)
+    assert consumed.id == token.id and consumed.used_at is not None
+    stored = rows(
+        dsn, "SELECT used_at FROM kitium_auth.email_verification_tokens WHERE id = %s", token.id
+    )
+    assert stored == [(consumed.used_at,)]
+    with pytest.raises(ConflictError):  # consumed once: another call loses
+        await via_proxy.mark_email_verification_token_as_used(token.id)
+
+
+async def test_a_counter_is_not_retried_after_a_lost_ack(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    token = await _new_token(via_proxy)
+    lost = LostAck(proxy, ATTEMPTS_INSERT)
+    with pytest.raises(UnavailableError) as caught:
+        await via_proxy.increment_email_verification_token_attempts(token.id)
+    lost.check(sent=1)
+    assert caught.value.retryable is True
+    assert caught.value.code == "connection_lost"
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+    stored = rows(
+        dsn,
+        "SELECT attempts FROM kitium_auth.email_verification_token_attempts WHERE token_id = %s",
+        token.id,
+    )
+    assert stored == [(1,)]
+    assert await via_proxy.get_email_verification_token_attempts(token.id) == 1
+    # The connection the proxy cut is gone; the pool serves the next call normally.
+    assert await via_proxy.increment_email_verification_token_attempts(token.id) == 2
