@@ -3,7 +3,7 @@
 An adapter built with ``observer=`` calls ``start(operation)`` before each operation and
 ``finish(token, operation, duration_s, error)`` after it (once per call, retries included).
 Without an observer the adapter does not even check the clock for it: the hook costs one
-``is None`` test per call. ``kitium_pg.metrics`` has ready-made Prometheus and OpenTelemetry
+``is None`` test per call. A failing observer is logged and never fails the call. ``kitium_pg.metrics`` has ready-made Prometheus and OpenTelemetry
 observers.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .errors import KitiumPgError
 
 __all__ = ["Observer"]
 
@@ -24,7 +23,9 @@ class Observer(Protocol):
         ...
 
     def finish(
-        self, token: object, operation: str, duration_s: float, error: KitiumPgError | None
+        self, token: object, operation: str, duration_s: float, error: BaseException | None
     ) -> None:
-        """Called when ``operation`` ends, with its duration and the error it raised, if any."""
+        """Called when ``operation`` ends, with its duration and what it raised, if anything:
+        a ``KitiumPgError``, or (rarely) ``asyncio.CancelledError`` / ``KeyboardInterrupt`` when
+        the call was interrupted. An exception raised here is logged, never passed on."""
         ...

@@ -21,7 +21,7 @@ from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import RowFactory, class_row, tuple_row
 
 from .. import _sql, _validate
-from .._base import Retry, Settings, backoff, log_call, redact_dsn
+from .._base import Retry, Settings, backoff, log_call, logger, redact_dsn
 from ..encryption import ENV_VAR, Keyring
 from ..errors import (
     EncryptionKeyError,
@@ -412,14 +412,14 @@ class AsyncCore:
     ) -> Any:
         if self._observer is None:
             return await self._run_observed(name, params, retry, row_factory, replica)
-        token = self._observer.start(name)
+        token = _observe_start(self._observer, name)
         started = time.perf_counter()
         try:
             result = await self._run_observed(name, params, retry, row_factory, replica)
-        except KitiumPgError as exc:
-            self._observer.finish(token, name, time.perf_counter() - started, exc)
+        except BaseException as exc:  # cancellation too: a started span must always end
+            _observe_finish(self._observer, token, name, time.perf_counter() - started, exc)
             raise
-        self._observer.finish(token, name, time.perf_counter() - started, None)
+        _observe_finish(self._observer, token, name, time.perf_counter() - started, None)
         return result
 
     async def _run_observed(
@@ -524,6 +524,24 @@ class AsyncCore:
                 progress(total)
             if deleted < size:
                 return total
+
+
+def _observe_start(observer: Observer, name: str) -> object:
+    # A broken metrics exporter must never fail a database call: log and carry on.
+    try:
+        return observer.start(name)
+    except Exception:
+        logger.exception("kitium_pg observer failed in start(%s)", name)
+        return None
+
+
+def _observe_finish(
+    observer: Observer, token: object, name: str, duration_s: float, error: BaseException | None
+) -> None:
+    try:
+        observer.finish(token, name, duration_s, error)
+    except Exception:
+        logger.exception("kitium_pg observer failed in finish(%s)", name)
 
 
 _ROW_FACTORIES: dict[type[Any], RowFactory[Any]] = {}

@@ -1,0 +1,320 @@
+"""fastapi-users on kitium-pg: a ``BaseUserDatabase`` and a session-token ``Strategy``.
+
+Install ``kitium-pg[fastapi]`` and ``fastapi-users``. Then::
+
+    from fastapi_users import BaseUserManager, FastAPIUsers, UUIDIDMixin
+    from fastapi_users.authentication import AuthenticationBackend, BearerTransport
+
+    from kitium_pg.integrations.fastapi import Storage
+    from kitium_pg.integrations.fastapi_users import (
+        KitiumSessionStrategy,
+        KitiumUser,
+        KitiumUserDatabase,
+    )
+
+
+    class UserManager(UUIDIDMixin, BaseUserManager[KitiumUser, uuid.UUID]):
+        reset_password_token_secret = verification_token_secret = SECRET
+
+
+    async def get_user_manager(storage: Storage) -> AsyncIterator[UserManager]:
+        yield UserManager(KitiumUserDatabase(storage))
+
+
+    def get_strategy(storage: Storage) -> KitiumSessionStrategy:
+        return KitiumSessionStrategy(storage, lifetime_seconds=3600)
+
+
+    backend = AuthenticationBackend(
+        name="kitium",
+        transport=BearerTransport(tokenUrl="auth/login"),
+        get_strategy=get_strategy,
+    )
+    fastapi_users = FastAPIUsers[KitiumUser, uuid.UUID](get_user_manager, [backend])
+
+How fastapi-users' user maps onto kitium-pg:
+
+- ``id``, ``email``: the user's columns; ``hashed_password``: the stored password hash
+  (``get_password_hash``). A user stored without one (created outside fastapi-users) gets the
+  hash of a random password, so no password verifies instead of a hash error.
+- ``is_active``, ``is_superuser``, ``is_verified``: the ``"fastapi_users"`` object in the user's
+  ``metadata`` (missing: active, not superuser, not verified). An update rewrites ``metadata``
+  whole (read, merge, write in one transaction), like any ``update_user(metadata=...)``.
+- ``name``, ``picture`` and ``plan`` in a create or update dict go to the columns of that name;
+  other unknown fields raise ``ValueError``.
+- OAuth accounts are kitium-pg OAuth links: one identity per provider and user (a second
+  account at the same provider is a ``ConflictError``, as in ``link_oauth_account``). Their
+  provider tokens are stored encrypted, so the adapter needs encryption keys to link accounts
+  with tokens and to load such users. ``OAuthAccount.id`` is a stable UUID derived from the
+  user id and the provider.
+
+Each ``get*`` call reads the user, its password hash, and the tokens of each linked provider
+(one statement each, on the primary so a read follows the preceding write).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import uuid
+from typing import Any, Final
+
+import attrs
+from fastapi_users import exceptions as fu_exceptions
+from fastapi_users.db import BaseUserDatabase
+from fastapi_users.manager import BaseUserManager
+from fastapi_users.models import OAuthAccountProtocol
+from fastapi_users.password import PasswordHelper, PasswordHelperProtocol
+
+from .. import AsyncPostgresStorageAdapter
+from ..records import User
+
+__all__ = ["KitiumSessionStrategy", "KitiumUser", "KitiumUserDatabase", "OAuthAccount"]
+
+METADATA_KEY: Final = "fastapi_users"
+"""Key of the user's ``metadata`` object that holds the fastapi-users flags."""
+_FLAGS: Final = ("is_active", "is_superuser", "is_verified")
+_FLAG_DEFAULTS: Final = {"is_active": True, "is_superuser": False, "is_verified": False}
+_COLUMNS: Final = ("name", "picture", "plan")
+_OAUTH_FIELDS: Final = (
+    "oauth_name",
+    "account_id",
+    "account_email",
+    "access_token",
+    "refresh_token",
+    "expires_at",
+)
+
+
+@attrs.define(kw_only=True)
+class OAuthAccount:
+    """An OAuth account as fastapi-users sees it (``OAuthAccountProtocol``)."""
+
+    id: uuid.UUID
+    oauth_name: str
+    access_token: str = attrs.field(repr=False)
+    expires_at: int | None
+    refresh_token: str | None = attrs.field(repr=False)
+    account_id: str
+    account_email: str
+
+
+@attrs.define(kw_only=True)
+class KitiumUser:
+    """A user as fastapi-users sees it (``UserOAuthProtocol``), with the kitium-pg ``record``
+    it was read from (``name``, ``plan``, ``metadata``…)."""
+
+    id: uuid.UUID
+    email: str
+    hashed_password: str = attrs.field(repr=False)
+    is_active: bool = True
+    is_superuser: bool = False
+    is_verified: bool = False
+    oauth_accounts: list[OAuthAccount] = attrs.field(factory=list)
+    record: User
+
+
+class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
+    """fastapi-users' user database on an ``AsyncPostgresStorageAdapter``.
+
+    ``password_helper`` (default: fastapi-users' ``PasswordHelper``) only makes the unusable
+    hash given to users stored without one; use the same helper as your user manager.
+    """
+
+    def __init__(
+        self,
+        storage: AsyncPostgresStorageAdapter,
+        *,
+        password_helper: PasswordHelperProtocol | None = None,
+    ) -> None:
+        self.storage = storage
+        self._password_helper = password_helper
+        self._unusable: str | None = None
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def get(self, id: uuid.UUID) -> KitiumUser | None:
+        """The user with this id, or ``None``."""
+        return await self._load(await self.storage.get_user(id, consistency="primary"))
+
+    async def get_by_email(self, email: str) -> KitiumUser | None:
+        """The user with this email in any letter case, or ``None``."""
+        return await self._load(await self.storage.get_user_by_email(email, consistency="primary"))
+
+    async def get_by_oauth_account(self, oauth: str, account_id: str) -> KitiumUser | None:
+        """The user linked to account ``account_id`` at provider ``oauth``, or ``None``."""
+        record = await self.storage.get_user_by_oauth(oauth, account_id, consistency="primary")
+        return await self._load(record)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def create(self, create_dict: dict[str, Any]) -> KitiumUser:
+        """Create a user from fastapi-users' dict (``email``, ``hashed_password``, flags,
+        ``name``/``picture``/``plan``). Raises ``ConflictError`` for a taken email."""
+        fields = dict(create_dict)
+        flags = {k: bool(fields.pop(k)) for k in _FLAGS if fields.get(k) is not None}
+        for k in _FLAGS:
+            fields.pop(k, None)
+        email = fields.pop("email")
+        password_hash = fields.pop("hashed_password", None)
+        columns = _columns(fields)
+        metadata = {METADATA_KEY: {**_FLAG_DEFAULTS, **flags}}
+        record = await self.storage.create_user(
+            email=email, password_hash=password_hash, metadata=metadata, **columns
+        )
+        user = await self._load(record, password_hash=password_hash)
+        assert user is not None
+        return user
+
+    async def update(self, user: KitiumUser, update_dict: dict[str, Any]) -> KitiumUser:
+        """Apply fastapi-users' update dict in one transaction and return the user re-read.
+        Raises ``NotFoundError`` when the user is gone and ``ConflictError`` for a taken
+        email."""
+        fields = dict(update_dict)
+        flags = {k: bool(fields.pop(k)) for k in _FLAGS if k in fields}
+        has_hash = "hashed_password" in fields
+        password_hash = fields.pop("hashed_password", None)
+        changes: dict[str, Any] = _columns({k: v for k, v in fields.items() if k != "email"})
+        if "email" in fields:
+            changes["email"] = fields["email"]
+        async with self.storage.transaction() as tx:
+            if flags:
+                current = await tx.get_user(user.id, consistency="primary")
+                metadata = dict(current.metadata) if current else {}
+                metadata[METADATA_KEY] = {**_flags(metadata), **flags}
+                changes["metadata"] = metadata
+            if changes:
+                await tx.update_user(user.id, **changes)
+            if has_hash:
+                await tx.set_password_hash(user.id, password_hash)
+        refreshed = await self.get(user.id)
+        if refreshed is None:  # deleted concurrently, after the commit
+            raise fu_exceptions.UserNotExists()
+        return refreshed
+
+    async def delete(self, user: KitiumUser) -> None:
+        """Delete the user with everything that belongs to it (sessions, keys, links…)."""
+        await self.storage.delete_user(user.id)
+
+    async def add_oauth_account(self, user: KitiumUser, create_dict: dict[str, Any]) -> KitiumUser:
+        """Link an OAuth account (fastapi-users' dict: ``oauth_name``, ``account_id``,
+        ``account_email``, ``access_token``, ``refresh_token``, ``expires_at`` in epoch
+        seconds) and return the user re-read."""
+        expires_at = create_dict.get("expires_at")
+        await self.storage.link_oauth_account(
+            user.id,
+            create_dict["oauth_name"],
+            sub=create_dict["account_id"],
+            email=create_dict.get("account_email"),
+            access_token=create_dict.get("access_token"),
+            refresh_token=create_dict.get("refresh_token"),
+            token_expires_at=(
+                None if expires_at is None else dt.datetime.fromtimestamp(expires_at, dt.UTC)
+            ),
+        )
+        refreshed = await self.get(user.id)
+        if refreshed is None:  # pragma: no cover - deleted concurrently
+            raise fu_exceptions.UserNotExists()
+        return refreshed
+
+    async def update_oauth_account(
+        self,
+        user: KitiumUser,
+        oauth_account: OAuthAccountProtocol[Any],
+        update_dict: dict[str, Any],
+    ) -> KitiumUser:
+        """Refresh a linked account (new tokens, email) and return the user re-read."""
+        merged = {name: getattr(oauth_account, name) for name in _OAUTH_FIELDS} | update_dict
+        return await self.add_oauth_account(user, merged)
+
+    # -- loading --------------------------------------------------------------------------
+
+    async def _load(
+        self, record: User | None, *, password_hash: str | None = None
+    ) -> KitiumUser | None:
+        if record is None:
+            return None
+        if password_hash is None:
+            password_hash = await self.storage.get_password_hash(record.id)
+        accounts = []
+        for provider, link in sorted(record.oauth.items()):
+            tokens = await self.storage.get_oauth_tokens(record.id, provider)
+            expires = tokens.expires_at if tokens else None
+            accounts.append(
+                OAuthAccount(
+                    id=uuid.uuid5(record.id, f"fastapi-users:{provider}"),
+                    oauth_name=provider,
+                    access_token=(tokens.access_token if tokens else None) or "",
+                    refresh_token=tokens.refresh_token if tokens else None,
+                    expires_at=None if expires is None else int(expires.timestamp()),
+                    account_id=link.sub,
+                    account_email=link.email or record.email or "",
+                )
+            )
+        return KitiumUser(
+            id=record.id,
+            email=record.email or "",
+            hashed_password=password_hash or self._unusable_hash(),
+            oauth_accounts=accounts,
+            record=record,
+            **_flags(record.metadata),
+        )
+
+    def _unusable_hash(self) -> str:
+        if self._unusable is None:
+            helper = self._password_helper or PasswordHelper()
+            self._unusable = helper.hash(secrets.token_urlsafe(32))
+        return self._unusable
+
+
+def _flags(metadata: dict[str, Any]) -> dict[str, bool]:
+    stored = metadata.get(METADATA_KEY)
+    stored = stored if isinstance(stored, dict) else {}
+    return {k: bool(stored.get(k, default)) for k, default in _FLAG_DEFAULTS.items()}
+
+
+def _columns(fields: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(fields) - set(_COLUMNS)
+    if unknown:
+        raise ValueError(f"fields kitium-pg users do not have: {', '.join(sorted(unknown))}")
+    return fields
+
+
+class KitiumSessionStrategy:
+    """A fastapi-users ``Strategy`` whose tokens are kitium-pg session tokens.
+
+    ``write_token`` issues a session (``issue_session_token``) valid for ``lifetime_seconds``;
+    ``read_token`` validates it and loads the user through the user manager (``None`` for a
+    missing, malformed, expired or revoked token, or a deleted user); ``destroy_token`` deletes
+    the session (logout).
+    """
+
+    def __init__(self, storage: AsyncPostgresStorageAdapter, lifetime_seconds: int = 3600):
+        self.storage = storage
+        self.lifetime_seconds = lifetime_seconds
+
+    async def read_token(
+        self, token: str | None, user_manager: BaseUserManager[KitiumUser, uuid.UUID]
+    ) -> KitiumUser | None:
+        """The user of a valid session token, else ``None``."""
+        if token is None:
+            return None
+        session = await self.storage.validate_session_token(token, consistency="primary")
+        if session is None:
+            return None
+        try:
+            return await user_manager.get(session.user_id)
+        except fu_exceptions.UserNotExists:
+            return None
+
+    async def write_token(self, user: KitiumUser) -> str:
+        """Issue a session for the user and return its token."""
+        expires_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.lifetime_seconds)
+        issued = await self.storage.issue_session_token(user_id=user.id, expires_at=expires_at)
+        return issued.token
+
+    async def destroy_token(self, token: str, user: KitiumUser) -> None:
+        """Delete the token's session (only when it belongs to ``user``)."""
+        session = await self.storage.validate_session_token(token, consistency="primary")
+        if session is not None and session.user_id == user.id:
+            await self.storage.delete_session(session.id)

@@ -1,0 +1,589 @@
+"""kitium_pg.integrations.fastapi against the real test database: one small app per test,
+driven through httpx's ASGITransport (lifespan entered by hand), every status and header."""
+
+# No ``from __future__ import annotations``: FastAPI must resolve the routes' annotations,
+# some of which name local variables.
+import datetime as dt
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+
+from kitium_pg import (
+    ApiKey,
+    AsyncPostgresStorageAdapter,
+    ConflictError,
+    InternalError,
+    NotFoundError,
+    PermissionDeniedError,
+    QueryTimeoutError,
+    Session,
+    UnavailableError,
+    ValidationError,
+)
+from kitium_pg.integrations.fastapi import (
+    STATE_ATTR,
+    OrgAccess,
+    Storage,
+    add_exception_handlers,
+    api_key_principal,
+    current_session,
+    get_storage,
+    open_storage,
+    require_permission,
+    session_auth,
+    storage_lifespan,
+)
+
+with warnings.catch_warnings():
+    # fastapi_users.db imports fastapi-users-db-sqlalchemy when that is installed, which warns
+    # under SQLAlchemy 2.1 (warnings are errors here); nothing in these tests uses it.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from fastapi_users import BaseUserManager, FastAPIUsers, UUIDIDMixin, schemas
+    from fastapi_users import exceptions as fu_exceptions
+    from fastapi_users.authentication import AuthenticationBackend, BearerTransport
+    from fastapi_users.password import PasswordHelper
+
+    from kitium_pg.integrations.fastapi_users import (
+        KitiumSessionStrategy,
+        KitiumUser,
+        KitiumUserDatabase,
+    )
+
+
+class UserRead(schemas.BaseUser[uuid.UUID]):
+    pass
+
+
+class UserCreate(schemas.BaseUserCreate):
+    pass
+
+
+class UserUpdate(schemas.BaseUserUpdate):
+    pass
+
+
+def _in(hours: float) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(hours=hours)
+
+
+@asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and give a client talking to it in process."""
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        yield client
+
+
+def storage_of(app: FastAPI) -> AsyncPostgresStorageAdapter:
+    adapter = getattr(app.state, STATE_ATTR)
+    assert isinstance(adapter, AsyncPostgresStorageAdapter)
+    return adapter
+
+
+@pytest.fixture
+def make_app(dsn: str, encryption_keys: dict[str, str]) -> Callable[[], FastAPI]:
+    def make() -> FastAPI:
+        app = FastAPI(
+            lifespan=storage_lifespan(dsn, min_size=1, max_size=2, encryption_keys=encryption_keys)
+        )
+
+        @app.get("/me")
+        async def me(session: Annotated[Session, Depends(current_session)]) -> dict[str, str]:
+            return {"user_id": str(session.user_id), "session_id": str(session.id)}
+
+        @app.get("/key")
+        async def key(record: Annotated[ApiKey, Depends(api_key_principal)]) -> dict[str, Any]:
+            return {"principal_id": str(record.principal_id), "scopes": list(record.scopes)}
+
+        @app.get("/reports")
+        async def reports(
+            access: Annotated[OrgAccess, Depends(require_permission("reports:read"))],
+        ) -> dict[str, str]:
+            return {"org_id": str(access.org_id), "permission": access.permission}
+
+        return app
+
+    return make
+
+
+# -- lifespan ---------------------------------------------------------------------------------
+
+
+async def test_lifespan_opens_and_closes_the_adapter(make_app: Callable[[], FastAPI]) -> None:
+    app = make_app()
+    assert getattr(app.state, STATE_ATTR, None) is None
+    async with serve(app):
+        adapter = storage_of(app)
+        assert (await adapter.health_check()).status == "ok"
+    assert getattr(app.state, STATE_ATTR) is None
+    assert adapter.pool.closed
+
+
+async def test_open_storage_takes_an_adapter_and_refuses_options(
+    dsn: str, encryption_keys: dict[str, str]
+) -> None:
+    app = FastAPI()
+    adapter = AsyncPostgresStorageAdapter(dsn, max_size=2, encryption_keys=encryption_keys)
+    async with open_storage(app, adapter, migrate=False) as opened:
+        assert opened is adapter and getattr(app.state, STATE_ATTR) is adapter
+    assert adapter.pool.closed
+    with pytest.raises(TypeError, match="options"):
+        async with open_storage(app, adapter, max_size=3):
+            pass  # pragma: no cover
+
+
+async def test_get_storage_without_lifespan_is_a_wiring_error() -> None:
+    app = FastAPI()
+
+    @app.get("/x")
+    async def x(storage: Annotated[AsyncPostgresStorageAdapter, Depends(get_storage)]) -> str:
+        return repr(storage)  # pragma: no cover
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        with pytest.raises(RuntimeError, match="storage_lifespan"):
+            await client.get("/x")
+
+
+# -- current_session --------------------------------------------------------------------------
+
+
+async def test_current_session_by_bearer_and_cookie(
+    make_app: Callable[[], FastAPI], email: str
+) -> None:
+    app = make_app()
+    async with serve(app) as client:
+        storage = storage_of(app)
+        user = await storage.create_user(email=email)
+        issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+        expected = {"user_id": str(user.id), "session_id": str(issued.session.id)}
+
+        r = await client.get("/me", headers={"Authorization": f"Bearer {issued.token}"})
+        assert r.status_code == 200 and r.json() == expected
+        assert "www-authenticate" not in r.headers
+        r = await client.get("/me", headers={"Authorization": f"bearer {issued.token}"})
+        assert r.status_code == 200  # the scheme is case-insensitive
+        r = await client.get("/me", headers={"Cookie": f"session={issued.token}"})
+        assert r.status_code == 200 and r.json() == expected
+
+
+async def test_current_session_missing_credentials_is_401_bearer(
+    make_app: Callable[[], FastAPI],
+) -> None:
+    async with serve(make_app()) as client:
+        for headers in ({}, {"Authorization": "Basic dXNlcjpwdw=="}, {"Authorization": "Bearer"}):
+            r = await client.get("/me", headers=headers)
+            assert r.status_code == 401, headers
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+            assert r.json() == {"detail": "not authenticated"}
+        r = await client.get("/me", headers={"Cookie": "session="})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+
+
+async def test_current_session_invalid_tokens_are_401_invalid_token(
+    make_app: Callable[[], FastAPI], email: str
+) -> None:
+    app = make_app()
+    async with serve(app) as client:
+        storage = storage_of(app)
+        user = await storage.create_user(email=email)
+        issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+        expired = await storage.issue_session_token(user_id=user.id, expires_at=_in(-1))
+        revoked = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+        assert await storage.delete_session(revoked.session.id)
+        session_id, secret = issued.token.split(".")
+        bad_tokens = [
+            "garbage",
+            f"{session_id}.{secret[:-1]}{'A' if secret[-1] != 'A' else 'B'}",
+            f"{uuid.uuid4()}.{secret}",
+            expired.token,
+            revoked.token,
+            "x" * 5000,
+        ]
+        for token in bad_tokens:
+            for headers in ({"Authorization": f"Bearer {token}"}, {"Cookie": f"session={token}"}):
+                r = await client.get("/me", headers=headers)
+                assert r.status_code == 401, (token[:40], list(headers))
+                assert r.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+                assert r.json() == {"detail": "invalid or expired session"}
+        # The header wins over the cookie: a bad bearer token is not rescued by a good cookie.
+        r = await client.get(
+            "/me",
+            headers={"Authorization": "Bearer garbage", "Cookie": f"session={issued.token}"},
+        )
+        assert r.status_code == 401
+
+
+async def test_session_auth_with_another_cookie(
+    dsn: str, encryption_keys: dict[str, str], email: str
+) -> None:
+    sid = session_auth(cookie_name="sid")
+    app = FastAPI(lifespan=storage_lifespan(dsn, max_size=2, encryption_keys=encryption_keys))
+
+    @app.get("/me")
+    async def me(session: Annotated[Session, Depends(sid)]) -> str:
+        return str(session.user_id)
+
+    async with serve(app) as client:
+        storage = storage_of(app)
+        user = await storage.create_user(email=email)
+        issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+        assert (await client.get("/me", headers={"Cookie": f"sid={issued.token}"})).json() == str(
+            user.id
+        )
+        r = await client.get("/me", headers={"Cookie": f"session={issued.token}"})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+
+
+# -- api_key_principal ------------------------------------------------------------------------
+
+
+async def test_api_key_principal(make_app: Callable[[], FastAPI], email: str) -> None:
+    app = make_app()
+    async with serve(app) as client:
+        storage = storage_of(app)
+        user = await storage.create_user(email=email)
+        issued = await storage.issue_api_key(user.id, ["reports:read"])
+        expired = await storage.issue_api_key(user.id, expires_at=_in(-1))
+        revoked = await storage.issue_api_key(user.id)
+        assert await storage.delete_api_key(revoked.record.id)
+
+        r = await client.get("/key", headers={"X-API-Key": issued.key})
+        assert r.status_code == 200
+        assert r.json() == {"principal_id": str(user.id), "scopes": ["reports:read"]}
+        assert "www-authenticate" not in r.headers
+
+        r = await client.get("/key")
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "ApiKey"
+        assert r.json() == {"detail": "not authenticated"}
+        r = await client.get("/key", headers={"X-API-Key": ""})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "ApiKey"
+        # A session token is not an API key, and an API key is not a bearer session token.
+        r = await client.get("/key", headers={"Authorization": f"Bearer {issued.key}"})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "ApiKey"
+        r = await client.get("/me", headers={"Authorization": f"Bearer {issued.key}"})
+        assert r.status_code == 401
+
+        for bad in (issued.key[:-1], "kpg_nope", expired.key, revoked.key, "k" * 500):
+            r = await client.get("/key", headers={"X-API-Key": bad})
+            assert r.status_code == 401, bad[:20]
+            assert r.headers["WWW-Authenticate"] == "ApiKey"
+            assert r.json() == {"detail": "invalid or expired API key"}
+
+
+# -- require_permission -----------------------------------------------------------------------
+
+
+async def test_require_permission(
+    make_app: Callable[[], FastAPI], unique: Callable[[str], str]
+) -> None:
+    app = make_app()
+    async with serve(app) as client:
+        storage = storage_of(app)
+        reader = await storage.create_user(email=f"{unique('reader')}@example.com")
+        outsider = await storage.create_user(email=f"{unique('outsider')}@example.com")
+        org = await storage.create_organization(
+            name=unique("org"), plan="team", members=[{"user_id": reader.id}]
+        )
+        other = await storage.create_organization(name=unique("other"), plan="team")
+        role = await storage.create_role(
+            org_id=org.id, name="analyst", permissions=[{"name": "reports:read"}]
+        )
+        other_role = await storage.create_role(
+            org_id=other.id, name="analyst", permissions=[{"name": "reports:write"}]
+        )
+        await storage.assign_role_to_user(reader.id, role.id, org.id)
+        await storage.assign_role_to_user(reader.id, other_role.id, other.id)
+
+        unbound = await storage.issue_session_token(user_id=reader.id, expires_at=_in(1))
+        bound = await storage.issue_session_token(
+            user_id=reader.id, org_id=org.id, expires_at=_in(1)
+        )
+        outsider_token = await storage.issue_session_token(user_id=outsider.id, expires_at=_in(1))
+
+        def auth(token: str, org_id: object = None) -> dict[str, str]:
+            headers = {"Authorization": f"Bearer {token}"}
+            if org_id is not None:
+                headers["X-Org-Id"] = str(org_id)
+            return headers
+
+        granted = {"org_id": str(org.id), "permission": "reports:read"}
+        # Unauthenticated: 401 from the session dependency, before any permission check.
+        r = await client.get("/reports", headers={"X-Org-Id": str(org.id)})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+        r = await client.get("/reports", headers=auth("garbage", org.id))
+        assert r.status_code == 401
+        assert r.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+
+        # Organization from X-Org-Id (the session is bound to none).
+        r = await client.get("/reports", headers=auth(unbound.token, org.id))
+        assert r.status_code == 200 and r.json() == granted
+        r = await client.get("/reports", headers=auth(unbound.token))
+        assert r.status_code == 403 and "no organization" in r.json()["detail"]
+        forbidden = [
+            auth(unbound.token, other.id),  # holds a role there, but not this permission
+            auth(unbound.token, uuid.uuid4()),  # unknown organization
+            auth(unbound.token, "not-a-uuid"),  # malformed organization id
+            auth(outsider_token.token, org.id),  # no role in the organization
+        ]
+        for headers in forbidden:
+            r = await client.get("/reports", headers=headers)
+            assert r.status_code == 403, headers
+            assert r.json() == {"detail": "missing permission 'reports:read'"}
+            assert "www-authenticate" not in r.headers
+
+        # Organization from the session; a header naming another one is refused.
+        r = await client.get("/reports", headers=auth(bound.token))
+        assert r.status_code == 200 and r.json() == granted
+        r = await client.get("/reports", headers=auth(bound.token, org.id))
+        assert r.status_code == 200 and r.json() == granted
+        r = await client.get("/reports", headers=auth(bound.token, other.id))
+        assert r.status_code == 403 and "another organization" in r.json()["detail"]
+
+        # Taking the role away takes the permission away at once.
+        assert await storage.revoke_role_from_user(reader.id, role.id, org.id)
+        r = await client.get("/reports", headers=auth(bound.token))
+        assert r.status_code == 403
+
+
+def test_require_permission_refuses_an_empty_name() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        require_permission("")
+
+
+# -- error mapping and OpenAPI ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "body"),
+    [
+        (
+            NotFoundError("update_user: no user x"),
+            404,
+            {"detail": "not_found", "code": "not_found"},
+        ),
+        (ConflictError("users_email_key"), 409, {"detail": "conflict", "code": "conflict"}),
+        (
+            ValidationError("email", "is not an email address"),
+            422,
+            {"detail": "email: is not an email address", "code": "validation"},
+        ),
+        (
+            PermissionDeniedError("rls"),
+            403,
+            {"detail": "permission_denied", "code": "permission_denied"},
+        ),
+        (UnavailableError("db down"), 503, {"detail": "unavailable", "code": "unavailable"}),
+        (QueryTimeoutError("slow"), 503, {"detail": "timeout", "code": "timeout"}),
+        (InternalError("bug"), 500, {"detail": "internal", "code": "internal"}),
+    ],
+)
+async def test_exception_handlers(error: Exception, status: int, body: dict[str, str]) -> None:
+    app = FastAPI()
+    add_exception_handlers(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise error
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/boom")
+    assert r.status_code == status and r.json() == body
+    assert r.headers.get("Retry-After") == ("1" if status == 503 else None)
+
+
+def test_openapi_declares_the_security_schemes(make_app: Callable[[], FastAPI]) -> None:
+    schema = make_app().openapi()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["SessionToken"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A kitium-pg session token.",
+    }
+    assert (
+        schemes["SessionCookie"]["in"] == "cookie" and schemes["SessionCookie"]["name"] == "session"
+    )
+    assert schemes["ApiKey"]["in"] == "header" and schemes["ApiKey"]["name"] == "X-API-Key"
+    reports = schema["paths"]["/reports"]["get"]
+    assert {"SessionToken": []} in reports["security"]
+    assert any(p["name"] == "X-Org-Id" and p["in"] == "header" for p in reports["parameters"])
+
+
+# -- fastapi-users ----------------------------------------------------------------------------
+
+
+class UserManager(UUIDIDMixin, BaseUserManager[KitiumUser, uuid.UUID]):
+    reset_password_token_secret = "test-reset-secret-0123456789abcdef"
+    verification_token_secret = "test-verify-secret-0123456789abcdef"
+
+
+async def test_fastapi_users_database_contract(
+    async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
+) -> None:
+    db = KitiumUserDatabase(async_adapter)
+    email = f"{unique('fu')}@example.com"
+    user = await db.create(
+        {"email": email, "hashed_password": "$argon2id$fake", "is_verified": None, "name": "Ada"}
+    )
+    assert user.email == email and user.hashed_password == "$argon2id$fake"
+    assert (user.is_active, user.is_superuser, user.is_verified) == (True, False, False)
+    assert user.record.name == "Ada" and user.oauth_accounts == []
+    assert await db.get(user.id) == user
+    assert await db.get(uuid.uuid4()) is None
+    assert await db.get_by_email(email.upper()) == user
+    assert await db.get_by_email(f"{unique('nobody')}@example.com") is None
+    assert await db.get_by_oauth_account("github", "42") is None
+
+    new_email = f"{unique('fu2')}@example.com"
+    updated = await db.update(
+        user,
+        {
+            "email": new_email,
+            "hashed_password": "$argon2id$other",
+            "is_verified": True,
+            "is_superuser": True,
+            "plan": "pro",
+        },
+    )
+    assert updated.email == new_email and updated.hashed_password == "$argon2id$other"
+    assert (updated.is_active, updated.is_superuser, updated.is_verified) == (True, True, True)
+    assert updated.record.plan == "pro" and updated.record.name == "Ada"
+    assert updated.record.metadata == {
+        "fastapi_users": {"is_active": True, "is_superuser": True, "is_verified": True}
+    }
+    assert (await db.update(updated, {"is_active": False})).is_active is False
+    with pytest.raises(ValueError, match="favourite_colour"):
+        await db.update(updated, {"favourite_colour": "green"})
+
+    linked = await db.add_oauth_account(
+        updated,
+        {
+            "oauth_name": "github",
+            "account_id": "42",
+            "account_email": "ada@github.example",
+            "access_token": "gho_access",
+            "refresh_token": "ghr_refresh",
+            "expires_at": 2_000_000_000,
+        },
+    )
+    (account,) = linked.oauth_accounts
+    assert (account.oauth_name, account.account_id, account.account_email) == (
+        "github",
+        "42",
+        "ada@github.example",
+    )
+    assert (account.access_token, account.refresh_token, account.expires_at) == (
+        "gho_access",
+        "ghr_refresh",
+        2_000_000_000,
+    )
+    assert await db.get_by_oauth_account("github", "42") == linked
+    refreshed = await db.update_oauth_account(
+        linked, account, {"access_token": "gho_new", "expires_at": None}
+    )
+    (account2,) = refreshed.oauth_accounts
+    assert account2.id == account.id and account2.access_token == "gho_new"
+    assert account2.refresh_token == "ghr_refresh"
+
+    await db.delete(refreshed)
+    assert await db.get(user.id) is None
+    assert await db.get_by_oauth_account("github", "42") is None
+
+    # A user stored without a password hash gets an unusable one: nothing verifies against it.
+    bare = await async_adapter.create_user(email=f"{unique('bare')}@example.com")
+    loaded = await db.get(bare.id)
+    assert loaded is not None and loaded.hashed_password.startswith("$argon2")
+    assert PasswordHelper().verify_and_update("", loaded.hashed_password)[0] is False
+
+
+def _fastapi_users_app(dsn: str, encryption_keys: dict[str, str]) -> FastAPI:
+    async def get_user_manager(storage: Storage) -> AsyncIterator[UserManager]:
+        yield UserManager(KitiumUserDatabase(storage))
+
+    def get_strategy(storage: Storage) -> KitiumSessionStrategy:
+        return KitiumSessionStrategy(storage, lifetime_seconds=600)
+
+    backend = AuthenticationBackend(
+        name="kitium",
+        transport=BearerTransport(tokenUrl="auth/login"),
+        get_strategy=get_strategy,
+    )
+    users = FastAPIUsers[KitiumUser, uuid.UUID](get_user_manager, [backend])
+    app = FastAPI(lifespan=storage_lifespan(dsn, max_size=2, encryption_keys=encryption_keys))
+    app.include_router(users.get_auth_router(backend), prefix="/auth")
+    app.include_router(users.get_register_router(UserRead, UserCreate), prefix="/auth")
+    app.include_router(users.get_users_router(UserRead, UserUpdate), prefix="/users")
+
+    @app.get("/kitium-me")
+    async def kitium_me(session: Annotated[Session, Depends(current_session)]) -> str:
+        return str(session.user_id)
+
+    return app
+
+
+async def test_fastapi_users_end_to_end(
+    dsn: str, encryption_keys: dict[str, str], unique: Callable[[str], str]
+) -> None:
+    app = _fastapi_users_app(dsn, encryption_keys)
+    email = f"{unique('fu')}@example.com"
+    async with serve(app) as client:
+        r = await client.post("/auth/register", json={"email": email, "password": "pw-one-1"})
+        assert r.status_code == 201, r.text
+        user_id = r.json()["id"]
+        assert r.json()["is_active"] is True and r.json()["is_superuser"] is False
+        r = await client.post("/auth/register", json={"email": email.upper(), "password": "x"})
+        assert r.status_code == 400 and r.json()["detail"] == "REGISTER_USER_ALREADY_EXISTS"
+
+        login = {"username": email, "password": "pw-one-1"}
+        r = await client.post("/auth/login", data=login)
+        assert r.status_code == 200, r.text
+        token = r.json()["access_token"]
+        bearer = {"Authorization": f"Bearer {token}"}
+        r = await client.get("/users/me", headers=bearer)
+        assert r.status_code == 200 and r.json()["email"] == email
+        # The token is a kitium-pg session token: kitium's own dependency accepts it too.
+        assert (await client.get("/kitium-me", headers=bearer)).json() == user_id
+
+        r = await client.patch("/users/me", headers=bearer, json={"password": "pw-two-2"})
+        assert r.status_code == 200
+        r = await client.post("/auth/login", data=login)
+        assert r.status_code == 400 and r.json()["detail"] == "LOGIN_BAD_CREDENTIALS"
+        r = await client.post("/auth/login", data={**login, "password": "pw-two-2"})
+        assert r.status_code == 200
+
+        r = await client.post("/auth/logout", headers=bearer)
+        assert r.status_code == 204
+        assert (await client.get("/users/me", headers=bearer)).status_code == 401
+        assert (await client.get("/kitium-me", headers=bearer)).status_code == 401
+        r = await client.get("/users/me", headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401
+
+
+async def test_fastapi_users_oauth_callback(
+    async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
+) -> None:
+    manager = UserManager(KitiumUserDatabase(async_adapter))
+    email = f"{unique('oauth')}@example.com"
+    account_id = unique("gh")
+    created = await manager.oauth_callback(
+        "github", "tok-1", account_id, email, 2_000_000_000, "ref-1"
+    )
+    assert created.email == email and created.is_verified is False
+    assert [a.access_token for a in created.oauth_accounts] == ["tok-1"]
+    again = await manager.oauth_callback("github", "tok-2", account_id, email, None, "ref-2")
+    assert again.id == created.id
+    assert [(a.access_token, a.refresh_token) for a in again.oauth_accounts] == [("tok-2", "ref-2")]
+    # Another provider, same email: refused unless associate_by_email.
+    with pytest.raises(fu_exceptions.UserAlreadyExists):
+        await manager.oauth_callback("gitlab", "t", "7", email)
+    both = await manager.oauth_callback("gitlab", "t", unique("gl"), email, associate_by_email=True)
+    assert sorted(a.oauth_name for a in both.oauth_accounts) == ["github", "gitlab"]
