@@ -3,14 +3,13 @@
 An adapter built with ``observer=`` calls ``start(operation)`` before each operation and
 ``finish(token, operation, duration_s, error)`` after it (once per call, retries included).
 Without an observer the adapter does not even check the clock for it: the hook costs one
-``is None`` test per call. A failing observer is logged and never fails the call. ``kitium_pg.metrics`` has ready-made Prometheus and OpenTelemetry
-observers.
+``is None`` test per call. A failing observer is logged and never fails the call.
+``kitium_pg.metrics`` has ready-made Prometheus and OpenTelemetry observers.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
-
 
 __all__ = ["Observer"]
 

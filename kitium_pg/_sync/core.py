@@ -251,9 +251,27 @@ class Core:
         try:
             self._pool.open(wait=True, timeout=self._settings.connect_timeout)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            # The pool only says it timed out; one direct attempt tells why (refused, wrong
+            # password, a proxy rejecting a startup parameter...).
+            reason = self._why_unreachable(self._pool.conninfo)
             raise UnavailableError(
-                f"cannot connect to {self._dsn_display}: {type(exc).__name__}"
+                f"cannot connect to {self._dsn_display}: {reason or type(exc).__name__}"
             ) from exc
+
+    def _why_unreachable(self, conninfo: object) -> str | None:
+        """The server's or libpq's reason for refusing a direct connection, without any
+        password; ``None`` when a direct connection works (or ``conninfo`` is not a string,
+        as a caller's pool may have)."""
+        if not isinstance(conninfo, str):
+            return None
+        kwargs = self._settings.connection_kwargs()
+        try:
+            conn = Connection.connect(conninfo, **kwargs)
+        except psycopg.Error as exc:
+            text = str(exc).strip().splitlines()
+            return redact_dsn(text[-1] if text else type(exc).__name__)
+        conn.close()
+        return None
 
     def _close_pool(self) -> None:
         for replica in self._replicas:
@@ -373,7 +391,10 @@ class Core:
                 entry["status"] = "ok"
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 entry["status"] = "error"
-                entry["error"] = str(translate(exc, operation="health_check"))
+                reason = None
+                if isinstance(exc, psycopg_pool.PoolTimeout):
+                    reason = self._why_unreachable(pool.conninfo)
+                entry["error"] = reason or str(translate(exc, operation="health_check"))
             report.append(entry)
         return tuple(report)
 
