@@ -66,7 +66,11 @@ def backoff(attempt: int, base: float = 0.05, cap: float = 2.0) -> float:
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))  # noqa: S311 - not crypto
 
 
-_PASSWORD_RE: Final = re.compile(r"(password\s*=\s*)(\S+)|(://[^:/@]*:)([^@]*)(@)", re.I)
+# key=value passwords (quoted values may hold spaces and \' escapes), URL userinfo passwords,
+# and password= query parameters.
+_PASSWORD_RE: Final = re.compile(
+    r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]+)|(://[^:/@]*:)([^@]*)(@)", re.I
+)
 
 
 def redact_dsn(dsn: str) -> str:

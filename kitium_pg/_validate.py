@@ -13,9 +13,11 @@ import json
 import math
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from .errors import ValidationError
+
+T = TypeVar("T")
 
 UTC: Final = dt.UTC
 
@@ -206,6 +208,13 @@ def json_text(field: str, value: object, *, default: str = "{}", obj: bool = Tru
     if size > JSON_BYTES:
         raise ValidationError(field, f"must serialise to at most {JSON_BYTES} bytes")
     return dumped
+
+
+def callback(field: str, value: T | None) -> T | None:
+    """``value`` if it is callable or ``None`` (checked before any work starts)."""
+    if value is not None and not callable(value):
+        raise ValidationError(field, f"must be callable, not {type(value).__name__}")
+    return value
 
 
 def choice(field: str, value: object, allowed: Iterable[str]) -> str:

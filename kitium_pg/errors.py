@@ -145,6 +145,8 @@ _SQLSTATE: Final[dict[str, tuple[type[KitiumPgError], str, bool]]] = {
     "3D000": (UnavailableError, "invalid_catalog_name", False),
     "25006": (InternalError, "read_only_sql_transaction", True),
     "42501": (PermissionDeniedError, "insufficient_privilege", False),
+    # A named object the caller gave does not exist (e.g. the role of grant_app_role).
+    "42704": (NotFoundError, "undefined_object", False),
 }
 
 # Causes the adapter may retry by itself (for retry-safe operations). Timeouts and pool

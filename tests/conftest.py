@@ -22,17 +22,32 @@ from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
 from kitium_pg.embedded import EmbeddedPostgres
 from kitium_pg.encryption import generate_key
 
+from .fix_pgbouncer import PgBouncer
+from .fix_pgbouncer import enabled as through_pgbouncer
+
 
 @pytest.fixture(scope="session")
 def dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """DSN of the test database (migrated lazily by the adapter fixtures)."""
+    """DSN of the test database, always a direct connection (migrated lazily by the adapter
+    fixtures, or here first when they go through PgBouncer: see ``shared_dsn``)."""
     configured = os.environ.get("KITIUM_PG_TEST_DSN")
     if configured:
+        _migrate_directly(configured)
         yield configured
         return
     server = EmbeddedPostgres(Path(tmp_path_factory.mktemp("pg")) / "data")
-    yield server.start()
+    direct = server.start()
+    _migrate_directly(direct)
+    yield direct
     server.stop()
+
+
+def _migrate_directly(dsn: str) -> None:
+    # Behind a transaction-pooling PgBouncer the shared adapters connect with migrate=False:
+    # migrations run on a direct connection (docs/scaling.md).
+    if through_pgbouncer():
+        with PostgresStorageAdapter(dsn, max_size=1, encryption_keys=TEST_KEYS):
+            pass
 
 
 class AwaitableSync:
@@ -97,15 +112,40 @@ def encryption_keys() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def sync_adapter(dsn: str) -> Iterator[PostgresStorageAdapter]:
-    with PostgresStorageAdapter(dsn, max_size=40, encryption_keys=TEST_KEYS) as adapter:
-        yield adapter
+def shared_dsn(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Where the shared adapters connect: ``dsn``, or with ``KITIUM_PG_TEST_PGBOUNCER=1`` a real
+    PgBouncer in transaction pooling mode in front of it (tests/fix_pgbouncer.py)."""
+    if not through_pgbouncer():
+        yield dsn
+        return
+    with PgBouncer(dsn, tmp_path_factory.mktemp("pgbouncer"), pool_size=20) as bouncer:
+        yield bouncer.dsn
 
 
 @pytest.fixture(scope="session")
-async def async_adapter(dsn: str) -> AsyncIterator[AsyncPostgresStorageAdapter]:
-    async with AsyncPostgresStorageAdapter(dsn, max_size=40, encryption_keys=TEST_KEYS) as adapter:
+def sync_adapter(shared_dsn: str) -> Iterator[PostgresStorageAdapter]:
+    bounced = through_pgbouncer()
+    adapter = PostgresStorageAdapter(
+        shared_dsn, max_size=40, encryption_keys=TEST_KEYS, pgbouncer=bounced
+    )
+    adapter.connect(migrate=not bounced)
+    try:
         yield adapter
+    finally:
+        adapter.disconnect()
+
+
+@pytest.fixture(scope="session")
+async def async_adapter(shared_dsn: str) -> AsyncIterator[AsyncPostgresStorageAdapter]:
+    bounced = through_pgbouncer()
+    adapter = AsyncPostgresStorageAdapter(
+        shared_dsn, max_size=40, encryption_keys=TEST_KEYS, pgbouncer=bounced
+    )
+    await adapter.connect(migrate=not bounced)
+    try:
+        yield adapter
+    finally:
+        await adapter.disconnect()
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -132,3 +172,8 @@ def unique() -> Callable[[str], str]:
 def email(unique: Callable[[str], str]) -> str:
     """An email address no other test uses."""
     return f"{unique('user')}@example.com"
+
+
+# Suite-wide log capture: every kitium_pg/psycopg record of the run is checked for the secrets
+# tests register (see tests/fix_secrets.py and tests/test_log_hygiene.py).
+from .fix_secrets import log_hygiene_capture as log_hygiene_capture  # noqa: E402

@@ -144,8 +144,7 @@ class AsyncCore:
         pipelines a transaction-local ``set_config`` with the statement; psycopg's pipeline exit
         adds a second, empty round trip (measured in tests/test_round_trips.py).
         """
-        if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
-            raise ValidationError("ms", "must be a non-negative integer")
+        ms = _validate.integer("ms", ms, minimum=0)  # PostgreSQL's limit: a 32-bit int
         return self._with_local("statement_timeout", str(ms))
 
     def tenant(self, org_id: uuid.UUID | str) -> Self:
@@ -200,6 +199,7 @@ class AsyncCore:
         transaction (up to ``max_retries`` times, with backoff) when PostgreSQL rolled it back
         for a serialization failure or a deadlock: those guarantee nothing was committed.
         ``work`` must not have side effects outside the database."""
+        _validate.callback("work", work)
         attempt = 0
         while True:
             attempt += 1
@@ -537,6 +537,7 @@ class AsyncCore:
         statement (deleting expired rows is idempotent). ``progress(total_so_far)`` is called
         after each batch."""
         size = _validate.integer("batch_size", batch_size, minimum=1, maximum=100_000)
+        _validate.callback("progress", progress)
         total = 0
         while True:
             deleted = await self._exec(name, {**params, "batch_size": size}, retry=Retry.SAFE)

@@ -43,6 +43,7 @@ class KeyRotation(Core):
         if self._keyring is None:
             raise EncryptionKeyError("rotate_keys needs encryption_keys (or the environment key)")
         size = v.integer("batch_size", batch_size, minimum=1, maximum=10_000)
+        v.callback("progress", progress)
         current = self._keyring.current_key_id
         total = self._value("count_stale_secrets", {"key_id": current}, retry=Retry.SAFE)
         done = 0

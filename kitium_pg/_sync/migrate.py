@@ -18,6 +18,7 @@ from collections.abc import Callable
 import psycopg
 import psycopg_pool
 
+from .. import _validate
 from .._base import Migration, MigrationState, Retry, load_migrations, plan
 from ..errors import MigrationError, ValidationError, translate
 from .core import Core
@@ -60,6 +61,7 @@ class Migrations(Core):
         drift, and the translated database error if a migration fails (that migration is rolled
         back; the earlier ones stay applied).
         """
+        _validate.callback("progress", progress)
         migrations = self._migrations()
         done: list[str] = []
         with self._pool.connection() as conn:
@@ -99,6 +101,7 @@ class Migrations(Core):
 
     def rollback(self, steps: int = 1, *, progress: Progress | None = None) -> tuple[str, ...]:
         """Undo the last ``steps`` applied migrations (newest first); returns their ids."""
+        _validate.callback("progress", progress)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValidationError("steps", "must be a positive integer")
         migrations = {m.id: m for m in self._migrations()}

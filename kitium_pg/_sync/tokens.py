@@ -134,7 +134,7 @@ class Tokens(Sessions, ApiKeys):
             digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         except UnicodeEncodeError:
             return None
-        if self._replicas and self._use_replica(consistency):
+        if self._use_replica(consistency) and self._replicas:
             # A replica cannot stamp last_used_at: read there, and go to the primary only when
             # the stamp is due (at most once a minute per key).
             record = self._one(

@@ -1,0 +1,290 @@
+"""Log hygiene: no secret, token, hash or DSN password ever reaches a log record.
+
+``tests/fix_secrets.py`` captures the ``kitium_pg``, ``psycopg`` and ``psycopg.pool`` loggers at
+DEBUG for the whole test session and checks every record against the secrets tests register when
+the session ends. The test here exercises the paths most likely to leak (constraint violations,
+missing rows, retries after a killed connection, statement timeouts, unreachable primaries and
+replicas, encryption-key errors, key rotation) with registered secrets as arguments, then runs
+the same check on everything captured so far.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from kitium_pg import (
+    AsyncPostgresStorageAdapter,
+    ConflictError,
+    EncryptionKeyError,
+    NotFoundError,
+    PostgresStorageAdapter,
+    QueryTimeoutError,
+    UnavailableError,
+    ValidationError,
+)
+from kitium_pg.encryption import generate_key
+from tests.conftest import AwaitableSync
+
+from .fix_secrets import REGISTRY, LogCollector, SecretRegistry, register, session_collector
+
+FUTURE = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+
+
+def _secret(stem: str) -> str:
+    value = f"{stem}-{secrets.token_hex(12)}"
+    register(value, label=stem)
+    return value
+
+
+@pytest.fixture
+def schema(dsn: str) -> Iterator[str]:
+    """A private schema (the test locks its tables)."""
+    name = f"hygiene_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'.encode())
+
+
+@asynccontextmanager
+async def _adapter(kind: str, dsn: str, **options: Any) -> AsyncIterator[Any]:
+    """A connected adapter of ``kind``, as an awaitable proxy for the sync one."""
+    if kind == "sync":
+        with PostgresStorageAdapter(dsn, **options) as sync_adapter:
+            yield AwaitableSync(sync_adapter)
+    else:
+        async with AsyncPostgresStorageAdapter(dsn, **options) as async_adapter:
+            yield async_adapter
+
+
+def _terminate(dsn: str, application_name: str) -> int:
+    """Kill the server side of every connection of ``application_name``; returns how many."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        ).fetchall()
+    return len(rows)
+
+
+def _texts() -> list[str]:
+    return list(session_collector().texts)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_failures_and_retries_at_debug_log_no_secret(
+    kind: str, dsn: str, schema: str
+) -> None:
+    password = _secret("dsn-password")
+    app = f"hygiene-{uuid.uuid4().hex[:8]}"
+    secret_dsn = make_conninfo(dsn, password=password, application_name=app)
+    old_key, new_key = generate_key(), generate_key()
+    register(old_key, new_key, label="local encryption key")
+    password_hash = _secret("$argon2id$v=19$m=65536,t=3,p=4$hash")
+    email = f"hygiene-{uuid.uuid4().hex[:8]}@example.com"
+    options: dict[str, Any] = {
+        "schema": schema,
+        "max_size": 1,
+        "application_name": app,
+        "max_retries": 3,
+    }
+    async with _adapter(kind, secret_dsn, encryption_keys={"old": old_key}, **options) as old:
+        # Writes that carry every kind of secret.
+        user = await old.create_user(email=email, password_hash=password_hash)
+        await old.link_oauth_account(
+            user.id,
+            "github",
+            sub="gh-hygiene",
+            access_token=_secret("gho_access"),
+            refresh_token=_secret("ghr_refresh"),
+            token_expires_at=FUTURE,
+        )
+        provider = await old.create_sso_provider(
+            type="oidc",
+            name="idp",
+            client_secret=_secret("sso-client-secret"),
+            signing_key=_secret("-----BEGIN PRIVATE KEY-----signing"),
+        )
+        device = await old.create_two_factor_device(
+            user_id=user.id, method="totp", secret=_secret("JBSWY3DPEHPK3PXP")
+        )
+    keys = {"old": old_key, "new": new_key}
+    async with _adapter(kind, secret_dsn, encryption_keys=keys, **options) as storage:
+        # Key rotation (decrypts and re-encrypts every secret).
+        assert await storage.rotate_keys(batch_size=1, progress=lambda done, total: None) == 4
+        issued = await storage.issue_session_token(user_id=user.id, expires_at=FUTURE)
+        register(issued.token, issued.token.partition(".")[2], label="session token")
+        key = await storage.issue_api_key(user.id, ["read"])
+        register(key.key, hashlib.sha256(key.key.encode()).hexdigest(), label="api key")
+        assert await storage.validate_session_token(issued.token) is not None
+        assert await storage.validate_session_token(issued.token[:-2]) is None
+        assert await storage.verify_api_key(key.key) is not None
+        codes = [_secret("backup-code") for _ in range(3)]
+        digests = [hashlib.sha256(code.encode()).hexdigest() for code in codes]
+        register(*digests, label="backup code digest")
+        await storage.create_backup_codes(user.id, digests)
+        assert await storage.consume_backup_code(user.id, digests[0]) is not None
+        email_code_hash = hashlib.sha256(_secret("email-code").encode()).hexdigest()
+        register(email_code_hash, label="email code digest")
+        token = await storage.create_email_verification_token(
+            email=email, code_hash=email_code_hash, type="email_verification", expires_at=FUTURE
+        )
+        await storage.mark_email_verification_token_as_used(token.id)
+
+        # Failures the database reports (each is logged at WARNING with its SQLSTATE).
+        with pytest.raises(ConflictError):
+            await storage.create_user(email=email.upper(), password_hash=password_hash)
+        with pytest.raises(ConflictError):
+            await storage.mark_email_verification_token_as_used(token.id)
+        with pytest.raises(NotFoundError):
+            await storage.issue_session_token(user_id=uuid.uuid4(), expires_at=FUTURE)
+        with pytest.raises(NotFoundError):
+            await storage.create_api_key(
+                principal_id=uuid.uuid4(), hash=key.record.hash[::-1], prefix="x", last_four="abcd"
+            )
+        with pytest.raises(ConflictError):
+            await storage.create_api_key(
+                principal_id=user.id, hash=key.record.hash, prefix="x", last_four="abcd"
+            )
+        with pytest.raises(ValidationError):
+            await storage.set_password_hash(user.id, password_hash + "\x00")
+
+        # A killed connection: the retry-safe call fails once, then succeeds on a new one.
+        assert _terminate(dsn, app) >= 1
+        assert await storage.get_password_hash(user.id) == password_hash
+        assert _terminate(dsn, app) >= 1
+        await storage.set_password_hash(user.id, password_hash)
+
+        # A statement timeout while another transaction holds the table.
+        with psycopg.connect(dsn) as locker:
+            locker.execute(f'LOCK TABLE "{schema}".users IN ACCESS EXCLUSIVE MODE'.encode())
+            with pytest.raises(QueryTimeoutError):
+                await storage.with_statement_timeout(200).set_password_hash(user.id, password_hash)
+            locker.rollback()
+
+        health = await storage.health_check()
+        assert health.status == "ok"
+
+    # Encryption-key failures: no key to write with, a key that does not match.
+    async with _adapter(
+        kind, secret_dsn, encryption_keys={"other": generate_key()}, **options
+    ) as s:
+        with pytest.raises(EncryptionKeyError):
+            await s.get_oauth_tokens(user.id, "github")
+        with pytest.raises(EncryptionKeyError):
+            await s.get_sso_provider(provider.id)
+        with pytest.raises(EncryptionKeyError):
+            await s.get_two_factor_device(device.id)
+
+    # Unreachable replica (with a password in its DSN): reads fall back to the primary.
+    replica = f"postgresql://kitium:{_secret('replica-password')}@127.0.0.1:1/kitium"
+    async with _adapter(kind, secret_dsn, replica_dsn=replica, **options) as with_replica:
+        assert await with_replica.get_password_hash(user.id) == password_hash
+        assert await with_replica.get_user(user.id) == await with_replica.get_user(
+            user.id, consistency="primary"
+        )
+
+    # An unreachable primary with a password in its DSN.
+    unreachable = f"postgresql://kitium:{_secret('unreachable-password')}@127.0.0.1:1/kitium"
+    if kind == "sync":
+        sync_adapter = PostgresStorageAdapter(
+            unreachable, connect_timeout=1, pool_timeout=1, min_size=1
+        )
+        with pytest.raises(UnavailableError) as caught:
+            sync_adapter.connect()
+        sync_adapter.disconnect()
+    else:
+        async_adapter = AsyncPostgresStorageAdapter(
+            unreachable, connect_timeout=1, pool_timeout=1, min_size=1
+        )
+        with pytest.raises(UnavailableError) as caught:
+            await async_adapter.connect()
+        await async_adapter.disconnect()
+    assert not REGISTRY.found_in(str(caught.value))
+
+    # What was exercised is in the capture...
+    texts = _texts()
+    assert any("failed (unique_violation" in t for t in texts)
+    assert any("failed (foreign_key_violation" in t for t in texts)
+    assert any("failed (statement_timeout" in t for t in texts)
+    assert any("@replica0 failed" in t for t in texts)
+    retried = [t for t in texts if "get_password_hash ok" in t and "'attempt': 2" in t]
+    assert retried, "the call after the killed connection was not retried"
+    assert any(t.startswith("DEBUG psycopg connection attempt") for t in texts)
+    assert any(" psycopg.pool " in t for t in texts)
+    # ...and no registered secret appears in any record captured this session so far.
+    leaks = session_collector().leaks(REGISTRY)
+    assert not leaks, [(name, labels) for name, labels, _ in leaks]
+
+
+def test_the_capture_would_catch_a_leak() -> None:
+    """The check itself works: a secret logged in a message, in ``extra`` fields, in an
+    argument or in a traceback is found, in plain text or encoded."""
+    registry = SecretRegistry()
+    registry.add("planted-secret-0123456789", label="planted")
+    registry.add("short", label="ignored")  # too short to search for
+    collector = LogCollector()
+    logger = logging.getLogger("tests.hygiene.planted")
+    logger.propagate = False
+    logger.addHandler(collector)
+    logger.setLevel(logging.DEBUG)
+    try:
+        logger.debug("nothing to see")
+        assert collector.leaks(registry) == []
+        logger.debug("value %s", "planted-secret-0123456789")
+        logger.info("clean", extra={"params": {"token": b"planted-secret-0123456789".hex()}})
+        try:
+            raise RuntimeError("planted-secret-0123456789")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(collector)
+    leaks = collector.leaks(registry)
+    assert len(leaks) == 3 and all(labels == ["planted"] for _, labels, _ in leaks)
+
+
+def test_the_session_capture_is_active_at_debug() -> None:
+    collector = session_collector()
+    for name in ("kitium_pg", "psycopg", "psycopg.pool"):
+        logger = logging.getLogger(name)
+        assert collector in logger.handlers
+        assert logger.isEnabledFor(logging.DEBUG)
+    assert len(REGISTRY) > 0  # at least the encryption keys of the run
+
+
+DSN_FORMS = [
+    "postgresql://kitium:{pw}@127.0.0.1:1/kitium",
+    "postgresql://127.0.0.1:1/kitium?user=kitium&password={pw}",
+    "host=127.0.0.1 port=1 user=kitium password={pw}",
+    "host=127.0.0.1 port=1 user=kitium password='{pw}'",
+    "host=127.0.0.1 port=1 user=kitium password='{pw} with spaces'",
+    "host=127.0.0.1 port=1 user=kitium password = '{pw} with spaces' dbname=kitium",
+]
+
+
+@pytest.mark.parametrize("form", DSN_FORMS)
+def test_a_dsn_password_is_never_shown(form: str) -> None:
+    """The adapter's repr and its connection error (both end up in application logs) never
+    show any part of the DSN's password, whatever the DSN syntax libpq accepts."""
+    password = f"pw-{secrets.token_hex(8)}"
+    dsn = form.format(pw=password)
+    register(password, label="dsn password")
+    adapter = PostgresStorageAdapter(dsn, connect_timeout=1, pool_timeout=1, min_size=1)
+    try:
+        with pytest.raises(UnavailableError) as caught:
+            adapter.connect()
+    finally:
+        adapter.disconnect()
+    shown = f"{adapter!r} {caught.value}"
+    assert password not in shown
+    assert "with spaces" not in shown, shown

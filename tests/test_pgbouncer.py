@@ -1,0 +1,284 @@
+"""Behind a real PgBouncer in transaction pooling mode (tests/fix_pgbouncer.py).
+
+With ``pgbouncer=True`` the adapters keep no session state: many more clients than server
+connections work (no prepared statement crosses a server connection), and the statement
+timeout is applied per transaction, so it is enforced and does not leak into the shared server
+connection. Without it, the startup ``options`` the adapter sends by default is refused by
+PgBouncer, and ``connect()`` fails with a clear ``UnavailableError``. Migrations run on the
+direct connection (``dsn``) first, as docs/scaling.md asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from kitium_pg import (
+    AsyncPostgresStorageAdapter,
+    PostgresStorageAdapter,
+    QueryTimeoutError,
+    UnavailableError,
+)
+
+from .conftest import TEST_KEYS
+from .fix_pgbouncer import PgBouncer
+
+SERVER_CONNECTIONS = 2
+ROLE_TIMEOUT_MS = 200
+
+
+@pytest.fixture(scope="module")
+def app_role(dsn: str) -> Iterator[str]:
+    """A login role with the adapter's runtime grants and a role-level statement timeout
+    (``ALTER ROLE ... SET statement_timeout``): the alternative to the per-call setting."""
+    role = f"kitium_pgb_{uuid.uuid4().hex[:8]}"
+    with PostgresStorageAdapter(dsn, max_size=1, encryption_keys=TEST_KEYS) as owner:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(f"CREATE ROLE {role} LOGIN".encode())
+            admin.execute(
+                f"ALTER ROLE {role} SET statement_timeout = '{ROLE_TIMEOUT_MS}ms'".encode()
+            )
+        owner.grant_app_role(role)
+    yield role
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"DROP OWNED BY {role}".encode())
+        admin.execute(f"DROP ROLE {role}".encode())
+
+
+@pytest.fixture(scope="module")
+def bouncer(
+    dsn: str, app_role: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PgBouncer]:
+    """PgBouncer with a pool of two server connections per user; the schema is migrated on
+    the direct connection first (the ``app_role`` fixture does it)."""
+    with PgBouncer(
+        dsn,
+        Path(tmp_path_factory.mktemp("bouncer")),
+        pool_size=SERVER_CONNECTIONS,
+        users=(app_role,),
+        extra="admin_users = postgres\n",
+    ) as running:
+        yield running
+
+
+class PoolWatch:
+    """Samples PgBouncer's ``SHOW POOLS`` (admin console) in a thread: the most clients and
+    the most server connections seen at once for the application database."""
+
+    def __init__(self, bouncer: PgBouncer) -> None:
+        self._admin = psycopg.connect(
+            make_conninfo(bouncer.dsn, dbname="pgbouncer"), autocommit=True, prepare_threshold=None
+        )  # the admin console speaks the simple query protocol only: never prepare
+        self.clients = 0
+        self.servers = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="pool-watch", daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            cur = self._admin.execute("SHOW POOLS")
+            names = [column.name for column in cur.description or ()]
+            for values in cur.fetchall():
+                row = dict(zip(names, values, strict=True))
+                if row["database"] != "postgres":
+                    continue
+                self.clients = max(self.clients, row["cl_active"] + row["cl_waiting"])
+                servers = sum(row[k] for k in ("sv_active", "sv_idle", "sv_used", "sv_login"))
+                self.servers = max(self.servers, servers)
+            time.sleep(0.005)
+
+    def __enter__(self) -> PoolWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._admin.close()
+
+
+async def test_many_clients_share_two_server_connections(bouncer: PgBouncer) -> None:
+    sync = PostgresStorageAdapter(
+        bouncer.dsn, min_size=8, max_size=8, pgbouncer=True, encryption_keys=TEST_KEYS
+    )
+    async_ = AsyncPostgresStorageAdapter(
+        bouncer.dsn, min_size=12, max_size=12, pgbouncer=True, encryption_keys=TEST_KEYS
+    )
+    sync.connect(migrate=False)
+    await async_.connect(migrate=False)
+    rounds = 6  # above prepare_threshold's default (5): psycopg would have prepared by now
+
+    def sync_worker(n: int) -> int:
+        done = 0
+        for _ in range(rounds):
+            user = sync.create_user(email=f"pgb-sync-{n}-{uuid.uuid4().hex[:8]}@example.com")
+            assert sync.get_user(user.id) == user
+            assert sync.get_user_by_email(user.email or "") == user
+            done += 3
+        return done
+
+    async def async_worker(n: int) -> int:
+        done = 0
+        for _ in range(rounds):
+            user = await async_.create_user(email=f"pgb-async-{n}-{uuid.uuid4().hex[:8]}@x.org")
+            assert await async_.get_user(user.id) == user
+            async with async_.transaction() as tx:
+                assert await tx.get_user_by_email(user.email or "") == user
+                await tx.update_user(user.id, plan="team")
+            done += 4
+        return done
+
+    try:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        with PoolWatch(bouncer) as watch, ThreadPoolExecutor(8) as threads:
+            done = await asyncio.gather(
+                *(loop.run_in_executor(threads, sync_worker, n) for n in range(8)),
+                *(async_worker(n) for n in range(16)),
+            )
+            calls = sum(done)
+        took = time.perf_counter() - started
+        health = await async_.health_check()
+    finally:
+        sync.disconnect()
+        await async_.disconnect()
+    print(
+        f"pgbouncer: {calls} calls in {took:.2f} s from {watch.clients} client connections"
+        f" over at most {watch.servers} server connections"
+    )
+    assert calls == 8 * rounds * 3 + 16 * rounds * 4
+    assert watch.clients > SERVER_CONNECTIONS * 5
+    assert 1 <= watch.servers <= SERVER_CONNECTIONS
+    assert health.status == "ok", health.error
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_statement_timeout_is_enforced_through_pgbouncer(
+    bouncer: PgBouncer, dsn: str, kind: str
+) -> None:
+    options: dict[str, Any] = {"max_size": 2, "pgbouncer": True, "statement_timeout_ms": 200}
+    with PostgresStorageAdapter(dsn, max_size=1) as direct:
+        locked = direct.create_user()
+    with psycopg.connect(dsn) as locker:
+        locker.execute("SELECT id FROM kitium_auth.users WHERE id = %s FOR UPDATE", [locked.id])
+        started = time.perf_counter()
+        if kind == "sync":
+            sync = PostgresStorageAdapter(bouncer.dsn, **options)
+            sync.connect(migrate=False)
+            try:
+                with pytest.raises(QueryTimeoutError) as caught:
+                    sync.update_user(locked.id, name="blocked")
+                with pytest.raises(QueryTimeoutError):
+                    sync.with_statement_timeout(100).update_user(locked.id, name="blocked")
+            finally:
+                sync.disconnect()
+        else:
+            adapter = AsyncPostgresStorageAdapter(bouncer.dsn, **options)
+            await adapter.connect(migrate=False)
+            try:
+                with pytest.raises(QueryTimeoutError) as caught:
+                    await adapter.update_user(locked.id, name="blocked")
+                with pytest.raises(QueryTimeoutError):
+                    async with adapter.with_statement_timeout(100).transaction() as tx:
+                        await tx.update_user(locked.id, name="blocked")
+            finally:
+                await adapter.disconnect()
+        took = time.perf_counter() - started
+        locker.rollback()
+    assert caught.value.code == "statement_timeout"
+    assert took < 3.0, f"two timed-out updates took {took:.2f} s"
+    # The timeout was transaction-local: the server connections PgBouncer hands to the next
+    # client carry the server default again.
+    for _ in range(SERVER_CONNECTIONS * 2):
+        with psycopg.connect(bouncer.dsn, prepare_threshold=None, autocommit=True) as conn:
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("0",)
+
+
+async def test_a_role_level_timeout_saves_the_per_call_setting(
+    bouncer: PgBouncer, app_role: str, dsn: str
+) -> None:
+    """``statement_timeout_ms=0`` plus ``ALTER ROLE ... SET statement_timeout``: enforced
+    through PgBouncer without the pipelined ``set_config`` (and its extra round trip) that
+    ``pgbouncer=True`` otherwise adds to every call. Latencies printed for docs/scaling.md."""
+    per_call = AsyncPostgresStorageAdapter(bouncer.dsn, max_size=1, pgbouncer=True)
+    role_level = AsyncPostgresStorageAdapter(
+        make_conninfo(bouncer.dsn, user=app_role),
+        max_size=1,
+        pgbouncer=True,
+        statement_timeout_ms=0,
+    )
+    await per_call.connect(migrate=False)
+    await role_level.connect(migrate=False)
+    try:
+        user = await per_call.create_user()
+        timings: dict[str, list[float]] = {"per-call set_config": [], "role-level": []}
+        for _ in range(6):
+            for name, adapter in (("per-call set_config", per_call), ("role-level", role_level)):
+                for _ in range(50):
+                    began = time.perf_counter()
+                    assert await adapter.get_user(user.id) == user
+                    timings[name].append((time.perf_counter() - began) * 1000)
+        with psycopg.connect(dsn) as locker:
+            locker.execute("SELECT 1 FROM kitium_auth.users WHERE id = %s FOR UPDATE", [user.id])
+            started = time.perf_counter()
+            with pytest.raises(QueryTimeoutError):
+                await role_level.update_user(user.id, name="blocked")
+            took = time.perf_counter() - started
+            locker.rollback()
+    finally:
+        await per_call.disconnect()
+        await role_level.disconnect()
+    print(
+        "pgbouncer: get_user median "
+        + ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in timings.items())
+        + f"; role-level timeout fired after {took:.2f} s"
+    )
+    assert ROLE_TIMEOUT_MS / 1000 <= took < 3.0
+
+
+async def test_without_pgbouncer_flag_the_startup_options_are_refused(
+    bouncer: PgBouncer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What PgBouncer answers to the adapter's default connection options.
+    with pytest.raises(psycopg.OperationalError, match="unsupported startup parameter: options"):
+        psycopg.connect(bouncer.dsn, options="-c statement_timeout=5000").close()
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
+    sync = PostgresStorageAdapter(bouncer.dsn, connect_timeout=1.0)
+    started = time.perf_counter()
+    try:
+        with pytest.raises(UnavailableError, match="cannot connect to") as caught:
+            sync.connect(migrate=False)
+    finally:
+        sync.disconnect()
+    async_ = AsyncPostgresStorageAdapter(bouncer.dsn, connect_timeout=1.0)
+    try:
+        with pytest.raises(UnavailableError, match="cannot connect to"):
+            await async_.connect(migrate=False)
+    finally:
+        await async_.disconnect()
+    assert time.perf_counter() - started < 5.0
+    assert caught.value.retryable is True
+    # The reason is in the pool's log, not in the error (see the report / docs/scaling.md).
+    assert "unsupported startup parameter: options" in caplog.text
+
+
+async def test_the_refusal_reason_is_in_the_error(bouncer: PgBouncer) -> None:
+    adapter = AsyncPostgresStorageAdapter(bouncer.dsn, connect_timeout=1.0)
+    try:
+        with pytest.raises(UnavailableError) as caught:
+            await adapter.connect(migrate=False)
+    finally:
+        await adapter.disconnect()
+    assert "unsupported startup parameter: options" in str(caught.value)
