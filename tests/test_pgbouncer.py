@@ -27,6 +27,7 @@ from psycopg.conninfo import make_conninfo
 
 from kitium_pg import (
     AsyncPostgresStorageAdapter,
+    MigrationError,
     PostgresStorageAdapter,
     QueryTimeoutError,
     UnavailableError,
@@ -282,3 +283,12 @@ async def test_the_refusal_reason_is_in_the_error(bouncer: PgBouncer) -> None:
     finally:
         await adapter.disconnect()
     assert "unsupported startup parameter: options" in str(caught.value)
+
+
+async def test_migrating_through_pgbouncer_is_refused_with_the_way_out(bouncer: PgBouncer) -> None:
+    adapter = AsyncPostgresStorageAdapter(bouncer.dsn, pgbouncer=True)
+    try:
+        with pytest.raises(MigrationError, match="direct connection"):
+            await adapter.connect()  # migrate=True by default
+    finally:
+        await adapter.disconnect()

@@ -60,6 +60,12 @@ class AsyncMigrations(AsyncCore):
         back; the earlier ones stay applied).
         """
         _validate.callback("progress", progress)
+        if self._settings.pgbouncer:
+            raise MigrationError(
+                "migrations must run on a direct connection, not through PgBouncer: connect with"
+                " migrate=False here and run `kitium-pg migrate --dsn <direct DSN>` (or an adapter"
+                " without pgbouncer=True) from your deploy"
+            )
         migrations = self._migrations()
         done: list[str] = []
         async with self._pool.connection() as conn:

@@ -62,6 +62,12 @@ class Migrations(Core):
         back; the earlier ones stay applied).
         """
         _validate.callback("progress", progress)
+        if self._settings.pgbouncer:
+            raise MigrationError(
+                "migrations must run on a direct connection, not through PgBouncer: connect with"
+                " migrate=False here and run `kitium-pg migrate --dsn <direct DSN>` (or an adapter"
+                " without pgbouncer=True) from your deploy"
+            )
         migrations = self._migrations()
         done: list[str] = []
         with self._pool.connection() as conn:
