@@ -650,7 +650,7 @@ class _DeleteCounter:
 _BATCH = click.option(
     "--batch-size",
     type=click.IntRange(min=1, max=100_000),
-    default=5000,
+    default=1000,
     show_default=True,
     metavar="N",
     help="Rows per DELETE statement (short statements keep locks brief).",

@@ -137,7 +137,7 @@ class AsyncEmailVerification(AsyncCore):
         return token
 
     async def delete_expired_email_verification_tokens(
-        self, *, batch_size: int = 5000, progress: Callable[[int], None] | None = None
+        self, *, batch_size: int = 1000, progress: Callable[[int], None] | None = None
     ) -> int:
         """Delete every expired token (with its attempt counter), ``batch_size`` rows per
         statement; returns how many were deleted. Idempotent and retried per batch."""

@@ -107,7 +107,7 @@ class AsyncSessions(AsyncCore):
         return await self._exec("delete_session", {"id": session_id}, retry=Retry.SAFE) > 0
 
     async def delete_expired_sessions(
-        self, *, batch_size: int = 5000, progress: Callable[[int], None] | None = None
+        self, *, batch_size: int = 1000, progress: Callable[[int], None] | None = None
     ) -> int:
         """Delete every expired session and return how many were deleted.
 

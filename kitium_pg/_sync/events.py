@@ -27,7 +27,7 @@ MAX_BATCH_DATA_BYTES: Final = 64_000_000
 MAX_PAGE: Final = 1000
 """Largest ``limit`` of ``list_events``."""
 
-PRUNE_BATCH: Final = 5000
+PRUNE_BATCH: Final = 1000
 """Default number of rows ``prune_events`` deletes per statement."""
 
 _EVENT_KEYS: Final = frozenset({"type", "principal_id", "data", "org_id", "timestamp"})

@@ -109,7 +109,7 @@ class Sessions(Core):
         return self._exec("delete_session", {"id": session_id}, retry=Retry.SAFE) > 0
 
     def delete_expired_sessions(
-        self, *, batch_size: int = 5000, progress: Callable[[int], None] | None = None
+        self, *, batch_size: int = 1000, progress: Callable[[int], None] | None = None
     ) -> int:
         """Delete every expired session and return how many were deleted.
 
