@@ -1,0 +1,285 @@
+"""Where the microseconds of ``PostgresStorageAdapter.get_session`` go.
+
+Measures, interleaved like ``run.py``, the full call next to its pieces: pool checkout and
+return, cursor creation, the query on a held connection with class_row(Session) and with tuple
+rows (the raw floor), building the ``Session`` record, argument validation and the per-call
+log line. Then runs the full call under cProfile and prints the functions with the most own
+time. Optional: ``--py-spy PATH`` samples it with py-spy (needs the py-spy binary).
+
+    python benchmarks/profile_get_session.py [--dsn DSN] [--rows 10000] [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import os
+import pstats
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg
+from psycopg.rows import class_row, dict_row
+
+from benchmarks import log, seed
+from benchmarks.run import Candidate, measure
+from benchmarks.variants import connection_kwargs
+from kitium_pg import PostgresStorageAdapter, Session, _sql
+from kitium_pg import _validate as v
+from kitium_pg._base import log_call
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/profile_get_session.py",
+        description="Break the cost of kitium-sync get_session into its parts (interleaved"
+        " ablation, then cProfile). Starts an embedded PostgreSQL unless --dsn is given.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--dsn", help="PostgreSQL to use (a fresh schema is created and dropped)")
+    parser.add_argument("--rows", type=int, default=10_000, help="users and sessions to seed")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
+    parser.add_argument("--calls", type=int, default=300, help="calls per piece per round")
+    parser.add_argument("--profile-calls", type=int, default=5000, help="calls under cProfile")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        help="also record py-spy collapsed stacks to this path and print the top frames",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    server: Any = None
+    data_dir = None
+    if args.dsn:
+        dsn = args.dsn
+        schema = f"kitium_prof_{secrets.token_hex(3)}"
+    else:
+        from kitium_pg.embedded import EmbeddedPostgres
+
+        data_dir = tempfile.mkdtemp(prefix="kitium-prof-")
+        server = EmbeddedPostgres(Path(data_dir) / "data")
+        dsn = server.start()
+        schema = "kitium_prof"
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema):
+            pass
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            data = seed.seed_scaling(conn, schema, args.rows, 7)
+        log(f"seeded {args.rows} users and sessions in {schema}")
+        with asyncio.Runner() as runner:
+            _profile(args, runner, dsn, schema, data)
+    finally:
+        if args.dsn:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        if server is not None:
+            server.stop()
+        if data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    return 0
+
+
+def _profile(
+    args: argparse.Namespace,
+    runner: asyncio.Runner,
+    dsn: str,
+    schema: str,
+    data: seed.Dataset,
+) -> None:
+    rng = random.Random(3)
+    ids = data.session_ids
+    sql = _sql.queries(schema)["get_session"].sql
+
+    def some_ids(n: int) -> list[Any]:
+        return [ids[rng.randrange(len(ids))] for _ in range(n)]
+
+    storage = PostgresStorageAdapter(dsn, schema=schema)
+    storage.connect(migrate=False)
+    held = psycopg.connect(dsn, **connection_kwargs())
+    reused_records = held.cursor(row_factory=class_row(Session))
+    reused_tuples = held.cursor()
+    sample = held.cursor(row_factory=dict_row).execute(sql, {"id": ids[0]}).fetchone()
+    assert sample is not None
+    pool = storage.pool
+
+    def full(x: Any) -> Any:
+        return storage.get_session(x)
+
+    def checkout(x: Any) -> Any:
+        conn = pool.getconn()
+        pool.putconn(conn)
+        return True
+
+    def checkout_cm(x: Any) -> Any:
+        with pool.connection():
+            return True
+
+    def new_cursor_records(x: Any) -> Any:
+        with held.cursor(row_factory=class_row(Session)) as cur:
+            cur.execute(sql, {"id": x})
+            return cur.fetchone()
+
+    def reused_cursor_records(x: Any) -> Any:
+        reused_records.execute(sql, {"id": x})
+        return reused_records.fetchone()
+
+    def reused_cursor_tuples(x: Any) -> Any:
+        reused_tuples.execute(sql, {"id": x}, prepare=True)
+        return reused_tuples.fetchone()
+
+    def cursor_only(x: Any) -> Any:
+        with held.cursor(row_factory=class_row(Session)):
+            return True
+
+    def record_only(x: Any) -> Any:
+        return Session(**sample)
+
+    def validation_only(x: Any) -> Any:
+        return v.parse_uuid(x)
+
+    def log_only(x: Any) -> Any:
+        log_call("get_session", time.perf_counter(), 1)
+        return True
+
+    pieces: list[tuple[str, Callable[[Any], Any]]] = [
+        ("A full storage.get_session(id)", full),
+        ("B pool getconn + putconn (no query)", checkout),
+        ("C pool.connection() enter + exit (no query)", checkout_cm),
+        ("D held conn, NEW cursor(class_row(Session)), execute, fetchone", new_cursor_records),
+        (
+            "E held conn, REUSED cursor(class_row(Session)), execute, fetchone",
+            reused_cursor_records,
+        ),
+        ("F held conn, REUSED cursor, tuple rows, prepare=True (floor)", reused_cursor_tuples),
+        ("G cursor(class_row(Session)) create + close (no query)", cursor_only),
+        ("H Session(**row) record build (attrs converters)", record_only),
+        ("I argument validation (parse_uuid)", validation_only),
+        ("J log_call with DEBUG off", log_only),
+    ]
+    for _, fn in pieces:  # past psycopg's prepare threshold on every connection
+        for x in some_ids(10):
+            fn(x)
+    samples = measure(
+        runner,
+        [Candidate(label, False, fn, some_ids) for label, fn in pieces],
+        rounds=args.rounds,
+        calls=args.calls,
+        warmup=20,
+        batch_seconds=0.3,
+    )
+    med = {label.split()[0]: s.median_us for label, s in samples.items()}
+    print("## get_session, kitium-sync: the pieces (median µs per call, interleaved)\n")
+    print("| piece | median µs | p95 µs |\n|---|---|---|")
+    for label, s in samples.items():
+        print(f"| {label} | {s.median_us:.1f} | {s.p95_us:.1f} |")
+    overhead = med["A"] - med["F"]
+    print(
+        f"\nOverhead of the full call over the floor (A - F): {overhead:.1f} µs"
+        f" ({med['A'] / med['F']:.2f}x).\n"
+        f"- pool checkout + return (B): {med['B']:.1f} µs"
+        f" (pool.connection() context, C: {med['C']:.1f} µs)\n"
+        f"- cursor creation + close (G): {med['G']:.1f} µs; D - E = {med['D'] - med['E']:.1f} µs\n"
+        f"- class_row + Session record (E - F): {med['E'] - med['F']:.1f} µs;"
+        f" the attrs constructor alone (H): {med['H']:.1f} µs\n"
+        f"- validation (I): {med['I']:.2f} µs; logging (J): {med['J']:.2f} µs\n"
+        f"- remainder (dispatch, retry loop, observer hook, fetch shape):"
+        f" {overhead - med['B'] - (med['E'] - med['F']) - med['I'] - med['J']:.1f} µs"
+        " (if the adapter reuses cursors; subtract G more if it does not)\n"
+    )
+    profiler = cProfile.Profile()
+    batch = some_ids(args.profile_calls)
+    profiler.enable()
+    for x in batch:
+        storage.get_session(x)
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out).sort_stats("tottime")
+    by_package: dict[str, float] = {}
+    raw_stats: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    for (filename, _, _), (_, _, own, _, _) in raw_stats.items():
+        by_package[_package(filename)] = by_package.get(_package(filename), 0.0) + own
+    total_own = sum(by_package.values())
+    print("## cProfile: own time by package (share of the profiled time)\n")
+    print("| package | µs per call | share |\n|---|---|---|")
+    for package, own in sorted(by_package.items(), key=lambda kv: -kv[1]):
+        per_call = own / args.profile_calls * 1e6
+        print(f"| {package} | {per_call:.1f} | {own / total_own:.1%} |")
+    print()
+    stats.print_stats(25)
+    print(f"## cProfile of {args.profile_calls} full calls (own time; cProfile inflates)\n")
+    print("```")
+    print(out.getvalue().strip())
+    print("```")
+    if args.py_spy:
+        _py_spy(args.py_spy, storage, some_ids(args.profile_calls * 4))
+    held.close()
+    storage.disconnect()
+
+
+def _package(filename: str) -> str:
+    """Which package a profiled function belongs to (for the own-time summary)."""
+    for marker, name in (
+        ("attrs generated", "kitium_pg records (attrs __init__)"),
+        ("kitium_pg/records", "kitium_pg records (attrs __init__)"),
+        ("kitium_pg", "kitium_pg"),
+        ("psycopg_pool", "psycopg_pool"),
+        ("psycopg", "psycopg"),
+        ("/json/", "json (jsonb columns)"),
+    ):
+        if marker in filename:
+            return name
+    if filename.startswith("~") or filename == "":
+        return "builtins (C)"
+    return "other Python"
+
+
+def _py_spy(path: Path, storage: PostgresStorageAdapter, batch: list[Any]) -> None:
+    """Record this process with py-spy (collapsed stacks, idle time included) while it runs
+    ``batch`` get_session calls, then print the frames with the most own samples."""
+    binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    command = [binary, "record", "--format", "raw", "--idle", "--rate", "1000"]
+    spy = subprocess.Popen(
+        [*command, "-o", str(path), "--pid", str(os.getpid())],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(1.5)
+    for x in batch:
+        storage.get_session(x)
+    spy.send_signal(signal.SIGINT)  # py-spy writes its output when interrupted
+    spy.wait(timeout=60)
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or "get_session" not in stack:
+            continue
+        frame = stack.rsplit(";", 1)[-1]
+        own[frame] = own.get(frame, 0) + int(count)
+        total += int(count)
+    print(f"\n## py-spy: own samples inside get_session ({total} samples, idle included)\n")
+    print("| frame | share |\n|---|---|")
+    for frame, samples in sorted(own.items(), key=lambda kv: -kv[1])[:20]:
+        print(f"| `{frame}` | {samples / total:.1%} |")
+    log(f"py-spy collapsed stacks: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

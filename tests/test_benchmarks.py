@@ -1,0 +1,147 @@
+"""Smoke test of ``benchmarks/run.py --quick``: it runs against the test database (in a fresh
+schema of its own, dropped afterwards), exits 0, and prints one ``bench:`` line for every
+(operation, variant) it claims. Variants whose optional packages (the ``bench`` extra) are not
+installed are skipped here, as the script itself skips them. Nothing asserts on timings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "run.py"
+
+OPERATIONS = (
+    "get_session",
+    "validate_session_token",
+    "get_user_by_email",
+    "get_api_key_by_hash",
+    "verify_api_key",
+    "get_user_permissions",
+    "create_user",
+    "create_session",
+    "emit_event",
+    "emit_events",
+    "create_backup_codes",
+    "mark_email_verification_token_as_used",
+)
+# Always run: kitium-pg and the raw psycopg floor need nothing beyond kitium-pg's dependencies.
+CORE_VARIANTS = ("kitium-sync", "kitium-async", "raw-psycopg", "raw-psycopg-async")
+# Need the bench extra: variant -> modules it imports.
+OPTIONAL_VARIANTS = {
+    "raw-asyncpg": ("asyncpg",),
+    "sqlalchemy-psycopg": ("sqlalchemy",),
+    "sqlalchemy-psycopg-async": ("sqlalchemy", "greenlet"),
+    "sqlalchemy-asyncpg": ("sqlalchemy", "greenlet", "asyncpg"),
+    "fastapi-users": ("sqlalchemy", "greenlet", "asyncpg", "fastapi_users_db_sqlalchemy"),
+    "fastapi-users+lower-idx": (
+        "sqlalchemy",
+        "greenlet",
+        "asyncpg",
+        "fastapi_users_db_sqlalchemy",
+    ),
+}
+BENCH_LINE = re.compile(r"^bench: op=(\S+) variant=(\S+) us=(\d+\.\d) ratio_raw=(\d+\.\d\d|n/a)$")
+
+
+@dataclass
+class QuickRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    out: Path
+    lines: list[tuple[str, str]]
+    results: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def quick(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
+    """One ``--quick`` run for the whole module (its results go to a temporary folder, so the
+    committed benchmarks/results stay as they are)."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--dsn", dsn, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        check=False,
+    )
+    lines = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("bench:"):
+            match = BENCH_LINE.match(line)
+            assert match, f"malformed bench line: {line!r}"
+            lines.append((match.group(1), match.group(2)))
+    json_path = out / "latest.json"
+    results = json.loads(json_path.read_text()) if json_path.exists() else {}
+    return QuickRun(proc.returncode, proc.stdout, proc.stderr, out, lines, results)
+
+
+def _missing(modules: tuple[str, ...]) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def test_quick_run_exits_zero_and_writes_its_report(quick: QuickRun) -> None:
+    assert quick.returncode == 0, quick.stderr[-5000:]
+    assert "# kitium-pg benchmark" in quick.stdout
+    assert (quick.out / "latest.md").read_text().startswith("# kitium-pg benchmark")
+    assert quick.results["config"]["quick"] is True
+    # The bench lines come last, one per claimed (operation, variant) and no other.
+    tail = quick.stdout.rstrip("\n").splitlines()[-len(quick.lines) :]
+    assert all(line.startswith("bench: ") for line in tail)
+    counts = Counter(quick.lines)
+    assert [pair for pair, n in counts.items() if n > 1] == []
+    claimed = {(op, variant) for op, variant in quick.results["claimed"]}
+    assert set(quick.lines) == claimed
+
+
+@pytest.mark.parametrize("variant", CORE_VARIANTS)
+def test_core_variant_measures_every_operation(quick: QuickRun, variant: str) -> None:
+    assert quick.returncode == 0, quick.stderr[-5000:]
+    assert quick.results["variants"][variant]["available"]
+    missing = [op for op in OPERATIONS if (op, variant) not in quick.lines]
+    assert missing == []
+    if variant != "raw-psycopg-async":  # the purge runs once per stack
+        assert ("delete_expired_sessions", variant) in quick.lines
+
+
+@pytest.mark.parametrize("variant", sorted(OPTIONAL_VARIANTS))
+def test_optional_variant(quick: QuickRun, variant: str) -> None:
+    assert quick.returncode == 0, quick.stderr[-5000:]
+    info = quick.results["variants"][variant]
+    missing = _missing(OPTIONAL_VARIANTS[variant])
+    if missing:
+        # The script must say why the variant is absent, and claim nothing for it.
+        assert not info["available"]
+        assert "not installed" in info["reason"]
+        assert f"variant {variant} skipped" in quick.stderr
+        assert all(v != variant for _, v in quick.lines)
+        pytest.skip(f"{variant}: {', '.join(missing)} not installed (pip install '.[bench]')")
+    assert info["available"], info["reason"]
+    # Every operation is either measured (with its bench line) or skipped with a reason.
+    for op in OPERATIONS:
+        section = quick.results["ops"][op]
+        if variant in section["measured"]:
+            assert (op, variant) in quick.lines
+        else:
+            assert section["skipped"][variant]
+    assert any(v == variant for _, v in quick.lines)
+
+
+def test_chart_when_matplotlib_is_installed(quick: QuickRun) -> None:
+    assert quick.returncode == 0, quick.stderr[-5000:]
+    if _missing(("matplotlib",)):
+        assert "no chart" in (quick.out / "latest.md").read_text()
+        pytest.skip("matplotlib not installed (pip install '.[bench]')")
+    assert (quick.out / "latest.png").stat().st_size > 10_000
