@@ -25,7 +25,6 @@ from typing import Any, Final, NoReturn
 
 import click
 import psycopg
-import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -42,7 +41,6 @@ from .errors import (
     NotFoundError,
     UnavailableError,
     ValidationError,
-    translate,
 )
 
 EXIT_OK: Final = 0
@@ -760,17 +758,12 @@ def grant(state: _Context, role: str, apply: bool) -> None:
         with state.storage() as storage:
             _require_migrated(state, storage, "grant --apply")
             try:
-                with storage.pool.connection() as conn:
-                    found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role])
-                    exists = found.fetchone() is not None
-                if not exists:
-                    raise NotFoundError(
-                        f"role {role!r} does not exist: create it first"
-                        f" (CREATE ROLE {role} LOGIN PASSWORD '…')"
-                    )
                 storage.grant_app_role(role)
-            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-                raise translate(exc, operation="grant_app_role") from exc
+            except NotFoundError as exc:  # PostgreSQL's 42704: no such role
+                raise NotFoundError(
+                    f"role {role!r} does not exist: create it first"
+                    f" (CREATE ROLE {role} LOGIN PASSWORD '…')"
+                ) from exc
     if state.as_json:
         state.emit_json(
             {"schema": state.schema, "role": role, "applied": apply, "sql": statements.strip()}

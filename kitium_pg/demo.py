@@ -18,13 +18,13 @@ import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
-from psycopg import sql
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from . import _sql
+from ._base import Retry
 from ._sync.adapter import PostgresStorageAdapter
 from .errors import ConflictError, InternalError, KitiumPgError
 
@@ -75,13 +75,11 @@ def _stored_ciphertext(
 ) -> tuple[str, int, bool]:
     """(key id, ciphertext length, whether the plaintext bytes occur in it) of a provider's
     stored client secret, read straight from its row."""
-    query = sql.SQL(
-        "SELECT client_secret_key_id, octet_length(client_secret_ciphertext),"
-        " position(%s::bytea IN client_secret_ciphertext) > 0"
-        " FROM {}.sso_providers WHERE id = %s"
-    ).format(sql.Identifier(schema))
-    with storage.pool.connection() as conn:
-        row = conn.execute(query, [plaintext.encode(), provider_id]).fetchone()
+    row = storage._run(  # the demo's one look under the hood: the raw stored column
+        "sso_client_secret_storage",
+        {"id": provider_id, "plaintext": plaintext.encode()},
+        retry=Retry.SAFE,
+    )
     if row is None:
         raise InternalError("demo: expected the provider's row")
     return str(row[0]), int(row[1]), bool(row[2])
