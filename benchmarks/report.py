@@ -335,11 +335,10 @@ def _delete_table(delete: dict[str, Any]) -> list[str]:
         f"kitium and raw psycopg delete in statements of {delete['batch_size']:,} rows (the"
         " adapter's loop; durations per statement from its debug log); SQLAlchemy runs one bulk"
         " DELETE. Each variant purges its own freshly seeded rows (live rows stay)."
-        " raw-psycopg+any-array runs the adapter's loop with the batch chosen by"
-        " `id = ANY (ARRAY(subquery))` instead of `id IN (subquery)`, a proposed rewrite: it"
-        " pins a primary-key index scan per batch, where `IN` leaves the planner free to pick a"
-        " hash semi-join over a sequential scan of the whole table (it does on mid-sized"
-        " tables).",
+        " raw-psycopg+any-array (run only while the adapter's statement uses `id IN"
+        " (subquery)`) chooses the batch by `id = ANY (ARRAY(subquery))`, which pins a"
+        " primary-key index scan per batch; `IN` leaves the planner free to pick a hash"
+        " semi-join over a sequential scan of the whole table, and it does on mid-sized tables.",
         "",
     ]
     rows = []
