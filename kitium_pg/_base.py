@@ -157,15 +157,16 @@ def log_call(
     cause: BaseException | None = None,
 ) -> None:
     """One structured log line per statement. Parameters are never logged."""
+    if error is None and not logger.isEnabledFor(logging.DEBUG):
+        return  # the common case: no clock read, nothing built
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
     if error is None:
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "kitium_pg %s ok in %.3f ms",
-                operation,
-                duration_ms,
-                extra={"operation": operation, "duration_ms": duration_ms, "attempt": attempt},
-            )
+        logger.debug(
+            "kitium_pg %s ok in %.3f ms",
+            operation,
+            duration_ms,
+            extra={"operation": operation, "duration_ms": duration_ms, "attempt": attempt},
+        )
         return
     sqlstate = getattr(cause, "sqlstate", None)
     logger.warning(
