@@ -1,10 +1,11 @@
 """Where the microseconds of ``PostgresStorageAdapter.get_session`` go.
 
 Measures, interleaved like ``run.py``, the full call next to its pieces: pool checkout and
-return, cursor creation, the query on a held connection with class_row(Session) and with tuple
-rows (the raw floor), building the ``Session`` record, argument validation and the per-call
-log line. Then runs the full call under cProfile and prints the functions with the most own
-time. Optional: ``--py-spy PATH`` samples it with py-spy (needs the py-spy binary).
+return, the query on a held connection the way the adapter runs it (reused tuple cursor,
+automatic prepare, record built from the cached column names) and the raw floor (tuple rows,
+``prepare=True``), cursor creation, building the ``Session`` record, argument validation and
+the per-call log line. Then runs the full call under cProfile and prints the functions with
+the most own time. Optional: ``--py-spy PATH`` samples it with py-spy (needs the py-spy binary).
 
     python benchmarks/profile_get_session.py [--dsn DSN] [--rows 10000] [--rounds 15]
 """
@@ -33,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
-from psycopg.rows import class_row, dict_row
+from psycopg.rows import dict_row
 
 from benchmarks import log, seed
 from benchmarks.run import Candidate, measure
@@ -113,10 +114,11 @@ def _profile(
     storage = PostgresStorageAdapter(dsn, schema=schema)
     storage.connect(migrate=False)
     held = psycopg.connect(dsn, **connection_kwargs())
-    reused_records = held.cursor(row_factory=class_row(Session))
+    reused_auto = held.cursor()
     reused_tuples = held.cursor()
     sample = held.cursor(row_factory=dict_row).execute(sql, {"id": ids[0]}).fetchone()
     assert sample is not None
+    names = tuple(sample)
     pool = storage.pool
 
     def full(x: Any) -> Any:
@@ -131,21 +133,21 @@ def _profile(
         with pool.connection():
             return True
 
-    def new_cursor_records(x: Any) -> Any:
-        with held.cursor(row_factory=class_row(Session)) as cur:
-            cur.execute(sql, {"id": x})
-            return cur.fetchone()
+    def reused_cursor_auto(x: Any) -> Any:
+        reused_auto.execute(sql, {"id": x})
+        return reused_auto.fetchone()
 
     def reused_cursor_records(x: Any) -> Any:
-        reused_records.execute(sql, {"id": x})
-        return reused_records.fetchone()
+        reused_auto.execute(sql, {"id": x})
+        row = reused_auto.fetchone()
+        return None if row is None else Session(**dict(zip(names, row, strict=True)))
 
     def reused_cursor_tuples(x: Any) -> Any:
         reused_tuples.execute(sql, {"id": x}, prepare=True)
         return reused_tuples.fetchone()
 
     def cursor_only(x: Any) -> Any:
-        with held.cursor(row_factory=class_row(Session)):
+        with held.cursor():
             return True
 
     def record_only(x: Any) -> Any:
@@ -162,13 +164,10 @@ def _profile(
         ("A full storage.get_session(id)", full),
         ("B pool getconn + putconn (no query)", checkout),
         ("C pool.connection() enter + exit (no query)", checkout_cm),
-        ("D held conn, NEW cursor(class_row(Session)), execute, fetchone", new_cursor_records),
-        (
-            "E held conn, REUSED cursor(class_row(Session)), execute, fetchone",
-            reused_cursor_records,
-        ),
+        ("D held conn, REUSED cursor, tuple rows, automatic prepare", reused_cursor_auto),
+        ("E D + Session record from the cached column names", reused_cursor_records),
         ("F held conn, REUSED cursor, tuple rows, prepare=True (floor)", reused_cursor_tuples),
-        ("G cursor(class_row(Session)) create + close (no query)", cursor_only),
+        ("G cursor create + close (no query; the adapter reuses one)", cursor_only),
         ("H Session(**row) record build (attrs converters)", record_only),
         ("I argument validation (parse_uuid)", validation_only),
         ("J log_call with DEBUG off", log_only),
@@ -195,13 +194,13 @@ def _profile(
         f" ({med['A'] / med['F']:.2f}x).\n"
         f"- pool checkout + return (B): {med['B']:.1f} µs"
         f" (pool.connection() context, C: {med['C']:.1f} µs)\n"
-        f"- cursor creation + close (G): {med['G']:.1f} µs; D - E = {med['D'] - med['E']:.1f} µs\n"
-        f"- class_row + Session record (E - F): {med['E'] - med['F']:.1f} µs;"
+        f"- automatic vs explicit prepare (D - F): {med['D'] - med['F']:.1f} µs\n"
+        f"- Session record from cached names (E - D): {med['E'] - med['D']:.1f} µs;"
         f" the attrs constructor alone (H): {med['H']:.1f} µs\n"
         f"- validation (I): {med['I']:.2f} µs; logging (J): {med['J']:.2f} µs\n"
-        f"- remainder (dispatch, retry loop, observer hook, fetch shape):"
-        f" {overhead - med['B'] - (med['E'] - med['F']) - med['I'] - med['J']:.1f} µs"
-        " (if the adapter reuses cursors; subtract G more if it does not)\n"
+        f"- remainder (dispatch, retry loop, observer hook, cursor lookup):"
+        f" {overhead - med['B'] - (med['E'] - med['F']) - med['I'] - med['J']:.1f} µs\n"
+        f"- (not on the adapter's path: a cursor per call would add G = {med['G']:.1f} µs)\n"
     )
     profiler = cProfile.Profile()
     batch = some_ids(args.profile_calls)

@@ -25,6 +25,7 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter, _sql
+from kitium_pg._base import new_id_text
 
 from .seed import new_id
 
@@ -142,14 +143,22 @@ def emit_event_params(x: NewEvent) -> dict[str, Any]:
     }
 
 
+def sign_in_params(x: Login) -> dict[str, Any]:
+    """The parameters of ``create_session_with_event`` (a session and its audit event)."""
+    event = emit_event_params(x.event)
+    return create_session_params(x.session) | {f"event_{k}": v for k, v in event.items()}
+
+
 def emit_events_params(events: Sequence[Mapping[str, Any]], sql: str) -> dict[str, Any]:
     """The parameters of the adapter's ``emit_events`` query, in whichever shape its SQL takes:
-    one jsonb document of the batch (``:batch``) or parallel arrays (``:types``, ``:datas``…)."""
-    ids = [new_id() for _ in events]
-    if "batch" in _placeholders(sql):
+    one jsonb document of the batch (``:batch``, with ``:count`` or ``:ids``) or parallel arrays
+    (``:types``, ``:datas``…)."""
+    ids = [new_id_text() for _ in events]
+    names = _placeholders(sql)
+    if "batch" in names:
         document = [
             {
-                "id": str(event_id),
+                "id": event_id,
                 "type": e["type"],
                 "principal_id": str(e["principal_id"]),
                 "org_id": None,
@@ -158,9 +167,14 @@ def emit_events_params(events: Sequence[Mapping[str, Any]], sql: str) -> dict[st
             }
             for event_id, e in zip(ids, events, strict=True)
         ]
-        return {"ids": ids, "batch": _json_list(document)}
+        params: dict[str, Any] = {"batch": _json_list(document)}
+        if "count" in names:
+            params["count"] = len(events)
+        if "ids" in names:
+            params["ids"] = [uuid.UUID(i) for i in ids]
+        return params
     return {
-        "ids": ids,
+        "ids": [uuid.UUID(i) for i in ids],
         "types": [e["type"] for e in events],
         "principal_ids": [str(e["principal_id"]) for e in events],
         "org_ids": [None] * len(events),
@@ -381,6 +395,19 @@ class KitiumAsync(AsyncVariant):
         return await self.storage.mark_email_verification_token_as_used(x)
 
     async def op_login(self, x: Login) -> Any:
+        """``create_session(event=…)``: the session and its event in one statement."""
+        return await self.storage.create_session(
+            user_id=x.session.user_id,
+            expires_at=x.session.expires_at,
+            metadata=x.session.metadata,
+            event={
+                "type": x.event.type,
+                "principal_id": x.event.principal_id,
+                "data": x.event.data,
+            },
+        )
+
+    async def op_login_tx(self, x: Login) -> Any:
         """create_session + emit_event in one ``transaction()``."""
         async with self.storage.transaction() as tx:
             session = await tx.create_session(
@@ -653,6 +680,7 @@ ASYNCPG_QUERIES = (
     "get_user_permissions",
     "create_user",
     "create_session",
+    "create_session_with_event",
     "emit_event",
     "emit_events",
     "create_backup_codes",
@@ -764,6 +792,10 @@ class RawAsyncpg(AsyncVariant):
         session = await self._one("create_session", create_session_params(x.session))
         event = await self._one("emit_event", emit_event_params(x.event))
         return session, event
+
+    async def op_login_one_statement(self, x: Login) -> Any:
+        """The adapter's one-statement sign-in (``create_session_with_event``) on asyncpg."""
+        return await self._one("create_session_with_event", sign_in_params(x))
 
     async def op_login_tx(self, x: Login) -> Any:
         """The same two statements inside ``conn.transaction()`` (BEGIN … COMMIT)."""

@@ -14,10 +14,11 @@ import functools
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import aiosql
 import attrs
+from psycopg import AsyncCursor, Cursor
 
 from .errors import ValidationError
 
@@ -87,6 +88,20 @@ def _parsed() -> dict[str, Query]:
             continue
         found[name] = Query(name, fn.sql, _SHAPES[fn.operation.name])
     return found
+
+
+_COLUMNS: dict[str, tuple[str, ...]] = {}
+
+
+def column_names(query: Query, cursor: Cursor[Any] | AsyncCursor[Any]) -> tuple[str, ...]:
+    """The result column names of ``query``, read from ``cursor`` (which holds its result) the
+    first time and cached: a named query's explicit column list never changes, and reading
+    the names off every result is a measurable share of a single-row read."""
+    names = _COLUMNS.get(query.sql)
+    if names is None:
+        description = cursor.description or ()
+        names = _COLUMNS[query.sql] = tuple(column.name for column in description)
+    return names
 
 
 @functools.cache

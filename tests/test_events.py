@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -152,16 +153,16 @@ def lose_first_acknowledgement(
 
     if kind == "sync":
 
-        def sync_execute(conn: Any, query: Any, params: Any, row_factory: Any) -> Any:
-            result = real(conn, query, params, row_factory)
+        def sync_execute(conn: Any, query: Any, params: Any, make: Any) -> Any:
+            result = real(conn, query, params, make)
             lose(query)
             return result
 
         monkeypatch.setattr(adapter, "_execute", sync_execute)
     else:
 
-        async def async_execute(conn: Any, query: Any, params: Any, row_factory: Any) -> Any:
-            result = await real(conn, query, params, row_factory)
+        async def async_execute(conn: Any, query: Any, params: Any, make: Any) -> Any:
+            result = await real(conn, query, params, make)
             lose(query)
             return result
 
@@ -199,6 +200,13 @@ async def test_emit_event_bad_input_names_the_field_and_writes_nothing(
         await storage.emit_event(**args)
     assert caught.value.field == field
     assert (await storage.list_events(principal_id=principal)).events == ()
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for _ in range(depth):
+        doc = {"x": doc}
+    return doc
 
 
 # -- emit_events --------------------------------------------------------------------------------
@@ -280,6 +288,11 @@ async def test_emit_events_accepts_any_iterable_of_mappings(
         ({"org_id": "x" * 256}, "events[3].org_id"),
         ({"data": "not an object"}, "events[3].data"),
         ({"data": {"x": float("inf")}}, "events[3].data"),
+        ({"data": {"x": "\ud800"}}, "events[3].data"),  # a lone surrogate
+        ({"data": {"x": "a\x00b"}}, "events[3].data"),
+        ({"data": {1: "int key"}}, "events[3].data"),
+        ({"data": {"x": "y" * 1_000_001}}, "events[3].data"),  # over the per-event limit
+        ({"data": _nested(40)}, "events[3].data"),
         ({"timestamp": dt.datetime(2024, 1, 1)}, "events[3].timestamp"),  # naive
         ({"timestamp": 1_700_000_000}, "events[3].timestamp"),
         ({"colour": "red"}, "events[3]"),
@@ -296,6 +309,30 @@ async def test_emit_events_validates_everything_first_and_names_the_index(
         await storage.emit_events(batch)
     assert caught.value.field == field
     assert (await storage.list_events(principal_id=principal)).events == ()
+
+
+async def test_emit_events_keeps_floats_exact_next_to_plain_events(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    # Events whose data needs exact float formatting are serialised apart from the rest of the
+    # batch; every event must still be written with its own data.
+    principal = unique("p")
+    datas: list[dict[str, Any]] = [
+        {"n": 0},
+        {"big": 3.6e16, "small": 1e-7},
+        {"s": "plain", "f": 0.5},
+        {"nested": [{"v": 1.5e300}]},
+    ]
+    batch = [{"type": "t", "principal_id": principal, "data": d} for d in datas]
+    assert await storage.emit_events(batch) == len(datas)
+    stored = (await storage.list_events(principal_id=principal)).events
+
+    def canonical(doc: Any) -> str:
+        return json.dumps(doc, sort_keys=True)
+
+    assert sorted(map(canonical, (e.data for e in stored))) == sorted(map(canonical, datas))
+    # A float, not the int 36000000000000000 jsonb would give back for 3.6e+16:
+    assert [repr(e.data["big"]) for e in stored if "big" in e.data] == ["3.6e+16"]
 
 
 @pytest.mark.parametrize("missing", ["type", "principal_id", "data"])

@@ -818,6 +818,38 @@ def event_item(hostile: bool) -> st.SearchStrategy[tuple[Any, str]]:
     return st.one_of(plain, odd)
 
 
+def login_event_arg() -> P:
+    """``event`` of create_session / issue_session_token: like an events item, but
+    ``principal_id`` and ``data`` may be left out (they default to the user and ``{}``)."""
+
+    def build(t: Arg, *rest: tuple[str, Arg | None]) -> Arg:
+        event, tags = {"type": t.value}, [t.tag]
+        for key, arg in rest:
+            if arg is not None:
+                event[key] = arg.value
+                tags.append(arg.tag)
+        return Arg(event, worst(*tags))
+
+    def events(pick: Callable[[P], st.SearchStrategy[Arg]]) -> st.SearchStrategy[Arg]:
+        def field(key: str, p: P) -> st.SearchStrategy[tuple[str, Arg | None]]:
+            return st.tuples(st.just(key), st.none() | pick(p))
+
+        return st.builds(
+            build,
+            pick(text_arg(255)),
+            field("principal_id", textid_arg()),
+            field("data", json_arg()),
+            field("org_id", textid_arg(optional=True)),
+            field("timestamp", time_arg(optional=True)),
+        )
+
+    odd = [{"data": {}}, "login", ["type"], {"type": "x", "user": 1}]
+    return P(
+        st.one_of(st.just(Arg(None, CLEAN)), events(lambda p: p.clean)),
+        st.one_of(events(lambda p: p.any()), st.sampled_from(odd).map(lambda v: Arg(v, BAD))),
+    )
+
+
 def _events(items: list[tuple[Any, str]]) -> Arg:
     return Arg([v for v, _ in items], worst(CLEAN, *(t for _, t in items)))
 
@@ -1089,6 +1121,12 @@ def check_session(world: World, kwargs: dict[str, Any], result: Any) -> None:
     if unexpired(result.expires_at):
         assert world.api.get_session(result.id) == result
         assert result in world.api.list_user_sessions(result.user_id)
+    event = kwargs.get("event")
+    if event is not None:  # written by the same statement, for the user unless told otherwise
+        principal = event.get("principal_id", result.user_id)
+        page = world.api.list_events(principal_id=principal, type=event["type"], limit=1000)
+        stored = [e.data for e in page.events]
+        assert any(_eq(data, event.get("data"), "json") for data in stored), "no login event"
 
 
 def check_issued_session(world: World, kwargs: dict[str, Any], result: Any) -> None:
@@ -1303,6 +1341,7 @@ SESSION_PARAMS = {
     "plan": text_arg(255, optional=True),
     "entitlements": strings_arg(),
     "metadata": json_arg(),
+    "event": login_event_arg(),
 }
 PROVIDER_PARAMS = {
     "name": text_arg(255),
@@ -1421,7 +1460,7 @@ def _spec_table() -> dict[str, Spec]:
         "update_session": Spec(
             params={
                 **_id("fresh_session", "session"),
-                **{k: v for k, v in SESSION_PARAMS.items() if k != "user_id"},
+                **{k: v for k, v in SESSION_PARAMS.items() if k not in ("user_id", "event")},
             },
             writes=True,
             check=check_session,
@@ -2071,7 +2110,7 @@ def world(
 
 # -- running one call -----------------------------------------------------------------------------
 
-FIELD = re.compile(r"([a-z_]+)(\[\d+\](\.[a-z_]+)?)?")
+FIELD = re.compile(r"([a-z_]+)(\[\d+\])?(\.[a-z_]+)?")
 
 
 def _empty(result: Any) -> bool:

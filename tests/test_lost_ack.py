@@ -173,6 +173,27 @@ async def test_issue_session_token_after_a_lost_ack_gives_a_working_token(
     assert await via_proxy.validate_session_token(issued.token) == issued.session
 
 
+async def test_a_sign_in_after_a_lost_ack_writes_one_session_and_one_event(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    user = await via_proxy.create_user()
+    lost = LostAck(proxy, SESSION_INSERT)
+    issued = await via_proxy.issue_session_token(
+        user_id=user.id, expires_at=in_an_hour(), event={"type": "login", "data": {"ip": "::1"}}
+    )
+    lost.check(sent=2)
+    assert rows(dsn, "SELECT id FROM kitium_auth.sessions WHERE user_id = %s", user.id) == [
+        (issued.session.id,)
+    ]
+    events = rows(
+        dsn,
+        "SELECT type, data FROM kitium_auth.auth_events WHERE principal_id = %s",
+        str(user.id),
+    )
+    assert events == [("login", {"ip": "::1"})]
+    assert await via_proxy.validate_session_token(issued.token) == issued.session
+
+
 async def _new_token(storage: Any) -> Any:
     return await storage.create_email_verification_token(
         email=f"lost-{uuid.uuid4().hex[:12]}@example.com",

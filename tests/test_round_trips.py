@@ -198,6 +198,18 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
             "create_session",
             lambda: s.create_session(user_id=user(), expires_at=_later(), org_id=org()),
         ),
+        (
+            "create_session[event]",
+            lambda: s.create_session(
+                user_id=user(), expires_at=_later(), event={"type": "login", "data": {"ip": "::1"}}
+            ),
+        ),
+        (
+            "issue_session_token[event]",
+            lambda: s.issue_session_token(
+                user_id=user(), expires_at=_later(), event={"type": "login"}
+            ),
+        ),
         ("get_session", lambda: s.get_session(ctx["create_session"].id)),
         ("update_session", lambda: s.update_session(ctx["create_session"].id, plan="pro")),
         ("list_user_sessions", lambda: s.list_user_sessions(user())),
@@ -415,6 +427,7 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     assert ctx["has_permission"] is True
     assert ctx["revoke_role_from_user"] is True
     assert ctx["validate_session_token"] == ctx["issue_session_token"].session
+    assert ctx["create_session[event]"].user_id == ctx["issue_session_token[event]"].session.user_id
     assert ctx["verify_api_key"].id == ctx["issue_api_key"].record.id
     assert ctx["get_email_verification_token_attempts"] == 1
     assert ctx["emit_events"] == 3

@@ -93,6 +93,83 @@ async def test_a_retried_create_returns_the_row_of_the_first_attempt(
     assert second.plan == "free"
 
 
+async def _events_of(storage: Any, principal: object) -> list[Any]:
+    return list((await storage.list_events(principal_id=principal)).events)
+
+
+@pytest.mark.parametrize("method", ["create_session", "issue_session_token"])
+async def test_a_sign_in_writes_the_session_and_its_event_together(
+    storage: Any, email: str, org_id: uuid.UUID, method: str
+) -> None:
+    user = await storage.create_user(email=email)
+    created = await getattr(storage, method)(
+        user_id=user.id, expires_at=later(hours=1), event={"type": "login"}
+    )
+    session = created if method == "create_session" else created.session
+    assert await storage.get_session(session.id) == session
+    [event] = await _events_of(storage, user.id)  # principal defaults to the user
+    assert (event.type, event.principal_id, event.org_id, event.data) == (
+        "login",
+        str(user.id),
+        None,
+        {},
+    )
+    # Every field of the event can be given, as in emit_events.
+    when = dt.datetime(2024, 5, 1, 12, tzinfo=UTC)
+    await getattr(storage, method)(
+        user_id=user.id,
+        expires_at=later(hours=1),
+        event={
+            "type": "login.sso",
+            "principal_id": email,
+            "org_id": org_id,
+            "data": {"ip": "10.0.0.1"},
+            "timestamp": when,
+        },
+    )
+    [sso] = await _events_of(storage, email)
+    assert (sso.type, sso.org_id, sso.data, sso.timestamp) == (
+        "login.sso",
+        str(org_id),
+        {"ip": "10.0.0.1"},
+        when,
+    )
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [
+        ({}, "event.type"),
+        ({"data": {}}, "event.type"),
+        ({"type": ""}, "event.type"),
+        ({"type": "login", "data": [1]}, "event.data"),
+        ({"type": "login", "data": {"x": float("nan")}}, "event.data"),
+        ({"type": "login", "principal_id": ""}, "event.principal_id"),
+        ({"type": "login", "timestamp": dt.datetime(2024, 1, 1)}, "event.timestamp"),
+        ({"type": "login", "ip": "10.0.0.1"}, "event"),
+        ("login", "event"),
+    ],
+)
+async def test_a_bad_sign_in_event_writes_neither_row(
+    storage: Any, email: str, event: Any, field: str
+) -> None:
+    user = await storage.create_user(email=email)
+    with pytest.raises(ValidationError) as caught:
+        await storage.create_session(user_id=user.id, expires_at=later(hours=1), event=event)
+    assert caught.value.field == field
+    assert await storage.list_user_sessions(user.id) == []
+    assert await _events_of(storage, user.id) == []
+
+
+async def test_a_sign_in_for_an_unknown_user_writes_no_event(storage: Any) -> None:
+    ghost = uuid.uuid4()
+    with pytest.raises(NotFoundError):
+        await storage.create_session(
+            user_id=ghost, expires_at=later(hours=1), event={"type": "login"}
+        )
+    assert await _events_of(storage, ghost) == []
+
+
 async def test_unknown_user_or_org_is_not_found(storage: Any, email: str) -> None:
     with pytest.raises(NotFoundError) as caught:
         await storage.create_session(user_id=uuid.uuid4(), expires_at=later(hours=1))

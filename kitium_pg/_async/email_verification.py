@@ -7,13 +7,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from psycopg.rows import kwargs_row
-
 from .. import _validate as v
 from .._base import Retry, new_id
 from ..errors import ConflictError, NotFoundError, ValidationError
 from ..records import EmailVerificationToken
-from .core import AsyncCore, reusable
+from .core import AsyncCore
 
 MIN_CODE_HASH = 16
 """Shortest ``code_hash`` accepted (mirrors email_verification_tokens__code_hash_check)."""
@@ -22,9 +20,6 @@ MIN_CODE_HASH = 16
 def _consume_outcome(*, consumed: bool, **fields: Any) -> tuple[bool, EmailVerificationToken]:
     # Row factory of mark_email_verification_token_as_used: did this call win, and the token.
     return consumed, EmailVerificationToken(**fields)
-
-
-_CONSUME_OUTCOME = reusable(kwargs_row(_consume_outcome))
 
 
 class AsyncEmailVerification(AsyncCore):
@@ -123,7 +118,7 @@ class AsyncEmailVerification(AsyncCore):
             "mark_email_verification_token_as_used",
             params,
             retry=Retry.SAFE,
-            row_factory=_CONSUME_OUTCOME,
+            make=_consume_outcome,
         )
         if outcome is None:
             raise NotFoundError(f"mark_email_verification_token_as_used: no token {params['id']}")

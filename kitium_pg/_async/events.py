@@ -5,13 +5,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import itertools
-import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from .. import _validate as v
-from .._base import Retry, new_id
+from .._base import Retry, new_id, new_id_text
 from ..errors import ValidationError
 from ..records import AuthEvent, EventPage
 from .core import AsyncCore
@@ -20,7 +19,8 @@ MAX_BATCH: Final = 10_000
 """Most events ``emit_events`` takes in one call."""
 
 MAX_BATCH_DATA_BYTES: Final = 64_000_000
-"""Most serialised ``data`` bytes ``emit_events`` sends in one statement."""
+"""Most serialised bytes (the events with their ``data``) ``emit_events`` sends in one
+statement."""
 
 MAX_PAGE: Final = 1000
 """Largest ``limit`` of ``list_events``."""
@@ -28,7 +28,6 @@ MAX_PAGE: Final = 1000
 PRUNE_BATCH: Final = 1000
 """Default number of rows ``prune_events`` deletes per statement."""
 
-_EVENT_KEYS: Final = frozenset({"type", "principal_id", "data", "org_id", "timestamp"})
 _REQUIRED_KEYS: Final = ("type", "principal_id", "data")
 _CURSOR_MAX_LEN: Final = 200
 
@@ -53,7 +52,7 @@ class AsyncEvents(AsyncCore):
         bad input. Retried on transient failures: the id is generated before the first attempt,
         so a retry after a lost acknowledgement returns the row the first attempt wrote.
         """
-        params = {"id": new_id(), **_event_params("", type, principal_id, data, org_id, timestamp)}
+        params = {"id": new_id(), **v.event_fields("", type, principal_id, data, org_id, timestamp)}
         event = await self._one("emit_event", params, AuthEvent, retry=Retry.SAFE)
         assert event is not None
         return event
@@ -76,52 +75,46 @@ class AsyncEvents(AsyncCore):
             raise ValidationError("events", f"must have at most {MAX_BATCH} events per call")
         if not batch:
             return 0
-        ids = [new_id() for _ in batch]
-        items: list[str] = []
-        data_bytes = 0
+        rows: list[dict[str, Any]] = []  # serialised together by one C encoder call
+        exact_rows: list[str] = []  # rows whose data needs exact float formatting
         for index, event in enumerate(batch):
             prefix = f"events[{index}]."
-            if not isinstance(event, Mapping):
-                raise ValidationError(f"events[{index}]", "must be a dict")
-            unknown = [key for key in event if key not in _EVENT_KEYS]
-            if unknown:
-                shown = ", ".join(sorted(repr(key)[:40] for key in unknown))
-                raise ValidationError(
-                    f"events[{index}]",
-                    f"unknown key(s) {shown} (allowed: {', '.join(sorted(_EVENT_KEYS))})",
-                )
-            for key in _REQUIRED_KEYS:
-                if key not in event:
-                    raise ValidationError(prefix + key, "is required")
-            params = _event_params(
-                prefix,
-                event["type"],
-                event["principal_id"],
-                event["data"],
-                event.get("org_id"),
-                event.get("timestamp"),
+            v.event_keys(f"events[{index}]", event, required=_REQUIRED_KEYS)
+            data, exact = v.json_object(prefix + "data", event["data"])
+            org_id = event.get("org_id")
+            ts = v.opt_timestamp(prefix + "timestamp", event.get("timestamp"))
+            row: dict[str, Any] = {
+                "id": new_id_text(),
+                "type": v.text(prefix + "type", event["type"]),
+                "principal_id": v.text_id(prefix + "principal_id", event["principal_id"]),
+                "org_id": None if org_id is None else v.text_id(prefix + "org_id", org_id),
+                "ts": None if ts is None else ts.isoformat(),
+            }
+            if exact:
+                head = v.json_document(row)
+                assert head is not None  # checked strings and None only
+                exact_rows.append(f'{head[0][:-1]},"data":{v.json_text(prefix + "data", data)}}}')
+            else:
+                row["data"] = data
+                rows.append(row)
+        document = v.json_document(rows)
+        if document is None or document[1] > v.JSON_BYTES:
+            # The encoder refused something (a lone surrogate, nesting too deep for it), or one
+            # data object may be over the per-event limit: find it and name it.
+            for index, event in enumerate(batch):
+                v.json_text(f"events[{index}].data", event["data"])
+        assert document is not None
+        text, size = document
+        if exact_rows:
+            size += sum(len(row.encode("utf-8")) + 1 for row in exact_rows)
+            text = f"{text[:-1]}{',' if rows else ''}{','.join(exact_rows)}]"
+        if size > MAX_BATCH_DATA_BYTES:
+            raise ValidationError(
+                "events", f"data must serialise to at most {MAX_BATCH_DATA_BYTES} bytes in all"
             )
-            data_bytes += len(params["data"].encode("utf-8"))
-            if data_bytes > MAX_BATCH_DATA_BYTES:
-                raise ValidationError(
-                    "events", f"data must serialise to at most {MAX_BATCH_DATA_BYTES} bytes in all"
-                )
-            # params["data"] is already checked, serialised JSON: splice it in as is.
-            ts = params["ts"]
-            head = json.dumps(
-                {
-                    "id": str(ids[index]),
-                    "type": params["type"],
-                    "principal_id": params["principal_id"],
-                    "org_id": params["org_id"],
-                    "ts": None if ts is None else ts.isoformat(),
-                },
-                ensure_ascii=False,
-                separators=(",", ":"),
-            )
-            items.append(f'{head[:-1]},"data":{params["data"]}}}')
-        all_params = {"ids": ids, "batch": f"[{','.join(items)}]"}
-        written = await self._value("emit_events", all_params, retry=Retry.SAFE)
+        written = await self._value(
+            "emit_events", {"batch": text, "count": len(batch)}, retry=Retry.SAFE
+        )
         return int(written)
 
     async def list_events(
@@ -143,8 +136,8 @@ class AsyncEvents(AsyncCore):
         ``ValidationError`` for bad input, including a cursor this method did not produce.
         """
         page_size = v.integer("limit", limit, minimum=1, maximum=MAX_PAGE)
-        principal = None if principal_id is None else _text_id("principal_id", principal_id)
-        org = None if org_id is None else _text_id("org_id", org_id)
+        principal = None if principal_id is None else v.text_id("principal_id", principal_id)
+        org = None if org_id is None else v.text_id("org_id", org_id)
         after_ts, after_id = (None, None) if after is None else decode_cursor(after)
         params: dict[str, Any] = {
             "type": v.opt_text("type", type),
@@ -185,31 +178,6 @@ class AsyncEvents(AsyncCore):
         return await self._delete_in_batches(
             "prune_events", params, batch_size=batch_size, progress=progress
         )
-
-
-def _text_id(field: str, value: object) -> str:
-    """A principal or organization id: a UUID (stored canonically) or non-empty text."""
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    return v.text(field, value)
-
-
-def _event_params(
-    prefix: str,
-    type: object,
-    principal_id: object,
-    data: object,
-    org_id: object,
-    timestamp: object,
-) -> dict[str, Any]:
-    """The checked columns of one event; fields are named ``prefix + name`` in errors."""
-    return {
-        "type": v.text(prefix + "type", type),
-        "principal_id": _text_id(prefix + "principal_id", principal_id),
-        "org_id": None if org_id is None else _text_id(prefix + "org_id", org_id),
-        "data": v.json_text(prefix + "data", data),
-        "ts": v.opt_timestamp(prefix + "timestamp", timestamp),
-    }
 
 
 def encode_cursor(timestamp: dt.datetime, id: uuid.UUID) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .. import _validate as v
@@ -30,16 +30,24 @@ class AsyncSessions(AsyncCore):
         plan: str | None = None,
         entitlements: Iterable[str] = (),
         metadata: dict[str, Any] | None = None,
+        event: Mapping[str, Any] | None = None,
     ) -> Session:
         """Create a session for a user and return it.
 
-        ``expires_at`` must be timezone-aware. Raises ``NotFoundError`` when the user (or the
-        organization) does not exist, and ``ValidationError`` for bad input. Retried on transient
-        failures: the id is generated before the first attempt, so a retry after a lost
-        acknowledgement returns the same row.
+        ``expires_at`` must be timezone-aware. With ``event`` (a dict like an ``emit_events``
+        item: ``type`` required; ``principal_id`` defaults to the user, ``data`` to ``{}``) the
+        session and that audit event are written by one statement: both or neither, in one
+        round trip (a sign-in). Raises ``NotFoundError`` when the user (or the organization)
+        does not exist, and ``ValidationError`` for bad input. Retried on transient failures:
+        the ids are generated before the first attempt, so a retry after a lost acknowledgement
+        returns the same row and writes no second event.
         """
         params = _new_session_params(user_id, expires_at, org_id, plan, entitlements, metadata)
-        session = await self._one("create_session", params, Session, retry=Retry.SAFE)
+        name = "create_session"
+        if event is not None:
+            params.update(login_event_params(event, params["user_id"]))
+            name = "create_session_with_event"
+        session = await self._one(name, params, Session, retry=Retry.SAFE)
         assert session is not None
         return session
 
@@ -141,6 +149,20 @@ class AsyncSessions(AsyncCore):
         if parsed is None:
             return 0
         return await self._exec("delete_user_sessions", {"user_id": parsed}, retry=Retry.SAFE)
+
+
+def login_event_params(event: object, user_id: uuid.UUID) -> dict[str, Any]:
+    """The ``event_*`` parameters of ``create_session_with_event`` for a session's ``event``."""
+    fields = v.event_keys("event", event, required=("type",))
+    checked = v.event_fields(
+        "event.",
+        fields["type"],
+        fields.get("principal_id", user_id),
+        fields.get("data"),
+        fields.get("org_id"),
+        fields.get("timestamp"),
+    )
+    return {f"event_{name}": value for name, value in checked.items()} | {"event_id": new_id()}
 
 
 def _new_session_params(

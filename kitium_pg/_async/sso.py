@@ -10,8 +10,6 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from psycopg.rows import kwargs_row
-
 from .. import _validate as v
 from .._base import UNSET, Retry, Unset, new_id
 from ..errors import NotFoundError, ValidationError
@@ -220,7 +218,7 @@ class AsyncSso(AsyncCore):
             "create_sso_provider",
             params,
             retry=Retry.SAFE,
-            row_factory=kwargs_row(self._sso_provider_row),
+            make=self._sso_provider_row,
         )
         assert provider is not None
         return provider
@@ -236,7 +234,7 @@ class AsyncSso(AsyncCore):
             "get_sso_provider",
             {"id": provider_id},
             retry=Retry.SAFE,
-            row_factory=kwargs_row(self._sso_provider_row),
+            make=self._sso_provider_row,
         )
         return provider
 
@@ -316,7 +314,7 @@ class AsyncSso(AsyncCore):
             "update_sso_provider",
             params,
             retry=Retry.SAFE,
-            row_factory=kwargs_row(self._sso_provider_row),
+            make=self._sso_provider_row,
         )
         if provider is None:
             raise NotFoundError(f"update_sso_provider: no SSO provider {provider_id}")
@@ -336,17 +334,17 @@ class AsyncSso(AsyncCore):
         organization's providers plus the global ones (no ``org_id``), as the reference does.
         Empty for a malformed ``org_id``. Raises ``EncryptionKeyError`` when a stored secret
         cannot be decrypted."""
-        factory = kwargs_row(self._sso_provider_row)
+        factory = self._sso_provider_row
         if org_id is None:
             providers: list[SsoProvider] = await self._run(
-                "list_sso_providers", {}, retry=Retry.SAFE, row_factory=factory
+                "list_sso_providers", {}, retry=Retry.SAFE, make=factory
             )
             return providers
         parsed = v.parse_uuid(org_id)
         if parsed is None:
             return []
         providers = await self._run(
-            "list_org_sso_providers", {"org_id": parsed}, retry=Retry.SAFE, row_factory=factory
+            "list_org_sso_providers", {"org_id": parsed}, retry=Retry.SAFE, make=factory
         )
         return providers
 
@@ -423,7 +421,7 @@ class AsyncSso(AsyncCore):
             "get_sso_provider_by_domain",
             {"domain": name},
             retry=Retry.SAFE,
-            row_factory=kwargs_row(self._sso_provider_row),
+            make=self._sso_provider_row,
         )
         return provider
 

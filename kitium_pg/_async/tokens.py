@@ -16,17 +16,14 @@ import hashlib
 import hmac
 import secrets
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
-
-from psycopg.rows import kwargs_row
 
 from .. import _validate as v
 from .._base import Consistency, Retry
 from ..records import ApiKey, IssuedApiKey, IssuedSession, Session
 from .api_keys import AsyncApiKeys
-from .core import reusable
-from .sessions import AsyncSessions, _new_session_params
+from .sessions import AsyncSessions, _new_session_params, login_event_params
 
 
 def _stamp_due(record: ApiKey) -> bool:
@@ -42,9 +39,6 @@ def _session_with_hash(*, token_hash: bytes, **columns: Any) -> tuple[Session, b
     return Session(**columns), bytes(token_hash)
 
 
-_SESSION_WITH_HASH = reusable(kwargs_row(_session_with_hash))
-
-
 class AsyncTokens(AsyncSessions, AsyncApiKeys):
     """Token issue/verify methods of the async adapter."""
 
@@ -57,15 +51,21 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
         plan: str | None = None,
         entitlements: Iterable[str] = (),
         metadata: dict[str, Any] | None = None,
+        event: Mapping[str, Any] | None = None,
     ) -> IssuedSession:
-        """Create a session (same keywords as ``create_session``) and return it with its bearer
-        token. The token is shown once: only the SHA-256 digest of its secret is stored.
-        Raises like ``create_session``; retry-safe for the same reason (id made up front)."""
+        """Create a session (same keywords as ``create_session``, ``event`` included: a sign-in
+        in one statement) and return it with its bearer token. The token is shown once: only
+        the SHA-256 digest of its secret is stored. Raises like ``create_session``; retry-safe
+        for the same reason (ids made up front)."""
         secret = secrets.token_urlsafe(32)
         params = _new_session_params(
             user_id, expires_at, org_id, plan, entitlements, metadata, token_hash=_digest(secret)
         )
-        session = await self._one("create_session", params, Session, retry=Retry.SAFE)
+        name = "create_session"
+        if event is not None:
+            params.update(login_event_params(event, params["user_id"]))
+            name = "create_session_with_event"
+        session = await self._one(name, params, Session, retry=Retry.SAFE)
         assert session is not None
         return IssuedSession(session=session, token=f"{session.id}.{secret}")
 
@@ -89,7 +89,7 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
             "get_session_for_token",
             {"id": parsed},
             retry=Retry.SAFE,
-            row_factory=_SESSION_WITH_HASH,
+            make=_session_with_hash,
             replica=self._use_replica(consistency),
         )
         if found is None:

@@ -7,8 +7,6 @@ import uuid
 from collections.abc import Iterable
 from typing import Any, Final
 
-from psycopg.rows import kwargs_row
-
 from .. import _validate as v
 from .._base import UNSET, Retry, Unset, new_id
 from ..errors import NotFoundError, ValidationError
@@ -90,7 +88,7 @@ class AsyncTwoFactor(AsyncCore):
             "create_two_factor_device",
             params,
             retry=Retry.SAFE,
-            row_factory=kwargs_row(self._device),
+            make=self._device,
         )
         assert device is not None
         return device
@@ -104,7 +102,7 @@ class AsyncTwoFactor(AsyncCore):
             "get_two_factor_device",
             {"id": device_id},
             retry=Retry.SAFE,
-            row_factory=kwargs_row(self._device),
+            make=self._device,
         )
         return device
 
@@ -118,7 +116,7 @@ class AsyncTwoFactor(AsyncCore):
             "list_two_factor_devices",
             {"user_id": parsed},
             retry=Retry.SAFE,
-            row_factory=kwargs_row(self._device),
+            make=self._device,
         )
         return devices
 
@@ -165,7 +163,7 @@ class AsyncTwoFactor(AsyncCore):
             "update_two_factor_device",
             params,
             retry=Retry.SAFE,
-            row_factory=kwargs_row(self._device),
+            make=self._device,
         )
         if device is None:
             raise NotFoundError(f"update_two_factor_device: no device {device_id}")

@@ -19,7 +19,7 @@ from typing import Any, Self, TypeVar, cast
 import psycopg
 import psycopg_pool
 from psycopg import Connection, Cursor
-from psycopg.rows import RowFactory, class_row, tuple_row
+from psycopg.rows import tuple_row
 
 from .. import _sql, _validate
 from .._base import Retry, Settings, backoff, log_call, logger, redact_dsn
@@ -35,6 +35,8 @@ from ..errors import (
 from ..observe import Observer
 
 T = TypeVar("T")
+Make = Callable[..., Any] | None
+"""What builds a result row from its columns (``make(**columns)``); ``None`` keeps tuples."""
 
 _Pool = psycopg_pool.ConnectionPool[Connection[Any]]
 
@@ -288,85 +290,51 @@ class Core:
                 yield conn
 
     def _execute(
-        self,
-        conn: Connection[Any],
-        query: _sql.Query,
-        params: Mapping[str, Any],
-        row_factory: RowFactory[Any],
+        self, conn: Connection[Any], query: _sql.Query, params: Mapping[str, Any], make: Make
     ) -> Any:
         if query.shape is _sql.Shape.SCRIPT:
             with conn.cursor() as script:
                 script.execute(query.sql)
             return None
-        if self._conn is not None or row_factory not in _REUSABLE:
+        if self._conn is not None:
             # A transaction's connection may be shared by concurrent tasks: own cursor per call,
-            # so one task can never fetch another's result. Factories made per call (which
-            # capture per-call state) get their own cursor too.
-            with conn.cursor(row_factory=row_factory) as own:
+            # so one task can never fetch another's result.
+            with conn.cursor(row_factory=tuple_row) as own:
                 own.execute(query.sql, params)
-                return _fetch(own, query.shape)
+                return _fetch(own, query, make)
         # A pooled connection belongs to this call alone until it is returned: reuse one cursor
         # per connection, since creating a cursor per call is a sizeable share of the
-        # client-side cost (see the reference measurements in the benchmarks).
-        cursors = _CURSORS.get(conn)
-        if cursors is None:
-            cursors = _CURSORS[conn] = {}
-        cur = cursors.get(row_factory)
+        # client-side cost (benchmarks/results/profile_get_session.md).
+        cur = _CURSORS.get(conn)
         if cur is None or cur.closed:
-            # One per row factory: setting row_factory on a used cursor rebuilds its row
-            # maker for the previous result, which is wasted work.
-            cur = cursors[row_factory] = conn.cursor(row_factory=row_factory)
+            cur = _CURSORS[conn] = conn.cursor(row_factory=tuple_row)
         cur.execute(query.sql, params)
-        return _fetch(cur, query.shape)
+        return _fetch(cur, query, make)
 
     def _execute_with_local(
-        self,
-        conn: Connection[Any],
-        query: _sql.Query,
-        params: Mapping[str, Any],
-        row_factory: RowFactory[Any],
+        self, conn: Connection[Any], query: _sql.Query, params: Mapping[str, Any], make: Make
     ) -> Any:
         setter = self._queries["set_local_setting"]
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             for name, value in self._local:
                 conn.execute(setter.sql, {"name": name, "value": value})
-            return self._execute(conn, query, params, row_factory)
+            return self._execute(conn, query, params, make)
         # Outside a transaction the settings must share the statement's implicit transaction:
         # queue them all, then one Sync ends that transaction and brings back every result.
         with conn.pipeline() as pipeline:
             for name, value in self._local:
                 conn.execute(setter.sql, {"name": name, "value": value})
-            with conn.cursor(row_factory=row_factory) as cur:
+            with conn.cursor(row_factory=tuple_row) as cur:
                 cur.execute(query.sql, params)
                 pipeline.sync()
-                return _fetch(cur, query.shape)
+                return _fetch(cur, query, make)
 
     def _execute_on(
-        self,
-        conn: Connection[Any],
-        query: _sql.Query,
-        params: Mapping[str, Any],
-        row_factory: RowFactory[Any],
+        self, conn: Connection[Any], query: _sql.Query, params: Mapping[str, Any], make: Make
     ) -> Any:
         if not self._local or self._local_applied:
-            return self._execute(conn, query, params, row_factory)
-        return self._execute_with_local(conn, query, params, row_factory)
-
-    def _checkout_and_execute(
-        self, query: _sql.Query, params: Mapping[str, Any], row_factory: RowFactory[Any]
-    ) -> Any:
-        # getconn/putconn rather than pool.connection(): the latter also enters the
-        # connection's own context, whose commit() is wasted work on an autocommit connection.
-        # A caller's pool may hand out non-autocommit connections: those are committed here
-        # (and rolled back by putconn when the statement failed).
-        conn = self._pool.getconn()
-        try:
-            result = self._execute_on(conn, query, params, row_factory)
-            if not conn.autocommit:
-                conn.commit()
-            return result
-        finally:
-            self._pool.putconn(conn)
+            return self._execute(conn, query, params, make)
+        return self._execute_with_local(conn, query, params, make)
 
     def _replica_order(self) -> list[int]:
         """Healthy replicas, rotating the first choice between calls."""
@@ -399,7 +367,7 @@ class Core:
         return tuple(report)
 
     def _run_on_replica(
-        self, name: str, query: _sql.Query, params: Mapping[str, Any], row_factory: RowFactory[Any]
+        self, name: str, query: _sql.Query, params: Mapping[str, Any], make: Make
     ) -> Any:
         """The result from the first healthy replica that answers, or ``_PRIMARY`` when none
         does. A replica that fails with a connection-type error is skipped for a while; any
@@ -409,9 +377,9 @@ class Core:
             try:
                 with self._replicas[n].connection() as conn:
                     if not self._local:
-                        result = self._execute(conn, query, params, row_factory)
+                        result = self._execute(conn, query, params, make)
                     else:
-                        result = self._execute_with_local(conn, query, params, row_factory)
+                        result = self._execute_with_local(conn, query, params, make)
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 error = translate(exc, operation=name)
                 log_call(f"{name}@replica{n}", started, 1, error, exc)
@@ -429,32 +397,21 @@ class Core:
         params: Mapping[str, Any],
         *,
         retry: Retry,
-        row_factory: RowFactory[Any] = tuple_row,
+        make: Make = None,
         replica: bool = False,
+        observed: bool = False,
     ) -> Any:
-        if self._observer is None:
-            return self._run_observed(name, params, retry, row_factory, replica)
-        token = _observe_start(self._observer, name)
-        started = time.perf_counter()
-        try:
-            result = self._run_observed(name, params, retry, row_factory, replica)
-        except BaseException as exc:  # cancellation too: a started span must always end
-            _observe_finish(self._observer, token, name, time.perf_counter() - started, exc)
-            raise
-        _observe_finish(self._observer, token, name, time.perf_counter() - started, None)
-        return result
+        """Run query ``name`` and return its result in the query's shape (``make(**columns)``
+        for each row when ``make`` is given, else tuple rows), retrying per ``retry``.
 
-    def _run_observed(
-        self,
-        name: str,
-        params: Mapping[str, Any],
-        retry: Retry,
-        row_factory: RowFactory[Any],
-        replica: bool,
-    ) -> Any:
+        Every public call ends up here; it is kept flat because its frames are a measurable
+        share of a single-row read (benchmarks/results/profile_get_session.md).
+        """
+        if self._observer is not None and not observed:
+            return self._observed(name, params, retry, make, replica)
         query = self._queries[name]
         if replica and self._replicas and self._conn is None:
-            result = self._run_on_replica(name, query, params, row_factory)
+            result = self._run_on_replica(name, query, params, make)
             if result is not _PRIMARY:
                 return result
         attempt = 0
@@ -463,9 +420,19 @@ class Core:
             started = time.perf_counter()
             try:
                 if self._conn is not None:
-                    result = self._execute_on(self._conn, query, params, row_factory)
+                    result = self._execute_on(self._conn, query, params, make)
                 else:
-                    result = self._checkout_and_execute(query, params, row_factory)
+                    # getconn/putconn rather than pool.connection(): the latter also enters the
+                    # connection's own context, whose commit() is wasted work on an autocommit
+                    # connection. A caller's pool may hand out non-autocommit connections:
+                    # those are committed here (and rolled back by putconn on failure).
+                    conn = self._pool.getconn()
+                    try:
+                        result = self._execute_on(conn, query, params, make)
+                        if not conn.autocommit:
+                            conn.commit()
+                    finally:
+                        self._pool.putconn(conn)
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)
@@ -481,33 +448,41 @@ class Core:
             log_call(name, started, attempt)
             return result
 
+    def _observed(
+        self, name: str, params: Mapping[str, Any], retry: Retry, make: Make, replica: bool
+    ) -> Any:
+        assert self._observer is not None
+        token = _observe_start(self._observer, name)
+        started = time.perf_counter()
+        try:
+            result = self._run(name, params, retry=retry, make=make, replica=replica, observed=True)
+        except BaseException as exc:  # cancellation too: a started span must always end
+            _observe_finish(self._observer, token, name, time.perf_counter() - started, exc)
+            raise
+        _observe_finish(self._observer, token, name, time.perf_counter() - started, None)
+        return result
+
     def _one(
         self,
         name: str,
         params: Mapping[str, Any],
-        cls: type[T],
+        cls: Callable[..., T],
         *,
         retry: Retry,
         replica: bool = False,
     ) -> T | None:
-        return cast(
-            T | None,
-            self._run(name, params, retry=retry, row_factory=_rows(cls), replica=replica),
-        )
+        return cast(T | None, self._run(name, params, retry=retry, make=cls, replica=replica))
 
     def _many(
         self,
         name: str,
         params: Mapping[str, Any],
-        cls: type[T],
+        cls: Callable[..., T],
         *,
         retry: Retry,
         replica: bool = False,
     ) -> list[T]:
-        return cast(
-            list[T],
-            self._run(name, params, retry=retry, row_factory=_rows(cls), replica=replica),
-        )
+        return cast(list[T], self._run(name, params, retry=retry, make=cls, replica=replica))
 
     def _value(
         self, name: str, params: Mapping[str, Any], *, retry: Retry, replica: bool = False
@@ -567,12 +542,8 @@ def _observe_finish(
         logger.exception("kitium_pg observer failed in finish(%s)", name)
 
 
-_ROW_FACTORIES: dict[type[Any], RowFactory[Any]] = {}
-_REUSABLE: set[RowFactory[Any]] = {tuple_row}
-# The reusable cursors of each live connection, by row factory (dropped with the connection).
-_CURSORS: weakref.WeakKeyDictionary[Connection[Any], dict[RowFactory[Any], Cursor[Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+# The reusable cursor of each live pooled connection (dropped with the connection).
+_CURSORS: weakref.WeakKeyDictionary[Connection[Any], Cursor[Any]] = weakref.WeakKeyDictionary()
 
 # How long a replica checkout may wait, and how long a failed replica is skipped (seconds).
 _REPLICA_WAIT = 1.0
@@ -580,26 +551,19 @@ _REPLICA_PAUSE = 5.0
 _PRIMARY: Any = object()  # "no replica answered: use the primary"
 
 
-def _rows(cls: type[T]) -> RowFactory[T]:
-    # One row factory per record class, built once (psycopg's class_row maps columns by name).
-    factory = _ROW_FACTORIES.get(cls)
-    if factory is None:
-        factory = _ROW_FACTORIES[cls] = reusable(class_row(cls))
-    return factory
-
-
-def reusable(factory: RowFactory[T]) -> RowFactory[T]:
-    """Mark a long-lived row factory (made once, at import) as one whose cursors may be kept
-    and reused on each connection."""
-    _REUSABLE.add(factory)
-    return factory
-
-
-def _fetch(cur: Cursor[Any], shape: _sql.Shape) -> Any:
+def _fetch(cur: Cursor[Any], query: _sql.Query, make: Make) -> Any:
+    shape = query.shape
     if shape is _sql.Shape.ONE:
-        return cur.fetchone()
+        row = cur.fetchone()
+        if row is None or make is None:
+            return row
+        return make(**dict(zip(_sql.column_names(query, cur), row, strict=True)))
     if shape is _sql.Shape.MANY:
-        return cur.fetchall()
+        rows = cur.fetchall()
+        if make is None:
+            return rows
+        names = _sql.column_names(query, cur)
+        return [make(**dict(zip(names, row, strict=True))) for row in rows]
     if shape is _sql.Shape.VALUE:
         row = cur.fetchone()
         return None if row is None else row[0]

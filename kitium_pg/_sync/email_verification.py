@@ -9,13 +9,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from psycopg.rows import kwargs_row
-
 from .. import _validate as v
 from .._base import Retry, new_id
 from ..errors import ConflictError, NotFoundError, ValidationError
 from ..records import EmailVerificationToken
-from .core import Core, reusable
+from .core import Core
 
 MIN_CODE_HASH = 16
 """Shortest ``code_hash`` accepted (mirrors email_verification_tokens__code_hash_check)."""
@@ -24,9 +22,6 @@ MIN_CODE_HASH = 16
 def _consume_outcome(*, consumed: bool, **fields: Any) -> tuple[bool, EmailVerificationToken]:
     # Row factory of mark_email_verification_token_as_used: did this call win, and the token.
     return consumed, EmailVerificationToken(**fields)
-
-
-_CONSUME_OUTCOME = reusable(kwargs_row(_consume_outcome))
 
 
 class EmailVerification(Core):
@@ -123,7 +118,7 @@ class EmailVerification(Core):
             "mark_email_verification_token_as_used",
             params,
             retry=Retry.SAFE,
-            row_factory=_CONSUME_OUTCOME,
+            make=_consume_outcome,
         )
         if outcome is None:
             raise NotFoundError(f"mark_email_verification_token_as_used: no token {params['id']}")

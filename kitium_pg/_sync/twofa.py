@@ -9,8 +9,6 @@ import uuid
 from collections.abc import Iterable
 from typing import Any, Final
 
-from psycopg.rows import kwargs_row
-
 from .. import _validate as v
 from .._base import UNSET, Retry, Unset, new_id
 from ..errors import NotFoundError, ValidationError
@@ -92,7 +90,7 @@ class TwoFactor(Core):
             "create_two_factor_device",
             params,
             retry=Retry.SAFE,
-            row_factory=kwargs_row(self._device),
+            make=self._device,
         )
         assert device is not None
         return device
@@ -106,7 +104,7 @@ class TwoFactor(Core):
             "get_two_factor_device",
             {"id": device_id},
             retry=Retry.SAFE,
-            row_factory=kwargs_row(self._device),
+            make=self._device,
         )
         return device
 
@@ -120,7 +118,7 @@ class TwoFactor(Core):
             "list_two_factor_devices",
             {"user_id": parsed},
             retry=Retry.SAFE,
-            row_factory=kwargs_row(self._device),
+            make=self._device,
         )
         return devices
 
@@ -167,7 +165,7 @@ class TwoFactor(Core):
             "update_two_factor_device",
             params,
             retry=Retry.SAFE,
-            row_factory=kwargs_row(self._device),
+            make=self._device,
         )
         if device is None:
             raise NotFoundError(f"update_two_factor_device: no device {device_id}")
