@@ -146,6 +146,20 @@ def _profile(
         reused_tuples.execute(sql, {"id": x}, prepare=True)
         return reused_tuples.fetchone()
 
+    pooled_cursors: dict[Any, Any] = {}
+
+    def inline_path(x: Any) -> Any:
+        conn = pool.getconn()
+        try:
+            cur = pooled_cursors.get(conn)
+            if cur is None:
+                cur = pooled_cursors[conn] = conn.cursor()
+            cur.execute(sql, {"id": x})
+            row = cur.fetchone()
+            return None if row is None else Session(**dict(zip(names, row, strict=True)))
+        finally:
+            pool.putconn(conn)
+
     def cursor_only(x: Any) -> Any:
         with held.cursor():
             return True
@@ -168,6 +182,7 @@ def _profile(
         ("E D + Session record from the cached column names", reused_cursor_records),
         ("F held conn, REUSED cursor, tuple rows, prepare=True (floor)", reused_cursor_tuples),
         ("G cursor create + close (no query; the adapter reuses one)", cursor_only),
+        ("K B + E inline: the adapter's path without its dispatch", inline_path),
         ("H Session(**row) record build (attrs converters)", record_only),
         ("I argument validation (parse_uuid)", validation_only),
         ("J log_call with DEBUG off", log_only),
@@ -201,6 +216,8 @@ def _profile(
         f"- remainder (dispatch, retry loop, observer hook, cursor lookup):"
         f" {overhead - med['B'] - (med['E'] - med['F']) - med['I'] - med['J']:.1f} µs\n"
         f"- (not on the adapter's path: a cursor per call would add G = {med['G']:.1f} µs)\n"
+        f"- the adapter's dispatch (A - K): {med['A'] - med['K']:.1f} µs;"
+        f" its path inlined over the floor (K - F): {med['K'] - med['F']:.1f} µs\n"
     )
     profiler = cProfile.Profile()
     batch = some_ids(args.profile_calls)

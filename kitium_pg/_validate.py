@@ -13,7 +13,7 @@ import json
 import math
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from .errors import ValidationError
 
@@ -142,6 +142,40 @@ def _check_json(field: str, value: object, depth: int) -> bool:
     """Raise for what jsonb cannot hold; returns whether a float needs exact formatting."""
     if depth > JSON_DEPTH:
         raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
+    kind = type(value)
+    if kind is dict or (kind is not list and isinstance(value, Mapping)):
+        items = _checked_keys(field, cast(Mapping[object, object], value), depth)
+    elif kind is list or kind is tuple or isinstance(value, list | tuple):
+        if value and depth >= JSON_DEPTH:
+            raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
+        items = cast(Iterable[object], value)
+    else:
+        return _check_scalar(field, value)
+    exact = False
+    for item in items:
+        # Strings and integers are most of any document: checked here, without a call each.
+        cls = type(item)
+        if cls is str:
+            if "\x00" in item:  # type: ignore[operator]  # a str: cast() would cost a call
+                raise ValidationError(field, "must not contain NUL characters")
+        elif cls is not int and cls is not bool and item is not None:
+            exact |= _check_json(field, item, depth + 1)
+    return exact
+
+
+def _checked_keys(field: str, value: Mapping[object, object], depth: int) -> Iterable[object]:
+    """The values of a JSON object, after checking its keys (strings without NUL)."""
+    if value and depth >= JSON_DEPTH:
+        raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
+    for key in value:
+        if not isinstance(key, str):
+            raise ValidationError(field, "object keys must be strings")
+        if "\x00" in key:
+            raise ValidationError(field, "must not contain NUL characters")
+    return value.values()
+
+
+def _check_scalar(field: str, value: object) -> bool:
     if isinstance(value, str):
         if "\x00" in value:
             raise ValidationError(field, "must not contain NUL characters")
@@ -149,19 +183,6 @@ def _check_json(field: str, value: object, depth: int) -> bool:
         if not math.isfinite(value):
             raise ValidationError(field, "must not contain NaN or Infinity")
         return "e" in repr(value)
-    elif isinstance(value, Mapping):
-        exact = False
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValidationError(field, "object keys must be strings")
-            _check_json(field, key, depth + 1)
-            exact |= _check_json(field, item, depth + 1)
-        return exact
-    elif isinstance(value, list | tuple):
-        exact = False
-        for item in value:
-            exact |= _check_json(field, item, depth + 1)
-        return exact
     elif value is not None and not isinstance(value, bool | int):
         raise ValidationError(field, f"is not JSON-serialisable ({type(value).__name__})")
     return False
@@ -217,7 +238,7 @@ def json_object(field: str, value: object) -> tuple[Mapping[str, Any], bool]:
     lone surrogates are left to the caller's serialisation (``json_text`` checks both)."""
     if value is None:
         return {}, False
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):  # dict: skip the ABC check
         raise ValidationError(field, "must be a JSON object (a dict)")
     return value, _check_json(field, value, 0)
 
@@ -238,7 +259,7 @@ EVENT_KEYS: Final = frozenset({"type", "principal_id", "data", "org_id", "timest
 def event_keys(field: str, event: object, *, required: Iterable[str]) -> Mapping[str, Any]:
     """``event`` if it is a dict of audit-event fields (``EVENT_KEYS``) with the ``required``
     ones; errors name ``field`` (unknown keys) or ``field.key`` (missing ones)."""
-    if not isinstance(event, Mapping):
+    if type(event) is not dict and not isinstance(event, Mapping):  # dict: skip the ABC check
         raise ValidationError(field, "must be a dict")
     if not event.keys() <= EVENT_KEYS:
         unknown = [key for key in event if key not in EVENT_KEYS]

@@ -1,0 +1,103 @@
+"""The JSON checks of kitium_pg._validate: the fast checker against a plain definition."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kitium_pg import ValidationError
+from kitium_pg import _validate as v
+
+
+def reference(value: object, depth: int = 0) -> bool:
+    """What jsonb can hold, written the obvious way (every node one recursive call); returns
+    whether a float needs exact formatting and raises ValueError otherwise."""
+    if depth > v.JSON_DEPTH:
+        raise ValueError("too deep")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("NUL")
+        return False
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("not finite")
+        return "e" in repr(value)
+    if isinstance(value, Mapping):
+        exact = False
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError("key")
+            reference(key, depth + 1)
+            exact |= reference(item, depth + 1)
+        return exact
+    if isinstance(value, list | tuple):
+        exact = False
+        for item in value:
+            exact |= reference(item, depth + 1)
+        return exact
+    if value is None or isinstance(value, bool | int):
+        return False
+    raise ValueError("type")
+
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),  # NaN and infinities included
+    st.text(max_size=8),  # NUL included
+    st.sampled_from([b"x", 1j, object()]),  # not JSON
+)
+keys = st.one_of(st.text(max_size=4), st.integers(0, 3), st.none())
+documents = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(keys, inner, max_size=3),
+    ),
+    max_leaves=40,
+)
+
+
+def nested(depth: int, leaf: object) -> object:
+    for n in range(depth):
+        leaf = {"x": leaf} if n % 2 else [leaf]
+    return leaf
+
+
+@settings(max_examples=400)
+@given(documents)
+def test_the_fast_checker_agrees_with_the_plain_definition(value: Any) -> None:
+    try:
+        expected: bool | None = reference(value)
+    except ValueError:
+        expected = None
+    field = None
+    try:
+        found: bool | None = v._check_json("data", value, 0)
+    except ValidationError as exc:
+        found, field = None, exc.field
+    assert found == expected
+    assert field == (None if expected is not None else "data")
+
+
+@pytest.mark.parametrize("depth", [v.JSON_DEPTH - 1, v.JSON_DEPTH, v.JSON_DEPTH + 1])
+@pytest.mark.parametrize("leaf", [{}, [], "s", 1, 1.5, 3.6e16])
+def test_nesting_limit_matches_the_plain_definition(depth: int, leaf: object) -> None:
+    value = nested(depth, leaf)
+    try:
+        expected: bool | None = reference(value)
+    except ValueError:
+        expected = None
+    try:
+        found: bool | None = v._check_json("data", value, 0)
+    except ValidationError:
+        found = None
+    assert found == expected
+    assert (expected is None) == (depth > v.JSON_DEPTH)  # the leaf sits at depth ``depth``
