@@ -56,6 +56,7 @@ from typing import Any, Final, TextIO
 import psycopg
 import psycopg_pool
 
+from . import _sql
 from ._async.adapter import AsyncPostgresStorageAdapter
 from ._sync.adapter import PostgresStorageAdapter
 from .embedded import EmbeddedPostgres
@@ -628,12 +629,8 @@ class Injector(threading.Thread):
         with self._admin() as conn:
             # Every client backend on our own server; only this run's on a given database.
             row = conn.execute(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))"
-                "  FROM pg_stat_activity"
-                " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-                "   AND datname = current_database()"
-                "   AND (%(all)s OR application_name = %(app)s)",
-                {"all": self.server is not None, "app": self.app_name},
+                _SQL["chaos_terminate_backends"].sql,
+                {"all_clients": self.server is not None, "app": self.app_name},
             ).fetchone()
         self.world.recovery.back()
         self.counts["terminate"] += 1
@@ -662,11 +659,9 @@ class Injector(threading.Thread):
     def _locks(self) -> None:
         hot = list(self.world.hot_users)
         with self._admin() as conn:
-            conn.execute("SET lock_timeout = '5s'")
+            conn.execute(_SQL["chaos_lock_timeout"].sql)
             with conn.transaction():
-                conn.execute(
-                    "SELECT id FROM kitium_auth.users WHERE id = ANY(%s) FOR UPDATE", [hot]
-                )
+                conn.execute(_SQL["chaos_lock_users"].sql, {"ids": hot})
                 time.sleep(self.lock_hold_s)
             self.counts["locks"] += 1
             self.counts["row_locks"] += 1
@@ -674,7 +669,7 @@ class Injector(threading.Thread):
                 return
             self.stop.wait(self.rng.uniform(0.2, 0.8))
             with conn.transaction():
-                conn.execute("LOCK TABLE kitium_auth.sessions IN ACCESS EXCLUSIVE MODE")
+                conn.execute(_SQL["chaos_lock_sessions_table"].sql)
                 time.sleep(self.lock_hold_s)
             self.counts["locks"] += 1
             self.counts["table_locks"] += 1
@@ -750,7 +745,7 @@ def _read_back(dsn: str, run: str, ledger: Ledger) -> Verdict:
                     return True
                 with psycopg.connect(dsn, autocommit=True) as own:
                     row = own.execute(
-                        "SELECT count(*) FROM kitium_auth.sessions WHERE id = %s", [session_id]
+                        _SQL["chaos_session_count"].sql, {"id": session_id}
                     ).fetchone()
                 return bool(row and row[0] == 1)
 
@@ -770,24 +765,21 @@ def _read_back(dsn: str, run: str, ledger: Ledger) -> Verdict:
 
             stored = {
                 row[0]
-                for row in conn.execute(
-                    "SELECT id FROM kitium_auth.auth_events WHERE id = ANY(%s)", [ledger.events]
-                )
+                for row in conn.execute(_SQL["chaos_stored_events"].sql, {"ids": ledger.events})
             }
             check("events", ledger.events, lambda i: i in stored)
             batch = {
                 row[0]
                 for row in conn.execute(
-                    "SELECT data->>'seq' FROM kitium_auth.auth_events"
-                    " WHERE type = %s AND principal_id LIKE %s",
-                    [BATCH_TYPE, f"{run}:%"],
+                    _SQL["chaos_batch_event_seqs"].sql,
+                    {"type": BATCH_TYPE, "principal_like": f"{run}:%"},
                 )
             }
             check("batch_events", ledger.batch_seqs, lambda s: s in batch)
 
             like = f"{run}:%"
-            for kind, sql in _DUPLICATE_QUERIES.items():
-                row = conn.execute(sql, {"like": like}).fetchone()
+            for kind, name in _DUPLICATE_QUERIES.items():
+                row = conn.execute(_SQL[name].sql, {"like": like}).fetchone()
                 extra = int(row[0]) if row and row[0] is not None else 0
                 if extra:
                     verdict.duplicated[kind] += extra
@@ -797,22 +789,17 @@ def _read_back(dsn: str, run: str, ledger: Ledger) -> Verdict:
     return verdict
 
 
-# Extra rows per natural key: every create carries a unique "chaos" key (per call, not per
-# attempt) in metadata or data; users also have their email.
+# Extra rows per natural key (queries/chaos.sql), by the kind of row they count.
 _DUPLICATE_QUERIES: Final = {
-    "users_by_email": "SELECT count(*) - count(DISTINCT lower(email)) FROM kitium_auth.users"
-    " WHERE metadata->>'chaos' LIKE %(like)s",
-    "users_by_key": "SELECT count(*) - count(DISTINCT metadata->>'chaos') FROM kitium_auth.users"
-    " WHERE metadata->>'chaos' LIKE %(like)s",
-    "sessions": "SELECT count(*) - count(DISTINCT metadata->>'chaos') FROM kitium_auth.sessions"
-    " WHERE metadata->>'chaos' LIKE %(like)s",
-    "api_keys": "SELECT count(*) - count(DISTINCT metadata->>'chaos') FROM kitium_auth.api_keys"
-    " WHERE metadata->>'chaos' LIKE %(like)s",
-    "email_tokens": "SELECT count(*) - count(DISTINCT metadata->>'chaos')"
-    " FROM kitium_auth.email_verification_tokens WHERE metadata->>'chaos' LIKE %(like)s",
-    "events": "SELECT count(*) - count(DISTINCT (type, principal_id, data->>'seq'))"
-    " FROM kitium_auth.auth_events WHERE principal_id LIKE %(like)s",
+    "users_by_email": "chaos_duplicate_users_by_email",
+    "users_by_key": "chaos_duplicate_users_by_key",
+    "sessions": "chaos_duplicate_sessions",
+    "api_keys": "chaos_duplicate_api_keys",
+    "email_tokens": "chaos_duplicate_email_tokens",
+    "events": "chaos_duplicate_events",
 }
+# The harness's own statements, run on its own connections (never through the adapter).
+_SQL: Final = _sql.queries()
 
 
 # -- the run ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 QUERY_FILES = sorted((ROOT / "queries").glob("*.sql"))
 NAME_RE = re.compile(r"^-- name: (\w+)(?:\(([\w, ]*)\)([\^$!]?)|#)$")
 TABLE_REF_RE = re.compile(
-    r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+(?!kitium_auth\.)([a-z_]+)\b(?!\s*\()"
+    r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+(?!kitium_auth\.|pg_catalog\.)([a-z_]+)\b(?!\s*\()"
 )
 # Names that may follow FROM/JOIN without a schema: CTE names and set-returning functions.
 LOCAL_NAMES = {
