@@ -1,9 +1,9 @@
 """Typed, frozen records returned by the adapters.
 
-Rows are bound straight from psycopg into these classes (``class_row``), so the field names are
-the column names of ``queries/``. Instants are timezone-aware UTC; JSON columns come back as plain
-dicts and lists (left out of ``hash``, so records stay hashable); digests and other secrets are
-kept out of ``repr``.
+Rows are bound by column name (``Record(**columns)``, names cached per query), so the field
+names are the column names of ``queries/``. Instants are timezone-aware UTC; JSON columns come
+back as plain dicts and lists (left out of ``hash``, so records stay hashable); digests and
+other secrets are kept out of ``repr``.
 """
 
 from __future__ import annotations
