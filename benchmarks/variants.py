@@ -151,11 +151,10 @@ def sign_in_params(x: Login) -> dict[str, Any]:
 
 def emit_events_params(events: Sequence[Mapping[str, Any]], sql: str) -> dict[str, Any]:
     """The parameters of the adapter's ``emit_events`` query, in whichever shape its SQL takes:
-    one jsonb document of the batch (``:batch``, with ``:count`` or ``:ids``) or parallel arrays
-    (``:types``, ``:datas``…)."""
+    one jsonb document of the batch (``:batch`` and ``:count``) or parallel arrays (``:types``,
+    ``:datas``…)."""
     ids = [new_id_text() for _ in events]
-    names = _placeholders(sql)
-    if "batch" in names:
+    if "batch" in _placeholders(sql):
         document = [
             {
                 "id": event_id,
@@ -167,12 +166,7 @@ def emit_events_params(events: Sequence[Mapping[str, Any]], sql: str) -> dict[st
             }
             for event_id, e in zip(ids, events, strict=True)
         ]
-        params: dict[str, Any] = {"batch": _json_list(document)}
-        if "count" in names:
-            params["count"] = len(events)
-        if "ids" in names:
-            params["ids"] = [uuid.UUID(i) for i in ids]
-        return params
+        return {"batch": _json_list(document), "count": len(events)}
     return {
         "ids": [uuid.UUID(i) for i in ids],
         "types": [e["type"] for e in events],

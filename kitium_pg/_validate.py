@@ -288,12 +288,22 @@ def event_fields(
     org_id: object,
     timestamp: object,
 ) -> dict[str, Any]:
-    """The checked columns of one audit event; fields are named ``prefix + name`` in errors."""
+    """The checked columns of one audit event, ``data`` serialised; fields are named
+    ``prefix + name`` in errors."""
+    fields = event_scalars(prefix, type, principal_id, org_id, timestamp)
+    fields["data"] = json_text(prefix + "data", data)
+    return fields
+
+
+def event_scalars(
+    prefix: str, type: object, principal_id: object, org_id: object, timestamp: object
+) -> dict[str, Any]:
+    """The checked columns of one audit event but ``data`` (``type``, ``principal_id``,
+    ``org_id``, ``ts``); fields are named ``prefix + name`` in errors."""
     return {
         "type": text(prefix + "type", type),
         "principal_id": text_id(prefix + "principal_id", principal_id),
         "org_id": None if org_id is None else text_id(prefix + "org_id", org_id),
-        "data": json_text(prefix + "data", data),
         "ts": opt_timestamp(prefix + "timestamp", timestamp),
     }
 

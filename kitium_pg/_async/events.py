@@ -80,16 +80,17 @@ class AsyncEvents(AsyncCore):
         for index, event in enumerate(batch):
             prefix = f"events[{index}]."
             v.event_keys(f"events[{index}]", event, required=_REQUIRED_KEYS)
+            row = v.event_scalars(
+                prefix,
+                event["type"],
+                event["principal_id"],
+                event.get("org_id"),
+                event.get("timestamp"),
+            )
             data, exact = v.json_object(prefix + "data", event["data"])
-            org_id = event.get("org_id")
-            ts = v.opt_timestamp(prefix + "timestamp", event.get("timestamp"))
-            row: dict[str, Any] = {
-                "id": new_id_text(),
-                "type": v.text(prefix + "type", event["type"]),
-                "principal_id": v.text_id(prefix + "principal_id", event["principal_id"]),
-                "org_id": None if org_id is None else v.text_id(prefix + "org_id", org_id),
-                "ts": None if ts is None else ts.isoformat(),
-            }
+            row["id"] = new_id_text()
+            if row["ts"] is not None:
+                row["ts"] = row["ts"].isoformat()
             if exact:
                 head = v.json_document(row)
                 assert head is not None  # checked strings and None only

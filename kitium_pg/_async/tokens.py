@@ -23,7 +23,7 @@ from .. import _validate as v
 from .._base import Consistency, Retry
 from ..records import ApiKey, IssuedApiKey, IssuedSession, Session
 from .api_keys import AsyncApiKeys
-from .sessions import AsyncSessions, _new_session_params, login_event_params
+from .sessions import AsyncSessions, _session_insert
 
 
 def _stamp_due(record: ApiKey) -> bool:
@@ -58,13 +58,16 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
         the SHA-256 digest of its secret is stored. Raises like ``create_session``; retry-safe
         for the same reason (ids made up front)."""
         secret = secrets.token_urlsafe(32)
-        params = _new_session_params(
-            user_id, expires_at, org_id, plan, entitlements, metadata, token_hash=_digest(secret)
+        name, params = _session_insert(
+            user_id,
+            expires_at,
+            org_id,
+            plan,
+            entitlements,
+            metadata,
+            event,
+            token_hash=_digest(secret),
         )
-        name = "create_session"
-        if event is not None:
-            params.update(login_event_params(event, params["user_id"]))
-            name = "create_session_with_event"
         session = await self._one(name, params, Session, retry=Retry.SAFE)
         assert session is not None
         return IssuedSession(session=session, token=f"{session.id}.{secret}")

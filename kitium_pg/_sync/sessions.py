@@ -44,11 +44,9 @@ class Sessions(Core):
         the ids are generated before the first attempt, so a retry after a lost acknowledgement
         returns the same row and writes no second event.
         """
-        params = _new_session_params(user_id, expires_at, org_id, plan, entitlements, metadata)
-        name = "create_session"
-        if event is not None:
-            params.update(login_event_params(event, params["user_id"]))
-            name = "create_session_with_event"
+        name, params = _session_insert(
+            user_id, expires_at, org_id, plan, entitlements, metadata, event
+        )
         session = self._one(name, params, Session, retry=Retry.SAFE)
         assert session is not None
         return session
@@ -151,31 +149,20 @@ class Sessions(Core):
         return self._exec("delete_user_sessions", {"user_id": parsed}, retry=Retry.SAFE)
 
 
-def login_event_params(event: object, user_id: uuid.UUID) -> dict[str, Any]:
-    """The ``event_*`` parameters of ``create_session_with_event`` for a session's ``event``."""
-    fields = v.event_keys("event", event, required=("type",))
-    checked = v.event_fields(
-        "event.",
-        fields["type"],
-        fields.get("principal_id", user_id),
-        fields.get("data"),
-        fields.get("org_id"),
-        fields.get("timestamp"),
-    )
-    return {f"event_{name}": value for name, value in checked.items()} | {"event_id": new_id()}
-
-
-def _new_session_params(
+def _session_insert(
     user_id: uuid.UUID | str,
     expires_at: dt.datetime,
     org_id: uuid.UUID | str | None,
     plan: str | None,
     entitlements: Iterable[str],
     metadata: dict[str, Any] | None,
+    event: Mapping[str, Any] | None,
     token_hash: bytes | None = None,
-) -> dict[str, Any]:
-    """Validated parameters of ``create_session`` (shared with ``issue_session_token``)."""
-    return {
+) -> tuple[str, dict[str, Any]]:
+    """The query that creates a session (``create_session``, or ``create_session_with_event``
+    when ``event`` is given) and its validated parameters; shared with
+    ``issue_session_token``."""
+    params = {
         "id": new_id(),
         "user_id": v.uuid_arg("user_id", user_id),
         "org_id": v.opt_uuid_arg("org_id", org_id),
@@ -185,3 +172,16 @@ def _new_session_params(
         "expires_at": v.timestamp("expires_at", expires_at),
         "token_hash": token_hash,
     }
+    if event is None:
+        return "create_session", params
+    fields = v.event_keys("event", event, required=("type",))
+    checked = v.event_fields(
+        "event.",
+        fields["type"],
+        fields.get("principal_id", params["user_id"]),
+        fields.get("data"),
+        fields.get("org_id"),
+        fields.get("timestamp"),
+    )
+    params.update({f"event_{key}": value for key, value in checked.items()}, event_id=new_id())
+    return "create_session_with_event", params
