@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 import psycopg
 from psycopg.rows import dict_row
 
-from benchmarks import log, seed
+from benchmarks import cpus, log, seed
 from benchmarks.run import Candidate, measure
 from benchmarks.variants import connection_kwargs
 from kitium_pg import PostgresStorageAdapter, Session, _sql
@@ -56,6 +56,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--calls", type=int, default=300, help="calls per piece per round")
     parser.add_argument("--profile-calls", type=int, default=5000, help="calls under cProfile")
+    parser.add_argument(
+        "--cpu-layout",
+        choices=cpus.LAYOUTS,
+        default="split",
+        help="where the client and the server run while the pieces are timed (see"
+        " benchmarks/cpus.py); a --dsn server that is not a local process is left unpinned",
+    )
     parser.add_argument(
         "--py-spy",
         type=Path,
@@ -190,14 +197,25 @@ def _profile(
     for _, fn in pieces:  # past psycopg's prepare threshold on every connection
         for x in some_ids(10):
             fn(x)
-    samples = measure(
-        runner,
-        [Candidate(label, False, fn, some_ids) for label, fn in pieces],
-        rounds=args.rounds,
-        calls=args.calls,
-        warmup=20,
-        batch_seconds=0.3,
-    )
+    available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        postmaster = cpus.find_postmaster(conn)
+    with cpus.pinned(cpus.plan(args.cpu_layout, available), postmaster, dsn) as applied:
+        samples = measure(
+            runner,
+            [Candidate(label, False, fn, some_ids) for label, fn in pieces],
+            rounds=args.rounds,
+            calls=args.calls,
+            warmup=20,
+            batch_seconds=0.3,
+        )
+    if applied["layout"] == "os":
+        print(f"CPU layout: not pinned ({applied['reason']}).\n")
+    else:
+        print(
+            f"CPU layout: {applied['layout']}, client on CPU {applied['client_cpus']},"
+            f" server on CPU {applied['server_cpus']} (see cpu_layout.md).\n"
+        )
     med = {label.split()[0]: s.median_us for label, s in samples.items()}
     print("## get_session, kitium-sync: the pieces (median µs per call, interleaved)\n")
     print("| piece | median µs | p95 µs |\n|---|---|---|")

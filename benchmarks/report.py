@@ -29,6 +29,9 @@ TARGET_ASYNCPG_RATIO = 1.3
 TARGET_EVENTS_PER_S = 20_000
 TARGET_SCALING_RATIO = 1.3
 TARGET_BATCH_MS = 100.0
+# "Concurrent get_session calls keep their latency while the purge runs": their median during
+# the purge at most this many times their median just before it, with nothing else running.
+TARGET_READER_RATIO = 1.5
 
 
 # -- derived figures ---------------------------------------------------------------------------
@@ -163,6 +166,15 @@ def _targets(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
                     "limit": TARGET_BATCH_MS,
                     "ok": m["longest_batch_ms"] < TARGET_BATCH_MS,
                 }
+            if m and m.get("reader_during"):
+                ratio = m["reader_during"]["median_us"] / m["reader_idle"]["median_us"]
+                yield {
+                    "target": f"get_session during the purge ≤ {TARGET_READER_RATIO:g}× idle",
+                    "subject": f"delete_expired_sessions {name}: concurrent get_session median",
+                    "value": ratio,
+                    "limit": TARGET_READER_RATIO,
+                    "ok": ratio <= TARGET_READER_RATIO,
+                }
 
 
 # -- Markdown ----------------------------------------------------------------------------------
@@ -216,6 +228,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"start {' / '.join(f'{x:.2f}' for x in load)}; end"
                 f" {' / '.join(f'{x:.2f}' for x in load_end)}",
             ],
+            ["CPU layout while measuring latencies", _layout(results)],
             ["kitium-pg checkout", str(m.get("git_commit"))],
             [
                 "packages",
@@ -353,6 +366,11 @@ def _delete_table(delete: dict[str, Any]) -> list[str]:
         " primary-key index scan per batch; `IN` leaves the planner free to pick a hash"
         " semi-join over a sequential scan of the whole table, and it does on mid-sized tables.",
         "",
+        "While each purge runs, a thread of the benchmark calls kitium-sync `get_session` on"
+        " live sessions once every 2 ms on a connection of its own, as an application keeps"
+        " serving requests; the same reader just before the purge, with nothing else running,"
+        " gives the idle figures.",
+        "",
     ]
     rows = []
     for name, m in delete["measured"].items():
@@ -367,6 +385,7 @@ def _delete_table(delete: dict[str, Any]) -> list[str]:
                 f"{m['median_batch_ms']:.1f}",
                 f"{m['first_batch_ms']:.1f} / {m['last_batch_ms']:.1f}",
                 _x(m.get("ratio_raw")),
+                _reader(m),
             ]
         )
     out += _table(
@@ -380,6 +399,7 @@ def _delete_table(delete: dict[str, Any]) -> list[str]:
             "median ms",
             "first / last ms",
             "÷ raw-psycopg",
+            "concurrent get_session µs: idle → during (median; p95)",
         ],
         rows,
     )
@@ -392,6 +412,17 @@ def _delete_table(delete: dict[str, Any]) -> list[str]:
             out.append(f"Not run for {names}: {reason}.")
         out.append("")
     return out
+
+
+def _reader(m: dict[str, Any]) -> str:
+    idle, during = m.get("reader_idle"), m.get("reader_during")
+    if not idle or not during:
+        return "—"
+    return (
+        f"{_us(idle['median_us'])} → {_us(during['median_us'])}"
+        f" ({during['median_us'] / idle['median_us']:.2f}×);"
+        f" {_us(idle['p95_us'])} → {_us(during['p95_us'])}"
+    )
 
 
 def _scaling_table(scaling: dict[str, Any]) -> list[str]:
@@ -433,6 +464,26 @@ def _targets_section(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _layout(results: dict[str, Any]) -> str:
+    applied = results.get("cpu_layout") or {}
+    if not applied:
+        return f"{results['config'].get('cpu_layout', 'os')} (no section pinned)"
+    parts = []
+    for section, a in applied.items():
+        if a["layout"] == "os":
+            parts.append(f"{section}: not pinned ({a['reason']})")
+        else:
+            parts.append(
+                f"{section}: {a['layout']}, client on CPU {_cpus(a['client_cpus'])},"
+                f" server on CPU {_cpus(a['server_cpus'])}"
+            )
+    return "; ".join(parts) + "; delete: not pinned"
+
+
+def _cpus(cpus: list[int]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
 def _method() -> list[str]:
     return [
         "## Method",
@@ -441,6 +492,12 @@ def _method() -> list[str]:
         " in an order rotated by r, so noise from the (shared) machine hits all alike. Medians"
         " and p95 are over all timed calls; inputs are drawn at random from the seeded rows"
         " before each batch (outside the timing).",
+        "- Latencies are measured with the client and every server process pinned to"
+        " CPUs of their own (`--cpu-layout split`, see the machine table): left to the"
+        " scheduler, one connection's backend may share the client's CPU and another's not,"
+        " and the same statement then runs 25 µs on one connection and 70 µs on the other"
+        " (benchmarks/results/cpu_layout.md), which would put the scheduler's choice into"
+        " every ratio.",
         "- raw-psycopg / raw-psycopg-async execute the adapter's own SQL text"
         " (`kitium_pg._sql.queries()[name].sql`) on ONE reused cursor with `prepare=True` and"
         " tuple rows, with the adapter's session settings; raw-asyncpg runs the same SQL with"

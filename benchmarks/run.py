@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import gc
 import importlib.util
 import math
@@ -31,6 +32,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -43,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 
 import psycopg
 
-from benchmarks import log, report, seed
+from benchmarks import cpus, log, report, seed
 from benchmarks.variants import (
     BACKUP_CODES,
     EVENTS_PER_BATCH,
@@ -105,6 +107,11 @@ DELETE_SKIP = (
     " SQLAlchemy variant), each on its own freshly seeded expired rows"
 )
 SECTIONS = ("ops", "login", "delete", "scaling")
+# The request load next to each purge: one get_session every READER_PAUSE_S, timed, on its own
+# connection; first READER_IDLE_S seconds of it with nothing else running, for comparison.
+READER_PAUSE_S = 0.002
+READER_IDLE_S = 3.0
+READER_IDLE_S_QUICK = 0.5
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -132,6 +139,7 @@ class Config:
     out: Path
     keep_schema: bool
     seed: int
+    cpu_layout: str
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -229,6 +237,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument(
         "--seed", type=int, default=20240601, help="random seed of the data (default 20240601)"
     )
+    parser.add_argument(
+        "--cpu-layout",
+        choices=cpus.LAYOUTS,
+        help="where the client and the server run while latencies are measured (Linux):"
+        " split = client on the first CPU, every server process on the others; shared = both"
+        " on the first CPU; os = no pinning (default: split with the embedded server, os with"
+        " --dsn, whose server may not be this machine's or yours to pin); the purge section is"
+        " never pinned (its reader and purge need CPUs of their own)",
+    )
     args = parser.parse_args(argv)
 
     def pick(value: int | float | None, full: int | float, quick: int | float) -> Any:
@@ -262,6 +279,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         out=args.out,
         keep_schema=args.keep_schema,
         seed=args.seed,
+        cpu_layout=args.cpu_layout or ("os" if args.dsn else "split"),
     )
     if config.users < 10 or config.sessions < 10 or config.api_keys < 10:
         parser.error("--users, --sessions and --api-keys must be at least 10")
@@ -389,6 +407,68 @@ def measure(
     return samples
 
 
+class PacedReader:
+    """The requests an application keeps serving while a purge runs: ``get_session`` on live
+    sessions, one call every ``pause`` seconds from a thread of its own, through a kitium-sync
+    adapter with one connection; every call is timed."""
+
+    def __init__(self, dsn: str, schema: str, ids: Sequence[Any], seed: int, pause: float) -> None:
+        self.storage = PostgresStorageAdapter(dsn, schema=schema, min_size=1, max_size=1)
+        self.storage.connect(migrate=False)
+        self.ids = ids
+        self.rng = random.Random(seed)
+        self.pause = pause
+
+    def close(self) -> None:
+        self.storage.disconnect()
+
+    def alongside(self, work: Callable[[], Any]) -> tuple[Any, Samples]:
+        """Run ``work()`` in this thread while the reader reads; returns its result and the
+        reader's samples. A reader call that fails or finds nothing fails the run."""
+        stop = threading.Event()
+        samples = Samples()
+        failure: list[BaseException] = []
+        clock = time.perf_counter_ns
+
+        def read() -> None:
+            try:
+                while True:  # at least one call, however short the work
+                    x = self.ids[self.rng.randrange(len(self.ids))]
+                    started = clock()
+                    found = self.storage.get_session(x)
+                    samples.ns.append(clock() - started)
+                    if found is None:
+                        raise RuntimeError(f"reader: live session {x} not found")
+                    if stop.wait(self.pause):
+                        return
+            except BaseException as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=read, name="kitium-bench-reader", daemon=True)
+        thread.start()
+        try:
+            result = work()
+        finally:
+            stop.set()
+            thread.join()
+        if failure:
+            raise RuntimeError("the concurrent get_session reader failed") from failure[0]
+        return result, samples
+
+    def idle(self, seconds: float) -> Samples:
+        """The reader's samples over ``seconds`` with nothing else running."""
+        return self.alongside(lambda: time.sleep(seconds))[1]
+
+
+def reader_summary(samples: Samples) -> dict[str, Any]:
+    return {
+        "median_us": samples.median_us,
+        "p95_us": samples.p95_us,
+        "max_us": max(samples.ns) / 1000,
+        "n": len(samples.ns),
+    }
+
+
 # -- inputs ------------------------------------------------------------------------------------
 
 
@@ -480,6 +560,7 @@ class Run:
     skipped_variants: dict[str, str] = field(default_factory=dict)
     data: seed.Dataset | None = None
     results: dict[str, Any] = field(default_factory=dict)
+    postmaster: int | None = None
 
     def admin(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn, autocommit=True)
@@ -500,6 +581,20 @@ class Run:
             self.schema = "kitium_bench"
             where = f"an embedded server in {self.data_dir}"
         log(f"PostgreSQL: {where}; schema {self.schema}")
+        if self.config.cpu_layout != "os":
+            with self.admin() as conn:
+                self.postmaster = cpus.find_postmaster(conn)
+            if self.postmaster is None:
+                log(f"CPU layout {self.config.cpu_layout}: the server is not a local process")
+
+    def measure(self, section: str, candidates: Sequence[Candidate], **kwargs: Any) -> Any:
+        """``measure(...)`` with the client and server pinned per ``--cpu-layout``; records
+        the layout applied under ``results["cpu_layout"][section]``."""
+        available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        layout = cpus.plan(self.config.cpu_layout, available)
+        with cpus.pinned(layout, self.postmaster, self.dsn) as applied:
+            self.results.setdefault("cpu_layout", {})[section] = applied
+            return measure(self.runner, candidates, **kwargs)
 
     def migrate(self, schema: str) -> None:
         with self.admin() as conn:
@@ -631,8 +726,8 @@ class Run:
                 candidates.append(Candidate(name, variant.is_async, fn, inputs.maker(op)))
             started = time.perf_counter()
             batch_op = op == "emit_events"
-            samples = measure(
-                self.runner,
+            samples = self.measure(
+                "ops",
                 candidates,
                 rounds=c.rounds,
                 calls=max(2, c.calls // 10) if batch_op else c.calls,
@@ -692,8 +787,8 @@ class Run:
             notes[label] = note
         if not candidates:
             return
-        samples = measure(
-            self.runner,
+        samples = self.measure(
+            "login",
             candidates,
             rounds=c.rounds,
             calls=c.calls,
@@ -728,6 +823,17 @@ class Run:
         if self.server is not None:
             os.sync()
 
+    def timed_purge(
+        self, is_async: bool, maint: Callable[[int], Any]
+    ) -> tuple[int, list[float], float]:
+        """One variant's whole purge: rows deleted, seconds per statement, total seconds."""
+        started = time.perf_counter()
+        if is_async:
+            deleted, batches = self.runner.run(maint(self.config.batch_size))
+        else:
+            deleted, batches = maint(self.config.batch_size)
+        return deleted, batches, time.perf_counter() - started
+
     def run_delete(self) -> None:
         assert self.data is not None
         c = self.config
@@ -738,55 +844,65 @@ class Run:
             if name not in owners:
                 skipped[name] = DELETE_SKIP
         adapter_sql = _sql.queries(self.schema)["delete_expired_sessions"].sql
-        for label, name, method in DELETE_PLAN:
-            if name not in c.variants:
-                continue
-            if label == "raw-psycopg+any-array" and "ANY (ARRAY(" in adapter_sql:
-                skipped[label] = "the adapter's own statement already selects = ANY (ARRAY(...))"
-                continue
-            variant = self.variants.get(name)
-            if variant is None:
-                skipped[label] = self.skipped_variants.get(name, "variant not selected")
-                continue
-            with self.admin() as conn:
-                seed_s = seed.seed_expired_sessions(
-                    conn, self.schema, self.data.user_ids, c.expired, c.seed + len(measured)
+        reader = PacedReader(self.dsn, self.schema, self.data.session_ids, c.seed, READER_PAUSE_S)
+        try:
+            for label, name, method in DELETE_PLAN:
+                if name not in c.variants:
+                    continue
+                if label == "raw-psycopg+any-array" and "ANY (ARRAY(" in adapter_sql:
+                    skipped[label] = (
+                        "the adapter's own statement already selects = ANY (ARRAY(...))"
+                    )
+                    continue
+                variant = self.variants.get(name)
+                if variant is None:
+                    skipped[label] = self.skipped_variants.get(name, "variant not selected")
+                    continue
+                with self.admin() as conn:
+                    seed_s = seed.seed_expired_sessions(
+                        conn, self.schema, self.data.user_ids, c.expired, c.seed + len(measured)
+                    )
+                    seed.vacuum(conn, self.schema, ("sessions",))
+                    self.settle(conn)
+                log(
+                    f"delete_expired_sessions/{label}: seeded {c.expired} expired rows"
+                    f" in {seed_s:.1f} s"
                 )
-                seed.vacuum(conn, self.schema, ("sessions",))
-                self.settle(conn)
-            log(
-                f"delete_expired_sessions/{label}: seeded {c.expired} expired rows"
-                f" in {seed_s:.1f} s"
-            )
-            maint = getattr(variant, method)
-            started = time.perf_counter()
-            if variant.is_async:
-                deleted, batches = self.runner.run(maint(c.batch_size))
-            else:
-                deleted, batches = maint(c.batch_size)
-            total_s = time.perf_counter() - started
-            with self.admin() as conn:
-                seed.vacuum(conn, self.schema, ("sessions",))
-            ordered = sorted(batches)
-            measured[label] = {
-                "rows": deleted,
-                "expected_rows": c.expired,
-                "seed_s": seed_s,
-                "total_s": total_s,
-                "rows_per_s": deleted / total_s if total_s else None,
-                "batches": len(batches),
-                "batch_size": c.batch_size if len(batches) > 1 else None,
-                "longest_batch_ms": ordered[-1] * 1000 if ordered else None,
-                "median_batch_ms": ordered[len(ordered) // 2] * 1000 if ordered else None,
-                "first_batch_ms": batches[0] * 1000 if batches else None,
-                "last_batch_ms": batches[-1] * 1000 if batches else None,
-                "batch_ms": [round(b * 1000, 2) for b in batches] if len(batches) <= 2000 else None,
-                "is_async": variant.is_async,
-            }
-            log(
-                f"delete_expired_sessions/{label}: {deleted} rows in {total_s:.2f} s,"
-                f" {len(batches)} statements, longest {measured[label]['longest_batch_ms']:.1f} ms"
-            )
+                maint = getattr(variant, method)
+                idle = reader.idle(READER_IDLE_S_QUICK if c.quick else READER_IDLE_S)
+                (deleted, batches, total_s), during = reader.alongside(
+                    functools.partial(self.timed_purge, variant.is_async, maint)
+                )
+                with self.admin() as conn:
+                    seed.vacuum(conn, self.schema, ("sessions",))
+                ordered = sorted(batches)
+                measured[label] = {
+                    "rows": deleted,
+                    "expected_rows": c.expired,
+                    "seed_s": seed_s,
+                    "total_s": total_s,
+                    "rows_per_s": deleted / total_s if total_s else None,
+                    "batches": len(batches),
+                    "batch_size": c.batch_size if len(batches) > 1 else None,
+                    "longest_batch_ms": ordered[-1] * 1000 if ordered else None,
+                    "median_batch_ms": ordered[len(ordered) // 2] * 1000 if ordered else None,
+                    "first_batch_ms": batches[0] * 1000 if batches else None,
+                    "last_batch_ms": batches[-1] * 1000 if batches else None,
+                    "batch_ms": [round(b * 1000, 2) for b in batches]
+                    if len(batches) <= 2000
+                    else None,
+                    "is_async": variant.is_async,
+                    "reader_idle": reader_summary(idle),
+                    "reader_during": reader_summary(during),
+                }
+                log(
+                    f"delete_expired_sessions/{label}: {deleted} rows in {total_s:.2f} s,"
+                    f" {len(batches)} statements, longest {max(batches, default=0) * 1000:.1f} ms;"
+                    f" concurrent get_session median {idle.median_us:.0f} µs idle,"
+                    f" {during.median_us:.0f} µs during"
+                )
+        finally:
+            reader.close()
         self.results["delete"] = {
             "measured": measured,
             "skipped": skipped,
@@ -815,8 +931,8 @@ class Run:
                     Candidate(str(n), False, v.op(op), inputs.maker(op))
                     for n, (v, inputs) in adapters.items()
                 ]
-                samples = measure(
-                    self.runner,
+                samples = self.measure(
+                    "scaling",
                     candidates,
                     rounds=c.rounds,
                     calls=c.calls,
@@ -976,6 +1092,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scale_max": config.scale_max,
         "batch_size": config.batch_size,
         "seed": config.seed,
+        "cpu_layout": config.cpu_layout,
         "duration_s": round(time.perf_counter() - started, 1),
     }
     results["variants"] = {

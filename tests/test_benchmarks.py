@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -70,7 +71,10 @@ def quick(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     committed benchmarks/results stay as they are)."""
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--dsn", dsn, "--out", str(out)],
+        [
+            *(sys.executable, str(SCRIPT), "--quick", "--dsn", dsn, "--out", str(out)),
+            *("--cpu-layout", "split"),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -106,6 +110,26 @@ def test_quick_run_exits_zero_and_writes_its_report(quick: QuickRun) -> None:
     assert set(quick.lines) == claimed
 
 
+def test_latencies_are_measured_with_the_cpu_layout_applied(quick: QuickRun) -> None:
+    # The test server is a local process (embedded, or KITIUM_PG_TEST_DSN on this machine):
+    # the run pins it and itself apart, and checks a backend forked meanwhile inherits it.
+    assert quick.returncode == 0, quick.stderr[-5000:]
+    assert quick.results["config"]["cpu_layout"] == "split"
+    applied = quick.results["cpu_layout"]
+    assert set(applied) == {"ops", "login", "scaling"}
+    cpus = sorted(os.sched_getaffinity(0))
+    embedded = not os.environ.get("KITIUM_PG_TEST_DSN")
+    for section in applied.values():
+        if section["layout"] == "os":
+            # Only a server elsewhere (or a one-CPU machine) may leave it unpinned.
+            assert not embedded or len(cpus) < 2, section
+            continue
+        assert section["client_cpus"] == cpus[:1]
+        assert section["server_cpus"] == cpus[1:]
+        assert section["new_backend_cpus"] == cpus[1:]
+        assert section["server_processes"] >= 2  # the postmaster and at least one backend
+
+
 @pytest.mark.parametrize("variant", CORE_VARIANTS)
 def test_core_variant_measures_every_operation(quick: QuickRun, variant: str) -> None:
     assert quick.returncode == 0, quick.stderr[-5000:]
@@ -114,6 +138,13 @@ def test_core_variant_measures_every_operation(quick: QuickRun, variant: str) ->
     assert missing == []
     if variant != "raw-psycopg-async":  # the purge runs once per stack
         assert ("delete_expired_sessions", variant) in quick.lines
+        # Each purge ran next to a timed get_session reader, and before it the same reader idle.
+        purge = quick.results["delete"]["measured"][variant]
+        assert purge["rows"] == purge["expected_rows"]
+        for phase in ("reader_idle", "reader_during"):
+            reader = purge[phase]
+            assert reader["n"] >= 1
+            assert 0 < reader["median_us"] <= reader["p95_us"] <= reader["max_us"]
 
 
 @pytest.mark.parametrize("variant", sorted(OPTIONAL_VARIANTS))
