@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 import psycopg
 
 from benchmarks import cpus, log, seed
-from benchmarks.run import Candidate, Samples, measure
+from benchmarks.run import Candidate, Samples, _git_commit, measure
 from benchmarks.variants import connection_kwargs
 from kitium_pg import PostgresStorageAdapter, _sql
 
@@ -185,7 +185,8 @@ def _markdown(
         "# get_session latency by CPU layout",
         "",
         f"`python benchmarks/cpu_layout.py --rows {args.rows} --rounds {args.rounds}"
-        f" --calls {args.calls}`, {now}, {os.cpu_count()} CPUs. Median µs per call (p95), all"
+        f" --calls {args.calls}`, {now}, kitium-pg checkout {_git_commit()}, {os.cpu_count()}"
+        " CPUs. Median µs per call (p95), all"
         " variants interleaved within each layout.",
         "",
         "| layout | " + " | ".join(labels) + " | kitium ÷ same-connection floor"
