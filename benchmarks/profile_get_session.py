@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,6 +42,7 @@ from benchmarks.variants import connection_kwargs
 from kitium_pg import PostgresStorageAdapter, Session, _sql
 from kitium_pg import _validate as v
 from kitium_pg._base import log_call
+from kitium_pg._sync import core as sync_core
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -131,6 +132,21 @@ def _profile(
     def full(x: Any) -> Any:
         return storage.get_session(x)
 
+    # L: a second adapter whose one pooled connection's reusable cursor is replaced by a stub
+    # that returns a stored row without touching the server: everything the adapter does per
+    # call (validation, dispatch, pool checkout and return, record) and nothing psycopg does.
+    stubbed = PostgresStorageAdapter(dsn, schema=schema, min_size=1, max_size=1)
+    stubbed.connect(migrate=False)
+    stubbed.get_session(ids[0])
+    stub_conn = stubbed.pool.getconn()
+    stubbed.pool.putconn(stub_conn)
+    real_cursor = sync_core._CURSORS[stub_conn]
+    stored_row = real_cursor.execute(sql, {"id": ids[0]}).fetchone()
+    sync_core._CURSORS[stub_conn] = cast(Any, _StubCursor(real_cursor, stored_row))
+
+    def adapter_only(x: Any) -> Any:
+        return stubbed.get_session(x)
+
     def checkout(x: Any) -> Any:
         conn = pool.getconn()
         pool.putconn(conn)
@@ -190,6 +206,7 @@ def _profile(
         ("F held conn, REUSED cursor, tuple rows, prepare=True (floor)", reused_cursor_tuples),
         ("G cursor create + close (no query; the adapter reuses one)", cursor_only),
         ("K B + E inline: the adapter's path without its dispatch", inline_path),
+        ("L the adapter's own work: A with a stub cursor (no psycopg, no server)", adapter_only),
         ("H Session(**row) record build (attrs converters)", record_only),
         ("I argument validation (parse_uuid)", validation_only),
         ("J log_call with DEBUG off", log_only),
@@ -234,6 +251,8 @@ def _profile(
         f"- remainder (dispatch, retry loop, observer hook, cursor lookup):"
         f" {overhead - med['B'] - (med['E'] - med['F']) - med['I'] - med['J']:.1f} µs\n"
         f"- (not on the adapter's path: a cursor per call would add G = {med['G']:.1f} µs)\n"
+        f"- the adapter's own work with the server and psycopg stubbed out (L):"
+        f" {med['L']:.1f} µs\n"
         f"- the adapter's dispatch (A - K): {med['A'] - med['K']:.1f} µs;"
         f" its path inlined over the floor (K - F): {med['K'] - med['F']:.1f} µs\n"
     )
@@ -265,6 +284,25 @@ def _profile(
         _py_spy(args.py_spy, storage, some_ids(args.profile_calls * 4))
     held.close()
     storage.disconnect()
+    sync_core._CURSORS[stub_conn] = real_cursor
+    stubbed.disconnect()
+
+
+class _StubCursor:
+    """Answers the adapter's cursor calls with one stored row (profile piece L)."""
+
+    closed = False
+    rowcount = 1
+
+    def __init__(self, real: Any, row: Any) -> None:
+        self.description = real.description
+        self.row = row
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> _StubCursor:
+        return self
+
+    def fetchone(self) -> Any:
+        return self.row
 
 
 def _package(filename: str) -> str:
