@@ -1,5 +1,6 @@
 """``kitium-pg``: apply, inspect and roll back migrations, check health, manage encryption keys
-and application-role grants, run the demo.
+and application-role grants, run the demo, the chaos run and (from a source checkout) the
+benchmark.
 
 Every command uses the sync ``PostgresStorageAdapter``. The database is ``--dsn``, else the
 ``DATABASE_URL`` environment variable, else an embedded PostgreSQL kept in ``./.kitium-pg/data``
@@ -727,6 +728,41 @@ def chaos(state: _Context, args: tuple[str, ...]) -> None:
     if state.dsn and "--dsn" not in forwarded:
         forwarded = ["--dsn", state.dsn, *forwarded]
     raise SystemExit(chaos_main(forwarded))
+
+
+def find_bench_script(roots: Sequence[Path]) -> Path | None:
+    """``benchmarks/run.py`` under the first of ``roots`` that has it, else ``None``."""
+    for root in roots:
+        script = root / "benchmarks" / "run.py"
+        if script.is_file():
+            return script
+    return None
+
+
+@cli.command(
+    short_help="Benchmark against raw drivers and SQLAlchemy (see kitium-pg bench --help).",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def bench(state: _Context, args: tuple[str, ...]) -> None:
+    """Run benchmarks/run.py from the kitium-pg source checkout (the current folder, else the
+    checkout this package is installed from in editable mode) with this Python: every variant
+    interleaved, a Markdown report, results/latest.json and a chart. Its options (--quick,
+    --dsn, --variants, --cpu-layout…) are listed by `kitium-pg bench --help`; the comparison
+    stacks need the 'bench' extra. The global --dsn is passed on when given. Exits with the
+    script's code, or 2 when no checkout is found (the harness is not part of the wheel)."""
+    script = find_bench_script([Path.cwd(), Path(__file__).resolve().parent.parent])
+    if script is None:
+        raise click.UsageError(
+            "benchmarks/run.py not found: the benchmark harness ships with the source, not"
+            " the wheel; run this from a clone of kitium-pg"
+        )
+    forwarded = list(args)
+    if state.dsn and "--dsn" not in forwarded:
+        forwarded = ["--dsn", state.dsn, *forwarded]
+    raise SystemExit(subprocess.run([sys.executable, str(script), *forwarded]).returncode)
 
 
 @cli.command(short_help="Print (or --apply) least-privilege grants for an app role.")

@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import uuid
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -17,8 +18,9 @@ from click.testing import CliRunner, Result
 from psycopg import sql
 
 from kitium_pg import EncryptionKeyError, MigrationError, PostgresStorageAdapter
+from kitium_pg import cli as kitium_cli
 from kitium_pg._base import load_migrations
-from kitium_pg.cli import EXIT_KEY, EXIT_MIGRATION, EXIT_UNAVAILABLE, cli
+from kitium_pg.cli import EXIT_KEY, EXIT_MIGRATION, EXIT_UNAVAILABLE, cli, find_bench_script
 from kitium_pg.embedded import EmbeddedPostgres
 from kitium_pg.encryption import ENV_VAR, Keyring, generate_key
 
@@ -556,3 +558,26 @@ def test_chaos_command_forwards_to_the_chaos_run() -> None:
     result = CliRunner().invoke(cli, ["chaos", "--help"])
     assert result.exit_code == 0
     assert "--duration" in result.output and "--threads" in result.output
+
+
+def test_bench_command_runs_the_benchmark_script(capfd: pytest.CaptureFixture[str]) -> None:
+    # The script runs in a child process: its help lands on the real stdout.
+    result = CliRunner().invoke(cli, ["bench", "--help"])
+    assert result.exit_code == 0
+    out = capfd.readouterr().out
+    assert "--cpu-layout" in out and "--quick" in out
+
+
+def test_bench_command_without_a_checkout_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert find_bench_script([tmp_path]) is None
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "run.py").write_text("")
+    script = tmp_path / "benchmarks" / "run.py"
+    assert find_bench_script([tmp_path / "elsewhere", tmp_path]) == script
+    # As from an installed wheel: neither the current folder nor the package's has the harness.
+    monkeypatch.setattr(kitium_cli, "find_bench_script", lambda roots: None)
+    result = CliRunner().invoke(cli, ["bench", "--quick"])
+    assert result.exit_code == 2
+    assert "benchmarks/run.py not found" in result.output
