@@ -1,4 +1,5 @@
-"""mkdocs hook: put benchmarks/results/latest.md into the page that holds the marker.
+"""mkdocs hook: put a benchmarks/results/*.md file into the page where its marker stands
+(``<!-- include: benchmarks/results/latest.md -->``).
 
 The results live outside docs/ (the benchmark suite writes them next to its code), so the page
 includes the file at build time instead of copying numbers into the docs. Headings are demoted
@@ -12,8 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-MARKER = "<!-- include: benchmarks/results/latest.md -->"
-RESULTS = Path("benchmarks") / "results" / "latest.md"
+MARKER = re.compile(r"<!-- include: (benchmarks/results/[\w.-]+\.md) -->")
 _RELATIVE_LINK = re.compile(r"\[([^\]]*)\]\((?!https?://|mailto:|#)([^)\s]+)\)")
 
 
@@ -31,16 +31,16 @@ def _adapt(text: str) -> str:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
-    if MARKER not in markdown:
-        return markdown
     root = Path(config["config_file_path"]).resolve().parent
-    path = root / RESULTS
-    if path.is_file():
-        body = _adapt(path.read_text(encoding="utf-8"))
-    else:
-        body = (
+
+    def include(match: re.Match[str]) -> str:
+        path = root / match.group(1)
+        if path.is_file():
+            return _adapt(path.read_text(encoding="utf-8"))
+        return (
             '!!! note "No results yet"\n'
-            f"    `{RESULTS.as_posix()}` is not in this checkout yet: the benchmark suite"
+            f"    `{match.group(1)}` is not in this checkout yet: the benchmark suite"
             " writes it. This page shows it once it is committed."
         )
-    return markdown.replace(MARKER, body)
+
+    return MARKER.sub(include, markdown)
