@@ -22,6 +22,8 @@ STACK_PAIRS = (
     ("kitium-async", "sqlalchemy-psycopg-async"),
     ("kitium-async", "fastapi-users"),
     ("kitium-async", "fastapi-users+lower-idx"),
+    ("kitium-async", "fastapi-users-psycopg"),
+    ("kitium-async", "fastapi-users-psycopg+lower-idx"),
 )
 TARGET_RAW_RATIO = 1.15
 TARGET_STACK_FACTOR = 3.0
@@ -508,7 +510,8 @@ def _method() -> list[str]:
         " BEGIN, SELECT, ROLLBACK and a write BEGIN, INSERT … RETURNING, COMMIT.",
         "- fastapi-users runs `SQLAlchemyUserDatabase.get_by_email` (lower(email) ="
         " lower(:email)) on its own `user` table as its DDL ships (a unique index on email only,"
-        " so a sequential scan), and on a copy with an added `lower(email)` index.",
+        " so a sequential scan), and on a copy with an added `lower(email)` index; on asyncpg as"
+        " its docs show, and on psycopg 3 async (`fastapi-users-psycopg…`).",
         "- verify_api_key: seeded keys carry a `last_used_at` a day ahead, so every variant"
         " takes the read-only branch (a busy key stamped within the minute).",
         "- twofa_backup_codes is seeded (10 codes for every fifth user) and analyzed: on an"
@@ -539,7 +542,7 @@ def chart(results: dict[str, Any], path: Path) -> bool:
     grid = fig.add_gridspec(2, 2, height_ratios=(3, 2))
     bars = fig.add_subplot(grid[0, :])
     width = 0.8 / max(1, len(variants))
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab20")
     for i, v in enumerate(variants):
         xs, ys = [], []
         for k, section in enumerate(ops.values()):
@@ -547,7 +550,7 @@ def chart(results: dict[str, Any], path: Path) -> bool:
             if m:
                 xs.append(k + (i - (len(variants) - 1) / 2) * width)
                 ys.append(m["median_us"])
-        bars.bar(xs, ys, width=width, label=v, color=cmap(i % 10))
+        bars.bar(xs, ys, width=width, label=v, color=cmap(i % 20))
     bars.set_xticks(range(len(ops)), list(ops), rotation=20, ha="right")
     bars.set_yscale("log")
     bars.set_ylabel("median µs per call (log)")

@@ -85,6 +85,8 @@ REQUIREMENTS: dict[str, tuple[str, ...]] = {
         "asyncpg",
         "fastapi_users_db_sqlalchemy",
     ),
+    "fastapi-users-psycopg": ("sqlalchemy", "greenlet", "fastapi_users_db_sqlalchemy"),
+    "fastapi-users-psycopg+lower-idx": ("sqlalchemy", "greenlet", "fastapi_users_db_sqlalchemy"),
 }
 VARIANTS = tuple(REQUIREMENTS)
 CORE_VARIANTS = ("kitium-sync", "kitium-async", "raw-psycopg", "raw-psycopg-async")
@@ -688,14 +690,16 @@ class Run:
         assert self.data is not None
         lower_index = name.endswith("lower-idx")
         schema = f"{self.schema}_fu_idx" if lower_index else f"{self.schema}_fu"
-        with self.admin() as conn:
-            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        self.schemas.append(schema)
-        fu.create_fastapi_users_table(self.dsn, schema)
-        with self.admin() as conn:
-            seed.seed_fastapi_users(conn, schema, self.data.emails, lower_index=lower_index)
-        log(f"seeded fastapi-users table {schema}.user ({len(self.data.emails)} rows)")
-        return fu.FastAPIUsers(name, self.dsn, schema)
+        if schema not in self.schemas:  # the asyncpg and psycopg variants share one table
+            with self.admin() as conn:
+                conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            self.schemas.append(schema)
+            fu.create_fastapi_users_table(self.dsn, schema)
+            with self.admin() as conn:
+                seed.seed_fastapi_users(conn, schema, self.data.emails, lower_index=lower_index)
+            log(f"seeded fastapi-users table {schema}.user ({len(self.data.emails)} rows)")
+        driver = "psycopg" if name.startswith("fastapi-users-psycopg") else "asyncpg"
+        return fu.FastAPIUsers(name, self.dsn, schema, driver)
 
     def close_variants(self) -> None:
         for variant in self.variants.values():

@@ -51,6 +51,8 @@ OPTIONAL_VARIANTS = {
         "asyncpg",
         "fastapi_users_db_sqlalchemy",
     ),
+    "fastapi-users-psycopg": ("sqlalchemy", "greenlet", "fastapi_users_db_sqlalchemy"),
+    "fastapi-users-psycopg+lower-idx": ("sqlalchemy", "greenlet", "fastapi_users_db_sqlalchemy"),
 }
 BENCH_LINE = re.compile(r"^bench: op=(\S+) variant=(\S+) us=(\d+\.\d) ratio_raw=(\d+\.\d\d|n/a)$")
 
