@@ -472,7 +472,10 @@ class AsyncCore:
         retry: Retry,
         replica: bool = False,
     ) -> T | None:
-        return cast(T | None, await self._run(name, params, retry=retry, make=cls, replica=replica))
+        # A string type: ``T | None`` and ``list[T]`` would build a typing object on every call.
+        return cast(
+            "T | None", await self._run(name, params, retry=retry, make=cls, replica=replica)
+        )
 
     async def _many(
         self,
@@ -483,7 +486,9 @@ class AsyncCore:
         retry: Retry,
         replica: bool = False,
     ) -> list[T]:
-        return cast(list[T], await self._run(name, params, retry=retry, make=cls, replica=replica))
+        return cast(
+            "list[T]", await self._run(name, params, retry=retry, make=cls, replica=replica)
+        )
 
     async def _value(
         self, name: str, params: Mapping[str, Any], *, retry: Retry, replica: bool = False

@@ -471,7 +471,8 @@ class Core:
         retry: Retry,
         replica: bool = False,
     ) -> T | None:
-        return cast(T | None, self._run(name, params, retry=retry, make=cls, replica=replica))
+        # A string type: ``T | None`` and ``list[T]`` would build a typing object on every call.
+        return cast("T | None", self._run(name, params, retry=retry, make=cls, replica=replica))
 
     def _many(
         self,
@@ -482,7 +483,7 @@ class Core:
         retry: Retry,
         replica: bool = False,
     ) -> list[T]:
-        return cast(list[T], self._run(name, params, retry=retry, make=cls, replica=replica))
+        return cast("list[T]", self._run(name, params, retry=retry, make=cls, replica=replica))
 
     def _value(
         self, name: str, params: Mapping[str, Any], *, retry: Retry, replica: bool = False
