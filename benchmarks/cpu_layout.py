@@ -17,10 +17,7 @@ import asyncio
 import datetime as dt
 import os
 import random
-import secrets
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,42 +58,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    server: Any = None
-    data_dir = None
-    if args.dsn:
-        dsn = args.dsn
-        schema = f"kitium_cpu_{secrets.token_hex(3)}"
-    else:
-        from kitium_pg.embedded import EmbeddedPostgres
-
-        data_dir = tempfile.mkdtemp(prefix="kitium-cpu-")
-        server = EmbeddedPostgres(Path(data_dir) / "data")
-        dsn = server.start()
-        schema = "kitium_cpu"
-    try:
-        with PostgresStorageAdapter(dsn, schema=schema):
-            pass
+    with seed.scratch(args.dsn, "kitium_cpu", args.rows, 11) as (dsn, schema, data):
         with psycopg.connect(dsn, autocommit=True) as conn:
-            data = seed.seed_scaling(conn, schema, args.rows, 11)
             postmaster = cpus.find_postmaster(conn)
         if postmaster is None:
             log("the server is not a local process this user may pin: nothing to compare")
             return 1
-        log(f"seeded {args.rows} users and sessions in {schema}")
         with asyncio.Runner() as runner:
             report = _compare(args, runner, dsn, schema, data.session_ids, postmaster)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-        print(report)
-        log(f"wrote {args.out}")
-    finally:
-        if args.dsn:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        if server is not None:
-            server.stop()
-        if data_dir:
-            shutil.rmtree(data_dir, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(report)
+    log(f"wrote {args.out}")
     return 0
 
 

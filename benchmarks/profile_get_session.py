@@ -19,12 +19,10 @@ import io
 import os
 import pstats
 import random
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,34 +72,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    server: Any = None
-    data_dir = None
-    if args.dsn:
-        dsn = args.dsn
-        schema = f"kitium_prof_{secrets.token_hex(3)}"
-    else:
-        from kitium_pg.embedded import EmbeddedPostgres
-
-        data_dir = tempfile.mkdtemp(prefix="kitium-prof-")
-        server = EmbeddedPostgres(Path(data_dir) / "data")
-        dsn = server.start()
-        schema = "kitium_prof"
-    try:
-        with PostgresStorageAdapter(dsn, schema=schema):
-            pass
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            data = seed.seed_scaling(conn, schema, args.rows, 7)
-        log(f"seeded {args.rows} users and sessions in {schema}")
-        with asyncio.Runner() as runner:
-            _profile(args, runner, dsn, schema, data)
-    finally:
-        if args.dsn:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        if server is not None:
-            server.stop()
-        if data_dir:
-            shutil.rmtree(data_dir, ignore_errors=True)
+    with (
+        seed.scratch(args.dsn, "kitium_prof", args.rows, 7) as (dsn, schema, data),
+        asyncio.Runner() as runner,
+    ):
+        _profile(args, runner, dsn, schema, data)
     return 0
 
 

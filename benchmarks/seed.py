@@ -11,11 +11,15 @@ import base64
 import datetime as dt
 import hashlib
 import random
+import secrets
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -537,3 +541,39 @@ def _copy_fastapi_users(conn: psycopg.Connection[Any], schema: str, emails: Sequ
             for email in emails
         ),
     )
+
+
+@contextmanager
+def scratch(dsn: str | None, name: str, rows: int, seed: int) -> Iterator[tuple[str, str, Dataset]]:
+    """A migrated schema seeded with ``rows`` users and sessions (``seed_scaling``), for the
+    single-purpose scripts. With ``dsn``: a fresh schema ``<name>_<random>`` there, dropped on
+    exit; without: schema ``name`` in an embedded server started in a temporary folder, stopped
+    and removed on exit. Yields ``(dsn, schema, data)``."""
+    from kitium_pg import PostgresStorageAdapter
+
+    server: Any = None
+    data_dir = None
+    if dsn:
+        schema = f"{name}_{secrets.token_hex(3)}"
+    else:
+        from kitium_pg.embedded import EmbeddedPostgres
+
+        data_dir = tempfile.mkdtemp(prefix=f"{name.replace('_', '-')}-")
+        server = EmbeddedPostgres(Path(data_dir) / "data")
+        dsn = server.start()
+        schema = name
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema):
+            pass  # connect() applies the migrations
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            data = seed_scaling(conn, schema, rows, seed)
+        log(f"seeded {rows} users and sessions in {schema}")
+        yield dsn, schema, data
+    finally:
+        if server is None:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        else:
+            server.stop()
+        if data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
