@@ -709,13 +709,29 @@ def prune_events(state: _Context, older_than_days: int, batch_size: int) -> None
         state.out.print(f"deleted {count} events older than {before:%Y-%m-%d %H:%M} UTC")
 
 
-@cli.command(
-    short_help="Fault-injection run under load (see kitium-pg chaos --help).",
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    add_help_option=False,
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.pass_obj
+def _forwarding_command(short_help: str) -> Callable[[Callable[..., Any]], Any]:
+    """A command that hands every argument after its name (``--help`` too) to a script."""
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        fn = click.pass_obj(fn)
+        fn = click.argument("args", nargs=-1, type=click.UNPROCESSED)(fn)
+        return cli.command(
+            short_help=short_help,
+            context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+            add_help_option=False,
+        )(fn)
+
+    return decorate
+
+
+def _forwarded(state: _Context, args: tuple[str, ...]) -> list[str]:
+    """``args``, with the global --dsn in front when it was given and ``args`` has none."""
+    if state.dsn and "--dsn" not in args:
+        return ["--dsn", state.dsn, *args]
+    return list(args)
+
+
+@_forwarding_command("Fault-injection run under load (see kitium-pg chaos --help).")
 def chaos(state: _Context, args: tuple[str, ...]) -> None:
     """Run kitium_pg.chaos: sync threads and async tasks under a mixed auth workload while
     backends are killed, the server restarts and locks trip timeouts; every acknowledged write
@@ -724,10 +740,7 @@ def chaos(state: _Context, args: tuple[str, ...]) -> None:
     no unexpected error occurred. The global --dsn is passed on when given."""
     from .chaos import main as chaos_main
 
-    forwarded = list(args)
-    if state.dsn and "--dsn" not in forwarded:
-        forwarded = ["--dsn", state.dsn, *forwarded]
-    raise SystemExit(chaos_main(forwarded))
+    raise SystemExit(chaos_main(_forwarded(state, args)))
 
 
 def find_bench_script(roots: Sequence[Path]) -> Path | None:
@@ -739,13 +752,7 @@ def find_bench_script(roots: Sequence[Path]) -> Path | None:
     return None
 
 
-@cli.command(
-    short_help="Benchmark against raw drivers and SQLAlchemy (see kitium-pg bench --help).",
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    add_help_option=False,
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.pass_obj
+@_forwarding_command("Benchmark against raw drivers and SQLAlchemy (see kitium-pg bench --help).")
 def bench(state: _Context, args: tuple[str, ...]) -> None:
     """Run benchmarks/run.py from the kitium-pg source checkout (the current folder, else the
     checkout this package is installed from in editable mode) with this Python: every variant
@@ -759,10 +766,8 @@ def bench(state: _Context, args: tuple[str, ...]) -> None:
             "benchmarks/run.py not found: the benchmark harness ships with the source, not"
             " the wheel; run this from a clone of kitium-pg"
         )
-    forwarded = list(args)
-    if state.dsn and "--dsn" not in forwarded:
-        forwarded = ["--dsn", state.dsn, *forwarded]
-    raise SystemExit(subprocess.run([sys.executable, str(script), *forwarded]).returncode)
+    command = [sys.executable, str(script), *_forwarded(state, args)]
+    raise SystemExit(subprocess.run(command).returncode)
 
 
 @cli.command(short_help="Print (or --apply) least-privilege grants for an app role.")
