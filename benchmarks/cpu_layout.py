@@ -122,13 +122,12 @@ def _compare(
         Candidate(f"raw floor, connection {n + 1}", False, floor_on(conn), some_ids)
         for n, conn in enumerate(raw)
     ]
-    available = os.sched_getaffinity(0)
     results: dict[str, tuple[dict[str, Any], dict[str, Samples]]] = {}
     try:
         for name in ("os", "split", "shared"):  # os first: before any pinning moved things
-            layout = cpus.plan(name, available)
+            layout = cpus.plan(name)
             if name != "os" and layout is None:
-                log(f"layout {name}: not possible on {len(available)} CPU(s)")
+                log(f"layout {name}: not possible with the CPUs this process may use")
                 continue
             with cpus.pinned(layout, postmaster, dsn) as applied:
                 samples = measure(

@@ -45,11 +45,12 @@ class Layout:
         }
 
 
-def plan(name: str, cpus: set[int] | frozenset[int]) -> Layout | None:
-    """The layout ``name`` on ``cpus``; ``None`` for ``os``, or for ``split`` on one CPU."""
+def plan(name: str) -> Layout | None:
+    """The layout ``name`` on the CPUs this process may use; ``None`` for ``os``, for ``split``
+    on one CPU, and where CPU affinity does not exist (not Linux)."""
     if name not in LAYOUTS:
         raise ValueError(f"unknown CPU layout {name!r} (one of {', '.join(LAYOUTS)})")
-    ordered = sorted(cpus)
+    ordered = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if name == "os" or not ordered or (name == "split" and len(ordered) < 2):
         return None
     first = frozenset(ordered[:1])

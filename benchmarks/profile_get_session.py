@@ -189,10 +189,9 @@ def _profile(
     for _, fn in pieces:  # past psycopg's prepare threshold on every connection
         for x in some_ids(10):
             fn(x)
-    available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     with psycopg.connect(dsn, autocommit=True) as conn:
         postmaster = cpus.find_postmaster(conn)
-    with cpus.pinned(cpus.plan(args.cpu_layout, available), postmaster, dsn) as applied:
+    with cpus.pinned(cpus.plan(args.cpu_layout), postmaster, dsn) as applied:
         samples = measure(
             runner,
             [Candidate(label, False, fn, some_ids) for label, fn in pieces],

@@ -592,8 +592,7 @@ class Run:
     def measure(self, section: str, candidates: Sequence[Candidate], **kwargs: Any) -> Any:
         """``measure(...)`` with the client and server pinned per ``--cpu-layout``; records
         the layout applied under ``results["cpu_layout"][section]``."""
-        available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-        layout = cpus.plan(self.config.cpu_layout, available)
+        layout = cpus.plan(self.config.cpu_layout)
         with cpus.pinned(layout, self.postmaster, self.dsn) as applied:
             self.results.setdefault("cpu_layout", {})[section] = applied
             return measure(self.runner, candidates, **kwargs)
