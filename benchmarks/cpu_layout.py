@@ -166,12 +166,7 @@ def _markdown(
         "|---" * (len(labels) + 3) + "|",
     ]
     for name, (applied, samples) in results.items():
-        where = name
-        if applied["layout"] != "os":
-            where += (
-                f" (client CPU {','.join(map(str, applied['client_cpus']))},"
-                f" server CPU {','.join(map(str, applied['server_cpus']))})"
-            )
+        where = name if applied["layout"] == "os" else cpus.summary(applied)
         cells = [
             f"{samples[label].median_us:.1f} ({samples[label].p95_us:.1f})" for label in labels
         ]

@@ -59,6 +59,15 @@ def plan(name: str) -> Layout | None:
     return Layout(name, first, frozenset(ordered[1:]))
 
 
+def summary(applied: dict[str, Any]) -> str:
+    """One line for what ``pinned`` yielded: ``split, client on CPU 0, server on CPU 1``."""
+    if applied["layout"] == "os":
+        return f"not pinned ({applied['reason']})"
+    client = ",".join(map(str, applied["client_cpus"]))
+    server = ",".join(map(str, applied["server_cpus"]))
+    return f"{applied['layout']}, client on CPU {client}, server on CPU {server}"
+
+
 def _parent(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -200,13 +200,7 @@ def _profile(
             warmup=20,
             batch_seconds=0.3,
         )
-    if applied["layout"] == "os":
-        print(f"CPU layout: not pinned ({applied['reason']}).\n")
-    else:
-        print(
-            f"CPU layout: {applied['layout']}, client on CPU {applied['client_cpus']},"
-            f" server on CPU {applied['server_cpus']} (see cpu_layout.md).\n"
-        )
+    print(f"CPU layout: {cpus.summary(applied)} (see cpu_layout.md).\n")
     med = {label.split()[0]: s.median_us for label, s in samples.items()}
     print("## get_session, kitium-sync: the pieces (median µs per call, interleaved)\n")
     print("| piece | median µs | p95 µs |\n|---|---|---|")

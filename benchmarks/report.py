@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import log
+from . import cpus, log
 from .variants import SINGLE_ROW
 
 SYNC_BASELINE = "raw-psycopg"
@@ -470,20 +470,8 @@ def _layout(results: dict[str, Any]) -> str:
     applied = results.get("cpu_layout") or {}
     if not applied:
         return f"{results['config'].get('cpu_layout', 'os')} (no section pinned)"
-    parts = []
-    for section, a in applied.items():
-        if a["layout"] == "os":
-            parts.append(f"{section}: not pinned ({a['reason']})")
-        else:
-            parts.append(
-                f"{section}: {a['layout']}, client on CPU {_cpus(a['client_cpus'])},"
-                f" server on CPU {_cpus(a['server_cpus'])}"
-            )
+    parts = [f"{section}: {cpus.summary(a)}" for section, a in applied.items()]
     return "; ".join(parts) + "; delete: not pinned"
-
-
-def _cpus(cpus: list[int]) -> str:
-    return ",".join(str(c) for c in cpus)
 
 
 def _method() -> list[str]:
