@@ -1,11 +1,13 @@
-"""Where the microseconds of ``PostgresStorageAdapter.get_session`` go.
+"""Where the microseconds of ``get_session`` go, sync and async.
 
 Measures, interleaved like ``run.py``, the full call next to its pieces: pool checkout and
 return, the query on a held connection the way the adapter runs it (reused tuple cursor,
 automatic prepare, record built from the cached column names) and the raw floor (tuple rows,
 ``prepare=True``), cursor creation, building the ``Session`` record, argument validation and
-the per-call log line. Then runs the full call under cProfile and prints the functions with
-the most own time. Optional: ``--py-spy PATH`` samples it with py-spy (needs the py-spy binary).
+the per-call log line. Then the same for the async adapter (its pool, record and dispatch,
+measured in place, next to raw asyncpg when it is installed). Then runs the sync call under
+cProfile and prints the functions with the most own time. Optional: ``--py-spy PATH``
+samples it with py-spy (needs the py-spy binary).
 
     python benchmarks/profile_get_session.py [--dsn DSN] [--rows 10000] [--rounds 15]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import importlib.util
 import io
 import os
 import pstats
@@ -36,9 +39,10 @@ from psycopg.rows import dict_row
 
 from benchmarks import cpus, log, seed
 from benchmarks.run import Candidate, measure
-from benchmarks.variants import connection_kwargs
-from kitium_pg import PostgresStorageAdapter, Session, _sql
+from benchmarks.variants import RawAsyncpg, connection_kwargs
+from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter, Session, _sql
 from kitium_pg import _validate as v
+from kitium_pg._async import core as async_core
 from kitium_pg._base import log_call
 from kitium_pg._sync import core as sync_core
 
@@ -224,6 +228,7 @@ def _profile(
         f"- the adapter's dispatch (A - K): {med['A'] - med['K']:.1f} µs;"
         f" its path inlined over the floor (K - F): {med['K'] - med['F']:.1f} µs\n"
     )
+    _async_pieces(args, runner, dsn, schema, some_ids, stored_row, postmaster)
     profiler = cProfile.Profile()
     batch = some_ids(args.profile_calls)
     profiler.enable()
@@ -254,6 +259,152 @@ def _profile(
     storage.disconnect()
     sync_core._CURSORS[stub_conn] = real_cursor
     stubbed.disconnect()
+
+
+def _async_pieces(
+    args: argparse.Namespace,
+    runner: asyncio.Runner,
+    dsn: str,
+    schema: str,
+    some_ids: Callable[[int], list[Any]],
+    stored_row: Any,
+    postmaster: int | None,
+) -> None:
+    """The same breakdown for kitium-async, next to raw asyncpg when it is installed: where
+    kitium-async's distance to asyncpg goes (the psycopg driver's own, the pool's, the
+    record's, the dispatch's)."""
+    query = _sql.queries(schema)["get_session"]
+    sql = query.sql
+    storage = AsyncPostgresStorageAdapter(dsn, schema=schema)
+    runner.run(storage.connect(migrate=False))
+    pool = storage.pool
+    held = runner.run(psycopg.AsyncConnection.connect(dsn, **connection_kwargs()))
+    reused_auto = held.cursor()
+    reused_tuples = held.cursor()
+    column_names: tuple[str, ...] = ()
+    stubbed = AsyncPostgresStorageAdapter(dsn, schema=schema, min_size=1, max_size=1)
+    runner.run(stubbed.connect(migrate=False))
+    runner.run(stubbed.get_session(some_ids(1)[0]))
+    stub_conn = runner.run(stubbed.pool.getconn())
+    runner.run(stubbed.pool.putconn(stub_conn))
+    real_cursor = async_core._CURSORS[stub_conn]
+    async_core._CURSORS[stub_conn] = cast(Any, _AsyncStubCursor(real_cursor, stored_row))
+
+    async def full(x: Any) -> Any:
+        return await storage.get_session(x)
+
+    async def checkout(x: Any) -> Any:
+        conn = await pool.getconn()
+        await pool.putconn(conn)
+        return True
+
+    async def reused_cursor_auto(x: Any) -> Any:
+        await reused_auto.execute(sql, {"id": x})
+        return await reused_auto.fetchone()
+
+    async def reused_cursor_records(x: Any) -> Any:
+        nonlocal column_names
+        await reused_auto.execute(sql, {"id": x})
+        row = await reused_auto.fetchone()
+        column_names = column_names or _sql.column_names(query, reused_auto)
+        return None if row is None else Session(**dict(zip(column_names, row, strict=True)))
+
+    async def reused_cursor_tuples(x: Any) -> Any:
+        await reused_tuples.execute(sql, {"id": x}, prepare=True)
+        return await reused_tuples.fetchone()
+
+    pooled_cursors: dict[Any, Any] = {}
+
+    async def inline_path(x: Any) -> Any:
+        nonlocal column_names
+        conn = await pool.getconn()
+        try:
+            cur = pooled_cursors.get(conn)
+            if cur is None:
+                cur = pooled_cursors[conn] = conn.cursor()
+            await cur.execute(sql, {"id": x})
+            row = await cur.fetchone()
+            column_names = column_names or _sql.column_names(query, cur)
+            return None if row is None else Session(**dict(zip(column_names, row, strict=True)))
+        finally:
+            await pool.putconn(conn)
+
+    async def adapter_only(x: Any) -> Any:
+        return await stubbed.get_session(x)
+
+    pieces: list[tuple[str, Callable[[Any], Any]]] = [
+        ("A full await storage.get_session(id)", full),
+        ("B async pool getconn + putconn (no query)", checkout),
+        ("D held conn, REUSED cursor, tuple rows, automatic prepare", reused_cursor_auto),
+        ("E D + Session record from the cached column names", reused_cursor_records),
+        (
+            "F held conn, REUSED cursor, tuple rows, prepare=True (psycopg floor)",
+            reused_cursor_tuples,
+        ),
+        ("K B + E inline: the adapter's path without its dispatch", inline_path),
+        ("L the adapter's own work: A with a stub cursor (no psycopg, no server)", adapter_only),
+    ]
+    asyncpg = None
+    if importlib.util.find_spec("asyncpg") is not None:
+        asyncpg = RawAsyncpg(dsn, schema)
+        runner.run(asyncpg.open())
+        pieces.append(("R raw asyncpg, prepared statement (asyncpg floor)", asyncpg.op_get_session))
+    for _, fn in pieces:  # past psycopg's prepare threshold on every connection
+        for x in some_ids(10):
+            runner.run(fn(x))
+    with cpus.pinned(cpus.plan(args.cpu_layout), postmaster, dsn):
+        samples = measure(
+            runner,
+            [Candidate(label, True, fn, some_ids) for label, fn in pieces],
+            rounds=args.rounds,
+            calls=args.calls,
+            warmup=20,
+            batch_seconds=0.3,
+        )
+    med = {label.split()[0]: s.median_us for label, s in samples.items()}
+    print("## get_session, kitium-async: the pieces (median µs per call, interleaved)\n")
+    print("| piece | median µs | p95 µs |\n|---|---|---|")
+    for label, s in samples.items():
+        print(f"| {label} | {s.median_us:.1f} | {s.p95_us:.1f} |")
+    print(
+        f"\nOverhead of the full call over the psycopg floor (A - F): {med['A'] - med['F']:.1f} µs"
+        f" ({med['A'] / med['F']:.2f}x).\n"
+        f"- the async pool in place (K - E): {med['K'] - med['E']:.1f} µs;"
+        f" alone, with no query between checkout and return (B): {med['B']:.1f} µs\n"
+        f"- the Session record in place (E - D): {med['E'] - med['D']:.1f} µs\n"
+        f"- the adapter's dispatch (A - K): {med['A'] - med['K']:.1f} µs\n"
+        f"- the adapter's own work with the server and psycopg stubbed out (L):"
+        f" {med['L']:.1f} µs"
+    )
+    if "R" in med:
+        print(
+            f"- against raw asyncpg (R): kitium-async A ÷ R = {med['A'] / med['R']:.2f}x;"
+            f" the psycopg async floor F ÷ R = {med['F'] / med['R']:.2f}x"
+        )
+    print()
+    if asyncpg is not None:
+        runner.run(asyncpg.close())
+    async_core._CURSORS[stub_conn] = real_cursor
+    runner.run(stubbed.disconnect())
+    runner.run(held.close())
+    runner.run(storage.disconnect())
+
+
+class _AsyncStubCursor:
+    """``_StubCursor`` for the async adapter."""
+
+    closed = False
+    rowcount = 1
+
+    def __init__(self, real: Any, row: Any) -> None:
+        self.description = real.description
+        self.row = row
+
+    async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> _AsyncStubCursor:
+        return self
+
+    async def fetchone(self) -> Any:
+        return self.row
 
 
 class _StubCursor:

@@ -41,7 +41,8 @@ TARGET_READER_RATIO = 1.5
 
 def derive(results: dict[str, Any]) -> None:
     """Add ratios, kitium-vs-stack factors, throughput and target checks to ``results``."""
-    for section in results.get("ops", {}).values():
+    no_flush = results.get("no_flush", {}).get("ops", {})
+    for section in (*results.get("ops", {}).values(), *no_flush.values()):
         measured = section["measured"]
         for m in measured.values():
             base = ASYNC_BASELINE if m["is_async"] else SYNC_BASELINE
@@ -60,14 +61,9 @@ def derive(results: dict[str, Any]) -> None:
         for m in delete["measured"].values():
             m["baseline"] = SYNC_BASELINE
             m["ratio_raw"] = m["total_s"] / floor["total_s"] if floor else None
-    stack: dict[str, dict[str, float]] = {}
-    for op, section in results.get("ops", {}).items():
-        measured = section["measured"]
-        for ours, theirs in STACK_PAIRS:
-            if ours in measured and theirs in measured:
-                factor = measured[theirs]["median_us"] / measured[ours]["median_us"]
-                stack.setdefault(op, {})[f"{ours} vs {theirs}"] = factor
-    results["kitium_vs_stack"] = stack
+    results["kitium_vs_stack"] = _stack_factors(results.get("ops", {}))
+    if no_flush:
+        results["no_flush"]["kitium_vs_stack"] = _stack_factors(no_flush)
     events = results.get("ops", {}).get("emit_events", {}).get("measured", {})
     results["emit_events_per_s"] = {
         name: 1000 / (m["median_us"] / 1e6) for name, m in events.items()
@@ -81,6 +77,18 @@ def derive(results: dict[str, Any]) -> None:
                 point["vs_smallest"] = point["median_us"] / medians[0]
             scaling["max_over_min"][op] = max(medians) / min(medians)
     results["targets"] = list(_targets(results))
+
+
+def _stack_factors(ops: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per operation and (kitium, stack) pair: the stack's median ÷ kitium's."""
+    stack: dict[str, dict[str, float]] = {}
+    for op, section in ops.items():
+        measured = section["measured"]
+        for ours, theirs in STACK_PAIRS:
+            if ours in measured and theirs in measured:
+                factor = measured[theirs]["median_us"] / measured[ours]["median_us"]
+                stack.setdefault(op, {})[f"{ours} vs {theirs}"] = factor
+    return stack
 
 
 def _check(target: str, subject: str, value: float | None, limit: float, *, at_most: bool) -> Any:
@@ -274,6 +282,8 @@ def markdown(results: dict[str, Any]) -> str:
     scaling = results.get("scaling")
     if scaling:
         out += _scaling_table(scaling)
+    if results.get("no_flush"):
+        out += _no_flush_tables(results["no_flush"], variants)
     out += _targets_section(results)
     out += _method()
     return "\n".join(out) + "\n"
@@ -352,6 +362,45 @@ def _ops_tables(results: dict[str, Any], variants: list[str]) -> list[str]:
             if op not in seen:
                 seen.add(op)
                 out.append(f"- {op}: {note}")
+        out.append("")
+    return out
+
+
+def _no_flush_tables(no_flush: dict[str, Any], variants: list[str]) -> list[str]:
+    out = ["## Writes without the commit flush", ""]
+    if "skipped" in no_flush:
+        return [*out, f"Not run: {no_flush['skipped']}.", ""]
+    out.append(
+        "The write operations once more, with the server's `synchronous_commit` set to `off`"
+        " for the time (ALTER SYSTEM, then reset): a commit no longer waits for its WAL flush,"
+        " so what is left is the work of the client library and of the server. This is not a"
+        " setting to run an auth store with; it shows how much of each write above is the"
+        " disk. The targets are checked on the durable run above only."
+    )
+    out.append("")
+    ops = no_flush["ops"]
+    shown = [v for v in variants if any(v in section["measured"] for section in ops.values())]
+    rows = []
+    for op, section in ops.items():
+        row = [op]
+        for v in shown:
+            m = section["measured"].get(v)
+            row.append(f"{_us(m['median_us'])} ({_x(m.get('ratio_raw'))})" if m else "—")
+        rows.append(row)
+    out.append("Median µs (÷ the raw-driver floor):")
+    out.append("")
+    out += _table(["operation", *shown], rows)
+    out.append("")
+    stack = no_flush.get("kitium_vs_stack", {})
+    pairs = [
+        p for p in (f"{a} vs {b}" for a, b in STACK_PAIRS) if any(p in f for f in stack.values())
+    ]
+    if pairs:
+        out += ["How many times faster kitium is than the SQLAlchemy stack, without the flush:", ""]
+        out += _table(
+            ["operation", *pairs],
+            [[op, *[_x(stack.get(op, {}).get(p)) for p in pairs]] for op in ops],
+        )
         out.append("")
     return out
 
@@ -506,7 +555,7 @@ def _method() -> list[str]:
         " empty table the plan `replace_backup_codes` caches per connection is a sequential"
         " scan, and create_backup_codes then slows down with every code written.",
         "- Writes commit one by one with `synchronous_commit=on`: their latency includes a WAL"
-        " flush, which is most of it.",
+        " flush, which is most of it (the no-flush section measures them without it).",
         "",
     ]
 

@@ -35,7 +35,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,14 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
+from psycopg import sql
 
 from benchmarks import cpus, log, report, seed
 from benchmarks.variants import (
     BACKUP_CODES,
     EVENTS_PER_BATCH,
     OPERATIONS,
+    WRITES,
     AsyncVariant,
     KitiumAsync,
     KitiumSync,
@@ -108,7 +111,11 @@ DELETE_SKIP = (
     "the purge is measured once per stack (kitium sync/async, raw psycopg, one"
     " SQLAlchemy variant), each on its own freshly seeded expired rows"
 )
-SECTIONS = ("ops", "login", "delete", "scaling")
+SECTIONS = ("ops", "login", "delete", "scaling", "no-flush")
+NO_FLUSH_SKIP = (
+    "it sets synchronous_commit server-wide for a while, so it runs only on the benchmark's"
+    " own embedded server, not on a --dsn one"
+)
 # The request load next to each purge: one get_session every READER_PAUSE_S, timed, on its own
 # connection; first READER_IDLE_S seconds of it with nothing else running, for comparison.
 READER_PAUSE_S = 0.002
@@ -225,7 +232,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         "--sections",
         default=",".join(SECTIONS),
         help="comma-separated parts to run: ops (per-operation table), login (pipelining),"
-        " delete (expired-session purge), scaling (curve); default: all",
+        " delete (expired-session purge), scaling (curve), no-flush (the writes again with"
+        " synchronous_commit off; embedded server only); default: all",
     )
     parser.add_argument(
         "--out",
@@ -711,10 +719,55 @@ class Run:
 
     def run_ops(self) -> None:
         assert self.data is not None
+        inputs = Inputs(self.data, random.Random(self.config.seed + 1))
+        self.results["ops"] = self.measure_ops("ops", self.config.ops, inputs)
+
+    def run_no_flush(self) -> None:
+        """The write operations again with the server's ``synchronous_commit`` off, so that a
+        commit no longer waits for its WAL flush: what is left is the client's and the server's
+        work, the part a library can change. Only on the benchmark's own embedded server, since
+        it changes a server-wide setting for a while."""
+        assert self.data is not None
+        ops = tuple(op for op in self.config.ops if op in WRITES)
+        if self.server is None:
+            self.results["no_flush"] = {"skipped": NO_FLUSH_SKIP}
+            log(f"no-flush: skipped ({NO_FLUSH_SKIP})")
+            return
+        if not ops:
+            return
+        inputs = Inputs(self.data, random.Random(self.config.seed + 5))
+        with self.server_setting("synchronous_commit", "off"):
+            measured = self.measure_ops("no-flush", ops, inputs)
+        self.results["no_flush"] = {"setting": "synchronous_commit=off", "ops": measured}
+
+    @contextmanager
+    def server_setting(self, name: str, value: str) -> Iterator[None]:
+        """Server-wide ``name = value`` (ALTER SYSTEM, then a reload that every open session
+        picks up before its next statement), reset on exit."""
+        with self.admin() as conn:
+            conn.execute(
+                sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
+            )
+            conn.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)  # the reload is a signal: let every backend take it in
+        with self.admin() as conn:
+            shown = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
+        if shown is None or shown[0] != value:
+            raise RuntimeError(f"the server did not take {name} = {value} (shows {shown})")
+        try:
+            yield
+        finally:
+            with self.admin() as conn:
+                conn.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
+                conn.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)
+
+    def measure_ops(self, section: str, ops: Sequence[str], inputs: Inputs) -> dict[str, Any]:
+        """Every variant on each of ``ops``, interleaved; returns per operation what was
+        measured (median, p95, calls) and which variants were skipped, and why."""
         c = self.config
-        inputs = Inputs(self.data, random.Random(c.seed + 1))
-        ops: dict[str, Any] = {}
-        for op in c.ops:
+        results: dict[str, Any] = {}
+        for op in ops:
             candidates: list[Candidate] = []
             skipped: dict[str, str] = {}
             for name in c.variants:
@@ -730,7 +783,7 @@ class Run:
             started = time.perf_counter()
             batch_op = op == "emit_events"
             samples = self.measure(
-                "ops",
+                section,
                 candidates,
                 rounds=c.rounds,
                 calls=max(2, c.calls // 10) if batch_op else c.calls,
@@ -738,7 +791,7 @@ class Run:
                 batch_seconds=c.batch_seconds,
                 min_calls=1 if c.quick and batch_op else 2,
             )
-            ops[op] = {
+            results[op] = {
                 "measured": {
                     name: {
                         "median_us": s.median_us,
@@ -752,11 +805,11 @@ class Run:
                 "skipped": skipped,
             }
             log(
-                f"{op}: "
+                f"{section} {op}: "
                 + ", ".join(f"{n} {s.median_us:.0f} µs" for n, s in samples.items())
                 + f" ({time.perf_counter() - started:.1f} s)"
             )
-        self.results["ops"] = ops
+        return results
 
     def run_login(self) -> None:
         assert self.data is not None
@@ -1071,6 +1124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run.run_login()
                 if "delete" in config.sections:
                     run.run_delete()
+                if "no-flush" in config.sections:
+                    run.run_no_flush()
             finally:
                 run.close_variants()
             if "scaling" in config.sections:

@@ -178,3 +178,48 @@ def test_chart_when_matplotlib_is_installed(quick: QuickRun) -> None:
         assert "no chart" in (quick.out / "latest.md").read_text()
         pytest.skip("matplotlib not installed (pip install '.[bench]')")
     assert (quick.out / "latest.png").stat().st_size > 10_000
+
+
+def test_no_flush_section_needs_the_benchmarks_own_server(quick: QuickRun) -> None:
+    # With --dsn the run must not touch a server-wide setting: the section says why it is absent.
+    assert quick.returncode == 0, quick.stderr[-5000:]
+    assert "--dsn" in quick.results["no_flush"]["skipped"]
+    assert (
+        "## Writes without the commit flush\n\nNot run: " in (quick.out / "latest.md").read_text()
+    )
+
+
+def test_no_flush_section_on_the_embedded_server(tmp_path: Path) -> None:
+    """Without --dsn the run starts its own server, measures the writes again with
+    synchronous_commit off (the run itself checks the server took the setting), and reports
+    them beside the durable figures."""
+    out = tmp_path / "bench"
+    ops, variants = ("create_user", "emit_event"), ("kitium-sync", "raw-psycopg")
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(SCRIPT), "--quick", "--out", str(out)),
+            *("--sections", "ops,no-flush", "--ops", ",".join(ops)),
+            *("--variants", ",".join(variants), "--scale-max", "1000"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads((out / "latest.json").read_text())
+    no_flush = results["no_flush"]
+    assert no_flush["setting"] == "synchronous_commit=off"
+    assert set(no_flush["ops"]) == set(ops)
+    for op in ops:
+        measured = no_flush["ops"][op]["measured"]
+        assert set(measured) == set(variants)
+        assert measured["raw-psycopg"]["ratio_raw"] == 1.0
+        assert all(m["n"] >= 2 and m["median_us"] > 0 for m in measured.values())
+    assert "no-flush" in results["cpu_layout"]
+    report = (out / "latest.md").read_text()
+    assert "## Writes without the commit flush\n\nThe write operations once more" in report
+    # The durable table is still there, and the bench lines cover only it.
+    assert set(results["ops"]) == set(ops)
+    assert sorted(results["claimed"]) == sorted([op, v] for op in ops for v in variants)

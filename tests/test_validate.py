@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,3 +102,30 @@ def test_nesting_limit_matches_the_plain_definition(depth: int, leaf: object) ->
         found = None
     assert found == expected
     assert (expected is None) == (depth > v.JSON_DEPTH)  # the leaf sits at depth ``depth``
+
+
+def test_whitespace_pattern_is_exactly_str_isspace() -> None:
+    # email() looks for whitespace with a regex: it must match the same code points as
+    # str.isspace, every one of them.
+    differ = [
+        hex(c)
+        for c in range(sys.maxunicode + 1)
+        if bool(v._WHITESPACE.match(chr(c))) != chr(c).isspace()
+    ]
+    assert differ == []
+
+
+_ADDRESS_PART = st.text(
+    st.characters(exclude_categories=["Cs"], exclude_characters="@\x00"), min_size=1, max_size=20
+)
+
+
+@given(local=_ADDRESS_PART, domain=_ADDRESS_PART)
+def test_email_refuses_an_address_exactly_when_it_holds_whitespace(local: str, domain: str) -> None:
+    address = f"{local}@{domain}"
+    if any(c.isspace() for c in address):
+        with pytest.raises(ValidationError, match="email address") as raised:
+            v.email("email", address)
+        assert raised.value.field == "email"
+    else:
+        assert v.email("email", address) == address
