@@ -194,7 +194,8 @@ def test_no_flush_section_on_the_embedded_server(tmp_path: Path) -> None:
     synchronous_commit off (the run itself checks the server took the setting), and reports
     them beside the durable figures."""
     out = tmp_path / "bench"
-    ops, variants = ("create_user", "emit_event"), ("kitium-sync", "raw-psycopg")
+    ops = ("create_user", "emit_event", "mark_email_verification_token_as_used")
+    variants = ("kitium-sync", "raw-psycopg")
     proc = subprocess.run(
         [
             *(sys.executable, str(SCRIPT), "--quick", "--out", str(out)),
