@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import enum
 import functools
+import keyword
 import re
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 
 import aiosql
 import attrs
 from psycopg import AsyncCursor, Cursor
 
 from .errors import ValidationError
+
+T = TypeVar("T")
 
 DEFAULT_SCHEMA: Final = "kitium_auth"
 _SCHEMA_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -102,6 +106,38 @@ def column_names(query: Query, cursor: Cursor[Any] | AsyncCursor[Any]) -> tuple[
         description = cursor.description or ()
         names = _COLUMNS[query.sql] = tuple(column.name for column in description)
     return names
+
+
+_BINDERS: dict[tuple[str, Callable[..., Any]], Callable[[Sequence[Any]], Any]] = {}
+
+
+def binder(
+    query: Query, cursor: Cursor[Any] | AsyncCursor[Any], make: Callable[..., T]
+) -> Callable[[Sequence[Any]], T]:
+    """The function that turns one result row of ``query`` into ``make(column=value, ...)``,
+    built from the column names on ``cursor`` (which holds its result) the first time and
+    cached per query and ``make``.
+
+    It is generated, as ``collections.namedtuple`` and attrs' own ``__init__`` are: one keyword
+    call taking the values by position, which spares the dict that ``make(**dict(zip(...)))``
+    builds for every row (a third of the cost of a record; benchmarks/results/
+    profile_get_session.md). Only plain identifiers are ever compiled: a result column whose
+    name is not one, or appears twice, raises ``RuntimeError``.
+    """
+    key = (query.sql, make)
+    bind = _BINDERS.get(key)
+    if bind is None:
+        names = column_names(query, cursor)
+        unusable = sorted(
+            {n for n in names if not n.isidentifier() or keyword.iskeyword(n) or names.count(n) > 1}
+        )
+        if unusable:
+            raise RuntimeError(f"query {query.name}: unusable result column names {unusable}")
+        arguments = ", ".join(f"{name}=row[{i}]" for i, name in enumerate(names))
+        namespace: dict[str, Any] = {"make": make}
+        exec(f"def bind(row):\n    return make({arguments})\n", namespace)  # noqa: S102
+        bind = _BINDERS[key] = namespace["bind"]
+    return cast("Callable[[Sequence[Any]], T]", bind)
 
 
 @functools.cache

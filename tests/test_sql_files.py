@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
-from kitium_pg import _sql
+from kitium_pg import Permission, _sql
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERY_FILES = sorted((ROOT / "queries").glob("*.sql"))
@@ -107,3 +108,39 @@ def test_migrations_have_up_and_down_and_no_search_path_dependence() -> None:
         assert "TIMESTAMP " not in text.upper().replace("TIMESTAMPTZ", ""), "use timestamptz"
         for table in re.findall(r"CREATE TABLE (?!kitium_auth\.)(\w+)", text):
             pytest.fail(f"{path.name}: unqualified table {table}")
+
+
+class _Described:
+    """Stands in for a cursor holding a result: only its column names are read."""
+
+    def __init__(self, *names: str) -> None:
+        self.description = [type("Column", (), {"name": name})() for name in names]
+
+
+def _query(name: str) -> _sql.Query:
+    # A distinct SQL text per test: binders are cached by SQL text and record class.
+    return _sql.Query(name, f"SELECT /* {name} */ 1", _sql.Shape.ONE)
+
+
+def test_binder_builds_what_the_keyword_call_builds() -> None:
+    query = _query("binder_same")
+    row: tuple[Any, ...] = ("perm.read", "docs", None, "read docs", {"level": 1})
+    names = ("name", "resource", "action", "description", "metadata")
+    bind = _sql.binder(query, cast(Any, _Described(*names)), Permission)
+    assert bind(row) == Permission(**dict(zip(names, row, strict=True)))
+    # Cached per query and record class; another class gets its own.
+    assert _sql.binder(query, cast(Any, _Described("ignored")), Permission) is bind
+    as_dict: Any = _sql.binder(query, cast(Any, _Described(*names)), dict)
+    assert as_dict is not bind
+    assert as_dict(row) == dict(zip(names, row, strict=True))
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("id", "x-y"), ("id", "class"), ("id", "id"), ("a = 1); import os; (b",), ("1st",)],
+)
+def test_binder_compiles_only_distinct_identifiers(names: tuple[str, ...]) -> None:
+    query = _query(f"binder_refuses_{abs(hash(names))}")
+    with pytest.raises(RuntimeError, match="unusable result column names"):
+        _sql.binder(query, cast(Any, _Described(*names)), dict)
+    assert all(key[0] != query.sql for key in _sql._BINDERS)

@@ -565,13 +565,12 @@ async def _fetch(cur: AsyncCursor[Any], query: _sql.Query, make: Make) -> Any:
         row = await cur.fetchone()
         if row is None or make is None:
             return row
-        return make(**dict(zip(_sql.column_names(query, cur), row, strict=True)))
+        return _sql.binder(query, cur, make)(row)
     if shape is _sql.Shape.MANY:
         rows = await cur.fetchall()
         if make is None:
             return rows
-        names = _sql.column_names(query, cur)
-        return [make(**dict(zip(names, row, strict=True))) for row in rows]
+        return list(map(_sql.binder(query, cur, make), rows))
     if shape is _sql.Shape.VALUE:
         row = await cur.fetchone()
         return None if row is None else row[0]

@@ -558,13 +558,12 @@ def _fetch(cur: Cursor[Any], query: _sql.Query, make: Make) -> Any:
         row = cur.fetchone()
         if row is None or make is None:
             return row
-        return make(**dict(zip(_sql.column_names(query, cur), row, strict=True)))
+        return _sql.binder(query, cur, make)(row)
     if shape is _sql.Shape.MANY:
         rows = cur.fetchall()
         if make is None:
             return rows
-        names = _sql.column_names(query, cur)
-        return [make(**dict(zip(names, row, strict=True))) for row in rows]
+        return list(map(_sql.binder(query, cur, make), rows))
     if shape is _sql.Shape.VALUE:
         row = cur.fetchone()
         return None if row is None else row[0]
