@@ -2,7 +2,7 @@
 
 Measures, interleaved like ``run.py``, the full call next to its pieces: pool checkout and
 return, the query on a held connection the way the adapter runs it (reused tuple cursor,
-automatic prepare, record built from the cached column names) and the raw floor (tuple rows,
+automatic prepare, record built by the adapter's row binder) and the raw floor (tuple rows,
 ``prepare=True``), cursor creation, building the ``Session`` record, argument validation and
 the per-call log line. Then the same for the async adapter (its pool, record and dispatch,
 measured in place, next to raw asyncpg when it is installed). Then runs the sync call under
@@ -105,7 +105,11 @@ def _profile(
     reused_tuples = held.cursor()
     sample = held.cursor(row_factory=dict_row).execute(sql, {"id": ids[0]}).fetchone()
     assert sample is not None
-    names = tuple(sample)
+    # The adapter's row binder for this query (cached: the same function the adapter calls).
+    bind = _sql.binder(
+        _sql.queries(schema)["get_session"], reused_auto.execute(sql, {"id": ids[0]}), Session
+    )
+    reused_auto.fetchall()
     pool = storage.pool
 
     def full(x: Any) -> Any:
@@ -142,7 +146,7 @@ def _profile(
     def reused_cursor_records(x: Any) -> Any:
         reused_auto.execute(sql, {"id": x})
         row = reused_auto.fetchone()
-        return None if row is None else Session(**dict(zip(names, row, strict=True)))
+        return None if row is None else bind(row)
 
     def reused_cursor_tuples(x: Any) -> Any:
         reused_tuples.execute(sql, {"id": x}, prepare=True)
@@ -158,7 +162,7 @@ def _profile(
                 cur = pooled_cursors[conn] = conn.cursor()
             cur.execute(sql, {"id": x})
             row = cur.fetchone()
-            return None if row is None else Session(**dict(zip(names, row, strict=True)))
+            return None if row is None else bind(row)
         finally:
             pool.putconn(conn)
 
@@ -166,8 +170,10 @@ def _profile(
         with held.cursor():
             return True
 
+    sample_row = tuple(sample.values())
+
     def record_only(x: Any) -> Any:
-        return Session(**sample)
+        return bind(sample_row)
 
     def validation_only(x: Any) -> Any:
         return v.parse_uuid(x)
@@ -181,12 +187,12 @@ def _profile(
         ("B pool getconn + putconn (no query)", checkout),
         ("C pool.connection() enter + exit (no query)", checkout_cm),
         ("D held conn, REUSED cursor, tuple rows, automatic prepare", reused_cursor_auto),
-        ("E D + Session record from the cached column names", reused_cursor_records),
+        ("E D + Session record (the adapter's row binder)", reused_cursor_records),
         ("F held conn, REUSED cursor, tuple rows, prepare=True (floor)", reused_cursor_tuples),
         ("G cursor create + close (no query; the adapter reuses one)", cursor_only),
         ("K B + E inline: the adapter's path without its dispatch", inline_path),
         ("L the adapter's own work: A with a stub cursor (no psycopg, no server)", adapter_only),
-        ("H Session(**row) record build (attrs converters)", record_only),
+        ("H Session record from a stored row by the binder (attrs init, converters)", record_only),
         ("I argument validation (parse_uuid)", validation_only),
         ("J log_call with DEBUG off", log_only),
     ]
@@ -217,8 +223,8 @@ def _profile(
         f"- pool checkout + return (B): {med['B']:.1f} µs"
         f" (pool.connection() context, C: {med['C']:.1f} µs)\n"
         f"- automatic vs explicit prepare (D - F): {med['D'] - med['F']:.1f} µs\n"
-        f"- Session record from cached names (E - D): {med['E'] - med['D']:.1f} µs;"
-        f" the attrs constructor alone (H): {med['H']:.1f} µs\n"
+        f"- Session record by the row binder (E - D): {med['E'] - med['D']:.1f} µs;"
+        f" the record alone (H): {med['H']:.1f} µs\n"
         f"- validation (I): {med['I']:.2f} µs; logging (J): {med['J']:.2f} µs\n"
         f"- remainder (dispatch, retry loop, observer hook, cursor lookup):"
         f" {overhead - med['B'] - (med['E'] - med['F']) - med['I'] - med['J']:.1f} µs\n"
@@ -281,7 +287,9 @@ def _async_pieces(
     held = runner.run(psycopg.AsyncConnection.connect(dsn, **connection_kwargs()))
     reused_auto = held.cursor()
     reused_tuples = held.cursor()
-    column_names: tuple[str, ...] = ()
+    runner.run(reused_auto.execute(sql, {"id": some_ids(1)[0]}))
+    bind = _sql.binder(query, reused_auto, Session)
+    runner.run(reused_auto.fetchall())
     stubbed = AsyncPostgresStorageAdapter(dsn, schema=schema, min_size=1, max_size=1)
     runner.run(stubbed.connect(migrate=False))
     runner.run(stubbed.get_session(some_ids(1)[0]))
@@ -303,11 +311,9 @@ def _async_pieces(
         return await reused_auto.fetchone()
 
     async def reused_cursor_records(x: Any) -> Any:
-        nonlocal column_names
         await reused_auto.execute(sql, {"id": x})
         row = await reused_auto.fetchone()
-        column_names = column_names or _sql.column_names(query, reused_auto)
-        return None if row is None else Session(**dict(zip(column_names, row, strict=True)))
+        return None if row is None else bind(row)
 
     async def reused_cursor_tuples(x: Any) -> Any:
         await reused_tuples.execute(sql, {"id": x}, prepare=True)
@@ -316,7 +322,6 @@ def _async_pieces(
     pooled_cursors: dict[Any, Any] = {}
 
     async def inline_path(x: Any) -> Any:
-        nonlocal column_names
         conn = await pool.getconn()
         try:
             cur = pooled_cursors.get(conn)
@@ -324,8 +329,7 @@ def _async_pieces(
                 cur = pooled_cursors[conn] = conn.cursor()
             await cur.execute(sql, {"id": x})
             row = await cur.fetchone()
-            column_names = column_names or _sql.column_names(query, cur)
-            return None if row is None else Session(**dict(zip(column_names, row, strict=True)))
+            return None if row is None else bind(row)
         finally:
             await pool.putconn(conn)
 
@@ -336,7 +340,7 @@ def _async_pieces(
         ("A full await storage.get_session(id)", full),
         ("B async pool getconn + putconn (no query)", checkout),
         ("D held conn, REUSED cursor, tuple rows, automatic prepare", reused_cursor_auto),
-        ("E D + Session record from the cached column names", reused_cursor_records),
+        ("E D + Session record (the adapter's row binder)", reused_cursor_records),
         (
             "F held conn, REUSED cursor, tuple rows, prepare=True (psycopg floor)",
             reused_cursor_tuples,
