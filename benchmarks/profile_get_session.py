@@ -380,6 +380,12 @@ def _async_pieces(
         f"- the adapter's own work with the server and psycopg stubbed out (L):"
         f" {med['L']:.1f} µs"
     )
+    print(
+        "\nPieces on different connections (A and K on pooled ones, D, E and F on a held one)"
+        " differ by the connection-to-connection spread too, a few µs (cpu_layout.md): the"
+        " in-place differences above move by that much between runs. B, H and L, which need no"
+        " server, are the stable figures."
+    )
     if "R" in med:
         print(
             f"- against raw asyncpg (R): kitium-async A ÷ R = {med['A'] / med['R']:.2f}x;"
