@@ -4,8 +4,8 @@ Measures, interleaved like ``run.py``, the full call next to its pieces: pool ch
 return, the query on a held connection the way the adapter runs it (reused tuple cursor,
 automatic prepare, record built by the adapter's row binder) and the raw floor (tuple rows,
 ``prepare=True``), cursor creation, building the ``Session`` record, argument validation and
-the per-call log line. Then the same for the async adapter (its pool, record and dispatch,
-measured in place, next to raw asyncpg when it is installed). Then runs the sync call under
+the per-call log line. Then the async adapter next to psycopg's async floor and raw asyncpg
+(when installed), with its own work measured without a server. Then runs the sync call under
 cProfile and prints the functions with the most own time. Optional: ``--py-spy PATH``
 samples it with py-spy (needs the py-spy binary).
 
@@ -234,6 +234,11 @@ def _profile(
         f"- the adapter's dispatch (A - K): {med['A'] - med['K']:.1f} µs;"
         f" its path inlined over the floor (K - F): {med['K'] - med['F']:.1f} µs\n"
     )
+    print(
+        "A and K run on the pool's connection, D, E and F on a held one: their differences also"
+        " carry the connection-to-connection spread, about a µs or two with the layout pinned"
+        " (cpu_layout.md). B, G, H, I, J and L need no server and hold from run to run.\n"
+    )
     _async_pieces(args, runner, dsn, schema, some_ids, stored_row, postmaster)
     profiler = cProfile.Profile()
     batch = some_ids(args.profile_calls)
@@ -276,20 +281,16 @@ def _async_pieces(
     stored_row: Any,
     postmaster: int | None,
 ) -> None:
-    """The same breakdown for kitium-async, next to raw asyncpg when it is installed: where
-    kitium-async's distance to asyncpg goes (the psycopg driver's own, the pool's, the
-    record's, the dispatch's)."""
-    query = _sql.queries(schema)["get_session"]
-    sql = query.sql
+    """Where kitium-async's distance to asyncpg goes: the full call, psycopg's async floor and
+    raw asyncpg (when installed) side by side, and the adapter's own work measured without a
+    server (and the async pool's share of it). Only the figures that hold from run to run: an
+    in-place breakdown like the sync one moved by ±10 µs between runs under asyncio."""
+    sql = _sql.queries(schema)["get_session"].sql
     storage = AsyncPostgresStorageAdapter(dsn, schema=schema)
     runner.run(storage.connect(migrate=False))
     pool = storage.pool
     held = runner.run(psycopg.AsyncConnection.connect(dsn, **connection_kwargs()))
-    reused_auto = held.cursor()
     reused_tuples = held.cursor()
-    runner.run(reused_auto.execute(sql, {"id": some_ids(1)[0]}))
-    bind = _sql.binder(query, reused_auto, Session)
-    runner.run(reused_auto.fetchall())
     stubbed = AsyncPostgresStorageAdapter(dsn, schema=schema, min_size=1, max_size=1)
     runner.run(stubbed.connect(migrate=False))
     runner.run(stubbed.get_session(some_ids(1)[0]))
@@ -306,47 +307,21 @@ def _async_pieces(
         await pool.putconn(conn)
         return True
 
-    async def reused_cursor_auto(x: Any) -> Any:
-        await reused_auto.execute(sql, {"id": x})
-        return await reused_auto.fetchone()
-
-    async def reused_cursor_records(x: Any) -> Any:
-        await reused_auto.execute(sql, {"id": x})
-        row = await reused_auto.fetchone()
-        return None if row is None else bind(row)
-
     async def reused_cursor_tuples(x: Any) -> Any:
         await reused_tuples.execute(sql, {"id": x}, prepare=True)
         return await reused_tuples.fetchone()
-
-    pooled_cursors: dict[Any, Any] = {}
-
-    async def inline_path(x: Any) -> Any:
-        conn = await pool.getconn()
-        try:
-            cur = pooled_cursors.get(conn)
-            if cur is None:
-                cur = pooled_cursors[conn] = conn.cursor()
-            await cur.execute(sql, {"id": x})
-            row = await cur.fetchone()
-            return None if row is None else bind(row)
-        finally:
-            await pool.putconn(conn)
 
     async def adapter_only(x: Any) -> Any:
         return await stubbed.get_session(x)
 
     pieces: list[tuple[str, Callable[[Any], Any]]] = [
         ("A full await storage.get_session(id)", full),
-        ("B async pool getconn + putconn (no query)", checkout),
-        ("D held conn, REUSED cursor, tuple rows, automatic prepare", reused_cursor_auto),
-        ("E D + Session record (the adapter's row binder)", reused_cursor_records),
         (
             "F held conn, REUSED cursor, tuple rows, prepare=True (psycopg floor)",
             reused_cursor_tuples,
         ),
-        ("K B + E inline: the adapter's path without its dispatch", inline_path),
         ("L the adapter's own work: A with a stub cursor (no psycopg, no server)", adapter_only),
+        ("B async pool getconn + putconn (no query)", checkout),
     ]
     asyncpg = None
     if importlib.util.find_spec("asyncpg") is not None:
@@ -366,30 +341,20 @@ def _async_pieces(
             batch_seconds=0.3,
         )
     med = {label.split()[0]: s.median_us for label, s in samples.items()}
-    print("## get_session, kitium-async: the pieces (median µs per call, interleaved)\n")
+    print("## get_session, kitium-async (median µs per call, interleaved)\n")
     print("| piece | median µs | p95 µs |\n|---|---|---|")
     for label, s in samples.items():
         print(f"| {label} | {s.median_us:.1f} | {s.p95_us:.1f} |")
     print(
-        f"\nOverhead of the full call over the psycopg floor (A - F): {med['A'] - med['F']:.1f} µs"
-        f" ({med['A'] / med['F']:.2f}x).\n"
-        f"- the async pool in place (K - E): {med['K'] - med['E']:.1f} µs;"
-        f" alone, with no query between checkout and return (B): {med['B']:.1f} µs\n"
-        f"- the Session record in place (E - D): {med['E'] - med['D']:.1f} µs\n"
-        f"- the adapter's dispatch (A - K): {med['A'] - med['K']:.1f} µs\n"
-        f"- the adapter's own work with the server and psycopg stubbed out (L):"
-        f" {med['L']:.1f} µs"
-    )
-    print(
-        "\nPieces on different connections (A and K on pooled ones, D, E and F on a held one)"
-        " differ by the connection-to-connection spread too, a few µs (cpu_layout.md): the"
-        " in-place differences above move by that much between runs. B, H and L, which need no"
-        " server, are the stable figures."
+        f"\nOver the psycopg async floor (A - F): {med['A'] - med['F']:.1f} µs"
+        f" ({med['A'] / med['F']:.2f}x); the adapter's own work without a server (L):"
+        f" {med['L']:.1f} µs, {med['B']:.1f} µs of it the async pool (B)."
     )
     if "R" in med:
         print(
-            f"- against raw asyncpg (R): kitium-async A ÷ R = {med['A'] / med['R']:.2f}x;"
-            f" the psycopg async floor F ÷ R = {med['F'] / med['R']:.2f}x"
+            f"Against raw asyncpg (R): kitium-async A ÷ R = {med['A'] / med['R']:.2f}x, of which"
+            f" psycopg's async floor F ÷ R = {med['F'] / med['R']:.2f}x and kitium A ÷ F ="
+            f" {med['A'] / med['F']:.2f}x."
         )
     print()
     if asyncpg is not None:
