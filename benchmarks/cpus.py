@@ -16,7 +16,7 @@ pinning).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +65,11 @@ def summary(applied: dict[str, Any]) -> str:
         return f"not pinned ({applied['reason']})"
     client = ",".join(map(str, applied["client_cpus"]))
     server = ",".join(map(str, applied["server_cpus"]))
-    return f"{applied['layout']}, client on CPU {client}, server on CPU {server}"
+    line = f"{applied['layout']}, client on CPU {client}, server on CPU {server}"
+    beside = len(applied.get("with_client_cpus", ()))
+    if beside:
+        line += f" but {beside} backend{'s' if beside > 1 else ''} with the client"
+    return line
 
 
 def _parent(pid: int) -> int | None:
@@ -124,12 +128,15 @@ def _set(pids: list[int], cpus: frozenset[int] | set[int]) -> int:
 
 
 @contextmanager
-def pinned(layout: Layout | None, postmaster: int | None, dsn: str) -> Iterator[dict[str, Any]]:
+def pinned(
+    layout: Layout | None, postmaster: int | None, dsn: str, *, with_client: Sequence[int] = ()
+) -> Iterator[dict[str, Any]]:
     """Pin the server (the postmaster, every process it has forked, and through inheritance
-    every backend it forks meanwhile) and every thread of this process per ``layout``; restore
-    the CPUs they had on exit. Yields a description of what was applied, including the CPUs a
-    backend forked afterwards reports; raises ``RuntimeError`` if they are not the layout's.
-    With no layout or no local server, pins nothing and says why."""
+    every backend it forks meanwhile) and every thread of this process per ``layout``, and the
+    backends ``with_client`` (process ids) beside the client; restore the CPUs they had on
+    exit. Yields a description of what was applied, including the CPUs a backend forked
+    afterwards reports; raises ``RuntimeError`` if they are not the layout's. With no layout or
+    no local server, pins nothing and says why."""
     if layout is None or postmaster is None:
         why = "no layout" if layout is None else "the server is not a local process"
         yield {"layout": "os", "reason": why}
@@ -139,6 +146,7 @@ def pinned(layout: Layout | None, postmaster: int | None, dsn: str) -> Iterator[
     try:
         pinned_server = _set(_server_processes(postmaster), layout.server)
         _set(_client_threads(), layout.client)
+        _set(list(with_client), layout.client)
     except PermissionError as exc:
         _set(_server_processes(postmaster), server_before)
         _set(_client_threads(), client_before)
@@ -155,11 +163,14 @@ def pinned(layout: Layout | None, postmaster: int | None, dsn: str) -> Iterator[
                 f"CPU layout {layout.name}: a new backend runs on CPUs {backend_cpus},"
                 f" not {sorted(layout.server)}"
             )
-        yield {
+        applied = {
             **layout.describe(),
             "server_processes": pinned_server,
             "new_backend_cpus": backend_cpus,
         }
+        if with_client:
+            applied["with_client_cpus"] = [sorted(os.sched_getaffinity(p)) for p in with_client]
+        yield applied
     finally:
         _set(_server_processes(postmaster), server_before)
         _set(_client_threads(), client_before)

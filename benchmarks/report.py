@@ -410,17 +410,19 @@ def _delete_table(delete: dict[str, Any]) -> list[str]:
         f"## delete_expired_sessions over {delete['expired']:,} expired rows",
         "",
         f"kitium and raw psycopg delete in statements of {delete['batch_size']:,} rows (the"
-        " adapter's loop; durations per statement from its debug log); SQLAlchemy runs one bulk"
-        " DELETE. Each variant purges its own freshly seeded rows (live rows stay)."
+        " adapter's loop; durations per statement from its `progress` callback); SQLAlchemy runs"
+        " one bulk DELETE. Each variant purges its own freshly seeded rows (live rows stay)."
         " raw-psycopg+any-array (run only while the adapter's statement uses `id IN"
         " (subquery)`) chooses the batch by `id = ANY (ARRAY(subquery))`, which pins a"
         " primary-key index scan per batch; `IN` leaves the planner free to pick a hash"
         " semi-join over a sequential scan of the whole table, and it does on mid-sized tables.",
         "",
         "While each purge runs, a thread of the benchmark calls kitium-sync `get_session` on"
-        " live sessions once every 2 ms on a connection of its own, as an application keeps"
+        " live sessions back to back on a connection of its own, as an application keeps"
         " serving requests; the same reader just before the purge, with nothing else running,"
-        " gives the idle figures.",
+        " gives the idle figures. The reader and its backend share the client's CPU and the"
+        " purge's backend runs with the rest of the server, so the two differ by what the"
+        " purge's statements do to the reads (locks, buffers, WAL), not by CPU placement.",
         "",
     ]
     rows = []
@@ -519,8 +521,7 @@ def _layout(results: dict[str, Any]) -> str:
     applied = results.get("cpu_layout") or {}
     if not applied:
         return f"{results['config'].get('cpu_layout', 'os')} (no section pinned)"
-    parts = [f"{section}: {cpus.summary(a)}" for section, a in applied.items()]
-    return "; ".join(parts) + "; delete: not pinned"
+    return "; ".join(f"{section}: {cpus.summary(a)}" for section, a in applied.items())
 
 
 def _method() -> list[str]:

@@ -12,12 +12,10 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -241,35 +239,19 @@ class AsyncVariant(Variant):
 # -- kitium-pg ---------------------------------------------------------------------------------
 
 
-class _BatchLog(logging.Handler):
-    """Collects the duration of each ``delete_expired_sessions`` statement from the adapter's
-    per-statement debug log (``log_call``)."""
+class BatchClock:
+    """Times each batch of a purge from its ``progress`` callback, called after every batch:
+    the public way to watch it, and one that leaves logging (the concurrent reader's adapter
+    logs through the same ``kitium_pg`` logger) at its usual level."""
 
-    def __init__(self, operation: str) -> None:
-        super().__init__(logging.DEBUG)
-        self.operation = operation
+    def __init__(self) -> None:
         self.durations_s: list[float] = []
+        self._last = time.perf_counter()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "operation", None) == self.operation:
-            duration_ms = getattr(record, "duration_ms", None)
-            if isinstance(duration_ms, int | float):
-                self.durations_s.append(duration_ms / 1000)
-
-
-@contextmanager
-def statement_log(operation: str) -> Iterator[_BatchLog]:
-    """Capture kitium-pg's per-statement durations for ``operation`` while the block runs."""
-    logger = logging.getLogger("kitium_pg")
-    handler = _BatchLog(operation)
-    previous = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.setLevel(previous)
-        logger.removeHandler(handler)
+    def tick(self, deleted_so_far: int) -> None:
+        now = time.perf_counter()
+        self.durations_s.append(now - self._last)
+        self._last = now
 
 
 class KitiumSync(SyncVariant):
@@ -328,9 +310,9 @@ class KitiumSync(SyncVariant):
         return self.storage.mark_email_verification_token_as_used(x)
 
     def maint_delete_expired_sessions(self, batch_size: int) -> tuple[int, list[float]]:
-        with statement_log("delete_expired_sessions") as batches:
-            deleted = self.storage.delete_expired_sessions(batch_size=batch_size)
-        return deleted, batches.durations_s
+        clock = BatchClock()
+        deleted = self.storage.delete_expired_sessions(batch_size=batch_size, progress=clock.tick)
+        return deleted, clock.durations_s
 
 
 class KitiumAsync(AsyncVariant):
@@ -425,9 +407,11 @@ class KitiumAsync(AsyncVariant):
         return session, event
 
     async def maint_delete_expired_sessions(self, batch_size: int) -> tuple[int, list[float]]:
-        with statement_log("delete_expired_sessions") as batches:
-            deleted = await self.storage.delete_expired_sessions(batch_size=batch_size)
-        return deleted, batches.durations_s
+        clock = BatchClock()
+        deleted = await self.storage.delete_expired_sessions(
+            batch_size=batch_size, progress=clock.tick
+        )
+        return deleted, clock.durations_s
 
 
 # -- raw psycopg: the floor --------------------------------------------------------------------
