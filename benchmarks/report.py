@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -330,20 +330,15 @@ def _ops_tables(results: dict[str, Any], variants: list[str]) -> list[str]:
         rows.append(row)
     out += _table(["operation", *variants], rows)
     out.append("")
-    stack = results.get("kitium_vs_stack", {})
-    pairs = [
-        p for p in (f"{a} vs {b}" for a, b in STACK_PAIRS) if any(p in f for f in stack.values())
-    ]
-    if pairs:
+    factors = _stack_table(ops, results.get("kitium_vs_stack", {}))
+    if factors:
         out += [
             "## kitium vs the SQLAlchemy stack",
             "",
             "How many times faster kitium is (their median ÷ kitium's median).",
             "",
+            *factors,
         ]
-        rows = [[op, *[_x(stack.get(op, {}).get(p)) for p in pairs]] for op in ops]
-        out += _table(["operation", *pairs], rows)
-        out.append("")
     rates = results.get("emit_events_per_s", {})
     if rates:
         out += ["## emit_events throughput (batches of 1,000)", ""]
@@ -391,18 +386,26 @@ def _no_flush_tables(no_flush: dict[str, Any], variants: list[str]) -> list[str]
     out.append("")
     out += _table(["operation", *shown], rows)
     out.append("")
-    stack = no_flush.get("kitium_vs_stack", {})
+    factors = _stack_table(ops, no_flush.get("kitium_vs_stack", {}))
+    if factors:
+        out += [
+            "How many times faster kitium is than the SQLAlchemy stack, without the flush:",
+            "",
+            *factors,
+        ]
+    return out
+
+
+def _stack_table(ops: Iterable[str], stack: dict[str, dict[str, float]]) -> list[str]:
+    """The kitium-vs-stack factors of ``ops``: a column per (kitium, stack) pair that was
+    measured, then a blank line; nothing when no pair was."""
     pairs = [
         p for p in (f"{a} vs {b}" for a, b in STACK_PAIRS) if any(p in f for f in stack.values())
     ]
-    if pairs:
-        out += ["How many times faster kitium is than the SQLAlchemy stack, without the flush:", ""]
-        out += _table(
-            ["operation", *pairs],
-            [[op, *[_x(stack.get(op, {}).get(p)) for p in pairs]] for op in ops],
-        )
-        out.append("")
-    return out
+    if not pairs:
+        return []
+    rows = [[op, *[_x(stack.get(op, {}).get(p)) for p in pairs]] for op in ops]
+    return [*_table(["operation", *pairs], rows), ""]
 
 
 def _delete_table(delete: dict[str, Any]) -> list[str]:

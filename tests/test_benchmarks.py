@@ -72,17 +72,7 @@ def quick(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     """One ``--quick`` run for the whole module (its results go to a temporary folder, so the
     committed benchmarks/results stay as they are)."""
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run(
-        [
-            *(sys.executable, str(SCRIPT), "--quick", "--dsn", dsn, "--out", str(out)),
-            *("--cpu-layout", "split"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        check=False,
-    )
+    proc = _run_quick(out, "--dsn", dsn, "--cpu-layout", "split")
     lines = []
     for line in proc.stdout.splitlines():
         if line.startswith("bench:"):
@@ -92,6 +82,18 @@ def quick(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     json_path = out / "latest.json"
     results = json.loads(json_path.read_text()) if json_path.exists() else {}
     return QuickRun(proc.returncode, proc.stdout, proc.stderr, out, lines, results)
+
+
+def _run_quick(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``benchmarks/run.py --quick --out OUT ARGS...``, its output captured."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 def _missing(modules: tuple[str, ...]) -> list[str]:
@@ -199,17 +201,10 @@ def test_no_flush_section_on_the_embedded_server(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     ops = ("create_user", "emit_event", "mark_email_verification_token_as_used")
     variants = ("kitium-sync", "raw-psycopg")
-    proc = subprocess.run(
-        [
-            *(sys.executable, str(SCRIPT), "--quick", "--out", str(out)),
-            *("--sections", "ops,no-flush", "--ops", ",".join(ops)),
-            *("--variants", ",".join(variants), "--scale-max", "1000"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        check=False,
+    proc = _run_quick(
+        out,
+        *("--sections", "ops,no-flush", "--ops", ",".join(ops)),
+        *("--variants", ",".join(variants), "--scale-max", "1000"),
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     results = json.loads((out / "latest.json").read_text())
