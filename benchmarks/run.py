@@ -424,7 +424,7 @@ class ConcurrentReader:
     Back to back rather than paced: a reader that sleeps between calls lets the CPUs go idle,
     and then each call pays for waking them, by an amount the purge itself changes (busy CPUs
     wake faster). Measured that way, the same purge moved the reader's median anywhere from
-    0.6x to 2x its idle figure from run to run."""
+    0.6x to 3x its idle figure from run to run."""
 
     def __init__(self, dsn: str, schema: str, ids: Sequence[Any], seed: int) -> None:
         self.storage = PostgresStorageAdapter(dsn, schema=schema, min_size=1, max_size=1)
