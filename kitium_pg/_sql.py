@@ -94,20 +94,6 @@ def _parsed() -> dict[str, Query]:
     return found
 
 
-_COLUMNS: dict[str, tuple[str, ...]] = {}
-
-
-def column_names(query: Query, cursor: Cursor[Any] | AsyncCursor[Any]) -> tuple[str, ...]:
-    """The result column names of ``query``, read from ``cursor`` (which holds its result) the
-    first time and cached: a named query's explicit column list never changes, and reading
-    the names off every result is a measurable share of a single-row read."""
-    names = _COLUMNS.get(query.sql)
-    if names is None:
-        description = cursor.description or ()
-        names = _COLUMNS[query.sql] = tuple(column.name for column in description)
-    return names
-
-
 _BINDERS: dict[tuple[str, Callable[..., Any]], Callable[[Sequence[Any]], Any]] = {}
 
 
@@ -116,7 +102,8 @@ def binder(
 ) -> Callable[[Sequence[Any]], T]:
     """The function that turns one result row of ``query`` into ``make(column=value, ...)``,
     built from the column names on ``cursor`` (which holds its result) the first time and
-    cached per query and ``make``.
+    cached per query and ``make``: a named query's explicit column list never changes, so the
+    names are read once, not off every result.
 
     It is generated, as ``collections.namedtuple`` and attrs' own ``__init__`` are: one keyword
     call taking the values by position, which spares the dict that ``make(**dict(zip(...)))``
@@ -127,7 +114,7 @@ def binder(
     key = (query.sql, make)
     bind = _BINDERS.get(key)
     if bind is None:
-        names = column_names(query, cursor)
+        names = tuple(column.name for column in cursor.description or ())
         unusable = sorted(
             {n for n in names if not n.isidentifier() or keyword.iskeyword(n) or names.count(n) > 1}
         )

@@ -1,6 +1,6 @@
 """Typed, frozen records returned by the adapters.
 
-Rows are bound by column name (``Record(**columns)``, names cached per query), so the field
+Rows are bound by column name (``Record(column=value, ...)``, one binder per query), so the field
 names are the column names of ``queries/``. Instants are timezone-aware UTC; JSON columns come
 back as plain dicts and lists (left out of ``hash``, so records stay hashable); digests and
 other secrets are kept out of ``repr``.
