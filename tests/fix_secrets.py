@@ -231,6 +231,13 @@ def pg_tool(name: str, server_major: int) -> str:
 
 
 @functools.cache
+def _server_major(dsn: str) -> int:
+    """The major version of the server at ``dsn`` (asked once per test session)."""
+    with psycopg.connect(dsn) as conn:
+        return conn.info.server_version // 10000
+
+
+@functools.cache
 def _major_version(program: str) -> int | None:
     """The major version a PostgreSQL program reports (``pg_dump (PostgreSQL) 15.18``)."""
     done = subprocess.run([program, "--version"], capture_output=True, text=True, check=False)
@@ -241,10 +248,8 @@ def _major_version(program: str) -> int | None:
 def run_tool(name: str, args: Iterable[str], *, dsn: str, timeout: float = 120) -> str:
     """Run client program ``name`` of the major version of the server at ``dsn`` with ``args``
     and return its stdout (text); fails the test with stderr when it exits non-zero."""
-    with psycopg.connect(dsn) as conn:
-        server_major = conn.info.server_version // 10000
     done = subprocess.run(
-        [pg_tool(name, server_major), *args],
+        [pg_tool(name, _server_major(dsn)), *args],
         capture_output=True,
         text=True,
         errors="backslashreplace",
