@@ -50,7 +50,7 @@ from kitium_pg._sync import core as sync_core
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="benchmarks/profile_get_session.py",
-        description="Break the cost of kitium-sync get_session into its parts (interleaved"
+        description="Break the cost of get_session into its parts, sync and async (interleaved"
         " ablation, then cProfile). Starts an embedded PostgreSQL unless --dsn is given.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
