@@ -1,6 +1,6 @@
-"""``kitium-pg``: apply, inspect and roll back migrations, check health, manage encryption keys
-and application-role grants, run the demo, the chaos run and (from a source checkout) the
-benchmark.
+"""``kitium-pg``: apply, inspect and roll back migrations, print their SQL, check health, manage
+encryption keys and application-role grants, purge expired rows and old events, run the demo,
+the chaos run and (from a source checkout) the benchmark.
 
 Every command uses the sync ``PostgresStorageAdapter``. The database is ``--dsn``, else the
 ``DATABASE_URL`` environment variable, else an embedded PostgreSQL kept in ``./.kitium-pg/data``
@@ -66,7 +66,8 @@ Exit codes:
   1  operation failed (any other kitium-pg error; health: error status)
   2  usage error (bad option or argument)
   3  database unavailable (UnavailableError)
-  4  migration problem (MigrationError; health: migrations pending)
+  4  migration problem (MigrationError; health: migrations pending;
+     rotate-keys, delete-expired, prune-events or grant --apply with migrations pending)
   5  missing or wrong encryption key (EncryptionKeyError)
 """
 
@@ -289,9 +290,10 @@ class _Group(click.Group):
 def cli(
     ctx: click.Context, dsn: str | None, schema: str, as_json: bool, connect_timeout: float
 ) -> None:
-    """Manage the kitium-pg schema in PostgreSQL: migrate, inspect, roll back, check health,
-    make and rotate encryption keys, grant an application role, and run a demo of every
-    domain."""
+    """Manage the kitium-pg schema in PostgreSQL: migrate, inspect, roll back and print
+    migration SQL, check health, make and rotate encryption keys, grant an application role,
+    delete expired sessions and tokens and old audit events, and run the demo of every domain,
+    the chaos run and the benchmark."""
     # Library and driver log lines would break the "one line per error" promise; keep them
     # quiet unless the embedding application configured logging itself.
     if not logging.getLogger().handlers:

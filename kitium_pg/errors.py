@@ -4,7 +4,8 @@ Hierarchy::
 
     KitiumPgError                    code, retryable, __cause__
     ├── NotFoundError (LookupError)  no such row (update of a missing row, unknown reference)
-    ├── ConflictError                unique violation, consume-once already consumed
+    ├── ConflictError                unique violation, consume-once already consumed;
+    │                                serialization failure or deadlock (retryable)
     ├── ValidationError (ValueError) bad input; ``field`` names the argument; nothing was written
     ├── QueryTimeoutError (TimeoutError)  statement_timeout or lock_timeout fired
     ├── UnavailableError (ConnectionError) database unreachable, connection lost, pool exhausted
@@ -62,7 +63,10 @@ class NotFoundError(KitiumPgError, LookupError):
 
 
 class ConflictError(KitiumPgError):
-    """A uniqueness rule or a consume-once guard refused the write."""
+    """A uniqueness rule or a consume-once guard refused the write (``retryable`` false), or
+    PostgreSQL rolled the transaction back for a serialization failure (SQLSTATE 40001, code
+    ``serialization_failure``) or a deadlock (40P01, ``deadlock_detected``), which are
+    ``retryable``: nothing was committed, and ``run_in_transaction`` re-runs the transaction."""
 
     code = "conflict"
 

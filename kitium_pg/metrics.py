@@ -17,10 +17,13 @@ call and does not read the clock (``benchmarks/observer_overhead.py`` measures i
 
 Prometheus metrics (``namespace`` defaults to ``kitium_pg``):
 
-- ``kitium_pg_operations_total{operation, outcome}``: calls per operation; ``outcome`` is ``ok``
+- ``kitium_pg_operations_total{operation, outcome}``: statements per operation, where the
+  operation is the query's name in ``queries/*.sql`` (one adapter method may run several, see
+  ``kitium_pg.observe``); ``outcome`` is ``ok``
   or the ``code`` of the error raised (``unique_violation``, ``foreign_key_violation``,
   ``statement_timeout``, ``pool_timeout``, ``connection_lost``…; see ``kitium_pg.errors``).
-- ``kitium_pg_operation_duration_seconds{operation}``: latency histogram, retries included.
+- ``kitium_pg_operation_duration_seconds{operation}``: latency histogram of each statement,
+  its pool wait and automatic retries included.
 - with ``watch_pool``, per pool (label ``pool``): gauges ``kitium_pg_pool_size``,
   ``_pool_available``, ``_pool_min_size``, ``_pool_max_size``, ``_pool_requests_waiting`` and
   counters ``_pool_requests_total``, ``_pool_requests_queued_total``,
@@ -30,11 +33,11 @@ Prometheus metrics (``namespace`` defaults to ``kitium_pg``):
   ``_pool_connections_lost_total`` (psycopg-pool's ``get_stats()``; the counters restart if
   someone calls the pool's ``pop_stats()``).
 
-OpenTelemetry: one span per operation, named ``kitium_pg.<operation>``, kind ``CLIENT``, with
-attributes ``db.system="postgresql"`` and ``db.operation=<operation>``; a failed operation gets
-status ``ERROR`` (description: the error code) and attributes ``error.type`` (the exception class)
-and ``kitium_pg.error_code``. The span is a child of the span current when the call starts. The
-exception itself is not recorded: messages may name rows or values.
+OpenTelemetry: one span per statement (operation), named ``kitium_pg.<operation>``, kind
+``CLIENT``, with attributes ``db.system="postgresql"`` and ``db.operation=<operation>``; a failed
+operation gets status ``ERROR`` (description: the error code) and attributes ``error.type`` (the
+exception class) and ``kitium_pg.error_code``. The span is a child of the span current when the
+call starts. The exception itself is not recorded: messages may name rows or values.
 """
 
 from __future__ import annotations

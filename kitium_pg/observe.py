@@ -1,9 +1,17 @@
-"""Hooks for metrics and tracing around every adapter operation.
+"""Hooks for metrics and tracing around every SQL statement the adapter runs.
 
-An adapter built with ``observer=`` calls ``start(operation)`` before each operation and
-``finish(token, operation, duration_s, error)`` after it (once per call, retries included).
-Without an observer the adapter does not even check the clock for it: the hook costs one
-``is None`` test per call. A failing observer is logged and never fails the call.
+An adapter built with ``observer=`` calls ``start(operation)`` before each statement and
+``finish(token, operation, duration_s, error)`` after it. ``operation`` is the statement's name
+in ``queries/*.sql``, not the method's: ``issue_api_key`` reports ``create_api_key``,
+``validate_session_token`` reports ``get_session_for_token``, ``create_session(event=...)``
+reports ``create_session_with_event``, the batched deletes report once per batch, and
+``health_check`` reports ``ping``, ``ledger_exists`` and ``list_applied_migrations``. One
+observation spans the pool checkout, the adapter's automatic retries of that statement and, for
+a read routed to a replica, the fallback to the primary. ``error`` is what the statement raised;
+an error the method raises after a successful statement is not reported.
+
+Without an observer the adapter does not read the clock for it: the hook costs one ``is None``
+test per statement. A failing observer is logged and never fails the call.
 ``kitium_pg.metrics`` has ready-made Prometheus and OpenTelemetry observers.
 """
 

@@ -271,7 +271,7 @@ async def test_without_pgbouncer_flag_the_startup_options_are_refused(
         await async_.disconnect()
     assert time.perf_counter() - started < 5.0
     assert caught.value.retryable is True
-    # The reason is in the pool's log, not in the error (see the report / docs/scaling.md).
+    # The pool's own log says why too (the error's message does: see the next test).
     assert "unsupported startup parameter: options" in caplog.text
 
 
