@@ -21,7 +21,7 @@ from typing import Any, Final, Literal, TypeVar
 import attrs
 import uuid_utils.compat
 
-from . import _sql
+from . import _sql, _validate
 from .errors import KitiumPgError, ValidationError
 
 logger: Final = logging.getLogger("kitium_pg")
@@ -86,6 +86,29 @@ def redact_dsn(dsn: str) -> str:
     )
 
 
+# PostgreSQL's MAX_BACKENDS: no server accepts more connections than this.
+MAX_POOL_SIZE: Final = 2**18 - 1
+# Timeouts are seconds; past a day they are a mistake, and far larger values overflow the
+# pool's and libpq's timers (OverflowError, or an int libpq refuses at connect time).
+MAX_TIMEOUT_S: Final = 86_400.0
+# statement_timeout is a 32-bit int GUC in milliseconds.
+STATEMENT_TIMEOUT_MAX_MS: Final = _validate.INT4_MAX
+# Each retry sleeps up to backoff()'s 2 s cap: 10 bounds a call to about 20 s of waiting.
+MAX_RETRIES: Final = 10
+# NAMEDATALEN - 1: PostgreSQL truncates a longer application_name.
+APPLICATION_NAME_BYTES: Final = 63
+
+
+def _seconds(name: str, value: object) -> float:
+    """``value`` if it is an ``int`` or ``float`` (not ``bool``) in ``(0, MAX_TIMEOUT_S]``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(name, f"must be a number of seconds, not {type(value).__name__}")
+    # A chained comparison is False for NaN, and works for ints too large for math.isfinite.
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise ValidationError(name, f"must be a finite number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    return value
+
+
 @attrs.frozen(kw_only=True)
 class Settings:
     """Validated adapter settings (see the adapter constructors for their meaning)."""
@@ -105,20 +128,42 @@ class Settings:
 
     @classmethod
     def build(cls, **kw: Any) -> Settings:
-        def positive(name: str, value: Any, *, allow_zero: bool = False) -> Any:
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            if not ok or value < 0 or (value == 0 and not allow_zero):
-                raise ValidationError(name, "must be a positive number")
-            return value
+        """Check every setting and return them unchanged (the adapters also pass the raw
+        arguments to ``psycopg_pool``, so nothing may be coerced here, only refused).
 
-        positive("min_size", kw["min_size"], allow_zero=True)
-        positive("max_size", kw["max_size"])
-        if kw["min_size"] > kw["max_size"]:
+        Raises ``ValidationError`` naming the setting, before any I/O, for: pool sizes that
+        are not ``int`` (``bool`` included) or outside ``0 <= min_size <= max_size <=
+        MAX_POOL_SIZE`` with ``max_size >= 1``; timeouts in seconds that are not finite
+        numbers in ``(0, MAX_TIMEOUT_S]``; ``statement_timeout_ms`` outside
+        ``0..STATEMENT_TIMEOUT_MAX_MS`` (0 disables it); ``max_retries`` outside
+        ``0..MAX_RETRIES``; an ``application_name`` that is not a string, holds NUL or lone
+        surrogates, or is longer than ``APPLICATION_NAME_BYTES`` in UTF-8; a
+        ``prepare_threshold`` that is neither ``None`` nor an ``int`` in ``0..INT4_MAX``; an
+        unknown schema, an unknown optional migration, or a non-bool ``pgbouncer``.
+        """
+        min_size = _validate.integer("min_size", kw["min_size"], maximum=MAX_POOL_SIZE)
+        max_size = _validate.integer("max_size", kw["max_size"], minimum=1, maximum=MAX_POOL_SIZE)
+        if min_size > max_size:
             raise ValidationError("min_size", "must not exceed max_size")
         for name in ("idle_timeout", "connect_timeout", "pool_timeout"):
-            positive(name, kw[name])
-        positive("statement_timeout_ms", kw["statement_timeout_ms"], allow_zero=True)
-        positive("max_retries", kw["max_retries"], allow_zero=True)
+            _seconds(name, kw[name])
+        _validate.integer(
+            "statement_timeout_ms", kw["statement_timeout_ms"], maximum=STATEMENT_TIMEOUT_MAX_MS
+        )
+        _validate.integer("max_retries", kw["max_retries"], maximum=MAX_RETRIES)
+        app_name = _validate.text(
+            "application_name",
+            kw["application_name"],
+            max_len=APPLICATION_NAME_BYTES,
+            allow_empty=True,
+        )
+        if len(app_name.encode("utf-8")) > APPLICATION_NAME_BYTES:
+            # PostgreSQL would silently cut it (NAMEDATALEN - 1), possibly mid-character.
+            raise ValidationError(
+                "application_name", f"must be at most {APPLICATION_NAME_BYTES} bytes in UTF-8"
+            )
+        if kw["prepare_threshold"] is not None:
+            _validate.integer("prepare_threshold", kw["prepare_threshold"])
         _sql.check_schema(kw["schema"])
         optional = kw.get("optional_migrations", ())
         if isinstance(optional, str) or not all(isinstance(o, str) for o in optional):

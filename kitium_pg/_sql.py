@@ -94,16 +94,18 @@ def _parsed() -> dict[str, Query]:
     return found
 
 
-_BINDERS: dict[tuple[str, Callable[..., Any]], Callable[[Sequence[Any]], Any]] = {}
+_BINDERS: dict[str, Callable[[Callable[..., Any], Sequence[Any]], Any]] = {}
 
 
 def binder(
-    query: Query, cursor: Cursor[Any] | AsyncCursor[Any], make: Callable[..., T]
-) -> Callable[[Sequence[Any]], T]:
-    """The function that turns one result row of ``query`` into ``make(column=value, ...)``,
-    built from the column names on ``cursor`` (which holds its result) the first time and
-    cached per query and ``make``: a named query's explicit column list never changes, so the
-    names are read once, not off every result.
+    query: Query, cursor: Cursor[Any] | AsyncCursor[Any]
+) -> Callable[[Callable[..., T], Sequence[Any]], T]:
+    """The function ``bind(make, row)`` that turns one result row of ``query`` into
+    ``make(column=value, ...)``, built from the column names on ``cursor`` (which holds its
+    result) the first time and cached per query: a named query's explicit column list never
+    changes, so the names are read once, not off every result. ``make`` is an argument, not
+    part of the cache key: a bound method of a short-lived adapter view would otherwise add an
+    entry (and keep the view alive) for every view.
 
     It is generated, as ``collections.namedtuple`` and attrs' own ``__init__`` are: one keyword
     call taking the values by position, which spares the dict that ``make(**dict(zip(...)))``
@@ -111,20 +113,26 @@ def binder(
     profile_get_session.md). Only plain identifiers are ever compiled: a result column whose
     name is not one, or appears twice, raises ``RuntimeError``.
     """
-    key = (query.sql, make)
-    bind = _BINDERS.get(key)
+    bind = _BINDERS.get(query.sql)
     if bind is None:
         names = tuple(column.name for column in cursor.description or ())
         unusable = sorted(
-            {n for n in names if not n.isidentifier() or keyword.iskeyword(n) or names.count(n) > 1}
+            {
+                n
+                for n in names
+                if not n.isidentifier()
+                or keyword.iskeyword(n)
+                or n in ("make", "row")  # the generated function's own parameters
+                or names.count(n) > 1
+            }
         )
         if unusable:
             raise RuntimeError(f"query {query.name}: unusable result column names {unusable}")
         arguments = ", ".join(f"{name}=row[{i}]" for i, name in enumerate(names))
-        namespace: dict[str, Any] = {"make": make}
-        exec(f"def bind(row):\n    return make({arguments})\n", namespace)  # noqa: S102
-        bind = _BINDERS[key] = namespace["bind"]
-    return cast("Callable[[Sequence[Any]], T]", bind)
+        namespace: dict[str, Any] = {}
+        exec(f"def bind(make, row):\n    return make({arguments})\n", namespace)  # noqa: S102
+        bind = _BINDERS[query.sql] = namespace["bind"]
+    return cast("Callable[[Callable[..., T], Sequence[Any]], T]", bind)
 
 
 @functools.cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import itertools
 import json
 import math
 import re
@@ -81,10 +82,12 @@ def identifier(field: str, value: object, *, max_len: int = 64) -> str:
 
 
 def strings(field: str, value: object, *, max_items: int = 256, max_len: int = SHORT) -> list[str]:
-    """A list of strings (a ``str`` alone is refused: it is almost always a mistake)."""
+    """A list of at most ``max_items`` strings (a ``str`` alone is refused: it is almost always
+    a mistake). At most ``max_items + 1`` items are drawn from ``value``, so an oversized or
+    endless iterable is refused without being consumed."""
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise ValidationError(field, "must be a list of strings")
-    items = list(value)
+    items = list(itertools.islice(value, max_items + 1))
     if len(items) > max_items:
         raise ValidationError(field, f"must have at most {max_items} items")
     return [text(f"{field}[{i}]", item, max_len=max_len) for i, item in enumerate(items)]

@@ -688,6 +688,7 @@ def _setup(dsn: str, run: str) -> tuple[uuid.UUID, tuple[uuid.UUID, ...]]:
             user = storage.create_user(
                 email=f"chaos-{run}-hot{i}@example.com", metadata={"chaos": f"{run}:hot:{i}"}
             )
+            storage.add_organization_member(org.id, user.id)
             storage.assign_role_to_user(user.id, role.id, org.id)
             hot.append(user.id)
     return org.id, tuple(hot)

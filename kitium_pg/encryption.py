@@ -11,8 +11,8 @@ another row or column fails to decrypt instead of being accepted.
 from __future__ import annotations
 
 import base64
-import binascii
 import os
+import re
 import secrets
 import uuid
 from collections.abc import Mapping
@@ -27,6 +27,7 @@ __all__ = ["ENV_VAR", "Keyring", "generate_key"]
 
 ENV_VAR: Final = "KITIUM_PG_ENCRYPTION_KEYS"
 _NONCE: Final = 12
+_TAG: Final = 16
 
 
 def generate_key() -> str:
@@ -34,19 +35,28 @@ def generate_key() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
 
 
-def _key_bytes(key_id: str, key: bytes | str) -> bytes:
+# 32 bytes in urlsafe base64: 43 characters, then the one padding character generate_key
+# writes (optional, so keys copied without it still work).
+_B64_KEY: Final = re.compile(r"[A-Za-z0-9_-]{43}=?")
+_KEY_MESSAGE: Final = "must be 32 bytes or their urlsafe base64"
+
+
+def _key_bytes(key_id: str, key: object) -> bytes:
+    """The 32 key bytes of ``key``: 32 raw ``bytes``, or their urlsafe base64 as ``str`` or
+    ASCII ``bytes``. Anything else raises ``ValidationError("encryption_keys", ...)``, whose
+    message names ``key_id`` but never shows the key."""
     if isinstance(key, bytes) and len(key) == 32:
         return key
-    text = key.decode() if isinstance(key, bytes) else key
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != 32:
-        raise ValidationError(
-            "encryption_keys", f"key {key_id!r} must be 32 bytes or their urlsafe base64"
-        )
-    return raw
+    if isinstance(key, bytes):
+        try:
+            key = key.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValidationError("encryption_keys", f"key {key_id!r} {_KEY_MESSAGE}") from None
+    # The pattern, not b64decode, decides: the decoder skips characters outside the alphabet,
+    # so "!!!!" + key would decode to the key itself.
+    if not isinstance(key, str) or not _B64_KEY.fullmatch(key):
+        raise ValidationError("encryption_keys", f"key {key_id!r} {_KEY_MESSAGE}")
+    return base64.urlsafe_b64decode(key[:43] + "=")
 
 
 class Keyring:
@@ -54,7 +64,9 @@ class Keyring:
 
     ``Keyring({"2026-01": key})``; keys are 32 raw bytes or their urlsafe base64. Key ids are
     short names (at most 64 characters, no ``:`` or ``,``). The key material never appears in
-    ``repr`` or error messages.
+    ``repr`` or error messages. A malformed key id or key (wrong type or length, non-ASCII
+    bytes, any character outside the urlsafe base64 alphabet) raises
+    ``ValidationError("encryption_keys", ...)``.
     """
 
     def __init__(self, keys: Mapping[str, bytes | str]) -> None:
@@ -90,7 +102,8 @@ class Keyring:
             if key_id in keys:
                 # A repeated id would silently replace the older key and strand its values.
                 raise ValidationError(ENV_VAR, f"key id {key_id!r} appears twice")
-            keys[key_id] = key
+            # Whitespace around a key is formatting (e.g. "kid: key"); inside one it is an error.
+            keys[key_id] = key.strip()
         return cls(keys)
 
     @staticmethod
@@ -114,6 +127,9 @@ class Keyring:
             raise EncryptionKeyError(
                 f"{column}: encrypted with key {key_id!r}, which is not configured"
             )
+        # AESGCM raises ValueError (not InvalidTag) for a nonce under 8 bytes.
+        if len(blob) < _NONCE + _TAG:
+            raise EncryptionKeyError(f"{column}: value of row {row_id} does not authenticate")
         try:
             plain = cipher.decrypt(blob[:_NONCE], blob[_NONCE:], self._aad(column, row_id))
         except InvalidTag:

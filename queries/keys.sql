@@ -1,6 +1,7 @@
 -- Key rotation: find secrets encrypted under an older key and re-encrypt them under the current
--- one. Each re-encryption is a compare-and-swap on the old key id, so a row changed meanwhile is
--- left for the next pass instead of being overwritten.
+-- one. Each re-encryption is a compare-and-swap on the old key id and the old ciphertext, so a
+-- row changed meanwhile (even re-written under the same old key, by an application instance that
+-- still has the old keyring) is left for the next pass instead of being overwritten.
 
 -- name: count_stale_secrets(key_id)$
 -- How many encrypted values are not under the current key (for progress reports).
@@ -17,13 +18,15 @@ SELECT id, secret_key_id, secret_ciphertext
  ORDER BY id
  LIMIT :batch_size;
 
--- name: reencrypt_twofa_secrets(ids, old_key_ids, key_id, ciphertexts)!
+-- name: reencrypt_twofa_secrets(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)!
 -- Store re-encrypted 2FA secrets, only where the old key id is still in place.
 UPDATE kitium_auth.twofa_devices AS t
    SET secret_ciphertext = u.ciphertext, secret_key_id = :key_id
-  FROM unnest(:ids::uuid[], :old_key_ids::text[], :ciphertexts::bytea[])
-       AS u (id, old_key_id, ciphertext)
- WHERE t.id = u.id AND t.secret_key_id = u.old_key_id;
+  FROM unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
+              :ciphertexts::bytea[])
+       AS u (id, old_key_id, old_ciphertext, ciphertext)
+ WHERE t.id = u.id AND t.secret_key_id = u.old_key_id
+   AND t.secret_ciphertext = u.old_ciphertext;
 
 -- name: stale_sso_client_secrets(key_id, after, batch_size)
 -- The next batch (after a given id) of SSO client secrets under an older key.
@@ -33,13 +36,15 @@ SELECT id, client_secret_key_id, client_secret_ciphertext
  ORDER BY id
  LIMIT :batch_size;
 
--- name: reencrypt_sso_client_secrets(ids, old_key_ids, key_id, ciphertexts)!
+-- name: reencrypt_sso_client_secrets(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)!
 -- Store re-encrypted SSO client secrets, only where the old key id is still in place.
 UPDATE kitium_auth.sso_providers AS t
    SET client_secret_ciphertext = u.ciphertext, client_secret_key_id = :key_id
-  FROM unnest(:ids::uuid[], :old_key_ids::text[], :ciphertexts::bytea[])
-       AS u (id, old_key_id, ciphertext)
- WHERE t.id = u.id AND t.client_secret_key_id = u.old_key_id;
+  FROM unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
+              :ciphertexts::bytea[])
+       AS u (id, old_key_id, old_ciphertext, ciphertext)
+ WHERE t.id = u.id AND t.client_secret_key_id = u.old_key_id
+   AND t.client_secret_ciphertext = u.old_ciphertext;
 
 -- name: stale_sso_signing_keys(key_id, after, batch_size)
 -- The next batch (after a given id) of SSO signing keys under an older key.
@@ -49,13 +54,15 @@ SELECT id, signing_key_key_id, signing_key_ciphertext
  ORDER BY id
  LIMIT :batch_size;
 
--- name: reencrypt_sso_signing_keys(ids, old_key_ids, key_id, ciphertexts)!
+-- name: reencrypt_sso_signing_keys(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)!
 -- Store re-encrypted SSO signing keys, only where the old key id is still in place.
 UPDATE kitium_auth.sso_providers AS t
    SET signing_key_ciphertext = u.ciphertext, signing_key_key_id = :key_id
-  FROM unnest(:ids::uuid[], :old_key_ids::text[], :ciphertexts::bytea[])
-       AS u (id, old_key_id, ciphertext)
- WHERE t.id = u.id AND t.signing_key_key_id = u.old_key_id;
+  FROM unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
+              :ciphertexts::bytea[])
+       AS u (id, old_key_id, old_ciphertext, ciphertext)
+ WHERE t.id = u.id AND t.signing_key_key_id = u.old_key_id
+   AND t.signing_key_ciphertext = u.old_ciphertext;
 
 -- name: stale_oauth_tokens(key_id, after, batch_size)
 -- The next batch (after a given id) of OAuth provider token pairs under an older key.
@@ -65,13 +72,17 @@ SELECT id, user_id, provider, tokens_key_id, access_token_ciphertext, refresh_to
  ORDER BY id
  LIMIT :batch_size;
 
--- name: reencrypt_oauth_tokens(ids, old_key_ids, key_id, access_ciphertexts, refresh_ciphertexts)!
+-- name: reencrypt_oauth_tokens(ids, old_key_ids, old_access_ciphertexts, old_refresh_ciphertexts, key_id, access_ciphertexts, refresh_ciphertexts)!
 -- Store re-encrypted OAuth token pairs, only where the old key id is still in place.
 UPDATE kitium_auth.oauth_accounts AS t
    SET access_token_ciphertext = u.access_ciphertext,
        refresh_token_ciphertext = u.refresh_ciphertext,
        tokens_key_id = :key_id
-  FROM unnest(:ids::uuid[], :old_key_ids::text[], :access_ciphertexts::bytea[],
+  FROM unnest(:ids::uuid[], :old_key_ids::text[], :old_access_ciphertexts::bytea[],
+              :old_refresh_ciphertexts::bytea[], :access_ciphertexts::bytea[],
               :refresh_ciphertexts::bytea[])
-       AS u (id, old_key_id, access_ciphertext, refresh_ciphertext)
- WHERE t.id = u.id AND t.tokens_key_id = u.old_key_id;
+       AS u (id, old_key_id, old_access_ciphertext, old_refresh_ciphertext, access_ciphertext,
+             refresh_ciphertext)
+ WHERE t.id = u.id AND t.tokens_key_id = u.old_key_id
+   AND t.access_token_ciphertext IS NOT DISTINCT FROM u.old_access_ciphertext
+   AND t.refresh_token_ciphertext IS NOT DISTINCT FROM u.old_refresh_ciphertext;

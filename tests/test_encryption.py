@@ -8,6 +8,8 @@ import uuid
 
 import psycopg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kitium_pg import PostgresStorageAdapter, ValidationError
 from kitium_pg.encryption import ENV_VAR, Keyring, generate_key
@@ -79,3 +81,77 @@ def test_a_secret_without_a_key_is_refused_and_nothing_is_written(
 def test_a_repeated_key_id_in_the_environment_is_refused() -> None:
     with pytest.raises(ValidationError, match="appears twice"):
         Keyring.from_env({ENV_VAR: f"k:{generate_key()},k:{generate_key()}"})
+
+
+_GOOD = generate_key()
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        0,
+        1,
+        None,
+        1.5,
+        True,
+        ["k"],
+        bytearray(32),
+        b"\xff" * 44,  # not UTF-8
+        "é" * 43,
+        "!!!!" + _GOOD,  # the lenient decoder would skip the "!" and accept it
+        _GOOD + "!!!!",
+        _GOOD.rstrip("=") + "==",
+        " " + _GOOD,
+        _GOOD[:20] + "\n" + _GOOD[20:],
+        _GOOD[:20] + "\x00" + _GOOD[21:],
+        "+" * 43 + "=",  # standard base64, not urlsafe
+        "/" * 43,
+        base64.urlsafe_b64encode(secrets.token_bytes(33)).decode(),
+        base64.urlsafe_b64encode(secrets.token_bytes(31)).decode(),
+        "",
+        "=" * 44,
+        "A" * 10**6,
+    ],
+)
+def test_malformed_keys_are_validation_errors_that_hide_the_key(key: object) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Keyring({"k": key})  # type: ignore[dict-item]
+    assert caught.value.field == "encryption_keys"
+    if isinstance(key, str) and len(key) > 8:
+        assert key not in str(caught.value)
+
+
+@given(st.binary(min_size=32, max_size=32), st.booleans(), st.booleans())
+def test_every_spelling_generate_key_can_write_is_accepted(
+    raw: bytes, padded: bool, as_bytes: bool
+) -> None:
+    text = base64.urlsafe_b64encode(raw).decode()
+    text = text if padded else text.rstrip("=")
+    key = text.encode() if as_bytes else text
+    row = uuid.uuid4()
+    _, blob = Keyring({"k": key}).encrypt("seed", column="t.c", row_id=row)
+    assert Keyring({"k": raw}).decrypt("k", blob, column="t.c", row_id=row) == "seed"
+
+
+def test_whitespace_around_an_environment_key_is_ignored() -> None:
+    ring = Keyring.from_env({ENV_VAR: f" a: {_GOOD} ,b:{generate_key()}\t"})
+    assert ring is not None and ring.key_ids == ("a", "b")
+    with pytest.raises(ValidationError) as caught:
+        Keyring.from_env({ENV_VAR: f"a:{_GOOD[:10]} {_GOOD[10:]}"})
+    assert caught.value.field == "encryption_keys"
+
+
+@given(st.binary(max_size=40))
+def test_short_or_forged_blobs_do_not_authenticate(blob: bytes) -> None:
+    ring = Keyring({"k": _GOOD})
+    with pytest.raises(EncryptionKeyError, match="does not authenticate"):
+        ring.decrypt("k", blob, column="t.c", row_id=uuid.uuid4())
+
+
+@pytest.mark.parametrize("cut", [0, 1, 7, 8, 11, 12, 27])
+def test_truncated_ciphertexts_do_not_authenticate(cut: int) -> None:
+    ring = Keyring({"k": _GOOD})
+    row = uuid.uuid4()
+    _, blob = ring.encrypt("secret", column="t.c", row_id=row)
+    with pytest.raises(EncryptionKeyError, match="does not authenticate"):
+        ring.decrypt("k", blob[:cut], column="t.c", row_id=row)

@@ -293,7 +293,9 @@ async def test_require_permission(
         org = await storage.create_organization(
             name=unique("org"), plan="team", members=[{"user_id": reader.id}]
         )
-        other = await storage.create_organization(name=unique("other"), plan="team")
+        other = await storage.create_organization(
+            name=unique("other"), plan="team", members=[{"user_id": reader.id}]
+        )
         role = await storage.create_role(
             org_id=org.id, name="analyst", permissions=[{"name": "reports:read"}]
         )

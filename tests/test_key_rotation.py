@@ -76,3 +76,39 @@ def test_reading_without_the_old_key_is_a_clear_error(dsn: str, schema: str) -> 
         pytest.raises(EncryptionKeyError, match="'old'"),
     ):
         after.get_oauth_tokens(user.id, "gh")
+
+
+def test_rotation_never_overwrites_a_secret_rewritten_under_the_old_key(
+    dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance still on the old keyring re-enrols a device (a leaked seed replaced) after
+    rotation read the row and before it stores the re-encrypted value: the row keeps the new
+    seed, and the next pass moves it to the new key."""
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"old": OLD}) as old_app:
+        user = old_app.create_user()
+        device = old_app.create_two_factor_device(
+            user_id=user.id, method="totp", secret="LEAKEDSEED234567"
+        )
+        with PostgresStorageAdapter(
+            dsn, schema=schema, encryption_keys={"old": OLD, "new": NEW}
+        ) as rotating:
+            decrypt = rotating._decrypt
+            rewritten: list[bool] = []
+
+            def decrypt_then_race(*args: object) -> str | None:
+                # Rotation has read the batch and decrypts it now: the old instance writes.
+                if not rewritten:
+                    old_app.update_two_factor_device(device.id, secret="FRESHSEED2345678")
+                    rewritten.append(True)
+                return decrypt(*args)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(rotating, "_decrypt", decrypt_then_race)
+            assert rotating.rotate_keys() == 0  # the swap found the row changed: nothing stored
+            assert rewritten == [True]
+            monkeypatch.undo()
+            found = rotating.get_two_factor_device(device.id)
+            assert found is not None and found.secret == "FRESHSEED2345678"
+            assert rotating.rotate_keys() == 1  # the next pass moves the new seed
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"new": NEW}) as after:
+        found = after.get_two_factor_device(device.id)
+        assert found is not None and found.secret == "FRESHSEED2345678"

@@ -23,8 +23,11 @@ async def _org(storage: Any, name: str = "Acme") -> Organization:
     return org
 
 
-async def _user(storage: Any, unique: Callable[[str], str]) -> User:
+async def _user(storage: Any, unique: Callable[[str], str], *member_of: Organization) -> User:
+    """A new user, member of ``member_of`` (roles are assigned only to members)."""
     user: User = await storage.create_user(email=f"{unique('rbac')}@example.com")
+    for org in member_of:
+        await storage.add_organization_member(org.id, user.id)
     return user
 
 
@@ -195,7 +198,7 @@ async def test_assign_is_idempotent_and_returns_the_role(
     storage: Any, unique: Callable[[str], str]
 ) -> None:
     org = await _org(storage)
-    user = await _user(storage, unique)
+    user = await _user(storage, unique, org)
     reader = await storage.create_role(org_id=org.id, name="reader")
     writer = await storage.create_role(org_id=org.id, name="writer")
     assert await storage.assign_role_to_user(user.id, reader.id, org.id) == reader
@@ -214,7 +217,7 @@ async def test_assign_refuses_a_role_of_another_org_or_unknown_rows(
     storage: Any, unique: Callable[[str], str]
 ) -> None:
     org, other = await _org(storage), await _org(storage, "Other")
-    user = await _user(storage, unique)
+    user = await _user(storage, unique, org, other)
     foreign = await storage.create_role(org_id=other.id, name="admin")
     with pytest.raises(NotFoundError) as caught:
         await storage.assign_role_to_user(user.id, foreign.id, org.id)
@@ -229,6 +232,12 @@ async def test_assign_refuses_a_role_of_another_org_or_unknown_rows(
     assert "user_roles__user_id_fkey" in str(caught.value)
     with pytest.raises(NotFoundError):
         await storage.assign_role_to_user(user.id, foreign.id, uuid.uuid4())
+    assert await _count_assignments(storage, foreign.id) == 0
+    # A user who is not a member of the organization gets no role in it.
+    stranger = await _user(storage, unique, org)
+    with pytest.raises(NotFoundError) as caught:
+        await storage.assign_role_to_user(stranger.id, foreign.id, other.id)
+    assert "user_roles__member_fkey" in str(caught.value)
     assert await _count_assignments(storage, foreign.id) == 0
     # Revoking in the wrong organization removes nothing.
     await storage.assign_role_to_user(user.id, foreign.id, other.id)
@@ -253,7 +262,7 @@ async def test_sixteen_concurrent_assignments_leave_one_row(
     storage: Any, unique: Callable[[str], str]
 ) -> None:
     org = await _org(storage)
-    user = await _user(storage, unique)
+    user = await _user(storage, unique, org)
     role = await storage.create_role(org_id=org.id, name="racer")
     results = await race(storage, RACERS, "assign_role_to_user", user.id, role.id, org.id)
     assert results == [role] * RACERS, results
@@ -265,7 +274,7 @@ async def test_permissions_are_deduplicated_across_roles(
     storage: Any, unique: Callable[[str], str]
 ) -> None:
     org, other = await _org(storage), await _org(storage, "Other")
-    user = await _user(storage, unique)
+    user = await _user(storage, unique, org, other)
     older = await storage.create_role(
         org_id=org.id,
         name="older",
@@ -305,7 +314,7 @@ async def test_permissions_are_deduplicated_across_roles(
 
 async def test_has_permission(storage: Any, unique: Callable[[str], str]) -> None:
     org, other = await _org(storage), await _org(storage, "Other")
-    user, stranger = await _user(storage, unique), await _user(storage, unique)
+    user, stranger = await _user(storage, unique, org, other), await _user(storage, unique)
     role = await storage.create_role(
         org_id=org.id,
         name="ops",
@@ -335,7 +344,7 @@ async def test_deleting_a_role_removes_its_assignments(
     storage: Any, unique: Callable[[str], str]
 ) -> None:
     org = await _org(storage)
-    user = await _user(storage, unique)
+    user = await _user(storage, unique, org)
     role = await storage.create_role(org_id=org.id, name="temp", permissions=[{"name": "p"}])
     await storage.assign_role_to_user(user.id, role.id, org.id)
     assert await storage.delete_role(role.id) is True
@@ -350,7 +359,7 @@ async def test_deleting_the_org_or_user_cascades(
     storage: Any, unique: Callable[[str], str]
 ) -> None:
     org = await _org(storage)
-    user, leaver = await _user(storage, unique), await _user(storage, unique)
+    user, leaver = await _user(storage, unique, org), await _user(storage, unique, org)
     role = await storage.create_role(org_id=org.id, name="member", permissions=[{"name": "p"}])
     await storage.assign_role_to_user(user.id, role.id, org.id)
     await storage.assign_role_to_user(leaver.id, role.id, org.id)
@@ -363,6 +372,30 @@ async def test_deleting_the_org_or_user_cascades(
     assert await storage.get_user_permissions(user.id, org.id) == []
     assert await _count_assignments(storage, role.id) == 0
     assert await storage.get_user(user.id) == user  # the user stays
+
+
+async def test_leaving_the_organization_takes_the_roles_along(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """Roles and permissions belong to a membership: removing the member, or replacing the
+    member set without them, revokes them in the same statement."""
+    org = await _org(storage)
+    removed, replaced, stays = [await _user(storage, unique, org) for _ in range(3)]
+    role = await storage.create_role(org_id=org.id, name="admin", permissions=[{"name": "all"}])
+    for user in (removed, replaced, stays):
+        await storage.assign_role_to_user(user.id, role.id, org.id)
+        assert await storage.has_permission(user.id, org.id, "all", consistency="primary")
+    assert await storage.remove_organization_member(org.id, removed.id) is True
+    assert await storage.get_user_roles(removed.id, org.id) == []
+    assert await storage.has_permission(removed.id, org.id, "all", consistency="primary") is False
+    await storage.update_organization(org.id, members=[{"user_id": stays.id, "role": "member"}])
+    assert await storage.get_user_permissions(replaced.id, org.id) == []
+    assert await storage.has_permission(replaced.id, org.id, "all", consistency="primary") is False
+    assert await storage.get_user_roles(stays.id, org.id) == [role]
+    assert await _count_assignments(storage, role.id) == 1
+    # Joining again does not bring the old roles back.
+    await storage.add_organization_member(org.id, removed.id)
+    assert await storage.get_user_roles(removed.id, org.id) == []
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,9 @@ aiosql + psycopg (see shared reference aiosql-psycopg.md)."""
 
 from __future__ import annotations
 
+import gc
 import re
+import weakref
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 QUERY_FILES = sorted((ROOT / "queries").glob("*.sql"))
 NAME_RE = re.compile(r"^-- name: (\w+)(?:\(([\w, ]*)\)([\^$!]?)|#)$")
 TABLE_REF_RE = re.compile(
-    r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+(?!kitium_auth\.|pg_catalog\.)([a-z_]+)\b(?!\s*\()"
-)
+    r"(?<!DISTINCT )\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+(?!kitium_auth\.|pg_catalog\.)"
+    r"([a-z_]+)\b(?!\s*\()"
+)  # (IS [NOT] DISTINCT FROM compares values: what follows it is no table)
 # Names that may follow FROM/JOIN without a schema: CTE names and set-returning functions.
 LOCAL_NAMES = {
     "inserted",
@@ -118,7 +121,7 @@ class _Described:
 
 
 def _query(name: str) -> _sql.Query:
-    # A distinct SQL text per test: binders are cached by SQL text and record class.
+    # A distinct SQL text per test: binders are cached by SQL text.
     return _sql.Query(name, f"SELECT /* {name} */ 1", _sql.Shape.ONE)
 
 
@@ -126,21 +129,51 @@ def test_binder_builds_what_the_keyword_call_builds() -> None:
     query = _query("binder_same")
     row: tuple[Any, ...] = ("perm.read", "docs", None, "read docs", {"level": 1})
     names = ("name", "resource", "action", "description", "metadata")
-    bind = _sql.binder(query, cast(Any, _Described(*names)), Permission)
-    assert bind(row) == Permission(**dict(zip(names, row, strict=True)))
-    # Cached per query and record class; another class gets its own.
-    assert _sql.binder(query, cast(Any, _Described("ignored")), Permission) is bind
-    as_dict: Any = _sql.binder(query, cast(Any, _Described(*names)), dict)
-    assert as_dict is not bind
-    assert as_dict(row) == dict(zip(names, row, strict=True))
+    bind = _sql.binder(query, cast(Any, _Described(*names)))
+    assert bind(Permission, row) == Permission(**dict(zip(names, row, strict=True)))
+    assert bind(dict, row) == dict(zip(names, row, strict=True))
+    # Cached per query: the names are read off the first result only.
+    assert _sql.binder(query, cast(Any, _Described("ignored"))) is bind
+
+
+def test_binder_cache_does_not_grow_with_bound_methods() -> None:
+    """Adapter views (transactions, tenant views) bind rows with bound methods of their own:
+    the cache is per query, so views neither add entries nor stay referenced by it."""
+
+    class View:
+        def make(self, **columns: Any) -> dict[str, Any]:
+            return columns
+
+    query = _query("binder_bound_methods")
+    names = ("name", "resource")
+    before = len(_sql._BINDERS)
+    views = [View() for _ in range(50)]
+    for view in views:
+        assert _sql.binder(query, cast(Any, _Described(*names)))(view.make, ("a", "b")) == {
+            "name": "a",
+            "resource": "b",
+        }
+    assert len(_sql._BINDERS) == before + 1
+    collected = weakref.ref(views[0])
+    del view, views
+    gc.collect()
+    assert collected() is None
 
 
 @pytest.mark.parametrize(
     "names",
-    [("id", "x-y"), ("id", "class"), ("id", "id"), ("a = 1); import os; (b",), ("1st",)],
+    [
+        ("id", "x-y"),
+        ("id", "class"),
+        ("id", "id"),
+        ("a = 1); import os; (b",),
+        ("1st",),
+        ("id", "make"),
+        ("row",),
+    ],
 )
 def test_binder_compiles_only_distinct_identifiers(names: tuple[str, ...]) -> None:
     query = _query(f"binder_refuses_{abs(hash(names))}")
     with pytest.raises(RuntimeError, match="unusable result column names"):
-        _sql.binder(query, cast(Any, _Described(*names)), dict)
-    assert all(key[0] != query.sql for key in _sql._BINDERS)
+        _sql.binder(query, cast(Any, _Described(*names)))
+    assert query.sql not in _sql._BINDERS

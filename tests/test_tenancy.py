@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
@@ -125,6 +126,21 @@ def test_grants_text_and_role_validation(tenancy: dict[str, Any]) -> None:
         tenancy["owner"].app_role_grants("x; DROP TABLE users")
 
 
+@pytest.mark.parametrize(
+    "role", ["public", "current_user", "current_role", "session_user", "none", "pg_monitor"]
+)
+def test_grants_refuse_roles_that_are_not_one_application_role(
+    tenancy: dict[str, Any], role: str
+) -> None:
+    """``public`` would give every role of the cluster the application's rights (password
+    hashes included); the others name whoever runs the grant, or PostgreSQL's own roles."""
+    with pytest.raises(ValidationError) as caught:
+        tenancy["owner"].app_role_grants(role)
+    assert caught.value.field == "role"
+    with pytest.raises(ValidationError):
+        tenancy["owner"].grant_app_role(role)
+
+
 async def test_async_tenant_view(tenancy: dict[str, Any]) -> None:
     alpha, beta = tenancy["orgs"]
     app = AsyncPostgresStorageAdapter(tenancy["app_dsn"], schema=tenancy["schema"])
@@ -145,3 +161,78 @@ def test_granting_to_a_missing_role_is_a_translated_error(tenancy: dict[str, Any
     with pytest.raises(KitiumPgError) as caught:
         tenancy["owner"].grant_app_role("no_such_role_here")
     assert isinstance(caught.value.__cause__, psycopg.Error)
+
+
+@pytest.fixture(scope="module")
+def providers(tenancy: dict[str, Any]) -> dict[str, Any]:
+    """A shared SSO provider (no organization) and one of beta's, each with a verified domain,
+    made by the owner."""
+    owner, beta = tenancy["owner"], tenancy["orgs"][1]
+    tag = uuid.uuid4().hex[:6]
+    shared = owner.create_sso_provider(type="oidc", name="Shared", client_id="shared")
+    betas = owner.create_sso_provider(type="oidc", name="Beta's", client_id="b", org_id=beta.id)
+    owner.add_sso_provider_domain(shared.id, f"shared-{tag}.example", verified=True)
+    owner.add_sso_provider_domain(betas.id, f"beta-{tag}.example", verified=True)
+    return {"shared": shared, "beta": betas, "tag": tag}
+
+
+def test_shared_sso_providers_are_read_only_for_tenants(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any], providers: dict[str, Any]
+) -> None:
+    alpha = tenancy["orgs"][0]
+    as_alpha, shared, tag = app.tenant(alpha.id), providers["shared"], providers["tag"]
+    seen = as_alpha.get_sso_provider(shared.id)
+    assert seen is not None and [d.domain for d in seen.domains] == [f"shared-{tag}.example"]
+    assert app.get_sso_provider_by_domain(f"x@shared-{tag}.example") is not None  # no tenant
+    # Neither taken over (moved into the tenant, pointed elsewhere) nor deleted.
+    with pytest.raises(NotFoundError):
+        as_alpha.update_sso_provider(shared.id, org_id=alpha.id, idp_sso_url="https://evil.example")
+    assert as_alpha.delete_sso_provider(shared.id) is False
+    with pytest.raises(PermissionDeniedError):  # a tenant cannot create a shared one either
+        as_alpha.create_sso_provider(type="oidc", name="Fake shared", client_id="f")
+    # Its domains are the owner's to change.
+    with pytest.raises(PermissionDeniedError):
+        as_alpha.add_sso_provider_domain(shared.id, f"grab-{tag}.example")
+    assert as_alpha.remove_sso_provider_domain(shared.id, f"shared-{tag}.example") is False
+    unchanged = tenancy["owner"].get_sso_provider(shared.id)
+    assert unchanged is not None and attrs.evolve(unchanged, domains=()) == shared
+    assert [d.domain for d in unchanged.domains] == [f"shared-{tag}.example"]
+
+
+def test_another_tenants_sso_provider_domains_are_out_of_reach(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any], providers: dict[str, Any]
+) -> None:
+    alpha = tenancy["orgs"][0]
+    as_alpha, betas, tag = app.tenant(alpha.id), providers["beta"], providers["tag"]
+    assert as_alpha.get_sso_provider(betas.id) is None
+    assert as_alpha.get_sso_provider_by_domain(f"x@beta-{tag}.example") is None
+    with pytest.raises(PermissionDeniedError):
+        as_alpha.add_sso_provider_domain(betas.id, f"planted-{tag}.example")
+    with pytest.raises(NotFoundError):
+        as_alpha.verify_sso_provider_domain(betas.id, f"beta-{tag}.example")
+    assert as_alpha.remove_sso_provider_domain(betas.id, f"beta-{tag}.example") is False
+    kept = tenancy["owner"].get_sso_provider(betas.id)
+    assert kept is not None and [d.domain for d in kept.domains] == [f"beta-{tag}.example"]
+    # A tenant's own provider and its domains are its to manage.
+    own = as_alpha.create_sso_provider(type="oidc", name="Alpha's", client_id="a", org_id=alpha.id)
+    added = as_alpha.add_sso_provider_domain(own.id, f"alpha-{tag}.example", verified=True)
+    assert added.verified_at is not None
+    assert as_alpha.remove_sso_provider_domain(own.id, f"alpha-{tag}.example") is True
+    assert as_alpha.delete_sso_provider(own.id) is True
+
+
+def test_a_transaction_runs_as_one_tenant(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any]
+) -> None:
+    """tenant() (and with_statement_timeout()) on a transaction's view would change the
+    setting for the rest of the transaction, the calls of the original view included: refused."""
+    alpha, beta = tenancy["orgs"]
+    with app.tenant(alpha.id).transaction() as tx:
+        with pytest.raises(ValidationError) as caught:
+            tx.tenant(beta.id)
+        assert caught.value.field == "transaction"
+        with pytest.raises(ValidationError):
+            tx.with_statement_timeout(1000)
+        assert tx.get_organization(beta.id) is None
+        found = tx.get_organization(alpha.id)
+        assert found is not None and found.name == "alpha"

@@ -266,6 +266,21 @@ async def test_deleting_the_user_deletes_its_2fa_rows(storage: Any, email: str) 
     assert await storage.get_backup_codes(user.id) == []
 
 
+async def test_a_challenge_names_the_challenged_users_own_device(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """A challenge for one user with another user's device is refused (nothing written): an
+    application checking the code against the challenge's device would otherwise let the
+    attacker's own authenticator pass the victim's challenge."""
+    victim = await _user(storage, f"{unique('victim')}@example.com")
+    attacker = await _user(storage, f"{unique('attacker')}@example.com")
+    attackers_device = await _device(storage, attacker)
+    with pytest.raises(NotFoundError) as caught:
+        await _challenge(storage, victim, device=attackers_device)
+    assert "twofa_sessions__device_owner_fkey" in str(caught.value)
+    assert (await _challenge(storage, attacker, device=attackers_device)).user_id == attacker.id
+
+
 async def test_unknown_user_is_not_found(storage: Any) -> None:
     with pytest.raises(NotFoundError):
         await storage.create_two_factor_device(user_id=uuid.uuid4(), method="sms")

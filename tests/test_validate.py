@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -129,3 +130,44 @@ def test_email_refuses_an_address_exactly_when_it_holds_whitespace(local: str, d
         assert raised.value.field == "email"
     else:
         assert v.email("email", address) == address
+
+
+def test_strings_refuses_an_endless_iterable_without_consuming_it() -> None:
+    drawn = itertools.count()
+    endless = (str(next(drawn)) for _ in itertools.repeat(None))
+    with pytest.raises(ValidationError, match="at most 256 items") as raised:
+        v.strings("scopes", endless)
+    assert raised.value.field == "scopes"
+    assert next(drawn) == 257  # max_items + 1 drawn, no more
+
+
+@given(count=st.integers(0, 40), max_items=st.integers(0, 20))
+def test_strings_draws_at_most_one_item_past_the_limit(count: int, max_items: int) -> None:
+    drawn: list[int] = []
+
+    def items() -> Iterator[str]:
+        for n in range(count):
+            drawn.append(n)
+            yield "s"
+
+    if count <= max_items:
+        assert v.strings("scopes", items(), max_items=max_items) == ["s"] * count
+    else:
+        with pytest.raises(ValidationError) as raised:
+            v.strings("scopes", items(), max_items=max_items)
+        assert raised.value.field == "scopes"
+    assert len(drawn) == min(count, max_items + 1)
+
+
+@pytest.mark.parametrize("value", ["scope", b"scope", 1, 1.5, None, True, object()])
+def test_strings_refuses_what_is_not_a_list(value: object) -> None:
+    with pytest.raises(ValidationError, match="list of strings") as raised:
+        v.strings("scopes", value)
+    assert raised.value.field == "scopes"
+
+
+@pytest.mark.parametrize("item", [1, None, b"x", "a\x00b", "\ud800", "x" * (v.SHORT + 1)])
+def test_strings_names_the_bad_item(item: object) -> None:
+    with pytest.raises(ValidationError) as raised:
+        v.strings("scopes", ["ok", item])
+    assert raised.value.field == "scopes[1]"

@@ -162,7 +162,12 @@ class AsyncMigrations(AsyncCore):
 def _role_sql(sql: str, role: str) -> str:
     if not isinstance(role, str) or not _ROLE_RE.match(role):
         raise ValidationError("role", "must match [a-z_][a-z0-9_]* (at most 63 characters)")
+    if role in _NOT_A_ROLE or role.startswith("pg_"):
+        # GRANT ... TO public grants to every role of the cluster; current_user and friends
+        # name whoever runs the grant; pg_* are PostgreSQL's own roles.
+        raise ValidationError("role", f"{role!r} is not an application role")
     return re.sub(r"\bkitium_app\b", role, sql)
 
 
 _ROLE_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_NOT_A_ROLE = frozenset({"public", "current_user", "current_role", "session_user", "none"})

@@ -111,10 +111,10 @@ class AsyncOrganizations(AsyncCore):
         """Change the given fields of an organization and return it (fields left out stay).
 
         ``members`` replaces the whole member set in the same statement: members listed again
-        keep their ``joined_at`` and take the given role, the others are removed, new ones are
-        added. Raises ``NotFoundError`` when there is no such organization or a new member is
-        not a user (nothing is written then). Setting values is idempotent, so transient
-        failures are retried.
+        keep their ``joined_at`` and take the given role, the others are removed (with their
+        roles in the organization), new ones are added. Raises ``NotFoundError`` when there is
+        no such organization or a new member is not a user (nothing is written then). Setting
+        values is idempotent, so transient failures are retried.
         """
         params: dict[str, Any] = {"id": v.uuid_arg("id", id)}
         checks: dict[str, Any] = {
@@ -167,7 +167,8 @@ class AsyncOrganizations(AsyncCore):
     async def remove_organization_member(
         self, org_id: uuid.UUID | str, user_id: uuid.UUID | str
     ) -> bool:
-        """Remove a user from an organization; ``True`` if the user was a member."""
+        """Remove a user from an organization, and with the membership the roles it held there
+        (so its permissions); ``True`` if the user was a member."""
         parsed_org, parsed_user = v.parse_uuid(org_id), v.parse_uuid(user_id)
         if parsed_org is None or parsed_user is None:
             return False

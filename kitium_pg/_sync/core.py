@@ -145,7 +145,9 @@ class Core:
 
         The default timeout is a connection setting and costs nothing per call. An override
         pipelines a transaction-local ``set_config`` with the statement; psycopg's pipeline exit
-        adds a second, empty round trip (measured in tests/test_round_trips.py).
+        adds a second, empty round trip (measured in tests/test_round_trips.py). Raises
+        ``ValidationError`` on a transaction's view: a transaction's settings are fixed when it
+        starts (``storage.with_statement_timeout(ms).transaction()``).
         """
         ms = _validate.integer("ms", ms, minimum=0)  # PostgreSQL's limit: a 32-bit int
         return self._with_local("statement_timeout", str(ms))
@@ -155,10 +157,19 @@ class Core:
         ``kitium.tenant`` for its transaction (``set_config(..., true)``), which the optional
         ``tenant_rls`` migration's row-level security policies read. Outside ``transaction()``
         the setting is pipelined with each statement (two round trips, see
-        ``with_statement_timeout``); inside one it is set once."""
+        ``with_statement_timeout``); inside one it is set once, when the transaction starts
+        (``storage.tenant(org_id).transaction()``). Raises ``ValidationError`` on a
+        transaction's view: the setting lasts for the whole transaction, so switching tenant
+        there would switch the transaction's other calls too."""
         return self._with_local("kitium.tenant", str(_validate.uuid_arg("org_id", org_id)))
 
     def _with_local(self, name: str, value: str) -> Self:
+        if self._conn is not None:
+            raise ValidationError(
+                "transaction",
+                f"{name} is set when a transaction starts and holds for all of it: set it on"
+                " the adapter before transaction(), not on the transaction",
+            )
         local = (*((k, v) for k, v in self._local if k != name), (name, value))
         return self._view(_local=local, _local_applied=False)
 
@@ -558,12 +569,13 @@ def _fetch(cur: Cursor[Any], query: _sql.Query, make: Make) -> Any:
         row = cur.fetchone()
         if row is None or make is None:
             return row
-        return _sql.binder(query, cur, make)(row)
+        return _sql.binder(query, cur)(make, row)
     if shape is _sql.Shape.MANY:
         rows = cur.fetchall()
         if make is None:
             return rows
-        return list(map(_sql.binder(query, cur, make), rows))
+        bind = _sql.binder(query, cur)
+        return [bind(make, row) for row in rows]
     if shape is _sql.Shape.VALUE:
         row = cur.fetchone()
         return None if row is None else row[0]

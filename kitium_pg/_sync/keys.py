@@ -38,8 +38,9 @@ class KeyRotation(Core):
         """Re-encrypt every secret that is not under the current (last configured) key; returns
         how many values were re-encrypted. ``progress(done, total)`` is called after each batch.
         Raises ``EncryptionKeyError`` when no keys are configured or a value's key is missing.
-        Safe to run while the application writes (compare-and-swap on the old key id) and to
-        re-run after an interruption."""
+        Safe to run while the application writes (compare-and-swap on the old key id and
+        ciphertext: a value re-written meanwhile is never overwritten with its older plaintext)
+        and to re-run after an interruption."""
         if self._keyring is None:
             raise EncryptionKeyError("rotate_keys needs encryption_keys (or the environment key)")
         size = v.integer("batch_size", batch_size, minimum=1, maximum=10_000)
@@ -64,6 +65,7 @@ class KeyRotation(Core):
                     {
                         "ids": [r[0] for r in rows],
                         "old_key_ids": [r[1] for r in rows],
+                        "old_ciphertexts": [r[2] for r in rows],
                         "key_id": current,
                         "ciphertexts": blobs,
                     },
@@ -81,6 +83,8 @@ class KeyRotation(Core):
             params: dict[str, Any] = {
                 "ids": [],
                 "old_key_ids": [],
+                "old_access_ciphertexts": [],
+                "old_refresh_ciphertexts": [],
                 "key_id": current,
                 "access_ciphertexts": [],
                 "refresh_ciphertexts": [],
@@ -89,6 +93,8 @@ class KeyRotation(Core):
                 aad_id = uuid.uuid5(user_id, provider)
                 params["ids"].append(row_id)
                 params["old_key_ids"].append(key_id)
+                params["old_access_ciphertexts"].append(access)
+                params["old_refresh_ciphertexts"].append(refresh)
                 for name, blob in (("access", access), ("refresh", refresh)):
                     column = f"oauth_accounts.{name}_token"
                     plain = self._decrypt(column, aad_id, key_id, blob)

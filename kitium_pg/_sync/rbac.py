@@ -169,13 +169,15 @@ class Rbac(Core):
     def assign_role_to_user(
         self, user_id: uuid.UUID | str, role_id: uuid.UUID | str, org_id: uuid.UUID | str
     ) -> Role:
-        """Give a user a role within the role's organization and return the role.
+        """Give a member of an organization a role of that organization and return the role.
 
         Idempotent (one statement): assigning a role the user already holds changes nothing,
         and concurrent assignments of the same role leave one assignment without an error, so
         transient failures are retried. Raises ``NotFoundError`` when the user, the organization
-        or the role does not exist, and also when the role belongs to another organization
-        (the role does not exist *in* ``org_id``; nothing is written).
+        or the role does not exist, when the role belongs to another organization (the role
+        does not exist *in* ``org_id``), and when the user is not a member of ``org_id``
+        (``user_roles__member_fkey``); nothing is written then. The assignment lasts as long as
+        the membership: removing the member removes it.
         """
         params = {
             "id": new_id(),

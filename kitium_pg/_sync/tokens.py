@@ -129,8 +129,9 @@ class Tokens(Sessions, ApiKeys):
 
     def verify_api_key(self, key: str, *, consistency: Consistency = "replica") -> ApiKey | None:
         """The record of an unexpired API key, or ``None`` (malformed, unknown or expired key).
-        Updates ``last_used_at`` at most once a minute, in the same statement. Retry-safe: the
-        only write sets a timestamp."""
+        Updates ``last_used_at`` at most once a minute: in the same statement on the primary;
+        with replicas, the lookup reads a replica and, when the stamp is due, a second
+        statement sets it on the primary. Retry-safe: the only write sets a timestamp."""
         if not isinstance(key, str) or not 0 < len(key) <= 200:
             return None
         try:

@@ -274,7 +274,8 @@ class TwoFactor(Core):
         ``method`` is ``"totp"``, ``"sms"``, ``"email"`` or ``"backup_code"``; ``code_hash`` is
         a digest of the code sent (never the code); ``expires_at`` must be timezone-aware;
         ``max_attempts`` is 1 to 100. Raises ``ValidationError`` for bad input and
-        ``NotFoundError`` when the user or device does not exist. Retried on transient
+        ``NotFoundError`` when the user or device does not exist, or the device is not the
+        user's (``twofa_sessions__device_owner_fkey``). Retried on transient
         failures: the id is generated before the first attempt, so a retry returns the same row.
         """
         params = {

@@ -8,6 +8,13 @@
 -- FORCEd, so it binds the table owner too; the owner (the role running this migration, which
 -- also provisions organizations and runs maintenance) gets an explicit policy of its own.
 -- Superusers and BYPASSRLS roles are never subject to row-level security.
+--
+-- SSO providers without an organization are shared: every tenant, and a role with no tenant,
+-- may read them and their domains; none may change them. Reads of shared rows come from a
+-- separate FOR SELECT policy (shared_read), so the policy that also governs writes
+-- (tenant_isolation) only ever matches the tenant's own rows. (One FOR ALL policy with
+-- "org_id IS NULL OR ..." in its USING clause would let any tenant update or delete a shared
+-- provider: WITH CHECK only constrains the row as written, not the row chosen.)
 
 -- migrate:up
 
@@ -28,9 +35,12 @@ BEGIN
                                'org_id = nullif(current_setting(''kitium.tenant'', true), '''')::uuid'),
       ('user_roles',           'org_id = nullif(current_setting(''kitium.tenant'', true), '''')::uuid',
                                'org_id = nullif(current_setting(''kitium.tenant'', true), '''')::uuid'),
-      -- Providers without an organization are shared by every tenant (read-only for them).
-      ('sso_providers',        'org_id IS NULL OR org_id = nullif(current_setting(''kitium.tenant'', true), '''')::uuid',
+      -- Shared providers (no organization) are readable through shared_read below.
+      ('sso_providers',        'org_id = nullif(current_setting(''kitium.tenant'', true), '''')::uuid',
                                'org_id = nullif(current_setting(''kitium.tenant'', true), '''')::uuid'),
+      -- A provider's domains follow their provider.
+      ('sso_provider_domains', 'EXISTS (SELECT 1 FROM kitium_auth.sso_providers AS p WHERE p.id = provider_id AND p.org_id = nullif(current_setting(''kitium.tenant'', true), '''')::uuid)',
+                               'EXISTS (SELECT 1 FROM kitium_auth.sso_providers AS p WHERE p.id = provider_id AND p.org_id = nullif(current_setting(''kitium.tenant'', true), '''')::uuid)'),
       -- Events about a user but no organization are not tenant data.
       ('auth_events',          'org_id IS NULL OR org_id = current_setting(''kitium.tenant'', true)',
                                'org_id IS NULL OR org_id = current_setting(''kitium.tenant'', true)')
@@ -46,16 +56,27 @@ BEGIN
 END;
 $$;
 
+-- Read-only access to what is shared: SSO providers without an organization, and their domains.
+-- A policy of its own, FOR SELECT, so that no tenant can update or delete a shared row.
+CREATE POLICY shared_read ON kitium_auth.sso_providers FOR SELECT
+  USING (org_id IS NULL);
+CREATE POLICY shared_read ON kitium_auth.sso_provider_domains FOR SELECT
+  USING (EXISTS (SELECT 1 FROM kitium_auth.sso_providers AS p
+                  WHERE p.id = provider_id AND p.org_id IS NULL));
+
 -- migrate:down
 
 SET LOCAL lock_timeout = '5s';
+
+DROP POLICY shared_read ON kitium_auth.sso_provider_domains;
+DROP POLICY shared_read ON kitium_auth.sso_providers;
 
 DO $$
 DECLARE
   tbl text;
 BEGIN
   FOREACH tbl IN ARRAY ARRAY['organizations', 'organization_members', 'roles', 'user_roles',
-                             'sso_providers', 'auth_events']
+                             'sso_providers', 'sso_provider_domains', 'auth_events']
   LOOP
     EXECUTE format('DROP POLICY tenant_isolation ON kitium_auth.%I', tbl);
     EXECUTE format('DROP POLICY owner_access ON kitium_auth.%I', tbl);

@@ -1,0 +1,144 @@
+"""Adapter settings: every hostile value is a ValidationError naming the setting, before I/O."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter, ValidationError
+from kitium_pg._base import (
+    APPLICATION_NAME_BYTES,
+    MAX_POOL_SIZE,
+    MAX_RETRIES,
+    MAX_TIMEOUT_S,
+    STATEMENT_TIMEOUT_MAX_MS,
+    Settings,
+)
+
+# The adapters' defaults (kitium_pg/_async/core.py).
+DEFAULTS: dict[str, Any] = {
+    "min_size": 1,
+    "max_size": 10,
+    "idle_timeout": 30.0,
+    "statement_timeout_ms": 5000,
+    "max_retries": 2,
+    "connect_timeout": 10.0,
+    "pool_timeout": 10.0,
+    "schema": "kitium_auth",
+    "application_name": "kitium-pg",
+    "prepare_threshold": 5,
+}
+# Nothing listens here: a constructor that tried to connect would fail differently.
+UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1"
+
+NAN, INF = float("nan"), float("inf")
+NOT_INTS = [NAN, INF, -INF, 1.5, 2.0, True, False, "1", b"1", None, [1]]
+NOT_SECONDS = [NAN, INF, -INF, 0, 0.0, -1, -0.5, True, "1", None, MAX_TIMEOUT_S + 1, 10**400]
+
+HOSTILE: list[tuple[str, object]] = [
+    *(("min_size", bad) for bad in [*NOT_INTS, -1, MAX_POOL_SIZE + 1, 10**9]),
+    *(("max_size", bad) for bad in [*NOT_INTS, 0, -1, MAX_POOL_SIZE + 1, 10**9]),
+    *(
+        (name, bad)
+        for name in ("idle_timeout", "connect_timeout", "pool_timeout")
+        for bad in NOT_SECONDS
+    ),
+    *(("statement_timeout_ms", bad) for bad in [*NOT_INTS, -1, STATEMENT_TIMEOUT_MAX_MS + 1]),
+    *(("max_retries", bad) for bad in [*NOT_INTS, -1, MAX_RETRIES + 1, 10**9]),
+    *(
+        ("application_name", bad)
+        for bad in [None, 1, b"kitium", "a\x00b", "\ud800", "x" * 64, "é" * 32, "x" * 10**6]
+    ),
+    *(("prepare_threshold", bad) for bad in [NAN, 1.5, True, "5", -1, 2**31]),
+]
+
+
+def build(**overrides: object) -> Settings:
+    return Settings.build(**{**DEFAULTS, **overrides})
+
+
+@pytest.mark.parametrize(("name", "value"), HOSTILE)
+def test_hostile_settings_are_refused_naming_the_setting(name: str, value: object) -> None:
+    with pytest.raises(ValidationError) as caught:
+        build(**{name: value})
+    assert caught.value.field == name
+
+
+@pytest.mark.parametrize(("name", "value"), HOSTILE[::7])
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+def test_adapters_refuse_hostile_settings_before_connecting(
+    cls: type[PostgresStorageAdapter] | type[AsyncPostgresStorageAdapter], name: str, value: object
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        cls(UNREACHABLE, **{name: value})  # type: ignore[arg-type]
+    assert caught.value.field == name
+
+
+def test_min_size_above_max_size_is_refused() -> None:
+    with pytest.raises(ValidationError) as caught:
+        build(min_size=3, max_size=2)
+    assert caught.value.field == "min_size"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"min_size": 0, "max_size": 1},
+        {"min_size": MAX_POOL_SIZE, "max_size": MAX_POOL_SIZE},
+        {"statement_timeout_ms": 0},
+        {"statement_timeout_ms": STATEMENT_TIMEOUT_MAX_MS},
+        {"max_retries": 0},
+        {"max_retries": MAX_RETRIES},
+        {"idle_timeout": 1, "connect_timeout": 0.5, "pool_timeout": MAX_TIMEOUT_S},
+        {"application_name": ""},
+        {"application_name": "x" * APPLICATION_NAME_BYTES},
+        {"application_name": "é" * 31},  # 62 bytes
+        {"prepare_threshold": None},
+        {"prepare_threshold": 0},
+    ],
+)
+def test_edge_values_are_accepted_unchanged(overrides: dict[str, object]) -> None:
+    settings = build(**overrides)
+    for name, value in overrides.items():
+        assert getattr(settings, name) == value
+
+
+@given(st.one_of(st.floats(), st.integers(-(10**20), 10**20)))
+def test_a_timeout_is_accepted_exactly_when_finite_and_in_range(value: float) -> None:
+    ok = math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S
+    for name in ("idle_timeout", "connect_timeout", "pool_timeout"):
+        if ok:
+            assert getattr(build(**{name: value}), name) == value
+        else:
+            with pytest.raises(ValidationError) as caught:
+                build(**{name: value})
+            assert caught.value.field == name
+
+
+@given(st.text(max_size=80))
+def test_application_name_is_accepted_exactly_when_postgresql_keeps_it_whole(name: str) -> None:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        encoded = None
+    if encoded is not None and len(encoded) <= APPLICATION_NAME_BYTES and "\x00" not in name:
+        assert build(application_name=name).application_name == name
+    else:
+        with pytest.raises(ValidationError) as caught:
+            build(application_name=name)
+        assert caught.value.field == "application_name"
+
+
+@given(st.integers(-(2**40), 2**40))
+def test_statement_timeout_is_accepted_exactly_within_the_int4_range(value: int) -> None:
+    if 0 <= value <= STATEMENT_TIMEOUT_MAX_MS:
+        settings = build(statement_timeout_ms=value)
+        assert settings.connection_kwargs()["options"].startswith(f"-c statement_timeout={value} ")
+    else:
+        with pytest.raises(ValidationError) as caught:
+            build(statement_timeout_ms=value)
+        assert caught.value.field == "statement_timeout_ms"
