@@ -4,7 +4,9 @@ Measures, interleaved like ``run.py``, the full call next to its pieces: pool ch
 return, the query on a held connection the way the adapter runs it (reused tuple cursor,
 automatic prepare, record built by the adapter's row binder) and the raw floor (tuple rows,
 ``prepare=True``), cursor creation, building the ``Session`` record, argument validation and
-the per-call log line. Then the async adapter next to psycopg's async floor and raw asyncpg
+the per-call log line. The adapter's own work (a stub cursor in place of psycopg and the
+server) is measured twice: back to back, and right after a real query, where it runs with the
+caches a real call leaves. Then the async adapter next to psycopg's async floor and raw asyncpg
 (when installed), with its own work measured without a server. Then runs the sync call under
 cProfile and prints the functions with the most own time. Optional: ``--py-spy PATH``
 samples it with py-spy (needs the py-spy binary).
@@ -106,9 +108,13 @@ def _profile(
     sample = held.cursor(row_factory=dict_row).execute(sql, {"id": ids[0]}).fetchone()
     assert sample is not None
     # The adapter's row binder for this query (cached: the same function the adapter calls).
-    bind = _sql.binder(
-        _sql.queries(schema)["get_session"], reused_auto.execute(sql, {"id": ids[0]}), Session
+    bind_row = _sql.binder(
+        _sql.queries(schema)["get_session"], reused_auto.execute(sql, {"id": ids[0]})
     )
+
+    def bind(row: Any) -> Session:
+        return bind_row(Session, row)
+
     reused_auto.fetchall()
     pool = storage.pool
 
@@ -182,6 +188,18 @@ def _profile(
         log_call("get_session", time.perf_counter(), 1)
         return True
 
+    def after_floor(piece: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``piece`` right after one real floor query, so that it runs with the caches the
+        way a real call leaves them; the pair is timed and F subtracted."""
+
+        def run(x: Any) -> Any:
+            reused_tuples_after.execute(sql, {"id": x}, prepare=True)
+            reused_tuples_after.fetchone()
+            return piece(x)
+
+        return run
+
+    reused_tuples_after = held.cursor()
     pieces: list[tuple[str, Callable[[Any], Any]]] = [
         ("A full storage.get_session(id)", full),
         ("B pool getconn + putconn (no query)", checkout),
@@ -195,6 +213,9 @@ def _profile(
         ("H Session record from a stored row by the binder (attrs init, converters)", record_only),
         ("I argument validation (parse_uuid)", validation_only),
         ("J log_call with DEBUG off", log_only),
+        ("FL F, then L", after_floor(adapter_only)),
+        ("FB F, then B", after_floor(checkout)),
+        ("FH F, then H", after_floor(record_only)),
     ]
     for _, fn in pieces:  # past psycopg's prepare threshold on every connection
         for x in some_ids(10):
@@ -215,7 +236,8 @@ def _profile(
     print("## get_session, kitium-sync: the pieces (median µs per call, interleaved)\n")
     print("| piece | median µs | p95 µs |\n|---|---|---|")
     for label, s in samples.items():
-        print(f"| {label} | {s.median_us:.1f} | {s.p95_us:.1f} |")
+        if not label.startswith("F") or label.startswith("F "):
+            print(f"| {label} | {s.median_us:.1f} | {s.p95_us:.1f} |")
     overhead = med["A"] - med["F"]
     print(
         f"\nOverhead of the full call over the floor (A - F): {overhead:.1f} µs"
@@ -238,6 +260,21 @@ def _profile(
         "A and K run on the pool's connection, D, E and F on a held one: their differences also"
         " carry the connection-to-connection spread, about a µs or two with the layout pinned"
         " (cpu_layout.md). B, G, H, I, J and L need no server and hold from run to run.\n"
+    )
+    print("## The adapter's own work in place\n")
+    print(
+        "L, B and H again, each right after one real floor query F on a held connection: the"
+        " pair is timed and F's median subtracted. Run back to back, a piece finds its code and"
+        " data in the CPU caches; right after a query, psycopg, libpq and the kernel have been"
+        " through them, as in a real call.\n"
+    )
+    print("| piece | alone, back to back (µs) | right after a real query (µs) |\n|---|---|---|")
+    for piece, name in (("L", "the adapter's own work"), ("B", "pool"), ("H", "record")):
+        print(f"| {piece} {name} | {med[piece]:.1f} | {med['F' + piece] - med['F']:.1f} |")
+    print(
+        f"\nThe full call's overhead over the floor (A - F) is {overhead:.1f} µs; the adapter's"
+        f" own work in place (FL - F) is {med['FL'] - med['F']:.1f} µs. Subtracting F carries"
+        " F's spread, a µs or so either way.\n"
     )
     _async_pieces(args, runner, dsn, schema, some_ids, stored_row, postmaster)
     profiler = cProfile.Profile()
@@ -314,6 +351,18 @@ def _async_pieces(
     async def adapter_only(x: Any) -> Any:
         return await stubbed.get_session(x)
 
+    reused_tuples_after = held.cursor()
+
+    def after_floor(piece: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``piece`` right after one real floor query (as in the sync section)."""
+
+        async def run(x: Any) -> Any:
+            await reused_tuples_after.execute(sql, {"id": x}, prepare=True)
+            await reused_tuples_after.fetchone()
+            return await piece(x)
+
+        return run
+
     pieces: list[tuple[str, Callable[[Any], Any]]] = [
         ("A full await storage.get_session(id)", full),
         (
@@ -322,6 +371,8 @@ def _async_pieces(
         ),
         ("L the adapter's own work: A with a stub cursor (no psycopg, no server)", adapter_only),
         ("B async pool getconn + putconn (no query)", checkout),
+        ("FL F, then L (the adapter's own work in place)", after_floor(adapter_only)),
+        ("FB F, then B (the async pool in place)", after_floor(checkout)),
     ]
     asyncpg = None
     if importlib.util.find_spec("asyncpg") is not None:
@@ -348,7 +399,9 @@ def _async_pieces(
     print(
         f"\nOver the psycopg async floor (A - F): {med['A'] - med['F']:.1f} µs"
         f" ({med['A'] / med['F']:.2f}x); the adapter's own work without a server (L):"
-        f" {med['L']:.1f} µs, {med['B']:.1f} µs of it the async pool (B)."
+        f" {med['L']:.1f} µs, {med['B']:.1f} µs of it the async pool (B). Right after a real"
+        f" query: the adapter's own work (FL - F) {med['FL'] - med['F']:.1f} µs, the async pool"
+        f" (FB - F) {med['FB'] - med['F']:.1f} µs."
     )
     if "R" in med:
         print(

@@ -222,3 +222,36 @@ def test_no_flush_section_on_the_embedded_server(tmp_path: Path) -> None:
     # The durable table is still there, and the bench lines cover only it.
     assert set(results["ops"]) == set(ops)
     assert sorted(results["claimed"]) == sorted([op, v] for op in ops for v in variants)
+
+
+def test_profile_script_prints_every_piece(dsn: str) -> None:
+    """``benchmarks/profile_get_session.py``, a few calls per piece: it exits 0 and prints a
+    figure for every piece it names, in place ones included (the README quotes this profile)."""
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "benchmarks" / "profile_get_session.py"), "--dsn", dsn),
+            *("--rows", "300", "--rounds", "2", "--calls", "5", "--profile-calls", "30"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    figure = r"(-?\d+\.\d)"
+
+    def pieces(heading: str) -> str:
+        """The one-letter pieces of the table under ``heading`` that carry two figures."""
+        section = proc.stdout.split(heading, 1)[1].split("\n## ", 1)[0]
+        rows = re.findall(rf"^\| ([A-Z]) [^|]+ \| {figure} \| {figure} \|$", section, re.M)
+        return "".join(piece for piece, _, _ in rows)
+
+    assert pieces("## get_session, kitium-sync") == "ABCDEFGKLHIJ"
+    assert pieces("## The adapter's own work in place") == "LBH"
+    assert pieces("## get_session, kitium-async") in ("AFLB", "AFLBR")  # R needs asyncpg
+    assert re.search(rf"own work in place \(FL - F\) is {figure} µs", proc.stdout)
+    assert re.search(
+        rf"own work \(FL - F\) {figure} µs, the async pool \(FB - F\) {figure}", proc.stdout
+    )
+    assert "## cProfile of 30 full calls" in proc.stdout
