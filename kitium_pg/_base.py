@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import logging
 import random
 import re
@@ -165,13 +166,20 @@ class Settings:
         if kw["prepare_threshold"] is not None:
             _validate.integer("prepare_threshold", kw["prepare_threshold"])
         _sql.check_schema(kw["schema"])
-        optional = kw.get("optional_migrations", ())
-        if isinstance(optional, str) or not all(isinstance(o, str) for o in optional):
+        given = kw.get("optional_migrations", ())
+        if isinstance(given, str | bytes) or not isinstance(given, Iterable):
+            raise ValidationError("optional_migrations", "must be a list of migration ids")
+        known = optional_migration_ids()
+        # Read at most one more than could be valid: an endless iterable is refused, not read.
+        optional = tuple(itertools.islice(given, len(known) + 1))
+        if len(optional) > len(known):
+            raise ValidationError("optional_migrations", f"must list at most {len(known)} ids")
+        if not all(isinstance(o, str) for o in optional):
             raise ValidationError("optional_migrations", "must be a list of migration ids")
         for name in optional:
-            if name not in optional_migration_ids():
+            if name not in known:
                 raise ValidationError("optional_migrations", f"unknown optional migration {name!r}")
-        kw["optional_migrations"] = tuple(optional)
+        kw["optional_migrations"] = optional
         if not isinstance(kw.get("pgbouncer", False), bool):
             raise ValidationError("pgbouncer", "must be True or False")
         return cls(**kw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -142,3 +143,23 @@ def test_statement_timeout_is_accepted_exactly_within_the_int4_range(value: int)
         with pytest.raises(ValidationError) as caught:
             build(statement_timeout_ms=value)
         assert caught.value.field == "statement_timeout_ms"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["tenant_rls", b"tenant_rls", 7, None, [1], ["nope"], itertools.repeat("tenant_rls")],
+    ids=["str", "bytes", "int", "None", "int-item", "unknown", "endless"],
+)
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+def test_optional_migrations_are_a_short_list_of_known_ids(cls: type, value: object) -> None:
+    """An endless iterable is refused after one item more than could be valid, not read whole
+    (the test would hang otherwise)."""
+    with pytest.raises(ValidationError) as caught:
+        cls(UNREACHABLE, optional_migrations=value)
+    assert caught.value.field == "optional_migrations"
+
+
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+def test_optional_migrations_may_be_any_iterable_read_once(cls: type) -> None:
+    adapter = cls(UNREACHABLE, optional_migrations=(name for name in ["tenant_rls"]))
+    assert adapter._settings.optional_migrations == ("tenant_rls",)

@@ -74,7 +74,7 @@ class AsyncCore:
             schema=schema,
             application_name=application_name,
             prepare_threshold=prepare_threshold,
-            optional_migrations=tuple(optional_migrations),
+            optional_migrations=optional_migrations,
             pgbouncer=pgbouncer,
         )
         self._queries = _sql.queries(schema)

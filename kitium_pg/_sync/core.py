@@ -75,7 +75,7 @@ class Core:
             schema=schema,
             application_name=application_name,
             prepare_threshold=prepare_threshold,
-            optional_migrations=tuple(optional_migrations),
+            optional_migrations=optional_migrations,
             pgbouncer=pgbouncer,
         )
         self._queries = _sql.queries(schema)
