@@ -332,9 +332,13 @@ def plan(migrations: tuple[Migration, ...], applied: Mapping[str, str]) -> tuple
                 " ship (was it applied by a newer version?)"
             )
         if migration.checksum != checksum:
+            path = migration.path
+            where = f"optional/{path.name}" if path.parent.name == "optional" else path.name
             raise MigrationError(
-                f"migrations/{migration.path.name} changed after it was applied "
+                f"migrations/{where} changed after it was applied "
                 f"(checksum {checksum[:12]}… recorded, {migration.checksum[:12]}… on disk);"
-                " never edit an applied migration: add a new one"
+                " never edit an applied migration: add a new one. To move on, roll it back with"
+                " the kitium-pg version that applied it, then migrate with this one (see"
+                " 'Upgrading' in docs/operations.md)"
             )
     return tuple(m for m in migrations if m.id not in applied)

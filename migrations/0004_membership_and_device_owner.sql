@@ -21,6 +21,14 @@
 -- Give up quickly rather than queue behind (and block) live traffic; migrate again later.
 SET LOCAL lock_timeout = '5s';
 
+-- Writers wait (readers do not) until this transaction ends: a membership removed or a challenge
+-- written by a transaction still open when the clean-up below runs would otherwise escape it,
+-- the NOT VALID references would not check it, and 0005's validation would then fail on every
+-- attempt. The locks are taken up front, in one order, as the statements below need them.
+LOCK TABLE kitium_auth.organization_members, kitium_auth.user_roles IN SHARE ROW EXCLUSIVE MODE;
+LOCK TABLE kitium_auth.twofa_devices IN ACCESS EXCLUSIVE MODE;
+LOCK TABLE kitium_auth.twofa_sessions IN SHARE ROW EXCLUSIVE MODE;
+
 DELETE FROM kitium_auth.user_roles AS ur
  WHERE NOT EXISTS (
    SELECT 1

@@ -28,11 +28,13 @@ WITH inserted AS (
             signing_key_ciphertext, signing_key_key_id, encryption_enabled, force_authn, scopes,
             redirect_uris, claim_mapping, attribute_mapping, metadata, created_at, updated_at
 ),
+-- No RETURNING here: under the optional tenant_rls migration, returning a row needs the SELECT
+-- policy, which cannot see the provider this same statement inserts. The domains written are
+-- exactly the given ones, unverified, and the first branch below lists those.
 added AS (
   INSERT INTO kitium_auth.sso_provider_domains (provider_id, domain)
   SELECT inserted.id, d.domain
     FROM inserted, unnest(:domains::text[]) AS d (domain)
-  RETURNING domain, verified_at
 )
 SELECT i.id, i.type, i.name, i.org_id, i.metadata_url, i.client_id, i.client_secret_ciphertext,
        i.client_secret_key_id, i.token_endpoint_auth_method, i.idp_entity_id, i.idp_sso_url,
@@ -41,8 +43,8 @@ SELECT i.id, i.type, i.name, i.org_id, i.metadata_url, i.client_id, i.client_sec
        i.force_authn, i.scopes, i.redirect_uris, i.claim_mapping, i.attribute_mapping,
        i.metadata,
        (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                'domain', a.domain, 'verified_at', a.verified_at) ORDER BY a.domain), '[]'::jsonb)
-          FROM added AS a) AS domains,
+                'domain', d.domain, 'verified_at', NULL) ORDER BY d.domain), '[]'::jsonb)
+          FROM unnest(:domains::text[]) AS d (domain)) AS domains,
        i.created_at, i.updated_at
   FROM inserted AS i
 UNION ALL

@@ -14,6 +14,8 @@ import pytest
 
 from kitium_pg import AuthEvent, EventPage, ValidationError
 
+from .fix_holder import adapter_module, committed_later
+
 BASE = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
 ANCIENT = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # only test_prune_* emits events this old
 
@@ -678,3 +680,20 @@ async def test_prune_bad_input_names_the_field(
     with pytest.raises(ValidationError) as caught:
         await storage.prune_events(**kwargs)
     assert caught.value.field == field
+
+
+async def test_emit_events_counts_rows_an_attempt_committed_after_the_retry_began(
+    storage: Any, dsn: str, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for a single create (tests/test_users.py): the batch's ids are taken by a commit
+    the statement cannot see, so it counts them again and reports the whole batch."""
+    principal = unique("held")
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    module = adapter_module(storage, "events")
+    monkeypatch.setattr(module, "new_id_text", iter(ids).__next__)
+    insert = "INSERT INTO kitium_auth.auth_events (id, type, principal_id) VALUES (%s, %s, %s)"
+    with committed_later(dsn, insert, [(i, "login", principal) for i in ids]):
+        written = await storage.emit_events(
+            [{"type": "login", "principal_id": principal, "data": {}} for _ in ids]
+        )
+    assert written == 3

@@ -13,7 +13,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from kitium_pg import MigrationError, PostgresStorageAdapter
-from kitium_pg._base import load_migrations
+from kitium_pg._base import load_migrations, plan
 
 
 @pytest.fixture
@@ -141,3 +141,19 @@ def test_eight_processes_connecting_at_once_apply_each_migration_once(fresh_db: 
             "SELECT id, count(*) FROM kitium_auth.auth_migrations GROUP BY id"
         ).fetchall()
     assert {r[0]: r[1] for r in rows} == dict.fromkeys(ids.split(","), 1)
+
+
+@pytest.mark.parametrize(
+    ("mig_id", "shown"),
+    [
+        ("0001_core", "migrations/0001_core.sql"),
+        ("tenant_rls", "migrations/optional/tenant_rls.sql"),
+    ],
+)
+def test_drift_names_the_file_and_the_way_forward(mig_id: str, shown: str) -> None:
+    with pytest.raises(MigrationError) as caught:
+        plan(load_migrations("kitium_auth"), {mig_id: "edited"})
+    message = str(caught.value)
+    assert message.startswith(f"{shown} changed after it was applied")
+    assert "roll it back with the kitium-pg version that applied it" in message
+    assert "'Upgrading' in docs/operations.md" in message

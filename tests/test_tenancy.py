@@ -213,12 +213,21 @@ def test_another_tenants_sso_provider_domains_are_out_of_reach(
     assert as_alpha.remove_sso_provider_domain(betas.id, f"beta-{tag}.example") is False
     kept = tenancy["owner"].get_sso_provider(betas.id)
     assert kept is not None and [d.domain for d in kept.domains] == [f"beta-{tag}.example"]
-    # A tenant's own provider and its domains are its to manage.
-    own = as_alpha.create_sso_provider(type="oidc", name="Alpha's", client_id="a", org_id=alpha.id)
+    # A tenant's own provider and its domains are its to manage, created together (one
+    # statement: the new provider is not in its snapshot, see sso_provider_is_foreign) or later.
+    own = as_alpha.create_sso_provider(
+        type="oidc", name="Alpha's", client_id="a", org_id=alpha.id, domains=[f"a1-{tag}.example"]
+    )
+    assert [d.domain for d in own.domains] == [f"a1-{tag}.example"]
     added = as_alpha.add_sso_provider_domain(own.id, f"alpha-{tag}.example", verified=True)
     assert added.verified_at is not None
-    assert as_alpha.remove_sso_provider_domain(own.id, f"alpha-{tag}.example") is True
+    replaced = as_alpha.update_sso_provider(own.id, domains=[f"a2-{tag}.example"])
+    assert replaced is not None and [d.domain for d in replaced.domains] == [f"a2-{tag}.example"]
+    assert as_alpha.remove_sso_provider_domain(own.id, f"a2-{tag}.example") is True
     assert as_alpha.delete_sso_provider(own.id) is True
+    # Without a tenant nothing is the role's to change, shared providers included.
+    with pytest.raises(PermissionDeniedError):
+        app.add_sso_provider_domain(providers["shared"].id, f"no-tenant-{tag}.example")
 
 
 def test_a_transaction_runs_as_one_tenant(

@@ -11,6 +11,8 @@ import pytest
 
 from kitium_pg import ConflictError, NotFoundError, User, ValidationError
 
+from .fix_holder import adapter_module, committed_later
+
 
 async def test_create_and_get_round_trip(storage: Any, email: str) -> None:
     user = await storage.create_user(
@@ -158,3 +160,19 @@ async def test_oauth_provider_tokens_are_encrypted_at_rest(
     await storage.link_oauth_account(user.id, "google", sub=sub, name="relinked")
     assert (await storage.get_oauth_tokens(user.id, "google")).access_token == access
     assert await storage.get_oauth_tokens(user.id, "github") is None
+
+
+async def test_create_returns_the_row_an_attempt_committed_after_the_retry_began(
+    storage: Any, dsn: str, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retried create whose first attempt the server commits only after the retry took its
+    snapshot: the retry's insert waits on the id, finds it taken, and its statement cannot see
+    the row. The adapter runs the statement once more and returns the stored row (played here
+    by a second connection holding the same id)."""
+    user_id = uuid.uuid4()
+    monkeypatch.setattr(adapter_module(storage, "users"), "new_id", lambda: user_id)
+    address = f"{unique('held')}@example.com"
+    insert = "INSERT INTO kitium_auth.users (id, email) VALUES (%s, %s)"
+    with committed_later(dsn, insert, [(user_id, address)]):
+        user = await storage.create_user(email=address)
+    assert (user.id, user.email) == (user_id, address)

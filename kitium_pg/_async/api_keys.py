@@ -77,8 +77,7 @@ class AsyncApiKeys(AsyncCore):
             "metadata": v.json_text("metadata", metadata),
             "expires_at": v.opt_timestamp("expires_at", expires_at),
         }
-        key = await self._one("create_api_key", params, ApiKey, retry=Retry.SAFE)
-        assert key is not None
+        key = await self._written("create_api_key", params, ApiKey, retry=Retry.SAFE)
         return key
 
     async def get_api_key(self, id: uuid.UUID | str) -> ApiKey | None:

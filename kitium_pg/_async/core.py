@@ -25,6 +25,7 @@ from .._base import Retry, Settings, backoff, log_call, logger, redact_dsn
 from ..encryption import ENV_VAR, Keyring
 from ..errors import (
     EncryptionKeyError,
+    InternalError,
     KitiumPgError,
     UnavailableError,
     ValidationError,
@@ -487,6 +488,24 @@ class AsyncCore:
         return cast(
             "T | None", await self._run(name, params, retry=retry, make=cls, replica=replica)
         )
+
+    async def _written(
+        self, name: str, params: Mapping[str, Any], cls: Callable[..., T], *, retry: Retry
+    ) -> T:
+        """The row an idempotent write returns (insert ... ON CONFLICT, then the stored row).
+
+        Such a statement returns its row whether it or an earlier attempt wrote it, except in
+        one interleaving: the connection is lost while an attempt waits on a lock, the server
+        still commits that attempt, and the retry's snapshot was taken before that commit (the
+        retry waited for it on the unique index, found the id taken, and cannot see the row).
+        The statement then runs once more, with a snapshot that includes the commit. Raises
+        ``InternalError`` if even that finds no row."""
+        row = await self._one(name, params, cls, retry=retry)
+        if row is None:
+            row = await self._one(name, params, cls, retry=retry)
+            if row is None:
+                raise InternalError(f"{name}: the write returned no row")
+        return row
 
     async def _many(
         self,

@@ -57,10 +57,9 @@ class AsyncEmailVerification(AsyncCore):
             "metadata": v.json_text("metadata", metadata),
             "expires_at": v.timestamp("expires_at", expires_at),
         }
-        token = await self._one(
+        token = await self._written(
             "create_email_verification_token", params, EmailVerificationToken, retry=Retry.SAFE
         )
-        assert token is not None
         return token
 
     async def get_email_verification_tokens(

@@ -53,8 +53,7 @@ class AsyncEvents(AsyncCore):
         so a retry after a lost acknowledgement returns the row the first attempt wrote.
         """
         params = {"id": new_id(), **v.event_fields("", type, principal_id, data, org_id, timestamp)}
-        event = await self._one("emit_event", params, AuthEvent, retry=Retry.SAFE)
-        assert event is not None
+        event = await self._written("emit_event", params, AuthEvent, retry=Retry.SAFE)
         return event
 
     async def emit_events(self, events: Iterable[Mapping[str, Any]]) -> int:
@@ -113,10 +112,13 @@ class AsyncEvents(AsyncCore):
             raise ValidationError(
                 "events", f"data must serialise to at most {MAX_BATCH_DATA_BYTES} bytes in all"
             )
-        written = await self._value(
-            "emit_events", {"batch": text, "count": len(batch)}, retry=Retry.SAFE
-        )
-        return int(written)
+        params = {"batch": text, "count": len(batch)}
+        written = int(await self._value("emit_events", params, retry=Retry.SAFE))
+        if written < len(batch):
+            # Every id is new, so fewer means a retry whose snapshot predates the commit of an
+            # attempt whose acknowledgement was lost (see _written): count again.
+            written = int(await self._value("emit_events", params, retry=Retry.SAFE))
+        return written
 
     async def list_events(
         self,

@@ -86,8 +86,7 @@ class AsyncOrganizations(AsyncCore):
             "member_ids": member_ids,
             "member_roles": member_roles,
         }
-        org = await self._one("create_organization", params, Organization, retry=Retry.SAFE)
-        assert org is not None
+        org = await self._written("create_organization", params, Organization, retry=Retry.SAFE)
         return org
 
     async def get_organization(self, id: uuid.UUID | str) -> Organization | None:
@@ -158,10 +157,9 @@ class AsyncOrganizations(AsyncCore):
             "user_id": v.uuid_arg("user_id", user_id),
             "role": v.identifier("role", role),
         }
-        member = await self._one(
+        member = await self._written(
             "add_organization_member", params, OrganizationMember, retry=Retry.SAFE
         )
-        assert member is not None
         return member
 
     async def remove_organization_member(

@@ -105,8 +105,7 @@ class AsyncRbac(AsyncCore):
             "permissions": _permissions_json(permissions),
             "metadata": v.json_text("metadata", metadata),
         }
-        role = await self._one("create_role", params, Role, retry=Retry.SAFE)
-        assert role is not None
+        role = await self._written("create_role", params, Role, retry=Retry.SAFE)
         return role
 
     async def get_role(self, id: uuid.UUID | str) -> Role | None:

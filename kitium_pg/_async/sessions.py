@@ -45,8 +45,7 @@ class AsyncSessions(AsyncCore):
         name, params = _session_insert(
             user_id, expires_at, org_id, plan, entitlements, metadata, event
         )
-        session = await self._one(name, params, Session, retry=Retry.SAFE)
-        assert session is not None
+        session = await self._written(name, params, Session, retry=Retry.SAFE)
         return session
 
     async def get_session(

@@ -214,13 +214,9 @@ class AsyncSso(AsyncCore):
         }
         params.update(self._sealed("client_secret", provider_id, client_secret))
         params.update(self._sealed("signing_key", provider_id, signing_key))
-        provider: SsoProvider | None = await self._run(
-            "create_sso_provider",
-            params,
-            retry=Retry.SAFE,
-            make=self._sso_provider_row,
+        provider: SsoProvider = await self._written(
+            "create_sso_provider", params, self._sso_provider_row, retry=Retry.SAFE
         )
-        assert provider is not None
         return provider
 
     async def get_sso_provider(self, id: uuid.UUID | str) -> SsoProvider | None:
@@ -364,8 +360,7 @@ class AsyncSso(AsyncCore):
             "domain": _domain("domain", domain),
             "verified": _flag("verified", verified),
         }
-        added = await self._one("add_sso_provider_domain", params, SsoDomain, retry=Retry.SAFE)
-        assert added is not None
+        added = await self._written("add_sso_provider_domain", params, SsoDomain, retry=Retry.SAFE)
         return added
 
     async def verify_sso_provider_domain(
@@ -456,8 +451,7 @@ class AsyncSso(AsyncCore):
             "metadata": v.json_text("metadata", metadata),
             "last_auth_at": v.opt_timestamp("last_auth_at", last_auth_at),
         }
-        link = await self._one("create_sso_link", params, SsoLink, retry=Retry.SAFE)
-        assert link is not None
+        link = await self._written("create_sso_link", params, SsoLink, retry=Retry.SAFE)
         return link
 
     async def get_sso_link(self, id: uuid.UUID | str) -> SsoLink | None:
@@ -517,8 +511,7 @@ class AsyncSso(AsyncCore):
             "expires_at": v.timestamp("expires_at", expires_at),
             "last_auth_at": v.opt_timestamp("last_auth_at", last_auth_at),
         }
-        session = await self._one("create_sso_session", params, SsoSession, retry=Retry.SAFE)
-        assert session is not None
+        session = await self._written("create_sso_session", params, SsoSession, retry=Retry.SAFE)
         return session
 
     async def get_sso_session(self, id: uuid.UUID | str) -> SsoSession | None:

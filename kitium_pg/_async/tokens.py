@@ -68,8 +68,7 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
             event,
             token_hash=_digest(secret),
         )
-        session = await self._one(name, params, Session, retry=Retry.SAFE)
-        assert session is not None
+        session = await self._written(name, params, Session, retry=Retry.SAFE)
         return IssuedSession(session=session, token=f"{session.id}.{secret}")
 
     async def validate_session_token(

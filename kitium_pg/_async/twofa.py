@@ -84,13 +84,9 @@ class AsyncTwoFactor(AsyncCore):
         )
         params["secret_key_id"] = key_id
         params["secret_ciphertext"] = ciphertext
-        device: TwoFactorDevice | None = await self._run(
-            "create_two_factor_device",
-            params,
-            retry=Retry.SAFE,
-            make=self._device,
+        device: TwoFactorDevice = await self._written(
+            "create_two_factor_device", params, self._device, retry=Retry.SAFE
         )
-        assert device is not None
         return device
 
     async def get_two_factor_device(self, id: uuid.UUID | str) -> TwoFactorDevice | None:
@@ -290,10 +286,9 @@ class AsyncTwoFactor(AsyncCore):
             "max_attempts": v.integer("max_attempts", max_attempts, minimum=1, maximum=100),
             "expires_at": v.timestamp("expires_at", expires_at),
         }
-        challenge = await self._one(
+        challenge = await self._written(
             "create_two_factor_session", params, TwoFactorSession, retry=Retry.SAFE
         )
-        assert challenge is not None
         return challenge
 
     async def get_two_factor_session(self, id: uuid.UUID | str) -> TwoFactorSession | None:

@@ -44,8 +44,7 @@ class AsyncUsers(AsyncCore):
             "metadata": v.json_text("metadata", metadata),
             "password_hash": v.opt_text("password_hash", password_hash, max_len=v.HASH),
         }
-        user = await self._one("create_user", params, User, retry=Retry.SAFE)
-        assert user is not None
+        user = await self._written("create_user", params, User, retry=Retry.SAFE)
         return user
 
     async def get_user(

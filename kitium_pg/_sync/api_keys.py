@@ -79,8 +79,7 @@ class ApiKeys(Core):
             "metadata": v.json_text("metadata", metadata),
             "expires_at": v.opt_timestamp("expires_at", expires_at),
         }
-        key = self._one("create_api_key", params, ApiKey, retry=Retry.SAFE)
-        assert key is not None
+        key = self._written("create_api_key", params, ApiKey, retry=Retry.SAFE)
         return key
 
     def get_api_key(self, id: uuid.UUID | str) -> ApiKey | None:

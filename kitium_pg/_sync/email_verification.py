@@ -59,10 +59,9 @@ class EmailVerification(Core):
             "metadata": v.json_text("metadata", metadata),
             "expires_at": v.timestamp("expires_at", expires_at),
         }
-        token = self._one(
+        token = self._written(
             "create_email_verification_token", params, EmailVerificationToken, retry=Retry.SAFE
         )
-        assert token is not None
         return token
 
     def get_email_verification_tokens(

@@ -55,8 +55,7 @@ class Events(Core):
         so a retry after a lost acknowledgement returns the row the first attempt wrote.
         """
         params = {"id": new_id(), **v.event_fields("", type, principal_id, data, org_id, timestamp)}
-        event = self._one("emit_event", params, AuthEvent, retry=Retry.SAFE)
-        assert event is not None
+        event = self._written("emit_event", params, AuthEvent, retry=Retry.SAFE)
         return event
 
     def emit_events(self, events: Iterable[Mapping[str, Any]]) -> int:
@@ -115,8 +114,13 @@ class Events(Core):
             raise ValidationError(
                 "events", f"data must serialise to at most {MAX_BATCH_DATA_BYTES} bytes in all"
             )
-        written = self._value("emit_events", {"batch": text, "count": len(batch)}, retry=Retry.SAFE)
-        return int(written)
+        params = {"batch": text, "count": len(batch)}
+        written = int(self._value("emit_events", params, retry=Retry.SAFE))
+        if written < len(batch):
+            # Every id is new, so fewer means a retry whose snapshot predates the commit of an
+            # attempt whose acknowledgement was lost (see _written): count again.
+            written = int(self._value("emit_events", params, retry=Retry.SAFE))
+        return written
 
     def list_events(
         self,

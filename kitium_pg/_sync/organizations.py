@@ -88,8 +88,7 @@ class Organizations(Core):
             "member_ids": member_ids,
             "member_roles": member_roles,
         }
-        org = self._one("create_organization", params, Organization, retry=Retry.SAFE)
-        assert org is not None
+        org = self._written("create_organization", params, Organization, retry=Retry.SAFE)
         return org
 
     def get_organization(self, id: uuid.UUID | str) -> Organization | None:
@@ -160,8 +159,9 @@ class Organizations(Core):
             "user_id": v.uuid_arg("user_id", user_id),
             "role": v.identifier("role", role),
         }
-        member = self._one("add_organization_member", params, OrganizationMember, retry=Retry.SAFE)
-        assert member is not None
+        member = self._written(
+            "add_organization_member", params, OrganizationMember, retry=Retry.SAFE
+        )
         return member
 
     def remove_organization_member(self, org_id: uuid.UUID | str, user_id: uuid.UUID | str) -> bool:

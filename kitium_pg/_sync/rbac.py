@@ -107,8 +107,7 @@ class Rbac(Core):
             "permissions": _permissions_json(permissions),
             "metadata": v.json_text("metadata", metadata),
         }
-        role = self._one("create_role", params, Role, retry=Retry.SAFE)
-        assert role is not None
+        role = self._written("create_role", params, Role, retry=Retry.SAFE)
         return role
 
     def get_role(self, id: uuid.UUID | str) -> Role | None:

@@ -47,8 +47,7 @@ class Sessions(Core):
         name, params = _session_insert(
             user_id, expires_at, org_id, plan, entitlements, metadata, event
         )
-        session = self._one(name, params, Session, retry=Retry.SAFE)
-        assert session is not None
+        session = self._written(name, params, Session, retry=Retry.SAFE)
         return session
 
     def get_session(

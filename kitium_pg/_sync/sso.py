@@ -216,13 +216,9 @@ class Sso(Core):
         }
         params.update(self._sealed("client_secret", provider_id, client_secret))
         params.update(self._sealed("signing_key", provider_id, signing_key))
-        provider: SsoProvider | None = self._run(
-            "create_sso_provider",
-            params,
-            retry=Retry.SAFE,
-            make=self._sso_provider_row,
+        provider: SsoProvider = self._written(
+            "create_sso_provider", params, self._sso_provider_row, retry=Retry.SAFE
         )
-        assert provider is not None
         return provider
 
     def get_sso_provider(self, id: uuid.UUID | str) -> SsoProvider | None:
@@ -366,8 +362,7 @@ class Sso(Core):
             "domain": _domain("domain", domain),
             "verified": _flag("verified", verified),
         }
-        added = self._one("add_sso_provider_domain", params, SsoDomain, retry=Retry.SAFE)
-        assert added is not None
+        added = self._written("add_sso_provider_domain", params, SsoDomain, retry=Retry.SAFE)
         return added
 
     def verify_sso_provider_domain(self, provider_id: uuid.UUID | str, domain: str) -> SsoDomain:
@@ -454,8 +449,7 @@ class Sso(Core):
             "metadata": v.json_text("metadata", metadata),
             "last_auth_at": v.opt_timestamp("last_auth_at", last_auth_at),
         }
-        link = self._one("create_sso_link", params, SsoLink, retry=Retry.SAFE)
-        assert link is not None
+        link = self._written("create_sso_link", params, SsoLink, retry=Retry.SAFE)
         return link
 
     def get_sso_link(self, id: uuid.UUID | str) -> SsoLink | None:
@@ -513,8 +507,7 @@ class Sso(Core):
             "expires_at": v.timestamp("expires_at", expires_at),
             "last_auth_at": v.opt_timestamp("last_auth_at", last_auth_at),
         }
-        session = self._one("create_sso_session", params, SsoSession, retry=Retry.SAFE)
-        assert session is not None
+        session = self._written("create_sso_session", params, SsoSession, retry=Retry.SAFE)
         return session
 
     def get_sso_session(self, id: uuid.UUID | str) -> SsoSession | None:

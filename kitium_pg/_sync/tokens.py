@@ -70,8 +70,7 @@ class Tokens(Sessions, ApiKeys):
             event,
             token_hash=_digest(secret),
         )
-        session = self._one(name, params, Session, retry=Retry.SAFE)
-        assert session is not None
+        session = self._written(name, params, Session, retry=Retry.SAFE)
         return IssuedSession(session=session, token=f"{session.id}.{secret}")
 
     def validate_session_token(

@@ -86,13 +86,9 @@ class TwoFactor(Core):
         )
         params["secret_key_id"] = key_id
         params["secret_ciphertext"] = ciphertext
-        device: TwoFactorDevice | None = self._run(
-            "create_two_factor_device",
-            params,
-            retry=Retry.SAFE,
-            make=self._device,
+        device: TwoFactorDevice = self._written(
+            "create_two_factor_device", params, self._device, retry=Retry.SAFE
         )
-        assert device is not None
         return device
 
     def get_two_factor_device(self, id: uuid.UUID | str) -> TwoFactorDevice | None:
@@ -288,10 +284,9 @@ class TwoFactor(Core):
             "max_attempts": v.integer("max_attempts", max_attempts, minimum=1, maximum=100),
             "expires_at": v.timestamp("expires_at", expires_at),
         }
-        challenge = self._one(
+        challenge = self._written(
             "create_two_factor_session", params, TwoFactorSession, retry=Retry.SAFE
         )
-        assert challenge is not None
         return challenge
 
     def get_two_factor_session(self, id: uuid.UUID | str) -> TwoFactorSession | None:

@@ -46,8 +46,7 @@ class Users(Core):
             "metadata": v.json_text("metadata", metadata),
             "password_hash": v.opt_text("password_hash", password_hash, max_len=v.HASH),
         }
-        user = self._one("create_user", params, User, retry=Retry.SAFE)
-        assert user is not None
+        user = self._written("create_user", params, User, retry=Retry.SAFE)
         return user
 
     def get_user(self, id: uuid.UUID | str, *, consistency: Consistency = "replica") -> User | None:

@@ -21,6 +21,27 @@
 -- Give up quickly rather than queue behind (and block) live traffic; migrate again later.
 SET LOCAL lock_timeout = '5s';
 
+-- Whether a provider exists and is not the current tenant's to change: another tenant's, or a
+-- shared one (no organization), or any provider when no tenant is set. The domains' WITH CHECK
+-- refuses those rather than requiring "a provider of this tenant": create_sso_provider inserts a
+-- provider and its domains in one statement, and no query of that statement can see the new
+-- provider (it is not in the statement's snapshot), so the positive check would refuse every
+-- new provider's domains. The new provider itself must pass sso_providers' own WITH CHECK.
+-- SECURITY DEFINER, to see every provider whatever the caller's policies, with a fixed
+-- search_path.
+CREATE FUNCTION kitium_auth.sso_provider_is_foreign(provider uuid) RETURNS boolean
+  LANGUAGE sql STABLE SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $fn$
+    SELECT EXISTS (
+      SELECT 1
+        FROM kitium_auth.sso_providers AS p
+       WHERE p.id = provider
+         AND (p.org_id IS NULL
+              OR p.org_id IS DISTINCT FROM nullif(current_setting('kitium.tenant', true), '')::uuid)
+    )
+  $fn$;
+
 DO $$
 DECLARE
   spec record;
@@ -38,9 +59,9 @@ BEGIN
       -- Shared providers (no organization) are readable through shared_read below.
       ('sso_providers',        'org_id = nullif(current_setting(''kitium.tenant'', true), '''')::uuid',
                                'org_id = nullif(current_setting(''kitium.tenant'', true), '''')::uuid'),
-      -- A provider's domains follow their provider.
+      -- A provider's domains follow their provider (the check: see sso_provider_is_foreign).
       ('sso_provider_domains', 'EXISTS (SELECT 1 FROM kitium_auth.sso_providers AS p WHERE p.id = provider_id AND p.org_id = nullif(current_setting(''kitium.tenant'', true), '''')::uuid)',
-                               'EXISTS (SELECT 1 FROM kitium_auth.sso_providers AS p WHERE p.id = provider_id AND p.org_id = nullif(current_setting(''kitium.tenant'', true), '''')::uuid)'),
+                               'NOT kitium_auth.sso_provider_is_foreign(provider_id)'),
       -- Events about a user but no organization are not tenant data.
       ('auth_events',          'org_id IS NULL OR org_id = current_setting(''kitium.tenant'', true)',
                                'org_id IS NULL OR org_id = current_setting(''kitium.tenant'', true)')
@@ -85,3 +106,5 @@ BEGIN
   END LOOP;
 END;
 $$;
+
+DROP FUNCTION kitium_auth.sso_provider_is_foreign(uuid);
