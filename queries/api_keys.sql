@@ -2,6 +2,8 @@
 -- Every key-returning query yields the columns of kitium_pg.records.ApiKey. A key whose
 -- expires_at has passed never authenticates (the lookups by hash and by prefix skip it), but it
 -- stays visible by id and in the principal's list until deleted.
+-- Expiry is judged at statement_timestamp(), not now(): inside a caller's transaction now()
+-- is the transaction's start, so a credential that expired since would still pass.
 
 -- name: create_api_key(id, principal_id, hash, prefix, last_four, scopes, metadata, expires_at)^
 -- Insert a key; a retry with the same id returns the row the first attempt wrote (the id check
@@ -37,7 +39,7 @@ SELECT id, principal_id, hash, prefix, last_four, scopes, metadata, expires_at, 
 SELECT id, principal_id, hash, prefix, last_four, scopes, metadata, expires_at, last_used_at,
        created_at, updated_at
   FROM kitium_auth.api_keys
- WHERE hash = :hash AND (expires_at IS NULL OR expires_at > now());
+ WHERE hash = :hash AND (expires_at IS NULL OR expires_at > statement_timestamp());
 
 -- name: get_api_keys_by_prefix_and_last_four(prefix, last_four)
 -- The unexpired keys with this prefix and last four characters, newest first
@@ -46,7 +48,7 @@ SELECT id, principal_id, hash, prefix, last_four, scopes, metadata, expires_at, 
        created_at, updated_at
   FROM kitium_auth.api_keys
  WHERE prefix = :prefix AND last_four = :last_four
-   AND (expires_at IS NULL OR expires_at > now())
+   AND (expires_at IS NULL OR expires_at > statement_timestamp())
  ORDER BY created_at DESC, id DESC;
 
 -- name: update_api_key(id, set_scopes, scopes, set_metadata, metadata, set_expires_at, expires_at, set_prefix, prefix, set_last_four, last_four)^

@@ -1,6 +1,8 @@
 -- Email verification (and reset, login…) tokens and their attempt counters.
 -- Every token-returning query yields the columns of kitium_pg.records.EmailVerificationToken.
 -- Only code_hash is stored; consumed_by (never returned) records which call consumed a token.
+-- Expiry is judged at statement_timestamp(), not now(): inside a caller's transaction now()
+-- is the transaction's start, so a credential that expired since would still pass.
 
 -- name: create_email_verification_token(id, email, code_hash, type, user_id, metadata, expires_at)^
 -- Insert a token; a retry with the same id returns the row the first attempt wrote.
@@ -50,9 +52,9 @@ SELECT id, email, code_hash, type, user_id, metadata, expires_at, used_at, creat
 -- such token.
 WITH consumed AS (
   UPDATE kitium_auth.email_verification_tokens AS t
-     SET used_at = coalesce(t.used_at, now()), consumed_by = :consumer
+     SET used_at = coalesce(t.used_at, statement_timestamp()), consumed_by = :consumer
    WHERE t.id = :id
-     AND ((t.used_at IS NULL AND t.expires_at > now()) OR t.consumed_by = :consumer)
+     AND ((t.used_at IS NULL AND t.expires_at > statement_timestamp()) OR t.consumed_by = :consumer)
   RETURNING t.id, t.email, t.code_hash, t.type, t.user_id, t.metadata, t.expires_at,
             t.used_at, t.created_at
 )
@@ -73,7 +75,7 @@ DELETE FROM kitium_auth.email_verification_tokens
  WHERE id = ANY (ARRAY(
          SELECT id
            FROM kitium_auth.email_verification_tokens
-          WHERE expires_at <= now()
+          WHERE expires_at <= statement_timestamp()
           ORDER BY expires_at
           LIMIT :batch_size
             FOR UPDATE SKIP LOCKED));

@@ -50,9 +50,10 @@ SELECT o.id, o.name, o.plan, o.seats,
 
 -- name: update_organization(id, set_name, name, set_plan, plan, set_seats, seats, set_metadata, metadata, set_members, member_ids, member_roles)^
 -- Update the given columns of one organization and, when set_members, replace its member set
--- (members kept keep their joined_at; the others are deleted or inserted). No row if the
--- organization does not exist. The statement's snapshot does not show its own member writes, so
--- the returned members come from the upsert's RETURNING when the set was replaced.
+-- (members kept keep their joined_at; the others are deleted or inserted) with
+-- replace_organization_members, after the UPDATE has locked the organization row (see
+-- migration 0006: a concurrent replacement is then replaced, not merged). No row if the
+-- organization does not exist.
 WITH org AS (
   UPDATE kitium_auth.organizations AS o
      SET name     = CASE WHEN :set_name THEN :name ELSE o.name END,
@@ -61,28 +62,11 @@ WITH org AS (
          metadata = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE o.metadata END
    WHERE o.id = :id
   RETURNING o.id, o.name, o.plan, o.seats, o.metadata, o.created_at, o.updated_at
-),
-removed AS (
-  DELETE FROM kitium_auth.organization_members AS m
-   USING org
-   WHERE :set_members
-     AND m.org_id = org.id
-     AND NOT (m.user_id = ANY (:member_ids::uuid[]))
-),
-kept AS (
-  INSERT INTO kitium_auth.organization_members AS m (org_id, user_id, role)
-  SELECT org.id, w.user_id, w.role
-    FROM org, unnest(:member_ids::uuid[], :member_roles::text[]) AS w (user_id, role)
-   WHERE :set_members
-  ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role
-  RETURNING m.user_id, m.role, m.joined_at
 )
 SELECT org.id, org.name, org.plan, org.seats,
        CASE WHEN :set_members
-            THEN (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                         'user_id', k.user_id, 'role', k.role, 'joined_at', k.joined_at)
-                         ORDER BY k.joined_at, k.user_id), '[]'::jsonb)
-                    FROM kept AS k)
+            THEN kitium_auth.replace_organization_members(
+                   org.id, :member_ids::uuid[], :member_roles::text[])
             ELSE (SELECT coalesce(jsonb_agg(jsonb_build_object(
                          'user_id', m.user_id, 'role', m.role, 'joined_at', m.joined_at)
                          ORDER BY m.joined_at, m.user_id), '[]'::jsonb)

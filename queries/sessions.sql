@@ -1,6 +1,8 @@
 -- Login sessions.
 -- Every session-returning query yields the columns of kitium_pg.records.Session. Reads treat a
 -- session whose expires_at has passed as gone; only the cleanup and delete queries touch it.
+-- Expiry is judged at statement_timestamp(), not now(): inside a caller's transaction now()
+-- is the transaction's start, so a credential that expired since would still pass.
 
 -- name: create_session(id, user_id, org_id, plan, entitlements, metadata, expires_at, token_hash)^
 -- Insert a session (token_hash is the digest of a bearer token's secret, or NULL); a retry with
@@ -50,7 +52,7 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- Fetch one unexpired session by id.
 SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
   FROM kitium_auth.sessions
- WHERE id = :id AND expires_at > now();
+ WHERE id = :id AND expires_at > statement_timestamp();
 
 -- name: update_session(id, set_org_id, org_id, set_plan, plan, set_entitlements, entitlements, set_expires_at, expires_at, set_metadata, metadata)^
 -- Update the given columns of one unexpired session (each set_x flag says whether x is given); no
@@ -61,7 +63,7 @@ UPDATE kitium_auth.sessions AS s
        entitlements = CASE WHEN :set_entitlements THEN :entitlements ELSE s.entitlements END,
        expires_at   = CASE WHEN :set_expires_at THEN :expires_at ELSE s.expires_at END,
        metadata     = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE s.metadata END
- WHERE s.id = :id AND s.expires_at > now()
+ WHERE s.id = :id AND s.expires_at > statement_timestamp()
 RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
           s.created_at, s.updated_at;
 
@@ -82,7 +84,7 @@ DELETE FROM kitium_auth.sessions
  WHERE ctid = ANY (ARRAY(
          SELECT ctid
            FROM kitium_auth.sessions
-          WHERE expires_at <= now()
+          WHERE expires_at <= statement_timestamp()
           ORDER BY expires_at
           LIMIT :batch_size
             FOR UPDATE SKIP LOCKED));
@@ -91,7 +93,7 @@ DELETE FROM kitium_auth.sessions
 -- A user's unexpired sessions, newest first (sessions_user_id_idx; ids are time-ordered UUIDv7).
 SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
   FROM kitium_auth.sessions
- WHERE user_id = :user_id AND expires_at > now()
+ WHERE user_id = :user_id AND expires_at > statement_timestamp()
  ORDER BY created_at DESC, id DESC;
 
 -- name: delete_user_sessions(user_id)!

@@ -96,9 +96,10 @@ SELECT p.id, p.type, p.name, p.org_id, p.metadata_url, p.client_id, p.client_sec
 
 -- name: update_sso_provider(id, set_name, name, set_org_id, org_id, set_metadata_url, metadata_url, set_client_id, client_id, set_client_secret, client_secret_ciphertext, client_secret_key_id, set_token_endpoint_auth_method, token_endpoint_auth_method, set_idp_entity_id, idp_entity_id, set_idp_sso_url, idp_sso_url, set_idp_slo_url, idp_slo_url, set_idp_certificate, idp_certificate, set_sp_entity_id, sp_entity_id, set_sp_acs_url, sp_acs_url, set_sp_slo_url, sp_slo_url, set_signing_cert, signing_cert, set_signing_key, signing_key_ciphertext, signing_key_key_id, set_encryption_enabled, encryption_enabled, set_force_authn, force_authn, set_scopes, scopes, set_redirect_uris, redirect_uris, set_claim_mapping, claim_mapping, set_attribute_mapping, attribute_mapping, set_metadata, metadata, set_domains, domains)^
 -- Update the given columns of one provider and, when set_domains, replace its domain set (domains
--- kept keep their verified_at; the others are deleted or inserted unverified). No row if the
--- provider does not exist. The statement's snapshot does not show its own domain writes, so the
--- returned domains come from the upsert's RETURNING when the set was replaced.
+-- kept keep their verified_at; the others are deleted or inserted unverified) with
+-- replace_sso_provider_domains, after the UPDATE has locked the provider row (see migration
+-- 0006: a concurrent replacement is then replaced, not merged). No row if the provider does not
+-- exist.
 WITH updated AS (
   UPDATE kitium_auth.sso_providers AS p
      SET name = CASE WHEN :set_name THEN :name ELSE p.name END,
@@ -151,21 +152,6 @@ WITH updated AS (
             p.signing_key_key_id, p.encryption_enabled, p.force_authn, p.scopes,
             p.redirect_uris, p.claim_mapping, p.attribute_mapping, p.metadata, p.created_at,
             p.updated_at
-),
-removed AS (
-  DELETE FROM kitium_auth.sso_provider_domains AS d
-   USING updated
-   WHERE :set_domains
-     AND d.provider_id = updated.id
-     AND NOT (d.domain = ANY (:domains::text[]))
-),
-kept AS (
-  INSERT INTO kitium_auth.sso_provider_domains AS d (provider_id, domain)
-  SELECT updated.id, w.domain
-    FROM updated, unnest(:domains::text[]) AS w (domain)
-   WHERE :set_domains
-  ON CONFLICT (provider_id, domain) DO UPDATE SET domain = EXCLUDED.domain
-  RETURNING d.domain, d.verified_at
 )
 SELECT u.id, u.type, u.name, u.org_id, u.metadata_url, u.client_id, u.client_secret_ciphertext,
        u.client_secret_key_id, u.token_endpoint_auth_method, u.idp_entity_id, u.idp_sso_url,
@@ -174,10 +160,7 @@ SELECT u.id, u.type, u.name, u.org_id, u.metadata_url, u.client_id, u.client_sec
        u.force_authn, u.scopes, u.redirect_uris, u.claim_mapping, u.attribute_mapping,
        u.metadata,
        CASE WHEN :set_domains
-            THEN (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                         'domain', k.domain, 'verified_at', k.verified_at) ORDER BY k.domain),
-                         '[]'::jsonb)
-                    FROM kept AS k)
+            THEN kitium_auth.replace_sso_provider_domains(u.id, :domains::text[])
             ELSE (SELECT coalesce(jsonb_agg(jsonb_build_object(
                          'domain', d.domain, 'verified_at', d.verified_at) ORDER BY d.domain),
                          '[]'::jsonb)
@@ -315,4 +298,4 @@ SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, li
 SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
        last_auth_at
   FROM kitium_auth.sso_sessions
- WHERE id = :id AND expires_at > now();
+ WHERE id = :id AND expires_at > statement_timestamp();

@@ -1,22 +1,24 @@
 -- Bearer credentials issued by kitium-pg: session tokens and API keys. Only digests are stored;
 -- the adapter compares them in constant time after the indexed lookup.
+-- Expiry is judged at statement_timestamp(), not now(): inside a caller's transaction now()
+-- is the transaction's start, so a credential that expired since would still pass.
 
 -- name: get_session_for_token(id)^
 -- The unexpired, token-bearing session with this id and its token digest (primary key lookup).
 SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at,
        token_hash
   FROM kitium_auth.sessions
- WHERE id = :id AND expires_at > now() AND token_hash IS NOT NULL;
+ WHERE id = :id AND expires_at > statement_timestamp() AND token_hash IS NOT NULL;
 
 -- name: verify_api_key(hash)^
 -- The unexpired key with this digest; stamps last_used_at when it is over a minute old, so a busy
 -- key costs at most one write a minute (api_keys__hash_key serves both branches).
 WITH touched AS (
   UPDATE kitium_auth.api_keys
-     SET last_used_at = now()
+     SET last_used_at = statement_timestamp()
    WHERE hash = :hash
-     AND (expires_at IS NULL OR expires_at > now())
-     AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')
+     AND (expires_at IS NULL OR expires_at > statement_timestamp())
+     AND (last_used_at IS NULL OR last_used_at < statement_timestamp() - interval '1 minute')
   RETURNING id, principal_id, hash, prefix, last_four, scopes, metadata, expires_at,
             last_used_at, created_at, updated_at
 )
@@ -28,6 +30,6 @@ SELECT id, principal_id, hash, prefix, last_four, scopes, metadata, expires_at, 
        created_at, updated_at
   FROM kitium_auth.api_keys
  WHERE hash = :hash
-   AND (expires_at IS NULL OR expires_at > now())
+   AND (expires_at IS NULL OR expires_at > statement_timestamp())
    AND NOT EXISTS (SELECT 1 FROM touched)
  LIMIT 1;

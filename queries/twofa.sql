@@ -3,6 +3,8 @@
 -- kitium_pg.records.TwoFactorDevice: secret_ciphertext and secret_key_id become secret.
 -- Backup codes and challenge codes are stored only as digests (code_hash); consumed_by (never
 -- returned) records which call consumed a code or completed a challenge.
+-- Expiry is judged at statement_timestamp(), not now(): inside a caller's transaction now()
+-- is the transaction's start, so a credential that expired since would still pass.
 
 -- name: create_two_factor_device(id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id, metadata)^
 -- Insert a device; a retry with the same id returns the row the first attempt wrote.
@@ -92,7 +94,7 @@ SELECT id, user_id, code_hash, used_at, created_at
 -- already consumed it, so a retried call still wins; row lock waiters re-check the guard
 -- against the winner's row and lose. Returns the id for the winner, no row otherwise.
 UPDATE kitium_auth.twofa_backup_codes
-   SET used_at = coalesce(used_at, now()), consumed_by = :consumer
+   SET used_at = coalesce(used_at, statement_timestamp()), consumed_by = :consumer
  WHERE id = :id AND (used_at IS NULL OR consumed_by = :consumer)
 RETURNING id;
 
@@ -101,7 +103,7 @@ RETURNING id;
 -- index twofa_backup_codes__code_hash_key). Same guard as mark_backup_code_used; no row when
 -- the user has no unused code with this digest.
 UPDATE kitium_auth.twofa_backup_codes
-   SET used_at = coalesce(used_at, now()), consumed_by = :consumer
+   SET used_at = coalesce(used_at, statement_timestamp()), consumed_by = :consumer
  WHERE user_id = :user_id AND code_hash = :code_hash
    AND (used_at IS NULL OR consumed_by = :consumer)
 RETURNING id, user_id, code_hash, used_at, created_at;
@@ -140,9 +142,9 @@ SELECT id, user_id, session_id, device_id, method, code_hash, attempt_count, max
 -- re-check the guard against the winner's row and lose. Returns the id for the winner, no row
 -- otherwise (completed, expired or no such challenge).
 UPDATE kitium_auth.twofa_sessions
-   SET completed_at = coalesce(completed_at, now()), consumed_by = :consumer
+   SET completed_at = coalesce(completed_at, statement_timestamp()), consumed_by = :consumer
  WHERE id = :id
-   AND ((completed_at IS NULL AND expires_at > now()) OR consumed_by = :consumer)
+   AND ((completed_at IS NULL AND expires_at > statement_timestamp()) OR consumed_by = :consumer)
 RETURNING id;
 
 -- name: increment_two_factor_attempts(id)$
@@ -154,5 +156,5 @@ UPDATE kitium_auth.twofa_sessions
  WHERE id = :id
    AND attempt_count < max_attempts
    AND completed_at IS NULL
-   AND expires_at > now()
+   AND expires_at > statement_timestamp()
 RETURNING attempt_count;

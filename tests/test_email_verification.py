@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import uuid
@@ -127,6 +128,20 @@ async def test_expired_token_cannot_be_used(storage: Any, email: str) -> None:
     stored = await storage.get_email_verification_token_by_id(token.id)
     assert stored is not None
     assert stored.used_at is None
+
+
+async def test_a_token_expiring_during_a_transaction_cannot_be_used_in_it(
+    storage: Any, email: str
+) -> None:
+    """Expiry is judged when the statement runs, not when the caller's transaction began."""
+    token = await _token(storage, email, expires_at=_in(seconds=0.5))
+    async with storage.transaction() as tx:
+        assert await tx.get_email_verification_token_by_id(token.id) == token
+        await asyncio.sleep(0.8)
+        with pytest.raises(ConflictError):
+            await tx.mark_email_verification_token_as_used(token.id)
+    stored = await storage.get_email_verification_token_by_id(token.id)
+    assert stored is not None and stored.used_at is None
 
 
 async def test_mark_unknown_token(storage: Any) -> None:

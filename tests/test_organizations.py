@@ -11,6 +11,8 @@ import pytest
 
 from kitium_pg import NotFoundError, Organization, OrganizationMember, User, ValidationError
 
+from .fix_race import race_each
+
 
 async def _users(storage: Any, unique: Callable[[str], str], n: int) -> list[User]:
     return [await storage.create_user(email=f"{unique('m')}@example.com") for _ in range(n)]
@@ -261,3 +263,20 @@ async def test_bad_input_is_a_validation_error_naming_the_field(
     with pytest.raises(ValidationError) as caught:
         await storage.create_organization(**args)
     assert caught.value.field == field
+
+
+async def test_concurrent_member_set_replacements_leave_one_set(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """Eight replacements at once, each with a one-member set: the result is one caller's set
+    (they run one after the other on the organization row), never a merge of several, and the
+    last caller to run returned exactly the set that stayed (each round twice)."""
+    users = [await storage.create_user(email=f"{unique('set')}@example.com") for _ in range(8)]
+    org = await storage.create_organization(name="Sets", plan="team")
+    for _ in range(2):
+        calls = [((org.id,), {"members": [{"user_id": u.id, "role": "member"}]}) for u in users]
+        results = await race_each(storage, "update_organization", calls)
+        stored = [m.user_id for m in await storage.list_organization_members(org.id)]
+        assert len(stored) == 1, stored
+        assert [[m.user_id for m in r.members] for r in results].count(stored) >= 1
+        assert all(len(r.members) == 1 for r in results)

@@ -20,6 +20,7 @@ from kitium_pg.errors import ConflictError, EncryptionKeyError, NotFoundError, V
 from kitium_pg.records import SsoDomain, SsoLink, SsoProvider, SsoSession, User
 from tests.conftest import AwaitableSync
 
+from .fix_race import race_each
 from .roundtrips import round_trips
 
 CLIENT_SECRET = "oidc-client-secret-7f3a9c"
@@ -784,3 +785,19 @@ async def test_every_sso_method_is_one_round_trip(one_conn: Any) -> None:
     assert measured == dict.fromkeys(measured, 1)
     assert ctx["get_sso_provider_by_domain"].client_secret == "z"
     assert ctx["get_sso_session"] == ctx["create_sso_session"]
+
+
+async def test_concurrent_domain_set_replacements_leave_one_set(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """As for member sets (tests/test_organizations.py): eight replacements at once leave one
+    caller's domain set, never a merge."""
+    provider = await _oidc(storage, unique)
+    tag = uuid.uuid4().hex[:8]
+    for round_ in range(2):
+        calls = [((provider.id,), {"domains": [f"d{n}-{round_}-{tag}.example"]}) for n in range(8)]
+        results = await race_each(storage, "update_sso_provider", calls)
+        found = await storage.get_sso_provider(provider.id)
+        stored = [d.domain for d in found.domains]
+        assert len(stored) == 1, stored
+        assert [[d.domain for d in r.domains] for r in results].count(stored) >= 1
