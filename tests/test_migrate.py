@@ -15,6 +15,8 @@ from psycopg.conninfo import make_conninfo
 from kitium_pg import MigrationError, PostgresStorageAdapter
 from kitium_pg._base import load_migrations, plan
 
+from .fix_holder import committed_later
+
 
 @pytest.fixture
 def fresh_db(dsn: str) -> Iterator[str]:
@@ -157,3 +159,32 @@ def test_drift_names_the_file_and_the_way_forward(mig_id: str, shown: str) -> No
     assert message.startswith(f"{shown} changed after it was applied")
     assert "roll it back with the kitium-pg version that applied it" in message
     assert "'Upgrading' in docs/operations.md" in message
+
+
+def test_0004_waits_for_an_open_membership_removal_and_cleans_up_after_it(dsn: str) -> None:
+    """A member removed by a transaction still open when 0004 starts: 0004 waits for it (its
+    locks come first), then deletes the assignment that lost its membership, and 0005 validates.
+    Without the locks the clean-up missed that row and 0005 failed on every attempt."""
+    schema = f"mig_{uuid.uuid4().hex[:10]}"
+    with PostgresStorageAdapter(dsn, schema=schema) as storage:
+        assert storage.rollback(steps=3) == (
+            "0006_replace_member_and_domain_sets",
+            "0005_validate_membership_and_device_owner",
+            "0004_membership_and_device_owner",
+        )
+        user = storage.create_user()
+        org = storage.create_organization(name="Locks", plan="team", members=[{"user_id": user.id}])
+        role = storage.create_role(org_id=org.id, name="admin")
+        storage.assign_role_to_user(user.id, role.id, org.id)
+        remove = f"DELETE FROM {schema}.organization_members WHERE org_id = %s AND user_id = %s"
+        try:
+            with committed_later(dsn, remove, [(org.id, user.id)]):
+                applied = storage.migrate()
+            assert applied[:2] == (
+                "0004_membership_and_device_owner",
+                "0005_validate_membership_and_device_owner",
+            )
+            assert storage.get_user_roles(user.id, org.id) == []
+        finally:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
