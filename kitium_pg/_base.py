@@ -259,6 +259,13 @@ class Migration:
     up: str
     down: str
 
+    @property
+    def file(self) -> str:
+        """The file as messages name it: ``migrations/0001_core.sql``,
+        ``migrations/optional/tenant_rls.sql``."""
+        folder = "migrations/optional" if self.path.parent.name == "optional" else "migrations"
+        return f"{folder}/{self.path.name}"
+
 
 def optional_migration_ids() -> tuple[str, ...]:
     """The ids of the optional migrations (``migrations/optional/<id>.sql``), e.g. tenant_rls."""
@@ -332,10 +339,8 @@ def plan(migrations: tuple[Migration, ...], applied: Mapping[str, str]) -> tuple
                 " ship (was it applied by a newer version?)"
             )
         if migration.checksum != checksum:
-            path = migration.path
-            where = f"optional/{path.name}" if path.parent.name == "optional" else path.name
             raise MigrationError(
-                f"migrations/{where} changed after it was applied "
+                f"{migration.file} changed after it was applied "
                 f"(checksum {checksum[:12]}… recorded, {migration.checksum[:12]}… on disk);"
                 " never edit an applied migration: add a new one. To move on, roll it back with"
                 " the kitium-pg version that applied it, then migrate with this one (see"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -188,3 +189,11 @@ def test_0004_waits_for_an_open_membership_removal_and_cleans_up_after_it(dsn: s
         finally:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+def test_messages_name_migration_files_by_their_place_in_the_project() -> None:
+    files = [m.file for m in load_migrations("kitium_auth", optional=["tenant_rls"])]
+    assert files[0] == "migrations/0001_core.sql"
+    assert files[-1] == "migrations/optional/tenant_rls.sql"
+    root = Path(__file__).resolve().parent.parent
+    assert all((root / f).is_file() for f in files)

@@ -97,7 +97,7 @@ class Migrations(Core):
         try:
             self._conn.execute(sql)
         except Exception as exc:
-            raise MigrationError(f"migrations/{migration.path.name} failed: {exc}") from exc
+            raise MigrationError(f"{migration.file} failed: {exc}") from exc
         duration_ms = (time.perf_counter() - started) * 1000
         self._exec(
             "record_migration",
@@ -137,9 +137,7 @@ class Migrations(Core):
                     try:
                         conn.execute(last.down)
                     except Exception as exc:
-                        raise MigrationError(
-                            f"migrations/{last.path.name} (down) failed: {exc}"
-                        ) from exc
+                        raise MigrationError(f"{last.file} (down) failed: {exc}") from exc
                     bound._exec("forget_migration", {"id": last.id}, retry=Retry.NEVER)
                     undone.append(last.id)
         return tuple(undone)
