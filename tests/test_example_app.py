@@ -354,3 +354,20 @@ def test_ephemeral_key_warning(
     with caplog.at_level(logging.WARNING, logger="examples.fastapi_app"):
         app: Any = create_app(dsn, password_hasher=FAST)
     assert app is not None and not caplog.records
+
+
+async def test_adding_a_member_with_a_role_the_org_lacks_is_404(
+    client: httpx.AsyncClient, dsn: str, unique: Callable[[str], str]
+) -> None:
+    alice = await signup_and_login(client, f"{unique('alice')}@example.com")
+    bob_email = f"{unique('bob')}@example.com"
+    await signup_and_login(client, bob_email)
+    r = await client.post("/orgs", headers=bearer(alice), json={"name": "No viewers"})
+    org_id = r.json()["id"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "DELETE FROM kitium_auth.roles WHERE org_id = %s AND name = 'viewer'", (org_id,)
+        )
+    member = {"email": bob_email, "role": "viewer"}
+    r = await client.post("/orgs/members", headers=bearer(alice, org_id), json=member)
+    assert r.status_code == 404 and r.json() == {"detail": "no role with this name"}

@@ -31,6 +31,7 @@ from kitium_pg.integrations.fastapi import (
     OrgAccess,
     Storage,
     add_exception_handlers,
+    api_key_auth,
     api_key_principal,
     current_session,
     get_storage,
@@ -589,3 +590,85 @@ async def test_fastapi_users_oauth_callback(
         await manager.oauth_callback("gitlab", "t", "7", email)
     both = await manager.oauth_callback("gitlab", "t", unique("gl"), email, associate_by_email=True)
     assert sorted(a.oauth_name for a in both.oauth_accounts) == ["github", "gitlab"]
+
+
+# -- consistency ------------------------------------------------------------------------------
+
+
+async def test_dependencies_read_the_primary_unless_told_otherwise(
+    dsn: str, encryption_keys: dict[str, str], email: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Revocation holds from the next request: the auth dependencies pass
+    ``consistency="primary"`` to the adapter, whether or not it has replicas; an app may ask
+    for replica reads per dependency. (The adapter's own replica routing is tested in
+    tests/test_replicas.py.)"""
+    app = FastAPI(
+        lifespan=storage_lifespan(dsn, min_size=1, max_size=2, encryption_keys=encryption_keys)
+    )
+    seen: list[tuple[str, str]] = []
+
+    @app.get("/primary")
+    async def primary(
+        access: Annotated[OrgAccess, Depends(require_permission("p"))],
+        key: Annotated[ApiKey, Depends(api_key_principal)],
+    ) -> dict[str, str]:
+        return {}
+
+    replica_session = session_auth(consistency="replica")
+
+    @app.get("/replica")
+    async def replica(
+        access: Annotated[
+            OrgAccess,
+            Depends(require_permission("p", session=replica_session, consistency="replica")),
+        ],
+        key: Annotated[ApiKey, Depends(api_key_auth(consistency="replica"))],
+    ) -> dict[str, str]:
+        return {}
+
+    async with serve(app) as client:
+        storage = storage_of(app)
+        user = await storage.create_user(email=email)
+        org = await storage.create_organization(
+            name="C", plan="team", members=[{"user_id": user.id}]
+        )
+        role = await storage.create_role(org_id=org.id, name="r", permissions=[{"name": "p"}])
+        await storage.assign_role_to_user(user.id, role.id, org.id)
+        issued = await storage.issue_session_token(
+            user_id=user.id, org_id=org.id, expires_at=_in(1)
+        )
+        key = await storage.issue_api_key(user.id)
+        for method in ("validate_session_token", "verify_api_key", "has_permission"):
+            real = getattr(storage, method)
+
+            def spy(*args: Any, _real: Any = real, _name: str = method, **kwargs: Any) -> Any:
+                seen.append((_name, kwargs["consistency"]))
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(storage, method, spy)
+        headers = {"Authorization": f"Bearer {issued.token}", "X-API-Key": key.key}
+        assert (await client.get("/primary", headers=headers)).status_code == 200
+        assert sorted(seen) == [
+            ("has_permission", "primary"),
+            ("validate_session_token", "primary"),
+            ("verify_api_key", "primary"),
+        ]
+        seen.clear()
+        assert (await client.get("/replica", headers=headers)).status_code == 200
+        assert sorted(seen) == [
+            ("has_permission", "replica"),
+            ("validate_session_token", "replica"),
+            ("verify_api_key", "replica"),
+        ]
+
+
+@pytest.mark.parametrize("bad", ["eventual", "", None, "PRIMARY"])
+def test_dependencies_refuse_an_unknown_consistency(bad: Any) -> None:
+    for make in (
+        lambda: session_auth(consistency=bad),
+        lambda: api_key_auth(consistency=bad),
+        lambda: require_permission("p", consistency=bad),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            make()
+        assert caught.value.field == "consistency"

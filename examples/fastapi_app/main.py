@@ -378,7 +378,10 @@ def create_app(
         user = await storage.get_user_by_email(body.email, consistency="primary")
         if user is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no user with this email")
-        role = next(r for r in await storage.list_roles(access.org_id) if r.name == body.role)
+        roles = {r.name: r for r in await storage.list_roles(access.org_id)}
+        role = roles.get(body.role)
+        if role is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no role with this name")
         async with storage.transaction() as tx:
             await tx.add_organization_member(access.org_id, user.id, role=body.role)
             await tx.assign_role_to_user(user.id, role.id, access.org_id)

@@ -39,6 +39,10 @@ Status codes and headers, the whole contract:
   (the session has no ``org_id`` and ``X-Org-Id`` is missing), when ``X-Org-Id`` names another
   organization than the session's, or when ``n`` is not granted there.
 
+The three dependencies read the primary, also when the adapter has read replicas, so a logout, a
+deleted key or a revoked role holds from the next request; ``session_auth``, ``api_key_auth`` and
+``require_permission`` take ``consistency="replica"`` to trade that for replica reads.
+
 ``add_exception_handlers(app)`` maps the library's errors escaping a route to HTTP responses
 (404, 409, 422, 403, 503 with ``Retry-After``); without it they are 500s like any exception.
 """
@@ -57,6 +61,7 @@ from fastapi.security import APIKeyCookie, APIKeyHeader, HTTPAuthorizationCreden
 from starlette.applications import Starlette
 
 from .. import AsyncPostgresStorageAdapter
+from .._base import Consistency
 from ..errors import (
     ConflictError,
     KitiumPgError,
@@ -76,6 +81,7 @@ __all__ = [
     "OrgAccess",
     "Storage",
     "add_exception_handlers",
+    "api_key_auth",
     "api_key_principal",
     "current_session",
     "get_storage",
@@ -182,15 +188,29 @@ def _unauthorized(detail: str, challenge: str) -> HTTPException:
     )
 
 
-def session_auth(*, cookie_name: str = SESSION_COOKIE) -> Callable[..., Awaitable[Session]]:
+def _consistency(value: object) -> Consistency:
+    if value == "primary":
+        return "primary"
+    if value == "replica":
+        return "replica"
+    raise ValidationError("consistency", 'must be "primary" or "replica"')
+
+
+def session_auth(
+    *, cookie_name: str = SESSION_COOKIE, consistency: Consistency = "primary"
+) -> Callable[..., Awaitable[Session]]:
     """A ``current_session``-like dependency reading the token from cookie ``cookie_name``.
 
     The dependency returns the ``Session`` of the request's session token: the
     ``Authorization: Bearer <token>`` header when present, else the cookie. It checks the token
-    with ``validate_session_token``. Raises ``HTTPException`` 401 with ``WWW-Authenticate:
-    Bearer`` when there is no token, and with ``WWW-Authenticate: Bearer
-    error="invalid_token"`` (RFC 6750) when the token is malformed, unknown, expired or revoked.
+    with ``validate_session_token`` on the primary by default, so a logout or revocation holds
+    from the next request; ``consistency="replica"`` lets it read a replica (when the adapter has
+    one) and accepts that a revoked token works for as long as the replica lags. Raises
+    ``HTTPException`` 401 with ``WWW-Authenticate: Bearer`` when there is no token, and with
+    ``WWW-Authenticate: Bearer error="invalid_token"`` (RFC 6750) when the token is malformed,
+    unknown, expired or revoked.
     """
+    where = _consistency(consistency)
     cookie = APIKeyCookie(
         name=cookie_name,
         auto_error=False,
@@ -206,7 +226,7 @@ def session_auth(*, cookie_name: str = SESSION_COOKIE) -> Callable[..., Awaitabl
         token = bearer.credentials if bearer is not None else cookie_token
         if not token:
             raise _unauthorized(_NOT_AUTHENTICATED, "Bearer")
-        session = await storage.validate_session_token(token)
+        session = await storage.validate_session_token(token, consistency=where)
         if session is None:
             raise _unauthorized("invalid or expired session", 'Bearer error="invalid_token"')
         return session
@@ -231,22 +251,32 @@ _API_KEY = APIKeyHeader(
 )
 
 
-async def api_key_principal(
-    storage: Storage, key: Annotated[str | None, Depends(_API_KEY)]
-) -> ApiKey:
-    """Dependency: the ``ApiKey`` record of the request's ``X-API-Key`` header, checked with
-    ``verify_api_key`` (which also stamps ``last_used_at``, at most once a minute). Its
-    ``principal_id`` says who is calling, ``scopes`` what the key may do.
+def api_key_auth(*, consistency: Consistency = "primary") -> Callable[..., Awaitable[ApiKey]]:
+    """An ``api_key_principal``-like dependency; ``consistency`` as in ``session_auth`` (the
+    primary by default, so a deleted key stops working from the next request)."""
+    where = _consistency(consistency)
 
-    Raises ``HTTPException`` 401 with ``WWW-Authenticate: ApiKey`` when the header is missing
-    or the key is malformed, unknown or expired.
-    """
-    if not key:
-        raise _unauthorized(_NOT_AUTHENTICATED, "ApiKey")
-    record = await storage.verify_api_key(key)
-    if record is None:
-        raise _unauthorized("invalid or expired API key", "ApiKey")
-    return record
+    async def api_key_principal(
+        storage: Storage, key: Annotated[str | None, Depends(_API_KEY)]
+    ) -> ApiKey:
+        if not key:
+            raise _unauthorized(_NOT_AUTHENTICATED, "ApiKey")
+        record = await storage.verify_api_key(key, consistency=where)
+        if record is None:
+            raise _unauthorized("invalid or expired API key", "ApiKey")
+        return record
+
+    return api_key_principal
+
+
+api_key_principal = api_key_auth()
+"""Dependency: the ``ApiKey`` record of the request's ``X-API-Key`` header, checked with
+``verify_api_key`` on the primary (which also stamps ``last_used_at``, at most once a minute).
+Its ``principal_id`` says who is calling, ``scopes`` what the key may do.
+
+401 with ``WWW-Authenticate: ApiKey`` when the header is missing or the key is malformed,
+unknown, expired or deleted. See ``api_key_auth``.
+"""
 
 
 # -- permissions ------------------------------------------------------------------------------
@@ -263,7 +293,10 @@ class OrgAccess:
 
 
 def require_permission(
-    name: str, *, session: Callable[..., Awaitable[Session]] = current_session
+    name: str,
+    *,
+    session: Callable[..., Awaitable[Session]] = current_session,
+    consistency: Consistency = "primary",
 ) -> Callable[..., Awaitable[OrgAccess]]:
     """A dependency granting access only to sessions whose user holds permission ``name``
     (exact match) in the request's organization, through its roles (``has_permission``).
@@ -273,10 +306,13 @@ def require_permission(
     ``session``, the session dependency, ``current_session`` by default) when the request is
     not authenticated, and 403 when no organization is given, when ``X-Org-Id`` names another
     organization than the session's, or when the permission is not granted there (a malformed
-    or unknown organization id is simply not granted anything).
+    or unknown organization id is simply not granted anything). The permission is checked on
+    the primary by default, so a revoked role or a removed member is refused from the next
+    request; ``consistency`` as in ``session_auth``.
     """
     if not isinstance(name, str) or not name:
         raise ValueError("require_permission: name must be a non-empty string")
+    where = _consistency(consistency)
 
     async def permission_check(
         storage: Storage,
@@ -301,7 +337,7 @@ def require_permission(
                 status.HTTP_403_FORBIDDEN,
                 detail=f"no organization: the session has none and {ORG_HEADER} is not set",
             )
-        if not await storage.has_permission(current.user_id, org_id, name):
+        if not await storage.has_permission(current.user_id, org_id, name, consistency=where):
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"missing permission {name!r}")
         return OrgAccess(session=current, org_id=org_id, permission=name)
 
