@@ -44,7 +44,18 @@ RETURNING r.id, r.org_id, r.name, r.description, r.is_system, r.permissions, r.m
 
 -- name: delete_role(id)!
 -- Delete a role; its assignments go with it (ON DELETE CASCADE of user_roles__role_id_fkey).
-DELETE FROM kitium_auth.roles WHERE id = :id;
+-- The organization's row is locked first, as update_organization's UPDATE locks it: both
+-- cascade into user_roles, in different row orders, and would otherwise deadlock.
+WITH org AS (
+  SELECT o.id
+    FROM kitium_auth.organizations AS o
+    JOIN kitium_auth.roles AS r ON r.org_id = o.id
+   WHERE r.id = :id
+     FOR NO KEY UPDATE OF o
+)
+DELETE FROM kitium_auth.roles AS r
+ USING org
+ WHERE r.id = :id AND r.org_id = org.id;
 
 -- name: list_roles(org_id)
 -- The roles of one organization, newest first (served by roles__name_key, led by org_id).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,3 +38,30 @@ def committed_later(
 def adapter_module(storage: Any, name: str) -> Any:
     """The module ``name`` (``users``, ``events``…) of the adapter under test, sync or async."""
     return importlib.import_module(f"kitium_pg._{storage.kind}.{name}")
+
+
+def release_when_waiting(
+    dsn: str, holder: psycopg.Connection[Any], marker: str
+) -> threading.Thread:
+    """Start a thread that commits ``holder`` as soon as another backend waits on a lock with
+    ``marker`` in its query (or after 10 s without seeing one); its ``seen`` attribute says
+    whether it saw the waiter."""
+
+    def watch() -> None:
+        with psycopg.connect(dsn, autocommit=True) as observer:
+            for _ in range(200):
+                row = observer.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND position(%s in query) > 0",
+                    (marker,),
+                ).fetchone()
+                if row is not None and row[0] > 0:
+                    thread.seen = True  # type: ignore[attr-defined]
+                    break
+                time.sleep(0.05)
+        holder.commit()
+
+    thread = threading.Thread(target=watch)
+    thread.seen = False  # type: ignore[attr-defined]
+    thread.start()
+    return thread

@@ -8,11 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import psycopg
 import pytest
 
 from kitium_pg import ConflictError, NotFoundError, Organization, User, ValidationError
 from kitium_pg.records import Permission, Role
 
+from .fix_holder import release_when_waiting
 from .fix_race import race
 
 RACERS = 16
@@ -442,3 +444,26 @@ async def test_bad_input_is_a_validation_error_naming_the_field(
     with pytest.raises(ValidationError) as caught:
         await storage.create_role(**args)
     assert caught.value.field == field
+
+
+async def test_deleting_a_role_waits_for_the_organization_row(
+    storage: Any, dsn: str, unique: Callable[[str], str]
+) -> None:
+    """update_organization(members=) and delete_role both cascade into user_roles, in
+    different row orders: both take the organization's row first, so they run one after the
+    other instead of deadlocking. A transaction holding that row, as update_organization's
+    UPDATE does, makes delete_role wait (seen waiting on a lock) until it commits."""
+    org = await _org(storage)
+    member = await _user(storage, unique, org)
+    role = await storage.create_role(org_id=org.id, name="gone", permissions=[{"name": "p"}])
+    await storage.assign_role_to_user(member.id, role.id, org.id)
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute("UPDATE kitium_auth.organizations SET name = name WHERE id = %s", (org.id,))
+        watcher = release_when_waiting(dsn, holder, "kitium_auth.roles AS r")
+        assert await storage.delete_role(role.id) is True
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    assert await storage.get_user_roles(member.id, org.id) == []
