@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import re
+import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, TypeVar, cast
@@ -60,12 +61,27 @@ def opt_text(field: str, value: object, *, max_len: int = SHORT) -> str | None:
 
 
 def email(field: str, value: object) -> str:
-    """An email address: text with exactly one ``@`` and something on either side."""
-    value = text(field, value, max_len=EMAIL)
+    """An email address, in Unicode normal form NFC: text with an ``@``, something on either
+    side, no whitespace, no invisible format characters (zero-width space and the like) and no
+    trailing dot on the domain. Normalising makes two spellings of one address (``é`` as one
+    code point or as ``e`` and a combining accent) one address, for uniqueness and lookup."""
+    value = email_key(text(field, value, max_len=EMAIL))
     local, at, domain = value.rpartition("@")
-    if not at or not local or not domain or _WHITESPACE.search(value):
+    if (
+        not at
+        or not local
+        or not domain
+        or domain.endswith(".")
+        or _WHITESPACE.search(value)
+        or any(unicodedata.category(c) == "Cf" for c in value)
+    ):
         raise ValidationError(field, "must be an email address")
     return value
+
+
+def email_key(value: str) -> str:
+    """``value`` as stored addresses are: NFC (for lookups, which validate nothing more)."""
+    return unicodedata.normalize("NFC", value)
 
 
 def opt_email(field: str, value: object) -> str | None:

@@ -3,6 +3,7 @@ driven through httpx's ASGITransport (lifespan entered by hand), every status an
 
 # No ``from __future__ import annotations``: FastAPI must resolve the routes' annotations,
 # some of which name local variables.
+import asyncio
 import datetime as dt
 import uuid
 import warnings
@@ -672,3 +673,51 @@ def test_dependencies_refuse_an_unknown_consistency(bad: Any) -> None:
         with pytest.raises(ValidationError) as caught:
             make()
         assert caught.value.field == "consistency"
+
+
+async def test_fastapi_users_concurrent_flag_updates_both_hold(
+    async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
+) -> None:
+    """Two updates of different flags at once: each merges into the stored metadata under the
+    user row's lock, so neither overwrites the other (before, one was lost every time)."""
+    db = KitiumUserDatabase(async_adapter)
+    user = await db.create({"email": f"{unique('flags')}@example.com", "hashed_password": "h"})
+    for _ in range(5):
+        reset = await db.update(user, {"is_verified": False, "is_superuser": False})
+        await asyncio.gather(
+            db.update(reset, {"is_verified": True}), db.update(reset, {"is_superuser": True})
+        )
+        stored = await db.get(user.id)
+        assert stored is not None and (stored.is_verified, stored.is_superuser) == (True, True)
+
+
+async def test_fastapi_users_a_taken_email_is_user_already_exists(
+    async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
+) -> None:
+    """Also when the database, not the user manager's check, finds the email taken (a
+    concurrent registration): fastapi-users answers REGISTER_USER_ALREADY_EXISTS, not a 409."""
+    db = KitiumUserDatabase(async_adapter)
+    email = f"{unique('taken')}@example.com"
+    other = await db.create({"email": f"{unique('other')}@example.com", "hashed_password": "h"})
+    await db.create({"email": email, "hashed_password": "h"})
+    with pytest.raises(fu_exceptions.UserAlreadyExists):
+        await db.create({"email": email.upper(), "hashed_password": "h"})
+    with pytest.raises(fu_exceptions.UserAlreadyExists):
+        await db.update(other, {"email": email})
+    results = await asyncio.gather(
+        *(db.create({"email": f"race-{email}", "hashed_password": "h"}) for _ in range(3)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, KitiumUser) for r in results) == 1
+    assert sum(isinstance(r, fu_exceptions.UserAlreadyExists) for r in results) == 2
+
+
+async def test_fastapi_users_strategy_without_lifetime(
+    async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
+) -> None:
+    db = KitiumUserDatabase(async_adapter)
+    user = await db.create({"email": f"{unique('forever')}@example.com", "hashed_password": "h"})
+    token = await KitiumSessionStrategy(async_adapter, lifetime_seconds=None).write_token(user)
+    session = await async_adapter.validate_session_token(token, consistency="primary")
+    assert session is not None
+    assert session.expires_at - dt.datetime.now(dt.UTC) > dt.timedelta(days=3649)

@@ -176,3 +176,18 @@ async def test_create_returns_the_row_an_attempt_committed_after_the_retry_began
     with committed_later(dsn, insert, [(user_id, address)]):
         user = await storage.create_user(email=address)
     assert (user.id, user.email) == (user_id, address)
+
+
+async def test_one_address_in_two_unicode_spellings_is_one_user(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """``é`` as one code point (NFC) or as ``e`` plus a combining accent (NFD) is the same
+    address: stored in NFC, found by either spelling, and taken for the other."""
+    stem = unique("jose")
+    composed, decomposed = f"{stem}\u00e9@example.com", f"{stem}e\u0301@example.com"
+    user = await storage.create_user(email=decomposed)
+    assert user.email == composed
+    assert await storage.get_user_by_email(composed) == user
+    assert await storage.get_user_by_email(decomposed) == user
+    with pytest.raises(ConflictError):
+        await storage.create_user(email=composed)

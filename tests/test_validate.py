@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+import unicodedata
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -122,14 +123,32 @@ _ADDRESS_PART = st.text(
 
 
 @given(local=_ADDRESS_PART, domain=_ADDRESS_PART)
-def test_email_refuses_an_address_exactly_when_it_holds_whitespace(local: str, domain: str) -> None:
+def test_email_is_refused_exactly_when_malformed_and_kept_in_nfc(local: str, domain: str) -> None:
+    """Refused for whitespace, an invisible format character or a domain ending in a dot;
+    otherwise returned in Unicode normal form NFC."""
     address = f"{local}@{domain}"
-    if any(c.isspace() for c in address):
+    normal = unicodedata.normalize("NFC", address)
+    malformed = any(
+        c.isspace() or unicodedata.category(c) == "Cf" for c in normal
+    ) or normal.endswith(".")
+    if malformed:
         with pytest.raises(ValidationError, match="email address") as raised:
             v.email("email", address)
         assert raised.value.field == "email"
     else:
-        assert v.email("email", address) == address
+        assert v.email("email", address) == normal
+
+
+@pytest.mark.parametrize(
+    "address", ["bob\u200b@example.com", "bob@example.com.", "\ufeffbob@example.com"]
+)
+def test_email_refuses_invisible_characters_and_a_trailing_dot(address: str) -> None:
+    with pytest.raises(ValidationError, match="email address"):
+        v.email("email", address)
+
+
+def test_email_spelled_with_a_combining_accent_is_the_composed_one() -> None:
+    assert v.email("email", "jose\u0301@example.com") == "jos\u00e9@example.com"
 
 
 def test_strings_refuses_an_endless_iterable_without_consuming_it() -> None:

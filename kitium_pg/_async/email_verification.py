@@ -68,7 +68,7 @@ class AsyncEmailVerification(AsyncCore):
         """The tokens of ``email`` in any letter case, newest first, used and expired ones
         included; only those of ``type`` when given. Empty for a malformed email."""
         try:
-            email = v.text("email", email, max_len=v.EMAIL)
+            email = v.email_key(v.text("email", email, max_len=v.EMAIL))
         except ValidationError:
             return []
         if type is None:

@@ -67,7 +67,7 @@ class AsyncUsers(AsyncCore):
     ) -> User | None:
         """The user with this email in any letter case, or ``None``."""
         try:
-            email = v.text("email", email, max_len=v.EMAIL)
+            email = v.email_key(v.text("email", email, max_len=v.EMAIL))
         except ValidationError:
             return None
         return await self._one(
@@ -168,9 +168,11 @@ class AsyncUsers(AsyncCore):
         Provider tokens (``access_token``, ``refresh_token``) are stored encrypted (AES-256-GCM,
         ``EncryptionKeyError`` when no key is configured) and read back with
         ``get_oauth_tokens``. Linking the same identity to the same user again refreshes
-        ``email`` and ``name``, and the tokens when new ones are given.
-        Raises ``ConflictError`` when the identity belongs to another user or the user already
-        has a different identity at this provider, and ``NotFoundError`` when there is no user.
+        ``email`` and ``name``, and the tokens when new ones are given: both tokens together
+        (they share one key id), so passing only ``access_token`` clears the stored refresh
+        token. Raises ``ConflictError`` when the identity belongs to another user or the user
+        already has a different identity at this provider, and ``NotFoundError`` when there is
+        no user.
         """
         params: dict[str, Any] = {
             "id": new_id(),

@@ -67,11 +67,15 @@ from fastapi_users.models import OAuthAccountProtocol
 from fastapi_users.password import PasswordHelper, PasswordHelperProtocol
 
 from .. import AsyncPostgresStorageAdapter
+from ..errors import ConflictError
 from ..records import User
 
 __all__ = ["KitiumSessionStrategy", "KitiumUser", "KitiumUserDatabase", "OAuthAccount"]
 
 METADATA_KEY: Final = "fastapi_users"
+NO_LIFETIME_DAYS: Final = 3650
+"""Validity of a session issued by a strategy without a lifetime (fastapi-users' "never
+expires"): every kitium session has an expiry."""
 """Key of the user's ``metadata`` object that holds the fastapi-users flags."""
 _FLAGS: Final = ("is_active", "is_superuser", "is_verified")
 _FLAG_DEFAULTS: Final = {"is_active": True, "is_superuser": False, "is_verified": False}
@@ -150,7 +154,8 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
 
     async def create(self, create_dict: dict[str, Any]) -> KitiumUser:
         """Create a user from fastapi-users' dict (``email``, ``hashed_password``, flags,
-        ``name``/``picture``/``plan``). Raises ``ConflictError`` for a taken email."""
+        ``name``/``picture``/``plan``). Raises ``UserAlreadyExists`` for a taken email (also
+        when another registration took it after the user manager's check)."""
         fields = dict(create_dict)
         flags = {k: bool(fields.pop(k)) for k in _FLAGS if fields.get(k) is not None}
         for k in _FLAGS:
@@ -159,17 +164,21 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         password_hash = fields.pop("hashed_password", None)
         columns = _columns(fields)
         metadata = {METADATA_KEY: {**_FLAG_DEFAULTS, **flags}}
-        record = await self.storage.create_user(
-            email=email, password_hash=password_hash, metadata=metadata, **columns
-        )
+        try:
+            record = await self.storage.create_user(
+                email=email, password_hash=password_hash, metadata=metadata, **columns
+            )
+        except ConflictError as exc:  # users' only unique rule besides the id: the email
+            raise fu_exceptions.UserAlreadyExists() from exc
         user = await self._load(record, password_hash=password_hash)
         assert user is not None
         return user
 
     async def update(self, user: KitiumUser, update_dict: dict[str, Any]) -> KitiumUser:
         """Apply fastapi-users' update dict in one transaction and return the user re-read.
-        Raises ``NotFoundError`` when the user is gone and ``ConflictError`` for a taken
-        email."""
+        Raises ``NotFoundError`` when the user is gone and ``UserAlreadyExists`` for a taken
+        email. Flags are merged into the stored metadata under the user row's lock, so two
+        concurrent updates of different flags both hold."""
         fields = dict(update_dict)
         flags = {k: bool(fields.pop(k)) for k in _FLAGS if k in fields}
         has_hash = "hashed_password" in fields
@@ -179,12 +188,18 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
             changes["email"] = fields["email"]
         async with self.storage.transaction() as tx:
             if flags:
-                current = await tx.get_user(user.id, consistency="primary")
-                metadata = dict(current.metadata) if current else {}
+                # update_user with no field locks the row and returns its latest version (it
+                # stamps updated_at, which the write below does anyway): a concurrent update
+                # waits here instead of merging into metadata this call has already read.
+                current = await tx.update_user(user.id)
+                metadata = dict(current.metadata)
                 metadata[METADATA_KEY] = {**_flags(metadata), **flags}
                 changes["metadata"] = metadata
             if changes:
-                await tx.update_user(user.id, **changes)
+                try:
+                    await tx.update_user(user.id, **changes)
+                except ConflictError as exc:  # the email, as in create()
+                    raise fu_exceptions.UserAlreadyExists() from exc
             if has_hash:
                 await tx.set_password_hash(user.id, password_hash)
         refreshed = await self.get(user.id)
@@ -283,13 +298,14 @@ def _columns(fields: dict[str, Any]) -> dict[str, Any]:
 class KitiumSessionStrategy:
     """A fastapi-users ``Strategy`` whose tokens are kitium-pg session tokens.
 
-    ``write_token`` issues a session (``issue_session_token``) valid for ``lifetime_seconds``;
+    ``write_token`` issues a session (``issue_session_token``) valid for ``lifetime_seconds``
+    (``None``: ``NO_LIFETIME_DAYS`` days);
     ``read_token`` validates it and loads the user through the user manager (``None`` for a
     missing, malformed, expired or revoked token, or a deleted user); ``destroy_token`` deletes
     the session (logout).
     """
 
-    def __init__(self, storage: AsyncPostgresStorageAdapter, lifetime_seconds: int = 3600):
+    def __init__(self, storage: AsyncPostgresStorageAdapter, lifetime_seconds: int | None = 3600):
         self.storage = storage
         self.lifetime_seconds = lifetime_seconds
 
@@ -308,8 +324,16 @@ class KitiumSessionStrategy:
             return None
 
     async def write_token(self, user: KitiumUser) -> str:
-        """Issue a session for the user and return its token."""
-        expires_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.lifetime_seconds)
+        """Issue a session for the user and return its token. A strategy without a lifetime
+        (``lifetime_seconds=None``, fastapi-users' "never expires") issues sessions valid for
+        ``NO_LIFETIME_DAYS`` days: every kitium session has an expiry."""
+        seconds = self.lifetime_seconds
+        lifetime = (
+            dt.timedelta(days=NO_LIFETIME_DAYS)
+            if seconds is None
+            else dt.timedelta(seconds=seconds)
+        )
+        expires_at = dt.datetime.now(dt.UTC) + lifetime
         issued = await self.storage.issue_session_token(user_id=user.id, expires_at=expires_at)
         return issued.token
 
