@@ -73,7 +73,8 @@ def email(field: str, value: object) -> str:
         or not domain
         or domain.endswith(".")
         or _WHITESPACE.search(value)
-        or any(unicodedata.category(c) == "Cf" for c in value)
+        # ASCII holds no format character: most addresses skip the per-character scan.
+        or (not value.isascii() and any(unicodedata.category(c) == "Cf" for c in value))
     ):
         raise ValidationError(field, "must be an email address")
     return value
