@@ -46,11 +46,12 @@ class AsyncEvents(AsyncCore):
     ) -> AuthEvent:
         """Record one audit event and return it.
 
-        ``principal_id`` and ``org_id`` are stored as text (a UUID is stored in its canonical
-        form); ``data`` is a JSON object (``None`` stores ``{}``); ``timestamp`` must be
-        timezone-aware and defaults to the database's ``now()``. Raises ``ValidationError`` for
-        bad input. Retried on transient failures: the id is generated before the first attempt,
-        so a retry after a lost acknowledgement returns the row the first attempt wrote.
+        ``principal_id`` and ``org_id`` are stored as text: a ``uuid.UUID`` in its canonical
+        form, a string exactly as given (so pass ids the same way when listing); ``data`` is
+        a JSON object (``None`` stores ``{}``); ``timestamp`` must be timezone-aware and
+        defaults to the database's ``now()``. Raises ``ValidationError`` for bad input.
+        Retried on transient failures: the id is generated before the first attempt, so a
+        retry after a lost acknowledgement returns the row the first attempt wrote.
         """
         params = {"id": new_id(), **v.event_fields("", type, principal_id, data, org_id, timestamp)}
         event = await self._written("emit_event", params, AuthEvent, retry=Retry.SAFE)
