@@ -81,8 +81,25 @@ def email(field: str, value: object) -> str:
 
 
 def email_key(value: str) -> str:
-    """``value`` as stored addresses are: NFC (for lookups, which validate nothing more)."""
+    """``value`` in the form stored addresses have: NFC."""
     return unicodedata.normalize("NFC", value)
+
+
+def lookup_email(value: object) -> str | None:
+    """The form of ``value`` to look stored addresses up with, or ``None`` when it cannot be
+    one (not text, or too long): lookups of such a value find nothing."""
+    try:
+        return email_key(text("email", value, max_len=EMAIL))
+    except ValidationError:
+        return None
+
+
+def replica_allowed(consistency: object) -> bool:
+    """Whether a read may go to a replica: ``"replica"`` allows it, ``"primary"`` asks for
+    read-your-writes (``Consistency``); anything else raises ``ValidationError``."""
+    if consistency not in ("replica", "primary"):
+        raise ValidationError("consistency", 'must be "replica" or "primary"')
+    return consistency == "replica"
 
 
 def opt_email(field: str, value: object) -> str | None:

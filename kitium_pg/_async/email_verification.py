@@ -67,18 +67,17 @@ class AsyncEmailVerification(AsyncCore):
     ) -> list[EmailVerificationToken]:
         """The tokens of ``email`` in any letter case, newest first, used and expired ones
         included; only those of ``type`` when given. Empty for a malformed email."""
-        try:
-            email = v.email_key(v.text("email", email, max_len=v.EMAIL))
-        except ValidationError:
+        key = v.lookup_email(email)
+        if key is None:
             return []
         if type is None:
             return await self._many(
                 "get_email_verification_tokens",
-                {"email": email},
+                {"email": key},
                 EmailVerificationToken,
                 retry=Retry.SAFE,
             )
-        params = {"email": email, "type": v.identifier("type", type)}
+        params = {"email": key, "type": v.identifier("type", type)}
         return await self._many(
             "get_email_verification_tokens_of_type",
             params,

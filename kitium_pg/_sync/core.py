@@ -521,11 +521,9 @@ class Core:
         return self._run(name, params, retry=retry, replica=replica)
 
     def _use_replica(self, consistency: str) -> bool:
-        """Whether a read may go to a replica: ``consistency="replica"`` (the default of the
-        read-only hot paths) allows it; ``"primary"`` asks for read-your-writes."""
-        if consistency not in ("replica", "primary"):
-            raise ValidationError("consistency", 'must be "replica" or "primary"')
-        return consistency == "replica"
+        """Whether a read may go to a replica (``consistency="replica"``, the default of the
+        read-only hot paths); see ``_validate.replica_allowed``."""
+        return _validate.replica_allowed(consistency)
 
     def _exec(self, name: str, params: Mapping[str, Any], *, retry: Retry) -> int:
         return cast(int, self._run(name, params, retry=retry))

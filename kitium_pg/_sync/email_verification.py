@@ -69,18 +69,17 @@ class EmailVerification(Core):
     ) -> list[EmailVerificationToken]:
         """The tokens of ``email`` in any letter case, newest first, used and expired ones
         included; only those of ``type`` when given. Empty for a malformed email."""
-        try:
-            email = v.email_key(v.text("email", email, max_len=v.EMAIL))
-        except ValidationError:
+        key = v.lookup_email(email)
+        if key is None:
             return []
         if type is None:
             return self._many(
                 "get_email_verification_tokens",
-                {"email": email},
+                {"email": key},
                 EmailVerificationToken,
                 retry=Retry.SAFE,
             )
-        params = {"email": email, "type": v.identifier("type", type)}
+        params = {"email": key, "type": v.identifier("type", type)}
         return self._many(
             "get_email_verification_tokens_of_type",
             params,

@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import UNSET, Consistency, Retry, Unset, new_id
-from ..errors import ConflictError, NotFoundError, ValidationError
+from ..errors import ConflictError, NotFoundError
 from ..records import OAuthTokens, User
 from .core import Core
 
@@ -64,13 +64,12 @@ class Users(Core):
 
     def get_user_by_email(self, email: str, *, consistency: Consistency = "replica") -> User | None:
         """The user with this email in any letter case, or ``None``."""
-        try:
-            email = v.email_key(v.text("email", email, max_len=v.EMAIL))
-        except ValidationError:
+        key = v.lookup_email(email)
+        if key is None:
             return None
         return self._one(
             "get_user_by_email",
-            {"email": email},
+            {"email": key},
             User,
             retry=Retry.SAFE,
             replica=self._use_replica(consistency),

@@ -62,6 +62,7 @@ from starlette.applications import Starlette
 
 from .. import AsyncPostgresStorageAdapter
 from .._base import Consistency
+from .._validate import replica_allowed
 from ..errors import (
     ConflictError,
     KitiumPgError,
@@ -188,14 +189,6 @@ def _unauthorized(detail: str, challenge: str) -> HTTPException:
     )
 
 
-def _consistency(value: object) -> Consistency:
-    if value == "primary":
-        return "primary"
-    if value == "replica":
-        return "replica"
-    raise ValidationError("consistency", 'must be "primary" or "replica"')
-
-
 def session_auth(
     *, cookie_name: str = SESSION_COOKIE, consistency: Consistency = "primary"
 ) -> Callable[..., Awaitable[Session]]:
@@ -210,7 +203,7 @@ def session_auth(
     ``WWW-Authenticate: Bearer error="invalid_token"`` (RFC 6750) when the token is malformed,
     unknown, expired or revoked.
     """
-    where = _consistency(consistency)
+    replica_allowed(consistency)  # refused here, when the app is built, not per request
     cookie = APIKeyCookie(
         name=cookie_name,
         auto_error=False,
@@ -226,7 +219,7 @@ def session_auth(
         token = bearer.credentials if bearer is not None else cookie_token
         if not token:
             raise _unauthorized(_NOT_AUTHENTICATED, "Bearer")
-        session = await storage.validate_session_token(token, consistency=where)
+        session = await storage.validate_session_token(token, consistency=consistency)
         if session is None:
             raise _unauthorized("invalid or expired session", 'Bearer error="invalid_token"')
         return session
@@ -254,14 +247,14 @@ _API_KEY = APIKeyHeader(
 def api_key_auth(*, consistency: Consistency = "primary") -> Callable[..., Awaitable[ApiKey]]:
     """An ``api_key_principal``-like dependency; ``consistency`` as in ``session_auth`` (the
     primary by default, so a deleted key stops working from the next request)."""
-    where = _consistency(consistency)
+    replica_allowed(consistency)
 
     async def api_key_principal(
         storage: Storage, key: Annotated[str | None, Depends(_API_KEY)]
     ) -> ApiKey:
         if not key:
             raise _unauthorized(_NOT_AUTHENTICATED, "ApiKey")
-        record = await storage.verify_api_key(key, consistency=where)
+        record = await storage.verify_api_key(key, consistency=consistency)
         if record is None:
             raise _unauthorized("invalid or expired API key", "ApiKey")
         return record
@@ -312,7 +305,7 @@ def require_permission(
     """
     if not isinstance(name, str) or not name:
         raise ValueError("require_permission: name must be a non-empty string")
-    where = _consistency(consistency)
+    replica_allowed(consistency)
 
     async def permission_check(
         storage: Storage,
@@ -337,7 +330,7 @@ def require_permission(
                 status.HTTP_403_FORBIDDEN,
                 detail=f"no organization: the session has none and {ORG_HEADER} is not set",
             )
-        if not await storage.has_permission(current.user_id, org_id, name, consistency=where):
+        if not await storage.has_permission(current.user_id, org_id, name, consistency=consistency):
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"missing permission {name!r}")
         return OrgAccess(session=current, org_id=org_id, permission=name)
 
