@@ -636,6 +636,23 @@ def _two_factor(
     completed_again = storage.complete_two_factor_session(challenge.id)
     _check(completed and not completed_again, "one completion of the challenge")
 
+    texted = storage.create_two_factor_session(
+        user_id=user_id,
+        session_id=session_id,
+        device_id=device.id,
+        method="sms",
+        code_hash=_digest("483920"),
+        expires_at=now + dt.timedelta(minutes=5),
+        max_attempts=3,
+    )
+    wrong = _present(
+        storage.verify_two_factor_session(texted.id, _digest("111111")), "a counted attempt"
+    )
+    right = _present(
+        storage.verify_two_factor_session(texted.id, _digest("483920")), "a counted attempt"
+    )
+    _check(not wrong.verified and right.verified, "a wrong code counted, then the right one")
+
     step = int(time.time()) // 30
     fresh = storage.record_totp_step(device.id, step)
     replayed = storage.record_totp_step(device.id, step)
@@ -663,6 +680,18 @@ def _two_factor(
             ("increment_two_factor_attempts(challenge)", f"{attempts} of 3 attempts"),
             ("complete_two_factor_session(challenge)", str(completed)),
             ("complete_two_factor_session(challenge) again", str(completed_again)),
+            (
+                "create_two_factor_session(..., method='sms', code_hash=sha256(code))",
+                f"challenge {texted.id}",
+            ),
+            (
+                "verify_two_factor_session(challenge, sha256(wrong code))",
+                f"verified={wrong.verified}, {wrong.attempts_left} attempts left",
+            ),
+            (
+                "verify_two_factor_session(challenge, sha256(code))",
+                f"verified={right.verified}: counted and completed in one statement",
+            ),
             (f"record_totp_step(device, {step})", str(fresh)),
             (f"record_totp_step(device, {step}) again", f"{replayed}: a replayed code is refused"),
         ],

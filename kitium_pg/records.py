@@ -35,6 +35,7 @@ __all__ = [
     "SsoLink",
     "SsoProvider",
     "SsoSession",
+    "TwoFactorAttempt",
     "TwoFactorDevice",
     "TwoFactorSession",
     "User",
@@ -390,6 +391,22 @@ class TwoFactorSession:
     expires_at: dt.datetime = attrs.field(converter=_utc)
     completed_at: dt.datetime | None = attrs.field(converter=_opt_utc)
     created_at: dt.datetime = attrs.field(converter=_utc)
+
+
+@attrs.frozen(kw_only=True)
+class TwoFactorAttempt:
+    """One counted attempt on a code challenge (``verify_two_factor_session``)."""
+
+    verified: bool
+    """Whether the code matched: this attempt completed the challenge."""
+    attempt_count: int
+    """Attempts counted so far, this one included."""
+    max_attempts: int
+
+    @property
+    def attempts_left(self) -> int:
+        """Attempts still allowed (0 once the limit is reached or the challenge completed)."""
+        return 0 if self.verified else self.max_attempts - self.attempt_count
 
 
 # -- issued credentials -------------------------------------------------------------------------

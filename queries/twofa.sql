@@ -147,6 +147,21 @@ UPDATE kitium_auth.twofa_sessions
    AND ((completed_at IS NULL AND expires_at > statement_timestamp()) OR consumed_by = :consumer)
 RETURNING id;
 
+-- name: verify_two_factor_session(id, code_hash)^
+-- Count one attempt on an open code challenge and complete it when the digest matches, in one
+-- statement: an attempt past the limit is never compared. Refused (no row) when the limit is
+-- reached, or the challenge is completed, expired, missing or has no stored code; row lock
+-- waiters re-check the guard, so concurrent attempts never pass the limit and one match wins.
+UPDATE kitium_auth.twofa_sessions
+   SET attempt_count = attempt_count + 1,
+       completed_at = CASE WHEN code_hash = :code_hash THEN statement_timestamp() END
+ WHERE id = :id
+   AND code_hash IS NOT NULL
+   AND attempt_count < max_attempts
+   AND completed_at IS NULL
+   AND expires_at > statement_timestamp()
+RETURNING completed_at IS NOT NULL AS verified, attempt_count, max_attempts;
+
 -- name: increment_two_factor_attempts(id)$
 -- Count one attempt on an open challenge and return the new count. Refused (no row) once the
 -- limit is reached, or when the challenge is completed, expired or missing; row lock waiters

@@ -1863,6 +1863,10 @@ def _spec_table() -> dict[str, Spec]:
         "increment_two_factor_attempts": Spec(
             params=_id("fresh_twofa_session", "twofa_session"), writes=True
         ),
+        "verify_two_factor_session": Spec(
+            params={**_id("fresh_twofa_session", "twofa_session"), "code_hash": digest_arg()},
+            writes=True,
+        ),
     }
 
 

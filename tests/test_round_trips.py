@@ -394,6 +394,12 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
             lambda: s.increment_two_factor_attempts(ctx["create_two_factor_session"].id),
         ),
         (
+            "verify_two_factor_session",
+            lambda: s.verify_two_factor_session(
+                ctx["create_two_factor_session"].id, _digest(f"wrong-{tag}")
+            ),
+        ),
+        (
             "complete_two_factor_session",
             lambda: s.complete_two_factor_session(ctx["create_two_factor_session"].id),
         ),
@@ -438,6 +444,10 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     assert ctx["mark_backup_code_used"] is True
     assert ctx["consume_backup_code"] is not None
     assert ctx["increment_two_factor_attempts"] == 1
+    assert (
+        ctx["verify_two_factor_session"].verified,
+        ctx["verify_two_factor_session"].attempt_count,
+    ) == (False, 2)
     assert ctx["complete_two_factor_session"] is True
     for deleted in ("delete_api_key", "delete_sso_link", "delete_sso_provider", "delete_user"):
         assert ctx[deleted] is True, deleted

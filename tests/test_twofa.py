@@ -19,7 +19,13 @@ from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
 from kitium_pg._base import UNSET, Retry
 from kitium_pg.encryption import ENV_VAR
 from kitium_pg.errors import EncryptionKeyError, NotFoundError, ValidationError
-from kitium_pg.records import BackupCode, TwoFactorDevice, TwoFactorSession, User
+from kitium_pg.records import (
+    BackupCode,
+    TwoFactorAttempt,
+    TwoFactorDevice,
+    TwoFactorSession,
+    User,
+)
 
 from .fix_race import race
 
@@ -615,6 +621,82 @@ async def test_racing_attempts_never_pass_the_limit(storage: Any, email: str) ->
     assert sorted(counts) == [1, 2, 3, 4, 5], outcomes
     assert outcomes.count(None) == RACERS - 5, outcomes
     stored = await storage.get_two_factor_session(challenge.id)
+    assert stored is not None
+    assert stored.attempt_count == 5
+
+
+async def test_verify_counts_then_completes_on_the_right_code(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    challenge = await _challenge(
+        storage, user, method="sms", code_hash=_hash("123456"), max_attempts=3
+    )
+    wrong = await storage.verify_two_factor_session(challenge.id, _hash("000000"))
+    assert wrong == TwoFactorAttempt(verified=False, attempt_count=1, max_attempts=3)
+    assert wrong.attempts_left == 2
+    stored = await storage.get_two_factor_session(challenge.id)
+    assert stored is not None
+    assert (stored.attempt_count, stored.completed_at) == (1, None)
+    right = await storage.verify_two_factor_session(str(challenge.id), _hash("123456"))
+    assert right == TwoFactorAttempt(verified=True, attempt_count=2, max_attempts=3)
+    assert right.attempts_left == 0
+    done = await storage.get_two_factor_session(challenge.id)
+    assert done is not None
+    assert done.completed_at is not None
+    assert done.attempt_count == 2
+    # Completed: neither the right code nor complete_two_factor_session win again.
+    assert await storage.verify_two_factor_session(challenge.id, _hash("123456")) is None
+    assert await storage.complete_two_factor_session(challenge.id) is False
+    assert await storage.get_two_factor_session(challenge.id) == done
+
+
+async def test_verify_never_compares_past_the_limit(storage: Any, email: str) -> None:
+    """The attempt limit and the comparison are one statement: once the limit is reached, even
+    the right code is refused and the challenge stays open (to expire)."""
+    user = await _user(storage, email)
+    challenge = await _challenge(
+        storage, user, method="email", code_hash=_hash("424242"), max_attempts=2
+    )
+    for count in (1, 2):
+        attempt = await storage.verify_two_factor_session(challenge.id, _hash(f"guess-{count}"))
+        assert attempt == TwoFactorAttempt(verified=False, attempt_count=count, max_attempts=2)
+    assert await storage.verify_two_factor_session(challenge.id, _hash("424242")) is None
+    stored = await storage.get_two_factor_session(challenge.id)
+    assert stored is not None
+    assert (stored.attempt_count, stored.completed_at) == (2, None)
+
+
+async def test_verify_refuses_what_it_cannot_check(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    # Without a stored code (a TOTP challenge) there is nothing to compare: no attempt counted.
+    totp = await _challenge(storage, user)
+    assert await storage.verify_two_factor_session(totp.id, _hash("123456")) is None
+    assert await storage.get_two_factor_session(totp.id) == totp
+    expired = await _challenge(
+        storage, user, method="sms", code_hash=_hash("1"), expires_at=_in(seconds=-1)
+    )
+    assert await storage.verify_two_factor_session(expired.id, _hash("1")) is None
+    assert await storage.get_two_factor_session(expired.id) == expired
+    assert await storage.verify_two_factor_session(uuid.uuid4(), _hash("1")) is None
+    with pytest.raises(ValidationError) as caught:
+        await storage.verify_two_factor_session("nope", _hash("1"))
+    assert caught.value.field == "id"
+    # A code where its digest belongs is refused before anything is sent.
+    with pytest.raises(ValidationError) as caught:
+        await storage.verify_two_factor_session(expired.id, "123456")
+    assert caught.value.field == "code_hash"
+
+
+async def test_racing_verifications(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    right = await _challenge(storage, user, method="sms", code_hash=_hash("7"), max_attempts=100)
+    outcomes = await race(storage, RACERS, "verify_two_factor_session", right.id, _hash("7"))
+    assert [o.verified for o in outcomes if o is not None] == [True], outcomes
+    wrong = await _challenge(storage, user, method="sms", code_hash=_hash("7"), max_attempts=5)
+    outcomes = await race(storage, RACERS, "verify_two_factor_session", wrong.id, _hash("8"))
+    counted = sorted(o.attempt_count for o in outcomes if o is not None)
+    assert counted == [1, 2, 3, 4, 5], outcomes
+    assert not any(o.verified for o in outcomes if o is not None)
+    stored = await storage.get_two_factor_session(wrong.id)
     assert stored is not None
     assert stored.attempt_count == 5
 

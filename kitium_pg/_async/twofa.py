@@ -10,7 +10,7 @@ from typing import Any, Final
 from .. import _validate as v
 from .._base import UNSET, Retry, Unset, new_id
 from ..errors import NotFoundError, ValidationError
-from ..records import BackupCode, TwoFactorDevice, TwoFactorSession
+from ..records import BackupCode, TwoFactorAttempt, TwoFactorDevice, TwoFactorSession
 from .core import AsyncCore
 
 SECRET_COLUMN: Final = "twofa_devices.secret"  # noqa: S105 - a column name, not a secret
@@ -312,6 +312,26 @@ class AsyncTwoFactor(AsyncCore):
         params = {"id": v.uuid_arg("id", id), "consumer": uuid.uuid4()}
         return (
             await self._value("complete_two_factor_session", params, retry=Retry.SAFE) is not None
+        )
+
+    async def verify_two_factor_session(
+        self, id: uuid.UUID | str, code_hash: str
+    ) -> TwoFactorAttempt | None:
+        """Count one attempt on a code challenge and complete it when ``code_hash`` (the digest
+        of the code presented, made as for ``create_two_factor_session``) matches the stored one.
+
+        Returns the attempt (``verified`` is ``True`` for the one call that completed the
+        challenge), or ``None`` when no attempt is counted: the limit is reached, or the
+        challenge is completed, expired, unknown or was created without a ``code_hash`` (TOTP
+        and backup-code challenges are checked by the application, then completed with
+        ``complete_two_factor_session``). One guarded statement: an attempt past the limit is
+        never compared, and of concurrent callers with the right code exactly one is verified.
+        Raises ``ValidationError`` for a malformed id or digest. Never retried by the adapter:
+        after a lost acknowledgement a retry would count twice.
+        """
+        params = {"id": v.uuid_arg("id", id), "code_hash": _code_hash("code_hash", code_hash)}
+        return await self._one(
+            "verify_two_factor_session", params, TwoFactorAttempt, retry=Retry.NEVER
         )
 
     async def increment_two_factor_attempts(self, id: uuid.UUID | str) -> int | None:
