@@ -63,6 +63,31 @@ async def test_reads_are_retried_after_the_connection_is_killed(single: Any, dsn
     assert await _call(single.get_user(user.id)) == user
 
 
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+async def test_a_retry_after_a_restart_does_not_draw_another_dead_connection(
+    dsn: str, cls: type
+) -> None:
+    """A restart kills every idle connection at once. The first failure has the pool test its
+    idle connections, so the one retry allowed here gets a live one (it drew the next dead
+    one before, and a pool with more idle connections than retries failed the call)."""
+    name = f"kpg-dead-{uuid.uuid4().hex[:8]}"
+    adapter = cls(dsn, min_size=6, max_size=6, max_retries=1, application_name=name)
+    await _call(adapter.connect())
+    try:
+        user = await _call(adapter.create_user())
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                [name],
+            ).fetchall()
+        assert len(killed) == 6
+        assert await _call(adapter.get_user(user.id)) == user
+        assert await _call(adapter.get_user(user.id)) == user
+    finally:
+        await _call(adapter.disconnect())
+
+
 async def test_creates_are_retried_without_duplicates(single: Any, dsn: str) -> None:
     _kill_kitium_backends(dsn)
     email = f"retry-{uuid.uuid4().hex[:8]}@example.com"

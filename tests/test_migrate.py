@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from kitium_pg import MigrationError, PostgresStorageAdapter
+from kitium_pg import MigrationError, PostgresStorageAdapter, UnavailableError
 from kitium_pg._base import load_migrations, plan
 
 from .fix_holder import committed_later
@@ -197,3 +199,99 @@ def test_messages_name_migration_files_by_their_place_in_the_project() -> None:
     assert files[-1] == "migrations/optional/tenant_rls.sql"
     root = Path(__file__).resolve().parent.parent
     assert all((root / f).is_file() for f in files)
+
+
+def test_a_migrator_waits_for_another_past_its_statement_timeout(dsn: str) -> None:
+    """Another process holding the migration lock for longer than the statement timeout:
+    connect() waits for it (a rolling deploy's new instances), instead of failing with a
+    timeout."""
+    schema = f"wait_{uuid.uuid4().hex[:10]}"
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            [f"kitium_pg.migrations.{schema}"],
+        )
+        timer = threading.Timer(1.0, holder.commit)
+        timer.start()
+        started = time.monotonic()
+        with PostgresStorageAdapter(dsn, schema=schema, statement_timeout_ms=200) as storage:
+            waited = time.monotonic() - started
+            assert storage.migration_status().pending == ()
+        timer.join()
+        assert waited >= 0.9  # it did wait for the holder, five times its statement timeout
+    finally:
+        holder.close()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
+
+
+def test_an_application_role_uses_the_with_form_on_a_migrated_schema(dsn: str) -> None:
+    """With nothing pending, connect() only reads the ledger: a role without DDL rights (the
+    one docs/operations.md recommends) can use ``with Adapter(dsn) as storage``."""
+    role = f"kpg_app_{uuid.uuid4().hex[:8]}"
+    with PostgresStorageAdapter(dsn, max_size=1) as owner:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(f"CREATE ROLE {role} LOGIN".encode())
+        owner.grant_app_role(role)
+    try:
+        with PostgresStorageAdapter(make_conninfo(dsn, user=role), max_size=1) as app:
+            user = app.create_user()
+            assert app.get_user(user.id) == user
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {role}".encode())
+            admin.execute(f"DROP ROLE {role}".encode())
+
+
+def test_migrate_and_rollback_on_a_closed_adapter_are_unavailable(dsn: str) -> None:
+    storage = PostgresStorageAdapter(dsn, max_size=1)
+    with pytest.raises(UnavailableError):
+        storage.migrate()
+    with pytest.raises(UnavailableError):
+        storage.rollback()
+
+
+def test_a_connection_lost_during_a_migration_is_unavailable_not_a_migration_error(
+    dsn: str,
+) -> None:
+    """The migration's backend dies while it waits on a lock: a transient failure (exit 3 in
+    the CLI, run it again), not a broken migration file (MigrationError, exit 4)."""
+    schema = f"lost_{uuid.uuid4().hex[:10]}"
+    later = [m.id for m in load_migrations(schema) if m.id > "0003"]
+    with PostgresStorageAdapter(dsn, schema=schema, max_size=1) as storage:
+        assert len(storage.rollback(steps=len(later))) == len(later)
+    locker = psycopg.connect(dsn)
+    try:
+        locker.execute(f"LOCK TABLE {schema}.user_roles IN ACCESS EXCLUSIVE MODE".encode())
+        storage = PostgresStorageAdapter(dsn, schema=schema, max_size=1)
+        outcome: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                storage.connect()
+            except BaseException as exc:  # handed to the test
+                outcome.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            for _ in range(200):
+                killed = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND position(%s in query) > 0",
+                    [f"{schema}.user_roles"],
+                ).fetchall()
+                if killed:
+                    break
+                time.sleep(0.05)
+        thread.join(30)
+        storage.disconnect()
+        assert killed
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], UnavailableError), outcome[0]
+        assert not isinstance(outcome[0], MigrationError)
+    finally:
+        locker.close()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())

@@ -286,9 +286,24 @@ async def test_the_refusal_reason_is_in_the_error(bouncer: PgBouncer) -> None:
 
 
 async def test_migrating_through_pgbouncer_is_refused_with_the_way_out(bouncer: PgBouncer) -> None:
-    adapter = AsyncPostgresStorageAdapter(bouncer.dsn, pgbouncer=True)
+    # A schema nothing was applied to: every migration is pending.
+    schema = f"pgb_{uuid.uuid4().hex[:12]}"
+    adapter = AsyncPostgresStorageAdapter(bouncer.dsn, pgbouncer=True, schema=schema)
     try:
         with pytest.raises(MigrationError, match="direct connection"):
             await adapter.connect()  # migrate=True by default
+    finally:
+        await adapter.disconnect()
+
+
+async def test_connecting_through_pgbouncer_to_a_migrated_schema_only_reads_the_ledger(
+    bouncer: PgBouncer,
+) -> None:
+    # The schema the bouncer's database was migrated to directly: nothing is pending, so the
+    # default connect() (which migrates) succeeds without running DDL through the pooler.
+    adapter = AsyncPostgresStorageAdapter(bouncer.dsn, pgbouncer=True, encryption_keys=TEST_KEYS)
+    try:
+        await adapter.connect()
+        assert (await adapter.migration_status()).pending == ()
     finally:
         await adapter.disconnect()

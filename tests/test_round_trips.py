@@ -475,6 +475,36 @@ async def test_statement_timeout_override_costs_one_extra_round_trip(one_conn: A
     assert trips == 2
 
 
+@pytest.mark.parametrize(("settings", "expected"), [(0, 3), (1, 4), (2, 5)])
+async def test_a_transaction_sends_each_setting_once(
+    one_conn: Any, settings: int, expected: int
+) -> None:
+    """BEGIN, one ``set_config`` per transaction-local setting (tenant, timeout override), the
+    call, COMMIT: each a round trip of its own."""
+    user = (await round_trips(one_conn, lambda: one_conn.create_user()))[1]
+    view = one_conn
+    if settings >= 1:
+        view = view.tenant(uuid.uuid4())
+    if settings >= 2:
+        view = view.with_statement_timeout(250)
+
+    if isinstance(one_conn, AsyncPostgresStorageAdapter):
+
+        async def call() -> Any:
+            async with view.transaction() as tx:
+                return await tx.get_user(user.id)
+
+    else:
+
+        def call() -> Any:  # type: ignore[misc]
+            with view.transaction() as tx:
+                return tx.get_user(user.id)
+
+    trips, found = await round_trips(one_conn, call)
+    assert found == user
+    assert trips == expected
+
+
 @pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
 async def test_preparing_a_statement_costs_one_extra_round_trip_once(dsn: str, cls: type) -> None:
     """With the default ``prepare_threshold`` (5) the sixth run of a statement on a connection

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import uuid
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import psycopg
 import pytest
 
-from kitium_pg import ConflictError, QueryTimeoutError
+from kitium_pg import ConflictError, QueryTimeoutError, ValidationError
+
+from .conftest import drive
 
 
 class Boom(Exception):
@@ -90,3 +96,175 @@ async def test_concurrent_calls_on_one_async_transaction_get_their_own_results(
     async with async_adapter.transaction() as tx:
         found = await asyncio.gather(*(tx.get_user(u.id) for u in users))
     assert found == users
+
+
+# -- a transaction's life and its savepoints -------------------------------------------------
+
+
+def _background(
+    storage: Any, call: Callable[[], Coroutine[Any, Any, Any]]
+) -> Callable[[], Awaitable[Any]]:
+    """Start ``call()`` alongside the test (a task; a thread for the sync adapter); the returned
+    function waits for it and gives its result or the exception it raised."""
+    if storage.kind == "sync":
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["result"] = drive(call())
+            except BaseException as exc:  # handed to the test
+                box["result"] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+
+        async def join() -> Any:
+            thread.join(20)
+            return box["result"]
+
+        return join
+    task = asyncio.ensure_future(call())
+
+    async def wait() -> Any:
+        try:
+            return await task
+        except BaseException as exc:  # handed to the test
+            return exc
+
+    return wait
+
+
+async def test_a_transaction_is_unusable_after_its_block(storage: Any, email: str) -> None:
+    async with storage.transaction() as tx:
+        user = await tx.create_user(email=email)
+    with pytest.raises(ValidationError) as caught:
+        await tx.get_user(user.id)
+    assert caught.value.field == "transaction"
+    with pytest.raises(ValidationError):
+        await tx.create_user(email=f"late-{email}")
+    with pytest.raises(ValidationError):
+        async with tx.transaction():
+            pass
+    assert await storage.get_user_by_email(f"late-{email}") is None
+    with pytest.raises(Boom):
+        async with storage.transaction() as rolled_back:
+            raise Boom
+    with pytest.raises(ValidationError):
+        await rolled_back.get_user(user.id)
+
+
+async def test_a_task_the_block_left_running_cannot_write_after_it(
+    async_adapter: Any, unique: Any
+) -> None:
+    """A task started in the block runs once the block has rolled back: its write is refused
+    instead of landing outside the transaction."""
+    email = f"{unique('late')}@example.com"
+    with pytest.raises(Boom):
+        async with async_adapter.transaction() as tx:
+            late = asyncio.ensure_future(tx.create_user(email=email))
+            raise Boom
+    with pytest.raises(ValidationError):
+        await late
+    assert await async_adapter.get_user_by_email(email) is None
+
+
+async def test_a_caught_failure_fails_the_block_instead_of_a_silent_rollback(
+    storage: Any, email: str
+) -> None:
+    """PostgreSQL aborts the transaction at the failed call; without this the COMMIT would
+    turn into a rollback of every write, with no error."""
+    existing = await storage.create_user(email=email)
+    with pytest.raises(ConflictError) as caught:
+        async with storage.transaction() as tx:
+            kept = await tx.create_user(email=f"kept-{email}")
+            with pytest.raises(ConflictError):
+                await tx.create_user(email=email)  # taken: caught, and the block goes on
+    assert "rolled back" in str(caught.value)
+    assert caught.value.code == "unique_violation"
+    assert isinstance(caught.value.__cause__, ConflictError)
+    assert await storage.get_user(kept.id) is None
+    assert await storage.get_user(existing.id) == existing
+
+    async def work(tx: Any) -> Any:
+        created = await tx.create_user(email=f"work-{email}")
+        with contextlib.suppress(ConflictError):
+            await tx.create_user(email=email)
+        return created
+
+    with pytest.raises(ConflictError):
+        await storage.run_in_transaction(work)
+    assert await storage.get_user_by_email(f"work-{email}") is None
+
+
+async def test_a_failure_inside_a_savepoint_keeps_the_rest(storage: Any, email: str) -> None:
+    existing = await storage.create_user(email=email)
+    async with storage.transaction() as tx:
+        before = await tx.create_user(email=f"before-{email}")
+        with pytest.raises(ConflictError):
+            async with tx.transaction():
+                await tx.create_user(email=email)
+        after = await tx.create_user(email=f"after-{email}")
+    assert await storage.get_user(before.id) == before
+    assert await storage.get_user(after.id) == after
+    assert await storage.get_user(existing.id) == existing
+
+
+async def test_other_callers_are_refused_while_a_savepoint_is_open(
+    storage: Any, email: str
+) -> None:
+    """While one caller holds a savepoint, another caller's write on the same transaction
+    would be undone by the savepoint's rollback: it is refused, and nothing of it is written."""
+    with pytest.raises(Boom):
+        async with storage.transaction() as tx, tx.transaction():
+            other = _background(storage, lambda: tx.create_user(email=f"other-{email}"))
+            refused = await other()
+            mine = await tx.create_user(email=f"mine-{email}")
+            raise Boom
+    assert isinstance(refused, ValidationError), refused
+    assert refused.field == "transaction"
+    assert mine.email == f"mine-{email}"
+    assert await storage.get_user_by_email(f"other-{email}") is None
+    async with storage.transaction() as tx:
+        async with tx.transaction():
+            pass  # released: the savepoint's end lets every caller in again
+        assert await _background(storage, lambda: tx.get_user(mine.id))() is None
+
+
+async def test_no_savepoint_while_another_callers_call_runs(
+    storage: Any, email: str, dsn: str
+) -> None:
+    user = await storage.create_user(email=email)
+    locker = psycopg.connect(dsn)
+    try:
+        locker.execute("SELECT 1 FROM kitium_auth.users WHERE id = %s FOR UPDATE", [user.id])
+        async with storage.transaction() as tx:
+            # Another caller's update waits on the row lock, inside the transaction.
+            other = _background(storage, lambda: tx.update_user(user.id, name="other"))
+            await _until(lambda: _waiting_on_a_lock(dsn))
+            with pytest.raises(ValidationError) as caught:
+                async with tx.transaction():
+                    pass
+            assert caught.value.field == "transaction"
+            locker.rollback()
+            updated = await other()
+        assert updated.name == "other"
+    finally:
+        locker.close()
+    assert (await storage.get_user(user.id)).name == "other"
+
+
+def _waiting_on_a_lock(dsn: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as observer:
+        row = observer.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND position('UPDATE' in query) > 0"
+        ).fetchone()
+    return row is not None and row[0] > 0
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the condition never held")

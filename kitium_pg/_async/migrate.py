@@ -18,7 +18,14 @@ import psycopg_pool
 
 from .. import _validate
 from .._base import Migration, MigrationState, Retry, load_migrations, plan
-from ..errors import MigrationError, ValidationError, translate
+from ..errors import (
+    KitiumPgError,
+    MigrationError,
+    QueryTimeoutError,
+    UnavailableError,
+    ValidationError,
+    translate,
+)
 from .core import AsyncCore
 
 Progress = Callable[[str, str], None]
@@ -47,6 +54,11 @@ class AsyncMigrations(AsyncCore):
         return MigrationState(applied=tuple(sorted(applied)), pending=tuple(m.id for m in pending))
 
     async def _locked_ledger(self) -> dict[str, str]:
+        # Waiting for another process's migration is part of the job: no statement timeout
+        # for the lock or for what runs after it in this transaction.
+        await self._value(
+            "set_local_setting", {"name": "statement_timeout", "value": "0"}, retry=Retry.NEVER
+        )
         await self._value("lock_migrations", {}, retry=Retry.NEVER)
         await self._run("ensure_ledger", {}, retry=Retry.NEVER)
         rows = await self._run("list_applied_migrations", {}, retry=Retry.NEVER)
@@ -55,47 +67,58 @@ class AsyncMigrations(AsyncCore):
     async def migrate(self, *, progress: Progress | None = None) -> tuple[str, ...]:
         """Apply pending migrations in order; returns the ids this call applied.
 
-        Idempotent and safe to run from many processes at once. Raises ``MigrationError`` on
-        drift, and the translated database error if a migration fails (that migration is rolled
-        back; the earlier ones stay applied).
+        Idempotent and safe to run from many processes at once: a process that finds another
+        one migrating waits for it, without a statement timeout. When nothing is pending it
+        only reads the ledger (no lock, no DDL), so an application role without DDL rights can
+        connect to a migrated schema. Raises ``MigrationError`` on drift or when a migration's
+        SQL fails (that migration is rolled back; the earlier ones stay applied), and the
+        translated error (``UnavailableError``, ``QueryTimeoutError``…) when the database
+        connection fails.
         """
         _validate.callback("progress", progress)
+        migrations = self._migrations()
+        try:
+            if not plan(migrations, await self._applied()):
+                return ()
+        except MigrationError:
+            raise
+        except KitiumPgError:
+            pass  # e.g. no right to read the ledger yet: the locked path below says why
         if self._settings.pgbouncer:
             raise MigrationError(
                 "migrations must run on a direct connection, not through PgBouncer: connect with"
                 " migrate=False here and run `kitium-pg migrate --dsn <direct DSN>` (or an adapter"
                 " without pgbouncer=True) from your deploy"
             )
-        migrations = self._migrations()
         done: list[str] = []
-        async with self._pool.connection() as conn:
-            bound = self._bound(conn)
-            async with conn.transaction():
-                applied = await bound._locked_ledger()
-            plan(migrations, applied)
-            for migration in migrations:
-                if migration.id in applied:
-                    continue
+        try:
+            async with self._pool.connection() as conn:
+                bound = self._bound(conn)
                 async with conn.transaction():
                     applied = await bound._locked_ledger()
+                plan(migrations, applied)
+                for migration in migrations:
                     if migration.id in applied:
                         continue
-                    if progress:
-                        progress(migration.id, "up")
-                    await bound._apply(migration, migration.up)
-                    done.append(migration.id)
+                    async with conn.transaction():
+                        applied = await bound._locked_ledger()
+                        if migration.id in applied:
+                            continue
+                        if progress:
+                            progress(migration.id, "up")
+                        await bound._apply(migration, migration.up)
+                        done.append(migration.id)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise translate(exc, operation="migrate") from exc
         return tuple(done)
 
     async def _apply(self, migration: Migration, sql: str) -> None:
         started = time.perf_counter()
-        await self._value(
-            "set_local_setting", {"name": "statement_timeout", "value": "0"}, retry=Retry.NEVER
-        )
         assert self._conn is not None
         try:
             await self._conn.execute(sql)
-        except Exception as exc:
-            raise MigrationError(f"{migration.file} failed: {exc}") from exc
+        except psycopg.Error as exc:
+            raise _failed(exc, migration.file) from exc
         duration_ms = (time.perf_counter() - started) * 1000
         await self._exec(
             "record_migration",
@@ -112,34 +135,32 @@ class AsyncMigrations(AsyncCore):
             raise ValidationError("steps", "must be a positive integer")
         migrations = {m.id: m for m in self._migrations()}
         undone: list[str] = []
-        async with self._pool.connection() as conn:
-            bound = self._bound(conn)
-            for _ in range(steps):
-                async with conn.transaction():
-                    applied = await bound._locked_ledger()
-                    plan(tuple(migrations.values()), applied)
-                    if not applied:
-                        break
-                    # The ledger lists migrations in the order they were applied.
-                    last_id = list(applied)[-1]
-                    if last_id not in migrations:
-                        raise MigrationError(
-                            f"cannot roll back {last_id!r}: enable it with optional_migrations"
-                        )
-                    last = migrations[last_id]
-                    if progress:
-                        progress(last.id, "down")
-                    await bound._value(
-                        "set_local_setting",
-                        {"name": "statement_timeout", "value": "0"},
-                        retry=Retry.NEVER,
-                    )
-                    try:
-                        await conn.execute(last.down)
-                    except Exception as exc:
-                        raise MigrationError(f"{last.file} (down) failed: {exc}") from exc
-                    await bound._exec("forget_migration", {"id": last.id}, retry=Retry.NEVER)
-                    undone.append(last.id)
+        try:
+            async with self._pool.connection() as conn:
+                bound = self._bound(conn)
+                for _ in range(steps):
+                    async with conn.transaction():
+                        applied = await bound._locked_ledger()
+                        plan(tuple(migrations.values()), applied)
+                        if not applied:
+                            break
+                        # The ledger lists migrations in the order they were applied.
+                        last_id = list(applied)[-1]
+                        if last_id not in migrations:
+                            raise MigrationError(
+                                f"cannot roll back {last_id!r}: enable it with optional_migrations"
+                            )
+                        last = migrations[last_id]
+                        if progress:
+                            progress(last.id, "down")
+                        try:
+                            await conn.execute(last.down)
+                        except psycopg.Error as exc:
+                            raise _failed(exc, f"{last.file} (down)") from exc
+                        await bound._exec("forget_migration", {"id": last.id}, retry=Retry.NEVER)
+                        undone.append(last.id)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise translate(exc, operation="rollback") from exc
         return tuple(undone)
 
     def app_role_grants(self, role: str) -> str:
@@ -155,6 +176,15 @@ class AsyncMigrations(AsyncCore):
                 await conn.execute(sql)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise translate(exc, operation="grant_app_role") from exc
+
+
+def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:
+    """A migration statement's failure: the translated error when the connection or the server
+    failed (transient: running the migration again may work), else ``MigrationError``."""
+    error = translate(exc, operation="migrate")
+    if isinstance(error, UnavailableError | QueryTimeoutError):
+        return error
+    return MigrationError(f"{what} failed: {exc}")
 
 
 def _role_sql(sql: str, role: str) -> str:

@@ -8,7 +8,9 @@ This file is the source of truth; ``kitium_pg/_sync/core.py`` is generated from 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
 import time
 import uuid
 import weakref
@@ -84,6 +86,7 @@ class Core:
             Keyring(encryption_keys) if encryption_keys is not None else Keyring.from_env()
         )
         self._conn: Connection[Any] | None = None
+        self._tx: _TransactionState | None = None  # set on the views of a transaction
         # Transaction-local settings (statement timeout override, tenant) applied before each
         # statement; empty on the default path, which then costs nothing extra. Behind PgBouncer
         # the default timeout cannot be a startup option, so it becomes one of these (set
@@ -183,31 +186,73 @@ class Core:
 
     def _bound(self, conn: Connection[Any]) -> Self:
         """A view of this adapter whose calls all run on ``conn`` (no retries: the caller
-        owns the transaction)."""
-        return self._view(_conn=conn)
+        owns the connection and its transactions)."""
+        return self._view(_conn=conn, _tx=_TransactionState())
 
     @contextmanager
     def transaction(self) -> Iterator[Self]:
         """``with storage.transaction() as tx:`` runs every ``tx`` call in one database
-        transaction: it commits when the block ends and rolls back if it raises. Nested
-        ``tx.transaction()`` blocks are savepoints. Calls inside are not retried one by one
-        (a retry could not know what the transaction already did): use
-        ``run_in_transaction`` to retry the whole unit on serialization failures or deadlocks.
-        Raises the translated error when the commit itself fails."""
+        transaction: it commits when the block ends and rolls back if it raises. Calls inside
+        are not retried one by one (a retry could not know what the transaction already did):
+        use ``run_in_transaction`` to retry the whole unit on serialization failures or
+        deadlocks.
+
+        A failed call aborts the whole transaction in PostgreSQL, even when the block catches
+        its error: the block then raises that error again on exit (chained to the first) rather
+        than let the commit turn silently into a rollback. A call that may fail without undoing
+        the rest belongs in a nested ``tx.transaction()`` block, a savepoint: its failure rolls
+        back to the savepoint only. While one task (thread, for the sync adapter) has a
+        savepoint open, calls on the transaction from other tasks raise ``ValidationError``, as
+        does opening a savepoint while other tasks' calls run: a savepoint's rollback would
+        undo their writes. ``tx`` is usable only inside its block: later calls raise
+        ``ValidationError``. Raises the translated error when the commit itself fails."""
         try:
             if self._conn is not None:
-                with self._conn.transaction():
+                with self._savepoint():
                     yield self
                 return
             with self._pool.connection() as conn, conn.transaction():
-                tx = self._bound(conn)
-                for name, value in self._local:
-                    tx._value(
-                        "set_local_setting", {"name": name, "value": value}, retry=Retry.NEVER
-                    )
-                yield tx._view(_local_applied=True)
+                state = _TransactionState()
+                try:
+                    # The settings are sent once, here: the view they go through already counts
+                    # them as applied.
+                    tx = self._view(_conn=conn, _tx=state, _local_applied=True)
+                    for name, value in self._local:
+                        tx._value(
+                            "set_local_setting", {"name": name, "value": value}, retry=Retry.NEVER
+                        )
+                    yield tx
+                    _raise_if_aborted(conn, state)
+                finally:
+                    # Before the COMMIT or ROLLBACK: a call that starts from now on (a task the
+                    # block left running) is refused rather than run after the transaction.
+                    state.open = False
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise translate(exc, operation="transaction") from exc
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        assert self._conn is not None and self._tx is not None
+        state, caller = self._tx, _caller()
+        with state.lock:
+            state.check_usable(caller)
+            if state.holder is None and state.calls:
+                raise ValidationError(
+                    "transaction",
+                    "a savepoint needs the transaction to itself, but calls from other tasks"
+                    " are running on it: its rollback would undo their writes",
+                )
+            state.holder = caller
+            state.depth += 1
+        try:
+            with self._conn.transaction():
+                yield
+                _raise_if_aborted(self._conn, state)
+        finally:
+            with state.lock:
+                state.depth -= 1
+                if not state.depth:
+                    state.holder = None
 
     def run_in_transaction(self, work: Callable[[Self], T]) -> T:
         """Run ``work(tx)`` in a transaction and return its result, re-running the whole
@@ -287,6 +332,11 @@ class Core:
         conn.close()
         return None
 
+    def _check_idle(self, pool: _Pool) -> None:
+        # The pool replaces what fails its check; the retry reports whatever persists.
+        with contextlib.suppress(psycopg.Error):
+            pool.check()
+
     def _close_pool(self) -> None:
         for replica in self._replicas:
             replica.close()
@@ -296,6 +346,8 @@ class Core:
     @contextmanager
     def _connection(self) -> Iterator[Connection[Any]]:
         if self._conn is not None:
+            assert self._tx is not None
+            self._tx.check_usable(_caller())
             yield self._conn
         else:
             with self._pool.connection() as conn:
@@ -432,7 +484,7 @@ class Core:
             started = time.perf_counter()
             try:
                 if self._conn is not None:
-                    result = self._execute_on(self._conn, query, params, make)
+                    result = self._run_in_transaction_view(query, params, make)
                 else:
                     # getconn/putconn rather than pool.connection(): the latter also enters the
                     # connection's own context, whose commit() is wasted work on an autocommit
@@ -448,6 +500,12 @@ class Core:
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)
+                if self._tx is not None:
+                    self._tx.failure = error
+                elif isinstance(error, UnavailableError) and not isinstance(exc, _POOL_ERRORS):
+                    # A lost connection rarely comes alone (a restart or failover drops them
+                    # all): test the idle ones now, or each retry would draw another dead one.
+                    self._check_idle(self._pool)
                 if (
                     retry is Retry.SAFE
                     and self._conn is None
@@ -459,6 +517,20 @@ class Core:
                 raise error from exc
             log_call(name, started, attempt)
             return result
+
+    def _run_in_transaction_view(
+        self, query: _sql.Query, params: Mapping[str, Any], make: Make
+    ) -> Any:
+        assert self._conn is not None and self._tx is not None
+        state = self._tx
+        with state.lock:
+            state.check_usable(_caller())
+            state.calls += 1
+        try:
+            return self._execute_on(self._conn, query, params, make)
+        finally:
+            with state.lock:
+                state.calls -= 1
 
     def _observed(
         self, name: str, params: Mapping[str, Any], retry: Retry, make: Make, replica: bool
@@ -553,6 +625,57 @@ class Core:
                 return total
 
 
+class _TransactionState:
+    """What the views of one transaction share: whether it is still open, which caller holds
+    a savepoint on it, how many calls are running on it, and the last call that failed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # held briefly, never across I/O
+        self.open = True
+        self.holder: object | None = None
+        self.depth = 0
+        self.calls = 0
+        self.failure: KitiumPgError | None = None
+
+    def check_usable(self, caller: object) -> None:
+        """Raises ``ValidationError`` when the transaction has ended, or when another caller
+        holds a savepoint on it."""
+        if not self.open:
+            raise ValidationError(
+                "transaction",
+                "this transaction has ended (its block exited): a call on it would run outside"
+                " it, on a connection the pool has taken back",
+            )
+        if self.holder is not None and self.holder is not caller:
+            raise ValidationError(
+                "transaction",
+                "another task holds a savepoint on this transaction: until it ends, a call"
+                " from here could be undone by its rollback",
+            )
+
+
+def _caller() -> object:
+    # Who is calling: the running task (for the sync adapter, generated from this, the thread).
+    return threading.current_thread()
+
+
+def _raise_if_aborted(conn: Connection[Any], state: _TransactionState) -> None:
+    # A failed statement aborts the transaction in PostgreSQL; COMMIT (or RELEASE) would then
+    # silently roll back. Raise the failure that aborted it instead.
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
+        return
+    failure = state.failure
+    if failure is None:
+        raise InternalError("transaction: aborted by a failed statement; rolled back")
+    again = type(failure)(
+        f"transaction rolled back: a call inside it failed ({failure}) and the block went on;"
+        " a call that may fail belongs in a nested transaction() (a savepoint)",
+        code=failure.code,
+        retryable=failure.retryable,
+    )
+    raise again from failure
+
+
 def _observe_start(observer: Observer, name: str) -> object:
     # A broken metrics exporter must never fail a database call: log and carry on.
     try:
@@ -578,6 +701,7 @@ _CURSORS: weakref.WeakKeyDictionary[Connection[Any], Cursor[Any]] = weakref.Weak
 _REPLICA_WAIT = 1.0
 _REPLICA_PAUSE = 5.0
 _PRIMARY: Any = object()  # "no replica answered: use the primary"
+_POOL_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
 
 
 def _fetch(cur: Cursor[Any], query: _sql.Query, make: Make) -> Any:
