@@ -513,9 +513,12 @@ class RawPsycopg(SyncVariant):
         while True:
             started = time.perf_counter()
             self.cur.execute(statement, {"batch_size": batch_size})
+            # The adapter's statement returns (deleted, locked); a plain DELETE a row count.
+            row = self.cur.fetchone() if self.cur.description is not None else None
+            deleted, taken = row if row is not None else (self.cur.rowcount, self.cur.rowcount)
             durations.append(time.perf_counter() - started)
-            total += self.cur.rowcount
-            if self.cur.rowcount < batch_size:
+            total += deleted
+            if taken < batch_size:
                 return total, durations
 
     def maint_delete_expired_sessions_any_array(self, batch_size: int) -> tuple[int, list[float]]:

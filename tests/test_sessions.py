@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import uuid
 from typing import Any
 
 import psycopg
 import pytest
 
-from kitium_pg import NotFoundError, Session, ValidationError
+from kitium_pg import (
+    AsyncPostgresStorageAdapter,
+    NotFoundError,
+    PostgresStorageAdapter,
+    Session,
+    ValidationError,
+)
 from kitium_pg._base import Retry, new_id
 
 UTC = dt.UTC
@@ -270,23 +277,23 @@ async def test_delete_expired_sessions_runs_in_bounded_batches(
         for i in range(2)
     ]
     adapter = storage.adapter if storage.kind == "sync" else storage
-    batches: list[int] = []
-    original = adapter._exec
+    batches: list[tuple[int, int]] = []
+    original = adapter._run
 
-    def record(params: Any, deleted: int) -> int:
-        assert params["batch_size"] == 2
-        batches.append(deleted)
-        return deleted
+    def record(name: str, params: Any, result: Any) -> Any:
+        assert (name, params["batch_size"]) == ("delete_expired_sessions", 2)
+        batches.append(tuple(result))
+        return result
 
-    def sync_spy(name: str, params: Any, **kw: Any) -> int:
-        return record(params, original(name, params, **kw))
+    def sync_spy(name: str, params: Any, **kw: Any) -> Any:
+        return record(name, params, original(name, params, **kw))
 
-    async def async_spy(name: str, params: Any, **kw: Any) -> int:
-        return record(params, await original(name, params, **kw))
+    async def async_spy(name: str, params: Any, **kw: Any) -> Any:
+        return record(name, params, await original(name, params, **kw))
 
-    monkeypatch.setattr(adapter, "_exec", sync_spy if storage.kind == "sync" else async_spy)
+    monkeypatch.setattr(adapter, "_run", sync_spy if storage.kind == "sync" else async_spy)
     assert await storage.delete_expired_sessions(batch_size=2) == 5
-    assert batches == [2, 2, 1]
+    assert batches == [(2, 2), (2, 2), (1, 1)]  # (deleted, locked) per statement
     monkeypatch.undo()
 
     for session in expired:
@@ -295,6 +302,58 @@ async def test_delete_expired_sessions_runs_in_bounded_batches(
         s.id for s in reversed(alive)
     ]
     assert await storage.delete_expired_sessions() == 0
+
+
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+async def test_a_batch_that_locks_rows_it_cannot_delete_does_not_end_the_purge(
+    dsn: str, cls: type
+) -> None:
+    """A row updated while the purge statement runs is locked in a version the statement cannot
+    see, so it is locked but not deleted: the batch comes up short of rows deleted, not of rows
+    locked, and the purge goes on (it stopped there, leaving the whole backlog). A trigger that
+    spares three rows once plays that interleaving deterministically."""
+    schema = f"purge_{uuid.uuid4().hex[:10]}"
+    adapter = cls(dsn, schema=schema, max_size=1)
+    await _call(adapter.connect())
+    try:
+        user = await _call(adapter.create_user())
+        expired = [
+            await _call(adapter.create_session(user_id=user.id, expires_at=earlier(minutes=i + 1)))
+            for i in range(25)
+        ]
+        spared = [s.id for s in expired[-3:]]  # the oldest expiry: in the first batch
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(SPARE_ONCE.replace("purge_schema", schema).encode())
+            conn.execute(
+                f"INSERT INTO {schema}.spare_once (id) SELECT unnest(%s::uuid[])".encode(),
+                [spared],
+            )
+        assert await _call(adapter.delete_expired_sessions(batch_size=10)) == 25
+        for session in expired:
+            assert await _call(adapter.get_session(session.id, consistency="primary")) is None
+    finally:
+        await _call(adapter.disconnect())
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+SPARE_ONCE = """
+CREATE TABLE purge_schema.spare_once (id uuid PRIMARY KEY);
+CREATE FUNCTION purge_schema.spare_once() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  DELETE FROM purge_schema.spare_once WHERE id = OLD.id;
+  IF FOUND THEN
+    RETURN NULL;  -- this time the row stays (locked by the purge, not deleted)
+  END IF;
+  RETURN OLD;
+END $$;
+CREATE TRIGGER spare_once BEFORE DELETE ON purge_schema.sessions
+  FOR EACH ROW EXECUTE FUNCTION purge_schema.spare_once();
+"""
+
+
+async def _call(result: Any) -> Any:
+    return await result if inspect.isawaitable(result) else result
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 100_001, 2.5, "10", True])

@@ -59,6 +59,27 @@ async def test_wrong_malformed_expired_and_revoked_tokens_are_none(
     assert await storage.validate_session_token(issued.token) is None
 
 
+async def test_a_session_token_has_one_spelling(storage: Any, email: str) -> None:
+    """Only the string issued validates: the id part in another UUID spelling (upper case,
+    braces, urn:uuid:, no hyphens) would make one session reachable under many token strings,
+    and an application keying a deny-list or rate limit on the string could be bypassed."""
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    assert await storage.validate_session_token(issued.token) == issued.session
+    session_id, secret = issued.token.split(".")
+    hexed = session_id.replace("-", "")
+    for spelling in (
+        session_id.upper(),
+        f"{{{session_id}}}",
+        f"urn:uuid:{session_id}",
+        hexed,
+        f"{hexed[:4]}-{hexed[4:]}",
+        f" {session_id}",
+    ):
+        assert spelling != session_id
+        assert await storage.validate_session_token(f"{spelling}.{secret}") is None, spelling
+
+
 async def test_api_key_issue_and_verify(storage: Any, email: str, dsn: str) -> None:
     user = await storage.create_user(email=email)
     issued = await storage.issue_api_key(user.id, ["read", "write"], prefix="live")

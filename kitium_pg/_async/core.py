@@ -614,19 +614,21 @@ class AsyncCore:
         progress: Callable[[int], None] | None = None,
     ) -> int:
         """Run delete query ``name`` (which takes ``:batch_size`` and deletes at most that many
-        rows) until it deletes fewer than ``batch_size``; returns the total. Short statements
-        keep locks brief and let concurrent readers through; each batch is its own retry-safe
-        statement (deleting expired rows is idempotent). ``progress(total_so_far)`` is called
-        after each batch."""
+        rows) until a batch takes fewer than ``batch_size``; returns the total deleted. A query
+        may return the row ``(deleted, locked)`` instead of a row count: then the batch size is
+        judged on the rows it locked. Short statements keep locks brief and let concurrent
+        readers through; each batch is its own retry-safe statement (deleting expired rows is
+        idempotent). ``progress(total_so_far)`` is called after each batch."""
         size = _validate.integer("batch_size", batch_size, minimum=1, maximum=100_000)
         _validate.callback("progress", progress)
         total = 0
         while True:
-            deleted = await self._exec(name, {**params, "batch_size": size}, retry=Retry.SAFE)
+            result = await self._run(name, {**params, "batch_size": size}, retry=Retry.SAFE)
+            deleted, taken = (result, result) if isinstance(result, int) else result
             total += deleted
             if progress is not None:
                 progress(total)
-            if deleted < size:
+            if taken < size:
                 return total
 
 

@@ -81,7 +81,9 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
             return None
         session_id, _, secret = token.partition(".")
         parsed = v.parse_uuid(session_id)
-        if parsed is None or not secret:
+        # Only the spelling the token was issued with: one token, one string (applications key
+        # deny-lists, rate limits and caches on it).
+        if parsed is None or str(parsed) != session_id or not secret:
             return None
         try:
             presented = _digest(secret)
