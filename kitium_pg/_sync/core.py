@@ -678,6 +678,15 @@ def _raise_if_aborted(conn: Connection[Any], state: _TransactionState) -> None:
     raise again from failure
 
 
+def saved_but_unreadable(name: str, error: EncryptionKeyError) -> EncryptionKeyError:
+    """The error of an update that was saved but whose returned record holds a secret that
+    cannot be decrypted (its key is not configured, or the ciphertext fails): the caller must
+    not take the failure for a refused write."""
+    return EncryptionKeyError(
+        f"{name}: the change is saved, but the record cannot be returned: {error}"
+    )
+
+
 def _observe_start(observer: Observer, name: str) -> object:
     # A broken metrics exporter must never fail a database call: log and carry on.
     try:

@@ -11,9 +11,9 @@ from typing import Any, Final
 
 from .. import _validate as v
 from .._base import UNSET, Retry, Unset, new_id
-from ..errors import NotFoundError, ValidationError
+from ..errors import EncryptionKeyError, NotFoundError, ValidationError
 from ..records import BackupCode, TwoFactorAttempt, TwoFactorDevice, TwoFactorSession
-from .core import Core
+from .core import Core, saved_but_unreadable
 
 SECRET_COLUMN: Final = "twofa_devices.secret"  # noqa: S105 - a column name, not a secret
 """Encryption context (associated data) of device secrets."""
@@ -132,9 +132,11 @@ class TwoFactor(Core):
         """Change the given fields of a device and return it (fields left out stay as they
         are; ``secret=None`` removes the secret, a new one is encrypted like on create).
 
-        Raises ``NotFoundError`` when there is no such device and ``EncryptionKeyError`` (before
-        anything is written) for a secret without a configured key. Setting values is
-        idempotent, so transient failures are retried.
+        Raises ``NotFoundError`` when there is no such device, and ``EncryptionKeyError``:
+        before anything is written for a new secret without a configured key, or after the
+        change is saved when the device's stored secret cannot be decrypted for the returned
+        record (the message says which). Setting values is idempotent, so transient failures
+        are retried.
         """
         device_id = v.uuid_arg("id", id)
         params: dict[str, Any] = {"id": device_id}
@@ -157,12 +159,12 @@ class TwoFactor(Core):
             )
         params["secret_key_id"] = key_id
         params["secret_ciphertext"] = ciphertext
-        device: TwoFactorDevice | None = self._run(
-            "update_two_factor_device",
-            params,
-            retry=Retry.SAFE,
-            make=self._device,
-        )
+        try:
+            device: TwoFactorDevice | None = self._run(
+                "update_two_factor_device", params, retry=Retry.SAFE, make=self._device
+            )
+        except EncryptionKeyError as exc:
+            raise saved_but_unreadable("update_two_factor_device", exc) from exc
         if device is None:
             raise NotFoundError(f"update_two_factor_device: no device {device_id}")
         return device
