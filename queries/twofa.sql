@@ -109,12 +109,14 @@ UPDATE kitium_auth.twofa_backup_codes
 RETURNING id, user_id, code_hash, used_at, created_at;
 
 -- name: create_two_factor_session(id, user_id, session_id, device_id, method, code_hash, max_attempts, expires_at)^
--- Insert a challenge; a retry with the same id returns the row the first attempt wrote.
+-- Insert a challenge for one of the user's own sessions (no row when the session is not theirs or
+-- does not exist); a retry with the same id returns the row the first attempt wrote.
 WITH inserted AS (
   INSERT INTO kitium_auth.twofa_sessions
     (id, user_id, session_id, device_id, method, code_hash, max_attempts, expires_at)
-  VALUES
-    (:id, :user_id, :session_id, :device_id, :method, :code_hash, :max_attempts, :expires_at)
+  SELECT :id, :user_id, :session_id, :device_id, :method, :code_hash, :max_attempts, :expires_at
+   WHERE EXISTS (SELECT 1 FROM kitium_auth.sessions
+                  WHERE sessions.id = :session_id AND sessions.user_id = :user_id)
   ON CONFLICT (id) DO NOTHING
   RETURNING id, user_id, session_id, device_id, method, code_hash, attempt_count, max_attempts,
             expires_at, completed_at, created_at
@@ -137,21 +139,25 @@ SELECT id, user_id, session_id, device_id, method, code_hash, attempt_count, max
  WHERE id = :id;
 
 -- name: complete_two_factor_session(id, consumer)$
--- Complete a challenge once. Wins only for an uncompleted, unexpired challenge, or for the call
--- (consumer) that already completed it, so a retried call still wins; row lock waiters
--- re-check the guard against the winner's row and lose. Returns the id for the winner, no row
--- otherwise (completed, expired or no such challenge).
+-- Complete a challenge once. Wins only for an uncompleted, unexpired challenge whose login
+-- session still exists, or for the call (consumer) that already completed it, so a retried call
+-- still wins; row lock waiters re-check the guard against the winner's row and lose. Returns the
+-- id for the winner, no row otherwise (completed, expired, session ended or no such challenge).
 UPDATE kitium_auth.twofa_sessions
    SET completed_at = coalesce(completed_at, statement_timestamp()), consumed_by = :consumer
  WHERE id = :id
    AND ((completed_at IS NULL AND expires_at > statement_timestamp()) OR consumed_by = :consumer)
+   AND EXISTS (SELECT 1 FROM kitium_auth.sessions
+                WHERE sessions.id = twofa_sessions.session_id
+                  AND sessions.user_id = twofa_sessions.user_id)
 RETURNING id;
 
 -- name: verify_two_factor_session(id, code_hash)^
 -- Count one attempt on an open code challenge and complete it when the digest matches, in one
 -- statement: an attempt past the limit is never compared. Refused (no row) when the limit is
--- reached, or the challenge is completed, expired, missing or has no stored code; row lock
--- waiters re-check the guard, so concurrent attempts never pass the limit and one match wins.
+-- reached, or the challenge is completed, expired, missing, has no stored code or its login
+-- session has ended; row lock waiters re-check the guard, so concurrent attempts never pass the
+-- limit and one match wins.
 UPDATE kitium_auth.twofa_sessions
    SET attempt_count = attempt_count + 1,
        completed_at = CASE WHEN code_hash = :code_hash THEN statement_timestamp() END
@@ -160,16 +166,23 @@ UPDATE kitium_auth.twofa_sessions
    AND attempt_count < max_attempts
    AND completed_at IS NULL
    AND expires_at > statement_timestamp()
+   AND EXISTS (SELECT 1 FROM kitium_auth.sessions
+                WHERE sessions.id = twofa_sessions.session_id
+                  AND sessions.user_id = twofa_sessions.user_id)
 RETURNING completed_at IS NOT NULL AS verified, attempt_count, max_attempts;
 
 -- name: increment_two_factor_attempts(id)$
 -- Count one attempt on an open challenge and return the new count. Refused (no row) once the
--- limit is reached, or when the challenge is completed, expired or missing; row lock waiters
--- re-check the guard against the latest count, so concurrent calls never pass the limit.
+-- limit is reached, or when the challenge is completed, expired, missing or its login session
+-- has ended; row lock waiters re-check the guard against the latest count, so concurrent calls
+-- never pass the limit.
 UPDATE kitium_auth.twofa_sessions
    SET attempt_count = attempt_count + 1
  WHERE id = :id
    AND attempt_count < max_attempts
    AND completed_at IS NULL
    AND expires_at > statement_timestamp()
+   AND EXISTS (SELECT 1 FROM kitium_auth.sessions
+                WHERE sessions.id = twofa_sessions.session_id
+                  AND sessions.user_id = twofa_sessions.user_id)
 RETURNING attempt_count;

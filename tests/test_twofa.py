@@ -59,9 +59,11 @@ async def _device(storage: Any, user: User, **kwargs: Any) -> TwoFactorDevice:
 
 async def _challenge(storage: Any, user: User, **kwargs: Any) -> TwoFactorSession:
     device = kwargs.pop("device", None) or await _device(storage, user)
+    if "session_id" not in kwargs:
+        pending = await storage.create_session(user_id=user.id, expires_at=_in(minutes=5))
+        kwargs["session_id"] = pending.id
     args: dict[str, Any] = {
         "user_id": user.id,
-        "session_id": uuid.uuid4(),
         "device_id": device.id,
         "method": "totp",
         "expires_at": _in(minutes=5),
@@ -536,7 +538,7 @@ async def test_bad_backup_codes_are_refused_and_keep_the_old_ones(
 async def test_challenge_round_trip(storage: Any, email: str) -> None:
     user = await _user(storage, email)
     device = await _device(storage, user, method="sms", secret=None)
-    session_id = uuid.uuid4()
+    session_id = (await storage.create_session(user_id=user.id, expires_at=_in(minutes=5))).id
     tokyo = dt.timezone(dt.timedelta(hours=9))
     expires = dt.datetime.now(tokyo).replace(microsecond=0) + dt.timedelta(minutes=5)
     challenge = await _challenge(
@@ -729,6 +731,29 @@ async def test_challenge_references_must_exist(storage: Any, email: str) -> None
     device = await _device(storage, user)
     with pytest.raises(NotFoundError):
         await _challenge(storage, user, device=device, user_id=uuid.uuid4())
+
+
+async def test_a_challenge_belongs_to_one_of_the_users_sessions_and_ends_with_it(
+    storage: Any, email: str
+) -> None:
+    """Another user's session, or none at all, is refused (nothing written); and once the login
+    session is gone ("log out everywhere", a password reset), its pending challenges can no
+    longer be counted, verified or completed."""
+    user = await _user(storage, email)
+    other = await _user(storage, f"other-{email}")
+    device = await _device(storage, user)
+    theirs = await storage.create_session(user_id=other.id, expires_at=_in(minutes=5))
+    for session_id in (theirs.id, uuid.uuid4()):
+        with pytest.raises(NotFoundError, match="no session"):
+            await _challenge(storage, user, device=device, session_id=session_id)
+    assert await storage.list_user_sessions(user.id) == []
+    totp = await _challenge(storage, user, device=device)
+    texted = await _challenge(storage, user, device=device, method="sms", code_hash=_hash("9"))
+    assert await storage.delete_user_sessions(user.id) == 2
+    assert await storage.increment_two_factor_attempts(totp.id) is None
+    assert await storage.complete_two_factor_session(totp.id) is False
+    assert await storage.verify_two_factor_session(texted.id, _hash("9")) is None
+    assert await storage.get_two_factor_session(texted.id) == texted  # unchanged
 
 
 class _Fake:

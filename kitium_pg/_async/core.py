@@ -29,6 +29,7 @@ from ..errors import (
     EncryptionKeyError,
     InternalError,
     KitiumPgError,
+    NotFoundError,
     UnavailableError,
     ValidationError,
     is_auto_retryable,
@@ -562,7 +563,13 @@ class AsyncCore:
         )
 
     async def _written(
-        self, name: str, params: Mapping[str, Any], cls: Callable[..., T], *, retry: Retry
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        cls: Callable[..., T],
+        *,
+        retry: Retry,
+        refused: str | None = None,
     ) -> T:
         """The row an idempotent write returns (insert ... ON CONFLICT, then the stored row).
 
@@ -570,12 +577,15 @@ class AsyncCore:
         one interleaving: the connection is lost while an attempt waits on a lock, the server
         still commits that attempt, and the retry's snapshot was taken before that commit (the
         retry waited for it on the unique index, found the id taken, and cannot see the row).
-        The statement then runs once more, with a snapshot that includes the commit. Raises
-        ``InternalError`` if even that finds no row."""
+        The statement then runs once more, with a snapshot that includes the commit. If even
+        that finds no row, the statement's own guard refused the write: raises
+        ``NotFoundError(refused)`` for a statement that has one, else ``InternalError``."""
         row = await self._one(name, params, cls, retry=retry)
         if row is None:
             row = await self._one(name, params, cls, retry=retry)
             if row is None:
+                if refused is not None:
+                    raise NotFoundError(f"{name}: {refused}")
                 raise InternalError(f"{name}: the write returned no row")
         return row
 

@@ -272,9 +272,12 @@ class TwoFactor(Core):
         ``method`` is ``"totp"``, ``"sms"``, ``"email"`` or ``"backup_code"``; ``code_hash`` is
         a digest of the code sent (never the code); ``expires_at`` must be timezone-aware;
         ``max_attempts`` is 1 to 100. Raises ``ValidationError`` for bad input and
-        ``NotFoundError`` when the user or device does not exist, or the device is not the
-        user's (``twofa_sessions__device_owner_fkey``). Retried on transient
-        failures: the id is generated before the first attempt, so a retry returns the same row.
+        ``NotFoundError`` when the user or device does not exist, the device is not the user's
+        (``twofa_sessions__device_owner_fkey``), or ``session_id`` is not one of the user's
+        sessions. The challenge lives only as long as that session: once it is deleted
+        (``delete_session``, ``delete_user_sessions``), the challenge can no longer be counted,
+        verified or completed. Retried on transient failures: the id is generated before the
+        first attempt, so a retry returns the same row.
         """
         params = {
             "id": new_id(),
@@ -287,7 +290,11 @@ class TwoFactor(Core):
             "expires_at": v.timestamp("expires_at", expires_at),
         }
         challenge = self._written(
-            "create_two_factor_session", params, TwoFactorSession, retry=Retry.SAFE
+            "create_two_factor_session",
+            params,
+            TwoFactorSession,
+            retry=Retry.SAFE,
+            refused=f"no session {params['session_id']} of user {params['user_id']}",
         )
         return challenge
 
