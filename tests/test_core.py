@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import psycopg
+import psycopg_pool
 import pytest
 
 from kitium_pg import (
@@ -112,6 +113,60 @@ def test_pool_exhaustion_is_unavailable(sync_single: PostgresStorageAdapter) -> 
     with sync_single.pool.connection(), pytest.raises(UnavailableError) as caught:
         sync_single.get_user(user.id)  # the only connection is held by the with above
     assert caught.value.code == "pool_timeout" and caught.value.retryable
+
+
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+async def test_a_disconnected_adapter_says_it_cannot_reconnect(dsn: str, cls: type) -> None:
+    adapter = cls(dsn, max_size=1)
+    await _call(adapter.connect(migrate=False))
+    await _call(adapter.disconnect())
+    with pytest.raises(UnavailableError) as caught:
+        await _call(adapter.connect(migrate=False))
+    # Not retryable: a supervisor retrying it would retry forever.
+    assert caught.value.retryable is False
+    assert "create a new adapter" in str(caught.value)
+
+
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+async def test_an_empty_pool_still_checks_the_database_on_connect(cls: type) -> None:
+    """With ``min_size=0`` the pool opens without a connection; connect() tries one anyway, so
+    an unreachable database is reported there and not at the first call."""
+    adapter = cls("postgresql://kitium@127.0.0.1:1/nodb", min_size=0, connect_timeout=1.0)
+    try:
+        with pytest.raises(UnavailableError, match="cannot connect"):
+            await _call(adapter.connect(migrate=False))
+    finally:
+        await _call(adapter.disconnect())
+
+
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+async def test_the_diagnosis_after_a_pool_timeout_waits_briefly(
+    cls: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the pool gave up after ``connect_timeout``, the direct attempt that finds out why
+    must not wait as long again (it doubled the wait for a host that never answers)."""
+    seen: list[Any] = []
+    connection = psycopg.Connection if cls is PostgresStorageAdapter else psycopg.AsyncConnection
+    real = connection.connect
+
+    def spy(conninfo: str, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("connect_timeout"))
+        return real(conninfo, **kwargs)
+
+    monkeypatch.setattr(connection, "connect", spy)
+    adapter = cls("postgresql://kitium@127.0.0.1:1/nodb", min_size=1, connect_timeout=30.0)
+    monkeypatch.setattr(adapter.pool, "open", _give_up)
+    try:
+        with pytest.raises(UnavailableError):
+            await _call(adapter.connect(migrate=False))
+    finally:
+        await _call(adapter.disconnect())
+    assert seen == [2]
+
+
+def _give_up(*args: Any, **kwargs: Any) -> Any:
+    # The pool's open() after its connect_timeout: raises at once here.
+    raise psycopg_pool.PoolTimeout("pool initialization incomplete")
 
 
 def test_an_unreachable_database_is_unavailable_and_the_password_stays_hidden() -> None:

@@ -301,14 +301,20 @@ class AsyncCore:
         return self._keyring.decrypt(key_id, bytes(blob), column=column, row_id=row_id)
 
     async def _open_pool(self) -> None:
-        for replica in self._replicas:
-            # A replica that is down at start-up must not stop the application: its pool keeps
-            # reconnecting in the background and reads use the primary meanwhile.
-            await replica.open(wait=False)
-        if not self._owns_pool:
-            return
         try:
+            for replica in self._replicas:
+                # A replica that is down at start-up must not stop the application: its pool
+                # keeps reconnecting in the background and reads use the primary meanwhile.
+                await replica.open(wait=False)
+            if not self._owns_pool:
+                return
             await self._pool.open(wait=True, timeout=self._settings.connect_timeout)
+        except psycopg_pool.PoolClosed as exc:
+            raise UnavailableError(
+                f"cannot connect to {self._dsn_display}: this adapter was disconnected, and a"
+                " closed pool cannot be reopened; create a new adapter",
+                retryable=False,
+            ) from exc
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             # The pool only says it timed out; one direct attempt tells why (refused, wrong
             # password, a proxy rejecting a startup parameter...).
@@ -316,14 +322,22 @@ class AsyncCore:
             raise UnavailableError(
                 f"cannot connect to {self._dsn_display}: {reason or type(exc).__name__}"
             ) from exc
+        if self._pool.min_size == 0:
+            # An empty pool opens without connecting: try once, so that connect() still
+            # raises for a database it cannot reach.
+            reason = await self._why_unreachable(self._pool.conninfo)
+            if reason is not None:
+                raise UnavailableError(f"cannot connect to {self._dsn_display}: {reason}")
 
     async def _why_unreachable(self, conninfo: object) -> str | None:
         """The server's or libpq's reason for refusing a direct connection, without any
         password; ``None`` when a direct connection works (or ``conninfo`` is not a string,
-        as a caller's pool may have)."""
+        as a caller's pool may have). It is a diagnosis after the pool has already waited
+        ``connect_timeout``, so it waits at most ``_DIAGNOSIS_TIMEOUT`` (libpq's least)."""
         if not isinstance(conninfo, str):
             return None
         kwargs = self._settings.connection_kwargs()
+        kwargs["connect_timeout"] = min(kwargs["connect_timeout"], _DIAGNOSIS_TIMEOUT)
         try:
             conn = await AsyncConnection.connect(conninfo, **kwargs)
         except psycopg.Error as exc:
@@ -730,6 +744,7 @@ _REPLICA_WAIT = 1.0
 _REPLICA_PAUSE = 5.0
 _PRIMARY: Any = object()  # "no replica answered: use the primary"
 _POOL_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
+_DIAGNOSIS_TIMEOUT = 2  # seconds; libpq treats anything lower as 2
 
 
 async def _fetch(cur: AsyncCursor[Any], query: _sql.Query, make: Make) -> Any:
