@@ -76,8 +76,9 @@ SELECT org.id, org.name, org.plan, org.seats,
   FROM org;
 
 -- name: delete_organization(id)!
--- Delete an organization; its memberships go with it (ON DELETE CASCADE) and sessions scoped
--- to it lose their org_id (ON DELETE SET NULL).
+-- Delete an organization; everything bound to it goes with it (ON DELETE CASCADE, migrations
+-- 0001, 0002 and 0007): its memberships, roles and role assignments, its SSO providers with
+-- their domains, links and SSO sessions, and the sessions bound to it (sessions.org_id).
 DELETE FROM kitium_auth.organizations WHERE id = :id;
 
 -- name: add_organization_member(org_id, user_id, role)^

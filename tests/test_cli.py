@@ -38,7 +38,7 @@ def schema(dsn: str) -> Iterator[str]:
 
 def run(*args: str, env: Mapping[str, str | None] | None = None) -> Result:
     # Wide and colourless, so tables do not wrap and text assertions see plain words.
-    environ = {"COLUMNS": "200", "NO_COLOR": "1", "DATABASE_URL": None, ENV_VAR: None}
+    environ = {"COLUMNS": "400", "NO_COLOR": "1", "DATABASE_URL": None, ENV_VAR: None}
     runner = CliRunner(env={**environ, **(env or {})})
     return runner.invoke(cli, list(args), catch_exceptions=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 import threading
@@ -170,7 +171,7 @@ def test_0004_waits_for_an_open_membership_removal_and_cleans_up_after_it(dsn: s
     Without the locks the clean-up missed that row and 0005 failed on every attempt."""
     schema = f"mig_{uuid.uuid4().hex[:10]}"
     with PostgresStorageAdapter(dsn, schema=schema) as storage:
-        assert storage.rollback(steps=3) == (
+        assert storage.rollback(steps=5)[-3:] == (
             "0006_replace_member_and_domain_sets",
             "0005_validate_membership_and_device_owner",
             "0004_membership_and_device_owner",
@@ -191,6 +192,109 @@ def test_0004_waits_for_an_open_membership_removal_and_cleans_up_after_it(dsn: s
         finally:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+ORG_CASCADE = "0007_org_delete_cascade_and_sso_provider_type"
+ORG_CASCADE_VALID = "0008_validate_org_delete_cascade_and_sso_provider_type"
+
+
+def _constraints(dsn: str, schema: str) -> dict[str, tuple[str, bool]]:
+    """Every constraint of ``schema``: ``table.name`` -> (definition, validated)."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT c.conrelid::regclass::text || '.' || c.conname,"
+            " pg_get_constraintdef(c.oid), c.convalidated"
+            " FROM pg_constraint AS c WHERE c.connamespace = %s::regnamespace",
+            [schema],
+        ).fetchall()
+    return {name: (definition, valid) for name, definition, valid in rows}
+
+
+def test_0007_and_0008_up_down_up_correct_provider_types_and_restore_the_references(
+    dsn: str,
+) -> None:
+    """0007 adds NOT VALID references (an organization's providers and bound sessions go with
+    it; a link's or SSO session's provider_type is its provider's); 0008 sets the provider_type
+    of older rows to their provider's type, a row committed by a transaction still open when
+    0007 started included (0007 waits for it), and validates. Each down part gives back exactly
+    the constraints the part before it left."""
+    schema = f"mig_{uuid.uuid4().hex[:10]}"
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            latest = _constraints(dsn, schema)
+            assert storage.rollback(steps=2) == (ORG_CASCADE_VALID, ORG_CASCADE)
+            before = _constraints(dsn, schema)
+            for name in (
+                "sso_providers.sso_providers__org_id_fkey",
+                "sessions.sessions__org_id_fkey",
+            ):
+                assert "ON DELETE SET NULL" in before[f"{schema}.{name}"][0]
+                assert "ON DELETE CASCADE" in latest[f"{schema}.{name}"][0]
+            assert f"{schema}.sso_providers.sso_providers__id_type_key" not in before
+
+            # Rows 0006 allowed: links and SSO sessions naming another type than their provider's.
+            user = storage.create_user()
+            org = storage.create_organization(name="Old rows", plan="team")
+            saml = storage.create_sso_provider(type="saml", name="ADFS", org_id=org.id)
+            mismatched: dict[str, Any] = {
+                "user_id": user.id,
+                "provider_id": saml.id,
+                "provider_type": "oidc",
+            }
+            link = storage.create_sso_link(**mismatched, provider_subject="early")
+            sso_session = storage.create_sso_session(
+                **mismatched,
+                provider_subject="early",
+                expires_at=dt.datetime(2100, 1, 1, tzinfo=dt.UTC),
+            )
+            late = uuid.uuid4()
+            insert = (
+                f"INSERT INTO {schema}.sso_links (id, user_id, provider_id, provider_type,"
+                " provider_subject) VALUES (%s, %s, %s, 'oidc', 'late')"
+            )
+            with committed_later(dsn, insert, [(late, user.id, saml.id)]):
+                assert storage.migrate() == (ORG_CASCADE, ORG_CASCADE_VALID)
+            assert _constraints(dsn, schema) == latest
+            for found in (
+                storage.get_sso_link(link.id),
+                storage.get_sso_link(late),
+                storage.get_sso_session(sso_session.id),
+            ):
+                assert found is not None and found.provider_type == "saml"
+
+            assert storage.rollback() == (ORG_CASCADE_VALID,)
+            unvalidated = {
+                f"{schema}.{name}"
+                for name in (
+                    "sso_providers.sso_providers__org_id_fkey",
+                    "sessions.sessions__org_id_fkey",
+                    "sso_links.sso_links__provider_type_fkey",
+                    "sso_sessions.sso_sessions__provider_type_fkey",
+                )
+            }
+            assert _constraints(dsn, schema) == {
+                name: (definition + " NOT VALID", False)
+                if name in unvalidated
+                else (definition, valid)
+                for name, (definition, valid) in latest.items()
+            }
+            # Not yet validated, the references already act: the organization's provider and
+            # bound session go with it.
+            bound = storage.create_session(
+                user_id=user.id, org_id=org.id, expires_at=dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+            )
+            assert storage.delete_organization(org.id) is True
+            assert storage.get_sso_provider(saml.id) is None
+            assert storage.get_sso_link(link.id) is None
+            assert storage.get_session(bound.id) is None
+
+            assert storage.rollback() == (ORG_CASCADE,)
+            assert _constraints(dsn, schema) == before
+            assert storage.migrate() == (ORG_CASCADE, ORG_CASCADE_VALID)
+            assert _constraints(dsn, schema) == latest
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
 
 
 def test_messages_name_migration_files_by_their_place_in_the_project() -> None:

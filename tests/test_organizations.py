@@ -232,6 +232,53 @@ async def test_deleting_a_user_removes_its_memberships(storage: Any, email: str)
     assert (await storage.get_organization(org.id)).members == ()
 
 
+async def test_deleting_an_organization_deletes_its_sso_providers_and_bound_sessions(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """The organization's SSO providers go with it, with their domains, links and SSO sessions:
+    they do not stay behind as shared providers (org_id NULL), which every organization lists
+    and every tenant reads. Sessions bound to it end: they do not become unbound sessions, valid
+    for any organization. Its users, their other sessions and other organizations' rows stay."""
+    [user] = await _users(storage, unique, 1)
+    org = await storage.create_organization(
+        name="Going", plan="team", members=[{"user_id": user.id}]
+    )
+    other = await storage.create_organization(name="Staying", plan="team")
+    domain = f"{unique('going')}.example"
+    provider = await storage.create_sso_provider(
+        type="saml", name="Going IdP", org_id=org.id, client_secret="going-secret"
+    )
+    await storage.add_sso_provider_domain(provider.id, domain, verified=True)
+    kept = await storage.create_sso_provider(type="oidc", name="Staying IdP", org_id=other.id)
+    link = await storage.create_sso_link(
+        user_id=user.id, provider_id=provider.id, provider_type="saml", provider_subject="s"
+    )
+    sso_session = await storage.create_sso_session(
+        user_id=user.id,
+        provider_id=provider.id,
+        provider_type="saml",
+        provider_subject="s",
+        expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+    )
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    bound = await storage.create_session(user_id=user.id, org_id=org.id, expires_at=expires)
+    elsewhere = await storage.create_session(user_id=user.id, org_id=other.id, expires_at=expires)
+    unbound = await storage.create_session(user_id=user.id, expires_at=expires)
+
+    assert await storage.delete_organization(org.id) is True
+    assert await storage.get_sso_provider(provider.id) is None
+    assert provider.id not in [p.id for p in await storage.list_sso_providers(other.id)]
+    assert provider.id not in [p.id for p in await storage.list_sso_providers()]
+    assert await storage.get_sso_provider_by_domain(domain) is None
+    assert await storage.get_sso_link(link.id) is None
+    assert await storage.get_sso_session(sso_session.id) is None
+    assert await storage.get_session(bound.id) is None
+    assert await storage.get_session(elsewhere.id) == elsewhere
+    assert await storage.get_session(unbound.id) == unbound
+    assert await storage.get_sso_provider(kept.id) == kept
+    assert await storage.get_user(user.id) == user
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

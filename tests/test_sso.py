@@ -573,6 +573,66 @@ async def test_link_errors(storage: Any, unique: Callable[[str], str]) -> None:
     assert await storage.get_user_sso_links(user.id) == []
 
 
+async def test_a_provider_type_other_than_the_providers_is_refused(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """A link or SSO session says its provider's type, never another one (code that branches on
+    ``provider_type`` would otherwise run the wrong protocol): refused with the constraint named,
+    nothing written."""
+    user = await _user(storage, unique)
+    saml = await storage.create_sso_provider(type="saml", name=unique("saml"))
+    with pytest.raises(NotFoundError) as caught:
+        await storage.create_sso_link(
+            user_id=user.id, provider_id=saml.id, provider_type="oidc", provider_subject="s"
+        )
+    assert "sso_links__provider_type_fkey" in str(caught.value)
+    with pytest.raises(NotFoundError) as caught:
+        await storage.create_sso_session(
+            user_id=user.id,
+            provider_id=saml.id,
+            provider_type="oidc",
+            provider_subject="s",
+            expires_at=_in(hours=1),
+        )
+    assert "sso_sessions__provider_type_fkey" in str(caught.value)
+    assert await storage.get_user_sso_links(user.id) == []
+    count = "SELECT count(*) FROM kitium_auth.sso_sessions WHERE user_id = %s"
+    assert _raw(dsn, count, user.id) == (0,)
+    link = await storage.create_sso_link(
+        user_id=user.id, provider_id=saml.id, provider_type="saml", provider_subject="s"
+    )
+    assert link.provider_type == "saml"
+
+
+async def test_a_providers_type_changed_in_the_database_carries_its_rows_along(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """``update_sso_provider`` cannot change ``type``; an owner who changes it in SQL does not
+    leave links and SSO sessions naming the old type (ON UPDATE CASCADE)."""
+    user = await _user(storage, unique)
+    provider = await storage.create_sso_provider(type="saml", name=unique("saml"))
+    link = await storage.create_sso_link(
+        user_id=user.id, provider_id=provider.id, provider_type="saml", provider_subject="s"
+    )
+    sso_session = await storage.create_sso_session(
+        user_id=user.id,
+        provider_id=provider.id,
+        provider_type="saml",
+        provider_subject="s",
+        expires_at=_in(hours=1),
+    )
+    _raw(
+        dsn,
+        "UPDATE kitium_auth.sso_providers SET type = 'oidc' WHERE id = %s RETURNING id",
+        provider.id,
+    )
+    assert (await storage.get_sso_link(link.id)).provider_type == "oidc"
+    assert (await storage.get_sso_session(sso_session.id)).provider_type == "oidc"
+    renamed = await storage.update_sso_provider(provider.id, name=unique("renamed"))
+    assert renamed.type == "oidc"
+    assert (await storage.get_sso_link(link.id)).provider_type == "oidc"
+
+
 # -- sessions -----------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ grants, tested by connecting as a non-owner application role."""
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -245,3 +246,93 @@ def test_a_transaction_runs_as_one_tenant(
         assert tx.get_organization(beta.id) is None
         found = tx.get_organization(alpha.id)
         assert found is not None and found.name == "alpha"
+
+
+def test_a_tenant_deleting_its_own_organization_leaves_no_shared_provider(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any]
+) -> None:
+    """A tenant may delete its own organization; its SSO providers go with it. They used to stay
+    as shared providers (org_id NULL), which no tenant may create: readable by every tenant,
+    verified domains included, and removable by the owner only."""
+    owner, alpha = tenancy["owner"], tenancy["orgs"][0]
+    tag = uuid.uuid4().hex[:6]
+    doomed = owner.create_organization(name="doomed", plan="team")
+    as_doomed = app.tenant(doomed.id)
+    own = as_doomed.create_sso_provider(
+        type="oidc", name="Evil IdP", client_id="e", org_id=doomed.id
+    )
+    as_doomed.add_sso_provider_domain(own.id, f"evil-{tag}.example", verified=True)
+    user = owner.create_user(email=f"doomed-{tag}@example.com")
+    link = as_doomed.create_sso_link(
+        user_id=user.id, provider_id=own.id, provider_type="oidc", provider_subject="s"
+    )
+    assert as_doomed.delete_organization(doomed.id) is True
+    assert owner.get_sso_provider(own.id) is None
+    assert owner.get_sso_link(link.id) is None
+    assert own.id not in [p.id for p in owner.list_sso_providers()]
+    assert own.id not in [p.id for p in app.tenant(alpha.id).list_sso_providers(alpha.id)]
+    assert app.get_sso_provider_by_domain(f"x@evil-{tag}.example") is None
+
+
+def test_another_tenants_sso_links_and_sessions_are_out_of_reach(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any], providers: dict[str, Any]
+) -> None:
+    """Links and SSO sessions follow their provider, as its domains do: those on another
+    tenant's provider are invisible (reads find nothing, deletes change nothing) and cannot be
+    created (a reference is not checked by row-level security: without the policies a tenant read
+    another's links, planted links and sessions on its provider and deleted its links). The
+    tenant owning the provider manages them."""
+    owner, (alpha, beta) = tenancy["owner"], tenancy["orgs"]
+    as_alpha, as_beta, betas = app.tenant(alpha.id), app.tenant(beta.id), providers["beta"]
+    tag = uuid.uuid4().hex[:6]
+    bob = owner.create_user(email=f"bob-{tag}@example.com")
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    base = {"user_id": bob.id, "provider_id": betas.id, "provider_type": "oidc"}
+    link = owner.create_sso_link(**base, provider_subject="bob", provider_email="bob@b.example")
+    sso_session = owner.create_sso_session(**base, provider_subject="bob", expires_at=expires)
+
+    assert as_alpha.get_sso_link(link.id) is None
+    assert as_alpha.get_user_sso_links(bob.id) == []
+    assert as_alpha.get_sso_session(sso_session.id) is None
+    assert app.get_sso_link(link.id) is None  # no tenant: fail closed
+    with pytest.raises(PermissionDeniedError):
+        as_alpha.create_sso_link(**base, provider_subject="planted")
+    with pytest.raises(PermissionDeniedError):
+        as_alpha.create_sso_session(**base, provider_subject="planted", expires_at=expires)
+    assert as_alpha.delete_sso_link(link.id) is False
+    assert owner.get_user_sso_links(bob.id) == [link]
+    assert owner.get_sso_session(sso_session.id) == sso_session
+
+    # Beta, whose provider it is, reads and manages them.
+    assert as_beta.get_sso_link(link.id) == link
+    assert as_beta.get_sso_session(sso_session.id) == sso_session
+    planted = as_beta.create_sso_link(**base, provider_subject="planted")
+    assert as_beta.create_sso_session(**base, provider_subject="planted", expires_at=expires)
+    assert as_beta.get_user_sso_links(bob.id) == [planted, link]
+    assert as_beta.delete_sso_link(link.id) is True
+    assert owner.get_user_sso_links(bob.id) == [planted]
+
+
+def test_links_and_sessions_on_a_shared_provider_are_read_only_for_tenants(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any], providers: dict[str, Any]
+) -> None:
+    """Rows on a shared provider belong to no organization: every tenant, and a role without a
+    tenant, reads them as it reads the provider; only the owner creates or deletes them."""
+    owner, alpha = tenancy["owner"], tenancy["orgs"][0]
+    as_alpha, shared = app.tenant(alpha.id), providers["shared"]
+    tag = uuid.uuid4().hex[:6]
+    ann = owner.create_user(email=f"ann-{tag}@example.com")
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    base = {"user_id": ann.id, "provider_id": shared.id, "provider_type": "oidc"}
+    link = owner.create_sso_link(**base, provider_subject="ann")
+    sso_session = owner.create_sso_session(**base, provider_subject="ann", expires_at=expires)
+    for reader in (as_alpha, app):
+        assert reader.get_sso_link(link.id) == link
+        assert reader.get_user_sso_links(ann.id) == [link]
+        assert reader.get_sso_session(sso_session.id) == sso_session
+        with pytest.raises(PermissionDeniedError):
+            reader.create_sso_link(**base, provider_subject="other")
+        with pytest.raises(PermissionDeniedError):
+            reader.create_sso_session(**base, provider_subject="other", expires_at=expires)
+        assert reader.delete_sso_link(link.id) is False
+    assert owner.get_user_sso_links(ann.id) == [link]

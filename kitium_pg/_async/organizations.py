@@ -136,8 +136,14 @@ class AsyncOrganizations(AsyncCore):
         return org
 
     async def delete_organization(self, id: uuid.UUID | str) -> bool:
-        """Delete an organization and its memberships; ``True`` if a row was deleted.
-        Idempotent: deleting a missing organization returns ``False``."""
+        """Delete an organization and everything bound to it; ``True`` if a row was deleted.
+
+        In the same statement its memberships, roles and role assignments go, its SSO providers
+        with their domains, links and SSO sessions (a provider never outlives its organization
+        as a shared one), and the sessions bound to it (``org_id``): such a session ends, rather
+        than becoming unbound and valid for any organization. Its users stay. Idempotent:
+        deleting a missing organization returns ``False``.
+        """
         org_id = v.parse_uuid(id)
         if org_id is None:
             return False
