@@ -159,6 +159,15 @@ async def test_a_ciphertext_moved_to_another_row_fails_to_decrypt(
             )
         with pytest.raises(EncryptionKeyError, match="does not authenticate"):
             await storage.get_sso_provider(victim.id)
+        # An update of another field is saved; the error says so, since only the returned
+        # record failed (it passed for a refused write).
+        with pytest.raises(EncryptionKeyError, match="the change is saved"):
+            await storage.update_sso_provider(victim.id, name="renamed")
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute(
+                "SELECT name FROM kitium_auth.sso_providers WHERE id = %s", [victim.id]
+            ).fetchone()
+        assert row == ("renamed",)
         # The same ciphertext moved to the other secret column of its own row fails too.
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(
@@ -474,6 +483,29 @@ async def test_home_realm_discovery_by_email_or_domain(
     assert await storage.get_sso_provider_by_domain(f"ada@sub.{domain}") is None  # exact only
     for bad in ("", "@", "ada@", "not a domain", "x" * 10_000, "bad\x00.example", None, 42):
         assert await storage.get_sso_provider_by_domain(bad) is None
+
+
+async def test_home_realm_discovery_of_an_internationalised_domain(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """A verified ``xn--`` domain also routes the Unicode spelling users type (and
+    ``create_user`` accepts), so an application enforcing SSO by domain does not fail open for
+    it; a name whose ``xn--`` form differs between IDNA 2003 and 2008 raises rather than
+    finding no provider."""
+    label = f"bücher-{unique('idn')}"
+    ascii_domain = f"{label}.example".encode("idna").decode()
+    assert ascii_domain.startswith("xn--")
+    provider = await _oidc(storage, unique, domains=[ascii_domain])
+    await storage.verify_sso_provider_domain(provider.id, ascii_domain)
+    for spelling in (f"ceo@{label}.example", f"ceo@{label.upper()}.EXAMPLE", f"{label}.example"):
+        found = await storage.get_sso_provider_by_domain(spelling)
+        assert found is not None, spelling
+        assert found.id == provider.id
+    for deviation in ("ceo@straße.example", "ceo@ς.example", "ceo@a\u200db.example"):
+        with pytest.raises(ValidationError) as caught:
+            await storage.get_sso_provider_by_domain(deviation)
+        assert caught.value.field == "domain"
+    assert await storage.get_sso_provider_by_domain("ceo@" + "ü" * 70 + ".example") is None
 
 
 # -- links --------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from typing import Any, Final
 
 from .. import _validate as v
 from .._base import UNSET, Retry, Unset, new_id
-from ..errors import NotFoundError, ValidationError
+from ..errors import EncryptionKeyError, NotFoundError, ValidationError
 from ..records import SsoDomain, SsoLink, SsoProvider, SsoSession
-from .core import Core
+from .core import Core, saved_but_unreadable
 
 PROVIDER_TYPES: Final = ("saml", "oidc")
 """The provider types (mirrors sso_providers__type_check)."""
@@ -53,6 +53,35 @@ def _domain(field: str, value: object) -> str:
     if not all(_LABEL_RE.match(label) for label in text.split(".")):
         raise ValidationError(field, "must be a domain name such as example.com")
     return text
+
+
+# Characters IDNA 2003 maps away (sharp s to ss, final sigma to sigma, the joiners dropped)
+# while IDNA 2008 keeps them: the two give such a name different xn-- forms, different domains.
+_IDNA_DEVIATIONS: Final = frozenset("\u00df\u03c2\u200c\u200d")
+
+
+def _lookup_domain(value: str) -> str | None:
+    """The stored form of the domain of ``value`` (an email address or a domain) for a lookup,
+    or ``None`` when it is malformed. A Unicode domain is converted to its ``xn--`` form (the
+    standard library's IDNA 2003 codec, which agrees with IDNA 2008 on every name without the
+    deviation characters); a name with one of those raises ``ValidationError``, so a caller
+    that enforces SSO by domain fails closed rather than find no provider."""
+    domain = value.rpartition("@")[2]
+    if not domain.isascii():
+        if not _IDNA_DEVIATIONS.isdisjoint(domain):
+            raise ValidationError(
+                "domain",
+                "contains ß, ς or a zero-width joiner, which IDNA 2003 and 2008 encode"
+                " differently: look it up by its xn-- form",
+            )
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    try:
+        return _domain("domain", domain)
+    except ValidationError:
+        return None
 
 
 def _domain_list(value: object) -> list[str]:
@@ -271,8 +300,10 @@ class Sso(Core):
         ``domains`` replaces the whole domain set in the same statement: domains listed again
         keep their verification, the others are removed, new ones are added unverified. Raises
         ``NotFoundError`` when there is no such provider (or ``org_id`` is not an
-        organization), ``EncryptionKeyError`` when a secret is given and no key is configured.
-        Setting values is idempotent, so transient failures are retried.
+        organization), and ``EncryptionKeyError``: before anything is written when a secret is
+        given and no key is configured, or after the change is saved when a stored secret cannot
+        be decrypted for the returned record (the message says which). Setting values is
+        idempotent, so transient failures are retried.
         """
         provider_id = v.uuid_arg("id", id)
         given = {
@@ -308,12 +339,12 @@ class Sso(Core):
             is_set = secret is not UNSET
             params[f"set_{field}"] = is_set
             params.update(self._sealed(field, provider_id, secret if is_set else None))
-        provider: SsoProvider | None = self._run(
-            "update_sso_provider",
-            params,
-            retry=Retry.SAFE,
-            make=self._sso_provider_row,
-        )
+        try:
+            provider: SsoProvider | None = self._run(
+                "update_sso_provider", params, retry=Retry.SAFE, make=self._sso_provider_row
+            )
+        except EncryptionKeyError as exc:
+            raise saved_but_unreadable("update_sso_provider", exc) from exc
         if provider is None:
             raise NotFoundError(f"update_sso_provider: no SSO provider {provider_id}")
         return provider
@@ -402,13 +433,15 @@ class Sso(Core):
         email address or a bare domain, in any letter case), or ``None``.
 
         Only exact, verified domains match (``eu.example.com`` does not match a verified
-        ``example.com``); unverified domains never route logins. ``None`` for malformed input.
+        ``example.com``); unverified domains never route logins. A Unicode domain
+        (``bücher.example``) matches its verified ``xn--`` form. ``None`` for malformed input;
+        ``ValidationError`` for a Unicode domain with ß, ς or a zero-width joiner, whose
+        ``xn--`` form depends on the IDNA version (so that SSO enforcement fails closed).
         """
-        if not isinstance(domain, str):
+        if not isinstance(domain, str) or len(domain) > v.LONG:
             return None
-        try:
-            name = _domain("domain", domain.rpartition("@")[2])
-        except ValidationError:
+        name = _lookup_domain(domain)
+        if name is None:
             return None
         provider: SsoProvider | None = self._run(
             "get_sso_provider_by_domain",
@@ -434,7 +467,8 @@ class Sso(Core):
         link. ``last_auth_at`` defaults to now (the database clock), as in the reference.
 
         Raises ``ConflictError`` when the provider's subject is already linked (to any user),
-        ``NotFoundError`` when the user or the provider does not exist, and ``ValidationError``
+        ``NotFoundError`` when the user or the provider does not exist or ``provider_type`` is
+        not the provider's type (``sso_links__provider_type_fkey``), and ``ValidationError``
         for bad input. Retried on transient failures: the id is generated before the first
         attempt, so a retry after a lost acknowledgement returns the same row.
         """
@@ -490,7 +524,8 @@ class Sso(Core):
         Only the SHA-256 digest of ``session_token`` (the provider's session index or token) is
         stored, never the token. ``expires_at`` must be timezone-aware; ``last_auth_at``
         defaults to now (the database clock), as in the reference. Raises ``NotFoundError`` when
-        the user or the provider does not exist and ``ValidationError`` for bad input. Retried
+        the user or the provider does not exist or ``provider_type`` is not the provider's type
+        (``sso_sessions__provider_type_fkey``), and ``ValidationError`` for bad input. Retried
         on transient failures: the id is generated before the first attempt, so a retry returns
         the same row.
         """
