@@ -23,7 +23,6 @@ from .._base import Migration, MigrationState, Retry, load_migrations, plan
 from ..errors import (
     KitiumPgError,
     MigrationError,
-    QueryTimeoutError,
     UnavailableError,
     ValidationError,
     translate,
@@ -73,9 +72,8 @@ class Migrations(Core):
         one migrating waits for it, without a statement timeout. When nothing is pending it
         only reads the ledger (no lock, no DDL), so an application role without DDL rights can
         connect to a migrated schema. Raises ``MigrationError`` on drift or when a migration's
-        SQL fails (that migration is rolled back; the earlier ones stay applied), and the
-        translated error (``UnavailableError``, ``QueryTimeoutError``…) when the database
-        connection fails.
+        SQL fails (that migration is rolled back; the earlier ones stay applied), and
+        ``UnavailableError`` when the database cannot be reached or the connection is lost.
         """
         _validate.callback("progress", progress)
         migrations = self._migrations()
@@ -179,10 +177,11 @@ class Migrations(Core):
 
 
 def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:
-    """A migration statement's failure: the translated error when the connection or the server
-    failed (transient: running the migration again may work), else ``MigrationError``."""
+    """A migration statement's failure: ``UnavailableError`` when the connection or the server
+    failed (the CLI's exit code 3: the database, not the migration), else ``MigrationError``
+    (a lock timeout included: exit code 4, run it again later)."""
     error = translate(exc, operation="migrate")
-    if isinstance(error, UnavailableError | QueryTimeoutError):
+    if isinstance(error, UnavailableError):
         return error
     return MigrationError(f"{what} failed: {exc}")
 
