@@ -73,18 +73,141 @@ def backoff(attempt: int, base: float = 0.05, cap: float = 2.0) -> float:
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))  # noqa: S311 - not crypto
 
 
-# key=value passwords (quoted values may hold spaces and \' escapes), URL userinfo passwords,
-# and password= query parameters.
-_PASSWORD_RE: Final = re.compile(
-    r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]+)|(://[^:/@]*:)([^@]*)(@)", re.I
+# -- keeping DSN passwords out of messages and logs -------------------------------------------
+
+# The libpq keywords (those of the libpq in use, plus these in case it cannot be asked): an
+# unquoted password that wrongly holds a space runs on to the next " keyword=".
+_LIBPQ_KEYWORDS: Final = frozenset(
+    {
+        "application_name", "channel_binding", "client_encoding", "connect_timeout", "dbname",
+        "fallback_application_name", "gssdelegation", "gssencmode", "gsslib", "host", "hostaddr",
+        "keepalives", "keepalives_count", "keepalives_idle", "keepalives_interval", "krbsrvname",
+        "load_balance_hosts", "max_protocol_version", "min_protocol_version", "oauth_client_id",
+        "oauth_client_secret", "oauth_issuer", "oauth_scope", "options", "passfile", "password",
+        "port", "replication", "require_auth", "requirepeer", "scram_client_key",
+        "scram_server_key", "service", "ssl_max_protocol_version", "ssl_min_protocol_version",
+        "sslcert", "sslcertmode", "sslcompression", "sslcrl", "sslcrldir", "sslkey",
+        "sslkeylogfile", "sslmode", "sslnegotiation", "sslpassword", "sslrootcert", "sslsni",
+        "target_session_attrs", "tcp_user_timeout", "user",
+    }
+)  # fmt: skip
+
+
+def _libpq_keywords() -> frozenset[str]:
+    try:
+        from psycopg import pq
+
+        return _LIBPQ_KEYWORDS | {o.keyword.decode() for o in pq.Conninfo.get_defaults()}
+    except Exception:  # pragma: no cover - an odd libpq: the static list is enough
+        return _LIBPQ_KEYWORDS
+
+
+# Parameters whose value is a secret: password, sslpassword (and any *password), and the OAuth
+# and SCRAM secrets of recent libpq versions. Anchored at the start of a word, with a bounded
+# prefix, so that a long run of letters costs linear time, not quadratic.
+_HIDDEN_PARAMS: Final = (
+    r"(?<![a-z0-9_])(?:[a-z_]{0,32}password|oauth_client_secret|scram_(?:client|server)_key)"
+)
+_NEXT_KEY: Final = (
+    r"\s+(?:"
+    + "|".join(sorted(map(re.escape, _libpq_keywords()), key=len, reverse=True))
+    + r")\s*="
+)
+# A value this function already replaced (so that redacting a message twice, as the CLI does
+# with the library's messages, does not swallow what follows it).
+_DONE: Final = r"\*\*\*(?=:\s|[\'\")\]]|\s*\Z)"
+_SECRET_RE: Final = re.compile(
+    # URI userinfo: everything between "user:" and the "@" before the host. A password holding
+    # an unencoded "@" or space is wrong, and still hidden whole.
+    r"(?P<uri>://[^:/@\s]*:)(?P<uri_secret>[^\n]*?)(?=@[^@\s]*(?:[\s/?]|\Z))"
+    # A URI query parameter: up to the next "&" (or the end of the line).
+    rf"|(?P<query>[?&]{_HIDDEN_PARAMS}=)(?P<query_secret>{_DONE}|[^&\n]*)"
+    # key=value: a quoted value (\' escapes; an unterminated one runs to the end), else
+    # everything up to the next " keyword=", or the end: libpq would stop an unquoted value at
+    # the first space, but an unquoted password holding a space must not show its second half.
+    rf"|(?P<kv>{_HIDDEN_PARAMS}\s*=\s*)"
+    rf"(?P<kv_secret>{_DONE}|'(?:[^'\\]|\\.)*'?|.*?(?={_NEXT_KEY}|\Z))",
+    re.I | re.S,
+)
+
+# libpq's (and psycopg's) messages that quote part of the connection string they could not
+# parse, or a host name that swallowed part of a URI password: the quoted part is replaced.
+_ECHO_RE: Final = re.compile(
+    # Quoted text followed by a fixed suffix: up to the first quote before that suffix.
+    r'(?P<a>(?:missing "=" after|invalid integer value|unexpected spaces found in|unexpected'
+    r' character) ")[^\n]*?(?=" in connection info string|" for connection option|", use'
+    r' percent-encoded|" at position)'
+    # Quoted text at the end of the message: up to the last quote on the line.
+    r'|(?P<b>(?:invalid connection option|(?:in URI(?: \(expected ":" or "/"\))?|URI query'
+    r' parameter|percent-encoded token|percent-encoded value|internal parser routine):) ")'
+    r'[^\n]*(?=")'
+    # A host name with an "@" in it: what precedes the last "@" came from the password.
+    r"""|(?P<c>(?:resolve host|host name|server at|host:) ["'])[^"'\n]*(?=@)"""
 )
 
 
-def redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password replaced by ``***`` (for messages and logs)."""
-    return _PASSWORD_RE.sub(
-        lambda m: f"{m.group(1)}***" if m.group(1) else f"{m.group(3)}***{m.group(5)}", dsn
-    )
+def redact_dsn(text: str) -> str:
+    """``text`` (a connection string, or a message or log line that may quote one) with every
+    password replaced by ``***``: key=value passwords, quoted or not, including malformed ones
+    (an unquoted password holding a space is hidden up to the next ``keyword=``), URI userinfo
+    passwords and ``password=`` query parameters, and the other secret parameters (sslpassword,
+    oauth_client_secret, scram_*_key). The part of a malformed connection string that libpq or
+    psycopg quote in their parse errors (``missing "=" after "…"``) is replaced by ``…``."""
+    text = _SECRET_RE.sub(_mask, text)
+    return _ECHO_RE.sub(lambda m: (m.group("a") or m.group("b") or m.group("c")) + "…", text)
+
+
+def _mask(match: re.Match[str]) -> str:
+    return f"{match.group('uri') or match.group('query') or match.group('kv')}***"
+
+
+def dsn_secrets(dsn: str) -> list[str]:
+    """The secret values ``dsn`` holds (passwords and the like), as written in it and as libpq
+    reads them (unquoted, percent-decoded), longest first: to remove them from any text where
+    they might appear outside a recognisable ``password=`` (the CLI does)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    found: set[str] = set()
+    for match in _SECRET_RE.finditer(dsn):
+        value = match.group("uri_secret") or match.group("query_secret") or match.group("kv_secret")
+        if value and value.startswith("'"):
+            found.add(re.sub(r"\\(.)", r"\1", value[1:].removesuffix("'")))
+        found.add(value or "")
+    try:
+        params = conninfo_to_dict(dsn)
+    except ProgrammingError:
+        params = {}
+    key = re.compile(_HIDDEN_PARAMS, re.I)
+    found.update(str(v) for k, v in params.items() if v is not None and key.fullmatch(k))
+    return sorted((s for s in found if s and s != "***"), key=len, reverse=True)
+
+
+class _RedactingFilter(logging.Filter):
+    """Runs ``redact_dsn`` over the records of psycopg's loggers: psycopg-pool logs each failed
+    connection attempt with libpq's message, which quotes the part of a malformed connection
+    string it could not parse (possibly half of a password)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: leave it to the handler to report
+            return True
+        redacted = redact_dsn(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def _install_log_redaction() -> None:
+    # Logger filters see only records logged on that very logger, not on its children.
+    for name in ("psycopg", "psycopg.pool"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _RedactingFilter) for f in target.filters):
+            target.addFilter(_RedactingFilter())
+
+
+_install_log_redaction()
 
 
 # PostgreSQL's MAX_BACKENDS: no server accepts more connections than this.

@@ -32,9 +32,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, _sql
-from ._base import Migration, load_migrations, optional_migration_ids, redact_dsn
+from ._base import (
+    Migration,
+    dsn_secrets,
+    load_migrations,
+    optional_migration_ids,
+    redact_dsn,
+)
 from ._sync.adapter import PostgresStorageAdapter
-from .encryption import ENV_VAR, Keyring, generate_key
+from .encryption import ENV_VAR, Keyring, _key_id_problem, generate_key
 from .errors import (
     EncryptionKeyError,
     KitiumPgError,
@@ -129,10 +135,13 @@ class _Context:
             try:
                 conninfo_to_dict(self.dsn)
             except psycopg.ProgrammingError as exc:
+                # Neither the string nor libpq's own words about it are echoed (libpq quotes the
+                # part it could not parse, maybe half of a password), only what is wrong.
                 raise click.BadParameter(
-                    f"not a PostgreSQL connection string: {self.redact(self.dsn)!r}",
+                    f"not a PostgreSQL connection string ({_parse_problem(exc)}); it is not"
+                    " shown, as it may hold a password",
                     param_hint="--dsn / DATABASE_URL",
-                ) from exc
+                ) from None
             return self.dsn
         from .embedded import EmbeddedPostgres
 
@@ -193,10 +202,31 @@ class _Context:
 
 
 def _passwords(dsn: str) -> list[str]:
-    # The passwords a DSN carries (URL and key=value forms), to keep them out of messages.
-    found = re.findall(r"://[^:/@]*:([^@]+)@", dsn)
-    found += re.findall(r"password\s*=\s*'?([^\s'&]+)", dsn, flags=re.I)
-    return [secret for secret in found if secret]
+    # The passwords a DSN carries (URL and key=value forms, as written and as libpq reads
+    # them), to keep them out of messages even where no "password=" announces them. Values
+    # under 4 characters are left to redact_dsn: replacing them everywhere would garble every
+    # message (libpq reads "p" as the password of postgresql://u:p@ss@host).
+    return [secret for secret in dsn_secrets(dsn) if len(secret) >= 4]
+
+
+# libpq's parse errors, once redact_dsn has cut what they quote of the string: only these are
+# repeated to the user (any other message might quote the string).
+_PARSE_PROBLEM: Final = re.compile(
+    r'(?:missing "=" after "…" in connection info string'
+    r"|unterminated quoted string in connection info string"
+    r'|invalid connection option "…"'
+    r'|unexpected spaces found in "…", use percent-encoded spaces \(%20\) instead'
+    r'|unexpected character "…" at position \d+ in URI \(expected ":" or "/"\): "…"'
+    r'|[^"\n]*(?:"[=\]]"[^"\n]*)*: "…")'
+)
+
+
+def _parse_problem(error: Exception) -> str:
+    """What libpq found wrong in a connection string, when it says so without quoting it."""
+    lines = str(error).strip().splitlines()
+    reason = redact_dsn(lines[-1].strip()) if lines else ""
+    reason = reason.removeprefix("invalid connection string: ")
+    return reason if _PARSE_PROBLEM.fullmatch(reason) else "libpq cannot parse it"
 
 
 def _check_schema(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -847,17 +877,20 @@ def gen_key(state: _Context, key_id: str | None) -> None:
         while key_id in taken:
             number += 1
             key_id = f"{base}.{number}"
-    elif key_id in taken:
-        raise click.BadParameter(
-            f"{ENV_VAR} already has a key {key_id!r}; pick another id", param_hint="--key-id"
-        )
+    else:
+        # Checked before anything quotes it: a refused id may be a key pasted in its place.
+        if _key_id_problem(key_id) is not None:
+            raise click.BadParameter(
+                "at most 64 characters, without ':' or ',', and not shaped like a key"
+                " (43 base64 characters)",
+                param_hint="--key-id",
+            )
+        if key_id in taken:
+            raise click.BadParameter(
+                f"{ENV_VAR} already has a key {key_id!r}; pick another id", param_hint="--key-id"
+            )
     key = generate_key()
-    try:
-        Keyring({key_id: key})
-    except ValidationError as exc:
-        raise click.BadParameter(
-            "at most 64 characters, without ':' or ','", param_hint="--key-id"
-        ) from exc
+    Keyring({key_id: key})  # cannot fail: the id was checked, the key is new
     value = f"{key_id}:{key}"
     if state.as_json:
         state.emit_json({"key_id": key_id, "key": key, "env": f"{ENV_VAR}={value}"})

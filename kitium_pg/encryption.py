@@ -38,24 +38,44 @@ def generate_key() -> str:
 # 32 bytes in urlsafe base64: 43 characters, then the one padding character generate_key
 # writes (optional, so keys copied without it still work).
 _B64_KEY: Final = re.compile(r"[A-Za-z0-9_-]{43}=?")
-_KEY_MESSAGE: Final = "must be 32 bytes or their urlsafe base64"
+_KEY_MESSAGE: Final = "the key must be 32 bytes or their urlsafe base64"
 
 
-def _key_bytes(key_id: str, key: object) -> bytes:
+# A key id shaped like a key (32 bytes of base64, urlsafe or standard, with or without its
+# padding) is almost certainly a key written where its id belongs ("KEY:KID", {key: kid}).
+_KEY_SHAPED: Final = re.compile(r"[A-Za-z0-9_+/-]{43}=?")
+_KEY_ID_MAX: Final = 64
+
+
+def _key_id_problem(key_id: object) -> str | None:
+    """Why ``key_id`` cannot name a key, or ``None`` when it can. The answer never quotes the
+    key id: a rejected one may be a key that was put in its place."""
+    if not isinstance(key_id, str):
+        return f"the key id must be a string, not {type(key_id).__name__}"
+    if not 0 < len(key_id) <= _KEY_ID_MAX:
+        return f"the key id must be 1 to {_KEY_ID_MAX} characters long"
+    if set(key_id) & set(":,"):
+        return "the key id must not contain ':' or ','"
+    if _KEY_SHAPED.fullmatch(key_id):
+        return "the key id looks like a key: are the key id and the key swapped?"
+    return None
+
+
+def _key_bytes(entry: int, key: object) -> bytes:
     """The 32 key bytes of ``key``: 32 raw ``bytes``, or their urlsafe base64 as ``str`` or
     ASCII ``bytes``. Anything else raises ``ValidationError("encryption_keys", ...)``, whose
-    message names ``key_id`` but never shows the key."""
+    message names the key by its position ``entry`` (1-based), never by its id or its value."""
     if isinstance(key, bytes) and len(key) == 32:
         return key
     if isinstance(key, bytes):
         try:
             key = key.decode("ascii")
         except UnicodeDecodeError:
-            raise ValidationError("encryption_keys", f"key {key_id!r} {_KEY_MESSAGE}") from None
+            raise ValidationError("encryption_keys", f"entry {entry}: {_KEY_MESSAGE}") from None
     # The pattern, not b64decode, decides: the decoder skips characters outside the alphabet,
     # so "!!!!" + key would decode to the key itself.
     if not isinstance(key, str) or not _B64_KEY.fullmatch(key):
-        raise ValidationError("encryption_keys", f"key {key_id!r} {_KEY_MESSAGE}")
+        raise ValidationError("encryption_keys", f"entry {entry}: {_KEY_MESSAGE}")
     return base64.urlsafe_b64decode(key[:43] + "=")
 
 
@@ -63,20 +83,24 @@ class Keyring:
     """The configured encryption keys, in order; the last one encrypts.
 
     ``Keyring({"2026-01": key})``; keys are 32 raw bytes or their urlsafe base64. Key ids are
-    short names (at most 64 characters, no ``:`` or ``,``). The key material never appears in
-    ``repr`` or error messages. A malformed key id or key (wrong type or length, non-ASCII
-    bytes, any character outside the urlsafe base64 alphabet) raises
-    ``ValidationError("encryption_keys", ...)``.
+    short names: strings of at most 64 characters, without ``:`` or ``,``, and not shaped like a
+    key (43 base64 characters, urlsafe or standard, with or without a trailing ``=``: a key id
+    and its key written the wrong way round). The key material never appears in ``repr`` or
+    error messages. A malformed key id or key (wrong type or length, non-ASCII bytes, any
+    character outside the urlsafe base64 alphabet) raises
+    ``ValidationError("encryption_keys", ...)``, which names the entry by its position
+    (``entry 2``), never by its key id, since a rejected key id may be a key.
     """
 
     def __init__(self, keys: Mapping[str, bytes | str]) -> None:
         if not isinstance(keys, Mapping) or not keys:
             raise ValidationError("encryption_keys", "must map at least one key id to a key")
         self._keys: dict[str, AESGCM] = {}
-        for key_id, key in keys.items():
-            if not isinstance(key_id, str) or not 0 < len(key_id) <= 64 or set(key_id) & set(":,"):
-                raise ValidationError("encryption_keys", f"invalid key id {key_id!r}")
-            self._keys[key_id] = AESGCM(_key_bytes(key_id, key))
+        for entry, (key_id, key) in enumerate(keys.items(), start=1):
+            problem = _key_id_problem(key_id)
+            if problem is not None:
+                raise ValidationError("encryption_keys", f"entry {entry}: {problem}")
+            self._keys[key_id] = AESGCM(_key_bytes(entry, key))
         self.current_key_id: str = list(self._keys)[-1]
 
     def __repr__(self) -> str:
@@ -95,13 +119,18 @@ class Keyring:
         if not spec:
             return None
         keys: dict[str, str] = {}
-        for item in spec.split(","):
+        entries: dict[str, int] = {}  # key id -> its entry's position, from 1
+        for entry, item in enumerate(spec.split(","), start=1):
             key_id, sep, key = item.strip().partition(":")
             if not sep:
                 raise ValidationError(ENV_VAR, "must look like kid1:base64key,kid2:base64key")
             if key_id in keys:
-                # A repeated id would silently replace the older key and strand its values.
-                raise ValidationError(ENV_VAR, f"key id {key_id!r} appears twice")
+                # A repeated id would silently replace the older key and strand its values. The
+                # id is not quoted: with "KEY:KID" entries it would be the key itself.
+                raise ValidationError(
+                    ENV_VAR, f"entries {entries[key_id]} and {entry} have the same key id"
+                )
+            entries[key_id] = entry
             # Whitespace around a key is formatting (e.g. "kid: key"); inside one it is an error.
             keys[key_id] = key.strip()
         return cls(keys)

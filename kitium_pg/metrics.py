@@ -46,6 +46,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from ._base import logger
 from .errors import KitiumPgError
 from .observe import Observer
 
@@ -268,22 +269,54 @@ class OpenTelemetryObserver:
 
 class CompositeObserver:
     """Fans each call out to several observers, in order: ``start`` returns the tuple of their
-    tokens and ``finish`` hands each observer its own."""
+    tokens and ``finish`` hands each observer its own.
+
+    Each observer is isolated from the others: an exception raised by one observer's ``start``
+    or ``finish`` is logged on the ``kitium_pg`` logger (the observer's class and the operation
+    name, never the call's parameters) and the other observers still get theirs. An observer
+    whose ``start`` raised is not given a ``finish`` for that call.
+    """
 
     def __init__(self, *observers: Observer) -> None:
         self.observers: tuple[Observer, ...] = observers
 
     def start(self, operation: str) -> tuple[object, ...]:
-        """``start`` of every observer."""
-        return tuple(observer.start(operation) for observer in self.observers)
+        """``start`` of every observer (``_FAILED`` in place of the token of one that raised)."""
+        tokens: list[object] = []
+        for observer in self.observers:
+            try:
+                tokens.append(observer.start(operation))
+            except Exception:
+                _log_failure(observer, "start", operation)
+                tokens.append(_FAILED)
+        return tuple(tokens)
 
     def finish(
         self, token: object, operation: str, duration_s: float, error: BaseException | None
     ) -> None:
-        """``finish`` of every observer, with the token its ``start`` returned."""
-        tokens: tuple[object, ...] = token  # type: ignore[assignment]
-        for observer, own in zip(self.observers, tokens, strict=True):
-            observer.finish(own, operation, duration_s, error)
+        """``finish`` of every observer whose ``start`` succeeded, with the token it returned.
+        A ``token`` that is not what ``start`` returned (the adapter passes ``None`` when
+        ``start`` itself failed) finishes nothing: no observer's start is known to have run."""
+        if not isinstance(token, tuple) or len(token) != len(self.observers):
+            return
+        for observer, own in zip(self.observers, token, strict=True):
+            if own is _FAILED:
+                continue
+            try:
+                observer.finish(own, operation, duration_s, error)
+            except Exception:
+                _log_failure(observer, "finish", operation)
+
+
+# The token CompositeObserver keeps for an observer whose start() raised.
+_FAILED: Final = object()
+
+
+def _log_failure(observer: Observer, method: str, operation: str) -> None:
+    # As the adapter does for its own observer: the traceback and the operation's name only.
+    logger.exception(
+        "kitium_pg observer %s failed in %s(%s)", type(observer).__name__, method, operation
+    )
 
 
 def _code(error: BaseException) -> str:

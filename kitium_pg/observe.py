@@ -12,7 +12,9 @@ an error the method raises after a successful statement is not reported.
 
 Without an observer the adapter does not read the clock for it: the hook costs one ``is None``
 test per statement. A failing observer is logged and never fails the call.
-``kitium_pg.metrics`` has ready-made Prometheus and OpenTelemetry observers.
+``kitium_pg.metrics`` has ready-made Prometheus and OpenTelemetry observers, and
+``CompositeObserver``, which isolates the observers it combines the same way (one that raises
+does not keep the others from their ``start`` and ``finish``).
 """
 
 from __future__ import annotations

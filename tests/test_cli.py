@@ -17,7 +17,12 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg import sql
 
-from kitium_pg import EncryptionKeyError, MigrationError, PostgresStorageAdapter
+from kitium_pg import (
+    EncryptionKeyError,
+    MigrationError,
+    PostgresStorageAdapter,
+    UnavailableError,
+)
 from kitium_pg import cli as kitium_cli
 from kitium_pg._base import load_migrations
 from kitium_pg.cli import EXIT_KEY, EXIT_MIGRATION, EXIT_UNAVAILABLE, cli, find_bench_script
@@ -198,6 +203,59 @@ def test_unreachable_database_exits_3_with_one_line_and_no_password() -> None:
     assert error["type"] == "UnavailableError"
     assert error["exit_code"] == EXIT_UNAVAILABLE
     assert "s3cret-pw" not in as_doc.stdout
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "host=127.0.0.1 port=1 user=kitium password={a} {b}",
+        "host=127.0.0.1 port=1 user=kitium password={a} {b} dbname=nowhere",
+        "host=127.0.0.1 port=1 user=kitium password={a} x{b}=y dbname=nowhere",
+        "host=127.0.0.1 port=1 user=kitium password='{a} {b}",
+        "postgresql://kitium:{a} {b}@127.0.0.1:1/nowhere",
+        "postgresql://kitium:{a}%zz{b}@127.0.0.1:1/nowhere",
+        "postgresql://127.0.0.1:1/nowhere?user=kitium&password={a}={b}",
+    ],
+)
+def test_a_malformed_dsn_is_a_usage_error_that_shows_no_part_of_it(form: str) -> None:
+    """A DSN libpq cannot parse (here, all because of the password) exits 2 saying what is
+    wrong, without echoing the DSN or the part of it libpq quotes."""
+    a, b = f"pw-{uuid.uuid4().hex[:10]}", f"TOP{uuid.uuid4().hex[:10]}"
+    result = run("--dsn", form.format(a=a, b=b), "--connect-timeout", "0.5", "status")
+    assert result.exit_code == 2, result.output
+    assert "not a PostgreSQL connection string (" in result.stderr
+    for part in (a, b, "127.0.0.1", "kitium"):
+        assert part not in result.output, part
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "postgresql://kitium:{a}@{b}@127.0.0.1:1/nowhere",  # an unencoded "@" in the password
+        "host=127.0.0.1 port=1 user=kitium password={a}={b} dbname=nowhere",
+        "host=127.0.0.1 port=1 user=kitium password='{a} {b}' dbname=nowhere",
+    ],
+)
+def test_an_unreachable_dsn_with_an_odd_password_shows_no_part_of_it(form: str) -> None:
+    a, b = f"pw-{uuid.uuid4().hex[:10]}", f"TOP{uuid.uuid4().hex[:10]}"
+    result = run("--dsn", form.format(a=a, b=b), "--connect-timeout", "0.5", "status")
+    line = one_error_line(result, EXIT_UNAVAILABLE, UnavailableError)
+    assert line.startswith("error: cannot connect to ")
+    for part in (a, b):
+        assert part not in result.output, part
+
+
+def test_a_key_written_in_place_of_its_id_is_never_printed() -> None:
+    key = generate_key()
+    swapped = run("--dsn", "host=127.0.0.1 port=1", "status", env={ENV_VAR: f"{key}:2026-01"})
+    one_error_line(swapped, EXIT_KEY, EncryptionKeyError)
+    assert "swapped" in swapped.stderr
+    twice = run("--dsn", "host=127.0.0.1 port=1", "status", env={ENV_VAR: f"{key}:a,{key}:b"})
+    one_error_line(twice, EXIT_KEY, EncryptionKeyError)
+    as_id = run("gen-key", "--key-id", key)
+    assert as_id.exit_code == 2
+    for result in (swapped, twice, as_id):
+        assert key not in result.output and key.rstrip("=") not in result.output
 
 
 def test_migration_drift_exits_4(dsn: str, schema: str) -> None:

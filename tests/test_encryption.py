@@ -79,8 +79,92 @@ def test_a_secret_without_a_key_is_refused_and_nothing_is_written(
 
 
 def test_a_repeated_key_id_in_the_environment_is_refused() -> None:
-    with pytest.raises(ValidationError, match="appears twice"):
-        Keyring.from_env({ENV_VAR: f"k:{generate_key()},k:{generate_key()}"})
+    with pytest.raises(ValidationError, match="entries 1 and 3 have the same key id"):
+        Keyring.from_env({ENV_VAR: f"k:{generate_key()},j:{generate_key()},k:{generate_key()}"})
+
+
+def _shown(exc: BaseException) -> str:
+    """Everything an error shows when printed or logged: its message, its repr, and the same
+    for every exception it is chained to."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        parts += [str(seen), repr(seen), repr(seen.args)]
+        seen = seen.__cause__ or seen.__context__
+    return " ".join(parts)
+
+
+def _key_forms(key: str | bytes) -> list[str]:
+    """The text forms a key could be printed in (itself, its bytes' repr, hex, base64)."""
+    raw = key if isinstance(key, bytes) else base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
+    forms = [raw.hex(), repr(raw)[2:-1], base64.b64encode(raw).decode()[:40]]
+    forms.append(key if isinstance(key, str) else base64.urlsafe_b64encode(key).decode()[:40])
+    if isinstance(key, str):
+        forms.append(key.rstrip("="))
+    return forms
+
+
+_SWAPPED = generate_key()
+_SWAPPED_STD = base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        # KEY:KID instead of KID:KEY in the environment, with and without the padding.
+        lambda: Keyring.from_env({ENV_VAR: f"{_SWAPPED}:2026-01"}),
+        lambda: Keyring.from_env({ENV_VAR: f"{_SWAPPED.rstrip('=')}:2026-01"}),
+        lambda: Keyring.from_env({ENV_VAR: f"2025-12:{generate_key()},{_SWAPPED}:2026-01"}),
+        # The same entry twice, written the wrong way round.
+        lambda: Keyring.from_env({ENV_VAR: f"{_SWAPPED}:a,{_SWAPPED}:b"}),
+        # {key: kid} instead of {kid: key}; a standard-base64 key; raw bytes as the id.
+        lambda: Keyring({_SWAPPED: "2026-01"}),
+        lambda: Keyring({_SWAPPED: _SWAPPED}),
+        lambda: Keyring({"2025-12": generate_key(), _SWAPPED_STD: "2026-01"}),
+        lambda: Keyring({base64.urlsafe_b64decode(_SWAPPED): b"2026-01"}),  # type: ignore[dict-item]
+        lambda: Keyring({base64.urlsafe_b64decode(_SWAPPED): _SWAPPED}),  # type: ignore[dict-item]
+    ],
+)
+def test_a_key_written_as_a_key_id_never_appears_in_the_error(make: object) -> None:
+    """Key id and key swapped (``KEY:KID``, ``{key: kid}``, raw key bytes as the id): the
+    error names the entry by position and shows no form of the key, in its message, its repr
+    or the exceptions it is chained to."""
+    with pytest.raises(ValidationError) as caught:
+        make()  # type: ignore[operator]
+    shown = _shown(caught.value)
+    assert "entr" in str(caught.value)  # "entry 2: ..." or "entries 1 and 2 ..."
+    for form in _key_forms(_SWAPPED) + _key_forms(_SWAPPED_STD):
+        assert form not in shown, (form, shown)
+
+
+def test_a_bytes_key_id_is_refused_without_being_printed() -> None:
+    raw = secrets.token_bytes(32)
+    with pytest.raises(ValidationError) as caught:
+        Keyring({raw: generate_key()})  # type: ignore[dict-item]
+    assert str(caught.value) == "encryption_keys: entry 1: the key id must be a string, not bytes"
+    for form in _key_forms(raw):
+        assert form not in _shown(caught.value)
+
+
+@pytest.mark.parametrize(
+    "key_id",
+    ["2026-01", "k", "prod.eu-west-1/v2", "x" * 42, "x" * 44, "a" * 64, "é", "2026-01=" * 8],
+)
+def test_ordinary_key_ids_are_accepted(key_id: str) -> None:
+    ring = Keyring({key_id: generate_key()})
+    assert ring.key_ids == (key_id,)
+    env = Keyring.from_env({ENV_VAR: f"{key_id}:{generate_key()}"})
+    assert env is not None and env.key_ids == (key_id,)
+
+
+@pytest.mark.parametrize("key_id", ["", "a" * 65, "a:b", "a,b", "A" * 43, "A" * 43 + "="])
+def test_malformed_key_ids_are_named_by_position(key_id: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Keyring({"first": generate_key(), key_id: generate_key()})
+    assert caught.value.field == "encryption_keys"
+    assert str(caught.value).startswith("encryption_keys: entry 2: the key id ")
+    if key_id:
+        assert key_id not in str(caught.value)
 
 
 _GOOD = generate_key()
@@ -117,8 +201,9 @@ def test_malformed_keys_are_validation_errors_that_hide_the_key(key: object) -> 
     with pytest.raises(ValidationError) as caught:
         Keyring({"k": key})  # type: ignore[dict-item]
     assert caught.value.field == "encryption_keys"
-    if isinstance(key, str) and len(key) > 8:
-        assert key not in str(caught.value)
+    assert str(caught.value) == (
+        "encryption_keys: entry 1: the key must be 32 bytes or their urlsafe base64"
+    )
 
 
 @given(st.binary(min_size=32, max_size=32), st.booleans(), st.booleans())

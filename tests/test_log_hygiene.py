@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 import pytest
 from psycopg.conninfo import make_conninfo
 
@@ -33,6 +34,7 @@ from kitium_pg import (
     UnavailableError,
     ValidationError,
 )
+from kitium_pg._base import redact_dsn
 from kitium_pg.encryption import generate_key
 from tests.conftest import AwaitableSync
 
@@ -288,3 +290,132 @@ def test_a_dsn_password_is_never_shown(form: str) -> None:
     shown = f"{adapter!r} {caught.value}"
     assert password not in shown
     assert "with spaces" not in shown, shown
+
+
+# Malformed DSNs: libpq reads an unquoted password only up to its first space, then complains
+# about the rest ("missing "=" after "<rest>""), quoting it; a URI password with an unencoded
+# "@" leaves its second half in the host name. {a} and {b} are the two halves of a password.
+MALFORMED_DSN_FORMS = [
+    "host=127.0.0.1 port=1 user=kitium password={a} {b}",
+    "host=127.0.0.1 port=1 user=kitium password={a} {b} dbname=kitium",
+    "host=127.0.0.1 port=1 user=kitium password={a} x{b}=y{b} dbname=kitium",
+    "host=127.0.0.1 port=1 user=kitium password={a}={b} dbname=kitium",
+    "host=127.0.0.1 port=1 user=kitium password='{a} {b}",
+    "host=127.0.0.1 port=1 user=kitium password={a}&{b} dbname=kitium",
+    "postgresql://kitium:{a} {b}@127.0.0.1:1/kitium",
+    "postgresql://kitium:{a}@{b}@127.0.0.1:1/kitium",
+    "postgresql://kitium:{a}%zz{b}@127.0.0.1:1/kitium",
+    "postgresql://127.0.0.1:1/kitium?user=kitium&password={a} {b}",
+    "postgresql://127.0.0.1:1/kitium?user=kitium&password={a}={b}",
+]
+
+
+def _halves() -> tuple[str, str]:
+    a, b = f"pw-{secrets.token_hex(6)}", f"TOP{secrets.token_hex(6)}"
+    register(a, b, label="half of a malformed DSN's password")
+    return a, b
+
+
+@pytest.mark.parametrize("form", MALFORMED_DSN_FORMS)
+def test_no_part_of_a_malformed_dsn_password_is_shown(
+    form: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A malformed DSN (an unquoted password with a space, an unencoded "@" in a URI
+    password...): one libpq cannot parse is refused by the constructor (``ValidationError``
+    naming ``dsn``, at once), one it parses fails to connect with ``UnavailableError``. Neither
+    error (message, repr, the exceptions it chains to), nor the adapter's repr, nor any log
+    line (the adapter's, psycopg's, psycopg-pool's) shows any part of the password."""
+    caplog.set_level(logging.DEBUG)
+    for name in ("psycopg", "psycopg.pool"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    a, b = _halves()
+    dsn = form.format(a=a, b=b)
+    shown: list[str] = []
+    if not _parses(dsn):
+        with pytest.raises(ValidationError) as refused:
+            PostgresStorageAdapter(dsn)
+        assert refused.value.field == "dsn"
+        error: BaseException = refused.value
+    else:
+        adapter = PostgresStorageAdapter(dsn, connect_timeout=1, pool_timeout=1, min_size=1)
+        try:
+            with pytest.raises(UnavailableError) as caught:
+                adapter.connect()
+        finally:
+            adapter.disconnect()
+        error = caught.value
+        shown.append(repr(adapter))
+        assert "127.0.0.1" in f"{adapter!r} {error}"  # the DSN is still recognisable
+    shown += [str(error), repr(error)]
+    cause = error.__cause__ or error.__context__
+    while cause is not None:
+        shown += [str(cause), repr(cause)]
+        cause = cause.__cause__ or cause.__context__
+    shown.append(caplog.text)
+    for part in (a, b):
+        assert not [text for text in shown if part in text], part
+
+
+def _parses(dsn: str) -> bool:
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("form", [*MALFORMED_DSN_FORMS, *DSN_FORMS])
+def test_redact_dsn_hides_the_whole_password_of_any_dsn(form: str) -> None:
+    """``redact_dsn`` on the DSN itself, on libpq's error about it, and on a message built
+    from both (then redacted again, as the CLI does): no part of the password is left, and
+    the rest of the DSN and of the message still is."""
+    a, b = f"pw-{secrets.token_hex(6)}", f"TOP{secrets.token_hex(6)}"
+    dsn = form.format(a=a, b=b, pw=a)
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+        libpq = "connection refused"
+    except psycopg.ProgrammingError as exc:
+        libpq = str(exc).strip()
+    display = redact_dsn(dsn)
+    message = f"cannot connect to {display}: {redact_dsn(libpq)}"
+    for text in (display, message, redact_dsn(message)):
+        assert a not in text and b not in text, text
+    assert "127.0.0.1" in display and "***" in display
+    assert redact_dsn(message) == message  # a second pass takes nothing more away
+    assert message.endswith(redact_dsn(libpq))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("host=h password=secret dbname=d", "host=h password=*** dbname=d"),
+        ("host=h password=two words dbname=d", "host=h password=*** dbname=d"),
+        ("host=h password=two words", "host=h password=***"),
+        ("password = 'a b\\' c' user=u", "password = *** user=u"),
+        ("host=h password=a&b user=u", "host=h password=*** user=u"),
+        ("host=h sslpassword=x user=u", "host=h sslpassword=*** user=u"),
+        ("postgresql://u:p@ss@h:5/d", "postgresql://u:***@h:5/d"),
+        ("postgresql://u:two words@h/d", "postgresql://u:***@h/d"),
+        (
+            "postgresql://u@h/d?sslmode=require&password=x&user=v",
+            "postgresql://u@h/d?sslmode=require&password=***&user=v",
+        ),
+        ("postgresql://h:5432/d", "postgresql://h:5432/d"),
+        (
+            "cannot connect to host=h password=***: refused",
+            "cannot connect to host=h password=***: refused",
+        ),
+        (
+            'missing "=" after "half" in connection info string',
+            'missing "=" after "…" in connection info string',
+        ),
+        ('invalid connection option "half"', 'invalid connection option "…"'),
+        ("failed to resolve host 'half@h': no", "failed to resolve host '…@h': no"),
+        (
+            'password authentication failed for user "u"',
+            'password authentication failed for user "u"',
+        ),
+    ],
+)
+def test_redact_dsn_examples(text: str, expected: str) -> None:
+    assert redact_dsn(text) == expected

@@ -3,10 +3,13 @@ the composite observer, for ok and failing calls on both adapters."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import psycopg_pool
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -123,12 +126,25 @@ async def test_prometheus_pool_metrics(observed: Callable[[Observer], Any]) -> N
     for _ in range(3):
         await storage.get_user(uuid.uuid4())
     assert _sample(registry, "kitium_pg_pool_requests_total", **pool) == before + 3
-    assert _sample(registry, "kitium_pg_pool_usage_seconds_total", **pool) > 0
+    # The pool counts usage in whole milliseconds per checkout, and a lookup can take less:
+    # hold one connection for 20 ms so the counter must move.
+    used = _sample(registry, "kitium_pg_pool_usage_seconds_total", **pool)
+    if isinstance(adapter.pool, psycopg_pool.AsyncConnectionPool):
+        async with adapter.pool.connection():
+            await asyncio.sleep(0.02)
+    else:
+        await asyncio.to_thread(_hold_a_connection, adapter.pool, 0.02)
+    assert _sample(registry, "kitium_pg_pool_usage_seconds_total", **pool) >= used + 0.02
     assert _sample(registry, "kitium_pg_pool_max_size", pool="second") == 2
 
     observer.unwatch_pool("second")
     assert registry.get_sample_value("kitium_pg_pool_max_size", {"pool": "second"}) is None
     assert _sample(registry, "kitium_pg_pool_max_size", **pool) == 2
+
+
+def _hold_a_connection(pool: psycopg_pool.ConnectionPool[Any], seconds: float) -> None:
+    with pool.connection():
+        time.sleep(seconds)
 
 
 def _tracing() -> tuple[InMemorySpanExporter, TracerProvider]:
@@ -208,6 +224,96 @@ async def test_composite_observer(observed: Callable[[Observer], Any], email: st
     )
     statuses = [s.status.status_code for s in _spans(exporter, "kitium_pg.create_user")]
     assert statuses == [StatusCode.UNSET, StatusCode.ERROR]
+
+
+class _Recorder:
+    """Records every start and finish, with a fresh token per start."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, object]] = []
+        self.finished: list[tuple[str, object, str | None]] = []
+
+    def start(self, operation: str) -> object:
+        token = object()
+        self.started.append((operation, token))
+        return token
+
+    def finish(self, token: object, operation: str, duration_s: float, error: object) -> None:
+        self.finished.append((operation, token, type(error).__name__ if error else None))
+
+
+class _BrokenStart:
+    def __init__(self) -> None:
+        self.finished = 0
+
+    def start(self, operation: str) -> object:
+        raise RuntimeError("exporter down")
+
+    def finish(self, token: object, operation: str, duration_s: float, error: object) -> None:
+        self.finished += 1  # never called: its start failed
+
+
+class _BrokenFinish:
+    def start(self, operation: str) -> object:
+        return None
+
+    def finish(self, token: object, operation: str, duration_s: float, error: object) -> None:
+        raise RuntimeError("exporter down")
+
+
+@pytest.mark.parametrize("broken", [_BrokenStart, _BrokenFinish])
+def test_composite_observer_isolates_a_failing_observer(
+    broken: type[_BrokenStart | _BrokenFinish], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing observer listed first takes nothing down: the others still get every start
+    and every finish, with their own tokens, and the failure is logged (never re-raised)."""
+    first, recorder, last = broken(), _Recorder(), _Recorder()
+    composite = CompositeObserver(first, recorder, last)
+    token = composite.start("get_user")
+    composite.finish(token, "get_user", 0.01, None)
+    assert [op for op, _ in recorder.started] == ["get_user"]
+    assert recorder.finished == [("get_user", recorder.started[0][1], None)]
+    assert last.finished == [("get_user", last.started[0][1], None)]
+    if isinstance(first, _BrokenStart):
+        assert first.finished == 0
+    method = "start" if broken is _BrokenStart else "finish"
+    assert f"observer {broken.__name__} failed in {method}(get_user)" in caplog.text
+    # A token that is not what start() returned (the adapter passes None when start itself
+    # failed) finishes nothing and raises nothing.
+    composite.finish(None, "get_user", 0.01, None)
+    assert len(recorder.finished) == 1
+
+
+@pytest.mark.parametrize("broken", [_BrokenStart, _BrokenFinish])
+async def test_a_failing_observer_in_a_composite_spares_the_others(
+    observed: Callable[[Observer], Any],
+    email: str,
+    broken: type[_BrokenStart | _BrokenFinish],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = CollectorRegistry()
+    exporter, provider = _tracing()
+    recorder = _Recorder()
+    storage = await observed(
+        CompositeObserver(
+            broken(),
+            recorder,
+            PrometheusObserver(registry),
+            OpenTelemetryObserver(provider.get_tracer("test")),
+        )
+    )
+    user = await storage.create_user(email=email)
+    assert await storage.get_user(user.id) == user
+    with pytest.raises(ConflictError):
+        await storage.create_user(email=email)
+    ours = [(op, token) for op, token, _ in recorder.finished]
+    assert ours == recorder.started  # every start got its finish, with its own token
+    assert [op for op, _, _ in recorder.finished][-3:] == ["create_user", "get_user", "create_user"]
+    assert recorder.finished[-1][2] == "ConflictError"
+    assert _sample(registry, "kitium_pg_operations_total", operation="get_user", outcome="ok") == 1
+    assert len(_spans(exporter, "kitium_pg.get_user")) == 1  # the span was ended
+    assert len(_spans(exporter, "kitium_pg.create_user")) == 2
+    assert f"observer {broken.__name__} failed" in caplog.text
 
 
 async def test_no_observer_is_the_default(dsn: str) -> None:

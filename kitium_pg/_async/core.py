@@ -20,6 +20,7 @@ from typing import Any, Self, TypeVar, cast
 import psycopg
 import psycopg_pool
 from psycopg import AsyncConnection, AsyncCursor
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 
 from .. import _sql, _validate
@@ -105,6 +106,7 @@ class AsyncCore:
             self._owns_pool = False
             self._dsn_display = "<caller's pool>"
         elif isinstance(dsn, str):
+            _check_dsn("dsn", dsn)
             self._pool = psycopg_pool.AsyncConnectionPool(
                 dsn,
                 min_size=min_size,
@@ -123,6 +125,7 @@ class AsyncCore:
         for n, replica in enumerate(replicas):
             if not isinstance(replica, str) or not replica:
                 raise ValidationError(f"replica_dsn[{n}]", "must be a connection string")
+            _check_dsn(f"replica_dsn[{n}]", replica)
             self._replicas.append(
                 psycopg_pool.AsyncConnectionPool(
                     replica,
@@ -683,6 +686,18 @@ class _TransactionState:
                 "another task holds a savepoint on this transaction: until it ends, a call"
                 " from here could be undone by its rollback",
             )
+
+
+def _check_dsn(field: str, dsn: str) -> None:
+    # A string libpq cannot parse would only fail at connect(), after connect_timeout, and its
+    # parse error quotes the part it could not read (possibly half of a password): refuse it
+    # here, without either.
+    try:
+        conninfo_to_dict(dsn)
+        return
+    except psycopg.ProgrammingError:
+        pass  # raised below, outside this block: not even __context__ may keep libpq's text
+    raise ValidationError(field, "is not a connection string libpq can parse")
 
 
 def _caller() -> object:
