@@ -635,13 +635,13 @@ async def test_prune_deletes_only_older_events_in_batches(
 
     adapter = target(storage)
     statements: list[str] = []
-    real = adapter._exec
+    real = adapter._run
 
     def spy(name: str, *args: Any, **kwargs: Any) -> Any:
         statements.append(name)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(adapter, "_exec", spy)
+    monkeypatch.setattr(adapter, "_run", spy)
     assert await storage.prune_events(before=cutoff, batch_size=5) == 23
     assert statements == ["prune_events"] * 5  # 5+5+5+5+3
     monkeypatch.undo()
