@@ -383,8 +383,8 @@ def status(state: _Context, optional: tuple[str, ...]) -> None:
         return
     table = Table(title=f"migrations in schema {state.schema}", title_justify="left")
     table.add_column("migration", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    table.add_column("file", no_wrap=True)
+    table.add_column("state", no_wrap=True, min_width=7)  # never squeezed out by long names
+    table.add_column("file", overflow="fold")
     for migration in known:
         done = migration.id in applied
         table.add_row(
@@ -870,6 +870,7 @@ def gen_key(state: _Context, key_id: str | None) -> None:
     read. To rotate, append ",ID:KEY" to the current value (the last key encrypts), deploy,
     then run `kitium-pg rotate-keys`.
     """
+    _env_keyring()  # a malformed current value: exit code 5, as for every other command
     taken = _key_ids_in_env()
     if key_id is None:
         base = key_id = dt.datetime.now(dt.UTC).date().isoformat()

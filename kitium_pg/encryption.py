@@ -154,15 +154,18 @@ class Keyring:
         cipher = self._keys.get(key_id)
         if cipher is None:
             raise EncryptionKeyError(
-                f"{column}: encrypted with key {key_id!r}, which is not configured"
+                f"{column}: value of row {row_id} is encrypted with key {key_id!r}, which is"
+                " not configured"
             )
         # AESGCM raises ValueError (not InvalidTag) for a nonce under 8 bytes.
         if len(blob) < _NONCE + _TAG:
-            raise EncryptionKeyError(f"{column}: value of row {row_id} does not authenticate")
+            raise EncryptionKeyError(
+                f"{column}: value of row {row_id} (key {key_id!r}) does not authenticate"
+            )
         try:
             plain = cipher.decrypt(blob[:_NONCE], blob[_NONCE:], self._aad(column, row_id))
         except InvalidTag:
             raise EncryptionKeyError(
-                f"{column}: value of row {row_id} does not authenticate"
+                f"{column}: value of row {row_id} (key {key_id!r}) does not authenticate"
             ) from None
         return plain.decode("utf-8")

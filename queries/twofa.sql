@@ -109,14 +109,16 @@ UPDATE kitium_auth.twofa_backup_codes
 RETURNING id, user_id, code_hash, used_at, created_at;
 
 -- name: create_two_factor_session(id, user_id, session_id, device_id, method, code_hash, max_attempts, expires_at)^
--- Insert a challenge for one of the user's own sessions (no row when the session is not theirs or
--- does not exist); a retry with the same id returns the row the first attempt wrote.
+-- Insert a challenge for one of the user's own unexpired sessions (no row when the session is not
+-- theirs, has expired or does not exist); a retry with the same id returns the row the first
+-- attempt wrote.
 WITH inserted AS (
   INSERT INTO kitium_auth.twofa_sessions
     (id, user_id, session_id, device_id, method, code_hash, max_attempts, expires_at)
   SELECT :id, :user_id, :session_id, :device_id, :method, :code_hash, :max_attempts, :expires_at
    WHERE EXISTS (SELECT 1 FROM kitium_auth.sessions
-                  WHERE sessions.id = :session_id AND sessions.user_id = :user_id)
+                  WHERE sessions.id = :session_id AND sessions.user_id = :user_id
+                    AND sessions.expires_at > statement_timestamp())
   ON CONFLICT (id) DO NOTHING
   RETURNING id, user_id, session_id, device_id, method, code_hash, attempt_count, max_attempts,
             expires_at, completed_at, created_at
@@ -140,7 +142,7 @@ SELECT id, user_id, session_id, device_id, method, code_hash, attempt_count, max
 
 -- name: complete_two_factor_session(id, consumer)$
 -- Complete a challenge once. Wins only for an uncompleted, unexpired challenge whose login
--- session still exists, or for the call (consumer) that already completed it, so a retried call
+-- session is still live, or for the call (consumer) that already completed it, so a retried call
 -- still wins; row lock waiters re-check the guard against the winner's row and lose. Returns the
 -- id for the winner, no row otherwise (completed, expired, session ended or no such challenge).
 UPDATE kitium_auth.twofa_sessions
@@ -149,7 +151,8 @@ UPDATE kitium_auth.twofa_sessions
    AND ((completed_at IS NULL AND expires_at > statement_timestamp()) OR consumed_by = :consumer)
    AND EXISTS (SELECT 1 FROM kitium_auth.sessions
                 WHERE sessions.id = twofa_sessions.session_id
-                  AND sessions.user_id = twofa_sessions.user_id)
+                  AND sessions.user_id = twofa_sessions.user_id
+                  AND sessions.expires_at > statement_timestamp())
 RETURNING id;
 
 -- name: verify_two_factor_session(id, code_hash)^
@@ -168,7 +171,8 @@ UPDATE kitium_auth.twofa_sessions
    AND expires_at > statement_timestamp()
    AND EXISTS (SELECT 1 FROM kitium_auth.sessions
                 WHERE sessions.id = twofa_sessions.session_id
-                  AND sessions.user_id = twofa_sessions.user_id)
+                  AND sessions.user_id = twofa_sessions.user_id
+                  AND sessions.expires_at > statement_timestamp())
 RETURNING completed_at IS NOT NULL AS verified, attempt_count, max_attempts;
 
 -- name: increment_two_factor_attempts(id)$
@@ -184,5 +188,6 @@ UPDATE kitium_auth.twofa_sessions
    AND expires_at > statement_timestamp()
    AND EXISTS (SELECT 1 FROM kitium_auth.sessions
                 WHERE sessions.id = twofa_sessions.session_id
-                  AND sessions.user_id = twofa_sessions.user_id)
+                  AND sessions.user_id = twofa_sessions.user_id
+                  AND sessions.expires_at > statement_timestamp())
 RETURNING attempt_count;

@@ -582,6 +582,19 @@ def test_gen_key_output_parses() -> None:
     taken = run("gen-key", "--key-id", today, env=configured)
     assert taken.exit_code == 2
     assert "already has a key" in taken.stderr
+    # A malformed current value is reported (exit 5), not extended with ",<id>:<key>".
+    broken = run("gen-key", env={ENV_VAR: "garbage"})
+    assert broken.exit_code == 5
+    assert "malformed" in broken.stderr
+    assert broken.stdout == ""
+
+
+def test_status_shows_the_state_of_every_migration_at_80_columns(dsn: str) -> None:
+    result = run("--dsn", dsn, "status", env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    rows = [line for line in result.stdout.splitlines() if "0001_core" in line]
+    assert rows, result.stdout
+    assert "applied" in rows[0] or "pending" in rows[0], result.stdout
 
 
 def test_maintenance_commands_delete_in_batches(dsn: str) -> None:

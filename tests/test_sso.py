@@ -501,7 +501,12 @@ async def test_home_realm_discovery_of_an_internationalised_domain(
         found = await storage.get_sso_provider_by_domain(spelling)
         assert found is not None, spelling
         assert found.id == provider.id
-    for deviation in ("ceo@straße.example", "ceo@ς.example", "ceo@a\u200db.example"):
+    for deviation in (
+        "ceo@straße.example",
+        "ceo@STRA\u1e9eE.example",  # capital sharp s: lowercases to ß
+        "ceo@ς.example",
+        "ceo@a\u200db.example",
+    ):
         with pytest.raises(ValidationError) as caught:
             await storage.get_sso_provider_by_domain(deviation)
         assert caught.value.field == "domain"

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from kitium_pg import ConflictError, QueryTimeoutError, ValidationError
+from kitium_pg import ConflictError, InternalError, QueryTimeoutError, ValidationError
 
 from .conftest import drive
 
@@ -194,6 +194,16 @@ async def test_a_caught_failure_fails_the_block_instead_of_a_silent_rollback(
     with pytest.raises(ConflictError):
         await storage.run_in_transaction(work)
     assert await storage.get_user_by_email(f"work-{email}") is None
+
+    # Calls after the caught failure fail too (in_failed_sql_transaction): the block still ends
+    # with the failure that aborted the transaction, its class and code, not with theirs.
+    with pytest.raises(ConflictError) as caught:
+        async with storage.transaction() as tx:
+            with pytest.raises(ConflictError):
+                await tx.create_user(email=email)
+            with pytest.raises(InternalError):
+                await tx.get_user(existing.id)
+    assert caught.value.code == "unique_violation"
 
 
 async def test_a_failure_inside_a_savepoint_keeps_the_rest(storage: Any, email: str) -> None:

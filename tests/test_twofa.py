@@ -756,6 +756,30 @@ async def test_a_challenge_belongs_to_one_of_the_users_sessions_and_ends_with_it
     assert await storage.get_two_factor_session(texted.id) == texted  # unchanged
 
 
+async def test_a_challenge_ends_when_its_session_expires(
+    storage: Any, email: str, dsn: str
+) -> None:
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    expired = await storage.create_session(user_id=user.id, expires_at=_in(seconds=-1))
+    with pytest.raises(NotFoundError, match="no session"):
+        await _challenge(storage, user, device=device, session_id=expired.id)
+    pending = await storage.create_session(user_id=user.id, expires_at=_in(minutes=5))
+    texted = await _challenge(
+        storage, user, device=device, session_id=pending.id, method="sms", code_hash=_hash("9")
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE kitium_auth.sessions SET expires_at = now() - interval '1 second'"
+            " WHERE id = %s",
+            [pending.id],
+        )
+    assert await storage.verify_two_factor_session(texted.id, _hash("9")) is None
+    assert await storage.increment_two_factor_attempts(texted.id) is None
+    assert await storage.complete_two_factor_session(texted.id) is False
+    assert await storage.get_two_factor_session(texted.id) == texted
+
+
 class _Fake:
     def __init__(self, id: uuid.UUID) -> None:
         self.id = id

@@ -518,7 +518,10 @@ class AsyncCore:
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)
                 if self._tx is not None:
-                    self._tx.failure = error
+                    # Keep the failure that aborted the transaction: later calls in it only
+                    # fail with in_failed_sql_transaction (25P02), a consequence.
+                    if not isinstance(exc, psycopg.errors.InFailedSqlTransaction):
+                        self._tx.failure = error
                 elif isinstance(error, UnavailableError) and not isinstance(exc, _POOL_ERRORS):
                     # A lost connection rarely comes alone (a restart or failover drops them
                     # all): test the idle ones now, or each retry would draw another dead one.

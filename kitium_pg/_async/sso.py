@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import hashlib
 import re
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Final
@@ -66,7 +67,10 @@ def _lookup_domain(value: str) -> str | None:
     that enforces SSO by domain fails closed rather than find no provider."""
     domain = value.rpartition("@")[2]
     if not domain.isascii():
-        if not _IDNA_DEVIATIONS.isdisjoint(domain):
+        # Lowercased and NFKC-normalised too: capital sharp s (U+1E9E) lowercases to ß, and a
+        # compatibility character may normalise into one of them.
+        folded = unicodedata.normalize("NFKC", domain).lower()
+        if not _IDNA_DEVIATIONS.isdisjoint(domain.lower() + folded):
             raise ValidationError(
                 "domain",
                 "contains ß, ς or a zero-width joiner, which IDNA 2003 and 2008 encode"

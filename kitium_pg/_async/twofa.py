@@ -276,10 +276,10 @@ class AsyncTwoFactor(AsyncCore):
         ``max_attempts`` is 1 to 100. Raises ``ValidationError`` for bad input and
         ``NotFoundError`` when the user or device does not exist, the device is not the user's
         (``twofa_sessions__device_owner_fkey``), or ``session_id`` is not one of the user's
-        sessions. The challenge lives only as long as that session: once it is deleted
-        (``delete_session``, ``delete_user_sessions``), the challenge can no longer be counted,
-        verified or completed. Retried on transient failures: the id is generated before the
-        first attempt, so a retry returns the same row.
+        unexpired sessions. The challenge lives only as long as that session: once it expires
+        or is deleted (``delete_session``, ``delete_user_sessions``), the challenge can no
+        longer be counted, verified or completed. Retried on transient failures: the id is
+        generated before the first attempt, so a retry returns the same row.
         """
         params = {
             "id": new_id(),
