@@ -119,7 +119,7 @@ _DONE: Final = r"\*\*\*(?=:\s|[\'\")\]]|\s*\Z)"
 _SECRET_RE: Final = re.compile(
     # URI userinfo: everything between "user:" and the "@" before the host. A password holding
     # an unencoded "@" or space is wrong, and still hidden whole.
-    r"(?P<uri>://[^:/@\s]*:)(?P<uri_secret>[^\n]*?)(?=@[^@\s]*(?:[\s/?]|\Z))"
+    r"(?P<uri>://[^:/@\s]{0,256}:)(?P<uri_secret>[^\n]{0,4096}?)(?=@[^@\s]{0,512}(?:[\s/?]|\Z))"
     # A URI query parameter: up to the next "&" (or the end of the line).
     rf"|(?P<query>[?&]{_HIDDEN_PARAMS}=)(?P<query_secret>{_DONE}|[^&\n]*)"
     # key=value: a quoted value (\' escapes; an unterminated one runs to the end), else
@@ -135,14 +135,14 @@ _SECRET_RE: Final = re.compile(
 _ECHO_RE: Final = re.compile(
     # Quoted text followed by a fixed suffix: up to the first quote before that suffix.
     r'(?P<a>(?:missing "=" after|invalid integer value|unexpected spaces found in|unexpected'
-    r' character) ")[^\n]*?(?=" in connection info string|" for connection option|", use'
+    r' character) ")[^\n]{0,4096}?(?=" in connection info string|" for connection option|", use'
     r' percent-encoded|" at position)'
     # Quoted text at the end of the message: up to the last quote on the line.
     r'|(?P<b>(?:invalid connection option|(?:in URI(?: \(expected ":" or "/"\))?|URI query'
     r' parameter|percent-encoded token|percent-encoded value|internal parser routine):) ")'
-    r'[^\n]*(?=")'
+    r'[^\n]{0,4096}(?=")'
     # A host name with an "@" in it: what precedes the last "@" came from the password.
-    r"""|(?P<c>(?:resolve host|host name|server at|host:) ["'])[^"'\n]*(?=@)"""
+    r"""|(?P<c>(?:resolve host|host name|server at|host:) ["'])[^"'\n]{0,4096}(?=@)"""
 )
 
 

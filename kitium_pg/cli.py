@@ -880,7 +880,7 @@ def gen_key(state: _Context, key_id: str | None) -> None:
             key_id = f"{base}.{number}"
     else:
         # Checked before anything quotes it: a refused id may be a key pasted in its place.
-        if _key_id_problem(key_id) is not None:
+        if _key_id_problem(key_id, new=True) is not None:
             raise click.BadParameter(
                 "at most 64 characters, without ':' or ',', and not shaped like a key"
                 " (43 base64 characters)",

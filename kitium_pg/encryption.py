@@ -47,16 +47,18 @@ _KEY_SHAPED: Final = re.compile(r"[A-Za-z0-9_+/-]{43}=?")
 _KEY_ID_MAX: Final = 64
 
 
-def _key_id_problem(key_id: object) -> str | None:
+def _key_id_problem(key_id: object, *, new: bool = False) -> str | None:
     """Why ``key_id`` cannot name a key, or ``None`` when it can. The answer never quotes the
-    key id: a rejected one may be a key that was put in its place."""
+    key id: a rejected one may be a key that was put in its place. A ``new`` id (``kitium-pg
+    gen-key --key-id``) must also not be shaped like a key; a configured one may be, since
+    values are stored under it (and a swapped entry fails on its key, which is then no key)."""
     if not isinstance(key_id, str):
         return f"the key id must be a string, not {type(key_id).__name__}"
     if not 0 < len(key_id) <= _KEY_ID_MAX:
         return f"the key id must be 1 to {_KEY_ID_MAX} characters long"
     if set(key_id) & set(":,"):
         return "the key id must not contain ':' or ','"
-    if _KEY_SHAPED.fullmatch(key_id):
+    if new and _KEY_SHAPED.fullmatch(key_id):
         return "the key id looks like a key: are the key id and the key swapped?"
     return None
 
@@ -83,13 +85,12 @@ class Keyring:
     """The configured encryption keys, in order; the last one encrypts.
 
     ``Keyring({"2026-01": key})``; keys are 32 raw bytes or their urlsafe base64. Key ids are
-    short names: strings of at most 64 characters, without ``:`` or ``,``, and not shaped like a
-    key (43 base64 characters, urlsafe or standard, with or without a trailing ``=``: a key id
-    and its key written the wrong way round). The key material never appears in ``repr`` or
-    error messages. A malformed key id or key (wrong type or length, non-ASCII bytes, any
-    character outside the urlsafe base64 alphabet) raises
-    ``ValidationError("encryption_keys", ...)``, which names the entry by its position
-    (``entry 2``), never by its key id, since a rejected key id may be a key.
+    short names: strings of at most 64 characters, without ``:`` or ``,``. The key material
+    never appears in ``repr`` or error messages (a key id and its key written the wrong way
+    round fail on the key, and the error names the entry, not the id). A malformed key id or
+    key (wrong type or length, non-ASCII bytes, any character outside the urlsafe base64
+    alphabet) raises ``ValidationError("encryption_keys", ...)``, which names the entry by its
+    position (``entry 2``), never by its key id, since a rejected key id may be a key.
     """
 
     def __init__(self, keys: Mapping[str, bytes | str]) -> None:
@@ -100,7 +101,16 @@ class Keyring:
             problem = _key_id_problem(key_id)
             if problem is not None:
                 raise ValidationError("encryption_keys", f"entry {entry}: {problem}")
-            self._keys[key_id] = AESGCM(_key_bytes(entry, key))
+            try:
+                key_bytes = _key_bytes(entry, key)
+            except ValidationError:
+                if not _KEY_SHAPED.fullmatch(key_id):
+                    raise
+                problem = "the key id looks like a key: are the key id and the key swapped?"
+                raise ValidationError(
+                    "encryption_keys", f"entry {entry}: {_KEY_MESSAGE}; {problem}"
+                ) from None
+            self._keys[key_id] = AESGCM(key_bytes)
         self.current_key_id: str = list(self._keys)[-1]
 
     def __repr__(self) -> str:

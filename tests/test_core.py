@@ -16,11 +16,14 @@ import pytest
 from kitium_pg import (
     AsyncPostgresStorageAdapter,
     ConflictError,
+    MigrationError,
     PostgresStorageAdapter,
     QueryTimeoutError,
     UnavailableError,
     ValidationError,
 )
+from kitium_pg._async.core import connection_lost
+from kitium_pg._async.migrate import _failed as _migration_failure
 
 from .fix_race import race_each
 
@@ -85,8 +88,46 @@ async def test_a_retry_after_a_restart_does_not_draw_another_dead_connection(
         assert len(killed) == 6
         assert await _call(adapter.get_user(user.id)) == user
         assert await _call(adapter.get_user(user.id)) == user
+        # A call that is never retried fails once, on the dead connection it drew; the pool's
+        # other dead connections are gone by then, so the next such call works.
+        await _call(adapter.pool.wait())  # all six replaced: none is connecting late
+        assert _kill_by_name(dsn, name) == 6
+        with pytest.raises(UnavailableError):
+            await _call(adapter.increment_two_factor_attempts(uuid.uuid4()))
+        assert await _call(adapter.increment_two_factor_attempts(uuid.uuid4())) is None
     finally:
         await _call(adapter.disconnect())
+
+
+def _kill_by_name(dsn: str, application_name: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        return len(
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                [application_name],
+            ).fetchall()
+        )
+
+
+def test_what_counts_as_a_lost_connection() -> None:
+    """Only a closed or reset connection, or a server shutting down, makes the adapter replace
+    its idle connections (and a migration report the database, not itself): not a pool
+    timeout, and not a server-side failure such as lack of resources, which a fresh connection
+    would not cure."""
+    assert connection_lost(psycopg.OperationalError("server closed the connection"))
+    assert connection_lost(psycopg.errors.AdminShutdown())
+    assert connection_lost(psycopg.errors.ConnectionFailure())
+    assert not connection_lost(psycopg.errors.DiskFull())
+    assert not connection_lost(psycopg.errors.OutOfMemory())
+    assert not connection_lost(psycopg_pool.PoolTimeout("timed out"))
+    assert not connection_lost(psycopg.errors.UniqueViolation())
+    lost = _migration_failure(psycopg.errors.AdminShutdown(), "migrations/0007_x.sql")
+    assert isinstance(lost, UnavailableError)
+    assert "migrations/0007_x.sql" in str(lost)
+    full = _migration_failure(psycopg.errors.DiskFull("no space"), "migrations/0007_x.sql")
+    assert isinstance(full, MigrationError)
+    assert "migrations/0007_x.sql failed: no space" in str(full)
 
 
 async def test_creates_are_retried_without_duplicates(single: Any, dsn: str) -> None:
@@ -162,6 +203,15 @@ async def test_the_diagnosis_after_a_pool_timeout_waits_briefly(
     finally:
         await _call(adapter.disconnect())
     assert seen == [2]
+    # An empty pool's only check at connect() is that attempt: it gets the whole timeout.
+    seen.clear()
+    empty = cls("postgresql://kitium@127.0.0.1:1/nodb", min_size=0, connect_timeout=30.0)
+    try:
+        with pytest.raises(UnavailableError):
+            await _call(empty.connect(migrate=False))
+    finally:
+        await _call(empty.disconnect())
+    assert seen == [30]
 
 
 def _give_up(*args: Any, **kwargs: Any) -> Any:

@@ -119,7 +119,6 @@ _SWAPPED_STD = base64.b64encode(secrets.token_bytes(32)).decode()
         lambda: Keyring.from_env({ENV_VAR: f"{_SWAPPED}:a,{_SWAPPED}:b"}),
         # {key: kid} instead of {kid: key}; a standard-base64 key; raw bytes as the id.
         lambda: Keyring({_SWAPPED: "2026-01"}),
-        lambda: Keyring({_SWAPPED: _SWAPPED}),
         lambda: Keyring({"2025-12": generate_key(), _SWAPPED_STD: "2026-01"}),
         lambda: Keyring({base64.urlsafe_b64decode(_SWAPPED): b"2026-01"}),  # type: ignore[dict-item]
         lambda: Keyring({base64.urlsafe_b64decode(_SWAPPED): _SWAPPED}),  # type: ignore[dict-item]
@@ -148,7 +147,19 @@ def test_a_bytes_key_id_is_refused_without_being_printed() -> None:
 
 @pytest.mark.parametrize(
     "key_id",
-    ["2026-01", "k", "prod.eu-west-1/v2", "x" * 42, "x" * 44, "a" * 64, "é", "2026-01=" * 8],
+    [
+        "2026-01",
+        "k",
+        "prod.eu-west-1/v2",
+        "x" * 42,
+        "x" * 44,
+        "a" * 64,
+        "é",
+        "2026-01=" * 8,
+        # Shaped like a key, but configured with a valid key: values may be stored under it.
+        "customer-data-encryption-key-2026-rotation1",
+        "projects/acme/locations/global/keyRings/k1a",
+    ],
 )
 def test_ordinary_key_ids_are_accepted(key_id: str) -> None:
     ring = Keyring({key_id: generate_key()})
@@ -157,7 +168,7 @@ def test_ordinary_key_ids_are_accepted(key_id: str) -> None:
     assert env is not None and env.key_ids == (key_id,)
 
 
-@pytest.mark.parametrize("key_id", ["", "a" * 65, "a:b", "a,b", "A" * 43, "A" * 43 + "="])
+@pytest.mark.parametrize("key_id", ["", "a" * 65, "a:b", "a,b"])
 def test_malformed_key_ids_are_named_by_position(key_id: str) -> None:
     with pytest.raises(ValidationError) as caught:
         Keyring({"first": generate_key(), key_id: generate_key()})

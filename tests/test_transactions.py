@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from kitium_pg import ConflictError, InternalError, QueryTimeoutError, ValidationError
+from kitium_pg._base import Retry
 
 from .conftest import drive
 
@@ -204,6 +205,21 @@ async def test_a_caught_failure_fails_the_block_instead_of_a_silent_rollback(
             with pytest.raises(InternalError):
                 await tx.get_user(existing.id)
     assert caught.value.code == "unique_violation"
+
+
+async def test_a_caught_failure_of_any_class_is_raised_again_as_itself(storage: Any) -> None:
+    """A database-side ValidationError (SQLSTATE class 22) has another constructor than the
+    other errors: re-raising it at the block's end must not fail with a TypeError."""
+    with pytest.raises(ValidationError) as caught:
+        async with storage.transaction() as tx:
+            view = tx.adapter if storage.kind == "sync" else tx
+            bad = {"name": "statement_timeout", "value": "nonsense"}
+            with pytest.raises(ValidationError):
+                result = view._value("set_local_setting", bad, retry=Retry.NEVER)
+                if storage.kind == "async":
+                    await result
+    assert "rolled back" in str(caught.value)
+    assert caught.value.field == "input"
 
 
 async def test_a_failure_inside_a_savepoint_keeps_the_rest(storage: Any, email: str) -> None:

@@ -7,7 +7,6 @@ This file is the source of truth; ``kitium_pg/_sync/core.py`` is generated from 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import threading
 import time
@@ -247,10 +246,14 @@ class AsyncCore:
                 )
             state.holder = caller
             state.depth += 1
+        before = state.failure
         try:
             async with self._conn.transaction():
                 yield
                 _raise_if_aborted(self._conn, state)
+        except BaseException:
+            state.failure = before  # rolled back to the savepoint: its failures are undone
+            raise
         finally:
             with state.lock:
                 state.depth -= 1
@@ -326,21 +329,22 @@ class AsyncCore:
                 f"cannot connect to {self._dsn_display}: {reason or type(exc).__name__}"
             ) from exc
         if self._pool.min_size == 0:
-            # An empty pool opens without connecting: try once, so that connect() still
-            # raises for a database it cannot reach.
-            reason = await self._why_unreachable(self._pool.conninfo)
+            # An empty pool opens without connecting: try once (with the whole connect
+            # timeout), so that connect() still raises for a database it cannot reach.
+            reason = await self._why_unreachable(self._pool.conninfo, diagnosis=False)
             if reason is not None:
                 raise UnavailableError(f"cannot connect to {self._dsn_display}: {reason}")
 
-    async def _why_unreachable(self, conninfo: object) -> str | None:
+    async def _why_unreachable(self, conninfo: object, *, diagnosis: bool = True) -> str | None:
         """The server's or libpq's reason for refusing a direct connection, without any
         password; ``None`` when a direct connection works (or ``conninfo`` is not a string,
-        as a caller's pool may have). It is a diagnosis after the pool has already waited
+        as a caller's pool may have). A ``diagnosis`` comes after the pool has already waited
         ``connect_timeout``, so it waits at most ``_DIAGNOSIS_TIMEOUT`` (libpq's least)."""
         if not isinstance(conninfo, str):
             return None
         kwargs = self._settings.connection_kwargs()
-        kwargs["connect_timeout"] = min(kwargs["connect_timeout"], _DIAGNOSIS_TIMEOUT)
+        if diagnosis:
+            kwargs["connect_timeout"] = min(kwargs["connect_timeout"], _DIAGNOSIS_TIMEOUT)
         try:
             conn = await AsyncConnection.connect(conninfo, **kwargs)
         except psycopg.Error as exc:
@@ -348,11 +352,6 @@ class AsyncCore:
             return redact_dsn(text[-1] if text else type(exc).__name__)
         await conn.close()
         return None
-
-    async def _check_idle(self, pool: _Pool) -> None:
-        # The pool replaces what fails its check; the retry reports whatever persists.
-        with contextlib.suppress(psycopg.Error):
-            await pool.check()
 
     async def _close_pool(self) -> None:
         for replica in self._replicas:
@@ -517,15 +516,18 @@ class AsyncCore:
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)
-                if self._tx is not None:
-                    # Keep the failure that aborted the transaction: later calls in it only
-                    # fail with in_failed_sql_transaction (25P02), a consequence.
-                    if not isinstance(exc, psycopg.errors.InFailedSqlTransaction):
-                        self._tx.failure = error
-                elif isinstance(error, UnavailableError) and not isinstance(exc, _POOL_ERRORS):
-                    # A lost connection rarely comes alone (a restart or failover drops them
-                    # all): test the idle ones now, or each retry would draw another dead one.
-                    await self._check_idle(self._pool)
+                # Keep the failure that aborted a transaction: later calls in it only fail with
+                # in_failed_sql_transaction (25P02), a consequence.
+                if self._tx is not None and not isinstance(
+                    exc, psycopg.errors.InFailedSqlTransaction
+                ):
+                    self._tx.failure = error
+                if self._conn is None and connection_lost(exc):
+                    # A lost connection rarely comes alone (a restart or a failover drops them
+                    # all): replace the idle ones, or each retry (and each next call) would
+                    # draw another dead one. drain() only closes them and opens new ones in
+                    # the background; testing them here could hang on a half-open one.
+                    await self._pool.drain()
                 if (
                     retry is Retry.SAFE
                     and self._conn is None
@@ -703,6 +705,18 @@ def _check_dsn(field: str, dsn: str) -> None:
     raise ValidationError(field, "is not a connection string libpq can parse")
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection to the server is gone (closed, reset, the server
+    shutting down), as opposed to a pool timeout or a server-side error such as lack of
+    resources (class 53), which a fresh connection would not cure."""
+    if not isinstance(exc, psycopg.OperationalError) or isinstance(
+        exc, psycopg_pool.PoolTimeout | psycopg_pool.PoolClosed
+    ):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _SHUTDOWN_STATES
+
+
 def _caller() -> object:
     # Who is calling: the running task (for the sync adapter, generated from this, the thread).
     return asyncio.current_task()
@@ -716,12 +730,15 @@ def _raise_if_aborted(conn: AsyncConnection[Any], state: _TransactionState) -> N
     failure = state.failure
     if failure is None:
         raise InternalError("transaction: aborted by a failed statement; rolled back")
-    again = type(failure)(
+    # The same class, code and retryable flag (run_in_transaction re-runs a deadlock caught
+    # this way), built without its __init__, whose signature varies (ValidationError).
+    again = Exception.__new__(type(failure))
+    Exception.__init__(
+        again,
         f"transaction rolled back: a call inside it failed ({failure}) and the block went on;"
         " a call that may fail belongs in a nested transaction() (a savepoint)",
-        code=failure.code,
-        retryable=failure.retryable,
     )
+    again.__dict__.update(failure.__dict__)
     raise again from failure
 
 
@@ -761,8 +778,9 @@ _CURSORS: weakref.WeakKeyDictionary[AsyncConnection[Any], AsyncCursor[Any]] = (
 _REPLICA_WAIT = 1.0
 _REPLICA_PAUSE = 5.0
 _PRIMARY: Any = object()  # "no replica answered: use the primary"
-_POOL_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
 _DIAGNOSIS_TIMEOUT = 2  # seconds; libpq treats anything lower as 2
+# admin_shutdown, crash_shutdown, cannot_connect_now, idle_session_timeout.
+_SHUTDOWN_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
 
 
 async def _fetch(cur: AsyncCursor[Any], query: _sql.Query, make: Make) -> Any:

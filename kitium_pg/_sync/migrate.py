@@ -27,7 +27,7 @@ from ..errors import (
     ValidationError,
     translate,
 )
-from .core import Core
+from .core import Core, connection_lost
 
 Progress = Callable[[str, str], None]
 
@@ -177,12 +177,11 @@ class Migrations(Core):
 
 
 def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:
-    """A migration statement's failure: ``UnavailableError`` when the connection or the server
-    failed (the CLI's exit code 3: the database, not the migration), else ``MigrationError``
-    (a lock timeout included: exit code 4, run it again later)."""
-    error = translate(exc, operation="migrate")
-    if isinstance(error, UnavailableError):
-        return error
+    """A migration statement's failure: ``UnavailableError`` when the connection was lost (the
+    CLI's exit code 3: the database, not the migration), else ``MigrationError`` (a lock
+    timeout or a lack of resources included: exit code 4, run it again later)."""
+    if connection_lost(exc):
+        return UnavailableError(f"{what}: the connection to the database was lost: {exc}")
     return MigrationError(f"{what} failed: {exc}")
 
 
