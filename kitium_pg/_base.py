@@ -120,6 +120,9 @@ _SECRET_RE: Final = re.compile(
     # URI userinfo: everything between "user:" and the "@" before the host. A password holding
     # an unencoded "@" or space is wrong, and still hidden whole.
     r"(?P<uri>://[^:/@\s]{0,256}:)(?P<uri_secret>[^\n]{0,4096}?)(?=@[^@\s]{0,512}(?:[\s/?]|\Z))"
+    # A longer one (an IAM token as password): everything after "user:" up to the next space
+    # is hidden, host included, rather than leave the bound above to let it through.
+    r"|(?P<uri_long>://[^:/@\s]{0,256}:)(?P<uri_long_secret>[^\s]{4097,})"
     # A URI query parameter: up to the next "&" (or the end of the line).
     rf"|(?P<query>[?&]{_HIDDEN_PARAMS}=)(?P<query_secret>{_DONE}|[^&\n]*)"
     # key=value: a quoted value (\' escapes; an unterminated one runs to the end), else
@@ -158,7 +161,8 @@ def redact_dsn(text: str) -> str:
 
 
 def _mask(match: re.Match[str]) -> str:
-    return f"{match.group('uri') or match.group('query') or match.group('kv')}***"
+    prefix = match.group("uri") or match.group("uri_long") or match.group("query")
+    return f"{prefix or match.group('kv')}***"
 
 
 def dsn_secrets(dsn: str) -> list[str]:
@@ -170,7 +174,12 @@ def dsn_secrets(dsn: str) -> list[str]:
 
     found: set[str] = set()
     for match in _SECRET_RE.finditer(dsn):
-        value = match.group("uri_secret") or match.group("query_secret") or match.group("kv_secret")
+        value = (
+            match.group("uri_secret")
+            or match.group("uri_long_secret")
+            or match.group("query_secret")
+            or match.group("kv_secret")
+        )
         if value and value.startswith("'"):
             found.add(re.sub(r"\\(.)", r"\1", value[1:].removesuffix("'")))
         found.add(value or "")

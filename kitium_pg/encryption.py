@@ -63,6 +63,13 @@ def _key_id_problem(key_id: object, *, new: bool = False) -> str | None:
     return None
 
 
+def _shown_key_id(key_id: object) -> str:
+    """How a stored key id appears in a message: quoted, unless it may be a key."""
+    if isinstance(key_id, str) and not _KEY_SHAPED.fullmatch(key_id):
+        return repr(key_id)
+    return "<an id shaped like a key, not shown>"
+
+
 def _key_bytes(entry: int, key: object) -> bytes:
     """The 32 key bytes of ``key``: 32 raw ``bytes``, or their urlsafe base64 as ``str`` or
     ASCII ``bytes``. Anything else raises ``ValidationError("encryption_keys", ...)``, whose
@@ -85,9 +92,12 @@ class Keyring:
     """The configured encryption keys, in order; the last one encrypts.
 
     ``Keyring({"2026-01": key})``; keys are 32 raw bytes or their urlsafe base64. Key ids are
-    short names: strings of at most 64 characters, without ``:`` or ``,``. The key material
-    never appears in ``repr`` or error messages (a key id and its key written the wrong way
-    round fail on the key, and the error names the entry, not the id). A malformed key id or
+    short names: strings of at most 64 characters, without ``:`` or ``,``; the encrypting
+    (last) key's id, stored in clear beside every new secret, must also not be shaped like a
+    key (43 base64 characters), which older keys' ids may be, so that values stored under them
+    stay readable. The key material never appears in ``repr`` or error messages: a key id and
+    its key written the wrong way round fail on the key, errors name the entry, not the id, and
+    an id shaped like a key is never shown. A malformed key id or
     key (wrong type or length, non-ASCII bytes, any character outside the urlsafe base64
     alphabet) raises ``ValidationError("encryption_keys", ...)``, which names the entry by its
     position (``entry 2``), never by its key id, since a rejected key id may be a key.
@@ -112,9 +122,19 @@ class Keyring:
                 ) from None
             self._keys[key_id] = AESGCM(key_bytes)
         self.current_key_id: str = list(self._keys)[-1]
+        if _KEY_SHAPED.fullmatch(self.current_key_id):
+            # The encrypting key's id is stored in clear beside every new secret: an id that
+            # may be a key (an old key pasted as the new one's id) must not be. Older keys may
+            # keep such ids, so that values stored under them stay readable.
+            raise ValidationError(
+                "encryption_keys",
+                f"entry {len(self._keys)}: the key id of the encrypting (last) key looks like a"
+                " key: are the key id and the key swapped?",
+            )
 
     def __repr__(self) -> str:
-        return f"Keyring(key_ids={list(self._keys)!r}, current={self.current_key_id!r})"
+        ids = ", ".join(_shown_key_id(key_id) for key_id in self._keys)
+        return f"Keyring(key_ids=[{ids}], current={_shown_key_id(self.current_key_id)})"
 
     @property
     def key_ids(self) -> tuple[str, ...]:
@@ -162,20 +182,21 @@ class Keyring:
         """The plaintext of ``blob``. Raises ``EncryptionKeyError`` when ``key_id`` is not
         configured or the value does not authenticate (wrong key, tampered or moved value)."""
         cipher = self._keys.get(key_id)
+        shown = _shown_key_id(key_id)
         if cipher is None:
             raise EncryptionKeyError(
-                f"{column}: value of row {row_id} is encrypted with key {key_id!r}, which is"
+                f"{column}: value of row {row_id} is encrypted with key {shown}, which is"
                 " not configured"
             )
         # AESGCM raises ValueError (not InvalidTag) for a nonce under 8 bytes.
         if len(blob) < _NONCE + _TAG:
             raise EncryptionKeyError(
-                f"{column}: value of row {row_id} (key {key_id!r}) does not authenticate"
+                f"{column}: value of row {row_id} (key {shown}) does not authenticate"
             )
         try:
             plain = cipher.decrypt(blob[:_NONCE], blob[_NONCE:], self._aad(column, row_id))
         except InvalidTag:
             raise EncryptionKeyError(
-                f"{column}: value of row {row_id} (key {key_id!r}) does not authenticate"
+                f"{column}: value of row {row_id} (key {shown}) does not authenticate"
             ) from None
         return plain.decode("utf-8")

@@ -22,7 +22,7 @@ the public API: every one is translated here and chained as ``__cause__``.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 
+E = TypeVar("E", bound="KitiumPgError")
+
+
 class KitiumPgError(Exception):
     """Base class of every error raised by kitium-pg."""
 
@@ -54,6 +57,20 @@ class KitiumPgError(Exception):
             self.code = code
         if retryable is not None:
             self.retryable = retryable
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt without __init__, whose signature varies by class (ValidationError), so
+        # that every error pickles and copies (multiprocessing, task queues, copy.copy).
+        return (rebuild, (type(self), str(self), self.__dict__))
+
+
+def rebuild(cls: type[E], message: str, attributes: dict[str, object]) -> E:
+    """An error of class ``cls`` with message ``message`` and ``attributes`` (``code``,
+    ``retryable``, ``field``…), made without calling its ``__init__``."""
+    error = cls.__new__(cls)
+    error.args = (message,)
+    error.__dict__.update(attributes)
+    return error
 
 
 class NotFoundError(KitiumPgError, LookupError):

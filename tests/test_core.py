@@ -110,6 +110,57 @@ def _kill_by_name(dsn: str, application_name: str) -> int:
         )
 
 
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+async def test_a_callers_pool_is_never_drained(
+    dsn: str, cls: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replacing connections after a lost one is for pools the adapter made: a pool passed in
+    is the caller's to manage (draining it would also retire the caller's own connections)."""
+    name = f"kpg-own-{uuid.uuid4().hex[:8]}"
+    settings: dict[str, Any] = {"autocommit": True, "application_name": name}
+    pool: Any
+    if cls is PostgresStorageAdapter:
+        pool = psycopg_pool.ConnectionPool(dsn, min_size=2, max_size=2, kwargs=settings, open=True)
+    else:
+        pool = psycopg_pool.AsyncConnectionPool(
+            dsn, min_size=2, max_size=2, kwargs=settings, open=False
+        )
+        await pool.open()
+    drains: list[int] = []
+    monkeypatch.setattr(pool, "drain", lambda: drains.append(1))
+    adapter = cls(pool)
+    try:
+        await _call(adapter.connect())
+        await _call(pool.wait())
+        assert _kill_by_name(dsn, name) == 2
+        with pytest.raises(UnavailableError):
+            await _call(adapter.increment_two_factor_attempts(uuid.uuid4()))
+        assert drains == []
+    finally:
+        await _call(adapter.disconnect())
+        await _call(pool.close())
+
+
+def test_errors_pickle_and_copy() -> None:
+    """Errors cross process boundaries (multiprocessing, task queues) and get copied: every
+    class rebuilds with its message and attributes, ValidationError's two-part constructor
+    included."""
+    import copy
+    import pickle
+
+    for error in (
+        ValidationError("email", "must be an email address"),
+        ConflictError("create_user: taken", code="unique_violation"),
+        UnavailableError("lost", retryable=False),
+    ):
+        for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):  # noqa: S301
+            assert type(again) is type(error)
+            assert str(again) == str(error)
+            assert again.__dict__ == error.__dict__
+    unpickled = pickle.loads(pickle.dumps(ValidationError("email", "bad")))  # noqa: S301
+    assert unpickled.field == "email"
+
+
 def test_what_counts_as_a_lost_connection() -> None:
     """Only a closed or reset connection, or a server shutting down, makes the adapter replace
     its idle connections (and a migration report the database, not itself): not a pool
@@ -121,6 +172,8 @@ def test_what_counts_as_a_lost_connection() -> None:
     assert not connection_lost(psycopg.errors.DiskFull())
     assert not connection_lost(psycopg.errors.OutOfMemory())
     assert not connection_lost(psycopg_pool.PoolTimeout("timed out"))
+    assert not connection_lost(psycopg_pool.TooManyRequests("too many waiting"))
+    assert not connection_lost(psycopg_pool.PoolClosed("closed"))
     assert not connection_lost(psycopg.errors.UniqueViolation())
     lost = _migration_failure(psycopg.errors.AdminShutdown(), "migrations/0007_x.sql")
     assert isinstance(lost, UnavailableError)

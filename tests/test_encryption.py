@@ -156,9 +156,6 @@ def test_a_bytes_key_id_is_refused_without_being_printed() -> None:
         "a" * 64,
         "é",
         "2026-01=" * 8,
-        # Shaped like a key, but configured with a valid key: values may be stored under it.
-        "customer-data-encryption-key-2026-rotation1",
-        "projects/acme/locations/global/keyRings/k1a",
     ],
 )
 def test_ordinary_key_ids_are_accepted(key_id: str) -> None:
@@ -166,6 +163,33 @@ def test_ordinary_key_ids_are_accepted(key_id: str) -> None:
     assert ring.key_ids == (key_id,)
     env = Keyring.from_env({ENV_VAR: f"{key_id}:{generate_key()}"})
     assert env is not None and env.key_ids == (key_id,)
+
+
+@pytest.mark.parametrize(
+    "key_id",
+    [
+        "customer-data-encryption-key-2026-rotation1",
+        "projects/acme/locations/global/keyRings/k1a",
+        generate_key(),
+    ],
+)
+def test_a_key_shaped_id_may_name_an_older_key_only(key_id: str) -> None:
+    """The encrypting key's id is stored in clear beside every new secret, so it must not be
+    shaped like a key (an old key pasted as the new key's id would sit beside the rows it
+    decrypts). An older, decrypt-only key may keep such an id, and it is never shown."""
+    with pytest.raises(ValidationError) as caught:
+        Keyring({"2026-01": generate_key(), key_id: generate_key()})
+    assert str(caught.value).startswith("encryption_keys: entry 2: the key id of the encrypting")
+    assert key_id not in str(caught.value)
+    older = Keyring({key_id: generate_key(), "2026-01": generate_key()})
+    assert older.key_ids == (key_id, "2026-01")
+    assert key_id not in repr(older)
+    with pytest.raises(EncryptionKeyError) as unreadable:
+        older.decrypt(key_id, b"x" * 40, column="twofa_devices.secret", row_id=uuid.uuid4())
+    assert key_id not in str(unreadable.value)
+    with pytest.raises(EncryptionKeyError) as unknown:
+        older.decrypt(key_id + "x", b"x" * 40, column="c", row_id=uuid.uuid4())
+    assert "not configured" in str(unknown.value)
 
 
 @pytest.mark.parametrize("key_id", ["", "a" * 65, "a:b", "a,b"])

@@ -396,6 +396,8 @@ def test_redact_dsn_hides_the_whole_password_of_any_dsn(form: str) -> None:
         ("host=h sslpassword=x user=u", "host=h sslpassword=*** user=u"),
         ("postgresql://u:p@ss@h:5/d", "postgresql://u:***@h:5/d"),
         ("postgresql://u:two words@h/d", "postgresql://u:***@h/d"),
+        # An IAM token as password, past the bound of the ordinary form: hidden to the space.
+        (f"postgresql://u:{'T' * 5000}@h/d and more", "postgresql://u:*** and more"),
         (
             "postgresql://u@h/d?sslmode=require&password=x&user=v",
             "postgresql://u@h/d?sslmode=require&password=***&user=v",

@@ -511,6 +511,8 @@ async def test_home_realm_discovery_of_an_internationalised_domain(
             await storage.get_sso_provider_by_domain(deviation)
         assert caught.value.field == "domain"
     assert await storage.get_sso_provider_by_domain("ceo@" + "ü" * 70 + ".example") is None
+    # A capital sigma is no deviation (both standards map it to sigma), even word-final.
+    assert await storage.get_sso_provider_by_domain("ceo@ΟΔΟΣ-ΕΝΑ.example") is None
 
 
 # -- links --------------------------------------------------------------------------------------

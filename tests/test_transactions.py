@@ -12,7 +12,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from kitium_pg import ConflictError, InternalError, QueryTimeoutError, ValidationError
+from kitium_pg import (
+    ConflictError,
+    InternalError,
+    NotFoundError,
+    QueryTimeoutError,
+    ValidationError,
+)
 from kitium_pg._base import Retry
 
 from .conftest import drive
@@ -220,6 +226,17 @@ async def test_a_caught_failure_of_any_class_is_raised_again_as_itself(storage: 
                     await result
     assert "rolled back" in str(caught.value)
     assert caught.value.field == "input"
+
+
+async def test_a_caught_grant_failure_is_raised_again_as_itself(storage: Any) -> None:
+    """grant_app_role runs its SQL outside the per-statement path; its failure inside a
+    transaction is still the one the block raises again."""
+    missing = f"no_such_role_{uuid.uuid4().hex[:8]}"
+    with pytest.raises(NotFoundError) as caught:
+        async with storage.transaction() as tx:
+            with pytest.raises(NotFoundError):
+                await tx.grant_app_role(missing)
+    assert "rolled back" in str(caught.value)
 
 
 async def test_a_failure_inside_a_savepoint_keeps_the_rest(storage: Any, email: str) -> None:

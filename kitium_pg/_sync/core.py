@@ -34,6 +34,7 @@ from ..errors import (
     UnavailableError,
     ValidationError,
     is_auto_retryable,
+    rebuild,
     translate,
 )
 from ..observe import Observer
@@ -101,6 +102,8 @@ class Core:
         # Replica index -> monotonic time before which it is skipped (shared by all views).
         self._replica_down: dict[int, float] = {}
         self._replica_cursor = itertools.count()
+        # id(pool) -> perf_counter() time of its last drain (shared by all views).
+        self._drained_at: dict[int, float] = {}
         if isinstance(dsn, psycopg_pool.ConnectionPool):
             self._pool: _Pool = dsn
             self._owns_pool = False
@@ -354,6 +357,21 @@ class Core:
         conn.close()
         return None
 
+    def _replace_connections(self, pool: _Pool, checked_out: float) -> None:
+        """After a connection checked out at ``checked_out`` (``time.perf_counter()``) was
+        found lost, replace the pool's connections. A lost connection rarely comes alone (a
+        restart or a failover drops them all): without this, each retry and each next call
+        would draw another dead one. drain() closes the idle ones, retires the busy ones when
+        they come back, and opens new ones in the background; testing them instead could hang
+        on a half-open connection. Once per loss: a connection checked out before the last
+        drain was already retired by it, so the other callers that lost theirs to the same
+        event do not drain again. Only pools the adapter made: a caller's pool is the
+        caller's to manage."""
+        if self._drained_at.get(id(pool), float("-inf")) >= checked_out:
+            return
+        self._drained_at[id(pool)] = time.perf_counter()
+        pool.drain()
+
     def _close_pool(self) -> None:
         for replica in self._replicas:
             replica.close()
@@ -466,6 +484,8 @@ class Core:
                 log_call(f"{name}@replica{n}", started, 1, error, exc)
                 if isinstance(error, UnavailableError) or is_auto_retryable(error):
                     self._replica_down[n] = time.monotonic() + _REPLICA_PAUSE
+                    if connection_lost(exc):
+                        self._replace_connections(self._replicas[n], started)
                     continue
                 raise error from exc
             log_call(f"{name}@replica{n}", started, 1)
@@ -523,12 +543,8 @@ class Core:
                     exc, psycopg.errors.InFailedSqlTransaction
                 ):
                     self._tx.failure = error
-                if self._conn is None and connection_lost(exc):
-                    # A lost connection rarely comes alone (a restart or a failover drops them
-                    # all): replace the idle ones, or each retry (and each next call) would
-                    # draw another dead one. drain() only closes them and opens new ones in
-                    # the background; testing them here could hang on a half-open one.
-                    self._pool.drain()
+                if self._conn is None and self._owns_pool and connection_lost(exc):
+                    self._replace_connections(self._pool, started)
                 if (
                     retry is Retry.SAFE
                     and self._conn is None
@@ -705,7 +721,7 @@ def connection_lost(exc: BaseException) -> bool:
     shutting down), as opposed to a pool timeout or a server-side error such as lack of
     resources (class 53), which a fresh connection would not cure."""
     if not isinstance(exc, psycopg.OperationalError) or isinstance(
-        exc, psycopg_pool.PoolTimeout | psycopg_pool.PoolClosed
+        exc, psycopg_pool.PoolTimeout | psycopg_pool.PoolClosed | psycopg_pool.TooManyRequests
     ):
         return False
     state = exc.sqlstate
@@ -727,13 +743,12 @@ def _raise_if_aborted(conn: Connection[Any], state: _TransactionState) -> None:
         raise InternalError("transaction: aborted by a failed statement; rolled back")
     # The same class, code and retryable flag (run_in_transaction re-runs a deadlock caught
     # this way), built without its __init__, whose signature varies (ValidationError).
-    again = Exception.__new__(type(failure))
-    Exception.__init__(
-        again,
+    again = rebuild(
+        type(failure),
         f"transaction rolled back: a call inside it failed ({failure}) and the block went on;"
         " a call that may fail belongs in a nested transaction() (a savepoint)",
+        failure.__dict__,
     )
-    again.__dict__.update(failure.__dict__)
     raise again from failure
 
 

@@ -173,7 +173,10 @@ class Migrations(Core):
             with self._connection() as conn:
                 conn.execute(sql)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc, operation="grant_app_role") from exc
+            error = translate(exc, operation="grant_app_role")
+            if self._tx is not None:  # inside transaction(): the failure that aborted it
+                self._tx.failure = error
+            raise error from exc
 
 
 def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:

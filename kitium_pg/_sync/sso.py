@@ -70,9 +70,11 @@ def _lookup_domain(value: str) -> str | None:
     domain = value.rpartition("@")[2]
     if not domain.isascii():
         # Lowercased and NFKC-normalised too: capital sharp s (U+1E9E) lowercases to ß, and a
-        # compatibility character may normalise into one of them.
-        folded = unicodedata.normalize("NFKC", domain).lower()
-        if not _IDNA_DEVIATIONS.isdisjoint(domain.lower() + folded):
+        # compatibility character may normalise into one of them. Character by character: a
+        # capital sigma alone lowercases to sigma, but to final sigma at the end of a word.
+        folded = unicodedata.normalize("NFKC", domain)
+        lowered = "".join(c.lower() for c in domain + folded)
+        if not _IDNA_DEVIATIONS.isdisjoint(domain + lowered):
             raise ValidationError(
                 "domain",
                 "contains ß, ς or a zero-width joiner, which IDNA 2003 and 2008 encode"
