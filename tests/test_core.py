@@ -110,6 +110,31 @@ def _kill_by_name(dsn: str, application_name: str) -> int:
         )
 
 
+async def test_callers_that_lose_their_connections_to_one_event_drain_once(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"kpg-once-{uuid.uuid4().hex[:8]}"
+    adapter = AsyncPostgresStorageAdapter(dsn, min_size=4, max_size=4, application_name=name)
+    await adapter.connect()
+    try:
+        user = await adapter.create_user()
+        await adapter.pool.wait()
+        drains: list[int] = []
+        real = adapter.pool.drain
+
+        async def counted() -> None:
+            drains.append(1)
+            await real()
+
+        monkeypatch.setattr(adapter.pool, "drain", counted)
+        assert _kill_by_name(dsn, name) == 4
+        found = await asyncio.gather(*(adapter.get_user(user.id) for _ in range(4)))
+        assert found == [user] * 4  # every one retried onto a fresh connection
+        assert drains == [1]
+    finally:
+        await adapter.disconnect()
+
+
 @pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
 async def test_a_callers_pool_is_never_drained(
     dsn: str, cls: type, monkeypatch: pytest.MonkeyPatch
