@@ -250,9 +250,13 @@ def translate(exc: BaseException, *, operation: str) -> KitiumPgError:
             return ValidationError(field, f"rejected by the database ({code})")
         where = diag.constraint_name or diag.table_name
         detail = f" ({where})" if where else ""
-        message = {
-            ConflictError: "conflicts with an existing row",
-            NotFoundError: "refers to a row that does not exist",
-        }.get(cls, code.replace("_", " "))
+        if retryable and cls is ConflictError:
+            # A serialization failure or a deadlock: PostgreSQL rolled the transaction back.
+            message = f"{code.replace('_', ' ')}: the transaction was rolled back (retryable)"
+        else:
+            message = {
+                ConflictError: "conflicts with an existing row",
+                NotFoundError: "refers to a row that does not exist",
+            }.get(cls, code.replace("_", " "))
         return cls(f"{operation}: {message}{detail}", code=code, retryable=retryable)
     return InternalError(f"{operation}: unexpected error ({type(exc).__name__})")

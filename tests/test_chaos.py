@@ -130,6 +130,13 @@ def test_transient_causes_translate_to_retryable_errors(
     assert classify(error, frozenset()) is None
 
 
+@pytest.mark.parametrize("sqlstate", ["40001", "40P01"])
+def test_a_rolled_back_transaction_is_not_called_a_duplicate(sqlstate: str) -> None:
+    error = _chained(psycopg.errors.lookup(sqlstate)("rolled back"))
+    assert "the transaction was rolled back (retryable)" in str(error)
+    assert "existing row" not in str(error)
+
+
 def test_a_pool_timeout_is_a_retryable_unavailable_error() -> None:
     error = _chained(psycopg_pool.PoolTimeout("couldn't get a connection after 2.00 sec"))
     assert isinstance(error, UnavailableError) and error.retryable

@@ -175,6 +175,26 @@ async def test_a_task_the_block_left_running_cannot_write_after_it(
     assert await async_adapter.get_user_by_email(email) is None
 
 
+async def test_a_call_still_running_when_the_block_ends_is_waited_for(
+    async_adapter: Any, unique: Any
+) -> None:
+    """A task's call already sent when the block ends: the end waits for it, so its failure
+    aborts the block with an error instead of turning the COMMIT into a silent rollback of
+    writes the block saw succeed."""
+    taken = f"{unique('taken')}@example.com"
+    await async_adapter.create_user(email=taken)
+    kept = f"{unique('kept')}@example.com"
+    with pytest.raises(ConflictError) as caught:
+        async with async_adapter.transaction() as tx:
+            await tx.create_user(email=kept)
+            left = asyncio.ensure_future(tx.create_user(email=taken))
+            await asyncio.sleep(0)  # its statement is sent
+    assert "rolled back" in str(caught.value)
+    with pytest.raises(ConflictError):
+        await left
+    assert await async_adapter.get_user_by_email(kept) is None
+
+
 async def test_a_caught_failure_fails_the_block_instead_of_a_silent_rollback(
     storage: Any, email: str
 ) -> None:

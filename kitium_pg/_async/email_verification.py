@@ -132,8 +132,9 @@ class AsyncEmailVerification(AsyncCore):
     async def delete_expired_email_verification_tokens(
         self, *, batch_size: int = 1000, progress: Callable[[int], None] | None = None
     ) -> int:
-        """Delete every expired token (with its attempt counter), ``batch_size`` rows per
-        statement; returns how many were deleted. Idempotent and retried per batch."""
+        """Delete the expired tokens (with their attempt counters), ``batch_size`` rows per
+        statement; returns how many were deleted. Rows another transaction holds locked at that
+        moment are skipped and left for the next run. Idempotent and retried per batch."""
         return await self._delete_in_batches(
             "delete_expired_email_verification_tokens", {}, batch_size=batch_size, progress=progress
         )

@@ -114,11 +114,13 @@ class AsyncSessions(AsyncCore):
     async def delete_expired_sessions(
         self, *, batch_size: int = 1000, progress: Callable[[int], None] | None = None
     ) -> int:
-        """Delete every expired session and return how many were deleted.
+        """Delete the expired sessions and return how many were deleted.
 
-        Runs one short statement per ``batch_size`` rows (earliest expiry first, skipping rows
-        another cleaner holds) so locks stay brief on a large table; each batch is retried on
-        transient failures, because deleting expired rows is idempotent. Raises
+        Runs one short statement per ``batch_size`` rows (earliest expiry first) so locks stay
+        brief on a large table. Rows another transaction holds locked at that moment (another
+        cleaner, or an open transaction updating or deleting them) are skipped rather than
+        waited for, and left for the next run. Each batch is retried on transient failures,
+        because deleting expired rows is idempotent. Raises
         ``ValidationError`` when ``batch_size`` is not between 1 and 100000.
         """
         return await self._delete_in_batches(

@@ -228,6 +228,15 @@ class Core:
                             "set_local_setting", {"name": name, "value": value}, retry=Retry.NEVER
                         )
                     yield tx
+                    # Calls other tasks started before the block ended are waited for, so
+                    # that a failure of theirs is seen here rather than turn the COMMIT into a
+                    # silent rollback; a call that starts from now on is refused.
+                    state.open = False
+                    # A poll, not an Event: one source serves both adapters (the sync one
+                    # sleeps), and there is only something to wait for when a task's call is
+                    # still running at the end, which is rare and short.
+                    while state.calls:  # noqa: ASYNC110
+                        time.sleep(_CALLS_POLL)
                     _raise_if_aborted(conn, state)
                 finally:
                     # Before the COMMIT or ROLLBACK: a call that starts from now on (a task the
@@ -787,6 +796,7 @@ _REPLICA_WAIT = 1.0
 _REPLICA_PAUSE = 5.0
 _PRIMARY: Any = object()  # "no replica answered: use the primary"
 _DIAGNOSIS_TIMEOUT = 2  # seconds; libpq treats anything lower as 2
+_CALLS_POLL = 0.001  # seconds between two looks at a transaction's running calls, at its end
 # admin_shutdown, crash_shutdown, cannot_connect_now, idle_session_timeout.
 _SHUTDOWN_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
 
