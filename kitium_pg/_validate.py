@@ -18,6 +18,9 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, TypeVar, cast
 
+from psycopg import ProgrammingError
+from psycopg.conninfo import conninfo_to_dict
+
 from .errors import ValidationError
 
 T = TypeVar("T")
@@ -369,3 +372,69 @@ def expect_type(field: str, value: Any, kind: type) -> Any:
     if not isinstance(value, kind):
         raise ValidationError(field, f"must be {kind.__name__}, not {type(value).__name__}")
     return value
+
+
+def dsn(field: str, value: str) -> None:
+    """Raises ``ValidationError(field)`` for a connection string libpq cannot parse: it would
+    only fail at connect(), after connect_timeout, and its parse error quotes the part it could
+    not read (possibly half of a password). The message quotes nothing."""
+    try:
+        conninfo_to_dict(value)
+        return
+    except ProgrammingError:
+        pass  # raised below, outside this block: not even __context__ may keep libpq's text
+    raise ValidationError(field, "is not a connection string libpq can parse")
+
+
+DOMAIN: Final = 253
+"""Longest domain name (RFC 1035, without the trailing dot)."""
+
+_LABEL_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def domain(field: str, value: object) -> str:
+    """An email domain in the form stored: lowercase ASCII labels of letters, digits and inner
+    hyphens, separated by dots. Internationalised domains must be given in their ``xn--`` form:
+    converting them here (IDNA 2003 and 2008 disagree on some names) could route a login to
+    another domain's provider."""
+    name = text(field, value, max_len=DOMAIN)
+    if not name.isascii():
+        raise ValidationError(field, "must be ASCII (write an internationalised domain as xn--)")
+    name = name.lower()
+    if not all(_LABEL_RE.match(label) for label in name.split(".")):
+        raise ValidationError(field, "must be a domain name such as example.com")
+    return name
+
+
+# Characters IDNA 2003 maps away (sharp s to ss, final sigma to sigma, the joiners dropped)
+# while IDNA 2008 keeps them: the two give such a name different xn-- forms, different domains.
+_IDNA_DEVIATIONS: Final = frozenset("\u00df\u03c2\u200c\u200d")
+
+
+def lookup_domain(value: str) -> str | None:
+    """The stored form of the domain of ``value`` (an email address or a domain) for a lookup,
+    or ``None`` when it is malformed. A Unicode domain is converted to its ``xn--`` form (the
+    standard library's IDNA 2003 codec, which agrees with IDNA 2008 on every name without the
+    deviation characters); a name with one of those raises ``ValidationError``, so a caller
+    that enforces SSO by domain fails closed rather than find no provider."""
+    name = value.rpartition("@")[2]
+    if not name.isascii():
+        # Lowercased and NFKC-normalised too: capital sharp s (U+1E9E) lowercases to ß, and a
+        # compatibility character may normalise into one of them. Character by character: a
+        # capital sigma alone lowercases to sigma, but to final sigma at the end of a word.
+        folded = unicodedata.normalize("NFKC", name)
+        lowered = "".join(c.lower() for c in name + folded)
+        if not _IDNA_DEVIATIONS.isdisjoint(name + lowered):
+            raise ValidationError(
+                "domain",
+                "contains ß, ς or a zero-width joiner, which IDNA 2003 and 2008 encode"
+                " differently: look it up by its xn-- form",
+            )
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    try:
+        return domain("domain", name)
+    except ValidationError:
+        return None

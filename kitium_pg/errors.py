@@ -260,3 +260,28 @@ def translate(exc: BaseException, *, operation: str) -> KitiumPgError:
             }.get(cls, code.replace("_", " "))
         return cls(f"{operation}: {message}{detail}", code=code, retryable=retryable)
     return InternalError(f"{operation}: unexpected error ({type(exc).__name__})")
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection to the server is gone (closed, reset, the server
+    shutting down), as opposed to a pool timeout or a server-side error such as lack of
+    resources (class 53), which a fresh connection would not cure."""
+    if not isinstance(exc, psycopg.OperationalError) or isinstance(
+        exc, psycopg_pool.PoolTimeout | psycopg_pool.PoolClosed | psycopg_pool.TooManyRequests
+    ):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _SHUTDOWN_STATES
+
+
+# admin_shutdown, crash_shutdown, cannot_connect_now, idle_session_timeout.
+_SHUTDOWN_STATES: Final = frozenset({"57P01", "57P02", "57P03", "57P05"})
+
+
+def saved_but_unreadable(name: str, error: EncryptionKeyError) -> EncryptionKeyError:
+    """The error of an update that was saved but whose returned record holds a secret that
+    cannot be decrypted (its key is not configured, or the ciphertext fails): the caller must
+    not take the failure for a refused write."""
+    return EncryptionKeyError(
+        f"{name}: the change is saved, but the record cannot be returned: {error}"
+    )

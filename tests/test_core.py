@@ -22,8 +22,8 @@ from kitium_pg import (
     UnavailableError,
     ValidationError,
 )
-from kitium_pg._async.core import connection_lost
 from kitium_pg._async.migrate import _failed as _migration_failure
+from kitium_pg.errors import connection_lost
 
 from .fix_race import race_each
 

@@ -1981,9 +1981,12 @@ class World:
             user = api.create_user().id
             return api.create_backup_codes(user, [hashlib.sha256(n.encode()).hexdigest()])[0].id
         if name == "twofa_session":
+            # A session of its own: a challenge ends with its session, and other methods'
+            # examples may delete the seeded one.
+            pending = api.create_session(user_id=self.user.id, expires_at=FUTURE)
             return api.create_two_factor_session(
                 user_id=self.user.id,
-                session_id=seeds["session"].id,
+                session_id=pending.id,
                 device_id=seeds["device"].id,
                 method="totp",
                 expires_at=FUTURE,

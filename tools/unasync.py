@@ -29,7 +29,7 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
     (r"\basynccontextmanager\b", "contextmanager"),
     (r"^import asyncio\n", ""),
     (r"\basyncio\.sleep\b", "time.sleep"),
-    (r"\basyncio\.current_task\(\)", "threading.current_thread()"),
+    (r"\btask_caller\b", "thread_caller"),
     (r"\bAwaitable\[(\w+)\]", r"\1"),
     (r"\bAsync([A-Z]\w*)", r"\1"),
     (r"\b_async\b", "_sync"),

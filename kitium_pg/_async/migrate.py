@@ -23,9 +23,10 @@ from ..errors import (
     MigrationError,
     UnavailableError,
     ValidationError,
+    connection_lost,
     translate,
 )
-from .core import AsyncCore, connection_lost
+from .core import AsyncCore
 
 Progress = Callable[[str, str], None]
 

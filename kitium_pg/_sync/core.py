@@ -9,7 +9,6 @@ This file is the source of truth; ``kitium_pg/_sync/core.py`` is generated from 
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 import uuid
 import weakref
@@ -20,11 +19,11 @@ from typing import Any, Self, TypeVar, cast
 import psycopg
 import psycopg_pool
 from psycopg import Connection, Cursor
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import tuple_row
 
 from .. import _sql, _validate
 from .._base import Retry, Settings, backoff, log_call, logger, redact_dsn
+from .._transaction import TransactionState, raise_if_aborted, thread_caller
 from ..encryption import ENV_VAR, Keyring
 from ..errors import (
     EncryptionKeyError,
@@ -33,8 +32,8 @@ from ..errors import (
     NotFoundError,
     UnavailableError,
     ValidationError,
+    connection_lost,
     is_auto_retryable,
-    rebuild,
     translate,
 )
 from ..observe import Observer
@@ -88,7 +87,7 @@ class Core:
             Keyring(encryption_keys) if encryption_keys is not None else Keyring.from_env()
         )
         self._conn: Connection[Any] | None = None
-        self._tx: _TransactionState | None = None  # set on the views of a transaction
+        self._tx: TransactionState | None = None  # set on the views of a transaction
         # Transaction-local settings (statement timeout override, tenant) applied before each
         # statement; empty on the default path, which then costs nothing extra. Behind PgBouncer
         # the default timeout cannot be a startup option, so it becomes one of these (set
@@ -109,7 +108,7 @@ class Core:
             self._owns_pool = False
             self._dsn_display = "<caller's pool>"
         elif isinstance(dsn, str):
-            _check_dsn("dsn", dsn)
+            _validate.dsn("dsn", dsn)
             self._pool = psycopg_pool.ConnectionPool(
                 dsn,
                 min_size=min_size,
@@ -128,7 +127,7 @@ class Core:
         for n, replica in enumerate(replicas):
             if not isinstance(replica, str) or not replica:
                 raise ValidationError(f"replica_dsn[{n}]", "must be a connection string")
-            _check_dsn(f"replica_dsn[{n}]", replica)
+            _validate.dsn(f"replica_dsn[{n}]", replica)
             self._replicas.append(
                 psycopg_pool.ConnectionPool(
                     replica,
@@ -193,7 +192,7 @@ class Core:
     def _bound(self, conn: Connection[Any]) -> Self:
         """A view of this adapter whose calls all run on ``conn`` (no retries: the caller
         owns the connection and its transactions)."""
-        return self._view(_conn=conn, _tx=_TransactionState())
+        return self._view(_conn=conn, _tx=TransactionState())
 
     @contextmanager
     def transaction(self) -> Iterator[Self]:
@@ -218,7 +217,7 @@ class Core:
                     yield self
                 return
             with self._pool.connection() as conn, conn.transaction():
-                state = _TransactionState()
+                state = TransactionState()
                 try:
                     # The settings are sent once, here: the view they go through already counts
                     # them as applied.
@@ -237,7 +236,7 @@ class Core:
                     # still running at the end, which is rare and short.
                     while state.calls:  # noqa: ASYNC110
                         time.sleep(_CALLS_POLL)
-                    _raise_if_aborted(conn, state)
+                    raise_if_aborted(conn, state)
                 finally:
                     # Before the COMMIT or ROLLBACK: a call that starts from now on (a task the
                     # block left running) is refused rather than run after the transaction.
@@ -248,7 +247,7 @@ class Core:
     @contextmanager
     def _savepoint(self) -> Iterator[None]:
         assert self._conn is not None and self._tx is not None
-        state, caller = self._tx, _caller()
+        state, caller = self._tx, thread_caller()
         with state.lock:
             state.check_usable(caller)
             if state.holder is None and state.calls:
@@ -263,7 +262,7 @@ class Core:
         try:
             with self._conn.transaction():
                 yield
-                _raise_if_aborted(self._conn, state)
+                raise_if_aborted(self._conn, state)
         except BaseException:
             state.failure = before  # rolled back to the savepoint: its failures are undone
             raise
@@ -391,7 +390,7 @@ class Core:
     def _connection(self) -> Iterator[Connection[Any]]:
         if self._conn is not None:
             assert self._tx is not None
-            self._tx.check_usable(_caller())
+            self._tx.check_usable(thread_caller())
             yield self._conn
         else:
             with self._pool.connection() as conn:
@@ -572,7 +571,7 @@ class Core:
         assert self._conn is not None and self._tx is not None
         state = self._tx
         with state.lock:
-            state.check_usable(_caller())
+            state.check_usable(thread_caller())
             state.calls += 1
         try:
             return self._execute_on(self._conn, query, params, make)
@@ -684,92 +683,6 @@ class Core:
                 return total
 
 
-class _TransactionState:
-    """What the views of one transaction share: whether it is still open, which caller holds
-    a savepoint on it, how many calls are running on it, and the last call that failed."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()  # held briefly, never across I/O
-        self.open = True
-        self.holder: object | None = None
-        self.depth = 0
-        self.calls = 0
-        self.failure: KitiumPgError | None = None
-
-    def check_usable(self, caller: object) -> None:
-        """Raises ``ValidationError`` when the transaction has ended, or when another caller
-        holds a savepoint on it."""
-        if not self.open:
-            raise ValidationError(
-                "transaction",
-                "this transaction has ended (its block exited): a call on it would run outside"
-                " it, on a connection the pool has taken back",
-            )
-        if self.holder is not None and self.holder is not caller:
-            raise ValidationError(
-                "transaction",
-                "another task holds a savepoint on this transaction: until it ends, a call"
-                " from here could be undone by its rollback",
-            )
-
-
-def _check_dsn(field: str, dsn: str) -> None:
-    # A string libpq cannot parse would only fail at connect(), after connect_timeout, and its
-    # parse error quotes the part it could not read (possibly half of a password): refuse it
-    # here, without either.
-    try:
-        conninfo_to_dict(dsn)
-        return
-    except psycopg.ProgrammingError:
-        pass  # raised below, outside this block: not even __context__ may keep libpq's text
-    raise ValidationError(field, "is not a connection string libpq can parse")
-
-
-def connection_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` says the connection to the server is gone (closed, reset, the server
-    shutting down), as opposed to a pool timeout or a server-side error such as lack of
-    resources (class 53), which a fresh connection would not cure."""
-    if not isinstance(exc, psycopg.OperationalError) or isinstance(
-        exc, psycopg_pool.PoolTimeout | psycopg_pool.PoolClosed | psycopg_pool.TooManyRequests
-    ):
-        return False
-    state = exc.sqlstate
-    return state is None or state.startswith("08") or state in _SHUTDOWN_STATES
-
-
-def _caller() -> object:
-    # Who is calling: the running task (for the sync adapter, generated from this, the thread).
-    return threading.current_thread()
-
-
-def _raise_if_aborted(conn: Connection[Any], state: _TransactionState) -> None:
-    # A failed statement aborts the transaction in PostgreSQL; COMMIT (or RELEASE) would then
-    # silently roll back. Raise the failure that aborted it instead.
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
-        return
-    failure = state.failure
-    if failure is None:
-        raise InternalError("transaction: aborted by a failed statement; rolled back")
-    # The same class, code and retryable flag (run_in_transaction re-runs a deadlock caught
-    # this way), built without its __init__, whose signature varies (ValidationError).
-    again = rebuild(
-        type(failure),
-        f"transaction rolled back: a call inside it failed ({failure}) and the block went on;"
-        " a call that may fail belongs in a nested transaction() (a savepoint)",
-        failure.__dict__,
-    )
-    raise again from failure
-
-
-def saved_but_unreadable(name: str, error: EncryptionKeyError) -> EncryptionKeyError:
-    """The error of an update that was saved but whose returned record holds a secret that
-    cannot be decrypted (its key is not configured, or the ciphertext fails): the caller must
-    not take the failure for a refused write."""
-    return EncryptionKeyError(
-        f"{name}: the change is saved, but the record cannot be returned: {error}"
-    )
-
-
 def _observe_start(observer: Observer, name: str) -> object:
     # A broken metrics exporter must never fail a database call: log and carry on.
     try:
@@ -797,8 +710,6 @@ _REPLICA_PAUSE = 5.0
 _PRIMARY: Any = object()  # "no replica answered: use the primary"
 _DIAGNOSIS_TIMEOUT = 2  # seconds; libpq treats anything lower as 2
 _CALLS_POLL = 0.001  # seconds between two looks at a transaction's running calls, at its end
-# admin_shutdown, crash_shutdown, cannot_connect_now, idle_session_timeout.
-_SHUTDOWN_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
 
 
 def _fetch(cur: Cursor[Any], query: _sql.Query, make: Make) -> Any:

@@ -25,9 +25,10 @@ from ..errors import (
     MigrationError,
     UnavailableError,
     ValidationError,
+    connection_lost,
     translate,
 )
-from .core import Core, connection_lost
+from .core import Core
 
 Progress = Callable[[str, str], None]
 

@@ -7,17 +7,15 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
-import re
-import unicodedata
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from .. import _validate as v
 from .._base import UNSET, Retry, Unset, new_id
-from ..errors import EncryptionKeyError, NotFoundError, ValidationError
+from ..errors import EncryptionKeyError, NotFoundError, ValidationError, saved_but_unreadable
 from ..records import SsoDomain, SsoLink, SsoProvider, SsoSession
-from .core import Core, saved_but_unreadable
+from .core import Core
 
 PROVIDER_TYPES: Final = ("saml", "oidc")
 """The provider types (mirrors sso_providers__type_check)."""
@@ -36,67 +34,14 @@ SUBJECT: Final = 1024
 MAX_DOMAINS: Final = 256
 """Most domains one ``create_sso_provider`` or ``update_sso_provider`` call may write."""
 
-DOMAIN: Final = 253
-"""Longest domain name (RFC 1035, without the trailing dot)."""
-
-_LABEL_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-
-def _domain(field: str, value: object) -> str:
-    """An email domain in the form stored: lowercase ASCII labels of letters, digits and inner
-    hyphens, separated by dots. Internationalised domains must be given in their ``xn--`` form:
-    converting them here (IDNA 2003 and 2008 disagree on some names) could route a login to
-    another domain's provider."""
-    text = v.text(field, value, max_len=DOMAIN)
-    if not text.isascii():
-        raise ValidationError(field, "must be ASCII (write an internationalised domain as xn--)")
-    text = text.lower()
-    if not all(_LABEL_RE.match(label) for label in text.split(".")):
-        raise ValidationError(field, "must be a domain name such as example.com")
-    return text
-
-
-# Characters IDNA 2003 maps away (sharp s to ss, final sigma to sigma, the joiners dropped)
-# while IDNA 2008 keeps them: the two give such a name different xn-- forms, different domains.
-_IDNA_DEVIATIONS: Final = frozenset("\u00df\u03c2\u200c\u200d")
-
-
-def _lookup_domain(value: str) -> str | None:
-    """The stored form of the domain of ``value`` (an email address or a domain) for a lookup,
-    or ``None`` when it is malformed. A Unicode domain is converted to its ``xn--`` form (the
-    standard library's IDNA 2003 codec, which agrees with IDNA 2008 on every name without the
-    deviation characters); a name with one of those raises ``ValidationError``, so a caller
-    that enforces SSO by domain fails closed rather than find no provider."""
-    domain = value.rpartition("@")[2]
-    if not domain.isascii():
-        # Lowercased and NFKC-normalised too: capital sharp s (U+1E9E) lowercases to ß, and a
-        # compatibility character may normalise into one of them. Character by character: a
-        # capital sigma alone lowercases to sigma, but to final sigma at the end of a word.
-        folded = unicodedata.normalize("NFKC", domain)
-        lowered = "".join(c.lower() for c in domain + folded)
-        if not _IDNA_DEVIATIONS.isdisjoint(domain + lowered):
-            raise ValidationError(
-                "domain",
-                "contains ß, ς or a zero-width joiner, which IDNA 2003 and 2008 encode"
-                " differently: look it up by its xn-- form",
-            )
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    try:
-        return _domain("domain", domain)
-    except ValidationError:
-        return None
-
 
 def _domain_list(value: object) -> list[str]:
     """``domains`` normalised with ``_domain``; a domain listed twice (in any letter case) is a
     ``ValidationError``, not a silent merge."""
-    items = v.strings("domains", value, max_items=MAX_DOMAINS, max_len=DOMAIN)
+    items = v.strings("domains", value, max_items=MAX_DOMAINS, max_len=v.DOMAIN)
     domains: list[str] = []
     for i, item in enumerate(items):
-        domain = _domain(f"domains[{i}]", item)
+        domain = v.domain(f"domains[{i}]", item)
         if domain in domains:
             raise ValidationError(f"domains[{i}]", "lists the same domain twice")
         domains.append(domain)
@@ -396,7 +341,7 @@ class Sso(Core):
         """
         params = {
             "provider_id": v.uuid_arg("provider_id", provider_id),
-            "domain": _domain("domain", domain),
+            "domain": v.domain("domain", domain),
             "verified": _flag("verified", verified),
         }
         added = self._written("add_sso_provider_domain", params, SsoDomain, retry=Retry.SAFE)
@@ -412,7 +357,7 @@ class Sso(Core):
         """
         params = {
             "provider_id": v.uuid_arg("provider_id", provider_id),
-            "domain": _domain("domain", domain),
+            "domain": v.domain("domain", domain),
         }
         verified = self._one("verify_sso_provider_domain", params, SsoDomain, retry=Retry.SAFE)
         if verified is None:
@@ -428,7 +373,7 @@ class Sso(Core):
         if parsed is None:
             return False
         try:
-            name = _domain("domain", domain)
+            name = v.domain("domain", domain)
         except ValidationError:
             return False
         params = {"provider_id": parsed, "domain": name}
@@ -446,7 +391,7 @@ class Sso(Core):
         """
         if not isinstance(domain, str) or len(domain) > v.LONG:
             return None
-        name = _lookup_domain(domain)
+        name = v.lookup_domain(domain)
         if name is None:
             return None
         provider: SsoProvider | None = self._run(

@@ -11,9 +11,9 @@ from typing import Any, Final
 
 from .. import _validate as v
 from .._base import UNSET, Retry, Unset, new_id
-from ..errors import EncryptionKeyError, NotFoundError, ValidationError
+from ..errors import EncryptionKeyError, NotFoundError, ValidationError, saved_but_unreadable
 from ..records import BackupCode, TwoFactorAttempt, TwoFactorDevice, TwoFactorSession
-from .core import Core, saved_but_unreadable
+from .core import Core
 
 SECRET_COLUMN: Final = "twofa_devices.secret"  # noqa: S105 - a column name, not a secret
 """Encryption context (associated data) of device secrets."""

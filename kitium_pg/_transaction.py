@@ -1,0 +1,70 @@
+"""What the views of one transaction share, for both adapters (no I/O here)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import psycopg
+
+from .errors import InternalError, KitiumPgError, ValidationError, rebuild
+
+
+class TransactionState:
+    """What the views of one transaction share: whether it is still open, which caller holds
+    a savepoint on it, how many calls are running on it, and the last call that failed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # held briefly, never across I/O
+        self.open = True
+        self.holder: object | None = None
+        self.depth = 0
+        self.calls = 0
+        self.failure: KitiumPgError | None = None
+
+    def check_usable(self, caller: object) -> None:
+        """Raises ``ValidationError`` when the transaction has ended, or when another caller
+        holds a savepoint on it."""
+        if not self.open:
+            raise ValidationError(
+                "transaction",
+                "this transaction has ended (its block exited): a call on it would run outside"
+                " it, on a connection the pool has taken back",
+            )
+        if self.holder is not None and self.holder is not caller:
+            raise ValidationError(
+                "transaction",
+                "another task holds a savepoint on this transaction: until it ends, a call"
+                " from here could be undone by its rollback",
+            )
+
+
+def raise_if_aborted(conn: psycopg.BaseConnection[Any], state: TransactionState) -> None:
+    """Raise the failure that aborted the transaction on ``conn``, if one did: COMMIT (or
+    RELEASE) would then silently roll back. Re-raised with its class, code and retryable flag
+    (``run_in_transaction`` re-runs a deadlock caught this way), chained to it."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
+        return
+    failure = state.failure
+    if failure is None:
+        raise InternalError("transaction: aborted by a failed statement; rolled back")
+    # Built without its __init__, whose signature varies (ValidationError).
+    again = rebuild(
+        type(failure),
+        f"transaction rolled back: a call inside it failed ({failure}) and the block went on;"
+        " a call that may fail belongs in a nested transaction() (a savepoint)",
+        failure.__dict__,
+    )
+    raise again from failure
+
+
+def task_caller() -> object:
+    """Who is calling, for the async adapter: the running task."""
+    return asyncio.current_task()
+
+
+def thread_caller() -> object:
+    """Who is calling, for the sync adapter (``task_caller`` in the async source): the
+    thread."""
+    return threading.current_thread()
