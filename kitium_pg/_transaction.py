@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from .errors import InternalError, KitiumPgError, ValidationError, rebuild
+from .errors import InternalError, KitiumPgError, ValidationError, rebuild, translate
 
 
 class TransactionState:
@@ -22,6 +22,16 @@ class TransactionState:
         self.depth = 0
         self.calls = 0
         self.failure: KitiumPgError | None = None
+
+    def record(self, exc: psycopg.Error, operation: str) -> None:
+        """Note the failure of a statement on the transaction, unless it only says that an
+        earlier one aborted it (in_failed_sql_transaction): the first cause is the one the
+        block raises again."""
+        if isinstance(exc, psycopg.errors.InFailedSqlTransaction):
+            return
+        error = translate(exc, operation=operation)
+        with self.lock:
+            self.failure = error
 
     def check_usable(self, caller: object) -> None:
         """Raises ``ValidationError`` when the transaction has ended, or when another caller

@@ -251,8 +251,12 @@ def translate(exc: BaseException, *, operation: str) -> KitiumPgError:
         where = diag.constraint_name or diag.table_name
         detail = f" ({where})" if where else ""
         if retryable and cls is ConflictError:
-            # A serialization failure or a deadlock: PostgreSQL rolled the transaction back.
-            message = f"{code.replace('_', ' ')}: the transaction was rolled back (retryable)"
+            # A serialization failure or a deadlock: PostgreSQL rolled the statement back with
+            # its transaction (or, inside a savepoint, back to the savepoint).
+            message = (
+                f"{code.replace('_', ' ')}: rolled back (retryable: run the whole transaction"
+                " again)"
+            )
         else:
             message = {
                 ConflictError: "conflicts with an existing row",

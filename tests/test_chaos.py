@@ -133,7 +133,7 @@ def test_transient_causes_translate_to_retryable_errors(
 @pytest.mark.parametrize("sqlstate", ["40001", "40P01"])
 def test_a_rolled_back_transaction_is_not_called_a_duplicate(sqlstate: str) -> None:
     error = _chained(psycopg.errors.lookup(sqlstate)("rolled back"))
-    assert "the transaction was rolled back (retryable)" in str(error)
+    assert "rolled back (retryable: run the whole transaction again)" in str(error)
     assert "existing row" not in str(error)
 
 

@@ -195,6 +195,37 @@ async def test_a_call_still_running_when_the_block_ends_is_waited_for(
     assert await async_adapter.get_user_by_email(kept) is None
 
 
+async def test_a_grant_still_running_when_the_block_ends_is_waited_for(
+    async_adapter: Any, unique: Any, dsn: str
+) -> None:
+    """grant_app_role runs its SQL on the transaction's connection outside the per-statement
+    path: it is counted and recorded all the same, so the block's end waits for it and raises
+    its failure instead of committing nothing in silence."""
+    role = f"kpg_r_{uuid.uuid4().hex[:8]}"
+    kept = f"{unique('kept')}@example.com"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role}".encode())
+    holder = psycopg.connect(dsn)
+    try:
+        # An uncommitted grant on the same table: the task's grant waits for it, then times out.
+        holder.execute(f"GRANT SELECT ON kitium_auth.users TO {role}".encode())
+        with pytest.raises(QueryTimeoutError) as caught:
+            async with async_adapter.with_statement_timeout(500).transaction() as tx:
+                await tx.create_user(email=kept)
+                grant = asyncio.ensure_future(tx.grant_app_role(role))
+                await asyncio.sleep(0.05)  # its statement is sent, and waits
+        assert "rolled back" in str(caught.value)
+        with pytest.raises(QueryTimeoutError):
+            await grant
+    finally:
+        holder.rollback()
+        holder.close()
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {role}".encode())
+            admin.execute(f"DROP ROLE {role}".encode())
+    assert await async_adapter.get_user_by_email(kept) is None
+
+
 async def test_a_caught_failure_fails_the_block_instead_of_a_silent_rollback(
     storage: Any, email: str
 ) -> None:

@@ -172,11 +172,12 @@ class AsyncEvents(AsyncCore):
         batch_size: int = PRUNE_BATCH,
         progress: Callable[[int], None] | None = None,
     ) -> int:
-        """Delete every event whose timestamp is earlier than ``before``; returns how many.
+        """Delete the events whose timestamp is earlier than ``before``; returns how many.
 
         ``before`` must be timezone-aware. Rows go in statements of at most ``batch_size``, so
-        locks stay short on a large table; deleting old events is idempotent, so each statement
-        is retried on transient failures.
+        locks stay short on a large table; rows another transaction holds locked at that moment
+        are skipped and left for the next run. Deleting old events is idempotent, so each
+        statement is retried on transient failures.
         """
         params = {"before": v.timestamp("before", before)}
         return await self._delete_in_batches(

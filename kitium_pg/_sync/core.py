@@ -209,8 +209,10 @@ class Core:
         back to the savepoint only. While one task (thread, for the sync adapter) has a
         savepoint open, calls on the transaction from other tasks raise ``ValidationError``, as
         does opening a savepoint while other tasks' calls run: a savepoint's rollback would
-        undo their writes. ``tx`` is usable only inside its block: later calls raise
-        ``ValidationError``. Raises the translated error when the commit itself fails."""
+        undo their writes. Leaving the block waits for calls other tasks already started on
+        ``tx`` (up to their statement timeout), so that their failures are seen before the
+        commit; later calls raise ``ValidationError``. Raises the translated error when the
+        commit itself fails."""
         try:
             if self._conn is not None:
                 with self._savepoint():
@@ -230,7 +232,8 @@ class Core:
                     # Calls other tasks started before the block ended are waited for, so
                     # that a failure of theirs is seen here rather than turn the COMMIT into a
                     # silent rollback; a call that starts from now on is refused.
-                    state.open = False
+                    with state.lock:
+                        state.open = False
                     # A poll, not an Event: one source serves both adapters (the sync one
                     # sleeps), and there is only something to wait for when a task's call is
                     # still running at the end, which is rare and short.
@@ -240,7 +243,8 @@ class Core:
                 finally:
                     # Before the COMMIT or ROLLBACK: a call that starts from now on (a task the
                     # block left running) is refused rather than run after the transaction.
-                    state.open = False
+                    with state.lock:
+                        state.open = False
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise translate(exc, operation="transaction") from exc
 
@@ -389,9 +393,20 @@ class Core:
     @contextmanager
     def _connection(self) -> Iterator[Connection[Any]]:
         if self._conn is not None:
+            # On a transaction's connection, counted and recorded like a call (grant_app_role).
             assert self._tx is not None
-            self._tx.check_usable(thread_caller())
-            yield self._conn
+            state = self._tx
+            with state.lock:
+                state.check_usable(thread_caller())
+                state.calls += 1
+            try:
+                yield self._conn
+            except psycopg.Error as exc:
+                state.record(exc, "statement")
+                raise
+            finally:
+                with state.lock:
+                    state.calls -= 1
         else:
             with self._pool.connection() as conn:
                 yield conn
@@ -545,12 +560,6 @@ class Core:
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)
-                # Keep the failure that aborted a transaction: later calls in it only fail with
-                # in_failed_sql_transaction (25P02), a consequence.
-                if self._tx is not None and not isinstance(
-                    exc, psycopg.errors.InFailedSqlTransaction
-                ):
-                    self._tx.failure = error
                 if self._conn is None and self._owns_pool and connection_lost(exc):
                     self._replace_connections(self._pool, started)
                 if (
@@ -575,6 +584,9 @@ class Core:
             state.calls += 1
         try:
             return self._execute_on(self._conn, query, params, make)
+        except psycopg.Error as exc:
+            state.record(exc, query.name)  # before the count drops: the block's end reads it
+            raise
         finally:
             with state.lock:
                 state.calls -= 1

@@ -174,10 +174,7 @@ class Migrations(Core):
             with self._connection() as conn:
                 conn.execute(sql)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            error = translate(exc, operation="grant_app_role")
-            if self._tx is not None:  # inside transaction(): the failure that aborted it
-                self._tx.failure = error
-            raise error from exc
+            raise translate(exc, operation="grant_app_role") from exc
 
 
 def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:
