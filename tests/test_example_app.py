@@ -316,6 +316,16 @@ async def test_organization_roles_and_permissions(
         "/orgs/members", headers=bearer(bob, org_id), json={"email": bob_email, "role": "admin"}
     )
     assert r.status_code == 403
+    # Promoted to admin, then demoted to viewer: nothing of admin stays.
+    promote = {"email": bob_email, "role": "admin"}
+    r = await client.post("/orgs/members", headers=bearer(alice, org_id), json=promote)
+    assert r.status_code == 201 and r.json()["role"] == "admin"
+    r = await client.post("/orgs/members", headers=bearer(alice, org_id), json=member)
+    assert r.status_code == 201 and r.json()["role"] == "viewer"
+    r = await client.post("/orgs/members", headers=bearer(bob, org_id), json=promote)
+    assert r.status_code == 403
+    r = await client.get("/reports", headers=bearer(bob, org_id))
+    assert r.status_code == 200
 
 
 async def test_healthz(client: httpx.AsyncClient) -> None:

@@ -388,6 +388,12 @@ def test_require_permission_refuses_an_empty_name() -> None:
         (UnavailableError("db down"), 503, {"detail": "unavailable", "code": "unavailable"}),
         (QueryTimeoutError("slow"), 503, {"detail": "timeout", "code": "timeout"}),
         (InternalError("bug"), 500, {"detail": "internal", "code": "internal"}),
+        # A misuse of a transaction is the route's bug: 500, and its text stays on the server.
+        (
+            ValidationError("transaction", "this transaction has ended"),
+            500,
+            {"detail": "validation", "code": "validation"},
+        ),
     ],
 )
 async def test_exception_handlers(error: Exception, status: int, body: dict[str, str]) -> None:
@@ -689,6 +695,23 @@ async def test_fastapi_users_concurrent_flag_updates_both_hold(
         )
         stored = await db.get(user.id)
         assert stored is not None and (stored.is_verified, stored.is_superuser) == (True, True)
+
+
+async def test_fastapi_users_deactivating_a_user_ends_their_sessions(
+    async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
+) -> None:
+    """kitium's own dependencies see sessions, not fastapi-users' flags: without this, a user
+    deactivated through fastapi-users kept access through current_session."""
+    db = KitiumUserDatabase(async_adapter)
+    user = await db.create({"email": f"{unique('eve')}@example.com", "hashed_password": "h"})
+    issued = await async_adapter.issue_session_token(user_id=user.id, expires_at=_in(1))
+    assert await async_adapter.validate_session_token(issued.token) is not None
+    await db.update(user, {"is_verified": True})  # other flags leave the sessions alone
+    assert await async_adapter.validate_session_token(issued.token) is not None
+    deactivated = await db.update(user, {"is_active": False})
+    assert deactivated.is_active is False
+    assert await async_adapter.validate_session_token(issued.token, consistency="primary") is None
+    assert await async_adapter.list_user_sessions(user.id) == []
 
 
 async def test_fastapi_users_a_taken_email_is_user_already_exists(

@@ -6,11 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import attrs
+import httpx
 import psycopg
 import pytest
+from fastapi import Depends, FastAPI
 from psycopg.conninfo import make_conninfo
 
 from kitium_pg import (
@@ -19,6 +21,12 @@ from kitium_pg import (
     PermissionDeniedError,
     PostgresStorageAdapter,
     ValidationError,
+)
+from kitium_pg.integrations.fastapi import (
+    OrgAccess,
+    add_exception_handlers,
+    require_permission,
+    storage_lifespan,
 )
 
 
@@ -336,3 +344,46 @@ def test_links_and_sessions_on_a_shared_provider_are_read_only_for_tenants(
             reader.create_sso_session(**base, provider_subject="other", expires_at=expires)
         assert reader.delete_sso_link(link.id) is False
     assert owner.get_user_sso_links(ann.id) == [link]
+
+
+# Module level: the routes' annotations are strings (postponed), resolved in these globals.
+UNSCOPED_CHECK = require_permission("x")
+SCOPED_CHECK = require_permission("x", tenant_scoped=True)
+
+
+async def test_require_permission_under_row_level_security_needs_tenant_scoped(
+    tenancy: dict[str, Any],
+) -> None:
+    """As the application role without a tenant, no role assignment is visible, so the
+    dependency refuses everyone (403); ``tenant_scoped=True`` runs the check as the request's
+    organization and grants what the user holds there, and only there."""
+    alpha, beta = tenancy["orgs"]
+    owner: PostgresStorageAdapter = tenancy["owner"]
+    user = tenancy["user"]
+    owner.assign_role_to_user(user.id, tenancy["roles"][0].id, alpha.id)  # "x" in alpha only
+    token = owner.issue_session_token(
+        user_id=user.id, expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    ).token
+    app = FastAPI(
+        lifespan=storage_lifespan(tenancy["app_dsn"], schema=tenancy["schema"], migrate=False)
+    )
+    add_exception_handlers(app)
+
+    @app.get("/plain")
+    async def plain(access: Annotated[OrgAccess, Depends(UNSCOPED_CHECK)]) -> str:
+        return str(access.org_id)
+
+    @app.get("/scoped")
+    async def scoped(access: Annotated[OrgAccess, Depends(SCOPED_CHECK)]) -> str:
+        return str(access.org_id)
+
+    auth = {"Authorization": f"Bearer {token}"}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            plain_alpha = await client.get("/plain", headers={**auth, "X-Org-Id": str(alpha.id)})
+            scoped_alpha = await client.get("/scoped", headers={**auth, "X-Org-Id": str(alpha.id)})
+            scoped_beta = await client.get("/scoped", headers={**auth, "X-Org-Id": str(beta.id)})
+    assert plain_alpha.status_code == 403, plain_alpha.text
+    assert scoped_alpha.status_code == 200 and scoped_alpha.json() == str(alpha.id)
+    assert scoped_beta.status_code == 403

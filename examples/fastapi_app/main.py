@@ -250,18 +250,19 @@ def create_app(
             raise refused
         if await storage.increment_two_factor_attempts(challenge.id) is None:
             raise refused  # expired, completed, or out of attempts
-        accepted = False
-        if body.code is not None:
-            device = await storage.get_two_factor_device(challenge.device_id)
-            step = totp_step(device.secret, body.code) if device and device.secret else None
-            accepted = step is not None and await storage.record_totp_step(
-                challenge.device_id, step
-            )
-        elif body.backup_code is not None:
-            digest = backup_code_digest(body.backup_code)
-            accepted = await storage.consume_backup_code(challenge.user_id, digest) is not None
-        if not accepted or not await storage.complete_two_factor_session(challenge.id):
-            raise refused
+        device = await storage.get_two_factor_device(challenge.device_id)
+        # Using up the code and completing the challenge commit together: a completion that
+        # fails (a concurrent submit won, the challenge expired) gives the code back.
+        async with storage.transaction() as tx:
+            accepted = False
+            if body.code is not None:
+                step = totp_step(device.secret, body.code) if device and device.secret else None
+                accepted = step is not None and await tx.record_totp_step(challenge.device_id, step)
+            elif body.backup_code is not None:
+                digest = backup_code_digest(body.backup_code)
+                accepted = await tx.consume_backup_code(challenge.user_id, digest) is not None
+            if not accepted or not await tx.complete_two_factor_session(challenge.id):
+                raise refused
         await storage.delete_session(challenge.session_id)
         return await start_session(storage, challenge.user_id, response)
 
@@ -374,7 +375,9 @@ def create_app(
         access: Annotated[OrgAccess, Depends(require_permission("members:manage"))],
         storage: Storage,
     ) -> dict[str, Any]:
-        """Add a user (by email) to the organization in ``X-Org-Id`` with a role."""
+        """Add a user (by email) to the organization in ``X-Org-Id`` with a role, or give a
+        member another role (their other roles are revoked: a demoted admin keeps nothing of
+        admin)."""
         user = await storage.get_user_by_email(body.email, consistency="primary")
         if user is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no user with this email")
@@ -384,6 +387,9 @@ def create_app(
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no role with this name")
         async with storage.transaction() as tx:
             await tx.add_organization_member(access.org_id, user.id, role=body.role)
+            for other in roles.values():
+                if other.id != role.id:
+                    await tx.revoke_role_from_user(user.id, other.id, access.org_id)
             await tx.assign_role_to_user(user.id, role.id, access.org_id)
         return {"org_id": str(access.org_id), "user_id": str(user.id), "role": body.role}
 

@@ -119,6 +119,9 @@ async def open_storage(
 
     ``storage`` is a DSN (the adapter is built with ``options``, the keywords of
     ``AsyncPostgresStorageAdapter``) or an adapter you built (``options`` must then be empty).
+    An adapter you built serves one start: it is disconnected at the end, and a disconnected
+    adapter cannot connect again. Pass a DSN to start the application more than once (a test
+    suite entering ``TestClient(app)`` in every test).
     ``migrate`` is passed to ``connect()``. For an application that has a lifespan of its own::
 
         @asynccontextmanager
@@ -290,6 +293,7 @@ def require_permission(
     *,
     session: Callable[..., Awaitable[Session]] = current_session,
     consistency: Consistency = "primary",
+    tenant_scoped: bool = False,
 ) -> Callable[..., Awaitable[OrgAccess]]:
     """A dependency granting access only to sessions whose user holds permission ``name``
     (exact match) in the request's organization, through its roles (``has_permission``).
@@ -301,7 +305,10 @@ def require_permission(
     organization than the session's, or when the permission is not granted there (a malformed
     or unknown organization id is simply not granted anything). The permission is checked on
     the primary by default, so a revoked role or a removed member is refused from the next
-    request; ``consistency`` as in ``session_auth``.
+    request; ``consistency`` as in ``session_auth``. With the optional ``tenant_rls``
+    migration and an application role, pass ``tenant_scoped=True``: the check then runs as
+    the organization's tenant (``storage.tenant(org_id)``, one more round trip), since without
+    a tenant that role sees no role assignment and every request would get 403.
     """
     if not isinstance(name, str) or not name:
         raise ValueError("require_permission: name must be a non-empty string")
@@ -330,7 +337,8 @@ def require_permission(
                 status.HTTP_403_FORBIDDEN,
                 detail=f"no organization: the session has none and {ORG_HEADER} is not set",
             )
-        if not await storage.has_permission(current.user_id, org_id, name, consistency=consistency):
+        checker = storage.tenant(org_id) if tenant_scoped else storage
+        if not await checker.has_permission(current.user_id, org_id, name, consistency=consistency):
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"missing permission {name!r}")
         return OrgAccess(session=current, org_id=org_id, permission=name)
 
@@ -361,14 +369,19 @@ async def _kitium_error(request: Request, exc: Exception) -> JSONResponse:
     code = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
     headers = {"Retry-After": "1"} if code == status.HTTP_503_SERVICE_UNAVAILABLE else None
     # Only a ValidationError's message is meant for the client (it names the bad field);
-    # the others may name rows or servers, so the client gets the error code alone.
-    detail = str(exc) if isinstance(exc, ValidationError) else exc.code
+    # the others may name rows or servers, so the client gets the error code alone. A misuse
+    # of a transaction (field "transaction") is the route's bug, not the client's: 500.
+    misuse = isinstance(exc, ValidationError) and exc.field == "transaction"
+    if misuse:
+        code = 500
+    detail = str(exc) if isinstance(exc, ValidationError) and not misuse else exc.code
     return JSONResponse({"detail": detail, "code": exc.code}, status_code=code, headers=headers)
 
 
 def add_exception_handlers(app: FastAPI) -> None:
     """Answer ``KitiumPgError`` escaping a route with JSON ``{"detail", "code"}``:
     ``NotFoundError`` 404, ``ConflictError`` 409, ``ValidationError`` 422 (its message as
-    detail), ``PermissionDeniedError`` 403, ``UnavailableError`` and ``QueryTimeoutError`` 503
+    detail; one about a misused transaction, field ``transaction``, is a 500 with its code
+    alone), ``PermissionDeniedError`` 403, ``UnavailableError`` and ``QueryTimeoutError`` 503
     with ``Retry-After: 1``, anything else 500."""
     app.add_exception_handler(KitiumPgError, _kitium_error)

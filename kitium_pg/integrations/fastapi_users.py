@@ -178,7 +178,8 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         """Apply fastapi-users' update dict in one transaction and return the user re-read.
         Raises ``NotFoundError`` when the user is gone and ``UserAlreadyExists`` for a taken
         email. Flags are merged into the stored metadata under the user row's lock, so two
-        concurrent updates of different flags both hold."""
+        concurrent updates of different flags both hold. Deactivating a user
+        (``is_active=False``) also deletes their sessions, in the same transaction."""
         fields = dict(update_dict)
         flags = {k: bool(fields.pop(k)) for k in _FLAGS if k in fields}
         has_hash = "hashed_password" in fields
@@ -202,6 +203,10 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
                     raise fu_exceptions.UserAlreadyExists() from exc
             if has_hash:
                 await tx.set_password_hash(user.id, password_hash)
+            if flags.get("is_active") is False:
+                # kitium's own dependencies (current_session, require_permission) see the
+                # sessions, not fastapi-users' flags: a deactivated user's sessions end here.
+                await tx.delete_user_sessions(user.id)
         refreshed = await self.get(user.id)
         if refreshed is None:  # deleted concurrently, after the commit
             raise fu_exceptions.UserNotExists()
