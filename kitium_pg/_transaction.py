@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -22,6 +24,29 @@ class TransactionState:
         self.depth = 0
         self.calls = 0
         self.failure: KitiumPgError | None = None
+
+    @contextmanager
+    def running(self, caller: object, operation: str) -> Iterator[None]:
+        """Around one statement on the transaction's connection (a plain context manager: no
+        I/O, so the async adapter uses it too). Refuses it as ``check_usable`` does, counts it
+        while it runs (the block's end waits for running ones) and records its failure before
+        it stops counting, so the block's end cannot miss it."""
+        with self.lock:
+            self.check_usable(caller)
+            self.calls += 1
+        try:
+            yield
+        except psycopg.Error as exc:
+            self.record(exc, operation)
+            raise
+        finally:
+            with self.lock:
+                self.calls -= 1
+
+    def close(self) -> None:
+        """Refuse every call from now on (the block is ending)."""
+        with self.lock:
+            self.open = False
 
     def record(self, exc: psycopg.Error, operation: str) -> None:
         """Note the failure of a statement on the transaction, unless it only says that an

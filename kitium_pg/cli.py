@@ -852,11 +852,6 @@ def grant(state: _Context, role: str, apply: bool) -> None:
         click.echo(statements.strip())
 
 
-def _key_ids_in_env() -> set[str]:
-    spec = os.environ.get(ENV_VAR, "")
-    return {item.partition(":")[0].strip() for item in spec.split(",") if item.strip()}
-
-
 @cli.command("gen-key", short_help="Print a new encryption key (no database needed).")
 @click.option(
     "--key-id",
@@ -870,8 +865,8 @@ def gen_key(state: _Context, key_id: str | None) -> None:
     read. To rotate, append ",ID:KEY" to the current value (the last key encrypts), deploy,
     then run `kitium-pg rotate-keys`.
     """
-    _env_keyring()  # a malformed current value: exit code 5, as for every other command
-    taken = _key_ids_in_env()
+    current = _env_keyring()  # a malformed value: exit code 5, as for every other command
+    taken = set(current.key_ids) if current is not None else set()
     if key_id is None:
         base = key_id = dt.datetime.now(dt.UTC).date().isoformat()
         number = 1
@@ -891,7 +886,6 @@ def gen_key(state: _Context, key_id: str | None) -> None:
                 f"{ENV_VAR} already has a key {key_id!r}; pick another id", param_hint="--key-id"
             )
     key = generate_key()
-    Keyring({key_id: key})  # cannot fail: the id was checked, the key is new
     value = f"{key_id}:{key}"
     if state.as_json:
         state.emit_json({"key_id": key_id, "key": key, "env": f"{ENV_VAR}={value}"})

@@ -229,22 +229,18 @@ class Core:
                             "set_local_setting", {"name": name, "value": value}, retry=Retry.NEVER
                         )
                     yield tx
-                    # Calls other tasks started before the block ended are waited for, so
-                    # that a failure of theirs is seen here rather than turn the COMMIT into a
-                    # silent rollback; a call that starts from now on is refused.
-                    with state.lock:
-                        state.open = False
-                    # A poll, not an Event: one source serves both adapters (the sync one
-                    # sleeps), and there is only something to wait for when a task's call is
-                    # still running at the end, which is rare and short.
-                    while state.calls:  # noqa: ASYNC110
-                        time.sleep(_CALLS_POLL)
-                    raise_if_aborted(conn, state)
                 finally:
                     # Before the COMMIT or ROLLBACK: a call that starts from now on (a task the
                     # block left running) is refused rather than run after the transaction.
-                    with state.lock:
-                        state.open = False
+                    state.close()
+                # Calls other tasks started before the block ended are waited for, so that a
+                # failure of theirs is seen here rather than turn the COMMIT into a silent
+                # rollback. A poll, not an Event: one source serves both adapters (the sync one
+                # sleeps), and there is only something to wait for when a task's call is still
+                # running at the end, which is rare and short.
+                while state.calls:  # noqa: ASYNC110
+                    time.sleep(_CALLS_POLL)
+                raise_if_aborted(conn, state)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise translate(exc, operation="transaction") from exc
 
@@ -395,18 +391,8 @@ class Core:
         if self._conn is not None:
             # On a transaction's connection, counted and recorded like a call (grant_app_role).
             assert self._tx is not None
-            state = self._tx
-            with state.lock:
-                state.check_usable(thread_caller())
-                state.calls += 1
-            try:
+            with self._tx.running(thread_caller(), "statement"):
                 yield self._conn
-            except psycopg.Error as exc:
-                state.record(exc, "statement")
-                raise
-            finally:
-                with state.lock:
-                    state.calls -= 1
         else:
             with self._pool.connection() as conn:
                 yield conn
@@ -544,7 +530,9 @@ class Core:
             started = time.perf_counter()
             try:
                 if self._conn is not None:
-                    result = self._run_in_transaction_view(query, params, make)
+                    assert self._tx is not None
+                    with self._tx.running(thread_caller(), name):
+                        result = self._execute_on(self._conn, query, params, make)
                 else:
                     # getconn/putconn rather than pool.connection(): the latter also enters the
                     # connection's own context, whose commit() is wasted work on an autocommit
@@ -573,23 +561,6 @@ class Core:
                 raise error from exc
             log_call(name, started, attempt)
             return result
-
-    def _run_in_transaction_view(
-        self, query: _sql.Query, params: Mapping[str, Any], make: Make
-    ) -> Any:
-        assert self._conn is not None and self._tx is not None
-        state = self._tx
-        with state.lock:
-            state.check_usable(thread_caller())
-            state.calls += 1
-        try:
-            return self._execute_on(self._conn, query, params, make)
-        except psycopg.Error as exc:
-            state.record(exc, query.name)  # before the count drops: the block's end reads it
-            raise
-        finally:
-            with state.lock:
-                state.calls -= 1
 
     def _observed(
         self, name: str, params: Mapping[str, Any], retry: Retry, make: Make, replica: bool
