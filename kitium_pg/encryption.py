@@ -97,10 +97,10 @@ class Keyring:
     key (43 base64 characters), which older keys' ids may be, so that values stored under them
     stay readable. The key material never appears in ``repr`` or error messages: a key id and
     its key written the wrong way round fail on the key, errors name the entry, not the id, and
-    an id shaped like a key is never shown. A malformed key id or
-    key (wrong type or length, non-ASCII bytes, any character outside the urlsafe base64
-    alphabet) raises ``ValidationError("encryption_keys", ...)``, which names the entry by its
-    position (``entry 2``), never by its key id, since a rejected key id may be a key.
+    an id shaped like a key is never shown. A malformed key id or key (wrong type or length,
+    non-ASCII bytes, any character outside the urlsafe base64 alphabet) raises
+    ``ValidationError("encryption_keys", ...)``, which names the entry by its position
+    (``entry 2``), never by its key id, since a rejected key id may be a key.
     """
 
     def __init__(self, keys: Mapping[str, bytes | str]) -> None:
