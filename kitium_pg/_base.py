@@ -13,6 +13,7 @@ import itertools
 import logging
 import random
 import re
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,7 @@ import uuid_utils.compat
 
 from . import _sql, _validate
 from .errors import KitiumPgError, ValidationError
+from .observe import Observer
 
 logger: Final = logging.getLogger("kitium_pg")
 
@@ -338,6 +340,38 @@ class Settings:
         else:
             kwargs["options"] = f"-c statement_timeout={self.statement_timeout_ms} -c TimeZone=UTC"
         return kwargs
+
+
+def log_observer_failure(message: str, *args: object) -> None:
+    """Log the exception being handled (an observer's) with ``message``: its traceback alone.
+    The chain is cut first: the observer may have failed while the call's error, or the
+    application's own exception around the call, was being handled, and those can quote
+    values (an observer's failure log holds the operation's name, never the call's data)."""
+    failure = sys.exc_info()[1]
+    if failure is not None:
+        failure.__cause__ = None
+        failure.__suppress_context__ = True
+    logger.error(message, *args, exc_info=failure)
+
+
+def observe_start(observer: Observer, name: str) -> object:
+    """``observer.start(name)``, or ``None`` when it raises (logged): a broken metrics
+    exporter must never fail a database call."""
+    try:
+        return observer.start(name)
+    except Exception:
+        log_observer_failure("kitium_pg observer failed in start(%s)", name)
+        return None
+
+
+def observe_finish(
+    observer: Observer, token: object, name: str, duration_s: float, error: BaseException | None
+) -> None:
+    """``observer.finish(...)``; an exception it raises is logged, never passed on."""
+    try:
+        observer.finish(token, name, duration_s, error)
+    except Exception:
+        log_observer_failure("kitium_pg observer failed in finish(%s)", name)
 
 
 def log_call(

@@ -17,7 +17,8 @@ Hierarchy::
 ``retryable`` says whether the *cause* is transient: the same call may succeed later. The adapter
 itself retries only transient causes and only for operations where a retry can neither duplicate
 nor lose a write (see ``AsyncPostgresStorageAdapter`` docstrings). No psycopg exception escapes
-the public API: every one is translated here and chained as ``__cause__``.
+the public API: every one is translated here and chained as ``__cause__``, scrubbed of the values
+PostgreSQL quotes back (see ``scrubbed``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "QueryTimeoutError",
     "UnavailableError",
     "ValidationError",
+    "scrubbed",
     "translate",
 ]
 
@@ -264,6 +266,25 @@ def translate(exc: BaseException, *, operation: str) -> KitiumPgError:
             }.get(cls, code.replace("_", " "))
         return cls(f"{operation}: {message}{detail}", code=code, retryable=retryable)
     return InternalError(f"{operation}: unexpected error ({type(exc).__name__})")
+
+
+def scrubbed(exc: BaseException) -> BaseException:
+    """What a translated error is chained to (``raise error from scrubbed(exc)``): ``exc``
+    itself, or for an error the server sent, an exception of the same class (so the same
+    ``sqlstate``) with the same traceback whose message is the server's primary message alone.
+
+    A traceback prints the whole chain, and the server's text quotes values: the DETAIL line
+    of a unique, foreign key or check violation echoes the row (``Key (hash)=(…)``, ``Failing
+    row contains (…)``, a password hash included), and a data exception's primary message
+    quotes the input (``invalid input syntax for type uuid: "…"``), so for class 22 only the
+    SQLSTATE is kept. ``diag`` of the copy is empty."""
+    if not isinstance(exc, psycopg.Error) or exc.sqlstate is None:
+        return exc  # client-side: libpq and psycopg do not quote parameters
+    if exc.sqlstate.startswith("22"):
+        message = f"data exception (SQLSTATE {exc.sqlstate})"
+    else:
+        message = exc.diag.message_primary or f"SQLSTATE {exc.sqlstate}"
+    return type(exc)(message).with_traceback(exc.__traceback__)
 
 
 def connection_lost(exc: BaseException) -> bool:

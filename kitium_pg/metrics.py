@@ -46,7 +46,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ._base import logger
+from ._base import log_observer_failure
 from .errors import KitiumPgError
 from .observe import Observer
 
@@ -314,7 +314,7 @@ _FAILED: Final = object()
 
 def _log_failure(observer: Observer, method: str, operation: str) -> None:
     # As the adapter does for its own observer: the traceback and the operation's name only.
-    logger.exception(
+    log_observer_failure(
         "kitium_pg observer %s failed in %s(%s)", type(observer).__name__, method, operation
     )
 

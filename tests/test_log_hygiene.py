@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import logging
 import secrets
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -35,6 +36,8 @@ from kitium_pg import (
     ValidationError,
 )
 from kitium_pg._base import redact_dsn
+from kitium_pg.errors import scrubbed
+from kitium_pg.metrics import CompositeObserver
 from kitium_pg.encryption import generate_key
 from tests.conftest import AwaitableSync
 
@@ -421,3 +424,83 @@ def test_redact_dsn_hides_the_whole_password_of_any_dsn(form: str) -> None:
 )
 def test_redact_dsn_examples(text: str, expected: str) -> None:
     assert redact_dsn(text) == expected
+
+
+def _printed(error: BaseException) -> str:
+    """What a traceback of ``error`` shows: the whole chain, as ``logger.exception`` prints it."""
+    return "".join(traceback.format_exception(error))
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_refused_write_traceback_quotes_no_value(kind: str, dsn: str, schema: str) -> None:
+    """The chained cause keeps the server's class and SQLSTATE, not its DETAIL line: a unique
+    violation's ``Key (hash)=(…)`` and a check violation's ``Failing row contains (…)``, which
+    holds the password hash."""
+    digest = hashlib.sha256(secrets.token_bytes(16)).hexdigest()
+    password_hash = _secret("$argon2id$v=19$refused-row")
+    async with _adapter(kind, dsn, schema=schema) as storage:
+        user = await storage.create_user(email=f"u-{uuid.uuid4().hex[:8]}@example.com")
+        key = {"principal_id": user.id, "hash": digest, "prefix": "live", "last_four": "abcd"}
+        await storage.create_api_key(**key)
+        with pytest.raises(ConflictError) as duplicate:
+            await storage.create_api_key(**key)
+        # U+0958 is excluded from composition: NFC doubles its length, past the column's limit.
+        with pytest.raises(ValidationError) as too_long:
+            await storage.create_user(
+                email="\u0958" * 200 + "@example.com", password_hash=password_hash
+            )
+    cause = duplicate.value.__cause__
+    assert isinstance(cause, psycopg.errors.UniqueViolation)
+    assert cause.sqlstate == "23505"
+    assert "api_keys__hash_key" in str(cause)
+    assert digest not in _printed(duplicate.value)
+    assert isinstance(too_long.value.__cause__, psycopg.errors.CheckViolation)
+    assert password_hash not in _printed(too_long.value)
+
+
+async def test_a_data_exception_cause_keeps_only_its_sqlstate(dsn: str) -> None:
+    """A class 22 message quotes the input (``invalid input syntax for type uuid: "…"``)."""
+    value = _secret("not-a-uuid")
+    with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(psycopg.Error) as caught:
+        conn.execute("SELECT %s::text::uuid", (value,))
+    assert value in str(caught.value)
+    cleaned = scrubbed(caught.value)
+    assert type(cleaned) is type(caught.value)
+    assert value not in _printed(cleaned)
+    assert cleaned.__traceback__ is caught.value.__traceback__
+
+
+class _BrokenObserver:
+    def start(self, operation: str) -> object:
+        return None
+
+    def finish(self, token: object, operation: str, duration_s: float, error: object) -> None:
+        raise RuntimeError("exporter down")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("combined", [False, True], ids=["alone", "composite"])
+async def test_a_failing_observer_log_quotes_no_value(
+    kind: str, combined: bool, dsn: str, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The observer fails while the call's error (and the application's own exception
+    around the call) is being handled: its log has its own traceback, not theirs."""
+    digest = hashlib.sha256(secrets.token_bytes(16)).hexdigest()
+    around = _secret("application-exception")
+    observer = CompositeObserver(_BrokenObserver()) if combined else _BrokenObserver()
+    async with _adapter(kind, dsn, schema=schema, observer=observer) as storage:
+        user = await storage.create_user(email=f"u-{uuid.uuid4().hex[:8]}@example.com")
+        key = {"principal_id": user.id, "hash": digest, "prefix": "live", "last_four": "abcd"}
+        await storage.create_api_key(**key)
+        caplog.clear()
+        caplog.set_level(logging.DEBUG)
+        try:
+            raise LookupError(around)
+        except LookupError:
+            with pytest.raises(ConflictError):
+                await storage.create_api_key(**key)
+    failures = [r for r in caplog.records if "observer" in r.getMessage()]
+    assert failures and all(r.exc_info for r in failures)
+    assert "exporter down" in caplog.text
+    assert digest not in caplog.text
+    assert around not in caplog.text

@@ -21,7 +21,15 @@ from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import tuple_row
 
 from .. import _sql, _validate
-from .._base import Retry, Settings, backoff, log_call, logger, redact_dsn
+from .._base import (
+    Retry,
+    Settings,
+    backoff,
+    log_call,
+    observe_finish,
+    observe_start,
+    redact_dsn,
+)
 from .._transaction import TransactionState, raise_if_aborted, task_caller
 from ..encryption import ENV_VAR, Keyring
 from ..errors import (
@@ -33,6 +41,7 @@ from ..errors import (
     ValidationError,
     connection_lost,
     is_auto_retryable,
+    scrubbed,
     translate,
 )
 from ..observe import Observer
@@ -241,7 +250,7 @@ class AsyncCore:
                     await asyncio.sleep(_CALLS_POLL)
                 raise_if_aborted(conn, state)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc, operation="transaction") from exc
+            raise translate(exc, operation="transaction") from scrubbed(exc)
 
     @asynccontextmanager
     async def _savepoint(self) -> AsyncIterator[None]:
@@ -495,7 +504,7 @@ class AsyncCore:
                     if connection_lost(exc):
                         await self._replace_connections(self._replicas[n], started)
                     continue
-                raise error from exc
+                raise error from scrubbed(exc)
             log_call(f"{name}@replica{n}", started, 1)
             return result
         return _PRIMARY
@@ -557,7 +566,7 @@ class AsyncCore:
                 ):
                     await asyncio.sleep(backoff(attempt))
                     continue
-                raise error from exc
+                raise error from scrubbed(exc)
             log_call(name, started, attempt)
             return result
 
@@ -565,16 +574,16 @@ class AsyncCore:
         self, name: str, params: Mapping[str, Any], retry: Retry, make: Make, replica: bool
     ) -> Any:
         assert self._observer is not None
-        token = _observe_start(self._observer, name)
+        token = observe_start(self._observer, name)
         started = time.perf_counter()
         try:
             result = await self._run(
                 name, params, retry=retry, make=make, replica=replica, observed=True
             )
         except BaseException as exc:  # cancellation too: a started span must always end
-            _observe_finish(self._observer, token, name, time.perf_counter() - started, exc)
+            observe_finish(self._observer, token, name, time.perf_counter() - started, exc)
             raise
-        _observe_finish(self._observer, token, name, time.perf_counter() - started, None)
+        observe_finish(self._observer, token, name, time.perf_counter() - started, None)
         return result
 
     async def _one(
@@ -669,24 +678,6 @@ class AsyncCore:
                 progress(total)
             if taken < size:
                 return total
-
-
-def _observe_start(observer: Observer, name: str) -> object:
-    # A broken metrics exporter must never fail a database call: log and carry on.
-    try:
-        return observer.start(name)
-    except Exception:
-        logger.exception("kitium_pg observer failed in start(%s)", name)
-        return None
-
-
-def _observe_finish(
-    observer: Observer, token: object, name: str, duration_s: float, error: BaseException | None
-) -> None:
-    try:
-        observer.finish(token, name, duration_s, error)
-    except Exception:
-        logger.exception("kitium_pg observer failed in finish(%s)", name)
 
 
 # The reusable cursor of each live pooled connection (dropped with the connection).

@@ -24,6 +24,7 @@ from ..errors import (
     UnavailableError,
     ValidationError,
     connection_lost,
+    scrubbed,
     translate,
 )
 from .core import AsyncCore
@@ -108,7 +109,7 @@ class AsyncMigrations(AsyncCore):
                         await bound._apply(migration, migration.up)
                         done.append(migration.id)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc, operation="migrate") from exc
+            raise translate(exc, operation="migrate") from scrubbed(exc)
         return tuple(done)
 
     async def _apply(self, migration: Migration, sql: str) -> None:
@@ -159,7 +160,7 @@ class AsyncMigrations(AsyncCore):
                         await bound._exec("forget_migration", {"id": last.id}, retry=Retry.NEVER)
                         undone.append(last.id)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc, operation="rollback") from exc
+            raise translate(exc, operation="rollback") from scrubbed(exc)
         return tuple(undone)
 
     def app_role_grants(self, role: str) -> str:
@@ -174,7 +175,7 @@ class AsyncMigrations(AsyncCore):
             async with self._connection() as conn:
                 await conn.execute(sql)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc, operation="grant_app_role") from exc
+            raise translate(exc, operation="grant_app_role") from scrubbed(exc)
 
 
 def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:

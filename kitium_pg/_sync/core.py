@@ -22,7 +22,15 @@ from psycopg import Connection, Cursor
 from psycopg.rows import tuple_row
 
 from .. import _sql, _validate
-from .._base import Retry, Settings, backoff, log_call, logger, redact_dsn
+from .._base import (
+    Retry,
+    Settings,
+    backoff,
+    log_call,
+    observe_finish,
+    observe_start,
+    redact_dsn,
+)
 from .._transaction import TransactionState, raise_if_aborted, thread_caller
 from ..encryption import ENV_VAR, Keyring
 from ..errors import (
@@ -34,6 +42,7 @@ from ..errors import (
     ValidationError,
     connection_lost,
     is_auto_retryable,
+    scrubbed,
     translate,
 )
 from ..observe import Observer
@@ -242,7 +251,7 @@ class Core:
                     time.sleep(_CALLS_POLL)
                 raise_if_aborted(conn, state)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc, operation="transaction") from exc
+            raise translate(exc, operation="transaction") from scrubbed(exc)
 
     @contextmanager
     def _savepoint(self) -> Iterator[None]:
@@ -496,7 +505,7 @@ class Core:
                     if connection_lost(exc):
                         self._replace_connections(self._replicas[n], started)
                     continue
-                raise error from exc
+                raise error from scrubbed(exc)
             log_call(f"{name}@replica{n}", started, 1)
             return result
         return _PRIMARY
@@ -558,7 +567,7 @@ class Core:
                 ):
                     time.sleep(backoff(attempt))
                     continue
-                raise error from exc
+                raise error from scrubbed(exc)
             log_call(name, started, attempt)
             return result
 
@@ -566,14 +575,14 @@ class Core:
         self, name: str, params: Mapping[str, Any], retry: Retry, make: Make, replica: bool
     ) -> Any:
         assert self._observer is not None
-        token = _observe_start(self._observer, name)
+        token = observe_start(self._observer, name)
         started = time.perf_counter()
         try:
             result = self._run(name, params, retry=retry, make=make, replica=replica, observed=True)
         except BaseException as exc:  # cancellation too: a started span must always end
-            _observe_finish(self._observer, token, name, time.perf_counter() - started, exc)
+            observe_finish(self._observer, token, name, time.perf_counter() - started, exc)
             raise
-        _observe_finish(self._observer, token, name, time.perf_counter() - started, None)
+        observe_finish(self._observer, token, name, time.perf_counter() - started, None)
         return result
 
     def _one(
@@ -664,24 +673,6 @@ class Core:
                 progress(total)
             if taken < size:
                 return total
-
-
-def _observe_start(observer: Observer, name: str) -> object:
-    # A broken metrics exporter must never fail a database call: log and carry on.
-    try:
-        return observer.start(name)
-    except Exception:
-        logger.exception("kitium_pg observer failed in start(%s)", name)
-        return None
-
-
-def _observe_finish(
-    observer: Observer, token: object, name: str, duration_s: float, error: BaseException | None
-) -> None:
-    try:
-        observer.finish(token, name, duration_s, error)
-    except Exception:
-        logger.exception("kitium_pg observer failed in finish(%s)", name)
 
 
 # The reusable cursor of each live pooled connection (dropped with the connection).
