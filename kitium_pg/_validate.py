@@ -39,6 +39,7 @@ INT4_MAX: Final = 2**31 - 1
 # Python's ``\s`` on str patterns is exactly ``str.isspace`` (checked over every code point
 # in tests/test_validate.py), and a quarter of the cost of a generator over the characters.
 _WHITESPACE: Final = re.compile(r"\s")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 
 
 def text(field: str, value: object, *, max_len: int = SHORT, allow_empty: bool = False) -> str:
@@ -65,9 +66,11 @@ def opt_text(field: str, value: object, *, max_len: int = SHORT) -> str | None:
 
 def email(field: str, value: object) -> str:
     """An email address, in Unicode normal form NFC: text with an ``@``, something on either
-    side, no whitespace, no invisible format characters (zero-width space and the like) and no
-    trailing dot on the domain. Normalising makes two spellings of one address (``é`` as one
-    code point or as ``e`` and a combining accent) one address, for uniqueness and lookup."""
+    side, no whitespace, no control characters (a backspace or a terminal escape would make
+    the address print as another), no invisible format characters (zero-width space and the
+    like) and no trailing dot on the domain. Normalising makes two spellings of one address
+    (``é`` as one code point or as ``e`` and a combining accent) one address, for uniqueness
+    and lookup."""
     value = email_key(text(field, value, max_len=EMAIL))
     local, at, domain = value.rpartition("@")
     if (
@@ -76,6 +79,7 @@ def email(field: str, value: object) -> str:
         or not domain
         or domain.endswith(".")
         or _WHITESPACE.search(value)
+        or _CONTROL.search(value)
         # ASCII holds no format character: most addresses skip the per-character scan.
         or (not value.isascii() and any(unicodedata.category(c) == "Cf" for c in value))
     ):
@@ -139,17 +143,28 @@ def integer(field: str, value: object, *, minimum: int = 0, maximum: int = INT4_
     return value
 
 
+# The instants a timestamp may hold: a day inside Python's range at either end, so that the
+# stored value reads back as a datetime in any session time zone (a caller's pool, PgBouncer):
+# psycopg converts to the session's zone, and 9999-12-31 20:00 UTC is year 10000 in Tokyo.
+_EARLIEST: Final = dt.datetime(1, 1, 2, tzinfo=UTC)
+_LATEST: Final = dt.datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC)
+
+
 def timestamp(field: str, value: object) -> dt.datetime:
-    """A timezone-aware datetime, returned in UTC. Naive datetimes are refused: guessing their
-    zone is how expiry checks drift (the reference's ``TIMESTAMP`` bug)."""
+    """A timezone-aware datetime from 0001-01-02 to 9999-12-30 UTC, returned in UTC. Naive
+    datetimes are refused: guessing their zone is how expiry checks drift (the reference's
+    ``TIMESTAMP`` bug)."""
     if not isinstance(value, dt.datetime):
         raise ValidationError(field, f"must be a datetime, not {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValidationError(field, "must be timezone-aware (naive datetimes are refused)")
     try:
-        return value.astimezone(UTC)
+        instant = value.astimezone(UTC)
     except OverflowError:
-        raise ValidationError(field, "is out of range") from None
+        instant = None
+    if instant is None or not _EARLIEST <= instant <= _LATEST:
+        raise ValidationError(field, "must be from 0001-01-02 to 9999-12-30 (UTC)")
+    return instant
 
 
 def opt_timestamp(field: str, value: object) -> dt.datetime | None:
@@ -187,8 +202,13 @@ def _check_json(field: str, value: object, depth: int) -> bool:
     if depth > JSON_DEPTH:
         raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
     kind = type(value)
-    if kind is dict or (kind is not list and isinstance(value, Mapping)):
+    if kind is dict:
         items = _checked_keys(field, cast(Mapping[object, object], value), depth)
+    elif kind is not list and isinstance(value, Mapping):
+        # The C encoder takes dicts only (a dict subclass too); another mapping goes through
+        # _dumps_exact, as a document with floats needing exact formatting does.
+        _check_json(field, dict(value), depth)
+        return True
     elif kind is list or kind is tuple or isinstance(value, list | tuple):
         if value and depth >= JSON_DEPTH:
             raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
@@ -226,7 +246,8 @@ def _check_scalar(field: str, value: object) -> bool:
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise ValidationError(field, "must not contain NaN or Infinity")
-        return "e" in repr(value)
+        # float's own repr: a subclass's (numpy.float64: "np.float64(1e-07)") is not a number.
+        return "e" in float.__repr__(value)
     elif value is not None and not isinstance(value, bool | int):
         raise ValidationError(field, f"is not JSON-serialisable ({type(value).__name__})")
     return False
@@ -236,7 +257,7 @@ def _plain_float(value: float) -> str:
     # jsonb stores numbers as numeric and prints them without an exponent, so 3.6e16 would come
     # back as the int 36028797018963970. Written out in full with a decimal point, the value
     # survives as the same float.
-    text = format(decimal.Decimal(repr(value)), "f")
+    text = format(decimal.Decimal(float.__repr__(value)), "f")
     return text if "." in text else f"{text}.0"
 
 

@@ -717,7 +717,8 @@ def delete_expired(state: _Context, batch_size: int) -> None:
 @cli.command("prune-events", short_help="Delete audit events older than a cutoff.")
 @click.option(
     "--older-than-days",
-    type=click.IntRange(min=0),
+    # At most ~1,900 years: the cutoff must stay a datetime (year 1 or later).
+    type=click.IntRange(min=0, max=700_000),
     required=True,
     metavar="DAYS",
     help="Delete events whose timestamp is more than DAYS days in the past.",

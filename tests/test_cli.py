@@ -283,6 +283,8 @@ def test_usage_errors_exit_2(dsn: str, schema: str) -> None:
     assert run("no-such-command").exit_code == 2
     assert db(dsn, schema, "migrate", "--optional", "no_such_migration").exit_code == 2
     assert db(dsn, schema, "rotate-keys", "--batch-size", "0").exit_code == 2
+    # A cutoff before year 1 is not a datetime: a usage error, not an OverflowError.
+    assert db(dsn, schema, "prune-events", "--older-than-days", "1000000").exit_code == 2
     assert run("grant").exit_code == 2  # --role is required
     assert run("grant", "--role", "Not-A-Role").exit_code == 2
     assert run("gen-key", "--key-id", "a:b").exit_code == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import types
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -697,3 +698,39 @@ async def test_emit_events_counts_rows_an_attempt_committed_after_the_retry_bega
             [{"type": "login", "principal_id": principal, "data": {}} for _ in ids]
         )
     assert written == 3
+
+
+class _ReprFloat(float):
+    def __repr__(self) -> str:  # as numpy.float64's: "np.float64(1e-07)"
+        return f"np.float64({float.__repr__(self)})"
+
+
+async def test_data_as_any_mapping_with_float_subclasses_is_stored(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    principal = unique("mapping")
+    data = types.MappingProxyType(
+        {"tiny": _ReprFloat(1e-7), "n": 1, "m": {"big": _ReprFloat(3.6e16)}}
+    )
+    event = await storage.emit_event(type="t", principal_id=principal, data=data)
+    assert event.data == {"tiny": 1e-7, "n": 1, "m": {"big": 3.6e16}}
+    batch = [{"type": "t", "principal_id": principal, "data": data}] * 2
+    assert await storage.emit_events(batch) == 2
+    page = await storage.list_events(principal_id=principal)
+    assert [e.data for e in page.events] == [event.data] * 3
+
+
+async def test_a_timestamp_that_could_not_be_read_back_is_refused(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    principal = unique("far")
+    far = dt.datetime(9999, 12, 31, 20, tzinfo=dt.UTC)  # year 10000 in Asia/Tokyo
+    with pytest.raises(ValidationError) as refused:
+        await storage.emit_event(type="t", principal_id=principal, data={}, timestamp=far)
+    assert refused.value.field == "timestamp"
+    with pytest.raises(ValidationError) as in_batch:
+        await storage.emit_events(
+            [{"type": "t", "principal_id": principal, "data": {}, "timestamp": far}]
+        )
+    assert in_batch.value.field == "events[0].timestamp"
+    assert (await storage.list_events(principal_id=principal)).events == ()

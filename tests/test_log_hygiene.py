@@ -36,9 +36,9 @@ from kitium_pg import (
     ValidationError,
 )
 from kitium_pg._base import redact_dsn
+from kitium_pg.encryption import generate_key
 from kitium_pg.errors import scrubbed
 from kitium_pg.metrics import CompositeObserver
-from kitium_pg.encryption import generate_key
 from tests.conftest import AwaitableSync
 
 from .fix_secrets import REGISTRY, LogCollector, SecretRegistry, register, session_collector

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
+import json
 import math
 import sys
+import types
 import unicodedata
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -124,12 +127,12 @@ _ADDRESS_PART = st.text(
 
 @given(local=_ADDRESS_PART, domain=_ADDRESS_PART)
 def test_email_is_refused_exactly_when_malformed_and_kept_in_nfc(local: str, domain: str) -> None:
-    """Refused for whitespace, an invisible format character or a domain ending in a dot;
-    otherwise returned in Unicode normal form NFC."""
+    """Refused for whitespace, a control or invisible format character or a domain ending in a
+    dot; otherwise returned in Unicode normal form NFC."""
     address = f"{local}@{domain}"
     normal = unicodedata.normalize("NFC", address)
     malformed = any(
-        c.isspace() or unicodedata.category(c) == "Cf" for c in normal
+        c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in normal
     ) or normal.endswith(".")
     if malformed:
         with pytest.raises(ValidationError, match="email address") as raised:
@@ -140,7 +143,16 @@ def test_email_is_refused_exactly_when_malformed_and_kept_in_nfc(local: str, dom
 
 
 @pytest.mark.parametrize(
-    "address", ["bob\u200b@example.com", "bob@example.com.", "\ufeffbob@example.com"]
+    "address",
+    [
+        "bob\u200b@example.com",
+        "bob@example.com.",
+        "\ufeffbob@example.com",
+        "mallory\x08\x08\x08\x08\x08\x08\x08admin@example.com",  # prints as admin@...
+        "a\x1b[2J\x07@example.com",  # a terminal escape
+        "bob\x7f@example.com",
+        "bob\x9b@example.com",
+    ],
 )
 def test_email_refuses_invisible_characters_and_a_trailing_dot(address: str) -> None:
     with pytest.raises(ValidationError, match="email address"):
@@ -190,3 +202,61 @@ def test_strings_names_the_bad_item(item: object) -> None:
     with pytest.raises(ValidationError) as raised:
         v.strings("scopes", ["ok", item])
     assert raised.value.field == "scopes[1]"
+
+
+class _ReprFloat(float):
+    """A float whose repr is not a number, as numpy.float64's is (``np.float64(1e-07)``)."""
+
+    def __repr__(self) -> str:
+        return f"_ReprFloat({float.__repr__(self)})"
+
+
+@pytest.mark.parametrize("number", [0.5, 1e-7, 3.6e16, -2.5e-300])
+def test_a_float_subclass_is_serialised_as_its_value(number: float) -> None:
+    text = v.json_text("data", {"x": _ReprFloat(number), "y": [_ReprFloat(number)]})
+    assert json.loads(text) == {"x": number, "y": [number]}
+
+
+def test_any_mapping_is_a_json_object_whatever_it_holds() -> None:
+    """A mapping that is not a dict serialises, nested or not, with or without floats (the C
+    encoder takes dicts only)."""
+    inner = types.MappingProxyType({"n": 1, "f": 1e300, "s": "x"})
+    for value in (types.MappingProxyType({"a": 1}), {"m": inner}, {"l": [inner]}):
+        assert json.loads(v.json_text("data", value)) == json.loads(json.dumps(_plain(value)))
+    _, exact = v.json_object("data", types.MappingProxyType({"a": 1}))
+    assert exact  # emit_events then serialises it on the exact path
+    with pytest.raises(ValidationError, match="keys must be strings"):
+        v.json_text("data", types.MappingProxyType({1: "x"}))
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Mapping):
+        return {k: _plain(x) for k, x in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(x) for x in value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        dt.datetime.max.replace(tzinfo=dt.UTC),
+        dt.datetime(9999, 12, 31, tzinfo=dt.UTC),
+        dt.datetime.min.replace(tzinfo=dt.UTC),
+        dt.datetime(1, 1, 1, 23, 59, tzinfo=dt.UTC),
+        dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=-5))),  # 0001-01-01 05:00 UTC
+        dt.datetime.max.replace(tzinfo=dt.timezone(dt.timedelta(hours=-5))),  # past year 9999
+    ],
+)
+def test_a_timestamp_a_session_time_zone_could_not_read_back_is_refused(value: dt.datetime) -> None:
+    """psycopg reads timestamptz in the session's time zone: within a day of either end of
+    datetime's range, some zone would make it year 0 or 10000."""
+    with pytest.raises(ValidationError, match="from 0001-01-02 to 9999-12-30") as refused:
+        v.timestamp("expires_at", value)
+    assert refused.value.field == "expires_at"
+
+
+def test_the_timestamp_range_ends_are_accepted() -> None:
+    assert v.timestamp("t", dt.datetime(1, 1, 2, tzinfo=dt.UTC)).year == 1
+    latest = dt.datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=dt.UTC)
+    assert v.timestamp("t", latest) == latest

@@ -64,8 +64,8 @@ class Events(Core):
 
         Each event is a dict with the keys ``type``, ``principal_id`` and ``data`` and optionally
         ``org_id`` and ``timestamp``, with the meaning they have in ``emit_event``. Every event is
-        checked before anything is sent: a ``ValidationError`` names the first bad field with its
-        index (``events[3].type``) and nothing is written. At most ``MAX_BATCH`` (10,000) events
+        checked before anything is sent: a ``ValidationError`` names a bad field with its index
+        (``events[3].type``) and nothing is written. At most ``MAX_BATCH`` (10,000) events
         per call; an empty batch returns 0 without touching the database. Retried on transient
         failures: the ids are generated before the first attempt, so a retry skips the rows an
         earlier attempt wrote and still counts them.
