@@ -36,6 +36,18 @@ class TransactionState:
             self.calls += 1
         try:
             yield
+        except psycopg.errors.InFailedSqlTransaction:
+            failure = self.failure
+            if failure is None:
+                raise
+            # Not the cause: the call the block caught is. Raised again as it was (class,
+            # code, retryable), so run_in_transaction still re-runs a deadlock caught this way.
+            raise again(
+                failure,
+                f"{operation}: not run, the transaction is aborted: a call inside it failed"
+                f" ({failure}) and the block went on; a call that may fail belongs in a nested"
+                " transaction() (a savepoint)",
+            ) from failure
         except psycopg.Error as exc:
             self.record(exc, operation)
             raise
@@ -84,14 +96,17 @@ def raise_if_aborted(conn: psycopg.BaseConnection[Any], state: TransactionState)
     failure = state.failure
     if failure is None:
         raise InternalError("transaction: aborted by a failed statement; rolled back")
-    # Built without its __init__, whose signature varies (ValidationError).
-    again = rebuild(
-        type(failure),
+    raise again(
+        failure,
         f"transaction rolled back: a call inside it failed ({failure}) and the block went on;"
         " a call that may fail belongs in a nested transaction() (a savepoint)",
-        failure.__dict__,
-    )
-    raise again from failure
+    ) from failure
+
+
+def again(failure: KitiumPgError, message: str) -> KitiumPgError:
+    """``failure`` raised anew with ``message``: same class, ``code``, ``retryable`` and
+    ``field``. Built without its ``__init__``, whose signature varies (``ValidationError``)."""
+    return rebuild(type(failure), message, failure.__dict__)
 
 
 def task_caller() -> object:

@@ -13,15 +13,16 @@ import psycopg
 import pytest
 
 from kitium_pg import (
+    AsyncPostgresStorageAdapter,
     ConflictError,
-    InternalError,
     NotFoundError,
+    PostgresStorageAdapter,
     QueryTimeoutError,
     ValidationError,
 )
 from kitium_pg._base import Retry
 
-from .conftest import drive
+from .conftest import AwaitableSync, drive
 
 
 class Boom(Exception):
@@ -253,15 +254,85 @@ async def test_a_caught_failure_fails_the_block_instead_of_a_silent_rollback(
         await storage.run_in_transaction(work)
     assert await storage.get_user_by_email(f"work-{email}") is None
 
-    # Calls after the caught failure fail too (in_failed_sql_transaction): the block still ends
-    # with the failure that aborted the transaction, its class and code, not with theirs.
-    with pytest.raises(ConflictError) as caught:
-        async with storage.transaction() as tx:
-            with pytest.raises(ConflictError):
+    # Calls after the caught failure are not run (in_failed_sql_transaction): they raise the
+    # failure that aborted the transaction, its class and code, and so does the block, whether
+    # or not the later failure is caught.
+    for catch_the_later_one in (True, False):
+        with pytest.raises(ConflictError) as caught:
+            async with storage.transaction() as tx:
+                with pytest.raises(ConflictError):
+                    await tx.create_user(email=email)
+                if catch_the_later_one:
+                    with pytest.raises(ConflictError) as later:
+                        await tx.get_user(existing.id)
+                    assert later.value.code == "unique_violation"
+                    assert "get_user: not run, the transaction is aborted" in str(later.value)
+                else:
+                    await tx.get_user(existing.id)
+        assert caught.value.code == "unique_violation"
+
+
+@pytest.fixture
+def trip_schema(dsn: str) -> Any:
+    """A private schema whose users table fails the first insert with a deadlock (40P01)."""
+    name = f"trip_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE".encode())
+
+
+def _trip_first_insert(dsn: str, schema: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f"""
+            CREATE SEQUENCE {schema}.trips;
+            CREATE FUNCTION {schema}.trip() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+              -- nextval is not rolled back with the transaction: only the first insert fails
+              IF nextval('{schema}.trips') = 1 THEN
+                RAISE EXCEPTION 'deadlock (test)' USING ERRCODE = '40P01';
+              END IF;
+              RETURN NEW;
+            END $$;
+            CREATE TRIGGER trip BEFORE INSERT ON {schema}.users
+              FOR EACH ROW EXECUTE FUNCTION {schema}.trip();
+            """.encode()
+        )
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("caught", [False, True], ids=["raised", "caught"])
+async def test_run_in_transaction_reruns_a_deadlock_even_when_work_caught_it(
+    kind: str, caught: bool, dsn: str, trip_schema: str
+) -> None:
+    """A deadlock rolls the transaction back; a later call in ``work`` raises it again rather
+    than an error of its own, so run_in_transaction still sees a deadlock and re-runs."""
+    email = f"trip-{uuid.uuid4().hex[:8]}@example.com"
+    attempts: list[int] = []
+
+    async def work(tx: Any) -> Any:
+        attempts.append(1)
+        if caught:
+            with contextlib.suppress(ConflictError):
                 await tx.create_user(email=email)
-            with pytest.raises(InternalError):
-                await tx.get_user(existing.id)
-    assert caught.value.code == "unique_violation"
+            return await tx.get_user_by_email(email)
+        return await tx.create_user(email=email)
+
+    options = {"schema": trip_schema, "max_retries": 2}
+    if kind == "sync":
+        sync = PostgresStorageAdapter(dsn, **options)
+        sync.connect()
+        try:
+            _trip_first_insert(dsn, trip_schema)
+            result = sync.run_in_transaction(lambda tx: drive(work(AwaitableSync(tx))))
+        finally:
+            sync.disconnect()
+    else:
+        async with AsyncPostgresStorageAdapter(dsn, **options) as adapter:
+            _trip_first_insert(dsn, trip_schema)
+            result = await adapter.run_in_transaction(work)
+    assert len(attempts) == 2
+    assert result is not None and result.email == email  # written by the second attempt
 
 
 async def test_a_caught_failure_of_any_class_is_raised_again_as_itself(storage: Any) -> None:

@@ -210,17 +210,18 @@ class AsyncCore:
         use ``run_in_transaction`` to retry the whole unit on serialization failures or
         deadlocks.
 
-        A failed call aborts the whole transaction in PostgreSQL, even when the block catches
-        its error: the block then raises that error again on exit (chained to the first) rather
-        than let the commit turn silently into a rollback. A call that may fail without undoing
-        the rest belongs in a nested ``tx.transaction()`` block, a savepoint: its failure rolls
-        back to the savepoint only. While one task (thread, for the sync adapter) has a
-        savepoint open, calls on the transaction from other tasks raise ``ValidationError``, as
-        does opening a savepoint while other tasks' calls run: a savepoint's rollback would
-        undo their writes. Leaving the block waits for calls other tasks already started on
-        ``tx`` (up to their statement timeout), so that their failures are seen before the
-        commit; later calls raise ``ValidationError``. Raises the translated error when the
-        commit itself fails."""
+        A failed call aborts the whole transaction in PostgreSQL, even when the block
+        catches its error: every later call on ``tx`` is not run and raises that error
+        again, and so does the block on exit (same class, ``code`` and ``retryable``,
+        chained to the first), rather than let the commit turn silently into a rollback. A
+        call that may fail without undoing the rest belongs in a nested ``tx.transaction()``
+        block, a savepoint: its failure rolls back to the savepoint only. While one task
+        (thread, for the sync adapter) has a savepoint open, calls on the transaction from
+        other tasks raise ``ValidationError``, as does opening a savepoint while other
+        tasks' calls run: a savepoint's rollback would undo their writes. Leaving the block
+        waits for calls other tasks already started on ``tx`` (up to their statement
+        timeout), so that their failures are seen before the commit; later calls raise
+        ``ValidationError``. Raises the translated error when the commit itself fails."""
         try:
             if self._conn is not None:
                 async with self._savepoint():
