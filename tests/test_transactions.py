@@ -318,7 +318,7 @@ async def test_run_in_transaction_reruns_a_deadlock_even_when_work_caught_it(
             return await tx.get_user_by_email(email)
         return await tx.create_user(email=email)
 
-    options = {"schema": trip_schema, "max_retries": 2}
+    options: dict[str, Any] = {"schema": trip_schema, "max_retries": 2}
     if kind == "sync":
         sync = PostgresStorageAdapter(dsn, **options)
         sync.connect()
