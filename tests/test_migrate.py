@@ -348,6 +348,65 @@ def test_an_application_role_uses_the_with_form_on_a_migrated_schema(dsn: str) -
             admin.execute(f"DROP ROLE {role}".encode())
 
 
+def test_an_application_role_waiting_for_a_migrator_connects_once_it_is_done(dsn: str) -> None:
+    """A rolling deploy: an instance running as the application role finds an optional
+    migration pending and waits for the migrator's lock; once the migrator has applied it,
+    nothing is pending and the instance connects (it creates nothing: the ledger exists)."""
+    schema = f"appwait_{uuid.uuid4().hex[:10]}"
+    role = f"kpg_app_{uuid.uuid4().hex[:8]}"
+    with PostgresStorageAdapter(dsn, schema=schema, max_size=1) as owner:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(f"CREATE ROLE {role} LOGIN".encode())
+        owner.grant_app_role(role)
+    (rls,) = [m for m in load_migrations(schema, optional=["tenant_rls"]) if m.id == "tenant_rls"]
+    outcome: list[object] = []
+
+    def connect_as_the_application() -> None:
+        app = PostgresStorageAdapter(
+            make_conninfo(dsn, user=role),
+            schema=schema,
+            max_size=1,
+            optional_migrations=["tenant_rls"],
+        )
+        try:
+            app.connect()
+            outcome.append(app.migration_status().pending)
+        except Exception as exc:  # reported below
+            outcome.append(exc)
+        finally:
+            app.disconnect()
+
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            [f"kitium_pg.migrations.{schema}"],
+        )
+        waiter = threading.Thread(target=connect_as_the_application)
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while (
+            time.monotonic() < deadline
+            and not holder.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE usename = %s AND wait_event_type = 'Lock'",
+                [role],
+            ).fetchone()
+        ):
+            time.sleep(0.02)
+        holder.execute(rls.up.encode())
+        ledger = f"{schema}.auth_migrations (id, checksum, duration_ms)"
+        holder.execute(f"INSERT INTO {ledger} VALUES (%s, %s, 0)".encode(), [rls.id, rls.checksum])
+        holder.commit()
+        waiter.join(timeout=30)
+        assert outcome == [()], outcome
+    finally:
+        holder.close()
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
+            admin.execute(f"DROP OWNED BY {role}".encode())
+            admin.execute(f"DROP ROLE {role}".encode())
+
+
 def test_migrate_and_rollback_on_a_closed_adapter_are_unavailable(dsn: str) -> None:
     storage = PostgresStorageAdapter(dsn, max_size=1)
     with pytest.raises(UnavailableError):

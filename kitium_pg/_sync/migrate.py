@@ -63,7 +63,11 @@ class Migrations(Core):
             "set_local_setting", {"name": "statement_timeout", "value": "0"}, retry=Retry.NEVER
         )
         self._value("lock_migrations", {}, retry=Retry.NEVER)
-        self._run("ensure_ledger", {}, retry=Retry.NEVER)
+        # Only when missing: CREATE SCHEMA IF NOT EXISTS needs the right to create schemas
+        # even when the schema exists, and a role without DDL rights may have waited here
+        # for another process that has just applied everything.
+        if not self._value("ledger_exists", {}, retry=Retry.NEVER):
+            self._run("ensure_ledger", {}, retry=Retry.NEVER)
         rows = self._run("list_applied_migrations", {}, retry=Retry.NEVER)
         return {mig_id: checksum for mig_id, checksum in rows}
 
