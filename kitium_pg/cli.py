@@ -40,7 +40,7 @@ from ._base import (
     redact_dsn,
 )
 from ._sync.adapter import PostgresStorageAdapter
-from .encryption import ENV_VAR, Keyring, _key_id_problem, generate_key
+from .encryption import ENV_VAR, Keyring, _key_id_problem, generate_key, shown_key_id
 from .errors import (
     EncryptionKeyError,
     KitiumPgError,
@@ -610,8 +610,11 @@ def rotate_keys(state: _Context, batch_size: int) -> None:
 
     Keys come from KITIUM_PG_ENCRYPTION_KEYS: append the new key (the last one encrypts), keep
     the old ones until this command has run, then remove them. Safe while the application
-    writes, and to run again after an interruption. Exits 5 when the variable is unset or a
-    stored value's key is not in it.
+    writes, and to run again after an interruption. Succeeds only when no stored value is left
+    under another key; exits 1 when values a process with an older keyring keeps re-writing
+    remain after three passes, or when row-level security (tenant_rls) hides rows from this
+    role (run it as the schema owner), and 5 when the variable is unset or a stored value's key
+    is not in it.
     """
     keyring = _env_keyring()
     if keyring is None:
@@ -623,7 +626,7 @@ def rotate_keys(state: _Context, batch_size: int) -> None:
         _require_migrated(state, storage, "rotate-keys")
         state.info.print(
             f"re-encrypting secrets in schema {state.schema} under key {current!r}"
-            f" (configured: {', '.join(keyring.key_ids)})",
+            f" (configured: {', '.join(shown_key_id(k, quoted=False) for k in keyring.key_ids)})",
             markup=False,
         )
         bar = _RotationBar(state)
@@ -636,7 +639,7 @@ def rotate_keys(state: _Context, batch_size: int) -> None:
             {
                 "schema": state.schema,
                 "key_id": current,
-                "key_ids": list(keyring.key_ids),
+                "key_ids": [shown_key_id(k, quoted=False) for k in keyring.key_ids],
                 "reencrypted": count,
             }
         )

@@ -63,10 +63,11 @@ def _key_id_problem(key_id: object, *, new: bool = False) -> str | None:
     return None
 
 
-def _shown_key_id(key_id: object) -> str:
-    """How a stored key id appears in a message: quoted, unless it may be a key."""
+def shown_key_id(key_id: object, *, quoted: bool = True) -> str:
+    """How a key id appears in a message or the CLI's output: as itself (``repr`` when
+    ``quoted``), unless it may be a key."""
     if isinstance(key_id, str) and not _KEY_SHAPED.fullmatch(key_id):
-        return repr(key_id)
+        return repr(key_id) if quoted else key_id
     return "<an id shaped like a key, not shown>"
 
 
@@ -133,8 +134,8 @@ class Keyring:
             )
 
     def __repr__(self) -> str:
-        ids = ", ".join(_shown_key_id(key_id) for key_id in self._keys)
-        return f"Keyring(key_ids=[{ids}], current={_shown_key_id(self.current_key_id)})"
+        ids = ", ".join(shown_key_id(key_id) for key_id in self._keys)
+        return f"Keyring(key_ids=[{ids}], current={shown_key_id(self.current_key_id)})"
 
     @property
     def key_ids(self) -> tuple[str, ...]:
@@ -182,7 +183,7 @@ class Keyring:
         """The plaintext of ``blob``. Raises ``EncryptionKeyError`` when ``key_id`` is not
         configured or the value does not authenticate (wrong key, tampered or moved value)."""
         cipher = self._keys.get(key_id)
-        shown = _shown_key_id(key_id)
+        shown = shown_key_id(key_id)
         if cipher is None:
             raise EncryptionKeyError(
                 f"{column}: value of row {row_id} is encrypted with key {shown}, which is"

@@ -10,6 +10,18 @@ SELECT (SELECT count(*) FROM kitium_auth.twofa_devices WHERE secret_key_id <> :k
      + (SELECT count(*) FROM kitium_auth.sso_providers WHERE signing_key_key_id <> :key_id)
      + (SELECT count(*) FROM kitium_auth.oauth_accounts WHERE tokens_key_id <> :key_id);
 
+-- name: secrets_hidden_by_row_security()$
+-- Whether row-level security filters a table holding secrets for a role that is not its owner
+-- (tenant_rls lets the owner see every row).
+SELECT EXISTS (
+  SELECT 1
+    FROM pg_catalog.pg_class AS c
+   WHERE c.oid IN ('kitium_auth.twofa_devices'::regclass,
+                   'kitium_auth.sso_providers'::regclass,
+                   'kitium_auth.oauth_accounts'::regclass)
+     AND row_security_active(c.oid)
+     AND NOT pg_has_role(c.relowner, 'USAGE'));
+
 -- name: stale_twofa_secrets(key_id, after, batch_size)
 -- The next batch (after a given id) of 2FA device secrets under an older key.
 SELECT id, secret_key_id, secret_ciphertext

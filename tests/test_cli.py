@@ -419,6 +419,21 @@ def test_rotate_keys_reencrypts_under_the_new_key(dsn: str, schema: str) -> None
     assert "nothing to re-encrypt" in db(dsn, schema, "rotate-keys", env=both).stdout
 
 
+def test_rotate_keys_never_prints_an_older_id_shaped_like_a_key(dsn: str, schema: str) -> None:
+    """An older entry's id may be a misplaced key: shown as a placeholder, as in the
+    keyring's repr."""
+    shaped, k1, k2 = generate_key(), generate_key(), generate_key()
+    _secrets_under(dsn, schema, {"old": k1})  # migrates the schema
+    env = {ENV_VAR: f"old:{k1},{shaped}:{generate_key()},new:{k2}"}
+    text = db(dsn, schema, "rotate-keys", env=env)
+    as_object = db(dsn, schema, "--json", "rotate-keys", env=env)
+    assert text.exit_code == 0 and as_object.exit_code == 0, text.output + as_object.output
+    assert "configured: old, <an id shaped like a key, not shown>, new" in text.stdout
+    hidden = "<an id shaped like a key, not shown>"
+    assert as_json(as_object)["key_ids"] == ["old", hidden, "new"]
+    assert shaped not in text.output + as_object.output
+
+
 def test_rotate_keys_progress_in_json_mode(dsn: str, schema: str) -> None:
     k1, k2 = generate_key(), generate_key()
     count = _secrets_under(dsn, schema, {"old": k1})

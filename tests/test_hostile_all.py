@@ -184,10 +184,12 @@ def classify_time(value: object, *, optional: bool = False) -> str:
     if not isinstance(value, dt.datetime) or value.utcoffset() is None:
         return BAD
     try:
-        value.astimezone(UTC)
+        instant = value.astimezone(UTC)
     except OverflowError:
         return BAD
-    return CLEAN
+    # A day inside datetime's range: readable back in any session time zone.
+    earliest, latest = dt.datetime(1, 1, 2, tzinfo=UTC), dt.datetime(9999, 12, 31, tzinfo=UTC)
+    return CLEAN if earliest <= instant < latest else BAD
 
 
 def _json_tag(value: object, depth: int) -> str:
@@ -386,15 +388,18 @@ timezones = st.builds(
     dt.timezone, st.timedeltas(min_value=dt.timedelta(hours=-23), max_value=dt.timedelta(hours=23))
 )
 EDGE_TIMES = [
-    dt.datetime.min.replace(tzinfo=UTC),
-    dt.datetime.max.replace(tzinfo=UTC),
-    dt.datetime(1, 1, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=-3))),
-    dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    dt.datetime(1, 1, 2, tzinfo=UTC),
+    dt.datetime(1, 1, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=-13))),  # 0001-01-02 01:00
+    dt.datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC),
     dt.datetime(1970, 1, 1, tzinfo=UTC),
 ]
 OUT_OF_RANGE_TIMES = [
     dt.datetime.min.replace(tzinfo=dt.timezone(dt.timedelta(hours=5))),  # year 0 in UTC
     dt.datetime.max.replace(tzinfo=dt.timezone(dt.timedelta(hours=-5))),  # year 10000 in UTC
+    # Within a day of datetime's range: year 0 or 10000 in some session time zone.
+    dt.datetime.min.replace(tzinfo=UTC),
+    dt.datetime.max.replace(tzinfo=UTC),
+    dt.datetime(9999, 12, 31, tzinfo=UTC),
 ]
 
 

@@ -7,10 +7,11 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from kitium_pg import PostgresStorageAdapter
 from kitium_pg.encryption import generate_key
-from kitium_pg.errors import EncryptionKeyError
+from kitium_pg.errors import ConflictError, EncryptionKeyError, PermissionDeniedError
 
 OLD, NEW = generate_key(), generate_key()
 
@@ -21,7 +22,7 @@ def schema(dsn: str) -> Iterator[str]:
     name = f"rot_{uuid.uuid4().hex[:10]}"
     yield name
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {name} CASCADE".encode())
+        conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE".encode())
 
 
 def test_rotation_moves_every_secret_to_the_newest_key(dsn: str, schema: str) -> None:
@@ -103,12 +104,74 @@ def test_rotation_never_overwrites_a_secret_rewritten_under_the_old_key(
                 return decrypt(*args)  # type: ignore[arg-type]
 
             monkeypatch.setattr(rotating, "_decrypt", decrypt_then_race)
-            assert rotating.rotate_keys() == 0  # the swap found the row changed: nothing stored
+            # The first pass's swap finds the row changed and stores nothing; the second pass
+            # moves the new seed.
+            assert rotating.rotate_keys() == 1
             assert rewritten == [True]
             monkeypatch.undo()
             found = rotating.get_two_factor_device(device.id)
             assert found is not None and found.secret == "FRESHSEED2345678"
-            assert rotating.rotate_keys() == 1  # the next pass moves the new seed
+            assert rotating.rotate_keys() == 0
     with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"new": NEW}) as after:
         found = after.get_two_factor_device(device.id)
         assert found is not None and found.secret == "FRESHSEED2345678"
+
+
+def test_rotation_reports_secrets_an_old_writer_keeps_rewriting(
+    dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process still on the old keyring re-writes the secret during every pass: the call
+    ends with an error that says so, not with a count that looks like success."""
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"old": OLD}) as old_app:
+        user = old_app.create_user()
+        device = old_app.create_two_factor_device(
+            user_id=user.id, method="totp", secret="FIRSTSEED2345678"
+        )
+        with PostgresStorageAdapter(
+            dsn, schema=schema, encryption_keys={"old": OLD, "new": NEW}
+        ) as rotating:
+            decrypt = rotating._decrypt
+
+            def decrypt_then_race(*args: object) -> str | None:
+                old_app.update_two_factor_device(device.id, secret="RACINGSEED234567")
+                return decrypt(*args)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(rotating, "_decrypt", decrypt_then_race)
+            with pytest.raises(ConflictError, match="still under an older key") as caught:
+                rotating.rotate_keys()
+            assert caught.value.code == "stale_secrets"
+            monkeypatch.undo()
+            assert rotating.rotate_keys() == 1  # the old writer has stopped: it completes
+
+
+def test_rotation_as_a_role_row_security_filters_is_refused(dsn: str, schema: str) -> None:
+    """Under tenant_rls an application role sees only its tenant's rows: a rotation run by it
+    would leave the others under the old key, so it refuses; the owner sees them all."""
+    role = f"kpg_rot_{uuid.uuid4().hex[:8]}"
+    keys = {"old": OLD, "new": NEW}
+    with PostgresStorageAdapter(
+        dsn, schema=schema, encryption_keys={"old": OLD}, optional_migrations=["tenant_rls"]
+    ) as owner:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER".encode())
+        owner.grant_app_role(role)
+        org = owner.create_organization(name="Acme", plan="free")
+        owner.create_sso_provider(type="oidc", name="Okta", org_id=org.id, client_secret="s")
+    try:
+        app_dsn = make_conninfo(dsn, user=role)
+        with (
+            PostgresStorageAdapter(
+                app_dsn, schema=schema, encryption_keys=keys, optional_migrations=["tenant_rls"]
+            ) as app,
+            pytest.raises(PermissionDeniedError, match="schema owner"),
+        ):
+            app.rotate_keys()
+        with PostgresStorageAdapter(
+            dsn, schema=schema, encryption_keys=keys, optional_migrations=["tenant_rls"]
+        ) as owner:
+            assert owner.rotate_keys() == 1
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
+            admin.execute(f"DROP OWNED BY {role}".encode())
+            admin.execute(f"DROP ROLE {role}".encode())

@@ -15,11 +15,12 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import Retry
-from ..errors import EncryptionKeyError
+from ..errors import ConflictError, EncryptionKeyError, PermissionDeniedError
 from .core import Core
 
 RotationProgress = Callable[[int, int], None]
 _NIL = uuid.UUID(int=0)
+_PASSES = 3  # walks over the secrets before giving up on values re-written under old keys
 
 # (query finding stale values, query storing re-encrypted ones, column named in the AAD)
 _SINGLE = (
@@ -36,18 +37,54 @@ class KeyRotation(Core):
         self, *, batch_size: int = 500, progress: RotationProgress | None = None
     ) -> int:
         """Re-encrypt every secret that is not under the current (last configured) key; returns
-        how many values were re-encrypted. ``progress(done, total)`` is called after each batch.
-        Raises ``EncryptionKeyError`` when no keys are configured or a value's key is missing.
+        how many values were re-encrypted. When it returns, no stored secret is under another
+        key. ``progress(done, total)`` is called after each batch.
+
         Safe to run while the application writes (compare-and-swap on the old key id and
         ciphertext: a value re-written meanwhile is never overwritten with its older plaintext)
-        and to re-run after an interruption."""
+        and to re-run after an interruption. A value a process still on an older keyring
+        re-writes meanwhile is skipped, then taken by another pass (up to ``_PASSES``).
+
+        Raises ``EncryptionKeyError`` when no keys are configured or a value's key is missing;
+        ``PermissionDeniedError`` when row-level security (the ``tenant_rls`` migration) hides
+        rows from this role (run it as the schema owner); ``ConflictError`` (code
+        ``stale_secrets``) when values are still under an older key after the last pass (a
+        process with an older keyring keeps writing them: give every process the new keyring,
+        then run it again)."""
         if self._keyring is None:
             raise EncryptionKeyError("rotate_keys needs encryption_keys (or the environment key)")
         size = v.integer("batch_size", batch_size, minimum=1, maximum=10_000)
         v.callback("progress", progress)
+        if self._value("secrets_hidden_by_row_security", {}, retry=Retry.SAFE):
+            raise PermissionDeniedError(
+                "rotate_keys: row-level security hides rows holding secrets from this role, so"
+                " some would stay under the old key: run it as the schema owner"
+            )
         current = self._keyring.current_key_id
-        total = self._value("count_stale_secrets", {"key_id": current}, retry=Retry.SAFE)
+        total = int(self._value("count_stale_secrets", {"key_id": current}, retry=Retry.SAFE))
         done = 0
+        for _ in range(_PASSES):
+            done = self._rotation_pass(current, size, total, done, progress)
+            left = int(self._value("count_stale_secrets", {"key_id": current}, retry=Retry.SAFE))
+            if not left:
+                return done
+        raise ConflictError(
+            f"rotate_keys: re-encrypted {done}, but {left} value(s) are still under an older key:"
+            " a process with an older keyring wrote them meanwhile; give every process the new"
+            " keyring, then run it again",
+            code="stale_secrets",
+        )
+
+    def _rotation_pass(
+        self,
+        current: str,
+        size: int,
+        total: int,
+        done: int,
+        progress: RotationProgress | None,
+    ) -> int:
+        """One keyset walk over every encrypted column; returns ``done`` plus the values it
+        re-encrypted."""
         # Keyset over ids: a row is visited once per run even if a writer still using an old
         # keyring re-encrypts it under an old key meanwhile (the next run picks it up).
         for stale, update, column in _SINGLE:
@@ -72,7 +109,7 @@ class KeyRotation(Core):
                     retry=Retry.SAFE,
                 )
                 if progress:
-                    progress(done, int(total))
+                    progress(done, total)
         after = _NIL
         while rows := self._run(
             "stale_oauth_tokens",
@@ -101,5 +138,5 @@ class KeyRotation(Core):
                     params[f"{name}_ciphertexts"].append(self._encrypt(column, aad_id, plain)[1])
             done += self._exec("reencrypt_oauth_tokens", params, retry=Retry.SAFE)
             if progress:
-                progress(done, int(total))
+                progress(done, total)
         return done
