@@ -231,13 +231,18 @@ async def test_delete_expired(storage: Any, email: str) -> None:
     assert caught.value.field == "batch_size"
 
 
-async def test_deleting_the_user_keeps_the_token(storage: Any, email: str) -> None:
+async def test_deleting_the_user_deletes_its_tokens(storage: Any, email: str) -> None:
+    """A reset link of a deleted account must not outlive it: once the address is registered
+    again, it would otherwise be found by email and consumed for the new account."""
     user = await storage.create_user(email=email)
-    token = await _token(storage, email, user_id=user.id)
+    token = await _token(storage, email, user_id=user.id, type="password_reset")
+    userless = await _token(storage, email, type="password_reset")  # issued to no user
     await storage.delete_user(user.id)
-    stored = await storage.get_email_verification_token_by_id(token.id)
-    assert stored is not None
-    assert stored.user_id is None
+    await storage.create_user(email=email)
+    assert await storage.get_email_verification_token_by_id(token.id) is None
+    assert await storage.get_email_verification_tokens(email, "password_reset") == [userless]
+    with pytest.raises(NotFoundError):
+        await storage.mark_email_verification_token_as_used(token.id)
 
 
 async def test_unknown_user_is_not_found(storage: Any, email: str) -> None:
