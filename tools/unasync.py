@@ -34,7 +34,19 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
     (r"\bAsync([A-Z]\w*)", r"\1"),
     (r"\b_async\b", "_sync"),
     (r"\bthe async adapter\b", "the sync adapter"),
-    (r"\(async source; the sync copy is generated\)", "(generated from the async source)"),
+    (
+        r"\(async\s+source;\s+the\s+sync\s+copy\s+is\s+generated\)",
+        "(generated from the async source)",
+    ),
+    (
+        r"\bthe async public adapter \(source of the generated sync one\)",
+        "the sync public adapter (generated from the async one)",
+    ),
+    (r"^(\s*)\"\"\"Async storage for auth data", r'\1"""Storage for auth data'),
+    (
+        r"^\"\"\"Async I/O code: the single hand-written source of both adapters",
+        '"""Sync I/O code, generated from ``kitium_pg/_async``',
+    ),
 ]
 
 HEADER = (

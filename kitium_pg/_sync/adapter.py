@@ -1,6 +1,6 @@
 # WARNING: generated from kitium_pg/_async/adapter.py by tools/unasync.py; do not edit.
 # Change the async source and run `python tools/unasync.py`.
-"""``PostgresStorageAdapter``: the async public adapter (source of the generated sync one)."""
+"""``PostgresStorageAdapter``: the sync public adapter (generated from the async one)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class PostgresStorageAdapter(
     KeyRotation,
     Migrations,
 ):
-    """Async storage for auth data on PostgreSQL (psycopg 3 + psycopg-pool).
+    """Storage for auth data on PostgreSQL (psycopg 3 + psycopg-pool).
 
     ``PostgresStorageAdapter(dsn, *, min_size=1, max_size=10, idle_timeout=30.0,
     statement_timeout_ms=5000, max_retries=2, connect_timeout=10.0, pool_timeout=10.0,

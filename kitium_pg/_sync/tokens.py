@@ -1,7 +1,6 @@
 # WARNING: generated from kitium_pg/_async/tokens.py by tools/unasync.py; do not edit.
 # Change the async source and run `python tools/unasync.py`.
-"""Bearer session tokens and API keys that kitium-pg issues and verifies (async source; the sync
-copy is generated).
+"""Bearer session tokens and API keys that kitium-pg issues and verifies (generated from the async source).
 
 A session token is ``<session id>.<secret>`` and an API key ``<prefix>_<secret>``; both secrets
 are 256 random bits (``secrets.token_urlsafe(32)``) and only their SHA-256 digests are stored. A

@@ -2,6 +2,9 @@
 
 Install ``kitium-pg[fastapi]`` and ``fastapi-users``. Then::
 
+    import uuid
+    from collections.abc import AsyncIterator
+
     from fastapi_users import BaseUserManager, FastAPIUsers, UUIDIDMixin
     from fastapi_users.authentication import AuthenticationBackend, BearerTransport
 
@@ -11,6 +14,9 @@ Install ``kitium-pg[fastapi]`` and ``fastapi-users``. Then::
         KitiumUser,
         KitiumUserDatabase,
     )
+
+
+    SECRET = ...  # from your secret store: signs reset and verification tokens
 
 
     class UserManager(UUIDIDMixin, BaseUserManager[KitiumUser, uuid.UUID]):
