@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cpus, log
-from .variants import SINGLE_ROW
+from .variants import HOT_PATHS, SINGLE_ROW
 
 SYNC_BASELINE = "raw-psycopg"
 ASYNC_BASELINE = "raw-psycopg-async"
@@ -34,6 +34,30 @@ TARGET_BATCH_MS = 100.0
 # "Concurrent get_session calls keep their latency while the purge runs": their median during
 # the purge at most this many times their median just before it, with nothing else running.
 TARGET_READER_RATIO = 1.5
+# The issue's asyncpg target is on single-row lookups (get_user_permissions reads many rows).
+SINGLE_ROW_LOOKUPS = tuple(op for op in HOT_PATHS if op in SINGLE_ROW)
+
+# The name of each target, as the checks and the report spell it.
+RAW_TARGET = f"≤{TARGET_RAW_RATIO}× raw psycopg (single-row op)"
+STACK_TARGET = f"≥{TARGET_STACK_FACTOR:g}× faster than the SQLAlchemy stack"
+ASYNCPG_TARGET = f"kitium-async within {TARGET_ASYNCPG_RATIO}× of asyncpg (single-row lookup)"
+SIGN_IN_TARGET = "sign-in faster than raw asyncpg (factor > 1)"
+EVENTS_TARGET = f"emit_events ≥ {TARGET_EVENTS_PER_S:,} events/s"
+SCALING_TARGET = f"flat scaling (slowest ÷ fastest size ≤ {TARGET_SCALING_RATIO})"
+BATCH_TARGET = f"delete batches < {TARGET_BATCH_MS:g} ms"
+READER_TARGET = f"get_session during the purge ≤ {TARGET_READER_RATIO:g}× idle (median)"
+READER_P95_TARGET = f"get_session during the purge ≤ {TARGET_READER_RATIO:g}× idle (p95)"
+TARGETS = (
+    RAW_TARGET,
+    STACK_TARGET,
+    ASYNCPG_TARGET,
+    SIGN_IN_TARGET,
+    EVENTS_TARGET,
+    SCALING_TARGET,
+    BATCH_TARGET,
+    READER_TARGET,
+    READER_P95_TARGET,
+)
 
 
 # -- derived figures ---------------------------------------------------------------------------
@@ -63,6 +87,7 @@ def derive(results: dict[str, Any]) -> None:
             m["ratio_raw"] = m["total_s"] / floor["total_s"] if floor else None
             if m.get("reader_idle") and m.get("reader_during"):
                 m["reader_ratio"] = m["reader_during"]["median_us"] / m["reader_idle"]["median_us"]
+                m["reader_p95_ratio"] = m["reader_during"]["p95_us"] / m["reader_idle"]["p95_us"]
     results["kitium_vs_stack"] = _stack_factors(results.get("ops", {}))
     if no_flush:
         results["no_flush"]["kitium_vs_stack"] = _stack_factors(no_flush)
@@ -107,7 +132,7 @@ def _targets(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
         for name in KITIUM:
             if name in measured:
                 found = _check(
-                    f"≤{TARGET_RAW_RATIO}× raw psycopg (single-row op)",
+                    RAW_TARGET,
                     f"{op} {name}",
                     measured[name].get("ratio_raw"),
                     TARGET_RAW_RATIO,
@@ -118,18 +143,18 @@ def _targets(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
     for op, factors in results.get("kitium_vs_stack", {}).items():
         for pair, factor in factors.items():
             yield {
-                "target": f"≥{TARGET_STACK_FACTOR:g}× faster than the SQLAlchemy stack",
+                "target": STACK_TARGET,
                 "subject": f"{op} {pair}",
                 "value": factor,
                 "limit": TARGET_STACK_FACTOR,
                 "ok": factor >= TARGET_STACK_FACTOR,
             }
-    for op, section in ops.items():
-        measured = section["measured"]
+    for op in SINGLE_ROW_LOOKUPS:
+        measured = ops.get(op, {}).get("measured", {})
         if "kitium-async" in measured and "raw-asyncpg" in measured:
             ratio = measured["kitium-async"]["median_us"] / measured["raw-asyncpg"]["median_us"]
             yield {
-                "target": f"kitium-async within {TARGET_ASYNCPG_RATIO}× of asyncpg",
+                "target": ASYNCPG_TARGET,
                 "subject": op,
                 "value": ratio,
                 "limit": TARGET_ASYNCPG_RATIO,
@@ -141,7 +166,7 @@ def _targets(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
             if theirs in login:
                 factor = login[theirs]["median_us"] / login["kitium-async"]["median_us"]
                 yield {
-                    "target": "sign-in faster than raw asyncpg (factor > 1)",
+                    "target": SIGN_IN_TARGET,
                     "subject": f"kitium-async vs {theirs}",
                     "value": factor,
                     "limit": 1.0,
@@ -150,7 +175,7 @@ def _targets(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
     for name, rate in results.get("emit_events_per_s", {}).items():
         if name in KITIUM:
             yield {
-                "target": f"emit_events ≥ {TARGET_EVENTS_PER_S:,} events/s",
+                "target": EVENTS_TARGET,
                 "subject": name,
                 "value": rate,
                 "limit": TARGET_EVENTS_PER_S,
@@ -160,7 +185,7 @@ def _targets(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
     if scaling:
         for op, ratio in scaling["max_over_min"].items():
             yield {
-                "target": f"flat scaling (slowest ÷ fastest size ≤ {TARGET_SCALING_RATIO})",
+                "target": SCALING_TARGET,
                 "subject": f"{op} kitium-sync {scaling['sizes'][0]}…{scaling['sizes'][-1]} rows",
                 "value": ratio,
                 "limit": TARGET_SCALING_RATIO,
@@ -172,21 +197,24 @@ def _targets(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
             m = delete["measured"].get(name)
             if m and m["longest_batch_ms"] is not None:
                 yield {
-                    "target": f"delete batches < {TARGET_BATCH_MS:g} ms",
+                    "target": BATCH_TARGET,
                     "subject": f"delete_expired_sessions {name} (batch {delete['batch_size']})",
                     "value": m["longest_batch_ms"],
                     "limit": TARGET_BATCH_MS,
                     "ok": m["longest_batch_ms"] < TARGET_BATCH_MS,
                 }
-            if m and "reader_ratio" in m:
-                ratio = m["reader_ratio"]
-                yield {
-                    "target": f"get_session during the purge ≤ {TARGET_READER_RATIO:g}× idle",
-                    "subject": f"delete_expired_sessions {name}: concurrent get_session median",
-                    "value": ratio,
-                    "limit": TARGET_READER_RATIO,
-                    "ok": ratio <= TARGET_READER_RATIO,
-                }
+            for key, target, what in (
+                ("reader_ratio", READER_TARGET, "median"),
+                ("reader_p95_ratio", READER_P95_TARGET, "p95"),
+            ):
+                if m and key in m:
+                    yield {
+                        "target": target,
+                        "subject": f"delete_expired_sessions {name}: concurrent get_session {what}",
+                        "value": m[key],
+                        "limit": TARGET_READER_RATIO,
+                        "ok": m[key] <= TARGET_READER_RATIO,
+                    }
 
 
 # -- Markdown ----------------------------------------------------------------------------------
@@ -289,6 +317,50 @@ def markdown(results: dict[str, Any]) -> str:
     out += _targets_section(results)
     out += _method()
     return "\n".join(out) + "\n"
+
+
+def readme_table(results: dict[str, Any]) -> str:
+    """The per-operation table README.md shows between its ``bench-table`` markers: medians of
+    kitium and of the floors and the SQLAlchemy stack on the same driver, with the ratios the
+    targets are about (tests/test_benchmarks.py checks that README holds this run's table)."""
+    ops = results.get("ops", {})
+    header = [
+        "operation",
+        "kitium-sync µs",
+        "÷ raw psycopg",
+        "kitium-async µs",
+        "÷ raw psycopg async",
+        "÷ raw asyncpg",
+        "SQLAlchemy (psycopg) µs",
+        "SQLAlchemy ÷ kitium-sync",
+    ]
+    rows = []
+    for op, section in ops.items():
+        m = section["measured"]
+        us = {name: _us(v["median_us"]) for name, v in m.items()}
+        pairs = (
+            ("kitium-sync", SYNC_BASELINE),
+            ("kitium-async", ASYNC_BASELINE),
+            ("kitium-async", "raw-asyncpg"),
+            ("sqlalchemy-psycopg", "kitium-sync"),
+        )
+        ratios = [
+            _x(m[a]["median_us"] / m[b]["median_us"]) if a in m and b in m else "—"
+            for a, b in pairs
+        ]
+        rows.append(
+            [
+                f"`{op}`",
+                us.get("kitium-sync", "—"),
+                ratios[0],
+                us.get("kitium-async", "—"),
+                ratios[1],
+                ratios[2],
+                us.get("sqlalchemy-psycopg", "—"),
+                ratios[3],
+            ]
+        )
+    return "\n".join(_table(header, rows))
 
 
 def _ops_tables(results: dict[str, Any], variants: list[str]) -> list[str]:
@@ -511,6 +583,15 @@ def _targets_section(results: dict[str, Any]) -> list[str]:
         f"{len(targets) - len(misses)} of {len(targets)} checks met.",
         "",
     ]
+    checked = {t["target"] for t in targets}
+    unchecked = [target for target in TARGETS if target not in checked]
+    if unchecked:
+        out += [
+            "Not checked (the variants or sections they need did not run; see above):",
+            "",
+            *(f"- {target}" for target in unchecked),
+            "",
+        ]
     if misses:
         out += ["Missed:", ""]
         out += _table(

@@ -847,7 +847,11 @@ class Run:
                 "op_login_one_statement",
                 "the adapter's sign-in statement, prepared",
             ),
-            ("raw-psycopg-async", "op_login", "BEGIN, 2 statements, COMMIT in one pipeline"),
+            (
+                "raw-psycopg-async",
+                "op_login",
+                "BEGIN, 2 statements, COMMIT in one pipeline: 1 round trip",
+            ),
             ("sqlalchemy-asyncpg", "op_login", "one unit of work: BEGIN, 2 INSERTs, COMMIT"),
         )
         candidates: list[Candidate] = []
@@ -952,6 +956,12 @@ class Run:
                     idle = reader.idle(READER_IDLE_S_QUICK if c.quick else READER_IDLE_S)
                     (deleted, batches, total_s), during = reader.alongside(
                         functools.partial(self.timed_purge, variant.is_async, maint)
+                    )
+                if deleted != c.expired:
+                    # A purge that stopped early would otherwise be reported as a fast one.
+                    raise RuntimeError(
+                        f"delete_expired_sessions/{label} deleted {deleted} rows of the"
+                        f" {c.expired} it was given: a broken variant"
                     )
                 with self.admin() as conn:
                     seed.vacuum(conn, self.schema, ("sessions",))

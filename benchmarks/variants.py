@@ -618,17 +618,20 @@ class RawPsycopgAsync(AsyncVariant):
         return row
 
     async def op_login(self, x: Login) -> Any:
-        """BEGIN, both INSERTs and COMMIT queued in one pipeline: one Sync, one wait."""
-        async with self.conn.pipeline() as pipeline:
-            async with self.conn.transaction():
-                await self.cur_a.execute(
-                    self.sql["create_session"], create_session_params(x.session), prepare=True
-                )
-                await self.cur_b.execute(
-                    self.sql["emit_event"], emit_event_params(x.event), prepare=True
-                )
-            await pipeline.sync()
-            return await self.cur_a.fetchone(), await self.cur_b.fetchone()
+        """BEGIN, both INSERTs and COMMIT queued in one pipeline, whose exit sends the one Sync:
+        one round trip (tests/test_benchmarks.py counts it). Not ``conn.transaction()``, which
+        in a pipeline sends a Sync after BEGIN and after COMMIT, nor ``pipeline.sync()``
+        before the exit, which sends its own: five and two round trips."""
+        async with self.conn.pipeline():
+            await self.cur.execute("BEGIN")
+            await self.cur_a.execute(
+                self.sql["create_session"], create_session_params(x.session), prepare=True
+            )
+            await self.cur_b.execute(
+                self.sql["emit_event"], emit_event_params(x.event), prepare=True
+            )
+            await self.cur.execute("COMMIT")
+        return await self.cur_a.fetchone(), await self.cur_b.fetchone()
 
 
 # -- raw asyncpg -------------------------------------------------------------------------------

@@ -6,18 +6,22 @@ installed are skipped here, as the script itself skips them. Nothing asserts on 
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg import pq
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "run.py"
@@ -255,3 +259,43 @@ def test_profile_script_prints_every_piece(dsn: str) -> None:
         rf"own work \(FL - F\) {figure} µs, the async pool \(FB - F\) {figure}", proc.stdout
     )
     assert "## cProfile of 30 full calls" in proc.stdout
+
+
+async def test_the_pipelined_sign_in_floor_is_one_round_trip(dsn: str) -> None:
+    """raw-psycopg-async's sign-in is the floor kitium's one-statement sign-in is compared
+    with: BEGIN, two inserts and COMMIT must cost one round trip, and commit both rows."""
+    from benchmarks.variants import Login, NewEvent, NewSession, RawPsycopgAsync
+    from kitium_pg import AsyncPostgresStorageAdapter
+    from tests.roundtrips import count
+
+    schema = f"bench_login_{os.urandom(5).hex()}"
+    try:
+        async with AsyncPostgresStorageAdapter(dsn, schema=schema) as storage:
+            user = await storage.create_user()
+            variant = RawPsycopgAsync(dsn, schema)
+            await variant.open()
+            try:
+                login = Login(
+                    session=NewSession(
+                        user_id=user.id,
+                        expires_at=dt.datetime(2100, 1, 1, tzinfo=dt.UTC),
+                        metadata={},
+                    ),
+                    event=NewEvent(type="login", principal_id=user.id, data={}),
+                )
+                await variant.op_login(login)  # prepares the statements
+                with tempfile.TemporaryFile("w+") as out:
+                    variant.conn.pgconn.trace(out.fileno())
+                    variant.conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+                    session_row, event_row = await variant.op_login(login)
+                    variant.conn.pgconn.untrace()
+                    out.seek(0)
+                    assert count(out.read()) == 1
+            finally:
+                await variant.close()
+            assert await storage.get_session(session_row[0]) is not None
+            page = await storage.list_events(principal_id=user.id)
+            assert event_row[0] in [e.id for e in page.events]
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())

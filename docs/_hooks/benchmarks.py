@@ -3,7 +3,8 @@
 
 The results live outside docs/ (the benchmark suite writes them next to its code), so the page
 includes the file at build time instead of copying numbers into the docs. Headings are demoted
-one level and relative links become plain text (their targets are not part of the site).
+one level and relative links and images become plain text naming the file (their targets are
+not part of the site).
 Without the file, the page says so.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 MARKER = re.compile(r"<!-- include: (benchmarks/results/[\w.-]+\.md) -->")
 _RELATIVE_LINK = re.compile(r"\[([^\]]*)\]\((?!https?://|mailto:|#)([^)\s]+)\)")
+_RELATIVE_IMAGE = re.compile(r"!\[([^\]]*)\]\((?!https?://)([^)\s]+)\)")
 
 
 def _adapt(text: str) -> str:
@@ -25,6 +27,11 @@ def _adapt(text: str) -> str:
         elif not fenced and line.startswith("#"):
             line = "#" + line
         elif not fenced:
+            line = _RELATIVE_IMAGE.sub(
+                lambda m: f"*{m.group(1)}: the image `benchmarks/results/{m.group(2)}` in the"
+                " repository*",
+                line,
+            )
             line = _RELATIVE_LINK.sub(lambda m: f"{m.group(1)} (`{m.group(2)}`)", line)
         lines.append(line)
     return "\n".join(lines)
