@@ -299,3 +299,17 @@ async def test_the_pipelined_sign_in_floor_is_one_round_trip(dsn: str) -> None:
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
+
+
+def test_the_readme_table_is_the_committed_run() -> None:
+    """README's per-operation table is generated from benchmarks/results/latest.json: a new run
+    committed without the README (or the reverse) fails here."""
+    from benchmarks.report import readme_table
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = readme.split("<!-- bench-table:start -->\n", 1)[1].split("\n<!-- bench-table:end -->")[
+        0
+    ]
+    results = json.loads((ROOT / "benchmarks" / "results" / "latest.json").read_text())
+    assert shown == readme_table(results)
+    assert f"checkout {results['machine']['git_commit']}" in readme
