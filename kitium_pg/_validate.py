@@ -202,10 +202,10 @@ def _check_json(field: str, value: object, depth: int) -> bool:
     if depth > JSON_DEPTH:
         raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
     kind = type(value)
-    if kind is dict:
+    if kind is dict or (kind is not list and isinstance(value, dict)):
         items = _checked_keys(field, cast(Mapping[object, object], value), depth)
     elif kind is not list and isinstance(value, Mapping):
-        # The C encoder takes dicts only (a dict subclass too); another mapping goes through
+        # The C encoder takes dicts only (a dict subclass too): another mapping goes through
         # _dumps_exact, as a document with floats needing exact formatting does.
         _check_json(field, dict(value), depth)
         return True

@@ -45,6 +45,7 @@ __all__ = [
 
 
 E = TypeVar("E", bound="KitiumPgError")
+X = TypeVar("X", bound=BaseException)
 
 
 class KitiumPgError(Exception):
@@ -268,7 +269,7 @@ def translate(exc: BaseException, *, operation: str) -> KitiumPgError:
     return InternalError(f"{operation}: unexpected error ({type(exc).__name__})")
 
 
-def scrubbed(exc: BaseException) -> BaseException:
+def scrubbed(exc: X) -> X:
     """What a translated error is chained to (``raise error from scrubbed(exc)``): ``exc``
     itself, or for an error the server sent, an exception of the same class (so the same
     ``sqlstate``) with the same traceback whose message is the server's primary message alone.
@@ -283,8 +284,12 @@ def scrubbed(exc: BaseException) -> BaseException:
     if exc.sqlstate.startswith("22"):
         message = f"data exception (SQLSTATE {exc.sqlstate})"
     else:
-        message = exc.diag.message_primary or f"SQLSTATE {exc.sqlstate}"
-    return type(exc)(message).with_traceback(exc.__traceback__)
+        # No diagnostics: raised by the client, or scrubbed already; its text has no DETAIL.
+        lines = str(exc).splitlines()
+        message = exc.diag.message_primary or (lines[0] if lines else f"SQLSTATE {exc.sqlstate}")
+    copy = type(exc)(message).with_traceback(exc.__traceback__)
+    copy.sqlstate = exc.sqlstate  # a code psycopg has no class for is on the instance only
+    return copy
 
 
 def connection_lost(exc: BaseException) -> bool:

@@ -11,8 +11,9 @@ SELECT (SELECT count(*) FROM kitium_auth.twofa_devices WHERE secret_key_id <> :k
      + (SELECT count(*) FROM kitium_auth.oauth_accounts WHERE tokens_key_id <> :key_id);
 
 -- name: secrets_hidden_by_row_security()$
--- Whether row-level security filters a table holding secrets for a role that is not its owner
--- (tenant_rls lets the owner see every row).
+-- Whether row-level security filters a table holding secrets for the current role: it is active
+-- there, and no permissive policy for every command with USING (true) WITH CHECK (true) applies
+-- to the role (tenant_rls's owner_access, granted to the role that applied it).
 SELECT EXISTS (
   SELECT 1
     FROM pg_catalog.pg_class AS c
@@ -20,7 +21,17 @@ SELECT EXISTS (
                    'kitium_auth.sso_providers'::regclass,
                    'kitium_auth.oauth_accounts'::regclass)
      AND row_security_active(c.oid)
-     AND NOT pg_has_role(c.relowner, 'USAGE'));
+     AND NOT EXISTS (
+       SELECT 1
+         FROM pg_catalog.pg_policy AS p
+        WHERE p.polrelid = c.oid
+          AND p.polcmd = '*'
+          AND p.polpermissive
+          AND pg_get_expr(p.polqual, p.polrelid) = 'true'
+          AND coalesce(pg_get_expr(p.polwithcheck, p.polrelid), 'true') = 'true'
+          AND (0 = ANY (p.polroles)
+               OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS r (oid)
+                           WHERE r.oid <> 0 AND pg_has_role(r.oid, 'USAGE')))));
 
 -- name: stale_twofa_secrets(key_id, after, batch_size)
 -- The next batch (after a given id) of 2FA device secrets under an older key.

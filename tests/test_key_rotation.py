@@ -175,3 +175,43 @@ def test_rotation_as_a_role_row_security_filters_is_refused(dsn: str, schema: st
             admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
             admin.execute(f"DROP OWNED BY {role}".encode())
             admin.execute(f"DROP ROLE {role}".encode())
+
+
+def test_rotation_by_an_owner_tenant_rls_was_not_applied_by_is_refused(
+    dsn: str, schema: str
+) -> None:
+    """tenant_rls gives every row to the role that applied it (owner_access), which need not be
+    the tables' owner: a superuser may apply it to a schema another role owns. That owner then
+    sees no organization's provider, and must be refused rather than report success."""
+    owner_role = f"kpg_own_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {owner_role} LOGIN NOSUPERUSER".encode())
+        database = admin.execute("SELECT current_database()").fetchone()
+        assert database is not None
+        admin.execute(f'GRANT CREATE ON DATABASE "{database[0]}" TO {owner_role}'.encode())
+    owner_dsn = make_conninfo(dsn, user=owner_role)
+    keys = {"old": OLD, "new": NEW}
+    try:
+        with PostgresStorageAdapter(
+            owner_dsn, schema=schema, encryption_keys={"old": OLD}
+        ) as owner:
+            org = owner.create_organization(name="Acme", plan="free")
+            owner.create_sso_provider(type="oidc", name="Okta", org_id=org.id, client_secret="s")
+        with PostgresStorageAdapter(dsn, schema=schema, optional_migrations=["tenant_rls"]):
+            pass  # the superuser applies tenant_rls
+        with (
+            PostgresStorageAdapter(
+                owner_dsn, schema=schema, encryption_keys=keys, optional_migrations=["tenant_rls"]
+            ) as owner,
+            pytest.raises(PermissionDeniedError, match="applied tenant_rls"),
+        ):
+            owner.rotate_keys()
+        with PostgresStorageAdapter(
+            dsn, schema=schema, encryption_keys=keys, optional_migrations=["tenant_rls"]
+        ) as superuser:
+            assert superuser.rotate_keys() == 1
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
+            admin.execute(f"DROP OWNED BY {owner_role}".encode())
+            admin.execute(f"DROP ROLE {owner_role}".encode())

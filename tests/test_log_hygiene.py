@@ -466,6 +466,7 @@ async def test_a_data_exception_cause_keeps_only_its_sqlstate(dsn: str) -> None:
     assert value in str(caught.value)
     cleaned = scrubbed(caught.value)
     assert type(cleaned) is type(caught.value)
+    assert cleaned.sqlstate == caught.value.sqlstate == "22P02"
     assert value not in _printed(cleaned)
     assert cleaned.__traceback__ is caught.value.__traceback__
 
@@ -504,3 +505,11 @@ async def test_a_failing_observer_log_quotes_no_value(
     assert "exporter down" in caplog.text
     assert digest not in caplog.text
     assert around not in caplog.text
+
+
+def test_a_scrubbed_error_keeps_a_sqlstate_psycopg_has_no_class_for(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(psycopg.Error) as caught:
+        conn.execute("DO $$ BEGIN RAISE EXCEPTION 'odd' USING ERRCODE = 'XY123'; END $$")
+    assert caught.value.sqlstate == "XY123"
+    assert scrubbed(caught.value).sqlstate == "XY123"
+    assert str(scrubbed(scrubbed(caught.value))) == "odd"

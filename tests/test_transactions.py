@@ -301,9 +301,9 @@ def _trip_first_insert(dsn: str, schema: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
-@pytest.mark.parametrize("caught", [False, True], ids=["raised", "caught"])
+@pytest.mark.parametrize("then", ["raised", "caught", "caught-then-savepoint"])
 async def test_run_in_transaction_reruns_a_deadlock_even_when_work_caught_it(
-    kind: str, caught: bool, dsn: str, trip_schema: str
+    kind: str, then: str, dsn: str, trip_schema: str
 ) -> None:
     """A deadlock rolls the transaction back; a later call in ``work`` raises it again rather
     than an error of its own, so run_in_transaction still sees a deadlock and re-runs."""
@@ -312,11 +312,15 @@ async def test_run_in_transaction_reruns_a_deadlock_even_when_work_caught_it(
 
     async def work(tx: Any) -> Any:
         attempts.append(1)
-        if caught:
-            with contextlib.suppress(ConflictError):
-                await tx.create_user(email=email)
+        if then == "raised":
+            return await tx.create_user(email=email)
+        with contextlib.suppress(ConflictError):
+            await tx.create_user(email=email)
+        if then == "caught":
             return await tx.get_user_by_email(email)
-        return await tx.create_user(email=email)
+        # An aborted transaction refuses SAVEPOINT as well: opening one raises the deadlock.
+        async with tx.transaction() as savepoint:
+            return await savepoint.get_user_by_email(email)
 
     options: dict[str, Any] = {"schema": trip_schema, "max_retries": 2}
     if kind == "sync":

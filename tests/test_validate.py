@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import itertools
 import json
@@ -225,6 +226,10 @@ def test_any_mapping_is_a_json_object_whatever_it_holds() -> None:
         assert json.loads(v.json_text("data", value)) == json.loads(json.dumps(_plain(value)))
     _, exact = v.json_object("data", types.MappingProxyType({"a": 1}))
     assert exact  # emit_events then serialises it on the exact path
+    # A dict subclass stays on the C encoder's path.
+    ordered = collections.OrderedDict(a=1, b=[collections.defaultdict(int, c=2)])
+    assert v.json_object("data", ordered) == (ordered, False)
+    assert json.loads(v.json_text("data", ordered)) == {"a": 1, "b": [{"c": 2}]}
     with pytest.raises(ValidationError, match="keys must be strings"):
         v.json_text("data", types.MappingProxyType({1: "x"}))
 

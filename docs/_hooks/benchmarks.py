@@ -28,8 +28,9 @@ def _adapt(text: str) -> str:
             line = "#" + line
         elif not fenced:
             line = _RELATIVE_IMAGE.sub(
-                lambda m: f"*{m.group(1)}: the image `benchmarks/results/{m.group(2)}` in the"
-                " repository*",
+                lambda m: (
+                    f"*{m.group(1)}: the image `benchmarks/results/{m.group(2)}` in the repository*"
+                ),
                 line,
             )
             line = _RELATIVE_LINK.sub(lambda m: f"{m.group(1)} (`{m.group(2)}`)", line)

@@ -269,6 +269,8 @@ class AsyncCore:
             state.depth += 1
         before = state.failure
         try:
+            # An aborted transaction refuses SAVEPOINT too (25P02): raise what aborted it.
+            raise_if_aborted(self._conn, state)
             async with self._conn.transaction():
                 yield
                 raise_if_aborted(self._conn, state)
@@ -348,7 +350,7 @@ class AsyncCore:
             reason = await self._why_unreachable(self._pool.conninfo)
             raise UnavailableError(
                 f"cannot connect to {self._dsn_display}: {reason or type(exc).__name__}"
-            ) from exc
+            ) from scrubbed(exc)
         if self._pool.min_size == 0:
             # An empty pool opens without connecting: try once (with the whole connect
             # timeout), so that connect() still raises for a database it cannot reach.

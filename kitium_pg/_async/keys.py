@@ -56,7 +56,8 @@ class AsyncKeyRotation(AsyncCore):
         if await self._value("secrets_hidden_by_row_security", {}, retry=Retry.SAFE):
             raise PermissionDeniedError(
                 "rotate_keys: row-level security hides rows holding secrets from this role, so"
-                " some would stay under the old key: run it as the schema owner"
+                " some would stay under the old key: run it as the role that applied tenant_rls"
+                " (its owner_access policy shows it every row), usually the schema owner"
             )
         current = self._keyring.current_key_id
         total = int(await self._value("count_stale_secrets", {"key_id": current}, retry=Retry.SAFE))

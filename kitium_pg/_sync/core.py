@@ -270,6 +270,8 @@ class Core:
             state.depth += 1
         before = state.failure
         try:
+            # An aborted transaction refuses SAVEPOINT too (25P02): raise what aborted it.
+            raise_if_aborted(self._conn, state)
             with self._conn.transaction():
                 yield
                 raise_if_aborted(self._conn, state)
@@ -349,7 +351,7 @@ class Core:
             reason = self._why_unreachable(self._pool.conninfo)
             raise UnavailableError(
                 f"cannot connect to {self._dsn_display}: {reason or type(exc).__name__}"
-            ) from exc
+            ) from scrubbed(exc)
         if self._pool.min_size == 0:
             # An empty pool opens without connecting: try once (with the whole connect
             # timeout), so that connect() still raises for a database it cannot reach.

@@ -58,7 +58,8 @@ class KeyRotation(Core):
         if self._value("secrets_hidden_by_row_security", {}, retry=Retry.SAFE):
             raise PermissionDeniedError(
                 "rotate_keys: row-level security hides rows holding secrets from this role, so"
-                " some would stay under the old key: run it as the schema owner"
+                " some would stay under the old key: run it as the role that applied tenant_rls"
+                " (its owner_access policy shows it every row), usually the schema owner"
             )
         current = self._keyring.current_key_id
         total = int(self._value("count_stale_secrets", {"key_id": current}, retry=Retry.SAFE))

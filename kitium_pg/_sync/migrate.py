@@ -124,7 +124,7 @@ class Migrations(Core):
         try:
             self._conn.execute(sql)
         except psycopg.Error as exc:
-            raise _failed(exc, migration.file) from exc
+            raise _failed(exc, migration.file) from scrubbed(exc)
         duration_ms = (time.perf_counter() - started) * 1000
         self._exec(
             "record_migration",
@@ -160,7 +160,7 @@ class Migrations(Core):
                         try:
                             conn.execute(last.down)
                         except psycopg.Error as exc:
-                            raise _failed(exc, f"{last.file} (down)") from exc
+                            raise _failed(exc, f"{last.file} (down)") from scrubbed(exc)
                         bound._exec("forget_migration", {"id": last.id}, retry=Retry.NEVER)
                         undone.append(last.id)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
@@ -185,10 +185,12 @@ class Migrations(Core):
 def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:
     """A migration statement's failure: ``UnavailableError`` when the connection was lost (the
     CLI's exit code 3: the database, not the migration), else ``MigrationError`` (a lock
-    timeout or a lack of resources included: exit code 4, run it again later)."""
+    timeout or a lack of resources included: exit code 4, run it again later). The message has
+    the server's primary message only, as every error does (``errors.scrubbed``): its DETAIL
+    line may quote rows (a unique index that cannot be built names the duplicated value)."""
     if connection_lost(exc):
         return UnavailableError(f"{what}: the connection to the database was lost: {exc}")
-    return MigrationError(f"{what} failed: {exc}")
+    return MigrationError(f"{what} failed: {scrubbed(exc)}")
 
 
 def _role_sql(sql: str, role: str) -> str:
