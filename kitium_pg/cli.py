@@ -104,7 +104,7 @@ def _optional_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 def _env_keyring() -> Keyring | None:
     """The keys in ``KITIUM_PG_ENCRYPTION_KEYS`` (``None`` when unset); a malformed value is an
     ``EncryptionKeyError`` (exit code 5) for every command that calls this: those that connect
-    through ``_Context.storage`` and ``gen-key``."""
+    through ``_Context.storage``, ``grant`` and ``gen-key``."""
     try:
         return Keyring.from_env()
     except ValidationError as exc:
