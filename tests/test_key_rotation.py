@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -144,74 +145,64 @@ def test_rotation_reports_secrets_an_old_writer_keeps_rewriting(
             assert rotating.rotate_keys() == 1  # the old writer has stopped: it completes
 
 
-def test_rotation_as_a_role_row_security_filters_is_refused(dsn: str, schema: str) -> None:
+@pytest.fixture
+def login_role(dsn: str, schema: str) -> Iterator[str]:
+    """A login role that is not a superuser; dropped (with what it owns, and the schema)
+    after the test."""
+    role = f"kpg_rot_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER".encode())
+    yield role
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
+        admin.execute(f"DROP OWNED BY {role}".encode())
+        admin.execute(f"DROP ROLE {role}".encode())
+
+
+def _refused_then_rotated_by_the_superuser(dsn: str, role: str, schema: str, why: str) -> None:
+    """rotate_keys as ``role`` raises PermissionDeniedError matching ``why``; as the
+    superuser (who sees every row) it moves the one provider secret."""
+    keys = {"old": OLD, "new": NEW}
+    options: dict[str, Any] = {"schema": schema, "optional_migrations": ["tenant_rls"]}
+    with (
+        PostgresStorageAdapter(
+            make_conninfo(dsn, user=role), encryption_keys=keys, **options
+        ) as as_role,
+        pytest.raises(PermissionDeniedError, match=why),
+    ):
+        as_role.rotate_keys()
+    with PostgresStorageAdapter(dsn, encryption_keys=keys, **options) as superuser:
+        assert superuser.rotate_keys() == 1
+
+
+def test_rotation_as_a_role_row_security_filters_is_refused(
+    dsn: str, schema: str, login_role: str
+) -> None:
     """Under tenant_rls an application role sees only its tenant's rows: a rotation run by it
     would leave the others under the old key, so it refuses; the owner sees them all."""
-    role = f"kpg_rot_{uuid.uuid4().hex[:8]}"
-    keys = {"old": OLD, "new": NEW}
     with PostgresStorageAdapter(
         dsn, schema=schema, encryption_keys={"old": OLD}, optional_migrations=["tenant_rls"]
     ) as owner:
-        with psycopg.connect(dsn, autocommit=True) as admin:
-            admin.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER".encode())
-        owner.grant_app_role(role)
+        owner.grant_app_role(login_role)
         org = owner.create_organization(name="Acme", plan="free")
         owner.create_sso_provider(type="oidc", name="Okta", org_id=org.id, client_secret="s")
-    try:
-        app_dsn = make_conninfo(dsn, user=role)
-        with (
-            PostgresStorageAdapter(
-                app_dsn, schema=schema, encryption_keys=keys, optional_migrations=["tenant_rls"]
-            ) as app,
-            pytest.raises(PermissionDeniedError, match="schema owner"),
-        ):
-            app.rotate_keys()
-        with PostgresStorageAdapter(
-            dsn, schema=schema, encryption_keys=keys, optional_migrations=["tenant_rls"]
-        ) as owner:
-            assert owner.rotate_keys() == 1
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as admin:
-            admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
-            admin.execute(f"DROP OWNED BY {role}".encode())
-            admin.execute(f"DROP ROLE {role}".encode())
+    _refused_then_rotated_by_the_superuser(dsn, login_role, schema, "schema owner")
 
 
 def test_rotation_by_an_owner_tenant_rls_was_not_applied_by_is_refused(
-    dsn: str, schema: str
+    dsn: str, schema: str, login_role: str
 ) -> None:
     """tenant_rls gives every row to the role that applied it (owner_access), which need not be
     the tables' owner: a superuser may apply it to a schema another role owns. That owner then
     sees no organization's provider, and must be refused rather than report success."""
-    owner_role = f"kpg_own_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(f"CREATE ROLE {owner_role} LOGIN NOSUPERUSER".encode())
         database = admin.execute("SELECT current_database()").fetchone()
         assert database is not None
-        admin.execute(f'GRANT CREATE ON DATABASE "{database[0]}" TO {owner_role}'.encode())
-    owner_dsn = make_conninfo(dsn, user=owner_role)
-    keys = {"old": OLD, "new": NEW}
-    try:
-        with PostgresStorageAdapter(
-            owner_dsn, schema=schema, encryption_keys={"old": OLD}
-        ) as owner:
-            org = owner.create_organization(name="Acme", plan="free")
-            owner.create_sso_provider(type="oidc", name="Okta", org_id=org.id, client_secret="s")
-        with PostgresStorageAdapter(dsn, schema=schema, optional_migrations=["tenant_rls"]):
-            pass  # the superuser applies tenant_rls
-        with (
-            PostgresStorageAdapter(
-                owner_dsn, schema=schema, encryption_keys=keys, optional_migrations=["tenant_rls"]
-            ) as owner,
-            pytest.raises(PermissionDeniedError, match="applied tenant_rls"),
-        ):
-            owner.rotate_keys()
-        with PostgresStorageAdapter(
-            dsn, schema=schema, encryption_keys=keys, optional_migrations=["tenant_rls"]
-        ) as superuser:
-            assert superuser.rotate_keys() == 1
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as admin:
-            admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
-            admin.execute(f"DROP OWNED BY {owner_role}".encode())
-            admin.execute(f"DROP ROLE {owner_role}".encode())
+        admin.execute(f'GRANT CREATE ON DATABASE "{database[0]}" TO {login_role}'.encode())
+    owner_dsn = make_conninfo(dsn, user=login_role)
+    with PostgresStorageAdapter(owner_dsn, schema=schema, encryption_keys={"old": OLD}) as owner:
+        org = owner.create_organization(name="Acme", plan="free")
+        owner.create_sso_provider(type="oidc", name="Okta", org_id=org.id, client_secret="s")
+    with PostgresStorageAdapter(dsn, schema=schema, optional_migrations=["tenant_rls"]):
+        pass  # the superuser applies tenant_rls
+    _refused_then_rotated_by_the_superuser(dsn, login_role, schema, "applied tenant_rls")
