@@ -284,9 +284,13 @@ def scrubbed(exc: X) -> X:
     if exc.sqlstate.startswith("22"):
         message = f"data exception (SQLSTATE {exc.sqlstate})"
     else:
-        # No diagnostics: raised by the client, or scrubbed already; its text has no DETAIL.
-        lines = str(exc).splitlines()
-        message = exc.diag.message_primary or (lines[0] if lines else f"SQLSTATE {exc.sqlstate}")
+        primary = exc.diag.message_primary
+        if primary is None:
+            # No diagnostics: raised by the client, or scrubbed already; its text has no DETAIL.
+            # (An empty primary message is a server's: its text would start with the DETAIL.)
+            lines = str(exc).splitlines()
+            primary = lines[0] if lines else ""
+        message = primary or f"SQLSTATE {exc.sqlstate}"
     copy = type(exc)(message).with_traceback(exc.__traceback__)
     copy.sqlstate = exc.sqlstate  # a code psycopg has no class for is on the instance only
     return copy

@@ -12,8 +12,18 @@ SELECT (SELECT count(*) FROM kitium_auth.twofa_devices WHERE secret_key_id <> :k
 
 -- name: secrets_hidden_by_row_security()$
 -- Whether row-level security filters a table holding secrets for the current role: it is active
--- there, and no permissive policy for every command with USING (true) WITH CHECK (true) applies
--- to the role (tenant_rls's owner_access, granted to the role that applied it).
+-- there, and either no permissive policy for every command with USING (true) WITH CHECK (true)
+-- applies to the role (tenant_rls's owner_access, granted to the role that applied it) or a
+-- restrictive policy on reads or updates with another condition does.
+WITH applying AS (
+  SELECT p.polrelid, p.polcmd, p.polpermissive,
+         coalesce(pg_get_expr(p.polqual, p.polrelid), 'true') = 'true'
+           AND coalesce(pg_get_expr(p.polwithcheck, p.polrelid), 'true') = 'true' AS sees_all
+    FROM pg_catalog.pg_policy AS p
+   WHERE 0 = ANY (p.polroles)
+      OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS r (oid)
+                  WHERE r.oid <> 0 AND pg_has_role(r.oid, 'USAGE'))
+)
 SELECT EXISTS (
   SELECT 1
     FROM pg_catalog.pg_class AS c
@@ -21,17 +31,12 @@ SELECT EXISTS (
                    'kitium_auth.sso_providers'::regclass,
                    'kitium_auth.oauth_accounts'::regclass)
      AND row_security_active(c.oid)
-     AND NOT EXISTS (
-       SELECT 1
-         FROM pg_catalog.pg_policy AS p
-        WHERE p.polrelid = c.oid
-          AND p.polcmd = '*'
-          AND p.polpermissive
-          AND pg_get_expr(p.polqual, p.polrelid) = 'true'
-          AND coalesce(pg_get_expr(p.polwithcheck, p.polrelid), 'true') = 'true'
-          AND (0 = ANY (p.polroles)
-               OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS r (oid)
-                           WHERE r.oid <> 0 AND pg_has_role(r.oid, 'USAGE')))));
+     AND (NOT EXISTS (SELECT 1 FROM applying AS a
+                       WHERE a.polrelid = c.oid AND a.polcmd = '*' AND a.polpermissive
+                         AND a.sees_all)
+          OR EXISTS (SELECT 1 FROM applying AS a
+                      WHERE a.polrelid = c.oid AND a.polcmd IN ('*', 'r', 'w')
+                        AND NOT a.polpermissive AND NOT a.sees_all)));
 
 -- name: stale_twofa_secrets(key_id, after, batch_size)
 -- The next batch (after a given id) of 2FA device secrets under an older key.

@@ -206,3 +206,30 @@ def test_rotation_by_an_owner_tenant_rls_was_not_applied_by_is_refused(
     with PostgresStorageAdapter(dsn, schema=schema, optional_migrations=["tenant_rls"]):
         pass  # the superuser applies tenant_rls
     _refused_then_rotated_by_the_superuser(dsn, login_role, schema, "applied tenant_rls")
+
+
+def test_rotation_under_a_restrictive_policy_that_hides_rows_is_refused(
+    dsn: str, schema: str, login_role: str
+) -> None:
+    """A restrictive policy narrows what even owner_access shows: a rotation would pass over
+    the hidden rows and report success."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        database = admin.execute("SELECT current_database()").fetchone()
+        assert database is not None
+        admin.execute(f'GRANT CREATE ON DATABASE "{database[0]}" TO {login_role}'.encode())
+    options: dict[str, Any] = {"schema": schema, "optional_migrations": ["tenant_rls"]}
+    owner_dsn = make_conninfo(dsn, user=login_role)
+    with PostgresStorageAdapter(owner_dsn, encryption_keys={"old": OLD}, **options) as owner:
+        owner.create_sso_provider(type="oidc", name="Shared", client_secret="s")
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            f"CREATE POLICY only_orgs ON {schema}.sso_providers AS RESTRICTIVE"
+            " USING (org_id IS NOT NULL)".encode()
+        )
+    with (
+        PostgresStorageAdapter(
+            owner_dsn, encryption_keys={"old": OLD, "new": NEW}, **options
+        ) as owner,
+        pytest.raises(PermissionDeniedError),
+    ):
+        owner.rotate_keys()

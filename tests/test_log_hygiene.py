@@ -513,3 +513,15 @@ def test_a_scrubbed_error_keeps_a_sqlstate_psycopg_has_no_class_for(dsn: str) ->
     assert caught.value.sqlstate == "XY123"
     assert scrubbed(caught.value).sqlstate == "XY123"
     assert str(scrubbed(scrubbed(caught.value))) == "odd"
+
+
+def test_a_server_error_with_an_empty_message_is_scrubbed_of_its_detail(dsn: str) -> None:
+    """A trigger may raise with an empty message and the row in DETAIL: str() of the error then
+    starts with the DETAIL line, which the copy must not take for a message."""
+    secret = _secret("detail-only")
+    raise_it = f"DO $$ BEGIN RAISE EXCEPTION '' USING DETAIL = '{secret}'; END $$"
+    with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(psycopg.Error) as caught:
+        conn.execute(raise_it.encode())
+    assert secret in str(caught.value)
+    assert secret not in _printed(scrubbed(caught.value))
+    assert str(scrubbed(caught.value)) == "SQLSTATE P0001"

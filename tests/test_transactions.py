@@ -20,7 +20,9 @@ from kitium_pg import (
     QueryTimeoutError,
     ValidationError,
 )
+from kitium_pg._async import core as async_core
 from kitium_pg._base import Retry
+from kitium_pg._sync import core as sync_core
 
 from .conftest import AwaitableSync, drive
 
@@ -437,3 +439,47 @@ async def _until(condition: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the condition never held")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_run_in_transaction_on_an_aborted_transaction_raises_at_once(
+    kind: str, dsn: str, trip_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nested in a transaction a caught deadlock has aborted, no savepoint can open: the
+    deadlock is raised without an attempt and without sleeping through the retries."""
+    module = sync_core if kind == "sync" else async_core
+    waits: list[int] = []
+
+    def backoff(attempt: int) -> float:
+        waits.append(attempt)
+        return 0.0
+
+    monkeypatch.setattr(module, "backoff", backoff)
+    calls: list[int] = []
+
+    async def work(tx: Any) -> None:
+        calls.append(1)
+
+    email = f"trip-{uuid.uuid4().hex[:8]}@example.com"
+    options: dict[str, Any] = {"schema": trip_schema, "max_retries": 5}
+    if kind == "sync":
+        sync = PostgresStorageAdapter(dsn, **options)
+        sync.connect()
+        storage: Any = AwaitableSync(sync)
+    else:
+        storage = AsyncPostgresStorageAdapter(dsn, **options)
+        await storage.connect()
+    try:
+        _trip_first_insert(dsn, trip_schema)
+        with pytest.raises(ConflictError) as raised:
+            async with storage.transaction() as tx:
+                with contextlib.suppress(ConflictError):
+                    await tx.create_user(email=email)  # the deadlock, caught
+                await tx.run_in_transaction(work)
+        assert raised.value.code == "deadlock_detected"
+        assert calls == [] and waits == []
+    finally:
+        if kind == "sync":
+            sync.disconnect()
+        else:
+            await storage.disconnect()

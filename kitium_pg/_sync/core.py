@@ -288,8 +288,13 @@ class Core:
         """Run ``work(tx)`` in a transaction and return its result, re-running the whole
         transaction (up to ``max_retries`` times, with backoff) when PostgreSQL rolled it back
         for a serialization failure or a deadlock: those guarantee nothing was committed.
-        ``work`` must not have side effects outside the database."""
+        ``work`` must not have side effects outside the database. On a transaction's view that
+        a caught failure has aborted, raises that failure at once: no savepoint can open there,
+        so no attempt could succeed."""
         _validate.callback("work", work)
+        if self._conn is not None:
+            assert self._tx is not None
+            raise_if_aborted(self._conn, self._tx)
         attempt = 0
         while True:
             attempt += 1
