@@ -49,6 +49,7 @@ LOCAL_NAMES = {
     "m",
     "events",
     "lateral",
+    "applying",
 }
 
 
