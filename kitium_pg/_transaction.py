@@ -10,7 +10,14 @@ from typing import Any
 
 import psycopg
 
-from .errors import InternalError, KitiumPgError, ValidationError, rebuild, translate
+from .errors import (
+    InternalError,
+    KitiumPgError,
+    QueryTimeoutError,
+    ValidationError,
+    rebuild,
+    translate,
+)
 
 
 class TransactionState:
@@ -37,23 +44,40 @@ class TransactionState:
         try:
             yield
         except psycopg.errors.InFailedSqlTransaction:
-            failure = self.failure
-            if failure is None:
-                raise
-            # Not the cause: the call the block caught is. Raised again as it was (class,
-            # code, retryable), so run_in_transaction still re-runs a deadlock caught this way.
+            self.raise_if_failed(operation)
+            raise  # no failure recorded yet: the adapter waits for it (another thread's)
+        except psycopg.Error as exc:
+            self.record(exc, operation)
+            raise
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            # Interrupted while it ran: psycopg cancels the statement on the server, which
+            # aborts the transaction, and swallows the server's answer. (Recorded even when
+            # the statement had not been sent: the record is only raised for an aborted one.)
+            with self.lock:
+                if self.failure is None:
+                    self.failure = QueryTimeoutError(
+                        f"{operation}: interrupted while it ran (the call was cancelled), which"
+                        " aborts the transaction",
+                        code="query_canceled",
+                    )
+            raise
+        finally:
+            with self.lock:
+                self.calls -= 1
+
+    def raise_if_failed(self, operation: str) -> None:
+        """Raise the recorded failure again for a call ``operation`` that found the transaction
+        aborted (in_failed_sql_transaction); nothing when none is recorded. Not the call's own
+        cause: the call the block caught is. Raised as it was (class, code, retryable), so
+        run_in_transaction still re-runs a deadlock caught this way."""
+        failure = self.failure
+        if failure is not None:
             raise again(
                 failure,
                 f"{operation}: not run, the transaction is aborted: a call inside it failed"
                 f" ({failure}) and the block went on; a call that may fail belongs in a nested"
                 " transaction() (a savepoint)",
             ) from failure
-        except psycopg.Error as exc:
-            self.record(exc, operation)
-            raise
-        finally:
-            with self.lock:
-                self.calls -= 1
 
     def close(self) -> None:
         """Refuse every call from now on (the block is ending)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -483,3 +484,98 @@ async def test_run_in_transaction_on_an_aborted_transaction_raises_at_once(
             sync.disconnect()
         else:
             await storage.disconnect()
+
+
+async def test_a_block_waits_for_a_savepoint_another_task_holds(dsn: str, trip_schema: str) -> None:
+    """The block ends while another task is inside a savepoint on it: the end waits for that
+    savepoint (whose later calls are refused, so it rolls back) before the COMMIT, rather than
+    commit under it and hand the connection back to the pool mid-savepoint."""
+    unique = uuid.uuid4().hex[:8]
+    async with AsyncPostgresStorageAdapter(dsn, schema=trip_schema, max_size=1) as storage:
+        inside, go_on = asyncio.Event(), asyncio.Event()
+        refused: list[str] = []
+
+        async def holder(tx: Any) -> None:
+            try:
+                async with tx.transaction() as savepoint:
+                    await savepoint.create_user(email=f"held-{unique}@example.com")
+                    inside.set()
+                    await go_on.wait()
+                    await savepoint.create_user(email=f"late-{unique}@example.com")
+            except ValidationError as exc:
+                refused.append(exc.field)
+
+        async with storage.transaction() as tx:
+            kept = await tx.create_user(email=f"kept-{unique}@example.com")
+            task = asyncio.create_task(holder(tx))
+            await inside.wait()
+            asyncio.get_running_loop().call_later(0.05, go_on.set)
+        await task
+        assert refused == ["transaction"]
+        assert await storage.get_user(kept.id) == kept
+        assert await storage.get_user_by_email(f"held-{unique}@example.com") is None
+        # The pool's one connection serves the next transaction cleanly.
+        async with storage.transaction() as tx:
+            after = await tx.create_user(email=f"after-{unique}@example.com")
+        assert await storage.get_user(after.id) == after
+
+
+def test_a_thread_finding_the_transaction_aborted_gets_the_failure_not_25p02(
+    dsn: str, trip_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thread A's statement fails; psycopg lets thread B's statement through before A has
+    recorded its failure (here: A records slowly). B waits for the record and raises A's
+    failure, not InternalError(sqlstate_25P02), so run_in_transaction can judge it."""
+    from kitium_pg import _transaction
+    from kitium_pg.errors import translate as real
+
+    def slow(exc: BaseException, *, operation: str) -> Any:
+        if operation == "create_user":
+            time.sleep(0.3)
+        return real(exc, operation=operation)
+
+    email = f"taken-{uuid.uuid4().hex[:8]}@example.com"
+    outcome: dict[str, BaseException] = {}
+    with PostgresStorageAdapter(dsn, schema=trip_schema, max_size=1) as storage:
+        storage.create_user(email=email)
+        monkeypatch.setattr(_transaction, "translate", slow)
+        with pytest.raises(ConflictError), storage.transaction() as tx:
+
+            def call(name: str, work: Callable[[], Any]) -> None:
+                try:
+                    work()
+                except BaseException as exc:  # reported below
+                    outcome[name] = exc
+
+            a = threading.Thread(target=call, args=("a", lambda: tx.create_user(email=email)))
+            b = threading.Thread(target=call, args=("b", lambda: tx.get_user_by_email(email)))
+            a.start()
+            time.sleep(0.1)  # A's insert has failed; A is recording it
+            b.start()
+            a.join()
+            b.join()
+    assert isinstance(outcome["a"], ConflictError)
+    assert isinstance(outcome["b"], ConflictError), outcome["b"]
+    assert getattr(outcome["b"], "code", None) == "unique_violation"
+
+
+async def test_a_cancelled_call_is_the_failure_later_calls_raise(
+    dsn: str, trip_schema: str
+) -> None:
+    """A call cancelled while it runs (asyncio.wait_for) aborts the transaction: psycopg
+    cancels the statement and swallows the answer. Later calls and the block raise that."""
+    async with AsyncPostgresStorageAdapter(dsn, schema=trip_schema) as storage:
+        user = await storage.create_user()
+        with psycopg.connect(dsn) as locker:
+            locker.execute(
+                f"SELECT 1 FROM {trip_schema}.users WHERE id = %s FOR UPDATE".encode(), [user.id]
+            )
+            with pytest.raises(QueryTimeoutError) as raised:
+                async with storage.transaction() as tx:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(tx.update_user(user.id, name="waits"), 0.2)
+                    with pytest.raises(QueryTimeoutError) as later:
+                        await tx.get_user(user.id)
+                    assert later.value.code == "query_canceled"
+            locker.rollback()
+        assert raised.value.code == "query_canceled"

@@ -19,6 +19,7 @@ from typing import Any, Self, TypeVar, cast
 import psycopg
 import psycopg_pool
 from psycopg import Connection, Cursor
+from psycopg.errors import InFailedSqlTransaction
 from psycopg.rows import tuple_row
 
 from .. import _sql, _validate
@@ -219,10 +220,14 @@ class Core:
         block, a savepoint: its failure rolls back to the savepoint only. While one task
         (thread, for the sync adapter) has a savepoint open, calls on the transaction from
         other tasks raise ``ValidationError``, as does opening a savepoint while other
-        tasks' calls run: a savepoint's rollback would undo their writes. Leaving the block
-        waits for calls other tasks already started on ``tx`` (up to their statement
-        timeout), so that their failures are seen before the commit; later calls raise
-        ``ValidationError``. Raises the translated error when the commit itself fails."""
+        tasks' calls run: a savepoint's rollback would undo their writes. Leaving the block,
+        by commit or rollback, waits for calls other tasks already started on ``tx`` (up to
+        their statement timeout) and for savepoints they hold (their later calls raise
+        ``ValidationError``, so they roll back), so that their failures are seen before the
+        commit and nothing reaches the connection once the pool has it back. A call
+        cancelled while it runs aborts the transaction too: later calls and the block raise
+        ``QueryTimeoutError`` (code ``query_canceled``). Raises the translated error when
+        the commit itself fails."""
         try:
             if self._conn is not None:
                 with self._savepoint():
@@ -243,13 +248,16 @@ class Core:
                     # Before the COMMIT or ROLLBACK: a call that starts from now on (a task the
                     # block left running) is refused rather than run after the transaction.
                     state.close()
-                # Calls other tasks started before the block ended are waited for, so that a
-                # failure of theirs is seen here rather than turn the COMMIT into a silent
-                # rollback. A poll, not an Event: one source serves both adapters (the sync one
-                # sleeps), and there is only something to wait for when a task's call is still
-                # running at the end, which is rare and short.
-                while state.calls:  # noqa: ASYNC110
-                    time.sleep(_CALLS_POLL)
+                    # Calls and savepoints other tasks started before the block ended are waited
+                    # for, on commit and on rollback alike: a failure of theirs must be seen
+                    # here rather than turn the COMMIT into a silent rollback, and a savepoint's
+                    # SAVEPOINT, RELEASE or ROLLBACK TO must not reach the connection after the
+                    # pool has handed it to another caller. A savepoint's later calls are
+                    # refused, so its holder rolls it back. A poll, not an Event: one source
+                    # serves both adapters (the sync one sleeps), and there is only something to
+                    # wait for when a task is still at work at the end, which is rare and short.
+                    while state.calls or state.depth:  # noqa: ASYNC110
+                        time.sleep(_CALLS_POLL)
                 raise_if_aborted(conn, state)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise translate(exc, operation="transaction") from scrubbed(exc)
@@ -563,6 +571,12 @@ class Core:
                     finally:
                         self._pool.putconn(conn)
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                if self._tx is not None and isinstance(exc, InFailedSqlTransaction):
+                    # Aborted by another thread's statement whose failure is not recorded yet
+                    # (it records it after psycopg has let this call through): wait for it.
+                    while self._tx.failure is None and self._tx.calls:  # noqa: ASYNC110
+                        time.sleep(_CALLS_POLL)
+                    self._tx.raise_if_failed(name)
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)
                 if self._conn is None and self._owns_pool and connection_lost(exc):
