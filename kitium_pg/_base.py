@@ -342,7 +342,7 @@ class Settings:
         return kwargs
 
 
-def log_observer_failure(message: str, *args: object) -> None:
+def _log_observer_failure(message: str, *args: object) -> None:
     """Log the exception being handled (an observer's) with ``message``: its traceback alone.
     The chain is cut first: the observer may have failed while the call's error, or the
     application's own exception around the call, was being handled, and those can quote
@@ -354,24 +354,33 @@ def log_observer_failure(message: str, *args: object) -> None:
     logger.error(message, *args, exc_info=failure)
 
 
-def observe_start(observer: Observer, name: str) -> object:
-    """``observer.start(name)``, or ``None`` when it raises (logged): a broken metrics
-    exporter must never fail a database call."""
+def observe_start(
+    observer: Observer, name: str, *, failed: object = None, who: str = "observer"
+) -> object:
+    """``observer.start(name)``, or ``failed`` when it raises (logged as ``who`` failing): a
+    broken metrics exporter must never fail a database call."""
     try:
         return observer.start(name)
     except Exception:
-        log_observer_failure("kitium_pg observer failed in start(%s)", name)
-        return None
+        _log_observer_failure("kitium_pg %s failed in start(%s)", who, name)
+        return failed
 
 
 def observe_finish(
-    observer: Observer, token: object, name: str, duration_s: float, error: BaseException | None
+    observer: Observer,
+    token: object,
+    name: str,
+    duration_s: float,
+    error: BaseException | None,
+    *,
+    who: str = "observer",
 ) -> None:
-    """``observer.finish(...)``; an exception it raises is logged, never passed on."""
+    """``observer.finish(...)``; an exception it raises is logged (as ``who`` failing), never
+    passed on."""
     try:
         observer.finish(token, name, duration_s, error)
     except Exception:
-        log_observer_failure("kitium_pg observer failed in finish(%s)", name)
+        _log_observer_failure("kitium_pg %s failed in finish(%s)", who, name)
 
 
 def log_call(

@@ -44,7 +44,7 @@ class TransactionState:
         try:
             yield
         except psycopg.errors.InFailedSqlTransaction:
-            self.raise_if_failed(operation)
+            self.raise_for_aborted_call(operation)
             raise  # no failure recorded yet: the adapter waits for it (another thread's)
         except psycopg.Error as exc:
             self.record(exc, operation)
@@ -65,19 +65,25 @@ class TransactionState:
             with self.lock:
                 self.calls -= 1
 
-    def raise_if_failed(self, operation: str) -> None:
-        """Raise the recorded failure again for a call ``operation`` that found the transaction
-        aborted (in_failed_sql_transaction); nothing when none is recorded. Not the call's own
-        cause: the call the block caught is. Raised as it was (class, code, retryable), so
-        run_in_transaction still re-runs a deadlock caught this way."""
+    def raise_for_aborted_call(self, operation: str) -> None:
+        """For a call ``operation`` that found the transaction aborted (in_failed_sql_transaction):
+        raise the recorded failure, the call the block caught, not the call's own error; nothing
+        when none is recorded."""
+        self.raise_if_failed(f"{operation}: not run, the transaction is aborted")
+
+    def raise_if_failed(self, what: str) -> None:
+        """Raise the recorded failure again, its message led by ``what`` (what could not be
+        done: a call that found the transaction aborted, the block's COMMIT); nothing when none
+        is recorded. Raised as it was (class, code, retryable, field), built without its
+        ``__init__``, whose signature varies (``ValidationError``), so run_in_transaction still
+        re-runs a deadlock caught this way."""
         failure = self.failure
         if failure is not None:
-            raise again(
-                failure,
-                f"{operation}: not run, the transaction is aborted: a call inside it failed"
-                f" ({failure}) and the block went on; a call that may fail belongs in a nested"
-                " transaction() (a savepoint)",
-            ) from failure
+            message = (
+                f"{what}: a call inside it failed ({failure}) and the block went on; a call that"
+                " may fail belongs in a nested transaction() (a savepoint)"
+            )
+            raise rebuild(type(failure), message, failure.__dict__) from failure
 
     def close(self) -> None:
         """Refuse every call from now on (the block is ending)."""
@@ -117,20 +123,8 @@ def raise_if_aborted(conn: psycopg.BaseConnection[Any], state: TransactionState)
     (``run_in_transaction`` re-runs a deadlock caught this way), chained to it."""
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
         return
-    failure = state.failure
-    if failure is None:
-        raise InternalError("transaction: aborted by a failed statement; rolled back")
-    raise again(
-        failure,
-        f"transaction rolled back: a call inside it failed ({failure}) and the block went on;"
-        " a call that may fail belongs in a nested transaction() (a savepoint)",
-    ) from failure
-
-
-def again(failure: KitiumPgError, message: str) -> KitiumPgError:
-    """``failure`` raised anew with ``message``: same class, ``code``, ``retryable`` and
-    ``field``. Built without its ``__init__``, whose signature varies (``ValidationError``)."""
-    return rebuild(type(failure), message, failure.__dict__)
+    state.raise_if_failed("transaction rolled back")
+    raise InternalError("transaction: aborted by a failed statement; rolled back")
 
 
 def task_caller() -> object:

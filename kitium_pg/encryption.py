@@ -45,6 +45,7 @@ _KEY_MESSAGE: Final = "the key must be 32 bytes or their urlsafe base64"
 # padding) is almost certainly a key written where its id belongs ("KEY:KID", {key: kid}).
 _KEY_SHAPED: Final = re.compile(r"[A-Za-z0-9_+/-]{43}=?")
 _KEY_ID_MAX: Final = 64
+_SWAPPED: Final = "the key id looks like a key: are the key id and the key swapped?"
 
 
 def _key_id_problem(key_id: object, *, new: bool = False) -> str | None:
@@ -59,7 +60,7 @@ def _key_id_problem(key_id: object, *, new: bool = False) -> str | None:
     if set(key_id) & set(":,"):
         return "the key id must not contain ':' or ','"
     if new and _KEY_SHAPED.fullmatch(key_id):
-        return "the key id looks like a key: are the key id and the key swapped?"
+        return _SWAPPED
     return None
 
 
@@ -117,9 +118,8 @@ class Keyring:
             except ValidationError:
                 if not _KEY_SHAPED.fullmatch(key_id):
                     raise
-                problem = "the key id looks like a key: are the key id and the key swapped?"
                 raise ValidationError(
-                    "encryption_keys", f"entry {entry}: {_KEY_MESSAGE}; {problem}"
+                    "encryption_keys", f"entry {entry}: {_KEY_MESSAGE}; {_SWAPPED}"
                 ) from None
             self._keys[key_id] = AESGCM(key_bytes)
         self.current_key_id: str = list(self._keys)[-1]

@@ -46,7 +46,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ._base import log_observer_failure
+from ._base import observe_finish, observe_start
 from .errors import KitiumPgError
 from .observe import Observer
 
@@ -282,14 +282,10 @@ class CompositeObserver:
 
     def start(self, operation: str) -> tuple[object, ...]:
         """``start`` of every observer (``_FAILED`` in place of the token of one that raised)."""
-        tokens: list[object] = []
-        for observer in self.observers:
-            try:
-                tokens.append(observer.start(operation))
-            except Exception:
-                _log_failure(observer, "start", operation)
-                tokens.append(_FAILED)
-        return tuple(tokens)
+        return tuple(
+            observe_start(observer, operation, failed=_FAILED, who=_who(observer))
+            for observer in self.observers
+        )
 
     def finish(
         self, token: object, operation: str, duration_s: float, error: BaseException | None
@@ -300,23 +296,17 @@ class CompositeObserver:
         if not isinstance(token, tuple) or len(token) != len(self.observers):
             return
         for observer, own in zip(self.observers, token, strict=True):
-            if own is _FAILED:
-                continue
-            try:
-                observer.finish(own, operation, duration_s, error)
-            except Exception:
-                _log_failure(observer, "finish", operation)
+            if own is not _FAILED:
+                observe_finish(observer, own, operation, duration_s, error, who=_who(observer))
 
 
 # The token CompositeObserver keeps for an observer whose start() raised.
 _FAILED: Final = object()
 
 
-def _log_failure(observer: Observer, method: str, operation: str) -> None:
-    # As the adapter does for its own observer: the traceback and the operation's name only.
-    log_observer_failure(
-        "kitium_pg observer %s failed in %s(%s)", type(observer).__name__, method, operation
-    )
+def _who(observer: Observer) -> str:
+    # How a failing observer is named in the log (the adapter's own is just "observer").
+    return f"observer {type(observer).__name__}"
 
 
 def _code(error: BaseException) -> str:

@@ -575,7 +575,7 @@ class AsyncCore:
                     # (it records it after psycopg has let this call through): wait for it.
                     while self._tx.failure is None and self._tx.calls:  # noqa: ASYNC110
                         await asyncio.sleep(_CALLS_POLL)
-                    self._tx.raise_if_failed(name)
+                    self._tx.raise_for_aborted_call(name)
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)
                 if self._conn is None and self._owns_pool and connection_lost(exc):
