@@ -277,6 +277,17 @@ DSN_FORMS = [
 ]
 
 
+def _failed_connect(dsn: str) -> tuple[PostgresStorageAdapter, UnavailableError]:
+    """An adapter for ``dsn`` (a server that refuses it) and the error its connect() raised."""
+    adapter = PostgresStorageAdapter(dsn, connect_timeout=1, pool_timeout=1, min_size=1)
+    try:
+        with pytest.raises(UnavailableError) as caught:
+            adapter.connect()
+    finally:
+        adapter.disconnect()
+    return adapter, caught.value
+
+
 @pytest.mark.parametrize("form", DSN_FORMS)
 def test_a_dsn_password_is_never_shown(form: str) -> None:
     """The adapter's repr and its connection error (both end up in application logs) never
@@ -284,13 +295,8 @@ def test_a_dsn_password_is_never_shown(form: str) -> None:
     password = f"pw-{secrets.token_hex(8)}"
     dsn = form.format(pw=password)
     register(password, label="dsn password")
-    adapter = PostgresStorageAdapter(dsn, connect_timeout=1, pool_timeout=1, min_size=1)
-    try:
-        with pytest.raises(UnavailableError) as caught:
-            adapter.connect()
-    finally:
-        adapter.disconnect()
-    shown = f"{adapter!r} {caught.value}"
+    adapter, error = _failed_connect(dsn)
+    shown = f"{adapter!r} {error}"
     assert password not in shown
     assert "with spaces" not in shown, shown
 
@@ -340,13 +346,7 @@ def test_no_part_of_a_malformed_dsn_password_is_shown(
         assert refused.value.field == "dsn"
         error: BaseException = refused.value
     else:
-        adapter = PostgresStorageAdapter(dsn, connect_timeout=1, pool_timeout=1, min_size=1)
-        try:
-            with pytest.raises(UnavailableError) as caught:
-                adapter.connect()
-        finally:
-            adapter.disconnect()
-        error = caught.value
+        adapter, error = _failed_connect(dsn)
         shown.append(repr(adapter))
         assert "127.0.0.1" in f"{adapter!r} {error}"  # the DSN is still recognisable
     shown += [str(error), repr(error)]

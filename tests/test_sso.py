@@ -60,6 +60,16 @@ async def _user(storage: Any, unique: Callable[[str], str]) -> User:
     return user
 
 
+async def _link_and_session(storage: Any, user: User, provider: SsoProvider) -> tuple[Any, Any]:
+    """An SSO link and an SSO session of ``user`` at ``provider`` (subject ``s``)."""
+    bound = {"user_id": user.id, "provider_id": provider.id, "provider_type": provider.type}
+    link = await storage.create_sso_link(**bound, provider_subject="s")
+    session = await storage.create_sso_session(
+        **bound, provider_subject="s", expires_at=_in(hours=1)
+    )
+    return link, session
+
+
 # -- providers ----------------------------------------------------------------------------------
 
 
@@ -361,16 +371,7 @@ async def test_update_replaces_domains_keeping_verification(
 async def test_delete_cascades(storage: Any, unique: Callable[[str], str]) -> None:
     user = await _user(storage, unique)
     provider = await _oidc(storage, unique, domains=[f"{unique('gone')}.example"])
-    link = await storage.create_sso_link(
-        user_id=user.id, provider_id=provider.id, provider_type="oidc", provider_subject="s"
-    )
-    session = await storage.create_sso_session(
-        user_id=user.id,
-        provider_id=provider.id,
-        provider_type="oidc",
-        provider_subject="s",
-        expires_at=_in(hours=1),
-    )
+    link, session = await _link_and_session(storage, user, provider)
     assert await storage.delete_sso_provider(provider.id) is True
     assert await storage.delete_sso_provider(provider.id) is False
     assert await storage.get_sso_provider(provider.id) is None
@@ -650,16 +651,7 @@ async def test_a_providers_type_changed_in_the_database_carries_its_rows_along(
     leave links and SSO sessions naming the old type (ON UPDATE CASCADE)."""
     user = await _user(storage, unique)
     provider = await storage.create_sso_provider(type="saml", name=unique("saml"))
-    link = await storage.create_sso_link(
-        user_id=user.id, provider_id=provider.id, provider_type="saml", provider_subject="s"
-    )
-    sso_session = await storage.create_sso_session(
-        user_id=user.id,
-        provider_id=provider.id,
-        provider_type="saml",
-        provider_subject="s",
-        expires_at=_in(hours=1),
-    )
+    link, sso_session = await _link_and_session(storage, user, provider)
     _raw(
         dsn,
         "UPDATE kitium_auth.sso_providers SET type = 'oidc' WHERE id = %s RETURNING id",
