@@ -27,7 +27,7 @@ from .errors import ValidationError
 T = TypeVar("T")
 
 DEFAULT_SCHEMA: Final = "kitium_auth"
-_SCHEMA_RE: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCHEMA_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _QUALIFIER_RE: Final = re.compile(rf"\b{DEFAULT_SCHEMA}\b")
 
 
@@ -72,7 +72,7 @@ def data_dir(name: str) -> Path:
 
 def check_schema(schema: str) -> str:
     """``schema`` if it is a plain lowercase identifier (it is written into SQL text)."""
-    if not isinstance(schema, str) or not _SCHEMA_RE.match(schema):
+    if not isinstance(schema, str) or not _SCHEMA_RE.fullmatch(schema):
         raise ValidationError("schema", "must match [a-z_][a-z0-9_]* (at most 63 characters)")
     return schema
 

@@ -410,7 +410,7 @@ def dsn(field: str, value: str) -> None:
 DOMAIN: Final = 253
 """Longest domain name (RFC 1035, without the trailing dot)."""
 
-_LABEL_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL_RE: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def domain(field: str, value: object) -> str:
@@ -422,7 +422,7 @@ def domain(field: str, value: object) -> str:
     if not name.isascii():
         raise ValidationError(field, "must be ASCII (write an internationalised domain as xn--)")
     name = name.lower()
-    if not all(_LABEL_RE.match(label) for label in name.split(".")):
+    if not all(_LABEL_RE.fullmatch(label) for label in name.split(".")):
         raise ValidationError(field, "must be a domain name such as example.com")
     return name
 

@@ -136,7 +136,20 @@ def test_grants_text_and_role_validation(tenancy: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    "role", ["public", "current_user", "current_role", "session_user", "none", "pg_monitor"]
+    "role",
+    [
+        "public",
+        "current_user",
+        "current_role",
+        "session_user",
+        "none",
+        "pg_monitor",
+        # Python's ``$`` matches before a final newline; PostgreSQL reads the newline as
+        # whitespace, so these would grant to public / the current user.
+        "public\n",
+        "current_user\n",
+        "billing_app\n",
+    ],
 )
 def test_grants_refuse_roles_that_are_not_one_application_role(
     tenancy: dict[str, Any], role: str

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kitium_pg import ValidationError
+from kitium_pg import ValidationError, _sql
 from kitium_pg import _validate as v
 
 
@@ -265,3 +265,19 @@ def test_the_timestamp_range_ends_are_accepted() -> None:
     assert v.timestamp("t", dt.datetime(1, 1, 2, tzinfo=dt.UTC)).year == 1
     latest = dt.datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=dt.UTC)
     assert v.timestamp("t", latest) == latest
+
+
+@pytest.mark.parametrize("value", ["example.com\n", "example.com\n.org", "a\n.example.com"])
+def test_a_domain_with_a_newline_is_refused_before_the_database(value: str) -> None:
+    """Python's ``$`` also matches before a final newline: the check must cover the whole
+    value, so the caller's field is named instead of the table's CHECK constraint."""
+    with pytest.raises(ValidationError) as refused:
+        v.domain("domains[0]", value)
+    assert refused.value.field == "domains[0]"
+
+
+@pytest.mark.parametrize("schema", ["kitium_auth\n", "public\n", "x\ny"])
+def test_a_schema_name_with_a_newline_is_refused(schema: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        _sql.check_schema(schema)
+    assert refused.value.field == "schema"

@@ -194,7 +194,7 @@ def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:
 
 
 def _role_sql(sql: str, role: str) -> str:
-    if not isinstance(role, str) or not _ROLE_RE.match(role):
+    if not isinstance(role, str) or not _ROLE_RE.fullmatch(role):
         raise ValidationError("role", "must match [a-z_][a-z0-9_]* (at most 63 characters)")
     if role in _NOT_A_ROLE or role.startswith("pg_"):
         # GRANT ... TO public grants to every role of the cluster; current_user and friends
@@ -203,5 +203,5 @@ def _role_sql(sql: str, role: str) -> str:
     return re.sub(r"\bkitium_app\b", role, sql)
 
 
-_ROLE_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_ROLE_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _NOT_A_ROLE = frozenset({"public", "current_user", "current_role", "session_user", "none"})
