@@ -129,9 +129,9 @@ def _profile(
     stubbed.get_session(ids[0])
     stub_conn = stubbed.pool.getconn()
     stubbed.pool.putconn(stub_conn)
-    real_cursor = sync_core._CURSORS[stub_conn]
+    real_cursor = getattr(stub_conn, sync_core.REUSED_CURSOR)
     stored_row = real_cursor.execute(sql, {"id": ids[0]}).fetchone()
-    sync_core._CURSORS[stub_conn] = cast(Any, _StubCursor(real_cursor, stored_row))
+    setattr(stub_conn, sync_core.REUSED_CURSOR, cast(Any, _StubCursor(real_cursor, stored_row)))
 
     def adapter_only(x: Any) -> Any:
         return stubbed.get_session(x)
@@ -305,7 +305,7 @@ def _profile(
         _py_spy(args.py_spy, storage, some_ids(args.profile_calls * 4))
     held.close()
     storage.disconnect()
-    sync_core._CURSORS[stub_conn] = real_cursor
+    setattr(stub_conn, sync_core.REUSED_CURSOR, real_cursor)
     stubbed.disconnect()
 
 
@@ -333,8 +333,10 @@ def _async_pieces(
     runner.run(stubbed.get_session(some_ids(1)[0]))
     stub_conn = runner.run(stubbed.pool.getconn())
     runner.run(stubbed.pool.putconn(stub_conn))
-    real_cursor = async_core._CURSORS[stub_conn]
-    async_core._CURSORS[stub_conn] = cast(Any, _AsyncStubCursor(real_cursor, stored_row))
+    real_cursor = getattr(stub_conn, async_core.REUSED_CURSOR)
+    setattr(
+        stub_conn, async_core.REUSED_CURSOR, cast(Any, _AsyncStubCursor(real_cursor, stored_row))
+    )
 
     async def full(x: Any) -> Any:
         return await storage.get_session(x)
@@ -412,7 +414,7 @@ def _async_pieces(
     print()
     if asyncpg is not None:
         runner.run(asyncpg.close())
-    async_core._CURSORS[stub_conn] = real_cursor
+    setattr(stub_conn, async_core.REUSED_CURSOR, real_cursor)
     runner.run(stubbed.disconnect())
     runner.run(held.close())
     runner.run(storage.disconnect())

@@ -4,8 +4,10 @@ logging hygiene, and concurrent creates."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -232,6 +234,34 @@ def test_pool_exhaustion_is_unavailable(sync_single: PostgresStorageAdapter) -> 
     with sync_single.pool.connection(), pytest.raises(UnavailableError) as caught:
         sync_single.get_user(user.id)  # the only connection is held by the with above
     assert caught.value.code == "pool_timeout" and caught.value.retryable
+
+
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+async def test_connections_the_pool_closed_are_freed_with_their_reused_cursor(
+    dsn: str, cls: type, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each pooled connection keeps one cursor for the adapter's calls. A connection the pool
+    has closed (idle shrink, max_lifetime, a drain, a restart) must be freed, and with it its
+    cursor's last result rows: a registry of cursors keyed by connection kept them all."""
+    # The pool's "discarding closed connection" warning carries the connection, and the
+    # captured record would keep it alive.
+    caplog.set_level(logging.ERROR, logger="psycopg.pool")
+    adapter = cls(dsn, min_size=1, max_size=1)
+    await _call(adapter.connect())
+    closed: list[weakref.ref[Any]] = []
+    try:
+        for _ in range(5):
+            assert await _call(adapter.get_user(uuid.uuid4())) is None  # fills the cursor
+            conn = await _call(adapter.pool.getconn())
+            closed.append(weakref.ref(conn))
+            await _call(conn.close())
+            await _call(adapter.pool.putconn(conn))  # the pool replaces a closed connection
+            del conn
+        assert await _call(adapter.get_user(uuid.uuid4())) is None
+        gc.collect()
+        assert [ref() for ref in closed] == [None] * 5
+    finally:
+        await _call(adapter.disconnect())
 
 
 @pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])

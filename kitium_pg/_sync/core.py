@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-import weakref
 from collections.abc import Iterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Self, TypeVar, cast
@@ -438,9 +437,10 @@ class Core:
         # A pooled connection belongs to this call alone until it is returned: reuse one cursor
         # per connection, since creating a cursor per call is a sizeable share of the
         # client-side cost (benchmarks/results/profile_get_session.md).
-        cur = _CURSORS.get(conn)
+        cur: Cursor[Any] | None = getattr(conn, REUSED_CURSOR, None)
         if cur is None or cur.closed:
-            cur = _CURSORS[conn] = conn.cursor(row_factory=tuple_row)
+            cur = conn.cursor(row_factory=tuple_row)
+            setattr(conn, REUSED_CURSOR, cur)
         cur.execute(query.sql, params)
         return _fetch(cur, query, make)
 
@@ -697,8 +697,11 @@ class Core:
                 return total
 
 
-# The reusable cursor of each live pooled connection (dropped with the connection).
-_CURSORS: weakref.WeakKeyDictionary[Connection[Any], Cursor[Any]] = weakref.WeakKeyDictionary()
+# The attribute of a pooled connection that holds its reused cursor. On the connection, not
+# in a registry keyed by it: the cursor refers to its connection, so a registry (even a weak
+# one) would keep every connection the pool ever closed alive, with its last result rows;
+# as an attribute the pair is one cycle, freed with the connection.
+REUSED_CURSOR = "_kitium_pg_cursor"
 
 # How long a replica checkout may wait, and how long a failed replica is skipped (seconds).
 _REPLICA_WAIT = 1.0
