@@ -68,9 +68,12 @@ def email(field: str, value: object) -> str:
     """An email address, in Unicode normal form NFC: text with an ``@``, something on either
     side, no whitespace, no control characters (a backspace or a terminal escape would make
     the address print as another), no invisible format characters (zero-width space and the
-    like) and no trailing dot on the domain. Normalising makes two spellings of one address
-    (``é`` as one code point or as ``e`` and a combining accent) one address, for uniqueness
-    and lookup."""
+    like), no trailing dot on the domain, and no letter whose lowercase is an ASCII letter
+    (``İ``): PostgreSQL's ``lower()``, which compares addresses, turns it into ``i``, so
+    ``bob@gİthub.com``, an address at another domain anyone can register, would be
+    ``bob@github.com``'s account. Normalising makes two spellings of one address (``é`` as one
+    code point or as ``e`` and a combining accent) one address, for uniqueness and lookup (the
+    Kelvin sign, the other letter ``lower()`` makes ASCII, becomes ``K`` there)."""
     value = email_key(text(field, value, max_len=EMAIL))
     local, at, domain = value.rpartition("@")
     if (
@@ -82,9 +85,17 @@ def email(field: str, value: object) -> str:
         or _CONTROL.search(value)
         # ASCII holds no format character: most addresses skip the per-character scan.
         or (not value.isascii() and any(unicodedata.category(c) == "Cf" for c in value))
+        or _lowers_into_ascii(value)
     ):
         raise ValidationError(field, "must be an email address")
     return value
+
+
+def _lowers_into_ascii(value: str) -> bool:
+    """Whether a non-ASCII character of ``value`` lowercases to an ASCII letter (with or without
+    a combining mark after it: ``İ`` is ``i`` and a dot above in Python, plain ``i`` in
+    PostgreSQL's ``lower()``)."""
+    return not value.isascii() and any(not c.isascii() and c.lower()[0].isascii() for c in value)
 
 
 def email_key(value: str) -> str:
@@ -94,11 +105,13 @@ def email_key(value: str) -> str:
 
 def lookup_email(value: object) -> str | None:
     """The form of ``value`` to look stored addresses up with, or ``None`` when it cannot be
-    one (not text, or too long): lookups of such a value find nothing."""
+    one (not text, too long, or with a letter ``email`` refuses because ``lower()`` would make
+    it another address's): lookups of such a value find nothing."""
     try:
-        return email_key(text("email", value, max_len=EMAIL))
+        key = email_key(text("email", value, max_len=EMAIL))
     except ValidationError:
         return None
+    return None if _lowers_into_ascii(key) else key
 
 
 def replica_allowed(consistency: object) -> bool:

@@ -55,6 +55,35 @@ async def test_email_is_unique_and_looked_up_case_insensitively(storage: Any, em
     assert caught.value.retryable is False
 
 
+async def test_an_address_at_another_domain_never_finds_a_user_through_lower(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """PostgreSQL's ``lower()`` turns ``İ`` into ``i``: without a check, ``bob@gİthub.com``
+    (mail for it goes to xn--github-qyd.com, which anyone can register) found
+    ``bob@github.com``'s account, the start of a password-reset takeover. (The Kelvin sign,
+    the other letter ``lower()`` makes ASCII, is ``K`` once the address is in NFC.)"""
+    domain = f"i{unique('d')}.example"
+    user = await storage.create_user(email=f"bob@{domain}")
+    spoofed = f"bob@\u0130{domain[1:]}"
+    assert await storage.get_user_by_email(spoofed) is None
+    with pytest.raises(ValidationError) as refused:
+        await storage.create_user(email=spoofed)
+    assert refused.value.field == "email"
+    with pytest.raises(ValidationError):
+        await storage.update_user(user.id, email=spoofed)
+    with pytest.raises(ValidationError):
+        await storage.create_email_verification_token(
+            email=spoofed,
+            code_hash="h" * 64,
+            type="password_reset",
+            user_id=user.id,
+            expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+        )
+    assert await storage.get_email_verification_tokens(spoofed) == []
+    assert await storage.get_user_by_email(f"BOB@{domain.upper()}") == user
+    assert await storage.get_user_by_email(f"bob@\u212a{domain[1:]}") is None  # NFC: "K"
+
+
 async def test_password_hash_is_stored_but_never_in_the_record(storage: Any, email: str) -> None:
     secret = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA"
     user = await storage.create_user(email=email, password_hash=secret)

@@ -281,3 +281,16 @@ def test_a_schema_name_with_a_newline_is_refused(schema: str) -> None:
     with pytest.raises(ValidationError) as refused:
         _sql.check_schema(schema)
     assert refused.value.field == "schema"
+
+
+def test_the_one_letter_lower_makes_ascii_is_refused_and_never_looked_up() -> None:
+    """``İ`` lowercases to ``i`` in PostgreSQL: ``a@gİthub.com`` would find ``a@github.com``.
+    Scanning every code point finds no other letter whose lowercase starts with ASCII once
+    the address is in NFC (the Kelvin sign becomes ``K``)."""
+    with pytest.raises(ValidationError):
+        v.email("email", "a@g\u0130thub.com")
+    assert v.lookup_email("a@g\u0130thub.com") is None
+    assert v.email("email", "a@\u212aey.com") == "a@Key.com"
+    nfc = (unicodedata.normalize("NFC", chr(c)) for c in range(128, sys.maxunicode + 1))
+    lowering = [c for c in nfc if not c.isascii() and c.lower()[0].isascii()]
+    assert lowering == ["\u0130"]
