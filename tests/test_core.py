@@ -8,7 +8,8 @@ import gc
 import logging
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -264,6 +265,63 @@ async def test_connections_the_pool_closed_are_freed_with_their_reused_cursor(
         await _call(adapter.disconnect())
 
 
+def _socket_appearing_later(dsn: str, tmp_path: Path) -> tuple[str, Callable[[], None]]:
+    """A DSN for the test server through a socket folder that is empty until the returned
+    function links the server's socket into it (skips for a server not on a Unix socket)."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    socket_dir = Path(str(params.get("host", "")))
+    if not socket_dir.is_dir():
+        pytest.skip("needs a server on a Unix socket")
+    name = f".s.PGSQL.{params.get('port', 5432)}"
+    later = tmp_path / "sock"
+    later.mkdir()
+    return psycopg.conninfo.make_conninfo(dsn, host=str(later)), lambda: (later / name).symlink_to(
+        socket_dir / name
+    )
+
+
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+async def test_connect_can_be_retried_once_the_database_is_up(
+    dsn: str, cls: type, tmp_path: Path
+) -> None:
+    """A service often starts before its database. The first connect() raises a retryable
+    error, and a later one on the same adapter must work: psycopg-pool closes a pool whose
+    open(wait=True) times out, and the adapter then refused every connect() for good."""
+    later_dsn, server_appears = _socket_appearing_later(dsn, tmp_path)
+    adapter = cls(later_dsn, connect_timeout=1.0)
+    try:
+        with pytest.raises(UnavailableError) as caught:
+            await _call(adapter.connect(migrate=False))
+        assert caught.value.retryable is True
+        server_appears()
+        # As a supervisor would: the pool reconnects on its own back-off schedule (1 s, 2 s,
+        # 4 s... between attempts), so a retry may come before its next attempt.
+        refusals: list[UnavailableError] = []
+        for _ in range(10):
+            try:
+                await _call(adapter.connect())
+                break
+            except UnavailableError as again:
+                refusals.append(again)
+        assert await _call(adapter.get_user(uuid.uuid4())) is None
+        assert all(r.retryable and "not reconnected yet" in str(r) for r in refusals)
+    finally:
+        await _call(adapter.disconnect())
+
+
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+async def test_a_failed_with_block_leaves_nothing_connecting(cls: type) -> None:
+    adapter = cls("postgresql://kitium@127.0.0.1:1/nodb", connect_timeout=1.0)
+    with pytest.raises(UnavailableError):
+        if cls is PostgresStorageAdapter:
+            with adapter:
+                pass
+        else:
+            async with adapter:
+                pass
+    assert adapter.pool.closed
+
+
 @pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
 async def test_a_disconnected_adapter_says_it_cannot_reconnect(dsn: str, cls: type) -> None:
     adapter = cls(dsn, max_size=1)
@@ -311,15 +369,16 @@ async def test_the_diagnosis_after_a_pool_timeout_waits_briefly(
     finally:
         await _call(adapter.disconnect())
     assert seen == [2]
-    # An empty pool's only check at connect() is that attempt: it gets the whole timeout.
+    # An empty pool is checked at connect() the same way: the pool's own attempts get the
+    # whole timeout, then the diagnosis the brief one.
     seen.clear()
-    empty = cls("postgresql://kitium@127.0.0.1:1/nodb", min_size=0, connect_timeout=30.0)
+    empty = cls("postgresql://kitium@127.0.0.1:1/nodb", min_size=0, connect_timeout=3.0)
     try:
         with pytest.raises(UnavailableError):
             await _call(empty.connect(migrate=False))
     finally:
         await _call(empty.disconnect())
-    assert seen == [30]
+    assert seen[-1] == 2 and set(seen[:-1]) == {3}
 
 
 def _give_up(*args: Any, **kwargs: Any) -> Any:

@@ -59,7 +59,9 @@ class AsyncPostgresStorageAdapter(
     async def connect(self, *, migrate: bool = True) -> None:
         """Open the pool and (by default) apply pending migrations. Idempotent; safe when many
         processes call it at once. Raises ``UnavailableError`` when the database cannot be
-        reached and ``MigrationError`` on migration drift."""
+        reached within ``connect_timeout`` (call ``connect()`` again later: the pool stays open
+        and keeps trying in the background until ``disconnect()``) and ``MigrationError`` on
+        migration drift."""
         await self._open_pool()
         if migrate:
             await self.migrate()
@@ -69,7 +71,11 @@ class AsyncPostgresStorageAdapter(
         await self._close_pool()
 
     async def __aenter__(self) -> Self:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:
+            await self.disconnect()  # the block never runs: nothing may keep connecting
+            raise
         return self
 
     async def __aexit__(

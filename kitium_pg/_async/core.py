@@ -349,7 +349,15 @@ class AsyncCore:
                 await replica.open(wait=False)
             if not self._owns_pool:
                 return
-            await self._pool.open(wait=True, timeout=self._settings.connect_timeout)
+            # Not open(wait=True): when it times out, psycopg-pool closes the pool, and a closed
+            # pool cannot be reopened, so connect() could never succeed on this adapter again
+            # (a service starting before its database). One connection checked out and back
+            # proves the database reachable, an empty pool (min_size=0) included; the pool
+            # stays open and keeps connecting in the background until disconnect().
+            await self._pool.open(wait=False)
+            await self._pool.putconn(
+                await self._pool.getconn(timeout=self._settings.connect_timeout)
+            )
         except psycopg_pool.PoolClosed as exc:
             raise UnavailableError(
                 f"cannot connect to {self._dsn_display}: this adapter was disconnected, and a"
@@ -360,26 +368,22 @@ class AsyncCore:
             # The pool only says it timed out; one direct attempt tells why (refused, wrong
             # password, a proxy rejecting a startup parameter...).
             reason = await self._why_unreachable(self._pool.conninfo)
+            if reason is None and isinstance(self._pool.conninfo, str):
+                # Up again while the pool waits out its back-off between attempts.
+                reason = "the database answers again, the pool has not reconnected yet"
             raise UnavailableError(
                 f"cannot connect to {self._dsn_display}: {reason or type(exc).__name__}"
             ) from scrubbed(exc)
-        if self._pool.min_size == 0:
-            # An empty pool opens without connecting: try once (with the whole connect
-            # timeout), so that connect() still raises for a database it cannot reach.
-            reason = await self._why_unreachable(self._pool.conninfo, diagnosis=False)
-            if reason is not None:
-                raise UnavailableError(f"cannot connect to {self._dsn_display}: {reason}")
 
-    async def _why_unreachable(self, conninfo: object, *, diagnosis: bool = True) -> str | None:
+    async def _why_unreachable(self, conninfo: object) -> str | None:
         """The server's or libpq's reason for refusing a direct connection, without any
         password; ``None`` when a direct connection works (or ``conninfo`` is not a string,
-        as a caller's pool may have). A ``diagnosis`` comes after the pool has already waited
-        ``connect_timeout``, so it waits at most ``_DIAGNOSIS_TIMEOUT`` (libpq's least)."""
+        as a caller's pool may have). It comes after a pool has already waited, so it waits at
+        most ``_DIAGNOSIS_TIMEOUT`` (libpq's least)."""
         if not isinstance(conninfo, str):
             return None
         kwargs = self._settings.connection_kwargs()
-        if diagnosis:
-            kwargs["connect_timeout"] = min(kwargs["connect_timeout"], _DIAGNOSIS_TIMEOUT)
+        kwargs["connect_timeout"] = min(kwargs["connect_timeout"], _DIAGNOSIS_TIMEOUT)
         try:
             conn = await AsyncConnection.connect(conninfo, **kwargs)
         except psycopg.Error as exc:

@@ -61,7 +61,9 @@ class PostgresStorageAdapter(
     def connect(self, *, migrate: bool = True) -> None:
         """Open the pool and (by default) apply pending migrations. Idempotent; safe when many
         processes call it at once. Raises ``UnavailableError`` when the database cannot be
-        reached and ``MigrationError`` on migration drift."""
+        reached within ``connect_timeout`` (call ``connect()`` again later: the pool stays open
+        and keeps trying in the background until ``disconnect()``) and ``MigrationError`` on
+        migration drift."""
         self._open_pool()
         if migrate:
             self.migrate()
@@ -71,7 +73,11 @@ class PostgresStorageAdapter(
         self._close_pool()
 
     def __enter__(self) -> Self:
-        self.connect()
+        try:
+            self.connect()
+        except BaseException:
+            self.disconnect()  # the block never runs: nothing may keep connecting
+            raise
         return self
 
     def __exit__(
