@@ -74,6 +74,10 @@ def check_schema(schema: str) -> str:
     """``schema`` if it is a plain lowercase identifier (it is written into SQL text)."""
     if not isinstance(schema, str) or not _SCHEMA_RE.fullmatch(schema):
         raise ValidationError("schema", "must match [a-z_][a-z0-9_]* (at most 63 characters)")
+    if schema == "information_schema" or schema.startswith("pg_"):
+        # PostgreSQL's own schemas: pg_* cannot be created, and pg_dump leaves
+        # information_schema out, so the auth data would be missing from every backup.
+        raise ValidationError("schema", f"{schema!r} is reserved for PostgreSQL's own objects")
     return schema
 
 

@@ -276,8 +276,10 @@ def test_a_domain_with_a_newline_is_refused_before_the_database(value: str) -> N
     assert refused.value.field == "domains[0]"
 
 
-@pytest.mark.parametrize("schema", ["kitium_auth\n", "public\n", "x\ny"])
-def test_a_schema_name_with_a_newline_is_refused(schema: str) -> None:
+@pytest.mark.parametrize(
+    "schema", ["kitium_auth\n", "public\n", "x\ny", "information_schema", "pg_catalog", "pg_x"]
+)
+def test_a_schema_name_with_a_newline_or_of_postgresql_is_refused(schema: str) -> None:
     with pytest.raises(ValidationError) as refused:
         _sql.check_schema(schema)
     assert refused.value.field == "schema"
