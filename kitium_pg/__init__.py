@@ -10,7 +10,7 @@ bound to frozen attrs records, and the same methods exist on a sync and an async
 """
 
 from ._async.adapter import AsyncPostgresStorageAdapter
-from ._base import UNSET, MigrationState
+from ._base import UNSET, MigrationState, Unset
 from ._sync.adapter import PostgresStorageAdapter
 from .errors import (
     ConflictError,
@@ -86,6 +86,7 @@ __all__ = [
     "TwoFactorDevice",
     "TwoFactorSession",
     "UnavailableError",
+    "Unset",
     "User",
     "ValidationError",
 ]
