@@ -22,6 +22,7 @@ from typing import Any, Final, Literal, TypeVar
 
 import attrs
 import uuid_utils.compat
+from psycopg.conninfo import conninfo_to_dict
 
 from . import _sql, _validate
 from .errors import KitiumPgError, ValidationError
@@ -318,27 +319,39 @@ class Settings:
             raise ValidationError("pgbouncer", "must be True or False")
         return cls(**kw)
 
-    def connection_kwargs(self) -> dict[str, Any]:
-        """psycopg connection options: autocommit (so one statement is one round trip), UTC,
-        and the statement timeout as a startup option (no per-call SET).
+    def connection_kwargs(self, dsn: str) -> dict[str, Any]:
+        """psycopg connection options for ``dsn``: autocommit (so one statement is one round
+        trip), UTC, and the statement timeout as a startup option (no per-call SET).
+
+        What the DSN itself sets is kept: its ``options`` come first (the adapter's
+        ``statement_timeout`` and ``TimeZone`` follow and win for those two), and its
+        ``application_name`` wins over the adapter's. Keyword arguments replace DSN
+        parameters in psycopg, so a DSN made read-only with
+        ``options=-c default_transaction_read_only=on`` wrote, and one carrying a
+        ``lock_timeout`` or a proxy's ``endpoint`` lost it. ``connect_timeout`` stays the
+        adapter's: the pool's waits follow it too.
 
         Behind PgBouncer in transaction pooling mode (``pgbouncer=True``) a server connection
         is shared between clients, so nothing may depend on session state: no startup
-        ``options`` (PgBouncer refuses untracked ones), and no prepared statements (a statement
-        prepared on one server connection is unknown on the next; PgBouncer >= 1.22 with
-        ``max_prepared_statements`` and libpq >= 17 could keep them, but that cannot be
-        detected from here, so the safe setting wins). The statement timeout is then applied
-        per transaction instead (see ``statement_timeout_ms``)."""
+        ``options`` of the adapter's (PgBouncer refuses untracked ones), and no prepared
+        statements (a statement prepared on one server connection is unknown on the next;
+        PgBouncer >= 1.22 with ``max_prepared_statements`` and libpq >= 17 could keep them,
+        but that cannot be detected from here, so the safe setting wins). The statement
+        timeout is then applied per transaction instead (see ``statement_timeout_ms``)."""
+        given = conninfo_to_dict(dsn)
         kwargs: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": max(1, round(self.connect_timeout)),
-            "application_name": self.application_name,
             "prepare_threshold": self.prepare_threshold,
         }
+        if "application_name" not in given:
+            kwargs["application_name"] = self.application_name
         if self.pgbouncer:
             kwargs["prepare_threshold"] = None
         else:
-            kwargs["options"] = f"-c statement_timeout={self.statement_timeout_ms} -c TimeZone=UTC"
+            ours = f"-c statement_timeout={self.statement_timeout_ms} -c TimeZone=UTC"
+            theirs = given.get("options")
+            kwargs["options"] = f"{theirs} {ours}" if theirs else ours
         return kwargs
 
 

@@ -19,6 +19,7 @@ import pytest
 from kitium_pg import (
     AsyncPostgresStorageAdapter,
     ConflictError,
+    KitiumPgError,
     MigrationError,
     PostgresStorageAdapter,
     QueryTimeoutError,
@@ -320,6 +321,37 @@ async def test_a_failed_with_block_leaves_nothing_connecting(cls: type) -> None:
             async with adapter:
                 pass
     assert adapter.pool.closed
+
+
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+async def test_what_the_dsn_sets_is_kept(dsn: str, cls: type) -> None:
+    """psycopg's keyword arguments replace DSN parameters: the adapter's startup options
+    threw away the DSN's (a read-only DSN wrote) and its application_name the DSN's."""
+    await _call(cls(dsn, max_size=1).connect())  # migrated, by a writable adapter
+    read_only = psycopg.conninfo.make_conninfo(
+        dsn,
+        application_name="billing-api",
+        options="-c default_transaction_read_only=on -c lock_timeout=1234",
+    )
+    adapter = cls(read_only, max_size=1, statement_timeout_ms=4321)
+    await _call(adapter.connect(migrate=False))
+    try:
+        with pytest.raises(KitiumPgError) as refused:
+            await _call(adapter.create_user())
+        assert refused.value.code == "read_only_sql_transaction"
+        conn = await _call(adapter.pool.getconn())
+        try:
+            settings = await _call(
+                conn.execute(
+                    "SELECT current_setting('application_name'), current_setting('lock_timeout'),"
+                    " current_setting('statement_timeout'), current_setting('TimeZone')"
+                )
+            )
+            assert await _call(settings.fetchone()) == ("billing-api", "1234ms", "4321ms", "UTC")
+        finally:
+            await _call(adapter.pool.putconn(conn))
+    finally:
+        await _call(adapter.disconnect())
 
 
 @pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])

@@ -138,7 +138,9 @@ def test_application_name_is_accepted_exactly_when_postgresql_keeps_it_whole(nam
 def test_statement_timeout_is_accepted_exactly_within_the_int4_range(value: int) -> None:
     if 0 <= value <= STATEMENT_TIMEOUT_MAX_MS:
         settings = build(statement_timeout_ms=value)
-        assert settings.connection_kwargs()["options"].startswith(f"-c statement_timeout={value} ")
+        assert settings.connection_kwargs("dbname=x")["options"].startswith(
+            f"-c statement_timeout={value} "
+        )
     else:
         with pytest.raises(ValidationError) as caught:
             build(statement_timeout_ms=value)

@@ -123,7 +123,7 @@ class AsyncCore:
                 max_size=max_size,
                 max_idle=max(idle_timeout, 1.0),
                 timeout=pool_timeout,
-                kwargs=self._settings.connection_kwargs(),
+                kwargs=self._settings.connection_kwargs(dsn),
                 open=False,
                 name="kitium-pg",
             )
@@ -143,7 +143,7 @@ class AsyncCore:
                     max_size=max_size,
                     max_idle=max(idle_timeout, 1.0),
                     timeout=min(pool_timeout, _REPLICA_WAIT),
-                    kwargs=self._settings.connection_kwargs(),
+                    kwargs=self._settings.connection_kwargs(replica),
                     open=False,
                     name=f"kitium-pg-replica-{n}",
                 )
@@ -382,7 +382,7 @@ class AsyncCore:
         most ``_DIAGNOSIS_TIMEOUT`` (libpq's least)."""
         if not isinstance(conninfo, str):
             return None
-        kwargs = self._settings.connection_kwargs()
+        kwargs = self._settings.connection_kwargs(conninfo)
         kwargs["connect_timeout"] = min(kwargs["connect_timeout"], _DIAGNOSIS_TIMEOUT)
         try:
             conn = await AsyncConnection.connect(conninfo, **kwargs)

@@ -124,7 +124,7 @@ class Core:
                 max_size=max_size,
                 max_idle=max(idle_timeout, 1.0),
                 timeout=pool_timeout,
-                kwargs=self._settings.connection_kwargs(),
+                kwargs=self._settings.connection_kwargs(dsn),
                 open=False,
                 name="kitium-pg",
             )
@@ -144,7 +144,7 @@ class Core:
                     max_size=max_size,
                     max_idle=max(idle_timeout, 1.0),
                     timeout=min(pool_timeout, _REPLICA_WAIT),
-                    kwargs=self._settings.connection_kwargs(),
+                    kwargs=self._settings.connection_kwargs(replica),
                     open=False,
                     name=f"kitium-pg-replica-{n}",
                 )
@@ -381,7 +381,7 @@ class Core:
         most ``_DIAGNOSIS_TIMEOUT`` (libpq's least)."""
         if not isinstance(conninfo, str):
             return None
-        kwargs = self._settings.connection_kwargs()
+        kwargs = self._settings.connection_kwargs(conninfo)
         kwargs["connect_timeout"] = min(kwargs["connect_timeout"], _DIAGNOSIS_TIMEOUT)
         try:
             conn = Connection.connect(conninfo, **kwargs)
