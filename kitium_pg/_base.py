@@ -229,6 +229,8 @@ MAX_POOL_SIZE: Final = 2**18 - 1
 MAX_TIMEOUT_S: Final = 86_400.0
 # statement_timeout is a 32-bit int GUC in milliseconds.
 STATEMENT_TIMEOUT_MAX_MS: Final = _validate.INT4_MAX
+DEFAULT_STATEMENT_TIMEOUT_MS: Final = 5000
+"""The statement timeout of the connections the adapter opens, when none is given."""
 # Each retry sleeps up to backoff()'s 2 s cap: 10 bounds a call to about 20 s of waiting.
 MAX_RETRIES: Final = 10
 # NAMEDATALEN - 1: PostgreSQL truncates a longer application_name.

@@ -231,6 +231,37 @@ async def test_statement_timeout_is_a_retryable_query_timeout(single: Any, dsn: 
     assert (await _call(single.update_user(user.id, name="y"))).name == "y"
 
 
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+async def test_a_timeout_given_with_a_callers_pool_applies(dsn: str, cls: type) -> None:
+    """The adapter sets its timeout when it opens a connection, which it does not do for a
+    caller's pool: a given timeout was silently ignored there (a call waited on a lock for
+    ever). It now applies per call; the pool's connections are left as they were."""
+    pool_cls = (
+        psycopg_pool.ConnectionPool
+        if cls is PostgresStorageAdapter
+        else psycopg_pool.AsyncConnectionPool
+    )
+    pool = pool_cls(dsn, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False)
+    await _call(pool.open(wait=True))
+    timed = cls(pool, statement_timeout_ms=200)
+    try:
+        await _call(timed.connect())
+        user = await _call(timed.create_user())
+        with psycopg.connect(dsn) as locker:
+            locker.execute("SELECT id FROM kitium_auth.users WHERE id = %s FOR UPDATE", [user.id])
+            with pytest.raises(QueryTimeoutError):
+                await _call(timed.update_user(user.id, name="x"))
+            locker.rollback()
+        conn = await _call(pool.getconn())
+        try:
+            shown = await _call((await _call(conn.execute("SHOW statement_timeout"))).fetchone())
+            assert shown == ("0",)
+        finally:
+            await _call(pool.putconn(conn))
+    finally:
+        await _call(pool.close())
+
+
 def test_pool_exhaustion_is_unavailable(sync_single: PostgresStorageAdapter) -> None:
     user = sync_single.create_user()
     with sync_single.pool.connection(), pytest.raises(UnavailableError) as caught:

@@ -45,13 +45,18 @@ class PostgresStorageAdapter(
     """Storage for auth data on PostgreSQL (psycopg 3 + psycopg-pool).
 
     ``PostgresStorageAdapter(dsn, *, min_size=1, max_size=10, idle_timeout=30.0,
-    statement_timeout_ms=5000, max_retries=2, connect_timeout=10.0, pool_timeout=10.0,
+    statement_timeout_ms=None, max_retries=2, connect_timeout=10.0, pool_timeout=10.0,
     schema="kitium_auth", application_name="kitium-pg", prepare_threshold=5,
     encryption_keys=None, optional_migrations=(), pgbouncer=False, replica_dsn=None,
     observer=None)``.
 
-    ``dsn`` may also be an ``ConnectionPool`` you own (its connections should be
-    autocommit). ``encryption_keys`` (else ``KITIUM_PG_ENCRYPTION_KEYS``) encrypt stored secrets;
+    ``statement_timeout_ms`` (5000 when not given) is set on the connections the adapter opens,
+    at no per-call cost. ``dsn`` may also be a psycopg-pool ``ConnectionPool`` you own (its
+    connections should be autocommit); its connections keep their own settings, and a
+    ``statement_timeout_ms`` given with it is applied per call instead (a transaction-local
+    ``set_config`` pipelined with each statement: a second round trip), so configure the
+    timeout on your pool (``kwargs={"options": "-c statement_timeout=5000"}``) or the role
+    where you can. ``encryption_keys`` (else ``KITIUM_PG_ENCRYPTION_KEYS``) encrypt stored secrets;
     ``pgbouncer=True`` avoids session state for transaction pooling; ``replica_dsn`` (one DSN or
     several) serves the read-only hot paths; ``observer`` receives per-operation metrics (see
     ``kitium_pg.observe``). Use it as ``with PostgresStorageAdapter(dsn) as

@@ -23,6 +23,7 @@ from psycopg.rows import tuple_row
 
 from .. import _sql, _validate
 from .._base import (
+    DEFAULT_STATEMENT_TIMEOUT_MS,
     Retry,
     Settings,
     backoff,
@@ -64,7 +65,7 @@ class Core:
         min_size: int = 1,
         max_size: int = 10,
         idle_timeout: float = 30.0,
-        statement_timeout_ms: int = 5000,
+        statement_timeout_ms: int | None = None,
         max_retries: int = 2,
         connect_timeout: float = 10.0,
         pool_timeout: float = 10.0,
@@ -81,7 +82,11 @@ class Core:
             min_size=min_size,
             max_size=max_size,
             idle_timeout=idle_timeout,
-            statement_timeout_ms=statement_timeout_ms,
+            statement_timeout_ms=(
+                DEFAULT_STATEMENT_TIMEOUT_MS
+                if statement_timeout_ms is None
+                else statement_timeout_ms
+            ),
             max_retries=max_retries,
             connect_timeout=connect_timeout,
             pool_timeout=pool_timeout,
@@ -92,6 +97,7 @@ class Core:
             pgbouncer=pgbouncer,
         )
         self._queries = _sql.queries(schema)
+        own_pool = not isinstance(dsn, psycopg_pool.ConnectionPool)
         self._keyring = (
             Keyring(encryption_keys) if encryption_keys is not None else Keyring.from_env()
         )
@@ -100,10 +106,13 @@ class Core:
         # Transaction-local settings (statement timeout override, tenant) applied before each
         # statement; empty on the default path, which then costs nothing extra. Behind PgBouncer
         # the default timeout cannot be a startup option, so it becomes one of these (set
-        # statement_timeout_ms=0 and a role-level timeout to avoid the cost).
+        # statement_timeout_ms=0 and a role-level timeout to avoid the cost); so does a timeout
+        # given with a caller's pool, whose connections the adapter did not open (without one
+        # given, that pool's own settings hold).
         self._local: tuple[tuple[str, str], ...] = ()
-        if pgbouncer and statement_timeout_ms:
-            self._local = (("statement_timeout", str(statement_timeout_ms)),)
+        timeout_ms = self._settings.statement_timeout_ms
+        if timeout_ms and (pgbouncer or (statement_timeout_ms is not None and not own_pool)):
+            self._local = (("statement_timeout", str(timeout_ms)),)
         self._local_applied = False
         self._observer = observer
         self._replicas: list[_Pool] = []
