@@ -323,8 +323,8 @@ def cli(
 ) -> None:
     """Manage the kitium-pg schema in PostgreSQL: migrate, inspect, roll back and print
     migration SQL, check health, make and rotate encryption keys, grant an application role,
-    delete expired sessions and tokens and old audit events, and run the demo of every domain,
-    the chaos run and the benchmark."""
+    delete expired sessions, 2FA challenges and tokens and old audit events, and run the demo of
+    every domain, the chaos run and the benchmark."""
     # Library and driver log lines would break the "one line per error" promise; keep them
     # quiet unless the embedding application configured logging itself.
     if not logging.getLogger().handlers:
@@ -692,18 +692,23 @@ _BATCH = click.option(
 )
 
 
-@cli.command("delete-expired", short_help="Delete expired sessions and email tokens.")
+@cli.command(
+    "delete-expired", short_help="Delete expired sessions, 2FA challenges and email tokens."
+)
 @_BATCH
 @click.pass_obj
 def delete_expired(state: _Context, batch_size: int) -> None:
-    """Delete expired sessions and expired email verification tokens, in batches of
-    --batch-size rows (each batch is its own short statement, so concurrent logins are not
-    blocked), and print how many rows went. Safe to run from cron while the application runs."""
+    """Delete expired sessions (their 2FA challenges go with them), expired 2FA challenges
+    (twofa_sessions) and expired email verification tokens, in batches of --batch-size rows
+    (each batch is its own short statement, so concurrent logins are not blocked), and print
+    how many rows of each went (the challenges of deleted sessions are not counted). Safe to
+    run from cron while the application runs."""
     with state.storage() as storage:
         _require_migrated(state, storage, "delete-expired")
         counts: dict[str, int] = {}
         for what, method in (
             ("sessions", storage.delete_expired_sessions),
+            ("twofa_sessions", storage.delete_expired_two_factor_sessions),
             ("email_verification_tokens", storage.delete_expired_email_verification_tokens),
         ):
             counter = _DeleteCounter(state, what)

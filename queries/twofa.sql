@@ -191,3 +191,29 @@ UPDATE kitium_auth.twofa_sessions
                   AND sessions.user_id = twofa_sessions.user_id
                   AND sessions.expires_at > statement_timestamp())
 RETURNING attempt_count;
+
+-- name: delete_two_factor_session(id)!
+-- Delete one challenge, completed, expired or not.
+DELETE FROM kitium_auth.twofa_sessions WHERE id = :id;
+
+-- name: delete_expired_two_factor_sessions(batch_size)^
+-- Delete at most batch_size expired challenges, earliest expiry first
+-- (twofa_sessions_expires_at_idx), completed or not, and return how many it deleted and how many
+-- it locked; rows another transaction has locked (another cleaner, a verification under way) are
+-- skipped and left for the next run. A challenge that has not expired stays, completed or not (a
+-- retried complete_two_factor_session must still find the row it completed). Built as
+-- delete_expired_sessions, whose comment says why (batch by physical address; a row updated
+-- after the statement began is locked, not deleted, and the caller goes on).
+WITH batch AS (
+  SELECT ctid
+    FROM kitium_auth.twofa_sessions
+   WHERE expires_at <= statement_timestamp()
+   ORDER BY expires_at
+   LIMIT :batch_size
+     FOR UPDATE SKIP LOCKED
+), deleted AS (
+  DELETE FROM kitium_auth.twofa_sessions
+   WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
+  RETURNING 1
+)
+SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM batch) AS locked;

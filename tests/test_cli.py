@@ -42,8 +42,9 @@ def schema(dsn: str) -> Iterator[str]:
 
 
 def run(*args: str, env: Mapping[str, str | None] | None = None) -> Result:
-    # Wide and colourless, so tables do not wrap and text assertions see plain words.
-    environ = {"COLUMNS": "400", "NO_COLOR": "1", "DATABASE_URL": None, ENV_VAR: None}
+    # Wide and colourless, so tables and lines (the list of every migration applied) do not
+    # wrap and text assertions see plain words.
+    environ = {"COLUMNS": "2000", "NO_COLOR": "1", "DATABASE_URL": None, ENV_VAR: None}
     runner = CliRunner(env={**environ, **(env or {})})
     return runner.invoke(cli, list(args), catch_exceptions=False)
 
@@ -622,7 +623,21 @@ def test_maintenance_commands_delete_in_batches(dsn: str) -> None:
             user = storage.create_user()
             for _ in range(5):
                 storage.create_session(user_id=user.id, expires_at=past)
-            storage.create_session(user_id=user.id, expires_at=past + dt.timedelta(days=80))
+            live = storage.create_session(user_id=user.id, expires_at=past + dt.timedelta(days=80))
+            device = storage.create_two_factor_device(user_id=user.id, method="sms")
+
+            def challenge(expires_at: dt.datetime) -> Any:
+                return storage.create_two_factor_session(
+                    user_id=user.id,
+                    session_id=live.id,
+                    device_id=device.id,
+                    method="sms",
+                    expires_at=expires_at,
+                )
+
+            for _ in range(3):
+                challenge(past)
+            pending = challenge(past + dt.timedelta(days=80))
             storage.emit_events(
                 [{"type": "t", "principal_id": "p", "data": {}, "timestamp": past}] * 7
             )
@@ -631,7 +646,22 @@ def test_maintenance_commands_delete_in_batches(dsn: str) -> None:
         base = ["--dsn", dsn, "--schema", schema, "--json"]
         done = runner.invoke(cli, [*base, "delete-expired", "--batch-size", "2"])
         assert done.exit_code == 0, done.output
-        assert json.loads(done.stdout)["deleted"] == {"sessions": 5, "email_verification_tokens": 0}
+        assert json.loads(done.stdout)["deleted"] == {
+            "sessions": 5,
+            "twofa_sessions": 3,
+            "email_verification_tokens": 0,
+        }
+        with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            assert storage.get_two_factor_session(pending.id) == pending
+            for _ in range(2):
+                challenge(past)
+        text = runner.invoke(cli, ["--dsn", dsn, "--schema", schema, "delete-expired"])
+        assert text.exit_code == 0, text.output
+        assert [line for line in text.stdout.splitlines() if line.startswith("deleted ")] == [
+            "deleted 0 expired sessions",
+            "deleted 2 expired twofa_sessions",
+            "deleted 0 expired email_verification_tokens",
+        ]
         pruned = runner.invoke(cli, [*base, "prune-events", "--older-than-days", "30"])
         assert pruned.exit_code == 0, pruned.output
         assert json.loads(pruned.stdout)["deleted"] == 7

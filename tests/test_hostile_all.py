@@ -1872,6 +1872,10 @@ def _spec_table() -> dict[str, Spec]:
             params={**_id("fresh_twofa_session", "twofa_session"), "code_hash": digest_arg()},
             writes=True,
         ),
+        "delete_two_factor_session": Spec(
+            params=_id("fresh_twofa_session"), lenient=True, writes=True
+        ),
+        "delete_expired_two_factor_sessions": Spec(params=BATCH, writes=True),
     }
 
 

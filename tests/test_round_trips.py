@@ -109,6 +109,7 @@ NOT_SINGLE_ENTITY = frozenset(
         # test_batched_cleanups_cost_one_statement_per_batch.
         "delete_expired_sessions",
         "delete_expired_email_verification_tokens",
+        "delete_expired_two_factor_sessions",
         "prune_events",
     }
 )
@@ -403,6 +404,10 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
             "complete_two_factor_session",
             lambda: s.complete_two_factor_session(ctx["create_two_factor_session"].id),
         ),
+        (
+            "delete_two_factor_session",
+            lambda: s.delete_two_factor_session(ctx["create_two_factor_session"].id),
+        ),
         ("delete_two_factor_device", lambda: s.delete_two_factor_device(device())),
         # teardown, each a measured call too
         ("delete_session", lambda: s.delete_session(ctx["create_session"].id)),
@@ -449,6 +454,7 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
         ctx["verify_two_factor_session"].attempt_count,
     ) == (False, 2)
     assert ctx["complete_two_factor_session"] is True
+    assert ctx["delete_two_factor_session"] is True
     for deleted in ("delete_api_key", "delete_sso_link", "delete_sso_provider", "delete_user"):
         assert ctx[deleted] is True, deleted
 
@@ -594,6 +600,20 @@ async def _expire(adapter: Any, kind: str, rows: int) -> None:
         [user] = await _users(adapter, 1)
         for _ in range(rows):
             await _done(adapter.create_session(user_id=user.id, expires_at=_earlier()))
+    elif kind == "challenges":
+        [user] = await _users(adapter, 1)
+        device = await _done(adapter.create_two_factor_device(user_id=user.id, method="sms"))
+        session = await _done(adapter.create_session(user_id=user.id, expires_at=_later()))
+        for _ in range(rows):
+            await _done(
+                adapter.create_two_factor_session(
+                    user_id=user.id,
+                    session_id=session.id,
+                    device_id=device.id,
+                    method="sms",
+                    expires_at=_earlier(),
+                )
+            )
     elif kind == "tokens":
         for n in range(rows):
             await _done(
@@ -615,11 +635,13 @@ def _cleanup(adapter: Any, kind: str, batch_size: int) -> Callable[[], Any]:
         return lambda: adapter.delete_expired_sessions(batch_size=batch_size)
     if kind == "tokens":
         return lambda: adapter.delete_expired_email_verification_tokens(batch_size=batch_size)
+    if kind == "challenges":
+        return lambda: adapter.delete_expired_two_factor_sessions(batch_size=batch_size)
     before = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
     return lambda: adapter.prune_events(before=before, batch_size=batch_size)
 
 
-@pytest.mark.parametrize("kind", ["sessions", "tokens", "events"])
+@pytest.mark.parametrize("kind", ["sessions", "tokens", "challenges", "events"])
 async def test_batched_cleanups_cost_one_statement_per_batch(private_one: Any, kind: str) -> None:
     batch_size = 3
     # 0 rows: one (empty) statement; 6: two full batches and the empty one that ends the walk;

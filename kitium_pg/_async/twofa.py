@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from .. import _validate as v
@@ -276,9 +276,12 @@ class AsyncTwoFactor(AsyncCore):
         ``max_attempts`` is 1 to 100. Raises ``ValidationError`` for bad input and
         ``NotFoundError`` when the user or device does not exist, the device is not the user's
         (``twofa_sessions__device_owner_fkey``), or ``session_id`` is not one of the user's
-        unexpired sessions. The challenge lives only as long as that session: once it expires
-        or is deleted (``delete_session``, ``delete_user_sessions``), the challenge can no
-        longer be counted, verified or completed. Retried on transient failures: the id is
+        unexpired sessions (``twofa_sessions__session_id_fkey`` is named instead when the
+        session's delete commits while the challenge is being written). The challenge lives
+        only as long as that session: once the session expires it can no longer be counted,
+        verified or completed, and deleting the session (``delete_session``,
+        ``delete_user_sessions``, ``delete_expired_sessions``, or the delete of its user or
+        organization) deletes the challenge with it. Retried on transient failures: the id is
         generated before the first attempt, so a retry returns the same row.
         """
         params = {
@@ -355,3 +358,37 @@ class AsyncTwoFactor(AsyncCore):
         params = {"id": v.uuid_arg("id", id)}
         attempts = await self._value("increment_two_factor_attempts", params, retry=Retry.NEVER)
         return None if attempts is None else int(attempts)
+
+    async def delete_two_factor_session(self, id: uuid.UUID | str) -> bool:
+        """Delete a challenge (completed, expired or not); ``True`` if a row was deleted. Use it
+        to cancel a challenge, e.g. when a new code is sent ("resend code"), so that the old
+        code can no longer be verified.
+
+        Idempotent: deleting a missing challenge (or a malformed id) returns ``False``. Retried
+        on transient failures, since deleting twice leaves the same state (a retry after a lost
+        acknowledgement may report ``False`` for a challenge the first attempt deleted).
+        """
+        challenge_id = v.parse_uuid(id)
+        if challenge_id is None:
+            return False
+        params = {"id": challenge_id}
+        return await self._exec("delete_two_factor_session", params, retry=Retry.SAFE) > 0
+
+    async def delete_expired_two_factor_sessions(
+        self, *, batch_size: int = 1000, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Delete the challenges whose ``expires_at`` has passed (by the database clock),
+        completed or not, and return how many were deleted.
+
+        A challenge that has not expired stays, even when completed (a retried
+        ``complete_two_factor_session`` must still find it). Challenges of deleted sessions are
+        already gone with their session, and not counted here. Runs one short statement per
+        ``batch_size`` rows (earliest expiry first) so locks stay brief on a large table. Rows
+        another transaction holds locked at that moment (another cleaner, a verification under
+        way) are skipped rather than waited for, and left for the next run. Each batch is
+        retried on transient failures, because deleting expired rows is idempotent. Raises
+        ``ValidationError`` when ``batch_size`` is not between 1 and 100000.
+        """
+        return await self._delete_in_batches(
+            "delete_expired_two_factor_sessions", {}, batch_size=batch_size, progress=progress
+        )
