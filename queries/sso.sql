@@ -265,9 +265,23 @@ SELECT id, user_id, provider_id, provider_type, provider_subject, provider_email
  WHERE user_id = :user_id
  ORDER BY linked_at DESC, id DESC;
 
--- name: delete_sso_link(id)!
--- Delete one SSO link.
-DELETE FROM kitium_auth.sso_links WHERE id = :id;
+-- name: delete_sso_link(id)$
+-- Delete one SSO link and, in the same statement, the SSO sessions of the identity it linked for
+-- its user (same provider_id, provider_subject and user_id; served by
+-- sso_sessions_provider_id_provider_subject_idx), so that an unlinked identity, which may then be
+-- linked to another user, leaves no session naming the old one. Returns how many links it
+-- deleted (0 or 1); sessions are deleted only along with the link this statement deletes.
+WITH link AS (
+  DELETE FROM kitium_auth.sso_links WHERE id = :id
+  RETURNING provider_id, provider_subject, user_id
+), ended AS (
+  DELETE FROM kitium_auth.sso_sessions AS s
+   USING link AS l
+   WHERE s.provider_id = l.provider_id
+     AND s.provider_subject = l.provider_subject
+     AND s.user_id = l.user_id
+)
+SELECT count(*) FROM link;
 
 -- name: create_sso_session(id, user_id, provider_id, provider_type, provider_subject, session_token_hash, expires_at, last_auth_at)^
 -- Insert an SSO session (session_token_hash is the SHA-256 digest of the provider session token,
@@ -299,3 +313,28 @@ SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, li
        last_auth_at
   FROM kitium_auth.sso_sessions
  WHERE id = :id AND expires_at > statement_timestamp();
+
+-- name: delete_sso_session(id)!
+-- Delete one SSO session, expired or not.
+DELETE FROM kitium_auth.sso_sessions WHERE id = :id;
+
+-- name: delete_sso_sessions_by_subject(provider_id, provider_subject)!
+-- Delete the SSO sessions of one identity at one provider, expired ones included (single logout
+-- by SAML NameID or OIDC sub; served by sso_sessions_provider_id_provider_subject_idx).
+DELETE FROM kitium_auth.sso_sessions
+ WHERE provider_id = :provider_id AND provider_subject = :provider_subject;
+
+-- name: delete_sso_sessions_by_token(provider_id, session_token_hash, provider_subject)!
+-- Delete the SSO sessions of one provider with this session token digest (SAML SessionIndex,
+-- OIDC sid), expired ones included, and when provider_subject is not NULL only those of that
+-- identity. A query of its own rather than optional conditions in the subject one: the index
+-- sso_sessions_provider_id_session_token_hash_idx (partial, on non-NULL digests) serves it in a
+-- generic plan too, where an optional condition on the digest could not use an index.
+DELETE FROM kitium_auth.sso_sessions
+ WHERE provider_id = :provider_id
+   AND session_token_hash = :session_token_hash
+   AND (:provider_subject::text IS NULL OR provider_subject = :provider_subject);
+
+-- name: delete_user_sso_sessions(user_id)!
+-- Delete every SSO session of a user, expired ones included (sso_sessions_user_id_idx).
+DELETE FROM kitium_auth.sso_sessions WHERE user_id = :user_id;

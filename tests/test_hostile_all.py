@@ -1121,6 +1121,28 @@ def check_oauth(world: World, kwargs: dict[str, Any], result: Any) -> None:
         assert tokens.expires_at == kwargs.get("token_expires_at")
 
 
+def _none_maybe(arg: Arg) -> Arg:
+    """``None`` tagged MAYBE: refused when the parameter it stands in for is also left out."""
+    return Arg(arg.value, MAYBE) if arg.value is None else arg
+
+
+def check_sso_deleted(world: World, kwargs: dict[str, Any], result: Any) -> None:
+    """A delete of a fresh SSO session (or of a fresh user's one) deletes it; a repeat none."""
+    if world.last_fresh == "fresh_sso_session":
+        assert result is True
+        assert world.api.get_sso_session(kwargs["id"]) is None
+        assert world.api.delete_sso_session(kwargs["id"]) is False
+    elif world.last_fresh == "fresh_sso_user":
+        assert result == 1
+        assert world.api.delete_user_sso_sessions(kwargs["user_id"]) == 0
+
+
+def check_sso_logout(world: World, kwargs: dict[str, Any], result: Any) -> None:
+    """Nothing matching is left: the same logout again deletes nothing."""
+    assert isinstance(result, int) and result >= 0
+    assert world.api.delete_sso_sessions(**kwargs) == 0
+
+
 def check_session(world: World, kwargs: dict[str, Any], result: Any) -> None:
     fields_match(result, kwargs, SESSION_FIELDS)
     if unexpired(result.expires_at):
@@ -1795,6 +1817,27 @@ def _spec_table() -> dict[str, Spec]:
             ),
         ),
         "get_sso_session": reader("id", "sso_session"),
+        "delete_sso_session": Spec(
+            params=_id("fresh_sso_session"), lenient=True, writes=True, check=check_sso_deleted
+        ),
+        "delete_sso_sessions": Spec(
+            params={
+                "provider_id": uuid_arg("provider", "random"),
+                # Leaving out both the subject and the token is refused, naming provider_subject.
+                "provider_subject": text_arg(1024, optional=True).map(_none_maybe),
+                "session_token": text_arg(LONG, optional=True),
+            },
+            always=("provider_subject",),
+            lenient=True,
+            writes=True,
+            check=check_sso_logout,
+        ),
+        "delete_user_sso_sessions": Spec(
+            params={"user_id": uuid_arg("fresh_sso_user", "random")},
+            lenient=True,
+            writes=True,
+            check=check_sso_deleted,
+        ),
         # -- 2FA ---------------------------------------------------------------------------------
         "create_two_factor_device": Spec(
             params={
@@ -1984,6 +2027,17 @@ class World:
                 provider_type="oidc",
                 provider_subject=f"subject-{n}",
             ).id
+        if name in ("sso_session", "sso_user"):
+            user = self.user.id if name == "sso_session" else api.create_user().id
+            session = api.create_sso_session(
+                user_id=user,
+                provider_id=seeds["provider"].id,
+                provider_type="oidc",
+                provider_subject=f"subject-{n}",
+                expires_at=FUTURE,
+                session_token=f"sid-{n}",
+            )
+            return session.id if name == "sso_session" else user
         if name == "device":
             return api.create_two_factor_device(user_id=self.user.id, method="totp").id
         if name == "backup_code":

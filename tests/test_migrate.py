@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from kitium_pg import MigrationError, PostgresStorageAdapter, UnavailableError
+from kitium_pg import MigrationError, PostgresStorageAdapter, UnavailableError, _sql
 from kitium_pg._base import load_migrations, plan
 
 from .fix_holder import committed_later
@@ -412,6 +413,90 @@ def test_0011_and_0012_up_down_up_delete_orphan_challenges_and_restore_the_refer
             assert storage.get_two_factor_session(orphan.id) is None
             assert _constraints(dsn, schema) == latest
             assert "twofa_sessions_expires_at_idx" in _twofa_indexes(dsn, schema)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+SSO_LOGOUT = "0013_sso_session_logout_indexes"
+SSO_LOGOUT_INDEXES = {
+    "sso_sessions_provider_id_provider_subject_idx": "(provider_id, provider_subject)",
+    "sso_sessions_provider_id_session_token_hash_idx": (
+        "(provider_id, session_token_hash) WHERE (session_token_hash IS NOT NULL)"
+    ),
+}
+
+
+def _indexes(dsn: str, schema: str) -> dict[str, str]:
+    """Every index of ``schema``'s sso_sessions: name -> definition."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes"
+            " WHERE schemaname = %s AND tablename = 'sso_sessions'",
+            [schema],
+        ).fetchall()
+    return dict(rows)
+
+
+def _plan(dsn: str, schema: str, query: str, params: dict[str, Any]) -> str:
+    """The plan of ``query`` (its statement, parameters inlined), sequential and bitmap scans off
+    so that the test's few rows are read the way a large table's would be."""
+    sql = _sql.queries(schema)[query].sql
+    with psycopg.connect(dsn, cursor_factory=psycopg.ClientCursor) as conn:
+        conn.execute("SET LOCAL enable_seqscan = off")
+        conn.execute("SET LOCAL enable_bitmapscan = off")
+        rows = conn.execute(f"EXPLAIN (COSTS OFF) {sql}".encode(), params).fetchall()
+        conn.rollback()
+    return "\n".join(row[0] for row in rows)
+
+
+def test_0013_up_down_up_adds_the_sso_logout_indexes(dsn: str) -> None:
+    """0013 adds the indexes that serve single logout, by subject and by session token, and
+    keeps sso_sessions_provider_id_idx; its down part drops exactly those two, after which the
+    logout methods still work (reading more rows); up again restores them."""
+    schema = f"mig_{uuid.uuid4().hex[:10]}"
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            if _after(SSO_LOGOUT):  # 0 while it is the newest migration
+                storage.rollback(steps=_after(SSO_LOGOUT))
+            latest = _indexes(dsn, schema)
+            for name, columns in SSO_LOGOUT_INDEXES.items():
+                assert latest[name].endswith(f"USING btree {columns}"), latest[name]
+            assert "sso_sessions_provider_id_idx" in latest
+
+            user = storage.create_user()
+            provider = storage.create_sso_provider(type="saml", name="ADFS")
+            bound: dict[str, Any] = {
+                "user_id": user.id,
+                "provider_id": provider.id,
+                "provider_type": "saml",
+                "expires_at": dt.datetime(2100, 1, 1, tzinfo=dt.UTC),
+            }
+            for n in range(4):
+                storage.create_sso_session(**bound, provider_subject=f"s{n}", session_token=f"t{n}")
+            by_subject = {"provider_id": provider.id, "provider_subject": "s1"}
+            by_token = {**by_subject, "session_token_hash": hashlib.sha256(b"t2").digest()}
+            plans: dict[str, tuple[dict[str, Any], str]] = {
+                "delete_sso_sessions_by_subject": (by_subject, "provider_subject_idx"),
+                "delete_sso_sessions_by_token": (by_token, "session_token_hash_idx"),
+                "delete_sso_link": ({"id": uuid.uuid4()}, "provider_subject_idx"),
+            }
+            for query, (params, index) in plans.items():
+                assert f"sso_sessions_provider_id_{index}" in _plan(dsn, schema, query, params)
+
+            assert storage.rollback() == (SSO_LOGOUT,)
+            assert _indexes(dsn, schema) == {
+                name: definition
+                for name, definition in latest.items()
+                if name not in SSO_LOGOUT_INDEXES
+            }
+            assert storage.delete_sso_sessions(provider_id=provider.id, session_token="t0") == 1
+            assert storage.delete_sso_sessions(provider_id=provider.id, provider_subject="s1") == 1
+
+            assert _migrate_through(storage, SSO_LOGOUT) == (SSO_LOGOUT,)
+            assert _indexes(dsn, schema) == latest
+            assert storage.delete_sso_sessions(provider_id=provider.id, session_token="t2") == 1
+            assert storage.delete_user_sso_sessions(user.id) == 1
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())

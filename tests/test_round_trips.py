@@ -140,6 +140,17 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
     def device() -> uuid.UUID:
         return uuid.UUID(str(ctx["create_two_factor_device"].id))
 
+    def sso_session() -> Any:
+        """An SSO session of the user's linked identity, with a provider session token."""
+        return s.create_sso_session(
+            user_id=user(),
+            provider_id=provider(),
+            provider_type="oidc",
+            provider_subject=f"sub-{tag}",
+            expires_at=_later(),
+            session_token=f"idp-session-{tag}",
+        )
+
     return [
         # users
         ("create_user", lambda: s.create_user(email=email, password_hash=_digest("pw"))),
@@ -340,19 +351,34 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
         ),
         ("get_sso_link", lambda: s.get_sso_link(ctx["create_sso_link"].id)),
         ("get_user_sso_links", lambda: s.get_user_sso_links(user())),
-        ("delete_sso_link", lambda: s.delete_sso_link(ctx["create_sso_link"].id)),
+        ("create_sso_session", sso_session),
+        ("get_sso_session", lambda: s.get_sso_session(ctx["create_sso_session"].id)),
         (
-            "create_sso_session",
-            lambda: s.create_sso_session(
-                user_id=user(),
+            "delete_sso_sessions[token]",
+            lambda: s.delete_sso_sessions(
                 provider_id=provider(),
-                provider_type="oidc",
                 provider_subject=f"sub-{tag}",
-                expires_at=_later(),
                 session_token=f"idp-session-{tag}",
             ),
         ),
-        ("get_sso_session", lambda: s.get_sso_session(ctx["create_sso_session"].id)),
+        ("create_sso_session[by subject]", sso_session),
+        (
+            "delete_sso_sessions[subject]",
+            lambda: s.delete_sso_sessions(provider_id=provider(), provider_subject=f"sub-{tag}"),
+        ),
+        ("create_sso_session[unlinked]", sso_session),
+        ("delete_sso_link", lambda: s.delete_sso_link(ctx["create_sso_link"].id)),
+        (
+            "get_sso_session[unlinked]",
+            lambda: s.get_sso_session(ctx["create_sso_session[unlinked]"].id),
+        ),
+        ("create_sso_session[by id]", sso_session),
+        (
+            "delete_sso_session",
+            lambda: s.delete_sso_session(ctx["create_sso_session[by id]"].id),
+        ),
+        ("create_sso_session[by user]", sso_session),
+        ("delete_user_sso_sessions", lambda: s.delete_user_sso_sessions(user())),
         ("delete_sso_provider", lambda: s.delete_sso_provider(provider())),
         # 2FA
         (
@@ -455,8 +481,21 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     ) == (False, 2)
     assert ctx["complete_two_factor_session"] is True
     assert ctx["delete_two_factor_session"] is True
-    for deleted in ("delete_api_key", "delete_sso_link", "delete_sso_provider", "delete_user"):
+    for deleted in (
+        "delete_api_key",
+        "delete_sso_link",
+        "delete_sso_session",
+        "delete_sso_provider",
+        "delete_user",
+    ):
         assert ctx[deleted] is True, deleted
+    for counted in (
+        "delete_sso_sessions[token]",
+        "delete_sso_sessions[subject]",
+        "delete_user_sso_sessions",
+    ):
+        assert ctx[counted] == 1, counted
+    assert ctx["get_sso_session[unlinked]"] is None  # ended with the link
 
 
 def _public_methods(cls: type) -> set[str]:

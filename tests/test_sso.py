@@ -753,6 +753,180 @@ async def test_session_errors(storage: Any, unique: Callable[[str], str]) -> Non
             await storage.create_sso_session(**{**base, **change})
 
 
+# -- logout -------------------------------------------------------------------------------------
+
+
+def _sso_sessions_left(dsn: str, *ids: uuid.UUID) -> set[uuid.UUID]:
+    """Which of ``ids`` still have a row (expired ones included, unlike ``get_sso_session``)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT id FROM kitium_auth.sso_sessions WHERE id = ANY(%s)", [list(ids)]
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+async def _sso_session(
+    storage: Any,
+    user: User,
+    provider: SsoProvider,
+    subject: str,
+    token: str | None = None,
+    *,
+    expired: bool = False,
+) -> uuid.UUID:
+    created = await storage.create_sso_session(
+        user_id=user.id,
+        provider_id=provider.id,
+        provider_type=provider.type,
+        provider_subject=subject,
+        session_token=token,
+        expires_at=_in(seconds=-1) if expired else _in(hours=1),
+    )
+    return uuid.UUID(str(created.id))
+
+
+async def test_delete_sso_session(storage: Any, unique: Callable[[str], str], dsn: str) -> None:
+    """An SSO session can be ended before it expires (an application's own logout)."""
+    user = await _user(storage, unique)
+    provider = await _oidc(storage, unique)
+    ended = await _sso_session(storage, user, provider, "s", "sid")
+    kept = await _sso_session(storage, user, provider, "s", "sid")
+    expired = await _sso_session(storage, user, provider, "s", expired=True)
+    assert await storage.delete_sso_session(ended) is True
+    assert await storage.get_sso_session(ended) is None
+    assert await storage.delete_sso_session(str(ended)) is False  # idempotent
+    assert await storage.delete_sso_session(str(expired).upper()) is True  # expired rows too
+    for missing in (uuid.uuid4(), "not-a-uuid", "", 42, None):
+        assert await storage.delete_sso_session(missing) is False
+    assert _sso_sessions_left(dsn, ended, kept, expired) == {kept}
+    assert await storage.get_sso_session(kept) is not None
+
+
+async def test_single_logout_by_subject_and_or_session_token(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """SAML Single Logout and OIDC back-channel logout: a provider names the sessions to end by
+    subject (NameID, sub) and/or session token (SessionIndex, sid). Only that provider's sessions
+    matching every criterion given end, expired ones included, and the count says how many."""
+    ada, bob = await _user(storage, unique), await _user(storage, unique)
+    idp, other_idp = await _oidc(storage, unique), await _oidc(storage, unique)
+    by_token = await _sso_session(storage, ada, idp, "ada", "sid-1")
+    elsewhere = await _sso_session(storage, ada, other_idp, "ada", "sid-1")  # another provider
+    by_both = await _sso_session(storage, ada, idp, "ada", "sid-2")
+    by_expired_token = await _sso_session(storage, ada, idp, "ada", "sid-3", expired=True)
+    tokenless = await _sso_session(storage, ada, idp, "ada")
+    expired_tokenless = await _sso_session(storage, ada, idp, "ada", expired=True)
+    bobs = await _sso_session(storage, bob, idp, "bob", "sid-bob")
+    everything = (
+        by_token,
+        elsewhere,
+        by_both,
+        by_expired_token,
+        tokenless,
+        expired_tokenless,
+        bobs,
+    )
+
+    assert await storage.delete_sso_sessions(provider_id=idp.id, session_token="SID-1") == 0
+    assert await storage.delete_sso_sessions(provider_id=idp.id, session_token="sid-1") == 1
+    assert await storage.get_sso_session(by_token) is None
+    assert await storage.get_sso_session(elsewhere) is not None
+    # Both given: both must match.
+    mismatched = {"provider_subject": "bob", "session_token": "sid-2"}
+    assert await storage.delete_sso_sessions(provider_id=idp.id, **mismatched) == 0
+    assert await storage.get_sso_session(by_both) is not None
+    matched = {"provider_subject": "ada", "session_token": "sid-2"}
+    assert await storage.delete_sso_sessions(provider_id=str(idp.id), **matched) == 1
+    assert await storage.delete_sso_sessions(provider_id=idp.id, **matched) == 0  # idempotent
+    assert await storage.delete_sso_sessions(provider_id=idp.id, session_token="sid-3") == 1
+    # By subject: the identity's remaining sessions at this provider, with or without a token.
+    assert await storage.delete_sso_sessions(provider_id=idp.id, provider_subject="ada") == 2
+    assert _sso_sessions_left(dsn, *everything) == {elsewhere, bobs}
+
+    for missing in (uuid.uuid4(), "not-a-uuid", b"\x00" * 16):
+        assert await storage.delete_sso_sessions(provider_id=missing, provider_subject="bob") == 0
+    assert await storage.get_sso_session(bobs) is not None
+    assert await storage.delete_sso_sessions(provider_id=idp.id, provider_subject="bob") == 1
+
+
+async def test_single_logout_needs_a_subject_or_a_session_token(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Without a subject or a token the call would end every session of the provider: refused,
+    as are a subject or token create_sso_session would refuse; nothing is deleted."""
+    user = await _user(storage, unique)
+    provider = await _oidc(storage, unique)
+    kept = await _sso_session(storage, user, provider, "s", "sid")
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({}, "provider_subject"),
+        ({"provider_subject": None, "session_token": None}, "provider_subject"),
+        ({"provider_subject": ""}, "provider_subject"),
+        ({"provider_subject": "x" * 1025}, "provider_subject"),
+        ({"provider_subject": 7}, "provider_subject"),
+        ({"session_token": "a\x00b"}, "session_token"),
+        ({"provider_subject": "s", "session_token": ""}, "session_token"),
+    ]
+    for given, field in refused:
+        with pytest.raises(ValidationError) as caught:
+            await storage.delete_sso_sessions(provider_id=provider.id, **given)
+        assert caught.value.field == field, given
+    with pytest.raises(ValidationError):  # the criteria are checked first, whatever the id
+        await storage.delete_sso_sessions(provider_id="not-a-uuid")
+    assert _sso_sessions_left(dsn, kept) == {kept}
+
+
+async def test_delete_user_sso_sessions(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    ada, bob = await _user(storage, unique), await _user(storage, unique)
+    idp, other_idp = await _oidc(storage, unique), await _oidc(storage, unique)
+    adas = [
+        await _sso_session(storage, ada, idp, "ada", "sid"),
+        await _sso_session(storage, ada, other_idp, "ada-2"),
+        await _sso_session(storage, ada, idp, "ada", expired=True),
+    ]
+    bobs = await _sso_session(storage, bob, idp, "bob", "sid")
+    assert await storage.delete_user_sso_sessions(ada.id) == 3
+    assert await storage.delete_user_sso_sessions(str(ada.id)) == 0
+    for missing in (uuid.uuid4(), "not-a-uuid", None):
+        assert await storage.delete_user_sso_sessions(missing) == 0
+    assert _sso_sessions_left(dsn, *adas, bobs) == {bobs}
+
+
+async def test_deleting_a_link_ends_its_identitys_sso_sessions(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """An unlinked identity can be linked to another user; a session naming the old user must
+    not outlive the link. The link's user's sessions with its provider and subject end with it
+    (expired ones too); other sessions stay."""
+    ada, bob = await _user(storage, unique), await _user(storage, unique)
+    idp, other_idp = await _oidc(storage, unique), await _oidc(storage, unique)
+    link = await storage.create_sso_link(
+        user_id=ada.id, provider_id=idp.id, provider_type="oidc", provider_subject="s"
+    )
+    ended = [
+        await _sso_session(storage, ada, idp, "s", "sid"),
+        await _sso_session(storage, ada, idp, "s", expired=True),
+    ]
+    kept = [
+        await _sso_session(storage, ada, idp, "other-subject"),
+        await _sso_session(storage, ada, other_idp, "s"),
+        await _sso_session(storage, bob, idp, "s"),  # the same subject, another user
+    ]
+    assert await storage.delete_sso_link(link.id) is True
+    assert _sso_sessions_left(dsn, *ended, *kept) == set(kept)
+    assert await storage.get_sso_session(ended[0]) is None
+
+    relinked = await storage.create_sso_link(
+        user_id=bob.id, provider_id=idp.id, provider_type="oidc", provider_subject="s"
+    )
+    assert await storage.get_sso_session(ended[0]) is None
+    # Deleting the old link again deletes nothing, not the new user's sessions either.
+    assert await storage.delete_sso_link(link.id) is False
+    assert _sso_sessions_left(dsn, *kept) == set(kept)
+    assert await storage.get_user_sso_links(bob.id) == [relinked]
+
+
 # -- retries and round trips --------------------------------------------------------------------
 
 
@@ -868,6 +1042,14 @@ async def test_every_sso_method_is_one_round_trip(one_conn: Any) -> None:
             ),
         ),
         ("get_sso_session", lambda: s.get_sso_session(ctx["create_sso_session"].id)),
+        (
+            "delete_sso_sessions",
+            lambda: s.delete_sso_sessions(
+                provider_id=ctx["create_sso_provider"].id, provider_subject=tag, session_token=tag
+            ),
+        ),
+        ("delete_sso_session", lambda: s.delete_sso_session(ctx["create_sso_session"].id)),
+        ("delete_user_sso_sessions", lambda: s.delete_user_sso_sessions(user.id)),
         ("delete_sso_provider", lambda: s.delete_sso_provider(ctx["create_sso_provider"].id)),
     ]
     measured = {}
@@ -876,6 +1058,7 @@ async def test_every_sso_method_is_one_round_trip(one_conn: Any) -> None:
     assert measured == dict.fromkeys(measured, 1)
     assert ctx["get_sso_provider_by_domain"].client_secret == "z"
     assert ctx["get_sso_session"] == ctx["create_sso_session"]
+    assert (ctx["delete_sso_sessions"], ctx["delete_sso_session"]) == (1, False)
 
 
 async def test_concurrent_domain_set_replacements_leave_one_set(

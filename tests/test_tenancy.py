@@ -359,6 +359,60 @@ def test_links_and_sessions_on_a_shared_provider_are_read_only_for_tenants(
     assert owner.get_user_sso_links(ann.id) == [link]
 
 
+def test_a_tenant_ends_only_its_own_providers_sso_sessions(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any], providers: dict[str, Any]
+) -> None:
+    """Logout (delete_sso_session, delete_sso_sessions, delete_user_sso_sessions, and
+    delete_sso_link with the sessions it ends) follows the provider as reads do: a tenant ends
+    the sessions of its own providers only, never another tenant's or a shared provider's,
+    whatever ids, subjects or session tokens it names."""
+    owner, (alpha, beta) = tenancy["owner"], tenancy["orgs"]
+    as_alpha, as_beta = app.tenant(alpha.id), app.tenant(beta.id)
+    betas, shared = providers["beta"], providers["shared"]
+    tag = uuid.uuid4().hex[:6]
+    cal = owner.create_user(email=f"cal-{tag}@example.com")
+    alphas = owner.create_sso_provider(type="oidc", name="Alpha's", client_id="a", org_id=alpha.id)
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+
+    def session(provider: Any, subject: str = "cal") -> Any:
+        return owner.create_sso_session(
+            user_id=cal.id,
+            provider_id=provider.id,
+            provider_type="oidc",
+            provider_subject=subject,
+            expires_at=expires,
+            session_token=f"sid-{tag}",
+        )
+
+    at_beta, at_shared, at_alpha = session(betas), session(shared), session(alphas)
+    beta_link = owner.create_sso_link(
+        user_id=cal.id, provider_id=betas.id, provider_type="oidc", provider_subject="linked"
+    )
+    linked_at_beta = session(betas, "linked")
+    foreign = [at_beta, at_shared, linked_at_beta]
+    for provider, session_ in ((betas, at_beta), (shared, at_shared)):
+        assert as_alpha.delete_sso_session(session_.id) is False
+        logout = {"provider_id": provider.id, "session_token": f"sid-{tag}"}
+        assert as_alpha.delete_sso_sessions(**logout) == 0
+        assert as_alpha.delete_sso_sessions(**logout, provider_subject="cal") == 0
+        assert as_alpha.delete_sso_sessions(provider_id=provider.id, provider_subject="cal") == 0
+    assert as_alpha.delete_sso_link(beta_link.id) is False
+    assert app.delete_user_sso_sessions(cal.id) == 0  # no tenant: fail closed
+    # Alpha's own: all of the user's sessions it may see are at alpha's provider.
+    assert as_alpha.delete_user_sso_sessions(cal.id) == 1
+    assert owner.get_sso_session(at_alpha.id) is None
+    for kept in foreign:
+        assert owner.get_sso_session(kept.id) == kept
+
+    # Beta ends those of its provider, the link's included, but not the shared provider's.
+    assert as_beta.delete_sso_link(beta_link.id) is True
+    assert owner.get_sso_session(linked_at_beta.id) is None
+    assert as_beta.delete_sso_sessions(provider_id=betas.id, session_token=f"sid-{tag}") == 1
+    assert as_beta.delete_user_sso_sessions(cal.id) == 0
+    assert owner.get_sso_session(at_shared.id) == at_shared
+    assert owner.delete_user_sso_sessions(cal.id) == 1
+
+
 # Module level: the routes' annotations are strings (postponed), resolved in these globals.
 UNSCOPED_CHECK = require_permission("x")
 SCOPED_CHECK = require_permission("x", tenant_scoped=True)

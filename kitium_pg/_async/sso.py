@@ -456,12 +456,21 @@ class AsyncSso(AsyncCore):
         )
 
     async def delete_sso_link(self, id: uuid.UUID | str) -> bool:
-        """Delete an SSO link; ``True`` if a row was deleted. Idempotent (retried on transient
-        failures): deleting a missing link or a malformed id returns ``False``."""
+        """Delete an SSO link and end the SSO sessions of the identity it linked; ``True`` if
+        the link was deleted.
+
+        The same statement deletes the user's SSO sessions with the link's ``provider_id`` and
+        ``provider_subject`` (expired ones included; sessions of that user at other providers,
+        or under another subject, stay): once unlinked, the identity may be linked to another
+        user, and no session naming the old user may outlive the link. Sessions are deleted only
+        along with a link the call deletes. Idempotent (retried on transient failures): deleting
+        a missing link or a malformed id returns ``False`` and deletes nothing (a retry after a
+        lost acknowledgement may report ``False`` for a link the first attempt deleted).
+        """
         link_id = v.parse_uuid(id)
         if link_id is None:
             return False
-        return await self._exec("delete_sso_link", {"id": link_id}, retry=Retry.SAFE) > 0
+        return int(await self._value("delete_sso_link", {"id": link_id}, retry=Retry.SAFE)) > 0
 
     async def create_sso_session(
         self,
@@ -491,9 +500,7 @@ class AsyncSso(AsyncCore):
             "provider_id": v.uuid_arg("provider_id", provider_id),
             "provider_type": v.choice("provider_type", provider_type, PROVIDER_TYPES),
             "provider_subject": v.text("provider_subject", provider_subject, max_len=SUBJECT),
-            "session_token_hash": None
-            if token is None
-            else hashlib.sha256(token.encode("utf-8")).digest(),
+            "session_token_hash": None if token is None else _token_digest(token),
             "expires_at": v.timestamp("expires_at", expires_at),
             "last_auth_at": v.opt_timestamp("last_auth_at", last_auth_at),
         }
@@ -507,3 +514,75 @@ class AsyncSso(AsyncCore):
         if session_id is None:
             return None
         return await self._one("get_sso_session", {"id": session_id}, SsoSession, retry=Retry.SAFE)
+
+    async def delete_sso_session(self, id: uuid.UUID | str) -> bool:
+        """Delete an SSO session (expired or not); ``True`` if a row was deleted.
+
+        Idempotent: deleting a missing session (or a malformed id) returns ``False``. Retried on
+        transient failures, since deleting twice leaves the same state (a retry after a lost
+        acknowledgement may report ``False`` for a session the first attempt deleted).
+        """
+        session_id = v.parse_uuid(id)
+        if session_id is None:
+            return False
+        return await self._exec("delete_sso_session", {"id": session_id}, retry=Retry.SAFE) > 0
+
+    async def delete_sso_sessions(
+        self,
+        *,
+        provider_id: uuid.UUID | str,
+        provider_subject: str | None = None,
+        session_token: str | None = None,
+    ) -> int:
+        """End the SSO sessions a provider's logout names (SAML Single Logout, OIDC back-channel
+        logout) and return how many rows were deleted, expired ones included.
+
+        The sessions deleted are those of ``provider_id`` with this ``provider_subject`` (SAML
+        NameID, OIDC ``sub``) and/or this ``session_token`` (SAML SessionIndex, OIDC ``sid``: the
+        ``session_token`` given to ``create_sso_session``, matched by its SHA-256 digest, as
+        stored; sessions recorded without one never match it). Given both, a session must match
+        both. At least one is required: ``ValidationError`` (naming ``provider_subject``)
+        otherwise, and for a subject or token ``create_sso_session`` would refuse (naming it).
+        Returns 0 for an unknown or malformed ``provider_id``. Under the optional ``tenant_rls``
+        migration a tenant view ends only the sessions of its own providers. Retried on transient
+        failures, since deleting twice leaves the same state (a retry after a lost
+        acknowledgement may report a lower count than the first attempt deleted).
+        """
+        subject = v.opt_text("provider_subject", provider_subject, max_len=SUBJECT)
+        token = v.opt_text("session_token", session_token, max_len=v.LONG)
+        if subject is None and token is None:
+            raise ValidationError(
+                "provider_subject", "give provider_subject or session_token (or both)"
+            )
+        parsed = v.parse_uuid(provider_id)
+        if parsed is None:
+            return 0
+        if token is None:
+            params: dict[str, Any] = {"provider_id": parsed, "provider_subject": subject}
+            return await self._exec("delete_sso_sessions_by_subject", params, retry=Retry.SAFE)
+        params = {
+            "provider_id": parsed,
+            "session_token_hash": _token_digest(token),
+            "provider_subject": subject,
+        }
+        return await self._exec("delete_sso_sessions_by_token", params, retry=Retry.SAFE)
+
+    async def delete_user_sso_sessions(self, user_id: uuid.UUID | str) -> int:
+        """Delete every SSO session of a user, expired ones included ("log out everywhere");
+        returns how many rows were deleted (0 for an unknown or malformed id).
+
+        Under the optional ``tenant_rls`` migration a tenant view deletes only the user's
+        sessions at its own providers (those at another tenant's or a shared provider stay).
+        Retried on transient failures, since deleting twice leaves the same state (a retry after
+        a lost acknowledgement may report a lower count than the first attempt deleted).
+        """
+        parsed = v.parse_uuid(user_id)
+        if parsed is None:
+            return 0
+        return await self._exec("delete_user_sso_sessions", {"user_id": parsed}, retry=Retry.SAFE)
+
+
+def _token_digest(token: str) -> bytes:
+    """The SHA-256 digest of a provider session token, as ``sso_sessions.session_token_hash``
+    stores it (the token itself is never sent to the database)."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
