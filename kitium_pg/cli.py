@@ -692,23 +692,22 @@ _BATCH = click.option(
 )
 
 
-@cli.command(
-    "delete-expired", short_help="Delete expired sessions, 2FA challenges and email tokens."
-)
+@cli.command("delete-expired", short_help="Delete expired sessions, challenges and email tokens.")
 @_BATCH
 @click.pass_obj
 def delete_expired(state: _Context, batch_size: int) -> None:
     """Delete expired sessions (their 2FA challenges go with them), expired 2FA challenges
-    (twofa_sessions) and expired email verification tokens, in batches of --batch-size rows
-    (each batch is its own short statement, so concurrent logins are not blocked), and print
-    how many rows of each went (the challenges of deleted sessions are not counted). Safe to
-    run from cron while the application runs."""
+    (twofa_sessions), expired SSO sessions and expired email verification tokens, in batches
+    of --batch-size rows (each batch is its own short statement, so concurrent logins are
+    not blocked), and print how many rows of each went (the challenges of deleted sessions
+    are not counted). Safe to run from cron while the application runs."""
     with state.storage() as storage:
         _require_migrated(state, storage, "delete-expired")
         counts: dict[str, int] = {}
         for what, method in (
             ("sessions", storage.delete_expired_sessions),
             ("twofa_sessions", storage.delete_expired_two_factor_sessions),
+            ("sso_sessions", storage.delete_expired_sso_sessions),
             ("email_verification_tokens", storage.delete_expired_email_verification_tokens),
         ):
             counter = _DeleteCounter(state, what)

@@ -78,13 +78,12 @@ DELETE FROM kitium_auth.sessions WHERE id = :id;
 -- wait on each other or on the application for a session. The batch's 2FA challenges go with it
 -- (ON DELETE CASCADE, one lookup per session on twofa_sessions_session_id_idx); that cascade
 -- waits for a challenge another statement holds locked (a challenge cleaner's batch), which is
--- brief. The batch is deleted by physical
--- address (a Tid Scan): it saves a primary-key descent per row (benchmarks: 1.3x the rows/s of
--- = ANY (ARRAY(SELECT id ...)), and a third of the buffer writes). A row updated after the
--- statement began is locked in its new version, which this statement's snapshot does not see:
--- it is locked but not deleted, and the caller goes on while a batch locks batch_size rows (the
--- next statement sees that version). IN (subquery) was planned as a hash semi-join over the
--- whole table.
+-- brief. The batch is deleted by physical address (a Tid Scan): it saves a primary-key descent
+-- per row (benchmarks: 1.3x the rows/s of = ANY (ARRAY(SELECT id ...)), and a third of the
+-- buffer writes). A row updated after the statement began is locked in its new version, which
+-- this statement's snapshot does not see: it is locked but not deleted, and the caller goes on
+-- while a batch locks batch_size rows (the next statement sees that version). IN (subquery) was
+-- planned as a hash semi-join over the whole table.
 WITH batch AS (
   SELECT ctid
     FROM kitium_auth.sessions

@@ -338,3 +338,24 @@ DELETE FROM kitium_auth.sso_sessions
 -- name: delete_user_sso_sessions(user_id)!
 -- Delete every SSO session of a user, expired ones included (sso_sessions_user_id_idx).
 DELETE FROM kitium_auth.sso_sessions WHERE user_id = :user_id;
+
+-- name: delete_expired_sso_sessions(batch_size)^
+-- Delete at most batch_size expired SSO sessions, earliest expiry first
+-- (sso_sessions_expires_at_idx), and return how many it deleted and how many it locked; rows
+-- another transaction has locked (another cleaner, a logout under way) are skipped and left for
+-- the next run. Built as delete_expired_sessions, whose comment says why (batch by physical
+-- address; a row updated after the statement began is locked, not deleted, and the caller goes
+-- on).
+WITH batch AS (
+  SELECT ctid
+    FROM kitium_auth.sso_sessions
+   WHERE expires_at <= statement_timestamp()
+   ORDER BY expires_at
+   LIMIT :batch_size
+     FOR UPDATE SKIP LOCKED
+), deleted AS (
+  DELETE FROM kitium_auth.sso_sessions
+   WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
+  RETURNING 1
+)
+SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM batch) AS locked;

@@ -649,6 +649,7 @@ def test_maintenance_commands_delete_in_batches(dsn: str) -> None:
         assert json.loads(done.stdout)["deleted"] == {
             "sessions": 5,
             "twofa_sessions": 3,
+            "sso_sessions": 0,
             "email_verification_tokens": 0,
         }
         with PostgresStorageAdapter(dsn, schema=schema) as storage:
@@ -660,6 +661,7 @@ def test_maintenance_commands_delete_in_batches(dsn: str) -> None:
         assert [line for line in text.stdout.splitlines() if line.startswith("deleted ")] == [
             "deleted 0 expired sessions",
             "deleted 2 expired twofa_sessions",
+            "deleted 0 expired sso_sessions",
             "deleted 0 expired email_verification_tokens",
         ]
         pruned = runner.invoke(cli, [*base, "prune-events", "--older-than-days", "30"])

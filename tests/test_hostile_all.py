@@ -1919,6 +1919,7 @@ def _spec_table() -> dict[str, Spec]:
             params=_id("fresh_twofa_session"), lenient=True, writes=True
         ),
         "delete_expired_two_factor_sessions": Spec(params=BATCH, writes=True),
+        "delete_expired_sso_sessions": Spec(params=BATCH, writes=True),
     }
 
 

@@ -424,6 +424,7 @@ SSO_LOGOUT_INDEXES = {
     "sso_sessions_provider_id_session_token_hash_idx": (
         "(provider_id, session_token_hash) WHERE (session_token_hash IS NOT NULL)"
     ),
+    "sso_sessions_expires_at_idx": "(expires_at)",
 }
 
 

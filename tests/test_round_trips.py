@@ -110,6 +110,7 @@ NOT_SINGLE_ENTITY = frozenset(
         "delete_expired_sessions",
         "delete_expired_email_verification_tokens",
         "delete_expired_two_factor_sessions",
+        "delete_expired_sso_sessions",
         "prune_events",
     }
 )
@@ -653,6 +654,19 @@ async def _expire(adapter: Any, kind: str, rows: int) -> None:
                     expires_at=_earlier(),
                 )
             )
+    elif kind == "sso_sessions":
+        [user] = await _users(adapter, 1)
+        provider = await _done(adapter.create_sso_provider(type="oidc", name="rt"))
+        for n in range(rows):
+            await _done(
+                adapter.create_sso_session(
+                    user_id=user.id,
+                    provider_id=provider.id,
+                    provider_type="oidc",
+                    provider_subject=f"rt-{n}",
+                    expires_at=_earlier(),
+                )
+            )
     elif kind == "tokens":
         for n in range(rows):
             await _done(
@@ -676,11 +690,13 @@ def _cleanup(adapter: Any, kind: str, batch_size: int) -> Callable[[], Any]:
         return lambda: adapter.delete_expired_email_verification_tokens(batch_size=batch_size)
     if kind == "challenges":
         return lambda: adapter.delete_expired_two_factor_sessions(batch_size=batch_size)
+    if kind == "sso_sessions":
+        return lambda: adapter.delete_expired_sso_sessions(batch_size=batch_size)
     before = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
     return lambda: adapter.prune_events(before=before, batch_size=batch_size)
 
 
-@pytest.mark.parametrize("kind", ["sessions", "tokens", "challenges", "events"])
+@pytest.mark.parametrize("kind", ["sessions", "tokens", "challenges", "sso_sessions", "events"])
 async def test_batched_cleanups_cost_one_statement_per_batch(private_one: Any, kind: str) -> None:
     batch_size = 3
     # 0 rows: one (empty) statement; 6: two full batches and the empty one that ends the walk;

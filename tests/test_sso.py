@@ -875,6 +875,25 @@ async def test_single_logout_needs_a_subject_or_a_session_token(
     assert _sso_sessions_left(dsn, kept) == {kept}
 
 
+async def test_delete_expired_sso_sessions_deletes_only_expired_ones(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Expired SSO sessions are never returned, and their rows go in batches; live ones stay."""
+    user = await _user(storage, unique)
+    provider = await _oidc(storage, unique)
+    expired = [await _sso_session(storage, user, provider, f"s{n}", expired=True) for n in range(3)]
+    live = await _sso_session(storage, user, provider, "live")
+    done: list[int] = []
+    deleted = await storage.delete_expired_sso_sessions(batch_size=2, progress=done.append)
+    assert deleted >= 3  # other tests' expired rows too
+    assert done[-1] == deleted and done == sorted(done)
+    assert _sso_sessions_left(dsn, *expired, live) == {live}
+    assert await storage.delete_expired_sso_sessions() == 0
+    with pytest.raises(ValidationError) as refused:
+        await storage.delete_expired_sso_sessions(batch_size=0)
+    assert refused.value.field == "batch_size"
+
+
 async def test_delete_user_sso_sessions(
     storage: Any, unique: Callable[[str], str], dsn: str
 ) -> None:

@@ -581,6 +581,22 @@ class AsyncSso(AsyncCore):
             return 0
         return await self._exec("delete_user_sso_sessions", {"user_id": parsed}, retry=Retry.SAFE)
 
+    async def delete_expired_sso_sessions(
+        self, *, batch_size: int = 1000, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Delete the SSO sessions whose ``expires_at`` has passed (by the database clock) and
+        return how many were deleted.
+
+        Runs one short statement per ``batch_size`` rows (earliest expiry first) so locks stay
+        brief on a large table. Rows another transaction holds locked at that moment (another
+        cleaner, a logout under way) are skipped rather than waited for, and left for the next
+        run. Each batch is retried on transient failures, because deleting expired rows is
+        idempotent. Raises ``ValidationError`` when ``batch_size`` is not between 1 and 100000.
+        """
+        return await self._delete_in_batches(
+            "delete_expired_sso_sessions", {}, batch_size=batch_size, progress=progress
+        )
+
 
 def _token_digest(token: str) -> bytes:
     """The SHA-256 digest of a provider session token, as ``sso_sessions.session_token_hash``
