@@ -323,10 +323,11 @@ class Settings:
 
     def connection_kwargs(self, dsn: str) -> dict[str, Any]:
         """psycopg connection options for ``dsn``: autocommit (so one statement is one round
-        trip), UTC, and the statement timeout as a startup option (no per-call SET).
+        trip), UTC, READ COMMITTED, and the statement timeout as startup options (no per-call
+        SET).
 
         What the DSN itself sets is kept: its ``options`` come first (the adapter's
-        ``statement_timeout`` and ``TimeZone`` follow and win for those two), and its
+        ``statement_timeout``, ``TimeZone`` and isolation level follow and win for those), and its
         ``application_name`` wins over the adapter's. Keyword arguments replace DSN
         parameters in psycopg, so a DSN made read-only with
         ``options=-c default_transaction_read_only=on`` wrote, and one carrying a
@@ -351,7 +352,14 @@ class Settings:
         if self.pgbouncer:
             kwargs["prepare_threshold"] = None
         else:
-            ours = f"-c statement_timeout={self.statement_timeout_ms} -c TimeZone=UTC"
+            # READ COMMITTED whatever the database's or role's default: the guarded statements
+            # (replace a user's backup codes, record a TOTP step...) rely on each statement
+            # seeing rows committed while it waited for a lock; under REPEATABLE READ two
+            # first-time create_backup_codes calls both left their set valid.
+            ours = (
+                f"-c statement_timeout={self.statement_timeout_ms} -c TimeZone=UTC"
+                r" -c default_transaction_isolation=read\ committed"
+            )
             theirs = given.get("options")
             kwargs["options"] = f"{theirs} {ours}" if theirs else ours
         return kwargs

@@ -362,7 +362,10 @@ async def test_what_the_dsn_sets_is_kept(dsn: str, cls: type) -> None:
     read_only = psycopg.conninfo.make_conninfo(
         dsn,
         application_name="billing-api",
-        options="-c default_transaction_read_only=on -c lock_timeout=1234",
+        options=(
+            "-c default_transaction_read_only=on -c lock_timeout=1234"
+            r" -c default_transaction_isolation=repeatable\ read"
+        ),
     )
     adapter = cls(read_only, max_size=1, statement_timeout_ms=4321)
     await _call(adapter.connect(migrate=False))
@@ -375,10 +378,18 @@ async def test_what_the_dsn_sets_is_kept(dsn: str, cls: type) -> None:
             settings = await _call(
                 conn.execute(
                     "SELECT current_setting('application_name'), current_setting('lock_timeout'),"
-                    " current_setting('statement_timeout'), current_setting('TimeZone')"
+                    " current_setting('statement_timeout'), current_setting('TimeZone'),"
+                    " current_setting('default_transaction_isolation')"
                 )
             )
-            assert await _call(settings.fetchone()) == ("billing-api", "1234ms", "4321ms", "UTC")
+            # The adapter's own settings win: its guarded statements need READ COMMITTED.
+            assert await _call(settings.fetchone()) == (
+                "billing-api",
+                "1234ms",
+                "4321ms",
+                "UTC",
+                "read committed",
+            )
         finally:
             await _call(adapter.pool.putconn(conn))
     finally:

@@ -50,7 +50,8 @@ class AsyncPostgresStorageAdapter(
 
     ``statement_timeout_ms`` (5000 when not given) is set on the connections the adapter opens,
     at no per-call cost. ``dsn`` may also be a psycopg-pool ``AsyncConnectionPool`` you own (its
-    connections should be autocommit); its connections keep their own settings, and a
+    connections should be autocommit, at READ COMMITTED, PostgreSQL's default isolation
+    level, which the guarded statements need); its connections keep their own settings, and a
     ``statement_timeout_ms`` given with it is applied per call instead (a transaction-local
     ``set_config`` pipelined with each statement: a second round trip), so configure the
     timeout on your pool (``kwargs={"options": "-c statement_timeout=5000"}``) or the role
