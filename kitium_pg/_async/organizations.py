@@ -142,7 +142,9 @@ class AsyncOrganizations(AsyncCore):
         with their domains, links and SSO sessions (a provider never outlives its organization
         as a shared one), and the sessions bound to it (``org_id``): such a session ends, rather
         than becoming unbound and valid for any organization. Its users stay. Idempotent:
-        deleting a missing organization returns ``False``.
+        deleting a missing organization returns ``False``. Retried on transient failures: a
+        retry after a lost acknowledgement may report ``False`` for an organization the first
+        attempt deleted.
         """
         org_id = v.parse_uuid(id)
         if org_id is None:
@@ -172,7 +174,9 @@ class AsyncOrganizations(AsyncCore):
         self, org_id: uuid.UUID | str, user_id: uuid.UUID | str
     ) -> bool:
         """Remove a user from an organization, and with the membership the roles it held there
-        (so its permissions); ``True`` if the user was a member."""
+        (so its permissions); ``True`` if the user was a member. Retried on transient failures:
+        a retry after a lost acknowledgement may report ``False`` for a membership the first
+        attempt removed."""
         parsed_org, parsed_user = v.parse_uuid(org_id), v.parse_uuid(user_id)
         if parsed_org is None or parsed_user is None:
             return False

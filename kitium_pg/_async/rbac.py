@@ -150,7 +150,8 @@ class AsyncRbac(AsyncCore):
 
     async def delete_role(self, id: uuid.UUID | str) -> bool:
         """Delete a role and its assignments; ``True`` if a row was deleted. Idempotent:
-        deleting a missing role returns ``False``."""
+        deleting a missing role returns ``False``. Retried on transient failures: a retry after
+        a lost acknowledgement may report ``False`` for a role the first attempt deleted."""
         role_id = v.parse_uuid(id)
         if role_id is None:
             return False
@@ -194,7 +195,9 @@ class AsyncRbac(AsyncCore):
     async def revoke_role_from_user(
         self, user_id: uuid.UUID | str, role_id: uuid.UUID | str, org_id: uuid.UUID | str
     ) -> bool:
-        """Take a role away from a user; ``True`` if the user held it. Idempotent."""
+        """Take a role away from a user; ``True`` if the user held it. Idempotent, and retried
+        on transient failures: a retry after a lost acknowledgement may report ``False`` for a
+        role the first attempt took away."""
         parsed = [v.parse_uuid(x) for x in (user_id, role_id, org_id)]
         if None in parsed:
             return False

@@ -169,7 +169,9 @@ class AsyncTwoFactor(AsyncCore):
 
     async def delete_two_factor_device(self, id: uuid.UUID | str) -> bool:
         """Delete a device with its pending challenges; ``True`` if a row was deleted.
-        Idempotent: deleting a missing device returns ``False``."""
+        Idempotent: deleting a missing device returns ``False``. Retried on transient failures:
+        a retry after a lost acknowledgement may report ``False`` for a device the first attempt
+        deleted."""
         device_id = v.parse_uuid(id)
         if device_id is None:
             return False

@@ -152,7 +152,8 @@ class Rbac(Core):
 
     def delete_role(self, id: uuid.UUID | str) -> bool:
         """Delete a role and its assignments; ``True`` if a row was deleted. Idempotent:
-        deleting a missing role returns ``False``."""
+        deleting a missing role returns ``False``. Retried on transient failures: a retry after
+        a lost acknowledgement may report ``False`` for a role the first attempt deleted."""
         role_id = v.parse_uuid(id)
         if role_id is None:
             return False
@@ -196,7 +197,9 @@ class Rbac(Core):
     def revoke_role_from_user(
         self, user_id: uuid.UUID | str, role_id: uuid.UUID | str, org_id: uuid.UUID | str
     ) -> bool:
-        """Take a role away from a user; ``True`` if the user held it. Idempotent."""
+        """Take a role away from a user; ``True`` if the user held it. Idempotent, and retried
+        on transient failures: a retry after a lost acknowledgement may report ``False`` for a
+        role the first attempt took away."""
         parsed = [v.parse_uuid(x) for x in (user_id, role_id, org_id)]
         if None in parsed:
             return False

@@ -303,7 +303,8 @@ class Sso(Core):
     def delete_sso_provider(self, id: uuid.UUID | str) -> bool:
         """Delete a provider with its domains, links and SSO sessions; ``True`` if a row was
         deleted. Idempotent (retried on transient failures): deleting a missing provider returns
-        ``False``."""
+        ``False``, as may a retry after a lost acknowledgement for a provider the first attempt
+        deleted."""
         provider_id = v.parse_uuid(id)
         if provider_id is None:
             return False

@@ -124,7 +124,9 @@ class Users(Core):
 
     def delete_user(self, id: uuid.UUID | str) -> bool:
         """Delete a user with everything that belongs to it; ``True`` if a row was deleted.
-        Idempotent: deleting a missing user returns ``False``."""
+        Idempotent: deleting a missing user returns ``False``. Retried on transient failures: a
+        retry after a lost acknowledgement may report ``False`` for a user the first attempt
+        deleted."""
         user_id = v.parse_uuid(id)
         if user_id is None:
             return False
