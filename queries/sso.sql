@@ -257,6 +257,14 @@ SELECT id, user_id, provider_id, provider_type, provider_subject, provider_email
   FROM kitium_auth.sso_links
  WHERE id = :id;
 
+-- name: get_sso_link_by_subject(provider_id, provider_subject)^
+-- Fetch the SSO link of one identity at one provider, the user an assertion signs in
+-- (sso_links__provider_subject_key).
+SELECT id, user_id, provider_id, provider_type, provider_subject, provider_email,
+       auto_provisioned, metadata, linked_at, last_auth_at
+  FROM kitium_auth.sso_links
+ WHERE provider_id = :provider_id AND provider_subject = :provider_subject;
+
 -- name: get_user_sso_links(user_id)
 -- A user's SSO links, newest first (served by sso_links_user_id_idx).
 SELECT id, user_id, provider_id, provider_type, provider_subject, provider_email,

@@ -1790,6 +1790,13 @@ def _spec_table() -> dict[str, Spec]:
             ),
         ),
         "get_sso_link": reader("id", "link"),
+        "get_sso_link_by_subject": Spec(
+            params={
+                "provider_id": uuid_arg("provider", "random"),
+                "provider_subject": text_arg(1024),
+            },
+            lenient=True,
+        ),
         "get_user_sso_links": reader("user_id", "user"),
         "delete_sso_link": Spec(params=_id("fresh_link"), lenient=True, writes=True),
         "create_sso_session": Spec(

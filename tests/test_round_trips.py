@@ -351,6 +351,12 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
             ),
         ),
         ("get_sso_link", lambda: s.get_sso_link(ctx["create_sso_link"].id)),
+        (
+            "get_sso_link_by_subject",
+            lambda: s.get_sso_link_by_subject(
+                ctx["create_sso_link"].provider_id, ctx["create_sso_link"].provider_subject
+            ),
+        ),
         ("get_user_sso_links", lambda: s.get_user_sso_links(user())),
         ("create_sso_session", sso_session),
         ("get_sso_session", lambda: s.get_sso_session(ctx["create_sso_session"].id)),

@@ -912,6 +912,28 @@ async def test_delete_user_sso_sessions(
     assert _sso_sessions_left(dsn, *adas, bobs) == {bobs}
 
 
+async def test_an_assertions_subject_finds_its_link(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """Signing in through SSO starts from (provider, subject): without a lookup by them, an
+    application could not tell which user an assertion signs in."""
+    user = await _user(storage, unique)
+    provider, other = await _oidc(storage, unique), await _oidc(storage, unique)
+    link = await storage.create_sso_link(
+        user_id=user.id, provider_id=provider.id, provider_type="oidc", provider_subject="Sub-1"
+    )
+    assert await storage.get_sso_link_by_subject(provider.id, "Sub-1") == link
+    assert await storage.get_sso_link_by_subject(str(provider.id).upper(), "Sub-1") == link
+    assert await storage.get_sso_link_by_subject(provider.id, "sub-1") is None  # exact subject
+    assert await storage.get_sso_link_by_subject(other.id, "Sub-1") is None  # per provider
+    assert await storage.get_sso_link_by_subject("not-a-uuid", "Sub-1") is None
+    with pytest.raises(ValidationError) as refused:
+        await storage.get_sso_link_by_subject(provider.id, "")
+    assert refused.value.field == "provider_subject"
+    assert await storage.delete_sso_link(link.id) is True
+    assert await storage.get_sso_link_by_subject(provider.id, "Sub-1") is None
+
+
 async def test_deleting_a_link_ends_its_identitys_sso_sessions(
     storage: Any, unique: Callable[[str], str], dsn: str
 ) -> None:

@@ -447,6 +447,24 @@ class AsyncSso(AsyncCore):
             return None
         return await self._one("get_sso_link", {"id": link_id}, SsoLink, retry=Retry.SAFE)
 
+    async def get_sso_link_by_subject(
+        self, provider_id: uuid.UUID | str, provider_subject: str
+    ) -> SsoLink | None:
+        """The link of the identity ``provider_subject`` (SAML NameID, OIDC ``sub``) at a
+        provider, whose ``user_id`` is the user an assertion from that provider signs in; or
+        ``None`` (no such link, or a malformed ``provider_id``). Raises ``ValidationError`` for
+        a subject ``create_sso_link`` would refuse."""
+        parsed = v.parse_uuid(provider_id)
+        subject = v.text("provider_subject", provider_subject, max_len=SUBJECT)
+        if parsed is None:
+            return None
+        return await self._one(
+            "get_sso_link_by_subject",
+            {"provider_id": parsed, "provider_subject": subject},
+            SsoLink,
+            retry=Retry.SAFE,
+        )
+
     async def get_user_sso_links(self, user_id: uuid.UUID | str) -> list[SsoLink]:
         """A user's SSO links, newest first (empty for an unknown or malformed id)."""
         parsed = v.parse_uuid(user_id)
