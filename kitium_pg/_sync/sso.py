@@ -471,16 +471,19 @@ class Sso(Core):
         return self._many("get_user_sso_links", {"user_id": parsed}, SsoLink, retry=Retry.SAFE)
 
     def delete_sso_link(self, id: uuid.UUID | str) -> bool:
-        """Delete an SSO link and end the SSO sessions of the identity it linked; ``True`` if
-        the link was deleted.
+        """Delete an SSO link and end the SSO sessions of the identity it linked; ``True`` if the
+        link was deleted.
 
         The same statement deletes the user's SSO sessions with the link's ``provider_id`` and
         ``provider_subject`` (expired ones included; sessions of that user at other providers,
         or under another subject, stay): once unlinked, the identity may be linked to another
-        user, and no session naming the old user may outlive the link. Sessions are deleted only
-        along with a link the call deletes. Idempotent (retried on transient failures): deleting
-        a missing link or a malformed id returns ``False`` and deletes nothing (a retry after a
-        lost acknowledgement may report ``False`` for a link the first attempt deleted).
+        user, and the sessions naming the old user end with the link. A session is not tied to a
+        link (``create_sso_session`` does not need one), so a sign-in writing its session while
+        the unlink runs can keep it: to be sure, call ``delete_sso_sessions`` for the subject
+        after unlinking. Sessions are deleted only along with a link the call deletes.
+        Idempotent (retried on transient failures): deleting a missing link or a malformed id
+        returns ``False`` and deletes nothing (a retry after a lost acknowledgement may report
+        ``False`` for a link the first attempt deleted).
         """
         link_id = v.parse_uuid(id)
         if link_id is None:
