@@ -11,6 +11,7 @@ import enum
 import hashlib
 import itertools
 import logging
+import os
 import random
 import re
 import sys
@@ -326,12 +327,13 @@ class Settings:
         trip), UTC, READ COMMITTED, and the statement timeout as startup options (no per-call
         SET).
 
-        What the DSN itself sets is kept: its ``options`` come first (the adapter's
-        ``statement_timeout``, ``TimeZone`` and isolation level follow and win for those), and its
-        ``application_name`` wins over the adapter's. Keyword arguments replace DSN
-        parameters in psycopg, so a DSN made read-only with
-        ``options=-c default_transaction_read_only=on`` wrote, and one carrying a
-        ``lock_timeout`` or a proxy's ``endpoint`` lost it. ``connect_timeout`` stays the
+        What the DSN itself sets is kept: its ``options`` (else ``PGOPTIONS``) come first (the
+        adapter's ``statement_timeout``, ``TimeZone`` and isolation level follow and win for
+        those), and its ``application_name`` wins over the adapter's. Keyword arguments replace
+        DSN parameters in psycopg, so a DSN made read-only with ``options=-c
+        default_transaction_read_only=on`` wrote, and one carrying a ``lock_timeout`` or a
+        proxy's ``endpoint`` lost it. The ``options`` of a ``pg_service.conf`` service are still
+        replaced: write them into the DSN or ``PGOPTIONS``. ``connect_timeout`` stays the
         adapter's: the pool's waits follow it too.
 
         Behind PgBouncer in transaction pooling mode (``pgbouncer=True``) a server connection
@@ -360,7 +362,8 @@ class Settings:
                 f"-c statement_timeout={self.statement_timeout_ms} -c TimeZone=UTC"
                 r" -c default_transaction_isolation=read\ committed"
             )
-            theirs = given.get("options")
+            # libpq would take PGOPTIONS when the DSN has no options; the keyword replaces both.
+            theirs = given.get("options") or os.environ.get("PGOPTIONS")
             kwargs["options"] = f"{theirs} {ours}" if theirs else ours
         return kwargs
 

@@ -165,3 +165,21 @@ def test_optional_migrations_are_a_short_list_of_known_ids(cls: type, value: obj
 def test_optional_migrations_may_be_any_iterable_read_once(cls: type) -> None:
     adapter = cls(UNREACHABLE, optional_migrations=(name for name in ["tenant_rls"]))
     assert adapter._settings.optional_migrations == ("tenant_rls",)
+
+
+def test_the_dsns_options_else_pgoptions_come_before_the_adapters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """libpq takes PGOPTIONS when the DSN has no options; the adapter's options keyword would
+    replace both, so they are put first (the adapter's own settings follow and win)."""
+    ours = (
+        "-c statement_timeout=5000 -c TimeZone=UTC"
+        " -c default_transaction_isolation=read\\ committed"
+    )
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    assert build().connection_kwargs("dbname=x")["options"] == ours
+    monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=42")
+    assert build().connection_kwargs("dbname=x")["options"] == f"-c lock_timeout=42 {ours}"
+    dsn = "dbname=x options='-c search_path=a'"
+    assert build().connection_kwargs(dsn)["options"] == f"-c search_path=a {ours}"
+    assert "options" not in build(pgbouncer=True).connection_kwargs(dsn)
