@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import tempfile
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -15,6 +16,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 import pytest
+from psycopg import pq
 
 from kitium_pg import (
     AsyncPostgresStorageAdapter,
@@ -30,6 +32,7 @@ from kitium_pg._async.migrate import _failed as _migration_failure
 from kitium_pg.errors import connection_lost
 
 from .fix_race import race_each
+from .roundtrips import count
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +263,34 @@ async def test_a_timeout_given_with_a_callers_pool_applies(dsn: str, cls: type) 
             await _call(pool.putconn(conn))
     finally:
         await _call(pool.close())
+
+
+def test_a_timeout_for_a_callers_pool_costs_nothing_on_a_replica(dsn: str) -> None:
+    """The replicas' pools are the adapter's own, with the timeout as a startup option: a
+    timeout given for a caller's primary pool must not add the per-call round trip there."""
+    pool = psycopg_pool.ConnectionPool(
+        dsn, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
+    )
+    pool.open(wait=True)
+    adapter = PostgresStorageAdapter(pool, statement_timeout_ms=3000, replica_dsn=dsn, max_size=1)
+    try:
+        adapter.connect()
+        user = adapter.create_user(email=f"{uuid.uuid4().hex}@example.com")
+        assert adapter.get_user(user.id) == user  # opens the replica's connection
+        [replica] = adapter._replicas
+        with tempfile.TemporaryFile("w+") as out:
+            with replica.connection() as conn:
+                conn.pgconn.trace(out.fileno())
+                conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+                assert conn.execute("SHOW statement_timeout").fetchone() == ("3s",)
+            assert adapter.get_user(user.id) == user
+            with replica.connection() as conn:
+                conn.pgconn.untrace()
+            out.seek(0)
+            assert count(out.read()) == 2  # the SHOW above, and the read: one round trip
+    finally:
+        adapter.disconnect()
+        pool.close()
 
 
 def test_pool_exhaustion_is_unavailable(sync_single: PostgresStorageAdapter) -> None:

@@ -109,9 +109,14 @@ class AsyncCore:
         # given with a caller's pool, whose connections the adapter did not open (without one
         # given, that pool's own settings hold).
         self._local: tuple[tuple[str, str], ...] = ()
+        # The same for reads on a replica, whose pools the adapter always opens itself: they
+        # have the timeout as a startup option unless behind PgBouncer.
+        self._replica_local: tuple[tuple[str, str], ...] = ()
         timeout_ms = self._settings.statement_timeout_ms
         if timeout_ms and (pgbouncer or (statement_timeout_ms is not None and not own_pool)):
             self._local = (("statement_timeout", str(timeout_ms)),)
+        if timeout_ms and pgbouncer:
+            self._replica_local = self._local
         self._local_applied = False
         self._observer = observer
         self._replicas: list[_Pool] = []
@@ -196,8 +201,13 @@ class AsyncCore:
                 f"{name} is set when a transaction starts and holds for all of it: set it on"
                 " the adapter before transaction(), not on the transaction",
             )
-        local = (*((k, v) for k, v in self._local if k != name), (name, value))
-        return self._view(_local=local, _local_applied=False)
+
+        def add(settings: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+            return (*((k, v) for k, v in settings if k != name), (name, value))
+
+        return self._view(
+            _local=add(self._local), _replica_local=add(self._replica_local), _local_applied=False
+        )
 
     def _view(self, **changes: Any) -> Self:
         # A shallow copy sharing the pool: used for timeout overrides and connection binding.
@@ -457,17 +467,22 @@ class AsyncCore:
         return await _fetch(cur, query, make)
 
     async def _execute_with_local(
-        self, conn: AsyncConnection[Any], query: _sql.Query, params: Mapping[str, Any], make: Make
+        self,
+        conn: AsyncConnection[Any],
+        query: _sql.Query,
+        params: Mapping[str, Any],
+        make: Make,
+        local: tuple[tuple[str, str], ...],
     ) -> Any:
         setter = self._queries["set_local_setting"]
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            for name, value in self._local:
+            for name, value in local:
                 await conn.execute(setter.sql, {"name": name, "value": value})
             return await self._execute(conn, query, params, make)
         # Outside a transaction the settings must share the statement's implicit transaction:
         # queue them all, then one Sync ends that transaction and brings back every result.
         async with conn.pipeline() as pipeline:
-            for name, value in self._local:
+            for name, value in local:
                 await conn.execute(setter.sql, {"name": name, "value": value})
             async with conn.cursor(row_factory=tuple_row) as cur:
                 await cur.execute(query.sql, params)
@@ -479,7 +494,7 @@ class AsyncCore:
     ) -> Any:
         if not self._local or self._local_applied:
             return await self._execute(conn, query, params, make)
-        return await self._execute_with_local(conn, query, params, make)
+        return await self._execute_with_local(conn, query, params, make, self._local)
 
     def _replica_order(self) -> list[int]:
         """Healthy replicas, rotating the first choice between calls."""
@@ -521,10 +536,12 @@ class AsyncCore:
             started = time.perf_counter()
             try:
                 async with self._replicas[n].connection() as conn:
-                    if not self._local:
+                    if not self._replica_local:
                         result = await self._execute(conn, query, params, make)
                     else:
-                        result = await self._execute_with_local(conn, query, params, make)
+                        result = await self._execute_with_local(
+                            conn, query, params, make, self._replica_local
+                        )
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 error = translate(exc, operation=name)
                 log_call(f"{name}@replica{n}", started, 1, error, exc)
