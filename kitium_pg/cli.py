@@ -696,11 +696,10 @@ _BATCH = click.option(
 @_BATCH
 @click.pass_obj
 def delete_expired(state: _Context, batch_size: int) -> None:
-    """Delete expired sessions (their 2FA challenges go with them), expired 2FA challenges
-    (twofa_sessions), expired SSO sessions and expired email verification tokens, in batches
-    of --batch-size rows (each batch is its own short statement, so concurrent logins are
-    not blocked), and print how many rows of each went (the challenges of deleted sessions
-    are not counted). Safe to run from cron while the application runs."""
+    """Delete expired sessions, expired 2FA challenges (twofa_sessions), expired SSO sessions
+    and expired email verification tokens, in batches of --batch-size rows (each batch is its
+    own short statement, so concurrent logins are not blocked), and print how many rows of
+    each went. Safe to run from cron while the application runs."""
     with state.storage() as storage:
         _require_migrated(state, storage, "delete-expired")
         counts: dict[str, int] = {}

@@ -68,22 +68,20 @@ RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expir
           s.created_at, s.updated_at;
 
 -- name: delete_session(id)!
--- Delete one session, expired or not; its 2FA challenges go with it (ON DELETE CASCADE).
+-- Delete one session, expired or not.
 DELETE FROM kitium_auth.sessions WHERE id = :id;
 
 -- name: delete_expired_sessions(batch_size)^
 -- Delete at most batch_size expired sessions, earliest expiry first (sessions_expires_at_idx), and
 -- return how many it deleted and how many it locked; rows another transaction has locked
 -- (another cleaner, an open update) are skipped and left for the next run, so cleaners never
--- wait on each other or on the application for a session. The batch's 2FA challenges go with it
--- (ON DELETE CASCADE, one lookup per session on twofa_sessions_session_id_idx); that cascade
--- waits for a challenge another statement holds locked (a challenge cleaner's batch), which is
--- brief. The batch is deleted by physical address (a Tid Scan): it saves a primary-key descent
--- per row (benchmarks: 1.3x the rows/s of = ANY (ARRAY(SELECT id ...)), and a third of the
--- buffer writes). A row updated after the statement began is locked in its new version, which
--- this statement's snapshot does not see: it is locked but not deleted, and the caller goes on
--- while a batch locks batch_size rows (the next statement sees that version). IN (subquery) was
--- planned as a hash semi-join over the whole table.
+-- wait on each other or on the application. The batch is deleted by physical
+-- address (a Tid Scan): it saves a primary-key descent per row (benchmarks: 1.3x the rows/s of
+-- = ANY (ARRAY(SELECT id ...)), and a third of the buffer writes). A row updated after the
+-- statement began is locked in its new version, which this statement's snapshot does not see:
+-- it is locked but not deleted, and the caller goes on while a batch locks batch_size rows (the
+-- next statement sees that version). IN (subquery) was planned as a hash semi-join over the
+-- whole table.
 WITH batch AS (
   SELECT ctid
     FROM kitium_auth.sessions
@@ -106,5 +104,5 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
  ORDER BY created_at DESC, id DESC;
 
 -- name: delete_user_sessions(user_id)!
--- Delete every session of a user, expired ones included; their 2FA challenges go with them.
+-- Delete every session of a user, expired ones included.
 DELETE FROM kitium_auth.sessions WHERE user_id = :user_id;

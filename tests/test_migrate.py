@@ -318,9 +318,7 @@ def test_0007_and_0008_up_down_up_correct_provider_types_and_restore_the_referen
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
 
 
-TWOFA_CASCADE = "0011_twofa_challenges_follow_their_session"
-TWOFA_CASCADE_VALID = "0012_validate_twofa_challenges_follow_their_session"
-SESSION_FKEY = "twofa_sessions.twofa_sessions__session_id_fkey"
+TWOFA_EXPIRY = "0011_twofa_challenges_expires_at_index"
 
 
 def _twofa_indexes(dsn: str, schema: str) -> set[str]:
@@ -332,93 +330,49 @@ def _twofa_indexes(dsn: str, schema: str) -> set[str]:
     return {r[0] for r in rows}
 
 
-def test_0011_and_0012_up_down_up_delete_orphan_challenges_and_restore_the_reference(
-    dsn: str,
-) -> None:
-    """0011 deletes the 2FA challenges whose login session is gone, one deleted by a transaction
-    still open when 0011 started included (0011 waits for it), and adds the reference
-    session_id -> sessions ON DELETE CASCADE NOT VALID (acting at once) and the index on
-    expires_at; 0012 validates the reference. Each down part gives back exactly the constraints
-    the part before it left, and migrating up again deletes the orphans made meanwhile."""
+def test_0011_up_down_up_adds_the_challenge_expiry_index(dsn: str) -> None:
+    """0011 adds the index delete_expired_two_factor_sessions takes its batches by, and nothing
+    else: no reference ties a challenge to its session (its cascade tripled the cost of purging
+    expired sessions); down drops exactly that index, and the cleanup still works without it."""
     schema = f"mig_{uuid.uuid4().hex[:10]}"
-    later = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+    past = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
     try:
         with PostgresStorageAdapter(dsn, schema=schema) as storage:
-            if _after(TWOFA_CASCADE_VALID):  # rollback refuses 0 steps
-                storage.rollback(steps=_after(TWOFA_CASCADE_VALID))
-            latest = _constraints(dsn, schema)
-            assert "FOREIGN KEY (session_id)" in latest[f"{schema}.{SESSION_FKEY}"][0]
-            assert "ON DELETE CASCADE" in latest[f"{schema}.{SESSION_FKEY}"][0]
-            assert storage.rollback(steps=2) == (TWOFA_CASCADE_VALID, TWOFA_CASCADE)
-            before = _constraints(dsn, schema)
-            assert f"{schema}.{SESSION_FKEY}" not in before
-            assert set(latest) - set(before) == {f"{schema}.{SESSION_FKEY}"}
-            assert "twofa_sessions_expires_at_idx" not in _twofa_indexes(dsn, schema)
-            assert "twofa_sessions_session_id_idx" in _twofa_indexes(dsn, schema)  # the cascade's
+            if _after(TWOFA_EXPIRY):  # 0 while it is the newest migration
+                storage.rollback(steps=_after(TWOFA_EXPIRY))
+            latest, constraints = _twofa_indexes(dsn, schema), _constraints(dsn, schema)
+            assert "twofa_sessions_expires_at_idx" in latest
+            assert storage.rollback() == (TWOFA_EXPIRY,)
+            assert _twofa_indexes(dsn, schema) == latest - {"twofa_sessions_expires_at_idx"}
+            assert _constraints(dsn, schema) == constraints
 
             user = storage.create_user()
             device = storage.create_two_factor_device(user_id=user.id, method="totp")
-
-            def challenge() -> tuple[Any, Any]:
-                session = storage.create_session(user_id=user.id, expires_at=later)
-                made = storage.create_two_factor_session(
-                    user_id=user.id,
-                    session_id=session.id,
-                    device_id=device.id,
-                    method="totp",
-                    expires_at=later,
-                )
-                return session, made
-
-            # Rows 0010 allowed: challenges left behind by their session's delete.
-            ended, orphan = challenge()
-            assert storage.delete_session(ended.id) is True
-            assert storage.get_two_factor_session(orphan.id) == orphan
-            live, kept = challenge()
-            late_session, late = challenge()
-            delete = f"DELETE FROM {schema}.sessions WHERE id = %s"
-            with committed_later(dsn, delete, [(late_session.id,)]):
-                assert _migrate_through(storage, TWOFA_CASCADE) == (TWOFA_CASCADE,)
-            assert storage.get_two_factor_session(orphan.id) is None
-            assert storage.get_two_factor_session(late.id) is None
-            assert storage.get_two_factor_session(kept.id) == kept
-            unvalidated = _constraints(dsn, schema)
-            assert unvalidated == {
-                name: (definition + " NOT VALID", False)
-                if name == f"{schema}.{SESSION_FKEY}"
-                else (definition, valid)
-                for name, (definition, valid) in latest.items()
-            }
-            assert "twofa_sessions_expires_at_idx" in _twofa_indexes(dsn, schema)
-            # Not yet validated, the reference already acts: the challenge goes with its session.
-            assert storage.delete_session(live.id) is True
-            assert storage.get_two_factor_session(kept.id) is None
-
-            assert _migrate_through(storage, TWOFA_CASCADE_VALID) == (TWOFA_CASCADE_VALID,)
-            assert _constraints(dsn, schema) == latest
-            assert storage.rollback() == (TWOFA_CASCADE_VALID,)
-            assert _constraints(dsn, schema) == unvalidated
-            assert storage.rollback() == (TWOFA_CASCADE,)
-            assert _constraints(dsn, schema) == before
-            assert "twofa_sessions_expires_at_idx" not in _twofa_indexes(dsn, schema)
-
-            # Down again, a session's delete leaves its challenge behind; up again deletes it.
-            ended, orphan = challenge()
-            assert storage.delete_session(ended.id) is True
-            assert storage.get_two_factor_session(orphan.id) == orphan
-            assert _migrate_through(storage, TWOFA_CASCADE_VALID) == (
-                TWOFA_CASCADE,
-                TWOFA_CASCADE_VALID,
+            session = storage.create_session(
+                user_id=user.id, expires_at=dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
             )
-            assert storage.get_two_factor_session(orphan.id) is None
-            assert _constraints(dsn, schema) == latest
-            assert "twofa_sessions_expires_at_idx" in _twofa_indexes(dsn, schema)
+            challenge = storage.create_two_factor_session(
+                user_id=user.id,
+                session_id=session.id,
+                device_id=device.id,
+                method="totp",
+                expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+            )
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(
+                    f"UPDATE {schema}.twofa_sessions SET expires_at = %s WHERE id = %s".encode(),
+                    [past, challenge.id],
+                )
+            assert storage.delete_expired_two_factor_sessions() == 1
+            assert _migrate_through(storage, TWOFA_EXPIRY) == (TWOFA_EXPIRY,)
+            assert _twofa_indexes(dsn, schema) == latest
+            assert _constraints(dsn, schema) == constraints
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
 
 
-SSO_LOGOUT = "0013_sso_session_logout_indexes"
+SSO_LOGOUT = "0012_sso_session_logout_indexes"
 SSO_LOGOUT_INDEXES = {
     "sso_sessions_provider_id_provider_subject_idx": "(provider_id, provider_subject)",
     "sso_sessions_provider_id_session_token_hash_idx": (
@@ -451,9 +405,9 @@ def _plan(dsn: str, schema: str, query: str, params: dict[str, Any]) -> str:
     return "\n".join(row[0] for row in rows)
 
 
-def test_0013_up_down_up_adds_the_sso_logout_indexes(dsn: str) -> None:
-    """0013 adds the indexes that serve single logout, by subject and by session token, and
-    keeps sso_sessions_provider_id_idx; its down part drops exactly those two, after which the
+def test_0012_up_down_up_adds_the_sso_logout_indexes(dsn: str) -> None:
+    """0012 adds the indexes that serve single logout, by subject and by session token, and
+    keeps sso_sessions_provider_id_idx; its down part drops exactly those three, after which the
     logout methods still work (reading more rows); up again restores them."""
     schema = f"mig_{uuid.uuid4().hex[:10]}"
     try:

@@ -27,7 +27,6 @@ from kitium_pg.records import (
     User,
 )
 
-from .fix_holder import committed_later
 from .fix_race import race
 
 RACERS = 32
@@ -738,8 +737,8 @@ async def test_a_challenge_belongs_to_one_of_the_users_sessions_and_ends_with_it
     storage: Any, email: str
 ) -> None:
     """Another user's session, or none at all, is refused (nothing written); and once the login
-    session is gone ("log out everywhere", a password reset), its challenges are gone with it:
-    they can no longer be counted, verified or completed."""
+    session is gone ("log out everywhere", a password reset), its pending challenges can no
+    longer be counted, verified or completed."""
     user = await _user(storage, email)
     other = await _user(storage, f"other-{email}")
     device = await _device(storage, user)
@@ -754,8 +753,7 @@ async def test_a_challenge_belongs_to_one_of_the_users_sessions_and_ends_with_it
     assert await storage.increment_two_factor_attempts(totp.id) is None
     assert await storage.complete_two_factor_session(totp.id) is False
     assert await storage.verify_two_factor_session(texted.id, _hash("9")) is None
-    assert await storage.get_two_factor_session(totp.id) is None  # deleted with the session
-    assert await storage.get_two_factor_session(texted.id) is None
+    assert await storage.get_two_factor_session(texted.id) == texted  # unchanged, goes on expiry
 
 
 async def test_a_challenge_ends_when_its_session_expires(
@@ -780,46 +778,6 @@ async def test_a_challenge_ends_when_its_session_expires(
     assert await storage.increment_two_factor_attempts(texted.id) is None
     assert await storage.complete_two_factor_session(texted.id) is False
     assert await storage.get_two_factor_session(texted.id) == texted
-
-
-async def test_deleting_a_session_deletes_its_challenges(storage: Any, email: str) -> None:
-    """A challenge holds the digest of the code sent by SMS or email: it must not outlive its
-    login session (it could never be verified again, and nothing else would delete it)."""
-    user = await _user(storage, email)
-    device = await _device(storage, user)
-    ended = await storage.create_session(user_id=user.id, expires_at=_in(minutes=5))
-    kept = await storage.create_session(user_id=user.id, expires_at=_in(minutes=5))
-    texted = await _challenge(
-        storage, user, device=device, session_id=ended.id, method="sms", code_hash=_hash("1")
-    )
-    completed = await _challenge(storage, user, device=device, session_id=ended.id)
-    assert await storage.complete_two_factor_session(completed.id) is True
-    other = await _challenge(storage, user, device=device, session_id=kept.id)
-    assert await storage.delete_session(ended.id) is True
-    assert await storage.get_two_factor_session(texted.id) is None
-    assert await storage.get_two_factor_session(completed.id) is None
-    assert await storage.get_two_factor_session(other.id) == other  # another session's
-
-
-async def test_delete_expired_sessions_deletes_their_challenges(
-    storage: Any, email: str, dsn: str
-) -> None:
-    user = await _user(storage, email)
-    device = await _device(storage, user)
-    ending = await storage.create_session(user_id=user.id, expires_at=_in(minutes=5))
-    live = await storage.create_session(user_id=user.id, expires_at=_in(minutes=5))
-    gone = await _challenge(storage, user, device=device, session_id=ending.id)
-    kept = await _challenge(storage, user, device=device, session_id=live.id)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "UPDATE kitium_auth.sessions SET expires_at = now() - interval '1 second'"
-            " WHERE id = %s",
-            [ending.id],
-        )
-    assert await storage.delete_expired_sessions(batch_size=1) >= 1  # others' expired rows too
-    assert await storage.delete_session(ending.id) is False  # the session went
-    assert await storage.get_two_factor_session(gone.id) is None  # and its challenge with it
-    assert await storage.get_two_factor_session(kept.id) == kept
 
 
 async def test_delete_expired_two_factor_sessions_deletes_only_expired_challenges(
@@ -901,22 +859,6 @@ async def test_delete_two_factor_session_cancels_a_challenge(storage: Any, email
     assert await storage.get_session(session.id) == session  # the login session stays
     for bad in ("nope", "", "x" * 10_000, 42, None, uuid.uuid4()):
         assert await storage.delete_two_factor_session(bad) is False
-
-
-async def test_a_challenge_for_a_session_deleted_meanwhile_is_not_found(
-    storage: Any, email: str, dsn: str
-) -> None:
-    """The session's delete, by a transaction still open when the challenge is written, commits
-    while the insert waits for it: the insert is refused (the reference names itself), rather
-    than leaving a challenge no session will ever delete."""
-    user = await _user(storage, email)
-    device = await _device(storage, user)
-    session = await storage.create_session(user_id=user.id, expires_at=_in(minutes=5))
-    delete = "DELETE FROM kitium_auth.sessions WHERE id = %s"
-    with committed_later(dsn, delete, [(session.id,)]), pytest.raises(NotFoundError) as caught:
-        await _challenge(storage, user, device=device, session_id=session.id)
-    assert "twofa_sessions__session_id_fkey" in str(caught.value)
-    assert await storage.delete_session(session.id) is False
 
 
 class _Fake:

@@ -278,12 +278,10 @@ class AsyncTwoFactor(AsyncCore):
         ``max_attempts`` is 1 to 100. Raises ``ValidationError`` for bad input and
         ``NotFoundError`` when the user or device does not exist, the device is not the user's
         (``twofa_sessions__device_owner_fkey``), or ``session_id`` is not one of the user's
-        unexpired sessions (``twofa_sessions__session_id_fkey`` is named instead when the
-        session's delete commits while the challenge is being written). The challenge lives
-        only as long as that session: once the session expires it can no longer be counted,
-        verified or completed, and deleting the session (``delete_session``,
-        ``delete_user_sessions``, ``delete_expired_sessions``, or the delete of its user or
-        organization) deletes the challenge with it. Retried on transient failures: the id is
+        unexpired sessions. The challenge lives only as long as that session: once it expires
+        or is deleted (``delete_session``, ``delete_user_sessions``), the challenge can no
+        longer be counted, verified or completed; its row goes when it expires itself
+        (``delete_expired_two_factor_sessions``). Retried on transient failures: the id is
         generated before the first attempt, so a retry returns the same row.
         """
         params = {
@@ -383,8 +381,8 @@ class AsyncTwoFactor(AsyncCore):
         completed or not, and return how many were deleted.
 
         A challenge that has not expired stays, even when completed (a retried
-        ``complete_two_factor_session`` must still find it). Challenges of deleted sessions are
-        already gone with their session, and not counted here. Runs one short statement per
+        ``complete_two_factor_session`` must still find it), or when its session was deleted
+        (it can no longer be used, and goes once it expires). Runs one short statement per
         ``batch_size`` rows (earliest expiry first) so locks stay brief on a large table. Rows
         another transaction holds locked at that moment (another cleaner, a verification under
         way) are skipped rather than waited for, and left for the next run. Each batch is

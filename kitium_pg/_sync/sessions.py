@@ -102,8 +102,7 @@ class Sessions(Core):
         return session
 
     def delete_session(self, id: uuid.UUID | str) -> bool:
-        """Delete a session (expired or not) and its 2FA challenges; ``True`` if a row was
-        deleted.
+        """Delete a session (expired or not); ``True`` if a row was deleted.
 
         Idempotent: deleting a missing session (or a malformed id) returns ``False``. Retried on
         transient failures, since deleting twice leaves the same state (a retry after a lost
@@ -117,8 +116,7 @@ class Sessions(Core):
     def delete_expired_sessions(
         self, *, batch_size: int = 1000, progress: Callable[[int], None] | None = None
     ) -> int:
-        """Delete the expired sessions, with their 2FA challenges, and return how many sessions
-        were deleted.
+        """Delete the expired sessions and return how many were deleted.
 
         Runs one short statement per ``batch_size`` rows (earliest expiry first) so locks stay
         brief on a large table. Rows another transaction holds locked at that moment (another
@@ -140,9 +138,8 @@ class Sessions(Core):
         return self._many("list_user_sessions", {"user_id": parsed}, Session, retry=Retry.SAFE)
 
     def delete_user_sessions(self, user_id: uuid.UUID | str) -> int:
-        """Delete every session of a user, expired ones included, with their 2FA challenges
-        ("log out everywhere"); returns how many sessions were deleted (0 for an unknown or
-        malformed id).
+        """Delete every session of a user, expired ones included ("log out everywhere"); returns
+        how many rows were deleted (0 for an unknown or malformed id).
 
         Retried on transient failures, since deleting twice leaves the same state (a retry after
         a lost acknowledgement may report a lower count than the first attempt deleted).
