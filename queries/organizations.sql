@@ -92,6 +92,13 @@ RETURNING m.user_id, m.role, m.joined_at;
 -- Remove a user from an organization.
 DELETE FROM kitium_auth.organization_members WHERE org_id = :org_id AND user_id = :user_id;
 
+-- name: get_organization_member(org_id, user_id)^
+-- One membership: whether the user belongs to the organization, and with which role (served by
+-- the primary key).
+SELECT user_id, role, joined_at
+  FROM kitium_auth.organization_members
+ WHERE org_id = :org_id AND user_id = :user_id;
+
 -- name: list_organization_members(org_id)
 -- The members of one organization in join order (served by the primary key).
 SELECT user_id, role, joined_at

@@ -103,6 +103,9 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
  WHERE user_id = :user_id AND expires_at > statement_timestamp()
  ORDER BY created_at DESC, id DESC;
 
--- name: delete_user_sessions(user_id)!
--- Delete every session of a user, expired ones included.
-DELETE FROM kitium_auth.sessions WHERE user_id = :user_id;
+-- name: delete_user_sessions(user_id, except_session_id)!
+-- Delete every session of a user, expired ones included, but the one except_session_id names
+-- when it is not NULL ("sign out other devices"; served by sessions_user_id_idx).
+DELETE FROM kitium_auth.sessions
+ WHERE user_id = :user_id
+   AND (:except_session_id::uuid IS NULL OR id <> :except_session_id);

@@ -1496,7 +1496,12 @@ def _spec_table() -> dict[str, Spec]:
         "delete_expired_sessions": Spec(params=BATCH, writes=True),
         "list_user_sessions": reader("user_id", "user"),
         "delete_user_sessions": Spec(
-            params={"user_id": uuid_arg("fresh_user", "random")}, lenient=True, writes=True
+            params={
+                "user_id": uuid_arg("fresh_user", "random"),
+                "except_session_id": uuid_arg("session", "random", optional=True),
+            },
+            lenient=True,
+            writes=True,
         ),
         "validate_session_token": Spec(
             params={
@@ -1603,6 +1608,10 @@ def _spec_table() -> dict[str, Spec]:
             writes=True,
         ),
         "list_organization_members": reader("org_id", "org"),
+        "get_organization_member": Spec(
+            params={"org_id": uuid_arg("org", "random"), "user_id": uuid_arg("user", "random")},
+            lenient=True,
+        ),
         "list_user_organizations": reader("user_id", "user"),
         # -- email verification ----------------------------------------------------------------
         "create_email_verification_token": Spec(

@@ -179,6 +179,27 @@ async def test_add_member_upserts_the_role(storage: Any, email: str) -> None:
     assert (await storage.get_organization(org.id)).members == (promoted,)
 
 
+async def test_get_organization_member_is_one_membership(
+    storage: Any, email: str, unique: Callable[[str], str]
+) -> None:
+    """The per-request membership check reads one row, not the organization's member list."""
+    user = await storage.create_user(email=email)
+    stranger = await storage.create_user(email=unique("stranger") + "@example.com")
+    org = await storage.create_organization(name="Club", plan="free")
+    other = await storage.create_organization(name="Other", plan="free")
+    admin = await storage.add_organization_member(org.id, user.id, role="admin")
+    await storage.add_organization_member(other.id, stranger.id)
+    assert await storage.get_organization_member(org.id, user.id) == admin
+    assert await storage.get_organization_member(str(org.id), str(user.id).upper()) == admin
+    assert await storage.get_organization_member(org.id, stranger.id) is None
+    assert await storage.get_organization_member(other.id, user.id) is None
+    for bad in ("nope", "", 42, None):
+        assert await storage.get_organization_member(bad, user.id) is None
+        assert await storage.get_organization_member(org.id, bad) is None
+    assert await storage.remove_organization_member(org.id, user.id) is True
+    assert await storage.get_organization_member(org.id, user.id) is None
+
+
 async def test_add_member_to_unknown_org_or_user(storage: Any, email: str) -> None:
     user = await storage.create_user(email=email)
     org = await storage.create_organization(name="Strict", plan="free")

@@ -185,6 +185,7 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
         ),
         ("add_organization_member", lambda: s.add_organization_member(org(), user(), role="admin")),
         ("list_organization_members", lambda: s.list_organization_members(org())),
+        ("get_organization_member", lambda: s.get_organization_member(org(), user())),
         ("list_user_organizations", lambda: s.list_user_organizations(user())),
         # rbac
         (

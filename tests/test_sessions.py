@@ -391,6 +391,25 @@ async def test_delete_user_sessions_logs_out_everywhere(storage: Any, email: str
     assert await storage.get_session(theirs.id) == theirs
 
 
+async def test_delete_user_sessions_can_keep_the_current_one(storage: Any, email: str) -> None:
+    """ "Sign out other devices": every session of the user but the one the request came with;
+    a malformed id to keep is refused rather than taken as "keep none"."""
+    user = await storage.create_user(email=email)
+    other = await storage.create_user(email="other-" + email)
+    current = await storage.create_session(user_id=user.id, expires_at=later(hours=1))
+    for expires in (later(hours=2), earlier(hours=1)):
+        await storage.create_session(user_id=user.id, expires_at=expires)
+    theirs = await storage.create_session(user_id=other.id, expires_at=later(hours=1))
+    with pytest.raises(ValidationError) as refused:
+        await storage.delete_user_sessions(user.id, except_session_id="current")
+    assert refused.value.field == "except_session_id"
+    assert len(await storage.list_user_sessions(user.id)) == 2  # nothing deleted
+    assert await storage.delete_user_sessions(user.id, except_session_id=str(current.id)) == 2
+    assert await storage.list_user_sessions(user.id) == [current]
+    assert await storage.delete_user_sessions(user.id, except_session_id=theirs.id) == 1
+    assert await storage.get_session(theirs.id) == theirs
+
+
 async def test_deleting_the_user_deletes_its_sessions(storage: Any, email: str) -> None:
     user = await storage.create_user(email=email)
     session = await storage.create_session(user_id=user.id, expires_at=later(hours=1))

@@ -137,17 +137,24 @@ class AsyncSessions(AsyncCore):
             "list_user_sessions", {"user_id": parsed}, Session, retry=Retry.SAFE
         )
 
-    async def delete_user_sessions(self, user_id: uuid.UUID | str) -> int:
-        """Delete every session of a user, expired ones included ("log out everywhere"); returns
-        how many rows were deleted (0 for an unknown or malformed id).
+    async def delete_user_sessions(
+        self, user_id: uuid.UUID | str, *, except_session_id: uuid.UUID | str | None = None
+    ) -> int:
+        """Delete every session of a user, expired ones included ("log out everywhere"), or
+        every one but ``except_session_id`` ("sign out other devices": the session the request
+        came with stays); returns how many rows were deleted (0 for an unknown or malformed
+        ``user_id``). Raises ``ValidationError`` for a malformed ``except_session_id``, rather
+        than delete the session it meant to keep.
 
         Retried on transient failures, since deleting twice leaves the same state (a retry after
         a lost acknowledgement may report a lower count than the first attempt deleted).
         """
+        keep = v.opt_uuid_arg("except_session_id", except_session_id)
         parsed = v.parse_uuid(user_id)
         if parsed is None:
             return 0
-        return await self._exec("delete_user_sessions", {"user_id": parsed}, retry=Retry.SAFE)
+        params = {"user_id": parsed, "except_session_id": keep}
+        return await self._exec("delete_user_sessions", params, retry=Retry.SAFE)
 
 
 def _session_insert(

@@ -183,6 +183,22 @@ class Organizations(Core):
         params = {"org_id": parsed_org, "user_id": parsed_user}
         return self._exec("remove_organization_member", params, retry=Retry.SAFE) > 0
 
+    def get_organization_member(
+        self, org_id: uuid.UUID | str, user_id: uuid.UUID | str
+    ) -> OrganizationMember | None:
+        """The user's membership of the organization (its role and when it joined), or ``None``
+        (not a member, or a malformed id): the per-request membership check, one primary-key
+        lookup however large the organization."""
+        org, user = v.parse_uuid(org_id), v.parse_uuid(user_id)
+        if org is None or user is None:
+            return None
+        return self._one(
+            "get_organization_member",
+            {"org_id": org, "user_id": user},
+            OrganizationMember,
+            retry=Retry.SAFE,
+        )
+
     def list_organization_members(self, org_id: uuid.UUID | str) -> list[OrganizationMember]:
         """The members of an organization in join order (empty for an unknown or malformed
         id)."""
