@@ -68,6 +68,17 @@ SELECT false AS consumed, id, email, code_hash, type, user_id, metadata, expires
  WHERE id = :id AND NOT EXISTS (SELECT 1 FROM consumed)
  LIMIT 1;
 
+-- name: revoke_email_verification_tokens(email, type)!
+-- Mark every unused, unexpired token of one email (any letter case), only those of type when it
+-- is not NULL, as used, so that none can be consumed any more (a new reset link revokes the
+-- earlier ones; served by email_verification_tokens_email_idx).
+UPDATE kitium_auth.email_verification_tokens
+   SET used_at = statement_timestamp()
+ WHERE lower(email) = lower(:email)
+   AND (:type::text IS NULL OR type = :type)
+   AND used_at IS NULL
+   AND expires_at > statement_timestamp();
+
 -- name: delete_expired_email_verification_tokens(batch_size)!
 -- Delete up to batch_size expired tokens (oldest expiry first, served by
 -- email_verification_tokens_expires_at_idx); rows locked by another caller are skipped.

@@ -121,6 +121,34 @@ async def test_mark_as_used_consumes_once(storage: Any, email: str) -> None:
     assert await storage.get_email_verification_token_by_id(token.id) == used
 
 
+async def test_revoke_makes_every_pending_token_of_an_email_unusable(
+    storage: Any, email: str
+) -> None:
+    """A new reset link revokes the earlier ones: one statement marks them used, whatever the
+    letter case they were issued under; other types, other emails and used tokens stay."""
+    resets = [
+        await _token(storage, email, type="password_reset"),
+        await _token(storage, email.upper(), type="password_reset"),
+    ]
+    verify = await _token(storage, email)
+    other = await _token(storage, "other-" + email, type="password_reset")
+    used = await _token(storage, email, type="password_reset")
+    await storage.mark_email_verification_token_as_used(used.id)
+    expired = await _token(storage, email, type="password_reset", expires_at=_in(seconds=-1))
+    assert await storage.revoke_email_verification_tokens(email.upper(), "password_reset") == 2
+    for token in resets:
+        with pytest.raises(ConflictError):
+            await storage.mark_email_verification_token_as_used(token.id)
+    assert (await storage.mark_email_verification_token_as_used(verify.id)).id == verify.id
+    assert (await storage.mark_email_verification_token_as_used(other.id)).id == other.id
+    assert (await storage.get_email_verification_token_by_id(expired.id)).used_at is None
+    assert await storage.revoke_email_verification_tokens(email) == 0  # nothing left pending
+    assert await storage.revoke_email_verification_tokens("not an email") == 0
+    with pytest.raises(ValidationError) as refused:
+        await storage.revoke_email_verification_tokens(email, "Password Reset")
+    assert refused.value.field == "type"
+
+
 async def test_expired_token_cannot_be_used(storage: Any, email: str) -> None:
     token = await _token(storage, email, expires_at=_in(seconds=-1))
     with pytest.raises(ConflictError):

@@ -1631,6 +1631,11 @@ def _spec_table() -> dict[str, Spec]:
             lenient=True,
         ),
         "get_email_verification_token_by_id": reader("id", "email_token"),
+        "revoke_email_verification_tokens": Spec(
+            params={"email": email_arg(), "type": identifier_arg(64, optional=True)},
+            lenient=True,
+            writes=True,
+        ),
         "mark_email_verification_token_as_used": Spec(
             params=_id("fresh_email_token", "email_token"), writes=True, check=check_used
         ),

@@ -263,6 +263,10 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
         ),
         ("get_email_verification_tokens", lambda: s.get_email_verification_tokens(email)),
         (
+            "revoke_email_verification_tokens",
+            lambda: s.revoke_email_verification_tokens(email, "password_reset"),
+        ),
+        (
             "get_email_verification_tokens[type]",
             lambda: s.get_email_verification_tokens(email, "email_verification"),
         ),

@@ -87,6 +87,21 @@ class EmailVerification(Core):
             retry=Retry.SAFE,
         )
 
+    def revoke_email_verification_tokens(self, email: str, type: str | None = None) -> int:
+        """Mark every unused, unexpired token of ``email`` (any letter case) as used, only those
+        of ``type`` when given, so that none of them can be consumed any more; returns how many
+        were revoked (0 for a malformed email). For "a new link revokes the earlier ones": call
+        it before creating the new token. One statement: a token created by another call after
+        it is not revoked. Raises ``ValidationError`` for a malformed ``type``. Retried on
+        transient failures (revoking twice leaves the same state; a retry after a lost
+        acknowledgement may report a lower count)."""
+        checked_type = None if type is None else v.identifier("type", type)
+        key = v.lookup_email(email)
+        if key is None:
+            return 0
+        params = {"email": key, "type": checked_type}
+        return self._exec("revoke_email_verification_tokens", params, retry=Retry.SAFE)
+
     def get_email_verification_token_by_id(
         self, id: uuid.UUID | str
     ) -> EmailVerificationToken | None:
