@@ -46,35 +46,53 @@ SELECT count(*) + CASE
        END
   FROM inserted;
 
--- name: list_events_by_principal(principal_id, org_id, type, after_ts, after_id, page_size)
--- One page of a principal's events, newest first, optionally also filtered by org and type.
+-- name: list_events_by_principal(principal_id, org_id, type, after_ts, after_id, since, until, page_size)
+-- One page of a principal's events, newest first, optionally also filtered by org and type,
+-- within [since, until) when given (until starts the first page; since ends the index scan).
 SELECT id, type, principal_id, org_id, data, "timestamp"
   FROM kitium_auth.auth_events
  WHERE principal_id = :principal_id
-   AND ("timestamp", id) < (coalesce(:after_ts::timestamptz, 'infinity'::timestamptz),
-                            coalesce(:after_id::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+   AND ("timestamp", id) < (coalesce(:after_ts::timestamptz, :until::timestamptz,
+                                     'infinity'::timestamptz),
+                            coalesce(:after_id::uuid,
+                                     CASE WHEN :until::timestamptz IS NULL
+                                          THEN 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid
+                                          ELSE '00000000-0000-0000-0000-000000000000'::uuid END))
+   AND "timestamp" >= coalesce(:since::timestamptz, '-infinity'::timestamptz)
    AND (:org_id::text IS NULL OR org_id = :org_id)
    AND (:type::text IS NULL OR type = :type)
  ORDER BY "timestamp" DESC, id DESC
  LIMIT :page_size;
 
--- name: list_events_by_org(org_id, type, after_ts, after_id, page_size)
--- One page of an organization's events, newest first, optionally filtered by type.
+-- name: list_events_by_org(org_id, type, after_ts, after_id, since, until, page_size)
+-- One page of an organization's events, newest first, optionally filtered by type, within
+-- [since, until) when given.
 SELECT id, type, principal_id, org_id, data, "timestamp"
   FROM kitium_auth.auth_events
  WHERE org_id = :org_id
-   AND ("timestamp", id) < (coalesce(:after_ts::timestamptz, 'infinity'::timestamptz),
-                            coalesce(:after_id::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+   AND ("timestamp", id) < (coalesce(:after_ts::timestamptz, :until::timestamptz,
+                                     'infinity'::timestamptz),
+                            coalesce(:after_id::uuid,
+                                     CASE WHEN :until::timestamptz IS NULL
+                                          THEN 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid
+                                          ELSE '00000000-0000-0000-0000-000000000000'::uuid END))
+   AND "timestamp" >= coalesce(:since::timestamptz, '-infinity'::timestamptz)
    AND (:type::text IS NULL OR type = :type)
  ORDER BY "timestamp" DESC, id DESC
  LIMIT :page_size;
 
--- name: list_events_all(type, after_ts, after_id, page_size)
--- One page of all events, newest first, optionally filtered by type.
+-- name: list_events_all(type, after_ts, after_id, since, until, page_size)
+-- One page of all events, newest first, optionally filtered by type, within [since, until)
+-- when given.
 SELECT id, type, principal_id, org_id, data, "timestamp"
   FROM kitium_auth.auth_events
- WHERE ("timestamp", id) < (coalesce(:after_ts::timestamptz, 'infinity'::timestamptz),
-                            coalesce(:after_id::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+ WHERE ("timestamp", id) < (coalesce(:after_ts::timestamptz, :until::timestamptz,
+                                     'infinity'::timestamptz),
+                            coalesce(:after_id::uuid,
+                                     CASE WHEN :until::timestamptz IS NULL
+                                          THEN 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid
+                                          ELSE '00000000-0000-0000-0000-000000000000'::uuid END))
+   AND "timestamp" >= coalesce(:since::timestamptz, '-infinity'::timestamptz)
    AND (:type::text IS NULL OR type = :type)
  ORDER BY "timestamp" DESC, id DESC
  LIMIT :page_size;

@@ -437,6 +437,38 @@ async def test_exact_multiple_of_the_limit_ends_without_an_empty_page(
     assert [p.events[0] for p in one] == [e for p in pages for e in p.events]
 
 
+async def test_a_time_window_pages_only_its_events(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """since (inclusive) and until (exclusive) keep one window, newest first, paged by keyset
+    with the same window; every filter takes it."""
+    principal, org = unique("p"), unique("o")
+    start = dt.datetime(2031, 3, 1, tzinfo=dt.UTC)
+    at = [start + dt.timedelta(days=n) for n in range(-2, 33)]  # Feb 27 .. Apr 2
+    await storage.emit_events(
+        [
+            {"type": "login", "principal_id": principal, "org_id": org, "data": {}, "timestamp": t}
+            for t in at
+        ]
+    )
+    since, until = start, dt.datetime(2031, 4, 1, tzinfo=dt.UTC)
+    march = sorted((t for t in at if since <= t < until), reverse=True)
+    assert len(march) == 31
+    for filters in ({"principal_id": principal}, {"org_id": org}, {"type": "login"}, {}):
+        pages = await all_pages(storage, 7, since=since, until=until, **filters)
+        got = [e.timestamp for p in pages for e in p.events if e.principal_id == principal]
+        assert got == march, filters
+    only_since = await all_pages(storage, 50, principal_id=principal, since=until)
+    assert [e.timestamp for p in only_since for e in p.events] == [at[-1], at[-2]]
+    only_until = await all_pages(storage, 50, principal_id=principal, until=since)
+    assert [e.timestamp for p in only_until for e in p.events] == [at[1], at[0]]
+    empty = await storage.list_events(principal_id=principal, since=until, until=since)
+    assert empty.events == () and empty.next_cursor is None
+    with pytest.raises(ValidationError) as refused:
+        await storage.list_events(principal_id=principal, since=dt.datetime(2031, 3, 1))
+    assert refused.value.field == "since"
+
+
 async def test_events_emitted_while_paging_do_not_shift_later_pages(
     storage: Any, unique: Callable[[str], str]
 ) -> None:

@@ -36,6 +36,7 @@ import json
 import math
 import re
 import secrets
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -145,8 +146,21 @@ def classify_text(
 
 
 def is_email(value: str) -> bool:
+    """The adapter's rule, written apart: in NFC, an ``@`` with text on both sides, no trailing
+    dot on the domain, no whitespace, control or format character, and no letter whose
+    lowercase is ASCII (``İ``)."""
+    value = unicodedata.normalize("NFC", value)
     local, at, domain = value.rpartition("@")
-    return bool(at and local and domain) and not any(c.isspace() for c in value)
+    return (
+        bool(at and local and domain)
+        and not domain.endswith(".")
+        and not any(
+            c.isspace()
+            or unicodedata.category(c) in ("Cc", "Cf")
+            or (not c.isascii() and c.lower()[0].isascii())
+            for c in value
+        )
+    )
 
 
 _IDENT = re.compile(r"[a-z0-9_.:-]+")
@@ -1668,6 +1682,8 @@ def _spec_table() -> dict[str, Spec]:
                 "principal_id": textid_arg(optional=True),
                 "org_id": textid_arg(optional=True),
                 "type": text_arg(255, optional=True),
+                "since": time_arg(optional=True),
+                "until": time_arg(optional=True),
                 "after": cursor_arg(),
                 "limit": int_arg(1, 1000),
             },

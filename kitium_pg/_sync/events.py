@@ -129,13 +129,18 @@ class Events(Core):
         principal_id: str | uuid.UUID | None = None,
         org_id: str | uuid.UUID | None = None,
         type: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
         after: str | None = None,
         limit: int = 100,
     ) -> EventPage:
         """One page of events, newest first (by ``timestamp``, then id).
 
         Filters combine: ``principal_id`` and ``org_id`` together give that principal's events in
-        that organization; ``type`` narrows any of them. ``after`` is the ``next_cursor`` of the
+        that organization; ``type`` narrows any of them; ``since`` (inclusive) and ``until``
+        (exclusive), timezone-aware, keep the events of that window, read by the index from
+        ``until`` down (an audit of last March does not page through everything newer); pass
+        the same window with each page's ``after``. ``after`` is the ``next_cursor`` of the
         previous page (an opaque string); the page after the last one is empty and its
         ``next_cursor`` is ``None``. Pages are read by keyset, so events emitted meanwhile never
         shift later pages (no duplicates, no gaps). ``limit`` is 1 to 1000. Raises
@@ -149,6 +154,8 @@ class Events(Core):
             "type": v.opt_text("type", type),
             "after_ts": after_ts,
             "after_id": after_id,
+            "since": v.opt_timestamp("since", since),
+            "until": v.opt_timestamp("until", until),
             "page_size": page_size + 1,
         }
         if principal is not None:
