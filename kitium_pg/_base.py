@@ -329,12 +329,12 @@ class Settings:
 
         What the DSN itself sets is kept: its ``options`` (else ``PGOPTIONS``) come first (the
         adapter's ``statement_timeout``, ``TimeZone`` and isolation level follow and win for
-        those), and its ``application_name`` wins over the adapter's. Keyword arguments replace
-        DSN parameters in psycopg, so a DSN made read-only with ``options=-c
-        default_transaction_read_only=on`` wrote, and one carrying a ``lock_timeout`` or a
-        proxy's ``endpoint`` lost it. The ``options`` of a ``pg_service.conf`` service are still
-        replaced: write them into the DSN or ``PGOPTIONS``. ``connect_timeout`` stays the
-        adapter's: the pool's waits follow it too.
+        those), and its ``application_name`` (else ``PGAPPNAME``'s) wins over the adapter's.
+        Keyword arguments replace DSN parameters in psycopg, so a DSN made read-only with
+        ``options=-c default_transaction_read_only=on`` wrote, and one carrying a
+        ``lock_timeout`` or a proxy's ``endpoint`` lost it. The ``options`` of a
+        ``pg_service.conf`` service are still replaced: write them into the DSN or
+        ``PGOPTIONS``. ``connect_timeout`` stays the adapter's: the pool's waits follow it too.
 
         Behind PgBouncer in transaction pooling mode (``pgbouncer=True``) a server connection
         is shared between clients, so nothing may depend on session state: no startup
@@ -349,8 +349,8 @@ class Settings:
             "connect_timeout": max(1, round(self.connect_timeout)),
             "prepare_threshold": self.prepare_threshold,
         }
-        if "application_name" not in given:
-            kwargs["application_name"] = self.application_name
+        # A fallback: the application_name of the DSN, PGAPPNAME or a service file wins.
+        kwargs["fallback_application_name"] = self.application_name
         if self.pgbouncer:
             kwargs["prepare_threshold"] = None
         else:

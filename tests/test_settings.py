@@ -183,3 +183,11 @@ def test_the_dsns_options_else_pgoptions_come_before_the_adapters(
     dsn = "dbname=x options='-c search_path=a'"
     assert build().connection_kwargs(dsn)["options"] == f"-c search_path=a {ours}"
     assert "options" not in build(pgbouncer=True).connection_kwargs(dsn)
+
+
+def test_the_adapters_application_name_is_a_fallback() -> None:
+    """libpq uses fallback_application_name only when neither the DSN, PGAPPNAME nor a service
+    file names the application: the adapter's name must not replace theirs."""
+    kwargs = build(application_name="billing").connection_kwargs("dbname=x")
+    assert kwargs["fallback_application_name"] == "billing"
+    assert "application_name" not in kwargs
