@@ -55,6 +55,7 @@ from typing import Any, Final, TextIO
 
 import psycopg
 import psycopg_pool
+from psycopg.conninfo import make_conninfo
 
 from . import _sql
 from ._async.adapter import AsyncPostgresStorageAdapter
@@ -878,9 +879,12 @@ def _run(
         }
 
     stop = threading.Event()
-    storage = PostgresStorageAdapter(dsn, **adapter_kwargs(sync_pool))
+    # The faults find this run's backends by name: in the DSN itself, since the adapter's
+    # application_name gives way to one the DSN or PGAPPNAME sets.
+    named = make_conninfo(dsn, application_name=app_name)
+    storage = PostgresStorageAdapter(named, **adapter_kwargs(sync_pool))
     storage.connect(migrate=False)
-    async_side = AsyncSide(dsn, async_workers, adapter_kwargs(async_pool), stop)
+    async_side = AsyncSide(named, async_workers, adapter_kwargs(async_pool), stop)
     injector = Injector(
         dsn,
         server,

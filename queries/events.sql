@@ -52,12 +52,9 @@ SELECT count(*) + CASE
 SELECT id, type, principal_id, org_id, data, "timestamp"
   FROM kitium_auth.auth_events
  WHERE principal_id = :principal_id
-   AND ("timestamp", id) < (coalesce(:after_ts::timestamptz, :until::timestamptz,
-                                     'infinity'::timestamptz),
-                            coalesce(:after_id::uuid,
-                                     CASE WHEN :until::timestamptz IS NULL
-                                          THEN 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid
-                                          ELSE '00000000-0000-0000-0000-000000000000'::uuid END))
+   AND ("timestamp", id) < (coalesce(:after_ts::timestamptz, 'infinity'::timestamptz),
+                            coalesce(:after_id::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+   AND "timestamp" < coalesce(:until::timestamptz, 'infinity'::timestamptz)
    AND "timestamp" >= coalesce(:since::timestamptz, '-infinity'::timestamptz)
    AND (:org_id::text IS NULL OR org_id = :org_id)
    AND (:type::text IS NULL OR type = :type)
@@ -70,12 +67,9 @@ SELECT id, type, principal_id, org_id, data, "timestamp"
 SELECT id, type, principal_id, org_id, data, "timestamp"
   FROM kitium_auth.auth_events
  WHERE org_id = :org_id
-   AND ("timestamp", id) < (coalesce(:after_ts::timestamptz, :until::timestamptz,
-                                     'infinity'::timestamptz),
-                            coalesce(:after_id::uuid,
-                                     CASE WHEN :until::timestamptz IS NULL
-                                          THEN 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid
-                                          ELSE '00000000-0000-0000-0000-000000000000'::uuid END))
+   AND ("timestamp", id) < (coalesce(:after_ts::timestamptz, 'infinity'::timestamptz),
+                            coalesce(:after_id::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+   AND "timestamp" < coalesce(:until::timestamptz, 'infinity'::timestamptz)
    AND "timestamp" >= coalesce(:since::timestamptz, '-infinity'::timestamptz)
    AND (:type::text IS NULL OR type = :type)
  ORDER BY "timestamp" DESC, id DESC
@@ -86,12 +80,9 @@ SELECT id, type, principal_id, org_id, data, "timestamp"
 -- when given.
 SELECT id, type, principal_id, org_id, data, "timestamp"
   FROM kitium_auth.auth_events
- WHERE ("timestamp", id) < (coalesce(:after_ts::timestamptz, :until::timestamptz,
-                                     'infinity'::timestamptz),
-                            coalesce(:after_id::uuid,
-                                     CASE WHEN :until::timestamptz IS NULL
-                                          THEN 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid
-                                          ELSE '00000000-0000-0000-0000-000000000000'::uuid END))
+ WHERE ("timestamp", id) < (coalesce(:after_ts::timestamptz, 'infinity'::timestamptz),
+                            coalesce(:after_id::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+   AND "timestamp" < coalesce(:until::timestamptz, 'infinity'::timestamptz)
    AND "timestamp" >= coalesce(:since::timestamptz, '-infinity'::timestamptz)
    AND (:type::text IS NULL OR type = :type)
  ORDER BY "timestamp" DESC, id DESC

@@ -464,6 +464,13 @@ async def test_a_time_window_pages_only_its_events(
     assert [e.timestamp for p in only_until for e in p.events] == [at[1], at[0]]
     empty = await storage.list_events(principal_id=principal, since=until, until=since)
     assert empty.events == () and empty.next_cursor is None
+    # A cursor from another listing (here: the newest page of all) does not lift the window.
+    newest = await storage.list_events(principal_id=principal, limit=1)
+    assert newest.next_cursor is not None
+    inside = await storage.list_events(
+        principal_id=principal, since=since, until=until, after=newest.next_cursor, limit=100
+    )
+    assert [e.timestamp for e in inside.events] == march
     with pytest.raises(ValidationError) as refused:
         await storage.list_events(principal_id=principal, since=dt.datetime(2031, 3, 1))
     assert refused.value.field == "since"
