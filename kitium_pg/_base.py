@@ -343,14 +343,13 @@ class Settings:
         PgBouncer >= 1.22 with ``max_prepared_statements`` and libpq >= 17 could keep them,
         but that cannot be detected from here, so the safe setting wins). The statement
         timeout is then applied per transaction instead (see ``statement_timeout_ms``)."""
-        given = conninfo_to_dict(dsn)
         kwargs: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": max(1, round(self.connect_timeout)),
+            # A fallback: the application_name of the DSN, PGAPPNAME or a service file wins.
+            "fallback_application_name": self.application_name,
             "prepare_threshold": self.prepare_threshold,
         }
-        # A fallback: the application_name of the DSN, PGAPPNAME or a service file wins.
-        kwargs["fallback_application_name"] = self.application_name
         if self.pgbouncer:
             kwargs["prepare_threshold"] = None
         else:
@@ -363,7 +362,7 @@ class Settings:
                 r" -c default_transaction_isolation=read\ committed"
             )
             # libpq would take PGOPTIONS when the DSN has no options; the keyword replaces both.
-            theirs = given.get("options") or os.environ.get("PGOPTIONS")
+            theirs = conninfo_to_dict(dsn).get("options") or os.environ.get("PGOPTIONS")
             kwargs["options"] = f"{theirs} {ours}" if theirs else ours
         return kwargs
 

@@ -96,27 +96,11 @@ class AsyncCore:
             pgbouncer=pgbouncer,
         )
         self._queries = _sql.queries(schema)
-        own_pool = not isinstance(dsn, psycopg_pool.AsyncConnectionPool)
         self._keyring = (
             Keyring(encryption_keys) if encryption_keys is not None else Keyring.from_env()
         )
         self._conn: AsyncConnection[Any] | None = None
         self._tx: TransactionState | None = None  # set on the views of a transaction
-        # Transaction-local settings (statement timeout override, tenant) applied before each
-        # statement; empty on the default path, which then costs nothing extra. Behind PgBouncer
-        # the default timeout cannot be a startup option, so it becomes one of these (set
-        # statement_timeout_ms=0 and a role-level timeout to avoid the cost); so does a timeout
-        # given with a caller's pool, whose connections the adapter did not open (without one
-        # given, that pool's own settings hold).
-        self._local: tuple[tuple[str, str], ...] = ()
-        # The same for reads on a replica, whose pools the adapter always opens itself: they
-        # have the timeout as a startup option unless behind PgBouncer.
-        self._replica_local: tuple[tuple[str, str], ...] = ()
-        timeout_ms = self._settings.statement_timeout_ms
-        if timeout_ms and (pgbouncer or (statement_timeout_ms is not None and not own_pool)):
-            self._local = (("statement_timeout", str(timeout_ms)),)
-        if timeout_ms and pgbouncer:
-            self._replica_local = self._local
         self._local_applied = False
         self._observer = observer
         self._replicas: list[_Pool] = []
@@ -145,6 +129,21 @@ class AsyncCore:
             self._dsn_display = redact_dsn(dsn)
         else:
             raise ValidationError("dsn", "must be a connection string or an AsyncConnectionPool")
+        # Transaction-local settings (statement timeout override, tenant) applied before each
+        # statement; empty on the default path, which then costs nothing extra. Behind PgBouncer
+        # the default timeout cannot be a startup option, so it becomes one of these (set
+        # statement_timeout_ms=0 and a role-level timeout to avoid the cost); so does a timeout
+        # given with a caller's pool, whose connections the adapter did not open (without one
+        # given, that pool's own settings hold).
+        self._local: tuple[tuple[str, str], ...] = ()
+        # The same for reads on a replica, whose pools the adapter always opens itself: they
+        # have the timeout as a startup option unless behind PgBouncer.
+        self._replica_local: tuple[tuple[str, str], ...] = ()
+        timeout_ms = self._settings.statement_timeout_ms
+        if timeout_ms and (pgbouncer or (statement_timeout_ms is not None and not self._owns_pool)):
+            self._local = (("statement_timeout", str(timeout_ms)),)
+        if timeout_ms and pgbouncer:
+            self._replica_local = self._local
         replicas = [replica_dsn] if isinstance(replica_dsn, str) else list(replica_dsn or ())
         for n, replica in enumerate(replicas):
             if not isinstance(replica, str) or not replica:
@@ -387,7 +386,7 @@ class AsyncCore:
             # The pool only says it timed out; one direct attempt tells why (refused, wrong
             # password, a proxy rejecting a startup parameter...).
             reason = await self._why_unreachable(self._pool.conninfo)
-            if reason is None and isinstance(self._pool.conninfo, str):
+            if reason is None:
                 # Up again while the pool waits out its back-off between attempts.
                 reason = "the database answers again, the pool has not reconnected yet"
             raise UnavailableError(
@@ -704,6 +703,15 @@ class AsyncCore:
 
     async def _exec(self, name: str, params: Mapping[str, Any], *, retry: Retry) -> int:
         return cast(int, await self._run(name, params, retry=retry))
+
+    async def _delete_by_id(self, name: str, id: object) -> bool:
+        """Run delete query ``name`` for the row ``id``; ``True`` if a row was deleted, ``False``
+        for a malformed id (nothing to delete). Deleting twice leaves the same state: retried
+        on transient failures."""
+        row_id = _validate.parse_uuid(id)
+        if row_id is None:
+            return False
+        return await self._exec(name, {"id": row_id}, retry=Retry.SAFE) > 0
 
     async def _delete_in_batches(
         self,

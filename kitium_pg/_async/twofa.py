@@ -172,10 +172,7 @@ class AsyncTwoFactor(AsyncCore):
         Idempotent: deleting a missing device returns ``False``. Retried on transient failures:
         a retry after a lost acknowledgement may report ``False`` for a device the first attempt
         deleted."""
-        device_id = v.parse_uuid(id)
-        if device_id is None:
-            return False
-        return await self._exec("delete_two_factor_device", {"id": device_id}, retry=Retry.SAFE) > 0
+        return await self._delete_by_id("delete_two_factor_device", id)
 
     async def record_totp_step(self, device_id: uuid.UUID | str, step: int) -> bool:
         """TOTP replay guard (RFC 6238 section 5.2): accept time step ``step`` for a device only
@@ -368,11 +365,7 @@ class AsyncTwoFactor(AsyncCore):
         on transient failures, since deleting twice leaves the same state (a retry after a lost
         acknowledgement may report ``False`` for a challenge the first attempt deleted).
         """
-        challenge_id = v.parse_uuid(id)
-        if challenge_id is None:
-            return False
-        params = {"id": challenge_id}
-        return await self._exec("delete_two_factor_session", params, retry=Retry.SAFE) > 0
+        return await self._delete_by_id("delete_two_factor_session", id)
 
     async def delete_expired_two_factor_sessions(
         self, *, batch_size: int = 1000, progress: Callable[[int], None] | None = None

@@ -164,10 +164,7 @@ class ApiKeys(Core):
         transient failures, since deleting twice leaves the same state (a retry after a lost
         acknowledgement may report ``False`` for a key the first attempt deleted).
         """
-        key_id = v.parse_uuid(id)
-        if key_id is None:
-            return False
-        return self._exec("delete_api_key", {"id": key_id}, retry=Retry.SAFE) > 0
+        return self._delete_by_id("delete_api_key", id)
 
     def list_api_keys(self, principal_id: uuid.UUID | str) -> list[ApiKey]:
         """All of a principal's keys, expired ones included, newest first (empty for an unknown

@@ -148,10 +148,7 @@ class Organizations(Core):
         retry after a lost acknowledgement may report ``False`` for an organization the first
         attempt deleted.
         """
-        org_id = v.parse_uuid(id)
-        if org_id is None:
-            return False
-        return self._exec("delete_organization", {"id": org_id}, retry=Retry.SAFE) > 0
+        return self._delete_by_id("delete_organization", id)
 
     def add_organization_member(
         self, org_id: uuid.UUID | str, user_id: uuid.UUID | str, *, role: str = "member"

@@ -154,10 +154,7 @@ class Rbac(Core):
         """Delete a role and its assignments; ``True`` if a row was deleted. Idempotent:
         deleting a missing role returns ``False``. Retried on transient failures: a retry after
         a lost acknowledgement may report ``False`` for a role the first attempt deleted."""
-        role_id = v.parse_uuid(id)
-        if role_id is None:
-            return False
-        return self._exec("delete_role", {"id": role_id}, retry=Retry.SAFE) > 0
+        return self._delete_by_id("delete_role", id)
 
     def list_roles(self, org_id: uuid.UUID | str) -> list[Role]:
         """The roles of an organization, newest first (empty for an unknown or malformed id)."""

@@ -108,10 +108,7 @@ class Sessions(Core):
         transient failures, since deleting twice leaves the same state (a retry after a lost
         acknowledgement may report ``False`` for a session the first attempt deleted).
         """
-        session_id = v.parse_uuid(id)
-        if session_id is None:
-            return False
-        return self._exec("delete_session", {"id": session_id}, retry=Retry.SAFE) > 0
+        return self._delete_by_id("delete_session", id)
 
     def delete_expired_sessions(
         self, *, batch_size: int = 1000, progress: Callable[[int], None] | None = None

@@ -305,10 +305,7 @@ class Sso(Core):
         deleted. Idempotent (retried on transient failures): deleting a missing provider returns
         ``False``, as may a retry after a lost acknowledgement for a provider the first attempt
         deleted."""
-        provider_id = v.parse_uuid(id)
-        if provider_id is None:
-            return False
-        return self._exec("delete_sso_provider", {"id": provider_id}, retry=Retry.SAFE) > 0
+        return self._delete_by_id("delete_sso_provider", id)
 
     def list_sso_providers(self, org_id: uuid.UUID | str | None = None) -> list[SsoProvider]:
         """Providers, newest first, secrets decrypted: every one, or with ``org_id`` that
@@ -540,10 +537,7 @@ class Sso(Core):
         transient failures, since deleting twice leaves the same state (a retry after a lost
         acknowledgement may report ``False`` for a session the first attempt deleted).
         """
-        session_id = v.parse_uuid(id)
-        if session_id is None:
-            return False
-        return self._exec("delete_sso_session", {"id": session_id}, retry=Retry.SAFE) > 0
+        return self._delete_by_id("delete_sso_session", id)
 
     def delete_sso_sessions(
         self,

@@ -174,10 +174,7 @@ class TwoFactor(Core):
         Idempotent: deleting a missing device returns ``False``. Retried on transient failures:
         a retry after a lost acknowledgement may report ``False`` for a device the first attempt
         deleted."""
-        device_id = v.parse_uuid(id)
-        if device_id is None:
-            return False
-        return self._exec("delete_two_factor_device", {"id": device_id}, retry=Retry.SAFE) > 0
+        return self._delete_by_id("delete_two_factor_device", id)
 
     def record_totp_step(self, device_id: uuid.UUID | str, step: int) -> bool:
         """TOTP replay guard (RFC 6238 section 5.2): accept time step ``step`` for a device only
@@ -362,11 +359,7 @@ class TwoFactor(Core):
         on transient failures, since deleting twice leaves the same state (a retry after a lost
         acknowledgement may report ``False`` for a challenge the first attempt deleted).
         """
-        challenge_id = v.parse_uuid(id)
-        if challenge_id is None:
-            return False
-        params = {"id": challenge_id}
-        return self._exec("delete_two_factor_session", params, retry=Retry.SAFE) > 0
+        return self._delete_by_id("delete_two_factor_session", id)
 
     def delete_expired_two_factor_sessions(
         self, *, batch_size: int = 1000, progress: Callable[[int], None] | None = None

@@ -127,10 +127,7 @@ class Users(Core):
         Idempotent: deleting a missing user returns ``False``. Retried on transient failures: a
         retry after a lost acknowledgement may report ``False`` for a user the first attempt
         deleted."""
-        user_id = v.parse_uuid(id)
-        if user_id is None:
-            return False
-        return self._exec("delete_user", {"id": user_id}, retry=Retry.SAFE) > 0
+        return self._delete_by_id("delete_user", id)
 
     def set_password_hash(self, user_id: uuid.UUID | str, password_hash: str | None) -> None:
         """Store (or clear, with ``None``) a user's password hash. Pass a hash from a password
