@@ -217,11 +217,11 @@ class HealthStatus:
 
     status: Literal["ok", "error"]
     latency_ms: float
-    pool: Mapping[str, int]
+    pool: Mapping[str, int] = attrs.field(hash=False)
     applied_migrations: tuple[str, ...]
     pending_migrations: tuple[str, ...]
     error: str | None = None
-    replicas: tuple[Mapping[str, Any], ...] = ()
+    replicas: tuple[Mapping[str, Any], ...] = attrs.field(default=(), hash=False)
 
 
 # -- RBAC ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import psycopg
 import psycopg_pool
 import pytest
@@ -21,6 +22,7 @@ from psycopg import pq
 from kitium_pg import (
     AsyncPostgresStorageAdapter,
     ConflictError,
+    HealthStatus,
     KitiumPgError,
     MigrationError,
     PostgresStorageAdapter,
@@ -191,6 +193,21 @@ def test_errors_pickle_and_copy() -> None:
             assert again.__dict__ == error.__dict__
     unpickled = pickle.loads(pickle.dumps(ValidationError("email", "bad")))  # noqa: S301
     assert unpickled.field == "email"
+
+
+def test_health_status_is_hashable_like_every_record() -> None:
+    """Its dicts (pool figures, replica reports) are left out of the hash, as every record's
+    JSON fields are, so a status can go into a set or serve as a cache key."""
+    status = HealthStatus(
+        status="ok",
+        latency_ms=1.5,
+        pool={"pool_size": 1},
+        applied_migrations=("0001_core",),
+        pending_migrations=(),
+        replicas=({"dsn": "host=r1", "status": "ok"},),
+    )
+    assert hash(status) == hash(attrs.evolve(status, pool={"pool_size": 2}))
+    assert len({status, attrs.evolve(status)}) == 1
 
 
 def test_what_counts_as_a_lost_connection() -> None:

@@ -80,7 +80,10 @@ class AsyncUsers(AsyncCore):
     async def get_user_by_oauth(
         self, provider: str, sub: str, *, consistency: Consistency = "replica"
     ) -> User | None:
-        """The user linked to OAuth identity (``provider``, ``sub``), or ``None``."""
+        """The user linked to OAuth identity (``provider``, ``sub``), or ``None``. Raises
+        ``ValidationError`` for a ``provider`` or ``sub`` that ``link_oauth_account`` would
+        refuse (not a string, empty, too long, with a NUL): no identity can be stored under it,
+        and an empty value is more likely a caller's bug than a lookup."""
         params = {"provider": v.text("provider", provider), "subject": v.text("sub", sub)}
         return await self._one(
             "get_user_by_oauth",
