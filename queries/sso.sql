@@ -293,7 +293,9 @@ SELECT count(*) FROM link;
 
 -- name: create_sso_session(id, user_id, provider_id, provider_type, provider_subject, session_token_hash, expires_at, last_auth_at)^
 -- Insert an SSO session (session_token_hash is the SHA-256 digest of the provider session token,
--- or NULL; last_auth_at defaults to now); a retry with the same id returns the stored row.
+-- or NULL; last_auth_at defaults to now) and record the sign-in on the user's link of that
+-- identity (its last_auth_at, never moved back); a retry with the same id returns the stored
+-- row and touches no link.
 WITH inserted AS (
   INSERT INTO kitium_auth.sso_sessions
     (id, user_id, provider_id, provider_type, provider_subject, session_token_hash, expires_at,
@@ -304,6 +306,15 @@ WITH inserted AS (
   ON CONFLICT (id) DO NOTHING
   RETURNING id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
             last_auth_at
+),
+link AS (
+  UPDATE kitium_auth.sso_links AS l
+     SET last_auth_at = greatest(l.last_auth_at, i.last_auth_at)
+    FROM inserted AS i
+   WHERE l.provider_id = i.provider_id
+     AND l.provider_subject = i.provider_subject
+     AND l.user_id = i.user_id
+     AND l.last_auth_at IS DISTINCT FROM greatest(l.last_auth_at, i.last_auth_at)
 )
 SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
        last_auth_at
@@ -326,22 +337,26 @@ SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, li
 -- Delete one SSO session, expired or not.
 DELETE FROM kitium_auth.sso_sessions WHERE id = :id;
 
--- name: delete_sso_sessions_by_subject(provider_id, provider_subject)!
--- Delete the SSO sessions of one identity at one provider, expired ones included (single logout
--- by SAML NameID or OIDC sub; served by sso_sessions_provider_id_provider_subject_idx).
+-- name: delete_sso_sessions_by_subject(provider_id, provider_subject)
+-- Delete the SSO sessions of one identity at one provider, expired ones included, and return
+-- them (single logout by SAML NameID or OIDC sub; sso_sessions_provider_id_provider_subject_idx).
 DELETE FROM kitium_auth.sso_sessions
- WHERE provider_id = :provider_id AND provider_subject = :provider_subject;
+ WHERE provider_id = :provider_id AND provider_subject = :provider_subject
+RETURNING id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
+          last_auth_at;
 
--- name: delete_sso_sessions_by_token(provider_id, session_token_hash, provider_subject)!
+-- name: delete_sso_sessions_by_token(provider_id, session_token_hash, provider_subject)
 -- Delete the SSO sessions of one provider with this session token digest (SAML SessionIndex,
 -- OIDC sid), expired ones included, and when provider_subject is not NULL only those of that
--- identity. A query of its own rather than optional conditions in the subject one: the index
--- sso_sessions_provider_id_session_token_hash_idx (partial, on non-NULL digests) serves it in a
--- generic plan too, where an optional condition on the digest could not use an index.
+-- identity; return them. A query of its own rather than optional conditions in the subject one:
+-- the index sso_sessions_provider_id_session_token_hash_idx (partial, on non-NULL digests)
+-- serves it in a generic plan too, where an optional condition on the digest could not.
 DELETE FROM kitium_auth.sso_sessions
  WHERE provider_id = :provider_id
    AND session_token_hash = :session_token_hash
-   AND (:provider_subject::text IS NULL OR provider_subject = :provider_subject);
+   AND (:provider_subject::text IS NULL OR provider_subject = :provider_subject)
+RETURNING id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
+          last_auth_at;
 
 -- name: delete_user_sso_sessions(user_id)!
 -- Delete every SSO session of a user, expired ones included (sso_sessions_user_id_idx).

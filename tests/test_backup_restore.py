@@ -210,6 +210,9 @@ def _populate(storage: PostgresStorageAdapter, tag: str) -> tuple[dict[str, Any]
         expires_at=FUTURE,
         session_token=s["sso_session_token"],
     )
+    # The session recorded its sign-in on the link: what a restore must bring back.
+    s["link"] = storage.get_sso_link(s["link"].id)
+    assert s["link"].last_auth_at == s["sso_session"].last_auth_at
     s["device"] = storage.create_two_factor_device(
         user_id=owner.id,
         method="totp",

@@ -445,12 +445,19 @@ def test_0012_up_down_up_adds_the_sso_logout_indexes(dsn: str) -> None:
                 for name, definition in latest.items()
                 if name not in SSO_LOGOUT_INDEXES
             }
-            assert storage.delete_sso_sessions(provider_id=provider.id, session_token="t0") == 1
-            assert storage.delete_sso_sessions(provider_id=provider.id, provider_subject="s1") == 1
+            assert (
+                len(storage.delete_sso_sessions(provider_id=provider.id, session_token="t0")) == 1
+            )
+            assert (
+                len(storage.delete_sso_sessions(provider_id=provider.id, provider_subject="s1"))
+                == 1
+            )
 
             assert _migrate_through(storage, SSO_LOGOUT) == (SSO_LOGOUT,)
             assert _indexes(dsn, schema) == latest
-            assert storage.delete_sso_sessions(provider_id=provider.id, session_token="t2") == 1
+            assert (
+                len(storage.delete_sso_sessions(provider_id=provider.id, session_token="t2")) == 1
+            )
             assert storage.delete_user_sso_sessions(user.id) == 1
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:

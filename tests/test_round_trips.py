@@ -506,7 +506,8 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
         "delete_sso_sessions[subject]",
         "delete_user_sso_sessions",
     ):
-        assert ctx[counted] == 1, counted
+        ended = ctx[counted]
+        assert (ended if isinstance(ended, int) else len(ended)) == 1, counted
     assert ctx["get_sso_session[unlinked]"] is None  # ended with the link
 
 

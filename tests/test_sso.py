@@ -785,6 +785,52 @@ async def _sso_session(
     return uuid.UUID(str(created.id))
 
 
+async def test_an_sso_session_records_the_sign_in_on_its_link(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """create_sso_session moves the last_auth_at of the user's link of that identity to the
+    session's, never back, in the same statement; sessions of another subject or another user
+    leave the link alone."""
+    ada, bob = await _user(storage, unique), await _user(storage, unique)
+    provider = await _oidc(storage, unique)
+    linked_at = _in(hours=-2)
+    link = await storage.create_sso_link(
+        user_id=ada.id,
+        provider_id=provider.id,
+        provider_type="oidc",
+        provider_subject="ada",
+        last_auth_at=linked_at,
+    )
+
+    async def sign_in(user: User, subject: str, at: dt.datetime | None) -> SsoSession:
+        created: SsoSession = await storage.create_sso_session(
+            user_id=user.id,
+            provider_id=provider.id,
+            provider_type="oidc",
+            provider_subject=subject,
+            expires_at=_in(hours=1),
+            last_auth_at=at,
+        )
+        return created
+
+    async def last_auth() -> dt.datetime | None:
+        stored: SsoLink | None = await storage.get_sso_link(link.id)
+        assert stored is not None
+        return stored.last_auth_at
+
+    hour_ago = _in(hours=-1)
+    assert (await sign_in(ada, "ada", hour_ago)).last_auth_at == hour_ago
+    assert await last_auth() == hour_ago
+    await sign_in(ada, "ada", _in(hours=-3))  # an older sign-in recorded late: no step back
+    assert await last_auth() == hour_ago
+    await sign_in(ada, "someone-else", _in(minutes=-1))
+    await sign_in(bob, "ada", _in(minutes=-1))  # not this link's user
+    assert await last_auth() == hour_ago
+    now = await sign_in(ada, "ada", None)  # the database clock
+    assert now.last_auth_at is not None and now.last_auth_at > hour_ago
+    assert await last_auth() == now.last_auth_at
+
+
 async def test_delete_sso_session(storage: Any, unique: Callable[[str], str], dsn: str) -> None:
     """An SSO session can be ended before it expires (an application's own logout)."""
     user = await _user(storage, unique)
@@ -807,7 +853,8 @@ async def test_single_logout_by_subject_and_or_session_token(
 ) -> None:
     """SAML Single Logout and OIDC back-channel logout: a provider names the sessions to end by
     subject (NameID, sub) and/or session token (SessionIndex, sid). Only that provider's sessions
-    matching every criterion given end, expired ones included, and the count says how many."""
+    matching every criterion given end, expired ones included, and the call returns them, each
+    with its user (an OIDC logout token may carry only a sid)."""
     ada, bob = await _user(storage, unique), await _user(storage, unique)
     idp, other_idp = await _oidc(storage, unique), await _oidc(storage, unique)
     by_token = await _sso_session(storage, ada, idp, "ada", "sid-1")
@@ -827,26 +874,33 @@ async def test_single_logout_by_subject_and_or_session_token(
         bobs,
     )
 
-    assert await storage.delete_sso_sessions(provider_id=idp.id, session_token="SID-1") == 0
-    assert await storage.delete_sso_sessions(provider_id=idp.id, session_token="sid-1") == 1
+    async def ended(provider_id: object, **given: Any) -> set[tuple[uuid.UUID, uuid.UUID]]:
+        sessions = await storage.delete_sso_sessions(provider_id=provider_id, **given)
+        assert all(isinstance(s, SsoSession) for s in sessions)
+        return {(s.id, s.user_id) for s in sessions}
+
+    assert await ended(idp.id, session_token="SID-1") == set()
+    assert await ended(idp.id, session_token="sid-1") == {(by_token, ada.id)}
     assert await storage.get_sso_session(by_token) is None
     assert await storage.get_sso_session(elsewhere) is not None
     # Both given: both must match.
-    mismatched = {"provider_subject": "bob", "session_token": "sid-2"}
-    assert await storage.delete_sso_sessions(provider_id=idp.id, **mismatched) == 0
+    assert await ended(idp.id, provider_subject="bob", session_token="sid-2") == set()
     assert await storage.get_sso_session(by_both) is not None
     matched = {"provider_subject": "ada", "session_token": "sid-2"}
-    assert await storage.delete_sso_sessions(provider_id=str(idp.id), **matched) == 1
-    assert await storage.delete_sso_sessions(provider_id=idp.id, **matched) == 0  # idempotent
-    assert await storage.delete_sso_sessions(provider_id=idp.id, session_token="sid-3") == 1
+    assert await ended(str(idp.id), **matched) == {(by_both, ada.id)}
+    assert await ended(idp.id, **matched) == set()  # idempotent
+    assert await ended(idp.id, session_token="sid-3") == {(by_expired_token, ada.id)}
     # By subject: the identity's remaining sessions at this provider, with or without a token.
-    assert await storage.delete_sso_sessions(provider_id=idp.id, provider_subject="ada") == 2
+    assert await ended(idp.id, provider_subject="ada") == {
+        (tokenless, ada.id),
+        (expired_tokenless, ada.id),
+    }
     assert _sso_sessions_left(dsn, *everything) == {elsewhere, bobs}
 
     for missing in (uuid.uuid4(), "not-a-uuid", b"\x00" * 16):
-        assert await storage.delete_sso_sessions(provider_id=missing, provider_subject="bob") == 0
+        assert await ended(missing, provider_subject="bob") == set()
     assert await storage.get_sso_session(bobs) is not None
-    assert await storage.delete_sso_sessions(provider_id=idp.id, provider_subject="bob") == 1
+    assert await ended(idp.id, session_token="sid-bob") == {(bobs, bob.id)}
 
 
 async def test_single_logout_needs_a_subject_or_a_session_token(
@@ -1099,7 +1153,8 @@ async def test_every_sso_method_is_one_round_trip(one_conn: Any) -> None:
     assert measured == dict.fromkeys(measured, 1)
     assert ctx["get_sso_provider_by_domain"].client_secret == "z"
     assert ctx["get_sso_session"] == ctx["create_sso_session"]
-    assert (ctx["delete_sso_sessions"], ctx["delete_sso_session"]) == (1, False)
+    assert [s.id for s in ctx["delete_sso_sessions"]] == [ctx["create_sso_session"].id]
+    assert ctx["delete_sso_session"] is False
 
 
 async def test_concurrent_domain_set_replacements_leave_one_set(

@@ -311,6 +311,8 @@ def test_another_tenants_sso_links_and_sessions_are_out_of_reach(
     base = {"user_id": bob.id, "provider_id": betas.id, "provider_type": "oidc"}
     link = owner.create_sso_link(**base, provider_subject="bob", provider_email="bob@b.example")
     sso_session = owner.create_sso_session(**base, provider_subject="bob", expires_at=expires)
+    link = owner.get_sso_link(link.id)  # the session recorded its sign-in on the link
+    assert link is not None and link.last_auth_at == sso_session.last_auth_at
 
     assert as_alpha.get_sso_link(link.id) is None
     assert as_alpha.get_user_sso_links(bob.id) == []
@@ -329,9 +331,9 @@ def test_another_tenants_sso_links_and_sessions_are_out_of_reach(
     assert as_beta.get_sso_session(sso_session.id) == sso_session
     planted = as_beta.create_sso_link(**base, provider_subject="planted")
     assert as_beta.create_sso_session(**base, provider_subject="planted", expires_at=expires)
-    assert as_beta.get_user_sso_links(bob.id) == [planted, link]
+    assert [x.id for x in as_beta.get_user_sso_links(bob.id)] == [planted.id, link.id]
     assert as_beta.delete_sso_link(link.id) is True
-    assert owner.get_user_sso_links(bob.id) == [planted]
+    assert [x.id for x in owner.get_user_sso_links(bob.id)] == [planted.id]
 
 
 def test_links_and_sessions_on_a_shared_provider_are_read_only_for_tenants(
@@ -347,6 +349,8 @@ def test_links_and_sessions_on_a_shared_provider_are_read_only_for_tenants(
     base = {"user_id": ann.id, "provider_id": shared.id, "provider_type": "oidc"}
     link = owner.create_sso_link(**base, provider_subject="ann")
     sso_session = owner.create_sso_session(**base, provider_subject="ann", expires_at=expires)
+    link = owner.get_sso_link(link.id)  # the session recorded its sign-in on the link
+    assert link is not None
     for reader in (as_alpha, app):
         assert reader.get_sso_link(link.id) == link
         assert reader.get_user_sso_links(ann.id) == [link]
@@ -393,9 +397,9 @@ def test_a_tenant_ends_only_its_own_providers_sso_sessions(
     for provider, session_ in ((betas, at_beta), (shared, at_shared)):
         assert as_alpha.delete_sso_session(session_.id) is False
         logout = {"provider_id": provider.id, "session_token": f"sid-{tag}"}
-        assert as_alpha.delete_sso_sessions(**logout) == 0
-        assert as_alpha.delete_sso_sessions(**logout, provider_subject="cal") == 0
-        assert as_alpha.delete_sso_sessions(provider_id=provider.id, provider_subject="cal") == 0
+        assert as_alpha.delete_sso_sessions(**logout) == []
+        assert as_alpha.delete_sso_sessions(**logout, provider_subject="cal") == []
+        assert as_alpha.delete_sso_sessions(provider_id=provider.id, provider_subject="cal") == []
     assert as_alpha.delete_sso_link(beta_link.id) is False
     assert app.delete_user_sso_sessions(cal.id) == 0  # no tenant: fail closed
     # Alpha's own: all of the user's sessions it may see are at alpha's provider.
@@ -407,7 +411,8 @@ def test_a_tenant_ends_only_its_own_providers_sso_sessions(
     # Beta ends those of its provider, the link's included, but not the shared provider's.
     assert as_beta.delete_sso_link(beta_link.id) is True
     assert owner.get_sso_session(linked_at_beta.id) is None
-    assert as_beta.delete_sso_sessions(provider_id=betas.id, session_token=f"sid-{tag}") == 1
+    ended = as_beta.delete_sso_sessions(provider_id=betas.id, session_token=f"sid-{tag}")
+    assert [s.id for s in ended] == [at_beta.id]
     assert as_beta.delete_user_sso_sessions(cal.id) == 0
     assert owner.get_sso_session(at_shared.id) == at_shared
     assert owner.delete_user_sso_sessions(cal.id) == 1

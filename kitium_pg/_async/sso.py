@@ -506,7 +506,10 @@ class AsyncSso(AsyncCore):
 
         Only the SHA-256 digest of ``session_token`` (the provider's session index or token) is
         stored, never the token. ``expires_at`` must be timezone-aware; ``last_auth_at``
-        defaults to now (the database clock), as in the reference. Raises ``NotFoundError`` when
+        defaults to now (the database clock), as in the reference. The same statement records
+        the sign-in on the user's link of this identity (same provider, subject and user), if
+        there is one: the link's ``last_auth_at`` becomes this session's, unless it is later
+        already. Raises ``NotFoundError`` when
         the user or the provider does not exist or ``provider_type`` is not the provider's type
         (``sso_sessions__provider_type_fkey``), and ``ValidationError`` for bad input. Retried
         on transient failures: the id is generated before the first attempt, so a retry returns
@@ -549,9 +552,11 @@ class AsyncSso(AsyncCore):
         provider_id: uuid.UUID | str,
         provider_subject: str | None = None,
         session_token: str | None = None,
-    ) -> int:
+    ) -> list[SsoSession]:
         """End the SSO sessions a provider's logout names (SAML Single Logout, OIDC back-channel
-        logout) and return how many rows were deleted, expired ones included.
+        logout) and return them, expired ones included: each names its ``user_id``, whose own
+        sessions (``delete_user_sessions``) the application ends too; an OIDC logout token may
+        carry only a ``sid``, and this is how it learns the user.
 
         The sessions deleted are those of ``provider_id`` with this ``provider_subject`` (SAML
         NameID, OIDC ``sub``) and/or this ``session_token`` (SAML SessionIndex, OIDC ``sid``: the
@@ -559,10 +564,11 @@ class AsyncSso(AsyncCore):
         stored; sessions recorded without one never match it). Given both, a session must match
         both. At least one is required: ``ValidationError`` (naming ``provider_subject``)
         otherwise, and for a subject or token ``create_sso_session`` would refuse (naming it).
-        Returns 0 for an unknown or malformed ``provider_id``. Under the optional ``tenant_rls``
-        migration a tenant view ends only the sessions of its own providers. Retried on transient
-        failures, since deleting twice leaves the same state (a retry after a lost
-        acknowledgement may report a lower count than the first attempt deleted).
+        Returns an empty list for an unknown or malformed ``provider_id`` and for a logout
+        already processed. Under the optional ``tenant_rls`` migration a tenant view ends only
+        the sessions of its own providers. Retried on transient failures, since deleting twice
+        leaves the same state (a retry after a lost acknowledgement returns only what it deleted
+        itself, possibly nothing, for sessions the first attempt ended).
         """
         subject = v.opt_text("provider_subject", provider_subject, max_len=SUBJECT)
         token = v.opt_text("session_token", session_token, max_len=v.LONG)
@@ -572,16 +578,20 @@ class AsyncSso(AsyncCore):
             )
         parsed = v.parse_uuid(provider_id)
         if parsed is None:
-            return 0
+            return []
         if token is None:
             params: dict[str, Any] = {"provider_id": parsed, "provider_subject": subject}
-            return await self._exec("delete_sso_sessions_by_subject", params, retry=Retry.SAFE)
+            return await self._many(
+                "delete_sso_sessions_by_subject", params, SsoSession, retry=Retry.SAFE
+            )
         params = {
             "provider_id": parsed,
             "session_token_hash": _token_digest(token),
             "provider_subject": subject,
         }
-        return await self._exec("delete_sso_sessions_by_token", params, retry=Retry.SAFE)
+        return await self._many(
+            "delete_sso_sessions_by_token", params, SsoSession, retry=Retry.SAFE
+        )
 
     async def delete_user_sso_sessions(self, user_id: uuid.UUID | str) -> int:
         """Delete every SSO session of a user, expired ones included ("log out everywhere");
