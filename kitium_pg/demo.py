@@ -439,8 +439,12 @@ def _session_tokens(
     session_id, _, secret = issued.token.partition(".")
     forged = f"{session_id}.{secrets.token_urlsafe(32)}"
     _check(storage.validate_session_token(forged) is None, "a wrong secret to be refused")
+    rotated = _present(storage.rotate_session_token(issued.token), "a rotated token")
+    _check(rotated.session.id == issued.session.id, "the rotation to keep the session")
+    _check(storage.validate_session_token(issued.token) is None, "a rotated-out token refused")
+    _check(storage.validate_session_token(rotated.token) == rotated.session, "the new token")
     _check(storage.delete_session(issued.session.id), "the session to be deleted")
-    _check(storage.validate_session_token(issued.token) is None, "a revoked token to be refused")
+    _check(storage.validate_session_token(rotated.token) is None, "a revoked token to be refused")
     _section(
         console,
         "Session tokens",
@@ -452,6 +456,11 @@ def _session_tokens(
             ),
             ("validate_session_token(token)", f"session {valid.id}"),
             ("validate_session_token(same id, another secret)", "None"),
+            (
+                "rotate_session_token(token)  # after 2FA: against session fixation",
+                f"same session, new token {session_id}.{_masked(rotated.token.partition('.')[2])}",
+            ),
+            ("validate_session_token(old token)", "None: a rotated-out token is refused"),
             ("delete_session(session)  # revoke", "deleted"),
             ("validate_session_token(token)", "None: a revoked token is refused"),
         ],

@@ -10,6 +10,20 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
   FROM kitium_auth.sessions
  WHERE id = :id AND expires_at > statement_timestamp() AND token_hash IS NOT NULL;
 
+-- name: rotate_session_token(id, presented_hash, token_hash, set_expires_at, expires_at)^
+-- Give one unexpired session a new token digest, and a new expires_at when set_expires_at, if
+-- its digest is the presented token's, or already the new one (a retry after a lost
+-- acknowledgement finds its own write); no row when the session is unknown, expired, tokenless
+-- or was rotated by another call first (that call's digest matches neither).
+UPDATE kitium_auth.sessions AS s
+   SET token_hash = :token_hash,
+       expires_at = CASE WHEN :set_expires_at THEN :expires_at ELSE s.expires_at END
+ WHERE s.id = :id
+   AND s.token_hash IN (:presented_hash, :token_hash)
+   AND s.expires_at > statement_timestamp()
+RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
+          s.created_at, s.updated_at;
+
 -- name: verify_api_key(hash)^
 -- The unexpired key with this digest; stamps last_used_at when it is over a minute old, so a busy
 -- key costs at most one write a minute (api_keys__hash_key serves both branches).

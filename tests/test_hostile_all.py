@@ -1180,6 +1180,18 @@ def check_issued_session(world: World, kwargs: dict[str, Any], result: Any) -> N
         assert found is None
 
 
+def check_rotated(world: World, kwargs: dict[str, Any], result: Any) -> None:
+    """A rotation that answers gives a token that validates, and the one presented is dead."""
+    if result is None:
+        return
+    register(result.token, label="hostile-test session token")
+    assert world.api.validate_session_token(kwargs["token"]) is None
+    if unexpired(result.session.expires_at):
+        assert world.api.validate_session_token(result.token) == result.session
+    if "expires_at" in kwargs:
+        assert result.session.expires_at == kwargs["expires_at"]
+
+
 def check_issued_key(world: World, kwargs: dict[str, Any], result: Any) -> None:
     register(result.key, label="hostile-test api key")
     fields_match(result.record, kwargs, API_KEY_FIELDS)
@@ -1525,6 +1537,17 @@ def _spec_table() -> dict[str, Spec]:
                 **CONSISTENCY,
             },
             lenient=True,
+        ),
+        "rotate_session_token": Spec(
+            params={
+                "token": text_arg(
+                    200, good=st.sampled_from([Ref("fresh_token"), f"{uuid.uuid4()}.secret"])
+                ),
+                "expires_at": time_arg(),
+            },
+            lenient=True,
+            writes=True,
+            check=check_rotated,
         ),
         # -- API keys --------------------------------------------------------------------------
         "create_api_key": Spec(
@@ -2049,6 +2072,10 @@ class World:
             return api.create_session(user_id=self.user.id, expires_at=FUTURE).id
         if name == "api_key":
             return api.issue_api_key(self.user.id).record.id
+        if name == "token":  # the bearer token itself, not an id
+            issued = api.issue_session_token(user_id=self.user.id, expires_at=FUTURE)
+            register(issued.token, label="hostile-test session token")
+            return issued.token
         if name == "email_token":
             return api.create_email_verification_token(
                 email=f"fresh-{n}@example.com",
@@ -2108,6 +2135,9 @@ class World:
         return value
 
     def _ref(self, ref: Ref) -> Any:
+        if ref.name == "fresh_token":
+            self.last_fresh = ref.name
+            return self.fresh("token")
         if ref.name.startswith("fresh_"):
             self.last_fresh = ref.name
             ident = self.fresh(ref.name.removeprefix("fresh_"))

@@ -232,6 +232,10 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
             "validate_session_token",
             lambda: s.validate_session_token(ctx["issue_session_token"].token),
         ),
+        (
+            "rotate_session_token",
+            lambda: s.rotate_session_token(ctx["issue_session_token[event]"].token),
+        ),
         # API keys
         (
             "create_api_key",
@@ -476,6 +480,7 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     assert ctx["has_permission"] is True
     assert ctx["revoke_role_from_user"] is True
     assert ctx["validate_session_token"] == ctx["issue_session_token"].session
+    assert ctx["rotate_session_token"].session.id == ctx["issue_session_token[event]"].session.id
     assert ctx["create_session[event]"].user_id == ctx["issue_session_token[event]"].session.user_id
     assert ctx["verify_api_key"].id == ctx["issue_api_key"].record.id
     assert ctx["get_email_verification_token_attempts"] == 1

@@ -9,7 +9,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from kitium_pg import IssuedApiKey, IssuedSession
+from kitium_pg import IssuedApiKey, IssuedSession, ValidationError
+
+from .fix_race import race
 
 
 def _in(hours: float) -> dt.datetime:
@@ -78,6 +80,70 @@ async def test_a_session_token_has_one_spelling(storage: Any, email: str) -> Non
     ):
         assert spelling != session_id
         assert await storage.validate_session_token(f"{spelling}.{secret}") is None, spelling
+
+
+async def test_rotating_a_session_token_keeps_the_session_and_kills_the_old_token(
+    storage: Any, email: str
+) -> None:
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(
+        user_id=user.id, expires_at=_in(1), plan="pro", metadata={"device": "phone"}
+    )
+    rotated = await storage.rotate_session_token(issued.token)
+    assert isinstance(rotated, IssuedSession)
+    assert rotated.session.id == issued.session.id and rotated.token != issued.token
+    unchanged = ("user_id", "org_id", "plan", "entitlements", "metadata", "expires_at")
+    for name in unchanged:
+        assert getattr(rotated.session, name) == getattr(issued.session, name), name
+    assert await storage.validate_session_token(issued.token) is None
+    assert await storage.validate_session_token(rotated.token) == rotated.session
+    assert await storage.rotate_session_token(issued.token) is None  # used up
+    # Sliding expiry: the rotation moves it when asked.
+    later = _in(5)
+    slid = await storage.rotate_session_token(rotated.token, expires_at=later)
+    assert slid is not None and slid.session.expires_at == later
+    assert await storage.validate_session_token(slid.token) == slid.session
+
+
+async def test_a_token_that_does_not_validate_does_not_rotate(storage: Any, email: str) -> None:
+    """Wrong, malformed, tokenless, expired and revoked tokens give None and change nothing; a
+    bad expires_at is a ValidationError, with the token left as it was."""
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    session_id, secret = issued.token.split(".")
+    plain = await storage.create_session(user_id=user.id, expires_at=_in(1))
+    expired = await storage.issue_session_token(user_id=user.id, expires_at=_in(-1))
+    for bad in (
+        f"{session_id}.{secret[:-1]}x",
+        f"{session_id.upper()}.{secret}",
+        f"{session_id}.",
+        f"{session_id}.\ud800",
+        f"{plain.id}.{secret}",
+        expired.token,
+        "x" * 10_000,
+        None,
+        42,
+    ):
+        assert await storage.rotate_session_token(bad) is None, bad
+    for when in (dt.datetime(2030, 1, 1), "tomorrow"):
+        with pytest.raises(ValidationError) as caught:
+            await storage.rotate_session_token(issued.token, expires_at=when)
+        assert caught.value.field == "expires_at"
+    assert await storage.validate_session_token(issued.token) == issued.session
+    assert await storage.delete_session(issued.session.id) is True
+    assert await storage.rotate_session_token(issued.token) is None
+
+
+async def test_concurrent_rotations_of_one_token_give_one_new_token(
+    storage: Any, email: str
+) -> None:
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    results = await race(storage, 6, "rotate_session_token", issued.token)
+    winners = [r for r in results if isinstance(r, IssuedSession)]
+    assert len(winners) == 1 and results.count(None) == 5, results
+    assert await storage.validate_session_token(winners[0].token) == winners[0].session
+    assert await storage.validate_session_token(issued.token) is None
 
 
 async def test_api_key_issue_and_verify(storage: Any, email: str, dsn: str) -> None:

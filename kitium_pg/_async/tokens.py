@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import _validate as v
-from .._base import Consistency, Retry
+from .._base import UNSET, Consistency, Retry, Unset
 from ..records import ApiKey, IssuedApiKey, IssuedSession, Session
 from .api_keys import AsyncApiKeys
 from .sessions import AsyncSessions, _session_insert
@@ -33,6 +33,23 @@ def _stamp_due(record: ApiKey) -> bool:
 
 def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def _presented(token: object) -> tuple[uuid.UUID, bytes] | None:
+    """The session id and secret digest of a bearer token as issued, or ``None`` when it cannot
+    be one (not text, too long, another spelling of the id, no secret, not encodable)."""
+    if not isinstance(token, str) or len(token) > 200:
+        return None
+    session_id, _, secret = token.partition(".")
+    parsed = v.parse_uuid(session_id)
+    # Only the spelling the token was issued with: one token, one string (applications key
+    # deny-lists, rate limits and caches on it).
+    if parsed is None or str(parsed) != session_id or not secret:
+        return None
+    try:
+        return parsed, _digest(secret)
+    except UnicodeEncodeError:
+        return None
 
 
 def _session_with_hash(*, token_hash: bytes, **columns: Any) -> tuple[Session, bytes]:
@@ -77,18 +94,10 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
         """The session a bearer token belongs to, or ``None`` when the token is malformed,
         unknown, expired or revoked (``delete_session``). One primary-key lookup, then a
         constant-time comparison of digests; never raises for hostile input."""
-        if not isinstance(token, str) or len(token) > 200:
+        presented_token = _presented(token)
+        if presented_token is None:
             return None
-        session_id, _, secret = token.partition(".")
-        parsed = v.parse_uuid(session_id)
-        # Only the spelling the token was issued with: one token, one string (applications key
-        # deny-lists, rate limits and caches on it).
-        if parsed is None or str(parsed) != session_id or not secret:
-            return None
-        try:
-            presented = _digest(secret)
-        except UnicodeEncodeError:
-            return None
+        parsed, presented = presented_token
         found = await self._run(
             "get_session_for_token",
             {"id": parsed},
@@ -100,6 +109,42 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
             return None
         session, stored = found
         return session if hmac.compare_digest(stored, presented) else None
+
+    async def rotate_session_token(
+        self, token: str, *, expires_at: dt.datetime | Unset = UNSET
+    ) -> IssuedSession | None:
+        """Replace a session's bearer token with a new one and return the session with it; the
+        presented token stops working. The session keeps its id, user and data; ``expires_at``
+        (timezone-aware), when given, moves its expiry too (a sliding session). Rotate when the
+        session's privileges change (after a second factor, a step-up, a password change),
+        against session fixation: a token planted or seen before then is useless after it.
+
+        Returns ``None``, changing nothing, for a token ``validate_session_token`` would not
+        accept, and for one another call rotated first: of two rotations of one token, exactly
+        one gets a new token. Requests still in flight with the old token then fail validation.
+        One guarded UPDATE; never raises for a hostile token (``ValidationError`` for a bad
+        ``expires_at``). Retried on transient failures: the new secret is drawn before the first
+        attempt, and a retry after a lost acknowledgement finds the session already holding it.
+        """
+        moved = expires_at is not UNSET
+        params: dict[str, Any] = {
+            "set_expires_at": moved,
+            "expires_at": v.timestamp("expires_at", expires_at) if moved else None,
+        }
+        presented = _presented(token)
+        if presented is None:
+            return None
+        session_id, presented_hash = presented
+        secret = secrets.token_urlsafe(32)
+        params |= {
+            "id": session_id,
+            "presented_hash": presented_hash,
+            "token_hash": _digest(secret),
+        }
+        session = await self._one("rotate_session_token", params, Session, retry=Retry.SAFE)
+        if session is None:
+            return None
+        return IssuedSession(session=session, token=f"{session.id}.{secret}")
 
     async def issue_api_key(
         self,
