@@ -74,6 +74,7 @@ class UserRow(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     email: Mapped[str | None]
+    email_verified_at: Mapped[dt.datetime | None]
     name: Mapped[str | None]
     picture: Mapped[str | None]
     plan: Mapped[str] = mapped_column(server_default="free")

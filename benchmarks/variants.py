@@ -108,6 +108,7 @@ def create_user_params(x: NewUser) -> dict[str, Any]:
     return {
         "id": new_id(),
         "email": x.email,
+        "email_verified_at": None,
         "name": x.name,
         "picture": None,
         "plan": "free",

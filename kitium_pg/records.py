@@ -94,11 +94,13 @@ def _oauth_links(value: Mapping[str, Any] | None) -> Mapping[str, OAuthLink]:
 
 @attrs.frozen(kw_only=True)
 class User:
-    """A user. ``oauth`` maps provider name to the linked identity. The password hash is never
-    part of the record: read it with ``get_password_hash``."""
+    """A user. ``oauth`` maps provider name to the linked identity. ``email_verified_at`` is when
+    the current address was proven (``None``: not yet). The password hash is never part of the
+    record: read it with ``get_password_hash``."""
 
     id: uuid.UUID
     email: str | None
+    email_verified_at: dt.datetime | None = attrs.field(converter=_opt_utc)
     name: str | None
     picture: str | None
     plan: str

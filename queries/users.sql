@@ -2,21 +2,24 @@
 -- Every user-returning query yields the columns of kitium_pg.records.User; the oauth column
 -- aggregates the user's rows of oauth_accounts (one index lookup on user_id).
 
--- name: create_user(id, email, name, picture, plan, entitlements, metadata, password_hash)^
+-- name: create_user(id, email, email_verified_at, name, picture, plan, entitlements, metadata, password_hash)^
 -- Insert a user; a retry with the same id returns the row the first attempt wrote.
 WITH inserted AS (
   INSERT INTO kitium_auth.users
-    (id, email, name, picture, plan, entitlements, metadata, password_hash)
+    (id, email, email_verified_at, name, picture, plan, entitlements, metadata, password_hash)
   VALUES
-    (:id, :email, :name, :picture, :plan, :entitlements, :metadata::jsonb, :password_hash)
+    (:id, :email, :email_verified_at, :name, :picture, :plan, :entitlements, :metadata::jsonb,
+     :password_hash)
   ON CONFLICT (id) DO NOTHING
-  RETURNING id, email, name, picture, plan, entitlements, metadata, created_at, updated_at
+  RETURNING id, email, email_verified_at, name, picture, plan, entitlements, metadata,
+            created_at, updated_at
 )
-SELECT id, email, name, picture, plan, entitlements, metadata, '{}'::jsonb AS oauth,
-       created_at, updated_at
+SELECT id, email, email_verified_at, name, picture, plan, entitlements, metadata,
+       '{}'::jsonb AS oauth, created_at, updated_at
   FROM inserted
 UNION ALL
-SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
+SELECT u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
+       u.metadata,
        (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
                 'provider', o.provider, 'sub', o.subject, 'email', o.email,
                 'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
@@ -28,7 +31,8 @@ SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
 
 -- name: get_user(id)^
 -- Fetch one user by id.
-SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
+SELECT u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
+       u.metadata,
        (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
                 'provider', o.provider, 'sub', o.subject, 'email', o.email,
                 'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
@@ -39,7 +43,8 @@ SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
 
 -- name: get_user_by_email(email)^
 -- Fetch one user by email, ignoring case (served by the unique index users__email_key).
-SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
+SELECT u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
+       u.metadata,
        (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
                 'provider', o.provider, 'sub', o.subject, 'email', o.email,
                 'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
@@ -50,7 +55,8 @@ SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
 
 -- name: get_user_by_oauth(provider, subject)^
 -- Fetch the user linked to an OAuth identity (served by oauth_accounts__sub_key).
-SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
+SELECT u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
+       u.metadata,
        (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
                 'provider', o.provider, 'sub', o.subject, 'email', o.email,
                 'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
@@ -60,18 +66,40 @@ SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
   JOIN kitium_auth.users AS u ON u.id = link.user_id
  WHERE link.provider = :provider AND link.subject = :subject;
 
--- name: update_user(id, set_email, email, set_name, name, set_picture, picture, set_plan, plan, set_entitlements, entitlements, set_metadata, metadata)^
+-- name: update_user(id, set_email, email, set_email_verified_at, email_verified_at, set_name, name, set_picture, picture, set_plan, plan, set_entitlements, entitlements, set_metadata, metadata)^
 -- Update the given columns of one user (each set_x flag says whether x is given); no row if the
--- user does not exist.
+-- user does not exist. A new address (not the same one in another letter case) is unverified
+-- unless email_verified_at is given too: the proof was for the old one.
 UPDATE kitium_auth.users AS u
    SET email        = CASE WHEN :set_email THEN :email ELSE u.email END,
+       email_verified_at = CASE
+         WHEN :set_email_verified_at THEN :email_verified_at
+         WHEN :set_email AND lower(:email::text) IS DISTINCT FROM lower(u.email) THEN NULL
+         ELSE u.email_verified_at
+       END,
        name         = CASE WHEN :set_name THEN :name ELSE u.name END,
        picture      = CASE WHEN :set_picture THEN :picture ELSE u.picture END,
        plan         = CASE WHEN :set_plan THEN :plan ELSE u.plan END,
        entitlements = CASE WHEN :set_entitlements THEN :entitlements ELSE u.entitlements END,
        metadata     = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE u.metadata END
  WHERE u.id = :id
-RETURNING u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
+RETURNING u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
+          u.metadata,
+       (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
+                'provider', o.provider, 'sub', o.subject, 'email', o.email,
+                'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
+          FROM kitium_auth.oauth_accounts AS o WHERE o.user_id = u.id) AS oauth,
+       u.created_at, u.updated_at;
+
+-- name: mark_user_email_verified(id, email)^
+-- Record that the user proved control of this address, only while it is still the user's
+-- address (any letter case; a concurrent email change wins) and keeping the first proof's time;
+-- no row if there is no such user or the address is not the user's.
+UPDATE kitium_auth.users AS u
+   SET email_verified_at = coalesce(u.email_verified_at, statement_timestamp())
+ WHERE u.id = :id AND lower(u.email) = lower(:email)
+RETURNING u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
+          u.metadata,
        (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
                 'provider', o.provider, 'sub', o.subject, 'email', o.email,
                 'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
@@ -118,7 +146,8 @@ WITH link AS (
    WHERE o.user_id = EXCLUDED.user_id
   RETURNING o.user_id, o.provider, o.subject, o.email, o.name, o.linked_at
 )
-SELECT u.id, u.email, u.name, u.picture, u.plan, u.entitlements, u.metadata,
+SELECT u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
+       u.metadata,
        (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
                 'provider', o.provider, 'sub', o.subject, 'email', o.email,
                 'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)

@@ -1035,6 +1035,7 @@ def _check_record(
 
 USER_FIELDS = {
     "email": "text",
+    "email_verified_at": "same",
     "name": "text",
     "picture": "text",
     "plan": "text",
@@ -1379,8 +1380,20 @@ def _statuses(expected: str) -> Check:
     return check
 
 
+def _verified_at_arg() -> P:
+    """``email_verified_at``: a time is MAYBE, refused when the user ends up without an email
+    (the parameter left out at creation, ``None``, or an update of an emailless user)."""
+    times = time_arg(optional=True)
+    return P(times.clean.map(_time_maybe), times.hostile.map(_time_maybe))
+
+
+def _time_maybe(arg: Arg) -> Arg:
+    return arg if arg.value is None else Arg(arg.value, worst(arg.tag, MAYBE))
+
+
 UPDATE_USER = {
     "email": email_arg(optional=True),
+    "email_verified_at": _verified_at_arg(),
     "name": text_arg(255, optional=True),
     "picture": text_arg(URL, optional=True),
     "plan": text_arg(255),
@@ -1477,6 +1490,9 @@ def _spec_table() -> dict[str, Spec]:
             params={**_id("user", "fresh_user"), **UPDATE_USER}, writes=True, check=check_user
         ),
         "delete_user": Spec(params=_id("fresh_user"), lenient=True, writes=True),
+        "mark_user_email_verified": Spec(
+            params={"user_id": uid, "email": email_arg()}, lenient=True, writes=True
+        ),
         "set_password_hash": Spec(
             params={"user_id": uid, "password_hash": text_arg(512, optional=True)},
             writes=True,

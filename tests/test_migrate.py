@@ -17,7 +17,13 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from kitium_pg import MigrationError, PostgresStorageAdapter, UnavailableError, _sql
+from kitium_pg import (
+    MigrationError,
+    PostgresStorageAdapter,
+    UnavailableError,
+    ValidationError,
+    _sql,
+)
 from kitium_pg._base import load_migrations, plan
 
 from .fix_holder import committed_later
@@ -172,13 +178,13 @@ def test_0004_waits_for_an_open_membership_removal_and_cleans_up_after_it(dsn: s
     Without the locks the clean-up missed that row and 0005 failed on every attempt."""
     schema = f"mig_{uuid.uuid4().hex[:10]}"
     with PostgresStorageAdapter(dsn, schema=schema) as storage:
+        user = storage.create_user()  # with the newest schema, which the user queries need
         from_0006 = len(IDS) - IDS.index("0006_replace_member_and_domain_sets")
         assert storage.rollback(steps=from_0006 + 2)[-3:] == (
             "0006_replace_member_and_domain_sets",
             "0005_validate_membership_and_device_owner",
             "0004_membership_and_device_owner",
         )
-        user = storage.create_user()
         org = storage.create_organization(name="Locks", plan="team", members=[{"user_id": user.id}])
         role = storage.create_role(org_id=org.id, name="admin")
         storage.assign_role_to_user(user.id, role.id, org.id)
@@ -238,6 +244,7 @@ def test_0007_and_0008_up_down_up_correct_provider_types_and_restore_the_referen
     schema = f"mig_{uuid.uuid4().hex[:10]}"
     try:
         with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            user = storage.create_user()  # with the newest schema, which the user queries need
             storage.rollback(steps=_after(ORG_CASCADE_VALID))
             latest = _constraints(dsn, schema)
             assert storage.rollback(steps=2) == (ORG_CASCADE_VALID, ORG_CASCADE)
@@ -251,7 +258,6 @@ def test_0007_and_0008_up_down_up_correct_provider_types_and_restore_the_referen
             assert f"{schema}.sso_providers.sso_providers__id_type_key" not in before
 
             # Rows 0006 allowed: links and SSO sessions naming another type than their provider's.
-            user = storage.create_user()
             org = storage.create_organization(name="Old rows", plan="team")
             saml = storage.create_sso_provider(type="saml", name="ADFS", org_id=org.id)
             mismatched: dict[str, Any] = {
@@ -338,6 +344,7 @@ def test_0011_up_down_up_adds_the_challenge_expiry_index(dsn: str) -> None:
     past = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
     try:
         with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            user = storage.create_user()  # with the newest schema, which the user queries need
             if _after(TWOFA_EXPIRY):  # 0 while it is the newest migration
                 storage.rollback(steps=_after(TWOFA_EXPIRY))
             latest, constraints = _twofa_indexes(dsn, schema), _constraints(dsn, schema)
@@ -346,7 +353,6 @@ def test_0011_up_down_up_adds_the_challenge_expiry_index(dsn: str) -> None:
             assert _twofa_indexes(dsn, schema) == latest - {"twofa_sessions_expires_at_idx"}
             assert _constraints(dsn, schema) == constraints
 
-            user = storage.create_user()
             device = storage.create_two_factor_device(user_id=user.id, method="totp")
             session = storage.create_session(
                 user_id=user.id, expires_at=dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
@@ -412,6 +418,9 @@ def test_0012_up_down_up_adds_the_sso_logout_indexes(dsn: str) -> None:
     schema = f"mig_{uuid.uuid4().hex[:10]}"
     try:
         with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            # Written with the newest schema, which the adapter's user queries need.
+            user = storage.create_user()
+            provider = storage.create_sso_provider(type="saml", name="ADFS")
             if _after(SSO_LOGOUT):  # 0 while it is the newest migration
                 storage.rollback(steps=_after(SSO_LOGOUT))
             latest = _indexes(dsn, schema)
@@ -419,8 +428,6 @@ def test_0012_up_down_up_adds_the_sso_logout_indexes(dsn: str) -> None:
                 assert latest[name].endswith(f"USING btree {columns}"), latest[name]
             assert "sso_sessions_provider_id_idx" in latest
 
-            user = storage.create_user()
-            provider = storage.create_sso_provider(type="saml", name="ADFS")
             bound: dict[str, Any] = {
                 "user_id": user.id,
                 "provider_id": provider.id,
@@ -625,3 +632,62 @@ def test_a_connection_lost_during_a_migration_is_unavailable_not_a_migration_err
         locker.close()
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
+
+
+EMAIL_VERIFIED = "0015_user_email_verified_at"
+EMAIL_VERIFIED_VALID = "0016_validate_user_email_verified_at"
+
+
+def _user_columns(dsn: str, schema: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = 'users'",
+            [schema],
+        ).fetchall()
+    return {name for (name,) in rows}
+
+
+def _verified_check(dsn: str, schema: str) -> tuple[str, bool] | None:
+    """users__email_verified_at_check's definition and whether it is validated, if it exists."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT pg_get_constraintdef(c.oid), c.convalidated FROM pg_constraint AS c"
+            " WHERE c.conrelid = %s::regclass AND c.conname = 'users__email_verified_at_check'",
+            [f"{schema}.users"],
+        ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def test_0015_and_0016_add_users_email_verified_at(dsn: str) -> None:
+    """0015 adds a nullable users.email_verified_at (existing users start unverified) with a
+    NOT VALID check that only an address is verified, 0016 validates the check; each down part
+    gives back what the part before it left, 0015's drops only that column."""
+    schema = f"mig_{uuid.uuid4().hex[:10]}"
+    check = "CHECK (((email_verified_at IS NULL) OR (email IS NOT NULL)))"
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            verified_at = dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=dt.UTC)
+            ada = storage.create_user(email="ada@example.com", email_verified_at=verified_at)
+            assert ada.email_verified_at == verified_at
+            with pytest.raises(ValidationError) as caught:  # the check, from update_user
+                storage.update_user(ada.id, email=None, email_verified_at=verified_at)
+            assert caught.value.field == "email_verified_at"
+            latest = _user_columns(dsn, schema)
+            assert _verified_check(dsn, schema) == (check, True)
+            if _after(EMAIL_VERIFIED_VALID):
+                storage.rollback(steps=_after(EMAIL_VERIFIED_VALID))
+            assert storage.rollback() == (EMAIL_VERIFIED_VALID,)
+            assert _verified_check(dsn, schema) == (f"{check} NOT VALID", False)
+            assert storage.rollback() == (EMAIL_VERIFIED,)
+            assert _user_columns(dsn, schema) == latest - {"email_verified_at"}
+            assert _verified_check(dsn, schema) is None
+            assert storage.migrate()[:2] == (EMAIL_VERIFIED, EMAIL_VERIFIED_VALID)
+            assert _user_columns(dsn, schema) == latest
+            assert _verified_check(dsn, schema) == (check, True)
+            again = storage.get_user(ada.id)
+            assert again is not None and again.email_verified_at is None
+            assert again.email == "ada@example.com"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())

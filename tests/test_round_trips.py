@@ -158,6 +158,7 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
         ("get_user", lambda: s.get_user(user())),
         ("get_user_by_email", lambda: s.get_user_by_email(email.upper())),
         ("update_user", lambda: s.update_user(user(), name="Ada")),
+        ("mark_user_email_verified", lambda: s.mark_user_email_verified(user(), email)),
         ("set_password_hash", lambda: s.set_password_hash(user(), _digest("pw2"))),
         ("get_password_hash", lambda: s.get_password_hash(user())),
         (
@@ -479,6 +480,7 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     assert ctx["get_oauth_tokens"].access_token == "gho_access"
     assert ctx["has_permission"] is True
     assert ctx["revoke_role_from_user"] is True
+    assert ctx["mark_user_email_verified"].email_verified_at is not None
     assert ctx["validate_session_token"] == ctx["issue_session_token"].session
     assert ctx["rotate_session_token"].session.id == ctx["issue_session_token[event]"].session.id
     assert ctx["create_session[event]"].user_id == ctx["issue_session_token[event]"].session.user_id

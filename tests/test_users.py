@@ -7,11 +7,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 from kitium_pg import ConflictError, NotFoundError, User, ValidationError
 
-from .fix_holder import adapter_module, committed_later
+from .fix_holder import adapter_module, committed_later, release_when_waiting
 
 
 async def test_create_and_get_round_trip(storage: Any, email: str) -> None:
@@ -106,6 +107,83 @@ async def test_update_changes_only_given_fields(storage: Any, email: str) -> Non
         await storage.update_user(uuid.uuid4(), name="x")
     with pytest.raises(TypeError):
         await storage.update_user(user.id, password_hash="nope")  # not an updatable field
+
+
+async def test_email_verification_state_follows_the_address(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """email_verified_at: given at creation (an address a provider vouches for), set by
+    mark_user_email_verified only for the user's current address (first proof's time kept),
+    cleared by a change to another address unless given with it, kept across a change of
+    letter case."""
+    first, second = unique("ada") + "@example.com", unique("ada2") + "@example.com"
+    vouched = dt.datetime(2026, 5, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
+    user = await storage.create_user(email=first, email_verified_at=vouched)
+    assert user.email_verified_at == vouched
+    assert await storage.get_user(user.id) == user
+    plain = await storage.create_user(email=unique("bob") + "@example.com")
+    assert plain.email_verified_at is None
+
+    assert (await storage.update_user(user.id, email=first.upper())).email_verified_at == vouched
+    changed = await storage.update_user(user.id, email=second)
+    assert changed.email_verified_at is None
+    # A token sent to the old address proves nothing about the new one.
+    assert await storage.mark_user_email_verified(user.id, first) is None
+    assert (await storage.get_user(user.id)).email_verified_at is None
+    marked = await storage.mark_user_email_verified(str(user.id), second.upper())
+    assert marked is not None and marked.email_verified_at is not None
+    assert marked.email_verified_at > vouched and marked.email == second
+    again = await storage.mark_user_email_verified(user.id, second)
+    assert again is not None and again.email_verified_at == marked.email_verified_at
+    given = await storage.update_user(user.id, email=first, email_verified_at=vouched)
+    assert (given.email, given.email_verified_at) == (first, vouched)
+    cleared = await storage.update_user(user.id, email_verified_at=None)
+    assert (cleared.email, cleared.email_verified_at) == (first, None)
+    removed = await storage.update_user(user.id, email_verified_at=vouched)
+    assert (await storage.update_user(removed.id, email=None)).email_verified_at is None
+
+    for user_id, address in (
+        (uuid.uuid4(), first),
+        ("not-a-uuid", first),
+        (user.id, "not an address\x00"),
+        (user.id, 42),
+        (plain.id, first),
+    ):
+        assert await storage.mark_user_email_verified(user_id, address) is None
+    assert (await storage.get_user(plain.id)).email_verified_at is None
+
+
+async def test_email_verified_at_needs_an_email_and_a_time_zone(storage: Any, email: str) -> None:
+    aware = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
+    for kwargs in (
+        {"email_verified_at": aware},
+        {"email": email, "email_verified_at": dt.datetime(2026, 5, 1)},
+        {"email": email, "email_verified_at": "yesterday"},
+    ):
+        with pytest.raises(ValidationError) as caught:
+            await storage.create_user(**kwargs)
+        assert caught.value.field == "email_verified_at"
+    assert await storage.get_user_by_email(email) is None
+
+
+async def test_marking_an_address_verified_loses_to_a_concurrent_email_change(
+    storage: Any, dsn: str, unique: Callable[[str], str]
+) -> None:
+    """The guard is in the statement: a mark waiting on the row while another transaction
+    changes the address re-checks it once that commits, and marks nothing."""
+    old, new = unique("old") + "@example.com", unique("new") + "@example.com"
+    user = await storage.create_user(email=old)
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute("UPDATE kitium_auth.users SET email = %s WHERE id = %s", [new, user.id])
+        watcher = release_when_waiting(dsn, holder, "email_verified_at = coalesce")
+        assert await storage.mark_user_email_verified(user.id, old) is None
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    stored = await storage.get_user(user.id, consistency="primary")
+    assert (stored.email, stored.email_verified_at) == (new, None)
 
 
 async def test_delete_is_idempotent(storage: Any, email: str) -> None:

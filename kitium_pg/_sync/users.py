@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import UNSET, Consistency, Retry, Unset, new_id
-from ..errors import ConflictError, NotFoundError
+from ..errors import ConflictError, NotFoundError, ValidationError
 from ..records import OAuthTokens, User
 from .core import Core
 
@@ -23,6 +23,7 @@ class Users(Core):
         self,
         *,
         email: str | None = None,
+        email_verified_at: dt.datetime | None = None,
         name: str | None = None,
         picture: str | None = None,
         plan: str = "free",
@@ -32,13 +33,16 @@ class Users(Core):
     ) -> User:
         """Create a user and return it.
 
-        Raises ``ConflictError`` when another user has the same email in any letter case, and
-        ``ValidationError`` for bad input. Retried on transient failures: the id is generated
-        before the first attempt, so a retry after a lost acknowledgement returns the same row.
+        ``email_verified_at`` (timezone-aware) records an address proven already, e.g. one an
+        OAuth provider vouches for; it needs an ``email``. Raises ``ConflictError`` when another
+        user has the same email in any letter case, and ``ValidationError`` for bad input.
+        Retried on transient failures: the id is generated before the first attempt, so a retry
+        after a lost acknowledgement returns the same row.
         """
         params = {
             "id": new_id(),
             "email": v.opt_email("email", email),
+            "email_verified_at": v.opt_timestamp("email_verified_at", email_verified_at),
             "name": v.opt_text("name", name),
             "picture": v.opt_text("picture", picture, max_len=v.URL),
             "plan": v.text("plan", plan),
@@ -46,6 +50,8 @@ class Users(Core):
             "metadata": v.json_text("metadata", metadata),
             "password_hash": v.opt_text("password_hash", password_hash, max_len=v.HASH),
         }
+        if params["email"] is None and params["email_verified_at"] is not None:
+            raise ValidationError("email_verified_at", "needs an email to have been verified")
         user = self._written("create_user", params, User, retry=Retry.SAFE)
         return user
 
@@ -96,6 +102,7 @@ class Users(Core):
         id: uuid.UUID | str,
         *,
         email: str | Unset | None = UNSET,
+        email_verified_at: dt.datetime | Unset | None = UNSET,
         name: str | Unset | None = UNSET,
         picture: str | Unset | None = UNSET,
         plan: str | Unset = UNSET,
@@ -104,12 +111,19 @@ class Users(Core):
     ) -> User:
         """Change the given fields of a user and return it (fields left out stay as they are).
 
+        A new ``email`` (not the same address in another letter case) is unverified: its
+        ``email_verified_at`` becomes ``None`` unless given in the same call.
+
         Raises ``NotFoundError`` when there is no such user, ``ConflictError`` for an email
         another user has. Setting values is idempotent, so transient failures are retried.
         """
         params: dict[str, Any] = {"id": v.uuid_arg("id", id)}
         checks: dict[str, Any] = {
             "email": (email, lambda x: v.opt_email("email", x)),
+            "email_verified_at": (
+                email_verified_at,
+                lambda x: v.opt_timestamp("email_verified_at", x),
+            ),
             "name": (name, lambda x: v.opt_text("name", x)),
             "picture": (picture, lambda x: v.opt_text("picture", x, max_len=v.URL)),
             "plan": (plan, lambda x: v.text("plan", x)),
@@ -124,6 +138,21 @@ class Users(Core):
         if user is None:
             raise NotFoundError(f"update_user: no user {params['id']}")
         return user
+
+    def mark_user_email_verified(self, user_id: uuid.UUID | str, email: str) -> User | None:
+        """Record that the user proved control of ``email`` (e.g. consumed the verification
+        token sent there) and return the user; ``None``, changing nothing, when there is no
+        such user or ``email`` is not the user's address any more (any letter case): an address
+        changed since the token was sent is not marked verified. One guarded UPDATE, so it
+        holds against a concurrent email change. Verifying again keeps the first time. Never
+        raises for a malformed id or address (``None``). Retried on transient failures (it is
+        idempotent)."""
+        parsed = v.parse_uuid(user_id)
+        key = v.lookup_email(email)
+        if parsed is None or key is None:
+            return None
+        params = {"id": parsed, "email": key}
+        return self._one("mark_user_email_verified", params, User, retry=Retry.SAFE)
 
     def delete_user(self, id: uuid.UUID | str) -> bool:
         """Delete a user with everything that belongs to it; ``True`` if a row was deleted.

@@ -1,0 +1,33 @@
+-- When a user's email address was verified.
+--
+-- Every auth system needs to know whether the address on an account is proven (Supabase's
+-- email_confirmed_at, Auth.js's emailVerified, better-auth's emailVerified); without a column an
+-- application kept it in metadata, where marking it after consuming a verification token raced
+-- an email change: the new, unproven address could be marked verified. The adapter now sets it
+-- with one guarded statement (mark_user_email_verified: only while the address is still the
+-- user's) and clears it when update_user changes the address, unless told otherwise.
+--
+-- A nullable column without a default: PostgreSQL adds it to the catalog only, no table
+-- rewrite. Only an address can be verified: users__email_verified_at_check refuses a time on a
+-- user without an email, added NOT VALID (checking the existing rows, all NULL in the new
+-- column, would scan users under this migration's lock); 0016 validates it.
+-- Locks: ACCESS EXCLUSIVE on users for that moment (lock_timeout bounds the wait).
+-- Existing users start unverified (NULL): an application that tracked verification elsewhere
+-- can copy it over once, e.g. UPDATE ... SET email_verified_at = ... FROM its own table.
+
+-- migrate:up
+
+-- Give up quickly rather than queue behind (and block) live traffic; migrate again later.
+SET LOCAL lock_timeout = '5s';
+
+ALTER TABLE kitium_auth.users ADD COLUMN email_verified_at timestamptz;
+ALTER TABLE kitium_auth.users
+  ADD CONSTRAINT users__email_verified_at_check
+    CHECK (email_verified_at IS NULL OR email IS NOT NULL) NOT VALID;
+
+-- migrate:down
+
+SET LOCAL lock_timeout = '5s';
+
+-- Drops users__email_verified_at_check with it.
+ALTER TABLE kitium_auth.users DROP COLUMN email_verified_at;
