@@ -33,6 +33,7 @@ EVENTS_INSERT = "INSERT INTO kitium_auth.auth_events AS e"
 SESSION_INSERT = "INSERT INTO kitium_auth.sessions"
 TOKEN_CONSUME = "UPDATE kitium_auth.email_verification_tokens AS t"
 ATTEMPTS_INSERT = "INSERT INTO kitium_auth.email_verification_token_attempts"
+MEMBER_ADD = "kitium_auth.add_organization_member("
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +193,27 @@ async def test_a_sign_in_after_a_lost_ack_writes_one_session_and_one_event(
     )
     assert events == [("login", {"ip": "::1"})]
     assert await via_proxy.validate_session_token(issued.token) == issued.session
+
+
+async def test_a_guarded_add_after_a_lost_ack_returns_the_membership_it_added(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    """The first attempt took the organization's last seat and committed; the retry finds the
+    user a member and returns the membership, rather than report the seat it took as taken."""
+    user = await via_proxy.create_user()
+    org = await via_proxy.create_organization(name="Lost seat", plan="team", seats=1)
+    lost = LostAck(proxy, MEMBER_ADD)
+    member = await via_proxy.add_organization_member(
+        org.id, user.id, role="admin", within_seats=True
+    )
+    lost.check(sent=2)
+    assert (member.user_id, member.role) == (user.id, "admin")
+    stored = rows(
+        dsn,
+        "SELECT user_id, role, joined_at FROM kitium_auth.organization_members WHERE org_id = %s",
+        org.id,
+    )
+    assert stored == [(user.id, "admin", member.joined_at)]
 
 
 async def _new_token(storage: Any) -> Any:
