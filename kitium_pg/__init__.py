@@ -21,6 +21,7 @@ from .errors import (
     NotFoundError,
     PermissionDeniedError,
     QueryTimeoutError,
+    SeatLimitError,
     UnavailableError,
     ValidationError,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "PostgresStorageAdapter",
     "QueryTimeoutError",
     "Role",
+    "SeatLimitError",
     "Session",
     "SsoDomain",
     "SsoLink",

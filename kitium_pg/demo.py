@@ -294,7 +294,15 @@ def _tour(
         seats=5,
         members=[{"user_id": ada.id, "role": "owner"}],
     )
-    storage.add_organization_member(org.id, grace.id, role="admin")
+    storage.add_organization_member(org.id, grace.id, role="admin", within_seats=True)
+    kept = storage.add_organization_member(org.id, ada.id)  # already a member: unchanged
+    _check(kept.role == "owner", "an existing member to keep its role")
+    try:
+        storage.set_organization_member_role(org.id, ada.id, "admin", keep_last="owner")
+    except ConflictError as exc:
+        last_owner = Text(f"ConflictError: {exc}", style="red")
+    else:
+        raise InternalError("demo: expected the last owner's demotion to be refused")
     members = storage.list_organization_members(org.id)
     roles = {m.user_id: m.role for m in members}
     _check(roles == {ada.id: "owner", grace.id: "admin"}, "an owner and an admin")
@@ -308,7 +316,9 @@ def _tour(
                 " members=[{'user_id': ada, 'role': 'owner'}])",
                 f"organization {org.id}",
             ),
-            ("add_organization_member(org, grace, role='admin')", "added"),
+            ("add_organization_member(org, grace, role='admin', within_seats=True)", "added"),
+            ("add_organization_member(org, ada)", f"already a member: kept as {kept.role}"),
+            ("set_organization_member_role(org, ada, 'admin', keep_last='owner')", last_owner),
             (
                 "list_organization_members(org)",
                 ", ".join(f"{names[m.user_id]} ({m.role})" for m in members),

@@ -4,8 +4,10 @@ Hierarchy::
 
     KitiumPgError                    code, retryable, __cause__
     ├── NotFoundError (LookupError)  no such row (update of a missing row, unknown reference)
-    ├── ConflictError                unique violation, consume-once already consumed;
-    │                                serialization failure or deadlock (retryable)
+    ├── ConflictError                unique violation, consume-once already consumed, a
+    │   │                            membership rule (last holder of a role);
+    │   │                            serialization failure or deadlock (retryable)
+    │   └── SeatLimitError           the organization has no free seat
     ├── ValidationError (ValueError) bad input; ``field`` names the argument; nothing was written
     ├── QueryTimeoutError (TimeoutError)  statement_timeout or lock_timeout fired
     ├── UnavailableError (ConnectionError) database unreachable, connection lost, pool exhausted
@@ -37,6 +39,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "QueryTimeoutError",
+    "SeatLimitError",
     "UnavailableError",
     "ValidationError",
     "scrubbed",
@@ -89,6 +92,14 @@ class ConflictError(KitiumPgError):
     ``retryable``: nothing was committed, and ``run_in_transaction`` re-runs the transaction."""
 
     code = "conflict"
+
+
+class SeatLimitError(ConflictError):
+    """A guarded add (``add_organization_member(..., within_seats=True)``) found as many members
+    as the organization has ``seats``; nothing was written. Not ``retryable``: the same call
+    succeeds only once a seat is freed or ``seats`` is raised."""
+
+    code = "seat_limit"
 
 
 class ValidationError(KitiumPgError, ValueError):

@@ -52,8 +52,9 @@ SELECT o.id, o.name, o.plan, o.seats,
 -- Update the given columns of one organization and, when set_members, replace its member set
 -- (members kept keep their joined_at; the others are deleted or inserted) with
 -- replace_organization_members, after the UPDATE has locked the organization row (see
--- migration 0006: a concurrent replacement is then replaced, not merged). No row if the
--- organization does not exist.
+-- migration 0006: a concurrent replacement is then replaced, not merged; since 0013 it also
+-- deletes the removed members' sessions bound to the organization). No row if the organization
+-- does not exist.
 WITH org AS (
   UPDATE kitium_auth.organizations AS o
      SET name     = CASE WHEN :set_name THEN :name ELSE o.name END,
@@ -81,16 +82,29 @@ SELECT org.id, org.name, org.plan, org.seats,
 -- their domains, links and SSO sessions, and the sessions bound to it (sessions.org_id).
 DELETE FROM kitium_auth.organizations WHERE id = :id;
 
--- name: add_organization_member(org_id, user_id, role)^
--- Add a user to an organization, or change the role of an existing member (joined_at is kept).
-INSERT INTO kitium_auth.organization_members AS m (org_id, user_id, role)
-VALUES (:org_id, :user_id, :role)
-ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role
-RETURNING m.user_id, m.role, m.joined_at;
+-- name: add_organization_member(org_id, user_id, role, within_seats)^
+-- Add a user to an organization under the organization's row lock (migration 0013): outcome
+-- 'added' for a new member, 'existing' for a member already there (returned unchanged: its role
+-- and joined_at are kept), 'seat_limit' when within_seats and the organization has no free seat
+-- (nothing written, no membership).
+SELECT r.outcome, r.member_user_id AS user_id, r.member_role AS role,
+       r.member_joined_at AS joined_at
+  FROM kitium_auth.add_organization_member(:org_id, :user_id, :role, :within_seats) AS r;
 
--- name: remove_organization_member(org_id, user_id)!
--- Remove a user from an organization.
-DELETE FROM kitium_auth.organization_members WHERE org_id = :org_id AND user_id = :user_id;
+-- name: set_organization_member_role(org_id, user_id, role, keep_last)^
+-- Change a member's role under the organization's row lock (migration 0013): outcome 'set' with
+-- the membership, or 'last' (nothing written) when keep_last names the role the member holds and
+-- no other member holds it. No row when the user is not a member or there is no organization.
+SELECT r.outcome, r.member_user_id AS user_id, r.member_role AS role,
+       r.member_joined_at AS joined_at
+  FROM kitium_auth.set_organization_member_role(:org_id, :user_id, :role, :keep_last) AS r;
+
+-- name: remove_organization_member(org_id, user_id, keep_last)$
+-- Remove a user from an organization with its roles there and its sessions bound to the
+-- organization, under the organization's row lock (migration 0013): 'removed', 'absent' (not a
+-- member, or no organization), or 'last' (nothing written) when keep_last names the role the
+-- member holds and no other member holds it.
+SELECT kitium_auth.remove_organization_member(:org_id, :user_id, :keep_last) AS outcome;
 
 -- name: get_organization_member(org_id, user_id)^
 -- One membership: whether the user belongs to the organization, and with which role (served by

@@ -20,16 +20,26 @@ async def race_each(
     storage: Any, method: str, calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]
 ) -> list[Any]:
     """Like ``race``, with each caller's own ``(args, kwargs)``."""
+    return await race_methods(storage, [(method, args, kwargs) for args, kwargs in calls])
+
+
+async def race_methods(
+    storage: Any, calls: Sequence[tuple[str, tuple[Any, ...], dict[str, Any]]]
+) -> list[Any]:
+    """Like ``race_each``, with each caller's own method: ``(method, args, kwargs)``."""
     if storage.kind == "sync":
-        call = getattr(storage.adapter, method)
         barrier = threading.Barrier(len(calls))
 
-        def run(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        def run(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            call = getattr(storage.adapter, method)
             barrier.wait()
             return call(*args, **kwargs)
 
         with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-            futures = [pool.submit(run, a, kw) for a, kw in calls]
+            futures = [pool.submit(run, m, a, kw) for m, a, kw in calls]
             return [f.exception() or f.result() for f in futures]
-    call = getattr(storage, method)
-    return list(await asyncio.gather(*(call(*a, **kw) for a, kw in calls), return_exceptions=True))
+    return list(
+        await asyncio.gather(
+            *(getattr(storage, m)(*a, **kw) for m, a, kw in calls), return_exceptions=True
+        )
+    )

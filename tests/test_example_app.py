@@ -280,7 +280,8 @@ def test_totp_step_window() -> None:
 async def test_organization_roles_and_permissions(
     client: httpx.AsyncClient, unique: Callable[[str], str]
 ) -> None:
-    alice = await signup_and_login(client, f"{unique('alice')}@example.com")
+    alice_email = f"{unique('alice')}@example.com"
+    alice = await signup_and_login(client, alice_email)
     bob_email = f"{unique('bob')}@example.com"
     bob = await signup_and_login(client, bob_email)
 
@@ -325,6 +326,12 @@ async def test_organization_roles_and_permissions(
     r = await client.post("/orgs/members", headers=bearer(bob, org_id), json=promote)
     assert r.status_code == 403
     r = await client.get("/reports", headers=bearer(bob, org_id))
+    assert r.status_code == 200
+    # The last admin cannot demote themselves: the organization would have no admin left.
+    demote_self = {"email": alice_email, "role": "viewer"}
+    r = await client.post("/orgs/members", headers=bearer(alice, org_id), json=demote_self)
+    assert r.status_code == 409 and r.json()["code"] == "last_role_holder"
+    r = await client.get("/reports", headers=bearer(alice, org_id))
     assert r.status_code == 200
 
 

@@ -34,6 +34,7 @@ SESSION_INSERT = "INSERT INTO kitium_auth.sessions"
 SESSION_ROTATE = "UPDATE kitium_auth.sessions AS s\n   SET token_hash"
 TOKEN_CONSUME = "UPDATE kitium_auth.email_verification_tokens AS t"
 ATTEMPTS_INSERT = "INSERT INTO kitium_auth.email_verification_token_attempts"
+MEMBER_ADD = "kitium_auth.add_organization_member("
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +209,27 @@ async def test_rotate_session_token_after_a_lost_ack_gives_the_new_token(
     assert rotated is not None and rotated.session.id == issued.session.id
     assert await via_proxy.validate_session_token(rotated.token) == rotated.session
     assert await via_proxy.validate_session_token(issued.token) is None
+
+
+async def test_a_guarded_add_after_a_lost_ack_returns_the_membership_it_added(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    """The first attempt took the organization's last seat and committed; the retry finds the
+    user a member and returns the membership, rather than report the seat it took as taken."""
+    user = await via_proxy.create_user()
+    org = await via_proxy.create_organization(name="Lost seat", plan="team", seats=1)
+    lost = LostAck(proxy, MEMBER_ADD)
+    member = await via_proxy.add_organization_member(
+        org.id, user.id, role="admin", within_seats=True
+    )
+    lost.check(sent=2)
+    assert (member.user_id, member.role) == (user.id, "admin")
+    stored = rows(
+        dsn,
+        "SELECT user_id, role, joined_at FROM kitium_auth.organization_members WHERE org_id = %s",
+        org.id,
+    )
+    assert stored == [(user.id, "admin", member.joined_at)]
 
 
 async def _new_token(storage: Any) -> Any:

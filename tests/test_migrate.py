@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import subprocess
 import sys
 import threading
@@ -466,6 +467,85 @@ def test_0012_up_down_up_adds_the_sso_logout_indexes(dsn: str) -> None:
                 len(storage.delete_sso_sessions(provider_id=provider.id, session_token="t2")) == 1
             )
             assert storage.delete_user_sso_sessions(user.id) == 1
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+MEMBERSHIP_GUARDS = "0013_organization_membership_guards"
+MEMBERSHIP_FUNCTIONS = {
+    "add_organization_member(p_org_id uuid, p_user_id uuid, p_role text, p_within_seats boolean)",
+    "set_organization_member_role(p_org_id uuid, p_user_id uuid, p_role text, p_keep_last text)",
+    "remove_organization_member(p_org_id uuid, p_user_id uuid, p_keep_last text)",
+}
+REPLACE_MEMBERS = "replace_organization_members(p_org_id uuid, p_user_ids uuid[], p_roles text[])"
+
+
+def _functions(dsn: str, schema: str) -> dict[str, str]:
+    """Every function of ``schema``: ``name(arguments)`` -> its body."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')',"
+            " p.prosrc FROM pg_proc AS p WHERE p.pronamespace = %s::regnamespace",
+            [schema],
+        ).fetchall()
+    return dict(rows)
+
+
+def _body_in(mig_id: str, schema: str, function: str) -> str:
+    """The body of ``function`` as migration ``mig_id``'s up part creates it."""
+    [migration] = [m for m in load_migrations(schema) if m.id == mig_id]
+    found = re.search(rf"FUNCTION {schema}\.{function}\(.*?\$\$(.*?)\$\$", migration.up, re.S)
+    assert found is not None
+    return found.group(1)
+
+
+def test_0013_up_down_up_guards_memberships_and_restores_the_member_set_replacement(
+    dsn: str,
+) -> None:
+    """0013 adds the guarded membership functions and makes replace_organization_members end
+    the dropped members' sessions bound to the organization; its down part drops the three
+    functions and gives replace_organization_members back its 0006 body (dropped members'
+    sessions stay); up again restores 0013's."""
+    schema = f"mig_{uuid.uuid4().hex[:10]}"
+    later = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            if _after(MEMBERSHIP_GUARDS):  # 0 while it is the newest migration
+                storage.rollback(steps=_after(MEMBERSHIP_GUARDS))
+            latest = _functions(dsn, schema)
+            assert set(latest) >= MEMBERSHIP_FUNCTIONS
+            assert latest[REPLACE_MEMBERS] == _body_in(
+                MEMBERSHIP_GUARDS, schema, "replace_organization_members"
+            )
+            alice, bob = storage.create_user(), storage.create_user()
+            org = storage.create_organization(
+                name="Guards", plan="team", members=[{"user_id": alice.id}, {"user_id": bob.id}]
+            )
+
+            def dropped_session_stays() -> bool:
+                session = storage.create_session(user_id=bob.id, org_id=org.id, expires_at=later)
+                storage.update_organization(org.id, members=[{"user_id": alice.id}])
+                storage.update_organization(
+                    org.id, members=[{"user_id": alice.id}, {"user_id": bob.id}]
+                )
+                return storage.get_session(session.id) is not None
+
+            assert not dropped_session_stays()
+
+            assert storage.rollback() == (MEMBERSHIP_GUARDS,)
+            assert _functions(dsn, schema) == {
+                **{f: body for f, body in latest.items() if f not in MEMBERSHIP_FUNCTIONS},
+                REPLACE_MEMBERS: _body_in(
+                    "0006_replace_member_and_domain_sets", schema, "replace_organization_members"
+                ),
+            }
+            assert dropped_session_stays()
+
+            assert _migrate_through(storage, MEMBERSHIP_GUARDS) == (MEMBERSHIP_GUARDS,)
+            assert _functions(dsn, schema) == latest
+            assert not dropped_session_stays()
+            assert storage.remove_organization_member(org.id, bob.id, keep_last="owner") is True
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())

@@ -7,11 +7,21 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 
-from kitium_pg import NotFoundError, Organization, OrganizationMember, User, ValidationError
+from kitium_pg import (
+    ConflictError,
+    NotFoundError,
+    Organization,
+    OrganizationMember,
+    SeatLimitError,
+    User,
+    ValidationError,
+)
 
-from .fix_race import race_each
+from .fix_holder import release_when_waiting
+from .fix_race import race_each, race_methods
 
 
 async def _users(storage: Any, unique: Callable[[str], str], n: int) -> list[User]:
@@ -165,18 +175,26 @@ async def test_delete_is_idempotent_and_cascades(storage: Any, email: str) -> No
     assert await storage.get_user(user.id) == user  # the user stays
 
 
-async def test_add_member_upserts_the_role(storage: Any, email: str) -> None:
-    user = await storage.create_user(email=email)
-    org = await storage.create_organization(name="Club", plan="free")
+async def test_adding_an_existing_member_returns_it_unchanged(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """Adding a member again keeps its role and joined_at: an owner who accepts an invitation
+    as a member stays the owner, and a retried add returns what the first one wrote."""
+    owner, user = await _users(storage, unique, 2)
+    org = await storage.create_organization(
+        name="Club", plan="free", members=[{"user_id": owner.id, "role": "owner"}]
+    )
+    [stored_owner] = org.members
     member = await storage.add_organization_member(org.id, user.id)
     assert isinstance(member, OrganizationMember)
     assert (member.user_id, member.role) == (user.id, "member")
     assert member.joined_at.tzinfo is dt.UTC
-    promoted = await storage.add_organization_member(str(org.id), str(user.id), role="admin")
-    assert (promoted.user_id, promoted.role) == (user.id, "admin")
-    assert promoted.joined_at == member.joined_at
-    assert await storage.list_organization_members(org.id) == [promoted]
-    assert (await storage.get_organization(org.id)).members == (promoted,)
+    again = await storage.add_organization_member(str(org.id), str(user.id), role="admin")
+    assert again == member
+    assert await storage.add_organization_member(org.id, owner.id, role="member") == stored_owner
+    assert await storage.add_organization_member(org.id, owner.id) == stored_owner
+    assert await storage.list_organization_members(org.id) == [stored_owner, member]
+    assert (await storage.get_organization(org.id)).members == (stored_owner, member)
 
 
 async def test_get_organization_member_is_one_membership(
@@ -348,3 +366,312 @@ async def test_concurrent_member_set_replacements_leave_one_set(
         assert len(stored) == 1, stored
         assert [[m.user_id for m in r.members] for r in results].count(stored) >= 1
         assert all(len(r.members) == 1 for r in results)
+
+
+def _later() -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+
+
+async def test_within_seats_refuses_a_new_member_beyond_the_seats(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    alice, bob, carol = await _users(storage, unique, 3)
+    org = await storage.create_organization(
+        name="Seats", plan="team", seats=2, members=[{"user_id": alice.id, "role": "owner"}]
+    )
+    bob_member = await storage.add_organization_member(org.id, bob.id, within_seats=True)
+    assert bob_member.role == "member"
+    with pytest.raises(SeatLimitError) as caught:
+        await storage.add_organization_member(org.id, carol.id, role="admin", within_seats=True)
+    assert isinstance(caught.value, ConflictError)
+    assert (caught.value.code, caught.value.retryable) == ("seat_limit", False)
+    assert str(org.id) in str(caught.value)
+    before = await storage.get_organization(org.id)
+    assert [m.user_id for m in before.members] == [alice.id, bob.id]  # nothing written
+    # An existing member is never over the limit: it is returned as it is.
+    assert await storage.add_organization_member(org.id, bob.id, within_seats=True) == bob_member
+    # Unguarded adds, and the member set, are not limited; lowering seats removes nobody.
+    await storage.add_organization_member(org.id, carol.id)
+    lowered = await storage.update_organization(org.id, seats=1)
+    assert (lowered.seats, len(lowered.members)) == (1, 3)
+    [dave] = await _users(storage, unique, 1)
+    with pytest.raises(SeatLimitError):
+        await storage.add_organization_member(org.id, dave.id, within_seats=True)
+    # A user that does not exist is reported as such, seat or no seat.
+    with pytest.raises(NotFoundError) as missing:
+        await storage.add_organization_member(org.id, uuid.uuid4(), within_seats=True)
+    assert "user_id_fkey" in str(missing.value)
+    with pytest.raises(NotFoundError) as no_org:
+        await storage.add_organization_member(uuid.uuid4(), bob.id, within_seats=True)
+    assert "org_id_fkey" in str(no_org.value)
+    with pytest.raises(ValidationError) as bad:
+        await storage.add_organization_member(org.id, bob.id, within_seats="yes")
+    assert bad.value.field == "within_seats"
+
+
+async def test_an_organization_without_seats_takes_no_guarded_member(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    [user] = await _users(storage, unique, 1)
+    org = await storage.create_organization(name="Seatless", plan="free", seats=0)
+    with pytest.raises(SeatLimitError):
+        await storage.add_organization_member(org.id, user.id, within_seats=True)
+    assert await storage.list_organization_members(org.id) == []
+    free = await storage.create_organization(name="One seat", plan="free", seats=1)
+    member = await storage.add_organization_member(free.id, user.id, within_seats=True)
+    assert await storage.list_organization_members(free.id) == [member]
+
+
+async def test_set_member_role(storage: Any, unique: Callable[[str], str]) -> None:
+    alice, bob, stranger = await _users(storage, unique, 3)
+    org = await storage.create_organization(
+        name="Roles", plan="team", members=[{"user_id": alice.id, "role": "owner"}]
+    )
+    bob_member = await storage.add_organization_member(org.id, bob.id)
+    admin = await storage.set_organization_member_role(str(org.id), str(bob.id), "admin")
+    assert isinstance(admin, OrganizationMember)
+    assert (admin.user_id, admin.role, admin.joined_at) == (bob.id, "admin", bob_member.joined_at)
+    assert await storage.get_organization_member(org.id, bob.id) == admin
+    assert await storage.set_organization_member_role(org.id, bob.id, "admin") == admin  # again
+    for org_id, user_id in (
+        (org.id, stranger.id),
+        (org.id, uuid.uuid4()),
+        (uuid.uuid4(), bob.id),
+    ):
+        with pytest.raises(NotFoundError):
+            await storage.set_organization_member_role(org_id, user_id, "admin")
+    assert await storage.get_organization_member(org.id, stranger.id) is None
+    for kwargs, field in (
+        ({"org_id": "nope", "user_id": bob.id, "role": "admin"}, "org_id"),
+        ({"org_id": org.id, "user_id": 42, "role": "admin"}, "user_id"),
+        ({"org_id": org.id, "user_id": bob.id, "role": "Admin!"}, "role"),
+        ({"org_id": org.id, "user_id": bob.id, "role": "x", "keep_last": "Owner!"}, "keep_last"),
+        ({"org_id": org.id, "user_id": bob.id, "role": "x", "keep_last": 1}, "keep_last"),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            await storage.set_organization_member_role(**kwargs)
+        assert caught.value.field == field
+    assert await storage.list_organization_members(org.id) == [org.members[0], admin]
+
+
+async def test_keep_last_refuses_to_take_the_role_from_its_last_holder(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    alice, bob = await _users(storage, unique, 2)
+    org = await storage.create_organization(
+        name="Owners",
+        plan="team",
+        members=[{"user_id": alice.id, "role": "owner"}, {"user_id": bob.id}],
+    )
+    session = await storage.create_session(user_id=alice.id, org_id=org.id, expires_at=_later())
+    with pytest.raises(ConflictError) as demoted:
+        await storage.set_organization_member_role(org.id, alice.id, "admin", keep_last="owner")
+    assert demoted.value.code == "last_role_holder" and not demoted.value.retryable
+    assert "'owner'" in str(demoted.value)
+    with pytest.raises(ConflictError) as removed:
+        await storage.remove_organization_member(org.id, alice.id, keep_last="owner")
+    assert removed.value.code == "last_role_holder" and "'owner'" in str(removed.value)
+    assert await storage.get_organization(org.id) == org  # nothing written
+    assert await storage.get_session(session.id) == session
+    # Keeping the role it has, or a role the member does not hold, is no demotion.
+    owner = org.members[0]
+    assert (
+        await storage.set_organization_member_role(org.id, alice.id, "owner", keep_last="owner")
+        == owner
+    )
+    assert (
+        await storage.remove_organization_member(org.id, uuid.uuid4(), keep_last="owner") is False
+    )
+    # With a second owner, the first may go.
+    await storage.set_organization_member_role(org.id, bob.id, "owner")
+    admin = await storage.set_organization_member_role(org.id, alice.id, "admin", keep_last="owner")
+    assert admin.role == "admin"
+    with pytest.raises(ConflictError):
+        await storage.remove_organization_member(org.id, bob.id, keep_last="owner")
+    assert await storage.remove_organization_member(org.id, alice.id, keep_last="owner") is True
+    # Without keep_last nothing is guarded: the last owner may go.
+    assert await storage.remove_organization_member(org.id, bob.id) is True
+    assert await storage.list_organization_members(org.id) == []
+    with pytest.raises(ValidationError) as bad:
+        await storage.remove_organization_member(org.id, alice.id, keep_last="")
+    assert bad.value.field == "keep_last"
+
+
+async def test_removing_a_member_ends_its_sessions_bound_to_the_organization(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """The removed user's sessions bound to the organization are deleted with the membership;
+    its other sessions and other members' sessions stay. A session bound to an organization
+    its user does not belong to (create_session does not check) is left alone."""
+    alice, bob, outsider = await _users(storage, unique, 3)
+    org = await storage.create_organization(
+        name="Bound", plan="team", members=[{"user_id": alice.id}, {"user_id": bob.id}]
+    )
+    other = await storage.create_organization(
+        name="Elsewhere", plan="team", members=[{"user_id": alice.id}]
+    )
+    bound = [
+        await storage.create_session(user_id=alice.id, org_id=org.id, expires_at=_later())
+        for _ in range(2)
+    ]
+    kept = [
+        await storage.create_session(user_id=alice.id, org_id=other.id, expires_at=_later()),
+        await storage.create_session(user_id=alice.id, expires_at=_later()),
+        await storage.create_session(user_id=bob.id, org_id=org.id, expires_at=_later()),
+        await storage.create_session(user_id=outsider.id, org_id=org.id, expires_at=_later()),
+    ]
+    assert await storage.remove_organization_member(org.id, alice.id) is True
+    for session in bound:
+        assert await storage.get_session(session.id) is None
+    for session in kept:
+        assert await storage.get_session(session.id) == session
+    assert await storage.remove_organization_member(org.id, outsider.id) is False
+    assert await storage.get_session(kept[3].id) == kept[3]
+
+
+async def test_replacing_the_member_set_ends_the_dropped_members_sessions(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    alice, bob, carol, dave = await _users(storage, unique, 4)
+    org = await storage.create_organization(
+        name="Replace",
+        plan="team",
+        members=[{"user_id": alice.id}, {"user_id": bob.id}, {"user_id": carol.id}],
+    )
+    other = await storage.create_organization(name="Other", plan="team")
+    dropped = [
+        await storage.create_session(user_id=u.id, org_id=org.id, expires_at=_later())
+        for u in (bob, carol)
+    ]
+    kept = [
+        await storage.create_session(user_id=alice.id, org_id=org.id, expires_at=_later()),
+        await storage.create_session(user_id=bob.id, expires_at=_later()),
+        await storage.create_session(user_id=bob.id, org_id=other.id, expires_at=_later()),
+    ]
+    await storage.update_organization(org.id, name="Renamed")  # members not given: no change
+    for session in dropped + kept:
+        assert await storage.get_session(session.id) == session
+    updated = await storage.update_organization(
+        org.id, members=[{"user_id": alice.id, "role": "owner"}, {"user_id": dave.id}]
+    )
+    assert _roles(updated) == {alice.id: "owner", dave.id: "member"}
+    for session in dropped:
+        assert await storage.get_session(session.id) is None
+    for session in kept:
+        assert await storage.get_session(session.id) == session
+
+
+async def test_a_refused_add_leaves_the_transaction_usable(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """A seat limit or keep_last refusal is the adapter's answer, not a failed statement: the
+    transaction it happens in goes on and commits."""
+    alice, bob = await _users(storage, unique, 2)
+    org = await storage.create_organization(
+        name="Tx", plan="team", seats=1, members=[{"user_id": alice.id, "role": "owner"}]
+    )
+    async with storage.transaction() as tx:
+        with pytest.raises(SeatLimitError):
+            await tx.add_organization_member(org.id, bob.id, within_seats=True)
+        with pytest.raises(ConflictError):
+            await tx.remove_organization_member(org.id, alice.id, keep_last="owner")
+        await tx.add_organization_member(org.id, bob.id)
+    assert _roles(await storage.get_organization(org.id)) == {alice.id: "owner", bob.id: "member"}
+
+
+async def test_a_membership_change_does_not_block_logins_into_the_organization(
+    storage: Any, dsn: str, unique: Callable[[str], str]
+) -> None:
+    """The membership functions hold the organization row FOR NO KEY UPDATE, which the
+    reference check of a new session bound to the organization (FOR KEY SHARE) does not wait
+    for. (Under FOR UPDATE the create_session below would wait for the holder's commit, and
+    its statement timeout would fire.)"""
+    alice, bob = await _users(storage, unique, 2)
+    org = await storage.create_organization(
+        name="Busy", plan="team", members=[{"user_id": alice.id}, {"user_id": bob.id}]
+    )
+    with psycopg.connect(dsn) as holder:
+        holder.execute(
+            "SELECT kitium_auth.remove_organization_member(%s, %s, NULL)", (org.id, bob.id)
+        )
+        session = await storage.with_statement_timeout(5000).create_session(
+            user_id=alice.id, org_id=org.id, expires_at=_later()
+        )
+        holder.rollback()
+    assert await storage.get_session(session.id) == session
+
+
+def _owner_change(
+    kind: str, org_id: uuid.UUID, user_id: uuid.UUID
+) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """A removal or a demotion of an owner that must leave the organization an owner."""
+    if kind == "remove":
+        return "remove_organization_member", (org_id, user_id), {"keep_last": "owner"}
+    return "set_organization_member_role", (org_id, user_id, "member"), {"keep_last": "owner"}
+
+
+@pytest.mark.parametrize(
+    "calls",
+    [("remove", "remove"), ("remove", "demote"), ("demote", "demote")],
+    ids=lambda c: "-".join(c),
+)
+async def test_concurrent_changes_of_the_last_two_owners_leave_one(
+    storage: Any, dsn: str, unique: Callable[[str], str], calls: tuple[str, str]
+) -> None:
+    """Both calls start while another transaction holds the organization row, so both wait
+    for it, then run one after the other: the second sees the first's change and is refused.
+    (A guard in one plain statement would read a snapshot from before the wait: both would
+    see the other owner and both would go through, leaving no owner.)"""
+    alice, bob, carol = await _users(storage, unique, 3)
+    org = await storage.create_organization(
+        name="Race",
+        plan="team",
+        members=[
+            {"user_id": alice.id, "role": "owner"},
+            {"user_id": bob.id, "role": "owner"},
+            {"user_id": carol.id},
+        ],
+    )
+    owners = zip(calls, (alice.id, bob.id), strict=True)
+    racers = [_owner_change(kind, org.id, user_id) for kind, user_id in owners]
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute("UPDATE kitium_auth.organizations SET name = name WHERE id = %s", (org.id,))
+        watcher = release_when_waiting(dsn, holder, "organization_member", waiters=2)
+        results = await race_methods(storage, racers)
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    refused = [r for r in results if isinstance(r, ConflictError)]
+    assert len(refused) == 1, results
+    assert refused[0].code == "last_role_holder"
+    assert [r for r in results if isinstance(r, BaseException)] == refused
+    roles = _roles(await storage.get_organization(org.id))
+    assert list(roles.values()).count("owner") == 1, roles
+
+
+async def test_concurrent_guarded_adds_take_only_the_free_seats(
+    storage: Any, dsn: str, unique: Callable[[str], str]
+) -> None:
+    """Five guarded adds wait together for the organization row, then run one after the
+    other: with two free seats, exactly two get in and three get SeatLimitError."""
+    owner, *users = await _users(storage, unique, 6)
+    org = await storage.create_organization(
+        name="Seat race", plan="team", seats=3, members=[{"user_id": owner.id, "role": "owner"}]
+    )
+    calls = [((org.id, u.id), {"within_seats": True}) for u in users]
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute("UPDATE kitium_auth.organizations SET name = name WHERE id = %s", (org.id,))
+        watcher = release_when_waiting(dsn, holder, "add_organization_member", waiters=len(calls))
+        results = await race_each(storage, "add_organization_member", calls)
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    added = [r for r in results if isinstance(r, OrganizationMember)]
+    assert len(added) == 2, results
+    assert all(isinstance(r, SeatLimitError) for r in results if r not in added), results
+    members = await storage.list_organization_members(org.id)
+    assert {m.user_id for m in members} == {owner.id} | {m.user_id for m in added}

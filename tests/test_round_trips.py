@@ -185,6 +185,10 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
             ),
         ),
         ("add_organization_member", lambda: s.add_organization_member(org(), user(), role="admin")),
+        (
+            "set_organization_member_role",
+            lambda: s.set_organization_member_role(org(), user(), "admin", keep_last="member"),
+        ),
         ("list_organization_members", lambda: s.list_organization_members(org())),
         ("get_organization_member", lambda: s.get_organization_member(org(), user())),
         ("list_user_organizations", lambda: s.list_user_organizations(user())),
@@ -455,7 +459,10 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
         # teardown, each a measured call too
         ("delete_session", lambda: s.delete_session(ctx["create_session"].id)),
         ("delete_user_sessions", lambda: s.delete_user_sessions(user())),
-        ("remove_organization_member", lambda: s.remove_organization_member(org(), user())),
+        (
+            "remove_organization_member",
+            lambda: s.remove_organization_member(org(), user(), keep_last="owner"),
+        ),
         ("delete_role", lambda: s.delete_role(role())),
         ("delete_organization", lambda: s.delete_organization(org())),
         ("delete_user", lambda: s.delete_user(user())),
@@ -477,6 +484,9 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     # The calls did what they were asked (a silent no-op would also be one round trip).
     assert ctx["get_user"] == ctx["create_user"]
     assert ctx["get_password_hash"] == _digest("pw2")
+    assert ctx["add_organization_member"].role == "owner"  # an existing member keeps its role
+    assert ctx["set_organization_member_role"].role == "admin"
+    assert ctx["remove_organization_member"] is True
     assert ctx["get_oauth_tokens"].access_token == "gho_access"
     assert ctx["has_permission"] is True
     assert ctx["revoke_role_from_user"] is True

@@ -377,7 +377,7 @@ def create_app(
     ) -> dict[str, Any]:
         """Add a user (by email) to the organization in ``X-Org-Id`` with a role, or give a
         member another role (their other roles are revoked: a demoted admin keeps nothing of
-        admin)."""
+        admin). The organization's last admin cannot be demoted: 409, nothing changed."""
         user = await storage.get_user_by_email(body.email, consistency="primary")
         if user is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no user with this email")
@@ -386,7 +386,11 @@ def create_app(
         if role is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no role with this name")
         async with storage.transaction() as tx:
-            await tx.add_organization_member(access.org_id, user.id, role=body.role)
+            member = await tx.add_organization_member(access.org_id, user.id, role=body.role)
+            if member.role != body.role:  # already a member: adding keeps the role it has
+                await tx.set_organization_member_role(
+                    access.org_id, user.id, body.role, keep_last="admin"
+                )
             for other in roles.values():
                 if other.id != role.id:
                     await tx.revoke_role_from_user(user.id, other.id, access.org_id)

@@ -8,7 +8,13 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import UNSET, Retry, Unset, new_id
-from ..errors import NotFoundError, ValidationError
+from ..errors import (
+    ConflictError,
+    InternalError,
+    NotFoundError,
+    SeatLimitError,
+    ValidationError,
+)
 from ..records import Organization, OrganizationMember
 from .core import AsyncCore
 
@@ -55,6 +61,28 @@ def _member_arrays(value: object) -> tuple[list[uuid.UUID], list[str]]:
         ids.append(parsed)
         roles.append(v.identifier(f"{field}.role", role))
     return ids, roles
+
+
+def _member_outcome(
+    *, outcome: str, user_id: Any, role: Any, joined_at: Any
+) -> tuple[str, OrganizationMember | None]:
+    # Row factory of the guarded membership queries: what the call did, and the membership
+    # (none when a seat limit refused a new member).
+    if user_id is None:
+        return outcome, None
+    return outcome, OrganizationMember(user_id=user_id, role=role, joined_at=joined_at)
+
+
+def _keep_last(value: object) -> str | None:
+    return None if value is None else v.identifier("keep_last", value)
+
+
+def _last_holder(name: str, org_id: uuid.UUID, role: str) -> ConflictError:
+    return ConflictError(
+        f"{name}: the user is the last member of organization {org_id} with role {role!r}"
+        " (keep_last)",
+        code="last_role_holder",
+    )
 
 
 class AsyncOrganizations(AsyncCore):
@@ -111,9 +139,13 @@ class AsyncOrganizations(AsyncCore):
 
         ``members`` replaces the whole member set in the same statement: members listed again
         keep their ``joined_at`` and take the given role, the others are removed (with their
-        roles in the organization), new ones are added. Raises ``NotFoundError`` when there is
-        no such organization or a new member is not a user (nothing is written then). Setting
-        values is idempotent, so transient failures are retried.
+        roles in the organization and their sessions bound to it), new ones are added. The
+        member set is not checked against ``seats`` nor guarded like ``keep_last``, and
+        ``seats`` may be set below the member count (nobody is removed: the limit applies to
+        later ``add_organization_member(..., within_seats=True)`` calls). Raises
+        ``NotFoundError`` when there is no such organization or a new member is not a user
+        (nothing is written then). Setting values is idempotent, so transient failures are
+        retried.
         """
         params: dict[str, Any] = {"id": v.uuid_arg("id", id)}
         checks: dict[str, Any] = {
@@ -149,36 +181,117 @@ class AsyncOrganizations(AsyncCore):
         return await self._delete_by_id("delete_organization", id)
 
     async def add_organization_member(
-        self, org_id: uuid.UUID | str, user_id: uuid.UUID | str, *, role: str = "member"
+        self,
+        org_id: uuid.UUID | str,
+        user_id: uuid.UUID | str,
+        *,
+        role: str = "member",
+        within_seats: bool = False,
     ) -> OrganizationMember:
-        """Add a user to an organization and return the membership.
+        """Add a user to an organization with ``role`` and return the membership.
 
-        Adding an existing member again changes its role and keeps its ``joined_at``, so the
-        call is idempotent and retried on transient failures. Raises ``NotFoundError`` when the
-        organization or the user does not exist.
+        A user who is already a member stays as they are: the stored membership is returned
+        unchanged, its role and ``joined_at`` kept (``role`` is not applied: an invitation
+        accepted by an owner does not demote them; change roles with
+        ``set_organization_member_role``). So the call is idempotent and retried on transient
+        failures: a retry after a lost acknowledgement returns what the first attempt added.
+
+        With ``within_seats=True`` a new member is refused with ``SeatLimitError`` (a
+        ``ConflictError``, code ``seat_limit``; nothing written) when the organization already
+        has ``seats`` members; an existing member is returned as usual, never refused. The
+        membership changes of one organization run one after the other on its row, so
+        concurrent guarded adds never take more seats than there are. Only guarded adds are
+        limited: ``create_organization`` and ``update_organization(members=...)`` are not, and
+        ``seats`` lowered below the member count removes nobody. The refusal is the adapter's
+        answer, not a failed statement: a ``transaction()`` it happens in goes on.
+
+        Raises ``NotFoundError`` when the organization or the user does not exist.
         """
+        org = v.uuid_arg("org_id", org_id)
         params = {
-            "org_id": v.uuid_arg("org_id", org_id),
+            "org_id": org,
             "user_id": v.uuid_arg("user_id", user_id),
             "role": v.identifier("role", role),
+            "within_seats": v.expect_type("within_seats", within_seats, bool),
         }
-        member = await self._written(
-            "add_organization_member", params, OrganizationMember, retry=Retry.SAFE
+        result: tuple[str, OrganizationMember | None] | None = await self._run(
+            "add_organization_member", params, retry=Retry.SAFE, make=_member_outcome
         )
+        if result is None:  # the function returns a row for every outcome
+            raise InternalError("add_organization_member: the write returned no row")
+        outcome, member = result
+        if outcome == "seat_limit":
+            raise SeatLimitError(f"add_organization_member: organization {org} has no free seat")
+        assert member is not None
+        return member
+
+    async def set_organization_member_role(
+        self,
+        org_id: uuid.UUID | str,
+        user_id: uuid.UUID | str,
+        role: str,
+        *,
+        keep_last: str | None = None,
+    ) -> OrganizationMember:
+        """Give a member another role and return the membership (``joined_at`` kept).
+
+        ``keep_last`` names a role (``"owner"``) the organization must keep: taking it from the
+        organization's last member holding it raises ``ConflictError`` (code
+        ``last_role_holder``) and changes nothing (a ``transaction()`` it happens in goes on).
+        The membership changes of one organization run one after the other on its row, so of
+        two concurrent demotions (or removals) of its last two owners one is refused. Deleting
+        a user is not guarded: it removes the user's memberships whatever their role.
+
+        Setting the role a member already has writes nothing and always succeeds, so the call
+        is idempotent and retried on transient failures. Raises ``NotFoundError`` when the user
+        is not a member of the organization (or either does not exist). The member's RBAC role
+        assignments (``assign_role_to_user``) are not changed.
+        """
+        org, user = v.uuid_arg("org_id", org_id), v.uuid_arg("user_id", user_id)
+        new_role, last = v.identifier("role", role), _keep_last(keep_last)
+        params = {"org_id": org, "user_id": user, "role": new_role, "keep_last": last}
+        result: tuple[str, OrganizationMember | None] | None = await self._run(
+            "set_organization_member_role", params, retry=Retry.SAFE, make=_member_outcome
+        )
+        if result is None:
+            raise NotFoundError(
+                f"set_organization_member_role: user {user} is not a member of organization {org}"
+            )
+        outcome, member = result
+        if outcome == "last":
+            assert last is not None
+            raise _last_holder("set_organization_member_role", org, last)
+        assert member is not None
         return member
 
     async def remove_organization_member(
-        self, org_id: uuid.UUID | str, user_id: uuid.UUID | str
+        self, org_id: uuid.UUID | str, user_id: uuid.UUID | str, *, keep_last: str | None = None
     ) -> bool:
-        """Remove a user from an organization, and with the membership the roles it held there
-        (so its permissions); ``True`` if the user was a member. Retried on transient failures:
-        a retry after a lost acknowledgement may report ``False`` for a membership the first
-        attempt removed."""
+        """Remove a user from an organization; ``True`` if the user was a member.
+
+        With the membership go, in the same statement, the roles it held there (so its
+        permissions) and the user's sessions bound to the organization (``org_id``): a removed
+        member's login into the organization ends. The user's other sessions stay. For a user
+        who is not a member nothing changes (``create_session`` does not check membership, so
+        a session bound to an organization its user does not belong to stays).
+
+        ``keep_last`` names a role (``"owner"``) the organization must keep: removing its last
+        member holding it raises ``ConflictError`` (code ``last_role_holder``) and changes
+        nothing (a ``transaction()`` it happens in goes on). The membership changes of one
+        organization run one after the other on its row, so of two concurrent removals of its
+        last two owners one is refused. A malformed id returns ``False``. Retried on transient
+        failures: a retry after a lost acknowledgement may report ``False`` for a membership
+        the first attempt removed."""
+        last = _keep_last(keep_last)
         parsed_org, parsed_user = v.parse_uuid(org_id), v.parse_uuid(user_id)
         if parsed_org is None or parsed_user is None:
             return False
-        params = {"org_id": parsed_org, "user_id": parsed_user}
-        return await self._exec("remove_organization_member", params, retry=Retry.SAFE) > 0
+        params = {"org_id": parsed_org, "user_id": parsed_user, "keep_last": last}
+        outcome = await self._value("remove_organization_member", params, retry=Retry.SAFE)
+        if outcome == "last":
+            assert last is not None
+            raise _last_holder("remove_organization_member", parsed_org, last)
+        return bool(outcome == "removed")
 
     async def get_organization_member(
         self, org_id: uuid.UUID | str, user_id: uuid.UUID | str
