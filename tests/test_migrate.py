@@ -511,6 +511,8 @@ def test_0013_up_down_up_guards_memberships_and_restores_the_member_set_replacem
     later = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
     try:
         with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            # With the newest schema, which the adapter's user queries need.
+            alice, bob = storage.create_user(), storage.create_user()
             if _after(MEMBERSHIP_GUARDS):  # 0 while it is the newest migration
                 storage.rollback(steps=_after(MEMBERSHIP_GUARDS))
             latest = _functions(dsn, schema)
@@ -518,7 +520,6 @@ def test_0013_up_down_up_guards_memberships_and_restores_the_member_set_replacem
             assert latest[REPLACE_MEMBERS] == _body_in(
                 MEMBERSHIP_GUARDS, schema, "replace_organization_members"
             )
-            alice, bob = storage.create_user(), storage.create_user()
             org = storage.create_organization(
                 name="Guards", plan="team", members=[{"user_id": alice.id}, {"user_id": bob.id}]
             )
