@@ -8,8 +8,9 @@
 -- Throttle (migration 0018): after n consecutive wrong codes a device refuses code checks for
 -- 2^(n-1) seconds, at most 15 minutes (throttled_until), and a right code resets it. One
 -- formula, in verify_two_factor_session and record_two_factor_failure: the new throttled_until
--- is statement_timestamp() plus that delay, never earlier than the one already set; the count
--- saturates below the integer limit instead of failing.
+-- is statement_timestamp() plus that delay, never earlier than the one already set. In SQL the
+-- delay is 2 ^ the count before this failure (n - 1), whose exponent stops at 10 (past the cap)
+-- so the power cannot overflow; the count saturates below the integer limit instead of failing.
 -- Lock order: a statement that locks both a device and one of its challenges locks the device
 -- first, as deleting a device or its user does (the cascade deletes the challenges after it),
 -- so two such statements never wait for each other in a cycle. An application transaction
