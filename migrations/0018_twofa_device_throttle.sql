@@ -5,9 +5,9 @@
 -- the same TOTP or SMS device until a 6-digit code fell. A device now backs off exponentially,
 -- as django-otp's ThrottlingMixin does: after n consecutive wrong codes it refuses any check
 -- for 2^(n-1) seconds (at most 15 minutes), and a right code resets it.
--- verify_two_factor_session, count_two_factor_attempt and increment_two_factor_attempts read
--- and write these columns in the statement that counts the attempt (record_two_factor_failure
--- and record_totp_step for codes the application checks).
+-- verify_two_factor_session judges and updates the throttle in the statement that counts the
+-- attempt, and count_two_factor_attempt (increment_two_factor_attempts) judges it in its own;
+-- for codes the application checks, record_two_factor_failure and record_totp_step update it.
 --
 -- throttle_failures counts the consecutive wrong codes; throttled_until is when the device
 -- accepts a code again (NULL: never throttled, or reset by a right code).

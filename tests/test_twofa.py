@@ -778,9 +778,7 @@ async def test_racing_wrong_codes_are_compared_one_at_a_time(
     )
 
 
-async def test_racing_attempts_never_pass_a_verified_challenges_limit(
-    storage: Any, email: str
-) -> None:
+async def test_racing_wrong_codes_never_pass_the_limit(storage: Any, email: str) -> None:
     user = await _user(storage, email)
     challenge = await _challenge(storage, user, method="sms", code_hash=_hash("7"), max_attempts=1)
     outcomes = await race(storage, RACERS, "verify_two_factor_session", challenge.id, _hash("8"))
