@@ -27,6 +27,7 @@ from . import _sql
 from ._base import Retry
 from ._sync.adapter import PostgresStorageAdapter
 from .errors import ConflictError, InternalError, KitiumPgError
+from .records import TwoFactorSession
 
 __all__ = ["run"]
 
@@ -39,6 +40,10 @@ _PLACEHOLDER_HASH = "$argon2id$demo"
 def _check(condition: bool, what: str) -> None:
     if not condition:
         raise InternalError(f"demo: expected {what}")
+
+
+def _clock(at: dt.datetime) -> str:
+    return at.strftime("%H:%M:%S.%f")[:-3]
 
 
 def _present(value: T | None, what: str) -> T:
@@ -649,33 +654,48 @@ def _two_factor(
         expires_at=now + dt.timedelta(minutes=5),
         max_attempts=3,
     )
-    attempts = storage.increment_two_factor_attempts(challenge.id)
-    _check(attempts == 1, "one counted attempt")
-    completed = storage.complete_two_factor_session(challenge.id)
-    completed_again = storage.complete_two_factor_session(challenge.id)
-    _check(completed and not completed_again, "one completion of the challenge")
-
-    texted = storage.create_two_factor_session(
-        user_id=user_id,
-        session_id=session_id,
-        device_id=device.id,
-        method="sms",
-        code_hash=_digest("483920"),
-        expires_at=now + dt.timedelta(minutes=5),
-        max_attempts=3,
-    )
-    wrong = _present(
-        storage.verify_two_factor_session(texted.id, _digest("111111")), "a counted attempt"
-    )
-    right = _present(
-        storage.verify_two_factor_session(texted.id, _digest("483920")), "a counted attempt"
-    )
-    _check(not wrong.verified and right.verified, "a wrong code counted, then the right one")
-
+    counted = _present(storage.count_two_factor_attempt(challenge.id), "a counted attempt")
+    _check(counted.attempt_count == 1 and not counted.throttled, "one counted attempt")
+    # The code matched (the application checks TOTP codes): record its time step, then complete.
     step = int(time.time()) // 30
     fresh = storage.record_totp_step(device.id, step)
     replayed = storage.record_totp_step(device.id, step)
     _check(fresh and not replayed, "a TOTP step accepted once")
+    completed = storage.complete_two_factor_session(challenge.id)
+    completed_again = storage.complete_two_factor_session(challenge.id)
+    _check(completed and not completed_again, "one completion of the challenge")
+
+    def texted_challenge(code: str) -> TwoFactorSession:
+        return storage.create_two_factor_session(
+            user_id=user_id,
+            session_id=session_id,
+            device_id=device.id,
+            method="sms",
+            code_hash=_digest(code),
+            expires_at=now + dt.timedelta(minutes=5),
+            max_attempts=3,
+        )
+
+    texted = texted_challenge("483920")
+    right = _present(
+        storage.verify_two_factor_session(texted.id, _digest("483920")), "a counted attempt"
+    )
+    _check(right.verified, "the right code verified")
+    retexted = texted_challenge("105377")
+    wrong = _present(
+        storage.verify_two_factor_session(retexted.id, _digest("111111")), "a counted attempt"
+    )
+    _check(not wrong.verified and not wrong.throttled, "a wrong code counted")
+    # Nine more wrong codes (TOTP codes the application checked itself) make ten in a row: the
+    # device waits 2^9 s, long enough for the next step to find it throttled on any machine.
+    for _ in range(9):
+        last = _present(storage.record_two_factor_failure(device.id), "a throttle")
+    held = _present(
+        storage.verify_two_factor_session(retexted.id, _digest("105377")), "a throttled refusal"
+    )
+    _check(held.throttled and not held.verified, "the right code refused while throttled")
+    first_until = _present(wrong.throttled_until, "a throttle")
+    throttled = _present(storage.get_two_factor_device(device.id), "the device")
     _section(
         console,
         "Two-factor authentication",
@@ -696,7 +716,12 @@ def _two_factor(
                 " method='totp', max_attempts=3)",
                 f"challenge {challenge.id}",
             ),
-            ("increment_two_factor_attempts(challenge)", f"{attempts} of 3 attempts"),
+            (
+                "count_two_factor_attempt(challenge)",
+                f"attempt {counted.attempt_count} of 3 counted: now check the code",
+            ),
+            (f"record_totp_step(device, {step})", f"{fresh}: the code's time step, used"),
+            (f"record_totp_step(device, {step}) again", f"{replayed}: a replayed code is refused"),
             ("complete_two_factor_session(challenge)", str(completed)),
             ("complete_two_factor_session(challenge) again", str(completed_again)),
             (
@@ -704,14 +729,23 @@ def _two_factor(
                 f"challenge {texted.id}",
             ),
             (
-                "verify_two_factor_session(challenge, sha256(wrong code))",
-                f"verified={wrong.verified}, {wrong.attempts_left} attempts left",
-            ),
-            (
                 "verify_two_factor_session(challenge, sha256(code))",
                 f"verified={right.verified}: counted and completed in one statement",
             ),
-            (f"record_totp_step(device, {step})", str(fresh)),
-            (f"record_totp_step(device, {step}) again", f"{replayed}: a replayed code is refused"),
+            (
+                "verify_two_factor_session(another challenge, sha256(wrong code))",
+                f"verified={wrong.verified}, {wrong.attempts_left} attempts left; the device"
+                f" refuses codes until {_clock(first_until)} UTC (1 s after a wrong code)",
+            ),
+            (
+                "record_two_factor_failure(device), 9 times (wrong TOTP codes)",
+                f"throttle_failures={throttled.throttle_failures}: refused until"
+                f" {_clock(last)} UTC (the wait doubles with each wrong code, up to 15 minutes)",
+            ),
+            (
+                "verify_two_factor_session(another challenge, sha256(code))",
+                f"throttled={held.throttled}: not compared, not counted"
+                f" ({held.attempts_left} attempts left); try again after {_clock(last)} UTC",
+            ),
         ],
     )

@@ -357,6 +357,12 @@ class TwoFactorDevice:
     phone_number: str | None
     secret: str | None = attrs.field(repr=False)
     last_used_at: dt.datetime | None = attrs.field(converter=_opt_utc)
+    throttle_failures: int = 0
+    """Consecutive wrong codes since the last right one (see ``throttled_until``)."""
+    throttled_until: dt.datetime | None = attrs.field(default=None, converter=_opt_utc)
+    """Until when the device refuses code checks: 2^(n-1) seconds (at most 15 minutes) after
+    the n-th consecutive wrong code; ``None`` once a right code reset it (or before any wrong
+    one). A time in the past means the throttle is over."""
     metadata: dict[str, Any] = attrs.field(hash=False)
     created_at: dt.datetime = attrs.field(converter=_utc)
     updated_at: dt.datetime = attrs.field(converter=_utc)
@@ -397,13 +403,23 @@ class TwoFactorSession:
 
 @attrs.frozen(kw_only=True)
 class TwoFactorAttempt:
-    """One counted attempt on a code challenge (``verify_two_factor_session``)."""
+    """One attempt on a challenge: counted (``verify_two_factor_session`` compares the code in
+    the same statement; after ``count_two_factor_attempt`` the application compares it), or
+    refused because the challenge's device is throttled (``throttled``: nothing counted or
+    compared)."""
 
     verified: bool
     """Whether the code matched: this attempt completed the challenge."""
     attempt_count: int
-    """Attempts counted so far, this one included."""
+    """Attempts counted so far, this one included (unchanged by a throttled refusal)."""
     max_attempts: int
+    throttled: bool = False
+    """Whether the attempt was refused because the device is throttled: the code was not
+    compared and the attempt not counted; try again after ``throttled_until``."""
+    throttled_until: dt.datetime | None = attrs.field(default=None, converter=_opt_utc)
+    """Until when the device refuses code checks: for a throttled refusal, when to try again;
+    after a wrong code (``verify_two_factor_session``), the throttle it set; otherwise
+    ``None``."""
 
     @property
     def attempts_left(self) -> int:

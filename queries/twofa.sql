@@ -5,6 +5,17 @@
 -- returned) records which call consumed a code or completed a challenge.
 -- Expiry is judged at statement_timestamp(), not now(): inside a caller's transaction now()
 -- is the transaction's start, so a credential that expired since would still pass.
+-- Throttle (migration 0018): after n consecutive wrong codes a device refuses code checks for
+-- 2^(n-1) seconds, at most 15 minutes (throttled_until), and a right code resets it. One
+-- formula, in verify_two_factor_session and record_two_factor_failure: the new throttled_until
+-- is statement_timestamp() plus that delay, never earlier than the one already set. In SQL the
+-- delay is 2 ^ the count before this failure (n - 1), whose exponent stops at 10 (past the cap)
+-- so the power cannot overflow; the count saturates below the integer limit instead of failing.
+-- Lock order: a statement that locks both a device and one of its challenges locks the device
+-- first, as deleting a device or its user does (the cascade deletes the challenges after it),
+-- so two such statements never wait for each other in a cycle. An application transaction
+-- keeps that order by writing the device (record_totp_step, record_two_factor_failure) before
+-- the challenge (complete_two_factor_session).
 
 -- name: create_two_factor_device(id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id, metadata)^
 -- Insert a device; a retry with the same id returns the row the first attempt wrote.
@@ -17,14 +28,15 @@ WITH inserted AS (
      :secret_key_id, :metadata::jsonb)
   ON CONFLICT (id) DO NOTHING
   RETURNING id, user_id, method, name, verified, phone_number, secret_ciphertext,
-            secret_key_id, last_used_at, metadata, created_at, updated_at
+            secret_key_id, last_used_at, throttle_failures, throttled_until, metadata,
+            created_at, updated_at
 )
 SELECT id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id,
-       last_used_at, metadata, created_at, updated_at
+       last_used_at, throttle_failures, throttled_until, metadata, created_at, updated_at
   FROM inserted
 UNION ALL
 SELECT id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id,
-       last_used_at, metadata, created_at, updated_at
+       last_used_at, throttle_failures, throttled_until, metadata, created_at, updated_at
   FROM kitium_auth.twofa_devices
  WHERE id = :id
  LIMIT 1;
@@ -32,14 +44,14 @@ SELECT id, user_id, method, name, verified, phone_number, secret_ciphertext, sec
 -- name: get_two_factor_device(id)^
 -- Fetch one device by id.
 SELECT id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id,
-       last_used_at, metadata, created_at, updated_at
+       last_used_at, throttle_failures, throttled_until, metadata, created_at, updated_at
   FROM kitium_auth.twofa_devices
  WHERE id = :id;
 
 -- name: list_two_factor_devices(user_id)
 -- Every device of one user, oldest first (served by twofa_devices_user_id_idx).
 SELECT id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id,
-       last_used_at, metadata, created_at, updated_at
+       last_used_at, throttle_failures, throttled_until, metadata, created_at, updated_at
   FROM kitium_auth.twofa_devices
  WHERE user_id = :user_id
  ORDER BY created_at, id;
@@ -58,7 +70,8 @@ UPDATE kitium_auth.twofa_devices AS d
        last_used_at      = CASE WHEN :set_last_used_at THEN :last_used_at ELSE d.last_used_at END
  WHERE d.id = :id
 RETURNING d.id, d.user_id, d.method, d.name, d.verified, d.phone_number, d.secret_ciphertext,
-          d.secret_key_id, d.last_used_at, d.metadata, d.created_at, d.updated_at;
+          d.secret_key_id, d.last_used_at, d.throttle_failures, d.throttled_until, d.metadata,
+          d.created_at, d.updated_at;
 
 -- name: delete_two_factor_device(id)!
 -- Delete a device; its pending challenges go with it (ON DELETE CASCADE).
@@ -66,13 +79,28 @@ DELETE FROM kitium_auth.twofa_devices WHERE id = :id;
 
 -- name: record_totp_step(id, step)$
 -- TOTP replay guard: accept a time step only when it is newer than the last accepted one and
--- record it with the use time. Returns true for the accepted step, no row otherwise (an older
--- or replayed step, or no such device). Row lock waiters re-check the guard against the
--- winner's step, so of concurrent calls with one step exactly one is accepted.
+-- record it with the use time; an accepted step is a right code, so it also resets the
+-- device's throttle. Returns true for the accepted step, no row otherwise (an older or
+-- replayed step, or no such device). Row lock waiters re-check the guard against the winner's
+-- step, so of concurrent calls with one step exactly one is accepted.
 UPDATE kitium_auth.twofa_devices
-   SET last_totp_step = :step, last_used_at = now()
+   SET last_totp_step = :step, last_used_at = now(), throttle_failures = 0,
+       throttled_until = NULL
  WHERE id = :id AND (last_totp_step IS NULL OR last_totp_step < :step)
 RETURNING true;
+
+-- name: record_two_factor_failure(id)$
+-- Throttle a device after a wrong code the application checked itself (TOTP): one more
+-- consecutive failure and a later throttled_until (formula above), which it returns; no row
+-- for no such device. Row lock waiters bump the winner's row, so concurrent failures all count.
+UPDATE kitium_auth.twofa_devices AS d
+   SET throttle_failures = least(d.throttle_failures, 2147483646) + 1,
+       throttled_until = greatest(
+         d.throttled_until,
+         statement_timestamp()
+         + least(interval '1 second' * 2 ^ least(d.throttle_failures, 10), interval '15 minutes'))
+ WHERE d.id = :id
+RETURNING d.throttled_until;
 
 -- name: create_backup_codes(user_id, ids, code_hashes)
 -- Replace a user's backup codes (ids and code_hashes are parallel arrays) through
@@ -157,40 +185,117 @@ RETURNING id;
 
 -- name: verify_two_factor_session(id, code_hash)^
 -- Count one attempt on an open code challenge and complete it when the digest matches, in one
--- statement: an attempt past the limit is never compared. Refused (no row) when the limit is
--- reached, or the challenge is completed, expired, missing, has no stored code or its login
--- session has ended; row lock waiters re-check the guard, so concurrent attempts never pass the
--- limit and one match wins.
-UPDATE kitium_auth.twofa_sessions
-   SET attempt_count = attempt_count + 1,
-       completed_at = CASE WHEN code_hash = :code_hash THEN statement_timestamp() END
- WHERE id = :id
-   AND code_hash IS NOT NULL
-   AND attempt_count < max_attempts
-   AND completed_at IS NULL
-   AND expires_at > statement_timestamp()
-   AND EXISTS (SELECT 1 FROM kitium_auth.sessions
-                WHERE sessions.id = twofa_sessions.session_id
-                  AND sessions.user_id = twofa_sessions.user_id
-                  AND sessions.expires_at > statement_timestamp())
-RETURNING completed_at IS NOT NULL AS verified, attempt_count, max_attempts;
+-- statement that also throttles the challenge's device: a mismatch bumps it, a match resets
+-- it. An attempt past the limit or while the device is throttled is never compared.
+-- Returns (verified, attempt_count, max_attempts, throttled, throttled_until): a counted
+-- attempt with the device's new throttled_until (NULL after a match); or, while the device is
+-- throttled, a row with throttled true and the challenge's count unchanged. No row when the
+-- limit is reached, or the challenge is completed, expired, missing, has no stored code or its
+-- login session has ended. The device is locked first, then the challenge (lock order above);
+-- a lock waiter reads both as the winner left them, so a throttle set meanwhile refuses it,
+-- concurrent attempts never pass the limit, one match wins and every mismatch bumps.
+WITH target AS (
+  -- The challenge's device, locked: its throttle as of now, not of the statement's snapshot.
+  SELECT d.id, d.throttled_until, coalesce(d.throttled_until > statement_timestamp(), false)
+         AS throttled
+    FROM kitium_auth.twofa_devices AS d
+   WHERE d.id = (SELECT s.device_id FROM kitium_auth.twofa_sessions AS s WHERE s.id = :id)
+     FOR NO KEY UPDATE
+), picked AS (
+  -- The challenge, locked if it is open; the guards are re-checked on the latest row.
+  SELECT s.id, s.attempt_count, s.max_attempts, target.throttled, target.throttled_until
+    FROM kitium_auth.twofa_sessions AS s
+    JOIN target ON target.id = s.device_id
+   WHERE s.id = :id
+     AND s.code_hash IS NOT NULL
+     AND s.attempt_count < s.max_attempts
+     AND s.completed_at IS NULL
+     AND s.expires_at > statement_timestamp()
+     AND EXISTS (SELECT 1 FROM kitium_auth.sessions
+                  WHERE sessions.id = s.session_id
+                    AND sessions.user_id = s.user_id
+                    AND sessions.expires_at > statement_timestamp())
+     FOR NO KEY UPDATE OF s
+), updated AS (
+  -- The locked row, counted (and compared) only when the device is not throttled.
+  UPDATE kitium_auth.twofa_sessions AS s
+     SET attempt_count = s.attempt_count + 1,
+         completed_at = CASE WHEN s.code_hash = :code_hash THEN statement_timestamp() END
+    FROM picked
+   WHERE s.id = picked.id AND NOT picked.throttled
+  RETURNING s.device_id, s.completed_at IS NOT NULL AS verified, s.attempt_count,
+            s.max_attempts
+), touched AS (
+  -- A mismatch bumps the device; a match resets it, unless there is nothing to reset.
+  UPDATE kitium_auth.twofa_devices AS d
+     SET throttle_failures = CASE WHEN updated.verified THEN 0
+                                  ELSE least(d.throttle_failures, 2147483646) + 1 END,
+         throttled_until = CASE WHEN updated.verified THEN NULL
+                                ELSE greatest(
+                                  d.throttled_until,
+                                  statement_timestamp()
+                                  + least(interval '1 second' * 2 ^ least(d.throttle_failures, 10),
+                                          interval '15 minutes')) END
+    FROM updated
+   WHERE d.id = updated.device_id
+     AND NOT (updated.verified AND d.throttle_failures = 0 AND d.throttled_until IS NULL)
+  RETURNING d.throttled_until
+)
+SELECT updated.verified, updated.attempt_count, updated.max_attempts, false AS throttled,
+       touched.throttled_until
+  FROM updated LEFT JOIN touched ON true
+UNION ALL
+SELECT false, picked.attempt_count, picked.max_attempts, true, picked.throttled_until
+  FROM picked
+ WHERE picked.throttled;
 
--- name: increment_two_factor_attempts(id)$
--- Count one attempt on an open challenge and return the new count. Refused (no row) once the
--- limit is reached, or when the challenge is completed, expired, missing or its login session
--- has ended; row lock waiters re-check the guard against the latest count, so concurrent calls
--- never pass the limit.
-UPDATE kitium_auth.twofa_sessions
-   SET attempt_count = attempt_count + 1
- WHERE id = :id
-   AND attempt_count < max_attempts
-   AND completed_at IS NULL
-   AND expires_at > statement_timestamp()
-   AND EXISTS (SELECT 1 FROM kitium_auth.sessions
-                WHERE sessions.id = twofa_sessions.session_id
-                  AND sessions.user_id = twofa_sessions.user_id
-                  AND sessions.expires_at > statement_timestamp())
-RETURNING attempt_count;
+-- name: count_two_factor_attempt(id)^
+-- Count one attempt on an open challenge whose code the application checks itself (TOTP,
+-- backup codes), unless the challenge's device is throttled; challenges with method
+-- 'backup_code' are never throttled (backup codes are not checked against the device).
+-- Returns (verified false, attempt_count, max_attempts, throttled, throttled_until): the new
+-- count; or, while the device is throttled, a row with throttled true, the count unchanged
+-- and the device's throttled_until. No row when the limit is reached, or the challenge is
+-- completed, expired, missing or its login session has ended. Locks the device, then the
+-- challenge (lock order above); a lock waiter reads both as the winner left them, so a
+-- throttle set meanwhile refuses it and concurrent calls never pass the limit.
+WITH target AS (
+  -- The challenge's device, locked: its throttle as of now, not of the statement's snapshot.
+  SELECT d.id, d.throttled_until, coalesce(d.throttled_until > statement_timestamp(), false)
+         AS throttled
+    FROM kitium_auth.twofa_devices AS d
+   WHERE d.id = (SELECT s.device_id FROM kitium_auth.twofa_sessions AS s WHERE s.id = :id)
+     FOR NO KEY UPDATE
+), picked AS (
+  -- The challenge, locked if it is open; the guards are re-checked on the latest row.
+  SELECT s.id, s.attempt_count, s.max_attempts, target.throttled_until,
+         target.throttled AND s.method <> 'backup_code' AS throttled
+    FROM kitium_auth.twofa_sessions AS s
+    JOIN target ON target.id = s.device_id
+   WHERE s.id = :id
+     AND s.attempt_count < s.max_attempts
+     AND s.completed_at IS NULL
+     AND s.expires_at > statement_timestamp()
+     AND EXISTS (SELECT 1 FROM kitium_auth.sessions
+                  WHERE sessions.id = s.session_id
+                    AND sessions.user_id = s.user_id
+                    AND sessions.expires_at > statement_timestamp())
+     FOR NO KEY UPDATE OF s
+), updated AS (
+  -- The locked row, counted only when its device is not throttled.
+  UPDATE kitium_auth.twofa_sessions AS s
+     SET attempt_count = s.attempt_count + 1
+    FROM picked
+   WHERE s.id = picked.id AND NOT picked.throttled
+  RETURNING s.attempt_count, s.max_attempts
+)
+SELECT false AS verified, updated.attempt_count, updated.max_attempts, false AS throttled,
+       NULL::timestamptz AS throttled_until
+  FROM updated
+UNION ALL
+SELECT false, picked.attempt_count, picked.max_attempts, true, picked.throttled_until
+  FROM picked
+ WHERE picked.throttled;
 
 -- name: delete_two_factor_session(id)!
 -- Delete one challenge, completed, expired or not.

@@ -1333,6 +1333,29 @@ def check_challenge(world: World, kwargs: dict[str, Any], result: Any) -> None:
     assert world.api.get_two_factor_session(result.id) == result
 
 
+def check_attempt(world: World, kwargs: dict[str, Any], result: Any) -> None:
+    # Counted, or refused while the challenge's device is throttled (then nothing counted).
+    if result is None:
+        return
+    stored = world.api.get_two_factor_session(kwargs["id"])
+    assert stored is not None and not result.verified
+    assert result.attempt_count == stored.attempt_count
+    device = world.api.get_two_factor_device(stored.device_id)
+    assert device is not None
+    assert result.throttled == (result.throttled_until is not None)
+    if result.throttled:
+        assert result.throttled_until == device.throttled_until
+
+
+def check_failure(world: World, kwargs: dict[str, Any], result: Any) -> None:
+    if result is None:  # no such device
+        assert world.api.get_two_factor_device(kwargs["device_id"]) is None
+        return
+    device = world.api.get_two_factor_device(kwargs["device_id"])
+    assert device is not None
+    assert device.throttle_failures >= 1 and device.throttled_until == result
+
+
 def check_token(world: World, kwargs: dict[str, Any], result: Any) -> None:
     fields_match(
         result,
@@ -2010,6 +2033,15 @@ def _spec_table() -> dict[str, Spec]:
         ),
         "increment_two_factor_attempts": Spec(
             params=_id("fresh_twofa_session", "twofa_session"), writes=True
+        ),
+        "count_two_factor_attempt": Spec(
+            params=_id("fresh_twofa_session", "twofa_session"), writes=True, check=check_attempt
+        ),
+        "record_two_factor_failure": Spec(
+            params={"device_id": uuid_arg("fresh_device", "device", "random")},
+            lenient=True,
+            writes=True,
+            check=check_failure,
         ),
         "verify_two_factor_session": Spec(
             params={**_id("fresh_twofa_session", "twofa_session"), "code_hash": digest_arg()},

@@ -345,7 +345,9 @@ def test_0011_up_down_up_adds_the_challenge_expiry_index(dsn: str) -> None:
     past = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
     try:
         with PostgresStorageAdapter(dsn, schema=schema) as storage:
-            user = storage.create_user()  # with the newest schema, which the user queries need
+            # With the newest schema, which the adapter's user and device queries need.
+            user = storage.create_user()
+            device = storage.create_two_factor_device(user_id=user.id, method="totp")
             if _after(TWOFA_EXPIRY):  # 0 while it is the newest migration
                 storage.rollback(steps=_after(TWOFA_EXPIRY))
             latest, constraints = _twofa_indexes(dsn, schema), _constraints(dsn, schema)
@@ -354,7 +356,6 @@ def test_0011_up_down_up_adds_the_challenge_expiry_index(dsn: str) -> None:
             assert _twofa_indexes(dsn, schema) == latest - {"twofa_sessions_expires_at_idx"}
             assert _constraints(dsn, schema) == constraints
 
-            device = storage.create_two_factor_device(user_id=user.id, method="totp")
             session = storage.create_session(
                 user_id=user.id, expires_at=dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
             )
@@ -769,6 +770,56 @@ def test_0015_and_0016_add_users_email_verified_at(dsn: str) -> None:
             again = storage.get_user(ada.id)
             assert again is not None and again.email_verified_at is None
             assert again.email == "ada@example.com"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+DEVICE_THROTTLE = "0018_twofa_device_throttle"
+THROTTLE_COLUMNS = {
+    "throttle_failures": ("integer", "NO", "0"),
+    "throttled_until": ("timestamp with time zone", "YES", None),
+}
+
+
+def _device_columns(dsn: str, schema: str) -> dict[str, tuple[str, str, str | None]]:
+    """Every column of ``schema``'s twofa_devices: name -> (type, nullable, default)."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT column_name, data_type, is_nullable, column_default"
+            " FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = 'twofa_devices'",
+            [schema],
+        ).fetchall()
+    return {name: (kind, nullable, default) for name, kind, nullable, default in rows}
+
+
+def test_0018_up_down_up_adds_the_device_throttle(dsn: str) -> None:
+    """0018 adds twofa_devices.throttle_failures (NOT NULL DEFAULT 0) and throttled_until
+    (nullable); its down part drops exactly those two, keeping the devices; up again gives
+    every existing device a clear throttle."""
+    schema = f"mig_{uuid.uuid4().hex[:10]}"
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            # With the newest schema, which the adapter's user and device queries need.
+            user = storage.create_user()
+            device = storage.create_two_factor_device(user_id=user.id, method="sms")
+            assert storage.record_two_factor_failure(device.id) is not None
+            if _after(DEVICE_THROTTLE):  # 0 while it is the newest migration
+                storage.rollback(steps=_after(DEVICE_THROTTLE))
+            latest = _device_columns(dsn, schema)
+            for name, column in THROTTLE_COLUMNS.items():
+                assert latest[name] == column
+            assert storage.rollback() == (DEVICE_THROTTLE,)
+            assert _device_columns(dsn, schema) == {
+                name: column for name, column in latest.items() if name not in THROTTLE_COLUMNS
+            }
+            assert _migrate_through(storage, DEVICE_THROTTLE) == (DEVICE_THROTTLE,)
+            assert _device_columns(dsn, schema) == latest
+            again = storage.get_two_factor_device(device.id)
+            assert again is not None
+            assert (again.user_id, again.method) == (user.id, "sms")
+            assert (again.throttle_failures, again.throttled_until) == (0, None)
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())

@@ -442,11 +442,16 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
             lambda: s.increment_two_factor_attempts(ctx["create_two_factor_session"].id),
         ),
         (
+            "count_two_factor_attempt",
+            lambda: s.count_two_factor_attempt(ctx["create_two_factor_session"].id),
+        ),
+        (
             "verify_two_factor_session",
             lambda: s.verify_two_factor_session(
                 ctx["create_two_factor_session"].id, _digest(f"wrong-{tag}")
             ),
         ),
+        ("record_two_factor_failure", lambda: s.record_two_factor_failure(device())),
         (
             "complete_two_factor_session",
             lambda: s.complete_two_factor_session(ctx["create_two_factor_session"].id),
@@ -504,10 +509,12 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     assert ctx["mark_backup_code_used"] is True
     assert ctx["consume_backup_code"] is not None
     assert ctx["increment_two_factor_attempts"] == 1
+    assert ctx["count_two_factor_attempt"].attempt_count == 2
     assert (
         ctx["verify_two_factor_session"].verified,
         ctx["verify_two_factor_session"].attempt_count,
-    ) == (False, 2)
+    ) == (False, 3)
+    assert ctx["record_two_factor_failure"] > ctx["verify_two_factor_session"].throttled_until
     assert ctx["complete_two_factor_session"] is True
     assert ctx["delete_two_factor_session"] is True
     for deleted in (

@@ -27,6 +27,7 @@ from kitium_pg.records import (
     User,
 )
 
+from .fix_holder import release_when_waiting
 from .fix_race import race
 
 RACERS = 32
@@ -80,6 +81,31 @@ async def _replay(storage: Any, name: str, params: dict[str, Any]) -> Any:
     return await storage._run(name, params, retry=Retry.NEVER)
 
 
+def _set_throttle(
+    dsn: str, device_id: uuid.UUID, *, failures: int | None = None, until: str | None = "past"
+) -> None:
+    """Set a device's throttle directly: ``until`` is ``"past"`` (the throttle is over, as if
+    its time had passed), ``"hour"`` (an hour from now) or ``None``; ``failures`` the count
+    (kept when ``None``)."""
+    at = {"past": "now() - interval '1 second'", "hour": "now() + interval '1 hour'"}
+    sql = (
+        "UPDATE kitium_auth.twofa_devices"
+        " SET throttle_failures = coalesce(%s, throttle_failures),"
+        f" throttled_until = {at[until] if until else 'NULL'} WHERE id = %s"
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.encode(), [failures, device_id])
+
+
+def _db_now(dsn: str) -> dt.datetime:
+    """The database clock now (bounds the time of a statement run between two readings)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    now: dt.datetime = row[0]
+    return now
+
+
 def _stored_secret(dsn: str, device_id: uuid.UUID) -> tuple[bytes | None, str | None]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
@@ -105,6 +131,7 @@ async def test_device_round_trip(storage: Any, email: str) -> None:
     assert device.secret == SECRET
     assert device.phone_number is None
     assert device.last_used_at is None
+    assert (device.throttle_failures, device.throttled_until) == (0, None)
     assert device.metadata == {"issuer": "kitium"}
     assert device.created_at.tzinfo is dt.UTC
     assert await storage.get_two_factor_device(device.id) == device
@@ -636,17 +663,22 @@ async def test_racing_attempts_never_pass_the_limit(storage: Any, email: str) ->
     assert stored.attempt_count == 5
 
 
-async def test_verify_counts_then_completes_on_the_right_code(storage: Any, email: str) -> None:
+async def test_verify_counts_then_completes_on_the_right_code(
+    storage: Any, email: str, dsn: str
+) -> None:
     user = await _user(storage, email)
     challenge = await _challenge(
         storage, user, method="sms", code_hash=_hash("123456"), max_attempts=3
     )
     wrong = await storage.verify_two_factor_session(challenge.id, _hash("000000"))
-    assert wrong == TwoFactorAttempt(verified=False, attempt_count=1, max_attempts=3)
+    assert (wrong.verified, wrong.attempt_count, wrong.max_attempts) == (False, 1, 3)
+    assert wrong.throttled is False
+    assert wrong.throttled_until is not None  # the wrong code throttled the device
     assert wrong.attempts_left == 2
     stored = await storage.get_two_factor_session(challenge.id)
     assert stored is not None
     assert (stored.attempt_count, stored.completed_at) == (1, None)
+    _set_throttle(dsn, challenge.device_id)  # its throttle is over
     right = await storage.verify_two_factor_session(str(challenge.id), _hash("123456"))
     assert right == TwoFactorAttempt(verified=True, attempt_count=2, max_attempts=3)
     assert right.attempts_left == 0
@@ -660,7 +692,7 @@ async def test_verify_counts_then_completes_on_the_right_code(storage: Any, emai
     assert await storage.get_two_factor_session(challenge.id) == done
 
 
-async def test_verify_never_compares_past_the_limit(storage: Any, email: str) -> None:
+async def test_verify_never_compares_past_the_limit(storage: Any, email: str, dsn: str) -> None:
     """The attempt limit and the comparison are one statement: once the limit is reached, even
     the right code is refused and the challenge stays open (to expire)."""
     user = await _user(storage, email)
@@ -669,7 +701,9 @@ async def test_verify_never_compares_past_the_limit(storage: Any, email: str) ->
     )
     for count in (1, 2):
         attempt = await storage.verify_two_factor_session(challenge.id, _hash(f"guess-{count}"))
-        assert attempt == TwoFactorAttempt(verified=False, attempt_count=count, max_attempts=2)
+        assert attempt is not None and not attempt.throttled
+        assert (attempt.verified, attempt.attempt_count, attempt.max_attempts) == (False, count, 2)
+        _set_throttle(dsn, challenge.device_id)  # the limit is under test, not the throttle
     assert await storage.verify_two_factor_session(challenge.id, _hash("424242")) is None
     stored = await storage.get_two_factor_session(challenge.id)
     assert stored is not None
@@ -697,19 +731,312 @@ async def test_verify_refuses_what_it_cannot_check(storage: Any, email: str) -> 
     assert caught.value.field == "code_hash"
 
 
-async def test_racing_verifications(storage: Any, email: str) -> None:
+async def test_racing_verifications_one_match_wins(storage: Any, email: str) -> None:
     user = await _user(storage, email)
     right = await _challenge(storage, user, method="sms", code_hash=_hash("7"), max_attempts=100)
     outcomes = await race(storage, RACERS, "verify_two_factor_session", right.id, _hash("7"))
     assert [o.verified for o in outcomes if o is not None] == [True], outcomes
-    wrong = await _challenge(storage, user, method="sms", code_hash=_hash("7"), max_attempts=5)
-    outcomes = await race(storage, RACERS, "verify_two_factor_session", wrong.id, _hash("8"))
-    counted = sorted(o.attempt_count for o in outcomes if o is not None)
-    assert counted == [1, 2, 3, 4, 5], outcomes
-    assert not any(o.verified for o in outcomes if o is not None)
-    stored = await storage.get_two_factor_session(wrong.id)
+    device = await storage.get_two_factor_device(right.device_id)
+    assert device is not None and (device.throttle_failures, device.throttled_until) == (0, None)
+
+
+async def test_racing_wrong_codes_are_compared_one_at_a_time(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Concurrent attempts on a device's challenges wait for each other on the device row: the
+    first wrong code throttles the device (here for 2^9 s: nine failures came before), and every
+    attempt that waited for it is refused without being compared or counted."""
+    user = await _user(storage, email)
+    device = await _device(storage, user, method="sms", secret=None)
+    _set_throttle(dsn, device.id, failures=9)
+    challenge = await _challenge(
+        storage, user, device=device, method="sms", code_hash=_hash("7"), max_attempts=100
+    )
+    before = _db_now(dsn)
+    outcomes = await race(storage, RACERS, "verify_two_factor_session", challenge.id, _hash("8"))
+    after = _db_now(dsn)
+    [counted] = [o for o in outcomes if isinstance(o, TwoFactorAttempt) and not o.throttled]
+    assert (counted.verified, counted.attempt_count) == (False, 1)
+    assert counted.throttled_until is not None
+    wait = dt.timedelta(seconds=2**9)
+    assert before + wait <= counted.throttled_until <= after + wait
+    refusal = TwoFactorAttempt(
+        verified=False,
+        attempt_count=1,
+        max_attempts=100,
+        throttled=True,
+        throttled_until=counted.throttled_until,
+    )
+    assert [o for o in outcomes if o is not counted] == [refusal] * (RACERS - 1), outcomes
+    stored = await storage.get_two_factor_session(challenge.id)
+    assert stored is not None and stored.attempt_count == 1
+    throttled = await storage.get_two_factor_device(device.id)
+    assert throttled is not None
+    assert (throttled.throttle_failures, throttled.throttled_until) == (
+        10,
+        counted.throttled_until,
+    )
+
+
+async def test_racing_wrong_codes_never_pass_the_limit(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    challenge = await _challenge(storage, user, method="sms", code_hash=_hash("7"), max_attempts=1)
+    outcomes = await race(storage, RACERS, "verify_two_factor_session", challenge.id, _hash("8"))
+    counted = [o for o in outcomes if o is not None]
+    assert [(o.attempt_count, o.throttled) for o in counted] == [(1, False)], outcomes
+    assert outcomes.count(None) == RACERS - 1, outcomes
+
+
+async def test_wrong_codes_throttle_the_device_across_challenges(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """A wrong code throttles the challenge's device, not just the challenge: until
+    throttled_until every challenge of the device refuses codes without comparing or counting
+    them (a new challenge does not get round it), the wait doubles with each consecutive wrong
+    code, and a right code resets the device."""
+    user = await _user(storage, email)
+    device = await _device(storage, user, method="sms", secret=None)
+    session = await storage.create_session(user_id=user.id, expires_at=_in(minutes=5))
+    texted: dict[str, Any] = {"device": device, "session_id": session.id, "method": "sms"}
+    first = await _challenge(storage, user, **texted, code_hash=_hash("111111"))
+    before = _db_now(dsn)
+    wrong = await storage.verify_two_factor_session(first.id, _hash("000000"))
+    after = _db_now(dsn)
+    assert wrong is not None
+    assert (wrong.verified, wrong.throttled, wrong.attempt_count) == (False, False, 1)
+    assert wrong.throttled_until is not None
+    second = dt.timedelta(seconds=1)
+    assert before + second <= wrong.throttled_until <= after + second
+    throttled = await storage.get_two_factor_device(device.id)
+    assert throttled is not None
+    assert (throttled.throttle_failures, throttled.throttled_until) == (1, wrong.throttled_until)
+
+    # Another challenge of the device: even the right code is refused, neither compared nor
+    # counted, and the device is left as it was.
+    other = await _challenge(storage, user, **texted, code_hash=_hash("222222"), max_attempts=3)
+    refused = await storage.verify_two_factor_session(other.id, _hash("222222"))
+    assert refused == TwoFactorAttempt(
+        verified=False,
+        attempt_count=0,
+        max_attempts=3,
+        throttled=True,
+        throttled_until=wrong.throttled_until,
+    )
+    assert refused.attempts_left == 3
+    assert await storage.get_two_factor_session(other.id) == other
+    assert await storage.get_two_factor_device(device.id) == throttled
+
+    # Once the throttle is over, a wrong code is compared again and the wait doubles.
+    for failures in (2, 3):
+        _set_throttle(dsn, device.id)
+        before = _db_now(dsn)
+        wrong = await storage.verify_two_factor_session(other.id, _hash("999999"))
+        after = _db_now(dsn)
+        assert wrong is not None and not wrong.throttled
+        assert wrong.attempt_count == failures - 1
+        assert wrong.throttled_until is not None
+        wait = dt.timedelta(seconds=2 ** (failures - 1))
+        assert before + wait <= wrong.throttled_until <= after + wait
+        bumped = await storage.get_two_factor_device(device.id)
+        assert bumped is not None
+        assert (bumped.throttle_failures, bumped.throttled_until) == (
+            failures,
+            wrong.throttled_until,
+        )
+    _set_throttle(dsn, device.id)
+    right = await storage.verify_two_factor_session(other.id, _hash("222222"))
+    assert right == TwoFactorAttempt(verified=True, attempt_count=3, max_attempts=3)
+    reset = await storage.get_two_factor_device(device.id)
+    assert reset is not None
+    assert (reset.throttle_failures, reset.throttled_until) == (0, None)
+    # A refusal for another reason stays None: the challenge is done, whatever the device.
+    _set_throttle(dsn, device.id, until="hour")
+    assert await storage.verify_two_factor_session(other.id, _hash("222222")) is None
+    assert await storage.verify_two_factor_session(uuid.uuid4(), _hash("222222")) is None
+
+
+async def test_record_two_factor_failure_throttles_the_device(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """For codes the application checks (TOTP): each failure doubles the wait, up to 15
+    minutes, the count saturates rather than overflow, a throttle already set is never
+    shortened, and an accepted TOTP step resets the device."""
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+
+    async def failure(wait: dt.timedelta) -> dt.datetime:
+        before = _db_now(dsn)
+        until = await storage.record_two_factor_failure(device.id)
+        after = _db_now(dsn)
+        assert isinstance(until, dt.datetime)
+        assert before + wait <= until <= after + wait
+        return until
+
+    until = await failure(dt.timedelta(seconds=1))
+    stored = await storage.get_two_factor_device(device.id)
     assert stored is not None
-    assert stored.attempt_count == 5
+    assert (stored.throttle_failures, stored.throttled_until) == (1, until)
+    await failure(dt.timedelta(seconds=2))  # throttled or not, a checked code counts
+    _set_throttle(dsn, device.id, failures=10)
+    await failure(dt.timedelta(minutes=15))  # 2^10 s, capped
+    _set_throttle(dsn, device.id, failures=2**31 - 1)
+    await failure(dt.timedelta(minutes=15))
+    stored = await storage.get_two_factor_device(device.id)
+    assert stored is not None and stored.throttle_failures == 2**31 - 1
+    _set_throttle(dsn, device.id, failures=0, until="hour")
+    later = await storage.get_two_factor_device(device.id)
+    assert later is not None and later.throttled_until is not None
+    assert await storage.record_two_factor_failure(str(device.id)) == later.throttled_until
+
+    step = int(dt.datetime.now(dt.UTC).timestamp()) // 30
+    assert await storage.record_totp_step(device.id, step) is True
+    reset = await storage.get_two_factor_device(device.id)
+    assert reset is not None
+    assert (reset.throttle_failures, reset.throttled_until) == (0, None)
+    # A refused step (a replay) is no right code: the throttle stays.
+    await storage.record_two_factor_failure(device.id)
+    assert await storage.record_totp_step(device.id, step) is False
+    kept = await storage.get_two_factor_device(device.id)
+    assert kept is not None and kept.throttle_failures == 1
+
+    for unknown in (uuid.uuid4(), "nope", "", "x" * 10_000, 42, None):
+        assert await storage.record_two_factor_failure(unknown) is None
+    assert await storage.get_two_factor_device(device.id) == kept
+
+
+async def test_racing_failures_all_count(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    outcomes = await race(storage, RACERS, "record_two_factor_failure", device.id)
+    assert all(isinstance(o, dt.datetime) for o in outcomes), outcomes
+    stored = await storage.get_two_factor_device(device.id)
+    assert stored is not None
+    assert stored.throttle_failures == RACERS
+    assert stored.throttled_until == max(outcomes)
+
+
+async def test_count_two_factor_attempt_refuses_while_the_device_is_throttled(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """The flow of codes the application checks: count, check, then record the step (a right
+    code) or the failure (a wrong one). While the device is throttled, count_two_factor_attempt
+    answers with the time to try again and increment_two_factor_attempts with None, and neither
+    counts; a backup-code challenge is not throttled."""
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    session = await storage.create_session(user_id=user.id, expires_at=_in(minutes=5))
+    challenge = await _challenge(storage, user, device=device, session_id=session.id)
+    first = await storage.count_two_factor_attempt(challenge.id)
+    assert first == TwoFactorAttempt(verified=False, attempt_count=1, max_attempts=5)
+    assert first.attempts_left == 4
+    assert await storage.increment_two_factor_attempts(str(challenge.id)) == 2
+
+    until = await storage.record_two_factor_failure(challenge.device_id)  # a wrong code
+    assert until is not None
+    refused = await storage.count_two_factor_attempt(challenge.id)
+    assert refused == TwoFactorAttempt(
+        verified=False, attempt_count=2, max_attempts=5, throttled=True, throttled_until=until
+    )
+    assert await storage.increment_two_factor_attempts(challenge.id) is None
+    stored = await storage.get_two_factor_session(challenge.id)
+    assert stored is not None and stored.attempt_count == 2
+    # Backup codes are checked against the user's codes, not the device: never throttled.
+    backup = await _challenge(
+        storage, user, device=device, session_id=session.id, method="backup_code"
+    )
+    assert await storage.count_two_factor_attempt(backup.id) == TwoFactorAttempt(
+        verified=False, attempt_count=1, max_attempts=5
+    )
+    assert await storage.increment_two_factor_attempts(backup.id) == 2
+
+    _set_throttle(dsn, device.id)  # the throttle is over
+    third = await storage.count_two_factor_attempt(challenge.id)
+    assert third == TwoFactorAttempt(verified=False, attempt_count=3, max_attempts=5)
+    step = int(dt.datetime.now(dt.UTC).timestamp()) // 30
+    assert await storage.record_totp_step(device.id, step) is True  # a right code
+    assert await storage.complete_two_factor_session(challenge.id) is True
+    reset = await storage.get_two_factor_device(device.id)
+    assert reset is not None
+    assert (reset.throttle_failures, reset.throttled_until) == (0, None)
+
+    # None, throttled or not, when no attempt can be made.
+    _set_throttle(dsn, device.id, until="hour")
+    assert await storage.count_two_factor_attempt(challenge.id) is None  # completed
+    expired = await _challenge(
+        storage, user, device=device, session_id=session.id, expires_at=_in(seconds=-1)
+    )
+    assert await storage.count_two_factor_attempt(expired.id) is None
+    assert await storage.count_two_factor_attempt(uuid.uuid4()) is None
+    with pytest.raises(ValidationError) as caught:
+        await storage.count_two_factor_attempt("nope")
+    assert caught.value.field == "id"
+
+
+@pytest.mark.parametrize("method", ["verify_two_factor_session", "count_two_factor_attempt"])
+async def test_an_attempt_waiting_on_a_concurrent_failure_sees_its_throttle(
+    storage: Any, email: str, dsn: str, method: str
+) -> None:
+    """An attempt that starts while another transaction is throttling the device waits for
+    it, then reads the throttle it set: it is refused, and (for verify_two_factor_session) the
+    right code is never compared. A plain guarded statement would judge the throttle by its
+    snapshot, from before the wait, and let the code through."""
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    code = {"method": "sms", "code_hash": _hash("5")} if method.startswith("verify") else {}
+    challenge = await _challenge(storage, user, device=device, **code)
+    args = (challenge.id, _hash("5")) if code else (challenge.id,)
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "UPDATE kitium_auth.twofa_devices SET throttle_failures = throttle_failures + 1,"
+            " throttled_until = now() + interval '1 hour' WHERE id = %s",
+            [device.id],
+        )
+        watcher = release_when_waiting(dsn, holder, "twofa_devices AS d")
+        [outcome] = await race(storage, 1, method, *args)
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    throttled = await storage.get_two_factor_device(device.id)
+    assert throttled is not None and throttled.throttle_failures == 1
+    assert outcome == TwoFactorAttempt(
+        verified=False,
+        attempt_count=0,
+        max_attempts=5,
+        throttled=True,
+        throttled_until=throttled.throttled_until,
+    )
+    assert await storage.get_two_factor_session(challenge.id) == challenge
+
+
+async def test_a_wrong_code_waiting_on_a_concurrent_failure_bumps_after_it(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Two wrong codes at once both count: the second waits for the first's row lock and
+    bumps the row it left (here the first's throttle is already over, so the second is
+    compared)."""
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    challenge = await _challenge(storage, user, device=device, method="sms", code_hash=_hash("5"))
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "UPDATE kitium_auth.twofa_devices SET throttle_failures = throttle_failures + 1,"
+            " throttled_until = now() - interval '1 second' WHERE id = %s",
+            [device.id],
+        )
+        watcher = release_when_waiting(dsn, holder, "twofa_devices AS d")
+        [outcome] = await race(storage, 1, "verify_two_factor_session", challenge.id, _hash("6"))
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    assert isinstance(outcome, TwoFactorAttempt), outcome
+    assert (outcome.verified, outcome.throttled, outcome.attempt_count) == (False, False, 1)
+    bumped = await storage.get_two_factor_device(device.id)
+    assert bumped is not None
+    assert (bumped.throttle_failures, bumped.throttled_until) == (2, outcome.throttled_until)
 
 
 async def test_retried_completion_recognises_its_own_win(storage: Any, email: str) -> None:

@@ -176,18 +176,43 @@ class AsyncTwoFactor(AsyncCore):
 
     async def record_totp_step(self, device_id: uuid.UUID | str, step: int) -> bool:
         """TOTP replay guard (RFC 6238 section 5.2): accept time step ``step`` for a device only
-        when it is newer than the last accepted one, recording it (and ``last_used_at``).
+        when it is newer than the last accepted one, recording it (and ``last_used_at``). An
+        accepted step is a right code: the same statement resets the device's throttle
+        (``throttle_failures`` 0, ``throttled_until`` ``None``).
 
         ``True`` for the accepted step; ``False`` for a step already accepted or older, or an
         unknown device. One guarded statement: of concurrent calls with the same step exactly
-        one gets ``True``. Never retried by the adapter: after a lost acknowledgement a retry
-        would find its own step recorded and report a replay.
+        one gets ``True``. It does not look at the throttle: check the code only after
+        ``count_two_factor_attempt`` (or ``increment_two_factor_attempts``) let the attempt
+        through. Never retried by the adapter: after a lost acknowledgement a retry would find
+        its own step recorded and report a replay.
         """
         params = {
             "id": v.uuid_arg("device_id", device_id),
             "step": v.integer("step", step, maximum=INT8_MAX),
         }
         return await self._value("record_totp_step", params, retry=Retry.NEVER) is not None
+
+    async def record_two_factor_failure(self, device_id: uuid.UUID | str) -> dt.datetime | None:
+        """Throttle a device after a wrong code that the application checked itself (a TOTP
+        code, after ``count_two_factor_attempt``): one more consecutive failure
+        (``throttle_failures``), and the device refuses code checks until the returned time,
+        2^(n-1) seconds after the n-th consecutive failure, at most 15 minutes (never earlier
+        than a throttle already set). ``verify_two_factor_session`` does this itself for the
+        codes it compares; a right code resets it (``record_totp_step``). Do not call it for a
+        wrong backup code: backup codes are not throttled.
+
+        Returns the device's new ``throttled_until``, or ``None`` for an unknown or malformed
+        id (nothing written). One statement: concurrent failures each count. Never retried by
+        the adapter (a counter): after a lost acknowledgement a retry would count twice.
+        """
+        parsed = v.parse_uuid(device_id)
+        if parsed is None:
+            return None
+        until: dt.datetime | None = await self._value(
+            "record_two_factor_failure", {"id": parsed}, retry=Retry.NEVER
+        )
+        return until
 
     # -- backup codes ------------------------------------------------------------------------
 
@@ -327,34 +352,69 @@ class AsyncTwoFactor(AsyncCore):
         self, id: uuid.UUID | str, code_hash: str
     ) -> TwoFactorAttempt | None:
         """Count one attempt on a code challenge and complete it when ``code_hash`` (the digest
-        of the code presented, made as for ``create_two_factor_session``) matches the stored one.
+        of the code presented, made as for ``create_two_factor_session``) matches the stored one;
+        the same statement throttles the challenge's device (see ``TwoFactorDevice``): a wrong
+        code bumps it, a right one resets it.
 
-        Returns the attempt (``verified`` is ``True`` for the one call that completed the
-        challenge), or ``None`` when no attempt is counted: the limit is reached, or the
-        challenge is completed, expired, unknown or was created without a ``code_hash`` (TOTP
-        and backup-code challenges are checked by the application, then completed with
-        ``complete_two_factor_session``). One guarded statement: an attempt past the limit is
-        never compared, and of concurrent callers with the right code exactly one is verified.
-        Raises ``ValidationError`` for a malformed id or digest. Never retried by the adapter:
-        after a lost acknowledgement a retry would count twice.
+        Returns the attempt: ``verified`` is ``True`` for the one call that completed the
+        challenge; after a wrong code ``throttled_until`` is when the device accepts the next
+        one. While the device is throttled (by wrong codes on this or any other of its
+        challenges), the attempt is refused: ``throttled`` is ``True``, the code was not
+        compared, the attempt not counted, and ``throttled_until`` says when to try again.
+        ``None`` when no attempt can be made: the limit is reached, or the challenge is
+        completed, expired, unknown or was created without a ``code_hash`` (TOTP and
+        backup-code challenges are checked by the application: ``count_two_factor_attempt``).
+        One guarded statement: an attempt past the limit or while the device is throttled is
+        never compared, of concurrent callers with the right code exactly one is verified, and
+        concurrent wrong codes each bump the device. Raises ``ValidationError`` for a malformed
+        id or digest. Never retried by the adapter: after a lost acknowledgement a retry would
+        count twice.
         """
         params = {"id": v.uuid_arg("id", id), "code_hash": _code_hash("code_hash", code_hash)}
         return await self._one(
             "verify_two_factor_session", params, TwoFactorAttempt, retry=Retry.NEVER
         )
 
+    async def count_two_factor_attempt(self, id: uuid.UUID | str) -> TwoFactorAttempt | None:
+        """Count one attempt on an open challenge whose code the application checks itself (a
+        TOTP code, a backup code), before checking it.
+
+        Returns the attempt (``verified`` is always ``False``: compare the code next, then call
+        ``record_totp_step`` and ``complete_two_factor_session`` for a right TOTP code, or
+        ``record_two_factor_failure`` for a wrong one). While the challenge's device is
+        throttled the attempt is refused: ``throttled`` is ``True``, nothing is counted,
+        ``throttled_until`` says when to try again, and the code must not be checked.
+        Challenges opened with ``method="backup_code"`` are never throttled (backup codes are
+        not checked against the device). ``None`` when no attempt can be made: the limit
+        (``max_attempts``) is reached, or the challenge is completed, expired or unknown.
+
+        One guarded statement: of concurrent calls on a challenge with ``max_attempts=n``
+        exactly ``n`` are counted (1 to n), and a call that waited for a concurrent
+        ``record_two_factor_failure`` sees the throttle it set. Raises ``ValidationError`` for
+        a malformed id. Never retried by the adapter: after a lost acknowledgement a retry
+        would count twice.
+        """
+        params = {"id": v.uuid_arg("id", id)}
+        return await self._one(
+            "count_two_factor_attempt", params, TwoFactorAttempt, retry=Retry.NEVER
+        )
+
     async def increment_two_factor_attempts(self, id: uuid.UUID | str) -> int | None:
         """Count one attempt on an open challenge and return the new count, or ``None`` when
-        the attempt is refused: the limit (``max_attempts``) is reached, or the challenge is
-        completed, expired or unknown.
+        the attempt is refused: the limit (``max_attempts``) is reached, the challenge is
+        completed, expired or unknown, or its device is throttled (as for
+        ``count_two_factor_attempt``, which returns the same attempt with the reason and the
+        time to try again).
 
         Atomic: of concurrent calls on a challenge with ``max_attempts=n`` exactly ``n`` get a
         count (1 to n), the rest ``None``. Never retried by the adapter: after a lost
         acknowledgement a retry would count twice.
         """
         params = {"id": v.uuid_arg("id", id)}
-        attempts = await self._value("increment_two_factor_attempts", params, retry=Retry.NEVER)
-        return None if attempts is None else int(attempts)
+        attempt = await self._one(
+            "count_two_factor_attempt", params, TwoFactorAttempt, retry=Retry.NEVER
+        )
+        return None if attempt is None or attempt.throttled else attempt.attempt_count
 
     async def delete_two_factor_session(self, id: uuid.UUID | str) -> bool:
         """Delete a challenge (completed, expired or not); ``True`` if a row was deleted. Use it
