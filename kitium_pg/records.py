@@ -30,6 +30,7 @@ __all__ = [
     "OrganizationMember",
     "Permission",
     "Role",
+    "RoleAssignment",
     "Session",
     "SsoDomain",
     "SsoLink",
@@ -259,6 +260,16 @@ class Role:
     metadata: dict[str, Any] = attrs.field(hash=False)
     created_at: dt.datetime = attrs.field(converter=_utc)
     updated_at: dt.datetime = attrs.field(converter=_utc)
+
+
+@attrs.frozen(kw_only=True)
+class RoleAssignment:
+    """A user holding a role in the role's organization, since ``assigned_at``."""
+
+    user_id: uuid.UUID
+    role_id: uuid.UUID
+    org_id: uuid.UUID
+    assigned_at: dt.datetime = attrs.field(converter=_utc)
 
 
 # -- SSO ----------------------------------------------------------------------------------------

@@ -92,6 +92,26 @@ SELECT r.id, r.org_id, r.name, r.description, r.is_system, r.permissions, r.meta
  WHERE ur.user_id = :user_id AND ur.org_id = :org_id
  ORDER BY r.created_at, r.id;
 
+-- name: set_user_roles(user_id, org_id, role_ids, ids)
+-- Replace the roles a user holds in one organization with role_ids (ids: the ids of the
+-- assignments to insert, parallel to role_ids) through set_user_roles, which locks the
+-- membership row first so that concurrent replacements run one after the other (migration
+-- 0017); the roles held afterwards, oldest role first as get_user_roles.
+SELECT r.held_id AS id, r.held_org_id AS org_id, r.held_name AS name,
+       r.held_description AS description, r.held_is_system AS is_system,
+       r.held_permissions AS permissions, r.held_metadata AS metadata,
+       r.held_created_at AS created_at, r.held_updated_at AS updated_at
+  FROM kitium_auth.set_user_roles(:user_id, :org_id, :role_ids::uuid[], :ids::uuid[]) AS r
+ ORDER BY r.held_created_at, r.held_id;
+
+-- name: get_role_users(role_id)
+-- The users holding one role, oldest assignment first, then by user id (served by
+-- user_roles_role_id_idx).
+SELECT user_id, role_id, org_id, assigned_at
+  FROM kitium_auth.user_roles
+ WHERE role_id = :role_id
+ ORDER BY assigned_at, user_id;
+
 -- name: get_user_permissions(user_id, org_id)
 -- The distinct permissions (by name, in code-point order of the name) a user holds in one
 -- organization through its roles; the oldest role defining a name supplies its definition.

@@ -742,6 +742,34 @@ def members_arg() -> P:
     )
 
 
+def _role_ids(items: list[Arg]) -> Arg:
+    values = [a.value for a in items]
+    tag = worst(CLEAN, *(a.tag for a in items))
+    roles = [key for key in map(_member_key, values) if key is not None]  # as for members
+    if len(set(roles)) != len(roles):
+        tag = BAD  # the same role twice
+    return Arg(values, tag)
+
+
+def role_ids_arg() -> P:
+    """``role_ids`` of set_user_roles: the seed role (of the seed organization), fresh roles
+    of that organization and random ids; hostile lists hold malformed ids or repeat one, and
+    non-lists (a lone id among them) and oversized lists are refused whole."""
+    ids = uuid_arg("role", "fresh_role")  # unknown ids come from uuid_arg's random ones
+    lone = str(uuid.UUID(int=7))
+    return P(
+        st.lists(ids.clean, max_size=3).map(_role_ids),
+        st.one_of(
+            st.lists(ids.any(), min_size=1, max_size=3).map(_role_ids),
+            st.builds(lambda a: _role_ids([a, a]), ids.clean),
+            st.sampled_from(["role_ids", lone, uuid.UUID(lone), {"id": lone}, None, 5]).map(
+                lambda v: Arg(v, BAD)
+            ),
+            st.just(Arg([uuid.UUID(int=n) for n in range(1001)], BAD)),
+        ),
+    )
+
+
 def permission_item(hostile: bool) -> st.SearchStrategy[tuple[Any, str]]:
     def pick(p: P) -> st.SearchStrategy[Arg]:
         return p.any() if hostile else p.clean
@@ -1268,6 +1296,16 @@ def check_role(world: World, kwargs: dict[str, Any], result: Any) -> None:
 def check_assign(world: World, kwargs: dict[str, Any], result: Any) -> None:
     assert result == world.api.get_role(kwargs["role_id"])
     assert result in world.api.get_user_roles(kwargs["user_id"], kwargs["org_id"])
+
+
+def check_user_roles(world: World, kwargs: dict[str, Any], result: Any) -> None:
+    """The user holds exactly the roles given, returned as get_user_roles returns them, and
+    each lists the user among its holders."""
+    user = _as_uuid(kwargs["user_id"])
+    assert {r.id for r in result} == {_as_uuid(r) for r in kwargs["role_ids"]}
+    assert world.api.get_user_roles(user, kwargs["org_id"]) == result
+    for role in result:
+        assert user in [a.user_id for a in world.api.get_role_users(role.id)]
 
 
 def check_provider(world: World, kwargs: dict[str, Any], result: Any) -> None:
@@ -1822,9 +1860,19 @@ def _spec_table() -> dict[str, Spec]:
             lenient=True,
             writes=True,
         ),
+        "set_user_roles": Spec(
+            params={
+                "user_id": uuid_arg("user", "member"),
+                "org_id": uuid_arg("org", "random"),
+                "role_ids": role_ids_arg(),
+            },
+            writes=True,
+            check=check_user_roles,
+        ),
         "get_user_roles": Spec(
             params={"user_id": uid, "org_id": uuid_arg("org", "random")}, lenient=True
         ),
+        "get_role_users": reader("role_id", "role"),
         "get_user_permissions": Spec(
             params={"user_id": uid, "org_id": uuid_arg("org", "random"), **CONSISTENCY},
             lenient=True,
@@ -2233,8 +2281,8 @@ def _seed(world: World) -> None:
     api, s = world.api, world.seeds
     s["user"] = api.create_user(email=f"seed-{uuid.uuid4().hex[:8]}@example.com", name="Seed")
     s["quiet_user"] = api.create_user(name="Quiet")
-    # A member only set_organization_member_role refers to: removals (whose strategies run
-    # first) take the seed user out of the seed organization.
+    # A member only set_organization_member_role and set_user_roles refer to: removals (whose
+    # strategies run first) take the seed user out of the seed organization.
     s["member"] = api.create_user(name="Member")
     s["org"] = api.create_organization(
         name="Seed org",

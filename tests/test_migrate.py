@@ -19,6 +19,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from kitium_pg import (
+    InternalError,
     MigrationError,
     PostgresStorageAdapter,
     UnavailableError,
@@ -820,6 +821,54 @@ def test_0018_up_down_up_adds_the_device_throttle(dsn: str) -> None:
             assert again is not None
             assert (again.user_id, again.method) == (user.id, "sms")
             assert (again.throttle_failures, again.throttled_until) == (0, None)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+USER_ROLE_SETS = "0017_set_user_roles"
+SET_USER_ROLES = "set_user_roles(p_user_id uuid, p_org_id uuid, p_role_ids uuid[], p_ids uuid[])"
+
+
+def test_0017_up_down_up_adds_set_user_roles(dsn: str) -> None:
+    """0017 adds only the set_user_roles function (get_role_users is served by
+    user_roles_role_id_idx, from 0002, which its plan shows); its down part drops exactly that
+    function, after which the other RBAC methods still work; up again restores it."""
+    schema = f"mig_{uuid.uuid4().hex[:10]}"
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            # With the newest schema, which the adapter's user queries need.
+            user = storage.create_user()
+            org = storage.create_organization(
+                name="Sets", plan="team", members=[{"user_id": user.id}]
+            )
+            reader, writer = (storage.create_role(org_id=org.id, name=n) for n in ("r", "w"))
+            if _after(USER_ROLE_SETS):  # 0 while it is the newest migration
+                storage.rollback(steps=_after(USER_ROLE_SETS))
+            latest, constraints = _functions(dsn, schema), _constraints(dsn, schema)
+            assert SET_USER_ROLES in latest
+            assert storage.set_user_roles(user.id, org.id, [writer.id, reader.id]) == [
+                reader,
+                writer,
+            ]
+            plan = _plan(dsn, schema, "get_role_users", {"role_id": reader.id})
+            assert "user_roles_role_id_idx" in plan, plan
+
+            assert storage.rollback() == (USER_ROLE_SETS,)
+            assert _functions(dsn, schema) == {
+                f: body for f, body in latest.items() if f != SET_USER_ROLES
+            }
+            assert _constraints(dsn, schema) == constraints
+            with pytest.raises(InternalError):
+                storage.set_user_roles(user.id, org.id, [])
+            assert storage.get_user_roles(user.id, org.id) == [reader, writer]
+            assert [a.user_id for a in storage.get_role_users(writer.id)] == [user.id]
+            assert storage.revoke_role_from_user(user.id, writer.id, org.id) is True
+
+            assert _migrate_through(storage, USER_ROLE_SETS) == (USER_ROLE_SETS,)
+            assert _functions(dsn, schema) == latest
+            assert storage.set_user_roles(user.id, org.id, [writer.id]) == [writer]
+            assert storage.get_role_users(reader.id) == []
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())

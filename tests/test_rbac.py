@@ -12,10 +12,10 @@ import psycopg
 import pytest
 
 from kitium_pg import ConflictError, NotFoundError, Organization, User, ValidationError
-from kitium_pg.records import Permission, Role
+from kitium_pg.records import Permission, Role, RoleAssignment
 
 from .fix_holder import release_when_waiting
-from .fix_race import race
+from .fix_race import race, race_each
 
 RACERS = 16
 
@@ -116,6 +116,7 @@ async def test_lookups_of_unknown_or_malformed_ids(storage: Any) -> None:
     assert await storage.get_role(uuid.uuid4()) is None
     assert await storage.delete_role(uuid.uuid4()) is False
     assert await storage.list_roles(uuid.uuid4()) == []
+    assert await storage.get_role_users(uuid.uuid4()) == []
     some = uuid.uuid4()
     for bad in ("nope", "", "x" * 10_000, 42, None):
         assert await storage.get_role(bad) is None
@@ -123,6 +124,7 @@ async def test_lookups_of_unknown_or_malformed_ids(storage: Any) -> None:
         assert await storage.list_roles(bad) == []
         assert await storage.get_user_roles(bad, some) == []
         assert await storage.get_user_roles(some, bad) == []
+        assert await storage.get_role_users(bad) == []
         assert await storage.get_user_permissions(bad, some) == []
         assert await storage.get_user_permissions(some, bad) == []
         assert await storage.has_permission(bad, some, "x") is False
@@ -467,3 +469,212 @@ async def test_deleting_a_role_waits_for_the_organization_row(
     finally:
         holder.close()
     assert await storage.get_user_roles(member.id, org.id) == []
+
+
+async def _set_assigned_at(storage: Any, role_id: uuid.UUID, when: dt.datetime) -> None:
+    """Give every assignment of a role the same assigned_at, straight in the table."""
+    pool = storage.adapter.pool if storage.kind == "sync" else storage.pool
+    sql = "UPDATE kitium_auth.user_roles SET assigned_at = %s WHERE role_id = %s"
+    if storage.kind == "sync":
+        with pool.connection() as conn:
+            conn.execute(sql, (when, role_id))
+    else:
+        async with pool.connection() as conn:
+            await conn.execute(sql, (when, role_id))
+
+
+async def test_get_role_users_lists_the_holders_oldest_assignment_first(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    org, other = await _org(storage), await _org(storage, "Other")
+    users = [await _user(storage, unique, org, other) for _ in range(3)]
+    role = await storage.create_role(org_id=org.id, name="auditor")
+    unrelated = await storage.create_role(org_id=org.id, name="unrelated")
+    elsewhere = await storage.create_role(org_id=other.id, name="auditor")
+    order = [users[2], users[0], users[1]]  # assignment order, not user or creation order
+    for user in order:
+        await storage.assign_role_to_user(user.id, role.id, org.id)
+    await storage.assign_role_to_user(users[1].id, unrelated.id, org.id)
+    await storage.assign_role_to_user(users[0].id, elsewhere.id, other.id)
+    holders = await storage.get_role_users(role.id)
+    assert all(isinstance(h, RoleAssignment) for h in holders)
+    assert [h.user_id for h in holders] == [u.id for u in order]
+    assert {(h.role_id, h.org_id) for h in holders} == {(role.id, org.id)}
+    assert all(h.assigned_at.tzinfo is dt.UTC for h in holders)
+    assert [h.assigned_at for h in holders] == sorted(h.assigned_at for h in holders)
+    assert await storage.get_role_users(str(role.id)) == holders
+    assert [h.user_id for h in await storage.get_role_users(elsewhere.id)] == [users[0].id]
+    # Re-assigning changes nothing; revoking and removing the member drop the holder.
+    await storage.assign_role_to_user(order[0].id, role.id, org.id)
+    assert await storage.get_role_users(role.id) == holders
+    await storage.revoke_role_from_user(order[1].id, role.id, org.id)
+    await storage.remove_organization_member(org.id, order[2].id)
+    assert await storage.get_role_users(role.id) == [holders[0]]
+    await storage.delete_role(role.id)
+    assert await storage.get_role_users(role.id) == []
+
+
+async def test_get_role_users_breaks_ties_by_user_id(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """Assignments made at the same instant come by user id, not in the order they were made
+    (assigned here from the highest user id down, then given one instant)."""
+    org = await _org(storage)
+    users = sorted([await _user(storage, unique, org) for _ in range(3)], key=lambda u: u.id)
+    role = await storage.create_role(org_id=org.id, name="same-instant")
+    for user in reversed(users):
+        await storage.assign_role_to_user(user.id, role.id, org.id)
+    when = dt.datetime(2030, 1, 2, 3, 4, 5, 6, tzinfo=dt.UTC)
+    await _set_assigned_at(storage, role.id, when)
+    holders = await storage.get_role_users(role.id)
+    assert [h.user_id for h in holders] == [u.id for u in users]
+    assert {h.assigned_at for h in holders} == {when}
+
+
+async def test_set_user_roles_replaces_the_set_and_keeps_listed_assignments(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    org, other = await _org(storage), await _org(storage, "Other")
+    user, bystander = await _user(storage, unique, org, other), await _user(storage, unique, org)
+    a, b, c = [await storage.create_role(org_id=org.id, name=n) for n in ("a", "b", "c")]
+    outside = await storage.create_role(org_id=other.id, name="a")
+    for role in (a, b):
+        await storage.assign_role_to_user(user.id, role.id, org.id)
+        await storage.assign_role_to_user(bystander.id, role.id, org.id)
+    await storage.assign_role_to_user(user.id, outside.id, other.id)
+    [kept] = [h for h in await storage.get_role_users(b.id) if h.user_id == user.id]
+
+    # Listed in another order than the roles' age: the result is oldest role first.
+    assert await storage.set_user_roles(user.id, org.id, [c.id, str(b.id)]) == [b, c]
+    assert await storage.get_user_roles(user.id, org.id) == [b, c]
+    assert [h.user_id for h in await storage.get_role_users(a.id)] == [bystander.id]
+    assert kept in await storage.get_role_users(b.id)  # not re-inserted: same assigned_at
+    # Idempotent: the same set again changes nothing.
+    assert await storage.set_user_roles(str(user.id), str(org.id), (b.id, c.id)) == [b, c]
+    assert kept in await storage.get_role_users(b.id)
+    # Other users, and the user's roles in other organizations, are left alone.
+    assert await storage.get_user_roles(bystander.id, org.id) == [a, b]
+    assert await storage.get_user_roles(user.id, other.id) == [outside]
+    # An empty set takes every role away (and the permissions with them).
+    assert await storage.set_user_roles(user.id, org.id, []) == []
+    assert await storage.get_user_roles(user.id, org.id) == []
+    assert await storage.set_user_roles(user.id, org.id, iter([a.id])) == [a]
+    assert await storage.get_user_roles(user.id, other.id) == [outside]
+
+
+async def test_set_user_roles_refuses_non_members_and_foreign_roles_writing_nothing(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    org, other = await _org(storage), await _org(storage, "Other")
+    user, stranger = await _user(storage, unique, org), await _user(storage, unique, other)
+    held, free = [await storage.create_role(org_id=org.id, name=n) for n in ("held", "free")]
+    foreign = await storage.create_role(org_id=other.id, name="foreign")
+    await storage.assign_role_to_user(user.id, held.id, org.id)
+
+    async def refused(user_id: Any, org_id: Any, role_ids: list[Any], constraint: str) -> None:
+        with pytest.raises(NotFoundError) as caught:
+            await storage.set_user_roles(user_id, org_id, role_ids)
+        assert constraint in str(caught.value)
+
+    member_fkey, role_fkey = "user_roles__member_fkey", "user_roles__role_id_fkey"
+    # Not a member (of this organization, or at all): refused even with nothing to assign.
+    await refused(stranger.id, org.id, [], member_fkey)
+    await refused(stranger.id, org.id, [held.id], member_fkey)
+    await refused(user.id, other.id, [foreign.id], member_fkey)
+    await refused(uuid.uuid4(), org.id, [], member_fkey)
+    await refused(user.id, uuid.uuid4(), [], member_fkey)
+    # A role of another organization, or none at all, next to valid ones: nothing is taken
+    # away or added either.
+    await refused(user.id, org.id, [free.id, foreign.id], role_fkey)
+    await refused(user.id, org.id, [uuid.uuid4()], role_fkey)
+    assert await storage.get_user_roles(user.id, org.id) == [held]
+    assert await storage.get_user_roles(stranger.id, org.id) == []
+    assert await _count_assignments(storage, free.id) == 0
+    assert await _count_assignments(storage, foreign.id) == 0
+    # A removed member's roles went with the membership; setting them is refused.
+    assert await storage.remove_organization_member(org.id, user.id) is True
+    await refused(user.id, org.id, [held.id], member_fkey)
+    assert await _count_assignments(storage, held.id) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({"user_id": "not-a-uuid"}, "user_id"),
+        ({"user_id": None}, "user_id"),
+        ({"org_id": "not-a-uuid"}, "org_id"),
+        ({"role_ids": None}, "role_ids"),
+        ({"role_ids": 42}, "role_ids"),
+        ({"role_ids": str(uuid.UUID(int=1))}, "role_ids"),  # one id, not a list
+        ({"role_ids": uuid.UUID(int=1)}, "role_ids"),
+        ({"role_ids": {"id": str(uuid.UUID(int=1))}}, "role_ids"),
+        ({"role_ids": [uuid.UUID(int=1), "not-a-uuid"]}, "role_ids[1]"),
+        ({"role_ids": [uuid.UUID(int=1), None]}, "role_ids[1]"),
+        ({"role_ids": [uuid.UUID(int=1).bytes]}, "role_ids[0]"),
+        (
+            {"role_ids": [uuid.UUID(int=1), uuid.UUID(int=2), str(uuid.UUID(int=1)).upper()]},
+            "role_ids[2]",
+        ),
+        ({"role_ids": [uuid.UUID(int=n) for n in range(1001)]}, "role_ids"),
+    ],
+)
+async def test_set_user_roles_bad_input_names_the_field_and_writes_nothing(
+    storage: Any, unique: Callable[[str], str], args: dict[str, Any], field: str
+) -> None:
+    org = await _org(storage)
+    user = await _user(storage, unique, org)
+    role = await storage.create_role(org_id=org.id, name="kept")
+    await storage.assign_role_to_user(user.id, role.id, org.id)
+    call = {"user_id": user.id, "org_id": org.id, "role_ids": [], **args}
+    with pytest.raises(ValidationError) as caught:
+        await storage.set_user_roles(call["user_id"], call["org_id"], call["role_ids"])
+    assert caught.value.field == field
+    assert await storage.get_user_roles(user.id, org.id) == [role]
+
+
+async def test_set_user_roles_takes_up_to_the_limit(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """1,000 ids are accepted (the 1,001st is refused above): here all unknown roles, so the
+    call gets as far as the database and is refused there."""
+    org = await _org(storage)
+    user = await _user(storage, unique, org)
+    with pytest.raises(NotFoundError):
+        await storage.set_user_roles(user.id, org.id, [uuid.uuid4() for _ in range(1000)])
+
+
+async def test_concurrent_set_user_roles_leave_one_of_the_sets(
+    storage: Any, dsn: str, unique: Callable[[str], str]
+) -> None:
+    """Two replacements with overlapping sets, started while another transaction holds the
+    user's membership row, both wait for it, then run one after the other: what stays is
+    exactly the set of one of them (the later), never the union. (Without the lock taken
+    first, the second DELETE would read a snapshot from before the first committed and miss
+    its new assignment.)"""
+    org = await _org(storage)
+    user = await _user(storage, unique, org)
+    old, a, shared, b = [
+        await storage.create_role(org_id=org.id, name=n) for n in ("old", "a", "shared", "b")
+    ]
+    await storage.assign_role_to_user(user.id, old.id, org.id)
+    sets = [[a, shared], [shared, b]]
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        ((user.id, org.id, [r.id for r in roles]), {}) for roles in sets
+    ]
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "SELECT 1 FROM kitium_auth.organization_members"
+            " WHERE org_id = %s AND user_id = %s FOR NO KEY UPDATE",
+            (org.id, user.id),
+        )
+        watcher = release_when_waiting(dsn, holder, "set_user_roles", waiters=2)
+        results = await race_each(storage, "set_user_roles", calls)
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    assert results[0] == sets[0] and results[1] == sets[1], results  # each saw only its own
+    stored = await storage.get_user_roles(user.id, org.id)
+    assert stored in sets, stored
+    assert await _count_assignments(storage, shared.id) == 1

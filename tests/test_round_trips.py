@@ -212,6 +212,8 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
         ("get_user_permissions", lambda: s.get_user_permissions(user(), org())),
         ("has_permission", lambda: s.has_permission(user(), org(), "users:read")),
         ("revoke_role_from_user", lambda: s.revoke_role_from_user(user(), role(), org())),
+        ("set_user_roles", lambda: s.set_user_roles(user(), org(), [role()])),
+        ("get_role_users", lambda: s.get_role_users(role())),
         # sessions and session tokens
         (
             "create_session",
@@ -495,6 +497,8 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     assert ctx["get_oauth_tokens"].access_token == "gho_access"
     assert ctx["has_permission"] is True
     assert ctx["revoke_role_from_user"] is True
+    assert ctx["set_user_roles"] == [ctx["update_role"]]  # assigned again
+    assert [a.user_id for a in ctx["get_role_users"]] == [ctx["create_user"].id]
     assert ctx["mark_user_email_verified"].email_verified_at is not None
     assert ctx["validate_session_token"] == ctx["issue_session_token"].session
     assert ctx["rotate_session_token"].session.id == ctx["issue_session_token[event]"].session.id

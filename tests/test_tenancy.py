@@ -110,6 +110,40 @@ def test_tenant_writes_within_its_own_tenant_work(
     assert role in app.tenant(alpha.id).get_user_roles(tenancy["user"].id, alpha.id)
 
 
+def test_set_user_roles_and_get_role_users_stay_within_the_tenant(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any]
+) -> None:
+    """set_user_roles runs with the caller's rights (its function is not SECURITY DEFINER), as
+    the other RBAC methods do: as alpha it sets and reads alpha's roles, but beta's membership
+    is out of sight (NotFoundError, nothing written), and so are beta's role holders; without a
+    tenant nothing is visible (fail closed)."""
+    alpha, beta = tenancy["orgs"]
+    owner: PostgresStorageAdapter = tenancy["owner"]
+    user = tenancy["user"]
+    tag = uuid.uuid4().hex[:6]
+    mine = owner.create_role(org_id=alpha.id, name=f"set-{tag}")
+    theirs = owner.create_role(org_id=beta.id, name=f"set-{tag}")
+    owner.assign_role_to_user(user.id, theirs.id, beta.id)
+    held_in_alpha = owner.get_user_roles(user.id, alpha.id)
+    as_alpha = app.tenant(alpha.id)
+    assert as_alpha.set_user_roles(user.id, alpha.id, [mine.id]) == [mine]
+    assert owner.get_user_roles(user.id, alpha.id) == [mine]
+    assert [a.user_id for a in as_alpha.get_role_users(mine.id)] == [user.id]
+    with pytest.raises(NotFoundError) as caught:
+        as_alpha.set_user_roles(user.id, beta.id, [])
+    assert "user_roles__member_fkey" in str(caught.value)
+    with pytest.raises(NotFoundError):  # another tenant's role in alpha's set
+        as_alpha.set_user_roles(user.id, alpha.id, [theirs.id])
+    assert as_alpha.get_role_users(theirs.id) == []
+    assert app.get_role_users(mine.id) == []
+    with pytest.raises(NotFoundError):
+        app.set_user_roles(user.id, alpha.id, [])
+    assert owner.get_user_roles(user.id, beta.id) == [theirs]
+    assert [a.user_id for a in owner.get_role_users(theirs.id)] == [user.id]
+    assert owner.get_user_roles(user.id, alpha.id) == [mine]
+    assert owner.set_user_roles(user.id, alpha.id, [r.id for r in held_in_alpha]) == held_in_alpha
+
+
 def test_the_app_role_has_no_ddl_and_events_are_append_only(
     app: PostgresStorageAdapter, tenancy: dict[str, Any]
 ) -> None:

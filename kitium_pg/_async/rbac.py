@@ -9,11 +9,14 @@ from typing import Any
 from .. import _validate as v
 from .._base import UNSET, Consistency, Retry, Unset, new_id
 from ..errors import NotFoundError, ValidationError
-from ..records import Permission, Role
+from ..records import Permission, Role, RoleAssignment
 from .core import AsyncCore
 
 MAX_PERMISSIONS = 1_000
 """Most permissions one role may grant."""
+
+MAX_ROLE_IDS = 1_000
+"""Most role ids one ``set_user_roles`` call may take."""
 
 _PERMISSION_KEYS = frozenset({"name", "resource", "action", "description", "metadata"})
 
@@ -72,6 +75,29 @@ def _permissions_json(value: object) -> str:
             }
         )
     return v.json_text("permissions", items, obj=False)
+
+
+def _role_ids(value: object) -> list[uuid.UUID]:
+    """``role_ids`` of ``set_user_roles`` as UUIDs, in the order given.
+
+    A role listed twice is a ``ValidationError`` naming the second item, not a silent merge. At
+    most ``MAX_ROLE_IDS + 1`` items are drawn, so an oversized or endless iterable is refused
+    without being consumed.
+    """
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise ValidationError("role_ids", "must be a list of role ids")
+    ids: list[uuid.UUID] = []
+    seen: set[uuid.UUID] = set()
+    for i, item in enumerate(value):
+        if i >= MAX_ROLE_IDS:
+            raise ValidationError("role_ids", f"must have at most {MAX_ROLE_IDS} items")
+        field = f"role_ids[{i}]"
+        parsed = v.uuid_arg(field, item)
+        if parsed in seen:
+            raise ValidationError(field, "lists the same role twice")
+        seen.add(parsed)
+        ids.append(parsed)
+    return ids
 
 
 class AsyncRbac(AsyncCore):
@@ -201,6 +227,46 @@ class AsyncRbac(AsyncCore):
         params = dict(zip(("user_id", "role_id", "org_id"), parsed, strict=True))
         return await self._exec("revoke_role_from_user", params, retry=Retry.SAFE) > 0
 
+    async def set_user_roles(
+        self,
+        user_id: uuid.UUID | str,
+        org_id: uuid.UUID | str,
+        role_ids: Iterable[uuid.UUID | str],
+    ) -> list[Role]:
+        """Make ``role_ids`` exactly the roles a member holds in an organization, and return
+        those roles, oldest role first (the order of ``get_user_roles``, whatever the order of
+        ``role_ids``).
+
+        Roles the user already holds and that are listed again keep their assignment (and its
+        ``assigned_at``), the missing ones are assigned, the others are taken away; an empty
+        ``role_ids`` takes every role away. It is one statement (the ``set_user_roles``
+        function, migration ``0017``): either the whole set is in place or nothing changed. It
+        first locks the user's membership row, so replacements of the same user's roles in the
+        same organization run one after the other, each reading what the previous one wrote:
+        of two at the same time, the set of the later one is what stays, never a merge of both.
+        ``assign_role_to_user`` and ``revoke_role_from_user`` do not wait for that lock: one
+        running at the same time takes effect before or after the replacement, for its role.
+
+        Raises ``NotFoundError`` and writes nothing when the user is not a member of the
+        organization (or either does not exist; ``user_roles__member_fkey``), also for an empty
+        ``role_ids``, and when a listed id is not a role of that organization
+        (``user_roles__role_id_fkey``). Raises ``ValidationError`` for a malformed id (naming
+        ``role_ids[i]``), a role listed twice (naming the second ``role_ids[i]``), and more
+        than ``MAX_ROLE_IDS`` (1,000) ids. Setting a set is idempotent, so transient failures
+        are retried: a retry after a lost acknowledgement finds the set in place and returns
+        it.
+        """
+        user, org = v.uuid_arg("user_id", user_id), v.uuid_arg("org_id", org_id)
+        ids = _role_ids(role_ids)
+        params = {
+            "user_id": user,
+            "org_id": org,
+            "role_ids": ids,
+            # Only the roles not yet held use theirs; generated before the first attempt.
+            "ids": [new_id() for _ in ids],
+        }
+        return await self._many("set_user_roles", params, Role, retry=Retry.SAFE)
+
     async def get_user_roles(self, user_id: uuid.UUID | str, org_id: uuid.UUID | str) -> list[Role]:
         """The roles a user holds in an organization, oldest role first (empty for unknown or
         malformed ids)."""
@@ -209,6 +275,17 @@ class AsyncRbac(AsyncCore):
             return []
         params = {"user_id": parsed_user, "org_id": parsed_org}
         return await self._many("get_user_roles", params, Role, retry=Retry.SAFE)
+
+    async def get_role_users(self, role_id: uuid.UUID | str) -> list[RoleAssignment]:
+        """The users holding a role, one ``RoleAssignment`` each (with the role's organization
+        and when the role was assigned), oldest assignment first, then by user id; empty for an
+        unknown or malformed id. Served by the index ``user_roles_role_id_idx``."""
+        parsed = v.parse_uuid(role_id)
+        if parsed is None:
+            return []
+        return await self._many(
+            "get_role_users", {"role_id": parsed}, RoleAssignment, retry=Retry.SAFE
+        )
 
     async def get_user_permissions(
         self,
