@@ -41,11 +41,11 @@ def adapter_module(storage: Any, name: str) -> Any:
 
 
 def release_when_waiting(
-    dsn: str, holder: psycopg.Connection[Any], marker: str
+    dsn: str, holder: psycopg.Connection[Any], marker: str, waiters: int = 1
 ) -> threading.Thread:
-    """Start a thread that commits ``holder`` as soon as another backend waits on a lock with
-    ``marker`` in its query (or after 10 s without seeing one); its ``seen`` attribute says
-    whether it saw the waiter."""
+    """Start a thread that commits ``holder`` as soon as ``waiters`` other backends wait on a
+    lock with ``marker`` in their query (or after 10 s without seeing them); its ``seen``
+    attribute says whether it saw them."""
 
     def watch() -> None:
         with psycopg.connect(dsn, autocommit=True) as observer:
@@ -55,7 +55,7 @@ def release_when_waiting(
                     " WHERE wait_event_type = 'Lock' AND position(%s in query) > 0",
                     (marker,),
                 ).fetchone()
-                if row is not None and row[0] > 0:
+                if row is not None and row[0] >= waiters:
                     thread.seen = True  # type: ignore[attr-defined]
                     break
                 time.sleep(0.05)

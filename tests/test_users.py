@@ -7,11 +7,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 from kitium_pg import ConflictError, NotFoundError, User, ValidationError
 
-from .fix_holder import adapter_module, committed_later
+from .fix_holder import adapter_module, committed_later, release_when_waiting
+from .fix_metadata import check_metadata_patch
+from .fix_race import race_each
 
 
 async def test_create_and_get_round_trip(storage: Any, email: str) -> None:
@@ -106,6 +109,43 @@ async def test_update_changes_only_given_fields(storage: Any, email: str) -> Non
         await storage.update_user(uuid.uuid4(), name="x")
     with pytest.raises(TypeError):
         await storage.update_user(user.id, password_hash="nope")  # not an updatable field
+
+
+async def test_update_patches_metadata_in_place(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    await check_metadata_patch(storage, "update_user", "get_user", user.id, plan="patched")
+
+
+async def test_concurrent_metadata_patches_of_different_keys_all_survive(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Two patches of different keys, sent while a third writer holds the user's row: each
+    waits for the row lock (seen waiting), then applies its patch to the row as committed, so
+    every key survives. A read-modify-write in the caller would have written back what it read
+    before the others committed, and lost their keys."""
+    user = await storage.create_user(email=email, metadata={"kept": True})
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "UPDATE kitium_auth.users SET metadata = metadata || '{\"c\": 3}' WHERE id = %s",
+            (user.id,),
+        )
+        watcher = release_when_waiting(dsn, holder, "UPDATE kitium_auth.users AS u", waiters=2)
+        results = await race_each(
+            storage,
+            "update_user",
+            [
+                ((user.id,), {"metadata_patch": {"a": 1}}),
+                ((user.id,), {"metadata_patch": {"b": 2}}),
+            ],
+        )
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    assert all(isinstance(result, User) for result in results), results
+    stored = await storage.get_user(user.id)
+    assert stored.metadata == {"kept": True, "a": 1, "b": 2, "c": 3}
 
 
 async def test_delete_is_idempotent(storage: Any, email: str) -> None:
