@@ -46,6 +46,25 @@ class Unset(enum.Enum):
 UNSET: Final = Unset.UNSET
 
 
+def metadata_patch_arg(metadata: object, patch: object) -> str | None:
+    """The ``metadata_patch`` argument of an ``update_*`` method, serialised for the query's
+    ``jsonb_merge_patch(metadata, :metadata_patch)`` (RFC 7396 JSON Merge Patch), or ``None``
+    when it is left out (the function then keeps the row's value).
+
+    Raises ``ValidationError`` naming ``metadata_patch`` when ``metadata`` is given too (one
+    replaces the object, the other edits it: together they have no single meaning), and for a
+    patch that is not a JSON object with the limits of ``metadata`` (``json_text``): an object
+    patch is what keeps the stored value an object. ``None`` values inside it remove keys.
+    """
+    if patch is UNSET:
+        return None
+    if metadata is not UNSET:
+        raise ValidationError("metadata_patch", "cannot be given together with metadata")
+    if patch is None:  # json_text would read it as {}; a patch that is no object is refused
+        raise ValidationError("metadata_patch", "must be a JSON object (a dict)")
+    return _validate.json_text("metadata_patch", patch)
+
+
 Consistency = Literal["replica", "primary"]
 
 

@@ -51,12 +51,15 @@ SELECT id, principal_id, hash, prefix, last_four, scopes, metadata, expires_at, 
    AND (expires_at IS NULL OR expires_at > statement_timestamp())
  ORDER BY created_at DESC, id DESC;
 
--- name: update_api_key(id, set_scopes, scopes, set_metadata, metadata, set_expires_at, expires_at, set_prefix, prefix, set_last_four, last_four)^
+-- name: update_api_key(id, set_scopes, scopes, set_metadata, metadata, metadata_patch, set_expires_at, expires_at, set_prefix, prefix, set_last_four, last_four)^
 -- Update the given columns of one key, expired or not (each set_x flag says whether x is given);
 -- no row if the key does not exist. The digest is never changed: rotating a key means a new key.
+-- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
+-- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
 UPDATE kitium_auth.api_keys AS k
    SET scopes     = CASE WHEN :set_scopes THEN :scopes ELSE k.scopes END,
-       metadata   = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE k.metadata END,
+       metadata   = CASE WHEN :set_metadata THEN :metadata::jsonb
+                         ELSE kitium_auth.jsonb_merge_patch(k.metadata, :metadata_patch::jsonb) END,
        expires_at = CASE WHEN :set_expires_at THEN :expires_at ELSE k.expires_at END,
        prefix     = CASE WHEN :set_prefix THEN :prefix ELSE k.prefix END,
        last_four  = CASE WHEN :set_last_four THEN :last_four ELSE k.last_four END

@@ -48,19 +48,22 @@ SELECT o.id, o.name, o.plan, o.seats,
   FROM kitium_auth.organizations AS o
  WHERE o.id = :id;
 
--- name: update_organization(id, set_name, name, set_plan, plan, set_seats, seats, set_metadata, metadata, set_members, member_ids, member_roles)^
+-- name: update_organization(id, set_name, name, set_plan, plan, set_seats, seats, set_metadata, metadata, metadata_patch, set_members, member_ids, member_roles)^
 -- Update the given columns of one organization and, when set_members, replace its member set
 -- (members kept keep their joined_at; the others are deleted or inserted) with
 -- replace_organization_members, after the UPDATE has locked the organization row (see
 -- migration 0006: a concurrent replacement is then replaced, not merged; since 0013 it also
 -- deletes the removed members' sessions bound to the organization). No row if the organization
 -- does not exist.
+-- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
+-- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
 WITH org AS (
   UPDATE kitium_auth.organizations AS o
      SET name     = CASE WHEN :set_name THEN :name ELSE o.name END,
          plan     = CASE WHEN :set_plan THEN :plan ELSE o.plan END,
          seats    = CASE WHEN :set_seats THEN :seats ELSE o.seats END,
-         metadata = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE o.metadata END
+         metadata = CASE WHEN :set_metadata THEN :metadata::jsonb
+                         ELSE kitium_auth.jsonb_merge_patch(o.metadata, :metadata_patch::jsonb) END
    WHERE o.id = :id
   RETURNING o.id, o.name, o.plan, o.seats, o.metadata, o.created_at, o.updated_at
 )

@@ -29,14 +29,18 @@ SELECT id, org_id, name, description, is_system, permissions, metadata, created_
   FROM kitium_auth.roles
  WHERE id = :id;
 
--- name: update_role(id, set_name, name, set_description, description, set_permissions, permissions, set_metadata, metadata, set_is_system, is_system)^
+-- name: update_role(id, set_name, name, set_description, description, set_permissions, permissions, set_metadata, metadata, metadata_patch, set_is_system, is_system)^
 -- Update the given columns of one role (each set_x flag says whether x is given); no row if the
 -- role does not exist.
+-- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
+-- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
 UPDATE kitium_auth.roles AS r
    SET name        = CASE WHEN :set_name THEN :name ELSE r.name END,
        description = CASE WHEN :set_description THEN :description ELSE r.description END,
        permissions = CASE WHEN :set_permissions THEN :permissions::jsonb ELSE r.permissions END,
-       metadata    = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE r.metadata END,
+       metadata    = CASE WHEN :set_metadata THEN :metadata::jsonb
+                          ELSE kitium_auth.jsonb_merge_patch(r.metadata,
+                                                             :metadata_patch::jsonb) END,
        is_system   = CASE WHEN :set_is_system THEN :is_system ELSE r.is_system END
  WHERE r.id = :id
 RETURNING r.id, r.org_id, r.name, r.description, r.is_system, r.permissions, r.metadata,

@@ -54,15 +54,19 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
   FROM kitium_auth.sessions
  WHERE id = :id AND expires_at > statement_timestamp();
 
--- name: update_session(id, set_org_id, org_id, set_plan, plan, set_entitlements, entitlements, set_expires_at, expires_at, set_metadata, metadata)^
+-- name: update_session(id, set_org_id, org_id, set_plan, plan, set_entitlements, entitlements, set_expires_at, expires_at, set_metadata, metadata, metadata_patch)^
 -- Update the given columns of one unexpired session (each set_x flag says whether x is given); no
 -- row if the session does not exist or has expired (an expired session is never revived).
+-- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
+-- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
 UPDATE kitium_auth.sessions AS s
    SET org_id       = CASE WHEN :set_org_id THEN :org_id ELSE s.org_id END,
        plan         = CASE WHEN :set_plan THEN :plan ELSE s.plan END,
        entitlements = CASE WHEN :set_entitlements THEN :entitlements ELSE s.entitlements END,
        expires_at   = CASE WHEN :set_expires_at THEN :expires_at ELSE s.expires_at END,
-       metadata     = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE s.metadata END
+       metadata     = CASE WHEN :set_metadata THEN :metadata::jsonb
+                           ELSE kitium_auth.jsonb_merge_patch(s.metadata,
+                                                              :metadata_patch::jsonb) END
  WHERE s.id = :id AND s.expires_at > statement_timestamp()
 RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
           s.created_at, s.updated_at;

@@ -94,12 +94,14 @@ SELECT p.id, p.type, p.name, p.org_id, p.metadata_url, p.client_id, p.client_sec
   JOIN kitium_auth.sso_providers AS p ON p.id = hit.provider_id
  WHERE hit.domain = :domain AND hit.verified_at IS NOT NULL;
 
--- name: update_sso_provider(id, set_name, name, set_org_id, org_id, set_metadata_url, metadata_url, set_client_id, client_id, set_client_secret, client_secret_ciphertext, client_secret_key_id, set_token_endpoint_auth_method, token_endpoint_auth_method, set_idp_entity_id, idp_entity_id, set_idp_sso_url, idp_sso_url, set_idp_slo_url, idp_slo_url, set_idp_certificate, idp_certificate, set_sp_entity_id, sp_entity_id, set_sp_acs_url, sp_acs_url, set_sp_slo_url, sp_slo_url, set_signing_cert, signing_cert, set_signing_key, signing_key_ciphertext, signing_key_key_id, set_encryption_enabled, encryption_enabled, set_force_authn, force_authn, set_scopes, scopes, set_redirect_uris, redirect_uris, set_claim_mapping, claim_mapping, set_attribute_mapping, attribute_mapping, set_metadata, metadata, set_domains, domains)^
+-- name: update_sso_provider(id, set_name, name, set_org_id, org_id, set_metadata_url, metadata_url, set_client_id, client_id, set_client_secret, client_secret_ciphertext, client_secret_key_id, set_token_endpoint_auth_method, token_endpoint_auth_method, set_idp_entity_id, idp_entity_id, set_idp_sso_url, idp_sso_url, set_idp_slo_url, idp_slo_url, set_idp_certificate, idp_certificate, set_sp_entity_id, sp_entity_id, set_sp_acs_url, sp_acs_url, set_sp_slo_url, sp_slo_url, set_signing_cert, signing_cert, set_signing_key, signing_key_ciphertext, signing_key_key_id, set_encryption_enabled, encryption_enabled, set_force_authn, force_authn, set_scopes, scopes, set_redirect_uris, redirect_uris, set_claim_mapping, claim_mapping, set_attribute_mapping, attribute_mapping, set_metadata, metadata, metadata_patch, set_domains, domains)^
 -- Update the given columns of one provider and, when set_domains, replace its domain set (domains
 -- kept keep their verified_at; the others are deleted or inserted unverified) with
 -- replace_sso_provider_domains, after the UPDATE has locked the provider row (see migration
 -- 0006: a concurrent replacement is then replaced, not merged). No row if the provider does not
 -- exist.
+-- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
+-- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
 WITH updated AS (
   UPDATE kitium_auth.sso_providers AS p
      SET name = CASE WHEN :set_name THEN :name ELSE p.name END,
@@ -143,7 +145,8 @@ WITH updated AS (
          attribute_mapping = CASE WHEN :set_attribute_mapping
                                   THEN :attribute_mapping::jsonb
                                   ELSE p.attribute_mapping END,
-         metadata = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE p.metadata END
+         metadata = CASE WHEN :set_metadata THEN :metadata::jsonb
+                         ELSE kitium_auth.jsonb_merge_patch(p.metadata, :metadata_patch::jsonb) END
    WHERE p.id = :id
   RETURNING p.id, p.type, p.name, p.org_id, p.metadata_url, p.client_id,
             p.client_secret_ciphertext, p.client_secret_key_id, p.token_endpoint_auth_method,

@@ -56,9 +56,11 @@ SELECT id, user_id, method, name, verified, phone_number, secret_ciphertext, sec
  WHERE user_id = :user_id
  ORDER BY created_at, id;
 
--- name: update_two_factor_device(id, set_name, name, set_verified, verified, set_phone_number, phone_number, set_secret, secret_ciphertext, secret_key_id, set_metadata, metadata, set_last_used_at, last_used_at)^
+-- name: update_two_factor_device(id, set_name, name, set_verified, verified, set_phone_number, phone_number, set_secret, secret_ciphertext, secret_key_id, set_metadata, metadata, metadata_patch, set_last_used_at, last_used_at)^
 -- Update the given columns of one device (each set_x flag says whether x is given; set_secret
 -- replaces or clears the ciphertext together with its key id); no row if there is no device.
+-- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
+-- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
 UPDATE kitium_auth.twofa_devices AS d
    SET name              = CASE WHEN :set_name THEN :name ELSE d.name END,
        verified          = CASE WHEN :set_verified THEN :verified ELSE d.verified END,
@@ -66,7 +68,9 @@ UPDATE kitium_auth.twofa_devices AS d
        secret_ciphertext = CASE WHEN :set_secret THEN :secret_ciphertext
                                 ELSE d.secret_ciphertext END,
        secret_key_id     = CASE WHEN :set_secret THEN :secret_key_id ELSE d.secret_key_id END,
-       metadata          = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE d.metadata END,
+       metadata          = CASE WHEN :set_metadata THEN :metadata::jsonb
+                                ELSE kitium_auth.jsonb_merge_patch(d.metadata,
+                                                                   :metadata_patch::jsonb) END,
        last_used_at      = CASE WHEN :set_last_used_at THEN :last_used_at ELSE d.last_used_at END
  WHERE d.id = :id
 RETURNING d.id, d.user_id, d.method, d.name, d.verified, d.phone_number, d.secret_ciphertext,

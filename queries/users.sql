@@ -66,10 +66,12 @@ SELECT u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlem
   JOIN kitium_auth.users AS u ON u.id = link.user_id
  WHERE link.provider = :provider AND link.subject = :subject;
 
--- name: update_user(id, set_email, email, set_email_verified_at, email_verified_at, set_name, name, set_picture, picture, set_plan, plan, set_entitlements, entitlements, set_metadata, metadata)^
+-- name: update_user(id, set_email, email, set_email_verified_at, email_verified_at, set_name, name, set_picture, picture, set_plan, plan, set_entitlements, entitlements, set_metadata, metadata, metadata_patch)^
 -- Update the given columns of one user (each set_x flag says whether x is given); no row if the
 -- user does not exist. A new address (not the same one in another letter case) is unverified
 -- unless email_verified_at is given too: the proof was for the old one.
+-- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
+-- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
 UPDATE kitium_auth.users AS u
    SET email        = CASE WHEN :set_email THEN :email ELSE u.email END,
        email_verified_at = CASE
@@ -81,7 +83,9 @@ UPDATE kitium_auth.users AS u
        picture      = CASE WHEN :set_picture THEN :picture ELSE u.picture END,
        plan         = CASE WHEN :set_plan THEN :plan ELSE u.plan END,
        entitlements = CASE WHEN :set_entitlements THEN :entitlements ELSE u.entitlements END,
-       metadata     = CASE WHEN :set_metadata THEN :metadata::jsonb ELSE u.metadata END
+       metadata     = CASE WHEN :set_metadata THEN :metadata::jsonb
+                           ELSE kitium_auth.jsonb_merge_patch(u.metadata,
+                                                              :metadata_patch::jsonb) END
  WHERE u.id = :id
 RETURNING u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
           u.metadata,

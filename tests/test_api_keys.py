@@ -14,6 +14,8 @@ import pytest
 from kitium_pg import ApiKey, ConflictError, NotFoundError, ValidationError
 from kitium_pg._base import Retry, new_id
 
+from .fix_metadata import check_metadata_patch
+
 UTC = dt.UTC
 
 
@@ -185,6 +187,12 @@ async def test_update_changes_only_given_fields(storage: Any, email: str) -> Non
     assert again.scopes == ("a", "b")
     assert await storage.get_api_key(key.id) == again
     assert await storage.get_api_keys_by_prefix_and_last_four("kt_test", "9999") != []
+
+
+async def test_update_patches_metadata_in_place(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    key = await make_key(storage, user.id)
+    await check_metadata_patch(storage, "update_api_key", "get_api_key", key.id, last_four="1234")
 
 
 async def test_update_of_a_missing_key_raises(storage: Any, email: str) -> None:

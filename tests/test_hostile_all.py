@@ -504,6 +504,17 @@ def json_arg(*, obj: bool = True) -> P:
     return tagged(lambda v: classify_json(v, obj=obj), good, hostile)
 
 
+def patch_arg() -> P:
+    """``metadata_patch`` (an RFC 7396 merge patch of ``metadata``): a JSON object with the
+    limits of ``metadata``; ``None`` values inside remove keys, but ``None`` itself, no object,
+    is refused (``metadata=None`` means ``{}``)."""
+    clean = json_arg()
+    return P(
+        clean.clean.filter(lambda a: a.value is not None),
+        st.one_of(clean.hostile, st.just(Arg(None, BAD))),
+    )
+
+
 def int_arg(lo: int, hi: int) -> P:
     return tagged(
         lambda v: classify_int(v, lo, hi),
@@ -974,6 +985,8 @@ class Spec:
     always: tuple[str, ...] = ()  # optional parameters that are always passed
     runner: Callable[[World, Any], None] | None = None
     covers: tuple[str, ...] = ()  # parameters a runner draws itself
+    # Pairs (a, b) of parameters that cannot be given together: b is BAD when both are.
+    exclusive: tuple[tuple[str, str], ...] = ()
 
 
 def _id(*refs: str) -> dict[str, P]:
@@ -1010,6 +1023,8 @@ def _eq(stored: Any, given: Any, kind: str) -> bool:
         return stored is None if given is None else bool(stored == _as_uuid(given))
     if kind == "json":
         return bool(stored == _plain_json({} if given is None else given))
+    if kind == "patch":
+        return _patched(stored, given)
     if kind == "list":
         return bool(stored == tuple(given))
     if kind == "textid":
@@ -1019,6 +1034,18 @@ def _eq(stored: Any, given: Any, kind: str) -> bool:
     if kind == "domain":
         return bool(stored == given.lower())
     return bool(stored == given)
+
+
+def _patched(stored: Any, patch: Any) -> bool:
+    """Whether ``stored`` shows every change of the merge patch ``patch`` (RFC 7396), whatever it
+    held before: a ``None`` value removed its key, an object merged into the key's value, any
+    other value replaced it."""
+    if not isinstance(patch, dict):
+        return bool(stored == _plain_json(patch))
+    return isinstance(stored, dict) and all(
+        key not in stored if value is None else key in stored and _patched(stored[key], value)
+        for key, value in patch.items()
+    )
 
 
 def _as_uuid(value: Any) -> uuid.UUID:
@@ -1069,6 +1096,7 @@ USER_FIELDS = {
     "plan": "text",
     "entitlements": "list",
     "metadata": "json",
+    "metadata_patch:metadata": "patch",
 }
 SESSION_FIELDS = {
     "user_id": "uuid",
@@ -1077,6 +1105,7 @@ SESSION_FIELDS = {
     "entitlements": "list",
     "metadata": "json",
     "expires_at": "same",
+    "metadata_patch:metadata": "patch",
 }
 API_KEY_FIELDS = {
     "principal_id": "uuid",
@@ -1086,14 +1115,22 @@ API_KEY_FIELDS = {
     "scopes": "list",
     "metadata": "json",
     "expires_at": "same",
+    "metadata_patch:metadata": "patch",
 }
-ORG_FIELDS = {"name": "text", "plan": "text", "seats": "same", "metadata": "json"}
+ORG_FIELDS = {
+    "name": "text",
+    "plan": "text",
+    "seats": "same",
+    "metadata": "json",
+    "metadata_patch:metadata": "patch",
+}
 ROLE_FIELDS = {
     "org_id": "uuid",
     "name": "text",
     "description": "text",
     "is_system": "same",
     "metadata": "json",
+    "metadata_patch:metadata": "patch",
 }
 PROVIDER_TEXT = [
     "name",
@@ -1122,6 +1159,7 @@ PROVIDER_FIELDS = {
     "claim_mapping": "json",
     "attribute_mapping": "json",
     "metadata": "json",
+    "metadata_patch:metadata": "patch",
 }
 DEVICE_FIELDS = {
     "user_id": "uuid",
@@ -1132,6 +1170,7 @@ DEVICE_FIELDS = {
     "secret": "text",
     "metadata": "json",
     "last_used_at": "same",
+    "metadata_patch:metadata": "patch",
 }
 
 
@@ -1505,6 +1544,9 @@ PROVIDER_PARAMS = {
     "domains": domains_arg(),
 }
 
+METADATA_PATCH = {"metadata_patch": patch_arg()}
+EXCLUSIVE = (("metadata", "metadata_patch"),)  # replacing and patching at once is refused
+
 
 def _spec_table() -> dict[str, Spec]:
     uid = uuid_arg("user", "fresh_user", "random")
@@ -1557,7 +1599,10 @@ def _spec_table() -> dict[str, Spec]:
             params={"provider": text_arg(255), "sub": text_arg(255), **CONSISTENCY}, lenient=True
         ),
         "update_user": Spec(
-            params={**_id("user", "fresh_user"), **UPDATE_USER}, writes=True, check=check_user
+            params={**_id("user", "fresh_user"), **UPDATE_USER, **METADATA_PATCH},
+            writes=True,
+            check=check_user,
+            exclusive=EXCLUSIVE,
         ),
         "delete_user": Spec(params=_id("fresh_user"), lenient=True, writes=True),
         "mark_user_email_verified": Spec(
@@ -1600,9 +1645,11 @@ def _spec_table() -> dict[str, Spec]:
             params={
                 **_id("fresh_session", "session"),
                 **{k: v for k, v in SESSION_PARAMS.items() if k not in ("user_id", "event")},
+                **METADATA_PATCH,
             },
             writes=True,
             check=check_session,
+            exclusive=EXCLUSIVE,
         ),
         "delete_session": Spec(params=_id("fresh_session"), lenient=True, writes=True),
         "delete_expired_sessions": Spec(params=BATCH, writes=True),
@@ -1670,12 +1717,14 @@ def _spec_table() -> dict[str, Spec]:
                 **_id("api_key", "fresh_api_key"),
                 "scopes": strings_arg(),
                 "metadata": json_arg(),
+                **METADATA_PATCH,
                 "expires_at": time_arg(optional=True),
                 "prefix": text_arg(64),
                 "last_four": text_arg(4, exact=4),
             },
             writes=True,
             check=_check_record("get_api_key", API_KEY_FIELDS),
+            exclusive=EXCLUSIVE,
         ),
         "delete_api_key": Spec(params=_id("fresh_api_key"), lenient=True, writes=True),
         "list_api_keys": reader("principal_id", "user"),
@@ -1710,10 +1759,12 @@ def _spec_table() -> dict[str, Spec]:
                 "plan": text_arg(255),
                 "seats": int_arg(0, INT4_MAX),
                 "metadata": json_arg(),
+                **METADATA_PATCH,
                 "members": members_arg(),
             },
             writes=True,
             check=check_org,
+            exclusive=EXCLUSIVE,
         ),
         "delete_organization": Spec(params=_id("fresh_org"), lenient=True, writes=True),
         "add_organization_member": Spec(
@@ -1835,10 +1886,12 @@ def _spec_table() -> dict[str, Spec]:
                 "description": text_arg(LONG, optional=True),
                 "permissions": permissions_arg(),
                 "metadata": json_arg(),
+                **METADATA_PATCH,
                 "is_system": bool_arg(),
             },
             writes=True,
             check=check_role,
+            exclusive=EXCLUSIVE,
         ),
         "delete_role": Spec(params=_id("fresh_role"), lenient=True, writes=True),
         "list_roles": reader("org_id", "org"),
@@ -1894,9 +1947,10 @@ def _spec_table() -> dict[str, Spec]:
         ),
         "get_sso_provider": reader("id", "provider"),
         "update_sso_provider": Spec(
-            params={**_id("fresh_provider", "provider"), **PROVIDER_PARAMS},
+            params={**_id("fresh_provider", "provider"), **PROVIDER_PARAMS, **METADATA_PATCH},
             writes=True,
             check=check_provider,
+            exclusive=EXCLUSIVE,
         ),
         "delete_sso_provider": Spec(params=_id("fresh_provider"), lenient=True, writes=True),
         "list_sso_providers": Spec(
@@ -2033,10 +2087,12 @@ def _spec_table() -> dict[str, Spec]:
                 "phone_number": text_arg(32, optional=True),
                 "secret": text_arg(LONG, optional=True),
                 "metadata": json_arg(),
+                **METADATA_PATCH,
                 "last_used_at": time_arg(optional=True),
             },
             writes=True,
             check=_check_record("get_two_factor_device", DEVICE_FIELDS),
+            exclusive=EXCLUSIVE,
         ),
         "delete_two_factor_device": Spec(params=_id("fresh_device"), lenient=True, writes=True),
         "record_totp_step": Spec(
@@ -2408,6 +2464,9 @@ def draw_args(data: Any, name: str, spec: Spec) -> dict[str, Arg]:
         else:
             chosen = strategy.clean
         args[param] = data.draw(chosen, label=param)
+    for first, second in spec.exclusive:
+        if first in args and second in args:
+            args[second] = Arg(args[second].value, BAD)
     return args
 
 

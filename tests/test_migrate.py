@@ -554,6 +554,61 @@ def test_0013_up_down_up_guards_memberships_and_restores_the_member_set_replacem
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
 
 
+MERGE_PATCH = "0014_jsonb_merge_patch"
+
+
+def _function_kinds(dsn: str, schema: str) -> dict[str, tuple[str, str, bool]]:
+    """Every function of ``schema``: signature -> (volatility, parallel safety, strict)."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT p.oid::regprocedure::text, p.provolatile, p.proparallel, p.proisstrict"
+            " FROM pg_proc AS p WHERE p.pronamespace = %s::regnamespace",
+            [schema],
+        ).fetchall()
+    return {name: (volatile, parallel, strict) for name, volatile, parallel, strict in rows}
+
+
+def _stored_metadata(dsn: str, schema: str, user_id: uuid.UUID) -> Any:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            f"SELECT metadata FROM {schema}.users WHERE id = %s".encode(), [user_id]
+        ).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def test_0014_up_down_up_adds_the_merge_patch_function(dsn: str) -> None:
+    """0014 adds jsonb_merge_patch, IMMUTABLE and PARALLEL SAFE, not STRICT (a NULL patch keeps
+    the target: the update queries pass NULL when no patch is given), and nothing else; down
+    drops exactly it and leaves the rows alone; up again restores it, and metadata_patch works."""
+    schema = f"mig_{uuid.uuid4().hex[:10]}"
+    function = f"{schema}.jsonb_merge_patch(jsonb,jsonb)"
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            # With the newest schema, which the adapter's user queries need.
+            user = storage.create_user(metadata={"a": 1, "b": {"c": 2}})
+            if _after(MERGE_PATCH):  # 0 while it is the newest migration
+                storage.rollback(steps=_after(MERGE_PATCH))
+            latest, constraints = _function_kinds(dsn, schema), _constraints(dsn, schema)
+            assert latest[function] == ("i", "s", False)
+
+            assert storage.rollback() == (MERGE_PATCH,)
+            assert _function_kinds(dsn, schema) == {
+                name: kind for name, kind in latest.items() if name != function
+            }
+            assert _constraints(dsn, schema) == constraints
+            assert _stored_metadata(dsn, schema, user.id) == {"a": 1, "b": {"c": 2}}
+
+            assert _migrate_through(storage, MERGE_PATCH) == (MERGE_PATCH,)
+            assert _function_kinds(dsn, schema) == latest
+            storage.migrate()  # the newest schema again
+            patched = storage.update_user(user.id, metadata_patch={"b": {"c": None, "d": 3}})
+            assert patched.metadata == {"a": 1, "b": {"d": 3}}
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
 def test_messages_name_migration_files_by_their_place_in_the_project() -> None:
     files = [m.file for m in load_migrations("kitium_auth", optional=["tenant_rls"])]
     assert files[0] == "migrations/0001_core.sql"

@@ -21,6 +21,7 @@ from kitium_pg import (
 )
 
 from .fix_holder import release_when_waiting
+from .fix_metadata import check_metadata_patch
 from .fix_race import race_each, race_methods
 
 
@@ -101,6 +102,13 @@ async def test_update_changes_only_given_fields(storage: Any, email: str) -> Non
     again = await storage.update_organization(str(org.id), plan="pro", metadata={})
     assert (again.name, again.plan, again.metadata) == ("After", "pro", {})
     assert await storage.get_organization(org.id) == again
+
+
+async def test_update_patches_metadata_in_place(storage: Any) -> None:
+    org = await storage.create_organization(name="Patched", plan="free")
+    await check_metadata_patch(
+        storage, "update_organization", "get_organization", org.id, plan="team"
+    )
 
 
 async def test_update_replaces_the_member_set(storage: Any, unique: Callable[[str], str]) -> None:

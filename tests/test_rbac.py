@@ -15,6 +15,7 @@ from kitium_pg import ConflictError, NotFoundError, Organization, User, Validati
 from kitium_pg.records import Permission, Role, RoleAssignment
 
 from .fix_holder import release_when_waiting
+from .fix_metadata import check_metadata_patch
 from .fix_race import race, race_each
 
 RACERS = 16
@@ -165,6 +166,12 @@ async def test_update_changes_only_given_fields(storage: Any) -> None:
     assert await storage.get_role(role.id) == emptied
     untouched = await storage.update_role(role.id)  # nothing given: only updated_at moves
     assert attrs.evolve(untouched, updated_at=emptied.updated_at) == emptied
+
+
+async def test_update_patches_metadata_in_place(storage: Any) -> None:
+    org = await _org(storage)
+    role = await storage.create_role(org_id=org.id, name="patched")
+    await check_metadata_patch(storage, "update_role", "get_role", role.id, is_system=True)
 
 
 async def test_update_errors(storage: Any) -> None:

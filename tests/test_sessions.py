@@ -19,6 +19,8 @@ from kitium_pg import (
 )
 from kitium_pg._base import Retry, new_id
 
+from .fix_metadata import check_metadata_patch
+
 UTC = dt.UTC
 
 
@@ -235,6 +237,12 @@ async def test_update_changes_only_given_fields(
     assert await storage.get_session(session.id) == again
     unchanged = await storage.update_session(session.id)
     assert unchanged.metadata == {"k": 2}
+
+
+async def test_update_patches_metadata_in_place(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    session = await storage.create_session(user_id=user.id, expires_at=later(hours=1))
+    await check_metadata_patch(storage, "update_session", "get_session", session.id, plan="pro")
 
 
 async def test_update_of_a_missing_session_raises(storage: Any, email: str) -> None:

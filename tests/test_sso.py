@@ -20,6 +20,7 @@ from kitium_pg.errors import ConflictError, EncryptionKeyError, NotFoundError, V
 from kitium_pg.records import SsoDomain, SsoLink, SsoProvider, SsoSession, User
 from tests.conftest import AwaitableSync
 
+from .fix_metadata import check_metadata_patch
 from .fix_race import race_each
 from .roundtrips import round_trips
 
@@ -316,6 +317,13 @@ async def test_update_changes_only_given_fields(
     same = await storage.update_sso_provider(str(provider.id))
     assert (same.name, same.client_secret) == ("Renamed", CLIENT_SECRET)
     assert _stored(dsn, provider.id)[0] == blob  # updates without a secret keep its ciphertext
+
+
+async def test_update_patches_metadata_in_place(storage: Any, unique: Callable[[str], str]) -> None:
+    provider = await _oidc(storage, unique)
+    await check_metadata_patch(
+        storage, "update_sso_provider", "get_sso_provider", provider.id, force_authn=True
+    )
 
 
 async def test_update_reencrypts_and_clears_secrets(

@@ -28,6 +28,7 @@ from kitium_pg.records import (
 )
 
 from .fix_holder import release_when_waiting
+from .fix_metadata import check_metadata_patch
 from .fix_race import race
 
 RACERS = 32
@@ -279,6 +280,14 @@ async def test_update_device(storage: Any, email: str, dsn: str) -> None:
     with pytest.raises(ValidationError) as caught:
         await storage.update_two_factor_device(device.id, verified="yes")
     assert caught.value.field == "verified"
+
+
+async def test_update_patches_metadata_in_place(storage: Any, email: str) -> None:
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    await check_metadata_patch(
+        storage, "update_two_factor_device", "get_two_factor_device", device.id, verified=True
+    )
 
 
 async def test_delete_device_and_lookups_of_unknown_ids(storage: Any, email: str) -> None:

@@ -13,6 +13,8 @@ import pytest
 from kitium_pg import ConflictError, NotFoundError, User, ValidationError
 
 from .fix_holder import adapter_module, committed_later, release_when_waiting
+from .fix_metadata import check_metadata_patch
+from .fix_race import race_each
 
 
 async def test_create_and_get_round_trip(storage: Any, email: str) -> None:
@@ -184,6 +186,43 @@ async def test_marking_an_address_verified_loses_to_a_concurrent_email_change(
         holder.close()
     stored = await storage.get_user(user.id, consistency="primary")
     assert (stored.email, stored.email_verified_at) == (new, None)
+
+
+async def test_update_patches_metadata_in_place(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    await check_metadata_patch(storage, "update_user", "get_user", user.id, plan="patched")
+
+
+async def test_concurrent_metadata_patches_of_different_keys_all_survive(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Two patches of different keys, sent while a third writer holds the user's row: each
+    waits for the row lock (seen waiting), then applies its patch to the row as committed, so
+    every key survives. A read-modify-write in the caller would have written back what it read
+    before the others committed, and lost their keys."""
+    user = await storage.create_user(email=email, metadata={"kept": True})
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "UPDATE kitium_auth.users SET metadata = metadata || '{\"c\": 3}' WHERE id = %s",
+            (user.id,),
+        )
+        watcher = release_when_waiting(dsn, holder, "UPDATE kitium_auth.users AS u", waiters=2)
+        results = await race_each(
+            storage,
+            "update_user",
+            [
+                ((user.id,), {"metadata_patch": {"a": 1}}),
+                ((user.id,), {"metadata_patch": {"b": 2}}),
+            ],
+        )
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    assert all(isinstance(result, User) for result in results), results
+    stored = await storage.get_user(user.id)
+    assert stored.metadata == {"kept": True, "a": 1, "b": 2, "c": 3}
 
 
 async def test_delete_is_idempotent(storage: Any, email: str) -> None:

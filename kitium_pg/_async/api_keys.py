@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from .. import _validate as v
-from .._base import UNSET, Consistency, Retry, Unset, new_id
+from .._base import UNSET, Consistency, Retry, Unset, metadata_patch_arg, new_id
 from ..errors import NotFoundError, ValidationError
 from ..records import ApiKey
 from .core import AsyncCore
@@ -131,6 +131,7 @@ class AsyncApiKeys(AsyncCore):
         *,
         scopes: Iterable[str] | Unset = UNSET,
         metadata: dict[str, Any] | Unset = UNSET,
+        metadata_patch: Mapping[str, Any] | Unset = UNSET,
         expires_at: dt.datetime | Unset | None = UNSET,
         prefix: str | Unset = UNSET,
         last_four: str | Unset = UNSET,
@@ -139,8 +140,12 @@ class AsyncApiKeys(AsyncCore):
         as they are, and ``expires_at=None`` makes the key non-expiring. The digest cannot change:
         rotate a key by creating a new one and deleting the old.
 
-        Raises ``NotFoundError`` when there is no such key. Setting values is idempotent, so
-        transient failures are retried.
+        ``metadata`` replaces the whole object; ``metadata_patch`` edits it in the same statement
+        (RFC 7396 JSON Merge Patch: its keys are set, nested objects merged, a ``None`` value
+        removes its key), so concurrent patches of different keys all survive; giving both is a
+        ``ValidationError`` naming ``metadata_patch``. Raises ``NotFoundError`` when there is no
+        such key. Setting values and applying a merge patch are idempotent, so transient failures
+        are retried.
         """
         params: dict[str, Any] = {"id": v.uuid_arg("id", id)}
         checks: dict[str, Any] = {
@@ -154,6 +159,7 @@ class AsyncApiKeys(AsyncCore):
             given = value is not UNSET
             params[f"set_{field}"] = given
             params[field] = check(value) if given else None
+        params["metadata_patch"] = metadata_patch_arg(metadata, metadata_patch)
         key = await self._one("update_api_key", params, ApiKey, retry=Retry.SAFE)
         if key is None:
             raise NotFoundError(f"update_api_key: no API key {params['id']}")

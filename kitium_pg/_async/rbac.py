@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import _validate as v
-from .._base import UNSET, Consistency, Retry, Unset, new_id
+from .._base import UNSET, Consistency, Retry, Unset, metadata_patch_arg, new_id
 from ..errors import NotFoundError, ValidationError
 from ..records import Permission, Role, RoleAssignment
 from .core import AsyncCore
@@ -149,13 +149,18 @@ class AsyncRbac(AsyncCore):
         description: str | Unset | None = UNSET,
         permissions: Iterable[Permission | Mapping[str, Any]] | Unset = UNSET,
         metadata: dict[str, Any] | Unset = UNSET,
+        metadata_patch: Mapping[str, Any] | Unset = UNSET,
         is_system: bool | Unset = UNSET,
     ) -> Role:
         """Change the given fields of a role and return it (fields left out stay as they are).
 
-        ``permissions`` replaces the whole list. Raises ``NotFoundError`` when there is no such
-        role and ``ConflictError`` for a name another role of the organization has. Setting
-        values is idempotent, so transient failures are retried.
+        ``permissions`` replaces the whole list and ``metadata`` the whole object;
+        ``metadata_patch`` edits the latter in the same statement (RFC 7396 JSON Merge Patch: its
+        keys are set, nested objects merged, a ``None`` value removes its key), so concurrent
+        patches of different keys all survive; giving both is a ``ValidationError`` naming
+        ``metadata_patch``. Raises ``NotFoundError`` when there is no such role and
+        ``ConflictError`` for a name another role of the organization has. Setting values and
+        applying a merge patch are idempotent, so transient failures are retried.
         """
         params: dict[str, Any] = {"id": v.uuid_arg("id", id)}
         checks: dict[str, Any] = {
@@ -169,6 +174,7 @@ class AsyncRbac(AsyncCore):
             given = value is not UNSET
             params[f"set_{field}"] = given
             params[field] = check(value) if given else None
+        params["metadata_patch"] = metadata_patch_arg(metadata, metadata_patch)
         role = await self._one("update_role", params, Role, retry=Retry.SAFE)
         if role is None:
             raise NotFoundError(f"update_role: no role {params['id']}")

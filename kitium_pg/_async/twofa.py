@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from .. import _validate as v
-from .._base import UNSET, Retry, Unset, new_id
+from .._base import UNSET, Retry, Unset, metadata_patch_arg, new_id
 from ..errors import EncryptionKeyError, NotFoundError, ValidationError, saved_but_unreadable
 from ..records import BackupCode, TwoFactorAttempt, TwoFactorDevice, TwoFactorSession
 from .core import AsyncCore
@@ -125,6 +125,7 @@ class AsyncTwoFactor(AsyncCore):
         phone_number: str | Unset | None = UNSET,
         secret: str | Unset | None = UNSET,
         metadata: dict[str, Any] | Unset = UNSET,
+        metadata_patch: Mapping[str, Any] | Unset = UNSET,
         last_used_at: dt.datetime | Unset | None = UNSET,
     ) -> TwoFactorDevice:
         """Change the given fields of a device and return it (fields left out stay as they
@@ -133,8 +134,12 @@ class AsyncTwoFactor(AsyncCore):
         Raises ``NotFoundError`` when there is no such device, and ``EncryptionKeyError``:
         before anything is written for a new secret without a configured key, or after the
         change is saved when the device's stored secret cannot be decrypted for the returned
-        record (the message says which). Setting values is idempotent, so transient failures
-        are retried.
+        record (the message says which). ``metadata`` replaces the whole object;
+        ``metadata_patch`` edits it in the same statement (RFC 7396 JSON Merge Patch: its keys
+        are set, nested objects merged, a ``None`` value removes its key), so concurrent patches
+        of different keys all survive; giving both is a ``ValidationError`` naming
+        ``metadata_patch``. Setting values and applying a merge patch are idempotent, so
+        transient failures are retried.
         """
         device_id = v.uuid_arg("id", id)
         params: dict[str, Any] = {"id": device_id}
@@ -149,6 +154,7 @@ class AsyncTwoFactor(AsyncCore):
             given = value is not UNSET
             params[f"set_{field}"] = given
             params[field] = check(value) if given else None
+        params["metadata_patch"] = metadata_patch_arg(metadata, metadata_patch)
         params["set_secret"] = secret is not UNSET
         key_id, ciphertext = None, None
         if not isinstance(secret, Unset):

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import _validate as v
-from .._base import UNSET, Retry, Unset, new_id
+from .._base import UNSET, Retry, Unset, metadata_patch_arg, new_id
 from ..errors import (
     ConflictError,
     InternalError,
@@ -135,6 +135,7 @@ class Organizations(Core):
         plan: str | Unset = UNSET,
         seats: int | Unset = UNSET,
         metadata: dict[str, Any] | Unset = UNSET,
+        metadata_patch: Mapping[str, Any] | Unset = UNSET,
         members: Iterable[OrganizationMember | Mapping[str, Any]] | Unset = UNSET,
     ) -> Organization:
         """Change the given fields of an organization and return it (fields left out stay).
@@ -146,8 +147,12 @@ class Organizations(Core):
         ``seats`` may be set below the member count (nobody is removed: the limit applies to
         later ``add_organization_member(..., within_seats=True)`` calls). Raises
         ``NotFoundError`` when there is no such organization or a new member is not a user
-        (nothing is written then). Setting values is idempotent, so transient failures are
-        retried.
+        (nothing is written then).
+        ``metadata`` replaces the whole object; ``metadata_patch`` edits it in the same statement
+        (RFC 7396 JSON Merge Patch: its keys are set, nested objects merged, a ``None`` value
+        removes its key), so concurrent patches of different keys all survive; giving both is a
+        ``ValidationError`` naming ``metadata_patch``. Setting values and applying a merge patch
+        are idempotent, so transient failures are retried.
         """
         params: dict[str, Any] = {"id": v.uuid_arg("id", id)}
         checks: dict[str, Any] = {
@@ -160,6 +165,7 @@ class Organizations(Core):
             given = value is not UNSET
             params[f"set_{field}"] = given
             params[field] = check(value) if given else None
+        params["metadata_patch"] = metadata_patch_arg(metadata, metadata_patch)
         params["set_members"] = members is not UNSET
         member_ids, member_roles = _member_arrays(members) if members is not UNSET else ([], [])
         params["member_ids"] = member_ids

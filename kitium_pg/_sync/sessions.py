@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .. import _validate as v
-from .._base import UNSET, Consistency, Retry, Unset, new_id
+from .._base import UNSET, Consistency, Retry, Unset, metadata_patch_arg, new_id
 from ..errors import NotFoundError
 from ..records import Session
 from .core import Core
@@ -74,15 +74,21 @@ class Sessions(Core):
         entitlements: Iterable[str] | Unset = UNSET,
         expires_at: dt.datetime | Unset = UNSET,
         metadata: dict[str, Any] | Unset = UNSET,
+        metadata_patch: Mapping[str, Any] | Unset = UNSET,
     ) -> Session:
         """Change the given fields of an unexpired session and return it (fields left out stay
         as they are).
 
+        ``metadata`` replaces the whole object; ``metadata_patch`` edits it in the same statement
+        (RFC 7396 JSON Merge Patch: its keys are set, nested objects merged, a ``None`` value
+        removes its key), so concurrent patches of different keys all survive; giving both is a
+        ``ValidationError`` naming ``metadata_patch``.
+
         Raises ``NotFoundError`` when there is no such session or it has expired: an expired
-        session is never revived, not even by moving ``expires_at`` forward. Setting values is
-        idempotent, so transient failures are retried (a retry of a call that moved
-        ``expires_at`` into the past finds the session expired and raises ``NotFoundError``;
-        end a session with ``delete_session`` instead).
+        session is never revived, not even by moving ``expires_at`` forward. Setting values and
+        applying a merge patch are idempotent, so transient failures are retried (a retry of a
+        call that moved ``expires_at`` into the past finds the session expired and raises
+        ``NotFoundError``; end a session with ``delete_session`` instead).
         """
         params: dict[str, Any] = {"id": v.uuid_arg("id", id)}
         checks: dict[str, Any] = {
@@ -96,6 +102,7 @@ class Sessions(Core):
             given = value is not UNSET
             params[f"set_{field}"] = given
             params[field] = check(value) if given else None
+        params["metadata_patch"] = metadata_patch_arg(metadata, metadata_patch)
         session = self._one("update_session", params, Session, retry=Retry.SAFE)
         if session is None:
             raise NotFoundError(f"update_session: no unexpired session {params['id']}")

@@ -8,11 +8,11 @@ import datetime as dt
 import functools
 import hashlib
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from .. import _validate as v
-from .._base import UNSET, Retry, Unset, new_id
+from .._base import UNSET, Retry, Unset, metadata_patch_arg, new_id
 from ..errors import EncryptionKeyError, NotFoundError, ValidationError, saved_but_unreadable
 from ..records import SsoDomain, SsoLink, SsoProvider, SsoSession
 from .core import Core
@@ -242,6 +242,7 @@ class Sso(Core):
         claim_mapping: dict[str, Any] | Unset = UNSET,
         attribute_mapping: dict[str, Any] | Unset = UNSET,
         metadata: dict[str, Any] | Unset = UNSET,
+        metadata_patch: Mapping[str, Any] | Unset = UNSET,
         domains: Iterable[str] | Unset = UNSET,
     ) -> SsoProvider:
         """Change the given fields of a provider and return it (fields left out stay as they
@@ -253,8 +254,12 @@ class Sso(Core):
         ``NotFoundError`` when there is no such provider (or ``org_id`` is not an
         organization), and ``EncryptionKeyError``: before anything is written when a secret is
         given and no key is configured, or after the change is saved when a stored secret cannot
-        be decrypted for the returned record (the message says which). Setting values is
-        idempotent, so transient failures are retried.
+        be decrypted for the returned record (the message says which). ``metadata`` replaces the
+        whole object; ``metadata_patch`` edits it in the same statement (RFC 7396 JSON Merge
+        Patch: its keys are set, nested objects merged, a ``None`` value removes its key), so
+        concurrent patches of different keys all survive; giving both is a ``ValidationError``
+        naming ``metadata_patch``. Setting values and applying a merge patch are idempotent, so
+        transient failures are retried.
         """
         provider_id = v.uuid_arg("id", id)
         given = {
@@ -284,6 +289,7 @@ class Sso(Core):
             is_set = value is not UNSET
             params[f"set_{field}"] = is_set
             params[field] = _FIELDS[field](field, value) if is_set else None
+        params["metadata_patch"] = metadata_patch_arg(metadata, metadata_patch)
         params["set_domains"] = domains is not UNSET
         params["domains"] = _domain_list(domains) if domains is not UNSET else []
         for field, secret in (("client_secret", client_secret), ("signing_key", signing_key)):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import _validate as v
-from .._base import UNSET, Consistency, Retry, Unset, new_id
+from .._base import UNSET, Consistency, Retry, Unset, metadata_patch_arg, new_id
 from ..errors import ConflictError, NotFoundError, ValidationError
 from ..records import OAuthTokens, User
 from .core import Core
@@ -108,14 +108,19 @@ class Users(Core):
         plan: str | Unset = UNSET,
         entitlements: Iterable[str] | Unset = UNSET,
         metadata: dict[str, Any] | Unset = UNSET,
+        metadata_patch: Mapping[str, Any] | Unset = UNSET,
     ) -> User:
         """Change the given fields of a user and return it (fields left out stay as they are).
 
         A new ``email`` (not the same address in another letter case) is unverified: its
         ``email_verified_at`` becomes ``None`` unless given in the same call.
 
-        Raises ``NotFoundError`` when there is no such user, ``ConflictError`` for an email
-        another user has. Setting values is idempotent, so transient failures are retried.
+        ``metadata`` replaces the whole object; ``metadata_patch`` edits it in the same statement
+        (RFC 7396 JSON Merge Patch: its keys are set, nested objects merged, a ``None`` value
+        removes its key), so concurrent patches of different keys all survive. Raises
+        ``ValidationError`` naming ``metadata_patch`` when both are given, ``NotFoundError`` when
+        there is no such user, ``ConflictError`` for an email another user has. Setting values
+        and applying a merge patch are idempotent, so transient failures are retried.
         """
         params: dict[str, Any] = {"id": v.uuid_arg("id", id)}
         checks: dict[str, Any] = {
@@ -134,6 +139,7 @@ class Users(Core):
             given = value is not UNSET
             params[f"set_{field}"] = given
             params[field] = check(value) if given else None
+        params["metadata_patch"] = metadata_patch_arg(metadata, metadata_patch)
         user = self._one("update_user", params, User, retry=Retry.SAFE)
         if user is None:
             raise NotFoundError(f"update_user: no user {params['id']}")
