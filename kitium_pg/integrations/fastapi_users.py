@@ -183,9 +183,9 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
     async def update(self, user: KitiumUser, update_dict: dict[str, Any]) -> KitiumUser:
         """Apply fastapi-users' update dict in one transaction and return the user re-read.
         Raises ``NotFoundError`` when the user is gone and ``UserAlreadyExists`` for a taken
-        email. Flags are merged into the stored metadata under the user row's lock, so two
-        concurrent updates of different flags both hold. Deactivating a user
-        (``is_active=False``) also deletes their sessions, in the same transaction."""
+        email. Flags are merged into the stored metadata by the update statement itself (a
+        merge patch), so two concurrent updates of different flags both hold. Deactivating a
+        user (``is_active=False``) also deletes their sessions, in the same transaction."""
         fields = dict(update_dict)
         flags = {k: bool(fields.pop(k)) for k in _FLAGS if k in fields}
         has_hash = "hashed_password" in fields
@@ -193,15 +193,9 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         changes: dict[str, Any] = _columns({k: v for k, v in fields.items() if k != "email"})
         if "email" in fields:
             changes["email"] = fields["email"]
+        if flags:
+            changes["metadata_patch"] = {METADATA_KEY: flags}
         async with self.storage.transaction() as tx:
-            if flags:
-                # update_user with no field locks the row and returns its latest version (it
-                # stamps updated_at, which the write below does anyway): a concurrent update
-                # waits here instead of merging into metadata this call has already read.
-                current = await tx.update_user(user.id)
-                metadata = dict(current.metadata)
-                metadata[METADATA_KEY] = {**_flags(metadata), **flags}
-                changes["metadata"] = metadata
             if changes:
                 try:
                     await tx.update_user(user.id, **changes)
