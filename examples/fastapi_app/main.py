@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import signal
@@ -243,22 +244,40 @@ def create_app(
 
     @app.post("/login/2fa")
     async def login_second_factor(body: SecondFactor, storage: Storage, response: Response) -> Any:
-        """Answer a 2FA challenge with a TOTP code or a backup code (each works once)."""
+        """Answer a 2FA challenge with a TOTP code or a backup code (each works once). Wrong
+        TOTP codes throttle the device, on every challenge: 429 with ``Retry-After`` while it
+        lasts."""
         refused = HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or expired code")
         challenge = await storage.get_two_factor_session(body.challenge_id)
         if challenge is None or (body.code is None) == (body.backup_code is None):
             raise refused
-        if await storage.increment_two_factor_attempts(challenge.id) is None:
+        attempt = await storage.count_two_factor_attempt(challenge.id)
+        if attempt is None:
             raise refused  # expired, completed, or out of attempts
-        device = await storage.get_two_factor_device(challenge.device_id)
+        if attempt.throttled and body.code is not None:
+            assert attempt.throttled_until is not None
+            wait = attempt.throttled_until - dt.datetime.now(dt.UTC)
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                "too many wrong codes: try again later",
+                headers={"Retry-After": str(max(1, math.ceil(wait.total_seconds())))},
+            )
+        # A throttled device does not lock out its backup codes (the way back in when someone
+        # keeps guessing): 80 random bits each cannot be guessed, throttled or not.
+        step = None
+        if body.code is not None:
+            device = await storage.get_two_factor_device(challenge.device_id)
+            step = totp_step(device.secret, body.code) if device and device.secret else None
+            if step is None:
+                await storage.record_two_factor_failure(challenge.device_id)
+                raise refused
         # Using up the code and completing the challenge commit together: a completion that
         # fails (a concurrent submit won, the challenge expired) gives the code back.
         async with storage.transaction() as tx:
-            accepted = False
-            if body.code is not None:
-                step = totp_step(device.secret, body.code) if device and device.secret else None
-                accepted = step is not None and await tx.record_totp_step(challenge.device_id, step)
-            elif body.backup_code is not None:
+            if step is not None:
+                accepted = await tx.record_totp_step(challenge.device_id, step)
+            else:
+                assert body.backup_code is not None
                 digest = backup_code_digest(body.backup_code)
                 accepted = await tx.consume_backup_code(challenge.user_id, digest) is not None
             if not accepted or not await tx.complete_two_factor_session(challenge.id):
