@@ -353,6 +353,9 @@ def _tour(
         replay = Text(f"ConflictError: {exc}", style="red")
     else:
         raise InternalError("demo: expected a second use of the token to be refused")
+    _check(storage.mark_user_email_verified(ada.id, f"other.{tag}@example.com") is None, "refusal")
+    verified = _present(storage.mark_user_email_verified(ada.id, used.email), "a verified user")
+    _check(verified.email_verified_at is not None, "email_verified_at to be set")
     _section(
         console,
         "Email verification",
@@ -368,6 +371,16 @@ def _tour(
                 f"used at {used.used_at:%H:%M:%S %Z}" if used.used_at else "used",
             ),
             ("mark_email_verification_token_as_used(token) again", replay),
+            (
+                "mark_user_email_verified(ada, another address)",
+                "None: only the user's current address can be marked",
+            ),
+            (
+                "mark_user_email_verified(ada, token.email)",
+                f"email_verified_at {verified.email_verified_at:%H:%M:%S %Z}"
+                if verified.email_verified_at
+                else "verified",
+            ),
         ],
     )
 
