@@ -18,6 +18,17 @@
 -- everything the previous holder of the lock committed. Concurrent replacements for the same
 -- user and organization run one after the other and the later one's set is what stays.
 --
+-- Lock order: the user's and the organization's rows (FOR KEY SHARE, the locks the insert's
+-- reference checks take anyway) come before the membership row, as they do for delete_user and
+-- delete_organization, which lock their row first and then delete the membership by cascade.
+-- Taken in the other order (membership first, parents when the insert's checks run), the two
+-- waited for each other: a deadlock that rolled back a delete_user inside a transaction.
+--
+-- The function returns the roles asked for (each is known to be the organization's: the
+-- insert's reference check passed), not a re-read of the assignments: an assign_role_to_user
+-- committed between this function's DELETE and a final read would have shown up in a result
+-- that matches neither order of the two calls.
+--
 -- FOR NO KEY UPDATE, not FOR UPDATE: the reference checks of assignments (user_roles__member_fkey)
 -- take FOR KEY SHARE on the membership row, which FOR NO KEY UPDATE does not block, so
 -- assign_role_to_user for the same user goes on. Removing the member (a DELETE of that row)
@@ -44,7 +55,7 @@ SET LOCAL lock_timeout = '5s';
 
 -- Replace the roles p_user_id holds in p_org_id with p_role_ids (distinct; p_ids holds the ids
 -- of the assignments to insert, one per role id, used only for roles not yet held): kept
--- assignments keep their id and assigned_at. Returns the roles held afterwards, in no order.
+-- assignments keep their id and assigned_at. Returns the roles asked for, in no order.
 -- Planned for each call's arguments, as replace_backup_codes is (0003): user_roles grows.
 CREATE FUNCTION kitium_auth.set_user_roles(
   p_user_id uuid, p_org_id uuid, p_role_ids uuid[], p_ids uuid[]
@@ -57,6 +68,8 @@ LANGUAGE plpgsql VOLATILE
 SET plan_cache_mode = force_custom_plan
 AS $$
 BEGIN
+  PERFORM 1 FROM kitium_auth.users AS u WHERE u.id = p_user_id FOR KEY SHARE;
+  PERFORM 1 FROM kitium_auth.organizations AS o WHERE o.id = p_org_id FOR KEY SHARE;
   PERFORM 1
     FROM kitium_auth.organization_members AS m
    WHERE m.org_id = p_org_id AND m.user_id = p_user_id
@@ -76,9 +89,8 @@ BEGIN
   RETURN QUERY
     SELECT r.id, r.org_id, r.name, r.description, r.is_system, r.permissions, r.metadata,
            r.created_at, r.updated_at
-      FROM kitium_auth.user_roles AS ur
-      JOIN kitium_auth.roles AS r ON r.id = ur.role_id AND r.org_id = ur.org_id
-     WHERE ur.user_id = p_user_id AND ur.org_id = p_org_id;
+      FROM kitium_auth.roles AS r
+     WHERE r.org_id = p_org_id AND r.id = ANY (p_role_ids);
 END;
 $$;
 

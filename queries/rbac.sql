@@ -100,7 +100,7 @@ SELECT r.id, r.org_id, r.name, r.description, r.is_system, r.permissions, r.meta
 -- Replace the roles a user holds in one organization with role_ids (ids: the ids of the
 -- assignments to insert, parallel to role_ids) through set_user_roles, which locks the
 -- membership row first so that concurrent replacements run one after the other (migration
--- 0017); the roles held afterwards, oldest role first as get_user_roles.
+-- 0017); the roles asked for, now held, oldest role first as get_user_roles.
 SELECT r.held_id AS id, r.held_org_id AS org_id, r.held_name AS name,
        r.held_description AS description, r.held_is_system AS is_system,
        r.held_permissions AS permissions, r.held_metadata AS metadata,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -685,3 +687,113 @@ async def test_concurrent_set_user_roles_leave_one_of_the_sets(
     stored = await storage.get_user_roles(user.id, org.id)
     assert stored in sets, stored
     assert await _count_assignments(storage, shared.id) == 1
+
+
+def _wait_for_lock_waiter(dsn: str, marker: str) -> None:
+    """Return once a backend running a statement with ``marker`` waits on a lock (10 s at most:
+    the assertions after it then fail on their own)."""
+    with psycopg.connect(dsn, autocommit=True) as observer:
+        for _ in range(200):
+            row = observer.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND position(%s in query) > 0",
+                (marker,),
+            ).fetchone()
+            if row is not None and row[0] > 0:
+                return
+            time.sleep(0.05)
+
+
+def _deadlocks(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_set_user_roles_and_delete_user_take_their_locks_in_one_order(
+    sync_adapter: Any, dsn: str, unique: Callable[[str], str]
+) -> None:
+    """set_user_roles locks the user's row before the membership row, as delete_user does
+    (its cascade deletes the membership after it): a replacement and a delete of the same user,
+    each in a transaction, finish one after the other. Locked the other way round (membership
+    first, the user when the insert's reference check ran), the two deadlocked and the
+    delete_user transaction was rolled back. A third transaction holding the old assignment
+    makes the interleaving certain."""
+    storage = sync_adapter
+    org = storage.create_organization(name="Deadlock", plan="team")
+    user = storage.create_user(email=f"{unique('dl')}@example.com")
+    storage.add_organization_member(org.id, user.id)
+    old = storage.create_role(org_id=org.id, name="old")
+    new = storage.create_role(org_id=org.id, name="new")
+    storage.assign_role_to_user(user.id, old.id, org.id)
+    before = _deadlocks(dsn)
+    outcome: dict[str, Any] = {}
+
+    def replace() -> None:
+        try:
+            with storage.transaction() as tx:
+                outcome["set"] = [r.name for r in tx.set_user_roles(user.id, org.id, [new.id])]
+        except Exception as exc:
+            outcome["set"] = exc
+
+    def delete() -> None:
+        try:
+            with storage.transaction() as tx:
+                outcome["delete"] = tx.delete_user(user.id)
+        except Exception as exc:
+            outcome["delete"] = exc
+
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "SELECT 1 FROM kitium_auth.user_roles WHERE user_id = %s AND role_id = %s FOR SHARE",
+            (user.id, old.id),
+        )
+        first = threading.Thread(target=replace)
+        first.start()
+        _wait_for_lock_waiter(dsn, "set_user_roles")
+        second = threading.Thread(target=delete)
+        second.start()
+        _wait_for_lock_waiter(dsn, "DELETE FROM kitium_auth.users")
+        holder.commit()
+        first.join()
+        second.join()
+    finally:
+        holder.close()
+    assert outcome == {"set": ["new"], "delete": True}, outcome
+    assert _deadlocks(dsn) == before
+    assert storage.get_user(user.id, consistency="primary") is None
+
+
+def test_set_user_roles_returns_the_set_asked_for(
+    sync_adapter: Any, dsn: str, unique: Callable[[str], str]
+) -> None:
+    """An assign_role_to_user committed while a replacement runs (after its delete of the
+    roles not listed) takes effect after it: the user holds both roles, and the replacement
+    reports the set it was asked for, not one that matches neither order of the two calls."""
+    storage = sync_adapter
+    org = storage.create_organization(name="Returned", plan="team")
+    user = storage.create_user(email=f"{unique('ret')}@example.com")
+    storage.add_organization_member(org.id, user.id)
+    a = storage.create_role(org_id=org.id, name="a")
+    b = storage.create_role(org_id=org.id, name="b")
+    returned: list[Any] = []
+    holder = psycopg.connect(dsn)
+    try:
+        # Holding role a's row parks the replacement at its insert (the reference check).
+        holder.execute("SELECT 1 FROM kitium_auth.roles WHERE id = %s FOR UPDATE", (a.id,))
+        worker = threading.Thread(
+            target=lambda: returned.extend(storage.set_user_roles(user.id, org.id, [a.id]))
+        )
+        worker.start()
+        _wait_for_lock_waiter(dsn, "set_user_roles")
+        assert storage.assign_role_to_user(user.id, b.id, org.id) == b
+        holder.commit()
+        worker.join()
+    finally:
+        holder.close()
+    assert [r.name for r in returned] == ["a"]
+    assert [r.name for r in storage.get_user_roles(user.id, org.id)] == ["a", "b"]
