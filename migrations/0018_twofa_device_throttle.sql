@@ -7,7 +7,8 @@
 -- for 2^(n-1) seconds (at most 15 minutes), and a right code resets it.
 -- verify_two_factor_session judges and updates the throttle in the statement that counts the
 -- attempt, and count_two_factor_attempt (increment_two_factor_attempts) judges it in its own;
--- for codes the application checks, record_two_factor_failure and record_totp_step update it.
+-- for codes the application checks, count_two_factor_attempt charges the device before the
+-- check (as for a wrong code) and record_totp_step clears the charge for a right one.
 --
 -- throttle_failures counts the consecutive wrong codes; throttled_until is when the device
 -- accepts a code again (NULL: never throttled, or reset by a right code).

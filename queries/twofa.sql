@@ -7,15 +7,16 @@
 -- is the transaction's start, so a credential that expired since would still pass.
 -- Throttle (migration 0018): after n consecutive wrong codes a device refuses code checks for
 -- 2^(n-1) seconds, at most 15 minutes (throttled_until), and a right code resets it. One
--- formula, in verify_two_factor_session and record_two_factor_failure: the new throttled_until
--- is statement_timestamp() plus that delay, never earlier than the one already set. In SQL the
--- delay is 2 ^ the count before this failure (n - 1), whose exponent stops at 10 (past the cap)
--- so the power cannot overflow; the count saturates below the integer limit instead of failing.
+-- formula, in verify_two_factor_session (for a code found wrong) and count_two_factor_attempt
+-- (for a code let through to the application's check, charged before it is checked): the new
+-- throttled_until is statement_timestamp() plus that delay, never earlier than the one already
+-- set. In SQL the delay is 2 ^ the count before this failure (n - 1), whose exponent stops at 10
+-- (past the cap) so the power cannot overflow; the count saturates below the integer limit.
 -- Lock order: a statement that locks both a device and one of its challenges locks the device
 -- first, as deleting a device or its user does (the cascade deletes the challenges after it),
 -- so two such statements never wait for each other in a cycle. An application transaction
--- keeps that order by writing the device (record_totp_step, record_two_factor_failure) before
--- the challenge (complete_two_factor_session).
+-- keeps that order by writing the device (record_totp_step) before the challenge
+-- (complete_two_factor_session).
 
 -- name: create_two_factor_device(id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id, metadata)^
 -- Insert a device; a retry with the same id returns the row the first attempt wrote.
@@ -92,19 +93,6 @@ UPDATE kitium_auth.twofa_devices
        throttled_until = NULL
  WHERE id = :id AND (last_totp_step IS NULL OR last_totp_step < :step)
 RETURNING true;
-
--- name: record_two_factor_failure(id)$
--- Throttle a device after a wrong code the application checked itself (TOTP): one more
--- consecutive failure and a later throttled_until (formula above), which it returns; no row
--- for no such device. Row lock waiters bump the winner's row, so concurrent failures all count.
-UPDATE kitium_auth.twofa_devices AS d
-   SET throttle_failures = least(d.throttle_failures, 2147483646) + 1,
-       throttled_until = greatest(
-         d.throttled_until,
-         statement_timestamp()
-         + least(interval '1 second' * 2 ^ least(d.throttle_failures, 10), interval '15 minutes'))
- WHERE d.id = :id
-RETURNING d.throttled_until;
 
 -- name: create_backup_codes(user_id, ids, code_hashes)
 -- Replace a user's backup codes (ids and code_hashes are parallel arrays) through
@@ -253,16 +241,21 @@ SELECT false, picked.attempt_count, picked.max_attempts, true, picked.throttled_
   FROM picked
  WHERE picked.throttled;
 
--- name: count_two_factor_attempt(id)^
--- Count one attempt on an open challenge whose code the application checks itself (TOTP,
--- backup codes), unless the challenge's device is throttled; challenges with method
--- 'backup_code' are never throttled (backup codes are not checked against the device).
+-- name: count_two_factor_attempt(id, backup_code)^
+-- Count one attempt on an open challenge whose answer the application checks itself (a TOTP
+-- code; a backup code when backup_code, or on a challenge with method 'backup_code'), before it
+-- is checked. A code attempt is refused while the challenge's device is throttled, and one that
+-- is let through is charged to the device as a wrong code (the throttle formula above) in this
+-- same statement: a right code then clears it (record_totp_step). Charged before the check, so
+-- concurrent guesses on any of the device's challenges are compared one per throttle window:
+-- each later one waits for the device's lock and finds the throttle set. A backup-code attempt
+-- is counted whatever the throttle and charges nothing (backup codes are not the device's).
 -- Returns (verified false, attempt_count, max_attempts, throttled, throttled_until): the new
 -- count; or, while the device is throttled, a row with throttled true, the count unchanged
 -- and the device's throttled_until. No row when the limit is reached, or the challenge is
 -- completed, expired, missing or its login session has ended. Locks the device, then the
--- challenge (lock order above); a lock waiter reads both as the winner left them, so a
--- throttle set meanwhile refuses it and concurrent calls never pass the limit.
+-- challenge (lock order above); a lock waiter reads both as the winner left them, so
+-- concurrent calls never pass the limit.
 WITH target AS (
   -- The challenge's device, locked: its throttle as of now, not of the statement's snapshot.
   SELECT d.id, d.throttled_until, coalesce(d.throttled_until > statement_timestamp(), false)
@@ -272,8 +265,9 @@ WITH target AS (
      FOR NO KEY UPDATE
 ), picked AS (
   -- The challenge, locked if it is open; the guards are re-checked on the latest row.
-  SELECT s.id, s.attempt_count, s.max_attempts, target.throttled_until,
-         target.throttled AND s.method <> 'backup_code' AS throttled
+  SELECT s.id, s.device_id, s.attempt_count, s.max_attempts, target.throttled_until,
+         s.method <> 'backup_code' AND NOT :backup_code AS code,
+         target.throttled AND s.method <> 'backup_code' AND NOT :backup_code AS throttled
     FROM kitium_auth.twofa_sessions AS s
     JOIN target ON target.id = s.device_id
    WHERE s.id = :id
@@ -292,6 +286,19 @@ WITH target AS (
     FROM picked
    WHERE s.id = picked.id AND NOT picked.throttled
   RETURNING s.attempt_count, s.max_attempts
+), charged AS (
+  -- A code let through is charged to its device now, as a wrong one.
+  UPDATE kitium_auth.twofa_devices AS d
+     SET throttle_failures = least(d.throttle_failures, 2147483646) + 1,
+         throttled_until = greatest(
+           d.throttled_until,
+           statement_timestamp()
+           + least(interval '1 second' * 2 ^ least(d.throttle_failures, 10),
+                   interval '15 minutes'))
+    FROM picked
+   WHERE d.id = picked.device_id AND picked.code AND NOT picked.throttled
+     AND EXISTS (SELECT 1 FROM updated)
+  RETURNING d.id
 )
 SELECT false AS verified, updated.attempt_count, updated.max_attempts, false AS throttled,
        NULL::timestamptz AS throttled_until

@@ -267,12 +267,21 @@ async def test_totp_enrollment_login_and_backup_codes(
     assert r.status_code == 200
     client.cookies.clear()
 
-    # A wrong TOTP code throttles the device on every challenge (recorded by the app); while
-    # the throttle lasts (made an hour here, so the test does not race the first second's
-    # window) a code is not even checked: 429 with Retry-After. A backup code still gets in.
+    # A TOTP code is charged to the device before it is checked, so a wrong one throttles the
+    # device on every challenge; while the throttle lasts (made an hour here, so the test does
+    # not race the first second's window) a code is not even checked: 429 with Retry-After. A
+    # backup code still gets in. (The replayed code above was charged too: end that first.)
     now = totp.timecode(dt.datetime.now(dt.UTC))
     valid = {totp.generate_otp(step) for step in range(now - 2, now + 3)}
     wrong = next(c for c in ("000000", "111111", "222222", "333333") if c not in valid)
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "UPDATE kitium_auth.twofa_devices SET throttled_until = now() - interval '1 second'"
+            " WHERE id = %s RETURNING throttle_failures",
+            [device_id],
+        ).fetchone()
+    assert row is not None
+    failures = row[0]
     guessed = await challenge()
     r = await client.post("/login/2fa", json={"challenge_id": guessed, "code": wrong})
     assert r.status_code == 401
@@ -282,7 +291,7 @@ async def test_totp_enrollment_login_and_backup_codes(
             " WHERE id = %s RETURNING throttle_failures",
             [device_id],
         ).fetchone()
-    assert row == (1,)
+    assert row == (failures + 1,)
     for answered in (guessed, await challenge()):
         r = await client.post("/login/2fa", json={"challenge_id": answered, "code": wrong})
         assert r.status_code == 429, r.text

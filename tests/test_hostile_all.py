@@ -1424,15 +1424,6 @@ def check_attempt(world: World, kwargs: dict[str, Any], result: Any) -> None:
         assert result.throttled_until == device.throttled_until
 
 
-def check_failure(world: World, kwargs: dict[str, Any], result: Any) -> None:
-    if result is None:  # no such device
-        assert world.api.get_two_factor_device(kwargs["device_id"]) is None
-        return
-    device = world.api.get_two_factor_device(kwargs["device_id"])
-    assert device is not None
-    assert device.throttle_failures >= 1 and device.throttled_until == result
-
-
 def check_token(world: World, kwargs: dict[str, Any], result: Any) -> None:
     fields_match(
         result,
@@ -2139,13 +2130,9 @@ def _spec_table() -> dict[str, Spec]:
             params=_id("fresh_twofa_session", "twofa_session"), writes=True
         ),
         "count_two_factor_attempt": Spec(
-            params=_id("fresh_twofa_session", "twofa_session"), writes=True, check=check_attempt
-        ),
-        "record_two_factor_failure": Spec(
-            params={"device_id": uuid_arg("fresh_device", "device", "random")},
-            lenient=True,
+            params={**_id("fresh_twofa_session", "twofa_session"), "backup_code": bool_arg()},
             writes=True,
-            check=check_failure,
+            check=check_attempt,
         ),
         "verify_two_factor_session": Spec(
             params={**_id("fresh_twofa_session", "twofa_session"), "code_hash": digest_arg()},

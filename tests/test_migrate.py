@@ -863,12 +863,23 @@ def test_0018_up_down_up_adds_the_device_throttle(dsn: str) -> None:
     (nullable); its down part drops exactly those two, keeping the devices; up again gives
     every existing device a clear throttle."""
     schema = f"mig_{uuid.uuid4().hex[:10]}"
+    later = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
     try:
         with PostgresStorageAdapter(dsn, schema=schema) as storage:
             # With the newest schema, which the adapter's user and device queries need.
             user = storage.create_user()
             device = storage.create_two_factor_device(user_id=user.id, method="sms")
-            assert storage.record_two_factor_failure(device.id) is not None
+            login = storage.create_session(user_id=user.id, expires_at=later)
+            challenge = storage.create_two_factor_session(
+                user_id=user.id,
+                session_id=login.id,
+                device_id=device.id,
+                method="sms",
+                code_hash="0" * 64,
+                expires_at=later,
+            )
+            wrong = storage.verify_two_factor_session(challenge.id, "1" * 64)
+            assert wrong is not None and wrong.throttled_until is not None  # a throttled device
             if _after(DEVICE_THROTTLE):  # 0 while it is the newest migration
                 storage.rollback(steps=_after(DEVICE_THROTTLE))
             latest = _device_columns(dsn, schema)

@@ -29,7 +29,7 @@ from kitium_pg.records import (
 
 from .fix_holder import release_when_waiting
 from .fix_metadata import check_metadata_patch
-from .fix_race import race
+from .fix_race import race, race_each
 
 RACERS = 32
 SECRET = "JBSWY3DPEHPK3PXP-totp-seed"
@@ -635,8 +635,9 @@ async def test_expired_challenge_cannot_complete_or_count(storage: Any, email: s
 
 
 async def test_attempts_stop_at_the_limit(storage: Any, email: str) -> None:
+    # A backup-code challenge: code attempts would also meet the device's throttle.
     user = await _user(storage, email)
-    challenge = await _challenge(storage, user, max_attempts=3)
+    challenge = await _challenge(storage, user, max_attempts=3, method="backup_code")
     assert await storage.increment_two_factor_attempts(challenge.id) == 1
     assert await storage.increment_two_factor_attempts(str(challenge.id)) == 2
     assert await storage.increment_two_factor_attempts(challenge.id) == 3
@@ -661,8 +662,9 @@ async def test_racing_challenge_completions_exactly_one_wins(storage: Any, email
 
 
 async def test_racing_attempts_never_pass_the_limit(storage: Any, email: str) -> None:
+    # A backup-code challenge: code attempts would also meet the device's throttle.
     user = await _user(storage, email)
-    challenge = await _challenge(storage, user, max_attempts=5)
+    challenge = await _challenge(storage, user, max_attempts=5, method="backup_code")
     outcomes = await race(storage, RACERS, "increment_two_factor_attempts", challenge.id)
     counts = [o for o in outcomes if o is not None]
     assert sorted(counts) == [1, 2, 3, 4, 5], outcomes
@@ -864,73 +866,81 @@ async def test_wrong_codes_throttle_the_device_across_challenges(
     assert await storage.verify_two_factor_session(uuid.uuid4(), _hash("222222")) is None
 
 
-async def test_record_two_factor_failure_throttles_the_device(
+async def test_a_code_attempt_let_through_is_charged_to_the_device(
     storage: Any, email: str, dsn: str
 ) -> None:
-    """For codes the application checks (TOTP): each failure doubles the wait, up to 15
+    """For codes the application checks (TOTP): count_two_factor_attempt charges the device as
+    for a wrong code before the code is checked, so each attempt doubles the wait, up to 15
     minutes, the count saturates rather than overflow, a throttle already set is never
-    shortened, and an accepted TOTP step resets the device."""
+    shortened; an accepted TOTP step clears the charge, a refused one (a replay) does not."""
     user = await _user(storage, email)
     device = await _device(storage, user)
+    challenge = await _challenge(storage, user, device=device, max_attempts=100)
 
-    async def failure(wait: dt.timedelta) -> dt.datetime:
+    async def charged(wait: dt.timedelta) -> dt.datetime:
+        _set_throttle(dsn, device.id)  # the last throttle is over: the attempt goes through
         before = _db_now(dsn)
-        until = await storage.record_two_factor_failure(device.id)
+        attempt = await storage.count_two_factor_attempt(challenge.id)
         after = _db_now(dsn)
-        assert isinstance(until, dt.datetime)
-        assert before + wait <= until <= after + wait
-        return until
+        assert attempt is not None and not attempt.throttled
+        stored: TwoFactorDevice | None = await storage.get_two_factor_device(device.id)
+        assert stored is not None and stored.throttled_until is not None
+        assert before + wait <= stored.throttled_until <= after + wait
+        return stored.throttled_until
 
-    until = await failure(dt.timedelta(seconds=1))
-    stored = await storage.get_two_factor_device(device.id)
-    assert stored is not None
-    assert (stored.throttle_failures, stored.throttled_until) == (1, until)
-    await failure(dt.timedelta(seconds=2))  # throttled or not, a checked code counts
+    await charged(dt.timedelta(seconds=1))
+    await charged(dt.timedelta(seconds=2))
     _set_throttle(dsn, device.id, failures=10)
-    await failure(dt.timedelta(minutes=15))  # 2^10 s, capped
+    await charged(dt.timedelta(minutes=15))  # 2^10 s, capped
     _set_throttle(dsn, device.id, failures=2**31 - 1)
-    await failure(dt.timedelta(minutes=15))
+    await charged(dt.timedelta(minutes=15))
     stored = await storage.get_two_factor_device(device.id)
     assert stored is not None and stored.throttle_failures == 2**31 - 1
-    _set_throttle(dsn, device.id, failures=0, until="hour")
-    later = await storage.get_two_factor_device(device.id)
-    assert later is not None and later.throttled_until is not None
-    assert await storage.record_two_factor_failure(str(device.id)) == later.throttled_until
 
     step = int(dt.datetime.now(dt.UTC).timestamp()) // 30
-    assert await storage.record_totp_step(device.id, step) is True
+    assert await storage.record_totp_step(device.id, step) is True  # a right code
     reset = await storage.get_two_factor_device(device.id)
     assert reset is not None
     assert (reset.throttle_failures, reset.throttled_until) == (0, None)
-    # A refused step (a replay) is no right code: the throttle stays.
-    await storage.record_two_factor_failure(device.id)
+    # A refused step (a replay) is no right code: the charge stays.
+    assert await storage.count_two_factor_attempt(challenge.id) is not None
     assert await storage.record_totp_step(device.id, step) is False
     kept = await storage.get_two_factor_device(device.id)
     assert kept is not None and kept.throttle_failures == 1
 
-    for unknown in (uuid.uuid4(), "nope", "", "x" * 10_000, 42, None):
-        assert await storage.record_two_factor_failure(unknown) is None
-    assert await storage.get_two_factor_device(device.id) == kept
 
-
-async def test_racing_failures_all_count(storage: Any, email: str) -> None:
+async def test_concurrent_code_attempts_let_one_through_per_window(
+    storage: Any, email: str
+) -> None:
+    """Guesses sent all at once, on several challenges of one device: the first counted is
+    charged before anyone checks it, the others wait for the device's lock, find it throttled
+    and are refused without being counted. (Charged only after the application's check, every
+    one of them would have been let through and compared.)"""
     user = await _user(storage, email)
     device = await _device(storage, user)
-    outcomes = await race(storage, RACERS, "record_two_factor_failure", device.id)
-    assert all(isinstance(o, dt.datetime) for o in outcomes), outcomes
+    challenges = [await _challenge(storage, user, device=device) for _ in range(4)]
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        ((challenges[i % 4].id,), {}) for i in range(RACERS)
+    ]
+    outcomes = await race_each(storage, "count_two_factor_attempt", calls)
+    assert all(isinstance(o, TwoFactorAttempt) for o in outcomes), outcomes
+    through = [o for o in outcomes if not o.throttled]
+    assert len(through) == 1, outcomes
     stored = await storage.get_two_factor_device(device.id)
-    assert stored is not None
-    assert stored.throttle_failures == RACERS
-    assert stored.throttled_until == max(outcomes)
+    assert stored is not None and stored.throttle_failures == 1
+    counted = [await storage.get_two_factor_session(c.id) for c in challenges]
+    assert sum(c.attempt_count for c in counted if c is not None) == 1
 
 
 async def test_count_two_factor_attempt_refuses_while_the_device_is_throttled(
     storage: Any, email: str, dsn: str
 ) -> None:
-    """The flow of codes the application checks: count, check, then record the step (a right
-    code) or the failure (a wrong one). While the device is throttled, count_two_factor_attempt
-    answers with the time to try again and increment_two_factor_attempts with None, and neither
-    counts; a backup-code challenge is not throttled."""
+    """The flow of codes the application checks: count (which charges the device), check,
+    then record the step of a right code (which clears the charge). While the device is
+    throttled, count_two_factor_attempt answers with the time to try again and
+    increment_two_factor_attempts with None, and neither counts; backup-code attempts
+    (backup_code=True, or a backup-code challenge) are counted whatever the throttle and
+    charge nothing."""
     user = await _user(storage, email)
     device = await _device(storage, user)
     session = await storage.create_session(user_id=user.id, expires_at=_in(minutes=5))
@@ -938,18 +948,21 @@ async def test_count_two_factor_attempt_refuses_while_the_device_is_throttled(
     first = await storage.count_two_factor_attempt(challenge.id)
     assert first == TwoFactorAttempt(verified=False, attempt_count=1, max_attempts=5)
     assert first.attempts_left == 4
-    assert await storage.increment_two_factor_attempts(str(challenge.id)) == 2
-
-    until = await storage.record_two_factor_failure(challenge.device_id)  # a wrong code
-    assert until is not None
+    _set_throttle(dsn, device.id, until="hour")  # as if the code was wrong and time stood
+    charged = await storage.get_two_factor_device(device.id)
+    assert charged is not None and charged.throttle_failures == 1
+    until = charged.throttled_until
     refused = await storage.count_two_factor_attempt(challenge.id)
     assert refused == TwoFactorAttempt(
-        verified=False, attempt_count=2, max_attempts=5, throttled=True, throttled_until=until
+        verified=False, attempt_count=1, max_attempts=5, throttled=True, throttled_until=until
     )
-    assert await storage.increment_two_factor_attempts(challenge.id) is None
+    assert await storage.increment_two_factor_attempts(str(challenge.id)) is None
     stored = await storage.get_two_factor_session(challenge.id)
-    assert stored is not None and stored.attempt_count == 2
-    # Backup codes are checked against the user's codes, not the device: never throttled.
+    assert stored is not None and stored.attempt_count == 1
+    # Backup codes are checked against the user's codes, not the device: never throttled,
+    # still counted, and they charge nothing.
+    by_flag = await storage.count_two_factor_attempt(challenge.id, backup_code=True)
+    assert by_flag == TwoFactorAttempt(verified=False, attempt_count=2, max_attempts=5)
     backup = await _challenge(
         storage, user, device=device, session_id=session.id, method="backup_code"
     )
@@ -957,6 +970,12 @@ async def test_count_two_factor_attempt_refuses_while_the_device_is_throttled(
         verified=False, attempt_count=1, max_attempts=5
     )
     assert await storage.increment_two_factor_attempts(backup.id) == 2
+    unchanged = await storage.get_two_factor_device(device.id)
+    assert unchanged == charged
+    for flag in (1, "yes", None):
+        with pytest.raises(ValidationError) as caught:
+            await storage.count_two_factor_attempt(challenge.id, backup_code=flag)
+        assert caught.value.field == "backup_code"
 
     _set_throttle(dsn, device.id)  # the throttle is over
     third = await storage.count_two_factor_attempt(challenge.id)

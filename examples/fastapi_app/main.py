@@ -251,10 +251,16 @@ def create_app(
         challenge = await storage.get_two_factor_session(body.challenge_id)
         if challenge is None or (body.code is None) == (body.backup_code is None):
             raise refused
-        attempt = await storage.count_two_factor_attempt(challenge.id)
+        # A TOTP code is charged to the device as a wrong one before it is checked (the right
+        # code clears the charge): guesses sent at once are checked one at a time, each later
+        # one finding the device throttled. A backup code is counted whatever the throttle (the
+        # way back in while someone keeps guessing) and is not charged: 80 random bits each.
+        attempt = await storage.count_two_factor_attempt(
+            challenge.id, backup_code=body.backup_code is not None
+        )
         if attempt is None:
             raise refused  # expired, completed, or out of attempts
-        if attempt.throttled and body.code is not None:
+        if attempt.throttled:
             assert attempt.throttled_until is not None
             wait = attempt.throttled_until - dt.datetime.now(dt.UTC)
             raise HTTPException(
@@ -262,15 +268,12 @@ def create_app(
                 "too many wrong codes: try again later",
                 headers={"Retry-After": str(max(1, math.ceil(wait.total_seconds())))},
             )
-        # A throttled device does not lock out its backup codes (the way back in when someone
-        # keeps guessing): 80 random bits each cannot be guessed, throttled or not.
         step = None
         if body.code is not None:
             device = await storage.get_two_factor_device(challenge.device_id)
             step = totp_step(device.secret, body.code) if device and device.secret else None
             if step is None:
-                await storage.record_two_factor_failure(challenge.device_id)
-                raise refused
+                raise refused  # the charge stands: the device is throttled for a while
         # Using up the code and completing the challenge commit together: a completion that
         # fails (a concurrent submit won, the challenge expired) gives the code back.
         async with storage.transaction() as tx:

@@ -201,27 +201,6 @@ class TwoFactor(Core):
         }
         return self._value("record_totp_step", params, retry=Retry.NEVER) is not None
 
-    def record_two_factor_failure(self, device_id: uuid.UUID | str) -> dt.datetime | None:
-        """Throttle a device after a wrong code that the application checked itself (a TOTP
-        code, after ``count_two_factor_attempt``): one more consecutive failure
-        (``throttle_failures``), and the device refuses code checks until the returned time,
-        2^(n-1) seconds after the n-th consecutive failure, at most 15 minutes (never earlier
-        than a throttle already set). ``verify_two_factor_session`` does this itself for the
-        codes it compares; a right code resets it (``record_totp_step``). Do not call it for a
-        wrong backup code: backup codes are not throttled.
-
-        Returns the device's new ``throttled_until``, or ``None`` for an unknown or malformed
-        id (nothing written). One statement: concurrent failures each count. Never retried by
-        the adapter (a counter): after a lost acknowledgement a retry would count twice.
-        """
-        parsed = v.parse_uuid(device_id)
-        if parsed is None:
-            return None
-        until: dt.datetime | None = self._value(
-            "record_two_factor_failure", {"id": parsed}, retry=Retry.NEVER
-        )
-        return until
-
     # -- backup codes ------------------------------------------------------------------------
 
     def create_backup_codes(
@@ -375,40 +354,50 @@ class TwoFactor(Core):
         params = {"id": v.uuid_arg("id", id), "code_hash": _code_hash("code_hash", code_hash)}
         return self._one("verify_two_factor_session", params, TwoFactorAttempt, retry=Retry.NEVER)
 
-    def count_two_factor_attempt(self, id: uuid.UUID | str) -> TwoFactorAttempt | None:
-        """Count one attempt on an open challenge whose code the application checks itself (a
-        TOTP code, a backup code), before checking it.
+    def count_two_factor_attempt(
+        self, id: uuid.UUID | str, *, backup_code: bool = False
+    ) -> TwoFactorAttempt | None:
+        """Count one attempt on an open challenge whose answer the application checks itself (a
+        TOTP code; a backup code with ``backup_code=True``), before checking it.
 
-        Returns the attempt (``verified`` is always ``False``: compare the code next, then call
-        ``record_totp_step`` and ``complete_two_factor_session`` for a right TOTP code, or
-        ``record_two_factor_failure`` for a wrong one). While the challenge's device is
-        throttled the attempt is refused: ``throttled`` is ``True``, nothing is counted,
-        ``throttled_until`` says when to try again, and the code must not be checked.
-        Challenges opened with ``method="backup_code"`` are never throttled (backup codes are
-        not checked against the device). ``None`` when no attempt can be made: the limit
-        (``max_attempts``) is reached, or the challenge is completed, expired or unknown.
+        Returns the attempt (``verified`` is always ``False``: check the answer next; for a
+        right TOTP code call ``record_totp_step``, which also clears the throttle, then
+        ``complete_two_factor_session``). A code attempt let through is charged to the device
+        as a wrong code in the same statement, before it is checked, and a right code clears
+        the charge: so however many guesses arrive at once, on however many of the device's
+        challenges, one is let through per throttle window and the others wait for it and are
+        refused. While the device is throttled a code attempt is refused: ``throttled`` is
+        ``True``, nothing is counted, ``throttled_until`` says when to try again, and the code
+        must not be checked. A backup-code attempt (``backup_code=True``, or any attempt on a
+        challenge opened with ``method="backup_code"``) is counted against ``max_attempts``
+        whatever the throttle and charges nothing: backup codes are not the device's, and are
+        the way back in while someone keeps the device throttled. ``None`` when no attempt can
+        be made: the limit is reached, or the challenge is completed, expired or unknown.
 
         One guarded statement: of concurrent calls on a challenge with ``max_attempts=n``
-        exactly ``n`` are counted (1 to n), and a call that waited for a concurrent
-        ``record_two_factor_failure`` sees the throttle it set. Raises ``ValidationError`` for
-        a malformed id. Never retried by the adapter: after a lost acknowledgement a retry
-        would count twice.
+        exactly ``n`` are counted (1 to n). Raises ``ValidationError`` for a malformed id or a
+        ``backup_code`` that is not a bool. Never retried by the adapter: after a lost
+        acknowledgement a retry would count twice.
         """
-        params = {"id": v.uuid_arg("id", id)}
+        params = {
+            "id": v.uuid_arg("id", id),
+            "backup_code": v.expect_type("backup_code", backup_code, bool),
+        }
         return self._one("count_two_factor_attempt", params, TwoFactorAttempt, retry=Retry.NEVER)
 
     def increment_two_factor_attempts(self, id: uuid.UUID | str) -> int | None:
-        """Count one attempt on an open challenge and return the new count, or ``None`` when
-        the attempt is refused: the limit (``max_attempts``) is reached, the challenge is
-        completed, expired or unknown, or its device is throttled (as for
-        ``count_two_factor_attempt``, which returns the same attempt with the reason and the
-        time to try again).
+        """Count one code attempt on an open challenge and return the new count, or ``None``
+        when the attempt is refused: the limit (``max_attempts``) is reached, the challenge is
+        completed, expired or unknown, or its device is throttled. The older form of
+        ``count_two_factor_attempt`` (code attempts only), which it is: an attempt let through
+        is charged to the device until a right code clears it, and that method also says why
+        an attempt was refused and when to try again.
 
         Atomic: of concurrent calls on a challenge with ``max_attempts=n`` exactly ``n`` get a
         count (1 to n), the rest ``None``. Never retried by the adapter: after a lost
         acknowledgement a retry would count twice.
         """
-        params = {"id": v.uuid_arg("id", id)}
+        params = {"id": v.uuid_arg("id", id), "backup_code": False}
         attempt = self._one("count_two_factor_attempt", params, TwoFactorAttempt, retry=Retry.NEVER)
         return None if attempt is None or attempt.throttled else attempt.attempt_count
 
