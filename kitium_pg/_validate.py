@@ -210,22 +210,26 @@ def parse_uuid(value: object) -> uuid.UUID | None:
     return None
 
 
+class _Irregular(Exception):
+    """A value of a subclass of a JSON container or of str, or a mapping that is not a dict:
+    its own methods (``items``, ``__iter__``, ``__contains__``) may show the checks one thing
+    and the encoder another, so the document is copied into plain builtins first."""
+
+
 def _check_json(field: str, value: object, depth: int) -> bool:
-    """Raise for what jsonb cannot hold; returns whether a float needs exact formatting."""
+    """Raise for what jsonb cannot hold; returns whether a float needs exact formatting.
+    Raises ``_Irregular`` for a value that must be copied with ``_plain`` first."""
     if depth > JSON_DEPTH:
         raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
     kind = type(value)
-    if kind is dict or (kind is not list and isinstance(value, dict)):
-        items = _checked_keys(field, cast(Mapping[object, object], value), depth)
-    elif kind is not list and isinstance(value, Mapping):
-        # The C encoder takes dicts only (a dict subclass too): another mapping goes through
-        # _dumps_exact, as a document with floats needing exact formatting does.
-        _check_json(field, dict(value), depth)
-        return True
-    elif kind is list or kind is tuple or isinstance(value, list | tuple):
+    if kind is dict:
+        items = _checked_keys(field, cast(dict[object, object], value), depth)
+    elif kind is list or kind is tuple:
         if value and depth >= JSON_DEPTH:
             raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
         items = cast(Iterable[object], value)
+    elif isinstance(value, Mapping | list | tuple):
+        raise _Irregular
     else:
         return _check_scalar(field, value)
     exact = False
@@ -240,12 +244,14 @@ def _check_json(field: str, value: object, depth: int) -> bool:
     return exact
 
 
-def _checked_keys(field: str, value: Mapping[object, object], depth: int) -> Iterable[object]:
+def _checked_keys(field: str, value: dict[object, object], depth: int) -> Iterable[object]:
     """The values of a JSON object, after checking its keys (strings without NUL)."""
     if value and depth >= JSON_DEPTH:
         raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
     for key in value:
-        if not isinstance(key, str):
+        if type(key) is not str:
+            if isinstance(key, str):
+                raise _Irregular
             raise ValidationError(field, "object keys must be strings")
         if "\x00" in key:
             raise ValidationError(field, "must not contain NUL characters")
@@ -254,6 +260,8 @@ def _checked_keys(field: str, value: Mapping[object, object], depth: int) -> Ite
 
 def _check_scalar(field: str, value: object) -> bool:
     if isinstance(value, str):
+        if type(value) is not str:
+            raise _Irregular
         if "\x00" in value:
             raise ValidationError(field, "must not contain NUL characters")
     elif isinstance(value, float):
@@ -264,6 +272,39 @@ def _check_scalar(field: str, value: object) -> bool:
     elif value is not None and not isinstance(value, bool | int):
         raise ValidationError(field, f"is not JSON-serialisable ({type(value).__name__})")
     return False
+
+
+def _plain(field: str, value: object, depth: int) -> object:
+    """``value`` copied into plain dicts, lists and strs: each container read once, through
+    what the JSON encoder would read (a mapping's ``items()``; a list's or tuple's own storage,
+    not an overridden ``__iter__``), so the copy is what is checked and what is sent."""
+    if depth > JSON_DEPTH:
+        raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
+    if isinstance(value, str):
+        return str.__getitem__(value, slice(None))  # a plain str, whatever the subclass does
+    if isinstance(value, Mapping):
+        copied: dict[str, object] = {}
+        # At most as many items as a document within the byte limit can hold.
+        for key, item in itertools.islice(value.items(), JSON_BYTES):
+            if not isinstance(key, str):
+                raise ValidationError(field, "object keys must be strings")
+            copied[str.__getitem__(key, slice(None))] = _plain(field, item, depth + 1)
+        return copied
+    if isinstance(value, list):
+        return [_plain(field, item, depth + 1) for item in list.__iter__(value)]
+    if isinstance(value, tuple):
+        return [_plain(field, item, depth + 1) for item in tuple.__iter__(value)]
+    return value
+
+
+def _checked(field: str, value: object) -> tuple[object, bool]:
+    """``value`` (or its plain copy) checked for jsonb, and whether a float in it needs exact
+    formatting."""
+    try:
+        return value, _check_json(field, value, 0)
+    except _Irregular:
+        plain = _plain(field, value, 0)
+        return plain, _check_json(field, plain, 0)
 
 
 def _plain_float(value: float) -> str:
@@ -299,7 +340,7 @@ def json_text(field: str, value: object, *, default: str = "{}", obj: bool = Tru
         return default
     if obj and not isinstance(value, Mapping):
         raise ValidationError(field, "must be a JSON object (a dict)")
-    exact = _check_json(field, value, 0)
+    value, exact = _checked(field, value)
     try:
         dumped = _dumps_exact(value) if exact else _ENCODER.encode(value)
         size = len(dumped.encode("utf-8"))
@@ -318,7 +359,8 @@ def json_object(field: str, value: object) -> tuple[Mapping[str, Any], bool]:
         return {}, False
     if type(value) is not dict and not isinstance(value, Mapping):  # dict: skip the ABC check
         raise ValidationError(field, "must be a JSON object (a dict)")
-    return value, _check_json(field, value, 0)
+    checked, exact = _checked(field, value)
+    return cast(Mapping[str, Any], checked), exact
 
 
 def json_document(value: object) -> tuple[str, int] | None:

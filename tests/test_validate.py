@@ -224,14 +224,68 @@ def test_any_mapping_is_a_json_object_whatever_it_holds() -> None:
     inner = types.MappingProxyType({"n": 1, "f": 1e300, "s": "x"})
     for value in (types.MappingProxyType({"a": 1}), {"m": inner}, {"l": [inner]}):
         assert json.loads(v.json_text("data", value)) == json.loads(json.dumps(_plain(value)))
-    _, exact = v.json_object("data", types.MappingProxyType({"a": 1}))
-    assert exact  # emit_events then serialises it on the exact path
-    # A dict subclass stays on the C encoder's path.
+    # Copied into a plain dict (emit_events serialises what json_object returns).
+    copied, exact = v.json_object("data", types.MappingProxyType({"a": 1}))
+    assert type(copied) is dict and copied == {"a": 1} and not exact
     ordered = collections.OrderedDict(a=1, b=[collections.defaultdict(int, c=2)])
-    assert v.json_object("data", ordered) == (ordered, False)
+    copied, exact = v.json_object("data", ordered)
+    assert type(copied) is dict and type(copied["b"][0]) is dict and not exact
+    assert copied == ordered
     assert json.loads(v.json_text("data", ordered)) == {"a": 1, "b": [{"c": 2}]}
     with pytest.raises(ValidationError, match="keys must be strings"):
         v.json_text("data", types.MappingProxyType({1: "x"}))
+
+
+class _ItemsElsewhere(dict[str, Any]):
+    """A dict whose items() (what the JSON encoder reads) is not what iterating it shows."""
+
+    def __init__(self, hidden: object) -> None:
+        super().__init__(shown=1)
+        self.hidden = hidden
+
+    def items(self) -> Any:
+        return [("a", self.hidden)]
+
+
+class _IterElsewhere(list[Any]):
+    def __iter__(self) -> Any:
+        return iter(["shown"])
+
+
+class _NoNul(str):
+    def __contains__(self, item: object) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (_ItemsElsewhere(nested(v.JSON_DEPTH + 5, 1)), "nested deeper"),
+        (_ItemsElsewhere("x\x00"), "NUL"),
+        ({"l": _IterElsewhere(["x\x00"])}, "NUL"),
+        ({"s": _NoNul("x\x00")}, "NUL"),
+        ({_NoNul("k\x00"): 1}, "NUL"),
+        ({"l": (_NoNul("x\x00"),)}, "NUL"),
+    ],
+)
+def test_a_subclass_cannot_show_the_checks_one_document_and_the_encoder_another(
+    value: object, message: str
+) -> None:
+    """Subclasses of dict, list and str may override what the checks read (iteration,
+    ``in``) apart from what the JSON encoder reads (``items()``, the list's storage, the
+    string's characters): such a document is copied into plain builtins, checked and sent as
+    the copy, so a bad one is refused with the field named (it reached the database as an
+    InternalError, or a data exception naming no field)."""
+    for check in (v.json_text, v.json_object):
+        with pytest.raises(ValidationError, match=message) as caught:
+            check("data", value)
+        assert caught.value.field == "data"
+
+
+def test_a_subclass_is_sent_as_the_encoder_reads_it() -> None:
+    assert json.loads(v.json_text("data", _ItemsElsewhere([1]))) == {"a": [1]}
+    text = v.json_text("data", {"l": _IterElsewhere(["stored"]), "s": _NoNul("plain")})
+    assert json.loads(text) == {"l": ["stored"], "s": "plain"}
 
 
 def _plain(value: object) -> object:
