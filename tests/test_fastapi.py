@@ -467,9 +467,8 @@ async def test_fastapi_users_database_contract(
     assert updated.email == new_email and updated.hashed_password == "$argon2id$other"
     assert (updated.is_active, updated.is_superuser, updated.is_verified) == (True, True, True)
     assert updated.record.plan == "pro" and updated.record.name == "Ada"
-    assert updated.record.metadata == {
-        "fastapi_users": {"is_active": True, "is_superuser": True, "is_verified": True}
-    }
+    assert updated.record.metadata == {"fastapi_users": {"is_active": True, "is_superuser": True}}
+    assert updated.record.email_verified_at is not None  # is_verified is the column
     assert (await db.update(updated, {"is_active": False})).is_active is False
     with pytest.raises(ValueError, match="favourite_colour"):
         await db.update(updated, {"favourite_colour": "green"})
@@ -679,6 +678,43 @@ def test_dependencies_refuse_an_unknown_consistency(bad: Any) -> None:
         with pytest.raises(ValidationError) as caught:
             make()
         assert caught.value.field == "consistency"
+
+
+async def test_fastapi_users_is_verified_is_the_users_email_verified_at(
+    async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
+) -> None:
+    """fastapi-users' is_verified reads and writes email_verified_at: kitium's verification
+    shows in fastapi-users and the other way round, an email change clears it, and a
+    verification applied after the address changed (the token was for the old one) marks
+    nothing and raises InvalidVerifyToken."""
+    db = KitiumUserDatabase(async_adapter)
+    email = f"{unique('fv')}@example.com"
+    user = await db.create({"email": email, "hashed_password": "h"})
+    assert user.is_verified is False
+    await async_adapter.mark_user_email_verified(user.id, email)
+    marked = await db.get(user.id)
+    assert marked is not None and marked.is_verified is True
+    moved = await db.update(marked, {"email": f"{unique('fv2')}@example.com"})
+    assert moved.is_verified is False and moved.record.email_verified_at is None
+
+    verified = await db.update(moved, {"is_verified": True})
+    assert verified.is_verified is True
+    assert (await db.update(verified, {"is_verified": False})).is_verified is False
+
+    # The token was checked against the address `stale` holds; the address changed since.
+    stale = await db.get(user.id)
+    assert stale is not None
+    await async_adapter.update_user(user.id, email=f"{unique('fv3')}@example.com")
+    with pytest.raises(fu_exceptions.InvalidVerifyToken):
+        await db.update(stale, {"is_verified": True, "is_superuser": True})
+    after = await async_adapter.get_user(user.id, consistency="primary")
+    assert after is not None and after.email_verified_at is None
+    assert after.metadata["fastapi_users"]["is_superuser"] is False  # nothing written
+
+    vouched = await db.create(
+        {"email": f"{unique('fv4')}@example.com", "hashed_password": "h", "is_verified": True}
+    )
+    assert vouched.is_verified is True and vouched.record.email_verified_at is not None
 
 
 async def test_fastapi_users_concurrent_flag_updates_both_hold(

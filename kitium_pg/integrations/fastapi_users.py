@@ -43,9 +43,14 @@ How fastapi-users' user maps onto kitium-pg:
 - ``id``, ``email``: the user's columns; ``hashed_password``: the stored password hash
   (``get_password_hash``). A user stored without one (created outside fastapi-users) gets the
   hash of a random password, so no password verifies instead of a hash error.
-- ``is_active``, ``is_superuser``, ``is_verified``: the ``"fastapi_users"`` object in the user's
-  ``metadata`` (missing: active, not superuser, not verified). An update rewrites ``metadata``
-  whole (read, merge, write in one transaction), like any ``update_user(metadata=...)``.
+- ``is_verified``: whether the user's address is verified (``email_verified_at`` is set).
+  Setting it goes through ``mark_user_email_verified`` with the address the user had when
+  read: if it has changed since (the verification was for an earlier address), nothing is
+  marked and ``InvalidVerifyToken`` is raised. Changing the email clears it, as any
+  ``update_user(email=...)`` does.
+- ``is_active``, ``is_superuser``: the ``"fastapi_users"`` object in the user's ``metadata``
+  (missing: active, not superuser), written as a merge patch by the update statement itself, so
+  concurrent updates of other metadata keys or flags all hold.
 - ``name``, ``picture`` and ``plan`` in a create or update dict go to the columns of that name;
   other unknown fields raise ``ValueError``.
 - OAuth accounts are kitium-pg OAuth links: one identity per provider and user (a second
@@ -83,8 +88,8 @@ NO_LIFETIME_DAYS: Final = 3650
 """Validity of a session issued by a strategy without a lifetime (fastapi-users' "never
 expires"): every kitium session has an expiry."""
 """Key of the user's ``metadata`` object that holds the fastapi-users flags."""
-_FLAGS: Final = ("is_active", "is_superuser", "is_verified")
-_FLAG_DEFAULTS: Final = {"is_active": True, "is_superuser": False, "is_verified": False}
+_FLAGS: Final = ("is_active", "is_superuser")
+_FLAG_DEFAULTS: Final = {"is_active": True, "is_superuser": False}
 _COLUMNS: Final = ("name", "picture", "plan")
 _OAUTH_FIELDS: Final = (
     "oauth_name",
@@ -166,13 +171,18 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         flags = {k: bool(fields.pop(k)) for k in _FLAGS if fields.get(k) is not None}
         for k in _FLAGS:
             fields.pop(k, None)
+        verified = bool(fields.pop("is_verified", False))
         email = fields.pop("email")
         password_hash = fields.pop("hashed_password", None)
         columns = _columns(fields)
         metadata = {METADATA_KEY: {**_FLAG_DEFAULTS, **flags}}
         try:
             record = await self.storage.create_user(
-                email=email, password_hash=password_hash, metadata=metadata, **columns
+                email=email,
+                email_verified_at=dt.datetime.now(dt.UTC) if verified else None,
+                password_hash=password_hash,
+                metadata=metadata,
+                **columns,
             )
         except ConflictError as exc:  # users' only unique rule besides the id: the email
             raise fu_exceptions.UserAlreadyExists() from exc
@@ -182,17 +192,25 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
 
     async def update(self, user: KitiumUser, update_dict: dict[str, Any]) -> KitiumUser:
         """Apply fastapi-users' update dict in one transaction and return the user re-read.
-        Raises ``NotFoundError`` when the user is gone and ``UserAlreadyExists`` for a taken
-        email. Flags are merged into the stored metadata by the update statement itself (a
-        merge patch), so two concurrent updates of different flags both hold. Deactivating a
-        user (``is_active=False``) also deletes their sessions, in the same transaction."""
+        Raises ``NotFoundError`` when the user is gone, ``UserAlreadyExists`` for a taken
+        email, and ``InvalidVerifyToken`` for ``is_verified=True`` when the user's address is no
+        longer the one ``user`` holds (it changed after the verification token was checked):
+        nothing is written then. Flags are merged into the stored metadata by the update
+        statement itself (a merge patch), so two concurrent updates of different flags both
+        hold. Deactivating a user (``is_active=False``) also deletes their sessions, in the same
+        transaction."""
         fields = dict(update_dict)
         flags = {k: bool(fields.pop(k)) for k in _FLAGS if k in fields}
+        verified = bool(fields.pop("is_verified")) if "is_verified" in fields else None
         has_hash = "hashed_password" in fields
         password_hash = fields.pop("hashed_password", None)
         changes: dict[str, Any] = _columns({k: v for k, v in fields.items() if k != "email"})
         if "email" in fields:
             changes["email"] = fields["email"]
+            if verified:  # verified with the new address: it is the one vouched for
+                changes["email_verified_at"] = dt.datetime.now(dt.UTC)
+        if verified is False:
+            changes["email_verified_at"] = None
         if flags:
             changes["metadata_patch"] = {METADATA_KEY: flags}
         async with self.storage.transaction() as tx:
@@ -201,6 +219,13 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
                     await tx.update_user(user.id, **changes)
                 except ConflictError as exc:  # the email, as in create()
                     raise fu_exceptions.UserAlreadyExists() from exc
+            # Only while the address is still the one the token was checked against.
+            if (
+                verified
+                and "email" not in fields
+                and await tx.mark_user_email_verified(user.id, user.email) is None
+            ):
+                raise fu_exceptions.InvalidVerifyToken()
             if has_hash:
                 await tx.set_password_hash(user.id, password_hash)
             if flags.get("is_active") is False:
@@ -277,6 +302,7 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
             hashed_password=password_hash or self._unusable_hash(),
             oauth_accounts=accounts,
             record=record,
+            is_verified=record.email_verified_at is not None,
             **_flags(record.metadata),
         )
 
