@@ -5,7 +5,15 @@
 -- application kept it in metadata, where marking it after consuming a verification token raced
 -- an email change: the new, unproven address could be marked verified. The adapter now sets it
 -- with one guarded statement (mark_user_email_verified: only while the address is still the
--- user's) and clears it when update_user changes the address, unless told otherwise.
+-- user's).
+--
+-- A verification belongs to the address: users_email_verified_at_follows_email clears it when
+-- an UPDATE changes the address (not merely its letter case) without setting a new time. A
+-- trigger rather than the adapter's update_user alone, because other writers change emails
+-- too: an instance of the previous version still serving during a rolling deploy (it knows
+-- nothing of the column), an admin's SQL, another tool. An UPDATE that sets a new address and
+-- the very same time again cannot be told apart from one that leaves the time alone: the time
+-- is cleared then too.
 --
 -- A nullable column without a default: PostgreSQL adds it to the catalog only, no table
 -- rewrite. Only an address can be verified: users__email_verified_at_check refuses a time on a
@@ -25,9 +33,26 @@ ALTER TABLE kitium_auth.users
   ADD CONSTRAINT users__email_verified_at_check
     CHECK (email_verified_at IS NULL OR email IS NOT NULL) NOT VALID;
 
+CREATE FUNCTION kitium_auth.users_email_verified_at_follows_email() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF lower(NEW.email) IS DISTINCT FROM lower(OLD.email)
+     AND NEW.email_verified_at IS NOT DISTINCT FROM OLD.email_verified_at THEN
+    NEW.email_verified_at := NULL;
+  END IF;
+  RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER users_email_verified_at_follows_email
+  BEFORE UPDATE OF email ON kitium_auth.users
+  FOR EACH ROW EXECUTE FUNCTION kitium_auth.users_email_verified_at_follows_email();
+
 -- migrate:down
 
 SET LOCAL lock_timeout = '5s';
 
+DROP TRIGGER users_email_verified_at_follows_email ON kitium_auth.users;
+DROP FUNCTION kitium_auth.users_email_verified_at_follows_email();
 -- Drops users__email_verified_at_check with it.
 ALTER TABLE kitium_auth.users DROP COLUMN email_verified_at;

@@ -69,16 +69,14 @@ SELECT u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlem
 -- name: update_user(id, set_email, email, set_email_verified_at, email_verified_at, set_name, name, set_picture, picture, set_plan, plan, set_entitlements, entitlements, set_metadata, metadata, metadata_patch)^
 -- Update the given columns of one user (each set_x flag says whether x is given); no row if the
 -- user does not exist. A new address (not the same one in another letter case) is unverified
--- unless email_verified_at is given too: the proof was for the old one.
+-- unless email_verified_at is given too: the proof was for the old one (the trigger
+-- users_email_verified_at_follows_email clears it, migration 0015).
 -- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
 -- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
 UPDATE kitium_auth.users AS u
    SET email        = CASE WHEN :set_email THEN :email ELSE u.email END,
-       email_verified_at = CASE
-         WHEN :set_email_verified_at THEN :email_verified_at
-         WHEN :set_email AND lower(:email::text) IS DISTINCT FROM lower(u.email) THEN NULL
-         ELSE u.email_verified_at
-       END,
+       email_verified_at = CASE WHEN :set_email_verified_at THEN :email_verified_at
+                                ELSE u.email_verified_at END,
        name         = CASE WHEN :set_name THEN :name ELSE u.name END,
        picture      = CASE WHEN :set_picture THEN :picture ELSE u.picture END,
        plan         = CASE WHEN :set_plan THEN :plan ELSE u.plan END,

@@ -817,7 +817,9 @@ def test_0015_and_0016_add_users_email_verified_at(dsn: str) -> None:
             ada = storage.create_user(email="ada@example.com", email_verified_at=verified_at)
             assert ada.email_verified_at == verified_at
             with pytest.raises(ValidationError) as caught:  # the check, from update_user
-                storage.update_user(ada.id, email=None, email_verified_at=verified_at)
+                storage.update_user(
+                    ada.id, email=None, email_verified_at=verified_at + dt.timedelta(days=1)
+                )
             assert caught.value.field == "email_verified_at"
             latest = _user_columns(dsn, schema)
             assert _verified_check(dsn, schema) == (check, True)
@@ -828,6 +830,13 @@ def test_0015_and_0016_add_users_email_verified_at(dsn: str) -> None:
             assert storage.rollback() == (EMAIL_VERIFIED,)
             assert _user_columns(dsn, schema) == latest - {"email_verified_at"}
             assert _verified_check(dsn, schema) is None
+            with psycopg.connect(dsn) as conn:
+                left = conn.execute(
+                    "SELECT count(*) FROM pg_proc WHERE pronamespace = %s::regnamespace"
+                    " AND proname = 'users_email_verified_at_follows_email'",
+                    [schema],
+                ).fetchone()
+            assert left == (0,)  # the trigger's function went with it
             assert storage.migrate()[:2] == (EMAIL_VERIFIED, EMAIL_VERIFIED_VALID)
             assert _user_columns(dsn, schema) == latest
             assert _verified_check(dsn, schema) == (check, True)

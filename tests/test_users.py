@@ -155,6 +155,28 @@ async def test_email_verification_state_follows_the_address(
     assert (await storage.get_user(plain.id)).email_verified_at is None
 
 
+async def test_any_writer_that_changes_the_address_clears_its_verification(
+    storage: Any, dsn: str, unique: Callable[[str], str]
+) -> None:
+    """The rule is the schema's (a trigger), not only update_user's: an UPDATE from SQL or an
+    instance of the previous version, which knows nothing of email_verified_at, clears it when
+    it changes the address, and keeps it for a change of letter case."""
+    address = unique("sql") + "@example.com"
+    user = await storage.create_user(email=address)
+    assert await storage.mark_user_email_verified(user.id, address) is not None
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE kitium_auth.users SET email = upper(email) WHERE id = %s", [user.id])
+    kept = await storage.get_user(user.id, consistency="primary")
+    assert kept.email == address.upper() and kept.email_verified_at is not None
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "UPDATE kitium_auth.users SET email = %s, name = 'x' WHERE id = %s",
+            [unique("other") + "@example.com", user.id],
+        )
+    moved = await storage.get_user(user.id, consistency="primary")
+    assert moved.email_verified_at is None
+
+
 async def test_email_verified_at_needs_an_email_and_a_time_zone(storage: Any, email: str) -> None:
     aware = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
     for kwargs in (
