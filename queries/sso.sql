@@ -297,8 +297,14 @@ SELECT count(*) FROM link;
 -- name: create_sso_session(id, user_id, provider_id, provider_type, provider_subject, session_token_hash, expires_at, last_auth_at)^
 -- Insert an SSO session (session_token_hash is the SHA-256 digest of the provider session token,
 -- or NULL; last_auth_at defaults to now) and record the sign-in on the user's link of that
--- identity (its last_auth_at, never moved back); a retry with the same id returns the stored
--- row and touches no link.
+-- identity: its last_auth_at becomes the session's, capped at the statement's time (a
+-- far-future value cannot pin it) and never moved back; a retry with the same id returns the
+-- stored row and touches no link.
+-- Lock order: the user's and the provider's rows (KEY SHARE, in parents), then the link row.
+-- The INSERT's foreign-key checks take those KEY SHARE locks anyway, but only at the end of the
+-- statement, after the link UPDATE: delete_user and delete_sso_provider lock the parent row
+-- first and then delete the link by cascade, so that order would be a cycle (a deadlock). The
+-- link UPDATE joins parents, so it reaches the link only after parents has locked both rows.
 WITH inserted AS (
   INSERT INTO kitium_auth.sso_sessions
     (id, user_id, provider_id, provider_type, provider_subject, session_token_hash, expires_at,
@@ -310,14 +316,23 @@ WITH inserted AS (
   RETURNING id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
             last_auth_at
 ),
+parents AS (
+  SELECT u.id AS user_id, p.id AS provider_id
+    FROM kitium_auth.users AS u, kitium_auth.sso_providers AS p
+   WHERE u.id = :user_id AND p.id = :provider_id
+     FOR KEY SHARE
+),
 link AS (
   UPDATE kitium_auth.sso_links AS l
-     SET last_auth_at = greatest(l.last_auth_at, i.last_auth_at)
-    FROM inserted AS i
-   WHERE l.provider_id = i.provider_id
+     SET last_auth_at = greatest(l.last_auth_at, least(i.last_auth_at, statement_timestamp()))
+    FROM inserted AS i, parents AS k
+   WHERE k.user_id = i.user_id
+     AND k.provider_id = i.provider_id
+     AND l.provider_id = i.provider_id
      AND l.provider_subject = i.provider_subject
      AND l.user_id = i.user_id
-     AND l.last_auth_at IS DISTINCT FROM greatest(l.last_auth_at, i.last_auth_at)
+     AND l.last_auth_at IS DISTINCT FROM
+         greatest(l.last_auth_at, least(i.last_auth_at, statement_timestamp()))
 )
 SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
        last_auth_at

@@ -3,8 +3,11 @@ both adapters."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import hashlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -20,6 +23,7 @@ from kitium_pg.errors import ConflictError, EncryptionKeyError, NotFoundError, V
 from kitium_pg.records import SsoDomain, SsoLink, SsoProvider, SsoSession, User
 from tests.conftest import AwaitableSync
 
+from .fix_holder import waiting
 from .fix_metadata import check_metadata_patch
 from .fix_race import race_each
 from .roundtrips import round_trips
@@ -837,6 +841,93 @@ async def test_an_sso_session_records_the_sign_in_on_its_link(
     now = await sign_in(ada, "ada", None)  # the database clock
     assert now.last_auth_at is not None and now.last_auth_at > hour_ago
     assert await last_auth() == now.last_auth_at
+
+
+async def test_a_far_future_sign_in_time_does_not_pin_the_link(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """The link takes a session's last_auth_at only up to the statement's time: a session
+    recorded with a far-future last_auth_at (kept on the session as given) leaves the link at
+    the time of the call, so later sign-ins still move it."""
+    user, provider = await _user(storage, unique), await _oidc(storage, unique)
+    bound = {"user_id": user.id, "provider_id": provider.id, "provider_type": "oidc"}
+    link = await storage.create_sso_link(**bound, provider_subject="s", last_auth_at=_in(hours=-2))
+    far = dt.datetime(2999, 1, 1, tzinfo=dt.UTC)
+    future = await storage.create_sso_session(
+        **bound, provider_subject="s", expires_at=_in(hours=1), last_auth_at=far
+    )
+    assert future.last_auth_at == far
+    capped = await storage.get_sso_link(link.id)
+    assert capped is not None and link.last_auth_at < capped.last_auth_at < far
+    now = await storage.create_sso_session(**bound, provider_subject="s", expires_at=_in(hours=1))
+    moved = await storage.get_sso_link(link.id)
+    assert moved is not None and moved.last_auth_at == now.last_auth_at > capped.last_auth_at
+
+
+def _start(storage: Any, method: str, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    """Start ``method`` without waiting for it: a task of the async adapter, a thread for the
+    sync one."""
+    if storage.kind == "sync":
+        call = functools.partial(getattr(storage.adapter, method), *args, **kwargs)
+        return asyncio.get_running_loop().run_in_executor(None, call)
+    return asyncio.ensure_future(getattr(storage, method)(*args, **kwargs))
+
+
+_PARENT_DELETES = {
+    "delete_user": "DELETE FROM kitium_auth.users",
+    "delete_sso_provider": "DELETE FROM kitium_auth.sso_providers",
+}
+
+
+@pytest.mark.parametrize("delete", sorted(_PARENT_DELETES))
+async def test_a_sign_in_and_deleting_its_user_or_provider_do_not_deadlock(
+    storage: Any,
+    unique: Callable[[str], str],
+    dsn: str,
+    caplog: pytest.LogCaptureFixture,
+    delete: str,
+) -> None:
+    """create_sso_session locks the user's and the provider's rows before the link it
+    updates; delete_user and delete_sso_provider lock their row, then delete the link by
+    cascade. A transaction holding the link (a concurrent sign-in) makes the sign-in wait on it
+    first, then the delete wait too; once it commits, the two run one after the other. (With
+    the parent rows locked only by the insert's foreign-key checks, after the link, the sign-in
+    held the link and waited for the parent row, and the delete held the parent row and waited
+    for the link: a deadlock, which the adapter logged and retried.)"""
+    user, provider = await _user(storage, unique), await _oidc(storage, unique)
+    bound = {"user_id": user.id, "provider_id": provider.id, "provider_type": "oidc"}
+    link = await storage.create_sso_link(**bound, provider_subject="s", last_auth_at=_in(hours=-1))
+    parent = user.id if delete == "delete_user" else provider.id
+    holder = psycopg.connect(dsn)
+    try:
+        with caplog.at_level(logging.WARNING, logger="kitium_pg"):
+            holder.execute(
+                "SELECT id FROM kitium_auth.sso_links WHERE id = %s FOR NO KEY UPDATE", [link.id]
+            )
+            sign_in = _start(
+                storage,
+                "create_sso_session",
+                **bound,
+                provider_subject="s",
+                expires_at=_in(hours=1),
+            )
+            seen = [await asyncio.to_thread(waiting, dsn, "INSERT INTO kitium_auth.sso_sessions")]
+            deleted = _start(storage, delete, parent)
+            seen.append(await asyncio.to_thread(waiting, dsn, _PARENT_DELETES[delete]))
+            holder.commit()
+            results = await asyncio.gather(sign_in, deleted, return_exceptions=True)
+    finally:
+        holder.close()
+    assert seen == [True, True]
+    failures = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("kitium_pg") and r.levelno >= logging.WARNING
+    ]
+    assert failures == []  # no deadlock_detected, retried or raised
+    assert isinstance(results[0], SsoSession) and results[1] is True, results
+    assert _sso_sessions_left(dsn, results[0].id) == set()  # deleted along with its parent
+    assert await storage.get_sso_link(link.id) is None
 
 
 async def test_delete_sso_session(storage: Any, unique: Callable[[str], str], dsn: str) -> None:

@@ -514,8 +514,12 @@ class AsyncSso(AsyncCore):
         stored, never the token. ``expires_at`` must be timezone-aware; ``last_auth_at``
         defaults to now (the database clock), as in the reference. The same statement records
         the sign-in on the user's link of this identity (same provider, subject and user), if
-        there is one: the link's ``last_auth_at`` becomes this session's, unless it is later
-        already. Raises ``NotFoundError`` when
+        there is one: the link's ``last_auth_at`` becomes this session's, capped at the time of
+        the statement (a future ``last_auth_at`` is kept on the session but cannot pin the link
+        ahead of later sign-ins), unless it is later already. It locks the user's and the
+        provider's rows before the link, the order of ``delete_user`` and
+        ``delete_sso_provider`` (their row, then the link by cascade), so it waits for them
+        rather than deadlock. Raises ``NotFoundError`` when
         the user or the provider does not exist or ``provider_type`` is not the provider's type
         (``sso_sessions__provider_type_fkey``), and ``ValidationError`` for bad input. Retried
         on transient failures: the id is generated before the first attempt, so a retry returns
