@@ -1249,10 +1249,16 @@ def check_issued_session(world: World, kwargs: dict[str, Any], result: Any) -> N
 
 
 def check_rotated(world: World, kwargs: dict[str, Any], result: Any) -> None:
-    """A rotation that answers gives a token that validates, and the one presented is dead."""
+    """A rotation that answers gives a token that validates, and the one presented is dead. A
+    rotation to an expiry already past answers None and leaves the presented token working."""
     if result is None:
+        long_past = dt.datetime.now(UTC) - dt.timedelta(days=1)
+        if world.last_fresh == "fresh_token" and kwargs.get("expires_at", FUTURE) < long_past:
+            assert world.api.validate_session_token(kwargs["token"]) is not None
         return
     register(result.token, label="hostile-test session token")
+    # The new expiry is ahead of the rotating statement (updated_at: its transaction's start).
+    assert result.session.expires_at > result.session.updated_at
     assert world.api.validate_session_token(kwargs["token"]) is None
     if unexpired(result.session.expires_at):
         assert world.api.validate_session_token(result.token) == result.session
