@@ -1220,8 +1220,12 @@ def check_sso_deleted(world: World, kwargs: dict[str, Any], result: Any) -> None
 
 
 def check_sso_logout(world: World, kwargs: dict[str, Any], result: Any) -> None:
-    """Nothing matching is left: the same logout again deletes nothing."""
+    """Nothing matching is left: the same logout again deletes nothing. With
+    end_user_sessions, the users of the SSO sessions it ended have no application session."""
     assert isinstance(result, list)
+    if kwargs.get("end_user_sessions") is True:
+        for ended in result:
+            assert world.api.list_user_sessions(ended.user_id) == []
     assert world.api.delete_sso_sessions(**kwargs) == []
 
 
@@ -2057,6 +2061,7 @@ def _spec_table() -> dict[str, Spec]:
                 # Leaving out both the subject and the token is refused, naming provider_subject.
                 "provider_subject": text_arg(1024, optional=True).map(_none_maybe),
                 "session_token": text_arg(LONG, optional=True),
+                "end_user_sessions": bool_arg(),
             },
             always=("provider_subject",),
             lenient=True,
