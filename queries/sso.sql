@@ -297,8 +297,14 @@ SELECT count(*) FROM link;
 -- name: create_sso_session(id, user_id, provider_id, provider_type, provider_subject, session_token_hash, expires_at, last_auth_at)^
 -- Insert an SSO session (session_token_hash is the SHA-256 digest of the provider session token,
 -- or NULL; last_auth_at defaults to now) and record the sign-in on the user's link of that
--- identity (its last_auth_at, never moved back); a retry with the same id returns the stored
--- row and touches no link.
+-- identity: its last_auth_at becomes the session's, capped at the statement's time (a
+-- far-future value cannot pin it) and never moved back; a retry with the same id returns the
+-- stored row and touches no link.
+-- Lock order: the user's and the provider's rows (KEY SHARE, in parents), then the link row.
+-- The INSERT's foreign-key checks take those KEY SHARE locks anyway, but only at the end of the
+-- statement, after the link UPDATE: delete_user and delete_sso_provider lock the parent row
+-- first and then delete the link by cascade, so that order would be a cycle (a deadlock). The
+-- link UPDATE joins parents, so it reaches the link only after parents has locked both rows.
 WITH inserted AS (
   INSERT INTO kitium_auth.sso_sessions
     (id, user_id, provider_id, provider_type, provider_subject, session_token_hash, expires_at,
@@ -310,14 +316,23 @@ WITH inserted AS (
   RETURNING id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
             last_auth_at
 ),
+parents AS (
+  SELECT u.id AS user_id, p.id AS provider_id
+    FROM kitium_auth.users AS u, kitium_auth.sso_providers AS p
+   WHERE u.id = :user_id AND p.id = :provider_id
+     FOR KEY SHARE
+),
 link AS (
   UPDATE kitium_auth.sso_links AS l
-     SET last_auth_at = greatest(l.last_auth_at, i.last_auth_at)
-    FROM inserted AS i
-   WHERE l.provider_id = i.provider_id
+     SET last_auth_at = greatest(l.last_auth_at, least(i.last_auth_at, statement_timestamp()))
+    FROM inserted AS i, parents AS k
+   WHERE k.user_id = i.user_id
+     AND k.provider_id = i.provider_id
+     AND l.provider_id = i.provider_id
      AND l.provider_subject = i.provider_subject
      AND l.user_id = i.user_id
-     AND l.last_auth_at IS DISTINCT FROM greatest(l.last_auth_at, i.last_auth_at)
+     AND l.last_auth_at IS DISTINCT FROM
+         greatest(l.last_auth_at, least(i.last_auth_at, statement_timestamp()))
 )
 SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
        last_auth_at
@@ -340,26 +355,75 @@ SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, li
 -- Delete one SSO session, expired or not.
 DELETE FROM kitium_auth.sso_sessions WHERE id = :id;
 
--- name: delete_sso_sessions_by_subject(provider_id, provider_subject)
+-- name: delete_sso_sessions_by_subject(provider_id, provider_subject, end_user_sessions)
 -- Delete the SSO sessions of one identity at one provider, expired ones included, and return
--- them (single logout by SAML NameID or OIDC sub; sso_sessions_provider_id_provider_subject_idx).
-DELETE FROM kitium_auth.sso_sessions
- WHERE provider_id = :provider_id AND provider_subject = :provider_subject
-RETURNING id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
-          last_auth_at;
+-- them (single logout by SAML NameID or OIDC sub; sso_sessions_provider_id_provider_subject_idx);
+-- when end_user_sessions, also delete the application sessions of their users (all of them:
+-- sessions_user_id_idx), so a retry after a lost acknowledgement, which finds no SSO session
+-- left, still leaves none of them.
+-- Lock order, with end_user_sessions: the users' rows (KEY SHARE, in parents), then their SSO
+-- sessions, then their sessions. delete_user locks the user's row first, then deletes its
+-- sessions and SSO sessions by cascade (in that order): without parents, a logout holding an SSO
+-- session and waiting for a session, against a delete_user holding that session and waiting for
+-- the SSO session, would deadlock. The DELETE filters on parents, so it reaches no SSO session
+-- before parents has locked every user.
+WITH parents AS (
+  SELECT u.id
+    FROM kitium_auth.users AS u
+   WHERE :end_user_sessions
+     AND u.id IN (SELECT t.user_id
+                    FROM kitium_auth.sso_sessions AS t
+                   WHERE t.provider_id = :provider_id
+                     AND t.provider_subject = :provider_subject)
+     FOR KEY SHARE OF u
+), ended AS (
+  DELETE FROM kitium_auth.sso_sessions AS s
+   WHERE s.provider_id = :provider_id AND s.provider_subject = :provider_subject
+     AND (NOT :end_user_sessions OR s.user_id IN (SELECT k.id FROM parents AS k))
+  RETURNING s.id, s.user_id, s.provider_id, s.provider_type, s.provider_subject, s.expires_at,
+            s.linked_at, s.last_auth_at
+), signed_out AS (
+  DELETE FROM kitium_auth.sessions AS a
+   WHERE :end_user_sessions AND a.user_id IN (SELECT e.user_id FROM ended AS e)
+)
+SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
+       last_auth_at
+  FROM ended;
 
--- name: delete_sso_sessions_by_token(provider_id, session_token_hash, provider_subject)
+-- name: delete_sso_sessions_by_token(provider_id, session_token_hash, provider_subject, end_user_sessions)
 -- Delete the SSO sessions of one provider with this session token digest (SAML SessionIndex,
 -- OIDC sid), expired ones included, and when provider_subject is not NULL only those of that
--- identity; return them. A query of its own rather than optional conditions in the subject one:
--- the index sso_sessions_provider_id_session_token_hash_idx (partial, on non-NULL digests)
--- serves it in a generic plan too, where an optional condition on the digest could not.
-DELETE FROM kitium_auth.sso_sessions
- WHERE provider_id = :provider_id
-   AND session_token_hash = :session_token_hash
-   AND (:provider_subject::text IS NULL OR provider_subject = :provider_subject)
-RETURNING id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
-          last_auth_at;
+-- identity; return them. When end_user_sessions, also delete the application sessions of their
+-- users, with the lock order of delete_sso_sessions_by_subject (whose comment says why). A query
+-- of its own rather than optional conditions in the subject one: the index
+-- sso_sessions_provider_id_session_token_hash_idx (partial, on non-NULL digests) serves it in a
+-- generic plan too, where an optional condition on the digest could not.
+WITH parents AS (
+  SELECT u.id
+    FROM kitium_auth.users AS u
+   WHERE :end_user_sessions
+     AND u.id IN (SELECT t.user_id
+                    FROM kitium_auth.sso_sessions AS t
+                   WHERE t.provider_id = :provider_id
+                     AND t.session_token_hash = :session_token_hash
+                     AND (:provider_subject::text IS NULL
+                          OR t.provider_subject = :provider_subject))
+     FOR KEY SHARE OF u
+), ended AS (
+  DELETE FROM kitium_auth.sso_sessions AS s
+   WHERE s.provider_id = :provider_id
+     AND s.session_token_hash = :session_token_hash
+     AND (:provider_subject::text IS NULL OR s.provider_subject = :provider_subject)
+     AND (NOT :end_user_sessions OR s.user_id IN (SELECT k.id FROM parents AS k))
+  RETURNING s.id, s.user_id, s.provider_id, s.provider_type, s.provider_subject, s.expires_at,
+            s.linked_at, s.last_auth_at
+), signed_out AS (
+  DELETE FROM kitium_auth.sessions AS a
+   WHERE :end_user_sessions AND a.user_id IN (SELECT e.user_id FROM ended AS e)
+)
+SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
+       last_auth_at
+  FROM ended;
 
 -- name: delete_user_sso_sessions(user_id)!
 -- Delete every SSO session of a user, expired ones included (sso_sessions_user_id_idx).

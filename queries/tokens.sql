@@ -14,13 +14,15 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- Give one unexpired session a new token digest, and a new expires_at when set_expires_at, if
 -- its digest is the presented token's, or already the new one (a retry after a lost
 -- acknowledgement finds its own write); no row when the session is unknown, expired, tokenless
--- or was rotated by another call first (that call's digest matches neither).
+-- or was rotated by another call first (that call's digest matches neither), and none when the
+-- new expires_at has passed (the new token would never validate: the presented one stays).
 UPDATE kitium_auth.sessions AS s
    SET token_hash = :token_hash,
        expires_at = CASE WHEN :set_expires_at THEN :expires_at ELSE s.expires_at END
  WHERE s.id = :id
    AND s.token_hash IN (:presented_hash, :token_hash)
    AND s.expires_at > statement_timestamp()
+   AND (NOT :set_expires_at OR :expires_at > statement_timestamp())
 RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
           s.created_at, s.updated_at;
 

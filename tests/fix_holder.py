@@ -40,6 +40,22 @@ def adapter_module(storage: Any, name: str) -> Any:
     return importlib.import_module(f"kitium_pg._{storage.kind}.{name}")
 
 
+def waiting(dsn: str, marker: str, waiters: int = 1) -> bool:
+    """Wait until ``waiters`` backends wait on a lock with ``marker`` in their query; ``False``
+    if they are not seen within 10 s."""
+    with psycopg.connect(dsn, autocommit=True) as observer:
+        for _ in range(200):
+            row = observer.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND position(%s in query) > 0",
+                (marker,),
+            ).fetchone()
+            if row is not None and row[0] >= waiters:
+                return True
+            time.sleep(0.05)
+    return False
+
+
 def release_when_waiting(
     dsn: str, holder: psycopg.Connection[Any], marker: str, waiters: int = 1
 ) -> threading.Thread:
@@ -48,17 +64,7 @@ def release_when_waiting(
     attribute says whether it saw them all."""
 
     def watch() -> None:
-        with psycopg.connect(dsn, autocommit=True) as observer:
-            for _ in range(200):
-                row = observer.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND position(%s in query) > 0",
-                    (marker,),
-                ).fetchone()
-                if row is not None and row[0] >= waiters:
-                    thread.seen = True  # type: ignore[attr-defined]
-                    break
-                time.sleep(0.05)
+        thread.seen = waiting(dsn, marker, waiters)  # type: ignore[attr-defined]
         holder.commit()
 
     thread = threading.Thread(target=watch)

@@ -1220,8 +1220,12 @@ def check_sso_deleted(world: World, kwargs: dict[str, Any], result: Any) -> None
 
 
 def check_sso_logout(world: World, kwargs: dict[str, Any], result: Any) -> None:
-    """Nothing matching is left: the same logout again deletes nothing."""
+    """Nothing matching is left: the same logout again deletes nothing. With
+    end_user_sessions, the users of the SSO sessions it ended have no application session."""
     assert isinstance(result, list)
+    if kwargs.get("end_user_sessions") is True:
+        for ended in result:
+            assert world.api.list_user_sessions(ended.user_id) == []
     assert world.api.delete_sso_sessions(**kwargs) == []
 
 
@@ -1249,10 +1253,16 @@ def check_issued_session(world: World, kwargs: dict[str, Any], result: Any) -> N
 
 
 def check_rotated(world: World, kwargs: dict[str, Any], result: Any) -> None:
-    """A rotation that answers gives a token that validates, and the one presented is dead."""
+    """A rotation that answers gives a token that validates, and the one presented is dead. A
+    rotation to an expiry already past answers None and leaves the presented token working."""
     if result is None:
+        long_past = dt.datetime.now(UTC) - dt.timedelta(days=1)
+        if world.last_fresh == "fresh_token" and kwargs.get("expires_at", FUTURE) < long_past:
+            assert world.api.validate_session_token(kwargs["token"]) is not None
         return
     register(result.token, label="hostile-test session token")
+    # The new expiry is ahead of the rotating statement (updated_at: its transaction's start).
+    assert result.session.expires_at > result.session.updated_at
     assert world.api.validate_session_token(kwargs["token"]) is None
     if unexpired(result.session.expires_at):
         assert world.api.validate_session_token(result.token) == result.session
@@ -2042,6 +2052,7 @@ def _spec_table() -> dict[str, Spec]:
                 # Leaving out both the subject and the token is refused, naming provider_subject.
                 "provider_subject": text_arg(1024, optional=True).map(_none_maybe),
                 "session_token": text_arg(LONG, optional=True),
+                "end_user_sessions": bool_arg(),
             },
             always=("provider_subject",),
             lenient=True,

@@ -35,6 +35,7 @@ SESSION_ROTATE = "UPDATE kitium_auth.sessions AS s\n   SET token_hash"
 TOKEN_CONSUME = "UPDATE kitium_auth.email_verification_tokens AS t"
 ATTEMPTS_INSERT = "INSERT INTO kitium_auth.email_verification_token_attempts"
 MEMBER_ADD = "kitium_auth.add_organization_member("
+SSO_LOGOUT = "DELETE FROM kitium_auth.sso_sessions AS s"
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +231,38 @@ async def test_a_guarded_add_after_a_lost_ack_returns_the_membership_it_added(
         org.id,
     )
     assert stored == [(user.id, "admin", member.joined_at)]
+
+
+async def test_a_single_logout_after_a_lost_ack_has_ended_the_app_sessions(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    """The first attempt ended the SSO session and, in the same statement, the user's
+    application sessions, and committed; the retry finds nothing left and returns ``[]``, which
+    names no user. With end_user_sessions the application sessions are gone all the same (with
+    two calls, the caller would have had no user to end them for)."""
+    user, other = await via_proxy.create_user(), await via_proxy.create_user()
+    provider = await via_proxy.create_sso_provider(type="oidc", name="Lost logout")
+    sso = await via_proxy.create_sso_session(
+        user_id=user.id,
+        provider_id=provider.id,
+        provider_type="oidc",
+        provider_subject="s",
+        session_token="sid",
+        expires_at=in_an_hour(),
+    )
+    await via_proxy.create_session(user_id=user.id, expires_at=in_an_hour())
+    issued = await via_proxy.issue_session_token(user_id=user.id, expires_at=in_an_hour())
+    kept = await via_proxy.create_session(user_id=other.id, expires_at=in_an_hour())
+    lost = LostAck(proxy, SSO_LOGOUT)
+    ended = await via_proxy.delete_sso_sessions(
+        provider_id=provider.id, session_token="sid", end_user_sessions=True
+    )
+    lost.check(sent=2)
+    assert ended == []  # the retry's own answer: the first attempt's is lost
+    assert rows(dsn, "SELECT id FROM kitium_auth.sso_sessions WHERE id = %s", sso.id) == []
+    assert rows(dsn, "SELECT id FROM kitium_auth.sessions WHERE user_id = %s", user.id) == []
+    assert await via_proxy.validate_session_token(issued.token, consistency="primary") is None
+    assert await via_proxy.get_session(kept.id) == kept
 
 
 async def _new_token(storage: Any) -> Any:

@@ -439,7 +439,11 @@ def test_0012_up_down_up_adds_the_sso_logout_indexes(dsn: str) -> None:
             }
             for n in range(4):
                 storage.create_sso_session(**bound, provider_subject=f"s{n}", session_token=f"t{n}")
-            by_subject = {"provider_id": provider.id, "provider_subject": "s1"}
+            by_subject = {
+                "provider_id": provider.id,
+                "provider_subject": "s1",
+                "end_user_sessions": False,
+            }
             by_token = {**by_subject, "session_token_hash": hashlib.sha256(b"t2").digest()}
             plans: dict[str, tuple[dict[str, Any], str]] = {
                 "delete_sso_sessions_by_subject": (by_subject, "provider_subject_idx"),

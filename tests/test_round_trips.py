@@ -389,6 +389,34 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
             "delete_sso_sessions[subject]",
             lambda: s.delete_sso_sessions(provider_id=provider(), provider_subject=f"sub-{tag}"),
         ),
+        ("create_user[signed out]", lambda: s.create_user()),
+        (
+            "create_sso_session[signed out]",
+            lambda: s.create_sso_session(
+                user_id=ctx["create_user[signed out]"].id,
+                provider_id=provider(),
+                provider_type="oidc",
+                provider_subject=f"out-{tag}",
+                expires_at=_later(),
+                session_token=f"idp-out-{tag}",
+            ),
+        ),
+        (
+            "create_session[signed out]",
+            lambda: s.create_session(
+                user_id=ctx["create_user[signed out]"].id, expires_at=_later()
+            ),
+        ),
+        (
+            "delete_sso_sessions[end_user_sessions]",
+            lambda: s.delete_sso_sessions(
+                provider_id=provider(), session_token=f"idp-out-{tag}", end_user_sessions=True
+            ),
+        ),
+        (
+            "get_session[signed out]",
+            lambda: s.get_session(ctx["create_session[signed out]"].id, consistency="primary"),
+        ),
         ("create_sso_session[unlinked]", sso_session),
         ("delete_sso_link", lambda: s.delete_sso_link(ctx["create_sso_link"].id)),
         (
@@ -512,6 +540,8 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     assert len(ctx["list_events[org]"].events) == 2
     assert ctx["get_sso_provider_by_domain"].id == ctx["create_sso_provider"].id
     assert ctx["get_sso_provider"].client_secret == "client-secret-value"
+    assert ctx["delete_sso_sessions[end_user_sessions]"] == [ctx["create_sso_session[signed out]"]]
+    assert ctx["get_session[signed out]"] is None  # ended by the same statement
     assert ctx["record_totp_step"] is True
     assert ctx["mark_backup_code_used"] is True
     assert ctx["consume_backup_code"] is not None

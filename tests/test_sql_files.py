@@ -50,6 +50,8 @@ LOCAL_NAMES = {
     "events",
     "lateral",
     "applying",
+    "parents",
+    "ended",
 }
 
 

@@ -3,8 +3,11 @@ both adapters."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import hashlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -20,6 +23,7 @@ from kitium_pg.errors import ConflictError, EncryptionKeyError, NotFoundError, V
 from kitium_pg.records import SsoDomain, SsoLink, SsoProvider, SsoSession, User
 from tests.conftest import AwaitableSync
 
+from .fix_holder import waiting
 from .fix_metadata import check_metadata_patch
 from .fix_race import race_each
 from .roundtrips import round_trips
@@ -839,6 +843,94 @@ async def test_an_sso_session_records_the_sign_in_on_its_link(
     assert await last_auth() == now.last_auth_at
 
 
+async def test_a_far_future_sign_in_time_does_not_pin_the_link(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """The link takes a session's last_auth_at only up to the statement's time: a session
+    recorded with a far-future last_auth_at (kept on the session as given) leaves the link at
+    the time of the call, so later sign-ins still move it."""
+    user, provider = await _user(storage, unique), await _oidc(storage, unique)
+    bound = {"user_id": user.id, "provider_id": provider.id, "provider_type": "oidc"}
+    link = await storage.create_sso_link(**bound, provider_subject="s", last_auth_at=_in(hours=-2))
+    far = dt.datetime(2999, 1, 1, tzinfo=dt.UTC)
+    future = await storage.create_sso_session(
+        **bound, provider_subject="s", expires_at=_in(hours=1), last_auth_at=far
+    )
+    assert future.last_auth_at == far
+    capped = await storage.get_sso_link(link.id)
+    assert capped is not None and link.last_auth_at < capped.last_auth_at < far
+    now = await storage.create_sso_session(**bound, provider_subject="s", expires_at=_in(hours=1))
+    moved = await storage.get_sso_link(link.id)
+    assert moved is not None and moved.last_auth_at == now.last_auth_at > capped.last_auth_at
+
+
+def _start(storage: Any, method: str, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    """Start ``method`` without waiting for it: a task of the async adapter, a thread for the
+    sync one."""
+    if storage.kind == "sync":
+        call = functools.partial(getattr(storage.adapter, method), *args, **kwargs)
+        return asyncio.get_running_loop().run_in_executor(None, call)
+    started: asyncio.Future[Any] = asyncio.ensure_future(getattr(storage, method)(*args, **kwargs))
+    return started
+
+
+_PARENT_DELETES = {
+    "delete_user": "DELETE FROM kitium_auth.users",
+    "delete_sso_provider": "DELETE FROM kitium_auth.sso_providers",
+}
+
+
+@pytest.mark.parametrize("delete", sorted(_PARENT_DELETES))
+async def test_a_sign_in_and_deleting_its_user_or_provider_do_not_deadlock(
+    storage: Any,
+    unique: Callable[[str], str],
+    dsn: str,
+    caplog: pytest.LogCaptureFixture,
+    delete: str,
+) -> None:
+    """create_sso_session locks the user's and the provider's rows before the link it
+    updates; delete_user and delete_sso_provider lock their row, then delete the link by
+    cascade. A transaction holding the link (a concurrent sign-in) makes the sign-in wait on it
+    first, then the delete wait too; once it commits, the two run one after the other. (With
+    the parent rows locked only by the insert's foreign-key checks, after the link, the sign-in
+    held the link and waited for the parent row, and the delete held the parent row and waited
+    for the link: a deadlock, which the adapter logged and retried.)"""
+    user, provider = await _user(storage, unique), await _oidc(storage, unique)
+    bound = {"user_id": user.id, "provider_id": provider.id, "provider_type": "oidc"}
+    link = await storage.create_sso_link(**bound, provider_subject="s", last_auth_at=_in(hours=-1))
+    parent = user.id if delete == "delete_user" else provider.id
+    holder = psycopg.connect(dsn)
+    try:
+        with caplog.at_level(logging.WARNING, logger="kitium_pg"):
+            holder.execute(
+                "SELECT id FROM kitium_auth.sso_links WHERE id = %s FOR NO KEY UPDATE", [link.id]
+            )
+            sign_in = _start(
+                storage,
+                "create_sso_session",
+                **bound,
+                provider_subject="s",
+                expires_at=_in(hours=1),
+            )
+            seen = [await asyncio.to_thread(waiting, dsn, "INSERT INTO kitium_auth.sso_sessions")]
+            deleted = _start(storage, delete, parent)
+            seen.append(await asyncio.to_thread(waiting, dsn, _PARENT_DELETES[delete]))
+            holder.commit()
+            results = await asyncio.gather(sign_in, deleted, return_exceptions=True)
+    finally:
+        holder.close()
+    assert seen == [True, True]
+    failures = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("kitium_pg") and r.levelno >= logging.WARNING
+    ]
+    assert failures == []  # no deadlock_detected, retried or raised
+    assert isinstance(results[0], SsoSession) and results[1] is True, results
+    assert _sso_sessions_left(dsn, results[0].id) == set()  # deleted along with its parent
+    assert await storage.get_sso_link(link.id) is None
+
+
 async def test_delete_sso_session(storage: Any, unique: Callable[[str], str], dsn: str) -> None:
     """An SSO session can be ended before it expires (an application's own logout)."""
     user = await _user(storage, unique)
@@ -909,6 +1001,130 @@ async def test_single_logout_by_subject_and_or_session_token(
         assert await ended(missing, provider_subject="bob") == set()
     assert await storage.get_sso_session(bobs) is not None
     assert await ended(idp.id, session_token="sid-bob") == {(bobs, bob.id)}
+
+
+def _app_sessions_left(dsn: str, *ids: uuid.UUID) -> set[uuid.UUID]:
+    """Which of the application sessions ``ids`` still have a row (expired ones included)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT id FROM kitium_auth.sessions WHERE id = ANY(%s)", [list(ids)]
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+async def _app_session(storage: Any, user: User, *, expired: bool = False) -> uuid.UUID:
+    created = await storage.create_session(
+        user_id=user.id, expires_at=_in(seconds=-1) if expired else _in(hours=1)
+    )
+    return uuid.UUID(str(created.id))
+
+
+async def test_single_logout_can_end_the_users_application_sessions(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """With end_user_sessions=True the logout also ends every application session (expired
+    ones included) of the users whose SSO sessions it ended, by token or by subject; other
+    users' stay, and so do those of a user whose SSO sessions it did not end. Without it
+    (the default) only SSO sessions end."""
+    ada, bob, cal, dee = [await _user(storage, unique) for _ in range(4)]
+    idp, other_idp = await _oidc(storage, unique), await _oidc(storage, unique)
+    adas_sso = await _sso_session(storage, ada, idp, "ada", "sid-a")
+    bobs_sso = await _sso_session(storage, bob, idp, "bob", "sid-b")
+    cals_sso = await _sso_session(storage, cal, idp, "cal", "sid-c")
+    dees_sso = await _sso_session(storage, dee, other_idp, "dee", "sid-d")
+    adas = {await _app_session(storage, ada), await _app_session(storage, ada, expired=True)}
+    bobs = {await _app_session(storage, bob)}
+    cals = {await _app_session(storage, cal)}
+    dees = {await _app_session(storage, dee)}
+    everyone = adas | bobs | cals | dees
+
+    ended = await storage.delete_sso_sessions(
+        provider_id=idp.id, session_token="sid-a", end_user_sessions=True
+    )
+    assert [(e.id, e.user_id) for e in ended] == [(adas_sso, ada.id)]
+    assert _app_sessions_left(dsn, *everyone) == bobs | cals | dees
+    ended = await storage.delete_sso_sessions(
+        provider_id=str(idp.id), provider_subject="bob", end_user_sessions=True
+    )
+    assert [(e.id, e.user_id) for e in ended] == [(bobs_sso, bob.id)]
+    assert _app_sessions_left(dsn, *everyone) == cals | dees
+    # Nothing matched (dee's SSO session is at another provider): nothing more ends.
+    for given in ({"provider_subject": "dee"}, {"session_token": "sid-d"}):
+        assert (
+            await storage.delete_sso_sessions(provider_id=idp.id, **given, end_user_sessions=True)
+            == []
+        )
+    assert _app_sessions_left(dsn, *everyone) == cals | dees
+    # The default ends the SSO session only, as before.
+    ended = await storage.delete_sso_sessions(provider_id=idp.id, session_token="sid-c")
+    assert [e.id for e in ended] == [cals_sso]
+    assert _app_sessions_left(dsn, *everyone) == cals | dees
+    assert _sso_sessions_left(dsn, adas_sso, bobs_sso, cals_sso, dees_sso) == {dees_sso}
+
+
+async def test_end_user_sessions_must_be_a_bool(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """A truthy or falsy non-bool is refused, naming the flag, before anything is deleted (a
+    malformed provider_id included)."""
+    user, provider = await _user(storage, unique), await _oidc(storage, unique)
+    kept = await _sso_session(storage, user, provider, "s", "sid")
+    app = await _app_session(storage, user)
+    flags: list[object] = [1, 0, "true", "", None, [], 1.0]
+    for flag in flags:
+        for provider_id in (provider.id, "not-a-uuid"):
+            with pytest.raises(ValidationError) as caught:
+                await storage.delete_sso_sessions(
+                    provider_id=provider_id, session_token="sid", end_user_sessions=flag
+                )
+            assert caught.value.field == "end_user_sessions", flag
+    assert _sso_sessions_left(dsn, kept) == {kept}
+    assert _app_sessions_left(dsn, app) == {app}
+
+
+async def test_a_logout_ending_app_sessions_and_deleting_its_user_do_not_deadlock(
+    storage: Any, unique: Callable[[str], str], dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """delete_user locks the user's row, then deletes its sessions and then its SSO sessions
+    by cascade. A logout with end_user_sessions locks the users' rows first, then their SSO
+    sessions, then their sessions: with an SSO session held by another transaction, the logout
+    waits on it, delete_user waits on the user, and once it commits both finish. (Locking the
+    SSO session first, the logout held it and waited for a session that delete_user held while
+    waiting for the SSO session: a deadlock.)"""
+    user, provider = await _user(storage, unique), await _oidc(storage, unique)
+    sso = await _sso_session(storage, user, provider, "s", "sid")
+    app = await _app_session(storage, user)
+    holder = psycopg.connect(dsn)
+    try:
+        with caplog.at_level(logging.WARNING, logger="kitium_pg"):
+            holder.execute(
+                "SELECT id FROM kitium_auth.sso_sessions WHERE id = %s FOR NO KEY UPDATE", [sso]
+            )
+            logout = _start(
+                storage,
+                "delete_sso_sessions",
+                provider_id=provider.id,
+                provider_subject="s",
+                end_user_sessions=True,
+            )
+            seen = [await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.sso_sessions")]
+            deleted = _start(storage, "delete_user", user.id)
+            seen.append(await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.users"))
+            holder.commit()
+            results = await asyncio.gather(logout, deleted, return_exceptions=True)
+    finally:
+        holder.close()
+    assert seen == [True, True]
+    failures = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("kitium_pg") and r.levelno >= logging.WARNING
+    ]
+    assert failures == []  # no deadlock_detected, retried or raised
+    ended, user_deleted = results
+    assert isinstance(ended, list) and user_deleted is True, results
+    assert [e.id for e in ended] == [sso]
+    assert _app_sessions_left(dsn, app) == set()
 
 
 async def test_single_logout_needs_a_subject_or_a_session_token(

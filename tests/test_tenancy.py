@@ -452,6 +452,56 @@ def test_a_tenant_ends_only_its_own_providers_sso_sessions(
     assert owner.delete_user_sso_sessions(cal.id) == 1
 
 
+def test_a_tenants_logout_ends_the_app_sessions_of_the_users_it_signed_out(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any], providers: dict[str, Any]
+) -> None:
+    """delete_sso_sessions(end_user_sessions=True) ends the application sessions of the users
+    whose SSO sessions it ended: a tenant naming another tenant's or a shared provider ends no
+    SSO session, so no application session either. Application sessions are not under
+    row-level security: a tenant ending its own provider's SSO session ends all of that user's
+    application sessions, those bound to another organization included (as
+    delete_user_sessions would)."""
+    owner, (alpha, beta) = tenancy["owner"], tenancy["orgs"]
+    as_alpha, as_beta = app.tenant(alpha.id), app.tenant(beta.id)
+    betas, shared = providers["beta"], providers["shared"]
+    tag = uuid.uuid4().hex[:6]
+    dan = owner.create_user(email=f"dan-{tag}@example.com")
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    base = {"user_id": dan.id, "provider_type": "oidc", "provider_subject": "dan"}
+    at_beta = owner.create_sso_session(
+        **base, provider_id=betas.id, expires_at=expires, session_token=f"sid-{tag}"
+    )
+    at_shared = owner.create_sso_session(
+        **base, provider_id=shared.id, expires_at=expires, session_token=f"sid-{tag}"
+    )
+    sessions = {
+        owner.create_session(user_id=dan.id, expires_at=expires, org_id=org).id
+        for org in (alpha.id, beta.id, None)
+    }
+
+    def left() -> set[Any]:
+        return {s.id for s in owner.list_user_sessions(dan.id)}
+
+    for view in (as_alpha, app):
+        for provider in (betas, shared):
+            logout = {"provider_id": provider.id, "end_user_sessions": True}
+            assert view.delete_sso_sessions(**logout, session_token=f"sid-{tag}") == []
+            assert view.delete_sso_sessions(**logout, provider_subject="dan") == []
+    assert (
+        as_beta.delete_sso_sessions(
+            provider_id=shared.id, provider_subject="dan", end_user_sessions=True
+        )
+        == []
+    )
+    assert left() == sessions
+    ended = as_beta.delete_sso_sessions(
+        provider_id=betas.id, session_token=f"sid-{tag}", end_user_sessions=True
+    )
+    assert [s.id for s in ended] == [at_beta.id]
+    assert left() == set()  # alpha's and the unbound one too
+    assert owner.get_sso_session(at_shared.id) == at_shared
+
+
 # Module level: the routes' annotations are strings (postponed), resolved in these globals.
 UNSCOPED_CHECK = require_permission("x")
 SCOPED_CHECK = require_permission("x", tenant_scoped=True)

@@ -134,6 +134,28 @@ async def test_a_token_that_does_not_validate_does_not_rotate(storage: Any, emai
     assert await storage.rotate_session_token(issued.token) is None
 
 
+async def test_a_rotation_to_a_past_expiry_changes_nothing(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """A new expires_at that has passed would give a token that never validates, and kill the
+    presented one: the rotation returns None instead, and the session keeps its token and its
+    expiry."""
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    stored = "SELECT token_hash, expires_at FROM kitium_auth.sessions WHERE id = %s"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        before = conn.execute(stored, [issued.session.id]).fetchone()
+    for past in (_in(-1), dt.datetime(2000, 1, 1, tzinfo=dt.UTC)):
+        assert await storage.rotate_session_token(issued.token, expires_at=past) is None
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute(stored, [issued.session.id]).fetchone() == before
+    found = await storage.validate_session_token(issued.token, consistency="primary")
+    assert found == issued.session
+    later = _in(2)
+    rotated = await storage.rotate_session_token(issued.token, expires_at=later)
+    assert rotated is not None and rotated.session.expires_at == later
+
+
 async def test_concurrent_rotations_of_one_token_give_one_new_token(
     storage: Any, email: str
 ) -> None:

@@ -510,8 +510,12 @@ class Sso(Core):
         stored, never the token. ``expires_at`` must be timezone-aware; ``last_auth_at``
         defaults to now (the database clock), as in the reference. The same statement records
         the sign-in on the user's link of this identity (same provider, subject and user), if
-        there is one: the link's ``last_auth_at`` becomes this session's, unless it is later
-        already. Raises ``NotFoundError`` when
+        there is one: the link's ``last_auth_at`` becomes this session's, capped at the time of
+        the statement (a future ``last_auth_at`` is kept on the session but cannot pin the link
+        ahead of later sign-ins), unless it is later already. It locks the user's and the
+        provider's rows before the link, the order of ``delete_user`` and
+        ``delete_sso_provider`` (their row, then the link by cascade), so it waits for them
+        rather than deadlock. Raises ``NotFoundError`` when
         the user or the provider does not exist or ``provider_type`` is not the provider's type
         (``sso_sessions__provider_type_fkey``), and ``ValidationError`` for bad input. Retried
         on transient failures: the id is generated before the first attempt, so a retry returns
@@ -554,23 +558,38 @@ class Sso(Core):
         provider_id: uuid.UUID | str,
         provider_subject: str | None = None,
         session_token: str | None = None,
+        end_user_sessions: bool = False,
     ) -> list[SsoSession]:
         """End the SSO sessions a provider's logout names (SAML Single Logout, OIDC back-channel
-        logout) and return them, expired ones included: each names its ``user_id``, whose own
-        sessions (``delete_user_sessions``) the application ends too; an OIDC logout token may
-        carry only a ``sid``, and this is how it learns the user.
+        logout) and return them, expired ones included: each names its ``user_id`` (an OIDC
+        logout token may carry only a ``sid``, and this is how it learns the user).
 
         The sessions deleted are those of ``provider_id`` with this ``provider_subject`` (SAML
         NameID, OIDC ``sub``) and/or this ``session_token`` (SAML SessionIndex, OIDC ``sid``: the
         ``session_token`` given to ``create_sso_session``, matched by its SHA-256 digest, as
         stored; sessions recorded without one never match it). Given both, a session must match
         both. At least one is required: ``ValidationError`` (naming ``provider_subject``)
-        otherwise, and for a subject or token ``create_sso_session`` would refuse (naming it).
-        Returns an empty list for an unknown or malformed ``provider_id`` and for a logout
-        already processed. Under the optional ``tenant_rls`` migration a tenant view ends only
-        the sessions of its own providers. Retried on transient failures, since deleting twice
-        leaves the same state (a retry after a lost acknowledgement returns only what it deleted
-        itself, possibly nothing, for sessions the first attempt ended).
+        otherwise, and for a subject or token ``create_sso_session`` would refuse (naming it),
+        or an ``end_user_sessions`` that is not a ``bool``. Returns an empty list for an unknown
+        or malformed ``provider_id`` and for a logout already processed.
+
+        With ``end_user_sessions=True`` the same statement also deletes every application
+        session (``create_session``, ``issue_session_token``) of the users whose SSO sessions it
+        ended, as ``delete_user_sessions`` would, expired ones included: both or neither. Use it
+        when an SSO logout means the user's logout from the application; a retry after a lost
+        acknowledgement, or the provider sending the logout again, then finds the application
+        sessions already gone even though it gets ``[]``. Leave it off (the default, which
+        touches only SSO sessions) when the application ends its own sessions selectively
+        (``delete_session`` for the ones an SSO login opened) or not at all; the records
+        returned name the users either way.
+
+        Under the optional ``tenant_rls`` migration a tenant view ends only the SSO sessions of
+        its own providers; with ``end_user_sessions`` it then ends all of those users'
+        application sessions, whatever organization they are bound to (``sessions`` is not
+        under row-level security), and none of a user whose SSO sessions it could not end.
+        Retried on transient failures, since deleting twice leaves the same state (a retry
+        after a lost acknowledgement returns only what it deleted itself, possibly nothing, for
+        sessions the first attempt ended).
         """
         subject = v.opt_text("provider_subject", provider_subject, max_len=SUBJECT)
         token = v.opt_text("session_token", session_token, max_len=v.LONG)
@@ -578,11 +597,16 @@ class Sso(Core):
             raise ValidationError(
                 "provider_subject", "give provider_subject or session_token (or both)"
             )
+        end_sessions = _flag("end_user_sessions", end_user_sessions)
         parsed = v.parse_uuid(provider_id)
         if parsed is None:
             return []
         if token is None:
-            params: dict[str, Any] = {"provider_id": parsed, "provider_subject": subject}
+            params: dict[str, Any] = {
+                "provider_id": parsed,
+                "provider_subject": subject,
+                "end_user_sessions": end_sessions,
+            }
             return self._many(
                 "delete_sso_sessions_by_subject", params, SsoSession, retry=Retry.SAFE
             )
@@ -590,6 +614,7 @@ class Sso(Core):
             "provider_id": parsed,
             "session_token_hash": _token_digest(token),
             "provider_subject": subject,
+            "end_user_sessions": end_sessions,
         }
         return self._many("delete_sso_sessions_by_token", params, SsoSession, retry=Retry.SAFE)
 

@@ -118,11 +118,22 @@ class Tokens(Sessions, ApiKeys):
         presented token stops working. The session keeps its id, user and data; ``expires_at``
         (timezone-aware), when given, moves its expiry too (a sliding session). Rotate when the
         session's privileges change (after a second factor, a step-up, a password change),
-        against session fixation: a token planted or seen before then is useless after it.
+        against session fixation: a token planted or seen before then is useless after it. To
+        elevate a session, rotate first and then change it (``update_session`` by the session's
+        id): the token from before the rotation then never holds the elevated session.
 
         Returns ``None``, changing nothing, for a token ``validate_session_token`` would not
-        accept, and for one another call rotated first: of two rotations of one token, exactly
-        one gets a new token. Requests still in flight with the old token then fail validation.
+        accept, for one another call rotated first (of two rotations of one token, exactly one
+        gets a new token), and for an ``expires_at`` that has passed by the database clock (the
+        new token would never validate; the presented one keeps working).
+
+        Those guarantees (the presented token dead, the new one valid) hold for validations on
+        the primary. ``validate_session_token`` reads a replica by default when ``replica_dsn``
+        is configured, and a lagging replica still accepts the presented token and refuses the
+        new one: validate rotated sessions with ``consistency="primary"`` (see
+        docs/security.md, "Revocation and read replicas"). On the primary, requests still in
+        flight with the old token fail validation.
+
         One guarded UPDATE; never raises for a hostile token (``ValidationError`` for a bad
         ``expires_at``). Retried on transient failures: the new secret is drawn before the first
         attempt, and a retry after a lost acknowledgement finds the session already holding it.
