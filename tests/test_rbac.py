@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 from kitium_pg import ConflictError, NotFoundError, Organization, User, ValidationError
 from kitium_pg.records import Permission, Role, RoleAssignment
 
-from .fix_holder import release_when_waiting
+from .fix_holder import release_when_waiting, waiting
 from .fix_metadata import check_metadata_patch
 from .fix_race import race, race_each
 
@@ -689,21 +688,6 @@ async def test_concurrent_set_user_roles_leave_one_of_the_sets(
     assert await _count_assignments(storage, shared.id) == 1
 
 
-def _wait_for_lock_waiter(dsn: str, marker: str) -> None:
-    """Return once a backend running a statement with ``marker`` waits on a lock (10 s at most:
-    the assertions after it then fail on their own)."""
-    with psycopg.connect(dsn, autocommit=True) as observer:
-        for _ in range(200):
-            row = observer.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND position(%s in query) > 0",
-                (marker,),
-            ).fetchone()
-            if row is not None and row[0] > 0:
-                return
-            time.sleep(0.05)
-
-
 def _deadlocks(dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
@@ -754,10 +738,10 @@ def test_set_user_roles_and_delete_user_take_their_locks_in_one_order(
         )
         first = threading.Thread(target=replace)
         first.start()
-        _wait_for_lock_waiter(dsn, "set_user_roles")
+        assert waiting(dsn, "set_user_roles")
         second = threading.Thread(target=delete)
         second.start()
-        _wait_for_lock_waiter(dsn, "DELETE FROM kitium_auth.users")
+        assert waiting(dsn, "DELETE FROM kitium_auth.users")
         holder.commit()
         first.join()
         second.join()
@@ -789,7 +773,7 @@ def test_set_user_roles_returns_the_set_asked_for(
             target=lambda: returned.extend(storage.set_user_roles(user.id, org.id, [a.id]))
         )
         worker.start()
-        _wait_for_lock_waiter(dsn, "set_user_roles")
+        assert waiting(dsn, "set_user_roles")
         assert storage.assign_role_to_user(user.id, b.id, org.id) == b
         holder.commit()
         worker.join()
