@@ -11,7 +11,11 @@
 -- an UPDATE changes the address (not merely its letter case) without setting a new time. A
 -- trigger rather than the adapter's update_user alone, because other writers change emails
 -- too: an instance of the previous version still serving during a rolling deploy (it knows
--- nothing of the column), an admin's SQL, another tool. An UPDATE that sets a new address and
+-- nothing of the column), an admin's SQL, another tool. "Letter case" is ASCII case only
+-- (lower() under the "C" collation): under a linguistic locale lower() makes İ (U+0130) an i
+-- and the Kelvin sign a k, so bob@gİthub.com -> bob@github.com, another domain, would have kept
+-- the proof; a change of a non-ASCII letter's case clears it, the safe side. An UPDATE that sets
+-- a new address and
 -- the very same time again cannot be told apart from one that leaves the time alone: the time
 -- is cleared then too.
 --
@@ -36,7 +40,7 @@ ALTER TABLE kitium_auth.users
 CREATE FUNCTION kitium_auth.users_email_verified_at_follows_email() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-  IF lower(NEW.email) IS DISTINCT FROM lower(OLD.email)
+  IF lower(NEW.email COLLATE "C") IS DISTINCT FROM lower(OLD.email COLLATE "C")
      AND NEW.email_verified_at IS NOT DISTINCT FROM OLD.email_verified_at THEN
     NEW.email_verified_at := NULL;
   END IF;

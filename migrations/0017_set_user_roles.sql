@@ -24,8 +24,14 @@
 -- Taken in the other order (membership first, parents when the insert's checks run), the two
 -- waited for each other: a deadlock that rolled back a delete_user inside a transaction.
 --
--- The function returns the roles asked for (each is known to be the organization's: the
--- insert's reference check passed), not a re-read of the assignments: an assign_role_to_user
+-- The listed roles are locked too (FOR KEY SHARE, after the organization, as delete_role locks
+-- the organization and then the role): a role already held goes through the insert's ON
+-- CONFLICT with no reference check, and without the lock delete_role could delete it while the
+-- function ran, so that it returned fewer roles than asked for and reported success.
+--
+-- The function returns the roles asked for (each is known to be the organization's: locked
+-- here, and the insert's reference check passed for the new ones), not a re-read of the
+-- assignments: an assign_role_to_user
 -- committed between this function's DELETE and a final read would have shown up in a result
 -- that matches neither order of the two calls.
 --
@@ -70,6 +76,11 @@ AS $$
 BEGIN
   PERFORM 1 FROM kitium_auth.users AS u WHERE u.id = p_user_id FOR KEY SHARE;
   PERFORM 1 FROM kitium_auth.organizations AS o WHERE o.id = p_org_id FOR KEY SHARE;
+  PERFORM 1
+    FROM kitium_auth.roles AS r
+   WHERE r.org_id = p_org_id AND r.id = ANY (p_role_ids)
+   ORDER BY r.id
+     FOR KEY SHARE;
   PERFORM 1
     FROM kitium_auth.organization_members AS m
    WHERE m.org_id = p_org_id AND m.user_id = p_user_id

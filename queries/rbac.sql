@@ -71,16 +71,24 @@ SELECT id, org_id, name, description, is_system, permissions, metadata, created_
 -- name: assign_role_to_user(id, user_id, role_id, org_id)^
 -- Assign a role to a user within the role's organization (a no-op when already assigned, also
 -- under concurrent calls) and return the role. The foreign key on (role_id, org_id) refuses a
--- role of another organization.
-WITH inserted AS (
+-- role of another organization. The organization's row is locked first (FOR KEY SHARE, in the
+-- CTE the insert reads): the insert's reference checks, at the end of the statement, would
+-- lock the role before it, and delete_organization locks the organization and then deletes
+-- its roles, so the two waited for each other. No organization (or one another tenant's, or
+-- one deleted while this waited for its row): nothing is inserted and no row is returned.
+WITH org AS (
+  SELECT o.id FROM kitium_auth.organizations AS o WHERE o.id = :org_id FOR KEY SHARE
+),
+inserted AS (
   INSERT INTO kitium_auth.user_roles (id, user_id, role_id, org_id)
-  VALUES (:id, :user_id, :role_id, :org_id)
+  SELECT :id, :user_id, :role_id, org.id FROM org
   ON CONFLICT (user_id, org_id, role_id) DO NOTHING
 )
 SELECT r.id, r.org_id, r.name, r.description, r.is_system, r.permissions, r.metadata,
        r.created_at, r.updated_at
   FROM kitium_auth.roles AS r
- WHERE r.id = :role_id AND r.org_id = :org_id;
+  JOIN org ON org.id = r.org_id
+ WHERE r.id = :role_id;
 
 -- name: revoke_role_from_user(user_id, role_id, org_id)!
 -- Remove one role assignment (served by user_roles__role_key).

@@ -95,11 +95,14 @@ RETURNING u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entit
 
 -- name: mark_user_email_verified(id, email)^
 -- Record that the user proved control of this address, only while it is still the user's
--- address (any letter case; a concurrent email change wins) and keeping the first proof's time;
--- no row if there is no such user or the address is not the user's.
+-- address (in another ASCII letter case too; a concurrent email change wins) and keeping the
+-- first proof's time; no row if there is no such user or the address is not the user's.
+-- ASCII case only (the "C" collation), as the trigger of migration 0015 compares: under a
+-- linguistic locale lower() makes İ an i, so a row stored as bob@gİthub.com by another tool
+-- would take the proof of bob@github.com.
 UPDATE kitium_auth.users AS u
    SET email_verified_at = coalesce(u.email_verified_at, statement_timestamp())
- WHERE u.id = :id AND lower(u.email) = lower(:email)
+ WHERE u.id = :id AND lower(u.email COLLATE "C") = lower(:email COLLATE "C")
 RETURNING u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
           u.metadata,
        (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(

@@ -756,19 +756,25 @@ def test_set_user_roles_returns_the_set_asked_for(
     sync_adapter: Any, dsn: str, unique: Callable[[str], str]
 ) -> None:
     """An assign_role_to_user committed while a replacement runs (after its delete of the
-    roles not listed) takes effect after it: the user holds both roles, and the replacement
-    reports the set it was asked for, not one that matches neither order of the two calls."""
+    roles not listed took its snapshot) takes effect after it: the user holds both roles, and
+    the replacement reports the set it was asked for, not one that matches neither order of the
+    two calls."""
     storage = sync_adapter
     org = storage.create_organization(name="Returned", plan="team")
     user = storage.create_user(email=f"{unique('ret')}@example.com")
     storage.add_organization_member(org.id, user.id)
+    old = storage.create_role(org_id=org.id, name="old")
     a = storage.create_role(org_id=org.id, name="a")
     b = storage.create_role(org_id=org.id, name="b")
+    storage.assign_role_to_user(user.id, old.id, org.id)
     returned: list[Any] = []
     holder = psycopg.connect(dsn)
     try:
-        # Holding role a's row parks the replacement at its insert (the reference check).
-        holder.execute("SELECT 1 FROM kitium_auth.roles WHERE id = %s FOR UPDATE", (a.id,))
+        # Holding the old assignment parks the replacement at its delete of it.
+        holder.execute(
+            "SELECT 1 FROM kitium_auth.user_roles WHERE user_id = %s AND role_id = %s FOR SHARE",
+            (user.id, old.id),
+        )
         worker = threading.Thread(
             target=lambda: returned.extend(storage.set_user_roles(user.id, org.id, [a.id]))
         )
@@ -781,3 +787,97 @@ def test_set_user_roles_returns_the_set_asked_for(
         holder.close()
     assert [r.name for r in returned] == ["a"]
     assert [r.name for r in storage.get_user_roles(user.id, org.id)] == ["a", "b"]
+
+
+def test_set_user_roles_holds_the_roles_it_keeps(
+    sync_adapter: Any, dsn: str, unique: Callable[[str], str]
+) -> None:
+    """A role the user already holds and that is listed again is locked by the replacement:
+    a delete_role of it waits for the replacement, so the call never reports a role that was
+    deleted while it ran (it returned fewer roles than asked for, as a success)."""
+    storage = sync_adapter
+    org = storage.create_organization(name="Kept", plan="team")
+    user = storage.create_user(email=f"{unique('kept')}@example.com")
+    storage.add_organization_member(org.id, user.id)
+    editor = storage.create_role(org_id=org.id, name="editor")
+    viewer = storage.create_role(org_id=org.id, name="viewer")
+    storage.assign_role_to_user(user.id, editor.id, org.id)
+    outcome: dict[str, Any] = {}
+    holder = psycopg.connect(dsn)
+    try:
+        # Holding viewer's row parks the replacement once it has locked editor's.
+        holder.execute("SELECT 1 FROM kitium_auth.roles WHERE id = %s FOR UPDATE", (viewer.id,))
+        worker = threading.Thread(
+            target=lambda: outcome.setdefault(
+                "set", storage.set_user_roles(user.id, org.id, [editor.id, viewer.id])
+            )
+        )
+        worker.start()
+        assert waiting(dsn, "set_user_roles")
+        deleter = threading.Thread(
+            target=lambda: outcome.setdefault("delete", storage.delete_role(editor.id))
+        )
+        deleter.start()
+        assert waiting(dsn, "DELETE FROM kitium_auth.roles")  # waits for the replacement
+        holder.commit()
+        worker.join()
+        deleter.join()
+    finally:
+        holder.close()
+    assert [r.name for r in outcome["set"]] == ["editor", "viewer"]
+    assert outcome["delete"] is True
+    assert [r.name for r in storage.get_user_roles(user.id, org.id)] == ["viewer"]
+
+
+def test_assign_role_to_user_and_delete_organization_take_their_locks_in_one_order(
+    sync_adapter: Any, dsn: str, unique: Callable[[str], str]
+) -> None:
+    """assign_role_to_user locks the organization's row before its reference checks lock the
+    role, as delete_organization locks the organization before its cascade deletes the roles:
+    the two finish one after the other (they deadlocked, and the delete_organization
+    transaction was rolled back). A third transaction holding another member's row parks the
+    delete after it has locked the organization."""
+    storage = sync_adapter
+    org = storage.create_organization(name="Assign", plan="team")
+    user = storage.create_user(email=f"{unique('as')}@example.com")
+    other = storage.create_user(email=f"{unique('as2')}@example.com")
+    storage.add_organization_member(org.id, user.id)
+    storage.add_organization_member(org.id, other.id)
+    role = storage.create_role(org_id=org.id, name="r")
+    before = _deadlocks(dsn)
+    outcome: dict[str, Any] = {}
+
+    def delete() -> None:
+        try:
+            with storage.transaction() as tx:
+                outcome["delete"] = tx.delete_organization(org.id)
+        except Exception as exc:
+            outcome["delete"] = exc
+
+    def assign() -> None:
+        try:
+            outcome["assign"] = storage.assign_role_to_user(user.id, role.id, org.id)
+        except Exception as exc:
+            outcome["assign"] = exc
+
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "SELECT 1 FROM kitium_auth.organization_members"
+            " WHERE org_id = %s AND user_id = %s FOR SHARE",
+            (org.id, other.id),
+        )
+        first = threading.Thread(target=delete)
+        first.start()
+        assert waiting(dsn, "DELETE FROM kitium_auth.organizations")
+        second = threading.Thread(target=assign)
+        second.start()
+        assert waiting(dsn, "INSERT INTO kitium_auth.user_roles")
+        holder.commit()
+        first.join()
+        second.join()
+    finally:
+        holder.close()
+    assert outcome["delete"] is True, outcome
+    assert isinstance(outcome["assign"], NotFoundError), outcome
+    assert _deadlocks(dsn) == before

@@ -177,6 +177,33 @@ async def test_any_writer_that_changes_the_address_clears_its_verification(
     assert moved.email_verified_at is None
 
 
+async def test_only_ascii_case_counts_as_the_same_address_for_a_proof(
+    storage: Any, dsn: str, unique: Callable[[str], str]
+) -> None:
+    """Under a linguistic locale lower() makes İ (U+0130) an i: bob@gİthub.com and
+    bob@github.com, two domains, would compare equal. A row stored with such an address by
+    another tool neither keeps its proof when changed to the ASCII one, nor takes the ASCII
+    address's proof from mark_user_email_verified."""
+    local = unique("bob")
+    dotted, plain = f"{local}@g\u0130thub.com", f"{local}@github.com"
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "INSERT INTO kitium_auth.users (id, email, email_verified_at)"
+            " VALUES (gen_random_uuid(), %s, now()) RETURNING id",
+            [dotted],
+        ).fetchone()
+        assert row is not None
+        user_id = row[0]
+        conn.execute("UPDATE kitium_auth.users SET email = %s WHERE id = %s", [plain, user_id])
+    moved = await storage.get_user(user_id, consistency="primary")
+    assert moved.email == plain and moved.email_verified_at is None
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE kitium_auth.users SET email = %s WHERE id = %s", [dotted, user_id])
+    assert await storage.mark_user_email_verified(user_id, plain) is None
+    stored = await storage.get_user(user_id, consistency="primary")
+    assert stored.email == dotted and stored.email_verified_at is None
+
+
 async def test_email_verified_at_needs_an_email_and_a_time_zone(storage: Any, email: str) -> None:
     aware = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
     for kwargs in (

@@ -214,7 +214,8 @@ class AsyncRbac(AsyncCore):
         }
         role = await self._one("assign_role_to_user", params, Role, retry=Retry.SAFE)
         if role is None:
-            # Only reachable if the role vanished between the insert's check and the read.
+            # No such organization (the insert wrote nothing), or the role vanished between
+            # the insert's check and the read.
             raise NotFoundError(
                 f"assign_role_to_user: no role {params['role_id']} in organization"
                 f" {params['org_id']}"
