@@ -15,7 +15,7 @@ import math
 import re
 import unicodedata
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, TypeVar, cast
 
 from psycopg import ProgrammingError
@@ -216,6 +216,11 @@ class _Irregular(Exception):
     and the encoder another, so the document is copied into plain builtins first."""
 
 
+# Every type decision about a JSON value below goes by ``type(value)``, as the C encoder decides,
+# never ``isinstance``: that reads ``value.__class__``, which an object may define as a property
+# answering ``int`` (and editing the document around it) while the encoder sees what it is.
+
+
 def _check_json(field: str, value: object, depth: int) -> bool:
     """Raise for what jsonb cannot hold; returns whether a float needs exact formatting.
     Raises ``_Irregular`` for a value that must be copied with ``_plain`` first."""
@@ -228,7 +233,7 @@ def _check_json(field: str, value: object, depth: int) -> bool:
         if value and depth >= JSON_DEPTH:
             raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
         items = cast(Iterable[object], value)
-    elif isinstance(value, Mapping | list | tuple):
+    elif issubclass(kind, list | tuple | Mapping):
         raise _Irregular
     else:
         return _check_scalar(field, value)
@@ -249,52 +254,78 @@ def _checked_keys(field: str, value: dict[object, object], depth: int) -> Iterab
     if value and depth >= JSON_DEPTH:
         raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
     for key in value:
-        if type(key) is not str:
-            if isinstance(key, str):
+        kind = type(key)
+        if kind is not str:
+            if issubclass(kind, str):
                 raise _Irregular
             raise ValidationError(field, "object keys must be strings")
-        if "\x00" in key:
+        if "\x00" in key:  # type: ignore[operator]  # a str
             raise ValidationError(field, "must not contain NUL characters")
     return value.values()
 
 
 def _check_scalar(field: str, value: object) -> bool:
-    if isinstance(value, str):
-        if type(value) is not str:
+    kind = type(value)
+    if issubclass(kind, str):
+        if kind is not str:
             raise _Irregular
-        if "\x00" in value:
+        if "\x00" in value:  # type: ignore[operator]  # a str
             raise ValidationError(field, "must not contain NUL characters")
-    elif isinstance(value, float):
-        if not math.isfinite(value):
+    elif issubclass(kind, float):
+        # float's own methods, not the subclass's (numpy.float64's repr: "np.float64(1e-07)").
+        if not math.isfinite(value):  # type: ignore[arg-type]  # reads the double: no call
             raise ValidationError(field, "must not contain NaN or Infinity")
-        # float's own repr: a subclass's (numpy.float64: "np.float64(1e-07)") is not a number.
         return "e" in float.__repr__(value)
-    elif value is not None and not isinstance(value, bool | int):
-        raise ValidationError(field, f"is not JSON-serialisable ({type(value).__name__})")
+    elif value is not None and not issubclass(kind, int):  # bool is an int
+        raise ValidationError(field, f"is not JSON-serialisable ({kind.__name__})")
     return False
 
 
-def _plain(field: str, value: object, depth: int) -> object:
+def _spend(field: str, budget: list[int], amount: int) -> None:
+    """Take ``amount`` from ``budget``: past ``JSON_BYTES``, the document cannot serialise
+    within the limit."""
+    budget[0] -= amount
+    if budget[0] < 0:
+        raise ValidationError(field, f"must serialise to at most {JSON_BYTES} bytes")
+
+
+def _plain(field: str, value: object, depth: int, budget: list[int]) -> object:
     """``value`` copied into plain dicts, lists and strs: each container read once, through
     what the JSON encoder would read (a mapping's ``items()``; a list's or tuple's own storage,
-    not an overridden ``__iter__``), so the copy is what is checked and what is sent."""
+    not an overridden ``__iter__``), so the copy is what is checked and what is sent.
+
+    ``budget`` (one for the whole copy, ``[JSON_BYTES]`` at the top) is spent as the copy
+    grows: a byte for each item and one for each character of a string, key or value, which
+    is less than any serialisation of them takes. A document past it is refused as it is
+    read, so a mapping producing items without end (or each of a million children producing
+    a million more) costs at most ``JSON_BYTES`` items."""
     if depth > JSON_DEPTH:
         raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
-    if isinstance(value, str):
-        return str.__getitem__(value, slice(None))  # a plain str, whatever the subclass does
-    if isinstance(value, Mapping):
+    kind = type(value)
+    if issubclass(kind, str):
+        _spend(field, budget, str.__len__(value))  # type: ignore[arg-type]  # a str
+        return str.__getitem__(value, slice(None))  # type: ignore[index]  # a plain str
+    if issubclass(kind, Mapping):
         copied: dict[str, object] = {}
-        # At most as many items as a document within the byte limit can hold.
-        for key, item in itertools.islice(value.items(), JSON_BYTES):
-            if not isinstance(key, str):
+        for key, item in cast(Mapping[object, object], value).items():
+            if not issubclass(type(key), str):
                 raise ValidationError(field, "object keys must be strings")
-            copied[str.__getitem__(key, slice(None))] = _plain(field, item, depth + 1)
+            _spend(field, budget, 1 + str.__len__(key))  # type: ignore[arg-type]  # a str
+            plain_key = str.__getitem__(key, slice(None))  # type: ignore[index]  # a str
+            copied[plain_key] = _plain(field, item, depth + 1, budget)
         return copied
-    if isinstance(value, list):
-        return [_plain(field, item, depth + 1) for item in list.__iter__(value)]
-    if isinstance(value, tuple):
-        return [_plain(field, item, depth + 1) for item in tuple.__iter__(value)]
-    return value
+    items: Iterator[object]
+    if issubclass(kind, list):
+        items = list.__iter__(value)  # type: ignore[arg-type]  # a list
+    elif issubclass(kind, tuple):
+        items = tuple.__iter__(value)  # type: ignore[arg-type]  # a tuple
+    else:
+        return value
+    copied_items: list[object] = []
+    for item in items:
+        _spend(field, budget, 1)
+        copied_items.append(_plain(field, item, depth + 1, budget))
+    return copied_items
 
 
 def _checked(field: str, value: object) -> tuple[object, bool]:
@@ -303,7 +334,7 @@ def _checked(field: str, value: object) -> tuple[object, bool]:
     try:
         return value, _check_json(field, value, 0)
     except _Irregular:
-        plain = _plain(field, value, 0)
+        plain = _plain(field, value, 0, [JSON_BYTES])
         return plain, _check_json(field, plain, 0)
 
 
@@ -316,16 +347,30 @@ def _plain_float(value: float) -> str:
 
 
 def _dumps_exact(value: object) -> str:
-    if isinstance(value, float):
-        return _plain_float(value)
-    if isinstance(value, Mapping):
-        items = (f"{json.dumps(k, ensure_ascii=False)}:{_dumps_exact(v)}" for k, v in value.items())
-        return "{" + ",".join(items) + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_dumps_exact(v) for v in value) + "]"
-    return json.dumps(value, ensure_ascii=False)
+    """A checked document (plain containers, strs, ints, floats, bools, None) serialised with
+    its floats written in full. Types by ``type()``, as in the checks: ``json.dumps`` asks
+    ``isinstance(value, str)`` of a leaf, which an int subclass could answer by editing the
+    document still to be written."""
+    kind = type(value)
+    if issubclass(kind, float):
+        return _plain_float(value)  # type: ignore[arg-type]  # a float
+    if kind is dict:
+        pairs = cast(dict[str, object], value).items()
+        return "{" + ",".join(f"{_encode_str(k)}:{_dumps_exact(v)}" for k, v in pairs) + "}"
+    if kind is list or kind is tuple:
+        return "[" + ",".join(_dumps_exact(v) for v in cast(Iterable[object], value)) + "]"
+    if kind is str:
+        return _encode_str(value)  # type: ignore[arg-type]  # a str
+    if value is None:
+        return "null"
+    if kind is bool:
+        return "true" if value else "false"
+    if issubclass(kind, int):
+        return int.__repr__(value)
+    raise TypeError(kind.__name__)  # not in a checked document
 
 
+_encode_str: Final[Callable[[str], str]] = json.encoder.encode_basestring  # ensure_ascii=False's
 _ENCODER: Final = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 # json.dumps builds a new encoder on every call made with non-default options (~4 µs).
 
@@ -338,7 +383,7 @@ def json_text(field: str, value: object, *, default: str = "{}", obj: bool = Tru
     """
     if value is None:
         return default
-    if obj and not isinstance(value, Mapping):
+    if obj and type(value) is not dict and not issubclass(type(value), Mapping):
         raise ValidationError(field, "must be a JSON object (a dict)")
     value, exact = _checked(field, value)
     try:
@@ -357,7 +402,7 @@ def json_object(field: str, value: object) -> tuple[Mapping[str, Any], bool]:
     lone surrogates are left to the caller's serialisation (``json_text`` checks both)."""
     if value is None:
         return {}, False
-    if type(value) is not dict and not isinstance(value, Mapping):  # dict: skip the ABC check
+    if type(value) is not dict and not issubclass(type(value), Mapping):  # dict: skip the ABC
         raise ValidationError(field, "must be a JSON object (a dict)")
     checked, exact = _checked(field, value)
     return cast(Mapping[str, Any], checked), exact

@@ -7,7 +7,7 @@ import datetime as dt
 import json
 import types
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import psycopg
@@ -311,6 +311,51 @@ async def test_emit_events_validates_everything_first_and_names_the_index(
     with pytest.raises(ValidationError) as caught:
         await storage.emit_events(batch)
     assert caught.value.field == field
+    assert (await storage.list_events(principal_id=principal)).events == ()
+
+
+class _SecondThoughts(Mapping[str, Any]):
+    """A mapping whose first ``items()`` is ``first`` and every later read ``later``."""
+
+    def __init__(self, first: dict[str, Any], later: dict[str, Any]) -> None:
+        self.first, self.later, self.reads = first, later, 0
+
+    def items(self) -> Any:
+        self.reads += 1
+        return (self.first if self.reads == 1 else self.later).items()
+
+    def __getitem__(self, key: str) -> Any:
+        return self.later[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.later)
+
+    def __len__(self) -> int:
+        return len(self.later)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [{"k": "\ud800"}, {"k": "x" * 2_000_000}],  # a lone surrogate; over the per-event limit
+    ids=["surrogate", "oversized"],
+)
+async def test_emit_events_names_a_bad_event_from_the_data_it_checked(
+    storage: Any, unique: Callable[[str], str], first: dict[str, Any]
+) -> None:
+    """Naming a bad event reads the copy checked and serialised, not the caller's mapping
+    again: a second read answering with a good document gave an AssertionError, or wrote an
+    event over the 1 MB limit."""
+    principal = unique("p")
+    batch: list[Any] = [{"type": "t", "principal_id": principal, "data": {}} for _ in range(3)]
+    batch[1]["data"] = _SecondThoughts(first, {"k": "ok"})
+    with pytest.raises(ValidationError) as caught:
+        await storage.emit_events(batch)
+    assert caught.value.field == "events[1].data"
+    with pytest.raises(ValidationError) as single:
+        await storage.emit_event(
+            type="t", principal_id=principal, data=_SecondThoughts(first, {"k": "ok"})
+        )
+    assert single.value.field == "data"
     assert (await storage.list_events(principal_id=principal)).events == ()
 
 

@@ -288,6 +288,117 @@ def test_a_subclass_is_sent_as_the_encoder_reads_it() -> None:
     assert json.loads(text) == {"l": ["stored"], "s": "plain"}
 
 
+class _ClassSwap:
+    """An object whose ``__class__`` (what ``isinstance`` reads; ``type()`` does not) edits
+    the document around it with ``swap`` and answers ``int``."""
+
+    def __init__(self, parent: dict[str, Any], key: str, swap: dict[str, Any]) -> None:
+        self.parent, self.key, self.swap, self.reads = parent, key, swap, 0
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        self.reads += 1
+        self.parent.update(self.swap)
+        self.parent[self.key] = 1
+        return int
+
+
+class _IntClassSwap(int):
+    """An int (the encoder writes it as one) whose ``__class__`` edits the document after it
+    and answers ``str``."""
+
+    parent: dict[str, Any]
+    reads = 0
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        self.reads += 1
+        self.parent["z"] = "x\x00y"
+        return str
+
+
+@pytest.mark.parametrize(
+    "swap", [{"a": "x\x00y"}, {"a": nested(100, 1)}], ids=["nul", "nested-100-deep"]
+)
+@pytest.mark.parametrize("check", [v.json_text, v.json_object])
+def test_a_value_whose_class_attribute_lies_is_refused_by_its_type(
+    check: Any, swap: dict[str, Any]
+) -> None:
+    """The checks decide types by ``type()``, as the encoder does: ``isinstance`` read the
+    ``__class__`` property, which turned the document into one with a NUL (a data exception
+    naming field ``input``) or nested 100 deep, then sent."""
+    doc: dict[str, Any] = {"a": "ok", "b": None}
+    doc["b"] = swap_value = _ClassSwap(doc, "b", swap)
+    with pytest.raises(ValidationError, match="not JSON-serialisable") as caught:
+        check("data", doc)
+    assert caught.value.field == "data"
+    assert swap_value.reads == 0
+
+
+def test_an_int_whose_class_attribute_lies_is_written_as_the_int() -> None:
+    for big in (1, 3.6e16):  # the encoder's path and the exact-float one
+        number = _IntClassSwap(7)
+        doc: dict[str, Any] = {"f": big, "i": number, "z": "ok"}
+        number.parent = doc
+        assert json.loads(v.json_text("data", doc)) == {"f": big, "i": 7, "z": "ok"}
+        assert number.reads == 0
+
+
+async def test_metadata_whose_class_attribute_lies_is_refused_and_nothing_written(
+    storage: Any, email: str
+) -> None:
+    user = await storage.create_user(email=email, metadata={"k": "v"})
+    doc: dict[str, Any] = {"a": "ok", "b": None}
+    doc["b"] = _ClassSwap(doc, "b", {"a": "x\x00y"})
+    with pytest.raises(ValidationError) as caught:
+        await storage.update_user(user.id, metadata=doc)
+    assert caught.value.field == "metadata"
+    assert (await storage.get_user(user.id)).metadata == {"k": "v"}
+
+
+class _Sprawling(Mapping[str, Any]):
+    """A mapping whose ``items()`` produce a million children, each another such mapping,
+    ``depth`` levels down: ``drawn`` counts the items all of them produced."""
+
+    def __init__(self, depth: int, drawn: list[int]) -> None:
+        self.depth, self.drawn = depth, drawn
+
+    def items(self) -> Any:
+        for i in range(10**6):
+            self.drawn[0] += 1
+            if self.drawn[0] > 3 * v.JSON_BYTES:
+                raise AssertionError("items drawn without bound")
+            yield f"k{i}", _Sprawling(self.depth - 1, self.drawn) if self.depth else i
+
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("check", [v.json_text, v.json_object])
+def test_a_copy_reads_at_most_the_byte_limit_in_items_at_all_depths(check: Any) -> None:
+    """The copy of a document of mappings draws from one budget for the whole document (an
+    item or a character of a string at least a byte of its serialisation): a cap per mapping
+    let three levels of a million items each run past 20 s and 1.7 GB."""
+    drawn = [0]
+    with pytest.raises(ValidationError, match="at most 1000000 bytes") as caught:
+        check("data", _Sprawling(2, drawn))
+    assert caught.value.field == "data"
+    assert drawn[0] <= v.JSON_BYTES + 1
+    # The budget never refuses a document within the limit: 999,997 bytes serialised.
+    near = types.MappingProxyType(
+        {"s": "x" * (v.JSON_BYTES - 20), "t": [types.MappingProxyType({})]}
+    )
+    assert len(v.json_text("data", near)) == v.JSON_BYTES - 3
+    with pytest.raises(ValidationError, match="at most 1000000 bytes"):
+        v.json_text("data", types.MappingProxyType({"s": "x" * v.JSON_BYTES}))
+
+
 def _plain(value: object) -> object:
     if isinstance(value, Mapping):
         return {k: _plain(x) for k, x in value.items()}

@@ -79,6 +79,7 @@ class Events(Core):
             return 0
         rows: list[dict[str, Any]] = []  # serialised together by one C encoder call
         exact_rows: list[str] = []  # rows whose data needs exact float formatting
+        checked: list[Mapping[str, Any]] = []  # each event's data as checked and sent
         for index, event in enumerate(batch):
             prefix = f"events[{index}]."
             v.event_keys(f"events[{index}]", event, required=_REQUIRED_KEYS)
@@ -90,6 +91,7 @@ class Events(Core):
                 event.get("timestamp"),
             )
             data, exact = v.json_object(prefix + "data", event["data"])
+            checked.append(data)
             row["id"] = new_id_text()
             if row["ts"] is not None:
                 row["ts"] = row["ts"].isoformat()
@@ -103,9 +105,11 @@ class Events(Core):
         document = v.json_document(rows)
         if document is None or document[1] > v.JSON_BYTES:
             # The encoder refused something (a lone surrogate, nesting too deep for it), or one
-            # data object may be over the per-event limit: find it and name it.
-            for index, event in enumerate(batch):
-                v.json_text(f"events[{index}].data", event["data"])
+            # data object may be over the per-event limit: find it and name it, in the copies
+            # checked and serialised above (the caller's mapping may answer a second read
+            # with another document).
+            for index, data in enumerate(checked):
+                v.json_text(f"events[{index}].data", data)
         assert document is not None
         text, size = document
         if exact_rows:
