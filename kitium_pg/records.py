@@ -415,7 +415,7 @@ class TwoFactorSession:
 @attrs.frozen(kw_only=True)
 class TwoFactorAttempt:
     """One attempt on a challenge: counted (``verify_two_factor_session`` compares the code in
-    the same statement; after ``count_two_factor_attempt`` the application compares it), or
+    the same call; after ``count_two_factor_attempt`` the application compares it), or
     refused because the challenge's device is throttled (``throttled``: nothing counted or
     compared)."""
 
@@ -429,8 +429,9 @@ class TwoFactorAttempt:
     compared and the attempt not counted; try again after ``throttled_until``."""
     throttled_until: dt.datetime | None = attrs.field(default=None, converter=_opt_utc)
     """Until when the device refuses code checks: for a throttled refusal, when to try again;
-    after a wrong code (``verify_two_factor_session``), the throttle it set; otherwise
-    ``None``."""
+    after a wrong code (``verify_two_factor_session``), the throttle it set; for a code attempt
+    counted by ``count_two_factor_attempt``, the throttle its charge set (when the next code is
+    taken if this one is wrong); otherwise (a right code, a backup-code attempt) ``None``."""
 
     @property
     def attempts_left(self) -> int:

@@ -7,15 +7,16 @@
 -- is the transaction's start, so a credential that expired since would still pass.
 -- Throttle (migration 0018): after n consecutive wrong codes a device refuses code checks for
 -- 2^(n-1) seconds, at most 15 minutes (throttled_until), and a right code resets it. One
--- formula, in verify_two_factor_session (for a code found wrong) and count_two_factor_attempt
--- (for a code let through to the application's check, charged before it is checked): the new
--- throttled_until is statement_timestamp() plus that delay, never earlier than the one already
--- set. In SQL the delay is 2 ^ the count before this failure (n - 1), whose exponent stops at 10
--- (past the cap) so the power cannot overflow; the count saturates below the integer limit.
--- Lock order: a statement that locks both a device and one of its challenges locks the device
+-- formula, in the functions verify_two_factor_session (for a code found wrong) and
+-- count_two_factor_attempt (for a code let through to the application's check, charged before
+-- it is checked), both in migration 0018: the new throttled_until is statement_timestamp() plus
+-- that delay, never earlier than the one already set. In SQL the delay is 2 ^ the count before
+-- this failure (n - 1), whose exponent stops at 10 (past the cap) so the power cannot
+-- overflow; the count saturates below the integer limit.
+-- Lock order: a call that locks both a device and one of its challenges locks the device
 -- first, as deleting a device or its user does (the cascade deletes the challenges after it),
--- so two such statements never wait for each other in a cycle. An application transaction
--- keeps that order by writing the device (record_totp_step) before the challenge
+-- so two such calls never wait for each other in a cycle. An application transaction keeps
+-- that order by writing the device (record_totp_step) before the challenge
 -- (complete_two_factor_session).
 
 -- name: create_two_factor_device(id, user_id, method, name, verified, phone_number, secret_ciphertext, secret_key_id, metadata)^
@@ -177,136 +178,39 @@ RETURNING id;
 
 -- name: verify_two_factor_session(id, code_hash)^
 -- Count one attempt on an open code challenge and complete it when the digest matches, in one
--- statement that also throttles the challenge's device: a mismatch bumps it, a match resets
--- it. An attempt past the limit or while the device is throttled is never compared.
+-- call that also throttles the challenge's device: a mismatch bumps it, a match resets it. An
+-- attempt past the limit or while the device is throttled is never compared.
 -- Returns (verified, attempt_count, max_attempts, throttled, throttled_until): a counted
 -- attempt with the device's new throttled_until (NULL after a match); or, while the device is
 -- throttled, a row with throttled true and the challenge's count unchanged. No row when the
 -- limit is reached, or the challenge is completed, expired, missing, has no stored code or its
--- login session has ended. The device is locked first, then the challenge (lock order above);
--- a lock waiter reads both as the winner left them, so a throttle set meanwhile refuses it,
--- concurrent attempts never pass the limit, one match wins and every mismatch bumps.
-WITH target AS (
-  -- The challenge's device, locked: its throttle as of now, not of the statement's snapshot.
-  SELECT d.id, d.throttled_until, coalesce(d.throttled_until > statement_timestamp(), false)
-         AS throttled
-    FROM kitium_auth.twofa_devices AS d
-   WHERE d.id = (SELECT s.device_id FROM kitium_auth.twofa_sessions AS s WHERE s.id = :id)
-     FOR NO KEY UPDATE
-), picked AS (
-  -- The challenge, locked if it is open; the guards are re-checked on the latest row.
-  SELECT s.id, s.attempt_count, s.max_attempts, target.throttled, target.throttled_until
-    FROM kitium_auth.twofa_sessions AS s
-    JOIN target ON target.id = s.device_id
-   WHERE s.id = :id
-     AND s.code_hash IS NOT NULL
-     AND s.attempt_count < s.max_attempts
-     AND s.completed_at IS NULL
-     AND s.expires_at > statement_timestamp()
-     AND EXISTS (SELECT 1 FROM kitium_auth.sessions
-                  WHERE sessions.id = s.session_id
-                    AND sessions.user_id = s.user_id
-                    AND sessions.expires_at > statement_timestamp())
-     FOR NO KEY UPDATE OF s
-), updated AS (
-  -- The locked row, counted (and compared) only when the device is not throttled.
-  UPDATE kitium_auth.twofa_sessions AS s
-     SET attempt_count = s.attempt_count + 1,
-         completed_at = CASE WHEN s.code_hash = :code_hash THEN statement_timestamp() END
-    FROM picked
-   WHERE s.id = picked.id AND NOT picked.throttled
-  RETURNING s.device_id, s.completed_at IS NOT NULL AS verified, s.attempt_count,
-            s.max_attempts
-), touched AS (
-  -- A mismatch bumps the device; a match resets it, unless there is nothing to reset.
-  UPDATE kitium_auth.twofa_devices AS d
-     SET throttle_failures = CASE WHEN updated.verified THEN 0
-                                  ELSE least(d.throttle_failures, 2147483646) + 1 END,
-         throttled_until = CASE WHEN updated.verified THEN NULL
-                                ELSE greatest(
-                                  d.throttled_until,
-                                  statement_timestamp()
-                                  + least(interval '1 second' * 2 ^ least(d.throttle_failures, 10),
-                                          interval '15 minutes')) END
-    FROM updated
-   WHERE d.id = updated.device_id
-     AND NOT (updated.verified AND d.throttle_failures = 0 AND d.throttled_until IS NULL)
-  RETURNING d.throttled_until
-)
-SELECT updated.verified, updated.attempt_count, updated.max_attempts, false AS throttled,
-       touched.throttled_until
-  FROM updated LEFT JOIN touched ON true
-UNION ALL
-SELECT false, picked.attempt_count, picked.max_attempts, true, picked.throttled_until
-  FROM picked
- WHERE picked.throttled;
+-- login session has ended. The function (migration 0018) locks the device first, then the
+-- challenge (lock order above), each in a statement of its own, and writes them in further
+-- statements that read both as locked: a lock waiter sees what the winner left, so a throttle
+-- set meanwhile refuses it, concurrent attempts never pass the limit, one match wins and every
+-- mismatch bumps.
+SELECT verified, attempt_count, max_attempts, throttled, throttled_until
+  FROM kitium_auth.verify_two_factor_session(:id, :code_hash);
 
 -- name: count_two_factor_attempt(id, backup_code)^
 -- Count one attempt on an open challenge whose answer the application checks itself (a TOTP
 -- code; a backup code when backup_code, or on a challenge with method 'backup_code'), before it
 -- is checked. A code attempt is refused while the challenge's device is throttled, and one that
 -- is let through is charged to the device as a wrong code (the throttle formula above) in this
--- same statement: a right code then clears it (record_totp_step). Charged before the check, so
+-- same call: a right code then clears it (record_totp_step). Charged before the check, so
 -- concurrent guesses on any of the device's challenges are compared one per throttle window:
 -- each later one waits for the device's lock and finds the throttle set. A backup-code attempt
 -- is counted whatever the throttle and charges nothing (backup codes are not the device's).
 -- Returns (verified false, attempt_count, max_attempts, throttled, throttled_until): the new
--- count; or, while the device is throttled, a row with throttled true, the count unchanged
--- and the device's throttled_until. No row when the limit is reached, or the challenge is
--- completed, expired, missing or its login session has ended. Locks the device, then the
--- challenge (lock order above); a lock waiter reads both as the winner left them, so
--- concurrent calls never pass the limit.
-WITH target AS (
-  -- The challenge's device, locked: its throttle as of now, not of the statement's snapshot.
-  SELECT d.id, d.throttled_until, coalesce(d.throttled_until > statement_timestamp(), false)
-         AS throttled
-    FROM kitium_auth.twofa_devices AS d
-   WHERE d.id = (SELECT s.device_id FROM kitium_auth.twofa_sessions AS s WHERE s.id = :id)
-     FOR NO KEY UPDATE
-), picked AS (
-  -- The challenge, locked if it is open; the guards are re-checked on the latest row.
-  SELECT s.id, s.device_id, s.attempt_count, s.max_attempts, target.throttled_until,
-         s.method <> 'backup_code' AND NOT :backup_code AS code,
-         target.throttled AND s.method <> 'backup_code' AND NOT :backup_code AS throttled
-    FROM kitium_auth.twofa_sessions AS s
-    JOIN target ON target.id = s.device_id
-   WHERE s.id = :id
-     AND s.attempt_count < s.max_attempts
-     AND s.completed_at IS NULL
-     AND s.expires_at > statement_timestamp()
-     AND EXISTS (SELECT 1 FROM kitium_auth.sessions
-                  WHERE sessions.id = s.session_id
-                    AND sessions.user_id = s.user_id
-                    AND sessions.expires_at > statement_timestamp())
-     FOR NO KEY UPDATE OF s
-), updated AS (
-  -- The locked row, counted only when its device is not throttled.
-  UPDATE kitium_auth.twofa_sessions AS s
-     SET attempt_count = s.attempt_count + 1
-    FROM picked
-   WHERE s.id = picked.id AND NOT picked.throttled
-  RETURNING s.attempt_count, s.max_attempts
-), charged AS (
-  -- A code let through is charged to its device now, as a wrong one.
-  UPDATE kitium_auth.twofa_devices AS d
-     SET throttle_failures = least(d.throttle_failures, 2147483646) + 1,
-         throttled_until = greatest(
-           d.throttled_until,
-           statement_timestamp()
-           + least(interval '1 second' * 2 ^ least(d.throttle_failures, 10),
-                   interval '15 minutes'))
-    FROM picked
-   WHERE d.id = picked.device_id AND picked.code AND NOT picked.throttled
-     AND EXISTS (SELECT 1 FROM updated)
-  RETURNING d.id
-)
-SELECT false AS verified, updated.attempt_count, updated.max_attempts, false AS throttled,
-       NULL::timestamptz AS throttled_until
-  FROM updated
-UNION ALL
-SELECT false, picked.attempt_count, picked.max_attempts, true, picked.throttled_until
-  FROM picked
- WHERE picked.throttled;
+-- count and, for a code attempt, the throttle its charge set (NULL for a backup-code attempt);
+-- or, while the device is throttled, a row with throttled true, the count unchanged and the
+-- device's throttled_until. No row when the limit is reached, or the challenge is completed,
+-- expired, missing or its login session has ended. The function (migration 0018) locks the
+-- device, then the challenge (lock order above), each in a statement of its own, then writes
+-- them: a lock waiter reads both as the winner left them, so concurrent calls never pass the
+-- limit.
+SELECT verified, attempt_count, max_attempts, throttled, throttled_until
+  FROM kitium_auth.count_two_factor_attempt(:id, :backup_code);
 
 -- name: delete_two_factor_session(id)!
 -- Delete one challenge, completed, expired or not.

@@ -886,6 +886,7 @@ async def test_a_code_attempt_let_through_is_charged_to_the_device(
         stored: TwoFactorDevice | None = await storage.get_two_factor_device(device.id)
         assert stored is not None and stored.throttled_until is not None
         assert before + wait <= stored.throttled_until <= after + wait
+        assert attempt.throttled_until == stored.throttled_until  # the throttle it set
         return stored.throttled_until
 
     await charged(dt.timedelta(seconds=1))
@@ -946,7 +947,14 @@ async def test_count_two_factor_attempt_refuses_while_the_device_is_throttled(
     session = await storage.create_session(user_id=user.id, expires_at=_in(minutes=5))
     challenge = await _challenge(storage, user, device=device, session_id=session.id)
     first = await storage.count_two_factor_attempt(challenge.id)
-    assert first == TwoFactorAttempt(verified=False, attempt_count=1, max_attempts=5)
+    after_first = await storage.get_two_factor_device(device.id)
+    assert after_first is not None and after_first.throttled_until is not None
+    assert first == TwoFactorAttempt(
+        verified=False,
+        attempt_count=1,
+        max_attempts=5,
+        throttled_until=after_first.throttled_until,  # the charge it set
+    )
     assert first.attempts_left == 4
     _set_throttle(dsn, device.id, until="hour")  # as if the code was wrong and time stood
     charged = await storage.get_two_factor_device(device.id)
@@ -979,7 +987,8 @@ async def test_count_two_factor_attempt_refuses_while_the_device_is_throttled(
 
     _set_throttle(dsn, device.id)  # the throttle is over
     third = await storage.count_two_factor_attempt(challenge.id)
-    assert third == TwoFactorAttempt(verified=False, attempt_count=3, max_attempts=5)
+    assert third is not None and third.throttled_until is not None
+    assert (third.verified, third.attempt_count, third.throttled) == (False, 3, False)
     step = int(dt.datetime.now(dt.UTC).timestamp()) // 30
     assert await storage.record_totp_step(device.id, step) is True  # a right code
     assert await storage.complete_two_factor_session(challenge.id) is True
@@ -1020,7 +1029,7 @@ async def test_an_attempt_waiting_on_a_concurrent_failure_sees_its_throttle(
             " throttled_until = now() + interval '1 hour' WHERE id = %s",
             [device.id],
         )
-        watcher = release_when_waiting(dsn, holder, "twofa_devices AS d")
+        watcher = release_when_waiting(dsn, holder, f"kitium_auth.{method}(")
         [outcome] = await race(storage, 1, method, *args)
         watcher.join()
         assert watcher.seen  # type: ignore[attr-defined]
@@ -1054,7 +1063,7 @@ async def test_a_wrong_code_waiting_on_a_concurrent_failure_bumps_after_it(
             " throttled_until = now() - interval '1 second' WHERE id = %s",
             [device.id],
         )
-        watcher = release_when_waiting(dsn, holder, "twofa_devices AS d")
+        watcher = release_when_waiting(dsn, holder, "kitium_auth.verify_two_factor_session(")
         [outcome] = await race(storage, 1, "verify_two_factor_session", challenge.id, _hash("6"))
         watcher.join()
         assert watcher.seen  # type: ignore[attr-defined]
@@ -1065,6 +1074,39 @@ async def test_a_wrong_code_waiting_on_a_concurrent_failure_bumps_after_it(
     bumped = await storage.get_two_factor_device(device.id)
     assert bumped is not None
     assert (bumped.throttle_failures, bumped.throttled_until) == (2, outcome.throttled_until)
+
+
+async def test_attempts_are_not_counted_inside_a_transaction(storage: Any, email: str) -> None:
+    """Counting inside a caller's transaction would let a rollback (after a wrong guess) undo
+    the count and the device's charge: every guess would be free. The three counting calls
+    refuse a transaction's view, before anything runs, and the challenge and device stay as
+    they were."""
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    challenge = await _challenge(storage, user, device=device)
+    coded = await _challenge(storage, user, device=device, method="sms", code_hash=_hash("5"))
+    calls: list[tuple[str, tuple[Any, ...]]] = [
+        ("count_two_factor_attempt", (challenge.id,)),
+        ("increment_two_factor_attempts", (challenge.id,)),
+        ("verify_two_factor_session", (coded.id, _hash("5"))),
+    ]
+    for name, args in calls:
+        async with storage.transaction() as tx:
+            with pytest.raises(ValidationError) as caught:
+                await getattr(tx, name)(*args)
+            assert caught.value.field == "transaction"
+            assert name in str(caught.value)
+            assert await tx.get_two_factor_session(challenge.id) == challenge  # tx still usable
+    with pytest.raises(ValidationError) as caught:
+        async with storage.transaction() as tx:
+            await tx.count_two_factor_attempt(challenge.id, backup_code=True)
+    assert caught.value.field == "transaction"
+    assert await storage.get_two_factor_session(challenge.id) == challenge
+    assert await storage.get_two_factor_session(coded.id) == coded
+    assert await storage.get_two_factor_device(device.id) == device
+    # On the adapter itself they count (and charge) as usual.
+    attempt = await storage.count_two_factor_attempt(challenge.id)
+    assert attempt is not None and attempt.attempt_count == 1
 
 
 async def test_retried_completion_recognises_its_own_win(storage: Any, email: str) -> None:

@@ -41,6 +41,16 @@ def _code_hash(field: str, value: object) -> str:
 class TwoFactor(Core):
     """Two-factor device, backup code and challenge methods of the sync adapter."""
 
+    def _outside_transaction(self, name: str) -> None:
+        # Attempt counting commits on its own: inside a caller's transaction that rolls back,
+        # the count and the device's charge would go with it, and the guess would be free.
+        if self._conn is not None:
+            raise ValidationError(
+                "transaction",
+                f"{name} must commit on its own (a rollback would undo the count and the"
+                " throttle): call it on the adapter, not on a transaction",
+            )
+
     # -- devices -----------------------------------------------------------------------------
 
     def _device(
@@ -334,7 +344,7 @@ class TwoFactor(Core):
     ) -> TwoFactorAttempt | None:
         """Count one attempt on a code challenge and complete it when ``code_hash`` (the digest
         of the code presented, made as for ``create_two_factor_session``) matches the stored one;
-        the same statement throttles the challenge's device (see ``TwoFactorDevice``): a wrong
+        the same call throttles the challenge's device (see ``TwoFactorDevice``): a wrong
         code bumps it, a right one resets it.
 
         Returns the attempt: ``verified`` is ``True`` for the one call that completed the
@@ -345,12 +355,14 @@ class TwoFactor(Core):
         ``None`` when no attempt can be made: the limit is reached, or the challenge is
         completed, expired, unknown or was created without a ``code_hash`` (TOTP and
         backup-code challenges are checked by the application: ``count_two_factor_attempt``).
-        One guarded statement: an attempt past the limit or while the device is throttled is
+        One guarded call: an attempt past the limit or while the device is throttled is
         never compared, of concurrent callers with the right code exactly one is verified, and
         concurrent wrong codes each bump the device. Raises ``ValidationError`` for a malformed
-        id or digest. Never retried by the adapter: after a lost acknowledgement a retry would
-        count twice.
+        id or digest, and (naming ``transaction``) on a transaction's view: the attempt and
+        the throttle commit on their own, or a rollback would make the guess free. Never
+        retried by the adapter: after a lost acknowledgement a retry would count twice.
         """
+        self._outside_transaction("verify_two_factor_session")
         params = {"id": v.uuid_arg("id", id), "code_hash": _code_hash("code_hash", code_hash)}
         return self._one("verify_two_factor_session", params, TwoFactorAttempt, retry=Retry.NEVER)
 
@@ -363,22 +375,28 @@ class TwoFactor(Core):
         Returns the attempt (``verified`` is always ``False``: check the answer next; for a
         right TOTP code call ``record_totp_step``, which also clears the throttle, then
         ``complete_two_factor_session``). A code attempt let through is charged to the device
-        as a wrong code in the same statement, before it is checked, and a right code clears
-        the charge: so however many guesses arrive at once, on however many of the device's
-        challenges, one is let through per throttle window and the others wait for it and are
-        refused. While the device is throttled a code attempt is refused: ``throttled`` is
-        ``True``, nothing is counted, ``throttled_until`` says when to try again, and the code
-        must not be checked. A backup-code attempt (``backup_code=True``, or any attempt on a
-        challenge opened with ``method="backup_code"``) is counted against ``max_attempts``
-        whatever the throttle and charges nothing: backup codes are not the device's, and are
-        the way back in while someone keeps the device throttled. ``None`` when no attempt can
-        be made: the limit is reached, or the challenge is completed, expired or unknown.
+        as a wrong code in the same call, before it is checked, and a right code clears the
+        charge: ``throttled_until`` is the throttle that charge set, when the next code is
+        taken if this one is wrong. So however many guesses arrive at once, on however many of
+        the device's challenges, one is let through per throttle window and the others wait for
+        it and are refused. While the device is throttled a code attempt is refused:
+        ``throttled`` is ``True``, nothing is counted, ``throttled_until`` says when to try
+        again, and the code must not be checked. A backup-code attempt (``backup_code=True``,
+        or any attempt on a challenge opened with ``method="backup_code"``) is counted against
+        ``max_attempts`` whatever the throttle and charges nothing (``throttled_until`` is
+        ``None``): backup codes are not the device's, and are the way back in while someone
+        keeps the device throttled. ``None`` when no attempt can be made: the limit is reached,
+        or the challenge is completed, expired or unknown.
 
-        One guarded statement: of concurrent calls on a challenge with ``max_attempts=n``
-        exactly ``n`` are counted (1 to n). Raises ``ValidationError`` for a malformed id or a
-        ``backup_code`` that is not a bool. Never retried by the adapter: after a lost
-        acknowledgement a retry would count twice.
+        One guarded call: concurrent calls never pass the limit. Of concurrent backup-code
+        attempts on a challenge with ``max_attempts=n`` exactly ``n`` are counted (1 to n); of
+        concurrent code attempts, one per throttle window. Raises ``ValidationError`` for a
+        malformed id or a ``backup_code`` that is not a bool, and on a transaction's view
+        (naming ``transaction``): the count and the charge commit on their own, or a rollback
+        after checking the code would undo them and make the guess free. Never retried by the
+        adapter: after a lost acknowledgement a retry would count twice.
         """
+        self._outside_transaction("count_two_factor_attempt")
         params = {
             "id": v.uuid_arg("id", id),
             "backup_code": v.expect_type("backup_code", backup_code, bool),
@@ -393,10 +411,12 @@ class TwoFactor(Core):
         is charged to the device until a right code clears it, and that method also says why
         an attempt was refused and when to try again.
 
-        Atomic: of concurrent calls on a challenge with ``max_attempts=n`` exactly ``n`` get a
-        count (1 to n), the rest ``None``. Never retried by the adapter: after a lost
-        acknowledgement a retry would count twice.
+        Atomic, and never past the limit: of concurrent calls one per throttle window gets a
+        count (each charges the device), the rest ``None``. Raises ``ValidationError`` on a
+        transaction's view (naming ``transaction``), as ``count_two_factor_attempt`` does.
+        Never retried by the adapter: after a lost acknowledgement a retry would count twice.
         """
+        self._outside_transaction("increment_two_factor_attempts")
         params = {"id": v.uuid_arg("id", id), "backup_code": False}
         attempt = self._one("count_two_factor_attempt", params, TwoFactorAttempt, retry=Retry.NEVER)
         return None if attempt is None or attempt.throttled else attempt.attempt_count
