@@ -135,6 +135,11 @@ def identifier(field: str, value: object, *, max_len: int = 64) -> str:
     return value
 
 
+def opt_identifier(field: str, value: object) -> str | None:
+    """``identifier`` or ``None``."""
+    return None if value is None else identifier(field, value)
+
+
 def strings(field: str, value: object, *, max_items: int = 256, max_len: int = SHORT) -> list[str]:
     """A list of at most ``max_items`` strings (a ``str`` alone is refused: it is almost always
     a mistake). At most ``max_items + 1`` items are drawn from ``value``, so an oversized or
@@ -375,6 +380,11 @@ _ENCODER: Final = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separato
 # json.dumps builds a new encoder on every call made with non-default options (~4 µs).
 
 
+def _is_object(value: object) -> bool:
+    # By type(), as the checks above; a dict skips the ABC check.
+    return type(value) is dict or issubclass(type(value), Mapping)
+
+
 def json_text(field: str, value: object, *, default: str = "{}", obj: bool = True) -> str:
     """``value`` serialised for a ``jsonb`` parameter (``None`` gives ``default``).
 
@@ -383,7 +393,7 @@ def json_text(field: str, value: object, *, default: str = "{}", obj: bool = Tru
     """
     if value is None:
         return default
-    if obj and type(value) is not dict and not issubclass(type(value), Mapping):
+    if obj and not _is_object(value):
         raise ValidationError(field, "must be a JSON object (a dict)")
     value, exact = _checked(field, value)
     try:
@@ -402,7 +412,7 @@ def json_object(field: str, value: object) -> tuple[Mapping[str, Any], bool]:
     lone surrogates are left to the caller's serialisation (``json_text`` checks both)."""
     if value is None:
         return {}, False
-    if type(value) is not dict and not issubclass(type(value), Mapping):  # dict: skip the ABC
+    if not _is_object(value):
         raise ValidationError(field, "must be a JSON object (a dict)")
     checked, exact = _checked(field, value)
     return cast(Mapping[str, Any], checked), exact

@@ -93,7 +93,7 @@ class AsyncEmailVerification(AsyncCore):
         it is not revoked. Raises ``ValidationError`` for a malformed ``type``. Retried on
         transient failures (revoking twice leaves the same state; a retry after a lost
         acknowledgement may report a lower count)."""
-        checked_type = None if type is None else v.identifier("type", type)
+        checked_type = v.opt_identifier("type", type)
         key = v.lookup_email(email)
         if key is None:
             return 0

@@ -75,10 +75,6 @@ def _member_outcome(
     return outcome, OrganizationMember(user_id=user_id, role=role, joined_at=joined_at)
 
 
-def _keep_last(value: object) -> str | None:
-    return None if value is None else v.identifier("keep_last", value)
-
-
 def _last_holder(name: str, org_id: uuid.UUID, role: str) -> ConflictError:
     return ConflictError(
         f"{name}: the user is the last member of organization {org_id} with role {role!r}"
@@ -256,7 +252,7 @@ class Organizations(Core):
         assignments (``assign_role_to_user``) are not changed.
         """
         org, user = v.uuid_arg("org_id", org_id), v.uuid_arg("user_id", user_id)
-        new_role, last = v.identifier("role", role), _keep_last(keep_last)
+        new_role, last = v.identifier("role", role), v.opt_identifier("keep_last", keep_last)
         params = {"org_id": org, "user_id": user, "role": new_role, "keep_last": last}
         result: tuple[str, OrganizationMember | None] | None = self._run(
             "set_organization_member_role", params, retry=Retry.SAFE, make=_member_outcome
@@ -290,7 +286,7 @@ class Organizations(Core):
         last two owners one is refused. A malformed id returns ``False``. Retried on transient
         failures: a retry after a lost acknowledgement may report ``False`` for a membership
         the first attempt removed."""
-        last = _keep_last(keep_last)
+        last = v.opt_identifier("keep_last", keep_last)
         parsed_org, parsed_user = v.parse_uuid(org_id), v.parse_uuid(user_id)
         if parsed_org is None or parsed_user is None:
             return False

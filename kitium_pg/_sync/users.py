@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import _validate as v
 from .._base import UNSET, Consistency, Retry, Unset, metadata_patch_arg, new_id
-from ..errors import ConflictError, NotFoundError, ValidationError
+from ..errors import ConflictError, NotFoundError
 from ..records import OAuthTokens, User
 from .core import Core
 
@@ -50,8 +50,6 @@ class Users(Core):
             "metadata": v.json_text("metadata", metadata),
             "password_hash": v.opt_text("password_hash", password_hash, max_len=v.HASH),
         }
-        if params["email"] is None and params["email_verified_at"] is not None:
-            raise ValidationError("email_verified_at", "needs an email to have been verified")
         user = self._written("create_user", params, User, retry=Retry.SAFE)
         return user
 
