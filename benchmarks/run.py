@@ -120,6 +120,20 @@ NO_FLUSH_SKIP = (
 # own; first READER_IDLE_S seconds of it with nothing else running, for comparison.
 READER_IDLE_S = 3.0
 READER_IDLE_S_QUICK = 0.5
+# The embedded server's shared_buffers: PostgreSQL's default (128 MB) holds less than the
+# 10^6-row scaling tables, so a lookup there would time the OS page cache, not the index.
+SHARED_BUFFERS_FLOOR_MB = 128
+SHARED_BUFFERS_CAP_MB = 2048
+# The scaling curve: the tables its lookups read, and how many lookups are EXPLAINed per size
+# and state to count the pages each one touches.
+SCALING_TABLES = ("users", "oauth_accounts", "sessions")
+PAGE_SAMPLE = 100
+PAGE_SAMPLE_QUICK = 10
+# The statement parameters of a scaling input (as the raw psycopg variant binds them).
+SCALING_PARAMS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "get_user_by_email": lambda email: {"email": email},
+    "get_session": lambda session_id: {"id": session_id},
+}
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -148,6 +162,7 @@ class Config:
     keep_schema: bool
     seed: int
     cpu_layout: str
+    shared_buffers_mb: int
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -209,6 +224,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         type=int,
         help="largest table of the scaling curve: 10^3, 10^4 … up to this (default 1000000;"
         " --quick 10000)",
+    )
+    parser.add_argument(
+        "--shared-buffers",
+        type=int,
+        metavar="MB",
+        help="shared_buffers of the benchmark's own embedded server (default: a quarter of this"
+        f" machine's memory, at most {SHARED_BUFFERS_CAP_MB} MB and at least"
+        f" {SHARED_BUFFERS_FLOOR_MB}, PostgreSQL's usual starting point; with --dsn the"
+        " server's own setting is used and reported)",
     )
     parser.add_argument(
         "--batch-size",
@@ -289,12 +313,27 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         keep_schema=args.keep_schema,
         seed=args.seed,
         cpu_layout=args.cpu_layout or ("os" if args.dsn else "split"),
+        shared_buffers_mb=args.shared_buffers or _default_shared_buffers_mb(),
     )
+    if args.dsn and args.shared_buffers:
+        parser.error("--shared-buffers configures the benchmark's own server, not a --dsn one")
+    if config.shared_buffers_mb < 16:
+        parser.error("--shared-buffers must be at least 16 (MB)")
     if config.users < 10 or config.sessions < 10 or config.api_keys < 10:
         parser.error("--users, --sessions and --api-keys must be at least 10")
     if config.rounds < 1 or config.calls < 1 or config.warmup < 0:
         parser.error("--rounds and --calls must be at least 1, --warmup at least 0")
     return config
+
+
+def _default_shared_buffers_mb() -> int:
+    """A quarter of the machine's memory, between SHARED_BUFFERS_FLOOR_MB and _CAP_MB."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return SHARED_BUFFERS_FLOOR_MB
+    quarter = memory // 4 // 2**20
+    return max(SHARED_BUFFERS_FLOOR_MB, min(SHARED_BUFFERS_CAP_MB, quarter))
 
 
 def _default_batch_size() -> int:
@@ -600,7 +639,19 @@ class Run:
             self.server = EmbeddedPostgres(Path(self.data_dir) / "data")
             self.dsn = self.server.start()
             self.schema = "kitium_bench"
-            where = f"an embedded server in {self.data_dir}"
+            # shared_buffers is read at server start only.
+            wanted = f"{self.config.shared_buffers_mb}MB"
+            with self.admin() as conn:
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(sql.Literal(wanted))
+                )
+            self.server.restart()
+            with self.admin() as conn:
+                row = conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers'))")
+                got = row.fetchone()
+            if got is None or got[0] != self.config.shared_buffers_mb * 2**20:
+                raise RuntimeError(f"the server did not take shared_buffers = {wanted} ({got})")
+            where = f"an embedded server in {self.data_dir} (shared_buffers {wanted})"
         log(f"PostgreSQL: {where}; schema {self.schema}")
         if self.config.cpu_layout != "os":
             with self.admin() as conn:
@@ -1001,6 +1052,12 @@ class Run:
         }
 
     def run_scaling(self) -> None:
+        """get_user_by_email and get_session at 10^3 … ``--scale-max`` rows, twice: "cold", the
+        tables as the seed left them (in the OS page cache, mostly not in shared buffers: COPY
+        and VACUUM go through a small ring of buffers), then "warm", every page of the tables
+        the lookups read loaded into shared buffers with pg_prewarm, as a server whose memory
+        holds them keeps them under traffic. Each state also records the pages a lookup
+        touches (EXPLAIN ANALYZE, BUFFERS on a sample of fresh inputs)."""
         c = self.config
         sizes = [10**k for k in range(3, 8) if 10**k <= c.scale_max]
         adapters: dict[int, tuple[KitiumSync, Inputs]] = {}
@@ -1014,33 +1071,114 @@ class Run:
             variant = KitiumSync(self.dsn, schema)
             variant.open()
             adapters[n] = (variant, Inputs(data, random.Random(c.seed + n)))
-        curves: dict[str, dict[str, Any]] = {}
+        states: dict[str, Any] = {}
+        scaling: dict[str, Any] = {"variant": "kitium-sync", "sizes": sizes, "states": states}
         try:
-            for op in ("get_user_by_email", "get_session"):
-                candidates = [
-                    Candidate(str(n), False, v.op(op), inputs.maker(op))
-                    for n, (v, inputs) in adapters.items()
-                ]
-                samples = self.measure(
-                    "scaling",
-                    candidates,
-                    rounds=c.rounds,
-                    calls=c.calls,
-                    warmup=c.warmup,
-                    batch_seconds=c.batch_seconds,
-                )
-                curves[op] = {
-                    label: {"median_us": s.median_us, "p95_us": s.p95_us, "n": len(s.ns)}
-                    for label, s in samples.items()
-                }
-                log(
-                    f"scaling {op}: "
-                    + ", ".join(f"{n}: {s.median_us:.0f} µs" for n, s in samples.items())
-                )
+            states["cold"] = self.scaling_state("cold", adapters)
+            skipped = self.prewarm([f"{self.schema}_n{n}" for n in sizes])
+            if skipped:
+                log(f"scaling: warm curve not measured: {skipped}")
+                scaling["warm_skipped"] = skipped
+            else:
+                states["warm"] = self.scaling_state("warm", adapters)
         finally:
             for variant, _ in adapters.values():
                 variant.close()
-        self.results["scaling"] = {"variant": "kitium-sync", "sizes": sizes, "curves": curves}
+        self.results["scaling"] = scaling
+
+    def scaling_state(
+        self, state: str, adapters: dict[int, tuple[KitiumSync, Inputs]]
+    ) -> dict[str, Any]:
+        """The curves of one state: per operation and size, the latency and the pages a call
+        touches in shared buffers (hit) and brings in from outside them (read)."""
+        c = self.config
+        sample = PAGE_SAMPLE_QUICK if c.quick else PAGE_SAMPLE
+        curves: dict[str, dict[str, Any]] = {}
+        for op in ("get_user_by_email", "get_session"):
+            candidates = [
+                Candidate(str(n), False, v.op(op), inputs.maker(op))
+                for n, (v, inputs) in adapters.items()
+            ]
+            samples = self.measure(
+                "scaling",
+                candidates,
+                rounds=c.rounds,
+                calls=c.calls,
+                warmup=c.warmup,
+                batch_seconds=c.batch_seconds,
+            )
+            curves[op] = {
+                label: {"median_us": s.median_us, "p95_us": s.p95_us, "n": len(s.ns)}
+                for label, s in samples.items()
+            }
+            for n, (_, inputs) in adapters.items():
+                params = [SCALING_PARAMS[op](inputs.one(op)) for _ in range(sample)]
+                curves[op][str(n)]["pages"] = self.pages_per_call(f"{self.schema}_n{n}", op, params)
+            log(
+                f"scaling {op} ({state}): "
+                + ", ".join(
+                    f"{n}: {s.median_us:.0f} µs, {curves[op][n]['pages']['read']:.1f} pages read"
+                    for n, s in samples.items()
+                )
+            )
+        return curves
+
+    def pages_per_call(
+        self, schema: str, op: str, params: Sequence[dict[str, Any]]
+    ) -> dict[str, float]:
+        """Mean shared-buffer pages one call of ``op`` hits and reads, from EXPLAIN (ANALYZE,
+        BUFFERS) of the adapter's own statement (the top node counts its children's and
+        subqueries' pages too)."""
+        statement = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + sql.SQL(
+            _sql.queries(schema)[op].sql
+        )
+        hit = read = 0
+        with self.admin() as conn:
+            for p in params:
+                row = conn.execute(statement, p).fetchone()
+                assert row is not None
+                plan = row[0][0]["Plan"]
+                hit += plan["Shared Hit Blocks"]
+                read += plan["Shared Read Blocks"]
+        return {"hit": hit / len(params), "read": read / len(params), "sample": len(params)}
+
+    def prewarm(self, schemas: Sequence[str]) -> str | None:
+        """Load the scaling tables and their indexes into shared buffers (pg_prewarm); returns
+        why not when it cannot (no pg_prewarm, or they would not fit)."""
+        with self.admin() as conn:
+            if self.server is not None:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+            elif not conn.execute(
+                "SELECT 1 FROM pg_extension WHERE extname = 'pg_prewarm'"
+            ).fetchone():
+                return "pg_prewarm is not installed in the --dsn database"
+            relations = conn.execute(
+                """SELECT c.oid::regclass::text, pg_relation_size(c.oid)
+                     FROM pg_class AS c
+                     JOIN pg_namespace AS n ON n.oid = c.relnamespace
+                    WHERE n.nspname = ANY(%(schemas)s) AND c.relkind IN ('r', 'i')
+                      AND coalesce((SELECT t.relname FROM pg_index AS i
+                                      JOIN pg_class AS t ON t.oid = i.indrelid
+                                     WHERE i.indexrelid = c.oid), c.relname) = ANY(%(tables)s)""",
+                {"schemas": list(schemas), "tables": list(SCALING_TABLES)},
+            ).fetchall()
+            total = sum(size for _, size in relations)
+            row = conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers'))").fetchone()
+            buffers = row[0] if row else 0
+            # Leave room for the catalogs and the other schemas' hot pages.
+            if total > 0.8 * buffers:
+                return (
+                    f"the tables and indexes ({total / 2**20:.0f} MB) do not fit in 80% of"
+                    f" shared_buffers ({buffers / 2**20:.0f} MB)"
+                )
+            started = time.perf_counter()
+            for name, _ in relations:
+                conn.execute("SELECT pg_prewarm(%s::regclass)", (name,))
+        log(
+            f"scaling: prewarmed {len(relations)} relations, {total / 2**20:.0f} MB,"
+            f" in {time.perf_counter() - started:.1f} s"
+        )
+        return None
 
 
 # -- machine info ------------------------------------------------------------------------------
@@ -1094,7 +1232,9 @@ def machine_info(run: Run) -> dict[str, Any]:
         row = conn.execute("SELECT current_setting('server_version'), version()").fetchone()
         settings = dict(
             conn.execute(
-                "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY(%s)",
+                # current_setting() spells the value with its unit ("128MB"); pg_settings'
+                # setting counts the unit ("16384" of "8kB").
+                "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY(%s)",
                 (["shared_buffers", "max_connections", "fsync", "synchronous_commit", "jit"],),
             ).fetchall()
         )
@@ -1185,6 +1325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batch_size": config.batch_size,
         "seed": config.seed,
         "cpu_layout": config.cpu_layout,
+        "shared_buffers_mb": None if config.dsn else config.shared_buffers_mb,
         "duration_s": round(time.perf_counter() - started, 1),
     }
     results["variants"] = {

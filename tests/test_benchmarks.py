@@ -228,6 +228,49 @@ def test_no_flush_section_on_the_embedded_server(tmp_path: Path) -> None:
     assert sorted(results["claimed"]) == sorted([op, v] for op in ops for v in variants)
 
 
+def test_scaling_on_the_embedded_server_measures_cold_then_warm(tmp_path: Path) -> None:
+    """The run's own server takes --shared-buffers; the scaling section measures the curve as
+    seeded, then with the tables prewarmed into shared buffers, and counts the pages a lookup
+    touches; the flat-scaling check is made on the warm curve."""
+    out = tmp_path / "bench"
+    proc = _run_quick(
+        out,
+        *("--sections", "scaling", "--variants", "kitium-sync"),
+        *("--scale-max", "10000", "--shared-buffers", "256"),
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads((out / "latest.json").read_text())
+    assert results["machine"]["postgresql_settings"]["shared_buffers"] == "256MB"
+    assert results["config"]["shared_buffers_mb"] == 256
+    scaling = results["scaling"]
+    assert "warm_skipped" not in scaling
+    assert set(scaling["states"]) == {"cold", "warm"}
+    for curves in scaling["states"].values():
+        assert set(curves) == {"get_user_by_email", "get_session"}
+        for curve in curves.values():
+            assert set(curve) == {"1000", "10000"}
+            for point in curve.values():
+                assert point["median_us"] > 0
+                # A lookup reads at least an index page and a heap page.
+                assert point["pages"]["hit"] + point["pages"]["read"] >= 2
+    # Every page is in shared buffers once prewarmed.
+    warm = scaling["states"]["warm"]
+    assert all(p["pages"]["read"] == 0 for c in warm.values() for p in c.values())
+    checks = [t for t in results["targets"] if t["target"].startswith("flat scaling")]
+    assert [t["subject"].endswith("(warm)") for t in checks] == [True, True]
+    assert "get_user_by_email (cold)" in (out / "latest.md").read_text()
+
+
+def test_scaling_with_dsn_says_why_there_is_no_warm_curve(quick: QuickRun) -> None:
+    # The test database has no pg_prewarm, and a --dsn run installs no extension.
+    assert quick.returncode == 0, quick.stderr[-5000:]
+    scaling = quick.results["scaling"]
+    if "warm" in scaling["states"]:
+        pytest.skip("the test database has pg_prewarm installed")
+    assert "pg_prewarm is not installed" in scaling["warm_skipped"]
+    assert "Warm curve not measured: pg_prewarm" in (quick.out / "latest.md").read_text()
+
+
 def test_profile_script_prints_every_piece(dsn: str) -> None:
     """``benchmarks/profile_get_session.py``, a few calls per piece: it exits 0 and prints a
     figure for every piece it names, in place ones included (the README quotes this profile)."""
