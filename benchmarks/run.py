@@ -1284,6 +1284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = Run(config, runner)
         run.start_database()
         try:
+            # First, while shared buffers are still empty: the warm curve loads the scaling
+            # tables into them, and into a full pool that would evict some of what it loads.
+            if "scaling" in config.sections:
+                run.run_scaling()
             run.seed_main()
             try:
                 run.open_variants()
@@ -1302,8 +1306,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run.run_no_flush()
             finally:
                 run.close_variants()
-            if "scaling" in config.sections:
-                run.run_scaling()
             machine["load_average_end"] = (
                 list(os.getloadavg()) if hasattr(os, "getloadavg") else None
             )

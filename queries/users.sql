@@ -147,7 +147,9 @@ WITH link AS (
                                          ELSE EXCLUDED.refresh_token_ciphertext END,
          token_expires_at = CASE WHEN EXCLUDED.tokens_key_id IS NULL
                                  THEN o.token_expires_at ELSE EXCLUDED.token_expires_at END,
-         tokens_key_id = coalesce(EXCLUDED.tokens_key_id, o.tokens_key_id)
+         tokens_key_id = coalesce(EXCLUDED.tokens_key_id, o.tokens_key_id),
+         tokens_version = CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                               THEN o.tokens_version ELSE o.tokens_version + 1 END
    WHERE o.user_id = EXCLUDED.user_id
   RETURNING o.user_id, o.provider, o.subject, o.email, o.name, o.linked_at
 )
@@ -170,7 +172,27 @@ SELECT u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlem
 DELETE FROM kitium_auth.oauth_accounts WHERE user_id = :user_id AND provider = :provider;
 
 -- name: get_oauth_tokens(user_id, provider)^
--- A user's encrypted provider tokens at one provider (oauth_accounts__provider_key).
-SELECT access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_expires_at
+-- A user's encrypted provider tokens at one provider, with their version (oauth_accounts__provider_key).
+SELECT access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_expires_at,
+       tokens_version
   FROM kitium_auth.oauth_accounts
  WHERE user_id = :user_id AND provider = :provider;
+
+-- name: update_oauth_tokens(user_id, provider, access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_expires_at, if_version)^
+-- Replace a link's provider tokens, only while it holds version if_version when one is given;
+-- returns the new version, or no row (no link, or another write came first). A retry of this
+-- very write after a lost acknowledgement finds its own access token ciphertext (a random
+-- nonce makes it unique) one version on, and returns that version again without a second bump.
+UPDATE kitium_auth.oauth_accounts AS o
+   SET access_token_ciphertext = :access_token_ciphertext,
+       refresh_token_ciphertext = :refresh_token_ciphertext,
+       tokens_key_id = :tokens_key_id,
+       token_expires_at = :token_expires_at,
+       tokens_version = CASE WHEN o.access_token_ciphertext = :access_token_ciphertext
+                             THEN o.tokens_version ELSE o.tokens_version + 1 END
+ WHERE o.user_id = :user_id AND o.provider = :provider
+   AND (CAST(:if_version AS bigint) IS NULL
+        OR o.tokens_version = :if_version
+        OR (o.tokens_version = :if_version + 1
+            AND o.access_token_ciphertext = :access_token_ciphertext))
+RETURNING o.tokens_version;

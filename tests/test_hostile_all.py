@@ -527,6 +527,16 @@ def int_arg(lo: int, hi: int) -> P:
     )
 
 
+def opt_int_arg(lo: int, hi: int) -> P:
+    """``int_arg`` where ``None`` (leave it out) is well-formed too."""
+    ints = int_arg(lo, hi)
+    return tagged(
+        lambda v: CLEAN if v is None else classify_int(v, lo, hi),
+        st.one_of(ints.clean.map(lambda arg: arg.value), st.none()),
+        ints.hostile.map(lambda arg: arg.value),
+    )
+
+
 def bool_arg() -> P:
     return tagged(
         lambda v: CLEAN if isinstance(v, bool) else BAD,
@@ -1210,6 +1220,19 @@ def check_password(world: World, kwargs: dict[str, Any], result: Any) -> None:
     assert world.api.get_password_hash(kwargs["user_id"]) == kwargs["password_hash"]
 
 
+def check_oauth_tokens(world: World, kwargs: dict[str, Any], result: Any) -> None:
+    if result is None:
+        return  # no such link, or not at that version
+    assert (result.access_token, result.refresh_token, result.expires_at) == (
+        kwargs["access_token"],
+        kwargs.get("refresh_token"),
+        kwargs.get("token_expires_at"),
+    )
+    if kwargs.get("if_version") is not None:
+        assert result.version == kwargs["if_version"] + 1
+    assert world.api.get_oauth_tokens(kwargs["user_id"], kwargs["provider"]) == result
+
+
 def check_oauth(world: World, kwargs: dict[str, Any], result: Any) -> None:
     link = result.oauth[kwargs["provider"]]
     assert link.sub == kwargs["sub"]
@@ -1665,6 +1688,18 @@ def _spec_table() -> dict[str, Spec]:
         "get_oauth_tokens": Spec(
             params={"user_id": uid, "provider": text_arg(255, good=st.just("github") | clean_text)},
             lenient=True,
+        ),
+        "update_oauth_tokens": Spec(
+            params={
+                "user_id": uuid_arg("fresh_user", "user", "random"),
+                "provider": text_arg(255, good=st.just("github") | clean_text),
+                "access_token": text_arg(LONG * 2),
+                "refresh_token": text_arg(LONG * 2, optional=True),
+                "token_expires_at": time_arg(optional=True),
+                "if_version": opt_int_arg(0, 2**63 - 2),
+            },
+            writes=True,
+            check=check_oauth_tokens,
         ),
         # -- sessions and tokens --------------------------------------------------------------
         "create_session": Spec(params=SESSION_PARAMS, writes=True, check=check_session),

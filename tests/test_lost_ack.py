@@ -36,6 +36,7 @@ TOKEN_CONSUME = "UPDATE kitium_auth.email_verification_tokens AS t"
 ATTEMPTS_INSERT = "INSERT INTO kitium_auth.email_verification_token_attempts"
 MEMBER_ADD = "kitium_auth.add_organization_member("
 SSO_LOGOUT = "DELETE FROM kitium_auth.sso_sessions AS s"
+OAUTH_REFRESH = "UPDATE kitium_auth.oauth_accounts AS o"
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +211,26 @@ async def test_rotate_session_token_after_a_lost_ack_gives_the_new_token(
     assert rotated is not None and rotated.session.id == issued.session.id
     assert await via_proxy.validate_session_token(rotated.token) == rotated.session
     assert await via_proxy.validate_session_token(issued.token) is None
+
+
+async def test_a_guarded_oauth_refresh_after_a_lost_ack_returns_its_own_write(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    """The first attempt stored the tokens and moved the version; the retry finds its own
+    ciphertext one version on and returns it, rather than report the refresh as lost (the
+    caller would re-read and see its own tokens, or worse, refresh again)."""
+    user = await via_proxy.create_user()
+    await via_proxy.link_oauth_account(
+        user.id, "gh", sub=str(uuid.uuid4()), access_token="a-1", refresh_token="r-1"
+    )
+    read = await via_proxy.get_oauth_tokens(user.id, "gh")
+    lost = LostAck(proxy, OAUTH_REFRESH)
+    stored = await via_proxy.update_oauth_tokens(
+        user.id, "gh", access_token="a-2", refresh_token="r-2", if_version=read.version
+    )
+    lost.check(sent=2)
+    assert stored is not None and stored.version == read.version + 1
+    assert await via_proxy.get_oauth_tokens(user.id, "gh") == stored
 
 
 async def test_a_guarded_add_after_a_lost_ack_returns_the_membership_it_added(

@@ -357,6 +357,142 @@ async def test_oauth_provider_tokens_are_encrypted_at_rest(
     assert await storage.get_oauth_tokens(user.id, "github") is None
 
 
+async def _linked_with_tokens(storage: Any, email: str, unique: Callable[[str], str]) -> Any:
+    user = await storage.create_user(email=email)
+    await storage.link_oauth_account(
+        user.id, "google", sub=unique("g"), access_token="a-1", refresh_token="r-1"
+    )
+    return user
+
+
+def _stored_oauth_row(dsn: str, user_id: uuid.UUID) -> tuple[Any, ...] | None:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "SELECT access_token_ciphertext, refresh_token_ciphertext, token_expires_at,"
+            " tokens_version FROM kitium_auth.oauth_accounts WHERE user_id = %s",
+            [user_id],
+        ).fetchone()
+
+
+async def test_update_oauth_tokens_stores_a_refresh_over_the_version_it_read(
+    storage: Any, email: str, unique: Callable[[str], str], dsn: str
+) -> None:
+    user = await _linked_with_tokens(storage, email, unique)
+    read = await storage.get_oauth_tokens(user.id, "google")
+    assert read.version == 0  # as linked
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    stored = await storage.update_oauth_tokens(
+        user.id,
+        "google",
+        access_token="a-2",
+        refresh_token="r-2",
+        token_expires_at=expires,
+        if_version=read.version,
+    )
+    assert stored is not None
+    assert (stored.access_token, stored.refresh_token, stored.expires_at) == ("a-2", "r-2", expires)
+    assert stored.version == 1
+    assert await storage.get_oauth_tokens(user.id, "google") == stored
+    row = _stored_oauth_row(dsn, user.id)
+    assert row is not None and b"a-2" not in row[0] and b"r-2" not in row[1]
+    # A refresh over the version read before it: refused, nothing written.
+    assert (
+        await storage.update_oauth_tokens(
+            user.id, "google", access_token="a-3", refresh_token="r-3", if_version=read.version
+        )
+        is None
+    )
+    assert _stored_oauth_row(dsn, user.id) == row
+    # Without if_version the write is unconditional; no refresh token clears the stored one.
+    plain = await storage.update_oauth_tokens(
+        user.id, "google", access_token="a-4", refresh_token=None
+    )
+    assert plain is not None and plain.version == 2 and plain.expires_at is None
+    assert await storage.get_oauth_tokens(user.id, "google") == plain
+    # A re-link without tokens keeps them and their version; with tokens it counts one more.
+    sub = (await storage.get_user(user.id)).oauth["google"].sub
+    await storage.link_oauth_account(user.id, "google", sub=sub, name="relinked")
+    assert (await storage.get_oauth_tokens(user.id, "google")) == plain
+    await storage.link_oauth_account(user.id, "google", sub=sub, access_token="a-5")
+    assert (await storage.get_oauth_tokens(user.id, "google")).version == 3
+    # No link: None.
+    assert (
+        await storage.update_oauth_tokens(user.id, "github", access_token="a", refresh_token=None)
+        is None
+    )
+    assert await storage.get_oauth_tokens(user.id, "github") is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"if_version": -1}, "if_version"),
+        ({"if_version": True}, "if_version"),
+        ({"if_version": 2**63 - 1}, "if_version"),
+        ({"if_version": "1"}, "if_version"),
+        ({"access_token": None}, "access_token"),
+        ({"access_token": ""}, "access_token"),
+        ({"refresh_token": 7}, "refresh_token"),
+        ({"token_expires_at": dt.datetime(2030, 1, 1)}, "token_expires_at"),
+        ({"user_id": "not-a-uuid"}, "user_id"),
+    ],
+)
+async def test_update_oauth_tokens_refuses_bad_input_and_writes_nothing(
+    storage: Any,
+    email: str,
+    unique: Callable[[str], str],
+    dsn: str,
+    kwargs: dict[str, Any],
+    field: str,
+) -> None:
+    user = await _linked_with_tokens(storage, email, unique)
+    before = _stored_oauth_row(dsn, user.id)
+    call: dict[str, Any] = {
+        "user_id": user.id,
+        "provider": "google",
+        "access_token": "a-2",
+        "refresh_token": "r-2",
+        **kwargs,
+    }
+    with pytest.raises(ValidationError) as caught:
+        await storage.update_oauth_tokens(**call)
+    assert caught.value.field == field
+    assert _stored_oauth_row(dsn, user.id) == before
+
+
+async def test_two_refreshes_of_one_version_store_exactly_one(
+    storage: Any, email: str, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Two workers refreshed the same tokens: both updates wait on the link row, then run one
+    after the other; the second finds the version moved and stores nothing (a plain UPDATE
+    would let the later write replace the earlier refresh token, which a rotating provider
+    has already replaced)."""
+    user = await _linked_with_tokens(storage, email, unique)
+    read = await storage.get_oauth_tokens(user.id, "google")
+    calls = [
+        (
+            (user.id, "google"),
+            {"access_token": f"a-{n}", "refresh_token": f"r-{n}", "if_version": read.version},
+        )
+        for n in ("x", "y")
+    ]
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "UPDATE kitium_auth.oauth_accounts SET name = name WHERE user_id = %s", (user.id,)
+        )
+        watcher = release_when_waiting(dsn, holder, "tokens_version = CASE", waiters=2)
+        results = await race_each(storage, "update_oauth_tokens", calls)
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    stored = [r for r in results if r is not None]
+    assert len(stored) == 1 and results.count(None) == 1, results
+    assert stored[0].version == read.version + 1
+    assert await storage.get_oauth_tokens(user.id, "google") == stored[0]
+
+
 async def test_create_returns_the_row_an_attempt_committed_after_the_retry_began(
     storage: Any, dsn: str, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

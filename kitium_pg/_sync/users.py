@@ -261,7 +261,7 @@ class Users(Core):
         )
         if row is None:
             return None
-        access_blob, refresh_blob, key_id, expires_at = row
+        access_blob, refresh_blob, key_id, expires_at, version = row
         row_id = _oauth_row(parsed, provider)
         return OAuthTokens(
             access_token=self._decrypt("oauth_accounts.access_token", row_id, key_id, access_blob),
@@ -269,6 +269,60 @@ class Users(Core):
                 "oauth_accounts.refresh_token", row_id, key_id, refresh_blob
             ),
             expires_at=expires_at,
+            version=version,
+        )
+
+    def update_oauth_tokens(
+        self,
+        user_id: uuid.UUID | str,
+        provider: str,
+        *,
+        access_token: str,
+        refresh_token: str | None,
+        token_expires_at: dt.datetime | None = None,
+        if_version: int | None = None,
+    ) -> OAuthTokens | None:
+        """Store refreshed provider tokens on a user's link to ``provider`` and return them
+        with their new version; ``None`` when there is no link, or when ``if_version`` is given
+        and the link's tokens are no longer that version (another refresh, or a re-link, wrote
+        first: read the tokens again rather than call the provider with a replaced refresh
+        token).
+
+        Both tokens are replaced together (they share one key id): pass the refresh token the
+        provider returned, or the one you refreshed with when it returned none. Encrypted like
+        ``link_oauth_account``'s (``EncryptionKeyError`` without a key). One guarded UPDATE: of
+        two refreshes of one link with the same ``if_version`` exactly one is stored; a retry of
+        this call after a lost acknowledgement recognises its own write and returns it again.
+        """
+        parsed = v.uuid_arg("user_id", user_id)
+        provider = v.text("provider", provider)
+        access = v.text("access_token", access_token, max_len=v.LONG * 2)
+        refresh = v.opt_text("refresh_token", refresh_token, max_len=v.LONG * 2)
+        params: dict[str, Any] = {
+            "token_expires_at": v.opt_timestamp("token_expires_at", token_expires_at),
+            # One below the bigint maximum: the statement compares with if_version + 1.
+            "if_version": None
+            if if_version is None
+            else v.integer("if_version", if_version, maximum=2**63 - 2),
+        }
+        row_id = _oauth_row(parsed, provider)
+        key_id, access_blob = self._encrypt("oauth_accounts.access_token", row_id, access)
+        _, refresh_blob = self._encrypt("oauth_accounts.refresh_token", row_id, refresh)
+        params.update(
+            user_id=parsed,
+            provider=provider,
+            access_token_ciphertext=access_blob,
+            refresh_token_ciphertext=refresh_blob,
+            tokens_key_id=key_id,
+        )
+        row = self._run("update_oauth_tokens", params, retry=Retry.SAFE)
+        if row is None:
+            return None
+        return OAuthTokens(
+            access_token=access,
+            refresh_token=refresh,
+            expires_at=params["token_expires_at"],
+            version=row[0],
         )
 
 
