@@ -558,6 +558,16 @@ def _reader(m: dict[str, Any]) -> str:
     )
 
 
+def _resident(scaling: dict[str, Any]) -> str:
+    shares = {
+        state: share for state, share in scaling.get("resident", {}).items() if share is not None
+    }
+    if not shares:
+        return ""
+    listed = "; ".join(f"{state} {share:.1%}" for state, share in shares.items())
+    return f"Share of those pages in shared buffers before each curve (pg_buffercache): {listed}."
+
+
 def _judged_state(scaling: dict[str, Any]) -> str:
     """The state the flat-scaling target is checked on: warm when it was measured (the
     index's cost, with every size in memory), else cold."""
@@ -570,9 +580,11 @@ def _scaling_table(scaling: dict[str, Any]) -> list[str]:
         "## Scaling (kitium-sync, median µs by table size)",
         "",
         "Each size is its own schema with that many users and sessions; sizes are interleaved."
-        " **cold**: the tables as the seed left them, in the OS page cache but mostly not in"
-        " shared buffers; **warm**: every page of them loaded into shared buffers first"
-        " (pg_prewarm), as on a server whose memory holds them. In brackets, the pages one call"
+        " **cold**: the tables as the seed left them: the indexes and the small tables in"
+        " shared buffers, the large heaps only partly (COPY writes a table through a small ring"
+        " of buffers, its indexes through the shared pool), the rest in the OS page cache;"
+        " **warm**: every page of them loaded into shared buffers first (pg_prewarm), as on a"
+        f" server whose memory holds them. {_resident(scaling)} In brackets, the pages one call"
         " touches / of them, the pages it brings into shared buffers from outside (means over"
         " the EXPLAIN (ANALYZE, BUFFERS) of fresh inputs): a B-tree one level deeper is one page"
         " more. The flat-scaling target is checked on the"
@@ -625,6 +637,16 @@ def _targets_section(results: dict[str, Any]) -> list[str]:
             [[t["target"], t["subject"], f"{t['value']:,.2f}", f"{t['limit']:,g}"] for t in misses],
         )
         out.append("")
+    scaling = results.get("scaling")
+    if scaling and _judged_state(scaling) == "warm":
+        cold = scaling["max_over_min"]["cold"]
+        out += [
+            "Not judged: flat scaling on the cold curve (large heaps partly outside shared"
+            " buffers), "
+            + ", ".join(f"{op} {ratio:.2f}×" for op, ratio in cold.items())
+            + " (see Scaling).",
+            "",
+        ]
     return out
 
 

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,12 +313,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         keep_schema=args.keep_schema,
         seed=args.seed,
         cpu_layout=args.cpu_layout or ("os" if args.dsn else "split"),
-        shared_buffers_mb=args.shared_buffers or _default_shared_buffers_mb(),
+        shared_buffers_mb=(
+            _default_shared_buffers_mb() if args.shared_buffers is None else args.shared_buffers
+        ),
     )
-    if args.dsn and args.shared_buffers:
+    if args.dsn and args.shared_buffers is not None:
         parser.error("--shared-buffers configures the benchmark's own server, not a --dsn one")
-    if config.shared_buffers_mb < 16:
-        parser.error("--shared-buffers must be at least 16 (MB)")
+    memory_mb = _memory_mb()
+    if not 16 <= config.shared_buffers_mb <= (memory_mb or config.shared_buffers_mb):
+        parser.error(f"--shared-buffers must be between 16 and this machine's {memory_mb} (MB)")
     if config.users < 10 or config.sessions < 10 or config.api_keys < 10:
         parser.error("--users, --sessions and --api-keys must be at least 10")
     if config.rounds < 1 or config.calls < 1 or config.warmup < 0:
@@ -326,14 +329,27 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     return config
 
 
-def _default_shared_buffers_mb() -> int:
-    """A quarter of the machine's memory, between SHARED_BUFFERS_FLOOR_MB and _CAP_MB."""
+def _memory_mb() -> int | None:
+    """The memory this process may use, in MB: the machine's, or its cgroup's limit when that
+    is lower (a container on a larger host); ``None`` when neither can be read."""
+    limits = []
+    with suppress(AttributeError, OSError, ValueError):
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        text = "max"
+    if text.isdigit():
+        limits.append(int(text))
+    return min(limits) // 2**20 if limits else None
+
+
+def _default_shared_buffers_mb() -> int:
+    """A quarter of the memory, between SHARED_BUFFERS_FLOOR_MB and SHARED_BUFFERS_CAP_MB."""
+    memory = _memory_mb()
+    if memory is None:
         return SHARED_BUFFERS_FLOOR_MB
-    quarter = memory // 4 // 2**20
-    return max(SHARED_BUFFERS_FLOOR_MB, min(SHARED_BUFFERS_CAP_MB, quarter))
+    return max(SHARED_BUFFERS_FLOOR_MB, min(SHARED_BUFFERS_CAP_MB, memory // 4))
 
 
 def _default_batch_size() -> int:
@@ -686,10 +702,14 @@ class Run:
                 for schema in self.schemas:
                     conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
             log(f"dropped schemas {', '.join(self.schemas)}")
-        if self.server is not None:
-            self.server.stop()
-        if self.data_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+        try:
+            if self.server is not None:
+                self.server.stop()
+        except Exception as exc:  # a server that failed to (re)start: remove its files anyway
+            log(f"could not stop the server ({exc})")
+        finally:
+            if self.data_dir:
+                shutil.rmtree(self.data_dir, ignore_errors=True)
 
     # setup ------------------------------------------------------------------------------------
 
@@ -1053,11 +1073,13 @@ class Run:
 
     def run_scaling(self) -> None:
         """get_user_by_email and get_session at 10^3 … ``--scale-max`` rows, twice: "cold", the
-        tables as the seed left them (in the OS page cache, mostly not in shared buffers: COPY
-        and VACUUM go through a small ring of buffers), then "warm", every page of the tables
-        the lookups read loaded into shared buffers with pg_prewarm, as a server whose memory
-        holds them keeps them under traffic. Each state also records the pages a lookup
-        touches (EXPLAIN ANALYZE, BUFFERS on a sample of fresh inputs)."""
+        tables as the seed left them (the indexes and the small tables in shared buffers, the
+        large heaps only partly: COPY writes a table's pages through a small ring of buffers,
+        its index pages through the shared pool; the rest is in the OS page cache), then
+        "warm", every page of the tables the lookups read loaded into shared buffers with
+        pg_prewarm, as a server whose memory holds them keeps them under traffic. Each state
+        records the share of those pages in shared buffers (pg_buffercache) and the pages a
+        lookup touches (EXPLAIN ANALYZE, BUFFERS on a sample of fresh inputs)."""
         c = self.config
         sizes = [10**k for k in range(3, 8) if 10**k <= c.scale_max]
         adapters: dict[int, tuple[KitiumSync, Inputs]] = {}
@@ -1072,14 +1094,23 @@ class Run:
             variant.open()
             adapters[n] = (variant, Inputs(data, random.Random(c.seed + n)))
         states: dict[str, Any] = {}
-        scaling: dict[str, Any] = {"variant": "kitium-sync", "sizes": sizes, "states": states}
+        resident: dict[str, float | None] = {}
+        scaling: dict[str, Any] = {
+            "variant": "kitium-sync",
+            "sizes": sizes,
+            "states": states,
+            "resident": resident,
+        }
+        schemas = [f"{self.schema}_n{n}" for n in sizes]
         try:
+            resident["cold"] = self.resident(schemas)
             states["cold"] = self.scaling_state("cold", adapters)
-            skipped = self.prewarm([f"{self.schema}_n{n}" for n in sizes])
+            skipped = self.prewarm(schemas)
             if skipped:
                 log(f"scaling: warm curve not measured: {skipped}")
                 scaling["warm_skipped"] = skipped
             else:
+                resident["warm"] = self.resident(schemas)
                 states["warm"] = self.scaling_state("warm", adapters)
         finally:
             for variant, _ in adapters.values():
@@ -1142,26 +1173,59 @@ class Run:
                 read += plan["Shared Read Blocks"]
         return {"hit": hit / len(params), "read": read / len(params), "sample": len(params)}
 
+    def extension(self, conn: psycopg.Connection[Any], name: str) -> bool:
+        """Whether extension ``name`` can be used: created on the benchmark's own server,
+        only looked for in a --dsn database (a run installs nothing there)."""
+        if self.server is not None:
+            conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(name)))
+            return True
+        row = conn.execute("SELECT 1 FROM pg_extension WHERE extname = %s", (name,)).fetchone()
+        return row is not None
+
+    @staticmethod
+    def scaling_relations(
+        conn: psycopg.Connection[Any], schemas: Sequence[str]
+    ) -> list[tuple[str, int]]:
+        """(name, bytes) of the scaling tables and their indexes in ``schemas``."""
+        return conn.execute(
+            """SELECT c.oid::regclass::text, pg_relation_size(c.oid)
+                 FROM pg_class AS c
+                 JOIN pg_namespace AS n ON n.oid = c.relnamespace
+                WHERE n.nspname = ANY(%(schemas)s) AND c.relkind IN ('r', 'i')
+                  AND coalesce((SELECT t.relname FROM pg_index AS i
+                                  JOIN pg_class AS t ON t.oid = i.indrelid
+                                 WHERE i.indexrelid = c.oid), c.relname) = ANY(%(tables)s)""",
+            {"schemas": list(schemas), "tables": list(SCALING_TABLES)},
+        ).fetchall()
+
+    def resident(self, schemas: Sequence[str]) -> float | None:
+        """The share of the scaling relations' pages in shared buffers (pg_buffercache), or
+        ``None`` when the extension cannot be used."""
+        with self.admin() as conn:
+            if not self.extension(conn, "pg_buffercache"):
+                return None
+            relations = self.scaling_relations(conn, schemas)
+            pages = sum(size // 8192 for _, size in relations)
+            row = conn.execute(
+                """SELECT count(*) FROM pg_buffercache AS b
+                    WHERE b.relforknumber = 0  -- the main fork, which pg_relation_size counts
+                      AND b.reldatabase = (SELECT oid FROM pg_database
+                                            WHERE datname = current_database())
+                      AND b.relfilenode = ANY(ARRAY(SELECT pg_relation_filenode(r::regclass)
+                                                      FROM unnest(%s::text[]) AS r))""",
+                ([name for name, _ in relations],),
+            ).fetchone()
+        share = (row[0] if row else 0) / pages if pages else 1.0
+        log(f"scaling: {share:.1%} of the tables' {pages} pages in shared buffers")
+        return share
+
     def prewarm(self, schemas: Sequence[str]) -> str | None:
         """Load the scaling tables and their indexes into shared buffers (pg_prewarm); returns
         why not when it cannot (no pg_prewarm, or they would not fit)."""
         with self.admin() as conn:
-            if self.server is not None:
-                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
-            elif not conn.execute(
-                "SELECT 1 FROM pg_extension WHERE extname = 'pg_prewarm'"
-            ).fetchone():
+            if not self.extension(conn, "pg_prewarm"):
                 return "pg_prewarm is not installed in the --dsn database"
-            relations = conn.execute(
-                """SELECT c.oid::regclass::text, pg_relation_size(c.oid)
-                     FROM pg_class AS c
-                     JOIN pg_namespace AS n ON n.oid = c.relnamespace
-                    WHERE n.nspname = ANY(%(schemas)s) AND c.relkind IN ('r', 'i')
-                      AND coalesce((SELECT t.relname FROM pg_index AS i
-                                      JOIN pg_class AS t ON t.oid = i.indrelid
-                                     WHERE i.indexrelid = c.oid), c.relname) = ANY(%(tables)s)""",
-                {"schemas": list(schemas), "tables": list(SCALING_TABLES)},
-            ).fetchall()
+            relations = self.scaling_relations(conn, schemas)
             total = sum(size for _, size in relations)
             row = conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers'))").fetchone()
             buffers = row[0] if row else 0
@@ -1282,8 +1346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     with asyncio.Runner() as runner:
         run = Run(config, runner)
-        run.start_database()
         try:
+            run.start_database()
             # First, while shared buffers are still empty: the warm curve loads the scaling
             # tables into them, and into a full pool that would evict some of what it loads.
             if "scaling" in config.sections:
