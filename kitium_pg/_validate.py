@@ -36,6 +36,7 @@ HASH: Final = 512
 JSON_BYTES: Final = 1_000_000
 JSON_DEPTH: Final = 32
 INT4_MAX: Final = 2**31 - 1
+INT8_MAX: Final = 2**63 - 1
 # Python's ``\s`` on str patterns is exactly ``str.isspace`` (checked over every code point
 # in tests/test_validate.py), and a quarter of the cost of a generator over the characters.
 _WHITESPACE: Final = re.compile(r"\s")

@@ -82,8 +82,9 @@ class OAuthTokens:
     access_token: str | None = attrs.field(repr=False)
     refresh_token: str | None = attrs.field(repr=False)
     expires_at: dt.datetime | None = attrs.field(converter=_opt_utc)
-    #: 0 as linked, then one more for each write of new tokens; pass it to
-    #: ``update_oauth_tokens`` as ``if_version`` to store a refresh only over what it refreshed.
+    #: Changes with every write of new tokens (an opaque number, never reused for the link; 0
+    #: for tokens untouched since migration 0019); pass it to ``update_oauth_tokens`` as
+    #: ``if_version`` to store a refresh only over what it refreshed.
     version: int = 0
 
 

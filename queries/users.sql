@@ -123,7 +123,7 @@ UPDATE kitium_auth.users SET password_hash = :password_hash WHERE id = :id RETUR
 -- A user's password hash; a row with NULL when the user has none, no row when no user.
 SELECT password_hash FROM kitium_auth.users WHERE id = :id;
 
--- name: link_oauth_account(id, user_id, provider, subject, email, name, access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_expires_at)^
+-- name: link_oauth_account(id, user_id, provider, subject, email, name, access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_expires_at, tokens_version)^
 -- Link an OAuth identity to a user, or refresh it when this user already holds it (provider
 -- tokens are replaced only when new ones are given; they arrive encrypted). Returns no row when
 -- the identity belongs to another user (the caller raises ConflictError). The returned oauth map
@@ -132,10 +132,10 @@ SELECT password_hash FROM kitium_auth.users WHERE id = :id;
 WITH link AS (
   INSERT INTO kitium_auth.oauth_accounts AS o
     (id, user_id, provider, subject, email, name, access_token_ciphertext,
-     refresh_token_ciphertext, tokens_key_id, token_expires_at)
+     refresh_token_ciphertext, tokens_key_id, token_expires_at, tokens_version)
   VALUES
     (:id, :user_id, :provider, :subject, :email, :name, :access_token_ciphertext,
-     :refresh_token_ciphertext, :tokens_key_id, :token_expires_at)
+     :refresh_token_ciphertext, :tokens_key_id, :token_expires_at, :tokens_version)
   ON CONFLICT (provider, subject) DO UPDATE
      SET email = EXCLUDED.email,
          name = EXCLUDED.name,
@@ -149,7 +149,7 @@ WITH link AS (
                                  THEN o.token_expires_at ELSE EXCLUDED.token_expires_at END,
          tokens_key_id = coalesce(EXCLUDED.tokens_key_id, o.tokens_key_id),
          tokens_version = CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                               THEN o.tokens_version ELSE o.tokens_version + 1 END
+                               THEN o.tokens_version ELSE EXCLUDED.tokens_version END
    WHERE o.user_id = EXCLUDED.user_id
   RETURNING o.user_id, o.provider, o.subject, o.email, o.name, o.linked_at
 )
@@ -178,21 +178,19 @@ SELECT access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_e
   FROM kitium_auth.oauth_accounts
  WHERE user_id = :user_id AND provider = :provider;
 
--- name: update_oauth_tokens(user_id, provider, access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_expires_at, if_version)^
--- Replace a link's provider tokens, only while it holds version if_version when one is given;
--- returns the new version, or no row (no link, or another write came first). A retry of this
--- very write after a lost acknowledgement finds its own access token ciphertext (a random
--- nonce makes it unique) one version on, and returns that version again without a second bump.
+-- name: update_oauth_tokens(user_id, provider, access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_expires_at, if_version, tokens_version)^
+-- Replace a link's provider tokens and set their new version (drawn at random by the caller for
+-- this write), only while the link holds version if_version when one is given; returns the
+-- version, or no row (no link, or another write came first). A retry of this very write after
+-- a lost acknowledgement finds its own version stored and writes the same values again.
 UPDATE kitium_auth.oauth_accounts AS o
    SET access_token_ciphertext = :access_token_ciphertext,
        refresh_token_ciphertext = :refresh_token_ciphertext,
        tokens_key_id = :tokens_key_id,
        token_expires_at = :token_expires_at,
-       tokens_version = CASE WHEN o.access_token_ciphertext = :access_token_ciphertext
-                             THEN o.tokens_version ELSE o.tokens_version + 1 END
+       tokens_version = :tokens_version
  WHERE o.user_id = :user_id AND o.provider = :provider
    AND (CAST(:if_version AS bigint) IS NULL
         OR o.tokens_version = :if_version
-        OR (o.tokens_version = :if_version + 1
-            AND o.access_token_ciphertext = :access_token_ciphertext))
+        OR o.tokens_version = :tokens_version)
 RETURNING o.tokens_version;

