@@ -6,12 +6,34 @@
 
 -- name: create_session(id, user_id, org_id, plan, entitlements, metadata, expires_at, token_hash)^
 -- Insert a session (token_hash is the digest of a bearer token's secret, or NULL); a retry with
--- the same id returns the row the first attempt wrote.
-WITH inserted AS (
+-- the same id returns the row the first attempt wrote. A session bound to an organization needs
+-- the user's membership (sessions__member_fkey, migration 0020): without one no row is written
+-- or returned (the caller raises NotFoundError).
+-- Lock order for such a session: the user, the organization, then the membership (KEY SHARE;
+-- each CTE waits for the one before it), all before the insert. The insert's foreign-key checks
+-- take the same locks, but at the end of the statement and in the order of their triggers'
+-- names, which a dump and restore changes; delete_user and delete_organization lock the parent
+-- row first and the memberships by cascade after it, so the membership first would be a cycle.
+WITH owner AS (
+  SELECT u.id
+    FROM kitium_auth.users AS u
+   WHERE u.id = :user_id AND CAST(:org_id AS uuid) IS NOT NULL
+     FOR KEY SHARE
+), org AS (
+  SELECT o.id
+    FROM kitium_auth.organizations AS o
+   WHERE o.id = :org_id AND EXISTS (SELECT FROM owner)
+     FOR KEY SHARE
+), member AS (
+  SELECT m.user_id
+    FROM kitium_auth.organization_members AS m
+   WHERE m.org_id = :org_id AND m.user_id = :user_id AND EXISTS (SELECT FROM org)
+     FOR KEY SHARE
+), inserted AS (
   INSERT INTO kitium_auth.sessions
     (id, user_id, org_id, plan, entitlements, metadata, expires_at, token_hash)
-  VALUES
-    (:id, :user_id, :org_id, :plan, :entitlements, :metadata::jsonb, :expires_at, :token_hash)
+  SELECT :id, :user_id, :org_id, :plan, :entitlements, :metadata::jsonb, :expires_at, :token_hash
+   WHERE CAST(:org_id AS uuid) IS NULL OR EXISTS (SELECT FROM member)
   ON CONFLICT (id) DO NOTHING
   RETURNING id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
 )
@@ -26,18 +48,35 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- name: create_session_with_event(id, user_id, org_id, plan, entitlements, metadata, expires_at, token_hash, event_id, event_type, event_principal_id, event_org_id, event_data, event_ts)^
 -- Insert a session and its audit event (a sign-in) in one statement: both rows or neither, one
 -- round trip, one commit. Both ids are drawn before the first attempt, so a retry writes nothing
--- twice and returns the session the first attempt wrote.
-WITH inserted AS (
+-- twice and returns the session the first attempt wrote. Membership and lock order as in
+-- create_session: without the membership neither row is written.
+WITH owner AS (
+  SELECT u.id
+    FROM kitium_auth.users AS u
+   WHERE u.id = :user_id AND CAST(:org_id AS uuid) IS NOT NULL
+     FOR KEY SHARE
+), org AS (
+  SELECT o.id
+    FROM kitium_auth.organizations AS o
+   WHERE o.id = :org_id AND EXISTS (SELECT FROM owner)
+     FOR KEY SHARE
+), member AS (
+  SELECT m.user_id
+    FROM kitium_auth.organization_members AS m
+   WHERE m.org_id = :org_id AND m.user_id = :user_id AND EXISTS (SELECT FROM org)
+     FOR KEY SHARE
+), inserted AS (
   INSERT INTO kitium_auth.sessions
     (id, user_id, org_id, plan, entitlements, metadata, expires_at, token_hash)
-  VALUES
-    (:id, :user_id, :org_id, :plan, :entitlements, :metadata::jsonb, :expires_at, :token_hash)
+  SELECT :id, :user_id, :org_id, :plan, :entitlements, :metadata::jsonb, :expires_at, :token_hash
+   WHERE CAST(:org_id AS uuid) IS NULL OR EXISTS (SELECT FROM member)
   ON CONFLICT (id) DO NOTHING
   RETURNING id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
 ), event AS (
   INSERT INTO kitium_auth.auth_events (id, type, principal_id, org_id, data, "timestamp")
-  VALUES (:event_id, :event_type, :event_principal_id, :event_org_id, :event_data::jsonb,
-          coalesce(:event_ts::timestamptz, now()))
+  SELECT :event_id, :event_type, :event_principal_id, :event_org_id, :event_data::jsonb,
+         coalesce(:event_ts::timestamptz, now())
+   WHERE CAST(:org_id AS uuid) IS NULL OR EXISTS (SELECT FROM member)
   ON CONFLICT (id) DO NOTHING
 )
 SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
@@ -59,6 +98,31 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- row if the session does not exist or has expired (an expired session is never revived).
 -- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
 -- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
+-- Binding the session to an organization needs the user's membership: sessions__member_fkey
+-- refuses it otherwise (foreign_key_violation). Lock order for that case as in create_session
+-- (the user, the organization, the membership, then the session row): the locks CTE is read
+-- by the WHERE clause, before the UPDATE locks the row it found.
+WITH target AS (
+  SELECT s.user_id
+    FROM kitium_auth.sessions AS s
+   WHERE s.id = :id AND :set_org_id AND CAST(:org_id AS uuid) IS NOT NULL
+), owner AS (
+  SELECT u.id
+    FROM kitium_auth.users AS u
+   WHERE u.id = (SELECT t.user_id FROM target AS t)
+     FOR KEY SHARE
+), org AS (
+  SELECT o.id
+    FROM kitium_auth.organizations AS o
+   WHERE o.id = :org_id AND EXISTS (SELECT FROM owner)
+     FOR KEY SHARE
+), locks AS (
+  SELECT m.user_id
+    FROM kitium_auth.organization_members AS m
+   WHERE m.org_id = :org_id AND m.user_id = (SELECT t.user_id FROM target AS t)
+     AND EXISTS (SELECT FROM org)
+     FOR KEY SHARE
+)
 UPDATE kitium_auth.sessions AS s
    SET org_id       = CASE WHEN :set_org_id THEN :org_id ELSE s.org_id END,
        plan         = CASE WHEN :set_plan THEN :plan ELSE s.plan END,
@@ -68,6 +132,7 @@ UPDATE kitium_auth.sessions AS s
                            ELSE kitium_auth.jsonb_merge_patch(s.metadata,
                                                               :metadata_patch::jsonb) END
  WHERE s.id = :id AND s.expires_at > statement_timestamp()
+   AND (SELECT count(*) FROM locks) >= 0
 RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
           s.created_at, s.updated_at;
 

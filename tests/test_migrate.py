@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import re
@@ -260,7 +261,9 @@ def test_0007_and_0008_up_down_up_correct_provider_types_and_restore_the_referen
             assert f"{schema}.sso_providers.sso_providers__id_type_key" not in before
 
             # Rows 0006 allowed: links and SSO sessions naming another type than their provider's.
-            org = storage.create_organization(name="Old rows", plan="team")
+            org = storage.create_organization(
+                name="Old rows", plan="team", members=[{"user_id": user.id}]
+            )
             saml = storage.create_sso_provider(type="saml", name="ADFS", org_id=org.id)
             mismatched: dict[str, Any] = {
                 "user_id": user.id,
@@ -956,6 +959,107 @@ def test_0017_up_down_up_adds_set_user_roles(dsn: str) -> None:
             assert _functions(dsn, schema) == latest
             assert storage.set_user_roles(user.id, org.id, [writer.id]) == [writer]
             assert storage.get_role_users(reader.id) == []
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+OAUTH_VERSION = "0019_oauth_tokens_version"
+
+
+def test_0019_up_down_up_adds_the_oauth_tokens_version(dsn: str) -> None:
+    """0019 adds oauth_accounts.tokens_version (existing links start at 0, which a guarded
+    refresh can name); its down part drops only that column."""
+    schema = f"mig_{uuid.uuid4().hex[:10]}"
+    try:
+        keys = {"k": base64.b64encode(b"k" * 32).decode()}
+        with PostgresStorageAdapter(dsn, schema=schema, encryption_keys=keys) as storage:
+            user = storage.create_user()  # with the newest schema, which the user queries need
+            storage.link_oauth_account(user.id, "gh", sub="s", access_token="a", refresh_token="r")
+            tokens = storage.get_oauth_tokens(user.id, "gh")
+            assert tokens is not None and tokens.version != 0
+            storage.rollback(steps=_after(OAUTH_VERSION) + 1)
+            with psycopg.connect(dsn) as conn:
+                columns = {
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT column_name FROM information_schema.columns"
+                        " WHERE table_schema = %s AND table_name = 'oauth_accounts'",
+                        [schema],
+                    )
+                }
+            assert "tokens_version" not in columns and "tokens_key_id" in columns
+            assert storage.migrate()[0] == OAUTH_VERSION
+            again = storage.get_oauth_tokens(user.id, "gh")
+            assert again is not None and (again.access_token, again.version) == ("a", 0)
+            stored = storage.update_oauth_tokens(
+                user.id, "gh", access_token="a2", refresh_token="r2", if_version=0
+            )
+            assert stored is not None and stored.version != 0
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+SESSION_MEMBER = "0020_session_membership"
+SESSION_MEMBER_VALID = "0021_validate_session_membership"
+
+
+def test_0020_and_0021_bind_sessions_to_memberships(dsn: str) -> None:
+    """0020 adds sessions__member_fkey NOT VALID: from then on no session can be bound to an
+    organization without its user's membership, and a removal ends the bound sessions by
+    cascade; 0021 deletes the older sessions that break it (and only those) and validates it.
+    Each down part gives back what the part before it left."""
+    schema = f"mig_{uuid.uuid4().hex[:10]}"
+    fkey = f"{schema}.sessions.sessions__member_fkey"
+    definition = (
+        f"FOREIGN KEY (org_id, user_id) REFERENCES {schema}.organization_members(org_id, user_id)"
+        " ON DELETE CASCADE"
+    )
+    later = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+    insert = (
+        f"INSERT INTO {schema}.sessions (id, user_id, org_id, expires_at) VALUES (%s, %s, %s, %s)"
+    )
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            alice, bob = storage.create_user(), storage.create_user()
+            org = storage.create_organization(
+                name="Members", plan="team", members=[{"user_id": alice.id}]
+            )
+            assert _constraints(dsn, schema)[fkey] == (definition, True)
+            storage.rollback(steps=_after(SESSION_MEMBER) + 1)
+            assert fkey not in _constraints(dsn, schema)
+            # Sessions the older schema allowed: one bound to an organization its user is not in.
+            rows = {
+                "member": (uuid.uuid4(), alice.id, org.id, later),
+                "outsider": (uuid.uuid4(), bob.id, org.id, later),
+                "unbound": (uuid.uuid4(), bob.id, None, later),
+            }
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                for row in rows.values():
+                    conn.execute(insert.encode(), row)
+            assert storage.migrate()[:2] == (SESSION_MEMBER, SESSION_MEMBER_VALID)
+            assert _constraints(dsn, schema)[fkey] == (definition, True)
+            assert storage.get_session(rows["outsider"][0]) is None
+            for kept in ("member", "unbound"):
+                assert storage.get_session(rows[kept][0]) is not None
+            if _after(SESSION_MEMBER_VALID):
+                storage.rollback(steps=_after(SESSION_MEMBER_VALID))
+            assert storage.rollback() == (SESSION_MEMBER_VALID,)
+            assert _constraints(dsn, schema)[fkey] == (definition + " NOT VALID", False)
+            # Not yet validated, the reference already acts on every write.
+            with (
+                psycopg.connect(dsn, autocommit=True) as conn,
+                pytest.raises(psycopg.errors.ForeignKeyViolation),
+            ):
+                conn.execute(insert.encode(), (uuid.uuid4(), bob.id, org.id, later))
+            assert storage.rollback() == (SESSION_MEMBER,)
+            assert fkey not in _constraints(dsn, schema)
+            assert storage.migrate()[:2] == (SESSION_MEMBER, SESSION_MEMBER_VALID)
+            assert _constraints(dsn, schema)[fkey] == (definition, True)
+            # A removal ends the member's bound session by cascade.
+            assert storage.remove_organization_member(org.id, alice.id) is True
+            assert storage.get_session(rows["member"][0]) is None
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())

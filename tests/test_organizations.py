@@ -290,7 +290,9 @@ async def test_deleting_an_organization_deletes_its_sso_providers_and_bound_sess
     org = await storage.create_organization(
         name="Going", plan="team", members=[{"user_id": user.id}]
     )
-    other = await storage.create_organization(name="Staying", plan="team")
+    other = await storage.create_organization(
+        name="Staying", plan="team", members=[{"user_id": user.id}]
+    )
     domain = f"{unique('going')}.example"
     provider = await storage.create_sso_provider(
         type="saml", name="Going IdP", org_id=org.id, client_secret="going-secret"
@@ -509,8 +511,8 @@ async def test_removing_a_member_ends_its_sessions_bound_to_the_organization(
     storage: Any, unique: Callable[[str], str]
 ) -> None:
     """The removed user's sessions bound to the organization are deleted with the membership;
-    its other sessions and other members' sessions stay. A session bound to an organization
-    its user does not belong to (create_session does not check) is left alone."""
+    its other sessions and other members' sessions stay. A non-member has no membership to
+    remove and no session bound to the organization (create_session refuses it)."""
     alice, bob, outsider = await _users(storage, unique, 3)
     org = await storage.create_organization(
         name="Bound", plan="team", members=[{"user_id": alice.id}, {"user_id": bob.id}]
@@ -526,7 +528,7 @@ async def test_removing_a_member_ends_its_sessions_bound_to_the_organization(
         await storage.create_session(user_id=alice.id, org_id=other.id, expires_at=_later()),
         await storage.create_session(user_id=alice.id, expires_at=_later()),
         await storage.create_session(user_id=bob.id, org_id=org.id, expires_at=_later()),
-        await storage.create_session(user_id=outsider.id, org_id=org.id, expires_at=_later()),
+        await storage.create_session(user_id=outsider.id, expires_at=_later()),
     ]
     assert await storage.remove_organization_member(org.id, alice.id) is True
     for session in bound:
@@ -546,7 +548,9 @@ async def test_replacing_the_member_set_ends_the_dropped_members_sessions(
         plan="team",
         members=[{"user_id": alice.id}, {"user_id": bob.id}, {"user_id": carol.id}],
     )
-    other = await storage.create_organization(name="Other", plan="team")
+    other = await storage.create_organization(
+        name="Other", plan="team", members=[{"user_id": bob.id}]
+    )
     dropped = [
         await storage.create_session(user_id=u.id, org_id=org.id, expires_at=_later())
         for u in (bob, carol)

@@ -19,6 +19,7 @@ from kitium_pg import (
 )
 from kitium_pg._base import Retry, new_id
 
+from .fix_holder import release_when_waiting
 from .fix_metadata import check_metadata_patch
 
 UTC = dt.UTC
@@ -44,8 +45,20 @@ def org_id(storage: Any, dsn: str) -> uuid.UUID:
     return org
 
 
-async def test_create_and_get_round_trip(storage: Any, email: str, org_id: uuid.UUID) -> None:
+def join(dsn: str, org_id: uuid.UUID, user_id: uuid.UUID) -> None:
+    """Make the user a member of the organization (written directly, as ``org_id`` is)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO kitium_auth.organization_members (org_id, user_id) VALUES (%s, %s)",
+            (org_id, user_id),
+        )
+
+
+async def test_create_and_get_round_trip(
+    storage: Any, email: str, org_id: uuid.UUID, dsn: str
+) -> None:
     user = await storage.create_user(email=email)
+    join(dsn, org_id, user.id)
     plus_five = dt.timezone(dt.timedelta(hours=5))
     expires = dt.datetime.now(plus_five).replace(microsecond=123456) + dt.timedelta(hours=1)
     session = await storage.create_session(
@@ -66,6 +79,62 @@ async def test_create_and_get_round_trip(storage: Any, email: str, org_id: uuid.
     assert session.created_at.tzinfo is UTC
     assert await storage.get_session(session.id) == session
     assert await storage.get_session(str(session.id)) == session
+
+
+async def test_an_organization_bound_session_needs_the_users_membership(
+    storage: Any, email: str, org_id: uuid.UUID, dsn: str
+) -> None:
+    """create_session and issue_session_token (with a sign-in event or without) and
+    update_session refuse to bind a session to an organization its user is not a member of,
+    and write nothing: no session, no event (sessions__member_fkey, migration 0020)."""
+    user = await storage.create_user(email=email)
+    expires = later(hours=1)
+    event = {"type": "login"}
+    kwargs = {"user_id": user.id, "expires_at": expires, "org_id": org_id}
+    for method in ("create_session", "issue_session_token"):
+        for extra in ({}, {"event": event}):
+            with pytest.raises(NotFoundError, match="not a member of the organization"):
+                await getattr(storage, method)(**kwargs, **extra)
+    assert await storage.list_user_sessions(user.id) == []
+    assert (await storage.list_events(principal_id=user.id)).events == ()
+    unbound = await storage.create_session(user_id=user.id, expires_at=expires)
+    with pytest.raises(NotFoundError) as caught:
+        await storage.update_session(unbound.id, org_id=org_id)
+    assert caught.value.code == "foreign_key_violation"
+    assert await storage.get_session(unbound.id) == unbound
+    join(dsn, org_id, user.id)
+    assert (await storage.update_session(unbound.id, org_id=org_id)).org_id == org_id
+    bound = await storage.create_session(**kwargs, event=event)
+    assert bound.org_id == org_id
+    assert [e.type for e in (await storage.list_events(principal_id=user.id)).events] == ["login"]
+
+
+async def test_a_removal_ends_a_bound_session_committed_while_it_ran(
+    storage: Any, email: str, org_id: uuid.UUID, dsn: str
+) -> None:
+    """A session bound to the organization, inserted by a transaction still open when the
+    member's removal starts: its membership check holds the membership row, so the removal
+    waits for it to commit and then ends it by cascade. (remove_organization_member's own
+    DELETE of the user's bound sessions cannot see a row committed after its snapshot: before
+    migration 0020 this session survived the removal.)"""
+    user = await storage.create_user(email=email)
+    join(dsn, org_id, user.id)
+    late = uuid.uuid4()
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "INSERT INTO kitium_auth.sessions (id, user_id, org_id, expires_at)"
+            " VALUES (%s, %s, %s, now() + interval '1 hour')",
+            (late, user.id, org_id),
+        )
+        watcher = release_when_waiting(dsn, holder, "remove_organization_member")
+        assert await storage.remove_organization_member(org_id, user.id) is True
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    assert await storage.get_session(late) is None
+    assert await storage.list_user_sessions(user.id) == []
 
 
 async def test_defaults(storage: Any, email: str) -> None:
@@ -188,7 +257,7 @@ async def test_unknown_user_or_org_is_not_found(storage: Any, email: str) -> Non
         await storage.create_session(
             user_id=user.id, expires_at=later(hours=1), org_id=uuid.uuid4()
         )
-    assert "sessions__org_id_fkey" in str(caught.value)
+    assert "not a member of the organization" in str(caught.value)
     assert await storage.list_user_sessions(user.id) == []
 
 
@@ -211,9 +280,10 @@ async def test_an_expired_session_is_gone_for_reads_and_updates(storage: Any, em
 
 
 async def test_update_changes_only_given_fields(
-    storage: Any, email: str, org_id: uuid.UUID
+    storage: Any, email: str, org_id: uuid.UUID, dsn: str
 ) -> None:
     user = await storage.create_user(email=email)
+    join(dsn, org_id, user.id)
     session = await storage.create_session(
         user_id=user.id,
         expires_at=later(hours=1),

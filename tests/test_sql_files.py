@@ -52,6 +52,9 @@ LOCAL_NAMES = {
     "applying",
     "parents",
     "ended",
+    "owner",
+    "member",
+    "locks",
 }
 
 

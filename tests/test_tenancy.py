@@ -466,6 +466,8 @@ def test_a_tenants_logout_ends_the_app_sessions_of_the_users_it_signed_out(
     betas, shared = providers["beta"], providers["shared"]
     tag = uuid.uuid4().hex[:6]
     dan = owner.create_user(email=f"dan-{tag}@example.com")
+    for org in (alpha, beta):
+        owner.add_organization_member(org.id, dan.id)
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     base = {"user_id": dan.id, "provider_type": "oidc", "provider_subject": "dan"}
     at_beta = owner.create_sso_session(

@@ -13,6 +13,9 @@ from ..errors import NotFoundError
 from ..records import Session
 from .core import AsyncCore
 
+#: Why an organization-bound session was not written (the insert's guard found no membership).
+NOT_A_MEMBER = "the user is not a member of the organization (or either does not exist)"
+
 
 class AsyncSessions(AsyncCore):
     """Session methods of the async adapter.
@@ -37,15 +40,19 @@ class AsyncSessions(AsyncCore):
         ``expires_at`` must be timezone-aware. With ``event`` (a dict like an ``emit_events``
         item: ``type`` required; ``principal_id`` defaults to the user, ``data`` to ``{}``) the
         session and that audit event are written by one statement: both or neither, in one
-        round trip (a sign-in). Raises ``NotFoundError`` when the user (or the organization)
-        does not exist, and ``ValidationError`` for bad input. Retried on transient failures:
+        round trip (a sign-in). A session bound to an organization (``org_id``) needs the user's
+        membership in it, and ends when the membership does (``remove_organization_member``,
+        ``update_organization(members=...)``, deleting the organization). Raises
+        ``NotFoundError`` when the user does not exist or, with ``org_id``, is not a member of
+        that organization (nothing is written, no event either), and ``ValidationError`` for
+        bad input. Retried on transient failures:
         the ids are generated before the first attempt, so a retry after a lost acknowledgement
         returns the same row and writes no second event.
         """
         name, params = _session_insert(
             user_id, expires_at, org_id, plan, entitlements, metadata, event
         )
-        session = await self._written(name, params, Session, retry=Retry.SAFE)
+        session = await self._written(name, params, Session, retry=Retry.SAFE, refused=NOT_A_MEMBER)
         return session
 
     async def get_session(
@@ -82,6 +89,8 @@ class AsyncSessions(AsyncCore):
         removes its key), so concurrent patches of different keys all survive; giving both is a
         ``ValidationError`` naming ``metadata_patch``.
 
+        Binding the session to an organization (``org_id``) needs the user's membership in it:
+        ``NotFoundError`` (code ``foreign_key_violation``) otherwise, nothing changed.
         Raises ``NotFoundError`` when there is no such session or it has expired: an expired
         session is never revived, not even by moving ``expires_at`` forward. Setting values and
         applying a merge patch are idempotent, so transient failures are retried (a retry of a

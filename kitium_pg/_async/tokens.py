@@ -23,7 +23,7 @@ from .. import _validate as v
 from .._base import UNSET, Consistency, Retry, Unset
 from ..records import ApiKey, IssuedApiKey, IssuedSession, Session
 from .api_keys import AsyncApiKeys
-from .sessions import AsyncSessions, _session_insert
+from .sessions import NOT_A_MEMBER, AsyncSessions, _session_insert
 
 
 def _stamp_due(record: ApiKey) -> bool:
@@ -85,7 +85,7 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
             event,
             token_hash=_digest(secret),
         )
-        session = await self._written(name, params, Session, retry=Retry.SAFE)
+        session = await self._written(name, params, Session, retry=Retry.SAFE, refused=NOT_A_MEMBER)
         return IssuedSession(session=session, token=f"{session.id}.{secret}")
 
     async def validate_session_token(

@@ -24,7 +24,7 @@ from .. import _validate as v
 from .._base import UNSET, Consistency, Retry, Unset
 from ..records import ApiKey, IssuedApiKey, IssuedSession, Session
 from .api_keys import ApiKeys
-from .sessions import Sessions, _session_insert
+from .sessions import NOT_A_MEMBER, Sessions, _session_insert
 
 
 def _stamp_due(record: ApiKey) -> bool:
@@ -86,7 +86,7 @@ class Tokens(Sessions, ApiKeys):
             event,
             token_hash=_digest(secret),
         )
-        session = self._written(name, params, Session, retry=Retry.SAFE)
+        session = self._written(name, params, Session, retry=Retry.SAFE, refused=NOT_A_MEMBER)
         return IssuedSession(session=session, token=f"{session.id}.{secret}")
 
     def validate_session_token(
