@@ -545,3 +545,25 @@ async def test_require_permission_under_row_level_security_needs_tenant_scoped(
     assert plain_alpha.status_code == 403, plain_alpha.text
     assert scoped_alpha.status_code == 200 and scoped_alpha.json() == str(alpha.id)
     assert scoped_beta.status_code == 403
+
+
+def test_a_session_is_bound_only_to_the_tenants_own_organization(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any]
+) -> None:
+    """Binding a session to an organization reads the organization and the membership under
+    row-level security: a tenant binds sessions to its own organization (for a member), not to
+    another tenant's, and without a tenant no organization is visible, so none is bound (fail
+    closed; before migration 0020 any caller could bind a session to any organization)."""
+    alpha, beta = tenancy["orgs"]
+    user = tenancy["user"]
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    bound = app.tenant(alpha.id).issue_session_token(
+        user_id=user.id, org_id=alpha.id, expires_at=expires, event={"type": "login"}
+    )
+    assert bound.session.org_id == alpha.id
+    for view in (app.tenant(alpha.id), app):
+        with pytest.raises(NotFoundError):
+            view.create_session(user_id=user.id, org_id=beta.id, expires_at=expires)
+    with pytest.raises(NotFoundError):
+        app.create_session(user_id=user.id, org_id=alpha.id, expires_at=expires)
+    assert [s.org_id for s in tenancy["owner"].list_user_sessions(user.id)] == [alpha.id]
