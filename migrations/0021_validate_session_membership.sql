@@ -4,9 +4,9 @@
 -- sign in again. 0020's reference already checks every write since it committed, so no new
 -- such session can appear while this runs; a removal meanwhile deletes its sessions by cascade.
 --
--- Locks: the DELETE locks only the rows it deletes (found through sessions_org_id_idx); VALIDATE
--- CONSTRAINT takes SHARE UPDATE EXCLUSIVE on sessions and ROW SHARE on organization_members:
--- reads and writes go on while the existing rows are checked.
+-- Locks: the DELETE reads sessions once (an anti-join with organization_members) and locks only
+-- the rows it deletes; VALIDATE CONSTRAINT takes SHARE UPDATE EXCLUSIVE on sessions and ROW
+-- SHARE on organization_members: reads and writes go on while the existing rows are checked.
 
 -- migrate:up
 

@@ -98,14 +98,30 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- row if the session does not exist or has expired (an expired session is never revived).
 -- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
 -- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
--- Binding the session to an organization needs the user's membership: sessions__member_fkey
--- refuses it otherwise (foreign_key_violation). Lock order for that case as in create_session
--- (the user, the organization, the membership, then the session row): the locks CTE is read
--- by the WHERE clause, before the UPDATE locks the row it found.
+-- Binding the session to an organization goes through update_session_org; this one may only
+-- unbind it (org_id NULL).
+UPDATE kitium_auth.sessions AS s
+   SET org_id       = CASE WHEN :set_org_id THEN :org_id ELSE s.org_id END,
+       plan         = CASE WHEN :set_plan THEN :plan ELSE s.plan END,
+       entitlements = CASE WHEN :set_entitlements THEN :entitlements ELSE s.entitlements END,
+       expires_at   = CASE WHEN :set_expires_at THEN :expires_at ELSE s.expires_at END,
+       metadata     = CASE WHEN :set_metadata THEN :metadata::jsonb
+                           ELSE kitium_auth.jsonb_merge_patch(s.metadata,
+                                                              :metadata_patch::jsonb) END
+ WHERE s.id = :id AND s.expires_at > statement_timestamp()
+RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
+          s.created_at, s.updated_at;
+
+-- name: update_session_org(id, org_id, set_plan, plan, set_entitlements, entitlements, set_expires_at, expires_at, set_metadata, metadata, metadata_patch)^
+-- update_session that binds the session to organization org_id: only while its user is a
+-- member (sessions__member_fkey), as the caller sees the membership (under row-level security,
+-- the tenant's); no row otherwise (the caller raises NotFoundError). Lock order as in
+-- create_session: the user, the organization and the membership (KEY SHARE), then the session
+-- row, which the UPDATE locks only after its WHERE clause has read member.
 WITH target AS (
   SELECT s.user_id
     FROM kitium_auth.sessions AS s
-   WHERE s.id = :id AND :set_org_id AND CAST(:org_id AS uuid) IS NOT NULL
+   WHERE s.id = :id
 ), owner AS (
   SELECT u.id
     FROM kitium_auth.users AS u
@@ -116,7 +132,7 @@ WITH target AS (
     FROM kitium_auth.organizations AS o
    WHERE o.id = :org_id AND EXISTS (SELECT FROM owner)
      FOR KEY SHARE
-), locks AS (
+), member AS (
   SELECT m.user_id
     FROM kitium_auth.organization_members AS m
    WHERE m.org_id = :org_id AND m.user_id = (SELECT t.user_id FROM target AS t)
@@ -124,7 +140,7 @@ WITH target AS (
      FOR KEY SHARE
 )
 UPDATE kitium_auth.sessions AS s
-   SET org_id       = CASE WHEN :set_org_id THEN :org_id ELSE s.org_id END,
+   SET org_id       = :org_id,
        plan         = CASE WHEN :set_plan THEN :plan ELSE s.plan END,
        entitlements = CASE WHEN :set_entitlements THEN :entitlements ELSE s.entitlements END,
        expires_at   = CASE WHEN :set_expires_at THEN :expires_at ELSE s.expires_at END,
@@ -132,7 +148,7 @@ UPDATE kitium_auth.sessions AS s
                            ELSE kitium_auth.jsonb_merge_patch(s.metadata,
                                                               :metadata_patch::jsonb) END
  WHERE s.id = :id AND s.expires_at > statement_timestamp()
-   AND (SELECT count(*) FROM locks) >= 0
+   AND EXISTS (SELECT FROM member)
 RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
           s.created_at, s.updated_at;
 

@@ -239,6 +239,10 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
         ),
         ("get_session", lambda: s.get_session(ctx["create_session"].id)),
         ("update_session", lambda: s.update_session(ctx["create_session"].id, plan="pro")),
+        (
+            "update_session[org]",
+            lambda: s.update_session(ctx["create_session"].id, org_id=org(), plan="team"),
+        ),
         ("list_user_sessions", lambda: s.list_user_sessions(user())),
         ("issue_session_token", lambda: s.issue_session_token(user_id=user(), expires_at=_later())),
         (

@@ -54,7 +54,6 @@ LOCAL_NAMES = {
     "ended",
     "owner",
     "member",
-    "locks",
 }
 
 

@@ -555,7 +555,10 @@ def test_a_session_is_bound_only_to_the_tenants_own_organization(
     another tenant's, and without a tenant no organization is visible, so none is bound (fail
     closed; before migration 0020 any caller could bind a session to any organization)."""
     alpha, beta = tenancy["orgs"]
-    user = tenancy["user"]
+    owner = tenancy["owner"]
+    user = owner.create_user(email=f"erin-{uuid.uuid4().hex[:6]}@example.com")
+    for org in (alpha, beta):
+        owner.add_organization_member(org.id, user.id)
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     bound = app.tenant(alpha.id).issue_session_token(
         user_id=user.id, org_id=alpha.id, expires_at=expires, event={"type": "login"}
@@ -566,4 +569,10 @@ def test_a_session_is_bound_only_to_the_tenants_own_organization(
             view.create_session(user_id=user.id, org_id=beta.id, expires_at=expires)
     with pytest.raises(NotFoundError):
         app.create_session(user_id=user.id, org_id=alpha.id, expires_at=expires)
-    assert [s.org_id for s in tenancy["owner"].list_user_sessions(user.id)] == [alpha.id]
+    unbound = app.create_session(user_id=user.id, expires_at=expires)
+    for view, org in ((app, alpha), (app.tenant(alpha.id), beta)):
+        with pytest.raises(NotFoundError):
+            view.update_session(unbound.id, org_id=org.id)
+    assert app.tenant(beta.id).update_session(unbound.id, org_id=beta.id).org_id == beta.id
+    sessions = {s.id: s.org_id for s in owner.list_user_sessions(user.id)}
+    assert sessions == {bound.session.id: alpha.id, unbound.id: beta.id}

@@ -16,7 +16,10 @@ from ..records import Session
 from .core import Core
 
 #: Why an organization-bound session was not written (the insert's guard found no membership).
-NOT_A_MEMBER = "the user is not a member of the organization (or either does not exist)"
+NOT_A_MEMBER = (
+    "the user is not a member of the organization (or either does not exist, or is hidden from"
+    " this tenant)"
+)
 
 
 class Sessions(Core):
@@ -91,9 +94,10 @@ class Sessions(Core):
         removes its key), so concurrent patches of different keys all survive; giving both is a
         ``ValidationError`` naming ``metadata_patch``.
 
-        Binding the session to an organization (``org_id``) needs the user's membership in it:
-        ``NotFoundError`` (code ``foreign_key_violation``) otherwise, nothing changed.
-        Raises ``NotFoundError`` when there is no such session or it has expired: an expired
+        Binding the session to an organization (``org_id``) needs the user's membership in it,
+        as this caller sees it (under row-level security, through ``tenant(org_id)``);
+        ``org_id=None`` unbinds it. Raises ``NotFoundError`` when there is no such membership
+        (nothing changes), and when there is no such session or it has expired: an expired
         session is never revived, not even by moving ``expires_at`` forward. Setting values and
         applying a merge patch are idempotent, so transient failures are retried (a retry of a
         call that moved ``expires_at`` into the past finds the session expired and raises
@@ -112,9 +116,17 @@ class Sessions(Core):
             params[f"set_{field}"] = given
             params[field] = check(value) if given else None
         params["metadata_patch"] = metadata_patch_arg(metadata, metadata_patch)
-        session = self._one("update_session", params, Session, retry=Retry.SAFE)
+        # Binding to an organization takes the membership's locks first: a statement of its
+        # own, so that every other update keeps a plan the server can cache.
+        binds = params.pop("set_org_id") and params["org_id"] is not None
+        name = "update_session_org" if binds else "update_session"
+        params["set_org_id"] = not binds and org_id is not UNSET
+        session = self._one(name, params, Session, retry=Retry.SAFE)
         if session is None:
-            raise NotFoundError(f"update_session: no unexpired session {params['id']}")
+            missing = f"no unexpired session {params['id']}"
+            raise NotFoundError(
+                f"update_session: {missing}" + (f", or {NOT_A_MEMBER}" if binds else "")
+            )
         return session
 
     def delete_session(self, id: uuid.UUID | str) -> bool:
