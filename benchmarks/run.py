@@ -962,15 +962,16 @@ class Run:
         log("login: " + ", ".join(f"{n} {s.median_us:.0f} µs" for n, s in samples.items()))
 
     def settle(self, conn: psycopg.Connection[Any]) -> None:
-        """Write the freshly seeded rows out before a timed purge: a CHECKPOINT, then (on the
-        embedded server, whose files are local) an OS sync. Otherwise the kernel starts writing
-        back the seed's gigabytes of dirty pages ~30 s later (dirty_expire_centisecs), in the
-        middle of the purge, and the commits that meet that writeback wait on their WAL fsync
-        for up to ~300 ms: a stall of the seeding, not of the statement under test."""
+        """Write freshly seeded rows out before timed writes (the operations, a purge): a
+        CHECKPOINT, then (on the embedded server, whose files are local) an OS sync. Otherwise
+        the server's checkpoint and the kernel's writeback of the seed's dirty pages (~30 s
+        later, dirty_expire_centisecs) land in the middle of the measurement, and the commits
+        that meet them wait on their WAL fsync for up to ~300 ms: a stall of the seeding, not
+        of the statement under test."""
         try:
             conn.execute("CHECKPOINT")
         except psycopg.Error as exc:  # --dsn without the pg_checkpoint role
-            log(f"delete_expired_sessions: no CHECKPOINT before timing ({exc.sqlstate})")
+            log(f"no CHECKPOINT before timing ({exc.sqlstate})")
         if self.server is not None:
             os.sync()
 
@@ -1353,6 +1354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "scaling" in config.sections:
                 run.run_scaling()
             run.seed_main()
+            # The scaling tables and the main seed are gigabytes of WAL and dirty pages: written
+            # out now, not during the durable writes measured next.
+            with run.admin() as conn:
+                run.settle(conn)
             try:
                 run.open_variants()
                 # The seeded data is long-lived: keep it out of the collector's way so that its
