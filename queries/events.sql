@@ -88,6 +88,16 @@ SELECT id, type, principal_id, org_id, data, "timestamp"
  ORDER BY "timestamp" DESC, id DESC
  LIMIT :page_size;
 
+-- name: delete_principal_events(principal_id, batch_size)!
+-- Delete at most batch_size events of one principal, whatever their age (served by
+-- auth_events_principal_idx; the caller loops until fewer go). Locked rows are waited for, not
+-- skipped: an erasure must be complete when it returns.
+DELETE FROM kitium_auth.auth_events
+ WHERE id = ANY (ARRAY(SELECT id FROM kitium_auth.auth_events
+                        WHERE principal_id = :principal_id
+                        LIMIT :batch_size
+                        FOR UPDATE));
+
 -- name: prune_events(before, batch_size)!
 -- Delete at most batch_size events older than the bound (the caller loops until fewer go).
 DELETE FROM kitium_auth.auth_events

@@ -736,6 +736,60 @@ async def test_prune_deletes_only_older_events_in_batches(
     assert await storage.prune_events(before=cutoff) == 0
 
 
+async def test_delete_principal_events_erases_one_principal_in_batches(
+    storage: Any, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every event of the principal goes, old and new, in statements of at most batch_size;
+    other principals' events stay. A UUID principal matches its stored text form."""
+    erased, kept = uuid.uuid4(), unique("kept")
+    events = [
+        {
+            "type": "login",
+            "principal_id": erased,
+            "data": {"ip": "192.0.2.1", "n": n},
+            "timestamp": dt.datetime(2001, 1, 1, tzinfo=dt.UTC) + dt.timedelta(days=n),
+        }
+        for n in range(7)
+    ] + [{"type": "login", "principal_id": kept, "data": {}}]
+    assert await storage.emit_events(events) == 8
+    await storage.emit_event(type="logout", principal_id=str(erased), data={})
+    adapter = target(storage)
+    statements: list[str] = []
+    real = adapter._run
+
+    def spy(name: str, *args: Any, **kwargs: Any) -> Any:
+        statements.append(name)
+        return real(name, *args, **kwargs)
+
+    seen: list[int] = []
+    monkeypatch.setattr(adapter, "_run", spy)
+    assert await storage.delete_principal_events(erased, batch_size=3, progress=seen.append) == 8
+    assert statements == ["delete_principal_events"] * 3  # 3+3+2
+    assert seen == [3, 6, 8]
+    monkeypatch.undo()
+    assert (await storage.list_events(principal_id=erased)).events == ()
+    assert len((await storage.list_events(principal_id=kept)).events) == 1
+    assert await storage.delete_principal_events(str(erased)) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"principal_id": ""}, "principal_id"),
+        ({"principal_id": None}, "principal_id"),
+        ({"principal_id": 42}, "principal_id"),
+        ({"principal_id": "p", "batch_size": 0}, "batch_size"),
+        ({"principal_id": "p", "progress": 42}, "progress"),
+    ],
+)
+async def test_delete_principal_events_bad_input_names_the_field(
+    storage: Any, kwargs: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        await storage.delete_principal_events(**kwargs)
+    assert caught.value.field == field
+
+
 async def test_prune_accepts_any_timezone(storage: Any, unique: Callable[[str], str]) -> None:
     principal = unique("p")
     when = ANCIENT + dt.timedelta(hours=3)

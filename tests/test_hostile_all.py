@@ -1220,6 +1220,12 @@ def check_password(world: World, kwargs: dict[str, Any], result: Any) -> None:
     assert world.api.get_password_hash(kwargs["user_id"]) == kwargs["password_hash"]
 
 
+def check_erased(world: World, kwargs: dict[str, Any], result: Any) -> None:
+    assert isinstance(result, int) and result >= 0
+    page = world.api.list_events(principal_id=kwargs["principal_id"])
+    assert page.events == ()
+
+
 def check_oauth_tokens(world: World, kwargs: dict[str, Any], result: Any) -> None:
     if result is None:
         return  # no such link, or not at that version
@@ -1927,6 +1933,9 @@ def _spec_table() -> dict[str, Spec]:
             check=check_page,
         ),
         "prune_events": Spec(params={"before": time_arg(), **BATCH}, writes=True),
+        "delete_principal_events": Spec(
+            params={"principal_id": textid_arg(), **BATCH}, writes=True, check=check_erased
+        ),
         # -- RBAC --------------------------------------------------------------------------------
         "create_role": Spec(
             params={
@@ -2772,6 +2781,8 @@ def test_non_callable_callbacks_are_refused(
                 s.rollback(1)  # something to apply
             signature = inspect.signature(getattr(s, method))
             kwargs: dict[str, Any] = {"before": FUTURE} if "before" in signature.parameters else {}
+            if "principal_id" in signature.parameters:
+                kwargs["principal_id"] = "callback-test"
             if "work" in signature.parameters:
                 kwargs["work"] = 42
             else:

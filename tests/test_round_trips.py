@@ -112,6 +112,7 @@ NOT_SINGLE_ENTITY = frozenset(
         "delete_expired_two_factor_sessions",
         "delete_expired_sso_sessions",
         "prune_events",
+        "delete_principal_events",
     }
 )
 
@@ -762,7 +763,8 @@ async def _expire(adapter: Any, kind: str, rows: int) -> None:
             )
     elif rows:
         old = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
-        events = [{"type": "t", "principal_id": "p", "data": {}, "timestamp": old}] * rows
+        principal = "rt-erased" if kind == "principal_events" else "p"
+        events = [{"type": "t", "principal_id": principal, "data": {}, "timestamp": old}] * rows
         await _done(adapter.emit_events(events))
 
 
@@ -775,11 +777,15 @@ def _cleanup(adapter: Any, kind: str, batch_size: int) -> Callable[[], Any]:
         return lambda: adapter.delete_expired_two_factor_sessions(batch_size=batch_size)
     if kind == "sso_sessions":
         return lambda: adapter.delete_expired_sso_sessions(batch_size=batch_size)
+    if kind == "principal_events":
+        return lambda: adapter.delete_principal_events("rt-erased", batch_size=batch_size)
     before = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
     return lambda: adapter.prune_events(before=before, batch_size=batch_size)
 
 
-@pytest.mark.parametrize("kind", ["sessions", "tokens", "challenges", "sso_sessions", "events"])
+@pytest.mark.parametrize(
+    "kind", ["sessions", "tokens", "challenges", "sso_sessions", "events", "principal_events"]
+)
 async def test_batched_cleanups_cost_one_statement_per_batch(private_one: Any, kind: str) -> None:
     batch_size = 3
     # 0 rows: one (empty) statement; 6: two full batches and the empty one that ends the walk;

@@ -195,6 +195,30 @@ class AsyncEvents(AsyncCore):
             "prune_events", params, batch_size=batch_size, progress=progress
         )
 
+    async def delete_principal_events(
+        self,
+        principal_id: str | uuid.UUID,
+        *,
+        batch_size: int = PRUNE_BATCH,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Delete every event of a principal, whatever its age; returns how many. For erasing a
+        person's data (GDPR's right to erasure): ``delete_user`` keeps the audit events, which
+        name the user by ``principal_id`` and may carry addresses and IPs in ``data``.
+
+        ``principal_id`` is matched as stored (a ``uuid.UUID`` in its canonical text form, as
+        ``emit_event`` stores it). Rows go in statements of at most ``batch_size``; a row
+        another transaction holds locked is waited for, not skipped, so nothing of the
+        principal's that was committed before the call is left when it returns. Events naming
+        the principal only inside ``data``, or emitted meanwhile, are not deleted. Under
+        row-level security (``tenant(org_id)``) only the events the tenant sees go. Each
+        statement is retried on transient failures (deleting is idempotent).
+        """
+        params = {"principal_id": v.text_id("principal_id", principal_id)}
+        return await self._delete_in_batches(
+            "delete_principal_events", params, batch_size=batch_size, progress=progress
+        )
+
 
 def encode_cursor(timestamp: dt.datetime, id: uuid.UUID) -> str:
     """The opaque ``next_cursor`` for a page ending at the event (``timestamp``, ``id``)."""

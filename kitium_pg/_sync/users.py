@@ -166,7 +166,8 @@ class Users(Core):
         """Delete a user with everything that belongs to it; ``True`` if a row was deleted.
         Idempotent: deleting a missing user returns ``False``. Retried on transient failures: a
         retry after a lost acknowledgement may report ``False`` for a user the first attempt
-        deleted."""
+        deleted. The audit events naming the user stay (``delete_principal_events`` erases
+        them)."""
         return self._delete_by_id("delete_user", id)
 
     def set_password_hash(self, user_id: uuid.UUID | str, password_hash: str | None) -> None:
