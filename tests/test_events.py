@@ -15,7 +15,7 @@ import pytest
 
 from kitium_pg import AuthEvent, EventPage, ValidationError
 
-from .fix_holder import adapter_module, committed_later
+from .fix_holder import adapter_module, committed_later, release_when_waiting
 
 BASE = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
 ANCIENT = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # only test_prune_* emits events this old
@@ -770,6 +770,35 @@ async def test_delete_principal_events_erases_one_principal_in_batches(
     assert (await storage.list_events(principal_id=erased)).events == ()
     assert len((await storage.list_events(principal_id=kept)).events) == 1
     assert await storage.delete_principal_events(str(erased)) == 0
+
+
+async def test_delete_principal_events_waits_for_a_locked_event(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """An event another transaction holds (a prune deleting it) is waited for, not skipped; when
+    that transaction deletes it, the batch locks the next event in its place (LockRows sits
+    under the LIMIT), so every batch stays full and the erasure leaves nothing behind."""
+    principal = unique("erased")
+    base = dt.datetime(2001, 1, 1, tzinfo=dt.UTC)
+    events = [
+        {"type": "t", "principal_id": principal, "data": {}, "timestamp": base + dt.timedelta(n)}
+        for n in range(10)
+    ]
+    assert await storage.emit_events(events) == 10
+    holder = psycopg.connect(dsn)
+    try:
+        # The newest event: the first one the batch (newest first, by the index) locks.
+        holder.execute(
+            'DELETE FROM kitium_auth.auth_events WHERE principal_id = %s AND "timestamp" = %s',
+            (principal, base + dt.timedelta(9)),
+        )
+        watcher = release_when_waiting(dsn, holder, "WHERE principal_id =")
+        assert await storage.delete_principal_events(principal, batch_size=3) == 9
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    assert (await storage.list_events(principal_id=principal)).events == ()
 
 
 @pytest.mark.parametrize(
