@@ -502,6 +502,22 @@ async def test_fastapi_users_database_contract(
     (account2,) = refreshed.oauth_accounts
     assert account2.id == account.id and account2.access_token == "gho_new"
     assert account2.refresh_token == "ghr_refresh"
+    # A refresh stored meanwhile (update_oauth_tokens) survives an update of the email alone:
+    # the tokens loaded with the user are not written back (found in review: they were).
+    read = await async_adapter.get_oauth_tokens(user.id, "github")
+    assert read is not None
+    fresh = await async_adapter.update_oauth_tokens(
+        user.id,
+        "github",
+        access_token="gho_rotated",
+        refresh_token="ghr_rotated",
+        if_version=read.version,
+    )
+    assert fresh is not None
+    moved = await db.update_oauth_account(refreshed, account2, {"account_email": "ada@new.example"})
+    (account3,) = moved.oauth_accounts
+    assert account3.account_email == "ada@new.example"
+    assert await async_adapter.get_oauth_tokens(user.id, "github") == fresh
 
     await db.delete(refreshed)
     assert await db.get(user.id) is None

@@ -91,14 +91,9 @@ expires"): every kitium session has an expiry."""
 _FLAGS: Final = ("is_active", "is_superuser")
 _FLAG_DEFAULTS: Final = {"is_active": True, "is_superuser": False}
 _COLUMNS: Final = ("name", "picture", "plan")
-_OAUTH_FIELDS: Final = (
-    "oauth_name",
-    "account_id",
-    "account_email",
-    "access_token",
-    "refresh_token",
-    "expires_at",
-)
+_LINK_FIELDS: Final = ("oauth_name", "account_id", "account_email")
+_TOKEN_KEYS: Final = frozenset({"access_token", "refresh_token", "expires_at"})
+_OAUTH_FIELDS: Final = (*_LINK_FIELDS, *sorted(_TOKEN_KEYS))
 
 
 @attrs.define(kw_only=True)
@@ -244,18 +239,25 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
     async def add_oauth_account(self, user: KitiumUser, create_dict: dict[str, Any]) -> KitiumUser:
         """Link an OAuth account (fastapi-users' dict: ``oauth_name``, ``account_id``,
         ``account_email``, ``access_token``, ``refresh_token``, ``expires_at`` in epoch
-        seconds) and return the user re-read."""
-        expires_at = create_dict.get("expires_at")
+        seconds) and return the user re-read. Without any of the three token keys the stored
+        tokens (and their version) are kept."""
+        tokens: dict[str, Any] = {}
+        if _TOKEN_KEYS & create_dict.keys():
+            expires_at = create_dict.get("expires_at")
+            tokens = {
+                # "" is how a link without tokens loads (fastapi-users' access_token is a str).
+                "access_token": create_dict.get("access_token") or None,
+                "refresh_token": create_dict.get("refresh_token") or None,
+                "token_expires_at": (
+                    None if expires_at is None else dt.datetime.fromtimestamp(expires_at, dt.UTC)
+                ),
+            }
         await self.storage.link_oauth_account(
             user.id,
             create_dict["oauth_name"],
             sub=create_dict["account_id"],
             email=create_dict.get("account_email"),
-            access_token=create_dict.get("access_token"),
-            refresh_token=create_dict.get("refresh_token"),
-            token_expires_at=(
-                None if expires_at is None else dt.datetime.fromtimestamp(expires_at, dt.UTC)
-            ),
+            **tokens,
         )
         refreshed = await self.get(user.id)
         if refreshed is None:  # pragma: no cover - deleted concurrently
@@ -268,8 +270,14 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         oauth_account: OAuthAccountProtocol[Any],
         update_dict: dict[str, Any],
     ) -> KitiumUser:
-        """Refresh a linked account (new tokens, email) and return the user re-read."""
-        merged = {name: getattr(oauth_account, name) for name in _OAUTH_FIELDS} | update_dict
+        """Refresh a linked account (new tokens, email) and return the user re-read.
+
+        The tokens are written only when ``update_dict`` has one of ``access_token``,
+        ``refresh_token`` or ``expires_at`` (the others then come from ``oauth_account``): an
+        update of the email alone must not write back the tokens loaded with the user, which a
+        refresh (``update_oauth_tokens``) may have replaced since."""
+        kept = _OAUTH_FIELDS if _TOKEN_KEYS & update_dict.keys() else _LINK_FIELDS
+        merged = {name: getattr(oauth_account, name) for name in kept} | update_dict
         return await self.add_oauth_account(user, merged)
 
     # -- loading --------------------------------------------------------------------------
