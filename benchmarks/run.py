@@ -1104,6 +1104,8 @@ class Run:
         }
         schemas = [f"{self.schema}_n{n}" for n in sizes]
         try:
+            with self.admin() as conn:
+                self.settle(conn)  # the seed's writeback, not during the cold reads
             resident["cold"] = self.resident(schemas)
             states["cold"] = self.scaling_state("cold", adapters)
             skipped = self.prewarm(schemas)

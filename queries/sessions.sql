@@ -7,7 +7,7 @@
 -- name: create_session(id, user_id, org_id, plan, entitlements, metadata, expires_at, token_hash)^
 -- Insert a session (token_hash is the digest of a bearer token's secret, or NULL); a retry with
 -- the same id returns the row the first attempt wrote. A session bound to an organization needs
--- the user's membership (sessions__member_fkey, migration 0020): without one no row is written
+-- the user's membership (sessions__member_fkey, migration 0021): without one no row is written
 -- or returned (the caller raises NotFoundError).
 -- Lock order for such a session: the user, the organization, then the membership (KEY SHARE;
 -- each CTE waits for the one before it), all before the insert. The insert's foreign-key checks

@@ -1001,14 +1001,61 @@ def test_0019_up_down_up_adds_the_oauth_tokens_version(dsn: str) -> None:
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
 
 
-SESSION_MEMBER = "0020_session_membership"
-SESSION_MEMBER_VALID = "0021_validate_session_membership"
+SESSION_INDEX = "0020_sessions_org_id_user_id_index"
+SESSION_MEMBER = "0021_session_membership"
+SESSION_MEMBER_VALID = "0022_validate_session_membership"
+SESSION_OLD_INDEX = "0023_drop_sessions_org_id_index"
 
 
-def test_0020_and_0021_bind_sessions_to_memberships(dsn: str) -> None:
-    """0020 adds sessions__member_fkey NOT VALID: from then on no session can be bound to an
+def _session_indexes(dsn: str, schema: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND tablename = 'sessions'",
+            [schema],
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_0020_and_0023_replace_the_org_id_index_by_a_partial_one_on_both_columns(
+    dsn: str,
+) -> None:
+    """0020 builds sessions_org_id_user_id_idx (org_id, user_id) WHERE org_id IS NOT NULL for
+    the membership cascade; 0023 drops sessions_org_id_idx, which it supersedes; each down part
+    gives back what was there."""
+    schema = f"mig_{uuid.uuid4().hex[:10]}"
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            latest = _session_indexes(dsn, schema)
+            assert "sessions_org_id_user_id_idx" in latest
+            assert "sessions_org_id_idx" not in latest
+            if _after(SESSION_OLD_INDEX):
+                storage.rollback(steps=_after(SESSION_OLD_INDEX))
+            assert storage.rollback() == (SESSION_OLD_INDEX,)
+            assert _session_indexes(dsn, schema) == latest | {"sessions_org_id_idx"}
+            assert storage.rollback(steps=3) == (
+                SESSION_MEMBER_VALID,
+                SESSION_MEMBER,
+                SESSION_INDEX,
+            )
+            assert _session_indexes(dsn, schema) == (latest | {"sessions_org_id_idx"}) - {
+                "sessions_org_id_user_id_idx"
+            }
+            assert storage.migrate()[:4] == (
+                SESSION_INDEX,
+                SESSION_MEMBER,
+                SESSION_MEMBER_VALID,
+                SESSION_OLD_INDEX,
+            )
+            assert _session_indexes(dsn, schema) == latest
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+def test_0021_and_0022_bind_sessions_to_memberships(dsn: str) -> None:
+    """0021 adds sessions__member_fkey NOT VALID: from then on no session can be bound to an
     organization without its user's membership, and a removal ends the bound sessions by
-    cascade; 0021 deletes the older sessions that break it (and only those) and validates it.
+    cascade; 0022 deletes the older sessions that break it (and only those) and validates it.
     Each down part gives back what the part before it left."""
     schema = f"mig_{uuid.uuid4().hex[:10]}"
     fkey = f"{schema}.sessions.sessions__member_fkey"

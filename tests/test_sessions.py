@@ -86,7 +86,7 @@ async def test_an_organization_bound_session_needs_the_users_membership(
 ) -> None:
     """create_session and issue_session_token (with a sign-in event or without) and
     update_session refuse to bind a session to an organization its user is not a member of,
-    and write nothing: no session, no event (sessions__member_fkey, migration 0020)."""
+    and write nothing: no session, no event (sessions__member_fkey, migration 0021)."""
     user = await storage.create_user(email=email)
     expires = later(hours=1)
     event = {"type": "login"}
@@ -115,7 +115,7 @@ async def test_a_removal_ends_a_bound_session_committed_while_it_ran(
     member's removal starts: its membership check holds the membership row, so the removal
     waits for it to commit and then ends it by cascade. (remove_organization_member's own
     DELETE of the user's bound sessions cannot see a row committed after its snapshot: before
-    migration 0020 this session survived the removal.)"""
+    migration 0021 this session survived the removal.)"""
     user = await storage.create_user(email=email)
     join(dsn, org_id, user.id)
     late = uuid.uuid4()

@@ -553,7 +553,7 @@ def test_a_session_is_bound_only_to_the_tenants_own_organization(
     """Binding a session to an organization reads the organization and the membership under
     row-level security: a tenant binds sessions to its own organization (for a member), not to
     another tenant's, and without a tenant no organization is visible, so none is bound (fail
-    closed; before migration 0020 any caller could bind a session to any organization)."""
+    closed; before migration 0021 any caller could bind a session to any organization)."""
     alpha, beta = tenancy["orgs"]
     owner = tenancy["owner"]
     user = owner.create_user(email=f"erin-{uuid.uuid4().hex[:6]}@example.com")

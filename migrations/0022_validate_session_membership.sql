@@ -1,7 +1,7 @@
--- Validates sessions__member_fkey, which 0020 added NOT VALID, after deleting the sessions that
+-- Validates sessions__member_fkey, which 0021 added NOT VALID, after deleting the sessions that
 -- break it: sessions bound to an organization their user is not a member of. Those are exactly
 -- the sessions that should have ended with the membership (or never been bound): their users
--- sign in again. 0020's reference already checks every write since it committed, so no new
+-- sign in again. 0021's reference already checks every write since it committed, so no new
 -- such session can appear while this runs; a removal meanwhile deletes its sessions by cascade.
 --
 -- Locks: the DELETE reads sessions once (an anti-join with organization_members) and locks only
@@ -26,7 +26,7 @@ ALTER TABLE kitium_auth.sessions VALIDATE CONSTRAINT sessions__member_fkey;
 
 SET LOCAL lock_timeout = '5s';
 
--- Back to the state 0020 left: the reference NOT VALID (a validated constraint cannot be marked
+-- Back to the state 0021 left: the reference NOT VALID (a validated constraint cannot be marked
 -- unvalidated, so it is dropped and added again; no row is checked). Deleted sessions stay
 -- deleted.
 ALTER TABLE kitium_auth.sessions DROP CONSTRAINT sessions__member_fkey;
