@@ -212,12 +212,8 @@ def _nested(depth: int) -> dict[str, Any]:
     return doc
 
 
-# -- emit_events --------------------------------------------------------------------------------
-
-
-async def test_emit_events_writes_a_thousand_events_in_one_call(
-    storage: Any, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def record_statements(storage: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the statements the adapter runs from now on (until ``monkeypatch.undo()``)."""
     adapter = target(storage)
     statements: list[str] = []
     real = adapter._run
@@ -227,6 +223,16 @@ async def test_emit_events_writes_a_thousand_events_in_one_call(
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(adapter, "_run", spy)
+    return statements
+
+
+# -- emit_events --------------------------------------------------------------------------------
+
+
+async def test_emit_events_writes_a_thousand_events_in_one_call(
+    storage: Any, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    statements = record_statements(storage, monkeypatch)
     principal, org = unique("p"), unique("o")
     batch = [
         {
@@ -718,15 +724,7 @@ async def test_prune_deletes_only_older_events_in_batches(
     ]
     assert await storage.emit_events(old + kept) == 25
 
-    adapter = target(storage)
-    statements: list[str] = []
-    real = adapter._run
-
-    def spy(name: str, *args: Any, **kwargs: Any) -> Any:
-        statements.append(name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(adapter, "_run", spy)
+    statements = record_statements(storage, monkeypatch)
     assert await storage.prune_events(before=cutoff, batch_size=5) == 23
     assert statements == ["prune_events"] * 5  # 5+5+5+5+3
     monkeypatch.undo()
@@ -753,16 +751,8 @@ async def test_delete_principal_events_erases_one_principal_in_batches(
     ] + [{"type": "login", "principal_id": kept, "data": {}}]
     assert await storage.emit_events(events) == 8
     await storage.emit_event(type="logout", principal_id=str(erased), data={})
-    adapter = target(storage)
-    statements: list[str] = []
-    real = adapter._run
-
-    def spy(name: str, *args: Any, **kwargs: Any) -> Any:
-        statements.append(name)
-        return real(name, *args, **kwargs)
-
     seen: list[int] = []
-    monkeypatch.setattr(adapter, "_run", spy)
+    statements = record_statements(storage, monkeypatch)
     assert await storage.delete_principal_events(erased, batch_size=3, progress=seen.append) == 8
     assert statements == ["delete_principal_events"] * 3  # 3+3+2
     assert seen == [3, 6, 8]
