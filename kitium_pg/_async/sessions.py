@@ -116,9 +116,8 @@ class AsyncSessions(AsyncCore):
         params["metadata_patch"] = metadata_patch_arg(metadata, metadata_patch)
         # Binding to an organization takes the membership's locks first: a statement of its
         # own, so that every other update keeps a plan the server can cache.
-        binds = params.pop("set_org_id") and params["org_id"] is not None
+        binds = params["set_org_id"] and params["org_id"] is not None
         name = "update_session_org" if binds else "update_session"
-        params["set_org_id"] = not binds and org_id is not UNSET
         session = await self._one(name, params, Session, retry=Retry.SAFE)
         if session is None:
             missing = f"no unexpired session {params['id']}"

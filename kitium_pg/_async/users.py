@@ -306,31 +306,27 @@ class AsyncUsers(AsyncCore):
         provider = v.text("provider", provider)
         access = v.text("access_token", access_token, max_len=v.LONG * 2)
         refresh = v.opt_text("refresh_token", refresh_token, max_len=v.LONG * 2)
-        params: dict[str, Any] = {
-            "token_expires_at": v.opt_timestamp("token_expires_at", token_expires_at),
-            "if_version": None
-            if if_version is None
-            else v.integer("if_version", if_version, maximum=v.INT8_MAX),
-            "tokens_version": new_tokens_version(),
-        }
+        expires_at = v.opt_timestamp("token_expires_at", token_expires_at)
+        if if_version is not None:
+            if_version = v.integer("if_version", if_version, maximum=v.INT8_MAX)
         row_id = _oauth_row(parsed, provider)
         key_id, access_blob = self._encrypt("oauth_accounts.access_token", row_id, access)
         _, refresh_blob = self._encrypt("oauth_accounts.refresh_token", row_id, refresh)
-        params.update(
-            user_id=parsed,
-            provider=provider,
-            access_token_ciphertext=access_blob,
-            refresh_token_ciphertext=refresh_blob,
-            tokens_key_id=key_id,
-        )
+        params = {
+            "user_id": parsed,
+            "provider": provider,
+            "access_token_ciphertext": access_blob,
+            "refresh_token_ciphertext": refresh_blob,
+            "tokens_key_id": key_id,
+            "token_expires_at": expires_at,
+            "if_version": if_version,
+            "tokens_version": new_tokens_version(),
+        }
         row = await self._run("update_oauth_tokens", params, retry=Retry.SAFE)
         if row is None:
             return None
         return OAuthTokens(
-            access_token=access,
-            refresh_token=refresh,
-            expires_at=params["token_expires_at"],
-            version=row[0],
+            access_token=access, refresh_token=refresh, expires_at=expires_at, version=row[0]
         )
 
 
