@@ -227,38 +227,54 @@ class _Irregular(Exception):
 # answering ``int`` (and editing the document around it) while the encoder sees what it is.
 
 
-def _check_json(field: str, value: object, depth: int) -> bool:
+def _check_json(field: str, value: object, depth: int, budget: list[int]) -> bool:
     """Raise for what jsonb cannot hold; returns whether a float needs exact formatting.
-    Raises ``_Irregular`` for a value that must be copied with ``_plain`` first."""
+    Raises ``_Irregular`` for a value that must be copied with ``_plain`` first.
+
+    ``budget`` (one for the whole document, ``[JSON_BYTES]`` at the top) is spent as in
+    ``_plain``, by less than any serialisation takes: one byte per container and per item, and
+    a string's or key's length. A document that holds the same container or string many times
+    (``a = [a, a]`` thirty times over is 60 references, 2**30 items to read) is refused after
+    at most ``JSON_BYTES`` of them, not after reading and encoding every copy."""
     if depth > JSON_DEPTH:
         raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
     kind = type(value)
     if kind is dict:
-        items = _checked_keys(field, cast(dict[object, object], value), depth)
+        items = _checked_keys(field, cast(dict[object, object], value), depth, budget)
     elif kind is list or kind is tuple:
         if value and depth >= JSON_DEPTH:
             raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
         items = cast(Iterable[object], value)
+        budget[0] -= 1 + len(value)  # type: ignore[arg-type]  # a list or tuple
     elif issubclass(kind, list | tuple | Mapping):
         raise _Irregular
     else:
         return _check_scalar(field, value)
+    if budget[0] < 0:
+        raise ValidationError(field, f"must serialise to at most {JSON_BYTES} bytes")
     exact = False
     for item in items:
         # Strings and integers are most of any document: checked here, without a call each.
         cls = type(item)
         if cls is str:
-            if "\x00" in item:  # type: ignore[operator]  # a str: cast() would cost a call
+            budget[0] -= len(item)  # type: ignore[arg-type]  # a str: cast() would cost a call
+            if budget[0] < 0:
+                raise ValidationError(field, f"must serialise to at most {JSON_BYTES} bytes")
+            if "\x00" in item:  # type: ignore[operator]  # a str
                 raise ValidationError(field, "must not contain NUL characters")
         elif cls is not int and cls is not bool and item is not None:
-            exact |= _check_json(field, item, depth + 1)
+            exact |= _check_json(field, item, depth + 1, budget)
     return exact
 
 
-def _checked_keys(field: str, value: dict[object, object], depth: int) -> Iterable[object]:
-    """The values of a JSON object, after checking its keys (strings without NUL)."""
+def _checked_keys(
+    field: str, value: dict[object, object], depth: int, budget: list[int]
+) -> Iterable[object]:
+    """The values of a JSON object, after checking its keys (strings without NUL) and spending
+    the object's share of ``budget`` (see ``_check_json``)."""
     if value and depth >= JSON_DEPTH:
         raise ValidationError(field, f"is nested deeper than {JSON_DEPTH} levels")
+    spent = 1 + len(value)
     for key in value:
         kind = type(key)
         if kind is not str:
@@ -267,6 +283,8 @@ def _checked_keys(field: str, value: dict[object, object], depth: int) -> Iterab
             raise ValidationError(field, "object keys must be strings")
         if "\x00" in key:  # type: ignore[operator]  # a str
             raise ValidationError(field, "must not contain NUL characters")
+        spent += len(key)  # type: ignore[arg-type]  # a str
+    budget[0] -= spent
     return value.values()
 
 
@@ -338,10 +356,10 @@ def _checked(field: str, value: object) -> tuple[object, bool]:
     """``value`` (or its plain copy) checked for jsonb, and whether a float in it needs exact
     formatting."""
     try:
-        return value, _check_json(field, value, 0)
+        return value, _check_json(field, value, 0, [JSON_BYTES])
     except _Irregular:
         plain = _plain(field, value, 0, [JSON_BYTES])
-        return plain, _check_json(field, plain, 0)
+        return plain, _check_json(field, plain, 0, [JSON_BYTES])
 
 
 def _plain_float(value: float) -> str:

@@ -87,7 +87,7 @@ def test_the_fast_checker_agrees_with_the_plain_definition(value: Any) -> None:
         expected = None
     field = None
     try:
-        found: bool | None = v._check_json("data", value, 0)
+        found: bool | None = v._check_json("data", value, 0, [v.JSON_BYTES])
     except ValidationError as exc:
         found, field = None, exc.field
     assert found == expected
@@ -103,7 +103,7 @@ def test_nesting_limit_matches_the_plain_definition(depth: int, leaf: object) ->
     except ValueError:
         expected = None
     try:
-        found: bool | None = v._check_json("data", value, 0)
+        found: bool | None = v._check_json("data", value, 0, [v.JSON_BYTES])
     except ValidationError:
         found = None
     assert found == expected
@@ -397,6 +397,65 @@ def test_a_copy_reads_at_most_the_byte_limit_in_items_at_all_depths(check: Any) 
     assert len(v.json_text("data", near)) == v.JSON_BYTES - 3
     with pytest.raises(ValidationError, match="at most 1000000 bytes"):
         v.json_text("data", types.MappingProxyType({"s": "x" * v.JSON_BYTES}))
+
+
+@settings(max_examples=400)
+@given(documents)
+def test_the_checkers_budget_is_never_more_than_the_serialisation(value: Any) -> None:
+    """What the checker spends of its budget is a lower bound of the encoded size, so a
+    document within the byte limit is never refused by the budget."""
+    budget = [v.JSON_BYTES]
+    try:
+        v._check_json("data", value, 0, budget)
+        encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (ValidationError, ValueError, TypeError, v._Irregular):
+        return
+    assert v.JSON_BYTES - budget[0] <= len(encoded.encode("utf-8", "surrogatepass"))
+
+
+def _doubling(levels: int, leaf: object) -> list[object]:
+    """``levels`` lists, each holding the one below twice: 2 * levels references, 2**levels
+    copies of ``leaf`` to read."""
+    doc: list[object] = [leaf]
+    for _ in range(levels):
+        doc = [doc, doc]
+    return doc
+
+
+@pytest.mark.parametrize("check", [v.json_text, v.json_object])
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"a": _doubling(v.JSON_DEPTH - 2, 1)},  # 2**30 items, from 60 references
+        {"a": _doubling(v.JSON_DEPTH - 3, {"k": "v"})},
+        {"a": ["x" * 100_000] * 11},  # 1.1 MB from one string
+        {"a": [{"x" * 100_000: 1}] * 11},  # from one key
+        {"a": ("x" * 100_000,) * 11},
+    ],
+    ids=["nested-lists", "nested-objects", "one-string", "one-key", "tuple"],
+)
+def test_a_document_holding_one_part_many_times_is_refused_by_its_size(
+    check: Any, doc: dict[str, Any]
+) -> None:
+    """Aliasing makes a small object a large document: the checker spends one budget for all
+    of it and refuses it within the byte limit's worth of reading. Without the budget the
+    nested lists took 35 minutes to read (2 s at 22 levels) and the repeated string was
+    encoded into 1.1 MB before its size was checked."""
+    with pytest.raises(ValidationError, match="at most 1000000 bytes") as caught:
+        check("data", doc)
+    assert caught.value.field == "data"
+
+
+def test_reading_stops_at_the_string_that_overdraws_the_budget() -> None:
+    """The checker stops at the first string past the budget rather than scan every copy for
+    NUL: 1,000 references to a 400,000-character string are refused at the third, at most one
+    string's length past the limit (1.1 GB of reading and encoding without the budget)."""
+    big = "x" * 400_000
+    for doc in ([big] * 1000, _doubling(v.JSON_DEPTH - 2, [big]), {"a": [big] * 1000}):
+        budget = [v.JSON_BYTES]
+        with pytest.raises(ValidationError, match="at most 1000000 bytes"):
+            v._check_json("data", doc, 0, budget)
+        assert -len(big) <= budget[0] < 0
 
 
 def _plain(value: object) -> object:
