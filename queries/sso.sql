@@ -358,9 +358,11 @@ DELETE FROM kitium_auth.sso_sessions WHERE id = :id;
 -- name: delete_sso_sessions_by_subject(provider_id, provider_subject, end_user_sessions)
 -- Delete the SSO sessions of one identity at one provider, expired ones included, and return
 -- them (single logout by SAML NameID or OIDC sub; sso_sessions_provider_id_provider_subject_idx);
--- when end_user_sessions, also delete the application sessions of their users (all of them:
--- sessions_user_id_idx), so a retry after a lost acknowledgement, which finds no SSO session
--- left, still leaves none of them.
+-- when end_user_sessions, also delete the application sessions of their users
+-- (sessions_user_id_idx) in the same statement, so a retry after a lost acknowledgement, which
+-- finds no SSO session left, still leaves none of them: those bound to the provider's
+-- organization and unbound ones; a shared provider (org_id NULL) ends them all. A session bound
+-- to another organization stays, so one tenant's IdP cannot sign a user out of another tenant.
 -- Lock order, with end_user_sessions: the users' rows (KEY SHARE, in parents), then their SSO
 -- sessions, then their sessions. delete_user locks the user's row first, then deletes its
 -- sessions and SSO sessions by cascade (in that order): without parents, a logout holding an SSO
@@ -385,6 +387,9 @@ WITH parents AS (
 ), signed_out AS (
   DELETE FROM kitium_auth.sessions AS a
    WHERE :end_user_sessions AND a.user_id IN (SELECT e.user_id FROM ended AS e)
+     AND (a.org_id IS NULL
+          OR NOT EXISTS (SELECT 1 FROM kitium_auth.sso_providers AS p
+                          WHERE p.id = :provider_id AND p.org_id <> a.org_id))
 )
 SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
        last_auth_at
@@ -394,7 +399,8 @@ SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, li
 -- Delete the SSO sessions of one provider with this session token digest (SAML SessionIndex,
 -- OIDC sid), expired ones included, and when provider_subject is not NULL only those of that
 -- identity; return them. When end_user_sessions, also delete the application sessions of their
--- users, with the lock order of delete_sso_sessions_by_subject (whose comment says why). A query
+-- users that delete_sso_sessions_by_subject would (not those bound to another organization than
+-- the provider's), with its lock order (its comment says why). A query
 -- of its own rather than optional conditions in the subject one: the index
 -- sso_sessions_provider_id_session_token_hash_idx (partial, on non-NULL digests) serves it in a
 -- generic plan too, where an optional condition on the digest could not.
@@ -420,6 +426,9 @@ WITH parents AS (
 ), signed_out AS (
   DELETE FROM kitium_auth.sessions AS a
    WHERE :end_user_sessions AND a.user_id IN (SELECT e.user_id FROM ended AS e)
+     AND (a.org_id IS NULL
+          OR NOT EXISTS (SELECT 1 FROM kitium_auth.sso_providers AS p
+                          WHERE p.id = :provider_id AND p.org_id <> a.org_id))
 )
 SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
        last_auth_at

@@ -1062,6 +1062,48 @@ async def test_single_logout_can_end_the_users_application_sessions(
     assert _sso_sessions_left(dsn, adas_sso, bobs_sso, cals_sso, dees_sso) == {dees_sso}
 
 
+async def test_a_tenants_logout_leaves_the_sessions_bound_to_another_organization(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """A logout at a provider of organization A with end_user_sessions ends the user's sessions
+    bound to A and the unbound ones; those bound to organization B stay, so A's IdP cannot sign
+    the user out of B. A shared provider (no organization) ends them all."""
+    ada = await _user(storage, unique)
+    acme = await storage.create_organization(name="Acme", plan="team")
+    other = await storage.create_organization(name="Other", plan="team")
+    for org in (acme, other):
+        await storage.add_organization_member(org.id, ada.id)
+    acmes_idp = await _oidc(storage, unique, org_id=acme.id)
+    shared_idp = await _oidc(storage, unique)
+
+    async def sessions() -> dict[uuid.UUID | None, uuid.UUID]:
+        made = {}
+        for org_id in (acme.id, other.id, None):
+            created = await storage.create_session(
+                user_id=ada.id, expires_at=_in(hours=1), org_id=org_id
+            )
+            made[org_id] = uuid.UUID(str(created.id))
+        return made
+
+    for logout in ({"provider_subject": "ada"}, {"session_token": "sid-ada"}):
+        made = await sessions()
+        await _sso_session(storage, ada, acmes_idp, "ada", "sid-ada")
+        ended = await storage.delete_sso_sessions(
+            provider_id=acmes_idp.id, **logout, end_user_sessions=True
+        )
+        assert [e.user_id for e in ended] == [ada.id]
+        assert _app_sessions_left(dsn, *made.values()) == {made[other.id]}, logout
+        await storage.delete_user_sessions(ada.id)
+
+        made = await sessions()
+        await _sso_session(storage, ada, shared_idp, "ada", "sid-ada")
+        ended = await storage.delete_sso_sessions(
+            provider_id=shared_idp.id, **logout, end_user_sessions=True
+        )
+        assert [e.user_id for e in ended] == [ada.id]
+        assert _app_sessions_left(dsn, *made.values()) == set(), logout
+
+
 async def test_end_user_sessions_must_be_a_bool(
     storage: Any, unique: Callable[[str], str], dsn: str
 ) -> None:

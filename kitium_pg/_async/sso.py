@@ -577,9 +577,12 @@ class AsyncSso(AsyncCore):
         or an ``end_user_sessions`` that is not a ``bool``. Returns an empty list for an unknown
         or malformed ``provider_id`` and for a logout already processed.
 
-        With ``end_user_sessions=True`` the same statement also deletes every application
-        session (``create_session``, ``issue_session_token``) of the users whose SSO sessions it
-        ended, as ``delete_user_sessions`` would, expired ones included: both or neither. Use it
+        With ``end_user_sessions=True`` the same statement also deletes the application
+        sessions (``create_session``, ``issue_session_token``) of the users whose SSO sessions
+        it ended, expired ones included: both or neither. Those are the sessions bound to the
+        provider's organization and the unbound ones (all of them for a shared provider, whose
+        ``org_id`` is ``None``); a session bound to another organization stays, so one tenant's
+        identity provider cannot sign a user out of another tenant. Use it
         when an SSO logout means the user's logout from the application; a retry after a lost
         acknowledgement, or the provider sending the logout again, then finds the application
         sessions already gone even though it gets ``[]``. Leave it off (the default, which
@@ -588,9 +591,9 @@ class AsyncSso(AsyncCore):
         returned name the users either way.
 
         Under the optional ``tenant_rls`` migration a tenant view ends only the SSO sessions of
-        its own providers; with ``end_user_sessions`` it then ends all of those users'
-        application sessions, whatever organization they are bound to (``sessions`` is not
-        under row-level security), and none of a user whose SSO sessions it could not end.
+        its own providers; with ``end_user_sessions`` it then ends those users' application
+        sessions bound to its organization or to none, and none of a user whose SSO sessions
+        it could not end.
         Retried on transient failures, since deleting twice leaves the same state (a retry
         after a lost acknowledgement returns only what it deleted itself, possibly nothing, for
         sessions the first attempt ended).
