@@ -52,9 +52,11 @@ with warnings.catch_warnings():
     from fastapi_users.password import PasswordHelper
 
     from kitium_pg.integrations.fastapi_users import (
+        EmailChanged,
         KitiumSessionStrategy,
         KitiumUser,
         KitiumUserDatabase,
+        add_email_changed_handler,
     )
 
 
@@ -530,9 +532,14 @@ async def test_fastapi_users_database_contract(
     assert PasswordHelper().verify_and_update("", loaded.hashed_password)[0] is False
 
 
-def _fastapi_users_app(dsn: str, encryption_keys: dict[str, str]) -> FastAPI:
+def _fastapi_users_app(
+    dsn: str,
+    encryption_keys: dict[str, str],
+    *,
+    database: type[KitiumUserDatabase] = KitiumUserDatabase,
+) -> FastAPI:
     async def get_user_manager(storage: Storage) -> AsyncIterator[UserManager]:
-        yield UserManager(KitiumUserDatabase(storage))
+        yield UserManager(database(storage))
 
     def get_strategy(storage: Storage) -> KitiumSessionStrategy:
         return KitiumSessionStrategy(storage, lifetime_seconds=600)
@@ -553,6 +560,71 @@ def _fastapi_users_app(dsn: str, encryption_keys: dict[str, str]) -> FastAPI:
         return str(session.user_id)
 
     return app
+
+
+class _AddressMovesDuringUpdate(KitiumUserDatabase):
+    """A user database whose next ``update`` is preceded by a change of the user's address: the
+    change lands between the route's read of the user and its update, as a user changing their
+    email while a superuser's PATCH runs."""
+
+    moved_to: str | None = None
+
+    async def update(self, user: KitiumUser, update_dict: dict[str, Any]) -> KitiumUser:
+        if self.moved_to is not None:
+            await self.storage.update_user(user.id, email=self.moved_to)
+            type(self).moved_to = None
+        return await super().update(user, update_dict)
+
+
+@pytest.mark.parametrize("handlers", [True, False])
+async def test_a_superusers_verify_patch_racing_an_email_change_is_a_409(
+    dsn: str, encryption_keys: dict[str, str], unique: Callable[[str], str], handlers: bool
+) -> None:
+    """PATCH /users/{id} with is_verified=true, the user's address changing after the route read
+    the user: nothing is marked, and with add_email_changed_handler the answer is 409
+    UPDATE_USER_EMAIL_CHANGED. Without it, fastapi-users' router lets EmailChanged through
+    (a 500 in a served app): the handler is what maps it."""
+    app = _fastapi_users_app(dsn, encryption_keys, database=_AddressMovesDuringUpdate)
+    if handlers:
+        add_email_changed_handler(app)
+    admin, email = f"{unique('root')}@example.com", f"{unique('fu')}@example.com"
+    async with serve(app) as client:
+        storage = storage_of(app)
+        for address in (admin, email):
+            r = await client.post("/auth/register", json={"email": address, "password": "pw-1-x"})
+            assert r.status_code == 201, r.text
+        root = await storage.get_user_by_email(admin)
+        assert root is not None
+        await KitiumUserDatabase(storage).update(
+            await _kitium_user(storage, root.id), {"is_superuser": True}
+        )
+        r = await client.post("/auth/login", data={"username": admin, "password": "pw-1-x"})
+        bearer = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        target = await storage.get_user_by_email(email)
+        assert target is not None
+
+        moved = f"{unique('moved')}@example.com"
+        _AddressMovesDuringUpdate.moved_to = moved
+        patch = client.patch(f"/users/{target.id}", headers=bearer, json={"is_verified": True})
+        if handlers:
+            r = await patch
+            assert r.status_code == 409, r.text
+            assert r.json()["detail"]["code"] == "UPDATE_USER_EMAIL_CHANGED"
+        else:
+            with pytest.raises(EmailChanged):
+                await patch
+        after = await storage.get_user(target.id, consistency="primary")
+        assert after is not None and after.email == moved and after.email_verified_at is None
+
+        # Without a race the same PATCH verifies the address the user has now.
+        r = await client.patch(f"/users/{target.id}", headers=bearer, json={"is_verified": True})
+        assert r.status_code == 200 and r.json()["is_verified"] is True, r.text
+
+
+async def _kitium_user(storage: AsyncPostgresStorageAdapter, user_id: uuid.UUID) -> KitiumUser:
+    loaded = await KitiumUserDatabase(storage).get(user_id)
+    assert loaded is not None
+    return loaded
 
 
 async def test_fastapi_users_end_to_end(

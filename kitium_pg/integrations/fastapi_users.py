@@ -46,7 +46,9 @@ How fastapi-users' user maps onto kitium-pg:
 - ``is_verified``: whether the user's address is verified (``email_verified_at`` is set).
   Setting it goes through ``mark_user_email_verified`` with the address the user had when
   read: if it has changed since (the verification was for an earlier address), nothing is
-  marked and ``InvalidVerifyToken`` is raised. Changing the email clears it, as any
+  marked and ``EmailChanged`` (an ``InvalidVerifyToken``) is raised. The verify route answers it
+  with 400; for the users router's ``PATCH``, call ``add_email_changed_handler(app)`` to answer 409
+  rather than 500. Changing the email clears it, as any
   ``update_user(email=...)`` does.
 - ``is_active``, ``is_superuser``: the ``"fastapi_users"`` object in the user's ``metadata``
   (missing: active, not superuser), written as a merge patch by the update statement itself, so
@@ -71,6 +73,8 @@ import uuid
 from typing import Any, Final
 
 import attrs
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi_users import exceptions as fu_exceptions
 from fastapi_users.db import BaseUserDatabase
 from fastapi_users.manager import BaseUserManager
@@ -81,7 +85,14 @@ from .. import AsyncPostgresStorageAdapter
 from ..errors import ConflictError
 from ..records import User
 
-__all__ = ["KitiumSessionStrategy", "KitiumUser", "KitiumUserDatabase", "OAuthAccount"]
+__all__ = [
+    "EmailChanged",
+    "KitiumSessionStrategy",
+    "KitiumUser",
+    "KitiumUserDatabase",
+    "OAuthAccount",
+    "add_email_changed_handler",
+]
 
 METADATA_KEY: Final = "fastapi_users"
 NO_LIFETIME_DAYS: Final = 3650
@@ -94,6 +105,36 @@ _COLUMNS: Final = ("name", "picture", "plan")
 _LINK_FIELDS: Final = ("oauth_name", "account_id", "account_email")
 _TOKEN_KEYS: Final = frozenset({"access_token", "refresh_token", "expires_at"})
 _OAUTH_FIELDS: Final = (*_LINK_FIELDS, *sorted(_TOKEN_KEYS))
+
+
+class EmailChanged(fu_exceptions.InvalidVerifyToken):
+    """``is_verified=True`` arrived after the user's address changed: the verification (the
+    token, or a superuser's ``PATCH``) was for the address read before, so nothing was written.
+
+    A subclass of ``InvalidVerifyToken``, which fastapi-users' verify route answers with 400
+    ``VERIFY_USER_BAD_TOKEN``. Its users router (``PATCH /users/{id}``) maps no such error and
+    would answer 500: ``add_email_changed_handler`` makes that a 409."""
+
+
+def add_email_changed_handler(app: FastAPI) -> None:
+    """Answer an ``EmailChanged`` that no route handled with 409 Conflict and the detail
+    ``{"code": "UPDATE_USER_EMAIL_CHANGED", "reason": ...}``: a superuser's
+    ``PATCH /users/{id}`` setting ``is_verified`` while the user changed their address. The
+    client reads the user again and decides; nothing was written."""
+
+    async def email_changed(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            status_code=409,
+            content={
+                "detail": {
+                    "code": "UPDATE_USER_EMAIL_CHANGED",
+                    "reason": "the user's email address changed after it was read; nothing"
+                    " was written: read the user again",
+                }
+            },
+        )
+
+    app.add_exception_handler(EmailChanged, email_changed)
 
 
 @attrs.define(kw_only=True)
@@ -188,8 +229,9 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
     async def update(self, user: KitiumUser, update_dict: dict[str, Any]) -> KitiumUser:
         """Apply fastapi-users' update dict in one transaction and return the user re-read.
         Raises ``NotFoundError`` when the user is gone, ``UserAlreadyExists`` for a taken
-        email, and ``InvalidVerifyToken`` for ``is_verified=True`` when the user's address is no
-        longer the one ``user`` holds (it changed after the verification token was checked):
+        email, and ``EmailChanged`` (an ``InvalidVerifyToken``) for ``is_verified=True`` when
+        the user's address is no longer the one ``user`` holds (it changed after the
+        verification token was checked, or after a superuser's ``PATCH`` read the user):
         nothing is written then. Flags are merged into the stored metadata by the update
         statement itself (a merge patch), so two concurrent updates of different flags both
         hold. Deactivating a user (``is_active=False``) also deletes their sessions, in the same
@@ -220,7 +262,7 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
                 and "email" not in fields
                 and await tx.mark_user_email_verified(user.id, user.email) is None
             ):
-                raise fu_exceptions.InvalidVerifyToken()
+                raise EmailChanged()
             if has_hash:
                 await tx.set_password_hash(user.id, password_hash)
             if flags.get("is_active") is False:
