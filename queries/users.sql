@@ -128,7 +128,7 @@ SELECT password_hash FROM kitium_auth.users WHERE id = :id;
 -- tokens are replaced only when new ones are given; they arrive encrypted). Returns no row when
 -- the identity belongs to another user (the caller raises ConflictError). The returned oauth map
 -- combines the user's other links with the one just written, because the statement's snapshot
--- does not yet show its own insert.
+-- does not yet show its own insert. New tokens end a refresh lease (claim_oauth_refresh).
 WITH link AS (
   INSERT INTO kitium_auth.oauth_accounts AS o
     (id, user_id, provider, subject, email, name, access_token_ciphertext,
@@ -149,7 +149,11 @@ WITH link AS (
                                  THEN o.token_expires_at ELSE EXCLUDED.token_expires_at END,
          tokens_key_id = coalesce(EXCLUDED.tokens_key_id, o.tokens_key_id),
          tokens_version = CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                               THEN o.tokens_version ELSE EXCLUDED.tokens_version END
+                               THEN o.tokens_version ELSE EXCLUDED.tokens_version END,
+         refresh_lease_until = CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                                    THEN o.refresh_lease_until END,
+         refresh_lease_holder = CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                                     THEN o.refresh_lease_holder END
    WHERE o.user_id = EXCLUDED.user_id
   RETURNING o.user_id, o.provider, o.subject, o.email, o.name, o.linked_at
 )
@@ -178,17 +182,36 @@ SELECT access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_e
   FROM kitium_auth.oauth_accounts
  WHERE user_id = :user_id AND provider = :provider;
 
+-- name: claim_oauth_refresh(user_id, provider, lease_seconds, holder)^
+-- Take the lease on refreshing a link's provider tokens for lease_seconds and return the
+-- encrypted tokens with their version, only where no lease is held, the one held has run out,
+-- or it is this very claim's (holder, drawn at random per call: a retry after a lost
+-- acknowledgement); no row otherwise (another worker holds it, or there is no link). Times are
+-- the server's clock, shared by every worker.
+UPDATE kitium_auth.oauth_accounts AS o
+   SET refresh_lease_until = now() + make_interval(secs => :lease_seconds),
+       refresh_lease_holder = :holder
+ WHERE o.user_id = :user_id AND o.provider = :provider
+   AND (o.refresh_lease_until IS NULL
+        OR o.refresh_lease_until <= now()
+        OR o.refresh_lease_holder = :holder)
+RETURNING o.access_token_ciphertext, o.refresh_token_ciphertext, o.tokens_key_id,
+          o.token_expires_at, o.tokens_version;
+
 -- name: update_oauth_tokens(user_id, provider, access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_expires_at, if_version, tokens_version)^
 -- Replace a link's provider tokens and set their new version (drawn at random by the caller for
 -- this write), only while the link holds version if_version when one is given; returns the
 -- version, or no row (no link, or another write came first). A retry of this very write after
--- a lost acknowledgement finds its own version stored and writes the same values again.
+-- a lost acknowledgement finds its own version stored and writes the same values again. New
+-- tokens end a refresh lease (claim_oauth_refresh): the refresh it was taken for is done.
 UPDATE kitium_auth.oauth_accounts AS o
    SET access_token_ciphertext = :access_token_ciphertext,
        refresh_token_ciphertext = :refresh_token_ciphertext,
        tokens_key_id = :tokens_key_id,
        token_expires_at = :token_expires_at,
-       tokens_version = :tokens_version
+       tokens_version = :tokens_version,
+       refresh_lease_until = NULL,
+       refresh_lease_holder = NULL
  WHERE o.user_id = :user_id AND o.provider = :provider
    AND (CAST(:if_version AS bigint) IS NULL
         OR o.tokens_version = :if_version

@@ -1237,6 +1237,15 @@ def check_oauth_tokens(world: World, kwargs: dict[str, Any], result: Any) -> Non
     assert world.api.get_oauth_tokens(kwargs["user_id"], kwargs["provider"]) == result
 
 
+def check_oauth_claim(world: World, kwargs: dict[str, Any], result: Any) -> None:
+    """A claim that got the lease returned the stored tokens, and holds it: another claim gets
+    None."""
+    if result is None:
+        return  # no such link, or a lease held
+    assert world.api.get_oauth_tokens(kwargs["user_id"], kwargs["provider"]) == result
+    assert world.api.claim_oauth_refresh(kwargs["user_id"], kwargs["provider"]) is None
+
+
 def check_oauth(world: World, kwargs: dict[str, Any], result: Any) -> None:
     link = result.oauth[kwargs["provider"]]
     assert link.sub == kwargs["sub"]
@@ -1710,6 +1719,15 @@ def _spec_table() -> dict[str, Spec]:
             },
             writes=True,
             check=check_oauth_tokens,
+        ),
+        "claim_oauth_refresh": Spec(
+            params={
+                "user_id": uuid_arg("fresh_user", "user", "random"),
+                "provider": text_arg(255, good=st.just("github") | clean_text),
+                "lease_seconds": int_arg(1, 3600),
+            },
+            writes=True,
+            check=check_oauth_claim,
         ),
         # -- sessions and tokens --------------------------------------------------------------
         "create_session": Spec(params=SESSION_PARAMS, writes=True, check=check_session),

@@ -37,6 +37,7 @@ ATTEMPTS_INSERT = "INSERT INTO kitium_auth.email_verification_token_attempts"
 MEMBER_ADD = "kitium_auth.add_organization_member("
 SSO_LOGOUT = "DELETE FROM kitium_auth.sso_sessions AS s"
 OAUTH_REFRESH = "UPDATE kitium_auth.oauth_accounts AS o"
+OAUTH_CLAIM = "UPDATE kitium_auth.oauth_accounts AS o\n   SET refresh_lease_until"
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +232,24 @@ async def test_a_guarded_oauth_refresh_after_a_lost_ack_returns_its_own_write(
     lost.check(sent=2)
     assert stored is not None and stored.version != read.version
     assert await via_proxy.get_oauth_tokens(user.id, "gh") == stored
+
+
+async def test_a_refresh_claim_after_a_lost_ack_returns_its_own_lease(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    """The first attempt took the lease and committed; the retry finds the lease held by its
+    own holder number and returns the tokens, rather than take its own lease for another
+    worker's (the caller would wait for a refresh nobody is doing)."""
+    user = await via_proxy.create_user()
+    await via_proxy.link_oauth_account(
+        user.id, "gh", sub=str(uuid.uuid4()), access_token="a-1", refresh_token="r-1"
+    )
+    read = await via_proxy.get_oauth_tokens(user.id, "gh")
+    lost = LostAck(proxy, OAUTH_CLAIM)
+    claimed = await via_proxy.claim_oauth_refresh(user.id, "gh")
+    lost.check(sent=2)
+    assert claimed == read
+    assert await via_proxy.claim_oauth_refresh(user.id, "gh") is None  # held, by that claim
 
 
 async def test_a_guarded_add_after_a_lost_ack_returns_the_membership_it_added(

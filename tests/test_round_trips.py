@@ -169,6 +169,7 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
             ),
         ),
         ("get_oauth_tokens", lambda: s.get_oauth_tokens(user(), "gh")),
+        ("claim_oauth_refresh", lambda: s.claim_oauth_refresh(user(), "gh")),
         (
             "update_oauth_tokens",
             lambda: s.update_oauth_tokens(
@@ -537,6 +538,7 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     assert ctx["set_organization_member_role"].role == "admin"
     assert ctx["remove_organization_member"] is True
     assert ctx["get_oauth_tokens"].access_token == "gho_access"
+    assert ctx["claim_oauth_refresh"] == ctx["get_oauth_tokens"]
     assert ctx["update_oauth_tokens"].access_token == "gho_fresh"
     assert ctx["has_permission"] is True
     assert ctx["revoke_role_from_user"] is True

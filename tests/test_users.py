@@ -515,6 +515,112 @@ async def test_two_refreshes_of_one_version_store_exactly_one(
     assert await storage.get_oauth_tokens(user.id, "google") == stored[0]
 
 
+def _lease(dsn: str, user_id: uuid.UUID) -> tuple[Any, ...] | None:
+    """The refresh lease columns of the user's google link."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "SELECT refresh_lease_until, refresh_lease_holder FROM kitium_auth.oauth_accounts"
+            " WHERE user_id = %s AND provider = 'google'",
+            [user_id],
+        ).fetchone()
+
+
+def _run_out_lease(dsn: str, user_id: uuid.UUID) -> None:
+    """Make the held lease one that ran out a moment ago (the server's clock decides)."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "UPDATE kitium_auth.oauth_accounts SET refresh_lease_until = now() - interval '1 ms'"
+            " WHERE user_id = %s",
+            [user_id],
+        )
+
+
+async def test_one_of_many_claims_gets_the_refresh_lease(
+    storage: Any, email: str, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Five workers claim the refresh at once: exactly one gets the tokens (with their
+    version), the others None, while all five wait on the link row held by another
+    transaction and then run one after the other."""
+    user = await _linked_with_tokens(storage, email, unique)
+    read = await storage.get_oauth_tokens(user.id, "google")
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "UPDATE kitium_auth.oauth_accounts SET name = name WHERE user_id = %s", (user.id,)
+        )
+        watcher = release_when_waiting(dsn, holder, "refresh_lease_holder =", waiters=5)
+        calls = [((user.id, "google"), {"lease_seconds": 60}) for _ in range(5)]
+        results = await race_each(storage, "claim_oauth_refresh", calls)
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    claimed = [r for r in results if r is not None]
+    assert claimed == [read] and results.count(None) == 4, results
+    until, lease_holder = _lease(dsn, user.id) or (None, None)
+    assert until is not None and lease_holder is not None
+    assert until > dt.datetime.now(dt.UTC) + dt.timedelta(seconds=50)
+
+
+async def test_a_refresh_lease_ends_with_new_tokens_or_runs_out(
+    storage: Any, email: str, unique: Callable[[str], str], dsn: str
+) -> None:
+    user = await _linked_with_tokens(storage, email, unique)
+    claimed = await storage.claim_oauth_refresh(user.id, "google")
+    assert claimed == await storage.get_oauth_tokens(user.id, "google")
+    assert await storage.claim_oauth_refresh(user.id, "google") is None  # held
+    # The holder stores the refresh: the lease ends, the next claim gets the new tokens.
+    stored = await storage.update_oauth_tokens(
+        user.id, "google", access_token="a-2", refresh_token="r-2", if_version=claimed.version
+    )
+    assert stored is not None and _lease(dsn, user.id) == (None, None)
+    again = await storage.claim_oauth_refresh(user.id, "google", lease_seconds=1)
+    assert again == stored
+    # A holder that never comes back: once its lease has run out, the next claim gets it.
+    assert await storage.claim_oauth_refresh(user.id, "google") is None
+    _run_out_lease(dsn, user.id)
+    taken_over = await storage.claim_oauth_refresh(user.id, "google")
+    assert taken_over == stored
+    # A re-link with tokens ends the lease; one without tokens keeps it.
+    sub = (await storage.get_user(user.id)).oauth["google"].sub
+    held = _lease(dsn, user.id)
+    await storage.link_oauth_account(user.id, "google", sub=sub, name="renamed")
+    assert _lease(dsn, user.id) == held
+    await storage.link_oauth_account(user.id, "google", sub=sub, access_token="a-3")
+    assert _lease(dsn, user.id) == (None, None)
+    # No link at that provider: None, and nothing is written.
+    assert await storage.claim_oauth_refresh(user.id, "github") is None
+    assert await storage.get_oauth_tokens(user.id, "github") is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"lease_seconds": 0}, "lease_seconds"),
+        ({"lease_seconds": 3601}, "lease_seconds"),
+        ({"lease_seconds": 1.5}, "lease_seconds"),
+        ({"lease_seconds": True}, "lease_seconds"),
+        ({"lease_seconds": "30"}, "lease_seconds"),
+        ({"user_id": "not-a-uuid"}, "user_id"),
+        ({"provider": ""}, "provider"),
+    ],
+)
+async def test_claim_oauth_refresh_refuses_bad_input_and_takes_no_lease(
+    storage: Any,
+    email: str,
+    unique: Callable[[str], str],
+    dsn: str,
+    kwargs: dict[str, Any],
+    field: str,
+) -> None:
+    user = await _linked_with_tokens(storage, email, unique)
+    call: dict[str, Any] = {"user_id": user.id, "provider": "google", **kwargs}
+    with pytest.raises(ValidationError) as caught:
+        await storage.claim_oauth_refresh(**call)
+    assert caught.value.field == field
+    assert _lease(dsn, user.id) == (None, None)
+
+
 async def test_create_returns_the_row_an_attempt_committed_after_the_retry_began(
     storage: Any, dsn: str, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -264,10 +264,44 @@ class AsyncUsers(AsyncCore):
         row = await self._run(
             "get_oauth_tokens", {"user_id": parsed, "provider": provider}, retry=Retry.SAFE
         )
-        if row is None:
-            return None
+        return None if row is None else self._oauth_tokens(parsed, provider, row)
+
+    async def claim_oauth_refresh(
+        self, user_id: uuid.UUID | str, provider: str, *, lease_seconds: int = 30
+    ) -> OAuthTokens | None:
+        """Take the lease on refreshing a user's tokens at ``provider`` for ``lease_seconds``
+        (1 to 3600) and return the decrypted tokens with their ``version``; ``None`` when
+        another worker holds an unexpired lease, or there is no link (``get_oauth_tokens``
+        tells them apart).
+
+        One guarded UPDATE: of any number of workers claiming at once, exactly one gets the
+        tokens, so one calls the provider, which matters for providers that revoke the grant
+        when a replaced refresh token is used again. The holder stores the result with
+        ``update_oauth_tokens(..., if_version=tokens.version)``, which ends the lease (so does
+        ``link_oauth_account`` with tokens). A holder that fails lets the lease run out: the
+        next claim after ``lease_seconds`` (on the database server's clock) gets it. The
+        others read the tokens again until the version moves or the lease runs out. The
+        adapter's own retry after a lost acknowledgement recognises its own lease (by a
+        number drawn before the first attempt) and returns the tokens. Raises
+        ``ValidationError`` for bad input and ``EncryptionKeyError`` when the tokens' key is
+        not configured (the lease is then held: it runs out)."""
+        parsed = v.uuid_arg("user_id", user_id)
+        provider = v.text("provider", provider)
+        seconds = v.integer("lease_seconds", lease_seconds, minimum=1, maximum=3600)
+        params = {
+            "user_id": parsed,
+            "provider": provider,
+            "lease_seconds": seconds,
+            "holder": new_tokens_version(),
+        }
+        row = await self._run("claim_oauth_refresh", params, retry=Retry.SAFE)
+        return None if row is None else self._oauth_tokens(parsed, provider, row)
+
+    def _oauth_tokens(self, user_id: uuid.UUID, provider: str, row: tuple[Any, ...]) -> OAuthTokens:
+        """The ``OAuthTokens`` of a row (access and refresh ciphertexts, key id, expiry,
+        version) of the link of ``user_id`` at ``provider``."""
         access_blob, refresh_blob, key_id, expires_at, version = row
-        row_id = _oauth_row(parsed, provider)
+        row_id = _oauth_row(user_id, provider)
         return OAuthTokens(
             access_token=self._decrypt("oauth_accounts.access_token", row_id, key_id, access_blob),
             refresh_token=self._decrypt(
@@ -331,9 +365,10 @@ class AsyncUsers(AsyncCore):
 
 
 def new_tokens_version() -> int:
-    """A new version for a write of OAuth tokens: random in [1, 2^63), so versions never repeat
-    for a link (a stale ``if_version`` read before an unlink and re-link cannot match the new
-    link's), and a retry of the same write can recognise it."""
+    """A new version for a write of OAuth tokens (or a refresh lease's holder): random in
+    [1, 2^63), so versions never repeat for a link (a stale ``if_version`` read before an
+    unlink and re-link cannot match the new link's), and a retry of the same write can
+    recognise it."""
     return secrets.randbelow(v.INT8_MAX) + 1
 
 
