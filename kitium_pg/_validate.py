@@ -249,7 +249,7 @@ def _check_json(field: str, value: object, depth: int, budget: list[int]) -> boo
     elif issubclass(kind, list | tuple | Mapping):
         raise _Irregular
     else:
-        return _check_scalar(field, value)
+        return _check_scalar(field, value, budget)
     if budget[0] < 0:
         raise ValidationError(field, f"must serialise to at most {JSON_BYTES} bytes")
     exact = False
@@ -262,9 +262,23 @@ def _check_json(field: str, value: object, depth: int, budget: list[int]) -> boo
                 raise ValidationError(field, f"must serialise to at most {JSON_BYTES} bytes")
             if "\x00" in item:  # type: ignore[operator]  # a str
                 raise ValidationError(field, "must not contain NUL characters")
-        elif cls is not int and cls is not bool and item is not None:
+        elif cls is int:
+            if not -_SHORT_INT <= item <= _SHORT_INT:  # type: ignore[operator]  # an int
+                _spend(field, budget, _int_digits(item))  # type: ignore[arg-type]  # an int
+        elif cls is not bool and item is not None:
             exact |= _check_json(field, item, depth + 1, budget)
     return exact
+
+
+# Ints up to this size cost the budget nothing beyond their item's byte (most of them are
+# small); a longer one is charged a lower bound of its digits, so 50,000 references to one
+# 4,300-digit int are refused after a megabyte's worth, not encoded into 200 MB.
+_SHORT_INT: Final = 10**18
+
+
+def _int_digits(value: int) -> int:
+    """A lower bound of the digits of ``value``: its bits times 0.3, below log10(2)."""
+    return int.bit_length(value) * 3 // 10
 
 
 def _checked_keys(
@@ -288,7 +302,9 @@ def _checked_keys(
     return value.values()
 
 
-def _check_scalar(field: str, value: object) -> bool:
+def _check_scalar(field: str, value: object, budget: list[int]) -> bool:
+    """Raise for a scalar jsonb cannot hold; returns whether it is a float that needs exact
+    formatting, charging ``budget`` for the digits that writes out (and for a long int's)."""
     kind = type(value)
     if issubclass(kind, str):
         if kind is not str:
@@ -299,8 +315,17 @@ def _check_scalar(field: str, value: object) -> bool:
         # float's own methods, not the subclass's (numpy.float64's repr: "np.float64(1e-07)").
         if not math.isfinite(value):  # type: ignore[arg-type]  # reads the double: no call
             raise ValidationError(field, "must not contain NaN or Infinity")
-        return "e" in float.__repr__(value)
-    elif value is not None and not issubclass(kind, int):  # bool is an int
+        text = float.__repr__(value)  # a float
+        if "e" not in text:
+            return False
+        # Written in full (_plain_float): 5e-324 takes 326 characters, 1e300 takes 303; at
+        # least as many as the exponent says.
+        _spend(field, budget, abs(int(text[text.index("e") + 1 :])))
+        return True
+    elif issubclass(kind, int):  # bool is an int
+        if not -_SHORT_INT <= value <= _SHORT_INT:  # type: ignore[operator]  # an int
+            _spend(field, budget, _int_digits(value))  # type: ignore[arg-type]  # an int
+    elif value is not None:
         raise ValidationError(field, f"is not JSON-serialisable ({kind.__name__})")
     return False
 
@@ -352,14 +377,17 @@ def _plain(field: str, value: object, depth: int, budget: list[int]) -> object:
     return copied_items
 
 
-def _checked(field: str, value: object) -> tuple[object, bool]:
-    """``value`` (or its plain copy) checked for jsonb, and whether a float in it needs exact
-    formatting."""
+def _checked(field: str, value: object) -> tuple[object, bool, int]:
+    """``value`` (or its plain copy) checked for jsonb, whether a float in it needs exact
+    formatting, and a lower bound of its serialised size (what the check spent)."""
+    budget = [JSON_BYTES]
     try:
-        return value, _check_json(field, value, 0, [JSON_BYTES])
+        exact = _check_json(field, value, 0, budget)
     except _Irregular:
-        plain = _plain(field, value, 0, [JSON_BYTES])
-        return plain, _check_json(field, plain, 0, [JSON_BYTES])
+        value = _plain(field, value, 0, [JSON_BYTES])
+        budget = [JSON_BYTES]
+        exact = _check_json(field, value, 0, budget)
+    return value, exact, JSON_BYTES - budget[0]
 
 
 def _plain_float(value: float) -> str:
@@ -414,7 +442,7 @@ def json_text(field: str, value: object, *, default: str = "{}", obj: bool = Tru
         return default
     if obj and not _is_object(value):
         raise ValidationError(field, "must be a JSON object (a dict)")
-    value, exact = _checked(field, value)
+    value, exact, _ = _checked(field, value)
     try:
         dumped = _dumps_exact(value) if exact else _ENCODER.encode(value)
         size = len(dumped.encode("utf-8"))
@@ -425,16 +453,18 @@ def json_text(field: str, value: object, *, default: str = "{}", obj: bool = Tru
     return dumped
 
 
-def json_object(field: str, value: object) -> tuple[Mapping[str, Any], bool]:
-    """``value`` checked as a JSON object (``None`` gives ``{}``) without serialising it, and
-    whether it holds floats that need ``json_text``'s exact formatting. The byte limit and
-    lone surrogates are left to the caller's serialisation (``json_text`` checks both)."""
+def json_object(field: str, value: object) -> tuple[Mapping[str, Any], bool, int]:
+    """``value`` checked as a JSON object (``None`` gives ``{}``) without serialising it,
+    whether it holds floats that need ``json_text``'s exact formatting, and a lower bound of
+    its serialised size in bytes (a batch refuses a sum over its limit before encoding). The
+    byte limit and lone surrogates are left to the caller's serialisation (``json_text``
+    checks both); reading stops at the limit's worth (``ValidationError``)."""
     if value is None:
-        return {}, False
+        return {}, False, 2
     if not _is_object(value):
         raise ValidationError(field, "must be a JSON object (a dict)")
-    checked, exact = _checked(field, value)
-    return cast(Mapping[str, Any], checked), exact
+    checked, exact, size = _checked(field, value)
+    return cast(Mapping[str, Any], checked), exact, size
 
 
 def json_document(value: object) -> tuple[str, int] | None:

@@ -363,16 +363,29 @@ DELETE FROM kitium_auth.sso_sessions WHERE id = :id;
 -- finds no SSO session left, still leaves none of them: those bound to the provider's
 -- organization and unbound ones; a shared provider (org_id NULL) ends them all. A session bound
 -- to another organization stays, so one tenant's IdP cannot sign a user out of another tenant.
--- Lock order, with end_user_sessions: the users' rows (KEY SHARE, in parents), then their SSO
--- sessions, then their sessions. delete_user locks the user's row first, then deletes its
--- sessions and SSO sessions by cascade (in that order): without parents, a logout holding an SSO
--- session and waiting for a session, against a delete_user holding that session and waiting for
--- the SSO session, would deadlock. The DELETE filters on parents, so it reaches no SSO session
--- before parents has locked every user.
-WITH parents AS (
+-- Lock order, with end_user_sessions: the provider's organization (KEY SHARE, in org), the
+-- users' rows (KEY SHARE, in parents), then their SSO sessions, then their sessions.
+-- delete_user locks the user's row first, then deletes its sessions and SSO sessions by cascade
+-- (in that order): without parents, a logout holding an SSO session and waiting for a session,
+-- against a delete_user holding that session and waiting for the SSO session, would deadlock.
+-- delete_organization locks the organization first, then by cascade deletes the sessions bound
+-- to it (through its memberships) and only then its providers' SSO sessions: without org, a
+-- logout holding an SSO session and waiting for one of those sessions, against a
+-- delete_organization holding that session and waiting for the SSO session, deadlocked (found
+-- in review). KEY SHARE does not conflict with the membership functions' NO KEY UPDATE of the
+-- organization, nor with create_session's KEY SHARE. The DELETE filters on parents, which reads
+-- org first, so it reaches no SSO session before both have locked.
+WITH org AS (
+  SELECT o.id
+    FROM kitium_auth.organizations AS o
+   WHERE :end_user_sessions
+     AND o.id = (SELECT p.org_id FROM kitium_auth.sso_providers AS p WHERE p.id = :provider_id)
+     FOR KEY SHARE OF o
+), parents AS (
   SELECT u.id
     FROM kitium_auth.users AS u
    WHERE :end_user_sessions
+     AND (SELECT count(*) FROM org) >= 0  -- always true: org is locked before any user
      AND u.id IN (SELECT t.user_id
                     FROM kitium_auth.sso_sessions AS t
                    WHERE t.provider_id = :provider_id
@@ -404,10 +417,17 @@ SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, li
 -- of its own rather than optional conditions in the subject one: the index
 -- sso_sessions_provider_id_session_token_hash_idx (partial, on non-NULL digests) serves it in a
 -- generic plan too, where an optional condition on the digest could not.
-WITH parents AS (
+WITH org AS (
+  SELECT o.id
+    FROM kitium_auth.organizations AS o
+   WHERE :end_user_sessions
+     AND o.id = (SELECT p.org_id FROM kitium_auth.sso_providers AS p WHERE p.id = :provider_id)
+     FOR KEY SHARE OF o
+), parents AS (
   SELECT u.id
     FROM kitium_auth.users AS u
    WHERE :end_user_sessions
+     AND (SELECT count(*) FROM org) >= 0  -- always true: org is locked before any user
      AND u.id IN (SELECT t.user_id
                     FROM kitium_auth.sso_sessions AS t
                    WHERE t.provider_id = :provider_id

@@ -187,13 +187,15 @@ SELECT access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_e
 -- encrypted tokens with their version, only where no lease is held, the one held has run out,
 -- or it is this very claim's (holder, drawn at random per call: a retry after a lost
 -- acknowledgement); no row otherwise (another worker holds it, or there is no link). Times are
--- the server's clock, shared by every worker.
+-- the server's clock, shared by every worker, read when the row is reached: clock_timestamp(),
+-- not now(), which is the start of a statement that may have waited on the row (a lease from
+-- then would have run out already, and a second worker would get it too).
 UPDATE kitium_auth.oauth_accounts AS o
-   SET refresh_lease_until = now() + make_interval(secs => :lease_seconds),
+   SET refresh_lease_until = clock_timestamp() + make_interval(secs => :lease_seconds),
        refresh_lease_holder = :holder
  WHERE o.user_id = :user_id AND o.provider = :provider
    AND (o.refresh_lease_until IS NULL
-        OR o.refresh_lease_until <= now()
+        OR o.refresh_lease_until <= clock_timestamp()
         OR o.refresh_lease_holder = :holder)
 RETURNING o.access_token_ciphertext, o.refresh_token_ciphertext, o.tokens_key_id,
           o.token_expires_at, o.tokens_version;
@@ -203,15 +205,18 @@ RETURNING o.access_token_ciphertext, o.refresh_token_ciphertext, o.tokens_key_id
 -- this write), only while the link holds version if_version when one is given; returns the
 -- version, or no row (no link, or another write came first). A retry of this very write after
 -- a lost acknowledgement finds its own version stored and writes the same values again. New
--- tokens end a refresh lease (claim_oauth_refresh): the refresh it was taken for is done.
+-- tokens end a refresh lease (claim_oauth_refresh): the refresh it was taken for is done. That
+-- retry keeps the lease: one taken after the first attempt is another worker's.
 UPDATE kitium_auth.oauth_accounts AS o
    SET access_token_ciphertext = :access_token_ciphertext,
        refresh_token_ciphertext = :refresh_token_ciphertext,
        tokens_key_id = :tokens_key_id,
        token_expires_at = :token_expires_at,
        tokens_version = :tokens_version,
-       refresh_lease_until = NULL,
-       refresh_lease_holder = NULL
+       refresh_lease_until = CASE WHEN o.tokens_version = :tokens_version
+                                  THEN o.refresh_lease_until END,
+       refresh_lease_holder = CASE WHEN o.tokens_version = :tokens_version
+                                   THEN o.refresh_lease_holder END
  WHERE o.user_id = :user_id AND o.provider = :provider
    AND (CAST(:if_version AS bigint) IS NULL
         OR o.tokens_version = :if_version

@@ -435,6 +435,28 @@ async def test_emit_events_caps_a_batch_at_ten_thousand(
     assert await storage.emit_events([event] * 10_000) == 10_000
 
 
+async def test_emit_events_refuses_a_batch_over_its_data_limit_before_encoding_it(
+    storage: Any, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: each event's data was checked against its own 1 MB, and the whole batch
+    was then encoded before its 64 MB total was checked, so 1,000 references to one 900 KB
+    object took 7 s and 1.7 GB before being refused. The checks' lower bounds are summed as
+    they go: the batch is refused at the event that passes the total, nothing is encoded and
+    nothing written."""
+    principal = unique("p")
+    data = {"s": "x" * 900_000}
+    encoded: list[object] = []
+    events_module = adapter_module(storage, "events")
+    monkeypatch.setattr(events_module.v, "json_document", lambda value: encoded.append(value))
+    with pytest.raises(ValidationError) as caught:
+        await storage.emit_events([{"type": "t", "principal_id": principal, "data": data}] * 1000)
+    assert caught.value.field == "events"
+    assert "64000000 bytes in all" in str(caught.value)
+    assert encoded == []
+    monkeypatch.undo()
+    assert (await storage.list_events(principal_id=principal)).events == ()
+
+
 # -- list_events --------------------------------------------------------------------------------
 
 

@@ -805,6 +805,20 @@ async def test_fastapi_users_is_verified_is_the_users_email_verified_at(
     assert vouched.is_verified is True and vouched.record.email_verified_at is not None
 
 
+async def test_fastapi_users_verifying_a_deleted_user_is_not_found(
+    async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
+) -> None:
+    """Found in review: is_verified=True alone for a user deleted after it was read raised
+    EmailChanged (answered 409 "address changed"); it is NotFoundError, as with any other
+    field."""
+    db = KitiumUserDatabase(async_adapter)
+    user = await db.create({"email": f"{unique('gone')}@example.com", "hashed_password": "h"})
+    assert await async_adapter.delete_user(user.id)
+    for update in ({"is_verified": True}, {"is_verified": True, "is_superuser": True}):
+        with pytest.raises(NotFoundError):
+            await db.update(user, update)
+
+
 async def test_fastapi_users_concurrent_flag_updates_both_hold(
     async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
 ) -> None:

@@ -8,6 +8,7 @@ import datetime as dt
 import functools
 import hashlib
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -1102,6 +1103,76 @@ async def test_a_tenants_logout_leaves_the_sessions_bound_to_another_organizatio
         )
         assert [e.user_id for e in ended] == [ada.id]
         assert _app_sessions_left(dsn, *made.values()) == set(), logout
+
+
+def test_a_logout_and_deleting_the_providers_organization_do_not_deadlock(
+    sync_adapter: PostgresStorageAdapter, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Found in review: delete_organization deletes the sessions bound to the organization by
+    cascade before its provider's SSO sessions, and a logout with end_user_sessions took the
+    SSO session, then those sessions: a deadlock, after which the logout's retry found the SSO
+    session gone and left the user's unbound session signed in. The logout now locks the
+    organization first; the deletion waits for it."""
+    storage = sync_adapter
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    org = storage.create_organization(name="Acme", plan="team")
+    user = storage.create_user(email=f"{unique('dl')}@example.com")
+    storage.add_organization_member(org.id, user.id)
+    idp = storage.create_sso_provider(
+        type="oidc", name=unique("idp"), org_id=org.id, client_id="c", client_secret=CLIENT_SECRET
+    )
+    sso = storage.create_sso_session(
+        user_id=user.id,
+        provider_id=idp.id,
+        provider_type="oidc",
+        provider_subject="s",
+        expires_at=expires,
+    )
+    storage.create_session(user_id=user.id, expires_at=expires, org_id=org.id)
+    unbound = storage.create_session(user_id=user.id, expires_at=expires)
+    before = _deadlocks(dsn)
+    results: dict[str, Any] = {}
+
+    def run(name: str, call: Callable[[], Any]) -> threading.Thread:
+        def target() -> None:
+            try:
+                results[name] = call()
+            except Exception as exc:  # reported by the assertions below
+                results[name] = exc
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread
+
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute("SELECT id FROM kitium_auth.sso_sessions WHERE id = %s FOR UPDATE", [sso.id])
+        logout = run(
+            "logout",
+            lambda: storage.delete_sso_sessions(
+                provider_id=idp.id, provider_subject="s", end_user_sessions=True
+            ),
+        )
+        assert waiting(dsn, "DELETE FROM kitium_auth.sso_sessions AS s")
+        deletion = run("delete", lambda: storage.delete_organization(org.id))
+        assert waiting(dsn, "DELETE FROM kitium_auth.organizations")
+        holder.commit()
+        logout.join()
+        deletion.join()
+    finally:
+        holder.close()
+    assert results == {"logout": [sso], "delete": True}
+    assert storage.get_session(unbound.id) is None
+    assert _deadlocks(dsn) == before
+
+
+def _deadlocks(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 async def test_end_user_sessions_must_be_a_bool(

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
+import threading
+import time
+import types
 import uuid
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, cast
 
 import psycopg
 import pytest
 
-from kitium_pg import ConflictError, NotFoundError, User, ValidationError
+from kitium_pg import ConflictError, NotFoundError, PostgresStorageAdapter, User, ValidationError
 
-from .fix_holder import adapter_module, committed_later, release_when_waiting
+from .fix_holder import adapter_module, committed_later, release_when_waiting, waiting
 from .fix_metadata import check_metadata_patch
 from .fix_race import race_each
 
@@ -593,6 +599,81 @@ async def test_a_refresh_lease_ends_with_new_tokens_or_runs_out(
     assert await storage.get_oauth_tokens(user.id, "github") is None
 
 
+async def test_a_claim_that_waited_on_the_row_still_holds_its_whole_lease(
+    storage: Any, email: str, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Found in review: the lease ran from now(), the start of the claim's statement. A claim
+    that waited on the link row for longer than its lease wrote a lease that had already run
+    out, and the next worker's claim got the tokens too. It runs from the time the row is
+    reached: the second claim gets None."""
+    user = await _linked_with_tokens(storage, email, unique)
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "UPDATE kitium_auth.oauth_accounts SET name = name WHERE user_id = %s", (user.id,)
+        )
+
+        def release_after_the_lease() -> None:
+            watched = waiting(dsn, "refresh_lease_holder =")
+            time.sleep(1.2)  # longer than the claim's lease (1 s) since its statement began
+            holder.commit()
+            release.seen = watched  # type: ignore[attr-defined]
+
+        release = threading.Thread(target=release_after_the_lease)
+        release.start()
+        first = await storage.claim_oauth_refresh(user.id, "google", lease_seconds=1)
+        release.join()
+        assert release.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    assert first is not None
+    assert await storage.claim_oauth_refresh(user.id, "google") is None
+
+
+async def test_a_retried_refresh_keeps_a_lease_taken_after_its_first_attempt(
+    storage: Any,
+    email: str,
+    unique: Callable[[str], str],
+    dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the adapter's retry of update_oauth_tokens after a lost acknowledgement
+    (played here by the same call again, with the version its first attempt drew) ended the
+    lease another worker had taken since, letting a third worker refresh beside it."""
+    user = await _linked_with_tokens(storage, email, unique)
+    read = await storage.get_oauth_tokens(user.id, "google")
+    monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 4242)
+    call: dict[str, Any] = {
+        "access_token": "a-2",
+        "refresh_token": "r-2",
+        "if_version": read.version,
+    }
+    stored = await storage.update_oauth_tokens(user.id, "google", **call)
+    assert stored is not None and stored.version == 4242
+    monkeypatch.undo()
+    assert await storage.claim_oauth_refresh(user.id, "google") == stored  # another worker
+    held = _lease(dsn, user.id)
+    monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 4242)
+    assert await storage.update_oauth_tokens(user.id, "google", **call) == stored
+    assert _lease(dsn, user.id) == held
+    monkeypatch.undo()
+    assert await storage.claim_oauth_refresh(user.id, "google") is None
+
+
+async def test_claim_oauth_refresh_refuses_a_transactions_view(
+    storage: Any, email: str, unique: Callable[[str], str], dsn: str
+) -> None:
+    """A lease taken in a transaction is not seen until it commits, and other claims wait for
+    the transaction instead of returning None: the claim must run on the adapter."""
+    user = await _linked_with_tokens(storage, email, unique)
+    async with storage.transaction() as tx:
+        with pytest.raises(ValidationError) as caught:
+            await tx.claim_oauth_refresh(user.id, "google")
+        assert caught.value.field == "transaction"
+        assert "claim_oauth_refresh" in str(caught.value)
+    assert _lease(dsn, user.id) == (None, None)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -650,3 +731,74 @@ async def test_one_address_in_two_unicode_spellings_is_one_user(
     assert await storage.get_user_by_email(decomposed) == user
     with pytest.raises(ConflictError):
         await storage.create_user(email=composed)
+
+
+def _guide_example(name: str) -> Callable[..., Any]:
+    """The function ``name`` from the Python blocks of docs/guide/users.md, as printed."""
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "guide" / "users.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", guide, flags=re.DOTALL):
+        if f"def {name}(" in block:
+            namespace: dict[str, Any] = {
+                "needs_refresh": lambda expires_at: (
+                    expires_at is None
+                    or expires_at < dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+                ),
+            }
+            exec(compile(block, "docs/guide/users.md", "exec"), namespace)  # noqa: S102
+            return cast(Callable[..., Any], namespace[name])
+    raise AssertionError(f"no {name} in docs/guide/users.md")
+
+
+class _Provider:
+    """An OAuth client whose refresh takes a while, counts its calls, and fails ``failures``
+    times first; each success rotates the refresh token."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.calls, self.failures, self.lock = 0, failures, threading.Lock()
+
+    def refresh(self, refresh_token: str) -> Any:
+        with self.lock:
+            self.calls += 1
+            n, failing = self.calls, self.calls <= self.failures
+        time.sleep(0.3)
+        if failing:
+            raise ConnectionError("provider down")
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        return types.SimpleNamespace(
+            access_token=f"a-new-{n}", refresh_token=f"{refresh_token}+{n}", expires_at=expires
+        )
+
+
+@pytest.mark.parametrize("failures", [0, 1])
+def test_the_guides_refresh_example_calls_the_provider_once_per_refresh(
+    sync_adapter: PostgresStorageAdapter, unique: Callable[[str], str], failures: int
+) -> None:
+    """docs/guide/users.md's fresh_tokens, run as printed by four workers at once on expired
+    tokens: the provider is called once and every worker gets the stored refresh. When the
+    holder's call fails (its worker raises), the others wait for its lease to run out and one of
+    them refreshes: two calls, and the waiters get fresh tokens, not the expired ones."""
+    fresh_tokens = _guide_example("fresh_tokens")
+    user = sync_adapter.create_user(email=f"{unique('guide')}@example.com")
+    sync_adapter.link_oauth_account(
+        user.id,
+        "google",
+        sub=unique("g"),
+        access_token="a-old",
+        refresh_token="r-old",
+        token_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1),
+    )
+    provider = _Provider(failures)
+    barrier = threading.Barrier(4)
+
+    def worker() -> Any:
+        barrier.wait()
+        return fresh_tokens(sync_adapter, user.id, "google", provider, lease_seconds=1)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = [f.exception() or f.result() for f in [pool.submit(worker) for _ in range(4)]]
+    stored = sync_adapter.get_oauth_tokens(user.id, "google")
+    assert stored is not None and stored.refresh_token == f"r-old+{failures + 1}"
+    assert provider.calls == failures + 1
+    failed = [o for o in outcomes if isinstance(o, ConnectionError)]
+    assert len(failed) == failures
+    assert [o for o in outcomes if not isinstance(o, ConnectionError)] == [stored] * (4 - failures)

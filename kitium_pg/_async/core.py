@@ -696,6 +696,16 @@ class AsyncCore:
     ) -> Any:
         return await self._run(name, params, retry=retry, replica=replica)
 
+    def _outside_transaction(self, name: str, why: str) -> None:
+        """Raise ``ValidationError`` (naming ``transaction``) on a transaction's view: method
+        ``name`` must commit on its own, because ``why``."""
+        if self._conn is not None:
+            raise ValidationError(
+                "transaction",
+                f"{name} must commit on its own ({why}): call it on the adapter, not on a"
+                " transaction",
+            )
+
     def _use_replica(self, consistency: str) -> bool:
         """Whether a read may go to a replica (``consistency="replica"``, the default of the
         read-only hot paths); see ``_validate.replica_allowed``."""

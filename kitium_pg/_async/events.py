@@ -78,6 +78,7 @@ class AsyncEvents(AsyncCore):
         rows: list[dict[str, Any]] = []  # serialised together by one C encoder call
         exact_rows: list[str] = []  # rows whose data needs exact float formatting
         checked: list[Mapping[str, Any]] = []  # each event's data as checked and sent
+        least = 0  # a lower bound of the batch's data, serialised
         for index, event in enumerate(batch):
             prefix = f"events[{index}]."
             v.event_keys(f"events[{index}]", event, required=_REQUIRED_KEYS)
@@ -88,7 +89,12 @@ class AsyncEvents(AsyncCore):
                 event.get("org_id"),
                 event.get("timestamp"),
             )
-            data, exact = v.json_object(prefix + "data", event["data"])
+            data, exact, size = v.json_object(prefix + "data", event["data"])
+            # Refused before encoding: a batch whose events hold one large object many times
+            # would otherwise be serialised in full first (10,000 x 1 MB).
+            least += size
+            if least > MAX_BATCH_DATA_BYTES:
+                raise _batch_too_large()
             checked.append(data)
             row["id"] = new_id_text()
             if row["ts"] is not None:
@@ -114,9 +120,7 @@ class AsyncEvents(AsyncCore):
             size += sum(len(row.encode("utf-8")) + 1 for row in exact_rows)
             text = f"{text[:-1]}{',' if rows else ''}{','.join(exact_rows)}]"
         if size > MAX_BATCH_DATA_BYTES:
-            raise ValidationError(
-                "events", f"data must serialise to at most {MAX_BATCH_DATA_BYTES} bytes in all"
-            )
+            raise _batch_too_large()
         params = {"batch": text, "count": len(batch)}
         written = int(await self._value("emit_events", params, retry=Retry.SAFE))
         if written < len(batch):
@@ -242,3 +246,9 @@ def decode_cursor(cursor: object) -> tuple[dt.datetime, uuid.UUID]:
         return timestamp.astimezone(dt.UTC), event_id
     except (ValueError, OverflowError):
         raise ValidationError("after", "must be the next_cursor of a previous page") from None
+
+
+def _batch_too_large() -> ValidationError:
+    return ValidationError(
+        "events", f"data must serialise to at most {MAX_BATCH_DATA_BYTES} bytes in all"
+    )

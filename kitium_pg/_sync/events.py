@@ -80,6 +80,7 @@ class Events(Core):
         rows: list[dict[str, Any]] = []  # serialised together by one C encoder call
         exact_rows: list[str] = []  # rows whose data needs exact float formatting
         checked: list[Mapping[str, Any]] = []  # each event's data as checked and sent
+        least = 0  # a lower bound of the batch's data, serialised
         for index, event in enumerate(batch):
             prefix = f"events[{index}]."
             v.event_keys(f"events[{index}]", event, required=_REQUIRED_KEYS)
@@ -90,7 +91,12 @@ class Events(Core):
                 event.get("org_id"),
                 event.get("timestamp"),
             )
-            data, exact = v.json_object(prefix + "data", event["data"])
+            data, exact, size = v.json_object(prefix + "data", event["data"])
+            # Refused before encoding: a batch whose events hold one large object many times
+            # would otherwise be serialised in full first (10,000 x 1 MB).
+            least += size
+            if least > MAX_BATCH_DATA_BYTES:
+                raise _batch_too_large()
             checked.append(data)
             row["id"] = new_id_text()
             if row["ts"] is not None:
@@ -116,9 +122,7 @@ class Events(Core):
             size += sum(len(row.encode("utf-8")) + 1 for row in exact_rows)
             text = f"{text[:-1]}{',' if rows else ''}{','.join(exact_rows)}]"
         if size > MAX_BATCH_DATA_BYTES:
-            raise ValidationError(
-                "events", f"data must serialise to at most {MAX_BATCH_DATA_BYTES} bytes in all"
-            )
+            raise _batch_too_large()
         params = {"batch": text, "count": len(batch)}
         written = int(self._value("emit_events", params, retry=Retry.SAFE))
         if written < len(batch):
@@ -244,3 +248,9 @@ def decode_cursor(cursor: object) -> tuple[dt.datetime, uuid.UUID]:
         return timestamp.astimezone(dt.UTC), event_id
     except (ValueError, OverflowError):
         raise ValidationError("after", "must be the next_cursor of a previous page") from None
+
+
+def _batch_too_large() -> ValidationError:
+    return ValidationError(
+        "events", f"data must serialise to at most {MAX_BATCH_DATA_BYTES} bytes in all"
+    )

@@ -38,18 +38,13 @@ def _code_hash(field: str, value: object) -> str:
     return text
 
 
+# Attempt counting commits on its own: inside a caller's transaction that rolls back, the
+# count and the device's charge would go with it, and the guess would be free.
+_COUNTS_ALONE = "a rollback would undo the count and the throttle"
+
+
 class TwoFactor(Core):
     """Two-factor device, backup code and challenge methods of the sync adapter."""
-
-    def _outside_transaction(self, name: str) -> None:
-        # Attempt counting commits on its own: inside a caller's transaction that rolls back,
-        # the count and the device's charge would go with it, and the guess would be free.
-        if self._conn is not None:
-            raise ValidationError(
-                "transaction",
-                f"{name} must commit on its own (a rollback would undo the count and the"
-                " throttle): call it on the adapter, not on a transaction",
-            )
 
     # -- devices -----------------------------------------------------------------------------
 
@@ -362,7 +357,7 @@ class TwoFactor(Core):
         the throttle commit on their own, or a rollback would make the guess free. Never
         retried by the adapter: after a lost acknowledgement a retry would count twice.
         """
-        self._outside_transaction("verify_two_factor_session")
+        self._outside_transaction("verify_two_factor_session", _COUNTS_ALONE)
         params = {"id": v.uuid_arg("id", id), "code_hash": _code_hash("code_hash", code_hash)}
         return self._one("verify_two_factor_session", params, TwoFactorAttempt, retry=Retry.NEVER)
 
@@ -396,7 +391,7 @@ class TwoFactor(Core):
         after checking the code would undo them and make the guess free. Never retried by the
         adapter: after a lost acknowledgement a retry would count twice.
         """
-        self._outside_transaction("count_two_factor_attempt")
+        self._outside_transaction("count_two_factor_attempt", _COUNTS_ALONE)
         params = {
             "id": v.uuid_arg("id", id),
             "backup_code": v.expect_type("backup_code", backup_code, bool),
@@ -416,7 +411,7 @@ class TwoFactor(Core):
         transaction's view (naming ``transaction``), as ``count_two_factor_attempt`` does.
         Never retried by the adapter: after a lost acknowledgement a retry would count twice.
         """
-        self._outside_transaction("increment_two_factor_attempts")
+        self._outside_transaction("increment_two_factor_attempts", _COUNTS_ALONE)
         params = {"id": v.uuid_arg("id", id), "backup_code": False}
         attempt = self._one("count_two_factor_attempt", params, TwoFactorAttempt, retry=Retry.NEVER)
         return None if attempt is None or attempt.throttled else attempt.attempt_count

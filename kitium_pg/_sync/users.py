@@ -281,8 +281,11 @@ class Users(Core):
         others read the tokens again until the version moves or the lease runs out. The
         adapter's own retry after a lost acknowledgement recognises its own lease (by a
         number drawn before the first attempt) and returns the tokens. Raises
-        ``ValidationError`` for bad input and ``EncryptionKeyError`` when the tokens' key is
-        not configured (the lease is then held: it runs out)."""
+        ``ValidationError`` for bad input and on a transaction's view (naming ``transaction``:
+        the other workers must see a lease when it is taken, and their claims would wait for
+        the transaction instead of returning ``None``), and ``EncryptionKeyError`` when the
+        tokens' key is not configured (the lease is then held until it runs out)."""
+        self._outside_transaction("claim_oauth_refresh", "the other workers must see the lease")
         parsed = v.uuid_arg("user_id", user_id)
         provider = v.text("provider", provider)
         seconds = v.integer("lease_seconds", lease_seconds, minimum=1, maximum=3600)

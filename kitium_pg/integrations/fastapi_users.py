@@ -82,7 +82,7 @@ from fastapi_users.models import OAuthAccountProtocol
 from fastapi_users.password import PasswordHelper, PasswordHelperProtocol
 
 from .. import AsyncPostgresStorageAdapter
-from ..errors import ConflictError
+from ..errors import ConflictError, NotFoundError
 from ..records import User
 
 __all__ = [
@@ -262,6 +262,9 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
                 and "email" not in fields
                 and await tx.mark_user_email_verified(user.id, user.email) is None
             ):
+                # Marked nothing: the address changed, or the user is gone.
+                if await tx.get_user(user.id) is None:
+                    raise NotFoundError(f"update: no user {user.id}")
                 raise EmailChanged()
             if has_hash:
                 await tx.set_password_hash(user.id, password_hash)
