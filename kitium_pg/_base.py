@@ -80,6 +80,16 @@ class Retry(enum.Enum):
     NEVER = "never"
 
 
+MAX_PAGE: Final = 1000
+"""Largest ``limit`` of a paged listing (``list_events``, ``list_organization_members``,
+``get_role_users``)."""
+
+
+def page_size(limit: object) -> int | None:
+    """``limit`` of a paged listing, 1 to ``MAX_PAGE``, or ``None`` (no limit)."""
+    return None if limit is None else _validate.integer("limit", limit, minimum=1, maximum=MAX_PAGE)
+
+
 def new_id() -> uuid.UUID:
     """A time-ordered UUIDv7, generated before the insert so retries can recognise their row."""
     return uuid_utils.compat.uuid7()

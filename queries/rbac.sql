@@ -117,12 +117,29 @@ SELECT r.held_id AS id, r.held_org_id AS org_id, r.held_name AS name,
  ORDER BY r.held_created_at, r.held_id;
 
 -- name: get_role_users(role_id)
--- The users holding one role, oldest assignment first, then by user id (served by
--- user_roles_role_id_idx).
+-- The users holding one role, oldest assignment first, then by user id (found through
+-- user_roles_role_id_assigned_at_user_id_idx, migration 0025; for all of a role's many holders
+-- the planner may prefer a bitmap scan and a sort: pages avoid both).
 SELECT user_id, role_id, org_id, assigned_at
   FROM kitium_auth.user_roles
  WHERE role_id = :role_id
  ORDER BY assigned_at, user_id;
+
+-- name: get_role_users_page(role_id, after_assigned_at, after_user_id, page_size)
+-- One page of the users holding one role, oldest assignment first, then by user id: at most
+-- page_size of them (all when NULL) strictly after the keyset (after_assigned_at,
+-- after_user_id), or from the first one when both are NULL. Keyset pagination with a bound that
+-- is always there, as list_organization_members_page (its comment says why): one range scan of
+-- user_roles_role_id_assigned_at_user_id_idx (migration 0025), with no sort, in a generic plan.
+SELECT user_id, role_id, org_id, assigned_at
+  FROM kitium_auth.user_roles
+ WHERE role_id = :role_id
+   AND (assigned_at, user_id) > (coalesce(:after_assigned_at::timestamptz,
+                                          '-infinity'::timestamptz),
+                                 coalesce(:after_user_id::uuid,
+                                          '00000000-0000-0000-0000-000000000000'::uuid))
+ ORDER BY assigned_at, user_id
+ LIMIT :page_size;
 
 -- name: get_user_permissions(user_id, org_id)
 -- The distinct permissions (by name, in code-point order of the name) a user holds in one

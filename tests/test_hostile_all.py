@@ -56,6 +56,7 @@ from kitium_pg import (
     Permission,
     PostgresStorageAdapter,
     QueryTimeoutError,
+    RoleAssignment,
     ValidationError,
 )
 from kitium_pg.records import EventPage
@@ -108,6 +109,14 @@ class MemberItem:
 
     user: Ref
     role: str
+
+
+@dataclass(frozen=True)
+class LastOf:
+    """The first record of a seed listing (``members``: of the seed organization, ``holders``:
+    of the seed role), read at call time; ``None`` when the listing is empty."""
+
+    listing: str
 
 
 # -- oracle ---------------------------------------------------------------------------------------
@@ -699,6 +708,54 @@ def callable_arg() -> P:
     covers the rest (today a non-callable fails with TypeError, after part of the work)."""
     calls = st.sampled_from([None, lambda *a: None, lambda *a: a]).map(lambda v: Arg(v, CLEAN))
     return P(calls, calls)
+
+
+def _record(kind: type, user_id: Any, when: Any) -> Any:
+    """A ``kind`` record (``OrganizationMember`` or ``RoleAssignment``) holding ``user_id`` and
+    the instant ``when`` as given, past the record's converters (which would refuse some)."""
+    if kind is OrganizationMember:
+        record: Any = OrganizationMember(user_id=uuid.UUID(int=1), joined_at=FUTURE)
+        at = "joined_at"
+    else:
+        one = uuid.UUID(int=1)
+        record = RoleAssignment(user_id=one, role_id=one, org_id=one, assigned_at=FUTURE)
+        at = "assigned_at"
+    object.__setattr__(record, "user_id", user_id)
+    object.__setattr__(record, at, when)
+    return record
+
+
+def after_arg(kind: type, listing: str) -> P:
+    """``after`` of a keyset-paged listing: ``None``, the first record of a seed listing, or a
+    ``kind`` record anywhere (any well-formed instant and user id marks a place); hostile ones
+    hold a malformed instant or user id, or are no ``kind`` at all (the other listing's record,
+    a dict of its fields, a cursor string)."""
+    times, ids = time_arg(), uuid_arg()
+    clean_ids = st.one_of(st.uuids(), st.uuids().map(str))
+
+    def build(when: Arg, user_id: Any) -> Arg:
+        return Arg(_record(kind, user_id, when.value), worst(when.tag, classify_uuid(user_id)))
+
+    other = RoleAssignment if kind is OrganizationMember else OrganizationMember
+    wrong = st.one_of(
+        st.builds(lambda u: _record(other, u, FUTURE), st.uuids()),
+        st.builds(lambda u: {"user_id": u, "joined_at": FUTURE, "assigned_at": FUTURE}, st.uuids()),
+        st.builds(lambda u: (FUTURE, u), st.uuids()),
+        st.sampled_from(["after", "", 0, 1, b"x", [FUTURE]]),
+        hostile_text(64).filter(lambda v: v is not None),
+    )
+    return P(
+        st.one_of(
+            st.just(Arg(None, CLEAN)),
+            st.just(Arg(LastOf(listing), CLEAN)),
+            st.builds(build, times.clean, clean_ids),
+        ),
+        st.one_of(
+            st.builds(build, times.hostile, clean_ids),
+            st.builds(build, times.clean, ids.hostile.map(lambda a: a.value)),
+            wrong.map(lambda v: Arg(v, BAD)),
+        ),
+    )
 
 
 def member_item(hostile: bool) -> st.SearchStrategy[tuple[Any, str]]:
@@ -1548,6 +1605,21 @@ def check_page(world: World, kwargs: dict[str, Any], result: Any) -> None:
     assert len(result.events) <= kwargs.get("limit", 100)
 
 
+def check_keyset_page(listing: str, key: str, at: str) -> Check:
+    """The result is the whole listing's records strictly after ``after``'s (``at``, user id),
+    at most ``limit`` of them."""
+
+    def check(world: World, kwargs: dict[str, Any], result: Any) -> None:
+        expected = getattr(world.api, listing)(kwargs[key])
+        after = kwargs.get("after")
+        if after is not None:
+            bound = (getattr(after, at), _as_uuid(after.user_id))
+            expected = [r for r in expected if (getattr(r, at), r.user_id) > bound]
+        assert result == expected[: kwargs.get("limit")]
+
+    return check
+
+
 def _statuses(expected: str) -> Check:
     def check(world: World, kwargs: dict[str, Any], result: Any) -> None:
         if expected == "health":
@@ -1888,7 +1960,15 @@ def _spec_table() -> dict[str, Spec]:
             lenient=True,
             writes=True,
         ),
-        "list_organization_members": reader("org_id", "org"),
+        "list_organization_members": Spec(
+            params={
+                "org_id": uuid_arg("org", "random"),
+                "after": after_arg(OrganizationMember, "members"),
+                "limit": opt_int_arg(1, 1000),
+            },
+            lenient=True,
+            check=check_keyset_page("list_organization_members", "org_id", "joined_at"),
+        ),
         "get_organization_member": Spec(
             params={"org_id": uuid_arg("org", "random"), "user_id": uuid_arg("user", "random")},
             lenient=True,
@@ -2020,7 +2100,15 @@ def _spec_table() -> dict[str, Spec]:
         "get_user_roles": Spec(
             params={"user_id": uid, "org_id": uuid_arg("org", "random")}, lenient=True
         ),
-        "get_role_users": reader("role_id", "role"),
+        "get_role_users": Spec(
+            params={
+                "role_id": uuid_arg("role", "random"),
+                "after": after_arg(RoleAssignment, "holders"),
+                "limit": opt_int_arg(1, 1000),
+            },
+            lenient=True,
+            check=check_keyset_page("get_role_users", "role_id", "assigned_at"),
+        ),
         "get_user_permissions": Spec(
             params={"user_id": uid, "org_id": uuid_arg("org", "random"), **CONSISTENCY},
             lenient=True,
@@ -2390,6 +2478,12 @@ class World:
     def resolve(self, value: Any) -> Any:
         if isinstance(value, Ref):
             return self._ref(value)
+        if isinstance(value, LastOf):
+            if value.listing == "members":
+                first = self.api.list_organization_members(self.seeds["org"].id, limit=1)
+            else:
+                first = self.api.get_role_users(self.seeds["role"].id, limit=1)
+            return first[0] if first else None
         if isinstance(value, MemberItem):
             return OrganizationMember(
                 user_id=self._ref(value.user), role=value.role, joined_at=FUTURE

@@ -417,6 +417,32 @@ def _plan(dsn: str, schema: str, query: str, params: dict[str, Any]) -> str:
     return "\n".join(row[0] for row in rows)
 
 
+def _generic_plan(dsn: str, schema: str, query: str, params: dict[str, Any]) -> str:
+    """The generic plan of ``query`` (the plan psycopg's prepared statement settles on, whatever
+    the values: ``plan_cache_mode = force_generic_plan``), prepared with ``$n`` parameters and
+    explained for ``params``; sequential and bitmap scans off as in ``_plan``."""
+    names: list[str] = []
+
+    def positional(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    sql = re.sub(r"%\((\w+)\)s", positional, _sql.queries(schema)[query].sql).replace("%%", "%")
+    arguments = ", ".join(["%s"] * len(names))
+    with psycopg.connect(dsn, cursor_factory=psycopg.ClientCursor) as conn:
+        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        conn.execute("SET LOCAL enable_seqscan = off")
+        conn.execute("SET LOCAL enable_bitmapscan = off")
+        conn.execute(f"PREPARE generic_plan AS {sql}".encode())
+        rows = conn.execute(
+            f"EXPLAIN (COSTS OFF) EXECUTE generic_plan({arguments})".encode(),
+            [params[name] for name in names],
+        ).fetchall()
+        conn.rollback()
+    return "\n".join(row[0] for row in rows)
+
+
 def test_0012_up_down_up_adds_the_sso_logout_indexes(dsn: str) -> None:
     """0012 adds the indexes that serve single logout, by subject and by session token, and
     keeps sso_sessions_provider_id_idx; its down part drops exactly those three, after which the
@@ -1107,6 +1133,109 @@ def test_0021_and_0022_bind_sessions_to_memberships(dsn: str) -> None:
             # A removal ends the member's bound session by cascade.
             assert storage.remove_organization_member(org.id, alice.id) is True
             assert storage.get_session(rows["member"][0]) is None
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+MEMBER_ORDER = "0024_organization_members_org_id_joined_at_index"
+HOLDER_ORDER = "0025_user_roles_role_id_assigned_at_index"
+HOLDER_OLD_INDEX = "0026_drop_user_roles_role_id_index"
+MEMBER_ORDER_IDX = "organization_members_org_id_joined_at_user_id_idx"
+HOLDER_ORDER_IDX = "user_roles_role_id_assigned_at_user_id_idx"
+
+
+def _table_indexes(dsn: str, schema: str, table: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND tablename = %s",
+            [schema, table],
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _page_plans(dsn: str, schema: str, org_id: uuid.UUID, role_id: uuid.UUID) -> dict[str, str]:
+    """Generic plans of the two paged listings, for a page after a keyset."""
+    keyset = {"after_user_id": uuid.UUID(int=0), "page_size": 2}
+    when = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    return {
+        "members": _generic_plan(
+            dsn,
+            schema,
+            "list_organization_members_page",
+            {"org_id": org_id, "after_joined_at": when, **keyset},
+        ),
+        "holders": _generic_plan(
+            dsn,
+            schema,
+            "get_role_users_page",
+            {"role_id": role_id, "after_assigned_at": when, **keyset},
+        ),
+    }
+
+
+def test_0024_to_0026_read_each_page_by_one_index_range_scan(dsn: str) -> None:
+    """0024 and 0025 index organization_members (org_id, joined_at, user_id) and user_roles
+    (role_id, assigned_at, user_id): the generic plan of a page is one range scan of the new
+    index, the keyset an index condition, and no sort; 0026 drops user_roles_role_id_idx, which
+    0025's index supersedes (a role's delete still cascades to its assignments). Each down part
+    gives back what was there, after which pages are still right, read by a sort."""
+    schema = f"mig_{uuid.uuid4().hex[:10]}"
+    try:
+        with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            users = [storage.create_user() for _ in range(5)]
+            org = storage.create_organization(
+                name="Pages", plan="team", members=[{"user_id": u.id} for u in users]
+            )
+            role, doomed = (storage.create_role(org_id=org.id, name=n) for n in ("r", "d"))
+            for user in users:
+                storage.set_user_roles(user.id, org.id, [role.id, doomed.id])
+            members = storage.list_organization_members(org.id)
+            holders = storage.get_role_users(role.id)
+            if _after(HOLDER_OLD_INDEX):
+                storage.rollback(steps=_after(HOLDER_OLD_INDEX))
+            latest = {
+                t: _table_indexes(dsn, schema, t) for t in ("organization_members", "user_roles")
+            }
+            assert MEMBER_ORDER_IDX in latest["organization_members"]
+            assert HOLDER_ORDER_IDX in latest["user_roles"]
+            assert "user_roles_role_id_idx" not in latest["user_roles"]
+            plans = _page_plans(dsn, schema, org.id, role.id)
+            for name, index, at in (
+                ("members", MEMBER_ORDER_IDX, "joined_at"),
+                ("holders", HOLDER_ORDER_IDX, "assigned_at"),
+            ):
+                plan = plans[name]
+                assert f"Index Scan using {index}" in plan, plan
+                assert "Sort" not in plan, plan
+                condition = next(line for line in plan.splitlines() if "Index Cond" in line)
+                assert f"ROW({at}, user_id) >" in condition, plan
+            assert storage.delete_role(doomed.id) is True  # cascades through the new index
+            assert storage.get_role_users(doomed.id) == []
+
+            assert storage.rollback() == (HOLDER_OLD_INDEX,)
+            assert _table_indexes(dsn, schema, "user_roles") == latest["user_roles"] | {
+                "user_roles_role_id_idx"
+            }
+            assert storage.rollback(steps=2) == (HOLDER_ORDER, MEMBER_ORDER)
+            assert _table_indexes(dsn, schema, "user_roles") == (
+                latest["user_roles"] | {"user_roles_role_id_idx"}
+            ) - {HOLDER_ORDER_IDX}
+            assert _table_indexes(dsn, schema, "organization_members") == (
+                latest["organization_members"] - {MEMBER_ORDER_IDX}
+            )
+            for plan in _page_plans(dsn, schema, org.id, role.id).values():
+                assert "Sort" in plan, plan
+            assert (
+                storage.list_organization_members(org.id, after=members[1], limit=2)
+                == (members[2:4])
+            )
+            assert storage.get_role_users(role.id, after=holders[1], limit=2) == holders[2:4]
+
+            assert storage.migrate()[:3] == (MEMBER_ORDER, HOLDER_ORDER, HOLDER_OLD_INDEX)
+            assert {
+                t: _table_indexes(dsn, schema, t) for t in ("organization_members", "user_roles")
+            } == latest
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())

@@ -22,6 +22,7 @@ from kitium_pg import (
 
 from .fix_holder import release_when_waiting
 from .fix_metadata import check_metadata_patch
+from .fix_paging import check_bad_paging_arguments, check_walks
 from .fix_race import race_each, race_methods
 
 
@@ -687,3 +688,92 @@ async def test_concurrent_guarded_adds_take_only_the_free_seats(
     assert all(isinstance(r, SeatLimitError) for r in results if r not in added), results
     members = await storage.list_organization_members(org.id)
     assert {m.user_id for m in members} == {owner.id} | {m.user_id for m in added}
+
+
+async def _members_with_ties(
+    storage: Any, unique: Callable[[str], str]
+) -> tuple[Organization, list[User]]:
+    """An organization whose 16 members joined in three ways: 6 with create_organization (one
+    statement, one joined_at), 5 in one transaction (its one now()), and 5 one at a time."""
+    users = await _users(storage, unique, 16)
+    org = await storage.create_organization(
+        name="Paged", plan="team", members=[{"user_id": u.id} for u in users[:6]]
+    )
+    async with storage.transaction() as tx:
+        for user in users[6:11]:
+            await tx.add_organization_member(org.id, user.id)
+    for user in users[11:]:
+        await storage.add_organization_member(org.id, user.id, role="admin")
+    return org, users
+
+
+async def test_pages_list_every_member_once_in_join_order(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """Members who joined at the same instant come by user id, on whichever page the limit
+    puts them: the pages of every size, one after the other, are the whole list."""
+    org, users = await _members_with_ties(storage, unique)
+    whole = await check_walks(storage.list_organization_members, org.id, "joined_at")
+    assert {m.user_id for m in whole} == {u.id for u in users}
+    ties = [len([m for m in whole if m.joined_at == t]) for t in {m.joined_at for m in whole}]
+    assert sorted(ties)[-2:] == [5, 6]  # two groups share one joined_at each
+    assert await storage.list_organization_members(str(org.id), limit=3) == whole[:3]
+    # A member removed meanwhile (or of another organization) still marks a place.
+    gone = whole[7]
+    assert await storage.remove_organization_member(org.id, gone.user_id) is True
+    assert await storage.list_organization_members(org.id, after=gone, limit=2) == whole[8:10]
+    other = await storage.create_organization(name="Other", plan="team")
+    assert await storage.list_organization_members(other.id, after=whole[0], limit=5) == []
+    for bad in ("nope", "", 42, None, uuid.uuid4()):
+        assert await storage.list_organization_members(bad, after=whole[0], limit=5) == []
+
+
+async def test_members_joining_or_leaving_while_paging_do_not_shift_later_pages(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """Between pages, a member joins before the cursor (in a transaction that began before the
+    first page was read: its joined_at is the transaction's start), two members before the
+    cursor leave, and one joins after everyone: an offset would repeat, then skip members; the
+    keyset lists each member there throughout once, and the newcomer at the end."""
+    late, *users = await _users(storage, unique, 8)
+    org = await storage.create_organization(name="Moving", plan="team")
+    async with storage.transaction() as tx:
+        await tx.get_organization(org.id)  # the transaction has begun: its now() is fixed
+        for user in users[:6]:
+            await storage.add_organization_member(org.id, user.id)
+        first = await storage.list_organization_members(org.id, limit=2)
+        await tx.add_organization_member(org.id, late.id)
+    now = await storage.list_organization_members(org.id)
+    assert [m.user_id for m in now[:3]] == [late.id, users[0].id, users[1].id]
+    second = await storage.list_organization_members(org.id, after=first[-1], limit=2)
+    assert now[2:4] == [first[-1], second[0]]  # an offset of 2 repeats the first page's last
+    for gone in first:
+        assert await storage.remove_organization_member(org.id, gone.user_id) is True
+    now = await storage.list_organization_members(org.id)
+    third = await storage.list_organization_members(org.id, after=second[-1], limit=2)
+    assert now[4:6] == third[1:]  # an offset of 4 skips the third page's first
+    await storage.add_organization_member(org.id, users[6].id)
+    fourth = await storage.list_organization_members(org.id, after=third[-1], limit=2)
+    listed = [m.user_id for page in (first, second, third, fourth) for m in page]
+    assert listed == [u.id for u in users[:7]]
+
+
+async def test_paging_arguments_are_checked_first(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    org, _ = await _members_with_ties(storage, unique)
+    member = (await storage.list_organization_members(org.id))[0]
+    role = await storage.create_role(org_id=org.id, name="viewer")
+    await storage.assign_role_to_user(member.user_id, role.id, org.id)
+    [assignment] = await storage.get_role_users(role.id)
+    wrong = [
+        {"user_id": member.user_id, "joined_at": member.joined_at},
+        (member.joined_at, member.user_id),
+        str(member.user_id),
+        assignment,  # the other listing's record
+        org,
+        42,
+    ]
+    await check_bad_paging_arguments(
+        storage.list_organization_members, org.id, member, "joined_at", wrong
+    )

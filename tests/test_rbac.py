@@ -17,6 +17,7 @@ from kitium_pg.records import Permission, Role, RoleAssignment
 
 from .fix_holder import release_when_waiting, waiting
 from .fix_metadata import check_metadata_patch
+from .fix_paging import check_bad_paging_arguments, check_walks
 from .fix_race import race, race_each
 
 RACERS = 16
@@ -881,3 +882,112 @@ def test_assign_role_to_user_and_delete_organization_take_their_locks_in_one_ord
     assert outcome["delete"] is True, outcome
     assert isinstance(outcome["assign"], NotFoundError), outcome
     assert _deadlocks(dsn) == before
+
+
+async def _holders_with_ties(
+    storage: Any, unique: Callable[[str], str]
+) -> tuple[Organization, Role, Role, list[User]]:
+    """A role held by 16 members: 6 assigned in one transaction (its one now()), 5 with
+    set_user_roles one by one (with a second role, held by those 5 only), 5 in another
+    transaction."""
+    users = [await storage.create_user(email=f"{unique('page')}@example.com") for _ in range(16)]
+    org = await storage.create_organization(
+        name="Paged", plan="team", members=[{"user_id": u.id} for u in users]
+    )
+    role = await storage.create_role(org_id=org.id, name="reader")
+    other = await storage.create_role(org_id=org.id, name="writer")
+    async with storage.transaction() as tx:
+        for user in users[:6]:
+            await tx.assign_role_to_user(user.id, role.id, org.id)
+    for user in users[6:11]:
+        await storage.set_user_roles(user.id, org.id, [role.id, other.id])
+    async with storage.transaction() as tx:
+        for user in reversed(users[11:]):
+            await tx.assign_role_to_user(user.id, role.id, org.id)
+    return org, role, other, users
+
+
+async def test_pages_list_every_holder_once_oldest_assignment_first(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """Assignments made at the same instant come by user id, on whichever page the limit puts
+    them: the pages of every size, one after the other, are the whole list."""
+    org, role, other, users = await _holders_with_ties(storage, unique)
+    whole = await check_walks(storage.get_role_users, role.id, "assigned_at")
+    assert {a.user_id for a in whole} == {u.id for u in users}
+    assert {(a.role_id, a.org_id) for a in whole} == {(role.id, org.id)}
+    ties = [len([a for a in whole if a.assigned_at == t]) for t in {a.assigned_at for a in whole}]
+    assert sorted(ties)[-2:] == [5, 6]  # two groups share one assigned_at each
+    assert await storage.get_role_users(str(role.id), limit=3) == whole[:3]
+    # An assignment revoked meanwhile (or of another role) still marks a place.
+    gone = whole[7]
+    assert await storage.revoke_role_from_user(gone.user_id, role.id, org.id) is True
+    assert await storage.get_role_users(role.id, after=gone, limit=2) == whole[8:10]
+    writers = await storage.get_role_users(other.id)
+    assert [a.user_id for a in writers] == [u.id for u in users[6:11]]
+    now = await storage.get_role_users(role.id)
+    assert await storage.get_role_users(role.id, after=writers[0], limit=100) == [
+        a for a in now if (a.assigned_at, a.user_id) > (writers[0].assigned_at, writers[0].user_id)
+    ]
+    for bad in ("nope", "", 42, None, uuid.uuid4()):
+        assert await storage.get_role_users(bad, after=whole[0], limit=5) == []
+
+
+async def test_assignments_made_or_revoked_while_paging_do_not_shift_later_pages(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """Between pages, a role is assigned before the cursor (in a transaction that began before
+    the first page was read: its assigned_at is the transaction's start), two assignments before
+    the cursor are revoked, and one is made after everyone: an offset would repeat, then skip
+    holders; the keyset lists each holder there throughout once, and the newcomer at the end."""
+    org = await _org(storage, "Moving")
+    late, *users = [await _user(storage, unique, org) for _ in range(8)]
+    role = await storage.create_role(org_id=org.id, name="reader")
+    async with storage.transaction() as tx:
+        await tx.get_role(role.id)  # the transaction has begun: its now() is fixed
+        for user in users[:6]:
+            await storage.assign_role_to_user(user.id, role.id, org.id)
+        first = await storage.get_role_users(role.id, limit=2)
+        await tx.assign_role_to_user(late.id, role.id, org.id)
+    now = await storage.get_role_users(role.id)
+    assert [a.user_id for a in now[:3]] == [late.id, users[0].id, users[1].id]
+    second = await storage.get_role_users(role.id, after=first[-1], limit=2)
+    assert now[2:4] == [first[-1], second[0]]  # an offset of 2 repeats the first page's last
+    for gone in first:
+        assert await storage.revoke_role_from_user(gone.user_id, role.id, org.id) is True
+    now = await storage.get_role_users(role.id)
+    third = await storage.get_role_users(role.id, after=second[-1], limit=2)
+    assert now[4:6] == third[1:]  # an offset of 4 skips the third page's first
+    await storage.assign_role_to_user(users[6].id, role.id, org.id)
+    fourth = await storage.get_role_users(role.id, after=third[-1], limit=2)
+    listed = [a.user_id for page in (first, second, third, fourth) for a in page]
+    assert listed == [u.id for u in users[:7]]
+
+
+async def test_paging_arguments_are_checked_first(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    org, role, _, _ = await _holders_with_ties(storage, unique)
+    assignment = (await storage.get_role_users(role.id))[0]
+    member = await storage.get_organization_member(org.id, assignment.user_id)
+    wrong = [
+        attrs.asdict(assignment),
+        (assignment.assigned_at, assignment.user_id),
+        str(assignment.user_id),
+        member,  # the other listing's record
+        role,
+        42,
+    ]
+    await check_bad_paging_arguments(
+        storage.get_role_users, role.id, assignment, "assigned_at", wrong
+    )
+    # A RoleAssignment takes the user id as given: a malformed one is refused when it is used.
+    odd = RoleAssignment(
+        user_id="nope",  # type: ignore[arg-type]
+        role_id=role.id,
+        org_id=org.id,
+        assigned_at=assignment.assigned_at,
+    )
+    with pytest.raises(ValidationError) as caught:
+        await storage.get_role_users(role.id, after=odd, limit=5)
+    assert caught.value.field == "after.user_id"

@@ -8,12 +8,13 @@ import hashlib
 import inspect
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
 from typing import Any
 
 import psycopg
 import pytest
 
-from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
+from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter, ValidationError
 
 from .roundtrips import round_trips
 
@@ -198,6 +199,16 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
             lambda: s.set_organization_member_role(org(), user(), "admin", keep_last="member"),
         ),
         ("list_organization_members", lambda: s.list_organization_members(org())),
+        (
+            "list_organization_members[page]",
+            lambda: s.list_organization_members(org(), limit=1),
+        ),
+        (
+            "list_organization_members[after]",
+            lambda: s.list_organization_members(
+                org(), after=ctx["list_organization_members[page]"][0], limit=10
+            ),
+        ),
         ("get_organization_member", lambda: s.get_organization_member(org(), user())),
         ("list_user_organizations", lambda: s.list_user_organizations(user())),
         # rbac
@@ -222,6 +233,11 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
         ("revoke_role_from_user", lambda: s.revoke_role_from_user(user(), role(), org())),
         ("set_user_roles", lambda: s.set_user_roles(user(), org(), [role()])),
         ("get_role_users", lambda: s.get_role_users(role())),
+        ("get_role_users[page]", lambda: s.get_role_users(role(), limit=1)),
+        (
+            "get_role_users[after]",
+            lambda: s.get_role_users(role(), after=ctx["get_role_users[page]"][0], limit=10),
+        ),
         # sessions and session tokens
         (
             "create_session",
@@ -544,6 +560,11 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     assert ctx["revoke_role_from_user"] is True
     assert ctx["set_user_roles"] == [ctx["update_role"]]  # assigned again
     assert [a.user_id for a in ctx["get_role_users"]] == [ctx["create_user"].id]
+    assert ctx["get_role_users[page]"] == ctx["get_role_users"]
+    assert ctx["get_role_users[after]"] == []
+    assert ctx["list_organization_members[page]"] == ctx["list_organization_members"]
+    assert len(ctx["list_organization_members[page]"]) == 1
+    assert ctx["list_organization_members[after]"] == []
     assert ctx["mark_user_email_verified"].email_verified_at is not None
     assert ctx["validate_session_token"] == ctx["issue_session_token"].session
     assert ctx["rotate_session_token"].session.id == ctx["issue_session_token[event]"].session.id
@@ -656,6 +677,44 @@ async def test_preparing_a_statement_costs_one_extra_round_trip_once(dsn: str, c
 async def test_lookups_with_malformed_ids_make_no_round_trip(one_conn: Any) -> None:
     trips, found = await round_trips(one_conn, lambda: one_conn.get_user("not-a-uuid"))
     assert (trips, found) == (0, None)
+    for method in ("list_organization_members", "get_role_users"):
+        listing = getattr(one_conn, method)
+        trips, found = await round_trips(one_conn, partial(listing, "not-a-uuid", limit=5))
+        assert (trips, found) == (0, []), method
+
+
+def _refused(call: Callable[[], Any]) -> Any:
+    """The field the ``ValidationError`` of ``call`` names (awaited when it is a coroutine:
+    round_trips awaits it)."""
+
+    async def awaited(pending: Awaitable[Any]) -> str:
+        try:
+            await pending
+        except ValidationError as exc:
+            return exc.field
+        raise AssertionError("accepted")
+
+    try:
+        result = call()
+    except ValidationError as exc:
+        return exc.field
+    assert isinstance(result, Awaitable), "accepted"
+    return awaited(result)
+
+
+async def test_refused_paging_arguments_make_no_round_trip(one_conn: Any) -> None:
+    """A bad ``limit`` or ``after`` is refused before anything is sent (it names the field)."""
+    for method in ("list_organization_members", "get_role_users"):
+        listing = getattr(one_conn, method)
+        for kwargs, field in (
+            ({"limit": 0}, "limit"),
+            ({"limit": 1001}, "limit"),
+            ({"after": "cursor", "limit": 5}, "after"),
+            ({"after": {"user_id": uuid.uuid4()}}, "after"),
+        ):
+            call = partial(listing, uuid.uuid4(), **kwargs)
+            trips, named = await round_trips(one_conn, partial(_refused, call))
+            assert (trips, named) == (0, field), (method, kwargs)
 
 
 async def _done(value: Any) -> Any:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from .. import _validate as v
-from .._base import Retry, new_id, new_id_text
+from .._base import MAX_PAGE, Retry, new_id, new_id_text
 from ..errors import ValidationError
 from ..records import AuthEvent, EventPage
 from .core import AsyncCore
@@ -21,9 +21,6 @@ MAX_BATCH: Final = 10_000
 MAX_BATCH_DATA_BYTES: Final = 64_000_000
 """Most serialised bytes (the events with their ``data``) ``emit_events`` sends in one
 statement."""
-
-MAX_PAGE: Final = 1000
-"""Largest ``limit`` of ``list_events``."""
 
 PRUNE_BATCH: Final = 1000
 """Default number of rows ``prune_events`` deletes per statement."""

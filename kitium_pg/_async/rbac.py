@@ -7,7 +7,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import _validate as v
-from .._base import UNSET, Consistency, Retry, Unset, metadata_patch_arg, new_id
+from .._base import (
+    UNSET,
+    Consistency,
+    Retry,
+    Unset,
+    metadata_patch_arg,
+    new_id,
+    page_size,
+)
 from ..errors import NotFoundError, ValidationError
 from ..records import Permission, Role, RoleAssignment
 from .core import AsyncCore
@@ -283,16 +291,50 @@ class AsyncRbac(AsyncCore):
         params = {"user_id": parsed_user, "org_id": parsed_org}
         return await self._many("get_user_roles", params, Role, retry=Retry.SAFE)
 
-    async def get_role_users(self, role_id: uuid.UUID | str) -> list[RoleAssignment]:
+    async def get_role_users(
+        self,
+        role_id: uuid.UUID | str,
+        *,
+        after: RoleAssignment | None = None,
+        limit: int | None = None,
+    ) -> list[RoleAssignment]:
         """The users holding a role, one ``RoleAssignment`` each (with the role's organization
-        and when the role was assigned), oldest assignment first, then by user id; empty for an
-        unknown or malformed id. Served by the index ``user_roles_role_id_idx``."""
+        and when the role was assigned), oldest assignment first (by ``assigned_at``, then
+        ``user_id``), all of them, or a page with ``limit``; empty for an unknown or malformed
+        id.
+
+        Pages: ``limit`` (1 to ``MAX_PAGE``, 1,000) is the most assignments returned, and
+        ``after`` is the last assignment of the previous page (a ``RoleAssignment`` this method
+        returned; only its ``assigned_at`` and ``user_id`` are read): the page holds the
+        assignments strictly after its (``assigned_at``, ``user_id``). Start with
+        ``after=None``; a page shorter than ``limit`` is the last one (after a last page of
+        exactly ``limit`` assignments the next page is empty). Pages are read by keyset, one
+        index range scan each, so assignments made or revoked meanwhile never shift later
+        pages: every assignment there throughout is listed once (no duplicates, no gaps), and
+        an assignment revoked meanwhile can still be ``after``. The pages are read from the
+        index ``user_roles_role_id_assigned_at_user_id_idx`` (migration ``0025``). ``after``
+        without ``limit`` returns every assignment after it. Raises ``ValidationError`` naming
+        ``limit`` (not an ``int`` in range) or ``after`` (not a ``RoleAssignment``;
+        ``after.assigned_at`` or ``after.user_id`` when that field is not a timezone-aware
+        datetime or a UUID), before anything is sent, whatever ``role_id`` is.
+        """
+        size = page_size(limit)
+        keyset = None if after is None else v.keyset("after", after, RoleAssignment, "assigned_at")
         parsed = v.parse_uuid(role_id)
         if parsed is None:
             return []
-        return await self._many(
-            "get_role_users", {"role_id": parsed}, RoleAssignment, retry=Retry.SAFE
-        )
+        if keyset is None and size is None:
+            return await self._many(
+                "get_role_users", {"role_id": parsed}, RoleAssignment, retry=Retry.SAFE
+            )
+        after_assigned_at, after_user_id = (None, None) if keyset is None else keyset
+        params = {
+            "role_id": parsed,
+            "after_assigned_at": after_assigned_at,
+            "after_user_id": after_user_id,
+            "page_size": size,
+        }
+        return await self._many("get_role_users_page", params, RoleAssignment, retry=Retry.SAFE)
 
     async def get_user_permissions(
         self,

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import _validate as v
-from .._base import UNSET, Retry, Unset, metadata_patch_arg, new_id
+from .._base import UNSET, Retry, Unset, metadata_patch_arg, new_id, page_size
 from ..errors import (
     ConflictError,
     InternalError,
@@ -313,14 +313,53 @@ class Organizations(Core):
             retry=Retry.SAFE,
         )
 
-    def list_organization_members(self, org_id: uuid.UUID | str) -> list[OrganizationMember]:
-        """The members of an organization in join order (empty for an unknown or malformed
-        id)."""
+    def list_organization_members(
+        self,
+        org_id: uuid.UUID | str,
+        *,
+        after: OrganizationMember | None = None,
+        limit: int | None = None,
+    ) -> list[OrganizationMember]:
+        """The members of an organization in join order (by ``joined_at``, then ``user_id``),
+        all of them, or a page with ``limit``; empty for an unknown or malformed id.
+
+        Pages: ``limit`` (1 to ``MAX_PAGE``, 1,000) is the most members returned, and ``after``
+        is the last member of the previous page (an ``OrganizationMember`` this method
+        returned): the page holds the members strictly after its (``joined_at``, ``user_id``).
+        Start with ``after=None``; a page shorter than ``limit`` is the last one (after a last
+        page of exactly ``limit`` members the next page is empty). Pages are read by keyset,
+        one index range scan each, so members added or removed meanwhile never shift later
+        pages: every member there throughout is listed once (no duplicates, no gaps), and a
+        member removed meanwhile can still be ``after``. The pages are read from the index
+        ``organization_members_org_id_joined_at_user_id_idx`` (migration ``0024``). ``after``
+        without ``limit`` returns every member after it. Raises ``ValidationError`` naming
+        ``limit`` (not an ``int`` in range) or ``after`` (not an ``OrganizationMember``;
+        ``after.joined_at`` or ``after.user_id`` when that field is not a timezone-aware
+        datetime or a UUID), before anything is sent, whatever ``org_id`` is.
+        """
+        size = page_size(limit)
+        keyset = (
+            None if after is None else v.keyset("after", after, OrganizationMember, "joined_at")
+        )
         parsed = v.parse_uuid(org_id)
         if parsed is None:
             return []
+        if keyset is None and size is None:
+            return self._many(
+                "list_organization_members",
+                {"org_id": parsed},
+                OrganizationMember,
+                retry=Retry.SAFE,
+            )
+        after_joined_at, after_user_id = (None, None) if keyset is None else keyset
+        params = {
+            "org_id": parsed,
+            "after_joined_at": after_joined_at,
+            "after_user_id": after_user_id,
+            "page_size": size,
+        }
         return self._many(
-            "list_organization_members", {"org_id": parsed}, OrganizationMember, retry=Retry.SAFE
+            "list_organization_members_page", params, OrganizationMember, retry=Retry.SAFE
         )
 
     def list_user_organizations(self, user_id: uuid.UUID | str) -> list[Organization]:
