@@ -363,7 +363,7 @@ DELETE FROM kitium_auth.sso_sessions WHERE id = :id;
 -- finds no SSO session left, still leaves none of them: those bound to the provider's
 -- organization and unbound ones; a shared provider (org_id NULL) ends them all. A session bound
 -- to another organization stays, so one tenant's IdP cannot sign a user out of another tenant.
--- Lock order, with end_user_sessions: the provider's organization (KEY SHARE, in org), the
+-- Lock order, with end_user_sessions: the provider's organization (SHARE, in org), the
 -- users' rows (KEY SHARE, in parents), then their SSO sessions, then their sessions.
 -- delete_user locks the user's row first, then deletes its sessions and SSO sessions by cascade
 -- (in that order): without parents, a logout holding an SSO session and waiting for a session,
@@ -372,15 +372,20 @@ DELETE FROM kitium_auth.sso_sessions WHERE id = :id;
 -- to it (through its memberships) and only then its providers' SSO sessions: without org, a
 -- logout holding an SSO session and waiting for one of those sessions, against a
 -- delete_organization holding that session and waiting for the SSO session, deadlocked (found
--- in review). KEY SHARE does not conflict with the membership functions' NO KEY UPDATE of the
--- organization, nor with create_session's KEY SHARE. The DELETE filters on parents, which reads
--- org first, so it reaches no SSO session before both have locked.
+-- in review). SHARE, not KEY SHARE: update_organization(members=...) locks the organization
+-- (NO KEY UPDATE, as the other membership changes do) and then deletes the removed members'
+-- sessions bound to it, user after user in its own order, which a logout deleting the same
+-- sessions in another order deadlocked against (found in the second review); SHARE makes the
+-- two wait for each other at the organization instead. It still does not conflict with
+-- create_session's or assign_role_to_user's KEY SHARE, nor with another logout's SHARE. The
+-- DELETE filters on parents, which reads org first, so it reaches no SSO session before both
+-- have locked.
 WITH org AS (
   SELECT o.id
     FROM kitium_auth.organizations AS o
    WHERE :end_user_sessions
      AND o.id = (SELECT p.org_id FROM kitium_auth.sso_providers AS p WHERE p.id = :provider_id)
-     FOR KEY SHARE OF o
+     FOR SHARE OF o
 ), parents AS (
   SELECT u.id
     FROM kitium_auth.users AS u
@@ -422,7 +427,7 @@ WITH org AS (
     FROM kitium_auth.organizations AS o
    WHERE :end_user_sessions
      AND o.id = (SELECT p.org_id FROM kitium_auth.sso_providers AS p WHERE p.id = :provider_id)
-     FOR KEY SHARE OF o
+     FOR SHARE OF o
 ), parents AS (
   SELECT u.id
     FROM kitium_auth.users AS u

@@ -445,14 +445,47 @@ async def test_emit_events_refuses_a_batch_over_its_data_limit_before_encoding_i
     nothing written."""
     principal = unique("p")
     data = {"s": "x" * 900_000}
-    encoded: list[object] = []
     events_module = adapter_module(storage, "events")
-    monkeypatch.setattr(events_module.v, "json_document", lambda value: encoded.append(value))
+    encoded = _count_encoded(monkeypatch, events_module)
     with pytest.raises(ValidationError) as caught:
         await storage.emit_events([{"type": "t", "principal_id": principal, "data": data}] * 1000)
     assert caught.value.field == "events"
     assert "64000000 bytes in all" in str(caught.value)
-    assert encoded == []
+    assert sum(encoded) <= events_module.MAX_BATCH_DATA_BYTES
+    monkeypatch.undo()
+    assert (await storage.list_events(principal_id=principal)).events == ()
+
+
+def _count_encoded(monkeypatch: pytest.MonkeyPatch, events_module: Any) -> list[int]:
+    """The sizes of what emit_events serialises, as it goes."""
+    sizes: list[int] = []
+    real = events_module.v.json_document
+
+    def counted(value: object) -> Any:
+        document = real(value)
+        sizes.append(0 if document is None else document[1])
+        return document
+
+    monkeypatch.setattr(events_module.v, "json_document", counted)
+    return sizes
+
+
+async def test_emit_events_refuses_a_batch_of_short_numbers_as_it_serialises_it(
+    storage: Any, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review (rev2_s18): the check charges a short number one byte, and it writes up
+    to 24 ("-0.00012345678901234568"), so a batch whose summed lower bounds were just under the
+    limit was serialised whole (1.5 GB and 3 min at 64 MB) before being refused. The batch is
+    now counted as it is serialised and refused within one event of the limit."""
+    principal = unique("p")
+    events_module = adapter_module(storage, "events")
+    monkeypatch.setattr(events_module, "MAX_BATCH_DATA_BYTES", 2_000_000)
+    data = {"a": [-0.00012345678901234568] * 40_000}  # charged 40,004; 960,007 bytes
+    encoded = _count_encoded(monkeypatch, events_module)
+    with pytest.raises(ValidationError) as caught:
+        await storage.emit_events([{"type": "t", "principal_id": principal, "data": data}] * 40)
+    assert caught.value.field == "events"
+    assert sum(encoded) <= 2_000_000 + 1_000_000
     monkeypatch.undo()
     assert (await storage.list_events(principal_id=principal)).events == ()
 

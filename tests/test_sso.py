@@ -1166,6 +1166,58 @@ def test_a_logout_and_deleting_the_providers_organization_do_not_deadlock(
     assert _deadlocks(dsn) == before
 
 
+def test_a_logout_waits_at_the_organization_for_a_change_of_its_members(
+    sync_adapter: PostgresStorageAdapter, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Found in the second review: update_organization(members=...) locks the organization
+    (NO KEY UPDATE), then deletes the removed members' sessions bound to it user after user,
+    and a logout with end_user_sessions, whose KEY SHARE of the organization did not wait for
+    that, deleted the same sessions in another order: a deadlock (4 to 5 in 40 to 100 runs of
+    three members with 300 sessions each). The logout now takes SHARE of the organization,
+    which waits for a membership change holding it, before it locks any user or SSO session."""
+    storage = sync_adapter
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    user = storage.create_user(email=f"{unique('mc')}@example.com")
+    org = storage.create_organization(name="Acme", plan="team", members=[{"user_id": user.id}])
+    idp = storage.create_sso_provider(
+        type="oidc", name=unique("idp"), org_id=org.id, client_id="c", client_secret=CLIENT_SECRET
+    )
+    sso = storage.create_sso_session(
+        user_id=user.id,
+        provider_id=idp.id,
+        provider_type="oidc",
+        provider_subject="s",
+        expires_at=expires,
+    )
+    results: dict[str, Any] = {}
+
+    def logout() -> None:
+        results["logout"] = storage.delete_sso_sessions(
+            provider_id=idp.id, provider_subject="s", end_user_sessions=True
+        )
+
+    holder = psycopg.connect(dsn)
+    try:
+        # What update_organization's UPDATE and the membership functions take first.
+        holder.execute(
+            "SELECT 1 FROM kitium_auth.organizations WHERE id = %s FOR NO KEY UPDATE", [org.id]
+        )
+        thread = threading.Thread(target=logout)
+        thread.start()
+        assert waiting(dsn, "FROM kitium_auth.organizations AS o"), "the logout did not wait"
+        with psycopg.connect(dsn, autocommit=True) as probe:  # no user or SSO session locked yet
+            probe.execute("SET lock_timeout = '100ms'")
+            probe.execute("SELECT 1 FROM kitium_auth.users WHERE id = %s FOR UPDATE", [user.id])
+            probe.execute(
+                "SELECT 1 FROM kitium_auth.sso_sessions WHERE id = %s FOR UPDATE", [sso.id]
+            )
+        holder.commit()
+        thread.join()
+    finally:
+        holder.close()
+    assert results == {"logout": [sso]}
+
+
 def _deadlocks(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(

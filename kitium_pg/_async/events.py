@@ -72,10 +72,8 @@ class AsyncEvents(AsyncCore):
             raise ValidationError("events", f"must have at most {MAX_BATCH} events per call")
         if not batch:
             return 0
-        rows: list[dict[str, Any]] = []  # serialised together by one C encoder call
-        exact_rows: list[str] = []  # rows whose data needs exact float formatting
-        checked: list[Mapping[str, Any]] = []  # each event's data as checked and sent
-        least = 0  # a lower bound of the batch's data, serialised
+        parts: list[str] = []  # each event's row, serialised
+        size = 1  # the batch's bytes so far, serialised: "[" and a separator per row
         for index, event in enumerate(batch):
             prefix = f"events[{index}]."
             v.event_keys(f"events[{index}]", event, required=_REQUIRED_KEYS)
@@ -86,38 +84,35 @@ class AsyncEvents(AsyncCore):
                 event.get("org_id"),
                 event.get("timestamp"),
             )
-            data, exact, size = v.json_object(prefix + "data", event["data"])
-            # Refused before encoding: a batch whose events hold one large object many times
-            # would otherwise be serialised in full first (10,000 x 1 MB).
-            least += size
-            if least > MAX_BATCH_DATA_BYTES:
-                raise _batch_too_large()
-            checked.append(data)
+            data, exact, least = v.json_object(prefix + "data", event["data"])
+            if size + least > MAX_BATCH_DATA_BYTES:
+                raise _batch_too_large()  # before serialising a row that cannot fit
             row["id"] = new_id_text()
             if row["ts"] is not None:
                 row["ts"] = row["ts"].isoformat()
             if exact:
                 head = v.json_document(row)
                 assert head is not None  # checked strings and None only
-                exact_rows.append(f'{head[0][:-1]},"data":{v.json_text(prefix + "data", data)}}}')
+                part = f'{head[0][:-1]},"data":{v.json_text(prefix + "data", data)}}}'
             else:
                 row["data"] = data
-                rows.append(row)
-        document = v.json_document(rows)
-        if document is None or document[1] > v.JSON_BYTES:
-            # The encoder refused something (a lone surrogate, nesting too deep for it), or one
-            # data object may be over the per-event limit: find it and name it, in the copies
-            # checked and serialised above (the caller's mapping may answer a second read
-            # with another document).
-            for index, data in enumerate(checked):
-                v.json_text(f"events[{index}].data", data)
-        assert document is not None
-        text, size = document
-        if exact_rows:
-            size += sum(len(row.encode("utf-8")) + 1 for row in exact_rows)
-            text = f"{text[:-1]}{',' if rows else ''}{','.join(exact_rows)}]"
-        if size > MAX_BATCH_DATA_BYTES:
-            raise _batch_too_large()
+                document = v.json_document(row)
+                if document is None or document[1] > v.JSON_BYTES:
+                    # The encoder refused something (a lone surrogate, nesting too deep for
+                    # it), or the data may be over the per-event limit: name it, in the copy
+                    # checked above (the caller's mapping may answer a second read with
+                    # another document).
+                    v.json_text(prefix + "data", data)
+                assert document is not None
+                part = document[0]
+            # Counted as serialised, event by event: a batch is refused once its bytes pass
+            # the limit, not after all of it is serialised (short numbers are charged a
+            # byte each by the check, and write up to 24).
+            size += len(part.encode("utf-8")) + 1
+            if size > MAX_BATCH_DATA_BYTES:
+                raise _batch_too_large()
+            parts.append(part)
+        text = f"[{','.join(parts)}]"
         params = {"batch": text, "count": len(batch)}
         written = int(await self._value("emit_events", params, retry=Retry.SAFE))
         if written < len(batch):
