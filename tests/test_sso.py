@@ -1114,20 +1114,8 @@ def test_a_logout_and_deleting_the_providers_organization_do_not_deadlock(
     session gone and left the user's unbound session signed in. The logout now locks the
     organization first; the deletion waits for it."""
     storage = sync_adapter
-    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
-    org = storage.create_organization(name="Acme", plan="team")
-    user = storage.create_user(email=f"{unique('dl')}@example.com")
-    storage.add_organization_member(org.id, user.id)
-    idp = storage.create_sso_provider(
-        type="oidc", name=unique("idp"), org_id=org.id, client_id="c", client_secret=CLIENT_SECRET
-    )
-    sso = storage.create_sso_session(
-        user_id=user.id,
-        provider_id=idp.id,
-        provider_type="oidc",
-        provider_subject="s",
-        expires_at=expires,
-    )
+    org, user, idp, sso = _member_signed_in_at_its_orgs_idp(storage, unique)
+    expires = sso.expires_at
     storage.create_session(user_id=user.id, expires_at=expires, org_id=org.id)
     unbound = storage.create_session(user_id=user.id, expires_at=expires)
     before = _deadlocks(dsn)
@@ -1176,19 +1164,7 @@ def test_a_logout_waits_at_the_organization_for_a_change_of_its_members(
     three members with 300 sessions each). The logout now takes SHARE of the organization,
     which waits for a membership change holding it, before it locks any user or SSO session."""
     storage = sync_adapter
-    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
-    user = storage.create_user(email=f"{unique('mc')}@example.com")
-    org = storage.create_organization(name="Acme", plan="team", members=[{"user_id": user.id}])
-    idp = storage.create_sso_provider(
-        type="oidc", name=unique("idp"), org_id=org.id, client_id="c", client_secret=CLIENT_SECRET
-    )
-    sso = storage.create_sso_session(
-        user_id=user.id,
-        provider_id=idp.id,
-        provider_type="oidc",
-        provider_subject="s",
-        expires_at=expires,
-    )
+    org, user, idp, sso = _member_signed_in_at_its_orgs_idp(storage, unique)
     results: dict[str, Any] = {}
 
     def logout() -> None:
@@ -1216,6 +1192,27 @@ def test_a_logout_waits_at_the_organization_for_a_change_of_its_members(
     finally:
         holder.close()
     assert results == {"logout": [sso]}
+
+
+def _member_signed_in_at_its_orgs_idp(
+    storage: PostgresStorageAdapter, unique: Callable[[str], str]
+) -> tuple[Any, User, SsoProvider, SsoSession]:
+    """An organization, a member, the organization's OIDC provider, and the member's SSO
+    session there (subject ``s``, an hour left)."""
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    user = storage.create_user(email=f"{unique('m')}@example.com")
+    org = storage.create_organization(name="Acme", plan="team", members=[{"user_id": user.id}])
+    idp = storage.create_sso_provider(
+        type="oidc", name=unique("idp"), org_id=org.id, client_id="c", client_secret=CLIENT_SECRET
+    )
+    sso = storage.create_sso_session(
+        user_id=user.id,
+        provider_id=idp.id,
+        provider_type="oidc",
+        provider_subject="s",
+        expires_at=expires,
+    )
+    return org, user, idp, sso
 
 
 def _deadlocks(dsn: str) -> int:

@@ -750,23 +750,56 @@ def _guide_example(name: str) -> Callable[..., Any]:
 
 
 class _Provider:
-    """An OAuth client whose refresh takes a while, counts its calls, and fails ``failures``
-    times first; each success rotates the refresh token."""
+    """An OAuth client whose refresh takes a while, counts its calls, fails ``failures`` times
+    first, and rotates the refresh token; its access tokens last ``lifetime`` (``None``: no
+    expiry given, as RFC 6749's optional ``expires_in``)."""
 
-    def __init__(self, failures: int = 0) -> None:
-        self.calls, self.failures, self.lock = 0, failures, threading.Lock()
+    def __init__(
+        self, failures: int = 0, lifetime: dt.timedelta | None = dt.timedelta(hours=1)
+    ) -> None:
+        self.failures, self.lifetime = failures, lifetime
+        self.lock, self.used = threading.Lock(), list[str]()
 
     def refresh(self, refresh_token: str) -> Any:
         with self.lock:
-            self.calls += 1
-            n, failing = self.calls, self.calls <= self.failures
+            self.used.append(refresh_token)
+            n = len(self.used)
         time.sleep(0.3)
-        if failing:
+        if n <= self.failures:
             raise ConnectionError("provider down")
-        expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        expires = None if self.lifetime is None else dt.datetime.now(dt.UTC) + self.lifetime
         return types.SimpleNamespace(
             access_token=f"a-new-{n}", refresh_token=f"{refresh_token}+{n}", expires_at=expires
         )
+
+
+def _race_the_guide(
+    storage: PostgresStorageAdapter,
+    unique: Callable[[str], str],
+    provider: _Provider,
+    lease_seconds: int,
+) -> tuple[Any, list[Any]]:
+    """Four workers run the guide's fresh_tokens at once on a link whose tokens expired: the
+    stored tokens after, and what each worker got (or raised)."""
+    fresh_tokens = _guide_example("fresh_tokens")
+    user = storage.create_user(email=f"{unique('guide')}@example.com")
+    storage.link_oauth_account(
+        user.id,
+        "google",
+        sub=unique("g"),
+        access_token="a-old",
+        refresh_token="r-old",
+        token_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1),
+    )
+    barrier = threading.Barrier(4)
+
+    def worker() -> Any:
+        barrier.wait()
+        return fresh_tokens(storage, user.id, "google", provider, lease_seconds=lease_seconds)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = [f.exception() or f.result() for f in [pool.submit(worker) for _ in range(4)]]
+    return storage.get_oauth_tokens(user.id, "google"), outcomes
 
 
 @pytest.mark.parametrize("failures", [0, 1])
@@ -777,28 +810,27 @@ def test_the_guides_refresh_example_calls_the_provider_once_per_refresh(
     tokens: the provider is called once and every worker gets the stored refresh. When the
     holder's call fails (its worker raises), the others wait for its lease to run out and one of
     them refreshes: two calls, and the waiters get fresh tokens, not the expired ones."""
-    fresh_tokens = _guide_example("fresh_tokens")
-    user = sync_adapter.create_user(email=f"{unique('guide')}@example.com")
-    sync_adapter.link_oauth_account(
-        user.id,
-        "google",
-        sub=unique("g"),
-        access_token="a-old",
-        refresh_token="r-old",
-        token_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1),
-    )
     provider = _Provider(failures)
-    barrier = threading.Barrier(4)
-
-    def worker() -> Any:
-        barrier.wait()
-        return fresh_tokens(sync_adapter, user.id, "google", provider, lease_seconds=1)
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        outcomes = [f.exception() or f.result() for f in [pool.submit(worker) for _ in range(4)]]
-    stored = sync_adapter.get_oauth_tokens(user.id, "google")
+    stored, outcomes = _race_the_guide(sync_adapter, unique, provider, lease_seconds=1)
     assert stored is not None and stored.refresh_token == f"r-old+{failures + 1}"
-    assert provider.calls == failures + 1
+    assert len(provider.used) == failures + 1
     failed = [o for o in outcomes if isinstance(o, ConnectionError)]
     assert len(failed) == failures
     assert [o for o in outcomes if not isinstance(o, ConnectionError)] == [stored] * (4 - failures)
+
+
+@pytest.mark.parametrize("lifetime", [None, dt.timedelta(minutes=2)], ids=["no-expiry", "2min"])
+def test_the_guides_refresh_calls_the_provider_once_when_new_tokens_still_need_refresh(
+    sync_adapter: PostgresStorageAdapter,
+    unique: Callable[[str], str],
+    lifetime: dt.timedelta | None,
+) -> None:
+    """Found in the second review: when the provider's new tokens still "need refresh" (no
+    expiry, or shorter-lived than the guide's 5-minute margin), the waiters re-read them,
+    claimed the lease the holder had just ended and refreshed again, one after the other (four
+    workers, four provider calls). The guide compares versions now."""
+    provider = _Provider(lifetime=lifetime)
+    stored, outcomes = _race_the_guide(sync_adapter, unique, provider, lease_seconds=5)
+    assert provider.used == ["r-old"]
+    assert stored is not None and stored.refresh_token == "r-old+1"
+    assert outcomes == [stored] * 4
