@@ -29,6 +29,7 @@ from .._base import (
     log_call,
     observe_finish,
     observe_start,
+    page_size,
     redact_dsn,
 )
 from .._transaction import TransactionState, raise_if_aborted, task_caller
@@ -705,6 +706,38 @@ class AsyncCore:
                 f"{name} must commit on its own ({why}): call it on the adapter, not on a"
                 " transaction",
             )
+
+    async def _listing(
+        self,
+        name: str,
+        owner: str,
+        owner_id: object,
+        cls: type[T],
+        *,
+        at: str,
+        after: object,
+        limit: object,
+    ) -> list[T]:
+        """The rows of listing query ``name`` for the ``owner`` (its parameter) ``owner_id``,
+        ordered by (``at``, ``user_id``): all of them, or, given ``after`` (the last ``cls``
+        record of the previous page) or ``limit``, the page that query ``{name}_page`` reads by
+        keyset. ``limit`` and ``after`` are checked first (``ValidationError``), then a
+        malformed ``owner_id`` gives ``[]`` without a query."""
+        size = page_size(limit)
+        keyset = None if after is None else _validate.keyset("after", after, cls, at)
+        parsed = _validate.parse_uuid(owner_id)
+        if parsed is None:
+            return []
+        if keyset is None and size is None:
+            return await self._many(name, {owner: parsed}, cls, retry=Retry.SAFE)
+        after_at, after_user_id = (None, None) if keyset is None else keyset
+        params = {
+            owner: parsed,
+            f"after_{at}": after_at,
+            "after_user_id": after_user_id,
+            "page_size": size,
+        }
+        return await self._many(f"{name}_page", params, cls, retry=Retry.SAFE)
 
     def _use_replica(self, consistency: str) -> bool:
         """Whether a read may go to a replica (``consistency="replica"``, the default of the

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import _validate as v
-from .._base import UNSET, Retry, Unset, metadata_patch_arg, new_id, page_size
+from .._base import UNSET, Retry, Unset, metadata_patch_arg, new_id
 from ..errors import (
     ConflictError,
     InternalError,
@@ -335,29 +335,14 @@ class AsyncOrganizations(AsyncCore):
         ``after.joined_at`` or ``after.user_id`` when that field is not a timezone-aware
         datetime or a UUID), before anything is sent, whatever ``org_id`` is.
         """
-        size = page_size(limit)
-        keyset = (
-            None if after is None else v.keyset("after", after, OrganizationMember, "joined_at")
-        )
-        parsed = v.parse_uuid(org_id)
-        if parsed is None:
-            return []
-        if keyset is None and size is None:
-            return await self._many(
-                "list_organization_members",
-                {"org_id": parsed},
-                OrganizationMember,
-                retry=Retry.SAFE,
-            )
-        after_joined_at, after_user_id = (None, None) if keyset is None else keyset
-        params = {
-            "org_id": parsed,
-            "after_joined_at": after_joined_at,
-            "after_user_id": after_user_id,
-            "page_size": size,
-        }
-        return await self._many(
-            "list_organization_members_page", params, OrganizationMember, retry=Retry.SAFE
+        return await self._listing(
+            "list_organization_members",
+            "org_id",
+            org_id,
+            OrganizationMember,
+            at="joined_at",
+            after=after,
+            limit=limit,
         )
 
     async def list_user_organizations(self, user_id: uuid.UUID | str) -> list[Organization]:

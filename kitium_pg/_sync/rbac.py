@@ -16,7 +16,6 @@ from .._base import (
     Unset,
     metadata_patch_arg,
     new_id,
-    page_size,
 )
 from ..errors import NotFoundError, ValidationError
 from ..records import Permission, Role, RoleAssignment
@@ -320,23 +319,15 @@ class Rbac(Core):
         ``after.assigned_at`` or ``after.user_id`` when that field is not a timezone-aware
         datetime or a UUID), before anything is sent, whatever ``role_id`` is.
         """
-        size = page_size(limit)
-        keyset = None if after is None else v.keyset("after", after, RoleAssignment, "assigned_at")
-        parsed = v.parse_uuid(role_id)
-        if parsed is None:
-            return []
-        if keyset is None and size is None:
-            return self._many(
-                "get_role_users", {"role_id": parsed}, RoleAssignment, retry=Retry.SAFE
-            )
-        after_assigned_at, after_user_id = (None, None) if keyset is None else keyset
-        params = {
-            "role_id": parsed,
-            "after_assigned_at": after_assigned_at,
-            "after_user_id": after_user_id,
-            "page_size": size,
-        }
-        return self._many("get_role_users_page", params, RoleAssignment, retry=Retry.SAFE)
+        return self._listing(
+            "get_role_users",
+            "role_id",
+            role_id,
+            RoleAssignment,
+            at="assigned_at",
+            after=after,
+            limit=limit,
+        )
 
     def get_user_permissions(
         self,
