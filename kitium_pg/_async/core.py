@@ -710,6 +710,7 @@ class AsyncCore:
     async def _listing(
         self,
         name: str,
+        page_name: str,
         owner: str,
         owner_id: object,
         cls: type[T],
@@ -720,7 +721,7 @@ class AsyncCore:
     ) -> list[T]:
         """The rows of listing query ``name`` for the ``owner`` (its parameter) ``owner_id``,
         ordered by (``at``, ``user_id``): all of them, or, given ``after`` (the last ``cls``
-        record of the previous page) or ``limit``, the page that query ``{name}_page`` reads by
+        record of the previous page) or ``limit``, the page that query ``page_name`` reads by
         keyset. ``limit`` and ``after`` are checked first (``ValidationError``), then a
         malformed ``owner_id`` gives ``[]`` without a query."""
         size = page_size(limit)
@@ -737,7 +738,7 @@ class AsyncCore:
             "after_user_id": after_user_id,
             "page_size": size,
         }
-        return await self._many(f"{name}_page", params, cls, retry=Retry.SAFE)
+        return await self._many(page_name, params, cls, retry=Retry.SAFE)
 
     def _use_replica(self, consistency: str) -> bool:
         """Whether a read may go to a replica (``consistency="replica"``, the default of the

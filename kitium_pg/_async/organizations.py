@@ -337,6 +337,7 @@ class AsyncOrganizations(AsyncCore):
         """
         return await self._listing(
             "list_organization_members",
+            "list_organization_members_page",
             "org_id",
             org_id,
             OrganizationMember,

@@ -319,6 +319,7 @@ class AsyncRbac(AsyncCore):
         """
         return await self._listing(
             "get_role_users",
+            "get_role_users_page",
             "role_id",
             role_id,
             RoleAssignment,

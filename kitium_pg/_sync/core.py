@@ -703,6 +703,7 @@ class Core:
     def _listing(
         self,
         name: str,
+        page_name: str,
         owner: str,
         owner_id: object,
         cls: type[T],
@@ -713,7 +714,7 @@ class Core:
     ) -> list[T]:
         """The rows of listing query ``name`` for the ``owner`` (its parameter) ``owner_id``,
         ordered by (``at``, ``user_id``): all of them, or, given ``after`` (the last ``cls``
-        record of the previous page) or ``limit``, the page that query ``{name}_page`` reads by
+        record of the previous page) or ``limit``, the page that query ``page_name`` reads by
         keyset. ``limit`` and ``after`` are checked first (``ValidationError``), then a
         malformed ``owner_id`` gives ``[]`` without a query."""
         size = page_size(limit)
@@ -730,7 +731,7 @@ class Core:
             "after_user_id": after_user_id,
             "page_size": size,
         }
-        return self._many(f"{name}_page", params, cls, retry=Retry.SAFE)
+        return self._many(page_name, params, cls, retry=Retry.SAFE)
 
     def _use_replica(self, consistency: str) -> bool:
         """Whether a read may go to a replica (``consistency="replica"``, the default of the

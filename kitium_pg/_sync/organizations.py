@@ -339,6 +339,7 @@ class Organizations(Core):
         """
         return self._listing(
             "list_organization_members",
+            "list_organization_members_page",
             "org_id",
             org_id,
             OrganizationMember,

@@ -321,6 +321,7 @@ class Rbac(Core):
         """
         return self._listing(
             "get_role_users",
+            "get_role_users_page",
             "role_id",
             role_id,
             RoleAssignment,
