@@ -307,7 +307,9 @@ class Settings:
         ``0..MAX_RETRIES``; an ``application_name`` that is not a string, holds NUL or lone
         surrogates, or is longer than ``APPLICATION_NAME_BYTES`` in UTF-8; a
         ``prepare_threshold`` that is neither ``None`` nor an ``int`` in ``0..INT4_MAX``; an
-        unknown schema, an unknown optional migration, or a non-bool ``pgbouncer``.
+        schema that is not a lowercase identifier or is an SQL keyword PostgreSQL will not
+        parse as a schema (``user``, ``real``), an unknown optional migration, or a non-bool
+        ``pgbouncer``.
         """
         min_size = _validate.integer("min_size", kw["min_size"], maximum=MAX_POOL_SIZE)
         max_size = _validate.integer("max_size", kw["max_size"], minimum=1, maximum=MAX_POOL_SIZE)

@@ -29,6 +29,29 @@ T = TypeVar("T")
 DEFAULT_SCHEMA: Final = "kitium_auth"
 _SCHEMA_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _QUALIFIER_RE: Final = re.compile(rf"\b{DEFAULT_SCHEMA}\b")
+# PostgreSQL's keywords that cannot stand bare before the dot of a qualified name
+# (pg_get_keywords() with a catcode other than U, PostgreSQL 15 to 18): with the schema `real` or
+# `user`, `real.users` is a syntax error in the migrations. A test compares this with the server.
+_KEYWORDS: Final = frozenset(
+    """
+    all analyse analyze and any array as asc asymmetric authorization between bigint binary
+    bit boolean both case cast char character check coalesce collate collation column
+    concurrently constraint create cross current_catalog current_date current_role
+    current_schema current_time current_timestamp current_user dec decimal default
+    deferrable desc distinct do else end except exists extract false fetch float for foreign
+    freeze from full grant greatest group grouping having ilike in initially inner inout int
+    integer intersect interval into is isnull join json json_array json_arrayagg json_exists
+    json_object json_objectagg json_query json_scalar json_serialize json_table json_value
+    lateral leading least left like limit localtime localtimestamp merge_action national
+    natural nchar none normalize not notnull null nullif numeric offset on only or order out
+    outer overlaps overlay placing position precision primary real references returning
+    right row select session_user setof similar smallint some substring symmetric
+    system_user table tablesample then time timestamp to trailing treat trim true union
+    unique user using values varchar variadic verbose when where window with xmlattributes
+    xmlconcat xmlelement xmlexists xmlforest xmlnamespaces xmlparse xmlpi xmlroot
+    xmlserialize xmltable
+    """.split()  # noqa: SIM905 (as pg_get_keywords() lists them; a literal list is 164 lines)
+)
 
 
 class Shape(enum.Enum):
@@ -71,13 +94,16 @@ def data_dir(name: str) -> Path:
 
 
 def check_schema(schema: str) -> str:
-    """``schema`` if it is a plain lowercase identifier (it is written into SQL text)."""
+    """``schema`` if it is a plain lowercase identifier that is not an SQL keyword (it is written
+    into SQL text unquoted); else ``ValidationError`` naming ``schema``."""
     if not isinstance(schema, str) or not _SCHEMA_RE.fullmatch(schema):
         raise ValidationError("schema", "must match [a-z_][a-z0-9_]* (at most 63 characters)")
     if schema == "information_schema" or schema.startswith("pg_"):
         # PostgreSQL's own schemas: pg_* cannot be created, and pg_dump leaves
         # information_schema out, so the auth data would be missing from every backup.
         raise ValidationError("schema", f"{schema!r} is reserved for PostgreSQL's own objects")
+    if schema in _KEYWORDS:
+        raise ValidationError("schema", f"{schema!r} is an SQL keyword PostgreSQL will not parse")
     return schema
 
 

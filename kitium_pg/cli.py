@@ -303,7 +303,7 @@ class _Group(click.Group):
     show_default=True,
     callback=_check_schema,
     metavar="NAME",
-    help="Schema that holds the kitium-pg tables.",
+    help="Schema that holds the kitium-pg tables: [a-z_][a-z0-9_]*, not an SQL keyword.",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout instead."

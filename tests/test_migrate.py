@@ -126,6 +126,41 @@ async def test_async_adapter_migrates_a_separate_schema(dsn: str) -> None:
     assert "users" in _tables(dsn, schema)
 
 
+def test_the_schema_keywords_are_the_servers_and_every_other_keyword_works(dsn: str) -> None:
+    """``check_schema`` refuses every keyword this server will not take bare before a dot (so
+    a newer server's new keyword fails here first); an unreserved keyword it accepts works as a
+    schema for a table, a type in a function's signature and a call."""
+    with psycopg.connect(dsn) as conn:
+        keywords = conn.execute("SELECT word, catcode FROM pg_get_keywords()").fetchall()
+        refused = {word for word, catcode in keywords if catcode != "U"}
+        assert refused and refused <= _sql._KEYWORDS
+        for word in sorted(refused):
+            with pytest.raises(ValidationError, match="keyword"):
+                _sql.check_schema(word)
+        accepted = sorted(word for word, catcode in keywords if catcode == "U")
+        assert len(accepted) > 200
+        with conn.transaction(force_rollback=True):
+            for word in accepted:
+                schema = _sql.check_schema(word)
+                conn.execute(
+                    f"CREATE SCHEMA {schema};"
+                    f" CREATE TABLE {schema}.t (x int);"
+                    f" CREATE FUNCTION {schema}.f(a {schema}.t) RETURNS int"
+                    f" LANGUAGE sql AS 'SELECT 1'".encode()
+                )
+                called = conn.execute(f"SELECT {schema}.f(NULL::{schema}.t)".encode()).fetchone()
+                assert called == (1,)
+
+
+def test_an_unreserved_keyword_is_a_working_schema(fresh_db: str) -> None:
+    with PostgresStorageAdapter(fresh_db, schema="admin") as storage:
+        user = storage.create_user(email="keyword@example.com")
+        assert storage.get_user(user.id) == user
+        assert storage.rollback(len(load_migrations("admin")))
+    with pytest.raises(ValidationError, match="keyword"):
+        PostgresStorageAdapter(fresh_db, schema="real")
+
+
 _CONNECT = """
 import sys
 from kitium_pg import PostgresStorageAdapter

@@ -538,7 +538,17 @@ def test_a_domain_with_a_newline_is_refused_before_the_database(value: str) -> N
 
 
 @pytest.mark.parametrize(
-    "schema", ["kitium_auth\n", "public\n", "x\ny", "information_schema", "pg_catalog", "pg_x"]
+    "schema",
+    [
+        "kitium_auth\n",
+        "public\n",
+        "x\ny",
+        "information_schema",
+        "pg_catalog",
+        "pg_x",
+        "real",
+        "user",
+    ],
 )
 def test_a_schema_name_with_a_newline_or_of_postgresql_is_refused(schema: str) -> None:
     with pytest.raises(ValidationError) as refused:
