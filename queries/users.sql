@@ -128,7 +128,9 @@ SELECT password_hash FROM kitium_auth.users WHERE id = :id;
 -- tokens are replaced only when new ones are given; they arrive encrypted). Returns no row when
 -- the identity belongs to another user (the caller raises ConflictError). The returned oauth map
 -- combines the user's other links with the one just written, because the statement's snapshot
--- does not yet show its own insert. New tokens end a refresh lease (claim_oauth_refresh).
+-- does not yet show its own insert. New tokens end a refresh lease (claim_oauth_refresh); a
+-- retry of this very write after a lost acknowledgement (its own tokens_version stored, drawn
+-- at random per call) keeps the lease: one taken after the first attempt is another worker's.
 WITH link AS (
   INSERT INTO kitium_auth.oauth_accounts AS o
     (id, user_id, provider, subject, email, name, access_token_ciphertext,
@@ -151,8 +153,10 @@ WITH link AS (
          tokens_version = CASE WHEN EXCLUDED.tokens_key_id IS NULL
                                THEN o.tokens_version ELSE EXCLUDED.tokens_version END,
          refresh_lease_until = CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                                      OR o.tokens_version = EXCLUDED.tokens_version
                                     THEN o.refresh_lease_until END,
          refresh_lease_holder = CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                                       OR o.tokens_version = EXCLUDED.tokens_version
                                      THEN o.refresh_lease_holder END
    WHERE o.user_id = EXCLUDED.user_id
   RETURNING o.user_id, o.provider, o.subject, o.email, o.name, o.linked_at

@@ -660,6 +660,35 @@ async def test_a_retried_refresh_keeps_a_lease_taken_after_its_first_attempt(
     assert await storage.claim_oauth_refresh(user.id, "google") is None
 
 
+async def test_a_retried_link_keeps_a_lease_taken_after_its_first_attempt(
+    storage: Any,
+    email: str,
+    unique: Callable[[str], str],
+    dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As for update_oauth_tokens: the retry of a re-link with tokens after a lost
+    acknowledgement (the same call again, with the version its first attempt drew) must not
+    end the lease another worker took in between."""
+    user = await _linked_with_tokens(storage, email, unique)
+    sub = (await storage.get_user(user.id)).oauth["google"].sub
+    monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 4343)
+    call: dict[str, Any] = {"sub": sub, "access_token": "a-3", "refresh_token": "r-3"}
+    await storage.link_oauth_account(user.id, "google", **call)
+    monkeypatch.undo()
+    claimed = await storage.claim_oauth_refresh(user.id, "google")  # another worker
+    assert claimed is not None and claimed.version == 4343
+    held = _lease(dsn, user.id)
+    monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 4343)
+    await storage.link_oauth_account(user.id, "google", **call)
+    assert _lease(dsn, user.id) == held
+    monkeypatch.undo()
+    assert await storage.claim_oauth_refresh(user.id, "google") is None
+    # A new link write (its own version) still ends the lease.
+    await storage.link_oauth_account(user.id, "google", **call)
+    assert _lease(dsn, user.id) == (None, None)
+
+
 async def test_claim_oauth_refresh_refuses_a_transactions_view(
     storage: Any, email: str, unique: Callable[[str], str], dsn: str
 ) -> None:
