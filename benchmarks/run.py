@@ -68,6 +68,7 @@ from benchmarks.variants import (
     Variant,
 )
 from kitium_pg import PostgresStorageAdapter, _sql
+from kitium_pg.cli import BENCH_DSN_ENV
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -178,8 +179,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     parser.add_argument(
         "--dsn",
+        default=os.environ.get(BENCH_DSN_ENV) or None,
         help="PostgreSQL to use instead of an embedded server; the run creates its own schemas"
-        " (kitium_bench_<random>…) there and drops them at the end",
+        f" (kitium_bench_<random>…) there and drops them at the end (default: ${BENCH_DSN_ENV},"
+        " which `kitium-pg bench` sets from its global --dsn)",
     )
     parser.add_argument(
         "--quick",

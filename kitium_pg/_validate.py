@@ -44,9 +44,11 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 
 
 def text(field: str, value: object, *, max_len: int = SHORT, allow_empty: bool = False) -> str:
-    """A string PostgreSQL can store: no NUL, valid UTF-8, within ``max_len`` characters."""
+    """A string PostgreSQL can store: no NUL, valid UTF-8, within ``max_len`` characters. A
+    ``str`` subclass is checked and returned as a plain copy of its characters (see ``plain``)."""
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, not {type(value).__name__}")
+    value = plain(value)
     if not value and not allow_empty:
         raise ValidationError(field, "must not be empty")
     if len(value) > max_len:
@@ -58,6 +60,13 @@ def text(field: str, value: object, *, max_len: int = SHORT, allow_empty: bool =
     except UnicodeEncodeError:
         raise ValidationError(field, "must be valid Unicode (no lone surrogates)") from None
     return value
+
+
+def plain(value: str) -> str:
+    """``value`` as a plain ``str``: a subclass may answer ``len()``, ``in``, ``==`` or
+    ``encode()`` for other characters than the ones it holds, which are what psycopg sends (and
+    what an f-string may not show), so a check must read a copy and pass that copy on."""
+    return value if type(value) is str else str.__getitem__(value, slice(None))
 
 
 def opt_text(field: str, value: object, *, max_len: int = SHORT) -> str | None:
@@ -557,9 +566,9 @@ def callback(field: str, value: T | None) -> T | None:
 def choice(field: str, value: object, allowed: Iterable[str]) -> str:
     """One of ``allowed``."""
     options = tuple(allowed)
-    if not isinstance(value, str) or value not in options:
+    if not isinstance(value, str) or plain(value) not in options:
         raise ValidationError(field, f"must be one of {', '.join(options)}")
-    return value
+    return plain(value)
 
 
 def expect_type(field: str, value: Any, kind: type) -> Any:

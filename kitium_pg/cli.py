@@ -783,6 +783,10 @@ def chaos(state: _Context, args: tuple[str, ...]) -> None:
     raise SystemExit(chaos_main(_forwarded(state, args)))
 
 
+# How `kitium-pg bench` hands its DSN to benchmarks/run.py (which reads it as --dsn's default).
+BENCH_DSN_ENV: Final = "KITIUM_PG_BENCH_DSN"
+
+
 def find_bench_script(roots: Sequence[Path]) -> Path | None:
     """``benchmarks/run.py`` under the first of ``roots`` that has it, else ``None``."""
     for root in roots:
@@ -798,16 +802,21 @@ def bench(state: _Context, args: tuple[str, ...]) -> None:
     checkout this package is installed from in editable mode) with this Python: every variant
     interleaved, a Markdown report, results/latest.json and a chart. Its options (--quick,
     --dsn, --variants, --cpu-layout…) are listed by `kitium-pg bench --help`; the comparison
-    stacks need the 'bench' extra. The global --dsn is passed on when given. Exits with the
-    script's code, or 2 when no checkout is found (the harness is not part of the wheel)."""
+    stacks need the 'bench' extra. The global --dsn is passed on when given, in the child's
+    environment (KITIUM_PG_BENCH_DSN): on its command line, any local user could read the
+    password. Exits with the script's code, or 2 when no checkout is found (the harness is not
+    part of the wheel)."""
     script = find_bench_script([Path.cwd(), Path(__file__).resolve().parent.parent])
     if script is None:
         raise click.UsageError(
             "benchmarks/run.py not found: the benchmark harness ships with the source, not"
             " the wheel; run this from a clone of kitium-pg"
         )
-    command = [sys.executable, str(script), *_forwarded(state, args)]
-    raise SystemExit(subprocess.run(command).returncode)
+    env = dict(os.environ)
+    if state.dsn and "--dsn" not in args:
+        env[BENCH_DSN_ENV] = state.dsn
+    command = [sys.executable, str(script), *args]
+    raise SystemExit(subprocess.run(command, env=env).returncode)
 
 
 @cli.command(short_help="Print (or --apply) least-privilege grants for an app role.")

@@ -307,6 +307,16 @@ def scrubbed(exc: X) -> X:
     return copy
 
 
+def chained(error: E, exc: BaseException) -> E:
+    """``error`` with ``scrubbed(exc)`` as its cause, for raising *after* the ``except`` block
+    that caught ``exc``. Raised inside it (``raise error from scrubbed(exc)``), Python would
+    also keep ``exc`` itself as ``error.__context__``, DETAIL line and all: a traceback does not
+    print it, but an error reporter that walks ``__context__`` would."""
+    error.__cause__ = scrubbed(exc)
+    error.__suppress_context__ = True
+    return error
+
+
 def connection_lost(exc: BaseException) -> bool:
     """Whether ``exc`` says the connection to the server is gone (closed, reset, the server
     shutting down), as opposed to a pool timeout or a server-side error such as lack of

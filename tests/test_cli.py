@@ -25,7 +25,14 @@ from kitium_pg import (
 )
 from kitium_pg import cli as kitium_cli
 from kitium_pg._base import load_migrations
-from kitium_pg.cli import EXIT_KEY, EXIT_MIGRATION, EXIT_UNAVAILABLE, cli, find_bench_script
+from kitium_pg.cli import (
+    BENCH_DSN_ENV,
+    EXIT_KEY,
+    EXIT_MIGRATION,
+    EXIT_UNAVAILABLE,
+    cli,
+    find_bench_script,
+)
 from kitium_pg.embedded import EmbeddedPostgres
 from kitium_pg.encryption import ENV_VAR, Keyring, generate_key
 
@@ -686,6 +693,32 @@ def test_bench_command_runs_the_benchmark_script(capfd: pytest.CaptureFixture[st
     assert result.exit_code == 0
     out = capfd.readouterr().out
     assert "--cpu-layout" in out and "--quick" in out
+
+
+def test_bench_passes_the_dsn_in_the_environment_not_on_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: the global --dsn went on the child's command line, which every local
+    user can read (/proc/<pid>/cmdline, ps), password included."""
+    (tmp_path / "benchmarks").mkdir()
+    seen = tmp_path / "seen.json"
+    (tmp_path / "benchmarks" / "run.py").write_text(
+        "import json, os, sys\n"
+        f"open({str(seen)!r}, 'w').write(json.dumps([sys.argv[1:], os.environ.get("
+        f"{BENCH_DSN_ENV!r})]))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(BENCH_DSN_ENV, raising=False)
+    dsn = "postgresql://app:S3cret-in-env@127.0.0.1:1/app"
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    result = CliRunner().invoke(cli, ["bench", "--quick"])
+    assert result.exit_code == 0, result.output
+    argv, passed = json.loads(seen.read_text())
+    assert argv == ["--quick"] and passed == dsn
+    # An explicit --dsn after the command is the caller's own choice: passed as given.
+    monkeypatch.delenv("DATABASE_URL")
+    assert CliRunner().invoke(cli, ["bench", "--dsn", "host=h"]).exit_code == 0
+    assert json.loads(seen.read_text()) == [["--dsn", "host=h"], None]
 
 
 def test_bench_command_without_a_checkout_is_a_usage_error(

@@ -29,6 +29,7 @@ from kitium_pg import (
     AsyncPostgresStorageAdapter,
     ConflictError,
     EncryptionKeyError,
+    KitiumPgError,
     NotFoundError,
     PostgresStorageAdapter,
     QueryTimeoutError,
@@ -456,6 +457,43 @@ async def test_a_refused_write_traceback_quotes_no_value(kind: str, dsn: str, sc
     assert digest not in _printed(duplicate.value)
     assert isinstance(too_long.value.__cause__, psycopg.errors.CheckViolation)
     assert password_hash not in _printed(too_long.value)
+    for error in (duplicate.value, too_long.value):
+        assert error.__context__ is None
+        reached = _reachable(error)
+        assert digest not in reached and password_hash not in reached
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_translated_error_keeps_no_driver_exception_as_its_context(
+    kind: str, dsn: str, schema: str
+) -> None:
+    """Found in review: raised inside the ``except`` block that caught the driver's exception,
+    a translated error also kept that exception itself as ``__context__``, DETAIL line and
+    all. The other places that translate: a transaction's start, a migration command."""
+    async with _adapter(kind, dsn, schema=schema, max_size=1, pool_timeout=0.2) as storage:
+        with pytest.raises(KitiumPgError) as refused:
+            await storage.grant_app_role("no_such_role_here")
+        async with storage.transaction():
+            with pytest.raises(UnavailableError) as busy:
+                async with storage.transaction():
+                    pass
+    for error in (refused.value, busy.value):
+        assert error.__context__ is None
+        assert error.__cause__ is not None and error.__suppress_context__
+
+
+def _reachable(error: BaseException) -> str:
+    """The text of every exception ``error`` reaches by ``__cause__`` and ``__context__``:
+    an error reporter may walk either, whatever ``__suppress_context__`` says."""
+    seen: list[BaseException] = []
+    stack = [error]
+    while stack:
+        item = stack.pop()
+        if any(item is s for s in seen):
+            continue
+        seen.append(item)
+        stack += [e for e in (item.__cause__, item.__context__) if e is not None]
+    return "\n".join(f"{e!s} {e!r}" for e in seen)
 
 
 async def test_a_data_exception_cause_keeps_only_its_sqlstate(dsn: str) -> None:

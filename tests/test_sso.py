@@ -24,6 +24,7 @@ from kitium_pg.errors import ConflictError, EncryptionKeyError, NotFoundError, V
 from kitium_pg.records import SsoDomain, SsoLink, SsoProvider, SsoSession, User
 from tests.conftest import AwaitableSync
 
+from .fix_disguised import Disguised
 from .fix_holder import waiting
 from .fix_metadata import check_metadata_patch
 from .fix_race import race_each
@@ -274,6 +275,11 @@ async def test_lookups_of_unknown_or_malformed_ids(storage: Any) -> None:
         ("domains[0]", {"domains": ["bücher.example"]}),
         ("domains[1]", {"domains": ["a.example", "A.EXAMPLE"]}),
         ("domains", {"domains": "a.example"}),
+        # A str subclass is checked by what it holds (found in review: stored past the limit).
+        ("metadata_url", {"metadata_url": Disguised("https://x.example/" + "a" * 2048)}),
+        ("client_id", {"client_id": Disguised("c" * 300)}),
+        ("scopes[0]", {"scopes": [Disguised("s" * 300)]}),
+        ("name", {"name": Disguised("a\x00b")}),
     ],
 )
 async def test_create_validates_input(

@@ -10,7 +10,7 @@ import math
 import sys
 import types
 import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -19,6 +19,9 @@ from hypothesis import strategies as st
 
 from kitium_pg import ValidationError, _sql
 from kitium_pg import _validate as v
+from kitium_pg._sync import migrate
+
+from .fix_disguised import Disguised
 
 
 def reference(value: object, depth: int = 0) -> bool:
@@ -286,6 +289,55 @@ def test_a_subclass_is_sent_as_the_encoder_reads_it() -> None:
     assert json.loads(v.json_text("data", _ItemsElsewhere([1]))) == {"a": [1]}
     text = v.json_text("data", {"l": _IterElsewhere(["stored"]), "s": _NoNul("plain")})
     assert json.loads(text) == {"l": ["stored"], "s": "plain"}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (Disguised("x" * 300), "at most 255"),
+        (Disguised("a\x00b"), "NUL"),
+        (Disguised("a\ud800b"), "surrogates"),
+    ],
+)
+def test_a_str_subclass_is_checked_by_the_characters_it_holds(value: str, message: str) -> None:
+    """Found in review: ``text`` read a subclass through its own ``len``, ``in`` and
+    ``encode``, and passed it on, so an over-long, NUL or surrogate value reached the database
+    (stored past the limit where no CHECK backs it, or an InternalError naming no field)."""
+    with pytest.raises(ValidationError, match=message) as caught:
+        v.text("name", value)
+    assert caught.value.field == "name"
+
+
+def test_a_str_subclass_is_passed_on_as_a_plain_copy() -> None:
+    checked = v.text("name", Disguised("kept"))
+    assert type(checked) is str and checked == "kept"
+    assert type(v.email("email", Disguised("a@example.com"))) is str
+    chosen = v.choice("method", Disguised("totp"), ["totp", "sms"])
+    assert type(chosen) is str and chosen == "totp"
+    with pytest.raises(ValidationError):
+        v.choice("method", Disguised("email"), ["totp", "sms"])
+
+
+def _grant_to(role: str) -> str:
+    return migrate._role_sql("GRANT USAGE ON SCHEMA kitium_auth TO kitium_app", role)
+
+
+@pytest.mark.parametrize(
+    ("check", "name"),
+    [
+        (_sql.check_schema, "user"),
+        (_sql.check_schema, "information_schema"),
+        (_grant_to, "public"),
+        (_grant_to, "current_user"),
+    ],
+)
+def test_a_str_subclass_cannot_hide_a_refused_name(
+    check: Callable[[str], object], name: str
+) -> None:
+    """A hash and == that find nothing would let ``user`` pass as a schema (a syntax error in
+    every migration) and ``public`` (every role of the cluster) as the grants' role."""
+    with pytest.raises(ValidationError):
+        check(Disguised(name))
 
 
 class _ClassSwap:

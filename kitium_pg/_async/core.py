@@ -41,9 +41,9 @@ from ..errors import (
     NotFoundError,
     UnavailableError,
     ValidationError,
+    chained,
     connection_lost,
     is_auto_retryable,
-    scrubbed,
     translate,
 )
 from ..observe import Observer
@@ -245,6 +245,7 @@ class AsyncCore:
         cancelled while it runs aborts the transaction too: later calls and the block raise
         ``QueryTimeoutError`` (code ``query_canceled``). Raises the translated error when
         the commit itself fails."""
+        failure: KitiumPgError | None = None
         try:
             if self._conn is not None:
                 async with self._savepoint():
@@ -277,7 +278,9 @@ class AsyncCore:
                         await asyncio.sleep(_CALLS_POLL)
                 raise_if_aborted(conn, state)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc, operation="transaction") from scrubbed(exc)
+            failure = chained(translate(exc, operation="transaction"), exc)
+        if failure is not None:
+            raise failure  # here, not in the except block: see errors.chained
 
     @asynccontextmanager
     async def _savepoint(self) -> AsyncIterator[None]:
@@ -390,9 +393,13 @@ class AsyncCore:
             if reason is None:
                 # Up again while the pool waits out its back-off between attempts.
                 reason = "the database answers again, the pool has not reconnected yet"
-            raise UnavailableError(
+            failure = UnavailableError(
                 f"cannot connect to {self._dsn_display}: {reason or type(exc).__name__}"
-            ) from scrubbed(exc)
+            )
+            failure = chained(failure, exc)
+        else:
+            return
+        raise failure  # here, not in the except block: see errors.chained
 
     async def _why_unreachable(self, conninfo: object) -> str | None:
         """The server's or libpq's reason for refusing a direct connection, without any
@@ -550,9 +557,11 @@ class AsyncCore:
                     if connection_lost(exc):
                         await self._replace_connections(self._replicas[n], started)
                     continue
-                raise error from scrubbed(exc)
-            log_call(f"{name}@replica{n}", started, 1)
-            return result
+                failure = chained(error, exc)
+            else:
+                log_call(f"{name}@replica{n}", started, 1)
+                return result
+            raise failure  # here, not in the except block: see errors.chained
         return _PRIMARY
 
     async def _run(
@@ -618,9 +627,11 @@ class AsyncCore:
                 ):
                     await asyncio.sleep(backoff(attempt))
                     continue
-                raise error from scrubbed(exc)
-            log_call(name, started, attempt)
-            return result
+                failure = chained(error, exc)
+            else:
+                log_call(name, started, attempt)
+                return result
+            raise failure  # here, not in the except block: see errors.chained
 
     async def _observed(
         self, name: str, params: Mapping[str, Any], retry: Retry, make: Make, replica: bool

@@ -42,9 +42,9 @@ from ..errors import (
     NotFoundError,
     UnavailableError,
     ValidationError,
+    chained,
     connection_lost,
     is_auto_retryable,
-    scrubbed,
     translate,
 )
 from ..observe import Observer
@@ -246,6 +246,7 @@ class Core:
         cancelled while it runs aborts the transaction too: later calls and the block raise
         ``QueryTimeoutError`` (code ``query_canceled``). Raises the translated error when
         the commit itself fails."""
+        failure: KitiumPgError | None = None
         try:
             if self._conn is not None:
                 with self._savepoint():
@@ -278,7 +279,9 @@ class Core:
                         time.sleep(_CALLS_POLL)
                 raise_if_aborted(conn, state)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc, operation="transaction") from scrubbed(exc)
+            failure = chained(translate(exc, operation="transaction"), exc)
+        if failure is not None:
+            raise failure  # here, not in the except block: see errors.chained
 
     @contextmanager
     def _savepoint(self) -> Iterator[None]:
@@ -389,9 +392,13 @@ class Core:
             if reason is None:
                 # Up again while the pool waits out its back-off between attempts.
                 reason = "the database answers again, the pool has not reconnected yet"
-            raise UnavailableError(
+            failure = UnavailableError(
                 f"cannot connect to {self._dsn_display}: {reason or type(exc).__name__}"
-            ) from scrubbed(exc)
+            )
+            failure = chained(failure, exc)
+        else:
+            return
+        raise failure  # here, not in the except block: see errors.chained
 
     def _why_unreachable(self, conninfo: object) -> str | None:
         """The server's or libpq's reason for refusing a direct connection, without any
@@ -549,9 +556,11 @@ class Core:
                     if connection_lost(exc):
                         self._replace_connections(self._replicas[n], started)
                     continue
-                raise error from scrubbed(exc)
-            log_call(f"{name}@replica{n}", started, 1)
-            return result
+                failure = chained(error, exc)
+            else:
+                log_call(f"{name}@replica{n}", started, 1)
+                return result
+            raise failure  # here, not in the except block: see errors.chained
         return _PRIMARY
 
     def _run(
@@ -617,9 +626,11 @@ class Core:
                 ):
                     time.sleep(backoff(attempt))
                     continue
-                raise error from scrubbed(exc)
-            log_call(name, started, attempt)
-            return result
+                failure = chained(error, exc)
+            else:
+                log_call(name, started, attempt)
+                return result
+            raise failure  # here, not in the except block: see errors.chained
 
     def _observed(
         self, name: str, params: Mapping[str, Any], retry: Retry, make: Make, replica: bool

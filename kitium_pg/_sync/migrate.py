@@ -25,6 +25,7 @@ from ..errors import (
     MigrationError,
     UnavailableError,
     ValidationError,
+    chained,
     connection_lost,
     scrubbed,
     translate,
@@ -115,16 +116,21 @@ class Migrations(Core):
                         bound._apply(migration, migration.up)
                         done.append(migration.id)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc, operation="migrate") from scrubbed(exc)
-        return tuple(done)
+            failure = chained(translate(exc, operation="migrate"), exc)
+        else:
+            return tuple(done)
+        raise failure  # here, not in the except block: see errors.chained
 
     def _apply(self, migration: Migration, sql: str) -> None:
         started = time.perf_counter()
         assert self._conn is not None
+        failure: KitiumPgError | None = None
         try:
             self._conn.execute(sql)
         except psycopg.Error as exc:
-            raise _failed(exc, migration.file) from scrubbed(exc)
+            failure = chained(_failed(exc, migration.file), exc)
+        if failure is not None:
+            raise failure  # here, not in the except block: see errors.chained
         duration_ms = (time.perf_counter() - started) * 1000
         self._exec(
             "record_migration",
@@ -157,15 +163,20 @@ class Migrations(Core):
                         last = migrations[last_id]
                         if progress:
                             progress(last.id, "down")
+                        failure: KitiumPgError | None = None
                         try:
                             conn.execute(last.down)
                         except psycopg.Error as exc:
-                            raise _failed(exc, f"{last.file} (down)") from scrubbed(exc)
+                            failure = chained(_failed(exc, f"{last.file} (down)"), exc)
+                        if failure is not None:
+                            raise failure  # not in the except block: see errors.chained
                         bound._exec("forget_migration", {"id": last.id}, retry=Retry.NEVER)
                         undone.append(last.id)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc, operation="rollback") from scrubbed(exc)
-        return tuple(undone)
+            failure = chained(translate(exc, operation="rollback"), exc)
+        else:
+            return tuple(undone)
+        raise failure  # here, not in the except block: see errors.chained
 
     def app_role_grants(self, role: str) -> str:
         """The GRANT statements that give application role ``role`` what the adapter's runtime
@@ -179,7 +190,10 @@ class Migrations(Core):
             with self._connection() as conn:
                 conn.execute(sql)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc, operation="grant_app_role") from scrubbed(exc)
+            failure = chained(translate(exc, operation="grant_app_role"), exc)
+        else:
+            return
+        raise failure  # here, not in the except block: see errors.chained
 
 
 def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:
@@ -196,6 +210,7 @@ def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:
 def _role_sql(sql: str, role: str) -> str:
     if not isinstance(role, str) or not _ROLE_RE.fullmatch(role):
         raise ValidationError("role", "must match [a-z_][a-z0-9_]* (at most 63 characters)")
+    role = _validate.plain(role)  # a subclass may answer in/startswith for another name
     if role in _NOT_A_ROLE or role.startswith("pg_"):
         # GRANT ... TO public grants to every role of the cluster; current_user and friends
         # name whoever runs the grant; pg_* are PostgreSQL's own roles.
