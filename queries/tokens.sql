@@ -10,6 +10,35 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
   FROM kitium_auth.sessions
  WHERE id = :id AND expires_at > statement_timestamp() AND token_hash IS NOT NULL;
 
+-- name: create_session_unless_deactivated(id, user_id, expires_at, token_hash)^
+-- fastapi-users' login (KitiumSessionStrategy.write_token): insert a bearer-token session only
+-- while the user is not deactivated there (metadata fastapi_users.is_active is not false), judged
+-- on the user row locked FOR SHARE, which conflicts with an UPDATE of it. A deactivation in
+-- flight is waited for and its new row judged; one that comes later waits for this session to
+-- commit, so the delete_user_sessions after it sees the session. No row when refused or the user
+-- is gone; a retry with the same id returns the row the first attempt wrote.
+WITH owner AS (
+  SELECT u.id
+    FROM kitium_auth.users AS u
+   WHERE u.id = :user_id
+     AND (u.metadata -> 'fastapi_users' -> 'is_active') IS DISTINCT FROM 'false'::jsonb
+     FOR SHARE
+), inserted AS (
+  INSERT INTO kitium_auth.sessions
+    (id, user_id, org_id, plan, entitlements, metadata, expires_at, token_hash)
+  SELECT :id, o.id, NULL, NULL, '{}', '{}'::jsonb, :expires_at, :token_hash
+    FROM owner AS o
+  ON CONFLICT (id) DO NOTHING
+  RETURNING id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
+)
+SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
+  FROM inserted
+UNION ALL
+SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
+  FROM kitium_auth.sessions
+ WHERE id = :id
+ LIMIT 1;
+
 -- name: rotate_session_token(id, presented_hash, token_hash, set_expires_at, expires_at)^
 -- Give one unexpired session a new token digest, and a new expires_at when set_expires_at, if
 -- its digest is the presented token's, or already the new one (a retry after a lost

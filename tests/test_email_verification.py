@@ -236,6 +236,18 @@ async def test_attempt_counter(storage: Any, email: str) -> None:
     assert caught.value.field == "token_id"
 
 
+async def test_the_attempt_count_refuses_a_transactions_view(storage: Any, email: str) -> None:
+    """Found in review: counted in a transaction that then rolled back (after a wrong code),
+    the attempt was undone, so a guess past the cap was free, 1,000 of them in the repro."""
+    token = await _token(storage, email)
+    async with storage.transaction() as tx:
+        with pytest.raises(ValidationError) as caught:
+            await tx.increment_email_verification_token_attempts(token.id)
+        assert caught.value.field == "transaction"
+        assert "increment_email_verification_token_attempts" in str(caught.value)
+    assert await storage.get_email_verification_token_attempts(token.id) == 0
+
+
 async def test_racing_increments_are_all_counted(storage: Any, email: str) -> None:
     token = await _token(storage, email)
     counts = await race(storage, RACERS, "increment_email_verification_token_attempts", token.id)

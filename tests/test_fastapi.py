@@ -5,6 +5,7 @@ driven through httpx's ASGITransport (lifespan entered by hand), every status an
 # some of which name local variables.
 import asyncio
 import datetime as dt
+import math
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -12,8 +13,9 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import httpx
+import psycopg
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, HTTPException
 
 from kitium_pg import (
     ApiKey,
@@ -58,6 +60,8 @@ with warnings.catch_warnings():
         KitiumUserDatabase,
         add_email_changed_handler,
     )
+
+from .fix_holder import release_when_waiting
 
 
 class UserRead(schemas.BaseUser[uuid.UUID]):
@@ -835,6 +839,23 @@ async def test_fastapi_users_concurrent_flag_updates_both_hold(
         assert stored is not None and (stored.is_verified, stored.is_superuser) == (True, True)
 
 
+@pytest.mark.parametrize("expires_at", [10**20, -(10**13), math.nan, math.inf, "1700000000", True])
+async def test_fastapi_users_a_bad_oauth_expiry_is_refused_by_name(
+    async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str], expires_at: object
+) -> None:
+    """Found in review: the provider's ``expires_at`` went to ``datetime.fromtimestamp``
+    unchecked, so the OAuth callback failed with OverflowError, ValueError or TypeError."""
+    db = KitiumUserDatabase(async_adapter)
+    user = await db.create({"email": f"{unique('exp')}@example.com", "hashed_password": "h"})
+    account = {"oauth_name": "github", "account_id": unique("gh"), "access_token": "a"}
+    with pytest.raises(ValidationError) as refused:
+        await db.add_oauth_account(user, {**account, "expires_at": expires_at})
+    assert refused.value.field == "expires_at"
+    assert (await db.get(user.id)).oauth_accounts == []  # type: ignore[union-attr]
+    linked = await db.add_oauth_account(user, {**account, "expires_at": 1_700_000_000.5})
+    assert linked.oauth_accounts[0].expires_at == 1_700_000_000
+
+
 async def test_fastapi_users_deactivating_a_user_ends_their_sessions(
     async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
 ) -> None:
@@ -850,6 +871,52 @@ async def test_fastapi_users_deactivating_a_user_ends_their_sessions(
     assert deactivated.is_active is False
     assert await async_adapter.validate_session_token(issued.token, consistency="primary") is None
     assert await async_adapter.list_user_sessions(user.id) == []
+
+
+@pytest.mark.parametrize("order", ["deactivated first", "deactivation in flight"])
+async def test_fastapi_users_a_login_racing_a_deactivation_leaves_no_session(
+    async_adapter: AsyncPostgresStorageAdapter,
+    unique: Callable[[str], str],
+    dsn: str,
+    order: str,
+) -> None:
+    """Found in review (50 of 50 unforced races): fastapi-users checks ``is_active`` when it
+    reads the user, then verifies the password; a deactivation (which deletes the sessions)
+    committed meanwhile was followed by the login's session. The session is now written only
+    while the user is active, judged on the user row locked against the deactivation: the
+    login is refused as fastapi-users refuses an inactive user."""
+    db = KitiumUserDatabase(async_adapter)
+    user = await db.create({"email": f"{unique('late')}@example.com", "hashed_password": "h"})
+    strategy = KitiumSessionStrategy(async_adapter)
+    if order == "deactivated first":
+        await db.update(user, {"is_active": False})
+        with pytest.raises(HTTPException) as refused:
+            await strategy.write_token(user)  # the user as read before the deactivation
+    else:
+        holder = psycopg.connect(dsn)
+        holder.execute(
+            "UPDATE kitium_auth.users SET metadata = jsonb_set(metadata,"
+            " '{fastapi_users,is_active}', 'false') WHERE id = %s",
+            (user.id,),
+        )
+        watcher = release_when_waiting(dsn, holder, "fastapi_users' -> 'is_active'")
+        try:
+            with pytest.raises(HTTPException) as refused:
+                await strategy.write_token(user)
+        finally:
+            await asyncio.to_thread(watcher.join)
+            holder.close()
+        assert watcher.seen  # type: ignore[attr-defined]
+    assert refused.value.status_code == 400
+    assert refused.value.detail == "LOGIN_BAD_CREDENTIALS"
+    assert await async_adapter.list_user_sessions(user.id) == []
+    # An active user's login still gets a session; a deleted user's is refused alike.
+    active = await db.create({"email": f"{unique('fine')}@example.com", "hashed_password": "h"})
+    token = await strategy.write_token(active)
+    assert await async_adapter.validate_session_token(token, consistency="primary") is not None
+    await db.delete(active)
+    with pytest.raises(HTTPException):
+        await strategy.write_token(active)
 
 
 async def test_fastapi_users_a_taken_email_is_user_already_exists(

@@ -167,8 +167,13 @@ class AsyncEmailVerification(AsyncCore):
 
     async def increment_email_verification_token_attempts(self, token_id: uuid.UUID | str) -> int:
         """Count one attempt for a token and return the new count (atomic: concurrent calls
-        never lose an increment). Raises ``NotFoundError`` for an unknown token. Never retried
-        by the adapter: after a lost acknowledgement a retry would count twice."""
+        never lose an increment). Raises ``NotFoundError`` for an unknown token, and
+        ``ValidationError`` (field ``transaction``) on a transaction's view: a transaction that
+        rolls back (say, after a wrong code) would undo the count and make the guess free. Never
+        retried by the adapter: after a lost acknowledgement a retry would count twice."""
+        self._outside_transaction(
+            "increment_email_verification_token_attempts", "a rollback would undo the count"
+        )
         params = {"token_id": v.uuid_arg("token_id", token_id)}
         attempts = await self._value(
             "increment_email_verification_token_attempts", params, retry=Retry.NEVER

@@ -274,8 +274,8 @@ class AsyncOrganizations(AsyncCore):
         With the membership go, in the same statement, the roles it held there (so its
         permissions) and the user's sessions bound to the organization (``org_id``): a removed
         member's login into the organization ends. The user's other sessions stay. For a user
-        who is not a member nothing changes (``create_session`` does not check membership, so
-        a session bound to an organization its user does not belong to stays).
+        who is not a member nothing changes (nor can a session be bound to an organization its
+        user does not belong to: ``create_session`` refuses it).
 
         ``keep_last`` names a role (``"owner"``) the organization must keep: removing its last
         member holding it raises ``ConflictError`` (code ``last_role_holder``) and changes

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import _validate as v
-from .._base import UNSET, Consistency, Retry, Unset
+from .._base import UNSET, Consistency, Retry, Unset, new_id
 from ..records import ApiKey, IssuedApiKey, IssuedSession, Session
 from .api_keys import AsyncApiKeys
 from .sessions import NOT_A_MEMBER, AsyncSessions, _session_insert
@@ -86,6 +86,29 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
             token_hash=_digest(secret),
         )
         session = await self._written(name, params, Session, retry=Retry.SAFE, refused=NOT_A_MEMBER)
+        return IssuedSession(session=session, token=f"{session.id}.{secret}")
+
+    async def _issue_session_token_unless_deactivated(
+        self, user_id: uuid.UUID, expires_at: dt.datetime
+    ) -> IssuedSession:
+        """The fastapi-users integration's login: ``issue_session_token`` for a session with no
+        organization, judged under a lock that orders it with a deactivation (see the query).
+        Raises ``NotFoundError`` when the user is deactivated there (``is_active`` false in its
+        metadata) or gone. Retry-safe as ``issue_session_token``."""
+        secret = secrets.token_urlsafe(32)
+        params = {
+            "id": new_id(),
+            "user_id": user_id,
+            "expires_at": v.timestamp("expires_at", expires_at),
+            "token_hash": _digest(secret),
+        }
+        session = await self._written(
+            "create_session_unless_deactivated",
+            params,
+            Session,
+            retry=Retry.SAFE,
+            refused="the user is deactivated or does not exist",
+        )
         return IssuedSession(session=session, token=f"{session.id}.{secret}")
 
     async def validate_session_token(

@@ -68,21 +68,23 @@ Each ``get*`` call reads the user, its password hash, and the tokens of each lin
 from __future__ import annotations
 
 import datetime as dt
+import math
 import secrets
 import uuid
 from typing import Any, Final
 
 import attrs
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from fastapi_users import exceptions as fu_exceptions
 from fastapi_users.db import BaseUserDatabase
 from fastapi_users.manager import BaseUserManager
 from fastapi_users.models import OAuthAccountProtocol
 from fastapi_users.password import PasswordHelper, PasswordHelperProtocol
+from fastapi_users.router.common import ErrorCode
 
 from .. import AsyncPostgresStorageAdapter
-from ..errors import ConflictError, NotFoundError
+from ..errors import ConflictError, NotFoundError, ValidationError
 from ..records import User
 
 __all__ = [
@@ -293,9 +295,7 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
                 # "" is how a link without tokens loads (fastapi-users' access_token is a str).
                 "access_token": create_dict.get("access_token") or None,
                 "refresh_token": create_dict.get("refresh_token") or None,
-                "token_expires_at": (
-                    None if expires_at is None else dt.datetime.fromtimestamp(expires_at, dt.UTC)
-                ),
+                "token_expires_at": _expiry(expires_at),
             }
         await self.storage.link_oauth_account(
             user.id,
@@ -382,8 +382,9 @@ def _columns(fields: dict[str, Any]) -> dict[str, Any]:
 class KitiumSessionStrategy:
     """A fastapi-users ``Strategy`` whose tokens are kitium-pg session tokens.
 
-    ``write_token`` issues a session (``issue_session_token``) valid for ``lifetime_seconds``
-    (``None``: ``NO_LIFETIME_DAYS`` days);
+    ``write_token`` issues a session (as ``issue_session_token``) valid for ``lifetime_seconds``
+    (``None``: ``NO_LIFETIME_DAYS`` days), only while the user is active (else fastapi-users'
+    400 ``LOGIN_BAD_CREDENTIALS``);
     ``read_token`` validates it and loads the user through the user manager (``None`` for a
     missing, malformed, expired or revoked token, or a deleted user); ``destroy_token`` deletes
     the session (logout).
@@ -418,7 +419,17 @@ class KitiumSessionStrategy:
             else dt.timedelta(seconds=seconds)
         )
         expires_at = dt.datetime.now(dt.UTC) + lifetime
-        issued = await self.storage.issue_session_token(user_id=user.id, expires_at=expires_at)
+        # Not issue_session_token: fastapi-users checked is_active when it read the user,
+        # before verifying the password; a deactivation committed since (which deletes the
+        # user's sessions) must not be followed by a session. The statement judges the flag on
+        # the user row, locked against the deactivation's update.
+        try:
+            issued = await self.storage._issue_session_token_unless_deactivated(user.id, expires_at)
+        except NotFoundError:
+            # What fastapi-users answers for an inactive user's login.
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST, detail=ErrorCode.LOGIN_BAD_CREDENTIALS
+            ) from None
         return issued.token
 
     async def destroy_token(self, token: str, user: KitiumUser) -> None:
@@ -426,3 +437,18 @@ class KitiumSessionStrategy:
         session = await self.storage.validate_session_token(token, consistency="primary")
         if session is not None and session.user_id == user.id:
             await self.storage.delete_session(session.id)
+
+
+def _expiry(epoch: object) -> dt.datetime | None:
+    """fastapi-users' ``expires_at`` (epoch seconds, from the provider's token response) as a
+    UTC datetime, ``None`` for ``None``. Raises ``ValidationError`` naming ``expires_at`` for
+    anything else (a bool, a string, NaN, a time outside what a datetime holds), before anything
+    is written."""
+    if epoch is None:
+        return None
+    if isinstance(epoch, bool) or not isinstance(epoch, int | float) or not math.isfinite(epoch):
+        raise ValidationError("expires_at", "must be epoch seconds: an int or a finite float")
+    try:
+        return dt.datetime.fromtimestamp(epoch, dt.UTC)
+    except (OverflowError, ValueError, OSError):
+        raise ValidationError("expires_at", "is outside the times a datetime holds") from None
