@@ -332,9 +332,12 @@ class Settings:
             raise ValidationError(
                 "application_name", f"must be at most {APPLICATION_NAME_BYTES} bytes in UTF-8"
             )
+        # The checked values are kept, not the caller's: those may be str subclasses that
+        # answer ==, len() or in for other characters than the ones they hold.
+        kw["application_name"] = app_name
         if kw["prepare_threshold"] is not None:
             _validate.integer("prepare_threshold", kw["prepare_threshold"])
-        _sql.check_schema(kw["schema"])
+        kw["schema"] = _sql.check_schema(kw["schema"])
         given = kw.get("optional_migrations", ())
         if isinstance(given, str | bytes) or not isinstance(given, Iterable):
             raise ValidationError("optional_migrations", "must be a list of migration ids")
@@ -345,6 +348,7 @@ class Settings:
             raise ValidationError("optional_migrations", f"must list at most {len(known)} ids")
         if not all(isinstance(o, str) for o in optional):
             raise ValidationError("optional_migrations", "must be a list of migration ids")
+        optional = tuple(_validate.plain(o) for o in optional)
         for name in optional:
             if name not in known:
                 raise ValidationError("optional_migrations", f"unknown optional migration {name!r}")
@@ -515,7 +519,8 @@ def load_migrations(
     """
     folder = folder or _sql.data_dir("migrations")
     paths = sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql"))
-    for name in optional:
+    for given in optional:
+        name = _validate.plain(given)  # a subclass's == could pass any file name
         if name not in optional_migration_ids():
             raise ValidationError(
                 "optional_migrations", f"unknown {name!r} (known: {optional_migration_ids()})"

@@ -29,28 +29,34 @@ T = TypeVar("T")
 DEFAULT_SCHEMA: Final = "kitium_auth"
 _SCHEMA_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _QUALIFIER_RE: Final = re.compile(rf"\b{DEFAULT_SCHEMA}\b")
-# PostgreSQL's keywords that cannot stand bare before the dot of a qualified name
-# (pg_get_keywords() with a catcode other than U, PostgreSQL 15 to 18): with the schema `real` or
-# `user`, `real.users` is a syntax error in the migrations. A test compares this with the server.
-_KEYWORDS: Final = frozenset(
+# PostgreSQL's keywords (pg_get_keywords(), PostgreSQL 15 to 18) that cannot stand bare where
+# the adapter writes a name into SQL text: reserved ones (catcode R) nowhere, so not as the role
+# of `GRANT ... TO role`; column-name and type-or-function ones (C, T) not before the dot of a
+# qualified name either, so not as the schema: `real.users` or `user.users` is a syntax error.
+# A test compares both sets with the server's.
+RESERVED_KEYWORDS: Final = frozenset(
     """
-    all analyse analyze and any array as asc asymmetric authorization between bigint binary
-    bit boolean both case cast char character check coalesce collate collation column
-    concurrently constraint create cross current_catalog current_date current_role
-    current_schema current_time current_timestamp current_user dec decimal default
-    deferrable desc distinct do else end except exists extract false fetch float for foreign
-    freeze from full grant greatest group grouping having ilike in initially inner inout int
-    integer intersect interval into is isnull join json json_array json_arrayagg json_exists
-    json_object json_objectagg json_query json_scalar json_serialize json_table json_value
-    lateral leading least left like limit localtime localtimestamp merge_action national
-    natural nchar none normalize not notnull null nullif numeric offset on only or order out
-    outer overlaps overlay placing position precision primary real references returning
-    right row select session_user setof similar smallint some substring symmetric
-    system_user table tablesample then time timestamp to trailing treat trim true union
-    unique user using values varchar variadic verbose when where window with xmlattributes
-    xmlconcat xmlelement xmlexists xmlforest xmlnamespaces xmlparse xmlpi xmlroot
-    xmlserialize xmltable
-    """.split()  # noqa: SIM905 (as pg_get_keywords() lists them; a literal list is 164 lines)
+    all analyse analyze and any array as asc asymmetric both case cast check collate column
+    constraint create current_catalog current_date current_role current_time
+    current_timestamp current_user default deferrable desc distinct do else end except false
+    fetch for foreign from grant group having in initially intersect into lateral leading
+    limit localtime localtimestamp not null offset on only or order placing primary
+    references returning select session_user some symmetric system_user table then to
+    trailing true union unique user using variadic when where window with
+    """.split()  # noqa: SIM905 (as pg_get_keywords() lists them; literal lists are long)
+)
+_KEYWORDS: Final = RESERVED_KEYWORDS | frozenset(
+    """
+    authorization between bigint binary bit boolean char character coalesce collation
+    concurrently cross current_schema dec decimal exists extract float freeze full greatest
+    grouping ilike inner inout int integer interval is isnull join json json_array
+    json_arrayagg json_exists json_object json_objectagg json_query json_scalar
+    json_serialize json_table json_value least left like merge_action national natural nchar
+    none normalize notnull nullif numeric out outer overlaps overlay position precision real
+    right row setof similar smallint substring tablesample time timestamp treat trim values
+    varchar verbose xmlattributes xmlconcat xmlelement xmlexists xmlforest xmlnamespaces
+    xmlparse xmlpi xmlroot xmlserialize xmltable
+    """.split()  # noqa: SIM905
 )
 
 

@@ -21,6 +21,7 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ._validate import plain
 from .errors import EncryptionKeyError, ValidationError
 
 __all__ = ["ENV_VAR", "Keyring", "generate_key"]
@@ -55,6 +56,7 @@ def _key_id_problem(key_id: object, *, new: bool = False) -> str | None:
     values are stored under it (and a swapped entry fails on its key, which is then no key)."""
     if not isinstance(key_id, str):
         return f"the key id must be a string, not {type(key_id).__name__}"
+    key_id = plain(key_id)  # a subclass may answer len() or set() for other characters
     if not 0 < len(key_id) <= _KEY_ID_MAX:
         return f"the key id must be 1 to {_KEY_ID_MAX} characters long"
     if set(key_id) & set(":,"):
@@ -109,10 +111,11 @@ class Keyring:
         if not isinstance(keys, Mapping) or not keys:
             raise ValidationError("encryption_keys", "must map at least one key id to a key")
         self._keys: dict[str, AESGCM] = {}
-        for entry, (key_id, key) in enumerate(keys.items(), start=1):
-            problem = _key_id_problem(key_id)
+        for entry, (given_id, key) in enumerate(keys.items(), start=1):
+            problem = _key_id_problem(given_id)
             if problem is not None:
                 raise ValidationError("encryption_keys", f"entry {entry}: {problem}")
+            key_id = plain(given_id)  # as _key_id_problem checked it: its characters
             try:
                 key_bytes = _key_bytes(entry, key)
             except ValidationError:

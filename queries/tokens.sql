@@ -12,7 +12,7 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 
 -- name: create_session_unless_deactivated(id, user_id, expires_at, token_hash)^
 -- fastapi-users' login (KitiumSessionStrategy.write_token): insert a bearer-token session only
--- while the user is not deactivated there (metadata fastapi_users.is_active is not false), judged
+-- while the user is active there (metadata fastapi_users.is_active missing or JSON true), judged
 -- on the user row locked FOR SHARE, which conflicts with an UPDATE of it. A deactivation in
 -- flight is waited for and its new row judged; one that comes later waits for this session to
 -- commit, so the delete_user_sessions after it sees the session. No row when refused or the user
@@ -21,7 +21,7 @@ WITH owner AS (
   SELECT u.id
     FROM kitium_auth.users AS u
    WHERE u.id = :user_id
-     AND (u.metadata -> 'fastapi_users' -> 'is_active') IS DISTINCT FROM 'false'::jsonb
+     AND coalesce(u.metadata -> 'fastapi_users' -> 'is_active', 'true'::jsonb) = 'true'::jsonb
      FOR SHARE
 ), inserted AS (
   INSERT INTO kitium_auth.sessions

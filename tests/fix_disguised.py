@@ -1,17 +1,23 @@
-"""A ``str`` subclass that lies about its characters to the checks, not to psycopg."""
+"""``str`` subclasses that lie about their characters to the checks, not to psycopg (which,
+like f-strings and file paths, uses the characters they hold)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class Disguised(str):
-    """A str that answers ``len()``, ``in``, ``encode()``, ``==`` and ``hash()`` as if it
-    held one clean character, whatever it holds (psycopg and f-strings send what it holds)."""
+    """A str that answers ``len()``, ``in``, iteration, ``encode()``, ``==`` and ``hash()`` as
+    if it held one clean character, whatever it holds (psycopg and f-strings send what it holds)."""
 
     def __len__(self) -> int:
         return 1
 
     def __contains__(self, item: object) -> bool:
         return False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter("x")
 
     def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
         return b"x"
@@ -24,3 +30,23 @@ class Disguised(str):
 
     def __hash__(self) -> int:
         return 0
+
+
+class Posing(str):
+    """A str equal (``==``, ``hash()``) to ``poses_as`` as well as to itself."""
+
+    def __new__(cls, value: str, poses_as: str) -> Posing:
+        made = super().__new__(cls, value)
+        made.poses_as = poses_as
+        return made
+
+    poses_as: str
+
+    def __eq__(self, other: object) -> bool:
+        return other == self.poses_as or str.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(self.poses_as)

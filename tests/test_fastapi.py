@@ -5,6 +5,7 @@ driven through httpx's ASGITransport (lifespan entered by hand), every status an
 # some of which name local variables.
 import asyncio
 import datetime as dt
+import json
 import math
 import uuid
 import warnings
@@ -917,6 +918,47 @@ async def test_fastapi_users_a_login_racing_a_deactivation_leaves_no_session(
     await db.delete(active)
     with pytest.raises(HTTPException):
         await strategy.write_token(active)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [True, False, None, 0, 1, "", "false", "yes", [], {}, "missing", "not an object"],
+)
+async def test_fastapi_users_a_login_and_the_user_agree_on_any_stored_flag(
+    async_adapter: AsyncPostgresStorageAdapter,
+    unique: Callable[[str], str],
+    dsn: str,
+    stored: object,
+) -> None:
+    """Found in review: ``is_active`` read with ``bool()`` made ``0`` or ``null`` inactive
+    while the login's statement refused only ``false`` (and ``"false"`` was active to both). A
+    flag is true only as JSON ``true``, or missing and true by default (``is_active``)."""
+    db = KitiumUserDatabase(async_adapter)
+    user = await db.create({"email": f"{unique('flag')}@example.com", "hashed_password": "h"})
+    if stored == "not an object":
+        flags: object = "is_active"
+    elif stored == "missing":
+        flags = {}
+    else:
+        flags = {"is_active": stored, "is_superuser": stored}
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "UPDATE kitium_auth.users SET metadata = jsonb_build_object('fastapi_users', %s::jsonb)"
+            " WHERE id = %s",
+            (json.dumps(flags), user.id),
+        )
+    loaded = await db.get(user.id)
+    assert loaded is not None
+    active = stored is True or stored in ("missing", "not an object")
+    assert loaded.is_active is active
+    assert loaded.is_superuser is (stored is True)
+    strategy = KitiumSessionStrategy(async_adapter)
+    if active:
+        assert await strategy.write_token(loaded)
+    else:
+        with pytest.raises(HTTPException):
+            await strategy.write_token(loaded)
+        assert await async_adapter.list_user_sessions(user.id) == []
 
 
 async def test_fastapi_users_a_taken_email_is_user_already_exists(

@@ -126,7 +126,9 @@ async def test_async_adapter_migrates_a_separate_schema(dsn: str) -> None:
     assert "users" in _tables(dsn, schema)
 
 
-def test_the_schema_keywords_are_the_servers_and_every_other_keyword_works(dsn: str) -> None:
+def test_the_schema_keywords_are_the_servers_and_every_other_keyword_works(
+    dsn: str, sync_adapter: PostgresStorageAdapter
+) -> None:
     """``check_schema`` refuses every keyword this server will not take bare before a dot (so
     a newer server's new keyword fails here first); an unreserved keyword it accepts works as a
     schema for a table, a type in a function's signature and a call."""
@@ -134,6 +136,17 @@ def test_the_schema_keywords_are_the_servers_and_every_other_keyword_works(dsn: 
         keywords = conn.execute("SELECT word, catcode FROM pg_get_keywords()").fetchall()
         refused = {word for word, catcode in keywords if catcode != "U"}
         assert refused and refused <= _sql._KEYWORDS
+        reserved = {word for word, catcode in keywords if catcode == "R"}
+        assert reserved and reserved <= _sql.RESERVED_KEYWORDS
+        # The role of the grants: only reserved words are refused; the grants run for the rest.
+        grants = sync_adapter.app_role_grants  # its schema is migrated
+        for word in sorted(refused):
+            if word in reserved or word == "none":
+                with pytest.raises(ValidationError, match=r"keyword|not an application role"):
+                    grants(word)
+            else:
+                with conn.transaction(force_rollback=True):
+                    conn.execute(f"CREATE ROLE {word}; {grants(word)}".encode())
         for word in sorted(refused):
             with pytest.raises(ValidationError, match="keyword"):
                 _sql.check_schema(word)

@@ -17,11 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kitium_pg import ValidationError, _sql
+from kitium_pg import PostgresStorageAdapter, ValidationError, _sql
 from kitium_pg import _validate as v
+from kitium_pg._base import load_migrations
 from kitium_pg._sync import migrate
+from kitium_pg.encryption import Keyring, generate_key
 
-from .fix_disguised import Disguised
+from .fix_disguised import Disguised, Posing
 
 
 def reference(value: object, depth: int = 0) -> bool:
@@ -316,6 +318,29 @@ def test_a_str_subclass_is_passed_on_as_a_plain_copy() -> None:
     assert type(chosen) is str and chosen == "totp"
     with pytest.raises(ValidationError):
         v.choice("method", Disguised("email"), ["totp", "sms"])
+
+
+def test_an_adapter_keeps_the_checked_copies_of_its_settings() -> None:
+    """Found in review: the settings were checked as plain copies, then the caller's subclass
+    was kept, so it still chose the schema the queries use, which optional migration file
+    runs, the application name sent, and the key id stored beside every secret."""
+    adapter = PostgresStorageAdapter("host=/nonexistent", schema=Posing("tenant_b", "kitium_auth"))
+    assert type(adapter._settings.schema) is str
+    assert "tenant_b.users" in adapter._queries["get_user"].sql
+    with pytest.raises(ValidationError) as refused:
+        PostgresStorageAdapter(
+            "host=/nonexistent", optional_migrations=[Posing("../../../evil", "tenant_rls")]
+        )
+    assert refused.value.field == "optional_migrations"
+    with pytest.raises(ValidationError):
+        load_migrations("kitium_auth", optional=[Posing("../../../evil", "tenant_rls")])
+    with pytest.raises(ValidationError) as refused:
+        PostgresStorageAdapter("host=/nonexistent", application_name=Disguised("n" * 100))
+    assert refused.value.field == "application_name"
+    with pytest.raises(ValidationError, match="entry 1"):
+        Keyring({Disguised("k:" * 60): generate_key()})
+    keyring = Keyring({Posing("k1", "other"): generate_key()})
+    assert type(keyring.current_key_id) is str
 
 
 def _grant_to(role: str) -> str:

@@ -97,7 +97,7 @@ class Core:
             optional_migrations=optional_migrations,
             pgbouncer=pgbouncer,
         )
-        self._queries = _sql.queries(schema)
+        self._queries = _sql.queries(self._settings.schema)
         self._keyring = (
             Keyring(encryption_keys) if encryption_keys is not None else Keyring.from_env()
         )

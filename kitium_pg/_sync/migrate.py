@@ -18,7 +18,7 @@ from collections.abc import Callable
 import psycopg
 import psycopg_pool
 
-from .. import _validate
+from .. import _sql, _validate
 from .._base import Migration, MigrationState, Retry, load_migrations, plan
 from ..errors import (
     KitiumPgError,
@@ -215,6 +215,10 @@ def _role_sql(sql: str, role: str) -> str:
         # GRANT ... TO public grants to every role of the cluster; current_user and friends
         # name whoever runs the grant; pg_* are PostgreSQL's own roles.
         raise ValidationError("role", f"{role!r} is not an application role")
+    if role in _sql.RESERVED_KEYWORDS:
+        raise ValidationError(
+            "role", f"{role!r} is a reserved SQL keyword PostgreSQL will not parse"
+        )
     return re.sub(r"\bkitium_app\b", role, sql)
 
 

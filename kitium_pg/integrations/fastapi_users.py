@@ -97,10 +97,10 @@ __all__ = [
 ]
 
 METADATA_KEY: Final = "fastapi_users"
+"""Key of the user's ``metadata`` object that holds the fastapi-users flags."""
 NO_LIFETIME_DAYS: Final = 3650
 """Validity of a session issued by a strategy without a lifetime (fastapi-users' "never
 expires"): every kitium session has an expiry."""
-"""Key of the user's ``metadata`` object that holds the fastapi-users flags."""
 _FLAGS: Final = ("is_active", "is_superuser")
 _FLAG_DEFAULTS: Final = {"is_active": True, "is_superuser": False}
 _COLUMNS: Final = ("name", "picture", "plan")
@@ -367,9 +367,13 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
 
 
 def _flags(metadata: dict[str, Any]) -> dict[str, bool]:
+    """The flags in ``metadata``: a flag is true only when it is JSON ``true``, or missing and
+    true by default (``is_active``). Anything else written there by another tool (``"no"``,
+    ``1``, ``null``) counts as false: no superuser by accident, and an inactive user, as
+    ``create_session_unless_deactivated`` judges it for a login."""
     stored = metadata.get(METADATA_KEY)
     stored = stored if isinstance(stored, dict) else {}
-    return {k: bool(stored.get(k, default)) for k, default in _FLAG_DEFAULTS.items()}
+    return {k: stored.get(k, default) is True for k, default in _FLAG_DEFAULTS.items()}
 
 
 def _columns(fields: dict[str, Any]) -> dict[str, Any]:
