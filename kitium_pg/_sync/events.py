@@ -74,47 +74,7 @@ class Events(Core):
             raise ValidationError("events", f"must have at most {MAX_BATCH} events per call")
         if not batch:
             return 0
-        parts: list[str] = []  # each event's row, serialised
-        size = 1  # the batch's bytes so far, serialised: "[" and a separator per row
-        for index, event in enumerate(batch):
-            prefix = f"events[{index}]."
-            v.event_keys(f"events[{index}]", event, required=_REQUIRED_KEYS)
-            row = v.event_scalars(
-                prefix,
-                event["type"],
-                event["principal_id"],
-                event.get("org_id"),
-                event.get("timestamp"),
-            )
-            data, exact, least = v.json_object(prefix + "data", event["data"])
-            if size + least > MAX_BATCH_DATA_BYTES:
-                raise _batch_too_large()  # before serialising a row that cannot fit
-            row["id"] = new_id_text()
-            if row["ts"] is not None:
-                row["ts"] = row["ts"].isoformat()
-            if exact:
-                head = v.json_document(row)
-                assert head is not None  # checked strings and None only
-                part = f'{head[0][:-1]},"data":{v.json_text(prefix + "data", data)}}}'
-            else:
-                row["data"] = data
-                document = v.json_document(row)
-                if document is None or document[1] > v.JSON_BYTES:
-                    # The encoder refused something (a lone surrogate, nesting too deep for
-                    # it), or the data may be over the per-event limit: name it, in the copy
-                    # checked above (the caller's mapping may answer a second read with
-                    # another document).
-                    v.json_text(prefix + "data", data)
-                assert document is not None
-                part = document[0]
-            # Counted as serialised, event by event: a batch is refused once its bytes pass
-            # the limit, not after all of it is serialised (short numbers are charged a
-            # byte each by the check, and write up to 24).
-            size += len(part.encode("utf-8")) + 1
-            if size > MAX_BATCH_DATA_BYTES:
-                raise _batch_too_large()
-            parts.append(part)
-        text = f"[{','.join(parts)}]"
+        text = v.event_batch(batch, _REQUIRED_KEYS, new_id_text, MAX_BATCH_DATA_BYTES)
         params = {"batch": text, "count": len(batch)}
         written = int(self._value("emit_events", params, retry=Retry.SAFE))
         if written < len(batch):
@@ -240,9 +200,3 @@ def decode_cursor(cursor: object) -> tuple[dt.datetime, uuid.UUID]:
         return timestamp.astimezone(dt.UTC), event_id
     except (ValueError, OverflowError):
         raise ValidationError("after", "must be the next_cursor of a previous page") from None
-
-
-def _batch_too_large() -> ValidationError:
-    return ValidationError(
-        "events", f"data must serialise to at most {MAX_BATCH_DATA_BYTES} bytes in all"
-    )
