@@ -451,6 +451,23 @@ _ENCODER: Final = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separato
 # json.dumps builds a new encoder on every call made with non-default options (~4 µs).
 
 
+def _one_shot_encoder() -> Callable[[object], str]:
+    """``_ENCODER.encode`` (the same text), without building the C encoder anew on each call,
+    a third of a small document's cost (emit_events encodes a row at a time): the C encoder
+    made once, where the accelerator is there. It keeps no markers for circular references:
+    a checked document is at most ``JSON_DEPTH`` deep, and a cycle ends in RecursionError."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _ENCODER.encode
+    encoder = make(
+        None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+    return lambda value: "".join(encoder(value, 0))
+
+
+_encode: Final = _one_shot_encoder()
+
+
 def _is_object(value: object) -> bool:
     # By type(), as the checks above; a dict skips the ABC check.
     return type(value) is dict or issubclass(type(value), Mapping)
@@ -495,8 +512,8 @@ def json_document(value: object) -> tuple[str, int] | None:
     """``value`` serialised compactly and its size in UTF-8 bytes, or ``None`` when the encoder
     or UTF-8 refuses it (the caller then names the bad field with ``json_text``)."""
     try:
-        dumped = _ENCODER.encode(value)
-        return dumped, len(dumped.encode("utf-8"))
+        dumped = _encode(value)
+        return dumped, _utf8_len(dumped)
     except (ValueError, TypeError, UnicodeEncodeError, RecursionError):
         return None
 
@@ -512,42 +529,13 @@ def event_batch(
     ``ts``, ``data``). Raises ``ValidationError`` naming ``events`` once the array passes
     ``max_bytes``.
 
-    Rows are serialised in groups, one encoder call each (a call per row costs a few µs of
-    encoder set-up), a group closing before its rows' lower bounds of size (``json_object``)
-    pass ``_GROUP_BYTES``. A group is counted as serialised, so a batch is refused once its
-    bytes pass the limit, at most a group past it (short numbers are charged a byte each by
-    the check, and write up to 24: 1.5 MB), not after all of it is serialised. A group over
-    ``JSON_BYTES`` is serialised again row by row, to find and name a row whose data is over
-    that limit."""
-    parts: list[str] = []  # serialised rows and groups of rows, in the batch's order
-    size = 1  # the array's bytes so far: "[" and a separator per part
-    group: list[tuple[str, dict[str, Any], Mapping[str, Any]]] = []  # prefix, row, data
-    group_least = 0
-
-    def close_group() -> None:
-        nonlocal size, group_least
-        if not group:
-            return
-        document = json_document([row for _, row, _ in group])
-        if document is not None and document[1] <= JSON_BYTES:
-            parts.append(document[0][1:-1])
-            size += document[1] - 1  # without its brackets, with a separator
-        else:
-            for prefix, row, data in group:
-                one = json_document(row)
-                if one is None or one[1] > JSON_BYTES:
-                    # The encoder refused something (a lone surrogate, nesting too deep for
-                    # it), or the data may be over the per-event limit: name it, in the copy
-                    # checked (the caller's mapping may answer a second read with another).
-                    json_text(prefix + "data", data)
-                assert one is not None
-                parts.append(one[0])
-                size += one[1] + 1
-        group.clear()
-        group_least = 0
-        if size > max_bytes:
-            raise _batch_too_large(max_bytes)
-
+    Each row is serialised right after its check, before any other event is read: reading the
+    next one may run the caller's code (a mapping's ``items()``, an int subclass's comparison),
+    which could change data already checked. The array is counted as it grows, so a batch is
+    refused within a row of its limit (short numbers are charged a byte each by the check, and
+    write up to 24), not after all of it is serialised."""
+    parts: list[str] = []
+    size = 1  # the array's bytes so far: "[" and a separator per row
     for index, event in enumerate(batch):
         prefix = f"events[{index}]."
         event_keys(f"events[{index}]", event, required=required)
@@ -560,37 +548,40 @@ def event_batch(
             fields.get("timestamp"),
         )
         data, exact, least = json_object(prefix + "data", fields["data"])
-        if size + group_least + least > max_bytes:
+        if size + least > max_bytes:
             raise _batch_too_large(max_bytes)  # before serialising a row that cannot fit
         row["id"] = new_id_text()
         if row["ts"] is not None:
             row["ts"] = row["ts"].isoformat()
         if exact:
-            close_group()  # the batch's order is kept
             head = json_document(row)
             assert head is not None  # checked strings and None only
             part = f'{head[0][:-1]},"data":{json_text(prefix + "data", data)}}}'
-            parts.append(part)
-            size += len(part.encode("utf-8")) + 1
-            if size > max_bytes:
-                raise _batch_too_large(max_bytes)
-            continue
-        if group_least + least > _GROUP_BYTES:
-            close_group()
-        row["data"] = data
-        group.append((prefix, row, data))
-        group_least += least
-    close_group()
+            size += _utf8_len(part) + 1
+        else:
+            row["data"] = data
+            document = json_document(row)
+            if document is None or document[1] > JSON_BYTES:
+                # The encoder refused something (a lone surrogate, nesting too deep for it), or
+                # the data may be over the per-event limit: name it, in the copy checked above
+                # (the caller's mapping may answer a second read with another document).
+                json_text(prefix + "data", data)
+            assert document is not None
+            part, row_size = document
+            size += row_size + 1
+        if size > max_bytes:
+            raise _batch_too_large(max_bytes)
+        parts.append(part)
     return f"[{','.join(parts)}]"
-
-
-# A group of event rows serialised by one encoder call (event_batch): some 600 events of the
-# usual size (a call each would cost 3 µs an event), at most 1.5 MB written past a batch's limit.
-_GROUP_BYTES: Final = 65_536
 
 
 def _batch_too_large(max_bytes: int) -> ValidationError:
     return ValidationError("events", f"data must serialise to at most {max_bytes} bytes in all")
+
+
+def _utf8_len(text: str) -> int:
+    # isascii() is a flag of the string in CPython, not a scan: most JSON needs no encoding.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 EVENT_KEYS: Final = frozenset({"type", "principal_id", "data", "org_id", "timestamp"})

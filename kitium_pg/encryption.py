@@ -111,11 +111,19 @@ class Keyring:
         if not isinstance(keys, Mapping) or not keys:
             raise ValidationError("encryption_keys", "must map at least one key id to a key")
         self._keys: dict[str, AESGCM] = {}
+        entries: dict[str, int] = {}
         for entry, (given_id, key) in enumerate(keys.items(), start=1):
             problem = _key_id_problem(given_id)
             if problem is not None:
                 raise ValidationError("encryption_keys", f"entry {entry}: {problem}")
             key_id = plain(given_id)  # as _key_id_problem checked it: its characters
+            if key_id in entries:
+                # Two entries one id (a mapping whose items() repeat it, or a str subclass
+                # equal to no other id): one key would replace the other and strand its values.
+                raise ValidationError(
+                    "encryption_keys", f"entries {entries[key_id]} and {entry} have the same key id"
+                )
+            entries[key_id] = entry
             try:
                 key_bytes = _key_bytes(entry, key)
             except ValidationError:

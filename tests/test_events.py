@@ -456,25 +456,6 @@ async def test_emit_events_refuses_a_batch_over_its_data_limit_before_encoding_i
     assert (await storage.list_events(principal_id=principal)).events == ()
 
 
-async def test_emit_events_serialises_a_batch_of_usual_events_in_a_few_encoder_calls(
-    storage: Any, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Serialised event by event (stop 18), a batch of 1,000 cost an encoder call each, 3 µs
-    an event of set-up, and emit_events went from 1.14 to 1.30 times raw psycopg in the
-    benchmark. Rows go to the encoder in groups of up to 64 KB of lower bounds."""
-    principal = unique("p")
-    encoded = _count_encoded(monkeypatch, adapter_module(storage, "events"))
-    data = {"ip": "203.0.113.7", "agent": "Mozilla/5.0 (X11; Linux x86_64)", "method": "pw"}
-    batch = [
-        {"type": "t", "principal_id": principal, "data": {**data, "n": n}} for n in range(1000)
-    ]
-    assert await storage.emit_events(batch) == 1000
-    assert 1 <= len(encoded) <= 3
-    monkeypatch.undo()
-    stored = (await storage.list_events(principal_id=principal, limit=1000)).events
-    assert sorted(e.data["n"] for e in stored) == list(range(1000))
-
-
 def _count_encoded(monkeypatch: pytest.MonkeyPatch, events_module: Any) -> list[int]:
     """The sizes of what emit_events serialises, as it goes."""
     sizes: list[int] = []

@@ -343,6 +343,71 @@ def test_an_adapter_keeps_the_checked_copies_of_its_settings() -> None:
     assert type(keyring.current_key_id) is str
 
 
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300)
+@given(_JSON_VALUES)
+def test_the_one_shot_encoder_writes_what_the_json_encoder_writes(value: object) -> None:
+    """emit_events encodes a row at a time with an encoder made once (``v._encode``): the
+    text must be ``JSONEncoder.encode``'s, which the rest of the checks reason about."""
+    assert v._encode(value) == v._ENCODER.encode(value)
+
+
+@pytest.mark.parametrize("value", [math.nan, [math.inf], {"a": object()}])
+def test_the_one_shot_encoder_refuses_what_the_json_encoder_refuses(value: object) -> None:
+    for encode in (v._encode, v._ENCODER.encode):
+        with pytest.raises((ValueError, TypeError)):
+            encode(value)
+    assert v.json_document(value) is None
+    assert v._encode([1, "é"]) == '[1,"é"]'  # the encoder is reusable after a refusal
+
+
+def test_the_grants_name_a_schema_called_like_the_role_placeholder() -> None:
+    """Found in review: the role replaced every ``kitium_app`` of the grants, the schema's
+    name too when the schema is called that, so the role got nothing on its schema."""
+    grants = PostgresStorageAdapter("host=/nonexistent", schema="kitium_app").app_role_grants
+    text = grants("app_user")
+    assert "GRANT USAGE ON SCHEMA kitium_app TO app_user;" in text
+    assert "kitium_app.users" in text and "app_user." not in text
+
+
+class _Repeating(Mapping[str, str]):
+    """A mapping whose items() name one key id twice."""
+
+    def __init__(self, *items: tuple[str, str]) -> None:
+        self._items = items
+
+    def __getitem__(self, key: str) -> str:
+        return dict(self._items)[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def test_a_keyring_refuses_two_keys_under_one_id() -> None:
+    """Found in review: the second key silently replaced the first, whose values could then
+    no longer be read; the environment's form already refused it."""
+    first, second = generate_key(), generate_key()
+    for keys in (
+        _Repeating(("k1", first), ("k1", second)),
+        {Posing("k1", "other"): first, "k1": second},
+    ):
+        with pytest.raises(ValidationError, match="entries 1 and 2 have the same key id"):
+            Keyring(keys)
+
+
 def _grant_to(role: str) -> str:
     return migrate._role_sql("GRANT USAGE ON SCHEMA kitium_auth TO kitium_app", role)
 

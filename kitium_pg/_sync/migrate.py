@@ -219,7 +219,8 @@ def _role_sql(sql: str, role: str) -> str:
         raise ValidationError(
             "role", f"{role!r} is a reserved SQL keyword PostgreSQL will not parse"
         )
-    return re.sub(r"\bkitium_app\b", role, sql)
+    # Only where the role stands (`TO kitium_app;`): a schema may be named kitium_app too.
+    return re.sub(r"\bTO kitium_app;", lambda _: f"TO {role};", sql)
 
 
 _ROLE_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
