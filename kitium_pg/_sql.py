@@ -22,6 +22,7 @@ import aiosql
 import attrs
 from psycopg import AsyncCursor, Cursor
 
+from ._validate import plain
 from .errors import ValidationError
 
 T = TypeVar("T")
@@ -104,7 +105,7 @@ def check_schema(schema: str) -> str:
     into SQL text unquoted); else ``ValidationError`` naming ``schema``."""
     if not isinstance(schema, str) or not _SCHEMA_RE.fullmatch(schema):
         raise ValidationError("schema", "must match [a-z_][a-z0-9_]* (at most 63 characters)")
-    schema = str.__getitem__(schema, slice(None))  # a plain copy: a subclass may fake ==
+    schema = plain(schema)  # a subclass may answer == or hash() for another name
     if schema == "information_schema" or schema.startswith("pg_"):
         # PostgreSQL's own schemas: pg_* cannot be created, and pg_dump leaves
         # information_schema out, so the auth data would be missing from every backup.

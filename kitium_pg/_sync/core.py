@@ -392,10 +392,12 @@ class Core:
             if reason is None:
                 # Up again while the pool waits out its back-off between attempts.
                 reason = "the database answers again, the pool has not reconnected yet"
-            failure = UnavailableError(
-                f"cannot connect to {self._dsn_display}: {reason or type(exc).__name__}"
+            failure = chained(
+                UnavailableError(
+                    f"cannot connect to {self._dsn_display}: {reason or type(exc).__name__}"
+                ),
+                exc,
             )
-            failure = chained(failure, exc)
         else:
             return
         raise failure  # here, not in the except block: see errors.chained
