@@ -1012,6 +1012,14 @@ def cursor_arg() -> P:
     )
 
 
+def _role_tag(name: str) -> str:
+    """A well-formed role name is certainly usable when it holds a digit (no SQL keyword does,
+    nor ``public`` and the like) and is not one of PostgreSQL's own (``pg_``); else MAYBE."""
+    if name.startswith("pg_"):
+        return BAD
+    return CLEAN if any(c.isdigit() for c in name) else MAYBE
+
+
 def role_name_arg(*, exists: bool) -> P:
     """Role names: the current user (exists), well-formed names (only when ``exists`` is
     False: a GRANT to a missing role is a separate test) and malformed ones."""
@@ -1020,7 +1028,8 @@ def role_name_arg(*, exists: bool) -> P:
     return P(
         st.one_of(
             st.just(Arg(Ref("current_user"), CLEAN)),
-            good.map(lambda v: Arg(v, CLEAN)) if not exists else st.nothing(),
+            good.map(lambda v: Arg(v, _role_tag(v))) if not exists else st.nothing(),
+            st.sampled_from(["as", "user", "select", "public"]).map(lambda v: Arg(v, MAYBE)),
         ),
         st.one_of(malformed, st.sampled_from(["Admin", "1role", "r" * 64, "a-b"])).map(
             lambda v: Arg(v, BAD)
