@@ -630,62 +630,44 @@ async def test_a_claim_that_waited_on_the_row_still_holds_its_whole_lease(
     assert await storage.claim_oauth_refresh(user.id, "google") is None
 
 
-async def test_a_retried_refresh_keeps_a_lease_taken_after_its_first_attempt(
+@pytest.mark.parametrize("method", ["update_oauth_tokens", "link_oauth_account"])
+async def test_a_retried_token_write_keeps_a_lease_taken_after_its_first_attempt(
     storage: Any,
     email: str,
     unique: Callable[[str], str],
     dsn: str,
     monkeypatch: pytest.MonkeyPatch,
+    method: str,
 ) -> None:
-    """Found in review: the adapter's retry of update_oauth_tokens after a lost acknowledgement
+    """Found in review: the adapter's retry of a token write after a lost acknowledgement
     (played here by the same call again, with the version its first attempt drew) ended the
-    lease another worker had taken since, letting a third worker refresh beside it."""
+    lease another worker had taken since, letting a third worker refresh beside it
+    (update_oauth_tokens, then link_oauth_account with tokens)."""
     user = await _linked_with_tokens(storage, email, unique)
-    read = await storage.get_oauth_tokens(user.id, "google")
-    monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 4242)
-    call: dict[str, Any] = {
-        "access_token": "a-2",
-        "refresh_token": "r-2",
-        "if_version": read.version,
-    }
-    stored = await storage.update_oauth_tokens(user.id, "google", **call)
-    assert stored is not None and stored.version == 4242
-    monkeypatch.undo()
-    assert await storage.claim_oauth_refresh(user.id, "google") == stored  # another worker
-    held = _lease(dsn, user.id)
-    monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 4242)
-    assert await storage.update_oauth_tokens(user.id, "google", **call) == stored
-    assert _lease(dsn, user.id) == held
-    monkeypatch.undo()
-    assert await storage.claim_oauth_refresh(user.id, "google") is None
+    call: dict[str, Any] = {"access_token": "a-2", "refresh_token": "r-2"}
+    if method == "update_oauth_tokens":
+        call["if_version"] = (await storage.get_oauth_tokens(user.id, "google")).version
+    else:
+        call["sub"] = (await storage.get_user(user.id)).oauth["google"].sub
+    write = getattr(storage, method)
 
+    async def first_attempt() -> Any:
+        """The write with the version its first attempt drew, as the adapter's retry sends it."""
+        monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 4242)
+        try:
+            return await write(user.id, "google", **call)
+        finally:
+            monkeypatch.undo()
 
-async def test_a_retried_link_keeps_a_lease_taken_after_its_first_attempt(
-    storage: Any,
-    email: str,
-    unique: Callable[[str], str],
-    dsn: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """As for update_oauth_tokens: the retry of a re-link with tokens after a lost
-    acknowledgement (the same call again, with the version its first attempt drew) must not
-    end the lease another worker took in between."""
-    user = await _linked_with_tokens(storage, email, unique)
-    sub = (await storage.get_user(user.id)).oauth["google"].sub
-    monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 4343)
-    call: dict[str, Any] = {"sub": sub, "access_token": "a-3", "refresh_token": "r-3"}
-    await storage.link_oauth_account(user.id, "google", **call)
-    monkeypatch.undo()
+    first = await first_attempt()
     claimed = await storage.claim_oauth_refresh(user.id, "google")  # another worker
-    assert claimed is not None and claimed.version == 4343
+    assert claimed is not None and claimed.version == 4242
     held = _lease(dsn, user.id)
-    monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 4343)
-    await storage.link_oauth_account(user.id, "google", **call)
+    assert await first_attempt() == first
     assert _lease(dsn, user.id) == held
-    monkeypatch.undo()
     assert await storage.claim_oauth_refresh(user.id, "google") is None
-    # A new link write (its own version) still ends the lease.
-    await storage.link_oauth_account(user.id, "google", **call)
+    # A new write (its own version) still ends the lease.
+    await write(user.id, "google", **{k: v for k, v in call.items() if k != "if_version"})
     assert _lease(dsn, user.id) == (None, None)
 
 
