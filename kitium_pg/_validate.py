@@ -518,12 +518,7 @@ def json_document(value: object) -> tuple[str, int] | None:
         return None
 
 
-def event_batch(
-    batch: Sequence[object],
-    required: Iterable[str],
-    new_id_text: Callable[[], str],
-    max_bytes: int,
-) -> str:
+def event_batch(batch: Sequence[object], new_id_text: Callable[[], str], max_bytes: int) -> str:
     """The events of ``batch`` checked (errors name ``events[i].field``) and serialised as one
     JSON array of rows (``id`` from ``new_id_text``, ``type``, ``principal_id``, ``org_id``,
     ``ts``, ``data``). Raises ``ValidationError`` naming ``events`` once the array passes
@@ -538,7 +533,7 @@ def event_batch(
     size = 1  # the array's bytes so far: "[" and a separator per row
     for index, event in enumerate(batch):
         prefix = f"events[{index}]."
-        event_keys(f"events[{index}]", event, required=required)
+        event_keys(f"events[{index}]", event, required=_BATCH_REQUIRED)
         fields = cast(Mapping[str, Any], event)
         row = event_scalars(
             prefix,
@@ -573,6 +568,9 @@ def event_batch(
             raise _batch_too_large(max_bytes)
         parts.append(part)
     return f"[{','.join(parts)}]"
+
+
+_BATCH_REQUIRED: Final = ("type", "principal_id", "data")
 
 
 def _batch_too_large(max_bytes: int) -> ValidationError:

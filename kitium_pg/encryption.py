@@ -56,7 +56,6 @@ def _key_id_problem(key_id: object, *, new: bool = False) -> str | None:
     values are stored under it (and a swapped entry fails on its key, which is then no key)."""
     if not isinstance(key_id, str):
         return f"the key id must be a string, not {type(key_id).__name__}"
-    key_id = plain(key_id)  # a subclass may answer len() or set() for other characters
     if not 0 < len(key_id) <= _KEY_ID_MAX:
         return f"the key id must be 1 to {_KEY_ID_MAX} characters long"
     if set(key_id) & set(":,"):
@@ -113,10 +112,11 @@ class Keyring:
         self._keys: dict[str, AESGCM] = {}
         entries: dict[str, int] = {}
         for entry, (given_id, key) in enumerate(keys.items(), start=1):
-            problem = _key_id_problem(given_id)
+            # Checked and kept as its characters: a subclass may answer len() or set() for others.
+            key_id = plain(given_id) if isinstance(given_id, str) else given_id
+            problem = _key_id_problem(key_id)
             if problem is not None:
                 raise ValidationError("encryption_keys", f"entry {entry}: {problem}")
-            key_id = plain(given_id)  # as _key_id_problem checked it: its characters
             if key_id in entries:
                 # Two entries one id (a mapping whose items() repeat it, or a str subclass
                 # equal to no other id): one key would replace the other and strand its values.

@@ -27,7 +27,6 @@ statement."""
 PRUNE_BATCH: Final = 1000
 """Default number of rows ``prune_events`` deletes per statement."""
 
-_REQUIRED_KEYS: Final = ("type", "principal_id", "data")
 _CURSOR_MAX_LEN: Final = 200
 
 
@@ -74,7 +73,7 @@ class Events(Core):
             raise ValidationError("events", f"must have at most {MAX_BATCH} events per call")
         if not batch:
             return 0
-        text = v.event_batch(batch, _REQUIRED_KEYS, new_id_text, MAX_BATCH_DATA_BYTES)
+        text = v.event_batch(batch, new_id_text, MAX_BATCH_DATA_BYTES)
         params = {"batch": text, "count": len(batch)}
         written = int(self._value("emit_events", params, retry=Retry.SAFE))
         if written < len(batch):
