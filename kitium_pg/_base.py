@@ -7,6 +7,7 @@ generated from it by ``tools/unasync.py``).
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import hashlib
 import itertools
@@ -83,6 +84,12 @@ class Retry(enum.Enum):
 MAX_PAGE: Final = 1000
 """Largest ``limit`` of a paged listing (``list_events``, ``list_organization_members``,
 ``get_role_users``)."""
+
+REUSE_GRACE: Final = dt.timedelta(seconds=10)
+"""How long after a rotation the token it replaced may be presented again without ending the
+session (``rotate_session_token(reuse_grace=)``): Supabase Auth's default reuse interval."""
+# A longer grace would leave reuse detection next to nothing to detect.
+MAX_REUSE_GRACE: Final = dt.timedelta(days=1)
 
 
 def page_size(limit: object) -> int | None:

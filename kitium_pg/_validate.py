@@ -200,6 +200,20 @@ def opt_timestamp(field: str, value: object) -> dt.datetime | None:
     return None if value is None else timestamp(field, value)
 
 
+def opt_duration(field: str, value: object, *, maximum: dt.timedelta) -> dt.timedelta | None:
+    """A ``timedelta`` from zero to ``maximum``, or ``None``. A subclass is checked and passed
+    on as a plain copy made from its stored fields (its own ``days`` or comparisons may say
+    otherwise than what psycopg sends; ``timedelta.__pos__`` reads the fields in C)."""
+    if value is None:
+        return None
+    if not isinstance(value, dt.timedelta):
+        raise ValidationError(field, f"must be a timedelta or None, not {type(value).__name__}")
+    plain_value = dt.timedelta.__pos__(value)
+    if not dt.timedelta(0) <= plain_value <= maximum:
+        raise ValidationError(field, f"must be from 0 to {maximum}")
+    return plain_value
+
+
 def uuid_arg(field: str, value: object) -> uuid.UUID:
     """A UUID (or its string form) for a write; anything else is a ``ValidationError``."""
     parsed = parse_uuid(value)

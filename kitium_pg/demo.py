@@ -439,7 +439,8 @@ def _tour(
     )
     _check(written == 2, "two events written by emit_events")
     page = storage.list_events(principal_id=principal)
-    _check(len(page.events) == 4, f"four events for the principal (got {len(page.events)})")
+    # Four written here and before, and the session.token_reused the adapter wrote itself.
+    _check(len(page.events) == 5, f"five events for the principal (got {len(page.events)})")
     _section(
         console,
         "Events",
@@ -471,8 +472,19 @@ def _session_tokens(
     _check(rotated.session.id == issued.session.id, "the rotation to keep the session")
     _check(storage.validate_session_token(issued.token) is None, "a rotated-out token refused")
     _check(storage.validate_session_token(rotated.token) == rotated.session, "the new token")
-    _check(storage.delete_session(issued.session.id), "the session to be deleted")
-    _check(storage.validate_session_token(rotated.token) is None, "a revoked token to be refused")
+    # The grace covers a client that lost the answer to its own rotation; none here, so the
+    # rotated-out token coming back is a reuse at once.
+    reused = storage.rotate_session_token(issued.token, reuse_grace=dt.timedelta(0))
+    _check(reused is None, "a reused token to get no new one")
+    _check(storage.validate_session_token(rotated.token) is None, "reuse to end the session")
+    page = storage.list_events(principal_id=user_id, type="session.token_reused")
+    _check(
+        [e.data["session_id"] for e in page.events] == [str(issued.session.id)],
+        "the reuse to be recorded",
+    )
+    again = storage.issue_session_token(user_id=user_id, expires_at=now + dt.timedelta(hours=1))
+    _check(storage.delete_session(again.session.id), "the session to be deleted")
+    _check(storage.validate_session_token(again.token) is None, "a revoked token to be refused")
     _section(
         console,
         "Session tokens",
@@ -489,8 +501,14 @@ def _session_tokens(
                 f"same session, new token {session_id}.{_masked(rotated.token.partition('.')[2])}",
             ),
             ("validate_session_token(old token)", "None: a rotated-out token is refused"),
-            ("delete_session(session)  # revoke", "deleted"),
-            ("validate_session_token(token)", "None: a revoked token is refused"),
+            (
+                "rotate_session_token(old token, reuse_grace=0)  # it came back: stolen?",
+                "None: the session is ended for both holders, and an auth event"
+                " session.token_reused records it",
+            ),
+            ("validate_session_token(new token)", "None"),
+            ("delete_session(another session)  # revoke", "deleted"),
+            ("validate_session_token(its token)", "None: a revoked token is refused"),
         ],
     )
 

@@ -39,21 +39,52 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
  WHERE id = :id
  LIMIT 1;
 
--- name: rotate_session_token(id, presented_hash, token_hash, set_expires_at, expires_at)^
+-- name: rotate_session_token(id, presented_hash, token_hash, set_expires_at, expires_at, reuse_grace, event_id)^
 -- Give one unexpired session a new token digest, and a new expires_at when set_expires_at, if
 -- its digest is the presented token's, or already the new one (a retry after a lost
--- acknowledgement finds its own write); no row when the session is unknown, expired, tokenless
--- or was rotated by another call first (that call's digest matches neither), and none when the
--- new expires_at has passed (the new token would never validate: the presented one stays).
-UPDATE kitium_auth.sessions AS s
-   SET token_hash = :token_hash,
-       expires_at = CASE WHEN :set_expires_at THEN :expires_at ELSE s.expires_at END
- WHERE s.id = :id
-   AND s.token_hash IN (:presented_hash, :token_hash)
-   AND s.expires_at > statement_timestamp()
-   AND (NOT :set_expires_at OR :expires_at > statement_timestamp())
-RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
-          s.created_at, s.updated_at;
+-- acknowledgement finds its own write); the digest replaced is kept with the time (0028). No
+-- row when the session is unknown, expired, tokenless or was rotated by another call first
+-- (that call's digest matches neither), and none when the new expires_at has passed (the new
+-- token would never validate: the presented one stays). reused is false on a rotated row.
+-- The token rotated out last, presented more than reuse_grace after its rotation (NULL: never),
+-- ends the session and writes a session.token_reused event (id event_id), both here: a row
+-- with reused true says so. Within reuse_grace it gets no row and changes nothing.
+WITH ended AS (
+  DELETE FROM kitium_auth.sessions AS s
+   WHERE s.id = :id
+     AND s.previous_token_hash = :presented_hash
+     AND s.token_hash <> :token_hash
+     AND s.token_rotated_at <= statement_timestamp() - CAST(:reuse_grace AS interval)
+  RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
+            s.created_at, s.updated_at, s.token_rotated_at
+), reported AS (
+  INSERT INTO kitium_auth.auth_events (id, type, principal_id, org_id, data, "timestamp")
+  SELECT :event_id, 'session.token_reused', ended.user_id::text, ended.org_id::text,
+         jsonb_build_object('session_id', ended.id, 'rotated_at', ended.token_rotated_at),
+         statement_timestamp()
+    FROM ended
+), rotated AS (
+  UPDATE kitium_auth.sessions AS s
+     SET token_hash = :token_hash,
+         previous_token_hash = CASE WHEN s.token_hash = :token_hash THEN s.previous_token_hash
+                                    ELSE s.token_hash END,
+         token_rotated_at = CASE WHEN s.token_hash = :token_hash THEN s.token_rotated_at
+                                 ELSE statement_timestamp() END,
+         expires_at = CASE WHEN :set_expires_at THEN :expires_at ELSE s.expires_at END
+   WHERE s.id = :id
+     AND s.token_hash IN (:presented_hash, :token_hash)
+     AND s.expires_at > statement_timestamp()
+     AND (NOT :set_expires_at OR :expires_at > statement_timestamp())
+  RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
+            s.created_at, s.updated_at
+)
+SELECT false AS reused, id, user_id, org_id, plan, entitlements, metadata, expires_at,
+       created_at, updated_at
+  FROM rotated
+UNION ALL
+SELECT true, id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at,
+       updated_at
+  FROM ended;
 
 -- name: verify_api_key(hash)^
 -- The unexpired key with this digest; stamps last_used_at when it is over a minute old, so a busy

@@ -447,6 +447,30 @@ def time_arg(*, optional: bool = False) -> P:
     )
 
 
+def classify_grace(value: object) -> str:
+    if value is None:
+        return CLEAN
+    if not isinstance(value, dt.timedelta):
+        return BAD
+    return CLEAN if dt.timedelta(0) <= value <= dt.timedelta(days=1) else BAD
+
+
+def grace_arg() -> P:
+    """``rotate_session_token(reuse_grace=)``: ``None`` or a duration from 0 to a day."""
+    day = dt.timedelta(days=1)
+    return tagged(
+        classify_grace,
+        st.one_of(st.none(), st.timedeltas(dt.timedelta(0), day), st.sampled_from([day])),
+        st.one_of(
+            st.timedeltas(),
+            st.sampled_from([day + dt.timedelta(microseconds=1), -dt.timedelta.resolution]),
+            st.integers(),
+            st.floats(),
+            st.sampled_from(["10s", True]),
+        ),
+    )
+
+
 json_leaf = st.one_of(
     st.none(),
     st.booleans(),
@@ -1850,6 +1874,7 @@ def _spec_table() -> dict[str, Spec]:
                     200, good=st.sampled_from([Ref("fresh_token"), f"{uuid.uuid4()}.secret"])
                 ),
                 "expires_at": time_arg(),
+                "reuse_grace": grace_arg(),
             },
             lenient=True,
             writes=True,

@@ -31,7 +31,7 @@ USERS_INSERT = "INSERT INTO kitium_auth.users"
 EVENT_INSERT = "INSERT INTO kitium_auth.auth_events (id"
 EVENTS_INSERT = "INSERT INTO kitium_auth.auth_events AS e"
 SESSION_INSERT = "INSERT INTO kitium_auth.sessions"
-SESSION_ROTATE = "UPDATE kitium_auth.sessions AS s\n   SET token_hash"
+SESSION_ROTATE = "'session.token_reused'"
 TOKEN_CONSUME = "UPDATE kitium_auth.email_verification_tokens AS t"
 ATTEMPTS_INSERT = "INSERT INTO kitium_auth.email_verification_token_attempts"
 MEMBER_ADD = "kitium_auth.add_organization_member("
@@ -199,15 +199,17 @@ async def test_a_sign_in_after_a_lost_ack_writes_one_session_and_one_event(
     assert await via_proxy.validate_session_token(issued.token) == issued.session
 
 
+@pytest.mark.parametrize("grace", [dt.timedelta(seconds=10), dt.timedelta(0)], ids=str)
 async def test_rotate_session_token_after_a_lost_ack_gives_the_new_token(
-    via_proxy: Any, proxy: CuttingProxy, dsn: str
+    via_proxy: Any, proxy: CuttingProxy, dsn: str, grace: dt.timedelta
 ) -> None:
     """The retry finds the session already holding the new digest and returns it: the token
-    the caller gets is the one stored, and the old one is dead."""
+    the caller gets is the one stored, and the old one is dead. The retry presents the token
+    its own first attempt rotated out: even with no grace at all, that is not a reuse."""
     user = await via_proxy.create_user()
     issued = await via_proxy.issue_session_token(user_id=user.id, expires_at=in_an_hour())
     lost = LostAck(proxy, SESSION_ROTATE)
-    rotated = await via_proxy.rotate_session_token(issued.token)
+    rotated = await via_proxy.rotate_session_token(issued.token, reuse_grace=grace)
     lost.check(sent=2)
     assert rotated is not None and rotated.session.id == issued.session.id
     assert await via_proxy.validate_session_token(rotated.token) == rotated.session

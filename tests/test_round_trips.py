@@ -271,6 +271,18 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
             "rotate_session_token",
             lambda: s.rotate_session_token(ctx["issue_session_token[event]"].token),
         ),
+        (
+            "rotate_session_token[reused]",
+            lambda: s.rotate_session_token(
+                ctx["issue_session_token[event]"].token, reuse_grace=dt.timedelta(0)
+            ),
+        ),
+        (
+            "get_session[reused]",
+            lambda: s.get_session(
+                ctx["issue_session_token[event]"].session.id, consistency="primary"
+            ),
+        ),
         # API keys
         (
             "create_api_key",
@@ -568,6 +580,8 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     assert ctx["mark_user_email_verified"].email_verified_at is not None
     assert ctx["validate_session_token"] == ctx["issue_session_token"].session
     assert ctx["rotate_session_token"].session.id == ctx["issue_session_token[event]"].session.id
+    assert ctx["rotate_session_token[reused]"] is None  # and the session ended:
+    assert ctx["get_session[reused]"] is None
     assert ctx["create_session[event]"].user_id == ctx["issue_session_token[event]"].session.user_id
     assert ctx["verify_api_key"].id == ctx["issue_api_key"].record.id
     assert ctx["get_email_verification_token_attempts"] == 1

@@ -52,6 +52,7 @@ LOCAL_NAMES = {
     "applying",
     "parents",
     "ended",
+    "rotated",
     "owner",
     "member",
 }

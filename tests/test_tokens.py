@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 from typing import Any
 
 import psycopg
@@ -166,6 +167,137 @@ async def test_concurrent_rotations_of_one_token_give_one_new_token(
     assert len(winners) == 1 and results.count(None) == 5, results
     assert await storage.validate_session_token(winners[0].token) == winners[0].session
     assert await storage.validate_session_token(issued.token) is None
+
+
+def _rotated_ago(dsn: str, session_id: Any, seconds: float) -> None:
+    """Move the session's last rotation ``seconds`` into the past, as if time had passed."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE kitium_auth.sessions SET token_rotated_at = token_rotated_at - %s"
+            " WHERE id = %s",
+            [dt.timedelta(seconds=seconds), session_id],
+        )
+
+
+async def _reuse_events(storage: Any, user_id: Any) -> list[Any]:
+    page = await storage.list_events(principal_id=user_id, type="session.token_reused")
+    return list(page.events)
+
+
+async def test_a_rotated_out_token_presented_after_the_grace_ends_the_session(
+    storage: Any, email: str, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Within the grace the old token only gets None; after it, the session ends for both
+    holders and a session.token_reused event records it. The log names the session, never the
+    token."""
+    user = await storage.create_user(email=email)
+    org = await storage.create_organization(name="Acme", plan="free")
+    await storage.add_organization_member(org.id, user.id)
+    issued = await storage.issue_session_token(user_id=user.id, org_id=org.id, expires_at=_in(1))
+    rotated = await storage.rotate_session_token(issued.token)
+    assert rotated is not None
+    assert await storage.rotate_session_token(issued.token) is None  # within the 10 s grace
+    assert await storage.validate_session_token(rotated.token, consistency="primary") is not None
+    assert await _reuse_events(storage, user.id) == []
+    _rotated_ago(dsn, issued.session.id, 11)
+    with caplog.at_level(logging.WARNING, logger="kitium_pg"):
+        assert await storage.rotate_session_token(issued.token) is None
+    assert await storage.validate_session_token(rotated.token, consistency="primary") is None
+    assert await storage.get_session(issued.session.id) is None
+    [event] = await _reuse_events(storage, user.id)
+    assert event.org_id == str(org.id) and event.data["session_id"] == str(issued.session.id)
+    assert dt.datetime.fromisoformat(event.data["rotated_at"]) < event.timestamp
+    [warning] = [
+        r for r in caplog.records if r.name == "kitium_pg" and r.levelno >= logging.WARNING
+    ]
+    message = warning.getMessage()
+    assert str(issued.session.id) in message and "ended" in message
+    for token in (issued.token, rotated.token):
+        assert token.split(".")[1] not in message
+    # Ended: the token is unknown now, and nothing more is recorded.
+    assert await storage.rotate_session_token(issued.token) is None
+    assert len(await _reuse_events(storage, user.id)) == 1
+
+
+async def test_the_grace_is_the_callers_and_none_never_ends_a_session(
+    storage: Any, email: str, dsn: str
+) -> None:
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    rotated = await storage.rotate_session_token(issued.token)
+    assert rotated is not None
+    _rotated_ago(dsn, issued.session.id, 3600)
+    assert await storage.rotate_session_token(issued.token, reuse_grace=None) is None
+    hour = dt.timedelta(hours=1, seconds=5)
+    assert await storage.rotate_session_token(issued.token, reuse_grace=hour) is None
+    assert await storage.validate_session_token(rotated.token, consistency="primary") is not None
+    assert await _reuse_events(storage, user.id) == []
+    assert await storage.rotate_session_token(issued.token, reuse_grace=dt.timedelta(0)) is None
+    assert await storage.get_session(issued.session.id) is None
+    assert len(await _reuse_events(storage, user.id)) == 1
+
+
+async def test_only_the_token_rotated_out_last_is_recognised(storage: Any, email: str) -> None:
+    """Two rotations on, the first token is unknown (as a wrong one is): no digest older than
+    the last one replaced is kept."""
+    user = await storage.create_user(email=email)
+    first = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    second = await storage.rotate_session_token(first.token)
+    assert second is not None
+    third = await storage.rotate_session_token(second.token)
+    assert third is not None
+    none = dt.timedelta(0)
+    assert await storage.rotate_session_token(first.token, reuse_grace=none) is None
+    assert await storage.validate_session_token(third.token, consistency="primary") is not None
+    assert await storage.rotate_session_token(second.token, reuse_grace=none) is None
+    assert await storage.validate_session_token(third.token, consistency="primary") is None
+
+
+async def test_concurrent_reuse_ends_the_session_once(storage: Any, email: str) -> None:
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    rotated = await storage.rotate_session_token(issued.token)
+    assert rotated is not None
+    results = await race(
+        storage, 6, "rotate_session_token", issued.token, reuse_grace=dt.timedelta(0)
+    )
+    assert results == [None] * 6, results
+    assert await storage.get_session(issued.session.id) is None
+    assert len(await _reuse_events(storage, user.id)) == 1
+
+
+class _LyingTimedelta(dt.timedelta):
+    """Says it is within any bound; its stored fields say five days."""
+
+    def __le__(self, other: object) -> bool:
+        return True
+
+    def __ge__(self, other: object) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    "grace",
+    [
+        dt.timedelta(seconds=-1),
+        dt.timedelta(days=1, microseconds=1),
+        _LyingTimedelta(days=5),
+        10,
+        10.0,
+        "10s",
+        True,
+    ],
+    ids=repr,
+)
+async def test_a_bad_reuse_grace_is_refused_and_changes_nothing(
+    storage: Any, email: str, grace: object
+) -> None:
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    with pytest.raises(ValidationError) as caught:
+        await storage.rotate_session_token(issued.token, reuse_grace=grace)
+    assert caught.value.field == "reuse_grace"
+    assert await storage.validate_session_token(issued.token, consistency="primary") is not None
 
 
 async def test_api_key_issue_and_verify(storage: Any, email: str, dsn: str) -> None:

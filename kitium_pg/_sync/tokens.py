@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import _validate as v
-from .._base import UNSET, Consistency, Retry, Unset, new_id
+from .._base import MAX_REUSE_GRACE, REUSE_GRACE, UNSET, Consistency, Retry, Unset, logger, new_id
 from ..records import ApiKey, IssuedApiKey, IssuedSession, Session
 from .api_keys import ApiKeys
 from .sessions import NOT_A_MEMBER, Sessions, _session_insert
@@ -51,6 +51,10 @@ def _presented(token: object) -> tuple[uuid.UUID, bytes] | None:
         return parsed, _digest(secret)
     except UnicodeEncodeError:
         return None
+
+
+def _rotation(*, reused: bool, **columns: Any) -> tuple[bool, Session]:
+    return reused, Session(**columns)
 
 
 def _session_with_hash(*, token_hash: bytes, **columns: Any) -> tuple[Session, bytes]:
@@ -135,7 +139,11 @@ class Tokens(Sessions, ApiKeys):
         return session if hmac.compare_digest(stored, presented) else None
 
     def rotate_session_token(
-        self, token: str, *, expires_at: dt.datetime | Unset = UNSET
+        self,
+        token: str,
+        *,
+        expires_at: dt.datetime | Unset = UNSET,
+        reuse_grace: dt.timedelta | None = REUSE_GRACE,
     ) -> IssuedSession | None:
         """Replace a session's bearer token with a new one and return the session with it; the
         presented token stops working. The session keeps its id, user and data; ``expires_at``
@@ -157,14 +165,25 @@ class Tokens(Sessions, ApiKeys):
         docs/security.md, "Revocation and read replicas"). On the primary, requests still in
         flight with the old token fail validation.
 
-        One guarded UPDATE; never raises for a hostile token (``ValidationError`` for a bad
-        ``expires_at``). Retried on transient failures: the new secret is drawn before the first
-        attempt, and a retry after a lost acknowledgement finds the session already holding it.
+        Reuse detection: the token this session's last rotation replaced, presented here again
+        more than ``reuse_grace`` (default 10 s; ``None``: never) after that rotation, ends the
+        session and writes a ``session.token_reused`` auth event (principal: the user; data: the
+        session id and the rotation's time), and returns ``None``. Two parties held the
+        session's token, and one is not the user (RFC 9700, 4.14.2). Within the grace the
+        token only gets ``None``: a client that lost the answer to its own rotation, or a second
+        tab rotating at the same moment, signs in again rather than ending everyone's session.
+        Only the token replaced last is recognised; older ones are unknown, as a wrong one is.
+
+        One statement; never raises for a hostile token (``ValidationError`` for a bad
+        ``expires_at`` or ``reuse_grace``). Retried on transient failures: the new secret is
+        drawn before the first attempt, and a retry after a lost acknowledgement finds the
+        session already holding it.
         """
         moved = expires_at is not UNSET
         params: dict[str, Any] = {
             "set_expires_at": moved,
             "expires_at": v.timestamp("expires_at", expires_at) if moved else None,
+            "reuse_grace": v.opt_duration("reuse_grace", reuse_grace, maximum=MAX_REUSE_GRACE),
         }
         presented = _presented(token)
         if presented is None:
@@ -175,9 +194,19 @@ class Tokens(Sessions, ApiKeys):
             "id": session_id,
             "presented_hash": presented_hash,
             "token_hash": _digest(secret),
+            "event_id": new_id(),
         }
-        session = self._one("rotate_session_token", params, Session, retry=Retry.SAFE)
-        if session is None:
+        found = self._one("rotate_session_token", params, _rotation, retry=Retry.SAFE)
+        if found is None:
+            return None
+        reused, session = found
+        if reused:
+            logger.warning(
+                "kitium_pg rotate_session_token: a token rotated out of session %s more than"
+                " reuse_grace ago was presented again; the session was ended",
+                session.id,
+                extra={"operation": "rotate_session_token", "session_id": str(session.id)},
+            )
             return None
         return IssuedSession(session=session, token=f"{session.id}.{secret}")
 
