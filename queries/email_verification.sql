@@ -79,17 +79,27 @@ UPDATE kitium_auth.email_verification_tokens
    AND used_at IS NULL
    AND expires_at > statement_timestamp();
 
--- name: delete_expired_email_verification_tokens(batch_size)!
--- Delete up to batch_size expired tokens (oldest expiry first, served by
--- email_verification_tokens_expires_at_idx); rows locked by another caller are skipped.
-DELETE FROM kitium_auth.email_verification_tokens
- WHERE id = ANY (ARRAY(
-         SELECT id
-           FROM kitium_auth.email_verification_tokens
-          WHERE expires_at <= statement_timestamp()
-          ORDER BY expires_at
-          LIMIT :batch_size
-            FOR UPDATE SKIP LOCKED));
+-- name: delete_expired_email_verification_tokens(after, batch_size)^
+-- Delete up to batch_size expired tokens, oldest expiry first (served by
+-- email_verification_tokens_expires_at_idx) from expiry after on, and return how many it deleted,
+-- how many it locked and the last expiry it reached; rows locked by another caller are skipped.
+-- Built as delete_expired_sessions, whose comment says why.
+WITH batch AS (
+  SELECT ctid, expires_at
+    FROM kitium_auth.email_verification_tokens
+   WHERE expires_at <= statement_timestamp()
+     AND expires_at >= coalesce(CAST(:after AS timestamptz), '-infinity')
+   ORDER BY expires_at
+   LIMIT :batch_size
+     FOR UPDATE SKIP LOCKED
+), deleted AS (
+  DELETE FROM kitium_auth.email_verification_tokens
+   WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
+  RETURNING 1
+)
+SELECT d.deleted, b.locked, CASE WHEN d.deleted = b.locked THEN b.last END AS last
+  FROM (SELECT count(*) AS deleted FROM deleted) AS d,
+       (SELECT count(*) AS locked, max(expires_at) AS last FROM batch) AS b;
 
 -- name: get_email_verification_token_attempts(token_id)$
 -- The attempt counter of one token; no row when nothing was counted yet.

@@ -98,10 +98,35 @@ DELETE FROM kitium_auth.auth_events
                         LIMIT :batch_size
                         FOR UPDATE));
 
--- name: prune_events(before, batch_size)!
--- Delete at most batch_size events older than the bound (the caller loops until fewer go).
-DELETE FROM kitium_auth.auth_events
- WHERE id = ANY (ARRAY(SELECT id FROM kitium_auth.auth_events
-                        WHERE "timestamp" < :before
-                        LIMIT :batch_size
-                        FOR UPDATE SKIP LOCKED));
+-- name: prune_events(before, after_ts, after_id, batch_size)^
+-- Delete at most batch_size events older than before, oldest first from the key (after_ts,
+-- after_id) on (NULLs: the first batch), and return how many it deleted, how many it locked and
+-- the key it reached (the next batch's). Ordered and bounded so that every plan, the generic one
+-- included, is a range scan of auth_events_timestamp_idx starting where the last batch stopped:
+-- without an order the generic plan was a sequential scan of the whole table per batch, and
+-- without the lower bound each batch walks the entries of the rows deleted before it while an
+-- older snapshot keeps them from being marked dead. Rows locked by another caller are skipped. A
+-- batch that locked rows it could not delete (see delete_expired_sessions) returns no key: the
+-- next one starts from the beginning again.
+WITH batch AS (
+  SELECT ctid, "timestamp", id
+    FROM kitium_auth.auth_events
+   WHERE "timestamp" < :before
+     AND ("timestamp", id) > (coalesce(CAST(:after_ts AS timestamptz), '-infinity'),
+                              coalesce(CAST(:after_id AS uuid),
+                                       '00000000-0000-0000-0000-000000000000'))
+   ORDER BY "timestamp", id
+   LIMIT :batch_size
+     FOR UPDATE SKIP LOCKED
+), deleted AS (
+  DELETE FROM kitium_auth.auth_events
+   WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
+  RETURNING 1
+), reached AS (
+  SELECT "timestamp", id FROM batch ORDER BY "timestamp" DESC, id DESC LIMIT 1
+)
+SELECT d.deleted, b.locked,
+       CASE WHEN d.deleted = b.locked THEN (SELECT "timestamp" FROM reached) END AS last_ts,
+       CASE WHEN d.deleted = b.locked THEN (SELECT id FROM reached) END AS last_id
+  FROM (SELECT count(*) AS deleted FROM deleted) AS d,
+       (SELECT count(*) AS locked FROM batch) AS b;

@@ -463,17 +463,19 @@ SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, li
 -- Delete every SSO session of a user, expired ones included (sso_sessions_user_id_idx).
 DELETE FROM kitium_auth.sso_sessions WHERE user_id = :user_id;
 
--- name: delete_expired_sso_sessions(batch_size)^
+-- name: delete_expired_sso_sessions(after, batch_size)^
 -- Delete at most batch_size expired SSO sessions, earliest expiry first
--- (sso_sessions_expires_at_idx), and return how many it deleted and how many it locked; rows
--- another transaction has locked (another cleaner, a logout under way) are skipped and left for
--- the next run. Built as delete_expired_sessions, whose comment says why (batch by physical
--- address; a row updated after the statement began is locked, not deleted, and the caller goes
--- on).
+-- (sso_sessions_expires_at_idx) from expiry after on, and return how many it deleted, how many
+-- it locked and the last expiry it reached; rows another transaction has locked (another
+-- cleaner, a logout under way) are skipped and left for the next run. Built as
+-- delete_expired_sessions, whose comment says why (each batch's scan starts where the last one
+-- stopped; batch by physical address; a row updated after the statement began is locked, not
+-- deleted, and the caller goes on).
 WITH batch AS (
-  SELECT ctid
+  SELECT ctid, expires_at
     FROM kitium_auth.sso_sessions
    WHERE expires_at <= statement_timestamp()
+     AND expires_at >= coalesce(CAST(:after AS timestamptz), '-infinity')
    ORDER BY expires_at
    LIMIT :batch_size
      FOR UPDATE SKIP LOCKED
@@ -482,4 +484,6 @@ WITH batch AS (
    WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
   RETURNING 1
 )
-SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM batch) AS locked;
+SELECT d.deleted, b.locked, CASE WHEN d.deleted = b.locked THEN b.last END AS last
+  FROM (SELECT count(*) AS deleted FROM deleted) AS d,
+       (SELECT count(*) AS locked, max(expires_at) AS last FROM batch) AS b;

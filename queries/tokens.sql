@@ -48,7 +48,9 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- token would never validate: the presented one stays). reused is false on a rotated row.
 -- The token rotated out last, presented more than reuse_grace after its rotation (NULL: never),
 -- ends the session and writes a session.token_reused event (id event_id), both here: a row
--- with reused true says so. Within reuse_grace it gets no row and changes nothing.
+-- with reused true says so. Within reuse_grace it gets no row and changes nothing. The event is
+-- the user's, with no organization (the session's goes in its data): sessions are not tenant
+-- data, and under tenant_rls a caller without a tenant may write only such events.
 WITH ended AS (
   DELETE FROM kitium_auth.sessions AS s
    WHERE s.id = :id
@@ -59,8 +61,9 @@ WITH ended AS (
             s.created_at, s.updated_at, s.token_rotated_at
 ), reported AS (
   INSERT INTO kitium_auth.auth_events (id, type, principal_id, org_id, data, "timestamp")
-  SELECT :event_id, 'session.token_reused', ended.user_id::text, ended.org_id::text,
-         jsonb_build_object('session_id', ended.id, 'rotated_at', ended.token_rotated_at),
+  SELECT :event_id, 'session.token_reused', ended.user_id::text, NULL,
+         jsonb_build_object('session_id', ended.id, 'org_id', ended.org_id,
+                            'rotated_at', ended.token_rotated_at),
          statement_timestamp()
     FROM ended
 ), rotated AS (

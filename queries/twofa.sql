@@ -216,18 +216,20 @@ SELECT verified, attempt_count, max_attempts, throttled, throttled_until
 -- Delete one challenge, completed, expired or not.
 DELETE FROM kitium_auth.twofa_sessions WHERE id = :id;
 
--- name: delete_expired_two_factor_sessions(batch_size)^
+-- name: delete_expired_two_factor_sessions(after, batch_size)^
 -- Delete at most batch_size expired challenges, earliest expiry first
--- (twofa_sessions_expires_at_idx), completed or not, and return how many it deleted and how many
--- it locked; rows another transaction has locked (another cleaner, a verification under way) are
--- skipped and left for the next run. A challenge that has not expired stays, completed or not (a
--- retried complete_two_factor_session must still find the row it completed). Built as
--- delete_expired_sessions, whose comment says why (batch by physical address; a row updated
--- after the statement began is locked, not deleted, and the caller goes on).
+-- (twofa_sessions_expires_at_idx) from expiry after on, completed or not, and return how many it
+-- deleted, how many it locked and the last expiry it reached; rows another transaction has
+-- locked (another cleaner, a verification under way) are skipped and left for the next run. A
+-- challenge that has not expired stays, completed or not (a retried complete_two_factor_session
+-- must still find the row it completed). Built as delete_expired_sessions, whose comment says
+-- why (each batch's scan starts where the last one stopped; batch by physical address; a row
+-- updated after the statement began is locked, not deleted, and the caller goes on).
 WITH batch AS (
-  SELECT ctid
+  SELECT ctid, expires_at
     FROM kitium_auth.twofa_sessions
    WHERE expires_at <= statement_timestamp()
+     AND expires_at >= coalesce(CAST(:after AS timestamptz), '-infinity')
    ORDER BY expires_at
    LIMIT :batch_size
      FOR UPDATE SKIP LOCKED
@@ -236,4 +238,6 @@ WITH batch AS (
    WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
   RETURNING 1
 )
-SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM batch) AS locked;
+SELECT d.deleted, b.locked, CASE WHEN d.deleted = b.locked THEN b.last END AS last
+  FROM (SELECT count(*) AS deleted FROM deleted) AS d,
+       (SELECT count(*) AS locked, max(expires_at) AS last FROM batch) AS b;

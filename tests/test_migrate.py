@@ -30,6 +30,7 @@ from kitium_pg import (
 from kitium_pg._base import load_migrations, plan
 
 from .fix_holder import committed_later
+from .fix_plans import generic_plan_of, plan_of
 
 
 @pytest.fixture
@@ -453,44 +454,6 @@ def _indexes(dsn: str, schema: str) -> dict[str, str]:
     return dict(rows)
 
 
-def _plan(dsn: str, schema: str, query: str, params: dict[str, Any]) -> str:
-    """The plan of ``query`` (its statement, parameters inlined), sequential and bitmap scans off
-    so that the test's few rows are read the way a large table's would be."""
-    sql = _sql.queries(schema)[query].sql
-    with psycopg.connect(dsn, cursor_factory=psycopg.ClientCursor) as conn:
-        conn.execute("SET LOCAL enable_seqscan = off")
-        conn.execute("SET LOCAL enable_bitmapscan = off")
-        rows = conn.execute(f"EXPLAIN (COSTS OFF) {sql}".encode(), params).fetchall()
-        conn.rollback()
-    return "\n".join(row[0] for row in rows)
-
-
-def _generic_plan(dsn: str, schema: str, query: str, params: dict[str, Any]) -> str:
-    """The generic plan of ``query`` (the plan psycopg's prepared statement settles on, whatever
-    the values: ``plan_cache_mode = force_generic_plan``), prepared with ``$n`` parameters and
-    explained for ``params``; sequential and bitmap scans off as in ``_plan``."""
-    names: list[str] = []
-
-    def positional(match: re.Match[str]) -> str:
-        if match.group(1) not in names:
-            names.append(match.group(1))
-        return f"${names.index(match.group(1)) + 1}"
-
-    sql = re.sub(r"%\((\w+)\)s", positional, _sql.queries(schema)[query].sql).replace("%%", "%")
-    arguments = ", ".join(["%s"] * len(names))
-    with psycopg.connect(dsn, cursor_factory=psycopg.ClientCursor) as conn:
-        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        conn.execute("SET LOCAL enable_seqscan = off")
-        conn.execute("SET LOCAL enable_bitmapscan = off")
-        conn.execute(f"PREPARE generic_plan AS {sql}".encode())
-        rows = conn.execute(
-            f"EXPLAIN (COSTS OFF) EXECUTE generic_plan({arguments})".encode(),
-            [params[name] for name in names],
-        ).fetchall()
-        conn.rollback()
-    return "\n".join(row[0] for row in rows)
-
-
 def test_0012_up_down_up_adds_the_sso_logout_indexes(dsn: str) -> None:
     """0012 adds the indexes that serve single logout, by subject and by session token, and
     keeps sso_sessions_provider_id_idx; its down part drops exactly those three, after which the
@@ -528,7 +491,7 @@ def test_0012_up_down_up_adds_the_sso_logout_indexes(dsn: str) -> None:
                 "delete_sso_link": ({"id": uuid.uuid4()}, "provider_subject_idx"),
             }
             for query, (params, index) in plans.items():
-                assert f"sso_sessions_provider_id_{index}" in _plan(dsn, schema, query, params)
+                assert f"sso_sessions_provider_id_{index}" in plan_of(dsn, schema, query, params)
 
             assert storage.rollback() == (SSO_LOGOUT,)
             assert _indexes(dsn, schema) == {
@@ -1015,7 +978,7 @@ def test_0017_up_down_up_adds_set_user_roles(dsn: str) -> None:
                 reader,
                 writer,
             ]
-            plan = _plan(dsn, schema, "get_role_users", {"role_id": reader.id})
+            plan = plan_of(dsn, schema, "get_role_users", {"role_id": reader.id})
             assert "user_roles_role_id_idx" in plan, plan
 
             assert storage.rollback() == (USER_ROLE_SETS,)
@@ -1207,13 +1170,13 @@ def _page_plans(dsn: str, schema: str, org_id: uuid.UUID, role_id: uuid.UUID) ->
     keyset = {"after_user_id": uuid.UUID(int=0), "page_size": 2}
     when = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
     return {
-        "members": _generic_plan(
+        "members": generic_plan_of(
             dsn,
             schema,
             "list_organization_members_page",
             {"org_id": org_id, "after_joined_at": when, **keyset},
         ),
-        "holders": _generic_plan(
+        "holders": generic_plan_of(
             dsn,
             schema,
             "get_role_users_page",

@@ -21,6 +21,7 @@ from kitium_pg._base import Retry, new_id
 
 from .fix_holder import release_when_waiting
 from .fix_metadata import check_metadata_patch
+from .fix_plans import generic_plan_of
 
 UTC = dt.UTC
 
@@ -355,11 +356,15 @@ async def test_delete_expired_sessions_runs_in_bounded_batches(
     ]
     adapter = storage.adapter if storage.kind == "sync" else storage
     batches: list[tuple[int, int]] = []
+    starts: list[dt.datetime | None] = []
     original = adapter._run
 
     def record(name: str, params: Any, result: Any) -> Any:
         assert (name, params["batch_size"]) == ("delete_expired_sessions", 2)
-        batches.append(tuple(result))
+        deleted, locked, last = result
+        batches.append((deleted, locked))
+        starts.append(params["after"])
+        starts.append(last)
         return result
 
     def sync_spy(name: str, params: Any, **kw: Any) -> Any:
@@ -371,6 +376,9 @@ async def test_delete_expired_sessions_runs_in_bounded_batches(
     monkeypatch.setattr(adapter, "_run", sync_spy if storage.kind == "sync" else async_spy)
     assert await storage.delete_expired_sessions(batch_size=2) == 5
     assert batches == [(2, 2), (2, 2), (1, 1)]  # (deleted, locked) per statement
+    # Each statement starts at the expiry the one before reached (earliest expiry first).
+    expiries = sorted(s.expires_at for s in expired)
+    assert starts == [None, expiries[1], expiries[1], expiries[3], expiries[3], expiries[4]]
     monkeypatch.undo()
 
     for session in expired:
@@ -412,6 +420,44 @@ async def test_a_batch_that_locks_rows_it_cannot_delete_does_not_end_the_purge(
         await _call(adapter.disconnect())
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+# The purges that resume where their last batch stopped: the index each scans, and the
+# parameters a later batch gets (the key the batch before reached).
+RESUMING_PURGES = {
+    "delete_expired_sessions": ("sessions_expires_at_idx", {"after": "when"}),
+    "delete_expired_sso_sessions": ("sso_sessions_expires_at_idx", {"after": "when"}),
+    "delete_expired_two_factor_sessions": ("twofa_sessions_expires_at_idx", {"after": "when"}),
+    "delete_expired_email_verification_tokens": (
+        "email_verification_tokens_expires_at_idx",
+        {"after": "when"},
+    ),
+    "prune_events": (
+        "auth_events_timestamp_idx",
+        {"before": "when", "after_ts": "when", "after_id": "id"},
+    ),
+}
+
+
+@pytest.mark.parametrize("query", sorted(RESUMING_PURGES))
+def test_each_purge_batch_scans_from_where_the_last_one_stopped(
+    sync_adapter: Any, dsn: str, query: str
+) -> None:
+    """In the generic plan (the one a pooled connection settles on), a batch is one range scan
+    of the expiry (or timestamp) index, bounded below by the key the batch before reached. From
+    the start of the index instead, each batch walks the entries of every row deleted before
+    it while an older snapshot (a pg_dump, a long report) keeps them from being marked dead:
+    the review measured 171 s instead of 5.4 s for 378,000 sessions."""
+    index, kinds = RESUMING_PURGES[query]
+    values = {"when": dt.datetime.now(dt.UTC), "id": uuid.uuid4()}
+    params = {name: values[kind] for name, kind in kinds.items()} | {"batch_size": 1000}
+    plan = generic_plan_of(dsn, "kitium_auth", query, params)
+    assert "Seq Scan" not in plan, plan
+    scans = [line for line in plan.splitlines() if f"using {index} on" in line]
+    assert len(scans) == 1, plan
+    [bound] = [line for line in plan.splitlines() if "Index Cond" in line]
+    resume = "ROW(COALESCE($2" if query == "prune_events" else ">= COALESCE($1"
+    assert resume in bound, plan
 
 
 SPARE_ONCE = """

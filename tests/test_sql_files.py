@@ -53,6 +53,7 @@ LOCAL_NAMES = {
     "parents",
     "ended",
     "rotated",
+    "reached",
     "owner",
     "member",
 }

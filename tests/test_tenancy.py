@@ -576,3 +576,29 @@ def test_a_session_is_bound_only_to_the_tenants_own_organization(
     assert app.tenant(beta.id).update_session(unbound.id, org_id=beta.id).org_id == beta.id
     sessions = {s.id: s.org_id for s in owner.list_user_sessions(user.id)}
     assert sessions == {bound.session.id: alpha.id, unbound.id: beta.id}
+
+
+def test_a_reused_token_ends_an_organization_bound_session_without_a_tenant(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any]
+) -> None:
+    """Sessions are not tenant data: the application role rotates without a tenant, and a
+    rotated-out token coming back ends the session there too. Its event names no organization
+    (the session's is in its data), which row-level security lets any caller write."""
+    alpha = tenancy["orgs"][0]
+    owner = tenancy["owner"]
+    user = owner.create_user(email=f"mallory-{uuid.uuid4().hex[:6]}@example.com")
+    owner.add_organization_member(alpha.id, user.id)
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    issued = app.tenant(alpha.id).issue_session_token(
+        user_id=user.id, org_id=alpha.id, expires_at=expires
+    )
+    for view in (app, app.tenant(alpha.id)):
+        rotated = view.rotate_session_token(issued.token)
+        assert rotated is not None
+        assert view.rotate_session_token(issued.token, reuse_grace=dt.timedelta(0)) is None
+        assert owner.get_session(issued.session.id) is None
+        issued = app.tenant(alpha.id).issue_session_token(
+            user_id=user.id, org_id=alpha.id, expires_at=expires
+        )
+    events = owner.list_events(principal_id=user.id, type="session.token_reused").events
+    assert [(e.org_id, e.data["org_id"]) for e in events] == [(None, str(alpha.id))] * 2

@@ -205,7 +205,8 @@ async def test_a_rotated_out_token_presented_after_the_grace_ends_the_session(
     assert await storage.validate_session_token(rotated.token, consistency="primary") is None
     assert await storage.get_session(issued.session.id) is None
     [event] = await _reuse_events(storage, user.id)
-    assert event.org_id == str(org.id) and event.data["session_id"] == str(issued.session.id)
+    assert event.org_id is None and event.data["org_id"] == str(org.id)
+    assert event.data["session_id"] == str(issued.session.id)
     assert dt.datetime.fromisoformat(event.data["rotated_at"]) < event.timestamp
     [warning] = [
         r for r in caplog.records if r.name == "kitium_pg" and r.levelno >= logging.WARNING

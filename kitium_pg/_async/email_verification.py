@@ -151,7 +151,11 @@ class AsyncEmailVerification(AsyncCore):
         statement; returns how many were deleted. Rows another transaction holds locked at that
         moment are skipped and left for the next run. Idempotent and retried per batch."""
         return await self._delete_in_batches(
-            "delete_expired_email_verification_tokens", {}, batch_size=batch_size, progress=progress
+            "delete_expired_email_verification_tokens",
+            {},
+            batch_size=batch_size,
+            progress=progress,
+            resume=("after",),
         )
 
     async def get_email_verification_token_attempts(self, token_id: uuid.UUID | str) -> int:

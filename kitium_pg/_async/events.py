@@ -98,10 +98,10 @@ class AsyncEvents(AsyncCore):
         (exclusive), timezone-aware, keep the events of that window, read by the index from
         ``until`` down (an audit of last March does not page through everything newer); pass
         the same window with each page's ``after``. ``after`` is the ``next_cursor`` of the
-        previous page (an opaque string); the page after the last one is empty and its
-        ``next_cursor`` is ``None``. Pages are read by keyset, so events emitted meanwhile never
-        shift later pages (no duplicates, no gaps). ``limit`` is 1 to 1000. Raises
-        ``ValidationError`` for bad input, including a cursor this method did not produce.
+        previous page (an opaque string); the last page's ``next_cursor`` is ``None``. Pages are
+        read by keyset, so events emitted meanwhile never shift later pages (no duplicates, no
+        gaps). ``limit`` is 1 to 1000. Raises ``ValidationError`` for bad input, including a
+        cursor this method did not produce.
         """
         page_size = v.integer("limit", limit, minimum=1, maximum=MAX_PAGE)
         principal = None if principal_id is None else v.text_id("principal_id", principal_id)
@@ -147,7 +147,11 @@ class AsyncEvents(AsyncCore):
         """
         params = {"before": v.timestamp("before", before)}
         return await self._delete_in_batches(
-            "prune_events", params, batch_size=batch_size, progress=progress
+            "prune_events",
+            params,
+            batch_size=batch_size,
+            progress=progress,
+            resume=("after_ts", "after_id"),
         )
 
     async def delete_principal_events(

@@ -654,7 +654,11 @@ class AsyncSso(AsyncCore):
         idempotent. Raises ``ValidationError`` when ``batch_size`` is not between 1 and 100000.
         """
         return await self._delete_in_batches(
-            "delete_expired_sso_sessions", {}, batch_size=batch_size, progress=progress
+            "delete_expired_sso_sessions",
+            {},
+            batch_size=batch_size,
+            progress=progress,
+            resume=("after",),
         )
 
 

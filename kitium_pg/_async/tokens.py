@@ -166,12 +166,13 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
 
         Reuse detection: the token this session's last rotation replaced, presented here again
         more than ``reuse_grace`` (default 10 s; ``None``: never) after that rotation, ends the
-        session and writes a ``session.token_reused`` auth event (principal: the user; data: the
-        session id and the rotation's time), and returns ``None``. Two parties held the
-        session's token, and one is not the user (RFC 9700, 4.14.2). Within the grace the
-        token only gets ``None``: a client that lost the answer to its own rotation, or a second
-        tab rotating at the same moment, signs in again rather than ending everyone's session.
-        Only the token replaced last is recognised; older ones are unknown, as a wrong one is.
+        session, writes a ``session.token_reused`` auth event (principal: the user, no
+        organization; data: ``session_id``, ``org_id``, ``rotated_at``), logs a warning and
+        returns ``None``: two parties held the session's token, and one is not the user (RFC
+        9700, 4.14.2). Within the grace the token only gets ``None``: a client that lost the
+        answer to its own rotation, or a second tab rotating at the same moment, signs in again
+        rather than ending everyone's session. Only the token replaced last is recognised;
+        older ones are unknown, as a wrong one is.
 
         One statement; never raises for a hostile token (``ValidationError`` for a bad
         ``expires_at`` or ``reuse_grace``). Retried on transient failures: the new secret is

@@ -770,19 +770,27 @@ class Core:
         *,
         batch_size: int,
         progress: Callable[[int], None] | None = None,
+        resume: tuple[str, ...] = (),
     ) -> int:
         """Run delete query ``name`` (which takes ``:batch_size`` and deletes at most that many
         rows) until a batch takes fewer than ``batch_size``; returns the total deleted. A query
-        may return the row ``(deleted, locked)`` instead of a row count: then the batch size is
-        judged on the rows it locked. Short statements keep locks brief and let concurrent
-        readers through; each batch is its own retry-safe statement (deleting expired rows is
-        idempotent). ``progress(total_so_far)`` is called after each batch."""
+        may return the row ``(deleted, locked, *key)`` instead of a row count: then the batch
+        size is judged on the rows it locked, and the parameters named by ``resume`` (``None``
+        for the first batch) take the ``key`` the batch before reached, where the next one
+        starts. Short statements keep locks brief and let concurrent readers through; each
+        batch is its own retry-safe statement (deleting expired rows is idempotent).
+        ``progress(total_so_far)`` is called after each batch."""
         size = _validate.integer("batch_size", batch_size, minimum=1, maximum=100_000)
         _validate.callback("progress", progress)
+        batch = {**params, **dict.fromkeys(resume), "batch_size": size}
         total = 0
         while True:
-            result = self._run(name, {**params, "batch_size": size}, retry=Retry.SAFE)
-            deleted, taken = (result, result) if isinstance(result, int) else result
+            result = self._run(name, batch, retry=Retry.SAFE)
+            if isinstance(result, int):
+                deleted = taken = result
+            else:
+                deleted, taken, *key = result
+                batch = {**batch, **dict(zip(resume, key, strict=True))}
             total += deleted
             if progress is not None:
                 progress(total)

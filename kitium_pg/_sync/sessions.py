@@ -150,7 +150,11 @@ class Sessions(Core):
         ``ValidationError`` when ``batch_size`` is not between 1 and 100000.
         """
         return self._delete_in_batches(
-            "delete_expired_sessions", {}, batch_size=batch_size, progress=progress
+            "delete_expired_sessions",
+            {},
+            batch_size=batch_size,
+            progress=progress,
+            resume=("after",),
         )
 
     def list_user_sessions(self, user_id: uuid.UUID | str) -> list[Session]:

@@ -443,5 +443,9 @@ class TwoFactor(Core):
         ``ValidationError`` when ``batch_size`` is not between 1 and 100000.
         """
         return self._delete_in_batches(
-            "delete_expired_two_factor_sessions", {}, batch_size=batch_size, progress=progress
+            "delete_expired_two_factor_sessions",
+            {},
+            batch_size=batch_size,
+            progress=progress,
+            resume=("after",),
         )
