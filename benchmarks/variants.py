@@ -511,12 +511,17 @@ class RawPsycopg(SyncVariant):
         statement = sql or self.sql["delete_expired_sessions"]
         total = 0
         durations: list[float] = []
+        params: dict[str, Any] = {"batch_size": batch_size, "after": None}
         while True:
             started = time.perf_counter()
-            self.cur.execute(statement, {"batch_size": batch_size})
-            # The adapter's statement returns (deleted, locked); a plain DELETE a row count.
+            self.cur.execute(statement, params)
+            # The adapter's statement returns (deleted, locked, the expiry the next batch starts
+            # from); a plain DELETE a row count.
             row = self.cur.fetchone() if self.cur.description is not None else None
-            deleted, taken = row if row is not None else (self.cur.rowcount, self.cur.rowcount)
+            if row is None:
+                deleted = taken = self.cur.rowcount
+            else:
+                deleted, taken, params["after"] = row
             durations.append(time.perf_counter() - started)
             total += deleted
             if taken < batch_size:
