@@ -108,6 +108,44 @@ async def test_a_retry_after_a_restart_does_not_draw_another_dead_connection(
         await _call(adapter.disconnect())
 
 
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+async def test_transactions_after_a_restart_do_not_draw_the_dead_connections_one_by_one(
+    dsn: str, cls: type
+) -> None:
+    """A transaction whose BEGIN finds its connection dead replaces the pool's connections as
+    a call does, so the next transaction gets a live one (each drew the next dead one before:
+    up to max_size failures after every restart); run_in_transaction re-runs a transaction
+    that could not begin, which ran nothing."""
+    name = f"kpg-deadtx-{uuid.uuid4().hex[:8]}"
+    adapter = cls(dsn, min_size=6, max_size=6, application_name=name)
+    await _call(adapter.connect())
+    sync = isinstance(adapter, PostgresStorageAdapter)
+
+    async def read_in_transaction(user_id: uuid.UUID) -> Any:
+        if sync:
+            with adapter.transaction() as tx:
+                return tx.get_user(user_id)
+        async with adapter.transaction() as tx:
+            return await tx.get_user(user_id)
+
+    async def work(tx: Any) -> Any:
+        return await tx.get_user(user.id)
+
+    try:
+        user = await _call(adapter.create_user())
+        await _call(adapter.pool.wait())
+        assert _kill_by_name(dsn, name) == 6
+        with pytest.raises(UnavailableError):
+            await read_in_transaction(user.id)
+        assert await read_in_transaction(user.id) == user
+        await _call(adapter.pool.wait())
+        assert _kill_by_name(dsn, name) == 6
+        run = adapter.run_in_transaction(lambda tx: tx.get_user(user.id) if sync else work(tx))
+        assert await _call(run) == user
+    finally:
+        await _call(adapter.disconnect())
+
+
 def _kill_by_name(dsn: str, application_name: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as admin:
         return len(

@@ -246,6 +246,7 @@ class AsyncCore:
         ``QueryTimeoutError`` (code ``query_canceled``). Raises the translated error when
         the commit itself fails."""
         failure: KitiumPgError | None = None
+        started = time.perf_counter()
         try:
             if self._conn is not None:
                 async with self._savepoint():
@@ -278,6 +279,11 @@ class AsyncCore:
                         await asyncio.sleep(_CALLS_POLL)
                 raise_if_aborted(conn, state)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            # A BEGIN or COMMIT on a connection the server dropped: its siblings are most
+            # likely dead too (see _replace_connections), and each next transaction would
+            # draw one.
+            if self._owns_pool and connection_lost(exc):
+                await self._replace_connections(self._pool, started)
             failure = chained(translate(exc, operation="transaction"), exc)
         if failure is not None:
             raise failure  # here, not in the except block: see errors.chained
@@ -315,10 +321,11 @@ class AsyncCore:
     async def run_in_transaction(self, work: Callable[[Self], Awaitable[T]]) -> T:
         """Run ``work(tx)`` in a transaction and return its result, re-running the whole
         transaction (up to ``max_retries`` times, with backoff) when PostgreSQL rolled it back
-        for a serialization failure or a deadlock: those guarantee nothing was committed.
-        ``work`` must not have side effects outside the database. On a transaction's view that
-        a caught failure has aborted, raises that failure at once: no savepoint can open there,
-        so no attempt could succeed."""
+        for a serialization failure or a deadlock, and when it could not begin (a connection
+        lost before ``work`` was called, as after a restart): those guarantee nothing was
+        committed. ``work`` must not have side effects outside the database. On a
+        transaction's view that a caught failure has aborted, raises that failure at once: no
+        savepoint can open there, so no attempt could succeed."""
         _validate.callback("work", work)
         if self._conn is not None:
             assert self._tx is not None
@@ -326,12 +333,15 @@ class AsyncCore:
         attempt = 0
         while True:
             attempt += 1
+            began = False
             try:
                 async with self.transaction() as tx:
+                    began = True
                     return await work(tx)
             except KitiumPgError as exc:
                 rolled_back = exc.code in ("serialization_failure", "deadlock_detected")
-                if not rolled_back or attempt > self._settings.max_retries:
+                unstarted = not began and is_auto_retryable(exc)
+                if not (rolled_back or unstarted) or attempt > self._settings.max_retries:
                     raise
                 await asyncio.sleep(backoff(attempt))
 
@@ -619,7 +629,9 @@ class AsyncCore:
                     self._tx.raise_for_aborted_call(name)
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)
-                if self._conn is None and self._owns_pool and connection_lost(exc):
+                # In a transaction too: the call is not retried, but the next ones must not
+                # draw the lost connection's dead siblings.
+                if self._owns_pool and connection_lost(exc):
                     await self._replace_connections(self._pool, started)
                 if (
                     retry is Retry.SAFE

@@ -247,6 +247,7 @@ class Core:
         ``QueryTimeoutError`` (code ``query_canceled``). Raises the translated error when
         the commit itself fails."""
         failure: KitiumPgError | None = None
+        started = time.perf_counter()
         try:
             if self._conn is not None:
                 with self._savepoint():
@@ -279,6 +280,11 @@ class Core:
                         time.sleep(_CALLS_POLL)
                 raise_if_aborted(conn, state)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            # A BEGIN or COMMIT on a connection the server dropped: its siblings are most
+            # likely dead too (see _replace_connections), and each next transaction would
+            # draw one.
+            if self._owns_pool and connection_lost(exc):
+                self._replace_connections(self._pool, started)
             failure = chained(translate(exc, operation="transaction"), exc)
         if failure is not None:
             raise failure  # here, not in the except block: see errors.chained
@@ -316,10 +322,11 @@ class Core:
     def run_in_transaction(self, work: Callable[[Self], T]) -> T:
         """Run ``work(tx)`` in a transaction and return its result, re-running the whole
         transaction (up to ``max_retries`` times, with backoff) when PostgreSQL rolled it back
-        for a serialization failure or a deadlock: those guarantee nothing was committed.
-        ``work`` must not have side effects outside the database. On a transaction's view that
-        a caught failure has aborted, raises that failure at once: no savepoint can open there,
-        so no attempt could succeed."""
+        for a serialization failure or a deadlock, and when it could not begin (a connection
+        lost before ``work`` was called, as after a restart): those guarantee nothing was
+        committed. ``work`` must not have side effects outside the database. On a
+        transaction's view that a caught failure has aborted, raises that failure at once: no
+        savepoint can open there, so no attempt could succeed."""
         _validate.callback("work", work)
         if self._conn is not None:
             assert self._tx is not None
@@ -327,12 +334,15 @@ class Core:
         attempt = 0
         while True:
             attempt += 1
+            began = False
             try:
                 with self.transaction() as tx:
+                    began = True
                     return work(tx)
             except KitiumPgError as exc:
                 rolled_back = exc.code in ("serialization_failure", "deadlock_detected")
-                if not rolled_back or attempt > self._settings.max_retries:
+                unstarted = not began and is_auto_retryable(exc)
+                if not (rolled_back or unstarted) or attempt > self._settings.max_retries:
                     raise
                 time.sleep(backoff(attempt))
 
@@ -618,7 +628,9 @@ class Core:
                     self._tx.raise_for_aborted_call(name)
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)
-                if self._conn is None and self._owns_pool and connection_lost(exc):
+                # In a transaction too: the call is not retried, but the next ones must not
+                # draw the lost connection's dead siblings.
+                if self._owns_pool and connection_lost(exc):
                     self._replace_connections(self._pool, started)
                 if (
                     retry is Retry.SAFE
