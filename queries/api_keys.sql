@@ -41,6 +41,17 @@ SELECT id, principal_id, hash, prefix, last_four, scopes, metadata, expires_at, 
   FROM kitium_auth.api_keys
  WHERE hash = :hash AND (expires_at IS NULL OR expires_at > statement_timestamp());
 
+-- name: get_api_key_to_verify(hash)^
+-- get_api_key_by_hash for verify_api_key on a replica, with whether its last_used_at stamp is due
+-- (over a minute old by the database's clock, as verify_api_key judges it on the primary: the
+-- application's clock may differ by more than that minute).
+SELECT id, principal_id, hash, prefix, last_four, scopes, metadata, expires_at, last_used_at,
+       created_at, updated_at,
+       (last_used_at IS NULL
+        OR last_used_at < statement_timestamp() - interval '1 minute') AS stamp_due
+  FROM kitium_auth.api_keys
+ WHERE hash = :hash AND (expires_at IS NULL OR expires_at > statement_timestamp());
+
 -- name: get_api_keys_by_prefix_and_last_four(prefix, last_four)
 -- The unexpired keys with this prefix and last four characters, newest first
 -- (api_keys_prefix_last_four_idx).

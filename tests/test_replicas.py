@@ -136,6 +136,53 @@ async def test_bearer_credentials_on_a_lagging_replica(routed: Any, pair: Replic
     assert stamped is not None
 
 
+class _ClockAhead:
+    """A stand-in for a module's ``datetime`` import whose ``datetime.now`` runs 3 minutes
+    ahead: an application server whose clock is off."""
+
+    class datetime(dt.datetime):  # stands in for the class of that name
+        @classmethod
+        def now(cls, tz: dt.tzinfo | None = None) -> Any:
+            return dt.datetime.now(tz) + dt.timedelta(minutes=3)
+
+    timedelta = dt.timedelta
+    UTC = dt.UTC
+
+
+async def test_whether_an_api_key_stamp_is_due_is_judged_by_the_database_clock(
+    routed: Any, pair: ReplicatedPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify_api_key reads a replica and goes to the primary only when last_used_at is over a
+    minute old: judged by the application's clock, one running 3 minutes ahead sent every
+    verification to the primary as well (twice the statements, the replica's offload lost)."""
+    user = await routed.create_user()
+    key = await routed.issue_api_key(user.id, ["read"])
+    assert (await routed.verify_api_key(key.key, consistency="primary")).last_used_at is not None
+    wait_replayed(pair.primary, pair.standby)
+    from kitium_pg._async import tokens as async_tokens
+    from kitium_pg._sync import tokens as sync_tokens
+
+    for module in (async_tokens, sync_tokens):
+        monkeypatch.setattr(module, "dt", _ClockAhead)
+    adapter = routed.adapter if isinstance(routed, AwaitableSync) else routed
+    names: list[str] = []
+    original = adapter._run
+
+    def sync_spy(name: str, params: Any, **kw: Any) -> Any:
+        names.append(name)
+        return original(name, params, **kw)
+
+    async def async_spy(name: str, params: Any, **kw: Any) -> Any:
+        names.append(name)
+        return await original(name, params, **kw)
+
+    spy = sync_spy if isinstance(routed, AwaitableSync) else async_spy
+    monkeypatch.setattr(adapter, "_run", spy)
+    for _ in range(5):
+        assert (await routed.verify_api_key(key.key)).id == key.record.id
+    assert names == ["get_api_key_to_verify"] * 5
+
+
 async def test_writes_go_to_the_primary(routed: Any, pair: ReplicatedPair) -> None:
     assert pair.standby.value("SELECT pg_is_in_recovery()") is True
     with PausedReplay(pair.standby):

@@ -26,9 +26,8 @@ from .api_keys import AsyncApiKeys
 from .sessions import NOT_A_MEMBER, AsyncSessions, _session_insert
 
 
-def _stamp_due(record: ApiKey) -> bool:
-    last = record.last_used_at
-    return last is None or dt.datetime.now(dt.UTC) - last > dt.timedelta(minutes=1)
+def _key_and_stamp_due(*, stamp_due: bool, **columns: Any) -> tuple[ApiKey, bool]:
+    return ApiKey(**columns), stamp_due
 
 
 def _digest(secret: str) -> bytes:
@@ -251,11 +250,18 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
         if self._use_replica(consistency) and self._replicas:
             # A replica cannot stamp last_used_at: read there, and go to the primary only when
             # the stamp is due (at most once a minute per key).
-            record = await self._one(
-                "get_api_key_by_hash", {"hash": digest}, ApiKey, retry=Retry.SAFE, replica=True
+            found = await self._one(
+                "get_api_key_to_verify",
+                {"hash": digest},
+                _key_and_stamp_due,
+                retry=Retry.SAFE,
+                replica=True,
             )
-            if record is None or not _stamp_due(record):
-                return record if record and hmac.compare_digest(record.hash, digest) else None
+            if found is None:
+                return None
+            read, stamp_due = found
+            if not stamp_due:
+                return read if hmac.compare_digest(read.hash, digest) else None
         record = await self._one("verify_api_key", {"hash": digest}, ApiKey, retry=Retry.SAFE)
         if record is None or not hmac.compare_digest(record.hash, digest):
             return None
