@@ -364,6 +364,15 @@ class Settings:
             raise ValidationError("pgbouncer", "must be True or False")
         return cls(**kw)
 
+    @property
+    def reconnect_timeout(self) -> float:
+        """How long one chain of a pool's reconnection attempts lasts before it gives up; the
+        next call that waits for a connection starts a new chain, at once. Attempts back off
+        from 1 s, doubling: with psycopg-pool's default of 300 s, the pause between two grew
+        to minutes during a long outage, and calls kept failing for about as long after the
+        database was back (22 s after a 36 s outage, measured in review)."""
+        return max(self.pool_timeout, self.connect_timeout)
+
     def connection_kwargs(self, dsn: str) -> dict[str, Any]:
         """psycopg connection options for ``dsn``: autocommit (so one statement is one round
         trip), UTC, READ COMMITTED, and the statement timeout as startup options (no per-call
@@ -384,14 +393,31 @@ class Settings:
         statements (a statement prepared on one server connection is unknown on the next;
         PgBouncer >= 1.22 with ``max_prepared_statements`` and libpq >= 17 could keep them,
         but that cannot be detected from here, so the safe setting wins). The statement
-        timeout is then applied per transaction instead (see ``statement_timeout_ms``)."""
+        timeout is then applied per transaction instead (see ``statement_timeout_ms``).
+
+        TCP connections notice a dead peer (a host gone without a reset, a partition) within
+        about three ``connect_timeout``: keepalive probes after ``connect_timeout`` idle, and
+        ``tcp_user_timeout`` for sent data left unacknowledged. The server's statement timeout
+        cannot fire when the server is unreachable, and the system's keepalive defaults take
+        over two hours; meanwhile a call would hold its pooled connection. Parameters of these
+        names in the DSN win."""
+        seconds = max(1, round(self.connect_timeout))
         kwargs: dict[str, Any] = {
             "autocommit": True,
-            "connect_timeout": max(1, round(self.connect_timeout)),
+            "connect_timeout": seconds,
             # A fallback: the application_name of the DSN, PGAPPNAME or a service file wins.
             "fallback_application_name": self.application_name,
             "prepare_threshold": self.prepare_threshold,
         }
+        liveness = {
+            "keepalives": 1,
+            "keepalives_idle": seconds,
+            "keepalives_interval": max(1, seconds // 3),
+            "keepalives_count": 3,
+            "tcp_user_timeout": 3000 * seconds,
+        }
+        given = conninfo_to_dict(dsn)
+        kwargs |= {name: value for name, value in liveness.items() if name not in given}
         if self.pgbouncer:
             kwargs["prepare_threshold"] = None
         else:
@@ -404,9 +430,23 @@ class Settings:
                 r" -c default_transaction_isolation=read\ committed"
             )
             # libpq would take PGOPTIONS when the DSN has no options; the keyword replaces both.
-            theirs = conninfo_to_dict(dsn).get("options") or os.environ.get("PGOPTIONS")
+            theirs = given.get("options") or os.environ.get("PGOPTIONS")
             kwargs["options"] = f"{theirs} {ours}" if theirs else ours
         return kwargs
+
+
+def connect_failure(message: str) -> str:
+    """The cause in libpq's message for a failed connection, with its hint: ``Connection
+    refused (Is the server running on that host and accepting TCP/IP connections?)`` from
+    ``connection failed: connection to server at "h", port 1 failed: Connection refused`` and
+    the hint on the line after it (indented). For several hosts, the one on the first line
+    (the message lists them all below it). Empty for an empty message."""
+    lines = message.strip().splitlines()
+    if not lines:
+        return ""
+    cause = lines[0].strip().rpartition(" failed: ")[2]
+    hint = lines[1].strip() if len(lines) > 1 and lines[1][:1].isspace() else ""
+    return f"{cause} ({hint})" if hint else cause
 
 
 def _log_observer_failure(message: str, *args: object) -> None:

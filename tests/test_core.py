@@ -31,6 +31,7 @@ from kitium_pg import (
     ValidationError,
 )
 from kitium_pg._async.migrate import _failed as _migration_failure
+from kitium_pg._base import connect_failure
 from kitium_pg.errors import connection_lost
 
 from .fix_race import race_each
@@ -555,7 +556,42 @@ def test_an_unreachable_database_is_unavailable_and_the_password_stays_hidden() 
     with pytest.raises(UnavailableError) as caught:
         storage.connect()
     assert "s3cret-pw" not in str(caught.value)
+    # The cause, then libpq's hint (the hint alone dropped the cause).
+    assert str(caught.value).endswith(
+        ": Connection refused (Is the server running on that host and accepting TCP/IP"
+        " connections?)"
+    )
     storage.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (
+            'connection is bad: connection to server on socket "/x/.s.PGSQL.5432" failed: No such'
+            " file or directory\n\tIs the server running locally and accepting connections on"
+            " that socket?",
+            "No such file or directory (Is the server running locally and accepting connections"
+            " on that socket?)",
+        ),
+        (
+            'connection failed: connection to server at "h", port 5432 failed: FATAL:  password'
+            ' authentication failed for user "app"',
+            'FATAL:  password authentication failed for user "app"',
+        ),
+        (
+            'connection failed: connection to server at "b", port 1 failed: Connection refused\n'
+            "\tIs the server running on that host and accepting TCP/IP connections?\n"
+            "Multiple connection attempts failed. All failures were:\n- host: 'a', port: '1'",
+            "Connection refused (Is the server running on that host and accepting TCP/IP"
+            " connections?)",
+        ),
+        ("timeout expired", "timeout expired"),
+        ("", ""),
+    ],
+)
+def test_a_connection_failure_names_its_cause_and_libpqs_hint(message: str, reason: str) -> None:
+    assert connect_failure(message) == reason
 
 
 @pytest.mark.parametrize(

@@ -191,3 +191,34 @@ def test_the_adapters_application_name_is_a_fallback() -> None:
     kwargs = build(application_name="billing").connection_kwargs("dbname=x")
     assert kwargs["fallback_application_name"] == "billing"
     assert "application_name" not in kwargs
+
+
+def test_tcp_notices_a_dead_peer_within_about_three_connect_timeouts() -> None:
+    """Keepalives and tcp_user_timeout follow connect_timeout (the server's statement timeout
+    cannot fire while it is unreachable, and the system's keepalive defaults take two hours);
+    the DSN's own values win."""
+    kwargs = build(connect_timeout=10.0).connection_kwargs("dbname=x")
+    assert {k: v for k, v in kwargs.items() if k.startswith(("keepalives", "tcp_"))} == {
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 3,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+    }
+    short = build(connect_timeout=1.0).connection_kwargs("dbname=x")
+    assert (short["keepalives_idle"], short["keepalives_interval"]) == (1, 1)
+    assert short["tcp_user_timeout"] == 3000
+    theirs = build().connection_kwargs("dbname=x keepalives=0 tcp_user_timeout=5")
+    assert "keepalives" not in theirs and "tcp_user_timeout" not in theirs
+    assert theirs["keepalives_idle"] == 10
+
+
+@pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
+def test_a_reconnection_chain_gives_up_after_the_longer_of_the_two_timeouts(cls: type) -> None:
+    """psycopg-pool's default (300 s) let its back-off grow to minutes during an outage, and
+    calls kept failing for about as long after the database was back; each chain now ends
+    after max(pool_timeout, connect_timeout), and the next waiting call starts a new one."""
+    adapter = cls("dbname=x", pool_timeout=4.0, connect_timeout=2.0, replica_dsn="dbname=y")
+    assert adapter.pool.reconnect_timeout == 4.0
+    assert [r.reconnect_timeout for r in adapter._replicas] == [4.0]
+    assert cls("dbname=x").pool.reconnect_timeout == 10.0

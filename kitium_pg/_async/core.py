@@ -26,6 +26,7 @@ from .._base import (
     Retry,
     Settings,
     backoff,
+    connect_failure,
     log_call,
     observe_finish,
     observe_start,
@@ -122,6 +123,7 @@ class AsyncCore:
                 max_size=max_size,
                 max_idle=max(idle_timeout, 1.0),
                 timeout=pool_timeout,
+                reconnect_timeout=self._settings.reconnect_timeout,
                 kwargs=self._settings.connection_kwargs(dsn),
                 open=False,
                 name="kitium-pg",
@@ -157,6 +159,7 @@ class AsyncCore:
                     max_size=max_size,
                     max_idle=max(idle_timeout, 1.0),
                     timeout=min(pool_timeout, _REPLICA_WAIT),
+                    reconnect_timeout=self._settings.reconnect_timeout,
                     kwargs=self._settings.connection_kwargs(replica),
                     open=False,
                     name=f"kitium-pg-replica-{n}",
@@ -425,8 +428,7 @@ class AsyncCore:
         try:
             conn = await AsyncConnection.connect(conninfo, **kwargs)
         except psycopg.Error as exc:
-            text = str(exc).strip().splitlines()
-            return redact_dsn(text[-1] if text else type(exc).__name__)
+            return redact_dsn(connect_failure(str(exc)) or type(exc).__name__)
         await conn.close()
         return None
 

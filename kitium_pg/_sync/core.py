@@ -27,6 +27,7 @@ from .._base import (
     Retry,
     Settings,
     backoff,
+    connect_failure,
     log_call,
     observe_finish,
     observe_start,
@@ -123,6 +124,7 @@ class Core:
                 max_size=max_size,
                 max_idle=max(idle_timeout, 1.0),
                 timeout=pool_timeout,
+                reconnect_timeout=self._settings.reconnect_timeout,
                 kwargs=self._settings.connection_kwargs(dsn),
                 open=False,
                 name="kitium-pg",
@@ -158,6 +160,7 @@ class Core:
                     max_size=max_size,
                     max_idle=max(idle_timeout, 1.0),
                     timeout=min(pool_timeout, _REPLICA_WAIT),
+                    reconnect_timeout=self._settings.reconnect_timeout,
                     kwargs=self._settings.connection_kwargs(replica),
                     open=False,
                     name=f"kitium-pg-replica-{n}",
@@ -424,8 +427,7 @@ class Core:
         try:
             conn = Connection.connect(conninfo, **kwargs)
         except psycopg.Error as exc:
-            text = str(exc).strip().splitlines()
-            return redact_dsn(text[-1] if text else type(exc).__name__)
+            return redact_dsn(connect_failure(str(exc)) or type(exc).__name__)
         conn.close()
         return None
 
