@@ -27,7 +27,7 @@ import uuid_utils.compat
 from psycopg.conninfo import conninfo_to_dict
 
 from . import _sql, _validate
-from .errors import KitiumPgError, ValidationError
+from .errors import ConflictError, KitiumPgError, NotFoundError, ValidationError
 from .observe import Observer
 
 logger: Final = logging.getLogger("kitium_pg")
@@ -490,6 +490,10 @@ def observe_finish(
         _log_observer_failure("kitium_pg %s failed in finish(%s)", who, name)
 
 
+# Errors that answer the caller's input (see log_call).
+_CALLERS_INPUT: Final = (ConflictError, NotFoundError, ValidationError)
+
+
 def log_call(
     operation: str,
     started: float,
@@ -497,7 +501,11 @@ def log_call(
     error: KitiumPgError | None = None,
     cause: BaseException | None = None,
 ) -> None:
-    """One structured log line per statement. Parameters are never logged."""
+    """One structured log line per statement: DEBUG when it succeeds; INFO when the database
+    refused it as the caller's input (a conflict, a missing row, a check), an answer to the
+    caller rather than a fault a WARNING would page someone for (an application signing people
+    up meets taken addresses all day); WARNING for everything else (unavailable, timed out,
+    permission denied, internal). Parameters are never logged."""
     if error is None and not logger.isEnabledFor(logging.DEBUG):
         return  # the common case: no clock read, nothing built
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -510,7 +518,8 @@ def log_call(
         )
         return
     sqlstate = getattr(cause, "sqlstate", None)
-    logger.warning(
+    logger.log(
+        logging.INFO if isinstance(error, _CALLERS_INPUT) else logging.WARNING,
         "kitium_pg %s failed (%s, attempt %d)",
         operation,
         error.code,

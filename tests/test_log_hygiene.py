@@ -147,7 +147,7 @@ async def test_failures_and_retries_at_debug_log_no_secret(
         )
         await storage.mark_email_verification_token_as_used(token.id)
 
-        # Failures the database reports (each is logged at WARNING with its SQLSTATE).
+        # Failures the database reports (each is logged, at INFO or WARNING, with its SQLSTATE).
         with pytest.raises(ConflictError):
             await storage.create_user(email=email.upper(), password_hash=password_hash)
         with pytest.raises(ConflictError):
