@@ -5,9 +5,10 @@
 -- session's token and one of them is not the user (token theft, or a session fixation that the
 -- rotation defeated). Rotating refresh credentials with reuse detection is the OAuth security
 -- best practice's answer (RFC 9700, 4.14.2); Supabase Auth ends the whole session then. The
--- adapter now keeps the digest replaced last and the time of that rotation; the rotation query
--- ends the session when that token is presented after a grace period (a client that lost the
--- answer to its own rotation retries within it) and records an auth event.
+-- adapter now keeps the digest replaced last (only that one: docs/security.md says what this
+-- does not catch) and the time of that rotation; the rotation query ends the session when that
+-- token is presented after a grace period (a client that lost the answer to its own rotation
+-- retries within it) and records an auth event.
 --
 -- Nullable columns without a default: PostgreSQL adds them to the catalog only, no table
 -- rewrite. The checks (a digest is 32 bytes; a replaced digest and its rotation time come

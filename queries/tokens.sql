@@ -48,7 +48,8 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- token would never validate: the presented one stays). reused is false on a rotated row.
 -- The token rotated out last, presented more than reuse_grace after its rotation (NULL: never),
 -- ends the session and writes a session.token_reused event (id event_id), both here: a row
--- with reused true says so. Within reuse_grace it gets no row and changes nothing. The event is
+-- with reused true (and no session) says so, also to a retry after a lost acknowledgement, which
+-- finds that event. Within reuse_grace it gets no row and changes nothing. The event is
 -- the user's, with no organization (the session's goes in its data): sessions are not tenant
 -- data, and under tenant_rls a caller without a tenant may write only such events.
 WITH ended AS (
@@ -57,8 +58,7 @@ WITH ended AS (
      AND s.previous_token_hash = :presented_hash
      AND s.token_hash <> :token_hash
      AND s.token_rotated_at <= statement_timestamp() - CAST(:reuse_grace AS interval)
-  RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
-            s.created_at, s.updated_at, s.token_rotated_at
+  RETURNING s.id, s.user_id, s.org_id, s.token_rotated_at
 ), reported AS (
   INSERT INTO kitium_auth.auth_events (id, type, principal_id, org_id, data, "timestamp")
   SELECT :event_id, 'session.token_reused', ended.user_id::text, NULL,
@@ -81,13 +81,13 @@ WITH ended AS (
   RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
             s.created_at, s.updated_at
 )
-SELECT false AS reused, id, user_id, org_id, plan, entitlements, metadata, expires_at,
-       created_at, updated_at
-  FROM rotated
-UNION ALL
-SELECT true, id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at,
-       updated_at
-  FROM ended;
+SELECT r.id IS NULL AS reused, r.id, r.user_id, r.org_id, r.plan, r.entitlements, r.metadata,
+       r.expires_at, r.created_at, r.updated_at
+  FROM (SELECT) AS one
+  LEFT JOIN rotated AS r ON true
+ WHERE r.id IS NOT NULL
+    OR EXISTS (SELECT FROM ended)
+    OR EXISTS (SELECT FROM kitium_auth.auth_events AS e WHERE e.id = :event_id);
 
 -- name: verify_api_key(hash)^
 -- The unexpired key with this digest; stamps last_used_at when it is over a minute old, so a busy

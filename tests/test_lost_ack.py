@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -214,6 +215,31 @@ async def test_rotate_session_token_after_a_lost_ack_gives_the_new_token(
     assert rotated is not None and rotated.session.id == issued.session.id
     assert await via_proxy.validate_session_token(rotated.token) == rotated.session
     assert await via_proxy.validate_session_token(issued.token) is None
+
+
+async def test_a_reuse_found_by_a_first_attempt_whose_ack_was_lost_is_still_reported(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first attempt ended the session and wrote the event; the retry finds no session but
+    its own event, and the call still logs the reuse (it logged nothing before)."""
+    user = await via_proxy.create_user()
+    issued = await via_proxy.issue_session_token(user_id=user.id, expires_at=in_an_hour())
+    assert await via_proxy.rotate_session_token(issued.token) is not None
+    lost = LostAck(proxy, SESSION_ROTATE)
+    with caplog.at_level(logging.WARNING, logger="kitium_pg"):
+        reused = await via_proxy.rotate_session_token(issued.token, reuse_grace=dt.timedelta(0))
+    lost.check(sent=2)
+    assert reused is None
+    assert rows(dsn, "SELECT 1 FROM kitium_auth.sessions WHERE id = %s", issued.session.id) == []
+    events = rows(
+        dsn,
+        "SELECT data->>'session_id' FROM kitium_auth.auth_events"
+        " WHERE principal_id = %s AND type = 'session.token_reused'",
+        str(user.id),
+    )
+    assert events == [(str(issued.session.id),)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("was ended" in m and str(issued.session.id) in m for m in warnings), warnings
 
 
 async def test_a_guarded_oauth_refresh_after_a_lost_ack_returns_its_own_write(

@@ -52,8 +52,10 @@ def _presented(token: object) -> tuple[uuid.UUID, bytes] | None:
         return None
 
 
-def _rotation(*, reused: bool, **columns: Any) -> tuple[bool, Session]:
-    return reused, Session(**columns)
+def _rotation(*, reused: bool, **columns: Any) -> Session | bool:
+    """The rotated session, or ``True`` when the presented token was found reused (the row
+    then holds no session)."""
+    return True if reused else Session(**columns)
 
 
 def _session_with_hash(*, token_hash: bytes, **columns: Any) -> tuple[Session, bytes]:
@@ -199,16 +201,16 @@ class Tokens(Sessions, ApiKeys):
         found = self._one("rotate_session_token", params, _rotation, retry=Retry.SAFE)
         if found is None:
             return None
-        reused, session = found
-        if reused:
+        if found is True:
             logger.warning(
                 "kitium_pg rotate_session_token: a token rotated out of session %s more than"
                 " reuse_grace ago was presented again; the session was ended",
-                session.id,
-                extra={"operation": "rotate_session_token", "session_id": str(session.id)},
+                session_id,
+                extra={"operation": "rotate_session_token", "session_id": str(session_id)},
             )
             return None
-        return IssuedSession(session=session, token=f"{session.id}.{secret}")
+        assert isinstance(found, Session)
+        return IssuedSession(session=found, token=f"{found.id}.{secret}")
 
     def issue_api_key(
         self,
