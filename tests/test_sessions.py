@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import inspect
 import uuid
@@ -458,6 +459,51 @@ def test_each_purge_batch_scans_from_where_the_last_one_stopped(
     [bound] = [line for line in plan.splitlines() if "Index Cond" in line]
     resume = "ROW(COALESCE($2" if query == "prune_events" else ">= COALESCE($1"
     assert resume in bound, plan
+
+
+async def test_a_purge_whose_batch_deletes_nothing_ends_rather_than_loop(dsn: str) -> None:
+    """Rows a trigger always spares are locked by every batch and deleted by none: with at
+    least batch_size of them first in line, each batch started over at them, for ever. A batch
+    that deletes nothing now ends the run (the rows stay for the next one)."""
+    schema = f"purge_{uuid.uuid4().hex[:10]}"
+    adapter = AsyncPostgresStorageAdapter(dsn, schema=schema, max_size=1)
+    await adapter.connect()
+    try:
+        user = await adapter.create_user()
+        expired = [
+            await adapter.create_session(user_id=user.id, expires_at=earlier(minutes=i + 1))
+            for i in range(5)
+        ]
+        spared = [s.id for s in expired[-2:]]  # the oldest expiries: first in every batch
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(SPARE_ALWAYS.replace("purge_schema", schema).encode())
+            conn.execute(
+                f"INSERT INTO {schema}.spare_always (id) SELECT unnest(%s::uuid[])".encode(),
+                [spared],
+            )
+        deleted = await asyncio.wait_for(adapter.delete_expired_sessions(batch_size=2), 30)
+        assert deleted == 0  # the first batch locked the two spared rows and deleted neither
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            left = conn.execute(f"SELECT count(*) FROM {schema}.sessions".encode()).fetchone()
+        assert left == (5,)
+    finally:
+        await adapter.disconnect()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+SPARE_ALWAYS = """
+CREATE TABLE purge_schema.spare_always (id uuid PRIMARY KEY);
+CREATE FUNCTION purge_schema.spare_always() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM purge_schema.spare_always WHERE id = OLD.id) THEN
+    RETURN NULL;
+  END IF;
+  RETURN OLD;
+END $$;
+CREATE TRIGGER spare_always BEFORE DELETE ON purge_schema.sessions
+  FOR EACH ROW EXECUTE FUNCTION purge_schema.spare_always();
+"""
 
 
 SPARE_ONCE = """

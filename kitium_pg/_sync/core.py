@@ -787,7 +787,8 @@ class Core:
         resume: tuple[str, ...] = (),
     ) -> int:
         """Run delete query ``name`` (which takes ``:batch_size`` and deletes at most that many
-        rows) until a batch takes fewer than ``batch_size``; returns the total deleted. A query
+        rows) until a batch takes fewer than ``batch_size`` or deletes none; returns the total
+        deleted. A query
         may return the row ``(deleted, locked, *key)`` instead of a row count: then the batch
         size is judged on the rows it locked, and the parameters named by ``resume`` (``None``
         for the first batch) take the ``key`` the batch before reached, where the next one
@@ -808,7 +809,9 @@ class Core:
             total += deleted
             if progress is not None:
                 progress(total)
-            if taken < size:
+            # A batch that deleted nothing ends the run too: whatever it locked and could not
+            # delete (a trigger sparing rows, say) would come back in every batch after it.
+            if taken < size or not deleted:
                 return total
 
 
