@@ -407,13 +407,8 @@ async def test_a_batch_that_locks_rows_it_cannot_delete_does_not_end_the_purge(
             await _call(adapter.create_session(user_id=user.id, expires_at=earlier(minutes=i + 1)))
             for i in range(25)
         ]
-        spared = [s.id for s in expired[-3:]]  # the oldest expiry: in the first batch
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(SPARE_ONCE.replace("purge_schema", schema).encode())
-            conn.execute(
-                f"INSERT INTO {schema}.spare_once (id) SELECT unnest(%s::uuid[])".encode(),
-                [spared],
-            )
+        # The oldest expiries: in the first batch.
+        _spare(dsn, schema, [s.id for s in expired[-3:]], once=True)
         assert await _call(adapter.delete_expired_sessions(batch_size=10)) == 25
         for session in expired:
             assert await _call(adapter.get_session(session.id, consistency="primary")) is None
@@ -474,13 +469,8 @@ async def test_a_purge_whose_batch_deletes_nothing_ends_rather_than_loop(dsn: st
             await adapter.create_session(user_id=user.id, expires_at=earlier(minutes=i + 1))
             for i in range(5)
         ]
-        spared = [s.id for s in expired[-2:]]  # the oldest expiries: first in every batch
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(SPARE_ALWAYS.replace("purge_schema", schema).encode())
-            conn.execute(
-                f"INSERT INTO {schema}.spare_always (id) SELECT unnest(%s::uuid[])".encode(),
-                [spared],
-            )
+        # The oldest expiries: first in every batch.
+        _spare(dsn, schema, [s.id for s in expired[-2:]], once=False)
         deleted = await asyncio.wait_for(adapter.delete_expired_sessions(batch_size=2), 30)
         assert deleted == 0  # the first batch locked the two spared rows and deleted neither
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -492,33 +482,29 @@ async def test_a_purge_whose_batch_deletes_nothing_ends_rather_than_loop(dsn: st
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
 
 
-SPARE_ALWAYS = """
-CREATE TABLE purge_schema.spare_always (id uuid PRIMARY KEY);
-CREATE FUNCTION purge_schema.spare_always() RETURNS trigger LANGUAGE plpgsql AS $$
+SPARE = """
+CREATE TABLE purge_schema.spared (id uuid PRIMARY KEY, once boolean NOT NULL);
+CREATE FUNCTION purge_schema.spare() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  IF EXISTS (SELECT 1 FROM purge_schema.spare_always WHERE id = OLD.id) THEN
-    RETURN NULL;
-  END IF;
-  RETURN OLD;
-END $$;
-CREATE TRIGGER spare_always BEFORE DELETE ON purge_schema.sessions
-  FOR EACH ROW EXECUTE FUNCTION purge_schema.spare_always();
-"""
-
-
-SPARE_ONCE = """
-CREATE TABLE purge_schema.spare_once (id uuid PRIMARY KEY);
-CREATE FUNCTION purge_schema.spare_once() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  DELETE FROM purge_schema.spare_once WHERE id = OLD.id;
-  IF FOUND THEN
+  IF EXISTS (SELECT 1 FROM purge_schema.spared WHERE id = OLD.id) THEN
+    DELETE FROM purge_schema.spared WHERE id = OLD.id AND once;
     RETURN NULL;  -- this time the row stays (locked by the purge, not deleted)
   END IF;
   RETURN OLD;
 END $$;
-CREATE TRIGGER spare_once BEFORE DELETE ON purge_schema.sessions
-  FOR EACH ROW EXECUTE FUNCTION purge_schema.spare_once();
+CREATE TRIGGER spare BEFORE DELETE ON purge_schema.sessions
+  FOR EACH ROW EXECUTE FUNCTION purge_schema.spare();
 """
+
+
+def _spare(dsn: str, schema: str, ids: list[uuid.UUID], *, once: bool) -> None:
+    """Make the purge of ``schema``'s sessions spare these rows: once, or every time."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(SPARE.replace("purge_schema", schema).encode())
+        conn.execute(
+            f"INSERT INTO {schema}.spared (id, once) SELECT unnest(%s::uuid[]), %s".encode(),
+            [ids, once],
+        )
 
 
 async def _call(result: Any) -> Any:
