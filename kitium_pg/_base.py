@@ -27,7 +27,7 @@ import uuid_utils.compat
 from psycopg.conninfo import conninfo_to_dict
 
 from . import _sql, _validate
-from .errors import ConflictError, KitiumPgError, NotFoundError, ValidationError
+from .errors import KitiumPgError, ValidationError, refuses_callers_input
 from .observe import Observer
 
 logger: Final = logging.getLogger("kitium_pg")
@@ -400,7 +400,9 @@ class Settings:
         ``tcp_user_timeout`` for sent data left unacknowledged. The server's statement timeout
         cannot fire when the server is unreachable, and the system's keepalive defaults take
         over two hours; meanwhile a call would hold its pooled connection. Parameters of these
-        names in the DSN win."""
+        names in the DSN win; with a ``pg_service.conf`` service (``service=`` or
+        ``PGSERVICE``) none is set, since a keyword would replace what the service file says
+        and it cannot be read from here as libpq does: set them there."""
         seconds = max(1, round(self.connect_timeout))
         kwargs: dict[str, Any] = {
             "autocommit": True,
@@ -417,7 +419,8 @@ class Settings:
             "tcp_user_timeout": 3000 * seconds,
         }
         given = conninfo_to_dict(dsn)
-        kwargs |= {name: value for name, value in liveness.items() if name not in given}
+        if "service" not in given and not os.environ.get("PGSERVICE"):
+            kwargs |= {name: value for name, value in liveness.items() if name not in given}
         if self.pgbouncer:
             kwargs["prepare_threshold"] = None
         else:
@@ -490,10 +493,6 @@ def observe_finish(
         _log_observer_failure("kitium_pg %s failed in finish(%s)", who, name)
 
 
-# Errors that answer the caller's input (see log_call).
-_CALLERS_INPUT: Final = (ConflictError, NotFoundError, ValidationError)
-
-
 def log_call(
     operation: str,
     started: float,
@@ -502,10 +501,11 @@ def log_call(
     cause: BaseException | None = None,
 ) -> None:
     """One structured log line per statement: DEBUG when it succeeds; INFO when the database
-    refused it as the caller's input (a conflict, a missing row, a check), an answer to the
-    caller rather than a fault a WARNING would page someone for (an application signing people
-    up meets taken addresses all day); WARNING for everything else (unavailable, timed out,
-    permission denied, internal). Parameters are never logged."""
+    refused it for the caller's input (``errors.refuses_callers_input``: a taken address, a missing
+    parent row, a constraint), an answer rather than a fault a WARNING would page someone for
+    (an application signing people up meets taken addresses all day); WARNING for every other
+    failure (deadlocks, timeouts, lost connections, permissions...). Parameters are never
+    logged."""
     if error is None and not logger.isEnabledFor(logging.DEBUG):
         return  # the common case: no clock read, nothing built
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -519,7 +519,7 @@ def log_call(
         return
     sqlstate = getattr(cause, "sqlstate", None)
     logger.log(
-        logging.INFO if isinstance(error, _CALLERS_INPUT) else logging.WARNING,
+        logging.INFO if refuses_callers_input(sqlstate) else logging.WARNING,
         "kitium_pg %s failed (%s, attempt %d)",
         operation,
         error.code,

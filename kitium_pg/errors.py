@@ -202,6 +202,20 @@ _AUTO_RETRY: Final[frozenset[str]] = frozenset(
 )
 
 
+# Refusals that answer the caller's input (a taken address, a missing parent row, a value a
+# constraint refuses), not faults: logged at INFO rather than WARNING. Deadlocks, serialization
+# failures, missing objects and data exceptions (which checked input should never reach) stay
+# warnings.
+# Their SQLSTATEs: unique, exclusion, foreign key and check violations.
+_CALLERS_INPUT: Final[frozenset[str]] = frozenset({"23505", "23P01", "23503", "23514"})
+
+
+def refuses_callers_input(sqlstate: str | None) -> bool:
+    """Whether a statement that failed with ``sqlstate`` was refused for what the caller gave
+    it, rather than for a fault."""
+    return sqlstate in _CALLERS_INPUT
+
+
 def is_auto_retryable(error: KitiumPgError) -> bool:
     """Whether the adapter may retry ``error`` itself for a retry-safe operation."""
     return error.code in _AUTO_RETRY

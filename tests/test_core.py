@@ -31,8 +31,8 @@ from kitium_pg import (
     ValidationError,
 )
 from kitium_pg._async.migrate import _failed as _migration_failure
-from kitium_pg._base import connect_failure
-from kitium_pg.errors import connection_lost
+from kitium_pg._base import connect_failure, log_call
+from kitium_pg.errors import connection_lost, translate
 
 from .fix_race import race_each
 from .roundtrips import count
@@ -145,6 +145,42 @@ async def test_transactions_after_a_restart_do_not_draw_the_dead_connections_one
         assert await _call(run) == user
     finally:
         await _call(adapter.disconnect())
+
+
+async def test_a_savepoint_on_a_lost_connection_is_not_re_run_and_drains_once(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_in_transaction on a transaction's view re-runs nothing that could not begin: its
+    savepoint cannot begin on a lost connection however often it is tried (it was tried
+    max_retries more times, each draining the pool's fresh connections again)."""
+    name = f"kpg-savepoint-{uuid.uuid4().hex[:8]}"
+    adapter = AsyncPostgresStorageAdapter(dsn, min_size=4, max_size=4, application_name=name)
+    await adapter.connect()
+    drains: list[int] = []
+    real = adapter.pool.drain
+
+    async def counted() -> None:
+        drains.append(1)
+        await real()
+
+    try:
+        user = await adapter.create_user()
+        await adapter.pool.wait()
+        monkeypatch.setattr(adapter.pool, "drain", counted)
+        with pytest.raises(UnavailableError):
+            async with adapter.transaction() as tx:
+                assert _kill_by_name(dsn, name) == 4
+
+                async def work(inner: Any) -> Any:
+                    return await inner.get_user(user.id)
+
+                with pytest.raises(UnavailableError) as caught:
+                    await tx.run_in_transaction(work)
+                assert caught.value.code == "admin_shutdown"  # the cause, not a later attempt's
+                raise caught.value
+        assert drains == [1]
+    finally:
+        await adapter.disconnect()
 
 
 def _kill_by_name(dsn: str, application_name: str) -> int:
@@ -562,6 +598,33 @@ def test_an_unreachable_database_is_unavailable_and_the_password_stays_hidden() 
         " connections?)"
     )
     storage.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "level"),
+    [
+        ("23505", logging.INFO),  # a taken address: an answer to the caller
+        ("23503", logging.INFO),
+        ("23514", logging.INFO),
+        ("23P01", logging.INFO),
+        ("40P01", logging.WARNING),  # a deadlock is a lock-order fault, not the caller's input
+        ("40001", logging.WARNING),
+        ("23502", logging.WARNING),
+        ("22012", logging.WARNING),
+        ("42704", logging.WARNING),
+        ("57014", logging.WARNING),
+        ("57P01", logging.WARNING),
+    ],
+)
+def test_a_refusal_of_the_callers_input_is_logged_at_info_and_a_fault_at_warning(
+    sqlstate: str, level: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    cause = psycopg.errors.lookup(sqlstate)("refused")
+    error = translate(cause, operation="create_user")
+    with caplog.at_level(logging.DEBUG, logger="kitium_pg"):
+        log_call("create_user", 0.0, 1, error, cause)
+    [record] = [r for r in caplog.records if r.name == "kitium_pg"]
+    assert record.levelno == level, error.code
 
 
 @pytest.mark.parametrize(

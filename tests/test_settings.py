@@ -193,10 +193,13 @@ def test_the_adapters_application_name_is_a_fallback() -> None:
     assert "application_name" not in kwargs
 
 
-def test_tcp_notices_a_dead_peer_within_about_three_connect_timeouts() -> None:
+def test_tcp_notices_a_dead_peer_within_about_three_connect_timeouts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Keepalives and tcp_user_timeout follow connect_timeout (the server's statement timeout
     cannot fire while it is unreachable, and the system's keepalive defaults take two hours);
     the DSN's own values win."""
+    monkeypatch.delenv("PGSERVICE", raising=False)
     kwargs = build(connect_timeout=10.0).connection_kwargs("dbname=x")
     assert {k: v for k, v in kwargs.items() if k.startswith(("keepalives", "tcp_"))} == {
         "keepalives": 1,
@@ -211,6 +214,17 @@ def test_tcp_notices_a_dead_peer_within_about_three_connect_timeouts() -> None:
     theirs = build().connection_kwargs("dbname=x keepalives=0 tcp_user_timeout=5")
     assert "keepalives" not in theirs and "tcp_user_timeout" not in theirs
     assert theirs["keepalives_idle"] == 10
+
+
+def test_a_service_keeps_its_own_tcp_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyword argument replaces what a pg_service.conf service sets (its keepalives=0
+    included), and the service file cannot be read as libpq reads it: none is set then."""
+    monkeypatch.delenv("PGSERVICE", raising=False)
+    liveness = {"keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count"}
+    liveness.add("tcp_user_timeout")
+    assert not liveness & build().connection_kwargs("service=auth dbname=x").keys()
+    monkeypatch.setenv("PGSERVICE", "auth")
+    assert not liveness & build().connection_kwargs("dbname=x").keys()
 
 
 @pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])

@@ -283,9 +283,9 @@ class Core:
                         time.sleep(_CALLS_POLL)
                 raise_if_aborted(conn, state)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            # A BEGIN or COMMIT on a connection the server dropped: its siblings are most
-            # likely dead too (see _replace_connections), and each next transaction would
-            # draw one.
+            # A BEGIN, SAVEPOINT or COMMIT on a connection the server dropped: its siblings are
+            # most likely dead too (see _replace_connections), and each next transaction
+            # would draw one.
             if self._owns_pool and connection_lost(exc):
                 self._replace_connections(self._pool, started)
             failure = chained(translate(exc, operation="transaction"), exc)
@@ -344,7 +344,9 @@ class Core:
                     return work(tx)
             except KitiumPgError as exc:
                 rolled_back = exc.code in ("serialization_failure", "deadlock_detected")
-                unstarted = not began and is_auto_retryable(exc)
+                # Only a transaction of its own: a savepoint on a lost connection cannot begin
+                # however often it is tried.
+                unstarted = not began and self._conn is None and is_auto_retryable(exc)
                 if not (rolled_back or unstarted) or attempt > self._settings.max_retries:
                     raise
                 time.sleep(backoff(attempt))
