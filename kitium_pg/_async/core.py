@@ -796,8 +796,8 @@ class AsyncCore:
         resume: tuple[str, ...] = (),
     ) -> int:
         """Run delete query ``name`` (which takes ``:batch_size`` and deletes at most that many
-        rows) until a batch takes fewer than ``batch_size`` or deletes none; returns the total
-        deleted. A query
+        rows) until a batch takes fewer than ``batch_size``, or two in a row delete none;
+        returns the total deleted. A query
         may return the row ``(deleted, locked, *key)`` instead of a row count: then the batch
         size is judged on the rows it locked, and the parameters named by ``resume`` (``None``
         for the first batch) take the ``key`` the batch before reached, where the next one
@@ -808,6 +808,7 @@ class AsyncCore:
         _validate.callback("progress", progress)
         batch = {**params, **dict.fromkeys(resume), "batch_size": size}
         total = 0
+        idle = 0  # batches in a row that deleted nothing
         while True:
             result = await self._run(name, batch, retry=Retry.SAFE)
             if isinstance(result, int):
@@ -818,9 +819,11 @@ class AsyncCore:
             total += deleted
             if progress is not None:
                 progress(total)
-            # A batch that deleted nothing ends the run too: whatever it locked and could not
-            # delete (a trigger sparing rows, say) would come back in every batch after it.
-            if taken < size or not deleted:
+            # Two batches in a row that deleted nothing end the run too: rows a batch locks and
+            # cannot delete are either updated since its statement began, which the next batch
+            # deletes, or spared for good (a trigger, say), and would come back in every batch.
+            idle = 0 if deleted else idle + 1
+            if taken < size or idle == 2:
                 return total
 
 
