@@ -797,13 +797,12 @@ class AsyncCore:
     ) -> int:
         """Run delete query ``name`` (which takes ``:batch_size`` and deletes at most that many
         rows) until a batch takes fewer than ``batch_size``, or two in a row delete none;
-        returns the total deleted. A query
-        may return the row ``(deleted, locked, *key)`` instead of a row count: then the batch
-        size is judged on the rows it locked, and the parameters named by ``resume`` (``None``
-        for the first batch) take the ``key`` the batch before reached, where the next one
-        starts. Short statements keep locks brief and let concurrent readers through; each
-        batch is its own retry-safe statement (deleting expired rows is idempotent).
-        ``progress(total_so_far)`` is called after each batch."""
+        returns the total deleted. A query may return the row ``(deleted, locked, *key)``
+        instead of a row count: then the batch size is judged on the rows it locked, and the
+        parameters named by ``resume`` (``None`` for the first batch) take the ``key`` the
+        batch before reached, where the next one starts. Short statements keep locks brief and
+        let concurrent readers through; each batch is its own retry-safe statement (deleting
+        expired rows is idempotent). ``progress(total_so_far)`` is called after each batch."""
         size = _validate.integer("batch_size", batch_size, minimum=1, maximum=100_000)
         _validate.callback("progress", progress)
         batch = {**params, **dict.fromkeys(resume), "batch_size": size}
