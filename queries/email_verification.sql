@@ -97,9 +97,8 @@ WITH batch AS (
    WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
   RETURNING 1
 )
-SELECT d.deleted, b.locked, CASE WHEN d.deleted = b.locked THEN b.last END AS last
-  FROM (SELECT count(*) AS deleted FROM deleted) AS d,
-       (SELECT count(*) AS locked, max(expires_at) AS last FROM batch) AS b;
+SELECT (SELECT count(*) FROM deleted) AS deleted, count(*) AS locked, max(expires_at) AS last
+  FROM batch;
 
 -- name: get_email_verification_token_attempts(token_id)$
 -- The attempt counter of one token; no row when nothing was counted yet.

@@ -105,9 +105,9 @@ DELETE FROM kitium_auth.auth_events
 -- included, is a range scan of auth_events_timestamp_idx starting where the last batch stopped:
 -- without an order the generic plan was a sequential scan of the whole table per batch, and
 -- without the lower bound each batch walks the entries of the rows deleted before it while an
--- older snapshot keeps them from being marked dead. Rows locked by another caller are skipped. A
--- batch that locked rows it could not delete (see delete_expired_sessions) returns no key: the
--- next one starts from the beginning again.
+-- older snapshot keeps them from being marked dead. Rows locked by another caller are skipped,
+-- and so are rows a batch locked and could not delete (see delete_expired_sessions): the next run
+-- deletes them.
 WITH batch AS (
   SELECT ctid, "timestamp", id
     FROM kitium_auth.auth_events
@@ -125,8 +125,5 @@ WITH batch AS (
 ), reached AS (
   SELECT "timestamp", id FROM batch ORDER BY "timestamp" DESC, id DESC LIMIT 1
 )
-SELECT d.deleted, b.locked,
-       CASE WHEN d.deleted = b.locked THEN (SELECT "timestamp" FROM reached) END AS last_ts,
-       CASE WHEN d.deleted = b.locked THEN (SELECT id FROM reached) END AS last_id
-  FROM (SELECT count(*) AS deleted FROM deleted) AS d,
-       (SELECT count(*) AS locked FROM batch) AS b;
+SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM batch) AS locked,
+       (SELECT "timestamp" FROM reached) AS last_ts, (SELECT id FROM reached) AS last_id;

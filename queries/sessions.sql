@@ -168,9 +168,9 @@ DELETE FROM kitium_auth.sessions WHERE id = :id;
 -- saves a primary-key descent per row (benchmarks: 1.3x the rows/s of = ANY (ARRAY(SELECT id ...)),
 -- and a third of the buffer writes). A row updated after the statement began is locked in its new
 -- version, which this statement's snapshot does not see: it is locked but not deleted, and the
--- caller goes on while a batch locks batch_size rows (the next statement sees that version); such a
--- batch returns no last expiry, so the next one starts from the beginning again, where that row is.
--- IN (subquery) was planned as a hash semi-join over the whole table.
+-- caller goes on while a batch locks batch_size rows; the next batch starts past it (at the same
+-- expiry, which it reads again) and the next run deletes it. IN (subquery) was planned as a hash
+-- semi-join over the whole table.
 WITH batch AS (
   SELECT ctid, expires_at
     FROM kitium_auth.sessions
@@ -184,9 +184,8 @@ WITH batch AS (
    WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
   RETURNING 1
 )
-SELECT d.deleted, b.locked, CASE WHEN d.deleted = b.locked THEN b.last END AS last
-  FROM (SELECT count(*) AS deleted FROM deleted) AS d,
-       (SELECT count(*) AS locked, max(expires_at) AS last FROM batch) AS b;
+SELECT (SELECT count(*) FROM deleted) AS deleted, count(*) AS locked, max(expires_at) AS last
+  FROM batch;
 
 -- name: list_user_sessions(user_id)
 -- A user's unexpired sessions, newest first (sessions_user_id_idx; ids are time-ordered UUIDv7).

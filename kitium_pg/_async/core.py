@@ -325,8 +325,9 @@ class AsyncCore:
         """Run ``work(tx)`` in a transaction and return its result, re-running the whole
         transaction (up to ``max_retries`` times, with backoff) when PostgreSQL rolled it back
         for a serialization failure or a deadlock, and when it could not begin (a connection
-        lost before ``work`` was called, as after a restart): those guarantee nothing was
-        committed. ``work`` must not have side effects outside the database. On a
+        lost before ``work`` was called, as after a restart; a transaction of its own only: on
+        a transaction's view, a savepoint that could not begin is not re-run): those guarantee
+        nothing was committed. ``work`` must not have side effects outside the database. On a
         transaction's view that a caught failure has aborted, raises that failure at once: no
         savepoint can open there, so no attempt could succeed."""
         _validate.callback("work", work)
@@ -796,8 +797,8 @@ class AsyncCore:
         resume: tuple[str, ...] = (),
     ) -> int:
         """Run delete query ``name`` (which takes ``:batch_size`` and deletes at most that many
-        rows) until a batch takes fewer than ``batch_size``, or two in a row delete none;
-        returns the total deleted. A query may return the row ``(deleted, locked, *key)``
+        rows) until a batch takes fewer than ``batch_size``, or deletes none without moving
+        on; returns the total deleted. A query may return the row ``(deleted, locked, *key)``
         instead of a row count: then the batch size is judged on the rows it locked, and the
         parameters named by ``resume`` (``None`` for the first batch) take the ``key`` the
         batch before reached, where the next one starts. Short statements keep locks brief and
@@ -807,22 +808,23 @@ class AsyncCore:
         _validate.callback("progress", progress)
         batch = {**params, **dict.fromkeys(resume), "batch_size": size}
         total = 0
-        idle = 0  # batches in a row that deleted nothing
         while True:
             result = await self._run(name, batch, retry=Retry.SAFE)
             if isinstance(result, int):
                 deleted = taken = result
+                stuck = False
             else:
                 deleted, taken, *key = result
-                batch = {**batch, **dict(zip(resume, key, strict=True))}
+                before, batch = batch, {**batch, **dict(zip(resume, key, strict=True))}
+                # Rows a batch locks and cannot delete were updated since its statement began
+                # or are spared for good (a trigger, say). The next batch starts at the key
+                # this one reached, which it reads again: batch_size spared rows sharing one
+                # key would come back in every batch.
+                stuck = not deleted and batch == before
             total += deleted
             if progress is not None:
                 progress(total)
-            # Two batches in a row that deleted nothing end the run too: rows a batch locks and
-            # cannot delete are either updated since its statement began, which the next batch
-            # deletes, or spared for good (a trigger, say), and would come back in every batch.
-            idle = 0 if deleted else idle + 1
-            if taken < size or idle == 2:
+            if taken < size or stuck:
                 return total
 
 
