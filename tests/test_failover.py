@@ -15,7 +15,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -31,9 +30,9 @@ RESUME_BOUND_S = 30.0
 
 
 @pytest.fixture
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicatedPair]:
+def pair() -> Iterator[ReplicatedPair]:
     """A fresh migrated primary with a synchronous standby (the test consumes it)."""
-    replicated = ReplicatedPair.create(Path(tmp_path_factory.mktemp("failover")))
+    replicated = ReplicatedPair.create()
     try:
         with PostgresStorageAdapter(replicated.primary.dsn, max_size=1, encryption_keys=TEST_KEYS):
             pass

@@ -14,7 +14,6 @@ import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -29,9 +28,9 @@ HOUR = dt.timedelta(hours=1)
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicatedPair]:
+def pair() -> Iterator[ReplicatedPair]:
     """A migrated primary and its hot standby, replay caught up."""
-    replicated = ReplicatedPair.create(Path(tmp_path_factory.mktemp("replicas")))
+    replicated = ReplicatedPair.create()
     try:
         with PostgresStorageAdapter(replicated.primary.dsn, max_size=1, encryption_keys=TEST_KEYS):
             pass
