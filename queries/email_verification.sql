@@ -97,7 +97,8 @@ WITH batch AS (
    WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
   RETURNING 1
 )
-SELECT (SELECT count(*) FROM deleted) AS deleted, count(*) AS locked, max(expires_at) AS last
+SELECT (SELECT count(*) FROM deleted) AS deleted, count(*) AS locked,
+       max(expires_at)::text AS last
   FROM batch;
 
 -- name: get_email_verification_token_attempts(token_id)$

@@ -101,7 +101,8 @@ DELETE FROM kitium_auth.auth_events
 -- name: prune_events(before, after_ts, after_id, batch_size)^
 -- Delete at most batch_size events older than before, oldest first from the key (after_ts,
 -- after_id) on (NULLs: the first batch), and return how many it deleted, how many it locked and
--- the key it reached (the next batch's). Ordered and bounded so that every plan, the generic one
+-- the key it reached (the next batch's; the timestamp as text, which reads back exactly, even
+-- '-infinity' or a date BC written by another tool, which a Python datetime cannot hold). Ordered and bounded so that every plan, the generic one
 -- included, is a range scan of auth_events_timestamp_idx starting where the last batch stopped:
 -- without an order the generic plan was a sequential scan of the whole table per batch, and
 -- without the lower bound each batch walks the entries of the rows deleted before it while an
@@ -112,7 +113,7 @@ WITH batch AS (
   SELECT ctid, "timestamp", id
     FROM kitium_auth.auth_events
    WHERE "timestamp" < :before
-     AND ("timestamp", id) > (coalesce(CAST(:after_ts AS timestamptz), '-infinity'),
+     AND ("timestamp", id) >= (coalesce(CAST(:after_ts AS timestamptz), '-infinity'),
                               coalesce(CAST(:after_id AS uuid),
                                        '00000000-0000-0000-0000-000000000000'))
    ORDER BY "timestamp", id
@@ -126,4 +127,4 @@ WITH batch AS (
   SELECT "timestamp", id FROM batch ORDER BY "timestamp" DESC, id DESC LIMIT 1
 )
 SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM batch) AS locked,
-       (SELECT "timestamp" FROM reached) AS last_ts, (SELECT id FROM reached) AS last_id;
+       (SELECT "timestamp"::text FROM reached) AS last_ts, (SELECT id FROM reached) AS last_id;

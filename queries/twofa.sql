@@ -238,5 +238,6 @@ WITH batch AS (
    WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
   RETURNING 1
 )
-SELECT (SELECT count(*) FROM deleted) AS deleted, count(*) AS locked, max(expires_at) AS last
+SELECT (SELECT count(*) FROM deleted) AS deleted, count(*) AS locked,
+       max(expires_at)::text AS last
   FROM batch;

@@ -357,7 +357,7 @@ async def test_delete_expired_sessions_runs_in_bounded_batches(
     ]
     adapter = storage.adapter if storage.kind == "sync" else storage
     batches: list[tuple[int, int]] = []
-    starts: list[dt.datetime | None] = []
+    starts: list[str | None] = []
     original = adapter._run
 
     def record(name: str, params: Any, result: Any) -> Any:
@@ -377,9 +377,11 @@ async def test_delete_expired_sessions_runs_in_bounded_batches(
     monkeypatch.setattr(adapter, "_run", sync_spy if storage.kind == "sync" else async_spy)
     assert await storage.delete_expired_sessions(batch_size=2) == 5
     assert batches == [(2, 2), (2, 2), (1, 1)]  # (deleted, locked) per statement
-    # Each statement starts at the expiry the one before reached (earliest expiry first).
+    # Each statement starts at the expiry the one before reached (earliest expiry first), passed
+    # on as the server's text for it.
     expiries = sorted(s.expires_at for s in expired)
-    assert starts == [None, expiries[1], expiries[1], expiries[3], expiries[3], expiries[4]]
+    parsed = [None if t is None else dt.datetime.fromisoformat(t) for t in starts]
+    assert parsed == [None, expiries[1], expiries[1], expiries[3], expiries[3], expiries[4]]
     monkeypatch.undo()
 
     for session in expired:
@@ -456,6 +458,46 @@ def test_each_purge_batch_scans_from_where_the_last_one_stopped(
     [bound] = [line for line in plan.splitlines() if "Index Cond" in line]
     resume = "ROW(COALESCE($2" if query == "prune_events" else ">= COALESCE($1"
     assert resume in bound, plan
+
+
+async def test_purges_pass_keys_a_python_datetime_cannot_hold(dsn: str) -> None:
+    """Another tool may store '-infinity' or a date BC, which psycopg cannot load as a datetime:
+    a purge whose batch ended on one failed after deleting it (the key is passed on as the
+    server's text now). The first batch of prune_events also takes the event at the lowest key
+    there is ('-infinity', the all-zero id), which a strict bound left for ever."""
+    schema = f"purge_{uuid.uuid4().hex[:10]}"
+    adapter = AsyncPostgresStorageAdapter(dsn, schema=schema, max_size=1)
+    await adapter.connect()
+    try:
+        user = await adapter.create_user()
+        sessions = [await adapter.create_session(user_id=user.id, expires_at=later()) for _ in "ab"]
+        await adapter.create_session(user_id=user.id, expires_at=earlier(minutes=1))
+        lowest = uuid.UUID(int=0)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for session, when in zip(sessions, ("-infinity", "0044-03-15 BC"), strict=True):
+                conn.execute(
+                    f"UPDATE {schema}.sessions SET expires_at = %s WHERE id = %s".encode(),
+                    [when, session.id],
+                )
+            for event_id, when in ((lowest, "-infinity"), (uuid.uuid4(), "0044-03-15 BC")):
+                conn.execute(
+                    f"INSERT INTO {schema}.auth_events (id, type, principal_id, data, timestamp)"
+                    " VALUES (%s, 'old', 'p', '{}', %s)".encode(),
+                    [event_id, when],
+                )
+        await adapter.emit_event(
+            type="old", principal_id="p", data=None, timestamp=earlier(minutes=1)
+        )
+        assert await adapter.delete_expired_sessions(batch_size=1) == 3
+        assert await adapter.prune_events(before=dt.datetime.now(dt.UTC), batch_size=1) == 3
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for table in ("sessions", "auth_events"):
+                left = conn.execute(f"SELECT count(*) FROM {schema}.{table}".encode()).fetchone()
+                assert left == (0,), table
+    finally:
+        await adapter.disconnect()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["distinct", "tied"])
