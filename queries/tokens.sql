@@ -39,7 +39,7 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
  WHERE id = :id
  LIMIT 1;
 
--- name: rotate_session_token(id, presented_hash, token_hash, set_expires_at, expires_at, reuse_grace, event_id)^
+-- name: rotate_session_token(id, presented_hash, token_hash, set_expires_at, expires_at, reuse_grace, event_id)
 -- Give one unexpired session a new token digest, and a new expires_at when set_expires_at, if
 -- its digest is the presented token's, or already the new one (a retry after a lost
 -- acknowledgement finds its own write); the digest replaced is kept with the time (0028). No

@@ -51,10 +51,10 @@ def _presented(token: object) -> tuple[uuid.UUID, bytes] | None:
         return None
 
 
-def _rotation(*, reused: bool, **columns: Any) -> Session | bool:
-    """The rotated session, or ``True`` when the presented token was found reused (the row
+def _rotation(*, reused: bool, **columns: Any) -> Session | None:
+    """The rotated session, or ``None`` when the presented token was found reused (the row
     then holds no session)."""
-    return True if reused else Session(**columns)
+    return None if reused else Session(**columns)
 
 
 def _session_with_hash(*, token_hash: bytes, **columns: Any) -> tuple[Session, bytes]:
@@ -197,10 +197,12 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
             "token_hash": _digest(secret),
             "event_id": new_id(),
         }
-        found = await self._one("rotate_session_token", params, _rotation, retry=Retry.SAFE)
-        if found is None:
+        # No row: not a token that rotates; a row without a session: a reuse, which ended it.
+        rows = await self._many("rotate_session_token", params, _rotation, retry=Retry.SAFE)
+        if not rows:
             return None
-        if found is True:
+        [session] = rows
+        if session is None:
             logger.warning(
                 "kitium_pg rotate_session_token: a token rotated out of session %s more than"
                 " reuse_grace ago was presented again; the session was ended",
@@ -208,8 +210,7 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
                 extra={"operation": "rotate_session_token", "session_id": str(session_id)},
             )
             return None
-        assert isinstance(found, Session)
-        return IssuedSession(session=found, token=f"{found.id}.{secret}")
+        return IssuedSession(session=session, token=f"{session.id}.{secret}")
 
     async def issue_api_key(
         self,
