@@ -536,19 +536,31 @@ def log_call(
 
 # -- migrations -------------------------------------------------------------------------------
 
-_UP: Final = "-- migrate:up"
-_DOWN: Final = "-- migrate:down"
+_PART_RE: Final = re.compile(r"^-- migrate:(up|down)( transaction:false)?[ \t]*$", re.MULTILINE)
+_PART_LINE_RE: Final = re.compile(r"^-- migrate:.*$", re.MULTILINE)
+_SESSION_STATEMENT_RE: Final = re.compile(
+    r"(SET|RESET|BEGIN|START|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE|PREPARE|DISCARD)\b",
+    re.IGNORECASE,
+)
+Direction = Literal["up", "down"]
 
 
 @attrs.frozen(kw_only=True)
 class Migration:
-    """One file of ``migrations/``: ``NNNN_description.sql`` with up and down parts."""
+    """One file of ``migrations/``: ``NNNN_description.sql`` with up and down parts.
+
+    A part runs in one transaction, unless its marker line says ``transaction:false`` (dbmate's
+    spelling, for ``CREATE INDEX CONCURRENTLY`` and the like): then each of its statements runs
+    on its own, and the part must be written so that running it again after a failure half-way
+    finishes the job."""
 
     id: str
     path: Path
     checksum: str
     up: str
     down: str
+    up_in_transaction: bool = True
+    down_in_transaction: bool = True
 
     @property
     def file(self) -> str:
@@ -556,6 +568,33 @@ class Migration:
         ``migrations/optional/tenant_rls.sql``."""
         folder = "migrations/optional" if self.path.parent.name == "optional" else "migrations"
         return f"{folder}/{self.path.name}"
+
+    def in_transaction(self, direction: Direction) -> bool:
+        """Whether the ``direction`` part runs in one transaction."""
+        return self.up_in_transaction if direction == "up" else self.down_in_transaction
+
+    def sql(self, direction: Direction) -> str:
+        """The ``direction`` part's SQL text."""
+        return self.up if direction == "up" else self.down
+
+    def statements(self, direction: Direction) -> tuple[str, ...]:
+        """The statements of the ``direction`` part, for a part that runs outside a transaction
+        (each is sent on its own). Raises ``MigrationError`` when the part has none, or has a
+        statement that sets or resets a setting or controls transactions: run outside a
+        transaction, a setting would outlive the part (the runner's connection goes back to the
+        pool), and the part is run statement by statement by design."""
+        from .errors import MigrationError
+
+        found = _sql.statements(self.sql(direction))
+        if not found:
+            raise MigrationError(f"{self.file}: its {direction} part has no statement")
+        for statement in found:
+            if _SESSION_STATEMENT_RE.match(_sql.without_comments(statement)):
+                raise MigrationError(
+                    f"{self.file}: its {direction} part runs outside a transaction and may not"
+                    f" set settings or control transactions: {statement.splitlines()[-1]!r}"
+                )
+        return found
 
 
 def optional_migration_ids() -> tuple[str, ...]:
@@ -570,7 +609,8 @@ def load_migrations(
     """The numbered migrations in id order, then the requested optional ones, with SQL rewritten
     for ``schema``.
 
-    Raises ``MigrationError`` for a file without both ``-- migrate:up`` and ``-- migrate:down``,
+    Raises ``MigrationError`` for a file without one ``-- migrate:up`` line followed by one
+    ``-- migrate:down`` line (each optionally ending in `` transaction:false``),
     ``ValidationError`` for an unknown optional migration.
     """
     folder = folder or _sql.data_dir("migrations")
@@ -590,15 +630,25 @@ def _read_migration(path: Path, schema: str) -> Migration:
 
     raw = path.read_bytes().replace(b"\r\n", b"\n")
     text = raw.decode("utf-8")
-    if text.count(_UP) != 1 or text.count(_DOWN) != 1 or text.index(_UP) > text.index(_DOWN):
-        raise MigrationError(f"{path.name}: needs one '{_UP}' part followed by one '{_DOWN}'")
-    up, down = text.split(_UP, 1)[1].split(_DOWN, 1)
+    parts = list(_PART_RE.finditer(text))
+    # Every marker-like line must be one of the two markers: a misspelt option must not
+    # silently run a part in a transaction (or out of one).
+    if [m.group(1) for m in parts] != ["up", "down"] or len(_PART_LINE_RE.findall(text)) != len(
+        parts
+    ):
+        raise MigrationError(
+            f"{path.name}: needs one '-- migrate:up' line followed by one '-- migrate:down' line"
+            " (each may end in ' transaction:false')"
+        )
+    up_marker, down_marker = parts
     return Migration(
         id=path.stem,
         path=path,
         checksum=hashlib.sha256(raw).hexdigest(),
-        up=_sql.in_schema(up, schema),
-        down=_sql.in_schema(down, schema),
+        up=_sql.in_schema(text[up_marker.end() : down_marker.start()], schema),
+        down=_sql.in_schema(text[down_marker.end() :], schema),
+        up_in_transaction=up_marker.group(2) is None,
+        down_in_transaction=down_marker.group(2) is None,
     )
 
 

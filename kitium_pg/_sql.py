@@ -120,6 +120,25 @@ def in_schema(sql: str, schema: str) -> str:
     return sql if schema == DEFAULT_SCHEMA else _QUALIFIER_RE.sub(schema, sql)
 
 
+def statements(sql: str) -> tuple[str, ...]:
+    """The statements of ``sql`` in order, each with its terminating semicolon (comments that
+    stand alone dropped), for the migration parts that run outside a transaction, one statement
+    at a time: PostgreSQL runs several statements sent together in one transaction, where
+    ``CREATE INDEX CONCURRENTLY`` is refused. sqlparse splits them: it knows quoted strings,
+    dollar quoting and comments."""
+    import sqlparse  # only migrations that run outside a transaction need it
+
+    split = sqlparse.split(sql, strip_semicolon=False)
+    return tuple(s.strip() for s in split if without_comments(s))
+
+
+def without_comments(sql: str) -> str:
+    """``sql`` with its comments removed and its ends stripped (sqlparse)."""
+    import sqlparse
+
+    return str(sqlparse.format(sql, strip_comments=True)).strip()
+
+
 @functools.cache
 def _parsed() -> dict[str, Query]:
     loaded = aiosql.from_path(data_dir("queries"), "psycopg")

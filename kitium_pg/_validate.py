@@ -227,11 +227,13 @@ def opt_uuid_arg(field: str, value: object) -> uuid.UUID | None:
     return None if value is None else uuid_arg(field, value)
 
 
-def keyset(field: str, value: object, kind: type[Any], at: str) -> tuple[dt.datetime, uuid.UUID]:
-    """The keyset (``value.<at>``, ``value.user_id``) of ``value``, the last record of a page of
+def keyset(
+    field: str, value: object, kind: type[Any], at: str, tie: str = "user_id"
+) -> tuple[dt.datetime, uuid.UUID]:
+    """The keyset (``value.<at>``, ``value.<tie>``) of ``value``, the last record of a page of
     a listing ordered by them: ``value`` must be a ``kind`` (else the error names ``field``),
-    its instant a ``timestamp`` and its user id a UUID (errors name ``field.<at>`` and
-    ``field.user_id``). Each attribute is read once and the value read is the one checked."""
+    its instant a ``timestamp`` and its ``tie`` a UUID (errors name ``field.<at>`` and
+    ``field.<tie>``). Each attribute is read once and the value read is the one checked."""
     if not isinstance(value, kind):
         raise ValidationError(
             field,
@@ -239,7 +241,7 @@ def keyset(field: str, value: object, kind: type[Any], at: str) -> tuple[dt.date
             f" not {type(value).__name__}",
         )
     instant = timestamp(f"{field}.{at}", getattr(value, at, None))
-    return instant, uuid_arg(f"{field}.user_id", getattr(value, "user_id", None))
+    return instant, uuid_arg(f"{field}.{tie}", getattr(value, tie, None))
 
 
 def parse_uuid(value: object) -> uuid.UUID | None:

@@ -1,9 +1,16 @@
--- Migration ledger. The runner (kitium_pg/_async/migrate.py) executes each migration file's
--- up or down part in its own transaction, after lock_migrations.
+-- Migration ledger. The runner (kitium_pg/_async/migrate.py) holds try_lock_migrations' lock
+-- for its whole run and executes each migration file's up or down part in its own transaction,
+-- or, for a part marked transaction:false, one statement at a time.
 
--- name: lock_migrations()$
--- Serialise migrators (processes and threads) until the end of the current transaction.
-SELECT true FROM pg_advisory_xact_lock(hashtextextended('kitium_pg.migrations.kitium_auth', 0));
+-- name: try_lock_migrations()$
+-- Take the migrators' lock for this session if it is free (true), else false at once. Waiters
+-- poll between statements, outside any transaction: a blocked waiter would hold a snapshot
+-- that CREATE INDEX CONCURRENTLY waits out, a deadlock with the run it waits for.
+SELECT pg_try_advisory_lock(hashtextextended('kitium_pg.migrations.kitium_auth', 0));
+
+-- name: unlock_migrations()$
+-- Release the migrators' lock this session holds (false when it held none).
+SELECT pg_advisory_unlock(hashtextextended('kitium_pg.migrations.kitium_auth', 0));
 
 -- name: ensure_ledger#
 -- Create the schema and the ledger if they are missing (runs under lock_migrations).
@@ -31,6 +38,14 @@ VALUES (:id, :checksum, :duration_ms);
 -- name: forget_migration(id)!
 -- Remove a rolled-back migration from the ledger.
 DELETE FROM kitium_auth.auth_migrations WHERE id = :id;
+
+-- name: set_session_setting(name, value)$
+-- Set a run-time setting (statement_timeout) for the rest of the session.
+SELECT set_config(:name, :value, false);
+
+-- name: show_setting(name)$
+-- A run-time setting's current value (to put it back after set_session_setting).
+SELECT current_setting(:name);
 
 -- name: set_local_setting(name, value)$
 -- Set a run-time setting (statement_timeout, kitium.tenant) until the end of the transaction.

@@ -190,15 +190,34 @@ SELECT (SELECT count(*) FROM deleted) AS deleted, count(*) AS locked,
   FROM batch;
 
 -- name: list_user_sessions(user_id)
--- A user's unexpired sessions, newest first (sessions_user_id_idx; ids are time-ordered UUIDv7).
+-- A user's unexpired sessions, newest first: created_at, then id (a backward scan of
+-- sessions_user_id_created_at_id_idx, migration 0030).
 SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
   FROM kitium_auth.sessions
  WHERE user_id = :user_id AND expires_at > statement_timestamp()
  ORDER BY created_at DESC, id DESC;
 
+-- name: list_user_sessions_page(user_id, after_created_at, after_id, page_size)
+-- One page of a user's unexpired sessions, newest first: at most page_size of them (all when
+-- NULL) strictly after the keyset (after_created_at, after_id) in that order, that is older, or
+-- from the newest when both are NULL. The bound is always there (NULL stands for ('infinity',
+-- the largest uuid), above every session), so it is an index condition of a backward range
+-- scan of sessions_user_id_created_at_id_idx (migration 0030) in a generic plan too: no sort.
+-- Expired sessions in the range are read and skipped (the purge removes them).
+SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at, updated_at
+  FROM kitium_auth.sessions
+ WHERE user_id = :user_id
+   AND (created_at, id) < (coalesce(:after_created_at::timestamptz, 'infinity'::timestamptz),
+                           coalesce(:after_id::uuid,
+                                    'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+   AND expires_at > statement_timestamp()
+ ORDER BY created_at DESC, id DESC
+ LIMIT :page_size;
+
 -- name: delete_user_sessions(user_id, except_session_id)!
 -- Delete every session of a user, expired ones included, but the one except_session_id names
--- when it is not NULL ("sign out other devices"; served by sessions_user_id_idx).
+-- when it is not NULL ("sign out other devices"; served by
+-- sessions_user_id_created_at_id_idx).
 DELETE FROM kitium_auth.sessions
  WHERE user_id = :user_id
    AND (:except_session_id::uuid IS NULL OR id <> :except_session_id);

@@ -359,10 +359,10 @@ DELETE FROM kitium_auth.sso_sessions WHERE id = :id;
 -- Delete the SSO sessions of one identity at one provider, expired ones included, and return
 -- them (single logout by SAML NameID or OIDC sub; sso_sessions_provider_id_provider_subject_idx);
 -- when end_user_sessions, also delete the application sessions of their users
--- (sessions_user_id_idx) in the same statement, so a retry after a lost acknowledgement, which
--- finds no SSO session left, still leaves none of them: those bound to the provider's
--- organization and unbound ones; a shared provider (org_id NULL) ends them all. A session bound
--- to another organization stays, so one tenant's IdP cannot sign a user out of another tenant.
+-- (sessions_user_id_created_at_id_idx) in the same statement, so a retry after a lost
+-- acknowledgement, which finds no SSO session left, still leaves none of them: those bound to
+-- the provider's organization and unbound ones; a shared provider (org_id NULL) ends them all.
+-- A session bound to another organization stays, so one tenant's IdP cannot sign a user out of another tenant.
 -- Lock order, with end_user_sessions: the provider's organization (SHARE, in org), the
 -- users' rows (KEY SHARE, in parents), then their SSO sessions, then their sessions.
 -- delete_user locks the user's row first, then deletes its sessions and SSO sessions by cascade

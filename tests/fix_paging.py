@@ -1,6 +1,8 @@
-"""The keyset-paging contract ``list_organization_members`` and ``get_role_users`` share
-(``after=`` the last record of the previous page, ``limit=``), checked through each of them
-(tests/test_organizations.py and tests/test_rbac.py call these)."""
+"""The keyset-paging contract ``list_organization_members``, ``get_role_users`` and
+``list_user_sessions`` share (``after=`` the last record of the previous page, ``limit=``),
+checked through each of them (tests/test_organizations.py, tests/test_rbac.py and
+tests/test_sessions.py call these). A listing is ordered by (``at``, ``tie``), oldest first, or
+newest first (``list_user_sessions``)."""
 
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ ListPage = Callable[..., Awaitable[list[Any]]]
 BAD_LIMITS = [0, -1, 1001, 2**70, True, 1.5, "10", [10]]
 
 
-def keyset(record: Any, at: str) -> tuple[dt.datetime, uuid.UUID]:
-    """The key a listing is ordered by: (``record.<at>``, ``record.user_id``)."""
-    return getattr(record, at), record.user_id
+def keyset(record: Any, at: str, tie: str = "user_id") -> tuple[dt.datetime, uuid.UUID]:
+    """The key a listing is ordered by: (``record.<at>``, ``record.<tie>``)."""
+    return getattr(record, at), getattr(record, tie)
 
 
 async def walk(list_page: ListPage, key: Any, limit: int) -> list[list[Any]]:
@@ -38,14 +40,16 @@ async def walk(list_page: ListPage, key: Any, limit: int) -> list[list[Any]]:
         after = page[-1]
 
 
-async def check_walks(list_page: ListPage, key: Any, at: str) -> list[Any]:
+async def check_walks(
+    list_page: ListPage, key: Any, at: str, tie: str = "user_id", *, newest_first: bool = False
+) -> list[Any]:
     """Paging through the listing with several page sizes gives the whole unpaged listing, in
-    its order (``at`` then user id, strictly increasing: no duplicates), split into pages of
-    ``limit`` records and a last, shorter one (empty after an exact multiple). Returns the
-    whole listing."""
+    its order (``at`` then ``tie``, strictly increasing, or decreasing when ``newest_first``:
+    no duplicates), split into pages of ``limit`` records and a last, shorter one (empty after
+    an exact multiple). Returns the whole listing."""
     whole = await list_page(key)
-    keys = [keyset(record, at) for record in whole]
-    assert keys == sorted(keys) and len(set(keys)) == len(keys), keys
+    keys = [keyset(record, at, tie) for record in whole]
+    assert keys == sorted(keys, reverse=newest_first) and len(set(keys)) == len(keys), keys
     n = len(whole)
     for limit in sorted({1, 2, 3, n - 1, n, n + 1, 1000} - {0}):
         pages = await walk(list_page, key, limit)
@@ -69,7 +73,12 @@ def forged(record: Any, **fields: Any) -> Any:
 
 
 async def check_bad_paging_arguments(
-    list_page: ListPage, key: Any, record: Any, at: str, wrong: Sequence[Any]
+    list_page: ListPage,
+    key: Any,
+    record: Any,
+    at: str,
+    wrong: Sequence[Any],
+    tie: str = "user_id",
 ) -> None:
     """A ``limit`` that is no int from 1 to 1000, an ``after`` that is not a record of the
     listing's class (``wrong``: such values), or one whose keyset fields are not a
@@ -81,9 +90,9 @@ async def check_bad_paging_arguments(
         (forged(record, **{at: getattr(record, at).isoformat()}), f"after.{at}"),
         (forged(record, **{at: None}), f"after.{at}"),
         (forged(record, **{at: dt.datetime.max.replace(tzinfo=dt.UTC)}), f"after.{at}"),
-        (forged(record, user_id="not-a-uuid"), "after.user_id"),
-        (forged(record, user_id=None), "after.user_id"),
-        (forged(record, user_id=record.user_id.int), "after.user_id"),
+        (forged(record, **{tie: "not-a-uuid"}), f"after.{tie}"),
+        (forged(record, **{tie: None}), f"after.{tie}"),
+        (forged(record, **{tie: getattr(record, tie).int}), f"after.{tie}"),
     ]
     for ident in (key, "not-a-uuid"):
         for limit in BAD_LIMITS:
@@ -102,5 +111,7 @@ async def check_bad_paging_arguments(
     assert await list_page(key, limit=1) == (await list_page(key))[:1]
     assert await list_page(key, limit=1000) == await list_page(key)
     east = dt.timezone(dt.timedelta(hours=5))
-    same = forged(record, **{at: getattr(record, at).astimezone(east)}, user_id=str(record.user_id))
+    same = forged(
+        record, **{at: getattr(record, at).astimezone(east), tie: str(getattr(record, tie))}
+    )
     assert await list_page(key, after=same, limit=5) == await list_page(key, after=record, limit=5)

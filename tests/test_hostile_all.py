@@ -57,6 +57,7 @@ from kitium_pg import (
     PostgresStorageAdapter,
     QueryTimeoutError,
     RoleAssignment,
+    Session,
     ValidationError,
 )
 from kitium_pg.records import EventPage
@@ -114,7 +115,8 @@ class MemberItem:
 @dataclass(frozen=True)
 class LastOf:
     """The first record of a seed listing (``members``: of the seed organization, ``holders``:
-    of the seed role), read at call time; ``None`` when the listing is empty."""
+    of the seed role, ``sessions``: of the seed user), read at call time; ``None`` when the
+    listing is empty."""
 
     listing: str
 
@@ -734,36 +736,55 @@ def callable_arg() -> P:
     return P(calls, calls)
 
 
-def _record(kind: type, user_id: Any, when: Any) -> Any:
-    """A ``kind`` record (``OrganizationMember`` or ``RoleAssignment``) holding ``user_id`` and
-    the instant ``when`` as given, past the record's converters (which would refuse some)."""
+def _record(kind: type, tie: Any, when: Any) -> Any:
+    """A ``kind`` record (``OrganizationMember``, ``RoleAssignment`` or ``Session``) holding its
+    keyset's tie-breaker (user id, or the session's id) ``tie`` and its instant ``when`` as
+    given, past the record's converters (which would refuse some)."""
+    one = uuid.UUID(int=1)
+    record: Any
     if kind is OrganizationMember:
-        record: Any = OrganizationMember(user_id=uuid.UUID(int=1), joined_at=FUTURE)
-        at = "joined_at"
-    else:
-        one = uuid.UUID(int=1)
+        record = OrganizationMember(user_id=one, joined_at=FUTURE)
+        at, tie_field = "joined_at", "user_id"
+    elif kind is RoleAssignment:
         record = RoleAssignment(user_id=one, role_id=one, org_id=one, assigned_at=FUTURE)
-        at = "assigned_at"
-    object.__setattr__(record, "user_id", user_id)
+        at, tie_field = "assigned_at", "user_id"
+    else:
+        record = Session(
+            id=one,
+            user_id=one,
+            org_id=None,
+            plan=None,
+            entitlements=(),
+            metadata={},
+            expires_at=FUTURE,
+            created_at=FUTURE,
+            updated_at=FUTURE,
+        )
+        at, tie_field = "created_at", "id"
+    object.__setattr__(record, tie_field, tie)
     object.__setattr__(record, at, when)
     return record
 
 
 def after_arg(kind: type, listing: str) -> P:
     """``after`` of a keyset-paged listing: ``None``, the first record of a seed listing, or a
-    ``kind`` record anywhere (any well-formed instant and user id marks a place); hostile ones
-    hold a malformed instant or user id, or are no ``kind`` at all (the other listing's record,
-    a dict of its fields, a cursor string)."""
+    ``kind`` record anywhere (any well-formed instant and id marks a place); hostile ones hold a
+    malformed instant or id, or are no ``kind`` at all (another listing's record, a dict of its
+    fields, a cursor string)."""
     times, ids = time_arg(), uuid_arg()
     clean_ids = st.one_of(st.uuids(), st.uuids().map(str))
 
-    def build(when: Arg, user_id: Any) -> Arg:
-        return Arg(_record(kind, user_id, when.value), worst(when.tag, classify_uuid(user_id)))
+    def build(when: Arg, tie: Any) -> Arg:
+        return Arg(_record(kind, tie, when.value), worst(when.tag, classify_uuid(tie)))
 
     other = RoleAssignment if kind is OrganizationMember else OrganizationMember
+    fields = st.fixed_dictionaries(
+        {"user_id": st.uuids(), "id": st.uuids()},
+        optional={"joined_at": st.just(FUTURE), "assigned_at": st.just(FUTURE)},
+    ).map(lambda d: {**d, "created_at": FUTURE})
     wrong = st.one_of(
         st.builds(lambda u: _record(other, u, FUTURE), st.uuids()),
-        st.builds(lambda u: {"user_id": u, "joined_at": FUTURE, "assigned_at": FUTURE}, st.uuids()),
+        fields,
         st.builds(lambda u: (FUTURE, u), st.uuids()),
         st.sampled_from(["after", "", 0, 1, b"x", [FUTURE]]),
         hostile_text(64).filter(lambda v: v is not None),
@@ -1638,16 +1659,24 @@ def check_page(world: World, kwargs: dict[str, Any], result: Any) -> None:
     assert len(result.events) <= kwargs.get("limit", 100)
 
 
-def check_keyset_page(listing: str, key: str, at: str) -> Check:
-    """The result is the whole listing's records strictly after ``after``'s (``at``, user id),
-    at most ``limit`` of them."""
+def check_keyset_page(
+    listing: str, key: str, at: str, tie: str = "user_id", *, newest_first: bool = False
+) -> Check:
+    """The result is the whole listing's records strictly after ``after``'s (``at``, ``tie``)
+    in the listing's order (greater, or smaller when ``newest_first``), at most ``limit`` of
+    them."""
 
     def check(world: World, kwargs: dict[str, Any], result: Any) -> None:
         expected = getattr(world.api, listing)(kwargs[key])
         after = kwargs.get("after")
         if after is not None:
-            bound = (getattr(after, at), _as_uuid(after.user_id))
-            expected = [r for r in expected if (getattr(r, at), r.user_id) > bound]
+            bound = (getattr(after, at), _as_uuid(getattr(after, tie)))
+
+            def beyond(record: Any) -> bool:
+                key = (getattr(record, at), getattr(record, tie))
+                return key < bound if newest_first else key > bound
+
+            expected = [r for r in expected if beyond(r)]
         assert result == expected[: kwargs.get("limit")]
 
     return check
@@ -1850,7 +1879,17 @@ def _spec_table() -> dict[str, Spec]:
         ),
         "delete_session": Spec(params=_id("fresh_session"), lenient=True, writes=True),
         "delete_expired_sessions": Spec(params=BATCH, writes=True),
-        "list_user_sessions": reader("user_id", "user"),
+        "list_user_sessions": Spec(
+            params={
+                "user_id": uuid_arg("user", "random"),
+                "after": after_arg(Session, "sessions"),
+                "limit": opt_int_arg(1, 1000),
+            },
+            lenient=True,
+            check=check_keyset_page(
+                "list_user_sessions", "user_id", "created_at", "id", newest_first=True
+            ),
+        ),
         "delete_user_sessions": Spec(
             params={
                 "user_id": uuid_arg("fresh_user", "random"),
@@ -2515,6 +2554,8 @@ class World:
         if isinstance(value, LastOf):
             if value.listing == "members":
                 first = self.api.list_organization_members(self.seeds["org"].id, limit=1)
+            elif value.listing == "sessions":
+                first = self.api.list_user_sessions(self.user.id, limit=1)
             else:
                 first = self.api.get_role_users(self.seeds["role"].id, limit=1)
             return first[0] if first else None

@@ -714,7 +714,7 @@ def test_an_application_role_uses_the_with_form_on_a_migrated_schema(dsn: str) -
 
 def test_an_application_role_waiting_for_a_migrator_connects_once_it_is_done(dsn: str) -> None:
     """A rolling deploy: an instance running as the application role finds an optional
-    migration pending and waits for the migrator's lock; once the migrator has applied it,
+    migration pending and waits for the migrator's lock (polling for it); once the migrator has applied it,
     nothing is pending and the instance connects (it creates nothing: the ledger exists)."""
     schema = f"appwait_{uuid.uuid4().hex[:10]}"
     role = f"kpg_app_{uuid.uuid4().hex[:8]}"
@@ -748,15 +748,17 @@ def test_an_application_role_waiting_for_a_migrator_connects_once_it_is_done(dsn
         )
         waiter = threading.Thread(target=connect_as_the_application)
         waiter.start()
-        deadline = time.monotonic() + 10
-        while (
-            time.monotonic() < deadline
-            and not holder.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE usename = %s AND wait_event_type = 'Lock'",
+        # Watched from a connection of its own: in the holder's transaction, pg_stat_activity
+        # would show the snapshot of its first read for the whole transaction.
+        with psycopg.connect(dsn, autocommit=True) as watcher:
+            deadline = time.monotonic() + 10
+            while not watcher.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE usename = %s"
+                " AND query LIKE '%%pg_try_advisory_lock%%'",
                 [role],
-            ).fetchone()
-        ):
-            time.sleep(0.02)
+            ).fetchone():
+                assert time.monotonic() < deadline, "the application never polled for the lock"
+                time.sleep(0.02)
         holder.execute(rls.up.encode())
         ledger = f"{schema}.auth_migrations (id, checksum, duration_ms)"
         holder.execute(f"INSERT INTO {ledger} VALUES (%s, %s, 0)".encode(), [rls.id, rls.checksum])
@@ -1062,11 +1064,12 @@ def test_0020_and_0023_replace_the_org_id_index_by_a_partial_one_on_both_columns
     schema = f"mig_{uuid.uuid4().hex[:10]}"
     try:
         with PostgresStorageAdapter(dsn, schema=schema) as storage:
+            head = _session_indexes(dsn, schema)
+            if _after(SESSION_OLD_INDEX):
+                storage.rollback(steps=_after(SESSION_OLD_INDEX))
             latest = _session_indexes(dsn, schema)
             assert "sessions_org_id_user_id_idx" in latest
             assert "sessions_org_id_idx" not in latest
-            if _after(SESSION_OLD_INDEX):
-                storage.rollback(steps=_after(SESSION_OLD_INDEX))
             assert storage.rollback() == (SESSION_OLD_INDEX,)
             assert _session_indexes(dsn, schema) == latest | {"sessions_org_id_idx"}
             assert storage.rollback(steps=3) == (
@@ -1083,7 +1086,7 @@ def test_0020_and_0023_replace_the_org_id_index_by_a_partial_one_on_both_columns
                 SESSION_MEMBER_VALID,
                 SESSION_OLD_INDEX,
             )
-            assert _session_indexes(dsn, schema) == latest
+            assert _session_indexes(dsn, schema) == head
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())

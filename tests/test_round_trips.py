@@ -262,6 +262,11 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
             lambda: s.update_session(ctx["create_session"].id, org_id=org(), plan="team"),
         ),
         ("list_user_sessions", lambda: s.list_user_sessions(user())),
+        ("list_user_sessions[page]", lambda: s.list_user_sessions(user(), limit=1)),
+        (
+            "list_user_sessions[after]",
+            lambda: s.list_user_sessions(user(), after=ctx["list_user_sessions[page]"][0]),
+        ),
         ("issue_session_token", lambda: s.issue_session_token(user_id=user(), expires_at=_later())),
         (
             "validate_session_token",
@@ -577,6 +582,9 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
     assert ctx["list_organization_members[page]"] == ctx["list_organization_members"]
     assert len(ctx["list_organization_members[page]"]) == 1
     assert ctx["list_organization_members[after]"] == []
+    assert ctx["list_user_sessions[page]"] == ctx["list_user_sessions"][:1]
+    assert ctx["list_user_sessions[after]"] == ctx["list_user_sessions"][1:]
+    assert len(ctx["list_user_sessions"]) >= 2
     assert ctx["mark_user_email_verified"].email_verified_at is not None
     assert ctx["validate_session_token"] == ctx["issue_session_token"].session
     assert ctx["rotate_session_token"].session.id == ctx["issue_session_token[event]"].session.id

@@ -22,6 +22,7 @@ from kitium_pg._base import Retry, new_id
 
 from .fix_holder import release_when_waiting
 from .fix_metadata import check_metadata_patch
+from .fix_paging import check_bad_paging_arguments, check_walks
 from .fix_plans import generic_plan_of
 
 UTC = dt.UTC
@@ -588,6 +589,81 @@ async def test_list_user_sessions_newest_first_and_only_that_users(
     assert await storage.list_user_sessions(str(other.id)) == [theirs]
     assert await storage.list_user_sessions(uuid.uuid4()) == []
     assert await storage.list_user_sessions("nope") == []
+
+
+async def _sessions_with_ties(storage: Any, email: str) -> tuple[Any, list[Session]]:
+    """A user with 13 live sessions created in three ways: 5 in one transaction (its one now(),
+    so one created_at), 4 in another, and 4 one at a time; 2 expired ones and another user's
+    session beside them."""
+    user = await storage.create_user(email=email)
+    other = await storage.create_user(email="other-" + email)
+    made = []
+    for group in (5, 4):
+        async with storage.transaction() as tx:
+            for _ in range(group):
+                made.append(await tx.create_session(user_id=user.id, expires_at=later(hours=1)))
+    for _ in range(4):
+        made.append(await storage.create_session(user_id=user.id, expires_at=later(hours=1)))
+    for _ in range(2):
+        await storage.create_session(user_id=user.id, expires_at=earlier(minutes=1))
+    await storage.create_session(user_id=other.id, expires_at=later(hours=1))
+    return user, made
+
+
+async def test_pages_list_every_live_session_once_newest_first(storage: Any, email: str) -> None:
+    """Sessions created at the same instant come by id, newest first, on whichever page the
+    limit puts them: the pages of every size, one after the other, are the whole list, and
+    expired sessions and other users' are on none."""
+    user, made = await _sessions_with_ties(storage, email)
+    whole = await check_walks(
+        storage.list_user_sessions, user.id, "created_at", "id", newest_first=True
+    )
+    assert {s.id for s in whole} == {s.id for s in made}
+    ties = sorted(
+        len([s for s in whole if s.created_at == t]) for t in {s.created_at for s in whole}
+    )
+    assert ties[-2:] == [4, 5]  # two groups share one created_at each
+    assert await storage.list_user_sessions(str(user.id), limit=3) == whole[:3]
+    # A session ended meanwhile (or another user's) still marks a place.
+    gone = whole[6]
+    assert await storage.delete_session(gone.id) is True
+    assert await storage.list_user_sessions(user.id, after=gone, limit=2) == whole[7:9]
+    stranger = await storage.create_user(email="stranger-" + email)
+    assert await storage.list_user_sessions(stranger.id, after=whole[0], limit=5) == []
+    for bad in ("nope", "", 42, None, uuid.uuid4()):
+        assert await storage.list_user_sessions(bad, after=whole[0], limit=5) == []
+
+
+async def test_session_paging_arguments_are_checked_first(storage: Any, email: str) -> None:
+    user, _ = await _sessions_with_ties(storage, email)
+    session = (await storage.list_user_sessions(user.id))[0]
+    wrong = [
+        {"id": session.id, "created_at": session.created_at},
+        (session.created_at, session.id),
+        str(session.id),
+        user,  # a record of another kind, with an id and a created_at
+        42,
+    ]
+    await check_bad_paging_arguments(
+        storage.list_user_sessions, user.id, session, "created_at", wrong, tie="id"
+    )
+
+
+def test_a_page_of_sessions_is_one_backward_range_scan(sync_adapter: Any, dsn: str) -> None:
+    """In the generic plan, a page is a backward range scan of
+    sessions_user_id_created_at_id_idx with the keyset as its index condition, and no sort:
+    the page after the 10,000th session reads no session newer than it."""
+    params = {
+        "user_id": uuid.uuid4(),
+        "after_created_at": dt.datetime.now(UTC),
+        "after_id": uuid.uuid4(),
+        "page_size": 50,
+    }
+    plan = generic_plan_of(dsn, "kitium_auth", "list_user_sessions_page", params)
+    assert "Index Scan Backward using sessions_user_id_created_at_id_idx" in plan, plan
+    assert "Sort" not in plan, plan
+    [bound] = [line for line in plan.splitlines() if "Index Cond" in line]
+    assert "ROW(created_at, id) <" in bound, plan
 
 
 async def test_delete_user_sessions_logs_out_everywhere(storage: Any, email: str) -> None:

@@ -748,24 +748,26 @@ class AsyncCore:
         at: str,
         after: object,
         limit: object,
+        tie: str = "user_id",
     ) -> list[T]:
         """The rows of listing query ``name`` for the ``owner`` (its parameter) ``owner_id``,
-        ordered by (``at``, ``user_id``): all of them, or, given ``after`` (the last ``cls``
-        record of the previous page) or ``limit``, the page that query ``page_name`` reads by
-        keyset. ``limit`` and ``after`` are checked first (``ValidationError``), then a
-        malformed ``owner_id`` gives ``[]`` without a query."""
+        ordered by (``at``, ``tie``): all of them, or, given ``after`` (the last ``cls`` record
+        of the previous page) or ``limit``, the page that query ``page_name`` reads by keyset
+        (parameters ``after_<at>``, ``after_<tie>``, ``page_size``). ``limit`` and ``after``
+        are checked first (``ValidationError``), then a malformed ``owner_id`` gives ``[]``
+        without a query."""
         size = page_size(limit)
-        keyset = None if after is None else _validate.keyset("after", after, cls, at)
+        keyset = None if after is None else _validate.keyset("after", after, cls, at, tie)
         parsed = _validate.parse_uuid(owner_id)
         if parsed is None:
             return []
         if keyset is None and size is None:
             return await self._many(name, {owner: parsed}, cls, retry=Retry.SAFE)
-        after_at, after_user_id = (None, None) if keyset is None else keyset
+        after_at, after_tie = (None, None) if keyset is None else keyset
         params = {
             owner: parsed,
             f"after_{at}": after_at,
-            "after_user_id": after_user_id,
+            f"after_{tie}": after_tie,
             "page_size": size,
         }
         return await self._many(page_name, params, cls, retry=Retry.SAFE)

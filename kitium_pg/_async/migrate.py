@@ -1,23 +1,29 @@
 """Applying and rolling back ``migrations/`` (async source; the sync copy is generated).
 
-Each migration runs in its own transaction that first takes a transaction-scoped advisory lock,
-re-reads the ledger and skips work another process finished meanwhile: any number of processes
-may call ``connect()`` at once, and each migration is applied exactly once. Transaction-scoped
-locks hold nothing across transactions, but DDL should still run on a direct connection rather
-than through a transaction-pooling proxy.
+A run (``migrate`` or ``rollback``) holds a session-level advisory lock on one connection from
+start to end, then re-reads the ledger: any number of processes may call ``connect()`` at once,
+and each migration is applied exactly once. A process that finds the lock taken polls for it
+between statements, outside any transaction: waiting inside a statement would hold a snapshot,
+and ``CREATE INDEX CONCURRENTLY`` in the run it waits for would wait for that snapshot in turn
+(a deadlock PostgreSQL breaks by failing one of the two). Each part runs in its own
+transaction, or, marked ``transaction:false``, statement by statement. DDL should run on a
+direct connection rather than through a transaction-pooling proxy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Self
 
 import psycopg
 import psycopg_pool
 
 from .. import _sql, _validate
-from .._base import Migration, MigrationState, Retry, load_migrations, plan
+from .._base import Direction, Migration, MigrationState, Retry, load_migrations, plan
 from ..errors import (
     KitiumPgError,
     MigrationError,
@@ -31,6 +37,10 @@ from ..errors import (
 from .core import AsyncCore
 
 Progress = Callable[[str, str], None]
+
+# How often a process polls for the migrators' lock: from 50 ms, doubling up to a second.
+_LOCK_POLL_FIRST = 0.05
+_LOCK_POLL_MAX = 1.0
 
 
 class AsyncMigrations(AsyncCore):
@@ -55,30 +65,53 @@ class AsyncMigrations(AsyncCore):
         pending = plan(migrations, applied)
         return MigrationState(applied=tuple(sorted(applied)), pending=tuple(m.id for m in pending))
 
-    async def _locked_ledger(self) -> dict[str, str]:
-        # Waiting for another process's migration is part of the job: no statement timeout
-        # for the lock or for what runs after it in this transaction.
-        await self._value(
-            "set_local_setting", {"name": "statement_timeout", "value": "0"}, retry=Retry.NEVER
-        )
-        await self._value("lock_migrations", {}, retry=Retry.NEVER)
-        # Only when missing: CREATE SCHEMA IF NOT EXISTS needs the right to create schemas
-        # even when the schema exists, and a role without DDL rights may have waited here
-        # for another process that has just applied everything.
-        if not await self._value("ledger_exists", {}, retry=Retry.NEVER):
-            await self._run("ensure_ledger", {}, retry=Retry.NEVER)
-        rows = await self._run("list_applied_migrations", {}, retry=Retry.NEVER)
+    @asynccontextmanager
+    async def _migrators_lock(self) -> AsyncIterator[Self]:
+        """A view of this adapter bound to a pooled connection that holds the migrators' lock
+        until the block ends, waiting for it as long as another run holds it. The connection is
+        in autocommit mode for the block and goes back to the pool as it came, the lock
+        released."""
+        async with self._pool.connection() as conn:
+            autocommit = conn.autocommit
+            if not autocommit:
+                await conn.set_autocommit(True)
+            bound = self._bound(conn)
+            delay = _LOCK_POLL_FIRST
+            while not await bound._value("try_lock_migrations", {}, retry=Retry.NEVER):
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _LOCK_POLL_MAX)
+            try:
+                yield bound
+            finally:
+                # A lost connection took the lock with it, and the pool discards it.
+                if not conn.broken:
+                    await bound._value("unlock_migrations", {}, retry=Retry.NEVER)
+                    if not autocommit:
+                        await conn.set_autocommit(False)
+
+    async def _ledger(self) -> dict[str, str]:
+        """The applied migrations (id to checksum), creating the ledger when it is missing."""
+        assert self._conn is not None
+        async with self._conn.transaction():
+            # Only when missing: CREATE SCHEMA IF NOT EXISTS needs the right to create schemas
+            # even when the schema exists, and a role without DDL rights may have waited here
+            # for another process that has just applied everything.
+            if not await self._value("ledger_exists", {}, retry=Retry.NEVER):
+                await self._run("ensure_ledger", {}, retry=Retry.NEVER)
+            rows = await self._run("list_applied_migrations", {}, retry=Retry.NEVER)
         return {mig_id: checksum for mig_id, checksum in rows}
 
     async def migrate(self, *, progress: Progress | None = None) -> tuple[str, ...]:
         """Apply pending migrations in order; returns the ids this call applied.
 
         Idempotent and safe to run from many processes at once: a process that finds another
-        one migrating waits for it, without a statement timeout. When nothing is pending it
-        only reads the ledger (no lock, no DDL), so an application role without DDL rights can
+        one migrating waits for it, without a time limit. When nothing is pending it only reads
+        the migration ledger (no lock, no DDL), so an application role without DDL rights can
         connect to a migrated schema. Raises ``MigrationError`` on drift or when a migration's
-        SQL fails (that migration is rolled back; the earlier ones stay applied), and
-        ``UnavailableError`` when the database cannot be reached or the connection is lost.
+        SQL fails (a part that runs in a transaction is rolled back; of one marked
+        ``transaction:false``, the statements before the failed one stay, and running it again
+        finishes it; the earlier migrations stay applied), and ``UnavailableError`` when the
+        database cannot be reached or the connection is lost.
         """
         _validate.callback("progress", progress)
         migrations = self._migrations()
@@ -97,38 +130,72 @@ class AsyncMigrations(AsyncCore):
             )
         done: list[str] = []
         try:
-            async with self._pool.connection() as conn:
-                bound = self._bound(conn)
-                async with conn.transaction():
-                    applied = await bound._locked_ledger()
-                plan(migrations, applied)
-                for migration in migrations:
-                    if migration.id in applied:
-                        continue
-                    async with conn.transaction():
-                        applied = await bound._locked_ledger()
-                        if migration.id in applied:
-                            continue
-                        if progress:
-                            progress(migration.id, "up")
-                        await bound._apply(migration, migration.up)
-                        done.append(migration.id)
+            async with self._migrators_lock() as bound:
+                applied = await bound._ledger()
+                for migration in plan(migrations, applied):
+                    if progress:
+                        progress(migration.id, "up")
+                    await bound._apply(migration, "up")
+                    done.append(migration.id)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             failure = chained(translate(exc, operation="migrate"), exc)
         else:
             return tuple(done)
         raise failure  # here, not in the except block: see errors.chained
 
-    async def _apply(self, migration: Migration, sql: str) -> None:
+    async def _apply(self, migration: Migration, direction: Direction) -> None:
+        """Run one part of ``migration`` and record it in the ledger (``up``) or remove it from
+        there (``down``): in one transaction, or statement by statement and then the ledger."""
+        assert self._conn is not None
         started = time.perf_counter()
+        what = migration.file if direction == "up" else f"{migration.file} (down)"
+        if migration.in_transaction(direction):
+            async with self._conn.transaction():
+                # A long index build or backfill must not be cut off half-way.
+                await self._value(
+                    "set_local_setting",
+                    {"name": "statement_timeout", "value": "0"},
+                    retry=Retry.NEVER,
+                )
+                await self._execute_part(what, (migration.sql(direction),))
+                await self._record(migration, direction, started)
+            return
+        statements = migration.statements(direction)
+        # The setting is the session's here (no transaction to scope it): put back after.
+        timeout = await self._value(
+            "show_setting", {"name": "statement_timeout"}, retry=Retry.NEVER
+        )
+        await self._value(
+            "set_session_setting", {"name": "statement_timeout", "value": "0"}, retry=Retry.NEVER
+        )
+        try:
+            await self._execute_part(what, statements)
+        finally:
+            if not self._conn.broken:
+                await self._value(
+                    "set_session_setting",
+                    {"name": "statement_timeout", "value": timeout},
+                    retry=Retry.NEVER,
+                )
+        await self._record(migration, direction, started)
+
+    async def _execute_part(self, what: str, statements: tuple[str, ...]) -> None:
+        """Send each of ``statements`` on its own; the first failure raises (``_failed``)."""
         assert self._conn is not None
         failure: KitiumPgError | None = None
-        try:
-            await self._conn.execute(sql)
-        except psycopg.Error as exc:
-            failure = chained(_failed(exc, migration.file), exc)
-        if failure is not None:
-            raise failure  # here, not in the except block: see errors.chained
+        for number, statement in enumerate(statements, 1):
+            try:
+                await self._conn.execute(statement)
+            except psycopg.Error as exc:
+                where = what if len(statements) == 1 else f"{what}, statement {number}"
+                failure = chained(_failed(exc, where), exc)
+            if failure is not None:
+                raise failure  # here, not in the except block: see errors.chained
+
+    async def _record(self, migration: Migration, direction: Direction, started: float) -> None:
+        if direction == "down":
+            await self._exec("forget_migration", {"id": migration.id}, retry=Retry.NEVER)
+            return
         duration_ms = (time.perf_counter() - started) * 1000
         await self._exec(
             "record_migration",
@@ -139,39 +206,30 @@ class AsyncMigrations(AsyncCore):
     async def rollback(
         self, steps: int = 1, *, progress: Progress | None = None
     ) -> tuple[str, ...]:
-        """Undo the last ``steps`` applied migrations (newest first); returns their ids."""
+        """Undo the last ``steps`` applied migrations (newest first); returns their ids.
+
+        Raises ``MigrationError`` on drift, for an applied optional migration this adapter was
+        not configured with, or when a down part's SQL fails (as ``migrate`` does for an up
+        part), and ``UnavailableError`` when the connection is lost."""
         _validate.callback("progress", progress)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValidationError("steps", "must be a positive integer")
         migrations = {m.id: m for m in self._migrations()}
         undone: list[str] = []
         try:
-            async with self._pool.connection() as conn:
-                bound = self._bound(conn)
-                for _ in range(steps):
-                    async with conn.transaction():
-                        applied = await bound._locked_ledger()
-                        plan(tuple(migrations.values()), applied)
-                        if not applied:
-                            break
-                        # The ledger lists migrations in the order they were applied.
-                        last_id = list(applied)[-1]
-                        if last_id not in migrations:
-                            raise MigrationError(
-                                f"cannot roll back {last_id!r}: enable it with optional_migrations"
-                            )
-                        last = migrations[last_id]
-                        if progress:
-                            progress(last.id, "down")
-                        failure: KitiumPgError | None = None
-                        try:
-                            await conn.execute(last.down)
-                        except psycopg.Error as exc:
-                            failure = chained(_failed(exc, f"{last.file} (down)"), exc)
-                        if failure is not None:
-                            raise failure  # not in the except block: see errors.chained
-                        await bound._exec("forget_migration", {"id": last.id}, retry=Retry.NEVER)
-                        undone.append(last.id)
+            async with self._migrators_lock() as bound:
+                applied = await bound._ledger()
+                plan(tuple(migrations.values()), applied)
+                # The ledger lists migrations in the order they were applied.
+                for last_id in list(applied)[::-1][:steps]:
+                    if last_id not in migrations:
+                        raise MigrationError(
+                            f"cannot roll back {last_id!r}: enable it with optional_migrations"
+                        )
+                    if progress:
+                        progress(last_id, "down")
+                    await bound._apply(migrations[last_id], "down")
+                    undone.append(last_id)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             failure = chained(translate(exc, operation="rollback"), exc)
         else:

@@ -157,13 +157,40 @@ class Sessions(Core):
             resume=("after",),
         )
 
-    def list_user_sessions(self, user_id: uuid.UUID | str) -> list[Session]:
-        """A user's unexpired sessions, newest first (empty for an unknown or malformed id), for
-        "signed-in devices" and "log out everywhere" screens."""
-        parsed = v.parse_uuid(user_id)
-        if parsed is None:
-            return []
-        return self._many("list_user_sessions", {"user_id": parsed}, Session, retry=Retry.SAFE)
+    def list_user_sessions(
+        self,
+        user_id: uuid.UUID | str,
+        *,
+        after: Session | None = None,
+        limit: int | None = None,
+    ) -> list[Session]:
+        """A user's unexpired sessions, newest first (by ``created_at``, then ``id``), all of
+        them, or a page with ``limit``; empty for an unknown or malformed id. For "signed-in
+        devices" and "log out everywhere" screens.
+
+        Pages: ``limit`` (1 to ``MAX_PAGE``, 1,000) is the most sessions returned, and ``after``
+        is the last session of the previous page (a ``Session`` this method returned): the page
+        holds the sessions strictly older than its (``created_at``, ``id``). Start with
+        ``after=None``; a page shorter than ``limit`` is the last one. Pages are read by keyset,
+        one backward range scan of the index ``sessions_user_id_created_at_id_idx`` (migration
+        ``0030``) each, so sessions created or ended meanwhile never shift later pages: every
+        session live throughout is listed once, and an ended session can still be ``after``.
+        ``after`` without ``limit`` returns every older session. Raises ``ValidationError``
+        naming ``limit`` (not an ``int`` in range) or ``after`` (not a ``Session``;
+        ``after.created_at`` or ``after.id`` when that field is not a timezone-aware datetime
+        or a UUID), before anything is sent, whatever ``user_id`` is.
+        """
+        return self._listing(
+            "list_user_sessions",
+            "list_user_sessions_page",
+            "user_id",
+            user_id,
+            Session,
+            at="created_at",
+            tie="id",
+            after=after,
+            limit=limit,
+        )
 
     def delete_user_sessions(
         self, user_id: uuid.UUID | str, *, except_session_id: uuid.UUID | str | None = None

@@ -1,0 +1,324 @@
+"""Migration parts that run outside a transaction (``-- migrate:up transaction:false``): index
+builds with CREATE INDEX CONCURRENTLY (0030, 0031), the migrators' lock around them, and the
+file format."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from kitium_pg import MigrationError, PostgresStorageAdapter
+from kitium_pg._base import Direction, load_migrations
+
+USER_INDEX = "0030_sessions_user_id_created_at_index"
+OLD_USER_INDEX = "0031_drop_sessions_user_id_index"
+IDS = [m.id for m in load_migrations("kitium_auth")]
+NEW_IDX = "sessions_user_id_created_at_id_idx"
+
+
+def _after(mig_id: str) -> int:
+    return len(IDS) - 1 - IDS.index(mig_id)
+
+
+@pytest.fixture
+def schema(dsn: str) -> Iterator[str]:
+    """A schema migrated up to the migration before 0030 (dropped afterwards)."""
+    name = f"cic_{uuid.uuid4().hex[:10]}"
+    with PostgresStorageAdapter(dsn, schema=name) as storage:
+        storage.rollback(steps=_after(USER_INDEX) + 1)
+    yield name
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE".encode())
+
+
+@contextlib.contextmanager
+def _unmigrated(dsn: str, schema: str, **settings: Any) -> Iterator[PostgresStorageAdapter]:
+    """An adapter on ``schema`` connected without migrating it."""
+    storage = PostgresStorageAdapter(dsn, schema=schema, **settings)
+    storage.connect(migrate=False)
+    try:
+        yield storage
+    finally:
+        storage.disconnect()
+
+
+def _index_state(dsn: str, schema: str, name: str) -> bool | None:
+    """Whether index ``name`` of ``schema`` is valid; ``None`` when there is none."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT i.indisvalid FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid"
+            " JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s",
+            [schema, name],
+        ).fetchone()
+    return None if row is None else bool(row[0])
+
+
+def _applied(dsn: str, schema: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            f"SELECT id FROM {schema}.auth_migrations ORDER BY applied_at, id".encode()
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _lock_is_free(dsn: str, schema: str) -> bool:
+    """Whether the migrators' lock of ``schema`` can be taken (and then released) now."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        key = f"kitium_pg.migrations.{schema}"
+        row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", [key]).fetchone()
+        assert row is not None
+        if row[0]:
+            conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [key])
+        return bool(row[0])
+
+
+def _wait_for(dsn: str, sql: str, params: list[Any], timeout: float = 20) -> int:
+    """The pid ``sql`` (on pg_stat_activity) finds first, polled until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(sql.encode(), params).fetchone()
+            if row is not None:
+                return int(row[0])
+            time.sleep(0.02)
+    raise AssertionError(f"nothing matched {sql} {params} within {timeout} s")
+
+
+BUILDING = (
+    "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+    " AND query LIKE 'CREATE INDEX CONCURRENTLY%%' AND wait_event_type = 'Lock'"
+)
+POLLING = (
+    "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+    " AND query LIKE '%%pg_try_advisory_lock%%'"
+)
+
+
+class Migrator(threading.Thread):
+    """``migrate()`` of an adapter whose connections carry ``application_name=name``, in a
+    thread; ``outcome`` holds what it returned or raised."""
+
+    def __init__(self, dsn: str, schema: str, name: str, **settings: Any) -> None:
+        super().__init__(daemon=True)
+        self.storage = PostgresStorageAdapter(
+            make_conninfo(dsn, application_name=name), schema=schema, **settings
+        )
+        self.storage.connect(migrate=False)
+        self.outcome: list[object] = []
+
+    def run(self) -> None:
+        try:
+            self.outcome.append(self.storage.migrate())
+        except Exception as exc:  # handed to the test
+            self.outcome.append(exc)
+
+    def result(self) -> object:
+        self.join(60)
+        self.storage.disconnect()
+        assert len(self.outcome) == 1, "the migrator did not finish"
+        return self.outcome[0]
+
+
+def _holding_a_write(dsn: str, schema: str) -> psycopg.Connection[Any]:
+    """A connection in a transaction that holds the lock of a writer on sessions (an
+    index build waits for it to end)."""
+    writer = psycopg.connect(dsn)
+    writer.execute(f"LOCK TABLE {schema}.sessions IN ROW EXCLUSIVE MODE".encode())
+    return writer
+
+
+def test_a_migrator_arriving_during_an_index_build_waits_without_blocking_it(
+    dsn: str, schema: str
+) -> None:
+    """0030 builds its index CONCURRENTLY. While the build waits for a transaction writing
+    sessions, a second migrator arrives and waits for the migrators' lock, and logins go on.
+    Once the writer commits the build ends, the first migrator applies 0031 too, and the second
+    finds nothing left to do. (A waiter blocked inside a statement holds a snapshot the build
+    then waits for: PostgreSQL ends that deadlock by failing one of them.)"""
+    with _unmigrated(dsn, schema) as storage:
+        user = storage.create_user()
+    writer = _holding_a_write(dsn, schema)
+    first = Migrator(dsn, schema, "kpg-first")
+    second = Migrator(dsn, schema, "kpg-second")
+    try:
+        first.start()
+        _wait_for(dsn, BUILDING, ["kpg-first"])
+        second.start()
+        _wait_for(dsn, POLLING, ["kpg-second"])
+        with _unmigrated(dsn, schema, statement_timeout_ms=2000) as app:
+            session = app.create_session(
+                user_id=user.id, expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+            )
+            assert app.list_user_sessions(user.id) == [session]
+        time.sleep(1.5)  # past deadlock_timeout (1 s): a deadlock would be found by now
+        writer.commit()
+        assert first.result() == (USER_INDEX, OLD_USER_INDEX)
+        assert second.result() == ()
+    finally:
+        writer.close()
+    assert _index_state(dsn, schema, NEW_IDX) is True
+    assert _index_state(dsn, schema, "sessions_user_id_idx") is None
+    assert _applied(dsn, schema)[-2:] == [USER_INDEX, OLD_USER_INDEX]
+    assert _lock_is_free(dsn, schema)
+
+
+def test_an_index_build_cancelled_half_way_is_built_again_by_the_next_run(
+    dsn: str, schema: str
+) -> None:
+    """A build cancelled while it waits leaves an invalid index behind and the migration
+    unrecorded; migrate raises MigrationError naming the file and the statement, releases the
+    lock and gives its connection back with its statement timeout. The next run drops the
+    invalid index and builds it again."""
+    writer = _holding_a_write(dsn, schema)
+    migrator = Migrator(dsn, schema, "kpg-cancelled", statement_timeout_ms=1234)
+    try:
+        migrator.start()
+        pid = _wait_for(dsn, BUILDING, ["kpg-cancelled"])
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_cancel_backend(%s)", [pid])
+        migrator.join(30)
+        failure = migrator.outcome[0]
+        assert isinstance(failure, MigrationError), failure
+        assert str(failure) == (
+            f"migrations/{USER_INDEX}.sql, statement 2 failed:"
+            " canceling statement due to user request"
+        )
+        assert _index_state(dsn, schema, NEW_IDX) is False
+        assert USER_INDEX not in _applied(dsn, schema)
+        assert _lock_is_free(dsn, schema)
+        with migrator.storage._pool.connection() as conn:
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("1234ms",)
+        writer.rollback()
+        assert migrator.storage.migrate() == (USER_INDEX, OLD_USER_INDEX)
+        assert _index_state(dsn, schema, NEW_IDX) is True
+    finally:
+        writer.close()
+        migrator.storage.disconnect()
+
+
+def test_down_parts_outside_a_transaction_give_back_the_old_index(dsn: str, schema: str) -> None:
+    """0031's down part builds sessions_user_id_idx again, 0030's drops the new index; up
+    again, the new one serves the user's sessions and the old one is gone."""
+    with _unmigrated(dsn, schema) as storage:
+        assert _index_state(dsn, schema, "sessions_user_id_idx") is True
+        assert _index_state(dsn, schema, NEW_IDX) is None
+        assert storage.migrate() == (USER_INDEX, OLD_USER_INDEX)
+        assert storage.rollback() == (OLD_USER_INDEX,)
+        assert _index_state(dsn, schema, "sessions_user_id_idx") is True
+        assert _index_state(dsn, schema, NEW_IDX) is True
+        assert storage.rollback() == (USER_INDEX,)
+        assert _index_state(dsn, schema, NEW_IDX) is None
+        assert storage.migrate() == (USER_INDEX, OLD_USER_INDEX)
+        assert _index_state(dsn, schema, "sessions_user_id_idx") is None
+        assert _index_state(dsn, schema, NEW_IDX) is True
+        assert _lock_is_free(dsn, schema)
+
+
+def _file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "0001_probe.sql"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-- migrate:up transaction:flase\nSELECT 1;\n-- migrate:down\nSELECT 1;\n",
+        "-- migrate:up\nSELECT 1;\n-- migrate:down transaction: false\nSELECT 1;\n",
+        "-- migrate:down\nSELECT 1;\n-- migrate:up\nSELECT 1;\n",
+        "-- migrate:up\nSELECT 1;\n-- migrate:up\nSELECT 1;\n-- migrate:down\n",
+        "-- migrate:up\nSELECT 1;\n",
+        "-- migrate:upp\n-- migrate:up\nSELECT 1;\n-- migrate:down\n",
+    ],
+)
+def test_a_misspelt_part_marker_is_refused(tmp_path: Path, text: str) -> None:
+    """Every line that starts like a marker must be one of the two, each once and in order: a
+    misspelt option would otherwise run a part in a transaction or out of one unnoticed."""
+    _file(tmp_path, text)
+    with pytest.raises(MigrationError, match="needs one '-- migrate:up' line"):
+        load_migrations("kitium_auth", folder=tmp_path)
+
+
+def test_each_part_says_whether_it_runs_in_a_transaction(tmp_path: Path) -> None:
+    _file(
+        tmp_path,
+        "-- migrate:up transaction:false\n-- a comment; with a semicolon\n"
+        "CREATE INDEX CONCURRENTLY a ON kitium_auth.t (x) WHERE y = 'p;q';\n"
+        "DROP INDEX CONCURRENTLY IF EXISTS kitium_auth.b; -- trailing\n"
+        "-- migrate:down\nSET LOCAL lock_timeout = '1s';\nDROP INDEX kitium_auth.a;\n",
+    )
+    [migration] = load_migrations("other", folder=tmp_path)
+    assert (migration.up_in_transaction, migration.down_in_transaction) == (False, True)
+    assert migration.statements("up") == (
+        "-- a comment; with a semicolon\n"
+        "CREATE INDEX CONCURRENTLY a ON other.t (x) WHERE y = 'p;q';",
+        "DROP INDEX CONCURRENTLY IF EXISTS other.b; -- trailing",
+    )
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SET lock_timeout = '5s';",
+        "set statement_timeout to 0;",
+        "/* why */ RESET ALL;",
+        "BEGIN;",
+        "COMMIT;",
+        "DISCARD ALL;",
+    ],
+)
+def test_a_part_outside_a_transaction_may_not_change_the_session(
+    tmp_path: Path, statement: str
+) -> None:
+    """Run outside a transaction, a setting would stay on the pooled connection after the
+    part, and transaction control would undo the point of the marker: refused before any
+    statement is sent."""
+    _file(
+        tmp_path,
+        f"-- migrate:up transaction:false\n{statement}\nCREATE INDEX CONCURRENTLY a ON t (x);\n"
+        "-- migrate:down\nSELECT 1;\n",
+    )
+    [migration] = load_migrations("kitium_auth", folder=tmp_path)
+    with pytest.raises(MigrationError, match="may not set settings or control transactions"):
+        migration.statements("up")
+
+
+def test_a_part_outside_a_transaction_needs_a_statement(tmp_path: Path) -> None:
+    _file(tmp_path, "-- migrate:up transaction:false\n-- nothing;\n-- migrate:down\nSELECT 1;\n")
+    [migration] = load_migrations("kitium_auth", folder=tmp_path)
+    with pytest.raises(MigrationError, match="its up part has no statement"):
+        migration.statements("up")
+
+
+def test_the_shipped_parts_outside_a_transaction_are_index_builds_and_drops() -> None:
+    """Each statement of a shipped part marked transaction:false builds or drops an index
+    CONCURRENTLY, and each build comes after a DROP ... IF EXISTS of the same index, so that a
+    run that failed half-way is finished by running the part again."""
+    directions: tuple[Direction, ...] = ("up", "down")
+    parts = [
+        (m, direction)
+        for m in load_migrations("kitium_auth", optional=["tenant_rls"])
+        for direction in directions
+        if not m.in_transaction(direction)
+    ]
+    assert {m.id for m, _ in parts} >= {USER_INDEX, OLD_USER_INDEX}
+    for migration, direction in parts:
+        dropped: set[str] = set()
+        for statement in migration.statements(direction):
+            words = statement.split()
+            if words[:3] == ["DROP", "INDEX", "CONCURRENTLY"]:
+                dropped.add(words[-1].rstrip(";").split(".")[-1])
+            else:
+                assert words[:3] == ["CREATE", "INDEX", "CONCURRENTLY"], statement
+                assert words[3] in dropped, (migration.file, statement)
