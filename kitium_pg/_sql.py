@@ -121,15 +121,15 @@ def in_schema(sql: str, schema: str) -> str:
 
 
 def statements(sql: str) -> tuple[str, ...]:
-    """The statements of ``sql`` in order, each with its terminating semicolon (comments that
-    stand alone dropped), for the migration parts that run outside a transaction, one statement
-    at a time: PostgreSQL runs several statements sent together in one transaction, where
-    ``CREATE INDEX CONCURRENTLY`` is refused. sqlparse splits them: it knows quoted strings,
-    dollar quoting and comments."""
+    """The statements of ``sql`` in order, each with its terminating semicolon and without its
+    comments (``pg_stat_activity`` and the server log then show the statement itself), for the
+    migration parts that run outside a transaction, one statement at a time: PostgreSQL runs
+    several statements sent together in one transaction, where ``CREATE INDEX CONCURRENTLY`` is
+    refused. sqlparse splits them: it knows quoted strings, dollar quoting and comments."""
     import sqlparse  # only migrations that run outside a transaction need it
 
-    split = sqlparse.split(sql, strip_semicolon=False)
-    return tuple(s.strip() for s in split if without_comments(s))
+    code = (without_comments(s) for s in sqlparse.split(sql, strip_semicolon=False))
+    return tuple(c for c in code if c)
 
 
 def without_comments(sql: str) -> str:

@@ -33,6 +33,7 @@ from rich.table import Table
 
 from . import __version__, _sql
 from ._base import (
+    Direction,
     Migration,
     dsn_secrets,
     load_migrations,
@@ -338,6 +339,9 @@ def cli(
 def migrate(state: _Context, optional: tuple[str, ...]) -> None:
     """Apply pending migrations, one transaction each, and print what was applied.
 
+    A part marked transaction:false (an index built CONCURRENTLY) runs one statement at a
+    time instead; run again after a failure, it finishes the job.
+
     Safe to run from several processes at once: each migration is applied exactly once.
     Optional migrations (--optional tenant_rls) run after the numbered ones, as the role that
     will own them: tenant_rls gives that role a policy that bypasses the tenant checks.
@@ -464,29 +468,40 @@ def sql(state: _Context, down: bool, optional: tuple[str, ...], migration_id: st
     MIGRATION_ID is an id such as 0001_core, or just its number (0001); without it, every
     migration is printed in the order it would run. The SQL is written for --schema. It is
     what `migrate` executes, without the bookkeeping: SQL run by hand is not recorded in the
-    schema's auth_migrations table, so `migrate` would try to apply it again. With --optional
-    NAME, the optional migration is printed too (after the numbered ones).
+    schema's auth_migrations table, so `migrate` would try to apply it again. Each part says
+    how it runs: in one transaction, or (transaction:false) one statement at a time outside
+    any, as CREATE INDEX CONCURRENTLY needs. With --optional NAME, the optional migration is
+    printed too (after the numbered ones).
     """
     chosen = _select(load_migrations(state.schema, optional=optional), migration_id)
     if down:
         chosen.reverse()
-    direction = "down" if down else "up"
+    direction: Direction = "down" if down else "up"
     if state.as_json:
         state.emit_json(
             {
                 "schema": state.schema,
                 "direction": direction,
                 "migrations": [
-                    {"id": m.id, "checksum": m.checksum, "sql": (m.down if down else m.up).strip()}
+                    {
+                        "id": m.id,
+                        "checksum": m.checksum,
+                        "in_transaction": m.in_transaction(direction),
+                        "sql": m.sql(direction).strip(),
+                    }
                     for m in chosen
                 ],
             }
         )
         return
     for migration in chosen:
-        body = (migration.down if down else migration.up).strip()
+        body = migration.sql(direction).strip()
         click.echo(f"-- {migration.id} ({direction}), from {_file_name(migration)}")
         click.echo(f"-- sha256 of the file: {migration.checksum}")
+        if migration.in_transaction(direction):
+            click.echo("-- runs in one transaction")
+        else:
+            click.echo("-- runs outside a transaction, one statement at a time (transaction:false)")
         click.echo(f"{body}\n")
 
 

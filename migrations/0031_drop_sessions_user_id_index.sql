@@ -7,14 +7,18 @@
 -- Dropped CONCURRENTLY, outside a transaction (transaction:false): SHARE UPDATE EXCLUSIVE on
 -- sessions while the drop waits for the transactions using the index to end; reads and writes go
 -- on. Its down part builds the index again in the same way (0030 says how; a failed build is
--- dropped first when it runs again).
+-- dropped first when it runs again). No lock_timeout, for 0030's reasons.
 
 -- migrate:up transaction:false
 
+-- squawk-ignore require-lock-timeout
 DROP INDEX CONCURRENTLY IF EXISTS kitium_auth.sessions_user_id_idx;
 
 -- migrate:down transaction:false
 
+-- squawk-ignore require-lock-timeout
 DROP INDEX CONCURRENTLY IF EXISTS kitium_auth.sessions_user_id_idx;
 
+-- Not IF NOT EXISTS: that would keep an invalid index left by a failed build.
+-- squawk-ignore require-lock-timeout, prefer-robust-stmts
 CREATE INDEX CONCURRENTLY sessions_user_id_idx ON kitium_auth.sessions (user_id);

@@ -121,6 +121,8 @@ def test_json_output_parses(dsn: str, schema: str) -> None:
     printed = as_json(run("--schema", schema, "--json", "sql"))
     assert [m["id"] for m in printed["migrations"]] == MIGRATIONS
     assert all(schema in m["sql"] for m in printed["migrations"])
+    outside = [m["id"] for m in printed["migrations"] if not m["in_transaction"]]
+    assert outside == [m for m in MIGRATIONS if m >= "0030"]
 
 
 def test_rollback_then_status_shows_pending(dsn: str, schema: str) -> None:
@@ -176,6 +178,11 @@ def test_sql_needs_no_database(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "DROP TABLE dba_copy.users" in down.stdout
     assert "kitium_auth" not in down.stdout
     assert "CREATE TABLE" not in down.stdout
+
+    concurrently = run("sql", "0030")
+    assert concurrently.exit_code == 0, concurrently.output
+    assert "-- runs outside a transaction, one statement at a time" in concurrently.stdout
+    assert "-- runs in one transaction" in result.stdout
 
     unknown = run("sql", "9999_nope")
     assert unknown.exit_code == 2

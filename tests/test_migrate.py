@@ -714,8 +714,9 @@ def test_an_application_role_uses_the_with_form_on_a_migrated_schema(dsn: str) -
 
 def test_an_application_role_waiting_for_a_migrator_connects_once_it_is_done(dsn: str) -> None:
     """A rolling deploy: an instance running as the application role finds an optional
-    migration pending and waits for the migrator's lock (polling for it); once the migrator has applied it,
-    nothing is pending and the instance connects (it creates nothing: the ledger exists)."""
+    migration pending and waits for the migrator's lock (polling for it); once the migrator
+    has applied it, nothing is pending and the instance connects (it creates nothing: the
+    ledger exists)."""
     schema = f"appwait_{uuid.uuid4().hex[:10]}"
     role = f"kpg_app_{uuid.uuid4().hex[:8]}"
     with PostgresStorageAdapter(dsn, schema=schema, max_size=1) as owner:
