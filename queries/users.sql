@@ -128,36 +128,58 @@ SELECT password_hash FROM kitium_auth.users WHERE id = :id;
 -- tokens are replaced only when new ones are given; they arrive encrypted). Returns no row when
 -- the identity belongs to another user (the caller raises ConflictError). The returned oauth map
 -- combines the user's other links with the one just written, because the statement's snapshot
--- does not yet show its own insert. New tokens end a refresh lease (claim_oauth_refresh); a
--- retry of this very write after a lost acknowledgement (its own tokens_version stored, drawn
--- at random per call) keeps the lease: one taken after the first attempt is another worker's.
+-- does not yet show its own insert. New tokens end a refresh lease (claim_oauth_refresh) and add
+-- their version (drawn at random per call) to recent_tokens_versions (the last 8, newest
+-- first). A retry of this very write after a lost acknowledgement finds its version there and
+-- leaves the tokens, their version and the lease as they are: newer tokens a lease holder
+-- stored after the first attempt stay (migration 0032).
 WITH link AS (
   INSERT INTO kitium_auth.oauth_accounts AS o
     (id, user_id, provider, subject, email, name, access_token_ciphertext,
-     refresh_token_ciphertext, tokens_key_id, token_expires_at, tokens_version)
+     refresh_token_ciphertext, tokens_key_id, token_expires_at, tokens_version,
+     recent_tokens_versions)
   VALUES
     (:id, :user_id, :provider, :subject, :email, :name, :access_token_ciphertext,
-     :refresh_token_ciphertext, :tokens_key_id, :token_expires_at, :tokens_version)
+     :refresh_token_ciphertext, :tokens_key_id, :token_expires_at, :tokens_version,
+     CASE WHEN CAST(:tokens_key_id AS text) IS NOT NULL
+          THEN ARRAY[CAST(:tokens_version AS bigint)] END)
   ON CONFLICT (provider, subject) DO UPDATE
      SET email = EXCLUDED.email,
          name = EXCLUDED.name,
-         access_token_ciphertext = CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                                        THEN o.access_token_ciphertext
-                                        ELSE EXCLUDED.access_token_ciphertext END,
-         refresh_token_ciphertext = CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                                         THEN o.refresh_token_ciphertext
-                                         ELSE EXCLUDED.refresh_token_ciphertext END,
-         token_expires_at = CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                                 THEN o.token_expires_at ELSE EXCLUDED.token_expires_at END,
-         tokens_key_id = coalesce(EXCLUDED.tokens_key_id, o.tokens_key_id),
-         tokens_version = CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                               THEN o.tokens_version ELSE EXCLUDED.tokens_version END,
-         refresh_lease_until = CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                                      OR o.tokens_version = EXCLUDED.tokens_version
-                                    THEN o.refresh_lease_until END,
-         refresh_lease_holder = CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                                       OR o.tokens_version = EXCLUDED.tokens_version
-                                     THEN o.refresh_lease_holder END
+         -- Each CASE: no new tokens, or this very write's retry, keeps what is stored.
+         access_token_ciphertext =
+           CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                THEN o.access_token_ciphertext ELSE EXCLUDED.access_token_ciphertext END,
+         refresh_token_ciphertext =
+           CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                THEN o.refresh_token_ciphertext ELSE EXCLUDED.refresh_token_ciphertext END,
+         token_expires_at =
+           CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                THEN o.token_expires_at ELSE EXCLUDED.token_expires_at END,
+         tokens_key_id =
+           CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                THEN o.tokens_key_id ELSE EXCLUDED.tokens_key_id END,
+         tokens_version =
+           CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                THEN o.tokens_version ELSE EXCLUDED.tokens_version END,
+         refresh_lease_until =
+           CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                THEN o.refresh_lease_until ELSE NULL END,
+         refresh_lease_holder =
+           CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                THEN o.refresh_lease_holder ELSE NULL END,
+         recent_tokens_versions =
+           CASE WHEN EXCLUDED.tokens_key_id IS NULL
+                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                THEN o.recent_tokens_versions
+                ELSE (EXCLUDED.tokens_version || o.recent_tokens_versions)[1 : 8] END
    WHERE o.user_id = EXCLUDED.user_id
   RETURNING o.user_id, o.provider, o.subject, o.email, o.name, o.linked_at
 )
@@ -207,22 +229,30 @@ RETURNING o.access_token_ciphertext, o.refresh_token_ciphertext, o.tokens_key_id
 -- name: update_oauth_tokens(user_id, provider, access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_expires_at, if_version, tokens_version)^
 -- Replace a link's provider tokens and set their new version (drawn at random by the caller for
 -- this write), only while the link holds version if_version when one is given; returns the
--- version, or no row (no link, or another write came first). A retry of this very write after
--- a lost acknowledgement finds its own version stored and writes the same values again. New
--- tokens end a refresh lease (claim_oauth_refresh): the refresh it was taken for is done. That
--- retry keeps the lease: one taken after the first attempt is another worker's.
-UPDATE kitium_auth.oauth_accounts AS o
-   SET access_token_ciphertext = :access_token_ciphertext,
-       refresh_token_ciphertext = :refresh_token_ciphertext,
-       tokens_key_id = :tokens_key_id,
-       token_expires_at = :token_expires_at,
-       tokens_version = :tokens_version,
-       refresh_lease_until = CASE WHEN o.tokens_version = :tokens_version
-                                  THEN o.refresh_lease_until END,
-       refresh_lease_holder = CASE WHEN o.tokens_version = :tokens_version
-                                   THEN o.refresh_lease_holder END
+-- version, or no row (no link, or another write came first). New tokens end a refresh lease
+-- (claim_oauth_refresh): the refresh it was taken for is done. Their version goes first in
+-- recent_tokens_versions (the last 8 kept). A retry of this very write after a lost
+-- acknowledgement finds its version there: it changes nothing (newer tokens another worker
+-- stored since stay, and so does a lease taken since) and returns the version (migration 0032).
+WITH written AS (
+  UPDATE kitium_auth.oauth_accounts AS o
+     SET access_token_ciphertext = :access_token_ciphertext,
+         refresh_token_ciphertext = :refresh_token_ciphertext,
+         tokens_key_id = :tokens_key_id,
+         token_expires_at = :token_expires_at,
+         tokens_version = :tokens_version,
+         refresh_lease_until = NULL,
+         refresh_lease_holder = NULL,
+         recent_tokens_versions = (CAST(:tokens_version AS bigint)
+                                   || o.recent_tokens_versions)[1 : 8]
+   WHERE o.user_id = :user_id AND o.provider = :provider
+     AND (CAST(:if_version AS bigint) IS NULL OR o.tokens_version = :if_version)
+     AND NOT coalesce(:tokens_version = ANY(o.recent_tokens_versions), false)
+  RETURNING o.tokens_version
+)
+SELECT tokens_version FROM written
+UNION ALL
+SELECT CAST(:tokens_version AS bigint)
+  FROM kitium_auth.oauth_accounts AS o
  WHERE o.user_id = :user_id AND o.provider = :provider
-   AND (CAST(:if_version AS bigint) IS NULL
-        OR o.tokens_version = :if_version
-        OR o.tokens_version = :tokens_version)
-RETURNING o.tokens_version;
+   AND :tokens_version = ANY(o.recent_tokens_versions);

@@ -56,6 +56,7 @@ LOCAL_NAMES = {
     "reached",
     "owner",
     "member",
+    "written",
 }
 
 

@@ -671,6 +671,65 @@ async def test_a_retried_token_write_keeps_a_lease_taken_after_its_first_attempt
     assert _lease(dsn, user.id) == (None, None)
 
 
+@pytest.mark.parametrize("method", ["update_oauth_tokens", "link_oauth_account"])
+async def test_a_retried_token_write_leaves_the_newer_tokens_a_lease_holder_stored(
+    storage: Any,
+    email: str,
+    unique: Callable[[str], str],
+    dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+) -> None:
+    """Found in review: the adapter's retry of a token write after a lost acknowledgement
+    (played here by the same call again, with the version its first attempt drew) wrote its
+    tokens back over the ones a lease holder had refreshed and stored in between: with a
+    provider that rotates refresh tokens, the link then held a replaced one. The retry finds
+    its version among the link's recent ones and changes nothing; it reports its write as
+    done."""
+    user = await _linked_with_tokens(storage, email, unique)
+    call: dict[str, Any] = {"access_token": "a-2", "refresh_token": "r-2"}
+    if method == "update_oauth_tokens":
+        call["if_version"] = (await storage.get_oauth_tokens(user.id, "google")).version
+    else:
+        call["sub"] = (await storage.get_user(user.id)).oauth["google"].sub
+    write = getattr(storage, method)
+
+    async def first_attempt() -> Any:
+        """The write with the version its first attempt drew, as the adapter's retry sends it."""
+        monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 4343)
+        try:
+            return await write(user.id, "google", **call)
+        finally:
+            monkeypatch.undo()
+
+    first = await first_attempt()
+    claimed = await storage.claim_oauth_refresh(user.id, "google")  # another worker
+    assert claimed is not None and claimed.version == 4343
+    newer = await storage.update_oauth_tokens(
+        user.id, "google", access_token="a-3", refresh_token="r-3", if_version=claimed.version
+    )
+    assert newer is not None
+    assert await first_attempt() == first
+    stored = await storage.get_oauth_tokens(user.id, "google")
+    assert (stored.access_token, stored.refresh_token) == ("a-3", "r-3")
+    assert stored.version == newer.version
+    # The link keeps the last 8 versions written, newest first.
+    for n in range(8):
+        await storage.update_oauth_tokens(
+            user.id, "google", access_token=f"x{n}", refresh_token="r"
+        )
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT tokens_version, recent_tokens_versions FROM kitium_auth.oauth_accounts"
+            " WHERE user_id = %s AND provider = 'google'",
+            [user.id],
+        ).fetchone()
+    assert row is not None
+    version, recent = row
+    assert len(recent) == 8 and recent[0] == version
+    assert newer.version not in recent  # the ninth write back has left the list
+
+
 async def test_claim_oauth_refresh_refuses_a_transactions_view(
     storage: Any, email: str, unique: Callable[[str], str], dsn: str
 ) -> None:

@@ -211,7 +211,9 @@ class AsyncUsers(AsyncCore):
         (they share one key id), so passing only ``access_token`` clears the stored refresh
         token. Raises ``ConflictError`` when the identity belongs to another user or the user
         already has a different identity at this provider, and ``NotFoundError`` when there is
-        no user.
+        no user. The adapter's own retry after a lost acknowledgement leaves the tokens its
+        first attempt stored, or newer ones stored since, as they are (as
+        ``update_oauth_tokens``).
         """
         params: dict[str, Any] = {
             "id": new_id(),
@@ -335,8 +337,9 @@ class AsyncUsers(AsyncCore):
         expiry (``token_expires_at=None`` stores "unknown"). Encrypted like
         ``link_oauth_account``'s (``EncryptionKeyError`` without a key). One guarded UPDATE: of
         two refreshes of one link with the same ``if_version`` exactly one is stored. The
-        adapter's own retry after a lost acknowledgement recognises its write (by the new
-        version, drawn before the first attempt) and returns it; when the call raises
+        adapter's own retry after a lost acknowledgement recognises its write by its version
+        (drawn before the first attempt) among the link's last 8 and returns it without
+        writing again, so tokens another worker stored in between stay; when the call raises
         ``UnavailableError`` instead, the write may have happened: read the tokens again.
         """
         parsed = v.uuid_arg("user_id", user_id)
