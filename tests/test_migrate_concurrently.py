@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg_pool
 import pytest
 from psycopg.conninfo import make_conninfo
 
@@ -206,6 +207,29 @@ def test_an_index_build_cancelled_half_way_is_built_again_by_the_next_run(
     finally:
         writer.close()
         migrator.storage.disconnect()
+
+
+def test_a_callers_pool_gets_its_connection_back_as_it_was(dsn: str, schema: str) -> None:
+    """A pool of the caller's own, not in autocommit mode, with the adapter's statement timeout
+    applied per call: the run takes its connection into autocommit mode for the index build
+    and gives it back in its own mode, with its own session statement timeout (not the
+    per-call one, not the run's 0) and without the migrators' lock."""
+    pool = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=1, open=False)
+    pool.open(wait=True)
+    try:
+        with pool.connection() as conn:
+            conn.execute("SET statement_timeout = '4321ms'")
+            conn.commit()
+        storage = PostgresStorageAdapter(pool, schema=schema, statement_timeout_ms=1500)
+        storage.connect(migrate=False)
+        assert storage.migrate() == FROM_0030
+        assert _index_state(dsn, schema, NEW_IDX) is True
+        with pool.connection() as conn:
+            assert conn.autocommit is False
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("4321ms",)
+        assert _lock_is_free(dsn, schema)
+    finally:
+        pool.close()
 
 
 def test_down_parts_outside_a_transaction_give_back_the_old_index(dsn: str, schema: str) -> None:

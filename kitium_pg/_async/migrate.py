@@ -24,6 +24,7 @@ import psycopg_pool
 
 from .. import _sql, _validate
 from .._base import Direction, Migration, MigrationState, Retry, load_migrations, plan
+from .._transaction import TransactionState
 from ..errors import (
     KitiumPgError,
     MigrationError,
@@ -75,17 +76,22 @@ class AsyncMigrations(AsyncCore):
             autocommit = conn.autocommit
             if not autocommit:
                 await conn.set_autocommit(True)
-            bound = self._bound(conn)
-            delay = _LOCK_POLL_FIRST
-            while not await bound._value("try_lock_migrations", {}, retry=Retry.NEVER):
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, _LOCK_POLL_MAX)
+            # Without the adapter's per-call settings (a statement timeout or a tenant applied
+            # per transaction): the run sets what it needs on its connection itself.
+            bound = self._view(_conn=conn, _tx=TransactionState(), _local=())
+            locked = False
             try:
+                delay = _LOCK_POLL_FIRST
+                while not await bound._value("try_lock_migrations", {}, retry=Retry.NEVER):
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, _LOCK_POLL_MAX)
+                locked = True
                 yield bound
             finally:
                 # A lost connection took the lock with it, and the pool discards it.
                 if not conn.broken:
-                    await bound._value("unlock_migrations", {}, retry=Retry.NEVER)
+                    if locked:
+                        await bound._value("unlock_migrations", {}, retry=Retry.NEVER)
                     if not autocommit:
                         await conn.set_autocommit(False)
 
