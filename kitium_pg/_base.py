@@ -579,12 +579,19 @@ class Migration:
 
     def statements(self, direction: Direction) -> tuple[str, ...]:
         """The statements of the ``direction`` part, for a part that runs outside a transaction
-        (each is sent on its own). Raises ``MigrationError`` when the part has none, or has a
-        statement that sets or resets a setting or controls transactions: run outside a
-        transaction, a setting would outlive the part (the runner's connection goes back to the
-        pool), and the part is run statement by statement by design."""
+        (each is sent on its own). Raises ``MigrationError`` when the part has none, has a block
+        comment, or has a statement that sets or resets a setting or controls transactions: run
+        outside a transaction, a setting would outlive the part (the runner's connection goes
+        back to the pool), and the part is run statement by statement by design."""
         from .errors import MigrationError
 
+        if "/*" in self.sql(direction):
+            # PostgreSQL's block comments nest, sqlparse's do not: a statement commented out
+            # inside a nested comment would be sent.
+            raise MigrationError(
+                f"{self.file}: its {direction} part runs outside a transaction and may not use"
+                " block comments (/* */): write -- comments"
+            )
         found = _sql.statements(self.sql(direction))
         if not found:
             raise MigrationError(f"{self.file}: its {direction} part has no statement")

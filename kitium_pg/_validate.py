@@ -192,7 +192,20 @@ def timestamp(field: str, value: object) -> dt.datetime:
         instant = None
     if instant is None or not _EARLIEST <= instant <= _LATEST:
         raise ValidationError(field, "must be from 0001-01-02 to 9999-12-30 (UTC)")
+    if type(instant) is not dt.datetime:
+        # A subclass is passed on as a plain copy of its stored fields, read by datetime's own
+        # getters: its own methods (psycopg's dumper subtracts the epoch) may say otherwise.
+        year, month, day, hour, minute, second, micro = (
+            getter.__get__(instant) for getter in _DATETIME_FIELDS
+        )
+        instant = dt.datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
     return instant
+
+
+_DATETIME_FIELDS: Final = tuple(
+    vars(dt.datetime)[name] if name in vars(dt.datetime) else vars(dt.date)[name]
+    for name in ("year", "month", "day", "hour", "minute", "second", "microsecond")
+)
 
 
 def opt_timestamp(field: str, value: object) -> dt.datetime | None:

@@ -14,11 +14,11 @@
 -- Built CONCURRENTLY, so this part runs outside a transaction (transaction:false), one
 -- statement at a time. Locks: SHARE UPDATE EXCLUSIVE on sessions while the index is built:
 -- logins, lookups and every other read and write of sessions go on; the build waits for the
--- transactions already writing sessions to end, and takes about two reads of the table. A
--- build that fails half-way (a cancel, a lost connection) leaves an invalid index behind, which
--- this part drops first when it runs again. No lock_timeout: waiting for the lock blocks no
--- read or write (only other schema changes and VACUUM of sessions), and a setting made here
--- would outlive the part.
+-- transactions writing sessions, then for every transaction with an older snapshot, to end, and
+-- takes about two reads of the table. A build that fails half-way (a cancel, a lost
+-- connection) leaves an invalid index behind, which this part drops first when it runs again.
+-- No lock_timeout: waiting for the lock blocks no read or write (only other schema changes and
+-- VACUUM of sessions), and a setting made here would outlive the part.
 
 -- migrate:up transaction:false
 

@@ -13,7 +13,7 @@ SELECT pg_try_advisory_lock(hashtextextended('kitium_pg.migrations.kitium_auth',
 SELECT pg_advisory_unlock(hashtextextended('kitium_pg.migrations.kitium_auth', 0));
 
 -- name: ensure_ledger#
--- Create the schema and the ledger if they are missing (runs under lock_migrations).
+-- Create the schema and the ledger if they are missing (runs under try_lock_migrations' lock).
 CREATE SCHEMA IF NOT EXISTS kitium_auth;
 CREATE TABLE IF NOT EXISTS kitium_auth.auth_migrations (
   id          text PRIMARY KEY,

@@ -128,58 +128,59 @@ SELECT password_hash FROM kitium_auth.users WHERE id = :id;
 -- tokens are replaced only when new ones are given; they arrive encrypted). Returns no row when
 -- the identity belongs to another user (the caller raises ConflictError). The returned oauth map
 -- combines the user's other links with the one just written, because the statement's snapshot
--- does not yet show its own insert. New tokens end a refresh lease (claim_oauth_refresh) and add
--- their version (drawn at random per call) to recent_tokens_versions (the last 8, newest
--- first). A retry of this very write after a lost acknowledgement finds its version there and
--- leaves the tokens, their version and the lease as they are: newer tokens a lease holder
--- stored after the first attempt stay (migration 0032).
+-- does not yet show its own insert. New tokens end a refresh lease (claim_oauth_refresh). The
+-- write's version (drawn at random per call; it becomes tokens_version when tokens are given)
+-- goes first in recent_write_versions (the last 8 kept). A retry of this very write after a
+-- lost acknowledgement finds its version there and leaves the link as it is: an email, a name
+-- or tokens written since (a lease holder's refresh) stay (migration 0032).
 WITH link AS (
   INSERT INTO kitium_auth.oauth_accounts AS o
     (id, user_id, provider, subject, email, name, access_token_ciphertext,
      refresh_token_ciphertext, tokens_key_id, token_expires_at, tokens_version,
-     recent_tokens_versions)
+     recent_write_versions)
   VALUES
     (:id, :user_id, :provider, :subject, :email, :name, :access_token_ciphertext,
      :refresh_token_ciphertext, :tokens_key_id, :token_expires_at, :tokens_version,
-     CASE WHEN CAST(:tokens_key_id AS text) IS NOT NULL
-          THEN ARRAY[CAST(:tokens_version AS bigint)] END)
+     ARRAY[CAST(:tokens_version AS bigint)])
   ON CONFLICT (provider, subject) DO UPDATE
-     SET email = EXCLUDED.email,
-         name = EXCLUDED.name,
-         -- Each CASE: no new tokens, or this very write's retry, keeps what is stored.
+     -- Each CASE: this very write's retry keeps what is stored, and so does a write without
+     -- tokens for the token columns.
+     SET email = CASE WHEN EXCLUDED.tokens_version = ANY(o.recent_write_versions)
+                      THEN o.email ELSE EXCLUDED.email END,
+         name = CASE WHEN EXCLUDED.tokens_version = ANY(o.recent_write_versions)
+                     THEN o.name ELSE EXCLUDED.name END,
          access_token_ciphertext =
            CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                  OR EXCLUDED.tokens_version = ANY(o.recent_write_versions)
                 THEN o.access_token_ciphertext ELSE EXCLUDED.access_token_ciphertext END,
          refresh_token_ciphertext =
            CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                  OR EXCLUDED.tokens_version = ANY(o.recent_write_versions)
                 THEN o.refresh_token_ciphertext ELSE EXCLUDED.refresh_token_ciphertext END,
          token_expires_at =
            CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                  OR EXCLUDED.tokens_version = ANY(o.recent_write_versions)
                 THEN o.token_expires_at ELSE EXCLUDED.token_expires_at END,
          tokens_key_id =
            CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                  OR EXCLUDED.tokens_version = ANY(o.recent_write_versions)
                 THEN o.tokens_key_id ELSE EXCLUDED.tokens_key_id END,
          tokens_version =
            CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                  OR EXCLUDED.tokens_version = ANY(o.recent_write_versions)
                 THEN o.tokens_version ELSE EXCLUDED.tokens_version END,
          refresh_lease_until =
            CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                  OR EXCLUDED.tokens_version = ANY(o.recent_write_versions)
                 THEN o.refresh_lease_until ELSE NULL END,
          refresh_lease_holder =
            CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
+                  OR EXCLUDED.tokens_version = ANY(o.recent_write_versions)
                 THEN o.refresh_lease_holder ELSE NULL END,
-         recent_tokens_versions =
-           CASE WHEN EXCLUDED.tokens_key_id IS NULL
-                  OR EXCLUDED.tokens_version = ANY(o.recent_tokens_versions)
-                THEN o.recent_tokens_versions
-                ELSE (EXCLUDED.tokens_version || o.recent_tokens_versions)[1 : 8] END
+         recent_write_versions =
+           CASE WHEN EXCLUDED.tokens_version = ANY(o.recent_write_versions)
+                THEN o.recent_write_versions
+                ELSE (EXCLUDED.tokens_version || o.recent_write_versions)[1 : 8] END
    WHERE o.user_id = EXCLUDED.user_id
   RETURNING o.user_id, o.provider, o.subject, o.email, o.name, o.linked_at
 )
@@ -231,10 +232,18 @@ RETURNING o.access_token_ciphertext, o.refresh_token_ciphertext, o.tokens_key_id
 -- this write), only while the link holds version if_version when one is given; returns the
 -- version, or no row (no link, or another write came first). New tokens end a refresh lease
 -- (claim_oauth_refresh): the refresh it was taken for is done. Their version goes first in
--- recent_tokens_versions (the last 8 kept). A retry of this very write after a lost
+-- recent_write_versions (the last 8 kept). A retry of this very write after a lost
 -- acknowledgement finds its version there: it changes nothing (newer tokens another worker
 -- stored since stay, and so does a lease taken since) and returns the version (migration 0032).
-WITH written AS (
+-- The link is read locked, so a retry that waited for its own first attempt (still running
+-- when the connection was lost) reads the row that attempt wrote, not its snapshot's.
+WITH locked AS (
+  SELECT o.user_id, o.provider, o.tokens_version,
+         coalesce(:tokens_version = ANY(o.recent_write_versions), false) AS seen
+    FROM kitium_auth.oauth_accounts AS o
+   WHERE o.user_id = :user_id AND o.provider = :provider
+     FOR UPDATE
+), written AS (
   UPDATE kitium_auth.oauth_accounts AS o
      SET access_token_ciphertext = :access_token_ciphertext,
          refresh_token_ciphertext = :refresh_token_ciphertext,
@@ -243,16 +252,13 @@ WITH written AS (
          tokens_version = :tokens_version,
          refresh_lease_until = NULL,
          refresh_lease_holder = NULL,
-         recent_tokens_versions = (CAST(:tokens_version AS bigint)
-                                   || o.recent_tokens_versions)[1 : 8]
-   WHERE o.user_id = :user_id AND o.provider = :provider
-     AND (CAST(:if_version AS bigint) IS NULL OR o.tokens_version = :if_version)
-     AND NOT coalesce(:tokens_version = ANY(o.recent_tokens_versions), false)
+         recent_write_versions = (CAST(:tokens_version AS bigint)
+                                  || o.recent_write_versions)[1 : 8]
+    FROM locked AS c
+   WHERE o.user_id = c.user_id AND o.provider = c.provider AND NOT c.seen
+     AND (CAST(:if_version AS bigint) IS NULL OR c.tokens_version = :if_version)
   RETURNING o.tokens_version
 )
 SELECT tokens_version FROM written
 UNION ALL
-SELECT CAST(:tokens_version AS bigint)
-  FROM kitium_auth.oauth_accounts AS o
- WHERE o.user_id = :user_id AND o.provider = :provider
-   AND :tokens_version = ANY(o.recent_tokens_versions);
+SELECT CAST(:tokens_version AS bigint) FROM locked WHERE seen;

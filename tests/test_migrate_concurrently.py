@@ -4,6 +4,7 @@ file format."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import threading
@@ -18,8 +19,9 @@ import psycopg_pool
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from kitium_pg import MigrationError, PostgresStorageAdapter
-from kitium_pg._base import Direction, load_migrations
+from kitium_pg import AsyncPostgresStorageAdapter, MigrationError, PostgresStorageAdapter
+from kitium_pg._async.core import AsyncCore
+from kitium_pg._base import Direction, Retry, load_migrations
 
 USER_INDEX = "0030_sessions_user_id_created_at_index"
 OLD_USER_INDEX = "0031_drop_sessions_user_id_index"
@@ -232,6 +234,111 @@ def test_a_callers_pool_gets_its_connection_back_as_it_was(dsn: str, schema: str
         pool.close()
 
 
+def test_an_earlier_versions_migrator_waiting_inside_a_transaction_gets_its_turn(
+    dsn: str, schema: str
+) -> None:
+    """Found in review: an earlier kitium-pg version waits for the migrators' lock inside a
+    transaction (pg_advisory_xact_lock), holding a snapshot the index build then waits out: a
+    deadlock PostgreSQL ends by failing the build. The run releases the lock, lets the waiter
+    have it, and runs again; the build is finished by the second run."""
+    writer = _holding_a_write(dsn, schema)
+    migrator = Migrator(dsn, schema, "kpg-new")
+    earlier = psycopg.connect(dsn)
+    outcome: list[object] = []
+
+    def wait_like_an_earlier_version() -> None:
+        try:
+            earlier.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                [f"kitium_pg.migrations.{schema}"],
+            )
+            earlier.commit()  # it finds nothing of its own left to apply
+            outcome.append("got the lock")
+        except psycopg.Error as exc:  # handed to the test
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait_like_an_earlier_version, daemon=True)
+    try:
+        migrator.start()
+        _wait_for(dsn, BUILDING, ["kpg-new"])
+        waiter.start()
+        _wait_for(
+            dsn,
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE '%%pg_advisory_xact_lock%%'",
+            [],
+        )
+        time.sleep(1.2)  # the waiter's deadlock check (after deadlock_timeout) finds no cycle
+        writer.commit()  # the build goes on, to wait for the waiter's snapshot
+        assert migrator.result() == FROM_0030
+        waiter.join(30)
+    finally:
+        writer.close()
+        earlier.close()
+    assert outcome == ["got the lock"], outcome
+    assert _index_state(dsn, schema, NEW_IDX) is True
+    assert _lock_is_free(dsn, schema)
+
+
+@pytest.mark.parametrize("step", ["try_lock_migrations", "set_session_setting"])
+async def test_a_run_interrupted_after_the_server_answered_leaves_no_lock_or_setting(
+    dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Found in review: an async migrate cancelled after the server granted the lock (or
+    changed the session's statement timeout) but before the reply was read gave its connection
+    back holding the lock (every other migrator then waited for ever) or without a statement
+    timeout. Played here by a cancellation raised right after the statement ran: the run's
+    connection is closed, and the pool's next connection has neither."""
+    storage = AsyncPostgresStorageAdapter(
+        make_conninfo(dsn, application_name="kpg-interrupted"),
+        schema=schema,
+        min_size=1,
+        max_size=1,
+    )
+    await storage.connect(migrate=False)
+    real = AsyncCore._value
+
+    async def interrupted(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        result = await real(self, name, *args, **kwargs)
+        if name == step and (step != "set_session_setting" or args[0]["value"] == "0"):
+            raise asyncio.CancelledError
+        return result
+
+    try:
+        monkeypatch.setattr(AsyncCore, "_value", interrupted)
+        with pytest.raises(asyncio.CancelledError):
+            await storage.migrate()
+        monkeypatch.undo()
+        assert _lock_is_free(dsn, schema)
+        async with storage._pool.connection() as conn:
+            timeout = await (await conn.execute("SHOW statement_timeout")).fetchone()
+        assert timeout == ("5s",)
+        assert await storage.migrate() == FROM_0030
+    finally:
+        monkeypatch.undo()
+        await storage.disconnect()
+
+
+def test_a_lock_not_held_at_the_end_of_a_run_is_reported(
+    dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through a transaction pooler (a caller's pool pointed at PgBouncer), the unlock can reach
+    another server session than the lock: the run says so in a warning rather than leave a
+    held lock unexplained. Played here by releasing the lock right after it is taken."""
+    real = PostgresStorageAdapter._value
+
+    def lose_the_lock(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        result = real(self, name, *args, **kwargs)
+        if name == "try_lock_migrations" and result:
+            real(self, "unlock_migrations", {}, retry=Retry.NEVER)
+        return result
+
+    with _unmigrated(dsn, schema) as storage:
+        monkeypatch.setattr(PostgresStorageAdapter, "_value", lose_the_lock)
+        assert storage.migrate() == FROM_0030
+    assert "the migrators' lock was not held by this session" in caplog.text
+
+
 def test_down_parts_outside_a_transaction_give_back_the_old_index(dsn: str, schema: str) -> None:
     """0031's down part builds sessions_user_id_idx again, 0030's drops the new index; up
     again, the new one serves the user's sessions and the old one is gone."""
@@ -296,7 +403,7 @@ def test_each_part_says_whether_it_runs_in_a_transaction(tmp_path: Path) -> None
     [
         "SET lock_timeout = '5s';",
         "set statement_timeout to 0;",
-        "/* why */ RESET ALL;",
+        "-- why\nRESET ALL;",
         "BEGIN;",
         "COMMIT;",
         "DISCARD ALL;",
@@ -315,6 +422,19 @@ def test_a_part_outside_a_transaction_may_not_change_the_session(
     )
     [migration] = load_migrations("kitium_auth", folder=tmp_path)
     with pytest.raises(MigrationError, match="may not set settings or control transactions"):
+        migration.statements("up")
+
+
+def test_a_part_outside_a_transaction_may_not_use_block_comments(tmp_path: Path) -> None:
+    """Found in review: PostgreSQL's block comments nest and sqlparse's do not, so a statement
+    inside a nested comment was split out and sent (a DROP TABLE ran)."""
+    _file(
+        tmp_path,
+        "-- migrate:up transaction:false\n/* Not any more: /* see 0042 */ DROP TABLE t; */\n"
+        "CREATE INDEX CONCURRENTLY a ON t (x);\n-- migrate:down\nSELECT 1;\n",
+    )
+    [migration] = load_migrations("kitium_auth", folder=tmp_path)
+    with pytest.raises(MigrationError, match=r"may not use block comments"):
         migration.statements("up")
 
 

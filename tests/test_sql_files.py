@@ -57,6 +57,7 @@ LOCAL_NAMES = {
     "owner",
     "member",
     "written",
+    "locked",
 }
 
 

@@ -509,7 +509,7 @@ async def test_two_refreshes_of_one_version_store_exactly_one(
         holder.execute(
             "UPDATE kitium_auth.oauth_accounts SET name = name WHERE user_id = %s", (user.id,)
         )
-        watcher = release_when_waiting(dsn, holder, "OR o.tokens_version =", waiters=2)
+        watcher = release_when_waiting(dsn, holder, "AS seen", waiters=2)
         results = await race_each(storage, "update_oauth_tokens", calls)
         watcher.join()
         assert watcher.seen  # type: ignore[attr-defined]
@@ -519,6 +519,69 @@ async def test_two_refreshes_of_one_version_store_exactly_one(
     assert len(stored) == 1 and results.count(None) == 1, results
     assert stored[0].version != read.version
     assert await storage.get_oauth_tokens(user.id, "google") == stored[0]
+
+
+async def test_a_retry_queued_behind_its_own_first_attempt_reports_the_write(
+    storage: Any,
+    email: str,
+    unique: Callable[[str], str],
+    dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: the connection is lost while update_oauth_tokens waits for the link's
+    row lock; the server still runs the first attempt, and the adapter's retry queues behind
+    it. The retry read the link as of its snapshot (before the first attempt committed) and
+    returned None, "no link or another write came first", for a write that was stored. Played
+    by two calls with the same version waiting on one lock: both report the write."""
+    user = await _linked_with_tokens(storage, email, unique)
+    read = await storage.get_oauth_tokens(user.id, "google")
+    monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 5151)
+    call = {"access_token": "a-2", "refresh_token": "r-2", "if_version": read.version}
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "SELECT 1 FROM kitium_auth.oauth_accounts WHERE user_id = %s FOR UPDATE", (user.id,)
+        )
+        watcher = release_when_waiting(dsn, holder, "recent_write_versions", waiters=2)
+        results = await race_each(storage, "update_oauth_tokens", [((user.id, "google"), call)] * 2)
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    assert [r.version if r else None for r in results] == [5151, 5151], results
+    stored = await storage.get_oauth_tokens(user.id, "google")
+    assert (stored.access_token, stored.version) == ("a-2", 5151)
+
+
+async def test_a_retried_link_leaves_a_newer_email_and_name(
+    storage: Any,
+    email: str,
+    unique: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a recognised retry of link_oauth_account still wrote its email and
+    name over a re-link's made in between."""
+    user = await storage.create_user(email=email)
+    sub = unique("g")
+
+    async def first_attempt() -> Any:
+        monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 6161)
+        try:
+            return await storage.link_oauth_account(
+                user.id, "google", sub=sub, email="old@example.com", name="Old", access_token="a"
+            )
+        finally:
+            monkeypatch.undo()
+
+    first = await first_attempt()
+    await storage.link_oauth_account(
+        user.id, "google", sub=sub, email="new@example.com", name="New"
+    )
+    retried = await first_attempt()
+    assert retried.id == first.id
+    assert retried.oauth == (await storage.get_user(user.id)).oauth  # the link as it is now
+    link = retried.oauth["google"]
+    assert (link.email, link.name) == ("new@example.com", "New")
 
 
 def _lease(dsn: str, user_id: uuid.UUID) -> tuple[Any, ...] | None:
@@ -720,7 +783,7 @@ async def test_a_retried_token_write_leaves_the_newer_tokens_a_lease_holder_stor
         )
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
-            "SELECT tokens_version, recent_tokens_versions FROM kitium_auth.oauth_accounts"
+            "SELECT tokens_version, recent_write_versions FROM kitium_auth.oauth_accounts"
             " WHERE user_id = %s AND provider = 'google'",
             [user.id],
         ).fetchone()

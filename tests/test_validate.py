@@ -320,6 +320,27 @@ def test_a_str_subclass_is_passed_on_as_a_plain_copy() -> None:
         v.choice("method", Disguised("email"), ["totp", "sms"])
 
 
+def test_a_datetime_subclass_is_passed_on_as_a_plain_copy_of_its_instant() -> None:
+    """Found in review: a subclass passed the timestamp checks and psycopg then sent what its
+    own ``__sub__`` said (the binary dumper subtracts the epoch): an ``after=`` keyset pointed
+    anywhere. The value passed on is a plain datetime of the stored fields, in UTC."""
+
+    class Liar(dt.datetime):
+        def __sub__(self, other: Any) -> Any:
+            return dt.timedelta(0)
+
+        @property
+        def year(self) -> int:
+            return 1999
+
+    east = dt.timezone(dt.timedelta(hours=2))
+    checked = v.timestamp("when", Liar(2026, 1, 2, 3, 4, 5, 6, tzinfo=east))
+    assert type(checked) is dt.datetime
+    assert checked == dt.datetime(2026, 1, 2, 1, 4, 5, 6, tzinfo=dt.UTC)
+    plain = dt.datetime(2026, 1, 2, 1, 4, 5, tzinfo=dt.UTC)
+    assert v.timestamp("when", plain) is plain  # a plain one is not copied
+
+
 def test_an_adapter_keeps_the_checked_copies_of_its_settings() -> None:
     """Found in review: the settings were checked as plain copies, then the caller's subclass
     was kept, so it still chose the schema the queries use, which optional migration file

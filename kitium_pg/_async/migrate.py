@@ -13,6 +13,7 @@ direct connection rather than through a transaction-pooling proxy.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,15 @@ import psycopg
 import psycopg_pool
 
 from .. import _sql, _validate
-from .._base import Direction, Migration, MigrationState, Retry, load_migrations, plan
+from .._base import (
+    Direction,
+    Migration,
+    MigrationState,
+    Retry,
+    backoff,
+    load_migrations,
+    plan,
+)
 from .._transaction import TransactionState
 from ..errors import (
     KitiumPgError,
@@ -42,6 +51,10 @@ Progress = Callable[[str, str], None]
 # How often a process polls for the migrators' lock: from 50 ms, doubling up to a second.
 _LOCK_POLL_FIRST = 0.05
 _LOCK_POLL_MAX = 1.0
+# Runs of migrate() when a part fails with a deadlock (each run starts by taking the lock).
+_RUNS = 3
+IDLE = psycopg.pq.TransactionStatus.IDLE
+logger = logging.getLogger("kitium_pg")
 
 
 class AsyncMigrations(AsyncCore):
@@ -71,7 +84,8 @@ class AsyncMigrations(AsyncCore):
         """A view of this adapter bound to a pooled connection that holds the migrators' lock
         until the block ends, waiting for it as long as another run holds it. The connection is
         in autocommit mode for the block and goes back to the pool as it came, the lock
-        released."""
+        released; after a block ended by an interruption (a cancelled task, Ctrl-C) or a
+        broken connection it is closed instead."""
         async with self._pool.connection() as conn:
             autocommit = conn.autocommit
             if not autocommit:
@@ -79,21 +93,40 @@ class AsyncMigrations(AsyncCore):
             # Without the adapter's per-call settings (a statement timeout or a tenant applied
             # per transaction): the run sets what it needs on its connection itself.
             bound = self._view(_conn=conn, _tx=TransactionState(), _local=())
-            locked = False
+            clean = False
             try:
                 delay = _LOCK_POLL_FIRST
                 while not await bound._value("try_lock_migrations", {}, retry=Retry.NEVER):
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, _LOCK_POLL_MAX)
-                locked = True
-                yield bound
+                try:
+                    yield bound
+                except Exception:
+                    clean = not conn.broken and conn.info.transaction_status == IDLE
+                    raise
+                clean = True
             finally:
-                # A lost connection took the lock with it, and the pool discards it.
-                if not conn.broken:
-                    if locked:
-                        await bound._value("unlock_migrations", {}, retry=Retry.NEVER)
-                    if not autocommit:
-                        await conn.set_autocommit(False)
+                if clean:
+                    await bound._release(autocommit)
+                elif not conn.closed:
+                    # An interruption may have come after the server granted the lock or
+                    # changed a setting, before the reply was read: ending the session ends
+                    # them all (the pool replaces the connection).
+                    await conn.close()
+
+    async def _release(self, autocommit: bool) -> None:
+        """Release the migrators' lock this run's connection holds and give the connection its
+        autocommit mode back."""
+        assert self._conn is not None
+        if not await self._value("unlock_migrations", {}, retry=Retry.NEVER):
+            # The statements of the run did not all reach one server session.
+            logger.warning(
+                "kitium_pg migrations: the migrators' lock was not held by this session at the"
+                " end of the run; migrate on a direct connection, not through a transaction"
+                " pooler (the lock may stay held by a pooled server connection)"
+            )
+        if not autocommit:
+            await self._conn.set_autocommit(False)
 
     async def _ledger(self) -> dict[str, str]:
         """The applied migrations (id to checksum), creating the ledger when it is missing."""
@@ -135,19 +168,30 @@ class AsyncMigrations(AsyncCore):
                 " without pgbouncer=True) from your deploy"
             )
         done: list[str] = []
-        try:
-            async with self._migrators_lock() as bound:
-                applied = await bound._ledger()
-                for migration in plan(migrations, applied):
-                    if progress:
-                        progress(migration.id, "up")
-                    await bound._apply(migration, "up")
-                    done.append(migration.id)
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            failure = chained(translate(exc, operation="migrate"), exc)
-        else:
-            return tuple(done)
-        raise failure  # here, not in the except block: see errors.chained
+        for run in range(1, _RUNS + 1):
+            try:
+                async with self._migrators_lock() as bound:
+                    applied = await bound._ledger()
+                    for migration in plan(migrations, applied):
+                        if progress:
+                            progress(migration.id, "up")
+                        await bound._apply(migration, "up")
+                        done.append(migration.id)
+            except MigrationError as refused:
+                if not refused.retryable or run == _RUNS:
+                    raise
+                # A deadlock: most likely an earlier kitium-pg version's migrator, waiting for
+                # the lock inside a statement, whose snapshot an index build waits out. Let it
+                # have the lock, then run again (each part can be run again).
+                logger.warning("kitium_pg migrate: %s; running again", refused)
+                await asyncio.sleep(backoff(run))
+                continue
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                failure = chained(translate(exc, operation="migrate"), exc)
+            else:
+                return tuple(done)
+            raise failure  # here, not in the except block: see errors.chained
+        raise AssertionError("unreachable: the last run returns or raises")
 
     async def _apply(self, migration: Migration, direction: Direction) -> None:
         """Run one part of ``migration`` and record it in the ledger (``up``) or remove it from
@@ -167,14 +211,17 @@ class AsyncMigrations(AsyncCore):
                 await self._record(migration, direction, started)
             return
         statements = migration.statements(direction)
-        # The setting is the session's here (no transaction to scope it): put back after.
+        # The setting is the session's here (no transaction to scope it): put back after (an
+        # interruption closes the connection instead, see _migrators_lock).
         timeout = await self._value(
             "show_setting", {"name": "statement_timeout"}, retry=Retry.NEVER
         )
-        await self._value(
-            "set_session_setting", {"name": "statement_timeout", "value": "0"}, retry=Retry.NEVER
-        )
         try:
+            await self._value(
+                "set_session_setting",
+                {"name": "statement_timeout", "value": "0"},
+                retry=Retry.NEVER,
+            )
             await self._execute_part(what, statements)
         finally:
             if not self._conn.broken:
@@ -268,7 +315,12 @@ def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:
     line may quote rows (a unique index that cannot be built names the duplicated value)."""
     if connection_lost(exc):
         return UnavailableError(f"{what}: the connection to the database was lost: {exc}")
-    return MigrationError(f"{what} failed: {scrubbed(exc)}")
+    # A deadlock or a serialization failure left nothing to undo by hand: run it again.
+    transient = exc.sqlstate in _TRANSIENT
+    return MigrationError(f"{what} failed: {scrubbed(exc)}", retryable=transient)
+
+
+_TRANSIENT = frozenset({"40P01", "40001"})
 
 
 def _role_sql(sql: str, role: str) -> str:
