@@ -442,14 +442,32 @@ def connect_failure(message: str) -> str:
     """The cause in libpq's message for a failed connection, with its hint: ``Connection
     refused (Is the server running on that host and accepting TCP/IP connections?)`` from
     ``connection failed: connection to server at "h", port 1 failed: Connection refused`` and
-    the hint on the line after it (indented). For several hosts, the one on the first line
-    (the message lists them all below it). Empty for an empty message."""
+    the hint on the line after it (indented). For several hosts (psycopg lists every attempt
+    after ``Multiple connection attempts failed``), each attempt's cause with its host and
+    port: ``No such file or directory (host '/run/pg', port 5432); Connection refused (host
+    'db2', port 5432)``. Empty for an empty message."""
     lines = message.strip().splitlines()
     if not lines:
         return ""
+    attempts = [_attempt(line) for line in lines if line.startswith(_ATTEMPT)]
+    if len(attempts) > 1:
+        return "; ".join(attempts)
     cause = lines[0].strip().rpartition(" failed: ")[2]
     hint = lines[1].strip() if len(lines) > 1 and lines[1][:1].isspace() else ""
     return f"{cause} ({hint})" if hint else cause
+
+
+_ATTEMPT: Final = "- host: "
+_ATTEMPT_RE: Final = re.compile(r"- host: '(?P<host>[^']*)', port: '(?P<port>[^']*)'")
+
+
+def _attempt(line: str) -> str:
+    """``cause (host 'h', port p)`` from one line of psycopg's list of connection attempts."""
+    where = _ATTEMPT_RE.match(line)
+    cause = line.rpartition(" failed: ")[2]
+    if where is None:
+        return cause
+    return f"{cause} (host {where['host']!r}, port {where['port']})"
 
 
 def _log_observer_failure(message: str, *args: object) -> None:

@@ -649,6 +649,19 @@ def test_a_refusal_of_the_callers_input_is_logged_at_info_and_a_fault_at_warning
             "Connection refused (Is the server running on that host and accepting TCP/IP"
             " connections?)",
         ),
+        (
+            'connection failed: connection to server at "127.0.0.1", port 3 failed: Connection'
+            " refused\n\tIs the server running on that host and accepting TCP/IP connections?\n"
+            "Multiple connection attempts failed. All failures were:\n"
+            "- host: '/nonexistent', port: '5432', hostaddr: None: connection is bad: connection"
+            ' to server on socket "/nonexistent/.s.PGSQL.5432" failed: No such file or'
+            " directory\n\tIs the server running locally and accepting connections on that"
+            " socket?\n- host: '127.0.0.1', port: '3', hostaddr: '127.0.0.1': connection failed:"
+            ' connection to server at "127.0.0.1", port 3 failed: Connection refused\n\tIs the'
+            " server running on that host and accepting TCP/IP connections?",
+            "No such file or directory (host '/nonexistent', port 5432); Connection refused"
+            " (host '127.0.0.1', port 3)",
+        ),
         ("timeout expired", "timeout expired"),
         ("", ""),
     ],
