@@ -8,7 +8,7 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -563,15 +563,18 @@ async def test_a_retried_link_leaves_a_newer_email_and_name(
     name over a re-link's made in between."""
     user = await storage.create_user(email=email)
     sub = unique("g")
-
-    async def first_attempt() -> Any:
-        monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 6161)
-        try:
-            return await storage.link_oauth_account(
-                user.id, "google", sub=sub, email="old@example.com", name="Old", access_token="a"
-            )
-        finally:
-            monkeypatch.undo()
+    first_attempt = _replayed(
+        storage,
+        monkeypatch,
+        6161,
+        storage.link_oauth_account,
+        user.id,
+        "google",
+        sub=sub,
+        email="old@example.com",
+        name="Old",
+        access_token="a",
+    )
 
     first = await first_attempt()
     await storage.link_oauth_account(
@@ -693,6 +696,41 @@ async def test_a_claim_that_waited_on_the_row_still_holds_its_whole_lease(
     assert await storage.claim_oauth_refresh(user.id, "google") is None
 
 
+async def _token_write(
+    storage: Any, user_id: uuid.UUID, method: str
+) -> tuple[Callable[..., Awaitable[Any]], dict[str, Any]]:
+    """``method`` (update_oauth_tokens or link_oauth_account) of the user's google link and
+    the keyword arguments of a write of new tokens ("a-2", "r-2") through it."""
+    call: dict[str, Any] = {"access_token": "a-2", "refresh_token": "r-2"}
+    if method == "update_oauth_tokens":
+        call["if_version"] = (await storage.get_oauth_tokens(user_id, "google")).version
+    else:
+        call["sub"] = (await storage.get_user(user_id)).oauth["google"].sub
+    return getattr(storage, method), call
+
+
+def _replayed(
+    storage: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    version: int,
+    write: Callable[..., Awaitable[Any]],
+    *args: Any,
+    **kwargs: Any,
+) -> Callable[[], Awaitable[Any]]:
+    """``write(*args, **kwargs)`` with the version its first attempt drew, as the adapter's
+    retry after a lost acknowledgement sends it: call it once for the first attempt, again for
+    the retry."""
+
+    async def attempt() -> Any:
+        monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: version)
+        try:
+            return await write(*args, **kwargs)
+        finally:
+            monkeypatch.undo()
+
+    return attempt
+
+
 @pytest.mark.parametrize("method", ["update_oauth_tokens", "link_oauth_account"])
 async def test_a_retried_token_write_keeps_a_lease_taken_after_its_first_attempt(
     storage: Any,
@@ -707,20 +745,8 @@ async def test_a_retried_token_write_keeps_a_lease_taken_after_its_first_attempt
     lease another worker had taken since, letting a third worker refresh beside it
     (update_oauth_tokens, then link_oauth_account with tokens)."""
     user = await _linked_with_tokens(storage, email, unique)
-    call: dict[str, Any] = {"access_token": "a-2", "refresh_token": "r-2"}
-    if method == "update_oauth_tokens":
-        call["if_version"] = (await storage.get_oauth_tokens(user.id, "google")).version
-    else:
-        call["sub"] = (await storage.get_user(user.id)).oauth["google"].sub
-    write = getattr(storage, method)
-
-    async def first_attempt() -> Any:
-        """The write with the version its first attempt drew, as the adapter's retry sends it."""
-        monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 4242)
-        try:
-            return await write(user.id, "google", **call)
-        finally:
-            monkeypatch.undo()
+    write, call = await _token_write(storage, user.id, method)
+    first_attempt = _replayed(storage, monkeypatch, 4242, write, user.id, "google", **call)
 
     first = await first_attempt()
     claimed = await storage.claim_oauth_refresh(user.id, "google")  # another worker
@@ -750,20 +776,8 @@ async def test_a_retried_token_write_leaves_the_newer_tokens_a_lease_holder_stor
     its version among the link's recent ones and changes nothing; it reports its write as
     done."""
     user = await _linked_with_tokens(storage, email, unique)
-    call: dict[str, Any] = {"access_token": "a-2", "refresh_token": "r-2"}
-    if method == "update_oauth_tokens":
-        call["if_version"] = (await storage.get_oauth_tokens(user.id, "google")).version
-    else:
-        call["sub"] = (await storage.get_user(user.id)).oauth["google"].sub
-    write = getattr(storage, method)
-
-    async def first_attempt() -> Any:
-        """The write with the version its first attempt drew, as the adapter's retry sends it."""
-        monkeypatch.setattr(adapter_module(storage, "users"), "new_tokens_version", lambda: 4343)
-        try:
-            return await write(user.id, "google", **call)
-        finally:
-            monkeypatch.undo()
+    write, call = await _token_write(storage, user.id, method)
+    first_attempt = _replayed(storage, monkeypatch, 4343, write, user.id, "google", **call)
 
     first = await first_attempt()
     claimed = await storage.claim_oauth_refresh(user.id, "google")  # another worker
