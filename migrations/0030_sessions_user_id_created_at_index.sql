@@ -11,6 +11,12 @@
 -- delete_sso_sessions_by_subject, the cascade of sessions__user_id_fkey when a user is
 -- deleted): 0031 drops sessions_user_id_idx.
 --
+-- The cost, measured side by side (120,000 rows for 50,000 users, random user ids, rounds
+-- interleaved): an insert does about 2.5 us more server work (0.29 s instead of 0.24 s per
+-- 20,000 rows, with the primary key and expiry indexes beside it), and the index takes about 75
+-- bytes per session where sessions_user_id_idx took 18: B-tree deduplication packs the repeated
+-- user ids of a one-column index, and a key that ends with the unique id has nothing to pack.
+--
 -- Built CONCURRENTLY, so this part runs outside a transaction (transaction:false), one
 -- statement at a time. Locks: SHARE UPDATE EXCLUSIVE on sessions while the index is built:
 -- logins, lookups and every other read and write of sessions go on; the build waits for the
