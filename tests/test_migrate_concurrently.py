@@ -110,20 +110,26 @@ POLLING = (
 
 
 class Migrator(threading.Thread):
-    """``migrate()`` of an adapter whose connections carry ``application_name=name``, in a
-    thread; ``outcome`` holds what it returned or raised."""
+    """``migrate()`` (or ``rollback(steps=rollback)``) of an adapter whose connections carry
+    ``application_name=name``, in a thread; ``outcome`` holds what it returned or raised."""
 
-    def __init__(self, dsn: str, schema: str, name: str, **settings: Any) -> None:
+    def __init__(
+        self, dsn: str, schema: str, name: str, rollback: int = 0, **settings: Any
+    ) -> None:
         super().__init__(daemon=True)
         self.storage = PostgresStorageAdapter(
             make_conninfo(dsn, application_name=name), schema=schema, **settings
         )
         self.storage.connect(migrate=False)
+        self.rollback = rollback
         self.outcome: list[object] = []
 
     def run(self) -> None:
         try:
-            self.outcome.append(self.storage.migrate())
+            if self.rollback:
+                self.outcome.append(self.storage.rollback(steps=self.rollback))
+            else:
+                self.outcome.append(self.storage.migrate())
         except Exception as exc:  # handed to the test
             self.outcome.append(exc)
 
@@ -234,15 +240,22 @@ def test_a_callers_pool_gets_its_connection_back_as_it_was(dsn: str, schema: str
         pool.close()
 
 
+@pytest.mark.parametrize("operation", ["migrate", "rollback"])
 def test_an_earlier_versions_migrator_waiting_inside_a_transaction_gets_its_turn(
-    dsn: str, schema: str
+    dsn: str, schema: str, operation: str
 ) -> None:
     """Found in review: an earlier kitium-pg version waits for the migrators' lock inside a
     transaction (pg_advisory_xact_lock), holding a snapshot the index build then waits out: a
     deadlock PostgreSQL ends by failing the build. The run releases the lock, lets the waiter
-    have it, and runs again; the build is finished by the second run."""
+    have it, and runs again; the build (0030's up part, or 0031's down part) is finished by the
+    second run."""
+    steps = 0
+    if operation == "rollback":
+        with _unmigrated(dsn, schema) as storage:
+            storage.migrate()
+        steps = _after(OLD_USER_INDEX) + 1
     writer = _holding_a_write(dsn, schema)
-    migrator = Migrator(dsn, schema, "kpg-new")
+    migrator = Migrator(dsn, schema, "kpg-new", rollback=steps)
     earlier = psycopg.connect(dsn)
     outcome: list[object] = []
 
@@ -270,13 +283,17 @@ def test_an_earlier_versions_migrator_waiting_inside_a_transaction_gets_its_turn
         )
         time.sleep(1.2)  # the waiter's deadlock check (after deadlock_timeout) finds no cycle
         writer.commit()  # the build goes on, to wait for the waiter's snapshot
-        assert migrator.result() == FROM_0030
+        if operation == "migrate":
+            assert migrator.result() == FROM_0030
+        else:
+            assert migrator.result() == tuple(reversed(FROM_0030[1:]))
         waiter.join(30)
     finally:
         writer.close()
         earlier.close()
     assert outcome == ["got the lock"], outcome
-    assert _index_state(dsn, schema, NEW_IDX) is True
+    built = NEW_IDX if operation == "migrate" else "sessions_user_id_idx"
+    assert _index_state(dsn, schema, built) is True
     assert _lock_is_free(dsn, schema)
 
 

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Self
 
@@ -168,30 +168,40 @@ class AsyncMigrations(AsyncCore):
                 " without pgbouncer=True) from your deploy"
             )
         done: list[str] = []
+
+        async def apply_pending(bound: Self) -> None:
+            for migration in plan(migrations, await bound._ledger()):
+                if progress:
+                    progress(migration.id, "up")
+                await bound._apply(migration, "up")
+                done.append(migration.id)
+
+        await self._locked_runs("migrate", apply_pending)
+        return tuple(done)
+
+    async def _locked_runs(self, operation: str, work: Callable[[Self], Awaitable[None]]) -> None:
+        """``await work(bound)`` with a view bound to a connection holding the migrators' lock;
+        up to ``_RUNS`` times while it fails with a transient ``MigrationError`` (a deadlock),
+        releasing the lock in between. ``work`` must pick up where an earlier run stopped (it
+        reads the ledger). Connection failures become ``UnavailableError`` and the like."""
         for run in range(1, _RUNS + 1):
             try:
                 async with self._migrators_lock() as bound:
-                    applied = await bound._ledger()
-                    for migration in plan(migrations, applied):
-                        if progress:
-                            progress(migration.id, "up")
-                        await bound._apply(migration, "up")
-                        done.append(migration.id)
+                    await work(bound)
             except MigrationError as refused:
                 if not refused.retryable or run == _RUNS:
                     raise
                 # A deadlock: most likely an earlier kitium-pg version's migrator, waiting for
                 # the lock inside a statement, whose snapshot an index build waits out. Let it
                 # have the lock, then run again (each part can be run again).
-                logger.warning("kitium_pg migrate: %s; running again", refused)
+                logger.warning("kitium_pg %s: %s; running again", operation, refused)
                 await asyncio.sleep(backoff(run))
                 continue
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-                failure = chained(translate(exc, operation="migrate"), exc)
+                failure = chained(translate(exc, operation=operation), exc)
             else:
-                return tuple(done)
+                return
             raise failure  # here, not in the except block: see errors.chained
-        raise AssertionError("unreachable: the last run returns or raises")
 
     async def _apply(self, migration: Migration, direction: Direction) -> None:
         """Run one part of ``migration`` and record it in the ledger (``up``) or remove it from
@@ -269,25 +279,23 @@ class AsyncMigrations(AsyncCore):
             raise ValidationError("steps", "must be a positive integer")
         migrations = {m.id: m for m in self._migrations()}
         undone: list[str] = []
-        try:
-            async with self._migrators_lock() as bound:
-                applied = await bound._ledger()
-                plan(tuple(migrations.values()), applied)
-                # The ledger lists migrations in the order they were applied.
-                for last_id in list(applied)[::-1][:steps]:
-                    if last_id not in migrations:
-                        raise MigrationError(
-                            f"cannot roll back {last_id!r}: enable it with optional_migrations"
-                        )
-                    if progress:
-                        progress(last_id, "down")
-                    await bound._apply(migrations[last_id], "down")
-                    undone.append(last_id)
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            failure = chained(translate(exc, operation="rollback"), exc)
-        else:
-            return tuple(undone)
-        raise failure  # here, not in the except block: see errors.chained
+
+        async def undo_last(bound: Self) -> None:
+            applied = await bound._ledger()
+            plan(tuple(migrations.values()), applied)
+            # The ledger lists migrations in the order they were applied.
+            for last_id in list(applied)[::-1][: steps - len(undone)]:
+                if last_id not in migrations:
+                    raise MigrationError(
+                        f"cannot roll back {last_id!r}: enable it with optional_migrations"
+                    )
+                if progress:
+                    progress(last_id, "down")
+                await bound._apply(migrations[last_id], "down")
+                undone.append(last_id)
+
+        await self._locked_runs("rollback", undo_last)
+        return tuple(undone)
 
     def app_role_grants(self, role: str) -> str:
         """The GRANT statements that give application role ``role`` what the adapter's runtime

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator, Callable
+from collections.abc import Iterator, Awaitable, Callable
 from contextlib import contextmanager
 from typing import Self
 
@@ -169,30 +169,40 @@ class Migrations(Core):
                 " without pgbouncer=True) from your deploy"
             )
         done: list[str] = []
+
+        def apply_pending(bound: Self) -> None:
+            for migration in plan(migrations, bound._ledger()):
+                if progress:
+                    progress(migration.id, "up")
+                bound._apply(migration, "up")
+                done.append(migration.id)
+
+        self._locked_runs("migrate", apply_pending)
+        return tuple(done)
+
+    def _locked_runs(self, operation: str, work: Callable[[Self], None]) -> None:
+        """``work(bound)`` with a view bound to a connection holding the migrators' lock;
+        up to ``_RUNS`` times while it fails with a transient ``MigrationError`` (a deadlock),
+        releasing the lock in between. ``work`` must pick up where an earlier run stopped (it
+        reads the ledger). Connection failures become ``UnavailableError`` and the like."""
         for run in range(1, _RUNS + 1):
             try:
                 with self._migrators_lock() as bound:
-                    applied = bound._ledger()
-                    for migration in plan(migrations, applied):
-                        if progress:
-                            progress(migration.id, "up")
-                        bound._apply(migration, "up")
-                        done.append(migration.id)
+                    work(bound)
             except MigrationError as refused:
                 if not refused.retryable or run == _RUNS:
                     raise
                 # A deadlock: most likely an earlier kitium-pg version's migrator, waiting for
                 # the lock inside a statement, whose snapshot an index build waits out. Let it
                 # have the lock, then run again (each part can be run again).
-                logger.warning("kitium_pg migrate: %s; running again", refused)
+                logger.warning("kitium_pg %s: %s; running again", operation, refused)
                 time.sleep(backoff(run))
                 continue
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-                failure = chained(translate(exc, operation="migrate"), exc)
+                failure = chained(translate(exc, operation=operation), exc)
             else:
-                return tuple(done)
+                return
             raise failure  # here, not in the except block: see errors.chained
-        raise AssertionError("unreachable: the last run returns or raises")
 
     def _apply(self, migration: Migration, direction: Direction) -> None:
         """Run one part of ``migration`` and record it in the ledger (``up``) or remove it from
@@ -266,25 +276,23 @@ class Migrations(Core):
             raise ValidationError("steps", "must be a positive integer")
         migrations = {m.id: m for m in self._migrations()}
         undone: list[str] = []
-        try:
-            with self._migrators_lock() as bound:
-                applied = bound._ledger()
-                plan(tuple(migrations.values()), applied)
-                # The ledger lists migrations in the order they were applied.
-                for last_id in list(applied)[::-1][:steps]:
-                    if last_id not in migrations:
-                        raise MigrationError(
-                            f"cannot roll back {last_id!r}: enable it with optional_migrations"
-                        )
-                    if progress:
-                        progress(last_id, "down")
-                    bound._apply(migrations[last_id], "down")
-                    undone.append(last_id)
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            failure = chained(translate(exc, operation="rollback"), exc)
-        else:
-            return tuple(undone)
-        raise failure  # here, not in the except block: see errors.chained
+
+        def undo_last(bound: Self) -> None:
+            applied = bound._ledger()
+            plan(tuple(migrations.values()), applied)
+            # The ledger lists migrations in the order they were applied.
+            for last_id in list(applied)[::-1][: steps - len(undone)]:
+                if last_id not in migrations:
+                    raise MigrationError(
+                        f"cannot roll back {last_id!r}: enable it with optional_migrations"
+                    )
+                if progress:
+                    progress(last_id, "down")
+                bound._apply(migrations[last_id], "down")
+                undone.append(last_id)
+
+        self._locked_runs("rollback", undo_last)
+        return tuple(undone)
 
     def app_role_grants(self, role: str) -> str:
         """The GRANT statements that give application role ``role`` what the adapter's runtime
