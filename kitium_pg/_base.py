@@ -444,8 +444,9 @@ def connect_failure(message: str) -> str:
     ``connection failed: connection to server at "h", port 1 failed: Connection refused`` and
     the hint on the line after it (indented). For several hosts (psycopg lists every attempt
     after ``Multiple connection attempts failed``), each attempt's cause with its host and
-    port: ``No such file or directory (host '/run/pg', port 5432); Connection refused (host
-    'db2', port 5432)``. Empty for an empty message."""
+    port (and the address tried, for a name): ``No such file or directory (host '/run/pg',
+    port '5432'); Connection refused (host 'db2', port '5432', hostaddr '10.0.0.2')``. Empty for
+    an empty message."""
     lines = message.strip().splitlines()
     if not lines:
         return ""
@@ -458,16 +459,24 @@ def connect_failure(message: str) -> str:
 
 
 _ATTEMPT: Final = "- host: "
-_ATTEMPT_RE: Final = re.compile(r"- host: '(?P<host>[^']*)', port: '(?P<port>[^']*)'")
+# psycopg writes each value as Python's repr: quoted with ' or " (or None).
+_REPR: Final = r"""'[^']*'|"[^"]*"|None"""
+_ATTEMPT_RE: Final = re.compile(
+    rf"- host: (?P<host>{_REPR}), port: (?P<port>{_REPR})(?:, hostaddr: (?P<addr>{_REPR}))?"
+)
 
 
 def _attempt(line: str) -> str:
-    """``cause (host 'h', port p)`` from one line of psycopg's list of connection attempts."""
+    """``cause (host 'h', port 'p')`` from one line of psycopg's list of connection attempts,
+    with the address tried when the host is a name (``hostaddr '10.0.0.2'``)."""
     where = _ATTEMPT_RE.match(line)
     cause = line.rpartition(" failed: ")[2]
     if where is None:
         return cause
-    return f"{cause} (host {where['host']!r}, port {where['port']})"
+    place = f"host {where['host']}, port {where['port']}"
+    if where["addr"] not in (None, "None", where["host"]):
+        place += f", hostaddr {where['addr']}"
+    return f"{cause} ({place})"
 
 
 def _log_observer_failure(message: str, *args: object) -> None:

@@ -184,6 +184,13 @@ def timestamp(field: str, value: object) -> dt.datetime:
     ``TIMESTAMP`` bug)."""
     if not isinstance(value, dt.datetime):
         raise ValidationError(field, f"must be a datetime, not {type(value).__name__}")
+    if type(value) is not dt.datetime:
+        # A subclass is checked and passed on as a plain copy of its stored fields, read by
+        # datetime's own getters: its own methods (astimezone, comparisons, the __sub__
+        # psycopg's dumper uses) may say otherwise.
+        value = dt.datetime(*(getter.__get__(value) for getter in _DATETIME_FIELDS)).replace(
+            tzinfo=_TZINFO.__get__(value), fold=_FOLD.__get__(value)
+        )
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValidationError(field, "must be timezone-aware (naive datetimes are refused)")
     try:
@@ -192,13 +199,6 @@ def timestamp(field: str, value: object) -> dt.datetime:
         instant = None
     if instant is None or not _EARLIEST <= instant <= _LATEST:
         raise ValidationError(field, "must be from 0001-01-02 to 9999-12-30 (UTC)")
-    if type(instant) is not dt.datetime:
-        # A subclass is passed on as a plain copy of its stored fields, read by datetime's own
-        # getters: its own methods (psycopg's dumper subtracts the epoch) may say otherwise.
-        year, month, day, hour, minute, second, micro = (
-            getter.__get__(instant) for getter in _DATETIME_FIELDS
-        )
-        instant = dt.datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
     return instant
 
 
@@ -206,6 +206,8 @@ _DATETIME_FIELDS: Final = tuple(
     vars(dt.datetime)[name] if name in vars(dt.datetime) else vars(dt.date)[name]
     for name in ("year", "month", "day", "hour", "minute", "second", "microsecond")
 )
+_TZINFO: Final = vars(dt.datetime)["tzinfo"]
+_FOLD: Final = vars(dt.datetime)["fold"]
 
 
 def opt_timestamp(field: str, value: object) -> dt.datetime | None:

@@ -659,8 +659,18 @@ def test_a_refusal_of_the_callers_input_is_logged_at_info_and_a_fault_at_warning
             " socket?\n- host: '127.0.0.1', port: '3', hostaddr: '127.0.0.1': connection failed:"
             ' connection to server at "127.0.0.1", port 3 failed: Connection refused\n\tIs the'
             " server running on that host and accepting TCP/IP connections?",
-            "No such file or directory (host '/nonexistent', port 5432); Connection refused"
-            " (host '127.0.0.1', port 3)",
+            "No such file or directory (host '/nonexistent', port '5432'); Connection refused"
+            " (host '127.0.0.1', port '3')",
+        ),
+        (
+            'connection failed: connection to server at "10.0.0.3", port 1 failed: timeout\n'
+            "Multiple connection attempts failed. All failures were:\n"
+            "- host: \"o'db\", port: '1', hostaddr: '10.0.0.2': connection failed: connection"
+            ' to server at "10.0.0.2", port 1 failed: Connection refused\n'
+            "- host: \"o'db\", port: '1', hostaddr: '10.0.0.3': connection failed: connection"
+            ' to server at "10.0.0.3", port 1 failed: timeout',
+            "Connection refused (host \"o'db\", port '1', hostaddr '10.0.0.2'); timeout (host"
+            " \"o'db\", port '1', hostaddr '10.0.0.3')",
         ),
         ("timeout expired", "timeout expired"),
         ("", ""),

@@ -19,7 +19,7 @@ import psycopg_pool
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from kitium_pg import AsyncPostgresStorageAdapter, MigrationError, PostgresStorageAdapter
+from kitium_pg import AsyncPostgresStorageAdapter, MigrationError, PostgresStorageAdapter, _sql
 from kitium_pg._async.core import AsyncCore
 from kitium_pg._base import Direction, Retry, load_migrations
 
@@ -123,13 +123,17 @@ class Migrator(threading.Thread):
         self.storage.connect(migrate=False)
         self.rollback = rollback
         self.outcome: list[object] = []
+        self.progress: list[str] = []
 
     def run(self) -> None:
+        def report(mig_id: str, direction: str) -> None:
+            self.progress.append(mig_id)
+
         try:
             if self.rollback:
-                self.outcome.append(self.storage.rollback(steps=self.rollback))
+                self.outcome.append(self.storage.rollback(steps=self.rollback, progress=report))
             else:
-                self.outcome.append(self.storage.migrate())
+                self.outcome.append(self.storage.migrate(progress=report))
         except Exception as exc:  # handed to the test
             self.outcome.append(exc)
 
@@ -283,10 +287,9 @@ def test_an_earlier_versions_migrator_waiting_inside_a_transaction_gets_its_turn
         )
         time.sleep(1.2)  # the waiter's deadlock check (after deadlock_timeout) finds no cycle
         writer.commit()  # the build goes on, to wait for the waiter's snapshot
-        if operation == "migrate":
-            assert migrator.result() == FROM_0030
-        else:
-            assert migrator.result() == tuple(reversed(FROM_0030[1:]))
+        expected = FROM_0030 if operation == "migrate" else tuple(reversed(FROM_0030[1:]))
+        assert migrator.result() == expected
+        assert migrator.progress == list(expected)  # once each, though run twice (round 2)
         waiter.join(30)
     finally:
         writer.close()
@@ -334,6 +337,51 @@ async def test_a_run_interrupted_after_the_server_answered_leaves_no_lock_or_set
     finally:
         monkeypatch.undo()
         await storage.disconnect()
+
+
+def test_a_run_interrupted_while_releasing_closes_its_connection(
+    dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 2: Ctrl-C (or a cancellation) while the lock was being released gave a caller's
+    pool its connection back in autocommit mode (or still holding the lock). The connection is
+    closed instead; the pool's next one is as the caller made it."""
+    pool = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=1, open=False)
+    pool.open(wait=True)
+    real = PostgresStorageAdapter._value
+
+    def interrupted(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "unlock_migrations":
+            raise KeyboardInterrupt  # before the unlock is sent: the lock is still held
+        return real(self, name, *args, **kwargs)
+
+    try:
+        storage = PostgresStorageAdapter(pool, schema=schema)
+        storage.connect(migrate=False)
+        monkeypatch.setattr(PostgresStorageAdapter, "_value", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            storage.migrate()
+        monkeypatch.undo()
+        assert _lock_is_free(dsn, schema)
+        with pool.connection() as conn:
+            assert conn.autocommit is False
+    finally:
+        pool.close()
+
+
+def test_statements_outside_a_transaction_are_sent_one_command_each(dsn: str, schema: str) -> None:
+    """Round 2: sqlparse reads 'C:\\' as an open string where PostgreSQL ends it, so one
+    "statement" held a SET that ran and outlived the part. Each statement goes as a prepared
+    one, which the server refuses when it holds more than one command; nothing runs."""
+    sneaky = "COMMENT ON TABLE {}.sessions IS 'C:\\'; SET statement_timeout = 0; --';"
+    [statement] = _sql.statements(sneaky.format(schema))
+    with _unmigrated(dsn, schema, statement_timeout_ms=3210) as storage:
+        with storage._migrators_lock() as bound:
+            with pytest.raises(MigrationError, match="cannot insert multiple commands"):
+                bound._execute_part("probe", (statement,), one_each=True)
+            timeout = bound._value("show_setting", {"name": "statement_timeout"}, retry=Retry.NEVER)
+            assert timeout == "3210ms"
+        with storage._pool.connection() as conn:
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("3210ms",)
 
 
 def test_a_lock_not_held_at_the_end_of_a_run_is_reported(

@@ -337,6 +337,25 @@ def test_a_datetime_subclass_is_passed_on_as_a_plain_copy_of_its_instant() -> No
     checked = v.timestamp("when", Liar(2026, 1, 2, 3, 4, 5, 6, tzinfo=east))
     assert type(checked) is dt.datetime
     assert checked == dt.datetime(2026, 1, 2, 1, 4, 5, 6, tzinfo=dt.UTC)
+
+    class Deceiver(dt.datetime):
+        """Round 2: its own astimezone and comparisons ran before the copy was made."""
+
+        def astimezone(self, tz: Any = None) -> Any:
+            return self
+
+        def __le__(self, other: Any) -> bool:
+            return True
+
+        def __ge__(self, other: Any) -> bool:
+            return True
+
+    tokyo = dt.timezone(dt.timedelta(hours=9))
+    shifted = v.timestamp("when", Deceiver(2026, 1, 2, 12, 0, tzinfo=tokyo))
+    assert shifted == dt.datetime(2026, 1, 2, 3, 0, tzinfo=dt.UTC)
+    assert shifted.tzinfo is dt.UTC
+    with pytest.raises(ValidationError, match="from 0001-01-02 to 9999-12-30"):
+        v.timestamp("when", Deceiver(9999, 12, 31, 23, tzinfo=dt.UTC))
     plain = dt.datetime(2026, 1, 2, 1, 4, 5, tzinfo=dt.UTC)
     assert v.timestamp("when", plain) is plain  # a plain one is not copied
 

@@ -84,8 +84,8 @@ class AsyncMigrations(AsyncCore):
         """A view of this adapter bound to a pooled connection that holds the migrators' lock
         until the block ends, waiting for it as long as another run holds it. The connection is
         in autocommit mode for the block and goes back to the pool as it came, the lock
-        released; after a block ended by an interruption (a cancelled task, Ctrl-C) or a
-        broken connection it is closed instead."""
+        released; after a block (or the release) ended by an interruption (a cancelled task,
+        Ctrl-C) or a failed connection it is closed instead."""
         async with self._pool.connection() as conn:
             autocommit = conn.autocommit
             if not autocommit:
@@ -107,7 +107,13 @@ class AsyncMigrations(AsyncCore):
                 clean = True
             finally:
                 if clean:
-                    await bound._release(autocommit)
+                    try:
+                        await bound._release(autocommit)
+                    except BaseException:
+                        # Interrupted or failed while releasing: the same as below.
+                        if not conn.closed:
+                            await conn.close()
+                        raise
                 elif not conn.closed:
                     # An interruption may have come after the server granted the lock or
                     # changed a setting, before the reply was read: ending the session ends
@@ -168,10 +174,12 @@ class AsyncMigrations(AsyncCore):
                 " without pgbouncer=True) from your deploy"
             )
         done: list[str] = []
+        announced: set[str] = set()  # once each, though a run after a deadlock tries it again
 
         async def apply_pending(bound: Self) -> None:
             for migration in plan(migrations, await bound._ledger()):
-                if progress:
+                if progress and migration.id not in announced:
+                    announced.add(migration.id)
                     progress(migration.id, "up")
                 await bound._apply(migration, "up")
                 done.append(migration.id)
@@ -232,7 +240,7 @@ class AsyncMigrations(AsyncCore):
                 {"name": "statement_timeout", "value": "0"},
                 retry=Retry.NEVER,
             )
-            await self._execute_part(what, statements)
+            await self._execute_part(what, statements, one_each=True)
         finally:
             if not self._conn.broken:
                 await self._value(
@@ -242,13 +250,17 @@ class AsyncMigrations(AsyncCore):
                 )
         await self._record(migration, direction, started)
 
-    async def _execute_part(self, what: str, statements: tuple[str, ...]) -> None:
-        """Send each of ``statements`` on its own; the first failure raises (``_failed``)."""
+    async def _execute_part(
+        self, what: str, statements: tuple[str, ...], *, one_each: bool = False
+    ) -> None:
+        """Send each of ``statements`` on its own; the first failure raises (``_failed``).
+        ``one_each``: each is sent as a prepared statement, which the server refuses when it
+        holds more than one command (where sqlparse and PostgreSQL split a text differently)."""
         assert self._conn is not None
         failure: KitiumPgError | None = None
         for number, statement in enumerate(statements, 1):
             try:
-                await self._conn.execute(statement)
+                await self._conn.execute(statement, prepare=one_each or None)
             except psycopg.Error as exc:
                 where = what if len(statements) == 1 else f"{what}, statement {number}"
                 failure = chained(_failed(exc, where), exc)
@@ -279,6 +291,7 @@ class AsyncMigrations(AsyncCore):
             raise ValidationError("steps", "must be a positive integer")
         migrations = {m.id: m for m in self._migrations()}
         undone: list[str] = []
+        announced: set[str] = set()
 
         async def undo_last(bound: Self) -> None:
             applied = await bound._ledger()
@@ -289,7 +302,8 @@ class AsyncMigrations(AsyncCore):
                     raise MigrationError(
                         f"cannot roll back {last_id!r}: enable it with optional_migrations"
                     )
-                if progress:
+                if progress and last_id not in announced:
+                    announced.add(last_id)
                     progress(last_id, "down")
                 await bound._apply(migrations[last_id], "down")
                 undone.append(last_id)

@@ -211,9 +211,9 @@ class AsyncUsers(AsyncCore):
         (they share one key id), so passing only ``access_token`` clears the stored refresh
         token. Raises ``ConflictError`` when the identity belongs to another user or the user
         already has a different identity at this provider, and ``NotFoundError`` when there is
-        no user. The adapter's own retry after a lost acknowledgement leaves the tokens its
-        first attempt stored, or newer ones stored since, as they are (as
-        ``update_oauth_tokens``).
+        no user. The adapter's own retry after a lost acknowledgement recognises the write of
+        its first attempt (by a version drawn before it, among the link's last 8 writes) and
+        leaves the link as it is: an email, a name or tokens stored since stay.
         """
         params: dict[str, Any] = {
             "id": new_id(),
