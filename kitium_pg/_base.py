@@ -623,7 +623,7 @@ class Migration:
         if not found:
             raise MigrationError(f"{self.file}: its {direction} part has no statement")
         for statement in found:
-            if _SESSION_STATEMENT_RE.match(_sql.without_comments(statement)):
+            if _SESSION_STATEMENT_RE.match(statement):  # statements() drops the comments
                 raise MigrationError(
                     f"{self.file}: its {direction} part runs outside a transaction and may not"
                     f" set settings or control transactions: {statement.splitlines()[-1]!r}"

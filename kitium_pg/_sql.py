@@ -128,11 +128,11 @@ def statements(sql: str) -> tuple[str, ...]:
     refused. sqlparse splits them: it knows quoted strings, dollar quoting and comments."""
     import sqlparse  # only migrations that run outside a transaction need it
 
-    code = (without_comments(s) for s in sqlparse.split(sql, strip_semicolon=False))
+    code = (_without_comments(s) for s in sqlparse.split(sql, strip_semicolon=False))
     return tuple(c for c in code if c)
 
 
-def without_comments(sql: str) -> str:
+def _without_comments(sql: str) -> str:
     """``sql`` with its comments removed and its ends stripped (sqlparse)."""
     import sqlparse
 

@@ -40,7 +40,7 @@ VALUES (:id, :checksum, :duration_ms);
 DELETE FROM kitium_auth.auth_migrations WHERE id = :id;
 
 -- name: set_session_setting(name, value)$
--- Set a run-time setting (statement_timeout) for the rest of the session.
+-- Set a run-time setting for the rest of the session (the migrators' statement_timeout).
 SELECT set_config(:name, :value, false);
 
 -- name: show_setting(name)$

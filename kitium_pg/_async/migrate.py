@@ -53,7 +53,7 @@ _LOCK_POLL_FIRST = 0.05
 _LOCK_POLL_MAX = 1.0
 # Runs of migrate() when a part fails with a deadlock (each run starts by taking the lock).
 _RUNS = 3
-IDLE = psycopg.pq.TransactionStatus.IDLE
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 logger = logging.getLogger("kitium_pg")
 
 
@@ -82,8 +82,9 @@ class AsyncMigrations(AsyncCore):
     @asynccontextmanager
     async def _migrators_lock(self) -> AsyncIterator[Self]:
         """A view of this adapter bound to a pooled connection that holds the migrators' lock
-        until the block ends, waiting for it as long as another run holds it. The connection is
-        in autocommit mode for the block and goes back to the pool as it came, the lock
+        until the block ends, waiting for it as long as another run holds it. For the block the
+        connection is in autocommit mode, without a statement timeout (a long index build or
+        backfill must not be cut off half-way), and goes back to the pool as it came, the lock
         released; after a block (or the release) ended by an interruption (a cancelled task,
         Ctrl-C) or a failed connection it is closed instead."""
         async with self._pool.connection() as conn:
@@ -99,16 +100,20 @@ class AsyncMigrations(AsyncCore):
                 while not await bound._value("try_lock_migrations", {}, retry=Retry.NEVER):
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, _LOCK_POLL_MAX)
+                statement_timeout = await bound._value(
+                    "show_setting", {"name": "statement_timeout"}, retry=Retry.NEVER
+                )
+                await bound._set_statement_timeout("0")
                 try:
                     yield bound
                 except Exception:
-                    clean = not conn.broken and conn.info.transaction_status == IDLE
+                    clean = not conn.broken and conn.info.transaction_status == _IDLE
                     raise
                 clean = True
             finally:
                 if clean:
                     try:
-                        await bound._release(autocommit)
+                        await bound._release(autocommit, statement_timeout)
                     except BaseException:
                         # Interrupted or failed while releasing: the same as below.
                         if not conn.closed:
@@ -120,10 +125,16 @@ class AsyncMigrations(AsyncCore):
                     # them all (the pool replaces the connection).
                     await conn.close()
 
-    async def _release(self, autocommit: bool) -> None:
+    async def _set_statement_timeout(self, value: str) -> None:
+        await self._value(
+            "set_session_setting", {"name": "statement_timeout", "value": value}, retry=Retry.NEVER
+        )
+
+    async def _release(self, autocommit: bool, statement_timeout: str) -> None:
         """Release the migrators' lock this run's connection holds and give the connection its
-        autocommit mode back."""
+        statement timeout and autocommit mode back."""
         assert self._conn is not None
+        await self._set_statement_timeout(statement_timeout)
         if not await self._value("unlock_migrations", {}, retry=Retry.NEVER):
             # The statements of the run did not all reach one server session.
             logger.warning(
@@ -219,35 +230,10 @@ class AsyncMigrations(AsyncCore):
         what = migration.file if direction == "up" else f"{migration.file} (down)"
         if migration.in_transaction(direction):
             async with self._conn.transaction():
-                # A long index build or backfill must not be cut off half-way.
-                await self._value(
-                    "set_local_setting",
-                    {"name": "statement_timeout", "value": "0"},
-                    retry=Retry.NEVER,
-                )
                 await self._execute_part(what, (migration.sql(direction),))
                 await self._record(migration, direction, started)
             return
-        statements = migration.statements(direction)
-        # The setting is the session's here (no transaction to scope it): put back after (an
-        # interruption closes the connection instead, see _migrators_lock).
-        timeout = await self._value(
-            "show_setting", {"name": "statement_timeout"}, retry=Retry.NEVER
-        )
-        try:
-            await self._value(
-                "set_session_setting",
-                {"name": "statement_timeout", "value": "0"},
-                retry=Retry.NEVER,
-            )
-            await self._execute_part(what, statements, one_each=True)
-        finally:
-            if not self._conn.broken:
-                await self._value(
-                    "set_session_setting",
-                    {"name": "statement_timeout", "value": timeout},
-                    retry=Retry.NEVER,
-                )
+        await self._execute_part(what, migration.statements(direction), one_each=True)
         await self._record(migration, direction, started)
 
     async def _execute_part(
