@@ -688,10 +688,13 @@ def _read_migration(path: Path, schema: str) -> Migration:
 
 @attrs.frozen(kw_only=True)
 class MigrationState:
-    """Applied and pending migration ids, as ``status`` reports them."""
+    """Applied and pending migration ids, as ``status`` reports them, and the schema's invalid
+    indexes (names, in the schema): leftovers of a ``CREATE INDEX CONCURRENTLY`` that failed
+    or was cancelled, which no query uses but every write still maintains until dropped."""
 
     applied: tuple[str, ...]
     pending: tuple[str, ...]
+    invalid_indexes: tuple[str, ...] = ()
 
 
 def plan(migrations: tuple[Migration, ...], applied: Mapping[str, str]) -> tuple[Migration, ...]:

@@ -343,7 +343,7 @@ def migrate(state: _Context, optional: tuple[str, ...]) -> None:
     time instead; run again after a failure, it finishes the job.
 
     Safe to run from several processes at once: each migration is applied exactly once.
-    Optional migrations (--optional tenant_rls) run after the numbered ones, as the role that
+    Names each invalid index in the schema afterwards, as status does. Optional migrations (--optional tenant_rls) run after the numbered ones, as the role that
     will own them: tenant_rls gives that role a policy that bypasses the tenant checks.
     """
     with state.storage(optional=optional) as storage:
@@ -357,6 +357,7 @@ def migrate(state: _Context, optional: tuple[str, ...]) -> None:
                 "applied_now": applied,
                 "applied": status.applied,
                 "pending": status.pending,
+                "invalid_indexes": status.invalid_indexes,
             }
         )
         return
@@ -366,13 +367,17 @@ def migrate(state: _Context, optional: tuple[str, ...]) -> None:
         state.out.print(
             f"nothing to apply: all {len(status.applied)} migrations are applied", markup=False
         )
+    _report_invalid_indexes(state, status.invalid_indexes)
 
 
-@cli.command(short_help="Show applied and pending migrations.")
+@cli.command(short_help="Show applied and pending migrations, and invalid indexes.")
 @_optional_option()
 @click.pass_obj
 def status(state: _Context, optional: tuple[str, ...]) -> None:
     """Show applied and pending migrations. Reads only: creates nothing in the database.
+
+    Also names each invalid index in the schema (left by a CREATE INDEX CONCURRENTLY that failed
+    or was cancelled) with the statement that drops it.
 
     Optional migrations count as pending only when named with --optional; an applied one is
     always listed.
@@ -383,7 +388,12 @@ def status(state: _Context, optional: tuple[str, ...]) -> None:
     applied = set(current.applied)
     if state.as_json:
         state.emit_json(
-            {"schema": state.schema, "applied": current.applied, "pending": current.pending}
+            {
+                "schema": state.schema,
+                "applied": current.applied,
+                "pending": current.pending,
+                "invalid_indexes": current.invalid_indexes,
+            }
         )
         return
     table = Table(title=f"migrations in schema {state.schema}", title_justify="left")
@@ -403,6 +413,19 @@ def status(state: _Context, optional: tuple[str, ...]) -> None:
             table.add_row(migration_id, "[green]applied[/]", f"optional/{migration_id}.sql")
     state.out.print(table)
     state.out.print(f"{len(current.applied)} applied, {len(current.pending)} pending")
+    _report_invalid_indexes(state, current.invalid_indexes)
+
+
+def _report_invalid_indexes(state: _Context, names: tuple[str, ...]) -> None:
+    for name in names:
+        state.out.print(
+            f"invalid index {state.schema}.{name}: a CREATE INDEX CONCURRENTLY failed or was"
+            " cancelled; no query uses it, every write still updates it. Run the migration"
+            " that builds it again (rollback, then migrate, if it is applied), or drop it:"
+            f" DROP INDEX CONCURRENTLY {state.schema}.{name};",
+            markup=False,
+            style="yellow",
+        )
 
 
 @cli.command(short_help="Undo the newest applied migrations.")

@@ -39,6 +39,16 @@ VALUES (:id, :checksum, :duration_ms);
 -- Remove a rolled-back migration from the ledger.
 DELETE FROM kitium_auth.auth_migrations WHERE id = :id;
 
+-- name: list_invalid_indexes()
+-- The names of the schema's indexes that a failed or cancelled CREATE INDEX CONCURRENTLY left
+-- invalid: no query uses them, yet writes keep them up to date until they are dropped.
+SELECT i.relname
+  FROM pg_catalog.pg_index AS x
+  JOIN pg_catalog.pg_class AS i ON i.oid = x.indexrelid
+  JOIN pg_catalog.pg_namespace AS n ON n.oid = i.relnamespace
+ WHERE n.nspname = 'kitium_auth' AND NOT x.indisvalid
+ ORDER BY i.relname;
+
 -- name: set_session_setting(name, value)$
 -- Set a run-time setting for the rest of the session (the migrators' statement_timeout).
 SELECT set_config(:name, :value, false);

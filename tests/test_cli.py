@@ -108,11 +108,13 @@ def test_json_output_parses(dsn: str, schema: str) -> None:
         "applied_now": MIGRATIONS,
         "applied": MIGRATIONS,
         "pending": [],
+        "invalid_indexes": [],
     }
     assert as_json(db(dsn, schema, "--json", "status")) == {
         "schema": schema,
         "applied": MIGRATIONS,
         "pending": [],
+        "invalid_indexes": [],
     }
     health = as_json(db(dsn, schema, "--json", "health"))
     assert health["status"] == "ok"
@@ -145,7 +147,7 @@ def test_rollback_then_status_shows_pending(dsn: str, schema: str) -> None:
 
 def test_status_and_health_create_nothing(dsn: str, schema: str) -> None:
     status = as_json(db(dsn, schema, "--json", "status"))
-    assert status == {"schema": schema, "applied": [], "pending": MIGRATIONS}
+    assert status == {"schema": schema, "applied": [], "pending": MIGRATIONS, "invalid_indexes": []}
     health = db(dsn, schema, "health")
     assert health.exit_code == EXIT_MIGRATION
     assert "pending migrations" in health.stdout

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
+import logging
 import threading
 import time
 import uuid
@@ -219,6 +221,60 @@ def test_an_index_build_cancelled_half_way_is_built_again_by_the_next_run(
     finally:
         writer.close()
         migrator.storage.disconnect()
+
+
+def test_an_index_a_failed_down_part_left_invalid_is_named_until_dropped(
+    dsn: str, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rollback to before 0031 whose build of sessions_user_id_idx is cancelled leaves that
+    index invalid and 0031 applied, so migrate does not run the part again. Every write still
+    updates the index: migration_status names it, a run of migrate logs a warning, and
+    `kitium-pg status` and `migrate` name it with the statement that drops it. Once dropped,
+    nothing is named."""
+    from click.testing import CliRunner
+
+    from kitium_pg.cli import cli
+
+    def command(*args: str) -> str:
+        env = {"COLUMNS": "2000", "NO_COLOR": "1", "DATABASE_URL": None}
+        result = CliRunner(env=env).invoke(cli, ["--dsn", dsn, "--schema", schema, *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    with _unmigrated(dsn, schema) as storage:
+        assert storage.migrate() == FROM_0030
+        assert storage.migration_status().invalid_indexes == ()
+    writer = _holding_a_write(dsn, schema)
+    undo = Migrator(dsn, schema, "kpg-down-cancelled", rollback=_after(OLD_USER_INDEX) + 1)
+    try:
+        undo.start()
+        pid = _wait_for(dsn, BUILDING, ["kpg-down-cancelled"])
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_cancel_backend(%s)", [pid])
+        assert isinstance(undo.result(), MigrationError)
+    finally:
+        writer.close()
+    assert _index_state(dsn, schema, "sessions_user_id_idx") is False
+    after_0031 = FROM_0030[2:]
+    drop = f"DROP INDEX CONCURRENTLY {schema}.sessions_user_id_idx;"
+    with _unmigrated(dsn, schema) as storage:
+        state = storage.migration_status()
+        assert state.pending == after_0031
+        assert state.invalid_indexes == ("sessions_user_id_idx",)
+        assert f"invalid index {schema}.sessions_user_id_idx: " in command("status")
+        with caplog.at_level(logging.WARNING, logger="kitium_pg"):
+            assert storage.migrate() == after_0031
+        assert f"index {schema}.sessions_user_id_idx is invalid" in caplog.text
+        assert drop in command("migrate")
+        assert drop in command("status")
+        assert json.loads(command("--json", "status"))["invalid_indexes"] == [
+            "sessions_user_id_idx"
+        ]
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(drop.encode())
+        assert storage.migration_status().invalid_indexes == ()
+        assert "invalid index" not in command("status")
+        assert json.loads(command("--json", "status"))["invalid_indexes"] == []
 
 
 def test_a_callers_pool_gets_its_connection_back_as_it_was(dsn: str, schema: str) -> None:

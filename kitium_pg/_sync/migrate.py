@@ -71,14 +71,22 @@ class Migrations(Core):
         return {mig_id: checksum for mig_id, checksum in rows}
 
     def migration_status(self) -> MigrationState:
-        """Applied and pending migration ids; creates nothing.
+        """Applied and pending migration ids and the schema's invalid indexes; creates nothing.
 
         Raises ``MigrationError`` on drift (an applied file changed, or an unknown id).
         """
         migrations = self._migrations()
         applied = self._applied()
         pending = plan(migrations, applied)
-        return MigrationState(applied=tuple(sorted(applied)), pending=tuple(m.id for m in pending))
+        return MigrationState(
+            applied=tuple(sorted(applied)),
+            pending=tuple(m.id for m in pending),
+            invalid_indexes=self._invalid_indexes(),
+        )
+
+    def _invalid_indexes(self) -> tuple[str, ...]:
+        rows = self._run("list_invalid_indexes", {}, retry=Retry.SAFE)
+        return tuple(name for (name,) in rows)
 
     @contextmanager
     def _migrators_lock(self) -> Iterator[Self]:
@@ -208,6 +216,17 @@ class Migrations(Core):
             try:
                 with self._migrators_lock() as bound:
                     work(bound)
+                    for name in bound._invalid_indexes():
+                        # Not an error: the run did its work. But the index costs every write.
+                        logger.warning(
+                            "kitium_pg %s: index %s.%s is invalid (a CREATE INDEX CONCURRENTLY"
+                            " failed or was cancelled): no query uses it, every write still"
+                            " updates it; run the migration that builds it again, or drop it"
+                            " with DROP INDEX CONCURRENTLY",
+                            operation,
+                            self._settings.schema,
+                            name,
+                        )
             except MigrationError as refused:
                 if not refused.retryable or run == _RUNS:
                     raise
