@@ -58,8 +58,10 @@ def text(field: str, value: object, *, max_len: int = SHORT, allow_empty: bool =
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValidationError(field, "must be valid Unicode (no lone surrogates)") from None
-    return value
+        pass  # raised below: the exception holds the whole value (.object), as __context__ would
+    else:
+        return value
+    raise ValidationError(field, "must be valid Unicode (no lone surrogates)")
 
 
 def plain(value: str) -> str:
@@ -191,10 +193,24 @@ def timestamp(field: str, value: object) -> dt.datetime:
         value = dt.datetime(*(getter.__get__(value) for getter in _DATETIME_FIELDS)).replace(
             tzinfo=_TZINFO.__get__(value), fold=_FOLD.__get__(value)
         )
-    if value.tzinfo is None or value.utcoffset() is None:
+    # The offset is asked for once: it is the tzinfo's own code, which may raise, or answer
+    # differently on a second call (astimezone would ask again).
+    try:
+        offset = value.utcoffset()
+    except Exception as exc:
+        failed: str | None = type(exc).__name__
+    else:
+        failed = None
+    if failed is not None:
+        raise ValidationError(field, f"has a tzinfo whose utcoffset() failed ({failed})")
+    if offset is None:
         raise ValidationError(field, "must be timezone-aware (naive datetimes are refused)")
     try:
-        instant = value.astimezone(UTC)
+        instant = (
+            value
+            if value.tzinfo is UTC
+            else (value.replace(tzinfo=None) - offset).replace(tzinfo=UTC)
+        )
     except OverflowError:
         instant = None
     if instant is None or not _EARLIEST <= instant <= _LATEST:
@@ -519,7 +535,13 @@ def json_text(field: str, value: object, *, default: str = "{}", obj: bool = Tru
         dumped = _dumps_exact(value) if exact else _ENCODER.encode(value)
         size = len(dumped.encode("utf-8"))
     except (ValueError, TypeError, UnicodeEncodeError, RecursionError) as exc:
-        raise ValidationError(field, f"is not valid JSON ({type(exc).__name__})") from None
+        # Raised after this block: the exception may hold the document (a UnicodeEncodeError's
+        # .object), which __context__ would keep.
+        problem: str | None = type(exc).__name__
+    else:
+        problem = None
+    if problem is not None:
+        raise ValidationError(field, f"is not valid JSON ({problem})")
     if size > JSON_BYTES:
         raise ValidationError(field, f"must serialise to at most {JSON_BYTES} bytes")
     return dumped

@@ -137,13 +137,18 @@ class _Context:
             try:
                 conninfo_to_dict(self.dsn)
             except psycopg.ProgrammingError as exc:
+                problem: str | None = _parse_problem(exc)
+            else:
+                problem = None
+            if problem is not None:
                 # Neither the string nor libpq's own words about it are echoed (libpq quotes the
-                # part it could not parse, maybe half of a password), only what is wrong.
+                # part it could not parse, maybe half of a password), only what is wrong; raised
+                # here, not in the except block, whose exception __context__ would keep.
                 raise click.BadParameter(
-                    f"not a PostgreSQL connection string ({_parse_problem(exc)}); it is not"
+                    f"not a PostgreSQL connection string ({problem}); it is not"
                     " shown, as it may hold a password",
                     param_hint="--dsn / DATABASE_URL",
-                ) from None
+                )
             return self.dsn
         from .embedded import EmbeddedPostgres
 
@@ -343,8 +348,10 @@ def migrate(state: _Context, optional: tuple[str, ...]) -> None:
     time instead; run again after a failure, it finishes the job.
 
     Safe to run from several processes at once: each migration is applied exactly once.
-    Names each invalid index in the schema afterwards, as status does. Optional migrations (--optional tenant_rls) run after the numbered ones, as the role that
+    Optional migrations (--optional tenant_rls) run after the numbered ones, as the role that
     will own them: tenant_rls gives that role a policy that bypasses the tenant checks.
+
+    Names each invalid index in the schema afterwards, as status does.
     """
     with state.storage(optional=optional) as storage:
         state.info.print(f"migrating schema {state.schema}", markup=False)

@@ -80,10 +80,11 @@ def _key_bytes(entry: int, key: object) -> bytes:
     if isinstance(key, bytes) and len(key) == 32:
         return key
     if isinstance(key, bytes):
-        try:
-            key = key.decode("ascii")
-        except UnicodeDecodeError:
-            raise ValidationError("encryption_keys", f"entry {entry}: {_KEY_MESSAGE}") from None
+        # Tested, not caught: a UnicodeDecodeError would carry the whole key (its .object) on
+        # the ValidationError's __context__, for any error reporter that walks the chain.
+        if not key.isascii():
+            raise ValidationError("encryption_keys", f"entry {entry}: {_KEY_MESSAGE}")
+        key = key.decode("ascii")
     # The pattern, not b64decode, decides: the decoder skips characters outside the alphabet,
     # so "!!!!" + key would decode to the key itself.
     if not isinstance(key, str) or not _B64_KEY.fullmatch(key):

@@ -563,3 +563,53 @@ def test_a_server_error_with_an_empty_message_is_scrubbed_of_its_detail(dsn: str
     assert secret in str(caught.value)
     assert secret not in _printed(scrubbed(caught.value))
     assert str(scrubbed(caught.value)) == "SQLSTATE P0001"
+
+
+def test_a_refused_input_is_kept_by_no_exception_in_the_chain() -> None:
+    """Found in review: a key read from a file with its newline (non-ASCII bytes) was refused
+    by a ValidationError raised inside the ``except UnicodeDecodeError`` block, ``from None``:
+    that hides the decoding error from a traceback, yet keeps it as ``__context__``, and its
+    ``.object`` (printed by its ``repr``) is the whole key. The same for a lone surrogate in a
+    text argument or a JSON document, and for a malformed event cursor."""
+    from kitium_pg import _validate
+    from kitium_pg._async.events import decode_cursor
+    from kitium_pg.encryption import Keyring
+
+    key = secrets.token_bytes(31) + "é".encode()
+    surrogate = _secret("text") + "\ud800"
+    cursor = _secret("cursor").replace("-", "é")
+    refusals: list[tuple[Any, str, str]] = [
+        (lambda: Keyring({"k1": key}), "encryption_keys", key.hex()),
+        (lambda: _validate.text("name", surrogate), "name", surrogate[:20]),
+        (lambda: _validate.json_text("metadata", {"note": surrogate}), "metadata", surrogate[:20]),
+        (lambda: decode_cursor(cursor), "after", cursor[:20]),
+    ]
+    for refuse, field, value in refusals:
+        with pytest.raises(ValidationError) as refused:
+            refuse()
+        assert refused.value.field == field
+        assert refused.value.__context__ is None
+        assert value not in _reachable(refused.value).replace("\\x", "")
+    # The key's bytes as repr would print them, for the one refusal that held bytes.
+    with pytest.raises(ValidationError) as refused:
+        Keyring({"k1": key})
+    assert repr(key)[2:-1] not in _reachable(refused.value)
+
+
+def test_a_dsn_libpq_cannot_parse_is_kept_by_no_exception_in_the_chain() -> None:
+    """libpq quotes the part of a connection string it could not parse (``missing "=" after
+    "…"``), maybe a password: the CLI's refusal neither shows it nor keeps libpq's error as
+    its context."""
+    import click
+
+    from kitium_pg.cli import _Context
+
+    password = _secret("pw")
+    dsn = f"host=x password=a {password}"
+    with pytest.raises(psycopg.ProgrammingError) as libpq:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    assert password in str(libpq.value)  # what is at stake
+    with pytest.raises(click.BadParameter) as refused:
+        _Context(dsn, "kitium_auth", False, 5.0).resolve_dsn()
+    assert refused.value.__context__ is None
+    assert password not in _reachable(refused.value)

@@ -749,3 +749,36 @@ def test_the_one_letter_lower_makes_ascii_is_refused_and_never_looked_up() -> No
     nfc = (unicodedata.normalize("NFC", chr(c)) for c in range(128, sys.maxunicode + 1))
     lowering = [c for c in nfc if not c.isascii() and c.lower()[0].isascii()]
     assert lowering == ["\u0130"]
+
+
+def test_a_tzinfo_is_asked_for_its_offset_once_and_its_failure_is_a_validation_error() -> None:
+    """Found in review: a tzinfo whose ``utcoffset()`` raised let the caller's own exception
+    through instead of a ``ValidationError`` naming the field; one that answered differently
+    on each call was asked twice (the awareness check, then ``astimezone``)."""
+
+    class Zone(dt.tzinfo):
+        def dst(self, when: dt.datetime | None) -> None:
+            return None
+
+        def tzname(self, when: dt.datetime | None) -> str:
+            return "zone"
+
+    class Broken(Zone):
+        def utcoffset(self, when: dt.datetime | None) -> dt.timedelta:
+            raise RuntimeError("zone database missing")
+
+    class Fickle(Zone):
+        calls = 0
+
+        def utcoffset(self, when: dt.datetime | None) -> dt.timedelta | None:
+            Fickle.calls += 1
+            return dt.timedelta(hours=Fickle.calls)
+
+    with pytest.raises(ValidationError) as refused:
+        v.timestamp("expires_at", dt.datetime(2026, 1, 2, tzinfo=Broken()))
+    assert refused.value.field == "expires_at"
+    assert "utcoffset() failed (RuntimeError)" in str(refused.value)
+    assert refused.value.__context__ is None
+    checked = v.timestamp("expires_at", dt.datetime(2026, 1, 2, 5, tzinfo=Fickle()))
+    assert Fickle.calls == 1
+    assert checked == dt.datetime(2026, 1, 2, 4, tzinfo=dt.UTC)

@@ -202,4 +202,5 @@ def decode_cursor(cursor: object) -> tuple[dt.datetime, uuid.UUID]:
             raise ValueError("not a cursor")
         return timestamp.astimezone(dt.UTC), event_id
     except (ValueError, OverflowError):
-        raise ValidationError("after", "must be the next_cursor of a previous page") from None
+        pass  # raised below, so that the exception (which may quote the cursor) is not kept
+    raise ValidationError("after", "must be the next_cursor of a previous page")
