@@ -133,15 +133,27 @@ SELECT password_hash FROM kitium_auth.users WHERE id = :id;
 -- goes first in recent_write_versions (the last 8 kept). A retry of this very write after a
 -- lost acknowledgement finds its version there and leaves the link as it is: an email, a name
 -- or tokens written since (a lease holder's refresh) stay (migration 0032).
-WITH link AS (
+-- Links of one user run one after another: the row's user_id is read from the user's row
+-- locked FOR NO KEY UPDATE (owner), so the insert and its ON CONFLICT check come after the
+-- lock. ON CONFLICT checks only its arbiter, (provider, subject): two first links of one
+-- identity to one user that both found no row there both inserted, and the second failed on
+-- oauth_accounts__provider_key (user_id, provider) instead of refreshing the link the first had
+-- made (found in review). Waiting on the user's row, the second finds that link and updates it.
+-- The lock is the one update_user's UPDATE takes, held to the end of the transaction; the
+-- foreign-key checks of rows that refer to the user take FOR KEY SHARE and do not wait for it.
+-- For no such user nothing is locked and the insert goes ahead with the given id, which the
+-- foreign key refuses (NotFoundError).
+WITH owner AS (
+  SELECT u.id FROM kitium_auth.users AS u WHERE u.id = :user_id FOR NO KEY UPDATE
+), link AS (
   INSERT INTO kitium_auth.oauth_accounts AS o
     (id, user_id, provider, subject, email, name, access_token_ciphertext,
      refresh_token_ciphertext, tokens_key_id, token_expires_at, tokens_version,
      recent_write_versions)
   VALUES
-    (:id, :user_id, :provider, :subject, :email, :name, :access_token_ciphertext,
-     :refresh_token_ciphertext, :tokens_key_id, :token_expires_at, :tokens_version,
-     ARRAY[CAST(:tokens_version AS bigint)])
+    (:id, coalesce((SELECT w.id FROM owner AS w), :user_id), :provider, :subject, :email,
+     :name, :access_token_ciphertext, :refresh_token_ciphertext, :tokens_key_id,
+     :token_expires_at, :tokens_version, ARRAY[CAST(:tokens_version AS bigint)])
   ON CONFLICT (provider, subject) DO UPDATE
      -- Each CASE: this very write's retry keeps what is stored, and so does a write without
      -- tokens for the token columns.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,3 +44,14 @@ async def race_methods(
             *(getattr(storage, m)(*a, **kw) for m, a, kw in calls), return_exceptions=True
         )
     )
+
+
+def start(storage: Any, method: str, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    """Start ``method(*args, **kwargs)`` without waiting for it (await the future for its
+    result): a thread for the sync adapter, a task of the async one (which runs once the caller
+    next awaits), so a test can see the call wait on a lock before it sends the next one."""
+    if storage.kind == "sync":
+        call = functools.partial(getattr(storage.adapter, method), *args, **kwargs)
+        return asyncio.get_running_loop().run_in_executor(None, call)
+    started: asyncio.Future[Any] = asyncio.ensure_future(getattr(storage, method)(*args, **kwargs))
+    return started

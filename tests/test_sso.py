@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import hashlib
 import logging
 import threading
@@ -27,7 +26,7 @@ from tests.conftest import AwaitableSync
 from .fix_disguised import Disguised
 from .fix_holder import waiting
 from .fix_metadata import check_metadata_patch
-from .fix_race import race_each
+from .fix_race import race_each, start
 from .roundtrips import round_trips
 
 CLIENT_SECRET = "oidc-client-secret-7f3a9c"
@@ -871,16 +870,6 @@ async def test_a_far_future_sign_in_time_does_not_pin_the_link(
     assert moved is not None and moved.last_auth_at == now.last_auth_at > capped.last_auth_at
 
 
-def _start(storage: Any, method: str, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
-    """Start ``method`` without waiting for it: a task of the async adapter, a thread for the
-    sync one."""
-    if storage.kind == "sync":
-        call = functools.partial(getattr(storage.adapter, method), *args, **kwargs)
-        return asyncio.get_running_loop().run_in_executor(None, call)
-    started: asyncio.Future[Any] = asyncio.ensure_future(getattr(storage, method)(*args, **kwargs))
-    return started
-
-
 _PARENT_DELETES = {
     "delete_user": "DELETE FROM kitium_auth.users",
     "delete_sso_provider": "DELETE FROM kitium_auth.sso_providers",
@@ -912,7 +901,7 @@ async def test_a_sign_in_and_deleting_its_user_or_provider_do_not_deadlock(
             holder.execute(
                 "SELECT id FROM kitium_auth.sso_links WHERE id = %s FOR NO KEY UPDATE", [link.id]
             )
-            sign_in = _start(
+            sign_in = start(
                 storage,
                 "create_sso_session",
                 **bound,
@@ -920,7 +909,7 @@ async def test_a_sign_in_and_deleting_its_user_or_provider_do_not_deadlock(
                 expires_at=_in(hours=1),
             )
             seen = [await asyncio.to_thread(waiting, dsn, "INSERT INTO kitium_auth.sso_sessions")]
-            deleted = _start(storage, delete, parent)
+            deleted = start(storage, delete, parent)
             seen.append(await asyncio.to_thread(waiting, dsn, _PARENT_DELETES[delete]))
             holder.commit()
             results = await asyncio.gather(sign_in, deleted, return_exceptions=True)
@@ -1268,7 +1257,7 @@ async def test_a_logout_ending_app_sessions_and_deleting_its_user_do_not_deadloc
             holder.execute(
                 "SELECT id FROM kitium_auth.sso_sessions WHERE id = %s FOR NO KEY UPDATE", [sso]
             )
-            logout = _start(
+            logout = start(
                 storage,
                 "delete_sso_sessions",
                 provider_id=provider.id,
@@ -1276,7 +1265,7 @@ async def test_a_logout_ending_app_sessions_and_deleting_its_user_do_not_deadloc
                 end_user_sessions=True,
             )
             seen = [await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.sso_sessions")]
-            deleted = _start(storage, "delete_user", user.id)
+            deleted = start(storage, "delete_user", user.id)
             seen.append(await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.users"))
             holder.commit()
             results = await asyncio.gather(logout, deleted, return_exceptions=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 import threading
@@ -17,10 +18,11 @@ import psycopg
 import pytest
 
 from kitium_pg import ConflictError, NotFoundError, PostgresStorageAdapter, User, ValidationError
+from kitium_pg._base import new_id
 
 from .fix_holder import adapter_module, committed_later, release_when_waiting, waiting
 from .fix_metadata import check_metadata_patch
-from .fix_race import race_each
+from .fix_race import race_each, start
 
 
 async def test_create_and_get_round_trip(storage: Any, email: str) -> None:
@@ -304,6 +306,58 @@ async def test_oauth_links(storage: Any, email: str, unique: Callable[[str], str
         await storage.link_oauth_account(uuid.uuid4(), "gitlab", sub=sub)
     assert await storage.unlink_oauth_account(user.id, "github") is True
     assert await storage.get_user_by_oauth("github", sub) is None
+
+
+LINK = "INSERT INTO kitium_auth.oauth_accounts AS o"  # link_oauth_account's statement
+
+
+async def test_two_first_links_of_one_identity_to_one_user_both_succeed(
+    storage: Any,
+    email: str,
+    unique: Callable[[str], str],
+    dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: ON CONFLICT chooses between insert and update on (provider, subject)
+    alone. A first link that had found no row there, and inserted after a concurrent first link
+    of the same identity to the same user had committed, failed on the other unique constraint,
+    oauth_accounts__provider_key (user_id, provider), with ConflictError where it should have
+    refreshed that link. Played without timing: the first link's insert waits, past its
+    ON CONFLICT check, on its primary key (a holder's open transaction has a row with the same
+    id, deleted again before it commits); the second link is sent then. The second now waits
+    for the first on the user's row and updates the link the first made."""
+    user = await storage.create_user(email=email)
+    sub = unique("g")
+    taken = new_id()
+    ids = iter([taken])
+    monkeypatch.setattr(
+        adapter_module(storage, "users"), "new_id", lambda: next(ids, None) or new_id()
+    )
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "INSERT INTO kitium_auth.oauth_accounts (id, user_id, provider, subject)"
+            " VALUES (%s, %s, 'held', %s)",
+            (taken, user.id, unique("held")),
+        )
+        holder.execute("DELETE FROM kitium_auth.oauth_accounts WHERE id = %s", (taken,))
+        first = start(storage, "link_oauth_account", user.id, "google", sub=sub, name="first")
+        assert await asyncio.to_thread(waiting, dsn, LINK)  # on the holder's id
+        second = start(storage, "link_oauth_account", user.id, "google", sub=sub, name="second")
+        # The holder commits once the second waits too, or has returned (as it did before).
+        both_wait = asyncio.ensure_future(asyncio.to_thread(waiting, dsn, LINK, 2))
+        await asyncio.wait([second, both_wait], return_when=asyncio.FIRST_COMPLETED)
+        holder.commit()
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        seen = await both_wait
+    finally:
+        holder.close()
+    assert all(isinstance(result, User) for result in results), results
+    assert seen  # the second waited for the first
+    assert [cast(User, r).oauth["google"].name for r in results] == ["first", "second"]
+    stored = await storage.get_user_by_oauth("google", sub)
+    assert stored is not None and stored.id == user.id
+    assert stored.oauth["google"].name == "second"
 
 
 @pytest.mark.parametrize(
