@@ -211,8 +211,21 @@ SELECT p.id, p.type, p.name, p.org_id, p.metadata_url, p.client_id, p.client_sec
 -- name: add_sso_provider_domain(provider_id, domain, verified)^
 -- Add a domain to a provider, verified now when verified is true. Adding it again is a no-op
 -- that never un-verifies (verifying it then sets verified_at if it was not set).
+-- Adds to one provider run one after another: the row's provider_id is read from the provider's
+-- row locked FOR NO KEY UPDATE, so the insert and its ON CONFLICT check come after the lock.
+-- ON CONFLICT checks only its arbiter, the primary key (provider_id, domain): two verified adds
+-- of one new domain that both found no row there both inserted, and the second failed on
+-- sso_provider_domains__domain_key (a verified domain belongs to one provider) instead of
+-- finding the first's row (found in review). Foreign-key checks take FOR KEY SHARE on the
+-- provider and do not wait for the lock. A provider that does not exist, or that row-level
+-- security does not let this caller update, is not locked: the insert goes ahead with the given
+-- id, and the foreign key or the policy refuses it as before.
+WITH locked AS (
+  SELECT p.id FROM kitium_auth.sso_providers AS p WHERE p.id = :provider_id FOR NO KEY UPDATE
+)
 INSERT INTO kitium_auth.sso_provider_domains AS d (provider_id, domain, verified_at)
-VALUES (:provider_id, :domain, CASE WHEN :verified THEN now() END)
+VALUES (coalesce((SELECT l.id FROM locked AS l), :provider_id), :domain,
+        CASE WHEN :verified THEN now() END)
 ON CONFLICT (provider_id, domain) DO UPDATE
    SET verified_at = coalesce(d.verified_at, EXCLUDED.verified_at)
 RETURNING d.domain, d.verified_at;

@@ -425,6 +425,51 @@ async def test_list_by_org_includes_global_providers(
 # -- domains and home-realm discovery -----------------------------------------------------------
 
 
+def test_two_verified_adds_of_one_new_domain_to_one_provider_both_succeed(
+    sync_one: PostgresStorageAdapter, dsn: str
+) -> None:
+    """Found in review: ON CONFLICT chooses between insert and update on the primary key
+    (provider_id, domain) alone. Two verified adds of one new domain to one provider that both
+    found no row there both inserted, and the second failed on sso_provider_domains__domain_key
+    (a verified domain has one provider) with ConflictError where adding again is a no-op. The
+    statement itself, sent by two connections at once, 1,000 times (about 1 in 80 failed
+    before: 13 of 1,000); now the second waits for the first on the provider's row."""
+    provider = sync_one.create_sso_provider(
+        type="oidc", name=f"idp-{uuid.uuid4().hex[:8]}", client_id="c", client_secret="s"
+    )
+    statement = sync_one._queries["add_sso_provider_domain"].sql
+    connections = [psycopg.connect(dsn, autocommit=True) for _ in range(2)]
+    failures: list[psycopg.Error] = []
+    try:
+        for _ in range(1000):
+            params = {"provider_id": provider.id, "domain": f"{uuid.uuid4().hex}.example"}
+            barrier = threading.Barrier(2)
+
+            def add(
+                conn: psycopg.Connection[Any],
+                params: dict[str, Any] = params,
+                barrier: threading.Barrier = barrier,
+            ) -> None:
+                barrier.wait()
+                try:
+                    conn.execute(statement, {**params, "verified": True})
+                except psycopg.Error as exc:
+                    failures.append(exc)
+
+            threads = [threading.Thread(target=add, args=(conn,)) for conn in connections]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        for conn in connections:
+            conn.close()
+    assert failures == []
+    stored = sync_one.get_sso_provider(provider.id)
+    assert stored is not None
+    assert len(stored.domains) == 1000 and all(d.verified_at for d in stored.domains)
+
+
 async def test_domain_lifecycle(storage: Any, unique: Callable[[str], str]) -> None:
     provider = await _oidc(storage, unique)
     domain = f"{unique('corp')}.example"
