@@ -49,7 +49,10 @@ SELECT id, email, code_hash, type, user_id, metadata, expires_at, used_at, creat
 -- call (consumer) that already consumed it, so a retried call still wins. Row lock waiters
 -- re-check the guard against the winner's row and lose. consumed is true for the winning row;
 -- a row with consumed false means the token exists but is used or expired; no row means no
--- such token.
+-- such token. The refusal reads the row locked (FOR KEY SHARE, the weakest lock): the row as
+-- committed last, not as the statement's snapshot had it. Read plainly, a token deleted while
+-- the update waited for its row (the user deleted, 0009's cascade) was reported as used,
+-- ConflictError for a token never consumed (found in review); now it is gone: NotFoundError.
 WITH consumed AS (
   UPDATE kitium_auth.email_verification_tokens AS t
      SET used_at = coalesce(t.used_at, statement_timestamp()), consumed_by = :consumer
@@ -57,6 +60,12 @@ WITH consumed AS (
      AND ((t.used_at IS NULL AND t.expires_at > statement_timestamp()) OR t.consumed_by = :consumer)
   RETURNING t.id, t.email, t.code_hash, t.type, t.user_id, t.metadata, t.expires_at,
             t.used_at, t.created_at
+), existing AS (
+  SELECT t.id, t.email, t.code_hash, t.type, t.user_id, t.metadata, t.expires_at, t.used_at,
+         t.created_at
+    FROM kitium_auth.email_verification_tokens AS t
+   WHERE t.id = :id AND NOT EXISTS (SELECT 1 FROM consumed)
+     FOR KEY SHARE
 )
 SELECT true AS consumed, id, email, code_hash, type, user_id, metadata, expires_at, used_at,
        created_at
@@ -64,8 +73,7 @@ SELECT true AS consumed, id, email, code_hash, type, user_id, metadata, expires_
 UNION ALL
 SELECT false AS consumed, id, email, code_hash, type, user_id, metadata, expires_at, used_at,
        created_at
-  FROM kitium_auth.email_verification_tokens
- WHERE id = :id AND NOT EXISTS (SELECT 1 FROM consumed)
+  FROM existing
  LIMIT 1;
 
 -- name: revoke_email_verification_tokens(email, type)!

@@ -13,7 +13,8 @@ import pytest
 from kitium_pg import ConflictError, EmailVerificationToken, NotFoundError, ValidationError
 from kitium_pg._base import Retry
 
-from .fix_race import race
+from .fix_holder import waiting
+from .fix_race import race, start
 
 RACERS = 32
 
@@ -315,3 +316,26 @@ async def test_bad_input_is_a_validation_error_naming_the_field(
         await _token(storage, **args)
     assert caught.value.field == field
     assert await storage.get_email_verification_tokens(email) == []
+
+
+async def test_a_token_deleted_while_its_consumption_waits_is_not_found(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Found in review: a consumption that waited for the token's row while another
+    transaction deleted it (the user deleted: migration 0009's cascade) fell back to reading
+    the token with the statement's snapshot, still unused there, and raised ConflictError
+    ("already used or expired") for a token never used. Now it is gone: NotFoundError."""
+    import psycopg
+
+    user = await storage.create_user(email=email)
+    token = await _token(storage, email, user_id=user.id)
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute("DELETE FROM kitium_auth.users WHERE id = %s", (user.id,))
+        consuming = start(storage, "mark_email_verification_token_as_used", token.id)
+        assert await asyncio.to_thread(waiting, dsn, "consumed_by = ")
+        holder.commit()
+        with pytest.raises(NotFoundError):
+            await consuming
+    finally:
+        holder.close()
