@@ -1329,6 +1329,49 @@ async def test_a_logout_ending_app_sessions_and_deleting_its_user_do_not_deadloc
     assert _app_sessions_left(dsn, app) == set()
 
 
+@pytest.mark.parametrize("sso_first", [True, False], ids=["sso-first", "sessions-first"])
+async def test_log_out_everywhere_in_a_transaction_against_a_single_logout(
+    storage: Any,
+    unique: Callable[[str], str],
+    dsn: str,
+    sso_first: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review, and what docs/guide/sso.md tells: a transaction of the application's
+    own that ends a user's SSO sessions and then its sessions meets a single logout of that
+    user (which takes them in that order) without a deadlock: the logout waits for the SSO
+    session the transaction deleted, and finds it gone. The other order makes the two wait for
+    each other, and PostgreSQL ends one of them as a deadlock."""
+    user, provider = await _user(storage, unique), await _oidc(storage, unique)
+    await _sso_session(storage, user, provider, "s", "sid")
+    app = await _app_session(storage, user)
+    calls = ["delete_user_sso_sessions", "delete_user_sessions"]
+    first, second = calls if sso_first else calls[::-1]
+    failure: BaseException | None = None
+    with caplog.at_level(logging.WARNING, logger="kitium_pg"):
+        async with storage.transaction() as tx:
+            await getattr(tx, first)(user.id)
+            logout = start(
+                storage,
+                "delete_sso_sessions",
+                provider_id=provider.id,
+                provider_subject="s",
+                end_user_sessions=True,
+            )
+            assert await asyncio.to_thread(waiting, dsn, "signed_out AS")
+            try:
+                await getattr(tx, second)(user.id)
+            except ConflictError as exc:
+                failure = exc
+        ended = await logout
+    deadlocks = [r for r in caplog.records if "deadlock" in r.getMessage()]
+    assert failure is None and ended == []
+    # The logout began to wait first, so its deadlock check ran first: it was the one ended,
+    # and the adapter ran it again (logging why) once the transaction had committed.
+    assert bool(deadlocks) is not sso_first
+    assert _app_sessions_left(dsn, app) == set()
+
+
 async def test_single_logout_needs_a_subject_or_a_session_token(
     storage: Any, unique: Callable[[str], str], dsn: str
 ) -> None:
