@@ -342,3 +342,23 @@ async def test_bad_prefix_is_a_validation_error(storage: Any, email: str, prefix
     with pytest.raises(ValidationError) as caught:
         await storage.issue_api_key(user.id, [], prefix=prefix)
     assert caught.value.field == "prefix"
+
+
+async def test_rotation_is_refused_inside_a_transaction(storage: Any, email: str) -> None:
+    """Found in review: an application that rotated inside its own transaction and rolled back
+    when it got ``None`` (its 401) undid what a reused token's rotation had done: the session
+    stayed valid and no event was left. A transaction's view refuses the call before anything
+    runs; on the adapter the reuse still ends the session."""
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    rotated = await storage.rotate_session_token(issued.token)
+    assert rotated is not None
+    with pytest.raises(ValidationError) as refused:
+        async with storage.transaction() as tx:
+            await tx.rotate_session_token(issued.token, reuse_grace=dt.timedelta(0))
+    assert refused.value.field == "transaction"
+    assert await storage.validate_session_token(rotated.token, consistency="primary") is not None
+    assert await _reuse_events(storage, user.id) == []
+    assert await storage.rotate_session_token(issued.token, reuse_grace=dt.timedelta(0)) is None
+    assert await storage.get_session(issued.session.id) is None
+    assert len(await _reuse_events(storage, user.id)) == 1

@@ -151,7 +151,8 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
         session's privileges change (after a second factor, a step-up, a password change),
         against session fixation: a token planted or seen before then is useless after it. To
         elevate a session, rotate first and then change it (``update_session`` by the session's
-        id): the token from before the rotation then never holds the elevated session.
+        id, a call of its own): the token from before the rotation then never holds the
+        elevated session.
 
         Returns ``None``, changing nothing, for a token ``validate_session_token`` would not
         accept, for one another call rotated first (of two rotations of one token, exactly one
@@ -178,8 +179,13 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
         One statement; never raises for a hostile token (``ValidationError`` for a bad
         ``expires_at`` or ``reuse_grace``). Retried on transient failures: the new secret is
         drawn before the first attempt, and a retry after a lost acknowledgement finds the
-        session already holding it.
+        session already holding it. Raises ``ValidationError`` (field ``transaction``) on a
+        transaction's view: an application that rolls back when it gets ``None`` would undo the
+        end of a reused token's session and its event.
         """
+        self._outside_transaction(
+            "rotate_session_token", "a rollback would undo the end of a reused token's session"
+        )
         moved = expires_at is not UNSET
         params: dict[str, Any] = {
             "set_expires_at": moved,
