@@ -1108,6 +1108,8 @@ class Spec:
     covers: tuple[str, ...] = ()  # parameters a runner draws itself
     # Pairs (a, b) of parameters that cannot be given together: b is BAD when both are.
     exclusive: tuple[tuple[str, str], ...] = ()
+    # Triples (a, value, b): b is BAD when a is given as value and b is given, not None.
+    excluded_by_value: tuple[tuple[str, object, str], ...] = ()
 
 
 def _id(*refs: str) -> dict[str, P]:
@@ -2385,6 +2387,7 @@ def _spec_table() -> dict[str, Spec]:
             },
             writes=True,
             check=check_challenge,
+            excluded_by_value=(("method", "backup_code", "code_hash"),),
         ),
         "get_two_factor_session": reader("id", "twofa_session"),
         "complete_two_factor_session": Spec(
@@ -2726,6 +2729,10 @@ def draw_args(data: Any, name: str, spec: Spec) -> dict[str, Arg]:
     for first, second in spec.exclusive:
         if first in args and second in args:
             args[second] = Arg(args[second].value, BAD)
+    for first, value, second in spec.excluded_by_value:
+        given = args.get(second)
+        if first in args and args[first].value == value and given and given.value is not None:
+            args[second] = Arg(given.value, BAD)
     return args
 
 

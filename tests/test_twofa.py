@@ -1309,3 +1309,22 @@ async def test_concurrent_replacements_leave_exactly_one_set(storage: Any, email
 async def test_backup_codes_for_an_unknown_user_are_not_found(storage: Any) -> None:
     with pytest.raises(NotFoundError):
         await storage.create_backup_codes(uuid.uuid4(), ["x" * 20])
+
+
+async def test_a_backup_code_challenge_takes_no_code_hash(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Found in review: a ``backup_code`` challenge created with a ``code_hash`` let
+    ``verify_two_factor_session`` compare it and charge the device for a miss, throttling its
+    TOTP codes, where backup-code attempts never charge the device. Refused before anything is
+    written."""
+    user = await storage.create_user(email=email)
+    device = await _device(storage, user)
+    with pytest.raises(ValidationError) as refused:
+        await _challenge(storage, user, device=device, method="backup_code", code_hash="a" * 64)
+    assert refused.value.field == "code_hash"
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM kitium_auth.twofa_sessions WHERE user_id = %s", (user.id,)
+        ).fetchone()
+    assert row == (0,)

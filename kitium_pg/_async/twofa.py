@@ -286,7 +286,9 @@ class AsyncTwoFactor(AsyncCore):
         """Open a 2FA challenge for login session ``session_id`` and return it.
 
         ``method`` is ``"totp"``, ``"sms"``, ``"email"`` or ``"backup_code"``; ``code_hash`` is
-        a digest of the code sent (never the code); ``expires_at`` must be timezone-aware;
+        a digest of the code sent (never the code), refused for ``"backup_code"`` (the
+        application checks a backup code with ``consume_backup_code``, and its attempts never
+        charge the device); ``expires_at`` must be timezone-aware;
         ``max_attempts`` is 1 to 100. Raises ``ValidationError`` for bad input and
         ``NotFoundError`` when the user or device does not exist, the device is not the user's
         (``twofa_sessions__device_owner_fkey``), or ``session_id`` is not one of the user's
@@ -306,6 +308,14 @@ class AsyncTwoFactor(AsyncCore):
             "max_attempts": v.integer("max_attempts", max_attempts, minimum=1, maximum=100),
             "expires_at": v.timestamp("expires_at", expires_at),
         }
+        if params["method"] == "backup_code" and params["code_hash"] is not None:
+            # verify_two_factor_session would compare it and charge the device for a miss,
+            # which backup-code attempts never do (found in review).
+            raise ValidationError(
+                "code_hash",
+                "a backup_code challenge takes none: check the code with consume_backup_code"
+                " and count it with count_two_factor_attempt",
+            )
         challenge = await self._written(
             "create_two_factor_session",
             params,
