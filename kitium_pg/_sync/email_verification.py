@@ -159,8 +159,10 @@ class EmailVerification(Core):
         )
 
     def get_email_verification_token_attempts(self, token_id: uuid.UUID | str) -> int:
-        """How many attempts were counted for a token (0 when none, or for an unknown or
-        malformed id)."""
+        """How many attempts were counted against a token's address: its own and those of the
+        other unexpired tokens of the same email (any letter case) and type, as
+        ``increment_email_verification_token_attempts`` returns them (0 when none, or for an
+        unknown or malformed id)."""
         parsed = v.parse_uuid(token_id)
         if parsed is None:
             return 0
@@ -170,8 +172,11 @@ class EmailVerification(Core):
         return 0 if attempts is None else int(attempts)
 
     def increment_email_verification_token_attempts(self, token_id: uuid.UUID | str) -> int:
-        """Count one attempt for a token and return the new count (atomic: concurrent calls
-        never lose an increment). Raises ``NotFoundError`` for an unknown token, and
+        """Count one attempt for a token and return the attempts counted against its address:
+        this token's new count plus those of the other unexpired tokens of the same email (any
+        letter case) and type. Compare it with your cap: a new token (a resend) does not give
+        a new budget, which comes back as the address's tokens expire. Atomic: concurrent calls
+        on a token never lose an increment. Raises ``NotFoundError`` for an unknown token, and
         ``ValidationError`` (field ``transaction``) on a transaction's view: a transaction that
         rolls back (say, after a wrong code) would undo the count and make the guess free. Never
         retried by the adapter: after a lost acknowledgement a retry would count twice."""
