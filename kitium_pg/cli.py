@@ -656,8 +656,9 @@ def rotate_keys(state: _Context, batch_size: int) -> None:
 
     Keys come from KITIUM_PG_ENCRYPTION_KEYS: append the new key (the last one encrypts), keep
     the old ones until this command has run, then remove them. Safe while the application
-    writes, and to run again after an interruption. Succeeds only when no stored value is left
-    under another key; exits 1 when values a process with an older keyring keeps re-writing
+    writes, to run again after an interruption, and to run twice at once (the runs share the
+    work; each prints how many values it re-encrypted). Succeeds only when no stored value is
+    left under another key; exits 1 when values a process with an older keyring keeps re-writing
     remain after three passes, or when row-level security (tenant_rls) hides rows from this
     role (run it as the schema owner), and 5 when the variable is unset or a stored value's key
     is not in it.

@@ -2,6 +2,19 @@
 -- one. Each re-encryption is a compare-and-swap on the old key id and the old ciphertext, so a
 -- row changed meanwhile (even re-written under the same old key, by an application instance that
 -- still has the old keyring) is left for the next pass instead of being overwritten.
+--
+-- Each swap is one statement that first locks its batch's rows in id order (the CTE locked),
+-- then updates them. The lock order of a plain UPDATE ... FROM unnest(...) is its join's output
+-- order, which the plan decides: the array's order for a nested loop or a hash on the table, heap
+-- order for a hash on the array and a sequential scan, and the plan changes with the batch's size
+-- and the table's statistics. Two rotations running at once (two deploys, an operator running
+-- rotate-keys twice) then locked overlapping batches in opposite orders and deadlocked (40P01;
+-- found in review). Locked in id order (the UPDATE then finds every row it writes locked
+-- already, and waits for none), a swap only ever waits for a row past every row it holds, so
+-- concurrent swaps cannot wait on each other in a cycle; a row another rotation has swapped
+-- meanwhile fails the compare-and-swap on its new version and is left to that rotation. The
+-- locks are FOR NO KEY UPDATE, those the UPDATE takes anyway: they do not block inserts of rows
+-- referring to the locked ones.
 
 -- name: count_stale_secrets(key_id)$
 -- How many encrypted values are not under the current key (for progress reports).
@@ -47,14 +60,24 @@ SELECT id, secret_key_id, secret_ciphertext
  LIMIT :batch_size;
 
 -- name: reencrypt_twofa_secrets(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)!
--- Store re-encrypted 2FA secrets, only where the old key id is still in place.
+-- Store re-encrypted 2FA secrets, only where the old key id and ciphertext are still in place;
+-- the rows are locked in id order first (see the top of this file).
+WITH locked AS (
+  SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext
+    FROM kitium_auth.twofa_devices AS t
+    JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
+                :ciphertexts::bytea[])
+         AS u (id, old_key_id, old_ciphertext, ciphertext)
+      ON u.id = t.id
+   WHERE t.secret_key_id = u.old_key_id AND t.secret_ciphertext = u.old_ciphertext
+   ORDER BY t.id
+     FOR NO KEY UPDATE OF t
+)
 UPDATE kitium_auth.twofa_devices AS t
-   SET secret_ciphertext = u.ciphertext, secret_key_id = :key_id
-  FROM unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
-              :ciphertexts::bytea[])
-       AS u (id, old_key_id, old_ciphertext, ciphertext)
- WHERE t.id = u.id AND t.secret_key_id = u.old_key_id
-   AND t.secret_ciphertext = u.old_ciphertext;
+   SET secret_ciphertext = l.ciphertext, secret_key_id = :key_id
+  FROM locked AS l
+ WHERE t.id = l.id AND t.secret_key_id = l.old_key_id
+   AND t.secret_ciphertext = l.old_ciphertext;
 
 -- name: stale_sso_client_secrets(key_id, after, batch_size)
 -- The next batch (after a given id) of SSO client secrets under an older key.
@@ -65,14 +88,24 @@ SELECT id, client_secret_key_id, client_secret_ciphertext
  LIMIT :batch_size;
 
 -- name: reencrypt_sso_client_secrets(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)!
--- Store re-encrypted SSO client secrets, only where the old key id is still in place.
+-- Store re-encrypted SSO client secrets, only where the old key id and ciphertext are still in
+-- place; the rows are locked in id order first (see the top of this file).
+WITH locked AS (
+  SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext
+    FROM kitium_auth.sso_providers AS t
+    JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
+                :ciphertexts::bytea[])
+         AS u (id, old_key_id, old_ciphertext, ciphertext)
+      ON u.id = t.id
+   WHERE t.client_secret_key_id = u.old_key_id AND t.client_secret_ciphertext = u.old_ciphertext
+   ORDER BY t.id
+     FOR NO KEY UPDATE OF t
+)
 UPDATE kitium_auth.sso_providers AS t
-   SET client_secret_ciphertext = u.ciphertext, client_secret_key_id = :key_id
-  FROM unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
-              :ciphertexts::bytea[])
-       AS u (id, old_key_id, old_ciphertext, ciphertext)
- WHERE t.id = u.id AND t.client_secret_key_id = u.old_key_id
-   AND t.client_secret_ciphertext = u.old_ciphertext;
+   SET client_secret_ciphertext = l.ciphertext, client_secret_key_id = :key_id
+  FROM locked AS l
+ WHERE t.id = l.id AND t.client_secret_key_id = l.old_key_id
+   AND t.client_secret_ciphertext = l.old_ciphertext;
 
 -- name: stale_sso_signing_keys(key_id, after, batch_size)
 -- The next batch (after a given id) of SSO signing keys under an older key.
@@ -83,14 +116,24 @@ SELECT id, signing_key_key_id, signing_key_ciphertext
  LIMIT :batch_size;
 
 -- name: reencrypt_sso_signing_keys(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)!
--- Store re-encrypted SSO signing keys, only where the old key id is still in place.
+-- Store re-encrypted SSO signing keys, only where the old key id and ciphertext are still in
+-- place; the rows are locked in id order first (see the top of this file).
+WITH locked AS (
+  SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext
+    FROM kitium_auth.sso_providers AS t
+    JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
+                :ciphertexts::bytea[])
+         AS u (id, old_key_id, old_ciphertext, ciphertext)
+      ON u.id = t.id
+   WHERE t.signing_key_key_id = u.old_key_id AND t.signing_key_ciphertext = u.old_ciphertext
+   ORDER BY t.id
+     FOR NO KEY UPDATE OF t
+)
 UPDATE kitium_auth.sso_providers AS t
-   SET signing_key_ciphertext = u.ciphertext, signing_key_key_id = :key_id
-  FROM unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
-              :ciphertexts::bytea[])
-       AS u (id, old_key_id, old_ciphertext, ciphertext)
- WHERE t.id = u.id AND t.signing_key_key_id = u.old_key_id
-   AND t.signing_key_ciphertext = u.old_ciphertext;
+   SET signing_key_ciphertext = l.ciphertext, signing_key_key_id = :key_id
+  FROM locked AS l
+ WHERE t.id = l.id AND t.signing_key_key_id = l.old_key_id
+   AND t.signing_key_ciphertext = l.old_ciphertext;
 
 -- name: stale_oauth_tokens(key_id, after, batch_size)
 -- The next batch (after a given id) of OAuth provider token pairs under an older key.
@@ -101,16 +144,29 @@ SELECT id, user_id, provider, tokens_key_id, access_token_ciphertext, refresh_to
  LIMIT :batch_size;
 
 -- name: reencrypt_oauth_tokens(ids, old_key_ids, old_access_ciphertexts, old_refresh_ciphertexts, key_id, access_ciphertexts, refresh_ciphertexts)!
--- Store re-encrypted OAuth token pairs, only where the old key id is still in place.
+-- Store re-encrypted OAuth token pairs, only where the old key id and both old ciphertexts are
+-- still in place; the rows are locked in id order first (see the top of this file).
+WITH locked AS (
+  SELECT t.id, u.old_key_id, u.old_access_ciphertext, u.old_refresh_ciphertext,
+         u.access_ciphertext, u.refresh_ciphertext
+    FROM kitium_auth.oauth_accounts AS t
+    JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_access_ciphertexts::bytea[],
+                :old_refresh_ciphertexts::bytea[], :access_ciphertexts::bytea[],
+                :refresh_ciphertexts::bytea[])
+         AS u (id, old_key_id, old_access_ciphertext, old_refresh_ciphertext, access_ciphertext,
+               refresh_ciphertext)
+      ON u.id = t.id
+   WHERE t.tokens_key_id = u.old_key_id
+     AND t.access_token_ciphertext IS NOT DISTINCT FROM u.old_access_ciphertext
+     AND t.refresh_token_ciphertext IS NOT DISTINCT FROM u.old_refresh_ciphertext
+   ORDER BY t.id
+     FOR NO KEY UPDATE OF t
+)
 UPDATE kitium_auth.oauth_accounts AS t
-   SET access_token_ciphertext = u.access_ciphertext,
-       refresh_token_ciphertext = u.refresh_ciphertext,
+   SET access_token_ciphertext = l.access_ciphertext,
+       refresh_token_ciphertext = l.refresh_ciphertext,
        tokens_key_id = :key_id
-  FROM unnest(:ids::uuid[], :old_key_ids::text[], :old_access_ciphertexts::bytea[],
-              :old_refresh_ciphertexts::bytea[], :access_ciphertexts::bytea[],
-              :refresh_ciphertexts::bytea[])
-       AS u (id, old_key_id, old_access_ciphertext, old_refresh_ciphertext, access_ciphertext,
-             refresh_ciphertext)
- WHERE t.id = u.id AND t.tokens_key_id = u.old_key_id
-   AND t.access_token_ciphertext IS NOT DISTINCT FROM u.old_access_ciphertext
-   AND t.refresh_token_ciphertext IS NOT DISTINCT FROM u.old_refresh_ciphertext;
+  FROM locked AS l
+ WHERE t.id = l.id AND t.tokens_key_id = l.old_key_id
+   AND t.access_token_ciphertext IS NOT DISTINCT FROM l.old_access_ciphertext
+   AND t.refresh_token_ciphertext IS NOT DISTINCT FROM l.old_refresh_ciphertext;

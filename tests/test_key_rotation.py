@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -10,9 +12,12 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from kitium_pg import PostgresStorageAdapter
+from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
 from kitium_pg.encryption import generate_key
 from kitium_pg.errors import ConflictError, EncryptionKeyError, PermissionDeniedError
+
+from .conftest import AwaitableSync
+from .fix_race import race_each
 
 OLD, NEW = generate_key(), generate_key()
 
@@ -72,6 +77,79 @@ def test_rotation_moves_every_secret_to_the_newest_key(dsn: str, schema: str) ->
     assert key_ids == [("new",)]
 
 
+def _seed_shuffled(dsn: str, schema: str, key: dict[str, str], n: int) -> list[Any]:
+    """``n`` secrets of every kind rotate_keys handles, under ``key``, then each re-written in a
+    random order (as an application does over time), so that the tables' physical order is not
+    their id order. Returns (user, device, provider) per row, to read the values back."""
+    rows = []
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys=key) as app:
+        for i in range(n):
+            user = app.create_user()
+            device = app.create_two_factor_device(user_id=user.id, method="totp", secret=f"S{i}")
+            provider = app.create_sso_provider(
+                type="oidc", name=f"p{i}", client_id="c", client_secret="x", signing_key="x"
+            )
+            app.link_oauth_account(user.id, "gh", sub=f"s{i}", access_token="x")
+            rows.append((i, user, device, provider))
+        shuffled = random.sample(rows, len(rows))
+        for i, user, _, _ in shuffled:
+            app.update_oauth_tokens(user.id, "gh", access_token=f"a{i}", refresh_token=f"r{i}")
+        for i, _, device, provider in shuffled:
+            app.update_two_factor_device(device.id, secret=f"SEED{i}")
+            app.update_sso_provider(provider.id, client_secret=f"cs{i}", signing_key=f"sk{i}")
+    return [(user, device, provider) for _, user, device, provider in rows]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_concurrent_rotations_share_the_work_without_deadlocking(
+    dsn: str, schema: str, kind: str
+) -> None:
+    """Deploys (or an operator, twice) start rotate_keys at once, with batch sizes whose swap
+    statements get different plans. Each swap used to lock its rows in its join's output order
+    (the array's, which is id order, or the table's physical one): overlapping batches met in
+    opposite orders and deadlocked (40P01), in most rounds. Every run must now succeed (no
+    retry hides a deadlock: max_retries=0), the counts must add up to every value once, and
+    every value must end under the newest key, readable with it alone. Three rounds, each to a
+    new key (after the first, from the physical order the previous round's runs left)."""
+    n, runs = 400, (5, 40, 100, 200)
+    keys = {"k0": generate_key()}
+    rows = _seed_shuffled(dsn, schema, keys, n)
+    for round_ in range(1, 4):
+        keys = {**keys, f"k{round_}": generate_key()}
+        options: dict[str, Any] = {"schema": schema, "encryption_keys": keys, "max_retries": 0}
+        calls = [((), {"batch_size": size}) for size in runs]
+        if kind == "sync":
+            with PostgresStorageAdapter(dsn, max_size=len(runs), **options) as adapter:
+                results = await race_each(AwaitableSync(adapter), "rotate_keys", calls)
+        else:
+            async with AsyncPostgresStorageAdapter(dsn, max_size=len(runs), **options) as adapter:
+                adapter.kind = "async"  # type: ignore[attr-defined]
+                results = await race_each(adapter, "rotate_keys", calls)
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert sum(results) == 4 * n  # each value re-encrypted once, by one of the runs
+    newest = list(keys)[-1]
+    with PostgresStorageAdapter(
+        dsn, schema=schema, encryption_keys={newest: keys[newest]}
+    ) as after:
+        for i, (user, device, provider) in enumerate(rows):
+            tokens = after.get_oauth_tokens(user.id, "gh")
+            assert tokens is not None
+            assert (tokens.access_token, tokens.refresh_token) == (f"a{i}", f"r{i}")
+            found_device = after.get_two_factor_device(device.id)
+            assert found_device is not None and found_device.secret == f"SEED{i}"
+            found = after.get_sso_provider(provider.id)
+            assert found is not None
+            assert (found.client_secret, found.signing_key) == (f"cs{i}", f"sk{i}")
+    with psycopg.connect(dsn) as conn:
+        key_ids = conn.execute(
+            f"SELECT secret_key_id FROM {schema}.twofa_devices"
+            f" UNION SELECT client_secret_key_id FROM {schema}.sso_providers"
+            f" UNION SELECT signing_key_key_id FROM {schema}.sso_providers"
+            f" UNION SELECT tokens_key_id FROM {schema}.oauth_accounts".encode()
+        ).fetchall()
+    assert key_ids == [(newest,)]
+
+
 def test_reading_without_the_old_key_is_a_clear_error(dsn: str, schema: str) -> None:
     with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"old": OLD}) as before:
         user = before.create_user()
@@ -119,6 +197,46 @@ def test_rotation_never_overwrites_a_secret_rewritten_under_the_old_key(
     with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"new": NEW}) as after:
         found = after.get_two_factor_device(device.id)
         assert found is not None and found.secret == "FRESHSEED2345678"
+
+
+@pytest.mark.parametrize(
+    ("change", "secret"),
+    [
+        ({"name": "renamed"}, "FIRSTSEED2345678"),
+        ({"secret": "FRESHSEED2345678"}, "FRESHSEED2345678"),
+    ],
+)
+def test_a_swap_that_waits_for_an_application_write_keeps_it(
+    dsn: str, schema: str, change: dict[str, Any], secret: str
+) -> None:
+    """The swap locks its rows before writing: one an application transaction holds is waited
+    for, then checked again. A change to another column is kept (the swap writes the secret
+    alone); a secret re-written under the old key fails the compare-and-swap, and the next pass
+    moves the new one."""
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"old": OLD}) as old_app:
+        user = old_app.create_user()
+        device = old_app.create_two_factor_device(
+            user_id=user.id, method="totp", secret="FIRSTSEED2345678"
+        )
+        keys = {"old": OLD, "new": NEW}
+        with PostgresStorageAdapter(dsn, schema=schema, encryption_keys=keys) as rotating:
+            done: list[int] = []
+            with old_app.transaction() as tx, psycopg.connect(dsn, autocommit=True) as watch:
+                tx.update_two_factor_device(device.id, **change)
+                worker = threading.Thread(target=lambda: done.append(rotating.rotate_keys()))
+                worker.start()
+                waiting = (
+                    "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    f" AND query LIKE '%{schema}.twofa_devices%')"
+                ).encode()
+                while worker.is_alive() and watch.execute(waiting).fetchone() != (True,):
+                    pass  # until the swap waits for this transaction's row lock
+            worker.join()
+            assert done == [1]
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"new": NEW}) as after:
+        found = after.get_two_factor_device(device.id)
+        assert found is not None and found.secret == secret
+        assert found.name == change.get("name")
 
 
 def test_rotation_reports_secrets_an_old_writer_keeps_rewriting(

@@ -2,7 +2,9 @@
 
 ``rotate_keys`` walks every encrypted column in batches: one read and one compare-and-swap
 ``unnest`` update per batch, whatever the batch size. Decryption happens here, in the client,
-because the database never sees a key.
+because the database never sees a key. Each update locks its rows in id order before writing
+them (queries/keys.sql says why), so runs started at the same time wait for each other's
+batches instead of deadlocking.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ class AsyncKeyRotation(AsyncCore):
         ciphertext: a value re-written meanwhile is never overwritten with its older plaintext)
         and to re-run after an interruption. A value a process still on an older keyring
         re-writes meanwhile is skipped, then taken by another pass (up to ``_PASSES``).
+
+        Safe to run several times at once (two deploys starting it, an operator running
+        ``kitium-pg rotate-keys`` twice): each batch's update locks its rows in id order, so
+        concurrent runs wait for each other's batch rather than deadlock, and a value one run
+        has re-encrypted fails the other's compare-and-swap. The runs share the work: each
+        returns how many values it re-encrypted itself (together, every value that was stale),
+        each returns only once no value is left under another key, and ``progress`` reports the
+        run's own count against the total it found at the start, so it may end below that
+        total.
 
         Raises ``EncryptionKeyError`` when no keys are configured or a value's key is missing;
         ``PermissionDeniedError`` when row-level security (the ``tenant_rls`` migration) hides
