@@ -364,3 +364,23 @@ async def test_a_resend_does_not_reset_the_attempts_of_an_address(
     await storage.increment_email_verification_token_attempts(stale.id)
     fresh = await _token(storage, email, type="email_change")
     assert await storage.increment_email_verification_token_attempts(fresh.id) == 1
+
+
+async def test_a_new_address_ends_the_tokens_sent_to_the_old_one(
+    storage: Any, email: str, unique: Callable[[str], str]
+) -> None:
+    """Found in review: a password reset token mailed to a user's address kept working after
+    the user moved to another address, for whoever reads the old mailbox. Migration 0033's
+    trigger marks the user's unused tokens sent to another address than the new one used; a
+    change of letter case only, a token to the new address and a token naming no user stay."""
+    user = await storage.create_user(email=email)
+    reset = await _token(storage, email, type="password_reset", user_id=user.id)
+    await storage.update_user(user.id, email=email.upper())  # letter case only
+    new_address = f"{unique('moved')}@example.com"
+    confirm = await _token(storage, new_address, type="email_change", user_id=user.id)
+    unlinked = await _token(storage, email, type="email_verification")
+    await storage.update_user(user.id, email=new_address)
+    with pytest.raises(ConflictError):
+        await storage.mark_email_verification_token_as_used(reset.id)
+    assert (await storage.mark_email_verification_token_as_used(confirm.id)).used_at is not None
+    assert (await storage.mark_email_verification_token_as_used(unlinked.id)).used_at is not None
