@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar, cast
 
 import aiosql
 import attrs
+from aiosql.types import SQLOperationType
 from psycopg import AsyncCursor, Cursor
 
 from ._validate import plain
@@ -71,12 +72,14 @@ class Shape(enum.Enum):
     SCRIPT = "script"  # #: several statements, no parameters
 
 
+# Keyed by aiosql's own operation types (the suffix of ``-- name:``); the others (``<!``,
+# ``*!``) are not used in queries/ and are skipped.
 _SHAPES: Final = {
-    "SELECT": Shape.MANY,
-    "SELECT_ONE": Shape.ONE,
-    "SELECT_VALUE": Shape.VALUE,
-    "INSERT_UPDATE_DELETE": Shape.EXEC,
-    "SCRIPT": Shape.SCRIPT,
+    SQLOperationType.SELECT: Shape.MANY,
+    SQLOperationType.SELECT_ONE: Shape.ONE,
+    SQLOperationType.SELECT_VALUE: Shape.VALUE,
+    SQLOperationType.INSERT_UPDATE_DELETE: Shape.EXEC,
+    SQLOperationType.SCRIPT: Shape.SCRIPT,
 }
 
 
@@ -145,9 +148,10 @@ def _parsed() -> dict[str, Query]:
     found: dict[str, Query] = {}
     for name in loaded.available_queries:
         fn = getattr(loaded, name)
-        if name.endswith("_cursor") or fn.operation.name not in _SHAPES:
+        shape = _SHAPES.get(fn.operation)
+        if name.endswith("_cursor") or shape is None:
             continue
-        found[name] = Query(name, fn.sql, _SHAPES[fn.operation.name])
+        found[name] = Query(name, fn.sql, shape)
     return found
 
 
