@@ -61,6 +61,10 @@ SELECT current_setting(:name);
 -- Set a run-time setting (statement_timeout, kitium.tenant) until the end of the transaction.
 SELECT set_config(:name, :value, true);
 
+-- name: begin_transaction()!
+-- Open a transaction for a statement and its set_local_setting calls (committed by the driver).
+BEGIN;
+
 -- name: ping()$
 -- One round trip to the server (health checks).
 SELECT 1;

@@ -13,6 +13,11 @@ startup packets, then typed messages, and notes the SQL of simple queries (``Q``
 statements (``P``, including named ones that a later ``B`` runs: psycopg prepares statements it
 runs often). Each ``Sync`` or ``Q`` gets exactly one ``ReadyForQuery`` (``Z``) back, and the
 connection's first ``Z`` ends the startup; counting both sides finds the reply to cut.
+
+``CuttingProxy(dsn, pause_after_sync=seconds)`` also plays a client that is slow right after
+each ``Sync``: it forwards the ``Sync`` at once and holds back whatever the client sends next
+for ``seconds``, so the server (or a pooler in front of it) answers the ``Sync`` before that
+arrives, deterministically.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import ipaddress
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -122,6 +128,10 @@ class _Link:
                     message, buffer = buffer[: 1 + length], buffer[1 + length :]
                     self._inspect(message)
                     out += message
+                    if message[:1] == b"S" and self.proxy.pause_after_sync:
+                        self.server.sendall(out)
+                        out.clear()
+                        time.sleep(self.proxy.pause_after_sync)
                 if out:
                     self.server.sendall(out)
         except OSError:
@@ -200,7 +210,8 @@ class CuttingProxy:
     """See the module docstring. Use as a context manager (or call ``close()``): it closes the
     listener and every proxied socket, and joins its threads."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, pause_after_sync: float = 0.0) -> None:
+        self.pause_after_sync = pause_after_sync
         self._family, self._address = upstream_address(dsn)
         self._upstream_dsn = dsn
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

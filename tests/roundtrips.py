@@ -28,6 +28,36 @@ def sides(trace: str) -> list[str]:
     return [m.group(1) for line in trace.splitlines() if (m := _MESSAGE.match(line))]
 
 
+_READY = re.compile(r"^B\t\d+\tReadyForQuery\t ([ITE])")
+_CLIENT = re.compile(r"^F\t\d+\t([A-Za-z]+)")
+
+
+def strays(trace: str) -> list[str]:
+    """Client messages of a libpq trace that follow the end of a transaction without starting
+    a statement: a ``Sync`` or ``Flush`` sent right after a ``Sync`` (or simple ``Query``) whose
+    ``ReadyForQuery`` reports the connection idle. A transaction pooler (PgBouncer) frees the
+    server connection at that idle report, so such a message, if it arrives after the report,
+    needs a server connection of its own; a bare ``Flush`` gets no answer, and the pooler keeps
+    that server for the client until its next statement. Each ``Sync`` and ``Query`` gets one
+    ``ReadyForQuery``, in order, which pairs them with their reports."""
+    sent: list[str] = []
+    ready: list[str] = []
+    for line in trace.splitlines():
+        if m := _CLIENT.match(line):
+            sent.append(m.group(1))
+        elif m := _READY.match(line):
+            ready.append(m.group(1))
+    found = []
+    syncs = 0
+    for before, message in itertools.pairwise(sent):
+        if before in ("Sync", "Query"):
+            syncs += 1
+            idle = syncs <= len(ready) and ready[syncs - 1] == "I"
+            if idle and message in ("Sync", "Flush"):
+                found.append(message)
+    return found
+
+
 def count(trace: str) -> int:
     """Round trips in a libpq trace: runs of frontend messages answered by the backend."""
     return sum(1 for a, b in itertools.pairwise(sides(trace)) if a == "F" and b == "B")
@@ -36,6 +66,17 @@ def count(trace: str) -> int:
 async def round_trips(adapter: Any, call: Callable[[], Any]) -> tuple[int, Any]:
     """Run ``call`` on ``adapter`` (sync or async, one-connection pool); returns
     (round trips, result)."""
+    trace, result, error = await traced(adapter, call)
+    if error is not None:
+        raise error
+    return count(trace), result
+
+
+async def traced(adapter: Any, call: Callable[[], Any]) -> tuple[str, Any, Exception | None]:
+    """Run ``call`` on ``adapter`` (sync or async, one-connection pool); returns (libpq trace
+    of the call, its result or None, the exception it raised or None)."""
+    result: Any = None
+    failure: Exception | None = None
     with tempfile.TemporaryFile("w+") as out:
         if isinstance(adapter, AsyncPostgresStorageAdapter):
             async with adapter.pool.connection() as conn:
@@ -45,6 +86,8 @@ async def round_trips(adapter: Any, call: Callable[[], Any]) -> tuple[int, Any]:
                 result = call()
                 if isinstance(result, Awaitable):
                     result = await result
+            except Exception as exc:
+                failure = exc
             finally:
                 async with adapter.pool.connection() as conn:
                     conn.pgconn.untrace()  # flushes libpq's buffered trace
@@ -55,8 +98,10 @@ async def round_trips(adapter: Any, call: Callable[[], Any]) -> tuple[int, Any]:
                 conn.pgconn.set_trace_flags(_FLAGS)
             try:
                 result = call()
+            except Exception as exc:
+                failure = exc
             finally:
                 with adapter.pool.connection() as conn:
                     conn.pgconn.untrace()
         out.seek(0)
-        return count(out.read()), result
+        return out.read(), result, failure

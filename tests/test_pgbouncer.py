@@ -35,6 +35,7 @@ from kitium_pg import (
 
 from .conftest import TEST_KEYS
 from .fix_pgbouncer import PgBouncer
+from .fix_proxy import CuttingProxy
 
 SERVER_CONNECTIONS = 2
 ROLE_TIMEOUT_MS = 200
@@ -141,10 +142,11 @@ async def test_many_clients_share_two_server_connections(bouncer: PgBouncer) -> 
             done += 4
         return done
 
+    threads = ThreadPoolExecutor(8)
     try:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        with PoolWatch(bouncer) as watch, ThreadPoolExecutor(8) as threads:
+        with PoolWatch(bouncer) as watch:
             done = await asyncio.gather(
                 *(loop.run_in_executor(threads, sync_worker, n) for n in range(8)),
                 *(async_worker(n) for n in range(16)),
@@ -153,6 +155,9 @@ async def test_many_clients_share_two_server_connections(bouncer: PgBouncer) -> 
         took = time.perf_counter() - started
         health = await async_.health_check()
     finally:
+        # Off the event loop: a sync worker still at work when a task failed may wait for a
+        # server connection an async client holds, and that client needs the loop to go on.
+        await asyncio.to_thread(threads.shutdown)
         sync.disconnect()
         await async_.disconnect()
     print(
@@ -307,3 +312,52 @@ async def test_connecting_through_pgbouncer_to_a_migrated_schema_only_reads_the_
         assert (await adapter.migration_status()).pending == ()
     finally:
         await adapter.disconnect()
+
+
+def _linked_servers(bouncer: PgBouncer) -> list[str]:
+    """PgBouncer's server connections that are linked to a client (``SHOW SERVERS``)."""
+    with psycopg.connect(
+        make_conninfo(bouncer.dsn, dbname="pgbouncer"), autocommit=True, prepare_threshold=None
+    ) as admin:
+        cur = admin.execute("SHOW SERVERS")
+        names = [column.name for column in cur.description or ()]
+        rows = [dict(zip(names, values, strict=True)) for values in cur.fetchall()]
+    return [f"{row['ptr']} linked to {row['link']}" for row in rows if row["link"]]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_client_slow_after_each_sync_leaves_no_server_connection_linked(
+    dsn: str, tmp_path: Path, kind: str
+) -> None:
+    """PgBouncer frees a server connection when the server reports the transaction over; a
+    message the client sends after that needs a server connection again, and a bare Flush,
+    which gets no answer, keeps it linked to the client until the client's next statement:
+    with the client idle in its pool, that server is lost to everyone else. A ``pgbouncer=True``
+    call sends nothing there (tests/test_round_trips.py counts it in the trace); here a proxy
+    holds back whatever a client sends after each Sync, so a message sent there would arrive
+    late, every time. With one server connection: after the slow client's calls, no server
+    connection is linked, and another client's call gets one."""
+    pause = 0.3
+    options: dict[str, Any] = {"max_size": 1, "pgbouncer": True, "encryption_keys": TEST_KEYS}
+    with (
+        PgBouncer(
+            dsn, tmp_path, pool_size=1, extra="admin_users = postgres\nquery_wait_timeout = 5\n"
+        ) as bouncer,
+        CuttingProxy(bouncer.dsn, pause_after_sync=pause) as slow_path,
+    ):
+        if kind == "sync":
+            with PostgresStorageAdapter(slow_path.dsn, **options) as slow:
+                user = slow.create_user()
+                assert slow.get_user(user.id) == user
+                await asyncio.sleep(pause * 3)  # what the proxy held back has reached PgBouncer
+                assert _linked_servers(bouncer) == []
+                with PostgresStorageAdapter(bouncer.dsn, **options) as other:
+                    assert other.get_user(user.id) == user
+        else:
+            async with AsyncPostgresStorageAdapter(slow_path.dsn, **options) as slow_async:
+                user = await slow_async.create_user()
+                assert await slow_async.get_user(user.id) == user
+                await asyncio.sleep(pause * 3)
+                assert _linked_servers(bouncer) == []
+                async with AsyncPostgresStorageAdapter(bouncer.dsn, **options) as other_async:
+                    assert await other_async.get_user(user.id) == user

@@ -14,9 +14,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter, ValidationError
+from kitium_pg import (
+    AsyncPostgresStorageAdapter,
+    ConflictError,
+    PostgresStorageAdapter,
+    ValidationError,
+)
 
-from .roundtrips import round_trips
+from .roundtrips import count, round_trips, strays, traced
 
 # psycopg prepares a statement the first time it runs more than ``prepare_threshold`` times on a
 # connection, and preparing is a round trip of its own (Parse, then Bind/Execute): that one
@@ -648,6 +653,75 @@ async def test_statement_timeout_override_costs_one_extra_round_trip(one_conn: A
     )
     assert found == user
     assert trips == 2
+
+
+# What psycopg sent for a call with a statement timeout override before the call opened a
+# transaction of its own (libpq trace, two calls): the settings and the statement in an implicit
+# transaction, its Sync answered "idle", then the pipeline's closing Sync and a Flush.
+_IMPLICIT_TRANSACTION_TRACE = """\
+F\t60\tParse\t "" "select set_config('statement_timeout', '5000', true)" 0
+F\t14\tBind\t "" "" 0 0 1 0
+F\t9\tExecute\t "" 0
+F\t16\tParse\t "" "select 1" 0
+F\t14\tBind\t "" "" 0 0 1 0
+F\t9\tExecute\t "" 0
+F\t4\tSync
+B\t13\tCommandComplete\t "SELECT 1"
+B\t5\tReadyForQuery\t I
+F\t4\tSync
+F\t4\tFlush
+B\t5\tReadyForQuery\t I
+F\t16\tParse\t "" "select 1" 0
+F\t14\tBind\t "" "" 0 0 1 0
+F\t9\tExecute\t "" 0
+F\t4\tSync
+B\t5\tReadyForQuery\t I
+"""
+
+
+def test_strays_finds_what_follows_the_end_of_a_transaction() -> None:
+    assert strays(_IMPLICIT_TRANSACTION_TRACE) == ["Sync", "Flush"]
+    inside = _IMPLICIT_TRANSACTION_TRACE.replace("ReadyForQuery\t I", "ReadyForQuery\t T", 2)
+    assert strays(inside) == []
+
+
+def _with_settings(adapter: Any, settings: str) -> Any:
+    view = adapter
+    if settings in ("tenant", "both"):
+        view = view.tenant(uuid.uuid4())
+    if settings in ("timeout", "both"):
+        view = view.with_statement_timeout(250)
+    return view
+
+
+@pytest.mark.parametrize("settings", ["timeout", "tenant", "both"])
+async def test_a_call_with_settings_sends_nothing_after_its_transaction(
+    one_conn: Any, settings: str
+) -> None:
+    """Outside ``transaction()``, a call with transaction-local settings (and every call with
+    ``pgbouncer=True``) runs in a transaction of its own and sends nothing between the
+    ReadyForQuery that ends it and the next statement: behind PgBouncer's transaction pooling,
+    a Sync or Flush sent there would take a server connection of its own, and a bare Flush,
+    which gets no answer, keeps that server linked to the client until its next statement
+    (seen as a stalled pool in tests/test_pgbouncer.py). Also when the statement fails: the
+    transaction is rolled back and the connection is usable."""
+    user = (
+        await round_trips(
+            one_conn, lambda: one_conn.create_user(email=f"rt-{uuid.uuid4().hex}@x.org")
+        )
+    )[1]
+    view = _with_settings(one_conn, settings)
+    trace, found, error = await traced(one_conn, lambda: view.get_user(user.id))
+    assert error is None
+    assert found == user
+    assert count(trace) == 2
+    assert strays(trace) == []
+    trace, _, error = await traced(one_conn, lambda: view.create_user(email=user.email))
+    assert isinstance(error, ConflictError)
+    assert strays(trace) == []
+    assert count(trace) == 2  # the pipeline, answered with the error; the ROLLBACK
+    trips, found = await round_trips(one_conn, lambda: view.get_user(user.id))
+    assert (trips, found) == (2, user)
 
 
 @pytest.mark.parametrize(("settings", "expected"), [(0, 3), (1, 4), (2, 5)])

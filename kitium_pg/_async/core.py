@@ -11,7 +11,7 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any, Self, TypeVar, cast
 
 import psycopg
@@ -178,8 +178,9 @@ class AsyncCore:
         """A view of this adapter (same pool) whose calls run with statement timeout ``ms``.
 
         The default timeout is a connection setting and costs nothing per call. An override
-        pipelines a transaction-local ``set_config`` with the statement; psycopg's pipeline exit
-        adds a second, empty round trip (measured in tests/test_round_trips.py). Raises
+        runs each call in a transaction of its own: BEGIN, a transaction-local ``set_config``
+        and the statement in one pipeline, then COMMIT, two round trips (counted in
+        tests/test_round_trips.py). Raises
         ``ValidationError`` on a transaction's view: a transaction's settings are fixed when it
         starts (``storage.with_statement_timeout(ms).transaction()``).
         """
@@ -503,15 +504,32 @@ class AsyncCore:
             for name, value in local:
                 await conn.execute(setter.sql, {"name": name, "value": value})
             return await self._execute(conn, query, params, make)
-        # Outside a transaction the settings must share the statement's implicit transaction:
-        # queue them all, then one Sync ends that transaction and brings back every result.
-        async with conn.pipeline() as pipeline:
-            for name, value in local:
-                await conn.execute(setter.sql, {"name": name, "value": value})
+        # The settings must hold for the statement only, so they share a transaction with it:
+        # BEGIN, the settings and the statement go in one pipeline, and a COMMIT of its own
+        # ends it. Not an implicit transaction closed by the pipeline's Sync: psycopg follows
+        # a pipeline's last Sync with a Flush, and when that Flush reaches PgBouncer after the
+        # transaction has ended, PgBouncer (transaction pooling) gives it a server connection,
+        # which never answers a bare Flush, and keeps that server linked to this connection
+        # until its next statement: an idle pooled connection holds a server hostage. Inside
+        # BEGIN ... COMMIT the Sync and Flush reach the server the connection still holds.
+        # Still two round trips: the pipeline and the COMMIT (tests/test_round_trips.py).
+        try:
             async with conn.cursor(row_factory=tuple_row) as cur:
-                await cur.execute(query.sql, params)
-                await pipeline.sync()
-                return await _fetch(cur, query, make)
+                async with conn.pipeline():
+                    if conn.autocommit:  # otherwise psycopg queues the BEGIN itself
+                        await conn.execute(self._queries["begin_transaction"].sql)
+                    for name, value in local:
+                        await conn.execute(setter.sql, {"name": name, "value": value})
+                    await cur.execute(query.sql, params)
+                result = await _fetch(cur, query, make)
+        except BaseException:
+            # The failure is the caller's; a rollback that fails too (a lost connection) adds
+            # nothing to it, and the pool discards a broken connection.
+            with suppress(psycopg.Error):
+                await conn.rollback()
+            raise
+        await conn.commit()
+        return result
 
     async def _execute_on(
         self, conn: AsyncConnection[Any], query: _sql.Query, params: Mapping[str, Any], make: Make

@@ -55,7 +55,8 @@ class PostgresStorageAdapter(
     connections should be autocommit, at READ COMMITTED, PostgreSQL's default isolation
     level, which the guarded statements need); its connections keep their own settings, and a
     ``statement_timeout_ms`` given with it is applied per call instead (a transaction-local
-    ``set_config`` pipelined with each statement: a second round trip), so configure the
+    ``set_config`` with each statement, in a transaction of its own: a second round trip, for
+    the COMMIT), so configure the
     timeout on your pool (``kwargs={"options": "-c statement_timeout=5000"}``) or the role
     where you can. ``encryption_keys`` (else ``KITIUM_PG_ENCRYPTION_KEYS``) encrypt stored secrets;
     ``pgbouncer=True`` avoids session state for transaction pooling; ``replica_dsn`` (one DSN or

@@ -12,7 +12,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Iterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Self, TypeVar, cast
 
 import psycopg
@@ -179,8 +179,9 @@ class Core:
         """A view of this adapter (same pool) whose calls run with statement timeout ``ms``.
 
         The default timeout is a connection setting and costs nothing per call. An override
-        pipelines a transaction-local ``set_config`` with the statement; psycopg's pipeline exit
-        adds a second, empty round trip (measured in tests/test_round_trips.py). Raises
+        runs each call in a transaction of its own: BEGIN, a transaction-local ``set_config``
+        and the statement in one pipeline, then COMMIT, two round trips (counted in
+        tests/test_round_trips.py). Raises
         ``ValidationError`` on a transaction's view: a transaction's settings are fixed when it
         starts (``storage.with_statement_timeout(ms).transaction()``).
         """
@@ -502,15 +503,32 @@ class Core:
             for name, value in local:
                 conn.execute(setter.sql, {"name": name, "value": value})
             return self._execute(conn, query, params, make)
-        # Outside a transaction the settings must share the statement's implicit transaction:
-        # queue them all, then one Sync ends that transaction and brings back every result.
-        with conn.pipeline() as pipeline:
-            for name, value in local:
-                conn.execute(setter.sql, {"name": name, "value": value})
+        # The settings must hold for the statement only, so they share a transaction with it:
+        # BEGIN, the settings and the statement go in one pipeline, and a COMMIT of its own
+        # ends it. Not an implicit transaction closed by the pipeline's Sync: psycopg follows
+        # a pipeline's last Sync with a Flush, and when that Flush reaches PgBouncer after the
+        # transaction has ended, PgBouncer (transaction pooling) gives it a server connection,
+        # which never answers a bare Flush, and keeps that server linked to this connection
+        # until its next statement: an idle pooled connection holds a server hostage. Inside
+        # BEGIN ... COMMIT the Sync and Flush reach the server the connection still holds.
+        # Still two round trips: the pipeline and the COMMIT (tests/test_round_trips.py).
+        try:
             with conn.cursor(row_factory=tuple_row) as cur:
-                cur.execute(query.sql, params)
-                pipeline.sync()
-                return _fetch(cur, query, make)
+                with conn.pipeline():
+                    if conn.autocommit:  # otherwise psycopg queues the BEGIN itself
+                        conn.execute(self._queries["begin_transaction"].sql)
+                    for name, value in local:
+                        conn.execute(setter.sql, {"name": name, "value": value})
+                    cur.execute(query.sql, params)
+                result = _fetch(cur, query, make)
+        except BaseException:
+            # The failure is the caller's; a rollback that fails too (a lost connection) adds
+            # nothing to it, and the pool discards a broken connection.
+            with suppress(psycopg.Error):
+                conn.rollback()
+            raise
+        conn.commit()
+        return result
 
     def _execute_on(
         self, conn: Connection[Any], query: _sql.Query, params: Mapping[str, Any], make: Make
