@@ -326,22 +326,42 @@ async def test_statement_timeout_is_a_retryable_query_timeout(single: Any, dsn: 
     assert (await _call(single.update_user(user.id, name="y"))).name == "y"
 
 
+@pytest.mark.parametrize("autocommit", [True, False])
 @pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
-async def test_a_timeout_given_with_a_callers_pool_applies(dsn: str, cls: type) -> None:
+async def test_a_timeout_given_with_a_callers_pool_applies(
+    dsn: str, cls: type, autocommit: bool
+) -> None:
     """The adapter sets its timeout when it opens a connection, which it does not do for a
     caller's pool: a given timeout was silently ignored there (a call waited on a lock for
-    ever). It now applies per call; the pool's connections are left as they were."""
-    pool_cls = (
-        psycopg_pool.ConnectionPool
-        if cls is PostgresStorageAdapter
-        else psycopg_pool.AsyncConnectionPool
-    )
-    pool = pool_cls(dsn, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False)
+    ever). It now applies per call, each call in a transaction of its own, which commits (also
+    on a pool that is not in autocommit mode, where psycopg opens the transaction itself: no
+    second BEGIN, whose warning would be a notice); the pool's connections are left as they
+    were."""
+    notices: list[str] = []
+
+    def listen(conn: Any) -> None:
+        conn.add_notice_handler(lambda notice: notices.append(notice.message_primary))
+
+    async def listen_async(conn: Any) -> None:
+        listen(conn)
+
+    options: dict[str, Any] = {"min_size": 1, "max_size": 2, "open": False}
+    options["kwargs"] = {"autocommit": autocommit}
+    pool: Any
+    if cls is PostgresStorageAdapter:
+        pool = psycopg_pool.ConnectionPool(dsn, configure=listen, **options)
+    else:
+        pool = psycopg_pool.AsyncConnectionPool(dsn, configure=listen_async, **options)
     await _call(pool.open(wait=True))
     timed = cls(pool, statement_timeout_ms=200)
     try:
         await _call(timed.connect())
         user = await _call(timed.create_user())
+        with psycopg.connect(dsn) as other:
+            found = other.execute("SELECT id FROM kitium_auth.users WHERE id = %s", [user.id])
+            assert found.fetchone() == (user.id,)
+        assert (await _call(timed.get_user(user.id))) == user
+        assert notices == []
         with psycopg.connect(dsn) as locker:
             locker.execute("SELECT id FROM kitium_auth.users WHERE id = %s FOR UPDATE", [user.id])
             with pytest.raises(QueryTimeoutError):
@@ -349,6 +369,8 @@ async def test_a_timeout_given_with_a_callers_pool_applies(dsn: str, cls: type) 
             locker.rollback()
         conn = await _call(pool.getconn())
         try:
+            assert conn.autocommit is autocommit
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
             shown = await _call((await _call(conn.execute("SHOW statement_timeout"))).fetchone())
             assert shown == ("0",)
         finally:
