@@ -177,13 +177,16 @@ async def test_a_ciphertext_moved_to_another_row_fails_to_decrypt(
             await storage.get_sso_provider(victim.id)
         # An update of another field is saved; the error says so, since only the returned
         # record failed (it passed for a refused write).
-        with pytest.raises(EncryptionKeyError, match="the change is saved"):
-            await storage.update_sso_provider(victim.id, name="renamed")
-        with psycopg.connect(dsn) as conn:
-            row = conn.execute(
-                "SELECT name FROM kitium_auth.sso_providers WHERE id = %s", [victim.id]
-            ).fetchone()
-        assert row == ("renamed",)
+        # Also for a call with a transaction-local setting, which commits a transaction of its
+        # own.
+        for view, name in ((storage, "renamed"), (storage.with_statement_timeout(5000), "again")):
+            with pytest.raises(EncryptionKeyError, match="the change is saved"):
+                await view.update_sso_provider(victim.id, name=name)
+            with psycopg.connect(dsn) as conn:
+                row = conn.execute(
+                    "SELECT name FROM kitium_auth.sso_providers WHERE id = %s", [victim.id]
+                ).fetchone()
+            assert row == (name,)
         # The same ciphertext moved to the other secret column of its own row fails too.
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(

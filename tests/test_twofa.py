@@ -185,13 +185,15 @@ async def test_ciphertext_moved_to_another_row_does_not_decrypt(
     assert await storage.get_two_factor_device(first.id) == first
     # An update of another field is saved; only the returned record cannot be built, and the
     # error says so rather than pass for a refused write.
-    with pytest.raises(EncryptionKeyError, match="the change is saved"):
-        await storage.update_two_factor_device(second.id, name="renamed", verified=True)
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT name, verified FROM kitium_auth.twofa_devices WHERE id = %s", [second.id]
-        ).fetchone()
-    assert row == ("renamed", True)
+    # Also for a call with a transaction-local setting, which commits a transaction of its own.
+    for view, name in ((storage, "renamed"), (storage.with_statement_timeout(5000), "again")):
+        with pytest.raises(EncryptionKeyError, match="the change is saved"):
+            await view.update_two_factor_device(second.id, name=name, verified=True)
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute(
+                "SELECT name, verified FROM kitium_auth.twofa_devices WHERE id = %s", [second.id]
+            ).fetchone()
+        assert row == (name, True)
 
 
 async def test_without_keys_secrets_are_refused_and_nothing_is_written(

@@ -513,23 +513,24 @@ class AsyncCore:
         # until its next statement: an idle pooled connection holds a server hostage. Inside
         # BEGIN ... COMMIT the Sync and Flush reach the server the connection still holds.
         # Still two round trips: the pipeline and the COMMIT (tests/test_round_trips.py).
-        try:
-            async with conn.cursor(row_factory=tuple_row) as cur:
+        async with conn.cursor(row_factory=tuple_row) as cur:
+            try:
                 async with conn.pipeline():
                     if conn.autocommit:  # otherwise psycopg queues the BEGIN itself
                         await conn.execute(self._queries["begin_transaction"].sql)
                     for name, value in local:
                         await conn.execute(setter.sql, {"name": name, "value": value})
                     await cur.execute(query.sql, params)
-                result = await _fetch(cur, query, make)
-        except BaseException:
-            # The failure is the caller's; a rollback that fails too (a lost connection) adds
-            # nothing to it, and the pool discards a broken connection.
-            with suppress(psycopg.Error):
-                await conn.rollback()
-            raise
-        await conn.commit()
-        return result
+            except BaseException:
+                # The failure is the caller's; a rollback that fails too (a lost connection)
+                # adds nothing to it, and the pool discards a broken connection.
+                with suppress(psycopg.Error):
+                    await conn.rollback()
+                raise
+            # Committed before the rows become records, as without settings: a record that
+            # cannot be made (a secret that does not decrypt) does not undo the write.
+            await conn.commit()
+            return await _fetch(cur, query, make)
 
     async def _execute_on(
         self, conn: AsyncConnection[Any], query: _sql.Query, params: Mapping[str, Any], make: Make

@@ -512,23 +512,24 @@ class Core:
         # until its next statement: an idle pooled connection holds a server hostage. Inside
         # BEGIN ... COMMIT the Sync and Flush reach the server the connection still holds.
         # Still two round trips: the pipeline and the COMMIT (tests/test_round_trips.py).
-        try:
-            with conn.cursor(row_factory=tuple_row) as cur:
+        with conn.cursor(row_factory=tuple_row) as cur:
+            try:
                 with conn.pipeline():
                     if conn.autocommit:  # otherwise psycopg queues the BEGIN itself
                         conn.execute(self._queries["begin_transaction"].sql)
                     for name, value in local:
                         conn.execute(setter.sql, {"name": name, "value": value})
                     cur.execute(query.sql, params)
-                result = _fetch(cur, query, make)
-        except BaseException:
-            # The failure is the caller's; a rollback that fails too (a lost connection) adds
-            # nothing to it, and the pool discards a broken connection.
-            with suppress(psycopg.Error):
-                conn.rollback()
-            raise
-        conn.commit()
-        return result
+            except BaseException:
+                # The failure is the caller's; a rollback that fails too (a lost connection)
+                # adds nothing to it, and the pool discards a broken connection.
+                with suppress(psycopg.Error):
+                    conn.rollback()
+                raise
+            # Committed before the rows become records, as without settings: a record that
+            # cannot be made (a secret that does not decrypt) does not undo the write.
+            conn.commit()
+            return _fetch(cur, query, make)
 
     def _execute_on(
         self, conn: Connection[Any], query: _sql.Query, params: Mapping[str, Any], make: Make
