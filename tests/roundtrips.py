@@ -65,10 +65,12 @@ def count(trace: str) -> int:
 
 async def round_trips(adapter: Any, call: Callable[[], Any]) -> tuple[int, Any]:
     """Run ``call`` on ``adapter`` (sync or async, one-connection pool); returns
-    (round trips, result)."""
+    (round trips, result). Also checks that the call sends nothing between the end of a
+    transaction and the next statement (``strays``): every counted call is checked for it."""
     trace, result, error = await traced(adapter, call)
     if error is not None:
         raise error
+    assert strays(trace) == [], f"sent after the end of a transaction:\n{trace}"
     return count(trace), result
 
 
