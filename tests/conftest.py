@@ -9,6 +9,8 @@ awaitable but call the sync adapter directly, so every assertion runs against bo
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -20,7 +22,6 @@ import pytest
 
 from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
 from kitium_pg.embedded import EmbeddedPostgres
-from kitium_pg.encryption import generate_key
 
 from .fix_pgbouncer import PgBouncer
 from .fix_pgbouncer import enabled as through_pgbouncer
@@ -101,8 +102,16 @@ class _AsyncTransaction:
         return self.manager.__exit__(*exc)
 
 
-# Encryption keys of the test run (fresh each run; the last one encrypts).
-TEST_KEYS = {"test-old": generate_key(), "test-new": generate_key()}
+def _fixed_key(label: str) -> str:
+    return base64.urlsafe_b64encode(
+        hashlib.sha256(f"kitium-pg tests: {label}".encode()).digest()
+    ).decode()
+
+
+# Encryption keys of the shared adapters (the last one encrypts). The same in every run: a
+# database that KITIUM_PG_TEST_DSN names keeps the rows earlier runs left, and calls that list
+# them (list_sso_providers) must be able to decrypt them. Tests of keys use keys of their own.
+TEST_KEYS = {"test-old": _fixed_key("test-old"), "test-new": _fixed_key("test-new")}
 
 
 @pytest.fixture(scope="session")
