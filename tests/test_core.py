@@ -326,6 +326,38 @@ async def test_statement_timeout_is_a_retryable_query_timeout(single: Any, dsn: 
     assert (await _call(single.update_user(user.id, name="y"))).name == "y"
 
 
+async def test_a_cancelled_call_with_a_setting_writes_nothing_and_frees_its_connection(
+    async_single: AsyncPostgresStorageAdapter, dsn: str
+) -> None:
+    """A task cancelled while its call (with a per-call setting: a transaction of its own)
+    waits on a lock returns at once, with the lock still held; the write is rolled back, and
+    the pool's only connection comes back idle and serves the next call."""
+    user = await async_single.create_user()
+    view = async_single.with_statement_timeout(30_000)
+    with psycopg.connect(dsn) as locker:
+        locker.execute("SELECT id FROM kitium_auth.users WHERE id = %s FOR UPDATE", [user.id])
+        task = asyncio.create_task(view.update_user(user.id, name="cancelled"))
+        while not _waiting_on_a_lock(dsn):  # noqa: ASYNC110 - the server is polled
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert _waiting_on_a_lock(dsn) is False  # the statement was cancelled on the server too
+        locker.rollback()
+    assert (await view.get_user(user.id)) == user  # name unchanged
+    assert async_single.pool.get_stats()["pool_available"] == 1
+    assert (await view.update_user(user.id, name="after")).name == "after"
+
+
+def _waiting_on_a_lock(dsn: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE%users%'"
+        ).fetchone()
+    return bool(row and row[0])
+
+
 @pytest.mark.parametrize("autocommit", [True, False])
 @pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
 async def test_a_timeout_given_with_a_callers_pool_applies(
