@@ -146,7 +146,9 @@ def lose_first_acknowledgement(
 ) -> list[str]:
     """Make the adapter's first statement commit and then fail as if the connection dropped
     before the reply arrived; returns the names of the statements run."""
-    real = adapter._execute
+    # _execute_on runs every statement outside a transaction's calls, with or without
+    # transaction-local settings (pgbouncer=True): both commit before it returns.
+    real = adapter._execute_on
     calls: list[str] = []
 
     def lose(query: Any) -> None:
@@ -161,7 +163,7 @@ def lose_first_acknowledgement(
             lose(query)
             return result
 
-        monkeypatch.setattr(adapter, "_execute", sync_execute)
+        monkeypatch.setattr(adapter, "_execute_on", sync_execute)
     else:
 
         async def async_execute(conn: Any, query: Any, params: Any, make: Any) -> Any:
@@ -169,7 +171,7 @@ def lose_first_acknowledgement(
             lose(query)
             return result
 
-        monkeypatch.setattr(adapter, "_execute", async_execute)
+        monkeypatch.setattr(adapter, "_execute_on", async_execute)
     return calls
 
 
