@@ -1,4 +1,5 @@
-"""A real PgBouncer in transaction pooling mode in front of a test server.
+"""A real PgBouncer in transaction pooling mode (``pool_mode="statement"`` for the other) in front
+of a test server.
 
 ``PgBouncer(dsn, workdir, pool_size=..., users=...)`` writes a config into ``workdir``, starts the
 ``pgbouncer`` binary in the foreground on a free 127.0.0.1 port, waits until it accepts
@@ -83,6 +84,7 @@ class PgBouncer:
         pool_size: int = 20,
         max_client_conn: int = 500,
         users: tuple[str, ...] = (),
+        pool_mode: str = "transaction",
         extra: str = "",
     ) -> None:
         executable = require_pgbouncer()
@@ -111,7 +113,7 @@ class PgBouncer:
             "unix_socket_dir =\n"
             "auth_type = trust\n"
             f"auth_file = {auth_file}\n"
-            "pool_mode = transaction\n"
+            f"pool_mode = {pool_mode}\n"
             f"default_pool_size = {pool_size}\n"
             "min_pool_size = 0\n"
             "reserve_pool_size = 0\n"
@@ -157,7 +159,11 @@ class PgBouncer:
                     f"pgbouncer exited with {self._process.returncode}:\n{self.log_text()}"
                 )
             try:
-                with psycopg.connect(self.dsn, connect_timeout=2, prepare_threshold=None) as conn:
+                # autocommit: statement pooling (pool_mode = statement) refuses the BEGIN a
+                # psycopg connection sends otherwise.
+                with psycopg.connect(
+                    self.dsn, connect_timeout=2, prepare_threshold=None, autocommit=True
+                ) as conn:
                     conn.execute("SELECT 1")
                 return
             except psycopg.OperationalError:

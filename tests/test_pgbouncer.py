@@ -361,3 +361,37 @@ async def test_a_client_slow_after_each_sync_leaves_no_server_connection_linked(
                 assert _linked_servers(bouncer) == []
                 async with AsyncPostgresStorageAdapter(bouncer.dsn, **options) as other_async:
                     assert await other_async.get_user(user.id) == user
+
+
+def test_statement_pooling_takes_single_calls_without_a_per_call_setting(
+    dsn: str, tmp_path: Path
+) -> None:
+    """docs/scaling.md: statement pooling refuses every transaction block, so a call with the
+    per-call statement timeout (a transaction of its own) and ``transaction()`` fail with
+    ``UnavailableError`` (PgBouncer closes the connection); with ``statement_timeout_ms=0``
+    single calls carry no transaction block and work."""
+    with PgBouncer(dsn, tmp_path, pool_size=1, pool_mode="statement") as bouncer:
+        per_call = PostgresStorageAdapter(
+            bouncer.dsn, max_size=1, pgbouncer=True, encryption_keys=TEST_KEYS, max_retries=0
+        )
+        per_call.connect(migrate=False)
+        try:
+            with pytest.raises(UnavailableError):
+                per_call.create_user()
+        finally:
+            per_call.disconnect()
+        with PostgresStorageAdapter(
+            bouncer.dsn,
+            max_size=1,
+            pgbouncer=True,
+            statement_timeout_ms=0,
+            encryption_keys=TEST_KEYS,
+            max_retries=0,
+        ) as role_level:
+            user = role_level.create_user()
+            assert role_level.get_user(user.id) == user
+            assert role_level.update_user(user.id, name="statement-mode").name == "statement-mode"
+            with pytest.raises(UnavailableError), role_level.transaction() as tx:
+                tx.get_user(user.id)
+            found = role_level.get_user(user.id)
+            assert found is not None and found.name == "statement-mode"
