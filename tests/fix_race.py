@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psycopg
+
 
 async def race(storage: Any, n: int, method: str, *args: Any, **kwargs: Any) -> list[Any]:
     """Call ``method(*args, **kwargs)`` ``n`` times at once; results and raised exceptions, in
@@ -55,3 +57,13 @@ def start(storage: Any, method: str, *args: Any, **kwargs: Any) -> asyncio.Futur
         return asyncio.get_running_loop().run_in_executor(None, call)
     started: asyncio.Future[Any] = asyncio.ensure_future(getattr(storage, method)(*args, **kwargs))
     return started
+
+
+def waiting_on_a_lock(dsn: str) -> bool:
+    """Whether an UPDATE on the server of ``dsn`` waits for a lock (``pg_stat_activity``)."""
+    with psycopg.connect(dsn, autocommit=True) as observer:
+        row = observer.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND position('UPDATE' in query) > 0"
+        ).fetchone()
+    return row is not None and row[0] > 0

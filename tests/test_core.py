@@ -34,7 +34,7 @@ from kitium_pg._async.migrate import _failed as _migration_failure
 from kitium_pg._base import connect_failure, log_call
 from kitium_pg.errors import connection_lost, translate
 
-from .fix_race import race_each
+from .fix_race import race_each, waiting_on_a_lock
 from .roundtrips import count
 
 
@@ -337,25 +337,16 @@ async def test_a_cancelled_call_with_a_setting_writes_nothing_and_frees_its_conn
     with psycopg.connect(dsn) as locker:
         locker.execute("SELECT id FROM kitium_auth.users WHERE id = %s FOR UPDATE", [user.id])
         task = asyncio.create_task(view.update_user(user.id, name="cancelled"))
-        while not _waiting_on_a_lock(dsn):  # noqa: ASYNC110 - the server is polled
+        while not waiting_on_a_lock(dsn):  # noqa: ASYNC110 - the server is polled
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert _waiting_on_a_lock(dsn) is False  # the statement was cancelled on the server too
+        assert waiting_on_a_lock(dsn) is False  # the statement was cancelled on the server too
         locker.rollback()
     assert (await view.get_user(user.id)) == user  # name unchanged
     assert async_single.pool.get_stats()["pool_available"] == 1
     assert (await view.update_user(user.id, name="after")).name == "after"
-
-
-def _waiting_on_a_lock(dsn: str) -> bool:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE%users%'"
-        ).fetchone()
-    return bool(row and row[0])
 
 
 @pytest.mark.parametrize("autocommit", [True, False])

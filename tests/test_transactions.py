@@ -26,6 +26,7 @@ from kitium_pg._base import Retry
 from kitium_pg._sync import core as sync_core
 
 from .conftest import AwaitableSync, drive
+from .fix_race import waiting_on_a_lock
 
 
 class Boom(Exception):
@@ -412,7 +413,7 @@ async def test_no_savepoint_while_another_callers_call_runs(
         async with storage.transaction() as tx:
             # Another caller's update waits on the row lock, inside the transaction.
             other = _background(storage, lambda: tx.update_user(user.id, name="other"))
-            await _until(lambda: _waiting_on_a_lock(dsn))
+            await _until(lambda: waiting_on_a_lock(dsn))
             with pytest.raises(ValidationError) as caught:
                 async with tx.transaction():
                     pass
@@ -423,15 +424,6 @@ async def test_no_savepoint_while_another_callers_call_runs(
     finally:
         locker.close()
     assert (await storage.get_user(user.id)).name == "other"
-
-
-def _waiting_on_a_lock(dsn: str) -> bool:
-    with psycopg.connect(dsn, autocommit=True) as observer:
-        row = observer.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND position('UPDATE' in query) > 0"
-        ).fetchone()
-    return row is not None and row[0] > 0
 
 
 async def _until(condition: Callable[[], bool]) -> None:
