@@ -154,6 +154,10 @@ async def test_many_clients_share_two_server_connections(bouncer: PgBouncer) -> 
             calls = sum(done)
         took = time.perf_counter() - started
         health = await async_.health_check()
+        # Every call has returned and 20 client connections sit idle in their pools: none may
+        # still hold a server connection (a stray Flush would leave one linked; see
+        # test_a_client_slow_after_each_sync_leaves_no_server_connection_linked).
+        linked = _linked_servers(bouncer)
     finally:
         # Off the event loop: a sync worker still at work when a task failed may wait for a
         # server connection an async client holds, and that client needs the loop to go on.
@@ -168,6 +172,7 @@ async def test_many_clients_share_two_server_connections(bouncer: PgBouncer) -> 
     assert watch.clients > SERVER_CONNECTIONS * 5
     assert 1 <= watch.servers <= SERVER_CONNECTIONS
     assert health.status == "ok", health.error
+    assert linked == []
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
