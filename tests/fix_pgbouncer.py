@@ -1,5 +1,5 @@
-"""A real PgBouncer in transaction pooling mode (``pool_mode="statement"`` for the other) in front
-of a test server.
+"""A real PgBouncer in front of a test server, in transaction pooling mode (or the ``pool_mode``
+given, such as ``"statement"``).
 
 ``PgBouncer(dsn, workdir, pool_size=..., users=...)`` writes a config into ``workdir``, starts the
 ``pgbouncer`` binary in the foreground on a free 127.0.0.1 port, waits until it accepts

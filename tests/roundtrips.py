@@ -20,16 +20,23 @@ from psycopg import pq
 from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
 
 _FLAGS = pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE
-_MESSAGE = re.compile(r"^([FB])\t\d+\t[A-Za-z]+")
+# Side, type and (for ReadyForQuery, the transaction status) first argument of a message.
+_MESSAGE = re.compile(r"^([FB])\t\d+\t([A-Za-z]+)(?:\t (\S+))?")
+
+
+def messages(trace: str) -> list[tuple[str, str, str | None]]:
+    """(side ``"F"`` or ``"B"``, message type, first argument) of every message of a libpq
+    trace, in order."""
+    return [
+        (m.group(1), m.group(2), m.group(3))
+        for line in trace.splitlines()
+        if (m := _MESSAGE.match(line))
+    ]
 
 
 def sides(trace: str) -> list[str]:
     """The side (``"F"`` or ``"B"``) of every message of a libpq trace, in order."""
-    return [m.group(1) for line in trace.splitlines() if (m := _MESSAGE.match(line))]
-
-
-_READY = re.compile(r"^B\t\d+\tReadyForQuery\t ([ITE])")
-_CLIENT = re.compile(r"^F\t\d+\t([A-Za-z]+)")
+    return [side for side, _, _ in messages(trace)]
 
 
 def strays(trace: str) -> list[str]:
@@ -40,13 +47,9 @@ def strays(trace: str) -> list[str]:
     needs a server connection of its own; a bare ``Flush`` gets no answer, and the pooler keeps
     that server for the client until its next statement. Each ``Sync`` and ``Query`` gets one
     ``ReadyForQuery``, in order, which pairs them with their reports."""
-    sent: list[str] = []
-    ready: list[str] = []
-    for line in trace.splitlines():
-        if m := _CLIENT.match(line):
-            sent.append(m.group(1))
-        elif m := _READY.match(line):
-            ready.append(m.group(1))
+    parsed = messages(trace)
+    sent = [kind for side, kind, _ in parsed if side == "F"]
+    ready = [status for side, kind, status in parsed if kind == "ReadyForQuery"]
     found = []
     syncs = 0
     for before, message in itertools.pairwise(sent):

@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
 
 from kitium_pg import (
     AsyncPostgresStorageAdapter,
@@ -75,14 +76,23 @@ def bouncer(
         yield running
 
 
+def _admin_console(bouncer: PgBouncer) -> psycopg.Connection[dict[str, Any]]:
+    """A connection to PgBouncer's admin console, rows as dicts. The console speaks the simple
+    query protocol only: never prepare."""
+    return psycopg.connect(
+        make_conninfo(bouncer.dsn, dbname="pgbouncer"),
+        autocommit=True,
+        prepare_threshold=None,
+        row_factory=dict_row,
+    )
+
+
 class PoolWatch:
     """Samples PgBouncer's ``SHOW POOLS`` (admin console) in a thread: the most clients and
     the most server connections seen at once for the application database."""
 
     def __init__(self, bouncer: PgBouncer) -> None:
-        self._admin = psycopg.connect(
-            make_conninfo(bouncer.dsn, dbname="pgbouncer"), autocommit=True, prepare_threshold=None
-        )  # the admin console speaks the simple query protocol only: never prepare
+        self._admin = _admin_console(bouncer)
         self.clients = 0
         self.servers = 0
         self._stop = threading.Event()
@@ -90,10 +100,7 @@ class PoolWatch:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            cur = self._admin.execute("SHOW POOLS")
-            names = [column.name for column in cur.description or ()]
-            for values in cur.fetchall():
-                row = dict(zip(names, values, strict=True))
+            for row in self._admin.execute("SHOW POOLS").fetchall():
                 if row["database"] != "postgres":
                     continue
                 self.clients = max(self.clients, row["cl_active"] + row["cl_waiting"])
@@ -321,12 +328,8 @@ async def test_connecting_through_pgbouncer_to_a_migrated_schema_only_reads_the_
 
 def _linked_servers(bouncer: PgBouncer) -> list[str]:
     """PgBouncer's server connections that are linked to a client (``SHOW SERVERS``)."""
-    with psycopg.connect(
-        make_conninfo(bouncer.dsn, dbname="pgbouncer"), autocommit=True, prepare_threshold=None
-    ) as admin:
-        cur = admin.execute("SHOW SERVERS")
-        names = [column.name for column in cur.description or ()]
-        rows = [dict(zip(names, values, strict=True)) for values in cur.fetchall()]
+    with _admin_console(bouncer) as admin:
+        rows = admin.execute("SHOW SERVERS").fetchall()
     return [f"{row['ptr']} linked to {row['link']}" for row in rows if row["link"]]
 
 
