@@ -97,6 +97,11 @@ def page_size(limit: object) -> int | None:
     return None if limit is None else _validate.integer("limit", limit, minimum=1, maximum=MAX_PAGE)
 
 
+def local_settings_params(local: tuple[tuple[str, str], ...]) -> dict[str, list[str]]:
+    """The parameters of the ``set_local_settings`` query for these (name, value) pairs."""
+    return {"names": [name for name, _ in local], "values": [value for _, value in local]}
+
+
 def new_id() -> uuid.UUID:
     """A time-ordered UUIDv7, generated before the insert so retries can recognise their row."""
     return uuid_utils.compat.uuid7()

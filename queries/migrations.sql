@@ -57,12 +57,13 @@ SELECT set_config(:name, :value, false);
 -- A run-time setting's current value (to put it back after set_session_setting).
 SELECT current_setting(:name);
 
--- name: set_local_setting(name, value)$
--- Set a run-time setting (statement_timeout, kitium.tenant) until the end of the transaction.
-SELECT set_config(:name, :value, true);
+-- name: set_local_settings(names, values)$
+-- Set run-time settings (statement_timeout, kitium.tenant) until the transaction ends, all in one statement.
+SELECT count(set_config(setting.name, setting.value, true))
+  FROM unnest(CAST(:names AS text[]), CAST(:values AS text[])) AS setting (name, value);
 
 -- name: begin_transaction()!
--- Open a transaction for a statement and its set_local_setting calls (committed by the driver).
+-- Open a transaction for a statement and its set_local_settings (committed by the driver).
 BEGIN;
 
 -- name: ping()$

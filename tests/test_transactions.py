@@ -349,9 +349,9 @@ async def test_a_caught_failure_of_any_class_is_raised_again_as_itself(storage: 
     with pytest.raises(ValidationError) as caught:
         async with storage.transaction() as tx:
             view = tx.adapter if storage.kind == "sync" else tx
-            bad = {"name": "statement_timeout", "value": "nonsense"}
+            bad = {"names": ["statement_timeout"], "values": ["nonsense"]}
             with pytest.raises(ValidationError):
-                result = view._value("set_local_setting", bad, retry=Retry.NEVER)
+                result = view._value("set_local_settings", bad, retry=Retry.NEVER)
                 if storage.kind == "async":
                     await result
     assert "rolled back" in str(caught.value)

@@ -27,6 +27,7 @@ from .._base import (
     Settings,
     backoff,
     connect_failure,
+    local_settings_params,
     log_call,
     observe_finish,
     observe_start,
@@ -262,9 +263,11 @@ class AsyncCore:
                     # The settings are sent once, here: the view they go through already counts
                     # them as applied.
                     tx = self._view(_conn=conn, _tx=state, _local_applied=True)
-                    for name, value in self._local:
+                    if self._local:
                         await tx._value(
-                            "set_local_setting", {"name": name, "value": value}, retry=Retry.NEVER
+                            "set_local_settings",
+                            local_settings_params(self._local),
+                            retry=Retry.NEVER,
                         )
                     yield tx
                 finally:
@@ -499,10 +502,9 @@ class AsyncCore:
         make: Make,
         local: tuple[tuple[str, str], ...],
     ) -> Any:
-        setter = self._queries["set_local_setting"]
+        setter, settings = self._queries["set_local_settings"].sql, local_settings_params(local)
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            for name, value in local:
-                await conn.execute(setter.sql, {"name": name, "value": value})
+            await conn.execute(setter, settings)
             return await self._execute(conn, query, params, make)
         # The settings must hold for the statement only, so they share a transaction with it:
         # BEGIN, the settings and the statement go in one pipeline, and a COMMIT of its own
@@ -518,8 +520,7 @@ class AsyncCore:
                 async with conn.pipeline():
                     if conn.autocommit:  # otherwise psycopg queues the BEGIN itself
                         await conn.execute(self._queries["begin_transaction"].sql)
-                    for name, value in local:
-                        await conn.execute(setter.sql, {"name": name, "value": value})
+                    await conn.execute(setter, settings)
                     await cur.execute(query.sql, params)
             except BaseException:
                 # The failure is the caller's; a rollback that fails too (a lost connection)

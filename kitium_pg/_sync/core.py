@@ -28,6 +28,7 @@ from .._base import (
     Settings,
     backoff,
     connect_failure,
+    local_settings_params,
     log_call,
     observe_finish,
     observe_start,
@@ -263,9 +264,11 @@ class Core:
                     # The settings are sent once, here: the view they go through already counts
                     # them as applied.
                     tx = self._view(_conn=conn, _tx=state, _local_applied=True)
-                    for name, value in self._local:
+                    if self._local:
                         tx._value(
-                            "set_local_setting", {"name": name, "value": value}, retry=Retry.NEVER
+                            "set_local_settings",
+                            local_settings_params(self._local),
+                            retry=Retry.NEVER,
                         )
                     yield tx
                 finally:
@@ -498,10 +501,9 @@ class Core:
         make: Make,
         local: tuple[tuple[str, str], ...],
     ) -> Any:
-        setter = self._queries["set_local_setting"]
+        setter, settings = self._queries["set_local_settings"].sql, local_settings_params(local)
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            for name, value in local:
-                conn.execute(setter.sql, {"name": name, "value": value})
+            conn.execute(setter, settings)
             return self._execute(conn, query, params, make)
         # The settings must hold for the statement only, so they share a transaction with it:
         # BEGIN, the settings and the statement go in one pipeline, and a COMMIT of its own
@@ -517,8 +519,7 @@ class Core:
                 with conn.pipeline():
                     if conn.autocommit:  # otherwise psycopg queues the BEGIN itself
                         conn.execute(self._queries["begin_transaction"].sql)
-                    for name, value in local:
-                        conn.execute(setter.sql, {"name": name, "value": value})
+                    conn.execute(setter, settings)
                     cur.execute(query.sql, params)
             except BaseException:
                 # The failure is the caller's; a rollback that fails too (a lost connection)
