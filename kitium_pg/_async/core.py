@@ -221,11 +221,6 @@ class AsyncCore:
         view.__dict__.update(changes)
         return view
 
-    def _bound(self, conn: AsyncConnection[Any]) -> Self:
-        """A view of this adapter whose calls all run on ``conn`` (no retries: the caller
-        owns the connection and its transactions)."""
-        return self._view(_conn=conn, _tx=TransactionState())
-
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Self]:
         """``async with storage.transaction() as tx:`` runs every ``tx`` call in one database
@@ -502,10 +497,9 @@ class AsyncCore:
         make: Make,
         local: tuple[tuple[str, str], ...],
     ) -> Any:
+        # Only ever a pooled connection, idle (a transaction's calls never get here: its
+        # settings were sent once, when it began, and views of it refuse new ones).
         setter, settings = self._queries["set_local_settings"].sql, local_settings_params(local)
-        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            await conn.execute(setter, settings)
-            return await self._execute(conn, query, params, make)
         # The settings must hold for the statement only, so they share a transaction with it:
         # BEGIN, the settings and the statement go in one pipeline, and a COMMIT of its own
         # ends it. Not an implicit transaction closed by the pipeline's Sync: psycopg follows

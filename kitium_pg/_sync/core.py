@@ -222,11 +222,6 @@ class Core:
         view.__dict__.update(changes)
         return view
 
-    def _bound(self, conn: Connection[Any]) -> Self:
-        """A view of this adapter whose calls all run on ``conn`` (no retries: the caller
-        owns the connection and its transactions)."""
-        return self._view(_conn=conn, _tx=TransactionState())
-
     @contextmanager
     def transaction(self) -> Iterator[Self]:
         """``with storage.transaction() as tx:`` runs every ``tx`` call in one database
@@ -501,10 +496,9 @@ class Core:
         make: Make,
         local: tuple[tuple[str, str], ...],
     ) -> Any:
+        # Only ever a pooled connection, idle (a transaction's calls never get here: its
+        # settings were sent once, when it began, and views of it refuse new ones).
         setter, settings = self._queries["set_local_settings"].sql, local_settings_params(local)
-        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            conn.execute(setter, settings)
-            return self._execute(conn, query, params, make)
         # The settings must hold for the statement only, so they share a transaction with it:
         # BEGIN, the settings and the statement go in one pipeline, and a COMMIT of its own
         # ends it. Not an implicit transaction closed by the pipeline's Sync: psycopg follows
