@@ -20,6 +20,7 @@ from kitium_pg import (
     PostgresStorageAdapter,
     ValidationError,
 )
+from kitium_pg._base import Retry
 
 from .roundtrips import count, round_trips, strays, traced
 
@@ -750,6 +751,29 @@ async def test_a_transaction_sends_its_settings_once_in_one_statement(
     trips, found = await round_trips(one_conn, call)
     assert found == user
     assert trips == expected
+
+
+async def test_a_transactions_settings_all_hold_inside_it_and_end_with_it(one_conn: Any) -> None:
+    """The settings sent together when a transaction begins (a tenant and a timeout override)
+    both hold for its calls, and neither outlives it on the pool's one connection."""
+    org = uuid.uuid4()
+    view = one_conn.tenant(org).with_statement_timeout(150)
+
+    async def setting(adapter: Any, name: str) -> Any:
+        return await _done(adapter._value("show_setting", {"name": name}, retry=Retry.NEVER))
+
+    default_timeout = await setting(one_conn, "statement_timeout")
+    if isinstance(one_conn, AsyncPostgresStorageAdapter):
+        async with view.transaction() as tx:
+            inside = (await setting(tx, "kitium.tenant"), await setting(tx, "statement_timeout"))
+    else:
+        with view.transaction() as tx:
+            inside = (await setting(tx, "kitium.tenant"), await setting(tx, "statement_timeout"))
+    assert inside == (str(org), "150ms")
+    assert default_timeout != "150ms"
+    # One connection: the one the transaction ran on.
+    after = (await setting(one_conn, "kitium.tenant"), await setting(one_conn, "statement_timeout"))
+    assert after == ("", default_timeout)
 
 
 @pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])
