@@ -938,6 +938,11 @@ class Run:
                 "op_login",
                 "BEGIN, 2 statements, COMMIT in one pipeline: 1 round trip",
             ),
+            (
+                "raw-psycopg-async-one-statement",
+                "op_login_one_statement",
+                "the adapter's sign-in statement, prepared",
+            ),
             ("sqlalchemy-asyncpg", "op_login", "one unit of work: BEGIN, 2 INSERTs, COMMIT"),
         )
         candidates: list[Candidate] = []

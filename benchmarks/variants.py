@@ -623,6 +623,11 @@ class RawPsycopgAsync(AsyncVariant):
             raise RuntimeError(f"token {x} was not consumable")
         return row
 
+    async def op_login_one_statement(self, x: Login) -> Any:
+        """The adapter's one-statement sign-in (``create_session_with_event``), prepared: what
+        kitium-async's sign-in costs on this driver without the adapter."""
+        return await self._one("create_session_with_event", sign_in_params(x))
+
     async def op_login(self, x: Login) -> Any:
         """BEGIN, both INSERTs and COMMIT queued in one pipeline, whose exit sends the one Sync:
         one round trip (tests/test_benchmarks.py counts it). Not ``conn.transaction()``, which

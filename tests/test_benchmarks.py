@@ -189,6 +189,25 @@ def test_chart_when_matplotlib_is_installed(quick: QuickRun) -> None:
     assert (quick.out / "latest.png").stat().st_size > 10_000
 
 
+def test_sign_in_section_measures_each_form(quick: QuickRun) -> None:
+    """The sign-in section runs kitium-async's three forms, psycopg's pipelined floor and the
+    adapter's one statement on psycopg (what the sign-in costs on that driver without the
+    adapter), and asyncpg's forms when it is installed."""
+    assert quick.returncode == 0, quick.stderr[-5000:]
+    measured = quick.results["login"]["measured"]
+    expected = {
+        "kitium-async",
+        "kitium-async-tx",
+        "kitium-async-no-tx",
+        "raw-psycopg-async",
+        "raw-psycopg-async-one-statement",
+    }
+    if not _missing(("asyncpg",)):
+        expected |= {"raw-asyncpg", "raw-asyncpg-tx", "raw-asyncpg-one-statement"}
+    assert expected <= set(measured)
+    assert all(m["median_us"] > 0 and m["note"] for m in measured.values())
+
+
 def test_async_variants_run_on_asyncio_by_default(quick: QuickRun) -> None:
     assert quick.returncode == 0, quick.stderr[-5000:]
     assert quick.results["config"]["loop"] == "asyncio"
