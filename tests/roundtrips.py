@@ -1,10 +1,13 @@
 """Counting client/server round trips with libpq's protocol trace.
 
-A round trip is a run of frontend (F) messages followed by a backend (B) reply: the moment the
-client stops sending and waits. The adapters under test use a one-connection pool, so the trace
-enabled on that connection sees every message of the call. Only lines that start a message
-(``F<tab><length><tab><type>``) are read: libpq prints a simple-protocol ``Query`` with its SQL
-text as is, newlines included, so continuation lines must not count as messages.
+A round trip is the client waiting for the server: frontend (F) messages that ask for an answer
+(``Sync``, a simple ``Query``, ``Flush``, the end of a COPY), then the backend (B) reply. Backend
+messages that arrive before the client has asked for anything are not a wait: in a pipeline the
+server answers a failed statement at once, and psycopg reads that answer while it is still
+sending, before the pipeline's ``Sync``. The adapters under test use a one-connection pool, so
+the trace enabled on that connection sees every message of the call. Only lines that start a
+message (``F<tab><length><tab><type>``) are read: libpq prints a simple-protocol ``Query`` with
+its SQL text as is, newlines included, so continuation lines must not count as messages.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import itertools
 import re
 import tempfile
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from psycopg import pq
 
@@ -32,11 +35,6 @@ def messages(trace: str) -> list[tuple[str, str, str | None]]:
         for line in trace.splitlines()
         if (m := _MESSAGE.match(line))
     ]
-
-
-def sides(trace: str) -> list[str]:
-    """The side (``"F"`` or ``"B"``) of every message of a libpq trace, in order."""
-    return [side for side, _, _ in messages(trace)]
 
 
 def strays(trace: str) -> list[str]:
@@ -61,9 +59,28 @@ def strays(trace: str) -> list[str]:
     return found
 
 
+# Frontend messages after which the client waits for the backend. A Flush right after a Sync
+# asks for nothing more than the Sync did (psycopg follows a pipeline's last Sync with one).
+_ASKS: Final = frozenset({"Sync", "Query", "Flush", "CopyDone", "CopyFail"})
+
+
 def count(trace: str) -> int:
-    """Round trips in a libpq trace: runs of frontend messages answered by the backend."""
-    return sum(1 for a, b in itertools.pairwise(sides(trace)) if a == "F" and b == "B")
+    """Round trips in a libpq trace: each reply of the backend to frontend messages that ask
+    for one (``_ASKS``). Backend messages the client did not ask for yet (an early error in a
+    pipeline, a notice) start no round trip: whether psycopg reads them before or after it
+    sends the rest of its pipeline depends on timing alone."""
+    trips = 0
+    asked = False
+    sent_before = None  # the frontend message before this one, whatever arrived in between
+    for side, kind, _ in messages(trace):
+        if side == "F":
+            if kind in _ASKS and not (kind == "Flush" and sent_before == "Sync"):
+                asked = True
+            sent_before = kind
+        elif asked:
+            trips += 1
+            asked = False
+    return trips
 
 
 async def round_trips(adapter: Any, call: Callable[[], Any]) -> tuple[int, Any]:

@@ -686,6 +686,53 @@ def test_strays_finds_what_follows_the_end_of_a_transaction() -> None:
     assert strays(inside) == []
 
 
+# A call with a setting whose statement fails (libpq trace, shortened): the server answered the
+# failed statement before psycopg had sent the pipeline's Sync, and psycopg read that answer
+# while still sending. Timing alone decides whether the answer comes before or after the Sync.
+_EARLY_ERROR_TRACE = """\
+F\t14\tParse\t "" "BEGIN;" 0
+F\t14\tBind\t "" "" 0 0 1 0
+F\t9\tExecute\t "" 0
+F\t20\tParse\t "" "INSERT ..." 0
+F\t14\tBind\t "" "" 0 0 1 0
+F\t9\tExecute\t "" 0
+B\t4\tParseComplete
+B\t10\tCommandComplete\t "BEGIN"
+B\tNN\tErrorResponse\t S "ERROR" V "ERROR" C "23505"
+F\t4\tSync
+B\t5\tReadyForQuery\t E
+F\t13\tQuery\t "ROLLBACK"
+B\t13\tCommandComplete\t "ROLLBACK"
+B\t5\tReadyForQuery\t I
+"""
+
+# COPY FROM STDIN: the client waits for CopyInResponse, then for the end of the copy.
+_COPY_TRACE = """\
+F\t30\tQuery\t "COPY t FROM STDIN"
+B\t7\tCopyInResponse\t 0 0
+F\t9\tCopyData\t 'a'
+F\t4\tCopyDone
+B\t13\tCommandComplete\t "COPY 1"
+B\t5\tReadyForQuery\t I
+"""
+
+
+def test_count_takes_only_what_the_client_waited_for() -> None:
+    """Round trips are replies to messages that ask for one: the same pipeline counts the same
+    whether its early error arrives before or after its Sync, a Flush right after a Sync asks
+    for nothing more, and a notice nobody asked for starts no round trip."""
+    assert count(_EARLY_ERROR_TRACE) == 2  # the pipeline, then the ROLLBACK
+    in_order = _EARLY_ERROR_TRACE.replace("F\t4\tSync\n", "")
+    in_order = in_order.replace('F\t9\tExecute\t "" 0\nB', 'F\t9\tExecute\t "" 0\nF\t4\tSync\nB')
+    assert in_order.index("Sync") < in_order.index("ErrorResponse")
+    assert count(in_order) == 2
+    assert count(_IMPLICIT_TRANSACTION_TRACE) == 3  # its Sync + Flush pair is one wait
+    assert count(_COPY_TRACE) == 2
+    notice = 'B\t40\tNoticeResponse\t S "NOTICE"\n'
+    assert count(notice + _COPY_TRACE) == 2
+    assert count("F\t4\tSync\nB\t4\tParseComplete\nF\t4\tFlush\nB\t5\tReadyForQuery\t I\n") == 1
+
+
 def _with_settings(adapter: Any, settings: str) -> Any:
     view = adapter
     if settings in ("tenant", "both"):
