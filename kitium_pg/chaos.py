@@ -1,16 +1,17 @@
 """A chaos run: a realistic auth workload under injected failures, then a full read-back.
 
-``python benchmarks/chaos.py [--duration 60] [--threads 4] [--tasks 8] [--dsn DSN] [--seed S]``
-(or ``main(argv)``). Without ``--dsn`` it starts its own embedded PostgreSQL in a temporary
-folder, which it may restart; with ``--dsn`` the restart fault is skipped (and reported so), and
-only this run's connections are terminated.
+``python benchmarks/chaos.py [--duration 60] [--threads 4] [--tasks 8] [--dsn DSN] [--seed S]
+[--loop uvloop]`` (or ``main(argv)``). Without ``--dsn`` it starts its own embedded PostgreSQL
+in a temporary folder, which it may restart; with ``--dsn`` the restart fault is skipped (and
+reported so), and only this run's connections are terminated.
 
 Load: N threads share one ``PostgresStorageAdapter`` and M asyncio tasks one
-``AsyncPostgresStorageAdapter``; both pools are smaller than their callers (pool starvation for
-the whole run) and run with a short statement timeout. Each worker signs users up (and tries an
-existing email, which must be refused), issues and validates session tokens, issues and verifies
-API keys, creates and consumes email tokens, checks a seeded role's permission, and emits events
-one by one and in small batches. Every acknowledged write goes into a ledger.
+``AsyncPostgresStorageAdapter`` (on asyncio's own event loop, or with ``--loop uvloop`` on
+uvloop's); both pools are smaller than their callers (pool starvation for the whole run) and run
+with a short statement timeout. Each worker signs users up (and tries an existing email, which
+must be refused), issues and validates session tokens, issues and verifies API keys, creates and
+consumes email tokens, checks a seeded role's permission, and emits events one by one and in
+small batches. Every acknowledged write goes into a ledger.
 
 Faults, one after another at random intervals: ``pg_terminate_backend`` of every client backend;
 a server restart (alternately a fast restart, back within the pool timeout, and an outage that
@@ -37,6 +38,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import importlib.util
 import logging
 import random
 import shutil
@@ -101,6 +103,7 @@ class Config:
     statement_timeout_ms: int
     lock_hold_s: float
     verbose: bool
+    loop: str = "asyncio"
 
     def pool_for(self, callers: int) -> int:
         """Connections for ``callers`` workers: fewer than callers (starvation by design)."""
@@ -536,6 +539,15 @@ async def _run_async_worker(
             worker.succeeded(op, result)
 
 
+def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The ``asyncio.Runner`` loop factory of ``--loop`` (None: asyncio's own)."""
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 class AsyncSide(threading.Thread):
     """The asyncio tasks, in an event loop of their own thread."""
 
@@ -545,8 +557,11 @@ class AsyncSide(threading.Thread):
         workers: list[Worker],
         adapter_kwargs: dict[str, Any],
         stop: threading.Event,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     ) -> None:
         super().__init__(name="chaos-async", daemon=True)
+        self.loop_factory = loop_factory
+        self.loop_name = "not started"  # the class of the loop the tasks ran on
         self.dsn = dsn
         self.workers = workers
         self.adapter_kwargs = adapter_kwargs
@@ -557,13 +572,16 @@ class AsyncSide(threading.Thread):
 
     def run(self) -> None:
         try:
-            asyncio.run(self._main())
+            with asyncio.Runner(loop_factory=self.loop_factory) as runner:
+                runner.run(self._main())
         except BaseException as exc:
             self.failure = exc
         finally:
             self.ready.set()
 
     async def _main(self) -> None:
+        loop = type(asyncio.get_running_loop())
+        self.loop_name = f"{loop.__module__}.{loop.__qualname__}"
         storage = AsyncPostgresStorageAdapter(self.dsn, **self.adapter_kwargs)
         await storage.connect(migrate=False)
         try:
@@ -884,7 +902,9 @@ def _run(
     named = make_conninfo(dsn, application_name=app_name)
     storage = PostgresStorageAdapter(named, **adapter_kwargs(sync_pool))
     storage.connect(migrate=False)
-    async_side = AsyncSide(named, async_workers, adapter_kwargs(async_pool), stop)
+    async_side = AsyncSide(
+        named, async_workers, adapter_kwargs(async_pool), stop, _loop_factory(config.loop)
+    )
     injector = Injector(
         dsn,
         server,
@@ -955,6 +975,7 @@ def _run(
         workers=workers,
         pools=(sync_pool, async_pool),
         pool_stats=(sync_stats, async_side.pool_stats),
+        loop_name=async_side.loop_name if config.tasks else "none (no asyncio tasks)",
         injector=injector,
         world=world,
         verdict=verdict,
@@ -973,6 +994,7 @@ def _report(
     workers: list[Worker],
     pools: tuple[int, int],
     pool_stats: tuple[dict[str, int], dict[str, int]],
+    loop_name: str,
     injector: Injector,
     world: World,
     verdict: Verdict,
@@ -993,7 +1015,8 @@ def _report(
         f"chaos run {run_id}: {elapsed:.1f} s, {config.threads} threads (pool {pools[0]}) +"
         f" {config.tasks} asyncio tasks (pool {pools[1]}), statement_timeout"
         f" {config.statement_timeout_ms} ms, locks held {config.lock_hold_s:.1f} s,"
-        f" seed {config.seed}, {'own embedded server' if config.dsn is None else 'given DSN'}"
+        f" seed {config.seed}, {'own embedded server' if config.dsn is None else 'given DSN'},"
+        f" event loop {loop_name}"
     )
     say()
     say(f"{'operation':<22}{'ops':>9}{'ok':>9}{'failed':>9}{'ops/s':>10}")
@@ -1123,6 +1146,12 @@ def _parser() -> argparse.ArgumentParser:
         help="how long each injected lock is held (longer than the statement timeout)",
     )
     parser.add_argument("--verbose", action="store_true", help="show adapter and pool warnings")
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop of the asyncio tasks (uvloop: the one uvicorn runs on when installed)",
+    )
     return parser
 
 
@@ -1144,7 +1173,11 @@ def main(argv: list[str] | None = None) -> int:
         statement_timeout_ms=args.statement_timeout_ms,
         lock_hold_s=args.lock_hold,
         verbose=args.verbose,
+        loop=args.loop,
     )
+    if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        print("kitium-pg chaos: --loop uvloop needs uvloop (pip install uvloop)", file=sys.stderr)
+        return 2
     with _quiet_logs(config.verbose):
         try:
             outcome = run(config, sys.stdout)
