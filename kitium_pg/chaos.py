@@ -539,13 +539,23 @@ async def _run_async_worker(
             worker.succeeded(op, result)
 
 
-def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+# The event loops ``--loop`` offers (here and in benchmarks/run.py).
+EVENT_LOOPS: Final = ("asyncio", "uvloop")
+
+
+def loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The ``asyncio.Runner`` loop factory of ``--loop`` (None: asyncio's own)."""
     if loop == "uvloop":
         import uvloop
 
         return uvloop.new_event_loop
     return None
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """The qualified class name of ``loop`` (``uvloop.Loop``), for reports."""
+    cls = type(loop)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class AsyncSide(threading.Thread):
@@ -580,8 +590,7 @@ class AsyncSide(threading.Thread):
             self.ready.set()
 
     async def _main(self) -> None:
-        loop = type(asyncio.get_running_loop())
-        self.loop_name = f"{loop.__module__}.{loop.__qualname__}"
+        self.loop_name = loop_name(asyncio.get_running_loop())
         storage = AsyncPostgresStorageAdapter(self.dsn, **self.adapter_kwargs)
         await storage.connect(migrate=False)
         try:
@@ -903,7 +912,7 @@ def _run(
     storage = PostgresStorageAdapter(named, **adapter_kwargs(sync_pool))
     storage.connect(migrate=False)
     async_side = AsyncSide(
-        named, async_workers, adapter_kwargs(async_pool), stop, _loop_factory(config.loop)
+        named, async_workers, adapter_kwargs(async_pool), stop, loop_factory(config.loop)
     )
     injector = Injector(
         dsn,
@@ -1148,7 +1157,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="show adapter and pool warnings")
     parser.add_argument(
         "--loop",
-        choices=("asyncio", "uvloop"),
+        choices=EVENT_LOOPS,
         default="asyncio",
         help="event loop of the asyncio tasks (uvloop: the one uvicorn runs on when installed)",
     )

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
+from kitium_pg.chaos import EVENT_LOOPS, loop_factory
 from kitium_pg.embedded import EmbeddedPostgres
 
 from .fix_pgbouncer import PgBouncer
@@ -38,8 +39,8 @@ def event_loop_wanted() -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     wanted = event_loop_wanted()
-    if wanted not in ("asyncio", "uvloop"):
-        raise pytest.UsageError(f"{LOOP_ENV} must be asyncio or uvloop, not {wanted!r}")
+    if wanted not in EVENT_LOOPS:
+        raise pytest.UsageError(f"{LOOP_ENV} must be one of {EVENT_LOOPS}, not {wanted!r}")
     if wanted == "uvloop":
         config.pluginmanager.register(_OnUvloop(), "kitium-pg-uvloop")
 
@@ -51,9 +52,9 @@ class _OnUvloop:
     def pytest_asyncio_loop_factories(
         self, config: pytest.Config, item: pytest.Item
     ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-        import uvloop
-
-        return {"uvloop": uvloop.new_event_loop}
+        factory = loop_factory("uvloop")
+        assert factory is not None
+        return {"uvloop": factory}
 
 
 @pytest.fixture(scope="session")
