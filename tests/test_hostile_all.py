@@ -36,6 +36,7 @@ import json
 import math
 import re
 import secrets
+import string
 import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -1097,12 +1098,14 @@ Check = Callable[["World", dict[str, Any], Any], None]
 class Spec:
     """How to call one method: a strategy per parameter; ``lenient`` methods answer malformed
     input with an empty result; ``writes`` methods must leave the schema unchanged on failure;
-    ``check`` verifies a successful call (round trip); ``runner`` replaces the generic call."""
+    ``check`` verifies a successful call (round trip), with what ``prior`` read just before it
+    in ``world.prior``; ``runner`` replaces the generic call."""
 
     params: dict[str, P] = field(default_factory=dict)
     lenient: bool = False
     writes: bool = False
     check: Check | None = None
+    prior: Callable[[World, dict[str, Any]], Any] | None = None
     always: tuple[str, ...] = ()  # optional parameters that are always passed
     runner: Callable[[World, Any], None] | None = None
     covers: tuple[str, ...] = ()  # parameters a runner draws itself
@@ -1326,6 +1329,33 @@ def check_user(world: World, kwargs: dict[str, Any], result: Any) -> None:
     assert world.api.get_user(result.id) == result
     if "password_hash" in kwargs:
         assert world.api.get_password_hash(result.id) == kwargs["password_hash"]
+
+
+def _ascii_lower(text: str | None) -> str | None:
+    return None if text is None else text.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def user_before(world: World, kwargs: dict[str, Any]) -> Any:
+    return world.api.get_user(kwargs["id"])
+
+
+def check_updated_user(world: World, kwargs: dict[str, Any], result: Any) -> None:
+    """As check_user, except where the trigger of migration 0015 clears the time: a new address
+    (not merely another ASCII letter case) given with the stored time again, which it cannot
+    tell from the time left alone (update_user's docstring)."""
+    before = world.prior
+    assert before is not None, "update_user succeeded on a user get_user did not find"
+    if (
+        "email_verified_at" in kwargs
+        and _ascii_lower(result.email) != _ascii_lower(before.email)
+        and kwargs["email_verified_at"] == before.email_verified_at
+    ):
+        assert result.email_verified_at is None, result
+        kwargs = {k: v for k, v in kwargs.items() if k != "email_verified_at"}
+    check_user(world, kwargs, result)
 
 
 def check_password(world: World, kwargs: dict[str, Any], result: Any) -> None:
@@ -1808,7 +1838,8 @@ def _spec_table() -> dict[str, Spec]:
         "update_user": Spec(
             params={**_id("user", "fresh_user"), **UPDATE_USER, **METADATA_PATCH},
             writes=True,
-            check=check_user,
+            check=check_updated_user,
+            prior=user_before,
             exclusive=EXCLUSIVE,
         ),
         "delete_user": Spec(params=_id("fresh_user"), lenient=True, writes=True),
@@ -2450,6 +2481,7 @@ class World:
     conn: psycopg.Connection[Any]
     seeds: dict[str, Any] = field(default_factory=dict)
     last_fresh: str | None = None
+    prior: Any = None  # what the running case's Spec.prior read before its call
     counter: int = 0
     fingerprint_sql: str = ""
 
@@ -2742,6 +2774,7 @@ def run_case(world: World, name: str, spec: Spec, args: dict[str, Arg]) -> str:
     kwargs = {param: world.resolve(arg.value) for param, arg in args.items()}
     bad = sorted(p for p, a in args.items() if a.tag == BAD)
     before = world.fingerprint() if spec.writes else None
+    world.prior = spec.prior(world, kwargs) if spec.prior is not None else None
     try:
         result = getattr(world.api, name)(**kwargs)
     except ValidationError as exc:

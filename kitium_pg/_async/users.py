@@ -115,9 +115,11 @@ class AsyncUsers(AsyncCore):
 
         A new ``email`` (not the same address in another letter case) is unverified: its
         ``email_verified_at`` becomes ``None`` unless a new time is given in the same call (a
-        trigger does it, for any writer). ``email_verified_at`` alone marks whatever address
-        the row has when the statement runs: to record a proof of a given address, use
-        ``mark_user_email_verified``, which checks it is still the user's.
+        trigger does it, for any writer). The time must differ from the stored one: the trigger
+        cannot tell the stored time given again from the time left alone, and clears it then
+        too. ``email_verified_at`` alone marks whatever address the row has when the statement
+        runs: to record a proof of a given address, use ``mark_user_email_verified``, which
+        checks it is still the user's.
 
         ``metadata`` replaces the whole object; ``metadata_patch`` edits it in the same statement
         (RFC 7396 JSON Merge Patch: its keys are set, nested objects merged, a ``None`` value
