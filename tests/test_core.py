@@ -17,6 +17,7 @@ import attrs
 import psycopg
 import psycopg_pool
 import pytest
+from hypothesis import settings
 from psycopg import pq
 
 from kitium_pg import (
@@ -34,9 +35,10 @@ from kitium_pg._async.migrate import _failed as _migration_failure
 from kitium_pg._base import connect_failure, log_call
 from kitium_pg.errors import connection_lost, translate
 
-from .conftest import event_loop_wanted
+from .conftest import EXAMPLES_ENV, event_loop_wanted, examples
 from .fix_race import race_each, waiting_on_a_lock
 from .roundtrips import count
+from .test_hostile_all import HYPOTHESIS
 
 
 @pytest.fixture(scope="module")
@@ -338,6 +340,25 @@ async def test_async_tests_run_on_the_event_loop_the_run_asks_for(
     # connection an earlier test's backend kill left dead instead of retrying.
     user = await async_adapter.create_user()
     assert await async_adapter.get_user(user.id) == user
+
+
+def test_property_tests_try_the_examples_the_run_asks_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``KITIUM_PG_TEST_EXAMPLES`` multiplies every property test's examples (CI's PostgreSQL 15
+    and uvloop runs ask for 4): the settings the hostile-input tests built at import, and the
+    default for tests without settings, follow this run's value; a malformed value is a usage
+    error."""
+    scale = examples(1)
+    assert HYPOTHESIS.max_examples == 25 * scale
+    if scale > 1:  # otherwise the default is whatever profile the run loaded (100 unless told)
+        assert settings().max_examples == 100 * scale
+    monkeypatch.setenv(EXAMPLES_ENV, "4")
+    assert examples(25) == 100
+    monkeypatch.delenv(EXAMPLES_ENV)
+    assert examples(25) == 25
+    for bad in ("0", "-1", "x", "\u00b2", "1.5", "10000", " 2", "4\n"):
+        monkeypatch.setenv(EXAMPLES_ENV, bad)
+        with pytest.raises(pytest.UsageError, match=EXAMPLES_ENV):
+            examples(25)
 
 
 async def test_a_cancelled_call_with_a_setting_writes_nothing_and_frees_its_connection(

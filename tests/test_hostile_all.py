@@ -62,7 +62,7 @@ from kitium_pg import (
     ValidationError,
 )
 from kitium_pg.records import EventPage
-from tests.conftest import AwaitableSync, drive
+from tests.conftest import AwaitableSync, drive, examples
 
 from .fix_secrets import register
 
@@ -2919,7 +2919,7 @@ def test_every_public_method_has_a_strategy(cls: type) -> None:
 
 
 HYPOTHESIS = settings(
-    max_examples=25,
+    max_examples=examples(25),
     deadline=None,
     suppress_health_check=[
         HealthCheck.function_scoped_fixture,

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter, ValidationError
 
+from .conftest import examples
+
 INJECTION = [
     "'; DROP TABLE kitium_auth.users; --",
     "%s %(id)s %%",
@@ -103,7 +105,9 @@ def _json_ok(value: Any, depth: int = 0) -> bool:
 
 
 SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 

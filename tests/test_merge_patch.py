@@ -16,6 +16,8 @@ from psycopg.types.json import Jsonb
 
 from kitium_pg import PostgresStorageAdapter
 
+from .conftest import examples
+
 
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7396 section 2, MergePatch(Target, Patch), written from the RFC's pseudocode."""
@@ -111,7 +113,7 @@ JSON = st.recursive(
 OBJECTS = st.dictionaries(KEYS, JSON, max_size=5)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(target=st.one_of(OBJECTS, JSON), patch=st.one_of(OBJECTS, JSON))
 def test_agrees_with_the_rfc_model_and_is_idempotent(
     conn: psycopg.Connection[Any], target: Any, patch: Any

@@ -23,6 +23,7 @@ from kitium_pg._base import load_migrations
 from kitium_pg._sync import migrate
 from kitium_pg.encryption import Keyring, generate_key
 
+from .conftest import examples
 from .fix_disguised import Disguised, Posing
 
 
@@ -83,7 +84,7 @@ def nested(depth: int, leaf: object) -> object:
     return leaf
 
 
-@settings(max_examples=400)
+@settings(max_examples=examples(400))
 @given(documents)
 def test_the_fast_checker_agrees_with_the_plain_definition(value: Any) -> None:
     try:
@@ -394,7 +395,7 @@ _JSON_VALUES = st.recursive(
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(_JSON_VALUES)
 def test_the_one_shot_encoder_writes_what_the_json_encoder_writes(value: object) -> None:
     """emit_events encodes a row at a time with an encoder made once (``v._encode``): the
@@ -581,7 +582,7 @@ def test_a_copy_reads_at_most_the_byte_limit_in_items_at_all_depths(check: Any) 
         v.json_text("data", types.MappingProxyType({"s": "x" * v.JSON_BYTES}))
 
 
-@settings(max_examples=400)
+@settings(max_examples=examples(400))
 @given(documents)
 def test_the_checkers_budget_is_never_more_than_the_serialisation(value: Any) -> None:
     """What the checker spends of its budget is a lower bound of the encoded size, so a
