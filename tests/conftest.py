@@ -57,9 +57,10 @@ def examples(usual: int) -> int:
 def pytest_configure(config: pytest.Config) -> None:
     # Tests without settings of their own try hypothesis' usual 100 examples, scaled too; the
     # rest of the loaded profile stays (under CI=true hypothesis' "ci" one, derandomized).
-    if examples(1) > 1:
+    scale = examples(1)
+    if scale > 1:
         settings.register_profile(
-            "kitium-pg-examples", parent=settings.default, max_examples=examples(100)
+            "kitium-pg-examples", parent=settings.default, max_examples=100 * scale
         )
         settings.load_profile("kitium-pg-examples")
     wanted = event_loop_wanted()
