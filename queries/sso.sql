@@ -225,7 +225,7 @@ WITH locked AS (
 )
 INSERT INTO kitium_auth.sso_provider_domains AS d (provider_id, domain, verified_at)
 VALUES (coalesce((SELECT l.id FROM locked AS l), :provider_id), :domain,
-        CASE WHEN :verified THEN now() END)
+        CASE WHEN :verified THEN statement_timestamp() END)
 ON CONFLICT (provider_id, domain) DO UPDATE
    SET verified_at = coalesce(d.verified_at, EXCLUDED.verified_at)
 RETURNING d.domain, d.verified_at;
@@ -233,7 +233,7 @@ RETURNING d.domain, d.verified_at;
 -- name: verify_sso_provider_domain(provider_id, domain)^
 -- Mark a provider's domain verified (keeping an earlier verified_at); no row if not added.
 UPDATE kitium_auth.sso_provider_domains AS d
-   SET verified_at = coalesce(d.verified_at, now())
+   SET verified_at = coalesce(d.verified_at, statement_timestamp())
  WHERE d.provider_id = :provider_id AND d.domain = :domain
 RETURNING d.domain, d.verified_at;
 
@@ -251,7 +251,7 @@ WITH inserted AS (
      auto_provisioned, metadata, last_auth_at)
   VALUES
     (:id, :user_id, :provider_id, :provider_type, :provider_subject, :provider_email,
-     :auto_provisioned, :metadata::jsonb, coalesce(:last_auth_at, now()))
+     :auto_provisioned, :metadata::jsonb, coalesce(:last_auth_at, statement_timestamp()))
   ON CONFLICT (id) DO NOTHING
   RETURNING id, user_id, provider_id, provider_type, provider_subject, provider_email,
             auto_provisioned, metadata, linked_at, last_auth_at
@@ -324,7 +324,7 @@ WITH inserted AS (
      last_auth_at)
   VALUES
     (:id, :user_id, :provider_id, :provider_type, :provider_subject, :session_token_hash,
-     :expires_at, coalesce(:last_auth_at, now()))
+     :expires_at, coalesce(:last_auth_at, statement_timestamp()))
   ON CONFLICT (id) DO NOTHING
   RETURNING id, user_id, provider_id, provider_type, provider_subject, expires_at, linked_at,
             last_auth_at

@@ -90,7 +90,7 @@ DELETE FROM kitium_auth.twofa_devices WHERE id = :id;
 -- replayed step, or no such device). Row lock waiters re-check the guard against the winner's
 -- step, so of concurrent calls with one step exactly one is accepted.
 UPDATE kitium_auth.twofa_devices
-   SET last_totp_step = :step, last_used_at = now(), throttle_failures = 0,
+   SET last_totp_step = :step, last_used_at = statement_timestamp(), throttle_failures = 0,
        throttled_until = NULL
  WHERE id = :id AND (last_totp_step IS NULL OR last_totp_step < :step)
 RETURNING true;

@@ -4,14 +4,17 @@ which the server commits after the adapter's retry has started."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+
+from .conftest import drive
 
 
 @contextmanager
@@ -71,3 +74,36 @@ def release_when_waiting(
     thread.seen = False  # type: ignore[attr-defined]
     thread.start()
     return thread
+
+
+def in_background(
+    storage: Any, call: Callable[[], Coroutine[Any, Any, Any]]
+) -> Callable[[], Awaitable[Any]]:
+    """Start ``call()`` alongside the test (a task; a thread for the sync adapter); the returned
+    function waits for it and gives its result or the exception it raised."""
+    if storage.kind == "sync":
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["result"] = drive(call())
+            except BaseException as exc:  # handed to the test
+                box["result"] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+
+        async def join() -> Any:
+            thread.join(20)
+            return box["result"]
+
+        return join
+    task = asyncio.ensure_future(call())
+
+    async def wait() -> Any:
+        try:
+            return await task
+        except BaseException as exc:  # handed to the test
+            return exc
+
+    return wait

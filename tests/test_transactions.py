@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -26,6 +28,7 @@ from kitium_pg._base import Retry
 from kitium_pg._sync import core as sync_core
 
 from .conftest import AwaitableSync, drive
+from .fix_holder import in_background
 from .fix_race import waiting_on_a_lock
 
 
@@ -93,9 +96,7 @@ async def test_timeout_override_applies_inside_a_transaction(storage: Any, dsn: 
     assert (await storage.get_user(user.id)).name is None
 
 
-def _later() -> Any:
-    import datetime as dt
-
+def _later() -> dt.datetime:
     return dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
 
 
@@ -111,39 +112,6 @@ async def test_concurrent_calls_on_one_async_transaction_get_their_own_results(
 
 
 # -- a transaction's life and its savepoints -------------------------------------------------
-
-
-def _background(
-    storage: Any, call: Callable[[], Coroutine[Any, Any, Any]]
-) -> Callable[[], Awaitable[Any]]:
-    """Start ``call()`` alongside the test (a task; a thread for the sync adapter); the returned
-    function waits for it and gives its result or the exception it raised."""
-    if storage.kind == "sync":
-        box: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                box["result"] = drive(call())
-            except BaseException as exc:  # handed to the test
-                box["result"] = exc
-
-        thread = threading.Thread(target=run)
-        thread.start()
-
-        async def join() -> Any:
-            thread.join(20)
-            return box["result"]
-
-        return join
-    task = asyncio.ensure_future(call())
-
-    async def wait() -> Any:
-        try:
-            return await task
-        except BaseException as exc:  # handed to the test
-            return exc
-
-    return wait
 
 
 async def test_a_transaction_is_unusable_after_its_block(storage: Any, email: str) -> None:
@@ -389,7 +357,7 @@ async def test_other_callers_are_refused_while_a_savepoint_is_open(
     would be undone by the savepoint's rollback: it is refused, and nothing of it is written."""
     with pytest.raises(Boom):
         async with storage.transaction() as tx, tx.transaction():
-            other = _background(storage, lambda: tx.create_user(email=f"other-{email}"))
+            other = in_background(storage, lambda: tx.create_user(email=f"other-{email}"))
             refused = await other()
             mine = await tx.create_user(email=f"mine-{email}")
             raise Boom
@@ -400,7 +368,7 @@ async def test_other_callers_are_refused_while_a_savepoint_is_open(
     async with storage.transaction() as tx:
         async with tx.transaction():
             pass  # released: the savepoint's end lets every caller in again
-        assert await _background(storage, lambda: tx.get_user(mine.id))() is None
+        assert await in_background(storage, lambda: tx.get_user(mine.id))() is None
 
 
 async def test_no_savepoint_while_another_callers_call_runs(
@@ -412,7 +380,7 @@ async def test_no_savepoint_while_another_callers_call_runs(
         locker.execute("SELECT 1 FROM kitium_auth.users WHERE id = %s FOR UPDATE", [user.id])
         async with storage.transaction() as tx:
             # Another caller's update waits on the row lock, inside the transaction.
-            other = _background(storage, lambda: tx.update_user(user.id, name="other"))
+            other = in_background(storage, lambda: tx.update_user(user.id, name="other"))
             await _until(lambda: waiting_on_a_lock(dsn))
             with pytest.raises(ValidationError) as caught:
                 async with tx.transaction():
@@ -571,3 +539,224 @@ async def test_a_cancelled_call_is_the_failure_later_calls_raise(
                     assert later.value.code == "query_canceled"
             locker.rollback()
         assert raised.value.code == "query_canceled"
+
+
+async def test_expiry_and_use_times_are_those_of_each_statement_not_of_the_transaction(
+    storage: Any, email: str, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Each statement judges expiry, and stamps a use or a verification, at the time it starts
+    (``statement_timestamp()``), not at its transaction's start (``now()``): a credential that
+    expires while a caller's transaction is open is expired for the transaction's later calls,
+    its purge takes it, and a use is stamped when it happened. Every query that judges expiry
+    or stamps a use and may run in a caller's transaction (those that must commit on their own
+    refuse one, and there the two times are the same)."""
+    # A window the setup fits in even on a loaded machine: the first call inside the
+    # transaction checks that everything is still live when the transaction starts.
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
+    user = await storage.create_user(email=email)
+    org = await storage.create_organization(name=unique("org"), plan="free", seats=5)
+    await storage.add_organization_member(org.id, user.id)
+    session = await storage.create_session(user_id=user.id, expires_at=soon)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=soon)
+    key = await storage.issue_api_key(user.id, expires_at=soon)
+    lasting_key = await storage.issue_api_key(user.id)
+    code = {"email": email, "type": "verify_email"}
+    token = await storage.create_email_verification_token(
+        **code, code_hash=_digest(unique("c")), expires_at=soon
+    )
+    assert await storage.increment_email_verification_token_attempts(token.id) == 1
+    lasting_token = await storage.create_email_verification_token(
+        **code, code_hash=_digest(unique("c")), expires_at=_later()
+    )
+    assert await storage.get_email_verification_token_attempts(lasting_token.id) == 1
+    revoked = await storage.create_email_verification_token(
+        **code, code_hash=_digest(unique("c")), expires_at=_later()
+    )
+    device = await storage.create_two_factor_device(
+        user_id=user.id, method="totp", secret="JBSWY3DPEHPK3PXP"
+    )
+    live_login = await storage.create_session(user_id=user.id, expires_at=_later())
+    challenge = {"user_id": user.id, "device_id": device.id}
+    totp = await storage.create_two_factor_session(
+        **challenge, session_id=live_login.id, method="totp", expires_at=soon
+    )
+    orphaned = await storage.create_two_factor_session(
+        **challenge, session_id=session.id, method="totp", expires_at=_later()
+    )
+    lasting = await storage.create_two_factor_session(
+        **challenge, session_id=live_login.id, method="totp", expires_at=_later()
+    )
+    backup = await storage.create_backup_codes(user.id, [_digest(unique("b")) for _ in "ab"])
+    provider = await storage.create_sso_provider(type="oidc", name=unique("provider"))
+    domain = f"{unique('d')}.example.com"
+    await storage.add_sso_provider_domain(provider.id, domain)
+    bound = {"user_id": user.id, "provider_id": provider.id, "provider_type": "oidc"}
+    await storage.create_sso_link(**bound, provider_subject="s")
+    sso = await storage.create_sso_session(**bound, provider_subject="s", expires_at=soon)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # last used just under a minute before the window closes: a stamp is due a minute
+        # after that, which is after the window by the statement's clock, not the transaction's
+        conn.execute(
+            "UPDATE kitium_auth.api_keys SET last_used_at = %s - interval '1 minute' WHERE id = %s",
+            [soon, lasting_key.record.id],
+        )
+
+    async with storage.transaction() as tx:
+        assert await tx.get_session(session.id) == session, "the setup outran its window"
+        await asyncio.sleep((soon - dt.datetime.now(dt.UTC)).total_seconds() + 0.2)
+
+        # expired, though not yet at the transaction's start
+        assert await tx.get_session(session.id) is None
+        assert [s.id for s in await tx.list_user_sessions(user.id)] == [live_login.id]
+        assert [s.id for s in await tx.list_user_sessions(user.id, limit=5)] == [live_login.id]
+        assert await tx.validate_session_token(issued.token) is None
+        for change in ({"plan": "pro"}, {"org_id": org.id}):
+            with pytest.raises(NotFoundError):
+                async with tx.transaction() as savepoint:
+                    await savepoint.update_session(session.id, **change)
+        assert await tx.get_api_key_by_hash(key.record.hash) is None
+        assert await tx.verify_api_key(key.key) is None
+        same_look = await tx.get_api_keys_by_prefix_and_last_four(
+            key.record.prefix, key.record.last_four
+        )
+        assert key.record.id not in {k.id for k in same_look}
+        with pytest.raises(ConflictError):
+            async with tx.transaction() as savepoint:
+                await savepoint.mark_email_verification_token_as_used(token.id)
+        # the expired token's attempts no longer count against its address
+        assert await tx.get_email_verification_token_attempts(lasting_token.id) == 0
+        assert await tx.complete_two_factor_session(totp.id) is False
+        # a live challenge whose login session expired, and a new one on that session
+        assert await tx.complete_two_factor_session(orphaned.id) is False
+        with pytest.raises(NotFoundError, match="no session"):
+            async with tx.transaction() as savepoint:
+                await savepoint.create_two_factor_session(
+                    **challenge, session_id=session.id, method="totp", expires_at=_later()
+                )
+        assert await tx.get_sso_session(sso.id) is None
+
+        # uses and verifications are stamped when they happen, after the window closed
+        used = await tx.mark_email_verification_token_as_used(lasting_token.id)
+        assert used.used_at is not None and used.used_at > soon
+        # the expired token is not revoked, the live one is, now
+        assert await tx.revoke_email_verification_tokens(email, "verify_email") == 1
+        gone = await tx.get_email_verification_token_by_id(revoked.id)
+        assert gone is not None and gone.used_at is not None and gone.used_at > soon
+        consumed = await tx.consume_backup_code(user.id, backup[0].code_hash)
+        assert consumed is not None and consumed.used_at is not None and consumed.used_at > soon
+        assert await tx.mark_backup_code_used(backup[1].id) is True
+        assert await tx.complete_two_factor_session(lasting.id) is True
+        assert await tx.record_totp_step(device.id, 1) is True
+        verified = await tx.verify_api_key(lasting_key.key)
+        assert verified is not None and verified.last_used_at is not None
+        assert verified.last_used_at > soon
+        marked = await tx.mark_user_email_verified(user.id, email)
+        assert marked is not None and marked.email_verified_at is not None
+        assert marked.email_verified_at > soon
+        checked = await tx.verify_sso_provider_domain(provider.id, domain)
+        assert checked.verified_at is not None and checked.verified_at > soon
+        added = await tx.add_sso_provider_domain(provider.id, f"x{domain}", verified=True)
+        assert added.verified_at is not None and added.verified_at > soon
+        now_session = await tx.create_sso_session(
+            **bound, provider_subject="s", expires_at=_later()
+        )
+        assert now_session.last_auth_at > soon
+        # a future last_auth_at stays on the session; the link's is capped at the statement's
+        await tx.create_sso_session(
+            **bound, provider_subject="s", expires_at=_later(), last_auth_at=_later()
+        )
+        link = await tx.get_sso_link_by_subject(provider.id, "s")
+        assert link is not None and now_session.last_auth_at < link.last_auth_at < _later()
+        new_link = await tx.create_sso_link(**bound, provider_subject="t")
+        assert new_link.last_auth_at is not None and new_link.last_auth_at > soon
+
+        # the purges take what expired in the transaction
+        await tx.delete_expired_sessions()
+        await tx.delete_expired_email_verification_tokens()
+        await tx.delete_expired_two_factor_sessions()
+        await tx.delete_expired_sso_sessions()
+
+    purged = {
+        "sessions": [session.id, issued.session.id],
+        "email_verification_tokens": [token.id],
+        "twofa_sessions": [totp.id],
+        "sso_sessions": [sso.id],
+    }
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table, ids in purged.items():
+            query = f"SELECT count(*) FROM kitium_auth.{table} WHERE id = ANY(%s)"
+            assert conn.execute(query, [ids]).fetchone() == (0,), table
+    codes = {c.id: c for c in await storage.get_backup_codes(user.id)}
+    stamped = codes[backup[1].id].used_at
+    assert stamped is not None and stamped > soon
+    completed = await storage.get_two_factor_session(lasting.id)
+    assert completed is not None and completed.completed_at is not None
+    assert completed.completed_at > soon
+    used_device = await storage.get_two_factor_device(device.id)
+    assert used_device is not None and used_device.last_used_at is not None
+    assert used_device.last_used_at > soon
+
+
+def _digest(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+async def test_rows_one_transaction_makes_list_newest_first_by_their_ids(
+    storage: Any, email: str, unique: Callable[[str], str]
+) -> None:
+    """Rows one transaction makes share its time (``created_at``, an event's ``timestamp``, a
+    link's ``linked_at``): each list that promises newest first breaks that tie by id, which
+    the adapter draws time-ordered (UUIDv7), so it still lists them newest first."""
+    async with storage.transaction() as tx:
+        user = await tx.create_user(email=email)
+        org = await tx.create_organization(name=unique("org"), plan="team")
+        keys = [(await tx.issue_api_key(user.id)).record for _ in range(3)]
+        look = {"prefix": unique("p")[:16], "last_four": "tie4"}
+        alike = [
+            await tx.create_api_key(principal_id=user.id, hash=_digest(unique("k")), **look)
+            for _ in range(3)
+        ]
+        tokens = [
+            await tx.create_email_verification_token(
+                email=email, code_hash=_digest(unique("t")), type="verify_email",
+                expires_at=_later(),
+            )
+            for _ in range(3)
+        ]  # fmt: skip
+        kind = unique("tie")
+        events = [
+            await tx.emit_event(type=kind, principal_id=user.id, org_id=org.id, data=None)
+            for _ in range(3)
+        ]
+        roles = [await tx.create_role(org_id=org.id, name=unique("role")) for _ in range(3)]
+        providers = [
+            await tx.create_sso_provider(type="oidc", name=unique("idp"), org_id=org.id)
+            for _ in range(3)
+        ]
+        links = [
+            await tx.create_sso_link(
+                user_id=user.id, provider_id=p.id, provider_type="oidc", provider_subject="s"
+            )
+            for p in providers
+        ]
+    assert len({k.created_at for k in keys}) == 1  # the tie the lists must break
+
+    def newest_first(made: list[Any]) -> list[Any]:
+        return [row.id for row in reversed(made)]
+
+    def ids(rows: Any, among: list[Any] | None = None) -> list[Any]:
+        wanted = None if among is None else {row.id for row in among}
+        return [row.id for row in rows if wanted is None or row.id in wanted]
+
+    assert ids(await storage.list_api_keys(user.id)) == newest_first(keys + alike)
+    alike_listed = await storage.get_api_keys_by_prefix_and_last_four(**look)
+    assert ids(alike_listed) == newest_first(alike)
+    assert ids(await storage.get_email_verification_tokens(email)) == newest_first(tokens)
+    of_type = await storage.get_email_verification_tokens(email, "verify_email")
+    assert ids(of_type) == newest_first(tokens)
+    for query in ({"principal_id": user.id}, {"org_id": org.id}, {"type": kind}):
+        assert ids((await storage.list_events(**query)).events) == newest_first(events), query
+    assert ids(await storage.list_roles(org.id)) == newest_first(roles)
+    assert ids(await storage.list_sso_providers(org.id), providers) == newest_first(providers)
+    assert ids(await storage.list_sso_providers(), providers) == newest_first(providers)
+    assert ids(await storage.get_user_sso_links(user.id)) == newest_first(links)
