@@ -13,7 +13,7 @@ import datetime as dt
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -378,3 +378,93 @@ async def test_a_counter_is_not_retried_after_a_lost_ack(
     assert await via_proxy.get_email_verification_token_attempts(token.id) == 1
     # The connection the proxy cut is gone; the pool serves the next call normally.
     assert await via_proxy.increment_email_verification_token_attempts(token.id) == 2
+
+
+# Every other create that is retried (its id drawn before the first attempt, the statement
+# returning the stored row on a conflict): what a call makes (given the adapter and a fresh
+# user), the table, and how to read it back.
+async def _org(storage: Any, user: Any) -> Any:
+    return await storage.create_organization(name=f"lost-{uuid.uuid4().hex}", plan="team")
+
+
+async def _role(storage: Any, user: Any) -> Any:
+    org = await storage.create_organization(name=f"lost-{uuid.uuid4().hex}", plan="team")
+    return await storage.create_role(org_id=org.id, name="auditor")
+
+
+async def _api_key(storage: Any, user: Any) -> Any:
+    return (await storage.issue_api_key(user.id)).record
+
+
+async def _provider(storage: Any, user: Any) -> Any:
+    return await storage.create_sso_provider(
+        type="oidc", name=f"lost-{uuid.uuid4().hex}", client_secret="s3cret"
+    )
+
+
+async def _sso_link(storage: Any, user: Any) -> Any:
+    provider = await _provider(storage, user)
+    return await storage.create_sso_link(
+        user_id=user.id, provider_id=provider.id, provider_type="oidc", provider_subject="s"
+    )
+
+
+async def _sso_session(storage: Any, user: Any) -> Any:
+    provider = await _provider(storage, user)
+    return await storage.create_sso_session(
+        user_id=user.id, provider_id=provider.id, provider_type="oidc", provider_subject="s",
+        expires_at=in_an_hour(),
+    )  # fmt: skip
+
+
+async def _device(storage: Any, user: Any) -> Any:
+    return await storage.create_two_factor_device(
+        user_id=user.id, method="totp", secret="JBSWY3DPEHPK3PXP"
+    )
+
+
+async def _challenge(storage: Any, user: Any) -> Any:
+    device = await _device(storage, user)
+    login = await storage.create_session(user_id=user.id, expires_at=in_an_hour())
+    return await storage.create_two_factor_session(
+        user_id=user.id, device_id=device.id, session_id=login.id, method="totp",
+        expires_at=in_an_hour(),
+    )  # fmt: skip
+
+
+# name: (the statement's marker, what the call makes, its table, how it is read back)
+CREATES: dict[str, tuple[str, Callable[..., Any], str, str]] = {
+    "create_organization": ("INSERT INTO kitium_auth.organizations", _org, "organizations",
+                            "get_organization"),
+    "create_role": ("INSERT INTO kitium_auth.roles", _role, "roles", "get_role"),
+    "issue_api_key": ("INSERT INTO kitium_auth.api_keys", _api_key, "api_keys", "get_api_key"),
+    "create_email_verification_token": ("INSERT INTO kitium_auth.email_verification_tokens",
+                                        lambda s, u: _new_token(s), "email_verification_tokens",
+                                        "get_email_verification_token_by_id"),
+    "create_sso_provider": ("INSERT INTO kitium_auth.sso_providers", _provider, "sso_providers",
+                            "get_sso_provider"),
+    "create_sso_link": ("INSERT INTO kitium_auth.sso_links", _sso_link, "sso_links",
+                        "get_sso_link"),
+    "create_sso_session": ("INSERT INTO kitium_auth.sso_sessions", _sso_session, "sso_sessions",
+                           "get_sso_session"),
+    "create_two_factor_device": ("INSERT INTO kitium_auth.twofa_devices", _device,
+                                 "twofa_devices", "get_two_factor_device"),
+    "create_two_factor_session": ("INSERT INTO kitium_auth.twofa_sessions", _challenge,
+                                  "twofa_sessions", "get_two_factor_session"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CREATES))
+async def test_every_retried_create_after_a_lost_ack_returns_the_first_row(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str, name: str
+) -> None:
+    """The first attempt commits and its reply is lost; the retry, with the same id, writes
+    nothing more and returns the row the first attempt wrote (not a ``ConflictError`` for the
+    id it drew itself)."""
+    marker, make, table, get = CREATES[name]
+    user = await via_proxy.create_user()
+    lost = LostAck(proxy, marker)
+    made = await make(via_proxy, user)
+    lost.check(sent=2)
+    assert rows(dsn, f"SELECT count(*) FROM kitium_auth.{table} WHERE id = %s", made.id) == [(1,)]
+    assert await getattr(via_proxy, get)(made.id) == made
