@@ -20,7 +20,7 @@ from kitium_pg import (
 )
 from kitium_pg._base import Retry, new_id
 
-from .fix_holder import release_when_waiting
+from .fix_holder import in_background, release_when_waiting, waiting
 from .fix_metadata import check_metadata_patch
 from .fix_paging import check_bad_paging_arguments, check_walks
 from .fix_plans import generic_plan_of
@@ -137,6 +137,48 @@ async def test_a_removal_ends_a_bound_session_committed_while_it_ran(
         holder.close()
     assert await storage.get_session(late) is None
     assert await storage.list_user_sessions(user.id) == []
+
+
+@pytest.mark.parametrize("held", ["users", "organizations"])
+@pytest.mark.parametrize("call", ["create_session", "sign_in", "update_session"])
+async def test_a_bound_session_waits_for_its_user_and_organization_before_the_membership(
+    storage: Any, email: str, org_id: uuid.UUID, dsn: str, held: str, call: str
+) -> None:
+    """Binding a session to an organization (``create_session`` with or without its event,
+    ``update_session(org_id=)``) locks the user, then the organization, then the membership
+    (sessions.sql). While another transaction holds the user or the organization, as
+    ``delete_user`` and ``delete_organization`` do before their cascades reach the memberships,
+    the call waits without holding the membership, so the two cannot wait on each other in a
+    cycle: a third transaction can still lock the membership at once (``NOWAIT``)."""
+    user = await storage.create_user(email=email)
+    join(dsn, org_id, user.id)
+    unbound = await storage.create_session(user_id=user.id, expires_at=later(hours=1))
+    bound = {"user_id": user.id, "org_id": org_id, "expires_at": later(hours=1)}
+    calls = {
+        "create_session": lambda: storage.create_session(**bound),
+        "sign_in": lambda: storage.create_session(**bound, event={"type": "login"}),
+        "update_session": lambda: storage.update_session(unbound.id, org_id=org_id),
+    }
+    marker = "UPDATE kitium_auth.sessions" if call == "update_session" else "sessions"
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            f"SELECT FROM kitium_auth.{held} WHERE id = %s FOR UPDATE",
+            [user.id if held == "users" else org_id],
+        )
+        result = in_background(storage, calls[call])
+        assert await asyncio.to_thread(waiting, dsn, marker)
+        with psycopg.connect(dsn) as probe:
+            probe.execute(
+                "SELECT FROM kitium_auth.organization_members"
+                " WHERE org_id = %s AND user_id = %s FOR UPDATE NOWAIT",
+                [org_id, user.id],
+            )
+        holder.commit()
+        session = await result()
+    finally:
+        holder.close()
+    assert isinstance(session, Session) and session.org_id == org_id
 
 
 async def test_defaults(storage: Any, email: str) -> None:
