@@ -24,7 +24,7 @@ from kitium_pg.records import SsoDomain, SsoLink, SsoProvider, SsoSession, User
 from tests.conftest import AwaitableSync
 
 from .fix_disguised import Disguised
-from .fix_holder import waiting
+from .fix_holder import in_background, waiting
 from .fix_metadata import check_metadata_patch
 from .fix_race import race_each, start
 from .roundtrips import round_trips
@@ -817,6 +817,71 @@ async def test_session_errors(storage: Any, unique: Callable[[str], str]) -> Non
     for change in bad:
         with pytest.raises(ValidationError):
             await storage.create_sso_session(**{**base, **change})
+
+
+async def test_a_sign_in_at_one_provider_moves_no_link_at_another(
+    storage: Any, unique: Callable[[str], str]
+) -> None:
+    """Two providers may name the user by the same subject: an SSO session at one records the
+    sign-in on that provider's link only."""
+    user = await _user(storage, unique)
+    links = []
+    for provider in (await _oidc(storage, unique), await _oidc(storage, unique)):
+        links.append(
+            await storage.create_sso_link(
+                user_id=user.id, provider_id=provider.id, provider_type="oidc",
+                provider_subject="same", last_auth_at=_in(days=-1),
+            )
+        )  # fmt: skip
+    signed_in, other = links
+    await storage.create_sso_session(
+        user_id=user.id, provider_id=signed_in.provider_id, provider_type="oidc",
+        provider_subject="same", expires_at=_in(hours=1),
+    )  # fmt: skip
+    moved = await storage.get_sso_link(signed_in.id)
+    assert moved is not None and moved.last_auth_at > signed_in.last_auth_at
+    assert await storage.get_sso_link(other.id) == other
+
+
+@pytest.mark.parametrize("held", ["users", "sso_providers", "another provider"])
+async def test_an_sso_session_locks_its_user_and_provider_before_the_link_and_no_other_row(
+    storage: Any, unique: Callable[[str], str], dsn: str, held: str
+) -> None:
+    """``create_sso_session`` locks the user and the provider, then the link (sso.sql): while
+    another transaction holds the user or the provider, as ``delete_user`` and
+    ``delete_sso_provider`` do before their cascades reach the links, it waits without holding
+    the link, so the two cannot wait on each other in a cycle (a third transaction locks the link
+    at once, ``NOWAIT``). Another provider's row it leaves alone: held, it does not wait."""
+    user = await _user(storage, unique)
+    provider, another = await _oidc(storage, unique), await _oidc(storage, unique)
+    bound = {"user_id": user.id, "provider_id": provider.id, "provider_type": "oidc"}
+    link = await storage.create_sso_link(**bound, provider_subject="s")
+    table, row = {
+        "users": ("users", user.id),
+        "sso_providers": ("sso_providers", provider.id),
+        "another provider": ("sso_providers", another.id),
+    }[held]
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR UPDATE", [row])
+        sign_in = storage.with_statement_timeout(2000).create_sso_session
+        if held == "another provider":
+            session = await sign_in(**bound, provider_subject="s", expires_at=_in(hours=1))
+        else:
+            result = in_background(
+                storage,
+                lambda: sign_in(**bound, provider_subject="s", expires_at=_in(hours=1)),
+            )
+            assert await asyncio.to_thread(waiting, dsn, "sso_sessions")
+            with psycopg.connect(dsn) as probe:
+                probe.execute(
+                    "SELECT FROM kitium_auth.sso_links WHERE id = %s FOR UPDATE NOWAIT", [link.id]
+                )
+            holder.commit()
+            session = await result()
+    finally:
+        holder.close()
+    assert isinstance(session, SsoSession) and session.provider_id == provider.id
 
 
 # -- logout -------------------------------------------------------------------------------------
