@@ -544,37 +544,47 @@ async def test_purges_pass_keys_a_python_datetime_cannot_hold(dsn: str) -> None:
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["distinct", "tied"])
+@pytest.mark.parametrize("table", ["sessions", "auth_events"])
 async def test_rows_a_purge_can_never_delete_neither_stop_it_nor_hold_it_for_ever(
-    dsn: str, tied: bool
+    dsn: str, tied: bool, table: str
 ) -> None:
     """Rows a trigger always spares are locked by every batch that reaches them and deleted by
     none. With at least batch_size of them first in line, each batch started over at them, for
     ever; now the next batch starts past them and the purge deletes the rest. Spared rows that
     share one expiry are read again by the batch after (it starts at that expiry): a batch that
-    deletes nothing and gets no further ends the run rather than loop."""
+    deletes nothing and gets no further ends the run rather than loop. The same for events,
+    whose purge (prune_events) resumes from the last (timestamp, id) of the batch before."""
     schema = f"purge_{uuid.uuid4().hex[:10]}"
     adapter = AsyncPostgresStorageAdapter(dsn, schema=schema, max_size=1)
     await adapter.connect()
     try:
         user = await adapter.create_user()
         when = earlier(minutes=10)
-        spared = [
-            await adapter.create_session(
-                user_id=user.id, expires_at=when if tied else earlier(minutes=10 + i)
-            )
-            for i in range(3)
-        ]
+
+        async def make(at: dt.datetime) -> uuid.UUID:
+            if table == "sessions":
+                return (await adapter.create_session(user_id=user.id, expires_at=at)).id
+            event = await adapter.emit_event(type="old", principal_id="p", data=None, timestamp=at)
+            return event.id
+
+        spared = [await make(when if tied else earlier(minutes=10 + i)) for i in range(3)]
         for i in range(4):
-            await adapter.create_session(user_id=user.id, expires_at=earlier(minutes=i + 1))
-        _spare(dsn, schema, [s.id for s in spared], once=False)  # the oldest expiries
+            await make(earlier(minutes=i + 1))
+        _spare(dsn, schema, spared, once=False, table=table)  # the oldest keys
         batches: list[int] = []
-        purge = adapter.delete_expired_sessions(batch_size=2, progress=batches.append)
+        if table == "sessions":
+            purge = adapter.delete_expired_sessions(batch_size=2, progress=batches.append)
+        else:
+            purge = adapter.prune_events(
+                before=dt.datetime.now(dt.UTC), batch_size=2, progress=batches.append
+            )
         deleted = await asyncio.wait_for(purge, 30)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            left = conn.execute(f"SELECT count(*) FROM {schema}.sessions".encode()).fetchone()
-        if tied:  # the first two batches locked two of the tied rows each, and deleted nothing
+            left = conn.execute(f"SELECT count(*) FROM {schema}.{table}".encode()).fetchone()
+        if tied and table == "sessions":
+            # the first two batches locked two of the tied rows each, and deleted nothing
             assert (deleted, batches, left) == (0, [0, 0], (7,))
-        else:
+        else:  # events resume past the spared ones by id too
             assert (deleted, left) == (4, (3,)), batches
     finally:
         await adapter.disconnect()
@@ -592,15 +602,18 @@ BEGIN
   END IF;
   RETURN OLD;
 END $$;
-CREATE TRIGGER spare BEFORE DELETE ON purge_schema.sessions
+CREATE TRIGGER spare BEFORE DELETE ON purge_schema.purged_table
   FOR EACH ROW EXECUTE FUNCTION purge_schema.spare();
 """
 
 
-def _spare(dsn: str, schema: str, ids: list[uuid.UUID], *, once: bool) -> None:
-    """Make the purge of ``schema``'s sessions spare these rows: once, or every time."""
+def _spare(
+    dsn: str, schema: str, ids: list[uuid.UUID], *, once: bool, table: str = "sessions"
+) -> None:
+    """Make the purge of ``schema``'s ``table`` spare these rows: once, or every time."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(SPARE.replace("purge_schema", schema).encode())
+        spare = SPARE.replace("purge_schema", schema).replace("purged_table", table)
+        conn.execute(spare.encode())
         conn.execute(
             f"INSERT INTO {schema}.spared (id, once) SELECT unnest(%s::uuid[]), %s".encode(),
             [ids, once],
