@@ -1352,15 +1352,21 @@ async def test_end_user_sessions_must_be_a_bool(
     assert _app_sessions_left(dsn, app) == {app}
 
 
+@pytest.mark.parametrize("by", ["provider_subject", "session_token"])
 async def test_a_logout_ending_app_sessions_and_deleting_its_user_do_not_deadlock(
-    storage: Any, unique: Callable[[str], str], dsn: str, caplog: pytest.LogCaptureFixture
+    storage: Any,
+    unique: Callable[[str], str],
+    dsn: str,
+    caplog: pytest.LogCaptureFixture,
+    by: str,
 ) -> None:
     """delete_user locks the user's row, then deletes its sessions and then its SSO sessions
     by cascade. A logout with end_user_sessions locks the users' rows first, then their SSO
     sessions, then their sessions: with an SSO session held by another transaction, the logout
     waits on it, delete_user waits on the user, and once it commits both finish. (Locking the
     SSO session first, the logout held it and waited for a session that delete_user held while
-    waiting for the SSO session: a deadlock.)"""
+    waiting for the SSO session: a deadlock.) Whether the logout names the identity or the
+    provider's session token: each has a query of its own."""
     user, provider = await _user(storage, unique), await _oidc(storage, unique)
     sso = await _sso_session(storage, user, provider, "s", "sid")
     app = await _app_session(storage, user)
@@ -1374,8 +1380,8 @@ async def test_a_logout_ending_app_sessions_and_deleting_its_user_do_not_deadloc
                 storage,
                 "delete_sso_sessions",
                 provider_id=provider.id,
-                provider_subject="s",
                 end_user_sessions=True,
+                **{by: {"provider_subject": "s", "session_token": "sid"}[by]},
             )
             seen = [await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.sso_sessions")]
             deleted = start(storage, "delete_user", user.id)
@@ -1393,6 +1399,45 @@ async def test_a_logout_ending_app_sessions_and_deleting_its_user_do_not_deadloc
     assert failures == []  # no deadlock_detected, retried or raised
     ended, user_deleted = results
     assert isinstance(ended, list) and user_deleted is True, results
+    assert [e.id for e in ended] == [sso]
+    assert _app_sessions_left(dsn, app) == set()
+
+
+@pytest.mark.parametrize("by", ["provider_subject", "session_token"])
+async def test_a_tenants_logout_waits_for_its_organization_before_any_user_or_sso_session(
+    storage: Any, unique: Callable[[str], str], dsn: str, by: str
+) -> None:
+    """A logout ending application sessions through an organization's provider locks the
+    organization first (sso.sql says why: delete_organization and update_organization(members=)
+    lock it before their cascades and deletes reach the sessions). While another transaction
+    holds it, the logout waits without holding the user or the SSO session: a third transaction
+    locks both at once (``NOWAIT``)."""
+    org = await storage.create_organization(name=unique("org"), plan="team")
+    user, provider = await _user(storage, unique), await _oidc(storage, unique, org_id=org.id)
+    sso = await _sso_session(storage, user, provider, "s", "sid")
+    app = await _app_session(storage, user)
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "SELECT FROM kitium_auth.organizations WHERE id = %s FOR NO KEY UPDATE", [org.id]
+        )
+        logout = start(
+            storage,
+            "delete_sso_sessions",
+            provider_id=provider.id,
+            end_user_sessions=True,
+            **{by: {"provider_subject": "s", "session_token": "sid"}[by]},
+        )
+        assert await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.sso_sessions")
+        with psycopg.connect(dsn) as probe:
+            for table, row in (("users", user.id), ("sso_sessions", sso)):
+                probe.execute(
+                    f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR UPDATE NOWAIT", [row]
+                )
+        holder.commit()
+        ended = await logout
+    finally:
+        holder.close()
     assert [e.id for e in ended] == [sso]
     assert _app_sessions_left(dsn, app) == set()
 
