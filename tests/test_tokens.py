@@ -325,10 +325,17 @@ async def test_api_key_issue_and_verify(storage: Any, email: str, dsn: str) -> N
     assert await storage.get_api_key_by_hash(issued.record.hash) == again
 
 
-async def test_expired_and_deleted_api_keys_do_not_verify(storage: Any, email: str) -> None:
+async def test_api_keys_verify_until_they_expire_and_not_once_deleted(
+    storage: Any, email: str
+) -> None:
     user = await storage.create_user(email=email)
     expired = await storage.issue_api_key(user.id, [], expires_at=_in(-1))
     assert await storage.verify_api_key(expired.key) is None
+    expiring = await storage.issue_api_key(user.id, [], expires_at=_in(60))
+    stamped = await storage.verify_api_key(expiring.key)  # stamps last_used_at
+    assert stamped is not None and stamped.id == expiring.record.id
+    assert stamped.last_used_at is not None
+    assert await storage.verify_api_key(expiring.key) == stamped  # read within the minute
     live = await storage.issue_api_key(user.id, [])
     assert await storage.delete_api_key(live.record.id) is True
     assert await storage.verify_api_key(live.key) is None

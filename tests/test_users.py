@@ -417,7 +417,14 @@ async def test_oauth_provider_tokens_are_encrypted_at_rest(
     assert row is not None and access not in row[0] and refresh not in row[0]
     sub = (await storage.get_user(user.id)).oauth["google"].sub
     await storage.link_oauth_account(user.id, "google", sub=sub, name="relinked")
-    assert (await storage.get_oauth_tokens(user.id, "google")).access_token == access
+    kept = await storage.get_oauth_tokens(user.id, "google")  # a link without tokens keeps them
+    assert (kept.access_token, kept.refresh_token, kept.expires_at) == (access, refresh, expires)
+    later = expires + dt.timedelta(hours=1)
+    await storage.link_oauth_account(
+        user.id, "google", sub=sub, access_token="a-2", refresh_token="r-2", token_expires_at=later
+    )
+    new = await storage.get_oauth_tokens(user.id, "google")  # one with tokens replaces them
+    assert (new.access_token, new.refresh_token, new.expires_at) == ("a-2", "r-2", later)
     assert await storage.get_oauth_tokens(user.id, "github") is None
 
 
@@ -485,6 +492,15 @@ async def test_update_oauth_tokens_stores_a_refresh_over_the_version_it_read(
         is None
     )
     assert await storage.get_oauth_tokens(user.id, "github") is None
+    # The user's other links keep their tokens.
+    await storage.link_oauth_account(
+        user.id, "github", sub=unique("gh"), access_token="gh-a", refresh_token="gh-r"
+    )
+    github = await storage.get_oauth_tokens(user.id, "github")
+    assert await storage.update_oauth_tokens(
+        user.id, "google", access_token="a-6", refresh_token="r-6"
+    )
+    assert await storage.get_oauth_tokens(user.id, "github") == github
 
 
 @pytest.mark.parametrize(
@@ -618,9 +634,11 @@ async def test_a_retried_link_leaves_a_newer_email_and_name(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Found in review: a recognised retry of link_oauth_account still wrote its email and
-    name over a re-link's made in between."""
+    name over a re-link's made in between. Nor does it write its tokens and their expiry."""
     user = await storage.create_user(email=email)
     sub = unique("g")
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    later = soon + dt.timedelta(hours=1)
     first_attempt = _replayed(
         storage,
         monkeypatch,
@@ -632,17 +650,21 @@ async def test_a_retried_link_leaves_a_newer_email_and_name(
         email="old@example.com",
         name="Old",
         access_token="a",
+        token_expires_at=soon,
     )
 
     first = await first_attempt()
     await storage.link_oauth_account(
-        user.id, "google", sub=sub, email="new@example.com", name="New"
-    )
+        user.id, "google", sub=sub, email="new@example.com", name="New", access_token="b",
+        refresh_token="rb", token_expires_at=later,
+    )  # fmt: skip
     retried = await first_attempt()
     assert retried.id == first.id
     assert retried.oauth == (await storage.get_user(user.id)).oauth  # the link as it is now
     link = retried.oauth["google"]
     assert (link.email, link.name) == ("new@example.com", "New")
+    tokens = await storage.get_oauth_tokens(user.id, "google")
+    assert (tokens.access_token, tokens.refresh_token, tokens.expires_at) == ("b", "rb", later)
 
 
 def _lease(dsn: str, user_id: uuid.UUID) -> tuple[Any, ...] | None:
@@ -762,9 +784,13 @@ async def _token_write(
     call: dict[str, Any] = {"access_token": "a-2", "refresh_token": "r-2"}
     if method == "update_oauth_tokens":
         call["if_version"] = (await storage.get_oauth_tokens(user_id, "google")).version
-    else:
+    elif method == "link_oauth_account":
         call["sub"] = (await storage.get_user(user_id)).oauth["google"].sub
-    return getattr(storage, method), call
+    return getattr(storage, method.removesuffix(UNCONDITIONAL)), call
+
+
+UNCONDITIONAL = " without if_version"
+TOKEN_WRITES = ["update_oauth_tokens", "update_oauth_tokens" + UNCONDITIONAL, "link_oauth_account"]
 
 
 def _replayed(
@@ -789,7 +815,7 @@ def _replayed(
     return attempt
 
 
-@pytest.mark.parametrize("method", ["update_oauth_tokens", "link_oauth_account"])
+@pytest.mark.parametrize("method", TOKEN_WRITES)
 async def test_a_retried_token_write_keeps_a_lease_taken_after_its_first_attempt(
     storage: Any,
     email: str,
@@ -818,7 +844,7 @@ async def test_a_retried_token_write_keeps_a_lease_taken_after_its_first_attempt
     assert _lease(dsn, user.id) == (None, None)
 
 
-@pytest.mark.parametrize("method", ["update_oauth_tokens", "link_oauth_account"])
+@pytest.mark.parametrize("method", TOKEN_WRITES)
 async def test_a_retried_token_write_leaves_the_newer_tokens_a_lease_holder_stored(
     storage: Any,
     email: str,
