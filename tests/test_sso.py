@@ -1403,38 +1403,48 @@ async def test_a_logout_ending_app_sessions_and_deleting_its_user_do_not_deadloc
     assert _app_sessions_left(dsn, app) == set()
 
 
+@pytest.mark.parametrize("held", ["its organization", "another organization", "another user"])
 @pytest.mark.parametrize("by", ["provider_subject", "session_token"])
-async def test_a_tenants_logout_waits_for_its_organization_before_any_user_or_sso_session(
-    storage: Any, unique: Callable[[str], str], dsn: str, by: str
+async def test_a_tenants_logout_waits_for_its_organization_and_for_no_other_row(
+    storage: Any, unique: Callable[[str], str], dsn: str, by: str, held: str
 ) -> None:
     """A logout ending application sessions through an organization's provider locks the
     organization first (sso.sql says why: delete_organization and update_organization(members=)
     lock it before their cascades and deletes reach the sessions). While another transaction
     holds it, the logout waits without holding the user or the SSO session: a third transaction
-    locks both at once (``NOWAIT``)."""
+    locks both at once (``NOWAIT``). Another organization, or another user of the provider
+    (another subject, another session token), it leaves alone: held, it does not wait."""
     org = await storage.create_organization(name=unique("org"), plan="team")
+    other_org = await storage.create_organization(name=unique("org"), plan="team")
     user, provider = await _user(storage, unique), await _oidc(storage, unique, org_id=org.id)
+    other_user = await _user(storage, unique)
     sso = await _sso_session(storage, user, provider, "s", "sid")
+    await _sso_session(storage, other_user, provider, "t", "tid")
     app = await _app_session(storage, user)
+    # each in the mode that conflicts with the logout's lock (SHARE, KEY SHARE)
+    table, row, mode = {
+        "its organization": ("organizations", org.id, "NO KEY UPDATE"),
+        "another organization": ("organizations", other_org.id, "NO KEY UPDATE"),
+        "another user": ("users", other_user.id, "UPDATE"),
+    }[held]
     holder = psycopg.connect(dsn)
     try:
-        holder.execute(
-            "SELECT FROM kitium_auth.organizations WHERE id = %s FOR NO KEY UPDATE", [org.id]
-        )
+        holder.execute(f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR {mode}", [row])
         logout = start(
-            storage,
+            storage.with_statement_timeout(2000) if held != "its organization" else storage,
             "delete_sso_sessions",
             provider_id=provider.id,
             end_user_sessions=True,
             **{by: {"provider_subject": "s", "session_token": "sid"}[by]},
         )
-        assert await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.sso_sessions")
-        with psycopg.connect(dsn) as probe:
-            for table, row in (("users", user.id), ("sso_sessions", sso)):
-                probe.execute(
-                    f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR UPDATE NOWAIT", [row]
-                )
-        holder.commit()
+        if held == "its organization":
+            assert await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.sso_sessions")
+            with psycopg.connect(dsn) as probe:
+                for table, row in (("users", user.id), ("sso_sessions", sso)):
+                    probe.execute(
+                        f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR UPDATE NOWAIT", [row]
+                    )
+            holder.commit()
         ended = await logout
     finally:
         holder.close()
