@@ -215,6 +215,7 @@ async def test_rotate_session_token_after_a_lost_ack_gives_the_new_token(
     assert rotated is not None and rotated.session.id == issued.session.id
     assert await via_proxy.validate_session_token(rotated.token) == rotated.session
     assert await via_proxy.validate_session_token(issued.token) is None
+    assert (await via_proxy.list_events(principal_id=user.id)).events == ()  # no reuse reported
 
 
 async def test_a_reuse_found_by_a_first_attempt_whose_ack_was_lost_is_still_reported(
@@ -432,6 +433,11 @@ async def _challenge(storage: Any, user: Any) -> Any:
     )  # fmt: skip
 
 
+async def _fastapi_users_login(storage: Any, user: Any) -> Any:
+    # the fastapi-users integration's login (KitiumSessionStrategy.write_token)
+    return (await storage._issue_session_token_unless_deactivated(user.id, in_an_hour())).session
+
+
 # name: (the statement's marker, what the call makes, its table, how it is read back)
 CREATES: dict[str, tuple[str, Callable[..., Any], str, str]] = {
     "create_organization": ("INSERT INTO kitium_auth.organizations", _org, "organizations",
@@ -451,6 +457,8 @@ CREATES: dict[str, tuple[str, Callable[..., Any], str, str]] = {
                                  "twofa_devices", "get_two_factor_device"),
     "create_two_factor_session": ("INSERT INTO kitium_auth.twofa_sessions", _challenge,
                                   "twofa_sessions", "get_two_factor_session"),
+    "fastapi_users_login": ("INSERT INTO kitium_auth.sessions", _fastapi_users_login,
+                            "sessions", "get_session"),
 }  # fmt: skip
 
 
