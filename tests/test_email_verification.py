@@ -364,6 +364,9 @@ async def test_a_resend_does_not_reset_the_attempts_of_an_address(
     await storage.increment_email_verification_token_attempts(stale.id)
     fresh = await _token(storage, email, type="email_change")
     assert await storage.increment_email_verification_token_attempts(fresh.id) == 1
+    # and so does the read of a count
+    for token, count in ((resent, 4), (verify, 1), (elsewhere, 1), (fresh, 1)):
+        assert await storage.get_email_verification_token_attempts(token.id) == count
 
 
 async def test_a_new_address_ends_the_tokens_sent_to_the_old_one(

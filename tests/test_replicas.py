@@ -135,6 +135,41 @@ async def test_bearer_credentials_on_a_lagging_replica(routed: Any, pair: Replic
     assert stamped is not None
 
 
+async def test_a_replica_verifies_an_api_key_until_it_expires_and_restamps_it_each_minute(
+    routed: Any, pair: ReplicatedPair
+) -> None:
+    """verify_api_key on the standby refuses an expired key (one used within the minute too,
+    which needs no stamp from the primary) and accepts one whose expiry is ahead; a key never
+    used, or last stamped over a minute ago, is stamped (on the primary), one stamped within
+    the minute is not."""
+    user = await routed.create_user()
+    now = dt.datetime.now(dt.UTC)
+    expired = await routed.issue_api_key(user.id, ["read"], expires_at=now - HOUR)
+    expiring = await routed.issue_api_key(user.id, ["read"], expires_at=now + HOUR)
+    unused = await routed.issue_api_key(user.id, ["read"])
+    assert (await routed.verify_api_key(expiring.key, consistency="primary")) is not None
+    pair.primary.query(
+        "UPDATE kitium_auth.api_keys SET last_used_at = last_used_at - interval '2 minutes'"
+        " WHERE id = %s",
+        [expiring.record.id],
+    )
+    pair.primary.query(
+        "UPDATE kitium_auth.api_keys SET last_used_at = now() WHERE id = %s", [expired.record.id]
+    )
+    old = pair.primary.value(
+        "SELECT last_used_at FROM kitium_auth.api_keys WHERE id = %s", [expiring.record.id]
+    )
+    wait_replayed(pair.primary, pair.standby)
+    assert await routed.verify_api_key(expired.key) is None
+    first_use = await routed.verify_api_key(unused.key)
+    assert first_use is not None and first_use.last_used_at is not None
+    restamped = await routed.verify_api_key(expiring.key)
+    assert restamped is not None and restamped.last_used_at > old + dt.timedelta(minutes=1)
+    wait_replayed(pair.primary, pair.standby)
+    again = await routed.verify_api_key(expiring.key)  # within the minute: not stamped
+    assert again is not None and again.last_used_at == restamped.last_used_at
+
+
 class _ClockAhead:
     """A stand-in for a module's ``datetime`` import whose ``datetime.now`` runs 3 minutes
     ahead: an application server whose clock is off."""
