@@ -864,7 +864,7 @@ async def test_an_sso_session_locks_its_user_and_provider_before_the_link_and_no
     holder = psycopg.connect(dsn)
     try:
         holder.execute(f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR UPDATE", [row])
-        sign_in = storage.with_statement_timeout(2000).create_sso_session
+        sign_in = storage.with_statement_timeout(3000).create_sso_session
         if held == "another provider":
             session = await sign_in(**bound, provider_subject="s", expires_at=_in(hours=1))
         else:
@@ -1431,7 +1431,7 @@ async def test_a_tenants_logout_waits_for_its_organization_and_for_no_other_row(
     try:
         holder.execute(f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR {mode}", [row])
         logout = start(
-            storage.with_statement_timeout(2000) if held != "its organization" else storage,
+            storage.with_statement_timeout(3000) if held != "its organization" else storage,
             "delete_sso_sessions",
             provider_id=provider.id,
             end_user_sessions=True,

@@ -1,0 +1,128 @@
+"""Every purge of expired rows (sessions, email tokens, 2FA challenges, SSO sessions, events),
+against both adapters: what they share beyond the batching each domain's tests check."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+
+async def _expired_sessions(storage: Any, user: Any) -> list[uuid.UUID]:
+    return [
+        (await storage.create_session(user_id=user.id, expires_at=_in_an_hour())).id
+        for _ in range(2)
+    ]
+
+
+async def _expired_tokens(storage: Any, user: Any) -> list[uuid.UUID]:
+    made = [
+        await storage.create_email_verification_token(
+            email=user.email, code_hash=uuid.uuid4().hex * 2, type="verify_email",
+            expires_at=_in_an_hour(),
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    return [token.id for token in made]
+
+
+async def _expired_challenges(storage: Any, user: Any) -> list[uuid.UUID]:
+    device = await storage.create_two_factor_device(
+        user_id=user.id, method="totp", secret="JBSWY3DPEHPK3PXP"
+    )
+    login = await storage.create_session(user_id=user.id, expires_at=_in_an_hour())
+    made = [
+        await storage.create_two_factor_session(
+            user_id=user.id, device_id=device.id, session_id=login.id, method="totp",
+            expires_at=_in_an_hour(),
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    return [challenge.id for challenge in made]
+
+
+async def _expired_sso_sessions(storage: Any, user: Any) -> list[uuid.UUID]:
+    provider = await storage.create_sso_provider(type="oidc", name=f"purge-{uuid.uuid4().hex}")
+    bound = {"user_id": user.id, "provider_id": provider.id, "provider_type": "oidc"}
+    await storage.create_sso_link(**bound, provider_subject="s")
+    made = [
+        await storage.create_sso_session(**bound, provider_subject="s", expires_at=_in_an_hour())
+        for _ in range(2)
+    ]
+    return [session.id for session in made]
+
+
+async def _old_events(storage: Any, user: Any) -> list[uuid.UUID]:
+    long_ago = dt.datetime(2001, 1, 1, tzinfo=dt.UTC)
+    made = [
+        await storage.emit_event(
+            type="purge.test", principal_id=user.id, data=None, timestamp=long_ago
+        )
+        for _ in range(2)
+    ]
+    return [event.id for event in made]
+
+
+def _in_an_hour() -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+
+
+# (rows made, the table, the column a backdate moves (None: made old), the purge call)
+PURGES: dict[str, tuple[Callable[..., Any], str, str | None, Callable[[Any], Any]]] = {
+    "sessions": (
+        _expired_sessions, "sessions", "expires_at", lambda s: s.delete_expired_sessions()
+    ),
+    "email_verification_tokens": (
+        _expired_tokens, "email_verification_tokens", "expires_at",
+        lambda s: s.delete_expired_email_verification_tokens(),
+    ),
+    "twofa_sessions": (
+        _expired_challenges, "twofa_sessions", "expires_at",
+        lambda s: s.delete_expired_two_factor_sessions(),
+    ),
+    "sso_sessions": (
+        _expired_sso_sessions, "sso_sessions", "expires_at",
+        lambda s: s.delete_expired_sso_sessions(),
+    ),
+    "auth_events": (
+        _old_events, "auth_events", None,
+        lambda s: s.prune_events(before=dt.datetime(2001, 1, 2, tzinfo=dt.UTC)),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(PURGES))
+async def test_a_purge_skips_rows_another_transaction_holds_and_takes_them_later(
+    storage: Any, email: str, dsn: str, kind: str
+) -> None:
+    """A purge does not wait for a row another transaction holds locked (a session being
+    updated, a challenge being completed): it skips it, deletes the rest, and a later run takes
+    it. Waiting would stall the cleaner behind any long transaction, and its own locks on the
+    rows it took would then stall the callers behind it. The purge runs with a 3 s statement
+    timeout: had it waited for the held row, it would fail with ``QueryTimeoutError``."""
+    make, table, column, purge = PURGES[kind]
+    user = await storage.create_user(email=email)
+    held, free = await make(storage, user)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if column is not None:
+            conn.execute(
+                f"UPDATE kitium_auth.{table} SET {column} = now() - interval '1 second'"
+                " WHERE id = ANY(%s)",
+                [[held, free]],
+            )
+        with psycopg.connect(dsn) as holder:
+            holder.execute(f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR UPDATE", [held])
+            assert await purge(storage.with_statement_timeout(3000)) >= 1
+            left = conn.execute(
+                f"SELECT id FROM kitium_auth.{table} WHERE id = ANY(%s)", [[held, free]]
+            ).fetchall()
+            assert left == [(held,)]
+            holder.rollback()
+        assert await purge(storage) >= 1
+        assert conn.execute(
+            f"SELECT count(*) FROM kitium_auth.{table} WHERE id = ANY(%s)", [[held, free]]
+        ).fetchone() == (0,)
