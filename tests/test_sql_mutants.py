@@ -1,0 +1,86 @@
+"""tools/sql_mutants.py, the mutation testing of queries/: which mutants it makes (its runs are
+too long for CI; docs/development.md gives the last run's outcome)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tool() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("sql_mutants", ROOT / "tools/sql_mutants.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+SAMPLE = """\
+-- A file comment: AND x IS NULL here is no code.
+
+-- name: consume(id, consumer)^
+-- Consume once (a comment: FOR UPDATE is no code either).
+UPDATE t
+   SET used_at = coalesce(used_at, statement_timestamp())
+ WHERE id = :id AND (used_at IS NULL OR consumed_by = :consumer)
+   AND expires_at > statement_timestamp()
+   AND n BETWEEN 1 AND 3
+RETURNING id;
+
+-- name: purge(batch_size)^
+WITH batch AS (
+  SELECT id FROM t WHERE expires_at <= now() ORDER BY expires_at DESC LIMIT :batch_size
+     FOR UPDATE SKIP LOCKED
+)
+INSERT INTO u (id) SELECT id FROM batch ON CONFLICT (id) DO NOTHING;
+"""
+
+
+def test_mutants_change_one_code_line_each_and_never_a_comment(
+    tool: ModuleType, tmp_path: Path
+) -> None:
+    (tmp_path / "sample.sql").write_text(SAMPLE)
+    made = {(m.query, m.line, m.operator, m.after.strip()) for m in tool.mutants(tmp_path)}
+    assert made == {
+        ("consume", 6, "statement_timestamp() -> now()", "SET used_at = coalesce(used_at, now())"),
+        ("consume", 7, "drop condition", "WHERE id = :id"),
+        ("consume", 7, "drop condition", "WHERE id = :id AND (used_at IS NULL)"),
+        ("consume", 7, "IS NULL -> IS NOT NULL",
+         "WHERE id = :id AND (used_at IS NOT NULL OR consumed_by = :consumer)"),
+        ("consume", 8, "drop condition", ""),
+        ("consume", 8, "statement_timestamp() -> now()", "AND expires_at > now()"),
+        ("purge", 14, "DESC -> ASC",
+         "SELECT id FROM t WHERE expires_at <= now() ORDER BY expires_at LIMIT :batch_size"),
+        ("purge", 14, "drop LIMIT",
+         "SELECT id FROM t WHERE expires_at <= now() ORDER BY expires_at DESC"),
+        ("purge", 15, "drop row lock", ""),
+        ("purge", 15, "drop SKIP LOCKED", "FOR UPDATE"),
+        ("purge", 17, "drop ON CONFLICT DO NOTHING", "INSERT INTO u (id) SELECT id FROM batch;"),
+    }  # fmt: skip
+    # BETWEEN's AND is no condition of its own: line 9 is left alone
+
+
+def test_every_shipped_query_file_has_tests_and_its_mutants_keep_their_parentheses(
+    tool: ModuleType,
+) -> None:
+    """Each queries/ file names the test files its mutants run (which exist), and no mutant
+    unbalances a line's parentheses (a mutant the server refuses to parse tests nothing)."""
+    files = {path.name for path in (ROOT / "queries").glob("*.sql")}
+    assert set(tool.DOMAIN_TESTS) == files
+    for name in {t for tests in tool.DOMAIN_TESTS.values() for t in tests} | set(tool.COMMON_TESTS):
+        assert (ROOT / "tests" / name).is_file(), name
+    made = tool.mutants(ROOT / "queries")
+    assert len(made) > 300
+    for mutant in made:
+        before = mutant.before.split("--", 1)[0]
+        assert before.count("(") - before.count(")") == (
+            mutant.after.count("(") - mutant.after.count(")")
+        ), mutant.describe()

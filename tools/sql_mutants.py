@@ -1,0 +1,415 @@
+"""Mutation testing of queries/: for each guard taken out of a query, does some test fail?
+
+A mutant is one line of one query changed: a condition dropped from a WHERE, ON or CASE test
+(``AND x`` or ``OR x`` removed), ``IS NULL`` and ``IS NOT NULL`` swapped, a row lock removed
+(``FOR UPDATE``, ``FOR KEY SHARE``…, with its ``SKIP LOCKED``), ``SKIP LOCKED`` alone removed,
+``statement_timestamp()`` turned into ``now()``, an ``ON CONFLICT … DO NOTHING`` removed, a
+``LIMIT`` removed, a ``DESC`` removed. Each mutant runs the test files of its query's domain
+(``DOMAIN_TESTS``) and ``COMMON_TESTS`` on a copy of the checkout, against a fresh database
+cloned from a migrated template on an embedded server. A mutant some test fails on is killed;
+one that aiosql or the server refuses is invalid (any test that runs it fails, which tests
+nothing); the others survive and are listed.
+
+    python tools/sql_mutants.py --list                    # the mutants, not run
+    python tools/sql_mutants.py                           # every mutant
+    python tools/sql_mutants.py --file twofa.sql --report out.md
+    python tools/sql_mutants.py --survivors-of out.log    # what an earlier run left
+
+A survivor is a guard no test depends on: either a missing test or a guard that changes
+nothing a caller can see (say a lock a later step of the same statement takes anyway);
+docs/sql-mutants.md keeps the verdicts. Exits 0 when the baseline passes, whatever survives;
+2 when the baseline fails (nothing is then measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosql
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kitium_pg.embedded import EmbeddedPostgres  # noqa: E402
+
+# The test files that exercise each queries/ file; a mutant runs those of its file, then
+# COMMON_TESTS (retries after a lost acknowledgement, round trips, caller transactions, purges).
+COMMON_TESTS = ("test_lost_ack.py", "test_round_trips.py", "test_transactions.py", "test_purges.py")
+DOMAIN_TESTS: dict[str, tuple[str, ...]] = {
+    "api_keys.sql": ("test_api_keys.py", "test_tokens.py", "test_tenancy.py", "test_replicas.py"),
+    "chaos.sql": ("test_chaos.py",),
+    "diagnostics.sql": ("test_cli.py", "test_sso.py"),
+    "email_verification.sql": ("test_email_verification.py", "test_tenancy.py"),
+    "events.sql": ("test_events.py", "test_sessions.py", "test_tenancy.py"),
+    "grants.sql": ("test_cli.py", "test_migrate.py"),
+    "keys.sql": ("test_key_rotation.py", "test_cli.py", "test_encryption.py"),
+    "migrations.sql": ("test_migrate.py", "test_migrate_concurrently.py", "test_cli.py"),
+    "organizations.sql": ("test_organizations.py", "test_tenancy.py", "test_sessions.py"),
+    "rbac.sql": ("test_rbac.py", "test_tenancy.py"),
+    "sessions.sql": (
+        "test_sessions.py",
+        "test_tokens.py",
+        "test_tenancy.py",
+        "test_replicas.py",
+        "test_fastapi.py",
+    ),
+    "sso.sql": ("test_sso.py", "test_tenancy.py"),
+    "tokens.sql": (
+        "test_tokens.py",
+        "test_api_keys.py",
+        "test_sessions.py",
+        "test_replicas.py",
+        "test_fastapi.py",
+    ),
+    "twofa.sql": ("test_twofa.py", "test_tenancy.py"),
+    "users.sql": ("test_users.py", "test_tenancy.py", "test_organizations.py", "test_fastapi.py"),
+}
+
+LOCK_CLAUSE = re.compile(
+    r"\s+FOR (?:NO KEY UPDATE|UPDATE|KEY SHARE|SHARE)(?:\s+OF\s+\w+)?(?:\s+SKIP LOCKED|\s+NOWAIT)?"
+)
+SKIP_LOCKED = re.compile(r"\s+SKIP LOCKED")
+IS_NULL = re.compile(r"\bIS NULL\b")
+IS_NOT_NULL = re.compile(r"\bIS NOT NULL\b")
+STATEMENT_TIME = re.compile(r"\bstatement_timestamp\(\)")
+DO_NOTHING = re.compile(r"\s*ON CONFLICT\s*(?:\([^()]*\))?\s*DO NOTHING")
+LIMIT = re.compile(r"\s+LIMIT\s+(?:\d+|:\w+|\(:\w+\))")
+DESC = re.compile(r"\s+DESC\b")
+INVALID = "aiosql or the server refuses it"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    file: str
+    query: str
+    line: int  # 1-based, in the file
+    operator: str
+    before: str
+    after: str
+    variant: int = 1  # the n-th mutant of this line by this operator
+
+    def describe(self) -> str:
+        nth = f" #{self.variant}" if self.variant > 1 else ""
+        return f"{self.file}:{self.line} {self.query} [{self.operator}{nth}]"
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _depths(line: str) -> list[int]:
+    """Parenthesis depth before each character of ``line``."""
+    depth, out = 0, []
+    for char in line:
+        out.append(depth)
+        depth += {"(": 1, ")": -1}.get(char, 0)
+    return out
+
+
+def _dropped_conditions(line: str) -> Iterator[str]:
+    """``line`` with one ``AND <condition>`` or ``OR <condition>`` taken out, for each
+    condition that ends within the line (at the next AND, OR, THEN, ELSE or END at its depth, at
+    the parenthesis that closes its group, or at the end of the line)."""
+    if "BETWEEN" in line:
+        return
+    depths = _depths(line)
+    stop = len(line.rstrip().rstrip(";").rstrip())
+    for match in re.finditer(r"\b(?:AND|OR)\b", line):
+        depth = depths[match.start()]
+        end = stop
+        for pos in range(match.end(), stop):
+            if line[pos] == ")" and depths[pos] == depth:
+                end = pos
+                break
+            if depths[pos] == depth and re.match(r"\s(?:AND|OR|THEN|ELSE|END)\b", line[pos:]):
+                end = pos
+                break
+        condition = line[match.end() : end]
+        if condition.strip() and _balanced(condition):
+            yield line[: match.start()].rstrip() + line[end:]
+
+
+def _line_mutants(line: str) -> Iterator[tuple[str, str]]:
+    code = line.split("--", 1)[0]
+    if not code.strip():
+        return
+    for mutated in _dropped_conditions(code):
+        yield "drop condition", mutated
+    for match in IS_NOT_NULL.finditer(code):
+        yield "IS NOT NULL -> IS NULL", code[: match.start()] + "IS NULL" + code[match.end() :]
+    for match in IS_NULL.finditer(code):
+        yield "IS NULL -> IS NOT NULL", code[: match.start()] + "IS NOT NULL" + code[match.end() :]
+    for pattern, name in (
+        (LOCK_CLAUSE, "drop row lock"),
+        (SKIP_LOCKED, "drop SKIP LOCKED"),
+        (DO_NOTHING, "drop ON CONFLICT DO NOTHING"),
+        (LIMIT, "drop LIMIT"),
+        (DESC, "DESC -> ASC"),
+    ):
+        for match in pattern.finditer(code):
+            yield name, code[: match.start()] + code[match.end() :]
+    for match in STATEMENT_TIME.finditer(code):
+        yield (
+            "statement_timestamp() -> now()",
+            code[: match.start()] + "now()" + code[match.end() :],
+        )
+
+
+def mutants(queries_dir: Path) -> list[Mutant]:
+    """Every mutant of every query, in file and line order."""
+    found: list[Mutant] = []
+    for path in sorted(queries_dir.glob("*.sql")):
+        query = ""
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            name = re.match(r"--\s*name:\s*(\w+)", line)
+            if name:
+                query = name.group(1)
+                continue
+            if not query or line.lstrip().startswith("--"):
+                continue
+            counts: dict[str, int] = {}
+            for operator, after in _line_mutants(line):
+                if after.rstrip() != line.split("--", 1)[0].rstrip():
+                    counts[operator] = counts.get(operator, 0) + 1
+                    found.append(
+                        Mutant(path.name, query, number, operator, line, after, counts[operator])
+                    )
+    return found
+
+
+def _parses(conninfo: str, text: str, query: str) -> bool:
+    """Whether aiosql loads ``query`` of queries file ``text`` and the server can parse it (a
+    mutant that cannot be is counted apart: any test that runs it fails, which tests nothing)."""
+    try:
+        statement = getattr(aiosql.from_str(text, "psycopg"), query).sql
+    except aiosql.SQLParseException:  # e.g. a declared parameter the mutant no longer uses
+        return False
+    numbers: dict[str, int] = {}
+
+    def number(match: re.Match[str]) -> str:
+        return f"${numbers.setdefault(match.group(1), len(numbers) + 1)}"
+
+    statement = re.sub(r"%\((\w+)\)s", number, statement).replace("%%", "%")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        result = conn.pgconn.prepare(b"", statement.encode())
+        return result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) != b"42601"
+
+
+def _run_tests(
+    copy: Path, dsn: str, tests: tuple[str, ...], keyword: str | None, timeout: float
+) -> tuple[bool, str]:
+    env = dict(os.environ, KITIUM_PG_TEST_DSN=dsn, PYTHONPATH=str(copy))
+    env.pop("CI", None)
+    command = [
+        sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+        *(["-k", keyword] if keyword else []), *[f"tests/{name}" for name in tests],
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(
+            command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return False, "timed out"
+    tail = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
+    return done.returncode == 0, tail
+
+
+def _copy_checkout(into: Path) -> Path:
+    copy = into / "checkout"
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in listed:
+        target = copy / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name).is_file():
+            shutil.copy2(ROOT / name, target)
+    return copy
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="print the mutants and stop")
+    parser.add_argument("--file", action="append", help="only this queries/ file (repeatable)")
+    parser.add_argument("--query", action="append", help="only this query (repeatable)")
+    parser.add_argument("--line", action="append", type=int, help="only this line (repeatable)")
+    parser.add_argument("--operator", action="append", help="only this operator (repeatable)")
+    parser.add_argument(
+        "--survivors-of",
+        type=Path,
+        help="only the mutants an earlier run's output lists as SURVIVED",
+    )
+    parser.add_argument(
+        "--skip-operator", action="append", default=[], help="not this operator (repeatable)"
+    )
+    parser.add_argument(
+        "--tests", nargs="+", help="run these test files instead of the domain's and the common"
+    )
+    parser.add_argument("--also", action="append", default=[], help="run this test file too")
+    parser.add_argument("-k", dest="keyword", help="pytest -k expression for every run")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run at once (default 2)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant")
+    parser.add_argument("--report", type=Path, help="write the survivors here as Markdown")
+    args = parser.parse_args()
+
+    again = None
+    if args.survivors_of:
+        survived = re.compile(r"\bSURVIVED (.+?\])")
+        again = {m.group(1) for m in survived.finditer(args.survivors_of.read_text())}
+    selected = [
+        m
+        for m in mutants(ROOT / "queries")
+        if (not args.file or m.file in args.file)
+        and (not args.query or m.query in args.query)
+        and (not args.line or m.line in args.line)
+        and (not args.operator or m.operator in args.operator)
+        and m.operator not in args.skip_operator
+        and (again is None or m.describe() in again)
+    ]
+    if args.list:
+        for mutant in selected:
+            print(f"{mutant.describe()}\n  - {mutant.before.strip()}\n  + {mutant.after.strip()}")
+        print(f"{len(selected)} mutants")
+        return 0
+
+    # SIGTERM ends the run like Ctrl-C, so the server below is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with tempfile.TemporaryDirectory(prefix="sql-mutants-") as scratch:
+        copies = [_copy_checkout(Path(scratch) / f"job{job}") for job in range(args.jobs)]
+        server = EmbeddedPostgres(Path(scratch) / "data")
+        base = server.start()
+        try:
+            return _run(args, selected, copies, base)
+        finally:
+            server.stop()
+
+
+def _database(base: str, name: str) -> str:
+    return psycopg.conninfo.make_conninfo(base, dbname=name)
+
+
+def _tests_for(args: argparse.Namespace, files: list[str]) -> tuple[str, ...]:
+    if args.tests:
+        return tuple(args.tests)
+    chosen = [t for f in files for t in DOMAIN_TESTS[f]]
+    return tuple(dict.fromkeys((*chosen, *args.also, *COMMON_TESTS)))
+
+
+def _run(args: argparse.Namespace, selected: list[Mutant], copies: list[Path], base: str) -> int:
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(
+            "CREATE DATABASE mutants_template"
+        )  # a tool: DBA-facing SQL stays in queries/
+    template = _database(base, "mutants_template")
+    baseline_tests = _tests_for(args, sorted({m.file for m in selected}))
+    started = time.monotonic()
+    passed, tail = _run_tests(copies[0], template, baseline_tests, args.keyword, args.timeout * 4)
+    print(f"baseline {' '.join(baseline_tests)}: {tail} ({time.monotonic() - started:.0f} s)")
+    if not passed:
+        return 2
+    free: queue.SimpleQueue[Path] = queue.SimpleQueue()
+    for copy in copies:
+        free.put(copy)
+    results: dict[int, tuple[bool, str]] = {}
+    lock = threading.Lock()
+
+    def run_one(number: int, mutant: Mutant) -> None:
+        copy = free.get()
+        path = copy / "queries" / mutant.file
+        original = path.read_text()
+        lines = original.splitlines(keepends=True)
+        lines[mutant.line - 1] = mutant.after.rstrip() + "\n"
+        path.write_text("".join(lines))
+        name = f"mutant_{number}"
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute(
+                f"CREATE DATABASE {name} TEMPLATE mutants_template"
+            )  # a tool: DBA-facing SQL stays in queries/
+        t0 = time.monotonic()
+        try:
+            tests = _tests_for(args, [mutant.file])
+            if _parses(_database(base, name), path.read_text(), mutant.query):
+                passed, tail = _run_tests(
+                    copy, _database(base, name), tests, args.keyword, args.timeout
+                )
+            else:
+                passed, tail = False, INVALID
+        finally:
+            path.write_text(original)
+            free.put(copy)
+            with psycopg.connect(base, autocommit=True) as admin:
+                admin.execute(
+                    f"DROP DATABASE {name} WITH (FORCE)"
+                )  # a tool: DBA-facing SQL stays in queries/
+        with lock:
+            results[number] = (passed, tail)
+            verdict = "SURVIVED" if passed else "invalid" if tail == INVALID else "killed"
+            print(f"[{len(results)}/{len(selected)}] {verdict:8} {mutant.describe()} "
+                  f"({time.monotonic() - t0:.0f} s) {tail}", flush=True)  # fmt: skip
+
+    pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
+    try:
+        for future in [pool.submit(run_one, n, m) for n, m in enumerate(selected, start=1)]:
+            future.result()
+    finally:
+        # on Ctrl-C (or SIGTERM) the mutants not started are dropped; the running ones end
+        pool.shutdown(cancel_futures=True)
+    survivors = [(m, results[n][1]) for n, m in enumerate(selected, start=1) if results[n][0]]
+    invalid = [m for n, m in enumerate(selected, start=1) if results[n][1] == INVALID]
+    killed = len(selected) - len(survivors) - len(invalid)
+    print(
+        f"{killed} killed, {len(survivors)} survived, {len(invalid)} invalid (aiosql or the server"
+        f" refuses them) of {len(selected)}"
+    )
+    for mutant in invalid:
+        print(f"INVALID {mutant.describe()}\n  + {mutant.after.strip()}")
+    for mutant, _ in survivors:
+        print(
+            f"SURVIVED {mutant.describe()}\n  - {mutant.before.strip()}\n  + {mutant.after.strip()}"
+        )
+    if args.report:
+        args.report.write_text(_report(selected, survivors, killed, invalid))
+    return 0
+
+
+def _report(
+    selected: list[Mutant], survivors: list[tuple[Mutant, str]], killed: int, invalid: list[Mutant]
+) -> str:
+    out = [
+        f"{killed} killed, {len(survivors)} survived, {len(invalid)} invalid of {len(selected)}"
+        " mutants.",
+        "",
+    ]
+    for mutant, tail in survivors:
+        out += [
+            f"- `{mutant.describe()}` ({tail})",
+            "  ```diff",
+            f"  - {mutant.before.strip()}",
+            f"  + {mutant.after.strip()}",
+            "  ```",
+        ]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
