@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import os
 import re
 import threading
 import time
@@ -17,9 +19,17 @@ from typing import Any, cast
 import psycopg
 import pytest
 
-from kitium_pg import ConflictError, NotFoundError, PostgresStorageAdapter, User, ValidationError
+from kitium_pg import (
+    AsyncPostgresStorageAdapter,
+    ConflictError,
+    NotFoundError,
+    PostgresStorageAdapter,
+    User,
+    ValidationError,
+)
 from kitium_pg._base import new_id
 
+from .conftest import TEST_KEYS, AwaitableSync
 from .fix_holder import adapter_module, committed_later, release_when_waiting, waiting
 from .fix_metadata import check_metadata_patch
 from .fix_race import race_each, start
@@ -665,6 +675,45 @@ async def test_a_retried_link_leaves_a_newer_email_and_name(
     assert (link.email, link.name) == ("new@example.com", "New")
     tokens = await storage.get_oauth_tokens(user.id, "google")
     assert (tokens.access_token, tokens.refresh_token, tokens.expires_at) == ("b", "rb", later)
+
+
+async def test_a_retried_link_keeps_the_key_id_of_the_tokens_it_keeps(
+    storage: Any,
+    email: str,
+    unique: Callable[[str], str],
+    dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A recognised retry keeps the stored tokens, and so their key id: an instance on an older
+    keyring retrying its link after one on a newer keyring re-linked must not pair the newer
+    ciphertext with its own key id (the tokens would no longer decrypt)."""
+    newer = {**TEST_KEYS, "test-newer": base64.urlsafe_b64encode(os.urandom(32)).decode()}
+    user = await storage.create_user(email=email)
+    sub = unique("g")
+    first_attempt = _replayed(
+        storage, monkeypatch, 7171, storage.link_oauth_account, user.id, "google", sub=sub,
+        access_token="a",
+    )  # fmt: skip
+    await first_attempt()
+
+    async def relink_then_retry(other: Any) -> None:
+        await other.link_oauth_account(user.id, "google", sub=sub, access_token="b")
+        await first_attempt()
+        assert (await other.get_oauth_tokens(user.id, "google")).access_token == "b"
+
+    if storage.kind == "sync":
+        with PostgresStorageAdapter(dsn, max_size=2, encryption_keys=newer) as sync_newer:
+            await relink_then_retry(AwaitableSync(sync_newer))
+    else:
+        async with AsyncPostgresStorageAdapter(
+            dsn, max_size=2, encryption_keys=newer
+        ) as async_newer:
+            await relink_then_retry(async_newer)
+    with psycopg.connect(dsn) as conn:
+        key_id = conn.execute(
+            "SELECT tokens_key_id FROM kitium_auth.oauth_accounts WHERE user_id = %s", [user.id]
+        ).fetchone()
+    assert key_id == ("test-newer",)
 
 
 def _lease(dsn: str, user_id: uuid.UUID) -> tuple[Any, ...] | None:
