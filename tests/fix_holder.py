@@ -8,7 +8,7 @@ import asyncio
 import importlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -107,3 +107,45 @@ def in_background(
             return exc
 
     return wait
+
+
+Row = tuple[str, Mapping[str, Any]]  # a table of kitium_auth and the column values naming a row
+
+
+def _where(row: Row) -> tuple[str, list[Any]]:
+    table, key = row
+    condition = " AND ".join(f"{column} = %s" for column in key)
+    return f"kitium_auth.{table} WHERE {condition}", list(key.values())
+
+
+async def call_while_holding(
+    storage: Any,
+    dsn: str,
+    held: Row,
+    mode: str,
+    call: Callable[[], Coroutine[Any, Any, Any]],
+    *,
+    waits_on: str | None,
+    free: Sequence[Row] = (),
+) -> Any:
+    """Lock ``held`` (``FOR <mode>``) in a transaction of its own and run ``call()`` meanwhile.
+    With ``waits_on`` (text of the call's statement), check that the call waits on a lock while
+    a third transaction still locks each of ``free`` at once (``FOR UPDATE NOWAIT``: the call
+    holds none of them), then release ``held``; without it, the call must finish while the row
+    is held (give it a statement timeout). Returns what the call returned or raised."""
+    holder = psycopg.connect(dsn)
+    try:
+        target, params = _where(held)
+        holder.execute(f"SELECT FROM {target} FOR {mode}", params)
+        if waits_on is None:
+            return await call()
+        result = in_background(storage, call)
+        assert await asyncio.to_thread(waiting, dsn, waits_on)
+        with psycopg.connect(dsn) as probe:
+            for row in free:
+                target, params = _where(row)
+                probe.execute(f"SELECT FROM {target} FOR UPDATE NOWAIT", params)
+        holder.commit()
+        return await result()
+    finally:
+        holder.close()

@@ -20,7 +20,7 @@ from kitium_pg import (
 )
 from kitium_pg._base import Retry, new_id
 
-from .fix_holder import in_background, release_when_waiting, waiting
+from .fix_holder import call_while_holding, release_when_waiting
 from .fix_metadata import check_metadata_patch
 from .fix_paging import check_bad_paging_arguments, check_walks
 from .fix_plans import generic_plan_of
@@ -159,25 +159,15 @@ async def test_a_bound_session_waits_for_its_user_and_organization_before_the_me
         "sign_in": lambda: storage.create_session(**bound, event={"type": "login"}),
         "update_session": lambda: storage.update_session(unbound.id, org_id=org_id),
     }
-    marker = "UPDATE kitium_auth.sessions" if call == "update_session" else "sessions"
-    holder = psycopg.connect(dsn)
-    try:
-        holder.execute(
-            f"SELECT FROM kitium_auth.{held} WHERE id = %s FOR UPDATE",
-            [user.id if held == "users" else org_id],
-        )
-        result = in_background(storage, calls[call])
-        assert await asyncio.to_thread(waiting, dsn, marker)
-        with psycopg.connect(dsn) as probe:
-            probe.execute(
-                "SELECT FROM kitium_auth.organization_members"
-                " WHERE org_id = %s AND user_id = %s FOR UPDATE NOWAIT",
-                [org_id, user.id],
-            )
-        holder.commit()
-        session = await result()
-    finally:
-        holder.close()
+    session = await call_while_holding(
+        storage,
+        dsn,
+        ("users", {"id": user.id}) if held == "users" else ("organizations", {"id": org_id}),
+        "UPDATE",
+        calls[call],
+        waits_on="UPDATE kitium_auth.sessions" if call == "update_session" else "sessions",
+        free=[("organization_members", {"org_id": org_id, "user_id": user.id})],
+    )
     assert isinstance(session, Session) and session.org_id == org_id
 
 

@@ -24,7 +24,7 @@ from kitium_pg.records import SsoDomain, SsoLink, SsoProvider, SsoSession, User
 from tests.conftest import AwaitableSync
 
 from .fix_disguised import Disguised
-from .fix_holder import in_background, waiting
+from .fix_holder import call_while_holding, waiting
 from .fix_metadata import check_metadata_patch
 from .fix_race import race_each, start
 from .roundtrips import round_trips
@@ -861,26 +861,16 @@ async def test_an_sso_session_locks_its_user_and_provider_before_the_link_and_no
         "sso_providers": ("sso_providers", provider.id),
         "another provider": ("sso_providers", another.id),
     }[held]
-    holder = psycopg.connect(dsn)
-    try:
-        holder.execute(f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR UPDATE", [row])
-        sign_in = storage.with_statement_timeout(3000).create_sso_session
-        if held == "another provider":
-            session = await sign_in(**bound, provider_subject="s", expires_at=_in(hours=1))
-        else:
-            result = in_background(
-                storage,
-                lambda: sign_in(**bound, provider_subject="s", expires_at=_in(hours=1)),
-            )
-            assert await asyncio.to_thread(waiting, dsn, "sso_sessions")
-            with psycopg.connect(dsn) as probe:
-                probe.execute(
-                    "SELECT FROM kitium_auth.sso_links WHERE id = %s FOR UPDATE NOWAIT", [link.id]
-                )
-            holder.commit()
-            session = await result()
-    finally:
-        holder.close()
+    sign_in = storage.with_statement_timeout(3000).create_sso_session
+    session = await call_while_holding(
+        storage,
+        dsn,
+        (table, {"id": row}),
+        "UPDATE",
+        lambda: sign_in(**bound, provider_subject="s", expires_at=_in(hours=1)),
+        waits_on=None if held == "another provider" else "sso_sessions",
+        free=[("sso_links", {"id": link.id})],
+    )
     assert isinstance(session, SsoSession) and session.provider_id == provider.id
 
 
@@ -1427,27 +1417,20 @@ async def test_a_tenants_logout_waits_for_its_organization_and_for_no_other_row(
         "another organization": ("organizations", other_org.id, "NO KEY UPDATE"),
         "another user": ("users", other_user.id, "UPDATE"),
     }[held]
-    holder = psycopg.connect(dsn)
-    try:
-        holder.execute(f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR {mode}", [row])
-        logout = start(
-            storage.with_statement_timeout(3000) if held != "its organization" else storage,
-            "delete_sso_sessions",
+    own = held == "its organization"
+    ended = await call_while_holding(
+        storage,
+        dsn,
+        (table, {"id": row}),
+        mode,
+        lambda: (storage if own else storage.with_statement_timeout(3000)).delete_sso_sessions(
             provider_id=provider.id,
             end_user_sessions=True,
             **{by: {"provider_subject": "s", "session_token": "sid"}[by]},
-        )
-        if held == "its organization":
-            assert await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.sso_sessions")
-            with psycopg.connect(dsn) as probe:
-                for table, row in (("users", user.id), ("sso_sessions", sso)):
-                    probe.execute(
-                        f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR UPDATE NOWAIT", [row]
-                    )
-            holder.commit()
-        ended = await logout
-    finally:
-        holder.close()
+        ),
+        waits_on="DELETE FROM kitium_auth.sso_sessions" if own else None,
+        free=[("users", {"id": user.id}), ("sso_sessions", {"id": sso})],
+    )
     assert [e.id for e in ended] == [sso]
     assert _app_sessions_left(dsn, app) == set()
 
