@@ -109,13 +109,13 @@ def in_background(
     return wait
 
 
-Row = tuple[str, Mapping[str, Any]]  # a table of kitium_auth and the column values naming a row
+Row = tuple[str, Mapping[str, Any]]  # a table and the column values naming a row
 
 
-def _where(row: Row) -> tuple[str, list[Any]]:
+def _where(schema: str, row: Row) -> tuple[str, list[Any]]:
     table, key = row
     condition = " AND ".join(f"{column} = %s" for column in key)
-    return f"kitium_auth.{table} WHERE {condition}", list(key.values())
+    return f"{schema}.{table} WHERE {condition}", list(key.values())
 
 
 async def call_while_holding(
@@ -127,15 +127,17 @@ async def call_while_holding(
     *,
     waits_on: str | None,
     free: Sequence[Row] = (),
+    schema: str = "kitium_auth",
 ) -> Any:
     """Lock ``held`` (``FOR <mode>``) in a transaction of its own and run ``call()`` meanwhile.
     With ``waits_on`` (text of the call's statement), check that the call waits on a lock while
     a third transaction still locks each of ``free`` at once (``FOR UPDATE NOWAIT``: the call
     holds none of them), then release ``held``; without it, the call must finish while the row
-    is held (give it a statement timeout). Returns what the call returned or raised."""
+    is held (give it a statement timeout). The rows are tables of ``schema``. Returns what the
+    call returned or raised."""
     holder = psycopg.connect(dsn)
     try:
-        target, params = _where(held)
+        target, params = _where(schema, held)
         holder.execute(f"SELECT FROM {target} FOR {mode}", params)
         if waits_on is None:
             return await call()
@@ -143,7 +145,7 @@ async def call_while_holding(
         assert await asyncio.to_thread(waiting, dsn, waits_on)
         with psycopg.connect(dsn) as probe:
             for row in free:
-                target, params = _where(row)
+                target, params = _where(schema, row)
                 probe.execute(f"SELECT FROM {target} FOR UPDATE NOWAIT", params)
         holder.commit()
         return await result()

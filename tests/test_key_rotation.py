@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -17,6 +17,7 @@ from kitium_pg.encryption import generate_key
 from kitium_pg.errors import ConflictError, EncryptionKeyError, PermissionDeniedError
 
 from .conftest import AwaitableSync
+from .fix_holder import call_while_holding
 from .fix_race import race_each
 
 OLD, NEW = generate_key(), generate_key()
@@ -75,6 +76,82 @@ def test_rotation_moves_every_secret_to_the_newest_key(dsn: str, schema: str) ->
             f"SELECT DISTINCT tokens_key_id FROM {schema}.oauth_accounts".encode()
         ).fetchall()
     assert key_ids == [("new",)]
+
+
+# Per kind of secret: its table, how to store one under a user (returns nothing), how to
+# re-write it (by the row's id and user), and text of its swap statement.
+SECRET_KINDS: dict[str, tuple[str, Callable[..., object], Callable[..., object], str]] = {
+    "2fa secret": (
+        "twofa_devices",
+        lambda app, user, n: app.create_two_factor_device(
+            user_id=user, method="totp", secret=f"S{n}"
+        ),
+        lambda app, id, user: app.update_two_factor_device(id, secret="REWRITTEN"),
+        "SET secret_ciphertext = l.ciphertext",
+    ),
+    "sso client secret": (
+        "sso_providers",
+        lambda app, user, n: app.create_sso_provider(
+            type="oidc", name=f"p{n}", client_id="c", client_secret=f"cs{n}"
+        ),
+        lambda app, id, user: app.update_sso_provider(id, client_secret="rewritten"),
+        "SET client_secret_ciphertext = l.ciphertext",
+    ),
+    "sso signing key": (
+        "sso_providers",
+        lambda app, user, n: app.create_sso_provider(type="saml", name=f"p{n}", signing_key="k"),
+        lambda app, id, user: app.update_sso_provider(id, signing_key="rewritten"),
+        "SET signing_key_ciphertext = l.ciphertext",
+    ),
+    "oauth tokens": (
+        "oauth_accounts",
+        lambda app, user, n: app.link_oauth_account(user, "gh", sub=f"s{n}", access_token="a"),
+        lambda app, id, user: app.update_oauth_tokens(
+            user, "gh", access_token="rewritten", refresh_token=None
+        ),
+        "SET access_token_ciphertext = l.access_ciphertext",
+    ),
+}
+
+
+@pytest.mark.parametrize("secret", SECRET_KINDS)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_swap_locks_its_batch_in_id_order_whatever_the_plan(
+    dsn: str, schema: str, kind: str, secret: str
+) -> None:
+    """The swap locks its rows in id order before it writes any, so that concurrent rotations
+    never wait on each other in a cycle, whatever join the planner picks. Here it may only
+    pick a hash join, whose order is the table's physical one, and the row with the lowest id
+    was re-written (so it lies last) and is held: the swap must wait for it holding no other
+    row of its batch (the UPDATE alone would have locked them all first)."""
+    table, store, rewrite, statement = SECRET_KINDS[secret]
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"old": OLD}) as app:
+        for n in range(5):
+            store(app, app.create_user().id, n)
+        with psycopg.connect(dsn) as conn:
+            ids = conn.execute(
+                f"SELECT id, {'user_id' if table == 'oauth_accounts' else 'NULL'}"
+                f" FROM {schema}.{table} ORDER BY id".encode()
+            ).fetchall()
+        rewrite(app, *ids[0])
+    hash_joins = make_conninfo(dsn, options="-c enable_nestloop=off -c enable_mergejoin=off")
+    options: dict[str, Any] = {"schema": schema, "encryption_keys": {"old": OLD, "new": NEW}}
+    rows = [(table, {"id": id}) for id, _ in ids]
+
+    async def rotate_holding_the_first(storage: Any) -> Any:
+        return await call_while_holding(
+            storage, dsn, rows[0], "UPDATE", lambda: storage.rotate_keys(batch_size=10),
+            waits_on=statement, free=rows[1:], schema=schema,
+        )  # fmt: skip
+
+    if kind == "sync":
+        with PostgresStorageAdapter(hash_joins, **options) as adapter:
+            moved = await rotate_holding_the_first(AwaitableSync(adapter))
+    else:
+        async with AsyncPostgresStorageAdapter(hash_joins, **options) as async_adapter:
+            async_adapter.kind = "async"  # type: ignore[attr-defined]
+            moved = await rotate_holding_the_first(async_adapter)
+    assert moved == len(ids)
 
 
 def _seed_shuffled(dsn: str, schema: str, key: dict[str, str], n: int) -> list[Any]:
@@ -327,6 +404,81 @@ def test_rotation_by_an_owner_tenant_rls_was_not_applied_by_is_refused(
     with PostgresStorageAdapter(dsn, schema=schema, optional_migrations=["tenant_rls"]):
         pass  # the superuser applies tenant_rls
     _refused_then_rotated_by_the_superuser(dsn, login_role, schema, "applied tenant_rls")
+
+
+# Policies a DBA may set on sso_providers beside tenant_rls's, and whether rotate_keys run by
+# the role that applied tenant_rls must then refuse: it must when a policy keeps rows from its
+# reads or updates (it would pass over them and report success), and only then.
+POLICIES_BESIDE_TENANT_RLS: dict[str, tuple[list[str], bool]] = {
+    "tenant_rls alone": ([], False),
+    "a restrictive policy that hides nothing": (
+        ["CREATE POLICY all_rows ON {table} AS RESTRICTIVE USING (true) WITH CHECK (true)"],
+        False,
+    ),
+    "a restrictive policy on deletes only": (
+        ["CREATE POLICY no_deletes ON {table} AS RESTRICTIVE FOR DELETE USING (false)"],
+        False,
+    ),
+    "owner_access for reads only": (
+        [
+            "DROP POLICY owner_access ON {table}",
+            "CREATE POLICY owner_reads ON {table} FOR SELECT TO {role} USING (true)",
+        ],
+        True,
+    ),
+    "owner_access restrictive": (
+        [
+            "DROP POLICY owner_access ON {table}",
+            "CREATE POLICY owner_access ON {table} AS RESTRICTIVE TO {role}"
+            " USING (true) WITH CHECK (true)",
+        ],
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", POLICIES_BESIDE_TENANT_RLS)
+def test_rotation_by_the_role_that_applied_tenant_rls_refuses_only_when_a_policy_hides_rows(
+    dsn: str, schema: str, login_role: str, case: str
+) -> None:
+    """The role that applied tenant_rls (here not a superuser) rotates every tenant's secrets:
+    its owner_access policy shows it every row. Only a policy that keeps rows from its reads
+    or updates makes it refuse, and then nothing is re-encrypted."""
+    statements, refused = POLICIES_BESIDE_TENANT_RLS[case]
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        database = admin.execute("SELECT current_database()").fetchone()
+        assert database is not None
+        admin.execute(f'GRANT CREATE ON DATABASE "{database[0]}" TO {login_role}'.encode())
+    options: dict[str, Any] = {"schema": schema, "optional_migrations": ["tenant_rls"]}
+    owner_dsn = make_conninfo(dsn, user=login_role)
+    with PostgresStorageAdapter(owner_dsn, encryption_keys={"old": OLD}, **options) as owner:
+        providers = [
+            owner.create_sso_provider(
+                type="oidc",
+                name=f"IdP {n}",
+                org_id=owner.create_organization(name=f"Tenant {n}", plan="free").id,
+                client_secret=f"secret-{n}",
+            ).id
+            for n in range(2)
+        ]
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        for statement in statements:
+            sql = statement.format(table=f"{schema}.sso_providers", role=login_role)
+            admin.execute(sql.encode())
+    keys = {"old": OLD, "new": NEW}
+    with PostgresStorageAdapter(owner_dsn, encryption_keys=keys, **options) as owner:
+        if refused:
+            with pytest.raises(PermissionDeniedError, match="row-level security hides"):
+                owner.rotate_keys()
+        else:
+            assert owner.rotate_keys() == 2
+    with PostgresStorageAdapter(dsn, encryption_keys={"new": NEW}, **options) as superuser:
+        if refused:  # nothing moved: the new key alone cannot read them
+            with pytest.raises(EncryptionKeyError):
+                superuser.get_sso_provider(providers[0])
+        else:
+            secrets = [superuser.get_sso_provider(id) for id in providers]
+            assert [p.client_secret if p else None for p in secrets] == ["secret-0", "secret-1"]
 
 
 def test_rotation_under_a_restrictive_policy_that_hides_rows_is_refused(
