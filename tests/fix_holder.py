@@ -44,13 +44,13 @@ def adapter_module(storage: Any, name: str) -> Any:
 
 
 def waiting(dsn: str, marker: str, waiters: int = 1) -> bool:
-    """Wait until ``waiters`` backends wait on a lock with ``marker`` in their query; ``False``
-    if they are not seen within 10 s."""
+    """Wait until ``waiters`` backends of the database of ``dsn`` wait on a lock with ``marker``
+    in their query; ``False`` if they are not seen within 10 s."""
     with psycopg.connect(dsn, autocommit=True) as observer:
         for _ in range(200):
             row = observer.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND position(%s in query) > 0",
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND position(%s in query) > 0",
                 (marker,),
             ).fetchone()
             if row is not None and row[0] >= waiters:

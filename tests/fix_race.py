@@ -60,10 +60,11 @@ def start(storage: Any, method: str, *args: Any, **kwargs: Any) -> asyncio.Futur
 
 
 def waiting_on_a_lock(dsn: str) -> bool:
-    """Whether an UPDATE on the server of ``dsn`` waits for a lock (``pg_stat_activity``)."""
+    """Whether an UPDATE in the database of ``dsn`` waits for a lock (``pg_stat_activity``;
+    not another database's: the mutation runs share a server)."""
     with psycopg.connect(dsn, autocommit=True) as observer:
         row = observer.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND position('UPDATE' in query) > 0"
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND position('UPDATE' in query) > 0"
         ).fetchone()
     return row is not None and row[0] > 0

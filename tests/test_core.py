@@ -70,6 +70,7 @@ def _kill_kitium_backends(dsn: str) -> int:
         rows = conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE application_name = 'kitium-pg' AND pid <> pg_backend_pid()"
+            " AND datname = current_database()"
         ).fetchall()
     return len(rows)
 

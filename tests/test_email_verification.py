@@ -375,9 +375,13 @@ async def test_a_new_address_ends_the_tokens_sent_to_the_old_one(
     """Found in review: a password reset token mailed to a user's address kept working after
     the user moved to another address, for whoever reads the old mailbox. Migration 0033's
     trigger marks the user's unused tokens sent to another address than the new one used; a
-    change of letter case only, a token to the new address and a token naming no user stay."""
+    change of letter case only, a token to the new address and a token naming no user stay, and
+    so do the stamp of a token used before and an expired token (as the revoke leaves them)."""
     user = await storage.create_user(email=email)
     reset = await _token(storage, email, type="password_reset", user_id=user.id)
+    used = await _token(storage, email, type="password_reset", user_id=user.id)
+    used = await storage.mark_email_verification_token_as_used(used.id)
+    expired = await _token(storage, email, user_id=user.id, expires_at=_in(seconds=-5))
     await storage.update_user(user.id, email=email.upper())  # letter case only
     new_address = f"{unique('moved')}@example.com"
     confirm = await _token(storage, new_address, type="email_change", user_id=user.id)
@@ -387,3 +391,5 @@ async def test_a_new_address_ends_the_tokens_sent_to_the_old_one(
         await storage.mark_email_verification_token_as_used(reset.id)
     assert (await storage.mark_email_verification_token_as_used(confirm.id)).used_at is not None
     assert (await storage.mark_email_verification_token_as_used(unlinked.id)).used_at is not None
+    assert await storage.get_email_verification_token_by_id(used.id) == used
+    assert await storage.get_email_verification_token_by_id(expired.id) == expired

@@ -338,7 +338,7 @@ def test_an_earlier_versions_migrator_waiting_inside_a_transaction_gets_its_turn
         _wait_for(
             dsn,
             "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND query LIKE '%%pg_advisory_xact_lock%%'",
+            " AND query LIKE '%%pg_advisory_xact_lock%%' AND datname = current_database()",
             [],
         )
         time.sleep(1.2)  # the waiter's deadlock check (after deadlock_timeout) finds no cycle

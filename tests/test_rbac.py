@@ -15,7 +15,7 @@ import pytest
 from kitium_pg import ConflictError, NotFoundError, Organization, User, ValidationError
 from kitium_pg.records import Permission, Role, RoleAssignment
 
-from .fix_holder import release_when_waiting, waiting
+from .fix_holder import call_while_holding, release_when_waiting, waiting
 from .fix_metadata import check_metadata_patch
 from .fix_paging import check_bad_paging_arguments, check_walks
 from .fix_race import race, race_each
@@ -696,6 +696,58 @@ def _deadlocks(dsn: str) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+@pytest.mark.parametrize(
+    "held", ["its organization", "another role of its organization", "another organization's role"]
+)
+async def test_set_user_roles_waits_for_its_organization_and_for_no_role_it_does_not_set(
+    storage: Any, dsn: str, unique: Callable[[str], str], held: str
+) -> None:
+    """set_user_roles locks the user, the organization, the roles it sets, then the membership.
+    Its organization held (as delete_organization holds it), it waits there without holding the
+    membership: a third transaction locks that at once (NOWAIT). A role it does not set it
+    leaves alone, held as delete_role holds it: another role of the organization (the call
+    succeeds), or another organization's role named in the call (refused at once,
+    user_roles__role_id_fkey, rather than waiting on another tenant's row)."""
+    org, other = await _org(storage), await _org(storage, "Other")
+    user = await _user(storage, unique, org)
+    role, unset = [await storage.create_role(org_id=org.id, name=n) for n in ("editor", "viewer")]
+    foreign = await storage.create_role(org_id=other.id, name="foreign")
+    if held == "its organization":
+        roles = await call_while_holding(
+            storage,
+            dsn,
+            ("organizations", {"id": org.id}),
+            "UPDATE",
+            lambda: storage.set_user_roles(user.id, org.id, [role.id]),
+            waits_on="set_user_roles",
+            free=[("organization_members", {"org_id": org.id, "user_id": user.id})],
+        )
+        assert roles == [role]
+    elif held == "another role of its organization":
+        roles = await call_while_holding(
+            storage,
+            dsn,
+            ("roles", {"id": unset.id}),
+            "UPDATE",
+            lambda: storage.with_statement_timeout(3000).set_user_roles(user.id, org.id, [role.id]),
+            waits_on=None,
+        )
+        assert roles == [role]
+    else:
+        with pytest.raises(NotFoundError, match="user_roles__role_id_fkey"):
+            await call_while_holding(
+                storage,
+                dsn,
+                ("roles", {"id": foreign.id}),
+                "UPDATE",
+                lambda: storage.with_statement_timeout(3000).set_user_roles(
+                    user.id, org.id, [role.id, foreign.id]
+                ),
+                waits_on=None,
+            )
+        assert await storage.get_user_roles(user.id, org.id) == []
 
 
 def test_set_user_roles_and_delete_user_take_their_locks_in_one_order(

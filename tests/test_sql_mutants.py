@@ -7,6 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -79,6 +80,100 @@ def test_every_shipped_query_file_has_tests_and_its_mutants_keep_their_parenthes
         assert (ROOT / "tests" / name).is_file(), name
     made = tool.mutants(ROOT / "queries")
     assert len(made) > 300
+    _check_parentheses_kept(made)
+
+
+SAMPLE_MIGRATIONS = {
+    "0001_first.sql": """\
+CREATE FUNCTION kitium_auth.claim(p_id uuid) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE t SET used_at = now() WHERE id = p_id AND used_at IS NULL;
+  RETURN FOUND;
+END;
+$$;
+
+CREATE FUNCTION kitium_auth.newest(p_user uuid) RETURNS uuid
+LANGUAGE sql STABLE AS $fn$
+  SELECT id FROM t WHERE user_id = p_user ORDER BY created_at DESC LIMIT 1
+$fn$;
+
+-- migrate:down
+DROP FUNCTION kitium_auth.newest(uuid);
+DROP FUNCTION kitium_auth.claim(uuid);
+""",
+    "0002_second.sql": """\
+CREATE OR REPLACE FUNCTION kitium_auth.claim(p_id uuid) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+  -- a comment: AND x IS NULL here is no code
+  UPDATE t SET used_at = statement_timestamp() WHERE id = p_id AND used_at IS NULL;
+  RETURN FOUND;
+END;
+$$;
+
+DO $$ BEGIN PERFORM 1 WHERE true AND false; END $$;
+
+-- migrate:down
+CREATE OR REPLACE FUNCTION kitium_auth.claim(p_id uuid) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE t SET used_at = now() WHERE id = p_id AND used_at IS NOT NULL;
+  RETURN FOUND;
+END;
+$$;
+""",
+}
+
+
+def test_function_mutants_come_from_the_last_definition_of_each_function(
+    tool: ModuleType, tmp_path: Path
+) -> None:
+    """A function redefined by a later migration is mutated there (its first body no longer
+    runs); a down part, a DO block and comments give no mutant."""
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    for name, text in SAMPLE_MIGRATIONS.items():
+        (folder / name).write_text(text)
+    made = {
+        (m.folder, m.file, m.query, m.line, m.operator, m.after.strip())
+        for m in tool.function_mutants(folder)
+    }
+    claim = "UPDATE t SET used_at = statement_timestamp() WHERE id = p_id"
+    newest = "SELECT id FROM t WHERE user_id = p_user ORDER BY created_at"
+    assert made == {
+        ("migrations", "0002_second.sql", "claim", 5, "drop condition", f"{claim};"),
+        ("migrations", "0002_second.sql", "claim", 5, "IS NULL -> IS NOT NULL",
+         f"{claim} AND used_at IS NOT NULL;"),
+        ("migrations", "0002_second.sql", "claim", 5, "statement_timestamp() -> now()",
+         "UPDATE t SET used_at = now() WHERE id = p_id AND used_at IS NULL;"),
+        ("migrations", "0001_first.sql", "newest", 11, "DESC -> ASC", f"{newest} LIMIT 1"),
+        ("migrations", "0001_first.sql", "newest", 11, "drop LIMIT", f"{newest} DESC"),
+    }  # fmt: skip
+
+
+def test_every_shipped_function_has_tests_and_its_mutants_keep_their_parentheses(
+    tool: ModuleType,
+) -> None:
+    """Each function the migrations create (the optional ones too) names the test files its
+    mutants run, which exist; no name is left over; no mutant unbalances a line."""
+    made = tool.function_mutants(ROOT / "migrations")
+    created = {
+        match.group(1)
+        for path in (ROOT / "migrations").glob("**/*.sql")
+        for match in tool.CREATE_FUNCTION.finditer(path.read_text())
+    }
+    assert created == set(tool.FUNCTION_TESTS)
+    assert {m.query for m in made} <= created
+    assert {m.folder for m in made} == {"migrations"}
+    for name in {t for tests in tool.FUNCTION_TESTS.values() for t in tests}:
+        assert (ROOT / "tests" / name).is_file(), name
+    assert len(made) > 50
+    _check_parentheses_kept(made)
+
+
+def _check_parentheses_kept(made: list[Any]) -> None:
+    """No mutant changes its line's balance of parentheses (the server would refuse it)."""
     for mutant in made:
         before = mutant.before.split("--", 1)[0]
         assert before.count("(") - before.count(")") == (

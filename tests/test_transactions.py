@@ -593,6 +593,15 @@ async def test_expiry_and_use_times_are_those_of_each_statement_not_of_the_trans
     bound = {"user_id": user.id, "provider_id": provider.id, "provider_type": "oidc"}
     await storage.create_sso_link(**bound, provider_subject="s")
     sso = await storage.create_sso_session(**bound, provider_subject="s", expires_at=soon)
+    # a user who moves to another address: the trigger ends its tokens sent to the old one
+    mover = await storage.create_user(email=unique("mover") + "@example.com")
+    old_address = {"email": mover.email, "type": "password_reset", "user_id": mover.id}
+    ends_in_window = await storage.create_email_verification_token(
+        **old_address, code_hash=_digest(unique("c")), expires_at=soon
+    )
+    ended_by_move = await storage.create_email_verification_token(
+        **old_address, code_hash=_digest(unique("c")), expires_at=_later()
+    )
     with psycopg.connect(dsn, autocommit=True) as conn:
         # last used just under a minute before the window closes: a stamp is due a minute
         # after that, which is after the window by the statement's clock, not the transaction's
@@ -653,6 +662,11 @@ async def test_expiry_and_use_times_are_those_of_each_statement_not_of_the_trans
         marked = await tx.mark_user_email_verified(user.id, email)
         assert marked is not None and marked.email_verified_at is not None
         assert marked.email_verified_at > soon
+        await tx.update_user(mover.id, email=unique("moved") + "@example.com")
+        expired_token = await tx.get_email_verification_token_by_id(ends_in_window.id)
+        assert expired_token is not None and expired_token.used_at is None
+        ended = await tx.get_email_verification_token_by_id(ended_by_move.id)
+        assert ended is not None and ended.used_at is not None and ended.used_at > soon
         checked = await tx.verify_sso_provider_domain(provider.id, domain)
         assert checked.verified_at is not None and checked.verified_at > soon
         added = await tx.add_sso_provider_domain(provider.id, f"x{domain}", verified=True)

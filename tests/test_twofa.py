@@ -705,6 +705,27 @@ async def test_verify_counts_then_completes_on_the_right_code(
     assert await storage.get_two_factor_session(challenge.id) == done
 
 
+async def test_a_right_code_writes_to_its_device_only_when_there_is_a_throttle_to_reset(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """A right code resets its device's failure count and throttle; on a device with neither
+    it writes nothing to the device (its updated_at stays), so a sign-in does not rewrite the
+    device row each time."""
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    calm = await _challenge(storage, user, device=device, method="sms", code_hash=_hash("1"))
+    assert (await storage.verify_two_factor_session(calm.id, _hash("1"))).verified
+    assert await storage.get_two_factor_device(device.id) == device
+    _set_throttle(dsn, device.id, failures=3)  # three wrong codes, their throttle over
+    throttled = await storage.get_two_factor_device(device.id)
+    assert throttled is not None and throttled.throttle_failures == 3
+    again = await _challenge(storage, user, device=device, method="sms", code_hash=_hash("2"))
+    assert (await storage.verify_two_factor_session(again.id, _hash("2"))).verified
+    reset = await storage.get_two_factor_device(device.id)
+    assert reset is not None and (reset.throttle_failures, reset.throttled_until) == (0, None)
+    assert reset.updated_at > throttled.updated_at
+
+
 async def test_verify_never_compares_past_the_limit(storage: Any, email: str, dsn: str) -> None:
     """The attempt limit and the comparison are one statement: once the limit is reached, even
     the right code is refused and the challenge stays open (to expire)."""
@@ -1047,6 +1068,39 @@ async def test_an_attempt_waiting_on_a_concurrent_failure_sees_its_throttle(
         throttled_until=throttled.throttled_until,
     )
     assert await storage.get_two_factor_session(challenge.id) == challenge
+
+
+@pytest.mark.parametrize("method", ["verify_two_factor_session", "count_two_factor_attempt"])
+async def test_an_attempt_waiting_on_a_concurrent_completion_counts_nothing(
+    storage: Any, email: str, dsn: str, method: str
+) -> None:
+    """An attempt that starts while another transaction completes the challenge waits for it
+    (the challenge's row lock), then finds the challenge completed: no row, nothing counted,
+    nothing charged to the device. Read without the lock, the challenge looked open and the
+    attempt was counted on a completed challenge and charged to its device."""
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    code = {"method": "sms", "code_hash": _hash("5")} if method.startswith("verify") else {}
+    challenge = await _challenge(storage, user, device=device, **code)
+    args = (challenge.id, _hash("6")) if code else (challenge.id,)
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "UPDATE kitium_auth.twofa_sessions SET completed_at = statement_timestamp()"
+            " WHERE id = %s",
+            [challenge.id],
+        )
+        watcher = release_when_waiting(dsn, holder, f"kitium_auth.{method}(")
+        [outcome] = await race(storage, 1, method, *args)
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    assert outcome is None
+    completed = await storage.get_two_factor_session(challenge.id)
+    assert completed is not None and completed.completed_at is not None
+    assert completed.attempt_count == 0
+    assert await storage.get_two_factor_device(device.id) == device
 
 
 async def test_a_wrong_code_waiting_on_a_concurrent_failure_bumps_after_it(

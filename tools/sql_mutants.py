@@ -1,18 +1,24 @@
-"""Mutation testing of queries/: for each guard taken out of a query, does some test fail?
+"""Mutation testing of queries/ and of the functions migrations/ creates: for each guard taken
+out of a query or a function, does some test fail?
 
-A mutant is one line of one query changed: a condition dropped from a WHERE, ON or CASE test
-(``AND x`` or ``OR x`` removed), ``IS NULL`` and ``IS NOT NULL`` swapped, a row lock removed
-(``FOR UPDATE``, ``FOR KEY SHARE``…, with its ``SKIP LOCKED``), ``SKIP LOCKED`` alone removed,
-``statement_timestamp()`` turned into ``now()``, an ``ON CONFLICT … DO NOTHING`` removed, a
-``LIMIT`` removed, a ``DESC`` removed. Each mutant runs the test files of its query's domain
-(``DOMAIN_TESTS``) and ``COMMON_TESTS`` on a copy of the checkout, against a fresh database
-cloned from a migrated template on an embedded server. A mutant some test fails on is killed;
-one that aiosql or the server refuses is invalid (any test that runs it fails, which tests
-nothing); the others survive and are listed.
+A mutant is one line of one query, or of one function's body, changed: a condition dropped
+from a WHERE, ON or CASE test (``AND x`` or ``OR x`` removed), ``IS NULL`` and ``IS NOT NULL``
+swapped, a row lock removed (``FOR UPDATE``, ``FOR KEY SHARE``…, with its ``SKIP LOCKED``),
+``SKIP LOCKED`` alone removed, ``statement_timestamp()`` turned into ``now()``, an
+``ON CONFLICT … DO NOTHING`` removed, a ``LIMIT`` removed, a ``DESC`` removed.
+
+A query's mutant runs the test files of its query's domain (``DOMAIN_TESTS``) and
+``COMMON_TESTS`` on a copy of the checkout, against a fresh database cloned from a migrated
+template on an embedded server. A function's mutant, made in the last migration that defines
+the function (an earlier definition no longer runs), runs the tests ``FUNCTION_TESTS`` names
+and ``COMMON_TESTS`` against an empty database, which the copy's adapter migrates from the
+mutated file. A mutant some test fails on is killed; one that aiosql or the server refuses is
+invalid (any test that runs it fails, which tests nothing); the others survive and are listed.
 
     python tools/sql_mutants.py --list                    # the mutants, not run
     python tools/sql_mutants.py                           # every mutant
     python tools/sql_mutants.py --file twofa.sql --report out.md
+    python tools/sql_mutants.py --functions               # those of migrations/ only
     python tools/sql_mutants.py --survivors-of out.log    # what an earlier run left
 
 A survivor is a guard no test depends on: either a missing test or a guard that changes
@@ -80,6 +86,29 @@ DOMAIN_TESTS: dict[str, tuple[str, ...]] = {
     "users.sql": ("test_users.py", "test_tenancy.py", "test_organizations.py", "test_fastapi.py"),
 }
 
+# The test files that exercise each function migrations/ creates (run with COMMON_TESTS).
+_MEMBERSHIP_TESTS = DOMAIN_TESTS["organizations.sql"]
+_TWOFA_TESTS = DOMAIN_TESTS["twofa.sql"]
+_EMAIL_TESTS = ("test_users.py", "test_email_verification.py")
+FUNCTION_TESTS: dict[str, tuple[str, ...]] = {
+    "set_updated_at": ("test_users.py", "test_organizations.py", "test_sso.py"),
+    "replace_backup_codes": _TWOFA_TESTS,
+    "count_two_factor_attempt": _TWOFA_TESTS,
+    "verify_two_factor_session": _TWOFA_TESTS,
+    "add_organization_member": _MEMBERSHIP_TESTS,
+    "set_organization_member_role": _MEMBERSHIP_TESTS,
+    "remove_organization_member": _MEMBERSHIP_TESTS,
+    "replace_organization_members": _MEMBERSHIP_TESTS,
+    "replace_sso_provider_domains": DOMAIN_TESTS["sso.sql"],
+    "sso_provider_is_foreign": ("test_tenancy.py", "test_sso.py"),
+    "jsonb_merge_patch": ("test_merge_patch.py", "test_users.py", "test_organizations.py"),
+    "set_user_roles": DOMAIN_TESTS["rbac.sql"],
+    "users_email_verified_at_follows_email": _EMAIL_TESTS,
+    "users_email_change_revokes_tokens": _EMAIL_TESTS,
+}
+
+CREATE_FUNCTION = re.compile(r"^CREATE (?:OR REPLACE )?FUNCTION kitium_auth\.(\w+)", re.MULTILINE)
+BODY_OPENS = re.compile(r"\bAS (\$\w*\$)\s*$")
 LOCK_CLAUSE = re.compile(
     r"\s+FOR (?:NO KEY UPDATE|UPDATE|KEY SHARE|SHARE)(?:\s+OF\s+\w+)?(?:\s+SKIP LOCKED|\s+NOWAIT)?"
 )
@@ -102,10 +131,12 @@ class Mutant:
     before: str
     after: str
     variant: int = 1  # the n-th mutant of this line by this operator
+    folder: str = "queries"  # or migrations, migrations/optional (then query is a function)
 
     def describe(self) -> str:
         nth = f" #{self.variant}" if self.variant > 1 else ""
-        return f"{self.file}:{self.line} {self.query} [{self.operator}{nth}]"
+        where = self.file if self.folder == "queries" else f"{self.folder}/{self.file}"
+        return f"{where}:{self.line} {self.query} [{self.operator}{nth}]"
 
 
 def _balanced(text: str) -> bool:
@@ -197,6 +228,58 @@ def mutants(queries_dir: Path) -> list[Mutant]:
     return found
 
 
+def function_mutants(migrations_dir: Path) -> list[Mutant]:
+    """Every mutant of every function the migrations (optional ones included) create, each
+    made in the up part of the last migration that defines the function, in name order."""
+    latest: dict[str, tuple[Path, list[tuple[int, str]]]] = {}
+    paths = [*sorted(migrations_dir.glob("*.sql")), *sorted(migrations_dir.glob("optional/*.sql"))]
+    for path in paths:
+        up = path.read_text().split("\n-- migrate:down", 1)[0]
+        function, closing = "", ""
+        body: list[tuple[int, str]] = []
+        for number, line in enumerate(up.splitlines(), start=1):
+            if closing and line.startswith(closing):
+                latest[function] = (path, body)
+                function, closing = "", ""
+            elif closing:
+                body.append((number, line))
+            elif created := CREATE_FUNCTION.match(line):
+                function = created.group(1)
+            elif function and (opens := BODY_OPENS.search(line)):
+                closing, body = opens.group(1), []
+    found: list[Mutant] = []
+    for function, (path, body) in sorted(latest.items()):
+        folder = path.parent.relative_to(migrations_dir.parent).as_posix()
+        for number, line in body:
+            counts: dict[str, int] = {}
+            for operator, after in _line_mutants(line):
+                if after.rstrip() != line.split("--", 1)[0].rstrip():
+                    counts[operator] = counts.get(operator, 0) + 1
+                    found.append(
+                        Mutant(path.name, function, number, operator, line, after,
+                               counts[operator], folder)
+                    )  # fmt: skip
+    return found
+
+
+def _migrates(copy: Path, conninfo: str, optional: bool) -> tuple[bool, str]:
+    """Whether the copy's adapter migrates an empty database (with tenant_rls when the mutant is
+    in an optional migration); else whether the server refused the mutant's syntax, or the
+    error's last line."""
+    script = (
+        "import sys\nfrom kitium_pg import PostgresStorageAdapter\n"
+        "with PostgresStorageAdapter(sys.argv[1], optional_migrations=sys.argv[2:]): pass\n"
+    )
+    command = [sys.executable, "-c", script, conninfo, *(["tenant_rls"] if optional else [])]
+    env = dict(os.environ, PYTHONPATH=str(copy))
+    done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True)
+    if done.returncode == 0:
+        return True, ""
+    if "syntax error" in done.stderr:
+        return False, INVALID
+    return False, "migration failed: " + (done.stderr.strip().splitlines() or ["?"])[-1]
+
+
 def _parses(conninfo: str, text: str, query: str) -> bool:
     """Whether aiosql loads ``query`` of queries file ``text`` and the server can parse it (a
     mutant that cannot be is counted apart: any test that runs it fails, which tests nothing)."""
@@ -230,8 +313,11 @@ def _run_tests(
         )
     except subprocess.TimeoutExpired:
         return False, "timed out"
-    tail = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return done.returncode == 0, tail
+    lines = done.stdout.strip().splitlines() or ["(no output)"]
+    # the tests that failed and the last error, to tell a mutant's failure from a flaky test's
+    failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    errors = [line[1:].strip() for line in lines if line.startswith("E ")][-1:]
+    return done.returncode == 0, "; ".join([lines[-1], *failed, *errors])
 
 
 def _copy_checkout(into: Path) -> Path:
@@ -250,10 +336,15 @@ def _copy_checkout(into: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
-    parser.add_argument("--file", action="append", help="only this queries/ file (repeatable)")
-    parser.add_argument("--query", action="append", help="only this query (repeatable)")
+    parser.add_argument(
+        "--file", action="append", help="only this queries/ or migrations/ file (repeatable)"
+    )
+    parser.add_argument("--query", action="append", help="only this query or function (repeatable)")
     parser.add_argument("--line", action="append", type=int, help="only this line (repeatable)")
     parser.add_argument("--operator", action="append", help="only this operator (repeatable)")
+    parser.add_argument(
+        "--functions", action="store_true", help="only the functions migrations/ creates"
+    )
     parser.add_argument(
         "--survivors-of",
         type=Path,
@@ -278,7 +369,10 @@ def main() -> int:
         again = {m.group(1) for m in survived.finditer(args.survivors_of.read_text())}
     selected = [
         m
-        for m in mutants(ROOT / "queries")
+        for m in [
+            *([] if args.functions else mutants(ROOT / "queries")),
+            *function_mutants(ROOT / "migrations"),
+        ]
         if (not args.file or m.file in args.file)
         and (not args.query or m.query in args.query)
         and (not args.line or m.line in args.line)
@@ -298,6 +392,14 @@ def main() -> int:
         copies = [_copy_checkout(Path(scratch) / f"job{job}") for job in range(args.jobs)]
         server = EmbeddedPostgres(Path(scratch) / "data")
         base = server.start()
+        # Each run of the tests holds pools of its own: the 2FA tests' run peaked at 55 client
+        # connections, so two runs side by side could pass the default 100 and be refused
+        # one, which would look like a kill (CI's PostgreSQL 15 allows 200).
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute(
+                f"ALTER SYSTEM SET max_connections = {150 * args.jobs}"
+            )  # a tool: DBA-facing SQL stays in queries/
+        server.restart()
         try:
             return _run(args, selected, copies, base)
         finally:
@@ -308,10 +410,14 @@ def _database(base: str, name: str) -> str:
     return psycopg.conninfo.make_conninfo(base, dbname=name)
 
 
-def _tests_for(args: argparse.Namespace, files: list[str]) -> tuple[str, ...]:
+def _tests_for(args: argparse.Namespace, mutants: list[Mutant]) -> tuple[str, ...]:
     if args.tests:
         return tuple(args.tests)
-    chosen = [t for f in files for t in DOMAIN_TESTS[f]]
+    chosen = [
+        t
+        for m in mutants
+        for t in (DOMAIN_TESTS[m.file] if m.folder == "queries" else FUNCTION_TESTS[m.query])
+    ]
     return tuple(dict.fromkeys((*chosen, *args.also, *COMMON_TESTS)))
 
 
@@ -321,7 +427,7 @@ def _run(args: argparse.Namespace, selected: list[Mutant], copies: list[Path], b
             "CREATE DATABASE mutants_template"
         )  # a tool: DBA-facing SQL stays in queries/
     template = _database(base, "mutants_template")
-    baseline_tests = _tests_for(args, sorted({m.file for m in selected}))
+    baseline_tests = _tests_for(args, selected)
     started = time.monotonic()
     passed, tail = _run_tests(copies[0], template, baseline_tests, args.keyword, args.timeout * 4)
     print(f"baseline {' '.join(baseline_tests)}: {tail} ({time.monotonic() - started:.0f} s)")
@@ -335,25 +441,31 @@ def _run(args: argparse.Namespace, selected: list[Mutant], copies: list[Path], b
 
     def run_one(number: int, mutant: Mutant) -> None:
         copy = free.get()
-        path = copy / "queries" / mutant.file
+        path = copy / mutant.folder / mutant.file
         original = path.read_text()
         lines = original.splitlines(keepends=True)
         lines[mutant.line - 1] = mutant.after.rstrip() + "\n"
         path.write_text("".join(lines))
         name = f"mutant_{number}"
+        database = _database(base, name)
+        in_migrations = mutant.folder != "queries"
         with psycopg.connect(base, autocommit=True) as admin:
+            # a function's mutant needs an empty database, which the copy migrates
             admin.execute(
-                f"CREATE DATABASE {name} TEMPLATE mutants_template"
-            )  # a tool: DBA-facing SQL stays in queries/
+                f"CREATE DATABASE {name}" if in_migrations
+                else f"CREATE DATABASE {name} TEMPLATE mutants_template"
+            )  # a tool: DBA-facing SQL stays in queries/  # fmt: skip
         t0 = time.monotonic()
         try:
-            tests = _tests_for(args, [mutant.file])
-            if _parses(_database(base, name), path.read_text(), mutant.query):
-                passed, tail = _run_tests(
-                    copy, _database(base, name), tests, args.keyword, args.timeout
-                )
+            tests = _tests_for(args, [mutant])
+            if in_migrations:
+                valid, tail = _migrates(copy, database, mutant.folder.endswith("optional"))
             else:
-                passed, tail = False, INVALID
+                valid, tail = _parses(database, path.read_text(), mutant.query), INVALID
+            if valid:
+                passed, tail = _run_tests(copy, database, tests, args.keyword, args.timeout)
+            else:
+                passed = False
         finally:
             path.write_text(original)
             free.put(copy)
