@@ -98,6 +98,24 @@ def _set_throttle(
         conn.execute(sql.encode(), [failures, device_id])
 
 
+async def _attempt_waiting_on(
+    storage: Any, dsn: str, method: str, args: tuple[Any, ...], write: str, row_id: uuid.UUID
+) -> Any:
+    """Run ``write`` (on ``row_id``) in a transaction left open, then ``method(*args)``, which
+    must wait for it: the write commits once the call waits on its lock. Returns the call's
+    outcome (or the exception it raised)."""
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(write.encode(), [row_id])
+        watcher = release_when_waiting(dsn, holder, f"kitium_auth.{method}(")
+        [outcome] = await race(storage, 1, method, *args)
+        watcher.join()
+        assert watcher.seen  # type: ignore[attr-defined]
+    finally:
+        holder.close()
+    return outcome
+
+
 def _db_now(dsn: str) -> dt.datetime:
     """The database clock now (bounds the time of a statement run between two readings)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -1045,19 +1063,12 @@ async def test_an_attempt_waiting_on_a_concurrent_failure_sees_its_throttle(
     code = {"method": "sms", "code_hash": _hash("5")} if method.startswith("verify") else {}
     challenge = await _challenge(storage, user, device=device, **code)
     args = (challenge.id, _hash("5")) if code else (challenge.id,)
-    holder = psycopg.connect(dsn)
-    try:
-        holder.execute(
-            "UPDATE kitium_auth.twofa_devices SET throttle_failures = throttle_failures + 1,"
-            " throttled_until = now() + interval '1 hour' WHERE id = %s",
-            [device.id],
-        )
-        watcher = release_when_waiting(dsn, holder, f"kitium_auth.{method}(")
-        [outcome] = await race(storage, 1, method, *args)
-        watcher.join()
-        assert watcher.seen  # type: ignore[attr-defined]
-    finally:
-        holder.close()
+    outcome = await _attempt_waiting_on(
+        storage, dsn, method, args,
+        "UPDATE kitium_auth.twofa_devices SET throttle_failures = throttle_failures + 1,"
+        " throttled_until = now() + interval '1 hour' WHERE id = %s",
+        device.id,
+    )  # fmt: skip
     throttled = await storage.get_two_factor_device(device.id)
     assert throttled is not None and throttled.throttle_failures == 1
     assert outcome == TwoFactorAttempt(
@@ -1083,19 +1094,11 @@ async def test_an_attempt_waiting_on_a_concurrent_completion_counts_nothing(
     code = {"method": "sms", "code_hash": _hash("5")} if method.startswith("verify") else {}
     challenge = await _challenge(storage, user, device=device, **code)
     args = (challenge.id, _hash("6")) if code else (challenge.id,)
-    holder = psycopg.connect(dsn)
-    try:
-        holder.execute(
-            "UPDATE kitium_auth.twofa_sessions SET completed_at = statement_timestamp()"
-            " WHERE id = %s",
-            [challenge.id],
-        )
-        watcher = release_when_waiting(dsn, holder, f"kitium_auth.{method}(")
-        [outcome] = await race(storage, 1, method, *args)
-        watcher.join()
-        assert watcher.seen  # type: ignore[attr-defined]
-    finally:
-        holder.close()
+    outcome = await _attempt_waiting_on(
+        storage, dsn, method, args,
+        "UPDATE kitium_auth.twofa_sessions SET completed_at = statement_timestamp() WHERE id = %s",
+        challenge.id,
+    )  # fmt: skip
     assert outcome is None
     completed = await storage.get_two_factor_session(challenge.id)
     assert completed is not None and completed.completed_at is not None
@@ -1112,19 +1115,12 @@ async def test_a_wrong_code_waiting_on_a_concurrent_failure_bumps_after_it(
     user = await _user(storage, email)
     device = await _device(storage, user)
     challenge = await _challenge(storage, user, device=device, method="sms", code_hash=_hash("5"))
-    holder = psycopg.connect(dsn)
-    try:
-        holder.execute(
-            "UPDATE kitium_auth.twofa_devices SET throttle_failures = throttle_failures + 1,"
-            " throttled_until = now() - interval '1 second' WHERE id = %s",
-            [device.id],
-        )
-        watcher = release_when_waiting(dsn, holder, "kitium_auth.verify_two_factor_session(")
-        [outcome] = await race(storage, 1, "verify_two_factor_session", challenge.id, _hash("6"))
-        watcher.join()
-        assert watcher.seen  # type: ignore[attr-defined]
-    finally:
-        holder.close()
+    outcome = await _attempt_waiting_on(
+        storage, dsn, "verify_two_factor_session", (challenge.id, _hash("6")),
+        "UPDATE kitium_auth.twofa_devices SET throttle_failures = throttle_failures + 1,"
+        " throttled_until = now() - interval '1 second' WHERE id = %s",
+        device.id,
+    )  # fmt: skip
     assert isinstance(outcome, TwoFactorAttempt), outcome
     assert (outcome.verified, outcome.throttled, outcome.attempt_count) == (False, False, 1)
     bumped = await storage.get_two_factor_device(device.id)

@@ -216,16 +216,20 @@ def mutants(queries_dir: Path) -> list[Mutant]:
             if name:
                 query = name.group(1)
                 continue
-            if not query or line.lstrip().startswith("--"):
-                continue
-            counts: dict[str, int] = {}
-            for operator, after in _line_mutants(line):
-                if after.rstrip() != line.split("--", 1)[0].rstrip():
-                    counts[operator] = counts.get(operator, 0) + 1
-                    found.append(
-                        Mutant(path.name, query, number, operator, line, after, counts[operator])
-                    )
+            if query:
+                found.extend(_mutants_of_line(path, query, number, line, "queries"))
     return found
+
+
+def _mutants_of_line(
+    path: Path, query: str, number: int, line: str, folder: str
+) -> Iterator[Mutant]:
+    """The mutants of one line of ``query`` (or function) in ``path``; none for a comment."""
+    counts: dict[str, int] = {}
+    for operator, after in _line_mutants(line):
+        if after.rstrip() != line.split("--", 1)[0].rstrip():
+            counts[operator] = counts.get(operator, 0) + 1
+            yield Mutant(path.name, query, number, operator, line, after, counts[operator], folder)
 
 
 def function_mutants(migrations_dir: Path) -> list[Mutant]:
@@ -251,14 +255,7 @@ def function_mutants(migrations_dir: Path) -> list[Mutant]:
     for function, (path, body) in sorted(latest.items()):
         folder = path.parent.relative_to(migrations_dir.parent).as_posix()
         for number, line in body:
-            counts: dict[str, int] = {}
-            for operator, after in _line_mutants(line):
-                if after.rstrip() != line.split("--", 1)[0].rstrip():
-                    counts[operator] = counts.get(operator, 0) + 1
-                    found.append(
-                        Mutant(path.name, function, number, operator, line, after,
-                               counts[operator], folder)
-                    )  # fmt: skip
+            found.extend(_mutants_of_line(path, function, number, line, folder))
     return found
 
 
