@@ -5,7 +5,9 @@
 -- is the transaction's start, so a credential that expired since would still pass.
 
 -- name: create_email_verification_token(id, email, code_hash, type, user_id, metadata, expires_at)^
--- Insert a token; a retry with the same id returns the row the first attempt wrote.
+-- Insert a token and its attempt counter at 0 (the row concurrent attempts at its address lock:
+-- see increment_email_verification_token_attempts); a retry with the same id returns the row
+-- the first attempt wrote.
 WITH inserted AS (
   INSERT INTO kitium_auth.email_verification_tokens
     (id, email, code_hash, type, user_id, metadata, expires_at)
@@ -13,6 +15,10 @@ WITH inserted AS (
     (:id, :email, :code_hash, :type, :user_id, :metadata::jsonb, :expires_at)
   ON CONFLICT (id) DO NOTHING
   RETURNING id, email, code_hash, type, user_id, metadata, expires_at, used_at, created_at
+), counter AS (
+  INSERT INTO kitium_auth.email_verification_token_attempts (token_id, attempts, last_attempt_at)
+  SELECT id, 0, created_at
+    FROM inserted
 )
 SELECT id, email, code_hash, type, user_id, metadata, expires_at, used_at, created_at
   FROM inserted
@@ -130,22 +136,37 @@ SELECT coalesce((SELECT a.attempts
 -- same email (any letter case) and type. A new token (a resend, which revokes the earlier ones)
 -- thus starts with the address's attempts: counted per token, each resend gave a guesser a new
 -- budget (found in review: 200 guesses at one address's 6-digit reset codes in 0.2 s). The
--- budget comes back as those tokens expire. Concurrent callers on one token serialise on its
--- counter row, so none of their increments is lost.
-WITH touched AS (
+-- budget comes back as those tokens expire. Concurrent attempts at one address serialise: each
+-- first locks the counters of the address's unexpired tokens and of its own, in token order
+-- (so no two wait on each other in a cycle), and a lock waited for hands the statement the
+-- row's latest count. Read from the statement's snapshot instead, two guesses on two tokens of
+-- one address each missed the other's (found in review: 3 attempts, both told 2). A token's
+-- counter is made, at 0, with the token (create_email_verification_token), so there is a row
+-- to lock; a token made before that has none until its first attempt.
+WITH address AS (
+  SELECT lower(email) AS email, type
+    FROM kitium_auth.email_verification_tokens
+   WHERE id = :token_id
+), counters AS (
+  SELECT o.token_id, o.attempts
+    FROM address AS d
+    JOIN kitium_auth.email_verification_tokens AS s
+      ON lower(s.email) = d.email AND s.type = d.type
+    JOIN kitium_auth.email_verification_token_attempts AS o
+      ON o.token_id = s.id
+   WHERE s.id = :token_id OR s.expires_at > statement_timestamp()
+   ORDER BY o.token_id
+     FOR NO KEY UPDATE OF o
+), touched AS (
+  -- from a row that needs every lock above: the count is written once they are all held
   INSERT INTO kitium_auth.email_verification_token_attempts AS a
     (token_id, attempts, last_attempt_at)
-  VALUES (:token_id, 1, now())
+  SELECT :token_id, 1, now()
+    FROM (SELECT count(*) FROM counters) AS locked
   ON CONFLICT (token_id) DO UPDATE
      SET attempts = a.attempts + 1, last_attempt_at = now()
   RETURNING a.attempts
 )
 SELECT c.attempts
-       + coalesce((SELECT sum(o.attempts)
-                     FROM kitium_auth.email_verification_tokens AS t
-                     JOIN kitium_auth.email_verification_tokens AS s
-                       ON lower(s.email) = lower(t.email) AND s.type = t.type AND s.id <> t.id
-                     JOIN kitium_auth.email_verification_token_attempts AS o
-                       ON o.token_id = s.id
-                    WHERE t.id = :token_id AND s.expires_at > statement_timestamp()), 0)
+       + coalesce((SELECT sum(o.attempts) FROM counters AS o WHERE o.token_id <> :token_id), 0)
   FROM touched AS c;

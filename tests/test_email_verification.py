@@ -9,13 +9,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 from kitium_pg import ConflictError, EmailVerificationToken, NotFoundError, ValidationError
 from kitium_pg._base import Retry
 
 from .fix_holder import waiting
-from .fix_race import race, start
+from .fix_race import race, race_each, start
 
 RACERS = 32
 
@@ -255,6 +256,50 @@ async def test_racing_increments_are_all_counted(storage: Any, email: str) -> No
     counts = await race(storage, RACERS, "increment_email_verification_token_attempts", token.id)
     assert sorted(counts) == list(range(1, RACERS + 1))  # each call saw its own increment
     assert await storage.get_email_verification_token_attempts(token.id) == RACERS
+
+
+async def test_attempts_racing_on_an_addresss_tokens_are_all_counted(
+    storage: Any, email: str
+) -> None:
+    """Found in review: each attempt read the counters of the address's other tokens as its
+    statement began, so guesses on several tokens at once missed each other's (20 guesses on
+    two tokens, and the counts returned repeated 1, 3, 13 and 16). Locked in token order, they
+    serialise, with no deadlock."""
+    tokens = [await _token(storage, email, type="password_reset") for _ in range(4)]
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        ((tokens[n % 4].id,), {}) for n in range(RACERS)
+    ]
+    counts = await race_each(storage, "increment_email_verification_token_attempts", calls)
+    assert sorted(counts) == list(range(1, RACERS + 1))
+    assert await storage.get_email_verification_token_attempts(tokens[0].id) == RACERS
+
+
+async def test_an_attempt_waits_for_one_on_another_token_of_the_address(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Two first attempts, one on each of two new tokens of one address, while a third
+    transaction holds the first token's counter: both wait (each token has its counter from
+    its creation, so there is a row to wait for), and once it is released the later attempt
+    counts the earlier one."""
+    first, second = [await _token(storage, email, type="password_reset") for _ in range(2)]
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "SELECT FROM kitium_auth.email_verification_token_attempts WHERE token_id = %s"
+            " FOR UPDATE",
+            [first.id],
+        )
+        calls = [
+            start(storage, "increment_email_verification_token_attempts", token.id)
+            for token in (first, second)
+        ]
+        assert await asyncio.to_thread(waiting, dsn, "email_verification_token_attempts", 2)
+        holder.commit()
+        counts = [await call for call in calls]
+    finally:
+        holder.close()
+    assert sorted(counts) == [1, 2]
+    assert await storage.get_email_verification_token_attempts(second.id) == 2
 
 
 async def test_delete_expired(storage: Any, email: str) -> None:

@@ -58,6 +58,8 @@ LOCAL_NAMES = {
     "member",
     "written",
     "locked",
+    "address",
+    "counters",
 }
 
 

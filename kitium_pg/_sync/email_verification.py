@@ -176,8 +176,9 @@ class EmailVerification(Core):
         this token's new count plus those of the other unexpired tokens of the same email (any
         letter case) and type. Compare it with your cap: a new token (a resend) does not give
         a new budget, which comes back as the address's tokens expire. Atomic: concurrent calls
-        on a token never lose an increment. Raises ``NotFoundError`` for an unknown token, and
-        ``ValidationError`` (field ``transaction``) on a transaction's view: a transaction that
+        at one address wait for each other, and none loses or misses another's. Raises
+        ``NotFoundError`` for an unknown token, and ``ValidationError`` (field
+        ``transaction``) on a transaction's view: a transaction that
         rolls back (say, after a wrong code) would undo the count and make the guess free. Never
         retried by the adapter: after a lost acknowledgement a retry would count twice."""
         self._outside_transaction(
