@@ -4,8 +4,9 @@ An adapter built with ``observer=`` calls ``start(operation)`` before each state
 ``finish(token, operation, duration_s, error)`` after it. ``operation`` is the statement's name
 in ``queries/*.sql``, not the method's: ``issue_api_key`` reports ``create_api_key``,
 ``validate_session_token`` reports ``get_session_for_token``, ``create_session(event=...)``
-reports ``create_session_with_event``, the batched deletes report once per batch, and
-``health_check`` reports ``ping``, ``ledger_exists`` and ``list_applied_migrations``. One
+and ``issue_session_token(event=...)`` report ``create_session_with_event``, the batched
+deletes report once per batch, and ``health_check`` reports ``ping``, ``ledger_exists``,
+``list_applied_migrations`` and ``list_invalid_indexes``. One
 observation spans the pool checkout, the adapter's automatic retries of that statement and, for
 a read routed to a replica, the fallback to the primary. ``error`` is what the statement raised;
 an error the method raises after a successful statement is not reported.

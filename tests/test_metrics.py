@@ -4,6 +4,7 @@ the composite observer, for ok and failing calls on both adapters."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -360,3 +361,48 @@ async def test_a_cancelled_call_still_finishes_its_observation(dsn: str) -> None
         with pytest.raises(asyncio.CancelledError):
             await task
     assert seen[-1] == ("get_user", "CancelledError")
+
+
+async def test_the_operations_reported_are_those_docs_integrations_metrics_lists(
+    observed: Callable[[Observer], Any], email: str
+) -> None:
+    """The table of docs/integrations/metrics.md: a method whose statements are named otherwise
+    reports their names, one per statement (found in review: health_check's
+    ``list_invalid_indexes`` and ``issue_session_token(event=…)`` were missing from it)."""
+    recorder = _Recorder()
+    storage = await observed(recorder)
+    user = await storage.create_user(email=email)
+    expires_at = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=expires_at)
+    calls: dict[str, Callable[[], Any]] = {
+        "issue_api_key": lambda: storage.issue_api_key(user.id, ["read"]),
+        "issue_session_token": lambda: storage.issue_session_token(
+            user_id=user.id, expires_at=expires_at
+        ),
+        "issue_session_token(event=…)": lambda: storage.issue_session_token(
+            user_id=user.id, expires_at=expires_at, event={"type": "login"}
+        ),
+        "validate_session_token": lambda: storage.validate_session_token(issued.token),
+        "create_session(event=…)": lambda: storage.create_session(
+            user_id=user.id, expires_at=expires_at, event={"type": "login"}
+        ),
+        "health_check": storage.health_check,
+    }
+    reported: dict[str, list[str]] = {}
+    for name, call in calls.items():
+        recorder.finished.clear()
+        await call()
+        reported[name] = [operation for operation, _, _ in recorder.finished]
+    assert reported == {
+        "issue_api_key": ["create_api_key"],
+        "issue_session_token": ["create_session"],
+        "issue_session_token(event=…)": ["create_session_with_event"],
+        "validate_session_token": ["get_session_for_token"],
+        "create_session(event=…)": ["create_session_with_event"],
+        "health_check": [
+            "ping",
+            "ledger_exists",
+            "list_applied_migrations",
+            "list_invalid_indexes",
+        ],
+    }
