@@ -1,9 +1,11 @@
-"""tools/sql_mutants.py, the mutation testing of queries/: which mutants it makes (its runs are
-too long for CI; docs/development.md gives the last run's outcome)."""
+"""tools/sql_mutants.py, the mutation testing of queries/ and of the functions and constraints
+migrations/ creates: which mutants it makes (its runs are too long for CI; docs/sql-mutants.md
+gives the runs' outcomes)."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -179,3 +181,98 @@ def _check_parentheses_kept(made: list[Any]) -> None:
         assert before.count("(") - before.count(")") == (
             mutant.after.count("(") - mutant.after.count(")")
         ), mutant.describe()
+
+
+SAMPLE_SCHEMA = {
+    "0001_tables.sql": """\
+CREATE TABLE kitium_auth.t (
+  id      uuid PRIMARY KEY,
+  user_id uuid NOT NULL,
+  email   text,
+  kind    text NOT NULL, -- a comment: CHECK (false) here is no code
+  CONSTRAINT t__user_id_fkey FOREIGN KEY (user_id)
+    REFERENCES kitium_auth.users (id) ON DELETE SET NULL,
+  CONSTRAINT t__kind_check CHECK (kind IN ('a', 'b')),
+  CONSTRAINT t__email_key UNIQUE (user_id, email),
+  CONSTRAINT t__id_user_id_key UNIQUE (id, user_id),
+  CONSTRAINT t__email_check
+    CHECK (email IS NULL OR char_length(email) <= 320)
+);
+CREATE UNIQUE INDEX t__lower_email_key ON kitium_auth.t (lower(email))
+  WHERE email IS NOT NULL;
+CREATE INDEX t_kind_idx ON kitium_auth.t (kind) WHERE kind IS NOT NULL;
+
+CREATE FUNCTION kitium_auth.f() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  ALTER TABLE kitium_auth.t ADD CONSTRAINT t__in_a_body CHECK (true);
+END;
+$$;
+
+-- migrate:down
+ALTER TABLE kitium_auth.t ADD CONSTRAINT t__in_a_down_part CHECK (kind IS NULL);
+""",
+    "0002_replace.sql": """\
+ALTER TABLE kitium_auth.t DROP CONSTRAINT t__user_id_fkey;
+ALTER TABLE kitium_auth.t
+  ADD CONSTRAINT t__user_id_fkey FOREIGN KEY (user_id)
+    REFERENCES kitium_auth.users (id) ON DELETE CASCADE NOT VALID;
+ALTER TABLE kitium_auth.t DROP CONSTRAINT t__kind_check;
+""",
+    "0003_validate.sql": """\
+ALTER TABLE kitium_auth.t VALIDATE CONSTRAINT t__user_id_fkey;
+""",
+}
+
+
+def test_schema_mutants_come_from_where_each_constraint_was_last_added(
+    tool: ModuleType, tmp_path: Path
+) -> None:
+    """A constraint added again later is mutated there, one dropped later not at all, and one
+    validated later where it was added; a plain index, a function body, a down part and
+    comments give no mutant."""
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    for name, text in SAMPLE_SCHEMA.items():
+        (folder / name).write_text(text)
+    made = {
+        (m.file, m.query, m.table, m.line, m.operator, m.after.strip())
+        for m in tool.schema_mutants(folder)
+    }
+    first, fkey = "0001_tables.sql", "t__user_id_fkey"
+    assert made == {
+        ("0002_replace.sql", fkey, "t", 4, "drop referential action",
+         "REFERENCES kitium_auth.users (id) NOT VALID;"),
+        (first, "t__email_key", "t", 9, "UNIQUE -> UNIQUE (…, id)",
+         "CONSTRAINT t__email_key UNIQUE (user_id, email, id),"),
+        (first, "t__email_check", "t", 12, "drop condition", "CHECK (email IS NULL)"),
+        (first, "t__email_check", "t", 12, "IS NULL -> IS NOT NULL",
+         "CHECK (email IS NOT NULL OR char_length(email) <= 320)"),
+        (first, "t__email_check", "t", 12, "CHECK -> CHECK (true)", "CHECK (true)"),
+        (first, "t__lower_email_key", "t", 14, "unique index -> plain",
+         "CREATE INDEX t__lower_email_key ON kitium_auth.t (lower(email))"),
+        (first, "t__lower_email_key", "t", 14, "lower(x) -> x",
+         "CREATE UNIQUE INDEX t__lower_email_key ON kitium_auth.t (email)"),
+        (first, "t__lower_email_key", "t", 15, "IS NOT NULL -> IS NULL", "WHERE email IS NULL;"),
+        (first, "t__lower_email_key", "t", 15, "drop index predicate", ";"),
+    }  # fmt: skip
+
+
+def test_every_shipped_table_has_tests_and_its_schema_mutants_keep_their_parentheses(
+    tool: ModuleType,
+) -> None:
+    """Each table the migrations create names the queries/ file whose tests its mutants run;
+    the schema tests exist; no mutant unbalances a line."""
+    created = {
+        match.group(1)
+        for path in (ROOT / "migrations").glob("*.sql")
+        for match in re.finditer(r"^CREATE TABLE kitium_auth\.(\w+)", path.read_text(), re.M)
+    }
+    assert created == set(tool.TABLE_QUERIES)
+    assert set(tool.TABLE_QUERIES.values()) <= set(tool.DOMAIN_TESTS)
+    for name in tool.SCHEMA_TESTS:
+        assert (ROOT / "tests" / name).is_file(), name
+    made = tool.schema_mutants(ROOT / "migrations")
+    assert {m.table for m in made} == created
+    assert len(made) > 100
+    _check_parentheses_kept(made)

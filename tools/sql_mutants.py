@@ -1,24 +1,33 @@
-"""Mutation testing of queries/ and of the functions migrations/ creates: for each guard taken
-out of a query or a function, does some test fail?
+"""Mutation testing of queries/, of the functions migrations/ creates and of the tables'
+constraints: for each guard taken out of a query, a function or the schema, does some test fail?
 
 A mutant is one line of one query, or of one function's body, changed: a condition dropped
 from a WHERE, ON or CASE test (``AND x`` or ``OR x`` removed), ``IS NULL`` and ``IS NOT NULL``
 swapped, a row lock removed (``FOR UPDATE``, ``FOR KEY SHARE``…, with its ``SKIP LOCKED``),
 ``SKIP LOCKED`` alone removed, ``statement_timestamp()`` turned into ``now()``, an
-``ON CONFLICT … DO NOTHING`` removed, a ``LIMIT`` removed, a ``DESC`` removed.
+``ON CONFLICT … DO NOTHING`` removed, a ``LIMIT`` removed, a ``DESC`` removed. In a table's
+constraint or unique index (``--schema``): a ``CHECK`` made ``CHECK (true)`` (or a condition of
+it dropped, or ``IS NULL`` swapped), a reference's ``ON DELETE``/``ON UPDATE`` action removed,
+a ``UNIQUE`` constraint widened by the row's ``id`` (so it refuses nothing), a unique index made
+plain, its predicate or its ``lower()`` removed.
 
 A query's mutant runs the test files of its query's domain (``DOMAIN_TESTS``) and
 ``COMMON_TESTS`` on a copy of the checkout, against a fresh database cloned from a migrated
 template on an embedded server. A function's mutant, made in the last migration that defines
 the function (an earlier definition no longer runs), runs the tests ``FUNCTION_TESTS`` names
 and ``COMMON_TESTS`` against an empty database, which the copy's adapter migrates from the
-mutated file. A mutant some test fails on is killed; one that aiosql or the server refuses is
-invalid (any test that runs it fails, which tests nothing); the others survive and are listed.
+mutated file. A schema mutant, made in the migration that last adds its constraint or index
+(one a later migration drops gives none), runs the tests of its table's domain
+(``TABLE_QUERIES``), ``SCHEMA_TESTS`` and ``COMMON_TESTS`` the same way. A mutant some test
+fails on is killed; one that aiosql or the server refuses is invalid (any test that runs it
+fails, which tests nothing), as is a schema mutant the migrations cannot apply; the others
+survive and are listed.
 
     python tools/sql_mutants.py --list                    # the mutants, not run
     python tools/sql_mutants.py                           # every mutant
     python tools/sql_mutants.py --file twofa.sql --report out.md
     python tools/sql_mutants.py --functions               # those of migrations/ only
+    python tools/sql_mutants.py --schema                  # the tables' constraints only
     python tools/sql_mutants.py --survivors-of out.log    # what an earlier run left
 
 A survivor is a guard no test depends on: either a missing test or a guard that changes
@@ -41,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +116,30 @@ FUNCTION_TESTS: dict[str, tuple[str, ...]] = {
     "users_email_change_revokes_tokens": _EMAIL_TESTS,
 }
 
+# The queries/ file whose domain holds each table: a schema mutant runs its DOMAIN_TESTS, then
+# SCHEMA_TESTS and COMMON_TESTS.
+TABLE_QUERIES: dict[str, str] = {
+    "users": "users.sql",
+    "oauth_accounts": "users.sql",
+    "organizations": "organizations.sql",
+    "organization_members": "organizations.sql",
+    "sessions": "sessions.sql",
+    "api_keys": "api_keys.sql",
+    "email_verification_tokens": "email_verification.sql",
+    "email_verification_token_attempts": "email_verification.sql",
+    "auth_events": "events.sql",
+    "roles": "rbac.sql",
+    "user_roles": "rbac.sql",
+    "sso_providers": "sso.sql",
+    "sso_provider_domains": "sso.sql",
+    "sso_links": "sso.sql",
+    "sso_sessions": "sso.sql",
+    "twofa_devices": "twofa.sql",
+    "twofa_backup_codes": "twofa.sql",
+    "twofa_sessions": "twofa.sql",
+}
+SCHEMA_TESTS = ("test_constraints.py",)
+
 CREATE_FUNCTION = re.compile(r"^CREATE (?:OR REPLACE )?FUNCTION kitium_auth\.(\w+)", re.MULTILINE)
 BODY_OPENS = re.compile(r"\bAS (\$\w*\$)\s*$")
 LOCK_CLAUSE = re.compile(
@@ -119,7 +152,22 @@ STATEMENT_TIME = re.compile(r"\bstatement_timestamp\(\)")
 DO_NOTHING = re.compile(r"\s*ON CONFLICT\s*(?:\([^()]*\))?\s*DO NOTHING")
 LIMIT = re.compile(r"\s+LIMIT\s+(?:\d+|:\w+|\(:\w+\))")
 DESC = re.compile(r"\s+DESC\b")
-INVALID = "aiosql or the server refuses it"
+INVALID = "aiosql, the server or the migrations refuse it"
+# Schema statements: what a line of a migration's up part adds, drops or continues.
+TABLE_OPENS = re.compile(r"^(?:CREATE|ALTER) TABLE (?:ONLY )?kitium_auth\.(\w+)")
+CONSTRAINT_OPENS = re.compile(r"(?<!DROP )(?<!VALIDATE )(?<!RENAME )\bCONSTRAINT (\w+)")
+CONSTRAINT_DROPPED = re.compile(r"\bDROP CONSTRAINT (?:IF EXISTS )?(\w+)")
+UNIQUE_INDEX_OPENS = re.compile(r"^CREATE UNIQUE INDEX (?:CONCURRENTLY )?(?:IF NOT EXISTS )?(\w+)")
+INDEX_TABLE = re.compile(r"\bON kitium_auth\.(\w+)")
+INDEX_DROPPED = re.compile(r"\bDROP INDEX (?:CONCURRENTLY )?(?:IF EXISTS )?(?:kitium_auth\.)?(\w+)")
+BLOCK_OPENS = re.compile(r"(?:\bAS|^DO) (\$\w*\$)")
+CHECK = re.compile(r"\bCHECK \(")
+REFERENTIAL_ACTION = re.compile(
+    r"\s+ON (?:DELETE|UPDATE) (?:CASCADE|SET NULL|SET DEFAULT|RESTRICT)"
+)
+UNIQUE_COLUMNS = re.compile(r"\bUNIQUE \(([^()]*)\)")
+PREDICATE = re.compile(r"\s*\bWHERE\b.*?(?=;?\s*$)")
+LOWER = re.compile(r"\blower\((\w+)\)")
 
 
 @dataclass(frozen=True)
@@ -132,6 +180,7 @@ class Mutant:
     after: str
     variant: int = 1  # the n-th mutant of this line by this operator
     folder: str = "queries"  # or migrations, migrations/optional (then query is a function)
+    table: str = ""  # a schema mutant's table (then query is the constraint or the index)
 
     def describe(self) -> str:
         nth = f" #{self.variant}" if self.variant > 1 else ""
@@ -184,12 +233,7 @@ def _line_mutants(line: str) -> Iterator[tuple[str, str]]:
     code = line.split("--", 1)[0]
     if not code.strip():
         return
-    for mutated in _dropped_conditions(code):
-        yield "drop condition", mutated
-    for match in IS_NOT_NULL.finditer(code):
-        yield "IS NOT NULL -> IS NULL", code[: match.start()] + "IS NULL" + code[match.end() :]
-    for match in IS_NULL.finditer(code):
-        yield "IS NULL -> IS NOT NULL", code[: match.start()] + "IS NOT NULL" + code[match.end() :]
+    yield from _condition_mutants(code)
     for pattern, name in (
         (LOCK_CLAUSE, "drop row lock"),
         (SKIP_LOCKED, "drop SKIP LOCKED"),
@@ -204,6 +248,16 @@ def _line_mutants(line: str) -> Iterator[tuple[str, str]]:
             "statement_timestamp() -> now()",
             code[: match.start()] + "now()" + code[match.end() :],
         )
+
+
+def _condition_mutants(code: str) -> Iterator[tuple[str, str]]:
+    """A condition dropped from ``code``, or one ``IS NULL`` / ``IS NOT NULL`` swapped."""
+    for mutated in _dropped_conditions(code):
+        yield "drop condition", mutated
+    for match in IS_NOT_NULL.finditer(code):
+        yield "IS NOT NULL -> IS NULL", code[: match.start()] + "IS NULL" + code[match.end() :]
+    for match in IS_NULL.finditer(code):
+        yield "IS NULL -> IS NOT NULL", code[: match.start()] + "IS NOT NULL" + code[match.end() :]
 
 
 def mutants(queries_dir: Path) -> list[Mutant]:
@@ -222,14 +276,24 @@ def mutants(queries_dir: Path) -> list[Mutant]:
 
 
 def _mutants_of_line(
-    path: Path, query: str, number: int, line: str, folder: str
+    path: Path,
+    query: str,
+    number: int,
+    line: str,
+    folder: str,
+    made: Iterable[tuple[str, str]] | None = None,
+    table: str = "",
 ) -> Iterator[Mutant]:
-    """The mutants of one line of ``query`` (or function) in ``path``; none for a comment."""
+    """The mutants of one line of ``query`` (or function, or ``table``'s constraint) in
+    ``path``: ``made`` (``_line_mutants`` of the line by default), numbered per operator; none
+    for a comment."""
     counts: dict[str, int] = {}
-    for operator, after in _line_mutants(line):
+    for operator, after in _line_mutants(line) if made is None else made:
         if after.rstrip() != line.split("--", 1)[0].rstrip():
             counts[operator] = counts.get(operator, 0) + 1
-            yield Mutant(path.name, query, number, operator, line, after, counts[operator], folder)
+            yield Mutant(
+                path.name, query, number, operator, line, after, counts[operator], folder, table
+            )
 
 
 def function_mutants(migrations_dir: Path) -> list[Mutant]:
@@ -257,6 +321,77 @@ def function_mutants(migrations_dir: Path) -> list[Mutant]:
         for number, line in body:
             found.extend(_mutants_of_line(path, function, number, line, folder))
     return found
+
+
+def schema_mutants(migrations_dir: Path) -> list[Mutant]:
+    """Every mutant of every constraint and unique index the migrations (not the optional
+    ones) add, each made in the up part of the migration that last adds it (none for one a
+    later up part drops), in name order."""
+    latest: dict[str, tuple[Path, str, list[tuple[int, str]]]] = {}
+    for path in sorted(migrations_dir.glob("*.sql")):
+        up = path.read_text().split("\n-- migrate:down", 1)[0]
+        table, closing, name = "", "", ""
+        lines: list[tuple[int, str]] = []
+        for number, line in enumerate(up.splitlines(), start=1):
+            code = line.split("--", 1)[0].rstrip()
+            if closing:  # a function body or a DO block: no schema there
+                closing = "" if code.lstrip().startswith(closing) else closing
+                continue
+            if name and code.lstrip().startswith(")"):  # the table's last constraint ended
+                latest[name], name = (path, table, lines), ""
+            if opens := BLOCK_OPENS.search(code):
+                closing = "" if opens.group(1) in code[opens.end() :] else opens.group(1)
+                continue
+            if opened := TABLE_OPENS.match(code):
+                table = opened.group(1)
+            for dropped in (*CONSTRAINT_DROPPED.finditer(code), *INDEX_DROPPED.finditer(code)):
+                latest.pop(dropped.group(1), None)
+            if opened := CONSTRAINT_OPENS.search(code) or UNIQUE_INDEX_OPENS.match(code):
+                name, lines = opened.group(1), []
+            if name:
+                lines.append((number, line))
+                if on := INDEX_TABLE.search(code):
+                    table = on.group(1)
+                if code.endswith((",", ";")):
+                    latest[name], name = (path, table, lines), ""
+    found: list[Mutant] = []
+    for name, (path, table, lines) in sorted(latest.items()):
+        index = bool(UNIQUE_INDEX_OPENS.match(lines[0][1]))
+        checked = any(CHECK.search(line) for _, line in lines)
+        for number, line in lines:
+            made = _schema_line_mutants(line, index=index, checked=checked)
+            found.extend(_mutants_of_line(path, name, number, line, "migrations", made, table))
+    return found
+
+
+def _schema_line_mutants(line: str, *, index: bool, checked: bool) -> Iterator[tuple[str, str]]:
+    """The mutants of one line of a constraint (``checked``: a CHECK) or of a unique index."""
+    code = line.split("--", 1)[0].rstrip()
+    if checked or (index and "WHERE" in code):
+        yield from _condition_mutants(code)
+    if check := CHECK.search(code):
+        depths = _depths(code)
+        end = next(
+            (pos for pos in range(check.end(), len(code)) if code[pos] == ")" and depths[pos] == 1),
+            None,
+        )
+        if end is not None and depths[check.end() - 1] == 0:  # the whole test on this line
+            yield "CHECK -> CHECK (true)", code[: check.end()] + "true" + code[end:]
+    for match in REFERENTIAL_ACTION.finditer(code):
+        yield "drop referential action", code[: match.start()] + code[match.end() :]
+    for match in UNIQUE_COLUMNS.finditer(code):
+        # with the primary key among its columns a unique constraint refuses nothing (one that
+        # holds it already is there for a reference, not for uniqueness)
+        if "id" not in [column.strip() for column in match.group(1).split(",")]:
+            yield "UNIQUE -> UNIQUE (…, id)", code[: match.end(1)] + ", id" + code[match.end(1) :]
+    if index:
+        if code.startswith("CREATE UNIQUE INDEX"):
+            yield "unique index -> plain", code.replace("CREATE UNIQUE INDEX", "CREATE INDEX", 1)
+        for match in PREDICATE.finditer(code):
+            if match.group().strip():
+                yield "drop index predicate", code[: match.start()] + code[match.end() :]
+        for match in LOWER.finditer(code):
+            yield "lower(x) -> x", code[: match.start()] + match.group(1) + code[match.end() :]
 
 
 def _migrates(copy: Path, conninfo: str, optional: bool) -> tuple[bool, str]:
@@ -336,11 +471,20 @@ def main() -> int:
     parser.add_argument(
         "--file", action="append", help="only this queries/ or migrations/ file (repeatable)"
     )
-    parser.add_argument("--query", action="append", help="only this query or function (repeatable)")
+    parser.add_argument(
+        "--query",
+        action="append",
+        help="only this query, function, constraint or index (repeatable)",
+    )
     parser.add_argument("--line", action="append", type=int, help="only this line (repeatable)")
     parser.add_argument("--operator", action="append", help="only this operator (repeatable)")
     parser.add_argument(
         "--functions", action="store_true", help="only the functions migrations/ creates"
+    )
+    parser.add_argument(
+        "--schema",
+        action="store_true",
+        help="only the constraints and unique indexes of migrations/",
     )
     parser.add_argument(
         "--survivors-of",
@@ -367,8 +511,9 @@ def main() -> int:
     selected = [
         m
         for m in [
-            *([] if args.functions else mutants(ROOT / "queries")),
-            *function_mutants(ROOT / "migrations"),
+            *([] if args.functions or args.schema else mutants(ROOT / "queries")),
+            *([] if args.schema else function_mutants(ROOT / "migrations")),
+            *([] if args.functions else schema_mutants(ROOT / "migrations")),
         ]
         if (not args.file or m.file in args.file)
         and (not args.query or m.query in args.query)
@@ -410,12 +555,16 @@ def _database(base: str, name: str) -> str:
 def _tests_for(args: argparse.Namespace, mutants: list[Mutant]) -> tuple[str, ...]:
     if args.tests:
         return tuple(args.tests)
-    chosen = [
-        t
-        for m in mutants
-        for t in (DOMAIN_TESTS[m.file] if m.folder == "queries" else FUNCTION_TESTS[m.query])
-    ]
+    chosen = [t for m in mutants for t in _tests_of(m)]
     return tuple(dict.fromkeys((*chosen, *args.also, *COMMON_TESTS)))
+
+
+def _tests_of(mutant: Mutant) -> tuple[str, ...]:
+    if mutant.table:
+        return (*DOMAIN_TESTS[TABLE_QUERIES[mutant.table]], *SCHEMA_TESTS)
+    if mutant.folder == "queries":
+        return DOMAIN_TESTS[mutant.file]
+    return FUNCTION_TESTS[mutant.query]
 
 
 def _run(args: argparse.Namespace, selected: list[Mutant], copies: list[Path], base: str) -> int:
@@ -447,7 +596,7 @@ def _run(args: argparse.Namespace, selected: list[Mutant], copies: list[Path], b
         database = _database(base, name)
         in_migrations = mutant.folder != "queries"
         with psycopg.connect(base, autocommit=True) as admin:
-            # a function's mutant needs an empty database, which the copy migrates
+            # a mutant of migrations/ needs an empty database, which the copy migrates
             admin.execute(
                 f"CREATE DATABASE {name}" if in_migrations
                 else f"CREATE DATABASE {name} TEMPLATE mutants_template"
@@ -457,6 +606,8 @@ def _run(args: argparse.Namespace, selected: list[Mutant], copies: list[Path], b
             tests = _tests_for(args, [mutant])
             if in_migrations:
                 valid, tail = _migrates(copy, database, mutant.folder.endswith("optional"))
+                # a constraint the migrations cannot add is no schema at all
+                tail = INVALID if mutant.table and not valid else tail
             else:
                 valid, tail = _parses(database, path.read_text(), mutant.query), INVALID
             if valid:
@@ -487,8 +638,8 @@ def _run(args: argparse.Namespace, selected: list[Mutant], copies: list[Path], b
     invalid = [m for n, m in enumerate(selected, start=1) if results[n][1] == INVALID]
     killed = len(selected) - len(survivors) - len(invalid)
     print(
-        f"{killed} killed, {len(survivors)} survived, {len(invalid)} invalid (aiosql or the server"
-        f" refuses them) of {len(selected)}"
+        f"{killed} killed, {len(survivors)} survived, {len(invalid)} invalid (aiosql, the server"
+        f" or the migrations refuse them) of {len(selected)}"
     )
     for mutant in invalid:
         print(f"INVALID {mutant.describe()}\n  + {mutant.after.strip()}")
