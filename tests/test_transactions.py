@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import signal
 import threading
 import time
 import uuid
@@ -478,6 +479,101 @@ async def test_a_block_waits_for_a_savepoint_another_task_holds(dsn: str, trip_s
         async with storage.transaction() as tx:
             after = await tx.create_user(email=f"after-{unique}@example.com")
         assert await storage.get_user(after.id) == after
+
+
+async def test_a_block_cancelled_while_it_waits_for_a_savepoint_raises_the_cancellation(
+    dsn: str, trip_schema: str
+) -> None:
+    """Found in review: a task cancelled while its block's end waited for another task's
+    savepoint rolled back under that savepoint; psycopg refused the ROLLBACK, the caller got
+    InternalError instead of CancelledError and the pool discarded the connection. The end
+    waits on through the cancellation, rolls back once the savepoint is gone, and raises it."""
+    unique = uuid.uuid4().hex[:8]
+    async with AsyncPostgresStorageAdapter(dsn, schema=trip_schema, max_size=1) as storage:
+        inside, go_on = asyncio.Event(), asyncio.Event()
+        refused: list[str] = []
+        kept: list[Any] = []
+        held: list[asyncio.Task[None]] = []
+
+        async def holder(tx: Any) -> None:
+            try:
+                async with tx.transaction() as savepoint:
+                    await savepoint.create_user(email=f"held-{unique}@example.com")
+                    inside.set()
+                    await go_on.wait()
+                    await savepoint.create_user(email=f"late-{unique}@example.com")
+            except ValidationError as exc:
+                refused.append(exc.field)
+
+        async def block() -> None:
+            async with storage.transaction() as tx:
+                kept.append(await tx.create_user(email=f"kept-{unique}@example.com"))
+                held.append(asyncio.create_task(holder(tx)))
+                await inside.wait()
+
+        ending = asyncio.create_task(block())
+        await inside.wait()
+        await asyncio.sleep(0.05)  # the block has ended: it waits for the savepoint
+        ending.cancel()
+        asyncio.get_running_loop().call_later(0.1, go_on.set)
+        with pytest.raises(asyncio.CancelledError):
+            await ending
+        await held[0]
+        assert refused == ["transaction"]
+        assert await storage.get_user(kept[0].id) is None  # rolled back
+        async with storage.transaction() as tx:  # on the pool's one connection, clean
+            after = await tx.create_user(email=f"after-{unique}@example.com")
+        assert await storage.get_user(after.id) == after
+
+
+def test_an_interrupt_while_the_block_waits_for_a_savepoint_is_raised_after_it(
+    dsn: str, trip_schema: str
+) -> None:
+    """The sync adapter's end of a block waits the same way for a savepoint another thread
+    holds: an interrupt meanwhile (Ctrl-C's KeyboardInterrupt; here a signal handler's own
+    exception) is raised once the savepoint is gone, after the rollback, instead of an
+    InternalError (found in review)."""
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    unique = uuid.uuid4().hex[:8]
+    inside, go_on = threading.Event(), threading.Event()
+    refused: list[str] = []
+
+    def holder(tx: Any) -> None:
+        try:
+            with tx.transaction() as savepoint:
+                savepoint.create_user(email=f"held-{unique}@example.com")
+                inside.set()
+                go_on.wait(10)
+                savepoint.create_user(email=f"late-{unique}@example.com")
+        except ValidationError as exc:
+            refused.append(exc.field)
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with PostgresStorageAdapter(dsn, schema=trip_schema, max_size=1) as storage:
+            with pytest.raises(Interrupted), storage.transaction() as tx:
+                kept = tx.create_user(email=f"kept-{unique}@example.com")
+                thread = threading.Thread(target=holder, args=(tx,))
+                thread.start()
+                assert inside.wait(10)
+                # while the block's end waits for the savepoint
+                signal.setitimer(signal.ITIMER_REAL, 0.05)
+                threading.Timer(0.2, go_on.set).start()
+            thread.join(10)
+            assert refused == ["transaction"]
+            assert storage.get_user(kept.id) is None
+            with storage.transaction() as tx:
+                after = tx.create_user(email=f"after-{unique}@example.com")
+            assert storage.get_user(after.id) == after
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_a_thread_finding_the_transaction_aborted_gets_the_failure_not_25p02(

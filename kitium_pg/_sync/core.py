@@ -242,7 +242,9 @@ class Core:
         by commit or rollback, waits for calls other tasks already started on ``tx`` (up to
         their statement timeout) and for savepoints they hold (their later calls raise
         ``ValidationError``, so they roll back), so that their failures are seen before the
-        commit and nothing reaches the connection once the pool has it back. A call
+        commit and nothing reaches the connection once the pool has it back; a cancellation
+        (``KeyboardInterrupt``, for the sync adapter) that arrives meanwhile is raised once
+        they are done, after the rollback. A call
         cancelled while it runs aborts the transaction too: later calls and the block raise
         ``QueryTimeoutError`` (code ``query_canceled``). Raises the translated error when
         the commit itself fails."""
@@ -278,8 +280,19 @@ class Core:
                     # refused, so its holder rolls it back. A poll, not an Event: one source
                     # serves both adapters (the sync one sleeps), and there is only something to
                     # wait for when a task is still at work at the end, which is rare and short.
-                    while state.calls or state.depth:  # noqa: ASYNC110
-                        time.sleep(_CALLS_POLL)
+                    # A cancellation (Ctrl-C, for the sync adapter) waits too, and is raised
+                    # after: rolled back under another task's savepoint, psycopg refused the
+                    # ROLLBACK and the caller got InternalError instead (found in review).
+                    interrupted: BaseException | None = None
+                    while True:
+                        try:
+                            if not (state.calls or state.depth):
+                                break
+                            time.sleep(_CALLS_POLL)
+                        except BaseException as exc:  # raised below, once nothing is left
+                            interrupted = interrupted or exc
+                    if interrupted is not None:
+                        raise interrupted
                 raise_if_aborted(conn, state)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             # A BEGIN, SAVEPOINT or COMMIT on a connection the server dropped: its siblings are
