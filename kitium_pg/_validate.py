@@ -43,9 +43,18 @@ _WHITESPACE: Final = re.compile(r"\s")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 
 
-def text(field: str, value: object, *, max_len: int = SHORT, allow_empty: bool = False) -> str:
-    """A string PostgreSQL can store: no NUL, valid UTF-8, within ``max_len`` characters. A
-    ``str`` subclass is checked and returned as a plain copy of its characters (see ``plain``)."""
+def text(
+    field: str,
+    value: object,
+    *,
+    max_len: int = SHORT,
+    allow_empty: bool = False,
+    max_bytes: int | None = None,
+) -> str:
+    """A string PostgreSQL can store: no NUL, valid UTF-8, within ``max_len`` characters (and
+    ``max_bytes`` bytes of UTF-8, for a column a B-tree index holds: an entry has at most 2704
+    bytes). A ``str`` subclass is checked and returned as a plain copy of its characters (see
+    ``plain``)."""
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, not {type(value).__name__}")
     value = plain(value)
@@ -56,10 +65,12 @@ def text(field: str, value: object, *, max_len: int = SHORT, allow_empty: bool =
     if "\x00" in value:
         raise ValidationError(field, "must not contain NUL characters")
     try:
-        value.encode("utf-8")
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
         pass  # raised below: the exception holds the whole value (.object), as __context__ would
     else:
+        if max_bytes is not None and size > max_bytes:
+            raise ValidationError(field, f"must be at most {max_bytes} bytes in UTF-8")
         return value
     raise ValidationError(field, "must be valid Unicode (no lone surrogates)")
 
@@ -71,9 +82,11 @@ def plain(value: str) -> str:
     return value if type(value) is str else str.__getitem__(value, slice(None))
 
 
-def opt_text(field: str, value: object, *, max_len: int = SHORT) -> str | None:
+def opt_text(
+    field: str, value: object, *, max_len: int = SHORT, max_bytes: int | None = None
+) -> str | None:
     """``text`` or ``None``."""
-    return None if value is None else text(field, value, max_len=max_len)
+    return None if value is None else text(field, value, max_len=max_len, max_bytes=max_bytes)
 
 
 def email(field: str, value: object) -> str:

@@ -141,6 +141,7 @@ def classify_text(
     minimum: int = 1,
     exact: int | None = None,
     fmt: Callable[[str], bool] | None = None,
+    max_bytes: int | None = None,
 ) -> str:
     if value is None:
         return CLEAN if optional else BAD
@@ -151,6 +152,8 @@ def classify_text(
     if len(value) < minimum or len(value) > limit or (exact is not None and len(value) != exact):
         return BAD
     if "\x00" in value or not _encodable(value):
+        return BAD
+    if max_bytes is not None and len(value.encode("utf-8")) > max_bytes:
         return BAD
     if fmt is not None and not fmt(value):
         return BAD
@@ -344,6 +347,8 @@ def hostile_text(limit: int) -> st.SearchStrategy[Any]:
         st.text(max_size=30),
         st.text(st.characters(categories=["Cs", "Cc", "Lo", "So", "Zs"]), max_size=10),
         st.sampled_from([limit, limit + 1]).map(lambda n: "é" * n),
+        # four bytes of UTF-8 each: past what a B-tree index entry holds (2704 bytes) from 676
+        st.sampled_from([limit // 2, limit]).map(lambda n: "\U0001f600" * n),
         st.just("x" * MB),
         st.just(""),
         wrong_type,
@@ -359,6 +364,7 @@ def text_arg(
     exact: int | None = None,
     fmt: Callable[[str], bool] | None = None,
     good: st.SearchStrategy[Any] | None = None,
+    max_bytes: int | None = None,
 ) -> P:
     if good is None:
         size = exact or min(limit, 24)
@@ -373,7 +379,13 @@ def text_arg(
 
     def classify(v: Any) -> str:
         return classify_text(
-            v, limit=limit, optional=optional, minimum=minimum, exact=exact, fmt=fmt
+            v,
+            limit=limit,
+            optional=optional,
+            minimum=minimum,
+            exact=exact,
+            fmt=fmt,
+            max_bytes=max_bytes,
         )
 
     return tagged(classify, good, hostile_text(limit))
@@ -2273,7 +2285,7 @@ def _spec_table() -> dict[str, Spec]:
                 "user_id": uid,
                 "provider_id": uuid_arg("provider", "random"),
                 "provider_type": choice_arg(("saml", "oidc")),
-                "provider_subject": text_arg(1024),
+                "provider_subject": text_arg(1024, max_bytes=2048),
                 "provider_email": text_arg(320, optional=True),
                 "auto_provisioned": bool_arg(),
                 "metadata": json_arg(),
@@ -2298,7 +2310,7 @@ def _spec_table() -> dict[str, Spec]:
         "get_sso_link_by_subject": Spec(
             params={
                 "provider_id": uuid_arg("provider", "random"),
-                "provider_subject": text_arg(1024),
+                "provider_subject": text_arg(1024, max_bytes=2048),
             },
             lenient=True,
         ),
@@ -2309,7 +2321,7 @@ def _spec_table() -> dict[str, Spec]:
                 "user_id": uid,
                 "provider_id": uuid_arg("provider", "random"),
                 "provider_type": choice_arg(("saml", "oidc")),
-                "provider_subject": text_arg(1024),
+                "provider_subject": text_arg(1024, max_bytes=2048),
                 "expires_at": time_arg(),
                 "session_token": text_arg(LONG, optional=True),
                 "last_auth_at": time_arg(optional=True),
@@ -2336,7 +2348,7 @@ def _spec_table() -> dict[str, Spec]:
             params={
                 "provider_id": uuid_arg("provider", "random"),
                 # Leaving out both the subject and the token is refused, naming provider_subject.
-                "provider_subject": text_arg(1024, optional=True).map(_none_maybe),
+                "provider_subject": text_arg(1024, optional=True, max_bytes=2048).map(_none_maybe),
                 "session_token": text_arg(LONG, optional=True),
                 "end_user_sessions": bool_arg(),
             },

@@ -1569,6 +1569,40 @@ async def test_an_assertions_subject_finds_its_link(
     assert await storage.get_sso_link_by_subject(provider.id, "Sub-1") is None
 
 
+async def test_a_subject_is_refused_by_name_past_1024_characters_or_2048_bytes(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Found in review: 1,000 CJK characters passed the 1,024-character check, then failed as
+    InternalError (an index entry holds at most 2704 bytes, and two indexes hold the subject).
+    Every call that takes a subject refuses one past 2048 bytes of UTF-8 by name and writes
+    nothing; 512 four-byte characters (2048 bytes) and 1024 ASCII ones are a subject."""
+    user, provider = await _user(storage, unique), await _oidc(storage, unique)
+    where = {"user_id": user.id, "provider_id": provider.id, "provider_type": "oidc"}
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    calls: dict[str, Callable[[str], Any]] = {
+        "create_sso_link": lambda s: storage.create_sso_link(**where, provider_subject=s),
+        "create_sso_session": lambda s: storage.create_sso_session(
+            **where, provider_subject=s, expires_at=later
+        ),
+        "get_sso_link_by_subject": lambda s: storage.get_sso_link_by_subject(provider.id, s),
+        "delete_sso_sessions": lambda s: storage.delete_sso_sessions(
+            provider_id=provider.id, provider_subject=s
+        ),
+    }
+    for subject in ("\U0001f600" * 513, "\u4e2d" * 683, "x" * 1025):
+        for name, call in calls.items():
+            with pytest.raises(ValidationError) as refused:
+                await call(subject)
+            assert refused.value.field == "provider_subject", (name, len(subject))
+    assert await storage.get_user_sso_links(user.id) == []
+    for subject in ("\U0001f600" * 512, "x" * 1024):
+        link = await storage.create_sso_link(**where, provider_subject=subject)
+        assert await storage.get_sso_link_by_subject(provider.id, subject) == link
+        session = await _sso_session(storage, user, provider, subject)
+        assert _sso_sessions_left(dsn, session) == {session}
+        assert await storage.delete_sso_link(link.id) is True
+
+
 async def test_deleting_a_link_ends_its_identitys_sso_sessions(
     storage: Any, unique: Callable[[str], str], dsn: str
 ) -> None:

@@ -31,6 +31,10 @@ PEM: Final = 65_536
 SUBJECT: Final = 1024
 """Longest ``provider_subject`` (mirrors sso_links__provider_subject_check)."""
 
+SUBJECT_BYTES: Final = 2048
+"""Longest ``provider_subject`` in bytes of UTF-8: two B-tree indexes hold it, whose entries
+have at most 2704 bytes (found in review: 1,000 CJK characters failed as InternalError)."""
+
 MAX_DOMAINS: Final = 256
 """Most domains one ``create_sso_provider`` or ``update_sso_provider`` call may write."""
 
@@ -432,7 +436,9 @@ class Sso(Core):
             "user_id": v.uuid_arg("user_id", user_id),
             "provider_id": v.uuid_arg("provider_id", provider_id),
             "provider_type": v.choice("provider_type", provider_type, PROVIDER_TYPES),
-            "provider_subject": v.text("provider_subject", provider_subject, max_len=SUBJECT),
+            "provider_subject": v.text(
+                "provider_subject", provider_subject, max_len=SUBJECT, max_bytes=SUBJECT_BYTES
+            ),
             "provider_email": v.opt_text("provider_email", provider_email, max_len=v.EMAIL),
             "auto_provisioned": _flag("auto_provisioned", auto_provisioned),
             "metadata": v.json_text("metadata", metadata),
@@ -456,7 +462,9 @@ class Sso(Core):
         ``None`` (no such link, or a malformed ``provider_id``). Raises ``ValidationError`` for
         a subject ``create_sso_link`` would refuse."""
         parsed = v.parse_uuid(provider_id)
-        subject = v.text("provider_subject", provider_subject, max_len=SUBJECT)
+        subject = v.text(
+            "provider_subject", provider_subject, max_len=SUBJECT, max_bytes=SUBJECT_BYTES
+        )
         if parsed is None:
             return None
         return self._one(
@@ -527,7 +535,9 @@ class Sso(Core):
             "user_id": v.uuid_arg("user_id", user_id),
             "provider_id": v.uuid_arg("provider_id", provider_id),
             "provider_type": v.choice("provider_type", provider_type, PROVIDER_TYPES),
-            "provider_subject": v.text("provider_subject", provider_subject, max_len=SUBJECT),
+            "provider_subject": v.text(
+                "provider_subject", provider_subject, max_len=SUBJECT, max_bytes=SUBJECT_BYTES
+            ),
             "session_token_hash": None if token is None else _token_digest(token),
             "expires_at": v.timestamp("expires_at", expires_at),
             "last_auth_at": v.opt_timestamp("last_auth_at", last_auth_at),
@@ -594,7 +604,9 @@ class Sso(Core):
         after a lost acknowledgement returns only what it deleted itself, possibly nothing, for
         sessions the first attempt ended).
         """
-        subject = v.opt_text("provider_subject", provider_subject, max_len=SUBJECT)
+        subject = v.opt_text(
+            "provider_subject", provider_subject, max_len=SUBJECT, max_bytes=SUBJECT_BYTES
+        )
         token = v.opt_text("session_token", session_token, max_len=v.LONG)
         if subject is None and token is None:
             raise ValidationError(
