@@ -16,6 +16,7 @@ import re
 import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Final, TypeVar, cast
 
 from psycopg import ProgrammingError
@@ -651,17 +652,35 @@ def _utf8_len(text: str) -> int:
 EVENT_KEYS: Final = frozenset({"type", "principal_id", "data", "org_id", "timestamp"})
 
 
+def shown(value: object) -> str:
+    """``value`` as an error message may show a key or a name the caller passed: a string's
+    ``repr`` (its control characters escaped, so it cannot forge a log line), cut at 40
+    characters; anything else by its type's name (its own ``repr`` or ``str`` may raise or
+    lie)."""
+    if isinstance(value, str):
+        return str.__repr__(value)[:40]
+    return f"<{str.__repr__(type(value).__name__)[1:-1][:40]}>"
+
+
+def refuse_unknown_keys(field: str, mapping: Mapping[Any, Any], allowed: AbstractSet[str]) -> None:
+    """Raise ``ValidationError`` naming ``field`` if ``mapping`` has keys outside ``allowed``:
+    the message shows the first 10 (see ``shown``) and the allowed ones."""
+    unknown = [key for key in mapping if key not in allowed]
+    if unknown:
+        listed = ", ".join(sorted(shown(key) for key in unknown[:10]))
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise ValidationError(
+            field, f"unknown key(s) {listed}{more} (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
 def event_keys(field: str, event: object, *, required: Iterable[str]) -> Mapping[str, Any]:
     """``event`` if it is a dict of audit-event fields (``EVENT_KEYS``) with the ``required``
     ones; errors name ``field`` (unknown keys) or ``field.key`` (missing ones)."""
     if type(event) is not dict and not isinstance(event, Mapping):  # dict: skip the ABC check
         raise ValidationError(field, "must be a dict")
     if not event.keys() <= EVENT_KEYS:
-        unknown = [key for key in event if key not in EVENT_KEYS]
-        shown = ", ".join(sorted(repr(key)[:40] for key in unknown))
-        raise ValidationError(
-            field, f"unknown key(s) {shown} (allowed: {', '.join(sorted(EVENT_KEYS))})"
-        )
+        refuse_unknown_keys(field, event, EVENT_KEYS)
     for key in required:
         if key not in event:
             raise ValidationError(f"{field}.{key}", "is required")

@@ -2013,11 +2013,7 @@ def _spec_table() -> dict[str, Spec]:
         "verify_api_key": Spec(
             params={
                 "key": text_arg(200, good=st.just(Ref("api_key_secret")) | clean_text),
-                # MAYBE: without replicas a bad value is ignored (see
-                # test_consistency_is_checked_without_replicas_too).
-                "consistency": consistency_arg().map(
-                    lambda a: a if a.tag == CLEAN else Arg(a.value, MAYBE)
-                ),
+                **CONSISTENCY,
             },
             lenient=True,
         ),
@@ -3043,8 +3039,30 @@ def test_non_callable_callbacks_are_refused(
 def test_consistency_is_checked_without_replicas_too(world: World) -> None:
     """``consistency`` is validated by every read that takes it, whether or not replicas are
     configured (verify_api_key checks it only when there are replicas, so a typo passes in
-    development and fails in production)."""
-    key = world.seeds["api_key_secret"]
+    development and fails in production), and whatever the rest of the input: a malformed id,
+    token or key, which finds nothing, used to be answered before it was looked at (found in
+    review)."""
     with pytest.raises(ValidationError) as caught:
-        world.api.verify_api_key(key, consistency="bogus")
+        world.api.verify_api_key(world.seeds["api_key_secret"], consistency="bogus")
     assert caught.value.field == "consistency"
+    malformed = "not-a-uuid"
+    calls: dict[str, Callable[[], Any]] = {
+        "get_user": lambda: world.api.get_user(malformed, consistency="bogus"),
+        "get_user_by_email": lambda: world.api.get_user_by_email("x", consistency="bogus"),
+        "get_session": lambda: world.api.get_session(malformed, consistency="bogus"),
+        "validate_session_token": lambda: world.api.validate_session_token(
+            malformed, consistency="bogus"
+        ),
+        "get_api_key_by_hash": lambda: world.api.get_api_key_by_hash("x", consistency="bogus"),
+        "get_user_permissions": lambda: world.api.get_user_permissions(
+            malformed, malformed, consistency="bogus"
+        ),
+        "has_permission": lambda: world.api.has_permission(
+            malformed, malformed, "x", consistency="bogus"
+        ),
+        "verify_api_key": lambda: world.api.verify_api_key(malformed, consistency="bogus"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValidationError) as caught:
+            call()
+        assert caught.value.field == "consistency", name

@@ -613,3 +613,46 @@ def test_a_dsn_libpq_cannot_parse_is_kept_by_no_exception_in_the_chain() -> None
         _Context(dsn, "kitium_auth", False, 5.0).resolve_dsn()
     assert refused.value.__context__ is None
     assert password not in _reachable(refused.value)
+
+
+class _LoudKey:
+    """A mapping key whose ``str`` and ``repr`` raise: the message must not call them."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("str called")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr called")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_key_or_name_the_caller_passed_is_shown_escaped_and_cut(
+    kind: str, dsn: str, schema: str
+) -> None:
+    """Found in review: ``members=`` and ``permissions=`` quoted unknown keys whole (a 5,000
+    character key, or one holding a newline that forges a log line), a key whose ``str``
+    raised escaped as RuntimeError, and ``link_oauth_account``'s conflict quoted the provider
+    as given. Each is shown as its escaped ``repr``, at most 40 characters (a non-string key by
+    its type), as audit events' keys were."""
+    long_key, forged = "k" * 5000, "x\nCRITICAL forged"
+    async with _adapter(kind, dsn, schema=schema) as storage:
+        ada, bob = await storage.create_user(), await storage.create_user()
+        org = await storage.create_organization(name="org", plan="team")
+        refused = []
+        for key in (long_key, forged, _LoudKey()):
+            for method, given in (
+                ("create_organization", {"plan": "t", "members": [{"user_id": ada.id, key: 1}]}),
+                ("create_role", {"org_id": org.id, "permissions": [{"name": "x", key: 1}]}),
+            ):
+                with pytest.raises(ValidationError) as caught:
+                    await getattr(storage, method)(name="n", **given)
+                refused.append(caught.value)
+        await storage.link_oauth_account(ada.id, forged, sub="same-subject")
+        with pytest.raises(ConflictError) as taken:
+            await storage.link_oauth_account(bob.id, forged, sub="same-subject")
+    for error in [*refused, taken.value]:
+        message = str(error)
+        assert "\n" not in message and len(message) < 300, message
+    assert [e.field for e in refused] == ["members[0]", "permissions[0]"] * 3
+    assert "'x\\nCRITICAL forged'" in str(taken.value)
+    assert "<_LoudKey>" in str(refused[-1])

@@ -783,3 +783,18 @@ def test_a_tzinfo_is_asked_for_its_offset_once_and_its_failure_is_a_validation_e
     checked = v.timestamp("expires_at", dt.datetime(2026, 1, 2, 5, tzinfo=Fickle()))
     assert Fickle.calls == 1
     assert checked == dt.datetime(2026, 1, 2, 4, tzinfo=dt.UTC)
+
+
+@given(st.one_of(st.text(), st.binary(), st.integers(), st.builds(object)))
+def test_a_value_shown_in_a_message_is_one_printable_line_of_at_most_40_characters(
+    value: object,
+) -> None:
+    """``shown``: a string's escaped ``repr`` (no line break or control character reaches a
+    log line), anything else by its type's name; never longer than 40 characters (plus the
+    brackets of a type's name)."""
+    text = v.shown(value)
+    assert text.isprintable() and len(text) <= 42
+    if isinstance(value, str):
+        assert repr(value).startswith(text)
+    else:
+        assert text == f"<{type(value).__name__}>"

@@ -93,6 +93,7 @@ class AsyncApiKeys(AsyncCore):
     ) -> ApiKey | None:
         """The unexpired key with this digest, or ``None`` (unknown, expired, or not a possible
         digest: nothing is queried then). This is the authentication lookup."""
+        replica = self._use_replica(consistency)  # checked even for input that finds nothing
         try:
             digest = _hash(hash)
         except ValidationError:
@@ -102,7 +103,7 @@ class AsyncApiKeys(AsyncCore):
             {"hash": digest},
             ApiKey,
             retry=Retry.SAFE,
-            replica=self._use_replica(consistency),
+            replica=replica,
         )
 
     async def get_api_keys_by_prefix_and_last_four(

@@ -18,6 +18,8 @@ from ..errors import (
 from ..records import Organization, OrganizationMember
 from .core import AsyncCore
 
+_MEMBER_KEYS = frozenset({"user_id", "role", "joined_at"})
+
 MAX_MEMBERS = 10_000
 """Most members one ``create_organization`` or ``update_organization`` call may write."""
 
@@ -43,11 +45,7 @@ def _member_arrays(value: object) -> tuple[list[uuid.UUID], list[str]]:
             user_id: object = item.user_id
             role: object = item.role
         elif isinstance(item, Mapping):
-            unknown = set(item) - {"user_id", "role", "joined_at"}
-            if unknown:
-                raise ValidationError(
-                    field, f"unknown keys: {', '.join(sorted(map(str, unknown)))}"
-                )
+            v.refuse_unknown_keys(field, item, _MEMBER_KEYS)
             if "user_id" not in item:
                 raise ValidationError(f"{field}.user_id", "is required")
             user_id = item["user_id"]

@@ -62,6 +62,7 @@ class AsyncSessions(AsyncCore):
         self, id: uuid.UUID | str, *, consistency: Consistency = "replica"
     ) -> Session | None:
         """The unexpired session with this id, or ``None`` (unknown, expired or malformed id)."""
+        replica = self._use_replica(consistency)  # checked even for input that finds nothing
         session_id = v.parse_uuid(id)
         if session_id is None:
             return None
@@ -70,7 +71,7 @@ class AsyncSessions(AsyncCore):
             {"id": session_id},
             Session,
             retry=Retry.SAFE,
-            replica=self._use_replica(consistency),
+            replica=replica,
         )
 
     async def update_session(

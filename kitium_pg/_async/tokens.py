@@ -122,6 +122,7 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
         """The session a bearer token belongs to, or ``None`` when the token is malformed,
         unknown, expired or revoked (``delete_session``). One primary-key lookup, then a
         constant-time comparison of digests; never raises for hostile input."""
+        replica = self._use_replica(consistency)  # checked even for input that finds nothing
         presented_token = _presented(token)
         if presented_token is None:
             return None
@@ -131,7 +132,7 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
             {"id": parsed},
             retry=Retry.SAFE,
             make=_session_with_hash,
-            replica=self._use_replica(consistency),
+            replica=replica,
         )
         if found is None:
             return None
@@ -250,13 +251,14 @@ class AsyncTokens(AsyncSessions, AsyncApiKeys):
         Updates ``last_used_at`` at most once a minute: in the same statement on the primary;
         with replicas, the lookup reads a replica and, when the stamp is due, a second
         statement sets it on the primary. Retry-safe: the only write sets a timestamp."""
+        replica = self._use_replica(consistency)  # checked even for input that finds nothing
         if not isinstance(key, str) or not 0 < len(key) <= 200:
             return None
         try:
             digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         except UnicodeEncodeError:
             return None
-        if self._use_replica(consistency) and self._replicas:
+        if replica and self._replicas:
             # A replica cannot stamp last_used_at: read there, and go to the primary only when
             # the stamp is due (at most once a minute per key).
             found = await self._one(

@@ -56,6 +56,7 @@ class AsyncUsers(AsyncCore):
         self, id: uuid.UUID | str, *, consistency: Consistency = "replica"
     ) -> User | None:
         """The user with this id, or ``None`` (also for a malformed id)."""
+        replica = self._use_replica(consistency)  # checked even for input that finds nothing
         user_id = v.parse_uuid(id)
         if user_id is None:
             return None
@@ -64,13 +65,14 @@ class AsyncUsers(AsyncCore):
             {"id": user_id},
             User,
             retry=Retry.SAFE,
-            replica=self._use_replica(consistency),
+            replica=replica,
         )
 
     async def get_user_by_email(
         self, email: str, *, consistency: Consistency = "replica"
     ) -> User | None:
         """The user with this email in any letter case, or ``None``."""
+        replica = self._use_replica(consistency)  # checked even for input that finds nothing
         key = v.lookup_email(email)
         if key is None:
             return None
@@ -79,7 +81,7 @@ class AsyncUsers(AsyncCore):
             {"email": key},
             User,
             retry=Retry.SAFE,
-            replica=self._use_replica(consistency),
+            replica=replica,
         )
 
     async def get_user_by_oauth(
@@ -246,7 +248,8 @@ class AsyncUsers(AsyncCore):
         user = await self._one("link_oauth_account", params, User, retry=Retry.SAFE)
         if user is None:
             raise ConflictError(
-                f"link_oauth_account: {provider} identity is linked to another user"
+                f"link_oauth_account: the {v.shown(params['provider'])} identity is linked to"
+                " another user"
             )
         return user
 

@@ -95,6 +95,7 @@ class ApiKeys(Core):
     ) -> ApiKey | None:
         """The unexpired key with this digest, or ``None`` (unknown, expired, or not a possible
         digest: nothing is queried then). This is the authentication lookup."""
+        replica = self._use_replica(consistency)  # checked even for input that finds nothing
         try:
             digest = _hash(hash)
         except ValidationError:
@@ -104,7 +105,7 @@ class ApiKeys(Core):
             {"hash": digest},
             ApiKey,
             retry=Retry.SAFE,
-            replica=self._use_replica(consistency),
+            replica=replica,
         )
 
     def get_api_keys_by_prefix_and_last_four(self, prefix: str, last_four: str) -> list[ApiKey]:

@@ -55,11 +55,7 @@ def _permissions_json(value: object) -> str:
                 "metadata": item.metadata,
             }
         elif isinstance(item, Mapping):
-            unknown = set(item) - _PERMISSION_KEYS
-            if unknown:
-                raise ValidationError(
-                    field, f"unknown keys: {', '.join(sorted(map(str, unknown)))}"
-                )
+            v.refuse_unknown_keys(field, item, _PERMISSION_KEYS)
             if "name" not in item:
                 raise ValidationError(f"{field}.name", "is required")
             fields = item
@@ -343,6 +339,7 @@ class Rbac(Core):
         Permissions are distinct by name: when several of the user's roles define the same name
         differently, the definition of the oldest role (by ``created_at``, then id) is returned.
         """
+        replica = self._use_replica(consistency)  # checked even for input that finds nothing
         parsed_user, parsed_org = v.parse_uuid(user_id), v.parse_uuid(org_id)
         if parsed_user is None or parsed_org is None:
             return []
@@ -352,7 +349,7 @@ class Rbac(Core):
             params,
             Permission,
             retry=Retry.SAFE,
-            replica=self._use_replica(consistency),
+            replica=replica,
         )
 
     def has_permission(
@@ -366,6 +363,7 @@ class Rbac(Core):
         """Whether any role the user holds in the organization grants permission ``name``
         (exact, case-sensitive match). ``False`` for unknown or malformed ids and for a
         malformed name."""
+        replica = self._use_replica(consistency)  # checked even for input that finds nothing
         parsed_user, parsed_org = v.parse_uuid(user_id), v.parse_uuid(org_id)
         if parsed_user is None or parsed_org is None:
             return False
@@ -374,5 +372,4 @@ class Rbac(Core):
         except ValidationError:
             return False
         params = {"user_id": parsed_user, "org_id": parsed_org, "name": name}
-        replica = self._use_replica(consistency)
         return bool(self._value("has_permission", params, retry=Retry.SAFE, replica=replica))

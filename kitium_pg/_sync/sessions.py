@@ -64,6 +64,7 @@ class Sessions(Core):
         self, id: uuid.UUID | str, *, consistency: Consistency = "replica"
     ) -> Session | None:
         """The unexpired session with this id, or ``None`` (unknown, expired or malformed id)."""
+        replica = self._use_replica(consistency)  # checked even for input that finds nothing
         session_id = v.parse_uuid(id)
         if session_id is None:
             return None
@@ -72,7 +73,7 @@ class Sessions(Core):
             {"id": session_id},
             Session,
             retry=Retry.SAFE,
-            replica=self._use_replica(consistency),
+            replica=replica,
         )
 
     def update_session(
