@@ -447,6 +447,22 @@ async def test_run_in_transaction_on_an_aborted_transaction_raises_at_once(
             await storage.disconnect()
 
 
+async def _hold_a_savepoint(
+    tx: Any, unique: str, inside: asyncio.Event, go_on: asyncio.Event, refused: list[str]
+) -> None:
+    """Open a savepoint on ``tx``, write in it, set ``inside``, wait for ``go_on``, then write
+    again: refused once the block has ended (the field is added to ``refused``), so the
+    savepoint rolls back."""
+    try:
+        async with tx.transaction() as savepoint:
+            await savepoint.create_user(email=f"held-{unique}@example.com")
+            inside.set()
+            await go_on.wait()
+            await savepoint.create_user(email=f"late-{unique}@example.com")
+    except ValidationError as exc:
+        refused.append(exc.field)
+
+
 async def test_a_block_waits_for_a_savepoint_another_task_holds(dsn: str, trip_schema: str) -> None:
     """The block ends while another task is inside a savepoint on it: the end waits for that
     savepoint (whose later calls are refused, so it rolls back) before the COMMIT, rather than
@@ -456,19 +472,9 @@ async def test_a_block_waits_for_a_savepoint_another_task_holds(dsn: str, trip_s
         inside, go_on = asyncio.Event(), asyncio.Event()
         refused: list[str] = []
 
-        async def holder(tx: Any) -> None:
-            try:
-                async with tx.transaction() as savepoint:
-                    await savepoint.create_user(email=f"held-{unique}@example.com")
-                    inside.set()
-                    await go_on.wait()
-                    await savepoint.create_user(email=f"late-{unique}@example.com")
-            except ValidationError as exc:
-                refused.append(exc.field)
-
         async with storage.transaction() as tx:
             kept = await tx.create_user(email=f"kept-{unique}@example.com")
-            task = asyncio.create_task(holder(tx))
+            task = asyncio.create_task(_hold_a_savepoint(tx, unique, inside, go_on, refused))
             await inside.wait()
             asyncio.get_running_loop().call_later(0.05, go_on.set)
         await task
@@ -495,20 +501,12 @@ async def test_a_block_cancelled_while_it_waits_for_a_savepoint_raises_the_cance
         kept: list[Any] = []
         held: list[asyncio.Task[None]] = []
 
-        async def holder(tx: Any) -> None:
-            try:
-                async with tx.transaction() as savepoint:
-                    await savepoint.create_user(email=f"held-{unique}@example.com")
-                    inside.set()
-                    await go_on.wait()
-                    await savepoint.create_user(email=f"late-{unique}@example.com")
-            except ValidationError as exc:
-                refused.append(exc.field)
-
         async def block() -> None:
             async with storage.transaction() as tx:
                 kept.append(await tx.create_user(email=f"kept-{unique}@example.com"))
-                held.append(asyncio.create_task(holder(tx)))
+                held.append(
+                    asyncio.create_task(_hold_a_savepoint(tx, unique, inside, go_on, refused))
+                )
                 await inside.wait()
 
         ending = asyncio.create_task(block())
