@@ -82,6 +82,10 @@ RETURNING k.id, k.principal_id, k.hash, k.prefix, k.last_four, k.scopes, k.metad
 -- Delete one key.
 DELETE FROM kitium_auth.api_keys WHERE id = :id;
 
+-- name: delete_user_api_keys(principal_id)!
+-- Delete every key of a principal, expired ones included (api_keys_principal_id_idx).
+DELETE FROM kitium_auth.api_keys WHERE principal_id = :principal_id;
+
 -- name: list_api_keys(principal_id)
 -- All of a principal's keys, expired ones included, newest first (api_keys_principal_id_idx).
 SELECT id, principal_id, hash, prefix, last_four, scopes, metadata, expires_at, last_used_at,

@@ -109,6 +109,26 @@ async def test_a_retried_create_returns_the_row_of_the_first_attempt(
     assert await storage.list_api_keys(user.id) == [first]
 
 
+async def test_delete_user_api_keys_revokes_every_key_of_the_user_only(
+    storage: Any, email: str, unique: Callable[[str], str]
+) -> None:
+    """Every key of the user goes (an expired one too), another user's stay; malformed or
+    unknown ids delete nothing."""
+    ada = await storage.create_user(email=email)
+    bob = await storage.create_user(email=f"{unique('bob')}@example.com")
+    keys = [
+        await storage.issue_api_key(ada.id, ["read"]),
+        await storage.issue_api_key(ada.id, [], expires_at=dt.datetime.now(dt.UTC)),
+    ]
+    kept = await storage.issue_api_key(bob.id, ["read"])
+    assert await storage.delete_user_api_keys(ada.id) == 2
+    assert await storage.list_api_keys(ada.id) == []
+    assert all([await storage.verify_api_key(k.key) is None for k in keys])
+    assert await storage.verify_api_key(kept.key) == await storage.get_api_key(kept.record.id)
+    for nothing in (ada.id, str(uuid.uuid4()), "not-a-uuid"):
+        assert await storage.delete_user_api_keys(nothing) == 0
+
+
 async def test_unknown_principal_is_not_found(storage: Any) -> None:
     with pytest.raises(NotFoundError) as caught:
         await make_key(storage, uuid.uuid4())

@@ -5,18 +5,20 @@ driven through httpx's ASGITransport (lifespan entered by hand), every status an
 # some of which name local variables.
 import asyncio
 import datetime as dt
+import gc
 import json
 import math
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import httpx
 import psycopg
+import psycopg_pool
 import pytest
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
 
 from kitium_pg import (
     ApiKey,
@@ -55,6 +57,7 @@ with warnings.catch_warnings():
     from fastapi_users.password import PasswordHelper
 
     from kitium_pg.integrations.fastapi_users import (
+        UNUSABLE_HASH,
         EmailChanged,
         KitiumSessionStrategy,
         KitiumUser,
@@ -147,6 +150,34 @@ async def test_open_storage_takes_an_adapter_and_refuses_options(
     with pytest.raises(TypeError, match="options"):
         async with open_storage(app, adapter, max_size=3):
             pass  # pragma: no cover
+
+
+async def test_a_failed_start_closes_the_pool_it_opened(encryption_keys: dict[str, str]) -> None:
+    """Found in review: a connect() that failed (nothing listening) left the adapter's pool
+    open, reconnecting in the background, and an adapter built from a DSN out of anyone's
+    reach; the start's error still reaches the caller."""
+    unreachable = "postgresql://kitium@127.0.0.1:1/nowhere"
+    adapter = AsyncPostgresStorageAdapter(
+        unreachable, connect_timeout=1, encryption_keys=encryption_keys
+    )
+    with pytest.raises(UnavailableError):
+        async with open_storage(FastAPI(), adapter):
+            pass  # pragma: no cover
+    assert adapter.pool.closed
+    before = _open_pools()
+    app = FastAPI(lifespan=storage_lifespan(unreachable, connect_timeout=1))
+    with pytest.raises(UnavailableError):
+        async with app.router.lifespan_context(app):
+            pass  # pragma: no cover
+    assert _open_pools() == before
+
+
+def _open_pools() -> int:
+    return sum(
+        1
+        for o in gc.get_objects()
+        if isinstance(o, psycopg_pool.AsyncConnectionPool) and not o.closed
+    )
 
 
 async def test_get_storage_without_lifespan_is_a_wiring_error() -> None:
@@ -443,6 +474,17 @@ class UserManager(UUIDIDMixin, BaseUserManager[KitiumUser, uuid.UUID]):
     verification_token_secret = "test-verify-secret-0123456789abcdef"
 
 
+class _ResetRecordingManager(UserManager):
+    """Keeps the password-reset tokens it would mail, for the test to present."""
+
+    tokens: ClassVar[list[str]] = []
+
+    async def on_after_forgot_password(
+        self, user: KitiumUser, token: str, request: Request | None = None
+    ) -> None:
+        self.tokens.append(token)
+
+
 async def test_fastapi_users_database_contract(
     async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
 ) -> None:
@@ -542,9 +584,10 @@ def _fastapi_users_app(
     encryption_keys: dict[str, str],
     *,
     database: type[KitiumUserDatabase] = KitiumUserDatabase,
+    manager: type[UserManager] = UserManager,
 ) -> FastAPI:
     async def get_user_manager(storage: Storage) -> AsyncIterator[UserManager]:
-        yield UserManager(database(storage))
+        yield manager(database(storage))
 
     def get_strategy(storage: Storage) -> KitiumSessionStrategy:
         return KitiumSessionStrategy(storage, lifetime_seconds=600)
@@ -558,6 +601,7 @@ def _fastapi_users_app(
     app = FastAPI(lifespan=storage_lifespan(dsn, max_size=2, encryption_keys=encryption_keys))
     app.include_router(users.get_auth_router(backend), prefix="/auth")
     app.include_router(users.get_register_router(UserRead, UserCreate), prefix="/auth")
+    app.include_router(users.get_reset_password_router(), prefix="/auth")
     app.include_router(users.get_users_router(UserRead, UserUpdate), prefix="/users")
 
     @app.get("/kitium-me")
@@ -857,21 +901,92 @@ async def test_fastapi_users_a_bad_oauth_expiry_is_refused_by_name(
     assert linked.oauth_accounts[0].expires_at == 1_700_000_000
 
 
-async def test_fastapi_users_deactivating_a_user_ends_their_sessions(
+async def test_fastapi_users_deactivating_a_user_ends_their_sessions_and_api_keys(
     async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
 ) -> None:
-    """kitium's own dependencies see sessions, not fastapi-users' flags: without this, a user
-    deactivated through fastapi-users kept access through current_session."""
+    """kitium's own dependencies see sessions and API keys, not fastapi-users' flags: without
+    this, a user deactivated through fastapi-users kept access through current_session and
+    api_key_principal."""
     db = KitiumUserDatabase(async_adapter)
     user = await db.create({"email": f"{unique('eve')}@example.com", "hashed_password": "h"})
     issued = await async_adapter.issue_session_token(user_id=user.id, expires_at=_in(1))
     assert await async_adapter.validate_session_token(issued.token) is not None
     await db.update(user, {"is_verified": True})  # other flags leave the sessions alone
     assert await async_adapter.validate_session_token(issued.token) is not None
+    key = await async_adapter.issue_api_key(user.id, ["read"])
     deactivated = await db.update(user, {"is_active": False})
     assert deactivated.is_active is False
     assert await async_adapter.validate_session_token(issued.token, consistency="primary") is None
     assert await async_adapter.list_user_sessions(user.id) == []
+    # and their API keys (found in review: api_key_principal kept accepting them)
+    assert await async_adapter.verify_api_key(key.key) is None
+    assert await async_adapter.list_api_keys(user.id) == []
+
+
+async def test_fastapi_users_null_leaves_a_field_as_it_is(
+    dsn: str, encryption_keys: dict[str, str], unique: Callable[[str], str]
+) -> None:
+    """Found in review: ``PATCH /users/me {"email": null}`` removed the user's address (500,
+    after the write: the user was locked out and the address free to take), a superuser's
+    ``{"is_active": null, ...}`` deactivated and un-verified the user, and ``{"password": null}``
+    was a 500. Each is now "unchanged"."""
+    app = _fastapi_users_app(dsn, encryption_keys)
+    email = f"{unique('nulls')}@example.com"
+    async with serve(app) as client:
+        r = await client.post("/auth/register", json={"email": email, "password": "pw-one-1"})
+        user_id = uuid.UUID(r.json()["id"])
+        storage = storage_of(app)
+        await storage.update_user(
+            user_id,
+            email_verified_at=dt.datetime.now(dt.UTC),
+            metadata_patch={"fastapi_users": {"is_superuser": True}},
+        )
+        login = {"username": email, "password": "pw-one-1"}
+        token = (await client.post("/auth/login", data=login)).json()["access_token"]
+        bearer = {"Authorization": f"Bearer {token}"}
+        for body in ({"email": None}, {"password": None}):
+            r = await client.patch("/users/me", headers=bearer, json=body)
+            assert r.status_code == 200, (body, r.text)
+            assert r.json()["email"] == email
+        flags = {"is_active": None, "is_verified": None, "is_superuser": None}
+        r = await client.patch(f"/users/{user_id}", headers=bearer, json=flags)
+        assert r.status_code == 200, r.text
+        assert r.json()["is_active"] is True and r.json()["is_verified"] is True
+        assert r.json()["is_superuser"] is True
+        assert (await client.get("/users/me", headers=bearer)).status_code == 200
+        assert (await client.post("/auth/login", data=login)).status_code == 200
+
+
+async def test_fastapi_users_a_user_without_a_password_hash_gets_one_fixed_unusable_hash(
+    dsn: str, encryption_keys: dict[str, str], unique: Callable[[str], str]
+) -> None:
+    """Found in review: the placeholder hash of a user stored without one was made per database
+    instance (one per request): an argon2 hash on the event loop at each request, a login that
+    took visibly longer for such users, and a password-reset token that failed on the next
+    request, whose instance had another hash. It is ``UNUSABLE_HASH`` in every instance, no
+    password verifies it, and a reset works; a user without an email is no fastapi-users user."""
+    app = _fastapi_users_app(dsn, encryption_keys, manager=_ResetRecordingManager)
+    email = f"{unique('sso')}@example.com"
+    async with serve(app) as client:
+        storage = storage_of(app)
+        sso_user = await storage.create_user(email=email)  # as an SSO sign-in makes one
+        loaded = [await KitiumUserDatabase(storage).get(sso_user.id) for _ in range(2)]
+        assert [u.hashed_password for u in loaded if u] == [UNUSABLE_HASH] * 2
+        assert PasswordHelper().verify_and_update("", UNUSABLE_HASH) == (False, None)
+        r = await client.post("/auth/login", data={"username": email, "password": ""})
+        assert r.status_code in (400, 422)
+        r = await client.post("/auth/forgot-password", json={"email": email})
+        assert r.status_code == 202
+        token = _ResetRecordingManager.tokens.pop()
+        r = await client.post("/auth/reset-password", json={"token": token, "password": "new-pw-1"})
+        assert r.status_code == 200, r.text
+        r = await client.post("/auth/login", data={"username": email, "password": "new-pw-1"})
+        assert r.status_code == 200
+        nameless = await storage.create_user(name="no address")
+        assert await KitiumUserDatabase(storage).get(nameless.id) is None
+        issued = await storage.issue_session_token(user_id=nameless.id, expires_at=_in(1))
+        r = await client.get("/users/me", headers={"Authorization": f"Bearer {issued.token}"})
+        assert r.status_code == 401  # not a 500
 
 
 @pytest.mark.parametrize("order", ["deactivated first", "deactivation in flight"])

@@ -2009,6 +2009,9 @@ def _spec_table() -> dict[str, Spec]:
             exclusive=EXCLUSIVE,
         ),
         "delete_api_key": Spec(params=_id("fresh_api_key"), lenient=True, writes=True),
+        "delete_user_api_keys": Spec(
+            params={"user_id": uuid_arg("fresh_user", "random")}, lenient=True, writes=True
+        ),
         "list_api_keys": reader("principal_id", "user"),
         "verify_api_key": Spec(
             params={

@@ -312,6 +312,7 @@ def _calls(s: Any, ctx: dict[str, Any]) -> list[tuple[str, Callable[[], Any]]]:
         ("issue_api_key", lambda: s.issue_api_key(user(), ["read"], expires_at=_later())),
         ("verify_api_key", lambda: s.verify_api_key(ctx["issue_api_key"].key)),
         ("delete_api_key", lambda: s.delete_api_key(ctx["create_api_key"].id)),
+        ("delete_user_api_keys", lambda: s.delete_user_api_keys(user())),
         # email verification
         (
             "create_email_verification_token",
@@ -628,6 +629,7 @@ async def test_every_single_entity_method_is_one_round_trip(one_conn: Any) -> No
         "delete_sso_sessions[token]",
         "delete_sso_sessions[subject]",
         "delete_user_sso_sessions",
+        "delete_user_api_keys",
     ):
         ended = ctx[counted]
         assert (ended if isinstance(ended, int) else len(ended)) == 1, counted

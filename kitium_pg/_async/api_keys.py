@@ -175,6 +175,19 @@ class AsyncApiKeys(AsyncCore):
         """
         return await self._delete_by_id("delete_api_key", id)
 
+    async def delete_user_api_keys(self, user_id: uuid.UUID | str) -> int:
+        """Delete (revoke) every API key of a user, expired ones included (offboarding; the
+        fastapi-users integration calls it when it deactivates a user); returns how many rows
+        were deleted (0 for an unknown or malformed ``user_id``).
+
+        Retried on transient failures, since deleting twice leaves the same state (a retry after
+        a lost acknowledgement may report a lower count than the first attempt deleted).
+        """
+        parsed = v.parse_uuid(user_id)
+        if parsed is None:
+            return 0
+        return await self._exec("delete_user_api_keys", {"principal_id": parsed}, retry=Retry.SAFE)
+
     async def list_api_keys(self, principal_id: uuid.UUID | str) -> list[ApiKey]:
         """All of a principal's keys, expired ones included, newest first (empty for an unknown
         or malformed id)."""

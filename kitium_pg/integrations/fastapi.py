@@ -138,7 +138,14 @@ async def open_storage(
         adapter = storage
     else:
         adapter = AsyncPostgresStorageAdapter(storage, **options)
-    await adapter.connect(migrate=migrate)
+    try:
+        await adapter.connect(migrate=migrate)
+    except BaseException:
+        # A failed connect() leaves the pool open, reconnecting in the background, until
+        # disconnect(): nobody else could close an adapter built here from a DSN (found in
+        # review: its connections and worker tasks outlived the failed start).
+        await adapter.disconnect()
+        raise
     setattr(app.state, STATE_ATTR, adapter)
     try:
         yield adapter

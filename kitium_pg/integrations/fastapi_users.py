@@ -41,8 +41,12 @@ Install ``kitium-pg[fastapi]`` and ``fastapi-users``. Then::
 How fastapi-users' user maps onto kitium-pg:
 
 - ``id``, ``email``: the user's columns; ``hashed_password``: the stored password hash
-  (``get_password_hash``). A user stored without one (created outside fastapi-users) gets the
-  hash of a random password, so no password verifies instead of a hash error.
+  (``get_password_hash``). A user stored without one (created outside fastapi-users: SSO,
+  ``create_user`` without a hash) gets ``UNUSABLE_HASH``, which no password verifies, rather
+  than a hash error; it is the same in every process, so a password-reset token issued for such
+  a user (fastapi-users ties it to the hash) works on any worker, and a login spends on it what
+  it spends on a real argon2id hash. A user without an email is no fastapi-users user: the
+  ``get*`` methods answer ``None`` for it (fastapi-users' user schemas require an address).
 - ``is_verified``: whether the user's address is verified (``email_verified_at`` is set).
   Setting it goes through ``mark_user_email_verified`` with the address the user had when
   read: if it has changed since (the verification was for an earlier address), nothing is
@@ -54,7 +58,9 @@ How fastapi-users' user maps onto kitium-pg:
   (missing: active, not superuser), written as a merge patch by the update statement itself, so
   concurrent updates of other metadata keys or flags all hold.
 - ``name``, ``picture`` and ``plan`` in a create or update dict go to the columns of that name;
-  other unknown fields raise ``ValueError``.
+  other unknown fields raise ``ValueError``. In an update dict, ``null`` for ``email``,
+  ``password`` or a flag leaves it as it is (a ``PATCH`` with ``{"email": null}`` would
+  otherwise remove the user's address, and ``{"is_active": null}`` deactivate the user).
 - OAuth accounts are kitium-pg OAuth links: one identity per provider and user (a second
   account at the same provider is a ``ConflictError``, as in ``link_oauth_account``). Their
   provider tokens are stored encrypted, so the adapter needs encryption keys to link accounts
@@ -80,7 +86,7 @@ from fastapi_users import exceptions as fu_exceptions
 from fastapi_users.db import BaseUserDatabase
 from fastapi_users.manager import BaseUserManager
 from fastapi_users.models import OAuthAccountProtocol
-from fastapi_users.password import PasswordHelper, PasswordHelperProtocol
+from fastapi_users.password import PasswordHelperProtocol
 from fastapi_users.router.common import ErrorCode
 
 from .. import AsyncPostgresStorageAdapter
@@ -88,6 +94,7 @@ from ..errors import ConflictError, NotFoundError, ValidationError
 from ..records import User
 
 __all__ = [
+    "UNUSABLE_HASH",
     "EmailChanged",
     "KitiumSessionStrategy",
     "KitiumUser",
@@ -101,7 +108,18 @@ METADATA_KEY: Final = "fastapi_users"
 NO_LIFETIME_DAYS: Final = 3650
 """Validity of a session issued by a strategy without a lifetime (fastapi-users' "never
 expires"): every kitium session has an expiry."""
+UNUSABLE_HASH: Final = (
+    "$argon2id$v=19$m=65536,t=3,p=4$CQFKyxes0nSnLd7gP0P0uA"
+    "$Mu8t8JmlCVQXOFtjT9gfWLEL1gGhnkB+H1dWLD5Ri6E"
+)
+"""The ``hashed_password`` of a user stored without a password hash: pwdlib's argon2id (its
+default parameters) of 32 random bytes that were thrown away, so no password verifies it."""
 _FLAGS: Final = ("is_active", "is_superuser")
+# fastapi-users' fields an update leaves as they are when given as null: their columns or
+# flags have no null to store (the password's null is fastapi-users' "no new password").
+_NULL_IS_UNCHANGED: Final = frozenset(
+    {"email", "password", "is_active", "is_superuser", "is_verified"}
+)
 _FLAG_DEFAULTS: Final = {"is_active": True, "is_superuser": False}
 _COLUMNS: Final = ("name", "picture", "plan")
 _LINK_FIELDS: Final = ("oauth_name", "account_id", "account_email")
@@ -170,8 +188,10 @@ class KitiumUser:
 class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
     """fastapi-users' user database on an ``AsyncPostgresStorageAdapter``.
 
-    ``password_helper`` (default: fastapi-users' ``PasswordHelper``) only makes the unusable
-    hash given to users stored without one; use the same helper as your user manager.
+    ``password_helper``: give it only if your user manager's helper cannot read argon2id
+    hashes (``UNUSABLE_HASH``): users stored without a hash then get a hash it makes of a
+    random password, once per database instance (so a password-reset token issued for such a
+    user works only within that instance).
     """
 
     def __init__(
@@ -236,9 +256,20 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         verification token was checked, or after a superuser's ``PATCH`` read the user):
         nothing is written then. Flags are merged into the stored metadata by the update
         statement itself (a merge patch), so two concurrent updates of different flags both
-        hold. Deactivating a user (``is_active=False``) also deletes their sessions, in the same
+        hold. ``null`` for ``email``, ``password`` or a flag leaves it unchanged. Deactivating
+        a user (``is_active=False``) also deletes their sessions and API keys, in the same
         transaction."""
-        fields = dict(update_dict)
+        fields = {
+            k: v for k, v in update_dict.items() if v is not None or k not in _NULL_IS_UNCHANGED
+        }
+        if (
+            "email" in update_dict
+            and update_dict["email"] is None
+            and not fields.get("is_verified", True)
+        ):
+            # fastapi-users un-verifies the user with any change of address, this one too;
+            # the address stays, so does its verification.
+            del fields["is_verified"]
         flags = {k: bool(fields.pop(k)) for k in _FLAGS if k in fields}
         verified = bool(fields.pop("is_verified")) if "is_verified" in fields else None
         has_hash = "hashed_password" in fields
@@ -271,9 +302,11 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
             if has_hash:
                 await tx.set_password_hash(user.id, password_hash)
             if flags.get("is_active") is False:
-                # kitium's own dependencies (current_session, require_permission) see the
-                # sessions, not fastapi-users' flags: a deactivated user's sessions end here.
+                # kitium's own dependencies (current_session, require_permission,
+                # api_key_principal) see the sessions and keys, not fastapi-users' flags: a
+                # deactivated user's end here (found in review: the keys kept working).
                 await tx.delete_user_sessions(user.id)
+                await tx.delete_user_api_keys(user.id)
         refreshed = await self.get(user.id)
         if refreshed is None:  # deleted concurrently, after the commit
             raise fu_exceptions.UserNotExists()
@@ -330,8 +363,8 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
     async def _load(
         self, record: User | None, *, password_hash: str | None = None
     ) -> KitiumUser | None:
-        if record is None:
-            return None
+        if record is None or record.email is None:
+            return None  # fastapi-users' user schemas require an address
         if password_hash is None:
             password_hash = await self.storage.get_password_hash(record.id)
         accounts = []
@@ -351,7 +384,7 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
             )
         return KitiumUser(
             id=record.id,
-            email=record.email or "",
+            email=record.email,
             hashed_password=password_hash or self._unusable_hash(),
             oauth_accounts=accounts,
             record=record,
@@ -360,9 +393,13 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         )
 
     def _unusable_hash(self) -> str:
+        # Not a hash made per process or per instance (a database per request, as wired
+        # above): each made one argon2 hash on the event loop, a login of such a user took
+        # visibly longer, and a reset token failed on the next request (found in review).
+        if self._password_helper is None:
+            return UNUSABLE_HASH
         if self._unusable is None:
-            helper = self._password_helper or PasswordHelper()
-            self._unusable = helper.hash(secrets.token_urlsafe(32))
+            self._unusable = self._password_helper.hash(secrets.token_urlsafe(32))
         return self._unusable
 
 
