@@ -1,6 +1,8 @@
 -- Least-privilege grants for an application role (the placeholder kitium_app is replaced by the
 -- validated role name). No DDL rights; audit events are append-only (no UPDATE or DELETE: pruning
--- is maintenance for the owner); the migration ledger is readable for health checks.
+-- is maintenance for the owner); the migration ledger is readable for health checks; the
+-- schema's functions (the membership, 2FA and domain writes call them, tenant_rls's policies
+-- too) are executable even where EXECUTE was revoked from PUBLIC, as hardened clusters do.
 
 -- name: grant_app_role#
 -- Grant an application role exactly what the adapter's runtime calls need.
@@ -15,3 +17,4 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON
   TO kitium_app;
 GRANT SELECT, INSERT ON kitium_auth.auth_events TO kitium_app;
 GRANT SELECT ON kitium_auth.auth_migrations TO kitium_app;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA kitium_auth TO kitium_app;

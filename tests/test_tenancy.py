@@ -33,13 +33,18 @@ from kitium_pg.integrations.fastapi import (
 @pytest.fixture(scope="module")
 def tenancy(dsn: str) -> Iterator[dict[str, Any]]:
     """A schema with tenant_rls applied, two organizations with a role each (made by the owner),
-    and a login role ``app_…`` holding only the generated grants."""
+    and a login role ``app_…`` holding only the generated grants (EXECUTE on the schema's
+    functions revoked from PUBLIC)."""
     tag = uuid.uuid4().hex[:8]
     schema, role = f"tenancy_{tag}", f"app_{tag}"
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {role} LOGIN".encode())
     owner = PostgresStorageAdapter(dsn, schema=schema, optional_migrations=["tenant_rls"])
     owner.connect()
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        # as a hardened cluster does: the generated grants alone must let the role call the
+        # schema's functions (found in review: they relied on PUBLIC's EXECUTE)
+        admin.execute(f"REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} FROM PUBLIC".encode())
     owner.grant_app_role(role)
     user = owner.create_user(email=f"member-{tag}@example.com")
     orgs, roles = [], []
