@@ -700,13 +700,29 @@ class MigrationState:
     applied: tuple[str, ...]
     pending: tuple[str, ...]
     invalid_indexes: tuple[str, ...] = ()
+    newer: tuple[str, ...] = ()
+    """Applied ids this version does not ship: a newer version applied them (a rolling deploy,
+    or a rollback of the application after a migrate); they are also in ``applied``."""
 
 
-def plan(migrations: tuple[Migration, ...], applied: Mapping[str, str]) -> tuple[Migration, ...]:
+def newer_migrations(
+    migrations: tuple[Migration, ...], applied: Mapping[str, str]
+) -> tuple[str, ...]:
+    """The applied ids, in ``applied``'s order, that neither ``migrations`` nor the optional
+    migrations know: applied by a newer version."""
+    known = {m.id for m in migrations} | set(optional_migration_ids())
+    return tuple(mig_id for mig_id in applied if mig_id not in known)
+
+
+def plan(
+    migrations: tuple[Migration, ...], applied: Mapping[str, str], *, newer_ok: bool = False
+) -> tuple[Migration, ...]:
     """The migrations still to apply, after checking the applied ones for drift.
 
     ``applied`` maps id to recorded checksum. Raises ``MigrationError`` naming the file whose
-    content changed since it was applied, or an applied id this version does not know.
+    content changed since it was applied, or an applied id this version does not know (unless
+    ``newer_ok``: a newer version applied it, which only matters when something is pending, as
+    this version would then migrate below a newer one).
     """
     from .errors import MigrationError
 
@@ -717,6 +733,8 @@ def plan(migrations: tuple[Migration, ...], applied: Mapping[str, str]) -> tuple
         known.setdefault(name, _read_migration(optional_dir / f"{name}.sql", _sql.DEFAULT_SCHEMA))
     for mig_id, checksum in applied.items():
         migration = known.get(mig_id)
+        if migration is None and newer_ok:
+            continue
         if migration is None:
             raise MigrationError(
                 f"the database has migration {mig_id!r}, which this kitium-pg version does not"

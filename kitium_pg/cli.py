@@ -400,6 +400,7 @@ def status(state: _Context, optional: tuple[str, ...]) -> None:
                 "applied": current.applied,
                 "pending": current.pending,
                 "invalid_indexes": current.invalid_indexes,
+                "newer": current.newer,
             }
         )
         return
@@ -416,7 +417,9 @@ def status(state: _Context, optional: tuple[str, ...]) -> None:
         )
     listed = {migration.id for migration in known}
     for migration_id in current.applied:
-        if migration_id not in listed:  # an optional migration applied earlier
+        if migration_id in current.newer:
+            table.add_row(migration_id, "[green]applied[/]", "(by a newer version)")
+        elif migration_id not in listed:  # an optional migration applied earlier
             table.add_row(migration_id, "[green]applied[/]", f"optional/{migration_id}.sql")
     state.out.print(table)
     state.out.print(f"{len(current.applied)} applied, {len(current.pending)} pending")
@@ -553,6 +556,7 @@ def health(state: _Context) -> None:
                 "pool": dict(result.pool),
                 "applied_migrations": result.applied_migrations,
                 "pending_migrations": result.pending_migrations,
+                "newer_migrations": result.newer_migrations,
                 "error": result.error,
             }
         )
@@ -567,6 +571,9 @@ def health(state: _Context) -> None:
             table.add_row(f"pool {name}", str(value))
         table.add_row("applied migrations", ", ".join(result.applied_migrations) or "none")
         table.add_row("pending migrations", ", ".join(result.pending_migrations) or "none")
+        if result.newer_migrations:
+            newer = ", ".join(result.newer_migrations)
+            table.add_row("applied by a newer version", newer)
         if result.error:
             table.add_row("error", state.redact(result.error))
         state.out.print(table)

@@ -229,6 +229,9 @@ class HealthStatus:
     pending_migrations: tuple[str, ...]
     error: str | None = None
     replicas: tuple[Mapping[str, Any], ...] = attrs.field(default=(), hash=False)
+    newer_migrations: tuple[str, ...] = ()
+    """Applied migrations this version does not ship (a newer version applied them): no error,
+    as in a rolling deploy whose older instances still serve."""
 
 
 # -- RBAC ---------------------------------------------------------------------------------------

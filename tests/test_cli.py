@@ -115,6 +115,7 @@ def test_json_output_parses(dsn: str, schema: str) -> None:
         "applied": MIGRATIONS,
         "pending": [],
         "invalid_indexes": [],
+        "newer": [],
     }
     health = as_json(db(dsn, schema, "--json", "health"))
     assert health["status"] == "ok"
@@ -145,9 +146,32 @@ def test_rollback_then_status_shows_pending(dsn: str, schema: str) -> None:
     assert "nothing to roll back" in db(dsn, schema, "rollback").stdout
 
 
+def test_status_and_health_of_a_schema_a_newer_version_migrated(dsn: str, schema: str) -> None:
+    """A rolling deploy's older instances: the newer version's migration is listed as such,
+    and the health check is ok (exit 0), not a failed readiness probe."""
+    assert db(dsn, schema, "migrate").exit_code == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO {schema}.auth_migrations (id, checksum, duration_ms)"
+            " VALUES ('9999_future', 'x', 0)".encode()
+        )
+    status = as_json(db(dsn, schema, "--json", "status"))
+    assert (status["pending"], status["newer"]) == ([], ["9999_future"])
+    assert "by a newer version" in db(dsn, schema, "status").stdout
+    health = db(dsn, schema, "--json", "health")
+    assert health.exit_code == 0
+    assert as_json(health)["newer_migrations"] == ["9999_future"]
+
+
 def test_status_and_health_create_nothing(dsn: str, schema: str) -> None:
     status = as_json(db(dsn, schema, "--json", "status"))
-    assert status == {"schema": schema, "applied": [], "pending": MIGRATIONS, "invalid_indexes": []}
+    assert status == {
+        "schema": schema,
+        "applied": [],
+        "pending": MIGRATIONS,
+        "invalid_indexes": [],
+        "newer": [],
+    }
     health = db(dsn, schema, "health")
     assert health.exit_code == EXIT_MIGRATION
     assert "pending migrations" in health.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import logging
 import re
 import subprocess
 import sys
@@ -103,7 +104,16 @@ def test_a_changed_applied_migration_is_an_error_naming_the_file(dsn: str) -> No
             storage.migration_status()
 
 
-def test_an_unknown_applied_migration_is_an_error(dsn: str) -> None:
+def test_a_migration_a_newer_version_applied_keeps_an_older_one_ready(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: once a rolling deploy's new version had migrated, every older instance's
+    health check said error (a readiness probe would take them all out at once) and an older
+    instance could not restart (connect() raised). A migration this version does not ship is a
+    newer version's: with nothing of this version's pending, connect() and migrate() apply
+    nothing (and log it), status and health report it as ``newer`` and stay ok. With something
+    of this version's pending it is still an error (this version would migrate below the newer
+    one), and so is rolling it back."""
     schema = f"unknown_{uuid.uuid4().hex[:10]}"
     with PostgresStorageAdapter(dsn, schema=schema) as storage:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -111,8 +121,22 @@ def test_an_unknown_applied_migration_is_an_error(dsn: str) -> None:
                 f"INSERT INTO {schema}.auth_migrations (id, checksum, duration_ms)"
                 f" VALUES ('9999_future', 'x', 0)".encode()
             )
+        with caplog.at_level(logging.WARNING, logger="kitium_pg"):
+            assert storage.migrate() == ()
+        assert "9999_future" in caplog.text
+        state = storage.migration_status()
+        assert state.newer == ("9999_future",) and state.pending == ()
+        health = storage.health_check()
+        assert (health.status, health.newer_migrations) == ("ok", ("9999_future",))
         with pytest.raises(MigrationError, match="9999_future"):
-            storage.migrate()
+            storage.rollback()
+    with PostgresStorageAdapter(dsn, schema=schema) as restarted:  # connect() migrates
+        assert restarted.health_check().status == "ok"
+        last = restarted.migration_status().applied[-2]  # the newest shipped one
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DELETE FROM {schema}.auth_migrations WHERE id = %s".encode(), [last])
+        with pytest.raises(MigrationError, match="9999_future"):
+            restarted.migrate()
 
 
 async def test_async_adapter_migrates_a_separate_schema(dsn: str) -> None:

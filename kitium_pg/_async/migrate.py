@@ -31,6 +31,7 @@ from .._base import (
     Retry,
     backoff,
     load_migrations,
+    newer_migrations,
     plan,
 )
 from .._transaction import TransactionState
@@ -70,17 +71,19 @@ class AsyncMigrations(AsyncCore):
         return {mig_id: checksum for mig_id, checksum in rows}
 
     async def migration_status(self) -> MigrationState:
-        """Applied and pending migration ids and the schema's invalid indexes; creates nothing.
+        """Applied and pending migration ids, the schema's invalid indexes, and the applied ids
+        a newer version applied (``newer``); creates nothing.
 
-        Raises ``MigrationError`` on drift (an applied file changed, or an unknown id).
+        Raises ``MigrationError`` on drift (an applied file changed).
         """
         migrations = self._migrations()
         applied = await self._applied()
-        pending = plan(migrations, applied)
+        pending = plan(migrations, applied, newer_ok=True)
         return MigrationState(
             applied=tuple(sorted(applied)),
             pending=tuple(m.id for m in pending),
             invalid_indexes=await self._invalid_indexes(),
+            newer=newer_migrations(migrations, applied),
         )
 
     async def _invalid_indexes(self) -> tuple[str, ...]:
@@ -171,7 +174,10 @@ class AsyncMigrations(AsyncCore):
         Idempotent and safe to run from many processes at once: a process that finds another
         one migrating waits for it, without a time limit. When nothing is pending it only reads
         the migration ledger (no lock, no DDL), so an application role without DDL rights can
-        connect to a migrated schema. Raises ``MigrationError`` on drift or when a migration's
+        connect to a migrated schema, and a database a newer version migrated further (a
+        rolling deploy's older instances) is no error when none of this version's migrations is
+        pending: it logs a warning and applies nothing. Raises ``MigrationError`` on drift or
+        when a migration's
         SQL fails (a part that runs in a transaction is rolled back; of one marked
         ``transaction:false``, the statements before the failed one stay, and running it again
         finishes it; the earlier migrations stay applied), and ``UnavailableError`` when the
@@ -180,7 +186,16 @@ class AsyncMigrations(AsyncCore):
         _validate.callback("progress", progress)
         migrations = self._migrations()
         try:
-            if not plan(migrations, await self._applied()):
+            applied = await self._applied()
+            if not plan(migrations, applied, newer_ok=True):
+                # A schema a newer version migrated further (a rolling deploy's older
+                # instances, or the application rolled back): nothing for this one to do.
+                if newer := newer_migrations(migrations, applied):
+                    logger.warning(
+                        "kitium_pg migrate: the database has migrations this version does not"
+                        " ship (%s), applied by a newer version; nothing to apply",
+                        ", ".join(newer),
+                    )
                 return ()
         except MigrationError:
             raise

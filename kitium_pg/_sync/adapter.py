@@ -98,7 +98,9 @@ class PostgresStorageAdapter(
     def health_check(self) -> HealthStatus:
         """Round-trip latency, pool figures and migration state; never raises.
 
-        ``status`` is ``"ok"`` when the database answered and no migration is pending.
+        ``status`` is ``"ok"`` when the database answered and no migration is pending (a
+        newer version's migrations, ``newer_migrations``, are no error: a rolling deploy's
+        older instances stay ready).
         """
         started = time.perf_counter()
         stats = {k: int(val) for k, val in self._pool.get_stats().items()}
@@ -124,4 +126,5 @@ class PostgresStorageAdapter(
             pending_migrations=state.pending,
             error=None if not state.pending else "pending migrations",
             replicas=self._replica_health(),
+            newer_migrations=state.newer,
         )
