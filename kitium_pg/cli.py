@@ -381,7 +381,8 @@ def migrate(state: _Context, optional: tuple[str, ...]) -> None:
 @_optional_option()
 @click.pass_obj
 def status(state: _Context, optional: tuple[str, ...]) -> None:
-    """Show applied and pending migrations. Reads only: creates nothing in the database.
+    """Show applied and pending migrations, and those a newer version applied (as in a
+    rolling deploy). Reads only: creates nothing in the database.
 
     Also names each invalid index in the schema (left by a CREATE INDEX CONCURRENTLY that failed
     or was cancelled) with the statement that drops it.
@@ -752,7 +753,9 @@ def delete_expired(state: _Context, batch_size: int) -> None:
     """Delete expired sessions, expired 2FA challenges (twofa_sessions), expired SSO sessions
     and expired email verification tokens, in batches of --batch-size rows (each batch is its
     own short statement, so concurrent logins are not blocked), and print how many rows of
-    each went. Safe to run from cron while the application runs."""
+    each went. Safe to run from cron while the application runs. Under tenant_rls, run it as
+    the role that applied it: as the application role it stops at the SSO sessions, which row
+    security hides (exit code 1)."""
     with state.storage() as storage:
         _require_migrated(state, storage, "delete-expired")
         counts: dict[str, int] = {}

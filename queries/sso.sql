@@ -476,6 +476,28 @@ SELECT id, user_id, provider_id, provider_type, provider_subject, expires_at, li
 -- Delete every SSO session of a user, expired ones included (sso_sessions_user_id_idx).
 DELETE FROM kitium_auth.sso_sessions WHERE user_id = :user_id;
 
+-- name: sso_sessions_hidden_by_row_security()$
+-- Whether row-level security keeps SSO sessions from the current role's purge: it is active on
+-- sso_sessions, and either no permissive policy for every command with USING (true) WITH CHECK
+-- (true) applies to the role (tenant_rls's owner_access) or a restrictive policy on reads or
+-- deletes with another condition does (judged as keys.sql's secrets_hidden_by_row_security).
+WITH applying AS (
+  SELECT p.polcmd, p.polpermissive,
+         coalesce(pg_get_expr(p.polqual, p.polrelid), 'true') = 'true'
+           AND coalesce(pg_get_expr(p.polwithcheck, p.polrelid), 'true') = 'true' AS sees_all
+    FROM pg_catalog.pg_policy AS p
+   WHERE p.polrelid = 'kitium_auth.sso_sessions'::regclass
+     AND (0 = ANY (p.polroles)
+          OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS r (oid)
+                      WHERE r.oid <> 0 AND pg_has_role(r.oid, 'USAGE')))
+)
+SELECT row_security_active('kitium_auth.sso_sessions'::regclass)
+       AND (NOT EXISTS (SELECT 1 FROM applying AS a
+                         WHERE a.polcmd = '*' AND a.polpermissive AND a.sees_all)
+            OR EXISTS (SELECT 1 FROM applying AS a
+                        WHERE a.polcmd IN ('*', 'r', 'd') AND NOT a.polpermissive
+                          AND NOT a.sees_all));
+
 -- name: delete_expired_sso_sessions(after, batch_size)^
 -- Delete at most batch_size expired SSO sessions, earliest expiry first
 -- (sso_sessions_expires_at_idx) from expiry after on, and return how many it deleted, how many

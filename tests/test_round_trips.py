@@ -1022,4 +1022,6 @@ async def test_batched_cleanups_cost_one_statement_per_batch(private_one: Any, k
         await _expire(private_one, kind, rows)
         trips, deleted = await round_trips(private_one, _cleanup(private_one, kind, batch_size))
         assert deleted == rows
-        assert trips == rows // batch_size + 1, (rows, trips)
+        # sso_sessions: first, whether row-level security would hide rows from the purge
+        checks = 1 if kind == "sso_sessions" else 0
+        assert trips == rows // batch_size + 1 + checks, (rows, trips)

@@ -607,3 +607,49 @@ def test_a_reused_token_ends_an_organization_bound_session_without_a_tenant(
         )
     events = owner.list_events(principal_id=user.id, type="session.token_reused").events
     assert [(e.org_id, e.data["org_id"]) for e in events] == [(None, str(alpha.id))] * 2
+
+
+def test_the_sso_session_purge_refuses_a_role_row_security_keeps_rows_from(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any], providers: dict[str, Any], dsn: str
+) -> None:
+    """Found in review: the application role without a tenant sees no tenant's SSO sessions
+    and may not delete a shared provider's, so its purge (``kitium-pg delete-expired`` as that
+    role) deleted nothing and said 0, every run. It now refuses, deleting nothing; a tenant
+    purges its own providers' expired sessions, and the owner everyone's."""
+    owner, (alpha, _beta) = tenancy["owner"], tenancy["orgs"]
+    user = owner.create_user(email=f"purged-{uuid.uuid4().hex[:6]}@example.com")
+    alphas = owner.create_sso_provider(type="oidc", name="Alpha's", client_id="a", org_id=alpha.id)
+    expired = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+
+    def session(provider: Any) -> Any:
+        return owner.create_sso_session(
+            user_id=user.id,
+            provider_id=provider.id,
+            provider_type="oidc",
+            provider_subject="purged",
+            expires_at=expired,
+        )
+
+    at_alpha, at_beta, at_shared = (
+        session(alphas),
+        session(providers["beta"]),
+        session(providers["shared"]),
+    )
+    ids = [at_alpha.id, at_beta.id, at_shared.id]
+
+    def left() -> list[uuid.UUID]:
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute(
+                f"SELECT id FROM {tenancy['schema']}.sso_sessions WHERE id = ANY (%s)".encode(),
+                [ids],
+            ).fetchall()
+        return [i for i in ids if (i,) in rows]
+
+    with pytest.raises(PermissionDeniedError) as refused:
+        app.delete_expired_sso_sessions()
+    assert "tenant_rls" in str(refused.value)
+    assert left() == ids
+    assert app.tenant(alpha.id).delete_expired_sso_sessions() == 1
+    assert left() == ids[1:]
+    assert owner.delete_expired_sso_sessions() >= 2
+    assert left() == []

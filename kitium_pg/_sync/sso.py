@@ -13,7 +13,13 @@ from typing import Any, Final
 
 from .. import _validate as v
 from .._base import UNSET, Retry, Unset, metadata_patch_arg, new_id
-from ..errors import EncryptionKeyError, NotFoundError, ValidationError, saved_but_unreadable
+from ..errors import (
+    EncryptionKeyError,
+    NotFoundError,
+    PermissionDeniedError,
+    ValidationError,
+    saved_but_unreadable,
+)
 from ..records import SsoDomain, SsoLink, SsoProvider, SsoSession
 from .core import Core
 
@@ -657,8 +663,23 @@ class Sso(Core):
         brief on a large table. Rows another transaction holds locked at that moment (another
         cleaner, a logout under way) are skipped rather than waited for, and left for the next
         run. Each batch is retried on transient failures, because deleting expired rows is
-        idempotent. Raises ``ValidationError`` when ``batch_size`` is not between 1 and 100000.
+        idempotent. Raises ``ValidationError`` when ``batch_size`` is not between 1 and 100000,
+        and ``PermissionDeniedError``, having deleted nothing, when row-level security
+        (``tenant_rls``) hides SSO sessions from this role and no tenant is set: run it as the
+        role that applied ``tenant_rls`` (usually the schema owner), or per tenant through
+        ``tenant(org_id)``.
         """
+        if "kitium.tenant" not in dict(self._local) and self._value(
+            "sso_sessions_hidden_by_row_security", {}, retry=Retry.SAFE
+        ):
+            # Found in review: as the application role it deleted nothing and said 0, on every
+            # run, while expired SSO sessions piled up.
+            raise PermissionDeniedError(
+                "delete_expired_sso_sessions: row-level security hides SSO sessions from this"
+                " role, so expired ones would stay: run it as the role that applied tenant_rls"
+                " (its owner_access policy shows it every row), usually the schema owner, or per"
+                " tenant through tenant(org_id)"
+            )
         return self._delete_in_batches(
             "delete_expired_sso_sessions",
             {},
