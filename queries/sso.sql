@@ -478,13 +478,13 @@ DELETE FROM kitium_auth.sso_sessions WHERE user_id = :user_id;
 
 -- name: sso_sessions_hidden_by_row_security()$
 -- Whether row-level security keeps SSO sessions from the current role's purge: it is active on
--- sso_sessions, and either no permissive policy for every command with USING (true) WITH CHECK
--- (true) applies to the role (tenant_rls's owner_access) or a restrictive policy on reads or
--- deletes with another condition does (judged as keys.sql's secrets_hidden_by_row_security).
+-- sso_sessions, and either no permissive policy for every command with USING (true) applies to
+-- the role (tenant_rls's owner_access) or a restrictive policy with another condition does on
+-- reads, updates (the purge's SELECT ... FOR UPDATE meets those) or deletes; judged as keys.sql's
+-- secrets_hidden_by_row_security, but a delete has no WITH CHECK to pass.
 WITH applying AS (
   SELECT p.polcmd, p.polpermissive,
-         coalesce(pg_get_expr(p.polqual, p.polrelid), 'true') = 'true'
-           AND coalesce(pg_get_expr(p.polwithcheck, p.polrelid), 'true') = 'true' AS sees_all
+         coalesce(pg_get_expr(p.polqual, p.polrelid), 'true') = 'true' AS sees_all
     FROM pg_catalog.pg_policy AS p
    WHERE p.polrelid = 'kitium_auth.sso_sessions'::regclass
      AND (0 = ANY (p.polroles)
@@ -495,7 +495,7 @@ SELECT row_security_active('kitium_auth.sso_sessions'::regclass)
        AND (NOT EXISTS (SELECT 1 FROM applying AS a
                          WHERE a.polcmd = '*' AND a.polpermissive AND a.sees_all)
             OR EXISTS (SELECT 1 FROM applying AS a
-                        WHERE a.polcmd IN ('*', 'r', 'd') AND NOT a.polpermissive
+                        WHERE a.polcmd IN ('*', 'r', 'w', 'd') AND NOT a.polpermissive
                           AND NOT a.sees_all));
 
 -- name: delete_expired_sso_sessions(after, batch_size)^

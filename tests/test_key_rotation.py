@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -19,17 +18,11 @@ from kitium_pg.errors import ConflictError, EncryptionKeyError, PermissionDenied
 from .conftest import AwaitableSync
 from .fix_holder import call_while_holding
 from .fix_race import race_each
+from .fix_roles import login_role as login_role
+from .fix_roles import owner_dsn as owner_dsn
+from .fix_roles import schema as schema
 
 OLD, NEW = generate_key(), generate_key()
-
-
-@pytest.fixture
-def schema(dsn: str) -> Iterator[str]:
-    """A private schema, so rotation only meets this test's secrets."""
-    name = f"rot_{uuid.uuid4().hex[:10]}"
-    yield name
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE".encode())
 
 
 def test_rotation_moves_every_secret_to_the_newest_key(dsn: str, schema: str) -> None:
@@ -341,30 +334,6 @@ def test_rotation_reports_secrets_an_old_writer_keeps_rewriting(
             assert caught.value.code == "stale_secrets"
             monkeypatch.undo()
             assert rotating.rotate_keys() == 1  # the old writer has stopped: it completes
-
-
-@pytest.fixture
-def login_role(dsn: str, schema: str) -> Iterator[str]:
-    """A login role that is not a superuser; dropped (with what it owns, and the schema)
-    after the test."""
-    role = f"kpg_rot_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER".encode())
-    yield role
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
-        admin.execute(f"DROP OWNED BY {role}".encode())
-        admin.execute(f"DROP ROLE {role}".encode())
-
-
-@pytest.fixture
-def owner_dsn(dsn: str, login_role: str) -> str:
-    """A DSN of ``login_role``, allowed to create schemas: the owner of what it migrates."""
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        database = admin.execute("SELECT current_database()").fetchone()
-        assert database is not None
-        admin.execute(f'GRANT CREATE ON DATABASE "{database[0]}" TO {login_role}'.encode())
-    return make_conninfo(dsn, user=login_role)
 
 
 def _refused_then_rotated_by_the_superuser(dsn: str, role: str, schema: str, why: str) -> None:

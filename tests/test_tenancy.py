@@ -29,6 +29,10 @@ from kitium_pg.integrations.fastapi import (
     storage_lifespan,
 )
 
+from .fix_roles import login_role as login_role
+from .fix_roles import owner_dsn as owner_dsn
+from .fix_roles import schema as schema
+
 
 @pytest.fixture(scope="module")
 def tenancy(dsn: str) -> Iterator[dict[str, Any]]:
@@ -653,3 +657,94 @@ def test_the_sso_session_purge_refuses_a_role_row_security_keeps_rows_from(
     assert left() == ids[1:]
     assert owner.delete_expired_sso_sessions() >= 2
     assert left() == []
+
+
+# Policies set on sso_sessions beside tenant_rls's, and whether the purge by the role that
+# applied tenant_rls must then refuse (a policy that keeps rows from its reads, updates or
+# deletes).
+PURGE_POLICIES: dict[str, tuple[list[str], bool]] = {
+    "tenant_rls alone": ([], False),
+    "a restrictive policy that hides nothing": (
+        ["CREATE POLICY all_rows ON {table} AS RESTRICTIVE USING (true)"],
+        False,
+    ),
+    "a restrictive policy on inserts only": (
+        ["CREATE POLICY no_inserts ON {table} AS RESTRICTIVE FOR INSERT WITH CHECK (false)"],
+        False,
+    ),
+    # the purge locks its batch (SELECT ... FOR UPDATE), which UPDATE policies filter
+    "a restrictive policy on updates only": (
+        ["CREATE POLICY no_updates ON {table} AS RESTRICTIVE FOR UPDATE USING (false)"],
+        True,
+    ),
+    "a restrictive policy on deletes only": (
+        ["CREATE POLICY no_deletes ON {table} AS RESTRICTIVE FOR DELETE USING (false)"],
+        True,
+    ),
+    "a restrictive policy that hides rows": (
+        ["CREATE POLICY recent ON {table} AS RESTRICTIVE USING (expires_at > now())"],
+        True,
+    ),
+    "owner_access for reads only": (
+        [
+            "DROP POLICY owner_access ON {table}",
+            "CREATE POLICY owner_reads ON {table} FOR SELECT TO {role} USING (true)",
+        ],
+        True,
+    ),
+    "owner_access restrictive": (
+        [
+            "DROP POLICY owner_access ON {table}",
+            "CREATE POLICY owner_access ON {table} AS RESTRICTIVE TO {role}"
+            " USING (true) WITH CHECK (true)",
+        ],
+        True,
+    ),
+    "owner_access with a WITH CHECK": (
+        [
+            "DROP POLICY owner_access ON {table}",
+            "CREATE POLICY owner_access ON {table} TO {role} USING (true)"
+            " WITH CHECK (expires_at > now())",
+        ],
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PURGE_POLICIES)
+def test_the_sso_session_purge_by_the_owner_refuses_only_when_a_policy_hides_rows(
+    dsn: str, schema: str, login_role: str, owner_dsn: str, case: str
+) -> None:
+    """The role that applied tenant_rls (here not a superuser) purges every tenant's expired
+    SSO sessions: its owner_access policy shows it every row. Only a policy that keeps rows
+    from its reads, updates (it locks its batch FOR UPDATE) or deletes makes it refuse, and
+    then nothing is deleted (a WITH CHECK, or a policy on inserts, does not)."""
+    statements, refused = PURGE_POLICIES[case]
+    options: dict[str, Any] = {"schema": schema, "optional_migrations": ["tenant_rls"]}
+    expired = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    with PostgresStorageAdapter(owner_dsn, **options) as owner:
+        user = owner.create_user()
+        for n in range(2):
+            org = owner.create_organization(name=f"Tenant {n}", plan="free")
+            provider = owner.create_sso_provider(type="oidc", name=f"IdP {n}", org_id=org.id)
+            owner.create_sso_session(
+                user_id=user.id,
+                provider_id=provider.id,
+                provider_type="oidc",
+                provider_subject="s",
+                expires_at=expired,
+            )
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        for statement in statements:
+            admin.execute(
+                statement.format(table=f"{schema}.sso_sessions", role=login_role).encode()
+            )
+    with PostgresStorageAdapter(owner_dsn, **options) as owner:
+        if refused:
+            with pytest.raises(PermissionDeniedError, match="row-level security hides"):
+                owner.delete_expired_sso_sessions()
+        else:
+            assert owner.delete_expired_sso_sessions() == 2
+    with psycopg.connect(dsn) as conn:
+        left = conn.execute(f"SELECT count(*) FROM {schema}.sso_sessions".encode()).fetchone()
+    assert left == ((2,) if refused else (0,))
