@@ -18,6 +18,7 @@ from kitium_pg.errors import ConflictError, EncryptionKeyError, PermissionDenied
 from .conftest import AwaitableSync
 from .fix_holder import call_while_holding
 from .fix_race import race_each
+from .fix_roles import POLICIES_BESIDE_TENANT_RLS, set_policies
 from .fix_roles import login_role as login_role
 from .fix_roles import owner_dsn as owner_dsn
 from .fix_roles import schema as schema
@@ -380,39 +381,18 @@ def test_rotation_by_an_owner_tenant_rls_was_not_applied_by_is_refused(
     _refused_then_rotated_by_the_superuser(dsn, login_role, schema, "applied tenant_rls")
 
 
-# Policies a DBA may set on sso_providers beside tenant_rls's, and whether rotate_keys run by
-# the role that applied tenant_rls must then refuse: it must when a policy keeps rows from its
-# reads or updates (it would pass over them and report success), and only then.
-POLICIES_BESIDE_TENANT_RLS: dict[str, tuple[list[str], bool]] = {
-    "tenant_rls alone": ([], False),
-    "a restrictive policy that hides nothing": (
-        ["CREATE POLICY all_rows ON {table} AS RESTRICTIVE USING (true) WITH CHECK (true)"],
-        False,
-    ),
-    "a restrictive policy on deletes only": (
-        ["CREATE POLICY no_deletes ON {table} AS RESTRICTIVE FOR DELETE USING (false)"],
-        False,
-    ),
-    "a restrictive policy that hides rows": (
-        ["CREATE POLICY only_shared ON {table} AS RESTRICTIVE USING (org_id IS NULL)"],
-        True,
-    ),
-    "owner_access for reads only": (
-        [
-            "DROP POLICY owner_access ON {table}",
-            "CREATE POLICY owner_reads ON {table} FOR SELECT TO {role} USING (true)",
-        ],
-        True,
-    ),
-    "owner_access restrictive": (
-        [
-            "DROP POLICY owner_access ON {table}",
-            "CREATE POLICY owner_access ON {table} AS RESTRICTIVE TO {role}"
-            " USING (true) WITH CHECK (true)",
-        ],
-        True,
-    ),
-}
+# The policies beside tenant_rls's that must make rotate_keys, run by the role that applied
+# tenant_rls, refuse: those that keep rows from its reads or updates (it would pass over them and
+# report success), including a WITH CHECK its updates fail; and only those.
+ROTATION_REFUSED = frozenset(
+    {
+        "a restrictive policy on updates only",
+        "a restrictive policy that hides rows",
+        "owner_access for reads only",
+        "owner_access restrictive",
+        "owner_access with a WITH CHECK",
+    }
+)
 
 
 @pytest.mark.parametrize("case", POLICIES_BESIDE_TENANT_RLS)
@@ -422,7 +402,7 @@ def test_rotation_by_the_role_that_applied_tenant_rls_refuses_only_when_a_policy
     """The role that applied tenant_rls (here not a superuser) rotates every tenant's secrets:
     its owner_access policy shows it every row. Only a policy that keeps rows from its reads
     or updates makes it refuse, and then nothing is re-encrypted."""
-    statements, refused = POLICIES_BESIDE_TENANT_RLS[case]
+    refused = case in ROTATION_REFUSED
     options: dict[str, Any] = {"schema": schema, "optional_migrations": ["tenant_rls"]}
     with PostgresStorageAdapter(owner_dsn, encryption_keys={"old": OLD}, **options) as owner:
         providers = [
@@ -434,10 +414,7 @@ def test_rotation_by_the_role_that_applied_tenant_rls_refuses_only_when_a_policy
             ).id
             for n in range(2)
         ]
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        for statement in statements:
-            sql = statement.format(table=f"{schema}.sso_providers", role=login_role)
-            admin.execute(sql.encode())
+    set_policies(dsn, case, f"{schema}.sso_providers", login_role)
     keys = {"old": OLD, "new": NEW}
     with PostgresStorageAdapter(owner_dsn, encryption_keys=keys, **options) as owner:
         if refused:

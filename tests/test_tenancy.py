@@ -29,6 +29,7 @@ from kitium_pg.integrations.fastapi import (
     storage_lifespan,
 )
 
+from .fix_roles import POLICIES_BESIDE_TENANT_RLS, set_policies
 from .fix_roles import login_role as login_role
 from .fix_roles import owner_dsn as owner_dsn
 from .fix_roles import schema as schema
@@ -659,59 +660,21 @@ def test_the_sso_session_purge_refuses_a_role_row_security_keeps_rows_from(
     assert left() == []
 
 
-# Policies set on sso_sessions beside tenant_rls's, and whether the purge by the role that
-# applied tenant_rls must then refuse (a policy that keeps rows from its reads, updates or
-# deletes).
-PURGE_POLICIES: dict[str, tuple[list[str], bool]] = {
-    "tenant_rls alone": ([], False),
-    "a restrictive policy that hides nothing": (
-        ["CREATE POLICY all_rows ON {table} AS RESTRICTIVE USING (true)"],
-        False,
-    ),
-    "a restrictive policy on inserts only": (
-        ["CREATE POLICY no_inserts ON {table} AS RESTRICTIVE FOR INSERT WITH CHECK (false)"],
-        False,
-    ),
-    # the purge locks its batch (SELECT ... FOR UPDATE), which UPDATE policies filter
-    "a restrictive policy on updates only": (
-        ["CREATE POLICY no_updates ON {table} AS RESTRICTIVE FOR UPDATE USING (false)"],
-        True,
-    ),
-    "a restrictive policy on deletes only": (
-        ["CREATE POLICY no_deletes ON {table} AS RESTRICTIVE FOR DELETE USING (false)"],
-        True,
-    ),
-    "a restrictive policy that hides rows": (
-        ["CREATE POLICY recent ON {table} AS RESTRICTIVE USING (expires_at > now())"],
-        True,
-    ),
-    "owner_access for reads only": (
-        [
-            "DROP POLICY owner_access ON {table}",
-            "CREATE POLICY owner_reads ON {table} FOR SELECT TO {role} USING (true)",
-        ],
-        True,
-    ),
-    "owner_access restrictive": (
-        [
-            "DROP POLICY owner_access ON {table}",
-            "CREATE POLICY owner_access ON {table} AS RESTRICTIVE TO {role}"
-            " USING (true) WITH CHECK (true)",
-        ],
-        True,
-    ),
-    "owner_access with a WITH CHECK": (
-        [
-            "DROP POLICY owner_access ON {table}",
-            "CREATE POLICY owner_access ON {table} TO {role} USING (true)"
-            " WITH CHECK (expires_at > now())",
-        ],
-        False,
-    ),
-}
+# The policies beside tenant_rls's that must make the SSO session purge, run by the role that
+# applied tenant_rls, refuse: those that keep rows from its reads, updates (it locks its batch
+# FOR UPDATE, which UPDATE policies filter) or deletes; and only those.
+PURGE_REFUSED = frozenset(
+    {
+        "a restrictive policy on updates only",
+        "a restrictive policy on deletes only",
+        "a restrictive policy that hides rows",
+        "owner_access for reads only",
+        "owner_access restrictive",
+    }
+)
 
 
-@pytest.mark.parametrize("case", PURGE_POLICIES)
+@pytest.mark.parametrize("case", POLICIES_BESIDE_TENANT_RLS)
 def test_the_sso_session_purge_by_the_owner_refuses_only_when_a_policy_hides_rows(
     dsn: str, schema: str, login_role: str, owner_dsn: str, case: str
 ) -> None:
@@ -719,7 +682,7 @@ def test_the_sso_session_purge_by_the_owner_refuses_only_when_a_policy_hides_row
     SSO sessions: its owner_access policy shows it every row. Only a policy that keeps rows
     from its reads, updates (it locks its batch FOR UPDATE) or deletes makes it refuse, and
     then nothing is deleted (a WITH CHECK, or a policy on inserts, does not)."""
-    statements, refused = PURGE_POLICIES[case]
+    refused = case in PURGE_REFUSED
     options: dict[str, Any] = {"schema": schema, "optional_migrations": ["tenant_rls"]}
     expired = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
     with PostgresStorageAdapter(owner_dsn, **options) as owner:
@@ -734,11 +697,7 @@ def test_the_sso_session_purge_by_the_owner_refuses_only_when_a_policy_hides_row
                 provider_subject="s",
                 expires_at=expired,
             )
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        for statement in statements:
-            admin.execute(
-                statement.format(table=f"{schema}.sso_sessions", role=login_role).encode()
-            )
+    set_policies(dsn, case, f"{schema}.sso_sessions", login_role)
     with PostgresStorageAdapter(owner_dsn, **options) as owner:
         if refused:
             with pytest.raises(PermissionDeniedError, match="row-level security hides"):
