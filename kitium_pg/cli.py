@@ -35,6 +35,7 @@ from . import __version__, _sql
 from ._base import (
     Direction,
     Migration,
+    MigrationState,
     dsn_secrets,
     load_migrations,
     optional_migration_ids,
@@ -73,7 +74,7 @@ Exit codes:
   1  operation failed (any other kitium-pg error; health: error status)
   2  usage error (bad option or argument)
   3  database unavailable (UnavailableError)
-  4  migration problem (MigrationError; health: migrations pending;
+  4  migration problem (MigrationError; health, status --exit-code: migrations pending;
      rotate-keys, delete-expired, prune-events or grant --apply with migrations pending)
   5  missing or wrong encryption key (EncryptionKeyError)
 """
@@ -379,8 +380,13 @@ def migrate(state: _Context, optional: tuple[str, ...]) -> None:
 
 @cli.command(short_help="Show applied and pending migrations, and invalid indexes.")
 @_optional_option()
+@click.option(
+    "--exit-code",
+    is_flag=True,
+    help="Exit with code 4 when a migration is pending (after printing the status).",
+)
 @click.pass_obj
-def status(state: _Context, optional: tuple[str, ...]) -> None:
+def status(state: _Context, optional: tuple[str, ...], exit_code: bool) -> None:
     """Show applied and pending migrations, and those a newer version applied (as in a
     rolling deploy). Reads only: creates nothing in the database.
 
@@ -388,12 +394,12 @@ def status(state: _Context, optional: tuple[str, ...]) -> None:
     or was cancelled) with the statement that drops it.
 
     Optional migrations count as pending only when named with --optional; an applied one is
-    always listed.
+    always listed. Exits 0 whatever is pending, unless --exit-code is given: then 4 when a
+    migration is pending (a deploy script's "is the schema behind?").
     """
     known = load_migrations(state.schema, optional=optional)
     with state.storage(optional=optional) as storage:
         current = storage.migration_status()
-    applied = set(current.applied)
     if state.as_json:
         state.emit_json(
             {
@@ -404,7 +410,16 @@ def status(state: _Context, optional: tuple[str, ...]) -> None:
                 "newer": current.newer,
             }
         )
-        return
+    else:
+        _print_status_table(state, known, current)
+    if exit_code and current.pending:
+        raise click.exceptions.Exit(EXIT_MIGRATION)
+
+
+def _print_status_table(
+    state: _Context, known: Sequence[Migration], current: MigrationState
+) -> None:
+    applied = set(current.applied)
     table = Table(title=f"migrations in schema {state.schema}", title_justify="left")
     table.add_column("migration", no_wrap=True)
     table.add_column("state", no_wrap=True, min_width=7)  # never squeezed out by long names

@@ -138,7 +138,14 @@ def test_rollback_then_status_shows_pending(dsn: str, schema: str) -> None:
     assert status["pending"] == [MIGRATIONS[-1]]
     assert status["applied"] == MIGRATIONS[:-1]
     table = db(dsn, schema, "status")
+    assert (table.exit_code, table.stderr) == (0, "")
     assert f"{len(MIGRATIONS) - 1} applied, 1 pending" in table.stdout
+    # --exit-code: the same report, then 4 for a deploy script, in both output modes.
+    checked = db(dsn, schema, "status", "--exit-code")
+    assert (checked.stdout, checked.exit_code) == (table.stdout, EXIT_MIGRATION)
+    checked_json = db(dsn, schema, "--json", "status", "--exit-code")
+    assert checked_json.exit_code == EXIT_MIGRATION
+    assert json.loads(checked_json.stdout)["pending"] == [MIGRATIONS[-1]]
 
     rest = as_json(db(dsn, schema, "--json", "rollback", "--steps", str(len(MIGRATIONS) + 5)))
     assert rest["rolled_back"] == list(reversed(MIGRATIONS[:-1]))
@@ -157,6 +164,8 @@ def test_status_and_health_of_a_schema_a_newer_version_migrated(dsn: str, schema
         )
     status = as_json(db(dsn, schema, "--json", "status"))
     assert (status["pending"], status["newer"]) == ([], ["9999_future"])
+    # A newer version's migration is not this version's pending one.
+    assert db(dsn, schema, "status", "--exit-code").exit_code == 0
     assert "by a newer version" in db(dsn, schema, "status").stdout
     health = db(dsn, schema, "--json", "health")
     assert health.exit_code == 0
