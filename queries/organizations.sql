@@ -57,6 +57,8 @@ SELECT o.id, o.name, o.plan, o.seats,
 -- does not exist.
 -- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
 -- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
+-- The members returned are read after the lock (organization_member_list, migration 0034), so
+-- they include a member added by the call this UPDATE waited for.
 WITH org AS (
   UPDATE kitium_auth.organizations AS o
      SET name     = CASE WHEN :set_name THEN :name ELSE o.name END,
@@ -71,10 +73,7 @@ SELECT org.id, org.name, org.plan, org.seats,
        CASE WHEN :set_members
             THEN kitium_auth.replace_organization_members(
                    org.id, :member_ids::uuid[], :member_roles::text[])
-            ELSE (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                         'user_id', m.user_id, 'role', m.role, 'joined_at', m.joined_at)
-                         ORDER BY m.joined_at, m.user_id), '[]'::jsonb)
-                    FROM kitium_auth.organization_members AS m WHERE m.org_id = org.id)
+            ELSE kitium_auth.organization_member_list(org.id)
        END AS members,
        org.metadata, org.created_at, org.updated_at
   FROM org;

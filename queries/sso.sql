@@ -102,6 +102,8 @@ SELECT p.id, p.type, p.name, p.org_id, p.metadata_url, p.client_id, p.client_sec
 -- exist.
 -- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
 -- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
+-- The domains returned are read after the lock (sso_provider_domain_list, migration 0034), so
+-- they include a domain added by the call this UPDATE waited for.
 WITH updated AS (
   UPDATE kitium_auth.sso_providers AS p
      SET name = CASE WHEN :set_name THEN :name ELSE p.name END,
@@ -164,10 +166,7 @@ SELECT u.id, u.type, u.name, u.org_id, u.metadata_url, u.client_id, u.client_sec
        u.metadata,
        CASE WHEN :set_domains
             THEN kitium_auth.replace_sso_provider_domains(u.id, :domains::text[])
-            ELSE (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                         'domain', d.domain, 'verified_at', d.verified_at) ORDER BY d.domain),
-                         '[]'::jsonb)
-                    FROM kitium_auth.sso_provider_domains AS d WHERE d.provider_id = u.id)
+            ELSE kitium_auth.sso_provider_domain_list(u.id)
        END AS domains,
        u.created_at, u.updated_at
   FROM updated AS u;
@@ -392,12 +391,23 @@ DELETE FROM kitium_auth.sso_sessions WHERE id = :id;
 -- two wait for each other at the organization instead. It still does not conflict with
 -- create_session's or assign_role_to_user's KEY SHARE, nor with another logout's SHARE. The
 -- DELETE filters on parents, which reads org first, so it reaches no SSO session before both
--- have locked.
+-- have locked. A shared provider's logout ends its users' sessions in every organization, so
+-- it locks the organizations those sessions are bound to (in id order, so two such logouts
+-- wait rather than deadlock): with no organization to lock, it deleted them against a member's
+-- removal deleting them in another order, a deadlock (found in the third review).
 WITH org AS (
   SELECT o.id
     FROM kitium_auth.organizations AS o
    WHERE :end_user_sessions
-     AND o.id = (SELECT p.org_id FROM kitium_auth.sso_providers AS p WHERE p.id = :provider_id)
+     AND o.id IN (SELECT p.org_id FROM kitium_auth.sso_providers AS p WHERE p.id = :provider_id
+                  UNION
+                  SELECT a.org_id
+                    FROM kitium_auth.sso_providers AS p
+                    JOIN kitium_auth.sso_sessions AS t ON t.provider_id = p.id
+                    JOIN kitium_auth.sessions AS a ON a.user_id = t.user_id
+                   WHERE p.id = :provider_id AND p.org_id IS NULL
+                     AND t.provider_subject = :provider_subject)
+   ORDER BY o.id
      FOR SHARE OF o
 ), parents AS (
   SELECT u.id
@@ -439,7 +449,17 @@ WITH org AS (
   SELECT o.id
     FROM kitium_auth.organizations AS o
    WHERE :end_user_sessions
-     AND o.id = (SELECT p.org_id FROM kitium_auth.sso_providers AS p WHERE p.id = :provider_id)
+     AND o.id IN (SELECT p.org_id FROM kitium_auth.sso_providers AS p WHERE p.id = :provider_id
+                  UNION
+                  SELECT a.org_id
+                    FROM kitium_auth.sso_providers AS p
+                    JOIN kitium_auth.sso_sessions AS t ON t.provider_id = p.id
+                    JOIN kitium_auth.sessions AS a ON a.user_id = t.user_id
+                   WHERE p.id = :provider_id AND p.org_id IS NULL
+                     AND t.session_token_hash = :session_token_hash
+                     AND (:provider_subject::text IS NULL
+                          OR t.provider_subject = :provider_subject))
+   ORDER BY o.id
      FOR SHARE OF o
 ), parents AS (
   SELECT u.id

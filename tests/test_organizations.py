@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from collections.abc import Callable
@@ -20,10 +21,10 @@ from kitium_pg import (
     ValidationError,
 )
 
-from .fix_holder import release_when_waiting
+from .fix_holder import release_when_waiting, waiting
 from .fix_metadata import check_metadata_patch
 from .fix_paging import check_bad_paging_arguments, check_walks
-from .fix_race import race_each, race_methods
+from .fix_race import race_each, race_methods, start
 
 
 async def _users(storage: Any, unique: Callable[[str], str], n: int) -> list[User]:
@@ -777,3 +778,24 @@ async def test_paging_arguments_are_checked_first(
     await check_bad_paging_arguments(
         storage.list_organization_members, org.id, member, "joined_at", wrong
     )
+
+
+async def test_an_update_that_waited_for_an_add_returns_the_added_member(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Found in the third review: update_organization waited for the organization's lock,
+    held by add_organization_member, then returned the members as its snapshot from before
+    the wait showed them: the new name beside a member list without the member just added.
+    It reads them after the lock (migration 0034)."""
+    first, added = [await storage.create_user(email=f"{unique('m')}@example.com") for _ in "ab"]
+    org = await storage.create_organization(
+        name="Acme", plan="team", members=[{"user_id": first.id}]
+    )
+    async with storage.transaction() as tx:
+        await tx.add_organization_member(org.id, added.id)
+        renaming = start(storage, "update_organization", org.id, name="Acme Corp")
+        assert await asyncio.to_thread(waiting, dsn, "UPDATE kitium_auth.organizations AS o")
+    renamed = await renaming
+    assert renamed.name == "Acme Corp"
+    assert [m.user_id for m in renamed.members] == [first.id, added.id]
+    assert renamed == await storage.get_organization(org.id)

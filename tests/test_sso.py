@@ -54,6 +54,11 @@ def _stored(dsn: str, provider_id: uuid.UUID) -> Any:
     )
 
 
+LOGOUT = "FROM kitium_auth.sso_providers AS p WHERE p.id"
+"""Text in the start of both single-logout statements, which a waiting logout shows in
+pg_stat_activity (its query is cut at track_activity_query_size, 1 kB by default)."""
+
+
 async def _oidc(storage: Any, unique: Callable[[str], str], **kw: Any) -> SsoProvider:
     provider: SsoProvider = await storage.create_sso_provider(
         type="oidc", name=unique("idp"), client_id="client", client_secret=CLIENT_SECRET, **kw
@@ -1278,7 +1283,7 @@ def test_a_logout_waits_at_the_organization_for_a_change_of_its_members(
         )
         thread = threading.Thread(target=logout)
         thread.start()
-        assert waiting(dsn, "FROM kitium_auth.organizations AS o"), "the logout did not wait"
+        assert waiting(dsn, LOGOUT), "the logout did not wait"
         with psycopg.connect(dsn, autocommit=True) as probe:  # no user or SSO session locked yet
             probe.execute("SET lock_timeout = '100ms'")
             probe.execute("SELECT 1 FROM kitium_auth.users WHERE id = %s FOR UPDATE", [user.id])
@@ -1373,7 +1378,7 @@ async def test_a_logout_ending_app_sessions_and_deleting_its_user_do_not_deadloc
                 end_user_sessions=True,
                 **{by: {"provider_subject": "s", "session_token": "sid"}[by]},
             )
-            seen = [await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.sso_sessions")]
+            seen = [await asyncio.to_thread(waiting, dsn, LOGOUT)]
             deleted = start(storage, "delete_user", user.id)
             seen.append(await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.users"))
             holder.commit()
@@ -1428,11 +1433,52 @@ async def test_a_tenants_logout_waits_for_its_organization_and_for_no_other_row(
             end_user_sessions=True,
             **{by: {"provider_subject": "s", "session_token": "sid"}[by]},
         ),
-        waits_on="DELETE FROM kitium_auth.sso_sessions" if own else None,
+        waits_on=LOGOUT if own else None,
         free=[("users", {"id": user.id}), ("sso_sessions", {"id": sso})],
     )
     assert [e.id for e in ended] == [sso]
     assert _app_sessions_left(dsn, app) == set()
+
+
+@pytest.mark.parametrize("held", ["an organization of its sessions", "another organization"])
+@pytest.mark.parametrize("by", ["provider_subject", "session_token"])
+async def test_a_shared_providers_logout_waits_for_the_organizations_of_the_sessions_it_ends(
+    storage: Any, unique: Callable[[str], str], dsn: str, by: str, held: str
+) -> None:
+    """Found in the third review: a shared provider's logout (no organization of its own) ends
+    its users' sessions in every organization, and locked no organization first, so it deleted
+    a member's sessions against remove_organization_member or update_organization(members=)
+    deleting them in another order: a deadlock. It now locks the organizations its sessions are
+    bound to, in id order, before the user or the SSO session; an organization none of them is
+    bound to it leaves alone: held, it does not wait."""
+    user, provider = await _user(storage, unique), await _oidc(storage, unique)
+    members = [{"user_id": user.id}]
+    first, second, other = [
+        await storage.create_organization(name=unique("org"), plan="team", members=members)
+        for _ in range(3)
+    ]
+    sso = await _sso_session(storage, user, provider, "s", "sid")
+    bound = [
+        (await storage.create_session(user_id=user.id, expires_at=_in(hours=1), org_id=org)).id
+        for org in (first.id, second.id)
+    ]
+    unbound = await _app_session(storage, user)
+    own = held == "an organization of its sessions"
+    ended = await call_while_holding(
+        storage,
+        dsn,
+        ("organizations", {"id": (second if own else other).id}),
+        "NO KEY UPDATE",  # what the membership changes take before deleting sessions
+        lambda: (storage if own else storage.with_statement_timeout(3000)).delete_sso_sessions(
+            provider_id=provider.id,
+            end_user_sessions=True,
+            **{by: {"provider_subject": "s", "session_token": "sid"}[by]},
+        ),
+        waits_on=LOGOUT if own else None,
+        free=[("users", {"id": user.id}), ("sso_sessions", {"id": sso})],
+    )
+    assert [e.id for e in ended] == [sso]
+    assert _app_sessions_left(dsn, unbound, *bound) == set()
 
 
 @pytest.mark.parametrize("sso_first", [True, False], ids=["sso-first", "sessions-first"])
@@ -1464,7 +1510,7 @@ async def test_log_out_everywhere_in_a_transaction_against_a_single_logout(
                 provider_subject="s",
                 end_user_sessions=True,
             )
-            assert await asyncio.to_thread(waiting, dsn, "signed_out AS")
+            assert await asyncio.to_thread(waiting, dsn, LOGOUT)
             if not sso_first:
                 # A backend looks for a deadlock deadlock_timeout (1 s) after it starts to wait.
                 # A few ms apart, a loaded machine once ran the transaction's check first (a
@@ -1786,3 +1832,20 @@ async def test_concurrent_domain_set_replacements_leave_one_set(
         stored = [d.domain for d in found.domains]
         assert len(stored) == 1, stored
         assert [[d.domain for d in r.domains] for r in results].count(stored) >= 1
+
+
+async def test_an_update_that_waited_for_an_add_returns_the_added_domain(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """As for organizations' members: update_sso_provider waited for the provider's lock, held
+    by add_sso_provider_domain, then returned the domains its snapshot from before the wait
+    showed. It reads them after the lock (migration 0034)."""
+    tag = uuid.uuid4().hex[:8]
+    provider = await _oidc(storage, unique, domains=[f"a-{tag}.example"])
+    async with storage.transaction() as tx:
+        await tx.add_sso_provider_domain(provider.id, f"b-{tag}.example")
+        renaming = start(storage, "update_sso_provider", provider.id, name=unique("renamed"))
+        assert await asyncio.to_thread(waiting, dsn, "UPDATE kitium_auth.sso_providers AS p")
+    renamed = await renaming
+    assert [d.domain for d in renamed.domains] == [f"a-{tag}.example", f"b-{tag}.example"]
+    assert renamed == await storage.get_sso_provider(provider.id)

@@ -109,6 +109,8 @@ FUNCTION_TESTS: dict[str, tuple[str, ...]] = {
     "remove_organization_member": _MEMBERSHIP_TESTS,
     "replace_organization_members": _MEMBERSHIP_TESTS,
     "replace_sso_provider_domains": DOMAIN_TESTS["sso.sql"],
+    "organization_member_list": _MEMBERSHIP_TESTS,
+    "sso_provider_domain_list": DOMAIN_TESTS["sso.sql"],
     "sso_provider_is_foreign": ("test_tenancy.py", "test_sso.py"),
     "jsonb_merge_patch": ("test_merge_patch.py", "test_users.py", "test_organizations.py"),
     "set_user_roles": DOMAIN_TESTS["rbac.sql"],
