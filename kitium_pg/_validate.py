@@ -179,9 +179,12 @@ def strings(field: str, value: object, *, max_items: int = 256, max_len: int = S
 
 
 def integer(field: str, value: object, *, minimum: int = 0, maximum: int = INT4_MAX) -> int:
-    """An ``int`` (not a ``bool``) within the given range."""
+    """An ``int`` (not a ``bool``) within the given range, returned as a plain ``int``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(field, f"must be an integer, not {type(value).__name__}")
+    # A subclass's own comparisons could pass any value (as a str subclass's methods could
+    # lie, see text): compare and return int's value of it.
+    value = int.__index__(value)
     if not minimum <= value <= maximum:
         raise ValidationError(field, f"must be between {minimum} and {maximum}")
     return value

@@ -8,11 +8,21 @@
 -- Insert a token and its attempt counter at 0 (the row concurrent attempts at its address lock:
 -- see increment_email_verification_token_attempts); a retry with the same id returns the row
 -- the first attempt wrote.
-WITH inserted AS (
+-- A token naming a user first locks the user's row FOR SHARE, which a change of the user's
+-- address (an UPDATE: NO KEY UPDATE, since the email's unique index is on an expression) waits
+-- for: migration 0033's trigger then sees the token and ends it if it was sent to the old
+-- address. With the foreign key's KEY SHARE alone the two did not wait for each other, and a
+-- token to the old address committed during the change outlived it (found in review).
+WITH owner AS (
+  SELECT u.id
+    FROM kitium_auth.users AS u
+   WHERE u.id = :user_id
+     FOR SHARE OF u
+), inserted AS (
   INSERT INTO kitium_auth.email_verification_tokens
     (id, email, code_hash, type, user_id, metadata, expires_at)
-  VALUES
-    (:id, :email, :code_hash, :type, :user_id, :metadata::jsonb, :expires_at)
+  SELECT :id, :email, :code_hash, :type, :user_id, :metadata::jsonb, :expires_at
+   WHERE (SELECT count(*) FROM owner) >= 0  -- always true: the user is locked first
   ON CONFLICT (id) DO NOTHING
   RETURNING id, email, code_hash, type, user_id, metadata, expires_at, used_at, created_at
 ), counter AS (

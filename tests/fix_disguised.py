@@ -50,3 +50,20 @@ class Posing(str):
 
     def __hash__(self) -> int:
         return hash(self.poses_as)
+
+
+class Boundless(int):
+    """An int that compares as within any range (``<``, ``<=``, ``>``, ``>=`` all true),
+    whatever it holds (psycopg sends what it holds)."""
+
+    def __lt__(self, other: object) -> bool:
+        return True
+
+    def __le__(self, other: object) -> bool:
+        return True
+
+    def __gt__(self, other: object) -> bool:
+        return True
+
+    def __ge__(self, other: object) -> bool:
+        return True

@@ -414,6 +414,24 @@ async def test_a_resend_does_not_reset_the_attempts_of_an_address(
         assert await storage.get_email_verification_token_attempts(token.id) == count
 
 
+async def test_a_new_address_ends_a_token_to_the_old_one_written_during_the_change(
+    storage: Any, email: str, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Found in review: a token to the old address that a transaction committed while the
+    address changed outlived the change (the change's trigger could not see it, and neither
+    waited for the other). The token's creation locks its user FOR SHARE: the change waits
+    for that transaction, then its trigger ends the token."""
+    user = await storage.create_user(email=email)
+    new_address = f"{unique('moved')}@example.com"
+    async with storage.transaction() as tx:
+        reset = await _token(tx, email, type="password_reset", user_id=user.id)
+        change = start(storage, "update_user", user.id, email=new_address)
+        assert await asyncio.to_thread(waiting, dsn, "UPDATE kitium_auth.users AS u")
+    assert (await change).email == new_address
+    with pytest.raises(ConflictError):
+        await storage.mark_email_verification_token_as_used(reset.id)
+
+
 async def test_a_new_address_ends_the_tokens_sent_to_the_old_one(
     storage: Any, email: str, unique: Callable[[str], str]
 ) -> None:

@@ -27,6 +27,7 @@ from kitium_pg.records import (
     User,
 )
 
+from .fix_disguised import Boundless
 from .fix_holder import release_when_waiting
 from .fix_metadata import check_metadata_patch
 from .fix_race import race, race_each
@@ -426,10 +427,12 @@ async def test_record_totp_step_accepts_only_newer_steps(storage: Any, email: st
     assert await storage.record_totp_step(device.id, 2**63 - 1) is True
     assert await storage.record_totp_step(device.id, 2**63 - 1) is False
     assert await storage.record_totp_step(uuid.uuid4(), step) is False
-    for bad_step in (-1, 2**63, 1.5, "1", True):
+    # an int subclass whose comparisons pass any range is judged by the number it holds
+    for bad_step in (-1, 2**63, 1.5, "1", True, Boundless(-5), Boundless(2**63)):
         with pytest.raises(ValidationError) as caught:
             await storage.record_totp_step(device.id, bad_step)
         assert caught.value.field == "step"
+    assert await storage.record_totp_step(device.id, Boundless(step)) is False  # a replay
     with pytest.raises(ValidationError) as caught:
         await storage.record_totp_step("nope", step)
     assert caught.value.field == "device_id"

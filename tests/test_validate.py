@@ -24,7 +24,7 @@ from kitium_pg._sync import migrate
 from kitium_pg.encryption import Keyring, generate_key
 
 from .conftest import examples
-from .fix_disguised import Disguised, Posing
+from .fix_disguised import Boundless, Disguised, Posing
 
 
 def reference(value: object, depth: int = 0) -> bool:
@@ -292,6 +292,18 @@ def test_a_subclass_is_sent_as_the_encoder_reads_it() -> None:
     assert json.loads(v.json_text("data", _ItemsElsewhere([1]))) == {"a": [1]}
     text = v.json_text("data", {"l": _IterElsewhere(["stored"]), "s": _NoNul("plain")})
     assert json.loads(text) == {"l": ["stored"], "s": "plain"}
+
+
+@pytest.mark.parametrize("value", [-5, 2**31, 2**80])
+def test_an_int_subclass_is_checked_by_the_number_it_holds(value: int) -> None:
+    """Found in review: ``integer`` compared through the subclass's own ``<=`` and passed it on,
+    so any number reached the database (a negative TOTP step stored; out of range, an error
+    naming the column's constraint, not the argument)."""
+    with pytest.raises(ValidationError, match="between 0 and") as caught:
+        v.integer("step", Boundless(value))
+    assert caught.value.field == "step"
+    plain = v.integer("step", Boundless(7))
+    assert (plain, type(plain)) == (7, int)
 
 
 @pytest.mark.parametrize(
