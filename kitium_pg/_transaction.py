@@ -91,11 +91,9 @@ class TransactionState:
             self.open = False
 
     def record(self, exc: psycopg.Error, operation: str) -> None:
-        """Note the failure of a statement on the transaction, unless it only says that an
-        earlier one aborted it (in_failed_sql_transaction): the first cause is the one the
-        block raises again."""
-        if isinstance(exc, psycopg.errors.InFailedSqlTransaction):
-            return
+        """Note the failure of a statement on the transaction (``running`` handles
+        in_failed_sql_transaction, which only says an earlier one aborted it, apart: the first
+        cause is the one the block raises again)."""
         error = translate(exc, operation=operation)
         with self.lock:
             self.failure = error

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import tempfile
+import types
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,16 +25,21 @@ from kitium_pg import (
     AsyncPostgresStorageAdapter,
     ConflictError,
     HealthStatus,
+    InternalError,
     KitiumPgError,
     MigrationError,
+    NotFoundError,
     PostgresStorageAdapter,
     QueryTimeoutError,
     UnavailableError,
     ValidationError,
+    _base,
 )
+from kitium_pg._async.core import AsyncCore
 from kitium_pg._async.migrate import _failed as _migration_failure
-from kitium_pg._base import connect_failure, log_call
-from kitium_pg.errors import connection_lost, translate
+from kitium_pg._base import Retry, connect_failure, log_call
+from kitium_pg._sync.core import Core
+from kitium_pg.errors import connection_lost, is_auto_retryable, translate
 
 from .conftest import EXAMPLES_ENV, event_loop_wanted, examples
 from .fix_race import race_each, waiting_on_a_lock
@@ -309,6 +315,62 @@ def test_what_counts_as_a_lost_connection() -> None:
     full = _migration_failure(psycopg.errors.DiskFull("no space"), "migrations/0007_x.sql")
     assert isinstance(full, MigrationError)
     assert "migrations/0007_x.sql failed: no space" in str(full)
+
+
+def test_retries_back_off_exponentially_up_to_two_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Full jitter: a retry waits a random time up to its bound, which doubles from 50 ms and
+    stops at 2 s (found by mutation testing: uncapped, the tenth retry could wait 25.6 s)."""
+    monkeypatch.setattr(_base.random, "uniform", lambda low, high: high)
+    bounds = [_base.backoff(n) for n in range(1, _base.MAX_RETRIES + 1)]
+    assert bounds[:3] == [0.05, 0.1, 0.2]
+    assert bounds[-1] == max(bounds) == 2.0
+
+
+def test_a_write_on_a_demoted_primary_is_retried() -> None:
+    """After a failover the pool can still hold connections to the old primary, now a
+    standby: a write that is safe to retry is retried on another connection (found by
+    mutation testing: no test had a write meet read_only_sql_transaction)."""
+    error = translate(psycopg.errors.ReadOnlySqlTransaction("read-only"), operation="op")
+    assert isinstance(error, InternalError) and error.code == "read_only_sql_transaction"
+    assert error.retryable and is_auto_retryable(error)
+
+
+def _answering(answers: list[Any], calls: list[str], asynchronous: bool) -> Any:
+    """A stand-in for an adapter whose ``_one`` returns ``answers`` in turn."""
+
+    def one(name: str, params: Any, cls: Any, *, retry: Retry) -> Any:
+        calls.append(name)
+        return answers.pop(0)
+
+    async def one_async(name: str, params: Any, cls: Any, *, retry: Retry) -> Any:
+        return one(name, params, cls, retry=retry)
+
+    return types.SimpleNamespace(_one=one_async if asynchronous else one)
+
+
+def _written(asynchronous: bool, adapter: Any) -> Any:
+    if asynchronous:
+        return asyncio.run(
+            AsyncCore._written(adapter, "create_x", {}, dict, retry=Retry.SAFE, refused="why")
+        )
+    return Core._written(adapter, "create_x", {}, dict, retry=Retry.SAFE, refused="why")
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_write_that_returns_no_row_runs_once_more(asynchronous: bool) -> None:
+    """An idempotent write that returns no row (a retry whose snapshot predates the commit of
+    the attempt whose acknowledgement was lost) runs once more, and only then reports its
+    guard's refusal (found by mutation testing: no test reached the second run)."""
+    calls: list[str] = []
+    row = {"id": 1}
+    assert _written(asynchronous, _answering([None, row], calls, asynchronous)) is row
+    assert calls == ["create_x", "create_x"]
+    calls.clear()
+    with pytest.raises(NotFoundError, match="create_x: why"):
+        _written(asynchronous, _answering([None, None], calls, asynchronous))
+    assert calls == ["create_x", "create_x"]
 
 
 async def test_creates_are_retried_without_duplicates(single: Any, dsn: str) -> None:

@@ -4,6 +4,7 @@ batch methods a number of round trips that does not grow with the batch."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import inspect
 import uuid
@@ -936,6 +937,22 @@ async def test_issue_and_validate_session_token_are_one_round_trip_each(one_conn
     )
     assert (issue_trips, check_trips) == (1, 1)
     assert session == issued.session
+
+
+async def test_a_token_that_cannot_be_one_as_issued_costs_no_round_trip(one_conn: Any) -> None:
+    """A token without a secret, without its dot, in another spelling of the session id, or
+    not text is refused before anything is sent (found by mutation testing: without its
+    no-secret check, ``<id>.`` cost a lookup that could find nothing)."""
+    [user] = await _users(one_conn, 1)
+    _, issued = await round_trips(
+        one_conn, lambda: one_conn.issue_session_token(user_id=user.id, expires_at=_later())
+    )
+    session_id = str(issued.session.id)
+    for token in (f"{session_id}.", session_id, f"{session_id.upper()}.x", None):
+        trips = await round_trips(
+            one_conn, functools.partial(one_conn.validate_session_token, token)
+        )
+        assert trips == (0, None), token
 
 
 async def test_issue_and_verify_api_key_are_one_round_trip_each(one_conn: Any) -> None:

@@ -1407,15 +1407,21 @@ async def test_a_tenants_logout_waits_for_its_organization_and_for_no_other_row(
     organization first (sso.sql says why: delete_organization and update_organization(members=)
     lock it before their cascades and deletes reach the sessions). While another transaction
     holds it, the logout waits without holding the user or the SSO session: a third transaction
-    locks both at once (``NOWAIT``). Another organization, or another user of the provider
-    (another subject, another session token), it leaves alone: held, it does not wait."""
+    locks both at once (``NOWAIT``). Another organization, even one the user has a session
+    bound to (which the logout leaves), or another user of the provider (another subject,
+    another session token), it leaves alone: held, it does not wait."""
     org = await storage.create_organization(name=unique("org"), plan="team")
-    other_org = await storage.create_organization(name=unique("org"), plan="team")
     user, provider = await _user(storage, unique), await _oidc(storage, unique, org_id=org.id)
+    other_org = await storage.create_organization(
+        name=unique("org"), plan="team", members=[{"user_id": user.id}]
+    )
     other_user = await _user(storage, unique)
     sso = await _sso_session(storage, user, provider, "s", "sid")
     await _sso_session(storage, other_user, provider, "t", "tid")
     app = await _app_session(storage, user)
+    elsewhere = await storage.create_session(
+        user_id=user.id, expires_at=_in(hours=1), org_id=other_org.id
+    )
     # each in the mode that conflicts with the logout's lock (SHARE, KEY SHARE)
     table, row, mode = {
         "its organization": ("organizations", org.id, "NO KEY UPDATE"),
@@ -1437,11 +1443,11 @@ async def test_a_tenants_logout_waits_for_its_organization_and_for_no_other_row(
         free=[("users", {"id": user.id}), ("sso_sessions", {"id": sso})],
     )
     assert [e.id for e in ended] == [sso]
-    assert _app_sessions_left(dsn, app) == set()
+    assert _app_sessions_left(dsn, app, elsewhere.id) == {elsewhere.id}
 
 
 @pytest.mark.parametrize("held", ["an organization of its sessions", "another organization"])
-@pytest.mark.parametrize("by", ["provider_subject", "session_token"])
+@pytest.mark.parametrize("by", ["provider_subject", "session_token", "both"])
 async def test_a_shared_providers_logout_waits_for_the_organizations_of_the_sessions_it_ends(
     storage: Any, unique: Callable[[str], str], dsn: str, by: str, held: str
 ) -> None:
@@ -1450,14 +1456,20 @@ async def test_a_shared_providers_logout_waits_for_the_organizations_of_the_sess
     a member's sessions against remove_organization_member or update_organization(members=)
     deleting them in another order: a deadlock. It now locks the organizations its sessions are
     bound to, in id order, before the user or the SSO session; an organization none of them is
-    bound to it leaves alone: held, it does not wait."""
+    bound to, such as one where another user of the provider has a session, it leaves alone:
+    held, it does not wait."""
     user, provider = await _user(storage, unique), await _oidc(storage, unique)
-    members = [{"user_id": user.id}]
+    other_user = await _user(storage, unique)  # another subject, another session token
+    members = [{"user_id": user.id}, {"user_id": other_user.id}]
     first, second, other = [
         await storage.create_organization(name=unique("org"), plan="team", members=members)
         for _ in range(3)
     ]
     sso = await _sso_session(storage, user, provider, "s", "sid")
+    await _sso_session(storage, other_user, provider, "t", "tid")
+    others = await storage.create_session(
+        user_id=other_user.id, expires_at=_in(hours=1), org_id=other.id
+    )
     bound = [
         (await storage.create_session(user_id=user.id, expires_at=_in(hours=1), org_id=org)).id
         for org in (first.id, second.id)
@@ -1472,13 +1484,17 @@ async def test_a_shared_providers_logout_waits_for_the_organizations_of_the_sess
         lambda: (storage if own else storage.with_statement_timeout(3000)).delete_sso_sessions(
             provider_id=provider.id,
             end_user_sessions=True,
-            **{by: {"provider_subject": "s", "session_token": "sid"}[by]},
+            **{
+                "provider_subject": {"provider_subject": "s"},
+                "session_token": {"session_token": "sid"},
+                "both": {"provider_subject": "s", "session_token": "sid"},
+            }[by],
         ),
         waits_on=LOGOUT if own else None,
         free=[("users", {"id": user.id}), ("sso_sessions", {"id": sso})],
     )
     assert [e.id for e in ended] == [sso]
-    assert _app_sessions_left(dsn, unbound, *bound) == set()
+    assert _app_sessions_left(dsn, unbound, *bound, others.id) == {others.id}
 
 
 @pytest.mark.parametrize("sso_first", [True, False], ids=["sso-first", "sessions-first"])

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -247,22 +247,23 @@ async def test_a_caught_failure_fails_the_block_instead_of_a_silent_rollback(
 
 @pytest.fixture
 def trip_schema(dsn: str) -> Any:
-    """A private schema whose users table fails the first insert with a deadlock (40P01)."""
+    """A private schema (a test makes its first user inserts fail: ``_trip_first_inserts``)."""
     name = f"trip_{uuid.uuid4().hex[:10]}"
     yield name
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE".encode())
 
 
-def _trip_first_insert(dsn: str, schema: str) -> None:
+def _trip_first_inserts(dsn: str, schema: str, failures: int) -> None:
+    """Make the first ``failures`` inserts into ``schema``'s users fail with a deadlock."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             f"""
             CREATE SEQUENCE {schema}.trips;
             CREATE FUNCTION {schema}.trip() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
-              -- nextval is not rolled back with the transaction: only the first insert fails
-              IF nextval('{schema}.trips') = 1 THEN
+              -- nextval is not rolled back with the transaction: only the first ones fail
+              IF nextval('{schema}.trips') <= {failures} THEN
                 RAISE EXCEPTION 'deadlock (test)' USING ERRCODE = '40P01';
               END IF;
               RETURN NEW;
@@ -295,21 +296,52 @@ async def test_run_in_transaction_reruns_a_deadlock_even_when_work_caught_it(
         async with tx.transaction() as savepoint:
             return await savepoint.get_user_by_email(email)
 
-    options: dict[str, Any] = {"schema": trip_schema, "max_retries": 2}
+    result = await _run_tripped(kind, dsn, trip_schema, 1, work)
+    assert len(attempts) == 2
+    assert result is not None and result.email == email  # written by the second attempt
+
+
+async def _run_tripped(
+    kind: str, dsn: str, schema: str, failures: int, work: Callable[[Any], Awaitable[Any]]
+) -> Any:
+    """``run_in_transaction(work)`` with ``max_retries=2`` on an adapter of ``kind`` whose
+    first ``failures`` user inserts fail with a deadlock (in ``schema``)."""
+    options: dict[str, Any] = {"schema": schema, "max_retries": 2}
     if kind == "sync":
         sync = PostgresStorageAdapter(dsn, **options)
         sync.connect()
         try:
-            _trip_first_insert(dsn, trip_schema)
-            result = sync.run_in_transaction(lambda tx: drive(work(AwaitableSync(tx))))
+            _trip_first_inserts(dsn, schema, failures)
+            return sync.run_in_transaction(lambda tx: drive(work(AwaitableSync(tx))))
         finally:
             sync.disconnect()
+    async with AsyncPostgresStorageAdapter(dsn, **options) as adapter:
+        _trip_first_inserts(dsn, schema, failures)
+        return await adapter.run_in_transaction(work)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("failures", [2, 3])
+async def test_run_in_transaction_reruns_exactly_max_retries_times(
+    kind: str, failures: int, dsn: str, trip_schema: str
+) -> None:
+    """With max_retries=2, two deadlocks in a row are re-run (the third attempt commits) and
+    a third is raised: three attempts either way (found by mutation testing: the tests saw a
+    single re-run only)."""
+    email = f"trip-{uuid.uuid4().hex[:8]}@example.com"
+    attempts: list[int] = []
+
+    async def work(tx: Any) -> Any:
+        attempts.append(1)
+        return await tx.create_user(email=email)
+
+    if failures == 2:
+        assert (await _run_tripped(kind, dsn, trip_schema, failures, work)).email == email
     else:
-        async with AsyncPostgresStorageAdapter(dsn, **options) as adapter:
-            _trip_first_insert(dsn, trip_schema)
-            result = await adapter.run_in_transaction(work)
-    assert len(attempts) == 2
-    assert result is not None and result.email == email  # written by the second attempt
+        with pytest.raises(ConflictError) as caught:
+            await _run_tripped(kind, dsn, trip_schema, failures, work)
+        assert caught.value.code == "deadlock_detected"
+    assert len(attempts) == 3
 
 
 async def test_a_caught_failure_of_any_class_is_raised_again_as_itself(storage: Any) -> None:
@@ -432,7 +464,7 @@ async def test_run_in_transaction_on_an_aborted_transaction_raises_at_once(
         storage = AsyncPostgresStorageAdapter(dsn, **options)
         await storage.connect()
     try:
-        _trip_first_insert(dsn, trip_schema)
+        _trip_first_inserts(dsn, trip_schema, 1)
         with pytest.raises(ConflictError) as raised:
             async with storage.transaction() as tx:
                 with contextlib.suppress(ConflictError):

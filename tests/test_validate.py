@@ -10,6 +10,7 @@ import math
 import sys
 import types
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from kitium_pg import PostgresStorageAdapter, ValidationError, _sql
 from kitium_pg import _validate as v
-from kitium_pg._base import load_migrations
+from kitium_pg._base import UNSET, load_migrations, metadata_patch_arg
 from kitium_pg._sync import migrate
 from kitium_pg.encryption import Keyring, generate_key
 
@@ -810,3 +811,54 @@ def test_a_value_shown_in_a_message_is_one_printable_line_of_at_most_40_characte
         assert repr(value).startswith(text)
     else:
         assert text == f"<{type(value).__name__}>"
+
+
+@pytest.mark.parametrize("value", ["rôle", "admin\u00e9", "r\u0661", "\u00b5"])
+def test_an_identifier_is_ascii(value: str) -> None:
+    """Found by mutation testing: ``"é".islower()`` and ``"\u0661".isdigit()`` are true, so only the
+    ASCII check keeps such letters and digits out (the database's CHECK would refuse them too,
+    naming the same field, which hid the check's absence)."""
+    with pytest.raises(ValidationError) as caught:
+        v.identifier("role", value)
+    assert caught.value.field == "role"
+
+
+def test_a_long_spelling_of_a_uuid_is_not_parsed() -> None:
+    """Found by mutation testing: ``uuid.UUID`` strips any number of braces and hyphens, so
+    without the 64-character bound a megabyte of them around an id would parse."""
+    u = uuid.uuid4()
+    assert v.parse_uuid("{" * 40 + str(u) + "}" * 40) is None
+    assert v.parse_uuid("-" * 100 + str(u)) is None
+    assert v.parse_uuid("urn:uuid:" + str(u)) == u  # 45 characters: within the bound
+
+
+def test_a_json_document_of_exactly_the_limit_is_accepted() -> None:
+    overhead = len(json.dumps({"k": ""}, separators=(",", ":")))
+    exact = {"k": "x" * (v.JSON_BYTES - overhead)}
+    assert len(v.json_text("metadata", exact).encode()) == v.JSON_BYTES
+    with pytest.raises(ValidationError) as caught:
+        v.json_text("metadata", {"k": "x" * (v.JSON_BYTES - overhead + 1)})
+    assert caught.value.field == "metadata"
+
+
+def test_an_event_batch_of_exactly_the_limit_is_accepted() -> None:
+    batch = [{"type": "t", "principal_id": "p", "data": {"n": i, "s": "é" * i}} for i in range(3)]
+
+    def fixed_id() -> str:
+        return "00000000-0000-7000-8000-000000000000"
+
+    text = v.event_batch(batch, fixed_id, 10_000)
+    size = len(text.encode("utf-8"))
+    assert v.event_batch(batch, fixed_id, size) == text
+    with pytest.raises(ValidationError) as caught:
+        v.event_batch(batch, fixed_id, size - 1)
+    assert caught.value.field == "events"
+
+
+def test_a_metadata_patch_of_none_is_refused_naming_the_field() -> None:
+    """Found by mutation testing: serialised, ``None`` would become ``{}``, a patch that
+    silently changes nothing."""
+    with pytest.raises(ValidationError) as caught:
+        metadata_patch_arg(UNSET, None)
+    assert caught.value.field == "metadata_patch"
+    assert metadata_patch_arg(UNSET, {"a": None}) == '{"a":null}'
