@@ -91,13 +91,22 @@ SELECT r.id IS NULL AS reused, r.id, r.user_id, r.org_id, r.plan, r.entitlements
 
 -- name: verify_api_key(hash)^
 -- The unexpired key with this digest; stamps last_used_at when it is over a minute old, so a busy
--- key costs at most one write a minute (api_keys__hash_key serves both branches).
-WITH touched AS (
-  UPDATE kitium_auth.api_keys
-     SET last_used_at = statement_timestamp()
+-- key costs at most one write a minute (api_keys__hash_key serves both branches). The stamp
+-- skips a row another transaction holds locked (SKIP LOCKED; the key is then returned as read,
+-- unstamped this time): a check must not wait for a lock. Updating directly, every check of a
+-- key whose row an open transaction held (an update_api_key, or a verify_api_key inside a
+-- transaction()) waited for it, and failed at its statement timeout (found in review).
+WITH due AS (
+  SELECT id
+    FROM kitium_auth.api_keys
    WHERE hash = :hash
      AND (expires_at IS NULL OR expires_at > statement_timestamp())
      AND (last_used_at IS NULL OR last_used_at < statement_timestamp() - interval '1 minute')
+     FOR NO KEY UPDATE SKIP LOCKED
+), touched AS (
+  UPDATE kitium_auth.api_keys
+     SET last_used_at = statement_timestamp()
+   WHERE id = (SELECT d.id FROM due AS d)
   RETURNING id, principal_id, hash, prefix, last_four, scopes, metadata, expires_at,
             last_used_at, created_at, updated_at
 )

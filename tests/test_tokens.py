@@ -341,6 +341,27 @@ async def test_api_keys_verify_until_they_expire_and_not_once_deleted(
     assert await storage.verify_api_key(live.key) is None
 
 
+async def test_a_key_whose_row_is_locked_verifies_without_waiting(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Found in review: the check's once-a-minute stamp waited for a lock on the key's row, so
+    while a transaction held it (an update_api_key, or a verify_api_key inside a
+    transaction()), every check of the key failed at its statement timeout. The stamp now skips
+    a locked row: the check answers at once with the key as stored, and the next check after
+    the lock is gone stamps it."""
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_api_key(user.id, ["read"])
+    assert issued.record.last_used_at is None  # the stamp is due
+    with psycopg.connect(dsn) as holder:
+        holder.execute(
+            "SELECT FROM kitium_auth.api_keys WHERE id = %s FOR UPDATE", [issued.record.id]
+        )
+        held = await storage.with_statement_timeout(2000).verify_api_key(issued.key)
+        assert held == issued.record  # unstamped: the row was not written
+    stamped = await storage.verify_api_key(issued.key)
+    assert stamped is not None and stamped.last_used_at is not None
+    assert stamped.id == issued.record.id
+
 @pytest.mark.parametrize("prefix", ["", "UPPER", "has space", "x" * 17])
 async def test_bad_prefix_is_a_validation_error(storage: Any, email: str, prefix: str) -> None:
     from kitium_pg import ValidationError
