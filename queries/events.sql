@@ -102,7 +102,8 @@ DELETE FROM kitium_auth.auth_events
 -- Delete at most batch_size events older than before, oldest first from the key (after_ts,
 -- after_id) on (NULLs: the first batch), and return how many it deleted, how many it locked and
 -- the key it reached (the next batch's; the timestamp as text, which reads back exactly, even
--- '-infinity' or a date BC written by another tool, which a Python datetime cannot hold). Ordered and bounded so that every plan, the generic one
+-- '-infinity' or a date BC written by another tool, which a Python datetime cannot hold; in UTC
+-- without a zone, see delete_expired_sessions). Ordered and bounded so that every plan, the generic one
 -- included, is a range scan of auth_events_timestamp_idx starting where the last batch stopped:
 -- without an order the generic plan was a sequential scan of the whole table per batch, and
 -- without the lower bound each batch walks the entries of the rows deleted before it while an
@@ -113,7 +114,7 @@ WITH batch AS (
   SELECT ctid, "timestamp", id
     FROM kitium_auth.auth_events
    WHERE "timestamp" < :before
-     AND ("timestamp", id) >= (coalesce(CAST(:after_ts AS timestamptz), '-infinity'),
+     AND ("timestamp", id) >= (coalesce(CAST(:after_ts AS timestamp) AT TIME ZONE 'UTC', '-infinity'),
                               coalesce(CAST(:after_id AS uuid),
                                        '00000000-0000-0000-0000-000000000000'))
    ORDER BY "timestamp", id
@@ -127,4 +128,4 @@ WITH batch AS (
   SELECT "timestamp", id FROM batch ORDER BY "timestamp" DESC, id DESC LIMIT 1
 )
 SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM batch) AS locked,
-       (SELECT "timestamp"::text FROM reached) AS last_ts, (SELECT id FROM reached) AS last_id;
+       (SELECT ("timestamp" AT TIME ZONE 'UTC')::text FROM reached) AS last_ts, (SELECT id FROM reached) AS last_id;

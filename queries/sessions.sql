@@ -160,7 +160,10 @@ DELETE FROM kitium_auth.sessions WHERE id = :id;
 -- Delete at most batch_size expired sessions, earliest expiry first (sessions_expires_at_idx), from
 -- expiry after on (NULL: the first batch), and return how many it deleted, how many it locked and
 -- the last expiry it reached (the next batch's after; as text, which reads back exactly, even
--- '-infinity' or a date BC written by another tool, which a Python datetime cannot hold). The index scan starts there, not at the
+-- '-infinity' or a date BC written by another tool, which a Python datetime cannot hold; in UTC
+-- and without a zone: the text of a timestamptz names the session's zone, by abbreviation under
+-- a non-ISO DateStyle, and PostgreSQL 15 read 'IST' (Asia/Kolkata's) back as Israel's, 3.5 hours
+-- off, so the next batch started past expired rows). The index scan starts there, not at the
 -- start of the index: while an older snapshot is open elsewhere (pg_dump, a long report), the index
 -- entries of rows deleted by the batches before cannot be marked dead, and each batch would walk
 -- them all (measured: 171 s instead of 5.4 s for 378,000 rows). Rows another transaction has locked
@@ -176,7 +179,7 @@ WITH batch AS (
   SELECT ctid, expires_at
     FROM kitium_auth.sessions
    WHERE expires_at <= statement_timestamp()
-     AND expires_at >= coalesce(CAST(:after AS timestamptz), '-infinity')
+     AND expires_at >= coalesce(CAST(:after AS timestamp) AT TIME ZONE 'UTC', '-infinity')
    ORDER BY expires_at
    LIMIT :batch_size
      FOR UPDATE SKIP LOCKED
@@ -186,7 +189,7 @@ WITH batch AS (
   RETURNING 1
 )
 SELECT (SELECT count(*) FROM deleted) AS deleted, count(*) AS locked,
-       max(expires_at)::text AS last
+       (max(expires_at) AT TIME ZONE 'UTC')::text AS last
   FROM batch;
 
 -- name: list_user_sessions(user_id)

@@ -530,7 +530,7 @@ WITH batch AS (
   SELECT ctid, expires_at
     FROM kitium_auth.sso_sessions
    WHERE expires_at <= statement_timestamp()
-     AND expires_at >= coalesce(CAST(:after AS timestamptz), '-infinity')
+     AND expires_at >= coalesce(CAST(:after AS timestamp) AT TIME ZONE 'UTC', '-infinity')
    ORDER BY expires_at
    LIMIT :batch_size
      FOR UPDATE SKIP LOCKED
@@ -540,5 +540,5 @@ WITH batch AS (
   RETURNING 1
 )
 SELECT (SELECT count(*) FROM deleted) AS deleted, count(*) AS locked,
-       max(expires_at)::text AS last
+       (max(expires_at) AT TIME ZONE 'UTC')::text AS last
   FROM batch;

@@ -411,9 +411,11 @@ async def test_delete_expired_sessions_runs_in_bounded_batches(
     assert await storage.delete_expired_sessions(batch_size=2) == 5
     assert batches == [(2, 2), (2, 2), (1, 1)]  # (deleted, locked) per statement
     # Each statement starts at the expiry the one before reached (earliest expiry first), passed
-    # on as the server's text for it.
+    # on as the server's text for it, in UTC without a zone.
     expiries = sorted(s.expires_at for s in expired)
-    parsed = [None if t is None else dt.datetime.fromisoformat(t) for t in starts]
+    parsed = [
+        None if t is None else dt.datetime.fromisoformat(t).replace(tzinfo=dt.UTC) for t in starts
+    ]
     assert parsed == [None, expiries[1], expiries[1], expiries[3], expiries[3], expiries[4]]
     monkeypatch.undo()
 
@@ -489,7 +491,11 @@ def test_each_purge_batch_scans_from_where_the_last_one_stopped(
     scans = [line for line in plan.splitlines() if f"using {index} on" in line]
     assert len(scans) == 1, plan
     [bound] = [line for line in plan.splitlines() if "Index Cond" in line]
-    resume = "ROW(COALESCE($2" if query == "prune_events" else ">= COALESCE($1"
+    resume = (
+        "ROW(COALESCE(($2 AT TIME ZONE"
+        if query == "prune_events"
+        else ">= COALESCE(($1 AT TIME ZONE"
+    )
     assert resume in bound, plan
 
 

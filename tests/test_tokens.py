@@ -362,6 +362,7 @@ async def test_a_key_whose_row_is_locked_verifies_without_waiting(
     assert stamped is not None and stamped.last_used_at is not None
     assert stamped.id == issued.record.id
 
+
 @pytest.mark.parametrize("prefix", ["", "UPPER", "has space", "x" * 17])
 async def test_bad_prefix_is_a_validation_error(storage: Any, email: str, prefix: str) -> None:
     from kitium_pg import ValidationError
