@@ -776,3 +776,28 @@ def test_bench_command_without_a_checkout_is_a_usage_error(
     result = CliRunner().invoke(cli, ["bench", "--quick"])
     assert result.exit_code == 2
     assert "benchmarks/run.py not found" in result.output
+
+
+def test_an_unexpected_error_is_one_line_and_exit_code_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bug (an exception that is not a kitium-pg error) ends the script with exit code 1 and
+    one line on stderr, passwords masked, not a traceback; KITIUM_PG_TRACEBACK=1 shows it
+    (found by mutation testing: nothing ran the script's entry point)."""
+
+    def broken() -> str:
+        raise RuntimeError("lost postgresql://app:hunter2@db/app\nsecond line")
+
+    monkeypatch.setattr(kitium_cli, "generate_key", broken)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("KITIUM_PG_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as ended:
+        kitium_cli.main(["gen-key"])
+    assert ended.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hunter2" not in err
+    assert err.startswith("error: unexpected RuntimeError: lost postgresql://app:***@db/app")
+    assert "this is a bug in kitium-pg" in err
+    monkeypatch.setenv("KITIUM_PG_TRACEBACK", "1")
+    with pytest.raises(RuntimeError):
+        kitium_cli.main(["gen-key"])

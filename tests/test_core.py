@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import random
 import tempfile
 import types
 import uuid
@@ -322,7 +323,7 @@ def test_retries_back_off_exponentially_up_to_two_seconds(
 ) -> None:
     """Full jitter: a retry waits a random time up to its bound, which doubles from 50 ms and
     stops at 2 s (found by mutation testing: uncapped, the tenth retry could wait 25.6 s)."""
-    monkeypatch.setattr(_base.random, "uniform", lambda low, high: high)
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
     bounds = [_base.backoff(n) for n in range(1, _base.MAX_RETRIES + 1)]
     assert bounds[:3] == [0.05, 0.1, 0.2]
     assert bounds[-1] == max(bounds) == 2.0
@@ -335,6 +336,21 @@ def test_a_write_on_a_demoted_primary_is_retried() -> None:
     error = translate(psycopg.errors.ReadOnlySqlTransaction("read-only"), operation="op")
     assert isinstance(error, InternalError) and error.code == "read_only_sql_transaction"
     assert error.retryable and is_auto_retryable(error)
+
+
+def test_a_not_null_violation_names_its_column(
+    sync_adapter: PostgresStorageAdapter, dsn: str
+) -> None:
+    """A NULL the database refuses (a writer going around the adapter's checks) is a
+    ValidationError naming the column PostgreSQL reports (found by mutation testing: no test
+    met a not_null_violation)."""
+    with psycopg.connect(dsn) as conn, pytest.raises(psycopg.errors.NotNullViolation) as raised:
+        conn.execute(
+            "INSERT INTO kitium_auth.roles (id, org_id, name)"
+            " VALUES (gen_random_uuid(), gen_random_uuid(), NULL)"
+        )
+    error = translate(raised.value, operation="create_role")
+    assert isinstance(error, ValidationError) and error.field == "name"
 
 
 def _answering(answers: list[Any], calls: list[str], asynchronous: bool) -> Any:
@@ -673,6 +689,10 @@ async def test_a_disconnected_adapter_says_it_cannot_reconnect(dsn: str, cls: ty
     # Not retryable: a supervisor retrying it would retry forever.
     assert caught.value.retryable is False
     assert "create a new adapter" in str(caught.value)
+    # A call on it, the same (found by mutation testing: no test called a closed adapter).
+    with pytest.raises(UnavailableError) as called:
+        await _call(adapter.get_user(uuid.uuid4()))
+    assert (called.value.code, called.value.retryable) == ("pool_closed", False)
 
 
 @pytest.mark.parametrize("cls", [PostgresStorageAdapter, AsyncPostgresStorageAdapter])

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import psycopg
@@ -302,7 +302,7 @@ async def test_run_in_transaction_reruns_a_deadlock_even_when_work_caught_it(
 
 
 async def _run_tripped(
-    kind: str, dsn: str, schema: str, failures: int, work: Callable[[Any], Awaitable[Any]]
+    kind: str, dsn: str, schema: str, failures: int, work: Callable[[Any], Coroutine[Any, Any, Any]]
 ) -> Any:
     """``run_in_transaction(work)`` with ``max_retries=2`` on an adapter of ``kind`` whose
     first ``failures`` user inserts fail with a deadlock (in ``schema``)."""
