@@ -31,6 +31,9 @@ class TransactionState:
         self.depth = 0
         self.calls = 0
         self.failure: KitiumPgError | None = None
+        # A call was interrupted while it ran: whether its statement took effect is unknown,
+        # so the transaction must not commit (see running).
+        self.interrupted = False
 
     @contextmanager
     def running(self, caller: object, operation: str) -> Iterator[None]:
@@ -40,7 +43,11 @@ class TransactionState:
         it stops counting, so the block's end cannot miss it."""
         with self.lock:
             self.check_usable(caller)
-            self.calls += 1
+            interrupted = self.interrupted
+            if not interrupted:
+                self.calls += 1
+        if interrupted:
+            self.raise_for_aborted_call(operation)
         try:
             yield
         except psycopg.errors.InFailedSqlTransaction:
@@ -51,9 +58,14 @@ class TransactionState:
             raise
         except (asyncio.CancelledError, KeyboardInterrupt):
             # Interrupted while it ran: psycopg cancels the statement on the server, which
-            # aborts the transaction, and swallows the server's answer. (Recorded even when
-            # the statement had not been sent: the record is only raised for an aborted one.)
+            # aborts the transaction, and swallows the server's answer; or the statement had
+            # already finished, or had not been sent, and the transaction is still open. The
+            # caller cannot know which, so the transaction is treated as aborted either way:
+            # later calls and the end of the block raise this, and the block rolls back. (Only
+            # an aborted one used to: found in review, a block that caught the cancellation
+            # committed the write it had been told was cancelled, most times.)
             with self.lock:
+                self.interrupted = True
                 if self.failure is None:
                     self.failure = QueryTimeoutError(
                         f"{operation}: interrupted while it ran (the call was cancelled), which"
@@ -116,10 +128,13 @@ class TransactionState:
 
 
 def raise_if_aborted(conn: psycopg.BaseConnection[Any], state: TransactionState) -> None:
-    """Raise the failure that aborted the transaction on ``conn``, if one did: COMMIT (or
-    RELEASE) would then silently roll back. Re-raised with its class, code and retryable flag
-    (``run_in_transaction`` re-runs a deadlock caught this way), chained to it."""
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
+    """Raise the failure that aborted the transaction on ``conn``, if one did (COMMIT, or
+    RELEASE, would then silently roll back), or the interruption of a call (its statement may
+    have taken effect: the transaction must not commit). Re-raised with its class, code and
+    retryable flag (``run_in_transaction`` re-runs a deadlock caught this way), chained to
+    it."""
+    aborted = conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+    if not (aborted or state.interrupted):
         return
     state.raise_if_failed("transaction rolled back")
     raise InternalError("transaction: aborted by a failed statement; rolled back")

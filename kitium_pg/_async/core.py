@@ -244,9 +244,10 @@ class AsyncCore:
         commit and nothing reaches the connection once the pool has it back; a cancellation
         (``KeyboardInterrupt``, for the sync adapter) that arrives meanwhile is raised once
         they are done, after the rollback. A call
-        cancelled while it runs aborts the transaction too: later calls and the block raise
-        ``QueryTimeoutError`` (code ``query_canceled``). Raises the translated error when
-        the commit itself fails."""
+        cancelled while it runs aborts the transaction too, whether or not its statement had
+        finished: later calls and the block raise ``QueryTimeoutError`` (code
+        ``query_canceled``), and the block (a savepoint, in a nested one) rolls back. Raises
+        the translated error when the commit itself fails."""
         failure: KitiumPgError | None = None
         started = time.perf_counter()
         try:
@@ -317,7 +318,7 @@ class AsyncCore:
                 )
             state.holder = caller
             state.depth += 1
-        before = state.failure
+        before = state.failure, state.interrupted
         try:
             # An aborted transaction refuses SAVEPOINT too (25P02): raise what aborted it.
             raise_if_aborted(self._conn, state)
@@ -325,7 +326,9 @@ class AsyncCore:
                 yield
                 raise_if_aborted(self._conn, state)
         except BaseException:
-            state.failure = before  # rolled back to the savepoint: its failures are undone
+            # Rolled back to the savepoint: its failures, and a call interrupted in it, are
+            # undone.
+            state.failure, state.interrupted = before
             raise
         finally:
             with state.lock:
@@ -581,8 +584,12 @@ class AsyncCore:
         self, name: str, query: _sql.Query, params: Mapping[str, Any], make: Make
     ) -> Any:
         """The result from the first healthy replica that answers, or ``_PRIMARY`` when none
-        does. A replica that fails with a connection-type error is skipped for a while; any
-        other error is the caller's (it would fail on the primary too)."""
+        does. A replica that fails is skipped for a while, whatever the failure, except one the
+        caller's input caused (a ``ValidationError``: it would fail on the primary too).
+        Besides a lost connection, a replica fails where the primary would not while it has
+        not replayed a migration yet (an undefined column, during a deploy), while a replayed
+        lock holds a table (a statement timeout), or on a conflict with recovery: each read
+        raised such an error (found in review), where the primary would have answered."""
         for n in self._replica_order():
             started = time.perf_counter()
             try:
@@ -596,7 +603,7 @@ class AsyncCore:
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 error = translate(exc, operation=name)
                 log_call(f"{name}@replica{n}", started, 1, error, exc)
-                if isinstance(error, UnavailableError) or is_auto_retryable(error):
+                if not isinstance(error, ValidationError):
                     self._replica_down[n] = time.monotonic() + _REPLICA_PAUSE
                     if connection_lost(exc):
                         await self._replace_connections(self._replicas[n], started)
