@@ -16,7 +16,10 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
+import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
 
@@ -326,3 +329,56 @@ async def test_replica_read_throughput(pair: ReplicatedPair) -> None:
         )
     )
     assert all(rate > 50 for rates in figures.values() for rate in rates)
+
+
+@pytest.fixture
+def lagging_replica(dsn: str) -> Iterator[str]:
+    """The DSN of a database that stands in for a replica which has not replayed a migration
+    yet: migrated, then its ``users.email_verified_at`` renamed away (what a replica without
+    migration 0015 lacks). A real server answering with a real error; no standby needed."""
+    name = f"lagging_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    replica = make_conninfo(dsn, dbname=name)
+    try:
+        with PostgresStorageAdapter(replica, max_size=1):
+            pass  # migrated
+        with psycopg.connect(replica, autocommit=True) as conn:
+            conn.execute("ALTER TABLE kitium_auth.users RENAME COLUMN email_verified_at TO not_yet")
+        yield replica
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_replica_that_fails_a_read_the_primary_would_answer_is_skipped(
+    dsn: str, lagging_replica: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: only a connection-type failure sent a read to the primary; any other
+    raised, so while a replica had not replayed a deploy's migration every routed read failed
+    (InternalError, undefined column) and health_check still said ok. Now the primary answers
+    and the replica is skipped for a while (health_check shows it); a failure the caller's
+    input caused would still be raised."""
+    options: dict[str, Any] = {"replica_dsn": lagging_replica, "max_size": 2}
+    if kind == "sync":
+        sync = PostgresStorageAdapter(dsn, **options)
+        sync.connect()
+        adapter: Any = AwaitableSync(sync)
+    else:
+        adapter = AsyncPostgresStorageAdapter(dsn, **options)
+        await adapter.connect()
+    try:
+        user = await adapter.create_user(email=f"lag-{uuid.uuid4().hex[:8]}@example.com")
+        assert await adapter.get_user(user.id) == user  # answered by the primary
+        warned = [r.getMessage() for r in caplog.records if "@replica0" in r.getMessage()]
+        assert len(warned) == 1 and "sqlstate_42703" in warned[0], warned  # undefined column
+        assert await adapter.get_user_by_email(user.email) == user  # replica skipped meanwhile
+        assert len([r for r in caplog.records if "@replica0" in r.getMessage()]) == 1
+        (replica,) = (await adapter.health_check()).replicas
+        assert replica["skipped"] is True
+    finally:
+        if kind == "sync":
+            sync.disconnect()
+        else:
+            await adapter.disconnect()
