@@ -668,31 +668,33 @@ async def test_a_cancelled_call_is_the_failure_later_calls_raise(
 
 
 def _interrupt_after_the_statement(storage: Any, monkeypatch: pytest.MonkeyPatch) -> type:
-    """Make the next call on a transaction be interrupted (a cancellation, Ctrl-C for the sync
-    adapter) once its statement has run on the server: the interruption arrives after the
-    server finished, as it most often did in review, and the transaction is still open.
-    Returns the interruption's class."""
+    """Make the next ``update_user`` on a transaction be interrupted (a cancellation, Ctrl-C
+    for the sync adapter) once its statement has run on the server: the interruption arrives
+    after the server finished, as it most often did in review, and the transaction is still
+    open. Only that call: a KeyboardInterrupt anywhere else would stop the test run (with
+    ``pgbouncer=True`` the block's own first statement sets its timeout). Returns the
+    interruption's class."""
     cls: Any = type(storage.adapter) if storage.kind == "sync" else type(storage)
     original = cls._execute_on
     armed = [True]
 
-    def interrupt(view: Any) -> None:
-        if armed and view._tx is not None:
+    def interrupt(view: Any, query: Any) -> None:
+        if armed and view._tx is not None and query.name == "update_user":
             armed.clear()
             raise KeyboardInterrupt if storage.kind == "sync" else asyncio.CancelledError
 
     if storage.kind == "sync":
 
-        def execute_on(self: Any, *args: Any) -> Any:
-            result = original(self, *args)
-            interrupt(self)
+        def execute_on(self: Any, conn: Any, query: Any, *args: Any) -> Any:
+            result = original(self, conn, query, *args)
+            interrupt(self, query)
             return result
 
     else:
 
-        async def execute_on(self: Any, *args: Any) -> Any:  # type: ignore[misc]
-            result = await original(self, *args)
-            interrupt(self)
+        async def execute_on(self: Any, conn: Any, query: Any, *args: Any) -> Any:  # type: ignore[misc]
+            result = await original(self, conn, query, *args)
+            interrupt(self, query)
             return result
 
     monkeypatch.setattr(cls, "_execute_on", execute_on)
