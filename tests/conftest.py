@@ -19,7 +19,7 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,28 @@ class AwaitableSync:
             return attr(*args, **kwargs)
 
         return call
+
+
+@asynccontextmanager
+async def open_adapter(
+    kind: str, dsn: str, *, migrate: bool = True, **options: Any
+) -> AsyncIterator[Any]:
+    """A connected adapter of ``kind`` (``"sync"``: a ``PostgresStorageAdapter`` behind
+    ``AwaitableSync``; ``"async"``) on ``dsn`` with ``options``; disconnected on exit."""
+    if kind == "sync":
+        sync = PostgresStorageAdapter(dsn, **options)
+        sync.connect(migrate=migrate)
+        try:
+            yield AwaitableSync(sync)
+        finally:
+            sync.disconnect()
+    else:
+        adapter = AsyncPostgresStorageAdapter(dsn, **options)
+        await adapter.connect(migrate=migrate)
+        try:
+            yield adapter
+        finally:
+            await adapter.disconnect()
 
 
 def drive(coro: Coroutine[Any, Any, Any]) -> Any:

@@ -12,9 +12,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
-
-from .conftest import AwaitableSync
+from .conftest import open_adapter
 
 
 async def _expired_sessions(storage: Any, user: Any) -> list[uuid.UUID]:
@@ -133,16 +131,8 @@ async def away_from_utc(storage: Any, dsn: str) -> AsyncIterator[Any]:
     DateStyle, as a caller's role or PgBouncer's server may (``pgbouncer=True`` sends no
     ``TimeZone`` of its own; connected directly here)."""
     zoned = make_conninfo(dsn, options="-c TimeZone=Asia/Kolkata -c DateStyle=SQL,DMY")
-    if storage.kind == "sync":
-        sync = PostgresStorageAdapter(zoned, pgbouncer=True)
-        sync.connect(migrate=False)
-        try:
-            yield AwaitableSync(sync)
-        finally:
-            sync.disconnect()
-    else:
-        async with AsyncPostgresStorageAdapter(zoned, pgbouncer=True) as adapter:
-            yield adapter
+    async with open_adapter(storage.kind, zoned, migrate=False, pgbouncer=True) as adapter:
+        yield adapter
 
 
 @pytest.mark.parametrize("table", list(PURGES))

@@ -23,7 +23,7 @@ from psycopg.conninfo import make_conninfo
 
 from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
 
-from .conftest import TEST_KEYS, AwaitableSync
+from .conftest import TEST_KEYS, AwaitableSync, open_adapter
 from .fix_replication import ReplicatedPair, Server, wait_replayed
 
 Consistency = Literal["replica", "primary"]
@@ -361,14 +361,7 @@ async def test_a_replica_that_fails_a_read_the_primary_would_answer_is_skipped(
     and the replica is skipped for a while (health_check shows it); a failure the caller's
     input caused would still be raised."""
     options: dict[str, Any] = {"replica_dsn": lagging_replica, "max_size": 2}
-    if kind == "sync":
-        sync = PostgresStorageAdapter(dsn, **options)
-        sync.connect()
-        adapter: Any = AwaitableSync(sync)
-    else:
-        adapter = AsyncPostgresStorageAdapter(dsn, **options)
-        await adapter.connect()
-    try:
+    async with open_adapter(kind, dsn, **options) as adapter:
         user = await adapter.create_user(email=f"lag-{uuid.uuid4().hex[:8]}@example.com")
         assert await adapter.get_user(user.id) == user  # answered by the primary
         warned = [r.getMessage() for r in caplog.records if "@replica0" in r.getMessage()]
@@ -377,8 +370,3 @@ async def test_a_replica_that_fails_a_read_the_primary_would_answer_is_skipped(
         assert len([r for r in caplog.records if "@replica0" in r.getMessage()]) == 1
         (replica,) = (await adapter.health_check()).replicas
         assert replica["skipped"] is True
-    finally:
-        if kind == "sync":
-            sync.disconnect()
-        else:
-            await adapter.disconnect()

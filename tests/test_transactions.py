@@ -28,7 +28,7 @@ from kitium_pg._async import core as async_core
 from kitium_pg._base import Retry
 from kitium_pg._sync import core as sync_core
 
-from .conftest import AwaitableSync, drive
+from .conftest import open_adapter
 from .fix_holder import in_background
 from .fix_race import waiting_on_a_lock
 
@@ -306,16 +306,7 @@ async def _run_tripped(
 ) -> Any:
     """``run_in_transaction(work)`` with ``max_retries=2`` on an adapter of ``kind`` whose
     first ``failures`` user inserts fail with a deadlock (in ``schema``)."""
-    options: dict[str, Any] = {"schema": schema, "max_retries": 2}
-    if kind == "sync":
-        sync = PostgresStorageAdapter(dsn, **options)
-        sync.connect()
-        try:
-            _trip_first_inserts(dsn, schema, failures)
-            return sync.run_in_transaction(lambda tx: drive(work(AwaitableSync(tx))))
-        finally:
-            sync.disconnect()
-    async with AsyncPostgresStorageAdapter(dsn, **options) as adapter:
+    async with open_adapter(kind, dsn, schema=schema, max_retries=2) as adapter:
         _trip_first_inserts(dsn, schema, failures)
         return await adapter.run_in_transaction(work)
 
@@ -455,15 +446,7 @@ async def test_run_in_transaction_on_an_aborted_transaction_raises_at_once(
         calls.append(1)
 
     email = f"trip-{uuid.uuid4().hex[:8]}@example.com"
-    options: dict[str, Any] = {"schema": trip_schema, "max_retries": 5}
-    if kind == "sync":
-        sync = PostgresStorageAdapter(dsn, **options)
-        sync.connect()
-        storage: Any = AwaitableSync(sync)
-    else:
-        storage = AsyncPostgresStorageAdapter(dsn, **options)
-        await storage.connect()
-    try:
+    async with open_adapter(kind, dsn, schema=trip_schema, max_retries=5) as storage:
         _trip_first_inserts(dsn, trip_schema, 1)
         with pytest.raises(ConflictError) as raised:
             async with storage.transaction() as tx:
@@ -472,11 +455,6 @@ async def test_run_in_transaction_on_an_aborted_transaction_raises_at_once(
                 await tx.run_in_transaction(work)
         assert raised.value.code == "deadlock_detected"
         assert calls == [] and waits == []
-    finally:
-        if kind == "sync":
-            sync.disconnect()
-        else:
-            await storage.disconnect()
 
 
 async def _hold_a_savepoint(
