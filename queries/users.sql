@@ -1,6 +1,8 @@
 -- Users, their password hashes and their OAuth links.
 -- Every user-returning query yields the columns of kitium_pg.records.User; the oauth column
--- aggregates the user's rows of oauth_accounts (one index lookup on user_id).
+-- aggregates the user's rows of oauth_accounts (one index lookup on user_id). A statement that
+-- may wait for the user's row lock reads them with kitium_auth.user_oauth_map (migration 0035),
+-- whose query takes its snapshot after the wait: a subquery's is the statement's, from before.
 
 -- name: create_user(id, email, email_verified_at, name, picture, plan, entitlements, metadata, password_hash)^
 -- Insert a user; a retry with the same id returns the row the first attempt wrote.
@@ -87,11 +89,7 @@ UPDATE kitium_auth.users AS u
  WHERE u.id = :id
 RETURNING u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
           u.metadata,
-       (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
-                'provider', o.provider, 'sub', o.subject, 'email', o.email,
-                'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
-          FROM kitium_auth.oauth_accounts AS o WHERE o.user_id = u.id) AS oauth,
-       u.created_at, u.updated_at;
+          kitium_auth.user_oauth_map(u.id) AS oauth, u.created_at, u.updated_at;
 
 -- name: mark_user_email_verified(id, email)^
 -- Record that the user proved control of this address, only while it is still the user's
@@ -105,11 +103,7 @@ UPDATE kitium_auth.users AS u
  WHERE u.id = :id AND lower(u.email COLLATE "C") = lower(:email COLLATE "C")
 RETURNING u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
           u.metadata,
-       (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
-                'provider', o.provider, 'sub', o.subject, 'email', o.email,
-                'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
-          FROM kitium_auth.oauth_accounts AS o WHERE o.user_id = u.id) AS oauth,
-       u.created_at, u.updated_at;
+          kitium_auth.user_oauth_map(u.id) AS oauth, u.created_at, u.updated_at;
 
 -- name: delete_user(id)!
 -- Delete a user; sessions, API keys, OAuth links and memberships go with it (ON DELETE CASCADE).
@@ -126,11 +120,12 @@ SELECT password_hash FROM kitium_auth.users WHERE id = :id;
 -- name: link_oauth_account(id, user_id, provider, subject, email, name, access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_expires_at, tokens_version)^
 -- Link an OAuth identity to a user, or refresh it when this user already holds it (provider
 -- tokens are replaced only when new ones are given; they arrive encrypted). Returns no row when
--- the identity belongs to another user (the caller raises ConflictError). The returned oauth map
--- combines the user's other links with the one just written, because the statement's snapshot
--- does not yet show its own insert. New tokens end a refresh lease (claim_oauth_refresh). The
--- write's version (drawn at random per call; it becomes tokens_version when tokens are given)
--- goes first in recent_write_versions (the last 8 kept). A retry of this very write after a
+-- the identity belongs to another user (the caller raises ConflictError). The user returned is
+-- its row as locked (the newest version), its oauth map the user's other links, read after the
+-- lock (user_oauth_map), and the link as written (the insert's RETURNING). New tokens end a
+-- refresh lease (claim_oauth_refresh). The write's version (drawn at random per call; it
+-- becomes tokens_version when tokens are given) goes first in recent_write_versions (the last
+-- 8 kept). A retry of this very write after a
 -- lost acknowledgement finds its version there and leaves the link as it is: an email, a name
 -- or tokens written since (a lease holder's refresh) stay (migration 0032).
 -- Links of one user run one after another: the row's user_id is read from the user's row
@@ -144,7 +139,11 @@ SELECT password_hash FROM kitium_auth.users WHERE id = :id;
 -- For no such user nothing is locked and the insert goes ahead with the given id, which the
 -- foreign key refuses (NotFoundError).
 WITH owner AS (
-  SELECT u.id FROM kitium_auth.users AS u WHERE u.id = :user_id FOR NO KEY UPDATE
+  SELECT u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
+         u.metadata, u.created_at, u.updated_at
+    FROM kitium_auth.users AS u
+   WHERE u.id = :user_id
+     FOR NO KEY UPDATE
 ), link AS (
   INSERT INTO kitium_auth.oauth_accounts AS o
     (id, user_id, provider, subject, email, name, access_token_ciphertext,
@@ -198,17 +197,13 @@ WITH owner AS (
 )
 SELECT u.id, u.email, u.email_verified_at, u.name, u.picture, u.plan, u.entitlements,
        u.metadata,
-       (SELECT coalesce(jsonb_object_agg(o.provider, jsonb_build_object(
-                'provider', o.provider, 'sub', o.subject, 'email', o.email,
-                'name', o.name, 'linked_at', o.linked_at)), '{}'::jsonb)
-          FROM kitium_auth.oauth_accounts AS o
-         WHERE o.user_id = u.id AND o.provider <> link.provider)
+       kitium_auth.user_oauth_map(u.id) - link.provider
        || jsonb_build_object(link.provider, jsonb_build_object(
                 'provider', link.provider, 'sub', link.subject, 'email', link.email,
                 'name', link.name, 'linked_at', link.linked_at)) AS oauth,
        u.created_at, u.updated_at
   FROM link
-  JOIN kitium_auth.users AS u ON u.id = link.user_id;
+  JOIN owner AS u ON u.id = link.user_id;
 
 -- name: unlink_oauth_account(user_id, provider)!
 -- Remove a user's link to a provider.

@@ -550,6 +550,39 @@ async def test_update_oauth_tokens_refuses_bad_input_and_writes_nothing(
     assert _stored_oauth_row(dsn, user.id) == before
 
 
+
+@pytest.mark.parametrize(
+    ("call", "marker"),
+    [
+        ("link_oauth_account", LINK),
+        ("update_user", "UPDATE kitium_auth.users AS u"),
+        ("mark_user_email_verified", "SET email_verified_at = coalesce"),
+    ],
+)
+async def test_a_user_write_that_waited_for_the_users_lock_returns_the_user_as_it_then_was(
+    storage: Any, email: str, unique: Callable[[str], str], dsn: str, call: str, marker: str
+) -> None:
+    """Found in the fourth review: these statements wait for the user's row lock (held by a
+    link or a change of the user), then returned the user's OAuth links as their snapshot from
+    before the wait showed them (and link_oauth_account the user's other columns too): a link
+    committed meanwhile was missing, and the record differed from the stored user. They read
+    them after the lock (migration 0035)."""
+    user = await storage.create_user(email=email)
+    async with storage.transaction() as tx:
+        await tx.link_oauth_account(user.id, "google", sub=unique("g"))
+        await tx.update_user(user.id, name="renamed meanwhile")
+        if call == "link_oauth_account":
+            later = start(storage, call, user.id, "github", sub=unique("h"))
+        elif call == "update_user":
+            later = start(storage, call, user.id, picture="https://example.com/p.png")
+        else:
+            later = start(storage, call, user.id, email)
+        assert await asyncio.to_thread(waiting, dsn, marker)
+    returned = await later
+    assert returned.name == "renamed meanwhile"
+    assert "google" in returned.oauth
+    assert returned == await storage.get_user(user.id)
+
 async def test_a_refresh_read_before_an_unlink_and_relink_is_not_stored(
     storage: Any, email: str, unique: Callable[[str], str]
 ) -> None:
