@@ -262,6 +262,17 @@ def opt_duration(field: str, value: object, *, maximum: dt.timedelta) -> dt.time
     return plain_value
 
 
+_UUID_INT: Final = vars(uuid.UUID)["int"]  # the slot holding a UUID's number
+
+
+def plain_uuid(value: uuid.UUID) -> uuid.UUID:
+    """``value`` as a plain ``uuid.UUID``: a subclass's own ``__str__``, ``hex`` or ``int`` may
+    say anything (a NUL, 10 MB, another id), so its copy is made from the slot it stores."""
+    if type(value) is uuid.UUID:
+        return value
+    return uuid.UUID(int=_UUID_INT.__get__(value, uuid.UUID))
+
+
 def uuid_arg(field: str, value: object) -> uuid.UUID:
     """A UUID (or its string form) for a write; anything else is a ``ValidationError``."""
     parsed = parse_uuid(value)
@@ -293,9 +304,10 @@ def keyset(
 
 
 def parse_uuid(value: object) -> uuid.UUID | None:
-    """The UUID ``value`` denotes, or ``None`` when it is not one (lookups then return None)."""
+    """The UUID ``value`` denotes, or ``None`` when it is not one (lookups then return None).
+    A subclass of ``uuid.UUID`` gives a plain copy of the number it holds (``plain_uuid``)."""
     if isinstance(value, uuid.UUID):
-        return value
+        return plain_uuid(value)
     if isinstance(value, str) and len(value) <= 64:
         try:
             return uuid.UUID(value)
@@ -693,7 +705,7 @@ def event_keys(field: str, event: object, *, required: Iterable[str]) -> Mapping
 def text_id(field: str, value: object) -> str:
     """A principal or organization id: a UUID (stored canonically) or non-empty text."""
     if isinstance(value, uuid.UUID):
-        return str(value)
+        return str(plain_uuid(value))
     return text(field, value)
 
 

@@ -3,6 +3,7 @@ like f-strings and file paths, uses the characters they hold)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 
@@ -67,3 +68,27 @@ class Boundless(int):
 
     def __ge__(self, other: object) -> bool:
         return True
+
+
+class Masked(uuid.UUID):
+    """A UUID whose ``str()``, ``hex`` and ``int`` say ``says`` (or another number), whatever
+    number it holds; psycopg's dumpers read ``hex`` and ``int``."""
+
+    def __init__(self, held: uuid.UUID, says: str) -> None:
+        # uuid.UUID.__init__ would set ``int`` through the property below: set its slots.
+        vars(uuid.UUID)["int"].__set__(self, held.int)
+        vars(uuid.UUID)["is_safe"].__set__(self, uuid.SafeUUID.unknown)
+        object.__setattr__(self, "says", says)
+
+    says: str
+
+    def __str__(self) -> str:
+        return self.says
+
+    @property
+    def hex(self) -> str:
+        return self.says
+
+    @property  # type: ignore[misc]  # a lie on purpose
+    def int(self) -> int:
+        return 1

@@ -550,7 +550,6 @@ async def test_update_oauth_tokens_refuses_bad_input_and_writes_nothing(
     assert _stored_oauth_row(dsn, user.id) == before
 
 
-
 @pytest.mark.parametrize(
     ("call", "marker"),
     [
@@ -582,6 +581,7 @@ async def test_a_user_write_that_waited_for_the_users_lock_returns_the_user_as_i
     assert returned.name == "renamed meanwhile"
     assert "google" in returned.oauth
     assert returned == await storage.get_user(user.id)
+
 
 async def test_a_refresh_read_before_an_unlink_and_relink_is_not_stored(
     storage: Any, email: str, unique: Callable[[str], str]

@@ -25,7 +25,7 @@ from kitium_pg._sync import migrate
 from kitium_pg.encryption import Keyring, generate_key
 
 from .conftest import examples
-from .fix_disguised import Boundless, Disguised, Posing
+from .fix_disguised import Boundless, Disguised, Masked, Posing
 
 
 def reference(value: object, depth: int = 0) -> bool:
@@ -862,3 +862,22 @@ def test_a_metadata_patch_of_none_is_refused_naming_the_field() -> None:
         metadata_patch_arg(UNSET, None)
     assert caught.value.field == "metadata_patch"
     assert metadata_patch_arg(UNSET, {"a": None}) == '{"a":null}'
+
+
+@pytest.mark.parametrize("says", ["x\x00y", "\ud800", "y" * 10**6, "another id"])
+async def test_a_uuid_subclass_is_read_and_sent_as_the_number_it_holds(
+    storage: Any, email: str, says: str
+) -> None:
+    """Found in the fourth review: an id given as a ``uuid.UUID`` subclass was passed on, and a
+    principal or organization id sent as its own ``str()``, unchecked: a NUL reached the server
+    (InternalError), a lone surrogate raised UnicodeEncodeError, 1 MB was sent, and another
+    valid id could be stored instead. The number it holds is used."""
+    user = await storage.create_user(email=email)
+    masked = Masked(user.id, str(uuid.uuid4()) if says == "another id" else says)
+    assert await storage.get_user(masked) == user
+    one = await storage.emit_event(type="masked", principal_id=masked, org_id=masked, data={})
+    assert (one.principal_id, one.org_id) == (str(user.id), str(user.id))
+    batch = [{"type": "masked", "principal_id": masked, "org_id": masked, "data": {}}]
+    assert await storage.emit_events(batch) == 1
+    page = await storage.list_events(principal_id=masked, org_id=masked)
+    assert [(e.principal_id, e.org_id) for e in page.events] == [(str(user.id), str(user.id))] * 2
