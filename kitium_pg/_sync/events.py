@@ -173,7 +173,9 @@ class Events(Core):
         principal's that was committed before the call is left when it returns. Events naming
         the principal only inside ``data``, or emitted meanwhile, are not deleted. Under
         row-level security (``tenant(org_id)``) only the events the tenant sees go. Each
-        statement is retried on transient failures (deleting is idempotent).
+        statement is retried on transient failures (deleting is idempotent). Needs a role
+        that may delete audit events (the owner): ``grant_app_role``'s keeps them append-only,
+        and it raises ``PermissionDeniedError``.
         """
         params = {"principal_id": v.text_id("principal_id", principal_id)}
         return self._delete_in_batches(

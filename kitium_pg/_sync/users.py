@@ -154,8 +154,10 @@ class Users(Core):
     def mark_user_email_verified(self, user_id: uuid.UUID | str, email: str) -> User | None:
         """Record that the user proved control of ``email`` (e.g. consumed the verification
         token sent there) and return the user; ``None``, changing nothing, when there is no
-        such user or ``email`` is not the user's address any more (any letter case): an address
-        changed since the token was sent is not marked verified. One guarded UPDATE, so it
+        such user or ``email`` is not the user's address any more (compared ignoring the case of
+        ASCII letters only, as the trigger that clears the proof on a change of address does:
+        ``É`` and ``é`` differ): an address changed since the token was sent is not marked
+        verified. One guarded UPDATE, so it
         holds against a concurrent email change. Verifying again keeps the first time. Never
         raises for a malformed id or address (``None``). Retried on transient failures (it is
         idempotent)."""
