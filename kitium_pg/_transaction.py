@@ -77,6 +77,24 @@ class TransactionState:
             with self.lock:
                 self.calls -= 1
 
+    def refuse_unrunnable(
+        self, caller: object, operation: str, conn: psycopg.BaseConnection[Any]
+    ) -> None:
+        """Before a call sends (and an observer sees) anything: raise what it would end with
+        without its statement running. ``check_usable``'s refusals; an interrupted call's; and,
+        when ``conn``'s transaction is aborted and a failure is recorded, that failure, which
+        the server's in_failed_sql_transaction would only have led to after a round trip. Not
+        an operation, so not observed (observe.py). ``running`` checks again, under the lock
+        of the statement itself: this is an early answer, not the guard."""
+        with self.lock:
+            self.check_usable(caller)
+            refused = self.interrupted or (
+                self.failure is not None
+                and conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+            )
+        if refused:
+            self.raise_for_aborted_call(operation)
+
     def raise_for_aborted_call(self, operation: str) -> None:
         """For a call ``operation`` that found the transaction aborted (in_failed_sql_transaction):
         raise the recorded failure, the call the block caught, not the call's own error; nothing

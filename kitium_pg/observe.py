@@ -9,7 +9,9 @@ deletes report once per batch, and ``health_check`` reports ``ping``, ``ledger_e
 ``list_applied_migrations`` and ``list_invalid_indexes``. One
 observation spans the pool checkout, the adapter's automatic retries of that statement and, for
 a read routed to a replica, the fallback to the primary. ``error`` is what the statement raised;
-an error the method raises after a successful statement is not reported.
+an error the method raises after a successful statement is not reported, and neither is a call
+that runs no statement: arguments the adapter's checks refuse, and a call a ``transaction()``
+refuses (after its block ended, or once a failure inside it has aborted it).
 
 Without an observer the adapter does not read the clock for it: the hook costs one ``is None``
 test per statement. A failing observer is logged and never fails the call.

@@ -406,3 +406,33 @@ async def test_the_operations_reported_are_those_docs_integrations_metrics_lists
             "list_invalid_indexes",
         ],
     }
+
+
+async def test_a_call_the_transaction_refuses_is_not_observed(
+    observed: Callable[[Observer], Any], email: str
+) -> None:
+    """Found in the fourth review: after a caught failure inside transaction(), every later
+    call on it was refused (no statement of its own ran) and yet counted as its operation
+    failing with the first call's code (reads counted as unique violations), and a call after
+    the block as a validation failure: metrics and spans showed operations that never ran.
+    They are refused before the observer hears of them, as arguments refused by the checks."""
+    recorder = _Recorder()
+    storage = await observed(recorder)
+    user = await storage.create_user(email=email)
+    before = len(recorder.finished)
+    with pytest.raises(ConflictError):
+        async with storage.transaction() as tx:
+            with pytest.raises(ConflictError):
+                await tx.create_user(email=email.upper())
+            for _ in range(3):
+                with pytest.raises(ConflictError, match="not run, the transaction is aborted"):
+                    await tx.get_user(user.id)
+    with pytest.raises(ValueError, match="transaction"):
+        await tx.get_user(user.id)
+    seen = [(operation, error) for operation, _, error in recorder.finished[before:]]
+    assert [s for s in seen if s[0] == "create_user"] == [("create_user", "ConflictError")]
+    assert [operation for operation, _ in seen if operation != "create_user"] in (
+        [],
+        ["set_local_settings"],  # behind PgBouncer the block sets its timeout first
+    )
+    assert len(recorder.started) == len(recorder.finished)

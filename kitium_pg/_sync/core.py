@@ -630,6 +630,9 @@ class Core:
         Every public call ends up here; it is kept flat because its frames are a measurable
         share of a single-row read (benchmarks/results/profile_get_session.md).
         """
+        if self._tx is not None and not observed:
+            assert self._conn is not None
+            self._tx.refuse_unrunnable(thread_caller(), name, self._conn)
         if self._observer is not None and not observed:
             return self._observed(name, params, retry, make, replica)
         query = self._queries[name]
