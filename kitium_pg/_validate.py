@@ -306,6 +306,8 @@ def keyset(
 def parse_uuid(value: object) -> uuid.UUID | None:
     """The UUID ``value`` denotes, or ``None`` when it is not one (lookups then return None).
     A subclass of ``uuid.UUID`` gives a plain copy of the number it holds (``plain_uuid``)."""
+    if type(value) is uuid.UUID:
+        return value
     if isinstance(value, uuid.UUID):
         return plain_uuid(value)
     if isinstance(value, str) and len(value) <= 64:
