@@ -19,6 +19,7 @@ import psycopg
 import psycopg_pool
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 
 from kitium_pg import (
     ApiKey,
@@ -1106,3 +1107,112 @@ async def test_fastapi_users_strategy_without_lifetime(
     session = await async_adapter.validate_session_token(token, consistency="primary")
     assert session is not None
     assert session.expires_at - dt.datetime.now(dt.UTC) > dt.timedelta(days=3649)
+
+
+async def test_fastapi_users_an_address_kitium_refuses_is_a_422_with_or_without_handlers(
+    dsn: str, encryption_keys: dict[str, str], unique: Callable[[str], str]
+) -> None:
+    """An address pydantic's EmailStr accepts and kitium-pg refuses (U+0130 in the local part:
+    lower() would make it another address) in a registration or a PATCH /users/me: 422, nothing
+    written. Without add_exception_handlers it was kitium's ValidationError escaping the route
+    (a 500; found in review); with them it is their 422."""
+    for handlers in (False, True):
+        app = _fastapi_users_app(dsn, encryption_keys)
+        if handlers:
+            add_exception_handlers(app)
+        hostile = f"b\u0130b-{unique('')}@example.com"
+        email = f"{unique('fu')}@example.com"
+        async with serve(app) as client:
+            r = await client.post("/auth/register", json={"email": hostile, "password": "pw-1-x"})
+            assert r.status_code == 422, r.text
+            if handlers:
+                assert r.json()["code"] == "validation" and "email" in r.json()["detail"]
+            else:  # FastAPI's answer to a value the request's schema refused
+                assert [e["loc"] for e in r.json()["detail"]] == [["body", "email"]]
+
+            r = await client.post("/auth/register", json={"email": email, "password": "pw-1-x"})
+            assert r.status_code == 201, r.text
+            r = await client.post("/auth/login", data={"username": email, "password": "pw-1-x"})
+            bearer = {"Authorization": f"Bearer {r.json()['access_token']}"}
+            r = await client.patch("/users/me", headers=bearer, json={"email": hostile})
+            assert r.status_code == 422, r.text
+            r = await client.get("/users/me", headers=bearer)
+            assert r.status_code == 200 and r.json()["email"] == email
+
+    # Outside a request it is a kitium-pg ValidationError naming the field, and also what
+    # FastAPI answers 422 by itself.
+    app = _fastapi_users_app(dsn, encryption_keys)
+    async with serve(app):
+        db = KitiumUserDatabase(storage_of(app))
+        with pytest.raises(ValidationError) as caught:
+            await db.create({"email": hostile, "hashed_password": "h"})
+        assert caught.value.field == "email" and str(caught.value).startswith("email: ")
+        assert isinstance(caught.value, RequestValidationError)
+        # A refusal of a value the client did not send is not the client's: left as it was.
+        user = await db.get_by_email(email)
+        assert user is not None
+        with pytest.raises(ValidationError) as caught:
+            await db.update(user, {"hashed_password": "\x00"})
+        assert not isinstance(caught.value, RequestValidationError)
+
+
+@pytest.mark.parametrize(
+    "stored", ["{}@localhost", "{}@intranet", "a..{}@example.com", ".{}@x.com"]
+)
+async def test_fastapi_users_a_user_whose_address_emailstr_refuses_is_no_fastapi_users_user(
+    dsn: str, encryption_keys: dict[str, str], unique: Callable[[str], str], stored: str
+) -> None:
+    """kitium-pg stores addresses pydantic's EmailStr refuses (an application's own sign-up or
+    SSO); fastapi-users' user schemas cannot carry them, and GET /users/me answered such a user
+    with a 500 (response validation; found in review). Such a user is treated as one without
+    an address: no fastapi-users user (401 on its routes, no password login), while kitium's
+    own dependencies still accept its sessions. The user database does not store one either."""
+    app = _fastapi_users_app(dsn, encryption_keys)
+    address = stored.format(unique("ada"))
+    async with serve(app) as client:
+        storage = storage_of(app)
+        user = await storage.create_user(email=address)
+        await storage.set_password_hash(user.id, PasswordHelper().hash("pw-1-x"))
+        issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+        bearer = {"Authorization": f"Bearer {issued.token}"}
+        assert (await client.get("/users/me", headers=bearer)).status_code == 401
+        assert (await client.get("/kitium-me", headers=bearer)).json() == str(user.id)
+        r = await client.post("/auth/login", data={"username": address, "password": "pw-1-x"})
+        assert r.status_code == 400 and r.json()["detail"] == "LOGIN_BAD_CREDENTIALS"
+        db = KitiumUserDatabase(storage)
+        assert await db.get(user.id) is None and await db.get_by_email(address) is None
+
+        other = address.replace("@", "-2@")
+        with pytest.raises(ValidationError) as caught:
+            await db.create({"email": other, "hashed_password": "h"})
+        assert caught.value.field == "email"
+        assert await storage.get_user_by_email(other, consistency="primary") is None
+        fine = await db.create({"email": f"{unique('fine')}@example.com", "hashed_password": "h"})
+        with pytest.raises(ValidationError):
+            await db.update(fine, {"email": other})
+        assert (await _kitium_user(storage, fine.id)).email == fine.email
+
+
+@pytest.mark.parametrize("address", [None, "{}@localhost"])
+async def test_fastapi_users_oauth_login_of_an_identity_linked_to_an_unrepresentable_user(
+    async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str], address: str | None
+) -> None:
+    """An OAuth identity linked to a user fastapi-users cannot represent (no address, or one
+    EmailStr refuses): get_by_oauth_account answered None, so the callback created a second user
+    with the provider's address, failed to link the identity to it (ConflictError, a 500) and
+    every later attempt was UserAlreadyExists: locked out (found in review). Now it raises a
+    UserAlreadyExists naming the linked user (the route's 400 OAUTH_USER_ALREADY_EXISTS) and
+    creates nothing."""
+    manager = UserManager(KitiumUserDatabase(async_adapter))
+    sub, email = unique("gh"), f"{unique('oauth')}@example.com"
+    linked = await async_adapter.create_user(
+        email=None if address is None else address.format(unique("ada"))
+    )
+    await async_adapter.link_oauth_account(linked.id, "github", sub=sub, email=email)
+    for _ in range(2):
+        with pytest.raises(fu_exceptions.UserAlreadyExists) as caught:
+            await manager.oauth_callback("github", "tok", sub, email, None, None)
+        assert getattr(caught.value, "user_id", None) == linked.id
+        assert await async_adapter.get_user_by_email(email, consistency="primary") is None
+    # An identity linked to no user is still "no such user".
+    assert await KitiumUserDatabase(async_adapter).get_by_oauth_account("github", "nope") is None

@@ -5,14 +5,16 @@ Install ``kitium-pg[fastapi]`` and ``fastapi-users``. Then::
     import uuid
     from collections.abc import AsyncIterator
 
+    from fastapi import FastAPI
     from fastapi_users import BaseUserManager, FastAPIUsers, UUIDIDMixin
     from fastapi_users.authentication import AuthenticationBackend, BearerTransport
 
-    from kitium_pg.integrations.fastapi import Storage
+    from kitium_pg.integrations.fastapi import Storage, add_exception_handlers, storage_lifespan
     from kitium_pg.integrations.fastapi_users import (
         KitiumSessionStrategy,
         KitiumUser,
         KitiumUserDatabase,
+        add_email_changed_handler,
     )
 
 
@@ -38,6 +40,19 @@ Install ``kitium-pg[fastapi]`` and ``fastapi-users``. Then::
     )
     fastapi_users = FastAPIUsers[KitiumUser, uuid.UUID](get_user_manager, [backend])
 
+    app = FastAPI(lifespan=storage_lifespan("postgresql://app@db/app"))
+    add_exception_handlers(app)
+    add_email_changed_handler(app)
+    app.include_router(fastapi_users.get_auth_router(backend), prefix="/auth")
+    # ...and the register, reset-password, verify and users routers
+
+The two handlers answer what fastapi-users' routes do not catch: without them each is a 500.
+``add_exception_handlers`` answers kitium-pg's errors (a database that is down or a statement
+that timed out: 503 with ``Retry-After``; an OAuth identity another user holds, linked through
+the associate route: 409; a malformed ``expires_at`` from a provider: 422);
+``add_email_changed_handler`` answers ``EmailChanged`` (409, below). A value kitium-pg refuses
+in a user being registered or updated (``UserFieldRefused``) is a 422 with or without them.
+
 How fastapi-users' user maps onto kitium-pg:
 
 - ``id``, ``email``: the user's columns; ``hashed_password``: the stored password hash
@@ -45,8 +60,20 @@ How fastapi-users' user maps onto kitium-pg:
   ``create_user`` without a hash) gets ``UNUSABLE_HASH``, which no password verifies, rather
   than a hash error; it is the same in every process, so a password-reset token issued for such
   a user (fastapi-users ties it to the hash) works on any worker, and a login spends on it what
-  it spends on a real argon2id hash. A user without an email is no fastapi-users user: the
-  ``get*`` methods answer ``None`` for it (fastapi-users' user schemas require an address).
+  it spends on a real argon2id hash. A user without an email, or with one pydantic's
+  ``EmailStr`` refuses (``ada@localhost``, ``a..b@example.com``: kitium-pg stores them, from an
+  application's own sign-up or SSO), is no fastapi-users user: ``get`` and ``get_by_email``
+  answer ``None`` for it (fastapi-users' user schemas require an ``EmailStr``; answering it
+  made ``GET /users/me`` a 500), so its token gets 401 from fastapi-users' routes and its
+  password login 400 ``LOGIN_BAD_CREDENTIALS``; kitium-pg's own dependencies still accept its
+  sessions. ``get_by_oauth_account`` raises ``UnrepresentableOAuthUser`` for an identity linked
+  to such a user (a ``UserAlreadyExists``: the OAuth callback route answers 400
+  ``OAUTH_USER_ALREADY_EXISTS`` and creates nothing). ``create`` and ``update`` refuse such an
+  address, and any other value kitium-pg refuses, with ``UserFieldRefused`` before writing.
+- Sessions: a password reset or change through fastapi-users (``set_password_hash``) leaves the
+  user's existing sessions valid, as fastapi-users' own database strategy does. To end them,
+  call ``delete_user_sessions`` in the user manager's ``on_after_reset_password``, and in its
+  ``on_after_update`` when the update dict has ``"password"``.
 - ``is_verified``: whether the user's address is verified (``email_verified_at`` is set).
   Setting it goes through ``mark_user_email_verified`` with the address the user had when
   read: if it has changed since (the verification was for an earlier address), nothing is
@@ -74,13 +101,18 @@ Each ``get*`` call reads the user, its password hash, and the tokens of each lin
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import secrets
 import uuid
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import attrs
+import pydantic
 from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_users import exceptions as fu_exceptions
 from fastapi_users.db import BaseUserDatabase
@@ -100,6 +132,8 @@ __all__ = [
     "KitiumUser",
     "KitiumUserDatabase",
     "OAuthAccount",
+    "UnrepresentableOAuthUser",
+    "UserFieldRefused",
     "add_email_changed_handler",
 ]
 
@@ -125,6 +159,57 @@ _COLUMNS: Final = ("name", "picture", "plan")
 _LINK_FIELDS: Final = ("oauth_name", "account_id", "account_email")
 _TOKEN_KEYS: Final = frozenset({"access_token", "refresh_token", "expires_at"})
 _OAUTH_FIELDS: Final = (*_LINK_FIELDS, *sorted(_TOKEN_KEYS))
+# The fields of a create or update dict that come from the client (the request's schema):
+# kitium-pg's refusal of one is the client's error. The others (the hash, the flags' metadata,
+# email_verified_at) are made here or by the password helper: a refusal is a bug, left a 500.
+_CLIENT_FIELDS: Final = frozenset({"email", *_COLUMNS})
+_EMAIL_STR: Final = pydantic.TypeAdapter(pydantic.EmailStr)
+
+
+class UserFieldRefused(ValidationError, RequestValidationError):
+    """kitium-pg refused a field of a user fastapi-users asked to create or update; nothing was
+    written. ``field`` names it: ``email`` for an address pydantic's ``EmailStr`` accepts and
+    kitium-pg refuses (``bİb@example.com``: ``lower()``, which compares addresses, would make it
+    ``bib@example.com``, another address), or one ``EmailStr`` refuses (only from a caller that
+    skipped fastapi-users' schemas, or a provider's address in an OAuth sign-up: such a user could
+    not be loaded again); ``name``, ``picture`` or ``plan`` for those columns.
+
+    Both kitium-pg's ``ValidationError`` (``add_exception_handlers`` answers it 422 with its
+    message) and FastAPI's ``RequestValidationError``, which every FastAPI app answers 422 with
+    the error at ``("body", field)``, as it answers a value the request's schema refused.
+    fastapi-users' register and users routes catch neither; a plain ``ValidationError`` was a
+    500 in an app without ``add_exception_handlers``. Outside a request it is a
+    ``ValidationError`` like any other: nothing here depends on HTTP."""
+
+    def __init__(self, field: str, message: str) -> None:
+        ValidationError.__init__(self, field, message)
+        RequestValidationError.__init__(
+            self, [{"type": "value_error", "loc": ("body", field), "msg": message}]
+        )
+
+    def __str__(self) -> str:
+        # kitium-pg's "field: message", not RequestValidationError's summary of its errors.
+        return Exception.__str__(self)
+
+
+class UnrepresentableOAuthUser(fu_exceptions.UserAlreadyExists):
+    """The OAuth identity is linked to a kitium-pg user that fastapi-users cannot represent (no
+    email, or one pydantic's ``EmailStr`` refuses); ``user_id`` is that user's id.
+
+    ``get_by_oauth_account`` raises it rather than answer ``None``: fastapi-users' OAuth callback
+    would then create another user for the identity, fail to link it (the identity is taken)
+    and leave that user holding the provider's address, which locked the person out (found in
+    review). A ``UserAlreadyExists``: the callback passes it through untouched and its route
+    answers 400 ``OAUTH_USER_ALREADY_EXISTS``; nothing is written. The person signs in the way
+    the user was made (the application's own flow), or the application gives the user an
+    address."""
+
+    def __init__(self, user_id: uuid.UUID) -> None:
+        super().__init__(
+            f"the OAuth identity belongs to user {user_id}, which has no address"
+            " fastapi-users can represent"
+        )
+        self.user_id = user_id
 
 
 class EmailChanged(fu_exceptions.InvalidVerifyToken):
@@ -207,41 +292,53 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
     # -- reads ----------------------------------------------------------------------------
 
     async def get(self, id: uuid.UUID) -> KitiumUser | None:
-        """The user with this id, or ``None``."""
+        """The user with this id, or ``None`` (also for a user without an address
+        ``EmailStr`` accepts)."""
         return await self._load(await self.storage.get_user(id, consistency="primary"))
 
     async def get_by_email(self, email: str) -> KitiumUser | None:
-        """The user with this email in any letter case, or ``None``."""
+        """The user with this email in any letter case, or ``None`` (also for a user whose
+        address ``EmailStr`` refuses)."""
         return await self._load(await self.storage.get_user_by_email(email, consistency="primary"))
 
     async def get_by_oauth_account(self, oauth: str, account_id: str) -> KitiumUser | None:
-        """The user linked to account ``account_id`` at provider ``oauth``, or ``None``."""
+        """The user linked to account ``account_id`` at provider ``oauth``, or ``None`` when
+        the identity is linked to no user. Raises ``UnrepresentableOAuthUser`` when it is linked
+        to a user without an address ``EmailStr`` accepts."""
         record = await self.storage.get_user_by_oauth(oauth, account_id, consistency="primary")
-        return await self._load(record)
+        user = await self._load(record)
+        if record is not None and user is None:
+            # "No such user" would make fastapi-users' callback create one for the identity.
+            raise UnrepresentableOAuthUser(record.id)
+        return user
 
     # -- writes ---------------------------------------------------------------------------
 
     async def create(self, create_dict: dict[str, Any]) -> KitiumUser:
         """Create a user from fastapi-users' dict (``email``, ``hashed_password``, flags,
         ``name``/``picture``/``plan``). Raises ``UserAlreadyExists`` for a taken email (also
-        when another registration took it after the user manager's check)."""
+        when another registration took it after the user manager's check), and
+        ``UserFieldRefused`` for an email or column kitium-pg refuses or an email ``EmailStr``
+        refuses (nothing is written)."""
         fields = dict(create_dict)
         flags = {k: bool(fields.pop(k)) for k in _FLAGS if fields.get(k) is not None}
         for k in _FLAGS:
             fields.pop(k, None)
         verified = bool(fields.pop("is_verified", False))
         email = fields.pop("email")
+        _check_email(email)
         password_hash = fields.pop("hashed_password", None)
         columns = _columns(fields)
         metadata = {METADATA_KEY: {**_FLAG_DEFAULTS, **flags}}
         try:
-            record = await self.storage.create_user(
-                email=email,
-                email_verified_at=dt.datetime.now(dt.UTC) if verified else None,
-                password_hash=password_hash,
-                metadata=metadata,
-                **columns,
-            )
+            with _refused_by_kitium():
+                record = await self.storage.create_user(
+                    email=email,
+                    email_verified_at=dt.datetime.now(dt.UTC) if verified else None,
+                    password_hash=password_hash,
+                    metadata=metadata,
+                    **columns,
+                )
         except ConflictError as exc:  # users' only unique rule besides the id: the email
             raise fu_exceptions.UserAlreadyExists() from exc
         user = await self._load(record, password_hash=password_hash)
@@ -251,14 +348,15 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
     async def update(self, user: KitiumUser, update_dict: dict[str, Any]) -> KitiumUser:
         """Apply fastapi-users' update dict in one transaction and return the user re-read.
         Raises ``NotFoundError`` when the user is gone, ``UserAlreadyExists`` for a taken
-        email, and ``EmailChanged`` (an ``InvalidVerifyToken``) for ``is_verified=True`` when
-        the user's address is no longer the one ``user`` holds (it changed after the
-        verification token was checked, or after a superuser's ``PATCH`` read the user):
-        nothing is written then. Flags are merged into the stored metadata by the update
-        statement itself (a merge patch), so two concurrent updates of different flags both
-        hold. ``null`` for ``email``, ``password`` or a flag leaves it unchanged. Deactivating
-        a user (``is_active=False``) also deletes their sessions and API keys, in the same
-        transaction."""
+        email, ``UserFieldRefused`` for an email or column kitium-pg refuses or an email
+        ``EmailStr`` refuses, and ``EmailChanged`` (an ``InvalidVerifyToken``) for
+        ``is_verified=True`` when the user's address is no longer the one ``user`` holds (it
+        changed after the verification token was checked, or after a superuser's ``PATCH``
+        read the user): nothing is written then. Flags are merged into the stored metadata by
+        the update statement itself (a merge patch), so two concurrent updates of different
+        flags both hold. ``null`` for ``email``, ``password`` or a flag leaves it unchanged.
+        Deactivating a user (``is_active=False``) also deletes their sessions and API keys, in
+        the same transaction."""
         fields = {
             k: v for k, v in update_dict.items() if v is not None or k not in _NULL_IS_UNCHANGED
         }
@@ -276,6 +374,7 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         password_hash = fields.pop("hashed_password", None)
         changes: dict[str, Any] = _columns({k: v for k, v in fields.items() if k != "email"})
         if "email" in fields:
+            _check_email(fields["email"])
             changes["email"] = fields["email"]
             if verified:  # verified with the new address: it is the one vouched for
                 changes["email_verified_at"] = dt.datetime.now(dt.UTC)
@@ -286,7 +385,8 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         async with self.storage.transaction() as tx:
             if changes:
                 try:
-                    await tx.update_user(user.id, **changes)
+                    with _refused_by_kitium():
+                        await tx.update_user(user.id, **changes)
                 except ConflictError as exc:  # the email, as in create()
                     raise fu_exceptions.UserAlreadyExists() from exc
             # Only while the address is still the one the token was checked against.
@@ -363,8 +463,10 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
     async def _load(
         self, record: User | None, *, password_hash: str | None = None
     ) -> KitiumUser | None:
-        if record is None or record.email is None:
-            return None  # fastapi-users' user schemas require an address
+        if record is None or record.email is None or not _representable(record.email):
+            # fastapi-users' user schemas require an EmailStr: loading such a user made every
+            # route that answers it fail its response validation (a 500).
+            return None
         if password_hash is None:
             password_hash = await self.storage.get_password_hash(record.id)
         accounts = []
@@ -411,6 +513,38 @@ def _flags(metadata: dict[str, Any]) -> dict[str, bool]:
     stored = metadata.get(METADATA_KEY)
     stored = stored if isinstance(stored, dict) else {}
     return {k: stored.get(k, default) is True for k, default in _FLAG_DEFAULTS.items()}
+
+
+@functools.lru_cache(maxsize=4096)
+def _representable(email: str) -> bool:
+    """Whether pydantic's ``EmailStr`` (fastapi-users' user schemas) accepts ``email``."""
+    # Cached: a check takes about 150 µs, and every authenticated request loads its user.
+    try:
+        _EMAIL_STR.validate_python(email)
+    except pydantic.ValidationError:
+        return False
+    return True
+
+
+def _check_email(email: object) -> None:
+    """Raise ``UserFieldRefused`` for an email ``EmailStr`` refuses: stored, its user could not
+    be loaded again (``create`` would commit a user and fail to return it)."""
+    if not isinstance(email, str) or not _representable(email):
+        raise UserFieldRefused("email", "must be an address pydantic's EmailStr accepts")
+
+
+@contextmanager
+def _refused_by_kitium(fields: Collection[str] = _CLIENT_FIELDS) -> Iterator[None]:
+    """Raise kitium-pg's refusal of one of ``fields`` as ``UserFieldRefused``."""
+    try:
+        yield
+    except UserFieldRefused:
+        raise
+    except ValidationError as exc:
+        if exc.field not in fields:
+            raise
+        message = str(exc).removeprefix(f"{exc.field}: ")
+        raise UserFieldRefused(exc.field, message) from exc
 
 
 def _columns(fields: dict[str, Any]) -> dict[str, Any]:
