@@ -205,7 +205,7 @@ class Migrations(Core):
         if self._settings.pgbouncer:
             raise MigrationError(
                 "migrations must run on a direct connection, not through PgBouncer: connect with"
-                " migrate=False here and run `kitium-pg migrate --dsn <direct DSN>` (or an adapter"
+                " migrate=False here and run `kitium-pg --dsn <direct DSN> migrate` (or an adapter"
                 " without pgbouncer=True) from your deploy"
             )
         done: list[str] = []
