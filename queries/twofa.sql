@@ -166,15 +166,23 @@ SELECT id, user_id, session_id, device_id, method, code_hash, attempt_count, max
 -- session is still live, or for the call (consumer) that already completed it, so a retried call
 -- still wins; row lock waiters re-check the guard against the winner's row and lose. Returns the
 -- id for the winner, no row otherwise (completed, expired, session ended or no such challenge).
-UPDATE kitium_auth.twofa_sessions
-   SET completed_at = coalesce(completed_at, statement_timestamp()), consumed_by = :consumer
- WHERE id = :id
-   AND ((completed_at IS NULL AND expires_at > statement_timestamp()) OR consumed_by = :consumer)
-   AND EXISTS (SELECT 1 FROM kitium_auth.sessions
-                WHERE sessions.id = twofa_sessions.session_id
-                  AND sessions.user_id = twofa_sessions.user_id
-                  AND sessions.expires_at > statement_timestamp())
-RETURNING id;
+-- The login session is checked once the challenge is locked, by twofa_login_session_live
+-- (migration 0036), whose query takes its own snapshot: checked in the statement's snapshot, a
+-- session ended while the call waited for the challenge still counted (found in review).
+WITH challenge AS (
+  SELECT c.id, c.session_id, c.user_id
+    FROM kitium_auth.twofa_sessions AS c
+   WHERE c.id = :id
+     AND ((c.completed_at IS NULL AND c.expires_at > statement_timestamp())
+          OR c.consumed_by = :consumer)
+     FOR NO KEY UPDATE
+)
+UPDATE kitium_auth.twofa_sessions AS t
+   SET completed_at = coalesce(t.completed_at, statement_timestamp()), consumed_by = :consumer
+  FROM challenge AS c
+ WHERE t.id = c.id
+   AND kitium_auth.twofa_login_session_live(c.session_id, c.user_id)
+RETURNING t.id;
 
 -- name: verify_two_factor_session(id, code_hash)^
 -- Count one attempt on an open code challenge and complete it when the digest matches, in one
@@ -184,11 +192,11 @@ RETURNING id;
 -- attempt with the device's new throttled_until (NULL after a match); or, while the device is
 -- throttled, a row with throttled true and the challenge's count unchanged. No row when the
 -- limit is reached, or the challenge is completed, expired, missing, has no stored code or its
--- login session has ended. The function (migration 0018) locks the device first, then the
--- challenge (lock order above), each in a statement of its own, and writes them in further
--- statements that read both as locked: a lock waiter sees what the winner left, so a throttle
--- set meanwhile refuses it, concurrent attempts never pass the limit, one match wins and every
--- mismatch bumps.
+-- login session has ended (checked once the challenge is locked: migration 0036). The function
+-- (migration 0018) locks the device first, then the challenge (lock order above), each in a
+-- statement of its own, and writes them in further statements that read both as locked: a lock
+-- waiter sees what the winner left, so a throttle set meanwhile refuses it, concurrent attempts
+-- never pass the limit, one match wins and every mismatch bumps.
 SELECT verified, attempt_count, max_attempts, throttled, throttled_until
   FROM kitium_auth.verify_two_factor_session(:id, :code_hash);
 
@@ -205,10 +213,10 @@ SELECT verified, attempt_count, max_attempts, throttled, throttled_until
 -- count and, for a code attempt, the throttle its charge set (NULL for a backup-code attempt);
 -- or, while the device is throttled, a row with throttled true, the count unchanged and the
 -- device's throttled_until. No row when the limit is reached, or the challenge is completed,
--- expired, missing or its login session has ended. The function (migration 0018) locks the
--- device, then the challenge (lock order above), each in a statement of its own, then writes
--- them: a lock waiter reads both as the winner left them, so concurrent calls never pass the
--- limit.
+-- expired, missing or its login session has ended (checked once the challenge is locked:
+-- migration 0036). The function (migration 0018) locks the device, then the challenge (lock
+-- order above), each in a statement of its own, then writes them: a lock waiter reads both as
+-- the winner left them, so concurrent calls never pass the limit.
 SELECT verified, attempt_count, max_attempts, throttled, throttled_until
   FROM kitium_auth.count_two_factor_attempt(:id, :backup_code);
 

@@ -1208,6 +1208,43 @@ async def test_a_challenge_belongs_to_one_of_the_users_sessions_and_ends_with_it
     assert await storage.get_two_factor_session(texted.id) == texted  # unchanged, goes on expiry
 
 
+
+@pytest.mark.parametrize(
+    ("call", "marker"),
+    [
+        ("increment_two_factor_attempts", "count_two_factor_attempt("),
+        ("verify_two_factor_session", "verify_two_factor_session("),
+        ("complete_two_factor_session", "UPDATE kitium_auth.twofa_sessions"),
+    ],
+)
+async def test_a_call_that_waited_for_the_challenge_sees_the_login_session_ended_meanwhile(
+    storage: Any, email: str, dsn: str, call: str, marker: str
+) -> None:
+    """Found in the fourth review: the login session was checked in the statement that locks
+    the challenge, as of that statement's start. A call that waited for the challenge's lock,
+    held by the transaction that ended the session, still counted it live: the attempt was
+    counted and charged, the code verified, the challenge completed. The session is now read
+    once the challenge is locked (migration 0036)."""
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    texted = await _challenge(storage, user, device=device, method="sms", code_hash=_hash("9"))
+    args = (texted.id, _hash("9")) if call == "verify_two_factor_session" else (texted.id,)
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "SELECT 1 FROM kitium_auth.twofa_sessions WHERE id = %s FOR UPDATE", [texted.id]
+        )
+        holder.execute("DELETE FROM kitium_auth.sessions WHERE id = %s", [texted.session_id])
+        released = release_when_waiting(dsn, holder, marker)
+        result = await getattr(storage, call)(*args)
+        released.join()
+    finally:
+        holder.close()
+    assert released.seen  # the call waited for the challenge
+    assert result in (None, False)
+    assert await storage.get_two_factor_session(texted.id) == texted  # not counted, not completed
+    assert (await storage.get_two_factor_device(device.id)).throttled_until is None
+
 async def test_a_challenge_ends_when_its_session_expires(
     storage: Any, email: str, dsn: str
 ) -> None:
