@@ -76,6 +76,10 @@ SELECT id, org_id, name, description, is_system, permissions, metadata, created_
 -- lock the role before it, and delete_organization locks the organization and then deletes
 -- its roles, so the two waited for each other. No organization (or one another tenant's, or
 -- one deleted while this waited for its row): nothing is inserted and no row is returned.
+-- The role is read after the insert (the filter on it) and locked FOR KEY SHARE, as the
+-- insert's reference check locks it anyway: a lock returns the row's newest version, so an
+-- insert that waited for a concurrent assignment returns the role as that transaction left it
+-- (read in the statement's snapshot, a change it committed was missing: found in review).
 WITH org AS (
   SELECT o.id FROM kitium_auth.organizations AS o WHERE o.id = :org_id FOR KEY SHARE
 ),
@@ -83,12 +87,15 @@ inserted AS (
   INSERT INTO kitium_auth.user_roles (id, user_id, role_id, org_id)
   SELECT :id, :user_id, :role_id, org.id FROM org
   ON CONFLICT (user_id, org_id, role_id) DO NOTHING
+  RETURNING id
 )
 SELECT r.id, r.org_id, r.name, r.description, r.is_system, r.permissions, r.metadata,
        r.created_at, r.updated_at
   FROM kitium_auth.roles AS r
   JOIN org ON org.id = r.org_id
- WHERE r.id = :role_id;
+ WHERE r.id = :role_id
+   AND (SELECT count(*) FROM inserted) >= 0
+   FOR KEY SHARE OF r;
 
 -- name: revoke_role_from_user(user_id, role_id, org_id)!
 -- Remove one role assignment (served by user_roles__role_key).

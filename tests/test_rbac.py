@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import threading
 import uuid
@@ -18,7 +19,7 @@ from kitium_pg.records import Permission, Role, RoleAssignment
 from .fix_holder import call_while_holding, release_when_waiting, waiting
 from .fix_metadata import check_metadata_patch
 from .fix_paging import check_bad_paging_arguments, check_walks
-from .fix_race import race, race_each
+from .fix_race import race, race_each, start
 
 RACERS = 16
 
@@ -225,6 +226,29 @@ async def test_assign_is_idempotent_and_returns_the_role(
     assert await storage.get_user_roles(str(user.id), str(org.id)) == [writer]
     assert await _count_assignments(storage, reader.id) == 0
 
+
+
+async def test_an_assignment_that_waited_for_another_returns_the_role_as_that_one_left_it(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Found in the fourth review: an assignment that waited for a concurrent assignment of the
+    same role (its ON CONFLICT), made by a transaction that also changed the role, returned the
+    role as its statement's snapshot showed it: the old name and permissions. It now reads the
+    role locked, after the insert."""
+    org = await _org(storage)
+    user = await _user(storage, unique, org)
+    role = await storage.create_role(
+        org_id=org.id, name="editor", permissions=[{"name": "doc:read"}]
+    )
+    async with storage.transaction() as tx:
+        await tx.assign_role_to_user(user.id, role.id, org.id)
+        changed = await tx.update_role(
+            role.id, name="publisher", permissions=[{"name": "doc:publish"}]
+        )
+        later = start(storage, "assign_role_to_user", user.id, role.id, org.id)
+        assert await asyncio.to_thread(waiting, dsn, "INSERT INTO kitium_auth.user_roles")
+    assert await later == changed == await storage.get_role(role.id)
+    assert await _count_assignments(storage, role.id) == 1
 
 async def test_assign_refuses_a_role_of_another_org_or_unknown_rows(
     storage: Any, unique: Callable[[str], str]
