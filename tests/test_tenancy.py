@@ -707,3 +707,56 @@ def test_the_sso_session_purge_by_the_owner_refuses_only_when_a_policy_hides_row
     with psycopg.connect(dsn) as conn:
         left = conn.execute(f"SELECT count(*) FROM {schema}.sso_sessions".encode()).fetchone()
     assert left == ((2,) if refused else (0,))
+
+
+def test_the_grants_hold_no_privilege_the_adapter_does_not_use(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any], dsn: str
+) -> None:
+    """Found in the fourth review: the grants gave UPDATE on user_roles and DELETE on
+    email_verification_token_attempts, which no statement of the adapter uses (a counter goes
+    with its token, by the foreign key's cascade, which runs as the table's owner). Both are
+    gone, and the calls that write those tables work as the application role."""
+    schema, role = tenancy["schema"], tenancy["role"]
+    with psycopg.connect(dsn, autocommit=True) as admin:
+
+        def can(table: str, privilege: str) -> bool:
+            row = admin.execute(
+                "SELECT has_table_privilege(%s, %s, %s)", [role, f"{schema}.{table}", privilege]
+            ).fetchone()
+            return row is not None and bool(row[0])
+
+        assert not can("user_roles", "UPDATE")
+        assert not can("email_verification_token_attempts", "DELETE")
+        assert can("user_roles", "DELETE") and can("email_verification_token_attempts", "UPDATE")
+        user = app.create_user(email=f"grants-{uuid.uuid4().hex[:8]}@example.com")
+        token = app.create_email_verification_token(
+            email=user.email or "",
+            code_hash="0" * 64,
+            type="email_verification",
+            expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5),
+            user_id=user.id,
+        )
+        assert app.increment_email_verification_token_attempts(token.id) == 1
+        assert app.increment_email_verification_token_attempts(token.id) == 2
+        admin.execute(
+            f"UPDATE {schema}.email_verification_tokens SET expires_at = now() - interval '1s'"
+            " WHERE id = %s".encode(),
+            [token.id],
+        )
+        assert app.delete_expired_email_verification_tokens() >= 1
+        assert app.get_email_verification_token_attempts(token.id) == 0
+        again = app.create_email_verification_token(
+            email=user.email or "",
+            code_hash="1" * 64,
+            type="email_verification",
+            expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5),
+            user_id=user.id,
+        )
+        assert app.increment_email_verification_token_attempts(again.id) == 1
+        assert app.delete_user(user.id) is True  # its tokens and their counters go with it
+        row = admin.execute(
+            f"SELECT count(*) FROM {schema}.email_verification_token_attempts"
+            " WHERE token_id = %s".encode(),
+            [again.id],
+        ).fetchone()
+        assert row == (0,)
