@@ -227,7 +227,6 @@ async def test_assign_is_idempotent_and_returns_the_role(
     assert await _count_assignments(storage, reader.id) == 0
 
 
-
 async def test_an_assignment_that_waited_for_another_returns_the_role_as_that_one_left_it(
     storage: Any, unique: Callable[[str], str], dsn: str
 ) -> None:
@@ -249,6 +248,7 @@ async def test_an_assignment_that_waited_for_another_returns_the_role_as_that_on
         assert await asyncio.to_thread(waiting, dsn, "INSERT INTO kitium_auth.user_roles")
     assert await later == changed == await storage.get_role(role.id)
     assert await _count_assignments(storage, role.id) == 1
+
 
 async def test_assign_refuses_a_role_of_another_org_or_unknown_rows(
     storage: Any, unique: Callable[[str], str]

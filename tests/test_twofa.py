@@ -1208,7 +1208,6 @@ async def test_a_challenge_belongs_to_one_of_the_users_sessions_and_ends_with_it
     assert await storage.get_two_factor_session(texted.id) == texted  # unchanged, goes on expiry
 
 
-
 @pytest.mark.parametrize(
     ("call", "marker"),
     [
@@ -1240,10 +1239,11 @@ async def test_a_call_that_waited_for_the_challenge_sees_the_login_session_ended
         released.join()
     finally:
         holder.close()
-    assert released.seen  # the call waited for the challenge
+    assert released.seen  # type: ignore[attr-defined]  # the call waited for the challenge
     assert result in (None, False)
     assert await storage.get_two_factor_session(texted.id) == texted  # not counted, not completed
     assert (await storage.get_two_factor_device(device.id)).throttled_until is None
+
 
 async def test_a_challenge_ends_when_its_session_expires(
     storage: Any, email: str, dsn: str
