@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from kitium_pg import (
     AsyncPostgresStorageAdapter,
@@ -20,10 +21,12 @@ from kitium_pg import (
 )
 from kitium_pg._base import Retry, new_id
 
-from .fix_holder import call_while_holding, release_when_waiting
+from .conftest import open_adapter
+from .fix_holder import call_while_holding, release_when_waiting, waiting
 from .fix_metadata import check_metadata_patch
 from .fix_paging import check_bad_paging_arguments, check_walks
 from .fix_plans import generic_plan_of
+from .fix_race import start
 
 UTC = dt.UTC
 
@@ -781,3 +784,64 @@ async def test_bad_input_is_a_validation_error_naming_the_field(
     with pytest.raises(ValidationError) as caught:
         await storage.create_session(**arguments)
     assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("other", "args"),
+    [
+        ("remove_organization_member", ("org", "user")),
+        ("update_organization", ("org",)),
+        ("delete_organization", ("org",)),
+    ],
+)
+async def test_log_out_everywhere_and_a_members_removal_do_not_deadlock(
+    storage: Any, dsn: str, other: str, args: tuple[str, ...]
+) -> None:
+    """Found in the fourth review: delete_user_sessions deleted a user's sessions in creation
+    order (an index scan), a member's removal (or a member-set replacement, or the
+    organization's deletion) the member's sessions in row order; once a slid expiry had moved
+    the older session's row after the newer one's, the two deadlocked (hidden by the retry: a
+    second's wait and a warning; inside transaction() a ConflictError). Played without timing,
+    on an adapter that does not retry and whose planner reads by plain index scans (as on a
+    large table: a bitmap scan reads rows in row order): a holder keeps the older session, the
+    logout waits for it, then the removal starts. The logout now locks the memberships first,
+    so the removal waits for it before it holds any session."""
+    planner = make_conninfo(dsn, options="-c enable_seqscan=off -c enable_bitmapscan=off")
+    async with open_adapter(storage.kind, planner, max_retries=0) as own:
+        own.kind = storage.kind  # for start()
+        user = await own.create_user(email=f"logout-{uuid.uuid4().hex[:8]}@example.com")
+        org = await own.create_organization(
+            name="Acme", plan="team", members=[{"user_id": user.id}]
+        )
+        older, newer = [
+            await own.create_session(user_id=user.id, org_id=org.id, expires_at=later(hours=1))
+            for _ in "ab"
+        ]
+        with psycopg.connect(dsn, autocommit=True) as observer:
+            for minutes in range(1, 51):  # a slid expiry stores a new row version, somewhere
+                await own.update_session(older.id, expires_at=later(hours=1, minutes=minutes))
+                rows = observer.execute(
+                    "SELECT id FROM kitium_auth.sessions WHERE user_id = %s ORDER BY ctid",
+                    [user.id],
+                ).fetchall()
+                if rows == [(newer.id,), (older.id,)]:
+                    break
+            assert rows == [(newer.id,), (older.id,)]  # the older session's row after the newer's
+        values = {"org": org.id, "user": user.id}
+        kwargs: dict[str, Any] = {"members": []} if other == "update_organization" else {}
+        holder = psycopg.connect(dsn)
+        try:
+            holder.execute(
+                "SELECT 1 FROM kitium_auth.sessions WHERE id = %s FOR UPDATE", [older.id]
+            )
+            logout = start(own, "delete_user_sessions", user.id)
+            assert await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.sessions")
+            removal = start(own, other, *(values[a] for a in args), **kwargs)
+            assert await asyncio.to_thread(waiting, dsn, "kitium_auth", 2)
+            holder.commit()
+            results = await asyncio.gather(logout, removal, return_exceptions=True)
+        finally:
+            holder.close()
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert await own.get_session(newer.id) is None
+        assert await own.get_session(older.id) is None

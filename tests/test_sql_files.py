@@ -57,6 +57,7 @@ LOCAL_NAMES = {
     "rotated",
     "reached",
     "owner",
+    "owners",
     "member",
     "written",
     "locked",
