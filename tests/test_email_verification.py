@@ -11,10 +11,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from kitium_pg import ConflictError, EmailVerificationToken, NotFoundError, ValidationError
 from kitium_pg._base import Retry
 
+from .conftest import open_adapter
 from .fix_holder import waiting
 from .fix_race import race, race_each, start
 
@@ -456,3 +458,51 @@ async def test_a_new_address_ends_the_tokens_sent_to_the_old_one(
     assert (await storage.mark_email_verification_token_as_used(unlinked.id)).used_at is not None
     assert await storage.get_email_verification_token_by_id(used.id) == used
     assert await storage.get_email_verification_token_by_id(expired.id) == expired
+
+
+@pytest.mark.parametrize(
+    ("other", "marker"),
+    [
+        ("update_user", "UPDATE kitium_auth.users AS u"),
+        ("delete_user", "DELETE FROM kitium_auth.users"),
+    ],
+)
+async def test_a_revocation_and_a_change_of_the_users_address_do_not_deadlock(
+    storage: Any, dsn: str, other: str, marker: str
+) -> None:
+    """Found in the fourth review: revoke_email_verification_tokens marked an address's tokens
+    newest first (its index), while a change of the user's address (migration 0033's trigger)
+    or the user's deletion (the cascade) reached them oldest first, and the two deadlocked
+    (hidden by the retry: a second's wait and a warning). Played without timing, on an adapter
+    that does not retry and whose planner reads by plain index scans: a holder keeps the older
+    token, the other call waits for it, then the revocation starts. The revocation now locks
+    the tokens' users first, so it waits for the other call before it holds any token."""
+    planner = make_conninfo(dsn, options="-c enable_seqscan=off -c enable_bitmapscan=off")
+    async with open_adapter(storage.kind, planner, max_retries=0) as own:
+        own.kind = storage.kind  # for start()
+        address = f"revoke-{uuid.uuid4().hex[:8]}@example.com"
+        user = await own.create_user(email=address)
+        older, newer = [
+            await _token(own, address, user_id=user.id, type="password_reset") for _ in "ab"
+        ]
+        holder = psycopg.connect(dsn)
+        try:
+            holder.execute(
+                "SELECT 1 FROM kitium_auth.email_verification_tokens WHERE id = %s FOR UPDATE",
+                [older.id],
+            )
+            if other == "update_user":
+                first = start(own, other, user.id, email=f"moved-{address}")
+            else:
+                first = start(own, other, user.id)
+            assert await asyncio.to_thread(waiting, dsn, marker)
+            revocation = start(own, "revoke_email_verification_tokens", address)
+            assert await asyncio.to_thread(waiting, dsn, "kitium_auth", 2)
+            holder.commit()
+            results = await asyncio.gather(first, revocation, return_exceptions=True)
+        finally:
+            holder.close()
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        for token in (older, newer):
+            stored = await own.get_email_verification_token_by_id(token.id)
+            assert stored is None or stored.used_at is not None
