@@ -29,7 +29,12 @@ class TransactionState:
         self.open = True
         self.holder: object | None = None
         self.depth = 0
-        self.calls = 0
+        # Calls running on the transaction, per caller (task, or thread for the sync adapter).
+        # Per caller because a KeyboardInterrupt can land between a count and the code that
+        # takes it back (as running()'s generator is left, say): a count so leaked is its
+        # caller's own, and a caller never waits for its own calls, which cannot still run.
+        # The end of the block used to wait for it forever (found in review).
+        self.calls: dict[object, int] = {}
         self.failure: KitiumPgError | None = None
         # A call was interrupted while it ran: whether its statement took effect is unknown,
         # so the transaction must not commit (see running).
@@ -45,7 +50,7 @@ class TransactionState:
             self.check_usable(caller)
             interrupted = self.interrupted
             if not interrupted:
-                self.calls += 1
+                self.calls[caller] = self.calls.get(caller, 0) + 1
         if interrupted:
             self.raise_for_aborted_call(operation)
         try:
@@ -75,7 +80,23 @@ class TransactionState:
             raise
         finally:
             with self.lock:
-                self.calls -= 1
+                left = self.calls.pop(caller, 1) - 1
+                if left:
+                    self.calls[caller] = left
+
+    def others_running(self, caller: object) -> bool:
+        """Whether callers other than ``caller`` have calls running on the transaction."""
+        with self.lock:
+            return any(other is not caller for other in self.calls)
+
+    def busy_besides(self, caller: object) -> bool:
+        """Whether callers other than ``caller`` have calls running, or hold a savepoint: what
+        the end of the block, run by ``caller``, waits for. Its own are not waited for: by then
+        they have ended, and any count left is one an interruption leaked."""
+        with self.lock:
+            return any(other is not caller for other in self.calls) or bool(
+                self.depth and self.holder is not caller
+            )
 
     def refuse_unrunnable(
         self, caller: object, operation: str, conn: psycopg.BaseConnection[Any]

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -943,3 +944,48 @@ async def test_rows_one_transaction_makes_list_newest_first_by_their_ids(
     assert ids(await storage.list_sso_providers(org.id), providers) == newest_first(providers)
     assert ids(await storage.list_sso_providers(), providers) == newest_first(providers)
     assert ids(await storage.get_user_sso_links(user.id)) == newest_first(links)
+
+
+def test_an_interruption_as_a_call_ends_does_not_keep_the_block_from_ending(dsn: str) -> None:
+    """Found in the fourth review: a KeyboardInterrupt landing as a call inside transaction()
+    ended (at the entry of running()'s __exit__, after its statement had run) left the call
+    counted, and the end of the block waited for it forever, holding the transaction open and
+    its row locks. A caller's own calls are no longer waited for. Injected by a trace function
+    at that point, as a signal handler raises it there, in a thread of its own (a hang fails
+    the test rather than stop the run); only that call is interrupted."""
+    storage = PostgresStorageAdapter(dsn, max_size=2)
+    storage.connect()
+    user = storage.create_user(email=f"ended-{uuid.uuid4().hex[:8]}@example.com")
+    outcome: list[BaseException | None] = []
+
+    def interrupt_as_running_ends(frame: Any, event: str, arg: Any) -> Any:
+        manager = frame.f_locals.get("self") if event == "call" else None
+        if (
+            frame.f_code.co_name == "__exit__"
+            and getattr(getattr(manager, "gen", None), "__name__", None) == "running"
+            and frame.f_locals.get("typ") is None
+            and not outcome
+        ):
+            outcome.append(None)  # injected once
+            raise KeyboardInterrupt
+        return None
+
+    def block() -> None:
+        try:
+            with storage.transaction() as tx:
+                sys.settrace(interrupt_as_running_ends)
+                try:
+                    tx.update_user(user.id, name="interrupted")
+                finally:
+                    sys.settrace(None)
+        except BaseException as exc:  # the outcome is checked below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=block, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "the block's end waited for the interrupted call"
+    assert outcome[0] is None and isinstance(outcome[-1], KeyboardInterrupt), outcome
+    stored = storage.get_user(user.id)
+    assert stored is not None and stored.name is None  # rolled back
+    storage.disconnect()

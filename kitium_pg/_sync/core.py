@@ -285,9 +285,10 @@ class Core:
                     # after: rolled back under another task's savepoint, psycopg refused the
                     # ROLLBACK and the caller got InternalError instead (found in review).
                     interrupted: BaseException | None = None
+                    ending = thread_caller()
                     while True:
                         try:
-                            if not (state.calls or state.depth):
+                            if not state.busy_besides(ending):
                                 break
                             time.sleep(_CALLS_POLL)
                         except BaseException as exc:  # raised below, once nothing is left
@@ -311,7 +312,7 @@ class Core:
         state, caller = self._tx, thread_caller()
         with state.lock:
             state.check_usable(caller)
-            if state.holder is None and state.calls:
+            if state.holder is None and any(other is not caller for other in state.calls):
                 raise ValidationError(
                     "transaction",
                     "a savepoint needs the transaction to itself, but calls from other tasks"
@@ -665,9 +666,10 @@ class Core:
                 if self._tx is not None and isinstance(exc, InFailedSqlTransaction):
                     # Aborted by another thread's statement whose failure is not recorded yet
                     # (it records it after psycopg has let this call through): wait for it.
-                    while self._tx.failure is None and self._tx.calls:  # noqa: ASYNC110
+                    state, caller = self._tx, thread_caller()
+                    while state.failure is None and state.others_running(caller):  # noqa: ASYNC110
                         time.sleep(_CALLS_POLL)
-                    self._tx.raise_for_aborted_call(name)
+                    state.raise_for_aborted_call(name)
                 error = translate(exc, operation=name)
                 log_call(name, started, attempt, error, exc)
                 # In a transaction too: the call is not retried, but the next ones must not
