@@ -15,6 +15,13 @@
 -- meanwhile fails the compare-and-swap on its new version and is left to that rotation. The
 -- locks are FOR NO KEY UPDATE, those the UPDATE takes anyway: they do not block inserts of rows
 -- referring to the locked ones.
+-- Before its rows a swap locks their parents FOR KEY SHARE, in id order (owners): the users of
+-- 2FA devices and OAuth links, the organizations of SSO providers. Deleting a user or an
+-- organization locks it first, then deletes its rows in an order of the cascade's plan (a
+-- user's links by provider, not by id), so a swap holding one of those rows and waiting for
+-- another deadlocked with it (found in review). Now the deletion waits for the swap, or the
+-- swap for the deletion, before it holds any row. KEY SHARE does not block writes of the
+-- parents that keep their key (an update of the user, a link's lock on its user).
 
 -- name: count_stale_secrets(key_id)$
 -- How many encrypted values are not under the current key (for progress reports).
@@ -61,8 +68,15 @@ SELECT id, secret_key_id, secret_ciphertext
 
 -- name: reencrypt_twofa_secrets(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)!
 -- Store re-encrypted 2FA secrets, only where the old key id and ciphertext are still in place;
--- the rows are locked in id order first (see the top of this file).
-WITH locked AS (
+-- the devices' users, then the rows, are locked in id order first (see the top of this file).
+WITH owners AS (
+  SELECT p.id
+    FROM kitium_auth.users AS p
+   WHERE p.id IN (SELECT d.user_id FROM kitium_auth.twofa_devices AS d
+                   WHERE d.id = ANY (:ids::uuid[]))
+   ORDER BY p.id
+     FOR KEY SHARE
+), locked AS (
   SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext
     FROM kitium_auth.twofa_devices AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
@@ -70,6 +84,7 @@ WITH locked AS (
          AS u (id, old_key_id, old_ciphertext, ciphertext)
       ON u.id = t.id
    WHERE t.secret_key_id = u.old_key_id AND t.secret_ciphertext = u.old_ciphertext
+     AND (SELECT count(*) FROM owners) >= 0  -- always true: the owners are locked first
    ORDER BY t.id
      FOR NO KEY UPDATE OF t
 )
@@ -89,8 +104,16 @@ SELECT id, client_secret_key_id, client_secret_ciphertext
 
 -- name: reencrypt_sso_client_secrets(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)!
 -- Store re-encrypted SSO client secrets, only where the old key id and ciphertext are still in
--- place; the rows are locked in id order first (see the top of this file).
-WITH locked AS (
+-- place; the providers' organizations, then the rows, are locked in id order first (see the
+-- top of this file).
+WITH owners AS (
+  SELECT o.id
+    FROM kitium_auth.organizations AS o
+   WHERE o.id IN (SELECT p.org_id FROM kitium_auth.sso_providers AS p
+                   WHERE p.id = ANY (:ids::uuid[]))
+   ORDER BY o.id
+     FOR KEY SHARE
+), locked AS (
   SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext
     FROM kitium_auth.sso_providers AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
@@ -98,6 +121,7 @@ WITH locked AS (
          AS u (id, old_key_id, old_ciphertext, ciphertext)
       ON u.id = t.id
    WHERE t.client_secret_key_id = u.old_key_id AND t.client_secret_ciphertext = u.old_ciphertext
+     AND (SELECT count(*) FROM owners) >= 0  -- always true: the owners are locked first
    ORDER BY t.id
      FOR NO KEY UPDATE OF t
 )
@@ -117,8 +141,16 @@ SELECT id, signing_key_key_id, signing_key_ciphertext
 
 -- name: reencrypt_sso_signing_keys(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)!
 -- Store re-encrypted SSO signing keys, only where the old key id and ciphertext are still in
--- place; the rows are locked in id order first (see the top of this file).
-WITH locked AS (
+-- place; the providers' organizations, then the rows, are locked in id order first (see the
+-- top of this file).
+WITH owners AS (
+  SELECT o.id
+    FROM kitium_auth.organizations AS o
+   WHERE o.id IN (SELECT p.org_id FROM kitium_auth.sso_providers AS p
+                   WHERE p.id = ANY (:ids::uuid[]))
+   ORDER BY o.id
+     FOR KEY SHARE
+), locked AS (
   SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext
     FROM kitium_auth.sso_providers AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
@@ -126,6 +158,7 @@ WITH locked AS (
          AS u (id, old_key_id, old_ciphertext, ciphertext)
       ON u.id = t.id
    WHERE t.signing_key_key_id = u.old_key_id AND t.signing_key_ciphertext = u.old_ciphertext
+     AND (SELECT count(*) FROM owners) >= 0  -- always true: the owners are locked first
    ORDER BY t.id
      FOR NO KEY UPDATE OF t
 )
@@ -145,8 +178,16 @@ SELECT id, user_id, provider, tokens_key_id, access_token_ciphertext, refresh_to
 
 -- name: reencrypt_oauth_tokens(ids, old_key_ids, old_access_ciphertexts, old_refresh_ciphertexts, key_id, access_ciphertexts, refresh_ciphertexts)!
 -- Store re-encrypted OAuth token pairs, only where the old key id and both old ciphertexts are
--- still in place; the rows are locked in id order first (see the top of this file).
-WITH locked AS (
+-- still in place; the links' users, then the rows, are locked in id order first (see the top of
+-- this file).
+WITH owners AS (
+  SELECT p.id
+    FROM kitium_auth.users AS p
+   WHERE p.id IN (SELECT a.user_id FROM kitium_auth.oauth_accounts AS a
+                   WHERE a.id = ANY (:ids::uuid[]))
+   ORDER BY p.id
+     FOR KEY SHARE
+), locked AS (
   SELECT t.id, u.old_key_id, u.old_access_ciphertext, u.old_refresh_ciphertext,
          u.access_ciphertext, u.refresh_ciphertext
     FROM kitium_auth.oauth_accounts AS t
@@ -159,6 +200,7 @@ WITH locked AS (
    WHERE t.tokens_key_id = u.old_key_id
      AND t.access_token_ciphertext IS NOT DISTINCT FROM u.old_access_ciphertext
      AND t.refresh_token_ciphertext IS NOT DISTINCT FROM u.old_refresh_ciphertext
+     AND (SELECT count(*) FROM owners) >= 0  -- always true: the owners are locked first
    ORDER BY t.id
      FOR NO KEY UPDATE OF t
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from collections.abc import Callable
@@ -15,9 +16,9 @@ from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
 from kitium_pg.encryption import generate_key
 from kitium_pg.errors import ConflictError, EncryptionKeyError, PermissionDeniedError
 
-from .conftest import AwaitableSync
-from .fix_holder import call_while_holding
-from .fix_race import race_each
+from .conftest import AwaitableSync, open_adapter
+from .fix_holder import call_while_holding, waiting
+from .fix_race import race_each, start
 from .fix_roles import POLICIES_BESIDE_TENANT_RLS, set_policies
 from .fix_roles import login_role as login_role
 from .fix_roles import owner_dsn as owner_dsn
@@ -103,7 +104,8 @@ SECRET_KINDS: dict[str, tuple[str, Callable[..., object], Callable[..., object],
         lambda app, id, user: app.update_oauth_tokens(
             user, "gh", access_token="rewritten", refresh_token=None
         ),
-        "SET access_token_ciphertext = l.access_ciphertext",
+        # Near the statement's start: pg_stat_activity keeps its first kilobyte only.
+        "oauth_accounts AS a\n",
     ),
 }
 
@@ -429,3 +431,42 @@ def test_rotation_by_the_role_that_applied_tenant_rls_refuses_only_when_a_policy
         else:
             secrets = [superuser.get_sso_provider(id) for id in providers]
             assert [p.client_secret if p else None for p in secrets] == ["secret-0", "secret-1"]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_rotation_and_a_users_deletion_do_not_deadlock(
+    dsn: str, schema: str, kind: str
+) -> None:
+    """Found in the fourth review: a swap locked a user's OAuth links in id order (the order
+    they were made), a deletion of the user reaches them through the cascade in provider order,
+    and the two deadlocked. Played without timing, on adapters that do not retry: a holder
+    keeps the github link (made second, first by provider); the deletion locks the user and
+    waits for it; the rotation starts. It now locks the links' users first, so it waits for the
+    deletion before it holds any link."""
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"old": OLD}) as before:
+        user = before.create_user()
+        before.link_oauth_account(user.id, "google", sub="g", access_token="a", refresh_token="r")
+        before.link_oauth_account(user.id, "github", sub="h", access_token="a", refresh_token="r")
+    options: dict[str, Any] = {
+        "schema": schema,
+        "encryption_keys": {"old": OLD, "new": NEW},
+        "max_retries": 0,
+    }
+    async with open_adapter(kind, dsn, migrate=False, **options) as own:
+        own.kind = kind  # for start()
+        holder = psycopg.connect(dsn)
+        try:
+            holder.execute(
+                f"SELECT 1 FROM {schema}.oauth_accounts WHERE provider = 'github'"
+                " FOR UPDATE".encode()
+            )
+            deletion = start(own, "delete_user", user.id)
+            assert await asyncio.to_thread(waiting, dsn, f"DELETE FROM {schema}.users")
+            rotation = start(own, "rotate_keys")
+            assert await asyncio.to_thread(waiting, dsn, f"{schema}.", 2)
+            holder.commit()
+            results = await asyncio.gather(deletion, rotation, return_exceptions=True)
+        finally:
+            holder.close()
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert results[0] is True
