@@ -8,13 +8,22 @@ import asyncio
 import importlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
-from .conftest import drive
+from .conftest import drive, open_adapter
 
 
 @contextmanager
@@ -149,5 +158,44 @@ async def call_while_holding(
                 probe.execute(f"SELECT FROM {target} FOR UPDATE NOWAIT", params)
         holder.commit()
         return await result()
+    finally:
+        holder.close()
+
+
+@asynccontextmanager
+async def unretried_adapter(kind: str, dsn: str, **options: Any) -> AsyncIterator[Any]:
+    """An adapter of ``kind`` that raises a deadlock rather than retry it, whose planner reads
+    by plain index scans, as on large tables (a sequential or bitmap scan reads rows in their
+    physical order, which hides an order a statement takes from its index); ``start()`` can run
+    its calls."""
+    planner = make_conninfo(dsn, options="-c enable_seqscan=off -c enable_bitmapscan=off")
+    async with open_adapter(kind, planner, max_retries=0, **options) as adapter:
+        adapter.kind = kind
+        yield adapter
+
+
+async def two_calls_queued_on(
+    dsn: str,
+    held: Row,
+    first: Callable[[], Awaitable[Any]],
+    first_waits_on: str,
+    second: Callable[[], Awaitable[Any]],
+    *,
+    schema: str = "kitium_auth",
+) -> list[Any]:
+    """Lock ``held`` FOR UPDATE in a transaction of its own; start ``first()`` and wait until it
+    waits on a lock (its statement has ``first_waits_on``); start ``second()`` and wait until it
+    waits too; then release ``held``. The two calls meet in the order set up, without timing.
+    Returns what each returned or raised."""
+    holder = psycopg.connect(dsn)
+    try:
+        target, params = _where(schema, held)
+        holder.execute(f"SELECT FROM {target} FOR UPDATE", params)
+        one = asyncio.ensure_future(first())
+        assert await asyncio.to_thread(waiting, dsn, first_waits_on)
+        two = asyncio.ensure_future(second())
+        assert await asyncio.to_thread(waiting, dsn, f"{schema}.", 2)
+        holder.commit()
+        return list(await asyncio.gather(one, two, return_exceptions=True))
     finally:
         holder.close()

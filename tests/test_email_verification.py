@@ -11,13 +11,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from kitium_pg import ConflictError, EmailVerificationToken, NotFoundError, ValidationError
 from kitium_pg._base import Retry
 
-from .conftest import open_adapter
-from .fix_holder import waiting
+from .fix_holder import two_calls_queued_on, unretried_adapter, waiting
 from .fix_race import race, race_each, start
 
 RACERS = 32
@@ -477,31 +475,20 @@ async def test_a_revocation_and_a_change_of_the_users_address_do_not_deadlock(
     that does not retry and whose planner reads by plain index scans: a holder keeps the older
     token, the other call waits for it, then the revocation starts. The revocation now locks
     the tokens' users first, so it waits for the other call before it holds any token."""
-    planner = make_conninfo(dsn, options="-c enable_seqscan=off -c enable_bitmapscan=off")
-    async with open_adapter(storage.kind, planner, max_retries=0) as own:
-        own.kind = storage.kind  # for start()
+    async with unretried_adapter(storage.kind, dsn) as own:
         address = f"revoke-{uuid.uuid4().hex[:8]}@example.com"
         user = await own.create_user(email=address)
         older, newer = [
             await _token(own, address, user_id=user.id, type="password_reset") for _ in "ab"
         ]
-        holder = psycopg.connect(dsn)
-        try:
-            holder.execute(
-                "SELECT 1 FROM kitium_auth.email_verification_tokens WHERE id = %s FOR UPDATE",
-                [older.id],
-            )
-            if other == "update_user":
-                first = start(own, other, user.id, email=f"moved-{address}")
-            else:
-                first = start(own, other, user.id)
-            assert await asyncio.to_thread(waiting, dsn, marker)
-            revocation = start(own, "revoke_email_verification_tokens", address)
-            assert await asyncio.to_thread(waiting, dsn, "kitium_auth", 2)
-            holder.commit()
-            results = await asyncio.gather(first, revocation, return_exceptions=True)
-        finally:
-            holder.close()
+        kwargs = {"email": f"moved-{address}"} if other == "update_user" else {}
+        results = await two_calls_queued_on(
+            dsn,
+            ("email_verification_tokens", {"id": older.id}),
+            lambda: start(own, other, user.id, **kwargs),
+            marker,
+            lambda: start(own, "revoke_email_verification_tokens", address),
+        )
         assert not [r for r in results if isinstance(r, BaseException)], results
         for token in (older, newer):
             stored = await own.get_email_verification_token_by_id(token.id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import threading
 from collections.abc import Callable
@@ -16,8 +15,8 @@ from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
 from kitium_pg.encryption import generate_key
 from kitium_pg.errors import ConflictError, EncryptionKeyError, PermissionDeniedError
 
-from .conftest import AwaitableSync, open_adapter
-from .fix_holder import call_while_holding, waiting
+from .conftest import AwaitableSync
+from .fix_holder import call_while_holding, two_calls_queued_on, unretried_adapter
 from .fix_race import race_each, start
 from .fix_roles import POLICIES_BESIDE_TENANT_RLS, set_policies
 from .fix_roles import login_role as login_role
@@ -447,26 +446,15 @@ async def test_a_rotation_and_a_users_deletion_do_not_deadlock(
         user = before.create_user()
         before.link_oauth_account(user.id, "google", sub="g", access_token="a", refresh_token="r")
         before.link_oauth_account(user.id, "github", sub="h", access_token="a", refresh_token="r")
-    options: dict[str, Any] = {
-        "schema": schema,
-        "encryption_keys": {"old": OLD, "new": NEW},
-        "max_retries": 0,
-    }
-    async with open_adapter(kind, dsn, migrate=False, **options) as own:
-        own.kind = kind  # for start()
-        holder = psycopg.connect(dsn)
-        try:
-            holder.execute(
-                f"SELECT 1 FROM {schema}.oauth_accounts WHERE provider = 'github'"
-                " FOR UPDATE".encode()
-            )
-            deletion = start(own, "delete_user", user.id)
-            assert await asyncio.to_thread(waiting, dsn, f"DELETE FROM {schema}.users")
-            rotation = start(own, "rotate_keys")
-            assert await asyncio.to_thread(waiting, dsn, f"{schema}.", 2)
-            holder.commit()
-            results = await asyncio.gather(deletion, rotation, return_exceptions=True)
-        finally:
-            holder.close()
+    options: dict[str, Any] = {"schema": schema, "encryption_keys": {"old": OLD, "new": NEW}}
+    async with unretried_adapter(kind, dsn, migrate=False, **options) as own:
+        results = await two_calls_queued_on(
+            dsn,
+            ("oauth_accounts", {"provider": "github"}),
+            lambda: start(own, "delete_user", user.id),
+            f"DELETE FROM {schema}.users",
+            lambda: start(own, "rotate_keys"),
+            schema=schema,
+        )
     assert not [r for r in results if isinstance(r, BaseException)], results
     assert results[0] is True

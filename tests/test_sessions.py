@@ -10,7 +10,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from kitium_pg import (
     AsyncPostgresStorageAdapter,
@@ -21,8 +20,12 @@ from kitium_pg import (
 )
 from kitium_pg._base import Retry, new_id
 
-from .conftest import open_adapter
-from .fix_holder import call_while_holding, release_when_waiting, waiting
+from .fix_holder import (
+    call_while_holding,
+    release_when_waiting,
+    two_calls_queued_on,
+    unretried_adapter,
+)
 from .fix_metadata import check_metadata_patch
 from .fix_paging import check_bad_paging_arguments, check_walks
 from .fix_plans import generic_plan_of
@@ -806,9 +809,7 @@ async def test_log_out_everywhere_and_a_members_removal_do_not_deadlock(
     large table: a bitmap scan reads rows in row order): a holder keeps the older session, the
     logout waits for it, then the removal starts. The logout now locks the memberships first,
     so the removal waits for it before it holds any session."""
-    planner = make_conninfo(dsn, options="-c enable_seqscan=off -c enable_bitmapscan=off")
-    async with open_adapter(storage.kind, planner, max_retries=0) as own:
-        own.kind = storage.kind  # for start()
+    async with unretried_adapter(storage.kind, dsn) as own:
         user = await own.create_user(email=f"logout-{uuid.uuid4().hex[:8]}@example.com")
         org = await own.create_organization(
             name="Acme", plan="team", members=[{"user_id": user.id}]
@@ -829,19 +830,13 @@ async def test_log_out_everywhere_and_a_members_removal_do_not_deadlock(
             assert rows == [(newer.id,), (older.id,)]  # the older session's row after the newer's
         values = {"org": org.id, "user": user.id}
         kwargs: dict[str, Any] = {"members": []} if other == "update_organization" else {}
-        holder = psycopg.connect(dsn)
-        try:
-            holder.execute(
-                "SELECT 1 FROM kitium_auth.sessions WHERE id = %s FOR UPDATE", [older.id]
-            )
-            logout = start(own, "delete_user_sessions", user.id)
-            assert await asyncio.to_thread(waiting, dsn, "DELETE FROM kitium_auth.sessions")
-            removal = start(own, other, *(values[a] for a in args), **kwargs)
-            assert await asyncio.to_thread(waiting, dsn, "kitium_auth", 2)
-            holder.commit()
-            results = await asyncio.gather(logout, removal, return_exceptions=True)
-        finally:
-            holder.close()
+        results = await two_calls_queued_on(
+            dsn,
+            ("sessions", {"id": older.id}),
+            lambda: start(own, "delete_user_sessions", user.id),
+            "DELETE FROM kitium_auth.sessions",
+            lambda: start(own, other, *(values[a] for a in args), **kwargs),
+        )
         assert not [r for r in results if isinstance(r, BaseException)], results
         assert await own.get_session(newer.id) is None
         assert await own.get_session(older.id) is None
