@@ -265,12 +265,22 @@ def opt_duration(field: str, value: object, *, maximum: dt.timedelta) -> dt.time
 _UUID_INT: Final = vars(uuid.UUID)["int"]  # the slot holding a UUID's number
 
 
-def plain_uuid(value: uuid.UUID) -> uuid.UUID:
-    """``value`` as a plain ``uuid.UUID``: a subclass's own ``__str__``, ``hex`` or ``int`` may
-    say anything (a NUL, 10 MB, another id), so its copy is made from the slot it stores."""
-    if type(value) is uuid.UUID:
-        return value
-    return uuid.UUID(int=_UUID_INT.__get__(value, uuid.UUID))
+_UUID_SPAN: Final = 1 << 128
+
+
+def plain_uuid(value: uuid.UUID) -> uuid.UUID | None:
+    """``value`` as a plain ``uuid.UUID`` holding a plain int, or ``None`` when the number it
+    holds is none of a UUID's. A subclass's own ``__str__``, ``hex`` or ``int`` may say anything
+    (a NUL, 10 MB, another id), so its copy is made from the slot it stores; and that slot may
+    hold an int subclass whose comparisons passed UUID's own range check (``uuid.UUID(int=...)``
+    of a 200-digit number), so the number is read as a plain int and checked again."""
+    number = _UUID_INT.__get__(value, uuid.UUID)
+    if type(value) is uuid.UUID and type(number) is int:
+        return value  # made by UUID's own checks, on a plain int
+    if not isinstance(number, int):
+        return None
+    number = int.__int__(number)  # a plain int, whatever the subclass says
+    return uuid.UUID(int=number) if 0 <= number < _UUID_SPAN else None
 
 
 def uuid_arg(field: str, value: object) -> uuid.UUID:
@@ -306,8 +316,8 @@ def keyset(
 def parse_uuid(value: object) -> uuid.UUID | None:
     """The UUID ``value`` denotes, or ``None`` when it is not one (lookups then return None).
     A subclass of ``uuid.UUID`` gives a plain copy of the number it holds (``plain_uuid``)."""
-    if type(value) is uuid.UUID:
-        return value
+    if type(value) is uuid.UUID and type(value.int) is int:
+        return value  # every call's id: no call
     if isinstance(value, uuid.UUID):
         return plain_uuid(value)
     if isinstance(value, str) and len(value) <= 64:
@@ -707,7 +717,10 @@ def event_keys(field: str, event: object, *, required: Iterable[str]) -> Mapping
 def text_id(field: str, value: object) -> str:
     """A principal or organization id: a UUID (stored canonically) or non-empty text."""
     if isinstance(value, uuid.UUID):
-        return str(plain_uuid(value))
+        plain = plain_uuid(value)
+        if plain is None:
+            raise ValidationError(field, "must be a UUID or non-empty text")
+        return str(plain)
     return text(field, value)
 
 

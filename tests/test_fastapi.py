@@ -4,6 +4,7 @@ driven through httpx's ASGITransport (lifespan entered by hand), every status an
 # No ``from __future__ import annotations``: FastAPI must resolve the routes' annotations,
 # some of which name local variables.
 import asyncio
+import copy
 import datetime as dt
 import gc
 import json
@@ -63,9 +64,11 @@ with warnings.catch_warnings():
         KitiumSessionStrategy,
         KitiumUser,
         KitiumUserDatabase,
+        UnrepresentableOAuthUser,
         add_email_changed_handler,
     )
 
+from .fix_disguised import Posing
 from .fix_holder import release_when_waiting
 
 
@@ -1216,3 +1219,29 @@ async def test_fastapi_users_oauth_login_of_an_identity_linked_to_an_unrepresent
         assert await async_adapter.get_user_by_email(email, consistency="primary") is None
     # An identity linked to no user is still "no such user".
     assert await KitiumUserDatabase(async_adapter).get_by_oauth_account("github", "nope") is None
+
+
+async def test_fastapi_users_checks_the_characters_an_address_holds(
+    async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
+) -> None:
+    """Found in review of the fix above: the EmailStr check's cache answered a str subclass
+    equal to (and hashing as) one checked before with that one's entry, so create() stored an
+    address EmailStr refuses and then failed to load the user it had committed."""
+    db = KitiumUserDatabase(async_adapter)
+    posing_as = unique("key")
+    good = Posing(f"{unique('ada')}@example.com", poses_as=posing_as)
+    fine = await db.create({"email": good, "hashed_password": "h"})
+    refused = f"{unique('ada')}@localhost"
+    with pytest.raises(ValidationError) as caught:
+        await db.create({"email": Posing(refused, poses_as=posing_as), "hashed_password": "h"})
+    assert caught.value.field == "email"
+    assert await async_adapter.get_user_by_email(refused, consistency="primary") is None
+    assert (await db.get(fine.id)) is not None
+
+
+def test_unrepresentable_oauth_user_survives_a_copy() -> None:
+    """Found in review of the fix above: rebuilt from its message (as pickle and copy rebuild
+    an exception), the copy wrapped that message in another."""
+    error = UnrepresentableOAuthUser(uuid.UUID(int=7))
+    again = copy.deepcopy(error)
+    assert (type(again), str(again), again.user_id) == (type(error), str(error), error.user_id)

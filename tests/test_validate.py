@@ -881,3 +881,28 @@ async def test_a_uuid_subclass_is_read_and_sent_as_the_number_it_holds(
     assert await storage.emit_events(batch) == 1
     page = await storage.list_events(principal_id=masked, org_id=masked)
     assert [(e.principal_id, e.org_id) for e in page.events] == [(str(user.id), str(user.id))] * 2
+
+
+async def test_a_uuid_holding_an_int_subclass_is_read_as_the_number_it_holds(
+    storage: Any, email: str
+) -> None:
+    """Found in review of the fix above: uuid.UUID(int=...) checks its range with the int's own
+    comparisons, so an int subclass that compares as within any range made a plain UUID of a
+    200-digit number: sent as a 205-character principal_id, and an OverflowError from a lookup.
+    The number is read as a plain int and checked again."""
+    user = await storage.create_user(email=email)
+    huge = uuid.UUID(int=Boundless(16**200))
+    same = uuid.UUID(int=Boundless(user.id.int))
+    masked_huge = Masked(user.id, "x")
+    vars(uuid.UUID)["int"].__set__(masked_huge, Boundless(16**200))
+    for value in (huge, masked_huge):
+        assert await storage.get_user(value) is None
+        with pytest.raises(ValidationError) as caught:
+            await storage.emit_event(type="t", principal_id=value, data={})
+        assert caught.value.field == "principal_id"
+        with pytest.raises(ValidationError) as caught:
+            await storage.update_user(value, name="x")
+        assert caught.value.field == "id"
+    assert await storage.get_user(same) == user
+    event = await storage.emit_event(type="t", principal_id=same, data={})
+    assert event.principal_id == str(user.id)

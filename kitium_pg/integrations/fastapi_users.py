@@ -122,6 +122,7 @@ from fastapi_users.password import PasswordHelperProtocol
 from fastapi_users.router.common import ErrorCode
 
 from .. import AsyncPostgresStorageAdapter
+from .._validate import plain
 from ..errors import ConflictError, NotFoundError, ValidationError
 from ..records import User
 
@@ -210,6 +211,10 @@ class UnrepresentableOAuthUser(fu_exceptions.UserAlreadyExists):
             " fastapi-users can represent"
         )
         self.user_id = user_id
+
+    def __reduce__(self) -> tuple[type[UnrepresentableOAuthUser], tuple[uuid.UUID]]:
+        # Rebuilt from its user id (its message is made from it), not from its message.
+        return type(self), (self.user_id,)
 
 
 class EmailChanged(fu_exceptions.InvalidVerifyToken):
@@ -528,8 +533,10 @@ def _representable(email: str) -> bool:
 
 def _check_email(email: object) -> None:
     """Raise ``UserFieldRefused`` for an email ``EmailStr`` refuses: stored, its user could not
-    be loaded again (``create`` would commit a user and fail to return it)."""
-    if not isinstance(email, str) or not _representable(email):
+    be loaded again (``create`` would commit a user and fail to return it). The characters a
+    ``str`` subclass holds are checked, as kitium-pg stores them: the cache would answer one
+    that equals (and hashes as) another address with that address's entry."""
+    if not isinstance(email, str) or not _representable(plain(email)):
         raise UserFieldRefused("email", "must be an address pydantic's EmailStr accepts")
 
 
