@@ -186,16 +186,17 @@ class _Context:
                 err=True,
             )
         embedded = EmbeddedPostgres(EMBEDDED_DATA_DIR)
-        try:
-            dsn = embedded.start()
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise UnavailableError(
-                f"the embedded PostgreSQL in ./{EMBEDDED_DATA_DIR} did not start"
-                f" ({type(exc).__name__}; its log is ./{EMBEDDED_DATA_DIR}/log)"
-            ) from exc
-        except RuntimeError as exc:  # the 'embedded' extra is not installed
-            raise UnavailableError(str(exc)) from exc
-        self.embedded = embedded
+        with _INTERRUPTIONS.deferred():  # a SIGTERM meanwhile: once it is ours to stop
+            try:
+                dsn = embedded.start()
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise UnavailableError(
+                    f"the embedded PostgreSQL in ./{EMBEDDED_DATA_DIR} did not start"
+                    f" ({type(exc).__name__}; its log is ./{EMBEDDED_DATA_DIR}/log)"
+                ) from exc
+            except RuntimeError as exc:  # the 'embedded' extra is not installed
+                raise UnavailableError(str(exc)) from exc
+            self.embedded = embedded
         click.echo(
             f"kitium-pg: no --dsn or DATABASE_URL given: started an embedded PostgreSQL in"
             f" ./{EMBEDDED_DATA_DIR} (stopped when this command exits)",
@@ -253,7 +254,8 @@ class _Interruptions:
     so psycopg cancels the statement in progress (an index build would go on and keep the
     migrators' lock) and the embedded server is stopped; by default Python would just die. Only
     the first one interrupts: a later one (or one during ``shielded()``) must not cut short the
-    cleanup the first started. A signal the process was told to ignore (nohup) stays ignored."""
+    cleanup the first started. One during ``deferred()`` interrupts when that block is done. A
+    signal the process was told to ignore (nohup) stays ignored."""
 
     SIGNALS: Final = tuple(
         getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
@@ -262,11 +264,16 @@ class _Interruptions:
     def __init__(self) -> None:
         self.received: int | None = None
         self._shield = 0
+        self._defer = 0
+        self._pending = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None or self._shield:
             return
         self.received = signum
+        if self._defer:
+            self._pending = True
+            return
         raise KeyboardInterrupt
 
     @contextmanager
@@ -292,6 +299,21 @@ class _Interruptions:
             yield
         finally:
             self._shield -= 1
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A signal that arrives inside is raised once the block is done. For the embedded
+        server's start: an exception there kills its initdb (subprocess.run does), leaving a
+        data folder no later command can use, or leaves a started server nobody stops (found
+        in review)."""
+        self._defer += 1
+        try:
+            yield
+        finally:
+            self._defer -= 1
+        if not self._defer and self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
 
     def exit_code(self) -> int:
         return EXIT_SIGNAL_BASE + (self.received or signal.SIGINT)

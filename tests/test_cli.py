@@ -960,3 +960,59 @@ def test_the_embedded_server_is_stopped_after_sigterm_or_a_killed_user(tmp_path:
                 user=user,
                 check=False,
             )
+
+
+def test_a_sigterm_while_the_embedded_server_starts_interrupts_once_it_has_started() -> None:
+    """Found in review of the signal handling: a SIGTERM turned into KeyboardInterrupt while
+    the embedded server started killed its initdb (subprocess.run kills its child on any
+    exception), and every later command failed on the half-made data folder; or it cut the
+    start short after the server ran, and nobody stopped it. Inside deferred() (the start) the
+    signal is noted and raised once the block is done."""
+    interruptions = kitium_cli._INTERRUPTIONS
+    finished: list[bool] = []
+    with pytest.raises(KeyboardInterrupt), interruptions.active():
+        # Sent only where the handler is in place: a default SIGTERM would end the run.
+        assert signal.getsignal(signal.SIGTERM) == interruptions._handle
+        with interruptions.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(50):  # the handler runs between two bytecodes of this loop
+                time.sleep(0.001)
+            finished.append(True)
+    assert finished == [True]
+    assert interruptions.exit_code() == 128 + signal.SIGTERM
+
+
+def test_cli_main_in_a_program_leaves_the_programs_embedded_server_running(
+    tmp_path: Path,
+) -> None:
+    """Found in review of the signal handling: a program that started the embedded server of
+    ./.kitium-pg/data itself and then ran kitium_pg.cli.main() lost its server when the
+    command ended (the wheel keeps one instance per folder and process, which the command
+    released). The command now leaves a server it found started in its process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", ENV_VAR)}
+    program = (
+        "import psycopg\n"
+        "from kitium_pg.cli import main\n"
+        "from kitium_pg.embedded import EmbeddedPostgres\n"
+        "own = EmbeddedPostgres('.kitium-pg/data')\n"
+        "dsn = own.start()\n"
+        "try:\n"
+        "    main(['status'])\n"
+        "except SystemExit as done:\n"
+        "    assert done.code in (0, None), done.code\n"
+        "with psycopg.connect(dsn) as conn:\n"
+        "    conn.execute('SELECT 1')\n"
+        "print('still up')\n"
+        "own.release()\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "still up" in ran.stdout
+    assert _postgres_of(tmp_path / ".kitium-pg" / "data") is None  # the program's release
