@@ -95,31 +95,27 @@ SELECT false AS consumed, id, email, code_hash, type, user_id, metadata, expires
 -- name: revoke_email_verification_tokens(email, type)!
 -- Mark every unused, unexpired token of one email (any letter case), only those of type when it
 -- is not NULL, as used, so that none can be consumed any more (a new reset link revokes the
--- earlier ones; served by email_verification_tokens_email_idx). First the tokens' users are
--- locked (FOR SHARE, in id order), as a token's creation locks its user: a change of a user's
--- address (migration 0033's trigger ends its tokens) and a user's deletion hold the user
--- before its tokens, so they wait here before either side holds a token. Without it the
--- tokens went newest first here and in row order there, and the two deadlocked (found in
--- review).
-WITH owners AS (
-  SELECT u.id
-    FROM kitium_auth.users AS u
-   WHERE u.id IN (SELECT t.user_id
-                    FROM kitium_auth.email_verification_tokens AS t
-                   WHERE lower(t.email) = lower(:email)
-                     AND (:type::text IS NULL OR t.type = :type)
-                     AND t.used_at IS NULL
-                     AND t.expires_at > statement_timestamp())
-   ORDER BY u.id
-     FOR SHARE OF u
+-- earlier ones; served by email_verification_tokens_email_idx). The tokens are locked first,
+-- in row order: the order in which a change of their user's address (migration 0033's trigger)
+-- and their user's deletion (the cascade) reach them, both through
+-- email_verification_tokens_user_id_idx, whose ties are in row order. Marked newest first (the
+-- email index), the revocation deadlocked with those (found in review). Their users are not
+-- locked: a lock on the user, held while waiting for a token a transaction had consumed,
+-- deadlocked with that transaction's next write of the user (found in review of that fix).
+WITH locked AS (
+  SELECT t.id
+    FROM kitium_auth.email_verification_tokens AS t
+   WHERE lower(t.email) = lower(:email)
+     AND (:type::text IS NULL OR t.type = :type)
+     AND t.used_at IS NULL
+     AND t.expires_at > statement_timestamp()
+   ORDER BY t.ctid
+     FOR NO KEY UPDATE
 )
-UPDATE kitium_auth.email_verification_tokens
+UPDATE kitium_auth.email_verification_tokens AS t
    SET used_at = statement_timestamp()
- WHERE lower(email) = lower(:email)
-   AND (:type::text IS NULL OR type = :type)
-   AND used_at IS NULL
-   AND expires_at > statement_timestamp()
-   AND (SELECT count(*) FROM owners) >= 0;  -- always true: the users are locked first
+ WHERE t.id IN (SELECT l.id FROM locked AS l)
+   AND t.used_at IS NULL;
 
 -- name: delete_expired_email_verification_tokens(after, batch_size)^
 -- Delete up to batch_size expired tokens, oldest expiry first (served by

@@ -221,17 +221,21 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- Delete every session of a user, expired ones included, but the one except_session_id names
 -- when it is not NULL ("sign out other devices"; served by
 -- sessions_user_id_created_at_id_idx). First the memberships its organization-bound sessions
--- rest on are locked (FOR KEY SHARE, in organization order): a member's removal, a member-set
--- replacement and an organization's deletion delete the membership before its sessions, so
--- they wait here before either side holds a session. Without it the sessions went in creation
--- order here and in row order there, and the two deadlocked once a slid expiry had moved an
--- older session's row after a newer one's (found in review).
+-- rest on are locked (FOR KEY SHARE): a member's removal, a member-set replacement and an
+-- organization's deletion delete the membership before its sessions, so they wait here before
+-- either side holds a session. Without it the sessions went in creation order here and in row
+-- order there, and the two deadlocked once a slid expiry had moved an older session's row after
+-- a newer one's (found in review). The memberships go in row order, the order in which a
+-- user's deletion reaches them (its cascade, through organization_members_user_id_idx, whose
+-- ties are in row order, or any scan): in organization order the two deadlocked over a user's
+-- two memberships (found in review of that fix). Under tenant_rls only the memberships the
+-- tenant sees are locked (docs/operations.md).
 WITH members AS (
   SELECT m.org_id
     FROM kitium_auth.organization_members AS m
    WHERE m.user_id = :user_id
      AND m.org_id IN (SELECT s.org_id FROM kitium_auth.sessions AS s WHERE s.user_id = :user_id)
-   ORDER BY m.org_id
+   ORDER BY m.ctid
      FOR KEY SHARE
 )
 DELETE FROM kitium_auth.sessions

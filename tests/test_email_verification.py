@@ -493,3 +493,26 @@ async def test_a_revocation_and_a_change_of_the_users_address_do_not_deadlock(
         for token in (older, newer):
             stored = await own.get_email_verification_token_by_id(token.id)
             assert stored is None or stored.used_at is not None
+
+
+@pytest.mark.parametrize("then", ["mark_user_email_verified", "set_password_hash"])
+async def test_a_revocation_waits_for_a_transaction_that_consumed_a_token_and_writes_its_user(
+    storage: Any, dsn: str, then: str
+) -> None:
+    """Found in review of the lock-order fix above, which locked the tokens' users first: a
+    revocation that held the user while waiting for a token a transaction had consumed
+    deadlocked with that transaction's next write of the user (email-verification.md's
+    "consume, then write what follows in a transaction"). The revocation locks only tokens."""
+    async with unretried_adapter(storage.kind, dsn) as own:
+        address = f"consumed-{uuid.uuid4().hex[:8]}@example.com"
+        user = await own.create_user(email=address)
+        token = await _token(own, address, user_id=user.id)
+        async with own.transaction() as tx:
+            assert (await tx.mark_email_verification_token_as_used(token.id)).used_at
+            revocation = start(own, "revoke_email_verification_tokens", address)
+            assert await asyncio.to_thread(waiting, dsn, "email_verification_tokens")
+            if then == "mark_user_email_verified":
+                assert await tx.mark_user_email_verified(user.id, address) is not None
+            else:
+                await tx.set_password_hash(user.id, "hash")
+        assert await revocation == 0  # the token was used by then

@@ -840,3 +840,32 @@ async def test_log_out_everywhere_and_a_members_removal_do_not_deadlock(
         assert not [r for r in results if isinstance(r, BaseException)], results
         assert await own.get_session(newer.id) is None
         assert await own.get_session(older.id) is None
+
+
+async def test_log_out_everywhere_and_the_users_deletion_do_not_deadlock(
+    storage: Any, dsn: str
+) -> None:
+    """Found in review of the fix above, which locked the memberships in organization order: a
+    user's deletion deletes them in row order (its cascade), and over a user who had joined the
+    organization with the larger id first the two deadlocked. They are locked in row order.
+    Played without timing: a holder keeps the first-joined membership; the deletion waits for
+    it, then the logout starts."""
+    async with unretried_adapter(storage.kind, dsn) as own:
+        user = await own.create_user(email=f"both-{uuid.uuid4().hex[:8]}@example.com")
+        smaller = await own.create_organization(name="A", plan="team")
+        larger = await own.create_organization(
+            name="B", plan="team", members=[{"user_id": user.id}]
+        )
+        await own.add_organization_member(smaller.id, user.id)  # joined second
+        assert smaller.id < larger.id
+        for org in (smaller, larger):
+            await own.create_session(user_id=user.id, org_id=org.id, expires_at=later(hours=1))
+        results = await two_calls_queued_on(
+            dsn,
+            ("organization_members", {"org_id": larger.id, "user_id": user.id}),
+            lambda: start(own, "delete_user", user.id),
+            "DELETE FROM kitium_auth.users",
+            lambda: start(own, "delete_user_sessions", user.id),
+        )
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert results[0] is True
