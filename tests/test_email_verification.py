@@ -17,6 +17,7 @@ from kitium_pg._base import Retry
 
 from .fix_holder import two_calls_queued_on, unretried_adapter, waiting
 from .fix_race import race, race_each, start
+from .fix_roles import schema as schema
 
 RACERS = 32
 
@@ -466,7 +467,7 @@ async def test_a_new_address_ends_the_tokens_sent_to_the_old_one(
     ],
 )
 async def test_a_revocation_and_a_change_of_the_users_address_do_not_deadlock(
-    storage: Any, dsn: str, other: str, marker: str
+    storage: Any, dsn: str, schema: str, other: str, marker: str
 ) -> None:
     """Found in the fourth review: revoke_email_verification_tokens marked an address's tokens
     newest first (its index), while a change of the user's address (migration 0033's trigger)
@@ -474,20 +475,27 @@ async def test_a_revocation_and_a_change_of_the_users_address_do_not_deadlock(
     (hidden by the retry: a second's wait and a warning). Played without timing, on an adapter
     that does not retry and whose planner reads by plain index scans: a holder keeps the older
     token, the other call waits for it, then the revocation starts. The revocation now locks
-    the tokens' users first, so it waits for the other call before it holds any token."""
-    async with unretried_adapter(storage.kind, dsn) as own:
+    the tokens' users first, so it waits for the other call before it holds any token. In a
+    schema of its own, where rows go in the order written."""
+    async with unretried_adapter(storage.kind, dsn, schema=schema) as own:
         address = f"revoke-{uuid.uuid4().hex[:8]}@example.com"
         user = await own.create_user(email=address)
         older, newer = [
             await _token(own, address, user_id=user.id, type="password_reset") for _ in "ab"
         ]
+        with psycopg.connect(dsn, autocommit=True) as observer:
+            rows = observer.execute(
+                f"SELECT id FROM {schema}.email_verification_tokens ORDER BY ctid".encode()
+            ).fetchall()
+        assert rows == [(older.id,), (newer.id,)]  # row order is not the email index's
         kwargs = {"email": f"moved-{address}"} if other == "update_user" else {}
         results = await two_calls_queued_on(
             dsn,
             ("email_verification_tokens", {"id": older.id}),
             lambda: start(own, other, user.id, **kwargs),
-            marker,
+            marker.replace("kitium_auth", schema),
             lambda: start(own, "revoke_email_verification_tokens", address),
+            schema=schema,
         )
         assert not [r for r in results if isinstance(r, BaseException)], results
         for token in (older, newer):

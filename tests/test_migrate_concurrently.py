@@ -594,13 +594,25 @@ def test_the_shipped_parts_outside_a_transaction_are_index_builds_and_drops() ->
 
 
 def _cli(dsn: str, schema: str, *args: str) -> subprocess.Popen[str]:
-    """``kitium-pg --dsn dsn --schema schema ARGS`` in a process of its own."""
+    """``kitium-pg --dsn dsn --schema schema ARGS`` in a process of its own, with SIGTERM and
+    SIGHUP at their defaults: a test run started under nohup would pass on SIGHUP ignored,
+    which the command rightly keeps ignoring."""
     code = "from kitium_pg.cli import main; main()"
     command = [sys.executable, "-c", code, "--dsn", dsn, "--schema", schema, *args]
     env = {**os.environ, "COLUMNS": "2000", "NO_COLOR": "1"}
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=_default_stop_signals,
     )
+
+
+def _default_stop_signals() -> None:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 CLI_BUILDING = (

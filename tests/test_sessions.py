@@ -30,6 +30,7 @@ from .fix_metadata import check_metadata_patch
 from .fix_paging import check_bad_paging_arguments, check_walks
 from .fix_plans import generic_plan_of
 from .fix_race import start
+from .fix_roles import schema as schema
 
 UTC = dt.UTC
 
@@ -798,7 +799,7 @@ async def test_bad_input_is_a_validation_error_naming_the_field(
     ],
 )
 async def test_log_out_everywhere_and_a_members_removal_do_not_deadlock(
-    storage: Any, dsn: str, other: str, args: tuple[str, ...]
+    storage: Any, dsn: str, schema: str, other: str, args: tuple[str, ...]
 ) -> None:
     """Found in the fourth review: delete_user_sessions deleted a user's sessions in creation
     order (an index scan), a member's removal (or a member-set replacement, or the
@@ -808,8 +809,10 @@ async def test_log_out_everywhere_and_a_members_removal_do_not_deadlock(
     on an adapter that does not retry and whose planner reads by plain index scans (as on a
     large table: a bitmap scan reads rows in row order): a holder keeps the older session, the
     logout waits for it, then the removal starts. The logout now locks the memberships first,
-    so the removal waits for it before it holds any session."""
-    async with unretried_adapter(storage.kind, dsn) as own:
+    so the removal waits for it before it holds any session. In a schema of its own, whose new
+    tables put a row's new version after the rows before it (in the shared tables free space
+    left by other tests may take it)."""
+    async with unretried_adapter(storage.kind, dsn, schema=schema) as own:
         user = await own.create_user(email=f"logout-{uuid.uuid4().hex[:8]}@example.com")
         org = await own.create_organization(
             name="Acme", plan="team", members=[{"user_id": user.id}]
@@ -822,7 +825,7 @@ async def test_log_out_everywhere_and_a_members_removal_do_not_deadlock(
             for minutes in range(1, 51):  # a slid expiry stores a new row version, somewhere
                 await own.update_session(older.id, expires_at=later(hours=1, minutes=minutes))
                 rows = observer.execute(
-                    "SELECT id FROM kitium_auth.sessions WHERE user_id = %s ORDER BY ctid",
+                    f"SELECT id FROM {schema}.sessions WHERE user_id = %s ORDER BY ctid".encode(),
                     [user.id],
                 ).fetchall()
                 if rows == [(newer.id,), (older.id,)]:
@@ -834,8 +837,9 @@ async def test_log_out_everywhere_and_a_members_removal_do_not_deadlock(
             dsn,
             ("sessions", {"id": older.id}),
             lambda: start(own, "delete_user_sessions", user.id),
-            "DELETE FROM kitium_auth.sessions",
+            f"DELETE FROM {schema}.sessions",
             lambda: start(own, other, *(values[a] for a in args), **kwargs),
+            schema=schema,
         )
         assert not [r for r in results if isinstance(r, BaseException)], results
         assert await own.get_session(newer.id) is None
@@ -843,14 +847,14 @@ async def test_log_out_everywhere_and_a_members_removal_do_not_deadlock(
 
 
 async def test_log_out_everywhere_and_the_users_deletion_do_not_deadlock(
-    storage: Any, dsn: str
+    storage: Any, dsn: str, schema: str
 ) -> None:
     """Found in review of the fix above, which locked the memberships in organization order: a
     user's deletion deletes them in row order (its cascade), and over a user who had joined the
     organization with the larger id first the two deadlocked. They are locked in row order.
     Played without timing: a holder keeps the first-joined membership; the deletion waits for
-    it, then the logout starts."""
-    async with unretried_adapter(storage.kind, dsn) as own:
+    it, then the logout starts. In a schema of its own, where rows go in the order written."""
+    async with unretried_adapter(storage.kind, dsn, schema=schema) as own:
         user = await own.create_user(email=f"both-{uuid.uuid4().hex[:8]}@example.com")
         smaller = await own.create_organization(name="A", plan="team")
         larger = await own.create_organization(
@@ -860,12 +864,20 @@ async def test_log_out_everywhere_and_the_users_deletion_do_not_deadlock(
         assert smaller.id < larger.id
         for org in (smaller, larger):
             await own.create_session(user_id=user.id, org_id=org.id, expires_at=later(hours=1))
+        with psycopg.connect(dsn, autocommit=True) as observer:
+            joined = observer.execute(
+                f"SELECT org_id FROM {schema}.organization_members WHERE user_id = %s"
+                " ORDER BY ctid".encode(),
+                [user.id],
+            ).fetchall()
+        assert joined == [(larger.id,), (smaller.id,)]  # row order is not organization order
         results = await two_calls_queued_on(
             dsn,
             ("organization_members", {"org_id": larger.id, "user_id": user.id}),
             lambda: start(own, "delete_user", user.id),
-            "DELETE FROM kitium_auth.users",
+            f"DELETE FROM {schema}.users",
             lambda: start(own, "delete_user_sessions", user.id),
+            schema=schema,
         )
         assert not [r for r in results if isinstance(r, BaseException)], results
         assert results[0] is True
