@@ -84,17 +84,22 @@ class TransactionState:
                 if left:
                     self.calls[caller] = left
 
+    def others_running_locked(self, caller: object) -> bool:
+        """Whether callers other than ``caller`` have calls running on the transaction (hold
+        ``lock``)."""
+        return any(other is not caller for other in self.calls)
+
     def others_running(self, caller: object) -> bool:
-        """Whether callers other than ``caller`` have calls running on the transaction."""
+        """``others_running_locked``, taking the lock."""
         with self.lock:
-            return any(other is not caller for other in self.calls)
+            return self.others_running_locked(caller)
 
     def busy_besides(self, caller: object) -> bool:
         """Whether callers other than ``caller`` have calls running, or hold a savepoint: what
         the end of the block, run by ``caller``, waits for. Its own are not waited for: by then
         they have ended, and any count left is one an interruption leaked."""
         with self.lock:
-            return any(other is not caller for other in self.calls) or bool(
+            return self.others_running_locked(caller) or bool(
                 self.depth and self.holder is not caller
             )
 

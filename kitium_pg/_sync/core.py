@@ -312,7 +312,7 @@ class Core:
         state, caller = self._tx, thread_caller()
         with state.lock:
             state.check_usable(caller)
-            if state.holder is None and any(other is not caller for other in state.calls):
+            if state.holder is None and state.others_running_locked(caller):
                 raise ValidationError(
                     "transaction",
                     "a savepoint needs the transaction to itself, but calls from other tasks"
