@@ -729,13 +729,17 @@ def test_the_grants_hold_no_privilege_the_adapter_does_not_use(
         assert not can("email_verification_token_attempts", "DELETE")
         assert can("user_roles", "DELETE") and can("email_verification_token_attempts", "UPDATE")
         user = app.create_user(email=f"grants-{uuid.uuid4().hex[:8]}@example.com")
-        token = app.create_email_verification_token(
-            email=user.email or "",
-            code_hash="0" * 64,
-            type="email_verification",
-            expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5),
-            user_id=user.id,
-        )
+
+        def new_token(code_hash: str) -> Any:
+            return app.create_email_verification_token(
+                email=user.email or "",
+                code_hash=code_hash,
+                type="email_verification",
+                expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5),
+                user_id=user.id,
+            )
+
+        token = new_token("0" * 64)
         assert app.increment_email_verification_token_attempts(token.id) == 1
         assert app.increment_email_verification_token_attempts(token.id) == 2
         admin.execute(
@@ -745,13 +749,7 @@ def test_the_grants_hold_no_privilege_the_adapter_does_not_use(
         )
         assert app.delete_expired_email_verification_tokens() >= 1
         assert app.get_email_verification_token_attempts(token.id) == 0
-        again = app.create_email_verification_token(
-            email=user.email or "",
-            code_hash="1" * 64,
-            type="email_verification",
-            expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5),
-            user_id=user.id,
-        )
+        again = new_token("1" * 64)
         assert app.increment_email_verification_token_attempts(again.id) == 1
         assert app.delete_user(user.id) is True  # its tokens and their counters go with it
         row = admin.execute(
