@@ -52,9 +52,9 @@ SELECT o.id, o.name, o.plan, o.seats,
 -- Update the given columns of one organization and, when set_members, replace its member set
 -- (members kept keep their joined_at; the others are deleted or inserted) with
 -- replace_organization_members, after the UPDATE has locked the organization row (see
--- migration 0006: a concurrent replacement is then replaced, not merged; since 0013 it also
--- deletes the removed members' sessions bound to the organization). No row if the organization
--- does not exist.
+-- migration 0006: a concurrent replacement is then replaced, not merged; it removes members as
+-- remove_organization_member does, with their sessions bound to the organization and, since
+-- 0037, their SSO sessions at its providers). No row if the organization does not exist.
 -- Without set_metadata, metadata_patch (RFC 7396 JSON Merge Patch; NULL: none) is merged into
 -- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
 -- The members returned are read after the lock (organization_member_list, migration 0034), so
@@ -102,10 +102,11 @@ SELECT r.outcome, r.member_user_id AS user_id, r.member_role AS role,
   FROM kitium_auth.set_organization_member_role(:org_id, :user_id, :role, :keep_last) AS r;
 
 -- name: remove_organization_member(org_id, user_id, keep_last)$
--- Remove a user from an organization with its roles there and its sessions bound to the
--- organization, under the organization's row lock (migration 0013): 'removed', 'absent' (not a
--- member, or no organization), or 'last' (nothing written) when keep_last names the role the
--- member holds and no other member holds it.
+-- Remove a user from an organization with its roles there, its sessions bound to the
+-- organization and its SSO sessions at the organization's providers (migration 0037), under the
+-- organization's row lock (migration 0013): 'removed', 'absent' (not a member, or no
+-- organization), or 'last' (nothing written) when keep_last names the role the member holds and
+-- no other member holds it.
 SELECT kitium_auth.remove_organization_member(:org_id, :user_id, :keep_last) AS outcome;
 
 -- name: get_organization_member(org_id, user_id)^

@@ -228,15 +228,11 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- a newer one's (found in review). The memberships go in row order, the order in which a
 -- user's deletion reaches them (its cascade, through organization_members_user_id_idx, whose
 -- ties are in row order, or any scan): in organization order the two deadlocked over a user's
--- two memberships (found in review of that fix). Under tenant_rls only the memberships the
--- tenant sees are locked (docs/operations.md).
+-- two memberships (found in review of that fix). The lock is taken by
+-- lock_user_session_memberships (migration 0039), which sees every tenant's memberships: under
+-- tenant_rls this statement's own read would lock only the tenant's.
 WITH members AS (
-  SELECT m.org_id
-    FROM kitium_auth.organization_members AS m
-   WHERE m.user_id = :user_id
-     AND m.org_id IN (SELECT s.org_id FROM kitium_auth.sessions AS s WHERE s.user_id = :user_id)
-   ORDER BY m.ctid
-     FOR KEY SHARE
+  SELECT kitium_auth.lock_user_session_memberships(:user_id)
 )
 DELETE FROM kitium_auth.sessions
  WHERE user_id = :user_id

@@ -49,7 +49,8 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- The token rotated out last, presented more than reuse_grace after its rotation (NULL: never),
 -- ends the session and writes a session.token_reused event (id event_id), both here: a row
 -- with reused true (and no session) says so, also to a retry after a lost acknowledgement, which
--- finds that event. Within reuse_grace it gets no row and changes nothing. The event is
+-- finds that event (auth_event_written, migration 0038: read after this statement's waits, so a
+-- retry that waited for its own first attempt's lock sees its commit). Within reuse_grace it gets no row and changes nothing. The event is
 -- the user's, with no organization (the session's goes in its data): sessions are not tenant
 -- data, and under tenant_rls a caller without a tenant may write only such events.
 WITH ended AS (
@@ -87,7 +88,7 @@ SELECT r.id IS NULL AS reused, r.id, r.user_id, r.org_id, r.plan, r.entitlements
   LEFT JOIN rotated AS r ON true
  WHERE r.id IS NOT NULL
     OR EXISTS (SELECT FROM ended)
-    OR EXISTS (SELECT FROM kitium_auth.auth_events AS e WHERE e.id = :event_id);
+    OR kitium_auth.auth_event_written(:event_id);
 
 -- name: verify_api_key(hash)^
 -- The unexpired key with this digest; stamps last_used_at when it is over a minute old, so a busy

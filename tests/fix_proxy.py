@@ -14,6 +14,10 @@ statements (``P``, including named ones that a later ``B`` runs: psycopg prepare
 runs often). Each ``Sync`` or ``Q`` gets exactly one ``ReadyForQuery`` (``Z``) back, and the
 connection's first ``Z`` ends the startup; counting both sides finds the reply to cut.
 
+``proxy.sever(marker)`` closes, at once, the connections whose statement in flight contains
+``marker``: a connection lost while its statement still runs (waits for a lock, say), which
+the server finishes and commits all the same.
+
 ``CuttingProxy(dsn, pause_after_sync=seconds)`` also plays a client that is slow right after
 each ``Sync``: it forwards the ``Sync`` at once and holds back whatever the client sends next
 for ``seconds``, so the server (or a pooler in front of it) answers the ``Sync`` before that
@@ -66,6 +70,8 @@ class _Link:
         self.single_byte_replies = 0  # SSL/GSS requests forwarded, answered with one raw byte
         self.cut_at: int | None = None  # the ReadyForQuery that ends the reply to drop
         self.named: dict[bytes, bytes] = {}  # prepared statement name -> SQL text
+        self.last_sql = b""  # the SQL of the statement the client sent last
+        self.ready = 0  # ReadyForQuery messages received from the server
         self.closed = False
         self.lock = threading.Lock()
         self.threads = [
@@ -155,6 +161,8 @@ class _Link:
             statement = rest.split(b"\0", 1)[0]
             if statement:
                 sql = self.named.get(statement)
+        if sql is not None:
+            self.last_sql = sql
         if sql is not None and self.proxy._take(sql):
             # The reply to cut ends with the ReadyForQuery of the next Sync (or of this Query).
             # Set before the statement is forwarded, so the server pump always sees it in time.
@@ -166,7 +174,6 @@ class _Link:
 
     def _pump_server(self) -> None:
         buffer = b""
-        ready = 0  # ReadyForQuery messages received from the server
         try:
             while True:
                 data = self.server.recv(_CHUNK)
@@ -187,7 +194,7 @@ class _Link:
                         break
                     message, buffer = buffer[: 1 + length], buffer[1 + length :]
                     cut_at = self.cut_at
-                    if cut_at is not None and ready >= cut_at - 1:
+                    if cut_at is not None and self.ready >= cut_at - 1:
                         # Part of the reply to drop: withhold it; at its end, cut.
                         if message[:1] == b"Z":
                             if out:
@@ -196,7 +203,7 @@ class _Link:
                             return
                         continue
                     if message[:1] == b"Z":
-                        ready += 1
+                        self.ready += 1
                     out += message
                 if out:
                     self.client.sendall(out)
@@ -254,6 +261,23 @@ class CuttingProxy:
     @property
     def armed(self) -> bool:
         return self._marker is not None
+
+    def sever(self, marker: str) -> int:
+        """Close, now, each proxied connection whose statement in flight (sent, its reply not
+        yet whole) contains ``marker``, as a
+        network failure would while the statement runs: the client sees its connection lost,
+        and the server goes on with a statement it has whole (and commits it) until it next
+        writes to the socket. Returns how many connections it closed."""
+        needle = marker.encode("utf-8")
+        with self._lock:
+            links = [
+                link
+                for link in self._links
+                if not link.closed and needle in link.last_sql and link.ready < link.sync_points
+            ]
+        for link in links:
+            link.close()
+        return len(links)
 
     def wait_cut(self, timeout: float = 5.0) -> bool:
         """Whether the armed cut happened (waiting up to ``timeout`` seconds)."""

@@ -9,11 +9,13 @@ counter has moved once.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -26,6 +28,7 @@ from kitium_pg import (
     UnavailableError,
 )
 from tests.conftest import TEST_KEYS, AwaitableSync
+from tests.fix_holder import in_background, waiting
 from tests.fix_proxy import CuttingProxy
 
 USERS_INSERT = "INSERT INTO kitium_auth.users"
@@ -476,3 +479,50 @@ async def test_every_retried_create_after_a_lost_ack_returns_the_first_row(
     lost.check(sent=2)
     assert rows(dsn, f"SELECT count(*) FROM kitium_auth.{table} WHERE id = %s", made.id) == [(1,)]
     assert await getattr(via_proxy, get)(made.id) == made
+
+
+async def test_a_reuse_whose_retry_waited_for_its_first_attempt_is_still_reported(
+    via_proxy: Any,
+    proxy: CuttingProxy,
+    dsn: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first attempt ends the session and then waits (here for another transaction's
+    uncommitted event with the same id) when its connection is lost; the adapter's retry waits
+    for the session's row, which the first attempt holds, and reads after the first attempt has
+    committed. Its statement began before that commit, so it saw neither the session nor the
+    event, returned nothing and logged no reuse (noted in review). The event is now looked for
+    once the retry holds nothing more to wait for (migration 0038): the reuse is logged."""
+    user = await via_proxy.create_user()
+    issued = await via_proxy.issue_session_token(user_id=user.id, expires_at=in_an_hour())
+    assert await via_proxy.rotate_session_token(issued.token) is not None
+    event_id = uuid.uuid4()
+    kind = "sync" if isinstance(via_proxy, AwaitableSync) else "async"
+    runner = SimpleNamespace(kind=kind)  # what in_background needs to know of the adapter
+    monkeypatch.setattr(f"kitium_pg._{kind}.tokens.new_id", lambda: event_id)
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "INSERT INTO kitium_auth.auth_events (id, type, principal_id) VALUES (%s, 'x', 'x')",
+            [event_id],
+        )
+        with caplog.at_level(logging.WARNING, logger="kitium_pg"):
+            rotation = in_background(
+                runner,
+                lambda: via_proxy.rotate_session_token(issued.token, reuse_grace=dt.timedelta(0)),
+            )
+            assert await asyncio.to_thread(waiting, dsn, SESSION_ROTATE)
+            assert proxy.sever(SESSION_ROTATE) == 1
+            assert await asyncio.to_thread(waiting, dsn, SESSION_ROTATE, 2)  # the retry waits
+            holder.rollback()
+            reused = await rotation()
+    finally:
+        holder.close()
+    assert reused is None
+    assert rows(dsn, "SELECT 1 FROM kitium_auth.sessions WHERE id = %s", issued.session.id) == []
+    assert rows(dsn, "SELECT type FROM kitium_auth.auth_events WHERE id = %s", event_id) == [
+        ("session.token_reused",)
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("was ended" in m and str(issued.session.id) in m for m in warnings), warnings

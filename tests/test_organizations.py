@@ -21,7 +21,7 @@ from kitium_pg import (
     ValidationError,
 )
 
-from .fix_holder import release_when_waiting, waiting
+from .fix_holder import call_while_holding, release_when_waiting, unretried_adapter, waiting
 from .fix_metadata import check_metadata_patch
 from .fix_paging import check_bad_paging_arguments, check_walks
 from .fix_race import race_each, race_methods, start
@@ -573,6 +573,159 @@ async def test_replacing_the_member_set_ends_the_dropped_members_sessions(
         assert await storage.get_session(session.id) is None
     for session in kept:
         assert await storage.get_session(session.id) == session
+
+
+async def _sso_session_at(storage: Any, user: User, provider: Any, subject: str) -> Any:
+    return await storage.create_sso_session(
+        user_id=user.id,
+        provider_id=provider.id,
+        provider_type="oidc",
+        provider_subject=subject,
+        expires_at=_later(),
+    )
+
+
+@pytest.mark.parametrize("how", ["remove_organization_member", "update_organization"])
+async def test_removing_a_member_ends_their_sso_sessions_at_the_organizations_providers(
+    storage: Any, unique: Callable[[str], str], how: str
+) -> None:
+    """Migration 0037: with the membership go the member's SSO sessions at the organization's
+    own providers, whether the member is removed or left out of a new member set. Their SSO
+    sessions at another organization's provider and at a shared one stay, as do their SSO
+    links, other members' SSO sessions, and a non-member's SSO session at the organization's
+    provider, who belongs to another organization (a refused removal, of the last owner or of
+    a non-member, writes nothing)."""
+    alice, bob, outsider = await _users(storage, unique, 3)
+    org = await storage.create_organization(
+        name="Leaving",
+        plan="team",
+        members=[{"user_id": alice.id, "role": "owner"}, {"user_id": bob.id}],
+    )
+    other = await storage.create_organization(
+        name="Staying", plan="team", members=[{"user_id": alice.id}, {"user_id": outsider.id}]
+    )
+    own, elsewhere, shared = [
+        await storage.create_sso_provider(type="oidc", name=unique("idp"), org_id=org_id)
+        for org_id in (org.id, other.id, None)
+    ]
+    link = await storage.create_sso_link(
+        user_id=alice.id, provider_id=own.id, provider_type="oidc", provider_subject="alice"
+    )
+    ended = [await _sso_session_at(storage, alice, own, s) for s in ("alice", "alice-2")]
+    kept = [
+        await _sso_session_at(storage, alice, elsewhere, "alice"),
+        await _sso_session_at(storage, alice, shared, "alice"),
+        await _sso_session_at(storage, bob, own, "bob"),
+        await _sso_session_at(storage, outsider, own, "outsider"),
+    ]
+    assert await storage.remove_organization_member(org.id, outsider.id) is False
+    with pytest.raises(ConflictError):
+        await storage.remove_organization_member(org.id, alice.id, keep_last="owner")
+    for sso_session in ended + kept:
+        assert await storage.get_sso_session(sso_session.id) == sso_session
+    if how == "remove_organization_member":
+        assert await storage.remove_organization_member(org.id, alice.id) is True
+    else:
+        updated = await storage.update_organization(org.id, members=[{"user_id": bob.id}])
+        assert _roles(updated) == {bob.id: "member"}
+    for sso_session in ended:
+        assert await storage.get_sso_session(sso_session.id) is None
+    for sso_session in kept:
+        assert await storage.get_sso_session(sso_session.id) == sso_session
+    stayed = await storage.get_sso_link(link.id)  # its last_auth_at moved with the sign-ins
+    assert stayed is not None and stayed.user_id == alice.id
+
+
+@pytest.mark.parametrize("how", ["remove_organization_member", "update_organization"])
+async def test_a_removal_waits_for_the_users_deletion_before_it_holds_anything_of_theirs(
+    storage: Any, unique: Callable[[str], str], dsn: str, how: str
+) -> None:
+    """delete_user locks the user's row and then reaches the memberships, sessions and SSO
+    sessions by cascade; a removal holding the membership (or the SSO session) and waiting for
+    the other would deadlock with it. The removal locks the user (FOR KEY SHARE) after the
+    organization: while another transaction holds the user FOR UPDATE, the removal waits
+    without holding the membership, the SSO session or the bound session (a third transaction
+    locks each at once), then removes the member."""
+    alice, bob = await _users(storage, unique, 2)
+    org = await storage.create_organization(
+        name="Waits", plan="team", members=[{"user_id": alice.id}, {"user_id": bob.id}]
+    )
+    idp = await storage.create_sso_provider(type="oidc", name=unique("idp"), org_id=org.id)
+    sso_session = await _sso_session_at(storage, alice, idp, "alice")
+    bound = await storage.create_session(user_id=alice.id, org_id=org.id, expires_at=_later())
+
+    def removal() -> Any:
+        if how == "remove_organization_member":
+            return storage.remove_organization_member(org.id, alice.id)
+        return storage.update_organization(org.id, members=[{"user_id": bob.id}])
+
+    done = await call_while_holding(
+        storage,
+        dsn,
+        ("users", {"id": alice.id}),
+        "UPDATE",  # what delete_user's DELETE takes
+        removal,
+        waits_on={
+            "remove_organization_member": "remove_organization_member",
+            "update_organization": "UPDATE kitium_auth.organizations",
+        }[how],
+        free=[
+            ("organization_members", {"org_id": org.id, "user_id": alice.id}),
+            ("sso_sessions", {"id": sso_session.id}),
+            ("sessions", {"id": bound.id}),
+        ],
+    )
+    assert done is True if how == "remove_organization_member" else done.members
+    assert await storage.get_sso_session(sso_session.id) is None
+    assert await storage.get_session(bound.id) is None
+
+
+async def test_a_member_set_replacement_locks_only_the_users_it_removes(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """update_organization(members=...) locks the users it removes, not those it keeps: while
+    another transaction holds a kept member's user row FOR UPDATE (as the user's deletion
+    would), the replacement does not wait for it."""
+    alice, bob = await _users(storage, unique, 2)
+    org = await storage.create_organization(
+        name="Keeps", plan="team", members=[{"user_id": alice.id}, {"user_id": bob.id}]
+    )
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute("SELECT FROM kitium_auth.users WHERE id = %s FOR UPDATE", [bob.id])
+        updated = await storage.with_statement_timeout(3000).update_organization(
+            org.id, members=[{"user_id": bob.id}]
+        )
+    finally:
+        holder.close()
+    assert _roles(updated) == {bob.id: "member"}
+
+
+async def test_ending_sso_sessions_then_sessions_in_a_transaction_against_a_removal(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """An application's transaction that ends a user's SSO sessions and then their sessions
+    (the order docs/guide/sso.md gives, which a single logout takes too) meets the member's
+    removal without a deadlock: the removal waits for the SSO session the transaction deleted,
+    holding no membership, so the transaction's logout (which locks the memberships FOR KEY
+    SHARE) goes on and commits, and the removal then removes the member. Deleting the
+    membership before the SSO sessions, the removal would hold it while waiting: a cycle."""
+    [alice] = await _users(storage, unique, 1)
+    org = await storage.create_organization(
+        name="Cycle", plan="team", members=[{"user_id": alice.id}]
+    )
+    idp = await storage.create_sso_provider(type="oidc", name=unique("idp"), org_id=org.id)
+    await _sso_session_at(storage, alice, idp, "alice")
+    bound = await storage.create_session(user_id=alice.id, org_id=org.id, expires_at=_later())
+    async with unretried_adapter(storage.kind, dsn) as own:
+        async with own.transaction() as tx:
+            await tx.delete_user_sso_sessions(alice.id)
+            removal = start(own, "remove_organization_member", org.id, alice.id)
+            assert await asyncio.to_thread(waiting, dsn, "remove_organization_member")
+            await tx.delete_user_sessions(alice.id)
+        assert await removal is True
+    assert await storage.get_session(bound.id) is None
+    assert await storage.list_organization_members(org.id) == []
 
 
 async def test_a_refused_add_leaves_the_transaction_usable(

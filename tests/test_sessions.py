@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import inspect
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -844,6 +845,29 @@ async def test_log_out_everywhere_and_a_members_removal_do_not_deadlock(
         assert not [r for r in results if isinstance(r, BaseException)], results
         assert await own.get_session(newer.id) is None
         assert await own.get_session(older.id) is None
+
+
+async def test_log_out_everywhere_locks_only_the_memberships_its_sessions_rest_on(
+    storage: Any, unique: Callable[[str], str], dsn: str
+) -> None:
+    """delete_user_sessions locks the user's memberships of the organizations its sessions are
+    bound to, not the others: while another transaction holds a membership with no session
+    bound to it FOR UPDATE (as a removal's DELETE would), the logout does not wait for it."""
+    user = await storage.create_user(email=f"{unique('locks')}@example.com")
+    bound, idle = [
+        await storage.create_organization(name="A", plan="team", members=[{"user_id": user.id}])
+        for _ in "ab"
+    ]
+    await storage.create_session(user_id=user.id, org_id=bound.id, expires_at=later(hours=1))
+    deleted = await call_while_holding(
+        storage,
+        dsn,
+        ("organization_members", {"org_id": idle.id, "user_id": user.id}),
+        "UPDATE",
+        lambda: storage.with_statement_timeout(3000).delete_user_sessions(user.id),
+        waits_on=None,
+    )
+    assert deleted == 1
 
 
 async def test_log_out_everywhere_and_the_users_deletion_do_not_deadlock(

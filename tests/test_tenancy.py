@@ -4,6 +4,7 @@ grants, tested by connecting as a non-owner application role."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -29,6 +30,7 @@ from kitium_pg.integrations.fastapi import (
     storage_lifespan,
 )
 
+from .fix_holder import waiting
 from .fix_roles import POLICIES_BESIDE_TENANT_RLS, set_policies
 from .fix_roles import login_role as login_role
 from .fix_roles import owner_dsn as owner_dsn
@@ -512,6 +514,60 @@ def test_a_tenants_logout_ends_the_app_sessions_of_the_users_it_signed_out(
     assert [s.id for s in ended] == [at_beta.id]
     assert left() == {bound[alpha.id]}  # beta's and the unbound one ended, alpha's stays
     assert owner.get_sso_session(at_shared.id) == at_shared
+
+
+def test_a_tenants_log_out_everywhere_waits_for_a_removal_from_another_tenants_organization(
+    app: PostgresStorageAdapter, tenancy: dict[str, Any], dsn: str
+) -> None:
+    """delete_user_sessions locks the memberships the user's sessions rest on before it deletes
+    any session, so a removal (which deletes the membership, then its sessions) and the logout
+    wait for each other rather than deadlock. Through a tenant's view it locked only the
+    memberships that tenant sees, and still deleted the sessions bound to other tenants'
+    organizations: against a removal from one of those, a deadlock. The lock now sees every
+    tenant's (migration 0039): while another transaction holds the user's membership of beta as
+    a removal's DELETE would, alpha's logout waits, holding none of the user's sessions (a third
+    transaction locks each at once), then ends them all."""
+    owner, schema = tenancy["owner"], tenancy["schema"]
+    alpha, beta = tenancy["orgs"]
+    user = owner.create_user(email=f"fay-{uuid.uuid4().hex[:6]}@example.com")
+    for org in (alpha, beta):
+        owner.add_organization_member(org.id, user.id)
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    sessions = [
+        owner.create_session(user_id=user.id, expires_at=expires, org_id=org).id
+        for org in (alpha.id, beta.id, None)
+    ]
+    outcome: dict[str, Any] = {}
+
+    def log_out() -> None:
+        try:
+            outcome["deleted"] = app.tenant(alpha.id).delete_user_sessions(user.id)
+        except Exception as exc:  # handed to the test
+            outcome["deleted"] = exc
+
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            f"SELECT FROM {schema}.organization_members WHERE org_id = %s AND user_id = %s"
+            " FOR UPDATE".encode(),
+            [beta.id, user.id],
+        )
+        thread = threading.Thread(target=log_out)
+        thread.start()
+        seen = waiting(dsn, f"DELETE FROM {schema}.sessions")
+        if seen:
+            with psycopg.connect(dsn) as probe:
+                probe.execute(
+                    f"SELECT FROM {schema}.sessions WHERE id = ANY(%s) FOR UPDATE NOWAIT".encode(),
+                    [sessions],
+                )
+        holder.commit()
+        thread.join(20)
+    finally:
+        holder.close()
+    assert seen, "the logout did not wait for the membership of another tenant's organization"
+    assert outcome == {"deleted": 3}
+    assert owner.list_user_sessions(user.id) == []
 
 
 # Module level: the routes' annotations are strings (postponed), resolved in these globals.

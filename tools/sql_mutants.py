@@ -118,6 +118,8 @@ FUNCTION_TESTS: dict[str, tuple[str, ...]] = {
     "set_user_roles": DOMAIN_TESTS["rbac.sql"],
     "users_email_verified_at_follows_email": _EMAIL_TESTS,
     "users_email_change_revokes_tokens": _EMAIL_TESTS,
+    "auth_event_written": ("test_tokens.py", "test_lost_ack.py"),
+    "lock_user_session_memberships": ("test_sessions.py", "test_tenancy.py"),
 }
 
 # The queries/ file whose domain holds each table: a schema mutant runs its DOMAIN_TESTS, then

@@ -136,7 +136,8 @@ class Organizations(Core):
 
         ``members`` replaces the whole member set in the same statement: members listed again
         keep their ``joined_at`` and take the given role, the others are removed (with their
-        roles in the organization and their sessions bound to it), new ones are added. The
+        roles in the organization, their sessions bound to it and their SSO sessions at its
+        providers, as ``remove_organization_member`` removes them), new ones are added. The
         member set is not checked against ``seats`` nor guarded like ``keep_last``, and
         ``seats`` may be set below the member count (nobody is removed: the limit applies to
         later ``add_organization_member(..., within_seats=True)`` calls). Raises
@@ -272,10 +273,11 @@ class Organizations(Core):
         """Remove a user from an organization; ``True`` if the user was a member.
 
         With the membership go, in the same statement, the roles it held there (so its
-        permissions) and the user's sessions bound to the organization (``org_id``): a removed
-        member's login into the organization ends. The user's other sessions stay. For a user
-        who is not a member nothing changes (nor can a session be bound to an organization its
-        user does not belong to: ``create_session`` refuses it).
+        permissions), the user's sessions bound to the organization (``org_id``): a removed
+        member's login into the organization ends, and the user's SSO sessions at the
+        organization's own SSO providers. The user's other sessions and SSO sessions, and their
+        SSO links, stay. For a user who is not a member nothing changes (nor can a session be
+        bound to an organization its user does not belong to: ``create_session`` refuses it).
 
         ``keep_last`` names a role (``"owner"``) the organization must keep: removing its last
         member holding it raises ``ConflictError`` (code ``last_role_holder``) and changes
