@@ -546,13 +546,15 @@ def status(state: _Context, optional: tuple[str, ...], exit_code: bool) -> None:
     or was cancelled) with the statement that drops it.
 
     Optional migrations count as pending only when named with --optional; an applied one is
-    always listed. Exits 0 whatever is pending, unless --exit-code is given: then 4 when a
+    always listed. Says whether a migration is running now (another session holds the
+    migrators' lock; --json: migration_running), in which case what is pending may be what it
+    is applying. Exits 0 whatever is pending, unless --exit-code is given: then 4 when a
     migration is pending (a deploy script's "is the schema behind?").
     """
     known = load_migrations(state.schema, optional=optional)
     with state.storage(optional=optional) as storage:
         current = storage.migration_status()
-        running = bool(current.invalid_indexes) and storage._migration_running()
+        running = storage._migration_running()
     if state.as_json:
         state.emit_json(
             {
@@ -561,6 +563,7 @@ def status(state: _Context, optional: tuple[str, ...], exit_code: bool) -> None:
                 "pending": current.pending,
                 "invalid_indexes": current.invalid_indexes,
                 "newer": current.newer,
+                "migration_running": running,
             }
         )
     else:
@@ -592,6 +595,13 @@ def _print_status_table(
             table.add_row(migration_id, "[green]applied[/]", f"optional/{migration_id}.sql")
     state.out.print(table)
     state.out.print(f"{len(current.applied)} applied, {len(current.pending)} pending")
+    if running:
+        state.out.print(
+            "a migration is running now (another session holds the migrators' lock): what is"
+            " pending may be what it applies; run `kitium-pg status` again once it has ended.",
+            markup=False,
+            style="yellow",
+        )
     _report_invalid_indexes(state, current.invalid_indexes, running=running)
 
 

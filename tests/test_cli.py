@@ -121,6 +121,7 @@ def test_json_output_parses(dsn: str, schema: str) -> None:
         "pending": [],
         "invalid_indexes": [],
         "newer": [],
+        "migration_running": False,
     }
     health = as_json(db(dsn, schema, "--json", "health"))
     assert health["status"] == "ok"
@@ -177,6 +178,21 @@ def test_status_and_health_of_a_schema_a_newer_version_migrated(dsn: str, schema
     assert as_json(health)["newer_migrations"] == ["9999_future"]
 
 
+def test_status_says_when_a_migration_is_running(dsn: str, schema: str) -> None:
+    """While another session holds the migrators' lock (a migrate running elsewhere), status
+    says so, in its table and as ``migration_running`` in --json; once the lock is free it no
+    longer does."""
+    assert db(dsn, schema, "migrate").exit_code == 0
+    with psycopg.connect(dsn, autocommit=True) as holder:
+        holder.execute(
+            "SELECT pg_advisory_lock(hashtextextended(%s, 0))", [f"kitium_pg.migrations.{schema}"]
+        )
+        assert as_json(db(dsn, schema, "--json", "status"))["migration_running"] is True
+        assert "a migration is running now" in db(dsn, schema, "status").stdout
+    assert as_json(db(dsn, schema, "--json", "status"))["migration_running"] is False
+    assert "a migration is running" not in db(dsn, schema, "status").stdout
+
+
 def test_status_and_health_create_nothing(dsn: str, schema: str) -> None:
     status = as_json(db(dsn, schema, "--json", "status"))
     assert status == {
@@ -185,6 +201,7 @@ def test_status_and_health_create_nothing(dsn: str, schema: str) -> None:
         "pending": MIGRATIONS,
         "invalid_indexes": [],
         "newer": [],
+        "migration_running": False,
     }
     health = db(dsn, schema, "health")
     assert health.exit_code == EXIT_MIGRATION
