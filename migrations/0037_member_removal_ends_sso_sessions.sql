@@ -11,8 +11,9 @@
 --
 -- Lock order. Each function locks the organization's row first (update_organization's UPDATE
 -- does it for replace_organization_members), then the users it removes (FOR KEY SHARE, in id
--- order), then deletes their SSO sessions there, then the memberships, whose cascade takes the
--- sessions bound to the organization (sessions__member_fkey, 0021). Why these:
+-- order), then their SSO sessions there (FOR UPDATE, in row order), deletes those, then the
+-- memberships, whose cascade takes the sessions bound to the organization
+-- (sessions__member_fkey, 0021). Why these:
 -- * delete_user locks the user's row, then reaches memberships, sessions and SSO sessions by
 --   cascade. A removal that held a membership and waited for an SSO session could meet a
 --   delete_user holding that SSO session and waiting for the membership; locking the user
@@ -23,6 +24,13 @@
 --   (delete_user_sso_sessions, then delete_user_sessions, which locks the memberships FOR KEY
 --   SHARE), the order a single logout takes too, meets a removal that deletes the SSO sessions
 --   before the membership without a cycle.
+-- * The SSO sessions go in row order (ctid), the order every other delete of several of a
+--   user's SSO sessions reaches them: delete_user_sso_sessions and delete_user's cascade (by
+--   user: sso_sessions_user_id_idx, whose ties are in row order, or any scan), the logouts and
+--   delete_sso_link (one identity: sso_sessions_provider_id_provider_subject_idx, ties in row
+--   order), delete_sso_provider's cascade (by provider). Deleted in the join's order (provider
+--   by provider, or by subject) a removal met delete_user_sso_sessions of the same user, each
+--   holding a session the other wanted: a deadlock (found in review).
 -- The existing-member check moves before anything is deleted, so a call for a user who is not
 -- a member still writes nothing ('absent'). The explicit DELETE of the removed members'
 -- sessions goes: since 0021 the membership's cascade deletes them, and it found none.
@@ -69,6 +77,13 @@ BEGIN
      ) THEN
     RETURN 'last';
   END IF;
+  PERFORM 1
+     FROM kitium_auth.sso_sessions AS s
+    WHERE s.user_id = p_user_id
+      AND s.provider_id IN (SELECT p.id FROM kitium_auth.sso_providers AS p
+                             WHERE p.org_id = p_org_id)
+    ORDER BY s.ctid
+      FOR UPDATE OF s;
   DELETE FROM kitium_auth.sso_sessions AS s
    USING kitium_auth.sso_providers AS p
    WHERE p.org_id = p_org_id AND s.provider_id = p.id AND s.user_id = p_user_id;
@@ -97,6 +112,15 @@ BEGIN
                     WHERE m.org_id = p_org_id AND NOT (m.user_id = ANY (p_user_ids)))
     ORDER BY u.id
       FOR KEY SHARE OF u;
+  PERFORM 1
+     FROM kitium_auth.sso_sessions AS s
+    WHERE s.provider_id IN (SELECT p.id FROM kitium_auth.sso_providers AS p
+                             WHERE p.org_id = p_org_id)
+      AND s.user_id IN (SELECT m.user_id
+                          FROM kitium_auth.organization_members AS m
+                         WHERE m.org_id = p_org_id AND NOT (m.user_id = ANY (p_user_ids)))
+    ORDER BY s.ctid
+      FOR UPDATE OF s;
   DELETE FROM kitium_auth.sso_sessions AS s
    USING kitium_auth.sso_providers AS p, kitium_auth.organization_members AS m
    WHERE p.org_id = p_org_id AND s.provider_id = p.id

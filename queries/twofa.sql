@@ -4,15 +4,19 @@
 -- Backup codes and challenge codes are stored only as digests (code_hash); consumed_by (never
 -- returned) records which call consumed a code or completed a challenge.
 -- Expiry is judged at statement_timestamp(), not now(): inside a caller's transaction now()
--- is the transaction's start, so a credential that expired since would still pass.
+-- is the transaction's start, so a credential that expired since would still pass. The calls
+-- that lock a challenge (verify_two_factor_session, count_two_factor_attempt,
+-- complete_two_factor_session) judge it, its login session and the device's throttle at
+-- clock_timestamp() once they hold their rows (migration 0040): statement_timestamp() is the
+-- time before any wait for those locks.
 -- Throttle (migration 0018): after n consecutive wrong codes a device refuses code checks for
 -- 2^(n-1) seconds, at most 15 minutes (throttled_until), and a right code resets it. One
 -- formula, in the functions verify_two_factor_session (for a code found wrong) and
 -- count_two_factor_attempt (for a code let through to the application's check, charged before
--- it is checked), both in migration 0018: the new throttled_until is statement_timestamp() plus
--- that delay, never earlier than the one already set. In SQL the delay is 2 ^ the count before
--- this failure (n - 1), whose exponent stops at 10 (past the cap) so the power cannot
--- overflow; the count saturates below the integer limit.
+-- it is checked), both in migration 0018: the new throttled_until is the time the call holds
+-- its rows (migration 0040) plus that delay, never earlier than the one already set. In SQL
+-- the delay is 2 ^ the count before this failure (n - 1), whose exponent stops at 10 (past the
+-- cap) so the power cannot overflow; the count saturates below the integer limit.
 -- Lock order: a call that locks both a device and one of its challenges locks the device
 -- first, as deleting a device or its user does (the cascade deletes the challenges after it),
 -- so two such calls never wait for each other in a cycle. An application transaction keeps
@@ -166,22 +170,26 @@ SELECT id, user_id, session_id, device_id, method, code_hash, attempt_count, max
 -- session is still live, or for the call (consumer) that already completed it, so a retried call
 -- still wins; row lock waiters re-check the guard against the winner's row and lose. Returns the
 -- id for the winner, no row otherwise (completed, expired, session ended or no such challenge).
--- The login session is checked once the challenge is locked, by twofa_login_session_live
--- (migration 0036), whose query takes its own snapshot: checked in the statement's snapshot, a
--- session ended while the call waited for the challenge still counted (found in review).
+-- The challenge's expiry and its login session are checked once the challenge is locked, by
+-- twofa_challenge_live (migration 0040), whose query takes its own snapshot and reads the clock:
+-- checked in the statement's snapshot and at its start, a session ended (migration 0036) or a
+-- challenge or session expired while the call waited for the challenge still counted (found in
+-- review). The consumer's own retry wins without them: its first attempt checked them. Whose
+-- completion it is, is read from the row as locked (c.consumed_by): the UPDATE's own scan reads
+-- the statement's snapshot, so a retry that waited for its own first attempt saw no consumer
+-- there and lost (found in review).
 WITH challenge AS (
-  SELECT c.id, c.session_id, c.user_id
+  SELECT c.id, c.consumed_by
     FROM kitium_auth.twofa_sessions AS c
    WHERE c.id = :id
-     AND ((c.completed_at IS NULL AND c.expires_at > statement_timestamp())
-          OR c.consumed_by = :consumer)
+     AND (c.completed_at IS NULL OR c.consumed_by = :consumer)
      FOR NO KEY UPDATE
 )
 UPDATE kitium_auth.twofa_sessions AS t
-   SET completed_at = coalesce(t.completed_at, statement_timestamp()), consumed_by = :consumer
+   SET completed_at = coalesce(t.completed_at, clock_timestamp()), consumed_by = :consumer
   FROM challenge AS c
  WHERE t.id = c.id
-   AND kitium_auth.twofa_login_session_live(c.session_id, c.user_id)
+   AND (c.consumed_by = :consumer OR kitium_auth.twofa_challenge_live(c.id))
 RETURNING t.id;
 
 -- name: verify_two_factor_session(id, code_hash)^

@@ -21,10 +21,17 @@ from kitium_pg import (
     ValidationError,
 )
 
-from .fix_holder import call_while_holding, release_when_waiting, unretried_adapter, waiting
+from .fix_holder import (
+    call_while_holding,
+    release_when_waiting,
+    two_calls_queued_on,
+    unretried_adapter,
+    waiting,
+)
 from .fix_metadata import check_metadata_patch
 from .fix_paging import check_bad_paging_arguments, check_walks
 from .fix_race import race_each, race_methods, start
+from .fix_roles import schema as schema
 
 
 async def _users(storage: Any, unique: Callable[[str], str], n: int) -> list[User]:
@@ -680,25 +687,82 @@ async def test_a_removal_waits_for_the_users_deletion_before_it_holds_anything_o
     assert await storage.get_session(bound.id) is None
 
 
+@pytest.mark.parametrize("how", ["remove_organization_member", "update_organization"])
+async def test_a_removal_and_deleting_the_users_sso_sessions_do_not_deadlock(
+    storage: Any, dsn: str, schema: str, how: str
+) -> None:
+    """Found in review: a removal deleted the member's SSO sessions in its join's order (by
+    subject here, under index scans; provider by provider with several providers), and
+    delete_user_sso_sessions in row order: over three sessions each held one the other wanted.
+    The removal now locks them in row order first. Played without timing, on an adapter that
+    does not retry and whose planner reads by plain index scans: a holder keeps the last
+    session; the removal waits for it, then delete_user_sso_sessions starts. In a schema of its
+    own, where rows go in the order written."""
+    async with unretried_adapter(storage.kind, dsn, schema=schema) as own:
+        alice, bob = [
+            await own.create_user(email=f"{name}-{uuid.uuid4().hex[:8]}@example.com")
+            for name in ("alice", "bob")
+        ]
+        org = await own.create_organization(
+            name="Order", plan="team", members=[{"user_id": alice.id}, {"user_id": bob.id}]
+        )
+        idp = await own.create_sso_provider(type="oidc", name="idp", org_id=org.id)
+        made = {
+            subject: await _sso_session_at(own, alice, idp, subject) for subject in ("z", "a", "m")
+        }
+        with psycopg.connect(dsn, autocommit=True) as observer:
+            rows = observer.execute(
+                f"SELECT provider_subject FROM {schema}.sso_sessions WHERE user_id = %s"
+                " ORDER BY ctid".encode(),
+                [alice.id],
+            ).fetchall()
+        assert rows == [("z",), ("a",), ("m",)]  # row order is not subject order
+
+        def removal() -> Any:
+            if how == "remove_organization_member":
+                return start(own, "remove_organization_member", org.id, alice.id)
+            return start(own, "update_organization", org.id, members=[{"user_id": bob.id}])
+
+        results = await two_calls_queued_on(
+            dsn,
+            ("sso_sessions", {"id": made["m"].id}),
+            removal,
+            {
+                "remove_organization_member": "remove_organization_member",
+                "update_organization": f"UPDATE {schema}.organizations",
+            }[how],
+            lambda: start(own, "delete_user_sso_sessions", alice.id),
+            schema=schema,
+        )
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        for sso_session in made.values():
+            assert await own.get_sso_session(sso_session.id) is None
+
+
 async def test_a_member_set_replacement_locks_only_the_users_it_removes(
     storage: Any, unique: Callable[[str], str], dsn: str
 ) -> None:
-    """update_organization(members=...) locks the users it removes, not those it keeps: while
-    another transaction holds a kept member's user row FOR UPDATE (as the user's deletion
-    would), the replacement does not wait for it."""
+    """update_organization(members=...) locks the users it removes, and their SSO sessions at
+    the organization's providers, not those of the members it keeps: while another transaction
+    holds a kept member's user row and SSO session there FOR UPDATE (as deleting them would),
+    the replacement does not wait for them."""
     alice, bob = await _users(storage, unique, 2)
     org = await storage.create_organization(
         name="Keeps", plan="team", members=[{"user_id": alice.id}, {"user_id": bob.id}]
     )
+    idp = await storage.create_sso_provider(type="oidc", name=unique("idp"), org_id=org.id)
+    kept = await _sso_session_at(storage, bob, idp, "bob")
     holder = psycopg.connect(dsn)
     try:
         holder.execute("SELECT FROM kitium_auth.users WHERE id = %s FOR UPDATE", [bob.id])
+        holder.execute("SELECT FROM kitium_auth.sso_sessions WHERE id = %s FOR UPDATE", [kept.id])
         updated = await storage.with_statement_timeout(3000).update_organization(
             org.id, members=[{"user_id": bob.id}]
         )
     finally:
         holder.close()
     assert _roles(updated) == {bob.id: "member"}
+    assert await storage.get_sso_session(kept.id) == kept
 
 
 async def test_ending_sso_sessions_then_sessions_in_a_transaction_against_a_removal(

@@ -28,9 +28,9 @@ from kitium_pg.records import (
 )
 
 from .fix_disguised import Boundless
-from .fix_holder import release_when_waiting
+from .fix_holder import in_background, release_when_waiting, waiting
 from .fix_metadata import check_metadata_patch
-from .fix_race import race, race_each
+from .fix_race import race, race_each, start
 
 RACERS = 32
 SECRET = "JBSWY3DPEHPK3PXP-totp-seed"
@@ -1176,6 +1176,57 @@ async def test_retried_completion_recognises_its_own_win(storage: Any, email: st
     assert await _replay(storage, "complete_two_factor_session", other) is None
 
 
+async def test_a_retried_completion_wins_after_its_login_session_ended(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """A completion whose acknowledgement was lost is retried by the adapter with the same
+    consumer; if the login session expired or was deleted in between, the retry still reports
+    the first attempt's win (migration 0040: it checked the session; it used to report a loss
+    for a challenge it had completed). Another consumer still loses."""
+    user = await _user(storage, email)
+    for ending in ("expired", "deleted"):
+        challenge = await _challenge(storage, user)
+        params = {"id": challenge.id, "consumer": uuid.uuid4()}
+        assert await _replay(storage, "complete_two_factor_session", params) == challenge.id
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE kitium_auth.sessions SET expires_at = statement_timestamp() WHERE id = %s"
+                if ending == "expired"
+                else "DELETE FROM kitium_auth.sessions WHERE id = %s",
+                [challenge.session_id],
+            )
+        assert await _replay(storage, "complete_two_factor_session", params) == challenge.id
+        other = {**params, "consumer": uuid.uuid4()}
+        assert await _replay(storage, "complete_two_factor_session", other) is None
+
+
+async def test_a_retried_completion_that_waited_for_its_first_attempt_wins(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Found in review: the first attempt completes the challenge and has not committed yet
+    (its acknowledgement lost, its commit slow) when the adapter's retry, with the same
+    consumer, starts and waits for the challenge's lock. Once the first attempt commits, the
+    retry must report its win: it read the consumer from the statement's snapshot (none) and
+    reported a loss."""
+    user = await _user(storage, email)
+    challenge = await _challenge(storage, user)
+    params = {"id": challenge.id, "consumer": uuid.uuid4()}
+    queries = (storage.adapter if storage.kind == "sync" else storage)._queries
+    first = psycopg.connect(dsn)
+    try:
+        won = first.execute(queries["complete_two_factor_session"].sql.encode(), params)
+        assert won.fetchone() == (challenge.id,)
+        retry = in_background(
+            storage, lambda: _replay(storage, "complete_two_factor_session", params)
+        )
+        assert await asyncio.to_thread(waiting, dsn, "UPDATE kitium_auth.twofa_sessions AS t")
+        first.commit()
+        again = await retry()
+    finally:
+        first.close()
+    assert again == challenge.id
+
+
 async def test_challenge_references_must_exist(storage: Any, email: str) -> None:
     user = await _user(storage, email)
     with pytest.raises(NotFoundError):
@@ -1420,3 +1471,119 @@ async def test_a_backup_code_challenge_takes_no_code_hash(
             "SELECT count(*) FROM kitium_auth.twofa_sessions WHERE user_id = %s", (user.id,)
         ).fetchone()
     assert row == (0,)
+
+
+def _holding(dsn: str, table: str, row_id: Any) -> psycopg.Connection[Any]:
+    """A transaction of its own holding one row of ``table`` FOR UPDATE (commit or close it)."""
+    holder = psycopg.connect(dsn)
+    holder.execute(f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR UPDATE".encode(), [row_id])
+    return holder
+
+
+async def _wait_then_release(
+    dsn: str, holder: psycopg.Connection[Any], marker: str, seconds: float
+) -> None:
+    """Once a call with ``marker`` waits for ``holder``'s lock, keep it waiting ``seconds``
+    more, then commit the holder."""
+    assert await asyncio.to_thread(waiting, dsn, marker)
+    await asyncio.sleep(seconds)
+    holder.commit()
+
+
+async def test_a_throttle_charged_after_a_lock_wait_runs_from_the_charge(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Found in review: a code let through after waiting 1.5 s for its device's lock set its
+    1 s throttle from the statement's start (statement_timestamp()), already over when the call
+    returned, and the next guess was compared at once. The throttle now runs from the time the
+    call holds its rows (migration 0040): it outlasts the call, and the next guess is refused."""
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    first, second = [await _challenge(storage, user, device=device) for _ in "ab"]
+    holder = _holding(dsn, "twofa_devices", device.id)
+    try:
+        counted = start(storage, "count_two_factor_attempt", first.id)
+        await _wait_then_release(dsn, holder, "count_two_factor_attempt(", 1.5)
+        charged = await counted
+    finally:
+        holder.close()
+    returned = _db_now(dsn)
+    assert not charged.throttled
+    assert charged.throttled_until > returned
+    assert (await storage.count_two_factor_attempt(second.id)).throttled
+
+
+async def test_guesses_queued_behind_a_device_lock_are_compared_one_per_throttle_window(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Found in review: one guess waiting for the device's lock, a second sent 1.3 s later
+    while the first still waited; once the lock was free both were let through, the first's
+    throttle counted from a start 1.5 s back. The second is now refused (docs/security.md: a
+    guess made while another is being counted is never compared)."""
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    first, second = [await _challenge(storage, user, device=device) for _ in "ab"]
+    holder = _holding(dsn, "twofa_devices", device.id)
+    try:
+        one = start(storage, "count_two_factor_attempt", first.id)
+        assert await asyncio.to_thread(waiting, dsn, "count_two_factor_attempt(")
+        await asyncio.sleep(1.3)
+        two = start(storage, "count_two_factor_attempt", second.id)
+        assert await asyncio.to_thread(waiting, dsn, "count_two_factor_attempt(", 2)
+        holder.commit()
+        let_through, refused = await one, await two
+    finally:
+        holder.close()
+    assert not let_through.throttled
+    assert refused.throttled and refused.attempt_count == 0
+
+
+@pytest.mark.parametrize("expiring", ["challenge", "login session"])
+async def test_a_right_code_is_refused_once_what_it_answers_expired_during_its_wait(
+    storage: Any, email: str, dsn: str, expiring: str
+) -> None:
+    """Found in review: a right code waited for its device's lock past the expiry of its
+    challenge (or of the challenge's login session) and was accepted: expiry was judged at the
+    statement's start. It is judged once the call holds its rows (migration 0040): no row, the
+    challenge stays uncompleted."""
+    user = await _user(storage, email)
+    device = await _device(storage, user)
+    soon = _in(seconds=1)
+    extra: dict[str, Any] = {"expires_at": soon}
+    if expiring == "login session":
+        session = await storage.create_session(user_id=user.id, expires_at=soon)
+        extra = {"session_id": session.id}
+    challenge = await _challenge(
+        storage, user, device=device, method="sms", code_hash=_hash("5"), **extra
+    )
+    holder = _holding(dsn, "twofa_devices", device.id)
+    try:
+        verified = start(storage, "verify_two_factor_session", challenge.id, _hash("5"))
+        await _wait_then_release(dsn, holder, "verify_two_factor_session(", 2.0)
+        attempt = await verified
+    finally:
+        holder.close()
+    assert _db_now(dsn) > soon
+    assert attempt is None
+    stored = await storage.get_two_factor_session(challenge.id)
+    assert stored is not None and stored.completed_at is None
+
+
+async def test_a_completion_that_waited_past_the_challenges_expiry_loses(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Found in review: complete_two_factor_session waited for the challenge's lock past its
+    expiry and completed it. It now checks the challenge once locked, at that time (migration
+    0040), and loses."""
+    user = await _user(storage, email)
+    challenge = await _challenge(storage, user, expires_at=_in(seconds=1))
+    holder = _holding(dsn, "twofa_sessions", challenge.id)
+    try:
+        completing = start(storage, "complete_two_factor_session", challenge.id)
+        await _wait_then_release(dsn, holder, "UPDATE kitium_auth.twofa_sessions", 2.0)
+        won = await completing
+    finally:
+        holder.close()
+    assert won is False
+    stored = await storage.get_two_factor_session(challenge.id)
+    assert stored is not None and stored.completed_at is None

@@ -112,6 +112,7 @@ FUNCTION_TESTS: dict[str, tuple[str, ...]] = {
     "organization_member_list": _MEMBERSHIP_TESTS,
     "user_oauth_map": DOMAIN_TESTS["users.sql"],
     "twofa_login_session_live": _TWOFA_TESTS,
+    "twofa_challenge_live": _TWOFA_TESTS,
     "sso_provider_domain_list": DOMAIN_TESTS["sso.sql"],
     "sso_provider_is_foreign": ("test_tenancy.py", "test_sso.py"),
     "jsonb_merge_patch": ("test_merge_patch.py", "test_users.py", "test_organizations.py"),

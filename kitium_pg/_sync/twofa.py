@@ -362,10 +362,14 @@ class TwoFactor(Core):
         backup-code challenges are checked by the application: ``count_two_factor_attempt``).
         One guarded call: an attempt past the limit or while the device is throttled is
         never compared, of concurrent callers with the right code exactly one is verified, and
-        concurrent wrong codes each bump the device. Raises ``ValidationError`` for a malformed
-        id or digest, and (naming ``transaction``) on a transaction's view: the attempt and
-        the throttle commit on their own, or a rollback would make the guess free. Never
-        retried by the adapter: after a lost acknowledgement a retry would count twice.
+        of concurrent codes the first compared and found wrong throttles the device, so the
+        others, while that throttle lasts, are refused as throttled, not compared. Expiry and
+        the throttle are judged once the call holds the device and the challenge, not before it
+        waited for them. Raises
+        ``ValidationError`` for a malformed id or digest, and (naming ``transaction``) on a
+        transaction's view: the attempt and the throttle commit on their own, or a rollback
+        would make the guess free. Never retried by the adapter: after a lost acknowledgement
+        a retry would count twice.
         """
         self._outside_transaction("verify_two_factor_session", _COUNTS_ALONE)
         params = {"id": v.uuid_arg("id", id), "code_hash": _code_hash("code_hash", code_hash)}
