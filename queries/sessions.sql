@@ -100,6 +100,15 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
 -- Binding the session to an organization goes through update_session_org; this one may only
 -- unbind it (org_id NULL).
+-- Expiry is judged once the row is locked (locked, then clock): a plain UPDATE that waited for
+-- the row judged it, and computed its new values, before the wait, and revived a session that
+-- had expired meanwhile (found in review). clock_timestamp() alone would not do: when the
+-- transaction waited for only locked the row, the UPDATE is not re-evaluated after the wait.
+WITH locked AS (
+  SELECT s.id FROM kitium_auth.sessions AS s WHERE s.id = :id FOR NO KEY UPDATE
+), clock AS (
+  SELECT l.id, clock_timestamp() AS at FROM locked AS l
+)
 UPDATE kitium_auth.sessions AS s
    SET org_id       = CASE WHEN :set_org_id THEN :org_id ELSE s.org_id END,
        plan         = CASE WHEN :set_plan THEN :plan ELSE s.plan END,
@@ -108,7 +117,8 @@ UPDATE kitium_auth.sessions AS s
        metadata     = CASE WHEN :set_metadata THEN :metadata::jsonb
                            ELSE kitium_auth.jsonb_merge_patch(s.metadata,
                                                               :metadata_patch::jsonb) END
- WHERE s.id = :id AND s.expires_at > statement_timestamp()
+  FROM clock AS c
+ WHERE s.id = c.id AND s.expires_at > c.at
 RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
           s.created_at, s.updated_at;
 
@@ -117,7 +127,8 @@ RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expir
 -- member (sessions__member_fkey), as the caller sees the membership (under row-level security,
 -- the tenant's); no row otherwise (the caller raises NotFoundError). Lock order as in
 -- create_session: the user, the organization and the membership (KEY SHARE), then the session
--- row, which the UPDATE locks only after its WHERE clause has read member.
+-- row (locked, once member has read the membership), whose expiry is then judged at that time
+-- (clock), as in update_session.
 WITH target AS (
   SELECT s.user_id
     FROM kitium_auth.sessions AS s
@@ -138,6 +149,13 @@ WITH target AS (
    WHERE m.org_id = :org_id AND m.user_id = (SELECT t.user_id FROM target AS t)
      AND EXISTS (SELECT FROM org)
      FOR KEY SHARE
+), locked AS (
+  SELECT s.id
+    FROM kitium_auth.sessions AS s
+   WHERE s.id = :id AND EXISTS (SELECT FROM member)
+     FOR NO KEY UPDATE
+), clock AS (
+  SELECT l.id, clock_timestamp() AS at FROM locked AS l
 )
 UPDATE kitium_auth.sessions AS s
    SET org_id       = :org_id,
@@ -147,8 +165,8 @@ UPDATE kitium_auth.sessions AS s
        metadata     = CASE WHEN :set_metadata THEN :metadata::jsonb
                            ELSE kitium_auth.jsonb_merge_patch(s.metadata,
                                                               :metadata_patch::jsonb) END
- WHERE s.id = :id AND s.expires_at > statement_timestamp()
-   AND EXISTS (SELECT FROM member)
+  FROM clock AS c
+ WHERE s.id = c.id AND s.expires_at > c.at
 RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
           s.created_at, s.updated_at;
 

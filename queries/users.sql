@@ -221,15 +221,26 @@ SELECT access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_e
 -- encrypted tokens with their version, only where no lease is held, the one held has run out,
 -- or it is this very claim's (holder, drawn at random per call: a retry after a lost
 -- acknowledgement); no row otherwise (another worker holds it, or there is no link). Times are
--- the server's clock, shared by every worker, read when the row is reached: clock_timestamp(),
--- not now(), which is the start of a statement that may have waited on the row (a lease from
--- then would have run out already, and a second worker would get it too).
+-- the server's clock, shared by every worker, read once the row is locked (locked, then
+-- clock), not at the start of a statement that may have waited on the row (a lease from then
+-- would have run out already, and a second worker would get it too). clock_timestamp() in the
+-- UPDATE itself was read before that wait when the transaction waited for had only locked the
+-- row (the UPDATE is then not evaluated again; found in review).
+WITH locked AS (
+  SELECT o.user_id, o.provider
+    FROM kitium_auth.oauth_accounts AS o
+   WHERE o.user_id = :user_id AND o.provider = :provider
+     FOR NO KEY UPDATE
+), clock AS (
+  SELECT l.user_id, l.provider, clock_timestamp() AS at FROM locked AS l
+)
 UPDATE kitium_auth.oauth_accounts AS o
-   SET refresh_lease_until = clock_timestamp() + make_interval(secs => :lease_seconds),
+   SET refresh_lease_until = c.at + make_interval(secs => :lease_seconds),
        refresh_lease_holder = :holder
- WHERE o.user_id = :user_id AND o.provider = :provider
+  FROM clock AS c
+ WHERE o.user_id = c.user_id AND o.provider = c.provider
    AND (o.refresh_lease_until IS NULL
-        OR o.refresh_lease_until <= clock_timestamp()
+        OR o.refresh_lease_until <= c.at
         OR o.refresh_lease_holder = :holder)
 RETURNING o.access_token_ciphertext, o.refresh_token_ciphertext, o.tokens_key_id,
           o.token_expires_at, o.tokens_version;

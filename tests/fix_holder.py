@@ -162,6 +162,34 @@ async def call_while_holding(
         holder.close()
 
 
+async def call_held_for(
+    storage: Any,
+    dsn: str,
+    held: Row,
+    seconds: float,
+    call: Callable[[], Coroutine[Any, Any, Any]],
+    *,
+    waits_on: str,
+    schema: str = "kitium_auth",
+) -> Any:
+    """Lock ``held`` (``FOR NO KEY UPDATE``: a lock, no change) in a transaction of its own, run
+    ``call()`` meanwhile, and once it waits on a lock (its statement has ``waits_on``) keep it
+    waiting ``seconds`` more before releasing: a call whose row another transaction holds for
+    a while, during which times (an expiry, a lease, a grace) pass. Returns what the call
+    returned or raised."""
+    holder = psycopg.connect(dsn)
+    try:
+        target, params = _where(schema, held)
+        holder.execute(f"SELECT FROM {target} FOR NO KEY UPDATE", params)
+        result = in_background(storage, call)
+        assert await asyncio.to_thread(waiting, dsn, waits_on)
+        await asyncio.sleep(seconds)
+        holder.commit()
+        return await result()
+    finally:
+        holder.close()
+
+
 @asynccontextmanager
 async def unretried_adapter(kind: str, dsn: str, **options: Any) -> AsyncIterator[Any]:
     """An adapter of ``kind`` that raises a deadlock rather than retry it, whose planner reads

@@ -15,7 +15,7 @@ import pytest
 from kitium_pg import ConflictError, EmailVerificationToken, NotFoundError, ValidationError
 from kitium_pg._base import Retry
 
-from .fix_holder import two_calls_queued_on, unretried_adapter, waiting
+from .fix_holder import call_held_for, two_calls_queued_on, unretried_adapter, waiting
 from .fix_race import race, race_each, start
 from .fix_roles import schema as schema
 
@@ -524,3 +524,27 @@ async def test_a_revocation_waits_for_a_transaction_that_consumed_a_token_and_wr
             else:
                 await tx.set_password_hash(user.id, "hash")
         assert await revocation == 0  # the token was used by then
+
+
+async def test_a_consume_that_waited_past_the_tokens_expiry_loses(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Found in review: mark_email_verification_token_as_used waited 1.5 s for the row of a
+    token expiring in 1 s (another transaction held it), then consumed the expired token, with
+    a used_at from before its expiry. Expiry is judged once the row is locked: ConflictError
+    (the token exists but has expired), and it stays unused."""
+    token = await _token(storage, email, expires_at=_in(seconds=1))
+    outcome = await call_held_for(
+        storage,
+        dsn,
+        ("email_verification_tokens", {"id": token.id}),
+        1.5,
+        lambda: storage.mark_email_verification_token_as_used(token.id),
+        waits_on="consumed_by",
+    )
+    assert isinstance(outcome, ConflictError)
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT used_at FROM kitium_auth.email_verification_tokens WHERE id = %s", [token.id]
+        ).fetchone()
+    assert row == (None,)

@@ -23,6 +23,7 @@ TABLE_REF_RE = re.compile(
 # Names that may follow FROM/JOIN without a schema: CTE names and set-returning functions.
 LOCAL_NAMES = {
     "inserted",
+    "clock",
     "due",
     "challenge",
     "link",

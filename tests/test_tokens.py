@@ -10,8 +10,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from kitium_pg import IssuedApiKey, IssuedSession, ValidationError
+from kitium_pg import IssuedApiKey, IssuedSession, NotFoundError, ValidationError
 
+from .fix_holder import call_held_for
 from .fix_race import race
 
 
@@ -391,3 +392,77 @@ async def test_rotation_is_refused_inside_a_transaction(storage: Any, email: str
     assert await storage.rotate_session_token(issued.token, reuse_grace=dt.timedelta(0)) is None
     assert await storage.get_session(issued.session.id) is None
     assert len(await _reuse_events(storage, user.id)) == 1
+
+
+async def test_a_rotation_that_waited_for_its_session_gives_the_old_token_its_whole_grace(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Found in review: a rotation that waited 2.5 s for its session's row (an application's
+    transaction held it) stamped the rotation at its statement's start, so the replaced token,
+    presented again at once (a second tab), was already 2.5 s into its 2 s grace: the session
+    was ended as a reuse. The rotation is stamped once the row is locked: within the grace the
+    old token gets None and the session stays."""
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    grace = dt.timedelta(seconds=2)
+    rotated = await call_held_for(
+        storage,
+        dsn,
+        ("sessions", {"id": issued.session.id}),
+        2.5,
+        lambda: storage.rotate_session_token(issued.token, reuse_grace=grace),
+        waits_on="previous_token_hash",
+    )
+    assert isinstance(rotated, IssuedSession)
+    assert await storage.rotate_session_token(issued.token, reuse_grace=grace) is None
+    assert await storage.validate_session_token(rotated.token, consistency="primary") is not None
+
+
+async def test_a_rotation_whose_new_expiry_passed_while_it_waited_changes_nothing(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Found in review: a rotation asked to move the expiry 1 s ahead waited 1.5 s for the
+    session's row, then rotated to an expiry already past: the new token never validated and
+    the presented one was dead. It is judged once the row is locked: None, nothing changed."""
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    rotated = await call_held_for(
+        storage,
+        dsn,
+        ("sessions", {"id": issued.session.id}),
+        1.5,
+        lambda: storage.rotate_session_token(issued.token, expires_at=soon),
+        waits_on="previous_token_hash",
+    )
+    assert rotated is None
+    assert await storage.validate_session_token(issued.token, consistency="primary") is not None
+
+
+@pytest.mark.parametrize("binding", [False, True], ids=["update", "binding-to-an-org"])
+async def test_an_update_that_waited_past_the_sessions_expiry_does_not_revive_it(
+    storage: Any, email: str, dsn: str, binding: bool
+) -> None:
+    """Found in review: update_session(expires_at=...) waited 1.5 s for the row of a session
+    expiring in 1 s, then slid the expiry of the session that had expired meanwhile: its token
+    validated again. The expiry is judged once the row is locked: NotFoundError (an expired
+    session is never revived), and the token stays refused. Binding the session to an
+    organization at the same time (update_session_org) too."""
+    user = await storage.create_user(email=email)
+    org = await storage.create_organization(
+        name="Bind", plan="team", members=[{"user_id": user.id}]
+    )
+    issued = await storage.issue_session_token(
+        user_id=user.id, expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    )
+    changes: dict[str, Any] = {"expires_at": _in(1), **({"org_id": org.id} if binding else {})}
+    updated = await call_held_for(
+        storage,
+        dsn,
+        ("sessions", {"id": issued.session.id}),
+        1.5,
+        lambda: storage.update_session(issued.session.id, **changes),
+        waits_on="UPDATE kitium_auth.sessions AS s",
+    )
+    assert isinstance(updated, NotFoundError)
+    assert await storage.validate_session_token(issued.token, consistency="primary") is None

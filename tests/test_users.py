@@ -30,7 +30,13 @@ from kitium_pg import (
 from kitium_pg._base import new_id
 
 from .conftest import TEST_KEYS, AwaitableSync
-from .fix_holder import adapter_module, committed_later, release_when_waiting, waiting
+from .fix_holder import (
+    adapter_module,
+    call_held_for,
+    committed_later,
+    release_when_waiting,
+    waiting,
+)
 from .fix_metadata import check_metadata_patch
 from .fix_race import race_each, start
 
@@ -794,6 +800,28 @@ async def test_one_of_many_claims_gets_the_refresh_lease(
     until, lease_holder = _lease(dsn, user.id) or (None, None)
     assert until is not None and lease_holder is not None
     assert until > dt.datetime.now(dt.UTC) + dt.timedelta(seconds=50)
+
+
+async def test_a_claim_that_waited_for_the_link_leases_from_when_it_holds_it(
+    storage: Any, email: str, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Found in review: a claim that waited 1.5 s for the link's row (another transaction only
+    locked it) computed its 1 s lease before the wait, so the lease was over when the claim
+    returned and a second worker got the refresh at once. The lease now runs from when the
+    claim holds the row: it outlasts the call, and the next claim gets None."""
+    user = await _linked_with_tokens(storage, email, unique)
+    claimed = await call_held_for(
+        storage,
+        dsn,
+        ("oauth_accounts", {"user_id": user.id, "provider": "google"}),
+        1.5,
+        lambda: storage.claim_oauth_refresh(user.id, "google", lease_seconds=1),
+        waits_on="refresh_lease_holder =",
+    )
+    assert claimed is not None and not isinstance(claimed, BaseException)
+    until, _ = _lease(dsn, user.id) or (None, None)
+    assert until is not None and until > dt.datetime.now(dt.UTC)
+    assert await storage.claim_oauth_refresh(user.id, "google") is None
 
 
 async def test_a_refresh_lease_ends_with_new_tokens_or_runs_out(
