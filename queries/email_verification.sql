@@ -70,17 +70,24 @@ SELECT id, email, code_hash, type, user_id, metadata, expires_at, used_at, creat
 -- the update waited for its row (the user deleted, 0009's cascade) was reported as used,
 -- ConflictError for a token never consumed (found in review); now it is gone: NotFoundError.
 -- Expiry is judged, and used_at stamped, once the token is locked (locked, then clock), as in
--- update_session: a consume that waited for the row took a token that expired meanwhile.
+-- update_session: a consume that waited for the row took a token that expired meanwhile. The
+-- token is judged as locked (c.*): the UPDATE's scan reads the statement's snapshot, where a
+-- retry that waited for its own first attempt found the token unused and, once it had expired
+-- meanwhile, lost its own win.
 WITH locked AS (
-  SELECT t.id FROM kitium_auth.email_verification_tokens AS t WHERE t.id = :id FOR NO KEY UPDATE
+  SELECT t.id, t.used_at, t.expires_at, t.consumed_by
+    FROM kitium_auth.email_verification_tokens AS t
+   WHERE t.id = :id
+     FOR NO KEY UPDATE
 ), clock AS (
-  SELECT l.id, clock_timestamp() AS at FROM locked AS l
+  SELECT l.id, l.used_at, l.expires_at, l.consumed_by, clock_timestamp() AS at
+    FROM locked AS l
 ), consumed AS (
   UPDATE kitium_auth.email_verification_tokens AS t
      SET used_at = coalesce(t.used_at, c.at), consumed_by = :consumer
     FROM clock AS c
    WHERE t.id = c.id
-     AND ((t.used_at IS NULL AND t.expires_at > c.at) OR t.consumed_by = :consumer)
+     AND ((c.used_at IS NULL AND c.expires_at > c.at) OR c.consumed_by = :consumer)
   RETURNING t.id, t.email, t.code_hash, t.type, t.user_id, t.metadata, t.expires_at,
             t.used_at, t.created_at
 ), existing AS (

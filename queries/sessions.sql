@@ -100,14 +100,15 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- the row's metadata as this UPDATE locked it (migration 0014): concurrent patches all apply.
 -- Binding the session to an organization goes through update_session_org; this one may only
 -- unbind it (org_id NULL).
--- Expiry is judged once the row is locked (locked, then clock): a plain UPDATE that waited for
--- the row judged it, and computed its new values, before the wait, and revived a session that
--- had expired meanwhile (found in review). clock_timestamp() alone would not do: when the
--- transaction waited for only locked the row, the UPDATE is not re-evaluated after the wait.
+-- The expiry is judged on the row as locked and at that time (locked, then clock): a plain
+-- UPDATE that waited for the row judged it, and computed its new values, before the wait, and
+-- revived a session that had expired meanwhile (found in review). clock_timestamp() alone would
+-- not do: when the transaction waited for only locked the row, the UPDATE is not evaluated
+-- again after the wait; and its scan reads the statement's snapshot, not the row as locked.
 WITH locked AS (
-  SELECT s.id FROM kitium_auth.sessions AS s WHERE s.id = :id FOR NO KEY UPDATE
+  SELECT s.id, s.expires_at FROM kitium_auth.sessions AS s WHERE s.id = :id FOR NO KEY UPDATE
 ), clock AS (
-  SELECT l.id, clock_timestamp() AS at FROM locked AS l
+  SELECT l.id, l.expires_at, clock_timestamp() AS at FROM locked AS l
 )
 UPDATE kitium_auth.sessions AS s
    SET org_id       = CASE WHEN :set_org_id THEN :org_id ELSE s.org_id END,
@@ -118,7 +119,7 @@ UPDATE kitium_auth.sessions AS s
                            ELSE kitium_auth.jsonb_merge_patch(s.metadata,
                                                               :metadata_patch::jsonb) END
   FROM clock AS c
- WHERE s.id = c.id AND s.expires_at > c.at
+ WHERE s.id = c.id AND c.expires_at > c.at
 RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
           s.created_at, s.updated_at;
 
@@ -150,12 +151,12 @@ WITH target AS (
      AND EXISTS (SELECT FROM org)
      FOR KEY SHARE
 ), locked AS (
-  SELECT s.id
+  SELECT s.id, s.expires_at
     FROM kitium_auth.sessions AS s
    WHERE s.id = :id AND EXISTS (SELECT FROM member)
      FOR NO KEY UPDATE
 ), clock AS (
-  SELECT l.id, clock_timestamp() AS at FROM locked AS l
+  SELECT l.id, l.expires_at, clock_timestamp() AS at FROM locked AS l
 )
 UPDATE kitium_auth.sessions AS s
    SET org_id       = :org_id,
@@ -166,7 +167,7 @@ UPDATE kitium_auth.sessions AS s
                            ELSE kitium_auth.jsonb_merge_patch(s.metadata,
                                                               :metadata_patch::jsonb) END
   FROM clock AS c
- WHERE s.id = c.id AND s.expires_at > c.at
+ WHERE s.id = c.id AND c.expires_at > c.at
 RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
           s.created_at, s.updated_at;
 

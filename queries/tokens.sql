@@ -50,25 +50,30 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- ends the session and writes a session.token_reused event (id event_id), both here: a row
 -- with reused true (and no session) says so, also to a retry after a lost acknowledgement, which
 -- finds that event (auth_event_written, migration 0038: read after this statement's waits, so a
--- retry that waited for its own first attempt's lock sees its commit). Within reuse_grace it gets no row and changes nothing. The event is
--- the user's, with no organization (the session's goes in its data): sessions are not tenant
--- data, and under tenant_rls a caller without a tenant may write only such events.
--- Times (expiry, the grace, token_rotated_at) are judged and stamped once the session is locked
--- (locked, then clock), as in update_session: judged at the statement's start, a rotation that
--- waited for the row stamped a rotation time from before the wait, which shortened the grace
--- of the token it replaced, and took a new expires_at that had passed meanwhile (found in
--- review).
+-- retry that waited for its own first attempt's lock sees its commit). Within reuse_grace it
+-- gets no row and changes nothing. The event is the user's, with no organization (the
+-- session's goes in its data): sessions are not tenant data, and under tenant_rls a caller
+-- without a tenant may write only such events.
+-- The session is judged as locked and at that time (locked, then clock), as in update_session:
+-- judged on the statement's snapshot and at its start, a rotation that waited for the row
+-- stamped a rotation time from before the wait, which shortened the grace of the token it
+-- replaced, and took a new expires_at that had passed meanwhile (found in review).
 WITH locked AS (
-  SELECT s.id FROM kitium_auth.sessions AS s WHERE s.id = :id FOR NO KEY UPDATE
+  SELECT s.id, s.token_hash, s.previous_token_hash, s.token_rotated_at, s.expires_at
+    FROM kitium_auth.sessions AS s
+   WHERE s.id = :id
+     FOR NO KEY UPDATE
 ), clock AS (
-  SELECT l.id, clock_timestamp() AS at FROM locked AS l
+  SELECT l.id, l.token_hash, l.previous_token_hash, l.token_rotated_at, l.expires_at,
+         clock_timestamp() AS at
+    FROM locked AS l
 ), ended AS (
   DELETE FROM kitium_auth.sessions AS s
    USING clock AS c
    WHERE s.id = c.id
-     AND s.previous_token_hash = :presented_hash
-     AND s.token_hash <> :token_hash
-     AND s.token_rotated_at <= c.at - CAST(:reuse_grace AS interval)
+     AND c.previous_token_hash = :presented_hash
+     AND c.token_hash <> :token_hash
+     AND c.token_rotated_at <= c.at - CAST(:reuse_grace AS interval)
   RETURNING s.id, s.user_id, s.org_id, s.token_rotated_at
 ), reported AS (
   INSERT INTO kitium_auth.auth_events (id, type, principal_id, org_id, data, "timestamp")
@@ -87,8 +92,8 @@ WITH locked AS (
          expires_at = CASE WHEN :set_expires_at THEN :expires_at ELSE s.expires_at END
     FROM clock AS c
    WHERE s.id = c.id
-     AND s.token_hash IN (:presented_hash, :token_hash)
-     AND s.expires_at > c.at
+     AND c.token_hash IN (:presented_hash, :token_hash)
+     AND c.expires_at > c.at
      AND (NOT :set_expires_at OR :expires_at > c.at)
   RETURNING s.id, s.user_id, s.org_id, s.plan, s.entitlements, s.metadata, s.expires_at,
             s.created_at, s.updated_at

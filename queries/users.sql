@@ -225,23 +225,26 @@ SELECT access_token_ciphertext, refresh_token_ciphertext, tokens_key_id, token_e
 -- clock), not at the start of a statement that may have waited on the row (a lease from then
 -- would have run out already, and a second worker would get it too). clock_timestamp() in the
 -- UPDATE itself was read before that wait when the transaction waited for had only locked the
--- row (the UPDATE is then not evaluated again; found in review).
+-- row (the UPDATE is then not evaluated again; found in review). The lease is judged on the row
+-- as locked (c.*), not on the UPDATE's scan of the statement's snapshot.
 WITH locked AS (
-  SELECT o.user_id, o.provider
+  SELECT o.user_id, o.provider, o.refresh_lease_until, o.refresh_lease_holder
     FROM kitium_auth.oauth_accounts AS o
    WHERE o.user_id = :user_id AND o.provider = :provider
      FOR NO KEY UPDATE
 ), clock AS (
-  SELECT l.user_id, l.provider, clock_timestamp() AS at FROM locked AS l
+  SELECT l.user_id, l.provider, l.refresh_lease_until, l.refresh_lease_holder,
+         clock_timestamp() AS at
+    FROM locked AS l
 )
 UPDATE kitium_auth.oauth_accounts AS o
    SET refresh_lease_until = c.at + make_interval(secs => :lease_seconds),
        refresh_lease_holder = :holder
   FROM clock AS c
  WHERE o.user_id = c.user_id AND o.provider = c.provider
-   AND (o.refresh_lease_until IS NULL
-        OR o.refresh_lease_until <= c.at
-        OR o.refresh_lease_holder = :holder)
+   AND (c.refresh_lease_until IS NULL
+        OR c.refresh_lease_until <= c.at
+        OR c.refresh_lease_holder = :holder)
 RETURNING o.access_token_ciphertext, o.refresh_token_ciphertext, o.tokens_key_id,
           o.token_expires_at, o.tokens_version;
 

@@ -15,7 +15,13 @@ import pytest
 from kitium_pg import ConflictError, EmailVerificationToken, NotFoundError, ValidationError
 from kitium_pg._base import Retry
 
-from .fix_holder import call_held_for, two_calls_queued_on, unretried_adapter, waiting
+from .fix_holder import (
+    call_held_for,
+    in_background,
+    two_calls_queued_on,
+    unretried_adapter,
+    waiting,
+)
 from .fix_race import race, race_each, start
 from .fix_roles import schema as schema
 
@@ -548,3 +554,31 @@ async def test_a_consume_that_waited_past_the_tokens_expiry_loses(
             "SELECT used_at FROM kitium_auth.email_verification_tokens WHERE id = %s", [token.id]
         ).fetchone()
     assert row == (None,)
+
+
+async def test_a_retried_consume_that_waited_for_its_first_attempt_past_the_expiry_wins(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """The first attempt consumes the token just before it expires and has not committed yet
+    (its acknowledgement lost, its commit slow) when the adapter's retry, with the same
+    consumer, starts and waits for the token's row; the token expires meanwhile. Once the first
+    attempt commits, the retry reports its win: whose consume it is, is read from the row as
+    locked (a retry judged on the statement's snapshot saw an unused token, now expired, and
+    reported ConflictError for the token its own call had consumed)."""
+    token = await _token(storage, email, expires_at=_in(seconds=1))
+    params = {"id": token.id, "consumer": uuid.uuid4()}
+    queries = (storage.adapter if storage.kind == "sync" else storage)._queries
+    first = psycopg.connect(dsn)
+    try:
+        row = first.execute(
+            queries["mark_email_verification_token_as_used"].sql.encode(), params
+        ).fetchone()
+        assert row is not None and row[0] is True  # consumed, not yet committed
+        retry = in_background(storage, lambda: _replay_consume(storage, params))
+        assert await asyncio.to_thread(waiting, dsn, "consumed_by")
+        await asyncio.sleep(1.5)  # past the expiry
+        first.commit()
+        again = await retry()
+    finally:
+        first.close()
+    assert isinstance(again, tuple) and again[0] is True, again

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import logging
+import uuid
 from typing import Any
 
 import psycopg
 import pytest
 
 from kitium_pg import IssuedApiKey, IssuedSession, NotFoundError, ValidationError
+from kitium_pg._base import Retry
 
-from .fix_holder import call_held_for
+from .fix_holder import call_held_for, in_background, waiting
 from .fix_race import race
 
 
@@ -466,3 +469,46 @@ async def test_an_update_that_waited_past_the_sessions_expiry_does_not_revive_it
     )
     assert isinstance(updated, NotFoundError)
     assert await storage.validate_session_token(issued.token, consistency="primary") is None
+
+
+async def test_a_retried_rotation_that_waited_for_its_first_attempt_past_the_old_expiry_wins(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """The first attempt slides the expiry of a session about to expire and has not committed
+    yet (its acknowledgement lost, its commit slow) when the adapter's retry, with the same new
+    digest, starts and waits for the session's row; the old expiry passes meanwhile. Once the
+    first attempt commits, the retry returns the rotated session: the session is judged as
+    locked (its new expiry), not as the statement's snapshot had it (expired)."""
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(
+        user_id=user.id, expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    )
+    secret = issued.token.partition(".")[2]
+    params = {
+        "id": issued.session.id,
+        "presented_hash": hashlib.sha256(secret.encode()).digest(),
+        "token_hash": hashlib.sha256(b"the new secret").digest(),
+        "set_expires_at": True,
+        "expires_at": _in(1),
+        "reuse_grace": dt.timedelta(seconds=10),
+        "event_id": uuid.uuid4(),
+    }
+    adapter = storage.adapter if storage.kind == "sync" else storage
+
+    async def replay() -> Any:  # the statement again, as the retry loop re-sends it
+        if storage.kind == "sync":
+            return adapter._run("rotate_session_token", params, retry=Retry.NEVER)
+        return await adapter._run("rotate_session_token", params, retry=Retry.NEVER)
+
+    first = psycopg.connect(dsn)
+    try:
+        row = first.execute(adapter._queries["rotate_session_token"].sql.encode(), params)
+        assert row.fetchone() is not None  # rotated, not yet committed
+        retry = in_background(storage, replay)
+        assert await asyncio.to_thread(waiting, dsn, "previous_token_hash")
+        await asyncio.sleep(1.5)  # past the old expiry
+        first.commit()
+        again = await retry()
+    finally:
+        first.close()
+    assert isinstance(again, list) and len(again) == 1 and again[0][0] is False, again
