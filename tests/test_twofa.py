@@ -28,7 +28,7 @@ from kitium_pg.records import (
 )
 
 from .fix_disguised import Boundless
-from .fix_holder import in_background, release_when_waiting, waiting
+from .fix_holder import call_held_for, in_background, release_when_waiting, waiting
 from .fix_metadata import check_metadata_patch
 from .fix_race import race, race_each, start
 
@@ -1473,23 +1473,6 @@ async def test_a_backup_code_challenge_takes_no_code_hash(
     assert row == (0,)
 
 
-def _holding(dsn: str, table: str, row_id: Any) -> psycopg.Connection[Any]:
-    """A transaction of its own holding one row of ``table`` FOR UPDATE (commit or close it)."""
-    holder = psycopg.connect(dsn)
-    holder.execute(f"SELECT FROM kitium_auth.{table} WHERE id = %s FOR UPDATE".encode(), [row_id])
-    return holder
-
-
-async def _wait_then_release(
-    dsn: str, holder: psycopg.Connection[Any], marker: str, seconds: float
-) -> None:
-    """Once a call with ``marker`` waits for ``holder``'s lock, keep it waiting ``seconds``
-    more, then commit the holder."""
-    assert await asyncio.to_thread(waiting, dsn, marker)
-    await asyncio.sleep(seconds)
-    holder.commit()
-
-
 async def test_a_throttle_charged_after_a_lock_wait_runs_from_the_charge(
     storage: Any, email: str, dsn: str
 ) -> None:
@@ -1500,13 +1483,14 @@ async def test_a_throttle_charged_after_a_lock_wait_runs_from_the_charge(
     user = await _user(storage, email)
     device = await _device(storage, user)
     first, second = [await _challenge(storage, user, device=device) for _ in "ab"]
-    holder = _holding(dsn, "twofa_devices", device.id)
-    try:
-        counted = start(storage, "count_two_factor_attempt", first.id)
-        await _wait_then_release(dsn, holder, "count_two_factor_attempt(", 1.5)
-        charged = await counted
-    finally:
-        holder.close()
+    charged = await call_held_for(
+        storage,
+        dsn,
+        ("twofa_devices", {"id": device.id}),
+        1.5,
+        lambda: storage.count_two_factor_attempt(first.id),
+        waits_on="count_two_factor_attempt(",
+    )
     returned = _db_now(dsn)
     assert not charged.throttled
     assert charged.throttled_until > returned
@@ -1523,8 +1507,11 @@ async def test_guesses_queued_behind_a_device_lock_are_compared_one_per_throttle
     user = await _user(storage, email)
     device = await _device(storage, user)
     first, second = [await _challenge(storage, user, device=device) for _ in "ab"]
-    holder = _holding(dsn, "twofa_devices", device.id)
+    holder = psycopg.connect(dsn)
     try:
+        holder.execute(
+            "SELECT FROM kitium_auth.twofa_devices WHERE id = %s FOR NO KEY UPDATE", [device.id]
+        )
         one = start(storage, "count_two_factor_attempt", first.id)
         assert await asyncio.to_thread(waiting, dsn, "count_two_factor_attempt(")
         await asyncio.sleep(1.3)
@@ -1556,13 +1543,14 @@ async def test_a_right_code_is_refused_once_what_it_answers_expired_during_its_w
     challenge = await _challenge(
         storage, user, device=device, method="sms", code_hash=_hash("5"), **extra
     )
-    holder = _holding(dsn, "twofa_devices", device.id)
-    try:
-        verified = start(storage, "verify_two_factor_session", challenge.id, _hash("5"))
-        await _wait_then_release(dsn, holder, "verify_two_factor_session(", 2.0)
-        attempt = await verified
-    finally:
-        holder.close()
+    attempt = await call_held_for(
+        storage,
+        dsn,
+        ("twofa_devices", {"id": device.id}),
+        2.0,
+        lambda: storage.verify_two_factor_session(challenge.id, _hash("5")),
+        waits_on="verify_two_factor_session(",
+    )
     assert _db_now(dsn) > soon
     assert attempt is None
     stored = await storage.get_two_factor_session(challenge.id)
@@ -1577,13 +1565,14 @@ async def test_a_completion_that_waited_past_the_challenges_expiry_loses(
     0040), and loses."""
     user = await _user(storage, email)
     challenge = await _challenge(storage, user, expires_at=_in(seconds=1))
-    holder = _holding(dsn, "twofa_sessions", challenge.id)
-    try:
-        completing = start(storage, "complete_two_factor_session", challenge.id)
-        await _wait_then_release(dsn, holder, "UPDATE kitium_auth.twofa_sessions", 2.0)
-        won = await completing
-    finally:
-        holder.close()
+    won = await call_held_for(
+        storage,
+        dsn,
+        ("twofa_sessions", {"id": challenge.id}),
+        2.0,
+        lambda: storage.complete_two_factor_session(challenge.id),
+        waits_on="UPDATE kitium_auth.twofa_sessions",
+    )
     assert won is False
     stored = await storage.get_two_factor_session(challenge.id)
     assert stored is not None and stored.completed_at is None
