@@ -57,7 +57,10 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- The session is judged as locked and at that time (locked, then clock), as in update_session:
 -- judged on the statement's snapshot and at its start, a rotation that waited for the row
 -- stamped a rotation time from before the wait, which shortened the grace of the token it
--- replaced, and took a new expires_at that had passed meanwhile (found in review).
+-- replaced, and took a new expires_at that had passed meanwhile (found in review). The grace
+-- runs from that stamp to when the token was presented (this statement's start), not to when
+-- this call got the lock: a rotation of the same token queued behind the winning one was
+-- presented before that rotation, and is no reuse (found in review).
 WITH locked AS (
   SELECT s.id, s.token_hash, s.previous_token_hash, s.token_rotated_at, s.expires_at
     FROM kitium_auth.sessions AS s
@@ -73,7 +76,7 @@ WITH locked AS (
    WHERE s.id = c.id
      AND c.previous_token_hash = :presented_hash
      AND c.token_hash <> :token_hash
-     AND c.token_rotated_at <= c.at - CAST(:reuse_grace AS interval)
+     AND c.token_rotated_at <= statement_timestamp() - CAST(:reuse_grace AS interval)
   RETURNING s.id, s.user_id, s.org_id, s.token_rotated_at
 ), reported AS (
   INSERT INTO kitium_auth.auth_events (id, type, principal_id, org_id, data, "timestamp")

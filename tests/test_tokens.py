@@ -15,8 +15,8 @@ import pytest
 from kitium_pg import IssuedApiKey, IssuedSession, NotFoundError, ValidationError
 from kitium_pg._base import Retry
 
-from .fix_holder import call_held_for, in_background, waiting
-from .fix_race import race
+from .fix_holder import call_held_for, in_background, two_calls_queued_on, waiting
+from .fix_race import race, start
 
 
 def _in(hours: float) -> dt.datetime:
@@ -512,3 +512,29 @@ async def test_a_retried_rotation_that_waited_for_its_first_attempt_past_the_old
     finally:
         first.close()
     assert isinstance(again, list) and len(again) == 1 and again[0][0] is False, again
+
+
+async def test_two_rotations_of_one_token_queued_behind_a_lock_are_no_reuse(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Found in review: two rotations of one token, both presented before either ran (queued
+    behind another transaction's lock on the session), with no grace: the second, judging the
+    reuse grace up to when it got the lock, took the first's rotation for an earlier one and
+    ended the session as a reuse, killing the winner's new token. The grace runs to when the
+    token was presented: one new token, the other call None, the session and its new token
+    live, no reuse event."""
+    user = await storage.create_user(email=email)
+    issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
+    none = dt.timedelta(0)
+    results = await two_calls_queued_on(
+        dsn,
+        ("sessions", {"id": issued.session.id}),
+        lambda: start(storage, "rotate_session_token", issued.token, reuse_grace=none),
+        "previous_token_hash",
+        lambda: start(storage, "rotate_session_token", issued.token, reuse_grace=none),
+    )
+    winners = [r for r in results if isinstance(r, IssuedSession)]
+    assert len(winners) == 1 and results.count(None) == 1, results
+    assert await storage.validate_session_token(winners[0].token, consistency="primary")
+    reused = await storage.list_events(principal_id=user.id, type="session.token_reused")
+    assert reused.events == ()

@@ -824,6 +824,26 @@ async def test_a_claim_that_waited_for_the_link_leases_from_when_it_holds_it(
     assert await storage.claim_oauth_refresh(user.id, "google") is None
 
 
+async def test_a_claim_leases_only_the_providers_link(
+    storage: Any, email: str, unique: Callable[[str], str], dsn: str
+) -> None:
+    """Claiming the refresh of the user's google link leaves the lease of its other links
+    free: the next claim of the github link gets its tokens."""
+    user = await _linked_with_tokens(storage, email, unique)
+    await storage.link_oauth_account(
+        user.id, "github", sub=unique("gh"), access_token="gh-a", refresh_token="gh-r"
+    )
+    assert await storage.claim_oauth_refresh(user.id, "google") is not None
+    with psycopg.connect(dsn) as conn:
+        github = conn.execute(
+            "SELECT refresh_lease_until, refresh_lease_holder FROM kitium_auth.oauth_accounts"
+            " WHERE user_id = %s AND provider = 'github'",
+            [user.id],
+        ).fetchone()
+    assert github == (None, None)
+    assert await storage.claim_oauth_refresh(user.id, "github") is not None
+
+
 async def test_a_refresh_lease_ends_with_new_tokens_or_runs_out(
     storage: Any, email: str, unique: Callable[[str], str], dsn: str
 ) -> None:
