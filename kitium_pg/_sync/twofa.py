@@ -335,11 +335,14 @@ class TwoFactor(Core):
 
     def complete_two_factor_session(self, id: uuid.UUID | str) -> bool:
         """Mark a challenge completed: ``True`` for the one call that completed it, ``False``
-        when it is already completed, expired or unknown.
+        when it is already completed, expired, unknown, or its login session has ended or
+        expired. Expiry and the login session are judged once the call holds the challenge,
+        not before it waited for another transaction's lock on it.
 
         One guarded statement: of any number of concurrent callers exactly one gets ``True``.
         Retried on transient failures: each call draws a consumer id before the first attempt
-        and the statement records it, so a retry after a lost acknowledgement still wins.
+        and the statement records it, so a retry after a lost acknowledgement still wins (also
+        one that waited for its own first attempt, and one whose login session ended since).
         """
         params = {"id": v.uuid_arg("id", id), "consumer": uuid.uuid4()}
         return self._value("complete_two_factor_session", params, retry=Retry.SAFE) is not None
