@@ -23,6 +23,8 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from kitium_pg._base import Retry
+
 from .conftest import drive, open_adapter
 
 
@@ -136,14 +138,16 @@ async def call_while_holding(
     *,
     waits_on: str | None,
     free: Sequence[Row] = (),
+    linger: float = 0.0,
     schema: str = "kitium_auth",
 ) -> Any:
     """Lock ``held`` (``FOR <mode>``) in a transaction of its own and run ``call()`` meanwhile.
     With ``waits_on`` (text of the call's statement), check that the call waits on a lock while
     a third transaction still locks each of ``free`` at once (``FOR UPDATE NOWAIT``: the call
-    holds none of them), then release ``held``; without it, the call must finish while the row
-    is held (give it a statement timeout). The rows are tables of ``schema``. Returns what the
-    call returned or raised."""
+    holds none of them), keep it waiting ``linger`` seconds more (times such as an expiry, a
+    lease or a grace pass meanwhile), then release ``held``; without it, the call must finish
+    while the row is held (give it a statement timeout). The rows are tables of ``schema``.
+    Returns what the call returned or raised."""
     holder = psycopg.connect(dsn)
     try:
         target, params = _where(schema, held)
@@ -156,34 +160,7 @@ async def call_while_holding(
             for row in free:
                 target, params = _where(schema, row)
                 probe.execute(f"SELECT FROM {target} FOR UPDATE NOWAIT", params)
-        holder.commit()
-        return await result()
-    finally:
-        holder.close()
-
-
-async def call_held_for(
-    storage: Any,
-    dsn: str,
-    held: Row,
-    seconds: float,
-    call: Callable[[], Coroutine[Any, Any, Any]],
-    *,
-    waits_on: str,
-    schema: str = "kitium_auth",
-) -> Any:
-    """Lock ``held`` (``FOR NO KEY UPDATE``: a lock, no change) in a transaction of its own, run
-    ``call()`` meanwhile, and once it waits on a lock (its statement has ``waits_on``) keep it
-    waiting ``seconds`` more before releasing: a call whose row another transaction holds for
-    a while, during which times (an expiry, a lease, a grace) pass. Returns what the call
-    returned or raised."""
-    holder = psycopg.connect(dsn)
-    try:
-        target, params = _where(schema, held)
-        holder.execute(f"SELECT FROM {target} FOR NO KEY UPDATE", params)
-        result = in_background(storage, call)
-        assert await asyncio.to_thread(waiting, dsn, waits_on)
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(linger)
         holder.commit()
         return await result()
     finally:
@@ -227,3 +204,39 @@ async def two_calls_queued_on(
         return list(await asyncio.gather(one, two, return_exceptions=True))
     finally:
         holder.close()
+
+
+async def replay(storage: Any, name: str, params: Mapping[str, Any]) -> Any:
+    """Run statement ``name`` once with chosen ``params`` (ids, consumer, digests), as the
+    adapter's retry loop re-sends it after a lost acknowledgement; its result in the query's
+    shape."""
+    if storage.kind == "sync":
+        return storage.adapter._run(name, params, retry=Retry.NEVER)
+    return await storage._run(name, params, retry=Retry.NEVER)
+
+
+async def replay_behind_open_attempt(
+    storage: Any,
+    dsn: str,
+    name: str,
+    params: Mapping[str, Any],
+    *,
+    waits_on: str,
+    linger: float = 0.0,
+) -> tuple[Any, Any]:
+    """A first attempt whose acknowledgement was lost and whose commit is slow: run statement
+    ``name`` with ``params`` in a transaction of its own, left open; replay it (``replay``)
+    alongside, wait until the replay waits on the first attempt's lock (its statement has
+    ``waits_on``), ``linger`` seconds more, then commit the first attempt. Returns the first
+    attempt's first row and what the replay returned or raised."""
+    queries = (storage.adapter if storage.kind == "sync" else storage)._queries
+    first = psycopg.connect(dsn)
+    try:
+        row = first.execute(queries[name].sql.encode(), dict(params)).fetchone()
+        retry = in_background(storage, lambda: replay(storage, name, params))
+        assert await asyncio.to_thread(waiting, dsn, waits_on)
+        await asyncio.sleep(linger)
+        first.commit()
+        return row, await retry()
+    finally:
+        first.close()

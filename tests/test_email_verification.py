@@ -13,11 +13,11 @@ import psycopg
 import pytest
 
 from kitium_pg import ConflictError, EmailVerificationToken, NotFoundError, ValidationError
-from kitium_pg._base import Retry
 
 from .fix_holder import (
-    call_held_for,
-    in_background,
+    call_while_holding,
+    replay,
+    replay_behind_open_attempt,
     two_calls_queued_on,
     unretried_adapter,
     waiting,
@@ -26,6 +26,9 @@ from .fix_race import race, race_each, start
 from .fix_roles import schema as schema
 
 RACERS = 32
+
+
+CONSUME = "mark_email_verification_token_as_used"
 
 
 def _hash(code: str) -> str:
@@ -203,26 +206,18 @@ async def test_racing_consumers_exactly_one_wins(storage: Any, email: str) -> No
     assert stored.used_at is not None
 
 
-async def _replay_consume(storage: Any, params: dict[str, Any]) -> Any:
-    # Run the consume statement itself with chosen parameters, as the retry loop would re-send it.
-    name = "mark_email_verification_token_as_used"
-    if storage.kind == "sync":
-        return storage.adapter._run(name, params, retry=Retry.NEVER)
-    return await storage._run(name, params, retry=Retry.NEVER)
-
-
 async def test_retried_consume_recognises_its_own_win(storage: Any, email: str) -> None:
     # A retry after a lost acknowledgement re-sends the same statement with the same consumer:
     # it must win again (same row, used_at unchanged), while any other call loses.
     token = await _token(storage, email)
     params = {"id": token.id, "consumer": uuid.uuid4()}
-    first = await _replay_consume(storage, params)
-    again = await _replay_consume(storage, params)
+    first = await replay(storage, CONSUME, params)
+    again = await replay(storage, CONSUME, params)
     assert first is not None
     assert first[0] is True
     assert first[-2] is not None  # used_at
     assert again == first
-    other = await _replay_consume(storage, {"id": token.id, "consumer": uuid.uuid4()})
+    other = await replay(storage, CONSUME, {"id": token.id, "consumer": uuid.uuid4()})
     assert other[0] is False
     with pytest.raises(ConflictError):
         await storage.mark_email_verification_token_as_used(token.id)
@@ -540,13 +535,14 @@ async def test_a_consume_that_waited_past_the_tokens_expiry_loses(
     a used_at from before its expiry. Expiry is judged once the row is locked: ConflictError
     (the token exists but has expired), and it stays unused."""
     token = await _token(storage, email, expires_at=_in(seconds=1))
-    outcome = await call_held_for(
+    outcome = await call_while_holding(
         storage,
         dsn,
         ("email_verification_tokens", {"id": token.id}),
-        1.5,
+        "NO KEY UPDATE",
         lambda: storage.mark_email_verification_token_as_used(token.id),
         waits_on="consumed_by",
+        linger=1.5,
     )
     assert isinstance(outcome, ConflictError)
     with psycopg.connect(dsn) as conn:
@@ -567,18 +563,13 @@ async def test_a_retried_consume_that_waited_for_its_first_attempt_past_the_expi
     reported ConflictError for the token its own call had consumed)."""
     token = await _token(storage, email, expires_at=_in(seconds=1))
     params = {"id": token.id, "consumer": uuid.uuid4()}
-    queries = (storage.adapter if storage.kind == "sync" else storage)._queries
-    first = psycopg.connect(dsn)
-    try:
-        row = first.execute(
-            queries["mark_email_verification_token_as_used"].sql.encode(), params
-        ).fetchone()
-        assert row is not None and row[0] is True  # consumed, not yet committed
-        retry = in_background(storage, lambda: _replay_consume(storage, params))
-        assert await asyncio.to_thread(waiting, dsn, "consumed_by")
-        await asyncio.sleep(1.5)  # past the expiry
-        first.commit()
-        again = await retry()
-    finally:
-        first.close()
+    row, again = await replay_behind_open_attempt(
+        storage,
+        dsn,
+        "mark_email_verification_token_as_used",
+        params,
+        waits_on="consumed_by",
+        linger=1.5,  # past the expiry
+    )
+    assert row is not None and row[0] is True  # consumed by the first attempt
     assert isinstance(again, tuple) and again[0] is True, again

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import logging
@@ -13,9 +12,8 @@ import psycopg
 import pytest
 
 from kitium_pg import IssuedApiKey, IssuedSession, NotFoundError, ValidationError
-from kitium_pg._base import Retry
 
-from .fix_holder import call_held_for, in_background, two_calls_queued_on, waiting
+from .fix_holder import call_while_holding, replay_behind_open_attempt, two_calls_queued_on
 from .fix_race import race, start
 
 
@@ -408,13 +406,14 @@ async def test_a_rotation_that_waited_for_its_session_gives_the_old_token_its_wh
     user = await storage.create_user(email=email)
     issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
     grace = dt.timedelta(seconds=2)
-    rotated = await call_held_for(
+    rotated = await call_while_holding(
         storage,
         dsn,
         ("sessions", {"id": issued.session.id}),
-        2.5,
+        "NO KEY UPDATE",
         lambda: storage.rotate_session_token(issued.token, reuse_grace=grace),
         waits_on="previous_token_hash",
+        linger=2.5,
     )
     assert isinstance(rotated, IssuedSession)
     assert await storage.rotate_session_token(issued.token, reuse_grace=grace) is None
@@ -430,13 +429,14 @@ async def test_a_rotation_whose_new_expiry_passed_while_it_waited_changes_nothin
     user = await storage.create_user(email=email)
     issued = await storage.issue_session_token(user_id=user.id, expires_at=_in(1))
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
-    rotated = await call_held_for(
+    rotated = await call_while_holding(
         storage,
         dsn,
         ("sessions", {"id": issued.session.id}),
-        1.5,
+        "NO KEY UPDATE",
         lambda: storage.rotate_session_token(issued.token, expires_at=soon),
         waits_on="previous_token_hash",
+        linger=1.5,
     )
     assert rotated is None
     assert await storage.validate_session_token(issued.token, consistency="primary") is not None
@@ -459,13 +459,14 @@ async def test_an_update_that_waited_past_the_sessions_expiry_does_not_revive_it
         user_id=user.id, expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
     )
     changes: dict[str, Any] = {"expires_at": _in(1), **({"org_id": org.id} if binding else {})}
-    updated = await call_held_for(
+    updated = await call_while_holding(
         storage,
         dsn,
         ("sessions", {"id": issued.session.id}),
-        1.5,
+        "NO KEY UPDATE",
         lambda: storage.update_session(issued.session.id, **changes),
         waits_on="UPDATE kitium_auth.sessions AS s",
+        linger=1.5,
     )
     assert isinstance(updated, NotFoundError)
     assert await storage.validate_session_token(issued.token, consistency="primary") is None
@@ -493,24 +494,15 @@ async def test_a_retried_rotation_that_waited_for_its_first_attempt_past_the_old
         "reuse_grace": dt.timedelta(seconds=10),
         "event_id": uuid.uuid4(),
     }
-    adapter = storage.adapter if storage.kind == "sync" else storage
-
-    async def replay() -> Any:  # the statement again, as the retry loop re-sends it
-        if storage.kind == "sync":
-            return adapter._run("rotate_session_token", params, retry=Retry.NEVER)
-        return await adapter._run("rotate_session_token", params, retry=Retry.NEVER)
-
-    first = psycopg.connect(dsn)
-    try:
-        row = first.execute(adapter._queries["rotate_session_token"].sql.encode(), params)
-        assert row.fetchone() is not None  # rotated, not yet committed
-        retry = in_background(storage, replay)
-        assert await asyncio.to_thread(waiting, dsn, "previous_token_hash")
-        await asyncio.sleep(1.5)  # past the old expiry
-        first.commit()
-        again = await retry()
-    finally:
-        first.close()
+    row, again = await replay_behind_open_attempt(
+        storage,
+        dsn,
+        "rotate_session_token",
+        params,
+        waits_on="previous_token_hash",
+        linger=1.5,  # past the old expiry
+    )
+    assert row is not None  # rotated by the first attempt
     assert isinstance(again, list) and len(again) == 1 and again[0][0] is False, again
 
 

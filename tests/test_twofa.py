@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from kitium_pg import AsyncPostgresStorageAdapter, PostgresStorageAdapter
-from kitium_pg._base import UNSET, Retry
+from kitium_pg._base import UNSET
 from kitium_pg.encryption import ENV_VAR
 from kitium_pg.errors import EncryptionKeyError, NotFoundError, ValidationError
 from kitium_pg.records import (
@@ -28,7 +28,13 @@ from kitium_pg.records import (
 )
 
 from .fix_disguised import Boundless
-from .fix_holder import call_held_for, in_background, release_when_waiting, waiting
+from .fix_holder import (
+    call_while_holding,
+    release_when_waiting,
+    replay,
+    replay_behind_open_attempt,
+    waiting,
+)
 from .fix_metadata import check_metadata_patch
 from .fix_race import race, race_each, start
 
@@ -74,13 +80,6 @@ async def _challenge(storage: Any, user: User, **kwargs: Any) -> TwoFactorSessio
     }
     challenge: TwoFactorSession = await storage.create_two_factor_session(**args)
     return challenge
-
-
-async def _replay(storage: Any, name: str, params: dict[str, Any]) -> Any:
-    # Run one statement itself with chosen parameters, as the retry loop would re-send it.
-    if storage.kind == "sync":
-        return storage.adapter._run(name, params, retry=Retry.NEVER)
-    return await storage._run(name, params, retry=Retry.NEVER)
 
 
 def _set_throttle(
@@ -404,7 +403,7 @@ async def test_device_create_retry_returns_the_same_row(storage: Any, email: str
         "secret_key_id": None,
         "metadata": "{}",
     }
-    row = await _replay(storage, "create_two_factor_device", params)
+    row = await replay(storage, "create_two_factor_device", params)
     assert row[0] == device.id
     assert row[2] == "totp"  # the stored row, not the replayed values
     assert await storage.list_two_factor_devices(user.id) == [device]
@@ -484,7 +483,7 @@ async def test_backup_code_replace_retry_rewrites_the_same_set(storage: Any, ema
     hashes = [_hash(f"r-{n}") for n in range(3)]
     codes = await storage.create_backup_codes(user.id, hashes)
     params = {"user_id": user.id, "ids": [c.id for c in codes], "code_hashes": hashes}
-    rows = await _replay(storage, "create_backup_codes", params)
+    rows = await replay(storage, "create_backup_codes", params)
     assert [(r[0], r[2]) for r in rows] == [(c.id, c.code_hash) for c in codes]
     assert [c.id for c in await storage.get_backup_codes(user.id)] == [c.id for c in codes]
 
@@ -552,17 +551,17 @@ async def test_retried_backup_code_consume_recognises_its_own_win(storage: Any, 
     user = await _user(storage, email)
     by_id, by_hash = await storage.create_backup_codes(user.id, [_hash("y1"), _hash("y2")])
     mark = {"id": by_id.id, "consumer": uuid.uuid4()}
-    assert await _replay(storage, "mark_backup_code_used", mark) == by_id.id
-    assert await _replay(storage, "mark_backup_code_used", mark) == by_id.id  # retry still wins
-    assert await _replay(storage, "mark_backup_code_used", {**mark, "consumer": uuid.uuid4()}) is (
+    assert await replay(storage, "mark_backup_code_used", mark) == by_id.id
+    assert await replay(storage, "mark_backup_code_used", mark) == by_id.id  # retry still wins
+    assert await replay(storage, "mark_backup_code_used", {**mark, "consumer": uuid.uuid4()}) is (
         None
     )
     consume = {"user_id": user.id, "code_hash": by_hash.code_hash, "consumer": uuid.uuid4()}
-    first = await _replay(storage, "consume_backup_code", consume)
-    again = await _replay(storage, "consume_backup_code", consume)
+    first = await replay(storage, "consume_backup_code", consume)
+    again = await replay(storage, "consume_backup_code", consume)
     assert first is not None
     assert again == first  # same row, used_at unchanged
-    assert await _replay(storage, "consume_backup_code", {**consume, "consumer": uuid.uuid4()}) is (
+    assert await replay(storage, "consume_backup_code", {**consume, "consumer": uuid.uuid4()}) is (
         None
     )
     assert await storage.consume_backup_code(user.id, by_hash.code_hash) is None
@@ -1168,12 +1167,12 @@ async def test_retried_completion_recognises_its_own_win(storage: Any, email: st
     user = await _user(storage, email)
     challenge = await _challenge(storage, user)
     params = {"id": challenge.id, "consumer": uuid.uuid4()}
-    assert await _replay(storage, "complete_two_factor_session", params) == challenge.id
+    assert await replay(storage, "complete_two_factor_session", params) == challenge.id
     done = await storage.get_two_factor_session(challenge.id)
-    assert await _replay(storage, "complete_two_factor_session", params) == challenge.id
+    assert await replay(storage, "complete_two_factor_session", params) == challenge.id
     assert await storage.get_two_factor_session(challenge.id) == done  # completed_at kept
     other = {**params, "consumer": uuid.uuid4()}
-    assert await _replay(storage, "complete_two_factor_session", other) is None
+    assert await replay(storage, "complete_two_factor_session", other) is None
 
 
 async def test_a_retried_completion_wins_after_its_login_session_ended(
@@ -1187,7 +1186,7 @@ async def test_a_retried_completion_wins_after_its_login_session_ended(
     for ending in ("expired", "deleted"):
         challenge = await _challenge(storage, user)
         params = {"id": challenge.id, "consumer": uuid.uuid4()}
-        assert await _replay(storage, "complete_two_factor_session", params) == challenge.id
+        assert await replay(storage, "complete_two_factor_session", params) == challenge.id
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(
                 "UPDATE kitium_auth.sessions SET expires_at = statement_timestamp() WHERE id = %s"
@@ -1195,9 +1194,9 @@ async def test_a_retried_completion_wins_after_its_login_session_ended(
                 else "DELETE FROM kitium_auth.sessions WHERE id = %s",
                 [challenge.session_id],
             )
-        assert await _replay(storage, "complete_two_factor_session", params) == challenge.id
+        assert await replay(storage, "complete_two_factor_session", params) == challenge.id
         other = {**params, "consumer": uuid.uuid4()}
-        assert await _replay(storage, "complete_two_factor_session", other) is None
+        assert await replay(storage, "complete_two_factor_session", other) is None
 
 
 async def test_a_retried_completion_that_waited_for_its_first_attempt_wins(
@@ -1211,19 +1210,14 @@ async def test_a_retried_completion_that_waited_for_its_first_attempt_wins(
     user = await _user(storage, email)
     challenge = await _challenge(storage, user)
     params = {"id": challenge.id, "consumer": uuid.uuid4()}
-    queries = (storage.adapter if storage.kind == "sync" else storage)._queries
-    first = psycopg.connect(dsn)
-    try:
-        won = first.execute(queries["complete_two_factor_session"].sql.encode(), params)
-        assert won.fetchone() == (challenge.id,)
-        retry = in_background(
-            storage, lambda: _replay(storage, "complete_two_factor_session", params)
-        )
-        assert await asyncio.to_thread(waiting, dsn, "UPDATE kitium_auth.twofa_sessions AS t")
-        first.commit()
-        again = await retry()
-    finally:
-        first.close()
+    won, again = await replay_behind_open_attempt(
+        storage,
+        dsn,
+        "complete_two_factor_session",
+        params,
+        waits_on="UPDATE kitium_auth.twofa_sessions AS t",
+    )
+    assert won == (challenge.id,)
     assert again == challenge.id
 
 
@@ -1350,7 +1344,7 @@ async def test_delete_expired_two_factor_sessions_deletes_only_expired_challenge
     done = await _challenge(storage, user, device=device, session_id=session.id)
     consumer = uuid.uuid4()
     params = {"id": done.id, "consumer": consumer}
-    assert await _replay(storage, "complete_two_factor_session", params) == done.id
+    assert await replay(storage, "complete_two_factor_session", params) == done.id
     completed = await storage.get_two_factor_session(done.id)
 
     totals: list[int] = []
@@ -1363,7 +1357,7 @@ async def test_delete_expired_two_factor_sessions_deletes_only_expired_challenge
     assert await storage.get_two_factor_session(pending.id) == pending
     assert await storage.get_two_factor_session(done.id) == completed
     # The completion, retried after its acknowledgement was lost, still finds its row.
-    assert await _replay(storage, "complete_two_factor_session", params) == done.id
+    assert await replay(storage, "complete_two_factor_session", params) == done.id
     assert await storage.delete_expired_two_factor_sessions() == 0
     assert await storage.get_session(session.id) == session  # the login session stays
 
@@ -1483,13 +1477,14 @@ async def test_a_throttle_charged_after_a_lock_wait_runs_from_the_charge(
     user = await _user(storage, email)
     device = await _device(storage, user)
     first, second = [await _challenge(storage, user, device=device) for _ in "ab"]
-    charged = await call_held_for(
+    charged = await call_while_holding(
         storage,
         dsn,
         ("twofa_devices", {"id": device.id}),
-        1.5,
+        "NO KEY UPDATE",
         lambda: storage.count_two_factor_attempt(first.id),
         waits_on="count_two_factor_attempt(",
+        linger=1.5,
     )
     returned = _db_now(dsn)
     assert not charged.throttled
@@ -1543,13 +1538,14 @@ async def test_a_right_code_is_refused_once_what_it_answers_expired_during_its_w
     challenge = await _challenge(
         storage, user, device=device, method="sms", code_hash=_hash("5"), **extra
     )
-    attempt = await call_held_for(
+    attempt = await call_while_holding(
         storage,
         dsn,
         ("twofa_devices", {"id": device.id}),
-        2.0,
+        "NO KEY UPDATE",
         lambda: storage.verify_two_factor_session(challenge.id, _hash("5")),
         waits_on="verify_two_factor_session(",
+        linger=2.0,
     )
     assert _db_now(dsn) > soon
     assert attempt is None
@@ -1565,13 +1561,14 @@ async def test_a_completion_that_waited_past_the_challenges_expiry_loses(
     0040), and loses."""
     user = await _user(storage, email)
     challenge = await _challenge(storage, user, expires_at=_in(seconds=1))
-    won = await call_held_for(
+    won = await call_while_holding(
         storage,
         dsn,
         ("twofa_sessions", {"id": challenge.id}),
-        2.0,
+        "NO KEY UPDATE",
         lambda: storage.complete_two_factor_session(challenge.id),
         waits_on="UPDATE kitium_auth.twofa_sessions",
+        linger=2.0,
     )
     assert won is False
     stored = await storage.get_two_factor_session(challenge.id)

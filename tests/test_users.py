@@ -32,7 +32,7 @@ from kitium_pg._base import new_id
 from .conftest import TEST_KEYS, AwaitableSync
 from .fix_holder import (
     adapter_module,
-    call_held_for,
+    call_while_holding,
     committed_later,
     release_when_waiting,
     waiting,
@@ -810,13 +810,14 @@ async def test_a_claim_that_waited_for_the_link_leases_from_when_it_holds_it(
     returned and a second worker got the refresh at once. The lease now runs from when the
     claim holds the row: it outlasts the call, and the next claim gets None."""
     user = await _linked_with_tokens(storage, email, unique)
-    claimed = await call_held_for(
+    claimed = await call_while_holding(
         storage,
         dsn,
         ("oauth_accounts", {"user_id": user.id, "provider": "google"}),
-        1.5,
+        "NO KEY UPDATE",
         lambda: storage.claim_oauth_refresh(user.id, "google", lease_seconds=1),
         waits_on="refresh_lease_holder =",
+        linger=1.5,
     )
     assert claimed is not None and not isinstance(claimed, BaseException)
     until, _ = _lease(dsn, user.id) or (None, None)
