@@ -69,20 +69,24 @@ class TransactionState:
             # later calls and the end of the block raise this, and the block rolls back. (Only
             # an aborted one used to: found in review, a block that caught the cancellation
             # committed the write it had been told was cancelled, most times.)
-            with self.lock:
-                self.interrupted = True
-                if self.failure is None:
-                    self.failure = QueryTimeoutError(
-                        f"{operation}: interrupted while it ran (the call was cancelled), which"
-                        " aborts the transaction",
-                        code="query_canceled",
-                    )
+            self.interrupt(f"{operation}: interrupted while it ran (the call was cancelled)")
             raise
         finally:
             with self.lock:
                 left = self.calls.pop(caller, 1) - 1
                 if left:
                     self.calls[caller] = left
+
+    def interrupt(self, what: str) -> None:
+        """Note that a statement whose effect is unknown was interrupted (``what`` says which):
+        the transaction must not commit. Later calls and the end of the block raise the first
+        failure recorded, this one (``QueryTimeoutError``) when there was none."""
+        with self.lock:
+            self.interrupted = True
+            if self.failure is None:
+                self.failure = QueryTimeoutError(
+                    f"{what}, which aborts the transaction", code="query_canceled"
+                )
 
     def others_running_locked(self, caller: object) -> bool:
         """Whether callers other than ``caller`` have calls running on the transaction (hold

@@ -163,6 +163,9 @@ class _Link:
                 sql = self.named.get(statement)
         if sql is not None:
             self.last_sql = sql
+            held = self.proxy._held(sql)
+            if held:
+                time.sleep(held)  # in the client pump: this statement reaches the server late
         if sql is not None and self.proxy._take(sql):
             # The reply to cut ends with the ReadyForQuery of the next Sync (or of this Query).
             # Set before the statement is forwarded, so the server pump always sees it in time.
@@ -228,6 +231,7 @@ class CuttingProxy:
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._marker: bytes | None = None
+        self._hold: tuple[bytes, float] | None = None
         self._links: list[_Link] = []
         self._statements: list[bytes] = []
         self._closed = threading.Event()
@@ -253,6 +257,21 @@ class CuttingProxy:
         with self._lock:
             self._marker = marker.encode("utf-8")
             self._cut_event.clear()
+
+    def delay(self, marker: str, seconds: float) -> None:
+        """Hold back the next statement whose SQL contains ``marker`` (once) for ``seconds``
+        before forwarding it: the client waits for its reply meanwhile, and it then runs."""
+        with self._lock:
+            self._hold = (marker.encode("utf-8"), seconds)
+
+    def _held(self, sql: bytes) -> float:
+        # How long to hold this statement back (clearing the delay if it is the one).
+        with self._lock:
+            if self._hold is None or self._hold[0] not in sql:
+                return 0.0
+            seconds = self._hold[1]
+            self._hold = None
+            return seconds
 
     def disarm(self) -> None:
         with self._lock:

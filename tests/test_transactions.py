@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import psycopg
@@ -31,6 +31,7 @@ from kitium_pg._sync import core as sync_core
 
 from .conftest import open_adapter
 from .fix_holder import in_background
+from .fix_proxy import CuttingProxy
 from .fix_race import waiting_on_a_lock
 
 
@@ -709,6 +710,62 @@ async def test_a_call_interrupted_after_its_statement_ran_rolls_the_block_back(
                     await savepoint.update_user(user.id, name="interrupted")
         await tx.update_user(user.id, name="after")
     assert (await storage.get_user(user.id)).name == "after"
+
+
+@contextlib.asynccontextmanager
+async def _interrupted_after(kind: str, seconds: float) -> AsyncIterator[None]:
+    """Interrupt the body ``seconds`` from now, as its caller would: a cancellation by
+    ``asyncio.timeout`` (raised as ``TimeoutError``) for the async adapter, Ctrl-C's
+    ``KeyboardInterrupt`` (from a timer signal) for the sync one."""
+    if kind == "async":
+        async with asyncio.timeout(seconds):
+            yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("body_raises", [False, True], ids=["released", "rolled-back"])
+async def test_a_savepoint_whose_end_is_interrupted_rolls_the_block_back(
+    storage: Any, email: str, dsn: str, body_raises: bool
+) -> None:
+    """Found in review: a nested block interrupted while its savepoint's RELEASE was on its
+    way raised the interruption, but psycopg cancels and drains the statement, and the server
+    had run the RELEASE: the block's write belonged to the transaction, and a caller that
+    caught the interruption committed it. Whether the end of a savepoint (its RELEASE, or its
+    ROLLBACK TO when the block raised) ran is unknown once it is interrupted, so the
+    transaction rolls back: later calls and its end raise ``QueryTimeoutError``."""
+    with CuttingProxy(dsn) as proxy:
+        async with open_adapter(storage.kind, proxy.dsn, migrate=False) as own:
+            with pytest.raises(QueryTimeoutError) as raised:
+                async with own.transaction() as tx:
+                    kept = await tx.create_user(email=f"kept-{email}")
+                    interruption = TimeoutError if storage.kind == "async" else KeyboardInterrupt
+                    with pytest.raises(interruption):
+                        async with (
+                            _interrupted_after(storage.kind, 0.3),
+                            tx.transaction() as nested,
+                        ):
+                            await nested.create_user(email=email)
+                            proxy.delay("RELEASE" if not body_raises else "ROLLBACK TO", 1.0)
+                            if body_raises:
+                                raise Boom
+                    assert proxy.seen("RELEASE") >= 1  # the savepoint's end was sent
+                    with pytest.raises(QueryTimeoutError) as later:
+                        await tx.get_user(kept.id)
+                    assert later.value.code == "query_canceled"
+    assert raised.value.code == "query_canceled"
+    assert await storage.get_user_by_email(email) is None
+    assert await storage.get_user(kept.id) is None
 
 
 async def test_expiry_and_use_times_are_those_of_each_statement_not_of_the_transaction(

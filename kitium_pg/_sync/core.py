@@ -247,8 +247,10 @@ class Core:
         they are done, after the rollback. A call
         cancelled while it runs aborts the transaction too, whether or not its statement had
         finished: later calls and the block raise ``QueryTimeoutError`` (code
-        ``query_canceled``), and the block (a savepoint, in a nested one) rolls back. Raises
-        the translated error when the commit itself fails."""
+        ``query_canceled``), and the block (a savepoint, in a nested one) rolls back; a nested
+        block cancelled while its savepoint ends (its RELEASE, or its ROLLBACK TO) rolls the
+        whole transaction back, as whether that ran is unknown. Raises the translated error
+        when the commit itself fails."""
         failure: KitiumPgError | None = None
         started = time.perf_counter()
         try:
@@ -321,16 +323,31 @@ class Core:
             state.holder = caller
             state.depth += 1
         before = state.failure, state.interrupted
+        entered = False
+        failed: BaseException | None = None
         try:
             # An aborted transaction refuses SAVEPOINT too (25P02): raise what aborted it.
             raise_if_aborted(self._conn, state)
             with self._conn.transaction():
-                yield
-                raise_if_aborted(self._conn, state)
-        except BaseException:
-            # Rolled back to the savepoint: its failures, and a call interrupted in it, are
-            # undone.
-            state.failure, state.interrupted = before
+                entered = True
+                try:
+                    yield
+                    raise_if_aborted(self._conn, state)
+                except BaseException as exc:
+                    failed = exc
+                    raise
+        except BaseException as exc:
+            if exc is failed or not entered:
+                # Rolled back to the savepoint (psycopg raises the block's own exception once
+                # its ROLLBACK TO has run), or never opened: its failures, and a call
+                # interrupted in it, are undone.
+                state.failure, state.interrupted = before
+            else:
+                # The savepoint's end (its RELEASE, or the ROLLBACK TO of a block that raised)
+                # was itself interrupted or failed: whether it ran is unknown. A RELEASE that
+                # ran made the block's writes the transaction's, and a caller that caught this
+                # would have committed them (found in review): the transaction cannot commit.
+                state.interrupt("transaction: the end of a savepoint was interrupted")
             raise
         finally:
             with state.lock:
