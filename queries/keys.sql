@@ -15,6 +15,12 @@
 -- meanwhile fails the compare-and-swap on its new version and is left to that rotation. The
 -- locks are FOR NO KEY UPDATE, those the UPDATE takes anyway: they do not block inserts of rows
 -- referring to the locked ones.
+-- A swap returns how many values it stored, counting a row that already holds this call's new
+-- ciphertext under the new key: only a retry of this very swap can find one (each ciphertext
+-- has a random nonce), after its first attempt committed and its acknowledgement was lost.
+-- Counted from the rows as locked (already), so a retry that waited for its own first attempt
+-- sees its commit. Counted only from the UPDATE, such a run re-encrypted a value and reported
+-- none, and kitium-pg rotate-keys said there was nothing to re-encrypt (found in review).
 -- Before its rows a swap locks their parents FOR KEY SHARE, in id order (owners): the users of
 -- 2FA devices and OAuth links, the organizations of SSO providers. Deleting a user or an
 -- organization locks it first, then deletes its rows in an order of the cascade's plan (a
@@ -66,7 +72,7 @@ SELECT id, secret_key_id, secret_ciphertext
  ORDER BY id
  LIMIT :batch_size;
 
--- name: reencrypt_twofa_secrets(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)!
+-- name: reencrypt_twofa_secrets(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)$
 -- Store re-encrypted 2FA secrets, only where the old key id and ciphertext are still in place;
 -- the devices' users, then the rows, are locked in id order first (see the top of this file).
 WITH owners AS (
@@ -77,22 +83,27 @@ WITH owners AS (
    ORDER BY p.id
      FOR KEY SHARE
 ), locked AS (
-  SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext
+  SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext,
+         t.secret_key_id = :key_id AND t.secret_ciphertext = u.ciphertext AS already
     FROM kitium_auth.twofa_devices AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
                 :ciphertexts::bytea[])
          AS u (id, old_key_id, old_ciphertext, ciphertext)
       ON u.id = t.id
-   WHERE t.secret_key_id = u.old_key_id AND t.secret_ciphertext = u.old_ciphertext
+   WHERE ((t.secret_key_id = u.old_key_id AND t.secret_ciphertext = u.old_ciphertext)
+          OR (t.secret_key_id = :key_id AND t.secret_ciphertext = u.ciphertext))
      AND (SELECT count(*) FROM owners) >= 0  -- always true: the owners are locked first
    ORDER BY t.id
      FOR NO KEY UPDATE OF t
+), swapped AS (
+  UPDATE kitium_auth.twofa_devices AS t
+     SET secret_ciphertext = l.ciphertext, secret_key_id = :key_id
+    FROM locked AS l
+   WHERE t.id = l.id AND NOT l.already AND t.secret_key_id = l.old_key_id
+     AND t.secret_ciphertext = l.old_ciphertext
+  RETURNING t.id
 )
-UPDATE kitium_auth.twofa_devices AS t
-   SET secret_ciphertext = l.ciphertext, secret_key_id = :key_id
-  FROM locked AS l
- WHERE t.id = l.id AND t.secret_key_id = l.old_key_id
-   AND t.secret_ciphertext = l.old_ciphertext;
+SELECT (SELECT count(*) FROM swapped) + (SELECT count(*) FROM locked WHERE already);
 
 -- name: stale_sso_client_secrets(key_id, after, batch_size)
 -- The next batch (after a given id) of SSO client secrets under an older key.
@@ -102,7 +113,7 @@ SELECT id, client_secret_key_id, client_secret_ciphertext
  ORDER BY id
  LIMIT :batch_size;
 
--- name: reencrypt_sso_client_secrets(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)!
+-- name: reencrypt_sso_client_secrets(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)$
 -- Store re-encrypted SSO client secrets, only where the old key id and ciphertext are still in
 -- place; the providers' organizations, then the rows, are locked in id order first (see the
 -- top of this file).
@@ -114,22 +125,27 @@ WITH owners AS (
    ORDER BY o.id
      FOR KEY SHARE
 ), locked AS (
-  SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext
+  SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext,
+         t.client_secret_key_id = :key_id AND t.client_secret_ciphertext = u.ciphertext AS already
     FROM kitium_auth.sso_providers AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
                 :ciphertexts::bytea[])
          AS u (id, old_key_id, old_ciphertext, ciphertext)
       ON u.id = t.id
-   WHERE t.client_secret_key_id = u.old_key_id AND t.client_secret_ciphertext = u.old_ciphertext
+   WHERE ((t.client_secret_key_id = u.old_key_id AND t.client_secret_ciphertext = u.old_ciphertext)
+          OR (t.client_secret_key_id = :key_id AND t.client_secret_ciphertext = u.ciphertext))
      AND (SELECT count(*) FROM owners) >= 0  -- always true: the owners are locked first
    ORDER BY t.id
      FOR NO KEY UPDATE OF t
+), swapped AS (
+  UPDATE kitium_auth.sso_providers AS t
+     SET client_secret_ciphertext = l.ciphertext, client_secret_key_id = :key_id
+    FROM locked AS l
+   WHERE t.id = l.id AND NOT l.already AND t.client_secret_key_id = l.old_key_id
+     AND t.client_secret_ciphertext = l.old_ciphertext
+  RETURNING t.id
 )
-UPDATE kitium_auth.sso_providers AS t
-   SET client_secret_ciphertext = l.ciphertext, client_secret_key_id = :key_id
-  FROM locked AS l
- WHERE t.id = l.id AND t.client_secret_key_id = l.old_key_id
-   AND t.client_secret_ciphertext = l.old_ciphertext;
+SELECT (SELECT count(*) FROM swapped) + (SELECT count(*) FROM locked WHERE already);
 
 -- name: stale_sso_signing_keys(key_id, after, batch_size)
 -- The next batch (after a given id) of SSO signing keys under an older key.
@@ -139,7 +155,7 @@ SELECT id, signing_key_key_id, signing_key_ciphertext
  ORDER BY id
  LIMIT :batch_size;
 
--- name: reencrypt_sso_signing_keys(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)!
+-- name: reencrypt_sso_signing_keys(ids, old_key_ids, old_ciphertexts, key_id, ciphertexts)$
 -- Store re-encrypted SSO signing keys, only where the old key id and ciphertext are still in
 -- place; the providers' organizations, then the rows, are locked in id order first (see the
 -- top of this file).
@@ -151,22 +167,27 @@ WITH owners AS (
    ORDER BY o.id
      FOR KEY SHARE
 ), locked AS (
-  SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext
+  SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext,
+         t.signing_key_key_id = :key_id AND t.signing_key_ciphertext = u.ciphertext AS already
     FROM kitium_auth.sso_providers AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
                 :ciphertexts::bytea[])
          AS u (id, old_key_id, old_ciphertext, ciphertext)
       ON u.id = t.id
-   WHERE t.signing_key_key_id = u.old_key_id AND t.signing_key_ciphertext = u.old_ciphertext
+   WHERE ((t.signing_key_key_id = u.old_key_id AND t.signing_key_ciphertext = u.old_ciphertext)
+          OR (t.signing_key_key_id = :key_id AND t.signing_key_ciphertext = u.ciphertext))
      AND (SELECT count(*) FROM owners) >= 0  -- always true: the owners are locked first
    ORDER BY t.id
      FOR NO KEY UPDATE OF t
+), swapped AS (
+  UPDATE kitium_auth.sso_providers AS t
+     SET signing_key_ciphertext = l.ciphertext, signing_key_key_id = :key_id
+    FROM locked AS l
+   WHERE t.id = l.id AND NOT l.already AND t.signing_key_key_id = l.old_key_id
+     AND t.signing_key_ciphertext = l.old_ciphertext
+  RETURNING t.id
 )
-UPDATE kitium_auth.sso_providers AS t
-   SET signing_key_ciphertext = l.ciphertext, signing_key_key_id = :key_id
-  FROM locked AS l
- WHERE t.id = l.id AND t.signing_key_key_id = l.old_key_id
-   AND t.signing_key_ciphertext = l.old_ciphertext;
+SELECT (SELECT count(*) FROM swapped) + (SELECT count(*) FROM locked WHERE already);
 
 -- name: stale_oauth_tokens(key_id, after, batch_size)
 -- The next batch (after a given id) of OAuth provider token pairs under an older key.
@@ -176,7 +197,7 @@ SELECT id, user_id, provider, tokens_key_id, access_token_ciphertext, refresh_to
  ORDER BY id
  LIMIT :batch_size;
 
--- name: reencrypt_oauth_tokens(ids, old_key_ids, old_access_ciphertexts, old_refresh_ciphertexts, key_id, access_ciphertexts, refresh_ciphertexts)!
+-- name: reencrypt_oauth_tokens(ids, old_key_ids, old_access_ciphertexts, old_refresh_ciphertexts, key_id, access_ciphertexts, refresh_ciphertexts)$
 -- Store re-encrypted OAuth token pairs, only where the old key id and both old ciphertexts are
 -- still in place; the links' users, then the rows, are locked in id order first (see the top of
 -- this file).
@@ -189,7 +210,10 @@ WITH owners AS (
      FOR KEY SHARE
 ), locked AS (
   SELECT t.id, u.old_key_id, u.old_access_ciphertext, u.old_refresh_ciphertext,
-         u.access_ciphertext, u.refresh_ciphertext
+         u.access_ciphertext, u.refresh_ciphertext,
+         t.tokens_key_id = :key_id
+           AND t.access_token_ciphertext IS NOT DISTINCT FROM u.access_ciphertext
+           AND t.refresh_token_ciphertext IS NOT DISTINCT FROM u.refresh_ciphertext AS already
     FROM kitium_auth.oauth_accounts AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_access_ciphertexts::bytea[],
                 :old_refresh_ciphertexts::bytea[], :access_ciphertexts::bytea[],
@@ -197,18 +221,24 @@ WITH owners AS (
          AS u (id, old_key_id, old_access_ciphertext, old_refresh_ciphertext, access_ciphertext,
                refresh_ciphertext)
       ON u.id = t.id
-   WHERE t.tokens_key_id = u.old_key_id
-     AND t.access_token_ciphertext IS NOT DISTINCT FROM u.old_access_ciphertext
-     AND t.refresh_token_ciphertext IS NOT DISTINCT FROM u.old_refresh_ciphertext
+   WHERE ((t.tokens_key_id = u.old_key_id
+           AND t.access_token_ciphertext IS NOT DISTINCT FROM u.old_access_ciphertext
+           AND t.refresh_token_ciphertext IS NOT DISTINCT FROM u.old_refresh_ciphertext)
+          OR (t.tokens_key_id = :key_id
+              AND t.access_token_ciphertext IS NOT DISTINCT FROM u.access_ciphertext
+              AND t.refresh_token_ciphertext IS NOT DISTINCT FROM u.refresh_ciphertext))
      AND (SELECT count(*) FROM owners) >= 0  -- always true: the owners are locked first
    ORDER BY t.id
      FOR NO KEY UPDATE OF t
+), swapped AS (
+  UPDATE kitium_auth.oauth_accounts AS t
+     SET access_token_ciphertext = l.access_ciphertext,
+         refresh_token_ciphertext = l.refresh_ciphertext,
+         tokens_key_id = :key_id
+    FROM locked AS l
+   WHERE t.id = l.id AND NOT l.already AND t.tokens_key_id = l.old_key_id
+     AND t.access_token_ciphertext IS NOT DISTINCT FROM l.old_access_ciphertext
+     AND t.refresh_token_ciphertext IS NOT DISTINCT FROM l.old_refresh_ciphertext
+  RETURNING t.id
 )
-UPDATE kitium_auth.oauth_accounts AS t
-   SET access_token_ciphertext = l.access_ciphertext,
-       refresh_token_ciphertext = l.refresh_ciphertext,
-       tokens_key_id = :key_id
-  FROM locked AS l
- WHERE t.id = l.id AND t.tokens_key_id = l.old_key_id
-   AND t.access_token_ciphertext IS NOT DISTINCT FROM l.old_access_ciphertext
-   AND t.refresh_token_ciphertext IS NOT DISTINCT FROM l.old_refresh_ciphertext;
+SELECT (SELECT count(*) FROM swapped) + (SELECT count(*) FROM locked WHERE already);

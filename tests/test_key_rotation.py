@@ -16,7 +16,13 @@ from kitium_pg.encryption import generate_key
 from kitium_pg.errors import ConflictError, EncryptionKeyError, PermissionDeniedError
 
 from .conftest import AwaitableSync
-from .fix_holder import call_while_holding, two_calls_queued_on, unretried_adapter
+from .fix_holder import (
+    call_while_holding,
+    replay_behind_open_attempt,
+    two_calls_queued_on,
+    unretried_adapter,
+)
+from .fix_proxy import CuttingProxy
 from .fix_race import race_each, start
 from .fix_roles import POLICIES_BESIDE_TENANT_RLS, set_policies
 from .fix_roles import login_role as login_role
@@ -73,7 +79,8 @@ def test_rotation_moves_every_secret_to_the_newest_key(dsn: str, schema: str) ->
 
 
 # Per kind of secret: its table, how to store one under a user (returns nothing), how to
-# re-write it (by the row's id and user), and text of its swap statement.
+# re-write it (by the row's id and user), and text of its swap statement (near the statement's
+# start: pg_stat_activity keeps its first kilobyte only).
 SECRET_KINDS: dict[str, tuple[str, Callable[..., object], Callable[..., object], str]] = {
     "2fa secret": (
         "twofa_devices",
@@ -81,7 +88,7 @@ SECRET_KINDS: dict[str, tuple[str, Callable[..., object], Callable[..., object],
             user_id=user, method="totp", secret=f"S{n}"
         ),
         lambda app, id, user: app.update_two_factor_device(id, secret="REWRITTEN"),
-        "SET secret_ciphertext = l.ciphertext",
+        "t.secret_key_id = ",
     ),
     "sso client secret": (
         "sso_providers",
@@ -89,13 +96,13 @@ SECRET_KINDS: dict[str, tuple[str, Callable[..., object], Callable[..., object],
             type="oidc", name=f"p{n}", client_id="c", client_secret=f"cs{n}"
         ),
         lambda app, id, user: app.update_sso_provider(id, client_secret="rewritten"),
-        "SET client_secret_ciphertext = l.ciphertext",
+        "t.client_secret_key_id = ",
     ),
     "sso signing key": (
         "sso_providers",
         lambda app, user, n: app.create_sso_provider(type="saml", name=f"p{n}", signing_key="k"),
         lambda app, id, user: app.update_sso_provider(id, signing_key="rewritten"),
-        "SET signing_key_ciphertext = l.ciphertext",
+        "t.signing_key_key_id = ",
     ),
     "oauth tokens": (
         "oauth_accounts",
@@ -103,7 +110,6 @@ SECRET_KINDS: dict[str, tuple[str, Callable[..., object], Callable[..., object],
         lambda app, id, user: app.update_oauth_tokens(
             user, "gh", access_token="rewritten", refresh_token=None
         ),
-        # Near the statement's start: pg_stat_activity keeps its first kilobyte only.
         "oauth_accounts AS a\n",
     ),
 }
@@ -458,3 +464,71 @@ async def test_a_rotation_and_a_users_deletion_do_not_deadlock(
         )
     assert not [r for r in results if isinstance(r, BaseException)], results
     assert results[0] is True
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        "SET secret_ciphertext",
+        "SET client_secret_ciphertext",
+        "SET signing_key_ciphertext",
+        "SET access_token_ciphertext",
+    ],
+    ids=["twofa", "sso-client-secret", "sso-signing-key", "oauth-tokens"],
+)
+def test_a_swap_whose_acknowledgement_was_lost_is_counted(
+    dsn: str, schema: str, marker: str
+) -> None:
+    """Found in review: a swap that committed but whose reply was lost is retried, and the
+    retry's compare-and-swap finds the new key in place and changes nothing: the run returned
+    one value short (kitium-pg rotate-keys printed "nothing to re-encrypt" for a run that
+    re-encrypted the only stale value). A row holding this call's own new ciphertext counts
+    as swapped."""
+    with PostgresStorageAdapter(dsn, schema=schema, encryption_keys={"old": OLD}) as before:
+        user = before.create_user()
+        before.link_oauth_account(user.id, "gh", sub="s", access_token="a", refresh_token="r")
+        before.create_two_factor_device(user_id=user.id, method="totp", secret="JBSWY3DPEHPK3PXP")
+        before.create_sso_provider(
+            type="oidc", name="Okta", client_id="cid", client_secret="cs", signing_key="sk"
+        )
+    keys = {"old": OLD, "new": NEW}
+    with (
+        CuttingProxy(dsn) as proxy,
+        PostgresStorageAdapter(proxy.dsn, schema=schema, encryption_keys=keys) as rotating,
+    ):
+        proxy.arm(marker)
+        done = rotating.rotate_keys()
+        assert proxy.wait_cut(0), "the swap's reply was not cut"
+    assert done == 4
+
+
+async def test_a_swap_retried_behind_its_own_open_first_attempt_is_counted(
+    storage: Any, dsn: str
+) -> None:
+    """The retry of a swap whose first attempt is still open (its acknowledgement lost, its
+    commit slow) waits for that attempt's row lock and then finds the row holding its own new
+    ciphertext: counted from the row as locked, not from the statement's snapshot, where the
+    row still had the old one."""
+    user = await storage.create_user()
+    device = await storage.create_two_factor_device(
+        user_id=user.id, method="totp", secret="JBSWY3DPEHPK3PXP"
+    )
+    adapter = storage.adapter if storage.kind == "sync" else storage
+    stored = adapter._encrypt("twofa_devices.secret", device.id, "JBSWY3DPEHPK3PXP")
+    with psycopg.connect(dsn) as conn:
+        key_id, ciphertext = conn.execute(
+            "SELECT secret_key_id, secret_ciphertext FROM kitium_auth.twofa_devices WHERE id = %s",
+            [device.id],
+        ).fetchone() or (None, None)
+    params = {
+        "ids": [device.id],
+        "old_key_ids": [key_id],
+        "old_ciphertexts": [ciphertext],
+        "key_id": stored[0],
+        "ciphertexts": [stored[1]],
+    }
+    first, retried = await replay_behind_open_attempt(
+        storage, dsn, "reencrypt_twofa_secrets", params, waits_on="twofa_devices"
+    )
+    assert first == (1,)
+    assert retried == 1

@@ -24,6 +24,7 @@ TABLE_REF_RE = re.compile(
 LOCAL_NAMES = {
     "inserted",
     "clock",
+    "swapped",
     "due",
     "challenge",
     "link",

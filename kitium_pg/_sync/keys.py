@@ -39,7 +39,8 @@ class KeyRotation(Core):
         self, *, batch_size: int = 500, progress: RotationProgress | None = None
     ) -> int:
         """Re-encrypt every secret that is not under the current (last configured) key; returns
-        how many values were re-encrypted. When it returns, no stored secret is under another
+        how many values were re-encrypted (a batch retried after a lost acknowledgement counts
+        what its first attempt stored). When it returns, no stored secret is under another
         key. ``progress(done, total)`` is called after each batch.
 
         Safe to run while the application writes (compare-and-swap on the old key id and
@@ -109,7 +110,7 @@ class KeyRotation(Core):
                 for row_id, key_id, blob in rows:
                     plain = self._decrypt(column, row_id, key_id, blob)
                     blobs.append(self._encrypt(column, row_id, plain)[1])
-                done += self._exec(
+                done += self._value(
                     update,
                     {
                         "ids": [r[0] for r in rows],
@@ -148,7 +149,7 @@ class KeyRotation(Core):
                     column = f"oauth_accounts.{name}_token"
                     plain = self._decrypt(column, aad_id, key_id, blob)
                     params[f"{name}_ciphertexts"].append(self._encrypt(column, aad_id, plain)[1])
-            done += self._exec("reencrypt_oauth_tokens", params, retry=Retry.SAFE)
+            done += self._value("reencrypt_oauth_tokens", params, retry=Retry.SAFE)
             if progress:
                 progress(done, total)
         return done
