@@ -39,7 +39,7 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
  WHERE id = :id
  LIMIT 1;
 
--- name: rotate_session_token(id, presented_hash, token_hash, set_expires_at, expires_at, reuse_grace, event_id)
+-- name: rotate_session_token(id, presented_hash, token_hash, set_expires_at, expires_at, reuse_grace, presented_ago, event_id)
 -- Give one unexpired session a new token digest, and a new expires_at when set_expires_at, if
 -- its digest is the presented token's, or already the new one (a retry after a lost
 -- acknowledgement finds its own write); the digest replaced is kept with the time (0028). No
@@ -58,9 +58,12 @@ SELECT id, user_id, org_id, plan, entitlements, metadata, expires_at, created_at
 -- judged on the statement's snapshot and at its start, a rotation that waited for the row
 -- stamped a rotation time from before the wait, which shortened the grace of the token it
 -- replaced, and took a new expires_at that had passed meanwhile (found in review). The grace
--- runs from that stamp to when the token was presented (this statement's start), not to when
--- this call got the lock: a rotation of the same token queued behind the winning one was
--- presented before that rotation, and is no reuse (found in review).
+-- runs from that stamp to when the token was presented (this statement's start, less
+-- presented_ago: zero, or for the adapter's retry the time since its first attempt began), not
+-- to when this call got the lock: a rotation of the same token queued behind the winning one
+-- was presented before that rotation, and is no reuse (found in review); nor to a retry's
+-- start: a retry after a lost acknowledgement ended the session for a token presented within
+-- the grace (found in review).
 WITH locked AS (
   SELECT s.id, s.token_hash, s.previous_token_hash, s.token_rotated_at, s.expires_at
     FROM kitium_auth.sessions AS s
@@ -76,7 +79,9 @@ WITH locked AS (
    WHERE s.id = c.id
      AND c.previous_token_hash = :presented_hash
      AND c.token_hash <> :token_hash
-     AND c.token_rotated_at <= statement_timestamp() - CAST(:reuse_grace AS interval)
+     AND c.token_rotated_at
+         <= statement_timestamp() - CAST(:presented_ago AS interval)
+            - CAST(:reuse_grace AS interval)
   RETURNING s.id, s.user_id, s.org_id, s.token_rotated_at
 ), reported AS (
   INSERT INTO kitium_auth.auth_events (id, type, principal_id, org_id, data, "timestamp")

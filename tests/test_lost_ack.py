@@ -28,7 +28,7 @@ from kitium_pg import (
     UnavailableError,
 )
 from tests.conftest import TEST_KEYS, AwaitableSync
-from tests.fix_holder import in_background, waiting
+from tests.fix_holder import call_while_holding, in_background, waiting
 from tests.fix_proxy import CuttingProxy
 
 USERS_INSERT = "INSERT INTO kitium_auth.users"
@@ -219,6 +219,37 @@ async def test_rotate_session_token_after_a_lost_ack_gives_the_new_token(
     assert await via_proxy.validate_session_token(rotated.token) == rotated.session
     assert await via_proxy.validate_session_token(issued.token) is None
     assert (await via_proxy.list_events(principal_id=user.id)).events == ()  # no reuse reported
+
+
+async def test_a_retried_rotation_judges_the_grace_at_the_first_attempt(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    """Found in review: the token rotated out 0.1 s ago (grace 1.5 s) is presented while
+    another transaction holds the session's row; the first attempt, judged at its start,
+    within the grace, changes nothing, and its acknowledgement is lost. The retry, sent once
+    the grace had passed, was judged at its own start and ended the session as a reuse: the
+    grace now runs to the first attempt. (Without the lost acknowledgement the same call gets
+    None and the session stays.)"""
+    user = await via_proxy.create_user()
+    issued = await via_proxy.issue_session_token(user_id=user.id, expires_at=in_an_hour())
+    assert await via_proxy.rotate_session_token(issued.token) is not None
+    lost = LostAck(proxy, SESSION_ROTATE)
+    kind = "sync" if isinstance(via_proxy, AwaitableSync) else "async"
+    result = await call_while_holding(
+        SimpleNamespace(kind=kind),
+        dsn,
+        ("sessions", {"id": issued.session.id}),
+        "NO KEY UPDATE",
+        lambda: via_proxy.rotate_session_token(issued.token, reuse_grace=dt.timedelta(seconds=1.5)),
+        waits_on=SESSION_ROTATE,
+        linger=2.0,  # the grace passes while the first attempt waits
+    )
+    lost.check(sent=2)
+    assert result is None
+    assert rows(dsn, "SELECT 1 FROM kitium_auth.sessions WHERE id = %s", issued.session.id) == [
+        (1,)
+    ]
+    assert (await via_proxy.list_events(principal_id=user.id)).events == ()
 
 
 async def test_a_reuse_found_by_a_first_attempt_whose_ack_was_lost_is_still_reported(

@@ -492,6 +492,7 @@ async def test_a_retried_rotation_that_waited_for_its_first_attempt_past_the_old
         "set_expires_at": True,
         "expires_at": _in(1),
         "reuse_grace": dt.timedelta(seconds=10),
+        "presented_ago": dt.timedelta(0),
         "event_id": uuid.uuid4(),
     }
     row, again = await replay_behind_open_attempt(

@@ -8,6 +8,7 @@ This file is the source of truth; ``kitium_pg/_sync/core.py`` is generated from 
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import time
 import uuid
@@ -641,9 +642,12 @@ class Core:
         make: Make = None,
         replica: bool = False,
         observed: bool = False,
+        since_first: str | None = None,
     ) -> Any:
         """Run query ``name`` and return its result in the query's shape (``make(**columns)``
-        for each row when ``make`` is given, else tuple rows), retrying per ``retry``.
+        for each row when ``make`` is given, else tuple rows), retrying per ``retry``. A retry
+        sets parameter ``since_first``, when named, to the time since the first attempt began
+        (a ``timedelta``; the caller passes zero for the first attempt).
 
         Every public call ends up here; it is kept flat because its frames are a measurable
         share of a single-row read (benchmarks/results/profile_get_session.md).
@@ -652,13 +656,14 @@ class Core:
             assert self._conn is not None
             self._tx.refuse_unrunnable(thread_caller(), name, self._conn)
         if self._observer is not None and not observed:
-            return self._observed(name, params, retry, make, replica)
+            return self._observed(name, params, retry, make, replica, since_first)
         query = self._queries[name]
         if replica and self._replicas and self._conn is None:
             result = self._run_on_replica(name, query, params, make)
             if result is not _PRIMARY:
                 return result
         attempt = 0
+        first_started = 0.0
         while True:
             attempt += 1
             started = time.perf_counter()
@@ -700,6 +705,10 @@ class Core:
                     and is_auto_retryable(error)
                 ):
                     time.sleep(backoff(attempt))
+                    if since_first is not None:
+                        first_started = started if attempt == 1 else first_started
+                        elapsed = dt.timedelta(seconds=time.perf_counter() - first_started)
+                        params = {**params, since_first: elapsed}
                     continue
                 failure = chained(error, exc)
             else:
@@ -708,13 +717,27 @@ class Core:
             raise failure  # here, not in the except block: see errors.chained
 
     def _observed(
-        self, name: str, params: Mapping[str, Any], retry: Retry, make: Make, replica: bool
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        retry: Retry,
+        make: Make,
+        replica: bool,
+        since_first: str | None,
     ) -> Any:
         assert self._observer is not None
         token = observe_start(self._observer, name)
         started = time.perf_counter()
         try:
-            result = self._run(name, params, retry=retry, make=make, replica=replica, observed=True)
+            result = self._run(
+                name,
+                params,
+                retry=retry,
+                make=make,
+                replica=replica,
+                observed=True,
+                since_first=since_first,
+            )
         except BaseException as exc:  # cancellation too: a started span must always end
             observe_finish(self._observer, token, name, time.perf_counter() - started, exc)
             raise

@@ -168,15 +168,16 @@ class Tokens(Sessions, ApiKeys):
         docs/security.md, "Revocation and read replicas"). On the primary, requests still in
         flight with the old token fail validation.
 
-        Reuse detection: the token this session's last rotation replaced, presented here again
-        more than ``reuse_grace`` (default 10 s; ``None``: never) after that rotation, ends the
-        session, writes a ``session.token_reused`` auth event (principal: the user, no
-        organization; data: ``session_id``, ``org_id``, ``rotated_at``), logs a warning and
-        returns ``None``: two parties held the session's token, and one is not the user (RFC
-        9700, 4.14.2). Within the grace the token only gets ``None``: a client that lost the
-        answer to its own rotation, or a second tab rotating at the same moment, signs in again
-        rather than ending everyone's session. Only the token replaced last is recognised;
-        older ones are unknown, as a wrong one is.
+        Reuse detection: the token this session's last rotation replaced, presented here again more
+        than ``reuse_grace`` (default 10 s; ``None``: never) after that rotation (to when this call
+        first presented it: a retry after a lost acknowledgement is judged as its first attempt
+        was), ends the session, writes a ``session.token_reused`` auth event (principal: the user,
+        no organization; data: ``session_id``, ``org_id``, ``rotated_at``), logs a warning and
+        returns ``None``: two parties held the session's token, and one is not the user (RFC 9700,
+        4.14.2). Within the grace the token only gets ``None``: a client that lost the answer to its
+        own rotation, or a second tab rotating at the same moment, signs in again rather than ending
+        everyone's session. Only the token replaced last is recognised; older ones are unknown, as a
+        wrong one is.
 
         One statement; never raises for a hostile token (``ValidationError`` for a bad
         ``expires_at`` or ``reuse_grace``). Retried on transient failures: the new secret is
@@ -204,9 +205,19 @@ class Tokens(Sessions, ApiKeys):
             "presented_hash": presented_hash,
             "token_hash": _digest(secret),
             "event_id": new_id(),
+            "presented_ago": dt.timedelta(0),
         }
         # No row: not a token that rotates; a row without a session: a reuse, which ended it.
-        rows = self._many("rotate_session_token", params, _rotation, retry=Retry.SAFE)
+        # A retry judges the reuse grace up to when the token was presented, at the first
+        # attempt: judged at its own start, a retry after a lost acknowledgement ended the
+        # session for a token presented within the grace (found in review).
+        rows: list[Session | None] = self._run(
+            "rotate_session_token",
+            params,
+            retry=Retry.SAFE,
+            make=_rotation,
+            since_first="presented_ago",
+        )
         if not rows:
             return None
         [session] = rows
