@@ -84,7 +84,8 @@ WITH owners AS (
      FOR KEY SHARE
 ), locked AS (
   SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext,
-         t.secret_key_id = :key_id AND t.secret_ciphertext = u.ciphertext AS already
+         t.secret_key_id = :key_id AND t.secret_ciphertext = u.ciphertext
+           AS already
     FROM kitium_auth.twofa_devices AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
                 :ciphertexts::bytea[])
@@ -126,7 +127,8 @@ WITH owners AS (
      FOR KEY SHARE
 ), locked AS (
   SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext,
-         t.client_secret_key_id = :key_id AND t.client_secret_ciphertext = u.ciphertext AS already
+         t.client_secret_key_id = :key_id AND t.client_secret_ciphertext = u.ciphertext
+           AS already
     FROM kitium_auth.sso_providers AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
                 :ciphertexts::bytea[])
@@ -168,7 +170,8 @@ WITH owners AS (
      FOR KEY SHARE
 ), locked AS (
   SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext,
-         t.signing_key_key_id = :key_id AND t.signing_key_ciphertext = u.ciphertext AS already
+         t.signing_key_key_id = :key_id AND t.signing_key_ciphertext = u.ciphertext
+           AS already
     FROM kitium_auth.sso_providers AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
                 :ciphertexts::bytea[])
@@ -213,7 +216,8 @@ WITH owners AS (
          u.access_ciphertext, u.refresh_ciphertext,
          t.tokens_key_id = :key_id
            AND t.access_token_ciphertext IS NOT DISTINCT FROM u.access_ciphertext
-           AND t.refresh_token_ciphertext IS NOT DISTINCT FROM u.refresh_ciphertext AS already
+           AND t.refresh_token_ciphertext IS NOT DISTINCT FROM u.refresh_ciphertext
+           AS already
     FROM kitium_auth.oauth_accounts AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_access_ciphertexts::bytea[],
                 :old_refresh_ciphertexts::bytea[], :access_ciphertexts::bytea[],
