@@ -176,17 +176,19 @@ SELECT coalesce((SELECT a.attempts
 -- budget (found in review: 200 guesses at one address's 6-digit reset codes in 0.2 s). The
 -- budget comes back as those tokens expire. Concurrent attempts at one address serialise: each
 -- first locks the counters of the address's unexpired tokens and of its own, in token order
--- (so no two wait on each other in a cycle), and a lock waited for hands the statement the
--- row's latest count. Read from the statement's snapshot instead, two guesses on two tokens of
--- one address each missed the other's (found in review: 3 attempts, both told 2). A token's
--- counter is made, at 0, with the token (create_email_verification_token), so there is a row
--- to lock; a token made before that has none until its first attempt.
+-- (so no two wait on each other in a cycle), then reads the others' counts as committed once it
+-- holds those locks (email_address_attempts, migration 0041). Read from the statement's
+-- snapshot instead, two guesses on two tokens of one address each missed the other's (found in
+-- review: 3 attempts, both told 2); read from the rows as locked, a count missed an attempt on
+-- a token created (a resend) while the statement waited for a lock (found in review). A
+-- token's counter is made, at 0, with the token (create_email_verification_token), so there is
+-- a row to lock; a token made before that has none until its first attempt.
 WITH address AS (
   SELECT lower(email) AS email, type
     FROM kitium_auth.email_verification_tokens
    WHERE id = :token_id
 ), counters AS (
-  SELECT o.token_id, o.attempts
+  SELECT o.token_id
     FROM address AS d
     JOIN kitium_auth.email_verification_tokens AS s
       ON lower(s.email) = d.email AND s.type = d.type
@@ -205,6 +207,5 @@ WITH address AS (
      SET attempts = a.attempts + 1, last_attempt_at = now()
   RETURNING a.attempts
 )
-SELECT c.attempts
-       + coalesce((SELECT sum(o.attempts) FROM counters AS o WHERE o.token_id <> :token_id), 0)
+SELECT c.attempts + kitium_auth.email_address_attempts(:token_id)
   FROM touched AS c;

@@ -304,6 +304,37 @@ async def test_an_attempt_waits_for_one_on_another_token_of_the_address(
     assert await storage.get_email_verification_token_attempts(second.id) == 2
 
 
+async def test_an_attempt_that_waited_counts_one_on_a_token_sent_meanwhile(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """Found in review: an attempt on token T1 waits for the counter of an older token T0,
+    which another transaction holds; meanwhile T0 expires, a resend creates T2, and an attempt
+    on T2 counts and commits (T1 and T2 are its address's unexpired tokens: 1). The waiting
+    attempt then counted T0 and T1 only (T2 came after its statement began) and said 1 too: two
+    attempts at the address, both told 1. It counts the others as committed once it holds its
+    locks."""
+    t0 = await _token(storage, email, expires_at=_in(seconds=1))
+    t1 = await _token(storage, email)
+    assert t0.id < t1.id  # the attempt on T1 locks T0's counter first, holding none of T1's
+    holder = psycopg.connect(dsn)
+    try:
+        holder.execute(
+            "SELECT FROM kitium_auth.email_verification_token_attempts WHERE token_id = %s"
+            " FOR UPDATE",
+            [t0.id],
+        )
+        waiter = start(storage, "increment_email_verification_token_attempts", t1.id)
+        assert await asyncio.to_thread(waiting, dsn, "email_verification_token_attempts")
+        await asyncio.sleep(1.2)  # T0 expires
+        t2 = await _token(storage, email)
+        assert await storage.increment_email_verification_token_attempts(t2.id) == 1
+        holder.commit()
+        assert await waiter == 2
+    finally:
+        holder.close()
+    assert await storage.get_email_verification_token_attempts(t1.id) == 2
+
+
 async def test_delete_expired(storage: Any, email: str) -> None:
     expired = [await _token(storage, email, expires_at=_in(seconds=-5)) for _ in range(5)]
     live = await _token(storage, email)
