@@ -558,6 +558,39 @@ async def test_a_revocation_waits_for_a_transaction_that_consumed_a_token_and_wr
         assert await revocation == 0  # the token was used by then
 
 
+@pytest.mark.parametrize(
+    ("other", "marker"),
+    [
+        ("update_user", "UPDATE kitium_auth.users AS u"),
+        ("delete_user", "DELETE FROM kitium_auth.users"),
+    ],
+)
+@pytest.mark.parametrize("then", ["mark_user_email_verified", "set_password_hash"])
+async def test_a_transaction_that_consumed_a_token_and_writes_its_user_does_not_deadlock(
+    storage: Any, dsn: str, other: str, marker: str, then: str
+) -> None:
+    """Found in review: a transaction consumed a token (locking it) and then wrote its user,
+    as email-verification.md shows; a change of the user's address or the user's deletion
+    meanwhile locked the user and waited for the token (0033's trigger, 0009's cascade); the
+    transaction's write of the user then waited for that call: a deadlock. The consume locks
+    the token's user first, so the other call waits for the whole transaction."""
+    async with unretried_adapter(storage.kind, dsn) as own:
+        address = f"consumer-{uuid.uuid4().hex[:8]}@example.com"
+        user = await own.create_user(email=address)
+        token = await _token(own, address, user_id=user.id)
+        kwargs = {"email": f"moved-{address}"} if other == "update_user" else {}
+        async with own.transaction() as tx:
+            assert (await tx.mark_email_verification_token_as_used(token.id)).used_at
+            change = start(own, other, user.id, **kwargs)
+            assert await asyncio.to_thread(waiting, dsn, marker)
+            if then == "mark_user_email_verified":
+                assert await tx.mark_user_email_verified(user.id, address) is not None
+            else:
+                await tx.set_password_hash(user.id, "argon2id$new-password-hash")
+        outcome = await asyncio.gather(change, return_exceptions=True)
+    assert not [r for r in outcome if isinstance(r, BaseException)], outcome
+
+
 async def test_a_consume_that_waited_past_the_tokens_expiry_loses(
     storage: Any, email: str, dsn: str
 ) -> None:

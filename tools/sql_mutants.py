@@ -121,6 +121,7 @@ FUNCTION_TESTS: dict[str, tuple[str, ...]] = {
     "users_email_change_revokes_tokens": _EMAIL_TESTS,
     "auth_event_written": ("test_tokens.py", "test_lost_ack.py"),
     "lock_user_session_memberships": ("test_sessions.py", "test_tenancy.py"),
+    "email_address_attempts": ("test_email_verification.py",),
 }
 
 # The queries/ file whose domain holds each table: a schema mutant runs its DOMAIN_TESTS, then
