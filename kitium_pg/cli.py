@@ -652,8 +652,10 @@ def rollback(state: _Context, steps: int, optional: tuple[str, ...]) -> None:
         try:
             undone = storage.rollback(steps, progress=state.progress("rolling back"))
         except MigrationError as exc:
-            applied = storage.migration_status().applied
-            unnamed = [m for m in optional_migration_ids() if m in applied and m not in optional]
+            # Only for the refusal to undo an optional migration it was not given: another
+            # failure (a newer version's migration, a lock timeout) has nothing to do with it.
+            not_enabled = getattr(exc, "not_enabled", ())
+            unnamed = [m for m in optional_migration_ids() if m in not_enabled]
             if not unnamed:
                 raise
             flags = " ".join(f"--optional {m}" for m in unnamed)

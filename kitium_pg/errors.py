@@ -174,6 +174,9 @@ _SQLSTATE: Final[dict[str, tuple[type[KitiumPgError], str, bool]]] = {
     # databases set it) or an idle transaction (idle_in_transaction_session_timeout).
     "57P05": (UnavailableError, "idle_session_timeout", True),
     "25P03": (UnavailableError, "idle_in_transaction_timeout", True),
+    # A transaction longer than transaction_timeout (PostgreSQL 17+): the server closes the
+    # connection.
+    "25P04": (QueryTimeoutError, "transaction_timeout", True),
     "53300": (UnavailableError, "too_many_connections", True),
     "53": (UnavailableError, "insufficient_resources", True),
     "28": (UnavailableError, "invalid_authorization", False),

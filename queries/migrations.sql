@@ -72,12 +72,13 @@ SELECT EXISTS (
 );
 
 -- name: set_session_setting(name, value)$
--- Set a run-time setting for the rest of the session (the migrators' statement_timeout).
+-- Set a run-time setting for the rest of the session (the migrators' timeouts).
 SELECT set_config(:name, :value, false);
 
 -- name: show_setting(name)$
--- A run-time setting's current value (to put it back after set_session_setting).
-SELECT current_setting(:name);
+-- A run-time setting's current value (to put it back after set_session_setting); NULL when
+-- this server has no such setting (transaction_timeout before PostgreSQL 17).
+SELECT current_setting(:name, true);
 
 -- name: set_local_settings(names, values)$
 -- Set run-time settings (statement_timeout, kitium.tenant) until the transaction ends, all in one statement.

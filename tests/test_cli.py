@@ -867,6 +867,36 @@ def test_rollback_checks_every_step_before_undoing_any(dsn: str, schema: str) ->
     assert as_json(db(dsn, schema, "--json", "status"))["applied"] == MIGRATIONS[:-1]
 
 
+def test_rollback_suggests_optional_only_for_the_optional_migration_in_the_way(
+    dsn: str, schema: str
+) -> None:
+    """Found in review: with tenant_rls applied, every MigrationError of rollback got
+    "(on the command line: rollback --optional tenant_rls)", here one for a newer version's
+    migration, which has nothing to do with it (and following the hint would have removed
+    row-level security)."""
+    assert db(dsn, schema, "migrate", "--optional", "tenant_rls").exit_code == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO {schema}.auth_migrations (id, checksum, duration_ms)"
+            f" VALUES ('9999_newer', 'x', 0)".encode()
+        )
+    line = one_error_line(db(dsn, schema, "rollback"), EXIT_MIGRATION, MigrationError)
+    assert "9999_newer" in line
+    assert "--optional" not in line
+
+
+def test_rollback_of_a_schema_without_a_ledger_creates_nothing(dsn: str, schema: str) -> None:
+    """Found in review: `kitium-pg --schema <a typo> rollback` said "nothing to roll back" and
+    left the schema and an empty ledger behind (it read the ledger through the path that
+    creates it)."""
+    rolled = db(dsn, schema, "rollback")
+    assert rolled.exit_code == 0, rolled.output
+    assert "nothing to roll back" in rolled.stdout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT to_regnamespace(%s) IS NULL", [schema]).fetchone()
+    assert row == (True,)
+
+
 def test_a_migrate_failing_half_way_names_what_it_applied(dsn: str, schema: str) -> None:
     """A migrate whose third migration fails (0033 waits for a lock on users past its
     lock_timeout) names the two it applied and committed before, on stderr and in --json

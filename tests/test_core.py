@@ -42,7 +42,7 @@ from kitium_pg._base import Retry, connect_failure, log_call
 from kitium_pg._sync.core import Core
 from kitium_pg.errors import connection_lost, is_auto_retryable, translate
 
-from .conftest import EXAMPLES_ENV, event_loop_wanted, examples
+from .conftest import EXAMPLES_ENV, event_loop_wanted, examples, open_adapter
 from .fix_race import race_each, waiting_on_a_lock
 from .roundtrips import count
 from .test_hostile_all import HYPOTHESIS
@@ -891,3 +891,22 @@ async def test_logs_never_contain_parameters_or_secrets(
         text = record.getMessage() + repr(record.__dict__)
         for secret in (secret_hash, email, str(user.id)):
             assert secret not in text
+
+
+async def test_a_statement_the_transaction_timeout_ends_is_a_query_timeout(
+    storage: Any, dsn: str
+) -> None:
+    """A statement that outlives transaction_timeout (PostgreSQL 17+; set on a role or in a
+    DSN's options), here waiting for a row lock, ends with the server closing the connection
+    (SQLSTATE 25P04): ``QueryTimeoutError`` (code ``transaction_timeout``), not the catch-all
+    ``InternalError`` it was."""
+    user = await storage.create_user()
+    with psycopg.connect(dsn) as holder:
+        if holder.info.server_version < 170000:
+            pytest.skip("transaction_timeout is PostgreSQL 17's")
+        holder.execute("SELECT FROM kitium_auth.users WHERE id = %s FOR UPDATE", [user.id])
+        limited = psycopg.conninfo.make_conninfo(dsn, options="-c transaction_timeout=300ms")
+        async with open_adapter(storage.kind, limited, migrate=False) as own:
+            with pytest.raises(QueryTimeoutError) as raised:
+                await own.update_user(user.id, name="waits")
+    assert raised.value.code == "transaction_timeout"

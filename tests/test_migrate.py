@@ -139,6 +139,47 @@ def test_a_migration_a_newer_version_applied_keeps_an_older_one_ready(
             restarted.migrate()
 
 
+def test_an_older_version_that_waited_for_a_newer_ones_run_applies_nothing(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: a rolling deploy's older instance finds one of its migrations pending
+    and waits for the migrators' lock, which a newer version holds while it applies that
+    migration and one of its own. Once the lock is free nothing of the older version's is
+    pending, which is no error (a warning, nothing applied), as when it found that without
+    waiting; planned again under the lock it raised MigrationError for the newer one."""
+    schema = f"waited_{uuid.uuid4().hex[:10]}"
+    last = load_migrations(schema)[-1]
+    key = f"kitium_pg.migrations.{schema}"
+    with PostgresStorageAdapter(dsn, schema=schema) as storage:
+        assert storage.rollback() == (last.id,)
+    newer = psycopg.connect(dsn, autocommit=True)
+    older = PostgresStorageAdapter(dsn, schema=schema)
+    try:
+        newer.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [key])
+        older.connect(migrate=False)
+        outcome: list[object] = []
+        waiter = threading.Thread(target=lambda: outcome.append(older.migrate()))
+        with caplog.at_level(logging.WARNING, logger="kitium_pg"):
+            waiter.start()
+            time.sleep(0.5)
+            assert not outcome  # waiting for the lock
+            for mig_id, checksum in ((last.id, last.checksum), ("9999_newer", "x")):
+                newer.execute(
+                    f"INSERT INTO {schema}.auth_migrations (id, checksum, duration_ms)"
+                    f" VALUES (%s, %s, 0)".encode(),
+                    [mig_id, checksum],
+                )
+            newer.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [key])
+            waiter.join(10)
+        assert outcome == [()]
+        assert "9999_newer" in caplog.text
+    finally:
+        older.disconnect()
+        newer.close()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
+
+
 async def test_async_adapter_migrates_a_separate_schema(dsn: str) -> None:
     from kitium_pg import AsyncPostgresStorageAdapter
 

@@ -193,6 +193,31 @@ def test_a_migrator_arriving_during_an_index_build_waits_without_blocking_it(
     assert _lock_is_free(dsn, schema)
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"), [("lock_timeout", "300ms"), ("transaction_timeout", "500ms")]
+)
+def test_a_run_is_not_cut_off_by_the_dsns_lock_or_transaction_timeout(
+    dsn: str, schema: str, setting: str, value: str
+) -> None:
+    """Found in review: the run turned only the statement timeout off, and a lock_timeout or a
+    transaction_timeout (PostgreSQL 17+) from the DSN's options (or the role's defaults) cut
+    0030's CONCURRENTLY build off while it waited for a writer, which blocks no one, leaving
+    an invalid index. They are off for the run too."""
+    with psycopg.connect(dsn) as conn:
+        if setting == "transaction_timeout" and conn.info.server_version < 170000:
+            pytest.skip("transaction_timeout is PostgreSQL 17's")
+    writer = _holding_a_write(dsn, schema)
+    timer = threading.Timer(1.5, writer.commit)
+    try:
+        timer.start()
+        with _unmigrated(make_conninfo(dsn, options=f"-c {setting}={value}"), schema) as storage:
+            assert storage.migrate() == FROM_0030
+    finally:
+        timer.join()
+        writer.close()
+    assert _index_state(dsn, schema, NEW_IDX) is True
+
+
 def test_an_index_build_cancelled_half_way_is_built_again_by_the_next_run(
     dsn: str, schema: str
 ) -> None:
@@ -284,13 +309,14 @@ def test_an_index_a_failed_down_part_left_invalid_is_named_until_dropped(
 def test_a_callers_pool_gets_its_connection_back_as_it_was(dsn: str, schema: str) -> None:
     """A pool of the caller's own, not in autocommit mode, with the adapter's statement timeout
     applied per call: the run takes its connection into autocommit mode for the index build
-    and gives it back in its own mode, with its own session statement timeout (not the
-    per-call one, not the run's 0) and without the migrators' lock."""
+    and gives it back in its own mode, with its own session statement and lock timeouts (not
+    the per-call one, not the run's 0) and without the migrators' lock."""
     pool = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=1, open=False)
     pool.open(wait=True)
     try:
         with pool.connection() as conn:
             conn.execute("SET statement_timeout = '4321ms'")
+            conn.execute("SET lock_timeout = '1234ms'")
             conn.commit()
         storage = PostgresStorageAdapter(pool, schema=schema, statement_timeout_ms=1500)
         storage.connect(migrate=False)
@@ -299,6 +325,7 @@ def test_a_callers_pool_gets_its_connection_back_as_it_was(dsn: str, schema: str
         with pool.connection() as conn:
             assert conn.autocommit is False
             assert conn.execute("SHOW statement_timeout").fetchone() == ("4321ms",)
+            assert conn.execute("SHOW lock_timeout").fetchone() == ("1234ms",)
         assert _lock_is_free(dsn, schema)
     finally:
         pool.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator, Awaitable, Callable
+from collections.abc import Iterator, Awaitable, Callable, Mapping
 from contextlib import contextmanager
 from typing import Self
 
@@ -102,9 +102,12 @@ class Migrations(Core):
         """A view of this adapter bound to a pooled connection that holds the migrators' lock
         until the block ends, waiting for it as long as another run holds it. For the block the
         connection is in autocommit mode, without a statement timeout (a long index build or
-        backfill must not be cut off half-way), and goes back to the pool as it came, the lock
+        backfill must not be cut off half-way: a part that takes locks in a transaction sets
+        its own lock_timeout), and goes back to the pool as it came, the lock
         released; after a block (or the release) ended by an interruption (a cancelled task,
-        Ctrl-C) or a failed connection it is closed instead."""
+        Ctrl-C) or a failed connection it is closed instead. The other timeouts that would cut
+        a run off half-way (``_UNLIMITED``: a lock or transaction timeout that the DSN's options
+        or the role's defaults set) are off for the block too, and put back after it."""
         with self._pool.connection() as conn:
             autocommit = conn.autocommit
             if not autocommit:
@@ -118,10 +121,12 @@ class Migrations(Core):
                 while not bound._value("try_lock_migrations", {}, retry=Retry.NEVER):
                     time.sleep(delay)
                     delay = min(2 * delay, _LOCK_POLL_MAX)
-                statement_timeout = bound._value(
-                    "show_setting", {"name": "statement_timeout"}, retry=Retry.NEVER
-                )
-                bound._set_statement_timeout("0")
+                saved: dict[str, str] = {}
+                for name in _UNLIMITED:
+                    value = bound._value("show_setting", {"name": name}, retry=Retry.NEVER)
+                    if value is not None:  # None: not a setting of this server's version
+                        saved[name] = value
+                        bound._set_session_setting(name, "0")
                 try:
                     yield bound
                 except Exception:
@@ -131,7 +136,7 @@ class Migrations(Core):
             finally:
                 if clean:
                     try:
-                        bound._release(autocommit, statement_timeout)
+                        bound._release(autocommit, saved)
                     except BaseException:
                         # Interrupted or failed while releasing: the same as below.
                         if not conn.closed:
@@ -143,16 +148,15 @@ class Migrations(Core):
                     # them all (the pool replaces the connection).
                     conn.close()
 
-    def _set_statement_timeout(self, value: str) -> None:
-        self._value(
-            "set_session_setting", {"name": "statement_timeout", "value": value}, retry=Retry.NEVER
-        )
+    def _set_session_setting(self, name: str, value: str) -> None:
+        self._value("set_session_setting", {"name": name, "value": value}, retry=Retry.NEVER)
 
-    def _release(self, autocommit: bool, statement_timeout: str) -> None:
+    def _release(self, autocommit: bool, saved: Mapping[str, str]) -> None:
         """Release the migrators' lock this run's connection holds and give the connection its
-        statement timeout and autocommit mode back."""
+        timeouts (``saved``: name to value) and autocommit mode back."""
         assert self._conn is not None
-        self._set_statement_timeout(statement_timeout)
+        for name, value in saved.items():
+            self._set_session_setting(name, value)
         if not self._value("unlock_migrations", {}, retry=Retry.NEVER):
             # The statements of the run did not all reach one server session.
             logger.warning(
@@ -163,14 +167,17 @@ class Migrations(Core):
         if not autocommit:
             self._conn.set_autocommit(False)
 
-    def _ledger(self) -> dict[str, str]:
-        """The applied migrations (id to checksum), creating the ledger when it is missing."""
+    def _ledger(self, *, create: bool = True) -> dict[str, str]:
+        """The applied migrations (id to checksum), creating the ledger when it is missing
+        (with ``create``; else none are)."""
         assert self._conn is not None
         with self._conn.transaction():
             # Only when missing: CREATE SCHEMA IF NOT EXISTS needs the right to create schemas
             # even when the schema exists, and a role without DDL rights may have waited here
             # for another process that has just applied everything.
             if not self._value("ledger_exists", {}, retry=Retry.NEVER):
+                if not create:
+                    return {}
                 self._run("ensure_ledger", {}, retry=Retry.NEVER)
             rows = self._run("list_applied_migrations", {}, retry=Retry.NEVER)
         return {mig_id: checksum for mig_id, checksum in rows}
@@ -194,16 +201,7 @@ class Migrations(Core):
         _validate.callback("progress", progress)
         migrations = self._migrations()
         try:
-            applied = self._applied()
-            if not plan(migrations, applied, newer_ok=True):
-                # A schema a newer version migrated further (a rolling deploy's older
-                # instances, or the application rolled back): nothing for this one to do.
-                if newer := newer_migrations(migrations, applied):
-                    logger.warning(
-                        "kitium_pg migrate: the database has migrations this version does not"
-                        " ship (%s), applied by a newer version; nothing to apply",
-                        ", ".join(newer),
-                    )
+            if not _pending(migrations, self._applied()):
                 return ()
         except MigrationError:
             raise
@@ -219,7 +217,9 @@ class Migrations(Core):
         announced: set[str] = set()  # once each, though a run after a deadlock tries it again
 
         def apply_pending(bound: Self) -> None:
-            for migration in plan(migrations, bound._ledger()):
+            # Planned again under the lock: a newer version's run, which this one waited for,
+            # may have applied what was pending (and migrations of its own).
+            for migration in _pending(migrations, bound._ledger()):
                 if progress and migration.id not in announced:
                     announced.add(migration.id)
                     progress(migration.id, "up")
@@ -314,7 +314,8 @@ class Migrations(Core):
         """Undo the last ``steps`` applied migrations (newest first); returns their ids.
 
         Raises ``MigrationError`` on drift, for an applied optional migration this adapter was
-        not configured with among the ``steps`` newest (checked before any is undone), or when a
+        not configured with among the ``steps`` newest (checked before any is undone; the
+        error's ``not_enabled`` attribute names them), or when a
         down part's SQL fails (as ``migrate`` does for an up part), and ``UnavailableError``
         when the connection is lost. A failure after this call undid some migrations (each
         committed on its own) names them in its message and in its ``completed`` attribute."""
@@ -326,17 +327,19 @@ class Migrations(Core):
         announced: set[str] = set()
 
         def undo_last(bound: Self) -> None:
-            applied = bound._ledger()
+            applied = bound._ledger(create=False)  # a rollback creates nothing
             plan(tuple(migrations.values()), applied)
             # The ledger lists migrations in the order they were applied. Every one to undo is
             # checked before the first is undone: a refusal half-way would leave some undone.
             chosen = list(applied)[::-1][: steps - len(undone)]
             unknown = [mig_id for mig_id in chosen if mig_id not in migrations]
             if unknown:
-                raise MigrationError(
+                refused = MigrationError(
                     f"cannot roll back {', '.join(map(repr, unknown))}: enable"
                     f" {'it' if len(unknown) == 1 else 'them'} with optional_migrations"
                 )
+                refused.not_enabled = tuple(unknown)  # type: ignore[attr-defined]
+                raise refused
             for last_id in chosen:
                 if progress and last_id not in announced:
                     announced.add(last_id)
@@ -369,6 +372,25 @@ class Migrations(Core):
         raise failure  # here, not in the except block: see errors.chained
 
 
+def _pending(
+    migrations: tuple[Migration, ...], applied: Mapping[str, str]
+) -> tuple[Migration, ...]:
+    """The migrations of ``migrations`` still to apply, after ``applied`` (``plan``'s checks).
+    A schema a newer version migrated further (a rolling deploy's older instances, or the
+    application rolled back) is no error when none of these is pending: nothing to apply,
+    and a warning names the newer ones. Raises ``MigrationError`` when some are pending below
+    a newer version's (this version would migrate under it), and on drift."""
+    if plan(migrations, applied, newer_ok=True):
+        return plan(migrations, applied)
+    if newer := newer_migrations(migrations, applied):
+        logger.warning(
+            "kitium_pg migrate: the database has migrations this version does not ship (%s),"
+            " applied by a newer version; nothing to apply",
+            ", ".join(newer),
+        )
+    return ()
+
+
 def _name_completed(failure: KitiumPgError, what: str, ids: list[str]) -> None:
     """Add to ``failure`` the migrations a run applied or undid (and committed) before it
     failed: in its message, and as its ``completed`` attribute (a tuple of ids, which the CLI's
@@ -393,6 +415,15 @@ def _failed(exc: psycopg.Error, what: str) -> KitiumPgError:
 
 
 _TRANSIENT = frozenset({"40P01", "40001"})
+
+# The timeouts off while a run holds the migrators' lock (each where the server has it:
+# transaction_timeout is PostgreSQL 17's).
+_UNLIMITED = (
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "transaction_timeout",
+)
 
 
 def _role_sql(sql: str, role: str) -> str:
