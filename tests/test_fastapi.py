@@ -27,6 +27,7 @@ from kitium_pg import (
     AsyncPostgresStorageAdapter,
     ConflictError,
     InternalError,
+    KitiumPgError,
     NotFoundError,
     PermissionDeniedError,
     QueryTimeoutError,
@@ -34,6 +35,7 @@ from kitium_pg import (
     UnavailableError,
     ValidationError,
 )
+from kitium_pg.encryption import ENV_VAR
 from kitium_pg.integrations.fastapi import (
     STATE_ATTR,
     OrgAccess,
@@ -430,6 +432,23 @@ def test_require_permission_refuses_an_empty_name() -> None:
         (UnavailableError("db down"), 503, {"detail": "unavailable", "code": "unavailable"}),
         (QueryTimeoutError("slow"), 503, {"detail": "timeout", "code": "timeout"}),
         (InternalError("bug"), 500, {"detail": "internal", "code": "internal"}),
+        # Transient causes (found in review: a deadlock was a 409, a failover's read-only
+        # primary a 500, neither with Retry-After).
+        (
+            ConflictError("deadlock", code="deadlock_detected", retryable=True),
+            503,
+            {"detail": "deadlock_detected", "code": "deadlock_detected"},
+        ),
+        (
+            ConflictError("serialization", code="serialization_failure", retryable=True),
+            503,
+            {"detail": "serialization_failure", "code": "serialization_failure"},
+        ),
+        (
+            InternalError("read-only", code="read_only_sql_transaction", retryable=True),
+            503,
+            {"detail": "read_only_sql_transaction", "code": "read_only_sql_transaction"},
+        ),
         # A misuse of a transaction is the route's bug: 500, and its text stays on the server.
         (
             ValidationError("transaction", "this transaction has ended"),
@@ -739,6 +758,70 @@ async def test_fastapi_users_oauth_callback(
     assert sorted(a.oauth_name for a in both.oauth_accounts) == ["github", "gitlab"]
 
 
+@pytest.mark.parametrize(
+    ("keys", "access_token", "expires_at"),
+    [
+        pytest.param(True, "tok", 10**12, id="expiry-past-9999"),
+        pytest.param(True, "t" * 20_000, 2_000_000_000, id="access-token-too-long"),
+        pytest.param(False, "tok", 2_000_000_000, id="adapter-without-keys"),
+    ],
+)
+async def test_an_oauth_sign_up_whose_link_is_refused_leaves_no_user(
+    dsn: str,
+    encryption_keys: dict[str, str],
+    unique: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+    keys: bool,
+    access_token: str,
+    expires_at: int,
+) -> None:
+    """Found in review: fastapi-users' OAuth callback creates the user, then links the
+    account; when kitium-pg refused the link, the user stayed, unlinked and holding the
+    provider's address, and every later OAuth login of that person was refused
+    (``UserAlreadyExists``: 400 OAUTH_USER_ALREADY_EXISTS). It is deleted again, and the
+    next sign-up, with values kitium-pg takes, creates the user."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    async with AsyncPostgresStorageAdapter(
+        dsn, max_size=2, encryption_keys=encryption_keys if keys else None
+    ) as adapter:
+        manager = UserManager(KitiumUserDatabase(adapter))
+        email = f"{unique('oauth')}@example.com"
+        account_id = unique("gh")
+        with pytest.raises(KitiumPgError):
+            await manager.oauth_callback("github", access_token, account_id, email, expires_at)
+        assert await adapter.get_user_by_email(email, consistency="primary") is None
+    async with AsyncPostgresStorageAdapter(
+        dsn, max_size=2, encryption_keys=encryption_keys
+    ) as adapter:
+        manager = UserManager(KitiumUserDatabase(adapter))
+        created = await manager.oauth_callback("github", "tok", account_id, email, None)
+        assert created.email == email
+        assert [a.account_id for a in created.oauth_accounts] == [account_id]
+
+
+async def test_only_a_taken_address_is_user_already_exists(
+    async_adapter: AsyncPostgresStorageAdapter,
+    unique: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``create`` answers ``UserAlreadyExists`` for the email's unique violation only: a
+    deadlock that reached it (a ``ConflictError`` too, retryable) is raised as it is, and
+    ``add_exception_handlers`` makes it a 503, not a 400 REGISTER_USER_ALREADY_EXISTS."""
+    db = KitiumUserDatabase(async_adapter)
+    email = f"{unique('taken')}@example.com"
+    await db.create({"email": email, "hashed_password": "h"})
+    with pytest.raises(fu_exceptions.UserAlreadyExists):
+        await db.create({"email": email.upper(), "hashed_password": "h"})
+
+    async def deadlocked(**fields: Any) -> Any:
+        raise ConflictError("create_user: deadlock", code="deadlock_detected", retryable=True)
+
+    monkeypatch.setattr(async_adapter, "create_user", deadlocked)
+    with pytest.raises(ConflictError) as raised:
+        await db.create({"email": f"{unique('free')}@example.com", "hashed_password": "h"})
+    assert raised.value.code == "deadlock_detected"
+
+
 # -- consistency ------------------------------------------------------------------------------
 
 
@@ -893,9 +976,13 @@ async def test_fastapi_users_a_bad_oauth_expiry_is_refused_by_name(
     async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str], expires_at: object
 ) -> None:
     """Found in review: the provider's ``expires_at`` went to ``datetime.fromtimestamp``
-    unchecked, so the OAuth callback failed with OverflowError, ValueError or TypeError."""
+    unchecked, so the OAuth callback failed with OverflowError, ValueError or TypeError. (A
+    user created earlier, by another request's database instance: one this instance has just
+    created is an OAuth sign-up, which a refused link undoes.)"""
+    user = await KitiumUserDatabase(async_adapter).create(
+        {"email": f"{unique('exp')}@example.com", "hashed_password": "h"}
+    )
     db = KitiumUserDatabase(async_adapter)
-    user = await db.create({"email": f"{unique('exp')}@example.com", "hashed_password": "h"})
     account = {"oauth_name": "github", "account_id": unique("gh"), "access_token": "a"}
     with pytest.raises(ValidationError) as refused:
         await db.add_oauth_account(user, {**account, "expires_at": expires_at})

@@ -373,7 +373,14 @@ _STATUS: Final[Mapping[type[KitiumPgError], int]] = {
 
 async def _kitium_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, KitiumPgError)
-    code = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
+    # A transient cause (retryable: a deadlock, a serialization failure, a primary turned
+    # read-only by a failover, as well as a database down or slow) is the server's to retry,
+    # not a conflict with the client's data (409) nor a bug (500) (found in review).
+    code = (
+        status.HTTP_503_SERVICE_UNAVAILABLE
+        if exc.retryable
+        else next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
+    )
     headers = {"Retry-After": "1"} if code == status.HTTP_503_SERVICE_UNAVAILABLE else None
     # Only a ValidationError's message is meant for the client (it names the bad field);
     # the others may name rows or servers, so the client gets the error code alone. A misuse
@@ -389,6 +396,8 @@ def add_exception_handlers(app: FastAPI) -> None:
     """Answer ``KitiumPgError`` escaping a route with JSON ``{"detail", "code"}``:
     ``NotFoundError`` 404, ``ConflictError`` 409, ``ValidationError`` 422 (its message as
     detail; one about a misused transaction, field ``transaction``, is a 500 with its code
-    alone), ``PermissionDeniedError`` 403, ``UnavailableError`` and ``QueryTimeoutError`` 503
-    with ``Retry-After: 1``, anything else 500."""
+    alone), ``PermissionDeniedError`` 403, ``UnavailableError``, ``QueryTimeoutError`` and
+    every other error whose cause is transient (``retryable``: a deadlock, a serialization
+    failure, a primary turned read-only by a failover) 503 with ``Retry-After: 1``, anything
+    else 500."""
     app.add_exception_handler(KitiumPgError, _kitium_error)

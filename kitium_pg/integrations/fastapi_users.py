@@ -47,8 +47,8 @@ Install ``kitium-pg[fastapi]`` and ``fastapi-users``. Then::
     # ...and the register, reset-password, verify and users routers
 
 The two handlers answer what fastapi-users' routes do not catch: without them each is a 500.
-``add_exception_handlers`` answers kitium-pg's errors (a database that is down or a statement
-that timed out: 503 with ``Retry-After``; an OAuth identity another user holds, linked through
+``add_exception_handlers`` answers kitium-pg's errors (a database that is down, a statement
+that timed out or another transient failure: 503 with ``Retry-After``; an OAuth identity another user holds, linked through
 the associate route: 409; a malformed ``expires_at`` from a provider: 422);
 ``add_email_changed_handler`` answers ``EmailChanged`` (409, below). A value kitium-pg refuses
 in a user being registered or updated (``UserFieldRefused``) is a 422 with or without them.
@@ -92,7 +92,12 @@ How fastapi-users' user maps onto kitium-pg:
   account at the same provider is a ``ConflictError``, as in ``link_oauth_account``). Their
   provider tokens are stored encrypted, so the adapter needs encryption keys to link accounts
   with tokens and to load such users. ``OAuthAccount.id`` is a stable UUID derived from the
-  user id and the provider.
+  user id and the provider. fastapi-users' OAuth sign-up creates the user, then links the
+  account: when kitium-pg refuses that first link (a provider's ``expires_at`` or token it
+  refuses, an adapter without encryption keys), the user this database instance has just
+  created is deleted again before the error is raised. Left behind, unlinked and holding the
+  provider's address, it made every later OAuth login of that person a 400
+  ``OAUTH_USER_ALREADY_EXISTS`` (found in review).
 
 Each ``get*`` call reads the user, its password hash, and the tokens of each linked provider
 (one statement each, on the primary so a read follows the preceding write).
@@ -122,8 +127,9 @@ from fastapi_users.password import PasswordHelperProtocol
 from fastapi_users.router.common import ErrorCode
 
 from .. import AsyncPostgresStorageAdapter
+from .._base import logger
 from .._validate import plain
-from ..errors import ConflictError, NotFoundError, ValidationError
+from ..errors import ConflictError, KitiumPgError, NotFoundError, ValidationError
 from ..records import User
 
 __all__ = [
@@ -293,6 +299,9 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         self.storage = storage
         self._password_helper = password_helper
         self._unusable: str | None = None
+        # Users this instance created and has not linked an account to yet: see
+        # add_oauth_account.
+        self._unlinked: set[uuid.UUID] = set()
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -344,8 +353,13 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
                     metadata=metadata,
                     **columns,
                 )
-        except ConflictError as exc:  # users' only unique rule besides the id: the email
+        except ConflictError as exc:
+            # users' only unique rule besides the id: the email (a deadlock or a serialization
+            # failure is a ConflictError too, and no taken address)
+            if exc.code != "unique_violation":
+                raise
             raise fu_exceptions.UserAlreadyExists() from exc
+        self._unlinked.add(record.id)
         user = await self._load(record, password_hash=password_hash)
         assert user is not None
         return user
@@ -393,6 +407,8 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
                     with _refused_by_kitium():
                         await tx.update_user(user.id, **changes)
                 except ConflictError as exc:  # the email, as in create()
+                    if exc.code != "unique_violation":
+                        raise
                     raise fu_exceptions.UserAlreadyExists() from exc
             # Only while the address is still the one the token was checked against.
             if (
@@ -425,27 +441,50 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         """Link an OAuth account (fastapi-users' dict: ``oauth_name``, ``account_id``,
         ``account_email``, ``access_token``, ``refresh_token``, ``expires_at`` in epoch
         seconds) and return the user re-read. Without any of the three token keys the stored
-        tokens (and their version) are kept."""
-        tokens: dict[str, Any] = {}
-        if _TOKEN_KEYS & create_dict.keys():
-            expires_at = create_dict.get("expires_at")
-            tokens = {
-                # "" is how a link without tokens loads (fastapi-users' access_token is a str).
-                "access_token": create_dict.get("access_token") or None,
-                "refresh_token": create_dict.get("refresh_token") or None,
-                "token_expires_at": _expiry(expires_at),
-            }
-        await self.storage.link_oauth_account(
-            user.id,
-            create_dict["oauth_name"],
-            sub=create_dict["account_id"],
-            email=create_dict.get("account_email"),
-            **tokens,
-        )
+        tokens (and their version) are kept. When the link fails for a user this instance
+        created and has not linked yet (fastapi-users' OAuth sign-up), that user is deleted
+        before the error is raised (see the module's docstring)."""
+        try:
+            tokens: dict[str, Any] = {}
+            if _TOKEN_KEYS & create_dict.keys():
+                expires_at = create_dict.get("expires_at")
+                tokens = {
+                    # "" is how a link without tokens loads (fastapi-users' access_token is a
+                    # str).
+                    "access_token": create_dict.get("access_token") or None,
+                    "refresh_token": create_dict.get("refresh_token") or None,
+                    "token_expires_at": _expiry(expires_at),
+                }
+            await self.storage.link_oauth_account(
+                user.id,
+                create_dict["oauth_name"],
+                sub=create_dict["account_id"],
+                email=create_dict.get("account_email"),
+                **tokens,
+            )
+        except Exception:
+            if user.id in self._unlinked:
+                self._unlinked.discard(user.id)
+                await self._undo_sign_up(user.id)
+            raise
+        self._unlinked.discard(user.id)
         refreshed = await self.get(user.id)
         if refreshed is None:  # pragma: no cover - deleted concurrently
             raise fu_exceptions.UserNotExists()
         return refreshed
+
+    async def _undo_sign_up(self, user_id: uuid.UUID) -> None:
+        """Delete a user whose OAuth sign-up failed at its link; a failure of the deletion is
+        logged, not raised (the link's error is the one to report)."""
+        try:
+            await self.storage.delete_user(user_id)
+        except KitiumPgError as exc:
+            logger.warning(
+                "kitium_pg fastapi-users: could not delete user %s after its OAuth sign-up"
+                " failed (%s); delete it, or its OAuth logins stay refused",
+                user_id,
+                exc,
+            )
 
     async def update_oauth_account(
         self,
