@@ -149,7 +149,8 @@ class AsyncEmailVerification(AsyncCore):
     ) -> int:
         """Delete the expired tokens (with their attempt counters), ``batch_size`` rows per
         statement; returns how many were deleted. Rows another transaction holds locked at that
-        moment are skipped and left for the next run. Idempotent and retried per batch."""
+        moment are skipped and left for the next run. Idempotent and retried per batch (a
+        batch retried after a lost acknowledgement is not counted)."""
         return await self._delete_in_batches(
             "delete_expired_email_verification_tokens",
             {},

@@ -145,7 +145,8 @@ class AsyncSessions(AsyncCore):
         brief on a large table. Rows another transaction holds locked at that moment (another
         cleaner, or an open transaction updating or deleting them) are skipped rather than
         waited for, and left for the next run. Each batch is retried on transient failures,
-        because deleting expired rows is idempotent. Raises
+        because deleting expired rows is idempotent (a batch retried after a lost
+        acknowledgement is not counted: the count may be lower than what was deleted). Raises
         ``ValidationError`` when ``batch_size`` is not between 1 and 100000.
         """
         return await self._delete_in_batches(

@@ -145,7 +145,8 @@ class Events(Core):
         ``before`` must be timezone-aware. Rows go in statements of at most ``batch_size``, so
         locks stay short on a large table; rows another transaction holds locked at that moment
         are skipped and left for the next run. Deleting old events is idempotent, so each
-        statement is retried on transient failures.
+        statement is retried on transient failures (one retried after a lost acknowledgement
+        is not counted: the count may be lower than what was deleted).
         """
         params = {"before": v.timestamp("before", before)}
         return self._delete_in_batches(
@@ -173,7 +174,8 @@ class Events(Core):
         principal's that was committed before the call is left when it returns. Events naming
         the principal only inside ``data``, or emitted meanwhile, are not deleted. Under
         row-level security (``tenant(org_id)``) only the events the tenant sees go. Each
-        statement is retried on transient failures (deleting is idempotent). Needs a role
+        statement is retried on transient failures (deleting is idempotent; one retried after
+        a lost acknowledgement is not counted). Needs a role
         that may delete audit events (the owner): ``grant_app_role``'s keeps them append-only,
         and it raises ``PermissionDeniedError``.
         """

@@ -266,7 +266,9 @@ class Rbac(Core):
         ``role_ids[i]``), a role listed twice (naming the second ``role_ids[i]``), and more
         than ``MAX_ROLE_IDS`` (1,000) ids. Setting a set is idempotent, so transient failures
         are retried: a retry after a lost acknowledgement finds the set in place and returns
-        it.
+        it. One exception: a listed role deleted between the first attempt (which committed)
+        and its retry makes the retry raise ``NotFoundError`` though the first attempt's set was
+        written (and then lost that role to the deletion's cascade).
         """
         user, org = v.uuid_arg("user_id", user_id), v.uuid_arg("org_id", org_id)
         ids = _role_ids(role_ids)

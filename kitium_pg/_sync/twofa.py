@@ -456,8 +456,9 @@ class TwoFactor(Core):
         ``batch_size`` rows (earliest expiry first) so locks stay brief on a large table. Rows
         another transaction holds locked at that moment (another cleaner, a verification under
         way) are skipped rather than waited for, and left for the next run. Each batch is
-        retried on transient failures, because deleting expired rows is idempotent. Raises
-        ``ValidationError`` when ``batch_size`` is not between 1 and 100000.
+        retried on transient failures, because deleting expired rows is idempotent (a batch
+        retried after a lost acknowledgement is not counted). Raises ``ValidationError`` when
+        ``batch_size`` is not between 1 and 100000.
         """
         return self._delete_in_batches(
             "delete_expired_two_factor_sessions",

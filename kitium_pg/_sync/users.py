@@ -254,7 +254,9 @@ class Users(Core):
         return user
 
     def unlink_oauth_account(self, user_id: uuid.UUID | str, provider: str) -> bool:
-        """Remove a user's link to ``provider``; ``True`` if there was one."""
+        """Remove a user's link to ``provider``; ``True`` if there was one. Retried on transient
+        failures (a retry after a lost acknowledgement may report ``False`` for a link the
+        first attempt removed)."""
         parsed = v.parse_uuid(user_id)
         if parsed is None:
             return False
