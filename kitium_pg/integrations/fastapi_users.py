@@ -48,8 +48,9 @@ Install ``kitium-pg[fastapi]`` and ``fastapi-users``. Then::
 
 The two handlers answer what fastapi-users' routes do not catch: without them each is a 500.
 ``add_exception_handlers`` answers kitium-pg's errors (a database that is down, a statement
-that timed out or another transient failure: 503 with ``Retry-After``; an OAuth identity another user holds, linked through
-the associate route: 409; a malformed ``expires_at`` from a provider: 422);
+that timed out or another transient failure: 503 with ``Retry-After``; an OAuth identity
+another user holds, linked through the associate route: 409; a malformed ``expires_at`` from a
+provider: 422);
 ``add_email_changed_handler`` answers ``EmailChanged`` (409, below). A value kitium-pg refuses
 in a user being registered or updated (``UserFieldRefused``) is a 422 with or without them.
 
