@@ -74,23 +74,10 @@ SELECT id, email, code_hash, type, user_id, metadata, expires_at, used_at, creat
 -- token is judged as locked (c.*): the UPDATE's scan reads the statement's snapshot, where a
 -- retry that waited for its own first attempt found the token unused and, once it had expired
 -- meanwhile, lost its own win.
--- The token's user is locked first (FOR NO KEY UPDATE), then the token: the order of a change
--- of the user's address (0033's trigger) and of the user's deletion (0009's cascade), which
--- lock the user and then the user's tokens. Locking the token alone, a transaction that
--- consumed a token and then wrote its user (set_password_hash, as the guide shows) deadlocked
--- with either (found in review). FOR SHARE would not do: two such transactions on one user
--- would both hold it and then both wait to write the user.
-WITH owner AS (
-  SELECT u.id
-    FROM kitium_auth.users AS u
-   WHERE u.id = (SELECT o.user_id FROM kitium_auth.email_verification_tokens AS o
-                  WHERE o.id = :id)
-     FOR NO KEY UPDATE OF u
-), locked AS (
+WITH locked AS (
   SELECT t.id, t.used_at, t.expires_at, t.consumed_by
     FROM kitium_auth.email_verification_tokens AS t
    WHERE t.id = :id
-     AND (SELECT count(*) FROM owner) >= 0  -- always true: the user is locked first
      FOR NO KEY UPDATE
 ), clock AS (
   SELECT l.id, l.used_at, l.expires_at, l.consumed_by, clock_timestamp() AS at

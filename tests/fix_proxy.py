@@ -222,6 +222,8 @@ class CuttingProxy:
 
     def __init__(self, dsn: str, *, pause_after_sync: float = 0.0) -> None:
         self.pause_after_sync = pause_after_sync
+        # Seconds each new connection waits before the proxy connects it upstream.
+        self.connect_delay = 0.0
         self._family, self._address = upstream_address(dsn)
         self._upstream_dsn = dsn
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -332,6 +334,8 @@ class CuttingProxy:
             except OSError:
                 return
             client.settimeout(None)
+            if self.connect_delay:
+                time.sleep(self.connect_delay)  # a slow connect: the client's startup waits
             server = socket.socket(self._family, socket.SOCK_STREAM)
             try:
                 server.connect(self._address)

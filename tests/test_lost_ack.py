@@ -252,6 +252,33 @@ async def test_a_retried_rotation_judges_the_grace_at_the_first_attempt(
     assert (await via_proxy.list_events(principal_id=user.id)).events == ()
 
 
+async def test_a_retry_that_waited_for_a_new_connection_judges_the_grace_at_the_first(
+    via_proxy: Any, proxy: CuttingProxy, dsn: str
+) -> None:
+    """Found in review: the time since the first attempt was measured before the retry asked
+    the pool for a connection. After a lost connection the pool opens new ones, and a slow
+    connect (here 2 s) passed the grace before the retry reached the server: it ended the
+    session for a token presented within the grace. It is measured once the retry has its
+    connection."""
+    user = await via_proxy.create_user()
+    issued = await via_proxy.issue_session_token(user_id=user.id, expires_at=in_an_hour())
+    assert await via_proxy.rotate_session_token(issued.token) is not None
+    lost = LostAck(proxy, SESSION_ROTATE)
+    proxy.connect_delay = 2.0
+    try:
+        result = await via_proxy.rotate_session_token(
+            issued.token, reuse_grace=dt.timedelta(seconds=1.5)
+        )
+    finally:
+        proxy.connect_delay = 0.0
+    lost.check(sent=2)
+    assert result is None
+    assert rows(dsn, "SELECT 1 FROM kitium_auth.sessions WHERE id = %s", issued.session.id) == [
+        (1,)
+    ]
+    assert (await via_proxy.list_events(principal_id=user.id)).events == ()
+
+
 async def test_a_reuse_found_by_a_first_attempt_whose_ack_was_lost_is_still_reported(
     via_proxy: Any, proxy: CuttingProxy, dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:

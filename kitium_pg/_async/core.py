@@ -647,8 +647,9 @@ class AsyncCore:
     ) -> Any:
         """Run query ``name`` and return its result in the query's shape (``make(**columns)``
         for each row when ``make`` is given, else tuple rows), retrying per ``retry``. A retry
-        sets parameter ``since_first``, when named, to the time since the first attempt began
-        (a ``timedelta``; the caller passes zero for the first attempt).
+        sets parameter ``since_first``, when named, to the time since the first attempt began,
+        measured once it has its connection (a ``timedelta``; the caller passes zero for the
+        first attempt).
 
         Every public call ends up here; it is kept flat because its frames are a measurable
         share of a single-row read (benchmarks/results/profile_get_session.md).
@@ -680,6 +681,11 @@ class AsyncCore:
                     # those are committed here (and rolled back by putconn on failure).
                     conn = await self._pool.getconn()
                     try:
+                        if since_first is not None and attempt > 1:
+                            # Measured here, once the retry has its connection: a wait for
+                            # one (a new connection after a lost one) is time since too.
+                            elapsed = dt.timedelta(seconds=time.perf_counter() - first_started)
+                            params = {**params, since_first: elapsed}
                         result = await self._execute_on(conn, query, params, make)
                         if not conn.autocommit:
                             await conn.commit()
@@ -705,11 +711,9 @@ class AsyncCore:
                     and attempt <= self._settings.max_retries
                     and is_auto_retryable(error)
                 ):
+                    if attempt == 1:
+                        first_started = started
                     await asyncio.sleep(backoff(attempt))
-                    if since_first is not None:
-                        first_started = started if attempt == 1 else first_started
-                        elapsed = dt.timedelta(seconds=time.perf_counter() - first_started)
-                        params = {**params, since_first: elapsed}
                     continue
                 failure = chained(error, exc)
             else:

@@ -646,8 +646,9 @@ class Core:
     ) -> Any:
         """Run query ``name`` and return its result in the query's shape (``make(**columns)``
         for each row when ``make`` is given, else tuple rows), retrying per ``retry``. A retry
-        sets parameter ``since_first``, when named, to the time since the first attempt began
-        (a ``timedelta``; the caller passes zero for the first attempt).
+        sets parameter ``since_first``, when named, to the time since the first attempt began,
+        measured once it has its connection (a ``timedelta``; the caller passes zero for the
+        first attempt).
 
         Every public call ends up here; it is kept flat because its frames are a measurable
         share of a single-row read (benchmarks/results/profile_get_session.md).
@@ -679,6 +680,11 @@ class Core:
                     # those are committed here (and rolled back by putconn on failure).
                     conn = self._pool.getconn()
                     try:
+                        if since_first is not None and attempt > 1:
+                            # Measured here, once the retry has its connection: a wait for
+                            # one (a new connection after a lost one) is time since too.
+                            elapsed = dt.timedelta(seconds=time.perf_counter() - first_started)
+                            params = {**params, since_first: elapsed}
                         result = self._execute_on(conn, query, params, make)
                         if not conn.autocommit:
                             conn.commit()
@@ -704,11 +710,9 @@ class Core:
                     and attempt <= self._settings.max_retries
                     and is_auto_retryable(error)
                 ):
+                    if attempt == 1:
+                        first_started = started
                     time.sleep(backoff(attempt))
-                    if since_first is not None:
-                        first_started = started if attempt == 1 else first_started
-                        elapsed = dt.timedelta(seconds=time.perf_counter() - first_started)
-                        params = {**params, since_first: elapsed}
                     continue
                 failure = chained(error, exc)
             else:
