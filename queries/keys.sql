@@ -19,7 +19,8 @@
 -- ciphertext under the new key: only a retry of this very swap can find one (each ciphertext
 -- has a random nonce), after its first attempt committed and its acknowledgement was lost.
 -- Counted from the rows as locked (already), so a retry that waited for its own first attempt
--- sees its commit. Counted only from the UPDATE, such a run re-encrypted a value and reported
+-- sees its commit; the UPDATE leaves such a row alone (its compare-and-swap on the old key id
+-- fails). Counted only from the UPDATE, such a run re-encrypted a value and reported
 -- none, and kitium-pg rotate-keys said there was nothing to re-encrypt (found in review).
 -- Before its rows a swap locks their parents FOR KEY SHARE, in id order (owners): the users of
 -- 2FA devices and OAuth links, the organizations of SSO providers. Deleting a user or an
@@ -100,7 +101,7 @@ WITH owners AS (
   UPDATE kitium_auth.twofa_devices AS t
      SET secret_ciphertext = l.ciphertext, secret_key_id = :key_id
     FROM locked AS l
-   WHERE t.id = l.id AND NOT l.already AND t.secret_key_id = l.old_key_id
+   WHERE t.id = l.id AND t.secret_key_id = l.old_key_id
      AND t.secret_ciphertext = l.old_ciphertext
   RETURNING t.id
 )
@@ -143,7 +144,7 @@ WITH owners AS (
   UPDATE kitium_auth.sso_providers AS t
      SET client_secret_ciphertext = l.ciphertext, client_secret_key_id = :key_id
     FROM locked AS l
-   WHERE t.id = l.id AND NOT l.already AND t.client_secret_key_id = l.old_key_id
+   WHERE t.id = l.id AND t.client_secret_key_id = l.old_key_id
      AND t.client_secret_ciphertext = l.old_ciphertext
   RETURNING t.id
 )
@@ -186,7 +187,7 @@ WITH owners AS (
   UPDATE kitium_auth.sso_providers AS t
      SET signing_key_ciphertext = l.ciphertext, signing_key_key_id = :key_id
     FROM locked AS l
-   WHERE t.id = l.id AND NOT l.already AND t.signing_key_key_id = l.old_key_id
+   WHERE t.id = l.id AND t.signing_key_key_id = l.old_key_id
      AND t.signing_key_ciphertext = l.old_ciphertext
   RETURNING t.id
 )
@@ -240,7 +241,7 @@ WITH owners AS (
          refresh_token_ciphertext = l.refresh_ciphertext,
          tokens_key_id = :key_id
     FROM locked AS l
-   WHERE t.id = l.id AND NOT l.already AND t.tokens_key_id = l.old_key_id
+   WHERE t.id = l.id AND t.tokens_key_id = l.old_key_id
      AND t.access_token_ciphertext IS NOT DISTINCT FROM l.old_access_ciphertext
      AND t.refresh_token_ciphertext IS NOT DISTINCT FROM l.old_refresh_ciphertext
   RETURNING t.id
