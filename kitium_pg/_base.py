@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 import attrs
+import psycopg
 import uuid_utils.compat
 from psycopg.conninfo import conninfo_to_dict
 
@@ -433,14 +434,31 @@ class Settings:
             # (replace a user's backup codes, record a TOTP step...) rely on each statement
             # seeing rows committed while it waited for a lock; under REPEATABLE READ two
             # first-time create_backup_codes calls both left their set valid.
+            # DateStyle ISO: psycopg reads dates and times in ISO only (under the SQL style a
+            # record with a timestamp failed to load, found in review).
             ours = (
                 f"-c statement_timeout={self.statement_timeout_ms} -c TimeZone=UTC"
-                r" -c default_transaction_isolation=read\ committed"
+                r" -c default_transaction_isolation=read\ committed -c DateStyle=ISO"
             )
             # libpq would take PGOPTIONS when the DSN has no options; the keyword replaces both.
             theirs = given.get("options") or os.environ.get("PGOPTIONS")
             kwargs["options"] = f"{theirs} {ours}" if theirs else ours
         return kwargs
+
+
+def date_style_refusal(conn: psycopg.BaseConnection[Any]) -> str | None:
+    """Why the adapter cannot read ``conn``'s results: its ``DateStyle`` (which the server
+    reports at connection) is not ISO, and psycopg reads dates and times in ISO only; ``None``
+    when it is. The adapter sets ISO on the connections it opens directly; behind PgBouncer
+    (``pgbouncer=True``) the server's or the role's setting holds."""
+    style = conn.info.parameter_status("DateStyle")
+    if style is None or style.startswith("ISO"):
+        return None
+    return (
+        f"the server's DateStyle is {style!r}, and psycopg reads dates only in ISO: set it to"
+        " ISO (PostgreSQL's default) for the database or role (ALTER ROLE … SET DateStyle ="
+        " 'ISO')"
+    )
 
 
 def connect_failure(message: str) -> str:

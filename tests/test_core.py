@@ -910,3 +910,33 @@ async def test_a_statement_the_transaction_timeout_ends_is_a_query_timeout(
             with pytest.raises(QueryTimeoutError) as raised:
                 await own.update_user(user.id, name="waits")
     assert raised.value.code == "transaction_timeout"
+
+
+async def test_a_date_style_other_than_iso_is_set_or_refused(
+    storage: Any, dsn: str, email: str
+) -> None:
+    """Found in review: psycopg reads dates and times in ISO only, and under another DateStyle
+    (the server's, the role's or the DSN's) every record with a timestamp failed to load, with
+    psycopg's NotImplementedError, after a write had committed. The adapter sets ISO on the
+    connections it opens directly; behind PgBouncer, where it sends no startup options,
+    ``connect()`` refuses such a server with ``ValidationError`` naming ``dsn``."""
+    sql_style = psycopg.conninfo.make_conninfo(dsn, options="-c DateStyle=SQL,DMY")
+    async with open_adapter(storage.kind, sql_style, migrate=False) as own:
+        user = await own.create_user(email=email)
+        stored = await own.get_user(user.id)
+        assert stored is not None and stored.created_at == user.created_at
+    if storage.kind == "sync":
+        sync = PostgresStorageAdapter(sql_style, pgbouncer=True)
+        try:
+            with pytest.raises(ValidationError) as refused:
+                sync.connect(migrate=False)
+        finally:
+            sync.disconnect()
+    else:
+        adapter = AsyncPostgresStorageAdapter(sql_style, pgbouncer=True)
+        try:
+            with pytest.raises(ValidationError) as refused:
+                await adapter.connect(migrate=False)
+        finally:
+            await adapter.disconnect()
+    assert refused.value.field == "dsn" and "DateStyle" in str(refused.value)

@@ -174,7 +174,7 @@ def test_the_dsns_options_else_pgoptions_come_before_the_adapters(
     replace both, so they are put first (the adapter's own settings follow and win)."""
     ours = (
         "-c statement_timeout=5000 -c TimeZone=UTC"
-        " -c default_transaction_isolation=read\\ committed"
+        " -c default_transaction_isolation=read\\ committed -c DateStyle=ISO"
     )
     monkeypatch.delenv("PGOPTIONS", raising=False)
     assert build().connection_kwargs("dbname=x")["options"] == ours

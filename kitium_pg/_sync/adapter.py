@@ -69,8 +69,10 @@ class PostgresStorageAdapter(
         """Open the pool and (by default) apply pending migrations. Idempotent; safe when many
         processes call it at once. Raises ``UnavailableError`` when the database cannot be
         reached within ``connect_timeout`` (call ``connect()`` again later: the pool stays open
-        and keeps trying in the background until ``disconnect()``) and ``MigrationError`` on
-        migration drift."""
+        and keeps trying in the background until ``disconnect()``), ``MigrationError`` on
+        migration drift, and ``ValidationError`` (field ``dsn``) when the server's
+        ``DateStyle`` is not ISO behind PgBouncer (``pgbouncer=True``: on the connections it
+        opens directly the adapter sets ISO itself)."""
         self._open_pool()
         if migrate:
             self.migrate()

@@ -29,6 +29,7 @@ from .._base import (
     Settings,
     backoff,
     connect_failure,
+    date_style_refusal,
     local_settings_params,
     log_call,
     observe_finish,
@@ -428,7 +429,10 @@ class Core:
             # proves the database reachable, an empty pool (min_size=0) included; the pool
             # stays open and keeps connecting in the background until disconnect().
             self._pool.open(wait=False)
-            self._pool.putconn(self._pool.getconn(timeout=self._settings.connect_timeout))
+            conn = self._pool.getconn(timeout=self._settings.connect_timeout)
+            self._pool.putconn(conn)
+            if refusal := date_style_refusal(conn):
+                raise ValidationError("dsn", refusal)
         except psycopg_pool.PoolClosed as exc:
             raise UnavailableError(
                 f"cannot connect to {self._dsn_display}: this adapter was disconnected, and a"
