@@ -452,10 +452,26 @@ async def test_emit_events_refuses_a_batch_over_its_data_limit_before_encoding_i
     with pytest.raises(ValidationError) as caught:
         await storage.emit_events([{"type": "t", "principal_id": principal, "data": data}] * 1000)
     assert caught.value.field == "events"
-    assert "64000000 bytes in all" in str(caught.value)
+    assert f"{events_module.MAX_BATCH_DATA_BYTES} bytes in all" in str(caught.value)
     assert sum(encoded) <= events_module.MAX_BATCH_DATA_BYTES
     monkeypatch.undo()
     assert (await storage.list_events(principal_id=principal)).events == ()
+
+
+async def test_the_largest_batch_fits_one_jsonb_value(storage: Any, dsn: str) -> None:
+    """Found in review: emit_events sends its batch as one jsonb value, whose containers hold
+    at most 268,435,455 bytes, and a batch of short numbers within the 64 MB the adapter then
+    allowed failed on the server (SQLSTATE 54000, an InternalError). JSON text grows at most
+    6 times into jsonb (a one-digit number and its comma, measured here on the server), so the
+    limit is a sixth of the container's, or less."""
+    events_module = adapter_module(storage, "events")
+    with psycopg.connect(dsn) as conn:
+        for text in ("[" + ",".join(["1"] * 10_000) + "]", '{"a":[' + ",".join(["[1]"] * 10_000)):
+            if text.startswith("{"):
+                text += "]}"
+            row = conn.execute("SELECT pg_column_size(%s::jsonb)", [text]).fetchone()
+            assert row is not None and row[0] <= 6 * len(text) + 64  # and the value's header
+    assert 6 * events_module.MAX_BATCH_DATA_BYTES + 64 <= 268_435_455
 
 
 def _count_encoded(monkeypatch: pytest.MonkeyPatch, events_module: Any) -> list[int]:
