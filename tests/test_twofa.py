@@ -1573,3 +1573,36 @@ async def test_a_completion_that_waited_past_the_challenges_expiry_loses(
     assert won is False
     stored = await storage.get_two_factor_session(challenge.id)
     assert stored is not None and stored.completed_at is None
+
+
+async def test_increment_counts_backup_code_attempts_whatever_the_throttle(
+    storage: Any, email: str
+) -> None:
+    """increment_two_factor_attempts on a challenge opened with method="backup_code" counts
+    every attempt as a backup-code attempt, as count_two_factor_attempt does: while the
+    device is throttled too, up to max_attempts (its docstring said such an attempt was
+    refused: found in review)."""
+    user = await storage.create_user(email=email)
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    session = await storage.create_session(user_id=user.id, expires_at=expires)
+    device = await storage.create_two_factor_device(user_id=user.id, method="totp")
+    sms = await storage.create_two_factor_session(
+        user_id=user.id,
+        session_id=session.id,
+        device_id=device.id,
+        method="sms",
+        code_hash="r" * 32,
+        expires_at=expires,
+    )
+    backup = await storage.create_two_factor_session(
+        user_id=user.id,
+        session_id=session.id,
+        device_id=device.id,
+        method="backup_code",
+        expires_at=expires,
+        max_attempts=2,
+    )
+    wrong = await storage.verify_two_factor_session(sms.id, "w" * 32)
+    assert wrong is not None and wrong.throttled_until is not None  # the device is throttled
+    counts = [await storage.increment_two_factor_attempts(backup.id) for _ in range(3)]
+    assert counts == [1, 2, None]

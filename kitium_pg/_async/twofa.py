@@ -431,6 +431,11 @@ class AsyncTwoFactor(AsyncCore):
         is charged to the device until a right code clears it, and that method also says why
         an attempt was refused and when to try again.
 
+        On a challenge opened with ``method="backup_code"`` every attempt is a backup-code
+        attempt, as ``count_two_factor_attempt`` counts it: counted whatever the device's
+        throttle, and charged to nothing but the challenge's ``max_attempts`` (found in review:
+        this said otherwise).
+
         Atomic, and never past the limit: of concurrent calls one per throttle window gets a
         count (each charges the device), the rest ``None``. Raises ``ValidationError`` on a
         transaction's view (naming ``transaction``), as ``count_two_factor_attempt`` does.
