@@ -511,17 +511,17 @@ class RawPsycopg(SyncVariant):
         statement = sql or self.sql["delete_expired_sessions"]
         total = 0
         durations: list[float] = []
-        params: dict[str, Any] = {"batch_size": batch_size, "after": None}
+        params: dict[str, Any] = {"batch_size": batch_size, "after": None, "after_id": None}
         while True:
             started = time.perf_counter()
             self.cur.execute(statement, params)
-            # The adapter's statement returns (deleted, locked, the expiry the next batch starts
-            # from); a plain DELETE a row count.
+            # The adapter's statement returns (deleted, locked, the key the next batch starts
+            # from: expiry and id); a plain DELETE a row count.
             row = self.cur.fetchone() if self.cur.description is not None else None
             if row is None:
                 deleted = taken = self.cur.rowcount
             else:
-                deleted, taken, params["after"] = row
+                deleted, taken, params["after"], params["after_id"] = row
             durations.append(time.perf_counter() - started)
             total += deleted
             if taken < batch_size:

@@ -131,27 +131,32 @@ UPDATE kitium_auth.email_verification_tokens AS t
  WHERE t.id IN (SELECT l.id FROM locked AS l)
    AND t.used_at IS NULL;
 
--- name: delete_expired_email_verification_tokens(after, batch_size)^
+-- name: delete_expired_email_verification_tokens(after, after_id, batch_size)^
 -- Delete up to batch_size expired tokens, oldest expiry first (served by
--- email_verification_tokens_expires_at_idx) from expiry after on, and return how many it deleted,
--- how many it locked and the last expiry it reached; rows locked by another caller are skipped.
+-- email_verification_tokens_expires_at_id_idx, migration 0045) from the key (after, after_id)
+-- on, and return how many it deleted, how many it locked and the key it reached; rows locked by
+-- another caller are skipped.
 -- Built as delete_expired_sessions, whose comment says why.
 WITH batch AS (
-  SELECT ctid, expires_at
+  SELECT ctid, expires_at, id
     FROM kitium_auth.email_verification_tokens
    WHERE expires_at <= statement_timestamp()
-     AND expires_at >= coalesce(CAST(:after AS timestamp) AT TIME ZONE 'UTC', '-infinity')
-   ORDER BY expires_at
+     AND (expires_at, id) >= (coalesce(CAST(:after AS timestamp) AT TIME ZONE 'UTC', '-infinity'),
+                              coalesce(CAST(:after_id AS uuid),
+                                       '00000000-0000-0000-0000-000000000000'))
+   ORDER BY expires_at, id
    LIMIT :batch_size
      FOR UPDATE SKIP LOCKED
 ), deleted AS (
   DELETE FROM kitium_auth.email_verification_tokens
    WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
   RETURNING 1
+), reached AS (
+  SELECT expires_at, id FROM batch ORDER BY expires_at DESC, id DESC LIMIT 1
 )
-SELECT (SELECT count(*) FROM deleted) AS deleted, count(*) AS locked,
-       (max(expires_at) AT TIME ZONE 'UTC')::text AS last
-  FROM batch;
+SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM batch) AS locked,
+       (SELECT (expires_at AT TIME ZONE 'UTC')::text FROM reached) AS last,
+       (SELECT id FROM reached) AS last_id;
 
 -- name: get_email_verification_token_attempts(token_id)$
 -- The attempts counted against a token's address: its own counter plus those of the other

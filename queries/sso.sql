@@ -518,27 +518,32 @@ SELECT row_security_active('kitium_auth.sso_sessions'::regclass)
                         WHERE a.polcmd IN ('*', 'r', 'w', 'd') AND NOT a.polpermissive
                           AND NOT a.sees_all));
 
--- name: delete_expired_sso_sessions(after, batch_size)^
+-- name: delete_expired_sso_sessions(after, after_id, batch_size)^
 -- Delete at most batch_size expired SSO sessions, earliest expiry first
--- (sso_sessions_expires_at_idx) from expiry after on, and return how many it deleted, how many
--- it locked and the last expiry it reached; rows another transaction has locked (another
+-- (sso_sessions_expires_at_id_idx, migration 0044) from the key (after, after_id) on, and
+-- return how many it deleted, how many it locked and the key it reached; rows another
+-- transaction has locked (another
 -- cleaner, a logout under way) are skipped and left for the next run. Built as
 -- delete_expired_sessions, whose comment says why (each batch's scan starts where the last one
 -- stopped; batch by physical address; a row updated after the statement began is locked, not
 -- deleted, and the caller goes on).
 WITH batch AS (
-  SELECT ctid, expires_at
+  SELECT ctid, expires_at, id
     FROM kitium_auth.sso_sessions
    WHERE expires_at <= statement_timestamp()
-     AND expires_at >= coalesce(CAST(:after AS timestamp) AT TIME ZONE 'UTC', '-infinity')
-   ORDER BY expires_at
+     AND (expires_at, id) >= (coalesce(CAST(:after AS timestamp) AT TIME ZONE 'UTC', '-infinity'),
+                              coalesce(CAST(:after_id AS uuid),
+                                       '00000000-0000-0000-0000-000000000000'))
+   ORDER BY expires_at, id
    LIMIT :batch_size
      FOR UPDATE SKIP LOCKED
 ), deleted AS (
   DELETE FROM kitium_auth.sso_sessions
    WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
   RETURNING 1
+), reached AS (
+  SELECT expires_at, id FROM batch ORDER BY expires_at DESC, id DESC LIMIT 1
 )
-SELECT (SELECT count(*) FROM deleted) AS deleted, count(*) AS locked,
-       (max(expires_at) AT TIME ZONE 'UTC')::text AS last
-  FROM batch;
+SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM batch) AS locked,
+       (SELECT (expires_at AT TIME ZONE 'UTC')::text FROM reached) AS last,
+       (SELECT id FROM reached) AS last_id;

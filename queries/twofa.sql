@@ -232,28 +232,33 @@ SELECT verified, attempt_count, max_attempts, throttled, throttled_until
 -- Delete one challenge, completed, expired or not.
 DELETE FROM kitium_auth.twofa_sessions WHERE id = :id;
 
--- name: delete_expired_two_factor_sessions(after, batch_size)^
+-- name: delete_expired_two_factor_sessions(after, after_id, batch_size)^
 -- Delete at most batch_size expired challenges, earliest expiry first
--- (twofa_sessions_expires_at_idx) from expiry after on, completed or not, and return how many it
--- deleted, how many it locked and the last expiry it reached; rows another transaction has
+-- (twofa_sessions_expires_at_id_idx, migration 0043) from the key (after, after_id) on,
+-- completed or not, and return how many it deleted, how many it locked and the key it reached;
+-- rows another transaction has
 -- locked (another cleaner, a verification under way) are skipped and left for the next run. A
 -- challenge that has not expired stays, completed or not (a retried complete_two_factor_session
 -- must still find the row it completed). Built as delete_expired_sessions, whose comment says
 -- why (each batch's scan starts where the last one stopped; batch by physical address; a row
 -- updated after the statement began is locked, not deleted, and the caller goes on).
 WITH batch AS (
-  SELECT ctid, expires_at
+  SELECT ctid, expires_at, id
     FROM kitium_auth.twofa_sessions
    WHERE expires_at <= statement_timestamp()
-     AND expires_at >= coalesce(CAST(:after AS timestamp) AT TIME ZONE 'UTC', '-infinity')
-   ORDER BY expires_at
+     AND (expires_at, id) >= (coalesce(CAST(:after AS timestamp) AT TIME ZONE 'UTC', '-infinity'),
+                              coalesce(CAST(:after_id AS uuid),
+                                       '00000000-0000-0000-0000-000000000000'))
+   ORDER BY expires_at, id
    LIMIT :batch_size
      FOR UPDATE SKIP LOCKED
 ), deleted AS (
   DELETE FROM kitium_auth.twofa_sessions
    WHERE ctid = ANY (ARRAY(SELECT ctid FROM batch))
   RETURNING 1
+), reached AS (
+  SELECT expires_at, id FROM batch ORDER BY expires_at DESC, id DESC LIMIT 1
 )
-SELECT (SELECT count(*) FROM deleted) AS deleted, count(*) AS locked,
-       (max(expires_at) AT TIME ZONE 'UTC')::text AS last
-  FROM batch;
+SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM batch) AS locked,
+       (SELECT (expires_at AT TIME ZONE 'UTC')::text FROM reached) AS last,
+       (SELECT id FROM reached) AS last_id;

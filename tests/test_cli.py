@@ -131,7 +131,14 @@ def test_json_output_parses(dsn: str, schema: str) -> None:
     assert [m["id"] for m in printed["migrations"]] == MIGRATIONS
     assert all(schema in m["sql"] for m in printed["migrations"])
     outside = [m["id"] for m in printed["migrations"] if not m["in_transaction"]]
-    assert outside == ["0030_sessions_user_id_created_at_index", "0031_drop_sessions_user_id_index"]
+    assert outside == [
+        "0030_sessions_user_id_created_at_index",
+        "0031_drop_sessions_user_id_index",
+        "0042_sessions_expires_at_id_index",
+        "0043_twofa_sessions_expires_at_id_index",
+        "0044_sso_sessions_expires_at_id_index",
+        "0045_email_verification_tokens_expires_at_id_index",
+    ]
 
 
 def test_rollback_then_status_shows_pending(dsn: str, schema: str) -> None:

@@ -12,6 +12,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from kitium_pg import PostgresStorageAdapter
+
 from .conftest import open_adapter
 
 
@@ -173,3 +175,58 @@ async def test_a_purge_resumes_where_it_stopped_in_any_session_time_zone(
         assert conn.execute(
             f"SELECT count(*) FROM kitium_auth.{table} WHERE id = ANY(%s)", [made]
         ).fetchone() == (0,)
+
+
+@pytest.mark.parametrize("spread", ["one expiry", "distinct expiries"])
+def test_a_purge_reads_each_index_entry_about_once_while_a_snapshot_is_open(
+    dsn: str, spread: str
+) -> None:
+    """Found in review: the purges resumed each batch at the expiry the last one reached, and
+    while an older snapshot is open (pg_dump, a long report) the entries of deleted rows stay
+    in the index: with many rows sharing one expiry, every batch walked all of those deleted
+    before it (88,500 entries read for 3,000 sessions in batches of 100). The key is (expiry,
+    id) now (migrations 0042 to 0045): here the adapter's statement, run batch by batch as the
+    adapter runs it, reads about one entry per row, counted by pg_stat_user_indexes."""
+    schema = f"tied_{uuid.uuid4().hex[:10]}"
+    rows, batch = 3000, 100
+    with PostgresStorageAdapter(dsn, schema=schema) as storage:
+        user = storage.create_user()
+        statement = storage._queries["delete_expired_sessions"].sql.encode()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                f"INSERT INTO {schema}.sessions (id, user_id, expires_at)"
+                " SELECT gen_random_uuid(), %s, now() - interval '1 hour'"
+                " - CASE WHEN %s THEN interval '0' ELSE n * interval '1 second' END"
+                " FROM generate_series(1, %s) AS n".encode(),
+                [user.id, spread == "one expiry", rows],
+            )
+            index = f"{schema}.sessions_expires_at_id_idx"
+            counter = (
+                "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelid = %s::regclass"
+            )
+            with psycopg.connect(dsn) as snapshot:  # an older snapshot, kept open
+                snapshot.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                snapshot.execute(f"SELECT count(*) FROM {schema}.sessions".encode())
+                # The plan a pooled connection settles on (see
+                # test_each_purge_batch_scans_from_where_the_last_one_stopped).
+                conn.execute("SET plan_cache_mode = force_generic_plan")
+                conn.execute("SELECT pg_stat_force_next_flush()")
+                before = conn.execute(counter, [index]).fetchone()
+                params: dict[str, Any] = {"after": None, "after_id": None, "batch_size": batch}
+                deleted = 0
+                while True:
+                    done, taken, params["after"], params["after_id"] = conn.execute(
+                        statement, params, prepare=True
+                    ).fetchone() or (0, 0, None, None)
+                    deleted += done
+                    if taken < batch:
+                        break
+                conn.execute("SELECT pg_stat_force_next_flush()")
+                after = conn.execute(counter, [index]).fetchone()
+        assert deleted == rows
+        assert before is not None and after is not None
+        assert after[0] - before[0] <= 2 * rows, (before, after)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())

@@ -403,7 +403,7 @@ async def test_delete_expired_sessions_runs_in_bounded_batches(
 
     def record(name: str, params: Any, result: Any) -> Any:
         assert (name, params["batch_size"]) == ("delete_expired_sessions", 2)
-        deleted, locked, last = result
+        deleted, locked, last, _last_id = result
         batches.append((deleted, locked))
         starts.append(params["after"])
         starts.append(last)
@@ -468,12 +468,18 @@ async def test_a_batch_that_locks_rows_it_cannot_delete_does_not_end_the_purge(
 # The purges that resume where their last batch stopped: the index each scans, and the
 # parameters a later batch gets (the key the batch before reached).
 RESUMING_PURGES = {
-    "delete_expired_sessions": ("sessions_expires_at_idx", {"after": "when"}),
-    "delete_expired_sso_sessions": ("sso_sessions_expires_at_idx", {"after": "when"}),
-    "delete_expired_two_factor_sessions": ("twofa_sessions_expires_at_idx", {"after": "when"}),
+    "delete_expired_sessions": ("sessions_expires_at_id_idx", {"after": "when", "after_id": "id"}),
+    "delete_expired_sso_sessions": (
+        "sso_sessions_expires_at_id_idx",
+        {"after": "when", "after_id": "id"},
+    ),
+    "delete_expired_two_factor_sessions": (
+        "twofa_sessions_expires_at_id_idx",
+        {"after": "when", "after_id": "id"},
+    ),
     "delete_expired_email_verification_tokens": (
-        "email_verification_tokens_expires_at_idx",
-        {"after": "when"},
+        "email_verification_tokens_expires_at_id_idx",
+        {"after": "when", "after_id": "id"},
     ),
     "prune_events": (
         "auth_events_timestamp_idx",
@@ -499,11 +505,7 @@ def test_each_purge_batch_scans_from_where_the_last_one_stopped(
     scans = [line for line in plan.splitlines() if f"using {index} on" in line]
     assert len(scans) == 1, plan
     [bound] = [line for line in plan.splitlines() if "Index Cond" in line]
-    resume = (
-        "ROW(COALESCE(($2 AT TIME ZONE"
-        if query == "prune_events"
-        else ">= COALESCE(($1 AT TIME ZONE"
-    )
+    resume = "ROW(COALESCE(($2 AT TIME ZONE" if query == "prune_events" else "ROW(COALESCE(($1"
     assert resume in bound, plan
 
 
@@ -554,10 +556,10 @@ async def test_rows_a_purge_can_never_delete_neither_stop_it_nor_hold_it_for_eve
 ) -> None:
     """Rows a trigger always spares are locked by every batch that reaches them and deleted by
     none. With at least batch_size of them first in line, each batch started over at them, for
-    ever; now the next batch starts past them and the purge deletes the rest. Spared rows that
-    share one expiry are read again by the batch after (it starts at that expiry): a batch that
-    deletes nothing and gets no further ends the run rather than loop. The same for events,
-    whose purge (prune_events) resumes from the last (timestamp, id) of the batch before."""
+    ever; now the next batch starts past them and the purge deletes the rest, also when they
+    share one expiry: each purge resumes from the last (expiry, id) of the batch before
+    (prune_events from its (timestamp, id)). Spared rows sharing one expiry used to be read
+    again by each batch, and the run ended with the rest undeleted."""
     schema = f"purge_{uuid.uuid4().hex[:10]}"
     adapter = AsyncPostgresStorageAdapter(dsn, schema=schema, max_size=1)
     await adapter.connect()
@@ -585,11 +587,8 @@ async def test_rows_a_purge_can_never_delete_neither_stop_it_nor_hold_it_for_eve
         deleted = await asyncio.wait_for(purge, 30)
         with psycopg.connect(dsn, autocommit=True) as conn:
             left = conn.execute(f"SELECT count(*) FROM {schema}.{table}".encode()).fetchone()
-        if tied and table == "sessions":
-            # the first two batches locked two of the tied rows each, and deleted nothing
-            assert (deleted, batches, left) == (0, [0, 0], (7,))
-        else:  # events resume past the spared ones by id too
-            assert (deleted, left) == (4, (3,)), batches
+        # each purge resumes past the spared ones by id too (sessions since migration 0042)
+        assert (deleted, left) == (4, (3,)), batches
     finally:
         await adapter.disconnect()
         with psycopg.connect(dsn, autocommit=True) as conn:

@@ -154,7 +154,7 @@ class AsyncSessions(AsyncCore):
             {},
             batch_size=batch_size,
             progress=progress,
-            resume=("after",),
+            resume=("after", "after_id"),
         )
 
     async def list_user_sessions(

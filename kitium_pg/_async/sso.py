@@ -691,7 +691,7 @@ class AsyncSso(AsyncCore):
             {},
             batch_size=batch_size,
             progress=progress,
-            resume=("after",),
+            resume=("after", "after_id"),
         )
 
 

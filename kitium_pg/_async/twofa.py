@@ -480,5 +480,5 @@ class AsyncTwoFactor(AsyncCore):
             {},
             batch_size=batch_size,
             progress=progress,
-            resume=("after",),
+            resume=("after", "after_id"),
         )

@@ -156,7 +156,7 @@ class EmailVerification(Core):
             {},
             batch_size=batch_size,
             progress=progress,
-            resume=("after",),
+            resume=("after", "after_id"),
         )
 
     def get_email_verification_token_attempts(self, token_id: uuid.UUID | str) -> int:

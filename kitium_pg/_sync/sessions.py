@@ -156,7 +156,7 @@ class Sessions(Core):
             {},
             batch_size=batch_size,
             progress=progress,
-            resume=("after",),
+            resume=("after", "after_id"),
         )
 
     def list_user_sessions(

@@ -685,7 +685,7 @@ class Sso(Core):
             {},
             batch_size=batch_size,
             progress=progress,
-            resume=("after",),
+            resume=("after", "after_id"),
         )
 
 

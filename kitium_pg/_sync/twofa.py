@@ -470,5 +470,5 @@ class TwoFactor(Core):
             {},
             batch_size=batch_size,
             progress=progress,
-            resume=("after",),
+            resume=("after", "after_id"),
         )

@@ -1,0 +1,47 @@
+-- An index on email_verification_tokens (expires_at, id) in place of email_verification_tokens_expires_at_idx, so that
+-- delete_expired_email_verification_tokens resumes each batch after the last row it reached, not at its expiry.
+--
+-- The purge deletes the earliest expired rows a batch at a time and starts each batch's index
+-- scan where the last one stopped, so that while an older snapshot is open elsewhere (pg_dump, a
+-- long report) a batch does not walk the index entries of the rows the batches before it
+-- deleted, which that snapshot keeps from being marked dead. The key was the expiry alone: when
+-- many expired rows share one expiry (ended together by one UPDATE, an expiry rounded to the day,
+-- a bulk import), every batch started at that expiry and walked every entry deleted so far, about
+-- N^2 / (2 * batch_size) entries for N rows (88,500 entries read to purge 3,000 rows in batches of
+-- 100, found in review). With the id as a tie-breaker the key is unique, and each batch starts
+-- past the last row it reached. The new index leads with expires_at, so it serves every
+-- expiry range the old one did (this migration drops email_verification_tokens_expires_at_idx, from migration 0001).
+--
+-- Built CONCURRENTLY, so this part runs outside a transaction (transaction:false), one statement
+-- at a time. Locks: SHARE UPDATE EXCLUSIVE on email_verification_tokens while the index is built: every read and
+-- write of email_verification_tokens goes on; the build waits for the transactions writing it, then for every
+-- transaction with an older snapshot, to end. A build that fails half-way (a cancel, a lost
+-- connection) leaves an invalid index behind, which this part drops first when it runs again.
+-- The old index is then dropped CONCURRENTLY (it waits for the queries using it, blocking none).
+-- No lock_timeout: waiting for these locks blocks no read or write (only other schema changes and
+-- VACUUM of email_verification_tokens), and a setting made here would outlive the part.
+
+-- migrate:up transaction:false
+
+-- squawk-ignore require-lock-timeout
+DROP INDEX CONCURRENTLY IF EXISTS kitium_auth.email_verification_tokens_expires_at_id_idx;
+
+-- Not IF NOT EXISTS: that would keep an invalid index left by a failed build; it is dropped
+-- above instead.
+-- squawk-ignore require-lock-timeout, prefer-robust-stmts
+CREATE INDEX CONCURRENTLY email_verification_tokens_expires_at_id_idx
+  ON kitium_auth.email_verification_tokens (expires_at, id);
+
+-- squawk-ignore require-lock-timeout
+DROP INDEX CONCURRENTLY IF EXISTS kitium_auth.email_verification_tokens_expires_at_idx;
+
+-- migrate:down transaction:false
+
+-- squawk-ignore require-lock-timeout
+DROP INDEX CONCURRENTLY IF EXISTS kitium_auth.email_verification_tokens_expires_at_idx;
+
+-- squawk-ignore require-lock-timeout, prefer-robust-stmts
+CREATE INDEX CONCURRENTLY email_verification_tokens_expires_at_idx ON kitium_auth.email_verification_tokens (expires_at);
+
+-- squawk-ignore require-lock-timeout
+DROP INDEX CONCURRENTLY IF EXISTS kitium_auth.email_verification_tokens_expires_at_id_idx;
