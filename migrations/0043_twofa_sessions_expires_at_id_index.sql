@@ -10,14 +10,14 @@
 -- N^2 / (2 * batch_size) entries for N rows (88,500 entries read to purge 3,000 rows in batches of
 -- 100, found in review). With the id as a tie-breaker the key is unique, and each batch starts
 -- past the last row it reached. The new index leads with expires_at, so it serves every
--- expiry range the old one did (this migration drops twofa_sessions_expires_at_idx, from migration 0011).
+-- expiry range the old one did (migration 0046 drops twofa_sessions_expires_at_idx, from migration 0011).
 --
 -- Built CONCURRENTLY, so this part runs outside a transaction (transaction:false), one statement
 -- at a time. Locks: SHARE UPDATE EXCLUSIVE on twofa_sessions while the index is built: every read and
 -- write of twofa_sessions goes on; the build waits for the transactions writing it, then for every
 -- transaction with an older snapshot, to end. A build that fails half-way (a cancel, a lost
--- connection) leaves an invalid index behind, which this part drops first when it runs again.
--- The old index is then dropped CONCURRENTLY (it waits for the queries using it, blocking none).
+-- connection) leaves an invalid index behind, which this part drops first when it runs again
+-- (the old index stays until migration 0046, so the table always has one on its expiry).
 -- No lock_timeout: waiting for these locks blocks no read or write (only other schema changes and
 -- VACUUM of twofa_sessions), and a setting made here would outlive the part.
 
@@ -32,16 +32,7 @@ DROP INDEX CONCURRENTLY IF EXISTS kitium_auth.twofa_sessions_expires_at_id_idx;
 CREATE INDEX CONCURRENTLY twofa_sessions_expires_at_id_idx
   ON kitium_auth.twofa_sessions (expires_at, id);
 
--- squawk-ignore require-lock-timeout
-DROP INDEX CONCURRENTLY IF EXISTS kitium_auth.twofa_sessions_expires_at_idx;
-
 -- migrate:down transaction:false
-
--- squawk-ignore require-lock-timeout
-DROP INDEX CONCURRENTLY IF EXISTS kitium_auth.twofa_sessions_expires_at_idx;
-
--- squawk-ignore require-lock-timeout, prefer-robust-stmts
-CREATE INDEX CONCURRENTLY twofa_sessions_expires_at_idx ON kitium_auth.twofa_sessions (expires_at);
 
 -- squawk-ignore require-lock-timeout
 DROP INDEX CONCURRENTLY IF EXISTS kitium_auth.twofa_sessions_expires_at_id_idx;

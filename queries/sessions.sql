@@ -194,8 +194,8 @@ DELETE FROM kitium_auth.sessions WHERE id = :id;
 -- saves a primary-key descent per row (benchmarks: 1.3x the rows/s of = ANY (ARRAY(SELECT id ...)),
 -- and a third of the buffer writes). A row updated after the statement began is locked in its new
 -- version, which this statement's snapshot does not see: it is locked but not deleted, and the
--- caller goes on while a batch locks batch_size rows; the next batch starts at the last row it
--- reached (which it reads again) and the next run deletes it. IN (subquery) was planned as a hash
+-- caller goes on while a batch locks batch_size rows; the next batch starts just past the last
+-- row it reached (the adapter passes that row's id's successor) and the next run deletes it. IN (subquery) was planned as a hash
 -- semi-join over the whole table.
 WITH batch AS (
   SELECT ctid, expires_at, id

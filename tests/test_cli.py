@@ -138,6 +138,7 @@ def test_json_output_parses(dsn: str, schema: str) -> None:
         "0043_twofa_sessions_expires_at_id_index",
         "0044_sso_sessions_expires_at_id_index",
         "0045_email_verification_tokens_expires_at_id_index",
+        "0046_drop_expires_at_indexes",
     ]
 
 

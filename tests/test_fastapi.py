@@ -799,6 +799,30 @@ async def test_an_oauth_sign_up_whose_link_is_refused_leaves_no_user(
         assert [a.account_id for a in created.oauth_accounts] == [account_id]
 
 
+async def test_a_failed_association_leaves_a_user_who_signed_up_earlier(
+    async_adapter: AsyncPostgresStorageAdapter, unique: Callable[[str], str]
+) -> None:
+    """Found in review: one database instance shared by requests remembered every user it had
+    created, and a later failed link of one (an association with an identity another user
+    holds, the documented 409) deleted that user. Only the call right after a create can be
+    its OAuth sign-up's link: here the association's request loads the user first, as every
+    authenticated route does, and the user stays."""
+    db = KitiumUserDatabase(async_adapter)  # shared, built once
+    manager = UserManager(db)
+    holder = await db.create({"email": f"{unique('holder')}@example.com", "hashed_password": "h"})
+    account_id = unique("gh")
+    await db.add_oauth_account(
+        holder, {"oauth_name": "github", "account_id": account_id, "account_email": None}
+    )
+    email = f"{unique('registered')}@example.com"
+    registered = await db.create({"email": email, "hashed_password": "h"})
+    current = await db.get(registered.id)  # the next request's authentication
+    assert current is not None
+    with pytest.raises(ConflictError):
+        await manager.oauth_associate_callback(current, "github", "tok", account_id, email, None)
+    assert await async_adapter.get_user(registered.id, consistency="primary") is not None
+
+
 async def test_only_a_taken_address_is_user_already_exists(
     async_adapter: AsyncPostgresStorageAdapter,
     unique: Callable[[str], str],

@@ -308,6 +308,47 @@ def test_an_index_a_failed_down_part_left_invalid_is_named_until_dropped(
         assert json.loads(command("--json", "status"))["invalid_indexes"] == []
 
 
+def test_an_expiry_index_build_run_again_keeps_the_old_index_until_the_new_one_is_built(
+    dsn: str, schema: str
+) -> None:
+    """0042 builds sessions (expires_at, id) and 0046 drops the old (expires_at) index. Found in
+    review of a first version that dropped the old index in the build's own migration: run
+    again after its ledger row was lost, it dropped the new index to build it again while the
+    old one was gone, and the table had no index on its expiry until the build ended. Here
+    0042's build ran but was not recorded: the run after it drops and builds the new index
+    again while the old one stays (some valid index on the expiry throughout), and 0046 drops
+    the old one once every new one is in place."""
+    later = tuple(m for m in IDS if m >= "0042")
+    with _unmigrated(dsn, schema) as storage:
+        storage.migrate()
+        assert storage.rollback(steps=len(later)) == tuple(reversed(later))
+    [build] = [m for m in load_migrations(schema) if m.id.startswith("0042")]
+    with psycopg.connect(dsn, autocommit=True) as conn:  # all of 0042 ran, its record lost
+        for statement in build.statements("up"):
+            conn.execute(statement.encode())
+    writer = _holding_a_write(dsn, schema)
+    again = Migrator(dsn, schema, "kpg-again")
+    try:
+        again.start()
+        # The new index's drop, then its build, waits for the writer.
+        waiting = BUILDING.replace("'CREATE INDEX CONCURRENTLY%%'", "'%%INDEX CONCURRENTLY%%'")
+        _wait_for(dsn, waiting, ["kpg-again"])
+        with psycopg.connect(dsn) as conn:  # a valid index on the expiry, meanwhile
+            valid = conn.execute(
+                "SELECT count(*) FROM pg_index AS i JOIN pg_attribute AS a"
+                " ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
+                " WHERE i.indrelid = %s::regclass AND a.attname = 'expires_at' AND i.indisvalid",
+                [f"{schema}.sessions"],
+            ).fetchone()
+        assert valid is not None and valid[0] >= 1
+        writer.commit()
+        assert again.result() == later
+    finally:
+        writer.close()
+    assert _index_state(dsn, schema, "sessions_expires_at_id_idx") is True
+    assert _index_state(dsn, schema, "sessions_expires_at_idx") is None
+
+
 def test_a_callers_pool_gets_its_connection_back_as_it_was(dsn: str, schema: str) -> None:
     """A pool of the caller's own, not in autocommit mode, with the adapter's statement timeout
     applied per call: the run takes its connection into autocommit mode for the index build

@@ -610,6 +610,44 @@ CREATE TRIGGER spare BEFORE DELETE ON purge_schema.purged_table
 """
 
 
+@pytest.mark.parametrize("table", ["sessions", "auth_events"])
+async def test_one_spared_row_does_not_stop_a_purge_of_one_row_a_batch(
+    dsn: str, table: str
+) -> None:
+    """Found in review: with batch_size 1, the batch after a row the purge locked and could not
+    delete read that row again (the key was inclusive), deleted nothing and reached the same
+    key, and the purge ended there, in every run, before the expired rows behind it. The next
+    batch starts just past the last row reached."""
+    schema = f"purge_{uuid.uuid4().hex[:10]}"
+    adapter = AsyncPostgresStorageAdapter(dsn, schema=schema, max_size=1)
+    await adapter.connect()
+    try:
+        user = await adapter.create_user()
+
+        async def make(at: dt.datetime) -> uuid.UUID:
+            if table == "sessions":
+                return (await adapter.create_session(user_id=user.id, expires_at=at)).id
+            event = await adapter.emit_event(type="old", principal_id="p", data=None, timestamp=at)
+            return event.id
+
+        spared = await make(earlier(minutes=10))
+        for i in range(3):
+            await make(earlier(minutes=i + 1))
+        _spare(dsn, schema, [spared], once=False, table=table)
+        if table == "sessions":
+            purge = adapter.delete_expired_sessions(batch_size=1)
+        else:
+            purge = adapter.prune_events(before=dt.datetime.now(dt.UTC), batch_size=1)
+        deleted = await asyncio.wait_for(purge, 30)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            left = conn.execute(f"SELECT count(*) FROM {schema}.{table}".encode()).fetchone()
+        assert (deleted, left) == (3, (1,))
+    finally:
+        await adapter.disconnect()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
 def _spare(
     dsn: str, schema: str, ids: list[uuid.UUID], *, once: bool, table: str = "sessions"
 ) -> None:

@@ -70,7 +70,7 @@ class PostgresStorageAdapter(
         processes call it at once. Raises ``UnavailableError`` when the database cannot be
         reached within ``connect_timeout`` (call ``connect()`` again later: the pool stays open
         and keeps trying in the background until ``disconnect()``), ``MigrationError`` on
-        migration drift, and ``ValidationError`` (field ``dsn``) when the server's
+        migration drift, and ``ValidationError`` (field ``dsn``) when the primary's
         ``DateStyle`` is not ISO behind PgBouncer (``pgbouncer=True``: on the connections it
         opens directly the adapter sets ISO itself)."""
         self._open_pool()

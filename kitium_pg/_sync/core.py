@@ -897,11 +897,17 @@ class Core:
                 stuck = False
             else:
                 deleted, taken, *key = result
+                if key and isinstance(key[-1], uuid.UUID) and key[-1].int < _LAST_UUID:
+                    # A key ending with the row's id is unique: the next batch starts strictly
+                    # past the row reached (the id's successor), so a row the batch locked and
+                    # could not delete is not read again. Read again, one such row stopped a
+                    # purge of batch_size 1 for good (found in review).
+                    key[-1] = uuid.UUID(int=key[-1].int + 1)
                 before, batch = batch, {**batch, **dict(zip(resume, key, strict=True))}
                 # Rows a batch locks and cannot delete were updated since its statement began
-                # or are spared for good (a trigger, say). The next batch starts at the key
-                # this one reached, which it reads again: batch_size spared rows sharing one
-                # key would come back in every batch.
+                # or are spared for good (a trigger, say). A key without a unique last part
+                # (or at the last id there is) is read again by the next batch: batch_size
+                # spared rows sharing it would come back in every batch.
                 stuck = not deleted and batch == before
             total += deleted
             if progress is not None:
@@ -915,6 +921,8 @@ class Core:
 # one) would keep every connection the pool ever closed alive, with its last result rows;
 # as an attribute the pair is one cycle, freed with the connection.
 REUSED_CURSOR = "_kitium_pg_cursor"
+
+_LAST_UUID = (1 << 128) - 1
 
 # How long a replica checkout may wait, and how long a failed replica is skipped (seconds).
 _REPLICA_WAIT = 1.0

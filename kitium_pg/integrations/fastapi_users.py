@@ -95,10 +95,12 @@ How fastapi-users' user maps onto kitium-pg:
   with tokens and to load such users. ``OAuthAccount.id`` is a stable UUID derived from the
   user id and the provider. fastapi-users' OAuth sign-up creates the user, then links the
   account: when kitium-pg refuses that first link (a provider's ``expires_at`` or token it
-  refuses, an adapter without encryption keys), the user this database instance has just
-  created is deleted again before the error is raised. Left behind, unlinked and holding the
-  provider's address, it made every later OAuth login of that person a 400
-  ``OAUTH_USER_ALREADY_EXISTS`` (found in review).
+  refuses, an adapter without encryption keys), the user the database instance's previous call
+  created is deleted again before the error is raised, if it has no OAuth link. Left behind,
+  unlinked and holding the provider's address, it made every later OAuth login of that person
+  a 400 ``OAUTH_USER_ALREADY_EXISTS`` (found in review). Any other call in between (a shared
+  instance serving another request) forgets the sign-up, so a user who signed up earlier is
+  never taken for one.
 
 Each ``get*`` call reads the user, its password hash, and the tokens of each linked provider
 (one statement each, on the primary so a read follows the preceding write).
@@ -300,26 +302,29 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         self.storage = storage
         self._password_helper = password_helper
         self._unusable: str | None = None
-        # Users this instance created and has not linked an account to yet: see
-        # add_oauth_account.
-        self._unlinked: set[uuid.UUID] = set()
+        # The user the last call created, while the call after it may be its OAuth sign-up's
+        # first link (see add_oauth_account); every other call forgets it.
+        self._signed_up: uuid.UUID | None = None
 
     # -- reads ----------------------------------------------------------------------------
 
     async def get(self, id: uuid.UUID) -> KitiumUser | None:
         """The user with this id, or ``None`` (also for a user without an address
         ``EmailStr`` accepts)."""
+        self._signed_up = None
         return await self._load(await self.storage.get_user(id, consistency="primary"))
 
     async def get_by_email(self, email: str) -> KitiumUser | None:
         """The user with this email in any letter case, or ``None`` (also for a user whose
         address ``EmailStr`` refuses)."""
+        self._signed_up = None
         return await self._load(await self.storage.get_user_by_email(email, consistency="primary"))
 
     async def get_by_oauth_account(self, oauth: str, account_id: str) -> KitiumUser | None:
         """The user linked to account ``account_id`` at provider ``oauth``, or ``None`` when
         the identity is linked to no user. Raises ``UnrepresentableOAuthUser`` when it is linked
         to a user without an address ``EmailStr`` accepts."""
+        self._signed_up = None
         record = await self.storage.get_user_by_oauth(oauth, account_id, consistency="primary")
         user = await self._load(record)
         if record is not None and user is None:
@@ -335,6 +340,7 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         when another registration took it after the user manager's check), and
         ``UserFieldRefused`` for an email or column kitium-pg refuses or an email ``EmailStr``
         refuses (nothing is written)."""
+        self._signed_up = None
         fields = dict(create_dict)
         flags = {k: bool(fields.pop(k)) for k in _FLAGS if fields.get(k) is not None}
         for k in _FLAGS:
@@ -360,7 +366,7 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
             if exc.code != "unique_violation":
                 raise
             raise fu_exceptions.UserAlreadyExists() from exc
-        self._unlinked.add(record.id)
+        self._signed_up = record.id
         user = await self._load(record, password_hash=password_hash)
         assert user is not None
         return user
@@ -377,6 +383,7 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
         flags both hold. ``null`` for ``email``, ``password`` or a flag leaves it unchanged.
         Deactivating a user (``is_active=False``) also deletes their sessions and API keys, in
         the same transaction."""
+        self._signed_up = None
         fields = {
             k: v for k, v in update_dict.items() if v is not None or k not in _NULL_IS_UNCHANGED
         }
@@ -436,15 +443,18 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
 
     async def delete(self, user: KitiumUser) -> None:
         """Delete the user with everything that belongs to it (sessions, keys, links…)."""
+        self._signed_up = None
         await self.storage.delete_user(user.id)
 
     async def add_oauth_account(self, user: KitiumUser, create_dict: dict[str, Any]) -> KitiumUser:
         """Link an OAuth account (fastapi-users' dict: ``oauth_name``, ``account_id``,
         ``account_email``, ``access_token``, ``refresh_token``, ``expires_at`` in epoch
         seconds) and return the user re-read. Without any of the three token keys the stored
-        tokens (and their version) are kept. When the link fails for a user this instance
-        created and has not linked yet (fastapi-users' OAuth sign-up), that user is deleted
-        before the error is raised (see the module's docstring)."""
+        tokens (and their version) are kept. When the link fails for the user this instance's
+        previous call created (fastapi-users' OAuth sign-up: create, then this), and that user
+        has no OAuth link, it is deleted before the error is raised (see the module's
+        docstring)."""
+        signing_up, self._signed_up = self._signed_up == user.id, None
         try:
             tokens: dict[str, Any] = {}
             if _TOKEN_KEYS & create_dict.keys():
@@ -464,21 +474,22 @@ class KitiumUserDatabase(BaseUserDatabase[KitiumUser, uuid.UUID]):
                 **tokens,
             )
         except Exception:
-            if user.id in self._unlinked:
-                self._unlinked.discard(user.id)
+            if signing_up:
                 await self._undo_sign_up(user.id)
             raise
-        self._unlinked.discard(user.id)
         refreshed = await self.get(user.id)
         if refreshed is None:  # pragma: no cover - deleted concurrently
             raise fu_exceptions.UserNotExists()
         return refreshed
 
     async def _undo_sign_up(self, user_id: uuid.UUID) -> None:
-        """Delete a user whose OAuth sign-up failed at its link; a failure of the deletion is
-        logged, not raised (the link's error is the one to report)."""
+        """Delete a user whose OAuth sign-up failed at its link, unless it has an OAuth link
+        by now (then it is no failed sign-up's); a failure of the deletion is logged, not
+        raised (the link's error is the one to report)."""
         try:
-            await self.storage.delete_user(user_id)
+            record = await self.storage.get_user(user_id, consistency="primary")
+            if record is not None and not record.oauth:
+                await self.storage.delete_user(user_id)
         except KitiumPgError as exc:
             logger.warning(
                 "kitium_pg fastapi-users: could not delete user %s after its OAuth sign-up"
