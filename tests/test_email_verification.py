@@ -679,3 +679,25 @@ async def test_a_retried_consume_that_waited_for_its_first_attempt_past_the_expi
     )
     assert row is not None and row[0] is True  # consumed by the first attempt
     assert isinstance(again, tuple) and again[0] is True, again
+
+
+async def test_an_attempt_does_not_lock_the_counters_of_the_addresss_other_types(
+    storage: Any, email: str, dsn: str
+) -> None:
+    """An attempt locks the counters of its address's tokens of its own type only: while
+    another transaction holds the counter of a verification token of the same address, an
+    attempt at a reset code does not wait for it (a mutant run found the type's condition in
+    the locks untested once migration 0041 counted through email_address_attempts)."""
+    verify = await _token(storage, email, type="verify_email")
+    reset = await _token(storage, email, type="password_reset")
+    count = await call_while_holding(
+        storage,
+        dsn,
+        ("email_verification_token_attempts", {"token_id": verify.id}),
+        "UPDATE",
+        lambda: storage.with_statement_timeout(3000).increment_email_verification_token_attempts(
+            reset.id
+        ),
+        waits_on=None,
+    )
+    assert count == 1
