@@ -18,9 +18,10 @@
 -- A swap returns how many values it stored, counting a row that already holds this call's new
 -- ciphertext under the new key: only a retry of this very swap can find one (each ciphertext
 -- has a random nonce), after its first attempt committed and its acknowledgement was lost.
--- Counted from the rows as locked (already), so a retry that waited for its own first attempt
--- sees its commit; the UPDATE leaves such a row alone (its compare-and-swap on the old key id
--- fails). Counted only from the UPDATE, such a run re-encrypted a value and reported
+-- Counted from the rows as locked (already: a locked row under the new key is one the locking
+-- condition found holding this call's ciphertexts, as an old key id is never the new one), so a
+-- retry that waited for its own first attempt sees its commit; the UPDATE leaves such a row
+-- alone (its compare-and-swap on the old key id fails). Counted only from the UPDATE, such a run re-encrypted a value and reported
 -- none, and kitium-pg rotate-keys said there was nothing to re-encrypt (found in review).
 -- Before its rows a swap locks their parents FOR KEY SHARE, in id order (owners): the users of
 -- 2FA devices and OAuth links, the organizations of SSO providers. Deleting a user or an
@@ -85,8 +86,7 @@ WITH owners AS (
      FOR KEY SHARE
 ), locked AS (
   SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext,
-         t.secret_key_id = :key_id AND t.secret_ciphertext = u.ciphertext
-           AS already
+         t.secret_key_id = :key_id AS already
     FROM kitium_auth.twofa_devices AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
                 :ciphertexts::bytea[])
@@ -128,8 +128,7 @@ WITH owners AS (
      FOR KEY SHARE
 ), locked AS (
   SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext,
-         t.client_secret_key_id = :key_id AND t.client_secret_ciphertext = u.ciphertext
-           AS already
+         t.client_secret_key_id = :key_id AS already
     FROM kitium_auth.sso_providers AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
                 :ciphertexts::bytea[])
@@ -171,8 +170,7 @@ WITH owners AS (
      FOR KEY SHARE
 ), locked AS (
   SELECT t.id, u.old_key_id, u.old_ciphertext, u.ciphertext,
-         t.signing_key_key_id = :key_id AND t.signing_key_ciphertext = u.ciphertext
-           AS already
+         t.signing_key_key_id = :key_id AS already
     FROM kitium_auth.sso_providers AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_ciphertexts::bytea[],
                 :ciphertexts::bytea[])
@@ -215,10 +213,7 @@ WITH owners AS (
 ), locked AS (
   SELECT t.id, u.old_key_id, u.old_access_ciphertext, u.old_refresh_ciphertext,
          u.access_ciphertext, u.refresh_ciphertext,
-         t.tokens_key_id = :key_id
-           AND t.access_token_ciphertext IS NOT DISTINCT FROM u.access_ciphertext
-           AND t.refresh_token_ciphertext IS NOT DISTINCT FROM u.refresh_ciphertext
-           AS already
+         t.tokens_key_id = :key_id AS already
     FROM kitium_auth.oauth_accounts AS t
     JOIN unnest(:ids::uuid[], :old_key_ids::text[], :old_access_ciphertexts::bytea[],
                 :old_refresh_ciphertexts::bytea[], :access_ciphertexts::bytea[],
