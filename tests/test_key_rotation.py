@@ -485,8 +485,9 @@ async def test_a_rotation_and_an_owners_deletion_do_not_deadlock_whatever_the_ro
             table, delete, target = "sso_providers", "delete_organization", org.id
 
             def make(n: int) -> Any:
+                secrets: dict[str, Any] = {secret: "s"}
                 return before.create_sso_provider(
-                    type="oidc", name=f"p{n}", org_id=org.id, **{secret: "s"}
+                    type="oidc", name=f"p{n}", org_id=org.id, **secrets
                 )
 
             def drop(row: Any) -> None:
